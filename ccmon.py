@@ -1,0 +1,1124 @@
+#!/usr/bin/env python3
+"""ccmon - watch what Claude Code costs.
+
+One module, read top to bottom:
+  configuration -> domain values and math -> storage -> OTLP ingestion ->
+  query service -> server -> client -> view model and render -> curses loop -> CLI.
+Dependencies flow downwards only: storage never sees gRPC, the UI never sees SQLite.
+"""
+from __future__ import annotations
+
+import argparse
+import calendar
+import dataclasses
+import datetime as dt
+import decimal
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import re
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import tomllib
+from concurrent import futures
+from pathlib import Path
+from typing import Any, Callable, Iterable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import grpc
+from google.protobuf import timestamp_pb2
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+import ccmon_pb2
+import ccmon_pb2_grpc
+
+VERSION = "0.1.0"
+log = logging.getLogger("ccmon")
+
+
+# ---------------------------------------------------------------- Configuration: defaults, files, flags, validation
+
+class ConfigError(Exception):
+    """A user-supplied setting is invalid; the message names it and says what is accepted."""
+
+
+DEFAULT_CONFIG = {
+    "database": {"path": "~/.ccmon/ccmon.db"},
+    "server": {"address": "127.0.0.1:4317", "retention": "never"},
+    "monitor": {"server": "127.0.0.1:4317", "timezone": "UTC", "refresh_interval": "5s"},
+    "claude": {"plan": "unset", "max_tokens": 0},
+}
+CONFIG_NAMES = ("config.toml", "config.yaml", "config.yml", "config.json")
+PLANS = ("unset", "pro", "max", "max20")
+MIN_RETENTION_S = 24 * 3600
+REFRESH_RANGE_S = (1, 300)
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    database_path: Path
+    server_address: str
+    server_retention_s: int | None  # None: keep forever
+    monitor_server: str
+    monitor_timezone: str
+    refresh_interval_s: int
+    plan: str
+    max_tokens: int
+    source: str  # the config file used, or "defaults"
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.monitor_timezone)
+
+
+def parse_duration(text: Any, units: str = "smhd") -> int:
+    """'90s', '5m', '6h', '7d' -> seconds; raises ValueError on anything else."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-z])\s*", str(text))
+    if not match or match.group(2) not in units:
+        raise ValueError(text)
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+def read_config_file(path: Path) -> dict:
+    """Parse a TOML, YAML or JSON config file by its extension."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(raw.decode())
+        elif path.suffix == ".json":
+            data = json.loads(raw)
+        elif path.suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(
+                    f"{path}: YAML config needs PyYAML: run 'pip install pyyaml', use the "
+                    "ccmon.pyz build (it bundles PyYAML), or write config.toml instead") from None
+            data = yaml.safe_load(raw) or {}
+        else:
+            raise ConfigError(f"{path}: unknown config format (use .toml, .yaml, .yml or .json)")
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    except Exception as exc:  # yaml.YAMLError without importing yaml at module level
+        if type(exc).__module__.startswith("yaml"):
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a table of sections")
+    return data
+
+
+def find_config_file(explicit: str | None) -> Path | None:
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file: {path}")
+        return path
+    for folder in (Path.cwd(), Path.home() / ".ccmon"):
+        for name in CONFIG_NAMES:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def merge_config(file_data: dict, file_label: str, overrides: dict[str, Any]) -> tuple[dict, dict]:
+    """Defaults < file < flags. Returns (settings, origin) keyed 'section.key'."""
+    settings = {f"{s}.{k}": v for s, keys in DEFAULT_CONFIG.items() for k, v in keys.items()}
+    origin = {key: "default" for key in settings}
+    for section, keys in file_data.items():
+        if section not in DEFAULT_CONFIG:
+            raise ConfigError(f"{file_label}: unknown section [{section}] "
+                              f"(known: {', '.join(DEFAULT_CONFIG)})")
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{file_label}: [{section}] must be a table of settings")
+        for key, value in keys.items():
+            if f"{section}.{key}" not in settings:
+                raise ConfigError(f"{file_label}: unknown key {section}.{key} "
+                                  f"(known in [{section}]: {', '.join(DEFAULT_CONFIG[section])})")
+            settings[f"{section}.{key}"] = value
+            origin[f"{section}.{key}"] = f"{file_label}: {section}.{key}"
+    for key, (flag, value) in overrides.items():
+        if value is not None:
+            settings[key] = value
+            origin[key] = flag
+    return settings, origin
+
+
+def validate_config(settings: dict, origin: dict, source: str) -> Config:
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{origin[key]}: {problem}")
+
+    def text(key: str) -> str:
+        value = settings[key]
+        if not isinstance(value, str) or not value.strip():
+            raise fail(key, f"expected a non-empty string, got {value!r}")
+        return value.strip()
+
+    retention_text = text("server.retention").lower()
+    retention_s = None
+    if retention_text != "never":
+        try:
+            retention_s = parse_duration(retention_text, units="hd")
+        except ValueError:
+            raise fail("server.retention", f"invalid retention {retention_text!r} "
+                       "(use 'never', or a number of days or hours such as '30d' or '48h')") from None
+        if retention_s < MIN_RETENTION_S:
+            raise fail("server.retention", f"retention {retention_text!r} is below the minimum of 24h")
+    try:
+        refresh_s = parse_duration(text("monitor.refresh_interval"), units="sm")
+    except ValueError:
+        raise fail("monitor.refresh_interval", f"invalid interval {settings['monitor.refresh_interval']!r} "
+                   "(use seconds or minutes such as '5s' or '1m', from 1s to 5m)") from None
+    if not REFRESH_RANGE_S[0] <= refresh_s <= REFRESH_RANGE_S[1]:
+        raise fail("monitor.refresh_interval", f"interval {settings['monitor.refresh_interval']!r} "
+                   "is outside the allowed range 1s to 5m")
+    zone = text("monitor.timezone")
+    try:
+        ZoneInfo(zone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise fail("monitor.timezone", f"unknown timezone {zone!r} "
+                   "(use an IANA name such as 'UTC', 'Europe/Berlin' or 'Asia/Taipei')") from None
+    plan = text("claude.plan").lower()
+    if plan not in PLANS:
+        raise fail("claude.plan", f"unknown plan {settings['claude.plan']!r} (accepted: {', '.join(PLANS)})")
+    max_tokens = settings["claude.max_tokens"]
+    if isinstance(max_tokens, str) and max_tokens.strip().isdigit():
+        max_tokens = int(max_tokens)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+        raise fail("claude.max_tokens", f"invalid token limit {settings['claude.max_tokens']!r} "
+                   "(use a whole number >= 0; 0 means the plan's default)")
+    for key in ("server.address", "monitor.server"):
+        parse_address(text(key), fail_as=lambda problem, key=key: fail(key, problem))
+    return Config(
+        database_path=Path(text("database.path")).expanduser(),
+        server_address=text("server.address"),
+        server_retention_s=retention_s,
+        monitor_server=text("monitor.server"),
+        monitor_timezone=zone,
+        refresh_interval_s=refresh_s,
+        plan=plan,
+        max_tokens=max_tokens,
+        source=source,
+    )
+
+
+def parse_address(address: str, fail_as: Callable[[str], Exception]) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port)."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(\d{1,5})", address)
+    if not match or int(match.group(2)) > 65535:
+        raise fail_as(f"invalid address {address!r} (use HOST:PORT such as 127.0.0.1:4317)")
+    return match.group(1), int(match.group(2))
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    path = find_config_file(args.config)
+    file_data = read_config_file(path) if path else {}
+    overrides = {
+        "database.path": ("--database-path", args.database_path),
+        "server.address": ("--server-address", args.server_address),
+        "server.retention": ("--server-retention", args.server_retention),
+        "monitor.server": ("--monitor-server", args.monitor_server),
+        "monitor.timezone": ("--monitor-timezone", args.monitor_timezone),
+        "monitor.refresh_interval": ("--monitor-refresh-interval", args.monitor_refresh_interval),
+        "claude.plan": ("--claude-plan", args.claude_plan),
+        "claude.max_tokens": ("--claude-max-tokens", args.claude_max_tokens),
+    }
+    settings, origin = merge_config(file_data, str(path), overrides)
+    return validate_config(settings, origin, str(path) if path else "defaults")
+
+
+# ---------------------------------------------------------------- Domain values and math: usage totals, models
+
+NANOS_PER_USD = 1_000_000_000
+
+
+def is_premium(model: str) -> bool:
+    """Haiku models are 'base'; every other model (Sonnet, Opus, ...) is 'premium'."""
+    return "haiku" not in model.lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """Totals over a set of API requests. Cost is kept in integer nano-USD so sums are exact."""
+    requests: int = 0
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_creation: int = 0
+    cost_nanos: int = 0
+    duration_ms: int = 0
+
+    @property
+    def limited(self) -> int:
+        return self.input + self.output
+
+    @property
+    def cache(self) -> int:
+        return self.cache_read + self.cache_creation
+
+    @property
+    def total(self) -> int:
+        return self.limited + self.cache
+
+    @property
+    def cost_usd(self) -> float:
+        return self.cost_nanos / NANOS_PER_USD
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Usage split into base (Haiku) and premium (everything else)."""
+    base: Usage = Usage()
+    premium: Usage = Usage()
+
+    @property
+    def total(self) -> Usage:
+        return self.base + self.premium
+
+    @classmethod
+    def from_models(cls, by_model: dict[str, Usage]) -> Split:
+        base, premium = Usage(), Usage()
+        for model, usage in by_model.items():
+            if is_premium(model):
+                premium += usage
+            else:
+                base += usage
+        return cls(base, premium)
+
+
+def ms_from_datetime(moment: dt.datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def day_bounds(zone: ZoneInfo, end_ms: int, days: int) -> list[tuple[str, int, int]]:
+    """The last `days` calendar days in `zone` up to the one holding end_ms, newest first,
+    as (YYYY-MM-DD, start_ms, end_ms); DST days are 23 or 25 hours long."""
+    today = dt.datetime.fromtimestamp(end_ms / 1000, zone).date()
+    bounds = []
+    for back in range(days):
+        day = today - dt.timedelta(days=back)
+        start = dt.datetime.combine(day, dt.time(), zone)
+        stop = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone)
+        bounds.append((day.isoformat(), ms_from_datetime(start), ms_from_datetime(stop)))
+    return bounds
+
+
+# ---------------------------------------------------------------- Storage: SQLite schema, single writer, readers
+
+BUCKET_MS = 15 * 60 * 1000  # rollup granularity: every timezone offset is a multiple of 15 minutes
+USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
+                 "cost_nanos", "duration_ms")
+SCHEMA_VERSION = 1
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS sources (
+    id INTEGER PRIMARY KEY,
+    attributes TEXT NOT NULL UNIQUE           -- JSON: resource + identity attributes, shared by many rows
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY,
+    ts INTEGER NOT NULL,                      -- ms since the epoch, UTC
+    dedupe TEXT NOT NULL,                     -- session.id:event.sequence, or a hash of the record
+    session_id TEXT NOT NULL,
+    model TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    cache_read_tokens INTEGER NOT NULL,
+    cache_creation_tokens INTEGER NOT NULL,
+    cost_nanos INTEGER NOT NULL,              -- USD * 1e9
+    duration_ms INTEGER NOT NULL,
+    ttft_ms INTEGER,
+    prompt_id TEXT,
+    request_id TEXT,
+    source_id INTEGER REFERENCES sources(id),
+    extra TEXT                                -- JSON of the remaining attributes, NULL when none
+);
+CREATE UNIQUE INDEX IF NOT EXISTS requests_ts_dedupe ON requests(ts, dedupe);
+CREATE INDEX IF NOT EXISTS requests_session ON requests(session_id, ts);
+
+-- Per-15-minute, per-model totals kept equal to the raw rows by triggers, so any period
+-- is answered from a few rollup rows plus the raw rows at its unaligned edges.
+CREATE TABLE IF NOT EXISTS usage_rollup (
+    bucket INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL,
+    {", ".join(f"{c} INTEGER NOT NULL" for c in USAGE_COLUMNS)},
+    PRIMARY KEY (bucket, model)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS requests_rollup_insert AFTER INSERT ON requests BEGIN
+    INSERT INTO usage_rollup VALUES (NEW.ts - NEW.ts % {BUCKET_MS}, NEW.model, 1,
+        {", ".join(f"NEW.{c}" for c in USAGE_COLUMNS)})
+    ON CONFLICT (bucket, model) DO UPDATE SET requests = requests + 1,
+        {", ".join(f"{c} = {c} + excluded.{c}" for c in USAGE_COLUMNS)};
+END;
+CREATE TRIGGER IF NOT EXISTS requests_rollup_delete AFTER DELETE ON requests BEGIN
+    UPDATE usage_rollup SET requests = requests - 1,
+        {", ".join(f"{c} = {c} - OLD.{c}" for c in USAGE_COLUMNS)}
+    WHERE bucket = OLD.ts - OLD.ts % {BUCKET_MS} AND model = OLD.model;
+    DELETE FROM usage_rollup
+    WHERE bucket = OLD.ts - OLD.ts % {BUCKET_MS} AND model = OLD.model AND requests = 0;
+END;
+
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    ts INTEGER NOT NULL,
+    dedupe TEXT NOT NULL,
+    name TEXT NOT NULL,                       -- event name without the 'claude_code.' prefix
+    session_id TEXT NOT NULL,
+    prompt_id TEXT,
+    source_id INTEGER REFERENCES sources(id),
+    attributes TEXT NOT NULL                  -- JSON of the remaining attributes
+);
+CREATE UNIQUE INDEX IF NOT EXISTS events_ts_dedupe ON events(ts, dedupe);
+CREATE INDEX IF NOT EXISTS events_name ON events(name, ts);
+CREATE INDEX IF NOT EXISTS events_session ON events(session_id, ts);
+
+CREATE TABLE IF NOT EXISTS metric_points (
+    id INTEGER PRIMARY KEY,
+    ts INTEGER NOT NULL,                      -- time_unix_nano in ms
+    start_ts INTEGER,                         -- start_time_unix_nano in ms
+    dedupe TEXT NOT NULL,
+    name TEXT NOT NULL,
+    temporality INTEGER NOT NULL,             -- OTLP AggregationTemporality: 1 delta, 2 cumulative, 0 gauge
+    value REAL NOT NULL,
+    session_id TEXT NOT NULL,
+    model TEXT,
+    type TEXT,
+    source_id INTEGER REFERENCES sources(id),
+    attributes TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS metric_points_ts_dedupe ON metric_points(ts, dedupe);
+CREATE INDEX IF NOT EXISTS metric_points_name ON metric_points(name, ts);
+"""
+REQUEST_INSERT = """INSERT OR IGNORE INTO requests (ts, dedupe, session_id, model, input_tokens, output_tokens,
+    cache_read_tokens, cache_creation_tokens, cost_nanos, duration_ms, ttft_ms, prompt_id, request_id,
+    source_id, extra) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"""
+EVENT_INSERT = """INSERT OR IGNORE INTO events (ts, dedupe, name, session_id, prompt_id, source_id, attributes)
+    VALUES (?,?,?,?,?,?,?)"""
+METRIC_INSERT = """INSERT OR IGNORE INTO metric_points (ts, start_ts, dedupe, name, temporality, value, session_id,
+    model, type, source_id, attributes) VALUES (?,?,?,?,?,?,?,?,?,?,?)"""
+RETENTION_TABLES = ("requests", "events", "metric_points")
+SWEEP_CHUNK = 5000
+
+
+class StorageError(Exception):
+    """The database cannot be opened (wrong file, no permission): fatal at start."""
+
+
+class StorageUnavailable(Exception):
+    """The database cannot take writes right now (locked, disk full, read-only, queue full): retryable."""
+
+
+@dataclasses.dataclass
+class Batch:
+    """Rows decoded from one Export, written in one go. Each row's last field is its source JSON."""
+    requests: list[tuple] = dataclasses.field(default_factory=list)
+    events: list[tuple] = dataclasses.field(default_factory=list)
+    metrics: list[tuple] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.requests) + len(self.events) + len(self.metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredRequest:
+    session_id: str
+    ts_ms: int
+    model: str
+    usage: Usage
+
+
+def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
+    conn.execute("PRAGMA busy_timeout = 5000")
+    if readonly:
+        conn.execute("PRAGMA query_only = 1")
+    return conn
+
+
+class Store:
+    """The SQLite database. One writer thread owns the write connection and commits queued jobs in
+    groups (a job's result is delivered only after its COMMIT); reads use one connection per thread."""
+
+    def __init__(self, path: Path, queue_size: int = 256):
+        self.path = path
+        self._write_conn = self._open_for_writing(path)
+        self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._readers = threading.local()
+        self._source_ids: dict[str, int] = {}
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="ccmon-writer", daemon=True)
+        self._writer.start()
+
+    @staticmethod
+    def _open_for_writing(path: Path) -> sqlite3.Connection:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create the database folder {path.parent}: {exc.strerror}") from None
+        try:
+            conn = connect(path)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StorageError(f"{path} was written by a newer ccmon (schema {version}); upgrade ccmon")
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "requests" not in tables:
+                raise StorageError(f"{path} is an SQLite database of something else, not ccmon's; "
+                                   "choose another --database-path")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit is on disk before the exporter hears "ok"; batching makes it nearly free.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.executescript(SCHEMA)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"cannot use {path} as ccmon's database: {exc}") from None
+        return conn
+
+    # -- writing
+
+    def submit(self, job: Callable[[sqlite3.Connection], Any], timeout: float = 2.0) -> futures.Future:
+        """Queue a job for the writer; its Future resolves after the job's transaction commits."""
+        if self._closed:
+            raise StorageUnavailable("the server is shutting down")
+        future: futures.Future = futures.Future()
+        try:
+            self._jobs.put((job, future), timeout=timeout)
+        except queue.Full:
+            raise StorageUnavailable("ingestion queue is full") from None
+        return future
+
+    def write(self, batch: Batch, timeout: float = 8.0) -> int:
+        """Store a batch durably; returns how many rows were new (duplicates are ignored)."""
+        future = self.submit(lambda conn: self._insert(conn, batch))
+        try:
+            return future.result(timeout=timeout)
+        except futures.TimeoutError:
+            raise StorageUnavailable("the database did not commit in time") from None
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is None:
+                return
+            group = [first]
+            while len(group) < 64:
+                try:
+                    item = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._jobs.put(None)  # finish this group, then stop
+                    break
+                group.append(item)
+            self._run_group(group)
+
+    def _run_group(self, group: list) -> None:
+        conn = self._write_conn
+        results = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job, _ in group:
+                conn.execute("SAVEPOINT job")
+                try:
+                    results.append((job(conn), None))
+                    conn.execute("RELEASE job")
+                except sqlite3.IntegrityError as exc:  # a bad job must not sink the rest of the group
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    results.append((None, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._source_ids.clear()  # ids inserted by the rolled-back transaction are gone
+            log.error("database write failed (%s): %s; exporters will be told to retry", self.path, exc)
+            failure = StorageUnavailable(f"database write failed: {exc}")
+            for _, future in group:
+                future.set_exception(failure)
+            return
+        for (_, future), (result, exc) in zip(group, results):
+            if exc is None:
+                future.set_result(result)
+            else:
+                future.set_exception(exc)
+
+    def _source_id(self, conn: sqlite3.Connection, attributes: str | None) -> int | None:
+        if attributes is None:
+            return None
+        if attributes not in self._source_ids:
+            conn.execute("INSERT OR IGNORE INTO sources (attributes) VALUES (?)", (attributes,))
+            row = conn.execute("SELECT id FROM sources WHERE attributes = ?", (attributes,)).fetchone()
+            self._source_ids[attributes] = row[0]
+        return self._source_ids[attributes]
+
+    def _insert(self, conn: sqlite3.Connection, batch: Batch) -> int:
+        new = 0
+        for sql, rows in ((REQUEST_INSERT, batch.requests), (EVENT_INSERT, batch.events),
+                          (METRIC_INSERT, batch.metrics)):
+            if rows:
+                resolved = [row[:-1] + (self._source_id(conn, row[-1]),) for row in rows]
+                new += conn.executemany(sql, resolved).rowcount  # duplicates are ignored, not counted
+        return new
+
+    def sweep(self, older_than_ms: int) -> int:
+        """Delete rows older than the cutoff, a chunk per transaction so ingestion keeps flowing."""
+        deleted = 0
+        for table in RETENTION_TABLES:
+            while True:
+                count = self.submit(lambda conn, t=table: conn.execute(
+                    f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE ts < ? LIMIT {SWEEP_CHUNK})",
+                    (older_than_ms,)).rowcount, timeout=30).result()
+                deleted += count
+                if count < SWEEP_CHUNK:
+                    break
+        return deleted
+
+    def close(self) -> None:
+        """Finish every queued write, then close the database."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._writer.join()
+        self._write_conn.close()
+
+    # -- reading
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._readers, "conn", None)
+        if conn is None:
+            conn = self._readers.conn = connect(self.path, readonly=True)
+        return conn
+
+    def usage_by_model(self, start_ms: int, end_ms: int) -> dict[str, Usage]:
+        """Totals per model over [start_ms, end_ms): whole rollup buckets inside, raw rows at the edges."""
+        lo = -(-start_ms // BUCKET_MS) * BUCKET_MS
+        hi = end_ms // BUCKET_MS * BUCKET_MS
+        columns = ", ".join(f"SUM({c})" for c in USAGE_COLUMNS)
+        raw = f"SELECT model, COUNT(*), {columns} FROM requests WHERE ts >= ? AND ts < ? GROUP BY model"
+        if lo >= hi:
+            parts = [(raw, (start_ms, end_ms))]
+        else:
+            parts = [(f"SELECT model, SUM(requests), {columns} FROM usage_rollup "
+                      "WHERE bucket >= ? AND bucket < ? GROUP BY model", (lo, hi)),
+                     (raw, (start_ms, lo)), (raw, (hi, end_ms))]
+        totals: dict[str, Usage] = {}
+        conn = self._reader()
+        for sql, params in parts:
+            if params[0] >= params[1]:
+                continue
+            for model, *figures in conn.execute(sql, params):
+                totals[model] = totals.get(model, Usage()) + Usage(*figures)
+        return {model: usage for model, usage in totals.items() if usage.requests}
+
+    def requests_page(self, start_ms: int, end_ms: int, limit: int, offset: int,
+                      oldest_first: bool) -> list[StoredRequest]:
+        order = "ASC" if oldest_first else "DESC"
+        sql = (f"SELECT session_id, ts, model, {', '.join(USAGE_COLUMNS)} FROM requests "
+               f"WHERE ts >= ? AND ts < ? ORDER BY ts {order}, id {order} LIMIT ? OFFSET ?")
+        rows = self._reader().execute(sql, (start_ms, end_ms, limit if limit > 0 else -1, max(offset, 0)))
+        return [StoredRequest(session, ts, model, Usage(1, *figures)) for session, ts, model, *figures in rows]
+
+    def last_request_ms(self) -> int | None:
+        return self._reader().execute("SELECT MAX(ts) FROM requests").fetchone()[0]
+
+    def total_requests(self) -> int:
+        return self._reader().execute("SELECT COALESCE(SUM(requests), 0) FROM usage_rollup").fetchone()[0]
+
+
+# ---------------------------------------------------------------- OTLP ingestion: decode records, validate values
+
+class BadValue(ValueError):
+    """An attribute that cannot be read as the number it must be."""
+
+
+EVENT_PREFIX = "claude_code."
+KNOWN_EVENTS = {"api_request", "user_prompt", "assistant_response", "tool_result", "tool_decision",
+                "api_error", "api_retries_exhausted", "compaction", "plugin_loaded"}
+# Attributes that describe who/where rather than what: stored once per distinct combination.
+IDENTITY_KEYS = ("user.id", "user.email", "user.account_uuid", "organization.id", "terminal.type")
+REQUEST_COLUMNS_KEYS = {"event.name", "event.timestamp", "event.sequence", "session.id", "model",
+                        "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
+                        "cost_usd", "cost_usd_micros", "duration_ms", "ttft_ms", "prompt.id", "request_id"}
+EVENT_COLUMNS_KEYS = {"event.name", "event.timestamp", "session.id", "prompt.id"}
+
+
+def any_value(value) -> Any:
+    """An OTLP AnyValue as a plain Python value."""
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return attributes_dict(value.kvlist_value.values)
+    if kind == "bytes_value":
+        return value.bytes_value.hex()
+    return getattr(value, kind) if kind else None
+
+
+def attributes_dict(key_values) -> dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in key_values}
+
+
+def parse_count(value: Any, key: str) -> int:
+    """A non-negative whole number from an int, an integral double or a numeric string."""
+    if isinstance(value, bool):
+        raise BadValue(f"{key}={value!r} is not a number")
+    if isinstance(value, int):
+        number = value
+    else:
+        try:
+            exact = decimal.Decimal(value.strip() if isinstance(value, str) else repr(float(value)))
+        except (decimal.InvalidOperation, TypeError, ValueError):
+            raise BadValue(f"{key}={value!r} is not a number") from None
+        if not exact.is_finite() or exact != exact.to_integral_value():
+            raise BadValue(f"{key}={value!r} is not a whole number")
+        number = int(exact)
+    if number < 0:
+        raise BadValue(f"{key}={value!r} is negative")
+    if number >= 2 ** 62:
+        raise BadValue(f"{key}={value!r} is too large")
+    return number
+
+
+def parse_usd_nanos(value: Any, key: str) -> int:
+    """A non-negative USD amount, as integer nano-USD, from a double, an int or a numeric string."""
+    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        raise BadValue(f"{key}={value!r} is not a number")
+    try:
+        # repr() of a double is its shortest round-tripping decimal: 0.1 stays 0.1, not 0.1000000000000000055
+        exact = decimal.Decimal(value.strip() if isinstance(value, str) else repr(value))
+    except (decimal.InvalidOperation, ValueError):
+        raise BadValue(f"{key}={value!r} is not a number") from None
+    if not exact.is_finite():
+        raise BadValue(f"{key}={value!r} is not a finite number")
+    if exact < 0:
+        raise BadValue(f"{key}={value!r} is negative")
+    if exact >= 10 ** 9:
+        raise BadValue(f"{key}={value!r} is too large")
+    return int((exact * NANOS_PER_USD).to_integral_value(decimal.ROUND_HALF_EVEN))
+
+
+def parse_iso_ms(text: Any) -> int | None:
+    """RFC 3339 / ISO 8601 -> ms since the epoch; None when absent or unreadable."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    ms = ms_from_datetime(moment)
+    return ms if ms >= 0 else None
+
+
+def record_time_ms(attrs: dict, record) -> int:
+    """event.timestamp, else the record's time, else its observed time, else now."""
+    return (parse_iso_ms(attrs.get("event.timestamp"))
+            or record.time_unix_nano // 1_000_000
+            or record.observed_time_unix_nano // 1_000_000
+            or int(time.time() * 1000))
+
+
+def event_name(attrs: dict, record) -> str:
+    body = record.body.string_value if record.body.WhichOneof("value") == "string_value" else ""
+    for candidate in (body, attrs.get("event.name"), record.event_name):
+        if isinstance(candidate, str) and candidate:
+            return candidate.removeprefix(EVENT_PREFIX)
+    return "log"
+
+
+def dedupe_key(attrs: dict, record) -> str:
+    session, sequence = attrs.get("session.id"), attrs.get("event.sequence")
+    if session is not None and sequence is not None:
+        return f"{session}:{sequence}"
+    return "h:" + hashlib.blake2b(record.SerializeToString(deterministic=True), digest_size=12).hexdigest()
+
+
+def compact_json(mapping: dict) -> str | None:
+    return json.dumps(mapping, sort_keys=True, separators=(",", ":"), default=str) if mapping else None
+
+
+def source_json(resource: dict, attrs: dict) -> str | None:
+    identity = {k: attrs[k] for k in IDENTITY_KEYS if k in attrs}
+    return compact_json({**resource, **identity})
+
+
+def optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def request_row(attrs: dict, resource: dict, record) -> tuple:
+    """One api_request record as a `requests` row; raises BadValue for unreadable figures."""
+    counts = [parse_count(attrs.get(key, 0), key) for key in
+              ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")]
+    if "cost_usd" in attrs:
+        cost = parse_usd_nanos(attrs["cost_usd"], "cost_usd")
+    else:
+        cost = parse_count(attrs.get("cost_usd_micros", 0), "cost_usd_micros") * 1000
+    duration = parse_count(attrs.get("duration_ms", 0), "duration_ms")
+    ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if "ttft_ms" in attrs else None
+    extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
+    return (record_time_ms(attrs, record), dedupe_key(attrs, record), str(attrs.get("session.id", "")),
+            str(attrs.get("model") or "unknown"), *counts, cost, duration, ttft,
+            optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
+            compact_json(extra), source_json(resource, attrs))
+
+
+def event_row(name: str, attrs: dict, resource: dict, record) -> tuple:
+    rest = {k: v for k, v in attrs.items() if k not in EVENT_COLUMNS_KEYS and k not in IDENTITY_KEYS}
+    body = any_value(record.body)
+    if body is not None and body != EVENT_PREFIX + name:
+        rest["body"] = body
+    return (record_time_ms(attrs, record), dedupe_key(attrs, record), name, str(attrs.get("session.id", "")),
+            optional_text(attrs.get("prompt.id")), compact_json(rest) or "{}", source_json(resource, attrs))
+
+
+class Rejections:
+    """Counts rejected records and keeps the first few reasons for the partial_success message."""
+
+    def __init__(self, what: str):
+        self.what, self.count, self.reasons = what, 0, []
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        if len(self.reasons) < 3:
+            self.reasons.append(reason)
+
+    def message(self, total: int) -> str:
+        more = f"; and {self.count - len(self.reasons)} more" if self.count > len(self.reasons) else ""
+        return f"rejected {self.count} of {total} {self.what}: {'; '.join(self.reasons)}{more}"
+
+
+class LogsIngest:
+    """Decodes ExportLogsServiceRequest into rows."""
+
+    def __init__(self):
+        self._seen_unknown: set[str] = set()
+
+    def decode(self, request) -> tuple[Batch, Rejections, int]:
+        batch, rejected, total = Batch(), Rejections("log records"), 0
+        for resource_logs in request.resource_logs:
+            resource = attributes_dict(resource_logs.resource.attributes)
+            for scope_logs in resource_logs.scope_logs:
+                for record in scope_logs.log_records:
+                    total += 1
+                    attrs = attributes_dict(record.attributes)
+                    name = event_name(attrs, record)
+                    if name == "api_request":
+                        try:
+                            batch.requests.append(request_row(attrs, resource, record))
+                        except BadValue as exc:
+                            rejected.add(f"api_request in session {attrs.get('session.id', '?')}: {exc}")
+                        continue
+                    if name not in KNOWN_EVENTS and name not in self._seen_unknown:
+                        self._seen_unknown.add(name)
+                        log.info("storing events of a kind ccmon does not know yet: %r", name)
+                    batch.events.append(event_row(name, attrs, resource, record))
+        return batch, rejected, total
+
+
+def metric_rows(request, rejected: Rejections) -> tuple[list[tuple], int]:
+    """Number data points (sums and gauges; histograms by their sum) as metric_points rows."""
+    rows, total = [], 0
+    for resource_metrics in request.resource_metrics:
+        resource = attributes_dict(resource_metrics.resource.attributes)
+        for scope_metrics in resource_metrics.scope_metrics:
+            for metric in scope_metrics.metrics:
+                kind = metric.WhichOneof("data")
+                if kind is None:
+                    continue
+                data = getattr(metric, kind)
+                temporality = getattr(data, "aggregation_temporality", 0)
+                for point in data.data_points:
+                    total += 1
+                    if kind in ("sum", "gauge"):
+                        value = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
+                    else:
+                        value = point.sum
+                    attrs = attributes_dict(point.attributes)
+                    if not math.isfinite(value) or value < 0:
+                        rejected.add(f"{metric.name}: value {value!r} is not a finite non-negative number")
+                        continue
+                    identity = json.dumps([metric.name, attrs, point.start_time_unix_nano, value],
+                                          sort_keys=True, default=str)
+                    dedupe = hashlib.blake2b(identity.encode(), digest_size=12).hexdigest()
+                    rest = {k: v for k, v in attrs.items()
+                            if k not in ("session.id", "model", "type") and k not in IDENTITY_KEYS}
+                    rows.append((point.time_unix_nano // 1_000_000 or int(time.time() * 1000),
+                                 point.start_time_unix_nano // 1_000_000 or None, dedupe, metric.name,
+                                 temporality, float(value), str(attrs.get("session.id", "")),
+                                 optional_text(attrs.get("model")), optional_text(attrs.get("type")),
+                                 compact_json(rest) or "{}", source_json(resource, attrs)))
+    return rows, total
+
+
+def abort_unavailable(context, exc: StorageUnavailable) -> None:
+    context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store data right now ({exc}); retry later")
+
+
+class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, store: Store):
+        self.store, self.ingest = store, LogsIngest()
+
+    def Export(self, request, context):
+        batch, rejected, total = self.ingest.decode(request)
+        try:
+            new = self.store.write(batch) if len(batch) else 0
+        except StorageUnavailable as exc:
+            abort_unavailable(context, exc)
+        log.info("logs: %d records, %d api requests, %d new, %d rejected",
+                 total, len(batch.requests), new, rejected.count)
+        response = logs_service_pb2.ExportLogsServiceResponse()
+        if rejected.count:
+            log.warning("logs: %s", rejected.message(total))
+            response.partial_success.rejected_log_records = rejected.count
+            response.partial_success.error_message = rejected.message(total)
+        return response
+
+
+class MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, store: Store):
+        self.store = store
+
+    def Export(self, request, context):
+        rejected = Rejections("data points")
+        rows, total = metric_rows(request, rejected)
+        try:
+            new = self.store.write(Batch(metrics=rows)) if rows else 0
+        except StorageUnavailable as exc:
+            abort_unavailable(context, exc)
+        log.info("metrics: %d data points, %d new, %d rejected", total, new, rejected.count)
+        response = metrics_service_pb2.ExportMetricsServiceResponse()
+        if rejected.count:
+            log.warning("metrics: %s", rejected.message(total))
+            response.partial_success.rejected_data_points = rejected.count
+            response.partial_success.error_message = rejected.message(total)
+        return response
+
+
+class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    """Accepted so exporters configured for traces do not error; ccmon has no use for spans."""
+
+    def Export(self, request, context):
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+# ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
+
+def timestamp_ms(ts: timestamp_pb2.Timestamp, default: int) -> int:
+    return ts.seconds * 1000 + ts.nanos // 1_000_000 if ts.seconds or ts.nanos else default
+
+
+def timestamp_from_ms(ms: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=ms % 1000 * 1_000_000)
+
+
+def token_message(usage: Usage) -> ccmon_pb2.Token:
+    return ccmon_pb2.Token(total=usage.total, input=usage.input, output=usage.output,
+                           cache_read=usage.cache_read, cache_creation=usage.cache_creation,
+                           limited=usage.limited, cache=usage.cache)
+
+
+def stats_message(split: Split) -> ccmon_pb2.Stats:
+    total = split.total
+    return ccmon_pb2.Stats(
+        base_requests=split.base.requests, premium_requests=split.premium.requests,
+        total_requests=total.requests, base_tokens=token_message(split.base),
+        premium_tokens=token_message(split.premium), total_tokens=token_message(total),
+        base_cost=ccmon_pb2.Cost(amount=split.base.cost_usd),
+        premium_cost=ccmon_pb2.Cost(amount=split.premium.cost_usd),
+        total_cost=ccmon_pb2.Cost(amount=total.cost_usd))
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
+    def __init__(self, store: Store, started_ms: int):
+        self.store, self.started_ms = store, started_ms
+
+    def _period(self, request) -> tuple[int, int]:
+        return timestamp_ms(request.start_time, 0), timestamp_ms(request.end_time, now_ms())
+
+    def GetStats(self, request, context):
+        split = Split.from_models(self.store.usage_by_model(*self._period(request)))
+        return ccmon_pb2.GetStatsResponse(stats=stats_message(split))
+
+    def GetAPIRequests(self, request, context):
+        start, end = self._period(request)
+        rows = self.store.requests_page(start, end, request.limit, request.offset, request.oldest_first)
+        total = sum(u.requests for u in self.store.usage_by_model(start, end).values())
+        return ccmon_pb2.GetAPIRequestsResponse(total_count=total, requests=[
+            ccmon_pb2.APIRequest(
+                session_id=r.session_id, timestamp=timestamp_from_ms(r.ts_ms), model=r.model,
+                input_tokens=r.usage.input, output_tokens=r.usage.output,
+                cache_read_tokens=r.usage.cache_read, cache_creation_tokens=r.usage.cache_creation,
+                total_tokens=r.usage.total, cost_usd=r.usage.cost_usd, duration_ms=r.usage.duration_ms)
+            for r in rows])
+
+    def GetUsage(self, request, context):
+        try:
+            zone = ZoneInfo(request.timezone or "UTC")
+        except (ZoneInfoNotFoundError, ValueError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown timezone {request.timezone!r}")
+        end = timestamp_ms(request.end_time, now_ms())
+        start = timestamp_ms(request.start_time, end - 30 * 86400_000 + 1)
+        days = max(1, min(3660, (end - start) // 86400_000 + 1))
+        response = ccmon_pb2.GetUsageResponse()
+        for date, lo, hi in day_bounds(zone, end - 1, days):
+            if hi <= start:
+                break
+            split = Split.from_models(self.store.usage_by_model(max(lo, start), min(hi, end)))
+            response.days.add(date=date, stats=stats_message(split))
+        return response
+
+    def GetModelStats(self, request, context):
+        by_model = self.store.usage_by_model(*self._period(request))
+        ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))
+        return ccmon_pb2.GetModelStatsResponse(models=[
+            ccmon_pb2.ModelStats(model=model, premium=is_premium(model), requests=u.requests,
+                                 tokens=token_message(u), cost=ccmon_pb2.Cost(amount=u.cost_usd),
+                                 duration_ms=u.duration_ms)
+            for model, u in ranked])
+
+    def GetServerInfo(self, request, context):
+        response = ccmon_pb2.GetServerInfoResponse(version=VERSION, total_requests=self.store.total_requests(),
+                                                   started_at=timestamp_from_ms(self.started_ms))
+        last = self.store.last_request_ms()
+        if last is not None:
+            response.last_request_at.CopyFrom(timestamp_from_ms(last))
+        return response
+
+
+# ---------------------------------------------------------------- Server: gRPC listener, retention, shutdown
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+SWEEP_INTERVAL_S = 6 * 3600
+
+
+class ServerError(Exception):
+    """The server cannot start (port taken, bad database): reported as one line, exit 1."""
+
+
+def start_grpc_server(config: Config, store: Store) -> tuple[grpc.Server, int]:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ccmon-rpc"),
+        options=[("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(LogsService(store), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(store), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), server)
+    ccmon_pb2_grpc.add_QueryServiceServicer_to_server(QueryService(store, now_ms()), server)
+    try:
+        port = server.add_insecure_port(config.server_address)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise ServerError(f"cannot listen on {config.server_address}: the port is in use or the "
+                          "address is not on this machine (set --server-address)")
+    server.start()
+    return server, port
+
+
+def retention_loop(store: Store, retention_s: int, stop: threading.Event) -> None:
+    while True:
+        cutoff = now_ms() - retention_s * 1000
+        try:
+            deleted = store.sweep(cutoff)
+            log.info("retention: deleted %d rows older than %s", deleted,
+                     dt.datetime.fromtimestamp(cutoff / 1000, dt.timezone.utc).isoformat(timespec="seconds"))
+        except (StorageUnavailable, sqlite3.Error) as exc:
+            log.error("retention sweep failed, will try again: %s", exc)
+        if stop.wait(SWEEP_INTERVAL_S):
+            return
+
+
+def run_server(config: Config) -> int:
+    try:
+        store = Store(config.database_path)
+    except StorageError as exc:
+        raise ServerError(str(exc)) from None
+    try:
+        server, port = start_grpc_server(config, store)
+    except ServerError:
+        store.close()
+        raise
+    stop = threading.Event()
+    host = config.server_address.rsplit(":", 1)[0]
+    log.info("ccmon %s listening on %s:%d (OTLP gRPC logs/metrics/traces + QueryService), database %s, "
+             "retention %s", VERSION, host, port, config.database_path,
+             f"{config.server_retention_s // 3600}h" if config.server_retention_s else "never")
+    if config.server_retention_s:
+        threading.Thread(target=retention_loop, args=(store, config.server_retention_s, stop),
+                         name="ccmon-retention", daemon=True).start()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down: finishing in-flight calls")
+    server.stop(grace=5).wait()
+    store.close()
+    log.info("stopped; database closed")
+    return 0
+
+
+# ---------------------------------------------------------------- CLI: arguments and entry point
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ccmon", description="Watch what Claude Code costs: an OTLP collector (--server) and a live monitor.")
+    parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
+    parser.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
+                        help="run the server; with HOST:PORT, run the monitor against that server")
+    parser.add_argument("--config", metavar="PATH", help="config file (default: ./config.{toml,yaml,yml,json}, "
+                        "then ~/.ccmon/config.*)")
+    parser.add_argument("--database-path", metavar="PATH")
+    parser.add_argument("--server-address", metavar="HOST:PORT")
+    parser.add_argument("--server-retention", metavar="DURATION", help="'never', or e.g. 30d, 48h (min 24h)")
+    parser.add_argument("--monitor-server", metavar="HOST:PORT")
+    parser.add_argument("--monitor-timezone", metavar="ZONE", help="IANA timezone, e.g. Europe/Berlin")
+    parser.add_argument("--monitor-refresh-interval", metavar="DURATION", help="1s to 5m (default 5s)")
+    parser.add_argument("--claude-plan", metavar="PLAN", help="unset, pro, max or max20")
+    parser.add_argument("--claude-max-tokens", metavar="N", help="block token limit (0: plan default)")
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="server log level (default info)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(message)s")
+    if isinstance(args.server, str):  # '--server HOST:PORT' is the original spelling of --monitor-server
+        args.monitor_server, args.server = args.server, None
+    try:
+        config = load_config(args)
+        if args.server:
+            return run_server(config)
+        parser.error("the monitor is not available yet; run with --server")
+    except ConfigError as exc:
+        print(f"ccmon: config error: {exc}", file=sys.stderr)
+        return 2
+    except ServerError as exc:
+        print(f"ccmon: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
