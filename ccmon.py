@@ -406,11 +406,11 @@ CREATE INDEX IF NOT EXISTS metric_points_name ON metric_points(name, ts);
 """
 REQUEST_INSERT = """INSERT OR IGNORE INTO requests (ts, dedupe, session_id, model, input_tokens, output_tokens,
     cache_read_tokens, cache_creation_tokens, cost_nanos, duration_ms, ttft_ms, prompt_id, request_id,
-    source_id, extra) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"""
-EVENT_INSERT = """INSERT OR IGNORE INTO events (ts, dedupe, name, session_id, prompt_id, source_id, attributes)
+    extra, source_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"""
+EVENT_INSERT = """INSERT OR IGNORE INTO events (ts, dedupe, name, session_id, prompt_id, attributes, source_id)
     VALUES (?,?,?,?,?,?,?)"""
 METRIC_INSERT = """INSERT OR IGNORE INTO metric_points (ts, start_ts, dedupe, name, temporality, value, session_id,
-    model, type, source_id, attributes) VALUES (?,?,?,?,?,?,?,?,?,?,?)"""
+    model, type, attributes, source_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)"""
 RETENTION_TABLES = ("requests", "events", "metric_points")
 SWEEP_CHUNK = 5000
 
@@ -425,7 +425,8 @@ class StorageUnavailable(Exception):
 
 @dataclasses.dataclass
 class Batch:
-    """Rows decoded from one Export, written in one go. Each row's last field is its source JSON."""
+    """Rows decoded from one Export, written in one go. Each row's last field is its source JSON,
+    which the writer replaces by the id of that source (the insert statements' last column)."""
     requests: list[tuple] = dataclasses.field(default_factory=list)
     events: list[tuple] = dataclasses.field(default_factory=list)
     metrics: list[tuple] = dataclasses.field(default_factory=list)

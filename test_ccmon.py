@@ -1,0 +1,579 @@
+"""ccmon's test suite: a real server on a loopback port, real OpenTelemetry SDK exporters,
+a real SQLite file, the real monitor in a pseudo-terminal. Run: python -m pytest -q"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from opentelemetry._logs import LogRecord
+from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1 import common_pb2
+from opentelemetry.proto.logs.v1 import logs_pb2
+from opentelemetry.proto.metrics.v1 import metrics_pb2
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+from opentelemetry.sdk.metrics import Counter, MeterProvider
+from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+
+import ccmon
+import ccmon_pb2
+import ccmon_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent
+CLAUDE_RESOURCE = {"service.name": "claude-code", "service.version": "2.0.14", "os.type": "linux",
+                   "host.arch": "amd64"}
+
+
+# ---------------------------------------------------------------- helpers: server process, exporters, queries
+
+class ServerProcess:
+    """`ccmon --server` as a subprocess on an ephemeral loopback port, with its stderr collected."""
+
+    def __init__(self, workdir: Path, *extra: str, db: Path | None = None, address: str = "127.0.0.1:0"):
+        self.workdir, self.db = workdir, db or workdir / "ccmon.db"
+        self.args = [sys.executable, str(ROOT / "ccmon.py"), "--server", "--server-address", address,
+                     "--database-path", str(self.db), *extra]
+        self.lines: list[str] = []
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    def start(self) -> "ServerProcess":
+        self.lines = []
+        self.proc = subprocess.Popen(self.args, cwd=self.workdir, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, "HOME": str(self.workdir)})
+        listening = threading.Event()
+
+        def pump():
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                match = re.search(r"listening on \S+:(\d+)", line)
+                if match:
+                    self.port = int(match.group(1))
+                    listening.set()
+            listening.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        assert listening.wait(20), "server did not start"
+        assert self.port, f"server failed to start: {''.join(self.lines)}"
+        return self
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(20)
+        time.sleep(0.05)  # let the pump thread read the last lines
+        return code
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def query(self) -> ccmon_pb2_grpc.QueryServiceStub:
+        return ccmon_pb2_grpc.QueryServiceStub(grpc.insecure_channel(self.target))
+
+    def logs_stub(self):
+        return logs_service_pb2_grpc.LogsServiceStub(grpc.insecure_channel(self.target))
+
+
+@pytest.fixture
+def server(tmp_path):
+    proc = ServerProcess(tmp_path).start()
+    yield proc
+    if proc.proc.poll() is None:
+        proc.stop()
+
+
+def api_request(seq: int, when: str, model: str = "claude-sonnet-4-5", session: str = "sess-1", **figures):
+    """Attributes shaped like Claude Code's api_request event."""
+    attrs = {"event.name": "api_request", "event.timestamp": when, "event.sequence": seq,
+             "session.id": session, "user.id": "u" * 64, "organization.id": "org-1",
+             "terminal.type": "tmux", "prompt.id": f"p-{seq}", "request_id": f"req_{seq}", "model": model,
+             "query_source": "repl_main_thread"}
+    attrs.update(figures)
+    return attrs
+
+
+def sdk_export(port: int, events: list[tuple[str, dict]], resource: dict = CLAUDE_RESOURCE) -> None:
+    """Send events through the real OpenTelemetry SDK and its OTLP gRPC log exporter."""
+    provider = LoggerProvider(resource=Resource.create(resource))
+    provider.add_log_record_processor(SimpleLogRecordProcessor(
+        OTLPLogExporter(endpoint=f"127.0.0.1:{port}", insecure=True, timeout=10)))
+    logger = provider.get_logger("com.anthropic.claude_code.events")
+    for name, attrs in events:
+        logger.emit(LogRecord(body=f"claude_code.{name}", attributes=attrs))
+    provider.shutdown()
+
+
+def any_value(value) -> common_pb2.AnyValue:
+    if isinstance(value, bool):
+        return common_pb2.AnyValue(bool_value=value)
+    if isinstance(value, int):
+        return common_pb2.AnyValue(int_value=value)
+    if isinstance(value, float):
+        return common_pb2.AnyValue(double_value=value)
+    return common_pb2.AnyValue(string_value=value)
+
+
+def logs_request(events: list[tuple[str, dict]], resource: dict = CLAUDE_RESOURCE):
+    """A raw ExportLogsServiceRequest, for tests that need the response or exact bytes."""
+    records = [logs_pb2.LogRecord(body=common_pb2.AnyValue(string_value=f"claude_code.{name}"),
+                                  attributes=[common_pb2.KeyValue(key=k, value=any_value(v))
+                                              for k, v in attrs.items()])
+               for name, attrs in events]
+    return logs_service_pb2.ExportLogsServiceRequest(resource_logs=[logs_pb2.ResourceLogs(
+        resource={"attributes": [common_pb2.KeyValue(key=k, value=any_value(v)) for k, v in resource.items()]},
+        scope_logs=[logs_pb2.ScopeLogs(log_records=records)])])
+
+
+def ts(iso: str):
+    return ccmon.timestamp_from_ms(ccmon.parse_iso_ms(iso))
+
+
+def stats(srv: ServerProcess, start: str | None = None, end: str | None = None):
+    request = ccmon_pb2.GetStatsRequest()
+    if start:
+        request.start_time.CopyFrom(ts(start))
+    if end:
+        request.end_time.CopyFrom(ts(end))
+    return srv.query().GetStats(request).stats
+
+
+def db_rows(db: Path, sql: str, params=()) -> list[tuple]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def hours_ago(hours: float) -> str:
+    moment = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=hours)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# The mixed shapes real Claude Code versions send: strings, ints, doubles.
+MIXED_EVENTS = [
+    ("api_request", api_request(1, "2026-03-01T10:00:00.000Z", input_tokens="1200", output_tokens="340",
+                                cache_read_tokens="15000", cache_creation_tokens="2200", cost_usd="0.0421",
+                                duration_ms="5120")),
+    ("api_request", api_request(2, "2026-03-01T10:05:30.250Z", input_tokens=800, output_tokens=95,
+                                cache_read_tokens=0, cache_creation_tokens=0, cost_usd=0.000975,
+                                duration_ms=830, model="claude-haiku-4-5-20251001", ttft_ms=210)),
+    ("api_request", api_request(3, "2026-03-01T23:59:59.999Z", input_tokens=10.0, output_tokens=2048.0,
+                                cache_read_tokens=30123.0, cache_creation_tokens=512.0, cost_usd=0.1,
+                                duration_ms=22000.0, model="claude-opus-4-1")),
+    ("user_prompt", {"event.name": "user_prompt", "event.timestamp": "2026-03-01T09:59:58.000Z",
+                     "event.sequence": 0, "session.id": "sess-1", "prompt_length": "42", "prompt.id": "p-1"}),
+    ("tool_result", {"event.name": "tool_result", "event.timestamp": "2026-03-01T10:00:10.000Z",
+                     "event.sequence": 4, "session.id": "sess-1", "tool_name": "Bash", "success": "true",
+                     "duration_ms": "88"}),
+]
+
+
+# ---------------------------------------------------------------- server: ingestion and the query service
+
+def test_sdk_exporter_mixed_value_types_recorded_exactly(server):
+    sdk_export(server.port, MIXED_EVENTS)
+    s = stats(server)
+    assert (s.base_requests, s.premium_requests, s.total_requests) == (1, 2, 3)
+    assert s.premium_tokens == ccmon_pb2.Token(input=1210, output=2388, cache_read=45123, cache_creation=2712,
+                                               limited=3598, cache=47835, total=51433)
+    assert s.base_tokens == ccmon_pb2.Token(input=800, output=95, limited=895, total=895)
+    assert s.premium_cost.amount == 0.1421
+    assert s.base_cost.amount == 0.000975
+    assert s.total_cost.amount == 0.143075
+    assert s.total_tokens.total == 51433 + 895
+
+
+def test_api_requests_page_order_and_fields(server):
+    sdk_export(server.port, MIXED_EVENTS)
+    page = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(limit=2))
+    assert page.total_count == 3
+    assert [r.model for r in page.requests] == ["claude-opus-4-1", "claude-haiku-4-5-20251001"]
+    newest = page.requests[0]
+    assert (newest.session_id, newest.input_tokens, newest.output_tokens, newest.cache_read_tokens,
+            newest.cache_creation_tokens, newest.total_tokens, newest.cost_usd, newest.duration_ms) == \
+        ("sess-1", 10, 2048, 30123, 512, 32693, 0.1, 22000)
+    assert newest.timestamp == ts("2026-03-01T23:59:59.999Z")
+    oldest = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(limit=1, offset=0, oldest_first=True))
+    assert oldest.requests[0].timestamp == ts("2026-03-01T10:00:00.000Z")
+    second = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(limit=5, offset=2))
+    assert [r.model for r in second.requests] == ["claude-sonnet-4-5"]
+
+
+def test_period_filters_use_half_open_ranges(server):
+    sdk_export(server.port, MIXED_EVENTS)
+    assert stats(server, "2026-03-01T10:00:00Z", "2026-03-01T10:05:30.250Z").total_requests == 1
+    assert stats(server, "2026-03-01T10:00:00.001Z", "2026-03-02T00:00:00Z").total_requests == 2
+    assert stats(server, end="2026-03-01T10:00:00Z").total_requests == 0
+    assert stats(server, start="2026-03-02T00:00:00Z").total_requests == 0
+
+
+def test_daily_usage_in_a_timezone(server):
+    sdk_export(server.port, MIXED_EVENTS)
+    request = ccmon_pb2.GetUsageRequest(timezone="Asia/Taipei", start_time=ts("2026-02-28T16:00:00Z"),
+                                        end_time=ts("2026-03-02T16:00:00Z"))
+    days = server.query().GetUsage(request).days
+    # Taipei is UTC+8: the 23:59:59.999Z request falls on March 2nd there.
+    assert [d.date for d in days] == ["2026-03-02", "2026-03-01"]
+    assert (days[0].stats.premium_requests, days[0].stats.premium_tokens.output) == (1, 2048)
+    assert (days[1].stats.total_requests, days[1].stats.premium_cost.amount) == (2, 0.0421)
+    with pytest.raises(grpc.RpcError) as err:
+        server.query().GetUsage(ccmon_pb2.GetUsageRequest(timezone="Mars/Olympus"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown timezone 'Mars/Olympus'" in err.value.details()
+
+
+def test_model_stats_ranked_by_cost(server):
+    sdk_export(server.port, MIXED_EVENTS)
+    models = server.query().GetModelStats(ccmon_pb2.GetModelStatsRequest()).models
+    assert [(m.model, m.premium, m.requests, m.cost.amount) for m in models] == [
+        ("claude-opus-4-1", True, 1, 0.1), ("claude-sonnet-4-5", True, 1, 0.0421),
+        ("claude-haiku-4-5-20251001", False, 1, 0.000975)]
+    assert models[1].tokens.cache_creation == 2200 and models[1].duration_ms == 5120
+
+
+def test_other_events_and_attributes_are_kept(server):
+    sdk_export(server.port, MIXED_EVENTS + [("mystery_event", {"session.id": "sess-1", "event.sequence": 9})])
+    events = db_rows(server.db, "SELECT name, session_id, prompt_id, attributes FROM events ORDER BY ts")
+    assert [e[:3] for e in events] == [("user_prompt", "sess-1", "p-1"), ("tool_result", "sess-1", None),
+                                       ("mystery_event", "sess-1", None)]
+    tool = next(e for e in events if e[0] == "tool_result")
+    assert json.loads(tool[3]) == {"event.sequence": 4, "tool_name": "Bash", "success": "true", "duration_ms": "88"}
+    haiku = db_rows(server.db, "SELECT ttft_ms, prompt_id, request_id, extra, s.attributes FROM requests "
+                               "JOIN sources s ON s.id = source_id WHERE model LIKE '%haiku%'")[0]
+    assert haiku[:3] == (210, "p-2", "req_2")
+    assert json.loads(haiku[3]) == {"query_source": "repl_main_thread"}
+    source = json.loads(haiku[4])
+    expected = {**CLAUDE_RESOURCE, "user.id": "u" * 64, "organization.id": "org-1", "terminal.type": "tmux",
+                "telemetry.sdk.name": "opentelemetry"}
+    assert {key: source[key] for key in expected} == expected
+    assert "storing events of a kind ccmon does not know yet: 'mystery_event'" in server.log
+
+
+def test_duplicate_exports_are_counted_once(server):
+    request = logs_request(MIXED_EVENTS)
+    first = server.logs_stub().Export(request)
+    again = server.logs_stub().Export(request)
+    assert not first.HasField("partial_success") and not again.HasField("partial_success")
+    assert stats(server).total_requests == 3
+    assert db_rows(server.db, "SELECT COUNT(*) FROM events") == [(2,)]
+    # Records without session/sequence are de-duplicated by content.
+    anonymous = logs_request([("api_request", {"model": "claude-sonnet-4-5", "input_tokens": 7,
+                                                "event.timestamp": "2026-03-05T00:00:00Z"})])
+    server.logs_stub().Export(anonymous)
+    server.logs_stub().Export(anonymous)
+    assert stats(server).total_requests == 4
+    assert "logs: 1 records, 1 api requests, 0 new, 0 rejected" in server.log
+
+
+def test_malformed_values_are_rejected_with_partial_success(server):
+    bad = [
+        ("api_request", api_request(1, "2026-03-01T10:00:00Z", input_tokens="12k", cost_usd=0.5)),
+        ("api_request", api_request(2, "2026-03-01T10:00:01Z", input_tokens=5, cost_usd="NaN")),
+        ("api_request", api_request(3, "2026-03-01T10:00:02Z", output_tokens=-4)),
+        ("api_request", api_request(4, "2026-03-01T10:00:03Z", cache_read_tokens=1.5)),
+        ("api_request", api_request(5, "2026-03-01T10:00:04Z", input_tokens=9, output_tokens="11",
+                                    cost_usd="0.25")),
+    ]
+    response = server.logs_stub().Export(logs_request(bad))
+    assert response.partial_success.rejected_log_records == 4
+    assert response.partial_success.error_message == (
+        "rejected 4 of 5 log records: api_request in session sess-1: input_tokens='12k' is not a number; "
+        "api_request in session sess-1: cost_usd='NaN' is not a finite number; "
+        "api_request in session sess-1: output_tokens=-4 is negative; and 1 more")
+    s = stats(server)
+    assert (s.total_requests, s.total_tokens.limited, s.total_cost.amount) == (1, 20, 0.25)
+    assert "WARNING logs: rejected 4 of 5 log records" in server.log
+
+
+def test_timestamp_fallbacks(server):
+    record_time = ccmon.parse_iso_ms("2026-04-01T12:00:00Z") * 1_000_000
+    request = logs_request([("api_request", {"session.id": "s", "event.sequence": 1, "model": "m",
+                                             "input_tokens": 1})])
+    request.resource_logs[0].scope_logs[0].log_records[0].time_unix_nano = record_time
+    server.logs_stub().Export(request)
+    page = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest())
+    assert page.requests[0].timestamp == ts("2026-04-01T12:00:00Z")
+
+
+def test_metrics_from_the_sdk_are_stored(server):
+    exporter = OTLPMetricExporter(endpoint=server.target, insecure=True,
+                                  preferred_temporality={Counter: AggregationTemporality.DELTA})
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=60_000)
+    provider = MeterProvider(resource=Resource.create(CLAUDE_RESOURCE), metric_readers=[reader])
+    meter = provider.get_meter("com.anthropic.claude_code")
+    cost = meter.create_counter("claude_code.cost.usage", unit="USD")
+    tokens = meter.create_counter("claude_code.token.usage", unit="tokens")
+    cost.add(0.25, {"session.id": "sess-9", "model": "claude-sonnet-4-5"})
+    tokens.add(1500, {"session.id": "sess-9", "model": "claude-sonnet-4-5", "type": "input"})
+    tokens.add(90, {"session.id": "sess-9", "model": "claude-sonnet-4-5", "type": "output"})
+    provider.shutdown()
+    rows = db_rows(server.db, "SELECT name, temporality, value, session_id, model, type FROM metric_points "
+                              "ORDER BY name, type")
+    assert rows == [("claude_code.cost.usage", 1, 0.25, "sess-9", "claude-sonnet-4-5", None),
+                    ("claude_code.token.usage", 1, 1500.0, "sess-9", "claude-sonnet-4-5", "input"),
+                    ("claude_code.token.usage", 1, 90.0, "sess-9", "claude-sonnet-4-5", "output")]
+
+
+def test_bad_metric_points_get_partial_success_and_traces_are_accepted(server):
+    def point(value):
+        return metrics_pb2.NumberDataPoint(as_double=value, time_unix_nano=1_700_000_000_000_000_000)
+
+    request = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+        scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
+            name="claude_code.cost.usage",
+            sum=metrics_pb2.Sum(aggregation_temporality=1, data_points=[point(0.5), point(float("nan")),
+                                                                         point(-1.0)]))])])])
+    stub = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target))
+    response = stub.Export(request)
+    assert response.partial_success.rejected_data_points == 2
+    assert "claude_code.cost.usage: value nan is not a finite non-negative number" in \
+        response.partial_success.error_message
+    assert db_rows(server.db, "SELECT value FROM metric_points") == [(0.5,)]
+    traces = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(server.target))
+    assert traces.Export(trace_service_pb2.ExportTraceServiceRequest()) == \
+        trace_service_pb2.ExportTraceServiceResponse()
+
+
+def test_restart_keeps_data_and_sigterm_is_graceful(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    sdk_export(srv.port, MIXED_EVENTS)
+    assert srv.stop(signal.SIGTERM) == 0
+    assert "stopped; database closed" in srv.log
+    srv.start()
+    try:
+        assert stats(srv).total_requests == 3
+        assert stats(srv).total_cost.amount == 0.143075
+    finally:
+        srv.stop()
+
+
+def test_kill_9_loses_no_acknowledged_record(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    stub = srv.logs_stub()
+    for batch in range(20):
+        events = [("api_request", api_request(batch * 50 + i, "2026-05-01T00:00:00Z", input_tokens=1))
+                  for i in range(50)]
+        stub.Export(logs_request(events))  # returns only after the commit
+    srv.stop(signal.SIGKILL)
+    assert db_rows(srv.db, "PRAGMA integrity_check") == [("ok",)]
+    srv.start()
+    try:
+        assert stats(srv).total_tokens.input == 1000
+    finally:
+        srv.stop()
+
+
+def test_retention_sweep_deletes_old_rows_at_start(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    events = [("api_request", api_request(1, hours_ago(24 * 10), input_tokens=100)),
+              ("api_request", api_request(2, hours_ago(24 * 8), input_tokens=200)),
+              ("api_request", api_request(3, hours_ago(24 * 6), input_tokens=400)),
+              ("tool_result", {"session.id": "sess-1", "event.sequence": 4, "event.timestamp": hours_ago(200)}),
+              ("tool_result", {"session.id": "sess-1", "event.sequence": 5, "event.timestamp": hours_ago(1)})]
+    sdk_export(srv.port, events)
+    srv.stop()
+    srv.args += ["--server-retention", "7d"]
+    srv.start()
+    try:
+        deadline = time.time() + 10
+        while "retention: deleted" not in srv.log and time.time() < deadline:
+            time.sleep(0.05)
+        assert "retention: deleted 3 rows older than" in srv.log
+        s = stats(srv)
+        assert (s.total_requests, s.total_tokens.input) == (1, 400)
+        assert db_rows(srv.db, "SELECT SUM(requests), SUM(input_tokens) FROM usage_rollup") == [(1, 400)]
+        assert db_rows(srv.db, "SELECT COUNT(*) FROM events") == [(1,)]
+    finally:
+        srv.stop()
+
+
+def test_port_in_use_and_foreign_database_are_refused(server, tmp_path):
+    second = subprocess.run([sys.executable, str(ROOT / "ccmon.py"), "--server", "--server-address",
+                             server.target, "--database-path", str(tmp_path / "other.db")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert second.returncode == 1
+    assert f"ccmon: cannot listen on {server.target}: the port is in use" in second.stderr
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER)")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    for path, message in ((foreign, "is an SQLite database of something else"),
+                          (garbage, "cannot use")):
+        result = subprocess.run([sys.executable, str(ROOT / "ccmon.py"), "-s", "--server-address",
+                                 "127.0.0.1:0", "--database-path", str(path)],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1
+        assert message in result.stderr and str(path) in result.stderr
+    assert garbage.read_bytes() == b"this is not a database" * 100
+
+
+# ---------------------------------------------------------------- configuration
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = ccmon.main(args)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def config_for(tmp_path, monkeypatch, args: list[str] = ()) -> ccmon.Config:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return ccmon.load_config(ccmon.build_parser().parse_args(list(args)))
+
+
+def test_config_defaults(tmp_path, monkeypatch):
+    config = config_for(tmp_path, monkeypatch)
+    assert config == ccmon.Config(
+        database_path=tmp_path / "home" / ".ccmon" / "ccmon.db", server_address="127.0.0.1:4317",
+        server_retention_s=None, monitor_server="127.0.0.1:4317", monitor_timezone="UTC",
+        refresh_interval_s=5, plan="unset", max_tokens=0, source="defaults")
+
+
+def test_config_file_search_order_and_flag_precedence(tmp_path, monkeypatch):
+    home_dir = tmp_path / "home" / ".ccmon"
+    home_dir.mkdir(parents=True)
+    (home_dir / "config.toml").write_text('[claude]\nplan = "pro"\n')
+    assert config_for(tmp_path, monkeypatch).plan == "pro"
+    (tmp_path / "config.json").write_text(json.dumps({"claude": {"plan": "max", "max_tokens": 9000},
+                                                      "server": {"retention": "30d"}}))
+    config = config_for(tmp_path, monkeypatch)
+    assert (config.plan, config.max_tokens, config.server_retention_s) == ("max", 9000, 30 * 86400)
+    assert config.source == str(tmp_path / "config.json")
+    (tmp_path / "config.toml").write_text('[monitor]\ntimezone = "Asia/Taipei"\nrefresh_interval = "1m"\n'
+                                          '[database]\npath = "~/data/x.db"\n')
+    config = config_for(tmp_path, monkeypatch, ["--monitor-timezone", "Europe/Berlin"])
+    assert (config.monitor_timezone, config.refresh_interval_s, config.plan) == ("Europe/Berlin", 60, "unset")
+    assert config.database_path == tmp_path / "home" / "data" / "x.db"
+    yaml_file = tmp_path / "elsewhere.yaml"
+    yaml_file.write_text("claude:\n  plan: max20\nserver:\n  address: 0.0.0.0:4317\n")
+    config = config_for(tmp_path, monkeypatch, ["--config", str(yaml_file), "--claude-max-tokens", "5"])
+    assert (config.plan, config.server_address, config.max_tokens) == ("max20", "0.0.0.0:4317", 5)
+
+
+CONFIG_ERRORS = [
+    (["--claude-plan", "gold"], "--claude-plan: unknown plan 'gold' (accepted: unset, pro, max, max20)"),
+    (["--monitor-timezone", "Mars/Olympus"],
+     "--monitor-timezone: unknown timezone 'Mars/Olympus' (use an IANA name such as 'UTC', 'Europe/Berlin' "
+     "or 'Asia/Taipei')"),
+    (["--claude-max-tokens", "-5"],
+     "--claude-max-tokens: invalid token limit '-5' (use a whole number >= 0; 0 means the plan's default)"),
+    (["--server-retention", "5x"],
+     "--server-retention: invalid retention '5x' (use 'never', or a number of days or hours such as '30d' or "
+     "'48h')"),
+    (["--server-retention", "12h"], "--server-retention: retention '12h' is below the minimum of 24h"),
+    (["--monitor-refresh-interval", "0s"],
+     "--monitor-refresh-interval: interval '0s' is outside the allowed range 1s to 5m"),
+    (["--monitor-refresh-interval", "10m"],
+     "--monitor-refresh-interval: interval '10m' is outside the allowed range 1s to 5m"),
+    (["--monitor-refresh-interval", "fast"],
+     "--monitor-refresh-interval: invalid interval 'fast' (use seconds or minutes such as '5s' or '1m', from "
+     "1s to 5m)"),
+    (["--server-address", "localhost"],
+     "--server-address: invalid address 'localhost' (use HOST:PORT such as 127.0.0.1:4317)"),
+    (["--monitor-server", "host:99999"],
+     "--monitor-server: invalid address 'host:99999' (use HOST:PORT such as 127.0.0.1:4317)"),
+    (["--config", "/nonexistent/ccmon.toml"], "--config: no such file: /nonexistent/ccmon.toml"),
+]
+
+
+@pytest.mark.parametrize("args,message", CONFIG_ERRORS)
+def test_config_flag_errors(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, err = run_main(["--server", *args], capsys)
+    assert code == 2
+    assert err == f"ccmon: config error: {message}\n"
+
+
+FILE_ERRORS = [
+    ("config.toml", '[claude]\nplan = "gold"\n', "{path}: claude.plan: unknown plan 'gold' (accepted: unset, pro, "
+                                                 "max, max20)"),
+    ("config.toml", '[claude]\nmax_tokens = -1\n',
+     "{path}: claude.max_tokens: invalid token limit -1 (use a whole number >= 0; 0 means the plan's default)"),
+    ("config.toml", '[server]\nport = 4317\n', "{path}: unknown key server.port (known in [server]: address, "
+                                               "retention)"),
+    ("config.toml", '[mointor]\nserver = "x:1"\n', "{path}: unknown section [mointor] (known: database, server, "
+                                                   "monitor, claude)"),
+    ("config.toml", '[monitor]\ntimezone = 3\n', "{path}: monitor.timezone: expected a non-empty string, got 3"),
+    ("config.toml", 'plan = \n', "{path}: not valid TOML: "),
+    ("config.json", '{"claude": ', "{path}: not valid JSON: "),
+    ("config.yaml", 'claude: [unclosed', "{path}: not valid YAML: "),
+    ("config.json", '[1, 2]', "{path}: the top level must be a table of sections"),
+    ("config.toml", 'claude = 5\n', "{path}: [claude] must be a table of settings"),
+]
+
+
+@pytest.mark.parametrize("name,content,message", FILE_ERRORS)
+def test_config_file_errors(name, content, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / name).write_text(content)
+    code, err = run_main(["--server"], capsys)
+    assert code == 2
+    assert err.startswith("ccmon: config error: " + message.format(path=tmp_path / name))
+
+
+def test_yaml_without_pyyaml_says_how_to_get_it(tmp_path):
+    (tmp_path / "config.yaml").write_text("claude:\n  plan: pro\n")
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['yaml'] = None; "
+                             f"sys.path.insert(0, {str(ROOT)!r}); import ccmon; sys.exit(ccmon.main(['-s']))"],
+                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert "config.yaml: YAML config needs PyYAML: run 'pip install pyyaml'" in result.stderr
+
+
+def test_version_flag(capsys):
+    code, _ = run_main(["--version"], capsys)
+    assert code == 0
+
+
+# ---------------------------------------------------------------- domain math
+
+def test_number_parsing_accepts_every_anyvalue_shape():
+    assert [ccmon.parse_count(v, "k") for v in ("12", " 7 ", 12, 12.0, "3.0", "1e3")] == [12, 7, 12, 12, 3, 1000]
+    assert [ccmon.parse_usd_nanos(v, "c") for v in ("0.0421", 0.1, 3, "1e-9", 0.000975)] == \
+        [42_100_000, 100_000_000, 3_000_000_000, 1, 975_000]
+    for bad, message in ((True, "is not a number"), ("", "is not a number"), ("inf", "is not a whole number"),
+                         (float("nan"), "is not a whole number"), (2 ** 63, "is too large"), ([1], "is not a number")):
+        with pytest.raises(ccmon.BadValue, match=message):
+            ccmon.parse_count(bad, "k")
+    for bad, message in (("Infinity", "is not a finite number"), (-0.5, "is negative"), (None, "is not a number"),
+                         ("1,5", "is not a number"), (1e12, "is too large")):
+        with pytest.raises(ccmon.BadValue, match=message):
+            ccmon.parse_usd_nanos(bad, "c")
+
+
+def test_day_bounds_across_dst():
+    zone = ccmon.ZoneInfo("Europe/Berlin")
+    end = ccmon.parse_iso_ms("2026-03-30T12:00:00Z")
+    bounds = ccmon.day_bounds(zone, end, 3)
+    assert [(d, (hi - lo) // 3600_000) for d, lo, hi in bounds] == [
+        ("2026-03-30", 24), ("2026-03-29", 23), ("2026-03-28", 24)]
+    assert bounds[1][1] == ccmon.parse_iso_ms("2026-03-28T23:00:00Z")
+
+
+def test_premium_split():
+    assert not ccmon.is_premium("claude-3-5-HAIKU-20241022")
+    assert ccmon.is_premium("claude-opus-4-1") and ccmon.is_premium("unknown")
