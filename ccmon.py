@@ -9,7 +9,6 @@ Dependencies flow downwards only: storage never sees gRPC, the UI never sees SQL
 from __future__ import annotations
 
 import argparse
-import calendar
 import dataclasses
 import datetime as dt
 import decimal
@@ -28,7 +27,7 @@ import time
 import tomllib
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
@@ -1078,6 +1077,753 @@ def run_server(config: Config) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
+
+BLOCK_MS = 5 * 3600 * 1000
+PLAN_TOKEN_LIMITS = {"pro": 7_000, "max": 35_000, "max20": 140_000}
+
+
+def parse_block_hour(text: str) -> int:
+    """'5am' -> 5, '11pm' -> 23, '12am' -> 0; raises ConfigError naming the accepted form."""
+    match = re.fullmatch(r"\s*(1[0-2]|0?[1-9])\s*(am|pm)\s*", text, re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"-b/--block: invalid block start {text!r} "
+                          "(use an hour from 1 to 12 followed by am or pm, such as 5am or 11pm)")
+    return int(match.group(1)) % 12 + (12 if match.group(2).lower() == "pm" else 0)
+
+
+def current_block(now_ms: int, zone: ZoneInfo, start_hour: int) -> tuple[int, int]:
+    """The 5-hour block holding now_ms: blocks start at start_hour local time and every 5 hours after;
+    the cycle restarts at the next start_hour, which cuts the last block of a day short."""
+    local = dt.datetime.fromtimestamp(now_ms / 1000, zone)
+    anchor_day = local.date()
+    anchor = ms_from_datetime(dt.datetime.combine(anchor_day, dt.time(start_hour), zone))
+    if anchor > now_ms:
+        anchor_day -= dt.timedelta(days=1)
+        anchor = ms_from_datetime(dt.datetime.combine(anchor_day, dt.time(start_hour), zone))
+    next_anchor = ms_from_datetime(dt.datetime.combine(anchor_day + dt.timedelta(days=1), dt.time(start_hour), zone))
+    start = anchor + (now_ms - anchor) // BLOCK_MS * BLOCK_MS
+    return start, min(start + BLOCK_MS, next_anchor)
+
+
+def token_limit(plan: str, max_tokens: int) -> int | None:
+    """claude.max_tokens when set, else the plan's default, else no limit."""
+    return max_tokens or PLAN_TOKEN_LIMITS.get(plan)
+
+
+def per_minute(tokens: int, elapsed_ms: int) -> float:
+    return tokens / (elapsed_ms / 60_000) if elapsed_ms > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockStatus:
+    start_ms: int
+    end_ms: int
+    now_ms: int
+    used: int               # premium limited tokens (input + output of non-Haiku models)
+    limit: int | None
+
+    @property
+    def elapsed_ms(self) -> int:
+        return self.now_ms - self.start_ms
+
+    @property
+    def remaining_ms(self) -> int:
+        return max(0, self.end_ms - self.now_ms)
+
+    @property
+    def burn_rate(self) -> float:
+        return per_minute(self.used, self.elapsed_ms)
+
+    def limit_reached_ms(self) -> int | None:
+        """When the limit is reached at the current pace, if before the block ends."""
+        if self.limit is None or self.used == 0:
+            return None
+        if self.used >= self.limit:
+            return self.now_ms
+        at = self.now_ms + int((self.limit - self.used) / self.burn_rate * 60_000)
+        return at if at < self.end_ms else None
+
+    def projected_at_end(self) -> int:
+        return self.used + int(self.burn_rate * self.remaining_ms / 60_000)
+
+
+# ---------------------------------------------------------------- Client: a small QueryService client for the monitor
+
+class ServerUnreachable(Exception):
+    """The query server did not answer; the message is short enough for a status line."""
+
+
+def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost) -> Usage:
+    return Usage(requests=requests, input=token.input, output=token.output, cache_read=token.cache_read,
+                 cache_creation=token.cache_creation, cost_nanos=round(cost.amount * NANOS_PER_USD))
+
+
+def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
+    return Split(usage_from_token(stats.base_tokens, stats.base_requests, stats.base_cost),
+                 usage_from_token(stats.premium_tokens, stats.premium_requests, stats.premium_cost))
+
+
+def describe_rpc_error(exc: grpc.RpcError) -> str:
+    details = (exc.details() or "").splitlines()[0] if exc.details() else ""
+    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        if "DNS resolution failed" in details or "not resolve" in details.lower():
+            return "cannot resolve the server's host name"
+        if "Connection refused" in details or "connect" in details.lower():
+            return "connection refused"
+        return "server unavailable"
+    if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "server did not answer in time"
+    return f"{exc.code().name.lower()}: {details[:80]}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """What one screen needs from the server."""
+    tab: str
+    start_ms: int | None
+    end_ms: int
+    offset: int
+    limit: int
+    oldest_first: bool
+    timezone: str
+    block: tuple[int, int] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestRow:
+    ts_ms: int
+    model: str
+    session_id: str
+    usage: Usage
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The server's answers for one Query."""
+    query: Query
+    taken_ms: int
+    server_requests: int                      # all time, to tell an empty database apart
+    period: Split = Split()
+    requests: tuple[RequestRow, ...] = ()
+    period_requests: int = 0
+    days: tuple[tuple[str, Split], ...] = ()
+    block: Split | None = None
+
+
+class Client:
+    def __init__(self, address: str, timeout_s: float = 5.0):
+        self.address, self.timeout_s = address, timeout_s
+        self._channel = grpc.insecure_channel(address)
+        self._stub = ccmon_pb2_grpc.QueryServiceStub(self._channel)
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise ServerUnreachable(describe_rpc_error(exc)) from None
+
+    def stats(self, start_ms: int | None, end_ms: int) -> Split:
+        request = ccmon_pb2.GetStatsRequest(end_time=timestamp_from_ms(end_ms))
+        if start_ms is not None:
+            request.start_time.CopyFrom(timestamp_from_ms(start_ms))
+        return split_from_stats(self._call("GetStats", request).stats)
+
+    def snapshot(self, query: Query) -> Snapshot:
+        info = self._call("GetServerInfo", ccmon_pb2.GetServerInfoRequest())
+        block = self.stats(*query.block) if query.block else None
+        if query.tab == "daily":
+            usage = self._call("GetUsage", ccmon_pb2.GetUsageRequest(
+                end_time=timestamp_from_ms(query.end_ms), timezone=query.timezone))
+            days = tuple((day.date, split_from_stats(day.stats)) for day in usage.days)
+            return Snapshot(query, now_ms(), info.total_requests, days=days, block=block)
+        request = ccmon_pb2.GetAPIRequestsRequest(end_time=timestamp_from_ms(query.end_ms), limit=query.limit,
+                                                  offset=query.offset, oldest_first=query.oldest_first)
+        if query.start_ms is not None:
+            request.start_time.CopyFrom(timestamp_from_ms(query.start_ms))
+        page = self._call("GetAPIRequests", request)
+        rows = tuple(RequestRow(r.timestamp.seconds * 1000 + r.timestamp.nanos // 1_000_000, r.model, r.session_id,
+                                Usage(1, r.input_tokens, r.output_tokens, r.cache_read_tokens,
+                                      r.cache_creation_tokens, round(r.cost_usd * NANOS_PER_USD), r.duration_ms))
+                     for r in page.requests)
+        return Snapshot(query, now_ms(), info.total_requests, period=self.stats(query.start_ms, query.end_ms),
+                        requests=rows, period_requests=page.total_count, block=block)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+# ---------------------------------------------------------------- View model and pure render functions
+
+PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w": ("last 7 days", 7 * 86400_000),
+           "m": ("last 30 days", 30 * 86400_000), "a": ("all time", None), "b": ("current block", None)}
+TABS = ("current", "daily")
+TAB_TITLES = {"current": "Current", "daily": "Daily Usage"}
+MIN_SIZE = (40, 12)
+PAGE_FETCH = 200  # request rows fetched per refresh; the table scrolls through them by offset
+
+
+@dataclasses.dataclass(frozen=True)
+class MonitorSettings:
+    server: str
+    zone: ZoneInfo
+    block_hour: int | None
+    limit: int | None
+    refresh_s: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewState:
+    """Everything the user chose; the screen is render(ViewState, Connection, Snapshot, size)."""
+    tab: str = "current"
+    period: str = "a"
+    oldest_first: bool = False
+    scroll: int = 0
+    help: bool = False
+    notice: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Connection:
+    connected: bool = False
+    error: str = ""
+    retry_at_ms: int = 0
+    attempts: int = 0
+
+
+def period_range(state: ViewState, settings: MonitorSettings, now: int) -> tuple[int | None, int]:
+    if state.period == "b" and settings.block_hour is not None:
+        return current_block(now, settings.zone, settings.block_hour)[0], now
+    span = PERIODS[state.period][1]
+    return (now - span if span else None), now
+
+
+def query_for(state: ViewState, settings: MonitorSettings, now: int) -> Query:
+    start, end = period_range(state, settings, now)
+    block = None
+    if settings.block_hour is not None:
+        block = (current_block(now, settings.zone, settings.block_hour)[0], now)
+    offset = max(0, state.scroll - PAGE_FETCH // 4)  # a window around the scroll position
+    return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key, block)
+
+
+def handle_key(state: ViewState, key: str, settings: MonitorSettings, total_rows: int,
+               page_rows: int) -> tuple[ViewState, str]:
+    """Apply one key press. Returns the new state and an action: 'quit', 'refresh' or ''."""
+    if key in ("q", "Q", "^C"):
+        return state, "quit"
+    if state.help:
+        return dataclasses.replace(state, help=False), ""
+    if key == "?":
+        return dataclasses.replace(state, help=True), ""
+    if key in ("\t", "KEY_BTAB"):
+        step = 1 if key == "\t" else -1
+        tab = TABS[(TABS.index(state.tab) + step) % len(TABS)]
+        return dataclasses.replace(state, tab=tab, scroll=0, notice=""), "refresh"
+    if key == "b" and settings.block_hour is None:
+        return dataclasses.replace(state, notice="block tracking is off: start ccmon with -b 5am"), ""
+    if key in PERIODS:
+        return dataclasses.replace(state, period=key, scroll=0, notice=""), "refresh"
+    if key == "o":
+        return dataclasses.replace(state, oldest_first=not state.oldest_first, scroll=0), "refresh"
+    if key == "r":
+        return state, "refresh"
+    moves = {"KEY_UP": -1, "k": -1, "KEY_DOWN": 1, "j": 1, "KEY_PPAGE": -page_rows, "KEY_NPAGE": page_rows,
+             "KEY_HOME": -10 ** 12, "KEY_END": 10 ** 12}
+    if key in moves:
+        last = max(0, total_rows - page_rows)
+        scroll = min(max(0, state.scroll + moves[key]), last)
+        return dataclasses.replace(state, scroll=scroll), "refresh" if scroll != state.scroll else ""
+    return state, ""
+
+
+# -- formatting
+
+def format_count(n: float) -> str:
+    """950, 12.3K, 4.56M, 1.20B: three significant digits past a thousand."""
+    if abs(n) < 1000:
+        return str(int(round(n)))
+    for unit, size in (("K", 1e3), ("M", 1e6), ("B", 1e9), ("T", 1e12)):
+        value = n / size
+        if abs(value) < 999.5 or unit == "T":
+            return f"{value:.{2 if abs(value) < 9.995 else 1 if abs(value) < 99.95 else 0}f}{unit}"
+    raise AssertionError("unreachable")
+
+
+def format_cost(nanos: int) -> str:
+    """$0.0421 below a dollar (single requests cost cents), $1,234.57 above."""
+    usd = nanos / NANOS_PER_USD
+    if 0 < usd < 0.00005:
+        return "<$0.0001"
+    return f"${usd:.4f}" if 0 < usd < 1 else f"${usd:,.2f}"
+
+
+def short_model(model: str) -> str:
+    """claude-sonnet-4-5-20250929 -> claude-sonnet-4-5: the date suffix only costs width."""
+    return re.sub(r"-\d{8}$", "", model)
+
+
+def format_duration(ms: int) -> str:
+    """1h05m, 12m, 45s, 850ms."""
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms // 1000
+    if seconds < 60:
+        return f"{seconds}s" if ms >= 10_000 else f"{ms / 1000:.1f}s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes}m"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def format_rate(rate: float) -> str:
+    return f"{format_count(rate)}/min"
+
+
+def local_time(ms: int, zone: ZoneInfo, fmt: str = "%H:%M") -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, zone).strftime(fmt)
+
+
+# -- lines and tables: a Line is a list of (text, style) segments no wider than the screen
+
+Segment = tuple[str, str]
+Line = list[Segment]
+
+
+@dataclasses.dataclass(frozen=True)
+class Glyphs:
+    full: str
+    empty: str
+    rule: str
+    dot: str
+
+    @classmethod
+    def for_terminal(cls, unicode: bool) -> Glyphs:
+        return cls("█", "░", "─", "●") if unicode else cls("#", ".", "-", "*")
+
+
+def line_text(line: Line) -> str:
+    return "".join(text for text, _ in line)
+
+
+def clip(line: Line, width: int) -> Line:
+    out, used = [], 0
+    for text, style in line:
+        if used >= width:
+            break
+        out.append((text[:width - used], style))
+        used += len(out[-1][0])
+    return out
+
+
+def pad_between(left: str, right: str, width: int) -> str:
+    gap = width - len(left) - len(right)
+    return left + " " * gap + right if gap >= 1 else left[:width]
+
+
+def rule(title: str, width: int, glyphs: Glyphs) -> Line:
+    head = f"{glyphs.rule * 2} {title} "
+    return [(head + glyphs.rule * max(0, width - len(head)), "rule")]
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    title: str
+    width: int
+    priority: int           # columns with the highest numbers are dropped first on narrow screens
+    left: bool = False
+    flex: int = 0           # > 0: grows up to this width with the space left
+
+
+def fit_columns(columns: list[Column], width: int) -> list[tuple[int, Column, int]]:
+    """Choose the columns that fit, in their original order, as (index, column, width)."""
+    chosen = sorted(range(len(columns)), key=lambda i: columns[i].priority)
+    while chosen and sum(columns[i].width + 1 for i in chosen) - 1 > width:
+        chosen.pop()
+    chosen.sort()
+    spare = width - (sum(columns[i].width + 1 for i in chosen) - 1)
+    fitted = []
+    for i in chosen:
+        grow = min(spare, max(0, columns[i].flex - columns[i].width))
+        spare -= grow
+        fitted.append((i, columns[i], columns[i].width + grow))
+    return fitted
+
+
+def table_lines(columns: list[Column], rows: list[tuple[list[str], str]], width: int) -> tuple[Line, list[Line]]:
+    """A header line and one line per (cells, style) row, dropping columns that do not fit."""
+    fitted = fit_columns(columns, width)
+
+    def cells(values: list[str]) -> str:
+        parts = []
+        for i, column, size in fitted:
+            value = values[i] if len(values[i]) <= size else values[i][:size - 1] + "~"
+            parts.append(value.ljust(size) if column.left else value.rjust(size))
+        return " ".join(parts)
+
+    header = [(cells([c.title for c in columns]), "header")]
+    return header, [[(cells(values), style)] for values, style in rows]
+
+
+def bar(fraction: float, width: int, glyphs: Glyphs) -> str:
+    filled = min(width, max(0, int(round(min(fraction, 1.0) * width))))
+    return glyphs.full * filled + glyphs.empty * (width - filled)
+
+
+def level_style(fraction: float) -> str:
+    return "good" if fraction < 0.5 else "warn" if fraction < 0.8 else "bad"
+
+
+# -- sections
+
+def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, settings: MonitorSettings,
+                 width: int, now: int, glyphs: Glyphs) -> list[Line]:
+    title = pad_between(" ccmon - Claude Code usage monitor", f"v{VERSION} ", width)
+    tabs: Line = [(" ", "")]
+    for tab in TABS:
+        tabs += [(f" {TAB_TITLES[tab]} ", "tab_active" if tab == state.tab else "tab"), (" ", "")]
+    if conn.connected:
+        link: Segment = (f" {glyphs.dot} connected {settings.server}", "good")
+    elif conn.attempts == 0:
+        link = (f" {glyphs.dot} connecting to {settings.server}", "warn")
+    else:
+        wait = max(0, -(-(conn.retry_at_ms - now) // 1000))
+        link = (f" {glyphs.dot} disconnected ({conn.error}) - retrying in {wait}s", "bad")
+    filter_text = PERIODS[state.period][0] if state.tab == "current" else "last 30 days"
+    order = "oldest first" if state.oldest_first else "newest first"
+    updated = f"updated {local_time(snap.taken_ms, settings.zone, '%H:%M:%S')}" if snap else "no data yet"
+    status: Line = [link, (f" | {filter_text} | {order} | {updated}", "dim")]
+    return [[(title, "title")], tabs, status]
+
+
+def usage_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int,
+                glyphs: Glyphs) -> list[Line]:
+    start, end = snap.query.start_ms, snap.query.end_ms
+    columns = [Column("", 8, 0, left=True), Column("Requests", 8, 1), Column("Limited", 8, 2),
+               Column("Cache", 8, 4), Column("Total", 8, 3), Column("Cost", 10, 1), Column("Burn rate", 12, 5)]
+    rows = []
+    for name, usage, style in (("Base", snap.period.base, ""), ("Premium", snap.period.premium, ""),
+                               ("Total", snap.period.total, "bold")):
+        rate = "-" if start is None or name != "Premium" else format_rate(per_minute(usage.limited, end - start))
+        rows.append(([name, format_count(usage.requests), format_count(usage.limited), format_count(usage.cache),
+                      format_count(usage.total), format_cost(usage.cost_nanos), rate], style))
+    header, body = table_lines(columns, rows, width)
+    return [rule(f"Usage - {PERIODS[state.period][0]}", width, glyphs), header, *body]
+
+
+def block_lines(snap: Snapshot, settings: MonitorSettings, width: int, now: int, glyphs: Glyphs) -> list[Line]:
+    if settings.block_hour is None or snap.block is None:
+        return [[("Block tracking is off: start with -b 5am (the hour your 5-hour windows start).", "dim")]]
+    start, end = current_block(now, settings.zone, settings.block_hour)
+    status = BlockStatus(start, end, now, snap.block.premium.limited, settings.limit)
+    zone = settings.zone
+    lines = [rule(f"Block {local_time(start, zone)}-{local_time(end, zone)}", width, glyphs)]
+    bar_width = max(10, min(40, width - 34))
+    if status.limit:
+        fraction = status.used / status.limit
+        lines.append([("Tokens ", ""), (bar(fraction, bar_width, glyphs), level_style(fraction)),
+                      (f" {fraction * 100:3.0f}%  {format_count(status.used)} / {format_count(status.limit)}", "")])
+    else:
+        lines.append([(f"Tokens {format_count(status.used)} premium (no limit: set claude.plan or "
+                       "claude.max_tokens)", "dim")])
+    time_fraction = status.elapsed_ms / (end - start)
+    lines.append([("Time   ", ""), (bar(time_fraction, bar_width, glyphs), "dim"),
+                  (f" {time_fraction * 100:3.0f}%  {format_duration(status.remaining_ms)} left, ends "
+                   f"{local_time(end, zone)}", "")])
+    pace = f"Burn {format_rate(status.burn_rate)}"
+    reached = status.limit_reached_ms()
+    if status.limit and status.used >= status.limit:
+        lines.append([(pace + "; limit reached", "bad")])
+    elif reached is not None:
+        lines.append([(pace + f"; at this pace the limit is reached at {local_time(reached, zone)}", "warn")])
+    elif status.limit:
+        projected = status.projected_at_end() / status.limit * 100
+        lines.append([(pace + f"; within limit at this pace ({projected:.0f}% at block end)", "good")])
+    else:
+        lines.append([(pace, "")])
+    return lines
+
+
+def request_table(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int,
+                  rows_available: int, glyphs: Glyphs) -> tuple[list[Line], int]:
+    long_period = snap.query.start_ms is None or snap.query.end_ms - snap.query.start_ms > 86400_000
+    time_format, time_width = ("%m-%d %H:%M", 11) if long_period else ("%H:%M:%S", 8)
+    columns = [Column("Time", time_width, 0, left=True), Column("Model", 17, 0, left=True, flex=28),
+               Column("Input", 7, 3), Column("Output", 7, 3), Column("Cache", 7, 4), Column("Total", 7, 1),
+               Column("Cost", 9, 1), Column("Dur", 6, 5), Column("Session", 8, 6, left=True)]
+    page_rows = max(1, rows_available - 2)
+    shown = snap.requests[state.scroll - snap.query.offset:][:page_rows] if state.scroll >= snap.query.offset else ()
+    rows = [([local_time(r.ts_ms, settings.zone, time_format), short_model(r.model), format_count(r.usage.input),
+              format_count(r.usage.output), format_count(r.usage.cache), format_count(r.usage.total),
+              format_cost(r.usage.cost_nanos), format_duration(r.usage.duration_ms), r.session_id[:8]], "")
+            for r in shown]
+    first = state.scroll + 1 if shown else 0
+    title = f"Requests {first}-{state.scroll + len(shown)} of {snap.period_requests}"
+    header, body = table_lines(columns, rows, width)
+    return [rule(title, width, glyphs), header, *body], page_rows
+
+
+def daily_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
+                now: int, glyphs: Glyphs) -> tuple[list[Line], int]:
+    columns = [Column("Date", 10, 0, left=True), Column("Base", 5, 3), Column("Prem", 5, 1), Column("Input", 6, 4),
+               Column("Output", 6, 2), Column("CacheR", 6, 5), Column("CacheW", 6, 5), Column("Total", 6, 2),
+               Column("Burn", 8, 6), Column("Prem $", 9, 1)]
+    today = local_time(now, settings.zone, "%Y-%m-%d")
+    rows, total = [], Split()
+    for date, split in snap.days:
+        total = Split(total.base + split.base, total.premium + split.premium)
+        day_start = ms_from_datetime(dt.datetime.combine(dt.date.fromisoformat(date), dt.time(), settings.zone))
+        elapsed_ms = now - day_start if date == today else 86400_000
+        rows.append(_daily_cells(date, split, format_rate(per_minute(split.premium.limited, elapsed_ms))))
+    page_rows = max(1, rows_available - 3)
+    body_rows = [(cells, "") for cells in rows[state.scroll:state.scroll + page_rows]]
+    body_rows.append((_daily_cells("Total", total, ""), "bold"))
+    header, body = table_lines(columns, body_rows, width)
+    title = f"Daily usage - last {len(snap.days)} days ({settings.zone.key})"
+    return [rule(title, width, glyphs), header, *body], page_rows
+
+
+def _daily_cells(label: str, split: Split, burn: str) -> list[str]:
+    p = split.premium
+    return [label, format_count(split.base.requests), format_count(p.requests), format_count(p.input),
+            format_count(p.output), format_count(p.cache_read), format_count(p.cache_creation),
+            format_count(p.total), burn, format_cost(p.cost_nanos)]
+
+
+WAITING_TEXT = [
+    "Waiting for data: this server has not received any Claude Code request yet.",
+    "",
+    "Start Claude Code with these variables set:",
+    "  export CLAUDE_CODE_ENABLE_TELEMETRY=1",
+    "  export OTEL_LOGS_EXPORTER=otlp",
+    "  export OTEL_METRICS_EXPORTER=otlp",
+    "  export OTEL_EXPORTER_OTLP_PROTOCOL=grpc",
+    "  export OTEL_EXPORTER_OTLP_ENDPOINT=http://{server}",
+    "",
+    "Requests appear here a few seconds after Claude Code makes them.",
+]
+HELP_TEXT = [
+    "Keys",
+    "h  last hour        d  last 24 hours",
+    "w  last 7 days      m  last 30 days",
+    "a  all time         b  current block",
+    "o  sort order       r  refresh now",
+    "Tab  switch tab     arrows/j/k  scroll",
+    "PgUp/PgDn Home/End  page through requests",
+    "?  this help        q  quit",
+    "",
+    "Press any key to close.",
+]
+FOOTER = "h/d/w/m/a/b period  o order  Tab tab  r refresh  ? help  q quit"
+
+
+def boxed(text: list[str], width: int, height: int, glyphs: Glyphs) -> list[Line]:
+    inner = min(width - 4, max(len(t) for t in text) + 2)
+    edge = "+" + glyphs.rule * inner + "+" if glyphs.rule == "-" else "┌" + "─" * inner + "┐"
+    bottom = "+" + "-" * inner + "+" if glyphs.rule == "-" else "└" + "─" * inner + "┘"
+    side = "|" if glyphs.rule == "-" else "│"
+    margin = " " * max(0, (width - inner - 2) // 2)
+    body = [[(margin + edge, "header")]]
+    for t in text[:max(0, height - 2)]:
+        body.append([(margin + side + " " + t[:inner - 2].ljust(inner - 1) + side, "")])
+    body.append([(margin + bottom, "header")])
+    return body
+
+
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """One screen: its lines, and how the scrollable table on it pages."""
+    lines: list[Line]
+    page_rows: int = 1
+    total_rows: int = 0
+
+
+def render(state: ViewState, conn: Connection, snap: Snapshot | None, settings: MonitorSettings,
+           width: int, height: int, now: int, glyphs: Glyphs) -> Frame:
+    """The whole screen as at most `height` lines of at most `width` characters."""
+    if width < MIN_SIZE[0] or height < MIN_SIZE[1]:
+        return Frame([[(f"terminal too small: {width}x{height}, need {MIN_SIZE[0]}x{MIN_SIZE[1]}"[:width], "bad")]])
+    page_rows, total_rows = 1, 0
+    lines = header_lines(state, conn, snap, settings, width, now, glyphs)
+    footer: Line = [(state.notice or FOOTER, "warn" if state.notice else "dim")]
+    room = height - len(lines) - 1
+    if state.help:
+        lines += boxed(HELP_TEXT, width, room, glyphs)
+    elif snap is None:
+        message = "Connecting to the ccmon server..." if conn.attempts == 0 else \
+            f"Cannot reach the ccmon server at {settings.server}: {conn.error}. Is 'ccmon --server' running?"
+        lines += [[("", "")], [(message, "warn")]]
+    elif snap.server_requests == 0:
+        lines += boxed([t.format(server=settings.server) for t in WAITING_TEXT], width, room, glyphs)
+    else:
+        body = block_lines(snap, settings, width, now, glyphs)
+        if state.tab == "current" and snap.query.tab == "current":
+            body = usage_lines(snap, state, settings, width, glyphs) + body
+            table, page_rows = request_table(snap, state, settings, width, room - len(body), glyphs)
+            body, total_rows = body + table, snap.period_requests
+        elif state.tab == "daily" and snap.query.tab == "daily":
+            table, page_rows = daily_lines(snap, state, settings, width, room - len(body), now, glyphs)
+            body, total_rows = body + table, len(snap.days)
+        else:
+            body += [[("Loading...", "dim")]]
+        lines += body
+    lines = lines[:height - 1]
+    lines += [[("", "")]] * (height - 1 - len(lines)) + [footer]
+    return Frame([clip(line, width) for line in lines], page_rows, total_rows)
+
+
+# ---------------------------------------------------------------- Curses loop: polling thread, keys, drawing
+
+class Poller:
+    """Fetches snapshots in the background so the screen never waits on the network."""
+
+    def __init__(self, client: Client, settings: MonitorSettings):
+        self.client, self.settings = client, settings
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._state = ViewState()
+        self.snapshot: Snapshot | None = None
+        self.connection = Connection()
+        self.version = 0  # bumps on every new snapshot or connection change
+        threading.Thread(target=self._run, name="ccmon-poller", daemon=True).start()
+
+    def request(self, state: ViewState) -> None:
+        with self._lock:
+            self._state = state
+        self._wake.set()
+
+    def latest(self) -> tuple[Snapshot | None, Connection, int]:
+        with self._lock:
+            return self.snapshot, self.connection, self.version
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                state = self._state
+            self._wake.clear()
+            query = query_for(state, self.settings, now_ms())
+            try:
+                snapshot = self.client.snapshot(query)
+                with self._lock:
+                    self.snapshot, self.connection = snapshot, Connection(connected=True, attempts=1)
+                    self.version += 1
+                wait = self.settings.refresh_s
+            except ServerUnreachable as exc:
+                failures = self.connection.attempts + 1 if not self.connection.connected else 1
+                wait = min(2 ** (failures - 1), 30, self.settings.refresh_s * 6)
+                with self._lock:
+                    self.connection = Connection(False, str(exc), now_ms() + wait * 1000, failures)
+                    self.version += 1
+            self._wake.wait(wait)
+
+
+CURSES_STYLES = {"title": ("white", "blue", True), "tab_active": ("black", "cyan", True), "tab": (None, None, False),
+                 "header": (None, None, True), "bold": (None, None, True), "good": ("green", None, False),
+                 "warn": ("yellow", None, False), "bad": ("red", None, True), "dim": (None, None, False),
+                 "rule": ("cyan", None, False), "": (None, None, False)}
+
+
+def curses_attributes(curses_module, use_color: bool) -> dict[str, int]:
+    attributes = {}
+    for number, (style, (fg, bg, bold)) in enumerate(CURSES_STYLES.items(), start=1):
+        attr = curses_module.A_BOLD if bold else 0
+        if style in ("title", "tab_active", "header") and not use_color:
+            attr |= curses_module.A_REVERSE if style != "header" else curses_module.A_UNDERLINE
+        if use_color and (fg or bg):
+            colour = lambda name: getattr(curses_module, f"COLOR_{name.upper()}") if name else -1
+            curses_module.init_pair(number, colour(fg), colour(bg))
+            attr |= curses_module.color_pair(number)
+        attributes[style] = attr
+    return attributes
+
+
+def key_name(curses_module, key: int) -> str:
+    if key == 3:
+        return "^C"
+    if key == 27:
+        return "ESC"
+    if key >= 256 or key < 0:
+        try:
+            return curses_module.keyname(key).decode()
+        except (ValueError, curses_module.error):
+            return ""
+    return chr(key)
+
+
+def draw(curses_module, screen, lines: list[Line], attributes: dict[str, int]) -> None:
+    screen.erase()
+    height, width = screen.getmaxyx()
+    for y, line in enumerate(lines[:height]):
+        x = 0
+        for text, style in line:
+            text = text[:width - x - (1 if y == height - 1 else 0)]  # never write the bottom-right cell
+            if text:
+                screen.addstr(y, x, text, attributes.get(style, 0))
+            x += len(text)
+    screen.noutrefresh()
+    curses_module.doupdate()  # one update per frame: no flicker
+
+
+def run_monitor(config: Config, block_hour: int | None) -> int:
+    import curses
+    import locale
+    locale.setlocale(locale.LC_ALL, "")
+    settings = MonitorSettings(config.monitor_server, config.zone, block_hour,
+                               token_limit(config.plan, config.max_tokens), config.refresh_interval_s)
+    unicode = "utf" in locale.getpreferredencoding(False).lower().replace("-", "")
+    glyphs = Glyphs.for_terminal(unicode)
+    client = Client(config.monitor_server)
+    state = ViewState(period="b" if block_hour is not None else "a")
+    poller = Poller(client, settings)
+    poller.request(state)
+
+    def loop(screen) -> None:
+        nonlocal state
+        curses.curs_set(0) if curses.tigetstr("civis") else None
+        use_color = curses.has_colors() and "NO_COLOR" not in os.environ
+        if use_color:
+            curses.start_color()
+            curses.use_default_colors()
+        attributes = curses_attributes(curses, use_color)
+        screen.timeout(250)
+        shown_version, shown_second, frame = -1, -1, Frame([])
+        while True:
+            height, width = screen.getmaxyx()
+            now = now_ms()
+            if (poller.version, now // 1000) != (shown_version, shown_second):
+                snap, conn, shown_version = poller.latest()
+                shown_second = now // 1000
+                frame = render(state, conn, snap, settings, width, height, now, glyphs)
+                draw(curses, screen, frame.lines, attributes)
+            key = screen.getch()
+            if key == -1:
+                continue
+            if key == curses.KEY_RESIZE:
+                curses.update_lines_cols()
+                shown_version = -1
+                continue
+            state, action = handle_key(state, key_name(curses, key), settings, frame.total_rows, frame.page_rows)
+            if action == "quit":
+                return
+            if action == "refresh":
+                poller.request(state)
+            shown_version = -1
+
+    try:
+        curses.wrapper(loop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        poller.stop()
+        client.close()
+    return 0
+
+
 # ---------------------------------------------------------------- CLI: arguments and entry point
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1096,6 +1842,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--monitor-refresh-interval", metavar="DURATION", help="1s to 5m (default 5s)")
     parser.add_argument("--claude-plan", metavar="PLAN", help="unset, pro, max or max20")
     parser.add_argument("--claude-max-tokens", metavar="N", help="block token limit (0: plan default)")
+    parser.add_argument("-b", "--block", metavar="HOUR", help="track 5-hour blocks starting at HOUR, e.g. 5am or 11pm")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="server log level (default info)")
     return parser
@@ -1112,7 +1859,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args)
         if args.server:
             return run_server(config)
-        parser.error("the monitor is not available yet; run with --server")
+        block_hour = parse_block_hour(args.block) if args.block is not None else None
+        return run_monitor(config, block_hour)
     except ConfigError as exc:
         print(f"ccmon: config error: {exc}", file=sys.stderr)
         return 2
