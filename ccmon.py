@@ -1355,7 +1355,7 @@ def format_cost(nanos: int) -> str:
     usd = nanos / NANOS_PER_USD
     if 0 < usd < 0.00005:
         return "<$0.0001"
-    return f"${usd:.4f}" if 0 < usd < 1 else f"${usd:,.2f}"
+    return f"${usd:.4f}" if 0 < round(usd, 4) < 1 else f"${usd:,.2f}"
 
 
 def short_model(model: str) -> str:
@@ -1482,18 +1482,23 @@ def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, sett
     tabs: Line = [(" ", "")]
     for tab in TABS:
         tabs += [(f" {TAB_TITLES[tab]} ", "tab_active" if tab == state.tab else "tab"), (" ", "")]
+    wide = width >= 60
     if conn.connected:
-        link: Segment = (f" {glyphs.dot} connected {settings.server}", "good")
+        link: Segment = (f" {glyphs.dot} connected" + (f" {settings.server}" if wide else ""), "good")
     elif conn.attempts == 0:
         link = (f" {glyphs.dot} connecting to {settings.server}", "warn")
     else:
         wait = max(0, -(-(conn.retry_at_ms - now) // 1000))
-        link = (f" {glyphs.dot} disconnected ({conn.error}) - retrying in {wait}s", "bad")
+        reason = f" ({conn.error})" if wide else ""
+        link = (f" {glyphs.dot} disconnected{reason} - retrying in {wait}s", "bad")
     filter_text = PERIODS[state.period][0] if state.tab == "current" else "last 30 days"
     order = "oldest first" if state.oldest_first else "newest first"
     updated = f"updated {local_time(snap.taken_ms, settings.zone, '%H:%M:%S')}" if snap else "no data yet"
-    status: Line = [link, (f" | {filter_text} | {order} | {updated}", "dim")]
-    return [[(title, "title")], tabs, status]
+    details = ""
+    for part in (filter_text, order, updated):  # as many as fit, most important first
+        if len(link[0]) + len(details) + len(part) + 3 <= width:
+            details += f" | {part}"
+    return [[(title, "title")], tabs, [link, (details, "dim")]]
 
 
 def usage_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int,
@@ -1518,7 +1523,7 @@ def block_lines(snap: Snapshot, settings: MonitorSettings, width: int, now: int,
     status = BlockStatus(start, end, now, snap.block.premium.limited, settings.limit)
     zone = settings.zone
     lines = [rule(f"Block {local_time(start, zone)}-{local_time(end, zone)}", width, glyphs)]
-    bar_width = max(10, min(40, width - 34))
+    bar_width = max(5, min(40, width - 35))
     if status.limit:
         fraction = status.used / status.limit
         lines.append([("Tokens ", ""), (bar(fraction, bar_width, glyphs), level_style(fraction)),
@@ -1528,20 +1533,27 @@ def block_lines(snap: Snapshot, settings: MonitorSettings, width: int, now: int,
                        "claude.max_tokens)", "dim")])
     time_fraction = status.elapsed_ms / (end - start)
     lines.append([("Time   ", ""), (bar(time_fraction, bar_width, glyphs), "dim"),
-                  (f" {time_fraction * 100:3.0f}%  {format_duration(status.remaining_ms)} left, ends "
+                  (f" {time_fraction * 100:3.0f}% {format_duration(status.remaining_ms)} left, ends "
                    f"{local_time(end, zone)}", "")])
+    lines.append(projection_line(status, zone, width))
+    return lines
+
+
+def projection_line(status: BlockStatus, zone: ZoneInfo, width: int) -> Line:
+    """Burn rate and where it leads, in long or short words to fit the width."""
     pace = f"Burn {format_rate(status.burn_rate)}"
     reached = status.limit_reached_ms()
-    if status.limit and status.used >= status.limit:
-        lines.append([(pace + "; limit reached", "bad")])
-    elif reached is not None:
-        lines.append([(pace + f"; at this pace the limit is reached at {local_time(reached, zone)}", "warn")])
-    elif status.limit:
-        projected = status.projected_at_end() / status.limit * 100
-        lines.append([(pace + f"; within limit at this pace ({projected:.0f}% at block end)", "good")])
+    if not status.limit:
+        return [(pace, "")]
+    if status.used >= status.limit:
+        return [(pace + "; limit reached", "bad")]
+    if reached is not None:
+        at = local_time(reached, zone)
+        long, short, style = f"; at this pace the limit is reached at {at}", f"; limit at {at}", "warn"
     else:
-        lines.append([(pace, "")])
-    return lines
+        projected = f"{status.projected_at_end() / status.limit * 100:.0f}%"
+        long, short, style = f"; within limit at this pace ({projected} at block end)", f"; {projected} at end", "good"
+    return [(pace + (long if len(pace + long) <= width else short), style)]
 
 
 def request_table(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int,
@@ -1615,10 +1627,11 @@ HELP_TEXT = [
     "Press any key to close.",
 ]
 FOOTER = "h/d/w/m/a/b period  o order  Tab tab  r refresh  ? help  q quit"
+FOOTER_SHORT = "h/d/w/m/a/b  o  Tab  r  ? help  q quit"
 
 
 def boxed(text: list[str], width: int, height: int, glyphs: Glyphs) -> list[Line]:
-    inner = min(width - 4, max(len(t) for t in text) + 2)
+    inner = min(width - 2, max(len(t) for t in text) + 2)
     edge = "+" + glyphs.rule * inner + "+" if glyphs.rule == "-" else "┌" + "─" * inner + "┐"
     bottom = "+" + "-" * inner + "+" if glyphs.rule == "-" else "└" + "─" * inner + "┘"
     side = "|" if glyphs.rule == "-" else "│"
@@ -1645,7 +1658,8 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, settings: 
         return Frame([[(f"terminal too small: {width}x{height}, need {MIN_SIZE[0]}x{MIN_SIZE[1]}"[:width], "bad")]])
     page_rows, total_rows = 1, 0
     lines = header_lines(state, conn, snap, settings, width, now, glyphs)
-    footer: Line = [(state.notice or FOOTER, "warn" if state.notice else "dim")]
+    hint = FOOTER if len(FOOTER) <= width else FOOTER_SHORT
+    footer: Line = [(state.notice or hint, "warn" if state.notice else "dim")]
     room = height - len(lines) - 1
     if state.help:
         lines += boxed(HELP_TEXT, width, room, glyphs)

@@ -576,3 +576,297 @@ def test_day_bounds_across_dst():
 def test_premium_split():
     assert not ccmon.is_premium("claude-3-5-HAIKU-20241022")
     assert ccmon.is_premium("claude-opus-4-1") and ccmon.is_premium("unknown")
+
+
+# ---------------------------------------------------------------- monitor: block math, formatting, keys, layouts
+
+BERLIN = ccmon.ZoneInfo("Europe/Berlin")
+
+
+def local_ms(text: str, zone=BERLIN) -> int:
+    return ccmon.ms_from_datetime(dt.datetime.fromisoformat(text).replace(tzinfo=zone))
+
+
+@pytest.mark.parametrize("text,hour", [("5am", 5), ("11pm", 23), ("12am", 0), ("12pm", 12), ("1AM", 1),
+                                       (" 07pm ", 19), ("10 am", 10)])
+def test_block_hour_forms(text, hour):
+    assert ccmon.parse_block_hour(text) == hour
+
+
+@pytest.mark.parametrize("text", ["25am", "5", "noon", "13pm", "0am", "5 o'clock", ""])
+def test_block_hour_errors(text, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["-b", text], capsys)
+    assert code == 2
+    assert err == (f"ccmon: config error: -b/--block: invalid block start {text!r} (use an hour from 1 to 12 "
+                   "followed by am or pm, such as 5am or 11pm)\n")
+
+
+@pytest.mark.parametrize("now,hour,expected", [
+    ("2026-01-15 05:00", 5, ("2026-01-15 05:00", "2026-01-15 10:00")),
+    ("2026-01-15 09:59", 5, ("2026-01-15 05:00", "2026-01-15 10:00")),
+    ("2026-01-15 16:20", 5, ("2026-01-15 15:00", "2026-01-15 20:00")),
+    ("2026-01-16 00:30", 5, ("2026-01-15 20:00", "2026-01-16 01:00")),
+    ("2026-01-16 04:30", 5, ("2026-01-16 01:00", "2026-01-16 05:00")),  # cut short by the next cycle
+    ("2026-01-16 01:00", 23, ("2026-01-15 23:00", "2026-01-16 04:00")),
+    ("2026-03-29 01:30", 23, ("2026-03-28 23:00", "2026-03-29 05:00")),  # spring forward: 5 real hours
+    ("2026-10-25 02:30", 23, ("2026-10-24 23:00", "2026-10-25 03:00")),  # fall back: 5 real hours
+    ("2026-03-29 12:00", 2, ("2026-03-29 08:00", "2026-03-29 13:00")),   # 2am does not exist that day
+])
+def test_current_block_examples(now, hour, expected):
+    start, end = ccmon.current_block(local_ms(now), BERLIN, hour)
+    assert [dt.datetime.fromtimestamp(ms / 1000, BERLIN).strftime("%Y-%m-%d %H:%M") for ms in (start, end)] == \
+        list(expected)
+
+
+@pytest.mark.parametrize("zone_name", ["Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe",
+                                       "UTC"])
+def test_blocks_tile_time_for_every_start_hour(zone_name):
+    zone = ccmon.ZoneInfo(zone_name)
+    # Two days around each DST change of 2026 in the northern and southern hemispheres.
+    starts = [ccmon.parse_iso_ms(d) for d in ("2026-03-07T00:00:00Z", "2026-03-28T00:00:00Z",
+                                               "2026-04-04T00:00:00Z", "2026-10-24T00:00:00Z")]
+    for hour in range(24):
+        for origin in starts:
+            moment = origin
+            start, end = ccmon.current_block(moment, zone, hour)
+            while moment < origin + 2 * 86400_000:
+                assert start <= moment < end and 0 < end - start <= ccmon.BLOCK_MS
+                next_start, next_end = ccmon.current_block(end, zone, hour)
+                assert next_start == end  # blocks tile time: no gaps, no overlaps
+                cycle_start = ccmon.ms_from_datetime(dt.datetime.combine(
+                    dt.datetime.fromtimestamp(end / 1000, zone).date(), dt.time(hour), zone))
+                assert end - start == ccmon.BLOCK_MS or end == cycle_start  # short only where a cycle restarts
+                assert ccmon.current_block(cycle_start, zone, hour)[0] == cycle_start
+                moment, start, end = end, next_start, next_end
+
+
+def test_block_status_projection():
+    start = local_ms("2026-01-15 10:00")
+    status = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 30 * 60_000, used=21_000, limit=35_000)
+    assert status.burn_rate == 700.0
+    assert status.limit_reached_ms() == start + 50 * 60_000
+    slow = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 60 * 60_000, used=3_000, limit=35_000)
+    assert slow.limit_reached_ms() is None and slow.projected_at_end() == 15_000
+    over = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 60_000, used=40_000, limit=35_000)
+    assert over.limit_reached_ms() == start + 60_000
+    assert ccmon.token_limit("max", 0) == 35_000 and ccmon.token_limit("pro", 9) == 9
+    assert ccmon.token_limit("unset", 0) is None and ccmon.token_limit("max20", 0) == 140_000
+
+
+def test_formatting():
+    assert [ccmon.format_count(n) for n in (0, 950, 999, 1000, 1234, 12_345, 123_456, 999_499, 999_500,
+                                            4_560_000, 1_200_000_000)] == \
+        ["0", "950", "999", "1.00K", "1.23K", "12.3K", "123K", "999K", "1.00M", "4.56M", "1.20B"]
+    assert [ccmon.format_cost(n) for n in (0, 1, 42_100_000, 999_990_000, 12_345_678_901, 1_234_567_000_000)] == \
+        ["$0.00", "<$0.0001", "$0.0421", "$1.00", "$12.35", "$1,234.57"]
+    assert [ccmon.format_duration(ms) for ms in (850, 1500, 45_000, 12 * 60_000, 65 * 60_000)] == \
+        ["850ms", "1.5s", "45s", "12m", "1h05m"]
+    assert ccmon.short_model("claude-sonnet-4-5-20250929") == "claude-sonnet-4-5"
+
+
+def _settings(block_hour=5, limit=35_000):
+    return ccmon.MonitorSettings("127.0.0.1:4317", BERLIN, block_hour, limit, 5)
+
+
+def test_keys():
+    settings = _settings()
+    state = ccmon.ViewState()
+    for key, period in (("h", "h"), ("d", "d"), ("w", "w"), ("m", "m"), ("b", "b"), ("a", "a")):
+        state, action = ccmon.handle_key(state, key, settings, 100, 10)
+        assert (state.period, action) == (period, "refresh")
+    state, action = ccmon.handle_key(state, "o", settings, 100, 10)
+    assert state.oldest_first and action == "refresh"
+    state, _ = ccmon.handle_key(state, "KEY_NPAGE", settings, 100, 10)
+    state, _ = ccmon.handle_key(state, "j", settings, 100, 10)
+    assert state.scroll == 11
+    state, _ = ccmon.handle_key(state, "KEY_END", settings, 100, 10)
+    assert state.scroll == 90
+    state, action = ccmon.handle_key(state, "KEY_DOWN", settings, 100, 10)
+    assert state.scroll == 90 and action == ""
+    state, _ = ccmon.handle_key(state, "KEY_HOME", settings, 100, 10)
+    state, _ = ccmon.handle_key(state, "k", settings, 100, 10)
+    assert state.scroll == 0
+    state, action = ccmon.handle_key(state, "\t", settings, 100, 10)
+    assert (state.tab, action) == ("daily", "refresh")
+    state, _ = ccmon.handle_key(state, "KEY_BTAB", settings, 100, 10)
+    assert state.tab == "current"
+    state, _ = ccmon.handle_key(state, "?", settings, 100, 10)
+    assert state.help
+    state, action = ccmon.handle_key(state, "x", settings, 100, 10)
+    assert not state.help and action == ""
+    assert ccmon.handle_key(state, "q", settings, 100, 10)[1] == "quit"
+    assert ccmon.handle_key(state, "^C", settings, 100, 10)[1] == "quit"
+    off, action = ccmon.handle_key(state, "b", _settings(block_hour=None), 100, 10)
+    assert off.period == state.period and off.notice == "block tracking is off: start ccmon with -b 5am"
+
+
+def _frame_fixture():
+    settings = _settings()
+    now = local_ms("2026-03-10 10:30")
+    usage = ccmon.Usage
+    period = ccmon.Split(usage(4, 2000, 800, 10000, 500, 4_000_000),
+                         usage(12, 9000, 6000, 250000, 12000, 1_234_567_890))
+    block = ccmon.Split(usage(1, 100, 50, 0, 0, 1000), usage(8, 14000, 7000, 0, 0, 5))
+    models = ["claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001", "claude-opus-4-1-20250805"] * 4
+    rows = tuple(ccmon.RequestRow(now - k * 7 * 60_000, model, f"{k:04d}abcd-ef",
+                                  usage(1, 1000 + k, 200 * k, 30000, 0, 12_345_000 * k + 1, 1500 * k))
+                 for k, model in enumerate(models))
+    query = ccmon.query_for(ccmon.ViewState(period="b"), settings, now)
+    return ccmon.Snapshot(query, now, 500, period=period, requests=rows, period_requests=12, block=block), \
+        settings, now
+
+
+def daily_snapshot(settings, now):
+    query = ccmon.query_for(ccmon.ViewState(tab="daily"), settings, now)
+    days = tuple((f"2026-03-{10 - k:02d}", ccmon.Split(ccmon.Usage(k, 10 * k), ccmon.Usage(
+        3 * k, 1000 * k, 500 * k, 20000 * k, 700 * k, 250_000_000 * k))) for k in range(10))
+    block = ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000))
+    return ccmon.Snapshot(query, now, 500, days=days, block=block)
+
+
+def frame_text(state, snap, settings, width, height, now, connection=None, unicode=False):
+    frame = ccmon.render(state, connection or ccmon.Connection(True, attempts=1), snap, settings, width, height,
+                         now, ccmon.Glyphs.for_terminal(unicode))
+    return [ccmon.line_text(line) for line in frame.lines], frame
+
+
+FRAME_80x24 = [
+    " ccmon - Claude Code usage monitor                                       v0.1.0 ",
+    "  Current   Daily Usage  ",
+    " * connected 127.0.0.1:4317 | current block | newest first | updated 10:30:00",
+    "-- Usage - current block -------------------------------------------------------",
+    "         Requests  Limited    Cache    Total       Cost    Burn rate",
+    "Base            4    2.80K    10.5K    13.3K    $0.0040            -",
+    "Premium        12    15.0K     262K     277K      $1.23      500/min",
+    "Total          16    17.8K     272K     290K      $1.24            -",
+    "-- Block 10:00-15:00 -----------------------------------------------------------",
+    "Tokens ########################................  60%  21.0K / 35.0K",
+    "Time   ####....................................  10% 4h30m left, ends 15:00",
+    "Burn 700/min; at this pace the limit is reached at 10:50",
+    "-- Requests 1-9 of 12 ----------------------------------------------------------",
+    "Time     Model                    Input  Output   Cache   Total      Cost    Dur",
+    "10:30:00 claude-sonnet-4-5        1.00K       0   30.0K   31.0K  <$0.0001    0ms",
+    "10:23:00 claude-haiku-4-5         1.00K     200   30.0K   31.2K   $0.0123   1.5s",
+    "10:16:00 claude-opus-4-1          1.00K     400   30.0K   31.4K   $0.0247   3.0s",
+    "10:09:00 claude-sonnet-4-5        1.00K     600   30.0K   31.6K   $0.0370   4.5s",
+    "10:02:00 claude-haiku-4-5         1.00K     800   30.0K   31.8K   $0.0494   6.0s",
+    "09:55:00 claude-opus-4-1          1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s",
+    "09:48:00 claude-sonnet-4-5        1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s",
+    "09:41:00 claude-haiku-4-5         1.01K   1.40K   30.0K   32.4K   $0.0864    10s",
+    "09:34:00 claude-opus-4-1          1.01K   1.60K   30.0K   32.6K   $0.0988    12s",
+    "h/d/w/m/a/b period  o order  Tab tab  r refresh  ? help  q quit",
+]
+
+FRAME_40x12 = [
+    " ccmon - Claude Code usage monitor",
+    "  Current   Daily Usage  ",
+    " * connected | current block",
+    "-- Usage - current block ---------------",
+    "         Requests  Limited       Cost",
+    "Base            4    2.80K    $0.0040",
+    "Premium        12    15.0K      $1.23",
+    "Total          16    17.8K      $1.24",
+    "-- Block 10:00-15:00 -------------------",
+    "Tokens ###..  60%  21.0K / 35.0K",
+    "Time   .....  10% 4h30m left, ends 15:00",
+    "h/d/w/m/a/b  o  Tab  r  ? help  q quit",
+]
+
+DAILY_80x24 = [
+    "-- Daily usage - last 10 days (Europe/Berlin) ----------------------------------",
+    "Date        Base  Prem  Input Output CacheR CacheW  Total     Burn    Prem $",
+    "2026-03-10     0     0      0      0      0      0      0    0/min     $0.00",
+    "2026-03-09     1     3  1.00K    500  20.0K    700  22.2K    1/min   $0.2500",
+    "2026-03-08     2     6  2.00K  1.00K  40.0K  1.40K  44.4K    2/min   $0.5000",
+]
+
+
+def test_render_current_tab_80x24_exact():
+    snap, settings, now = _frame_fixture()
+    lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now)
+    assert lines == FRAME_80x24
+    assert (frame.page_rows, frame.total_rows) == (9, 12)
+
+
+def test_render_40x12_exact_and_too_small():
+    snap, settings, now = _frame_fixture()
+    assert frame_text(ccmon.ViewState(period="b"), snap, settings, 40, 12, now)[0] == FRAME_40x12
+    assert frame_text(ccmon.ViewState(), snap, settings, 39, 12, now)[0] == ["terminal too small: 39x12, need 40x1"]
+    assert frame_text(ccmon.ViewState(), snap, settings, 80, 11, now)[0] == \
+        ["terminal too small: 80x11, need 40x12"]
+
+
+def test_render_wide_terminals_show_more_rows_and_columns():
+    snap, settings, now = _frame_fixture()
+    lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 120, 40, now)
+    assert frame.page_rows == 25 and len(lines) == 40
+    assert lines[13] == ("Time     Model                          Input  Output   Cache   Total      Cost    Dur "
+                         "Session ")
+    assert lines[25] == ("09:13:00 claude-opus-4-1                1.01K   2.20K   33.2K   33.2K   $0.1358    16s "
+                         "0011abcd").replace("33.2K   33.2K", "30.0K   33.2K")
+    assert lines[12].startswith("-- Requests 1-12 of 12 --")
+    wide, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 200, 60, now, unicode=True)
+    assert wide[9] == "Tokens ████████████████████████░░░░░░░░░░░░░░░░  60%  21.0K / 35.0K"
+    assert wide[0].endswith("v0.1.0 ") and len(wide[0]) == 200
+
+
+def test_render_daily_tab():
+    snap, settings, now = _frame_fixture()
+    daily = daily_snapshot(settings, now)
+    lines, frame = frame_text(ccmon.ViewState(tab="daily"), daily, settings, 80, 24, now)
+    assert lines[7:12] == DAILY_80x24
+    assert lines[19] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K             $11.25"
+    assert (frame.page_rows, frame.total_rows) == (13, 10)
+    narrow, _ = frame_text(ccmon.ViewState(tab="daily", scroll=2), daily, settings, 40, 14, now)
+    assert narrow[4:13] == [
+        "Tokens ###..  60%  21.0K / 35.0K",
+        "Time   .....  10% 4h30m left, ends 15:00",
+        "Burn 700/min; limit at 10:50",
+        "-- Daily usage - last 10 days (Europe/Be",
+        "Date        Prem Output  Total    Prem $",
+        "2026-03-08     6  1.00K  44.4K   $0.5000",
+        "2026-03-07     9  1.50K  66.6K   $0.7500",
+        "2026-03-06    12  2.00K  88.8K     $1.00",
+        "Total        135  22.5K   999K    $11.25"]
+    # The current tab's snapshot never stands in for the daily tab while it loads.
+    assert "Loading..." in frame_text(ccmon.ViewState(tab="daily"), snap, settings, 80, 24, now)[0]
+
+
+def test_render_states_without_data():
+    snap, settings, now = _frame_fixture()
+    empty = dataclasses_replace(snap, server_requests=0)
+    lines, _ = frame_text(ccmon.ViewState(), empty, settings, 80, 24, now)
+    assert "| Waiting for data: this server has not received any Claude Code request yet. |" in lines[4]
+    assert any("export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317" in line for line in lines)
+    down = ccmon.Connection(False, "connection refused", now + 4000, 3)
+    lines, _ = frame_text(ccmon.ViewState(), None, settings, 80, 24, now, connection=down)
+    assert lines[2] == " * disconnected (connection refused) - retrying in 4s | all time | newest first"
+    assert lines[4] == ("Cannot reach the ccmon server at 127.0.0.1:4317: connection refused. Is 'ccmon --server' "
+                        "running?")[:80]
+    stale, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now, connection=down)
+    assert stale[2].startswith(" * disconnected (connection refused) - retrying in 4s")
+    assert stale[6] == FRAME_80x24[6]  # the last data stays on screen
+    help_lines, _ = frame_text(ccmon.ViewState(help=True), snap, settings, 80, 24, now)
+    assert "| h  last hour        d  last 24 hours      |" in help_lines[5]
+    no_block, _ = frame_text(ccmon.ViewState(), snap, _settings(block_hour=None), 80, 24, now)
+    assert no_block[8] == "Block tracking is off: start with -b 5am (the hour your 5-hour windows start)."
+    no_limit, _ = frame_text(ccmon.ViewState(), snap, _settings(limit=None), 80, 24, now)
+    assert no_limit[9] == "Tokens 21.0K premium (no limit: set claude.plan or claude.max_tokens)"
+    assert no_limit[11] == "Burn 700/min"
+
+
+def test_render_never_overflows_any_size():
+    snap, settings, now = _frame_fixture()
+    daily = daily_snapshot(settings, now)
+    for width in range(30, 220, 7):
+        for height in range(8, 70, 5):
+            for state, data in ((ccmon.ViewState(period="b"), snap), (ccmon.ViewState(tab="daily"), daily),
+                                (ccmon.ViewState(help=True), snap)):
+                lines, _ = frame_text(state, data, settings, width, height, now, unicode=True)
+                assert len(lines) <= height and all(len(line) <= width for line in lines)
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+    return dataclasses.replace(obj, **changes)
