@@ -792,7 +792,7 @@ def test_render_current_tab_80x24_exact():
 def test_render_40x12_exact_and_too_small():
     snap, settings, now = _frame_fixture()
     assert frame_text(ccmon.ViewState(period="b"), snap, settings, 40, 12, now)[0] == FRAME_40x12
-    assert frame_text(ccmon.ViewState(), snap, settings, 39, 12, now)[0] == ["terminal too small: 39x12, need 40x1"]
+    assert frame_text(ccmon.ViewState(), snap, settings, 39, 12, now)[0] == ["terminal too small: 39x12, need 40x12"]
     assert frame_text(ccmon.ViewState(), snap, settings, 80, 11, now)[0] == \
         ["terminal too small: 80x11, need 40x12"]
 
