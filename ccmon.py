@@ -1167,7 +1167,7 @@ def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
 def describe_rpc_error(exc: grpc.RpcError) -> str:
     details = (exc.details() or "").splitlines()[0] if exc.details() else ""
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
-        if "DNS resolution failed" in details or "not resolve" in details.lower():
+        if any(word in details.lower() for word in ("dns resolution failed", "errors resolving", "not resolve")):
             return "cannot resolve the server's host name"
         if "Connection refused" in details or "connect" in details.lower():
             return "connection refused"
@@ -1789,7 +1789,8 @@ def run_monitor(config: Config, block_hour: int | None) -> int:
     locale.setlocale(locale.LC_ALL, "")
     settings = MonitorSettings(config.monitor_server, config.zone, block_hour,
                                token_limit(config.plan, config.max_tokens), config.refresh_interval_s)
-    unicode = "utf" in locale.getpreferredencoding(False).lower().replace("-", "")
+    # The C library's codeset, not Python's (UTF-8 mode makes Python say UTF-8 in the C locale).
+    unicode = "utf" in locale.nl_langinfo(locale.CODESET).lower().replace("-", "")
     glyphs = Glyphs.for_terminal(unicode)
     client = Client(config.monitor_server)
     state = ViewState(period="b" if block_hour is not None else "a")
@@ -1799,10 +1800,9 @@ def run_monitor(config: Config, block_hour: int | None) -> int:
     def loop(screen) -> None:
         nonlocal state
         curses.curs_set(0) if curses.tigetstr("civis") else None
+        if curses.has_colors():
+            curses.use_default_colors()  # the terminal's own colours as the base (curses.wrapper started colour)
         use_color = curses.has_colors() and "NO_COLOR" not in os.environ
-        if use_color:
-            curses.start_color()
-            curses.use_default_colors()
         attributes = curses_attributes(curses, use_color)
         screen.timeout(250)
         shown_version, shown_second, frame = -1, -1, Frame([])

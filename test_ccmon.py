@@ -870,3 +870,216 @@ def test_render_never_overflows_any_size():
 def dataclasses_replace(obj, **changes):
     import dataclasses
     return dataclasses.replace(obj, **changes)
+
+
+# ---------------------------------------------------------------- monitor end to end: a real pty, a real server
+
+def terminal_screen(cols: int, rows: int):
+    """A pyte screen and byte stream that also understand SU/SD (CSI n S / CSI n T) and REP (CSI n b),
+    which ncurses sends to xterm-like terminals and pyte 0.8 does not implement."""
+    import pyte
+
+    class Screen(pyte.Screen):
+        last_char = " "
+
+        def draw(self, data: str) -> None:
+            super().draw(data)
+            if data:
+                self.last_char = data[-1]
+
+        def repeat_last(self, count=1, *_, **__):
+            self.draw(self.last_char * (count or 1))
+
+        def scroll_up(self, count=1, *_, **__):
+            top, bottom = self.margins or pyte.screens.Margins(0, self.lines - 1)
+            for _ in range(count or 1):
+                for y in range(top, bottom):
+                    self.buffer[y] = self.buffer[y + 1]
+                self.buffer.pop(bottom, None)
+            self.dirty.update(range(self.lines))
+
+        def scroll_down(self, count=1, *_, **__):
+            top, bottom = self.margins or pyte.screens.Margins(0, self.lines - 1)
+            for _ in range(count or 1):
+                for y in range(bottom, top, -1):
+                    self.buffer[y] = self.buffer[y - 1]
+                self.buffer.pop(top, None)
+            self.dirty.update(range(self.lines))
+
+    class Stream(pyte.ByteStream):
+        csi = {**pyte.ByteStream.csi, "S": "scroll_up", "T": "scroll_down", "b": "repeat_last"}
+
+    screen = Screen(cols, rows)
+    return screen, Stream(screen)
+
+
+class MonitorPty:
+    """The real monitor in a pseudo-terminal, its screen read through pyte."""
+
+    def __init__(self, args: list[str], cols: int = 80, rows: int = 24, term: str = "xterm-256color",
+                 cwd: Path = ROOT, env: dict | None = None):
+        import fcntl
+        import termios
+        self.fcntl, self.termios = fcntl, termios
+        self.master, slave = os.openpty()
+        self._set_size(slave, cols, rows)
+        self.screen, self.stream = terminal_screen(cols, rows)
+        self.lock = threading.Lock()
+        environment = {**os.environ, "TERM": term, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "ccmon.py"), *args], stdin=slave, stdout=slave,
+                                     stderr=slave, env=environment, cwd=cwd, start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # so ^C is SIGINT
+        os.close(slave)
+        self.raw = bytearray()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _set_size(self, fd: int, cols: int, rows: int) -> None:
+        import struct
+        self.fcntl.ioctl(fd, self.termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self.lock:
+                self.raw += data
+                self.stream.feed(data)
+
+    @property
+    def text(self) -> str:
+        with self.lock:
+            return "\n".join(self.screen.display)
+
+    def wait_for(self, predicate, what: str, timeout: float = 20.0) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            text = self.text
+            if (predicate(text) if callable(predicate) else predicate in text):
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"screen never showed {what}:\n{self.text}")
+
+    def send(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def resize(self, cols: int, rows: int) -> None:
+        with self.lock:
+            self._set_size(self.master, cols, rows)
+            self.screen.resize(rows, cols)
+        self.proc.send_signal(signal.SIGWINCH)
+
+    def close(self) -> int:
+        code = self.proc.wait(10)
+        os.close(self.master)
+        return code
+
+
+def line_with(text: str, prefix: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(prefix))
+
+
+def block_flag_for_now() -> str:
+    """A -b value whose block started two hours ago (UTC), so recent requests fall inside it."""
+    hour = (dt.datetime.now(dt.timezone.utc).hour - 2) % 24
+    return f"{hour % 12 or 12}{'am' if hour < 12 else 'pm'}"
+
+
+def test_monitor_end_to_end_in_a_pty(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    events = [("api_request", api_request(1, hours_ago(0.5), input_tokens="1200", output_tokens=300,
+                                          cost_usd=0.25, duration_ms=4000)),
+              ("api_request", api_request(2, hours_ago(0.25), model="claude-haiku-4-5-20251001", input_tokens=50,
+                                          output_tokens=20, cache_read_tokens=1000, cost_usd=0.001)),
+              ("api_request", api_request(3, hours_ago(30), model="claude-opus-4-1", input_tokens=2000,
+                                          output_tokens=1000, cost_usd=1.5))]
+    sdk_export(srv.port, events)
+    monitor = MonitorPty(["--monitor-server", srv.target, "-b", block_flag_for_now(), "--claude-plan", "pro",
+                          "--monitor-refresh-interval", "1s"], cwd=tmp_path, env={"HOME": str(tmp_path)})
+    try:
+        screen = monitor.wait_for("Requests 1-2 of 2", "the current block's requests")
+        assert "connected 127.0.0.1" in screen and "current block" in screen
+        assert line_with(screen, "Premium").split() == ["Premium", "1", "1.50K", "0", "1.50K", "$0.2500",
+                                                        line_with(screen, "Premium").split()[-1]]
+        assert "1.50K / 7.00K" in line_with(screen, "Tokens")
+        monitor.send(b"a")
+        screen = monitor.wait_for("Requests 1-3 of 3", "all time")
+        assert line_with(screen, "Total").split()[1:6] == ["3", "4.57K", "1.00K", "5.57K", "$1.75"]
+        monitor.send(b"d")
+        screen = monitor.wait_for("Requests 1-2 of 2", "the last 24 hours")
+        assert "last 24 hours" in screen.splitlines()[2]
+        monitor.send(b"w")
+        monitor.wait_for("Requests 1-3 of 3", "the last 7 days")
+        rows = [line for line in monitor.text.splitlines() if re.match(r"\d\d-\d\d \d\d:\d\d claude", line)]
+        assert [row.split()[2] for row in rows] == ["claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-1"]
+        monitor.send(b"o")
+        monitor.wait_for("oldest first", "the sort order")
+        screen = monitor.wait_for(lambda text: re.search(r"\d\d:\d\d claude-opus-4-1 .*\n.*claude-sonnet", text),
+                                  "oldest first rows")
+        monitor.send(b"\t")
+        screen = monitor.wait_for("Daily usage - last 30 days (UTC)", "the daily tab")
+        assert line_with(screen, "Total").split() == ["Total", "1", "2", "3.20K", "1.30K", "0", "0", "4.50K",
+                                                      "$1.75"]
+        monitor.send(b"\t")
+        monitor.wait_for("Requests 1-3 of 3", "the current tab again")
+        monitor.send(b"b")
+        monitor.wait_for(lambda text: "current block" in text and "Requests 1-2 of 2" in text, "the block filter")
+        monitor.resize(120, 30)
+        screen = monitor.wait_for(lambda text: text.splitlines()[0].rstrip().endswith("v0.1.0") and
+                                  "Session" in text, "the resized screen")
+        assert len(screen.splitlines()) == 30 and len(screen.splitlines()[0]) == 120
+        monitor.resize(30, 10)
+        monitor.wait_for("terminal too small: 30x10", "the too-small notice")
+        monitor.resize(80, 24)
+        monitor.wait_for("Requests 1-2 of 2", "the screen after growing back")
+        srv.stop()
+        monitor.wait_for("disconnected (connection refused) - retrying in", "the disconnected status")
+        assert "$0.2500" in monitor.text  # the last data stays
+        srv.args[srv.args.index("--server-address") + 1] = srv.target
+        srv.start()
+        monitor.send(b"r")
+        monitor.wait_for("connected 127.0.0.1", "the reconnection", timeout=40)
+        monitor.send(b"q")
+        assert monitor.close() == 0
+    finally:
+        if monitor.proc.poll() is None:
+            monitor.proc.kill()
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
+@pytest.mark.parametrize("term", ["xterm", "screen", "tmux-256color", "linux", "vt100"])
+def test_monitor_runs_on_every_terminal_type_and_without_color(term, tmp_path):
+    monitor = MonitorPty(["--monitor-server", "127.0.0.1:9"], term=term, cwd=tmp_path,
+                         env={"HOME": str(tmp_path), "NO_COLOR": "1", "LANG": "C", "LC_ALL": "C"})
+    try:
+        screen = monitor.wait_for("disconnected", "the unreachable server")
+        assert "Cannot reach the ccmon server at 127.0.0.1:9" in screen
+        assert "*" in screen and "●" not in screen  # ASCII glyphs outside UTF-8 locales
+        sgr_params = {p for group in re.findall(rb"\x1b\[([0-9;]*)m", bytes(monitor.raw)) for p in group.split(b";")}
+        assert not {p for p in sgr_params if re.fullmatch(rb"(3|4|9|10)[0-8]", p)}  # no colours with NO_COLOR
+        monitor.send(b"\x03")
+        assert monitor.close() == 0
+    finally:
+        if monitor.proc.poll() is None:
+            monitor.proc.kill()
+
+
+def test_monitor_bad_address_and_flags(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["--monitor-server", "nonsense"], capsys)
+    assert (code, err) == (2, "ccmon: config error: --monitor-server: invalid address 'nonsense' (use HOST:PORT such "
+                               "as 127.0.0.1:4317)\n")
+    monitor = MonitorPty(["--server", "no-such-host.invalid:4317"], cwd=tmp_path, env={"HOME": str(tmp_path)})
+    try:
+        screen = monitor.wait_for("disconnected", "the DNS failure")
+        assert "cannot resolve the server's host name" in screen
+        assert "Traceback" not in screen
+        monitor.send(b"q")
+        assert monitor.close() == 0
+    finally:
+        if monitor.proc.poll() is None:
+            monitor.proc.kill()
