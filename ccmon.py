@@ -9,6 +9,7 @@ Dependencies flow downwards only: storage never sees gRPC, the UI never sees SQL
 from __future__ import annotations
 
 import argparse
+import calendar
 import dataclasses
 import datetime as dt
 import decimal
@@ -633,6 +634,20 @@ class Store:
         rows = self._reader().execute(sql, (start_ms, end_ms, limit if limit > 0 else -1, max(offset, 0)))
         return [StoredRequest(session, ts, model, Usage(1, *figures)) for session, ts, model, *figures in rows]
 
+    def latest_session(self) -> str | None:
+        row = self._reader().execute("SELECT session_id FROM requests ORDER BY ts DESC, id DESC LIMIT 1").fetchone()
+        return row[0] if row else None
+
+    def session_usage(self, session_id: str) -> tuple[dict[str, Usage], int | None, int | None]:
+        """Totals per model of one session, with its first and last request times."""
+        columns = ", ".join(f"SUM({c})" for c in USAGE_COLUMNS)
+        rows = self._reader().execute(f"SELECT model, COUNT(*), {columns}, MIN(ts), MAX(ts) FROM requests "
+                                      "WHERE session_id = ? GROUP BY model", (session_id,)).fetchall()
+        by_model = {model: Usage(*figures) for model, *figures, _, _ in rows}
+        first = min((row[-2] for row in rows), default=None)
+        last = max((row[-1] for row in rows), default=None)
+        return by_model, first, last
+
     def last_request_ms(self) -> int | None:
         return self._reader().execute("SELECT MAX(ts) FROM requests").fetchone()[0]
 
@@ -997,6 +1012,19 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
                                  duration_ms=u.duration_ms)
             for model, u in ranked])
 
+    def GetSessionStats(self, request, context):
+        session = request.session_id or self.store.latest_session()
+        response = ccmon_pb2.GetSessionStatsResponse(stats=stats_message(Split()))
+        if session is None:
+            return response
+        by_model, first, last = self.store.session_usage(session)
+        response.session_id = session
+        response.stats.CopyFrom(stats_message(Split.from_models(by_model)))
+        if first is not None:
+            response.first_request_at.CopyFrom(timestamp_from_ms(first))
+            response.last_request_at.CopyFrom(timestamp_from_ms(last))
+        return response
+
     def GetServerInfo(self, request, context):
         response = ccmon_pb2.GetServerInfoResponse(version=VERSION, total_requests=self.store.total_requests(),
                                                    started_at=timestamp_from_ms(self.started_ms))
@@ -1229,8 +1257,15 @@ class Client:
             request.start_time.CopyFrom(timestamp_from_ms(start_ms))
         return split_from_stats(self._call("GetStats", request).stats)
 
+    def server_info(self) -> ccmon_pb2.GetServerInfoResponse:
+        return self._call("GetServerInfo", ccmon_pb2.GetServerInfoRequest())
+
+    def latest_session(self) -> tuple[str, Split]:
+        response = self._call("GetSessionStats", ccmon_pb2.GetSessionStatsRequest())
+        return response.session_id, split_from_stats(response.stats)
+
     def snapshot(self, query: Query) -> Snapshot:
-        info = self._call("GetServerInfo", ccmon_pb2.GetServerInfoRequest())
+        info = self.server_info()
         block = self.stats(*query.block) if query.block else None
         if query.tab == "daily":
             usage = self._call("GetUsage", ccmon_pb2.GetUsageRequest(
@@ -1251,6 +1286,138 @@ class Client:
 
     def close(self) -> None:
         self._channel.close()
+
+
+# ---------------------------------------------------------------- Quick query: --format and --json for status bars
+
+PLAN_MONTHLY_USD = {"pro": 20, "max": 100, "max20": 200}
+FORMAT_VARIABLES = ("daily_cost", "monthly_cost", "daily_plan_usage", "monthly_plan_usage", "daily_tokens",
+                    "monthly_tokens", "block_usage", "block_remaining", "session_cost")
+FORMAT_PATTERN = re.compile("@(" + "|".join(sorted(FORMAT_VARIABLES, key=len, reverse=True)) + ")")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickFigures:
+    """What --format and --json report; None where it was not asked for."""
+    plan: str
+    days_in_month: int
+    daily: Usage | None = None
+    monthly: Usage | None = None
+    block: BlockStatus | None = None
+    session_id: str = ""
+    session: Usage | None = None
+
+
+def day_and_month_start(now: int, zone: ZoneInfo) -> tuple[int, int, int]:
+    """Local midnight today, local midnight on the 1st, and the month's length in days."""
+    today = dt.datetime.fromtimestamp(now / 1000, zone).date()
+    midnight = ms_from_datetime(dt.datetime.combine(today, dt.time(), zone))
+    first = ms_from_datetime(dt.datetime.combine(today.replace(day=1), dt.time(), zone))
+    return midnight, first, calendar.monthrange(today.year, today.month)[1]
+
+
+def fetch_quick_figures(client: Client, config: Config, block_hour: int | None, now: int,
+                        wanted: set[str]) -> QuickFigures:
+    """One RPC per figure the template uses, so a status bar pays only for what it shows."""
+    midnight, month_start, days = day_and_month_start(now, config.zone)
+    figures = QuickFigures(config.plan, days)
+    if wanted & {"daily_cost", "daily_plan_usage", "daily_tokens"}:
+        figures = dataclasses.replace(figures, daily=client.stats(midnight, now).total)
+    if wanted & {"monthly_cost", "monthly_plan_usage", "monthly_tokens"}:
+        figures = dataclasses.replace(figures, monthly=client.stats(month_start, now).total)
+    if wanted & {"block_usage", "block_remaining"} and block_hour is not None:
+        start, end = current_block(now, config.zone, block_hour)
+        used = client.stats(start, now).premium.limited
+        figures = dataclasses.replace(figures, block=BlockStatus(start, end, now, used,
+                                                                 token_limit(config.plan, config.max_tokens)))
+    if "session_cost" in wanted:
+        session_id, split = client.latest_session()
+        figures = dataclasses.replace(figures, session_id=session_id, session=split.total)
+    return figures
+
+
+def plan_usage_percent(cost_nanos: int, plan: str, days: int | None = None) -> float:
+    """Cost as a percentage of the plan's monthly price (or of a day's share of it)."""
+    price = PLAN_MONTHLY_USD.get(plan)
+    if not price:
+        return 0.0
+    budget_nanos = price * NANOS_PER_USD / (days or 1)
+    return cost_nanos / budget_nanos * 100
+
+
+def quick_values(figures: QuickFigures) -> dict[str, Any]:
+    """Figures as numbers, for --json (and, formatted, for --format)."""
+    values: dict[str, Any] = {}
+    if figures.daily is not None:
+        values.update(daily_cost=figures.daily.cost_usd, daily_tokens=figures.daily.total,
+                      daily_plan_usage=plan_usage_percent(figures.daily.cost_nanos, figures.plan,
+                                                          figures.days_in_month))
+    if figures.monthly is not None:
+        values.update(monthly_cost=figures.monthly.cost_usd, monthly_tokens=figures.monthly.total,
+                      monthly_plan_usage=plan_usage_percent(figures.monthly.cost_nanos, figures.plan))
+    if figures.block is not None:
+        block = figures.block
+        values.update(block_usage=block.used / block.limit * 100 if block.limit else None,
+                      block_tokens=block.used, block_limit=block.limit,
+                      block_remaining=block.remaining_ms // 1000)
+    if figures.session is not None:
+        values.update(session_id=figures.session_id, session_cost=figures.session.cost_usd)
+    return values
+
+
+def format_quick(template: str, figures: QuickFigures) -> str:
+    """Replace @variables (longest name first); unknown @words stay as they are."""
+    values = quick_values(figures)
+    shown = {
+        "daily_cost": lambda: format_cost_short(figures.daily.cost_nanos),
+        "monthly_cost": lambda: format_cost_short(figures.monthly.cost_nanos),
+        "daily_plan_usage": lambda: f"{values['daily_plan_usage']:.0f}%",
+        "monthly_plan_usage": lambda: f"{values['monthly_plan_usage']:.0f}%",
+        "daily_tokens": lambda: format_count(figures.daily.total),
+        "monthly_tokens": lambda: format_count(figures.monthly.total),
+        "block_usage": lambda: "-" if values["block_usage"] is None else f"{values['block_usage']:.0f}%",
+        "block_remaining": lambda: format_duration(figures.block.remaining_ms),
+        "session_cost": lambda: format_cost_short(figures.session.cost_nanos),
+    }
+    return FORMAT_PATTERN.sub(lambda match: shown[match.group(1)](), template)
+
+
+def format_cost_short(nanos: int) -> str:
+    """$1.23: a status bar wants cents, whatever the amount."""
+    return f"${nanos / NANOS_PER_USD:,.2f}"
+
+
+def run_quick_query(config: Config, block_hour: int | None, template: str | None, as_json: bool) -> int:
+    wanted = set(FORMAT_VARIABLES) if as_json else set(FORMAT_PATTERN.findall(template or ""))
+    if block_hour is None and wanted & {"block_usage", "block_remaining"} and not as_json:
+        raise ConfigError("@block_usage and @block_remaining need -b/--block (for example -b 5am)")
+    client = Client(config.monitor_server, timeout_s=3.0)
+    try:
+        figures = fetch_quick_figures(client, config, block_hour, now_ms(), wanted)
+    except ServerUnreachable as exc:
+        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    if as_json:
+        print(json.dumps(quick_values(figures), sort_keys=True))
+    else:
+        print(format_quick(template or "", figures))
+    return 0
+
+
+def run_health_check(config: Config) -> int:
+    """Exit 0 when the server answers; for Docker's HEALTHCHECK and service managers."""
+    client = Client(config.monitor_server, timeout_s=3.0)
+    try:
+        info = client.server_info()
+    except ServerUnreachable as exc:
+        print(f"unhealthy: {config.monitor_server}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print(f"ok: ccmon {info.version} at {config.monitor_server}, {info.total_requests} requests stored")
+    return 0
 
 
 # ---------------------------------------------------------------- View model and pure render functions
@@ -1856,6 +2023,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--monitor-refresh-interval", metavar="DURATION", help="1s to 5m (default 5s)")
     parser.add_argument("--claude-plan", metavar="PLAN", help="unset, pro, max or max20")
     parser.add_argument("--claude-max-tokens", metavar="N", help="block token limit (0: plan default)")
+    parser.add_argument("-f", "--format", metavar="TEMPLATE", help="print TEMPLATE with @daily_cost, "
+                        "@monthly_cost, @daily_plan_usage, ... replaced, and exit (for status bars)")
+    parser.add_argument("--json", action="store_true", help="print every quick-query figure as JSON and exit")
+    parser.add_argument("--health", action="store_true", help="check that the server answers (exit 0) and exit")
     parser.add_argument("-b", "--block", metavar="HOUR", help="track 5-hour blocks starting at HOUR, e.g. 5am or 11pm")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="server log level (default info)")
@@ -1874,6 +2045,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.server:
             return run_server(config)
         block_hour = parse_block_hour(args.block) if args.block is not None else None
+        if args.health:
+            return run_health_check(config)
+        if args.format is not None or args.json:
+            return run_quick_query(config, block_hour, args.format, args.json)
         return run_monitor(config, block_hour)
     except ConfigError as exc:
         print(f"ccmon: config error: {exc}", file=sys.stderr)

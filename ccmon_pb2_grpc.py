@@ -60,6 +60,11 @@ class QueryServiceStub:
                 request_serializer=ccmon__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=ccmon__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
+        self.GetSessionStats = channel.unary_unary(
+                '/ccmon.v1.QueryService/GetSessionStats',
+                request_serializer=ccmon__pb2.GetSessionStatsRequest.SerializeToString,
+                response_deserializer=ccmon__pb2.GetSessionStatsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -101,6 +106,13 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSessionStats(self, request, context):
+        """GetSessionStats returns statistics of one session (by default the most recent one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +140,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=ccmon__pb2.GetServerInfoRequest.FromString,
                     response_serializer=ccmon__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'GetSessionStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSessionStats,
+                    request_deserializer=ccmon__pb2.GetSessionStatsRequest.FromString,
+                    response_serializer=ccmon__pb2.GetSessionStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +283,33 @@ class QueryService:
             '/ccmon.v1.QueryService/GetServerInfo',
             ccmon__pb2.GetServerInfoRequest.SerializeToString,
             ccmon__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSessionStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ccmon.v1.QueryService/GetSessionStats',
+            ccmon__pb2.GetSessionStatsRequest.SerializeToString,
+            ccmon__pb2.GetSessionStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

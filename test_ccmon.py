@@ -36,6 +36,7 @@ import ccmon_pb2
 import ccmon_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent
+CCMON = [sys.executable, str(ROOT / "ccmon.py")]
 CLAUDE_RESOURCE = {"service.name": "claude-code", "service.version": "2.0.14", "os.type": "linux",
                    "host.arch": "amd64"}
 
@@ -45,10 +46,11 @@ CLAUDE_RESOURCE = {"service.name": "claude-code", "service.version": "2.0.14", "
 class ServerProcess:
     """`ccmon --server` as a subprocess on an ephemeral loopback port, with its stderr collected."""
 
-    def __init__(self, workdir: Path, *extra: str, db: Path | None = None, address: str = "127.0.0.1:0"):
-        self.workdir, self.db = workdir, db or workdir / "ccmon.db"
-        self.args = [sys.executable, str(ROOT / "ccmon.py"), "--server", "--server-address", address,
-                     "--database-path", str(self.db), *extra]
+    def __init__(self, workdir: Path, *extra: str, db: Path | None = None, address: str = "127.0.0.1:0",
+                 command: list[str] | None = None, env: dict | None = None):
+        self.workdir, self.db, self.env = workdir, db or workdir / "ccmon.db", env or {}
+        self.args = [*(command or CCMON), "--server", "--server-address", address, "--database-path", str(self.db),
+                     *extra]
         self.lines: list[str] = []
         self.proc: subprocess.Popen | None = None
         self.port = 0
@@ -56,7 +58,7 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         self.lines = []
         self.proc = subprocess.Popen(self.args, cwd=self.workdir, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "HOME": str(self.workdir)})
+                                     env={**os.environ, "HOME": str(self.workdir), **self.env})
         listening = threading.Event()
 
         def pump():
@@ -917,7 +919,7 @@ class MonitorPty:
     """The real monitor in a pseudo-terminal, its screen read through pyte."""
 
     def __init__(self, args: list[str], cols: int = 80, rows: int = 24, term: str = "xterm-256color",
-                 cwd: Path = ROOT, env: dict | None = None):
+                 cwd: Path = ROOT, env: dict | None = None, command: list[str] | None = None):
         import fcntl
         import termios
         self.fcntl, self.termios = fcntl, termios
@@ -926,7 +928,7 @@ class MonitorPty:
         self.screen, self.stream = terminal_screen(cols, rows)
         self.lock = threading.Lock()
         environment = {**os.environ, "TERM": term, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "ccmon.py"), *args], stdin=slave, stdout=slave,
+        self.proc = subprocess.Popen([*(command or CCMON), *args], stdin=slave, stdout=slave,
                                      stderr=slave, env=environment, cwd=cwd, start_new_session=True,
                                      preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # so ^C is SIGINT
         os.close(slave)
