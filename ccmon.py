@@ -1341,8 +1341,7 @@ def plan_usage_percent(cost_nanos: int, plan: str, days: int | None = None) -> f
     price = PLAN_MONTHLY_USD.get(plan)
     if not price:
         return 0.0
-    budget_nanos = price * NANOS_PER_USD / (days or 1)
-    return cost_nanos / budget_nanos * 100
+    return cost_nanos * 100 * (days or 1) / (price * NANOS_PER_USD)  # one division of exact integers
 
 
 def quick_values(figures: QuickFigures) -> dict[str, Any]:

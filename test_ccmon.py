@@ -1085,3 +1085,220 @@ def test_monitor_bad_address_and_flags(tmp_path, capsys, monkeypatch):
     finally:
         if monitor.proc.poll() is None:
             monitor.proc.kill()
+
+
+# ---------------------------------------------------------------- quick query: --format, --json, --health
+
+def midnight_ms(zone, days_back: int = 0) -> int:
+    today = dt.datetime.now(zone).date() - dt.timedelta(days=days_back)
+    return ccmon.ms_from_datetime(dt.datetime.combine(today, dt.time(), zone))
+
+
+def iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+def run_ccmon(args: list[str], cwd: Path, command: list[str] | None = None, env: dict | None = None,
+              timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([*(command or CCMON), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HOME": str(cwd), **(env or {})})
+
+
+def seed_quick_query(srv: ServerProcess, zone) -> dict:
+    """Today at local midnight, a minute before it, and a session 10 minutes ago; returns expected figures."""
+    today, before = midnight_ms(zone), midnight_ms(zone) - 60_000
+    recent = int(time.time() * 1000) - 10 * 60_000
+    events = [("api_request", api_request(1, iso(today), session="day", input_tokens=1000, output_tokens=500,
+                                          cache_read_tokens=8500, cost_usd="1.25")),
+              ("api_request", api_request(2, iso(before), session="yesterday", input_tokens=4000, output_tokens=0,
+                                          cost_usd=2.5)),
+              ("api_request", api_request(3, iso(recent), session="latest", model="claude-haiku-4-5",
+                                          input_tokens=30, output_tokens=20, cost_usd=0.004))]
+    sdk_export(srv.port, events)
+    first_of_month = dt.datetime.now(zone).day == 1
+    daily_cost = 1.25 + (0.004 if recent >= today else 0)
+    return {"daily_cost": daily_cost, "monthly_cost": daily_cost + (0 if first_of_month else 2.5),
+            "daily_tokens": 10_000 + (50 if recent >= today else 0),
+            "monthly_tokens": 10_050 + (0 if first_of_month else 4000)}
+
+
+def test_quick_query_format_and_json(server, tmp_path):
+    zone = ccmon.ZoneInfo("Asia/Kolkata")
+    expected = seed_quick_query(server, zone)
+    days = __import__("calendar").monthrange(*dt.datetime.now(zone).timetuple()[:2])[1]
+    base = ["--monitor-server", server.target, "--monitor-timezone", "Asia/Kolkata", "--claude-plan", "max"]
+    result = run_ccmon([*base, "--format", "@daily_cost | @monthly_cost | @daily_plan_usage | @monthly_plan_usage | "
+                        "@daily_tokens | @monthly_tokens | @session_cost | @daily_costs @nonsense"], tmp_path)
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout == (
+        f"${expected['daily_cost']:.2f} | ${expected['monthly_cost']:.2f} | "
+        f"{expected['daily_cost'] / (100 / days) * 100:.0f}% | {expected['monthly_cost']:.0f}% | "
+        f"{ccmon.format_count(expected['daily_tokens'])} | {ccmon.format_count(expected['monthly_tokens'])} | "
+        f"$0.00 | ${expected['daily_cost']:.2f}s @nonsense\n")
+    result = run_ccmon([*base, "--json"], tmp_path)
+    figures = json.loads(result.stdout)
+    assert figures == {"daily_cost": expected["daily_cost"], "monthly_cost": expected["monthly_cost"],
+                       "daily_tokens": expected["daily_tokens"], "monthly_tokens": expected["monthly_tokens"],
+                       "daily_plan_usage": figures["daily_plan_usage"], "monthly_plan_usage": expected["monthly_cost"],
+                       "session_id": "latest", "session_cost": 0.004}
+    assert figures["daily_plan_usage"] == pytest.approx(expected["daily_cost"] / (100 / days) * 100)
+    unset = run_ccmon(["--monitor-server", server.target, "--format", "@daily_plan_usage"], tmp_path)
+    assert unset.stdout == "0%\n"
+
+
+def test_quick_query_block_figures(server, tmp_path):
+    now = int(time.time() * 1000)
+    sdk_export(server.port, [("api_request", api_request(1, iso(now - 60_000), input_tokens=3000,
+                                                         output_tokens=500)),
+                             ("api_request", api_request(2, iso(now - 30_000), model="claude-3-5-haiku",
+                                                         input_tokens=9999))])
+    block_flag = block_flag_for_now()
+    result = run_ccmon(["--monitor-server", server.target, "-b", block_flag, "--claude-plan", "pro", "--format",
+                        "@block_usage @block_remaining"], tmp_path)
+    start, end = ccmon.current_block(now, ccmon.ZoneInfo("UTC"), ccmon.parse_block_hour(block_flag))
+    usage, remaining = result.stdout.split()
+    assert usage == "50%"  # 3,500 premium limited tokens of pro's 7,000
+    assert remaining in {ccmon.format_duration(end - now - delta) for delta in range(0, 120_000, 1000)}
+    no_block = run_ccmon(["--monitor-server", server.target, "--format", "@block_usage"], tmp_path)
+    assert (no_block.returncode, no_block.stdout) == (2, "")
+    assert no_block.stderr == ("ccmon: config error: @block_usage and @block_remaining need -b/--block "
+                               "(for example -b 5am)\n")
+    figures = json.loads(run_ccmon(["--monitor-server", server.target, "-b", block_flag, "--json"], tmp_path).stdout)
+    assert (figures["block_tokens"], figures["block_limit"], figures["block_usage"]) == (3500, None, None)
+
+
+def test_quick_query_and_health_when_server_is_down(tmp_path, server):
+    result = run_ccmon(["--monitor-server", "127.0.0.1:9", "--format", "@daily_cost"], tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "ccmon: cannot reach the ccmon server at 127.0.0.1:9: connection refused\n"
+    down = run_ccmon(["--health", "--monitor-server", "127.0.0.1:9"], tmp_path)
+    assert (down.returncode, down.stderr) == (1, "unhealthy: 127.0.0.1:9: connection refused\n")
+    up = run_ccmon(["--health", "--monitor-server", server.target], tmp_path)
+    assert (up.returncode, up.stdout) == (0, f"ok: ccmon {ccmon.VERSION} at {server.target}, 0 requests stored\n")
+
+
+# ---------------------------------------------------------------- ccmon.pyz and the Docker image
+
+@pytest.fixture(scope="module")
+def pyz(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("pyz") / "ccmon.pyz"
+    result = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output", str(output)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rf"built {re.escape(str(output))} \(\d+\.\d MB, build [0-9a-f]{{16}}\) for CPython "
+                        rf"{sys.version_info[0]}\.{sys.version_info[1]} on this platform\n", result.stdout)
+    return output
+
+
+def bare(pyz: Path) -> list[str]:
+    """The interpreter with no site-packages at all (-S) and no user environment (-I)."""
+    return [sys.executable, "-I", "-S", str(pyz)]
+
+
+def test_bare_interpreter_has_no_dependencies(tmp_path):
+    probe = subprocess.run([sys.executable, "-I", "-S", "-c", "import grpc"], capture_output=True, text=True)
+    assert "No module named 'grpc'" in probe.stderr  # so the pyz tests below prove the pyz carries everything
+
+
+def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    version = run_ccmon(["--version"], tmp_path, command=bare(pyz), env=env)
+    assert (version.returncode, version.stdout) == (0, f"ccmon {ccmon.VERSION}\n")
+    srv = ServerProcess(tmp_path, command=bare(pyz), env=env).start()
+    try:
+        sdk_export(srv.port, MIXED_EVENTS)
+        result = run_ccmon(["--monitor-server", srv.target, "--format", "@monthly_tokens"], tmp_path,
+                           command=bare(pyz), env=env)
+        assert result.returncode == 0 and result.stdout in {"0\n", "52.3K\n"}  # March 2026 data; now is later
+        stats_now = stats(srv)
+        assert (stats_now.total_requests, stats_now.total_cost.amount) == (3, 0.143075)
+        monitor = MonitorPty(["--monitor-server", srv.target, "--monitor-timezone", "America/New_York"],
+                             cwd=tmp_path, env=env, command=bare(pyz))
+        try:
+            screen = monitor.wait_for("Requests 1-3 of 3", "the monitor from the pyz")
+            assert line_with(screen, "Total").split()[1:2] == ["3"]
+            monitor.send(b"q")
+            assert monitor.close() == 0
+        finally:
+            if monitor.proc.poll() is None:
+                monitor.proc.kill()
+        yaml_config = tmp_path / "config.yaml"
+        yaml_config.write_text("claude:\n  plan: max20\n")
+        result = run_ccmon(["--monitor-server", srv.target, "--format", "@daily_plan_usage"], tmp_path,
+                           command=bare(pyz), env=env)
+        assert (result.returncode, result.stdout) == (0, "0%\n")  # YAML parsed by the bundled PyYAML
+    finally:
+        srv.stop()
+
+
+def test_pyz_concurrent_first_runs_share_one_cache(pyz, tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    procs = [subprocess.Popen(bare(pyz) + ["--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+             for _ in range(4)]
+    outputs = [proc.communicate(timeout=60) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0]
+    assert [out for out, _ in outputs] == [f"ccmon {ccmon.VERSION}\n".encode()] * 4
+    entries = sorted(p.name for p in (tmp_path / "cache" / "ccmon").iterdir())
+    assert len(entries) == 1 and re.fullmatch(r"[0-9a-f]{16}", entries[0])  # no half-unpacked leftovers
+    assert (tmp_path / "cache" / "ccmon" / entries[0] / ".complete").is_file()
+
+
+def test_pyz_falls_back_to_temp_dir_when_home_is_unusable(pyz, tmp_path):
+    env = {**os.environ, "HOME": "/dev/null/nohome", "TMPDIR": str(tmp_path)}
+    env.pop("XDG_CACHE_HOME", None)
+    result = subprocess.run(bare(pyz) + ["--version"], capture_output=True, text=True, env=env, timeout=60)
+    assert (result.returncode, result.stdout) == (0, f"ccmon {ccmon.VERSION}\n")
+    assert list(tmp_path.glob(f"ccmon-{os.getuid()}/*/ccmon.py"))
+
+
+def test_pyz_build_is_reproducible_and_lean(pyz, tmp_path):
+    again = tmp_path / "again.pyz"
+    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(again)], check=True,
+                   capture_output=True, timeout=600)
+    assert again.read_bytes() == pyz.read_bytes()
+    import zipfile
+    names = zipfile.ZipFile(pyz).namelist()
+    assert names[0] == "__main__.py" and "app/ccmon.py" in names and "app/tzdata/zoneinfo/Europe/Berlin" in names
+    assert not [n for n in names if n.endswith((".pyc", ".pyi")) or "__pycache__" in n or "/RECORD" in n
+                or "test_ccmon" in n]
+    assert any(n.startswith("app/yaml/") for n in names) and not any("_yaml." in n for n in names)
+
+
+def test_pyz_build_refuses_missing_wheels(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(tmp_path / "x.pyz"),
+                             "--platform", "win_nonexistent", "--python-version", "3.11"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert result.stderr.startswith("build_zipapp: cannot get wheels for CPython 3.11 on win_nonexistent: ")
+    assert not (tmp_path / "x.pyz").exists()
+
+
+def test_dockerfile_structure():
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    froms = [line for line in lines if line.startswith("FROM ")]
+    assert froms == ["FROM python:${PYTHON_VERSION}-slim AS build", "FROM python:${PYTHON_VERSION}-slim"]
+    assert "ARG PYTHON_VERSION=3.12" in lines
+    build_stage = joined.split("FROM python:${PYTHON_VERSION}-slim\n")[0]
+    assert "RUN python build_zipapp.py --output /out/ccmon.pyz" in build_stage
+    final = joined.split("FROM python:${PYTHON_VERSION}-slim\n")[1]
+    assert "COPY --from=build /out/ccmon.pyz /app/ccmon.pyz" in final
+    assert re.search(r"^USER ccmon$", final, re.M) and "useradd --system --uid 10001" in final
+    assert final.index("USER ccmon") < final.index("ENTRYPOINT")
+    assert "pip install" not in final  # nothing installed in the runtime image
+    assert "VOLUME /data" in final and "EXPOSE 4317" in final and "STOPSIGNAL SIGTERM" in final
+    healthcheck = next(line for line in final.splitlines() if line.startswith("HEALTHCHECK"))
+    assert healthcheck.endswith('CMD ["python", "/app/ccmon.pyz", "--health", "--monitor-server", "127.0.0.1:4317"]')
+    assert 'ENTRYPOINT ["python", "/app/ccmon.pyz"]' in final
+    assert 'CMD ["--server", "--server-address", "0.0.0.0:4317", "--database-path", "/data/ccmon.db"]' in final
+    # Every file the build stage copies exists, and .dockerignore lets exactly those through.
+    copied = next(line for line in lines if line.startswith("COPY requirements.txt")).split()[1:-1]
+    assert all((ROOT / name).is_file() for name in copied)
+    allowed = [line[1:] for line in (ROOT / ".dockerignore").read_text().split() if line.startswith("!")]
+    assert sorted(allowed) == sorted(copied)
+    # The HEALTHCHECK and CMD arguments are ones ccmon accepts.
+    parser = ccmon.build_parser()
+    assert parser.parse_args(["--health", "--monitor-server", "127.0.0.1:4317"]).health
+    assert parser.parse_args(["--server", "--server-address", "0.0.0.0:4317", "--database-path", "/data/x"]).server
