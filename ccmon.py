@@ -9,11 +9,13 @@ Dependencies flow downwards only: storage never sees gRPC, the UI never sees SQL
 from __future__ import annotations
 
 import argparse
+import base64
 import calendar
 import dataclasses
 import datetime as dt
 import decimal
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -21,18 +23,24 @@ import os
 import queue
 import re
 import signal
+import socket
 import sqlite3
+import ssl
 import sys
 import threading
 import time
 import tomllib
+import zlib
 from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format, timestamp_pb2
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -52,15 +60,29 @@ class ConfigError(Exception):
 
 DEFAULT_CONFIG = {
     "database": {"path": "~/.ccmon/ccmon.db"},
-    "server": {"address": "127.0.0.1:4317", "retention": "never"},
-    "monitor": {"server": "127.0.0.1:4317", "timezone": "UTC", "refresh_interval": "5s"},
+    "server": {"address": "127.0.0.1:4317", "http_address": "127.0.0.1:4318", "retention": "never", "token": "",
+               "tls_cert": "", "tls_key": "", "tls_client_ca": "", "max_message_size": "16MiB"},
+    "monitor": {"server": "127.0.0.1:4317", "timezone": "UTC", "refresh_interval": "5s", "token": "",
+                "tls_ca": "", "tls_cert": "", "tls_key": ""},
     "claude": {"plan": "unset", "max_tokens": 0},
 }
+TOKEN_ENV = "CCMON_TOKEN"
 CONFIG_NAMES = ("config.toml", "config.yaml", "config.yml", "config.json")
 PLANS = ("unset", "pro", "max", "max20")
 MIN_RETENTION_S = 24 * 3600
 REFRESH_RANGE_S = (1, 300)
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2, "gb": 1000 ** 3,
+              "gib": 1024 ** 3}
+MESSAGE_SIZE_RANGE = (1024 ** 2, 1024 ** 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSFiles:
+    """PEM files: a server's cert/key (+ client CA for mutual TLS), or a client's CA (+ cert/key)."""
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +90,13 @@ class Config:
     database_path: Path
     server_address: str
     server_retention_s: int | None  # None: keep forever
+    server_http_address: str | None  # None: OTLP/HTTP off
+    server_token: str
+    server_tls: TLSFiles | None
+    max_message_bytes: int
     monitor_server: str
+    monitor_token: str
+    monitor_tls: TLSFiles | None  # None: plaintext
     monitor_timezone: str
     refresh_interval_s: int
     plan: str
@@ -201,11 +229,58 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
                    "(use a whole number >= 0; 0 means the plan's default)")
     for key in ("server.address", "monitor.server"):
         parse_address(text(key), fail_as=lambda problem, key=key: fail(key, problem))
+    http_address = text("server.http_address")
+    if http_address.lower() != "off":
+        parse_address(http_address, fail_as=lambda problem: fail("server.http_address", problem + " or 'off'"))
+    size_text = str(settings["server.max_message_size"]).strip()
+    match = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", size_text)
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise fail("server.max_message_size", f"invalid size {size_text!r} (use bytes or a size such as '16MiB')")
+    max_bytes = int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+    if not MESSAGE_SIZE_RANGE[0] <= max_bytes <= MESSAGE_SIZE_RANGE[1]:
+        raise fail("server.max_message_size", f"size {size_text!r} is outside the allowed range 1MiB to 1GiB")
+
+    def optional_file(key: str) -> Path | None:
+        value = settings[key]
+        if not isinstance(value, str):
+            raise fail(key, f"expected a file path, got {value!r}")
+        if not value.strip():
+            return None
+        path = Path(value.strip()).expanduser()
+        if not path.is_file():
+            raise fail(key, f"no such file: {path}")
+        return path
+
+    server_tls = TLSFiles(optional_file("server.tls_cert"), optional_file("server.tls_key"),
+                          optional_file("server.tls_client_ca"))
+    if bool(server_tls.cert) != bool(server_tls.key):
+        raise fail("server.tls_key" if server_tls.cert else "server.tls_cert",
+                   "TLS needs both server.tls_cert and server.tls_key")
+    if server_tls.ca and not server_tls.cert:
+        raise fail("server.tls_client_ca", "mutual TLS needs server.tls_cert and server.tls_key too")
+    monitor_tls = TLSFiles(optional_file("monitor.tls_cert"), optional_file("monitor.tls_key"),
+                           optional_file("monitor.tls_ca"))
+    if bool(monitor_tls.cert) != bool(monitor_tls.key):
+        raise fail("monitor.tls_key" if monitor_tls.cert else "monitor.tls_cert",
+                   "a client certificate needs both monitor.tls_cert and monitor.tls_key")
+    monitor_server = text("monitor.server")
+    wants_tls = monitor_server.lower().startswith("https://") or any(dataclasses.astuple(monitor_tls))
+    tokens = {}
+    for key in ("server.token", "monitor.token"):
+        if not isinstance(settings[key], str) or any(c.isspace() for c in settings[key]):
+            raise fail(key, "a token must be a string without spaces")
+        tokens[key] = settings[key]
     return Config(
         database_path=Path(text("database.path")).expanduser(),
         server_address=text("server.address"),
         server_retention_s=retention_s,
-        monitor_server=text("monitor.server"),
+        server_http_address=None if http_address.lower() == "off" else http_address,
+        server_token=tokens["server.token"],
+        server_tls=server_tls if server_tls.cert else None,
+        max_message_bytes=max_bytes,
+        monitor_server=monitor_server,
+        monitor_token=tokens["monitor.token"],
+        monitor_tls=monitor_tls if wants_tls else None,
         monitor_timezone=zone,
         refresh_interval_s=refresh_s,
         plan=plan,
@@ -215,8 +290,8 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
 
 
 def parse_address(address: str, fail_as: Callable[[str], Exception]) -> tuple[str, int]:
-    """'host:port' or '[v6]:port' -> (host, port)."""
-    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\s:\[\]]+):(\d{1,5})", address)
+    """'host:port', '[v6]:port' or a monitor's 'https://host:port' -> (host, port)."""
+    match = re.fullmatch(r"(?:https?://)?(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(\d{1,5})/?", address, re.IGNORECASE)
     if not match or int(match.group(2)) > 65535:
         raise fail_as(f"invalid address {address!r} (use HOST:PORT such as 127.0.0.1:4317)")
     return match.group(1), int(match.group(2))
@@ -229,12 +304,25 @@ def load_config(args: argparse.Namespace) -> Config:
         "database.path": ("--database-path", args.database_path),
         "server.address": ("--server-address", args.server_address),
         "server.retention": ("--server-retention", args.server_retention),
+        "server.http_address": ("--server-http-address", args.server_http_address),
+        "server.tls_cert": ("--server-tls-cert", args.server_tls_cert),
+        "server.tls_key": ("--server-tls-key", args.server_tls_key),
+        "server.tls_client_ca": ("--server-tls-client-ca", args.server_tls_client_ca),
+        "server.max_message_size": ("--server-max-message-size", args.server_max_message_size),
         "monitor.server": ("--monitor-server", args.monitor_server),
+        "monitor.tls_ca": ("--monitor-tls-ca", args.monitor_tls_ca),
+        "monitor.tls_cert": ("--monitor-tls-cert", args.monitor_tls_cert),
+        "monitor.tls_key": ("--monitor-tls-key", args.monitor_tls_key),
         "monitor.timezone": ("--monitor-timezone", args.monitor_timezone),
         "monitor.refresh_interval": ("--monitor-refresh-interval", args.monitor_refresh_interval),
         "claude.plan": ("--claude-plan", args.claude_plan),
         "claude.max_tokens": ("--claude-max-tokens", args.claude_max_tokens),
     }
+    env_token = os.environ.get(TOKEN_ENV)
+    for key, flag, value in (("server.token", "--server-token", args.server_token),
+                             ("monitor.token", "--monitor-token", args.monitor_token)):
+        # flag > environment > file: a token is most specific where it is given for one run
+        overrides[key] = (flag, value) if value is not None else (TOKEN_ENV, env_token)
     settings, origin = merge_config(file_data, str(path), overrides)
     return validate_config(settings, origin, str(path) if path else "defaults")
 
@@ -422,6 +510,10 @@ class StorageError(Exception):
 class StorageUnavailable(Exception):
     """The database cannot take writes right now (locked, disk full, read-only, queue full): retryable."""
 
+    def __init__(self, message: str, retry_after_s: int = 5):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 
 @dataclasses.dataclass
 class Batch:
@@ -443,9 +535,9 @@ class StoredRequest:
     usage: Usage
 
 
-def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5.0)
-    conn.execute("PRAGMA busy_timeout = 5000")
+def connect(path: Path, readonly: bool = False, busy_ms: int = 5000) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     if readonly:
         conn.execute("PRAGMA query_only = 1")
     return conn
@@ -457,7 +549,13 @@ class Store:
 
     def __init__(self, path: Path, queue_size: int = 256):
         self.path = path
-        self._write_conn = self._open_for_writing(path)
+        self._lock_file = self._lock_exclusively(path)
+        try:
+            self._write_conn = self._open_for_writing(path)
+        except StorageError:
+            self._lock_file.close()
+            raise
+        self._failing = False  # log a failure streak once, and its end once
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self._readers = threading.local()
         self._source_ids: dict[str, int] = {}
@@ -466,13 +564,33 @@ class Store:
         self._writer.start()
 
     @staticmethod
-    def _open_for_writing(path: Path) -> sqlite3.Connection:
+    def _lock_exclusively(path: Path):
+        """One server per database: a second one would fight the first for the write lock."""
+        import fcntl
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path.with_name(path.name + ".lock"), "a+")
         except OSError as exc:
-            raise StorageError(f"cannot create the database folder {path.parent}: {exc.strerror}") from None
+            raise StorageError(f"cannot use the database folder {path.parent}: {exc.strerror}") from None
         try:
-            conn = connect(path)
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            handle.close()
+            raise StorageError(f"another ccmon server (pid {owner}) is already using {path}; stop it or choose "
+                               "another --database-path") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        return handle
+
+    @staticmethod
+    def _open_for_writing(path: Path) -> sqlite3.Connection:
+        try:
+            # A short busy timeout: a locked database answers exporters "retry later" well inside their 10 s.
+            conn = connect(path, busy_ms=2000)
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StorageError(f"{path} was written by a newer ccmon (schema {version}); upgrade ccmon")
@@ -499,12 +617,12 @@ class Store:
         try:
             self._jobs.put((job, future), timeout=timeout)
         except queue.Full:
-            raise StorageUnavailable("ingestion queue is full") from None
+            raise StorageUnavailable("the ingestion queue is full", retry_after_s=2) from None
         return future
 
     def write(self, batch: Batch, timeout: float = 8.0) -> int:
         """Store a batch durably; returns how many rows were new (duplicates are ignored)."""
-        future = self.submit(lambda conn: self._insert(conn, batch))
+        future = self.submit(lambda conn: self._insert(conn, batch), timeout=0.5)
         try:
             return future.result(timeout=timeout)
         except futures.TimeoutError:
@@ -546,11 +664,17 @@ class Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self._source_ids.clear()  # ids inserted by the rolled-back transaction are gone
-            log.error("database write failed (%s): %s; exporters will be told to retry", self.path, exc)
+            if not self._failing:
+                log.error("cannot write to the database %s (%s); exporters are told to retry until it works "
+                          "again", self.path, exc)
+            self._failing = True
             failure = StorageUnavailable(f"database write failed: {exc}")
             for _, future in group:
                 future.set_exception(failure)
             return
+        if self._failing:
+            log.warning("the database %s is writable again", self.path)
+            self._failing = False
         for (_, future), (result, exc) in zip(group, results):
             if exc is None:
                 future.set_result(result)
@@ -596,6 +720,7 @@ class Store:
         self._jobs.put(None)
         self._writer.join()
         self._write_conn.close()
+        self._lock_file.close()
 
     # -- reading
 
@@ -672,20 +797,35 @@ REQUEST_COLUMNS_KEYS = {"event.name", "event.timestamp", "event.sequence", "sess
 EVENT_COLUMNS_KEYS = {"event.name", "event.timestamp", "session.id", "prompt.id"}
 
 
-def any_value(value) -> Any:
-    """An OTLP AnyValue as a plain Python value."""
+# Caps per record: what is over them is rejected (partial_success), never stored or crashed on.
+MAX_RECORDS_PER_EXPORT = 100_000
+MAX_ATTRIBUTES = 1024
+MAX_VALUE_CHARS = 1024 * 1024
+MAX_DEPTH = 8
+
+
+def any_value(value, depth: int = 0) -> Any:
+    """An OTLP AnyValue as a plain Python value; raises BadValue past the caps."""
+    if depth > MAX_DEPTH:
+        raise BadValue(f"attribute values nested deeper than {MAX_DEPTH} levels")
     kind = value.WhichOneof("value")
     if kind == "array_value":
-        return [any_value(v) for v in value.array_value.values]
+        if len(value.array_value.values) > MAX_ATTRIBUTES:
+            raise BadValue(f"an array attribute has more than {MAX_ATTRIBUTES} values")
+        return [any_value(v, depth + 1) for v in value.array_value.values]
     if kind == "kvlist_value":
-        return attributes_dict(value.kvlist_value.values)
+        return attributes_dict(value.kvlist_value.values, depth + 1)
+    if kind in ("string_value", "bytes_value") and len(getattr(value, kind)) > MAX_VALUE_CHARS:
+        raise BadValue(f"an attribute value is longer than {MAX_VALUE_CHARS // 1024} KiB")
     if kind == "bytes_value":
         return value.bytes_value.hex()
     return getattr(value, kind) if kind else None
 
 
-def attributes_dict(key_values) -> dict[str, Any]:
-    return {kv.key: any_value(kv.value) for kv in key_values}
+def attributes_dict(key_values, depth: int = 0) -> dict[str, Any]:
+    if len(key_values) > MAX_ATTRIBUTES:
+        raise BadValue(f"more than {MAX_ATTRIBUTES} attributes")
+    return {kv.key: any_value(kv.value, depth) for kv in key_values}
 
 
 def parse_count(value: Any, key: str) -> int:
@@ -828,30 +968,54 @@ class LogsIngest:
     def decode(self, request) -> tuple[Batch, Rejections, int]:
         batch, rejected, total = Batch(), Rejections("log records"), 0
         for resource_logs in request.resource_logs:
-            resource = attributes_dict(resource_logs.resource.attributes)
+            try:
+                resource = attributes_dict(resource_logs.resource.attributes)
+            except BadValue as exc:
+                resource, resource_problem = {}, f"resource: {exc}"
+            else:
+                resource_problem = ""
             for scope_logs in resource_logs.scope_logs:
                 for record in scope_logs.log_records:
                     total += 1
-                    attrs = attributes_dict(record.attributes)
-                    name = event_name(attrs, record)
-                    if name == "api_request":
-                        try:
-                            batch.requests.append(request_row(attrs, resource, record))
-                        except BadValue as exc:
-                            rejected.add(f"api_request in session {attrs.get('session.id', '?')}: {exc}")
+                    if resource_problem or total > MAX_RECORDS_PER_EXPORT:
+                        rejected.add(resource_problem or f"more than {MAX_RECORDS_PER_EXPORT} records in one export")
                         continue
-                    if name not in KNOWN_EVENTS and name not in self._seen_unknown:
-                        self._seen_unknown.add(name)
-                        log.info("storing events of a kind ccmon does not know yet: %r", name)
-                    batch.events.append(event_row(name, attrs, resource, record))
+                    self._decode_record(record, resource, batch, rejected)
         return batch, rejected, total
+
+    def _decode_record(self, record, resource: dict, batch: Batch, rejected: Rejections) -> None:
+        try:
+            attrs = attributes_dict(record.attributes)
+            name = event_name(attrs, record)
+        except BadValue as exc:
+            rejected.add(f"log record: {exc}")
+            return
+        try:
+            if name == "api_request":
+                batch.requests.append(request_row(attrs, resource, record))
+                return
+            batch.events.append(event_row(name, attrs, resource, record))
+        except BadValue as exc:
+            rejected.add(f"{name} in session {attrs.get('session.id', '?')}: {exc}")
+            return
+        if name not in KNOWN_EVENTS and name not in self._seen_unknown:
+            self._seen_unknown.add(name)
+            log.info("storing events of a kind ccmon does not know yet: %r", name)
 
 
 def metric_rows(request, rejected: Rejections) -> tuple[list[tuple], int]:
     """Number data points (sums and gauges; histograms by their sum) as metric_points rows."""
     rows, total = [], 0
     for resource_metrics in request.resource_metrics:
-        resource = attributes_dict(resource_metrics.resource.attributes)
+        try:
+            resource = attributes_dict(resource_metrics.resource.attributes)
+        except BadValue as exc:
+            count = sum(len(getattr(m, m.WhichOneof("data")).data_points)
+                        for sm in resource_metrics.scope_metrics for m in sm.metrics if m.WhichOneof("data"))
+            for _ in range(count):
+                rejected.add(f"resource: {exc}")
+            total += count
+            continue
         for scope_metrics in resource_metrics.scope_metrics:
             for metric in scope_metrics.metrics:
                 kind = metric.WhichOneof("data")
@@ -865,9 +1029,16 @@ def metric_rows(request, rejected: Rejections) -> tuple[list[tuple], int]:
                         value = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
                     else:
                         value = point.sum
-                    attrs = attributes_dict(point.attributes)
+                    if total > MAX_RECORDS_PER_EXPORT:
+                        rejected.add(f"more than {MAX_RECORDS_PER_EXPORT} data points in one export")
+                        continue
                     if not math.isfinite(value) or value < 0:
                         rejected.add(f"{metric.name}: value {value!r} is not a finite non-negative number")
+                        continue
+                    try:
+                        attrs = attributes_dict(point.attributes)
+                    except BadValue as exc:
+                        rejected.add(f"{metric.name}: {exc}")
                         continue
                     identity = json.dumps([metric.name, attrs, point.start_time_unix_nano, value],
                                           sort_keys=True, default=str)
@@ -882,20 +1053,16 @@ def metric_rows(request, rejected: Rejections) -> tuple[list[tuple], int]:
     return rows, total
 
 
-def abort_unavailable(context, exc: StorageUnavailable) -> None:
-    context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store data right now ({exc}); retry later")
+class Receiver:
+    """OTLP ingestion shared by the gRPC and HTTP listeners: decode, store, answer.
+    Raises StorageUnavailable when the data cannot be stored now (the caller says "retry")."""
 
-
-class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
     def __init__(self, store: Store):
-        self.store, self.ingest = store, LogsIngest()
+        self.store, self.logs_ingest = store, LogsIngest()
 
-    def Export(self, request, context):
-        batch, rejected, total = self.ingest.decode(request)
-        try:
-            new = self.store.write(batch) if len(batch) else 0
-        except StorageUnavailable as exc:
-            abort_unavailable(context, exc)
+    def logs(self, request) -> logs_service_pb2.ExportLogsServiceResponse:
+        batch, rejected, total = self.logs_ingest.decode(request)
+        new = self.store.write(batch) if len(batch) else 0
         log.info("logs: %d records, %d api requests, %d new, %d rejected",
                  total, len(batch.requests), new, rejected.count)
         response = logs_service_pb2.ExportLogsServiceResponse()
@@ -905,18 +1072,10 @@ class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
             response.partial_success.error_message = rejected.message(total)
         return response
 
-
-class MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
-    def __init__(self, store: Store):
-        self.store = store
-
-    def Export(self, request, context):
+    def metrics(self, request) -> metrics_service_pb2.ExportMetricsServiceResponse:
         rejected = Rejections("data points")
         rows, total = metric_rows(request, rejected)
-        try:
-            new = self.store.write(Batch(metrics=rows)) if rows else 0
-        except StorageUnavailable as exc:
-            abort_unavailable(context, exc)
+        new = self.store.write(Batch(metrics=rows)) if rows else 0
         log.info("metrics: %d data points, %d new, %d rejected", total, new, rejected.count)
         response = metrics_service_pb2.ExportMetricsServiceResponse()
         if rejected.count:
@@ -925,12 +1084,51 @@ class MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
             response.partial_success.error_message = rejected.message(total)
         return response
 
+    def traces(self, request) -> trace_service_pb2.ExportTraceServiceResponse:
+        """Accepted so exporters configured for traces do not error; ccmon has no use for spans."""
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def unavailable_status(exc: StorageUnavailable) -> ccmon_pb2.RpcStatus:
+    """UNAVAILABLE with a RetryInfo, so exporters back off and send the data again."""
+    retry = ccmon_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=exc.retry_after_s))
+    return ccmon_pb2.RpcStatus(
+        code=grpc.StatusCode.UNAVAILABLE.value[0],
+        message=f"ccmon cannot store data right now ({exc}); retry later",
+        details=[any_pb2.Any(type_url="type.googleapis.com/google.rpc.RetryInfo", value=retry.SerializeToString())])
+
+
+def grpc_export(handler: Callable):
+    """A gRPC Export method over a Receiver method."""
+    def export(self, request, context):
+        try:
+            return handler(self.receiver, request)
+        except StorageUnavailable as exc:
+            status = unavailable_status(exc)
+            context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+            context.abort(grpc.StatusCode.UNAVAILABLE, status.message)
+    return export
+
+
+class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, receiver: Receiver):
+        self.receiver = receiver
+
+    Export = grpc_export(Receiver.logs)
+
+
+class MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, receiver: Receiver):
+        self.receiver = receiver
+
+    Export = grpc_export(Receiver.metrics)
+
 
 class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    """Accepted so exporters configured for traces do not error; ccmon has no use for spans."""
+    def __init__(self, receiver: Receiver):
+        self.receiver = receiver
 
-    def Export(self, request, context):
-        return trace_service_pb2.ExportTraceServiceResponse()
+    Export = grpc_export(Receiver.traces)
 
 
 # ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
@@ -1034,27 +1232,271 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         return response
 
 
-# ---------------------------------------------------------------- Server: gRPC listener, retention, shutdown
+# ---------------------------------------------------------------- OTLP/HTTP receiver: POST /v1/logs, /v1/metrics, /v1/traces
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+HTTP_ROUTES = {
+    "/v1/logs": (logs_service_pb2.ExportLogsServiceRequest, Receiver.logs),
+    "/v1/metrics": (metrics_service_pb2.ExportMetricsServiceRequest, Receiver.metrics),
+    "/v1/traces": (trace_service_pb2.ExportTraceServiceRequest, Receiver.traces),
+}
+PROTOBUF, JSON = "application/x-protobuf", "application/json"
+HEX_ID_KEYS = {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
+
+
+class HTTPFailure(Exception):
+    """An OTLP/HTTP request answered with an error status and a google.rpc.Status body."""
+
+    def __init__(self, status: int, code: grpc.StatusCode, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.headers = status, code, headers or {}
+
+
+def bearer_matches(header: str | None, token: str) -> bool:
+    """Constant-time check of an 'Authorization: Bearer <token>' value."""
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def inflate(body: bytes, limit: int) -> bytes:
+    """gunzip, refusing output past `limit` without ever holding more than limit + 1 bytes (gzip bombs)."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"body is not valid gzip: {exc}") from None
+    if len(data) > limit:
+        raise HTTPFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"decompressed body is over {limit} bytes")
+    if not inflater.eof:
+        raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "gzip body is truncated")
+    return data
+
+
+def hex_ids_to_base64(node: Any) -> Any:
+    """OTLP/JSON spells trace and span ids in hex; protobuf's JSON parser expects base64 bytes."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in HEX_ID_KEYS and isinstance(value, str):
+                try:
+                    node[key] = base64.b64encode(bytes.fromhex(value)).decode()
+                except ValueError:
+                    raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"{key} {value[:40]!r} is not hex") from None
+            else:
+                hex_ids_to_base64(value)
+    elif isinstance(node, list):
+        for item in node:
+            hex_ids_to_base64(item)
+    return node
+
+
+def decode_export(body: bytes, content_type: str, message_type):
+    message = message_type()
+    try:
+        if content_type == JSON:
+            json_format.ParseDict(hex_ids_to_base64(json.loads(body)), message, ignore_unknown_fields=True)
+        else:
+            message.ParseFromString(body)
+    except HTTPFailure:
+        raise
+    except (ValueError, RecursionError, json_format.ParseError, DecodeError) as exc:
+        kind = "OTLP/JSON" if content_type == JSON else "OTLP protobuf"
+        raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"body is not valid {kind}: "
+                          f"{str(exc)[:200]}") from None
+    return message
+
+
+class OTLPHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: an exporter reuses its connection
+    server_version = f"ccmon/{VERSION}"
+    timeout = 120  # idle keep-alive connections are closed after two minutes
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):  # handshake here, not in the accepting thread
+            self.connection.do_handshake()
+
+    def log_message(self, fmt: str, *args) -> None:
+        log.debug("http %s %s", self.address_string(), fmt % args)
+
+    def do_POST(self) -> None:
+        self.server.inflight.acquire()
+        try:
+            self._export()
+        finally:
+            self.server.inflight.release()
+
+    def _export(self) -> None:
+        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        reply_json = content_type == JSON
+        try:
+            route = HTTP_ROUTES.get(urlsplit(self.path).path)
+            if route is None:
+                raise HTTPFailure(404, grpc.StatusCode.UNIMPLEMENTED, f"no such path {self.path[:100]!r}; "
+                                  "use /v1/logs, /v1/metrics or /v1/traces")
+            if self.server.token and not bearer_matches(self.headers.get("Authorization"), self.server.token):
+                raise HTTPFailure(401, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token",
+                                  {"WWW-Authenticate": "Bearer"})
+            if content_type not in (PROTOBUF, JSON):
+                raise HTTPFailure(415, grpc.StatusCode.INVALID_ARGUMENT, f"unsupported Content-Type "
+                                  f"{content_type[:100]!r}; use {PROTOBUF} or {JSON}")
+            encoding = (self.headers.get("Content-Encoding") or "identity").strip().lower()
+            if encoding not in ("gzip", "identity"):
+                raise HTTPFailure(415, grpc.StatusCode.INVALID_ARGUMENT, f"unsupported Content-Encoding "
+                                  f"{encoding[:100]!r}; use gzip or none")
+            body = self._read_body()
+            if encoding == "gzip":
+                body = inflate(body, self.server.max_bytes)
+            message_type, handler = route
+            try:
+                response = handler(self.server.receiver, decode_export(body, content_type, message_type))
+            except StorageUnavailable as exc:
+                status = unavailable_status(exc)
+                raise HTTPFailure(503, grpc.StatusCode.UNAVAILABLE, status.message,
+                                  {"Retry-After": str(exc.retry_after_s)}) from None
+            self._send(200, response, reply_json)
+        except HTTPFailure as failure:
+            status = ccmon_pb2.RpcStatus(code=failure.code.value[0], message=str(failure))
+            self._send(failure.status, status, reply_json, failure.headers)
+
+    def _read_body(self) -> bytes:
+        limit = self.server.max_bytes
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            return self._read_chunked(limit)
+        try:
+            length = int(self.headers.get("Content-Length") or "")
+        except ValueError:
+            self.close_connection = True
+            raise HTTPFailure(411, grpc.StatusCode.INVALID_ARGUMENT, "Content-Length is required") from None
+        if length > limit or length < 0:
+            self.close_connection = True  # the unread body must not be taken for the next request
+            raise HTTPFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"body of {length} bytes is over the "
+                              f"{limit} byte limit")
+        return self.rfile.read(length)
+
+    def _read_chunked(self, limit: int) -> bytes:
+        chunks, total = [], 0
+        while True:
+            try:
+                size = int(self.rfile.readline(1024).split(b";")[0].strip(), 16)
+            except ValueError:
+                self.close_connection = True
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "malformed chunked body") from None
+            if size == 0:
+                while self.rfile.readline(1024).strip():
+                    pass  # trailers
+                return b"".join(chunks)
+            total += size
+            if total > limit:
+                self.close_connection = True
+                raise HTTPFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"body is over the {limit} byte limit")
+            chunks.append(self.rfile.read(size))
+            self.rfile.readline(3)
+
+    def _send(self, status: int, message, as_json: bool, headers: dict | None = None) -> None:
+        body = json_format.MessageToJson(message, indent=None).encode() if as_json else message.SerializeToString()
+        self.send_response(status)
+        self.send_header("Content-Type", JSON if as_json else PROTOBUF)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        status = ccmon_pb2.RpcStatus(code=grpc.StatusCode.UNIMPLEMENTED.value[0],
+                                     message=f"{self.command} is not supported; OTLP/HTTP exports use POST")
+        self._send(405, status, True, {"Allow": "POST"})
+
+    do_GET = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    def do_HEAD(self) -> None:
+        self.close_connection = True
+        self.send_response(405)
+        self.send_header("Allow", "POST")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+class InFlight:
+    """Counts requests being handled, so shutdown can wait for them."""
+
+    def __init__(self):
+        self._count, self._idle = 0, threading.Condition()
+
+    def acquire(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def release(self) -> None:
+        with self._idle:
+            self._count -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._count == 0, timeout)
+
+
+class OTLPHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], receiver: Receiver, token: str, max_bytes: int):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.receiver, self.token, self.max_bytes, self.inflight = receiver, token, max_bytes, InFlight()
+        super().__init__(address, OTLPHandler)
+
+    def handle_error(self, request, client_address) -> None:
+        log.debug("http connection from %s failed: %s", client_address[0], sys.exc_info()[1])
+
+
+# ---------------------------------------------------------------- Server: listeners, authentication, TLS, retention, shutdown
+
 SWEEP_INTERVAL_S = 6 * 3600
+LOOPBACK_HOSTS = {"localhost", "::1", "[::1]"}
 
 
 class ServerError(Exception):
     """The server cannot start (port taken, bad database): reported as one line, exit 1."""
 
 
-def start_grpc_server(config: Config, store: Store) -> tuple[grpc.Server, int]:
+class TokenAuth(grpc.ServerInterceptor):
+    """Every RPC (OTLP and QueryService) must carry 'authorization: Bearer <token>'."""
+
+    def __init__(self, token: str):
+        self.token = token
+        self.denied = grpc.unary_unary_rpc_method_handler(lambda request, context: context.abort(
+            grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"))
+
+    def intercept_service(self, continuation, details):
+        metadata = dict(details.invocation_metadata or ())
+        if bearer_matches(metadata.get("authorization"), self.token):
+            return continuation(details)
+        return self.denied
+
+
+def read_pem(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path else None
+
+
+def start_grpc_server(config: Config, receiver: Receiver, store: Store) -> tuple[grpc.Server, int]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ccmon-rpc"),
+        interceptors=[TokenAuth(config.server_token)] if config.server_token else [],
         options=[("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
-                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
-    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(LogsService(store), server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(store), server)
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), server)
+                 ("grpc.max_receive_message_length", config.max_message_bytes)])
+    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(LogsService(receiver), server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(receiver), server)
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(receiver), server)
     ccmon_pb2_grpc.add_QueryServiceServicer_to_server(QueryService(store, now_ms()), server)
+    tls = config.server_tls
     try:
-        port = server.add_insecure_port(config.server_address)
+        if tls:
+            credentials = grpc.ssl_server_credentials([(read_pem(tls.key), read_pem(tls.cert))],
+                                                      root_certificates=read_pem(tls.ca),
+                                                      require_client_auth=tls.ca is not None)
+            port = server.add_secure_port(config.server_address, credentials)
+        else:
+            port = server.add_insecure_port(config.server_address)
     except RuntimeError:
         port = 0
     if not port:
@@ -1062,6 +1504,37 @@ def start_grpc_server(config: Config, store: Store) -> tuple[grpc.Server, int]:
                           "address is not on this machine (set --server-address)")
     server.start()
     return server, port
+
+
+def start_http_server(config: Config, receiver: Receiver) -> tuple[OTLPHTTPServer, int]:
+    host, port = parse_address(config.server_http_address, fail_as=ServerError)
+    try:
+        httpd = OTLPHTTPServer((host.strip("[]"), port), receiver, config.server_token, config.max_message_bytes)
+    except OSError as exc:
+        raise ServerError(f"cannot listen on {config.server_http_address}: {exc.strerror} "
+                          "(set --server-http-address, or 'off')") from None
+    tls = config.server_tls
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(tls.cert, tls.key)
+        if tls.ca:
+            context.load_verify_locations(tls.ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
+    threading.Thread(target=httpd.serve_forever, name="ccmon-http", daemon=True).start()
+    return httpd, httpd.server_address[1]
+
+
+def is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def warn_if_exposed(config: Config) -> None:
+    for address in filter(None, (config.server_address, config.server_http_address)):
+        if not is_loopback(address) and not config.server_token:
+            log.warning("LISTENING ON %s WITHOUT A TOKEN: anyone who can reach this address can send data and "
+                        "read your usage. Set server.token (or %s), or bind to 127.0.0.1.", address, TOKEN_ENV)
 
 
 def retention_loop(store: Store, retention_s: int, stop: threading.Event) -> None:
@@ -1082,16 +1555,29 @@ def run_server(config: Config) -> int:
         store = Store(config.database_path)
     except StorageError as exc:
         raise ServerError(str(exc)) from None
+    receiver = Receiver(store)
+    server = httpd = None
     try:
-        server, port = start_grpc_server(config, store)
-    except ServerError:
+        server, port = start_grpc_server(config, receiver, store)
+        if config.server_http_address:
+            httpd, http_port = start_http_server(config, receiver)
+    except (ServerError, ssl.SSLError, OSError) as exc:
+        if server:
+            server.stop(None)
         store.close()
-        raise
+        raise exc if isinstance(exc, ServerError) else ServerError(f"cannot start: {exc}") from None
     stop = threading.Event()
-    host = config.server_address.rsplit(":", 1)[0]
-    log.info("ccmon %s listening on %s:%d (OTLP gRPC logs/metrics/traces + QueryService), database %s, "
-             "retention %s", VERSION, host, port, config.database_path,
+    scheme = "TLS" + (" with client certificates" if config.server_tls and config.server_tls.ca else "") \
+        if config.server_tls else "plaintext"
+    log.info("ccmon %s: gRPC listening on %s:%d (OTLP logs/metrics/traces + QueryService), %s, %s", VERSION,
+             config.server_address.rsplit(":", 1)[0], port, scheme,
+             "token required" if config.server_token else "no token")
+    if httpd:
+        log.info("OTLP/HTTP listening on %s:%d (POST /v1/logs, /v1/metrics, /v1/traces)",
+                 config.server_http_address.rsplit(":", 1)[0], http_port)
+    log.info("database %s, retention %s", config.database_path,
              f"{config.server_retention_s // 3600}h" if config.server_retention_s else "never")
+    warn_if_exposed(config)
     if config.server_retention_s:
         threading.Thread(target=retention_loop, args=(store, config.server_retention_s, stop),
                          name="ccmon-retention", daemon=True).start()
@@ -1099,7 +1585,12 @@ def run_server(config: Config) -> int:
         signal.signal(signum, lambda *_: stop.set())
     stop.wait()
     log.info("shutting down: finishing in-flight calls")
+    if httpd:
+        httpd.shutdown()  # stop accepting; requests being handled finish below
     server.stop(grace=5).wait()
+    if httpd:
+        httpd.inflight.wait_idle(timeout=5)
+        httpd.server_close()
     store.close()
     log.info("stopped; database closed")
     return 0
@@ -1195,11 +1686,15 @@ def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
 def describe_rpc_error(exc: grpc.RpcError) -> str:
     details = (exc.details() or "").splitlines()[0] if exc.details() else ""
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
+        if any(word in details.lower() for word in ("ssl", "tls", "handshake", "certificate")):
+            return "TLS handshake failed (check monitor.tls_ca and the server's certificate)"
         if any(word in details.lower() for word in ("dns resolution failed", "errors resolving", "not resolve")):
             return "cannot resolve the server's host name"
         if "Connection refused" in details or "connect" in details.lower():
             return "connection refused"
         return "server unavailable"
+    if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return f"the server refused the token ({TOKEN_ENV} or monitor.token)"
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "server did not answer in time"
     return f"{exc.code().name.lower()}: {details[:80]}"
@@ -1240,14 +1735,24 @@ class Snapshot:
 
 
 class Client:
-    def __init__(self, address: str, timeout_s: float = 5.0):
+    def __init__(self, address: str, timeout_s: float = 5.0, token: str = "", tls: TLSFiles | None = None):
         self.address, self.timeout_s = address, timeout_s
-        self._channel = grpc.insecure_channel(address)
+        target = re.sub(r"^https?://", "", address, flags=re.IGNORECASE).rstrip("/")
+        if tls:
+            credentials = grpc.ssl_channel_credentials(read_pem(tls.ca), read_pem(tls.key), read_pem(tls.cert))
+            self._channel = grpc.secure_channel(target, credentials)
+        else:
+            self._channel = grpc.insecure_channel(target)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = ccmon_pb2_grpc.QueryServiceStub(self._channel)
+
+    @classmethod
+    def for_config(cls, config: Config, timeout_s: float = 5.0) -> Client:
+        return cls(config.monitor_server, timeout_s, config.monitor_token, config.monitor_tls)
 
     def _call(self, method: str, request):
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+            return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise ServerUnreachable(describe_rpc_error(exc)) from None
 
@@ -1390,7 +1895,7 @@ def run_quick_query(config: Config, block_hour: int | None, template: str | None
     wanted = set(FORMAT_VARIABLES) if as_json else set(FORMAT_PATTERN.findall(template or ""))
     if block_hour is None and wanted & {"block_usage", "block_remaining"} and not as_json:
         raise ConfigError("@block_usage and @block_remaining need -b/--block (for example -b 5am)")
-    client = Client(config.monitor_server, timeout_s=3.0)
+    client = Client.for_config(config, timeout_s=3.0)
     try:
         figures = fetch_quick_figures(client, config, block_hour, now_ms(), wanted)
     except ServerUnreachable as exc:
@@ -1407,7 +1912,7 @@ def run_quick_query(config: Config, block_hour: int | None, template: str | None
 
 def run_health_check(config: Config) -> int:
     """Exit 0 when the server answers; for Docker's HEALTHCHECK and service managers."""
-    client = Client(config.monitor_server, timeout_s=3.0)
+    client = Client.for_config(config, timeout_s=3.0)
     try:
         info = client.server_info()
     except ServerUnreachable as exc:
@@ -1958,7 +2463,7 @@ def run_monitor(config: Config, block_hour: int | None) -> int:
     # The C library's codeset, not Python's (UTF-8 mode makes Python say UTF-8 in the C locale).
     unicode = "utf" in locale.nl_langinfo(locale.CODESET).lower().replace("-", "")
     glyphs = Glyphs.for_terminal(unicode)
-    client = Client(config.monitor_server)
+    client = Client.for_config(config)
     state = ViewState(period="b" if block_hour is not None else "a")
     poller = Poller(client, settings)
     poller.request(state)
@@ -2017,7 +2522,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--database-path", metavar="PATH")
     parser.add_argument("--server-address", metavar="HOST:PORT")
     parser.add_argument("--server-retention", metavar="DURATION", help="'never', or e.g. 30d, 48h (min 24h)")
-    parser.add_argument("--monitor-server", metavar="HOST:PORT")
+    parser.add_argument("--server-http-address", metavar="HOST:PORT", help="OTLP/HTTP listener, or 'off'")
+    parser.add_argument("--server-token", metavar="TOKEN", help=f"require 'Authorization: Bearer TOKEN' "
+                        f"(also ${TOKEN_ENV})")
+    parser.add_argument("--server-tls-cert", metavar="PEM")
+    parser.add_argument("--server-tls-key", metavar="PEM")
+    parser.add_argument("--server-tls-client-ca", metavar="PEM", help="require client certificates (mutual TLS)")
+    parser.add_argument("--server-max-message-size", metavar="SIZE", help="largest accepted export after "
+                        "decompression (default 16MiB)")
+    parser.add_argument("--monitor-server", metavar="HOST:PORT", help="the server to query; https://HOST:PORT "
+                        "for TLS")
+    parser.add_argument("--monitor-token", metavar="TOKEN", help=f"token sent to the server (also ${TOKEN_ENV})")
+    parser.add_argument("--monitor-tls-ca", metavar="PEM", help="CA that signed the server's certificate")
+    parser.add_argument("--monitor-tls-cert", metavar="PEM", help="client certificate for mutual TLS")
+    parser.add_argument("--monitor-tls-key", metavar="PEM")
     parser.add_argument("--monitor-timezone", metavar="ZONE", help="IANA timezone, e.g. Europe/Berlin")
     parser.add_argument("--monitor-refresh-interval", metavar="DURATION", help="1s to 5m (default 5s)")
     parser.add_argument("--claude-plan", metavar="PLAN", help="unset, pro, max or max20")

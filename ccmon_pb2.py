@@ -22,52 +22,58 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x63\x63mon.proto\x12\x08\x63\x63mon.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x0fGetStatsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x10GetStatsResponse\x12\x1e\n\x05stats\x18\x01 \x01(\x0b\x32\x0f.ccmon.v1.Stats\"\xaa\x01\n\x15GetAPIRequestsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x05\x12\x14\n\x0coldest_first\x18\x05 \x01(\x08\"U\n\x16GetAPIRequestsResponse\x12&\n\x08requests\x18\x01 \x03(\x0b\x32\x14.ccmon.v1.APIRequest\x12\x13\n\x0btotal_count\x18\x02 \x01(\x05\"\xb3\x02\n\x05Stats\x12\x15\n\rbase_requests\x18\x01 \x01(\x05\x12\x18\n\x10premium_requests\x18\x02 \x01(\x05\x12\x16\n\x0etotal_requests\x18\x03 \x01(\x05\x12$\n\x0b\x62\x61se_tokens\x18\x04 \x01(\x0b\x32\x0f.ccmon.v1.Token\x12\'\n\x0epremium_tokens\x18\x05 \x01(\x0b\x32\x0f.ccmon.v1.Token\x12%\n\x0ctotal_tokens\x18\x06 \x01(\x0b\x32\x0f.ccmon.v1.Token\x12!\n\tbase_cost\x18\x07 \x01(\x0b\x32\x0e.ccmon.v1.Cost\x12$\n\x0cpremium_cost\x18\x08 \x01(\x0b\x32\x0e.ccmon.v1.Cost\x12\"\n\ntotal_cost\x18\t \x01(\x0b\x32\x0e.ccmon.v1.Cost\"\x81\x01\n\x05Token\x12\r\n\x05total\x18\x01 \x01(\x03\x12\r\n\x05input\x18\x02 \x01(\x03\x12\x0e\n\x06output\x18\x03 \x01(\x03\x12\x12\n\ncache_read\x18\x04 \x01(\x03\x12\x16\n\x0e\x63\x61\x63he_creation\x18\x05 \x01(\x03\x12\x0f\n\x07limited\x18\x06 \x01(\x03\x12\r\n\x05\x63\x61\x63he\x18\x07 \x01(\x03\"\x16\n\x04\x43ost\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x01\"\x82\x02\n\nAPIRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x03\x12\x15\n\routput_tokens\x18\x05 \x01(\x03\x12\x19\n\x11\x63\x61\x63he_read_tokens\x18\x06 \x01(\x03\x12\x1d\n\x15\x63\x61\x63he_creation_tokens\x18\x07 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x08 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\t \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\n \x01(\x03\"\x81\x01\n\x0fGetUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08timezone\x18\x03 \x01(\t\":\n\nDailyUsage\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\x1e\n\x05stats\x18\x02 \x01(\x0b\x32\x0f.ccmon.v1.Stats\"6\n\x10GetUsageResponse\x12\"\n\x04\x64\x61ys\x18\x01 \x03(\x0b\x32\x14.ccmon.v1.DailyUsage\"t\n\x14GetModelStatsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x92\x01\n\nModelStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07premium\x18\x02 \x01(\x08\x12\x10\n\x08requests\x18\x03 \x01(\x05\x12\x1f\n\x06tokens\x18\x04 \x01(\x0b\x32\x0f.ccmon.v1.Token\x12\x1c\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x0e.ccmon.v1.Cost\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x03\"=\n\x15GetModelStatsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.ccmon.v1.ModelStats\"\x16\n\x14GetServerInfoRequest\"\xa5\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0etotal_requests\x18\x02 \x01(\x03\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_request_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x16GetSessionStatsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xb8\x01\n\x17GetSessionStatsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x05stats\x18\x02 \x01(\x0b\x32\x0f.ccmon.v1.Stats\x12\x34\n\x10\x66irst_request_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_request_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xe5\x03\n\x0cQueryService\x12\x41\n\x08GetStats\x12\x19.ccmon.v1.GetStatsRequest\x1a\x1a.ccmon.v1.GetStatsResponse\x12S\n\x0eGetAPIRequests\x12\x1f.ccmon.v1.GetAPIRequestsRequest\x1a .ccmon.v1.GetAPIRequestsResponse\x12\x41\n\x08GetUsage\x12\x19.ccmon.v1.GetUsageRequest\x1a\x1a.ccmon.v1.GetUsageResponse\x12P\n\rGetModelStats\x12\x1e.ccmon.v1.GetModelStatsRequest\x1a\x1f.ccmon.v1.GetModelStatsResponse\x12P\n\rGetServerInfo\x12\x1e.ccmon.v1.GetServerInfoRequest\x1a\x1f.ccmon.v1.GetServerInfoResponse\x12V\n\x0fGetSessionStats\x12 .ccmon.v1.GetSessionStatsRequest\x1a!.ccmon.v1.GetSessionStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0b\x63\x63mon.proto\x12\x08\x63\x63mon.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x0fGetStatsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"2\n\x10GetStatsResponse\x12\x1e\n\x05stats\x18\x01 \x01(\x0b\x32\x0f.ccmon.v1.Stats\"\xaa\x01\n\x15GetAPIRequestsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x05\x12\x14\n\x0coldest_first\x18\x05 \x01(\x08\"U\n\x16GetAPIRequestsResponse\x12&\n\x08requests\x18\x01 \x03(\x0b\x32\x14.ccmon.v1.APIRequest\x12\x13\n\x0btotal_count\x18\x02 \x01(\x05\"\xb3\x02\n\x05Stats\x12\x15\n\rbase_requests\x18\x01 \x01(\x05\x12\x18\n\x10premium_requests\x18\x02 \x01(\x05\x12\x16\n\x0etotal_requests\x18\x03 \x01(\x05\x12$\n\x0b\x62\x61se_tokens\x18\x04 \x01(\x0b\x32\x0f.ccmon.v1.Token\x12\'\n\x0epremium_tokens\x18\x05 \x01(\x0b\x32\x0f.ccmon.v1.Token\x12%\n\x0ctotal_tokens\x18\x06 \x01(\x0b\x32\x0f.ccmon.v1.Token\x12!\n\tbase_cost\x18\x07 \x01(\x0b\x32\x0e.ccmon.v1.Cost\x12$\n\x0cpremium_cost\x18\x08 \x01(\x0b\x32\x0e.ccmon.v1.Cost\x12\"\n\ntotal_cost\x18\t \x01(\x0b\x32\x0e.ccmon.v1.Cost\"\x81\x01\n\x05Token\x12\r\n\x05total\x18\x01 \x01(\x03\x12\r\n\x05input\x18\x02 \x01(\x03\x12\x0e\n\x06output\x18\x03 \x01(\x03\x12\x12\n\ncache_read\x18\x04 \x01(\x03\x12\x16\n\x0e\x63\x61\x63he_creation\x18\x05 \x01(\x03\x12\x0f\n\x07limited\x18\x06 \x01(\x03\x12\r\n\x05\x63\x61\x63he\x18\x07 \x01(\x03\"\x16\n\x04\x43ost\x12\x0e\n\x06\x61mount\x18\x01 \x01(\x01\"\x82\x02\n\nAPIRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12-\n\ttimestamp\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0cinput_tokens\x18\x04 \x01(\x03\x12\x15\n\routput_tokens\x18\x05 \x01(\x03\x12\x19\n\x11\x63\x61\x63he_read_tokens\x18\x06 \x01(\x03\x12\x1d\n\x15\x63\x61\x63he_creation_tokens\x18\x07 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x08 \x01(\x03\x12\x10\n\x08\x63ost_usd\x18\t \x01(\x01\x12\x13\n\x0b\x64uration_ms\x18\n \x01(\x03\"\x81\x01\n\x0fGetUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08timezone\x18\x03 \x01(\t\":\n\nDailyUsage\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12\x1e\n\x05stats\x18\x02 \x01(\x0b\x32\x0f.ccmon.v1.Stats\"6\n\x10GetUsageResponse\x12\"\n\x04\x64\x61ys\x18\x01 \x03(\x0b\x32\x14.ccmon.v1.DailyUsage\"t\n\x14GetModelStatsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x92\x01\n\nModelStats\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07premium\x18\x02 \x01(\x08\x12\x10\n\x08requests\x18\x03 \x01(\x05\x12\x1f\n\x06tokens\x18\x04 \x01(\x0b\x32\x0f.ccmon.v1.Token\x12\x1c\n\x04\x63ost\x18\x05 \x01(\x0b\x32\x0e.ccmon.v1.Cost\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x03\"=\n\x15GetModelStatsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.ccmon.v1.ModelStats\"\x16\n\x14GetServerInfoRequest\"\xa5\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0etotal_requests\x18\x02 \x01(\x03\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_request_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\",\n\x16GetSessionStatsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\xb8\x01\n\x17GetSessionStatsResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x05stats\x18\x02 \x01(\x0b\x32\x0f.ccmon.v1.Stats\x12\x34\n\x10\x66irst_request_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0flast_request_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Q\n\tRpcStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\";\n\tRetryInfo\x12.\n\x0bretry_delay\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration2\xe5\x03\n\x0cQueryService\x12\x41\n\x08GetStats\x12\x19.ccmon.v1.GetStatsRequest\x1a\x1a.ccmon.v1.GetStatsResponse\x12S\n\x0eGetAPIRequests\x12\x1f.ccmon.v1.GetAPIRequestsRequest\x1a .ccmon.v1.GetAPIRequestsResponse\x12\x41\n\x08GetUsage\x12\x19.ccmon.v1.GetUsageRequest\x1a\x1a.ccmon.v1.GetUsageResponse\x12P\n\rGetModelStats\x12\x1e.ccmon.v1.GetModelStatsRequest\x1a\x1f.ccmon.v1.GetModelStatsResponse\x12P\n\rGetServerInfo\x12\x1e.ccmon.v1.GetServerInfoRequest\x1a\x1f.ccmon.v1.GetServerInfoResponse\x12V\n\x0fGetSessionStats\x12 .ccmon.v1.GetSessionStatsRequest\x1a!.ccmon.v1.GetSessionStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ccmon_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETSTATSREQUEST']._serialized_start=58
-  _globals['_GETSTATSREQUEST']._serialized_end=169
-  _globals['_GETSTATSRESPONSE']._serialized_start=171
-  _globals['_GETSTATSRESPONSE']._serialized_end=221
-  _globals['_GETAPIREQUESTSREQUEST']._serialized_start=224
-  _globals['_GETAPIREQUESTSREQUEST']._serialized_end=394
-  _globals['_GETAPIREQUESTSRESPONSE']._serialized_start=396
-  _globals['_GETAPIREQUESTSRESPONSE']._serialized_end=481
-  _globals['_STATS']._serialized_start=484
-  _globals['_STATS']._serialized_end=791
-  _globals['_TOKEN']._serialized_start=794
-  _globals['_TOKEN']._serialized_end=923
-  _globals['_COST']._serialized_start=925
-  _globals['_COST']._serialized_end=947
-  _globals['_APIREQUEST']._serialized_start=950
-  _globals['_APIREQUEST']._serialized_end=1208
-  _globals['_GETUSAGEREQUEST']._serialized_start=1211
-  _globals['_GETUSAGEREQUEST']._serialized_end=1340
-  _globals['_DAILYUSAGE']._serialized_start=1342
-  _globals['_DAILYUSAGE']._serialized_end=1400
-  _globals['_GETUSAGERESPONSE']._serialized_start=1402
-  _globals['_GETUSAGERESPONSE']._serialized_end=1456
-  _globals['_GETMODELSTATSREQUEST']._serialized_start=1458
-  _globals['_GETMODELSTATSREQUEST']._serialized_end=1574
-  _globals['_MODELSTATS']._serialized_start=1577
-  _globals['_MODELSTATS']._serialized_end=1723
-  _globals['_GETMODELSTATSRESPONSE']._serialized_start=1725
-  _globals['_GETMODELSTATSRESPONSE']._serialized_end=1786
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1788
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1810
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1813
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1978
-  _globals['_GETSESSIONSTATSREQUEST']._serialized_start=1980
-  _globals['_GETSESSIONSTATSREQUEST']._serialized_end=2024
-  _globals['_GETSESSIONSTATSRESPONSE']._serialized_start=2027
-  _globals['_GETSESSIONSTATSRESPONSE']._serialized_end=2211
-  _globals['_QUERYSERVICE']._serialized_start=2214
-  _globals['_QUERYSERVICE']._serialized_end=2699
+  _globals['_GETSTATSREQUEST']._serialized_start=117
+  _globals['_GETSTATSREQUEST']._serialized_end=228
+  _globals['_GETSTATSRESPONSE']._serialized_start=230
+  _globals['_GETSTATSRESPONSE']._serialized_end=280
+  _globals['_GETAPIREQUESTSREQUEST']._serialized_start=283
+  _globals['_GETAPIREQUESTSREQUEST']._serialized_end=453
+  _globals['_GETAPIREQUESTSRESPONSE']._serialized_start=455
+  _globals['_GETAPIREQUESTSRESPONSE']._serialized_end=540
+  _globals['_STATS']._serialized_start=543
+  _globals['_STATS']._serialized_end=850
+  _globals['_TOKEN']._serialized_start=853
+  _globals['_TOKEN']._serialized_end=982
+  _globals['_COST']._serialized_start=984
+  _globals['_COST']._serialized_end=1006
+  _globals['_APIREQUEST']._serialized_start=1009
+  _globals['_APIREQUEST']._serialized_end=1267
+  _globals['_GETUSAGEREQUEST']._serialized_start=1270
+  _globals['_GETUSAGEREQUEST']._serialized_end=1399
+  _globals['_DAILYUSAGE']._serialized_start=1401
+  _globals['_DAILYUSAGE']._serialized_end=1459
+  _globals['_GETUSAGERESPONSE']._serialized_start=1461
+  _globals['_GETUSAGERESPONSE']._serialized_end=1515
+  _globals['_GETMODELSTATSREQUEST']._serialized_start=1517
+  _globals['_GETMODELSTATSREQUEST']._serialized_end=1633
+  _globals['_MODELSTATS']._serialized_start=1636
+  _globals['_MODELSTATS']._serialized_end=1782
+  _globals['_GETMODELSTATSRESPONSE']._serialized_start=1784
+  _globals['_GETMODELSTATSRESPONSE']._serialized_end=1845
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1847
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1869
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1872
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2037
+  _globals['_GETSESSIONSTATSREQUEST']._serialized_start=2039
+  _globals['_GETSESSIONSTATSREQUEST']._serialized_end=2083
+  _globals['_GETSESSIONSTATSRESPONSE']._serialized_start=2086
+  _globals['_GETSESSIONSTATSRESPONSE']._serialized_end=2270
+  _globals['_RPCSTATUS']._serialized_start=2272
+  _globals['_RPCSTATUS']._serialized_end=2353
+  _globals['_RETRYINFO']._serialized_start=2355
+  _globals['_RETRYINFO']._serialized_end=2414
+  _globals['_QUERYSERVICE']._serialized_start=2417
+  _globals['_QUERYSERVICE']._serialized_end=2902
 # @@protoc_insertion_point(module_scope)

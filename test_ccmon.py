@@ -49,11 +49,11 @@ class ServerProcess:
     def __init__(self, workdir: Path, *extra: str, db: Path | None = None, address: str = "127.0.0.1:0",
                  command: list[str] | None = None, env: dict | None = None):
         self.workdir, self.db, self.env = workdir, db or workdir / "ccmon.db", env or {}
-        self.args = [*(command or CCMON), "--server", "--server-address", address, "--database-path", str(self.db),
-                     *extra]
+        self.args = [*(command or CCMON), "--server", "--server-address", address, "--server-http-address",
+                     "127.0.0.1:0", "--database-path", str(self.db), *extra]
         self.lines: list[str] = []
         self.proc: subprocess.Popen | None = None
-        self.port = 0
+        self.port = self.http_port = 0
 
     def start(self) -> "ServerProcess":
         self.lines = []
@@ -64,9 +64,11 @@ class ServerProcess:
         def pump():
             for line in self.proc.stderr:
                 self.lines.append(line)
-                match = re.search(r"listening on \S+:(\d+)", line)
-                if match:
+                if match := re.search(r"OTLP/HTTP listening on \S+:(\d+)", line):
+                    self.http_port = int(match.group(1))
+                elif match := re.search(r"gRPC listening on \S+:(\d+)", line):
                     self.port = int(match.group(1))
+                elif "database " in line and "retention" in line:
                     listening.set()
             listening.set()
 
@@ -409,7 +411,8 @@ def test_retention_sweep_deletes_old_rows_at_start(tmp_path):
 
 def test_port_in_use_and_foreign_database_are_refused(server, tmp_path):
     second = subprocess.run([sys.executable, str(ROOT / "ccmon.py"), "--server", "--server-address",
-                             server.target, "--database-path", str(tmp_path / "other.db")],
+                             server.target, "--server-http-address", "off", "--database-path",
+                             str(tmp_path / "other.db")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert second.returncode == 1
     assert f"ccmon: cannot listen on {server.target}: the port is in use" in second.stderr
@@ -421,7 +424,7 @@ def test_port_in_use_and_foreign_database_are_refused(server, tmp_path):
     for path, message in ((foreign, "is an SQLite database of something else"),
                           (garbage, "cannot use")):
         result = subprocess.run([sys.executable, str(ROOT / "ccmon.py"), "-s", "--server-address",
-                                 "127.0.0.1:0", "--database-path", str(path)],
+                                 "127.0.0.1:0", "--server-http-address", "off", "--database-path", str(path)],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=30)
         assert result.returncode == 1
         assert message in result.stderr and str(path) in result.stderr
@@ -448,8 +451,9 @@ def test_config_defaults(tmp_path, monkeypatch):
     config = config_for(tmp_path, monkeypatch)
     assert config == ccmon.Config(
         database_path=tmp_path / "home" / ".ccmon" / "ccmon.db", server_address="127.0.0.1:4317",
-        server_retention_s=None, monitor_server="127.0.0.1:4317", monitor_timezone="UTC",
-        refresh_interval_s=5, plan="unset", max_tokens=0, source="defaults")
+        server_retention_s=None, server_http_address="127.0.0.1:4318", server_token="", server_tls=None,
+        max_message_bytes=16 * 1024 * 1024, monitor_server="127.0.0.1:4317", monitor_token="", monitor_tls=None,
+        monitor_timezone="UTC", refresh_interval_s=5, plan="unset", max_tokens=0, source="defaults")
 
 
 def test_config_file_search_order_and_flag_precedence(tmp_path, monkeypatch):
@@ -514,7 +518,8 @@ FILE_ERRORS = [
     ("config.toml", '[claude]\nmax_tokens = -1\n',
      "{path}: claude.max_tokens: invalid token limit -1 (use a whole number >= 0; 0 means the plan's default)"),
     ("config.toml", '[server]\nport = 4317\n', "{path}: unknown key server.port (known in [server]: address, "
-                                               "retention)"),
+                                               "http_address, retention, token, tls_cert, tls_key, tls_client_ca, "
+                                               "max_message_size)"),
     ("config.toml", '[mointor]\nserver = "x:1"\n', "{path}: unknown section [mointor] (known: database, server, "
                                                    "monitor, claude)"),
     ("config.toml", '[monitor]\ntimezone = 3\n', "{path}: monitor.timezone: expected a non-empty string, got 3"),
@@ -1288,11 +1293,12 @@ def test_dockerfile_structure():
     assert re.search(r"^USER ccmon$", final, re.M) and "useradd --system --uid 10001" in final
     assert final.index("USER ccmon") < final.index("ENTRYPOINT")
     assert "pip install" not in final  # nothing installed in the runtime image
-    assert "VOLUME /data" in final and "EXPOSE 4317" in final and "STOPSIGNAL SIGTERM" in final
+    assert "VOLUME /data" in final and "EXPOSE 4317 4318" in final and "STOPSIGNAL SIGTERM" in final
     healthcheck = next(line for line in final.splitlines() if line.startswith("HEALTHCHECK"))
     assert healthcheck.endswith('CMD ["python", "/app/ccmon.pyz", "--health", "--monitor-server", "127.0.0.1:4317"]')
     assert 'ENTRYPOINT ["python", "/app/ccmon.pyz"]' in final
-    assert 'CMD ["--server", "--server-address", "0.0.0.0:4317", "--database-path", "/data/ccmon.db"]' in final
+    assert ('CMD ["--server", "--server-address", "0.0.0.0:4317", "--server-http-address", "0.0.0.0:4318",  '
+            '"--database-path", "/data/ccmon.db"]') in final
     # Every file the build stage copies exists, and .dockerignore lets exactly those through.
     copied = next(line for line in lines if line.startswith("COPY requirements.txt")).split()[1:-1]
     assert all((ROOT / name).is_file() for name in copied)
@@ -1301,4 +1307,5 @@ def test_dockerfile_structure():
     # The HEALTHCHECK and CMD arguments are ones ccmon accepts.
     parser = ccmon.build_parser()
     assert parser.parse_args(["--health", "--monitor-server", "127.0.0.1:4317"]).health
-    assert parser.parse_args(["--server", "--server-address", "0.0.0.0:4317", "--database-path", "/data/x"]).server
+    assert parser.parse_args(["--server", "--server-address", "0.0.0.0:4317", "--server-http-address", "0.0.0.0:4318",
+                              "--database-path", "/data/x"]).server
