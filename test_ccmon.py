@@ -116,15 +116,50 @@ def api_request(seq: int, when: str, model: str = "claude-sonnet-4-5", session: 
     return attrs
 
 
-def sdk_export(port: int, events: list[tuple[str, dict]], resource: dict = CLAUDE_RESOURCE) -> None:
-    """Send events through the real OpenTelemetry SDK and its OTLP gRPC log exporter."""
+class RecordingExporter:
+    """Passes batches to a real exporter and keeps each export's result."""
+
+    def __init__(self, exporter):
+        self.exporter, self.results = exporter, []
+
+    def export(self, batch):
+        result = self.exporter.export(batch)
+        self.results.append(result.name)
+        return result
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+
+def sdk_export(port: int, events: list[tuple[str, dict]], resource: dict = CLAUDE_RESOURCE, protocol: str = "grpc",
+               gzip: bool = False, headers: dict | None = None, ca: Path | None = None) -> list[str]:
+    """Send events through the real OpenTelemetry Python SDK and its OTLP exporter for `protocol`
+    (grpc or http/protobuf), batched as the SDK batches them; returns each export's result."""
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+    scheme = "https" if ca else "http"
+    compression = grpc.Compression.Gzip if gzip else grpc.Compression.NoCompression
+    if protocol == "grpc":
+        credentials = grpc.ssl_channel_credentials(ca.read_bytes()) if ca else None
+        exporter = OTLPLogExporter(endpoint=f"{scheme}://127.0.0.1:{port}", insecure=not ca, credentials=credentials,
+                                   headers=headers, compression=compression, timeout=10)
+    else:
+        from opentelemetry.exporter.otlp.proto.http import Compression as HTTPCompression
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter as HTTPLogExporter
+        exporter = HTTPLogExporter(endpoint=f"{scheme}://127.0.0.1:{port}/v1/logs", headers=headers, timeout=10,
+                                   certificate_file=str(ca) if ca else None,
+                                   compression=HTTPCompression.Gzip if gzip else HTTPCompression.NoCompression)
+    recording = RecordingExporter(exporter)
     provider = LoggerProvider(resource=Resource.create(resource))
-    provider.add_log_record_processor(SimpleLogRecordProcessor(
-        OTLPLogExporter(endpoint=f"127.0.0.1:{port}", insecure=True, timeout=10)))
+    provider.add_log_record_processor(BatchLogRecordProcessor(recording, schedule_delay_millis=60_000))
     logger = provider.get_logger("com.anthropic.claude_code.events")
     for name, attrs in events:
         logger.emit(LogRecord(body=f"claude_code.{name}", attributes=attrs))
+    provider.force_flush()
     provider.shutdown()
+    return recording.results
 
 
 def any_value(value) -> common_pb2.AnyValue:
@@ -1309,3 +1344,423 @@ def test_dockerfile_structure():
     assert parser.parse_args(["--health", "--monitor-server", "127.0.0.1:4317"]).health
     assert parser.parse_args(["--server", "--server-address", "0.0.0.0:4317", "--server-http-address", "0.0.0.0:4318",
                               "--database-path", "/data/x"]).server
+
+
+# ---------------------------------------------------------------- OTLP/HTTP, the Node.js SDK, tokens, TLS, limits, faults
+
+NODE_PACKAGES = {"@opentelemetry/api": "1.10.0", "@opentelemetry/sdk-logs": "3.1.0",
+                 "@opentelemetry/resources": "3.1.0", "@opentelemetry/exporter-logs-otlp-http": "0.301.0",
+                 "@opentelemetry/exporter-logs-otlp-proto": "0.301.0",
+                 "@opentelemetry/exporter-logs-otlp-grpc": "0.301.0"}
+NODE_EMITTER = r"""
+// Claude-Code-shaped events through the real OpenTelemetry JS SDK and exporters (Claude Code is Node.js).
+const { LoggerProvider, SimpleLogRecordProcessor, InMemoryLogRecordExporter } = require('@opentelemetry/sdk-logs');
+const { resourceFromAttributes } = require('@opentelemetry/resources');
+const spec = JSON.parse(process.argv[2]);
+const compression = spec.gzip ? 'gzip' : 'none';
+let exporter;
+if (spec.protocol === 'grpc') {
+  const { OTLPLogExporter } = require('@opentelemetry/exporter-logs-otlp-grpc');
+  const grpc = require('@grpc/grpc-js');
+  const metadata = new grpc.Metadata();
+  for (const [k, v] of Object.entries(spec.headers || {})) metadata.set(k, v);
+  exporter = new OTLPLogExporter({ url: spec.endpoint, compression, metadata });
+} else {
+  const name = spec.protocol === 'http/json' ? 'http' : 'proto';
+  const { OTLPLogExporter } = require('@opentelemetry/exporter-logs-otlp-' + name);
+  exporter = new OTLPLogExporter({ url: spec.endpoint + '/v1/logs', compression, headers: spec.headers || {} });
+}
+const memory = new InMemoryLogRecordExporter();
+const provider = new LoggerProvider({ resource: resourceFromAttributes(spec.resource || {}),
+                                      processors: [new SimpleLogRecordProcessor({ exporter: memory })] });
+const logger = provider.getLogger('com.anthropic.claude_code.events');
+for (const e of spec.events) logger.emit({ body: e.body, attributes: e.attributes });
+provider.forceFlush().then(() => exporter.export(memory.getFinishedLogRecords(), (result) => {
+  const error = result.error ? String(result.error.message || result.error) : null;
+  process.stdout.write(JSON.stringify({ code: result.code, error }) + '\n');
+  exporter.shutdown().then(() => provider.shutdown());
+}));
+"""
+
+
+@pytest.fixture(scope="session")
+def node_emitter() -> Path:
+    """The OpenTelemetry JS SDK installed from the npm registry once into a cache folder."""
+    import hashlib
+    key = hashlib.sha256(json.dumps(NODE_PACKAGES, sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ccmon-tests" / f"node-otel-{key}"
+    script = cache / "emit.js"
+    if not (cache / "node_modules" / "@opentelemetry" / "exporter-logs-otlp-grpc").is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(cache),
+                        *[f"{name}@{version}" for name, version in NODE_PACKAGES.items()]],
+                       check=True, capture_output=True, timeout=600)
+    script.write_text(NODE_EMITTER)
+    return script
+
+
+def node_export(script: Path, protocol: str, endpoint: str, events, gzip=False, headers=None) -> dict:
+    spec = {"protocol": protocol, "endpoint": endpoint, "gzip": gzip, "headers": headers or {},
+            "resource": CLAUDE_RESOURCE,
+            "events": [{"body": f"claude_code.{name}", "attributes": attrs} for name, attrs in events]}
+    result = subprocess.run(["node", str(script), json.dumps(spec)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def events_for(session: str):
+    return [(name, {**attrs, "session.id": session}) for name, attrs in MIXED_EVENTS]
+
+
+def session_figures(srv: ServerProcess, session: str) -> tuple:
+    rows = db_rows(srv.db, "SELECT COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cache_read_tokens), "
+                           "SUM(cache_creation_tokens), SUM(cost_nanos), SUM(duration_ms), GROUP_CONCAT(model) "
+                           "FROM (SELECT * FROM requests WHERE session_id = ? ORDER BY ts)", (session,))
+    events = db_rows(srv.db, "SELECT name, attributes FROM events WHERE session_id = ? ORDER BY ts", (session,))
+    return rows[0], events
+
+
+def test_every_claude_code_protocol_is_recorded_identically(server, node_emitter):
+    http = f"http://127.0.0.1:{server.http_port}"
+    for gzip in (False, True):
+        suffix = "-gz" if gzip else ""
+        assert sdk_export(server.port, events_for(f"py-grpc{suffix}"), gzip=gzip) == ["SUCCESS"]
+        assert sdk_export(server.http_port, events_for(f"py-http{suffix}"), protocol="http/protobuf",
+                          gzip=gzip) == ["SUCCESS"]
+        for protocol, endpoint in (("grpc", f"http://127.0.0.1:{server.port}"), ("http/protobuf", http),
+                                   ("http/json", http)):
+            session = f"node-{protocol}{suffix}"
+            assert node_export(node_emitter, protocol, endpoint, events_for(session), gzip=gzip) == \
+                {"code": 0, "error": None}
+    reference = session_figures(server, "py-grpc")
+    assert reference[0] == (3, 1210 + 800, 2388 + 95, 45123, 2712, 143_075_000, 27950,
+                            "claude-sonnet-4-5,claude-haiku-4-5-20251001,claude-opus-4-1")
+    assert [name for name, _ in reference[1]] == ["user_prompt", "tool_result"]
+    for session in ("py-grpc-gz", "py-http", "py-http-gz", "node-grpc", "node-grpc-gz", "node-http/protobuf",
+                    "node-http/protobuf-gz", "node-http/json", "node-http/json-gz"):
+        assert session_figures(server, session) == reference, session
+    assert "logs: 5 records, 3 api requests, 5 new, 0 rejected" in server.log
+
+
+def http_post(port: int, path: str = "/v1/logs", body: bytes = b"", headers: dict | None = None,
+              method: str = "POST", context=None):
+    import http.client
+    conn = (http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=30) if context
+            else http.client.HTTPConnection("127.0.0.1", port, timeout=30))
+    conn.request(method, path, body=body, headers={"Content-Type": "application/x-protobuf", **(headers or {})})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response, data
+
+
+def status_of(data: bytes, as_json: bool = False) -> tuple[int, str]:
+    if as_json:
+        parsed = json.loads(data)
+        return parsed.get("code", 0), parsed["message"]
+    status = ccmon_pb2.RpcStatus.FromString(data)
+    return status.code, status.message
+
+
+def test_http_receiver_status_codes_and_bodies(server):
+    good = logs_request(MIXED_EVENTS).SerializeToString()
+    response, data = http_post(server.http_port, body=good)
+    assert response.status == 200 and response.getheader("Content-Type") == "application/x-protobuf"
+    assert logs_service_pb2.ExportLogsServiceResponse.FromString(data) == logs_service_pb2.ExportLogsServiceResponse()
+    bad = logs_request([("api_request", api_request(7, "2026-03-01T10:00:00Z", input_tokens="lots"))])
+    response, data = http_post(server.http_port, body=bad.SerializeToString())
+    partial = logs_service_pb2.ExportLogsServiceResponse.FromString(data).partial_success
+    assert response.status == 200 and partial.rejected_log_records == 1
+    assert partial.error_message == ("rejected 1 of 1 log records: api_request in session sess-1: "
+                                     "input_tokens='lots' is not a number")
+    cases = [
+        (dict(body=b"\x0a\xff\xff\xff"), 400, 3, "body is not valid OTLP protobuf: "),
+        (dict(body=b"{not json", headers={"Content-Type": "application/json"}), 400, 3,
+         "body is not valid OTLP/JSON: "),
+        (dict(body=json.dumps({"resourceLogs": [{"scopeLogs": [{"logRecords": [{"traceId": "zz"}]}]}]}).encode(),
+              headers={"Content-Type": "application/json"}), 400, 3, "traceId 'zz' is not hex"),
+        (dict(body=good, headers={"Content-Type": "text/plain"}), 415, 3,
+         "unsupported Content-Type 'text/plain'; use application/x-protobuf or application/json"),
+        (dict(body=good, headers={"Content-Encoding": "br"}), 415, 3,
+         "unsupported Content-Encoding 'br'; use gzip or none"),
+        (dict(body=b"not gzip", headers={"Content-Encoding": "gzip"}), 400, 3, "body is not valid gzip: "),
+        (dict(body=good, path="/v1/profiles"), 404, 12,
+         "no such path '/v1/profiles'; use /v1/logs, /v1/metrics or /v1/traces"),
+        (dict(body=b"", method="GET"), 405, 12, "GET is not supported; OTLP/HTTP exports use POST"),
+    ]
+    for kwargs, status, code, message in cases:
+        response, data = http_post(server.http_port, **kwargs)
+        as_json = response.getheader("Content-Type") == "application/json"
+        assert response.status == status, kwargs
+        got_code, got_message = status_of(data, as_json)
+        assert got_code == code and got_message.startswith(message), (kwargs, got_message)
+    assert http_post(server.http_port, method="GET")[0].getheader("Allow") == "POST"
+    assert stats(server).total_requests == 3
+
+
+def test_http_json_rules_keepalive_and_chunked(server):
+    import http.client
+    record = {"timeUnixNano": "1772359200000000000", "traceId": "5b8efff798038103d269b633813fc60c",
+              "spanId": "eee19b7ec3c1b174", "severityNumber": 9, "futureField": {"x": 1},
+              "body": {"stringValue": "claude_code.api_request"},
+              "attributes": [{"key": "session.id", "value": {"stringValue": "json-1"}},
+                             {"key": "event.sequence", "value": {"intValue": 1}},
+                             {"key": "model", "value": {"stringValue": "claude-sonnet-4-5"}},
+                             {"key": "input_tokens", "value": {"intValue": 1500}},
+                             {"key": "output_tokens", "value": {"intValue": "25"}},
+                             {"key": "cost_usd", "value": {"doubleValue": 0.0125}}]}
+    body = json.dumps({"resourceLogs": [{"resource": {"attributes": []}, "scopeLogs": [{"logRecords": [record]}]}]})
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    conn.request("POST", "/v1/logs", body=body, headers={"Content-Type": "application/json; charset=utf-8"})
+    first = conn.getresponse()
+    assert (first.status, first.getheader("Content-Type"), json.loads(first.read())) == (200, "application/json", {})
+    chunks = [body[:50], body[50:]]
+    conn.putrequest("POST", "/v1/logs")  # the same connection: keep-alive
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    for chunk in chunks:
+        conn.send(f"{len(chunk):x}\r\n{chunk}\r\n".encode())
+    conn.send(b"0\r\n\r\n")
+    second = conn.getresponse()
+    assert second.status == 200 and json.loads(second.read()) == {}
+    conn.close()
+    rows = db_rows(server.db, "SELECT ts, input_tokens, output_tokens, cost_nanos FROM requests "
+                              "WHERE session_id = 'json-1'")
+    assert rows == [(1772359200000, 1500, 25, 12_500_000)]
+
+
+def test_oversize_and_gzip_bombs_are_refused_without_growing(tmp_path):
+    import gzip as gzip_module
+    srv = ServerProcess(tmp_path, "--server-max-message-size", "1MiB").start()
+    try:
+        rss_before = process_rss_kib(srv.proc.pid)
+        bomb = gzip_module.compress(b"\0" * (200 * 1024 * 1024), compresslevel=9)
+        assert len(bomb) < 300 * 1024
+        response, data = http_post(srv.http_port, body=bomb, headers={"Content-Encoding": "gzip"})
+        assert response.status == 413
+        assert status_of(data) == (8, f"decompressed body is over {1024 * 1024} bytes")
+        response, data = http_post(srv.http_port, body=b"\0" * (1024 * 1024 + 1))
+        assert response.status == 413
+        assert status_of(data) == (8, f"body of {1024 * 1024 + 1} bytes is over the {1024 * 1024} byte limit")
+        big = logs_request([("tool_result", {"session.id": "s", "output": "x" * (2 * 1024 * 1024)})])
+        channel = grpc.insecure_channel(srv.target, compression=grpc.Compression.Gzip)
+        with pytest.raises(grpc.RpcError) as err:
+            logs_service_pb2_grpc.LogsServiceStub(channel).Export(big)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert process_rss_kib(srv.proc.pid) - rss_before < 60 * 1024  # never held the 200 MB
+        assert stats(srv).total_requests == 0
+    finally:
+        srv.stop()
+
+
+def process_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+
+
+def test_per_record_caps_reject_through_partial_success(server):
+    deep = common_pb2.AnyValue(string_value="leaf")
+    for _ in range(10):
+        deep = common_pb2.AnyValue(kvlist_value=common_pb2.KeyValueList(values=[common_pb2.KeyValue(key="k",
+                                                                                                     value=deep)]))
+    request = logs_request([("tool_result", {"session.id": "s", "event.sequence": 1, "output": "x" * (1024 * 1024 + 1)}),
+                            ("tool_result", {f"k{i}": i for i in range(1025)}),
+                            ("tool_result", {"session.id": "s", "event.sequence": 3}),
+                            ("api_request", api_request(4, "2026-03-01T10:00:00Z", input_tokens=5))])
+    request.resource_logs[0].scope_logs[0].log_records[2].attributes.add(key="deep", value=deep)
+    response = server.logs_stub().Export(request)
+    assert response.partial_success.rejected_log_records == 3
+    assert response.partial_success.error_message == (
+        "rejected 3 of 4 log records: log record: an attribute value is longer than 1024 KiB; "
+        "log record: more than 1024 attributes; log record: attribute values nested deeper than 8 levels")
+    assert stats(server).total_tokens.input == 5
+
+
+def make_certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, made with openssl."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", f"/CN={name}", "-keyout", str(key), "-out", str(cert),
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], check=True, capture_output=True)
+    return cert, key
+
+
+def test_token_is_required_everywhere_and_never_echoed(tmp_path):
+    token = "s3cret-token-value"
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": token}).start()
+    try:
+        request = logs_request(MIXED_EVENTS)
+        for metadata, code in (((), grpc.StatusCode.UNAUTHENTICATED),
+                               ((("authorization", "Bearer wrong-token"),), grpc.StatusCode.UNAUTHENTICATED)):
+            with pytest.raises(grpc.RpcError) as err:
+                srv.logs_stub().Export(request, metadata=metadata)
+            assert (err.value.code(), err.value.details()) == (code, "missing or wrong bearer token")
+            with pytest.raises(grpc.RpcError) as err:
+                srv.query().GetStats(ccmon_pb2.GetStatsRequest(), metadata=metadata)
+            assert err.value.code() == code
+        good = (("authorization", f"Bearer {token}"),)
+        assert not srv.logs_stub().Export(request, metadata=good).HasField("partial_success")
+        assert sdk_export(srv.port, events_for("sdk"), headers={"authorization": f"Bearer {token}"}) == ["SUCCESS"]
+        assert sdk_export(srv.http_port, events_for("sdk-http"), protocol="http/protobuf",
+                          headers={"Authorization": f"Bearer {token}"}) == ["SUCCESS"]
+        response, data = http_post(srv.http_port, body=request.SerializeToString(),
+                                   headers={"Authorization": "Bearer nope"})
+        assert (response.status, response.getheader("WWW-Authenticate")) == (401, "Bearer")
+        assert status_of(data) == (16, "missing or wrong bearer token")
+        assert http_post(srv.http_port, body=request.SerializeToString())[0].status == 401
+        assert srv.query().GetStats(ccmon_pb2.GetStatsRequest(), metadata=good).stats.total_requests == 9
+        # The monitor side sends the token from CCMON_TOKEN or --monitor-token.
+        with_env = run_ccmon(["--monitor-server", srv.target, "--format", "@monthly_tokens"], tmp_path,
+                             env={"CCMON_TOKEN": token})
+        assert with_env.returncode == 0
+        refused = run_ccmon(["--monitor-server", srv.target, "--monitor-token", "bad", "--format", "@daily_cost"],
+                            tmp_path, env={"CCMON_TOKEN": ""})
+        assert (refused.returncode, refused.stdout) == (1, "")
+        assert refused.stderr == (f"ccmon: cannot reach the ccmon server at {srv.target}: the server refused the "
+                                  "token (CCMON_TOKEN or monitor.token)\n")
+        assert token not in srv.log and "wrong-token" not in srv.log and "nope" not in srv.log
+    finally:
+        srv.stop()
+
+
+def test_tls_and_mutual_tls(tmp_path, monkeypatch):
+    # requests lets these variables override the exporter's own CA file (session.verify); keep them out.
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    cert, key = make_certificate(tmp_path, "server")
+    srv = ServerProcess(tmp_path, "--server-tls-cert", str(cert), "--server-tls-key", str(key)).start()
+    try:
+        assert "TLS" in srv.log
+        assert sdk_export(srv.port, events_for("tls-grpc"), ca=cert) == ["SUCCESS"]
+        assert sdk_export(srv.http_port, events_for("tls-http"), protocol="http/protobuf", ca=cert) == ["SUCCESS"]
+        figures = run_ccmon(["--monitor-server", f"https://127.0.0.1:{srv.port}", "--monitor-tls-ca", str(cert),
+                             "--format", "@monthly_tokens"], tmp_path)
+        assert figures.returncode == 0, figures.stderr
+        plain = run_ccmon(["--monitor-server", srv.target, "--format", "@daily_cost"], tmp_path)
+        assert plain.returncode == 1
+        untrusted = run_ccmon(["--monitor-server", f"https://127.0.0.1:{srv.port}", "--format", "@daily_cost"],
+                              tmp_path, env={"SSL_CERT_FILE": str(tmp_path / "none.pem")})
+        assert untrusted.returncode == 1 and "TLS handshake failed" in untrusted.stderr
+        assert stats_over_tls(srv, cert).total_requests == 6
+    finally:
+        srv.stop()
+    client_cert, client_key = make_certificate(tmp_path, "client")
+    srv = ServerProcess(tmp_path, "--server-tls-cert", str(cert), "--server-tls-key", str(key),
+                        "--server-tls-client-ca", str(client_cert)).start()
+    try:
+        assert "TLS with client certificates" in srv.log
+        with_cert = run_ccmon(["--monitor-server", f"https://127.0.0.1:{srv.port}", "--monitor-tls-ca", str(cert),
+                               "--monitor-tls-cert", str(client_cert), "--monitor-tls-key", str(client_key),
+                               "--health"], tmp_path)
+        assert with_cert.returncode == 0 and with_cert.stdout.startswith("ok: ccmon")
+        without = run_ccmon(["--monitor-server", f"https://127.0.0.1:{srv.port}", "--monitor-tls-ca", str(cert),
+                             "--health"], tmp_path)
+        assert without.returncode == 1
+        import ssl
+        context = ssl.create_default_context(cafile=str(cert))
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            http_post(srv.http_port, body=b"", context=context)
+        context.load_cert_chain(str(client_cert), str(client_key))
+        assert http_post(srv.http_port, body=logs_request(MIXED_EVENTS).SerializeToString(),
+                         context=context)[0].status == 200
+    finally:
+        srv.stop()
+
+
+def stats_over_tls(srv: ServerProcess, ca: Path):
+    channel = grpc.secure_channel(srv.target, grpc.ssl_channel_credentials(ca.read_bytes()))
+    return ccmon_pb2_grpc.QueryServiceStub(channel).GetStats(ccmon_pb2.GetStatsRequest()).stats
+
+
+def test_exposed_server_warns_without_token(tmp_path):
+    srv = ServerProcess(tmp_path, address="0.0.0.0:0").start()
+    try:
+        assert "LISTENING ON 0.0.0.0:0 WITHOUT A TOKEN" in srv.log
+    finally:
+        srv.stop()
+    srv = ServerProcess(tmp_path, "--server-token", "t0ken", address="0.0.0.0:0").start()
+    try:
+        assert "WITHOUT A TOKEN" not in srv.log and "token required" in srv.log
+    finally:
+        srv.stop()
+
+
+def test_locked_database_answers_retry_and_recovers(server):
+    blocker = sqlite3.connect(server.db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            server.logs_stub().Export(logs_request(MIXED_EVENTS))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.details().startswith("ccmon cannot store data right now (database write failed: ")
+        details = dict(err.value.trailing_metadata())["grpc-status-details-bin"]
+        status = ccmon_pb2.RpcStatus.FromString(details)
+        assert status.details[0].type_url == "type.googleapis.com/google.rpc.RetryInfo"
+        assert ccmon_pb2.RetryInfo.FromString(status.details[0].value).retry_delay.seconds == 5
+        response, data = http_post(server.http_port, body=logs_request(MIXED_EVENTS).SerializeToString())
+        assert (response.status, response.getheader("Retry-After")) == (503, "5")
+        assert status_of(data)[0] == 14
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert not server.logs_stub().Export(logs_request(MIXED_EVENTS)).HasField("partial_success")
+    assert stats(server).total_requests == 3
+    assert server.log.count("cannot write to the database") == 1
+    assert "is writable again" in server.log
+
+
+def test_second_server_on_the_same_database_refuses(server, tmp_path):
+    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "127.0.0.1:0",
+                        "--database-path", str(server.db)], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (f"ccmon: another ccmon server (pid {server.proc.pid}) is already using {server.db}; "
+                             "stop it or choose another --database-path\n")
+    taken = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address",
+                       f"127.0.0.1:{server.http_port}", "--database-path", str(tmp_path / "other.db")], tmp_path)
+    assert taken.returncode == 1
+    assert taken.stderr == (f"ccmon: cannot listen on 127.0.0.1:{server.http_port}: Address already in use "
+                            "(set --server-http-address, or 'off')\n")
+
+
+def test_kill_9_during_sustained_ingestion(tmp_path):
+    """Kill the server at random moments while exporters keep sending; every acknowledged record survives."""
+    import random
+    srv = ServerProcess(tmp_path).start()
+    acknowledged: set[int] = set()
+    rng = random.Random(7)
+    next_seq = 0
+    for round_number in range(3):
+        stop = threading.Event()
+
+        def send(port=srv.port):
+            nonlocal next_seq
+            stub = logs_service_pb2_grpc.LogsServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            while not stop.is_set():
+                seqs = list(range(next_seq, next_seq + 100))
+                next_seq += 100
+                events = [("api_request", api_request(seq, "2026-06-01T00:00:00Z", input_tokens=1)) for seq in seqs]
+                try:
+                    stub.Export(logs_request(events), timeout=5)
+                except grpc.RpcError:
+                    return
+                acknowledged.update(seqs)
+
+        senders = [threading.Thread(target=send) for _ in range(3)]
+        for sender in senders:
+            sender.start()
+        time.sleep(rng.uniform(0.3, 1.2))
+        srv.proc.kill()
+        srv.proc.wait()
+        stop.set()
+        for sender in senders:
+            sender.join()
+        assert db_rows(srv.db, "PRAGMA integrity_check") == [("ok",)]
+        srv.start()
+        stored = db_rows(srv.db, "SELECT dedupe, COUNT(*) FROM requests GROUP BY dedupe")
+        stored_seqs = {int(dedupe.split(":")[1]) for dedupe, _ in stored}
+        print(f"round {round_number}: {len(acknowledged)} acknowledged, {len(stored_seqs)} stored")
+        assert all(count == 1 for _, count in stored)
+        assert acknowledged <= stored_seqs
+        assert stats(srv).total_tokens.input == len(stored_seqs)
+    srv.stop()
