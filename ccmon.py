@@ -254,14 +254,14 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
     server_tls = TLSFiles(optional_file("server.tls_cert"), optional_file("server.tls_key"),
                           optional_file("server.tls_client_ca"))
     if bool(server_tls.cert) != bool(server_tls.key):
-        raise fail("server.tls_key" if server_tls.cert else "server.tls_cert",
+        raise fail("server.tls_cert" if server_tls.cert else "server.tls_key",
                    "TLS needs both server.tls_cert and server.tls_key")
     if server_tls.ca and not server_tls.cert:
         raise fail("server.tls_client_ca", "mutual TLS needs server.tls_cert and server.tls_key too")
     monitor_tls = TLSFiles(optional_file("monitor.tls_cert"), optional_file("monitor.tls_key"),
                            optional_file("monitor.tls_ca"))
     if bool(monitor_tls.cert) != bool(monitor_tls.key):
-        raise fail("monitor.tls_key" if monitor_tls.cert else "monitor.tls_cert",
+        raise fail("monitor.tls_cert" if monitor_tls.cert else "monitor.tls_key",
                    "a client certificate needs both monitor.tls_cert and monitor.tls_key")
     monitor_server = text("monitor.server")
     wants_tls = monitor_server.lower().startswith("https://") or any(dataclasses.astuple(monitor_tls))

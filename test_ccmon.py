@@ -535,6 +535,21 @@ CONFIG_ERRORS = [
     (["--monitor-server", "host:99999"],
      "--monitor-server: invalid address 'host:99999' (use HOST:PORT such as 127.0.0.1:4317)"),
     (["--config", "/nonexistent/ccmon.toml"], "--config: no such file: /nonexistent/ccmon.toml"),
+    (["--server-http-address", "nope"],
+     "--server-http-address: invalid address 'nope' (use HOST:PORT such as 127.0.0.1:4317) or 'off'"),
+    (["--server-max-message-size", "lots"],
+     "--server-max-message-size: invalid size 'lots' (use bytes or a size such as '16MiB')"),
+    (["--server-max-message-size", "2GiB"],
+     "--server-max-message-size: size '2GiB' is outside the allowed range 1MiB to 1GiB"),
+    (["--server-max-message-size", "100KB"],
+     "--server-max-message-size: size '100KB' is outside the allowed range 1MiB to 1GiB"),
+    (["--server-tls-cert", "/nonexistent/cert.pem"], "--server-tls-cert: no such file: /nonexistent/cert.pem"),
+    (["--server-tls-cert", __file__], "--server-tls-cert: TLS needs both server.tls_cert and server.tls_key"),
+    (["--server-tls-client-ca", __file__],
+     "--server-tls-client-ca: mutual TLS needs server.tls_cert and server.tls_key too"),
+    (["--monitor-tls-key", __file__],
+     "--monitor-tls-key: a client certificate needs both monitor.tls_cert and monitor.tls_key"),
+    (["--server-token", "two words"], "--server-token: a token must be a string without spaces"),
 ]
 
 
@@ -563,6 +578,8 @@ FILE_ERRORS = [
     ("config.yaml", 'claude: [unclosed', "{path}: not valid YAML: "),
     ("config.json", '[1, 2]', "{path}: the top level must be a table of sections"),
     ("config.toml", 'claude = 5\n', "{path}: [claude] must be a table of settings"),
+    ("config.toml", '[monitor]\ntoken = 5\n', "{path}: monitor.token: a token must be a string without spaces"),
+    ("config.toml", '[monitor]\ntls_ca = true\n', "{path}: monitor.tls_ca: expected a file path, got True"),
 ]
 
 
@@ -1764,3 +1781,82 @@ def test_kill_9_during_sustained_ingestion(tmp_path):
         assert acknowledged <= stored_seqs
         assert stats(srv).total_tokens.input == len(stored_seqs)
     srv.stop()
+
+
+def _any_values():
+    from hypothesis import strategies as st
+    scalars = st.one_of(st.text(max_size=20), st.integers(min_value=-2 ** 63, max_value=2 ** 63 - 1),
+                        st.floats(allow_nan=True, allow_infinity=True), st.booleans(), st.binary(max_size=8),
+                        st.sampled_from(["12", "-3", "1e400", "NaN", "0x10", " 7 ", "1.5", "", "∞"]))
+
+    def to_any(value):
+        if isinstance(value, list):
+            return common_pb2.AnyValue(array_value=common_pb2.ArrayValue(values=[to_any(v) for v in value]))
+        if isinstance(value, dict):
+            return common_pb2.AnyValue(kvlist_value=common_pb2.KeyValueList(
+                values=[common_pb2.KeyValue(key=k, value=to_any(v)) for k, v in value.items()]))
+        if isinstance(value, bytes):
+            return common_pb2.AnyValue(bytes_value=value)
+        return any_value(value)
+
+    trees = st.recursive(scalars, lambda children: st.one_of(
+        st.lists(children, max_size=3), st.dictionaries(st.text(max_size=5), children, max_size=3)), max_leaves=12)
+    return trees.map(to_any)
+
+
+NUMERIC_KEYS = ["input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens", "cost_usd",
+                "cost_usd_micros", "duration_ms", "ttft_ms", "event.sequence", "event.timestamp", "session.id"]
+
+
+def test_random_otlp_input_never_crashes_or_stores_bad_figures(server):
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    values = _any_values()
+    record = st.builds(
+        lambda body, attrs, ts: logs_pb2.LogRecord(
+            body=body, time_unix_nano=ts,
+            attributes=[common_pb2.KeyValue(key=k, value=v) for k, v in attrs.items()]),
+        st.one_of(st.just(common_pb2.AnyValue(string_value="claude_code.api_request")), values),
+        st.dictionaries(st.one_of(st.sampled_from(NUMERIC_KEYS + ["model", "event.name"]), st.text(max_size=8)),
+                        values, max_size=8),
+        st.integers(min_value=0, max_value=2 ** 64 - 1))
+    point = st.builds(lambda v, t: metrics_pb2.NumberDataPoint(as_double=v, time_unix_nano=t),
+                      st.floats(allow_nan=True, allow_infinity=True), st.integers(min_value=0, max_value=2 ** 64 - 1))
+    logs_stub = server.logs_stub()
+    metrics_stub = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(record, max_size=6), st.lists(point, max_size=4), values)
+    def throw(records, points, resource_value):
+        request = logs_service_pb2.ExportLogsServiceRequest(resource_logs=[logs_pb2.ResourceLogs(
+            resource={"attributes": [common_pb2.KeyValue(key="r", value=resource_value)]},
+            scope_logs=[logs_pb2.ScopeLogs(log_records=records)])])
+        response = logs_stub.Export(request)
+        assert response.partial_success.rejected_log_records <= len(records)
+        metrics = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+            scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
+                name="claude_code.cost.usage", sum=metrics_pb2.Sum(aggregation_temporality=1, data_points=points))])])])
+        metrics_stub.Export(metrics)
+
+    throw()
+    bad = db_rows(server.db, "SELECT COUNT(*) FROM requests WHERE input_tokens < 0 OR output_tokens < 0 OR "
+                             "cache_read_tokens < 0 OR cache_creation_tokens < 0 OR cost_nanos < 0 OR duration_ms < 0 "
+                             "OR ts < 0 OR typeof(cost_nanos) != 'integer'")
+    assert bad == [(0,)]
+    assert db_rows(server.db, "SELECT COUNT(*) FROM metric_points WHERE NOT (value >= 0 AND value < 1e308)") == [(0,)]
+    raw = db_rows(server.db, "SELECT COUNT(*), TOTAL(input_tokens), TOTAL(cost_nanos) FROM requests")
+    assert db_rows(server.db, "SELECT TOTAL(requests), TOTAL(input_tokens), TOTAL(cost_nanos) FROM usage_rollup") == \
+        [(float(raw[0][0]), raw[0][1], raw[0][2])]
+    assert server.proc.poll() is None and "Traceback" not in server.log
+
+
+def test_token_precedence_flag_then_environment_then_file(tmp_path, monkeypatch):
+    (tmp_path / "config.toml").write_text('[server]\ntoken = "from-file"\n[monitor]\ntoken = "from-file"\n')
+    monkeypatch.delenv("CCMON_TOKEN", raising=False)
+    assert config_for(tmp_path, monkeypatch).server_token == "from-file"
+    monkeypatch.setenv("CCMON_TOKEN", "from-env")
+    config = config_for(tmp_path, monkeypatch)
+    assert (config.server_token, config.monitor_token) == ("from-env", "from-env")
+    config = config_for(tmp_path, monkeypatch, ["--server-token", "from-flag", "--monitor-token", "m"])
+    assert (config.server_token, config.monitor_token) == ("from-flag", "m")
+    tls = config_for(tmp_path, monkeypatch, ["--monitor-server", "https://ccmon.example.com:443"])
+    assert tls.monitor_tls == ccmon.TLSFiles()  # TLS with the system's roots
