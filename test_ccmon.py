@@ -1860,3 +1860,10 @@ def test_token_precedence_flag_then_environment_then_file(tmp_path, monkeypatch)
     assert (config.server_token, config.monitor_token) == ("from-flag", "m")
     tls = config_for(tmp_path, monkeypatch, ["--monitor-server", "https://ccmon.example.com:443"])
     assert tls.monitor_tls == ccmon.TLSFiles()  # TLS with the system's roots
+
+
+def test_example_config_is_valid_and_shows_the_defaults(tmp_path, monkeypatch):
+    (tmp_path / "config.toml").write_text((ROOT / "config.toml.example").read_text())
+    example = config_for(tmp_path, monkeypatch)
+    (tmp_path / "config.toml").unlink()
+    assert dataclasses_replace(example, source="defaults") == config_for(tmp_path, monkeypatch)
