@@ -413,16 +413,19 @@ USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_cr
                  "cost_nanos", "duration_ms")
 SCHEMA_VERSION = 1
 SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS sources (
+-- Values repeated across many rows are stored once and referenced by id (a row is ~150 bytes).
+CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, session_id TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS models (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS attribute_sets (
     id INTEGER PRIMARY KEY,
-    attributes TEXT NOT NULL UNIQUE           -- JSON: resource + identity attributes, shared by many rows
+    attributes TEXT NOT NULL UNIQUE           -- canonical JSON object
 );
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY,
     ts INTEGER NOT NULL,                      -- ms since the epoch, UTC
-    dedupe TEXT NOT NULL,                     -- session.id:event.sequence, or a hash of the record
-    session_id TEXT NOT NULL,
-    model TEXT NOT NULL,
+    session INTEGER NOT NULL REFERENCES sessions(id),
+    seq INTEGER NOT NULL,                     -- event.sequence, or a negative hash of the record without one
+    model INTEGER NOT NULL REFERENCES models(id),
     input_tokens INTEGER NOT NULL,
     output_tokens INTEGER NOT NULL,
     cache_read_tokens INTEGER NOT NULL,
@@ -432,17 +435,18 @@ CREATE TABLE IF NOT EXISTS requests (
     ttft_ms INTEGER,
     prompt_id TEXT,
     request_id TEXT,
-    source_id INTEGER REFERENCES sources(id),
-    extra TEXT                                -- JSON of the remaining attributes, NULL when none
+    source INTEGER REFERENCES attribute_sets(id),  -- resource + who/where (user, organization, terminal)
+    extra INTEGER REFERENCES attribute_sets(id)    -- the remaining record attributes
 );
-CREATE UNIQUE INDEX IF NOT EXISTS requests_ts_dedupe ON requests(ts, dedupe);
-CREATE INDEX IF NOT EXISTS requests_session ON requests(session_id, ts);
+-- The de-duplication key leads with the timestamp, which also serves every period query.
+CREATE UNIQUE INDEX IF NOT EXISTS requests_key ON requests(ts, session, seq);
+CREATE INDEX IF NOT EXISTS requests_session ON requests(session, ts);
 
 -- Per-15-minute, per-model totals kept equal to the raw rows by triggers, so any period
 -- is answered from a few rollup rows plus the raw rows at its unaligned edges.
 CREATE TABLE IF NOT EXISTS usage_rollup (
     bucket INTEGER NOT NULL,
-    model TEXT NOT NULL,
+    model INTEGER NOT NULL,
     requests INTEGER NOT NULL,
     {", ".join(f"{c} INTEGER NOT NULL" for c in USAGE_COLUMNS)},
     PRIMARY KEY (bucket, model)
@@ -464,41 +468,44 @@ END;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     ts INTEGER NOT NULL,
-    dedupe TEXT NOT NULL,
+    session INTEGER NOT NULL REFERENCES sessions(id),
+    seq INTEGER NOT NULL,
     name TEXT NOT NULL,                       -- event name without the 'claude_code.' prefix
-    session_id TEXT NOT NULL,
     prompt_id TEXT,
-    source_id INTEGER REFERENCES sources(id),
+    source INTEGER REFERENCES attribute_sets(id),
     attributes TEXT NOT NULL                  -- JSON of the remaining attributes
 );
-CREATE UNIQUE INDEX IF NOT EXISTS events_ts_dedupe ON events(ts, dedupe);
+CREATE UNIQUE INDEX IF NOT EXISTS events_key ON events(ts, session, seq);
 CREATE INDEX IF NOT EXISTS events_name ON events(name, ts);
-CREATE INDEX IF NOT EXISTS events_session ON events(session_id, ts);
+CREATE INDEX IF NOT EXISTS events_session ON events(session, ts);
 
 CREATE TABLE IF NOT EXISTS metric_points (
     id INTEGER PRIMARY KEY,
     ts INTEGER NOT NULL,                      -- time_unix_nano in ms
     start_ts INTEGER,                         -- start_time_unix_nano in ms
-    dedupe TEXT NOT NULL,
+    session INTEGER NOT NULL REFERENCES sessions(id),
+    seq INTEGER NOT NULL,                     -- a negative hash of the point
     name TEXT NOT NULL,
     temporality INTEGER NOT NULL,             -- OTLP AggregationTemporality: 1 delta, 2 cumulative, 0 gauge
     value REAL NOT NULL,
-    session_id TEXT NOT NULL,
     model TEXT,
     type TEXT,
-    source_id INTEGER REFERENCES sources(id),
+    source INTEGER REFERENCES attribute_sets(id),
     attributes TEXT NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS metric_points_ts_dedupe ON metric_points(ts, dedupe);
+CREATE UNIQUE INDEX IF NOT EXISTS metric_points_key ON metric_points(ts, session, seq);
 CREATE INDEX IF NOT EXISTS metric_points_name ON metric_points(name, ts);
 """
-REQUEST_INSERT = """INSERT OR IGNORE INTO requests (ts, dedupe, session_id, model, input_tokens, output_tokens,
-    cache_read_tokens, cache_creation_tokens, cost_nanos, duration_ms, ttft_ms, prompt_id, request_id,
-    extra, source_id) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"""
-EVENT_INSERT = """INSERT OR IGNORE INTO events (ts, dedupe, name, session_id, prompt_id, attributes, source_id)
-    VALUES (?,?,?,?,?,?,?)"""
-METRIC_INSERT = """INSERT OR IGNORE INTO metric_points (ts, start_ts, dedupe, name, temporality, value, session_id,
-    model, type, attributes, source_id) VALUES (?,?,?,?,?,?,?,?,?,?,?)"""
+# Rows arrive from ingestion with text where the tables hold ids; the writer resolves them.
+# Each insert names its columns; the Batch row tuples follow the same order.
+REQUEST_COLUMNS = ("ts", "session", "seq", "model", *USAGE_COLUMNS, "ttft_ms", "prompt_id", "request_id",
+                   "source", "extra")
+EVENT_COLUMNS = ("ts", "session", "seq", "name", "prompt_id", "source", "attributes")
+METRIC_COLUMNS = ("ts", "start_ts", "session", "seq", "name", "temporality", "value", "model", "type", "source",
+                  "attributes")
+SHARED = {"session": ("sessions", "session_id"), "source": ("attribute_sets", "attributes")}
+INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attribute_sets", "attributes")},
+            "events": SHARED, "metric_points": SHARED}
 RETENTION_TABLES = ("requests", "events", "metric_points")
 SWEEP_CHUNK = 5000
 
@@ -517,8 +524,7 @@ class StorageUnavailable(Exception):
 
 @dataclasses.dataclass
 class Batch:
-    """Rows decoded from one Export, written in one go. Each row's last field is its source JSON,
-    which the writer replaces by the id of that source (the insert statements' last column)."""
+    """Rows decoded from one Export, written in one go, as tuples in REQUEST/EVENT/METRIC_COLUMNS order."""
     requests: list[tuple] = dataclasses.field(default_factory=list)
     events: list[tuple] = dataclasses.field(default_factory=list)
     metrics: list[tuple] = dataclasses.field(default_factory=list)
@@ -558,7 +564,7 @@ class Store:
         self._failing = False  # log a failure streak once, and its end once
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self._readers = threading.local()
-        self._source_ids: dict[str, int] = {}
+        self._ids: dict[tuple[str, Any], int] = {}  # (table, value) -> id of interned values
         self._closed = False
         self._writer = threading.Thread(target=self._write_loop, name="ccmon-writer", daemon=True)
         self._writer.start()
@@ -663,7 +669,7 @@ class Store:
         except sqlite3.Error as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            self._source_ids.clear()  # ids inserted by the rolled-back transaction are gone
+            self._ids.clear()  # ids inserted by the rolled-back transaction are gone
             if not self._failing:
                 log.error("cannot write to the database %s (%s); exporters are told to retry until it works "
                           "again", self.path, exc)
@@ -681,22 +687,34 @@ class Store:
             else:
                 future.set_exception(exc)
 
-    def _source_id(self, conn: sqlite3.Connection, attributes: str | None) -> int | None:
-        if attributes is None:
+    def _intern(self, conn: sqlite3.Connection, table: str, column: str, value: Any) -> int | None:
+        if value is None:
             return None
-        if attributes not in self._source_ids:
-            conn.execute("INSERT OR IGNORE INTO sources (attributes) VALUES (?)", (attributes,))
-            row = conn.execute("SELECT id FROM sources WHERE attributes = ?", (attributes,)).fetchone()
-            self._source_ids[attributes] = row[0]
-        return self._source_ids[attributes]
+        key = (table, value)
+        found = self._ids.get(key)
+        if found is None:
+            if len(self._ids) > 200_000:
+                self._ids.clear()  # bounded memory; ids are looked up again as needed
+            conn.execute(f"INSERT OR IGNORE INTO {table} ({column}) VALUES (?)", (value,))
+            found = self._ids[key] = conn.execute(f"SELECT id FROM {table} WHERE {column} = ?", (value,)).fetchone()[0]
+        return found
 
     def _insert(self, conn: sqlite3.Connection, batch: Batch) -> int:
         new = 0
-        for sql, rows in ((REQUEST_INSERT, batch.requests), (EVENT_INSERT, batch.events),
-                          (METRIC_INSERT, batch.metrics)):
-            if rows:
-                resolved = [row[:-1] + (self._source_id(conn, row[-1]),) for row in rows]
-                new += conn.executemany(sql, resolved).rowcount  # duplicates are ignored, not counted
+        for table, columns, rows in (("requests", REQUEST_COLUMNS, batch.requests),
+                                     ("events", EVENT_COLUMNS, batch.events),
+                                     ("metric_points", METRIC_COLUMNS, batch.metrics)):
+            if not rows:
+                continue
+            interned = [(i, INTERNED[table][c]) for i, c in enumerate(columns) if c in INTERNED[table]]
+            resolved = []
+            for row in rows:
+                row = list(row)
+                for i, (target, column) in interned:
+                    row[i] = self._intern(conn, target, column, row[i])
+                resolved.append(row)
+            sql = f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+            new += conn.executemany(sql, resolved).rowcount  # duplicates are ignored, not counted
         return new
 
     def sweep(self, older_than_ms: int) -> int:
@@ -742,32 +760,40 @@ class Store:
             parts = [(f"SELECT model, SUM(requests), {columns} FROM usage_rollup "
                       "WHERE bucket >= ? AND bucket < ? GROUP BY model", (lo, hi)),
                      (raw, (start_ms, lo)), (raw, (hi, end_ms))]
-        totals: dict[str, Usage] = {}
+        totals: dict[int, Usage] = {}
         conn = self._reader()
         for sql, params in parts:
             if params[0] >= params[1]:
                 continue
             for model, *figures in conn.execute(sql, params):
                 totals[model] = totals.get(model, Usage()) + Usage(*figures)
-        return {model: usage for model, usage in totals.items() if usage.requests}
+        names = self._model_names()
+        return {names[model]: usage for model, usage in totals.items() if usage.requests}
+
+    def _model_names(self) -> dict[int, str]:
+        return dict(self._reader().execute("SELECT id, name FROM models"))
 
     def requests_page(self, start_ms: int, end_ms: int, limit: int, offset: int,
                       oldest_first: bool) -> list[StoredRequest]:
         order = "ASC" if oldest_first else "DESC"
-        sql = (f"SELECT session_id, ts, model, {', '.join(USAGE_COLUMNS)} FROM requests "
-               f"WHERE ts >= ? AND ts < ? ORDER BY ts {order}, id {order} LIMIT ? OFFSET ?")
+        sql = (f"SELECT s.session_id, r.ts, m.name, {', '.join('r.' + c for c in USAGE_COLUMNS)} FROM requests r "
+               "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model "
+               f"WHERE r.ts >= ? AND r.ts < ? ORDER BY r.ts {order}, r.id {order} LIMIT ? OFFSET ?")
         rows = self._reader().execute(sql, (start_ms, end_ms, limit if limit > 0 else -1, max(offset, 0)))
         return [StoredRequest(session, ts, model, Usage(1, *figures)) for session, ts, model, *figures in rows]
 
     def latest_session(self) -> str | None:
-        row = self._reader().execute("SELECT session_id FROM requests ORDER BY ts DESC, id DESC LIMIT 1").fetchone()
+        row = self._reader().execute("SELECT s.session_id FROM requests r JOIN sessions s ON s.id = r.session "
+                                     "ORDER BY r.ts DESC, r.id DESC LIMIT 1").fetchone()
         return row[0] if row else None
 
     def session_usage(self, session_id: str) -> tuple[dict[str, Usage], int | None, int | None]:
         """Totals per model of one session, with its first and last request times."""
-        columns = ", ".join(f"SUM({c})" for c in USAGE_COLUMNS)
-        rows = self._reader().execute(f"SELECT model, COUNT(*), {columns}, MIN(ts), MAX(ts) FROM requests "
-                                      "WHERE session_id = ? GROUP BY model", (session_id,)).fetchall()
+        columns = ", ".join(f"SUM(r.{c})" for c in USAGE_COLUMNS)
+        rows = self._reader().execute(
+            f"SELECT m.name, COUNT(*), {columns}, MIN(r.ts), MAX(r.ts) FROM requests r "
+            "JOIN models m ON m.id = r.model WHERE r.session = (SELECT id FROM sessions WHERE session_id = ?) "
+            "GROUP BY m.name", (session_id,)).fetchall()
         by_model = {model: Usage(*figures) for model, *figures, _, _ in rows}
         first = min((row[-2] for row in rows), default=None)
         last = max((row[-1] for row in rows), default=None)
@@ -802,10 +828,13 @@ MAX_RECORDS_PER_EXPORT = 100_000
 MAX_ATTRIBUTES = 1024
 MAX_VALUE_CHARS = 1024 * 1024
 MAX_DEPTH = 8
+MAX_COUNT = 10 ** 12           # tokens or milliseconds in one record; sums of millions of them stay in int64
+MAX_USD = 10 ** 6              # dollars in one record
+SCALAR_KINDS = ("string_value", "int_value", "double_value", "bool_value")
 
 
 def any_value(value, depth: int = 0) -> Any:
-    """An OTLP AnyValue as a plain Python value; raises BadValue past the caps."""
+    """An OTLP AnyValue as a plain Python value (bytes stay bytes); raises BadValue past the caps."""
     if depth > MAX_DEPTH:
         raise BadValue(f"attribute values nested deeper than {MAX_DEPTH} levels")
     kind = value.WhichOneof("value")
@@ -815,56 +844,70 @@ def any_value(value, depth: int = 0) -> Any:
         return [any_value(v, depth + 1) for v in value.array_value.values]
     if kind == "kvlist_value":
         return attributes_dict(value.kvlist_value.values, depth + 1)
-    if kind in ("string_value", "bytes_value") and len(getattr(value, kind)) > MAX_VALUE_CHARS:
+    if kind is None:
+        return None
+    scalar = getattr(value, kind)
+    if kind in ("string_value", "bytes_value") and len(scalar) > MAX_VALUE_CHARS:
         raise BadValue(f"an attribute value is longer than {MAX_VALUE_CHARS // 1024} KiB")
-    if kind == "bytes_value":
-        return value.bytes_value.hex()
-    return getattr(value, kind) if kind else None
+    return scalar
 
 
 def attributes_dict(key_values, depth: int = 0) -> dict[str, Any]:
     if len(key_values) > MAX_ATTRIBUTES:
         raise BadValue(f"more than {MAX_ATTRIBUTES} attributes")
-    return {kv.key: any_value(kv.value, depth) for kv in key_values}
+    attributes = {}
+    for kv in key_values:  # the hot loop of ingestion: plain scalars without a call per value
+        value = kv.value
+        kind = value.WhichOneof("value")
+        if kind in SCALAR_KINDS and (kind != "string_value" or len(value.string_value) <= MAX_VALUE_CHARS):
+            attributes[kv.key] = getattr(value, kind)
+        else:
+            attributes[kv.key] = any_value(value, depth)
+    return attributes
+
+
+def exact_number(value: Any, key: str) -> decimal.Decimal | int:
+    """An int as it is, or a double or an ASCII numeric string as an exact Decimal; BadValue otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BadValue(f"{key}={value!r} is not a number")
+    if isinstance(value, int):
+        return value
+    text = value.strip() if isinstance(value, str) else repr(value)  # repr: a double's shortest exact decimal
+    if not text.isascii():
+        raise BadValue(f"{key}={value!r} is not a number")
+    try:
+        exact = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        raise BadValue(f"{key}={value!r} is not a number") from None
+    if not exact.is_finite():
+        raise BadValue(f"{key}={value!r} is not a finite number")
+    if exact.adjusted() > 18:  # before any arithmetic: '1e1000000' must not cost seconds of CPU
+        raise BadValue(f"{key}={value!r} is too large")
+    return exact
 
 
 def parse_count(value: Any, key: str) -> int:
     """A non-negative whole number from an int, an integral double or a numeric string."""
-    if isinstance(value, bool):
-        raise BadValue(f"{key}={value!r} is not a number")
-    if isinstance(value, int):
-        number = value
-    else:
-        try:
-            exact = decimal.Decimal(value.strip() if isinstance(value, str) else repr(float(value)))
-        except (decimal.InvalidOperation, TypeError, ValueError):
-            raise BadValue(f"{key}={value!r} is not a number") from None
-        if not exact.is_finite() or exact != exact.to_integral_value():
-            raise BadValue(f"{key}={value!r} is not a whole number")
-        number = int(exact)
-    if number < 0:
+    if type(value) is int and 0 <= value < MAX_COUNT:
+        return value  # the common case, first
+    exact = exact_number(value, key)
+    if exact != int(exact):
+        raise BadValue(f"{key}={value!r} is not a whole number")
+    if exact < 0:
         raise BadValue(f"{key}={value!r} is negative")
-    if number >= 2 ** 62:
+    if exact >= MAX_COUNT:
         raise BadValue(f"{key}={value!r} is too large")
-    return number
+    return int(exact)
 
 
 def parse_usd_nanos(value: Any, key: str) -> int:
     """A non-negative USD amount, as integer nano-USD, from a double, an int or a numeric string."""
-    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
-        raise BadValue(f"{key}={value!r} is not a number")
-    try:
-        # repr() of a double is its shortest round-tripping decimal: 0.1 stays 0.1, not 0.1000000000000000055
-        exact = decimal.Decimal(value.strip() if isinstance(value, str) else repr(value))
-    except (decimal.InvalidOperation, ValueError):
-        raise BadValue(f"{key}={value!r} is not a number") from None
-    if not exact.is_finite():
-        raise BadValue(f"{key}={value!r} is not a finite number")
+    exact = exact_number(value, key)
     if exact < 0:
         raise BadValue(f"{key}={value!r} is negative")
-    if exact >= 10 ** 9:
+    if exact >= MAX_USD:
         raise BadValue(f"{key}={value!r} is too large")
-    return int((exact * NANOS_PER_USD).to_integral_value(decimal.ROUND_HALF_EVEN))
+    return int((decimal.Decimal(exact) * NANOS_PER_USD).to_integral_value(decimal.ROUND_HALF_EVEN))
 
 
 def parse_iso_ms(text: Any) -> int | None:
@@ -878,69 +921,103 @@ def parse_iso_ms(text: Any) -> int | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.timezone.utc)
     ms = ms_from_datetime(moment)
-    return ms if ms >= 0 else None
+    return ms if 0 <= ms <= MAX_TIMESTAMP_MS else None
+
+
+MAX_TIMESTAMP_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant datetime can show
 
 
 def record_time_ms(attrs: dict, record) -> int:
     """event.timestamp, else the record's time, else its observed time, else now."""
-    return (parse_iso_ms(attrs.get("event.timestamp"))
-            or record.time_unix_nano // 1_000_000
-            or record.observed_time_unix_nano // 1_000_000
-            or int(time.time() * 1000))
+    for ms in (parse_iso_ms(attrs.get("event.timestamp")), record.time_unix_nano // 1_000_000,
+               record.observed_time_unix_nano // 1_000_000):
+        if ms and ms <= MAX_TIMESTAMP_MS:
+            return ms
+    return int(time.time() * 1000)
 
 
 def event_name(attrs: dict, record) -> str:
+    """claude_code.<name> from the body, else event.name, else the record's event_name, else 'log'."""
     body = record.body.string_value if record.body.WhichOneof("value") == "string_value" else ""
-    for candidate in (body, attrs.get("event.name"), record.event_name):
-        if isinstance(candidate, str) and candidate:
+    if body.startswith(EVENT_PREFIX) and len(body) <= 100:
+        return body.removeprefix(EVENT_PREFIX)
+    for candidate in (attrs.get("event.name"), record.event_name):
+        if isinstance(candidate, str) and candidate and len(candidate) <= 100:
             return candidate.removeprefix(EVENT_PREFIX)
     return "log"
 
 
-def dedupe_key(attrs: dict, record) -> str:
-    session, sequence = attrs.get("session.id"), attrs.get("event.sequence")
-    if session is not None and sequence is not None:
-        return f"{session}:{sequence}"
-    return "h:" + hashlib.blake2b(record.SerializeToString(deterministic=True), digest_size=12).hexdigest()
+def record_key(attrs: dict, record) -> tuple[str, int]:
+    """The de-duplication key besides the timestamp: (session.id, event.sequence), or a negative hash
+    of the whole record where Claude Code's sequence number is missing."""
+    session, sequence = attrs.get("session.id", ""), attrs.get("event.sequence")
+    if type(sequence) is int and 0 <= sequence < 2 ** 62:
+        return str(session), sequence
+    if isinstance(sequence, str) and sequence.isdigit() and len(sequence) < 18:
+        return str(session), int(sequence)
+    return str(session), content_hash(record.SerializeToString(deterministic=True))
+
+
+def content_hash(data: bytes) -> int:
+    return -1 - (int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 2)
+
+
+def json_default(value: Any) -> str:
+    return value.hex() if isinstance(value, bytes) else str(value)
 
 
 def compact_json(mapping: dict) -> str | None:
-    return json.dumps(mapping, sort_keys=True, separators=(",", ":"), default=str) if mapping else None
-
-
-def source_json(resource: dict, attrs: dict) -> str | None:
-    identity = {k: attrs[k] for k in IDENTITY_KEYS if k in attrs}
-    return compact_json({**resource, **identity})
+    return json.dumps(mapping, sort_keys=True, separators=(",", ":"), default=json_default) if mapping else None
 
 
 def optional_text(value: Any) -> str | None:
-    return None if value is None else str(value)
+    return None if value is None or value == "" else str(value)
 
 
-def request_row(attrs: dict, resource: dict, record) -> tuple:
-    """One api_request record as a `requests` row; raises BadValue for unreadable figures."""
+class Sources:
+    """Canonical JSON of resource + identity attributes, memoized: every record of a session has the same."""
+
+    def __init__(self):
+        self._memo: dict[tuple, str | None] = {}
+
+    def json(self, resource_json: str, attrs: dict) -> str | None:
+        identity = tuple(attrs.get(k) for k in IDENTITY_KEYS)
+        key = (resource_json, identity)
+        if key not in self._memo:
+            if len(self._memo) > 10_000:
+                self._memo.clear()
+            merged = {**json.loads(resource_json), **{k: v for k, v in zip(IDENTITY_KEYS, identity) if v is not None}}
+            self._memo[key] = compact_json(merged)
+        return self._memo[key]
+
+
+def request_row(attrs: dict, source: str | None, record) -> tuple:
+    """One api_request record as a `requests` row (REQUEST_COLUMNS); raises BadValue for unreadable figures."""
     counts = [parse_count(attrs.get(key, 0), key) for key in
               ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")]
     if "cost_usd" in attrs:
         cost = parse_usd_nanos(attrs["cost_usd"], "cost_usd")
     else:
-        cost = parse_count(attrs.get("cost_usd_micros", 0), "cost_usd_micros") * 1000
+        cost = parse_usd_nanos(exact_number(attrs.get("cost_usd_micros", 0), "cost_usd_micros") / 10 ** 6
+                               if attrs.get("cost_usd_micros") else 0, "cost_usd_micros")
     duration = parse_count(attrs.get("duration_ms", 0), "duration_ms")
-    ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if "ttft_ms" in attrs else None
+    ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if attrs.get("ttft_ms") not in (None, "") else None
     extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
-    return (record_time_ms(attrs, record), dedupe_key(attrs, record), str(attrs.get("session.id", "")),
-            str(attrs.get("model") or "unknown"), *counts, cost, duration, ttft,
-            optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
-            compact_json(extra), source_json(resource, attrs))
+    session, seq = record_key(attrs, record)
+    return (record_time_ms(attrs, record), session, seq, str(attrs.get("model") or "unknown"), *counts, cost,
+            duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
+            source, compact_json(extra))
 
 
-def event_row(name: str, attrs: dict, resource: dict, record) -> tuple:
+def event_row(name: str, attrs: dict, source: str | None, record) -> tuple:
+    """One other event as an `events` row (EVENT_COLUMNS)."""
     rest = {k: v for k, v in attrs.items() if k not in EVENT_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     body = any_value(record.body)
     if body is not None and body != EVENT_PREFIX + name:
         rest["body"] = body
-    return (record_time_ms(attrs, record), dedupe_key(attrs, record), name, str(attrs.get("session.id", "")),
-            optional_text(attrs.get("prompt.id")), compact_json(rest) or "{}", source_json(resource, attrs))
+    session, seq = record_key(attrs, record)
+    return (record_time_ms(attrs, record), session, seq, name, optional_text(attrs.get("prompt.id")), source,
+            compact_json(rest) or "{}")
 
 
 class Rejections:
@@ -964,14 +1041,15 @@ class LogsIngest:
 
     def __init__(self):
         self._seen_unknown: set[str] = set()
+        self.sources = Sources()
 
     def decode(self, request) -> tuple[Batch, Rejections, int]:
         batch, rejected, total = Batch(), Rejections("log records"), 0
         for resource_logs in request.resource_logs:
             try:
-                resource = attributes_dict(resource_logs.resource.attributes)
+                resource = compact_json(attributes_dict(resource_logs.resource.attributes)) or "{}"
             except BadValue as exc:
-                resource, resource_problem = {}, f"resource: {exc}"
+                resource, resource_problem = "{}", f"resource: {exc}"
             else:
                 resource_problem = ""
             for scope_logs in resource_logs.scope_logs:
@@ -983,32 +1061,33 @@ class LogsIngest:
                     self._decode_record(record, resource, batch, rejected)
         return batch, rejected, total
 
-    def _decode_record(self, record, resource: dict, batch: Batch, rejected: Rejections) -> None:
+    def _decode_record(self, record, resource: str, batch: Batch, rejected: Rejections) -> None:
         try:
             attrs = attributes_dict(record.attributes)
             name = event_name(attrs, record)
         except BadValue as exc:
             rejected.add(f"log record: {exc}")
             return
+        source = self.sources.json(resource, attrs)
         try:
             if name == "api_request":
-                batch.requests.append(request_row(attrs, resource, record))
+                batch.requests.append(request_row(attrs, source, record))
                 return
-            batch.events.append(event_row(name, attrs, resource, record))
+            batch.events.append(event_row(name, attrs, source, record))
         except BadValue as exc:
             rejected.add(f"{name} in session {attrs.get('session.id', '?')}: {exc}")
             return
-        if name not in KNOWN_EVENTS and name not in self._seen_unknown:
+        if name not in KNOWN_EVENTS and name not in self._seen_unknown and len(self._seen_unknown) < 1000:
             self._seen_unknown.add(name)
             log.info("storing events of a kind ccmon does not know yet: %r", name)
 
 
-def metric_rows(request, rejected: Rejections) -> tuple[list[tuple], int]:
-    """Number data points (sums and gauges; histograms by their sum) as metric_points rows."""
+def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[tuple], int]:
+    """Number data points (sums and gauges; histograms by their sum) as metric_points rows (METRIC_COLUMNS)."""
     rows, total = [], 0
     for resource_metrics in request.resource_metrics:
         try:
-            resource = attributes_dict(resource_metrics.resource.attributes)
+            resource = compact_json(attributes_dict(resource_metrics.resource.attributes)) or "{}"
         except BadValue as exc:
             count = sum(len(getattr(m, m.WhichOneof("data")).data_points)
                         for sm in resource_metrics.scope_metrics for m in sm.metrics if m.WhichOneof("data"))
@@ -1041,15 +1120,15 @@ def metric_rows(request, rejected: Rejections) -> tuple[list[tuple], int]:
                         rejected.add(f"{metric.name}: {exc}")
                         continue
                     identity = json.dumps([metric.name, attrs, point.start_time_unix_nano, value],
-                                          sort_keys=True, default=str)
-                    dedupe = hashlib.blake2b(identity.encode(), digest_size=12).hexdigest()
+                                          sort_keys=True, default=json_default)
                     rest = {k: v for k, v in attrs.items()
                             if k not in ("session.id", "model", "type") and k not in IDENTITY_KEYS}
-                    rows.append((point.time_unix_nano // 1_000_000 or int(time.time() * 1000),
-                                 point.start_time_unix_nano // 1_000_000 or None, dedupe, metric.name,
-                                 temporality, float(value), str(attrs.get("session.id", "")),
+                    point_ms = point.time_unix_nano // 1_000_000
+                    rows.append((point_ms if 0 < point_ms <= MAX_TIMESTAMP_MS else int(time.time() * 1000),
+                                 point.start_time_unix_nano // 1_000_000 or None, str(attrs.get("session.id", "")),
+                                 content_hash(identity.encode()), metric.name, temporality, float(value),
                                  optional_text(attrs.get("model")), optional_text(attrs.get("type")),
-                                 compact_json(rest) or "{}", source_json(resource, attrs)))
+                                 sources.json(resource, attrs), compact_json(rest) or "{}"))
     return rows, total
 
 
@@ -1074,7 +1153,7 @@ class Receiver:
 
     def metrics(self, request) -> metrics_service_pb2.ExportMetricsServiceResponse:
         rejected = Rejections("data points")
-        rows, total = metric_rows(request, rejected)
+        rows, total = metric_rows(request, rejected, self.logs_ingest.sources)
         new = self.store.write(Batch(metrics=rows)) if rows else 0
         log.info("metrics: %d data points, %d new, %d rejected", total, new, rejected.count)
         response = metrics_service_pb2.ExportMetricsServiceResponse()

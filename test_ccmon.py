@@ -196,8 +196,21 @@ def stats(srv: ServerProcess, start: str | None = None, end: str | None = None):
     return srv.query().GetStats(request).stats
 
 
+READABLE_VIEWS = """
+CREATE TEMP VIEW r AS SELECT requests.*, s.session_id, m.name AS model_name, src.attributes AS source_json,
+    x.attributes AS extra_json FROM requests JOIN sessions s ON s.id = requests.session
+    JOIN models m ON m.id = requests.model LEFT JOIN attribute_sets src ON src.id = requests.source
+    LEFT JOIN attribute_sets x ON x.id = requests.extra;
+CREATE TEMP VIEW e AS SELECT events.*, s.session_id FROM events JOIN sessions s ON s.id = events.session;
+CREATE TEMP VIEW mp AS SELECT metric_points.*, s.session_id FROM metric_points
+    JOIN sessions s ON s.id = metric_points.session;
+"""
+
+
 def db_rows(db: Path, sql: str, params=()) -> list[tuple]:
+    """Query the server's database, with views r, e and mp that spell interned ids out."""
     with sqlite3.connect(db) as conn:
+        conn.executescript(READABLE_VIEWS)
         return conn.execute(sql, params).fetchall()
 
 
@@ -290,13 +303,13 @@ def test_model_stats_ranked_by_cost(server):
 
 def test_other_events_and_attributes_are_kept(server):
     sdk_export(server.port, MIXED_EVENTS + [("mystery_event", {"session.id": "sess-1", "event.sequence": 9})])
-    events = db_rows(server.db, "SELECT name, session_id, prompt_id, attributes FROM events ORDER BY ts")
+    events = db_rows(server.db, "SELECT name, session_id, prompt_id, attributes FROM e ORDER BY ts")
     assert [e[:3] for e in events] == [("user_prompt", "sess-1", "p-1"), ("tool_result", "sess-1", None),
                                        ("mystery_event", "sess-1", None)]
     tool = next(e for e in events if e[0] == "tool_result")
     assert json.loads(tool[3]) == {"event.sequence": 4, "tool_name": "Bash", "success": "true", "duration_ms": "88"}
-    haiku = db_rows(server.db, "SELECT ttft_ms, prompt_id, request_id, extra, s.attributes FROM requests "
-                               "JOIN sources s ON s.id = source_id WHERE model LIKE '%haiku%'")[0]
+    haiku = db_rows(server.db, "SELECT ttft_ms, prompt_id, request_id, extra_json, source_json FROM r "
+                               "WHERE model_name LIKE '%haiku%'")[0]
     assert haiku[:3] == (210, "p-2", "req_2")
     assert json.loads(haiku[3]) == {"query_source": "repl_main_thread"}
     source = json.loads(haiku[4])
@@ -364,7 +377,7 @@ def test_metrics_from_the_sdk_are_stored(server):
     tokens.add(1500, {"session.id": "sess-9", "model": "claude-sonnet-4-5", "type": "input"})
     tokens.add(90, {"session.id": "sess-9", "model": "claude-sonnet-4-5", "type": "output"})
     provider.shutdown()
-    rows = db_rows(server.db, "SELECT name, temporality, value, session_id, model, type FROM metric_points "
+    rows = db_rows(server.db, "SELECT name, temporality, value, session_id, model, type FROM mp "
                               "ORDER BY name, type")
     assert rows == [("claude_code.cost.usage", 1, 0.25, "sess-9", "claude-sonnet-4-5", None),
                     ("claude_code.token.usage", 1, 1500.0, "sess-9", "claude-sonnet-4-5", "input"),
@@ -613,12 +626,14 @@ def test_number_parsing_accepts_every_anyvalue_shape():
     assert [ccmon.parse_count(v, "k") for v in ("12", " 7 ", 12, 12.0, "3.0", "1e3")] == [12, 7, 12, 12, 3, 1000]
     assert [ccmon.parse_usd_nanos(v, "c") for v in ("0.0421", 0.1, 3, "1e-9", 0.000975)] == \
         [42_100_000, 100_000_000, 3_000_000_000, 1, 975_000]
-    for bad, message in ((True, "is not a number"), ("", "is not a number"), ("inf", "is not a whole number"),
-                         (float("nan"), "is not a whole number"), (2 ** 63, "is too large"), ([1], "is not a number")):
+    for bad, message in ((True, "is not a number"), ("", "is not a number"), ("inf", "is not a finite number"),
+                         (float("nan"), "is not a finite number"), (2 ** 63, "is too large"), ([1], "is not a number"),
+                         (10 ** 12, "is too large"), (b"\x12", "is not a number"), ("١٢", "is not a number"),
+                         ("1e1000000", "is too large"), ("1.5", "is not a whole number"), (-3, "is negative")):
         with pytest.raises(ccmon.BadValue, match=message):
             ccmon.parse_count(bad, "k")
     for bad, message in (("Infinity", "is not a finite number"), (-0.5, "is negative"), (None, "is not a number"),
-                         ("1,5", "is not a number"), (1e12, "is too large")):
+                         ("1,5", "is not a number"), (1e12, "is too large"), ("9" * 30, "is too large")):
         with pytest.raises(ccmon.BadValue, match=message):
             ccmon.parse_usd_nanos(bad, "c")
 
@@ -1431,9 +1446,9 @@ def events_for(session: str):
 
 def session_figures(srv: ServerProcess, session: str) -> tuple:
     rows = db_rows(srv.db, "SELECT COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cache_read_tokens), "
-                           "SUM(cache_creation_tokens), SUM(cost_nanos), SUM(duration_ms), GROUP_CONCAT(model) "
-                           "FROM (SELECT * FROM requests WHERE session_id = ? ORDER BY ts)", (session,))
-    events = db_rows(srv.db, "SELECT name, attributes FROM events WHERE session_id = ? ORDER BY ts", (session,))
+                           "SUM(cache_creation_tokens), SUM(cost_nanos), SUM(duration_ms), GROUP_CONCAT(model_name) "
+                           "FROM (SELECT * FROM r WHERE session_id = ? ORDER BY ts)", (session,))
+    events = db_rows(srv.db, "SELECT name, attributes FROM e WHERE session_id = ? ORDER BY ts", (session,))
     return rows[0], events
 
 
@@ -1542,7 +1557,7 @@ def test_http_json_rules_keepalive_and_chunked(server):
     second = conn.getresponse()
     assert second.status == 200 and json.loads(second.read()) == {}
     conn.close()
-    rows = db_rows(server.db, "SELECT ts, input_tokens, output_tokens, cost_nanos FROM requests "
+    rows = db_rows(server.db, "SELECT ts, input_tokens, output_tokens, cost_nanos FROM r "
                               "WHERE session_id = 'json-1'")
     assert rows == [(1772359200000, 1500, 25, 12_500_000)]
 
@@ -1774,8 +1789,8 @@ def test_kill_9_during_sustained_ingestion(tmp_path):
             sender.join()
         assert db_rows(srv.db, "PRAGMA integrity_check") == [("ok",)]
         srv.start()
-        stored = db_rows(srv.db, "SELECT dedupe, COUNT(*) FROM requests GROUP BY dedupe")
-        stored_seqs = {int(dedupe.split(":")[1]) for dedupe, _ in stored}
+        stored = db_rows(srv.db, "SELECT seq, COUNT(*) FROM requests GROUP BY seq")
+        stored_seqs = {seq for seq, _ in stored}
         print(f"round {round_number}: {len(acknowledged)} acknowledged, {len(stored_seqs)} stored")
         assert all(count == 1 for _, count in stored)
         assert acknowledged <= stored_seqs
