@@ -36,7 +36,7 @@ DROP_DIST_INFO = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}  # vary
 
 BOOTSTRAP = '''\
 """ccmon.pyz bootstrap: unpack once into a per-user cache keyed by the archive's content hash, then run."""
-import os, sys, tempfile, zipfile
+import os, shutil, stat, sys, tempfile, zipfile
 
 BUILD_ID = "{build_id}"
 
@@ -47,34 +47,45 @@ def cache_roots():
     yield os.path.join(tempfile.gettempdir(), "ccmon-%s" % (os.getuid() if hasattr(os, "getuid") else "user"))
 
 
+def private_folder(root):
+    """Create root, or accept it only if it is ours and nobody else can write to it: code is imported from it."""
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    info = os.lstat(root)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise OSError("not a plain folder")
+    if hasattr(os, "getuid") and (info.st_uid != os.getuid() or info.st_mode & 0o022):
+        raise OSError("owned by another user or writable by others")
+
+
 def unpack(archive):
     problems = []
     for root in cache_roots():
         target = os.path.join(root, BUILD_ID)
-        if os.path.isfile(os.path.join(target, ".complete")):
-            return target
+        staging = None
         try:
-            os.makedirs(root, mode=0o700, exist_ok=True)
+            private_folder(root)
+            if os.path.isfile(os.path.join(target, ".complete")):
+                return target
             staging = tempfile.mkdtemp(prefix=".unpack-", dir=root)
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
                     if info.filename.startswith("app/"):
                         path = zf.extract(info, staging)
                         os.chmod(path, (info.external_attr >> 16) & 0o777 or 0o644)
-            os.rename(os.path.join(staging, "app"), os.path.join(staging, "ready"))
-            open(os.path.join(staging, "ready", ".complete"), "w").close()
+            open(os.path.join(staging, "app", ".complete"), "w").close()
             try:
-                os.rename(os.path.join(staging, "ready"), target)  # atomic: one concurrent first run wins
+                os.rename(os.path.join(staging, "app"), target)  # atomic: one concurrent first run wins
             except OSError:
                 if not os.path.isfile(os.path.join(target, ".complete")):
                     raise
-            import shutil
-            shutil.rmtree(staging, ignore_errors=True)
             return target
-        except OSError as exc:
-            problems.append("%s: %s" % (root, exc.strerror or exc))
+        except (OSError, zipfile.BadZipFile) as exc:
+            problems.append("%s: %s" % (root, getattr(exc, "strerror", None) or exc))
+        finally:
+            if staging:
+                shutil.rmtree(staging, ignore_errors=True)
     sys.exit("ccmon: cannot unpack ccmon.pyz into a cache folder (%s); set XDG_CACHE_HOME to a writable "
-             "folder" % "; ".join(problems))
+             "folder of your own" % "; ".join(problems))
 
 
 def main():

@@ -213,11 +213,9 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
         raise fail("monitor.refresh_interval", f"interval {settings['monitor.refresh_interval']!r} "
                    "is outside the allowed range 1s to 5m")
     zone = text("monitor.timezone")
-    try:
-        ZoneInfo(zone)
-    except (ZoneInfoNotFoundError, ValueError):
+    if zone_or_none(zone) is None:
         raise fail("monitor.timezone", f"unknown timezone {zone!r} "
-                   "(use an IANA name such as 'UTC', 'Europe/Berlin' or 'Asia/Taipei')") from None
+                   "(use an IANA name such as 'UTC', 'Europe/Berlin' or 'Asia/Taipei')")
     plan = text("claude.plan").lower()
     if plan not in PLANS:
         raise fail("claude.plan", f"unknown plan {settings['claude.plan']!r} (accepted: {', '.join(PLANS)})")
@@ -387,6 +385,17 @@ class Split:
             else:
                 base += usage
         return cls(base, premium)
+
+
+MAX_TIMESTAMP_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant datetime can show
+
+
+def zone_or_none(name: str) -> ZoneInfo | None:
+    """The IANA zone, or None for anything that is not one (including paths zoneinfo trips over)."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
 
 
 def ms_from_datetime(moment: dt.datetime) -> int:
@@ -638,6 +647,7 @@ class Store:
         while True:
             first = self._jobs.get()
             if first is None:
+                self._fail_queued()
                 return
             group = [first]
             while len(group) < 64:
@@ -651,6 +661,16 @@ class Store:
                 group.append(item)
             self._run_group(group)
 
+    def _fail_queued(self) -> None:
+        """Jobs that raced with close() get an answer instead of waiting forever."""
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[1].set_exception(StorageUnavailable("the server is shutting down"))
+
     def _run_group(self, group: list) -> None:
         conn = self._write_conn
         results = []
@@ -661,14 +681,21 @@ class Store:
                 try:
                     results.append((job(conn), None))
                     conn.execute("RELEASE job")
-                except sqlite3.IntegrityError as exc:  # a bad job must not sink the rest of the group
+                except sqlite3.OperationalError:
+                    raise  # locked, full, read-only: the whole group fails and is retried by its senders
+                except Exception as exc:  # a bad job must not sink the rest of the group, nor the writer
+                    log.error("a write failed and was rolled back: %r", exc)
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
-                    results.append((None, exc))
+                    self._ids.clear()  # ids interned by the rolled-back job are gone
+                    results.append((None, StorageUnavailable(f"the write failed: {exc}")))
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the transaction is gone either way
             self._ids.clear()  # ids inserted by the rolled-back transaction are gone
             if not self._failing:
                 log.error("cannot write to the database %s (%s); exporters are told to retry until it works "
@@ -724,7 +751,7 @@ class Store:
             while True:
                 count = self.submit(lambda conn, t=table: conn.execute(
                     f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE ts < ? LIMIT {SWEEP_CHUNK})",
-                    (older_than_ms,)).rowcount, timeout=30).result()
+                    (older_than_ms,)).rowcount, timeout=30).result(timeout=60)
                 deleted += count
                 if count < SWEEP_CHUNK:
                     break
@@ -735,7 +762,12 @@ class Store:
         if self._closed:
             return
         self._closed = True
-        self._jobs.put(None)
+        while self._writer.is_alive():
+            try:
+                self._jobs.put(None, timeout=1)  # the writer is draining a full queue: wait for a place
+                break
+            except queue.Full:
+                continue
         self._writer.join()
         self._write_conn.close()
         self._lock_file.close()
@@ -923,8 +955,6 @@ def parse_iso_ms(text: Any) -> int | None:
     ms = ms_from_datetime(moment)
     return ms if 0 <= ms <= MAX_TIMESTAMP_MS else None
 
-
-MAX_TIMESTAMP_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant datetime can show
 
 
 def record_time_ms(attrs: dict, record) -> int:
@@ -1212,8 +1242,12 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
 
 # ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
 
-def timestamp_ms(ts: timestamp_pb2.Timestamp, default: int) -> int:
-    return ts.seconds * 1000 + ts.nanos // 1_000_000 if ts.seconds or ts.nanos else default
+def timestamp_ms(request, field: str, default: int) -> int:
+    """A request's Timestamp field in ms, clamped to what the store holds; `default` when unset."""
+    if not request.HasField(field):
+        return default
+    ts = getattr(request, field)
+    return min(max(ts.seconds * 1000 + ts.nanos // 1_000_000, 0), MAX_TIMESTAMP_MS + 1)
 
 
 def timestamp_from_ms(ms: int) -> timestamp_pb2.Timestamp:
@@ -1246,7 +1280,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         self.store, self.started_ms = store, started_ms
 
     def _period(self, request) -> tuple[int, int]:
-        return timestamp_ms(request.start_time, 0), timestamp_ms(request.end_time, now_ms())
+        return timestamp_ms(request, "start_time", 0), timestamp_ms(request, "end_time", now_ms())
 
     def GetStats(self, request, context):
         split = Split.from_models(self.store.usage_by_model(*self._period(request)))
@@ -1265,19 +1299,21 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             for r in rows])
 
     def GetUsage(self, request, context):
-        try:
-            zone = ZoneInfo(request.timezone or "UTC")
-        except (ZoneInfoNotFoundError, ValueError):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown timezone {request.timezone!r}")
-        end = timestamp_ms(request.end_time, now_ms())
-        start = timestamp_ms(request.start_time, end - 30 * 86400_000 + 1)
-        days = max(1, min(3660, (end - start) // 86400_000 + 1))
+        zone = zone_or_none(request.timezone or "UTC")
+        if zone is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown timezone {request.timezone[:100]!r}")
+        end = min(timestamp_ms(request, "end_time", now_ms()), MAX_TIMESTAMP_MS - 86400_000)
+        start = timestamp_ms(request, "start_time", -1)
+        days = 30  # unset start: the last 30 calendar days
+        if start >= 0:
+            first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date() for ms in (start, max(start, end - 1)))
+            days = min(3660, (last - first).days + 1)
         response = ccmon_pb2.GetUsageResponse()
-        for date, lo, hi in day_bounds(zone, end - 1, days):
-            if hi <= start:
-                break
-            split = Split.from_models(self.store.usage_by_model(max(lo, start), min(hi, end)))
-            response.days.add(date=date, stats=stats_message(split))
+        for date, lo, hi in day_bounds(zone, max(end - 1, 0), days):
+            lo, hi = max(lo, start), min(hi, end)
+            if lo < hi or start < 0:
+                split = Split.from_models(self.store.usage_by_model(lo, hi))
+                response.days.add(date=date, stats=stats_message(split))
         return response
 
     def GetModelStats(self, request, context):
@@ -1739,6 +1775,8 @@ class BlockStatus:
             return None
         if self.used >= self.limit:
             return self.now_ms
+        if self.burn_rate <= 0:
+            return None
         at = self.now_ms + int((self.limit - self.used) / self.burn_rate * 60_000)
         return at if at < self.end_ms else None
 
@@ -2010,7 +2048,7 @@ PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w":
 TABS = ("current", "daily")
 TAB_TITLES = {"current": "Current", "daily": "Daily Usage"}
 MIN_SIZE = (40, 12)
-PAGE_FETCH = 200  # request rows fetched per refresh; the table scrolls through them by offset
+PAGE_FETCH = 1000  # request rows fetched per refresh, around the scroll position: enough for any screen
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2053,7 +2091,7 @@ def query_for(state: ViewState, settings: MonitorSettings, now: int) -> Query:
     block = None
     if settings.block_hour is not None:
         block = (current_block(now, settings.zone, settings.block_hour)[0], now)
-    offset = max(0, state.scroll - PAGE_FETCH // 4)  # a window around the scroll position
+    offset = max(0, state.scroll - PAGE_FETCH // 4)
     return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key, block)
 
 
@@ -2267,10 +2305,11 @@ def usage_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, wid
 
 
 def block_lines(snap: Snapshot, settings: MonitorSettings, width: int, now: int, glyphs: Glyphs) -> list[Line]:
-    if settings.block_hour is None or snap.block is None:
+    if settings.block_hour is None or snap.block is None or snap.query.block is None:
         return [[("Block tracking is off: start with -b 5am (the hour your 5-hour windows start).", "dim")]]
-    start, end = current_block(now, settings.zone, settings.block_hour)
-    status = BlockStatus(start, end, now, snap.block.premium.limited, settings.limit)
+    # The block the figures were fetched for: at a rollover the next refresh brings the new one.
+    start, end = current_block(snap.query.block[0], settings.zone, settings.block_hour)
+    status = BlockStatus(start, end, min(max(now, start), end), snap.block.premium.limited, settings.limit)
     zone = settings.zone
     lines = [rule(f"Block {local_time(start, zone)}-{local_time(end, zone)}", width, glyphs)]
     bar_width = max(5, min(40, width - 35))
@@ -2330,12 +2369,13 @@ def daily_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, wid
     columns = [Column("Date", 10, 0, left=True), Column("Base", 5, 3), Column("Prem", 5, 1), Column("Input", 6, 4),
                Column("Output", 6, 2), Column("CacheR", 6, 5), Column("CacheW", 6, 5), Column("Total", 6, 2),
                Column("Burn", 8, 6), Column("Prem $", 9, 1)]
-    today = local_time(now, settings.zone, "%Y-%m-%d")
     rows, total = [], Split()
     for date, split in snap.days:
         total = Split(total.base + split.base, total.premium + split.premium)
-        day_start = ms_from_datetime(dt.datetime.combine(dt.date.fromisoformat(date), dt.time(), settings.zone))
-        elapsed_ms = now - day_start if date == today else 86400_000
+        day = dt.date.fromisoformat(date)
+        day_start, next_day = (ms_from_datetime(dt.datetime.combine(d, dt.time(), settings.zone))
+                               for d in (day, day + dt.timedelta(days=1)))
+        elapsed_ms = min(now, next_day) - day_start  # DST days have 23 or 25 hours
         rows.append(_daily_cells(date, split, format_rate(per_minute(split.premium.limited, elapsed_ms))))
     page_rows = max(1, rows_available - 3)
     body_rows = [(cells, "") for cells in rows[state.scroll:state.scroll + page_rows]]

@@ -1322,6 +1322,21 @@ def test_pyz_falls_back_to_temp_dir_when_home_is_unusable(pyz, tmp_path):
     result = subprocess.run(bare(pyz) + ["--version"], capture_output=True, text=True, env=env, timeout=60)
     assert (result.returncode, result.stdout) == (0, f"ccmon {ccmon.VERSION}\n")
     assert list(tmp_path.glob(f"ccmon-{os.getuid()}/*/ccmon.py"))
+    # A cache folder that others can write to is never imported from.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "ccmon").mkdir(mode=0o777)
+    os.chmod(shared / "ccmon", 0o777)
+    env = {**env, "XDG_CACHE_HOME": str(shared), "TMPDIR": str(tmp_path / "tmp2")}
+    (tmp_path / "tmp2").mkdir()
+    result = subprocess.run(bare(pyz) + ["--version"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0 and not list((shared / "ccmon").iterdir())
+    assert list((tmp_path / "tmp2").glob(f"ccmon-{os.getuid()}/*/ccmon.py"))
+    corrupt = tmp_path / "corrupt.pyz"
+    corrupt.write_bytes(pyz.read_bytes()[:200_000])
+    result = subprocess.run([sys.executable, "-I", "-S", str(corrupt), "--version"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
 
 
 def test_pyz_build_is_reproducible_and_lean(pyz, tmp_path):
@@ -1882,3 +1897,35 @@ def test_example_config_is_valid_and_shows_the_defaults(tmp_path, monkeypatch):
     example = config_for(tmp_path, monkeypatch)
     (tmp_path / "config.toml").unlink()
     assert dataclasses_replace(example, source="defaults") == config_for(tmp_path, monkeypatch)
+
+
+def test_query_edge_cases(server):
+    sdk_export(server.port, [("api_request", api_request(1, "2026-01-01T23:30:00Z", input_tokens=100)),
+                             ("api_request", api_request(2, "2026-01-02T00:30:00Z", input_tokens=5))])
+    request = ccmon_pb2.GetUsageRequest(timezone="UTC", start_time=ts("2026-01-01T23:00:00Z"),
+                                        end_time=ts("2026-01-02T01:00:00Z"))
+    days = server.query().GetUsage(request).days
+    assert [(d.date, d.stats.total_tokens.input) for d in days] == [("2026-01-02", 5), ("2026-01-01", 100)]
+    for zone in ("America", "a" * 300, "../../etc/passwd"):
+        with pytest.raises(grpc.RpcError) as err:
+            server.query().GetUsage(ccmon_pb2.GetUsageRequest(timezone=zone))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    huge = ccmon_pb2.GetStatsRequest()
+    huge.end_time.seconds = 2 ** 60
+    assert server.query().GetStats(huge).stats.total_requests == 2
+    usage = ccmon_pb2.GetUsageRequest()
+    usage.end_time.seconds = 2 ** 40
+    assert len(server.query().GetUsage(usage).days) == 30
+    epoch = ccmon_pb2.GetStatsRequest()
+    epoch.end_time.CopyFrom(ts("1970-01-01T00:00:00Z"))  # set to the epoch is not "unset"
+    assert server.query().GetStats(epoch).stats.total_requests == 0
+
+
+def test_block_rollover_renders_the_fetched_block():
+    snap, settings, now = _frame_fixture()
+    next_block = ccmon.current_block(now, settings.zone, settings.block_hour)[1]
+    for moment in (next_block, next_block + 1, next_block + 60_000):
+        lines, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, moment)
+        assert lines[8].startswith("-- Block 10:00-15:00 ")
+        assert lines[11] == "Burn 70/min; within limit at this pace (60% at block end)"  # the block as it ended
+    assert ccmon.BlockStatus(0, ccmon.BLOCK_MS, 0, used=10, limit=100).limit_reached_ms() is None
