@@ -34,7 +34,7 @@ import zlib
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -418,6 +418,7 @@ def day_bounds(zone: ZoneInfo, end_ms: int, days: int) -> list[tuple[str, int, i
 # ---------------------------------------------------------------- Storage: SQLite schema, single writer, readers
 
 BUCKET_MS = 15 * 60 * 1000  # rollup granularity: every timezone offset is a multiple of 15 minutes
+DAY_MS = 86400_000          # second rollup level, UTC days: a year of history is a few hundred rows
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                  "cost_nanos", "duration_ms")
 SCHEMA_VERSION = 1
@@ -473,6 +474,14 @@ CREATE TRIGGER IF NOT EXISTS requests_rollup_delete AFTER DELETE ON requests BEG
     DELETE FROM usage_rollup
     WHERE bucket = OLD.ts - OLD.ts % {BUCKET_MS} AND model = OLD.model AND requests = 0;
 END;
+-- Per-UTC-day totals, recomputed from usage_rollup for the days each write touches (Store._refresh_days).
+CREATE TABLE IF NOT EXISTS usage_daily (
+    bucket INTEGER NOT NULL,
+    model INTEGER NOT NULL,
+    requests INTEGER NOT NULL,
+    {", ".join(f"{c} INTEGER NOT NULL" for c in USAGE_COLUMNS)},
+    PRIMARY KEY (bucket, model)
+) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -540,6 +549,20 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.requests) + len(self.events) + len(self.metrics)
+
+
+def period_parts(start: int, end: int, sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Split [start, end) into (level, lo, hi) pieces: the largest aligned blocks of sizes[0] inside,
+    then of sizes[1] around them, ..., and level len(sizes) (raw rows) for what is left at the edges."""
+    if start >= end:
+        return []
+    if not sizes:
+        return [(0, start, end)]
+    lo, hi = -(-start // sizes[0]) * sizes[0], end // sizes[0] * sizes[0]
+    if lo >= hi:
+        return [(level + 1, a, b) for level, a, b in period_parts(start, end, sizes[1:])]
+    edges = period_parts(start, lo, sizes[1:]) + period_parts(hi, end, sizes[1:])
+    return [(0, lo, hi)] + [(level + 1, a, b) for level, a, b in edges]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -734,28 +757,48 @@ class Store:
             if not rows:
                 continue
             interned = [(i, INTERNED[table][c]) for i, c in enumerate(columns) if c in INTERNED[table]]
+            ids = {(i, value): self._intern(conn, target, column, value)  # a batch has few distinct values
+                   for i, (target, column) in interned for value in {row[i] for row in rows}}
+            positions = [i for i, _ in interned]
             resolved = []
             for row in rows:
                 row = list(row)
-                for i, (target, column) in interned:
-                    row[i] = self._intern(conn, target, column, row[i])
+                for i in positions:
+                    row[i] = ids[i, row[i]]
                 resolved.append(row)
             sql = f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
             new += conn.executemany(sql, resolved).rowcount  # duplicates are ignored, not counted
+        if batch.requests:
+            self._refresh_days(conn, {row[0] - row[0] % DAY_MS for row in batch.requests})
         return new
+
+    @staticmethod
+    def _refresh_days(conn: sqlite3.Connection, days: Iterable[int]) -> None:
+        """Recompute usage_daily for these UTC days from usage_rollup, in the writing transaction."""
+        sums = ", ".join(f"SUM({c})" for c in ("requests", *USAGE_COLUMNS))
+        for day in days:
+            conn.execute("DELETE FROM usage_daily WHERE bucket = ?", (day,))
+            conn.execute(f"INSERT INTO usage_daily SELECT ?, model, {sums} FROM usage_rollup "
+                         "WHERE bucket >= ? AND bucket < ? GROUP BY model", (day, day, day + DAY_MS))
 
     def sweep(self, older_than_ms: int) -> int:
         """Delete rows older than the cutoff, a chunk per transaction so ingestion keeps flowing."""
         deleted = 0
         for table in RETENTION_TABLES:
             while True:
-                count = self.submit(lambda conn, t=table: conn.execute(
-                    f"DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE ts < ? LIMIT {SWEEP_CHUNK})",
-                    (older_than_ms,)).rowcount, timeout=30).result(timeout=60)
+                count = self.submit(lambda conn, t=table: self._delete_chunk(conn, t, older_than_ms),
+                                    timeout=30).result(timeout=60)
                 deleted += count
                 if count < SWEEP_CHUNK:
                     break
         return deleted
+
+    def _delete_chunk(self, conn: sqlite3.Connection, table: str, older_than_ms: int) -> int:
+        deleted = conn.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? ORDER BY ts "
+                               f"LIMIT {SWEEP_CHUNK}) RETURNING ts", (older_than_ms,)).fetchall()
+        if table == "requests" and deleted:
+            self._refresh_days(conn, {ts - ts % DAY_MS for ts, in deleted})
+        return len(deleted)
 
     def close(self) -> None:
         """Finish every queued write, then close the database."""
@@ -781,23 +824,17 @@ class Store:
         return conn
 
     def usage_by_model(self, start_ms: int, end_ms: int) -> dict[str, Usage]:
-        """Totals per model over [start_ms, end_ms): whole rollup buckets inside, raw rows at the edges."""
-        lo = -(-start_ms // BUCKET_MS) * BUCKET_MS
-        hi = end_ms // BUCKET_MS * BUCKET_MS
+        """Totals per model over [start_ms, end_ms): whole days from usage_daily, whole quarter hours from
+        usage_rollup at the ends, raw rows at the unaligned edges."""
         columns = ", ".join(f"SUM({c})" for c in USAGE_COLUMNS)
-        raw = f"SELECT model, COUNT(*), {columns} FROM requests WHERE ts >= ? AND ts < ? GROUP BY model"
-        if lo >= hi:
-            parts = [(raw, (start_ms, end_ms))]
-        else:
-            parts = [(f"SELECT model, SUM(requests), {columns} FROM usage_rollup "
-                      "WHERE bucket >= ? AND bucket < ? GROUP BY model", (lo, hi)),
-                     (raw, (start_ms, lo)), (raw, (hi, end_ms))]
+        rollup = "SELECT model, SUM(requests), {columns} FROM {table} WHERE bucket >= ? AND bucket < ? GROUP BY model"
+        levels = [rollup.format(columns=columns, table="usage_daily"),
+                  rollup.format(columns=columns, table="usage_rollup"),
+                  f"SELECT model, COUNT(*), {columns} FROM requests WHERE ts >= ? AND ts < ? GROUP BY model"]
         totals: dict[int, Usage] = {}
         conn = self._reader()
-        for sql, params in parts:
-            if params[0] >= params[1]:
-                continue
-            for model, *figures in conn.execute(sql, params):
+        for level, lo, hi in period_parts(start_ms, end_ms, (DAY_MS, BUCKET_MS)):
+            for model, *figures in conn.execute(levels[level], (lo, hi)):
                 totals[model] = totals.get(model, Usage()) + Usage(*figures)
         names = self._model_names()
         return {names[model]: usage for model, usage in totals.items() if usage.requests}
@@ -1666,6 +1703,9 @@ def retention_loop(store: Store, retention_s: int, stop: threading.Event) -> Non
 
 
 def run_server(config: Config) -> int:
+    # The writer needs the GIL for every row it binds while decoding threads are busy; a short switch
+    # interval keeps it from waiting up to 5 ms each time (measured: ingestion 19k -> see BENCHMARKS.md).
+    sys.setswitchinterval(0.0005)
     try:
         store = Store(config.database_path)
     except StorageError as exc:

@@ -1929,3 +1929,47 @@ def test_block_rollover_renders_the_fetched_block():
         assert lines[8].startswith("-- Block 10:00-15:00 ")
         assert lines[11] == "Burn 70/min; within limit at this pace (60% at block end)"  # the block as it ended
     assert ccmon.BlockStatus(0, ccmon.BLOCK_MS, 0, used=10, limit=100).limit_reached_ms() is None
+
+
+def test_rollups_always_agree_with_raw_rows(tmp_path):
+    """Random inserts (with duplicates) and retention sweeps; every period, in any timezone, answered from the
+    rollups equals the brute-force sum over the raw rows."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    store = ccmon.Store(tmp_path / "rollups.db")
+    base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
+    span = 40 * 86400_000
+    moments = st.integers(min_value=base - 86400_000, max_value=base + span)
+    row = st.tuples(moments, st.sampled_from(["s1", "s2", ""]), st.integers(min_value=0, max_value=50),
+                    st.sampled_from(["claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"]),
+                    *[st.integers(min_value=0, max_value=10 ** 6)] * 6)
+    operation = st.one_of(st.tuples(st.just("insert"), st.lists(row, min_size=1, max_size=30)),
+                          st.tuples(st.just("sweep"), moments))
+    zones = st.sampled_from(["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Australia/Lord_Howe"])
+
+    def brute_force(start, end):
+        rows = db_rows(store.path, "SELECT model_name, COUNT(*), SUM(input_tokens), SUM(output_tokens), "
+                                   "SUM(cache_read_tokens), SUM(cache_creation_tokens), SUM(cost_nanos), "
+                                   "SUM(duration_ms) FROM r WHERE ts >= ? AND ts < ? GROUP BY model_name",
+                       (start, end))
+        return {model: ccmon.Usage(*figures) for model, *figures in rows}
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(operation, min_size=1, max_size=6), st.lists(st.tuples(moments, moments), max_size=6), zones)
+    def check(operations, periods, zone_name):
+        for kind, payload in operations:
+            if kind == "insert":
+                rows = [(*r, None, None, None, None, None) for r in payload] * 2  # every row twice: de-duplicated
+                store.write(ccmon.Batch(requests=rows))
+            else:
+                store.sweep(payload)
+        for start, end in periods:
+            assert store.usage_by_model(min(start, end), max(start, end)) == brute_force(min(start, end),
+                                                                                          max(start, end))
+        zone = ccmon.ZoneInfo(zone_name)
+        for _, lo, hi in ccmon.day_bounds(zone, base + span, 42)[::7]:
+            assert store.usage_by_model(lo, hi) == brute_force(lo, hi)
+        assert store.usage_by_model(0, base + 2 * span) == brute_force(0, base + 2 * span)
+
+    check()
+    assert db_rows(store.path, "SELECT COUNT(*) FROM usage_rollup WHERE requests <= 0") == [(0,)]
+    store.close()
