@@ -345,6 +345,8 @@ class Usage:
     cache_creation: int = 0
     cost_nanos: int = 0
     duration_ms: int = 0
+    ttft_ms: int = 0        # sum over the requests that reported a time to first token
+    ttft_count: int = 0
 
     @property
     def limited(self) -> int:
@@ -421,11 +423,43 @@ BUCKET_MS = 15 * 60 * 1000  # rollup granularity: every timezone offset is a mul
 DAY_MS = 86400_000          # second rollup level, UTC days: a year of history is a few hundred rows
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                  "cost_nanos", "duration_ms")
+# What each rollup row keeps, and how one requests row ({r}: its alias) adds to it; after `rows`,
+# in the order of Usage's fields. Rows derived from metrics (origin 1) are usage, not requests.
+FIGURES = {"rows": "1", "requests": "({r}origin = 0)", **{c: "{r}" + c for c in USAGE_COLUMNS},
+           "ttft_ms": "COALESCE({r}ttft_ms, 0)", "ttft_count": "({r}ttft_ms IS NOT NULL)"}
+USAGE_SUMS = ", ".join(f"SUM({c})" for c in list(FIGURES)[1:])  # a rollup's figures as Usage(*...)
+RAW_SUMS = ", ".join(f"SUM({e.format(r='')})" for e in list(FIGURES.values())[1:])  # the same over raw rows
+ROW_FIGURES = ", ".join(e.format(r="r.") for e in list(FIGURES.values())[1:])  # one row (alias r) as Usage(*...)
+
+
+def rollup_triggers(table: str, key: dict[str, str], extra: dict[str, tuple[str, str]] | None = None) -> str:
+    """Triggers keeping `table` (keyed by `key`: column -> expression over a requests row) equal to the raw rows.
+    `extra` columns are (value on insert, merge on conflict)."""
+    extra = extra or {}
+    columns = [*key, *extra, *FIGURES]
+    inserted = [e.format(r="NEW.") for e in key.values()] + [v.format(r="NEW.") for v, _ in extra.values()] + \
+        [e.format(r="NEW.") for e in FIGURES.values()]
+    merged = [m for _, m in extra.values()] + [f"{c} = {c} + excluded.{c}" for c in FIGURES]
+    match = " AND ".join(f"{c} = {e.format(r='OLD.')}" for c, e in key.items())
+    return f"""
+CREATE TRIGGER IF NOT EXISTS {table}_insert AFTER INSERT ON requests BEGIN
+    INSERT INTO {table} ({", ".join(columns)}) VALUES ({", ".join(inserted)})
+    ON CONFLICT ({", ".join(key)}) DO UPDATE SET {", ".join(merged)};
+END;
+CREATE TRIGGER IF NOT EXISTS {table}_delete AFTER DELETE ON requests BEGIN
+    UPDATE {table} SET {", ".join(f"{c} = {c} - {e.format(r='OLD.')}" for c, e in FIGURES.items())} WHERE {match};
+    DELETE FROM {table} WHERE {match} AND rows = 0;
+END;
+"""
+
+
+FIGURE_COLUMNS = ", ".join(f"{c} INTEGER NOT NULL" for c in FIGURES)
 SCHEMA_VERSION = 1
 SCHEMA = f"""
 -- Values repeated across many rows are stored once and referenced by id (a row is ~150 bytes).
 CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, session_id TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS models (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS users (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);  -- '' when unknown
 CREATE TABLE IF NOT EXISTS attribute_sets (
     id INTEGER PRIMARY KEY,
     attributes TEXT NOT NULL UNIQUE           -- canonical JSON object
@@ -436,6 +470,7 @@ CREATE TABLE IF NOT EXISTS requests (
     session INTEGER NOT NULL REFERENCES sessions(id),
     seq INTEGER NOT NULL,                     -- event.sequence, or a negative hash of the record without one
     model INTEGER NOT NULL REFERENCES models(id),
+    user INTEGER NOT NULL REFERENCES users(id),
     input_tokens INTEGER NOT NULL,
     output_tokens INTEGER NOT NULL,
     cache_read_tokens INTEGER NOT NULL,
@@ -446,48 +481,41 @@ CREATE TABLE IF NOT EXISTS requests (
     prompt_id TEXT,
     request_id TEXT,
     source INTEGER REFERENCES attribute_sets(id),  -- resource + who/where (user, organization, terminal)
-    extra INTEGER REFERENCES attribute_sets(id)    -- the remaining record attributes
+    extra INTEGER REFERENCES attribute_sets(id),   -- the remaining record attributes
+    origin INTEGER NOT NULL DEFAULT 0         -- 0: an api_request event; 1: derived from cost/token metrics
 );
 -- The de-duplication key leads with the timestamp, which also serves every period query.
 CREATE UNIQUE INDEX IF NOT EXISTS requests_key ON requests(ts, session, seq);
 CREATE INDEX IF NOT EXISTS requests_session ON requests(session, ts);
 
--- Per-15-minute, per-model totals kept equal to the raw rows by triggers, so any period
--- is answered from a few rollup rows plus the raw rows at its unaligned edges.
+-- Rollups kept equal to the raw rows by triggers: per 15 minutes (every timezone offset is a multiple
+-- of it) and per session; usage_daily per UTC day is recomputed from usage_rollup by the writer.
 CREATE TABLE IF NOT EXISTS usage_rollup (
-    bucket INTEGER NOT NULL,
-    model INTEGER NOT NULL,
-    requests INTEGER NOT NULL,
-    {", ".join(f"{c} INTEGER NOT NULL" for c in USAGE_COLUMNS)},
-    PRIMARY KEY (bucket, model)
+    bucket INTEGER NOT NULL, model INTEGER NOT NULL, user INTEGER NOT NULL, {FIGURE_COLUMNS},
+    PRIMARY KEY (bucket, model, user)
 ) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS requests_rollup_insert AFTER INSERT ON requests BEGIN
-    INSERT INTO usage_rollup VALUES (NEW.ts - NEW.ts % {BUCKET_MS}, NEW.model, 1,
-        {", ".join(f"NEW.{c}" for c in USAGE_COLUMNS)})
-    ON CONFLICT (bucket, model) DO UPDATE SET requests = requests + 1,
-        {", ".join(f"{c} = {c} + excluded.{c}" for c in USAGE_COLUMNS)};
-END;
-CREATE TRIGGER IF NOT EXISTS requests_rollup_delete AFTER DELETE ON requests BEGIN
-    UPDATE usage_rollup SET requests = requests - 1,
-        {", ".join(f"{c} = {c} - OLD.{c}" for c in USAGE_COLUMNS)}
-    WHERE bucket = OLD.ts - OLD.ts % {BUCKET_MS} AND model = OLD.model;
-    DELETE FROM usage_rollup
-    WHERE bucket = OLD.ts - OLD.ts % {BUCKET_MS} AND model = OLD.model AND requests = 0;
-END;
--- Per-UTC-day totals, recomputed from usage_rollup for the days each write touches (Store._refresh_days).
 CREATE TABLE IF NOT EXISTS usage_daily (
-    bucket INTEGER NOT NULL,
-    model INTEGER NOT NULL,
-    requests INTEGER NOT NULL,
-    {", ".join(f"{c} INTEGER NOT NULL" for c in USAGE_COLUMNS)},
-    PRIMARY KEY (bucket, model)
+    bucket INTEGER NOT NULL, model INTEGER NOT NULL, user INTEGER NOT NULL, {FIGURE_COLUMNS},
+    PRIMARY KEY (bucket, model, user)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS session_usage (
+    session INTEGER NOT NULL, model INTEGER NOT NULL, user INTEGER NOT NULL,
+    first_ts INTEGER NOT NULL, last_ts INTEGER NOT NULL, {FIGURE_COLUMNS},
+    PRIMARY KEY (session, model)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS session_usage_last ON session_usage(last_ts);
+{rollup_triggers("usage_rollup", {"bucket": "{r}ts - {r}ts % " + str(BUCKET_MS), "model": "{r}model",
+                                  "user": "{r}user"})}
+{rollup_triggers("session_usage", {"session": "{r}session", "model": "{r}model"},
+                 {"user": ("NEW.user", "user = excluded.user"), "first_ts": ("NEW.ts", "first_ts = MIN(first_ts, excluded.first_ts)"),
+                  "last_ts": ("NEW.ts", "last_ts = MAX(last_ts, excluded.last_ts)")})}
 
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     ts INTEGER NOT NULL,
     session INTEGER NOT NULL REFERENCES sessions(id),
     seq INTEGER NOT NULL,
+    user INTEGER NOT NULL REFERENCES users(id),
     name TEXT NOT NULL,                       -- event name without the 'claude_code.' prefix
     prompt_id TEXT,
     source INTEGER REFERENCES attribute_sets(id),
@@ -503,6 +531,7 @@ CREATE TABLE IF NOT EXISTS metric_points (
     start_ts INTEGER,                         -- start_time_unix_nano in ms
     session INTEGER NOT NULL REFERENCES sessions(id),
     seq INTEGER NOT NULL,                     -- a negative hash of the point
+    user INTEGER NOT NULL REFERENCES users(id),
     name TEXT NOT NULL,
     temporality INTEGER NOT NULL,             -- OTLP AggregationTemporality: 1 delta, 2 cumulative, 0 gauge
     value REAL NOT NULL,
@@ -512,16 +541,17 @@ CREATE TABLE IF NOT EXISTS metric_points (
     attributes TEXT NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS metric_points_key ON metric_points(ts, session, seq);
-CREATE INDEX IF NOT EXISTS metric_points_name ON metric_points(name, ts);
+CREATE INDEX IF NOT EXISTS metric_points_series ON metric_points(session, name, ts);
 """
 # Rows arrive from ingestion with text where the tables hold ids; the writer resolves them.
 # Each insert names its columns; the Batch row tuples follow the same order.
-REQUEST_COLUMNS = ("ts", "session", "seq", "model", *USAGE_COLUMNS, "ttft_ms", "prompt_id", "request_id",
-                   "source", "extra")
-EVENT_COLUMNS = ("ts", "session", "seq", "name", "prompt_id", "source", "attributes")
-METRIC_COLUMNS = ("ts", "start_ts", "session", "seq", "name", "temporality", "value", "model", "type", "source",
-                  "attributes")
-SHARED = {"session": ("sessions", "session_id"), "source": ("attribute_sets", "attributes")}
+REQUEST_COLUMNS = ("ts", "session", "seq", "model", "user", *USAGE_COLUMNS, "ttft_ms", "prompt_id", "request_id",
+                   "source", "extra", "origin")
+EVENT_COLUMNS = ("ts", "session", "seq", "user", "name", "prompt_id", "source", "attributes")
+METRIC_COLUMNS = ("ts", "start_ts", "session", "seq", "user", "name", "temporality", "value", "model", "type",
+                  "source", "attributes")
+SHARED = {"session": ("sessions", "session_id"), "source": ("attribute_sets", "attributes"),
+          "user": ("users", "name")}
 INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attribute_sets", "attributes")},
             "events": SHARED, "metric_points": SHARED}
 RETENTION_TABLES = ("requests", "events", "metric_points")
@@ -551,6 +581,18 @@ class Batch:
         return len(self.requests) + len(self.events) + len(self.metrics)
 
 
+# Metric data points that are usage: (metric name, its `type` attribute) -> the requests column they add to.
+METRIC_USAGE_FIELDS = {("claude_code.cost.usage", None): "cost_nanos",
+                       ("claude_code.token.usage", "input"): "input_tokens",
+                       ("claude_code.token.usage", "output"): "output_tokens",
+                       ("claude_code.token.usage", "cacheRead"): "cache_read_tokens",
+                       ("claude_code.token.usage", "cacheCreation"): "cache_creation_tokens"}
+
+
+def insert_sql(table: str, columns: tuple) -> str:
+    return f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+
+
 def period_parts(start: int, end: int, sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """Split [start, end) into (level, lo, hi) pieces: the largest aligned blocks of sizes[0] inside,
     then of sizes[1] around them, ..., and level len(sizes) (raw rows) for what is left at the edges."""
@@ -571,6 +613,31 @@ class StoredRequest:
     ts_ms: int
     model: str
     usage: Usage
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSummary:
+    session_id: str
+    user: str
+    first_ms: int
+    last_ms: int
+    by_model: dict[str, Usage]
+    tool_calls: int = 0
+    tool_failures: int = 0
+    api_errors: int = 0
+    from_metrics: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolReport:
+    tools: list[tuple]       # (tool, calls, successes, p50 ms, p95 ms)
+    decisions: list[tuple]   # (decision, source, count)
+    errors: list[tuple]      # (status code, model, count)
+    retries_exhausted: int
+
+
+# Claude Code sends success as "true"/"false" (older versions) or a boolean.
+FAILED_TOOL = "(json_extract(attributes, '$.success') IN ('false', 'False', 0))"
 
 
 def connect(path: Path, readonly: bool = False, busy_ms: int = 5000) -> sqlite3.Connection:
@@ -749,37 +816,72 @@ class Store:
             found = self._ids[key] = conn.execute(f"SELECT id FROM {table} WHERE {column} = ?", (value,)).fetchone()[0]
         return found
 
+    def _resolve(self, conn: sqlite3.Connection, table: str, columns: tuple, rows: list[tuple]) -> list[list]:
+        """Rows with their interned text replaced by ids; a batch has few distinct values."""
+        interned = [(i, INTERNED[table][c]) for i, c in enumerate(columns) if c in INTERNED[table]]
+        ids = {(i, value): self._intern(conn, target, column, value)
+               for i, (target, column) in interned for value in {row[i] for row in rows}}
+        resolved = []
+        for row in rows:
+            row = list(row)
+            for i, _ in interned:
+                row[i] = ids[i, row[i]]
+            resolved.append(row)
+        return resolved
+
     def _insert(self, conn: sqlite3.Connection, batch: Batch) -> int:
-        new = 0
-        for table, columns, rows in (("requests", REQUEST_COLUMNS, batch.requests),
-                                     ("events", EVENT_COLUMNS, batch.events),
-                                     ("metric_points", METRIC_COLUMNS, batch.metrics)):
-            if not rows:
-                continue
-            interned = [(i, INTERNED[table][c]) for i, c in enumerate(columns) if c in INTERNED[table]]
-            ids = {(i, value): self._intern(conn, target, column, value)  # a batch has few distinct values
-                   for i, (target, column) in interned for value in {row[i] for row in rows}}
-            positions = [i for i, _ in interned]
-            resolved = []
-            for row in rows:
-                row = list(row)
-                for i in positions:
-                    row[i] = ids[i, row[i]]
-                resolved.append(row)
-            sql = f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-            new += conn.executemany(sql, resolved).rowcount  # duplicates are ignored, not counted
+        new, days = 0, set()
         if batch.requests:
-            self._refresh_days(conn, {row[0] - row[0] % DAY_MS for row in batch.requests})
+            requests = self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests)
+            for session in {row[1] for row in requests}:  # api_request events win over metric-derived usage
+                gone = conn.execute("DELETE FROM requests WHERE session = ? AND origin = 1 RETURNING ts",
+                                    (session,)).fetchall()
+                days.update(ts - ts % DAY_MS for ts, in gone)
+            new += conn.executemany(insert_sql("requests", REQUEST_COLUMNS), requests).rowcount
+            days.update(row[0] - row[0] % DAY_MS for row in requests)
+        if batch.events:
+            new += conn.executemany(insert_sql("events", EVENT_COLUMNS),
+                                    self._resolve(conn, "events", EVENT_COLUMNS, batch.events)).rowcount
+        if batch.metrics:
+            for row in self._resolve(conn, "metric_points", METRIC_COLUMNS, batch.metrics):
+                if conn.execute(insert_sql("metric_points", METRIC_COLUMNS), row).rowcount:  # new, not a resend
+                    new += 1
+                    days.update(self._usage_from_metric(conn, dict(zip(METRIC_COLUMNS, row))))
+        self._refresh_days(conn, days)
         return new
+
+    def _usage_from_metric(self, conn: sqlite3.Connection, point: dict) -> list[int]:
+        """Count a cost/token data point as usage for a session without api_request events (metrics-only
+        users); a cumulative point counts by its difference to the previous point of its series."""
+        field = METRIC_USAGE_FIELDS.get((point["name"], point["type"]))
+        if field is None or conn.execute("SELECT 1 FROM requests WHERE session = ? AND origin = 0 LIMIT 1",
+                                         (point["session"],)).fetchone():
+            return []
+        value = point["value"]
+        if point["temporality"] == 2:  # cumulative: the increase since the previous point of the same series
+            previous = conn.execute(
+                "SELECT value FROM metric_points WHERE session = ? AND name = ? AND model IS ? AND type IS ? "
+                "AND start_ts IS ? AND ts < ? ORDER BY ts DESC LIMIT 1",
+                (point["session"], point["name"], point["model"], point["type"], point["start_ts"],
+                 point["ts"])).fetchone()
+            value = value - previous[0] if previous and value >= previous[0] else value
+        figures = dict.fromkeys(USAGE_COLUMNS, 0)
+        figures[field] = parse_usd_nanos(value, "cost") if field == "cost_nanos" else int(round(value))
+        row = {"ts": point["ts"], "session": point["session"], "seq": point["seq"],
+               "model": self._intern(conn, "models", "name", point["model"] or "unknown"), "user": point["user"],
+               **figures, "ttft_ms": None, "prompt_id": None, "request_id": None, "source": point["source"],
+               "extra": None, "origin": 1}
+        conn.execute(insert_sql("requests", REQUEST_COLUMNS), [row[c] for c in REQUEST_COLUMNS])
+        return [point["ts"] - point["ts"] % DAY_MS]
 
     @staticmethod
     def _refresh_days(conn: sqlite3.Connection, days: Iterable[int]) -> None:
         """Recompute usage_daily for these UTC days from usage_rollup, in the writing transaction."""
-        sums = ", ".join(f"SUM({c})" for c in ("requests", *USAGE_COLUMNS))
+        sums = ", ".join(f"SUM({c})" for c in FIGURES)
         for day in days:
             conn.execute("DELETE FROM usage_daily WHERE bucket = ?", (day,))
-            conn.execute(f"INSERT INTO usage_daily SELECT ?, model, {sums} FROM usage_rollup "
-                         "WHERE bucket >= ? AND bucket < ? GROUP BY model", (day, day, day + DAY_MS))
+            conn.execute(f"INSERT INTO usage_daily SELECT ?, model, user, {sums} FROM usage_rollup "
+                         "WHERE bucket >= ? AND bucket < ? GROUP BY model, user", (day, day, day + DAY_MS))
 
     def sweep(self, older_than_ms: int) -> int:
         """Delete rows older than the cutoff, a chunk per transaction so ingestion keeps flowing."""
@@ -823,56 +925,169 @@ class Store:
             conn = self._readers.conn = connect(self.path, readonly=True)
         return conn
 
-    def usage_by_model(self, start_ms: int, end_ms: int) -> dict[str, Usage]:
-        """Totals per model over [start_ms, end_ms): whole days from usage_daily, whole quarter hours from
-        usage_rollup at the ends, raw rows at the unaligned edges."""
-        columns = ", ".join(f"SUM({c})" for c in USAGE_COLUMNS)
-        rollup = "SELECT model, SUM(requests), {columns} FROM {table} WHERE bucket >= ? AND bucket < ? GROUP BY model"
-        levels = [rollup.format(columns=columns, table="usage_daily"),
-                  rollup.format(columns=columns, table="usage_rollup"),
-                  f"SELECT model, COUNT(*), {columns} FROM requests WHERE ts >= ? AND ts < ? GROUP BY model"]
-        totals: dict[int, Usage] = {}
+    def usage(self, start_ms: int, end_ms: int, by: str = "model", user: str | None = None) -> dict[Any, Usage]:
+        """Totals per model (by='model'), per user ('user') or per (user, model) ('user, model') over
+        [start_ms, end_ms): whole UTC days from usage_daily, whole quarter hours from usage_rollup around
+        them, raw rows at the unaligned edges."""
+        user_id = self._user_id(user)
+        if user_id == -1:
+            return {}
+        where = " AND user = ?" if user_id is not None else ""
+        extra = (user_id,) if user_id is not None else ()
+        keys = [column.strip() for column in by.split(",")]
+        rollup = f"SELECT {by}, {USAGE_SUMS} FROM {{table}} WHERE bucket >= ? AND bucket < ?{where} GROUP BY {by}"
+        levels = [rollup.format(table="usage_daily"), rollup.format(table="usage_rollup"),
+                  f"SELECT {by}, {RAW_SUMS} FROM requests WHERE ts >= ? AND ts < ?{where} GROUP BY {by}"]
+        totals: dict[tuple, Usage] = {}
         conn = self._reader()
         for level, lo, hi in period_parts(start_ms, end_ms, (DAY_MS, BUCKET_MS)):
-            for model, *figures in conn.execute(levels[level], (lo, hi)):
-                totals[model] = totals.get(model, Usage()) + Usage(*figures)
-        names = self._model_names()
-        return {names[model]: usage for model, usage in totals.items() if usage.requests}
+            for row in conn.execute(levels[level], (lo, hi, *extra)):
+                key = tuple(row[:len(keys)])
+                totals[key] = totals.get(key, Usage()) + Usage(*row[len(keys):])
+        names = {column: self._names(column + "s") for column in keys}
+        named = {tuple(names[c][k] for c, k in zip(keys, key)): u for key, u in totals.items() if u != Usage()}
+        return {key[0] if len(keys) == 1 else key: u for key, u in named.items()}
 
-    def _model_names(self) -> dict[int, str]:
-        return dict(self._reader().execute("SELECT id, name FROM models"))
+    def _names(self, table: str) -> dict[int, str]:
+        return dict(self._reader().execute(f"SELECT id, {'session_id' if table == 'sessions' else 'name'} "
+                                           f"FROM {table}"))
 
-    def requests_page(self, start_ms: int, end_ms: int, limit: int, offset: int,
-                      oldest_first: bool) -> list[StoredRequest]:
+    def _user_id(self, user: str | None) -> int | None:
+        """None: no filter; -1: a user the store has never seen."""
+        if user is None:
+            return None
+        row = self._reader().execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
+        return row[0] if row else -1
+
+    def requests_page(self, start_ms: int, end_ms: int, limit: int, offset: int, oldest_first: bool,
+                      user: str | None = None) -> list[StoredRequest]:
+        user_id = self._user_id(user)
         order = "ASC" if oldest_first else "DESC"
-        sql = (f"SELECT s.session_id, r.ts, m.name, {', '.join('r.' + c for c in USAGE_COLUMNS)} FROM requests r "
+        where = " AND r.user = ?" if user_id is not None else ""
+        sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r "
                "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model "
-               f"WHERE r.ts >= ? AND r.ts < ? ORDER BY r.ts {order}, r.id {order} LIMIT ? OFFSET ?")
-        rows = self._reader().execute(sql, (start_ms, end_ms, limit if limit > 0 else -1, max(offset, 0)))
-        return [StoredRequest(session, ts, model, Usage(1, *figures)) for session, ts, model, *figures in rows]
+               f"WHERE r.ts >= ? AND r.ts < ? AND r.origin = 0{where} ORDER BY r.ts {order}, r.id {order} "
+               "LIMIT ? OFFSET ?")
+        params = (start_ms, end_ms, *((user_id,) if user_id is not None else ()), limit if limit > 0 else -1,
+                  max(offset, 0))
+        return [StoredRequest(session, ts, model, Usage(*figures))
+                for session, ts, model, *figures in self._reader().execute(sql, params)]
 
     def latest_session(self) -> str | None:
         row = self._reader().execute("SELECT s.session_id FROM requests r JOIN sessions s ON s.id = r.session "
                                      "ORDER BY r.ts DESC, r.id DESC LIMIT 1").fetchone()
         return row[0] if row else None
 
-    def session_usage(self, session_id: str) -> tuple[dict[str, Usage], int | None, int | None]:
-        """Totals per model of one session, with its first and last request times."""
-        columns = ", ".join(f"SUM(r.{c})" for c in USAGE_COLUMNS)
-        rows = self._reader().execute(
-            f"SELECT m.name, COUNT(*), {columns}, MIN(r.ts), MAX(r.ts) FROM requests r "
-            "JOIN models m ON m.id = r.model WHERE r.session = (SELECT id FROM sessions WHERE session_id = ?) "
-            "GROUP BY m.name", (session_id,)).fetchall()
-        by_model = {model: Usage(*figures) for model, *figures, _, _ in rows}
-        first = min((row[-2] for row in rows), default=None)
-        last = max((row[-1] for row in rows), default=None)
-        return by_model, first, last
+    def sessions(self, start_ms: int, end_ms: int, user: str | None = None, limit: int = 500,
+                 session_id: str | None = None) -> list[SessionSummary]:
+        """Sessions with requests in [start_ms, end_ms) (or the one named), most recent first, with their totals."""
+        user_id = self._user_id(user)
+        if user_id == -1:
+            return []
+        if session_id is not None:
+            chosen = "SELECT id FROM sessions WHERE session_id = ?"
+            params: tuple = (session_id,)
+        else:
+            where = " AND user = ?" if user_id is not None else ""
+            chosen = (f"SELECT session FROM session_usage WHERE last_ts >= ? AND first_ts < ?{where} "
+                      "GROUP BY session ORDER BY MAX(last_ts) DESC LIMIT ?")
+            params = (start_ms, end_ms, *((user_id,) if user_id is not None else ()), limit)
+        conn = self._reader()
+        rows = conn.execute(
+            f"WITH chosen AS ({chosen}) SELECT su.session, s.session_id, u.name, m.name, su.first_ts, su.last_ts, "
+            f"su.rows, {', '.join(list(FIGURES)[1:])} FROM session_usage su JOIN chosen c ON c.{'id' if session_id is not None else 'session'} = su.session "
+            "JOIN sessions s ON s.id = su.session JOIN models m ON m.id = su.model JOIN users u ON u.id = su.user",
+            params).fetchall()
+        grouped: dict[int, dict] = {}
+        for key, sid, user_name_, model, first, last, count, *figures in rows:
+            entry = grouped.setdefault(key, {"session_id": sid, "user": user_name_, "first": first, "last": last,
+                                             "by_model": {}, "rows": 0})
+            entry["first"], entry["last"] = min(entry["first"], first), max(entry["last"], last)
+            entry["by_model"][model] = Usage(*figures)
+            entry["rows"] += count
+        counts = self._event_counts(list(grouped))
+        summaries = [SessionSummary(e["session_id"], e["user"], e["first"], e["last"], e["by_model"],
+                                    *counts.get(key, (0, 0, 0)),
+                                    from_metrics=sum(u.requests for u in e["by_model"].values()) < e["rows"])
+                     for key, e in grouped.items()]
+        return sorted(summaries, key=lambda summary: (-summary.last_ms, summary.session_id))
+
+    def _event_counts(self, sessions: list[int]) -> dict[int, tuple[int, int, int]]:
+        """(tool calls, failed tool calls, API errors) per session."""
+        counts: dict[int, list[int]] = {}
+        for first in range(0, len(sessions), 500):
+            chunk = sessions[first:first + 500]
+            for session, name, total, failed in self._reader().execute(
+                    f"SELECT session, name, COUNT(*), SUM({FAILED_TOOL}) FROM events WHERE session IN "
+                    f"({', '.join('?' * len(chunk))}) AND name IN ('tool_result', 'api_error') GROUP BY session, name",
+                    chunk):
+                entry = counts.setdefault(session, [0, 0, 0])
+                if name == "tool_result":
+                    entry[0], entry[1] = total, failed
+                else:
+                    entry[2] = total
+        return {session: tuple(entry) for session, entry in counts.items()}
+
+    def timeline(self, session_id: str, limit: int = 2000) -> list[tuple]:
+        """A session's requests and events in order: (ts, kind, StoredRequest | None, attributes JSON)."""
+        conn = self._reader()
+        row = conn.execute("SELECT id FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
+        if row is None:
+            return []
+        requests = [(r.ts_ms, "api_request", r, "") for r in self._session_requests(row[0], limit)]
+        events = [(ts, name, None, attributes) for ts, name, attributes in conn.execute(
+            "SELECT ts, name, attributes FROM events WHERE session = ? ORDER BY ts LIMIT ?", (row[0], limit))]
+        return sorted(requests + events, key=lambda entry: entry[0])[:limit]
+
+    def _session_requests(self, session: int, limit: int) -> list[StoredRequest]:
+        sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r JOIN sessions s ON s.id = r.session "
+               "JOIN models m ON m.id = r.model WHERE r.session = ? AND r.origin = 0 ORDER BY r.ts LIMIT ?")
+        return [StoredRequest(sid, ts, model, Usage(*figures))
+                for sid, ts, model, *figures in self._reader().execute(sql, (session, limit))]
+
+    def tool_report(self, start_ms: int, end_ms: int, user: str | None = None) -> ToolReport:
+        user_id = self._user_id(user)
+        if user_id == -1:
+            return ToolReport([], [], [], 0)
+        where = "name = ? AND ts >= ? AND ts < ?" + (" AND user = ?" if user_id is not None else "")
+
+        def params(name: str) -> tuple:
+            return (name, start_ms, end_ms, *((user_id,) if user_id is not None else ()))
+
+        conn = self._reader()
+        tools = conn.execute(f"""
+            WITH calls AS (SELECT COALESCE(json_extract(attributes, '$.tool_name'), '?') AS tool,
+                                  CAST(COALESCE(json_extract(attributes, '$.duration_ms'), 0) AS INTEGER) AS ms,
+                                  {FAILED_TOOL} AS failed FROM events WHERE {where}),
+                 ranked AS (SELECT tool, ms, failed, ROW_NUMBER() OVER (PARTITION BY tool ORDER BY ms) AS rank,
+                                   COUNT(*) OVER (PARTITION BY tool) AS n FROM calls)
+            SELECT tool, n, n - SUM(failed),
+                   MAX(CASE WHEN rank = (n * 50 + 99) / 100 THEN ms END),
+                   MAX(CASE WHEN rank = (n * 95 + 99) / 100 THEN ms END)
+            FROM ranked GROUP BY tool ORDER BY n DESC, tool""", params("tool_result")).fetchall()
+        decisions = conn.execute(
+            f"SELECT COALESCE(json_extract(attributes, '$.decision'), '?'), COALESCE(json_extract(attributes, "
+            f"'$.source'), '?'), COUNT(*) FROM events WHERE {where} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
+            params("tool_decision")).fetchall()
+        errors = conn.execute(
+            f"SELECT CAST(COALESCE(json_extract(attributes, '$.status_code'), '?') AS TEXT), "
+            f"COALESCE(json_extract(attributes, '$.model'), '?'), COUNT(*) FROM events WHERE {where} "
+            "GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2", params("api_error")).fetchall()
+        exhausted = conn.execute(f"SELECT COUNT(*) FROM events WHERE {where}",
+                                 params("api_retries_exhausted")).fetchone()[0]
+        return ToolReport(tools, decisions, errors, exhausted)
+
+    def user_sessions(self, start_ms: int, end_ms: int) -> dict[str, int]:
+        """How many sessions each user had active in the period."""
+        return dict(self._reader().execute(
+            "SELECT u.name, COUNT(DISTINCT su.session) FROM session_usage su JOIN users u ON u.id = su.user "
+            "WHERE su.last_ts >= ? AND su.first_ts < ? GROUP BY u.name", (start_ms, end_ms)))
 
     def last_request_ms(self) -> int | None:
         return self._reader().execute("SELECT MAX(ts) FROM requests").fetchone()[0]
 
     def total_requests(self) -> int:
-        return self._reader().execute("SELECT COALESCE(SUM(requests), 0) FROM usage_rollup").fetchone()[0]
+        return self._reader().execute("SELECT COALESCE(SUM(rows), 0) FROM usage_daily").fetchone()[0]
 
 
 # ---------------------------------------------------------------- OTLP ingestion: decode records, validate values
@@ -1041,6 +1256,23 @@ def optional_text(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
+USER_KEYS = ("user.email", "user.account_uuid", "user.id")  # the first present names the user
+
+
+def user_name(attrs: dict, resource_json: str) -> str:
+    """Who sent a record, for per-user figures on a team server: its user.email, user.account_uuid or user.id
+    (from the record, else from the resource, where OTEL_RESOURCE_ATTRIBUTES puts them), else ''."""
+    for key in USER_KEYS:
+        if attrs.get(key):
+            return str(attrs[key])
+    if resource_json != "{}":
+        resource = json.loads(resource_json)
+        for key in USER_KEYS:
+            if resource.get(key):
+                return str(resource[key])
+    return ""
+
+
 class Sources:
     """Canonical JSON of resource + identity attributes, memoized: every record of a session has the same."""
 
@@ -1058,7 +1290,7 @@ class Sources:
         return self._memo[key]
 
 
-def request_row(attrs: dict, source: str | None, record) -> tuple:
+def request_row(attrs: dict, source: str | None, user: str, record) -> tuple:
     """One api_request record as a `requests` row (REQUEST_COLUMNS); raises BadValue for unreadable figures."""
     counts = [parse_count(attrs.get(key, 0), key) for key in
               ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")]
@@ -1071,19 +1303,19 @@ def request_row(attrs: dict, source: str | None, record) -> tuple:
     ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if attrs.get("ttft_ms") not in (None, "") else None
     extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     session, seq = record_key(attrs, record)
-    return (record_time_ms(attrs, record), session, seq, str(attrs.get("model") or "unknown"), *counts, cost,
-            duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
-            source, compact_json(extra))
+    return (record_time_ms(attrs, record), session, seq, str(attrs.get("model") or "unknown"), user, *counts,
+            cost, duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
+            source, compact_json(extra), 0)
 
 
-def event_row(name: str, attrs: dict, source: str | None, record) -> tuple:
+def event_row(name: str, attrs: dict, source: str | None, user: str, record) -> tuple:
     """One other event as an `events` row (EVENT_COLUMNS)."""
     rest = {k: v for k, v in attrs.items() if k not in EVENT_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     body = any_value(record.body)
     if body is not None and body != EVENT_PREFIX + name:
         rest["body"] = body
     session, seq = record_key(attrs, record)
-    return (record_time_ms(attrs, record), session, seq, name, optional_text(attrs.get("prompt.id")), source,
+    return (record_time_ms(attrs, record), session, seq, user, name, optional_text(attrs.get("prompt.id")), source,
             compact_json(rest) or "{}")
 
 
@@ -1136,11 +1368,12 @@ class LogsIngest:
             rejected.add(f"log record: {exc}")
             return
         source = self.sources.json(resource, attrs)
+        user = user_name(attrs, resource)
         try:
             if name == "api_request":
-                batch.requests.append(request_row(attrs, source, record))
+                batch.requests.append(request_row(attrs, source, user, record))
                 return
-            batch.events.append(event_row(name, attrs, source, record))
+            batch.events.append(event_row(name, attrs, source, user, record))
         except BadValue as exc:
             rejected.add(f"{name} in session {attrs.get('session.id', '?')}: {exc}")
             return
@@ -1178,8 +1411,8 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
                     if total > MAX_RECORDS_PER_EXPORT:
                         rejected.add(f"more than {MAX_RECORDS_PER_EXPORT} data points in one export")
                         continue
-                    if not math.isfinite(value) or value < 0:
-                        rejected.add(f"{metric.name}: value {value!r} is not a finite non-negative number")
+                    if not math.isfinite(value) or value < 0 or value >= MAX_COUNT:
+                        rejected.add(f"{metric.name}: value {value!r} is not a number from 0 to {MAX_COUNT:.0e}")
                         continue
                     try:
                         attrs = attributes_dict(point.attributes)
@@ -1193,7 +1426,8 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
                     point_ms = point.time_unix_nano // 1_000_000
                     rows.append((point_ms if 0 < point_ms <= MAX_TIMESTAMP_MS else int(time.time() * 1000),
                                  point.start_time_unix_nano // 1_000_000 or None, str(attrs.get("session.id", "")),
-                                 content_hash(identity.encode()), metric.name, temporality, float(value),
+                                 content_hash(identity.encode()), user_name(attrs, resource), metric.name,
+                                 temporality, float(value),
                                  optional_text(attrs.get("model")), optional_text(attrs.get("type")),
                                  sources.json(resource, attrs), compact_json(rest) or "{}"))
     return rows, total
@@ -1312,6 +1546,23 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def api_request_message(r: StoredRequest) -> ccmon_pb2.APIRequest:
+    return ccmon_pb2.APIRequest(
+        session_id=r.session_id, timestamp=timestamp_from_ms(r.ts_ms), model=r.model, input_tokens=r.usage.input,
+        output_tokens=r.usage.output, cache_read_tokens=r.usage.cache_read,
+        cache_creation_tokens=r.usage.cache_creation, total_tokens=r.usage.total, cost_usd=r.usage.cost_usd,
+        duration_ms=r.usage.duration_ms)
+
+
+def session_message(summary: SessionSummary) -> ccmon_pb2.SessionStats:
+    return ccmon_pb2.SessionStats(
+        session_id=summary.session_id, user=summary.user, first_request_at=timestamp_from_ms(summary.first_ms),
+        last_request_at=timestamp_from_ms(summary.last_ms), stats=stats_message(Split.from_models(summary.by_model)),
+        models=sorted(summary.by_model, key=lambda m: (-summary.by_model[m].cost_nanos, m)),
+        tool_calls=summary.tool_calls, tool_failures=summary.tool_failures, api_errors=summary.api_errors,
+        from_metrics=summary.from_metrics)
+
+
 class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def __init__(self, store: Store, started_ms: int):
         self.store, self.started_ms = store, started_ms
@@ -1319,21 +1570,20 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def _period(self, request) -> tuple[int, int]:
         return timestamp_ms(request, "start_time", 0), timestamp_ms(request, "end_time", now_ms())
 
+    @staticmethod
+    def _user(request) -> str | None:
+        return request.user or None
+
     def GetStats(self, request, context):
-        split = Split.from_models(self.store.usage_by_model(*self._period(request)))
+        split = Split.from_models(self.store.usage(*self._period(request), user=self._user(request)))
         return ccmon_pb2.GetStatsResponse(stats=stats_message(split))
 
     def GetAPIRequests(self, request, context):
         start, end = self._period(request)
-        rows = self.store.requests_page(start, end, request.limit, request.offset, request.oldest_first)
-        total = sum(u.requests for u in self.store.usage_by_model(start, end).values())
-        return ccmon_pb2.GetAPIRequestsResponse(total_count=total, requests=[
-            ccmon_pb2.APIRequest(
-                session_id=r.session_id, timestamp=timestamp_from_ms(r.ts_ms), model=r.model,
-                input_tokens=r.usage.input, output_tokens=r.usage.output,
-                cache_read_tokens=r.usage.cache_read, cache_creation_tokens=r.usage.cache_creation,
-                total_tokens=r.usage.total, cost_usd=r.usage.cost_usd, duration_ms=r.usage.duration_ms)
-            for r in rows])
+        user = self._user(request)
+        rows = self.store.requests_page(start, end, request.limit, request.offset, request.oldest_first, user)
+        total = sum(u.requests for u in self.store.usage(start, end, user=user).values())
+        return ccmon_pb2.GetAPIRequestsResponse(total_count=total, requests=[api_request_message(r) for r in rows])
 
     def GetUsage(self, request, context):
         zone = zone_or_none(request.timezone or "UTC")
@@ -1349,31 +1599,67 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         for date, lo, hi in day_bounds(zone, max(end - 1, 0), days):
             lo, hi = max(lo, start), min(hi, end)
             if lo < hi or start < 0:
-                split = Split.from_models(self.store.usage_by_model(lo, hi))
+                split = Split.from_models(self.store.usage(lo, hi, user=self._user(request)))
                 response.days.add(date=date, stats=stats_message(split))
         return response
 
     def GetModelStats(self, request, context):
-        by_model = self.store.usage_by_model(*self._period(request))
+        by_model = self.store.usage(*self._period(request), user=self._user(request))
         ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))
         return ccmon_pb2.GetModelStatsResponse(models=[
             ccmon_pb2.ModelStats(model=model, premium=is_premium(model), requests=u.requests,
                                  tokens=token_message(u), cost=ccmon_pb2.Cost(amount=u.cost_usd),
-                                 duration_ms=u.duration_ms)
+                                 duration_ms=u.duration_ms, ttft_ms_total=u.ttft_ms, ttft_count=u.ttft_count)
             for model, u in ranked])
 
     def GetSessionStats(self, request, context):
         session = request.session_id or self.store.latest_session()
         response = ccmon_pb2.GetSessionStatsResponse(stats=stats_message(Split()))
-        if session is None:
-            return response
-        by_model, first, last = self.store.session_usage(session)
-        response.session_id = session
-        response.stats.CopyFrom(stats_message(Split.from_models(by_model)))
-        if first is not None:
-            response.first_request_at.CopyFrom(timestamp_from_ms(first))
-            response.last_request_at.CopyFrom(timestamp_from_ms(last))
+        found = self.store.sessions(0, 0, session_id=session) if session else []
+        if found:
+            summary = found[0]
+            response.session_id = summary.session_id
+            response.stats.CopyFrom(stats_message(Split.from_models(summary.by_model)))
+            response.first_request_at.CopyFrom(timestamp_from_ms(summary.first_ms))
+            response.last_request_at.CopyFrom(timestamp_from_ms(summary.last_ms))
         return response
+
+    def GetSessions(self, request, context):
+        found = self.store.sessions(*self._period(request), user=self._user(request),
+                                    limit=min(request.limit or 500, 5000))
+        return ccmon_pb2.GetSessionsResponse(sessions=[session_message(s) for s in found])
+
+    def GetSessionTimeline(self, request, context):
+        entries = self.store.timeline(request.session_id, min(request.limit or 2000, 20000))
+        response = ccmon_pb2.GetSessionTimelineResponse(session_id=request.session_id)
+        for ts, kind, stored, details in entries:
+            entry = response.entries.add(timestamp=timestamp_from_ms(ts), kind=kind, details=details)
+            if stored is not None:
+                entry.request.CopyFrom(api_request_message(stored))
+        return response
+
+    def GetToolStats(self, request, context):
+        report = self.store.tool_report(*self._period(request), user=self._user(request))
+        return ccmon_pb2.GetToolStatsResponse(
+            tools=[ccmon_pb2.ToolStats(tool=str(t), calls=n, successes=ok, p50_duration_ms=p50 or 0,
+                                       p95_duration_ms=p95 or 0) for t, n, ok, p50, p95 in report.tools],
+            decisions=[ccmon_pb2.DecisionStats(decision=str(d), source=str(src), count=n)
+                       for d, src, n in report.decisions],
+            errors=[ccmon_pb2.ErrorStats(status_code=str(code), model=str(model), count=n)
+                    for code, model, n in report.errors],
+            retries_exhausted=report.retries_exhausted)
+
+    def GetUsers(self, request, context):
+        start, end = self._period(request)
+        by_user: dict[str, dict[str, Usage]] = {}
+        for (user, model), usage in self.store.usage(start, end, by="user, model").items():
+            by_user.setdefault(user, {})[model] = usage
+        splits = {user: Split.from_models(models) for user, models in by_user.items()}
+        sessions = self.store.user_sessions(start, end)
+        ranked = sorted(splits, key=lambda user: (-splits[user].total.cost_nanos, user))
+        return ccmon_pb2.GetUsersResponse(users=[
+            ccmon_pb2.UserStats(user=user, stats=stats_message(splits[user]), sessions=sessions.get(user, 0))
+            for user in ranked])
 
     def GetServerInfo(self, request, context):
         response = ccmon_pb2.GetServerInfoResponse(version=VERSION, total_requests=self.store.total_requests(),

@@ -65,6 +65,26 @@ class QueryServiceStub:
                 request_serializer=ccmon__pb2.GetSessionStatsRequest.SerializeToString,
                 response_deserializer=ccmon__pb2.GetSessionStatsResponse.FromString,
                 _registered_method=True)
+        self.GetSessions = channel.unary_unary(
+                '/ccmon.v1.QueryService/GetSessions',
+                request_serializer=ccmon__pb2.GetSessionsRequest.SerializeToString,
+                response_deserializer=ccmon__pb2.GetSessionsResponse.FromString,
+                _registered_method=True)
+        self.GetSessionTimeline = channel.unary_unary(
+                '/ccmon.v1.QueryService/GetSessionTimeline',
+                request_serializer=ccmon__pb2.GetSessionTimelineRequest.SerializeToString,
+                response_deserializer=ccmon__pb2.GetSessionTimelineResponse.FromString,
+                _registered_method=True)
+        self.GetToolStats = channel.unary_unary(
+                '/ccmon.v1.QueryService/GetToolStats',
+                request_serializer=ccmon__pb2.GetToolStatsRequest.SerializeToString,
+                response_deserializer=ccmon__pb2.GetToolStatsResponse.FromString,
+                _registered_method=True)
+        self.GetUsers = channel.unary_unary(
+                '/ccmon.v1.QueryService/GetUsers',
+                request_serializer=ccmon__pb2.GetUsersRequest.SerializeToString,
+                response_deserializer=ccmon__pb2.GetUsersResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -113,6 +133,34 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSessions(self, request, context):
+        """GetSessions lists the sessions active in [start_time, end_time), most recent first, with their totals.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSessionTimeline(self, request, context):
+        """GetSessionTimeline returns a session's requests and events in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetToolStats(self, request, context):
+        """GetToolStats returns tool calls, permission decisions and API errors for a period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsers(self, request, context):
+        """GetUsers ranks the users of a (team) server by cost for a period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +193,26 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.GetSessionStats,
                     request_deserializer=ccmon__pb2.GetSessionStatsRequest.FromString,
                     response_serializer=ccmon__pb2.GetSessionStatsResponse.SerializeToString,
+            ),
+            'GetSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSessions,
+                    request_deserializer=ccmon__pb2.GetSessionsRequest.FromString,
+                    response_serializer=ccmon__pb2.GetSessionsResponse.SerializeToString,
+            ),
+            'GetSessionTimeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSessionTimeline,
+                    request_deserializer=ccmon__pb2.GetSessionTimelineRequest.FromString,
+                    response_serializer=ccmon__pb2.GetSessionTimelineResponse.SerializeToString,
+            ),
+            'GetToolStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetToolStats,
+                    request_deserializer=ccmon__pb2.GetToolStatsRequest.FromString,
+                    response_serializer=ccmon__pb2.GetToolStatsResponse.SerializeToString,
+            ),
+            'GetUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsers,
+                    request_deserializer=ccmon__pb2.GetUsersRequest.FromString,
+                    response_serializer=ccmon__pb2.GetUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +378,114 @@ class QueryService:
             '/ccmon.v1.QueryService/GetSessionStats',
             ccmon__pb2.GetSessionStatsRequest.SerializeToString,
             ccmon__pb2.GetSessionStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ccmon.v1.QueryService/GetSessions',
+            ccmon__pb2.GetSessionsRequest.SerializeToString,
+            ccmon__pb2.GetSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSessionTimeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ccmon.v1.QueryService/GetSessionTimeline',
+            ccmon__pb2.GetSessionTimelineRequest.SerializeToString,
+            ccmon__pb2.GetSessionTimelineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetToolStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ccmon.v1.QueryService/GetToolStats',
+            ccmon__pb2.GetToolStatsRequest.SerializeToString,
+            ccmon__pb2.GetToolStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ccmon.v1.QueryService/GetUsers',
+            ccmon__pb2.GetUsersRequest.SerializeToString,
+            ccmon__pb2.GetUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

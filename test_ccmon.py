@@ -197,9 +197,10 @@ def stats(srv: ServerProcess, start: str | None = None, end: str | None = None):
 
 
 READABLE_VIEWS = """
-CREATE TEMP VIEW r AS SELECT requests.*, s.session_id, m.name AS model_name, src.attributes AS source_json,
-    x.attributes AS extra_json FROM requests JOIN sessions s ON s.id = requests.session
-    JOIN models m ON m.id = requests.model LEFT JOIN attribute_sets src ON src.id = requests.source
+CREATE TEMP VIEW r AS SELECT requests.*, s.session_id, m.name AS model_name, u.name AS user_name,
+    src.attributes AS source_json, x.attributes AS extra_json FROM requests JOIN sessions s ON s.id = requests.session
+    JOIN models m ON m.id = requests.model JOIN users u ON u.id = requests.user
+    LEFT JOIN attribute_sets src ON src.id = requests.source
     LEFT JOIN attribute_sets x ON x.id = requests.extra;
 CREATE TEMP VIEW e AS SELECT events.*, s.session_id FROM events JOIN sessions s ON s.id = events.session;
 CREATE TEMP VIEW mp AS SELECT metric_points.*, s.session_id FROM metric_points
@@ -396,7 +397,7 @@ def test_bad_metric_points_get_partial_success_and_traces_are_accepted(server):
     stub = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target))
     response = stub.Export(request)
     assert response.partial_success.rejected_data_points == 2
-    assert "claude_code.cost.usage: value nan is not a finite non-negative number" in \
+    assert "claude_code.cost.usage: value nan is not a number from 0 to 1e+12" in \
         response.partial_success.error_message
     assert db_rows(server.db, "SELECT value FROM metric_points") == [(0.5,)]
     traces = trace_service_pb2_grpc.TraceServiceStub(grpc.insecure_channel(server.target))
@@ -1941,35 +1942,40 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
     moments = st.integers(min_value=base - 86400_000, max_value=base + span)
     row = st.tuples(moments, st.sampled_from(["s1", "s2", ""]), st.integers(min_value=0, max_value=50),
                     st.sampled_from(["claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"]),
-                    *[st.integers(min_value=0, max_value=10 ** 6)] * 6)
+                    st.sampled_from(["ana@example.com", "bo@example.com", ""]),
+                    *[st.integers(min_value=0, max_value=10 ** 6)] * 6,
+                    st.one_of(st.none(), st.integers(min_value=0, max_value=5000)),  # ttft_ms
+                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1]))  # ..., origin
     operation = st.one_of(st.tuples(st.just("insert"), st.lists(row, min_size=1, max_size=30)),
                           st.tuples(st.just("sweep"), moments))
     zones = st.sampled_from(["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Australia/Lord_Howe"])
 
-    def brute_force(start, end):
-        rows = db_rows(store.path, "SELECT model_name, COUNT(*), SUM(input_tokens), SUM(output_tokens), "
+    def brute_force(start, end, by="model_name", user=None):
+        rows = db_rows(store.path, f"SELECT {by}, SUM(origin = 0), SUM(input_tokens), SUM(output_tokens), "
                                    "SUM(cache_read_tokens), SUM(cache_creation_tokens), SUM(cost_nanos), "
-                                   "SUM(duration_ms) FROM r WHERE ts >= ? AND ts < ? GROUP BY model_name",
-                       (start, end))
-        return {model: ccmon.Usage(*figures) for model, *figures in rows}
+                                   "SUM(duration_ms), SUM(COALESCE(ttft_ms, 0)), COUNT(ttft_ms) FROM r "
+                                   "WHERE ts >= ? AND ts < ? AND user_name = COALESCE(?, user_name) GROUP BY 1",
+                       (start, end, user))
+        return {key: ccmon.Usage(*figures) for key, *figures in rows}
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(st.lists(operation, min_size=1, max_size=6), st.lists(st.tuples(moments, moments), max_size=6), zones)
     def check(operations, periods, zone_name):
         for kind, payload in operations:
             if kind == "insert":
-                rows = [(*r, None, None, None, None, None) for r in payload] * 2  # every row twice: de-duplicated
-                store.write(ccmon.Batch(requests=rows))
+                store.write(ccmon.Batch(requests=list(payload) * 2))  # every row twice: de-duplicated
             else:
                 store.sweep(payload)
         for start, end in periods:
-            assert store.usage_by_model(min(start, end), max(start, end)) == brute_force(min(start, end),
-                                                                                          max(start, end))
+            lo, hi = min(start, end), max(start, end)
+            assert store.usage(lo, hi) == brute_force(lo, hi)
+            assert store.usage(lo, hi, by="user") == brute_force(lo, hi, by="user_name")
+            assert store.usage(lo, hi, user="ana@example.com") == brute_force(lo, hi, user="ana@example.com")
         zone = ccmon.ZoneInfo(zone_name)
         for _, lo, hi in ccmon.day_bounds(zone, base + span, 42)[::7]:
-            assert store.usage_by_model(lo, hi) == brute_force(lo, hi)
-        assert store.usage_by_model(0, base + 2 * span) == brute_force(0, base + 2 * span)
+            assert store.usage(lo, hi) == brute_force(lo, hi)
+        assert store.usage(0, base + 2 * span) == brute_force(0, base + 2 * span)
 
     check()
-    assert db_rows(store.path, "SELECT COUNT(*) FROM usage_rollup WHERE requests <= 0") == [(0,)]
+    assert db_rows(store.path, "SELECT COUNT(*) FROM usage_rollup WHERE rows <= 0") == [(0,)]
     store.close()
