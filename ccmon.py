@@ -487,6 +487,7 @@ CREATE TABLE IF NOT EXISTS requests (
 -- The de-duplication key leads with the timestamp, which also serves every period query.
 CREATE UNIQUE INDEX IF NOT EXISTS requests_key ON requests(ts, session, seq);
 CREATE INDEX IF NOT EXISTS requests_session ON requests(session, ts);
+CREATE INDEX IF NOT EXISTS requests_from_metrics ON requests(session) WHERE origin = 1;  -- small: events win
 
 -- Rollups kept equal to the raw rows by triggers: per 15 minutes (every timezone offset is a multiple
 -- of it) and per session; usage_daily per UTC day is recomputed from usage_rollup by the writer.
@@ -2154,6 +2155,8 @@ class Query:
     oldest_first: bool
     timezone: str
     block: tuple[int, int] | None
+    user: str | None = None
+    session_id: str | None = None  # the session whose timeline is open
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2162,6 +2165,36 @@ class RequestRow:
     model: str
     session_id: str
     usage: Usage
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionRow:
+    session_id: str
+    user: str
+    first_ms: int
+    last_ms: int
+    split: Split
+    models: tuple[str, ...]
+    tool_calls: int
+    tool_failures: int
+    api_errors: int
+    from_metrics: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TimelineRow:
+    ts_ms: int
+    kind: str
+    request: RequestRow | None
+    details: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolsData:
+    tools: tuple[tuple[str, int, int, int, int], ...]      # tool, calls, successes, p50 ms, p95 ms
+    decisions: tuple[tuple[str, str, int], ...]            # decision, source, count
+    errors: tuple[tuple[str, str, int], ...]               # status code, model, count
+    retries_exhausted: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2175,9 +2208,27 @@ class Snapshot:
     period_requests: int = 0
     days: tuple[tuple[str, Split], ...] = ()
     block: Split | None = None
+    models: tuple[tuple[str, Usage], ...] = ()
+    sessions: tuple[SessionRow, ...] = ()
+    timeline: tuple[TimelineRow, ...] = ()
+    tools: ToolsData | None = None
+    users: tuple[tuple[str, Split, int], ...] = ()   # user, usage, sessions
+    user_names: tuple[str, ...] = ()                  # users seen in the period, for the `u` filter
+
+
+def ms_of(ts: timestamp_pb2.Timestamp) -> int:
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
+def request_row_of(r: ccmon_pb2.APIRequest) -> RequestRow:
+    return RequestRow(ms_of(r.timestamp), r.model, r.session_id,
+                      Usage(1, r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens,
+                            round(r.cost_usd * NANOS_PER_USD), r.duration_ms))
 
 
 class Client:
+    """The QueryService as plain values; every call raises ServerUnreachable rather than a gRPC error."""
+
     def __init__(self, address: str, timeout_s: float = 5.0, token: str = "", tls: TLSFiles | None = None):
         self.address, self.timeout_s = address, timeout_s
         target = re.sub(r"^https?://", "", address, flags=re.IGNORECASE).rstrip("/")
@@ -2199,10 +2250,18 @@ class Client:
         except grpc.RpcError as exc:
             raise ServerUnreachable(describe_rpc_error(exc)) from None
 
-    def stats(self, start_ms: int | None, end_ms: int) -> Split:
-        request = ccmon_pb2.GetStatsRequest(end_time=timestamp_from_ms(end_ms))
+    @staticmethod
+    def _period(request, start_ms: int | None, end_ms: int | None, user: str | None = None):
         if start_ms is not None:
             request.start_time.CopyFrom(timestamp_from_ms(start_ms))
+        if end_ms is not None:
+            request.end_time.CopyFrom(timestamp_from_ms(end_ms))
+        if user:
+            request.user = user
+        return request
+
+    def stats(self, start_ms: int | None, end_ms: int, user: str | None = None) -> Split:
+        request = self._period(ccmon_pb2.GetStatsRequest(), start_ms, end_ms, user)
         return split_from_stats(self._call("GetStats", request).stats)
 
     def server_info(self) -> ccmon_pb2.GetServerInfoResponse:
@@ -2212,25 +2271,68 @@ class Client:
         response = self._call("GetSessionStats", ccmon_pb2.GetSessionStatsRequest())
         return response.session_id, split_from_stats(response.stats)
 
+    def days(self, start_ms: int | None, end_ms: int, timezone: str, user: str | None = None) -> tuple:
+        request = self._period(ccmon_pb2.GetUsageRequest(timezone=timezone), start_ms, end_ms, user)
+        return tuple((day.date, split_from_stats(day.stats)) for day in self._call("GetUsage", request).days)
+
+    def models(self, start_ms: int | None, end_ms: int, user: str | None = None) -> tuple[tuple[str, Usage], ...]:
+        request = self._period(ccmon_pb2.GetModelStatsRequest(), start_ms, end_ms, user)
+        return tuple((m.model, dataclasses.replace(usage_from_token(m.tokens, m.requests, m.cost),
+                                                   duration_ms=m.duration_ms, ttft_ms=m.ttft_ms_total,
+                                                   ttft_count=m.ttft_count))
+                     for m in self._call("GetModelStats", request).models)
+
+    def sessions(self, start_ms: int | None, end_ms: int, user: str | None = None,
+                 limit: int = 500) -> tuple[SessionRow, ...]:
+        request = self._period(ccmon_pb2.GetSessionsRequest(limit=limit), start_ms, end_ms, user)
+        return tuple(SessionRow(s.session_id, s.user, ms_of(s.first_request_at), ms_of(s.last_request_at),
+                                split_from_stats(s.stats), tuple(s.models), s.tool_calls, s.tool_failures,
+                                s.api_errors, s.from_metrics)
+                     for s in self._call("GetSessions", request).sessions)
+
+    def timeline(self, session_id: str) -> tuple[TimelineRow, ...]:
+        response = self._call("GetSessionTimeline", ccmon_pb2.GetSessionTimelineRequest(session_id=session_id))
+        return tuple(TimelineRow(ms_of(e.timestamp), e.kind, request_row_of(e.request) if e.kind == "api_request"
+                                 else None, json.loads(e.details) if e.details else {})
+                     for e in response.entries)
+
+    def tools(self, start_ms: int | None, end_ms: int, user: str | None = None) -> ToolsData:
+        response = self._call("GetToolStats", self._period(ccmon_pb2.GetToolStatsRequest(), start_ms, end_ms, user))
+        return ToolsData(tuple((t.tool, t.calls, t.successes, t.p50_duration_ms, t.p95_duration_ms)
+                               for t in response.tools),
+                         tuple((d.decision, d.source, d.count) for d in response.decisions),
+                         tuple((e.status_code, e.model, e.count) for e in response.errors),
+                         response.retries_exhausted)
+
+    def users(self, start_ms: int | None, end_ms: int) -> tuple[tuple[str, Split, int], ...]:
+        response = self._call("GetUsers", self._period(ccmon_pb2.GetUsersRequest(), start_ms, end_ms))
+        return tuple((u.user, split_from_stats(u.stats), u.sessions) for u in response.users)
+
     def snapshot(self, query: Query) -> Snapshot:
+        """Everything one screen shows, in as few calls as that tab needs."""
         info = self.server_info()
-        block = self.stats(*query.block) if query.block else None
+        start, end, user = query.start_ms, query.end_ms, query.user
+        users = self.users(start, end)
+        common = dict(query=query, taken_ms=now_ms(), server_requests=info.total_requests,
+                      block=self.stats(*query.block, user=user) if query.block else None,
+                      user_names=tuple(name for name, _, _ in users))
+        if query.session_id:
+            return Snapshot(**common, timeline=self.timeline(query.session_id))
         if query.tab == "daily":
-            usage = self._call("GetUsage", ccmon_pb2.GetUsageRequest(
-                end_time=timestamp_from_ms(query.end_ms), timezone=query.timezone))
-            days = tuple((day.date, split_from_stats(day.stats)) for day in usage.days)
-            return Snapshot(query, now_ms(), info.total_requests, days=days, block=block)
-        request = ccmon_pb2.GetAPIRequestsRequest(end_time=timestamp_from_ms(query.end_ms), limit=query.limit,
-                                                  offset=query.offset, oldest_first=query.oldest_first)
-        if query.start_ms is not None:
-            request.start_time.CopyFrom(timestamp_from_ms(query.start_ms))
+            return Snapshot(**common, days=self.days(None, end, query.timezone, user))
+        if query.tab == "models":
+            return Snapshot(**common, models=self.models(start, end, user))
+        if query.tab == "sessions":
+            return Snapshot(**common, sessions=self.sessions(start, end, user))
+        if query.tab == "tools":
+            return Snapshot(**common, tools=self.tools(start, end, user))
+        if query.tab == "users":
+            return Snapshot(**common, users=users)
+        request = self._period(ccmon_pb2.GetAPIRequestsRequest(limit=query.limit, offset=query.offset,
+                                                               oldest_first=query.oldest_first), start, end, user)
         page = self._call("GetAPIRequests", request)
-        rows = tuple(RequestRow(r.timestamp.seconds * 1000 + r.timestamp.nanos // 1_000_000, r.model, r.session_id,
-                                Usage(1, r.input_tokens, r.output_tokens, r.cache_read_tokens,
-                                      r.cache_creation_tokens, round(r.cost_usd * NANOS_PER_USD), r.duration_ms))
-                     for r in page.requests)
-        return Snapshot(query, now_ms(), info.total_requests, period=self.stats(query.start_ms, query.end_ms),
-                        requests=rows, period_requests=page.total_count, block=block)
+        return Snapshot(**common, period=self.stats(start, end, user), period_requests=page.total_count,
+                        requests=tuple(request_row_of(r) for r in page.requests))
 
     def close(self) -> None:
         self._channel.close()
@@ -2367,12 +2469,146 @@ def run_health_check(config: Config) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model
+
+REPORT_KINDS = ("daily", "weekly", "monthly", "session", "model")
+USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
+                "total_tokens", "cost_usd")
+
+
+def usage_fields(usage: Usage) -> dict[str, Any]:
+    return dict(zip(USAGE_FIELDS, (usage.requests, usage.input, usage.output, usage.cache_read, usage.cache_creation,
+                                   usage.total, usage.cost_nanos / NANOS_PER_USD)))
+
+
+def parse_day(text: str | None, flag: str) -> dt.date | None:
+    if text is None:
+        return None
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise ConfigError(f"{flag}: invalid date {text!r} (use YYYY-MM-DD)") from None
+
+
+def report_period(kind: str, since: dt.date | None, until: dt.date | None, zone: ZoneInfo,
+                  now: int) -> tuple[int, int]:
+    """[start, end) in ms: local midnight of `since` (by default 30 days, 12 weeks or 12 months back) to the
+    midnight after `until` (by default now)."""
+    today = dt.datetime.fromtimestamp(now / 1000, zone).date()
+    if since is None:
+        last = until or today
+        since = {"weekly": last - dt.timedelta(days=last.weekday() + 77),
+                 "monthly": (last.replace(day=1) - dt.timedelta(days=335)).replace(day=1)}.get(
+            kind, last - dt.timedelta(days=29))
+    if until is not None and until < since:
+        raise ConfigError(f"--until {until} is before --since {since}")
+    start = ms_from_datetime(dt.datetime.combine(since, dt.time(), zone))
+    end = ms_from_datetime(dt.datetime.combine(until + dt.timedelta(days=1), dt.time(), zone)) if until else now
+    return start, end
+
+
+def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
+                user: str | None) -> list[dict[str, Any]]:
+    """The report's rows, oldest or most costly first; figures exact (cost in USD as a float)."""
+    if kind == "model":
+        return [{"model": model, **usage_fields(u), "avg_duration_ms": u.duration_ms // u.requests if u.requests else 0,
+                 "avg_ttft_ms": u.ttft_ms // u.ttft_count if u.ttft_count else 0}
+                for model, u in client.models(start, end, user)]
+    if kind == "session":
+        return [{"session_id": s.session_id, "user": s.user,
+                 "first_request": dt.datetime.fromtimestamp(s.first_ms / 1000, zone).isoformat(timespec="seconds"),
+                 "last_request": dt.datetime.fromtimestamp(s.last_ms / 1000, zone).isoformat(timespec="seconds"),
+                 **usage_fields(s.split.total), "models": " ".join(s.models), "tool_calls": s.tool_calls,
+                 "tool_failures": s.tool_failures, "api_errors": s.api_errors,
+                 "source": "metrics" if s.from_metrics else "events"}
+                for s in client.sessions(start, end, user, limit=5000)]
+    groups: dict[str, Split] = {}
+    for date, split in reversed(client.days(start, end, zone.key, user)):
+        day = dt.date.fromisoformat(date)
+        label = {"daily": date, "weekly": (day - dt.timedelta(days=day.weekday())).isoformat(),
+                 "monthly": date[:7]}[kind]
+        previous = groups.get(label, Split())
+        groups[label] = Split(previous.base + split.base, previous.premium + split.premium)
+    column = {"daily": "date", "weekly": "week_of", "monthly": "month"}[kind]
+    return [{column: label, **usage_fields(split.total), "premium_requests": split.premium.requests,
+             "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD} for label, split in groups.items()]
+
+
+def report_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    summed = [key for key in rows[0] if key in (*USAGE_FIELDS, "premium_requests", "premium_cost_usd", "tool_calls",
+                                                 "tool_failures", "api_errors")] if rows else list(USAGE_FIELDS)
+    totals = {key: sum(row[key] for row in rows) for key in summed}
+    for key in ("cost_usd", "premium_cost_usd"):  # sums of floats: round back to the nano-dollar they came from
+        if key in totals:
+            totals[key] = round(totals[key], 9)
+    return totals
+
+
+def report_table(rows: list[dict[str, Any]], totals: dict[str, Any]) -> str:
+    """An aligned text table with a totals row; numbers right-aligned with separators."""
+    if not rows:
+        return "no usage in this period"
+    columns = list(rows[0])
+
+    def cell(key: str, value: Any) -> str:
+        if isinstance(value, float):
+            return f"${value:,.2f}" if "cost" in key else f"{value:,.2f}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    body = [[cell(k, row[k]) for k in columns] for row in rows]
+    body.append(["Total" if i == 0 else cell(k, totals[k]) if k in totals else "" for i, k in enumerate(columns)])
+    widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(columns)]
+    numeric = [isinstance(rows[0][k], (int, float)) for k in columns]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric)).rstrip()
+
+    rule_line = "  ".join("-" * w for w in widths)
+    return "\n".join([line(columns), rule_line, *map(line, body[:-1]), rule_line, line(body[-1])])
+
+
+def run_report(config: Config, args: argparse.Namespace) -> int:
+    zone = config.zone
+    start, end = report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), zone,
+                               now_ms())
+    client = Client.for_config(config, timeout_s=30.0)
+    try:
+        rows = report_rows(client, args.kind, start, end, zone, args.user)
+    except ServerUnreachable as exc:
+        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    totals = report_totals(rows)
+    period = {"since": dt.datetime.fromtimestamp(start / 1000, zone).isoformat(timespec="seconds"),
+              "until": dt.datetime.fromtimestamp(end / 1000, zone).isoformat(timespec="seconds"),
+              "timezone": zone.key}
+    if args.json:
+        print(json.dumps({"report": args.kind, **period, "user": args.user, "rows": rows, "totals": totals}))
+    elif args.csv:
+        import csv
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else list(USAGE_FIELDS),
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        first = writer.fieldnames[0]
+        writer.writerow({first: "Total", **{k: v for k, v in totals.items() if k in writer.fieldnames}})
+    else:
+        print(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
+              + (f", user {args.user}" if args.user else ""))
+        print(report_table(rows, totals))
+    return 0
+
+
 # ---------------------------------------------------------------- View model and pure render functions
 
 PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w": ("last 7 days", 7 * 86400_000),
            "m": ("last 30 days", 30 * 86400_000), "a": ("all time", None), "b": ("current block", None)}
-TABS = ("current", "daily")
-TAB_TITLES = {"current": "Current", "daily": "Daily Usage"}
+TABS = ("current", "daily", "models", "sessions", "tools", "users")
+TAB_SHORT_TITLES = {"current": "1 Now", "daily": "2 Day", "models": "3 Mod", "sessions": "4 Ses", "tools": "5 Tool",
+                    "users": "6 User"}
+TAB_TITLES = {"current": "Current", "daily": "Daily Usage", "models": "Models", "sessions": "Sessions",
+              "tools": "Tools & errors", "users": "Users"}
 MIN_SIZE = (40, 12)
 PAGE_FETCH = 1000  # request rows fetched per refresh, around the scroll position: enough for any screen
 
@@ -2392,9 +2628,11 @@ class ViewState:
     tab: str = "current"
     period: str = "a"
     oldest_first: bool = False
-    scroll: int = 0
+    scroll: int = 0                  # top row shown; on the Sessions tab, the selected row
     help: bool = False
     notice: str = ""
+    user: str | None = None          # the `u` filter
+    session_id: str | None = None    # the session whose timeline is open (Enter on Sessions; Esc closes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2418,22 +2656,33 @@ def query_for(state: ViewState, settings: MonitorSettings, now: int) -> Query:
     if settings.block_hour is not None:
         block = (current_block(now, settings.zone, settings.block_hour)[0], now)
     offset = max(0, state.scroll - PAGE_FETCH // 4)
-    return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key, block)
+    return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key, block,
+                 state.user, state.session_id)
 
 
-def handle_key(state: ViewState, key: str, settings: MonitorSettings, total_rows: int,
-               page_rows: int) -> tuple[ViewState, str]:
-    """Apply one key press. Returns the new state and an action: 'quit', 'refresh' or ''."""
+def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Frame) -> tuple[ViewState, str]:
+    """Apply one key press to what the user sees (`frame`). Returns the new state and an action:
+    'quit', 'refresh' or ''."""
     if key in ("q", "Q", "^C"):
         return state, "quit"
     if state.help:
         return dataclasses.replace(state, help=False), ""
     if key == "?":
         return dataclasses.replace(state, help=True), ""
-    if key in ("\t", "KEY_BTAB"):
-        step = 1 if key == "\t" else -1
-        tab = TABS[(TABS.index(state.tab) + step) % len(TABS)]
-        return dataclasses.replace(state, tab=tab, scroll=0, notice=""), "refresh"
+    if key == "ESC":
+        return (dataclasses.replace(state, session_id=None), "refresh") if state.session_id else (state, "")
+    if key in ("\t", "KEY_BTAB") or key in "123456" and len(key) == 1:
+        index = int(key) - 1 if key.isdigit() else (TABS.index(state.tab) + (1 if key == "\t" else -1)) % len(TABS)
+        return dataclasses.replace(state, tab=TABS[index], scroll=0, notice="", session_id=None), "refresh"
+    if key in ("\n", "\r", "KEY_ENTER") and state.tab == "sessions" and frame.session_ids and not state.session_id:
+        chosen = frame.session_ids[min(state.scroll, len(frame.session_ids) - 1)]
+        return dataclasses.replace(state, session_id=chosen), "refresh"
+    if key == "u":
+        names = [name for name in frame.user_names if name]
+        if not names:
+            return dataclasses.replace(state, notice="no user names in this period to filter by"), ""
+        following = names[names.index(state.user) + 1:] if state.user in names else names
+        return dataclasses.replace(state, user=following[0] if following else None, scroll=0, notice=""), "refresh"
     if key == "b" and settings.block_hour is None:
         return dataclasses.replace(state, notice="block tracking is off: start ccmon with -b 5am"), ""
     if key in PERIODS:
@@ -2442,10 +2691,11 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, total_rows
         return dataclasses.replace(state, oldest_first=not state.oldest_first, scroll=0), "refresh"
     if key == "r":
         return state, "refresh"
-    moves = {"KEY_UP": -1, "k": -1, "KEY_DOWN": 1, "j": 1, "KEY_PPAGE": -page_rows, "KEY_NPAGE": page_rows,
-             "KEY_HOME": -10 ** 12, "KEY_END": 10 ** 12}
+    moves = {"KEY_UP": -1, "k": -1, "KEY_DOWN": 1, "j": 1, "KEY_PPAGE": -frame.page_rows,
+             "KEY_NPAGE": frame.page_rows, "KEY_HOME": -10 ** 12, "KEY_END": 10 ** 12}
     if key in moves:
-        last = max(0, total_rows - page_rows)
+        selecting = state.tab == "sessions" and not state.session_id
+        last = max(0, frame.total_rows - (1 if selecting else frame.page_rows))
         scroll = min(max(0, state.scroll + moves[key]), last)
         return dataclasses.replace(state, scroll=scroll), "refresh" if scroll != state.scroll else ""
     return state, ""
@@ -2593,9 +2843,10 @@ def level_style(fraction: float) -> str:
 def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, settings: MonitorSettings,
                  width: int, now: int, glyphs: Glyphs) -> list[Line]:
     title = pad_between(" ccmon - Claude Code usage monitor", f"v{VERSION} ", width)
+    titles = TAB_TITLES if sum(len(t) + 3 for t in TAB_TITLES.values()) < width else TAB_SHORT_TITLES
     tabs: Line = [(" ", "")]
     for tab in TABS:
-        tabs += [(f" {TAB_TITLES[tab]} ", "tab_active" if tab == state.tab else "tab"), (" ", "")]
+        tabs += [(f" {titles[tab]} ", "tab_active" if tab == state.tab else "tab"), (" ", "")]
     wide = width >= 60
     if conn.connected:
         link: Segment = (f" {glyphs.dot} connected" + (f" {settings.server}" if wide else ""), "good")
@@ -2605,11 +2856,12 @@ def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, sett
         wait = max(0, -(-(conn.retry_at_ms - now) // 1000))
         reason = f" ({conn.error})" if wide else ""
         link = (f" {glyphs.dot} disconnected{reason} - retrying in {wait}s", "bad")
-    filter_text = PERIODS[state.period][0] if state.tab == "current" else "last 30 days"
+    filter_text = "last 30 days" if state.tab == "daily" else PERIODS[state.period][0]
     order = "oldest first" if state.oldest_first else "newest first"
     updated = f"updated {local_time(snap.taken_ms, settings.zone, '%H:%M:%S')}" if snap else "no data yet"
     details = ""
-    for part in (filter_text, order, updated):  # as many as fit, most important first
+    user = [f"user {state.user}"] if state.user else []
+    for part in (*user, filter_text, order, updated):  # as many as fit, most important first
         if len(link[0]) + len(details) + len(part) + 3 <= width:
             details += f" | {part}"
     return [[(title, "title")], tabs, [link, (details, "dim")]]
@@ -2691,7 +2943,7 @@ def request_table(snap: Snapshot, state: ViewState, settings: MonitorSettings, w
 
 
 def daily_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
-                now: int, glyphs: Glyphs) -> tuple[list[Line], int]:
+                now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
     columns = [Column("Date", 10, 0, left=True), Column("Base", 5, 3), Column("Prem", 5, 1), Column("Input", 6, 4),
                Column("Output", 6, 2), Column("CacheR", 6, 5), Column("CacheW", 6, 5), Column("Total", 6, 2),
                Column("Burn", 8, 6), Column("Prem $", 9, 1)]
@@ -2708,7 +2960,127 @@ def daily_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, wid
     body_rows.append((_daily_cells("Total", total, ""), "bold"))
     header, body = table_lines(columns, body_rows, width)
     title = f"Daily usage - last {len(snap.days)} days ({settings.zone.key})"
+    return [rule(title, width, glyphs), header, *body], page_rows, len(snap.days)
+
+
+def share_cell(part: int, whole: int, glyphs: Glyphs, width: int = 8) -> str:
+    fraction = part / whole if whole else 0.0
+    return f"{bar(fraction, width, glyphs)} {fraction * 100:3.0f}%"
+
+
+def average_ms(total_ms: int, count: int) -> str:
+    return format_duration(total_ms // count) if count else "-"
+
+
+def models_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
+                 now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
+    columns = [Column("Model", 17, 0, left=True, flex=28), Column("Req", 6, 1), Column("Input", 7, 3),
+               Column("Output", 7, 3), Column("Cache", 7, 4), Column("Cost", 9, 1), Column("Share of cost", 13, 2),
+               Column("Avg dur", 7, 5), Column("TTFT", 6, 6)]
+    total = sum((usage for _, usage in snap.models), Usage())
+    rows = [([short_model(model), format_count(u.requests), format_count(u.input), format_count(u.output),
+              format_count(u.cache), format_cost(u.cost_nanos), share_cell(u.cost_nanos, total.cost_nanos, glyphs),
+              average_ms(u.duration_ms, u.requests), average_ms(u.ttft_ms, u.ttft_count)], "")
+            for model, u in snap.models]
+    page_rows = max(1, rows_available - 3)
+    shown = rows[state.scroll:state.scroll + page_rows]
+    shown.append((["Total", format_count(total.requests), format_count(total.input), format_count(total.output),
+                   format_count(total.cache), format_cost(total.cost_nanos), "", average_ms(total.duration_ms,
+                   total.requests), average_ms(total.ttft_ms, total.ttft_count)], "bold"))
+    header, body = table_lines(columns, shown, width)
+    return [rule(f"Models - {PERIODS[state.period][0]}", width, glyphs), header, *body], page_rows, len(rows)
+
+
+def sessions_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
+                   now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
+    several_users = len({row.user for row in snap.sessions}) > 1
+    columns = [Column("Session", 8, 0, left=True), Column("User", 14, 6, left=True, flex=24),
+               Column("Started", 11, 2, left=True), Column("Dur", 6, 4), Column("Req", 5, 1), Column("Tokens", 7, 3),
+               Column("Cost", 9, 0), Column("Models", 20, 5, left=True, flex=40), Column("Tools", 5, 7),
+               Column("Fail", 4, 7), Column("Err", 4, 7), Column("Source", 7, 8, left=True)]
+    page_rows = max(1, rows_available - 2)
+    top = min(max(0, state.scroll - page_rows // 2), max(0, len(snap.sessions) - page_rows))
+    rows = []
+    for index, row in enumerate(snap.sessions[top:top + page_rows], start=top):
+        total = row.split.total
+        models = ",".join(short_model(m).removeprefix("claude-") for m in row.models)
+        rows.append(([row.session_id[:8], row.user or "-", local_time(row.first_ms, settings.zone, "%m-%d %H:%M"),
+                      format_duration(row.last_ms - row.first_ms), format_count(total.requests),
+                      format_count(total.total), format_cost(total.cost_nanos), models, str(row.tool_calls),
+                      str(row.tool_failures), str(row.api_errors), "metrics" if row.from_metrics else "events"],
+                     "tab_active" if index == state.scroll else ""))
+    if not several_users:  # one person's server: no User column
+        columns = columns[:1] + columns[2:]
+        rows = [(cells[:1] + cells[2:], style) for cells, style in rows]
+    header, body = table_lines(columns, rows, width)
+    title = f"Sessions - {PERIODS[state.period][0]} ({len(snap.sessions)}) - Enter: details"
+    return [rule(title, width, glyphs), header, *body], page_rows, len(snap.sessions)
+
+
+def timeline_detail(row: TimelineRow) -> tuple[str, str, str, str]:
+    """(what, tokens, cost, detail) for one timeline entry."""
+    if row.request is not None:
+        u = row.request.usage
+        return (short_model(row.request.model), format_count(u.total), format_cost(u.cost_nanos),
+                f"in {format_count(u.input)} out {format_count(u.output)} cache {format_count(u.cache)}, "
+                f"{format_duration(u.duration_ms)}")
+    d = row.details
+    if row.kind == "tool_result":
+        outcome = "ok" if str(d.get("success", "")).lower() in ("true", "1") else "failed"
+        return str(d.get("tool_name", "?")), "", "", f"{outcome}, {d.get('duration_ms', '?')} ms"
+    if row.kind == "tool_decision":
+        return str(d.get("tool_name", "?")), "", "", f"{d.get('decision', '?')} ({d.get('source', '?')})"
+    if row.kind == "api_error":
+        return str(d.get("model", "")), "", "", f"status {d.get('status_code', '?')}: {d.get('error', '')}"
+    if row.kind == "user_prompt":
+        return "", "", "", f"prompt of {d.get('prompt_length', '?')} characters"
+    return "", "", "", ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if k != "event.sequence")
+
+
+def timeline_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int,
+                   rows_available: int, glyphs: Glyphs) -> tuple[list[Line], int]:
+    columns = [Column("Time", 8, 0, left=True), Column("Event", 17, 0, left=True),
+               Column("Model/tool", 12, 1, left=True, flex=20), Column("Tokens", 7, 2), Column("Cost", 9, 2),
+               Column("Detail", 10, 3, left=True, flex=200)]
+    page_rows = max(1, rows_available - 2)
+    rows = [([local_time(row.ts_ms, settings.zone, "%H:%M:%S"), row.kind, *timeline_detail(row)], "")
+            for row in snap.timeline[state.scroll:state.scroll + page_rows]]
+    header, body = table_lines(columns, rows, width)
+    title = f"Session {state.session_id} ({len(snap.timeline)} entries) - Esc: back"
     return [rule(title, width, glyphs), header, *body], page_rows
+
+
+def tools_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
+                now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
+    data = snap.tools or ToolsData((), (), (), 0)
+    tools = [([tool, format_count(calls), f"{ok / calls * 100:.0f}%" if calls else "-", format_duration(p50),
+               format_duration(p95)], "" if ok == calls else "warn") for tool, calls, ok, p50, p95 in data.tools]
+    header, body = table_lines([Column("Tool", 12, 0, left=True, flex=24), Column("Calls", 6, 0),
+                                Column("Success", 7, 0), Column("p50", 6, 1), Column("p95", 6, 1)], tools, width)
+    lines = [rule(f"Tools - {PERIODS[state.period][0]}", width, glyphs), header, *body]
+    decisions = "  ".join(f"{decision} by {source}: {count}" for decision, source, count in data.decisions)
+    lines.append([("Decisions: " + (decisions or "none"), "")])
+    errors = [([code, short_model(model), format_count(count)], "bad") for code, model, count in data.errors]
+    header, body = table_lines([Column("Status", 6, 0, left=True), Column("Model", 17, 0, left=True, flex=28),
+                                Column("Errors", 6, 0)], errors, width)
+    lines += [rule("API errors", width, glyphs), header, *body,
+              [(f"Retries exhausted: {data.retries_exhausted}", "bad" if data.retries_exhausted else "")]]
+    return lines[:max(0, rows_available)], max(1, rows_available), 0
+
+
+def users_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
+                now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
+    columns = [Column("User", 14, 0, left=True, flex=36), Column("Sessions", 8, 2), Column("Req", 6, 1),
+               Column("Tokens", 7, 1), Column("Premium", 7, 3), Column("Cost", 9, 0), Column("Share of cost", 13, 2)]
+    whole = sum(split.total.cost_nanos for _, split, _ in snap.users)
+    page_rows = max(1, rows_available - 2)
+    rows = [([user or "(unknown)", str(sessions), format_count(split.total.requests), format_count(split.total.total),
+              format_count(split.premium.limited), format_cost(split.total.cost_nanos),
+              share_cell(split.total.cost_nanos, whole, glyphs)], "tab_active" if user and user == state.user else "")
+            for user, split, sessions in snap.users[state.scroll:state.scroll + page_rows]]
+    header, body = table_lines(columns, rows, width)
+    title = f"Users by cost - {PERIODS[state.period][0]} - u: filter by user"
+    return [rule(title, width, glyphs), header, *body], page_rows, len(snap.users)
 
 
 def _daily_cells(label: str, split: Split, burn: str) -> list[str]:
@@ -2736,14 +3108,16 @@ HELP_TEXT = [
     "w  last 7 days      m  last 30 days",
     "a  all time         b  current block",
     "o  sort order       r  refresh now",
-    "Tab  switch tab     arrows/j/k  scroll",
-    "PgUp/PgDn Home/End  page through requests",
+    "Tab/Shift-Tab or 1-6  switch tab",
+    "arrows/j/k PgUp/PgDn Home/End  scroll",
+    "Enter  a session's events   Esc  back",
+    "u  next user (team servers)",
     "?  this help        q  quit",
     "",
     "Press any key to close.",
 ]
-FOOTER = "h/d/w/m/a/b period  o order  Tab tab  r refresh  ? help  q quit"
-FOOTER_SHORT = "h/d/w/m/a/b  o  Tab  r  ? help  q quit"
+FOOTER = "h/d/w/m/a/b period  o order  Tab/1-6 tab  u user  ? help  q quit"
+FOOTER_SHORT = "h/d/w/m/a/b  o  1-6  u  ? help  q quit"
 
 
 def boxed(text: list[str], width: int, height: int, glyphs: Glyphs) -> list[Line]:
@@ -2761,10 +3135,12 @@ def boxed(text: list[str], width: int, height: int, glyphs: Glyphs) -> list[Line
 
 @dataclasses.dataclass(frozen=True)
 class Frame:
-    """One screen: its lines, and how the scrollable table on it pages."""
+    """One screen: its lines, how the scrollable table on it pages, and what keys can pick from it."""
     lines: list[Line]
     page_rows: int = 1
     total_rows: int = 0
+    session_ids: tuple[str, ...] = ()
+    user_names: tuple[str, ...] = ()
 
 
 def render(state: ViewState, conn: Connection, snap: Snapshot | None, settings: MonitorSettings,
@@ -2791,15 +3167,22 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, settings: 
             body = usage_lines(snap, state, settings, width, glyphs) + body
             table, page_rows = request_table(snap, state, settings, width, room - len(body), glyphs)
             body, total_rows = body + table, snap.period_requests
-        elif state.tab == "daily" and snap.query.tab == "daily":
-            table, page_rows = daily_lines(snap, state, settings, width, room - len(body), now, glyphs)
-            body, total_rows = body + table, len(snap.days)
-        else:
+        elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):
             body += [[("Loading...", "dim")]]
+        elif state.session_id:
+            table, page_rows = timeline_lines(snap, state, settings, width, room - len(body), glyphs)
+            body, total_rows = body + table, len(snap.timeline)
+        else:
+            section = {"daily": daily_lines, "models": models_lines, "sessions": sessions_lines,
+                       "tools": tools_lines, "users": users_lines}[state.tab]
+            table, page_rows, total_rows = section(snap, state, settings, width, room - len(body), now, glyphs)
+            body += table
         lines += body
     lines = lines[:height - 1]
     lines += [[("", "")]] * (height - 1 - len(lines)) + [footer]
-    return Frame([clip(line, width) for line in lines], page_rows, total_rows)
+    sessions = tuple(row.session_id for row in snap.sessions) if snap else ()
+    return Frame([clip(line, width) for line in lines], page_rows, total_rows, sessions,
+                 snap.user_names if snap else ())
 
 
 # ---------------------------------------------------------------- Curses loop: polling thread, keys, drawing
@@ -2916,6 +3299,7 @@ def run_monitor(config: Config, block_hour: int | None) -> int:
     def loop(screen) -> None:
         nonlocal state
         curses.curs_set(0) if curses.tigetstr("civis") else None
+        curses.set_escdelay(25)  # Esc closes a session's timeline at once, not after a second
         if curses.has_colors():
             curses.use_default_colors()  # the terminal's own colours as the base (curses.wrapper started colour)
         use_color = curses.has_colors() and "NO_COLOR" not in os.environ
@@ -2937,7 +3321,7 @@ def run_monitor(config: Config, block_hour: int | None) -> int:
                 curses.update_lines_cols()
                 shown_version = -1
                 continue
-            state, action = handle_key(state, key_name(curses, key), settings, frame.total_rows, frame.page_rows)
+            state, action = handle_key(state, key_name(curses, key), settings, frame)
             if action == "quit":
                 return
             if action == "refresh":
@@ -2956,12 +3340,9 @@ def run_monitor(config: Config, block_hour: int | None) -> int:
 
 # ---------------------------------------------------------------- CLI: arguments and entry point
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ccmon", description="Watch what Claude Code costs: an OTLP collector (--server) and a live monitor.")
-    parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
-    parser.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
-                        help="run the server; with HOST:PORT, run the monitor against that server")
+def config_options() -> argparse.ArgumentParser:
+    """The flags that override config file settings, shared by ccmon and ccmon report."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config", metavar="PATH", help="config file (default: ./config.{toml,yaml,yml,json}, "
                         "then ~/.ccmon/config.*)")
     parser.add_argument("--database-path", metavar="PATH")
@@ -2985,6 +3366,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--monitor-refresh-interval", metavar="DURATION", help="1s to 5m (default 5s)")
     parser.add_argument("--claude-plan", metavar="PLAN", help="unset, pro, max or max20")
     parser.add_argument("--claude-max-tokens", metavar="N", help="block token limit (0: plan default)")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ccmon", parents=[config_options()],
+        description="Watch what Claude Code costs: an OTLP collector (--server) and a live monitor.",
+        epilog="Reports: ccmon report {daily,weekly,monthly,session,model} --help")
+    parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
+    parser.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
+                        help="run the server; with HOST:PORT, run the monitor against that server")
     parser.add_argument("-f", "--format", metavar="TEMPLATE", help="print TEMPLATE with @daily_cost, "
                         "@monthly_cost, @daily_plan_usage, ... replaced, and exit (for status bars)")
     parser.add_argument("--json", action="store_true", help="print every quick-query figure as JSON and exit")
@@ -2995,15 +3387,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_report_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ccmon report", parents=[config_options()],
+                                     description="Usage reports from a ccmon server, as a table, JSON or CSV.")
+    parser.add_argument("kind", choices=REPORT_KINDS)
+    parser.add_argument("--since", metavar="YYYY-MM-DD", help="first day (in monitor.timezone)")
+    parser.add_argument("--until", metavar="YYYY-MM-DD", help="last day, included (default: today)")
+    parser.add_argument("--user", metavar="NAME", help="only this user (user.email, account uuid or user.id)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="one JSON object")
+    output.add_argument("--csv", action="store_true", help="CSV with a header row")
+    parser.set_defaults(server=None, log_level="warning")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    reporting = argv[:1] == ["report"]
+    args = (build_report_parser().parse_args(argv[1:]) if reporting else build_parser().parse_args(argv))
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(message)s")
     if isinstance(args.server, str):  # '--server HOST:PORT' is the original spelling of --monitor-server
         args.monitor_server, args.server = args.server, None
     try:
         config = load_config(args)
+        if reporting:
+            return run_report(config, args)
         if args.server:
             return run_server(config)
         block_hour = parse_block_hour(args.block) if args.block is not None else None

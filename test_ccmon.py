@@ -747,32 +747,33 @@ def _settings(block_hour=5, limit=35_000):
 def test_keys():
     settings = _settings()
     state = ccmon.ViewState()
+    frame = ccmon.Frame([], page_rows=10, total_rows=100)
     for key, period in (("h", "h"), ("d", "d"), ("w", "w"), ("m", "m"), ("b", "b"), ("a", "a")):
-        state, action = ccmon.handle_key(state, key, settings, 100, 10)
+        state, action = ccmon.handle_key(state, key, settings, frame)
         assert (state.period, action) == (period, "refresh")
-    state, action = ccmon.handle_key(state, "o", settings, 100, 10)
+    state, action = ccmon.handle_key(state, "o", settings, frame)
     assert state.oldest_first and action == "refresh"
-    state, _ = ccmon.handle_key(state, "KEY_NPAGE", settings, 100, 10)
-    state, _ = ccmon.handle_key(state, "j", settings, 100, 10)
+    state, _ = ccmon.handle_key(state, "KEY_NPAGE", settings, frame)
+    state, _ = ccmon.handle_key(state, "j", settings, frame)
     assert state.scroll == 11
-    state, _ = ccmon.handle_key(state, "KEY_END", settings, 100, 10)
+    state, _ = ccmon.handle_key(state, "KEY_END", settings, frame)
     assert state.scroll == 90
-    state, action = ccmon.handle_key(state, "KEY_DOWN", settings, 100, 10)
+    state, action = ccmon.handle_key(state, "KEY_DOWN", settings, frame)
     assert state.scroll == 90 and action == ""
-    state, _ = ccmon.handle_key(state, "KEY_HOME", settings, 100, 10)
-    state, _ = ccmon.handle_key(state, "k", settings, 100, 10)
+    state, _ = ccmon.handle_key(state, "KEY_HOME", settings, frame)
+    state, _ = ccmon.handle_key(state, "k", settings, frame)
     assert state.scroll == 0
-    state, action = ccmon.handle_key(state, "\t", settings, 100, 10)
+    state, action = ccmon.handle_key(state, "\t", settings, frame)
     assert (state.tab, action) == ("daily", "refresh")
-    state, _ = ccmon.handle_key(state, "KEY_BTAB", settings, 100, 10)
+    state, _ = ccmon.handle_key(state, "KEY_BTAB", settings, frame)
     assert state.tab == "current"
-    state, _ = ccmon.handle_key(state, "?", settings, 100, 10)
+    state, _ = ccmon.handle_key(state, "?", settings, frame)
     assert state.help
-    state, action = ccmon.handle_key(state, "x", settings, 100, 10)
+    state, action = ccmon.handle_key(state, "x", settings, frame)
     assert not state.help and action == ""
-    assert ccmon.handle_key(state, "q", settings, 100, 10)[1] == "quit"
-    assert ccmon.handle_key(state, "^C", settings, 100, 10)[1] == "quit"
-    off, action = ccmon.handle_key(state, "b", _settings(block_hour=None), 100, 10)
+    assert ccmon.handle_key(state, "q", settings, frame)[1] == "quit"
+    assert ccmon.handle_key(state, "^C", settings, frame)[1] == "quit"
+    off, action = ccmon.handle_key(state, "b", _settings(block_hour=None), frame)
     assert off.period == state.period and off.notice == "block tracking is off: start ccmon with -b 5am"
 
 
@@ -808,7 +809,7 @@ def frame_text(state, snap, settings, width, height, now, connection=None, unico
 
 FRAME_80x24 = [
     " ccmon - Claude Code usage monitor                                       v0.1.0 ",
-    "  Current   Daily Usage  ",
+    "  Current   Daily Usage   Models   Sessions   Tools & errors   Users  ",
     " * connected 127.0.0.1:4317 | current block | newest first | updated 10:30:00",
     "-- Usage - current block -------------------------------------------------------",
     "         Requests  Limited    Cache    Total       Cost    Burn rate",
@@ -830,12 +831,12 @@ FRAME_80x24 = [
     "09:48:00 claude-sonnet-4-5        1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s",
     "09:41:00 claude-haiku-4-5         1.01K   1.40K   30.0K   32.4K   $0.0864    10s",
     "09:34:00 claude-opus-4-1          1.01K   1.60K   30.0K   32.6K   $0.0988    12s",
-    "h/d/w/m/a/b period  o order  Tab tab  r refresh  ? help  q quit",
+    "h/d/w/m/a/b period  o order  Tab/1-6 tab  u user  ? help  q quit",
 ]
 
 FRAME_40x12 = [
     " ccmon - Claude Code usage monitor",
-    "  Current   Daily Usage  ",
+    "  1 Now   2 Day   3 Mod   4 Ses   5 Tool",
     " * connected | current block",
     "-- Usage - current block ---------------",
     "         Requests  Limited       Cost",
@@ -845,7 +846,7 @@ FRAME_40x12 = [
     "-- Block 10:00-15:00 -------------------",
     "Tokens ###..  60%  21.0K / 35.0K",
     "Time   .....  10% 4h30m left, ends 15:00",
-    "h/d/w/m/a/b  o  Tab  r  ? help  q quit",
+    "h/d/w/m/a/b  o  1-6  u  ? help  q quit",
 ]
 
 DAILY_80x24 = [
@@ -923,7 +924,7 @@ def test_render_states_without_data():
     assert stale[2].startswith(" * disconnected (connection refused) - retrying in 4s")
     assert stale[6] == FRAME_80x24[6]  # the last data stays on screen
     help_lines, _ = frame_text(ccmon.ViewState(help=True), snap, settings, 80, 24, now)
-    assert "| h  last hour        d  last 24 hours      |" in help_lines[5]
+    assert help_lines[5].strip() == "| h  last hour        d  last 24 hours  |"
     no_block, _ = frame_text(ccmon.ViewState(), snap, _settings(block_hour=None), 80, 24, now)
     assert no_block[8] == "Block tracking is off: start with -b 5am (the hour your 5-hour windows start)."
     no_limit, _ = frame_text(ccmon.ViewState(), snap, _settings(limit=None), 80, 24, now)
@@ -1098,7 +1099,22 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
         screen = monitor.wait_for("Daily usage - last 30 days (UTC)", "the daily tab")
         assert line_with(screen, "Total").split() == ["Total", "1", "2", "3.20K", "1.30K", "0", "0", "4.50K",
                                                       "$1.75"]
-        monitor.send(b"\t")
+        monitor.send(b"3")
+        screen = monitor.wait_for("Models - last 7 days", "the models tab")
+        assert line_with(screen, "claude-opus-4-1").split()[1:6] == ["1", "2.00K", "1.00K", "0", "$1.50"]
+        monitor.send(b"4")
+        screen = monitor.wait_for("Sessions - last 7 days (1) - Enter: details", "the sessions tab")
+        monitor.send(b"\r")
+        screen = monitor.wait_for("Session sess-1 (3 entries) - Esc: back", "a session's timeline")
+        assert [line.split()[1] for line in screen.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)] == \
+            ["api_request"] * 3
+        monitor.send(b"\x1b")
+        monitor.wait_for("Sessions - last 7 days (1) - Enter: details", "the sessions list again")
+        monitor.send(b"5")
+        monitor.wait_for("Retries exhausted: 0", "the tools tab")
+        monitor.send(b"6")
+        screen = monitor.wait_for("Users by cost", "the users tab")
+        monitor.send(b"1")
         monitor.wait_for("Requests 1-3 of 3", "the current tab again")
         monitor.send(b"b")
         monitor.wait_for(lambda text: "current block" in text and "Requests 1-2 of 2" in text, "the block filter")
@@ -1979,3 +1995,268 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
     check()
     assert db_rows(store.path, "SELECT COUNT(*) FROM usage_rollup WHERE rows <= 0") == [(0,)]
     store.close()
+
+
+# ---------------------------------------------------------------- insights: models, sessions, tools, users, reports
+
+def team_events() -> list[tuple[str, dict]]:
+    """Two users, three sessions, with tool calls, decisions, errors and retries, shaped like Claude Code's."""
+    def request(seq, session, email, when, model, **figures):
+        return ("api_request", {**api_request(seq, when, model=model, session=session, **figures),
+                                "user.email": email})
+
+    def event(name, seq, session, email, when, **attrs):
+        return (name, {"event.name": name, "event.sequence": seq, "session.id": session, "user.email": email,
+                       "event.timestamp": when, **attrs})
+
+    return [
+        request(1, "s-ana-1", "ana@example.com", "2026-05-04T09:00:00Z", "claude-sonnet-4-5", input_tokens=1000,
+                output_tokens=200, cost_usd=0.5, duration_ms=4000, ttft_ms=800),
+        request(2, "s-ana-1", "ana@example.com", "2026-05-04T09:05:00Z", "claude-haiku-4-5", input_tokens=300,
+                output_tokens=30, cost_usd=0.01, duration_ms=900, ttft_ms=200),
+        event("tool_result", 3, "s-ana-1", "ana@example.com", "2026-05-04T09:01:00Z", tool_name="Bash",
+              success="true", duration_ms="120"),
+        event("tool_result", 4, "s-ana-1", "ana@example.com", "2026-05-04T09:02:00Z", tool_name="Bash",
+              success="false", duration_ms="3000"),
+        event("tool_result", 5, "s-ana-1", "ana@example.com", "2026-05-04T09:03:00Z", tool_name="Read",
+              success=True, duration_ms=15),
+        event("tool_decision", 6, "s-ana-1", "ana@example.com", "2026-05-04T09:01:30Z", tool_name="Edit",
+              decision="accept", source="config"),
+        event("tool_decision", 7, "s-ana-1", "ana@example.com", "2026-05-04T09:01:40Z", tool_name="Bash",
+              decision="reject", source="user_reject"),
+        request(8, "s-ana-2", "ana@example.com", "2026-05-05T10:00:00Z", "claude-opus-4-1", input_tokens=50,
+                output_tokens=5000, cost_usd=2.25, duration_ms=60000),
+        event("api_error", 9, "s-ana-2", "ana@example.com", "2026-05-05T09:59:00Z", model="claude-opus-4-1",
+              error="Overloaded", status_code="529", attempt=1),
+        event("api_retries_exhausted", 10, "s-ana-2", "ana@example.com", "2026-05-05T09:59:30Z"),
+        request(11, "s-bo-1", "bo@example.com", "2026-05-05T11:00:00Z", "claude-sonnet-4-5", input_tokens=7,
+                output_tokens=3, cost_usd=0.125, duration_ms=1000, ttft_ms=500),
+        event("tool_result", 12, "s-bo-1", "bo@example.com", "2026-05-05T11:00:10Z", tool_name="Bash",
+              success="true", duration_ms="200"),
+        event("api_error", 13, "s-bo-1", "bo@example.com", "2026-05-05T11:00:20Z", model="claude-sonnet-4-5",
+              error="rate limited", status_code=429, attempt=2),
+    ]
+
+
+MAY = dict(start_time=ts("2026-05-01T00:00:00Z"), end_time=ts("2026-06-01T00:00:00Z"))
+
+
+def test_insight_queries_match_the_raw_data(server):
+    assert sdk_export(server.port, team_events()) == ["SUCCESS"]
+    q = server.query()
+    models = {m.model: m for m in q.GetModelStats(ccmon_pb2.GetModelStatsRequest(**MAY)).models}
+    assert (models["claude-sonnet-4-5"].ttft_ms_total, models["claude-sonnet-4-5"].ttft_count) == (1300, 2)
+    assert (models["claude-opus-4-1"].ttft_ms_total, models["claude-opus-4-1"].ttft_count) == (0, 0)
+    sessions = q.GetSessions(ccmon_pb2.GetSessionsRequest(**MAY)).sessions
+    assert [s.session_id for s in sessions] == ["s-bo-1", "s-ana-2", "s-ana-1"]
+    ana1 = sessions[2]
+    assert (ana1.user, list(ana1.models), ana1.tool_calls, ana1.tool_failures, ana1.api_errors, ana1.from_metrics) \
+        == ("ana@example.com", ["claude-sonnet-4-5", "claude-haiku-4-5"], 3, 1, 0, False)
+    assert (ana1.stats.total_requests, ana1.stats.total_tokens.limited, ana1.stats.total_cost.amount) == \
+        (2, 1530, 0.51)
+    assert ana1.first_request_at == ts("2026-05-04T09:00:00Z") and ana1.last_request_at == ts("2026-05-04T09:05:00Z")
+    assert (sessions[1].api_errors, sessions[0].tool_calls, sessions[0].api_errors) == (1, 1, 1)
+    only_bo = q.GetSessions(ccmon_pb2.GetSessionsRequest(**MAY, user="bo@example.com")).sessions
+    assert [s.session_id for s in only_bo] == ["s-bo-1"]
+    tools = q.GetToolStats(ccmon_pb2.GetToolStatsRequest(**MAY))
+    assert [(t.tool, t.calls, t.successes, t.p50_duration_ms, t.p95_duration_ms) for t in tools.tools] == \
+        [("Bash", 3, 2, 200, 3000), ("Read", 1, 1, 15, 15)]
+    assert [(d.decision, d.source, d.count) for d in tools.decisions] == \
+        [("accept", "config", 1), ("reject", "user_reject", 1)]
+    assert [(e.status_code, e.model, e.count) for e in tools.errors] == \
+        [("429", "claude-sonnet-4-5", 1), ("529", "claude-opus-4-1", 1)]
+    assert tools.retries_exhausted == 1
+    bo_tools = q.GetToolStats(ccmon_pb2.GetToolStatsRequest(**MAY, user="bo@example.com"))
+    assert [(t.tool, t.calls) for t in bo_tools.tools] == [("Bash", 1)] and bo_tools.retries_exhausted == 0
+    users = q.GetUsers(ccmon_pb2.GetUsersRequest(**MAY)).users
+    assert [(u.user, u.sessions, u.stats.total_requests, u.stats.total_cost.amount, u.stats.base_requests)
+            for u in users] == [("ana@example.com", 2, 3, 2.76, 1), ("bo@example.com", 1, 1, 0.125, 0)]
+    ana = q.GetStats(ccmon_pb2.GetStatsRequest(**MAY, user="ana@example.com")).stats
+    assert (ana.total_requests, ana.total_tokens.input, ana.total_cost.amount) == (3, 1350, 2.76)
+    assert q.GetStats(ccmon_pb2.GetStatsRequest(user="nobody@example.com")).stats.total_requests == 0
+    page = q.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(**MAY, user="bo@example.com"))
+    assert (page.total_count, [r.session_id for r in page.requests]) == (1, ["s-bo-1"])
+    timeline = q.GetSessionTimeline(ccmon_pb2.GetSessionTimelineRequest(session_id="s-ana-1")).entries
+    assert [e.kind for e in timeline] == ["api_request", "tool_result", "tool_decision", "tool_decision",
+                                          "tool_result", "tool_result", "api_request"]
+    assert timeline[0].request.cost_usd == 0.5 and json.loads(timeline[1].details)["tool_name"] == "Bash"
+
+
+def test_metrics_only_sessions_count_and_events_win(server):
+    def export(temporality, steps, session):
+        exporter = OTLPMetricExporter(endpoint=server.target, insecure=True,
+                                      preferred_temporality={Counter: temporality})
+        reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
+        provider = MeterProvider(resource=Resource.create(CLAUDE_RESOURCE), metric_readers=[reader])
+        meter = provider.get_meter("com.anthropic.claude_code")
+        cost = meter.create_counter("claude_code.cost.usage", unit="USD")
+        tokens = meter.create_counter("claude_code.token.usage", unit="tokens")
+        attrs = {"session.id": session, "model": "claude-sonnet-4-5", "user.email": "m@example.com"}
+        for dollars, counts in steps:
+            cost.add(dollars, attrs)
+            for kind, n in counts.items():
+                tokens.add(n, {**attrs, "type": kind})
+            provider.force_flush()
+        provider.shutdown()
+
+    export(AggregationTemporality.DELTA, [(0.25, {"input": 100, "output": 20, "cacheRead": 1000}),
+                                          (0.5, {"input": 50, "cacheCreation": 7})], "delta-session")
+    export(AggregationTemporality.CUMULATIVE, [(1.0, {"input": 100}), (0.5, {"input": 50, "output": 5})],
+           "cumulative-session")
+    stats = server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats
+    assert (stats.total_requests, stats.total_tokens.input, stats.total_tokens.output, stats.total_tokens.cache_read,
+            stats.total_tokens.cache_creation, stats.total_cost.amount) == (0, 300, 25, 1000, 7, 2.25)
+    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest()).sessions}
+    assert sessions["cumulative-session"].from_metrics and sessions["cumulative-session"].stats.total_tokens.input \
+        == 150
+    assert sessions["delta-session"].stats.total_cost.amount == 0.75
+    # Now the api_request events of the delta session arrive: they replace its metric figures.
+    now = hours_ago(0)
+    sdk_export(server.port, [("api_request", api_request(1, now, session="delta-session", input_tokens=150,
+                                                         output_tokens=20, cost_usd=0.7))])
+    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest()).sessions}
+    assert not sessions["delta-session"].from_metrics
+    assert (sessions["delta-session"].stats.total_requests, sessions["delta-session"].stats.total_cost.amount) == \
+        (1, 0.7)
+    stats = server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats
+    assert (stats.total_requests, stats.total_tokens.input, stats.total_cost.amount) == (1, 300, 2.2)
+    # More metrics for that session are stored but no longer counted.
+    export(AggregationTemporality.DELTA, [(9.0, {"input": 9999})], "delta-session")
+    assert server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats.total_cost.amount == 2.2
+    assert db_rows(server.db, "SELECT COUNT(*) FROM mp WHERE session_id = 'delta-session'") == [(9,)]
+
+
+def run_report(srv: ServerProcess, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_ccmon(["report", *args, "--monitor-server", srv.target, "--monitor-timezone", "Asia/Tokyo"], cwd)
+
+
+def test_reports_as_table_json_and_csv(server, tmp_path):
+    sdk_export(server.port, team_events())
+    daily = run_report(server, "daily", "--since", "2026-05-04", "--until", "2026-05-06", "--json", cwd=tmp_path)
+    assert daily.returncode == 0, daily.stderr
+    report = json.loads(daily.stdout)
+    assert (report["since"], report["until"], report["timezone"]) == \
+        ("2026-05-04T00:00:00+09:00", "2026-05-07T00:00:00+09:00", "Asia/Tokyo")
+    assert [(r["date"], r["requests"], r["total_tokens"], r["cost_usd"], r["premium_cost_usd"])
+            for r in report["rows"]] == [("2026-05-04", 2, 1530, 0.51, 0.5), ("2026-05-05", 2, 5060, 2.375, 2.375),
+                                         ("2026-05-06", 0, 0, 0.0, 0.0)]
+    assert report["totals"] == {"requests": 4, "input_tokens": 1357, "output_tokens": 5233, "cache_read_tokens": 0,
+                                "cache_creation_tokens": 0, "total_tokens": 6590, "cost_usd": 2.885,
+                                "premium_requests": 3, "premium_cost_usd": 2.875}
+    weekly = json.loads(run_report(server, "weekly", "--since", "2026-05-01", "--until", "2026-05-10", "--json",
+                                   cwd=tmp_path).stdout)
+    assert [(r["week_of"], r["requests"]) for r in weekly["rows"]] == [("2026-04-27", 0), ("2026-05-04", 4)]
+    monthly = json.loads(run_report(server, "monthly", "--since", "2026-04-01", "--until", "2026-05-31", "--json",
+                                    cwd=tmp_path).stdout)
+    assert [(r["month"], r["cost_usd"]) for r in monthly["rows"]] == [("2026-04", 0.0), ("2026-05", 2.885)]
+    csv_out = run_report(server, "model", "--since", "2026-05-01", "--until", "2026-05-31", "--csv", cwd=tmp_path)
+    assert csv_out.stdout.splitlines() == [
+        "model,requests,input_tokens,output_tokens,cache_read_tokens,cache_creation_tokens,total_tokens,cost_usd,"
+        "avg_duration_ms,avg_ttft_ms",
+        "claude-opus-4-1,1,50,5000,0,0,5050,2.25,60000,0",
+        "claude-sonnet-4-5,2,1007,203,0,0,1210,0.625,2500,650",
+        "claude-haiku-4-5,1,300,30,0,0,330,0.01,900,200",
+        "Total,4,1357,5233,0,0,6590,2.885,,"]
+    table = run_report(server, "session", "--since", "2026-05-01", "--until", "2026-05-31", "--user",
+                       "ana@example.com", cwd=tmp_path)
+    lines = table.stdout.splitlines()
+    assert lines[0] == ("session report, 2026-05-01T00:00:00+09:00 to 2026-06-01T00:00:00+09:00 (Asia/Tokyo), "
+                        "user ana@example.com")
+    assert lines[1].split() == ["session_id", "user", "first_request", "last_request", "requests", "input_tokens",
+                                "output_tokens", "cache_read_tokens", "cache_creation_tokens", "total_tokens",
+                                "cost_usd", "models", "tool_calls", "tool_failures", "api_errors", "source"]
+    assert lines[3].split()[:5] == ["s-ana-2", "ana@example.com", "2026-05-05T19:00:00+09:00",
+                                    "2026-05-05T19:00:00+09:00", "1"]
+    assert lines[-1].split() == ["Total", "3", "1,350", "5,230", "0", "0", "6,580", "$2.76", "3", "1", "1"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["daily", "--since", "May 1"], "ccmon: config error: --since: invalid date 'May 1' (use YYYY-MM-DD)\n"),
+    (["daily", "--since", "2026-05-02", "--until", "2026-05-01"],
+     "ccmon: config error: --until 2026-05-01 is before --since 2026-05-02\n"),
+])
+def test_report_errors(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["report", *args], capsys)
+    assert (code, err) == (2, message)
+    code, err = run_main(["report", "yearly"], capsys)
+    assert code == 2 and "argument kind: invalid choice: 'yearly'" in err
+    unreachable = run_ccmon(["report", "model", "--monitor-server", "127.0.0.1:9"], tmp_path)
+    assert (unreachable.returncode, unreachable.stdout) == (1, "")
+    assert unreachable.stderr == "ccmon: cannot reach the ccmon server at 127.0.0.1:9: connection refused\n"
+
+
+def insight_snapshot(settings, now, tab, **fields):
+    state = ccmon.ViewState(tab=tab, period="w", session_id=fields.pop("session_id", None))
+    return state, ccmon.Snapshot(ccmon.query_for(state, settings, now), now, 500,
+                                 block=ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000)), **fields)
+
+
+def test_render_insight_tabs():
+    settings, now = _settings(), local_ms("2026-05-05 13:00")
+    usage = ccmon.Usage
+    state, snap = insight_snapshot(settings, now, "models", models=(
+        ("claude-opus-4-1-20250805", usage(1, 50, 5000, 0, 0, 2_250_000_000, 60000, 0, 0)),
+        ("claude-sonnet-4-5", usage(2, 1007, 203, 0, 0, 625_000_000, 5000, 1300, 2))))
+    lines, frame = frame_text(state, snap, settings, 100, 24, now)
+    assert lines[1].startswith("  Current   Daily Usage   Models   Sessions   Tools & errors   Users")
+    assert lines[7] == "-- Models - last 7 days " + "-" * 76
+    assert lines[8].split() == ["Model", "Req", "Input", "Output", "Cache", "Cost", "Share", "of", "cost", "Avg",
+                                "dur", "TTFT"]
+    assert lines[9].split() == ["claude-opus-4-1", "1", "50", "5.00K", "0", "$2.25", "######..", "78%", "1m", "-"]
+    assert lines[10].split() == ["claude-sonnet-4-5", "2", "1.01K", "203", "0", "$0.6250", "##......", "22%",
+                                 "2.5s", "650ms"]
+    assert lines[11].split()[:6] == ["Total", "3", "1.06K", "5.20K", "0", "$2.88"]
+    split = ccmon.Split(usage(1, 300, 30, 0, 0, 10_000_000), usage(1, 1000, 200, 0, 0, 500_000_000))
+    rows = tuple(ccmon.SessionRow(f"s-{i}-0123456789", user, now - 3600_000 * (i + 1), now - 3600_000 * i, split,
+                                  ("claude-sonnet-4-5", "claude-haiku-4-5"), 3, 1, i, i == 2)
+                 for i, user in enumerate(["ana@example.com", "bo@example.com", "ana@example.com"]))
+    state, snap = insight_snapshot(settings, now, "sessions", sessions=rows)
+    state = dataclasses_replace(state, scroll=1)
+    lines, frame = frame_text(state, snap, settings, 120, 24, now)
+    assert frame.session_ids == tuple(r.session_id for r in rows) and frame.total_rows == 3
+    assert lines[7].startswith("-- Sessions - last 7 days (3) - Enter: details --")
+    assert lines[8].split() == ["Session", "User", "Started", "Dur", "Req", "Tokens", "Cost", "Models", "Tools",
+                                "Fail", "Err", "Source"]
+    assert lines[10].split() == ["s-1-0123", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K", "$0.5100",
+                                 "sonnet-4-5,haiku-4-5", "3", "1", "1", "events"]
+    assert lines[11].split()[-1] == "metrics"
+    selected = ccmon.render(state, ccmon.Connection(True, attempts=1), snap, settings, 120, 24, now,
+                            ccmon.Glyphs.for_terminal(False)).lines[10]
+    assert selected[0][1] == "tab_active"
+    entered, action = ccmon.handle_key(state, "\n", settings, frame)
+    assert (entered.session_id, action) == ("s-1-0123456789", "refresh")
+    back, action = ccmon.handle_key(entered, "ESC", settings, frame)
+    assert (back.session_id, back.tab, action) == (None, "sessions", "refresh")
+    timeline = (ccmon.TimelineRow(now - 60_000, "api_request", ccmon.RequestRow(now - 60_000, "claude-sonnet-4-5", "s",
+                                                                              usage(1, 1000, 200, 5, 0, 500_000_000,
+                                                                                    4000)), {}),
+                ccmon.TimelineRow(now - 30_000, "tool_result", None, {"tool_name": "Bash", "success": "false",
+                                                                      "duration_ms": "3000"}))
+    state, snap = insight_snapshot(settings, now, "sessions", session_id="s-1-0123456789", timeline=timeline)
+    lines, _ = frame_text(state, snap, settings, 100, 24, now)
+    assert lines[7].startswith("-- Session s-1-0123456789 (2 entries) - Esc: back --")
+    assert lines[9].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "1.21K", "$0.5000", "in", "1.00K",
+                                "out", "200", "cache", "5,", "4.0s"]
+    assert lines[10].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3000", "ms"]
+    tools = ccmon.ToolsData((("Bash", 3, 2, 200, 3000),), (("accept", "config", 1),), (("529", "claude-opus-4-1", 1),),
+                            1)
+    state, snap = insight_snapshot(settings, now, "tools", tools=tools)
+    lines, _ = frame_text(state, snap, settings, 80, 24, now)
+    assert lines[8].split() == ["Tool", "Calls", "Success", "p50", "p95"]
+    assert lines[9].split() == ["Bash", "3", "67%", "200ms", "3.0s"]
+    assert lines[10] == "Decisions: accept by config: 1"
+    assert lines[13].split() == ["529", "claude-opus-4-1", "1"] and lines[14] == "Retries exhausted: 1"
+    state, snap = insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("", split, 1)),
+                                   user_names=("ana@example.com", ""))
+    lines, frame = frame_text(state, snap, settings, 80, 24, now)
+    assert lines[9].split() == ["ana@example.com", "2", "2", "1.53K", "1.20K", "$0.5100", "####....", "50%"]
+    assert lines[10].split()[0] == "(unknown)"
+    filtered, action = ccmon.handle_key(state, "u", settings, frame)
+    assert (filtered.user, action) == ("ana@example.com", "refresh")
+    assert "| user ana@example.com |" in frame_text(filtered, snap, settings, 80, 24, now)[0][2]
+    assert ccmon.handle_key(filtered, "u", settings, frame)[0].user is None
+    for key, tab in (("1", "current"), ("3", "models"), ("6", "users")):
+        assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
+    narrow, _ = frame_text(state, snap, settings, 40, 12, now)
+    assert narrow[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool"
