@@ -226,6 +226,8 @@ def seed(db: Path, rows: int, end_ms: int, span_ms: int = YEAR_MS) -> float:
     weights = [w for _, w in MODELS]
     sessions = [conn.execute("INSERT INTO sessions (session_id) VALUES (?) RETURNING id",
                              (str(uuid.UUID(int=rng.getrandbits(128))),)).fetchone()[0] for _ in range(5000)]
+    users = [conn.execute("INSERT INTO users (name) VALUES (?) RETURNING id", (f"dev{i}@example.com",)).fetchone()[0]
+             for i in range(5)]
     source = conn.execute("INSERT INTO attribute_sets (attributes) VALUES (?) RETURNING id",
                           (json.dumps({"service.name": "claude-code", "user.id": "9f2c" * 16}),)).fetchone()[0]
     extra = conn.execute("INSERT INTO attribute_sets (attributes) VALUES (?) RETURNING id",
@@ -239,11 +241,12 @@ def seed(db: Path, rows: int, end_ms: int, span_ms: int = YEAR_MS) -> float:
         batch = []
         for i in range(first, min(rows, first + chunk)):
             ts = end_ms - span_ms + int(i * step)
-            batch.append((ts, sessions[(i // 40) % len(sessions)], i, rng.choices(models, weights)[0],
+            session = (i // 40) % len(sessions)
+            batch.append((ts, sessions[session], i, rng.choices(models, weights)[0], users[session % len(users)],
                           rng.randint(1, 5000), rng.randint(1, 2000), rng.randint(0, 90_000), rng.randint(0, 6000),
                           rng.randint(500_000, 400_000_000), rng.randint(300, 40_000), rng.randint(100, 3000),
                           str(uuid.UUID(int=rng.getrandbits(128))), "req_011CV" + f"{rng.getrandbits(80):020x}",
-                          source, extra))
+                          source, extra, 0))
         conn.execute("BEGIN")
         conn.executemany(sql, batch)
         conn.execute("COMMIT")
