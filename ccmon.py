@@ -1335,6 +1335,14 @@ class Rejections:
         more = f"; and {self.count - len(self.reasons)} more" if self.count > len(self.reasons) else ""
         return f"rejected {self.count} of {total} {self.what}: {'; '.join(self.reasons)}{more}"
 
+    def answer(self, response, count_field: str, total: int):
+        """The Export response, with partial_success (and a log line) when anything was rejected."""
+        if self.count:
+            log.warning("%s", self.message(total))
+            setattr(response.partial_success, count_field, self.count)
+            response.partial_success.error_message = self.message(total)
+        return response
+
 
 class LogsIngest:
     """Decodes ExportLogsServiceRequest into rows."""
@@ -1446,24 +1454,14 @@ class Receiver:
         new = self.store.write(batch) if len(batch) else 0
         log.info("logs: %d records, %d api requests, %d new, %d rejected",
                  total, len(batch.requests), new, rejected.count)
-        response = logs_service_pb2.ExportLogsServiceResponse()
-        if rejected.count:
-            log.warning("logs: %s", rejected.message(total))
-            response.partial_success.rejected_log_records = rejected.count
-            response.partial_success.error_message = rejected.message(total)
-        return response
+        return rejected.answer(logs_service_pb2.ExportLogsServiceResponse(), "rejected_log_records", total)
 
     def metrics(self, request) -> metrics_service_pb2.ExportMetricsServiceResponse:
         rejected = Rejections("data points")
         rows, total = metric_rows(request, rejected, self.logs_ingest.sources)
         new = self.store.write(Batch(metrics=rows)) if rows else 0
         log.info("metrics: %d data points, %d new, %d rejected", total, new, rejected.count)
-        response = metrics_service_pb2.ExportMetricsServiceResponse()
-        if rejected.count:
-            log.warning("metrics: %s", rejected.message(total))
-            response.partial_success.rejected_data_points = rejected.count
-            response.partial_success.error_message = rejected.message(total)
-        return response
+        return rejected.answer(metrics_service_pb2.ExportMetricsServiceResponse(), "rejected_data_points", total)
 
     def traces(self, request) -> trace_service_pb2.ExportTraceServiceResponse:
         """Accepted so exporters configured for traces do not error; ccmon has no use for spans."""

@@ -353,7 +353,7 @@ def test_malformed_values_are_rejected_with_partial_success(server):
         "api_request in session sess-1: output_tokens=-4 is negative; and 1 more")
     s = stats(server)
     assert (s.total_requests, s.total_tokens.limited, s.total_cost.amount) == (1, 20, 0.25)
-    assert "WARNING logs: rejected 4 of 5 log records" in server.log
+    assert "WARNING rejected 4 of 5 log records: api_request in session sess-1" in server.log
 
 
 def test_timestamp_fallbacks(server):
