@@ -63,8 +63,8 @@ DEFAULT_CONFIG = {
     "server": {"address": "127.0.0.1:4317", "http_address": "127.0.0.1:4318", "retention": "never", "token": "",
                "tls_cert": "", "tls_key": "", "tls_client_ca": "", "max_message_size": "16MiB"},
     "monitor": {"server": "127.0.0.1:4317", "timezone": "UTC", "refresh_interval": "5s", "token": "",
-                "tls_ca": "", "tls_cert": "", "tls_key": ""},
-    "claude": {"plan": "unset", "max_tokens": 0},
+                "tls_ca": "", "tls_cert": "", "tls_key": "", "alert_percent": [], "alert_command": ""},
+    "claude": {"plan": "unset", "max_tokens": 0, "weekly_max_tokens": 0, "block": ""},
 }
 TOKEN_ENV = "CCMON_TOKEN"
 CONFIG_NAMES = ("config.toml", "config.yaml", "config.yml", "config.json")
@@ -100,8 +100,12 @@ class Config:
     monitor_timezone: str
     refresh_interval_s: int
     plan: str
-    max_tokens: int
+    max_tokens: int | str            # "auto": learned from past blocks
     source: str  # the config file used, or "defaults"
+    block_mode: int | str | None = None   # start hour of fixed blocks, "auto", or None (off)
+    weekly_max_tokens: int = 0
+    alert_percents: tuple[int, ...] = ()
+    alert_command: str = ""
 
     @property
     def zone(self) -> ZoneInfo:
@@ -222,9 +226,34 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
     max_tokens = settings["claude.max_tokens"]
     if isinstance(max_tokens, str) and max_tokens.strip().isdigit():
         max_tokens = int(max_tokens)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+    if isinstance(max_tokens, str) and max_tokens.strip().lower() == "auto":
+        max_tokens = "auto"
+    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
         raise fail("claude.max_tokens", f"invalid token limit {settings['claude.max_tokens']!r} "
-                   "(use a whole number >= 0; 0 means the plan's default)")
+                   "(use a whole number >= 0, 0 meaning the plan's default, or 'auto' to learn it)")
+    weekly = settings["claude.weekly_max_tokens"]
+    if isinstance(weekly, str) and weekly.strip().isdigit():
+        weekly = int(weekly)
+    if isinstance(weekly, bool) or not isinstance(weekly, int) or weekly < 0:
+        raise fail("claude.weekly_max_tokens", f"invalid token limit {settings['claude.weekly_max_tokens']!r} "
+                   "(use a whole number >= 0; 0 means none)")
+    block_text = settings["claude.block"]
+    try:
+        block_mode = parse_block_mode(block_text) if str(block_text).strip() else None
+    except ValueError:
+        raise fail("claude.block", f"invalid block start {block_text!r} (use auto, or an hour from 1 to 12 "
+                   "followed by am or pm, such as 5am or 11pm)") from None
+    alerts = settings["monitor.alert_percent"]
+    alerts = alerts if isinstance(alerts, list) else [alerts]
+    try:
+        percents = tuple(sorted({int(str(a).strip().rstrip("%")) for a in alerts}))
+    except ValueError:
+        percents = (0,)
+    if any(not 1 <= p <= 100 for p in percents) or any(isinstance(a, bool) for a in alerts):
+        raise fail("monitor.alert_percent", f"invalid alert threshold in {settings['monitor.alert_percent']!r} "
+                   "(use whole percentages from 1 to 100, such as 80)")
+    if not isinstance(settings["monitor.alert_command"], str):
+        raise fail("monitor.alert_command", "expected a shell command as a string")
     for key in ("server.address", "monitor.server"):
         parse_address(text(key), fail_as=lambda problem, key=key: fail(key, problem))
     http_address = text("server.http_address")
@@ -284,6 +313,10 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
         plan=plan,
         max_tokens=max_tokens,
         source=source,
+        block_mode=block_mode,
+        weekly_max_tokens=weekly,
+        alert_percents=percents,
+        alert_command=settings["monitor.alert_command"].strip(),
     )
 
 
@@ -315,6 +348,10 @@ def load_config(args: argparse.Namespace) -> Config:
         "monitor.refresh_interval": ("--monitor-refresh-interval", args.monitor_refresh_interval),
         "claude.plan": ("--claude-plan", args.claude_plan),
         "claude.max_tokens": ("--claude-max-tokens", args.claude_max_tokens),
+        "claude.weekly_max_tokens": ("--claude-weekly-max-tokens", args.claude_weekly_max_tokens),
+        "claude.block": ("-b/--block", args.block),
+        "monitor.alert_percent": ("--alert", args.alert),
+        "monitor.alert_command": ("--monitor-alert-command", args.monitor_alert_command),
     }
     env_token = os.environ.get(TOKEN_ENV)
     for key, flag, value in (("server.token", "--server-token", args.server_token),
@@ -421,6 +458,8 @@ def day_bounds(zone: ZoneInfo, end_ms: int, days: int) -> list[tuple[str, int, i
 
 BUCKET_MS = 15 * 60 * 1000  # rollup granularity: every timezone offset is a multiple of 15 minutes
 DAY_MS = 86400_000          # second rollup level, UTC days: a year of history is a few hundred rows
+HOUR_MS = 3600_000
+BLOCK_MS = 5 * HOUR_MS      # Claude subscriptions meter usage in 5-hour windows
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                  "cost_nanos", "duration_ms")
 # What each rollup row keeps, and how one requests row ({r}: its alias) adds to it; after `rows`,
@@ -629,6 +668,14 @@ class SessionSummary:
     from_metrics: bool = False
 
 
+@dataclasses.dataclass
+class UsageBlock:
+    start_ms: int
+    end_ms: int
+    by_model: dict[str, Usage]
+    last_activity_ms: int
+
+
 @dataclasses.dataclass(frozen=True)
 class ToolReport:
     tools: list[tuple]       # (tool, calls, successes, p50 ms, p95 ms)
@@ -638,7 +685,7 @@ class ToolReport:
 
 
 # Claude Code sends success as "true"/"false" (older versions) or a boolean.
-FAILED_TOOL = "(json_extract(attributes, '$.success') IN ('false', 'False', 0))"
+FAILED_TOOL = "COALESCE(json_extract(attributes, '$.success') IN ('false', 'False', 0), 0)"
 
 
 def connect(path: Path, readonly: bool = False, busy_ms: int = 5000) -> sqlite3.Connection:
@@ -855,19 +902,25 @@ class Store:
         """Count a cost/token data point as usage for a session without api_request events (metrics-only
         users); a cumulative point counts by its difference to the previous point of its series."""
         field = METRIC_USAGE_FIELDS.get((point["name"], point["type"]))
-        if field is None or conn.execute("SELECT 1 FROM requests WHERE session = ? AND origin = 0 LIMIT 1",
-                                         (point["session"],)).fetchone():
-            return []
+        if field is None or point["session"] == self._intern(conn, "sessions", "session_id", "") or \
+                conn.execute("SELECT 1 FROM requests WHERE session = ? AND origin = 0 LIMIT 1",
+                             (point["session"],)).fetchone():
+            return []  # not usage, no session to tell events from metrics (not counted), or events win
         value = point["value"]
-        if point["temporality"] == 2:  # cumulative: the increase since the previous point of the same series
-            previous = conn.execute(
-                "SELECT value FROM metric_points WHERE session = ? AND name = ? AND model IS ? AND type IS ? "
-                "AND start_ts IS ? AND ts < ? ORDER BY ts DESC LIMIT 1",
-                (point["session"], point["name"], point["model"], point["type"], point["start_ts"],
-                 point["ts"])).fetchone()
-            value = value - previous[0] if previous and value >= previous[0] else value
+        if point["temporality"] == 2:  # cumulative: the increase over the highest value the series had so far
+            highest = conn.execute(
+                "SELECT MAX(value) FROM metric_points WHERE session = ? AND name = ? AND model IS ? AND type IS ? "
+                "AND start_ts IS ? AND NOT (ts = ? AND seq = ?)",
+                (point["session"], point["name"], point["model"], point["type"], point["start_ts"], point["ts"],
+                 point["seq"])).fetchone()[0]
+            value = max(0.0, value - highest) if highest is not None else value
+        if value <= 0:
+            return []  # a repeated cumulative point: nothing new
         figures = dict.fromkeys(USAGE_COLUMNS, 0)
-        figures[field] = parse_usd_nanos(value, "cost") if field == "cost_nanos" else int(round(value))
+        try:
+            figures[field] = parse_usd_nanos(value, "cost") if field == "cost_nanos" else parse_count(round(value), field)
+        except BadValue:
+            return []  # stored as a point, too large to be usage
         row = {"ts": point["ts"], "session": point["session"], "seq": point["seq"],
                "model": self._intern(conn, "models", "name", point["model"] or "unknown"), "user": point["user"],
                **figures, "ttft_ms": None, "prompt_id": None, "request_id": None, "source": point["source"],
@@ -898,9 +951,12 @@ class Store:
 
     def _delete_chunk(self, conn: sqlite3.Connection, table: str, older_than_ms: int) -> int:
         deleted = conn.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? ORDER BY ts "
-                               f"LIMIT {SWEEP_CHUNK}) RETURNING ts", (older_than_ms,)).fetchall()
+                               f"LIMIT {SWEEP_CHUNK}) RETURNING ts, session", (older_than_ms,)).fetchall()
         if table == "requests" and deleted:
-            self._refresh_days(conn, {ts - ts % DAY_MS for ts, in deleted})
+            self._refresh_days(conn, {ts - ts % DAY_MS for ts, _ in deleted})
+            for session in {session for _, session in deleted}:  # the trigger cannot know a session's new start
+                conn.execute("UPDATE session_usage SET first_ts = (SELECT MIN(ts) FROM requests r WHERE r.session = "
+                             "session_usage.session AND r.model = session_usage.model) WHERE session = ?", (session,))
         return len(deleted)
 
     def close(self) -> None:
@@ -1078,6 +1134,30 @@ class Store:
                                  params("api_retries_exhausted")).fetchone()[0]
         return ToolReport(tools, decisions, errors, exhausted)
 
+    def blocks(self, start_ms: int, end_ms: int, user: str | None = None) -> list[UsageBlock]:
+        """Automatic 5-hour blocks overlapping [start_ms, end_ms): each starts at the first activity after the
+        previous one ended, floored to the hour. Activity is read at quarter-hour resolution from the rollup,
+        which the hour floor makes exact; chains are followed from a day before the period (a block cannot
+        reach back further unless usage never paused for 5 hours in a day)."""
+        user_id = self._user_id(user)
+        if user_id == -1:
+            return []
+        where = " AND user = ?" if user_id is not None else ""
+        rows = self._reader().execute(
+            f"SELECT bucket, model, {USAGE_SUMS} FROM usage_rollup WHERE bucket >= ? AND bucket < ?{where} "
+            "GROUP BY bucket, model ORDER BY bucket",
+            (start_ms - DAY_MS, end_ms, *((user_id,) if user_id is not None else ())))
+        names = self._names("models")
+        blocks: list[UsageBlock] = []
+        for bucket, model, *figures in rows:
+            if not blocks or bucket >= blocks[-1].end_ms:
+                begin = bucket - bucket % HOUR_MS
+                blocks.append(UsageBlock(begin, begin + BLOCK_MS, {}, bucket))
+            block = blocks[-1]
+            block.by_model[names[model]] = block.by_model.get(names[model], Usage()) + Usage(*figures)
+            block.last_activity_ms = bucket
+        return [block for block in blocks if block.end_ms > start_ms]
+
     def user_sessions(self, start_ms: int, end_ms: int) -> dict[str, int]:
         """How many sessions each user had active in the period."""
         return dict(self._reader().execute(
@@ -1087,8 +1167,10 @@ class Store:
     def last_request_ms(self) -> int | None:
         return self._reader().execute("SELECT MAX(ts) FROM requests").fetchone()[0]
 
-    def total_requests(self) -> int:
-        return self._reader().execute("SELECT COALESCE(SUM(rows), 0) FROM usage_daily").fetchone()[0]
+    def totals(self) -> tuple[int, int]:
+        """(API requests, all usage rows including those derived from metrics) ever stored."""
+        return self._reader().execute("SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(rows), 0) "
+                                      "FROM usage_daily").fetchone()
 
 
 # ---------------------------------------------------------------- OTLP ingestion: decode records, validate values
@@ -1625,11 +1707,11 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
 
     def GetSessions(self, request, context):
         found = self.store.sessions(*self._period(request), user=self._user(request),
-                                    limit=min(request.limit or 500, 5000))
+                                    limit=min(max(request.limit, 0) or 500, 5000))
         return ccmon_pb2.GetSessionsResponse(sessions=[session_message(s) for s in found])
 
     def GetSessionTimeline(self, request, context):
-        entries = self.store.timeline(request.session_id, min(request.limit or 2000, 20000))
+        entries = self.store.timeline(request.session_id, min(max(request.limit, 0) or 2000, 20000))
         response = ccmon_pb2.GetSessionTimelineResponse(session_id=request.session_id)
         for ts, kind, stored, details in entries:
             entry = response.entries.add(timestamp=timestamp_from_ms(ts), kind=kind, details=details)
@@ -1660,8 +1742,16 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             ccmon_pb2.UserStats(user=user, stats=stats_message(splits[user]), sessions=sessions.get(user, 0))
             for user in ranked])
 
+    def GetBlocks(self, request, context):
+        found = self.store.blocks(*self._period(request), user=self._user(request))
+        return ccmon_pb2.GetBlocksResponse(blocks=[
+            ccmon_pb2.Block(start_time=timestamp_from_ms(b.start_ms), end_time=timestamp_from_ms(b.end_ms),
+                            stats=stats_message(Split.from_models(b.by_model)),
+                            last_activity_at=timestamp_from_ms(b.last_activity_ms)) for b in found])
+
     def GetServerInfo(self, request, context):
-        response = ccmon_pb2.GetServerInfoResponse(version=VERSION, total_requests=self.store.total_requests(),
+        requests, rows = self.store.totals()
+        response = ccmon_pb2.GetServerInfoResponse(version=VERSION, total_requests=requests, usage_records=rows,
                                                    started_at=timestamp_from_ms(self.started_ms))
         last = self.store.last_request_ms()
         if last is not None:
@@ -2038,16 +2128,16 @@ def run_server(config: Config) -> int:
 
 # ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
 
-BLOCK_MS = 5 * 3600 * 1000
 PLAN_TOKEN_LIMITS = {"pro": 7_000, "max": 35_000, "max20": 140_000}
 
 
-def parse_block_hour(text: str) -> int:
-    """'5am' -> 5, '11pm' -> 23, '12am' -> 0; raises ConfigError naming the accepted form."""
-    match = re.fullmatch(r"\s*(1[0-2]|0?[1-9])\s*(am|pm)\s*", text, re.IGNORECASE)
+def parse_block_mode(text: Any) -> int | str:
+    """'auto' -> 'auto'; '5am' -> 5, '11pm' -> 23, '12am' -> 0; ValueError otherwise."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    match = re.fullmatch(r"\s*(1[0-2]|0?[1-9])\s*(am|pm)\s*", str(text), re.IGNORECASE)
     if not match:
-        raise ConfigError(f"-b/--block: invalid block start {text!r} "
-                          "(use an hour from 1 to 12 followed by am or pm, such as 5am or 11pm)")
+        raise ValueError(text)
     return int(match.group(1)) % 12 + (12 if match.group(2).lower() == "pm" else 0)
 
 
@@ -2065,9 +2155,38 @@ def current_block(now_ms: int, zone: ZoneInfo, start_hour: int) -> tuple[int, in
     return start, min(start + BLOCK_MS, next_anchor)
 
 
-def token_limit(plan: str, max_tokens: int) -> int | None:
-    """claude.max_tokens when set, else the plan's default, else no limit."""
-    return max_tokens or PLAN_TOKEN_LIMITS.get(plan)
+def token_limit(plan: str, max_tokens: int | str) -> int | None:
+    """claude.max_tokens when set, else the plan's default, else no limit ('auto' starts from the default)."""
+    return (max_tokens if isinstance(max_tokens, int) else 0) or PLAN_TOKEN_LIMITS.get(plan)
+
+
+RECENT_RATE_MS = 20 * 60_000   # projections use the last 20 minutes' pace, not the whole block's
+LEARN_FROM_MS = 30 * DAY_MS     # a learned limit looks at the blocks of the last 30 days
+
+
+def learned_limit(completed_blocks: list[int], floor: int | None) -> tuple[int | None, int]:
+    """The 90th percentile (nearest rank) of completed blocks' premium tokens, never below `floor`;
+    returns (limit, how many blocks it was learned from)."""
+    used = sorted(tokens for tokens in completed_blocks if tokens > 0)
+    if not used:
+        return floor, 0
+    p90 = used[max(0, -(-len(used) * 9 // 10) - 1)]
+    return max(p90, floor or 0), len(used)
+
+
+def block_window(mode: int | str | None, now: int, zone: ZoneInfo,
+                 auto_blocks: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The block holding `now`: fixed-hour blocks by the clock; automatic ones from the server's list."""
+    if isinstance(mode, int):
+        return current_block(now, zone, mode)
+    active = [(start, end) for start, end in auto_blocks if start <= now < end]
+    return active[-1] if active else None
+
+
+def model_family(model: str) -> str:
+    """Weekly caps are split by family: Opus and Sonnet (Haiku is not premium)."""
+    name = model.lower()
+    return "opus" if "opus" in name else "sonnet" if "sonnet" in name else "haiku" if "haiku" in name else "other"
 
 
 def per_minute(tokens: int, elapsed_ms: int) -> float:
@@ -2081,6 +2200,7 @@ class BlockStatus:
     now_ms: int
     used: int               # premium limited tokens (input + output of non-Haiku models)
     limit: int | None
+    recent_rate: float | None = None  # tokens/min over the last minutes; the projection's pace when known
 
     @property
     def elapsed_ms(self) -> int:
@@ -2092,7 +2212,8 @@ class BlockStatus:
 
     @property
     def burn_rate(self) -> float:
-        return per_minute(self.used, self.elapsed_ms)
+        """The pace projections use: the recent one when known, else the block's average."""
+        return self.recent_rate if self.recent_rate is not None else per_minute(self.used, self.elapsed_ms)
 
     def limit_reached_ms(self) -> int | None:
         """When the limit is reached at the current pace, if before the block ends."""
@@ -2107,6 +2228,10 @@ class BlockStatus:
 
     def projected_at_end(self) -> int:
         return self.used + int(self.burn_rate * self.remaining_ms / 60_000)
+
+    @property
+    def percent(self) -> float | None:
+        return self.used / self.limit * 100 if self.limit else None
 
 
 # ---------------------------------------------------------------- Client: a small QueryService client for the monitor
@@ -2152,9 +2277,29 @@ class Query:
     limit: int
     oldest_first: bool
     timezone: str
-    block: tuple[int, int] | None
+    limits: LimitQuery | None = None  # block and weekly figures, when tracked
     user: str | None = None
     session_id: str | None = None  # the session whose timeline is open
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitQuery:
+    """How to find the current block and its limit."""
+    mode: int | str | None      # fixed start hour, "auto", or None (weekly figures only)
+    now_ms: int
+    learn: bool                 # claude.max_tokens = "auto"
+    floor: int | None           # the configured or plan limit (the learned limit's floor)
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitFigures:
+    """Where the user stands against Claude's windows: the current block and the rolling week."""
+    window: tuple[int, int] | None          # the current block, None between automatic blocks
+    block: Split                            # usage in it so far
+    recent_rate: float                      # premium limited tokens per minute over the last 20 minutes
+    limit: int | None                       # the block limit in force (configured, plan or learned)
+    learned_from: int | None                # blocks the limit was learned from; None when not learned
+    weekly: tuple[tuple[str, Usage], ...]   # rolling 7 days, per model family
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2200,18 +2345,19 @@ class Snapshot:
     """The server's answers for one Query."""
     query: Query
     taken_ms: int
-    server_requests: int                      # all time, to tell an empty database apart
+    server_requests: int                      # usage records ever stored, to tell an empty database apart
     period: Split = Split()
     requests: tuple[RequestRow, ...] = ()
     period_requests: int = 0
     days: tuple[tuple[str, Split], ...] = ()
-    block: Split | None = None
+    limits: LimitFigures | None = None
     models: tuple[tuple[str, Usage], ...] = ()
     sessions: tuple[SessionRow, ...] = ()
     timeline: tuple[TimelineRow, ...] = ()
     tools: ToolsData | None = None
     users: tuple[tuple[str, Split, int], ...] = ()   # user, usage, sessions
     user_names: tuple[str, ...] = ()                  # users seen in the period, for the `u` filter
+    blocks: tuple[tuple[int, int, Split], ...] = ()   # automatic blocks of the period, newest first
 
 
 def ms_of(ts: timestamp_pb2.Timestamp) -> int:
@@ -2302,6 +2448,26 @@ class Client:
                          tuple((e.status_code, e.model, e.count) for e in response.errors),
                          response.retries_exhausted)
 
+    def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None) -> tuple[tuple[int, int, Split], ...]:
+        response = self._call("GetBlocks", self._period(ccmon_pb2.GetBlocksRequest(), start_ms, end_ms, user))
+        return tuple((ms_of(b.start_time), ms_of(b.end_time), split_from_stats(b.stats)) for b in response.blocks)
+
+    def limit_figures(self, query: LimitQuery, zone: ZoneInfo, user: str | None) -> LimitFigures:
+        now = query.now_ms
+        history = self.blocks(now - (LEARN_FROM_MS if query.learn else DAY_MS), now, user) \
+            if query.learn or query.mode == "auto" else ()
+        window = block_window(query.mode, now, zone, [(start, end) for start, end, _ in history])
+        limit, learned_from = query.floor, None
+        if query.learn:
+            limit, learned_from = learned_limit([split.premium.limited for start, end, split in history if end <= now],
+                                                query.floor)
+        weekly: dict[str, Usage] = {}
+        for model, usage in self.models(now - 7 * DAY_MS, now, user):
+            weekly[model_family(model)] = weekly.get(model_family(model), Usage()) + usage
+        return LimitFigures(window, self.stats(window[0], now, user) if window else Split(),
+                            self.stats(now - RECENT_RATE_MS, now, user).premium.limited / (RECENT_RATE_MS / 60_000),
+                            limit, learned_from, tuple(sorted(weekly.items())))
+
     def users(self, start_ms: int | None, end_ms: int) -> tuple[tuple[str, Split, int], ...]:
         response = self._call("GetUsers", self._period(ccmon_pb2.GetUsersRequest(), start_ms, end_ms))
         return tuple((u.user, split_from_stats(u.stats), u.sessions) for u in response.users)
@@ -2311,9 +2477,9 @@ class Client:
         info = self.server_info()
         start, end, user = query.start_ms, query.end_ms, query.user
         users = self.users(start, end)
-        common = dict(query=query, taken_ms=now_ms(), server_requests=info.total_requests,
-                      block=self.stats(*query.block, user=user) if query.block else None,
-                      user_names=tuple(name for name, _, _ in users))
+        common = dict(query=query, taken_ms=now_ms(), server_requests=info.usage_records,
+                      limits=self.limit_figures(query.limits, zone_or_none(query.timezone), user)
+                      if query.limits else None, user_names=tuple(name for name, _, _ in users))
         if query.session_id:
             return Snapshot(**common, timeline=self.timeline(query.session_id))
         if query.tab == "daily":
@@ -2326,6 +2492,8 @@ class Client:
             return Snapshot(**common, tools=self.tools(start, end, user))
         if query.tab == "users":
             return Snapshot(**common, users=users)
+        if query.tab == "blocks":
+            return Snapshot(**common, blocks=tuple(reversed(self.blocks(start, end, user))))
         request = self._period(ccmon_pb2.GetAPIRequestsRequest(limit=query.limit, offset=query.offset,
                                                                oldest_first=query.oldest_first), start, end, user)
         page = self._call("GetAPIRequests", request)
@@ -2340,7 +2508,9 @@ class Client:
 
 PLAN_MONTHLY_USD = {"pro": 20, "max": 100, "max20": 200}
 FORMAT_VARIABLES = ("daily_cost", "monthly_cost", "daily_plan_usage", "monthly_plan_usage", "daily_tokens",
-                    "monthly_tokens", "block_usage", "block_remaining", "session_cost")
+                    "monthly_tokens", "block_usage", "block_remaining", "block_projection", "weekly_usage",
+                    "session_cost")
+BLOCK_VARIABLES = {"block_usage", "block_remaining", "block_projection"}
 FORMAT_PATTERN = re.compile("@(" + "|".join(sorted(FORMAT_VARIABLES, key=len, reverse=True)) + ")")
 
 
@@ -2352,6 +2522,8 @@ class QuickFigures:
     daily: Usage | None = None
     monthly: Usage | None = None
     block: BlockStatus | None = None
+    weekly: Usage | None = None          # premium usage of the rolling week
+    weekly_limit: int | None = None
     session_id: str = ""
     session: Usage | None = None
 
@@ -2364,8 +2536,7 @@ def day_and_month_start(now: int, zone: ZoneInfo) -> tuple[int, int, int]:
     return midnight, first, calendar.monthrange(today.year, today.month)[1]
 
 
-def fetch_quick_figures(client: Client, config: Config, block_hour: int | None, now: int,
-                        wanted: set[str]) -> QuickFigures:
+def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[str]) -> QuickFigures:
     """One RPC per figure the template uses, so a status bar pays only for what it shows."""
     midnight, month_start, days = day_and_month_start(now, config.zone)
     figures = QuickFigures(config.plan, days)
@@ -2373,11 +2544,12 @@ def fetch_quick_figures(client: Client, config: Config, block_hour: int | None, 
         figures = dataclasses.replace(figures, daily=client.stats(midnight, now).total)
     if wanted & {"monthly_cost", "monthly_plan_usage", "monthly_tokens"}:
         figures = dataclasses.replace(figures, monthly=client.stats(month_start, now).total)
-    if wanted & {"block_usage", "block_remaining"} and block_hour is not None:
-        start, end = current_block(now, config.zone, block_hour)
-        used = client.stats(start, now).premium.limited
-        figures = dataclasses.replace(figures, block=BlockStatus(start, end, now, used,
-                                                                 token_limit(config.plan, config.max_tokens)))
+    settings = MonitorSettings.from_config(config)
+    if wanted & (BLOCK_VARIABLES | {"weekly_usage"}) and (settings.block_mode is not None or settings.weekly_limit):
+        limits = client.limit_figures(LimitQuery(settings.block_mode, now, settings.learn, settings.limit),
+                                      config.zone, None)
+        figures = dataclasses.replace(figures, block=block_status(limits, now), weekly=weekly_premium(limits),
+                                      weekly_limit=settings.weekly_limit)
     if "session_cost" in wanted:
         session_id, split = client.latest_session()
         figures = dataclasses.replace(figures, session_id=session_id, session=split.total)
@@ -2404,9 +2576,13 @@ def quick_values(figures: QuickFigures) -> dict[str, Any]:
                       monthly_plan_usage=plan_usage_percent(figures.monthly.cost_nanos, figures.plan))
     if figures.block is not None:
         block = figures.block
-        values.update(block_usage=block.used / block.limit * 100 if block.limit else None,
-                      block_tokens=block.used, block_limit=block.limit,
-                      block_remaining=block.remaining_ms // 1000)
+        values.update(block_usage=block.percent, block_tokens=block.used, block_limit=block.limit,
+                      block_remaining=block.remaining_ms // 1000, block_end=block.end_ms // 1000,
+                      block_projection=block.projected_at_end() / block.limit * 100 if block.limit else None)
+    if figures.weekly is not None:
+        values.update(weekly_tokens=figures.weekly.limited, weekly_cost=figures.weekly.cost_usd,
+                      weekly_usage=figures.weekly.limited / figures.weekly_limit * 100 if figures.weekly_limit
+                      else None)
     if figures.session is not None:
         values.update(session_id=figures.session_id, session_cost=figures.session.cost_usd)
     return values
@@ -2422,11 +2598,18 @@ def format_quick(template: str, figures: QuickFigures) -> str:
         "monthly_plan_usage": lambda: f"{values['monthly_plan_usage']:.0f}%",
         "daily_tokens": lambda: format_count(figures.daily.total),
         "monthly_tokens": lambda: format_count(figures.monthly.total),
-        "block_usage": lambda: "-" if values["block_usage"] is None else f"{values['block_usage']:.0f}%",
-        "block_remaining": lambda: format_duration(figures.block.remaining_ms),
+        "block_usage": lambda: percent_or_dash(values.get("block_usage")),
+        "block_remaining": lambda: format_duration(figures.block.remaining_ms) if figures.block else "-",
+        "block_projection": lambda: percent_or_dash(values.get("block_projection")),
+        "weekly_usage": lambda: percent_or_dash(values["weekly_usage"]) if figures.weekly_limit else
+        format_count(figures.weekly.limited) if figures.weekly else "-",
         "session_cost": lambda: format_cost_short(figures.session.cost_nanos),
     }
     return FORMAT_PATTERN.sub(lambda match: shown[match.group(1)](), template)
+
+
+def percent_or_dash(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
 
 
 def format_cost_short(nanos: int) -> str:
@@ -2434,13 +2617,14 @@ def format_cost_short(nanos: int) -> str:
     return f"${nanos / NANOS_PER_USD:,.2f}"
 
 
-def run_quick_query(config: Config, block_hour: int | None, template: str | None, as_json: bool) -> int:
+def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
     wanted = set(FORMAT_VARIABLES) if as_json else set(FORMAT_PATTERN.findall(template or ""))
-    if block_hour is None and wanted & {"block_usage", "block_remaining"} and not as_json:
-        raise ConfigError("@block_usage and @block_remaining need -b/--block (for example -b 5am)")
+    if config.block_mode is None and wanted & BLOCK_VARIABLES and not as_json:
+        raise ConfigError("@block_usage, @block_remaining and @block_projection need -b/--block "
+                          "(for example -b auto)")
     client = Client.for_config(config, timeout_s=3.0)
     try:
-        figures = fetch_quick_figures(client, config, block_hour, now_ms(), wanted)
+        figures = fetch_quick_figures(client, config, now_ms(), wanted)
     except ServerUnreachable as exc:
         print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {exc}", file=sys.stderr)
         return 1
@@ -2469,7 +2653,7 @@ def run_health_check(config: Config) -> int:
 
 # ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model
 
-REPORT_KINDS = ("daily", "weekly", "monthly", "session", "model")
+REPORT_KINDS = ("daily", "weekly", "monthly", "session", "model", "blocks")
 USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                 "total_tokens", "cost_usd")
 
@@ -2495,9 +2679,9 @@ def report_period(kind: str, since: dt.date | None, until: dt.date | None, zone:
     today = dt.datetime.fromtimestamp(now / 1000, zone).date()
     if since is None:
         last = until or today
+        months_back = last.year * 12 + last.month - 1 - 11
         since = {"weekly": last - dt.timedelta(days=last.weekday() + 77),
-                 "monthly": (last.replace(day=1) - dt.timedelta(days=335)).replace(day=1)}.get(
-            kind, last - dt.timedelta(days=29))
+                 "monthly": dt.date(months_back // 12, months_back % 12 + 1, 1)}.get(kind, last - dt.timedelta(days=29))
     if until is not None and until < since:
         raise ConfigError(f"--until {until} is before --since {since}")
     start = ms_from_datetime(dt.datetime.combine(since, dt.time(), zone))
@@ -2512,6 +2696,11 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
         return [{"model": model, **usage_fields(u), "avg_duration_ms": u.duration_ms // u.requests if u.requests else 0,
                  "avg_ttft_ms": u.ttft_ms // u.ttft_count if u.ttft_count else 0}
                 for model, u in client.models(start, end, user)]
+    if kind == "blocks":
+        return [{"block_start": dt.datetime.fromtimestamp(start / 1000, zone).isoformat(timespec="minutes"),
+                 "block_end": dt.datetime.fromtimestamp(end / 1000, zone).isoformat(timespec="minutes"),
+                 "premium_tokens": split.premium.limited, **usage_fields(split.total)}
+                for start, end, split in client.blocks(start, end, user)]
     if kind == "session":
         return [{"session_id": s.session_id, "user": s.user,
                  "first_request": dt.datetime.fromtimestamp(s.first_ms / 1000, zone).isoformat(timespec="seconds"),
@@ -2534,7 +2723,8 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
 
 def report_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summed = [key for key in rows[0] if key in (*USAGE_FIELDS, "premium_requests", "premium_cost_usd", "tool_calls",
-                                                 "tool_failures", "api_errors")] if rows else list(USAGE_FIELDS)
+                                                 "tool_failures", "api_errors", "premium_tokens")] \
+        if rows else list(USAGE_FIELDS)
     totals = {key: sum(row[key] for row in rows) for key in summed}
     for key in ("cost_usd", "premium_cost_usd"):  # sums of floats: round back to the nano-dollar they came from
         if key in totals:
@@ -2589,8 +2779,9 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
                                 lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        first = writer.fieldnames[0]
-        writer.writerow({first: "Total", **{k: v for k, v in totals.items() if k in writer.fieldnames}})
+        if rows:
+            totals_row = {k: v for k, v in totals.items() if k in writer.fieldnames}
+            writer.writerow({**totals_row, writer.fieldnames[0]: "Total"})
     else:
         print(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
               + (f", user {args.user}" if args.user else ""))
@@ -2602,11 +2793,11 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
 
 PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w": ("last 7 days", 7 * 86400_000),
            "m": ("last 30 days", 30 * 86400_000), "a": ("all time", None), "b": ("current block", None)}
-TABS = ("current", "daily", "models", "sessions", "tools", "users")
+TABS = ("current", "daily", "models", "sessions", "tools", "users", "blocks")
 TAB_SHORT_TITLES = {"current": "1 Now", "daily": "2 Day", "models": "3 Mod", "sessions": "4 Ses", "tools": "5 Tool",
-                    "users": "6 User"}
+                    "users": "6 User", "blocks": "7 Blk"}
 TAB_TITLES = {"current": "Current", "daily": "Daily Usage", "models": "Models", "sessions": "Sessions",
-              "tools": "Tools & errors", "users": "Users"}
+              "tools": "Tools & errors", "users": "Users", "blocks": "Blocks"}
 MIN_SIZE = (40, 12)
 PAGE_FETCH = 1000  # request rows fetched per refresh, around the scroll position: enough for any screen
 
@@ -2615,9 +2806,24 @@ PAGE_FETCH = 1000  # request rows fetched per refresh, around the scroll positio
 class MonitorSettings:
     server: str
     zone: ZoneInfo
-    block_hour: int | None
-    limit: int | None
+    block_mode: int | str | None     # fixed start hour, "auto", or None
+    limit: int | None                # configured or plan block limit (a learned limit's floor)
     refresh_s: int
+    learn: bool = False              # claude.max_tokens = "auto"
+    weekly_limit: int | None = None
+    alerts: tuple[int, ...] = ()
+    alert_command: str = ""
+
+    @classmethod
+    def from_config(cls, config: Config) -> MonitorSettings:
+        return cls(config.monitor_server, config.zone, config.block_mode, token_limit(config.plan, config.max_tokens),
+                   config.refresh_interval_s, config.max_tokens == "auto", config.weekly_max_tokens or None,
+                   config.alert_percents, config.alert_command)
+
+    def limit_query(self, now: int) -> LimitQuery | None:
+        if self.block_mode is None and not self.weekly_limit:
+            return None
+        return LimitQuery(self.block_mode, now, self.learn, self.limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2631,6 +2837,7 @@ class ViewState:
     notice: str = ""
     user: str | None = None          # the `u` filter
     session_id: str | None = None    # the session whose timeline is open (Enter on Sessions; Esc closes)
+    selected: int = 0                # the Sessions selection while a timeline is open
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2641,21 +2848,22 @@ class Connection:
     attempts: int = 0
 
 
-def period_range(state: ViewState, settings: MonitorSettings, now: int) -> tuple[int | None, int]:
-    if state.period == "b" and settings.block_hour is not None:
-        return current_block(now, settings.zone, settings.block_hour)[0], now
+def period_range(state: ViewState, settings: MonitorSettings, now: int,
+                 auto_block_start: int | None = None) -> tuple[int | None, int]:
+    """The selected period; the current automatic block is known from the last snapshot (`auto_block_start`)."""
+    if state.period == "b" and settings.block_mode is not None:
+        if isinstance(settings.block_mode, int):
+            return current_block(now, settings.zone, settings.block_mode)[0], now
+        return (auto_block_start if auto_block_start is not None else now - BLOCK_MS), now
     span = PERIODS[state.period][1]
     return (now - span if span else None), now
 
 
-def query_for(state: ViewState, settings: MonitorSettings, now: int) -> Query:
-    start, end = period_range(state, settings, now)
-    block = None
-    if settings.block_hour is not None:
-        block = (current_block(now, settings.zone, settings.block_hour)[0], now)
+def query_for(state: ViewState, settings: MonitorSettings, now: int, auto_block_start: int | None = None) -> Query:
+    start, end = period_range(state, settings, now, auto_block_start)
     offset = max(0, state.scroll - PAGE_FETCH // 4)
-    return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key, block,
-                 state.user, state.session_id)
+    return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key,
+                 settings.limit_query(now), state.user, state.session_id)
 
 
 def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Frame) -> tuple[ViewState, str]:
@@ -2668,20 +2876,23 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
     if key == "?":
         return dataclasses.replace(state, help=True), ""
     if key == "ESC":
-        return (dataclasses.replace(state, session_id=None), "refresh") if state.session_id else (state, "")
-    if key in ("\t", "KEY_BTAB") or key in "123456" and len(key) == 1:
+        if not state.session_id:
+            return state, ""
+        return dataclasses.replace(state, session_id=None, scroll=state.selected), "refresh"
+    if key in ("\t", "KEY_BTAB") or key in "1234567" and len(key) == 1:
         index = int(key) - 1 if key.isdigit() else (TABS.index(state.tab) + (1 if key == "\t" else -1)) % len(TABS)
         return dataclasses.replace(state, tab=TABS[index], scroll=0, notice="", session_id=None), "refresh"
     if key in ("\n", "\r", "KEY_ENTER") and state.tab == "sessions" and frame.session_ids and not state.session_id:
-        chosen = frame.session_ids[min(state.scroll, len(frame.session_ids) - 1)]
-        return dataclasses.replace(state, session_id=chosen), "refresh"
+        selected = min(state.scroll, len(frame.session_ids) - 1)
+        return dataclasses.replace(state, session_id=frame.session_ids[selected], selected=selected, scroll=0), \
+            "refresh"
     if key == "u":
         names = [name for name in frame.user_names if name]
         if not names:
             return dataclasses.replace(state, notice="no user names in this period to filter by"), ""
         following = names[names.index(state.user) + 1:] if state.user in names else names
         return dataclasses.replace(state, user=following[0] if following else None, scroll=0, notice=""), "refresh"
-    if key == "b" and settings.block_hour is None:
+    if key == "b" and settings.block_mode is None:
         return dataclasses.replace(state, notice="block tracking is off: start ccmon with -b 5am"), ""
     if key in PERIODS:
         return dataclasses.replace(state, period=key, scroll=0, notice=""), "refresh"
@@ -2880,28 +3091,67 @@ def usage_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, wid
     return [rule(f"Usage - {PERIODS[state.period][0]}", width, glyphs), header, *body]
 
 
+def block_status(limits: LimitFigures, now: int) -> BlockStatus | None:
+    if limits.window is None:
+        return None
+    start, end = limits.window
+    return BlockStatus(start, end, min(max(now, start), end), limits.block.premium.limited, limits.limit,
+                       limits.recent_rate)
+
+
+def weekly_premium(limits: LimitFigures) -> Usage:
+    return sum((usage for family, usage in limits.weekly if family != "haiku"), Usage())
+
+
 def block_lines(snap: Snapshot, settings: MonitorSettings, width: int, now: int, glyphs: Glyphs) -> list[Line]:
-    if settings.block_hour is None or snap.block is None or snap.query.block is None:
-        return [[("Block tracking is off: start with -b 5am (the hour your 5-hour windows start).", "dim")]]
-    # The block the figures were fetched for: at a rollover the next refresh brings the new one.
-    start, end = current_block(snap.query.block[0], settings.zone, settings.block_hour)
-    status = BlockStatus(start, end, min(max(now, start), end), snap.block.premium.limited, settings.limit)
+    limits = snap.limits
+    if limits is None or snap.query.limits is None:
+        return [[("Block tracking is off: start with -b auto (or -b 5am for fixed 5-hour windows).", "dim")]]
     zone = settings.zone
-    lines = [rule(f"Block {local_time(start, zone)}-{local_time(end, zone)}", width, glyphs)]
     bar_width = max(5, min(40, width - 35))
-    if status.limit:
-        fraction = status.used / status.limit
-        lines.append([("Tokens ", ""), (bar(fraction, bar_width, glyphs), level_style(fraction)),
-                      (f" {fraction * 100:3.0f}%  {format_count(status.used)} / {format_count(status.limit)}", "")])
-    else:
-        lines.append([(f"Tokens {format_count(status.used)} premium (no limit: set claude.plan or "
-                       "claude.max_tokens)", "dim")])
-    time_fraction = status.elapsed_ms / (end - start)
-    lines.append([("Time   ", ""), (bar(time_fraction, bar_width, glyphs), "dim"),
-                  (f" {time_fraction * 100:3.0f}% {format_duration(status.remaining_ms)} left, ends "
-                   f"{local_time(end, zone)}", "")])
-    lines.append(projection_line(status, zone, width))
+    lines: list[Line] = []
+    status = block_status(limits, now)
+    alert_at = min(settings.alerts) if settings.alerts else 101
+    if settings.block_mode is not None and status is None:
+        lines.append(rule("Block (auto)", width, glyphs))
+        lines.append([("No active block: the next 5-hour block starts with your next request.", "dim")])
+    elif status is not None:
+        kind = " (auto)" if settings.block_mode == "auto" else ""
+        lines.append(rule(f"Block {local_time(status.start_ms, zone)}-{local_time(status.end_ms, zone)}{kind}",
+                          width, glyphs))
+        if status.limit:
+            fraction = status.used / status.limit
+            learned = f" (learned from {limits.learned_from} blocks)" if limits.learned_from else \
+                " (learned: no blocks yet)" if settings.learn else ""
+            style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
+            lines.append([("Tokens ", ""), (bar(fraction, bar_width, glyphs), style),
+                          (f" {fraction * 100:3.0f}%  {format_count(status.used)} / {format_count(status.limit)}"
+                           f"{learned}", "")])
+        else:
+            lines.append([(f"Tokens {format_count(status.used)} premium (no limit: set claude.plan or "
+                           "claude.max_tokens)", "dim")])
+        time_fraction = status.elapsed_ms / (status.end_ms - status.start_ms)
+        lines.append([("Time   ", ""), (bar(time_fraction, bar_width, glyphs), "dim"),
+                      (f" {time_fraction * 100:3.0f}% {format_duration(status.remaining_ms)} left, ends "
+                       f"{local_time(status.end_ms, zone)}", "")])
+        lines.append(projection_line(status, zone, width))
+    lines.append(weekly_line(limits, settings, width, glyphs, alert_at))
     return lines
+
+
+def weekly_line(limits: LimitFigures, settings: MonitorSettings, width: int, glyphs: Glyphs, alert_at: int) -> Line:
+    """Rolling 7 days of premium tokens, by family, against claude.weekly_max_tokens when set."""
+    premium = weekly_premium(limits)
+    families = ", ".join(f"{family} {format_count(u.limited)}" for family, u in limits.weekly if family != "haiku")
+    detail = f" ({families})" if families else ""
+    if settings.weekly_limit:
+        fraction = premium.limited / settings.weekly_limit
+        style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
+        return [("Week   ", ""), (bar(fraction, max(5, min(40, width - 35)), glyphs), style),
+                (f" {fraction * 100:3.0f}%  {format_count(premium.limited)} / {format_count(settings.weekly_limit)}"
+                 f"{detail}", "")]
+    return [(f"Week   {format_count(premium.limited)} premium tokens, {format_cost(premium.cost_nanos)}{detail}",
+             "dim")]
 
 
 def projection_line(status: BlockStatus, zone: ZoneInfo, width: int) -> Line:
@@ -3024,7 +3274,8 @@ def timeline_detail(row: TimelineRow) -> tuple[str, str, str, str]:
                 f"{format_duration(u.duration_ms)}")
     d = row.details
     if row.kind == "tool_result":
-        outcome = "ok" if str(d.get("success", "")).lower() in ("true", "1") else "failed"
+        success = str(d.get("success", "")).lower()
+        outcome = "ok" if success in ("true", "1") else "failed" if success in ("false", "0") else "done"
         return str(d.get("tool_name", "?")), "", "", f"{outcome}, {d.get('duration_ms', '?')} ms"
     if row.kind == "tool_decision":
         return str(d.get("tool_name", "?")), "", "", f"{d.get('decision', '?')} ({d.get('source', '?')})"
@@ -3081,6 +3332,24 @@ def users_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, wid
     return [rule(title, width, glyphs), header, *body], page_rows, len(snap.users)
 
 
+def blocks_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
+                 now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
+    limit = snap.limits.limit if snap.limits else settings.limit
+    columns = [Column("Block", 17, 0, left=True), Column("Req", 5, 1), Column("Premium", 7, 0),
+               Column("Tokens", 7, 2), Column("Cost", 9, 0), Column("Of limit", 13, 1)]
+    page_rows = max(1, rows_available - 2)
+    rows = []
+    for start, end, split in snap.blocks[state.scroll:state.scroll + page_rows]:
+        used = split.premium.limited
+        share = share_cell(used, limit, glyphs) if limit else "-"
+        label = f"{local_time(start, settings.zone, '%m-%d %H:%M')}-{local_time(end, settings.zone)}"
+        rows.append(([label, format_count(split.total.requests), format_count(used), format_count(split.total.total),
+                      format_cost(split.total.cost_nanos), share], "good" if start <= now < end else ""))
+    header, body = table_lines(columns, rows, width)
+    title = f"Blocks - {PERIODS[state.period][0]} ({len(snap.blocks)}; 5 hours from the first request)"
+    return [rule(title, width, glyphs), header, *body], page_rows, len(snap.blocks)
+
+
 def _daily_cells(label: str, split: Split, burn: str) -> list[str]:
     p = split.premium
     return [label, format_count(split.base.requests), format_count(p.requests), format_count(p.input),
@@ -3106,7 +3375,7 @@ HELP_TEXT = [
     "w  last 7 days      m  last 30 days",
     "a  all time         b  current block",
     "o  sort order       r  refresh now",
-    "Tab/Shift-Tab or 1-6  switch tab",
+    "Tab/Shift-Tab or 1-7  switch tab",
     "arrows/j/k PgUp/PgDn Home/End  scroll",
     "Enter  a session's events   Esc  back",
     "u  next user (team servers)",
@@ -3114,8 +3383,8 @@ HELP_TEXT = [
     "",
     "Press any key to close.",
 ]
-FOOTER = "h/d/w/m/a/b period  o order  Tab/1-6 tab  u user  ? help  q quit"
-FOOTER_SHORT = "h/d/w/m/a/b  o  1-6  u  ? help  q quit"
+FOOTER = "h/d/w/m/a/b period  o order  Tab/1-7 tab  u user  ? help  q quit"
+FOOTER_SHORT = "h/d/w/m/a/b  o  1-7  u  ? help  q quit"
 
 
 def boxed(text: list[str], width: int, height: int, glyphs: Glyphs) -> list[Line]:
@@ -3172,7 +3441,7 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, settings: 
             body, total_rows = body + table, len(snap.timeline)
         else:
             section = {"daily": daily_lines, "models": models_lines, "sessions": sessions_lines,
-                       "tools": tools_lines, "users": users_lines}[state.tab]
+                       "tools": tools_lines, "users": users_lines, "blocks": blocks_lines}[state.tab]
             table, page_rows, total_rows = section(snap, state, settings, width, room - len(body), now, glyphs)
             body += table
         lines += body
@@ -3217,7 +3486,8 @@ class Poller:
             with self._lock:
                 state = self._state
             self._wake.clear()
-            query = query_for(state, self.settings, now_ms())
+            window = self.snapshot.limits.window if self.snapshot and self.snapshot.limits else None
+            query = query_for(state, self.settings, now_ms(), window[0] if window else None)
             try:
                 snapshot = self.client.snapshot(query)
                 with self._lock:
@@ -3233,7 +3503,7 @@ class Poller:
             self._wake.wait(wait)
 
 
-CURSES_STYLES = {"title": ("white", "blue", True), "tab_active": ("black", "cyan", True), "tab": (None, None, False),
+CURSES_STYLES = {"alert": ("white", "red", True), "title": ("white", "blue", True), "tab_active": ("black", "cyan", True), "tab": (None, None, False),
                  "header": (None, None, True), "bold": (None, None, True), "good": ("green", None, False),
                  "warn": ("yellow", None, False), "bad": ("red", None, True), "dim": (None, None, False),
                  "rule": ("cyan", None, False), "": (None, None, False)}
@@ -3243,7 +3513,7 @@ def curses_attributes(curses_module, use_color: bool) -> dict[str, int]:
     attributes = {}
     for number, (style, (fg, bg, bold)) in enumerate(CURSES_STYLES.items(), start=1):
         attr = curses_module.A_BOLD if bold else 0
-        if style in ("title", "tab_active", "header") and not use_color:
+        if style in ("title", "tab_active", "header", "alert") and not use_color:
             attr |= curses_module.A_REVERSE if style != "header" else curses_module.A_UNDERLINE
         if use_color and (fg or bg):
             colour = lambda name: getattr(curses_module, f"COLOR_{name.upper()}") if name else -1
@@ -3280,19 +3550,58 @@ def draw(curses_module, screen, lines: list[Line], attributes: dict[str, int]) -
     curses_module.doupdate()  # one update per frame: no flicker
 
 
-def run_monitor(config: Config, block_hour: int | None) -> int:
+def due_alerts(limits: LimitFigures | None, settings: MonitorSettings, now: int,
+               fired: set[tuple]) -> list[tuple[tuple, str, dict[str, str]]]:
+    """Thresholds that block or weekly usage has newly crossed: (key, message, environment for the command).
+    A block's thresholds fire once per block; weekly ones again after usage fell back below them."""
+    if limits is None or not settings.alerts:
+        return []
+    gauges = []
+    status = block_status(limits, now)
+    if status is not None and status.limit:
+        gauges.append(("block", status.start_ms, status.used, status.limit))
+    if settings.weekly_limit:
+        gauges.append(("weekly", 0, weekly_premium(limits).limited, settings.weekly_limit))
+    due = []
+    for kind, window, used, limit in gauges:
+        percent = used / limit * 100
+        for threshold in settings.alerts:
+            key = (kind, window, threshold)
+            if percent < threshold:
+                fired.discard(key)  # re-arms a rolling window's alert
+            elif key not in fired:
+                fired.add(key)
+                due.append((key, f"ALERT: {kind} usage passed {threshold}% ({format_count(used)} of "
+                                 f"{format_count(limit)})",
+                            {"CCMON_ALERT_KIND": kind, "CCMON_ALERT_THRESHOLD": str(threshold),
+                             "CCMON_ALERT_PERCENT": f"{percent:.1f}", "CCMON_ALERT_USED": str(used),
+                             "CCMON_ALERT_LIMIT": str(limit)}))
+    return due
+
+
+def run_alert_command(command: str, environment: dict[str, str]) -> None:
+    """The user's alert_command, in the background: a slow notifier must not freeze the screen."""
+    import subprocess
+    try:
+        subprocess.Popen(command, shell=True, env={**os.environ, **environment}, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except OSError as exc:
+        log.warning("alert_command failed: %s", exc)
+
+
+def run_monitor(config: Config) -> int:
     import curses
     import locale
     locale.setlocale(locale.LC_ALL, "")
-    settings = MonitorSettings(config.monitor_server, config.zone, block_hour,
-                               token_limit(config.plan, config.max_tokens), config.refresh_interval_s)
+    settings = MonitorSettings.from_config(config)
     # The C library's codeset, not Python's (UTF-8 mode makes Python say UTF-8 in the C locale).
     unicode = "utf" in locale.nl_langinfo(locale.CODESET).lower().replace("-", "")
     glyphs = Glyphs.for_terminal(unicode)
     client = Client.for_config(config)
-    state = ViewState(period="b" if block_hour is not None else "a")
+    state = ViewState(period="b" if settings.block_mode is not None else "a")
     poller = Poller(client, settings)
     poller.request(state)
+    fired: set[tuple] = set()
 
     def loop(screen) -> None:
         nonlocal state
@@ -3308,8 +3617,14 @@ def run_monitor(config: Config, block_hour: int | None) -> int:
             height, width = screen.getmaxyx()
             now = now_ms()
             if (poller.version, now // 1000) != (shown_version, shown_second):
-                snap, conn, shown_version = poller.latest()
-                shown_second = now // 1000
+                snap, conn, version = poller.latest()
+                if version != shown_version and snap is not None:
+                    for _, message, environment in due_alerts(snap.limits, settings, now, fired):
+                        curses.beep()
+                        state = dataclasses.replace(state, notice=message)
+                        if settings.alert_command:
+                            run_alert_command(settings.alert_command, environment)
+                shown_version, shown_second = version, now // 1000
                 frame = render(state, conn, snap, settings, width, height, now, glyphs)
                 draw(curses, screen, frame.lines, attributes)
             key = screen.getch()
@@ -3363,7 +3678,15 @@ def config_options() -> argparse.ArgumentParser:
     parser.add_argument("--monitor-timezone", metavar="ZONE", help="IANA timezone, e.g. Europe/Berlin")
     parser.add_argument("--monitor-refresh-interval", metavar="DURATION", help="1s to 5m (default 5s)")
     parser.add_argument("--claude-plan", metavar="PLAN", help="unset, pro, max or max20")
-    parser.add_argument("--claude-max-tokens", metavar="N", help="block token limit (0: plan default)")
+    parser.add_argument("--claude-max-tokens", metavar="N", help="block token limit (0: plan default; auto: learn "
+                        "it from past blocks)")
+    parser.add_argument("--claude-weekly-max-tokens", metavar="N", help="weekly premium token limit (0: none)")
+    parser.add_argument("-b", "--block", metavar="HOUR", help="track 5-hour blocks: 'auto' (from your first "
+                        "request, like Claude's own windows) or a fixed start hour such as 5am")
+    parser.add_argument("--alert", metavar="PERCENT", action="append", help="alert when block or weekly usage "
+                        "crosses PERCENT (repeatable)")
+    parser.add_argument("--monitor-alert-command", metavar="COMMAND", help="run COMMAND on an alert, with the "
+                        "figures in CCMON_ALERT_* variables")
     return parser
 
 
@@ -3379,7 +3702,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "@monthly_cost, @daily_plan_usage, ... replaced, and exit (for status bars)")
     parser.add_argument("--json", action="store_true", help="print every quick-query figure as JSON and exit")
     parser.add_argument("--health", action="store_true", help="check that the server answers (exit 0) and exit")
-    parser.add_argument("-b", "--block", metavar="HOUR", help="track 5-hour blocks starting at HOUR, e.g. 5am or 11pm")
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                         help="server log level (default info)")
     return parser
@@ -3413,12 +3735,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_report(config, args)
         if args.server:
             return run_server(config)
-        block_hour = parse_block_hour(args.block) if args.block is not None else None
         if args.health:
             return run_health_check(config)
         if args.format is not None or args.json:
-            return run_quick_query(config, block_hour, args.format, args.json)
-        return run_monitor(config, block_hour)
+            return run_quick_query(config, args.format, args.json)
+        return run_monitor(config)
     except ConfigError as exc:
         print(f"ccmon: config error: {exc}", file=sys.stderr)
         return 2

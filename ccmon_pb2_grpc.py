@@ -85,6 +85,11 @@ class QueryServiceStub:
                 request_serializer=ccmon__pb2.GetUsersRequest.SerializeToString,
                 response_deserializer=ccmon__pb2.GetUsersResponse.FromString,
                 _registered_method=True)
+        self.GetBlocks = channel.unary_unary(
+                '/ccmon.v1.QueryService/GetBlocks',
+                request_serializer=ccmon__pb2.GetBlocksRequest.SerializeToString,
+                response_deserializer=ccmon__pb2.GetBlocksResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -161,6 +166,14 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetBlocks(self, request, context):
+        """GetBlocks returns the automatic 5-hour blocks overlapping a period, oldest first: a block starts
+        at the first request after the previous block ended, floored to the (UTC) hour.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +226,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.GetUsers,
                     request_deserializer=ccmon__pb2.GetUsersRequest.FromString,
                     response_serializer=ccmon__pb2.GetUsersResponse.SerializeToString,
+            ),
+            'GetBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBlocks,
+                    request_deserializer=ccmon__pb2.GetBlocksRequest.FromString,
+                    response_serializer=ccmon__pb2.GetBlocksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +504,33 @@ class QueryService:
             '/ccmon.v1.QueryService/GetUsers',
             ccmon__pb2.GetUsersRequest.SerializeToString,
             ccmon__pb2.GetUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ccmon.v1.QueryService/GetBlocks',
+            ccmon__pb2.GetBlocksRequest.SerializeToString,
+            ccmon__pb2.GetBlocksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -532,7 +532,8 @@ CONFIG_ERRORS = [
      "--monitor-timezone: unknown timezone 'Mars/Olympus' (use an IANA name such as 'UTC', 'Europe/Berlin' "
      "or 'Asia/Taipei')"),
     (["--claude-max-tokens", "-5"],
-     "--claude-max-tokens: invalid token limit '-5' (use a whole number >= 0; 0 means the plan's default)"),
+     "--claude-max-tokens: invalid token limit '-5' (use a whole number >= 0, 0 meaning the plan's default, or "
+     "'auto' to learn it)"),
     (["--server-retention", "5x"],
      "--server-retention: invalid retention '5x' (use 'never', or a number of days or hours such as '30d' or "
      "'48h')"),
@@ -580,7 +581,8 @@ FILE_ERRORS = [
     ("config.toml", '[claude]\nplan = "gold"\n', "{path}: claude.plan: unknown plan 'gold' (accepted: unset, pro, "
                                                  "max, max20)"),
     ("config.toml", '[claude]\nmax_tokens = -1\n',
-     "{path}: claude.max_tokens: invalid token limit -1 (use a whole number >= 0; 0 means the plan's default)"),
+     "{path}: claude.max_tokens: invalid token limit -1 (use a whole number >= 0, 0 meaning the plan's default, or "
+     "'auto' to learn it)"),
     ("config.toml", '[server]\nport = 4317\n', "{path}: unknown key server.port (known in [server]: address, "
                                                "http_address, retention, token, tls_cert, tls_key, tls_client_ca, "
                                                "max_message_size)"),
@@ -665,16 +667,16 @@ def local_ms(text: str, zone=BERLIN) -> int:
 @pytest.mark.parametrize("text,hour", [("5am", 5), ("11pm", 23), ("12am", 0), ("12pm", 12), ("1AM", 1),
                                        (" 07pm ", 19), ("10 am", 10)])
 def test_block_hour_forms(text, hour):
-    assert ccmon.parse_block_hour(text) == hour
+    assert ccmon.parse_block_mode(text) == hour
 
 
-@pytest.mark.parametrize("text", ["25am", "5", "noon", "13pm", "0am", "5 o'clock", ""])
+@pytest.mark.parametrize("text", ["25am", "5", "noon", "13pm", "0am", "5 o'clock", "automatic"])
 def test_block_hour_errors(text, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, err = run_main(["-b", text], capsys)
     assert code == 2
-    assert err == (f"ccmon: config error: -b/--block: invalid block start {text!r} (use an hour from 1 to 12 "
-                   "followed by am or pm, such as 5am or 11pm)\n")
+    assert err == (f"ccmon: config error: -b/--block: invalid block start {text!r} (use auto, or an hour from 1 to "
+                   "12 followed by am or pm, such as 5am or 11pm)\n")
 
 
 @pytest.mark.parametrize("now,hour,expected", [
@@ -784,12 +786,14 @@ def _frame_fixture():
     period = ccmon.Split(usage(4, 2000, 800, 10000, 500, 4_000_000),
                          usage(12, 9000, 6000, 250000, 12000, 1_234_567_890))
     block = ccmon.Split(usage(1, 100, 50, 0, 0, 1000), usage(8, 14000, 7000, 0, 0, 5))
+    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), block, 700.0, 35_000, None,
+                                (("haiku", usage(1, 100, 50)), ("sonnet", usage(8, 14000, 7000, 0, 0, 5))))
     models = ["claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001", "claude-opus-4-1-20250805"] * 4
     rows = tuple(ccmon.RequestRow(now - k * 7 * 60_000, model, f"{k:04d}abcd-ef",
                                   usage(1, 1000 + k, 200 * k, 30000, 0, 12_345_000 * k + 1, 1500 * k))
                  for k, model in enumerate(models))
     query = ccmon.query_for(ccmon.ViewState(period="b"), settings, now)
-    return ccmon.Snapshot(query, now, 500, period=period, requests=rows, period_requests=12, block=block), \
+    return ccmon.Snapshot(query, now, 500, period=period, requests=rows, period_requests=12, limits=limits), \
         settings, now
 
 
@@ -798,7 +802,8 @@ def daily_snapshot(settings, now):
     days = tuple((f"2026-03-{10 - k:02d}", ccmon.Split(ccmon.Usage(k, 10 * k), ccmon.Usage(
         3 * k, 1000 * k, 500 * k, 20000 * k, 700 * k, 250_000_000 * k))) for k in range(10))
     block = ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000))
-    return ccmon.Snapshot(query, now, 500, days=days, block=block)
+    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), block, 700.0, 35_000, None, ())
+    return ccmon.Snapshot(query, now, 500, days=days, limits=limits)
 
 
 def frame_text(state, snap, settings, width, height, now, connection=None, unicode=False):
@@ -809,7 +814,7 @@ def frame_text(state, snap, settings, width, height, now, connection=None, unico
 
 FRAME_80x24 = [
     " ccmon - Claude Code usage monitor                                       v0.1.0 ",
-    "  Current   Daily Usage   Models   Sessions   Tools & errors   Users  ",
+    "  Current   Daily Usage   Models   Sessions   Tools & errors   Users   Blocks  ",
     " * connected 127.0.0.1:4317 | current block | newest first | updated 10:30:00",
     "-- Usage - current block -------------------------------------------------------",
     "         Requests  Limited    Cache    Total       Cost    Burn rate",
@@ -820,7 +825,8 @@ FRAME_80x24 = [
     "Tokens ########################................  60%  21.0K / 35.0K",
     "Time   ####....................................  10% 4h30m left, ends 15:00",
     "Burn 700/min; at this pace the limit is reached at 10:50",
-    "-- Requests 1-9 of 12 ----------------------------------------------------------",
+    "Week   21.0K premium tokens, <$0.0001 (sonnet 21.0K)",
+    "-- Requests 1-8 of 12 ----------------------------------------------------------",
     "Time     Model                    Input  Output   Cache   Total      Cost    Dur",
     "10:30:00 claude-sonnet-4-5        1.00K       0   30.0K   31.0K  <$0.0001    0ms",
     "10:23:00 claude-haiku-4-5         1.00K     200   30.0K   31.2K   $0.0123   1.5s",
@@ -830,8 +836,7 @@ FRAME_80x24 = [
     "09:55:00 claude-opus-4-1          1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s",
     "09:48:00 claude-sonnet-4-5        1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s",
     "09:41:00 claude-haiku-4-5         1.01K   1.40K   30.0K   32.4K   $0.0864    10s",
-    "09:34:00 claude-opus-4-1          1.01K   1.60K   30.0K   32.6K   $0.0988    12s",
-    "h/d/w/m/a/b period  o order  Tab/1-6 tab  u user  ? help  q quit",
+    "h/d/w/m/a/b period  o order  Tab/1-7 tab  u user  ? help  q quit",
 ]
 
 FRAME_40x12 = [
@@ -846,7 +851,7 @@ FRAME_40x12 = [
     "-- Block 10:00-15:00 -------------------",
     "Tokens ###..  60%  21.0K / 35.0K",
     "Time   .....  10% 4h30m left, ends 15:00",
-    "h/d/w/m/a/b  o  1-6  u  ? help  q quit",
+    "h/d/w/m/a/b  o  1-7  u  ? help  q quit",
 ]
 
 DAILY_80x24 = [
@@ -862,7 +867,7 @@ def test_render_current_tab_80x24_exact():
     snap, settings, now = _frame_fixture()
     lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now)
     assert lines == FRAME_80x24
-    assert (frame.page_rows, frame.total_rows) == (9, 12)
+    assert (frame.page_rows, frame.total_rows) == (8, 12)
 
 
 def test_render_40x12_exact_and_too_small():
@@ -876,12 +881,12 @@ def test_render_40x12_exact_and_too_small():
 def test_render_wide_terminals_show_more_rows_and_columns():
     snap, settings, now = _frame_fixture()
     lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 120, 40, now)
-    assert frame.page_rows == 25 and len(lines) == 40
-    assert lines[13] == ("Time     Model                          Input  Output   Cache   Total      Cost    Dur "
+    assert frame.page_rows == 24 and len(lines) == 40
+    assert lines[14] == ("Time     Model                          Input  Output   Cache   Total      Cost    Dur "
                          "Session ")
-    assert lines[25] == ("09:13:00 claude-opus-4-1                1.01K   2.20K   33.2K   33.2K   $0.1358    16s "
+    assert lines[26] == ("09:13:00 claude-opus-4-1                1.01K   2.20K   33.2K   33.2K   $0.1358    16s "
                          "0011abcd").replace("33.2K   33.2K", "30.0K   33.2K")
-    assert lines[12].startswith("-- Requests 1-12 of 12 --")
+    assert lines[13].startswith("-- Requests 1-12 of 12 --")
     wide, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 200, 60, now, unicode=True)
     assert wide[9] == "Tokens ████████████████████████░░░░░░░░░░░░░░░░  60%  21.0K / 35.0K"
     assert wide[0].endswith("v0.1.0 ") and len(wide[0]) == 200
@@ -891,19 +896,19 @@ def test_render_daily_tab():
     snap, settings, now = _frame_fixture()
     daily = daily_snapshot(settings, now)
     lines, frame = frame_text(ccmon.ViewState(tab="daily"), daily, settings, 80, 24, now)
-    assert lines[7:12] == DAILY_80x24
-    assert lines[19] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K             $11.25"
-    assert (frame.page_rows, frame.total_rows) == (13, 10)
+    assert lines[7] == "Week   0 premium tokens, $0.00" and lines[8:13] == DAILY_80x24
+    assert lines[20] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K             $11.25"
+    assert (frame.page_rows, frame.total_rows) == (12, 10)
     narrow, _ = frame_text(ccmon.ViewState(tab="daily", scroll=2), daily, settings, 40, 14, now)
     assert narrow[4:13] == [
         "Tokens ###..  60%  21.0K / 35.0K",
         "Time   .....  10% 4h30m left, ends 15:00",
         "Burn 700/min; limit at 10:50",
+        "Week   0 premium tokens, $0.00",
         "-- Daily usage - last 10 days (Europe/Be",
         "Date        Prem Output  Total    Prem $",
         "2026-03-08     6  1.00K  44.4K   $0.5000",
         "2026-03-07     9  1.50K  66.6K   $0.7500",
-        "2026-03-06    12  2.00K  88.8K     $1.00",
         "Total        135  22.5K   999K    $11.25"]
     # The current tab's snapshot never stands in for the daily tab while it loads.
     assert "Loading..." in frame_text(ccmon.ViewState(tab="daily"), snap, settings, 80, 24, now)[0]
@@ -925,9 +930,11 @@ def test_render_states_without_data():
     assert stale[6] == FRAME_80x24[6]  # the last data stays on screen
     help_lines, _ = frame_text(ccmon.ViewState(help=True), snap, settings, 80, 24, now)
     assert help_lines[5].strip() == "| h  last hour        d  last 24 hours  |"
-    no_block, _ = frame_text(ccmon.ViewState(), snap, _settings(block_hour=None), 80, 24, now)
-    assert no_block[8] == "Block tracking is off: start with -b 5am (the hour your 5-hour windows start)."
-    no_limit, _ = frame_text(ccmon.ViewState(), snap, _settings(limit=None), 80, 24, now)
+    no_block, _ = frame_text(ccmon.ViewState(), dataclasses_replace(snap, limits=None), _settings(block_hour=None),
+                             80, 24, now)
+    assert no_block[8] == "Block tracking is off: start with -b auto (or -b 5am for fixed 5-hour windows)."
+    unlimited = dataclasses_replace(snap, limits=dataclasses_replace(snap.limits, limit=None))
+    no_limit, _ = frame_text(ccmon.ViewState(), unlimited, _settings(limit=None), 80, 24, now)
     assert no_limit[9] == "Tokens 21.0K premium (no limit: set claude.plan or claude.max_tokens)"
     assert no_limit[11] == "Burn 700/min"
 
@@ -1245,14 +1252,14 @@ def test_quick_query_block_figures(server, tmp_path):
     block_flag = block_flag_for_now()
     result = run_ccmon(["--monitor-server", server.target, "-b", block_flag, "--claude-plan", "pro", "--format",
                         "@block_usage @block_remaining"], tmp_path)
-    start, end = ccmon.current_block(now, ccmon.ZoneInfo("UTC"), ccmon.parse_block_hour(block_flag))
+    start, end = ccmon.current_block(now, ccmon.ZoneInfo("UTC"), ccmon.parse_block_mode(block_flag))
     usage, remaining = result.stdout.split()
     assert usage == "50%"  # 3,500 premium limited tokens of pro's 7,000
     assert remaining in {ccmon.format_duration(end - now - delta) for delta in range(0, 120_000, 1000)}
     no_block = run_ccmon(["--monitor-server", server.target, "--format", "@block_usage"], tmp_path)
     assert (no_block.returncode, no_block.stdout) == (2, "")
-    assert no_block.stderr == ("ccmon: config error: @block_usage and @block_remaining need -b/--block "
-                               "(for example -b 5am)\n")
+    assert no_block.stderr == ("ccmon: config error: @block_usage, @block_remaining and @block_projection need "
+                               "-b/--block (for example -b auto)\n")
     figures = json.loads(run_ccmon(["--monitor-server", server.target, "-b", block_flag, "--json"], tmp_path).stdout)
     assert (figures["block_tokens"], figures["block_limit"], figures["block_usage"]) == (3500, None, None)
 
@@ -1940,11 +1947,11 @@ def test_query_edge_cases(server):
 
 def test_block_rollover_renders_the_fetched_block():
     snap, settings, now = _frame_fixture()
-    next_block = ccmon.current_block(now, settings.zone, settings.block_hour)[1]
+    next_block = ccmon.current_block(now, settings.zone, settings.block_mode)[1]
     for moment in (next_block, next_block + 1, next_block + 60_000):
         lines, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, moment)
         assert lines[8].startswith("-- Block 10:00-15:00 ")
-        assert lines[11] == "Burn 70/min; within limit at this pace (60% at block end)"  # the block as it ended
+        assert lines[11] == "Burn 700/min; within limit at this pace (60% at block end)"  # the block as it ended
     assert ccmon.BlockStatus(0, ccmon.BLOCK_MS, 0, used=10, limit=100).limit_reached_ms() is None
 
 
@@ -2188,8 +2195,9 @@ def test_report_errors(args, message, tmp_path, capsys, monkeypatch):
 
 def insight_snapshot(settings, now, tab, **fields):
     state = ccmon.ViewState(tab=tab, period="w", session_id=fields.pop("session_id", None))
-    return state, ccmon.Snapshot(ccmon.query_for(state, settings, now), now, 500,
-                                 block=ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000)), **fields)
+    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5),
+                                ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000)), 700.0, 35_000, None, ())
+    return state, ccmon.Snapshot(ccmon.query_for(state, settings, now), now, 500, limits=limits, **fields)
 
 
 def test_render_insight_tabs():
@@ -2200,13 +2208,13 @@ def test_render_insight_tabs():
         ("claude-sonnet-4-5", usage(2, 1007, 203, 0, 0, 625_000_000, 5000, 1300, 2))))
     lines, frame = frame_text(state, snap, settings, 100, 24, now)
     assert lines[1].startswith("  Current   Daily Usage   Models   Sessions   Tools & errors   Users")
-    assert lines[7] == "-- Models - last 7 days " + "-" * 76
-    assert lines[8].split() == ["Model", "Req", "Input", "Output", "Cache", "Cost", "Share", "of", "cost", "Avg",
+    assert lines[8] == "-- Models - last 7 days " + "-" * 76
+    assert lines[9].split() == ["Model", "Req", "Input", "Output", "Cache", "Cost", "Share", "of", "cost", "Avg",
                                 "dur", "TTFT"]
-    assert lines[9].split() == ["claude-opus-4-1", "1", "50", "5.00K", "0", "$2.25", "######..", "78%", "1m", "-"]
-    assert lines[10].split() == ["claude-sonnet-4-5", "2", "1.01K", "203", "0", "$0.6250", "##......", "22%",
+    assert lines[10].split() == ["claude-opus-4-1", "1", "50", "5.00K", "0", "$2.25", "######..", "78%", "1m", "-"]
+    assert lines[11].split() == ["claude-sonnet-4-5", "2", "1.01K", "203", "0", "$0.6250", "##......", "22%",
                                  "2.5s", "650ms"]
-    assert lines[11].split()[:6] == ["Total", "3", "1.06K", "5.20K", "0", "$2.88"]
+    assert lines[12].split()[:6] == ["Total", "3", "1.06K", "5.20K", "0", "$2.88"]
     split = ccmon.Split(usage(1, 300, 30, 0, 0, 10_000_000), usage(1, 1000, 200, 0, 0, 500_000_000))
     rows = tuple(ccmon.SessionRow(f"s-{i}-0123456789", user, now - 3600_000 * (i + 1), now - 3600_000 * i, split,
                                   ("claude-sonnet-4-5", "claude-haiku-4-5"), 3, 1, i, i == 2)
@@ -2215,14 +2223,14 @@ def test_render_insight_tabs():
     state = dataclasses_replace(state, scroll=1)
     lines, frame = frame_text(state, snap, settings, 120, 24, now)
     assert frame.session_ids == tuple(r.session_id for r in rows) and frame.total_rows == 3
-    assert lines[7].startswith("-- Sessions - last 7 days (3) - Enter: details --")
-    assert lines[8].split() == ["Session", "User", "Started", "Dur", "Req", "Tokens", "Cost", "Models", "Tools",
+    assert lines[8].startswith("-- Sessions - last 7 days (3) - Enter: details --")
+    assert lines[9].split() == ["Session", "User", "Started", "Dur", "Req", "Tokens", "Cost", "Models", "Tools",
                                 "Fail", "Err", "Source"]
-    assert lines[10].split() == ["s-1-0123", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K", "$0.5100",
+    assert lines[11].split() == ["s-1-0123", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K", "$0.5100",
                                  "sonnet-4-5,haiku-4-5", "3", "1", "1", "events"]
-    assert lines[11].split()[-1] == "metrics"
+    assert lines[12].split()[-1] == "metrics"
     selected = ccmon.render(state, ccmon.Connection(True, attempts=1), snap, settings, 120, 24, now,
-                            ccmon.Glyphs.for_terminal(False)).lines[10]
+                            ccmon.Glyphs.for_terminal(False)).lines[11]
     assert selected[0][1] == "tab_active"
     entered, action = ccmon.handle_key(state, "\n", settings, frame)
     assert (entered.session_id, action) == ("s-1-0123456789", "refresh")
@@ -2235,23 +2243,23 @@ def test_render_insight_tabs():
                                                                       "duration_ms": "3000"}))
     state, snap = insight_snapshot(settings, now, "sessions", session_id="s-1-0123456789", timeline=timeline)
     lines, _ = frame_text(state, snap, settings, 100, 24, now)
-    assert lines[7].startswith("-- Session s-1-0123456789 (2 entries) - Esc: back --")
-    assert lines[9].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "1.21K", "$0.5000", "in", "1.00K",
+    assert lines[8].startswith("-- Session s-1-0123456789 (2 entries) - Esc: back --")
+    assert lines[10].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "1.21K", "$0.5000", "in", "1.00K",
                                 "out", "200", "cache", "5,", "4.0s"]
-    assert lines[10].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3000", "ms"]
+    assert lines[11].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3000", "ms"]
     tools = ccmon.ToolsData((("Bash", 3, 2, 200, 3000),), (("accept", "config", 1),), (("529", "claude-opus-4-1", 1),),
                             1)
     state, snap = insight_snapshot(settings, now, "tools", tools=tools)
     lines, _ = frame_text(state, snap, settings, 80, 24, now)
-    assert lines[8].split() == ["Tool", "Calls", "Success", "p50", "p95"]
-    assert lines[9].split() == ["Bash", "3", "67%", "200ms", "3.0s"]
-    assert lines[10] == "Decisions: accept by config: 1"
-    assert lines[13].split() == ["529", "claude-opus-4-1", "1"] and lines[14] == "Retries exhausted: 1"
+    assert lines[9].split() == ["Tool", "Calls", "Success", "p50", "p95"]
+    assert lines[10].split() == ["Bash", "3", "67%", "200ms", "3.0s"]
+    assert lines[11] == "Decisions: accept by config: 1"
+    assert lines[14].split() == ["529", "claude-opus-4-1", "1"] and lines[15] == "Retries exhausted: 1"
     state, snap = insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("", split, 1)),
                                    user_names=("ana@example.com", ""))
     lines, frame = frame_text(state, snap, settings, 80, 24, now)
-    assert lines[9].split() == ["ana@example.com", "2", "2", "1.53K", "1.20K", "$0.5100", "####....", "50%"]
-    assert lines[10].split()[0] == "(unknown)"
+    assert lines[10].split() == ["ana@example.com", "2", "2", "1.53K", "1.20K", "$0.5100", "####....", "50%"]
+    assert lines[11].split()[0] == "(unknown)"
     filtered, action = ccmon.handle_key(state, "u", settings, frame)
     assert (filtered.user, action) == ("ana@example.com", "refresh")
     assert "| user ana@example.com |" in frame_text(filtered, snap, settings, 80, 24, now)[0][2]
