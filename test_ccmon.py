@@ -2268,3 +2268,162 @@ def test_render_insight_tabs():
         assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
     narrow, _ = frame_text(state, snap, settings, 40, 12, now)
     assert narrow[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool"
+
+
+# ---------------------------------------------------------------- limits: automatic blocks, learned limit, weekly, alerts
+
+def block_history() -> list[tuple[str, dict]]:
+    """Hand-made: two overlapping sessions, a gap, a block across midnight, a Haiku request, a DST night."""
+    def request(seq, session, when, model="claude-sonnet-4-5", tokens=1000):
+        return ("api_request", api_request(seq, when, session=session, model=model, input_tokens=tokens,
+                                           output_tokens=0, cost_usd=tokens / 10000))
+    return [request(1, "a", "2026-03-27T09:10:00Z"), request(2, "b", "2026-03-27T09:50:00Z", tokens=500),
+            request(3, "a", "2026-03-27T13:59:00Z", model="claude-haiku-4-5", tokens=9999),
+            request(4, "b", "2026-03-27T13:59:59Z"),           # block 1: 09:00-14:00, premium 2,500
+            request(5, "a", "2026-03-27T14:00:00Z", tokens=2000),  # block 2 starts at its end: 14:00-19:00
+            request(6, "c", "2026-03-27T22:30:00Z", tokens=4000),  # after a gap: 22:00-03:00 across midnight
+            request(7, "c", "2026-03-28T02:59:00Z", tokens=3000),
+            request(8, "c", "2026-03-28T03:05:00Z", tokens=100),   # block 4: 03:00-08:00
+            request(9, "d", "2026-03-29T00:40:00Z", tokens=700)]   # Berlin switches to summer time in it
+
+
+def test_automatic_blocks_from_a_hand_made_history(server, tmp_path):
+    sdk_export(server.port, block_history())
+    blocks = server.query().GetBlocks(ccmon_pb2.GetBlocksRequest(start_time=ts("2026-03-27T00:00:00Z"),
+                                                                 end_time=ts("2026-03-30T00:00:00Z"))).blocks
+    assert [(ccmon.ms_of(b.start_time), ccmon.ms_of(b.end_time), b.stats.premium_tokens.limited,
+             b.stats.base_tokens.limited, b.stats.total_requests) for b in blocks] == [
+        (ccmon.parse_iso_ms(start), ccmon.parse_iso_ms(end), premium, base, requests)
+        for start, end, premium, base, requests in (
+            ("2026-03-27T09:00:00Z", "2026-03-27T14:00:00Z", 2500, 9999, 4),
+            ("2026-03-27T14:00:00Z", "2026-03-27T19:00:00Z", 2000, 0, 1),
+            ("2026-03-27T22:00:00Z", "2026-03-28T03:00:00Z", 7000, 0, 2),
+            ("2026-03-28T03:00:00Z", "2026-03-28T08:00:00Z", 100, 0, 1),
+            ("2026-03-29T00:00:00Z", "2026-03-29T05:00:00Z", 700, 0, 1))]
+    # A period starting inside a block still sees the block from its real start.
+    late = server.query().GetBlocks(ccmon_pb2.GetBlocksRequest(start_time=ts("2026-03-28T01:00:00Z"),
+                                                               end_time=ts("2026-03-28T02:00:00Z"))).blocks
+    assert [ccmon.ms_of(b.start_time) for b in late] == [ccmon.parse_iso_ms("2026-03-27T22:00:00Z")]
+    report = run_ccmon(["report", "blocks", "--since", "2026-03-28", "--until", "2026-03-29", "--csv",
+                        "--monitor-server", server.target, "--monitor-timezone", "Europe/Berlin"], tmp_path)
+    assert report.stdout.splitlines() == [
+        "block_start,block_end,premium_tokens,requests,input_tokens,output_tokens,cache_read_tokens,"
+        "cache_creation_tokens,total_tokens,cost_usd",
+        "2026-03-27T23:00+01:00,2026-03-28T04:00+01:00,7000,2,7000,0,0,0,7000,0.7",
+        "2026-03-28T04:00+01:00,2026-03-28T09:00+01:00,100,1,100,0,0,0,100,0.01",
+        "2026-03-29T01:00+01:00,2026-03-29T07:00+02:00,700,1,700,0,0,0,700,0.07",
+        "Total,,7800,4,7800,0,0,0,7800,0.78"]
+
+
+def test_limit_math():
+    assert ccmon.learned_limit([10, 20, 30, 40, 50, 60, 70, 80, 90, 100], 35) == (90, 10)
+    assert ccmon.learned_limit([10, 20, 0, 40], 35) == (40, 3)
+    assert ccmon.learned_limit([5, 6], 7_000) == (7_000, 2)  # never below the plan's limit
+    assert ccmon.learned_limit([], 7_000) == (7_000, 0) and ccmon.learned_limit([], None) == (None, 0)
+    zone = ccmon.ZoneInfo("UTC")
+    assert ccmon.block_window("auto", 150, zone, [(0, 100), (120, 200)]) == (120, 200)
+    assert ccmon.block_window("auto", 210, zone, [(0, 100), (120, 200)]) is None
+    assert ccmon.block_window(5, local_ms("2026-01-15 12:00", zone), zone, []) == \
+        (local_ms("2026-01-15 10:00", zone), local_ms("2026-01-15 15:00", zone))
+    assert [ccmon.model_family(m) for m in ("claude-opus-4-1", "claude-sonnet-4-5", "claude-3-5-haiku", "x")] == \
+        ["opus", "sonnet", "haiku", "other"]
+    start = local_ms("2026-01-15 10:00")
+    recent = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 60 * 60_000, used=3_000, limit=10_000,
+                               recent_rate=100.0)
+    assert recent.burn_rate == 100.0 and recent.projected_at_end() == 27_000
+    assert recent.limit_reached_ms() == start + 60 * 60_000 + 70 * 60_000
+
+
+def test_alerts_fire_once_per_window_and_rearm():
+    settings = ccmon.MonitorSettings("x:1", BERLIN, "auto", 10_000, 5, weekly_limit=100_000, alerts=(50, 80))
+    window = (0, ccmon.BLOCK_MS)
+
+    def limits(block_tokens, weekly_tokens, window=window):
+        return ccmon.LimitFigures(window, ccmon.Split(ccmon.Usage(), ccmon.Usage(1, block_tokens)), 0.0, 10_000,
+                                  None, (("sonnet", ccmon.Usage(1, weekly_tokens)),))
+
+    fired: set = set()
+    due = ccmon.due_alerts(limits(6_000, 10_000), settings, 1000, fired)
+    assert [(key, message) for key, message, _ in due] == [
+        (("block", 0, 50), "ALERT: block usage passed 50% (6.00K of 10.0K)")]
+    assert due[0][2] == {"CCMON_ALERT_KIND": "block", "CCMON_ALERT_THRESHOLD": "50", "CCMON_ALERT_PERCENT": "60.0",
+                         "CCMON_ALERT_USED": "6000", "CCMON_ALERT_LIMIT": "10000"}
+    assert ccmon.due_alerts(limits(6_500, 10_000), settings, 1000, fired) == []
+    assert [key for key, _, _ in ccmon.due_alerts(limits(9_000, 85_000), settings, 1000, fired)] == \
+        [("block", 0, 80), ("weekly", 0, 50), ("weekly", 0, 80)]
+    next_block = (ccmon.BLOCK_MS, 2 * ccmon.BLOCK_MS)
+    assert [key for key, _, _ in ccmon.due_alerts(limits(5_000, 40_000, next_block), settings,
+                                                  ccmon.BLOCK_MS + 1, fired)] == [("block", ccmon.BLOCK_MS, 50)]
+    assert [key for key, _, _ in ccmon.due_alerts(limits(5_000, 55_000, next_block), settings,
+                                                  ccmon.BLOCK_MS + 1, fired)] == [("weekly", 0, 50)]  # re-armed
+
+
+def test_auto_block_monitor_alert_and_format(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    now = int(time.time() * 1000)
+    sdk_export(srv.port, [("api_request", api_request(1, iso(now - 20 * 60_000), input_tokens=3000, output_tokens=1000)),
+                          ("api_request", api_request(2, iso(now - 5 * 60_000), model="claude-opus-4-1",
+                                                      input_tokens=500, output_tokens=500))])
+    first_hour = (now - 20 * 60_000) // 3600_000 * 3600_000
+    marker = tmp_path / "alert.env"
+    try:
+        quick = run_ccmon(["--monitor-server", srv.target, "-b", "auto", "--claude-plan", "pro",
+                           "--claude-weekly-max-tokens", "50000", "--format",
+                           "@block_usage @block_projection @weekly_usage"], tmp_path)
+        usage, projection, weekly = quick.stdout.split()
+        assert (usage, weekly) == ("71%", "10%")  # 5,000 of pro's 7,000; 5,000 of 50,000
+        assert int(projection.rstrip("%")) >= 71
+        figures = json.loads(run_ccmon(["--monitor-server", srv.target, "-b", "auto", "--json"], tmp_path).stdout)
+        assert figures["block_end"] == (first_hour + ccmon.BLOCK_MS) // 1000 and figures["weekly_tokens"] == 5000
+        monitor = MonitorPty(["--monitor-server", srv.target, "-b", "auto", "--claude-plan", "pro", "--alert", "50",
+                              "--alert", "90", "--monitor-alert-command", f"env | grep CCMON_ALERT > {marker}"],
+                             cols=100, cwd=tmp_path, env={"HOME": str(tmp_path)})
+        try:
+            screen = monitor.wait_for("ALERT: block usage passed 50% (5.00K of 7.00K)", "the alert")
+            assert "(auto)" in screen and "5.00K / 7.00K" in screen
+            assert "Week   5.00K premium tokens" in screen and "opus 1.00K, sonnet 4.00K" in screen
+            deadline = time.time() + 10
+            while not marker.exists() and time.time() < deadline:
+                time.sleep(0.05)
+            assert sorted(marker.read_text().split()) == sorted([
+                "CCMON_ALERT_KIND=block", "CCMON_ALERT_THRESHOLD=50", "CCMON_ALERT_PERCENT=71.4",
+                "CCMON_ALERT_USED=5000", "CCMON_ALERT_LIMIT=7000"])
+            monitor.send(b"7")
+            monitor.wait_for("Blocks - current block (1; 5 hours from the first request)", "the blocks tab")
+            monitor.send(b"q")
+            assert monitor.close() == 0
+        finally:
+            if monitor.proc.poll() is None:
+                monitor.proc.kill()
+    finally:
+        srv.stop()
+
+
+LIMIT_CONFIG_ERRORS = [
+    ("[claude]\nblock = \"dawn\"\n", "claude.block: invalid block start 'dawn' (use auto, or an hour from 1 to 12 "
+                                     "followed by am or pm, such as 5am or 11pm)"),
+    ("[claude]\nweekly_max_tokens = -3\n", "claude.weekly_max_tokens: invalid token limit -3 (use a whole number >= "
+                                           "0; 0 means none)"),
+    ("[monitor]\nalert_percent = [80, 120]\n", "monitor.alert_percent: invalid alert threshold in [80, 120] (use "
+                                               "whole percentages from 1 to 100, such as 80)"),
+    ("[monitor]\nalert_command = 5\n", "monitor.alert_command: expected a shell command as a string"),
+]
+
+
+@pytest.mark.parametrize("content,message", LIMIT_CONFIG_ERRORS)
+def test_limit_config_errors(content, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "config.toml").write_text(content)
+    code, err = run_main(["--server"], capsys)
+    assert (code, err) == (2, f"ccmon: config error: {tmp_path / 'config.toml'}: {message}\n")
+
+
+def test_limit_config_values(tmp_path, monkeypatch):
+    (tmp_path / "config.toml").write_text('[claude]\nblock = "auto"\nmax_tokens = "auto"\nweekly_max_tokens = 9\n'
+                                          '[monitor]\nalert_percent = 75\nalert_command = "notify-send ccmon"\n')
+    config = config_for(tmp_path, monkeypatch)
+    assert (config.block_mode, config.max_tokens, config.weekly_max_tokens, config.alert_percents,
+            config.alert_command) == ("auto", "auto", 9, (75,), "notify-send ccmon")
+    config = config_for(tmp_path, monkeypatch, ["-b", "11pm", "--alert", "80", "--alert", "95%"])
+    assert (config.block_mode, config.alert_percents) == (23, (80, 95))
