@@ -2893,7 +2893,7 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
         following = names[names.index(state.user) + 1:] if state.user in names else names
         return dataclasses.replace(state, user=following[0] if following else None, scroll=0, notice=""), "refresh"
     if key == "b" and settings.block_mode is None:
-        return dataclasses.replace(state, notice="block tracking is off: start ccmon with -b 5am"), ""
+        return dataclasses.replace(state, notice="block tracking is off: start ccmon with -b auto"), ""
     if key in PERIODS:
         return dataclasses.replace(state, period=key, scroll=0, notice=""), "refresh"
     if key == "o":

@@ -776,7 +776,7 @@ def test_keys():
     assert ccmon.handle_key(state, "q", settings, frame)[1] == "quit"
     assert ccmon.handle_key(state, "^C", settings, frame)[1] == "quit"
     off, action = ccmon.handle_key(state, "b", _settings(block_hour=None), frame)
-    assert off.period == state.period and off.notice == "block tracking is off: start ccmon with -b 5am"
+    assert off.period == state.period and off.notice == "block tracking is off: start ccmon with -b auto"
 
 
 def _frame_fixture():
