@@ -3135,11 +3135,19 @@ def block_lines(snap: Snapshot, settings: MonitorSettings, width: int, now: int,
                       (f" {time_fraction * 100:3.0f}% {format_duration(status.remaining_ms)} left, ends "
                        f"{local_time(status.end_ms, zone)}", "")])
         lines.append(projection_line(status, zone, width))
-    lines.append(weekly_line(limits, settings, width, glyphs, alert_at))
+    lines.append(weekly_line(limits, settings, width, glyphs, alert_at, now))
     return lines
 
 
-def weekly_line(limits: LimitFigures, settings: MonitorSettings, width: int, glyphs: Glyphs, alert_at: int) -> Line:
+def weekly_reached_ms(used: int, limit: int, rate: float, now: int) -> int | None:
+    """When a rolling weekly limit is reached at `rate` tokens per minute (now if it already is)."""
+    if used >= limit:
+        return now
+    return now + int((limit - used) / rate * 60_000) if rate > 0 else None
+
+
+def weekly_line(limits: LimitFigures, settings: MonitorSettings, width: int, glyphs: Glyphs, alert_at: int,
+                now: int) -> Line:
     """Rolling 7 days of premium tokens, by family, against claude.weekly_max_tokens when set."""
     premium = weekly_premium(limits)
     families = ", ".join(f"{family} {format_count(u.limited)}" for family, u in limits.weekly if family != "haiku")
@@ -3147,9 +3155,11 @@ def weekly_line(limits: LimitFigures, settings: MonitorSettings, width: int, gly
     if settings.weekly_limit:
         fraction = premium.limited / settings.weekly_limit
         style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
+        reached = weekly_reached_ms(premium.limited, settings.weekly_limit, limits.recent_rate, now)
+        pace = "" if reached is None else f", limit {local_time(reached, settings.zone, '%a %H:%M')} at this pace"
         return [("Week   ", ""), (bar(fraction, max(5, min(40, width - 35)), glyphs), style),
                 (f" {fraction * 100:3.0f}%  {format_count(premium.limited)} / {format_count(settings.weekly_limit)}"
-                 f"{detail}", "")]
+                 f"{pace}{detail}", "")]
     return [(f"Week   {format_count(premium.limited)} premium tokens, {format_cost(premium.cost_nanos)}{detail}",
              "dim")]
 

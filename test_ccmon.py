@@ -2427,3 +2427,16 @@ def test_limit_config_values(tmp_path, monkeypatch):
             config.alert_command) == ("auto", "auto", 9, (75,), "notify-send ccmon")
     config = config_for(tmp_path, monkeypatch, ["-b", "11pm", "--alert", "80", "--alert", "95%"])
     assert (config.block_mode, config.alert_percents) == (23, (80, 95))
+
+
+def test_weekly_gauge_and_its_projection():
+    settings = ccmon.MonitorSettings("x:1", BERLIN, "auto", 10_000, 5, weekly_limit=100_000)
+    now = local_ms("2026-05-04 09:00")  # a Monday
+    limits = ccmon.LimitFigures(None, ccmon.Split(), 50.0, 10_000, None,
+                                (("opus", ccmon.Usage(3, 20_000, 5_000)), ("sonnet", ccmon.Usage(9, 40_000, 5_000)),
+                                 ("haiku", ccmon.Usage(2, 999, 1))))
+    line = ccmon.line_text(ccmon.weekly_line(limits, settings, 120, ccmon.Glyphs.for_terminal(False), 101, now))
+    # 70,000 used; 30,000 left at 50 tokens/min: 600 minutes, Monday 19:00
+    assert line == ("Week   ############################............  70%  70.0K / 100K, limit Mon 19:00 at this "
+                    "pace (opus 25.0K, sonnet 45.0K)")
+    assert ccmon.weekly_reached_ms(100, 100, 0.0, now) == now and ccmon.weekly_reached_ms(1, 100, 0.0, now) is None
