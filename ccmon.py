@@ -2545,7 +2545,7 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
     if wanted & {"monthly_cost", "monthly_plan_usage", "monthly_tokens"}:
         figures = dataclasses.replace(figures, monthly=client.stats(month_start, now).total)
     settings = MonitorSettings.from_config(config)
-    if wanted & (BLOCK_VARIABLES | {"weekly_usage"}) and (settings.block_mode is not None or settings.weekly_limit):
+    if wanted & BLOCK_VARIABLES and settings.block_mode is not None or "weekly_usage" in wanted:
         limits = client.limit_figures(LimitQuery(settings.block_mode, now, settings.learn, settings.limit),
                                       config.zone, None)
         figures = dataclasses.replace(figures, block=block_status(limits, now), weekly=weekly_premium(limits),
