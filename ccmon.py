@@ -2370,8 +2370,12 @@ def request_row_of(r: ccmon_pb2.APIRequest) -> RequestRow:
                             round(r.cost_usd * NANOS_PER_USD), r.duration_ms))
 
 
+GO_CCMON_METHODS = {"GetStats", "GetAPIRequests"}  # what the original Go ccmon server answers
+
+
 class Client:
-    """The QueryService as plain values; every call raises ServerUnreachable rather than a gRPC error."""
+    """The QueryService as plain values; every call raises ServerUnreachable rather than a gRPC error.
+    Against the original Go ccmon server, ccmon's additional queries come back empty."""
 
     def __init__(self, address: str, timeout_s: float = 5.0, token: str = "", tls: TLSFiles | None = None):
         self.address, self.timeout_s = address, timeout_s
@@ -2392,6 +2396,8 @@ class Client:
         try:
             return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method not in GO_CCMON_METHODS:
+                return getattr(ccmon_pb2, method + "Response")()  # the original Go server: nothing to show
             raise ServerUnreachable(describe_rpc_error(exc)) from None
 
     @staticmethod
@@ -2477,7 +2483,7 @@ class Client:
         info = self.server_info()
         start, end, user = query.start_ms, query.end_ms, query.user
         users = self.users(start, end)
-        common = dict(query=query, taken_ms=now_ms(), server_requests=info.usage_records,
+        common = dict(query=query, taken_ms=now_ms(), server_requests=info.usage_records if info.version else -1,
                       limits=self.limit_figures(query.limits, zone_or_none(query.timezone), user)
                       if query.limits else None, user_names=tuple(name for name, _, _ in users))
         if query.session_id:

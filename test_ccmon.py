@@ -2443,3 +2443,37 @@ def test_weekly_gauge_and_its_projection():
     assert line == ("Week   ############################............  70%  70.0K / 100K, limit Mon 19:00 at this "
                     "pace (opus 25.0K, sonnet 45.0K)")
     assert ccmon.weekly_reached_ms(100, 100, 0.0, now) == now and ccmon.weekly_reached_ms(1, 100, 0.0, now) is None
+
+
+def test_monitor_and_quick_query_work_against_the_original_go_api(tmp_path):
+    """A server with only the Go ccmon's two RPCs (every other method is UNIMPLEMENTED, as there)."""
+    from concurrent import futures
+
+    class GoQueryService(ccmon_pb2_grpc.QueryServiceServicer):
+        def GetStats(self, request, context):
+            token = ccmon_pb2.Token(total=1500, input=1000, output=500, limited=1500)
+            return ccmon_pb2.GetStatsResponse(stats=ccmon_pb2.Stats(
+                premium_requests=2, total_requests=2, premium_tokens=token, total_tokens=token,
+                premium_cost=ccmon_pb2.Cost(amount=1.5), total_cost=ccmon_pb2.Cost(amount=1.5)))
+
+        def GetAPIRequests(self, request, context):
+            return ccmon_pb2.GetAPIRequestsResponse(total_count=1, requests=[ccmon_pb2.APIRequest(
+                session_id="go", timestamp=ccmon.timestamp_from_ms(int(time.time() * 1000) - 60_000),
+                model="claude-sonnet-4-5", input_tokens=1000, output_tokens=500, total_tokens=1500, cost_usd=1.5)])
+
+    go = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    ccmon_pb2_grpc.add_QueryServiceServicer_to_server(GoQueryService(), go)
+    port = go.add_insecure_port("127.0.0.1:0")
+    go.start()
+    try:
+        quick = run_ccmon(["--monitor-server", f"127.0.0.1:{port}", "--format", "@daily_cost @session_cost"], tmp_path)
+        assert (quick.returncode, quick.stdout) == (0, "$1.50 $0.00\n")
+        client = ccmon.Client(f"127.0.0.1:{port}")
+        settings = _settings(block_hour=None)
+        snap = client.snapshot(ccmon.query_for(ccmon.ViewState(), settings, int(time.time() * 1000)))
+        lines, _ = frame_text(ccmon.ViewState(), snap, settings, 80, 24, int(time.time() * 1000))
+        assert lines[6].split()[:2] == ["Premium", "2"] and lines[9].startswith("-- Requests 1-1 of 1 --")
+        assert client.snapshot(ccmon.query_for(ccmon.ViewState(tab="sessions"), settings, 0)).sessions == ()
+        client.close()
+    finally:
+        go.stop(None)
