@@ -2528,6 +2528,7 @@ class QuickFigures:
     daily: Usage | None = None
     monthly: Usage | None = None
     block: BlockStatus | None = None
+    block_tracked: bool = False          # -b given: block figures are null, not missing, between blocks
     weekly: Usage | None = None          # premium usage of the rolling week
     weekly_limit: int | None = None
     session_id: str = ""
@@ -2555,7 +2556,8 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
         limits = client.limit_figures(LimitQuery(settings.block_mode, now, settings.learn, settings.limit),
                                       config.zone, None)
         figures = dataclasses.replace(figures, block=block_status(limits, now), weekly=weekly_premium(limits),
-                                      weekly_limit=settings.weekly_limit)
+                                      weekly_limit=settings.weekly_limit,
+                                      block_tracked=settings.block_mode is not None)
     if "session_cost" in wanted:
         session_id, split = client.latest_session()
         figures = dataclasses.replace(figures, session_id=session_id, session=split.total)
@@ -2580,6 +2582,9 @@ def quick_values(figures: QuickFigures) -> dict[str, Any]:
     if figures.monthly is not None:
         values.update(monthly_cost=figures.monthly.cost_usd, monthly_tokens=figures.monthly.total,
                       monthly_plan_usage=plan_usage_percent(figures.monthly.cost_nanos, figures.plan))
+    if figures.block_tracked:
+        values.update(dict.fromkeys(("block_usage", "block_tokens", "block_limit", "block_remaining", "block_end",
+                                     "block_projection")))
     if figures.block is not None:
         block = figures.block
         values.update(block_usage=block.percent, block_tokens=block.used, block_limit=block.limit,

@@ -2477,3 +2477,19 @@ def test_monitor_and_quick_query_work_against_the_original_go_api(tmp_path):
         client.close()
     finally:
         go.stop(None)
+
+
+def test_learned_limit_from_recent_blocks(server, tmp_path):
+    now = int(time.time() * 1000)
+    day = 86400_000
+    # Three completed blocks in the last 30 days with 8,000, 12,000 and 30,000 premium tokens.
+    events = [("api_request", api_request(i, iso(now - days * day), session=f"l{i}", input_tokens=tokens))
+              for i, (days, tokens) in enumerate(((3, 8000), (2, 12000), (1, 30000)))]
+    sdk_export(server.port, events)
+    base = ["--monitor-server", server.target, "-b", "auto", "--claude-max-tokens", "auto", "--json"]
+    pro = json.loads(run_ccmon([*base, "--claude-plan", "pro"], tmp_path).stdout)
+    assert pro["block_limit"] is None  # no block is active now: nothing to measure against
+    limits = ccmon.Client(server.target).limit_figures(ccmon.LimitQuery("auto", now, True, 7_000), BERLIN, None)
+    assert (limits.window, limits.limit, limits.learned_from) == (None, 30_000, 3)  # p90 of three is the highest
+    floor = ccmon.Client(server.target).limit_figures(ccmon.LimitQuery("auto", now, True, 140_000), BERLIN, None)
+    assert (floor.limit, floor.learned_from) == (140_000, 3)  # never below the plan's figure
