@@ -3323,8 +3323,10 @@ def timeline_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, 
 def tools_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
                 now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
     data = snap.tools or ToolsData((), (), (), 0)
+    page_rows = max(1, rows_available - 6 - min(len(data.errors), 3))  # room below for decisions and errors
     tools = [([tool, format_count(calls), f"{ok / calls * 100:.0f}%" if calls else "-", format_duration(p50),
-               format_duration(p95)], "" if ok == calls else "warn") for tool, calls, ok, p50, p95 in data.tools]
+               format_duration(p95)], "" if ok == calls else "warn")
+             for tool, calls, ok, p50, p95 in data.tools[state.scroll:state.scroll + page_rows]]
     header, body = table_lines([Column("Tool", 12, 0, left=True, flex=24), Column("Calls", 6, 0),
                                 Column("Success", 7, 0), Column("p50", 6, 1), Column("p95", 6, 1)], tools, width)
     lines = [rule(f"Tools - {PERIODS[state.period][0]}", width, glyphs), header, *body]
@@ -3335,7 +3337,7 @@ def tools_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, wid
                                 Column("Errors", 6, 0)], errors, width)
     lines += [rule("API errors", width, glyphs), header, *body,
               [(f"Retries exhausted: {data.retries_exhausted}", "bad" if data.retries_exhausted else "")]]
-    return lines[:max(0, rows_available)], max(1, rows_available), 0
+    return lines[:max(0, rows_available)], page_rows, len(data.tools)
 
 
 def users_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,

@@ -2256,6 +2256,11 @@ def test_render_insight_tabs():
     assert lines[10].split() == ["Bash", "3", "67%", "200ms", "3.0s"]
     assert lines[11] == "Decisions: accept by config: 1"
     assert lines[14].split() == ["529", "claude-opus-4-1", "1"] and lines[15] == "Retries exhausted: 1"
+    many = dataclasses_replace(tools, tools=tuple((f"Tool{i:02d}", 1, 1, 1, 1) for i in range(40)))
+    state, snap = insight_snapshot(settings, now, "tools", tools=many)
+    lines, frame = frame_text(dataclasses_replace(state, scroll=30), snap, settings, 80, 24, now)
+    assert (frame.total_rows, frame.page_rows, lines[10].split()[0]) == (40, 8, "Tool30")
+    assert "Retries exhausted: 1" in lines
     state, snap = insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("", split, 1)),
                                    user_names=("ana@example.com", ""))
     lines, frame = frame_text(state, snap, settings, 80, 24, now)
