@@ -224,7 +224,7 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
     if plan not in PLANS:
         raise fail("claude.plan", f"unknown plan {settings['claude.plan']!r} (accepted: {', '.join(PLANS)})")
     max_tokens = settings["claude.max_tokens"]
-    if isinstance(max_tokens, str) and max_tokens.strip().isdigit():
+    if isinstance(max_tokens, str) and max_tokens.strip().isascii() and max_tokens.strip().isdigit():
         max_tokens = int(max_tokens)
     if isinstance(max_tokens, str) and max_tokens.strip().lower() == "auto":
         max_tokens = "auto"
@@ -232,7 +232,7 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
         raise fail("claude.max_tokens", f"invalid token limit {settings['claude.max_tokens']!r} "
                    "(use a whole number >= 0, 0 meaning the plan's default, or 'auto' to learn it)")
     weekly = settings["claude.weekly_max_tokens"]
-    if isinstance(weekly, str) and weekly.strip().isdigit():
+    if isinstance(weekly, str) and weekly.strip().isascii() and weekly.strip().isdigit():
         weekly = int(weekly)
     if isinstance(weekly, bool) or not isinstance(weekly, int) or weekly < 0:
         raise fail("claude.weekly_max_tokens", f"invalid token limit {settings['claude.weekly_max_tokens']!r} "
@@ -1137,16 +1137,16 @@ class Store:
     def blocks(self, start_ms: int, end_ms: int, user: str | None = None) -> list[UsageBlock]:
         """Automatic 5-hour blocks overlapping [start_ms, end_ms): each starts at the first activity after the
         previous one ended, floored to the hour. Activity is read at quarter-hour resolution from the rollup,
-        which the hour floor makes exact; chains are followed from a day before the period (a block cannot
-        reach back further unless usage never paused for 5 hours in a day)."""
+        which the hour floor makes exact; the chain is followed from the last pause of 5 hours before the
+        period (looking back up to 30 days)."""
         user_id = self._user_id(user)
         if user_id == -1:
             return []
         where = " AND user = ?" if user_id is not None else ""
+        params = (user_id,) if user_id is not None else ()
         rows = self._reader().execute(
             f"SELECT bucket, model, {USAGE_SUMS} FROM usage_rollup WHERE bucket >= ? AND bucket < ?{where} "
-            "GROUP BY bucket, model ORDER BY bucket",
-            (start_ms - DAY_MS, end_ms, *((user_id,) if user_id is not None else ())))
+            "GROUP BY bucket, model ORDER BY bucket", (self._chain_start(start_ms, where, params), end_ms, *params))
         names = self._names("models")
         blocks: list[UsageBlock] = []
         for bucket, model, *figures in rows:
@@ -1157,6 +1157,18 @@ class Store:
             block.by_model[names[model]] = block.by_model.get(names[model], Usage()) + Usage(*figures)
             block.last_activity_ms = bucket
         return [block for block in blocks if block.end_ms > start_ms]
+
+    def _chain_start(self, before_ms: int, where: str, params: tuple) -> int:
+        """Where block chaining must start to be exact for blocks from `before_ms` on: after a pause of 5 hours
+        or more no block can still be running, so the next activity starts a block of its own."""
+        later = before_ms
+        for bucket, in self._reader().execute(
+                f"SELECT DISTINCT bucket FROM usage_rollup WHERE bucket >= ? AND bucket < ?{where} "
+                "ORDER BY bucket DESC", (before_ms - LEARN_FROM_MS, before_ms, *params)):
+            if later - bucket >= BLOCK_MS + BUCKET_MS:  # a pause: `later` begins a block (buckets are 15 min)
+                return later
+            later = bucket
+        return later
 
     def user_sessions(self, start_ms: int, end_ms: int) -> dict[str, int]:
         """How many sessions each user had active in the period."""
@@ -2179,6 +2191,8 @@ def block_window(mode: int | str | None, now: int, zone: ZoneInfo,
     """The block holding `now`: fixed-hour blocks by the clock; automatic ones from the server's list."""
     if isinstance(mode, int):
         return current_block(now, zone, mode)
+    if mode is None:
+        return None
     active = [(start, end) for start, end in auto_blocks if start <= now < end]
     return active[-1] if active else None
 
@@ -2217,7 +2231,7 @@ class BlockStatus:
 
     def limit_reached_ms(self) -> int | None:
         """When the limit is reached at the current pace, if before the block ends."""
-        if self.limit is None or self.used == 0:
+        if self.limit is None:
             return None
         if self.used >= self.limit:
             return self.now_ms
@@ -2278,6 +2292,7 @@ class Query:
     oldest_first: bool
     timezone: str
     limits: LimitQuery | None = None  # block and weekly figures, when tracked
+    period_is_block: bool = False     # the period is the current automatic block, known once limits are in
     user: str | None = None
     session_id: str | None = None  # the session whose timeline is open
 
@@ -2481,11 +2496,13 @@ class Client:
     def snapshot(self, query: Query) -> Snapshot:
         """Everything one screen shows, in as few calls as that tab needs."""
         info = self.server_info()
+        limits = self.limit_figures(query.limits, zone_or_none(query.timezone), query.user) if query.limits else None
+        if query.period_is_block and limits is not None:  # the current automatic block, or nothing between blocks
+            query = dataclasses.replace(query, start_ms=limits.window[0] if limits.window else query.end_ms)
         start, end, user = query.start_ms, query.end_ms, query.user
         users = self.users(start, end)
         common = dict(query=query, taken_ms=now_ms(), server_requests=info.usage_records if info.version else -1,
-                      limits=self.limit_figures(query.limits, zone_or_none(query.timezone), user)
-                      if query.limits else None, user_names=tuple(name for name, _, _ in users))
+                      limits=limits, user_names=tuple(name for name, _, _ in users))
         if query.session_id:
             return Snapshot(**common, timeline=self.timeline(query.session_id))
         if query.tab == "daily":
@@ -2865,7 +2882,7 @@ def period_range(state: ViewState, settings: MonitorSettings, now: int,
     if state.period == "b" and settings.block_mode is not None:
         if isinstance(settings.block_mode, int):
             return current_block(now, settings.zone, settings.block_mode)[0], now
-        return (auto_block_start if auto_block_start is not None else now - BLOCK_MS), now
+        return (auto_block_start if auto_block_start is not None else now), now  # the snapshot sets it exactly
     span = PERIODS[state.period][1]
     return (now - span if span else None), now
 
@@ -2874,7 +2891,8 @@ def query_for(state: ViewState, settings: MonitorSettings, now: int, auto_block_
     start, end = period_range(state, settings, now, auto_block_start)
     offset = max(0, state.scroll - PAGE_FETCH // 4)
     return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key,
-                 settings.limit_query(now), state.user, state.session_id)
+                 settings.limit_query(now), state.period == "b" and settings.block_mode == "auto", state.user,
+                 state.session_id)
 
 
 def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Frame) -> tuple[ViewState, str]:

@@ -2498,3 +2498,34 @@ def test_learned_limit_from_recent_blocks(server, tmp_path):
     assert (limits.window, limits.limit, limits.learned_from) == (None, 30_000, 3)  # p90 of three is the highest
     floor = ccmon.Client(server.target).limit_figures(ccmon.LimitQuery("auto", now, True, 140_000), BERLIN, None)
     assert (floor.limit, floor.learned_from) == (140_000, 3)  # never below the plan's figure
+
+
+def test_block_chains_and_edges(tmp_path):
+    store = ccmon.Store(tmp_path / "chain.db")
+    base = ccmon.parse_iso_ms("2026-06-01T00:05:00Z")
+    # One request every 40 minutes for 80 hours: never a pause of 5 hours.
+    rows = [(base + i * 40 * 60_000, "s", i, "claude-sonnet-4-5", "", 100, 0, 0, 0, 0, 0, None, None, None, None,
+             None, 0) for i in range(120)]
+    store.write(ccmon.Batch(requests=rows))
+    for hours in (30.5, 60.33, 61.0, 61.33, 63.0, 63.33):
+        now = base + int(hours * 3600_000)
+        near = store.blocks(now - ccmon.DAY_MS, now)[-1]
+        far = store.blocks(now - 30 * ccmon.DAY_MS, now)[-1]
+        assert (near.start_ms, near.end_ms) == (far.start_ms, far.end_ms)
+        assert (near.start_ms - ccmon.parse_iso_ms("2026-06-01T00:00:00Z")) % ccmon.BLOCK_MS == 0
+    store.close()
+    # No usage yet in a new block but a fast recent pace: the limit is near, not "within limit".
+    status = ccmon.BlockStatus(0, ccmon.BLOCK_MS, 60_000, used=0, limit=35_000, recent_rate=3_000.0)
+    assert status.limit_reached_ms() == 60_000 + int(35_000 / 3_000 * 60_000)
+    assert ccmon.block_window(None, 0, BERLIN, [(0, ccmon.BLOCK_MS)]) is None
+
+
+def test_block_period_follows_the_automatic_block(server):
+    now = int(time.time() * 1000)
+    sdk_export(server.port, [("api_request", api_request(1, iso(now - 10 * 60_000), input_tokens=10))])
+    settings = ccmon.MonitorSettings(server.target, BERLIN, "auto", 7_000, 5)
+    client = ccmon.Client(server.target)
+    snap = client.snapshot(ccmon.query_for(ccmon.ViewState(period="b"), settings, now))
+    assert snap.query.start_ms == snap.limits.window[0] == (now - 10 * 60_000) // 3600_000 * 3600_000
+    assert snap.period.total.input == 10
+    client.close()
