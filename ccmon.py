@@ -2767,8 +2767,8 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any]) -> str:
     columns = list(rows[0])
 
     def cell(key: str, value: Any) -> str:
-        if isinstance(value, float):
-            return f"${value:,.2f}" if "cost" in key else f"{value:,.2f}"
+        if isinstance(value, float):  # costs as the monitor shows them
+            return format_cost(round(value * NANOS_PER_USD)) if "cost" in key else f"{value:,.2f}"
         return f"{value:,}" if isinstance(value, int) else str(value)
 
     body = [[cell(k, row[k]) for k in columns] for row in rows]
