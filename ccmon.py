@@ -3620,6 +3620,14 @@ def due_alerts(limits: LimitFigures | None, settings: MonitorSettings, now: int,
     return due
 
 
+def alert_setup_problem(settings: MonitorSettings) -> str:
+    """Alerts need something to measure against; say so rather than stay silent."""
+    if settings.alerts and not settings.weekly_limit and (settings.block_mode is None or
+                                                          not (settings.limit or settings.learn)):
+        return "alerts need a block limit (-b with claude.plan or claude.max_tokens) or claude.weekly_max_tokens"
+    return ""
+
+
 def run_alert_command(command: str, environment: dict[str, str]) -> None:
     """The user's alert_command, in the background: a slow notifier must not freeze the screen."""
     import subprocess
@@ -3639,7 +3647,7 @@ def run_monitor(config: Config) -> int:
     unicode = "utf" in locale.nl_langinfo(locale.CODESET).lower().replace("-", "")
     glyphs = Glyphs.for_terminal(unicode)
     client = Client.for_config(config)
-    state = ViewState(period="b" if settings.block_mode is not None else "a")
+    state = ViewState(period="b" if settings.block_mode is not None else "a", notice=alert_setup_problem(settings))
     poller = Poller(client, settings)
     poller.request(state)
     fired: set[tuple] = set()

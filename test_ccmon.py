@@ -26,7 +26,6 @@ from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.metrics.v1 import metrics_pb2
 from opentelemetry.sdk._logs import LoggerProvider
-from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
 from opentelemetry.sdk.metrics import Counter, MeterProvider
 from opentelemetry.sdk.metrics.export import AggregationTemporality, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -2529,3 +2528,12 @@ def test_block_period_follows_the_automatic_block(server):
     assert snap.query.start_ms == snap.limits.window[0] == (now - 10 * 60_000) // 3600_000 * 3600_000
     assert snap.period.total.input == 10
     client.close()
+
+
+def test_alerts_without_anything_to_measure_say_so():
+    quiet = ccmon.MonitorSettings("x:1", BERLIN, None, None, 5, alerts=(80,))
+    assert ccmon.alert_setup_problem(quiet) == ("alerts need a block limit (-b with claude.plan or claude.max_tokens) "
+                                                "or claude.weekly_max_tokens")
+    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, block_mode="auto", limit=7_000)) == ""
+    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, weekly_limit=10)) == ""
+    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, alerts=())) == ""
