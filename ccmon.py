@@ -1610,8 +1610,11 @@ def timestamp_ms(request, field: str, default: int) -> int:
     """A request's Timestamp field in ms, clamped to what the store holds; `default` when unset."""
     if not request.HasField(field):
         return default
-    ts = getattr(request, field)
-    return min(max(ts.seconds * 1000 + ts.nanos // 1_000_000, 0), MAX_TIMESTAMP_MS + 1)
+    return min(max(ms_of(getattr(request, field)), 0), MAX_TIMESTAMP_MS + 1)
+
+
+def ms_of(ts: timestamp_pb2.Timestamp) -> int:
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
 
 
 def timestamp_from_ms(ms: int) -> timestamp_pb2.Timestamp:
@@ -2373,10 +2376,6 @@ class Snapshot:
     users: tuple[tuple[str, Split, int], ...] = ()   # user, usage, sessions
     user_names: tuple[str, ...] = ()                  # users seen in the period, for the `u` filter
     blocks: tuple[tuple[int, int, Split], ...] = ()   # automatic blocks of the period, newest first
-
-
-def ms_of(ts: timestamp_pb2.Timestamp) -> int:
-    return ts.seconds * 1000 + ts.nanos // 1_000_000
 
 
 def request_row_of(r: ccmon_pb2.APIRequest) -> RequestRow:
