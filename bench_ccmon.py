@@ -97,10 +97,9 @@ class Server:
         def pump():
             for line in self.proc.stderr:
                 self.lines.append(line)
-                match = re.search(r"(?:gRPC|receiver) listening on \S+:(\d+)", line)
+                match = re.search(r"(?: ready: gRPC|receiver listening on) \S+:(\d+)", line)
                 if match:
                     self.port = int(match.group(1))
-                if "database " in line or "receiver listening" in line:
                     ready.set()
             ready.set()
 

@@ -1,10 +1,24 @@
 #!/usr/bin/env python3
 """ccmon - watch what Claude Code costs.
 
-One module, read top to bottom:
-  configuration -> domain values and math -> storage -> OTLP ingestion ->
-  query service -> server -> client -> view model and render -> curses loop -> CLI.
-Dependencies flow downwards only: storage never sees gRPC, the UI never sees SQLite.
+One module, read top to bottom. Its sections, each using only the sections above it
+(storage never sees gRPC, the UI never sees SQLite):
+  Domain: time, money, numbers, usage totals, models
+  Blocks and plans: 5-hour windows, limits, projections
+  Configuration: defaults, files, flags, validation
+  Storage: SQLite schema, single writer, readers
+  OTLP ingestion: decode records, validate values
+  Wire: ccmon.v1 messages to and from domain values
+  Query service: ccmon.v1.QueryService over the store
+  OTLP/HTTP receiver: POST /v1/logs, /v1/metrics, /v1/traces
+  Server: listeners, authentication, TLS, retention, shutdown
+  Client: a small QueryService client for the monitor, reports and quick query
+  Settings and figures as text: shared by quick query, reports and the monitor
+  Quick query: --format and --json for status bars
+  Reports: ccmon report daily|weekly|monthly|session|model|blocks
+  View model and pure render functions
+  Curses loop: polling thread, keys, drawing
+  CLI: arguments and entry point
 """
 from __future__ import annotations
 
@@ -52,6 +66,280 @@ VERSION = "0.1.0"
 log = logging.getLogger("ccmon")
 
 
+# ---------------------------------------------------------------- Domain: time, money, numbers, usage totals, models
+
+NANOS_PER_USD = 1_000_000_000
+MAX_TIMESTAMP_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant datetime can show
+BUCKET_MS = 15 * 60 * 1000  # rollup granularity: every timezone offset is a multiple of 15 minutes
+DAY_MS = 86400_000          # second rollup level, UTC days: a year of history is a few hundred rows
+HOUR_MS = 3600_000
+BLOCK_MS = 5 * HOUR_MS      # Claude subscriptions meter usage in 5-hour windows
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def ms_from_datetime(moment: dt.datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def zone_or_none(name: str) -> ZoneInfo | None:
+    """The IANA zone, or None for anything that is not one (including paths zoneinfo trips over)."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
+def day_bounds(zone: ZoneInfo, end_ms: int, days: int) -> list[tuple[str, int, int]]:
+    """The last `days` calendar days in `zone` up to the one holding end_ms, newest first,
+    as (YYYY-MM-DD, start_ms, end_ms); DST days are 23 or 25 hours long."""
+    today = dt.datetime.fromtimestamp(end_ms / 1000, zone).date()
+    bounds = []
+    for back in range(days):
+        day = today - dt.timedelta(days=back)
+        start = dt.datetime.combine(day, dt.time(), zone)
+        stop = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone)
+        bounds.append((day.isoformat(), ms_from_datetime(start), ms_from_datetime(stop)))
+    return bounds
+
+
+def parse_iso_ms(text: Any) -> int | None:
+    """RFC 3339 / ISO 8601 -> ms since the epoch; None when absent or unreadable."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    ms = ms_from_datetime(moment)
+    return ms if 0 <= ms <= MAX_TIMESTAMP_MS else None
+
+
+def is_premium(model: str) -> bool:
+    """Haiku models are 'base'; every other model (Sonnet, Opus, ...) is 'premium'."""
+    return "haiku" not in model.lower()
+
+
+def model_family(model: str) -> str:
+    """Weekly caps are split by family: Opus and Sonnet (Haiku is not premium)."""
+    name = model.lower()
+    return "opus" if "opus" in name else "sonnet" if "sonnet" in name else "haiku" if "haiku" in name else "other"
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    """Totals over a set of API requests. Cost is kept in integer nano-USD so sums are exact."""
+    requests: int = 0
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_creation: int = 0
+    cost_nanos: int = 0
+    duration_ms: int = 0
+    ttft_ms: int = 0        # sum over the requests that reported a time to first token
+    ttft_count: int = 0
+
+    @property
+    def limited(self) -> int:
+        return self.input + self.output
+
+    @property
+    def cache(self) -> int:
+        return self.cache_read + self.cache_creation
+
+    @property
+    def total(self) -> int:
+        return self.limited + self.cache
+
+    @property
+    def cost_usd(self) -> float:
+        return self.cost_nanos / NANOS_PER_USD
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Usage split into base (Haiku) and premium (everything else)."""
+    base: Usage = Usage()
+    premium: Usage = Usage()
+
+    @property
+    def total(self) -> Usage:
+        return self.base + self.premium
+
+    @classmethod
+    def from_models(cls, by_model: dict[str, Usage]) -> Split:
+        base, premium = Usage(), Usage()
+        for model, usage in by_model.items():
+            if is_premium(model):
+                premium += usage
+            else:
+                base += usage
+        return cls(base, premium)
+
+
+class BadValue(ValueError):
+    """An attribute that cannot be read as the number it must be."""
+
+
+MAX_COUNT = 10 ** 12           # tokens or milliseconds in one record; sums of millions of them stay in int64
+MAX_USD = 10 ** 6              # dollars in one record
+
+
+def exact_number(value: Any, key: str) -> decimal.Decimal | int:
+    """An int as it is, or a double or an ASCII numeric string as an exact Decimal; BadValue otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BadValue(f"{key}={value!r} is not a number")
+    if isinstance(value, int):
+        return value
+    text = value.strip() if isinstance(value, str) else repr(value)  # repr: a double's shortest exact decimal
+    if not text.isascii():
+        raise BadValue(f"{key}={value!r} is not a number")
+    try:
+        exact = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        raise BadValue(f"{key}={value!r} is not a number") from None
+    if not exact.is_finite():
+        raise BadValue(f"{key}={value!r} is not a finite number")
+    if exact.adjusted() > 18:  # before any arithmetic: '1e1000000' must not cost seconds of CPU
+        raise BadValue(f"{key}={value!r} is too large")
+    return exact
+
+
+def parse_count(value: Any, key: str) -> int:
+    """A non-negative whole number from an int, an integral double or a numeric string."""
+    if type(value) is int and 0 <= value < MAX_COUNT:
+        return value  # the common case, first
+    exact = exact_number(value, key)
+    if exact != int(exact):
+        raise BadValue(f"{key}={value!r} is not a whole number")
+    if exact < 0:
+        raise BadValue(f"{key}={value!r} is negative")
+    if exact >= MAX_COUNT:
+        raise BadValue(f"{key}={value!r} is too large")
+    return int(exact)
+
+
+def parse_usd_nanos(value: Any, key: str) -> int:
+    """A non-negative USD amount, as integer nano-USD, from a double, an int or a numeric string."""
+    exact = exact_number(value, key)
+    if exact < 0:
+        raise BadValue(f"{key}={value!r} is negative")
+    if exact >= MAX_USD:
+        raise BadValue(f"{key}={value!r} is too large")
+    return int((decimal.Decimal(exact) * NANOS_PER_USD).to_integral_value(decimal.ROUND_HALF_EVEN))
+
+
+# ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
+
+PLAN_TOKEN_LIMITS = {"pro": 7_000, "max": 35_000, "max20": 140_000}
+
+
+def parse_block_mode(text: Any) -> int | str:
+    """'auto' -> 'auto'; '5am' -> 5, '11pm' -> 23, '12am' -> 0; ValueError otherwise."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    match = re.fullmatch(r"\s*(1[0-2]|0?[1-9])\s*(am|pm)\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(text)
+    return int(match.group(1)) % 12 + (12 if match.group(2).lower() == "pm" else 0)
+
+
+def current_block(now_ms: int, zone: ZoneInfo, start_hour: int) -> tuple[int, int]:
+    """The 5-hour block holding now_ms: blocks start at start_hour local time and every 5 hours after;
+    the cycle restarts at the next start_hour, which cuts the last block of a day short."""
+    local = dt.datetime.fromtimestamp(now_ms / 1000, zone)
+    anchor_day = local.date()
+    anchor = ms_from_datetime(dt.datetime.combine(anchor_day, dt.time(start_hour), zone))
+    if anchor > now_ms:
+        anchor_day -= dt.timedelta(days=1)
+        anchor = ms_from_datetime(dt.datetime.combine(anchor_day, dt.time(start_hour), zone))
+    next_anchor = ms_from_datetime(dt.datetime.combine(anchor_day + dt.timedelta(days=1), dt.time(start_hour), zone))
+    start = anchor + (now_ms - anchor) // BLOCK_MS * BLOCK_MS
+    return start, min(start + BLOCK_MS, next_anchor)
+
+
+def token_limit(plan: str, max_tokens: int | str) -> int | None:
+    """claude.max_tokens when set, else the plan's default, else no limit ('auto' starts from the default)."""
+    return (max_tokens if isinstance(max_tokens, int) else 0) or PLAN_TOKEN_LIMITS.get(plan)
+
+
+RECENT_RATE_MS = 20 * 60_000   # projections use the last 20 minutes' pace, not the whole block's
+LEARN_FROM_MS = 30 * DAY_MS     # a learned limit looks at the blocks of the last 30 days
+
+
+def learned_limit(completed_blocks: list[int], floor: int | None) -> tuple[int | None, int]:
+    """The 90th percentile (nearest rank) of completed blocks' premium tokens, never below `floor`;
+    returns (limit, how many blocks it was learned from)."""
+    used = sorted(tokens for tokens in completed_blocks if tokens > 0)
+    if not used:
+        return floor, 0
+    p90 = used[max(0, -(-len(used) * 9 // 10) - 1)]
+    return max(p90, floor or 0), len(used)
+
+
+def block_window(mode: int | str | None, now: int, zone: ZoneInfo,
+                 auto_blocks: list[tuple[int, int]]) -> tuple[int, int] | None:
+    """The block holding `now`: fixed-hour blocks by the clock; automatic ones from the server's list."""
+    if isinstance(mode, int):
+        return current_block(now, zone, mode)
+    if mode is None:
+        return None
+    active = [(start, end) for start, end in auto_blocks if start <= now < end]
+    return active[-1] if active else None
+
+
+def per_minute(tokens: int, elapsed_ms: int) -> float:
+    return tokens / (elapsed_ms / 60_000) if elapsed_ms > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockStatus:
+    start_ms: int
+    end_ms: int
+    now_ms: int
+    used: int               # premium limited tokens (input + output of non-Haiku models)
+    limit: int | None
+    recent_rate: float | None = None  # tokens/min over the last minutes; the projection's pace when known
+
+    @property
+    def elapsed_ms(self) -> int:
+        return self.now_ms - self.start_ms
+
+    @property
+    def remaining_ms(self) -> int:
+        return max(0, self.end_ms - self.now_ms)
+
+    @property
+    def burn_rate(self) -> float:
+        """The pace projections use: the recent one when known, else the block's average."""
+        return self.recent_rate if self.recent_rate is not None else per_minute(self.used, self.elapsed_ms)
+
+    def limit_reached_ms(self) -> int | None:
+        """When the limit is reached at the current pace, if before the block ends."""
+        if self.limit is None:
+            return None
+        if self.used >= self.limit:
+            return self.now_ms
+        if self.burn_rate <= 0:
+            return None
+        at = self.now_ms + int((self.limit - self.used) / self.burn_rate * 60_000)
+        return at if at < self.end_ms else None
+
+    def projected_at_end(self) -> int:
+        return self.used + int(self.burn_rate * self.remaining_ms / 60_000)
+
+    @property
+    def percent(self) -> float | None:
+        return self.used / self.limit * 100 if self.limit else None
+
+
 # ---------------------------------------------------------------- Configuration: defaults, files, flags, validation
 
 class ConfigError(Exception):
@@ -83,6 +371,10 @@ class TLSFiles:
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = None
+
+
+def read_pem(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,104 +654,8 @@ def load_config(args: argparse.Namespace) -> Config:
     return validate_config(settings, origin, str(path) if path else "defaults")
 
 
-# ---------------------------------------------------------------- Domain values and math: usage totals, models
-
-NANOS_PER_USD = 1_000_000_000
-
-
-def is_premium(model: str) -> bool:
-    """Haiku models are 'base'; every other model (Sonnet, Opus, ...) is 'premium'."""
-    return "haiku" not in model.lower()
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    """Totals over a set of API requests. Cost is kept in integer nano-USD so sums are exact."""
-    requests: int = 0
-    input: int = 0
-    output: int = 0
-    cache_read: int = 0
-    cache_creation: int = 0
-    cost_nanos: int = 0
-    duration_ms: int = 0
-    ttft_ms: int = 0        # sum over the requests that reported a time to first token
-    ttft_count: int = 0
-
-    @property
-    def limited(self) -> int:
-        return self.input + self.output
-
-    @property
-    def cache(self) -> int:
-        return self.cache_read + self.cache_creation
-
-    @property
-    def total(self) -> int:
-        return self.limited + self.cache
-
-    @property
-    def cost_usd(self) -> float:
-        return self.cost_nanos / NANOS_PER_USD
-
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
-
-
-@dataclasses.dataclass(frozen=True)
-class Split:
-    """Usage split into base (Haiku) and premium (everything else)."""
-    base: Usage = Usage()
-    premium: Usage = Usage()
-
-    @property
-    def total(self) -> Usage:
-        return self.base + self.premium
-
-    @classmethod
-    def from_models(cls, by_model: dict[str, Usage]) -> Split:
-        base, premium = Usage(), Usage()
-        for model, usage in by_model.items():
-            if is_premium(model):
-                premium += usage
-            else:
-                base += usage
-        return cls(base, premium)
-
-
-MAX_TIMESTAMP_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last instant datetime can show
-
-
-def zone_or_none(name: str) -> ZoneInfo | None:
-    """The IANA zone, or None for anything that is not one (including paths zoneinfo trips over)."""
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError, OSError):
-        return None
-
-
-def ms_from_datetime(moment: dt.datetime) -> int:
-    return int(moment.timestamp() * 1000)
-
-
-def day_bounds(zone: ZoneInfo, end_ms: int, days: int) -> list[tuple[str, int, int]]:
-    """The last `days` calendar days in `zone` up to the one holding end_ms, newest first,
-    as (YYYY-MM-DD, start_ms, end_ms); DST days are 23 or 25 hours long."""
-    today = dt.datetime.fromtimestamp(end_ms / 1000, zone).date()
-    bounds = []
-    for back in range(days):
-        day = today - dt.timedelta(days=back)
-        start = dt.datetime.combine(day, dt.time(), zone)
-        stop = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), zone)
-        bounds.append((day.isoformat(), ms_from_datetime(start), ms_from_datetime(stop)))
-    return bounds
-
-
 # ---------------------------------------------------------------- Storage: SQLite schema, single writer, readers
 
-BUCKET_MS = 15 * 60 * 1000  # rollup granularity: every timezone offset is a multiple of 15 minutes
-DAY_MS = 86400_000          # second rollup level, UTC days: a year of history is a few hundred rows
-HOUR_MS = 3600_000
-BLOCK_MS = 5 * HOUR_MS      # Claude subscriptions meter usage in 5-hour windows
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                  "cost_nanos", "duration_ms")
 # What each rollup row keeps, and how one requests row ({r}: its alias) adds to it; after `rows`,
@@ -1187,10 +1383,6 @@ class Store:
 
 # ---------------------------------------------------------------- OTLP ingestion: decode records, validate values
 
-class BadValue(ValueError):
-    """An attribute that cannot be read as the number it must be."""
-
-
 EVENT_PREFIX = "claude_code."
 KNOWN_EVENTS = {"api_request", "user_prompt", "assistant_response", "tool_result", "tool_decision",
                 "api_error", "api_retries_exhausted", "compaction", "plugin_loaded"}
@@ -1200,15 +1392,11 @@ REQUEST_COLUMNS_KEYS = {"event.name", "event.timestamp", "event.sequence", "sess
                         "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                         "cost_usd", "cost_usd_micros", "duration_ms", "ttft_ms", "prompt.id", "request_id"}
 EVENT_COLUMNS_KEYS = {"event.name", "event.timestamp", "session.id", "prompt.id"}
-
-
 # Caps per record: what is over them is rejected (partial_success), never stored or crashed on.
 MAX_RECORDS_PER_EXPORT = 100_000
 MAX_ATTRIBUTES = 1024
 MAX_VALUE_CHARS = 1024 * 1024
 MAX_DEPTH = 8
-MAX_COUNT = 10 ** 12           # tokens or milliseconds in one record; sums of millions of them stay in int64
-MAX_USD = 10 ** 6              # dollars in one record
 SCALAR_KINDS = ("string_value", "int_value", "double_value", "bool_value")
 
 
@@ -1243,65 +1431,6 @@ def attributes_dict(key_values, depth: int = 0) -> dict[str, Any]:
         else:
             attributes[kv.key] = any_value(value, depth)
     return attributes
-
-
-def exact_number(value: Any, key: str) -> decimal.Decimal | int:
-    """An int as it is, or a double or an ASCII numeric string as an exact Decimal; BadValue otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise BadValue(f"{key}={value!r} is not a number")
-    if isinstance(value, int):
-        return value
-    text = value.strip() if isinstance(value, str) else repr(value)  # repr: a double's shortest exact decimal
-    if not text.isascii():
-        raise BadValue(f"{key}={value!r} is not a number")
-    try:
-        exact = decimal.Decimal(text)
-    except decimal.InvalidOperation:
-        raise BadValue(f"{key}={value!r} is not a number") from None
-    if not exact.is_finite():
-        raise BadValue(f"{key}={value!r} is not a finite number")
-    if exact.adjusted() > 18:  # before any arithmetic: '1e1000000' must not cost seconds of CPU
-        raise BadValue(f"{key}={value!r} is too large")
-    return exact
-
-
-def parse_count(value: Any, key: str) -> int:
-    """A non-negative whole number from an int, an integral double or a numeric string."""
-    if type(value) is int and 0 <= value < MAX_COUNT:
-        return value  # the common case, first
-    exact = exact_number(value, key)
-    if exact != int(exact):
-        raise BadValue(f"{key}={value!r} is not a whole number")
-    if exact < 0:
-        raise BadValue(f"{key}={value!r} is negative")
-    if exact >= MAX_COUNT:
-        raise BadValue(f"{key}={value!r} is too large")
-    return int(exact)
-
-
-def parse_usd_nanos(value: Any, key: str) -> int:
-    """A non-negative USD amount, as integer nano-USD, from a double, an int or a numeric string."""
-    exact = exact_number(value, key)
-    if exact < 0:
-        raise BadValue(f"{key}={value!r} is negative")
-    if exact >= MAX_USD:
-        raise BadValue(f"{key}={value!r} is too large")
-    return int((decimal.Decimal(exact) * NANOS_PER_USD).to_integral_value(decimal.ROUND_HALF_EVEN))
-
-
-def parse_iso_ms(text: Any) -> int | None:
-    """RFC 3339 / ISO 8601 -> ms since the epoch; None when absent or unreadable."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(text.strip())
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
-    ms = ms_from_datetime(moment)
-    return ms if 0 <= ms <= MAX_TIMESTAMP_MS else None
-
 
 
 def record_time_ms(attrs: dict, record) -> int:
@@ -1604,14 +1733,7 @@ class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
     Export = grpc_export(Receiver.traces)
 
 
-# ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
-
-def timestamp_ms(request, field: str, default: int) -> int:
-    """A request's Timestamp field in ms, clamped to what the store holds; `default` when unset."""
-    if not request.HasField(field):
-        return default
-    return min(max(ms_of(getattr(request, field)), 0), MAX_TIMESTAMP_MS + 1)
-
+# ---------------------------------------------------------------- Wire: ccmon.v1 messages to and from domain values
 
 def ms_of(ts: timestamp_pb2.Timestamp) -> int:
     return ts.seconds * 1000 + ts.nanos // 1_000_000
@@ -1638,10 +1760,6 @@ def stats_message(split: Split) -> ccmon_pb2.Stats:
         total_cost=ccmon_pb2.Cost(amount=total.cost_usd))
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def api_request_message(r: StoredRequest) -> ccmon_pb2.APIRequest:
     return ccmon_pb2.APIRequest(
         session_id=r.session_id, timestamp=timestamp_from_ms(r.ts_ms), model=r.model, input_tokens=r.usage.input,
@@ -1657,6 +1775,25 @@ def session_message(summary: SessionSummary) -> ccmon_pb2.SessionStats:
         models=sorted(summary.by_model, key=lambda m: (-summary.by_model[m].cost_nanos, m)),
         tool_calls=summary.tool_calls, tool_failures=summary.tool_failures, api_errors=summary.api_errors,
         from_metrics=summary.from_metrics)
+
+
+def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost) -> Usage:
+    return Usage(requests=requests, input=token.input, output=token.output, cache_read=token.cache_read,
+                 cache_creation=token.cache_creation, cost_nanos=round(cost.amount * NANOS_PER_USD))
+
+
+def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
+    return Split(usage_from_token(stats.base_tokens, stats.base_requests, stats.base_cost),
+                 usage_from_token(stats.premium_tokens, stats.premium_requests, stats.premium_cost))
+
+
+# ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
+
+def timestamp_ms(request, field: str, default: int) -> int:
+    """A request's Timestamp field in ms, clamped to what the store holds; `default` when unset."""
+    if not request.HasField(field):
+        return default
+    return min(max(ms_of(getattr(request, field)), 0), MAX_TIMESTAMP_MS + 1)
 
 
 class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
@@ -2016,10 +2153,6 @@ class TokenAuth(grpc.ServerInterceptor):
         return self.denied
 
 
-def read_pem(path: Path | None) -> bytes | None:
-    return path.read_bytes() if path else None
-
-
 def start_grpc_server(config: Config, receiver: Receiver, store: Store) -> tuple[grpc.Server, int]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ccmon-rpc"),
@@ -2128,6 +2261,9 @@ def run_server(config: Config) -> int:
                          name="ccmon-retention", daemon=True).start()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
+    # The last start-up line, after every warning: supervisors and tests wait for this one.
+    log.info("ready: gRPC %s:%d%s", config.server_address.rsplit(":", 1)[0], port,
+             f", HTTP {config.server_http_address.rsplit(':', 1)[0]}:{http_port}" if httpd else "")
     stop.wait()
     log.info("shutting down: finishing in-flight calls")
     if httpd:
@@ -2141,130 +2277,10 @@ def run_server(config: Config) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
-
-PLAN_TOKEN_LIMITS = {"pro": 7_000, "max": 35_000, "max20": 140_000}
-
-
-def parse_block_mode(text: Any) -> int | str:
-    """'auto' -> 'auto'; '5am' -> 5, '11pm' -> 23, '12am' -> 0; ValueError otherwise."""
-    if str(text).strip().lower() == "auto":
-        return "auto"
-    match = re.fullmatch(r"\s*(1[0-2]|0?[1-9])\s*(am|pm)\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise ValueError(text)
-    return int(match.group(1)) % 12 + (12 if match.group(2).lower() == "pm" else 0)
-
-
-def current_block(now_ms: int, zone: ZoneInfo, start_hour: int) -> tuple[int, int]:
-    """The 5-hour block holding now_ms: blocks start at start_hour local time and every 5 hours after;
-    the cycle restarts at the next start_hour, which cuts the last block of a day short."""
-    local = dt.datetime.fromtimestamp(now_ms / 1000, zone)
-    anchor_day = local.date()
-    anchor = ms_from_datetime(dt.datetime.combine(anchor_day, dt.time(start_hour), zone))
-    if anchor > now_ms:
-        anchor_day -= dt.timedelta(days=1)
-        anchor = ms_from_datetime(dt.datetime.combine(anchor_day, dt.time(start_hour), zone))
-    next_anchor = ms_from_datetime(dt.datetime.combine(anchor_day + dt.timedelta(days=1), dt.time(start_hour), zone))
-    start = anchor + (now_ms - anchor) // BLOCK_MS * BLOCK_MS
-    return start, min(start + BLOCK_MS, next_anchor)
-
-
-def token_limit(plan: str, max_tokens: int | str) -> int | None:
-    """claude.max_tokens when set, else the plan's default, else no limit ('auto' starts from the default)."""
-    return (max_tokens if isinstance(max_tokens, int) else 0) or PLAN_TOKEN_LIMITS.get(plan)
-
-
-RECENT_RATE_MS = 20 * 60_000   # projections use the last 20 minutes' pace, not the whole block's
-LEARN_FROM_MS = 30 * DAY_MS     # a learned limit looks at the blocks of the last 30 days
-
-
-def learned_limit(completed_blocks: list[int], floor: int | None) -> tuple[int | None, int]:
-    """The 90th percentile (nearest rank) of completed blocks' premium tokens, never below `floor`;
-    returns (limit, how many blocks it was learned from)."""
-    used = sorted(tokens for tokens in completed_blocks if tokens > 0)
-    if not used:
-        return floor, 0
-    p90 = used[max(0, -(-len(used) * 9 // 10) - 1)]
-    return max(p90, floor or 0), len(used)
-
-
-def block_window(mode: int | str | None, now: int, zone: ZoneInfo,
-                 auto_blocks: list[tuple[int, int]]) -> tuple[int, int] | None:
-    """The block holding `now`: fixed-hour blocks by the clock; automatic ones from the server's list."""
-    if isinstance(mode, int):
-        return current_block(now, zone, mode)
-    if mode is None:
-        return None
-    active = [(start, end) for start, end in auto_blocks if start <= now < end]
-    return active[-1] if active else None
-
-
-def model_family(model: str) -> str:
-    """Weekly caps are split by family: Opus and Sonnet (Haiku is not premium)."""
-    name = model.lower()
-    return "opus" if "opus" in name else "sonnet" if "sonnet" in name else "haiku" if "haiku" in name else "other"
-
-
-def per_minute(tokens: int, elapsed_ms: int) -> float:
-    return tokens / (elapsed_ms / 60_000) if elapsed_ms > 0 else 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockStatus:
-    start_ms: int
-    end_ms: int
-    now_ms: int
-    used: int               # premium limited tokens (input + output of non-Haiku models)
-    limit: int | None
-    recent_rate: float | None = None  # tokens/min over the last minutes; the projection's pace when known
-
-    @property
-    def elapsed_ms(self) -> int:
-        return self.now_ms - self.start_ms
-
-    @property
-    def remaining_ms(self) -> int:
-        return max(0, self.end_ms - self.now_ms)
-
-    @property
-    def burn_rate(self) -> float:
-        """The pace projections use: the recent one when known, else the block's average."""
-        return self.recent_rate if self.recent_rate is not None else per_minute(self.used, self.elapsed_ms)
-
-    def limit_reached_ms(self) -> int | None:
-        """When the limit is reached at the current pace, if before the block ends."""
-        if self.limit is None:
-            return None
-        if self.used >= self.limit:
-            return self.now_ms
-        if self.burn_rate <= 0:
-            return None
-        at = self.now_ms + int((self.limit - self.used) / self.burn_rate * 60_000)
-        return at if at < self.end_ms else None
-
-    def projected_at_end(self) -> int:
-        return self.used + int(self.burn_rate * self.remaining_ms / 60_000)
-
-    @property
-    def percent(self) -> float | None:
-        return self.used / self.limit * 100 if self.limit else None
-
-
-# ---------------------------------------------------------------- Client: a small QueryService client for the monitor
+# ---------------------------------------------------------------- Client: a small QueryService client for the monitor, reports and quick query
 
 class ServerUnreachable(Exception):
     """The query server did not answer; the message is short enough for a status line."""
-
-
-def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost) -> Usage:
-    return Usage(requests=requests, input=token.input, output=token.output, cache_read=token.cache_read,
-                 cache_creation=token.cache_creation, cost_nanos=round(cost.amount * NANOS_PER_USD))
-
-
-def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
-    return Split(usage_from_token(stats.base_tokens, stats.base_requests, stats.base_cost),
-                 usage_from_token(stats.premium_tokens, stats.premium_requests, stats.premium_cost))
 
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:
@@ -2318,6 +2334,18 @@ class LimitFigures:
     limit: int | None                       # the block limit in force (configured, plan or learned)
     learned_from: int | None                # blocks the limit was learned from; None when not learned
     weekly: tuple[tuple[str, Usage], ...]   # rolling 7 days, per model family
+
+
+def block_status(limits: LimitFigures, now: int) -> BlockStatus | None:
+    if limits.window is None:
+        return None
+    start, end = limits.window
+    return BlockStatus(start, end, min(max(now, start), end), limits.block.premium.limited, limits.limit,
+                       limits.recent_rate)
+
+
+def weekly_premium(limits: LimitFigures) -> Usage:
+    return sum((usage for family, usage in limits.weekly if family != "haiku"), Usage())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2526,6 +2554,77 @@ class Client:
         self._channel.close()
 
 
+# ---------------------------------------------------------------- Settings and figures as text: shared by quick query, reports and the monitor
+
+@dataclasses.dataclass(frozen=True)
+class MonitorSettings:
+    server: str
+    zone: ZoneInfo
+    block_mode: int | str | None     # fixed start hour, "auto", or None
+    limit: int | None                # configured or plan block limit (a learned limit's floor)
+    refresh_s: int
+    learn: bool = False              # claude.max_tokens = "auto"
+    weekly_limit: int | None = None
+    alerts: tuple[int, ...] = ()
+    alert_command: str = ""
+
+    @classmethod
+    def from_config(cls, config: Config) -> MonitorSettings:
+        return cls(config.monitor_server, config.zone, config.block_mode, token_limit(config.plan, config.max_tokens),
+                   config.refresh_interval_s, config.max_tokens == "auto", config.weekly_max_tokens or None,
+                   config.alert_percents, config.alert_command)
+
+    def limit_query(self, now: int) -> LimitQuery | None:
+        if self.block_mode is None and not self.weekly_limit:
+            return None
+        return LimitQuery(self.block_mode, now, self.learn, self.limit)
+
+
+def format_count(n: float) -> str:
+    """950, 12.3K, 4.56M, 1.20B: three significant digits past a thousand."""
+    if abs(n) < 1000:
+        return str(int(round(n)))
+    for unit, size in (("K", 1e3), ("M", 1e6), ("B", 1e9), ("T", 1e12)):
+        value = n / size
+        if abs(value) < 999.5 or unit == "T":
+            return f"{value:.{2 if abs(value) < 9.995 else 1 if abs(value) < 99.95 else 0}f}{unit}"
+    raise AssertionError("unreachable")
+
+
+def format_cost(nanos: int) -> str:
+    """$0.0421 below a dollar (single requests cost cents), $1,234.57 above."""
+    usd = nanos / NANOS_PER_USD
+    if 0 < usd < 0.00005:
+        return "<$0.0001"
+    return f"${usd:.4f}" if 0 < round(usd, 4) < 1 else f"${usd:,.2f}"
+
+
+def short_model(model: str) -> str:
+    """claude-sonnet-4-5-20250929 -> claude-sonnet-4-5: the date suffix only costs width."""
+    return re.sub(r"-\d{8}$", "", model)
+
+
+def format_duration(ms: int) -> str:
+    """1h05m, 12m, 45s, 850ms."""
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms // 1000
+    if seconds < 60:
+        return f"{seconds}s" if ms >= 10_000 else f"{ms / 1000:.1f}s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes}m"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def format_rate(rate: float) -> str:
+    return f"{format_count(rate)}/min"
+
+
+def local_time(ms: int, zone: ZoneInfo, fmt: str = "%H:%M") -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, zone).strftime(fmt)
+
+
 # ---------------------------------------------------------------- Quick query: --format and --json for status bars
 
 PLAN_MONTHLY_USD = {"pro": 20, "max": 100, "max20": 200}
@@ -2678,7 +2777,7 @@ def run_health_check(config: Config) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model
+# ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model|blocks
 
 REPORT_KINDS = ("daily", "weekly", "monthly", "session", "model", "blocks")
 USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
@@ -2830,30 +2929,6 @@ PAGE_FETCH = 1000  # request rows fetched per refresh, around the scroll positio
 
 
 @dataclasses.dataclass(frozen=True)
-class MonitorSettings:
-    server: str
-    zone: ZoneInfo
-    block_mode: int | str | None     # fixed start hour, "auto", or None
-    limit: int | None                # configured or plan block limit (a learned limit's floor)
-    refresh_s: int
-    learn: bool = False              # claude.max_tokens = "auto"
-    weekly_limit: int | None = None
-    alerts: tuple[int, ...] = ()
-    alert_command: str = ""
-
-    @classmethod
-    def from_config(cls, config: Config) -> MonitorSettings:
-        return cls(config.monitor_server, config.zone, config.block_mode, token_limit(config.plan, config.max_tokens),
-                   config.refresh_interval_s, config.max_tokens == "auto", config.weekly_max_tokens or None,
-                   config.alert_percents, config.alert_command)
-
-    def limit_query(self, now: int) -> LimitQuery | None:
-        if self.block_mode is None and not self.weekly_limit:
-            return None
-        return LimitQuery(self.block_mode, now, self.learn, self.limit)
-
-
-@dataclasses.dataclass(frozen=True)
 class ViewState:
     """Everything the user chose; the screen is render(ViewState, Connection, Snapshot, size)."""
     tab: str = "current"
@@ -2938,55 +3013,7 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
     return state, ""
 
 
-# -- formatting
-
-def format_count(n: float) -> str:
-    """950, 12.3K, 4.56M, 1.20B: three significant digits past a thousand."""
-    if abs(n) < 1000:
-        return str(int(round(n)))
-    for unit, size in (("K", 1e3), ("M", 1e6), ("B", 1e9), ("T", 1e12)):
-        value = n / size
-        if abs(value) < 999.5 or unit == "T":
-            return f"{value:.{2 if abs(value) < 9.995 else 1 if abs(value) < 99.95 else 0}f}{unit}"
-    raise AssertionError("unreachable")
-
-
-def format_cost(nanos: int) -> str:
-    """$0.0421 below a dollar (single requests cost cents), $1,234.57 above."""
-    usd = nanos / NANOS_PER_USD
-    if 0 < usd < 0.00005:
-        return "<$0.0001"
-    return f"${usd:.4f}" if 0 < round(usd, 4) < 1 else f"${usd:,.2f}"
-
-
-def short_model(model: str) -> str:
-    """claude-sonnet-4-5-20250929 -> claude-sonnet-4-5: the date suffix only costs width."""
-    return re.sub(r"-\d{8}$", "", model)
-
-
-def format_duration(ms: int) -> str:
-    """1h05m, 12m, 45s, 850ms."""
-    if ms < 1000:
-        return f"{ms}ms"
-    seconds = ms // 1000
-    if seconds < 60:
-        return f"{seconds}s" if ms >= 10_000 else f"{ms / 1000:.1f}s"
-    minutes = seconds // 60
-    if minutes < 60:
-        return f"{minutes}m"
-    return f"{minutes // 60}h{minutes % 60:02d}m"
-
-
-def format_rate(rate: float) -> str:
-    return f"{format_count(rate)}/min"
-
-
-def local_time(ms: int, zone: ZoneInfo, fmt: str = "%H:%M") -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, zone).strftime(fmt)
-
-
 # -- lines and tables: a Line is a list of (text, style) segments no wider than the screen
-
 Segment = tuple[str, str]
 Line = list[Segment]
 
@@ -3076,7 +3103,6 @@ def level_style(fraction: float) -> str:
 
 
 # -- sections
-
 def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, settings: MonitorSettings,
                  width: int, now: int, glyphs: Glyphs) -> list[Line]:
     title = pad_between(" ccmon - Claude Code usage monitor", f"v{VERSION} ", width)
@@ -3117,18 +3143,6 @@ def usage_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, wid
                       format_count(usage.total), format_cost(usage.cost_nanos), rate], style))
     header, body = table_lines(columns, rows, width)
     return [rule(f"Usage - {PERIODS[state.period][0]}", width, glyphs), header, *body]
-
-
-def block_status(limits: LimitFigures, now: int) -> BlockStatus | None:
-    if limits.window is None:
-        return None
-    start, end = limits.window
-    return BlockStatus(start, end, min(max(now, start), end), limits.block.premium.limited, limits.limit,
-                       limits.recent_rate)
-
-
-def weekly_premium(limits: LimitFigures) -> Usage:
-    return sum((usage for family, usage in limits.weekly if family != "haiku"), Usage())
 
 
 def block_lines(snap: Snapshot, settings: MonitorSettings, width: int, now: int, glyphs: Glyphs) -> list[Line]:

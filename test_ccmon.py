@@ -58,21 +58,18 @@ class ServerProcess:
         self.lines = []
         self.proc = subprocess.Popen(self.args, cwd=self.workdir, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "HOME": str(self.workdir), **self.env})
-        listening = threading.Event()
+        ready = threading.Event()
 
         def pump():
             for line in self.proc.stderr:
                 self.lines.append(line)
-                if match := re.search(r"OTLP/HTTP listening on \S+:(\d+)", line):
-                    self.http_port = int(match.group(1))
-                elif match := re.search(r"gRPC listening on \S+:(\d+)", line):
-                    self.port = int(match.group(1))
-                elif "database " in line and "retention" in line:
-                    listening.set()
-            listening.set()
+                if match := re.search(r" ready: gRPC \S+:(\d+)(?:, HTTP \S+:(\d+))?$", line):
+                    self.port, self.http_port = int(match.group(1)), int(match.group(2) or 0)
+                    ready.set()
+            ready.set()  # the server exited before it was ready
 
         threading.Thread(target=pump, daemon=True).start()
-        assert listening.wait(20), "server did not start"
+        assert ready.wait(60), f"server did not start within 60 s: {''.join(self.lines)}"
         assert self.port, f"server failed to start: {''.join(self.lines)}"
         return self
 
@@ -2537,3 +2534,63 @@ def test_alerts_without_anything_to_measure_say_so():
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, block_mode="auto", limit=7_000)) == ""
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, weekly_limit=10)) == ""
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, alerts=())) == ""
+
+
+# ---------------------------------------------------------------- module structure
+
+def top_level_uses_above_their_section(source: str) -> list[str]:
+    """Uses of a top-level name in a section above the one defining it (annotations aside)."""
+    import ast
+    banner = re.compile(r"^# -{8,} (.+)$")
+    starts = [number for number, line in enumerate(source.splitlines(), 1) if banner.match(line)]
+
+    def section(line: int) -> int:
+        return sum(1 for start in starts if start <= line)
+
+    tree = ast.parse(source)
+    defined: dict[str, int] = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            names = [target.name] if hasattr(target, "name") else \
+                [n.id for n in ast.walk(target) if isinstance(n, ast.Name)]
+            for name in names:
+                defined.setdefault(name, section(node.lineno))
+
+    class Uses(ast.NodeVisitor):
+        found: list[str] = []
+
+        def visit_arg(self, node):  # parameter annotations are not uses
+            pass
+
+        def visit_FunctionDef(self, node):
+            for child in (*node.decorator_list, *node.args.defaults, *filter(None, node.args.kw_defaults), *node.body):
+                self.visit(child)
+
+        def visit_AnnAssign(self, node):
+            if node.value is not None:
+                self.visit(node.value)
+
+        def visit_Name(self, node):
+            if isinstance(node.ctx, ast.Load) and defined.get(node.id, 0) > section(node.lineno):
+                self.found.append(f"line {node.lineno}: {node.id}")
+
+    uses = Uses()
+    uses.found = []
+    uses.visit(tree)
+    return uses.found
+
+
+def test_sections_depend_only_on_sections_above():
+    source = (ROOT / "ccmon.py").read_text()
+    assert top_level_uses_above_their_section(source) == []
+    # the check itself finds an upward use
+    assert top_level_uses_above_their_section(
+        "# -------- A\ndef f():\n    return g()\n\n# -------- B\ndef g():\n    return 1\n") == ["line 3: g"]
+
+
+def test_module_docstring_lists_the_sections_in_order():
+    titles = re.findall(r"^# -{8,} (.+)$", (ROOT / "ccmon.py").read_text(), re.MULTILINE)
+    listed = [line.strip() for line in ccmon.__doc__.splitlines() if line.startswith("  ")]
+    assert listed == titles
