@@ -214,9 +214,9 @@ def bench_ingestion(workdir: Path, records: int, clients: int) -> dict:
 def seed(db: Path, rows: int, end_ms: int, span_ms: int = YEAR_MS) -> float:
     """Fill a fresh ccmon database with `rows` requests over `span_ms` before `end_ms`, through the real
     schema and triggers (so rollups are maintained as in production), without the gRPC path."""
-    for suffix in ("", "-wal", "-shm", ".lock"):
+    for suffix in ("", "-wal", "-shm"):
         Path(str(db) + suffix).unlink(missing_ok=True)
-    ccmon.Store(db).close()  # creates the schema
+    ccmon.Writer(db).close()  # creates the schema
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = OFF")  # seeding only; the server itself always runs FULL

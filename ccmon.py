@@ -6,7 +6,9 @@ One module, read top to bottom. Its sections, each using only the sections above
   Domain: time, money, numbers, usage totals, models
   Blocks and plans: 5-hour windows, limits, projections
   Configuration: defaults, files, flags, validation
-  Storage: SQLite schema, single writer, readers
+  Storage: schema, migrations, opening a database
+  Storage: the single writer
+  Storage: reads
   OTLP ingestion: decode records, validate values
   Wire: ccmon.v1 messages to and from domain values
   Query service: ccmon.v1.QueryService over the store
@@ -654,7 +656,7 @@ def load_config(args: argparse.Namespace) -> Config:
     return validate_config(settings, origin, str(path) if path else "defaults")
 
 
-# ---------------------------------------------------------------- Storage: SQLite schema, single writer, readers
+# ---------------------------------------------------------------- Storage: schema, migrations, opening a database
 
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                  "cost_nanos", "duration_ms")
@@ -689,7 +691,7 @@ END;
 
 
 FIGURE_COLUMNS = ", ".join(f"{c} INTEGER NOT NULL" for c in FIGURES)
-SCHEMA_VERSION = 1
+# The schema as version 1 (release 0.1.0) created it; MIGRATIONS take it from there.
 SCHEMA = f"""
 -- Values repeated across many rows are stored once and referenced by id (a row is ~150 bytes).
 CREATE TABLE IF NOT EXISTS sessions (id INTEGER PRIMARY KEY, session_id TEXT NOT NULL UNIQUE);
@@ -780,6 +782,187 @@ CREATE UNIQUE INDEX IF NOT EXISTS metric_points_key ON metric_points(ts, session
 CREATE INDEX IF NOT EXISTS metric_points_series ON metric_points(session, name, ts);
 """
 # Rows arrive from ingestion with text where the tables hold ids; the writer resolves them.
+
+
+def add_request_id_index(conn: sqlite3.Connection) -> None:
+    """Version 2: requests can be found by Claude Code's request_id, the key telemetry shares with transcripts."""
+    conn.execute("CREATE INDEX requests_request_id ON requests(request_id) WHERE request_id IS NOT NULL")
+
+
+# MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
+# version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index]
+SCHEMA_VERSION = 1 + len(MIGRATIONS)
+
+
+class StorageError(Exception):
+    """The database cannot be opened (wrong file, no permission, corrupt, failed upgrade): fatal at start."""
+
+
+class StorageUnavailable(Exception):
+    """The database cannot take writes right now (locked, disk full, read-only, queue full): retryable."""
+
+    def __init__(self, message: str, retry_after_s: int = 5):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def connect(path: Path, readonly: bool = False, busy_ms: int = 5000) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+    if readonly:
+        conn.execute("PRAGMA query_only = 1")
+    return conn
+
+
+def create_private(path: Path) -> bool:
+    """Create an empty file readable by its owner only (SQLite gives its -wal and -shm files the same mode);
+    False when it already existed."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return False
+    return True
+
+
+def flock_holder(handle) -> str:
+    """The pid holding an flock on this open file, from /proc/locks (Linux), else 'unknown'."""
+    info = os.fstat(handle.fileno())
+    device = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        for line in Path("/proc/locks").read_text().splitlines():
+            fields = line.split()
+            if "FLOCK" in fields and device in fields:
+                return fields[fields.index(device) - 1]
+    except OSError:
+        pass
+    return "unknown"
+
+
+class DatabaseFile:
+    """The file a server writes, held open for as long as it runs: locked so that one server writes it
+    (by whatever path, symlink or hard link it is reached), and checked to still be the file at its path."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.created = create_private(path)
+        self._handle = open(path, "rb")
+        try:
+            import fcntl  # an flock, not SQLite's own fcntl locks: the two never interfere on a local disk
+            fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = flock_holder(self._handle)
+            self._handle.close()
+            raise StorageError(f"another ccmon server (pid {owner}) is already using {path}; stop it or choose "
+                               "another --database-path") from None
+        self._identities = {path: self._identity(os.fstat(self._handle.fileno()))}
+
+    @staticmethod
+    def _identity(info: os.stat_result) -> tuple[int, int]:
+        return info.st_dev, info.st_ino
+
+    def watch(self, companion: Path) -> None:
+        """Also check `companion` (the -wal file), which SQLite keeps as long as the writer is open."""
+        self._identities[companion] = self._identity(os.stat(companion))
+
+    def replaced(self) -> str:
+        """'' while every watched file is still the one at its path, else what happened to the first that is not."""
+        for path, identity in self._identities.items():
+            try:
+                if self._identity(os.stat(path)) != identity:
+                    return f"{path} was replaced by another file"
+            except FileNotFoundError:
+                return f"{path} was deleted"
+            except OSError as exc:
+                return f"{path} cannot be checked: {exc.strerror}"
+        return ""
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def recovery_advice(path: Path) -> str:
+    return (f"keep {path} as it is, and restore a backup, or recover what SQLite can still read with: "
+            f"sqlite3 {path} .recover | sqlite3 recovered.db")
+
+
+def is_damage(exc: sqlite3.Error) -> bool:
+    """SQLITE_CORRUPT or SQLITE_NOTADB: the file is damaged, not busy; retrying will not help."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (11, 26)
+
+
+def quick_check(conn: sqlite3.Connection) -> str:
+    """'' for a sound database, else SQLite's first complaint."""
+    problems = [row[0] for row in conn.execute("PRAGMA quick_check(3)")]
+    return "" if problems == ["ok"] else "; ".join(problems)
+
+
+def backup_copy(conn: sqlite3.Connection, version: int) -> Path:
+    """A consistent copy of the database beside it (SQLite's backup API), readable by its owner only."""
+    database = Path(conn.execute("PRAGMA database_list").fetchone()[2])
+    target = database.with_name(f"{database.name}.v{version}.bak")
+    target.unlink(missing_ok=True)
+    create_private(target)
+    with sqlite3.connect(target) as copy:
+        conn.backup(copy)
+    copy.close()
+    return target
+
+
+def upgrade(conn: sqlite3.Connection, version: int) -> None:
+    """Run MIGRATIONS from `version` to the current schema, all in one transaction: all or nothing."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for step in range(version, SCHEMA_VERSION):
+            MIGRATIONS[step - 1](conn)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """The write connection to a sound database of the current schema: created at version 1 and brought up to
+    date, or upgraded after a backup copy is written beside it. Anything else is a StorageError in one line."""
+    conn = connect(path, busy_ms=2000)  # short: a locked database answers exporters "retry later" within 10 s
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if version > SCHEMA_VERSION:
+            raise StorageError(f"{path} was written by a newer ccmon (schema {version}); upgrade ccmon")
+        if tables and "requests" not in tables:
+            raise StorageError(f"{path} is an SQLite database of something else, not ccmon's; "
+                               "choose another --database-path")
+        problem = quick_check(conn) if tables else ""
+        if problem:
+            raise StorageError(f"{path} is damaged ({problem}); {recovery_advice(path)}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")  # a commit is on disk before the exporter hears "ok"
+        if not tables:
+            conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA}; PRAGMA user_version = 1; COMMIT;")
+            upgrade(conn, 1)
+        elif version < SCHEMA_VERSION:
+            backup = backup_copy(conn, version)
+            log.info("upgrading %s from schema %d to %d; a copy of the old database is at %s", path, version,
+                     SCHEMA_VERSION, backup)
+            try:
+                upgrade(conn, version)
+            except Exception as exc:
+                raise StorageError(f"cannot upgrade {path} from schema {version} to {SCHEMA_VERSION} ({exc}); the "
+                                   f"database is unchanged and a copy is at {backup}") from None
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise StorageError(f"cannot use {path} as ccmon's database: {exc}") from None
+    except StorageError:
+        conn.close()
+        raise
+    return conn
+
+
+# ---------------------------------------------------------------- Storage: the single writer
+
+# Rows arrive from ingestion with text where the tables hold ids; the writer resolves them.
 # Each insert names its columns; the Batch row tuples follow the same order.
 REQUEST_COLUMNS = ("ts", "session", "seq", "model", "user", *USAGE_COLUMNS, "ttft_ms", "prompt_id", "request_id",
                    "source", "extra", "origin")
@@ -792,18 +975,6 @@ INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attri
             "events": SHARED, "metric_points": SHARED}
 RETENTION_TABLES = ("requests", "events", "metric_points")
 SWEEP_CHUNK = 5000
-
-
-class StorageError(Exception):
-    """The database cannot be opened (wrong file, no permission): fatal at start."""
-
-
-class StorageUnavailable(Exception):
-    """The database cannot take writes right now (locked, disk full, read-only, queue full): retryable."""
-
-    def __init__(self, message: str, retry_after_s: int = 5):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 @dataclasses.dataclass
@@ -829,134 +1000,40 @@ def insert_sql(table: str, columns: tuple) -> str:
     return f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
-def period_parts(start: int, end: int, sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
-    """Split [start, end) into (level, lo, hi) pieces: the largest aligned blocks of sizes[0] inside,
-    then of sizes[1] around them, ..., and level len(sizes) (raw rows) for what is left at the edges."""
-    if start >= end:
-        return []
-    if not sizes:
-        return [(0, start, end)]
-    lo, hi = -(-start // sizes[0]) * sizes[0], end // sizes[0] * sizes[0]
-    if lo >= hi:
-        return [(level + 1, a, b) for level, a, b in period_parts(start, end, sizes[1:])]
-    edges = period_parts(start, lo, sizes[1:]) + period_parts(hi, end, sizes[1:])
-    return [(0, lo, hi)] + [(level + 1, a, b) for level, a, b in edges]
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredRequest:
-    session_id: str
-    ts_ms: int
-    model: str
-    usage: Usage
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionSummary:
-    session_id: str
-    user: str
-    first_ms: int
-    last_ms: int
-    by_model: dict[str, Usage]
-    tool_calls: int = 0
-    tool_failures: int = 0
-    api_errors: int = 0
-    from_metrics: bool = False
-
-
-@dataclasses.dataclass
-class UsageBlock:
-    start_ms: int
-    end_ms: int
-    by_model: dict[str, Usage]
-    last_activity_ms: int
-
-
-@dataclasses.dataclass(frozen=True)
-class ToolReport:
-    tools: list[tuple]       # (tool, calls, successes, p50 ms, p95 ms)
-    decisions: list[tuple]   # (decision, source, count)
-    errors: list[tuple]      # (status code, model, count)
-    retries_exhausted: int
-
-
-# Claude Code sends success as "true"/"false" (older versions) or a boolean.
-FAILED_TOOL = "COALESCE(json_extract(attributes, '$.success') IN ('false', 'False', 0), 0)"
-
-
-def connect(path: Path, readonly: bool = False, busy_ms: int = 5000) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000)
-    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-    if readonly:
-        conn.execute("PRAGMA query_only = 1")
-    return conn
-
-
-class Store:
-    """The SQLite database. One writer thread owns the write connection and commits queued jobs in
-    groups (a job's result is delivered only after its COMMIT); reads use one connection per thread."""
+class Writer:
+    """The one writer of the database. Its thread commits queued jobs in groups, and a job's result is delivered
+    only after its COMMIT and a check that the file committed to is still the database at its path."""
 
     def __init__(self, path: Path, queue_size: int = 256):
         self.path = path
-        self._lock_file = self._lock_exclusively(path)
         try:
-            self._write_conn = self._open_for_writing(path)
-        except StorageError:
-            self._lock_file.close()
-            raise
-        self._failing = False  # log a failure streak once, and its end once
-        self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._readers = threading.local()
-        self._ids: dict[tuple[str, Any], int] = {}  # (table, value) -> id of interned values
-        self._closed = False
-        self._writer = threading.Thread(target=self._write_loop, name="ccmon-writer", daemon=True)
-        self._writer.start()
-
-    @staticmethod
-    def _lock_exclusively(path: Path):
-        """One server per database: a second one would fight the first for the write lock."""
-        import fcntl
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(path.with_name(path.name + ".lock"), "a+")
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._file = DatabaseFile(path)
         except OSError as exc:
             raise StorageError(f"cannot use the database folder {path.parent}: {exc.strerror}") from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            owner = handle.read().strip() or "unknown"
-            handle.close()
-            raise StorageError(f"another ccmon server (pid {owner}) is already using {path}; stop it or choose "
-                               "another --database-path") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        return handle
+            # State of the writer thread alone: the write connection, interned ids, the failure streak.
+            self._write_conn = open_database(path)
+            self._file.watch(path.with_name(path.name + "-wal"))
+        except (StorageError, OSError) as exc:
+            self._file.close()
+            self.remove_if_new()
+            raise exc if isinstance(exc, StorageError) else StorageError(f"cannot use {path}: {exc}") from None
+        path.with_name(path.name + ".lock").unlink(missing_ok=True)  # schema-1 releases locked with this file
+        self._ids: dict[tuple[str, Any], int] = {}  # (table, value) -> id of interned values
+        self._failing = False  # log a failure streak once, and its end once
+        self._lost = ""        # why the file at the path is no longer the one written: nothing more is acknowledged
+        self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._closed = False
+        self._drain_until = math.inf  # close() bounds how long queued jobs may still be written
+        self._writer = threading.Thread(target=self._write_loop, name="ccmon-writer", daemon=True)
+        self._writer.start()
 
-    @staticmethod
-    def _open_for_writing(path: Path) -> sqlite3.Connection:
-        try:
-            # A short busy timeout: a locked database answers exporters "retry later" well inside their 10 s.
-            conn = connect(path, busy_ms=2000)
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StorageError(f"{path} was written by a newer ccmon (schema {version}); upgrade ccmon")
-            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables and "requests" not in tables:
-                raise StorageError(f"{path} is an SQLite database of something else, not ccmon's; "
-                                   "choose another --database-path")
-            conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit is on disk before the exporter hears "ok"; batching makes it nearly free.
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.executescript(SCHEMA)
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except sqlite3.DatabaseError as exc:
-            raise StorageError(f"cannot use {path} as ccmon's database: {exc}") from None
-        return conn
-
-    # -- writing
+    def remove_if_new(self) -> None:
+        """After a start that failed: a database this start created leaves nothing behind."""
+        if self._file.created:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
 
     def submit(self, job: Callable[[sqlite3.Connection], Any], timeout: float = 2.0) -> futures.Future:
         """Queue a job for the writer; its Future resolves after the job's transaction commits."""
@@ -980,8 +1057,8 @@ class Store:
     def _write_loop(self) -> None:
         while True:
             first = self._jobs.get()
-            if first is None:
-                self._fail_queued()
+            if first is None or time.monotonic() > self._drain_until:
+                self._fail_queued(first)
                 return
             group = [first]
             while len(group) < 64:
@@ -995,17 +1072,23 @@ class Store:
                 group.append(item)
             self._run_group(group)
 
-    def _fail_queued(self) -> None:
-        """Jobs that raced with close() get an answer instead of waiting forever."""
+    def _fail_queued(self, first) -> None:
+        """Jobs that raced with close(), or outlived its deadline, get an answer instead of waiting forever."""
+        item = first
         while True:
+            if item is not None:
+                item[1].set_exception(StorageUnavailable("the server is shutting down"))
             try:
                 item = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
-                item[1].set_exception(StorageUnavailable("the server is shutting down"))
 
     def _run_group(self, group: list) -> None:
+        if self._lost:
+            failure = StorageUnavailable(f"the database file is gone ({self._lost}); restart the server", 30)
+            for _, future in group:
+                future.set_exception(failure)
+            return
         conn = self._write_conn
         results = []
         try:
@@ -1015,10 +1098,10 @@ class Store:
                 try:
                     results.append((job(conn), None))
                     conn.execute("RELEASE job")
-                except sqlite3.OperationalError:
-                    raise  # locked, full, read-only: the whole group fails and is retried by its senders
-                except Exception as exc:  # a bad job must not sink the rest of the group, nor the writer
-                    log.error("a write failed and was rolled back: %r", exc)
+                except Exception as exc:
+                    if isinstance(exc, sqlite3.OperationalError) or is_damage(exc):
+                        raise  # locked, full, read-only, damaged: the whole group fails, its senders retry
+                    log.error("a write failed and was rolled back: %r", exc)  # a bad job must not sink the group
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
                     self._ids.clear()  # ids interned by the rolled-back job are gone
@@ -1032,12 +1115,20 @@ class Store:
                 pass  # the transaction is gone either way
             self._ids.clear()  # ids inserted by the rolled-back transaction are gone
             if not self._failing:
-                log.error("cannot write to the database %s (%s); exporters are told to retry until it works "
-                          "again", self.path, exc)
+                log.error("cannot write to the database %s (%s); %s", self.path, exc,
+                          f"it is damaged: stop the server, {recovery_advice(self.path)}" if is_damage(exc) else
+                          "exporters are told to retry until it works again")
             self._failing = True
             failure = StorageUnavailable(f"database write failed: {exc}")
             for _, future in group:
                 future.set_exception(failure)
+            return
+        self._lost = self._file.replaced()
+        if self._lost:
+            log.critical("THE DATABASE FILE IS GONE: %s. The server no longer acknowledges any data, so exporters "
+                         "keep it until it can be stored; restart the server to write a new database at %s.",
+                         self._lost, self.path)
+            self._run_group(group)  # answers every job of the group as not stored
             return
         if self._failing:
             log.warning("the database %s is writable again", self.path)
@@ -1155,11 +1246,12 @@ class Store:
                              "session_usage.session AND r.model = session_usage.model) WHERE session = ?", (session,))
         return len(deleted)
 
-    def close(self) -> None:
-        """Finish every queued write, then close the database."""
+    def close(self, drain_s: float = 5.0) -> None:
+        """Write what is queued (for up to `drain_s`; later jobs are answered "retry"), then close the database."""
         if self._closed:
             return
         self._closed = True
+        self._drain_until = time.monotonic() + drain_s
         while self._writer.is_alive():
             try:
                 self._jobs.put(None, timeout=1)  # the writer is draining a full queue: wait for a place
@@ -1168,25 +1260,95 @@ class Store:
                 continue
         self._writer.join()
         self._write_conn.close()
-        self._lock_file.close()
+        self._file.close()
 
-    # -- reading
+
+# ---------------------------------------------------------------- Storage: reads
+
+def period_parts(start: int, end: int, sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """Split [start, end) into (level, lo, hi) pieces: the largest aligned blocks of sizes[0] inside,
+    then of sizes[1] around them, ..., and level len(sizes) (raw rows) for what is left at the edges."""
+    if start >= end:
+        return []
+    if not sizes:
+        return [(0, start, end)]
+    lo, hi = -(-start // sizes[0]) * sizes[0], end // sizes[0] * sizes[0]
+    if lo >= hi:
+        return [(level + 1, a, b) for level, a, b in period_parts(start, end, sizes[1:])]
+    edges = period_parts(start, lo, sizes[1:]) + period_parts(hi, end, sizes[1:])
+    return [(0, lo, hi)] + [(level + 1, a, b) for level, a, b in edges]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredRequest:
+    session_id: str
+    ts_ms: int
+    model: str
+    usage: Usage
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSummary:
+    session_id: str
+    user: str
+    first_ms: int
+    last_ms: int
+    by_model: dict[str, Usage]
+    tool_calls: int = 0
+    tool_failures: int = 0
+    api_errors: int = 0
+    from_metrics: bool = False
+
+
+@dataclasses.dataclass
+class UsageBlock:
+    start_ms: int
+    end_ms: int
+    by_model: dict[str, Usage]
+    last_activity_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolReport:
+    tools: list[tuple]       # (tool, calls, successes, p50 ms, p95 ms)
+    decisions: list[tuple]   # (decision, source, count)
+    errors: list[tuple]      # (status code, model, count)
+    retries_exhausted: int
+
+
+# Claude Code sends success as "true"/"false" (older versions) or a boolean.
+FAILED_TOOL = "COALESCE(json_extract(attributes, '$.success') IN ('false', 'False', 0), 0)"
+
+
+class Reader:
+    """Queries over the database, each on its thread's own read-only connection (SQLite's WAL lets them run
+    while the writer commits)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._connections = threading.local()
 
     def _reader(self) -> sqlite3.Connection:
-        conn = getattr(self._readers, "conn", None)
+        conn = getattr(self._connections, "conn", None)
         if conn is None:
-            conn = self._readers.conn = connect(self.path, readonly=True)
+            conn = self._connections.conn = connect(self.path, readonly=True)
         return conn
+
+    def _user_filter(self, user: str | None, column: str = "user") -> tuple[str, tuple] | None:
+        """The SQL condition for one user's rows: ('', ()) for everyone, None for a user never seen (no rows)."""
+        if user is None:
+            return "", ()
+        row = self._reader().execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
+        return (f" AND {column} = ?", (row[0],)) if row else None
 
     def usage(self, start_ms: int, end_ms: int, by: str = "model", user: str | None = None) -> dict[Any, Usage]:
         """Totals per model (by='model'), per user ('user') or per (user, model) ('user, model') over
         [start_ms, end_ms): whole UTC days from usage_daily, whole quarter hours from usage_rollup around
         them, raw rows at the unaligned edges."""
-        user_id = self._user_id(user)
-        if user_id == -1:
+        chosen = self._user_filter(user)
+        if chosen is None:
             return {}
-        where = " AND user = ?" if user_id is not None else ""
-        extra = (user_id,) if user_id is not None else ()
+        where, extra = chosen
         keys = [column.strip() for column in by.split(",")]
         rollup = f"SELECT {by}, {USAGE_SUMS} FROM {{table}} WHERE bucket >= ? AND bucket < ?{where} GROUP BY {by}"
         levels = [rollup.format(table="usage_daily"), rollup.format(table="usage_rollup"),
@@ -1205,23 +1367,18 @@ class Store:
         return dict(self._reader().execute(f"SELECT id, {'session_id' if table == 'sessions' else 'name'} "
                                            f"FROM {table}"))
 
-    def _user_id(self, user: str | None) -> int | None:
-        """None: no filter; -1: a user the store has never seen."""
-        if user is None:
-            return None
-        row = self._reader().execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
-        return row[0] if row else -1
-
     def requests_page(self, start_ms: int, end_ms: int, limit: int, offset: int, oldest_first: bool,
                       user: str | None = None) -> list[StoredRequest]:
-        user_id = self._user_id(user)
+        chosen = self._user_filter(user, "r.user")
+        if chosen is None:
+            return []
+        where, extra = chosen
         order = "ASC" if oldest_first else "DESC"
-        where = " AND r.user = ?" if user_id is not None else ""
         sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r "
                "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model "
                f"WHERE r.ts >= ? AND r.ts < ? AND r.origin = 0{where} ORDER BY r.ts {order}, r.id {order} "
                "LIMIT ? OFFSET ?")
-        params = (start_ms, end_ms, *((user_id,) if user_id is not None else ()), limit if limit > 0 else -1,
+        params = (start_ms, end_ms, *extra, limit if limit > 0 else -1,
                   max(offset, 0))
         return [StoredRequest(session, ts, model, Usage(*figures))
                 for session, ts, model, *figures in self._reader().execute(sql, params)]
@@ -1234,17 +1391,17 @@ class Store:
     def sessions(self, start_ms: int, end_ms: int, user: str | None = None, limit: int = 500,
                  session_id: str | None = None) -> list[SessionSummary]:
         """Sessions with requests in [start_ms, end_ms) (or the one named), most recent first, with their totals."""
-        user_id = self._user_id(user)
-        if user_id == -1:
+        chosen_user = self._user_filter(user)
+        if chosen_user is None:
             return []
         if session_id is not None:
             chosen = "SELECT id FROM sessions WHERE session_id = ?"
             params: tuple = (session_id,)
         else:
-            where = " AND user = ?" if user_id is not None else ""
+            where, extra = chosen_user
             chosen = (f"SELECT session FROM session_usage WHERE last_ts >= ? AND first_ts < ?{where} "
                       "GROUP BY session ORDER BY MAX(last_ts) DESC LIMIT ?")
-            params = (start_ms, end_ms, *((user_id,) if user_id is not None else ()), limit)
+            params = (start_ms, end_ms, *extra, limit)
         conn = self._reader()
         rows = conn.execute(
             f"WITH chosen AS ({chosen}) SELECT su.session, s.session_id, u.name, m.name, su.first_ts, su.last_ts, "
@@ -1299,13 +1456,13 @@ class Store:
                 for sid, ts, model, *figures in self._reader().execute(sql, (session, limit))]
 
     def tool_report(self, start_ms: int, end_ms: int, user: str | None = None) -> ToolReport:
-        user_id = self._user_id(user)
-        if user_id == -1:
+        chosen = self._user_filter(user)
+        if chosen is None:
             return ToolReport([], [], [], 0)
-        where = "name = ? AND ts >= ? AND ts < ?" + (" AND user = ?" if user_id is not None else "")
+        where = "name = ? AND ts >= ? AND ts < ?" + chosen[0]
 
         def params(name: str) -> tuple:
-            return (name, start_ms, end_ms, *((user_id,) if user_id is not None else ()))
+            return (name, start_ms, end_ms, *chosen[1])
 
         conn = self._reader()
         tools = conn.execute(f"""
@@ -1335,11 +1492,10 @@ class Store:
         previous one ended, floored to the hour. Activity is read at quarter-hour resolution from the rollup,
         which the hour floor makes exact; the chain is followed from the last pause of 5 hours before the
         period (looking back up to 30 days)."""
-        user_id = self._user_id(user)
-        if user_id == -1:
+        chosen = self._user_filter(user)
+        if chosen is None:
             return []
-        where = " AND user = ?" if user_id is not None else ""
-        params = (user_id,) if user_id is not None else ()
+        where, params = chosen
         rows = self._reader().execute(
             f"SELECT bucket, model, {USAGE_SUMS} FROM usage_rollup WHERE bucket >= ? AND bucket < ?{where} "
             "GROUP BY bucket, model ORDER BY bucket", (self._chain_start(start_ms, where, params), end_ms, *params))
@@ -1669,7 +1825,7 @@ class Receiver:
     """OTLP ingestion shared by the gRPC and HTTP listeners: decode, store, answer.
     Raises StorageUnavailable when the data cannot be stored now (the caller says "retry")."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Writer):
         self.store, self.logs_ingest = store, LogsIngest()
 
     def logs(self, request) -> logs_service_pb2.ExportLogsServiceResponse:
@@ -1796,9 +1952,35 @@ def timestamp_ms(request, field: str, default: int) -> int:
     return min(max(ms_of(getattr(request, field)), 0), MAX_TIMESTAMP_MS + 1)
 
 
+def answering_storage_errors(cls: type) -> type:
+    """Wrap every Get* method of a servicer so that SQLite errors become gRPC statuses."""
+    def wrapped(method: Callable) -> Callable:
+        def answer(self, request, context):
+            try:
+                return method(self, request, context)
+            except sqlite3.Error as exc:
+                self.storage_failure(context, exc)
+        return answer
+
+    for name in [name for name in vars(cls) if name.startswith("Get")]:
+        setattr(cls, name, wrapped(getattr(cls, name)))
+    return cls
+
+
+@answering_storage_errors
 class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
-    def __init__(self, store: Store, started_ms: int):
-        self.store, self.started_ms = store, started_ms
+    def __init__(self, reader: Reader, started_ms: int):
+        self.reader, self.started_ms = reader, started_ms
+        self._failures_logged: set[str] = set()
+
+    def storage_failure(self, context, exc: sqlite3.Error) -> None:
+        """Abort with a status that says why the database cannot answer (logged once per kind)."""
+        code, what = (grpc.StatusCode.DATA_LOSS, "the database is damaged") if is_damage(exc) else \
+            (grpc.StatusCode.UNAVAILABLE, "the database cannot be read right now")
+        if what not in self._failures_logged:
+            self._failures_logged.add(what)
+            log.error("%s (%s): queries fail until it is fixed", what, exc)
+        context.abort(code, f"{what}: {exc}")
 
     def _period(self, request) -> tuple[int, int]:
         return timestamp_ms(request, "start_time", 0), timestamp_ms(request, "end_time", now_ms())
@@ -1808,14 +1990,14 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         return request.user or None
 
     def GetStats(self, request, context):
-        split = Split.from_models(self.store.usage(*self._period(request), user=self._user(request)))
+        split = Split.from_models(self.reader.usage(*self._period(request), user=self._user(request)))
         return ccmon_pb2.GetStatsResponse(stats=stats_message(split))
 
     def GetAPIRequests(self, request, context):
         start, end = self._period(request)
         user = self._user(request)
-        rows = self.store.requests_page(start, end, request.limit, request.offset, request.oldest_first, user)
-        total = sum(u.requests for u in self.store.usage(start, end, user=user).values())
+        rows = self.reader.requests_page(start, end, request.limit, request.offset, request.oldest_first, user)
+        total = sum(u.requests for u in self.reader.usage(start, end, user=user).values())
         return ccmon_pb2.GetAPIRequestsResponse(total_count=total, requests=[api_request_message(r) for r in rows])
 
     def GetUsage(self, request, context):
@@ -1832,12 +2014,12 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         for date, lo, hi in day_bounds(zone, max(end - 1, 0), days):
             lo, hi = max(lo, start), min(hi, end)
             if lo < hi or start < 0:
-                split = Split.from_models(self.store.usage(lo, hi, user=self._user(request)))
+                split = Split.from_models(self.reader.usage(lo, hi, user=self._user(request)))
                 response.days.add(date=date, stats=stats_message(split))
         return response
 
     def GetModelStats(self, request, context):
-        by_model = self.store.usage(*self._period(request), user=self._user(request))
+        by_model = self.reader.usage(*self._period(request), user=self._user(request))
         ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))
         return ccmon_pb2.GetModelStatsResponse(models=[
             ccmon_pb2.ModelStats(model=model, premium=is_premium(model), requests=u.requests,
@@ -1846,9 +2028,9 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             for model, u in ranked])
 
     def GetSessionStats(self, request, context):
-        session = request.session_id or self.store.latest_session()
+        session = request.session_id or self.reader.latest_session()
         response = ccmon_pb2.GetSessionStatsResponse(stats=stats_message(Split()))
-        found = self.store.sessions(0, 0, session_id=session) if session else []
+        found = self.reader.sessions(0, 0, session_id=session) if session else []
         if found:
             summary = found[0]
             response.session_id = summary.session_id
@@ -1858,12 +2040,12 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         return response
 
     def GetSessions(self, request, context):
-        found = self.store.sessions(*self._period(request), user=self._user(request),
+        found = self.reader.sessions(*self._period(request), user=self._user(request),
                                     limit=min(max(request.limit, 0) or 500, 5000))
         return ccmon_pb2.GetSessionsResponse(sessions=[session_message(s) for s in found])
 
     def GetSessionTimeline(self, request, context):
-        entries = self.store.timeline(request.session_id, min(max(request.limit, 0) or 2000, 20000))
+        entries = self.reader.timeline(request.session_id, min(max(request.limit, 0) or 2000, 20000))
         response = ccmon_pb2.GetSessionTimelineResponse(session_id=request.session_id)
         for ts, kind, stored, details in entries:
             entry = response.entries.add(timestamp=timestamp_from_ms(ts), kind=kind, details=details)
@@ -1872,7 +2054,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         return response
 
     def GetToolStats(self, request, context):
-        report = self.store.tool_report(*self._period(request), user=self._user(request))
+        report = self.reader.tool_report(*self._period(request), user=self._user(request))
         return ccmon_pb2.GetToolStatsResponse(
             tools=[ccmon_pb2.ToolStats(tool=str(t), calls=n, successes=ok, p50_duration_ms=p50 or 0,
                                        p95_duration_ms=p95 or 0) for t, n, ok, p50, p95 in report.tools],
@@ -1885,27 +2067,27 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def GetUsers(self, request, context):
         start, end = self._period(request)
         by_user: dict[str, dict[str, Usage]] = {}
-        for (user, model), usage in self.store.usage(start, end, by="user, model").items():
+        for (user, model), usage in self.reader.usage(start, end, by="user, model").items():
             by_user.setdefault(user, {})[model] = usage
         splits = {user: Split.from_models(models) for user, models in by_user.items()}
-        sessions = self.store.user_sessions(start, end)
+        sessions = self.reader.user_sessions(start, end)
         ranked = sorted(splits, key=lambda user: (-splits[user].total.cost_nanos, user))
         return ccmon_pb2.GetUsersResponse(users=[
             ccmon_pb2.UserStats(user=user, stats=stats_message(splits[user]), sessions=sessions.get(user, 0))
             for user in ranked])
 
     def GetBlocks(self, request, context):
-        found = self.store.blocks(*self._period(request), user=self._user(request))
+        found = self.reader.blocks(*self._period(request), user=self._user(request))
         return ccmon_pb2.GetBlocksResponse(blocks=[
             ccmon_pb2.Block(start_time=timestamp_from_ms(b.start_ms), end_time=timestamp_from_ms(b.end_ms),
                             stats=stats_message(Split.from_models(b.by_model)),
                             last_activity_at=timestamp_from_ms(b.last_activity_ms)) for b in found])
 
     def GetServerInfo(self, request, context):
-        requests, rows = self.store.totals()
+        requests, rows = self.reader.totals()
         response = ccmon_pb2.GetServerInfoResponse(version=VERSION, total_requests=requests, usage_records=rows,
                                                    started_at=timestamp_from_ms(self.started_ms))
-        last = self.store.last_request_ms()
+        last = self.reader.last_request_ms()
         if last is not None:
             response.last_request_at.CopyFrom(timestamp_from_ms(last))
         return response
@@ -2153,7 +2335,7 @@ class TokenAuth(grpc.ServerInterceptor):
         return self.denied
 
 
-def start_grpc_server(config: Config, receiver: Receiver, store: Store) -> tuple[grpc.Server, int]:
+def start_grpc_server(config: Config, receiver: Receiver, reader: Reader) -> tuple[grpc.Server, int]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ccmon-rpc"),
         interceptors=[TokenAuth(config.server_token)] if config.server_token else [],
@@ -2162,7 +2344,7 @@ def start_grpc_server(config: Config, receiver: Receiver, store: Store) -> tuple
     logs_service_pb2_grpc.add_LogsServiceServicer_to_server(LogsService(receiver), server)
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(receiver), server)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(receiver), server)
-    ccmon_pb2_grpc.add_QueryServiceServicer_to_server(QueryService(store, now_ms()), server)
+    ccmon_pb2_grpc.add_QueryServiceServicer_to_server(QueryService(reader, now_ms()), server)
     tls = config.server_tls
     try:
         if tls:
@@ -2212,7 +2394,7 @@ def warn_if_exposed(config: Config) -> None:
                         "read your usage. Set server.token (or %s), or bind to 127.0.0.1.", address, TOKEN_ENV)
 
 
-def retention_loop(store: Store, retention_s: int, stop: threading.Event) -> None:
+def retention_loop(store: Writer, retention_s: int, stop: threading.Event) -> None:
     while True:
         cutoff = now_ms() - retention_s * 1000
         try:
@@ -2225,54 +2407,81 @@ def retention_loop(store: Store, retention_s: int, stop: threading.Event) -> Non
             return
 
 
-def run_server(config: Config) -> int:
-    # The writer needs the GIL for every row it binds while decoding threads are busy; a short switch
-    # interval keeps it from waiting up to 5 ms each time (measured: ingestion 19k -> see BENCHMARKS.md).
-    sys.setswitchinterval(0.0005)
-    try:
-        store = Store(config.database_path)
-    except StorageError as exc:
-        raise ServerError(str(exc)) from None
+def start_listeners(config: Config, store: Writer) -> tuple[grpc.Server, int, OTLPHTTPServer | None, int]:
+    """Both listeners started, or neither (a ServerError in one line)."""
     receiver = Receiver(store)
-    server = httpd = None
+    server = None
     try:
-        server, port = start_grpc_server(config, receiver, store)
-        if config.server_http_address:
-            httpd, http_port = start_http_server(config, receiver)
+        server, port = start_grpc_server(config, receiver, Reader(config.database_path))
+        httpd, http_port = start_http_server(config, receiver) if config.server_http_address else (None, 0)
     except (ServerError, ssl.SSLError, OSError) as exc:
         if server:
             server.stop(None)
-        store.close()
         raise exc if isinstance(exc, ServerError) else ServerError(f"cannot start: {exc}") from None
-    stop = threading.Event()
+    return server, port, httpd, http_port
+
+
+def log_start(config: Config, port: int, http_port: int) -> None:
     scheme = "TLS" + (" with client certificates" if config.server_tls and config.server_tls.ca else "") \
         if config.server_tls else "plaintext"
     log.info("ccmon %s: gRPC listening on %s:%d (OTLP logs/metrics/traces + QueryService), %s, %s", VERSION,
              config.server_address.rsplit(":", 1)[0], port, scheme,
              "token required" if config.server_token else "no token")
-    if httpd:
+    if http_port:
         log.info("OTLP/HTTP listening on %s:%d (POST /v1/logs, /v1/metrics, /v1/traces)",
                  config.server_http_address.rsplit(":", 1)[0], http_port)
     log.info("database %s, retention %s", config.database_path,
              f"{config.server_retention_s // 3600}h" if config.server_retention_s else "never")
     warn_if_exposed(config)
+
+
+def wait_for_stop_signal() -> int:
+    """Block until SIGINT or SIGTERM; returns it. The handler only records the signal (it may interrupt code
+    holding a lock), and the main thread wakes to look, because the kernel may hand a signal to any thread."""
+    received: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, _: received.append(number))
+    while not received:
+        time.sleep(0.2)
+    return received[0]
+
+
+SHUTDOWN_S = 8  # within the 10 s Docker and systemd give before SIGKILL
+
+
+def run_server(config: Config) -> int:
+    # The writer needs the GIL for every row it binds while decoding threads are busy; a short switch
+    # interval keeps it from waiting up to 5 ms each time (measured: ingestion 19k -> see BENCHMARKS.md).
+    sys.setswitchinterval(0.0005)
+    try:
+        store = Writer(config.database_path)
+    except StorageError as exc:
+        raise ServerError(str(exc)) from None
+    try:
+        server, port, httpd, http_port = start_listeners(config, store)
+    except ServerError:
+        store.close()
+        store.remove_if_new()
+        raise
+    log_start(config, port, http_port)
+    stop = threading.Event()
     if config.server_retention_s:
         threading.Thread(target=retention_loop, args=(store, config.server_retention_s, stop),
                          name="ccmon-retention", daemon=True).start()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    # The last start-up line, after every warning: supervisors and tests wait for this one.
-    log.info("ready: gRPC %s:%d%s", config.server_address.rsplit(":", 1)[0], port,
+    log.info("ready: gRPC %s:%d%s", config.server_address.rsplit(":", 1)[0], port,  # the last start-up line
              f", HTTP {config.server_http_address.rsplit(':', 1)[0]}:{http_port}" if httpd else "")
-    stop.wait()
-    log.info("shutting down: finishing in-flight calls")
+    signum = wait_for_stop_signal()
+    deadline = time.monotonic() + SHUTDOWN_S
+    log.info("%s: finishing in-flight calls", signal.Signals(signum).name)
+    stop.set()
     if httpd:
         httpd.shutdown()  # stop accepting; requests being handled finish below
-    server.stop(grace=5).wait()
+    stopped = server.stop(grace=SHUTDOWN_S / 2)
     if httpd:
-        httpd.inflight.wait_idle(timeout=5)
+        httpd.inflight.wait_idle(timeout=max(0.0, deadline - time.monotonic() - 2))
         httpd.server_close()
-    store.close()
+    stopped.wait(max(0.0, deadline - time.monotonic() - 2))
+    store.close(drain_s=max(0.5, deadline - time.monotonic()))
     log.info("stopped; database closed")
     return 0
 

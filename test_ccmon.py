@@ -1956,7 +1956,7 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
     """Random inserts (with duplicates) and retention sweeps; every period, in any timezone, answered from the
     rollups equals the brute-force sum over the raw rows."""
     from hypothesis import HealthCheck, given, settings, strategies as st
-    store = ccmon.Store(tmp_path / "rollups.db")
+    store, reader = ccmon.Writer(tmp_path / "rollups.db"), ccmon.Reader(tmp_path / "rollups.db")
     base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
     span = 40 * 86400_000
     moments = st.integers(min_value=base - 86400_000, max_value=base + span)
@@ -1988,13 +1988,13 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
                 store.sweep(payload)
         for start, end in periods:
             lo, hi = min(start, end), max(start, end)
-            assert store.usage(lo, hi) == brute_force(lo, hi)
-            assert store.usage(lo, hi, by="user") == brute_force(lo, hi, by="user_name")
-            assert store.usage(lo, hi, user="ana@example.com") == brute_force(lo, hi, user="ana@example.com")
+            assert reader.usage(lo, hi) == brute_force(lo, hi)
+            assert reader.usage(lo, hi, by="user") == brute_force(lo, hi, by="user_name")
+            assert reader.usage(lo, hi, user="ana@example.com") == brute_force(lo, hi, user="ana@example.com")
         zone = ccmon.ZoneInfo(zone_name)
         for _, lo, hi in ccmon.day_bounds(zone, base + span, 42)[::7]:
-            assert store.usage(lo, hi) == brute_force(lo, hi)
-        assert store.usage(0, base + 2 * span) == brute_force(0, base + 2 * span)
+            assert reader.usage(lo, hi) == brute_force(lo, hi)
+        assert reader.usage(0, base + 2 * span) == brute_force(0, base + 2 * span)
 
     check()
     assert db_rows(store.path, "SELECT COUNT(*) FROM usage_rollup WHERE rows <= 0") == [(0,)]
@@ -2497,7 +2497,7 @@ def test_learned_limit_from_recent_blocks(server, tmp_path):
 
 
 def test_block_chains_and_edges(tmp_path):
-    store = ccmon.Store(tmp_path / "chain.db")
+    store, reader = ccmon.Writer(tmp_path / "chain.db"), ccmon.Reader(tmp_path / "chain.db")
     base = ccmon.parse_iso_ms("2026-06-01T00:05:00Z")
     # One request every 40 minutes for 80 hours: never a pause of 5 hours.
     rows = [(base + i * 40 * 60_000, "s", i, "claude-sonnet-4-5", "", 100, 0, 0, 0, 0, 0, None, None, None, None,
@@ -2505,8 +2505,8 @@ def test_block_chains_and_edges(tmp_path):
     store.write(ccmon.Batch(requests=rows))
     for hours in (30.5, 60.33, 61.0, 61.33, 63.0, 63.33):
         now = base + int(hours * 3600_000)
-        near = store.blocks(now - ccmon.DAY_MS, now)[-1]
-        far = store.blocks(now - 30 * ccmon.DAY_MS, now)[-1]
+        near = reader.blocks(now - ccmon.DAY_MS, now)[-1]
+        far = reader.blocks(now - 30 * ccmon.DAY_MS, now)[-1]
         assert (near.start_ms, near.end_ms) == (far.start_ms, far.end_ms)
         assert (near.start_ms - ccmon.parse_iso_ms("2026-06-01T00:00:00Z")) % ccmon.BLOCK_MS == 0
     store.close()
