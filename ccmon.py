@@ -886,9 +886,9 @@ def recovery_advice(path: Path) -> str:
             f"sqlite3 {path} .recover | sqlite3 recovered.db")
 
 
-def is_damage(exc: sqlite3.Error) -> bool:
-    """SQLITE_CORRUPT or SQLITE_NOTADB: the file is damaged, not busy; retrying will not help."""
-    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (11, 26)
+def is_damage(exc: sqlite3.Error, kinds: tuple[int, ...] = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)) -> bool:
+    """The file is damaged, not busy: retrying will not help."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in kinds
 
 
 def quick_check(conn: sqlite3.Connection) -> str:
@@ -953,6 +953,8 @@ def open_database(path: Path) -> sqlite3.Connection:
                                    f"database is unchanged and a copy is at {backup}") from None
     except sqlite3.DatabaseError as exc:
         conn.close()
+        if is_damage(exc, (sqlite3.SQLITE_CORRUPT,)):  # not SQLITE_NOTADB: that is some other kind of file
+            raise StorageError(f"{path} is damaged ({exc}); {recovery_advice(path)}") from None
         raise StorageError(f"cannot use {path} as ccmon's database: {exc}") from None
     except StorageError:
         conn.close()

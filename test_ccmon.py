@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -2534,6 +2535,212 @@ def test_alerts_without_anything_to_measure_say_so():
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, block_mode="auto", limit=7_000)) == ""
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, weekly_limit=10)) == ""
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, alerts=())) == ""
+
+
+
+# ---------------------------------------------------------------- storage: upgrades, a database that changes or breaks, files
+
+V1 = ROOT / "fixtures" / "v1"
+
+
+def v1_answers(srv: ServerProcess) -> dict:
+    """What `srv` answers to the queries fixtures/make_v1_database.py asked the schema-1 release."""
+    sys.path.insert(0, str(ROOT / "fixtures"))
+    from make_v1_database import queries
+    from google.protobuf import json_format
+    stub = srv.query()
+    return {name: json_format.MessageToDict(getattr(stub, method)(request))
+            for name, (method, request) in queries().items()}
+
+
+def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tmp_path):
+    db = tmp_path / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    srv = ServerProcess(tmp_path, db=db).start()
+    try:
+        backup = tmp_path / "ccmon.db.v1.bak"
+        assert f"upgrading {db} from schema 1 to {ccmon.SCHEMA_VERSION}; a copy of the old database is at " \
+               f"{backup}" in srv.log
+        assert v1_answers(srv) == json.loads((V1 / "answers.json").read_text())
+        assert db_rows(db, "PRAGMA user_version") == [(ccmon.SCHEMA_VERSION,)]
+        assert db_rows(db, "SELECT name FROM sqlite_master WHERE name = 'requests_request_id'") == \
+            [("requests_request_id",)]
+        with sqlite3.connect(backup) as copy:  # the backup is the old database, whole
+            assert copy.execute("PRAGMA user_version").fetchone() == (1,)
+            assert copy.execute("SELECT COUNT(*), SUM(cost_nanos) FROM requests").fetchone() == \
+                db_rows(db, "SELECT COUNT(*), SUM(cost_nanos) FROM requests")[0]
+        copy.close()
+        assert backup.stat().st_mode & 0o777 == 0o600
+        sdk_export(srv.port, [("api_request", api_request(1, hours_ago(1), session="after-upgrade",
+                                                          input_tokens=7, cost_usd=0.5))])
+        assert stats(srv, start=hours_ago(2)).total_tokens.input == 7
+        assert stats(srv).total_tokens.input == 3617 + 7
+    finally:
+        srv.stop()
+    srv.start()  # a second start finds the current schema: no second upgrade
+    srv.stop()
+    assert "upgrading" not in srv.log
+
+
+def test_a_failed_upgrade_leaves_the_database_untouched(tmp_path):
+    db = tmp_path / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    with sqlite3.connect(db) as conn:  # an object in the way of version 2's index: the upgrade cannot finish
+        conn.execute("CREATE TABLE requests_request_id (x)")
+    conn.close()
+    before = db.read_bytes()
+    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
+                        "--database-path", str(db)], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"ccmon: cannot upgrade {db} from schema 1 to {ccmon.SCHEMA_VERSION} (there is already a table named "
+        f"requests_request_id); the database is unchanged and a copy is at {db}.v1.bak")
+    assert db.read_bytes() == before
+    assert db_rows(db, "PRAGMA user_version") == [(1,)]
+
+
+def test_a_database_from_a_newer_ccmon_is_refused(tmp_path):
+    db = tmp_path / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"PRAGMA user_version = {ccmon.SCHEMA_VERSION + 1}")
+    conn.close()
+    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--database-path", str(db)], tmp_path)
+    assert (result.returncode, result.stderr) == (
+        1, f"ccmon: {db} was written by a newer ccmon (schema {ccmon.SCHEMA_VERSION + 1}); upgrade ccmon\n")
+
+
+def test_sigterm_stops_the_server_promptly_under_load(tmp_path):
+    """gRPC and HTTP exports arrive together; SIGTERM (or SIGINT) stops the server within 10 s, with every
+    acknowledged record stored once."""
+    srv = ServerProcess(tmp_path)
+    acknowledged: set[int] = set()
+    counter = iter(range(10 ** 9))
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        srv.start()
+        stop = threading.Event()
+
+        def send(over_http: bool):
+            stub = srv.logs_stub()
+            while not stop.is_set():
+                seqs = [next(counter) for _ in range(50)]
+                body = logs_request([("api_request", api_request(seq, "2026-06-01T00:00:00Z", input_tokens=1))
+                                     for seq in seqs])
+                try:
+                    if over_http:
+                        response, _ = http_post(srv.http_port, body=body.SerializeToString())
+                        if response.status != 200:
+                            continue
+                    else:
+                        stub.Export(body, timeout=10)
+                except (grpc.RpcError, OSError):
+                    continue
+                acknowledged.update(seqs)
+
+        senders = [threading.Thread(target=send, args=(i % 2 == 0,)) for i in range(6)]
+        for sender in senders:
+            sender.start()
+        while len(acknowledged) < 500:
+            time.sleep(0.05)
+        srv.proc.send_signal(signum)
+        try:
+            assert srv.proc.wait(10) == 0, srv.log
+        finally:
+            stop.set()
+            for sender in senders:
+                sender.join()
+        time.sleep(0.05)  # the pump reads the last lines
+        assert "stopped; database closed" in srv.log
+    stored = db_rows(srv.db, "SELECT seq, COUNT(*) FROM requests GROUP BY seq")
+    assert all(count == 1 for _, count in stored)
+    assert acknowledged <= {seq for seq, _ in stored}
+
+
+def test_deleted_database_files_stop_acknowledgements(server):
+    stub = server.logs_stub()
+    stub.Export(logs_request(MIXED_EVENTS))
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{server.db}{suffix}").unlink()
+    events = [("api_request", api_request(9, "2026-06-01T00:00:00Z", session="after-delete", input_tokens=1))]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Export(logs_request(events))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"{server.db} was deleted" in err.value.details()
+    response, data = http_post(server.http_port, body=logs_request(events).SerializeToString())
+    assert (response.status, status_of(data)[0]) == (503, 14)
+    assert server.log.count("THE DATABASE FILE IS GONE") == 1
+    assert f"THE DATABASE FILE IS GONE: {server.db} was deleted." in server.log
+
+
+def test_one_server_per_database_whatever_the_path(server, tmp_path):
+    hard = tmp_path / "hard.db"
+    os.link(server.db, hard)
+    soft = tmp_path / "soft.db"
+    soft.symlink_to(server.db)
+    for path in (hard, soft):
+        result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
+                            "--database-path", str(path)], tmp_path)
+        assert (result.returncode, result.stderr) == (1, f"ccmon: another ccmon server (pid {server.proc.pid}) "
+                                                         f"is already using {path}; stop it or choose another "
+                                                         "--database-path\n")
+
+
+def zero_page(db: Path, table: str) -> None:
+    """Overwrite the first page of `table`'s b-tree with zeros, as a disk or a careless tool might."""
+    with sqlite3.connect(db) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        page = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+    conn.close()
+    with open(db, "r+b") as handle:
+        handle.seek((page - 1) * page_size)
+        handle.write(bytes(page_size))
+
+
+def test_a_damaged_database_is_refused_at_start(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    sdk_export(srv.port, MIXED_EVENTS)
+    srv.stop()
+    zero_page(srv.db, "requests")
+    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--database-path", str(srv.db)], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"ccmon: {srv.db} is damaged (")
+    assert result.stderr.endswith(f"); keep {srv.db} as it is, and restore a backup, or recover what SQLite can "
+                                  f"still read with: sqlite3 {srv.db} .recover | sqlite3 recovered.db\n")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_damage_found_while_running_is_answered_not_raised(server):
+    server.logs_stub().Export(logs_request(MIXED_EVENTS))
+    with sqlite3.connect(server.db) as conn:  # the rows move from the WAL into the main file, which then breaks
+        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    conn.close()
+    zero_page(server.db, "usage_rollup")
+    zero_page(server.db, "requests")
+    with pytest.raises(grpc.RpcError) as err:
+        server.logs_stub().Export(logs_request([("api_request", api_request(9, "2026-03-01T11:00:00Z"))]))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as err:
+            stats(server)
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        assert err.value.details().startswith("the database is damaged: ")
+    assert server.log.count("it is damaged: stop the server, keep") == 1
+    assert server.log.count("the database is damaged (") == 1
+    assert "Traceback" not in server.log
+
+
+def test_files_are_private_and_a_failed_start_leaves_none(server, tmp_path):
+    server.logs_stub().Export(logs_request(MIXED_EVENTS))
+    for suffix in ("", "-wal", "-shm"):
+        assert Path(f"{server.db}{suffix}").stat().st_mode & 0o777 == 0o600, suffix
+    fresh = tmp_path / "fresh"
+    result = run_ccmon(["--server", "--server-address", server.target, "--database-path",
+                        str(fresh / "ccmon.db")], tmp_path)
+    assert result.returncode == 1 and "the port is in use" in result.stderr
+    assert list(fresh.iterdir()) == []
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    server.stop()
+    assert sorted(p.name for p in server.db.parent.iterdir() if p.name.startswith("ccmon.db")) == ["ccmon.db"]
 
 
 # ---------------------------------------------------------------- module structure
