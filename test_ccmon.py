@@ -2271,6 +2271,41 @@ def test_render_insight_tabs():
     assert narrow[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool"
 
 
+def test_adding_a_tab_is_one_entry_in_tabs():
+    """The tab strip, digit key, help, footer, fetch and render of a new tab all follow from its Tab."""
+    import types
+    source = (ROOT / "ccmon.py").read_text()
+    end_of_tabs = ")}\nTAB_KEYS"
+    notes = ('    Tab("notes", "Notes", "Note",\n'
+             '        lambda snap, state, screen: Frame([[(f"{snap.data} notes", "")]], 1, 3),\n'
+             '        lambda client, query: 3),\n')
+    assert source.count(end_of_tabs) == 1
+    module = types.ModuleType("ccmon_with_notes")
+    sys.modules[module.__name__] = module  # dataclasses look up their class's module
+    try:
+        exec(compile(source.replace(end_of_tabs, notes + end_of_tabs), "ccmon.py", "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    settings, now = _settings(), local_ms("2026-05-05 13:00")
+    state, action = module.handle_key(module.ViewState(), "8", settings, module.Frame([]))
+    assert (state.tab, action) == ("notes", "refresh")
+    query = module.query_for(state, settings, now)
+    snap = module.Snapshot(query, now, 500, data=query.fetch(None, query))
+
+    def text(width):
+        frame = module.render(state, module.Connection(True, attempts=1), snap,
+                              module.Screen(settings, width, 24, now, module.Glyphs.for_terminal(False)))
+        return [module.line_text(line) for line in frame.lines], frame
+
+    lines, frame = text(120)
+    assert lines[1].rstrip().endswith("   Blocks   Notes") and "3 notes" in lines
+    assert (frame.page_rows, frame.total_rows) == (1, 3)
+    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  ? help  q quit"
+    assert text(80)[0][1].rstrip().endswith("7 Blk   8 Note")
+    assert "Tab/Shift-Tab or 1-8  switch tab" in module.HELP_TEXT
+    assert module.handle_key(state, "\t", settings, frame)[0].tab == "current"
+
+
 # ---------------------------------------------------------------- limits: automatic blocks, learned limit, weekly, alerts
 
 def block_history() -> list[tuple[str, dict]]:
