@@ -3441,13 +3441,13 @@ def blocks_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
 @dataclasses.dataclass(frozen=True)
 class Tab:
     """One monitor tab, described once: the tab strip, digit keys, help and footer all come from TABS."""
-    name: str                   # ViewState.tab and Query.tab
-    title: str                  # in the tab strip
-    short_title: str            # in the tab strip of narrow screens, after the tab's digit
-    render: Callable[[Snapshot, ViewState, Screen], Frame]              # its lines below the block figures
-    fetch: Callable[[Client, Query], Any] | None = None                 # its Snapshot.data, if it needs any
-    summary: Callable[[Snapshot, ViewState, Screen], list[Line]] | None = None  # its lines above the block figures
-    fixed_period: str = ""      # the period it always shows, whatever the period keys chose
+    name: str                                                   # ViewState.tab and Query.tab
+    title: str                                                  # in the tab strip
+    short_title: str                                            # on narrow screens, after the tab's digit
+    render: Callable[[Snapshot, ViewState, Screen], Frame]      # its lines below the block figures
+    fetch: Callable[[Client, Query], Any] | None = None         # its Snapshot.data, if it needs any
+    summary: Callable[[Snapshot, ViewState, Screen], list[Line]] | None = None  # its lines above them
+    fixed_period: str = ""                                      # shown whatever the period keys chose
 
 
 TABS = {tab.name: tab for tab in (
@@ -3524,7 +3524,7 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Sc
         lines += [[("", "")], [(message, "warn")]]
     elif snap.server_requests == 0:
         lines += boxed([t.format(server=screen.settings.server) for t in WAITING_TEXT], width, room, screen.glyphs)
-    elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):
+    elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):  # another tab's data
         lines += block_lines(snap, screen) + [[("Loading...", "dim")]]
     else:
         tab = TABS[state.tab]
@@ -3694,7 +3694,8 @@ def terminal(curses_module):
         curses_module.noecho()
         curses_module.cbreak()
         window.keypad(True)
-        curses_module.curs_set(0) if curses_module.tigetstr("civis") else None
+        if curses_module.tigetstr("civis"):  # terminals that cannot hide the cursor raise instead
+            curses_module.curs_set(0)
         curses_module.set_escdelay(25)  # Esc closes a session's timeline at once, not after a second
         if curses_module.has_colors():
             curses_module.start_color()
