@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import calendar
+import contextlib
 import dataclasses
 import datetime as dt
 import decimal
@@ -2525,6 +2526,7 @@ class Query:
     period_is_block: bool = False     # the period is the current automatic block, known once limits are in
     user: str | None = None
     session_id: str | None = None  # the session whose timeline is open
+    fetch: Callable[[Client, Query], Any] | None = None  # what the tab shows beyond what every screen has
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2598,23 +2600,22 @@ class ToolsData:
 
 
 @dataclasses.dataclass(frozen=True)
+class RequestsPage:
+    """A period's totals and one page of its requests."""
+    period: Split
+    requests: tuple[RequestRow, ...]
+    total: int                                # requests in the period
+
+
+@dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """The server's answers for one Query."""
+    """The server's answers for one Query: what every screen shows, and what its tab fetched."""
     query: Query
     taken_ms: int
     server_requests: int                      # usage records ever stored, to tell an empty database apart
-    period: Split = Split()
-    requests: tuple[RequestRow, ...] = ()
-    period_requests: int = 0
-    days: tuple[tuple[str, Split], ...] = ()
     limits: LimitFigures | None = None
-    models: tuple[tuple[str, Usage], ...] = ()
-    sessions: tuple[SessionRow, ...] = ()
-    timeline: tuple[TimelineRow, ...] = ()
-    tools: ToolsData | None = None
-    users: tuple[tuple[str, Split, int], ...] = ()   # user, usage, sessions
-    user_names: tuple[str, ...] = ()                  # users seen in the period, for the `u` filter
-    blocks: tuple[tuple[int, int, Split], ...] = ()   # automatic blocks of the period, newest first
+    users: tuple[tuple[str, Split, int], ...] = ()  # user, usage, sessions: the Users tab and the `u` filter
+    data: Any = None                          # what query.fetch returned
 
 
 def request_row_of(r: ccmon_pb2.APIRequest) -> RequestRow:
@@ -2731,35 +2732,23 @@ class Client:
         response = self._call("GetUsers", self._period(ccmon_pb2.GetUsersRequest(), start_ms, end_ms))
         return tuple((u.user, split_from_stats(u.stats), u.sessions) for u in response.users)
 
+    def requests_page(self, query: Query) -> RequestsPage:
+        start, end, user = query.start_ms, query.end_ms, query.user
+        request = self._period(ccmon_pb2.GetAPIRequestsRequest(limit=query.limit, offset=query.offset,
+                                                               oldest_first=query.oldest_first), start, end, user)
+        page = self._call("GetAPIRequests", request)
+        return RequestsPage(self.stats(start, end, user), tuple(request_row_of(r) for r in page.requests),
+                            page.total_count)
+
     def snapshot(self, query: Query) -> Snapshot:
-        """Everything one screen shows, in as few calls as that tab needs."""
+        """Everything one screen shows: the figures every tab has, then what the query's tab fetches."""
         info = self.server_info()
         limits = self.limit_figures(query.limits, zone_or_none(query.timezone), query.user) if query.limits else None
         if query.period_is_block and limits is not None:  # the current automatic block, or nothing between blocks
             query = dataclasses.replace(query, start_ms=limits.window[0] if limits.window else query.end_ms)
-        start, end, user = query.start_ms, query.end_ms, query.user
-        users = self.users(start, end)
-        common = dict(query=query, taken_ms=now_ms(), server_requests=info.usage_records if info.version else -1,
-                      limits=limits, user_names=tuple(name for name, _, _ in users))
-        if query.session_id:
-            return Snapshot(**common, timeline=self.timeline(query.session_id))
-        if query.tab == "daily":
-            return Snapshot(**common, days=self.days(None, end, query.timezone, user))
-        if query.tab == "models":
-            return Snapshot(**common, models=self.models(start, end, user))
-        if query.tab == "sessions":
-            return Snapshot(**common, sessions=self.sessions(start, end, user))
-        if query.tab == "tools":
-            return Snapshot(**common, tools=self.tools(start, end, user))
-        if query.tab == "users":
-            return Snapshot(**common, users=users)
-        if query.tab == "blocks":
-            return Snapshot(**common, blocks=tuple(reversed(self.blocks(start, end, user))))
-        request = self._period(ccmon_pb2.GetAPIRequestsRequest(limit=query.limit, offset=query.offset,
-                                                               oldest_first=query.oldest_first), start, end, user)
-        page = self._call("GetAPIRequests", request)
-        return Snapshot(**common, period=self.stats(start, end, user), period_requests=page.total_count,
-                        requests=tuple(request_row_of(r) for r in page.requests))
+        users = self.users(query.start_ms, query.end_ms)
+        return Snapshot(query, now_ms(), info.usage_records if info.version else -1, limits, users,
+                        query.fetch(self, query) if query.fetch else None)
 
     def close(self) -> None:
         self._channel.close()
@@ -3130,11 +3119,6 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
 
 PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w": ("last 7 days", 7 * 86400_000),
            "m": ("last 30 days", 30 * 86400_000), "a": ("all time", None), "b": ("current block", None)}
-TABS = ("current", "daily", "models", "sessions", "tools", "users", "blocks")
-TAB_SHORT_TITLES = {"current": "1 Now", "daily": "2 Day", "models": "3 Mod", "sessions": "4 Ses", "tools": "5 Tool",
-                    "users": "6 User", "blocks": "7 Blk"}
-TAB_TITLES = {"current": "Current", "daily": "Daily Usage", "models": "Models", "sessions": "Sessions",
-              "tools": "Tools & errors", "users": "Users", "blocks": "Blocks"}
 MIN_SIZE = (40, 12)
 PAGE_FETCH = 1000  # request rows fetched per refresh, around the scroll position: enough for any screen
 
@@ -3161,6 +3145,16 @@ class Connection:
     attempts: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Frame:
+    """Lines of a screen or of a tab's part of it, how its scrollable table pages, and what keys can pick from it."""
+    lines: list[Line]
+    page_rows: int = 1
+    total_rows: int = 0
+    session_ids: tuple[str, ...] = ()   # sessions Enter can open, in scroll order
+    user_names: tuple[str, ...] = ()
+
+
 def period_range(state: ViewState, settings: MonitorSettings, now: int,
                  auto_block_start: int | None = None) -> tuple[int | None, int]:
     """The selected period; the current automatic block is known from the last snapshot (`auto_block_start`)."""
@@ -3177,7 +3171,7 @@ def query_for(state: ViewState, settings: MonitorSettings, now: int, auto_block_
     offset = max(0, state.scroll - PAGE_FETCH // 4)
     return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key,
                  settings.limit_query(now), state.period == "b" and settings.block_mode == "auto", state.user,
-                 state.session_id)
+                 state.session_id, TABS[state.tab].fetch)
 
 
 def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Frame) -> tuple[ViewState, str]:
@@ -3193,10 +3187,13 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
         if not state.session_id:
             return state, ""
         return dataclasses.replace(state, session_id=None, scroll=state.selected), "refresh"
-    if key in ("\t", "KEY_BTAB") or key in "1234567" and len(key) == 1:
-        index = int(key) - 1 if key.isdigit() else (TABS.index(state.tab) + (1 if key == "\t" else -1)) % len(TABS)
-        return dataclasses.replace(state, tab=TABS[index], scroll=0, notice="", session_id=None), "refresh"
-    if key in ("\n", "\r", "KEY_ENTER") and state.tab == "sessions" and frame.session_ids and not state.session_id:
+    names = list(TABS)
+    digits = [str(number) for number in range(1, len(names) + 1)]
+    if key in digits or key in ("\t", "KEY_BTAB"):
+        step = 1 if key == "\t" else -1
+        index = digits.index(key) if key in digits else (names.index(state.tab) + step) % len(names)
+        return dataclasses.replace(state, tab=names[index], scroll=0, notice="", session_id=None), "refresh"
+    if key in ("\n", "\r", "KEY_ENTER") and frame.session_ids:
         selected = min(state.scroll, len(frame.session_ids) - 1)
         return dataclasses.replace(state, session_id=frame.session_ids[selected], selected=selected, scroll=0), \
             "refresh"
@@ -3217,7 +3214,7 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
     moves = {"KEY_UP": -1, "k": -1, "KEY_DOWN": 1, "j": 1, "KEY_PPAGE": -frame.page_rows,
              "KEY_NPAGE": frame.page_rows, "KEY_HOME": -10 ** 12, "KEY_END": 10 ** 12}
     if key in moves:
-        selecting = state.tab == "sessions" and not state.session_id
+        selecting = bool(frame.session_ids)  # the scroll is the selected row, which may be the last
         last = max(0, frame.total_rows - (1 if selecting else frame.page_rows))
         scroll = min(max(0, state.scroll + moves[key]), last)
         return dataclasses.replace(state, scroll=scroll), "refresh" if scroll != state.scroll else ""
@@ -3239,6 +3236,16 @@ class Glyphs:
     @classmethod
     def for_terminal(cls, unicode: bool) -> Glyphs:
         return cls("█", "░", "─", "●") if unicode else cls("#", ".", "-", "*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Screen:
+    """What every render function draws for."""
+    settings: MonitorSettings
+    width: int
+    rows: int                   # lines it may fill
+    now: int
+    glyphs: Glyphs
 
 
 def line_text(line: Line) -> str:
@@ -3314,23 +3321,25 @@ def level_style(fraction: float) -> str:
 
 
 # -- sections
-def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, settings: MonitorSettings,
-                 width: int, now: int, glyphs: Glyphs) -> list[Line]:
+def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Screen) -> list[Line]:
+    settings, width = screen.settings, screen.width
     title = pad_between(" ccmon - Claude Code usage monitor", f"v{VERSION} ", width)
-    titles = TAB_TITLES if sum(len(t) + 3 for t in TAB_TITLES.values()) < width else TAB_SHORT_TITLES
+    titles = [tab.title for tab in TABS.values()]
+    if sum(len(t) + 3 for t in titles) >= width:
+        titles = [f"{number} {tab.short_title}" for number, tab in enumerate(TABS.values(), start=1)]
     tabs: Line = [(" ", "")]
-    for tab in TABS:
-        tabs += [(f" {titles[tab]} ", "tab_active" if tab == state.tab else "tab"), (" ", "")]
+    for name, tab_title in zip(TABS, titles):
+        tabs += [(f" {tab_title} ", "tab_active" if name == state.tab else "tab"), (" ", "")]
     wide = width >= 60
     if conn.connected:
-        link: Segment = (f" {glyphs.dot} connected" + (f" {settings.server}" if wide else ""), "good")
+        link: Segment = (f" {screen.glyphs.dot} connected" + (f" {settings.server}" if wide else ""), "good")
     elif conn.attempts == 0:
-        link = (f" {glyphs.dot} connecting to {settings.server}", "warn")
+        link = (f" {screen.glyphs.dot} connecting to {settings.server}", "warn")
     else:
-        wait = max(0, -(-(conn.retry_at_ms - now) // 1000))
+        wait = max(0, -(-(conn.retry_at_ms - screen.now) // 1000))
         reason = f" ({conn.error})" if wide else ""
-        link = (f" {glyphs.dot} disconnected{reason} - retrying in {wait}s", "bad")
-    filter_text = "last 30 days" if state.tab == "daily" else PERIODS[state.period][0]
+        link = (f" {screen.glyphs.dot} disconnected{reason} - retrying in {wait}s", "bad")
+    filter_text = TABS[state.tab].fixed_period or PERIODS[state.period][0]
     order = "oldest first" if state.oldest_first else "newest first"
     updated = f"updated {local_time(snap.taken_ms, settings.zone, '%H:%M:%S')}" if snap else "no data yet"
     details = ""
@@ -3341,29 +3350,30 @@ def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, sett
     return [[(title, "title")], tabs, [link, (details, "dim")]]
 
 
-def usage_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int,
-                glyphs: Glyphs) -> list[Line]:
+def usage_lines(snap: Snapshot, state: ViewState, screen: Screen) -> list[Line]:
     start, end = snap.query.start_ms, snap.query.end_ms
+    period = snap.data.period
     columns = [Column("", 8, 0, left=True), Column("Requests", 8, 1), Column("Limited", 8, 2),
                Column("Cache", 8, 4), Column("Total", 8, 3), Column("Cost", 10, 1), Column("Burn rate", 12, 5)]
     rows = []
-    for name, usage, style in (("Base", snap.period.base, ""), ("Premium", snap.period.premium, ""),
-                               ("Total", snap.period.total, "bold")):
+    for name, usage, style in (("Base", period.base, ""), ("Premium", period.premium, ""),
+                               ("Total", period.total, "bold")):
         rate = "-" if start is None or name != "Premium" else format_rate(per_minute(usage.limited, end - start))
         rows.append(([name, format_count(usage.requests), format_count(usage.limited), format_count(usage.cache),
                       format_count(usage.total), format_cost(usage.cost_nanos), rate], style))
-    header, body = table_lines(columns, rows, width)
-    return [rule(f"Usage - {PERIODS[state.period][0]}", width, glyphs), header, *body]
+    header, body = table_lines(columns, rows, screen.width)
+    return [rule(f"Usage - {PERIODS[state.period][0]}", screen.width, screen.glyphs), header, *body]
 
 
-def block_lines(snap: Snapshot, settings: MonitorSettings, width: int, now: int, glyphs: Glyphs) -> list[Line]:
+def block_lines(snap: Snapshot, screen: Screen) -> list[Line]:
     limits = snap.limits
     if limits is None or snap.query.limits is None:
         return [[("Block tracking is off: start with -b auto (or -b 5am for fixed 5-hour windows).", "dim")]]
+    settings, width, glyphs = screen.settings, screen.width, screen.glyphs
     zone = settings.zone
     bar_width = max(5, min(40, width - 35))
     lines: list[Line] = []
-    status = block_status(limits, now)
+    status = block_status(limits, screen.now)
     alert_at = min(settings.alerts) if settings.alerts else 101
     if settings.block_mode is not None and status is None:
         lines.append(rule("Block (auto)", width, glyphs))
@@ -3388,7 +3398,7 @@ def block_lines(snap: Snapshot, settings: MonitorSettings, width: int, now: int,
                       (f" {time_fraction * 100:3.0f}% {format_duration(status.remaining_ms)} left, ends "
                        f"{local_time(status.end_ms, zone)}", "")])
         lines.append(projection_line(status, zone, width))
-    lines.append(weekly_line(limits, settings, width, glyphs, alert_at, now))
+    lines.append(weekly_line(limits, screen, alert_at))
     return lines
 
 
@@ -3399,18 +3409,18 @@ def weekly_reached_ms(used: int, limit: int, rate: float, now: int) -> int | Non
     return now + int((limit - used) / rate * 60_000) if rate > 0 else None
 
 
-def weekly_line(limits: LimitFigures, settings: MonitorSettings, width: int, glyphs: Glyphs, alert_at: int,
-                now: int) -> Line:
+def weekly_line(limits: LimitFigures, screen: Screen, alert_at: int) -> Line:
     """Rolling 7 days of premium tokens, by family, against claude.weekly_max_tokens when set."""
+    settings = screen.settings
     premium = weekly_premium(limits)
     families = ", ".join(f"{family} {format_count(u.limited)}" for family, u in limits.weekly if family != "haiku")
     detail = f" ({families})" if families else ""
     if settings.weekly_limit:
         fraction = premium.limited / settings.weekly_limit
         style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
-        reached = weekly_reached_ms(premium.limited, settings.weekly_limit, limits.recent_rate, now)
+        reached = weekly_reached_ms(premium.limited, settings.weekly_limit, limits.recent_rate, screen.now)
         pace = "" if reached is None else f", limit {local_time(reached, settings.zone, '%a %H:%M')} at this pace"
-        return [("Week   ", ""), (bar(fraction, max(5, min(40, width - 35)), glyphs), style),
+        return [("Week   ", ""), (bar(fraction, max(5, min(40, screen.width - 35)), screen.glyphs), style),
                 (f" {fraction * 100:3.0f}%  {format_count(premium.limited)} / {format_count(settings.weekly_limit)}"
                  f"{pace}{detail}", "")]
     return [(f"Week   {format_count(premium.limited)} premium tokens, {format_cost(premium.cost_nanos)}{detail}",
@@ -3434,44 +3444,54 @@ def projection_line(status: BlockStatus, zone: ZoneInfo, width: int) -> Line:
     return [(pace + (long if len(pace + long) <= width else short), style)]
 
 
-def request_table(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int,
-                  rows_available: int, glyphs: Glyphs) -> tuple[list[Line], int]:
+# -- tabs: each renders its snapshot's data into the rows left below the block figures
+def requests_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
+    page: RequestsPage = snap.data
     long_period = snap.query.start_ms is None or snap.query.end_ms - snap.query.start_ms > 86400_000
     time_format, time_width = ("%m-%d %H:%M", 11) if long_period else ("%H:%M:%S", 8)
     columns = [Column("Time", time_width, 0, left=True), Column("Model", 17, 0, left=True, flex=28),
                Column("Input", 7, 3), Column("Output", 7, 3), Column("Cache", 7, 4), Column("Total", 7, 1),
                Column("Cost", 9, 1), Column("Dur", 6, 5), Column("Session", 8, 6, left=True)]
-    page_rows = max(1, rows_available - 2)
-    shown = snap.requests[state.scroll - snap.query.offset:][:page_rows] if state.scroll >= snap.query.offset else ()
-    rows = [([local_time(r.ts_ms, settings.zone, time_format), short_model(r.model), format_count(r.usage.input),
-              format_count(r.usage.output), format_count(r.usage.cache), format_count(r.usage.total),
-              format_cost(r.usage.cost_nanos), format_duration(r.usage.duration_ms), r.session_id[:8]], "")
+    page_rows = max(1, screen.rows - 2)
+    shown = page.requests[state.scroll - snap.query.offset:][:page_rows] if state.scroll >= snap.query.offset else ()
+    rows = [([local_time(r.ts_ms, screen.settings.zone, time_format), short_model(r.model),
+              format_count(r.usage.input), format_count(r.usage.output), format_count(r.usage.cache),
+              format_count(r.usage.total), format_cost(r.usage.cost_nanos), format_duration(r.usage.duration_ms),
+              r.session_id[:8]], "")
             for r in shown]
     first = state.scroll + 1 if shown else 0
-    title = f"Requests {first}-{state.scroll + len(shown)} of {snap.period_requests}"
-    header, body = table_lines(columns, rows, width)
-    return [rule(title, width, glyphs), header, *body], page_rows
+    title = f"Requests {first}-{state.scroll + len(shown)} of {page.total}"
+    header, body = table_lines(columns, rows, screen.width)
+    return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, page.total)
 
 
-def daily_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
-                now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
+def daily_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
+    days: tuple[tuple[str, Split], ...] = snap.data
+    zone = screen.settings.zone
     columns = [Column("Date", 10, 0, left=True), Column("Base", 5, 3), Column("Prem", 5, 1), Column("Input", 6, 4),
                Column("Output", 6, 2), Column("CacheR", 6, 5), Column("CacheW", 6, 5), Column("Total", 6, 2),
                Column("Burn", 8, 6), Column("Prem $", 9, 1)]
     rows, total = [], Split()
-    for date, split in snap.days:
+    for date, split in days:
         total = Split(total.base + split.base, total.premium + split.premium)
         day = dt.date.fromisoformat(date)
-        day_start, next_day = (ms_from_datetime(dt.datetime.combine(d, dt.time(), settings.zone))
+        day_start, next_day = (ms_from_datetime(dt.datetime.combine(d, dt.time(), zone))
                                for d in (day, day + dt.timedelta(days=1)))
-        elapsed_ms = min(now, next_day) - day_start  # DST days have 23 or 25 hours
+        elapsed_ms = min(screen.now, next_day) - day_start  # DST days have 23 or 25 hours
         rows.append(_daily_cells(date, split, format_rate(per_minute(split.premium.limited, elapsed_ms))))
-    page_rows = max(1, rows_available - 3)
+    page_rows = max(1, screen.rows - 3)
     body_rows = [(cells, "") for cells in rows[state.scroll:state.scroll + page_rows]]
     body_rows.append((_daily_cells("Total", total, ""), "bold"))
-    header, body = table_lines(columns, body_rows, width)
-    title = f"Daily usage - last {len(snap.days)} days ({settings.zone.key})"
-    return [rule(title, width, glyphs), header, *body], page_rows, len(snap.days)
+    header, body = table_lines(columns, body_rows, screen.width)
+    title = f"Daily usage - last {len(days)} days ({zone.key})"
+    return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(days))
+
+
+def _daily_cells(label: str, split: Split, burn: str) -> list[str]:
+    p = split.premium
+    return [label, format_count(split.base.requests), format_count(p.requests), format_count(p.input),
+            format_count(p.output), format_count(p.cache_read), format_count(p.cache_creation),
+            format_count(p.total), burn, format_cost(p.cost_nanos)]
 
 
 def share_cell(part: int, whole: int, glyphs: Glyphs, width: int = 8) -> str:
@@ -3483,39 +3503,51 @@ def average_ms(total_ms: int, count: int) -> str:
     return format_duration(total_ms // count) if count else "-"
 
 
-def models_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
-                 now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
+def models_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
+    models: tuple[tuple[str, Usage], ...] = snap.data
     columns = [Column("Model", 17, 0, left=True, flex=28), Column("Req", 6, 1), Column("Input", 7, 3),
                Column("Output", 7, 3), Column("Cache", 7, 4), Column("Cost", 9, 1), Column("Share of cost", 13, 2),
                Column("Avg dur", 7, 5), Column("TTFT", 6, 6)]
-    total = sum((usage for _, usage in snap.models), Usage())
+    total = sum((usage for _, usage in models), Usage())
     rows = [([short_model(model), format_count(u.requests), format_count(u.input), format_count(u.output),
-              format_count(u.cache), format_cost(u.cost_nanos), share_cell(u.cost_nanos, total.cost_nanos, glyphs),
-              average_ms(u.duration_ms, u.requests), average_ms(u.ttft_ms, u.ttft_count)], "")
-            for model, u in snap.models]
-    page_rows = max(1, rows_available - 3)
+              format_count(u.cache), format_cost(u.cost_nanos),
+              share_cell(u.cost_nanos, total.cost_nanos, screen.glyphs), average_ms(u.duration_ms, u.requests),
+              average_ms(u.ttft_ms, u.ttft_count)], "")
+            for model, u in models]
+    page_rows = max(1, screen.rows - 3)
     shown = rows[state.scroll:state.scroll + page_rows]
     shown.append((["Total", format_count(total.requests), format_count(total.input), format_count(total.output),
                    format_count(total.cache), format_cost(total.cost_nanos), "", average_ms(total.duration_ms,
                    total.requests), average_ms(total.ttft_ms, total.ttft_count)], "bold"))
-    header, body = table_lines(columns, shown, width)
-    return [rule(f"Models - {PERIODS[state.period][0]}", width, glyphs), header, *body], page_rows, len(rows)
+    header, body = table_lines(columns, shown, screen.width)
+    title = f"Models - {PERIODS[state.period][0]}"
+    return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(rows))
 
 
-def sessions_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
-                   now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
-    several_users = len({row.user for row in snap.sessions}) > 1
+def sessions_or_timeline(client: Client, query: Query) -> tuple[SessionRow, ...] | tuple[TimelineRow, ...]:
+    """The period's sessions, or the timeline of the one opened with Enter."""
+    if query.session_id:
+        return client.timeline(query.session_id)
+    return client.sessions(query.start_ms, query.end_ms, query.user)
+
+
+def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
+    if state.session_id:
+        return timeline_lines(snap, state, screen)
+    sessions: tuple[SessionRow, ...] = snap.data
+    several_users = len({row.user for row in sessions}) > 1
     columns = [Column("Session", 8, 0, left=True), Column("User", 14, 6, left=True, flex=24),
                Column("Started", 11, 2, left=True), Column("Dur", 6, 4), Column("Req", 5, 1), Column("Tokens", 7, 3),
                Column("Cost", 9, 0), Column("Models", 20, 5, left=True, flex=40), Column("Tools", 5, 7),
                Column("Fail", 4, 7), Column("Err", 4, 7), Column("Source", 7, 8, left=True)]
-    page_rows = max(1, rows_available - 2)
-    top = min(max(0, state.scroll - page_rows // 2), max(0, len(snap.sessions) - page_rows))
+    page_rows = max(1, screen.rows - 2)
+    top = min(max(0, state.scroll - page_rows // 2), max(0, len(sessions) - page_rows))
     rows = []
-    for index, row in enumerate(snap.sessions[top:top + page_rows], start=top):
+    for index, row in enumerate(sessions[top:top + page_rows], start=top):
         total = row.split.total
         models = ",".join(short_model(m).removeprefix("claude-") for m in row.models)
-        rows.append(([row.session_id[:8], row.user or "-", local_time(row.first_ms, settings.zone, "%m-%d %H:%M"),
+        rows.append(([row.session_id[:8], row.user or "-",
+                      local_time(row.first_ms, screen.settings.zone, "%m-%d %H:%M"),
                       format_duration(row.last_ms - row.first_ms), format_count(total.requests),
                       format_count(total.total), format_cost(total.cost_nanos), models, str(row.tool_calls),
                       str(row.tool_failures), str(row.api_errors), "metrics" if row.from_metrics else "events"],
@@ -3523,9 +3555,10 @@ def sessions_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, 
     if not several_users:  # one person's server: no User column
         columns = columns[:1] + columns[2:]
         rows = [(cells[:1] + cells[2:], style) for cells, style in rows]
-    header, body = table_lines(columns, rows, width)
-    title = f"Sessions - {PERIODS[state.period][0]} ({len(snap.sessions)}) - Enter: details"
-    return [rule(title, width, glyphs), header, *body], page_rows, len(snap.sessions)
+    header, body = table_lines(columns, rows, screen.width)
+    title = f"Sessions - {PERIODS[state.period][0]} ({len(sessions)}) - Enter: details"
+    return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(sessions),
+                 tuple(row.session_id for row in sessions))
 
 
 def timeline_detail(row: TimelineRow) -> tuple[str, str, str, str]:
@@ -3549,23 +3582,23 @@ def timeline_detail(row: TimelineRow) -> tuple[str, str, str, str]:
     return "", "", "", ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if k != "event.sequence")
 
 
-def timeline_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int,
-                   rows_available: int, glyphs: Glyphs) -> tuple[list[Line], int]:
+def timeline_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
+    timeline: tuple[TimelineRow, ...] = snap.data
     columns = [Column("Time", 8, 0, left=True), Column("Event", 17, 0, left=True),
                Column("Model/tool", 12, 1, left=True, flex=20), Column("Tokens", 7, 2), Column("Cost", 9, 2),
                Column("Detail", 10, 3, left=True, flex=200)]
-    page_rows = max(1, rows_available - 2)
-    rows = [([local_time(row.ts_ms, settings.zone, "%H:%M:%S"), row.kind, *timeline_detail(row)], "")
-            for row in snap.timeline[state.scroll:state.scroll + page_rows]]
-    header, body = table_lines(columns, rows, width)
-    title = f"Session {state.session_id} ({len(snap.timeline)} entries) - Esc: back"
-    return [rule(title, width, glyphs), header, *body], page_rows
+    page_rows = max(1, screen.rows - 2)
+    rows = [([local_time(row.ts_ms, screen.settings.zone, "%H:%M:%S"), row.kind, *timeline_detail(row)], "")
+            for row in timeline[state.scroll:state.scroll + page_rows]]
+    header, body = table_lines(columns, rows, screen.width)
+    title = f"Session {state.session_id} ({len(timeline)} entries) - Esc: back"
+    return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(timeline))
 
 
-def tools_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
-                now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
-    data = snap.tools or ToolsData((), (), (), 0)
-    page_rows = max(1, rows_available - 6 - min(len(data.errors), 3))  # room below for decisions and errors
+def tools_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
+    data: ToolsData = snap.data
+    width, glyphs = screen.width, screen.glyphs
+    page_rows = max(1, screen.rows - 6 - min(len(data.errors), 3))  # room below for decisions and errors
     tools = [([tool, format_count(calls), f"{ok / calls * 100:.0f}%" if calls else "-", format_duration(p50),
                format_duration(p95)], "" if ok == calls else "warn")
              for tool, calls, ok, p50, p95 in data.tools[state.scroll:state.scroll + page_rows]]
@@ -3579,48 +3612,67 @@ def tools_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, wid
                                 Column("Errors", 6, 0)], errors, width)
     lines += [rule("API errors", width, glyphs), header, *body,
               [(f"Retries exhausted: {data.retries_exhausted}", "bad" if data.retries_exhausted else "")]]
-    return lines[:max(0, rows_available)], page_rows, len(data.tools)
+    return Frame(lines[:max(0, screen.rows)], page_rows, len(data.tools))
 
 
-def users_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
-                now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
+def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     columns = [Column("User", 14, 0, left=True, flex=36), Column("Sessions", 8, 2), Column("Req", 6, 1),
                Column("Tokens", 7, 1), Column("Premium", 7, 3), Column("Cost", 9, 0), Column("Share of cost", 13, 2)]
     whole = sum(split.total.cost_nanos for _, split, _ in snap.users)
-    page_rows = max(1, rows_available - 2)
+    page_rows = max(1, screen.rows - 2)
     rows = [([user or "(unknown)", str(sessions), format_count(split.total.requests), format_count(split.total.total),
               format_count(split.premium.limited), format_cost(split.total.cost_nanos),
-              share_cell(split.total.cost_nanos, whole, glyphs)], "tab_active" if user and user == state.user else "")
+              share_cell(split.total.cost_nanos, whole, screen.glyphs)],
+             "tab_active" if user and user == state.user else "")
             for user, split, sessions in snap.users[state.scroll:state.scroll + page_rows]]
-    header, body = table_lines(columns, rows, width)
+    header, body = table_lines(columns, rows, screen.width)
     title = f"Users by cost - {PERIODS[state.period][0]} - u: filter by user"
-    return [rule(title, width, glyphs), header, *body], page_rows, len(snap.users)
+    return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(snap.users))
 
 
-def blocks_lines(snap: Snapshot, state: ViewState, settings: MonitorSettings, width: int, rows_available: int,
-                 now: int, glyphs: Glyphs) -> tuple[list[Line], int, int]:
-    limit = snap.limits.limit if snap.limits else settings.limit
+def blocks_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
+    blocks: tuple[tuple[int, int, Split], ...] = snap.data
+    zone = screen.settings.zone
+    limit = snap.limits.limit if snap.limits else screen.settings.limit
     columns = [Column("Block", 17, 0, left=True), Column("Req", 5, 1), Column("Premium", 7, 0),
                Column("Tokens", 7, 2), Column("Cost", 9, 0), Column("Of limit", 13, 1)]
-    page_rows = max(1, rows_available - 2)
+    page_rows = max(1, screen.rows - 2)
     rows = []
-    for start, end, split in snap.blocks[state.scroll:state.scroll + page_rows]:
+    for start, end, split in blocks[state.scroll:state.scroll + page_rows]:
         used = split.premium.limited
-        share = share_cell(used, limit, glyphs) if limit else "-"
-        label = f"{local_time(start, settings.zone, '%m-%d %H:%M')}-{local_time(end, settings.zone)}"
+        share = share_cell(used, limit, screen.glyphs) if limit else "-"
+        label = f"{local_time(start, zone, '%m-%d %H:%M')}-{local_time(end, zone)}"
         rows.append(([label, format_count(split.total.requests), format_count(used), format_count(split.total.total),
-                      format_cost(split.total.cost_nanos), share], "good" if start <= now < end else ""))
-    header, body = table_lines(columns, rows, width)
-    title = f"Blocks - {PERIODS[state.period][0]} ({len(snap.blocks)}; 5 hours from the first request)"
-    return [rule(title, width, glyphs), header, *body], page_rows, len(snap.blocks)
+                      format_cost(split.total.cost_nanos), share], "good" if start <= screen.now < end else ""))
+    header, body = table_lines(columns, rows, screen.width)
+    title = f"Blocks - {PERIODS[state.period][0]} ({len(blocks)}; 5 hours from the first request)"
+    return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(blocks))
 
 
-def _daily_cells(label: str, split: Split, burn: str) -> list[str]:
-    p = split.premium
-    return [label, format_count(split.base.requests), format_count(p.requests), format_count(p.input),
-            format_count(p.output), format_count(p.cache_read), format_count(p.cache_creation),
-            format_count(p.total), burn, format_cost(p.cost_nanos)]
+@dataclasses.dataclass(frozen=True)
+class Tab:
+    """One monitor tab, described once: the tab strip, digit keys, help and footer all come from TABS."""
+    name: str                                                   # ViewState.tab and Query.tab
+    title: str                                                  # in the tab strip
+    short_title: str                                            # on narrow screens, after the tab's digit
+    render: Callable[[Snapshot, ViewState, Screen], Frame]      # its lines below the block figures
+    fetch: Callable[[Client, Query], Any] | None = None         # its Snapshot.data, if it needs any
+    summary: Callable[[Snapshot, ViewState, Screen], list[Line]] | None = None  # its lines above them
+    fixed_period: str = ""                                      # shown whatever the period keys chose
 
+
+TABS = {tab.name: tab for tab in (
+    Tab("current", "Current", "Now", requests_lines, Client.requests_page, summary=usage_lines),
+    Tab("daily", "Daily Usage", "Day", daily_lines, lambda client, q: client.days(None, q.end_ms, q.timezone, q.user),
+        fixed_period="last 30 days"),
+    Tab("models", "Models", "Mod", models_lines, lambda client, q: client.models(q.start_ms, q.end_ms, q.user)),
+    Tab("sessions", "Sessions", "Ses", sessions_lines, sessions_or_timeline),
+    Tab("tools", "Tools & errors", "Tool", tools_lines, lambda client, q: client.tools(q.start_ms, q.end_ms, q.user)),
+    Tab("users", "Users", "User", users_lines),  # every snapshot has the users
+    Tab("blocks", "Blocks", "Blk", blocks_lines,
+        lambda client, q: tuple(reversed(client.blocks(q.start_ms, q.end_ms, q.user)))),  # newest first
+)}
+TAB_KEYS = f"1-{len(TABS)}"
 
 WAITING_TEXT = [
     "Waiting for data: this server has not received any Claude Code request yet.",
@@ -3640,7 +3692,7 @@ HELP_TEXT = [
     "w  last 7 days      m  last 30 days",
     "a  all time         b  current block",
     "o  sort order       r  refresh now",
-    "Tab/Shift-Tab or 1-7  switch tab",
+    f"Tab/Shift-Tab or {TAB_KEYS}  switch tab",
     "arrows/j/k PgUp/PgDn Home/End  scroll",
     "Enter  a session's events   Esc  back",
     "u  next user (team servers)",
@@ -3648,8 +3700,8 @@ HELP_TEXT = [
     "",
     "Press any key to close.",
 ]
-FOOTER = "h/d/w/m/a/b period  o order  Tab/1-7 tab  u user  ? help  q quit"
-FOOTER_SHORT = "h/d/w/m/a/b  o  1-7  u  ? help  q quit"
+FOOTER = f"h/d/w/m/a/b period  o order  Tab/{TAB_KEYS} tab  u user  ? help  q quit"
+FOOTER_SHORT = f"h/d/w/m/a/b  o  {TAB_KEYS}  u  ? help  q quit"
 
 
 def boxed(text: list[str], width: int, height: int, glyphs: Glyphs) -> list[Line]:
@@ -3665,56 +3717,35 @@ def boxed(text: list[str], width: int, height: int, glyphs: Glyphs) -> list[Line
     return body
 
 
-@dataclasses.dataclass(frozen=True)
-class Frame:
-    """One screen: its lines, how the scrollable table on it pages, and what keys can pick from it."""
-    lines: list[Line]
-    page_rows: int = 1
-    total_rows: int = 0
-    session_ids: tuple[str, ...] = ()
-    user_names: tuple[str, ...] = ()
-
-
-def render(state: ViewState, conn: Connection, snap: Snapshot | None, settings: MonitorSettings,
-           width: int, height: int, now: int, glyphs: Glyphs) -> Frame:
-    """The whole screen as at most `height` lines of at most `width` characters."""
+def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Screen) -> Frame:
+    """The whole screen as at most `screen.rows` lines of at most `screen.width` characters."""
+    width, height = screen.width, screen.rows
     if width < MIN_SIZE[0] or height < MIN_SIZE[1]:
         return Frame([[(f"terminal too small: {width}x{height}, need {MIN_SIZE[0]}x{MIN_SIZE[1]}"[:width], "bad")]])
-    page_rows, total_rows = 1, 0
-    lines = header_lines(state, conn, snap, settings, width, now, glyphs)
+    tab_frame = Frame([])
+    lines = header_lines(state, conn, snap, screen)
     hint = FOOTER if len(FOOTER) <= width else FOOTER_SHORT
     footer: Line = [(state.notice or hint, "warn" if state.notice else "dim")]
     room = height - len(lines) - 1
     if state.help:
-        lines += boxed(HELP_TEXT, width, room, glyphs)
+        lines += boxed(HELP_TEXT, width, room, screen.glyphs)
     elif snap is None:
         message = "Connecting to the ccmon server..." if conn.attempts == 0 else \
-            f"Cannot reach the ccmon server at {settings.server}: {conn.error}. Is 'ccmon --server' running?"
+            f"Cannot reach the ccmon server at {screen.settings.server}: {conn.error}. Is 'ccmon --server' running?"
         lines += [[("", "")], [(message, "warn")]]
     elif snap.server_requests == 0:
-        lines += boxed([t.format(server=settings.server) for t in WAITING_TEXT], width, room, glyphs)
+        lines += boxed([t.format(server=screen.settings.server) for t in WAITING_TEXT], width, room, screen.glyphs)
+    elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):  # another tab's data
+        lines += block_lines(snap, screen) + [[("Loading...", "dim")]]
     else:
-        body = block_lines(snap, settings, width, now, glyphs)
-        if state.tab == "current" and snap.query.tab == "current":
-            body = usage_lines(snap, state, settings, width, glyphs) + body
-            table, page_rows = request_table(snap, state, settings, width, room - len(body), glyphs)
-            body, total_rows = body + table, snap.period_requests
-        elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):
-            body += [[("Loading...", "dim")]]
-        elif state.session_id:
-            table, page_rows = timeline_lines(snap, state, settings, width, room - len(body), glyphs)
-            body, total_rows = body + table, len(snap.timeline)
-        else:
-            section = {"daily": daily_lines, "models": models_lines, "sessions": sessions_lines,
-                       "tools": tools_lines, "users": users_lines, "blocks": blocks_lines}[state.tab]
-            table, page_rows, total_rows = section(snap, state, settings, width, room - len(body), now, glyphs)
-            body += table
-        lines += body
+        tab = TABS[state.tab]
+        above = (tab.summary(snap, state, screen) if tab.summary else []) + block_lines(snap, screen)
+        tab_frame = tab.render(snap, state, dataclasses.replace(screen, rows=room - len(above)))
+        lines += above + tab_frame.lines
     lines = lines[:height - 1]
     lines += [[("", "")]] * (height - 1 - len(lines)) + [footer]
-    sessions = tuple(row.session_id for row in snap.sessions) if snap else ()
-    return Frame([clip(line, width) for line in lines], page_rows, total_rows, sessions,
-                 snap.user_names if snap else ())
+    return Frame([clip(line, width) for line in lines], tab_frame.page_rows, tab_frame.total_rows,
+                 tab_frame.session_ids, tuple(name for name, _, _ in snap.users) if snap else ())
 
 
 # ---------------------------------------------------------------- Curses loop: polling thread, keys, drawing
@@ -3801,17 +3832,17 @@ def key_name(curses_module, key: int) -> str:
     return chr(key)
 
 
-def draw(curses_module, screen, lines: list[Line], attributes: dict[str, int]) -> None:
-    screen.erase()
-    height, width = screen.getmaxyx()
+def draw(curses_module, window, lines: list[Line], attributes: dict[str, int]) -> None:
+    window.erase()
+    height, width = window.getmaxyx()
     for y, line in enumerate(lines[:height]):
         x = 0
         for text, style in line:
             text = text[:width - x - (1 if y == height - 1 else 0)]  # never write the bottom-right cell
             if text:
-                screen.addstr(y, x, text, attributes.get(style, 0))
+                window.addstr(y, x, text, attributes.get(style, 0))
             x += len(text)
-    screen.noutrefresh()
+    window.noutrefresh()
     curses_module.doupdate()  # one update per frame: no flicker
 
 
@@ -3862,60 +3893,72 @@ def run_alert_command(command: str, environment: dict[str, str]) -> None:
         log.warning("alert_command failed: %s", exc)
 
 
-def run_monitor(config: Config) -> int:
-    import curses
+@contextlib.contextmanager
+def terminal(curses_module):
+    """The terminal in curses mode as (window, style attributes, glyphs), restored however the monitor ends."""
     import locale
-    locale.setlocale(locale.LC_ALL, "")
-    settings = MonitorSettings.from_config(config)
+    locale.setlocale(locale.LC_ALL, "")  # before initscr, so curses writes the terminal's encoding
     # The C library's codeset, not Python's (UTF-8 mode makes Python say UTF-8 in the C locale).
     unicode = "utf" in locale.nl_langinfo(locale.CODESET).lower().replace("-", "")
-    glyphs = Glyphs.for_terminal(unicode)
+    window = curses_module.initscr()
+    try:
+        curses_module.noecho()
+        curses_module.cbreak()
+        window.keypad(True)
+        if curses_module.tigetstr("civis"):  # terminals that cannot hide the cursor raise instead
+            curses_module.curs_set(0)
+        curses_module.set_escdelay(25)  # Esc closes a session's timeline at once, not after a second
+        if curses_module.has_colors():
+            curses_module.start_color()
+            curses_module.use_default_colors()  # the terminal's own colours as the base
+        use_color = curses_module.has_colors() and "NO_COLOR" not in os.environ
+        window.timeout(250)
+        yield window, curses_attributes(curses_module, use_color), Glyphs.for_terminal(unicode)
+    finally:
+        window.keypad(False)
+        curses_module.echo()
+        curses_module.nocbreak()
+        curses_module.endwin()
+
+
+def run_monitor(config: Config) -> int:
+    import curses
+    settings = MonitorSettings.from_config(config)
     client = Client.for_config(config)
     state = ViewState(period="b" if settings.block_mode is not None else "a", notice=alert_setup_problem(settings))
     poller = Poller(client, settings)
     poller.request(state)
     fired: set[tuple] = set()
-
-    def loop(screen) -> None:
-        nonlocal state
-        curses.curs_set(0) if curses.tigetstr("civis") else None
-        curses.set_escdelay(25)  # Esc closes a session's timeline at once, not after a second
-        if curses.has_colors():
-            curses.use_default_colors()  # the terminal's own colours as the base (curses.wrapper started colour)
-        use_color = curses.has_colors() and "NO_COLOR" not in os.environ
-        attributes = curses_attributes(curses, use_color)
-        screen.timeout(250)
-        shown_version, shown_second, frame = -1, -1, Frame([])
-        while True:
-            height, width = screen.getmaxyx()
-            now = now_ms()
-            if (poller.version, now // 1000) != (shown_version, shown_second):
-                snap, conn, version = poller.latest()
-                if version != shown_version and snap is not None:
-                    for _, message, environment in due_alerts(snap.limits, settings, now, fired):
-                        curses.beep()
-                        state = dataclasses.replace(state, notice=message)
-                        if settings.alert_command:
-                            run_alert_command(settings.alert_command, environment)
-                shown_version, shown_second = version, now // 1000
-                frame = render(state, conn, snap, settings, width, height, now, glyphs)
-                draw(curses, screen, frame.lines, attributes)
-            key = screen.getch()
-            if key == -1:
-                continue
-            if key == curses.KEY_RESIZE:
-                curses.update_lines_cols()
-                shown_version = -1
-                continue
-            state, action = handle_key(state, key_name(curses, key), settings, frame)
-            if action == "quit":
-                return
-            if action == "refresh":
-                poller.request(state)
-            shown_version = -1
-
     try:
-        curses.wrapper(loop)
+        with terminal(curses) as (window, attributes, glyphs):
+            shown_version, shown_second, frame = -1, -1, Frame([])
+            while True:
+                height, width = window.getmaxyx()
+                now = now_ms()
+                if (poller.version, now // 1000) != (shown_version, shown_second):
+                    snap, conn, version = poller.latest()
+                    if version != shown_version and snap is not None:
+                        for _, message, environment in due_alerts(snap.limits, settings, now, fired):
+                            curses.beep()
+                            state = dataclasses.replace(state, notice=message)
+                            if settings.alert_command:
+                                run_alert_command(settings.alert_command, environment)
+                    shown_version, shown_second = version, now // 1000
+                    frame = render(state, conn, snap, Screen(settings, width, height, now, glyphs))
+                    draw(curses, window, frame.lines, attributes)
+                key = window.getch()
+                if key == -1:
+                    continue
+                if key == curses.KEY_RESIZE:
+                    curses.update_lines_cols()
+                    shown_version = -1
+                    continue
+                state, action = handle_key(state, key_name(curses, key), settings, frame)
+                if action == "quit":
+                    break
+                if action == "refresh":
+                    poller.request(state)
+                shown_version = -1
     except KeyboardInterrupt:
         pass
     finally:

@@ -790,7 +790,7 @@ def _frame_fixture():
                                   usage(1, 1000 + k, 200 * k, 30000, 0, 12_345_000 * k + 1, 1500 * k))
                  for k, model in enumerate(models))
     query = ccmon.query_for(ccmon.ViewState(period="b"), settings, now)
-    return ccmon.Snapshot(query, now, 500, period=period, requests=rows, period_requests=12, limits=limits), \
+    return ccmon.Snapshot(query, now, 500, limits, data=ccmon.RequestsPage(period, rows, 12)), \
         settings, now
 
 
@@ -800,12 +800,12 @@ def daily_snapshot(settings, now):
         3 * k, 1000 * k, 500 * k, 20000 * k, 700 * k, 250_000_000 * k))) for k in range(10))
     block = ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000))
     limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), block, 700.0, 35_000, None, ())
-    return ccmon.Snapshot(query, now, 500, days=days, limits=limits)
+    return ccmon.Snapshot(query, now, 500, limits, data=days)
 
 
 def frame_text(state, snap, settings, width, height, now, connection=None, unicode=False):
-    frame = ccmon.render(state, connection or ccmon.Connection(True, attempts=1), snap, settings, width, height,
-                         now, ccmon.Glyphs.for_terminal(unicode))
+    frame = ccmon.render(state, connection or ccmon.Connection(True, attempts=1), snap,
+                         ccmon.Screen(settings, width, height, now, ccmon.Glyphs.for_terminal(unicode)))
     return [ccmon.line_text(line) for line in frame.lines], frame
 
 
@@ -2201,7 +2201,7 @@ def insight_snapshot(settings, now, tab, **fields):
 def test_render_insight_tabs():
     settings, now = _settings(), local_ms("2026-05-05 13:00")
     usage = ccmon.Usage
-    state, snap = insight_snapshot(settings, now, "models", models=(
+    state, snap = insight_snapshot(settings, now, "models", data=(
         ("claude-opus-4-1-20250805", usage(1, 50, 5000, 0, 0, 2_250_000_000, 60000, 0, 0)),
         ("claude-sonnet-4-5", usage(2, 1007, 203, 0, 0, 625_000_000, 5000, 1300, 2))))
     lines, frame = frame_text(state, snap, settings, 100, 24, now)
@@ -2217,7 +2217,7 @@ def test_render_insight_tabs():
     rows = tuple(ccmon.SessionRow(f"s-{i}-0123456789", user, now - 3600_000 * (i + 1), now - 3600_000 * i, split,
                                   ("claude-sonnet-4-5", "claude-haiku-4-5"), 3, 1, i, i == 2)
                  for i, user in enumerate(["ana@example.com", "bo@example.com", "ana@example.com"]))
-    state, snap = insight_snapshot(settings, now, "sessions", sessions=rows)
+    state, snap = insight_snapshot(settings, now, "sessions", data=rows)
     state = dataclasses_replace(state, scroll=1)
     lines, frame = frame_text(state, snap, settings, 120, 24, now)
     assert frame.session_ids == tuple(r.session_id for r in rows) and frame.total_rows == 3
@@ -2227,8 +2227,8 @@ def test_render_insight_tabs():
     assert lines[11].split() == ["s-1-0123", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K", "$0.5100",
                                  "sonnet-4-5,haiku-4-5", "3", "1", "1", "events"]
     assert lines[12].split()[-1] == "metrics"
-    selected = ccmon.render(state, ccmon.Connection(True, attempts=1), snap, settings, 120, 24, now,
-                            ccmon.Glyphs.for_terminal(False)).lines[11]
+    selected = ccmon.render(state, ccmon.Connection(True, attempts=1), snap,
+                            ccmon.Screen(settings, 120, 24, now, ccmon.Glyphs.for_terminal(False))).lines[11]
     assert selected[0][1] == "tab_active"
     entered, action = ccmon.handle_key(state, "\n", settings, frame)
     assert (entered.session_id, action) == ("s-1-0123456789", "refresh")
@@ -2239,7 +2239,7 @@ def test_render_insight_tabs():
                                                                                     4000)), {}),
                 ccmon.TimelineRow(now - 30_000, "tool_result", None, {"tool_name": "Bash", "success": "false",
                                                                       "duration_ms": "3000"}))
-    state, snap = insight_snapshot(settings, now, "sessions", session_id="s-1-0123456789", timeline=timeline)
+    state, snap = insight_snapshot(settings, now, "sessions", session_id="s-1-0123456789", data=timeline)
     lines, _ = frame_text(state, snap, settings, 100, 24, now)
     assert lines[8].startswith("-- Session s-1-0123456789 (2 entries) - Esc: back --")
     assert lines[10].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "1.21K", "$0.5000", "in", "1.00K",
@@ -2247,19 +2247,18 @@ def test_render_insight_tabs():
     assert lines[11].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3000", "ms"]
     tools = ccmon.ToolsData((("Bash", 3, 2, 200, 3000),), (("accept", "config", 1),), (("529", "claude-opus-4-1", 1),),
                             1)
-    state, snap = insight_snapshot(settings, now, "tools", tools=tools)
+    state, snap = insight_snapshot(settings, now, "tools", data=tools)
     lines, _ = frame_text(state, snap, settings, 80, 24, now)
     assert lines[9].split() == ["Tool", "Calls", "Success", "p50", "p95"]
     assert lines[10].split() == ["Bash", "3", "67%", "200ms", "3.0s"]
     assert lines[11] == "Decisions: accept by config: 1"
     assert lines[14].split() == ["529", "claude-opus-4-1", "1"] and lines[15] == "Retries exhausted: 1"
     many = dataclasses_replace(tools, tools=tuple((f"Tool{i:02d}", 1, 1, 1, 1) for i in range(40)))
-    state, snap = insight_snapshot(settings, now, "tools", tools=many)
+    state, snap = insight_snapshot(settings, now, "tools", data=many)
     lines, frame = frame_text(dataclasses_replace(state, scroll=30), snap, settings, 80, 24, now)
     assert (frame.total_rows, frame.page_rows, lines[10].split()[0]) == (40, 8, "Tool30")
     assert "Retries exhausted: 1" in lines
-    state, snap = insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("", split, 1)),
-                                   user_names=("ana@example.com", ""))
+    state, snap = insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("", split, 1)))
     lines, frame = frame_text(state, snap, settings, 80, 24, now)
     assert lines[10].split() == ["ana@example.com", "2", "2", "1.53K", "1.20K", "$0.5100", "####....", "50%"]
     assert lines[11].split()[0] == "(unknown)"
@@ -2271,6 +2270,41 @@ def test_render_insight_tabs():
         assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
     narrow, _ = frame_text(state, snap, settings, 40, 12, now)
     assert narrow[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool"
+
+
+def test_adding_a_tab_is_one_entry_in_tabs():
+    """The tab strip, digit key, help, footer, fetch and render of a new tab all follow from its Tab."""
+    import types
+    source = (ROOT / "ccmon.py").read_text()
+    end_of_tabs = ")}\nTAB_KEYS"
+    notes = ('    Tab("notes", "Notes", "Note",\n'
+             '        lambda snap, state, screen: Frame([[(f"{snap.data} notes", "")]], 1, 3),\n'
+             '        lambda client, query: 3),\n')
+    assert source.count(end_of_tabs) == 1
+    module = types.ModuleType("ccmon_with_notes")
+    sys.modules[module.__name__] = module  # dataclasses look up their class's module
+    try:
+        exec(compile(source.replace(end_of_tabs, notes + end_of_tabs), "ccmon.py", "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    settings, now = _settings(), local_ms("2026-05-05 13:00")
+    state, action = module.handle_key(module.ViewState(), "8", settings, module.Frame([]))
+    assert (state.tab, action) == ("notes", "refresh")
+    query = module.query_for(state, settings, now)
+    snap = module.Snapshot(query, now, 500, data=query.fetch(None, query))
+
+    def text(width):
+        frame = module.render(state, module.Connection(True, attempts=1), snap,
+                              module.Screen(settings, width, 24, now, module.Glyphs.for_terminal(False)))
+        return [module.line_text(line) for line in frame.lines], frame
+
+    lines, frame = text(120)
+    assert lines[1].rstrip().endswith("   Blocks   Notes") and "3 notes" in lines
+    assert (frame.page_rows, frame.total_rows) == (1, 3)
+    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  ? help  q quit"
+    assert text(80)[0][1].rstrip().endswith("7 Blk   8 Note")
+    assert "Tab/Shift-Tab or 1-8  switch tab" in module.HELP_TEXT
+    assert module.handle_key(state, "\t", settings, frame)[0].tab == "current"
 
 
 # ---------------------------------------------------------------- limits: automatic blocks, learned limit, weekly, alerts
@@ -2440,7 +2474,8 @@ def test_weekly_gauge_and_its_projection():
     limits = ccmon.LimitFigures(None, ccmon.Split(), 50.0, 10_000, None,
                                 (("opus", ccmon.Usage(3, 20_000, 5_000)), ("sonnet", ccmon.Usage(9, 40_000, 5_000)),
                                  ("haiku", ccmon.Usage(2, 999, 1))))
-    line = ccmon.line_text(ccmon.weekly_line(limits, settings, 120, ccmon.Glyphs.for_terminal(False), 101, now))
+    line = ccmon.line_text(ccmon.weekly_line(limits, ccmon.Screen(settings, 120, 24, now,
+                                                                   ccmon.Glyphs.for_terminal(False)), 101))
     # 70,000 used; 30,000 left at 50 tokens/min: 600 minutes, Monday 19:00
     assert line == ("Week   ############################............  70%  70.0K / 100K, limit Mon 19:00 at this "
                     "pace (opus 25.0K, sonnet 45.0K)")
@@ -2475,7 +2510,7 @@ def test_monitor_and_quick_query_work_against_the_original_go_api(tmp_path):
         snap = client.snapshot(ccmon.query_for(ccmon.ViewState(), settings, int(time.time() * 1000)))
         lines, _ = frame_text(ccmon.ViewState(), snap, settings, 80, 24, int(time.time() * 1000))
         assert lines[6].split()[:2] == ["Premium", "2"] and lines[9].startswith("-- Requests 1-1 of 1 --")
-        assert client.snapshot(ccmon.query_for(ccmon.ViewState(tab="sessions"), settings, 0)).sessions == ()
+        assert client.snapshot(ccmon.query_for(ccmon.ViewState(tab="sessions"), settings, 0)).data == ()
         client.close()
     finally:
         go.stop(None)
@@ -2524,7 +2559,7 @@ def test_block_period_follows_the_automatic_block(server):
     client = ccmon.Client(server.target)
     snap = client.snapshot(ccmon.query_for(ccmon.ViewState(period="b"), settings, now))
     assert snap.query.start_ms == snap.limits.window[0] == (now - 10 * 60_000) // 3600_000 * 3600_000
-    assert snap.period.total.input == 10
+    assert snap.data.period.total.input == 10
     client.close()
 
 
