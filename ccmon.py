@@ -55,7 +55,10 @@ from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import grpc
+# gRPC's C core logs its own lines (bind failures, TLS handshakes) to the terminal; ccmon reports every
+# failure in one line of its own. GRPC_VERBOSITY set by the user still wins.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+import grpc  # noqa: E402  (after GRPC_VERBOSITY, which it reads when imported)
 from google.protobuf import any_pb2, duration_pb2, json_format, timestamp_pb2
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
@@ -352,7 +355,9 @@ class ConfigError(Exception):
 DEFAULT_CONFIG = {
     "database": {"path": "~/.ccmon/ccmon.db"},
     "server": {"address": "127.0.0.1:4317", "http_address": "127.0.0.1:4318", "retention": "never", "token": "",
-               "tls_cert": "", "tls_key": "", "tls_client_ca": "", "max_message_size": "16MiB"},
+               "tls_cert": "", "tls_key": "", "tls_client_ca": "", "max_message_size": "16MiB",
+               # the original Go ccmon's stats cache: accepted so its config works; rollups make a cache unneeded
+               "cache.stats.enabled": True, "cache.stats.ttl": "1m"},
     "monitor": {"server": "127.0.0.1:4317", "timezone": "UTC", "refresh_interval": "5s", "token": "",
                 "tls_ca": "", "tls_cert": "", "tls_key": "", "alert_percent": [], "alert_command": ""},
     "claude": {"plan": "unset", "max_tokens": 0, "weekly_max_tokens": 0, "block": ""},
@@ -447,17 +452,44 @@ def read_config_file(path: Path) -> dict:
     return data
 
 
-def find_config_file(explicit: str | None) -> Path | None:
+def config_file_data(explicit: str | None) -> tuple[Path | None, dict]:
+    """The config file and its contents: --config, else ./config.* when it is ccmon's, else ~/.ccmon/config.*.
+    A file in the current folder with none of ccmon's sections belongs to some other tool (a site generator's
+    config.toml, an app's config.json): it is passed over, so ccmon works in every folder."""
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
             raise ConfigError(f"--config: no such file: {path}")
-        return path
+        return path, read_config_file(path)
     for folder in (Path.cwd(), Path.home() / ".ccmon"):
         for name in CONFIG_NAMES:
-            if (folder / name).is_file():
-                return folder / name
-    return None
+            path = folder / name
+            if not path.is_file():
+                continue
+            if folder != Path.cwd():
+                return path, read_config_file(path)
+            try:
+                data = read_config_file(path)
+            except ConfigError as exc:  # unreadable: ccmon's own (and worth an error) if it names a section of ours
+                if re.search(rf"\b({'|'.join(DEFAULT_CONFIG)})\b", path.read_text(errors="replace")):
+                    raise
+                log.debug("passing over %s: %s", path, exc)
+                continue
+            if any(section in DEFAULT_CONFIG for section in data):
+                return path, data
+            log.debug("passing over %s: it has none of ccmon's sections (%s)", path, ", ".join(DEFAULT_CONFIG))
+    return None, {}
+
+
+def flattened(table: dict, prefix: str = "") -> dict[str, Any]:
+    """{'cache': {'stats': {'ttl': '1m'}}} -> {'cache.stats.ttl': '1m'}: nested tables as dotted keys."""
+    flat = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(flattened(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 def merge_config(file_data: dict, file_label: str, overrides: dict[str, Any]) -> tuple[dict, dict]:
@@ -470,7 +502,7 @@ def merge_config(file_data: dict, file_label: str, overrides: dict[str, Any]) ->
                               f"(known: {', '.join(DEFAULT_CONFIG)})")
         if not isinstance(keys, dict):
             raise ConfigError(f"{file_label}: [{section}] must be a table of settings")
-        for key, value in keys.items():
+        for key, value in flattened(keys).items():
             if f"{section}.{key}" not in settings:
                 raise ConfigError(f"{file_label}: unknown key {section}.{key} "
                                   f"(known in [{section}]: {', '.join(DEFAULT_CONFIG[section])})")
@@ -539,14 +571,22 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
         raise fail("claude.block", f"invalid block start {block_text!r} (use auto, or an hour from 1 to 12 "
                    "followed by am or pm, such as 5am or 11pm)") from None
     alerts = settings["monitor.alert_percent"]
-    alerts = alerts if isinstance(alerts, list) else [alerts]
+    percents = []
+    for alert in alerts if isinstance(alerts, list) else [alerts]:
+        text_value = str(alert).strip().rstrip("%")
+        if isinstance(alert, bool) or not (text_value.isascii() and text_value.isdigit()) \
+                or not 1 <= int(text_value) <= 100:
+            raise fail("monitor.alert_percent", f"invalid alert threshold {alert!r} (use whole percentages from "
+                       "1 to 100, such as 80)")
+        percents.append(int(text_value))
+    percents = tuple(sorted(set(percents)))
+    if str(settings["server.cache.stats.enabled"]).lower() not in ("true", "false"):
+        raise fail("server.cache.stats.enabled", "expected true or false")
     try:
-        percents = tuple(sorted({int(str(a).strip().rstrip("%")) for a in alerts}))
+        parse_duration(settings["server.cache.stats.ttl"], units="smh")
     except ValueError:
-        percents = (0,)
-    if any(not 1 <= p <= 100 for p in percents) or any(isinstance(a, bool) for a in alerts):
-        raise fail("monitor.alert_percent", f"invalid alert threshold in {settings['monitor.alert_percent']!r} "
-                   "(use whole percentages from 1 to 100, such as 80)")
+        raise fail("server.cache.stats.ttl", f"invalid duration {settings['server.cache.stats.ttl']!r} "
+                   "(use seconds, minutes or hours such as '1m')") from None
     if not isinstance(settings["monitor.alert_command"], str):
         raise fail("monitor.alert_command", "expected a shell command as a string")
     for key in ("server.address", "monitor.server"):
@@ -624,8 +664,7 @@ def parse_address(address: str, fail_as: Callable[[str], Exception]) -> tuple[st
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    path = find_config_file(args.config)
-    file_data = read_config_file(path) if path else {}
+    path, file_data = config_file_data(args.config)
     overrides = {
         "database.path": ("--database-path", args.database_path),
         "server.address": ("--server-address", args.server_address),
@@ -635,6 +674,8 @@ def load_config(args: argparse.Namespace) -> Config:
         "server.tls_key": ("--server-tls-key", args.server_tls_key),
         "server.tls_client_ca": ("--server-tls-client-ca", args.server_tls_client_ca),
         "server.max_message_size": ("--server-max-message-size", args.server_max_message_size),
+        "server.cache.stats.enabled": ("--server-cache-stats-enabled", args.server_cache_stats_enabled),
+        "server.cache.stats.ttl": ("--server-cache-stats-ttl", args.server_cache_stats_ttl),
         "monitor.server": ("--monitor-server", args.monitor_server),
         "monitor.tls_ca": ("--monitor-tls-ca", args.monitor_tls_ca),
         "monitor.tls_cert": ("--monitor-tls-cert", args.monitor_tls_cert),
@@ -2918,8 +2959,8 @@ def format_quick(template: str, figures: QuickFigures) -> str:
     """Replace @variables (longest name first); unknown @words stay as they are."""
     values = quick_values(figures)
     shown = {
-        "daily_cost": lambda: format_cost_short(figures.daily.cost_nanos),
-        "monthly_cost": lambda: format_cost_short(figures.monthly.cost_nanos),
+        "daily_cost": lambda: format_cost(figures.daily.cost_nanos),
+        "monthly_cost": lambda: format_cost(figures.monthly.cost_nanos),
         "daily_plan_usage": lambda: f"{values['daily_plan_usage']:.0f}%",
         "monthly_plan_usage": lambda: f"{values['monthly_plan_usage']:.0f}%",
         "daily_tokens": lambda: format_count(figures.daily.total),
@@ -2929,7 +2970,7 @@ def format_quick(template: str, figures: QuickFigures) -> str:
         "block_projection": lambda: percent_or_dash(values.get("block_projection")),
         "weekly_usage": lambda: percent_or_dash(values["weekly_usage"]) if figures.weekly_limit else
         format_count(figures.weekly.limited) if figures.weekly else "-",
-        "session_cost": lambda: format_cost_short(figures.session.cost_nanos),
+        "session_cost": lambda: format_cost(figures.session.cost_nanos),
     }
     return FORMAT_PATTERN.sub(lambda match: shown[match.group(1)](), template)
 
@@ -2938,13 +2979,12 @@ def percent_or_dash(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}%"
 
 
-def format_cost_short(nanos: int) -> str:
-    """$1.23: a status bar wants cents, whatever the amount."""
-    return f"${nanos / NANOS_PER_USD:,.2f}"
-
-
 def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
     wanted = set(FORMAT_VARIABLES) if as_json else set(FORMAT_PATTERN.findall(template or ""))
+    unknown = sorted(set(re.findall(r"@\w+", FORMAT_PATTERN.sub("", template or ""))))
+    if unknown:  # left in the output as written; said here so a typo is found without dirtying a status bar
+        print(f"ccmon: unknown in --format, left as written: {' '.join(unknown)} (known: "
+              f"{' '.join('@' + name for name in FORMAT_VARIABLES)})", file=sys.stderr)
     if config.block_mode is None and wanted & BLOCK_VARIABLES and not as_json:
         raise ConfigError("@block_usage, @block_remaining and @block_projection need -b/--block "
                           "(for example -b auto)")
@@ -3985,6 +4025,10 @@ def config_options() -> argparse.ArgumentParser:
     parser.add_argument("--server-tls-client-ca", metavar="PEM", help="require client certificates (mutual TLS)")
     parser.add_argument("--server-max-message-size", metavar="SIZE", help="largest accepted export after "
                         "decompression (default 16MiB)")
+    parser.add_argument("--server-cache-stats-enabled", metavar="BOOL", nargs="?", const="true",
+                        help="accepted for the original Go ccmon's config; has no effect (rollups need no cache)")
+    parser.add_argument("--server-cache-stats-ttl", metavar="DURATION", help="accepted for the original Go "
+                        "ccmon's config; has no effect")
     parser.add_argument("--monitor-server", metavar="HOST:PORT", help="the server to query; https://HOST:PORT "
                         "for TLS")
     parser.add_argument("--monitor-token", metavar="TOKEN", help=f"token sent to the server (also ${TOKEN_ENV})")
@@ -4006,11 +4050,24 @@ def config_options() -> argparse.ArgumentParser:
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class CommandLine(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, with a suggestion for a misspelt option."""
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown and unknown.group(1).startswith("-"):
+            flag = unknown.group(1).split("=")[0]
+            import difflib
+            close = difflib.get_close_matches(flag, list(self._option_string_actions), n=1, cutoff=0.8)
+            message = f"unknown option {flag}" + (f"; did you mean {close[0]}?" if close else "")
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> CommandLine:
+    parser = CommandLine(
         prog="ccmon", parents=[config_options()],
         description="Watch what Claude Code costs: an OTLP collector (--server) and a live monitor.",
-        epilog="Reports: ccmon report {daily,weekly,monthly,session,model} --help")
+        epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help")
     parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
     parser.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
                         help="run the server; with HOST:PORT, run the monitor against that server")
@@ -4023,9 +4080,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_report_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ccmon report", parents=[config_options()],
-                                     description="Usage reports from a ccmon server, as a table, JSON or CSV.")
+def build_report_parser() -> CommandLine:
+    parser = CommandLine(prog="ccmon report", parents=[config_options()],
+                         description="Usage reports from a ccmon server, as a table, JSON or CSV.")
     parser.add_argument("kind", choices=REPORT_KINDS)
     parser.add_argument("--since", metavar="YYYY-MM-DD", help="first day (in monitor.timezone)")
     parser.add_argument("--until", metavar="YYYY-MM-DD", help="last day, included (default: today)")
@@ -4037,23 +4094,47 @@ def build_report_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def without_command(argv: list[str], command: str, parser: argparse.ArgumentParser) -> list[str] | None:
+    """The words without `command` when it is the first word that is neither an option nor an option's value
+    (so options may come before it), else None."""
+    takes_value = {flag for action in parser._actions if action.nargs not in (0, "?") for flag in action.option_strings}
+    value_next = False
+    for index, word in enumerate(argv):
+        if value_next or word.startswith("-"):
+            value_next = not value_next and word in takes_value
+            continue
+        return argv[:index] + argv[index + 1:] if word == command else None
+    return None
+
+
+def chosen_mode(args: argparse.Namespace, parser: CommandLine) -> str:
+    """server, health, quick query or monitor; two of them at once is a mistake to say, not to guess at."""
+    modes = [flag for flag, on in (("--server", args.server is True), ("--health", args.health),
+                                   ("--format", args.format is not None), ("--json", args.json)) if on]
+    if len(modes) > 1:
+        parser.error(f"{modes[0]} and {modes[1]} cannot be used together")
+    return modes[0] if modes else "monitor"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    reporting = argv[:1] == ["report"]
-    args = (build_report_parser().parse_args(argv[1:]) if reporting else build_parser().parse_args(argv))
+    report_words = without_command(argv, "report", build_parser())
+    parser = build_report_parser() if report_words is not None else build_parser()
+    args = parser.parse_args(report_words if report_words is not None else argv)
+    mode = "report" if report_words is not None else chosen_mode(args, parser)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(message)s")
     if isinstance(args.server, str):  # '--server HOST:PORT' is the original spelling of --monitor-server
         args.monitor_server, args.server = args.server, None
     try:
         config = load_config(args)
-        if reporting:
+        if mode == "report":
             return run_report(config, args)
-        if args.server:
+        if mode == "--server":
             return run_server(config)
-        if args.health:
+        if mode == "--health":
             return run_health_check(config)
-        if args.format is not None or args.json:
+        if mode in ("--format", "--json"):
             return run_quick_query(config, args.format, args.json)
         return run_monitor(config)
     except ConfigError as exc:

@@ -461,7 +461,8 @@ def test_port_in_use_and_foreign_database_are_refused(server, tmp_path):
                              str(tmp_path / "other.db")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=30)
     assert second.returncode == 1
-    assert f"ccmon: cannot listen on {server.target}: the port is in use" in second.stderr
+    assert second.stderr == (f"ccmon: cannot listen on {server.target}: the port is in use or the address is not "
+                             "on this machine (set --server-address)\n")  # and no line of gRPC's own
     foreign = tmp_path / "foreign.db"
     with sqlite3.connect(foreign) as conn:
         conn.execute("CREATE TABLE invoices (id INTEGER)")
@@ -562,7 +563,41 @@ CONFIG_ERRORS = [
     (["--monitor-tls-key", __file__],
      "--monitor-tls-key: a client certificate needs both monitor.tls_cert and monitor.tls_key"),
     (["--server-token", "two words"], "--server-token: a token must be a string without spaces"),
+    (["--alert", "150"], "--alert: invalid alert threshold '150' (use whole percentages from 1 to 100, such as 80)"),
+    (["--alert", "80", "--alert", "eighty"],
+     "--alert: invalid alert threshold 'eighty' (use whole percentages from 1 to 100, such as 80)"),
 ]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--formt", "@daily_cost"], "ccmon: unknown option --formt; did you mean --format? (see ccmon --help)"),
+    (["--monitor-sever=x:1"], "ccmon: unknown option --monitor-sever; did you mean --monitor-server? (see ccmon "
+                              "--help)"),
+    (["--frobnicate"], "ccmon: unknown option --frobnicate (see ccmon --help)"),
+    (["--server", "--format", "@daily_cost"], "ccmon: --server and --format cannot be used together (see ccmon "
+                                              "--help)"),
+    (["--format", "@daily_cost", "--json"], "ccmon: --format and --json cannot be used together (see ccmon --help)"),
+    (["--health", "--json"], "ccmon: --health and --json cannot be used together (see ccmon --help)"),
+    (["--monitor-server", "x:1", "report", "dialy"], "ccmon report: argument kind: invalid choice: 'dialy' (choose "
+     "from 'daily', 'weekly', 'monthly', 'session', 'model', 'blocks') (see ccmon report --help)"),
+    (["report", "daily", "--csv", "--json"], "ccmon report: argument --json: not allowed with argument --csv (see "
+                                             "ccmon report --help)"),
+])
+def test_command_line_mistakes_get_one_line(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run_main(args, capsys) == (2, message + "\n")
+
+
+def test_options_go_before_or_after_the_report_command(capsys):
+    for argv in (["--monitor-server", "report:1", "report", "daily", "--csv"],
+                 ["report", "--monitor-server", "report:1", "daily", "--csv"],
+                 ["-b", "auto", "report", "daily", "--csv", "--monitor-server=report:1"]):
+        words = ccmon.without_command(argv, "report", ccmon.build_parser())
+        args = ccmon.build_report_parser().parse_args(words)
+        assert (args.kind, args.monitor_server, args.csv) == ("daily", "report:1", True)
+    assert ccmon.without_command(["--format", "report"], "report", ccmon.build_parser()) is None
+    assert "report {daily,weekly,monthly,session,model,blocks}" in ccmon.build_parser().format_help()
 
 
 @pytest.mark.parametrize("args,message", CONFIG_ERRORS)
@@ -582,7 +617,7 @@ FILE_ERRORS = [
      "'auto' to learn it)"),
     ("config.toml", '[server]\nport = 4317\n', "{path}: unknown key server.port (known in [server]: address, "
                                                "http_address, retention, token, tls_cert, tls_key, tls_client_ca, "
-                                               "max_message_size)"),
+                                               "max_message_size, cache.stats.enabled, cache.stats.ttl)"),
     ("config.toml", '[mointor]\nserver = "x:1"\n', "{path}: unknown section [mointor] (known: database, server, "
                                                    "monitor, claude)"),
     ("config.toml", '[monitor]\ntimezone = 3\n', "{path}: monitor.timezone: expected a non-empty string, got 3"),
@@ -600,10 +635,57 @@ FILE_ERRORS = [
 def test_config_file_errors(name, content, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / name).write_text(content)
+    (tmp_path / "home" / ".ccmon").mkdir(parents=True)
+    path = tmp_path / "home" / ".ccmon" / name
+    path.write_text(content)
     code, err = run_main(["--server"], capsys)
     assert code == 2
-    assert err.startswith("ccmon: config error: " + message.format(path=tmp_path / name))
+    assert err.startswith("ccmon: config error: " + message.format(path=path))
+
+
+@pytest.mark.parametrize("name,content", [
+    ("config.toml", 'baseURL = "https://example.org/"\ntitle = "My blog"\n[params]\nauthor = "me"\n'),  # Hugo's
+    ("config.json", '{"port": 8080, "debug": true}'),
+    ("config.yaml", "version: 2\njobs: {}\n"),
+    ("config.toml", "this is [not toml"),
+])
+def test_another_tools_config_in_the_current_folder_is_passed_over(name, content, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / name).write_text(content)
+    config = ccmon.load_config(ccmon.build_parser().parse_args([]))
+    assert (config.source, config.plan) == ("defaults", "unset")
+    (tmp_path / "home" / ".ccmon").mkdir(parents=True)
+    (tmp_path / "home" / ".ccmon" / "config.toml").write_text('[claude]\nplan = "max"\n')
+    config = ccmon.load_config(ccmon.build_parser().parse_args([]))
+    assert (config.source, config.plan) == (str(tmp_path / "home" / ".ccmon" / "config.toml"), "max")
+
+
+def test_ccmons_config_in_the_current_folder_stays_strict(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "config.toml").write_text('[claude]\nplan = "max"\n[mointor]\nserver = "x:1"\n')
+    assert run_main(["--server"], capsys) == (2, f"ccmon: config error: {tmp_path / 'config.toml'}: unknown section "
+                                                 "[mointor] (known: database, server, monitor, claude)\n")
+    (tmp_path / "config.toml").write_text('[claude\nplan = "max"\n')  # broken, but it names a section of ccmon's
+    code, err = run_main(["--server"], capsys)
+    assert code == 2 and err.startswith(f"ccmon: config error: {tmp_path / 'config.toml'}: not valid TOML: ")
+
+
+def test_the_original_go_ccmon_config_is_accepted(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "config.toml").write_text('[server]\naddress = "127.0.0.1:4317"\nretention = "30d"\n\n'
+                                          '[server.cache.stats]\nenabled = true\nttl = "1m"\n')
+    config = ccmon.load_config(ccmon.build_parser().parse_args(["--server-cache-stats-enabled=false",
+                                                                 "--server-cache-stats-ttl", "30s"]))
+    assert config.server_retention_s == 30 * 86400
+    (tmp_path / "config.toml").write_text('[server.cache.stats]\nttl = "soon"\n')
+    assert run_main(["--server"], capsys) == (
+        2, f"ccmon: config error: {tmp_path / 'config.toml'}: server.cache.stats.ttl: invalid duration 'soon' (use "
+           "seconds, minutes or hours such as '1m')\n")
+    assert run_main(["--server-cache-stats-enabled", "maybe", "--server"], capsys) == (
+        2, "ccmon: config error: --server-cache-stats-enabled: expected true or false\n")
 
 
 def test_yaml_without_pyyaml_says_how_to_get_it(tmp_path):
@@ -1223,12 +1305,16 @@ def test_quick_query_format_and_json(server, tmp_path):
     base = ["--monitor-server", server.target, "--monitor-timezone", "Asia/Kolkata", "--claude-plan", "max"]
     result = run_ccmon([*base, "--format", "@daily_cost | @monthly_cost | @daily_plan_usage | @monthly_plan_usage | "
                         "@daily_tokens | @monthly_tokens | @session_cost | @daily_costs @nonsense"], tmp_path)
-    assert result.returncode == 0 and result.stderr == ""
+    assert result.returncode == 0
+    assert result.stderr == ("ccmon: unknown in --format, left as written: @nonsense (known: @daily_cost "
+                             "@monthly_cost @daily_plan_usage @monthly_plan_usage @daily_tokens @monthly_tokens "
+                             "@block_usage @block_remaining @block_projection @weekly_usage @session_cost)\n")
+    cost = ccmon.format_cost  # as every screen shows it: $0.0040 below a dollar, $12.35 above
     assert result.stdout == (
-        f"${expected['daily_cost']:.2f} | ${expected['monthly_cost']:.2f} | "
+        f"{cost(round(expected['daily_cost'] * 1e9))} | {cost(round(expected['monthly_cost'] * 1e9))} | "
         f"{expected['daily_cost'] / (100 / days) * 100:.0f}% | {expected['monthly_cost']:.0f}% | "
         f"{ccmon.format_count(expected['daily_tokens'])} | {ccmon.format_count(expected['monthly_tokens'])} | "
-        f"$0.00 | ${expected['daily_cost']:.2f}s @nonsense\n")
+        f"$0.0040 | {cost(round(expected['daily_cost'] * 1e9))}s @nonsense\n")
     result = run_ccmon([*base, "--json"], tmp_path)
     figures = json.loads(result.stdout)
     assert figures == {"daily_cost": expected["daily_cost"], "monthly_cost": expected["monthly_cost"],
@@ -2443,7 +2529,7 @@ LIMIT_CONFIG_ERRORS = [
                                      "followed by am or pm, such as 5am or 11pm)"),
     ("[claude]\nweekly_max_tokens = -3\n", "claude.weekly_max_tokens: invalid token limit -3 (use a whole number >= "
                                            "0; 0 means none)"),
-    ("[monitor]\nalert_percent = [80, 120]\n", "monitor.alert_percent: invalid alert threshold in [80, 120] (use "
+    ("[monitor]\nalert_percent = [80, 120]\n", "monitor.alert_percent: invalid alert threshold 120 (use "
                                                "whole percentages from 1 to 100, such as 80)"),
     ("[monitor]\nalert_command = 5\n", "monitor.alert_command: expected a shell command as a string"),
 ]
