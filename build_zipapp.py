@@ -43,16 +43,16 @@ DROP_DIRS = {"__pycache__", "tests", "test"}
 DROP_SUFFIXES = (".pyc", ".pyi", ".pxd", ".pyx")
 DROP_DIST_INFO = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}  # vary by install, unused at run time
 
-# Plain Python 3 with nothing newer than 3.6 can parse, and only modules every Python 3 has, so that an
-# interpreter ccmon cannot run on gets as far as the one-line refusal.
+# The bootstrap keeps to syntax and modules that every Python 3 has (checked back to 3.6), so that an
+# interpreter ccmon cannot run on still gets as far as the one-line refusal.
 BOOTSTRAP = '''\
 """ccmon.pyz bootstrap: check that this Python fits, unpack once into a per-user cache keyed by the archive's
-content hash, drop builds unpacked long ago, then run ccmon."""
+content hash (removing all but the two newest builds there), then run ccmon."""
 import os, re, shutil, stat, sys, tempfile, zipfile
 
 VERSION = {version!r}
 BUILD_ID = {build_id!r}
-PYTHONS, PLATFORM = {pythons!r}, {platform!r}
+TARGET_PYTHONS, TARGET_PLATFORM = {pythons!r}, {platform!r}
 # Per CPython version: the file-name suffixes of the extension modules it unpacks. An interpreter can import
 # them only if it accepts every one (importlib.machinery.EXTENSION_SUFFIXES), which checks the Python version,
 # OS, architecture, C library and free-threading in one go.
@@ -152,9 +152,10 @@ def unpack(archive, version):
 def main():
     version = fitting_version()  # before importing anything an unfit interpreter may lack
     if version is None:
-        sys.exit("ccmon: this ccmon.pyz is for %s on %s; this is %s" % (PYTHONS, PLATFORM, this_python()))
+        sys.exit("ccmon: this ccmon.pyz is for %s on %s; this is %s" % (TARGET_PYTHONS, TARGET_PLATFORM,
+                                                                         this_python()))
     if sys.argv[1:] in (["--version"], ["-v"]):  # answered from the build's own facts: no unpacking, no grpc
-        print("ccmon %s (build %s, %s, %s)" % (VERSION, BUILD_ID, PYTHONS, PLATFORM))
+        print("ccmon %s (build %s, %s, %s)" % (VERSION, BUILD_ID, TARGET_PYTHONS, TARGET_PLATFORM))
         return
     sys.path.insert(0, unpack(os.path.dirname(os.path.abspath(__file__)), version))
     import ccmon
@@ -216,6 +217,14 @@ def extension_suffixes(files: dict[str, Path], tag: str) -> list[str]:
     return sorted({name[name.index("."):] for name in names})
 
 
+def content_id(files: dict[str, Path], facts: str) -> str:
+    """The build id: a hash of every file's name and bytes and of what the build is for."""
+    digest = hashlib.sha256(facts.encode() + b"\0")
+    for name, path in files.items():
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def write_archive(output: Path, bootstrap: str, files: dict[str, Path]) -> None:
     """A deterministic zip: sorted names, fixed dates and modes, behind a shebang."""
     tmp = output.with_suffix(".tmp")
@@ -251,14 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     platform_tag = args.platform or this_platform()
     version = re.search(r'^VERSION = "([^"]+)"$', (ROOT / "ccmon.py").read_text(), re.M).group(1)
     with tempfile.TemporaryDirectory(prefix="ccmon-build-") as tmp:
-        installs = {"cp" + v.replace(".", ""): Path(tmp, v) for v in versions}
-        for v, target in zip(versions, installs.values()):
-            pip_install(target, runtime_requirements(), v, platform_tag)
+        installs = {}
+        for python in versions:
+            installs["cp" + python.replace(".", "")] = target = Path(tmp, python)
+            pip_install(target, runtime_requirements(), python, platform_tag)
         files = archive_files(installs)
-        digest = hashlib.sha256(f"{version}, {pythons}, {platform_tag}\0".encode())
-        for name, path in files.items():
-            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
-        build_id = digest.hexdigest()[:16]
+        build_id = content_id(files, f"{version}, {pythons}, {platform_tag}")
         suffixes = {tag: extension_suffixes(files, tag) for tag in installs}
         write_archive(output, BOOTSTRAP.format(version=version, build_id=build_id, pythons=pythons,
                                                platform=platform_tag, suffixes=suffixes), files)

@@ -1274,7 +1274,7 @@ def test_quick_query_and_health_when_server_is_down(tmp_path, server):
 
 # ---------------------------------------------------------------- ccmon.pyz and the Docker image
 
-PYZ_TARGET = f"CPython 3.11-3.14, manylinux2014_{os.uname().machine}"  # what a default build carries
+PYZ_PYTHONS, PYZ_PLATFORM = "CPython 3.11-3.14", f"manylinux2014_{os.uname().machine}"  # a default build's target
 
 
 @pytest.fixture(scope="module")
@@ -1284,7 +1284,7 @@ def pyz(tmp_path_factory) -> Path:
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert re.fullmatch(rf"built {re.escape(str(output))} \(\d+\.\d MB, build [0-9a-f]{{16}}\) for "
-                        rf"{PYZ_TARGET.replace(', ', ' on ').replace('.', '[.]')}\n", result.stdout)
+                        rf"{re.escape(PYZ_PYTHONS)} on {PYZ_PLATFORM}\n", result.stdout)
     return output
 
 
@@ -1349,8 +1349,8 @@ def test_pyz_version_names_the_build_without_unpacking_or_grpc(pyz, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     for flag in ("--version", "-v"):
         result = run_ccmon([flag], tmp_path, command=[sys.executable, "-X", "importtime", *bare(pyz)[1:]], env=env)
-        match = re.fullmatch(rf"ccmon {re.escape(ccmon.VERSION)} \(build ([0-9a-f]{{16}}), {PYZ_TARGET}\)\n",
-                             result.stdout)
+        match = re.fullmatch(rf"ccmon {re.escape(ccmon.VERSION)} \(build ([0-9a-f]{{16}}), "
+                             rf"{re.escape(PYZ_PYTHONS)}, {PYZ_PLATFORM}\)\n", result.stdout)
         assert result.returncode == 0 and match, result.stdout
         imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()[1:]]
         assert "zipfile" in imported and not [name for name in imported if name.startswith(("grpc", "google"))]
@@ -1366,7 +1366,8 @@ def test_pyz_runs_on_every_cpython_here(pyz, pythons, tmp_path):
     assert sys.version_info[:2] in supported  # always at least this interpreter
     for (major, minor), python in sorted(supported.items()):
         version = run_ccmon(["--version"], tmp_path, command=bare(pyz, python), env=env)
-        assert version.returncode == 0 and version.stdout.endswith(f", {PYZ_TARGET})\n"), (python, version)
+        assert version.returncode == 0, (python, version.stderr)
+        assert version.stdout.endswith(f", {PYZ_PYTHONS}, {PYZ_PLATFORM})\n")
         srv = ServerProcess(tmp_path, db=tmp_path / f"{minor}.db", command=bare(pyz, python), env=env).start()
         try:
             sdk_export(srv.port, MIXED_EVENTS)
@@ -1391,8 +1392,9 @@ def test_pyz_refuses_older_pythons_in_one_line(pyz, pythons, tmp_path):
     for (major, minor), python in sorted(older.items()):
         result = run_ccmon(["--version"], tmp_path, command=bare(pyz, python), env=env)
         assert (result.returncode, result.stdout) == (1, ""), python
-        assert re.fullmatch(rf"ccmon: this ccmon.pyz is for {PYZ_TARGET.replace(', ', ' on ')}; this is CPython "
-                            rf"{major}\.{minor} on Linux {os.uname().machine} \(glibc [\d.]+\)\n", result.stderr)
+        assert re.fullmatch(rf"ccmon: this ccmon.pyz is for {re.escape(PYZ_PYTHONS)} on {PYZ_PLATFORM}; "
+                            rf"this is CPython {major}\.{minor} on Linux {os.uname().machine} \(glibc [\d.]+\)\n",
+                            result.stderr)
     assert not (tmp_path / "cache").exists()
 
 
