@@ -16,7 +16,7 @@ app/ plus the folder that fits the interpreter. Any other interpreter gets a one
 Why by hand rather than shiv or pex: shiv does this same unpack-to-cache dance, but neither tool is in
 the standard library, and the build must run with only Python and pip (in the Docker build stage, on a
 fresh box). What is left to write is small: `pip install --target`, a deterministic zip, and a
-bootstrap of ~100 lines that takes a lock-free atomic rename to survive concurrent first runs.
+bootstrap of ~120 lines that takes a lock-free atomic rename to survive concurrent first runs.
 """
 from __future__ import annotations
 
