@@ -1,44 +1,82 @@
 #!/usr/bin/env python3
 """Build ccmon.pyz: one file that runs ccmon on a machine with nothing but CPython.
 
-    python build_zipapp.py [--output ccmon.pyz] [--python-version 3.12] [--platform manylinux2014_x86_64]
+    python build_zipapp.py [--output ccmon.pyz] [--python-version 3.12] [--platform manylinux2014_aarch64]
 
 grpcio and protobuf's fast backend are C extensions, which Python cannot import from inside a zip.
-The archive therefore carries the installed wheels for one target (CPython version, OS, architecture)
-and, on first run, unpacks itself into a per-user cache folder named after the archive's content hash;
-later runs import straight from there.
+The archive therefore carries installed wheels and, on first run, unpacks itself into a per-user cache
+folder named after the archive's content hash; later runs import straight from there.
+
+By default it carries them for every CPython ccmon supports (PYTHONS) on this OS and architecture, so
+the one file runs wherever any of those does. The installs for different versions differ only in a few
+files (grpcio's `cygrpc` extension and wheel metadata; protobuf's extension is abi3): the archive keeps
+what they share once under app/ and what differs under cp311/, cp312/, ..., and the first run unpacks
+app/ plus the folder that fits the interpreter. Any other interpreter gets a one-line refusal.
 
 Why by hand rather than shiv or pex: shiv does this same unpack-to-cache dance, but neither tool is in
 the standard library, and the build must run with only Python and pip (in the Docker build stage, on a
 fresh box). What is left to write is small: `pip install --target`, a deterministic zip, and a
-bootstrap of ~50 lines that takes a lock-free atomic rename to survive concurrent first runs.
+bootstrap of ~120 lines that takes a lock-free atomic rename to survive concurrent first runs.
 """
 from __future__ import annotations
 
 import argparse
+import filecmp
 import hashlib
 import os
-import shutil
+import platform
+import re
 import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 APP_FILES = ("ccmon.py", "ccmon_pb2.py", "ccmon_pb2_grpc.py")
+PYTHONS = ("3.11", "3.12", "3.13", "3.14")  # every CPython ccmon supports: tomllib needs 3.11
 EXTRAS = ("PyYAML==6.0.3", "tzdata==2026.6")  # pure-Python extras: YAML config and timezones everywhere
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: same inputs, same bytes
 DROP_DIRS = {"__pycache__", "tests", "test"}
 DROP_SUFFIXES = (".pyc", ".pyi", ".pxd", ".pyx")
 DROP_DIST_INFO = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}  # vary by install, unused at run time
 
+# The bootstrap keeps to syntax and modules that every Python 3 has (checked back to 3.6), so that an
+# interpreter ccmon cannot run on still gets as far as the one-line refusal.
 BOOTSTRAP = '''\
-"""ccmon.pyz bootstrap: unpack once into a per-user cache keyed by the archive's content hash, then run."""
-import os, shutil, stat, sys, tempfile, zipfile
+"""ccmon.pyz bootstrap: check that this Python fits, unpack once into a per-user cache keyed by the archive's
+content hash (removing all but the two newest builds there), then run ccmon."""
+import os, re, shutil, stat, sys, tempfile, zipfile
 
-BUILD_ID = "{build_id}"
+VERSION = {version!r}
+BUILD_ID = {build_id!r}
+TARGET_PYTHONS, TARGET_PLATFORM = {pythons!r}, {platform!r}
+# Per CPython version: the file-name suffixes of the extension modules it unpacks. An interpreter can import
+# them only if it accepts every one (importlib.machinery.EXTENSION_SUFFIXES), which checks the Python version,
+# OS, architecture, C library and free-threading in one go.
+SUFFIXES = {suffixes!r}
+
+
+def fitting_version():
+    """The version folder (cp312) whose files this interpreter can import, or None."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+    tag = "cp%d%d" % sys.version_info[:2]
+    return tag if tag in SUFFIXES and set(SUFFIXES[tag]) <= set(EXTENSION_SUFFIXES) else None
+
+
+def this_python():
+    """This interpreter and machine, for the refusal."""
+    where = "%s %s" % (os.uname().sysname, os.uname().machine) if hasattr(os, "uname") else sys.platform
+    if sys.platform.startswith("linux"):  # manylinux wheels need glibc, musllinux ones musl
+        try:
+            where += " (%s)" % (os.confstr("CS_GNU_LIBC_VERSION") or "no glibc")
+        except (ValueError, OSError):
+            where += " (no glibc)"
+    name = "CPython" if sys.implementation.name == "cpython" else sys.implementation.name
+    free_threaded = "t" if "t" in getattr(sys, "abiflags", "") else ""  # needs extensions of its own
+    return "%s %d.%d%s on %s" % (name, sys.version_info[0], sys.version_info[1], free_threaded, where)
 
 
 def cache_roots():
@@ -57,27 +95,50 @@ def private_folder(root):
         raise OSError("owned by another user or writable by others")
 
 
-def unpack(archive):
+def remove_old_builds(root):
+    """Keep the two newest unpacked builds, so a server still running the previous one keeps its files.
+
+    Only folders named like a build id are ours to remove, never the one in use; cleanup never fails the run."""
+    try:
+        builds = [name for name in os.listdir(root) if re.match(r"[0-9a-f]{{16}}$", name)]
+        builds.sort(key=lambda name: os.path.getmtime(os.path.join(root, name)), reverse=True)
+        for name in builds[2:]:
+            if name != BUILD_ID:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    except OSError:
+        pass
+
+
+def unpack(archive, version):
+    """The folder holding this build for this Python version (root/BUILD_ID/cp312), unpacked on first use."""
     problems = []
     for root in cache_roots():
-        target = os.path.join(root, BUILD_ID)
+        target = os.path.join(root, BUILD_ID, version)
         staging = None
         try:
             private_folder(root)
             if os.path.isfile(os.path.join(target, ".complete")):
                 return target
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
             staging = tempfile.mkdtemp(prefix=".unpack-", dir=root)
             with zipfile.ZipFile(archive) as zf:
                 for info in zf.infolist():
-                    if info.filename.startswith("app/"):
-                        path = zf.extract(info, staging)
+                    folder, _, name = info.filename.partition("/")
+                    if folder in ("app", version):  # what all versions share, and this version's own files
+                        path = os.path.join(staging, *name.split("/"))
+                        os.makedirs(os.path.dirname(path), exist_ok=True)
+                        with zf.open(info) as source, open(path, "wb") as copy:
+                            shutil.copyfileobj(source, copy)
                         os.chmod(path, (info.external_attr >> 16) & 0o777 or 0o644)
-            open(os.path.join(staging, "app", ".complete"), "w").close()
+            open(os.path.join(staging, ".complete"), "w").close()
             try:
-                os.rename(os.path.join(staging, "app"), target)  # atomic: one concurrent first run wins
+                os.rename(staging, target)  # atomic: one concurrent first run wins
             except OSError:
                 if not os.path.isfile(os.path.join(target, ".complete")):
                     raise
+            else:
+                staging = None
+                remove_old_builds(root)
             return target
         except (OSError, zipfile.BadZipFile) as exc:
             problems.append("%s: %s" % (root, getattr(exc, "strerror", None) or exc))
@@ -89,7 +150,14 @@ def unpack(archive):
 
 
 def main():
-    sys.path.insert(0, unpack(os.path.dirname(os.path.abspath(__file__))))
+    version = fitting_version()  # before importing anything an unfit interpreter may lack
+    if version is None:
+        sys.exit("ccmon: this ccmon.pyz is for %s on %s; this is %s" % (TARGET_PYTHONS, TARGET_PLATFORM,
+                                                                         this_python()))
+    if sys.argv[1:] in (["--version"], ["-v"]):  # answered from the build's own facts: no unpacking, no grpc
+        print("ccmon %s (build %s, %s, %s)" % (VERSION, BUILD_ID, TARGET_PYTHONS, TARGET_PLATFORM))
+        return
+    sys.path.insert(0, unpack(os.path.dirname(os.path.abspath(__file__)), version))
     import ccmon
     sys.argv[0] = "ccmon"
     sys.exit(ccmon.main())
@@ -99,20 +167,22 @@ main()
 '''
 
 
-def pip_install(target: Path, requirements: list[str], python_version: str | None, platform: str | None) -> None:
+def this_platform() -> str:
+    """This machine as a pip platform tag; on Linux the widest-reaching one wheels carry (glibc 2.17+, or musl)."""
+    tag = sysconfig.get_platform().replace("-", "_").replace(".", "_")  # linux_x86_64, macosx_11_0_arm64, win_amd64
+    if tag.startswith("linux_"):
+        tag = ("manylinux2014" if platform.libc_ver()[0] == "glibc" else "musllinux_1_2") + tag[len("linux"):]
+    return tag
+
+
+def pip_install(target: Path, requirements: list[str], python_version: str, platform_tag: str) -> None:
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--disable-pip-version-check",
-               "--only-binary=:all:", "--target", str(target)]
-    if python_version or platform:
-        command += ["--implementation", "cp"]
-        if python_version:
-            command += ["--python-version", python_version]
-        if platform:
-            command += ["--platform", platform]
+               "--only-binary=:all:", "--target", str(target), "--implementation", "cp",
+               "--python-version", python_version, "--platform", platform_tag]
     result = subprocess.run(command + requirements, capture_output=True, text=True)
     if result.returncode != 0:
-        wanted = f"CPython {python_version or '%d.%d' % sys.version_info[:2]} on {platform or 'this platform'}"
         detail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "pip failed"
-        sys.exit(f"build_zipapp: cannot get wheels for {wanted}: {detail}")
+        sys.exit(f"build_zipapp: cannot get wheels for CPython {python_version} on {platform_tag}: {detail}")
 
 
 def runtime_requirements() -> list[str]:
@@ -128,20 +198,41 @@ def kept(path: Path) -> bool:
     return not (path.parent.name.endswith(".dist-info") and path.name in DROP_DIST_INFO)
 
 
-def write_archive(output: Path, staging: Path) -> str:
-    """A deterministic zip: sorted names, fixed dates and modes; returns the content hash."""
-    files = sorted(p for p in staging.rglob("*") if p.is_file() and kept(p.relative_to(staging)))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(staging)).encode() + b"\0" + path.read_bytes() + b"\0")
-    build_id = digest.hexdigest()[:16]
+def archive_files(installs: dict[str, Path]) -> dict[str, Path]:
+    """Zip name -> file, sorted: what every install has byte for byte once under app/, the rest under its cp3XX/."""
+    trees = {tag: {p.relative_to(root).as_posix(): p for p in root.rglob("*")
+                   if p.is_file() and kept(p.relative_to(root))} for tag, root in installs.items()}
+    files = {f"app/{name}": ROOT / name for name in APP_FILES}
+    for tag, tree in trees.items():
+        for name, path in tree.items():
+            shared = all(name in other and filecmp.cmp(path, other[name], shallow=False) for other in trees.values())
+            files[f"app/{name}" if shared else f"{tag}/{name}"] = path
+    return dict(sorted(files.items()))
+
+
+def extension_suffixes(files: dict[str, Path], tag: str) -> list[str]:
+    """The file-name suffixes (.cpython-312-x86_64-linux-gnu.so, .abi3.so) of the extension modules tag unpacks."""
+    names = [name.rsplit("/", 1)[1] for name in files
+             if name.startswith(("app/", f"{tag}/")) and name.endswith((".so", ".pyd"))]
+    return sorted({name[name.index("."):] for name in names})
+
+
+def content_id(files: dict[str, Path], facts: str) -> str:
+    """The build id: a hash of every file's name and bytes and of what the build is for."""
+    digest = hashlib.sha256(facts.encode() + b"\0")
+    for name, path in files.items():
+        digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def write_archive(output: Path, bootstrap: str, files: dict[str, Path]) -> None:
+    """A deterministic zip: sorted names, fixed dates and modes, behind a shebang."""
     tmp = output.with_suffix(".tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
         entry = zipfile.ZipInfo("__main__.py", ZIP_DATE)
         entry.external_attr = (stat.S_IFREG | 0o644) << 16
-        archive.writestr(entry, BOOTSTRAP.format(build_id=build_id), zipfile.ZIP_DEFLATED)
-        for path in files:
-            name = "app/" + path.relative_to(staging).as_posix()
+        archive.writestr(entry, bootstrap, zipfile.ZIP_DEFLATED)
+        for name, path in files.items():
             entry = zipfile.ZipInfo(name, ZIP_DATE)
             mode = 0o755 if os.access(path, os.X_OK) and path.suffix == ".so" else 0o644
             entry.external_attr = (stat.S_IFREG | mode) << 16
@@ -152,26 +243,33 @@ def write_archive(output: Path, staging: Path) -> str:
         handle.write(b"#!/usr/bin/env python3\n" + body)
     tmp.chmod(0o755)
     tmp.replace(output)
-    return build_id
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", "-o", default=str(ROOT / "ccmon.pyz"), help="where to write (default ./ccmon.pyz)")
-    parser.add_argument("--python-version", help="target CPython version, e.g. 3.12 (default: this interpreter's)")
-    parser.add_argument("--platform", help="target pip platform tag, e.g. manylinux2014_aarch64 (default: this one)")
+    parser.add_argument("--python-version", choices=PYTHONS,
+                        help=f"carry only this CPython version (default: all of {', '.join(PYTHONS)})")
+    parser.add_argument("--platform", help="target pip platform tag, e.g. manylinux2014_aarch64 (default: this "
+                                           "OS and architecture, manylinux2014 on glibc Linux)")
     args = parser.parse_args(argv)
     output = Path(args.output).resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
+    versions = [args.python_version] if args.python_version else list(PYTHONS)
+    pythons = f"CPython {versions[0]}" + (f"-{versions[-1]}" if len(versions) > 1 else "")
+    platform_tag = args.platform or this_platform()
+    version = re.search(r'^VERSION = "([^"]+)"$', (ROOT / "ccmon.py").read_text(), re.M).group(1)
     with tempfile.TemporaryDirectory(prefix="ccmon-build-") as tmp:
-        staging = Path(tmp)
-        pip_install(staging, runtime_requirements(), args.python_version, args.platform)
-        for name in APP_FILES:
-            shutil.copy2(ROOT / name, staging / name)
-        build_id = write_archive(output, staging)
-    size = output.stat().st_size
-    print(f"built {output} ({size / 1e6:.1f} MB, build {build_id}) for CPython "
-          f"{args.python_version or '%d.%d' % sys.version_info[:2]} on {args.platform or 'this platform'}")
+        installs = {}
+        for python in versions:
+            installs["cp" + python.replace(".", "")] = target = Path(tmp, python)
+            pip_install(target, runtime_requirements(), python, platform_tag)
+        files = archive_files(installs)
+        build_id = content_id(files, f"{version}, {pythons}, {platform_tag}")
+        suffixes = {tag: extension_suffixes(files, tag) for tag in installs}
+        write_archive(output, BOOTSTRAP.format(version=version, build_id=build_id, pythons=pythons,
+                                               platform=platform_tag, suffixes=suffixes), files)
+    print(f"built {output} ({output.stat().st_size / 1e6:.1f} MB, build {build_id}) for {pythons} on {platform_tag}")
     return 0
 
 

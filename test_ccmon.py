@@ -1360,20 +1360,41 @@ def test_quick_query_and_health_when_server_is_down(tmp_path, server):
 
 # ---------------------------------------------------------------- ccmon.pyz and the Docker image
 
+PYZ_PYTHONS, PYZ_PLATFORM = "CPython 3.11-3.14", f"manylinux2014_{os.uname().machine}"  # a default build's target
+
+
 @pytest.fixture(scope="module")
 def pyz(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("pyz") / "ccmon.pyz"
     result = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output", str(output)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert re.fullmatch(rf"built {re.escape(str(output))} \(\d+\.\d MB, build [0-9a-f]{{16}}\) for CPython "
-                        rf"{sys.version_info[0]}\.{sys.version_info[1]} on this platform\n", result.stdout)
+    assert re.fullmatch(rf"built {re.escape(str(output))} \(\d+\.\d MB, build [0-9a-f]{{16}}\) for "
+                        rf"{re.escape(PYZ_PYTHONS)} on {PYZ_PLATFORM}\n", result.stdout)
     return output
 
 
-def bare(pyz: Path) -> list[str]:
+def bare(pyz: Path, python: str = sys.executable) -> list[str]:
     """The interpreter with no site-packages at all (-S) and no user environment (-I)."""
-    return [sys.executable, "-I", "-S", str(pyz)]
+    return [python, "-I", "-S", str(pyz)]
+
+
+@pytest.fixture(scope="module")
+def pythons() -> dict[tuple[int, int], str]:
+    """One CPython 3 per minor version found on this machine: this one, pyenv's, python3.X on PATH."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = [sys.executable, *map(str, sorted(pyenv.glob("*/bin/python3"))),
+                  *filter(None, (shutil.which(f"python3.{minor}") for minor in range(4, 20)))]
+    found: dict[tuple[int, int], str] = {}
+    for python in candidates:
+        probe = subprocess.run([python, "-c", "import sys; print(sys.implementation.name, *sys.version_info[:2])"],
+                               capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:  # a pyenv shim for a version it does not have
+            continue
+        name, major, minor = probe.stdout.split()
+        if name == "cpython":
+            found.setdefault((int(major), int(minor)), python)
+    return found
 
 
 def test_bare_interpreter_has_no_dependencies(tmp_path):
@@ -1383,8 +1404,6 @@ def test_bare_interpreter_has_no_dependencies(tmp_path):
 
 def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    version = run_ccmon(["--version"], tmp_path, command=bare(pyz), env=env)
-    assert (version.returncode, version.stdout) == (0, f"ccmon {ccmon.VERSION}\n")
     srv = ServerProcess(tmp_path, command=bare(pyz), env=env).start()
     try:
         sdk_export(srv.port, MIXED_EVENTS)
@@ -1412,24 +1431,127 @@ def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
         srv.stop()
 
 
+def test_pyz_version_names_the_build_without_unpacking_or_grpc(pyz, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for flag in ("--version", "-v"):
+        result = run_ccmon([flag], tmp_path, command=[sys.executable, "-X", "importtime", *bare(pyz)[1:]], env=env)
+        match = re.fullmatch(rf"ccmon {re.escape(ccmon.VERSION)} \(build ([0-9a-f]{{16}}), "
+                             rf"{re.escape(PYZ_PYTHONS)}, {PYZ_PLATFORM}\)\n", result.stdout)
+        assert result.returncode == 0 and match, result.stdout
+        imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()[1:]]
+        assert "zipfile" in imported and not [name for name in imported if name.startswith(("grpc", "google"))]
+    assert not (tmp_path / "cache").exists()
+    # The build id it names is the cache folder a real run unpacks into.
+    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
+    assert os.listdir(tmp_path / "cache" / "ccmon") == [match.group(1)]
+
+
+def test_pyz_runs_on_every_cpython_here(pyz, pythons, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    supported = {version: python for version, python in pythons.items() if version >= (3, 11)}
+    assert sys.version_info[:2] in supported  # always at least this interpreter
+    for (major, minor), python in sorted(supported.items()):
+        version = run_ccmon(["--version"], tmp_path, command=bare(pyz, python), env=env)
+        assert version.returncode == 0, (python, version.stderr)
+        assert version.stdout.endswith(f", {PYZ_PYTHONS}, {PYZ_PLATFORM})\n")
+        srv = ServerProcess(tmp_path, db=tmp_path / f"{minor}.db", command=bare(pyz, python), env=env).start()
+        try:
+            sdk_export(srv.port, MIXED_EVENTS)
+            result = run_ccmon(["--monitor-server", srv.target, "--format", "@monthly_tokens"], tmp_path,
+                               command=bare(pyz, python), env=env)
+            assert result.returncode == 0 and result.stdout in {"0\n", "52.3K\n"}, (python, result.stderr)
+        finally:
+            assert srv.stop() == 0
+    # One build folder, and in it each version with its own grpc extension only.
+    [build] = (tmp_path / "cache" / "ccmon").iterdir()
+    assert sorted(p.name for p in build.iterdir()) == sorted(f"cp{major}{minor}" for major, minor in supported)
+    for major, minor in supported:
+        cygrpc = [p.name for p in (build / f"cp{major}{minor}" / "grpc" / "_cython").glob("cygrpc.*")]
+        assert cygrpc == [f"cygrpc.cpython-{major}{minor}-{os.uname().machine}-linux-gnu.so"]
+
+
+def test_pyz_refuses_older_pythons_in_one_line(pyz, pythons, tmp_path):
+    older = {version: python for version, python in pythons.items() if version < (3, 11)}
+    if not older:
+        pytest.skip("no CPython older than 3.11 on this machine")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for (major, minor), python in sorted(older.items()):
+        result = run_ccmon(["--version"], tmp_path, command=bare(pyz, python), env=env)
+        assert (result.returncode, result.stdout) == (1, ""), python
+        assert re.fullmatch(rf"ccmon: this ccmon.pyz is for {re.escape(PYZ_PYTHONS)} on {PYZ_PLATFORM}; "
+                            rf"this is CPython {major}\.{minor} on Linux {os.uname().machine} \(glibc [\d.]+\)\n",
+                            result.stderr)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_pyz_for_one_python_on_another_platform(tmp_path):
+    foreign = "manylinux2014_aarch64" if os.uname().machine != "aarch64" else "manylinux2014_x86_64"
+    output = tmp_path / "foreign.pyz"
+    built = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(output),
+                            "--python-version", "3.11", "--platform", foreign],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.endswith(f") for CPython 3.11 on {foreign}\n")
+    import zipfile
+    names = zipfile.ZipFile(output).namelist()
+    assert {name.split("/")[0] for name in names} == {"__main__.py", "app"}  # one version: nothing differs
+    assert f"app/grpc/_cython/cygrpc.cpython-311-{foreign.split('_', 1)[1]}-linux-gnu.so" in names
+    result = run_ccmon(["--version"], tmp_path, command=bare(output), env={"XDG_CACHE_HOME": str(tmp_path / "c")})
+    assert (result.returncode, result.stdout) == (1, "")
+    assert re.fullmatch(rf"ccmon: this ccmon.pyz is for CPython 3.11 on {foreign}; this is CPython "
+                        rf"{sys.version_info[0]}\.{sys.version_info[1]} on Linux {os.uname().machine} "
+                        rf"\(glibc [\d.]+\)\n", result.stderr)
+
+
 def test_pyz_concurrent_first_runs_share_one_cache(pyz, tmp_path):
     env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    procs = [subprocess.Popen(bare(pyz) + ["--version"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    procs = [subprocess.Popen(bare(pyz) + ["--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
              for _ in range(4)]
     outputs = [proc.communicate(timeout=60) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0, 0, 0]
-    assert [out for out, _ in outputs] == [f"ccmon {ccmon.VERSION}\n".encode()] * 4
+    assert all(out.startswith(b"usage: ccmon ") for out, _ in outputs)
     entries = sorted(p.name for p in (tmp_path / "cache" / "ccmon").iterdir())
     assert len(entries) == 1 and re.fullmatch(r"[0-9a-f]{16}", entries[0])  # no half-unpacked leftovers
-    assert (tmp_path / "cache" / "ccmon" / entries[0] / ".complete").is_file()
+    version = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    assert os.listdir(tmp_path / "cache" / "ccmon" / entries[0]) == [version]
+    assert (tmp_path / "cache" / "ccmon" / entries[0] / version / ".complete").is_file()
+
+
+def test_pyz_keeps_the_two_newest_builds(pyz, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    root = tmp_path / "cache" / "ccmon"
+    now = time.time()
+
+    def fake(name: str, age_days: float) -> None:
+        (root / name / "cp311").mkdir(parents=True)
+        os.utime(root / name, (now - age_days * 86400,) * 2)
+
+    for number, age in enumerate((3, 2, 1), start=1):
+        fake(f"{number:016x}", age)
+    fake("notes", 9)  # not named like a build: not ours to remove
+    fake("0123456789abcdef0", 9)
+    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
+    [current] = {p.name for p in root.iterdir()} - {f"{n:016x}" for n in (1, 2, 3)} - {"notes", "0123456789abcdef0"}
+    assert sorted(p.name for p in root.iterdir()) == sorted([current, f"{3:016x}", "notes", "0123456789abcdef0"])
+    # The build in use stays even when two others look newer; a failing cleanup does not fail the run.
+    shutil.rmtree(root / current)
+    fake(f"{4:016x}", -1)
+    fake(f"{5:016x}", -2)
+    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
+    assert sorted(p.name for p in root.iterdir()) == sorted([current, f"{4:016x}", f"{5:016x}", "notes",
+                                                            "0123456789abcdef0"])
+    shutil.rmtree(root / current)
+    (root / f"{6:016x}").symlink_to(tmp_path / "gone")  # getmtime fails on it
+    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
+    assert (root / current / f"cp{sys.version_info[0]}{sys.version_info[1]}" / ".complete").is_file()
 
 
 def test_pyz_falls_back_to_temp_dir_when_home_is_unusable(pyz, tmp_path):
     env = {**os.environ, "HOME": "/dev/null/nohome", "TMPDIR": str(tmp_path)}
     env.pop("XDG_CACHE_HOME", None)
-    result = subprocess.run(bare(pyz) + ["--version"], capture_output=True, text=True, env=env, timeout=60)
-    assert (result.returncode, result.stdout) == (0, f"ccmon {ccmon.VERSION}\n")
-    assert list(tmp_path.glob(f"ccmon-{os.getuid()}/*/ccmon.py"))
+    result = subprocess.run(bare(pyz) + ["--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("usage: ccmon ")
+    assert list(tmp_path.glob(f"ccmon-{os.getuid()}/*/*/ccmon.py"))
     # A cache folder that others can write to is never imported from.
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -1437,12 +1559,12 @@ def test_pyz_falls_back_to_temp_dir_when_home_is_unusable(pyz, tmp_path):
     os.chmod(shared / "ccmon", 0o777)
     env = {**env, "XDG_CACHE_HOME": str(shared), "TMPDIR": str(tmp_path / "tmp2")}
     (tmp_path / "tmp2").mkdir()
-    result = subprocess.run(bare(pyz) + ["--version"], capture_output=True, text=True, env=env, timeout=60)
+    result = subprocess.run(bare(pyz) + ["--help"], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0 and not list((shared / "ccmon").iterdir())
-    assert list((tmp_path / "tmp2").glob(f"ccmon-{os.getuid()}/*/ccmon.py"))
+    assert list((tmp_path / "tmp2").glob(f"ccmon-{os.getuid()}/*/*/ccmon.py"))
     corrupt = tmp_path / "corrupt.pyz"
     corrupt.write_bytes(pyz.read_bytes()[:200_000])
-    result = subprocess.run([sys.executable, "-I", "-S", str(corrupt), "--version"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-I", "-S", str(corrupt), "--help"], capture_output=True, text=True,
                             env=env, timeout=60)
     assert result.returncode != 0 and "Traceback" not in result.stderr
 
@@ -1452,12 +1574,19 @@ def test_pyz_build_is_reproducible_and_lean(pyz, tmp_path):
     subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(again)], check=True,
                    capture_output=True, timeout=600)
     assert again.read_bytes() == pyz.read_bytes()
+    assert pyz.stat().st_size <= 35_000_000
     import zipfile
     names = zipfile.ZipFile(pyz).namelist()
     assert names[0] == "__main__.py" and "app/ccmon.py" in names and "app/tzdata/zoneinfo/Europe/Berlin" in names
     assert not [n for n in names if n.endswith((".pyc", ".pyi")) or "__pycache__" in n or "/RECORD" in n
                 or "test_ccmon" in n]
     assert any(n.startswith("app/yaml/") for n in names) and not any("_yaml." in n for n in names)
+    # What the versions share is stored once; each version folder holds only what differs.
+    per_version = {n.split("/", 1)[1] for n in names if n.startswith("cp3")}
+    assert {n.split("/")[0] for n in names if "/" in n} == {"app", "cp311", "cp312", "cp313", "cp314"}
+    assert {n for n in per_version if not n.endswith("/WHEEL")} == {
+        f"grpc/_cython/cygrpc.cpython-{v}-{os.uname().machine}-linux-gnu.so" for v in (311, 312, 313, 314)}
+    assert "app/google/_upb/_message.abi3.so" in names  # protobuf's extension is abi3: one for all
 
 
 def test_pyz_build_refuses_missing_wheels(tmp_path):
