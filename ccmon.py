@@ -242,6 +242,21 @@ def parse_usd_nanos(value: Any, key: str) -> int:
     return int((decimal.Decimal(exact) * NANOS_PER_USD).to_integral_value(decimal.ROUND_HALF_EVEN))
 
 
+USER_KEYS = ("user.email", "user.account_uuid", "user.id")  # the first present names the user
+
+
+def user_name(attrs: dict, resource_json: str) -> str:
+    """Who sent a record, for per-user figures on a team server: the most readable name either the record or
+    its resource (where OTEL_RESOURCE_ATTRIBUTES puts them) has: user.email, else user.account_uuid, else
+    user.id (Claude Code puts a hashed user.id on every event), else ''."""
+    resource = json.loads(resource_json) if resource_json != "{}" else {}
+    for key in USER_KEYS:
+        for found in (attrs.get(key), resource.get(key)):
+            if found:
+                return str(found)
+    return ""
+
+
 # ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
 
 PLAN_TOKEN_LIMITS = {"pro": 7_000, "max": 35_000, "max20": 140_000}
@@ -831,9 +846,43 @@ def add_request_id_index(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX requests_request_id ON requests(request_id) WHERE request_id IS NOT NULL")
 
 
+def rebuild_rollups(conn: sqlite3.Connection) -> None:
+    """Recompute every rollup from the raw rows, as the triggers and the writer would have built them."""
+    sums = ", ".join(f"SUM({expression.format(r='')})" for expression in FIGURES.values())
+    for table in ("usage_rollup", "usage_daily", "session_usage"):
+        conn.execute(f"DELETE FROM {table}")
+    conn.execute(f"INSERT INTO usage_rollup SELECT ts - ts % {BUCKET_MS}, model, user, {sums} FROM requests "
+                 "GROUP BY 1, 2, 3")
+    conn.execute(f"INSERT INTO usage_daily SELECT bucket - bucket % {DAY_MS}, model, user, "
+                 f"{', '.join(f'SUM({column})' for column in FIGURES)} FROM usage_rollup GROUP BY 1, 2, 3")
+    conn.execute(f"INSERT INTO session_usage SELECT session, model, (SELECT user FROM requests latest WHERE "
+                 f"latest.session = r.session AND latest.model = r.model ORDER BY id DESC LIMIT 1), MIN(ts), "
+                 f"MAX(ts), {sums} FROM requests r GROUP BY session, model")
+
+
+def name_users_readably(conn: sqlite3.Connection) -> None:
+    """Version 3: a user is named by the most readable name a record or its resource has (see user_name), so
+    an email set in OTEL_RESOURCE_ATTRIBUTES wins over the hashed user.id on every event. Rows stored under
+    the hash move to the readable name (each row's source keeps the attributes to tell)."""
+    conn.execute("CREATE TEMP TABLE renamed (source INTEGER PRIMARY KEY, user INTEGER NOT NULL)")
+    sources = conn.execute("SELECT id, attributes FROM attribute_sets WHERE id IN (SELECT source FROM requests "
+                           "UNION SELECT source FROM events UNION SELECT source FROM metric_points)").fetchall()
+    for source, attributes in sources:
+        name = user_name({}, attributes)
+        conn.execute("INSERT OR IGNORE INTO users (name) VALUES (?)", (name,))
+        conn.execute("INSERT INTO renamed SELECT ?, id FROM users WHERE name = ?", (source, name))
+    moved = 0
+    for table in ("requests", "events", "metric_points"):
+        moved += conn.execute(f"UPDATE {table} SET user = renamed.user FROM renamed WHERE renamed.source = "
+                              f"{table}.source AND {table}.user != renamed.user").rowcount
+    conn.execute("DROP TABLE renamed")
+    if moved:
+        rebuild_rollups(conn)
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -1678,23 +1727,6 @@ def compact_json(mapping: dict) -> str | None:
 
 def optional_text(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
-
-
-USER_KEYS = ("user.email", "user.account_uuid", "user.id")  # the first present names the user
-
-
-def user_name(attrs: dict, resource_json: str) -> str:
-    """Who sent a record, for per-user figures on a team server: its user.email, user.account_uuid or user.id
-    (from the record, else from the resource, where OTEL_RESOURCE_ATTRIBUTES puts them), else ''."""
-    for key in USER_KEYS:
-        if attrs.get(key):
-            return str(attrs[key])
-    if resource_json != "{}":
-        resource = json.loads(resource_json)
-        for key in USER_KEYS:
-            if resource.get(key):
-                return str(resource[key])
-    return ""
 
 
 class Sources:

@@ -2346,6 +2346,18 @@ def test_metrics_only_sessions_count_and_events_win(server):
     assert db_rows(server.db, "SELECT COUNT(*) FROM mp WHERE session_id = 'delta-session'") == [(9,)]
 
 
+def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
+    """Claude Code puts a hashed user.id on every event; OTEL_RESOURCE_ATTRIBUTES=user.email=... names the user."""
+    hashed = "f" * 64
+    events = [("api_request", {**api_request(1, hours_ago(1), session="s-dee", cost_usd=0.5), "user.id": hashed})]
+    assert sdk_export(server.port, events, resource={**CLAUDE_RESOURCE, "user.email": "dee@example.com"}) == \
+        ["SUCCESS"]
+    assert sdk_export(server.port, [("api_request", {**api_request(2, hours_ago(1), session="s-anon"),
+                                                     "user.id": hashed})]) == ["SUCCESS"]
+    users = {u.user: u.stats.total_cost.amount for u in server.query().GetUsers(ccmon_pb2.GetUsersRequest()).users}
+    assert users == {"dee@example.com": 0.5, hashed: 0.0}
+
+
 def run_report(srv: ServerProcess, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run_ccmon(["report", *args, "--monitor-server", srv.target, "--monitor-timezone", "Asia/Tokyo"], cwd)
 
@@ -2811,7 +2823,19 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         backup = tmp_path / "ccmon.db.v1.bak"
         assert f"upgrading {db} from schema 1 to {ccmon.SCHEMA_VERSION}; a copy of the old database is at " \
                f"{backup}" in srv.log
-        assert v1_answers(srv) == json.loads((V1 / "answers.json").read_text())
+        old, new = json.loads((V1 / "answers.json").read_text()), v1_answers(srv)
+        # Every figure is what schema 1 answered; only s-cy-1's user is now the email its resource gave
+        # instead of the hashed user.id (schema 3 names users readably).
+        assert {k: v for k, v in new.items() if k not in ("sessions", "users")} == \
+            {k: v for k, v in old.items() if k not in ("sessions", "users")}
+        renamed = [s for s in new["sessions"]["sessions"] if s["sessionId"] == "s-cy-1"]
+        assert renamed[0]["user"] == "cy@example.com"
+        renamed[0]["user"] = "u" * 64
+        assert new["sessions"] == old["sessions"]
+        users = {u["user"]: u for u in new["users"]["users"]}
+        assert users["cy@example.com"]["stats"]["totalCost"] == {"amount": 0.02}
+        assert users["u" * 64]["stats"]["totalCost"] == {"amount": 0.143075}
+        assert sorted(users) == sorted({u["user"] for u in old["users"]["users"]} | {"cy@example.com"})
         assert db_rows(db, "PRAGMA user_version") == [(ccmon.SCHEMA_VERSION,)]
         assert db_rows(db, "SELECT name FROM sqlite_master WHERE name = 'requests_request_id'") == \
             [("requests_request_id",)]
@@ -2824,7 +2848,7 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         sdk_export(srv.port, [("api_request", api_request(1, hours_ago(1), session="after-upgrade",
                                                           input_tokens=7, cost_usd=0.5))])
         assert stats(srv, start=hours_ago(2)).total_tokens.input == 7
-        assert stats(srv).total_tokens.input == 3617 + 7
+        assert stats(srv).total_tokens.input == 3657 + 7
     finally:
         srv.stop()
     srv.start()  # a second start finds the current schema: no second upgrade
