@@ -46,6 +46,7 @@ import ssl
 import sys
 import threading
 import time
+import textwrap
 import tomllib
 import zlib
 from concurrent import futures
@@ -2872,6 +2873,11 @@ def format_cost(nanos: int) -> str:
     return f"${usd:.4f}" if 0 < round(usd, 4) < 1 else f"${usd:,.2f}"
 
 
+def short_user(name: str) -> str:
+    """A hashed user id (Claude Code's 64-hex user.id) cut to what tells users apart; names and emails whole."""
+    return name[:10] + "~" if len(name) > 24 and re.fullmatch(r"[0-9a-f]+", name) else name
+
+
 def short_model(model: str) -> str:
     """claude-sonnet-4-5-20250929 -> claude-sonnet-4-5: the date suffix only costs width."""
     return re.sub(r"-\d{8}$", "", model)
@@ -3052,6 +3058,7 @@ def run_health_check(config: Config) -> int:
 # ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model|blocks
 
 REPORT_KINDS = ("daily", "weekly", "monthly", "session", "model", "blocks")
+REPORT_WIDTH = 120  # a table's width unless --wide
 USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                 "total_tokens", "cost_usd")
 
@@ -3091,8 +3098,9 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                 user: str | None) -> list[dict[str, Any]]:
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float)."""
     if kind == "model":
-        return [{"model": model, **usage_fields(u), "avg_duration_ms": u.duration_ms // u.requests if u.requests else 0,
-                 "avg_ttft_ms": u.ttft_ms // u.ttft_count if u.ttft_count else 0}
+        return [{"model": model, **usage_fields(u),  # None: not known (usage from metrics has no durations)
+                 "avg_duration_ms": u.duration_ms // u.requests if u.requests else None,
+                 "avg_ttft_ms": u.ttft_ms // u.ttft_count if u.ttft_count else None}
                 for model, u in client.models(start, end, user)]
     if kind == "blocks":
         return [{"block_start": dt.datetime.fromtimestamp(start / 1000, zone).isoformat(timespec="minutes"),
@@ -3130,27 +3138,68 @@ def report_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return totals
 
 
-def report_table(rows: list[dict[str, Any]], totals: dict[str, Any]) -> str:
-    """An aligned text table with a totals row; numbers right-aligned with separators."""
+# Tables name columns briefly (JSON and CSV keep the full keys), and drop these first to fit their width
+# (--wide keeps everything).
+TABLE_HEADERS = {"session_id": "session", "first_request": "first", "last_request": "last", "requests": "req",
+                 "input_tokens": "input", "output_tokens": "output", "cache_read_tokens": "cache_read",
+                 "cache_creation_tokens": "cache_write", "total_tokens": "tokens", "cost_usd": "cost",
+                 "premium_requests": "premium_req", "premium_cost_usd": "premium_cost", "premium_tokens": "premium",
+                 "avg_duration_ms": "avg_ms", "avg_ttft_ms": "ttft_ms", "tool_calls": "tools",
+                 "tool_failures": "failed", "api_errors": "errors", "block_start": "start", "block_end": "end"}
+TABLE_DROP_ORDER = ("tool_failures", "api_errors", "source", "cache_creation_tokens", "cache_read_tokens",
+                    "last_request", "premium_cost_usd", "premium_requests", "tool_calls", "avg_ttft_ms", "block_end",
+                    "input_tokens", "output_tokens", "models")
+
+
+def table_cell(key: str, value: Any, wide: bool) -> str:
+    """A report value as a table shows it: costs as the monitor shows them, counts with separators, and
+    (unless wide) session ids and hashed user ids shortened, times to the minute (the zone is in the title)."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format_cost(round(value * NANOS_PER_USD)) if "cost" in key else f"{value:,.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if wide:
+        return str(value)
+    if key == "session_id":
+        return value[:8]
+    if key == "user":
+        return short_user(value)
+    if key in ("first_request", "last_request", "block_start", "block_end"):
+        return value[:16].replace("T", " ")
+    return str(value)
+
+
+def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int | None = None) -> str:
+    """An aligned text table with a totals row; numbers right-aligned. Within `width` columns (None: all),
+    dropping the columns of TABLE_DROP_ORDER that do not fit, and saying which."""
     if not rows:
         return "no usage in this period"
     columns = list(rows[0])
+    numeric = {k: isinstance(rows[0][k], (int, float)) or rows[0][k] is None for k in columns}
+    cells = {k: [table_cell(k, row[k], width is None) for row in rows] +
+             ["Total" if k == columns[0] else table_cell(k, totals[k], width is None) if k in totals else ""]
+             for k in columns}
+    headers = {k: TABLE_HEADERS.get(k, k) for k in columns}
+    widths = {k: max(len(headers[k]), *map(len, cells[k])) for k in columns}
+    hidden = []
+    for key in TABLE_DROP_ORDER:
+        if width is None or sum(widths[k] + 2 for k in columns) - 2 <= width:
+            break
+        if key in columns:
+            columns.remove(key)
+            hidden.append(key)
 
-    def cell(key: str, value: Any) -> str:
-        if isinstance(value, float):  # costs as the monitor shows them
-            return format_cost(round(value * NANOS_PER_USD)) if "cost" in key else f"{value:,.2f}"
-        return f"{value:,}" if isinstance(value, int) else str(value)
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(widths[k]) if numeric[k] else v.ljust(widths[k])
+                         for k, v in zip(columns, values)).rstrip()
 
-    body = [[cell(k, row[k]) for k in columns] for row in rows]
-    body.append(["Total" if i == 0 else cell(k, totals[k]) if k in totals else "" for i, k in enumerate(columns)])
-    widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(columns)]
-    numeric = [isinstance(rows[0][k], (int, float)) for k in columns]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric)).rstrip()
-
-    rule_line = "  ".join("-" * w for w in widths)
-    return "\n".join([line(columns), rule_line, *map(line, body[:-1]), rule_line, line(body[-1])])
+    rule_line = "  ".join("-" * widths[k] for k in columns)
+    body = [line([cells[k][i] for k in columns]) for i in range(len(rows) + 1)]
+    note = textwrap.wrap(f"(to fit {width} columns, not shown: {', '.join(headers[k] for k in hidden)}; --wide "
+                         "shows every column)", width) if hidden else []
+    return "\n".join([line([headers[k] for k in columns]), rule_line, *body[:-1], rule_line, body[-1], *note])
 
 
 def run_report(config: Config, args: argparse.Namespace) -> int:
@@ -3183,7 +3232,7 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     else:
         print(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
               + (f", user {args.user}" if args.user else ""))
-        print(report_table(rows, totals))
+        print(report_table(rows, totals, None if args.wide else REPORT_WIDTH))
     return 0
 
 
@@ -4122,6 +4171,8 @@ def build_report_parser() -> CommandLine:
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON object")
     output.add_argument("--csv", action="store_true", help="CSV with a header row")
+    parser.add_argument("--wide", action="store_true", help=f"tables: every column, ids and times in full "
+                        f"(default: fit {REPORT_WIDTH} columns)")
     parser.set_defaults(server=None, log_level="warning")
     return parser
 
@@ -4175,6 +4226,9 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as exc:
         print(f"ccmon: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `ccmon report daily | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush into the pipe
+        return 0
 
 
 if __name__ == "__main__":

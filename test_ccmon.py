@@ -819,6 +819,8 @@ def test_formatting():
     assert [ccmon.format_duration(ms) for ms in (850, 1500, 45_000, 12 * 60_000, 65 * 60_000)] == \
         ["850ms", "1.5s", "45s", "12m", "1h05m"]
     assert ccmon.short_model("claude-sonnet-4-5-20250929") == "claude-sonnet-4-5"
+    assert [ccmon.short_user(name) for name in ("3f" * 32, "ana@example.com", "4b1a0c7e-uuid-like-but-not-hex-x", "")] \
+        == ["3f3f3f3f3f~", "ana@example.com", "4b1a0c7e-uuid-like-but-not-hex-x", ""]
 
 
 def _settings(block_hour=5, limit=35_000):
@@ -2385,7 +2387,7 @@ def test_reports_as_table_json_and_csv(server, tmp_path):
     assert csv_out.stdout.splitlines() == [
         "model,requests,input_tokens,output_tokens,cache_read_tokens,cache_creation_tokens,total_tokens,cost_usd,"
         "avg_duration_ms,avg_ttft_ms",
-        "claude-opus-4-1,1,50,5000,0,0,5050,2.25,60000,0",
+        "claude-opus-4-1,1,50,5000,0,0,5050,2.25,60000,",  # no time to first token was reported for it
         "claude-sonnet-4-5,2,1007,203,0,0,1210,0.625,2500,650",
         "claude-haiku-4-5,1,300,30,0,0,330,0.01,900,200",
         "Total,4,1357,5233,0,0,6590,2.885,,"]
@@ -2394,12 +2396,32 @@ def test_reports_as_table_json_and_csv(server, tmp_path):
     lines = table.stdout.splitlines()
     assert lines[0] == ("session report, 2026-05-01T00:00:00+09:00 to 2026-06-01T00:00:00+09:00 (Asia/Tokyo), "
                         "user ana@example.com")
-    assert lines[1].split() == ["session_id", "user", "first_request", "last_request", "requests", "input_tokens",
-                                "output_tokens", "cache_read_tokens", "cache_creation_tokens", "total_tokens",
-                                "cost_usd", "models", "tool_calls", "tool_failures", "api_errors", "source"]
-    assert lines[3].split()[:5] == ["s-ana-2", "ana@example.com", "2026-05-05T19:00:00+09:00",
-                                    "2026-05-05T19:00:00+09:00", "1"]
-    assert lines[-1].split() == ["Total", "3", "1,350", "5,230", "0", "0", "6,580", "$2.76", "3", "1", "1"]
+    assert lines[1:] == [  # what fits 120 columns, ids and times shortened
+        "session  user             first             req  input  output  tokens     cost  models",
+        "-------  ---------------  ----------------  ---  -----  ------  ------  -------  "
+        "----------------------------------",
+        "s-ana-2  ana@example.com  2026-05-05 19:00    1     50   5,000   5,050    $2.25  claude-opus-4-1",
+        "s-ana-1  ana@example.com  2026-05-04 18:00    2  1,300     230   1,530  $0.5100  "
+        "claude-sonnet-4-5 claude-haiku-4-5",
+        "-------  ---------------  ----------------  ---  -----  ------  ------  -------  "
+        "----------------------------------",
+        "Total                                         3  1,350   5,230   6,580    $2.76",
+        "(to fit 120 columns, not shown: failed, errors, source, cache_write, cache_read, last, tools; --wide "
+        "shows every column)"]
+    wide = run_report(server, "session", "--since", "2026-05-01", "--until", "2026-05-31", "--user",
+                      "ana@example.com", "--wide", cwd=tmp_path).stdout.splitlines()
+    assert wide[1].split() == ["session", "user", "first", "last", "req", "input", "output", "cache_read",
+                               "cache_write", "tokens", "cost", "models", "tools", "failed", "errors", "source"]
+    assert wide[3].split()[:5] == ["s-ana-2", "ana@example.com", "2026-05-05T19:00:00+09:00",
+                                   "2026-05-05T19:00:00+09:00", "1"]
+    assert wide[-1].split() == ["Total", "3", "1,350", "5,230", "0", "0", "6,580", "$2.76", "3", "1", "1"]
+    model = run_report(server, "model", "--since", "2026-05-01", cwd=tmp_path).stdout.splitlines()
+    assert model[3].split() == ["claude-opus-4-1", "1", "50", "5,000", "0", "0", "5,050", "$2.25", "60,000", "-"]
+    reader = subprocess.Popen([*CCMON, "report", "daily", "--monitor-server", server.target, "--since", "2020-01-01"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout.readline().startswith(b"daily report, 2020-01-01")
+    reader.stdout.close()  # like `| head -1`: the rest of the report has nowhere to go
+    assert (reader.wait(30), reader.stderr.read()) == (0, b"")
 
 
 @pytest.mark.parametrize("args,message", [
