@@ -2985,7 +2985,7 @@ def quick_values(figures: QuickFigures) -> dict[str, Any]:
                       block_remaining=block.remaining_ms // 1000, block_end=block.end_ms // 1000,
                       block_projection=block.projected_at_end() / block.limit * 100 if block.limit else None)
     if figures.weekly is not None:
-        values.update(weekly_tokens=figures.weekly.limited, weekly_cost=figures.weekly.cost_usd,
+        values.update(weekly_premium_tokens=figures.weekly.limited, weekly_premium_cost=figures.weekly.cost_usd,
                       weekly_usage=figures.weekly.limited / figures.weekly_limit * 100 if figures.weekly_limit
                       else None)
     if figures.session is not None:

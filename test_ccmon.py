@@ -1323,7 +1323,7 @@ def test_quick_query_format_and_json(server, tmp_path):
                        "daily_tokens": expected["daily_tokens"], "monthly_tokens": expected["monthly_tokens"],
                        "daily_plan_usage": figures["daily_plan_usage"], "monthly_plan_usage": expected["monthly_cost"],
                        "session_id": "latest", "session_cost": 0.004,
-                       "weekly_tokens": 5500, "weekly_cost": 3.75, "weekly_usage": None}
+                       "weekly_premium_tokens": 5500, "weekly_premium_cost": 3.75, "weekly_usage": None}
     assert figures["daily_plan_usage"] == pytest.approx(expected["daily_cost"] / (100 / days) * 100)
     unset = run_ccmon(["--monitor-server", server.target, "--format", "@daily_plan_usage"], tmp_path)
     assert unset.stdout == "0%\n"
@@ -2662,7 +2662,8 @@ def test_auto_block_monitor_alert_and_format(tmp_path):
         plain = run_ccmon(["--monitor-server", srv.target, "--format", "@weekly_usage"], tmp_path)
         assert plain.stdout == "5.00K\n"  # no block tracking, no weekly limit: the week's premium tokens
         figures = json.loads(run_ccmon(["--monitor-server", srv.target, "-b", "auto", "--json"], tmp_path).stdout)
-        assert figures["block_end"] == (first_hour + ccmon.BLOCK_MS) // 1000 and figures["weekly_tokens"] == 5000
+        assert figures["block_end"] == (first_hour + ccmon.BLOCK_MS) // 1000
+        assert figures["weekly_premium_tokens"] == 5000
         monitor = MonitorPty(["--monitor-server", srv.target, "-b", "auto", "--claude-plan", "pro", "--alert", "50",
                               "--alert", "90", "--monitor-alert-command", f"env | grep CCMON_ALERT > {marker}"],
                              cols=100, cwd=tmp_path, env={"HOME": str(tmp_path)})
