@@ -1,31 +1,43 @@
-# ccmon server image: the self-contained ccmon.pyz on the official slim Python image.
+# ccmon server image: ccmon and its wheels, unpacked from ccmon.pyz once, on the official slim Python image.
 #   docker build -t ccmon .
 #   docker run -d --name ccmon -p 127.0.0.1:4317:4317 -p 127.0.0.1:4318:4318 -v ccmon-data:/data ccmon
-# Both stages must use the same Python: the pyz carries C extensions built for it.
-ARG PYTHON_VERSION=3.12
+# Both stages use the same pinned Python: the build carries grpcio's C extension for that version only.
+ARG PYTHON_VERSION=3.12.12
+ARG PYTHON_MINOR=3.12
 
-FROM python:${PYTHON_VERSION}-slim AS build
+FROM python:${PYTHON_VERSION}-slim-bookworm AS build
+ARG PYTHON_MINOR
 WORKDIR /src
 COPY requirements.txt build_zipapp.py ccmon.py ccmon_pb2.py ccmon_pb2_grpc.py ./
-RUN python build_zipapp.py --output /out/ccmon.pyz
+# The pyz's first run unpacks it; the image keeps that folder alone (not the pyz beside it).
+RUN python build_zipapp.py --python-version "${PYTHON_MINOR}" --output /out/ccmon.pyz \
+    && XDG_CACHE_HOME=/out/cache python /out/ccmon.pyz --help > /dev/null \
+    && mv /out/cache/ccmon/*/cp3*/ /app
 
-FROM python:${PYTHON_VERSION}-slim
-RUN useradd --system --uid 10001 --create-home --home-dir /home/ccmon ccmon \
-    && mkdir -p /data /app && chown ccmon:ccmon /data
-COPY --from=build /out/ccmon.pyz /app/ccmon.pyz
-USER ccmon
-# Unpack the pyz's C extensions once at build time, so containers start fast and need no writable home.
-ENV XDG_CACHE_HOME=/home/ccmon/.cache PYTHONUNBUFFERED=1
-RUN python /app/ccmon.pyz --version
+FROM python:${PYTHON_VERSION}-slim-bookworm
+ARG PYTHON_VERSION
+LABEL org.opencontainers.image.title="ccmon" \
+      org.opencontainers.image.description="Watch what Claude Code costs: an OTLP collector and usage monitor" \
+      org.opencontainers.image.licenses="MIT" \
+      org.opencontainers.image.base.name="docker.io/library/python:${PYTHON_VERSION}-slim-bookworm"
+RUN groupadd --system --gid 10001 ccmon \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/ccmon ccmon \
+    && mkdir -p /data /home/ccmon/.ccmon && chown 10001:10001 /data \
+    && printf '%s\n' '[server]' 'address = "0.0.0.0:4317"' 'http_address = "0.0.0.0:4318"' \
+       '[database]' 'path = "/data/ccmon.db"' > /home/ccmon/.ccmon/config.toml
+COPY --from=build /app /app
+# Numeric, so that Kubernetes' runAsNonRoot can verify it.
+USER 10001:10001
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 VOLUME /data
 # 4317: OTLP gRPC and the QueryService; 4318: OTLP/HTTP.
 EXPOSE 4317 4318
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "/app/ccmon.pyz", "--health", "--monitor-server", "127.0.0.1:4317"]
-ENTRYPOINT ["python", "/app/ccmon.pyz"]
-# Inside the container the server must listen on all interfaces; publish it on 127.0.0.1 only
+# --health reads the same configuration as the server (~/.ccmon/config.toml, CCMON_TOKEN), so it follows
+# the server's address, token and TLS; mount your own config.toml over the default one to change them.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 CMD ["python", "/app/ccmon.py", "--health"]
+ENTRYPOINT ["python", "/app/ccmon.py"]
+# Inside the container the server listens on all interfaces; publish it on 127.0.0.1 only
 # (-p 127.0.0.1:4317:4317 -p 127.0.0.1:4318:4318) unless the network in front of it is trusted
 # and a token is set (-e CCMON_TOKEN=...).
-CMD ["--server", "--server-address", "0.0.0.0:4317", "--server-http-address", "0.0.0.0:4318", \
-     "--database-path", "/data/ccmon.db"]
+CMD ["--server"]

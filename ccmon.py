@@ -395,6 +395,7 @@ class TLSFiles:
     cert: Path | None = None
     key: Path | None = None
     ca: Path | None = None
+    server_name: str | None = None  # a client's: the name the server's certificate is checked against
 
 
 def read_pem(path: Path | None) -> bytes | None:
@@ -422,6 +423,7 @@ class Config:
     weekly_max_tokens: int = 0
     alert_percents: tuple[int, ...] = ()
     alert_command: str = ""
+    monitor_server_given: bool = False  # monitor.server set by a flag or the file, not the default
 
     @property
     def zone(self) -> ZoneInfo:
@@ -659,6 +661,7 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
         monitor_server=monitor_server,
         monitor_token=tokens["monitor.token"],
         monitor_tls=monitor_tls if wants_tls else None,
+        monitor_server_given=origin["monitor.server"] != "default",
         monitor_timezone=zone,
         refresh_interval_s=refresh_s,
         plan=plan,
@@ -712,6 +715,34 @@ def load_config(args: argparse.Namespace) -> Config:
         overrides[key] = (flag, value) if value is not None else (TOKEN_ENV, env_token)
     settings, origin = merge_config(file_data, str(path), overrides)
     return validate_config(settings, origin, str(path) if path else "defaults")
+
+
+def certificate_name(path: Path) -> str | None:
+    """The first DNS name (else the common name) a PEM certificate is for."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(str(path))  # the standard library's own PEM reader
+    except (AttributeError, ssl.SSLError, OSError):
+        return None
+    names = [value for kind, value in decoded.get("subjectAltName", ()) if kind == "DNS"]
+    names += [value for rdn in decoded.get("subject", ()) for key, value in rdn if key == "commonName"]
+    return names[0] if names else None
+
+
+def health_config(config: Config) -> Config:
+    """What --health checks: the configured monitor server, else the server this configuration runs: its own
+    address (a wildcard address means this machine), token and TLS. So a container's or a service unit's
+    health check, reading the server's own configuration, follows its settings."""
+    if config.monitor_server_given:
+        return config
+    host, port = parse_address(config.server_address, fail_as=ConfigError)
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
+    tls = None
+    if config.server_tls:  # trust the server's own certificate, checked against the name it is for
+        client = config.monitor_tls or TLSFiles()
+        tls = TLSFiles(client.cert, client.key, client.ca or config.server_tls.cert,
+                       certificate_name(config.server_tls.cert))
+    return dataclasses.replace(config, monitor_server=f"{'https://' if tls else ''}{host}:{port}",
+                               monitor_token=config.monitor_token or config.server_token, monitor_tls=tls)
 
 
 # ---------------------------------------------------------------- Storage: schema, migrations, opening a database
@@ -2710,7 +2741,8 @@ class Client:
         target = re.sub(r"^https?://", "", address, flags=re.IGNORECASE).rstrip("/")
         if tls:
             credentials = grpc.ssl_channel_credentials(read_pem(tls.ca), read_pem(tls.key), read_pem(tls.cert))
-            self._channel = grpc.secure_channel(target, credentials)
+            options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
+            self._channel = grpc.secure_channel(target, credentials, options)
         else:
             self._channel = grpc.insecure_channel(target)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -3043,6 +3075,7 @@ def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
 
 def run_health_check(config: Config) -> int:
     """Exit 0 when the server answers; for Docker's HEALTHCHECK and service managers."""
+    config = health_config(config)
     client = Client.for_config(config, timeout_s=3.0)
     try:
         info = client.server_info()

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -1605,32 +1606,56 @@ def test_dockerfile_structure():
              if line.strip() and not line.startswith("#")]
     joined = "\n".join(lines).replace("\\\n", " ")
     froms = [line for line in lines if line.startswith("FROM ")]
-    assert froms == ["FROM python:${PYTHON_VERSION}-slim AS build", "FROM python:${PYTHON_VERSION}-slim"]
-    assert "ARG PYTHON_VERSION=3.12" in lines
-    build_stage = joined.split("FROM python:${PYTHON_VERSION}-slim\n")[0]
-    assert "RUN python build_zipapp.py --output /out/ccmon.pyz" in build_stage
-    final = joined.split("FROM python:${PYTHON_VERSION}-slim\n")[1]
-    assert "COPY --from=build /out/ccmon.pyz /app/ccmon.pyz" in final
-    assert re.search(r"^USER ccmon$", final, re.M) and "useradd --system --uid 10001" in final
-    assert final.index("USER ccmon") < final.index("ENTRYPOINT")
+    assert froms == ["FROM python:${PYTHON_VERSION}-slim-bookworm AS build", "FROM python:${PYTHON_VERSION}-slim-bookworm"]
+    assert re.search(r"^ARG PYTHON_VERSION=3\.12\.\d+$", joined, re.M)  # an exact version, not a moving tag
+    assert "ARG PYTHON_MINOR=3.12" in lines
+    build_stage, final = joined.split("FROM python:${PYTHON_VERSION}-slim-bookworm\n")
+    assert 'RUN python build_zipapp.py --python-version "${PYTHON_MINOR}" --output /out/ccmon.pyz' in build_stage
+    assert "mv /out/cache/ccmon/*/cp3*/ /app" in build_stage
+    assert "COPY --from=build /app /app" in final and "ccmon.pyz" not in final  # the unpacked app, once
+    assert re.search(r"^USER 10001:10001$", final, re.M)
+    assert "--uid 10001 --gid 10001" in final and "--gid 10001 ccmon" in final
+    assert final.index("USER 10001:10001") < final.index("ENTRYPOINT")
     assert "pip install" not in final  # nothing installed in the runtime image
     assert "VOLUME /data" in final and "EXPOSE 4317 4318" in final and "STOPSIGNAL SIGTERM" in final
+    for label in ("title", "description", "licenses", "base.name"):
+        assert f"org.opencontainers.image.{label}=" in final
     healthcheck = next(line for line in final.splitlines() if line.startswith("HEALTHCHECK"))
-    assert healthcheck.endswith('CMD ["python", "/app/ccmon.pyz", "--health", "--monitor-server", "127.0.0.1:4317"]')
-    assert 'ENTRYPOINT ["python", "/app/ccmon.pyz"]' in final
-    assert ('CMD ["--server", "--server-address", "0.0.0.0:4317", "--server-http-address", "0.0.0.0:4318",  '
-            '"--database-path", "/data/ccmon.db"]') in final
+    assert healthcheck.endswith('CMD ["python", "/app/ccmon.py", "--health"]')  # the server's own settings
+    assert 'ENTRYPOINT ["python", "/app/ccmon.py"]' in final and 'CMD ["--server"]' in final
+    # The image's config file (written by printf) is one ccmon reads, with the settings the server needs there.
+    printf = re.search(r"printf '%s\\n' (.*?) > /home/ccmon/\.ccmon/config\.toml", final).group(1)
+    config = tomllib.loads("\n".join(re.findall(r"'([^']*)'", printf)))
+    assert config == {"server": {"address": "0.0.0.0:4317", "http_address": "0.0.0.0:4318"},
+                      "database": {"path": "/data/ccmon.db"}}
     # Every file the build stage copies exists, and .dockerignore lets exactly those through.
     copied = next(line for line in lines if line.startswith("COPY requirements.txt")).split()[1:-1]
     assert all((ROOT / name).is_file() for name in copied)
     allowed = [line[1:] for line in (ROOT / ".dockerignore").read_text().split() if line.startswith("!")]
     assert sorted(allowed) == sorted(copied)
-    # The HEALTHCHECK and CMD arguments are ones ccmon accepts.
-    parser = ccmon.build_parser()
-    assert parser.parse_args(["--health", "--monitor-server", "127.0.0.1:4317"]).health
-    assert parser.parse_args(["--server", "--server-address", "0.0.0.0:4317", "--server-http-address", "0.0.0.0:4318",
-                              "--database-path", "/data/x"]).server
 
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).with_name("hadolint")
+    result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_the_image_build_steps_give_a_working_app(tmp_path):
+    """The build stage's commands, run here (no Docker engine in CI): the pyz for one Python, unpacked once,
+    moved to app/, runs ccmon from there."""
+    minor = "%d.%d" % sys.version_info[:2]
+    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--python-version", minor, "--output",
+                    str(tmp_path / "out" / "ccmon.pyz")], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(tmp_path / "out" / "ccmon.pyz"), "--help"], check=True, capture_output=True,
+                   env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "out" / "cache")})
+    unpacked = list((tmp_path / "out" / "cache" / "ccmon").glob("*/cp3*/"))
+    assert len(unpacked) == 1
+    app = unpacked[0].rename(tmp_path / "app")
+    # -S -E: no site-packages, no PYTHONPATH; what the app needs is beside ccmon.py, as in the image.
+    version = subprocess.run([sys.executable, "-S", "-E", str(app / "ccmon.py"), "--version"], capture_output=True,
+                             text=True)
+    assert (version.returncode, version.stdout) == (0, f"ccmon {ccmon.VERSION}\n"), version.stderr
 
 # ---------------------------------------------------------------- OTLP/HTTP, the Node.js SDK, tokens, TLS, limits, faults
 
@@ -1950,6 +1975,32 @@ def test_tls_and_mutual_tls(tmp_path, monkeypatch):
         context.load_cert_chain(str(client_cert), str(client_key))
         assert http_post(srv.http_port, body=logs_request(MIXED_EVENTS).SerializeToString(),
                          context=context)[0].status == 200
+    finally:
+        srv.stop()
+
+
+def test_health_follows_the_servers_own_settings(tmp_path):
+    """As in the Docker image: --health reads the server's configuration (its address, a wildcard one, its
+    token from CCMON_TOKEN, its TLS certificate for a name other than 127.0.0.1) and checks that server."""
+    cert, key = tmp_path / "named.pem", tmp_path / "named-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "2", "-subj", "/CN=ccmon.test", "-keyout", str(key), "-out", str(cert), "-addext",
+                    "subjectAltName=DNS:ccmon.test"], check=True, capture_output=True)
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / ".ccmon").mkdir()
+    (tmp_path / ".ccmon" / "config.toml").write_text(
+        f'[server]\naddress = "0.0.0.0:{port}"\nhttp_address = "off"\ntls_cert = "{cert}"\ntls_key = "{key}"\n')
+    env = {"CCMON_TOKEN": "s3cret"}
+    srv = ServerProcess(tmp_path, "--server-address", f"0.0.0.0:{port}", env=env).start()
+    try:
+        healthy = run_ccmon(["--health"], tmp_path, env={"HOME": str(tmp_path), **env})
+        assert (healthy.returncode, healthy.stdout) == (0, f"ok: ccmon {ccmon.VERSION} at https://127.0.0.1:{port}, "
+                                                           "0 requests stored\n")
+        wrong_token = run_ccmon(["--health"], tmp_path, env={"HOME": str(tmp_path), "CCMON_TOKEN": "guess"})
+        assert wrong_token.returncode == 1 and "refused the token" in wrong_token.stderr
     finally:
         srv.stop()
 
