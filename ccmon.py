@@ -258,6 +258,31 @@ def user_name(attrs: dict, resource_json: str) -> str:
     return ""
 
 
+@dataclasses.dataclass(frozen=True)
+class LimitWindow:
+    """One window of Claude's own rate limits: how much of it is used and when it starts afresh."""
+    percent: float                 # 0-100
+    resets_ms: int
+    used_usd: float | None = None  # spend limits behind a Claude gateway
+    limit_usd: float | None = None
+    period: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitReading:
+    """What Claude Code handed its status line at one moment: the session, its project, Claude's own limits."""
+    session_id: str
+    read_ms: int
+    project: str = ""
+    model: str = ""
+    context_percent: float | None = None
+    five_hour: LimitWindow | None = None
+    seven_day: LimitWindow | None = None
+    spend_limit: LimitWindow | None = None
+    version: str = ""
+    user: str = ""                 # the session's user, once its events have arrived
+
+
 # ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
 
 PLAN_TOKEN_LIMITS = {"pro": 7_000, "max": 35_000, "max20": 140_000}
@@ -912,9 +937,29 @@ def name_users_readably(conn: sqlite3.Connection) -> None:
         rebuild_rollups(conn)
 
 
+def keep_limit_readings(conn: sqlite3.Connection) -> None:
+    """Version 4: what Claude Code's status line reports (Claude's own limits, the session's project) and each
+    session's project. A reading names its session only: its user is the session's, once events arrive."""
+    conn.execute("""CREATE TABLE limit_readings (
+        id INTEGER PRIMARY KEY,
+        ts INTEGER NOT NULL,                  -- when it was read, ms
+        session INTEGER NOT NULL REFERENCES sessions(id),
+        project TEXT,
+        model TEXT,
+        context_percent REAL,
+        five_hour_percent REAL, five_hour_resets INTEGER,  -- resets: ms since the epoch
+        seven_day_percent REAL, seven_day_resets INTEGER,
+        spend_limit TEXT,                     -- JSON of a gateway's spend window
+        version TEXT)""")
+    conn.execute("CREATE INDEX limit_readings_session ON limit_readings(session, ts)")
+    conn.execute("CREATE INDEX limit_readings_ts ON limit_readings(ts)")
+    conn.execute("ALTER TABLE sessions ADD COLUMN project TEXT")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
+                                                          keep_limit_readings]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -1098,7 +1143,7 @@ SHARED = {"session": ("sessions", "session_id"), "source": ("attribute_sets", "a
           "user": ("users", "name")}
 INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attribute_sets", "attributes")},
             "events": SHARED, "metric_points": SHARED}
-RETENTION_TABLES = ("requests", "events", "metric_points")
+RETENTION_TABLES = ("requests", "events", "metric_points", "limit_readings")
 SWEEP_CHUNK = 5000
 
 

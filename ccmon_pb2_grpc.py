@@ -90,6 +90,16 @@ class QueryServiceStub:
                 request_serializer=ccmon__pb2.GetBlocksRequest.SerializeToString,
                 response_deserializer=ccmon__pb2.GetBlocksResponse.FromString,
                 _registered_method=True)
+        self.ReportStatusLine = channel.unary_unary(
+                '/ccmon.v1.QueryService/ReportStatusLine',
+                request_serializer=ccmon__pb2.ReportStatusLineRequest.SerializeToString,
+                response_deserializer=ccmon__pb2.ReportStatusLineResponse.FromString,
+                _registered_method=True)
+        self.GetLimits = channel.unary_unary(
+                '/ccmon.v1.QueryService/GetLimits',
+                request_serializer=ccmon__pb2.GetLimitsRequest.SerializeToString,
+                response_deserializer=ccmon__pb2.GetLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -174,6 +184,22 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportStatusLine(self, request, context):
+        """ReportStatusLine stores what Claude Code hands its status line (the session, its project, Claude's own
+        5-hour and weekly limits) and answers what a status line shows, in one round trip.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLimits(self, request, context):
+        """GetLimits returns Claude's own limit figures for a user: the latest reading, and what a full window
+        holds according to the readings (premium input + output tokens divided by the reported share).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -231,6 +257,16 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.GetBlocks,
                     request_deserializer=ccmon__pb2.GetBlocksRequest.FromString,
                     response_serializer=ccmon__pb2.GetBlocksResponse.SerializeToString,
+            ),
+            'ReportStatusLine': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportStatusLine,
+                    request_deserializer=ccmon__pb2.ReportStatusLineRequest.FromString,
+                    response_serializer=ccmon__pb2.ReportStatusLineResponse.SerializeToString,
+            ),
+            'GetLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLimits,
+                    request_deserializer=ccmon__pb2.GetLimitsRequest.FromString,
+                    response_serializer=ccmon__pb2.GetLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -531,6 +567,60 @@ class QueryService:
             '/ccmon.v1.QueryService/GetBlocks',
             ccmon__pb2.GetBlocksRequest.SerializeToString,
             ccmon__pb2.GetBlocksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportStatusLine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ccmon.v1.QueryService/ReportStatusLine',
+            ccmon__pb2.ReportStatusLineRequest.SerializeToString,
+            ccmon__pb2.ReportStatusLineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ccmon.v1.QueryService/GetLimits',
+            ccmon__pb2.GetLimitsRequest.SerializeToString,
+            ccmon__pb2.GetLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,
