@@ -582,6 +582,8 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
     if bool(monitor_tls.cert) != bool(monitor_tls.key):
         raise fail("monitor.tls_cert" if monitor_tls.cert else "monitor.tls_key",
                    "a client certificate needs both monitor.tls_cert and monitor.tls_key")
+    check_pem_files(server_tls, ("server.tls_cert", "server.tls_key", "server.tls_client_ca"), fail)
+    check_pem_files(monitor_tls, ("monitor.tls_cert", "monitor.tls_key", "monitor.tls_ca"), fail)
     monitor_server = text("monitor.server")
     wants_tls = monitor_server.lower().startswith("https://") or any(dataclasses.astuple(monitor_tls))
     tokens = {}
@@ -610,6 +612,30 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
         alert_percents=percents,
         alert_command=settings["monitor.alert_command"].strip(),
     )
+
+
+def check_pem_files(tls: TLSFiles, keys: tuple[str, str, str], fail: Callable[[str, str], ConfigError]) -> None:
+    """Load the PEM files as TLS will, so that a wrong one is named now: gRPC only says it cannot listen
+    (as if the port were taken), or fails each connection. `keys` name the cert, key and CA settings."""
+    cert_key, key_key, ca_key = keys
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for key, path in ((cert_key, tls.cert), (ca_key, tls.ca)):
+        try:
+            if path:
+                context.load_verify_locations(path)
+        except ssl.SSLError:
+            raise fail(key, f"{path} holds no PEM certificate") from None
+        except OSError as exc:
+            raise fail(key, f"cannot read {path}: {exc.strerror}") from None
+    try:
+        if tls.cert:  # an empty password: an encrypted key fails here rather than prompting for a passphrase
+            context.load_cert_chain(tls.cert, tls.key, password=b"")
+    except ssl.SSLError as exc:
+        mismatch = exc.reason == "KEY_VALUES_MISMATCH"
+        raise fail(key_key, f"{tls.key} does not match the certificate in {tls.cert}" if mismatch
+                   else f"{tls.key} holds no unencrypted PEM private key") from None
+    except OSError as exc:
+        raise fail(key_key, f"cannot read {tls.key}: {exc.strerror}") from None
 
 
 def parse_address(address: str, fail_as: Callable[[str], Exception]) -> tuple[str, int]:
@@ -650,6 +676,9 @@ def load_config(args: argparse.Namespace) -> Config:
                              ("monitor.token", "--monitor-token", args.monitor_token)):
         # flag > environment > file: a token is most specific where it is given for one run
         overrides[key] = (flag, value) if value is not None else (TOKEN_ENV, env_token)
+        if overrides[key][1] == "":  # an unset variable in a script, not a wish for no token (a file's "" is)
+            raise ConfigError(f"{overrides[key][0]}: the token is empty; give a token, or "
+                              + (f"leave {flag} out" if value is not None else f"unset {TOKEN_ENV}") + " for none")
     settings, origin = merge_config(file_data, str(path), overrides)
     return validate_config(settings, origin, str(path) if path else "defaults")
 
