@@ -2309,11 +2309,21 @@ def run_server(config: Config) -> int:
 # ---------------------------------------------------------------- Client: a small QueryService client for the monitor, reports and quick query
 
 class ServerUnreachable(Exception):
-    """The query server did not answer; the message is short enough for a status line."""
+    """The query server did not answer, or something else did; the message is short enough for a status line."""
+
+
+NOT_CCMON = "not a ccmon server (it does not answer ccmon.v1.QueryService)"
+# What gRPC reports when an HTTP/1.1 server answers its HTTP/2 preface, in plaintext or over TLS (no h2 in ALPN)
+HTTP_PORT_SIGNS = ("Failed parsing HTTP/2", "missing selected ALPN property")
 
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:
     details = (exc.details() or "").splitlines()[0] if exc.details() else ""
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return NOT_CCMON
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and \
+            any(sign in details for sign in HTTP_PORT_SIGNS):
+        return "this is an HTTP port; the query service is on the gRPC port"
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
         if any(word in details.lower() for word in ("ssl", "tls", "handshake", "certificate")):
             return "TLS handshake failed (check monitor.tls_ca and the server's certificate)"
@@ -2442,14 +2452,18 @@ def request_row_of(r: ccmon_pb2.APIRequest) -> RequestRow:
 
 
 GO_CCMON_METHODS = {"GetStats", "GetAPIRequests"}  # what the original Go ccmon server answers
+GO_CCMON_ONLY = "the Go ccmon server answers only GetStats and GetAPIRequests"
 
 
 class Client:
     """The QueryService as plain values; every call raises ServerUnreachable rather than a gRPC error.
-    Against the original Go ccmon server, ccmon's additional queries come back empty."""
+    Against the original Go ccmon server, ccmon's additional queries come back empty, or, with
+    go_extras_empty=False (for reports, where empty would be wrong), raise ServerUnreachable saying so."""
 
-    def __init__(self, address: str, timeout_s: float = 5.0, token: str = "", tls: TLSFiles | None = None):
-        self.address, self.timeout_s = address, timeout_s
+    def __init__(self, address: str, timeout_s: float = 5.0, token: str = "", tls: TLSFiles | None = None,
+                 go_extras_empty: bool = True):
+        self.address, self.timeout_s, self.go_extras_empty = address, timeout_s, go_extras_empty
+        self._go_ccmon: bool | None = None  # whether the server is the Go ccmon, once a query has shown it
         target = re.sub(r"^https?://", "", address, flags=re.IGNORECASE).rstrip("/")
         if tls:
             credentials = grpc.ssl_channel_credentials(read_pem(tls.ca), read_pem(tls.key), read_pem(tls.cert))
@@ -2460,16 +2474,35 @@ class Client:
         self._stub = ccmon_pb2_grpc.QueryServiceStub(self._channel)
 
     @classmethod
-    def for_config(cls, config: Config, timeout_s: float = 5.0) -> Client:
-        return cls(config.monitor_server, timeout_s, config.monitor_token, config.monitor_tls)
+    def for_config(cls, config: Config, timeout_s: float = 5.0, go_extras_empty: bool = True) -> Client:
+        return cls(config.monitor_server, timeout_s, config.monitor_token, config.monitor_tls, go_extras_empty)
 
     def _call(self, method: str, request):
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
+            return self._invoke(method, request)
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method not in GO_CCMON_METHODS:
-                return getattr(ccmon_pb2, method + "Response")()  # the original Go server: nothing to show
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method not in GO_CCMON_METHODS and self._is_go_ccmon():
+                if self.go_extras_empty:
+                    return getattr(ccmon_pb2, method + "Response")()  # nothing to show
+                raise ServerUnreachable(GO_CCMON_ONLY) from None
             raise ServerUnreachable(describe_rpc_error(exc)) from None
+
+    def _invoke(self, method: str, request):
+        return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
+
+    def _is_go_ccmon(self) -> bool:
+        """Whether the server answers GetStats, as the Go ccmon does, though not a method ccmon added (a server
+        without ccmon's QueryService answers neither). Asked once, over an empty period: cheap."""
+        if self._go_ccmon is None:
+            now = timestamp_from_ms(now_ms())
+            try:
+                self._invoke("GetStats", ccmon_pb2.GetStatsRequest(start_time=now, end_time=now))
+                self._go_ccmon = True
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise ServerUnreachable(describe_rpc_error(exc)) from None
+                self._go_ccmon = False
+        return self._go_ccmon
 
     @staticmethod
     def _period(request, start_ms: int | None, end_ms: int | None, user: str | None = None):
@@ -2486,6 +2519,7 @@ class Client:
         return split_from_stats(self._call("GetStats", request).stats)
 
     def server_info(self) -> ccmon_pb2.GetServerInfoResponse:
+        """Empty (no version) from the Go ccmon, which has no GetServerInfo."""
         return self._call("GetServerInfo", ccmon_pb2.GetServerInfoRequest())
 
     def latest_session(self) -> tuple[str, Split]:
@@ -2793,7 +2827,7 @@ def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
 
 
 def run_health_check(config: Config) -> int:
-    """Exit 0 when the server answers; for Docker's HEALTHCHECK and service managers."""
+    """Exit 0 when a ccmon server (this one or the Go one) answers; for Docker's HEALTHCHECK and service managers."""
     client = Client.for_config(config, timeout_s=3.0)
     try:
         info = client.server_info()
@@ -2802,7 +2836,10 @@ def run_health_check(config: Config) -> int:
         return 1
     finally:
         client.close()
-    print(f"ok: ccmon {info.version} at {config.monitor_server}, {info.total_requests} requests stored")
+    if info.version:
+        print(f"ok: ccmon {info.version} at {config.monitor_server}, {info.total_requests} requests stored")
+    else:
+        print(f"ok: {config.monitor_server}: {GO_CCMON_ONLY}")
     return 0
 
 
@@ -2914,7 +2951,7 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     zone = config.zone
     start, end = report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), zone,
                                now_ms())
-    client = Client.for_config(config, timeout_s=30.0)
+    client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
         rows = report_rows(client, args.kind, start, end, zone, args.user)
     except ServerUnreachable as exc:

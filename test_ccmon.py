@@ -2076,18 +2076,19 @@ def go_server(tmp_path):
 
 def test_clients_against_the_original_go_server(go_server, tmp_path):
     port = int(go_server.rsplit(":", 1)[1])
-    assert sdk_export(port, [("api_request", api_request(1, hours_ago(1), input_tokens=100, cost_usd=0.5))]) == \
-        ["SUCCESS"]
+    # The Go server reads figures only from strings, as Claude Code sends them.
+    assert sdk_export(port, [("api_request", api_request(1, iso(int(time.time() * 1000) - 60_000),
+                                                         input_tokens="100", cost_usd="0.5"))]) == ["SUCCESS"]
     health = run_ccmon(["--health", "--monitor-server", go_server], tmp_path)
     assert (health.returncode, health.stderr) == (0, "")
-    assert health.stdout == f"ok: the Go ccmon server at {go_server} (it answers only GetStats and GetAPIRequests)\n"
+    assert health.stdout == f"ok: {go_server}: the Go ccmon server answers only GetStats and GetAPIRequests\n"
     quick = run_ccmon(["--monitor-server", go_server, "--format", "@monthly_tokens"], tmp_path)
     assert (quick.returncode, quick.stdout) == (0, "100\n")
     for kind in ccmon.REPORT_KINDS:
         report = run_ccmon(["report", kind, "--monitor-server", go_server], tmp_path)
         assert (report.returncode, report.stdout) == (1, "")
         assert report.stderr == (f"ccmon: cannot reach the ccmon server at {go_server}: the Go ccmon server answers "
-                                 "only GetStats and GetAPIRequests; reports need this ccmon's server\n")
+                                 "only GetStats and GetAPIRequests\n")
 
 
 @pytest.mark.parametrize("args,env,message", [
