@@ -119,6 +119,12 @@ def parse_iso_ms(text: Any) -> int | None:
     return ms if 0 <= ms <= MAX_TIMESTAMP_MS else None
 
 
+def iso_from_ms(ms: int) -> str:
+    """ms since the epoch -> '2026-03-01T10:00:00.000Z', exactly (no float rounding)."""
+    moment = dt.datetime.fromtimestamp(ms // 1000, dt.timezone.utc).replace(microsecond=ms % 1000 * 1000)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def is_premium(model: str) -> bool:
     """Haiku models are 'base'; every other model (Sonnet, Opus, ...) is 'premium'."""
     return "haiku" not in model.lower()
@@ -1427,6 +1433,10 @@ MAX_ATTRIBUTES = 1024
 MAX_VALUE_CHARS = 1024 * 1024
 MAX_DEPTH = 8
 SCALAR_KINDS = ("string_value", "int_value", "double_value", "bool_value")
+# Clocks drift a little; a record dated further ahead than this is stored at the time it was received (a fast
+# clock would otherwise make its session the most recent one for ever), its own time kept under ORIGINAL_TIME_KEY.
+FUTURE_TOLERANCE_MS = 5 * 60_000
+ORIGINAL_TIME_KEY = "ccmon.original_timestamp"
 
 
 def any_value(value, depth: int = 0) -> Any:
@@ -1462,13 +1472,21 @@ def attributes_dict(key_values, depth: int = 0) -> dict[str, Any]:
     return attributes
 
 
-def record_time_ms(attrs: dict, record) -> int:
-    """event.timestamp, else the record's time, else its observed time, else now."""
+def record_time_ms(attrs: dict, record, received_ms: int) -> int:
+    """event.timestamp, else the record's time, else its observed time, else the time received."""
     for ms in (parse_iso_ms(attrs.get("event.timestamp")), record.time_unix_nano // 1_000_000,
                record.observed_time_unix_nano // 1_000_000):
         if ms and ms <= MAX_TIMESTAMP_MS:
             return ms
-    return int(time.time() * 1000)
+    return received_ms
+
+
+def unless_ahead(ms: int, received_ms: int) -> tuple[int, str | None]:
+    """(the time to store, the original as ISO 8601 when that is the time received instead): see
+    FUTURE_TOLERANCE_MS."""
+    if ms <= received_ms + FUTURE_TOLERANCE_MS:
+        return ms, None
+    return received_ms, iso_from_ms(ms)
 
 
 def event_name(attrs: dict, record) -> str:
@@ -1543,7 +1561,7 @@ class Sources:
         return self._memo[key]
 
 
-def request_row(attrs: dict, source: str | None, user: str, record) -> tuple:
+def request_row(attrs: dict, ts: int, source: str | None, user: str, record) -> tuple:
     """One api_request record as a `requests` row (REQUEST_COLUMNS); raises BadValue for unreadable figures."""
     counts = [parse_count(attrs.get(key, 0), key) for key in
               ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")]
@@ -1556,27 +1574,27 @@ def request_row(attrs: dict, source: str | None, user: str, record) -> tuple:
     ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if attrs.get("ttft_ms") not in (None, "") else None
     extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     session, seq = record_key(attrs, record)
-    return (record_time_ms(attrs, record), session, seq, str(attrs.get("model") or "unknown"), user, *counts,
+    return (ts, session, seq, str(attrs.get("model") or "unknown"), user, *counts,
             cost, duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
             source, compact_json(extra), 0)
 
 
-def event_row(name: str, attrs: dict, source: str | None, user: str, record) -> tuple:
+def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, record) -> tuple:
     """One other event as an `events` row (EVENT_COLUMNS)."""
     rest = {k: v for k, v in attrs.items() if k not in EVENT_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     body = any_value(record.body)
     if body is not None and body != EVENT_PREFIX + name:
         rest["body"] = body
     session, seq = record_key(attrs, record)
-    return (record_time_ms(attrs, record), session, seq, user, name, optional_text(attrs.get("prompt.id")), source,
-            compact_json(rest) or "{}")
+    return (ts, session, seq, user, name, optional_text(attrs.get("prompt.id")), source, compact_json(rest) or "{}")
 
 
 class Rejections:
-    """Counts rejected records and keeps the first few reasons for the partial_success message."""
+    """Counts rejected records and keeps the first few reasons for the partial_success message; counts there
+    too the records stored at the time received because they were dated ahead (stored, so not rejected)."""
 
     def __init__(self, what: str):
-        self.what, self.count, self.reasons = what, 0, []
+        self.what, self.count, self.reasons, self.dated_ahead = what, 0, [], 0
 
     def add(self, reason: str) -> None:
         self.count += 1
@@ -1584,12 +1602,19 @@ class Rejections:
             self.reasons.append(reason)
 
     def message(self, total: int) -> str:
-        more = f"; and {self.count - len(self.reasons)} more" if self.count > len(self.reasons) else ""
-        return f"rejected {self.count} of {total} {self.what}: {'; '.join(self.reasons)}{more}"
+        parts = []
+        if self.count:
+            more = f"; and {self.count - len(self.reasons)} more" if self.count > len(self.reasons) else ""
+            parts.append(f"rejected {self.count} of {total} {self.what}: {'; '.join(self.reasons)}{more}")
+        if self.dated_ahead:
+            parts.append(f"{self.dated_ahead} of {total} {self.what} were dated more than "
+                         f"{FUTURE_TOLERANCE_MS // 60_000} minutes ahead of the server's clock: stored at the time "
+                         f"received, their own time kept as {ORIGINAL_TIME_KEY}")
+        return "; ".join(parts)
 
     def answer(self, response, count_field: str, total: int):
-        """The Export response, with partial_success (and a log line) when anything was rejected."""
-        if self.count:
+        """The Export response, with partial_success (and a log line) when anything was rejected or re-dated."""
+        if self.count or self.dated_ahead:
             log.warning("%s", self.message(total))
             setattr(response.partial_success, count_field, self.count)
             response.partial_success.error_message = self.message(total)
@@ -1604,7 +1629,7 @@ class LogsIngest:
         self.sources = Sources()
 
     def decode(self, request) -> tuple[Batch, Rejections, int]:
-        batch, rejected, total = Batch(), Rejections("log records"), 0
+        batch, rejected, total, received = Batch(), Rejections("log records"), 0, now_ms()
         for resource_logs in request.resource_logs:
             try:
                 resource = compact_json(attributes_dict(resource_logs.resource.attributes)) or "{}"
@@ -1618,10 +1643,10 @@ class LogsIngest:
                     if resource_problem or total > MAX_RECORDS_PER_EXPORT:
                         rejected.add(resource_problem or f"more than {MAX_RECORDS_PER_EXPORT} records in one export")
                         continue
-                    self._decode_record(record, resource, batch, rejected)
+                    self._decode_record(record, resource, received, batch, rejected)
         return batch, rejected, total
 
-    def _decode_record(self, record, resource: str, batch: Batch, rejected: Rejections) -> None:
+    def _decode_record(self, record, resource: str, received: int, batch: Batch, rejected: Rejections) -> None:
         try:
             attrs = attributes_dict(record.attributes)
             name = event_name(attrs, record)
@@ -1630,14 +1655,18 @@ class LogsIngest:
             return
         source = self.sources.json(resource, attrs)
         user = user_name(attrs, resource)
+        ts, original = unless_ahead(record_time_ms(attrs, record, received), received)
+        if original:
+            attrs[ORIGINAL_TIME_KEY] = original
         try:
             if name == "api_request":
-                batch.requests.append(request_row(attrs, source, user, record))
-                return
-            batch.events.append(event_row(name, attrs, source, user, record))
+                batch.requests.append(request_row(attrs, ts, source, user, record))
+            else:
+                batch.events.append(event_row(name, attrs, ts, source, user, record))
         except BadValue as exc:
             rejected.add(f"{name} in session {attrs.get('session.id', '?')}: {exc}")
             return
+        rejected.dated_ahead += bool(original)
         if name not in KNOWN_EVENTS and name not in self._seen_unknown and len(self._seen_unknown) < 1000:
             self._seen_unknown.add(name)
             log.info("storing events of a kind ccmon does not know yet: %r", name)
@@ -1645,7 +1674,7 @@ class LogsIngest:
 
 def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[tuple], int]:
     """Number data points (sums and gauges; histograms by their sum) as metric_points rows (METRIC_COLUMNS)."""
-    rows, total = [], 0
+    rows, total, received = [], 0, now_ms()
     for resource_metrics in request.resource_metrics:
         try:
             resource = compact_json(attributes_dict(resource_metrics.resource.attributes)) or "{}"
@@ -1685,10 +1714,13 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
                     rest = {k: v for k, v in attrs.items()
                             if k not in ("session.id", "model", "type") and k not in IDENTITY_KEYS}
                     point_ms = point.time_unix_nano // 1_000_000
-                    rows.append((point_ms if 0 < point_ms <= MAX_TIMESTAMP_MS else int(time.time() * 1000),
-                                 point.start_time_unix_nano // 1_000_000 or None, str(attrs.get("session.id", "")),
-                                 content_hash(identity.encode()), user_name(attrs, resource), metric.name,
-                                 temporality, float(value),
+                    ts, original = unless_ahead(point_ms if 0 < point_ms <= MAX_TIMESTAMP_MS else received, received)
+                    if original:
+                        rest[ORIGINAL_TIME_KEY] = original
+                        rejected.dated_ahead += 1
+                    rows.append((ts, point.start_time_unix_nano // 1_000_000 or None,
+                                 str(attrs.get("session.id", "")), content_hash(identity.encode()),
+                                 user_name(attrs, resource), metric.name, temporality, float(value),
                                  optional_text(attrs.get("model")), optional_text(attrs.get("type")),
                                  sources.json(resource, attrs), compact_json(rest) or "{}"))
     return rows, total

@@ -2162,6 +2162,60 @@ def test_tls_files_that_cannot_work_are_config_errors(tmp_path, monkeypatch):
         (2, f"ccmon: config error: --server-tls-key: {other_key} does not match the certificate in {cert}\n")
 
 
+def test_records_from_the_future_are_stored_at_the_time_received(server):
+    now = int(time.time() * 1000)
+    ahead = now + 3 * 86400_000  # a clock three days fast
+    request = logs_request([
+        ("api_request", api_request(1, iso(ahead), session="fast-clock", input_tokens=10, cost_usd=1.0)),
+        ("api_request", api_request(2, iso(now + 60_000), session="a-minute-ahead", input_tokens=20)),
+        ("user_prompt", {"event.name": "user_prompt", "event.timestamp": iso(ahead), "event.sequence": 3,
+                         "session.id": "fast-clock"}),
+        ("api_request", {"session.id": "no-event-timestamp", "event.sequence": 4, "model": "m", "input_tokens": 5}),
+        ("api_request", api_request(5, "not a time", session="bad-time", input_tokens=1))])
+    request.resource_logs[0].scope_logs[0].log_records[3].time_unix_nano = ahead * 1_000_000
+    request.resource_logs[0].scope_logs[0].log_records[4].time_unix_nano = (ahead + 1) * 1_000_000
+    sent = int(time.time() * 1000)
+    response = server.logs_stub().Export(request)
+    answered = int(time.time() * 1000)
+    assert response.partial_success.rejected_log_records == 0  # stored, not rejected
+    assert response.partial_success.error_message == (
+        "4 of 5 log records were dated more than 5 minutes ahead of the server's clock: stored at the time "
+        "received, their own time kept as ccmon.original_timestamp")
+    requests = {session: (ts, json.loads(extra or "{}")) for session, ts, extra in
+                db_rows(server.db, "SELECT session_id, ts, extra_json FROM r")}
+    assert requests["a-minute-ahead"] == (now + 60_000, {"query_source": "repl_main_thread"})
+    for session, original in (("fast-clock", ahead), ("no-event-timestamp", ahead), ("bad-time", ahead + 1)):
+        ts, extra = requests[session]
+        assert sent <= ts <= answered
+        assert extra["ccmon.original_timestamp"] == iso(original)
+    (ts, attributes), = db_rows(server.db, "SELECT ts, attributes FROM e WHERE name = 'user_prompt'")
+    assert sent <= ts <= answered and json.loads(attributes)["ccmon.original_timestamp"] == iso(ahead)
+    assert stats(server, end=iso(now + 3600_000)).total_tokens.input == 36  # exact: every record counted once
+    # A session that starts later is the most recent one (@session_cost follows it), not the fast clock's.
+    sdk_export(server.port, [("api_request", api_request(6, iso(now + 120_000), session="later", cost_usd=0.25))])
+    assert server.query().GetSessionStats(ccmon_pb2.GetSessionStatsRequest()).session_id == "later"
+
+
+def test_metric_points_from_the_future_are_stored_at_the_time_received(server):
+    ahead = int(time.time() * 1000) + 86400_000
+    request = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+        scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
+            name="claude_code.cost.usage", sum=metrics_pb2.Sum(aggregation_temporality=1, data_points=[
+                metrics_pb2.NumberDataPoint(as_double=0.5, time_unix_nano=ahead * 1_000_000, attributes=[
+                    common_pb2.KeyValue(key="session.id", value=any_value("metrics-only"))]),
+                metrics_pb2.NumberDataPoint(as_double=0.25, time_unix_nano=1_700_000_000_000_000_000)]))])])])
+    sent = int(time.time() * 1000)
+    response = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target)).Export(request)
+    answered = int(time.time() * 1000)
+    assert (response.partial_success.rejected_data_points, response.partial_success.error_message) == (
+        0, "1 of 2 data points were dated more than 5 minutes ahead of the server's clock: stored at the time "
+           "received, their own time kept as ccmon.original_timestamp")
+    (ts, attributes), (old_ts, old_attributes) = db_rows(server.db, "SELECT ts, attributes FROM mp ORDER BY value DESC")
+    assert sent <= ts <= answered and json.loads(attributes) == {"ccmon.original_timestamp": iso(ahead)}
+    assert (old_ts, old_attributes) == (1_700_000_000_000, "{}")
+    assert server.query().GetSessionStats(ccmon_pb2.GetSessionStatsRequest()).session_id == "metrics-only"
+
+
 # ---------------------------------------------------------------- insights: models, sessions, tools, users, reports
 
 def team_events() -> list[tuple[str, dict]]:
