@@ -126,6 +126,12 @@ def parse_iso_ms(text: Any) -> int | None:
     return ms if 0 <= ms <= MAX_TIMESTAMP_MS else None
 
 
+def iso_from_ms(ms: int) -> str:
+    """ms since the epoch -> '2026-03-01T10:00:00.000Z', exactly (no float rounding)."""
+    moment = dt.datetime.fromtimestamp(ms // 1000, dt.timezone.utc).replace(microsecond=ms % 1000 * 1000)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def is_premium(model: str) -> bool:
     """Haiku models are 'base'; every other model (Sonnet, Opus, ...) is 'premium'."""
     return "haiku" not in model.lower()
@@ -668,6 +674,8 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
     if bool(monitor_tls.cert) != bool(monitor_tls.key):
         raise fail("monitor.tls_cert" if monitor_tls.cert else "monitor.tls_key",
                    "a client certificate needs both monitor.tls_cert and monitor.tls_key")
+    check_pem_files(server_tls, ("server.tls_cert", "server.tls_key", "server.tls_client_ca"), fail)
+    check_pem_files(monitor_tls, ("monitor.tls_cert", "monitor.tls_key", "monitor.tls_ca"), fail)
     monitor_server = text("monitor.server")
     wants_tls = monitor_server.lower().startswith("https://") or any(dataclasses.astuple(monitor_tls))
     tokens = {}
@@ -697,6 +705,30 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
         alert_percents=percents,
         alert_command=settings["monitor.alert_command"].strip(),
     )
+
+
+def check_pem_files(tls: TLSFiles, keys: tuple[str, str, str], fail: Callable[[str, str], ConfigError]) -> None:
+    """Load the PEM files as TLS will, so that a wrong one is named now: gRPC only says it cannot listen
+    (as if the port were taken), or fails each connection. `keys` name the cert, key and CA settings."""
+    cert_key, key_key, ca_key = keys
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for key, path in ((cert_key, tls.cert), (ca_key, tls.ca)):
+        try:
+            if path:
+                context.load_verify_locations(path)
+        except ssl.SSLError:
+            raise fail(key, f"{path} holds no PEM certificate") from None
+        except OSError as exc:
+            raise fail(key, f"cannot read {path}: {exc.strerror}") from None
+    try:
+        if tls.cert:  # an empty password: an encrypted key fails here rather than prompting for a passphrase
+            context.load_cert_chain(tls.cert, tls.key, password=b"")
+    except ssl.SSLError as exc:
+        mismatch = exc.reason == "KEY_VALUES_MISMATCH"
+        raise fail(key_key, f"{tls.key} does not match the certificate in {tls.cert}" if mismatch
+                   else f"{tls.key} holds no unencrypted PEM private key") from None
+    except OSError as exc:
+        raise fail(key_key, f"cannot read {tls.key}: {exc.strerror}") from None
 
 
 def parse_address(address: str, fail_as: Callable[[str], Exception]) -> tuple[str, int]:
@@ -738,6 +770,9 @@ def load_config(args: argparse.Namespace) -> Config:
                              ("monitor.token", "--monitor-token", args.monitor_token)):
         # flag > environment > file: a token is most specific where it is given for one run
         overrides[key] = (flag, value) if value is not None else (TOKEN_ENV, env_token)
+        if overrides[key][1] == "":  # an unset variable in a script, not a wish for no token (a file's "" is)
+            raise ConfigError(f"{overrides[key][0]}: the token is empty; give a token, or "
+                              + (f"leave {flag} out" if value is not None else f"unset {TOKEN_ENV}") + " for none")
     settings, origin = merge_config(file_data, str(path), overrides)
     return validate_config(settings, origin, str(path) if path else "defaults")
 
@@ -1724,6 +1759,10 @@ MAX_ATTRIBUTES = 1024
 MAX_VALUE_CHARS = 1024 * 1024
 MAX_DEPTH = 8
 SCALAR_KINDS = ("string_value", "int_value", "double_value", "bool_value")
+# Clocks drift a little; a record dated further ahead than this is stored at the time it was received (a fast
+# clock would otherwise make its session the most recent one for ever), its own time kept under ORIGINAL_TIME_KEY.
+FUTURE_TOLERANCE_MS = 5 * 60_000
+ORIGINAL_TIME_KEY = "ccmon.original_timestamp"
 
 
 def any_value(value, depth: int = 0) -> Any:
@@ -1759,13 +1798,21 @@ def attributes_dict(key_values, depth: int = 0) -> dict[str, Any]:
     return attributes
 
 
-def record_time_ms(attrs: dict, record) -> int:
-    """event.timestamp, else the record's time, else its observed time, else now."""
+def record_time_ms(attrs: dict, record, received_ms: int) -> int:
+    """event.timestamp, else the record's time, else its observed time, else the time received."""
     for ms in (parse_iso_ms(attrs.get("event.timestamp")), record.time_unix_nano // 1_000_000,
                record.observed_time_unix_nano // 1_000_000):
         if ms and ms <= MAX_TIMESTAMP_MS:
             return ms
-    return int(time.time() * 1000)
+    return received_ms
+
+
+def unless_ahead(ms: int, received_ms: int) -> tuple[int, str | None]:
+    """(the time to store, the original as ISO 8601 when that is the time received instead): see
+    FUTURE_TOLERANCE_MS."""
+    if ms <= received_ms + FUTURE_TOLERANCE_MS:
+        return ms, None
+    return received_ms, iso_from_ms(ms)
 
 
 def event_name(attrs: dict, record) -> str:
@@ -1823,7 +1870,7 @@ class Sources:
         return self._memo[key]
 
 
-def request_row(attrs: dict, source: str | None, user: str, record) -> tuple:
+def request_row(attrs: dict, ts: int, source: str | None, user: str, record) -> tuple:
     """One api_request record as a `requests` row (REQUEST_COLUMNS); raises BadValue for unreadable figures."""
     counts = [parse_count(attrs.get(key, 0), key) for key in
               ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")]
@@ -1836,27 +1883,27 @@ def request_row(attrs: dict, source: str | None, user: str, record) -> tuple:
     ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if attrs.get("ttft_ms") not in (None, "") else None
     extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     session, seq = record_key(attrs, record)
-    return (record_time_ms(attrs, record), session, seq, str(attrs.get("model") or "unknown"), user, *counts,
+    return (ts, session, seq, str(attrs.get("model") or "unknown"), user, *counts,
             cost, duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
             source, compact_json(extra), 0)
 
 
-def event_row(name: str, attrs: dict, source: str | None, user: str, record) -> tuple:
+def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, record) -> tuple:
     """One other event as an `events` row (EVENT_COLUMNS)."""
     rest = {k: v for k, v in attrs.items() if k not in EVENT_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     body = any_value(record.body)
     if body is not None and body != EVENT_PREFIX + name:
         rest["body"] = body
     session, seq = record_key(attrs, record)
-    return (record_time_ms(attrs, record), session, seq, user, name, optional_text(attrs.get("prompt.id")), source,
-            compact_json(rest) or "{}")
+    return (ts, session, seq, user, name, optional_text(attrs.get("prompt.id")), source, compact_json(rest) or "{}")
 
 
 class Rejections:
-    """Counts rejected records and keeps the first few reasons for the partial_success message."""
+    """Counts rejected records and keeps the first few reasons for the partial_success message; counts there
+    too the records stored at the time received because they were dated ahead (stored, so not rejected)."""
 
     def __init__(self, what: str):
-        self.what, self.count, self.reasons = what, 0, []
+        self.what, self.count, self.reasons, self.dated_ahead = what, 0, [], 0
 
     def add(self, reason: str) -> None:
         self.count += 1
@@ -1864,12 +1911,19 @@ class Rejections:
             self.reasons.append(reason)
 
     def message(self, total: int) -> str:
-        more = f"; and {self.count - len(self.reasons)} more" if self.count > len(self.reasons) else ""
-        return f"rejected {self.count} of {total} {self.what}: {'; '.join(self.reasons)}{more}"
+        parts = []
+        if self.count:
+            more = f"; and {self.count - len(self.reasons)} more" if self.count > len(self.reasons) else ""
+            parts.append(f"rejected {self.count} of {total} {self.what}: {'; '.join(self.reasons)}{more}")
+        if self.dated_ahead:
+            parts.append(f"{self.dated_ahead} of {total} {self.what} were dated more than "
+                         f"{FUTURE_TOLERANCE_MS // 60_000} minutes ahead of the server's clock: stored at the time "
+                         f"received, their own time kept as {ORIGINAL_TIME_KEY}")
+        return "; ".join(parts)
 
     def answer(self, response, count_field: str, total: int):
-        """The Export response, with partial_success (and a log line) when anything was rejected."""
-        if self.count:
+        """The Export response, with partial_success (and a log line) when anything was rejected or re-dated."""
+        if self.count or self.dated_ahead:
             log.warning("%s", self.message(total))
             setattr(response.partial_success, count_field, self.count)
             response.partial_success.error_message = self.message(total)
@@ -1884,7 +1938,7 @@ class LogsIngest:
         self.sources = Sources()
 
     def decode(self, request) -> tuple[Batch, Rejections, int]:
-        batch, rejected, total = Batch(), Rejections("log records"), 0
+        batch, rejected, total, received = Batch(), Rejections("log records"), 0, now_ms()
         for resource_logs in request.resource_logs:
             try:
                 resource = compact_json(attributes_dict(resource_logs.resource.attributes)) or "{}"
@@ -1898,10 +1952,10 @@ class LogsIngest:
                     if resource_problem or total > MAX_RECORDS_PER_EXPORT:
                         rejected.add(resource_problem or f"more than {MAX_RECORDS_PER_EXPORT} records in one export")
                         continue
-                    self._decode_record(record, resource, batch, rejected)
+                    self._decode_record(record, resource, received, batch, rejected)
         return batch, rejected, total
 
-    def _decode_record(self, record, resource: str, batch: Batch, rejected: Rejections) -> None:
+    def _decode_record(self, record, resource: str, received: int, batch: Batch, rejected: Rejections) -> None:
         try:
             attrs = attributes_dict(record.attributes)
             name = event_name(attrs, record)
@@ -1910,14 +1964,18 @@ class LogsIngest:
             return
         source = self.sources.json(resource, attrs)
         user = user_name(attrs, resource)
+        ts, original = unless_ahead(record_time_ms(attrs, record, received), received)
+        if original:
+            attrs[ORIGINAL_TIME_KEY] = original
         try:
             if name == "api_request":
-                batch.requests.append(request_row(attrs, source, user, record))
-                return
-            batch.events.append(event_row(name, attrs, source, user, record))
+                batch.requests.append(request_row(attrs, ts, source, user, record))
+            else:
+                batch.events.append(event_row(name, attrs, ts, source, user, record))
         except BadValue as exc:
             rejected.add(f"{name} in session {attrs.get('session.id', '?')}: {exc}")
             return
+        rejected.dated_ahead += bool(original)
         if name not in KNOWN_EVENTS and name not in self._seen_unknown and len(self._seen_unknown) < 1000:
             self._seen_unknown.add(name)
             log.info("storing events of a kind ccmon does not know yet: %r", name)
@@ -1925,7 +1983,7 @@ class LogsIngest:
 
 def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[tuple], int]:
     """Number data points (sums and gauges; histograms by their sum) as metric_points rows (METRIC_COLUMNS)."""
-    rows, total = [], 0
+    rows, total, received = [], 0, now_ms()
     for resource_metrics in request.resource_metrics:
         try:
             resource = compact_json(attributes_dict(resource_metrics.resource.attributes)) or "{}"
@@ -1965,10 +2023,13 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
                     rest = {k: v for k, v in attrs.items()
                             if k not in ("session.id", "model", "type") and k not in IDENTITY_KEYS}
                     point_ms = point.time_unix_nano // 1_000_000
-                    rows.append((point_ms if 0 < point_ms <= MAX_TIMESTAMP_MS else int(time.time() * 1000),
-                                 point.start_time_unix_nano // 1_000_000 or None, str(attrs.get("session.id", "")),
-                                 content_hash(identity.encode()), user_name(attrs, resource), metric.name,
-                                 temporality, float(value),
+                    ts, original = unless_ahead(point_ms if 0 < point_ms <= MAX_TIMESTAMP_MS else received, received)
+                    if original:
+                        rest[ORIGINAL_TIME_KEY] = original
+                        rejected.dated_ahead += 1
+                    rows.append((ts, point.start_time_unix_nano // 1_000_000 or None,
+                                 str(attrs.get("session.id", "")), content_hash(identity.encode()),
+                                 user_name(attrs, resource), metric.name, temporality, float(value),
                                  optional_text(attrs.get("model")), optional_text(attrs.get("type")),
                                  sources.json(resource, attrs), compact_json(rest) or "{}"))
     return rows, total
@@ -2642,11 +2703,21 @@ def run_server(config: Config) -> int:
 # ---------------------------------------------------------------- Client: a small QueryService client for the monitor, reports and quick query
 
 class ServerUnreachable(Exception):
-    """The query server did not answer; the message is short enough for a status line."""
+    """The query server did not answer, or something else did; the message is short enough for a status line."""
+
+
+NOT_CCMON = "not a ccmon server (it does not answer ccmon.v1.QueryService)"
+# What gRPC reports when an HTTP/1.1 server answers its HTTP/2 preface, in plaintext or over TLS (no h2 in ALPN)
+HTTP_PORT_SIGNS = ("Failed parsing HTTP/2", "missing selected ALPN property")
 
 
 def describe_rpc_error(exc: grpc.RpcError) -> str:
     details = (exc.details() or "").splitlines()[0] if exc.details() else ""
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return NOT_CCMON
+    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and \
+            any(sign in details for sign in HTTP_PORT_SIGNS):
+        return "this is an HTTP port; the query service is on the gRPC port"
     if exc.code() == grpc.StatusCode.UNAVAILABLE:
         if any(word in details.lower() for word in ("ssl", "tls", "handshake", "certificate")):
             return "TLS handshake failed (check monitor.tls_ca and the server's certificate)"
@@ -2775,14 +2846,18 @@ def request_row_of(r: ccmon_pb2.APIRequest) -> RequestRow:
 
 
 GO_CCMON_METHODS = {"GetStats", "GetAPIRequests"}  # what the original Go ccmon server answers
+GO_CCMON_ONLY = "the Go ccmon server answers only GetStats and GetAPIRequests"
 
 
 class Client:
     """The QueryService as plain values; every call raises ServerUnreachable rather than a gRPC error.
-    Against the original Go ccmon server, ccmon's additional queries come back empty."""
+    Against the original Go ccmon server, ccmon's additional queries come back empty, or, with
+    go_extras_empty=False (for reports, where empty would be wrong), raise ServerUnreachable saying so."""
 
-    def __init__(self, address: str, timeout_s: float = 5.0, token: str = "", tls: TLSFiles | None = None):
-        self.address, self.timeout_s = address, timeout_s
+    def __init__(self, address: str, timeout_s: float = 5.0, token: str = "", tls: TLSFiles | None = None,
+                 go_extras_empty: bool = True):
+        self.address, self.timeout_s, self.go_extras_empty = address, timeout_s, go_extras_empty
+        self._go_ccmon: bool | None = None  # whether the server is the Go ccmon, once a query has shown it
         target = re.sub(r"^https?://", "", address, flags=re.IGNORECASE).rstrip("/")
         if tls:
             credentials = grpc.ssl_channel_credentials(read_pem(tls.ca), read_pem(tls.key), read_pem(tls.cert))
@@ -2794,16 +2869,35 @@ class Client:
         self._stub = ccmon_pb2_grpc.QueryServiceStub(self._channel)
 
     @classmethod
-    def for_config(cls, config: Config, timeout_s: float = 5.0) -> Client:
-        return cls(config.monitor_server, timeout_s, config.monitor_token, config.monitor_tls)
+    def for_config(cls, config: Config, timeout_s: float = 5.0, go_extras_empty: bool = True) -> Client:
+        return cls(config.monitor_server, timeout_s, config.monitor_token, config.monitor_tls, go_extras_empty)
 
     def _call(self, method: str, request):
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
+            return self._invoke(method, request)
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method not in GO_CCMON_METHODS:
-                return getattr(ccmon_pb2, method + "Response")()  # the original Go server: nothing to show
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method not in GO_CCMON_METHODS and self._is_go_ccmon():
+                if self.go_extras_empty:
+                    return getattr(ccmon_pb2, method + "Response")()  # nothing to show
+                raise ServerUnreachable(GO_CCMON_ONLY) from None
             raise ServerUnreachable(describe_rpc_error(exc)) from None
+
+    def _invoke(self, method: str, request):
+        return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
+
+    def _is_go_ccmon(self) -> bool:
+        """Whether the server answers GetStats, as the Go ccmon does, though not a method ccmon added (a server
+        without ccmon's QueryService answers neither). Asked once, over an empty period: cheap."""
+        if self._go_ccmon is None:
+            now = timestamp_from_ms(now_ms())
+            try:
+                self._invoke("GetStats", ccmon_pb2.GetStatsRequest(start_time=now, end_time=now))
+                self._go_ccmon = True
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise ServerUnreachable(describe_rpc_error(exc)) from None
+                self._go_ccmon = False
+        return self._go_ccmon
 
     @staticmethod
     def _period(request, start_ms: int | None, end_ms: int | None, user: str | None = None):
@@ -2820,6 +2914,7 @@ class Client:
         return split_from_stats(self._call("GetStats", request).stats)
 
     def server_info(self) -> ccmon_pb2.GetServerInfoResponse:
+        """Empty (no version) from the Go ccmon, which has no GetServerInfo."""
         return self._call("GetServerInfo", ccmon_pb2.GetServerInfoRequest())
 
     def latest_session(self) -> tuple[str, Split]:
@@ -3119,7 +3214,7 @@ def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
 
 
 def run_health_check(config: Config) -> int:
-    """Exit 0 when the server answers; for Docker's HEALTHCHECK and service managers."""
+    """Exit 0 when a ccmon server (this one or the Go one) answers; for Docker's HEALTHCHECK and service managers."""
     config = health_config(config)
     client = Client.for_config(config, timeout_s=3.0)
     try:
@@ -3129,7 +3224,10 @@ def run_health_check(config: Config) -> int:
         return 1
     finally:
         client.close()
-    print(f"ok: ccmon {info.version} at {config.monitor_server}, {info.total_requests} requests stored")
+    if info.version:
+        print(f"ok: ccmon {info.version} at {config.monitor_server}, {info.total_requests} requests stored")
+    else:
+        print(f"ok: {config.monitor_server}: {GO_CCMON_ONLY}")
     return 0
 
 
@@ -3284,7 +3382,7 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     zone = config.zone
     start, end = report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), zone,
                                now_ms())
-    client = Client.for_config(config, timeout_s=30.0)
+    client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
         rows = report_rows(client, args.kind, start, end, zone, args.user)
     except ServerUnreachable as exc:

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -1926,7 +1927,7 @@ def test_token_is_required_everywhere_and_never_echoed(tmp_path):
                              env={"CCMON_TOKEN": token})
         assert with_env.returncode == 0
         refused = run_ccmon(["--monitor-server", srv.target, "--monitor-token", "bad", "--format", "@daily_cost"],
-                            tmp_path, env={"CCMON_TOKEN": ""})
+                            tmp_path)
         assert (refused.returncode, refused.stdout) == (1, "")
         assert refused.stderr == (f"ccmon: cannot reach the ccmon server at {srv.target}: the server refused the "
                                   "token (CCMON_TOKEN or monitor.token)\n")
@@ -2268,6 +2269,220 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
     check()
     assert db_rows(store.path, "SELECT COUNT(*) FROM usage_rollup WHERE rows <= 0") == [(0,)]
     store.close()
+
+
+# ---------------------------------------------------------------- a server you can leave running: wrong servers, settings, future records, memory
+
+GO_CCMON = Path("/work/shared/peers/go-ccmon/ccmon")
+
+
+def client_commands(address: str) -> list[list[str]]:
+    """--health, a quick query and a report against `address`."""
+    return [["--health", "--monitor-server", address], ["--monitor-server", address, "--format", "@daily_cost"],
+            ["report", "daily", "--monitor-server", address]]
+
+
+def assert_clients_say(address: str, found: str, cwd: Path) -> None:
+    """Each client exits 1 with one line saying what it found at `address`."""
+    health, quick, report = (run_ccmon(args, cwd) for args in client_commands(address))
+    assert (health.returncode, health.stdout, health.stderr) == (1, "", f"unhealthy: {address}: {found}\n")
+    for result in (quick, report):
+        assert (result.returncode, result.stdout) == (1, "")
+        assert result.stderr == f"ccmon: cannot reach the ccmon server at {address}: {found}\n"
+
+
+def test_clients_say_what_they_found_instead_of_a_ccmon_server(server, tmp_path):
+    from concurrent import futures
+    other = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(logs_service_pb2_grpc.LogsServiceServicer(), other)
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        assert_clients_say(f"127.0.0.1:{port}", "not a ccmon server (it does not answer ccmon.v1.QueryService)",
+                           tmp_path)
+        client = ccmon.Client(f"127.0.0.1:{port}")  # the monitor shows the same on its status line
+        with pytest.raises(ccmon.ServerUnreachable, match=r"^not a ccmon server"):
+            client.snapshot(ccmon.query_for(ccmon.ViewState(), _settings(block_hour=None), int(time.time() * 1000)))
+        client.close()
+    finally:
+        other.stop(None)
+    assert_clients_say(f"127.0.0.1:{server.http_port}", "this is an HTTP port; the query service is on the gRPC port",
+                       tmp_path)
+
+
+def test_clients_over_tls_say_when_they_reached_the_https_port(tmp_path):
+    cert, key = make_certificate(tmp_path, "server")
+    srv = ServerProcess(tmp_path, "--server-tls-cert", str(cert), "--server-tls-key", str(key)).start()
+    try:
+        address = f"https://127.0.0.1:{srv.http_port}"
+        result = run_ccmon(["--health", "--monitor-server", address, "--monitor-tls-ca", str(cert)], tmp_path)
+        assert (result.returncode, result.stderr) == \
+            (1, f"unhealthy: {address}: this is an HTTP port; the query service is on the gRPC port\n")
+    finally:
+        srv.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def go_server(tmp_path):
+    """The original Go ccmon server (v0.9.4) on a free loopback port, once it answers gRPC."""
+    if not GO_CCMON.exists():
+        pytest.skip(f"{GO_CCMON} is not on this machine")
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.Popen([str(GO_CCMON), "--server", "--server-address", address, "--database-path",
+                             str(tmp_path / "go.db")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=60)
+    yield address
+    proc.terminate()
+    proc.wait(20)
+
+
+def test_clients_against_the_original_go_server(go_server, tmp_path):
+    port = int(go_server.rsplit(":", 1)[1])
+    # The Go server reads figures only from strings, as Claude Code sends them.
+    assert sdk_export(port, [("api_request", api_request(1, iso(int(time.time() * 1000) - 60_000),
+                                                         input_tokens="100", cost_usd="0.5"))]) == ["SUCCESS"]
+    health = run_ccmon(["--health", "--monitor-server", go_server], tmp_path)
+    assert (health.returncode, health.stderr) == (0, "")
+    assert health.stdout == f"ok: {go_server}: the Go ccmon server answers only GetStats and GetAPIRequests\n"
+    quick = run_ccmon(["--monitor-server", go_server, "--format", "@monthly_tokens"], tmp_path)
+    assert (quick.returncode, quick.stdout) == (0, "100\n")
+    for kind in ccmon.REPORT_KINDS:
+        report = run_ccmon(["report", kind, "--monitor-server", go_server], tmp_path)
+        assert (report.returncode, report.stdout) == (1, "")
+        assert report.stderr == (f"ccmon: cannot reach the ccmon server at {go_server}: the Go ccmon server answers "
+                                 "only GetStats and GetAPIRequests\n")
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--server-token", ""], {}, "--server-token: the token is empty; give a token, or leave --server-token out "
+                                 "for none"),
+    (["--monitor-token", ""], {}, "--monitor-token: the token is empty; give a token, or leave --monitor-token out "
+                                  "for none"),
+    ([], {"CCMON_TOKEN": ""}, "CCMON_TOKEN: the token is empty; give a token, or unset CCMON_TOKEN for none"),
+    (["--monitor-token", "m"], {"CCMON_TOKEN": ""},  # the server's token still comes from the variable
+     "CCMON_TOKEN: the token is empty; give a token, or unset CCMON_TOKEN for none"),
+])
+def test_an_empty_token_given_on_the_command_line_or_environment_is_a_config_error(args, env, message, tmp_path,
+                                                                                      monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("CCMON_TOKEN", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, err = run_main(["--format", "@daily_cost", "--monitor-server", "127.0.0.1:9", *args], capsys)
+    assert (code, err) == (2, f"ccmon: config error: {message}\n")
+
+
+def test_an_empty_token_in_a_config_file_means_none(tmp_path, monkeypatch):
+    monkeypatch.delenv("CCMON_TOKEN", raising=False)
+    (tmp_path / "config.toml").write_text('[server]\ntoken = ""\n[monitor]\ntoken = ""\n')
+    config = config_for(tmp_path, monkeypatch)
+    assert (config.server_token, config.monitor_token) == ("", "")
+
+
+def test_tls_files_that_cannot_work_are_config_errors(tmp_path, monkeypatch):
+    cert, key = make_certificate(tmp_path, "server")
+    other_cert, other_key = make_certificate(tmp_path, "other")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(cert.read_bytes())
+    locked.chmod(0)
+    encrypted = tmp_path / "encrypted-key.pem"
+    subprocess.run(["openssl", "ec", "-in", str(key), "-aes256", "-passout", "pass:x", "-out", str(encrypted)],
+                   check=True, capture_output=True)
+    pair = ["--server-tls-cert", str(cert), "--server-tls-key", str(key)]
+    cases = [
+        (["--server-tls-cert", str(cert), "--server-tls-key", str(other_key)],
+         f"--server-tls-key: {other_key} does not match the certificate in {cert}"),
+        (["--server-tls-cert", str(junk), "--server-tls-key", str(key)],
+         f"--server-tls-cert: {junk} holds no PEM certificate"),
+        (["--server-tls-cert", str(key), "--server-tls-key", str(key)],
+         f"--server-tls-cert: {key} holds no PEM certificate"),
+        (["--server-tls-cert", str(cert), "--server-tls-key", str(junk)],
+         f"--server-tls-key: {junk} holds no unencrypted PEM private key"),
+        (["--server-tls-cert", str(cert), "--server-tls-key", str(encrypted)],
+         f"--server-tls-key: {encrypted} holds no unencrypted PEM private key"),
+        ([*pair, "--server-tls-client-ca", str(junk)], f"--server-tls-client-ca: {junk} holds no PEM certificate"),
+        (["--monitor-tls-ca", str(other_key)], f"--monitor-tls-ca: {other_key} holds no PEM certificate"),
+        (["--monitor-tls-cert", str(other_cert), "--monitor-tls-key", str(key)],
+         f"--monitor-tls-key: {key} does not match the certificate in {other_cert}"),
+    ]
+    if os.geteuid() != 0:  # root reads any file
+        cases.append((["--server-tls-cert", str(locked), "--server-tls-key", str(key)],
+                      f"--server-tls-cert: cannot read {locked}: Permission denied"))
+    for args, message in cases:
+        with pytest.raises(ccmon.ConfigError) as err:
+            config_for(tmp_path, monkeypatch, args)
+        assert str(err.value) == message
+    assert config_for(tmp_path, monkeypatch, pair).server_tls == ccmon.TLSFiles(cert, key)
+    # End to end: a mismatched pair is a config error, not "the port is in use".
+    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
+                        "--database-path", str(tmp_path / "tls.db"), "--server-tls-cert", str(cert),
+                        "--server-tls-key", str(other_key)], tmp_path, timeout=20)
+    assert (result.returncode, result.stderr) == \
+        (2, f"ccmon: config error: --server-tls-key: {other_key} does not match the certificate in {cert}\n")
+
+
+def test_records_from_the_future_are_stored_at_the_time_received(server):
+    now = int(time.time() * 1000)
+    ahead = now + 3 * 86400_000  # a clock three days fast
+    request = logs_request([
+        ("api_request", api_request(1, iso(ahead), session="fast-clock", input_tokens=10, cost_usd=1.0)),
+        ("api_request", api_request(2, iso(now + 60_000), session="a-minute-ahead", input_tokens=20)),
+        ("user_prompt", {"event.name": "user_prompt", "event.timestamp": iso(ahead), "event.sequence": 3,
+                         "session.id": "fast-clock"}),
+        ("api_request", {"session.id": "no-event-timestamp", "event.sequence": 4, "model": "m", "input_tokens": 5}),
+        ("api_request", api_request(5, "not a time", session="bad-time", input_tokens=1))])
+    request.resource_logs[0].scope_logs[0].log_records[3].time_unix_nano = ahead * 1_000_000
+    request.resource_logs[0].scope_logs[0].log_records[4].time_unix_nano = (ahead + 1) * 1_000_000
+    sent = int(time.time() * 1000)
+    response = server.logs_stub().Export(request)
+    answered = int(time.time() * 1000)
+    assert response.partial_success.rejected_log_records == 0  # stored, not rejected
+    assert response.partial_success.error_message == (
+        "4 of 5 log records were dated more than 5 minutes ahead of the server's clock: stored at the time "
+        "received, their own time kept as ccmon.original_timestamp")
+    requests = {session: (ts, json.loads(extra or "{}")) for session, ts, extra in
+                db_rows(server.db, "SELECT session_id, ts, extra_json FROM r")}
+    assert requests["a-minute-ahead"] == (now + 60_000, {"query_source": "repl_main_thread"})
+    for session, original in (("fast-clock", ahead), ("no-event-timestamp", ahead), ("bad-time", ahead + 1)):
+        ts, extra = requests[session]
+        assert sent <= ts <= answered
+        assert extra["ccmon.original_timestamp"] == iso(original)
+    (ts, attributes), = db_rows(server.db, "SELECT ts, attributes FROM e WHERE name = 'user_prompt'")
+    assert sent <= ts <= answered and json.loads(attributes)["ccmon.original_timestamp"] == iso(ahead)
+    assert stats(server, end=iso(now + 3600_000)).total_tokens.input == 36  # exact: every record counted once
+    # A session that starts later is the most recent one (@session_cost follows it), not the fast clock's.
+    sdk_export(server.port, [("api_request", api_request(6, iso(now + 120_000), session="later", cost_usd=0.25))])
+    assert server.query().GetSessionStats(ccmon_pb2.GetSessionStatsRequest()).session_id == "later"
+
+
+def test_metric_points_from_the_future_are_stored_at_the_time_received(server):
+    ahead = int(time.time() * 1000) + 86400_000
+    request = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+        scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
+            name="claude_code.cost.usage", sum=metrics_pb2.Sum(aggregation_temporality=1, data_points=[
+                metrics_pb2.NumberDataPoint(as_double=0.5, time_unix_nano=ahead * 1_000_000, attributes=[
+                    common_pb2.KeyValue(key="session.id", value=any_value("metrics-only"))]),
+                metrics_pb2.NumberDataPoint(as_double=0.25, time_unix_nano=1_700_000_000_000_000_000)]))])])])
+    sent = int(time.time() * 1000)
+    response = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target)).Export(request)
+    answered = int(time.time() * 1000)
+    assert (response.partial_success.rejected_data_points, response.partial_success.error_message) == (
+        0, "1 of 2 data points were dated more than 5 minutes ahead of the server's clock: stored at the time "
+           "received, their own time kept as ccmon.original_timestamp")
+    (ts, attributes), (old_ts, old_attributes) = db_rows(server.db, "SELECT ts, attributes FROM mp ORDER BY value DESC")
+    assert sent <= ts <= answered and json.loads(attributes) == {"ccmon.original_timestamp": iso(ahead)}
+    assert (old_ts, old_attributes) == (1_700_000_000_000, "{}")
+    assert server.query().GetSessionStats(ccmon_pb2.GetSessionStatsRequest()).session_id == "metrics-only"
 
 
 # ---------------------------------------------------------------- insights: models, sessions, tools, users, reports
