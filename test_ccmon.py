@@ -1121,11 +1121,16 @@ class MonitorPty:
             return "\n".join(self.screen.display)
 
     def wait_for(self, predicate, what: str, timeout: float = 20.0) -> str:
+        """The screen once it shows `predicate` and has stopped changing: curses writes a frame in pieces,
+        and a loaded machine can leave one half-drawn for a moment."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             text = self.text
             if (predicate(text) if callable(predicate) else predicate in text):
-                return text
+                time.sleep(0.15)
+                if self.text == text:
+                    return text
+                continue
             time.sleep(0.05)
         raise AssertionError(f"screen never showed {what}:\n{self.text}")
 
