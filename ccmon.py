@@ -1920,6 +1920,13 @@ HTTP_ROUTES = {
 }
 PROTOBUF, JSON = "application/x-protobuf", "application/json"
 HEX_ID_KEYS = {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
+# RFC 9112 framing, read strictly: a body a proxy in front could frame another way is how one request hides
+# another. Content-Length is 1*DIGIT (no sign, no list; 18 digits are past any limit and convert cheaply);
+# a chunk size is 1*HEXDIG (no sign, no 0x), optionally followed by extensions, which ccmon ignores.
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[^\r\n]*)?")
+CHUNK_LINE_BYTES = 4096  # a chunk-size line with its extensions, or one trailer line
+CHUNK_TRAILER_LINES = 64
 
 
 class HTTPFailure(Exception):
@@ -1971,7 +1978,11 @@ def decode_export(body: bytes, content_type: str, message_type):
     message = message_type()
     try:
         if content_type == JSON:
-            json_format.ParseDict(hex_ids_to_base64(json.loads(body)), message, ignore_unknown_fields=True)
+            document = json.loads(body)
+            if not isinstance(document, dict):
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT,
+                                  "body is not valid OTLP/JSON: the top level is not an object")
+            json_format.ParseDict(hex_ids_to_base64(document), message, ignore_unknown_fields=True)
         else:
             message.ParseFromString(body)
     except HTTPFailure:
@@ -2033,48 +2044,91 @@ class OTLPHandler(BaseHTTPRequestHandler):
                                   {"Retry-After": str(exc.retry_after_s)}) from None
             self._send(200, response, reply_json)
         except HTTPFailure as failure:
+            self.close_connection = True  # a body left unread must not be taken for the next request
             status = ccmon_pb2.RpcStatus(code=failure.code.value[0], message=str(failure))
             self._send(failure.status, status, reply_json, failure.headers)
 
     def _read_body(self) -> bytes:
-        limit = self.server.max_bytes
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return self._read_chunked(limit)
-        try:
-            length = int(self.headers.get("Content-Length") or "")
-        except ValueError:
-            self.close_connection = True
-            raise HTTPFailure(411, grpc.StatusCode.INVALID_ARGUMENT, "Content-Length is required") from None
-        if length > limit or length < 0:
-            self.close_connection = True  # the unread body must not be taken for the next request
+        """The body, framed as RFC 9112 section 6 says; anything ambiguous is refused, never guessed at."""
+        codings, lengths = self.headers.get_all("Transfer-Encoding"), self.headers.get_all("Content-Length")
+        if codings:
+            if lengths:
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "both Transfer-Encoding and "
+                                  "Content-Length: the body's length is ambiguous")
+            if self.request_version == "HTTP/1.0":
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "Transfer-Encoding is not allowed in "
+                                  "HTTP/1.0")
+            spelled = ", ".join(codings)
+            names = [name.strip().lower() for name in spelled.split(",")]
+            if names[-1] != "chunked" or names.count("chunked") > 1:
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"Transfer-Encoding {spelled[:100]!r}: "
+                                  "chunked must be the final coding, applied once")
+            if len(names) > 1:
+                raise HTTPFailure(501, grpc.StatusCode.UNIMPLEMENTED, f"Transfer-Encoding {spelled[:100]!r} is "
+                                  "not supported; use chunked")
+            return self._read_chunked(self.server.max_bytes)
+        if not lengths:
+            raise HTTPFailure(411, grpc.StatusCode.INVALID_ARGUMENT, "Content-Length is required")
+        if len(lengths) > 1:
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "more than one Content-Length")
+        spelled = lengths[0].strip()
+        if not CONTENT_LENGTH.fullmatch(spelled):
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"Content-Length {spelled[:40]!r} is not a "
+                              "byte count")
+        length, limit = int(spelled), self.server.max_bytes
+        if length > limit:
             raise HTTPFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"body of {length} bytes is over the "
                               f"{limit} byte limit")
-        return self.rfile.read(length)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"body ended after {len(body)} of its "
+                              f"{length} bytes")
+        return body
 
     def _read_chunked(self, limit: int) -> bytes:
+        """A chunked body: each chunk's size counts against `limit` before any of its bytes are read."""
         chunks, total = [], 0
-        while True:
-            try:
-                size = int(self.rfile.readline(1024).split(b";")[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "malformed chunked body") from None
-            if size == 0:
-                while self.rfile.readline(1024).strip():
-                    pass  # trailers
-                return b"".join(chunks)
+        while size := self._chunk_size():
             total += size
             if total > limit:
-                self.close_connection = True
                 raise HTTPFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"body is over the {limit} byte limit")
-            chunks.append(self.rfile.read(size))
-            self.rfile.readline(3)
+            chunk = self.rfile.read(size)
+            if len(chunk) < size:
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "chunked body ended early")
+            if self.rfile.read(2) != b"\r\n":
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "chunked body: chunk data not followed "
+                                  "by CRLF")
+            chunks.append(chunk)
+        for _ in range(CHUNK_TRAILER_LINES + 1):  # trailer fields, which ccmon has no use for, then an empty line
+            if not self._chunk_line():
+                return b"".join(chunks)
+        raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"chunked body: more than {CHUNK_TRAILER_LINES} "
+                          "trailer lines")
+
+    def _chunk_size(self) -> int:
+        line = self._chunk_line()
+        match = CHUNK_SIZE_LINE.fullmatch(line)
+        if not match:
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"chunked body: {line[:40]!r} is not a hex "
+                              "chunk size")
+        return int(match[1], 16)
+
+    def _chunk_line(self) -> bytes:
+        line = self.rfile.readline(CHUNK_LINE_BYTES + 2)
+        if line.endswith(b"\r\n"):
+            return line[:-2]
+        if len(line) < CHUNK_LINE_BYTES + 2 and not line.endswith(b"\n"):
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "chunked body ended early")
+        raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "chunked body: a line is not ended by CRLF "
+                          f"within {CHUNK_LINE_BYTES} bytes")
 
     def _send(self, status: int, message, as_json: bool, headers: dict | None = None) -> None:
         body = json_format.MessageToJson(message, indent=None).encode() if as_json else message.SerializeToString()
         self.send_response(status)
         self.send_header("Content-Type", JSON if as_json else PROTOBUF)
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()

@@ -3,10 +3,12 @@ a real SQLite file, the real monitor in a pseudo-terminal. Run: python -m pytest
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -1596,6 +1598,128 @@ def test_http_json_rules_keepalive_and_chunked(server):
     rows = db_rows(server.db, "SELECT ts, input_tokens, output_tokens, cost_nanos FROM r "
                               "WHERE session_id = 'json-1'")
     assert rows == [(1772359200000, 1500, 25, 12_500_000)]
+
+
+def raw_http(port: int, data: bytes, half_close: bool = False, timeout: float = 20) -> list[tuple[int, dict, bytes]]:
+    """Send raw bytes on one connection, keep it open (or only `half_close` it) and read until the server closes
+    it; the responses, parsed. Fails when the server still holds the connection open after `timeout` seconds."""
+    import http.client
+    received = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass  # closed with bytes of ours unread: what arrived before the reset is the answer
+        except TimeoutError:
+            pytest.fail(f"the server kept the connection open; it sent {bytes(received)[:300]!r}")
+    stream, responses = io.BytesIO(bytes(received)), []
+    while stream.tell() < len(received):
+        status = int(stream.readline().split()[1])
+        headers = http.client.parse_headers(stream)
+        responses.append((status, headers, stream.read(int(headers.get("Content-Length", 0)))))
+    return responses
+
+
+def raw_post(headers: str, body: bytes, version: str = "HTTP/1.1") -> bytes:
+    return (f"POST /v1/logs {version}\r\nHost: ccmon\r\nContent-Type: application/x-protobuf\r\n{headers}\r\n"
+            .encode() + body)
+
+
+def test_http_framing_follows_rfc_9112(server):
+    """A body framed two ways is how one request hides another behind a proxy: every ambiguous framing gets
+    400 (501 for a transfer coding ccmon does not speak) and the connection closes; nothing in it is stored."""
+    export = logs_request([("api_request", api_request(1, "2026-03-01T10:00:00Z", session="smuggled"))])
+    data = export.SerializeToString()
+    hidden = raw_post(f"Content-Length: {len(data)}\r\n", data)  # a whole second request inside the body
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+    cases = [
+        (f"Content-Length: 0\r\nContent-Length: {len(hidden)}\r\n", hidden, 400, "more than one Content-Length"),
+        (f"Content-Length: {len(hidden)}\r\nContent-Length: 0\r\n", hidden, 400, "more than one Content-Length"),
+        (f"Content-Length: {len(hidden)}, {len(hidden)}\r\n", hidden, 400, "Content-Length '"),
+        ("Content-Length: +0\r\n", hidden, 400, "Content-Length '+0' is not a byte count"),
+        ("Content-Length: -1\r\n", hidden, 400, "Content-Length '-1' is not a byte count"),
+        ("Content-Length: 0x10\r\n", hidden, 400, "Content-Length '0x10' is not a byte count"),
+        (f"Content-Length: {len(chunked)}\r\nTransfer-Encoding: chunked\r\n", chunked, 400,
+         "both Transfer-Encoding and Content-Length"),
+        ("Transfer-Encoding: chunked\r\nContent-Length: 0\r\n", chunked, 400,
+         "both Transfer-Encoding and Content-Length"),
+        ("Transfer-Encoding: xchunked\r\n", chunked, 400, "Transfer-Encoding 'xchunked': chunked must be"),
+        ("Transfer-Encoding: chunked, identity\r\n", chunked, 400, "Transfer-Encoding 'chunked, identity': chunked"),
+        ("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", chunked, 400,
+         "Transfer-Encoding 'chunked, chunked': chunked must be"),
+        ("Transfer-Encoding: gzip, chunked\r\n", chunked, 501, "Transfer-Encoding 'gzip, chunked' is not supported"),
+        ("Transfer-Encoding: chunked\r\n", b"+%x\r\n%s\r\n0\r\n\r\n" % (len(data), data), 400,
+         "chunked body: b'+"),
+        ("Transfer-Encoding: chunked\r\n", b"0x%x\r\n%s\r\n0\r\n\r\n" % (len(data), data), 400,
+         "chunked body: b'0x"),
+        ("Transfer-Encoding: chunked\r\n", b" %x\r\n%s\r\n0\r\n\r\n" % (len(data), data), 400, "chunked body: b' "),
+        ("Transfer-Encoding: chunked\r\n", b"%x\n%s\n0\n\n" % (len(data), data), 400, "chunked body: a line"),
+        ("Transfer-Encoding: chunked\r\n", b"%x\r\n%sXX0\r\n\r\n" % (len(data) - 2, data), 400,
+         "chunked body: chunk data not followed by CRLF"),
+    ]
+    for headers, body, status, message in cases:
+        [(got, response_headers, answer)] = raw_http(server.http_port, raw_post(headers, body))
+        assert (got, response_headers["Connection"]) == (status, "close"), headers
+        assert status_of(answer)[1].startswith(message), (headers, status_of(answer))
+    for headers, body, message in ((f"Content-Length: {len(data) + 10}\r\n", data,
+                                    f"body ended after {len(data)} of its {len(data) + 10} bytes"),
+                                   ("Transfer-Encoding: chunked\r\n", b"%x\r\n%s" % (len(data) + 10, data),
+                                    "chunked body ended early")):
+        [(got, _, answer)] = raw_http(server.http_port, raw_post(headers, body), half_close=True)
+        assert (got, status_of(answer)[1]) == (400, message)
+    [(got, _, answer)] = raw_http(server.http_port, raw_post("Transfer-Encoding: chunked\r\n", chunked, "HTTP/1.0"))
+    assert (got, status_of(answer)[1]) == (400, "Transfer-Encoding is not allowed in HTTP/1.0")
+    # Unauthenticated, unknown paths and other errors answered before the body is read close the connection
+    # too, so an unread body is never taken for the next request.
+    [(got, _, _)] = raw_http(server.http_port, raw_post(f"Content-Length: {len(hidden)}\r\n", hidden)
+                             .replace(b"/v1/logs", b"/v1/nothing", 1))
+    assert got == 404
+    assert stats(server).total_requests == 0
+    # Correct framing, with a chunk extension and a trailer, is accepted on a connection kept open.
+    fine = logs_request([("api_request", api_request(2, "2026-03-01T10:00:00Z", session="framed"))])
+    data = fine.SerializeToString()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as sock:
+        sock.sendall(raw_post("Transfer-Encoding: chunked\r\n", b"%x;part=1\r\n%s\r\n0\r\nX-Checksum: 1\r\n\r\n"
+                              % (len(data), data)))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert db_rows(server.db, "SELECT session_id FROM r") == [("framed",)]
+
+
+def test_chunked_bodies_are_held_to_the_size_limit(tmp_path):
+    """Chunk sizes count toward --server-max-message-size before their bytes are read: a body that would pass
+    it is refused at once, with the client still sending; so are over-long chunk lines and trailer floods."""
+    srv = ServerProcess(tmp_path, "--server-max-message-size", "1MiB").start()
+    limit = 1024 * 1024
+    try:
+        rss_before = process_rss_kib(srv.proc.pid)
+        chunked = "Transfer-Encoding: chunked\r\n"
+        cases = [
+            (b"-1\r\n" + b"\0" * 65536, 400, "chunked body: b'-1' is not a hex chunk size"),
+            (b"%x\r\n" % (limit + 1) + b"\0" * 65536, 413, f"body is over the {limit} byte limit"),
+            (b"f" * 40 + b"\r\n" + b"\0" * 65536, 413, f"body is over the {limit} byte limit"),
+            (b"80000\r\n" + b"\0" * 0x80000 + b"\r\n80001\r\n" + b"\0" * 65536, 413,
+             f"body is over the {limit} byte limit"),
+            (b"1;" + b"x" * 100_000 + b"\r\n", 400, "chunked body: a line is not ended by CRLF within 4096 bytes"),
+            (b"0\r\n" + b"X-Trailer: 1\r\n" * 1000, 400, "chunked body: more than 64 trailer lines"),
+        ]
+        for body, status, message in cases:
+            [(got, _, answer)] = raw_http(srv.http_port, raw_post(chunked, body))
+            assert (got, status_of(answer)[1]) == (status, message), body[:40]
+        assert process_rss_kib(srv.proc.pid) - rss_before < 60 * 1024
+        assert stats(srv).total_requests == 0
+    finally:
+        srv.stop()
+
+
+def test_otlp_json_body_must_be_an_object(server):
+    for body in (b"null", b"true", b"12", b"1.5", b'"x"', b"[]", b"[{}]"):
+        response, data = http_post(server.http_port, body=body, headers={"Content-Type": "application/json"})
+        assert response.status == 400, body
+        assert status_of(data, as_json=True) == (3, "body is not valid OTLP/JSON: the top level is not an object")
 
 
 def test_oversize_and_gzip_bombs_are_refused_without_growing(tmp_path):
