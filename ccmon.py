@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import base64
 import calendar
+import contextlib
 import dataclasses
 import datetime as dt
 import decimal
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -1927,6 +1929,10 @@ CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[^\r\n]*)?")
 CHUNK_LINE_BYTES = 4096  # a chunk-size line with its extensions, or one trailer line
 CHUNK_TRAILER_LINES = 64
+HTTP_MAX_CONNECTIONS = 256  # one thread each; more wait in the listen backlog
+HTTP_BACKLOG = 1024  # a burst of exporters waits in the kernel's queue instead of being refused
+CLIENT_TIMEOUT_S = 30  # to send a whole request after connecting or after an answer (also closes idle keep-alive)
+SLOW_CLIENT_S = 1  # when every connection is taken, one still waiting for its client after this long makes way
 
 
 class HTTPFailure(Exception):
@@ -1994,15 +2000,116 @@ def decode_export(body: bytes, content_type: str, message_type):
     return message
 
 
+class HTTPConnections:
+    """The listener's open connections, at most `capacity` (a thread each), and a clock on each.
+
+    A connection's client must bring a whole request, headers and body, within `timeout_s` of the connection
+    opening or of its last answer, or the connection is closed; idle keep-alive connections end that way too.
+    When every place is taken, the connection whose client has owed its request longest, if longer than
+    SLOW_CLIENT_S, is closed to make way for the next, so clients trickling bytes cannot keep prompt ones out.
+    Only a connection whose thread is blocked reading is ever closed: one being answered, or whose bytes
+    are in but not yet read, is the server's slowness, not its client's."""
+
+    def __init__(self, capacity: int, timeout_s: float):
+        self.capacity, self.timeout_s = capacity, timeout_s
+        self._request_began: dict[socket.socket, float] = {}  # every open connection
+        self._reading: set[socket.socket] = set()  # those whose thread waits for bytes from the client
+        self._closing = False
+        self._changed = threading.Condition()
+
+    def admit(self, connection: socket.socket) -> bool:
+        """Take a place for a new connection, waiting for one (or making one) while all are taken; False when
+        the listener is shutting down."""
+        with self._changed:
+            while len(self._request_began) >= self.capacity and not self._closing:
+                slowest = min(self._reading, key=self._request_began.__getitem__, default=None)
+                if slowest is not None and time.monotonic() - self._request_began[slowest] > SLOW_CLIENT_S:
+                    self._cut(slowest)
+                self._changed.wait(0.25)
+            if self._closing:
+                return False
+            self._request_began[connection] = time.monotonic()
+            return True
+
+    def next_request(self, connection: socket.socket) -> None:
+        """The connection was answered: the clock starts again for its next request."""
+        with self._changed:
+            if connection in self._request_began:
+                self._request_began[connection] = time.monotonic()
+
+    @contextlib.contextmanager
+    def reading(self, connection: socket.socket):
+        """Around every read from the client: while it lasts, the client is the one keeping the thread."""
+        with self._changed:
+            self._reading.add(connection)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._reading.discard(connection)
+
+    def closed(self, connection: socket.socket) -> None:
+        with self._changed:
+            self._request_began.pop(connection, None)
+            self._reading.discard(connection)
+            self._changed.notify_all()
+
+    def close_overdue(self) -> None:
+        with self._changed:
+            overdue = time.monotonic() - self.timeout_s
+            for connection in [c for c in self._reading if self._request_began[c] < overdue]:
+                self._cut(connection)
+
+    def close(self) -> None:
+        """Shutting down: close the connections waiting for their clients, and admit no more."""
+        with self._changed:
+            self._closing = True
+            for connection in list(self._reading):
+                self._cut(connection)
+            self._changed.notify_all()
+
+    def _cut(self, connection: socket.socket) -> None:
+        """Shut the connection down under its thread, whose read then ends as if the client had left."""
+        self._reading.discard(connection)
+        try:  # the plain socket's shutdown: SSLSocket's would drop TLS state that the thread is using
+            socket.socket.shutdown(connection, socket.SHUT_RDWR)
+        except OSError:
+            pass  # the client has already gone
+
+
+class ClientReads(io.RawIOBase):
+    """A connection as its handler reads it, each read known to the listener's HTTPConnections."""
+
+    def __init__(self, connection: socket.socket, connections: HTTPConnections):
+        self.connection, self.connections = connection, connections
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        with self.connections.reading(self.connection):
+            return self.connection.recv_into(buffer)
+
+
 class OTLPHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: an exporter reuses its connection
     server_version = f"ccmon/{VERSION}"
-    timeout = 120  # idle keep-alive connections are closed after two minutes
 
     def setup(self) -> None:
+        connections = self.server.connections
+        # Every read and write waits at most this long: a client that stops reading its answer cannot keep
+        # a thread either.
+        self.timeout = connections.timeout_s
         super().setup()
+        self.rfile.close()  # the plain reader setup made; ours tells `connections` when the client is awaited
+        self.rfile = io.BufferedReader(ClientReads(self.connection, connections))
         if isinstance(self.connection, ssl.SSLSocket):  # handshake here, not in the accepting thread
-            self.connection.do_handshake()
+            with connections.reading(self.connection):
+                self.connection.do_handshake()
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        self.server.connections.next_request(self.connection)
 
     def log_message(self, fmt: str, *args) -> None:
         log.debug("http %s %s", self.address_string(), fmt % args)
@@ -2172,11 +2279,32 @@ class InFlight:
 
 class OTLPHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = HTTP_BACKLOG
 
-    def __init__(self, address: tuple[str, int], receiver: Receiver, token: str, max_bytes: int):
+    def __init__(self, address: tuple[str, int], receiver: Receiver, token: str, max_bytes: int,
+                 client_timeout_s: float = CLIENT_TIMEOUT_S):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.receiver, self.token, self.max_bytes, self.inflight = receiver, token, max_bytes, InFlight()
+        self.connections = HTTPConnections(HTTP_MAX_CONNECTIONS, client_timeout_s)
         super().__init__(address, OTLPHandler)
+
+    def process_request(self, request, client_address) -> None:
+        if self.connections.admit(request):
+            super().process_request(request, client_address)  # a thread for the connection
+        else:
+            self.shutdown_request(request)
+
+    def shutdown_request(self, request) -> None:
+        super().shutdown_request(request)
+        self.connections.closed(request)
+
+    def service_actions(self) -> None:
+        """Called by serve_forever between connections, at least twice a second."""
+        self.connections.close_overdue()
+
+    def shutdown(self) -> None:
+        self.connections.close()  # also wakes an accept waiting for a place
+        super().shutdown()
 
     def handle_error(self, request, client_address) -> None:
         log.debug("http connection from %s failed: %s", client_address[0], sys.exc_info()[1])

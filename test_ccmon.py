@@ -2,6 +2,8 @@
 a real SQLite file, the real monitor in a pseudo-terminal. Run: python -m pytest -q"""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import io
 import json
@@ -1720,6 +1722,126 @@ def test_otlp_json_body_must_be_an_object(server):
         response, data = http_post(server.http_port, body=body, headers={"Content-Type": "application/json"})
         assert response.status == 400, body
         assert status_of(data, as_json=True) == (3, "body is not valid OTLP/JSON: the top level is not an object")
+
+
+async def async_export(port: int, body: bytes) -> tuple[int, dict]:
+    """One OTLP/HTTP export on a fresh connection, with asyncio's raw streams; its status and headers."""
+    import http.client
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw_post(f"Content-Length: {len(body)}\r\n", body))
+        status = int((await reader.readline()).split()[1])
+        head = b""
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            head += line
+        return status, http.client.parse_headers(io.BytesIO(head + b"\r\n"))
+    finally:
+        writer.close()
+
+
+def test_a_burst_of_1000_exports_is_answered_and_kept(server):
+    """1,000 exports at once: each is answered within 30 s, 200 or 503 with Retry-After, and every one
+    acknowledged is stored."""
+    async def export(index: int) -> tuple[int, dict]:
+        body = logs_request([("api_request", api_request(index, "2026-03-01T10:00:00Z", session=f"burst-{index}",
+                                                         input_tokens=1))]).SerializeToString()
+        async with asyncio.timeout(30):
+            return await async_export(server.http_port, body)
+
+    async def burst() -> list:
+        return await asyncio.gather(*(export(index) for index in range(1000)), return_exceptions=True)
+
+    answers = asyncio.run(burst())
+    failures = [repr(answer) for answer in answers if isinstance(answer, BaseException)]
+    assert not failures, f"{len(failures)} exports got no answer, e.g. {failures[:3]}"
+    assert {status for status, _ in answers} <= {200, 503}
+    assert all(headers["Retry-After"] for status, headers in answers if status == 503)
+    acknowledged = {f"burst-{index}" for index, (status, _) in enumerate(answers) if status == 200}
+    stored = {session for (session,) in db_rows(server.db, "SELECT session_id FROM r")}
+    assert acknowledged <= stored and len(acknowledged) > 0
+
+
+def server_threads(pid: int) -> int:
+    return int(re.search(r"Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+def test_slow_clients_cannot_keep_others_out(server):
+    """1,000 connections trickling a request a byte at a time hold no more than the listener's bounded
+    threads, and an export sent meanwhile is answered promptly."""
+    async def trickle(connected: list, stop: asyncio.Event) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+        connected.append(writer)
+        try:
+            writer.write(b"POST /v1/logs HTTP/1.1\r\nX-Slow: ")
+            while not stop.is_set():
+                writer.write(b"s")
+                await writer.drain()
+                await asyncio.sleep(0.5)
+        except ConnectionError:
+            pass  # the server closed it
+        finally:
+            writer.close()
+
+    async def scenario() -> tuple[int, int]:
+        connected, stop = [], asyncio.Event()
+        slow = [asyncio.create_task(trickle(connected, stop)) for _ in range(1000)]
+        async with asyncio.timeout(60):
+            while len(connected) < 1000 and not any(task.done() for task in slow):
+                await asyncio.sleep(0.05)
+        assert len(connected) == 1000, [task.exception() for task in slow if task.done()][:3]
+        body = logs_request([("api_request", api_request(1, "2026-03-01T10:00:00Z", session="patient"))])
+        try:
+            async with asyncio.timeout(10):  # an exporter's default timeout
+                status, _ = await async_export(server.http_port, body.SerializeToString())
+            return status, server_threads(server.proc.pid)
+        finally:
+            stop.set()
+            await asyncio.gather(*slow, return_exceptions=True)
+
+    status, threads = asyncio.run(scenario())
+    assert status == 200
+    assert threads <= ccmon.HTTP_MAX_CONNECTIONS + 64
+    assert db_rows(server.db, "SELECT session_id FROM r") == [("patient",)]
+
+
+def test_idle_and_slow_connections_are_closed_at_their_deadline(tmp_path):
+    """A connection must deliver each whole request within the client timeout of opening or of its last
+    answer: one that sends nothing, trickles bytes, or idles after an answer is closed."""
+    store = ccmon.Store(tmp_path / "ccmon.db")
+    httpd = ccmon.OTLPHTTPServer(("127.0.0.1", 0), ccmon.Receiver(store), "", 1024 * 1024, client_timeout_s=3)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port, stop = httpd.server_address[1], threading.Event()
+
+    def closed_by_server(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(65536) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def trickle(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.sendall(b"POST /v1/logs HTTP/1.1\r\nX-Slow: ")
+            while not stop.wait(0.1):
+                sock.sendall(b"s")
+
+    try:
+        idle, trickling, answered = (socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(3))
+        threading.Thread(target=trickle, args=(trickling,), daemon=True).start()
+        data = logs_request([("api_request", api_request(1, "2026-03-01T10:00:00Z"))]).SerializeToString()
+        for _ in range(4):  # each answer restarts the clock: a connection in use stays open past it
+            answered.sendall(raw_post(f"Content-Length: {len(data)}\r\n", data))
+            assert answered.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(1)
+        for sock in (idle, trickling, answered):
+            assert closed_by_server(sock)
+            sock.close()
+    finally:
+        stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+        store.close()
 
 
 def test_oversize_and_gzip_bombs_are_refused_without_growing(tmp_path):
