@@ -51,7 +51,7 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import grpc
@@ -1933,6 +1933,7 @@ HTTP_MAX_CONNECTIONS = 256  # one thread each; more wait in the listen backlog
 HTTP_BACKLOG = 1024  # a burst of exporters waits in the kernel's queue instead of being refused
 CLIENT_TIMEOUT_S = 30  # to send a whole request after connecting or after an answer (also closes idle keep-alive)
 SLOW_CLIENT_S = 1  # when every connection is taken, one still waiting for its client after this long makes way
+REFUSALS_REMEMBERED = 1024  # (address, reason) pairs; past that, refusals from new pairs go unlogged for a while
 
 
 class HTTPFailure(Exception):
@@ -1947,6 +1948,35 @@ def bearer_matches(header: str | None, token: str) -> bool:
     """Constant-time check of an 'Authorization: Bearer <token>' value."""
     scheme, _, given = (header or "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def refusal_reason(header: str | None) -> str:
+    """Why a call was refused the token check, in words that repeat nothing it sent."""
+    return "wrong bearer token" if (header or "").partition(" ")[0].lower() == "bearer" else "no bearer token"
+
+
+class RefusalLog:
+    """Refused calls, logged at most once a minute per client address and reason: a client that forgot its
+    token shows in the log (a server that drops exports silently leaves no clue) without flooding it."""
+
+    def __init__(self, interval_s: float = 60):
+        self.interval_s = interval_s
+        self._logged_at: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def note(self, call: str, address: str, reason: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._logged_at.get((address, reason), -math.inf) < self.interval_s:
+                return
+            if len(self._logged_at) >= REFUSALS_REMEMBERED:
+                self._logged_at = {key: at for key, at in self._logged_at.items() if now - at < self.interval_s}
+                if len(self._logged_at) >= REFUSALS_REMEMBERED:
+                    return  # a flood from many addresses: memory stays bounded, the log quiet
+            self._logged_at[(address, reason)] = now
+        log.warning("refused %s from %s: %s; Claude Code sends the token with OTEL_EXPORTER_OTLP_HEADERS="
+                    "\"Authorization=Bearer <token>\", the monitor with %s (logged once a minute per address and "
+                    "reason)", call, address, reason, TOKEN_ENV)
 
 
 def inflate(body: bytes, limit: int) -> bytes:
@@ -2125,11 +2155,14 @@ class OTLPHandler(BaseHTTPRequestHandler):
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         reply_json = content_type == JSON
         try:
-            route = HTTP_ROUTES.get(urlsplit(self.path).path)
+            path = urlsplit(self.path).path
+            route = HTTP_ROUTES.get(path)
             if route is None:
                 raise HTTPFailure(404, grpc.StatusCode.UNIMPLEMENTED, f"no such path {self.path[:100]!r}; "
                                   "use /v1/logs, /v1/metrics or /v1/traces")
-            if self.server.token and not bearer_matches(self.headers.get("Authorization"), self.server.token):
+            authorization = self.headers.get("Authorization")
+            if self.server.token and not bearer_matches(authorization, self.server.token):
+                self.server.refusals.note(f"OTLP/HTTP {path}", self.client_address[0], refusal_reason(authorization))
                 raise HTTPFailure(401, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token",
                                   {"WWW-Authenticate": "Bearer"})
             if content_type not in (PROTOBUF, JSON):
@@ -2285,7 +2318,7 @@ class OTLPHTTPServer(ThreadingHTTPServer):
                  client_timeout_s: float = CLIENT_TIMEOUT_S):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.receiver, self.token, self.max_bytes, self.inflight = receiver, token, max_bytes, InFlight()
-        self.connections = HTTPConnections(HTTP_MAX_CONNECTIONS, client_timeout_s)
+        self.connections, self.refusals = HTTPConnections(HTTP_MAX_CONNECTIONS, client_timeout_s), RefusalLog()
         super().__init__(address, OTLPHandler)
 
     def process_request(self, request, client_address) -> None:
@@ -2320,19 +2353,27 @@ class ServerError(Exception):
     """The server cannot start (port taken, bad database): reported as one line, exit 1."""
 
 
+def peer_address(peer: str) -> str:
+    """The client's address in a gRPC peer string: 'ipv4:10.0.0.5:51234', 'ipv6:%5B::1%5D:51234'."""
+    kind, _, address = peer.partition(":")
+    return unquote(address).rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else peer
+
+
 class TokenAuth(grpc.ServerInterceptor):
-    """Every RPC (OTLP and QueryService) must carry 'authorization: Bearer <token>'."""
+    """Every RPC (OTLP and QueryService) must carry 'authorization: Bearer <token>'; refusals are logged."""
 
     def __init__(self, token: str):
-        self.token = token
-        self.denied = grpc.unary_unary_rpc_method_handler(lambda request, context: context.abort(
-            grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"))
+        self.token, self.refusals = token, RefusalLog()
 
     def intercept_service(self, continuation, details):
-        metadata = dict(details.invocation_metadata or ())
-        if bearer_matches(metadata.get("authorization"), self.token):
+        authorization = dict(details.invocation_metadata or ()).get("authorization")
+        if bearer_matches(authorization, self.token):
             return continuation(details)
-        return self.denied
+
+        def refuse(request, context):  # the client's address is known here, in the call, not in `details`
+            self.refusals.note(f"gRPC {details.method}", peer_address(context.peer()), refusal_reason(authorization))
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 def start_grpc_server(config: Config, receiver: Receiver, store: Store) -> tuple[grpc.Server, int]:

@@ -1844,6 +1844,45 @@ def test_idle_and_slow_connections_are_closed_at_their_deadline(tmp_path):
         store.close()
 
 
+def wait_for_log(srv: ServerProcess, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in srv.log:
+        assert time.monotonic() < deadline, f"{text!r} not logged: {srv.log}"
+        time.sleep(0.05)
+
+
+def test_refused_calls_are_logged_once_a_minute_per_address_and_reason(tmp_path):
+    token = "s3cret-token-value"
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": token}).start()
+    try:
+        request = logs_request(MIXED_EVENTS)
+        for _ in range(3):
+            assert http_post(srv.http_port, body=request.SerializeToString())[0].status == 401
+            assert http_post(srv.http_port, body=request.SerializeToString(),
+                             headers={"Authorization": "Bearer nope"})[0].status == 401
+            for metadata in ((), (("authorization", "Bearer wrong-token"),)):
+                with pytest.raises(grpc.RpcError):
+                    srv.logs_stub().Export(request, metadata=metadata)
+            with pytest.raises(grpc.RpcError):
+                srv.query().GetStats(ccmon_pb2.GetStatsRequest())
+        srv.logs_stub().Export(request, metadata=(("authorization", f"Bearer {token}"),))
+        wait_for_log(srv, "logs: 5 records")  # logged after every refusal above
+        hint = ("; Claude Code sends the token with OTEL_EXPORTER_OTLP_HEADERS=\"Authorization=Bearer <token>\", "
+                "the monitor with CCMON_TOKEN (logged once a minute per address and reason)")
+        refusals = [line.split(" WARNING ", 1)[1] for line in srv.lines if " refused " in line]
+        assert refusals == [
+            f"refused OTLP/HTTP /v1/logs from 127.0.0.1: no bearer token{hint}\n",
+            f"refused OTLP/HTTP /v1/logs from 127.0.0.1: wrong bearer token{hint}\n",
+            f"refused gRPC /opentelemetry.proto.collector.logs.v1.LogsService/Export from 127.0.0.1: no bearer "
+            f"token{hint}\n",
+            f"refused gRPC /opentelemetry.proto.collector.logs.v1.LogsService/Export from 127.0.0.1: wrong bearer "
+            f"token{hint}\n",
+        ]
+        assert token not in srv.log and "nope" not in srv.log and "wrong-token" not in srv.log
+    finally:
+        srv.stop()
+
+
 def test_oversize_and_gzip_bombs_are_refused_without_growing(tmp_path):
     import gzip as gzip_module
     srv = ServerProcess(tmp_path, "--server-max-message-size", "1MiB").start()
