@@ -2190,6 +2190,8 @@ class OTLPHandler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         """The body, framed as RFC 9112 section 6 says; anything ambiguous is refused, never guessed at."""
+        if self.headers.defects:  # 'Transfer-Encoding : chunked' is dropped here; a lenient proxy might obey it
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "malformed header field line")
         codings, lengths = self.headers.get_all("Transfer-Encoding"), self.headers.get_all("Content-Length")
         if codings:
             if lengths:
