@@ -1608,9 +1608,10 @@ def raw_http(port: int, data: bytes, half_close: bool = False, timeout: float = 
     import http.client
     received = bytearray()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(data)
-        if half_close:
-            sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # answered before all of it was sent
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
         try:
             while chunk := sock.recv(65536):
                 received += chunk
