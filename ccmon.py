@@ -1933,6 +1933,7 @@ HTTP_MAX_CONNECTIONS = 256  # one thread each; more wait in the listen backlog
 HTTP_BACKLOG = 1024  # a burst of exporters waits in the kernel's queue instead of being refused
 CLIENT_TIMEOUT_S = 30  # to send a whole request after connecting or after an answer (also closes idle keep-alive)
 SLOW_CLIENT_S = 1  # when every connection is taken, one still waiting for its client after this long makes way
+LINGER_S = 2  # after an error answer, how long the rest of an upload is read and dropped before closing
 REFUSALS_REMEMBERED = 1024  # (address, reason) pairs; past that, refusals from new pairs go unlogged for a while
 
 
@@ -2187,6 +2188,22 @@ class OTLPHandler(BaseHTTPRequestHandler):
             self.close_connection = True  # a body left unread must not be taken for the next request
             status = ccmon_pb2.RpcStatus(code=failure.code.value[0], message=str(failure))
             self._send(failure.status, status, reply_json, failure.headers)
+            self._linger()
+
+    def _linger(self) -> None:
+        """After answering a request whose body may not all have been read: end our side, then read and drop
+        what the client still sends (up to the size limit, for LINGER_S), so that it finishes its upload and
+        reads the answer instead of finding the connection reset under it."""
+        try:
+            socket.socket.shutdown(self.connection, socket.SHUT_WR)  # plain TCP, as in HTTPConnections._cut
+            deadline, dropped = time.monotonic() + LINGER_S, 0
+            while dropped <= self.server.max_bytes and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not (data := self.rfile.read1(65536)):
+                    return
+                dropped += len(data)
+        except OSError:
+            pass  # gone, or too slow: the connection closes either way
 
     def _read_body(self) -> bytes:
         """The body, framed as RFC 9112 section 6 says; anything ambiguous is refused, never guessed at."""
@@ -2281,6 +2298,7 @@ class OTLPHandler(BaseHTTPRequestHandler):
         status = ccmon_pb2.RpcStatus(code=grpc.StatusCode.UNIMPLEMENTED.value[0],
                                      message=f"{self.command} is not supported; OTLP/HTTP exports use POST")
         self._send(405, status, True, {"Allow": "POST"})
+        self._linger()
 
     do_GET = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 

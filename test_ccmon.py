@@ -1720,6 +1720,24 @@ def test_chunked_bodies_are_held_to_the_size_limit(tmp_path):
         srv.stop()
 
 
+def test_a_client_refused_mid_upload_reads_its_answer(tmp_path):
+    """An answer given before the body is read (here 413) is followed by reading and dropping the rest of the
+    upload, so a client still sending sees the answer rather than a connection reset under it."""
+    srv = ServerProcess(tmp_path, "--server-max-message-size", "1MiB").start()
+    try:
+        body, answer = b"\0" * (1024 * 1024 + 1), bytearray()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # still sending when the answer comes
+            sock.settimeout(20)
+            sock.connect(("127.0.0.1", srv.http_port))
+            sock.sendall(raw_post(f"Content-Length: {len(body)}\r\n", body))
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"body of 1048577 bytes is over" in answer
+    finally:
+        srv.stop()
+
+
 def test_otlp_json_body_must_be_an_object(server):
     for body in (b"null", b"true", b"12", b"1.5", b'"x"', b"[]", b"[{}]"):
         response, data = http_post(server.http_port, body=body, headers={"Content-Type": "application/json"})
