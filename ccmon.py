@@ -33,6 +33,7 @@ import datetime as dt
 import decimal
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -53,7 +54,7 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # gRPC's C core logs its own lines (bind failures, TLS handshakes) to the terminal; ccmon reports every
@@ -2316,6 +2317,19 @@ HTTP_ROUTES = {
 }
 PROTOBUF, JSON = "application/x-protobuf", "application/json"
 HEX_ID_KEYS = {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
+# RFC 9112 framing, read strictly: a body a proxy in front could frame another way is how one request hides
+# another. Content-Length is 1*DIGIT (no sign, no list; 18 digits are past any limit and convert cheaply);
+# a chunk size is 1*HEXDIG (no sign, no 0x), optionally followed by extensions, which ccmon ignores.
+CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
+CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]+)(?:[ \t]*;[^\r\n]*)?")
+CHUNK_LINE_BYTES = 4096  # a chunk-size line with its extensions, or one trailer line
+CHUNK_TRAILER_LINES = 64
+HTTP_MAX_CONNECTIONS = 256  # one thread each; more wait in the listen backlog
+HTTP_BACKLOG = 1024  # a burst of exporters waits in the kernel's queue instead of being refused
+CLIENT_TIMEOUT_S = 30  # to send a whole request after connecting or after an answer (also closes idle keep-alive)
+SLOW_CLIENT_S = 1  # when every connection is taken, one still waiting for its client after this long makes way
+LINGER_S = 2  # after an error answer, how long the rest of an upload is read and dropped before closing
+REFUSALS_REMEMBERED = 1024  # (address, reason) pairs; past that, refusals from new pairs go unlogged for a while
 
 
 class HTTPFailure(Exception):
@@ -2330,6 +2344,35 @@ def bearer_matches(header: str | None, token: str) -> bool:
     """Constant-time check of an 'Authorization: Bearer <token>' value."""
     scheme, _, given = (header or "").partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def refusal_reason(header: str | None) -> str:
+    """Why a call was refused the token check, in words that repeat nothing it sent."""
+    return "wrong bearer token" if (header or "").partition(" ")[0].lower() == "bearer" else "no bearer token"
+
+
+class RefusalLog:
+    """Refused calls, logged at most once a minute per client address and reason: a client that forgot its
+    token shows in the log (a server that drops exports silently leaves no clue) without flooding it."""
+
+    def __init__(self, interval_s: float = 60):
+        self.interval_s = interval_s
+        self._logged_at: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def note(self, call: str, address: str, reason: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._logged_at.get((address, reason), -math.inf) < self.interval_s:
+                return
+            if len(self._logged_at) >= REFUSALS_REMEMBERED:
+                self._logged_at = {key: at for key, at in self._logged_at.items() if now - at < self.interval_s}
+                if len(self._logged_at) >= REFUSALS_REMEMBERED:
+                    return  # a flood from many addresses: memory stays bounded, the log quiet
+            self._logged_at[(address, reason)] = now
+        log.warning("refused %s from %s: %s; Claude Code sends the token with OTEL_EXPORTER_OTLP_HEADERS="
+                    "\"Authorization=Bearer <token>\", the monitor with %s (logged once a minute per address and "
+                    "reason)", call, address, reason, TOKEN_ENV)
 
 
 def inflate(body: bytes, limit: int) -> bytes:
@@ -2367,7 +2410,11 @@ def decode_export(body: bytes, content_type: str, message_type):
     message = message_type()
     try:
         if content_type == JSON:
-            json_format.ParseDict(hex_ids_to_base64(json.loads(body)), message, ignore_unknown_fields=True)
+            document = json.loads(body)
+            if not isinstance(document, dict):
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT,
+                                  "body is not valid OTLP/JSON: the top level is not an object")
+            json_format.ParseDict(hex_ids_to_base64(document), message, ignore_unknown_fields=True)
         else:
             message.ParseFromString(body)
     except HTTPFailure:
@@ -2379,15 +2426,116 @@ def decode_export(body: bytes, content_type: str, message_type):
     return message
 
 
+class HTTPConnections:
+    """The listener's open connections, at most `capacity` (a thread each), and a clock on each.
+
+    A connection's client must bring a whole request, headers and body, within `timeout_s` of the connection
+    opening or of its last answer, or the connection is closed; idle keep-alive connections end that way too.
+    When every place is taken, the connection whose client has owed its request longest, if longer than
+    SLOW_CLIENT_S, is closed to make way for the next, so clients trickling bytes cannot keep prompt ones out.
+    Only a connection whose thread is blocked reading is ever closed: one being answered, or whose bytes
+    are in but not yet read, is the server's slowness, not its client's."""
+
+    def __init__(self, capacity: int, timeout_s: float):
+        self.capacity, self.timeout_s = capacity, timeout_s
+        self._request_began: dict[socket.socket, float] = {}  # every open connection
+        self._reading: set[socket.socket] = set()  # those whose thread waits for bytes from the client
+        self._closing = False
+        self._changed = threading.Condition()
+
+    def admit(self, connection: socket.socket) -> bool:
+        """Take a place for a new connection, waiting for one (or making one) while all are taken; False when
+        the listener is shutting down."""
+        with self._changed:
+            while len(self._request_began) >= self.capacity and not self._closing:
+                slowest = min(self._reading, key=self._request_began.__getitem__, default=None)
+                if slowest is not None and time.monotonic() - self._request_began[slowest] > SLOW_CLIENT_S:
+                    self._cut(slowest)
+                self._changed.wait(0.25)
+            if self._closing:
+                return False
+            self._request_began[connection] = time.monotonic()
+            return True
+
+    def next_request(self, connection: socket.socket) -> None:
+        """The connection was answered: the clock starts again for its next request."""
+        with self._changed:
+            if connection in self._request_began:
+                self._request_began[connection] = time.monotonic()
+
+    @contextlib.contextmanager
+    def reading(self, connection: socket.socket):
+        """Around every read from the client: while it lasts, the client is the one keeping the thread."""
+        with self._changed:
+            self._reading.add(connection)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._reading.discard(connection)
+
+    def closed(self, connection: socket.socket) -> None:
+        with self._changed:
+            self._request_began.pop(connection, None)
+            self._reading.discard(connection)
+            self._changed.notify_all()
+
+    def close_overdue(self) -> None:
+        with self._changed:
+            overdue = time.monotonic() - self.timeout_s
+            for connection in [c for c in self._reading if self._request_began[c] < overdue]:
+                self._cut(connection)
+
+    def close(self) -> None:
+        """Shutting down: close the connections waiting for their clients, and admit no more."""
+        with self._changed:
+            self._closing = True
+            for connection in list(self._reading):
+                self._cut(connection)
+            self._changed.notify_all()
+
+    def _cut(self, connection: socket.socket) -> None:
+        """Shut the connection down under its thread, whose read then ends as if the client had left."""
+        self._reading.discard(connection)
+        try:  # the plain socket's shutdown: SSLSocket's would drop TLS state that the thread is using
+            socket.socket.shutdown(connection, socket.SHUT_RDWR)
+        except OSError:
+            pass  # the client has already gone
+
+
+class ClientReads(io.RawIOBase):
+    """A connection as its handler reads it, each read known to the listener's HTTPConnections."""
+
+    def __init__(self, connection: socket.socket, connections: HTTPConnections):
+        self.connection, self.connections = connection, connections
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        with self.connections.reading(self.connection):
+            return self.connection.recv_into(buffer)
+
+
 class OTLPHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: an exporter reuses its connection
     server_version = f"ccmon/{VERSION}"
-    timeout = 120  # idle keep-alive connections are closed after two minutes
 
     def setup(self) -> None:
+        connections = self.server.connections
+        # Every read and write waits at most this long: a client that stops reading its answer cannot keep
+        # a thread either.
+        self.timeout = connections.timeout_s
         super().setup()
+        self.rfile.close()  # the plain reader setup made; ours tells `connections` when the client is awaited
+        self.rfile = io.BufferedReader(ClientReads(self.connection, connections))
         if isinstance(self.connection, ssl.SSLSocket):  # handshake here, not in the accepting thread
-            self.connection.do_handshake()
+            with connections.reading(self.connection):
+                self.connection.do_handshake()
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        self.server.connections.next_request(self.connection)
 
     def log_message(self, fmt: str, *args) -> None:
         log.debug("http %s %s", self.address_string(), fmt % args)
@@ -2403,11 +2551,14 @@ class OTLPHandler(BaseHTTPRequestHandler):
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         reply_json = content_type == JSON
         try:
-            route = HTTP_ROUTES.get(urlsplit(self.path).path)
+            path = urlsplit(self.path).path
+            route = HTTP_ROUTES.get(path)
             if route is None:
                 raise HTTPFailure(404, grpc.StatusCode.UNIMPLEMENTED, f"no such path {self.path[:100]!r}; "
                                   "use /v1/logs, /v1/metrics or /v1/traces")
-            if self.server.token and not bearer_matches(self.headers.get("Authorization"), self.server.token):
+            authorization = self.headers.get("Authorization")
+            if self.server.token and not bearer_matches(authorization, self.server.token):
+                self.server.refusals.note(f"OTLP/HTTP {path}", self.client_address[0], refusal_reason(authorization))
                 raise HTTPFailure(401, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token",
                                   {"WWW-Authenticate": "Bearer"})
             if content_type not in (PROTOBUF, JSON):
@@ -2429,48 +2580,109 @@ class OTLPHandler(BaseHTTPRequestHandler):
                                   {"Retry-After": str(exc.retry_after_s)}) from None
             self._send(200, response, reply_json)
         except HTTPFailure as failure:
+            self.close_connection = True  # a body left unread must not be taken for the next request
             status = ccmon_pb2.RpcStatus(code=failure.code.value[0], message=str(failure))
             self._send(failure.status, status, reply_json, failure.headers)
+            self._linger()
+
+    def _linger(self) -> None:
+        """After answering a request whose body may not all have been read: end our side, then read and drop
+        what the client still sends (up to the size limit, for LINGER_S), so that it finishes its upload and
+        reads the answer instead of finding the connection reset under it."""
+        try:
+            socket.socket.shutdown(self.connection, socket.SHUT_WR)  # plain TCP, as in HTTPConnections._cut
+            deadline, dropped = time.monotonic() + LINGER_S, 0
+            while dropped <= self.server.max_bytes and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
+                if not (data := self.rfile.read1(65536)):
+                    return
+                dropped += len(data)
+        except OSError:
+            pass  # gone, or too slow: the connection closes either way
 
     def _read_body(self) -> bytes:
-        limit = self.server.max_bytes
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return self._read_chunked(limit)
-        try:
-            length = int(self.headers.get("Content-Length") or "")
-        except ValueError:
-            self.close_connection = True
-            raise HTTPFailure(411, grpc.StatusCode.INVALID_ARGUMENT, "Content-Length is required") from None
-        if length > limit or length < 0:
-            self.close_connection = True  # the unread body must not be taken for the next request
+        """The body, framed as RFC 9112 section 6 says; anything ambiguous is refused, never guessed at."""
+        if self.headers.defects:  # 'Transfer-Encoding : chunked' is dropped here; a lenient proxy might obey it
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "malformed header field line")
+        codings, lengths = self.headers.get_all("Transfer-Encoding"), self.headers.get_all("Content-Length")
+        if codings:
+            if lengths:
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "both Transfer-Encoding and "
+                                  "Content-Length: the body's length is ambiguous")
+            if self.request_version == "HTTP/1.0":
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "Transfer-Encoding is not allowed in "
+                                  "HTTP/1.0")
+            spelled = ", ".join(codings)
+            names = [name.strip().lower() for name in spelled.split(",")]
+            if names[-1] != "chunked" or names.count("chunked") > 1:
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"Transfer-Encoding {spelled[:100]!r}: "
+                                  "chunked must be the final coding, applied once")
+            if len(names) > 1:
+                raise HTTPFailure(501, grpc.StatusCode.UNIMPLEMENTED, f"Transfer-Encoding {spelled[:100]!r} is "
+                                  "not supported; use chunked")
+            return self._read_chunked(self.server.max_bytes)
+        if not lengths:
+            raise HTTPFailure(411, grpc.StatusCode.INVALID_ARGUMENT, "Content-Length is required")
+        if len(lengths) > 1:
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "more than one Content-Length")
+        spelled = lengths[0].strip()
+        if not CONTENT_LENGTH.fullmatch(spelled):
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"Content-Length {spelled[:40]!r} is not a "
+                              "byte count")
+        length, limit = int(spelled), self.server.max_bytes
+        if length > limit:
             raise HTTPFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"body of {length} bytes is over the "
                               f"{limit} byte limit")
-        return self.rfile.read(length)
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"body ended after {len(body)} of its "
+                              f"{length} bytes")
+        return body
 
     def _read_chunked(self, limit: int) -> bytes:
+        """A chunked body: each chunk's size counts against `limit` before any of its bytes are read."""
         chunks, total = [], 0
-        while True:
-            try:
-                size = int(self.rfile.readline(1024).split(b";")[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "malformed chunked body") from None
-            if size == 0:
-                while self.rfile.readline(1024).strip():
-                    pass  # trailers
-                return b"".join(chunks)
+        while size := self._chunk_size():
             total += size
             if total > limit:
-                self.close_connection = True
                 raise HTTPFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"body is over the {limit} byte limit")
-            chunks.append(self.rfile.read(size))
-            self.rfile.readline(3)
+            chunk = self.rfile.read(size)
+            if len(chunk) < size:
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "chunked body ended early")
+            if self.rfile.read(2) != b"\r\n":
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "chunked body: chunk data not followed "
+                                  "by CRLF")
+            chunks.append(chunk)
+        for _ in range(CHUNK_TRAILER_LINES + 1):  # trailer fields, which ccmon has no use for, then an empty line
+            if not self._chunk_line():
+                return b"".join(chunks)
+        raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"chunked body: more than {CHUNK_TRAILER_LINES} "
+                          "trailer lines")
+
+    def _chunk_size(self) -> int:
+        line = self._chunk_line()
+        match = CHUNK_SIZE_LINE.fullmatch(line)
+        if not match:
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"chunked body: {line[:40]!r} is not a hex "
+                              "chunk size")
+        return int(match[1], 16)
+
+    def _chunk_line(self) -> bytes:
+        line = self.rfile.readline(CHUNK_LINE_BYTES + 2)
+        if line.endswith(b"\r\n"):
+            return line[:-2]
+        if len(line) < CHUNK_LINE_BYTES + 2 and not line.endswith(b"\n"):
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "chunked body ended early")
+        raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "chunked body: a line is not ended by CRLF "
+                          f"within {CHUNK_LINE_BYTES} bytes")
 
     def _send(self, status: int, message, as_json: bool, headers: dict | None = None) -> None:
         body = json_format.MessageToJson(message, indent=None).encode() if as_json else message.SerializeToString()
         self.send_response(status)
         self.send_header("Content-Type", JSON if as_json else PROTOBUF)
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
@@ -2481,6 +2693,7 @@ class OTLPHandler(BaseHTTPRequestHandler):
         status = ccmon_pb2.RpcStatus(code=grpc.StatusCode.UNIMPLEMENTED.value[0],
                                      message=f"{self.command} is not supported; OTLP/HTTP exports use POST")
         self._send(405, status, True, {"Allow": "POST"})
+        self._linger()
 
     do_GET = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
 
@@ -2514,11 +2727,32 @@ class InFlight:
 
 class OTLPHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = HTTP_BACKLOG
 
-    def __init__(self, address: tuple[str, int], receiver: Receiver, token: str, max_bytes: int):
+    def __init__(self, address: tuple[str, int], receiver: Receiver, token: str, max_bytes: int,
+                 client_timeout_s: float = CLIENT_TIMEOUT_S):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.receiver, self.token, self.max_bytes, self.inflight = receiver, token, max_bytes, InFlight()
+        self.connections, self.refusals = HTTPConnections(HTTP_MAX_CONNECTIONS, client_timeout_s), RefusalLog()
         super().__init__(address, OTLPHandler)
+
+    def process_request(self, request, client_address) -> None:
+        if self.connections.admit(request):
+            super().process_request(request, client_address)  # a thread for the connection
+        else:
+            self.shutdown_request(request)
+
+    def shutdown_request(self, request) -> None:
+        super().shutdown_request(request)
+        self.connections.closed(request)
+
+    def service_actions(self) -> None:
+        """Called by serve_forever between connections, at least twice a second."""
+        self.connections.close_overdue()
+
+    def shutdown(self) -> None:
+        self.connections.close()  # also wakes an accept waiting for a place
+        super().shutdown()
 
     def handle_error(self, request, client_address) -> None:
         log.debug("http connection from %s failed: %s", client_address[0], sys.exc_info()[1])
@@ -2534,19 +2768,27 @@ class ServerError(Exception):
     """The server cannot start (port taken, bad database): reported as one line, exit 1."""
 
 
+def peer_address(peer: str) -> str:
+    """The client's address in a gRPC peer string: 'ipv4:10.0.0.5:51234', 'ipv6:%5B::1%5D:51234'."""
+    kind, _, address = peer.partition(":")
+    return unquote(address).rsplit(":", 1)[0].strip("[]") if kind in ("ipv4", "ipv6") else peer
+
+
 class TokenAuth(grpc.ServerInterceptor):
-    """Every RPC (OTLP and QueryService) must carry 'authorization: Bearer <token>'."""
+    """Every RPC (OTLP and QueryService) must carry 'authorization: Bearer <token>'; refusals are logged."""
 
     def __init__(self, token: str):
-        self.token = token
-        self.denied = grpc.unary_unary_rpc_method_handler(lambda request, context: context.abort(
-            grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"))
+        self.token, self.refusals = token, RefusalLog()
 
     def intercept_service(self, continuation, details):
-        metadata = dict(details.invocation_metadata or ())
-        if bearer_matches(metadata.get("authorization"), self.token):
+        authorization = dict(details.invocation_metadata or ()).get("authorization")
+        if bearer_matches(authorization, self.token):
             return continuation(details)
-        return self.denied
+
+        def refuse(request, context):  # the client's address is known here, in the call, not in `details`
+            self.refusals.note(f"gRPC {details.method}", peer_address(context.peer()), refusal_reason(authorization))
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
 
 def start_grpc_server(config: Config, receiver: Receiver, reader: Reader) -> tuple[grpc.Server, int]:

@@ -2,7 +2,10 @@
 a real SQLite file, the real monitor in a pseudo-terminal. Run: python -m pytest -q"""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import io
 import json
 import os
 import re
@@ -1845,6 +1848,310 @@ def test_http_json_rules_keepalive_and_chunked(server):
     rows = db_rows(server.db, "SELECT ts, input_tokens, output_tokens, cost_nanos FROM r "
                               "WHERE session_id = 'json-1'")
     assert rows == [(1772359200000, 1500, 25, 12_500_000)]
+
+
+def raw_http(port: int, data: bytes, half_close: bool = False, timeout: float = 20) -> list[tuple[int, dict, bytes]]:
+    """Send raw bytes on one connection, keep it open (or only `half_close` it) and read until the server closes
+    it; the responses, parsed. Fails when the server still holds the connection open after `timeout` seconds."""
+    import http.client
+    received = bytearray()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # answered before all of it was sent
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass  # closed with bytes of ours unread: what arrived before the reset is the answer
+        except TimeoutError:
+            pytest.fail(f"the server kept the connection open; it sent {bytes(received)[:300]!r}")
+    stream, responses = io.BytesIO(bytes(received)), []
+    while stream.tell() < len(received):
+        status = int(stream.readline().split()[1])
+        headers = http.client.parse_headers(stream)
+        responses.append((status, headers, stream.read(int(headers.get("Content-Length", 0)))))
+    return responses
+
+
+def raw_post(headers: str, body: bytes, version: str = "HTTP/1.1") -> bytes:
+    return (f"POST /v1/logs {version}\r\nHost: ccmon\r\nContent-Type: application/x-protobuf\r\n{headers}\r\n"
+            .encode() + body)
+
+
+def test_http_framing_follows_rfc_9112(server):
+    """A body framed two ways is how one request hides another behind a proxy: every ambiguous framing gets
+    400 (501 for a transfer coding ccmon does not speak) and the connection closes; nothing in it is stored."""
+    export = logs_request([("api_request", api_request(1, "2026-03-01T10:00:00Z", session="smuggled"))])
+    data = export.SerializeToString()
+    hidden = raw_post(f"Content-Length: {len(data)}\r\n", data)  # a whole second request inside the body
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data)
+    cases = [
+        (f"Content-Length: 0\r\nContent-Length: {len(hidden)}\r\n", hidden, 400, "more than one Content-Length"),
+        (f"Content-Length: {len(hidden)}\r\nContent-Length: 0\r\n", hidden, 400, "more than one Content-Length"),
+        (f"Content-Length: {len(hidden)}, {len(hidden)}\r\n", hidden, 400, "Content-Length '"),
+        ("Content-Length: +0\r\n", hidden, 400, "Content-Length '+0' is not a byte count"),
+        ("Content-Length: -1\r\n", hidden, 400, "Content-Length '-1' is not a byte count"),
+        ("Content-Length: 0x10\r\n", hidden, 400, "Content-Length '0x10' is not a byte count"),
+        (f"Content-Length: {len(chunked)}\r\nTransfer-Encoding: chunked\r\n", chunked, 400,
+         "both Transfer-Encoding and Content-Length"),
+        ("Transfer-Encoding: chunked\r\nContent-Length: 0\r\n", chunked, 400,
+         "both Transfer-Encoding and Content-Length"),
+        (f"Content-Length: {len(chunked)}\r\nTransfer-Encoding : chunked\r\n", chunked, 400,
+         "malformed header field line"),
+        ("Transfer-Encoding: xchunked\r\n", chunked, 400, "Transfer-Encoding 'xchunked': chunked must be"),
+        ("Transfer-Encoding: chunked, identity\r\n", chunked, 400, "Transfer-Encoding 'chunked, identity': chunked"),
+        ("Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", chunked, 400,
+         "Transfer-Encoding 'chunked, chunked': chunked must be"),
+        ("Transfer-Encoding: gzip, chunked\r\n", chunked, 501, "Transfer-Encoding 'gzip, chunked' is not supported"),
+        ("Transfer-Encoding: chunked\r\n", b"+%x\r\n%s\r\n0\r\n\r\n" % (len(data), data), 400,
+         "chunked body: b'+"),
+        ("Transfer-Encoding: chunked\r\n", b"0x%x\r\n%s\r\n0\r\n\r\n" % (len(data), data), 400,
+         "chunked body: b'0x"),
+        ("Transfer-Encoding: chunked\r\n", b" %x\r\n%s\r\n0\r\n\r\n" % (len(data), data), 400, "chunked body: b' "),
+        ("Transfer-Encoding: chunked\r\n", b"%x\n%s\n0\n\n" % (len(data), data), 400, "chunked body: a line"),
+        ("Transfer-Encoding: chunked\r\n", b"%x\r\n%sXX0\r\n\r\n" % (len(data) - 2, data), 400,
+         "chunked body: chunk data not followed by CRLF"),
+    ]
+    for headers, body, status, message in cases:
+        [(got, response_headers, answer)] = raw_http(server.http_port, raw_post(headers, body))
+        assert (got, response_headers["Connection"]) == (status, "close"), headers
+        assert status_of(answer)[1].startswith(message), (headers, status_of(answer))
+    for headers, body, message in ((f"Content-Length: {len(data) + 10}\r\n", data,
+                                    f"body ended after {len(data)} of its {len(data) + 10} bytes"),
+                                   ("Transfer-Encoding: chunked\r\n", b"%x\r\n%s" % (len(data) + 10, data),
+                                    "chunked body ended early")):
+        [(got, _, answer)] = raw_http(server.http_port, raw_post(headers, body), half_close=True)
+        assert (got, status_of(answer)[1]) == (400, message)
+    [(got, _, answer)] = raw_http(server.http_port, raw_post("Transfer-Encoding: chunked\r\n", chunked, "HTTP/1.0"))
+    assert (got, status_of(answer)[1]) == (400, "Transfer-Encoding is not allowed in HTTP/1.0")
+    # Unauthenticated, unknown paths and other errors answered before the body is read close the connection
+    # too, so an unread body is never taken for the next request.
+    [(got, _, _)] = raw_http(server.http_port, raw_post(f"Content-Length: {len(hidden)}\r\n", hidden)
+                             .replace(b"/v1/logs", b"/v1/nothing", 1))
+    assert got == 404
+    assert stats(server).total_requests == 0
+    # Correct framing, with a chunk extension and a trailer, is accepted on a connection kept open.
+    fine = logs_request([("api_request", api_request(2, "2026-03-01T10:00:00Z", session="framed"))])
+    data = fine.SerializeToString()
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=20) as sock:
+        sock.sendall(raw_post("Transfer-Encoding: chunked\r\n", b"%x;part=1\r\n%s\r\n0\r\nX-Checksum: 1\r\n\r\n"
+                              % (len(data), data)))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert db_rows(server.db, "SELECT session_id FROM r") == [("framed",)]
+
+
+def test_chunked_bodies_are_held_to_the_size_limit(tmp_path):
+    """Chunk sizes count toward --server-max-message-size before their bytes are read: a body that would pass
+    it is refused at once, with the client still sending; so are over-long chunk lines and trailer floods."""
+    srv = ServerProcess(tmp_path, "--server-max-message-size", "1MiB").start()
+    limit = 1024 * 1024
+    try:
+        rss_before = process_rss_kib(srv.proc.pid)
+        chunked = "Transfer-Encoding: chunked\r\n"
+        cases = [
+            (b"-1\r\n" + b"\0" * 65536, 400, "chunked body: b'-1' is not a hex chunk size"),
+            (b"%x\r\n" % (limit + 1) + b"\0" * 65536, 413, f"body is over the {limit} byte limit"),
+            (b"f" * 40 + b"\r\n" + b"\0" * 65536, 413, f"body is over the {limit} byte limit"),
+            (b"80000\r\n" + b"\0" * 0x80000 + b"\r\n80001\r\n" + b"\0" * 65536, 413,
+             f"body is over the {limit} byte limit"),
+            (b"1;" + b"x" * 100_000 + b"\r\n", 400, "chunked body: a line is not ended by CRLF within 4096 bytes"),
+            (b"0\r\n" + b"X-Trailer: 1\r\n" * 1000, 400, "chunked body: more than 64 trailer lines"),
+        ]
+        for body, status, message in cases:
+            [(got, _, answer)] = raw_http(srv.http_port, raw_post(chunked, body))
+            assert (got, status_of(answer)[1]) == (status, message), body[:40]
+        assert process_rss_kib(srv.proc.pid) - rss_before < 60 * 1024
+        assert stats(srv).total_requests == 0
+    finally:
+        srv.stop()
+
+
+def test_a_client_refused_mid_upload_reads_its_answer(tmp_path):
+    """An answer given before the body is read (here 413) is followed by reading and dropping the rest of the
+    upload, so a client still sending sees the answer rather than a connection reset under it."""
+    srv = ServerProcess(tmp_path, "--server-max-message-size", "1MiB").start()
+    try:
+        body, answer = b"\0" * (1024 * 1024 + 1), bytearray()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # still sending when the answer comes
+            sock.settimeout(20)
+            sock.connect(("127.0.0.1", srv.http_port))
+            sock.sendall(raw_post(f"Content-Length: {len(body)}\r\n", body))
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"body of 1048577 bytes is over" in answer
+    finally:
+        srv.stop()
+
+
+def test_otlp_json_body_must_be_an_object(server):
+    for body in (b"null", b"true", b"12", b"1.5", b'"x"', b"[]", b"[{}]"):
+        response, data = http_post(server.http_port, body=body, headers={"Content-Type": "application/json"})
+        assert response.status == 400, body
+        assert status_of(data, as_json=True) == (3, "body is not valid OTLP/JSON: the top level is not an object")
+
+
+async def async_export(port: int, body: bytes) -> tuple[int, dict]:
+    """One OTLP/HTTP export on a fresh connection, with asyncio's raw streams; its status and headers."""
+    import http.client
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw_post(f"Content-Length: {len(body)}\r\n", body))
+        status = int((await reader.readline()).split()[1])
+        head = b""
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            head += line
+        return status, http.client.parse_headers(io.BytesIO(head + b"\r\n"))
+    finally:
+        writer.close()
+
+
+def test_a_burst_of_1000_exports_is_answered_and_kept(server):
+    """1,000 exports at once: each is answered within 30 s, 200 or 503 with Retry-After, and every one
+    acknowledged is stored."""
+    async def export(index: int) -> tuple[int, dict]:
+        body = logs_request([("api_request", api_request(index, "2026-03-01T10:00:00Z", session=f"burst-{index}",
+                                                         input_tokens=1))]).SerializeToString()
+        async with asyncio.timeout(30):
+            return await async_export(server.http_port, body)
+
+    async def burst() -> list:
+        return await asyncio.gather(*(export(index) for index in range(1000)), return_exceptions=True)
+
+    answers = asyncio.run(burst())
+    failures = [repr(answer) for answer in answers if isinstance(answer, BaseException)]
+    assert not failures, f"{len(failures)} exports got no answer, e.g. {failures[:3]}"
+    assert {status for status, _ in answers} <= {200, 503}
+    assert all(headers["Retry-After"] for status, headers in answers if status == 503)
+    acknowledged = {f"burst-{index}" for index, (status, _) in enumerate(answers) if status == 200}
+    stored = {session for (session,) in db_rows(server.db, "SELECT session_id FROM r")}
+    assert acknowledged <= stored and len(acknowledged) > 0
+
+
+def server_threads(pid: int) -> int:
+    return int(re.search(r"Threads:\s+(\d+)", Path(f"/proc/{pid}/status").read_text()).group(1))
+
+
+def test_slow_clients_cannot_keep_others_out(server):
+    """1,000 connections trickling a request a byte at a time hold no more than the listener's bounded
+    threads, and an export sent meanwhile is answered promptly."""
+    async def trickle(connected: list, stop: asyncio.Event) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.http_port)
+        connected.append(writer)
+        try:
+            writer.write(b"POST /v1/logs HTTP/1.1\r\nX-Slow: ")
+            while not stop.is_set():
+                writer.write(b"s")
+                await writer.drain()
+                await asyncio.sleep(0.5)
+        except ConnectionError:
+            pass  # the server closed it
+        finally:
+            writer.close()
+
+    async def scenario() -> tuple[int, int]:
+        connected, stop = [], asyncio.Event()
+        slow = [asyncio.create_task(trickle(connected, stop)) for _ in range(1000)]
+        async with asyncio.timeout(60):
+            while len(connected) < 1000 and not any(task.done() for task in slow):
+                await asyncio.sleep(0.05)
+        assert len(connected) == 1000, [task.exception() for task in slow if task.done()][:3]
+        body = logs_request([("api_request", api_request(1, "2026-03-01T10:00:00Z", session="patient"))])
+        try:
+            async with asyncio.timeout(10):  # an exporter's default timeout
+                status, _ = await async_export(server.http_port, body.SerializeToString())
+            return status, server_threads(server.proc.pid)
+        finally:
+            stop.set()
+            await asyncio.gather(*slow, return_exceptions=True)
+
+    status, threads = asyncio.run(scenario())
+    assert status == 200
+    assert threads <= ccmon.HTTP_MAX_CONNECTIONS + 64
+    assert db_rows(server.db, "SELECT session_id FROM r") == [("patient",)]
+
+
+def test_idle_and_slow_connections_are_closed_at_their_deadline(tmp_path):
+    """A connection must deliver each whole request within the client timeout of opening or of its last
+    answer: one that sends nothing, trickles bytes, or idles after an answer is closed."""
+    store = ccmon.Store(tmp_path / "ccmon.db")
+    httpd = ccmon.OTLPHTTPServer(("127.0.0.1", 0), ccmon.Receiver(store), "", 1024 * 1024, client_timeout_s=3)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port, stop = httpd.server_address[1], threading.Event()
+
+    def closed_by_server(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(65536) == b""
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
+            return False
+
+    def trickle(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.sendall(b"POST /v1/logs HTTP/1.1\r\nX-Slow: ")
+            while not stop.wait(0.1):
+                sock.sendall(b"s")
+
+    try:
+        idle, trickling, answered = (socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(3))
+        threading.Thread(target=trickle, args=(trickling,), daemon=True).start()
+        data = logs_request([("api_request", api_request(1, "2026-03-01T10:00:00Z"))]).SerializeToString()
+        for _ in range(4):  # each answer restarts the clock: a connection in use stays open past it
+            answered.sendall(raw_post(f"Content-Length: {len(data)}\r\n", data))
+            assert answered.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(1)
+        for sock in (idle, trickling, answered):
+            assert closed_by_server(sock)
+            sock.close()
+    finally:
+        stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+        store.close()
+
+
+def wait_for_log(srv: ServerProcess, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in srv.log:
+        assert time.monotonic() < deadline, f"{text!r} not logged: {srv.log}"
+        time.sleep(0.05)
+
+
+def test_refused_calls_are_logged_once_a_minute_per_address_and_reason(tmp_path):
+    """A forgotten token shows in the server's log, once a minute per listener, address and reason; the token
+    and what was sent in its place never do."""
+    token = "s3cret-token-value"
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": token}).start()
+    try:
+        request = logs_request(MIXED_EVENTS)
+        for _ in range(3):  # GetStats comes from the same address for the same reason as Export: not logged again
+            assert http_post(srv.http_port, body=request.SerializeToString())[0].status == 401
+            assert http_post(srv.http_port, body=request.SerializeToString(),
+                             headers={"Authorization": "Bearer nope"})[0].status == 401
+            for metadata in ((), (("authorization", "Bearer wrong-token"),)):
+                with pytest.raises(grpc.RpcError):
+                    srv.logs_stub().Export(request, metadata=metadata)
+            with pytest.raises(grpc.RpcError):
+                srv.query().GetStats(ccmon_pb2.GetStatsRequest())
+        srv.logs_stub().Export(request, metadata=(("authorization", f"Bearer {token}"),))
+        wait_for_log(srv, "logs: 5 records")  # logged after every refusal above
+        hint = ("; Claude Code sends the token with OTEL_EXPORTER_OTLP_HEADERS=\"Authorization=Bearer <token>\", "
+                "the monitor with CCMON_TOKEN (logged once a minute per address and reason)")
+        refusals = [line.split(" WARNING ", 1)[1] for line in srv.lines if " refused " in line]
+        assert refusals == [
+            f"refused OTLP/HTTP /v1/logs from 127.0.0.1: no bearer token{hint}\n",
+            f"refused OTLP/HTTP /v1/logs from 127.0.0.1: wrong bearer token{hint}\n",
+            f"refused gRPC /opentelemetry.proto.collector.logs.v1.LogsService/Export from 127.0.0.1: no bearer "
+            f"token{hint}\n",
+            f"refused gRPC /opentelemetry.proto.collector.logs.v1.LogsService/Export from 127.0.0.1: wrong bearer "
+            f"token{hint}\n",
+        ]
+        assert token not in srv.log and "nope" not in srv.log and "wrong-token" not in srv.log
+    finally:
+        srv.stop()
 
 
 def test_oversize_and_gzip_bombs_are_refused_without_growing(tmp_path):
