@@ -2076,7 +2076,7 @@ def test_slow_clients_cannot_keep_others_out(server):
 def test_idle_and_slow_connections_are_closed_at_their_deadline(tmp_path):
     """A connection must deliver each whole request within the client timeout of opening or of its last
     answer: one that sends nothing, trickles bytes, or idles after an answer is closed."""
-    store = ccmon.Store(tmp_path / "ccmon.db")
+    store = ccmon.Writer(tmp_path / "ccmon.db")
     httpd = ccmon.OTLPHTTPServer(("127.0.0.1", 0), ccmon.Receiver(store), "", 1024 * 1024, client_timeout_s=3)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     port, stop = httpd.server_address[1], threading.Event()
@@ -2499,7 +2499,7 @@ def test_example_config_is_valid_and_shows_the_defaults(tmp_path, monkeypatch):
     (tmp_path / "config.toml").write_text((ROOT / "config.toml.example").read_text())
     example = config_for(tmp_path, monkeypatch)
     (tmp_path / "config.toml").unlink()
-    assert dataclasses_replace(example, source="defaults") == config_for(tmp_path, monkeypatch)
+    assert dataclasses_replace(example, source="defaults", monitor_server_given=False) == config_for(tmp_path, monkeypatch)
 
 
 def test_query_edge_cases(server):
