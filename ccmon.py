@@ -253,11 +253,10 @@ def parse_usd_nanos(value: Any, key: str) -> int:
 USER_KEYS = ("user.email", "user.account_uuid", "user.id")  # the first present names the user
 
 
-def user_name(attrs: dict, resource_json: str) -> str:
+def user_name(attrs: dict, resource: dict) -> str:
     """Who sent a record, for per-user figures on a team server: the most readable name either the record or
     its resource (where OTEL_RESOURCE_ATTRIBUTES puts them) has: user.email, else user.account_uuid, else
     user.id (Claude Code puts a hashed user.id on every event), else ''."""
-    resource = json.loads(resource_json) if resource_json != "{}" else {}
     for key in USER_KEYS:
         for found in (attrs.get(key), resource.get(key)):
             if found:
@@ -326,6 +325,21 @@ def token_limit(plan: str, max_tokens: int | str) -> int | None:
 
 RECENT_RATE_MS = 20 * 60_000   # projections use the last 20 minutes' pace, not the whole block's
 LEARN_FROM_MS = 30 * DAY_MS     # a learned limit looks at the blocks of the last 30 days
+
+
+CALIBRATE_FROM_PERCENT = 5.0  # readings below this share of a window say too little to divide by
+
+
+def window_capacity(samples: list[tuple[int, float]]) -> tuple[int | None, int]:
+    """What a full window of Claude's holds, from (premium tokens used in it so far, percent Claude reported)
+    pairs, one per window: the median of tokens / share; (None, 0) without a usable reading."""
+    estimates = sorted(tokens * 100 / percent for tokens, percent in samples
+                       if percent >= CALIBRATE_FROM_PERCENT and tokens > 0)
+    if not estimates:
+        return None, 0
+    middle = len(estimates) // 2
+    median = estimates[middle] if len(estimates) % 2 else (estimates[middle - 1] + estimates[middle]) / 2
+    return round(median), len(estimates)
 
 
 def learned_limit(completed_blocks: list[int], floor: int | None) -> tuple[int | None, int]:
@@ -961,7 +975,7 @@ def name_users_readably(conn: sqlite3.Connection) -> None:
     sources = conn.execute("SELECT id, attributes FROM attribute_sets WHERE id IN (SELECT source FROM requests "
                            "UNION SELECT source FROM events UNION SELECT source FROM metric_points)").fetchall()
     for source, attributes in sources:
-        name = user_name({}, attributes)
+        name = user_name({}, json.loads(attributes))
         conn.execute("INSERT OR IGNORE INTO users (name) VALUES (?)", (name,))
         conn.execute("INSERT INTO renamed SELECT ?, id FROM users WHERE name = ?", (source, name))
     moved = 0
@@ -1179,6 +1193,8 @@ SHARED = {"session": ("sessions", "session_id"), "source": ("attribute_sets", "a
           "user": ("users", "name")}
 INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attribute_sets", "attributes")},
             "events": SHARED, "metric_points": SHARED}
+READING_COLUMNS = ("ts", "session", "project", "model", "context_percent", "five_hour_percent", "five_hour_resets",
+                   "seven_day_percent", "seven_day_resets", "spend_limit", "version")
 RETENTION_TABLES = ("requests", "events", "metric_points", "limit_readings")
 SWEEP_CHUNK = 5000
 
@@ -1189,6 +1205,7 @@ class Batch:
     requests: list[tuple] = dataclasses.field(default_factory=list)
     events: list[tuple] = dataclasses.field(default_factory=list)
     metrics: list[tuple] = dataclasses.field(default_factory=list)
+    projects: dict[str, str] = dataclasses.field(default_factory=dict)  # session id -> project its resource names
 
     def __len__(self) -> int:
         return len(self.requests) + len(self.events) + len(self.metrics)
@@ -1259,6 +1276,25 @@ class Writer:
             return future.result(timeout=timeout)
         except futures.TimeoutError:
             raise StorageUnavailable("the database did not commit in time") from None
+
+    def record_reading(self, reading: LimitReading, timeout: float = 2.0) -> None:
+        """Store a status line reading durably; its project names the session's when nothing else has."""
+        future = self.submit(lambda conn: self._insert_reading(conn, reading), timeout=timeout)
+        try:
+            future.result(timeout=timeout)
+        except futures.TimeoutError:
+            raise StorageUnavailable("the database did not commit in time") from None
+
+    def _insert_reading(self, conn: sqlite3.Connection, reading: LimitReading) -> None:
+        session = self._intern(conn, "sessions", "session_id", reading.session_id)
+        windows = [(w.percent, w.resets_ms) if w else (None, None) for w in (reading.five_hour, reading.seven_day)]
+        spend = json.dumps(dataclasses.asdict(reading.spend_limit)) if reading.spend_limit else None
+        conn.execute(f"INSERT INTO limit_readings ({', '.join(READING_COLUMNS)}) VALUES "
+                     f"({', '.join('?' * len(READING_COLUMNS))})",
+                     (reading.read_ms, session, reading.project or None, reading.model or None,
+                      reading.context_percent, *windows[0], *windows[1], spend, reading.version or None))
+        if reading.project:
+            conn.execute("UPDATE sessions SET project = ? WHERE id = ? AND project IS NULL", (reading.project, session))
 
     def _write_loop(self) -> None:
         while True:
@@ -1388,6 +1424,8 @@ class Writer:
                 if conn.execute(insert_sql("metric_points", METRIC_COLUMNS), row).rowcount:  # new, not a resend
                     new += 1
                     days.update(self._usage_from_metric(conn, dict(zip(METRIC_COLUMNS, row))))
+        for session, project in batch.projects.items():  # a project the user named wins over a status line's folder
+            conn.execute("UPDATE sessions SET project = ? WHERE session_id = ?", (project, session))
         self._refresh_days(conn, days)
         return new
 
@@ -1588,6 +1626,32 @@ class Reader:
                   max(offset, 0))
         return [StoredRequest(session, ts, model, Usage(*figures))
                 for session, ts, model, *figures in self._reader().execute(sql, params)]
+
+    def session_user(self, session_id: str) -> str | None:
+        """The user of a session, once its events have arrived."""
+        row = self._reader().execute(
+            "SELECT u.name FROM session_usage su JOIN users u ON u.id = su.user JOIN sessions s ON s.id = su.session "
+            "WHERE s.session_id = ? ORDER BY su.last_ts DESC LIMIT 1", (session_id,)).fetchone()
+        return row[0] if row else None
+
+    def readings(self, user: str | None, since_ms: int, until_ms: int, limit: int = 1) -> list[LimitReading]:
+        """Status line readings of `user`'s sessions (or everyone's), newest first."""
+        chosen = self._user_filter(user, "su.user")
+        if chosen is None:
+            return []
+        where, params = chosen
+        of_user = f" AND lr.session IN (SELECT su.session FROM session_usage su WHERE 1{where})" if where else ""
+        rows = self._reader().execute(
+            f"SELECT s.session_id, lr.ts, lr.project, lr.model, lr.context_percent, lr.five_hour_percent, "
+            f"lr.five_hour_resets, lr.seven_day_percent, lr.seven_day_resets, lr.spend_limit, lr.version "
+            f"FROM limit_readings lr JOIN sessions s ON s.id = lr.session WHERE lr.ts >= ? AND lr.ts <= ?{of_user} "
+            "ORDER BY lr.ts DESC, lr.id DESC LIMIT ?", (since_ms, until_ms, *params, limit)).fetchall()
+        return [LimitReading(sid, ts, project or "", model or "", context,
+                             LimitWindow(five, five_resets) if five is not None else None,
+                             LimitWindow(seven, seven_resets) if seven is not None else None,
+                             LimitWindow(**json.loads(spend)) if spend else None, version or "",
+                             (user if user is not None else self.session_user(sid)) or "")
+                for sid, ts, project, model, context, five, five_resets, seven, seven_resets, spend, version in rows]
 
     def latest_session(self) -> str | None:
         row = self._reader().execute("SELECT s.session_id FROM requests r JOIN sessions s ON s.id = r.session "
@@ -1942,29 +2006,33 @@ class LogsIngest:
         batch, rejected, total, received = Batch(), Rejections("log records"), 0, now_ms()
         for resource_logs in request.resource_logs:
             try:
-                resource = compact_json(attributes_dict(resource_logs.resource.attributes)) or "{}"
+                resource = attributes_dict(resource_logs.resource.attributes)
             except BadValue as exc:
-                resource, resource_problem = "{}", f"resource: {exc}"
+                resource, resource_problem = {}, f"resource: {exc}"
             else:
                 resource_problem = ""
+            resource_json = compact_json(resource) or "{}"
             for scope_logs in resource_logs.scope_logs:
                 for record in scope_logs.log_records:
                     total += 1
                     if resource_problem or total > MAX_RECORDS_PER_EXPORT:
                         rejected.add(resource_problem or f"more than {MAX_RECORDS_PER_EXPORT} records in one export")
                         continue
-                    self._decode_record(record, resource, received, batch, rejected)
+                    self._decode_record(record, resource, resource_json, received, batch, rejected)
         return batch, rejected, total
 
-    def _decode_record(self, record, resource: str, received: int, batch: Batch, rejected: Rejections) -> None:
+    def _decode_record(self, record, resource: dict, resource_json: str, received: int, batch: Batch,
+                       rejected: Rejections) -> None:
         try:
             attrs = attributes_dict(record.attributes)
             name = event_name(attrs, record)
         except BadValue as exc:
             rejected.add(f"log record: {exc}")
             return
-        source = self.sources.json(resource, attrs)
+        source = self.sources.json(resource_json, attrs)
         user = user_name(attrs, resource)
+        if isinstance(resource.get("project"), str) and resource["project"].strip():  # OTEL_RESOURCE_ATTRIBUTES
+            batch.projects[str(attrs.get("session.id", ""))] = resource["project"].strip()
         ts, original = unless_ahead(record_time_ms(attrs, record, received), received)
         if original:
             attrs[ORIGINAL_TIME_KEY] = original
@@ -1987,7 +2055,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
     rows, total, received = [], 0, now_ms()
     for resource_metrics in request.resource_metrics:
         try:
-            resource = compact_json(attributes_dict(resource_metrics.resource.attributes)) or "{}"
+            resource = attributes_dict(resource_metrics.resource.attributes)
         except BadValue as exc:
             count = sum(len(getattr(m, m.WhichOneof("data")).data_points)
                         for sm in resource_metrics.scope_metrics for m in sm.metrics if m.WhichOneof("data"))
@@ -1995,6 +2063,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
                 rejected.add(f"resource: {exc}")
             total += count
             continue
+        resource_json = compact_json(resource) or "{}"
         for scope_metrics in resource_metrics.scope_metrics:
             for metric in scope_metrics.metrics:
                 kind = metric.WhichOneof("data")
@@ -2032,7 +2101,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
                                  str(attrs.get("session.id", "")), content_hash(identity.encode()),
                                  user_name(attrs, resource), metric.name, temporality, float(value),
                                  optional_text(attrs.get("model")), optional_text(attrs.get("type")),
-                                 sources.json(resource, attrs), compact_json(rest) or "{}"))
+                                 sources.json(resource_json, attrs), compact_json(rest) or "{}"))
     return rows, total
 
 
@@ -2148,6 +2217,44 @@ def session_message(summary: SessionSummary) -> ccmon_pb2.SessionStats:
         from_metrics=summary.from_metrics)
 
 
+def window_message(window: LimitWindow | None) -> ccmon_pb2.LimitWindow | None:
+    if window is None:
+        return None
+    message = ccmon_pb2.LimitWindow(used_percentage=window.percent, resets_at=timestamp_from_ms(window.resets_ms),
+                                    period=window.period)
+    if window.used_usd is not None:
+        message.used_usd = window.used_usd
+    if window.limit_usd is not None:
+        message.limit_usd = window.limit_usd
+    return message
+
+
+def reading_message(reading: LimitReading) -> ccmon_pb2.LimitReading:
+    message = ccmon_pb2.LimitReading(
+        session_id=reading.session_id, read_at=timestamp_from_ms(reading.read_ms), project_dir=reading.project,
+        model=reading.model, five_hour=window_message(reading.five_hour), seven_day=window_message(reading.seven_day),
+        spend_limit=window_message(reading.spend_limit), claude_code_version=reading.version, user=reading.user)
+    if reading.context_percent is not None:
+        message.context_percent = reading.context_percent
+    return message
+
+
+def window_of(message, field: str) -> LimitWindow | None:
+    if not message.HasField(field):
+        return None
+    window = getattr(message, field)
+    return LimitWindow(window.used_percentage, ms_of(window.resets_at),
+                       window.used_usd if window.HasField("used_usd") else None,
+                       window.limit_usd if window.HasField("limit_usd") else None, window.period)
+
+
+def reading_of(message: ccmon_pb2.LimitReading) -> LimitReading:
+    return LimitReading(message.session_id, ms_of(message.read_at), message.project_dir, message.model,
+                        message.context_percent if message.HasField("context_percent") else None,
+                        window_of(message, "five_hour"), window_of(message, "seven_day"),
+                        window_of(message, "spend_limit"), message.claude_code_version, message.user)
+
+
 def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost) -> Usage:
     return Usage(requests=requests, input=token.input, output=token.output, cache_read=token.cache_read,
                  cache_creation=token.cache_creation, cost_nanos=round(cost.amount * NANOS_PER_USD))
@@ -2160,6 +2267,10 @@ def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
 
 # ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
 
+CALIBRATION_READINGS = 2000  # the readings GetLimits looks through (the last 30 days of a busy status line)
+CALIBRATION_WINDOWS = 20     # and the windows it calibrates from, newest first
+
+
 def timestamp_ms(request, field: str, default: int) -> int:
     """A request's Timestamp field in ms, clamped to what the store holds; `default` when unset."""
     if not request.HasField(field):
@@ -2168,7 +2279,7 @@ def timestamp_ms(request, field: str, default: int) -> int:
 
 
 def answering_storage_errors(cls: type) -> type:
-    """Wrap every Get* method of a servicer so that SQLite errors become gRPC statuses."""
+    """Wrap every RPC method of a servicer so that SQLite errors become gRPC statuses."""
     def wrapped(method: Callable) -> Callable:
         def answer(self, request, context):
             try:
@@ -2177,15 +2288,15 @@ def answering_storage_errors(cls: type) -> type:
                 self.storage_failure(context, exc)
         return answer
 
-    for name in [name for name in vars(cls) if name.startswith("Get")]:
+    for name in [name for name in vars(cls) if name[:1].isupper()]:  # the RPCs
         setattr(cls, name, wrapped(getattr(cls, name)))
     return cls
 
 
 @answering_storage_errors
 class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
-    def __init__(self, reader: Reader, started_ms: int):
-        self.reader, self.started_ms = reader, started_ms
+    def __init__(self, reader: Reader, started_ms: int, writer: Writer):
+        self.reader, self.started_ms, self.writer = reader, started_ms, writer
         self._failures_logged: set[str] = set()
 
     def storage_failure(self, context, exc: sqlite3.Error) -> None:
@@ -2297,6 +2408,46 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             ccmon_pb2.Block(start_time=timestamp_from_ms(b.start_ms), end_time=timestamp_from_ms(b.end_ms),
                             stats=stats_message(Split.from_models(b.by_model)),
                             last_activity_at=timestamp_from_ms(b.last_activity_ms)) for b in found])
+
+    def ReportStatusLine(self, request, context):
+        reading = reading_of(request.reading)
+        zone = zone_or_none(request.timezone or "UTC")
+        if not reading.session_id or zone is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a reading needs its session_id, and a known timezone")
+        now = now_ms()
+        try:
+            self.writer.record_reading(dataclasses.replace(reading, read_ms=min(reading.read_ms or now, now)))
+        except StorageUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the reading right now ({exc})")
+        user = self.reader.session_user(reading.session_id)
+        response = ccmon_pb2.ReportStatusLineResponse(user=user or "")
+        found = self.reader.sessions(0, 0, session_id=reading.session_id)
+        if found:
+            response.session.CopyFrom(stats_message(Split.from_models(found[0].by_model)))
+        if user is not None:
+            midnight = day_bounds(zone, now, 1)[0][1]
+            response.today.CopyFrom(stats_message(Split.from_models(self.reader.usage(midnight, now, user=user))))
+        return response
+
+    def GetLimits(self, request, context):
+        user, now = self._user(request), timestamp_ms(request, "at", now_ms())
+        recent = self.reader.readings(user, now - LEARN_FROM_MS, now, limit=CALIBRATION_READINGS)
+        response = ccmon_pb2.GetLimitsResponse()
+        if recent:
+            response.latest.CopyFrom(reading_message(recent[0]))
+        for field, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
+            newest_per_window: dict[int, LimitReading] = {}
+            for reading in recent:  # newest first: the first reading of a window has seen the most of it
+                window = getattr(reading, field)
+                if window is not None and len(newest_per_window) < CALIBRATION_WINDOWS:
+                    newest_per_window.setdefault(window.resets_ms, reading)
+            samples = [(Split.from_models(self.reader.usage(resets - span, reading.read_ms, user=reading.user or user))
+                        .premium.limited, getattr(reading, field).percent)
+                       for resets, reading in newest_per_window.items()]
+            tokens, count = window_capacity(samples)
+            if tokens is not None:
+                getattr(response, field).CopyFrom(ccmon_pb2.WindowCapacity(tokens=tokens, readings=count))
+        return response
 
     def GetServerInfo(self, request, context):
         requests, rows = self.reader.totals()
@@ -2800,7 +2951,7 @@ def start_grpc_server(config: Config, receiver: Receiver, reader: Reader) -> tup
     logs_service_pb2_grpc.add_LogsServiceServicer_to_server(LogsService(receiver), server)
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(receiver), server)
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(receiver), server)
-    ccmon_pb2_grpc.add_QueryServiceServicer_to_server(QueryService(reader, now_ms()), server)
+    ccmon_pb2_grpc.add_QueryServiceServicer_to_server(QueryService(reader, now_ms(), receiver.store), server)
     tls = config.server_tls
     try:
         if tls:
@@ -3196,6 +3347,13 @@ class Client:
                          tuple((e.status_code, e.model, e.count) for e in response.errors),
                          response.retries_exhausted)
 
+    def report_status_line(self, reading: LimitReading, timezone: str) -> tuple[Split | None, Split | None]:
+        """Store a status line reading; returns (this session's figures, its user's today), None where unknown."""
+        response = self._call("ReportStatusLine", ccmon_pb2.ReportStatusLineRequest(
+            reading=reading_message(reading), timezone=timezone))
+        return (split_from_stats(response.session) if response.HasField("session") else None,
+                split_from_stats(response.today) if response.HasField("today") else None)
+
     def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None) -> tuple[tuple[int, int, Split], ...]:
         response = self._call("GetBlocks", self._period(ccmon_pb2.GetBlocksRequest(), start_ms, end_ms, user))
         return tuple((ms_of(b.start_time), ms_of(b.end_time), split_from_stats(b.stats)) for b in response.blocks)
@@ -3470,6 +3628,142 @@ def run_health_check(config: Config) -> int:
         print(f"ok: ccmon {info.version} at {config.monitor_server}, {info.total_requests} requests stored")
     else:
         print(f"ok: {config.monitor_server}: {GO_CCMON_ONLY}")
+    return 0
+
+
+# ---------------------------------------------------------------- Status line: ccmon statusline, for Claude Code's settings
+
+STATUS_VARIABLES = ("model", "context", "session_cost", "daily_cost", "five_hour", "five_hour_resets", "seven_day",
+                    "seven_day_resets", "project")
+STATUS_PATTERN = re.compile("@(" + "|".join(sorted(STATUS_VARIABLES, key=len, reverse=True)) + ")")
+DEFAULT_STATUS_LINE = ("@model | ctx @context | session @session_cost | today @daily_cost | "
+                       "5h @five_hour (resets @five_hour_resets) | week @seven_day (@seven_day_resets)")
+STATUS_LINE_BUDGET_S = 0.2  # the server's share of a status line: Claude Code waits for the line
+
+
+def number_in(value: Any, low: float, high: float) -> float | None:
+    """A JSON number within [low, high], else None: status line input is read, never trusted."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value) if low <= value <= high else None
+
+
+def limit_window(data: Any) -> LimitWindow | None:
+    """One window of status line input's rate_limits: used_percentage 0-100, resets_at in epoch seconds."""
+    if not isinstance(data, dict):
+        return None
+    percent = number_in(data.get("used_percentage"), 0, 100)
+    resets = number_in(data.get("resets_at"), 1, MAX_TIMESTAMP_MS / 1000)
+    if percent is None or resets is None:
+        return None
+    period = data.get("period")
+    return LimitWindow(percent, int(resets * 1000), number_in(data.get("used_usd"), 0, 1e9),
+                       number_in(data.get("limit_usd"), 0, 1e9), period if isinstance(period, str) else "")
+
+
+def text_at(data: dict, *path: str) -> str:
+    for key in path:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data.strip() if isinstance(data, str) else ""
+
+
+def reading_from_status_input(data: dict, now: int) -> LimitReading:
+    """Claude Code's status line input (any key may be missing or odd) as a reading of this moment."""
+    limits = data.get("rate_limits") if isinstance(data.get("rate_limits"), dict) else {}
+    context = data.get("context_window") if isinstance(data.get("context_window"), dict) else {}
+    return LimitReading(text_at(data, "session_id"), now,
+                        text_at(data, "workspace", "project_dir") or text_at(data, "cwd"),
+                        text_at(data, "model", "id"), number_in(context.get("used_percentage"), 0, 100),
+                        limit_window(limits.get("five_hour")), limit_window(limits.get("seven_day")),
+                        limit_window(limits.get("spend_limit")), text_at(data, "version"))
+
+
+def reset_time(ms: int, now: int, zone: ZoneInfo) -> str:
+    """14:00 today, Mon 09:00 on another day."""
+    same_day = local_time(ms, zone, "%Y-%m-%d") == local_time(now, zone, "%Y-%m-%d")
+    return local_time(ms, zone, "%H:%M" if same_day else "%a %H:%M")
+
+
+def status_values(data: dict, reading: LimitReading, session: Split | None, today: Split | None, zone: ZoneInfo,
+                  now: int) -> dict[str, str]:
+    """The status line's figures as text; a figure with nothing to show is absent, never zero."""
+    values = {}
+    if text_at(data, "model", "display_name") or reading.model:
+        values["model"] = text_at(data, "model", "display_name") or reading.model
+    if reading.context_percent is not None:
+        values["context"] = f"{reading.context_percent:.0f}%"
+    own_cost = number_in((data.get("cost") or {}).get("total_cost_usd") if isinstance(data.get("cost"), dict)
+                         else None, 0, MAX_USD)
+    if own_cost is not None:  # Claude Code's own figure for this session, up to this very turn
+        values["session_cost"] = format_cost(round(own_cost * NANOS_PER_USD))
+    elif session is not None:
+        values["session_cost"] = format_cost(session.total.cost_nanos)
+    if today is not None:
+        values["daily_cost"] = format_cost(today.total.cost_nanos)
+    for name, window in (("five_hour", reading.five_hour), ("seven_day", reading.seven_day)):
+        if window is not None and window.resets_ms > now:
+            values[name] = f"{window.percent:.0f}%"
+            values[f"{name}_resets"] = reset_time(window.resets_ms, now, zone)
+    if reading.project:
+        values["project"] = Path(reading.project).name or reading.project
+    return values
+
+
+def format_status_line(template: str, values: dict[str, str]) -> str:
+    """The template with @variables replaced. Of a template in '|'-separated parts, a part with a figure that
+    has nothing to show is left out; a single part shows '-' for it."""
+    parts = template.split("|")
+
+    def filled(part: str) -> str | None:
+        names = STATUS_PATTERN.findall(part)
+        if len(parts) > 1 and any(name not in values for name in names):
+            return None
+        return STATUS_PATTERN.sub(lambda match: values.get(match.group(1), "-"), part)
+
+    kept = [part for part in map(filled, parts) if part is not None]
+    return "|".join(kept).strip()
+
+
+def read_status_input(stream) -> tuple[dict, str]:
+    """(the status line input, a problem to report or ''): a terminal or bad JSON gives {} and says so."""
+    if stream.isatty():
+        return {}, "ccmon statusline reads Claude Code's status line JSON on stdin (see README)"
+    text = stream.read(MAX_VALUE_CHARS)
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}, f"ccmon statusline: stdin is not JSON ({len(text)} characters); showing server figures only"
+    if not isinstance(data, dict):
+        return {}, "ccmon statusline: stdin is not a JSON object; showing server figures only"
+    return data, ""
+
+
+def run_status_line(config: Config, template: str | None, stream=sys.stdin) -> int:
+    """Print one status line and report the reading, within Claude Code's patience; never blank, exit 0."""
+    now = now_ms()
+    data, problem = read_status_input(stream)
+    if problem:
+        print(problem, file=sys.stderr)
+    reading = reading_from_status_input(data, now)
+    session = today = None
+    client = Client.for_config(config, timeout_s=STATUS_LINE_BUDGET_S)
+    try:
+        if reading.session_id:
+            session, today = client.report_status_line(reading, config.zone.key)
+        else:
+            today = client.stats(day_bounds(config.zone, now, 1)[0][1], now)
+        line = format_status_line(template or DEFAULT_STATUS_LINE,
+                                  status_values(data, reading, session, today, config.zone, now))
+        wanted = set(FORMAT_PATTERN.findall(line))  # quick query figures, in a template that asks for them
+        if wanted:
+            line = format_quick(line, fetch_quick_figures(client, config, now, wanted))
+    except ServerUnreachable as exc:
+        log.debug("status line without the server's figures: %s", exc)
+        line = format_status_line(template or DEFAULT_STATUS_LINE,
+                                  status_values(data, reading, session, today, config.zone, now))
+    finally:
+        client.close()
+    print(line)
     return 0
 
 
@@ -4566,7 +4860,7 @@ def build_parser() -> CommandLine:
     parser = CommandLine(
         prog="ccmon", parents=[config_options()],
         description="Watch what Claude Code costs: an OTLP collector (--server) and a live monitor.",
-        epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help")
+        epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help. Claude Code's status line: ccmon statusline --help")
     parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
     parser.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
                         help="run the server; with HOST:PORT, run the monitor against that server")
@@ -4595,6 +4889,18 @@ def build_report_parser() -> CommandLine:
     return parser
 
 
+def build_status_line_parser() -> CommandLine:
+    parser = CommandLine(prog="ccmon statusline", parents=[config_options()],
+                         description="One status line for Claude Code from the JSON it writes on stdin: Claude's own "
+                                     "5-hour and weekly limits, this session's cost, today's; the reading is sent "
+                                     "to the server too.")
+    parser.add_argument("-f", "--format", metavar="TEMPLATE", help=f"the line, with @{', @'.join(STATUS_VARIABLES)} "
+                        "and the --format figures of ccmon; '|'-separated parts with nothing to show are left out "
+                        f"(default: {DEFAULT_STATUS_LINE!r})".replace("%", "%%"))
+    parser.set_defaults(server=None, log_level="warning")
+    return parser
+
+
 def without_command(argv: list[str], command: str, parser: argparse.ArgumentParser) -> list[str] | None:
     """The words without `command` when it is the first word that is neither an option nor an option's value
     (so options may come before it), else None."""
@@ -4619,10 +4925,14 @@ def chosen_mode(args: argparse.Namespace, parser: CommandLine) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    report_words = without_command(argv, "report", build_parser())
-    parser = build_report_parser() if report_words is not None else build_parser()
-    args = parser.parse_args(report_words if report_words is not None else argv)
-    mode = "report" if report_words is not None else chosen_mode(args, parser)
+    mode, parser, words = "", build_parser(), argv
+    for command, command_parser in (("report", build_report_parser), ("statusline", build_status_line_parser)):
+        command_words = without_command(argv, command, parser)
+        if command_words is not None:
+            mode, parser, words = command, command_parser(), command_words
+            break
+    args = parser.parse_args(words)
+    mode = mode or chosen_mode(args, parser)
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(message)s")
     if isinstance(args.server, str):  # '--server HOST:PORT' is the original spelling of --monitor-server
@@ -4631,6 +4941,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args)
         if mode == "report":
             return run_report(config, args)
+        if mode == "statusline":
+            return run_status_line(config, args.format)
         if mode == "--server":
             return run_server(config)
         if mode == "--health":
