@@ -3618,6 +3618,152 @@ def test_files_are_private_and_a_failed_start_leaves_none(server, tmp_path):
     assert sorted(p.name for p in server.db.parent.iterdir() if p.name.startswith("ccmon.db")) == ["ccmon.db"]
 
 
+
+# ---------------------------------------------------------------- status line: ccmon statusline, Claude's own limits
+
+SAMPLES = Path(os.environ.get("CCMON_SHARED", ROOT.parent / "shared")) / "data" / "claude-code-2.1.328"
+if not SAMPLES.is_dir():
+    SAMPLES = Path("/work/shared/data/claude-code-2.1.328")
+
+
+def status_inputs() -> list[dict]:
+    """Real status line input of Claude Code 2.1.328: 4 lines of a subscriber session, then 4 of an API-key one."""
+    return [json.loads(line) for line in (SAMPLES / "statusline-stdin.jsonl").read_text().splitlines()]
+
+
+def test_status_line_input_is_read_as_claude_code_writes_it():
+    subscriber, api_key = status_inputs()[3], status_inputs()[7]
+    now = 1_795_762_477_000  # when the sample was taken: 2026-11-27T06:54:37Z
+    reading = ccmon.reading_from_status_input(subscriber, now)
+    assert reading == ccmon.LimitReading(
+        "c05b702a-6e79-483f-8620-85c0f585c90e", now, "/home/dev/proj-alpha", "claude-sonnet-4-5", 3.0,
+        ccmon.LimitWindow(55.5, 1_795_764_643_000), ccmon.LimitWindow(20.5, 1_796_016_643_000), None, "2.1.328")
+    values = ccmon.status_values(subscriber, reading, None, None, ccmon.ZoneInfo("Europe/Berlin"), now)
+    assert values == {"model": "Sonnet 4.5", "context": "3%", "session_cost": "$0.0374", "five_hour": "56%",
+                      "five_hour_resets": "08:30", "seven_day": "20%", "seven_day_resets": "Mon 06:30",
+                      "project": "proj-alpha"}
+    assert ccmon.format_status_line(ccmon.DEFAULT_STATUS_LINE, values) == \
+        "Sonnet 4.5 | ctx 3% | session $0.0374 | 5h 56% (resets 08:30) | week 20% (Mon 06:30)"
+    # An API-key session has no rate limits; before its first answer no context either: those parts go.
+    first = ccmon.reading_from_status_input(api_key, now)
+    assert (first.five_hour, first.seven_day) == (None, None)
+    assert ccmon.format_status_line(ccmon.DEFAULT_STATUS_LINE, ccmon.status_values(
+        status_inputs()[4], ccmon.reading_from_status_input(status_inputs()[4], now), None,
+        ccmon.Split(premium=ccmon.Usage(cost_nanos=8_350_000_000)), ccmon.ZoneInfo("UTC"), now)) == \
+        "Sonnet 4.5 | session $0.00 | today $8.35"
+    # A window whose reset has passed says nothing any more; odd values are ignored, not trusted.
+    later = ccmon.status_values(subscriber, reading, None, None, ccmon.ZoneInfo("UTC"), 1_795_764_643_000)
+    assert "five_hour" not in later and later["seven_day"] == "20%"
+    odd = ccmon.reading_from_status_input({"session_id": 7, "rate_limits": {"five_hour": {
+        "used_percentage": "55", "resets_at": 1}, "seven_day": {"used_percentage": 250, "resets_at": 10}},
+        "context_window": {"used_percentage": float("nan")}, "model": ["x"]}, now)
+    assert odd == ccmon.LimitReading("", now)
+
+
+@pytest.mark.parametrize("template,values,line", [
+    ("@model | 5h @five_hour", {"model": "Opus"}, "Opus"),
+    ("@five_hour of 5h", {}, "- of 5h"),
+    ("[@project] @session_cost|@daily_cost today", {"project": "alpha", "session_cost": "$1.00"}, "[alpha] $1.00"),
+    ("@five_hour_resets/@five_hour", {"five_hour": "9%", "five_hour_resets": "14:00"}, "14:00/9%"),
+])
+def test_status_line_templates(template, values, line):
+    assert ccmon.format_status_line(template, values) == line
+
+
+def status_line(srv_target: str, data: dict | str, *extra: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*CCMON, "statusline", "--monitor-server", srv_target, "--monitor-timezone", "UTC", *extra],
+                          input=data if isinstance(data, str) else json.dumps(data), capture_output=True, text=True,
+                          cwd=cwd, timeout=30, env={**os.environ, "HOME": str(cwd)})
+
+
+def live_input(session: str, five_hour: float | None = 42.0, cost: bool = False) -> dict:
+    """The subscriber sample as Claude Code would write it now, for `session`."""
+    data = {k: v for k, v in status_inputs()[3].items() if k != "cost" or cost}
+    now_s = int(time.time())
+    data["session_id"] = session
+    data["rate_limits"] = {"five_hour": {"used_percentage": five_hour, "resets_at": now_s + 3600},
+                           "seven_day": {"used_percentage": 20.5, "resets_at": now_s + 3 * 86400}}
+    if five_hour is None:
+        del data["rate_limits"]
+    return data
+
+
+def test_status_lines_of_two_sessions_show_their_own_figures(server, tmp_path):
+    now = hours_ago(0.1)
+    sdk_export(server.port, [
+        ("api_request", {**api_request(1, now, session="s-ana", cost_usd=1.25), "user.email": "ana@example.com"}),
+        ("api_request", {**api_request(2, now, session="s-ana-old", cost_usd=0.5), "user.email": "ana@example.com"}),
+        ("api_request", {**api_request(3, now, session="s-bo", cost_usd=0.25), "user.email": "bo@example.com"})])
+    ana = status_line(server.target, live_input("s-ana"), cwd=tmp_path)
+    bo = status_line(server.target, live_input("s-bo", five_hour=80.0), cwd=tmp_path)
+    assert (ana.returncode, ana.stderr, bo.returncode, bo.stderr) == (0, "", 0, "")
+    assert ana.stdout.startswith("Sonnet 4.5 | ctx 3% | session $1.25 | today $1.75 | 5h 42% (resets ")
+    assert bo.stdout.startswith("Sonnet 4.5 | ctx 3% | session $0.2500 | today $0.2500 | 5h 80% (resets ")
+    # Claude Code's own figure for the session, when stdin has it, is newer than the server's.
+    own = status_line(server.target, live_input("s-ana", cost=True), "--format", "@session_cost", cwd=tmp_path)
+    assert own.stdout == "$0.0374\n"
+    # The readings are kept per session, and each user's latest shows under that user.
+    limits = {user: server.query().GetLimits(ccmon_pb2.GetLimitsRequest(user=user)).latest
+              for user in ("ana@example.com", "bo@example.com")}
+    assert (limits["ana@example.com"].session_id, limits["ana@example.com"].five_hour.used_percentage,
+            limits["ana@example.com"].project_dir, limits["ana@example.com"].user) == \
+        ("s-ana", 42.0, "/home/dev/proj-alpha", "ana@example.com")
+    assert (limits["bo@example.com"].session_id, limits["bo@example.com"].five_hour.used_percentage) == ("s-bo", 80.0)
+    assert db_rows(server.db, "SELECT COUNT(*) FROM limit_readings") == [(3,)]
+
+
+def test_a_reading_before_the_sessions_events_is_attached_when_they_arrive(server, tmp_path):
+    early = status_line(server.target, live_input("s-new", five_hour=10.0), cwd=tmp_path)
+    assert early.stdout.startswith("Sonnet 4.5 | ctx 3% | 5h 10% (resets ")  # no session figures yet, no zeros
+    assert not server.query().GetLimits(ccmon_pb2.GetLimitsRequest(user="cy@example.com")).HasField("latest")
+    sdk_export(server.port, [("api_request", {**api_request(1, hours_ago(0.1), session="s-new", cost_usd=0.5),
+                                              "user.email": "cy@example.com"})])
+    latest = server.query().GetLimits(ccmon_pb2.GetLimitsRequest(user="cy@example.com")).latest
+    assert (latest.session_id, latest.five_hour.used_percentage, latest.user) == ("s-new", 10.0, "cy@example.com")
+
+
+def test_window_capacity_from_claudes_own_percentages(server, tmp_path):
+    """Tokens used in Claude's window divided by the share Claude reports: what a full window holds."""
+    start = ccmon.now_ms() - 3600_000
+    sdk_export(server.port, [("api_request", {**api_request(i, iso(start + i * 60_000), session="s-cal",
+                                                            input_tokens=1000, output_tokens=500),
+                                              "user.email": "cal@example.com"}) for i in range(10)])
+    status_line(server.target, live_input("s-cal", five_hour=25.0), cwd=tmp_path)  # 15,000 tokens = 25 %
+    limits = server.query().GetLimits(ccmon_pb2.GetLimitsRequest(user="cal@example.com"))
+    assert (limits.five_hour.tokens, limits.five_hour.readings) == (60_000, 1)
+    assert (limits.seven_day.tokens, limits.seven_day.readings) == (73_171, 1)  # 15,000 / 20.5 %
+    assert ccmon.window_capacity([(15_000, 25.0), (40_000, 50.0), (1_000, 1.0), (0, 30.0)]) == (70_000, 2)
+    assert ccmon.window_capacity([]) == (None, 0)
+
+
+def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, tmp_path):
+    import socket
+    silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        started = time.monotonic()
+        stuck = status_line(f"127.0.0.1:{silent.getsockname()[1]}", live_input("s-x"), cwd=tmp_path)
+        waited = time.monotonic() - started
+    finally:
+        silent.close()
+    assert (stuck.returncode, stuck.stderr) == (0, "")
+    assert stuck.stdout.startswith("Sonnet 4.5 | ctx 3% | 5h 42% (resets ")
+    assert waited < 10, waited  # bounded by its own deadline, not gRPC's default wait
+    down = status_line("127.0.0.1:9", live_input("s-x", cost=True), cwd=tmp_path)
+    assert (down.returncode, down.stdout.split(" | ")[:3]) == (0, ["Sonnet 4.5", "ctx 3%", "session $0.0374"])
+    sdk_export(server.port, [("api_request", api_request(1, hours_ago(0.1), cost_usd=2.5))])
+    for data, problem in (("{not json", "ccmon statusline: stdin is not JSON (9 characters); showing server figures "
+                                        "only\n"),
+                          ("[1, 2]", "ccmon statusline: stdin is not a JSON object; showing server figures only\n"),
+                          ("", "ccmon statusline: stdin is not JSON (0 characters); showing server figures only\n")):
+        result = status_line(server.target, data, cwd=tmp_path)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "today $2.50\n", problem)
+    mixed = status_line(server.target, live_input("s-x"), "--format", "@model: @monthly_cost this month, @nonsense",
+                        cwd=tmp_path)
+    assert mixed.stdout == "Sonnet 4.5: $2.50 this month, @nonsense\n"
+
+
 # ---------------------------------------------------------------- module structure
 
 def top_level_uses_above_their_section(source: str) -> list[str]:
