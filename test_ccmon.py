@@ -906,21 +906,21 @@ FRAME_80x24 = [
     "Burn 700/min; at this pace the limit is reached at 10:50",
     "Week   21.0K premium tokens, <$0.0001 (sonnet 21.0K)",
     "-- Requests 1-8 of 12 ----------------------------------------------------------",
-    "Time     Model                    Input  Output   Cache   Total      Cost    Dur",
-    "10:30:00 claude-sonnet-4-5        1.00K       0   30.0K   31.0K  <$0.0001    0ms",
-    "10:23:00 claude-haiku-4-5         1.00K     200   30.0K   31.2K   $0.0123   1.5s",
-    "10:16:00 claude-opus-4-1          1.00K     400   30.0K   31.4K   $0.0247   3.0s",
-    "10:09:00 claude-sonnet-4-5        1.00K     600   30.0K   31.6K   $0.0370   4.5s",
-    "10:02:00 claude-haiku-4-5         1.00K     800   30.0K   31.8K   $0.0494   6.0s",
-    "09:55:00 claude-opus-4-1          1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s",
-    "09:48:00 claude-sonnet-4-5        1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s",
-    "09:41:00 claude-haiku-4-5         1.01K   1.40K   30.0K   32.4K   $0.0864    10s",
+    "Time     Model        Input  Output   Cache   Total      Cost    Dur Session    ",
+    "10:30:00 sonnet-4-5   1.00K       0   30.0K   31.0K  <$0.0001    0ms 0000abcd-ef",
+    "10:23:00 haiku-4-5    1.00K     200   30.0K   31.2K   $0.0123   1.5s 0001abcd-ef",
+    "10:16:00 opus-4-1     1.00K     400   30.0K   31.4K   $0.0247   3.0s 0002abcd-ef",
+    "10:09:00 sonnet-4-5   1.00K     600   30.0K   31.6K   $0.0370   4.5s 0003abcd-ef",
+    "10:02:00 haiku-4-5    1.00K     800   30.0K   31.8K   $0.0494   6.0s 0004abcd-ef",
+    "09:55:00 opus-4-1     1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s 0005abcd-ef",
+    "09:48:00 sonnet-4-5   1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s 0006abcd-ef",
+    "09:41:00 haiku-4-5    1.01K   1.40K   30.0K   32.4K   $0.0864    10s 0007abcd-ef",
     "h/d/w/m/a/b period  o order  Tab/1-7 tab  u user  ? help  q quit",
 ]
 
 FRAME_40x12 = [
     " ccmon - Claude Code usage monitor",
-    "  1 Now   2 Day   3 Mod   4 Ses   5 Tool",
+    " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk ",
     " * connected | current block",
     "-- Usage - current block ---------------",
     "         Requests  Limited       Cost",
@@ -935,10 +935,10 @@ FRAME_40x12 = [
 
 DAILY_80x24 = [
     "-- Daily usage - last 10 days (Europe/Berlin) ----------------------------------",
-    "Date        Base  Prem  Input Output CacheR CacheW  Total     Burn    Prem $",
-    "2026-03-10     0     0      0      0      0      0      0    0/min     $0.00",
-    "2026-03-09     1     3  1.00K    500  20.0K    700  22.2K    1/min   $0.2500",
-    "2026-03-08     2     6  2.00K  1.00K  40.0K  1.40K  44.4K    2/min   $0.5000",
+    "Date        Base  Prem  Input Output CacheR CacheW  Total      Burn    Prem $",
+    "2026-03-10     0     0      0      0      0      0      0     0/min     $0.00",
+    "2026-03-09     1     3  1.00K    500  20.0K    700  22.2K     1/min   $0.2500",
+    "2026-03-08     2     6  2.00K  1.00K  40.0K  1.40K  44.4K     2/min   $0.5000",
 ]
 
 
@@ -961,10 +961,8 @@ def test_render_wide_terminals_show_more_rows_and_columns():
     snap, settings, now = _frame_fixture()
     lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 120, 40, now)
     assert frame.page_rows == 24 and len(lines) == 40
-    assert lines[14] == ("Time     Model                          Input  Output   Cache   Total      Cost    Dur "
-                         "Session ")
-    assert lines[26] == ("09:13:00 claude-opus-4-1                1.01K   2.20K   33.2K   33.2K   $0.1358    16s "
-                         "0011abcd").replace("33.2K   33.2K", "30.0K   33.2K")
+    assert lines[14] == "Time     Model                        Input  Output   Cache   Total      Cost    Dur Session    "
+    assert lines[26] == "09:13:00 claude-opus-4-1-20250805     1.01K   2.20K   30.0K   33.2K   $0.1358    16s 0011abcd-ef"
     assert lines[13].startswith("-- Requests 1-12 of 12 --")
     wide, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 200, 60, now, unicode=True)
     assert wide[9] == "Tokens ████████████████████████░░░░░░░░░░░░░░░░  60%  21.0K / 35.0K"
@@ -976,7 +974,7 @@ def test_render_daily_tab():
     daily = daily_snapshot(settings, now)
     lines, frame = frame_text(ccmon.ViewState(tab="daily"), daily, settings, 80, 24, now)
     assert lines[7] == "Week   0 premium tokens, $0.00" and lines[8:13] == DAILY_80x24
-    assert lines[20] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K             $11.25"
+    assert lines[20] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K              $11.25"
     assert (frame.page_rows, frame.total_rows) == (12, 10)
     narrow, _ = frame_text(ccmon.ViewState(tab="daily", scroll=2), daily, settings, 40, 14, now)
     assert narrow[4:13] == [
@@ -1008,10 +1006,12 @@ def test_render_states_without_data():
     assert stale[2].startswith(" * disconnected (connection refused) - retrying in 4s")
     assert stale[6] == FRAME_80x24[6]  # the last data stays on screen
     help_lines, _ = frame_text(ccmon.ViewState(help=True), snap, settings, 80, 24, now)
-    assert help_lines[5].strip() == "| h  last hour        d  last 24 hours  |"
+    assert help_lines[3:5] == ["                    +- Keys ------------------------------+",
+                               "                    | h  last hour       d  last 24 hours |"]
+    assert help_lines[-1] == "any key closes this help"
     no_block, _ = frame_text(ccmon.ViewState(), dataclasses_replace(snap, limits=None), _settings(block_hour=None),
                              80, 24, now)
-    assert no_block[8] == "Block tracking is off: start with -b auto (or -b 5am for fixed 5-hour windows)."
+    assert no_block[8] == "Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows)."
     unlimited = dataclasses_replace(snap, limits=dataclasses_replace(snap.limits, limit=None))
     no_limit, _ = frame_text(ccmon.ViewState(), unlimited, _settings(limit=None), 80, 24, now)
     assert no_limit[9] == "Tokens 21.0K premium (no limit: set claude.plan or claude.max_tokens)"
@@ -1175,11 +1175,11 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
         assert "last 24 hours" in screen.splitlines()[2]
         monitor.send(b"w")
         monitor.wait_for("Requests 1-3 of 3", "the last 7 days")
-        rows = [line for line in monitor.text.splitlines() if re.match(r"\d\d-\d\d \d\d:\d\d claude", line)]
-        assert [row.split()[2] for row in rows] == ["claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-1"]
+        rows = [line for line in monitor.text.splitlines() if re.match(r"\d\d-\d\d \d\d:\d\d ", line)]
+        assert [row.split()[2] for row in rows] == ["haiku-4-5", "sonnet-4-5", "opus-4-1"]  # 80 columns: short names
         monitor.send(b"o")
         monitor.wait_for("oldest first", "the sort order")
-        screen = monitor.wait_for(lambda text: re.search(r"\d\d:\d\d claude-opus-4-1 .*\n.*claude-sonnet", text),
+        screen = monitor.wait_for(lambda text: re.search(r"\d\d:\d\d opus-4-1 .*\n.*sonnet-4-5", text),
                                   "oldest first rows")
         monitor.send(b"\t")
         screen = monitor.wait_for("Daily usage - last 30 days (UTC)", "the daily tab")
@@ -1187,7 +1187,7 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
                                                       "$1.75"]
         monitor.send(b"3")
         screen = monitor.wait_for("Models - last 7 days", "the models tab")
-        assert line_with(screen, "claude-opus-4-1").split()[1:6] == ["1", "2.00K", "1.00K", "0", "$1.50"]
+        assert line_with(screen, "opus-4-1").split()[1:6] == ["1", "2.00K", "1.00K", "0", "$1.50"]
         monitor.send(b"4")
         screen = monitor.wait_for("Sessions - last 7 days (1) - Enter: details", "the sessions tab")
         monitor.send(b"\r")
@@ -2295,7 +2295,8 @@ def test_render_insight_tabs():
     assert lines[8] == "-- Models - last 7 days " + "-" * 76
     assert lines[9].split() == ["Model", "Req", "Input", "Output", "Cache", "Cost", "Share", "of", "cost", "Avg",
                                 "dur", "TTFT"]
-    assert lines[10].split() == ["claude-opus-4-1", "1", "50", "5.00K", "0", "$2.25", "######..", "78%", "1m", "-"]
+    assert lines[10].split() == ["claude-opus-4-1-20250805", "1", "50", "5.00K", "0", "$2.25", "######..", "78%", "1m",
+                                 "-"]
     assert lines[11].split() == ["claude-sonnet-4-5", "2", "1.01K", "203", "0", "$0.6250", "##......", "22%",
                                  "2.5s", "650ms"]
     assert lines[12].split()[:6] == ["Total", "3", "1.06K", "5.20K", "0", "$2.88"]
@@ -2310,8 +2311,8 @@ def test_render_insight_tabs():
     assert lines[8].startswith("-- Sessions - last 7 days (3) - Enter: details --")
     assert lines[9].split() == ["Session", "User", "Started", "Dur", "Req", "Tokens", "Cost", "Models", "Tools",
                                 "Fail", "Err", "Source"]
-    assert lines[11].split() == ["s-1-0123", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K", "$0.5100",
-                                 "sonnet-4-5,haiku-4-5", "3", "1", "1", "events"]
+    assert lines[11].split() == ["s-1-0123456789", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K",
+                                 "$0.5100", "sonnet-4-5,haiku-4-5", "3", "1", "1", "events"]
     assert lines[12].split()[-1] == "metrics"
     selected = ccmon.render(state, ccmon.Connection(True, attempts=1), snap,
                             ccmon.Screen(settings, 120, 24, now, ccmon.Glyphs.for_terminal(False))).lines[11]
@@ -2328,9 +2329,9 @@ def test_render_insight_tabs():
     state, snap = insight_snapshot(settings, now, "sessions", session_id="s-1-0123456789", data=timeline)
     lines, _ = frame_text(state, snap, settings, 100, 24, now)
     assert lines[8].startswith("-- Session s-1-0123456789 (2 entries) - Esc: back --")
-    assert lines[10].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "1.21K", "$0.5000", "in", "1.00K",
-                                "out", "200", "cache", "5,", "4.0s"]
-    assert lines[11].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3000", "ms"]
+    assert lines[10].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "$0.5000", "in", "1.00K", "out", "200",
+                                 "cache", "5,", "4.0s"]
+    assert lines[11].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3.0s"]
     tools = ccmon.ToolsData((("Bash", 3, 2, 200, 3000),), (("accept", "config", 1),), (("529", "claude-opus-4-1", 1),),
                             1)
     state, snap = insight_snapshot(settings, now, "tools", data=tools)
@@ -2355,7 +2356,7 @@ def test_render_insight_tabs():
     for key, tab in (("1", "current"), ("3", "models"), ("6", "users")):
         assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
     narrow, _ = frame_text(state, snap, settings, 40, 12, now)
-    assert narrow[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool"
+    assert narrow[1] == " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk "
 
 
 def test_adding_a_tab_is_one_entry_in_tabs():
