@@ -2771,11 +2771,14 @@ def test_weekly_gauge_and_its_projection():
     limits = ccmon.LimitFigures(None, ccmon.Split(), 50.0, 10_000, None,
                                 (("opus", ccmon.Usage(3, 20_000, 5_000)), ("sonnet", ccmon.Usage(9, 40_000, 5_000)),
                                  ("haiku", ccmon.Usage(2, 999, 1))))
-    line = ccmon.line_text(ccmon.weekly_line(limits, ccmon.Screen(settings, 120, 24, now,
-                                                                   ccmon.Glyphs.for_terminal(False)), 101))
+    def line(width):
+        return ccmon.line_text(ccmon.weekly_line(limits, ccmon.Screen(settings, width, 24, now,
+                                                                      ccmon.Glyphs.for_terminal(False)), 101))
+
     # 70,000 used; 30,000 left at 50 tokens/min: 600 minutes, Monday 19:00
-    assert line == ("Week   ############################............  70%  70.0K / 100K, limit Mon 19:00 at this "
-                    "pace (opus 25.0K, sonnet 45.0K)")
+    assert line(123) == ("Week   ############################............  70%  70.0K / 100K, limit Mon 19:00 at "
+                         "this pace (opus 25.0K, sonnet 45.0K)")
+    assert line(122) == line(123).removesuffix(" (opus 25.0K, sonnet 45.0K)")
     assert ccmon.weekly_reached_ms(100, 100, 0.0, now) == now and ccmon.weekly_reached_ms(1, 100, 0.0, now) is None
 
 
