@@ -3357,6 +3357,13 @@ def form_at(cell: Cell, level: int) -> str:
     return forms[max(0, len(forms) - 1 - level)]
 
 
+def form_widths(title: str, cells: list[Cell]) -> list[int]:
+    """The width a column needs to show its title and every one of its cells whole, in each form from the
+    shortest."""
+    depth = max((len(cell_forms(cell)) for cell in cells), default=1)
+    return [max([len(title)] + [len(form_at(cell, level)) for cell in cells]) for level in range(depth)]
+
+
 @dataclasses.dataclass(frozen=True)
 class Fitted:
     index: int          # in the table's columns
@@ -3377,8 +3384,7 @@ def fit_columns(columns: list[Column], rows: list[list[Cell]], width: int) -> li
         if columns[i].width + 1 <= spare:
             widths[i] = columns[i].width
             spare -= columns[i].width + 1
-    needs = {i: [max([len(columns[i].title)] + [len(form_at(row[i], level)) for row in rows])
-                 for level in range(max((len(cell_forms(row[i])) for row in rows), default=1))] for i in widths}
+    needs = {i: form_widths(columns[i].title, [row[i] for row in rows]) for i in widths}
     depth = max(map(len, needs.values()), default=0)
     for level, partly in [(0, False), (0, True), *((level, False) for level in range(1, depth))]:
         for i in (i for i in by_priority if i in widths and level < len(needs[i])):
@@ -3387,7 +3393,7 @@ def fit_columns(columns: list[Column], rows: list[list[Cell]], width: int) -> li
                 widths[i] += min(grow, spare)
                 spare -= min(grow, spare)
     return [Fitted(i, columns[i], widths[i], max(level for level, need in enumerate(needs[i])
-                                                  if level == 0 or need <= widths[i]))
+                                                  if level == 0 or need <= widths[i]))  # the longest that fits
             for i in sorted(widths)]
 
 
@@ -3666,7 +3672,7 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     rows = []
     for index, row in enumerate(sessions[top:top + page_rows], start=top):
         total = row.split.total
-        models = tuple(",".join(names) for names in zip(*map(model_names, row.models))) or ""
+        models = tuple(",".join(names) for names in zip(*map(model_names, row.models))) or ""  # long to short
         rows.append(([session_names(row.session_id), row.user or "-",
                       local_time(row.first_ms, screen.settings.zone, "%m-%d %H:%M"),
                       format_duration(row.last_ms - row.first_ms), format_count(total.requests),
@@ -3695,7 +3701,7 @@ def one_line(value: Any) -> str:
 def duration_text(ms: str) -> str:
     try:
         return format_duration(int(float(ms)))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, or infinite
         return "?"
 
 
@@ -3805,7 +3811,7 @@ class Tab:
     short_title: str                                            # on narrow screens, after the tab's digit
     render: Callable[[Snapshot, ViewState, Screen], Frame]      # its lines below the block figures
     fetch: Callable[[Client, Query], Any] | None = None         # its Snapshot.data, if it needs any
-    summary: Callable[[Snapshot, ViewState, Screen], list[Line]] | None = None  # its lines above them
+    summary: Callable[[Snapshot, ViewState, Screen], list[Line]] | None = None  # its lines above them, in all its rows
     fixed_period: str = ""                                      # shown whatever the period keys chose
 
 
@@ -3864,8 +3870,7 @@ def boxed(text: list[str], width: int, height: int, glyphs: Glyphs, title: str =
     margin = " " * max(0, (width - inner - 2) // 2)
 
     def edge(left: str, label: str, right: str) -> Line:
-        return [(margin + left + (glyphs.rule + label if label else "").ljust(inner, glyphs.rule)[:inner] + right,
-                 "header")]
+        return [(margin + left + (glyphs.rule + label).ljust(inner, glyphs.rule)[:inner] + right, "header")]
 
     body = [edge(top_left, f" {title} " if title else "", top_right)]
     body += [[(margin + side + " " + t[:inner - 2].ljust(inner - 1) + side, "")] for t in shown]
@@ -3880,15 +3885,11 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Sc
     tab_frame = Frame([])
     lines = header_lines(state, conn, snap, screen)
     room = height - len(lines) - 1
-    help_rows = max(1, room - 2)  # inside the help box
+    hint = FOOTER if len(FOOTER) <= width else FOOTER_SHORT
     if state.help:
-        hint = HELP_FOOTER if len(HELP_TEXT) <= help_rows else HELP_FOOTER_MORE
-    else:
-        hint = FOOTER if len(FOOTER) <= width else FOOTER_SHORT
-    footer: Line = [(state.notice or hint, "warn" if state.notice else "dim")]
-    if state.help:
+        tab_frame = Frame([], max(1, room - 2), len(HELP_TEXT))  # the box pages through the help like a table
         lines += boxed(HELP_TEXT, width, room, screen.glyphs, "Keys", state.help_scroll)
-        tab_frame = Frame([], help_rows, len(HELP_TEXT))
+        hint = HELP_FOOTER if len(HELP_TEXT) <= tab_frame.page_rows else HELP_FOOTER_MORE
     elif snap is None:
         message = "Connecting to the ccmon server..." if conn.attempts == 0 else \
             f"Cannot reach the ccmon server at {screen.settings.server}: {conn.error}. Is 'ccmon --server' running?"
@@ -3904,7 +3905,7 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Sc
         tab_frame = tab.render(snap, state, dataclasses.replace(screen, rows=room - len(above)))
         lines += above + tab_frame.lines
     lines = lines[:height - 1]
-    lines += [[("", "")]] * (height - 1 - len(lines)) + [footer]
+    lines += [[("", "")]] * (height - 1 - len(lines)) + [[(state.notice or hint, "warn" if state.notice else "dim")]]
     return Frame([clip(line, width) for line in lines], tab_frame.page_rows, tab_frame.total_rows,
                  tab_frame.session_ids, tuple(name for name, _, _ in snap.users) if snap else ())
 
