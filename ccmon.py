@@ -3953,6 +3953,7 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
 PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w": ("last 7 days", 7 * 86400_000),
            "m": ("last 30 days", 30 * 86400_000), "a": ("all time", None), "b": ("current block", None)}
 MIN_SIZE = (40, 12)
+HINT_ROOM = 10  # table rows a screen keeps before it spares one for a hint: hints never push data off
 PAGE_FETCH = 1000  # request rows fetched per refresh, around the scroll position: enough for any screen
 
 
@@ -3964,6 +3965,7 @@ class ViewState:
     oldest_first: bool = False
     scroll: int = 0                  # top row shown; on the Sessions tab, the selected row
     help: bool = False
+    help_scroll: int = 0             # the help's top line, when it is longer than the screen
     notice: str = ""
     user: str | None = None          # the `u` filter
     session_id: str | None = None    # the session whose timeline is open (Enter on Sessions; Esc closes)
@@ -4013,9 +4015,12 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
     if key in ("q", "Q", "^C"):
         return state, "quit"
     if state.help:
-        return dataclasses.replace(state, help=False), ""
+        top = scrolled(state.help_scroll, key, frame)
+        if top is None:
+            return dataclasses.replace(state, help=False), ""
+        return dataclasses.replace(state, help_scroll=top), ""
     if key == "?":
-        return dataclasses.replace(state, help=True), ""
+        return dataclasses.replace(state, help=True, help_scroll=0), ""
     if key == "ESC":
         if not state.session_id:
             return state, ""
@@ -4044,14 +4049,21 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
         return dataclasses.replace(state, oldest_first=not state.oldest_first, scroll=0), "refresh"
     if key == "r":
         return state, "refresh"
-    moves = {"KEY_UP": -1, "k": -1, "KEY_DOWN": 1, "j": 1, "KEY_PPAGE": -frame.page_rows,
-             "KEY_NPAGE": frame.page_rows, "KEY_HOME": -10 ** 12, "KEY_END": 10 ** 12}
-    if key in moves:
-        selecting = bool(frame.session_ids)  # the scroll is the selected row, which may be the last
-        last = max(0, frame.total_rows - (1 if selecting else frame.page_rows))
-        scroll = min(max(0, state.scroll + moves[key]), last)
+    scroll = scrolled(state.scroll, key, frame)
+    if scroll is not None:
         return dataclasses.replace(state, scroll=scroll), "refresh" if scroll != state.scroll else ""
     return state, ""
+
+
+def scrolled(position: int, key: str, frame: Frame) -> int | None:
+    """Where a scrolling key moves the top row of what `frame` shows (None for other keys). On the Sessions
+    list the position is the selected row, which may be the last; a page stops with its last row at the bottom."""
+    step = {"KEY_UP": -1, "k": -1, "KEY_DOWN": 1, "j": 1, "KEY_PPAGE": -frame.page_rows, "KEY_NPAGE": frame.page_rows,
+            "KEY_HOME": -10 ** 12, "KEY_END": 10 ** 12}.get(key)
+    if step is None:
+        return None
+    last = max(0, frame.total_rows - (1 if frame.session_ids else frame.page_rows))
+    return min(max(0, position + step), last)
 
 
 # -- lines and tables: a Line is a list of (text, style) segments no wider than the screen
@@ -4065,10 +4077,11 @@ class Glyphs:
     empty: str
     rule: str
     dot: str
+    box: str    # corners top left, top right, bottom left, bottom right, then the side
 
     @classmethod
     def for_terminal(cls, unicode: bool) -> Glyphs:
-        return cls("█", "░", "─", "●") if unicode else cls("#", ".", "-", "*")
+        return cls("█", "░", "─", "●", "┌┐└┘│") if unicode else cls("#", ".", "-", "*", "++++|")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4100,6 +4113,15 @@ def pad_between(left: str, right: str, width: int) -> str:
     return left + " " * gap + right if gap >= 1 else left[:width]
 
 
+def joined_to_fit(parts: list[str], width: int) -> str:
+    """The first part, then each later one that still fits in `width`: a part is shown whole or not at all."""
+    text = parts[0]
+    for part in parts[1:]:
+        if len(text) + len(part) <= width:
+            text += part
+    return text
+
+
 def rule(title: str, width: int, glyphs: Glyphs) -> Line:
     head = f"{glyphs.rule * 2} {title} "
     return [(head + glyphs.rule * max(0, width - len(head)), "rule")]
@@ -4108,45 +4130,100 @@ def rule(title: str, width: int, glyphs: Glyphs) -> Line:
 @dataclasses.dataclass(frozen=True)
 class Column:
     title: str
-    width: int
+    width: int              # the least it is shown at: wide enough for its usual cells
     priority: int           # columns with the highest numbers are dropped first on narrow screens
     left: bool = False
-    flex: int = 0           # > 0: grows up to this width with the space left
 
 
-def fit_columns(columns: list[Column], width: int) -> list[tuple[int, Column, int]]:
-    """Choose the columns that fit, in their original order, as (index, column, width)."""
-    chosen = sorted(range(len(columns)), key=lambda i: columns[i].priority)
-    while chosen and sum(columns[i].width + 1 for i in chosen) - 1 > width:
-        chosen.pop()
-    chosen.sort()
-    spare = width - (sum(columns[i].width + 1 for i in chosen) - 1)
-    fitted = []
-    for i in chosen:
-        grow = min(spare, max(0, columns[i].flex - columns[i].width))
-        spare -= grow
-        fitted.append((i, columns[i], columns[i].width + grow))
-    return fitted
+# A cell's text, or its forms from longest to shortest (a full model name, then without its date suffix):
+# the longest form that fits its column is shown.
+Cell = str | tuple[str, ...]
 
 
-def table_lines(columns: list[Column], rows: list[tuple[list[str], str]], width: int) -> tuple[Line, list[Line]]:
+def cell_forms(cell: Cell) -> tuple[str, ...]:
+    return (cell,) if isinstance(cell, str) else cell
+
+
+def form_at(cell: Cell, level: int) -> str:
+    """A cell's form `level` steps up from its shortest (its longest when it has fewer)."""
+    forms = cell_forms(cell)
+    return forms[max(0, len(forms) - 1 - level)]
+
+
+def form_widths(title: str, cells: list[Cell]) -> list[int]:
+    """The width a column needs to show its title and every one of its cells whole, in each form from the
+    shortest."""
+    depth = max((len(cell_forms(cell)) for cell in cells), default=1)
+    return [max([len(title)] + [len(form_at(cell, level)) for cell in cells]) for level in range(depth)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+    index: int          # in the table's columns
+    column: Column
+    width: int
+    level: int          # the form its cells show in: 0 for their shortest
+
+
+def fit_columns(columns: list[Column], rows: list[list[Cell]], width: int) -> list[Fitted]:
+    """Choose the columns that fit at their least widths, most important first. Then widen them with the rest
+    of the line where their cells need it: first so every cell shows whole in its shortest form (columns that
+    can have all they need, then the others with what is left), then to longer forms for the columns whose
+    cells all fit in them. In column order."""
+    by_priority = sorted(range(len(columns)), key=lambda i: columns[i].priority)
+    widths: dict[int, int] = {}
+    spare = width + 1  # each column costs its width and a space before it
+    for i in by_priority:
+        if columns[i].width + 1 <= spare:
+            widths[i] = columns[i].width
+            spare -= columns[i].width + 1
+    needs = {i: form_widths(columns[i].title, [row[i] for row in rows]) for i in widths}
+    depth = max(map(len, needs.values()), default=0)
+    for level, partly in [(0, False), (0, True), *((level, False) for level in range(1, depth))]:
+        for i in (i for i in by_priority if i in widths and level < len(needs[i])):
+            grow = max(0, needs[i][level] - widths[i])
+            if partly or grow <= spare:
+                widths[i] += min(grow, spare)
+                spare -= min(grow, spare)
+    return [Fitted(i, columns[i], widths[i], max(level for level, need in enumerate(needs[i])
+                                                  if level == 0 or need <= widths[i]))  # the longest that fits
+            for i in sorted(widths)]
+
+
+def table_lines(columns: list[Column], rows: list[tuple[list[Cell], str]], width: int) -> tuple[Line, list[Line]]:
     """A header line and one line per (cells, style) row, dropping columns that do not fit."""
-    fitted = fit_columns(columns, width)
+    fitted = fit_columns(columns, [cells for cells, _ in rows], width)
 
-    def cells(values: list[str]) -> str:
+    def text(values: list[Cell]) -> str:
         parts = []
-        for i, column, size in fitted:
-            value = values[i] if len(values[i]) <= size else values[i][:size - 1] + "~"
-            parts.append(value.ljust(size) if column.left else value.rjust(size))
+        for f in fitted:
+            value = form_at(values[f.index], f.level)
+            value = value if len(value) <= f.width else value[:f.width - 1] + "~"
+            parts.append(value.ljust(f.width) if f.column.left else value.rjust(f.width))
         return " ".join(parts)
 
-    header = [(cells([c.title for c in columns]), "header")]
-    return header, [[(cells(values), style)] for values, style in rows]
+    header = [(text([c.title for c in columns]), "header")]
+    return header, [[(text(values), style)] for values, style in rows]
+
+
+def model_names(model: str) -> tuple[str, str, str]:
+    """A model's name from longest to shortest: claude-sonnet-4-5-20250929, claude-sonnet-4-5, sonnet-4-5."""
+    return model, short_model(model), short_model(model).removeprefix("claude-")
+
+
+def session_names(session_id: str) -> tuple[str, str]:
+    """A session id whole, or its first 8 characters: enough to tell a person's sessions apart."""
+    return session_id, session_id[:8]
 
 
 def bar(fraction: float, width: int, glyphs: Glyphs) -> str:
     filled = min(width, max(0, int(round(min(fraction, 1.0) * width))))
     return glyphs.full * filled + glyphs.empty * (width - filled)
+
+
+def gauge_width(width: int) -> int:
+    """The block and week bars, one width so they line up: room is left beside them for their figures."""
+    return max(5, min(40, width - 35))
 
 
 def level_style(fraction: float) -> str:
@@ -4157,12 +4234,6 @@ def level_style(fraction: float) -> str:
 def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Screen) -> list[Line]:
     settings, width = screen.settings, screen.width
     title = pad_between(" ccmon - Claude Code usage monitor", f"v{VERSION} ", width)
-    titles = [tab.title for tab in TABS.values()]
-    if sum(len(t) + 3 for t in titles) >= width:
-        titles = [f"{number} {tab.short_title}" for number, tab in enumerate(TABS.values(), start=1)]
-    tabs: Line = [(" ", "")]
-    for name, tab_title in zip(TABS, titles):
-        tabs += [(f" {tab_title} ", "tab_active" if name == state.tab else "tab"), (" ", "")]
     wide = width >= 60
     if conn.connected:
         link: Segment = (f" {screen.glyphs.dot} connected" + (f" {settings.server}" if wide else ""), "good")
@@ -4175,12 +4246,23 @@ def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, scre
     filter_text = TABS[state.tab].fixed_period or PERIODS[state.period][0]
     order = "oldest first" if state.oldest_first else "newest first"
     updated = f"updated {local_time(snap.taken_ms, settings.zone, '%H:%M:%S')}" if snap else "no data yet"
-    details = ""
     user = [f"user {state.user}"] if state.user else []
-    for part in (*user, filter_text, order, updated):  # as many as fit, most important first
-        if len(link[0]) + len(details) + len(part) + 3 <= width:
-            details += f" | {part}"
-    return [[(title, "title")], tabs, [link, (details, "dim")]]
+    details = joined_to_fit(["", *(f" | {part}" for part in (*user, filter_text, order, updated))],
+                            width - len(link[0]))  # as many as fit, most important first
+    return [[(title, "title")], tab_strip(state.tab, width), [link, (details, "dim")]]
+
+
+def tab_strip(active: str, width: int) -> Line:
+    """Every tab named: by its title where all fit, else by its digit and short title, else packed tighter."""
+    tabs = list(TABS.values())
+    layouts = ([f" {tab.title} " for tab in tabs],
+               [f" {number} {tab.short_title} " for number, tab in enumerate(tabs, start=1)],
+               [f"{number}{tab.short_title}" for number, tab in enumerate(tabs, start=1)])
+    labels = next((labels for labels in layouts if sum(len(label) + 1 for label in labels) + 1 <= width), layouts[-1])
+    strip: Line = [(" ", "")]
+    for tab, label in zip(tabs, labels):
+        strip += [(label, "tab_active" if tab.name == active else "tab"), (" ", "")]
+    return strip
 
 
 def usage_lines(snap: Snapshot, state: ViewState, screen: Screen) -> list[Line]:
@@ -4195,16 +4277,20 @@ def usage_lines(snap: Snapshot, state: ViewState, screen: Screen) -> list[Line]:
         rows.append(([name, format_count(usage.requests), format_count(usage.limited), format_count(usage.cache),
                       format_count(usage.total), format_cost(usage.cost_nanos), rate], style))
     header, body = table_lines(columns, rows, screen.width)
-    return [rule(f"Usage - {PERIODS[state.period][0]}", screen.width, screen.glyphs), header, *body]
+    lines = [rule(f"Usage - {PERIODS[state.period][0]}", screen.width, screen.glyphs), header, *body]
+    if screen.settings.block_mode is None and screen.rows - len(lines) - 2 > HINT_ROOM:  # 2: the requests' titles
+        lines.append([(joined_to_fit(["Block tracking is off: run with -b auto",
+                                      " (or -b 5am for fixed 5-hour windows)."], screen.width), "dim")])
+    return lines
 
 
 def block_lines(snap: Snapshot, screen: Screen) -> list[Line]:
     limits = snap.limits
     if limits is None or snap.query.limits is None:
-        return [[("Block tracking is off: start with -b auto (or -b 5am for fixed 5-hour windows).", "dim")]]
+        return []
     settings, width, glyphs = screen.settings, screen.width, screen.glyphs
     zone = settings.zone
-    bar_width = max(5, min(40, width - 35))
+    bar_width = gauge_width(width)
     lines: list[Line] = []
     status = block_status(limits, screen.now)
     alert_at = min(settings.alerts) if settings.alerts else 101
@@ -4220,16 +4306,16 @@ def block_lines(snap: Snapshot, screen: Screen) -> list[Line]:
             learned = f" (learned from {limits.learned_from} blocks)" if limits.learned_from else \
                 " (learned: no blocks yet)" if settings.learn else ""
             style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
+            figures = f" {fraction * 100:3.0f}%  {format_count(status.used)} / {format_count(status.limit)}"
             lines.append([("Tokens ", ""), (bar(fraction, bar_width, glyphs), style),
-                          (f" {fraction * 100:3.0f}%  {format_count(status.used)} / {format_count(status.limit)}"
-                           f"{learned}", "")])
+                          (joined_to_fit([figures, learned], width - 7 - bar_width), "")])
         else:
-            lines.append([(f"Tokens {format_count(status.used)} premium (no limit: set claude.plan or "
-                           "claude.max_tokens)", "dim")])
+            lines.append([(joined_to_fit([f"Tokens {format_count(status.used)} premium",
+                                          " (no limit: set claude.plan or claude.max_tokens)"], width), "dim")])
         time_fraction = status.elapsed_ms / (status.end_ms - status.start_ms)
+        left = f" {time_fraction * 100:3.0f}% {format_duration(status.remaining_ms)} left"
         lines.append([("Time   ", ""), (bar(time_fraction, bar_width, glyphs), "dim"),
-                      (f" {time_fraction * 100:3.0f}% {format_duration(status.remaining_ms)} left, ends "
-                       f"{local_time(status.end_ms, zone)}", "")])
+                      (joined_to_fit([left, f", ends {local_time(status.end_ms, zone)}"], width - 7 - bar_width), "")])
         lines.append(projection_line(status, zone, width))
     lines.append(weekly_line(limits, screen, alert_at))
     return lines
@@ -4253,11 +4339,12 @@ def weekly_line(limits: LimitFigures, screen: Screen, alert_at: int) -> Line:
         style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
         reached = weekly_reached_ms(premium.limited, settings.weekly_limit, limits.recent_rate, screen.now)
         pace = "" if reached is None else f", limit {local_time(reached, settings.zone, '%a %H:%M')} at this pace"
-        return [("Week   ", ""), (bar(fraction, max(5, min(40, screen.width - 35)), screen.glyphs), style),
-                (f" {fraction * 100:3.0f}%  {format_count(premium.limited)} / {format_count(settings.weekly_limit)}"
-                 f"{pace}{detail}", "")]
-    return [(f"Week   {format_count(premium.limited)} premium tokens, {format_cost(premium.cost_nanos)}{detail}",
-             "dim")]
+        bar_width = gauge_width(screen.width)
+        figures = f" {fraction * 100:3.0f}%  {format_count(premium.limited)} / {format_count(settings.weekly_limit)}"
+        return [("Week   ", ""), (bar(fraction, bar_width, screen.glyphs), style),
+                (joined_to_fit([figures, pace, detail], screen.width - 7 - bar_width), "")]
+    return [(joined_to_fit([f"Week   {format_count(premium.limited)} premium tokens, {format_cost(premium.cost_nanos)}",
+                            detail], screen.width), "dim")]
 
 
 def projection_line(status: BlockStatus, zone: ZoneInfo, width: int) -> Line:
@@ -4282,15 +4369,15 @@ def requests_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     page: RequestsPage = snap.data
     long_period = snap.query.start_ms is None or snap.query.end_ms - snap.query.start_ms > 86400_000
     time_format, time_width = ("%m-%d %H:%M", 11) if long_period else ("%H:%M:%S", 8)
-    columns = [Column("Time", time_width, 0, left=True), Column("Model", 17, 0, left=True, flex=28),
+    columns = [Column("Time", time_width, 0, left=True), Column("Model", 10, 0, left=True),
                Column("Input", 7, 3), Column("Output", 7, 3), Column("Cache", 7, 4), Column("Total", 7, 1),
                Column("Cost", 9, 1), Column("Dur", 6, 5), Column("Session", 8, 6, left=True)]
     page_rows = max(1, screen.rows - 2)
     shown = page.requests[state.scroll - snap.query.offset:][:page_rows] if state.scroll >= snap.query.offset else ()
-    rows = [([local_time(r.ts_ms, screen.settings.zone, time_format), short_model(r.model),
+    rows = [([local_time(r.ts_ms, screen.settings.zone, time_format), model_names(r.model),
               format_count(r.usage.input), format_count(r.usage.output), format_count(r.usage.cache),
               format_count(r.usage.total), format_cost(r.usage.cost_nanos), format_duration(r.usage.duration_ms),
-              r.session_id[:8]], "")
+              session_names(r.session_id)], "")
             for r in shown]
     first = state.scroll + 1 if shown else 0
     title = f"Requests {first}-{state.scroll + len(shown)} of {page.total}"
@@ -4303,7 +4390,7 @@ def daily_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     zone = screen.settings.zone
     columns = [Column("Date", 10, 0, left=True), Column("Base", 5, 3), Column("Prem", 5, 1), Column("Input", 6, 4),
                Column("Output", 6, 2), Column("CacheR", 6, 5), Column("CacheW", 6, 5), Column("Total", 6, 2),
-               Column("Burn", 8, 6), Column("Prem $", 9, 1)]
+               Column("Burn", 9, 6), Column("Prem $", 9, 1)]
     rows, total = [], Split()
     for date, split in days:
         total = Split(total.base + split.base, total.premium + split.premium)
@@ -4338,11 +4425,11 @@ def average_ms(total_ms: int, count: int) -> str:
 
 def models_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     models: tuple[tuple[str, Usage], ...] = snap.data
-    columns = [Column("Model", 17, 0, left=True, flex=28), Column("Req", 6, 1), Column("Input", 7, 3),
+    columns = [Column("Model", 10, 0, left=True), Column("Req", 6, 1), Column("Input", 7, 3),
                Column("Output", 7, 3), Column("Cache", 7, 4), Column("Cost", 9, 1), Column("Share of cost", 13, 2),
                Column("Avg dur", 7, 5), Column("TTFT", 6, 6)]
     total = sum((usage for _, usage in models), Usage())
-    rows = [([short_model(model), format_count(u.requests), format_count(u.input), format_count(u.output),
+    rows = [([model_names(model), format_count(u.requests), format_count(u.input), format_count(u.output),
               format_count(u.cache), format_cost(u.cost_nanos),
               share_cell(u.cost_nanos, total.cost_nanos, screen.glyphs), average_ms(u.duration_ms, u.requests),
               average_ms(u.ttft_ms, u.ttft_count)], "")
@@ -4369,17 +4456,17 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
         return timeline_lines(snap, state, screen)
     sessions: tuple[SessionRow, ...] = snap.data
     several_users = len({row.user for row in sessions}) > 1
-    columns = [Column("Session", 8, 0, left=True), Column("User", 14, 6, left=True, flex=24),
+    columns = [Column("Session", 8, 0, left=True), Column("User", 14, 6, left=True),
                Column("Started", 11, 2, left=True), Column("Dur", 6, 4), Column("Req", 5, 1), Column("Tokens", 7, 3),
-               Column("Cost", 9, 0), Column("Models", 20, 5, left=True, flex=40), Column("Tools", 5, 7),
+               Column("Cost", 9, 0), Column("Models", 20, 5, left=True), Column("Tools", 5, 7),
                Column("Fail", 4, 7), Column("Err", 4, 7), Column("Source", 7, 8, left=True)]
     page_rows = max(1, screen.rows - 2)
     top = min(max(0, state.scroll - page_rows // 2), max(0, len(sessions) - page_rows))
     rows = []
     for index, row in enumerate(sessions[top:top + page_rows], start=top):
         total = row.split.total
-        models = ",".join(short_model(m).removeprefix("claude-") for m in row.models)
-        rows.append(([row.session_id[:8], row.user or "-",
+        models = tuple(",".join(names) for names in zip(*map(model_names, row.models))) or ""  # long to short
+        rows.append(([session_names(row.session_id), row.user or "-",
                       local_time(row.first_ms, screen.settings.zone, "%m-%d %H:%M"),
                       format_duration(row.last_ms - row.first_ms), format_count(total.requests),
                       format_count(total.total), format_cost(total.cost_nanos), models, str(row.tool_calls),
@@ -4394,34 +4481,61 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
                  tuple(row.session_id for row in sessions))
 
 
-def timeline_detail(row: TimelineRow) -> tuple[str, str, str, str]:
-    """(what, tokens, cost, detail) for one timeline entry."""
+# Attributes that say who, where and in answer to which prompt: on every event, never what happened in it.
+CONTEXT_PREFIXES = ("anthropic.", "event.", "session.", "user.", "organization.", "terminal.")
+CONTEXT_KEYS = {"prompt.id"}
+
+
+def one_line(value: Any) -> str:
+    """An attribute's value on one line: prompts and error messages may hold newlines and tabs."""
+    return " ".join(str(value).split())
+
+
+def duration_text(ms: str) -> str:
+    try:
+        return format_duration(int(float(ms)))
+    except (ValueError, OverflowError):  # not a number, or infinite
+        return "?"
+
+
+def event_detail(kind: str, attributes: dict[str, str]) -> str:
+    """What a person looks for first in an event: how a tool call went, why a request failed, a prompt."""
+    a = attributes
+    if kind == "tool_result":
+        success = a.get("success", "").lower()
+        outcome = "ok" if success in ("true", "1") else "failed" if success in ("false", "0") else "done"
+        error = f": {a['error']}" if a.get("error") else ""
+        return f"{outcome}, {duration_text(a.get('duration_ms', '?'))}{error}"
+    if kind == "tool_decision":
+        return f"{a.get('decision', '?')} ({a.get('source', '?')})"
+    if kind == "api_error":
+        attempt = f" (attempt {a['attempt']})" if "attempt" in a else ""
+        return f"status {a.get('status_code', '?')}: {a.get('error', '')}{attempt}"
+    if kind == "user_prompt":
+        prompt = f": {a['prompt']}" if a.get("prompt") else ""
+        return f"{a.get('prompt_length', '?')} characters{prompt}"
+    return ", ".join(f"{key}={value}" for key, value in sorted(a.items()) if key not in ("model", "tool_name"))
+
+
+def timeline_cells(row: TimelineRow) -> tuple[Cell, str, str]:
+    """(model or tool, cost, detail) for one timeline entry; a request's tokens and time are its detail."""
     if row.request is not None:
         u = row.request.usage
-        return (short_model(row.request.model), format_count(u.total), format_cost(u.cost_nanos),
+        return (model_names(row.request.model), format_cost(u.cost_nanos),
                 f"in {format_count(u.input)} out {format_count(u.output)} cache {format_count(u.cache)}, "
                 f"{format_duration(u.duration_ms)}")
-    d = row.details
-    if row.kind == "tool_result":
-        success = str(d.get("success", "")).lower()
-        outcome = "ok" if success in ("true", "1") else "failed" if success in ("false", "0") else "done"
-        return str(d.get("tool_name", "?")), "", "", f"{outcome}, {d.get('duration_ms', '?')} ms"
-    if row.kind == "tool_decision":
-        return str(d.get("tool_name", "?")), "", "", f"{d.get('decision', '?')} ({d.get('source', '?')})"
-    if row.kind == "api_error":
-        return str(d.get("model", "")), "", "", f"status {d.get('status_code', '?')}: {d.get('error', '')}"
-    if row.kind == "user_prompt":
-        return "", "", "", f"prompt of {d.get('prompt_length', '?')} characters"
-    return "", "", "", ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if k != "event.sequence")
+    attributes = {key: one_line(value) for key, value in row.details.items()
+                  if not key.startswith(CONTEXT_PREFIXES) and key not in CONTEXT_KEYS}
+    what = model_names(attributes["model"]) if "model" in attributes else attributes.get("tool_name", "")
+    return what, "", event_detail(row.kind, attributes)
 
 
 def timeline_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     timeline: tuple[TimelineRow, ...] = snap.data
-    columns = [Column("Time", 8, 0, left=True), Column("Event", 17, 0, left=True),
-               Column("Model/tool", 12, 1, left=True, flex=20), Column("Tokens", 7, 2), Column("Cost", 9, 2),
-               Column("Detail", 10, 3, left=True, flex=200)]
+    columns = [Column("Time", 8, 0, left=True), Column("Event", 18, 0, left=True),
+               Column("Model/tool", 10, 2, left=True), Column("Cost", 9, 2), Column("Detail", 10, 1, left=True)]
     page_rows = max(1, screen.rows - 2)
-    rows = [([local_time(row.ts_ms, screen.settings.zone, "%H:%M:%S"), row.kind, *timeline_detail(row)], "")
+    rows = [([local_time(row.ts_ms, screen.settings.zone, "%H:%M:%S"), row.kind, *timeline_cells(row)], "")
             for row in timeline[state.scroll:state.scroll + page_rows]]
     header, body = table_lines(columns, rows, screen.width)
     title = f"Session {state.session_id} ({len(timeline)} entries) - Esc: back"
@@ -4435,13 +4549,13 @@ def tools_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     tools = [([tool, format_count(calls), f"{ok / calls * 100:.0f}%" if calls else "-", format_duration(p50),
                format_duration(p95)], "" if ok == calls else "warn")
              for tool, calls, ok, p50, p95 in data.tools[state.scroll:state.scroll + page_rows]]
-    header, body = table_lines([Column("Tool", 12, 0, left=True, flex=24), Column("Calls", 6, 0),
+    header, body = table_lines([Column("Tool", 12, 0, left=True), Column("Calls", 6, 0),
                                 Column("Success", 7, 0), Column("p50", 6, 1), Column("p95", 6, 1)], tools, width)
     lines = [rule(f"Tools - {PERIODS[state.period][0]}", width, glyphs), header, *body]
     decisions = "  ".join(f"{decision} by {source}: {count}" for decision, source, count in data.decisions)
     lines.append([("Decisions: " + (decisions or "none"), "")])
-    errors = [([code, short_model(model), format_count(count)], "bad") for code, model, count in data.errors]
-    header, body = table_lines([Column("Status", 6, 0, left=True), Column("Model", 17, 0, left=True, flex=28),
+    errors = [([code, model_names(model), format_count(count)], "bad") for code, model, count in data.errors]
+    header, body = table_lines([Column("Status", 6, 0, left=True), Column("Model", 10, 0, left=True),
                                 Column("Errors", 6, 0)], errors, width)
     lines += [rule("API errors", width, glyphs), header, *body,
               [(f"Retries exhausted: {data.retries_exhausted}", "bad" if data.retries_exhausted else "")]]
@@ -4449,7 +4563,7 @@ def tools_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
 
 
 def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
-    columns = [Column("User", 14, 0, left=True, flex=36), Column("Sessions", 8, 2), Column("Req", 6, 1),
+    columns = [Column("User", 14, 0, left=True), Column("Sessions", 8, 2), Column("Req", 6, 1),
                Column("Tokens", 7, 1), Column("Premium", 7, 3), Column("Cost", 9, 0), Column("Share of cost", 13, 2)]
     whole = sum(split.total.cost_nanos for _, split, _ in snap.users)
     page_rows = max(1, screen.rows - 2)
@@ -4490,7 +4604,7 @@ class Tab:
     short_title: str                                            # on narrow screens, after the tab's digit
     render: Callable[[Snapshot, ViewState, Screen], Frame]      # its lines below the block figures
     fetch: Callable[[Client, Query], Any] | None = None         # its Snapshot.data, if it needs any
-    summary: Callable[[Snapshot, ViewState, Screen], list[Line]] | None = None  # its lines above them
+    summary: Callable[[Snapshot, ViewState, Screen], list[Line]] | None = None  # its lines above them, in all its rows
     fixed_period: str = ""                                      # shown whatever the period keys chose
 
 
@@ -4519,35 +4633,41 @@ WAITING_TEXT = [
     "",
     "Requests appear here a few seconds after Claude Code makes them.",
 ]
-HELP_TEXT = [
-    "Keys",
-    "h  last hour        d  last 24 hours",
-    "w  last 7 days      m  last 30 days",
-    "a  all time         b  current block",
-    "o  sort order       r  refresh now",
+HELP_TEXT = [  # at most 36 characters a line: the help box fits 40 columns
+    "h  last hour       d  last 24 hours",
+    "w  last 7 days     m  last 30 days",
+    "a  all time        b  current block",
+    "o  sort order      r  refresh now",
     f"Tab/Shift-Tab or {TAB_KEYS}  switch tab",
-    "arrows/j/k PgUp/PgDn Home/End  scroll",
-    "Enter  a session's events   Esc  back",
+    "arrows/j/k PgUp/PgDn  scroll",
+    "Home/End  first, last row",
+    "Enter/Esc  open/close a session",
     "u  next user (team servers)",
-    "?  this help        q  quit",
-    "",
-    "Press any key to close.",
+    "?  this help       q  quit",
 ]
 FOOTER = f"h/d/w/m/a/b period  o order  Tab/{TAB_KEYS} tab  u user  ? help  q quit"
 FOOTER_SHORT = f"h/d/w/m/a/b  o  {TAB_KEYS}  u  ? help  q quit"
+HELP_FOOTER = "any key closes this help"
+HELP_FOOTER_MORE = "arrows/PgDn: more  other keys close"
 
 
-def boxed(text: list[str], width: int, height: int, glyphs: Glyphs) -> list[Line]:
-    inner = min(width - 2, max(len(t) for t in text) + 2)
-    edge = "+" + glyphs.rule * inner + "+" if glyphs.rule == "-" else "┌" + "─" * inner + "┐"
-    bottom = "+" + "-" * inner + "+" if glyphs.rule == "-" else "└" + "─" * inner + "┘"
-    side = "|" if glyphs.rule == "-" else "│"
+def boxed(text: list[str], width: int, height: int, glyphs: Glyphs, title: str = "", top: int = 0) -> list[Line]:
+    """`text` in a box centred in `width`, at most `height` lines, from its line `top`. When it does not all
+    fit, the bottom edge says which lines show."""
+    inner = min(width - 2, max(len(t) for t in [*text, title]) + 2)
+    rows = max(0, height - 2)
+    top = min(top, max(0, len(text) - rows))
+    shown = text[top:top + rows]
+    where = f" {top + 1}-{top + len(shown)} of {len(text)} " if len(shown) < len(text) else ""
+    top_left, top_right, bottom_left, bottom_right, side = glyphs.box
     margin = " " * max(0, (width - inner - 2) // 2)
-    body = [[(margin + edge, "header")]]
-    for t in text[:max(0, height - 2)]:
-        body.append([(margin + side + " " + t[:inner - 2].ljust(inner - 1) + side, "")])
-    body.append([(margin + bottom, "header")])
-    return body
+
+    def edge(left: str, label: str, right: str) -> Line:
+        return [(margin + left + (glyphs.rule + label).ljust(inner, glyphs.rule)[:inner] + right, "header")]
+
+    body = [edge(top_left, f" {title} " if title else "", top_right)]
+    body += [[(margin + side + " " + t[:inner - 2].ljust(inner - 1) + side, "")] for t in shown]
+    return body + [edge(bottom_left, where, bottom_right)]
 
 
 def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Screen) -> Frame:
@@ -4557,11 +4677,12 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Sc
         return Frame([[(f"terminal too small: {width}x{height}, need {MIN_SIZE[0]}x{MIN_SIZE[1]}"[:width], "bad")]])
     tab_frame = Frame([])
     lines = header_lines(state, conn, snap, screen)
-    hint = FOOTER if len(FOOTER) <= width else FOOTER_SHORT
-    footer: Line = [(state.notice or hint, "warn" if state.notice else "dim")]
     room = height - len(lines) - 1
+    hint = FOOTER if len(FOOTER) <= width else FOOTER_SHORT
     if state.help:
-        lines += boxed(HELP_TEXT, width, room, screen.glyphs)
+        tab_frame = Frame([], max(1, room - 2), len(HELP_TEXT))  # the box pages through the help like a table
+        lines += boxed(HELP_TEXT, width, room, screen.glyphs, "Keys", state.help_scroll)
+        hint = HELP_FOOTER if len(HELP_TEXT) <= tab_frame.page_rows else HELP_FOOTER_MORE
     elif snap is None:
         message = "Connecting to the ccmon server..." if conn.attempts == 0 else \
             f"Cannot reach the ccmon server at {screen.settings.server}: {conn.error}. Is 'ccmon --server' running?"
@@ -4572,11 +4693,12 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Sc
         lines += block_lines(snap, screen) + [[("Loading...", "dim")]]
     else:
         tab = TABS[state.tab]
-        above = (tab.summary(snap, state, screen) if tab.summary else []) + block_lines(snap, screen)
+        summary = tab.summary(snap, state, dataclasses.replace(screen, rows=room)) if tab.summary else []
+        above = summary + block_lines(snap, screen)
         tab_frame = tab.render(snap, state, dataclasses.replace(screen, rows=room - len(above)))
         lines += above + tab_frame.lines
     lines = lines[:height - 1]
-    lines += [[("", "")]] * (height - 1 - len(lines)) + [footer]
+    lines += [[("", "")]] * (height - 1 - len(lines)) + [[(state.notice or hint, "warn" if state.notice else "dim")]]
     return Frame([clip(line, width) for line in lines], tab_frame.page_rows, tab_frame.total_rows,
                  tab_frame.session_ids, tuple(name for name, _, _ in snap.users) if snap else ())
 

@@ -913,21 +913,21 @@ FRAME_80x24 = [
     "Burn 700/min; at this pace the limit is reached at 10:50",
     "Week   21.0K premium tokens, <$0.0001 (sonnet 21.0K)",
     "-- Requests 1-8 of 12 ----------------------------------------------------------",
-    "Time     Model                    Input  Output   Cache   Total      Cost    Dur",
-    "10:30:00 claude-sonnet-4-5        1.00K       0   30.0K   31.0K  <$0.0001    0ms",
-    "10:23:00 claude-haiku-4-5         1.00K     200   30.0K   31.2K   $0.0123   1.5s",
-    "10:16:00 claude-opus-4-1          1.00K     400   30.0K   31.4K   $0.0247   3.0s",
-    "10:09:00 claude-sonnet-4-5        1.00K     600   30.0K   31.6K   $0.0370   4.5s",
-    "10:02:00 claude-haiku-4-5         1.00K     800   30.0K   31.8K   $0.0494   6.0s",
-    "09:55:00 claude-opus-4-1          1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s",
-    "09:48:00 claude-sonnet-4-5        1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s",
-    "09:41:00 claude-haiku-4-5         1.01K   1.40K   30.0K   32.4K   $0.0864    10s",
+    "Time     Model        Input  Output   Cache   Total      Cost    Dur Session    ",
+    "10:30:00 sonnet-4-5   1.00K       0   30.0K   31.0K  <$0.0001    0ms 0000abcd-ef",
+    "10:23:00 haiku-4-5    1.00K     200   30.0K   31.2K   $0.0123   1.5s 0001abcd-ef",
+    "10:16:00 opus-4-1     1.00K     400   30.0K   31.4K   $0.0247   3.0s 0002abcd-ef",
+    "10:09:00 sonnet-4-5   1.00K     600   30.0K   31.6K   $0.0370   4.5s 0003abcd-ef",
+    "10:02:00 haiku-4-5    1.00K     800   30.0K   31.8K   $0.0494   6.0s 0004abcd-ef",
+    "09:55:00 opus-4-1     1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s 0005abcd-ef",
+    "09:48:00 sonnet-4-5   1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s 0006abcd-ef",
+    "09:41:00 haiku-4-5    1.01K   1.40K   30.0K   32.4K   $0.0864    10s 0007abcd-ef",
     "h/d/w/m/a/b period  o order  Tab/1-7 tab  u user  ? help  q quit",
 ]
 
 FRAME_40x12 = [
     " ccmon - Claude Code usage monitor",
-    "  1 Now   2 Day   3 Mod   4 Ses   5 Tool",
+    " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk ",
     " * connected | current block",
     "-- Usage - current block ---------------",
     "         Requests  Limited       Cost",
@@ -942,10 +942,10 @@ FRAME_40x12 = [
 
 DAILY_80x24 = [
     "-- Daily usage - last 10 days (Europe/Berlin) ----------------------------------",
-    "Date        Base  Prem  Input Output CacheR CacheW  Total     Burn    Prem $",
-    "2026-03-10     0     0      0      0      0      0      0    0/min     $0.00",
-    "2026-03-09     1     3  1.00K    500  20.0K    700  22.2K    1/min   $0.2500",
-    "2026-03-08     2     6  2.00K  1.00K  40.0K  1.40K  44.4K    2/min   $0.5000",
+    "Date        Base  Prem  Input Output CacheR CacheW  Total      Burn    Prem $",
+    "2026-03-10     0     0      0      0      0      0      0     0/min     $0.00",
+    "2026-03-09     1     3  1.00K    500  20.0K    700  22.2K     1/min   $0.2500",
+    "2026-03-08     2     6  2.00K  1.00K  40.0K  1.40K  44.4K     2/min   $0.5000",
 ]
 
 
@@ -968,10 +968,10 @@ def test_render_wide_terminals_show_more_rows_and_columns():
     snap, settings, now = _frame_fixture()
     lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 120, 40, now)
     assert frame.page_rows == 24 and len(lines) == 40
-    assert lines[14] == ("Time     Model                          Input  Output   Cache   Total      Cost    Dur "
-                         "Session ")
-    assert lines[26] == ("09:13:00 claude-opus-4-1                1.01K   2.20K   33.2K   33.2K   $0.1358    16s "
-                         "0011abcd").replace("33.2K   33.2K", "30.0K   33.2K")
+    assert lines[14] == ("Time     Model                        Input  Output   Cache   Total      Cost    Dur "
+                         "Session    ")
+    assert lines[26] == ("09:13:00 claude-opus-4-1-20250805     1.01K   2.20K   30.0K   33.2K   $0.1358    16s "
+                         "0011abcd-ef")
     assert lines[13].startswith("-- Requests 1-12 of 12 --")
     wide, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 200, 60, now, unicode=True)
     assert wide[9] == "Tokens ████████████████████████░░░░░░░░░░░░░░░░  60%  21.0K / 35.0K"
@@ -983,7 +983,7 @@ def test_render_daily_tab():
     daily = daily_snapshot(settings, now)
     lines, frame = frame_text(ccmon.ViewState(tab="daily"), daily, settings, 80, 24, now)
     assert lines[7] == "Week   0 premium tokens, $0.00" and lines[8:13] == DAILY_80x24
-    assert lines[20] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K             $11.25"
+    assert lines[20] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K              $11.25"
     assert (frame.page_rows, frame.total_rows) == (12, 10)
     narrow, _ = frame_text(ccmon.ViewState(tab="daily", scroll=2), daily, settings, 40, 14, now)
     assert narrow[4:13] == [
@@ -1015,10 +1015,12 @@ def test_render_states_without_data():
     assert stale[2].startswith(" * disconnected (connection refused) - retrying in 4s")
     assert stale[6] == FRAME_80x24[6]  # the last data stays on screen
     help_lines, _ = frame_text(ccmon.ViewState(help=True), snap, settings, 80, 24, now)
-    assert help_lines[5].strip() == "| h  last hour        d  last 24 hours  |"
+    assert help_lines[3:5] == ["                    +- Keys ------------------------------+",
+                               "                    | h  last hour       d  last 24 hours |"]
+    assert help_lines[-1] == "any key closes this help"
     no_block, _ = frame_text(ccmon.ViewState(), dataclasses_replace(snap, limits=None), _settings(block_hour=None),
                              80, 24, now)
-    assert no_block[8] == "Block tracking is off: start with -b auto (or -b 5am for fixed 5-hour windows)."
+    assert no_block[8] == "Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows)."
     unlimited = dataclasses_replace(snap, limits=dataclasses_replace(snap.limits, limit=None))
     no_limit, _ = frame_text(ccmon.ViewState(), unlimited, _settings(limit=None), 80, 24, now)
     assert no_limit[9] == "Tokens 21.0K premium (no limit: set claude.plan or claude.max_tokens)"
@@ -1031,9 +1033,217 @@ def test_render_never_overflows_any_size():
     for width in range(30, 220, 7):
         for height in range(8, 70, 5):
             for state, data in ((ccmon.ViewState(period="b"), snap), (ccmon.ViewState(tab="daily"), daily),
-                                (ccmon.ViewState(help=True), snap)):
+                                (ccmon.ViewState(help=True, help_scroll=4), snap),
+                                *first_hour_screens(settings, now)[2:]):
                 lines, _ = frame_text(state, data, settings, width, height, now, unicode=True)
                 assert len(lines) <= height and all(len(line) <= width for line in lines)
+
+
+SESSION_UUID = "0f0c2a9e-7d4b-4c1e-9a55-3e1f7c2b8d41"
+CONTEXT = {"anthropic.custom_base_url": True, "event.sequence": 7, "event.timestamp": "2026-05-05T10:59:00Z",
+           "session.id": SESSION_UUID, "user.email": "ana@example.com", "user.id": "u" * 64,
+           "organization.id": "org-1", "terminal.type": "tmux", "prompt.id": "p-7"}
+
+
+def timeline_entries(now: int) -> tuple:
+    """One of everything a session's timeline holds, with the context attributes Claude Code sends."""
+    row = ccmon.TimelineRow
+    return (row(now - 90_000, "user_prompt", None, {**CONTEXT, "prompt_length": "42",
+                                                   "prompt": "fix the\nfailing\ttest"}),
+            row(now - 60_000, "api_request", ccmon.RequestRow(now - 60_000, "claude-sonnet-4-5-20250929", SESSION_UUID,
+                                                              ccmon.Usage(1, 1000, 200, 5, 0, 500_000_000, 4000)), {}),
+            row(now - 50_000, "tool_decision", None, {**CONTEXT, "tool_name": "Bash", "decision": "accept",
+                                                     "source": "config"}),
+            row(now - 30_000, "tool_result", None, {**CONTEXT, "tool_name": "Bash", "success": "false",
+                                                   "duration_ms": "3000", "error": "Exit code 1"}),
+            row(now - 25_000, "tool_result", None, {**CONTEXT, "tool_name": "Read", "success": True, "duration_ms": 15}),
+            row(now - 20_000, "assistant_response", None, {**CONTEXT, "response_length": 400}),
+            row(now - 15_000, "api_error", None, {**CONTEXT, "model": "claude-opus-4-1-20250805", "status_code": "529",
+                                                 "error": "Overloaded", "attempt": 3}),
+            row(now - 10_000, "api_retries_exhausted", None, {**CONTEXT, "total_attempts": 10}))
+
+
+def first_hour_screens(settings, now) -> list[tuple[ccmon.ViewState, ccmon.Snapshot]]:
+    """Every tab and a session's timeline with a busy first hour's figures: dated model names, UUID session
+    ids, two users, a burn rate in thousands, a block far past its limit."""
+    usage = ccmon.Usage
+    requests, _, _ = _frame_fixture()
+    requests = dataclasses_replace(requests, data=dataclasses_replace(requests.data, requests=tuple(
+        dataclasses_replace(r, session_id=SESSION_UUID) for r in requests.data.requests)))
+    days = (("2026-03-10", ccmon.Split(usage(5, 900), usage(40, 2_000_000, 100_000, 3_000_000, 90_000, 37_200_000_000))),
+            ("2026-03-09", ccmon.Split(usage(), usage(80, 3_000_000, 153_600, 9_000_000, 90_000, 99_000_000_000))))
+    split = ccmon.Split(usage(1, 300, 30, 0, 0, 10_000_000), usage(1, 1000, 200, 0, 0, 500_000_000))
+    sessions = tuple(ccmon.SessionRow(f"{i}{SESSION_UUID[1:]}", user, now - 3600_000 * (i + 1), now - 3600_000 * i,
+                                      split, ("claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001"), 3, 1, i, i == 2)
+                     for i, user in enumerate(["ana@example.com", "bo@example.com", "ana@example.com"]))
+    models = (("claude-opus-4-1-20250805", usage(20, 119_000, 110_000, 1_640_000, 0, 18_600_000_000, 140_000)),
+              ("claude-sonnet-4-5-20250929", usage(20, 117_000, 108_000, 1_640_000, 0, 18_600_000_000, 136_000, 9000, 20)))
+    tools = ccmon.ToolsData((("Bash", 30, 22, 120, 3000), ("mcp__github__create_pull_request", 1, 1, 900, 900)),
+                            (("accept", "config", 12), ("reject", "user_reject", 1)),
+                            (("529", "claude-opus-4-1-20250805", 1),), 1)
+    blocks = ((now - 3600_000, now + 4 * 3600_000, ccmon.Split(usage(2, 100), usage(7, 400_000, 107_500, 500_000))),)
+    return [(ccmon.ViewState(period="b"), requests),
+            (ccmon.ViewState(tab="daily"), dataclasses_replace(daily_snapshot(settings, now), data=days)),
+            insight_snapshot(settings, now, "models", data=models),
+            insight_snapshot(settings, now, "sessions", data=sessions),
+            insight_snapshot(settings, now, "sessions", session_id=SESSION_UUID, data=timeline_entries(now)),
+            insight_snapshot(settings, now, "tools", data=tools),
+            insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("bo@example.com", split, 1))),
+            insight_snapshot(settings, now, "blocks", data=blocks)]
+
+
+def test_columns_take_the_room_there_is():
+    """No cell is cut at 120 columns; where a screen is really too narrow, cells end in ~ rather than overflow."""
+    snap, settings, now = _frame_fixture()
+    for state, data in first_hour_screens(settings, now):
+        lines, _ = frame_text(state, data, settings, 120, 30, now, unicode=True)
+        assert not [line for line in lines if "~" in line], "\n".join(lines)
+    daily, _ = frame_text(*first_hour_screens(settings, now)[1], settings, 120, 30, now)
+    assert daily[11].split()[-2:] == ["2.19K/min", "$99.00"]
+    blocks, _ = frame_text(*first_hour_screens(settings, now)[-1], settings, 120, 30, now)
+    assert blocks[10].endswith("######## 1450%")
+
+
+def test_the_week_line_drops_parts_whole():
+    """At 120 columns the family split is one character too long: it goes whole, never as `sonnet 14.`."""
+    snap, settings, now = _frame_fixture()
+    weekly = dataclasses_replace(settings, weekly_limit=500_000)
+    limits = dataclasses_replace(snap.limits, weekly=(("opus", ccmon.Usage(9, 120_000, 108_000)),
+                                                      ("sonnet", ccmon.Usage(4, 10_000, 4_200))))
+    week = {width: frame_text(ccmon.ViewState(period="b"), dataclasses_replace(snap, limits=limits), weekly, width, 24,
+                              now)[0][12] for width in (40, 80, 120, 121)}
+    assert week[40] == "Week   ##...  48%  242K / 500K"
+    assert week[80] == "Week   ###################.....................  48%  242K / 500K"
+    assert week[120] == week[80] + ", limit Tue 16:38 at this pace"
+    assert week[121] == week[120] + " (opus 228K, sonnet 14.2K)"
+    unlimited = {width: frame_text(ccmon.ViewState(period="b"), dataclasses_replace(snap, limits=limits), settings,
+                                   width, 24, now)[0][12] for width in (58, 59)}
+    assert unlimited == {58: "Week   242K premium tokens, $0.00", 59: "Week   242K premium tokens, $0.00 (opus 228K, "
+                                                                        "sonnet 14.2K)"}
+
+def test_wide_screens_show_more():
+    """Full model names and session ids where there is room, short ones where there is not."""
+    snap, settings, now = _frame_fixture()
+    screens = first_hour_screens(settings, now)
+    for state, data in (screens[0], screens[3]):  # the requests, the sessions
+        text = {width: "\n".join(frame_text(state, data, settings, width, 30, now)[0]) for width in (80, 120, 200)}
+        assert "claude-sonnet-4-5-20250929" in text[200] and "claude-sonnet-4-5-20250929" not in text[120]
+        assert SESSION_UUID in text[200]
+        assert "sonnet-4-5" in text[80] and "claude-sonnet-4-5" not in text[80]
+    requests = frame_text(*screens[0], settings, 120, 30, now)[0]
+    assert requests[15] == ("10:30:00 claude-sonnet-4-5   1.00K       0   30.0K   31.0K  <$0.0001    0ms "
+                            f"{SESSION_UUID}")
+    sessions = frame_text(*screens[3], settings, 200, 30, now)[0]
+    assert sessions[10].split() == [SESSION_UUID, "ana@example.com", "03-10", "09:30", "1h00m", "2", "1.53K", "$0.5100",
+                                    "claude-sonnet-4-5-20250929,claude-haiku-4-5-20251001", "3", "1", "0", "events"]
+    models = frame_text(*screens[2], settings, 80, 30, now)[0]
+    assert models[9:11] == ["Model         Req   Input  Output   Cache      Cost Share of cost Avg dur   TTFT",
+                            "opus-4-1       20    119K    110K   1.64M    $18.60 ####....  50%    7.0s      -"]
+
+
+def test_fit_columns_widens_by_need_and_keeps_forms_whole():
+    columns = [ccmon.Column("Name", 8, 0, left=True), ccmon.Column("Note", 4, 1, left=True),
+               ccmon.Column("Extra", 5, 2)]
+    rows = [[("claude-opus-4-1-20250805", "claude-opus-4-1", "opus-4-1"), "a long note", "1"]]
+
+    def widths(width):
+        return [(fitted.column.title, fitted.width, fitted.level) for fitted in ccmon.fit_columns(columns, rows, width)]
+
+    assert widths(12) == [("Name", 8, 0)]  # Note (4) fits but for the space between
+    assert widths(13) == [("Name", 8, 0), ("Note", 4, 0)]
+    assert widths(19) == [("Name", 8, 0), ("Note", 4, 0), ("Extra", 5, 0)]
+    assert widths(25) == [("Name", 8, 0), ("Note", 10, 0), ("Extra", 5, 0)]  # the rest to what it cuts
+    assert widths(32) == [("Name", 8, 0), ("Note", 11, 0), ("Extra", 5, 0)]  # not half a longer name
+    assert widths(33) == [("Name", 15, 1), ("Note", 11, 0), ("Extra", 5, 0)]
+    assert widths(41) == widths(33)
+    assert widths(42) == [("Name", 24, 2), ("Note", 11, 0), ("Extra", 5, 0)]
+    assert widths(200) == widths(42)  # and no wider than their cells
+    header, body = ccmon.table_lines(columns, [(rows[0], "")], 25)
+    assert [ccmon.line_text(line) for line in (header, *body)] == ["Name     Note       Extra",
+                                                                   "opus-4-1 a long no~     1"]
+
+
+def test_every_tab_is_named_at_every_width():
+    snap, settings, now = _frame_fixture()
+    for width in range(40, 201):
+        strip = frame_text(ccmon.ViewState(period="b"), snap, settings, width, 24, now)[0][1]
+        for number, tab in enumerate(ccmon.TABS.values(), start=1):
+            assert f" {tab.title} " in strip or f"{number} {tab.short_title}" in strip or \
+                f" {number}{tab.short_title} " in strip, (width, strip)
+    assert frame_text(ccmon.ViewState(), snap, settings, 60, 24, now)[0][1] == \
+        "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk  "
+
+
+def test_every_help_key_is_reachable_at_40x12():
+    snap, settings, now = _frame_fixture()
+    state, seen = ccmon.ViewState(help=True), []
+    for key in ("", "KEY_NPAGE", "KEY_NPAGE", "k", "KEY_HOME", "KEY_END", "j"):
+        if key:
+            state, action = ccmon.handle_key(state, key, settings, frame)
+            assert state.help and action == ""
+        lines, frame = frame_text(state, snap, settings, 40, 12, now)
+        seen.append(lines)
+    first, second, *_ = seen
+    assert first[3:] == ["+- Keys ------------------------------+",
+                         "| h  last hour       d  last 24 hours |",
+                         "| w  last 7 days     m  last 30 days  |",
+                         "| a  all time        b  current block |",
+                         "| o  sort order      r  refresh now   |",
+                         "| Tab/Shift-Tab or 1-7  switch tab    |",
+                         "| arrows/j/k PgUp/PgDn  scroll        |",
+                         "+- 1-6 of 10 -------------------------+",
+                         "arrows/PgDn: more  other keys close"]
+    assert second[4:10] == [f"| {text.ljust(36)}|" for text in ccmon.HELP_TEXT[4:]]
+    assert second[10] == "+- 5-10 of 10 ------------------------+"
+    assert [lines[4] for lines in seen] == [first[4], second[4], second[4], first[7], first[4], second[4], second[4]]
+    shown = "\n".join("\n".join(lines) for lines in seen)
+    assert all(text in shown for text in ccmon.HELP_TEXT)
+    closed, action = ccmon.handle_key(state, "x", settings, frame)
+    assert not closed.help and action == "" and closed.tab == state.tab
+    assert ccmon.handle_key(state, "q", settings, frame)[1] == "quit"
+    reopened, _ = ccmon.handle_key(closed, "?", settings, frame)
+    assert reopened.help and reopened.help_scroll == 0
+
+
+def test_the_block_hint_never_takes_a_tables_row():
+    snap, settings, now = _frame_fixture()
+    off = _settings(block_hour=None)
+    no_block = dataclasses_replace(snap, limits=None)
+    hint = "Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows)."
+    small, frame = frame_text(ccmon.ViewState(), no_block, off, 40, 12, now)
+    assert small[8:11] == ["-- Requests 1-1 of 12 ------------------",
+                           "Time     Model        Total      Cost",
+                           "10:30:00 sonnet-4-5   31.0K  <$0.0001"]
+    assert frame.page_rows == 1
+    assert hint in frame_text(ccmon.ViewState(), no_block, off, 80, 24, now)[0]
+    assert hint not in frame_text(ccmon.ViewState(), no_block, off, 80, 20, now)[0]  # 12 rows left: they are the table's
+    for state, data in first_hour_screens(off, now)[1:]:
+        lines, _ = frame_text(state, dataclasses_replace(data, limits=None), off, 80, 24, now)
+        assert not [line for line in lines if "Block tracking" in line]  # the other tabs start with their table
+        assert lines[3].startswith("-- ")
+
+
+def test_the_timeline_shows_what_happened():
+    snap, settings, now = _frame_fixture()
+    state, data = first_hour_screens(settings, now)[4]
+    lines, frame = frame_text(state, data, settings, 120, 24, now)
+    assert lines[8:18] == [
+        "-- Session 0f0c2a9e-7d4b-4c1e-9a55-3e1f7c2b8d41 (8 entries) - Esc: back " + "-" * 48,
+        "Time     Event                 Model/tool                      Cost Detail                             ",
+        "10:28:30 user_prompt                                                42 characters: fix the failing test",
+        "10:29:00 api_request           claude-sonnet-4-5-20250929   $0.5000 in 1.00K out 200 cache 5, 4.0s     ",
+        "10:29:10 tool_decision         Bash                                 accept (config)                    ",
+        "10:29:30 tool_result           Bash                                 failed, 3.0s: Exit code 1          ",
+        "10:29:35 tool_result           Read                                 ok, 15ms                           ",
+        "10:29:40 assistant_response                                         response_length=400                ",
+        "10:29:45 api_error             claude-opus-4-1-20250805             status 529: Overloaded (attempt 3) ",
+        "10:29:50 api_retries_exhausted                                      total_attempts=10                  "]
+    assert frame.total_rows == 8
+    narrow, _ = frame_text(state, data, settings, 80, 24, now)
+    assert [line[9:30].rstrip() for line in narrow[10:18]] == [row.kind for row in data.data]  # names in full
+    assert narrow[13] == "10:29:30 tool_result           Bash                 failed, 3.0s: Exit code 1   "
+    assert not [line for line in narrow + lines if re.search(r"anthropic|event\.|session\.|user\.|organization|"
+                                                              r"terminal|prompt\.id", line)]
 
 
 def dataclasses_replace(obj, **changes):
@@ -1187,11 +1397,11 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
         assert "last 24 hours" in screen.splitlines()[2]
         monitor.send(b"w")
         monitor.wait_for("Requests 1-3 of 3", "the last 7 days")
-        rows = [line for line in monitor.text.splitlines() if re.match(r"\d\d-\d\d \d\d:\d\d claude", line)]
-        assert [row.split()[2] for row in rows] == ["claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-1"]
+        rows = [line for line in monitor.text.splitlines() if re.match(r"\d\d-\d\d \d\d:\d\d ", line)]
+        assert [row.split()[2] for row in rows] == ["haiku-4-5", "sonnet-4-5", "opus-4-1"]  # 80 columns: short names
         monitor.send(b"o")
         monitor.wait_for("oldest first", "the sort order")
-        screen = monitor.wait_for(lambda text: re.search(r"\d\d:\d\d claude-opus-4-1 .*\n.*claude-sonnet", text),
+        screen = monitor.wait_for(lambda text: re.search(r"\d\d:\d\d opus-4-1 .*\n.*sonnet-4-5", text),
                                   "oldest first rows")
         monitor.send(b"\t")
         screen = monitor.wait_for("Daily usage - last 30 days (UTC)", "the daily tab")
@@ -1199,7 +1409,7 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
                                                       "$1.75"]
         monitor.send(b"3")
         screen = monitor.wait_for("Models - last 7 days", "the models tab")
-        assert line_with(screen, "claude-opus-4-1").split()[1:6] == ["1", "2.00K", "1.00K", "0", "$1.50"]
+        assert line_with(screen, "opus-4-1").split()[1:6] == ["1", "2.00K", "1.00K", "0", "$1.50"]
         monitor.send(b"4")
         screen = monitor.wait_for("Sessions - last 7 days (1) - Enter: details", "the sessions tab")
         monitor.send(b"\r")
@@ -3036,7 +3246,8 @@ def test_render_insight_tabs():
     assert lines[8] == "-- Models - last 7 days " + "-" * 76
     assert lines[9].split() == ["Model", "Req", "Input", "Output", "Cache", "Cost", "Share", "of", "cost", "Avg",
                                 "dur", "TTFT"]
-    assert lines[10].split() == ["claude-opus-4-1", "1", "50", "5.00K", "0", "$2.25", "######..", "78%", "1m", "-"]
+    assert lines[10].split() == ["claude-opus-4-1-20250805", "1", "50", "5.00K", "0", "$2.25", "######..", "78%", "1m",
+                                 "-"]
     assert lines[11].split() == ["claude-sonnet-4-5", "2", "1.01K", "203", "0", "$0.6250", "##......", "22%",
                                  "2.5s", "650ms"]
     assert lines[12].split()[:6] == ["Total", "3", "1.06K", "5.20K", "0", "$2.88"]
@@ -3051,8 +3262,8 @@ def test_render_insight_tabs():
     assert lines[8].startswith("-- Sessions - last 7 days (3) - Enter: details --")
     assert lines[9].split() == ["Session", "User", "Started", "Dur", "Req", "Tokens", "Cost", "Models", "Tools",
                                 "Fail", "Err", "Source"]
-    assert lines[11].split() == ["s-1-0123", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K", "$0.5100",
-                                 "sonnet-4-5,haiku-4-5", "3", "1", "1", "events"]
+    assert lines[11].split() == ["s-1-0123456789", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K",
+                                 "$0.5100", "sonnet-4-5,haiku-4-5", "3", "1", "1", "events"]
     assert lines[12].split()[-1] == "metrics"
     selected = ccmon.render(state, ccmon.Connection(True, attempts=1), snap,
                             ccmon.Screen(settings, 120, 24, now, ccmon.Glyphs.for_terminal(False))).lines[11]
@@ -3069,9 +3280,9 @@ def test_render_insight_tabs():
     state, snap = insight_snapshot(settings, now, "sessions", session_id="s-1-0123456789", data=timeline)
     lines, _ = frame_text(state, snap, settings, 100, 24, now)
     assert lines[8].startswith("-- Session s-1-0123456789 (2 entries) - Esc: back --")
-    assert lines[10].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "1.21K", "$0.5000", "in", "1.00K",
-                                "out", "200", "cache", "5,", "4.0s"]
-    assert lines[11].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3000", "ms"]
+    assert lines[10].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "$0.5000", "in", "1.00K", "out", "200",
+                                 "cache", "5,", "4.0s"]
+    assert lines[11].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3.0s"]
     tools = ccmon.ToolsData((("Bash", 3, 2, 200, 3000),), (("accept", "config", 1),), (("529", "claude-opus-4-1", 1),),
                             1)
     state, snap = insight_snapshot(settings, now, "tools", data=tools)
@@ -3096,7 +3307,7 @@ def test_render_insight_tabs():
     for key, tab in (("1", "current"), ("3", "models"), ("6", "users")):
         assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
     narrow, _ = frame_text(state, snap, settings, 40, 12, now)
-    assert narrow[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool"
+    assert narrow[1] == " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk "
 
 
 def test_adding_a_tab_is_one_entry_in_tabs():
@@ -3302,11 +3513,14 @@ def test_weekly_gauge_and_its_projection():
     limits = ccmon.LimitFigures(None, ccmon.Split(), 50.0, 10_000, None,
                                 (("opus", ccmon.Usage(3, 20_000, 5_000)), ("sonnet", ccmon.Usage(9, 40_000, 5_000)),
                                  ("haiku", ccmon.Usage(2, 999, 1))))
-    line = ccmon.line_text(ccmon.weekly_line(limits, ccmon.Screen(settings, 120, 24, now,
-                                                                   ccmon.Glyphs.for_terminal(False)), 101))
+    def line(width):
+        return ccmon.line_text(ccmon.weekly_line(limits, ccmon.Screen(settings, width, 24, now,
+                                                                      ccmon.Glyphs.for_terminal(False)), 101))
+
     # 70,000 used; 30,000 left at 50 tokens/min: 600 minutes, Monday 19:00
-    assert line == ("Week   ############################............  70%  70.0K / 100K, limit Mon 19:00 at this "
-                    "pace (opus 25.0K, sonnet 45.0K)")
+    assert line(123) == ("Week   ############################............  70%  70.0K / 100K, limit Mon 19:00 at "
+                         "this pace (opus 25.0K, sonnet 45.0K)")
+    assert line(122) == line(123).removesuffix(" (opus 25.0K, sonnet 45.0K)")
     assert ccmon.weekly_reached_ms(100, 100, 0.0, now) == now and ccmon.weekly_reached_ms(1, 100, 0.0, now) is None
 
 
