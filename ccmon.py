@@ -17,6 +17,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Client: a small QueryService client for the monitor, reports and quick query
   Settings and figures as text: shared by quick query, reports and the monitor
   Quick query: --format and --json for status bars
+  Status line: ccmon statusline, for Claude Code's settings
   Reports: ccmon report daily|weekly|monthly|session|model|blocks
   View model and pure render functions
   Curses loop: polling thread, keys, drawing
