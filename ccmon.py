@@ -3231,6 +3231,7 @@ class Snapshot:
     limits: LimitFigures | None = None
     users: tuple[tuple[str, Split, int], ...] = ()  # user, usage, sessions: the Users tab and the `u` filter
     data: Any = None                          # what query.fetch returned
+    unanswered: str = ""                      # why the server could not answer the tab (the Go ccmon)
 
 
 def request_row_of(r: ccmon_pb2.APIRequest) -> RequestRow:
@@ -3252,6 +3253,7 @@ class Client:
                  go_extras_empty: bool = True):
         self.address, self.timeout_s, self.go_extras_empty = address, timeout_s, go_extras_empty
         self._go_ccmon: bool | None = None  # whether the server is the Go ccmon, once a query has shown it
+        self.unanswered: set[str] = set()   # methods the Go ccmon could not answer (answered empty instead)
         target = re.sub(r"^https?://", "", address, flags=re.IGNORECASE).rstrip("/")
         if tls:
             credentials = grpc.ssl_channel_credentials(read_pem(tls.ca), read_pem(tls.key), read_pem(tls.cert))
@@ -3272,6 +3274,7 @@ class Client:
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method not in GO_CCMON_METHODS and self._is_go_ccmon():
                 if self.go_extras_empty:
+                    self.unanswered.add(method)
                     return getattr(ccmon_pb2, method + "Response")()  # nothing to show
                 raise ServerUnreachable(GO_CCMON_ONLY) from None
             raise ServerUnreachable(describe_rpc_error(exc)) from None
@@ -3304,7 +3307,8 @@ class Client:
         return request
 
     def stats(self, start_ms: int | None, end_ms: int, user: str | None = None) -> Split:
-        request = self._period(ccmon_pb2.GetStatsRequest(), start_ms, end_ms, user)
+        # From the epoch rather than unset: the Go ccmon counts nothing without a start.
+        request = self._period(ccmon_pb2.GetStatsRequest(), start_ms or 0, end_ms, user)
         return split_from_stats(self._call("GetStats", request).stats)
 
     def server_info(self) -> ccmon_pb2.GetServerInfoResponse:
@@ -3380,12 +3384,13 @@ class Client:
         return tuple((u.user, split_from_stats(u.stats), u.sessions) for u in response.users)
 
     def requests_page(self, query: Query) -> RequestsPage:
-        start, end, user = query.start_ms, query.end_ms, query.user
+        start, end, user = query.start_ms or 0, query.end_ms, query.user  # the Go ccmon needs a start
         request = self._period(ccmon_pb2.GetAPIRequestsRequest(limit=query.limit, offset=query.offset,
                                                                oldest_first=query.oldest_first), start, end, user)
         page = self._call("GetAPIRequests", request)
-        return RequestsPage(self.stats(start, end, user), tuple(request_row_of(r) for r in page.requests),
-                            page.total_count)
+        rows = sorted((request_row_of(r) for r in page.requests), key=lambda row: row.ts_ms,
+                      reverse=not query.oldest_first)  # the Go ccmon answers oldest first whatever is asked
+        return RequestsPage(self.stats(start, end, user), tuple(rows), page.total_count)
 
     def snapshot(self, query: Query) -> Snapshot:
         """Everything one screen shows: the figures every tab has, then what the query's tab fetches."""
@@ -3393,9 +3398,14 @@ class Client:
         limits = self.limit_figures(query.limits, zone_or_none(query.timezone), query.user) if query.limits else None
         if query.period_is_block and limits is not None:  # the current automatic block, or nothing between blocks
             query = dataclasses.replace(query, start_ms=limits.window[0] if limits.window else query.end_ms)
-        users = self.users(query.start_ms, query.end_ms)
-        return Snapshot(query, now_ms(), info.usage_records if info.version else -1, limits, users,
-                        query.fetch(self, query) if query.fetch else None)
+        self.unanswered.clear()
+        users = self.users(query.start_ms, query.end_ms)  # what the Users tab shows, and the `u` filter's names
+        data = None
+        if query.fetch:
+            self.unanswered.clear()
+            data = query.fetch(self, query)
+        return Snapshot(query, now_ms(), info.usage_records if info.version else -1, limits, users, data,
+                        GO_CCMON_ONLY if self.unanswered else "")
 
     def close(self) -> None:
         self._channel.close()
@@ -4692,6 +4702,9 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Sc
         lines += boxed([t.format(server=screen.settings.server) for t in WAITING_TEXT], width, room, screen.glyphs)
     elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):  # another tab's data
         lines += block_lines(snap, screen) + [[("Loading...", "dim")]]
+    elif snap.unanswered:
+        lines += block_lines(snap, screen) + [[("", "")], [(f"This tab needs ccmon's own server: {snap.unanswered}.",
+                                                            "warn")]]
     else:
         tab = TABS[state.tab]
         summary = tab.summary(snap, state, dataclasses.replace(screen, rows=room)) if tab.summary else []

@@ -3524,39 +3524,84 @@ def test_weekly_gauge_and_its_projection():
     assert ccmon.weekly_reached_ms(100, 100, 0.0, now) == now and ccmon.weekly_reached_ms(1, 100, 0.0, now) is None
 
 
-def test_monitor_and_quick_query_work_against_the_original_go_api(tmp_path):
-    """A server with only the Go ccmon's two RPCs (every other method is UNIMPLEMENTED, as there)."""
-    from concurrent import futures
+GO_CCMON = Path(os.environ.get("CCMON_SHARED", ROOT.parent / "shared")) / "peers" / "go-ccmon" / "ccmon"
+if not GO_CCMON.is_file():
+    GO_CCMON = Path("/work/shared/peers/go-ccmon/ccmon")
 
-    class GoQueryService(ccmon_pb2_grpc.QueryServiceServicer):
-        def GetStats(self, request, context):
-            token = ccmon_pb2.Token(total=1500, input=1000, output=500, limited=1500)
-            return ccmon_pb2.GetStatsResponse(stats=ccmon_pb2.Stats(
-                premium_requests=2, total_requests=2, premium_tokens=token, total_tokens=token,
-                premium_cost=ccmon_pb2.Cost(amount=1.5), total_cost=ccmon_pb2.Cost(amount=1.5)))
 
-        def GetAPIRequests(self, request, context):
-            return ccmon_pb2.GetAPIRequestsResponse(total_count=1, requests=[ccmon_pb2.APIRequest(
-                session_id="go", timestamp=ccmon.timestamp_from_ms(int(time.time() * 1000) - 60_000),
-                model="claude-sonnet-4-5", input_tokens=1000, output_tokens=500, total_tokens=1500, cost_usd=1.5)])
+def go_telemetry(sequence: int, model: str, **figures) -> tuple[str, dict]:
+    """An api_request the Go ccmon can read: it takes figures only as strings."""
+    return "api_request", api_request(sequence, hours_ago(0.01 - sequence / 10_000), model=model,
+                                      **{key: str(value) for key, value in figures.items()})
 
-    go = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    ccmon_pb2_grpc.add_QueryServiceServicer_to_server(GoQueryService(), go)
-    port = go.add_insecure_port("127.0.0.1:0")
-    go.start()
+
+def test_ccmon_clients_against_the_real_go_ccmon_server(tmp_path):
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    go = subprocess.Popen([str(GO_CCMON), "-s", "--server-address", f"127.0.0.1:{port}", "--database-path",
+                           str(tmp_path / "go.db")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
     try:
-        quick = run_ccmon(["--monitor-server", f"127.0.0.1:{port}", "--format", "@daily_cost @session_cost"], tmp_path)
-        assert (quick.returncode, quick.stdout) == (0, "$1.50 $0.00\n")
-        client = ccmon.Client(f"127.0.0.1:{port}")
+        stub = ccmon_pb2_grpc.QueryServiceStub(grpc.insecure_channel(target))
+        for _ in range(300):  # ready when it answers
+            try:
+                stub.GetStats(ccmon_pb2.GetStatsRequest(), timeout=1)
+                break
+            except grpc.RpcError:
+                time.sleep(0.1)
+        assert sdk_export(port, [go_telemetry(1, "claude-sonnet-4-5", input_tokens=1200, output_tokens=300,
+                                              cost_usd=1.25, duration_ms=900),
+                                 go_telemetry(2, "claude-haiku-4-5", input_tokens=100, output_tokens=10,
+                                              cost_usd=0.0021, duration_ms=100)]) == ["SUCCESS"]
+        quick = run_ccmon(["--monitor-server", target, "--format", "@daily_cost @daily_tokens"], tmp_path)
+        assert (quick.returncode, quick.stdout) == (0, "$1.25 1.61K\n")
+        client = ccmon.Client(target)
         settings = _settings(block_hour=None)
-        snap = client.snapshot(ccmon.query_for(ccmon.ViewState(), settings, int(time.time() * 1000)))
-        lines, _ = frame_text(ccmon.ViewState(), snap, settings, 80, 24, int(time.time() * 1000))
-        assert lines[6].split()[:2] == ["Premium", "2"] and lines[9].startswith("-- Requests 1-1 of 1 --")
-        assert client.snapshot(ccmon.query_for(ccmon.ViewState(tab="sessions"), settings, 0)).data == ()
+        now = int(time.time() * 1000)
+        current = client.snapshot(ccmon.query_for(ccmon.ViewState(), settings, now))
+        assert [row.model for row in current.data.requests] == ["claude-haiku-4-5", "claude-sonnet-4-5"]  # newest first
+        assert not current.unanswered
+        lines, _ = frame_text(ccmon.ViewState(), current, settings, 80, 24, now)
+        assert lines[6].split()[:2] == ["Premium", "1"], "\n".join(lines)
+        for tab in ("daily", "models", "sessions", "tools", "users", "blocks"):
+            snap = client.snapshot(ccmon.query_for(ccmon.ViewState(tab=tab), settings, now))
+            lines, _ = frame_text(ccmon.ViewState(tab=tab), snap, settings, 120, 24, now)
+            assert "This tab needs ccmon's own server: the Go ccmon server answers only GetStats and GetAPIRequests." \
+                in "\n".join(lines), tab
         client.close()
+        report = run_ccmon(["report", "daily", "--monitor-server", target], tmp_path)
+        assert (report.returncode, report.stdout) == (1, "")
+        assert "the Go ccmon server answers only GetStats and GetAPIRequests" in report.stderr
     finally:
-        go.stop(None)
+        go.terminate()
+        go.wait(10)
 
+
+def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
+    sdk_export(server.port, [go_telemetry(1, "claude-sonnet-4-5", input_tokens=1200, output_tokens=300, cost_usd=1.25,
+                                          duration_ms=900),
+                             ("api_request", api_request(2, hours_ago(0.01), model="claude-haiku-4-5",
+                                                         input_tokens=100, output_tokens=10, cost_usd=0.0021))])
+    for template, shown in (("@daily_cost", "$1.3"), ("@monthly_cost", "$1.3"), ("@daily_plan_usage", "0%")):
+        result = subprocess.run([str(GO_CCMON), "--monitor-server", server.target, "--format", template],
+                                capture_output=True, text=True, timeout=30)
+        assert (result.returncode, result.stdout) == (0, shown)  # $1.2521, as the Go ccmon rounds it
+    session = f"go-monitor-{os.getpid()}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30",
+                    f"{GO_CCMON} --monitor-server {server.target}"], check=True)
+    try:
+        deadline, screen = time.time() + 30, ""
+        while time.time() < deadline and "0.002100" not in screen:
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+                                    text=True).stdout
+            time.sleep(0.2)
+        assert re.search(r"Base \(Haiku\) +1 +110 .* 0\.002100", screen), screen
+        assert re.search(r"Premium \(S/O\) +1 +1\.5K .* 1\.250000", screen), screen
+        assert re.search(r"claude-sonnet-4-5 +1200 +300 .* 1\.250000 +900ms", screen), screen
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session])
 
 def test_learned_limit_from_recent_blocks(server, tmp_path):
     now = int(time.time() * 1000)
