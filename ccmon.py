@@ -4227,6 +4227,11 @@ def session_names(session_id: str) -> tuple[str, str]:
     return session_id, session_id[:8]
 
 
+def user_names(user: str, unknown: str = "-") -> Cell:
+    """A user as named, and a hashed user id also cut short for a narrow column."""
+    return (user, short_user(user)) if short_user(user) != user else user or unknown
+
+
 def bar(fraction: float, width: int, glyphs: Glyphs) -> str:
     filled = min(width, max(0, int(round(min(fraction, 1.0) * width))))
     return glyphs.full * filled + glyphs.empty * (width - filled)
@@ -4477,7 +4482,7 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     for index, row in enumerate(sessions[top:top + page_rows], start=top):
         total = row.split.total
         models = tuple(",".join(names) for names in zip(*map(model_names, row.models))) or ""  # long to short
-        rows.append(([session_names(row.session_id), row.user or "-",
+        rows.append(([session_names(row.session_id), user_names(row.user),
                       local_time(row.first_ms, screen.settings.zone, "%m-%d %H:%M"),
                       format_duration(row.last_ms - row.first_ms), format_count(total.requests),
                       format_count(total.total), format_cost(total.cost_nanos), models, str(row.tool_calls),
@@ -4578,7 +4583,7 @@ def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
                Column("Tokens", 7, 1), Column("Premium", 7, 3), Column("Cost", 9, 0), Column("Share of cost", 13, 2)]
     whole = sum(split.total.cost_nanos for _, split, _ in snap.users)
     page_rows = max(1, screen.rows - 2)
-    rows = [([user or "(unknown)", str(sessions), format_count(split.total.requests), format_count(split.total.total),
+    rows = [([user_names(user, "(unknown)"), str(sessions), format_count(split.total.requests), format_count(split.total.total),
               format_count(split.premium.limited), format_cost(split.total.cost_nanos),
               share_cell(split.total.cost_nanos, whole, screen.glyphs)],
              "tab_active" if user and user == state.user else "")

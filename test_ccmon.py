@@ -3228,6 +3228,15 @@ def test_report_errors(args, message, tmp_path, capsys, monkeypatch):
     assert unreachable.stderr == "ccmon: cannot reach the ccmon server at 127.0.0.1:9: connection refused\n"
 
 
+def test_hashed_user_ids_are_cut_short_where_the_screen_is_narrow():
+    settings, now = _settings(), ccmon.parse_iso_ms("2026-05-05T12:00:00Z")
+    hashed = "9c" * 32
+    state, snap = insight_snapshot(settings, now, "users", users=((hashed, ccmon.Split(ccmon.Usage(1, 10)), 1),
+                                                                  ("ana@example.com", ccmon.Split(), 2)))
+    narrow = "\n".join(frame_text(state, snap, settings, 80, 24, now)[0])
+    assert "9c9c9c9c9c~" in narrow and hashed not in narrow and "ana@example.com" in narrow
+    assert hashed in "\n".join(frame_text(state, snap, settings, 200, 24, now)[0])
+
 def insight_snapshot(settings, now, tab, **fields):
     state = ccmon.ViewState(tab=tab, period="w", session_id=fields.pop("session_id", None))
     limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5),
