@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -3392,12 +3393,13 @@ class ClaudeTmux:
         self.home = claude_home(home, self.workdir, {"statusLine": {"type": "command", "command": status_command}})
         self.command = ["env", "-i", *(f"{k}={v}" for k, v in claude_env(home, api_port, {
             "TERM": "screen-256color", **(env_extra or {})}).items()), str(claude), "--model", model]
-        self.socket = f"ccmon-test-{os.getpid()}-{id(self):x}"
+        # a tmux server of its own, its socket removed at close() (tmux leaves it behind)
+        self.socket = Path(tempfile.gettempdir()) / f"ccmon-test-tmux-{os.getpid()}-{id(self):x}"
         self.started = False
 
     def tmux(self, *args: str, check: bool = True) -> str:
         env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE")}
-        result = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, env=env,
+        result = subprocess.run(["tmux", "-S", str(self.socket), *args], capture_output=True, text=True, env=env,
                                 timeout=30)
         assert result.returncode == 0 or not check, f"tmux {' '.join(args)}: {result.stderr}"
         return result.stdout
@@ -3461,6 +3463,7 @@ class ClaudeTmux:
         if self.started:
             self.tmux("kill-server", check=False)
             self.started = False
+        self.socket.unlink(missing_ok=True)
 
 
 def test_claude_code_print_mode_is_recorded_exactly_over_every_protocol(server, claude_code, mock_anthropic, tmp_path):
