@@ -9,12 +9,14 @@ import io
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -1913,18 +1915,43 @@ provider.forceFlush().then(() => exporter.export(memory.getFinishedLogRecords(),
 """
 
 
+def npm_install_once(name: str, packages: dict[str, str]) -> Path:
+    """Install exact versions of npm packages from the registry once, into a cache folder named after them
+    (`$XDG_CACHE_HOME` or `~/.cache`, then `ccmon-tests/NAME-HASH`), and return that folder. A file lock keeps
+    concurrent test runs from installing over each other, and a marker written last tells a complete install
+    from an interrupted one. Without npm or the registry this fails (never skips), saying what is missing:
+    CI has both."""
+    import fcntl
+    import hashlib
+    key = hashlib.sha256(json.dumps(packages, sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ccmon-tests" / f"{name}-{key}"
+    marker = cache / ".installed"
+    if marker.exists():
+        return cache
+    if not shutil.which("npm"):
+        pytest.fail("npm is not installed: these tests install Node.js packages from the npm registry "
+                    "(.ci/run installs nodejs and npm with apt-get when they are missing)")
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / f"{cache.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            wanted = [f"{package}@{version}" for package, version in packages.items()]
+            try:
+                result = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error",
+                                         "--prefix", str(cache), *wanted], capture_output=True, text=True, timeout=900)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"npm install {' '.join(wanted)} took over 15 minutes (is the npm registry reachable?)")
+            if result.returncode != 0:
+                pytest.fail(f"npm install {' '.join(wanted)} failed (exit {result.returncode}; is the npm registry "
+                            f"reachable?):\n{result.stderr[-3000:]}")
+            marker.write_text(json.dumps(packages))
+    return cache
+
+
 @pytest.fixture(scope="session")
 def node_emitter() -> Path:
     """The OpenTelemetry JS SDK installed from the npm registry once into a cache folder."""
-    import hashlib
-    key = hashlib.sha256(json.dumps(NODE_PACKAGES, sort_keys=True).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ccmon-tests" / f"node-otel-{key}"
-    script = cache / "emit.js"
-    if not (cache / "node_modules" / "@opentelemetry" / "exporter-logs-otlp-grpc").is_dir():
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix", str(cache),
-                        *[f"{name}@{version}" for name, version in NODE_PACKAGES.items()]],
-                       check=True, capture_output=True, timeout=600)
+    script = npm_install_once("node-otel", NODE_PACKAGES) / "emit.js"
     script.write_text(NODE_EMITTER)
     return script
 
@@ -4090,3 +4117,394 @@ def test_module_docstring_lists_the_sections_in_order():
     titles = re.findall(r"^# -{8,} (.+)$", (ROOT / "ccmon.py").read_text(), re.MULTILINE)
     listed = [line.strip() for line in ccmon.__doc__.splitlines() if line.startswith("  ")]
     assert listed == titles
+
+
+# ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
+# Claude Code itself (the npm package, a native binary) runs offline against shared/tools/mock_anthropic.py, a
+# stand-in Anthropic API: in `-p` mode with run_claude_print(), interactively in tmux with ClaudeTmux. Each test
+# gives it a fresh HOME under tmp_path. Notes on what it sends: shared/notes/claude-code-sources.md.
+
+CLAUDE_CODE_VERSION = "2.1.328"
+TEST_API_KEY = "sk-ant-api03-ccmon-tests-0123456789abcdefghijklmnop"
+TEST_OAUTH_TOKEN = "sk-ant-oat01-ccmon-tests-0123456789abcdefghijklmnop"  # a subscriber: status line rate_limits
+MOCK_REPLY = "Hello from the stand-in API."
+MOCK_REQUEST_ID = re.compile(r"req_011CV[0-9a-f]{20}")  # the mock's request-id header
+# The mock's usage per model family, and what Claude Code charges for it (its own cost_usd), in nano-dollars.
+MOCK_USAGE = {"claude-sonnet-4-5": (1500, 250, 4000, 800, 12_450_000),
+              "claude-haiku-4-5": (120, 30, 0, 0, 270_000)}
+
+
+def shared_dir() -> Path:
+    """The project's shared/ folder: `$CCMON_SHARED` when set, else `shared/` beside the clone (CI, and any
+    worktree that sits beside it), else /work/shared (a worktree elsewhere on a developer's machine)."""
+    for candidate in (os.environ.get("CCMON_SHARED"), ROOT.parent / "shared", "/work/shared"):
+        if candidate and (Path(candidate) / "tools" / "mock_anthropic.py").is_file():
+            return Path(candidate)
+    pytest.fail(f"shared/tools/mock_anthropic.py not found in $CCMON_SHARED, {ROOT.parent / 'shared'} "
+                "or /work/shared: set CCMON_SHARED to the shared/ folder")
+
+
+def wait_until(check, what: str, timeout: float = 60.0, interval: float = 0.1):
+    """Poll `check` until it returns something truthy (which is returned); fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def at_least(count: int, rows: list) -> list:
+    """`rows` once there are `count` of them (for wait_until), else nothing."""
+    return rows if len(rows) >= count else []
+
+
+@pytest.fixture(scope="session")
+def claude_code() -> Path:
+    """The `claude` executable of @anthropic-ai/claude-code at CLAUDE_CODE_VERSION, installed with npm once."""
+    claude = npm_install_once("claude-code", {"@anthropic-ai/claude-code": CLAUDE_CODE_VERSION}) / \
+        "node_modules" / ".bin" / "claude"
+    version = subprocess.run([claude, "--version"], capture_output=True, text=True, timeout=60)
+    assert version.stdout.startswith(f"{CLAUDE_CODE_VERSION} "), (version.stdout, version.stderr)
+    return claude
+
+
+class MockAnthropic:
+    """shared/tools/mock_anthropic.py on a free loopback port; `env` sets its options (RL_HEADERS=1, ...)."""
+
+    def __init__(self, folder: Path, **env: str):
+        self.folder, self.env = folder, env
+        self.log_path = folder / "requests.log"
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "MockAnthropic":
+        import urllib.request
+        self.folder.mkdir(parents=True, exist_ok=True)
+        port_file = self.folder / "port"
+        with open(port_file, "w") as out, open(self.folder / "stderr", "w") as err:
+            self.proc = subprocess.Popen([sys.executable, str(shared_dir() / "tools" / "mock_anthropic.py"), "0",
+                                          str(self.log_path)], stdout=out, stderr=err, env={**os.environ, **self.env})
+
+        def port():
+            assert self.proc.poll() is None, f"mock_anthropic.py exited: {(self.folder / 'stderr').read_text()}"
+            text = port_file.read_text()
+            return int(text) if text.endswith("\n") else 0
+
+        self.port = wait_until(port, "mock_anthropic.py to print its port", 30)
+
+        def answers():
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/oauth/profile", timeout=5) as reply:
+                    return reply.status == 200
+            except OSError:
+                return False
+
+        wait_until(answers, f"mock_anthropic.py to answer on port {self.port}", 30)
+        self.log_path.write_text("")  # forget the readiness probe
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def calls(self) -> list[str]:
+        """The model of every POST /v1/messages it answered, in order."""
+        text = self.log_path.read_text() if self.log_path.exists() else ""
+        return re.findall(r" POST /v1/messages\S* .* model=(\S+) stream=", text)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def mock_anthropic(tmp_path):
+    """Starts the stand-in Anthropic API: `mock_anthropic(RL_HEADERS="1", ...)`; each is stopped after the test."""
+    started: list[MockAnthropic] = []
+
+    def start(**env: str) -> MockAnthropic:
+        started.append(MockAnthropic(tmp_path / f"mock-anthropic-{len(started)}", **env).start())
+        return started[-1]
+
+    yield start
+    for mock in started:
+        mock.stop()
+
+
+def claude_home(home: Path, workdir: Path, settings: dict | None = None) -> Path:
+    """A fresh HOME in which Claude Code starts without onboarding, trust or API-key questions, with
+    `settings` as its ~/.claude/settings.json."""
+    (home / ".claude").mkdir(parents=True, exist_ok=True)
+    (home / "tmp").mkdir(exist_ok=True)
+    (home / ".claude.json").write_text(json.dumps({
+        "hasCompletedOnboarding": True, "theme": "dark", "numStartups": 1,
+        "customApiKeyResponses": {"approved": [TEST_API_KEY[-20:]], "rejected": []},
+        "projects": {str(workdir): {"hasTrustDialogAccepted": True, "allowedTools": []}}}))
+    (home / ".claude" / "settings.json").write_text(json.dumps(settings or {}))
+    return home
+
+
+def claude_env(home: Path, api_port: int, env_extra: dict | None = None) -> dict[str, str]:
+    """Claude Code's whole environment: nothing of the caller's (which may be a Claude Code session itself), the
+    stand-in API, no update checks or other traffic, its temp files under HOME, and an API key unless
+    `env_extra` signs in otherwise (CLAUDE_CODE_OAUTH_TOKEN: a subscriber)."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8",
+           "TMPDIR": str(home / "tmp"), "ANTHROPIC_BASE_URL": f"http://127.0.0.1:{api_port}",
+           "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_AUTOUPDATER": "1"}
+    if not {"CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_AUTH_TOKEN"} & set(env_extra or {}):
+        env["ANTHROPIC_API_KEY"] = TEST_API_KEY
+    return {**env, **(env_extra or {})}
+
+
+def telemetry_env(srv: ServerProcess, protocol: str = "grpc") -> dict[str, str]:
+    """What README's "Point Claude Code at it" sets, for `srv`, exporting events every second."""
+    port = srv.port if protocol == "grpc" else srv.http_port
+    return {"CLAUDE_CODE_ENABLE_TELEMETRY": "1", "OTEL_LOGS_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+            "OTEL_LOGS_EXPORT_INTERVAL": "1000", "OTEL_METRIC_EXPORT_INTERVAL": "1000"}
+
+
+def run_claude_print(claude: Path, api_port: int, workdir: Path, prompt: str, env_extra: dict | None = None, *,
+                     home: Path | None = None, model: str = "claude-sonnet-4-5", timeout: float = 180) -> dict:
+    """`claude -p PROMPT --output-format json` in `workdir` (HOME: `home`, default `workdir`/../home, made fresh
+    when it has no .claude.json), Bash allowed so RUN_TOOL works; returns Claude Code's JSON result
+    (`session_id`, `total_cost_usd`, `usage`, ...). Claude Code flushes its telemetry before it exits."""
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    home = home or workdir.parent / "home"
+    if not (home / ".claude.json").exists():
+        claude_home(home, workdir)
+    try:
+        result = subprocess.run([str(claude), "-p", prompt, "--model", model, "--output-format", "json",
+                                 "--allowedTools", "Bash"], cwd=workdir, env=claude_env(home, api_port, env_extra),
+                                stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"claude -p {prompt!r} took over {timeout:.0f} s: {e.stdout!r} {e.stderr!r}")
+    assert result.returncode == 0, f"claude -p {prompt!r} exited {result.returncode}: {result.stdout}{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def claude_transcript(home: Path, session_id: str, timeout: float = 30) -> list[dict]:
+    """The lines of the transcript Claude Code wrote for a session, ~/.claude/projects/<cwd>/<session id>.jsonl."""
+    found = wait_until(lambda: list((home / ".claude" / "projects").glob(f"*/{session_id}.jsonl")),
+                       f"the transcript of session {session_id} under {home}", timeout)
+    assert len(found) == 1, found
+    return [json.loads(line) for line in found[0].read_text().splitlines() if line.strip()]
+
+
+def transcript_requests(lines: list[dict]) -> dict[str, dict]:
+    """requestId -> usage of the assistant lines (one API answer may be written as several lines)."""
+    return {line["requestId"]: line["message"]["usage"] for line in lines if line.get("type") == "assistant"}
+
+
+def status_capture_command(folder: Path, marker: str = "ccmon-test-status") -> tuple[str, Path]:
+    """A statusLine command that appends its stdin (one JSON object a run) to a file and prints
+    `MARKER #N`, N counting its runs; returns the command and the file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    captured, script = folder / "statusline-stdin.jsonl", folder / "statusline.sh"
+    script.write_text(f"#!/bin/sh\n{{ cat; echo; }} >> '{captured}'\necho \"{marker} #$(grep -c . '{captured}')\"\n")
+    script.chmod(0o755)
+    return str(script), captured
+
+
+def status_inputs(captured: Path) -> list[dict]:
+    """What the statusLine command got on stdin, one object a run (a line still being written is left out)."""
+    text = captured.read_text() if captured.exists() else ""
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+class ClaudeTmux:
+    """A real interactive Claude Code in a detached 160x40 tmux session on a tmux server of its own, with a fresh
+    HOME whose settings.json runs `status_command` as the statusLine:
+
+        session = ClaudeTmux(claude_code, api.port, tmp_path / "project", tmp_path / "home", command).start("marker")
+        screen = session.turn("say hello")     # waits for the stand-in API's reply on screen
+        session.wait_for("text", "what it is")  # or a predicate on the captured pane
+        assert session.exit() == 0              # /exit; the pane stays readable after it ends
+    """
+
+    def __init__(self, claude: Path, api_port: int, workdir: Path, home: Path, status_command: str,
+                 env_extra: dict | None = None, model: str = "claude-sonnet-4-5"):
+        self.workdir = workdir.resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.home = claude_home(home, self.workdir, {"statusLine": {"type": "command", "command": status_command}})
+        self.command = ["env", "-i", *(f"{k}={v}" for k, v in claude_env(home, api_port, {
+            "TERM": "screen-256color", **(env_extra or {})}).items()), str(claude), "--model", model]
+        # a tmux server of its own, its socket removed at close() (tmux leaves it behind)
+        self.socket = Path(tempfile.gettempdir()) / f"ccmon-test-tmux-{os.getpid()}-{id(self):x}"
+        self.started = False
+
+    def tmux(self, *args: str, check: bool = True) -> str:
+        env = {k: v for k, v in os.environ.items() if k not in ("TMUX", "TMUX_PANE")}
+        result = subprocess.run(["tmux", "-S", str(self.socket), *args], capture_output=True, text=True, env=env,
+                                timeout=30)
+        assert result.returncode == 0 or not check, f"tmux {' '.join(args)}: {result.stderr}"
+        return result.stdout
+
+    def start(self, status_marker: str, timeout: float = 90) -> "ClaudeTmux":
+        """Start Claude Code and wait until its status line shows `status_marker`."""
+        if not shutil.which("tmux"):
+            pytest.fail("tmux is not installed (.ci/run installs it with apt-get when it is missing)")
+        conf = self.home / "tmux.conf"
+        conf.write_text("set -g remain-on-exit on\nset -g status off\nset -g history-limit 20000\n")
+        self.tmux("-f", str(conf), "new-session", "-d", "-s", "claude", "-x", "160", "-y", "40",
+                  "-c", str(self.workdir), shlex.join(self.command))
+        self.started = True
+        self.wait_for(status_marker, "the status line", timeout)
+        return self
+
+    def screen(self, history: bool = False) -> str:
+        """The pane as text (with its whole scrollback when `history`)."""
+        return self.tmux("capture-pane", "-p", "-J", "-t", "claude", *(["-S", "-"] if history else []))
+
+    def dead(self) -> tuple[bool, int]:
+        dead, status = (self.tmux("display-message", "-p", "-t", "claude", "#{pane_dead} #{pane_dead_status}")
+                        .split() + ["0"])[:2]
+        return dead == "1", int(status or 0)
+
+    def wait_for(self, expected, what: str, timeout: float = 60) -> str:
+        """Wait until the pane contains `expected` (a string, or a predicate on the pane's text); returns it."""
+        last = [""]
+
+        def check():
+            last[0] = self.screen()
+            if (expected(last[0]) if callable(expected) else expected in last[0]):
+                return last[0]
+            assert not self.dead()[0], f"Claude Code ended while waiting for {what}:\n{last[0]}"
+            return None
+
+        try:
+            return wait_until(check, what, timeout, interval=0.2)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; the pane:\n{last[0]}") from None
+
+    def send(self, text: str) -> None:
+        self.tmux("send-keys", "-t", "claude", "-l", text)
+        self.tmux("send-keys", "-t", "claude", "Enter")
+
+    def turn(self, prompt: str, reply: str = MOCK_REPLY, timeout: float = 90) -> str:
+        """Send a prompt and wait until one more `reply` is on screen (scrollback included); returns the pane."""
+        before = self.screen(history=True).count(reply)
+        self.send(prompt)
+        self.wait_for(lambda _: self.screen(history=True).count(reply) > before, f"the answer to {prompt!r}",
+                      timeout)
+        return self.screen()
+
+    def exit(self, timeout: float = 60) -> int:
+        """/exit, wait until Claude Code has ended, and return its exit status."""
+        self.send("/exit")
+        wait_until(lambda: self.dead()[0], "Claude Code to exit after /exit", timeout, interval=0.2)
+        return self.dead()[1]
+
+    def close(self) -> None:
+        if self.started:
+            self.tmux("kill-server", check=False)
+            self.started = False
+        self.socket.unlink(missing_ok=True)
+
+
+def test_claude_code_print_mode_is_recorded_exactly_over_every_protocol(server, claude_code, mock_anthropic, tmp_path):
+    """Claude Code in -p mode, telemetry on, exporting over each OTLP protocol to a real server: one api_request per
+    model call with the stand-in API's usage, Claude Code's own cost and the API's request-id, the same requestId
+    in Claude Code's transcript, and a tool call's tool_result event."""
+    api = mock_anthropic()
+    home, project = tmp_path / "home", tmp_path / "project"
+    runs = [("grpc", "RUN_TOOL: print a word", "claude-sonnet-4-5", 2),
+            ("http/protobuf", "say hello over protobuf", "claude-sonnet-4-5", 1),
+            ("http/json", "say hello over json", "claude-sonnet-4-5", 1),
+            ("http/json", "say hello with haiku", "claude-haiku-4-5", 1)]
+    sessions = []
+    for protocol, prompt, model, calls in runs:
+        before = len(api.calls())
+        result = run_claude_print(claude_code, api.port, project, prompt, telemetry_env(server, protocol), home=home,
+                                  model=model)
+        assert api.calls()[before:] == [model] * calls, (protocol, prompt)
+        session, (i, o, cr, cc, nanos) = result["session_id"], MOCK_USAGE[model]
+        assert round(result["total_cost_usd"] * 1e9) == calls * nanos
+        rows = wait_until(lambda: at_least(calls, db_rows(
+            server.db, "SELECT model_name, input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, "
+                       "cost_nanos, request_id FROM r WHERE session_id = ? ORDER BY ts, seq", (session,))),
+            f"the api_request events of the {protocol} run in ccmon", 30)
+        assert [row[:6] for row in rows] == [(model, i, o, cr, cc, nanos)] * calls, protocol
+        request_ids = [row[6] for row in rows]
+        assert len(set(request_ids)) == calls and all(MOCK_REQUEST_ID.fullmatch(r) for r in request_ids), rows
+        usage = transcript_requests(claude_transcript(home, session))
+        assert sorted(usage) == sorted(request_ids), "the transcript's requestId is the telemetry's request_id"
+        assert {(u["input_tokens"], u["output_tokens"], u["cache_read_input_tokens"],
+                 u["cache_creation_input_tokens"]) for u in usage.values()} == {(i, o, cr, cc)}
+        sessions.append((session, request_ids))
+    tool_session, tool_requests = sessions[0]
+    [(attributes,)] = db_rows(server.db, "SELECT attributes FROM e WHERE session_id = ? AND name = 'tool_result'",
+                              (tool_session,))
+    tool = json.loads(attributes)
+    assert (tool["tool_name"], tool["success"], tool["request_id"]) == ("Bash", "true", tool_requests[0])
+    s = stats(server)
+    assert (s.base_requests, s.premium_requests, s.total_requests) == (1, 4, 5)
+    assert s.premium_tokens == ccmon_pb2.Token(input=6000, output=1000, cache_read=16000, cache_creation=3200,
+                                               limited=7000, cache=19200, total=26200)
+    assert s.base_tokens == ccmon_pb2.Token(input=120, output=30, limited=150, total=150)
+    assert (s.premium_cost.amount, s.base_cost.amount, s.total_cost.amount) == (0.0498, 0.00027, 0.05007)
+    assert len(api.calls()) == 5
+
+
+def test_claude_code_status_line_gets_the_session_and_the_subscription_limits(server, claude_code, mock_anthropic,
+                                                                              tmp_path):
+    """Claude Code interactive in tmux, signed in as a subscriber, with a statusLine command that keeps its stdin:
+    the command's output shows, and its input carries the session, model, project and the rate-limit headers of
+    the last answer (changed between turns), joined to ccmon's records by session and prompt id."""
+    limits = tmp_path / "rate-limits.json"
+    api = mock_anthropic(RL_HEADERS="1", RL_5H_UTIL="0.555", RL_STATE_FILE=str(limits))
+    command, captured = status_capture_command(tmp_path / "status")
+    session = ClaudeTmux(claude_code, api.port, tmp_path / "project", tmp_path / "home", command,
+                         {"CLAUDE_CODE_OAUTH_TOKEN": TEST_OAUTH_TOKEN, **telemetry_env(server)})
+
+    def after_turn(cost: float) -> tuple[int, dict]:
+        """The status line's run after the turn that brought the session's cost to `cost`, once it shows."""
+        found = wait_until(lambda: next(((n, s) for n, s in enumerate(status_inputs(captured), 1)
+                                         if s["cost"]["total_cost_usd"] == cost), None),
+                           f"a status line run with the session cost at {cost}", 60)
+        session.wait_for(lambda pane: any(int(n) >= found[0] for n in re.findall(r"ccmon-test-status #(\d+)", pane)),
+                         f"the status line of run {found[0]}")
+        return found
+
+    try:
+        session.start("ccmon-test-status #")
+        for early in status_inputs(captured):  # the start-up runs, before any API call
+            assert "rate_limits" not in early and early["cost"]["total_cost_usd"] == 0, early
+            assert early["context_window"]["used_percentage"] is None
+        sent = int(time.time())
+        session.turn("say hello")
+        _, first = after_turn(0.01245)
+        answered = int(time.time())
+        project = str(tmp_path.resolve() / "project")
+        assert (first["model"], first["workspace"]["project_dir"], first["workspace"]["current_dir"], first["cwd"]) \
+            == ({"id": "claude-sonnet-4-5", "display_name": "Sonnet 4.5"}, project, project, project)
+        five_hour, seven_day = first["rate_limits"]["five_hour"], first["rate_limits"]["seven_day"]
+        assert (five_hour["used_percentage"], seven_day["used_percentage"]) == (55.5, 17)
+        assert sent + 7200 <= five_hour["resets_at"] <= answered + 7200, (sent, five_hour)
+        assert sent + 259200 <= seven_day["resets_at"] <= answered + 259200, (sent, seven_day)
+
+        limits.write_text(json.dumps({"RL_5H_UTIL": "0.4237", "RL_5H_RESET_IN": "3600"}))
+        sent = int(time.time())
+        session.turn("say hello again")
+        _, second = after_turn(0.0249)
+        answered = int(time.time())
+        assert second["rate_limits"]["five_hour"]["used_percentage"] == 42.4  # round(423.7) / 10
+        assert sent + 3600 <= second["rate_limits"]["five_hour"]["resets_at"] <= answered + 3600
+        assert session.exit() == 0
+    finally:
+        session.close()
+    runs = status_inputs(captured)
+    assert {run["session_id"] for run in runs} == {first["session_id"]}
+    assert Path(first["transcript_path"]).name == f"{first['session_id']}.jsonl"
+    transcript = claude_transcript(tmp_path / "home", first["session_id"])
+    rows = wait_until(lambda: at_least(2, db_rows(
+        server.db, "SELECT model_name, cost_nanos, prompt_id, request_id FROM r WHERE session_id = ? ORDER BY ts",
+        (first["session_id"],))), "both turns' api_request events in ccmon", 30)
+    assert [row[:3] for row in rows] == [("claude-sonnet-4-5", 12_450_000, first["prompt_id"]),
+                                         ("claude-sonnet-4-5", 12_450_000, second["prompt_id"])]
+    assert sorted(transcript_requests(transcript)) == sorted(row[3] for row in rows)
