@@ -29,6 +29,7 @@ import argparse
 import base64
 import calendar
 import contextlib
+import ctypes
 import dataclasses
 import datetime as dt
 import decimal
@@ -54,7 +55,7 @@ import zlib
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -1314,6 +1315,7 @@ class Writer:
                     break
                 group.append(item)
             self._run_group(group)
+            first = item = group = None  # else the last jobs, and the rows they hold, live until the next write
 
     def _fail_queued(self, first) -> None:
         """Jobs that raced with close(), or outlived its deadline, get an answer instead of waiting forever."""
@@ -1821,6 +1823,7 @@ REQUEST_COLUMNS_KEYS = {"event.name", "event.timestamp", "event.sequence", "sess
 EVENT_COLUMNS_KEYS = {"event.name", "event.timestamp", "session.id", "prompt.id"}
 # Caps per record: what is over them is rejected (partial_success), never stored or crashed on.
 MAX_RECORDS_PER_EXPORT = 100_000
+WRITE_CHUNK_ROWS = 5_000  # rows decoded and stored at a time: a big export never holds all its rows at once
 MAX_ATTRIBUTES = 1024
 MAX_VALUE_CHARS = 1024 * 1024
 MAX_DEPTH = 8
@@ -1965,19 +1968,20 @@ def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, re
 
 
 class Rejections:
-    """Counts rejected records and keeps the first few reasons for the partial_success message; counts there
-    too the records stored at the time received because they were dated ahead (stored, so not rejected)."""
+    """Counts an export's records and the rejected ones, keeping the first few reasons, for the partial_success
+    message; counts there too the records stored at the time received because they were dated ahead (stored, so
+    not rejected)."""
 
     def __init__(self, what: str):
-        self.what, self.count, self.reasons, self.dated_ahead = what, 0, [], 0
+        self.what, self.total, self.count, self.reasons, self.dated_ahead = what, 0, 0, [], 0
 
     def add(self, reason: str) -> None:
         self.count += 1
         if len(self.reasons) < 3:
             self.reasons.append(reason)
 
-    def message(self, total: int) -> str:
-        parts = []
+    def message(self) -> str:
+        total, parts = self.total, []
         if self.count:
             more = f"; and {self.count - len(self.reasons)} more" if self.count > len(self.reasons) else ""
             parts.append(f"rejected {self.count} of {total} {self.what}: {'; '.join(self.reasons)}{more}")
@@ -1987,12 +1991,12 @@ class Rejections:
                          f"received, their own time kept as {ORIGINAL_TIME_KEY}")
         return "; ".join(parts)
 
-    def answer(self, response, count_field: str, total: int):
+    def answer(self, response, count_field: str):
         """The Export response, with partial_success (and a log line) when anything was rejected or re-dated."""
         if self.count or self.dated_ahead:
-            log.warning("%s", self.message(total))
+            log.warning("%s", self.message())
             setattr(response.partial_success, count_field, self.count)
-            response.partial_success.error_message = self.message(total)
+            response.partial_success.error_message = self.message()
         return response
 
 
@@ -2003,8 +2007,9 @@ class LogsIngest:
         self._seen_unknown: set[str] = set()
         self.sources = Sources()
 
-    def decode(self, request) -> tuple[Batch, Rejections, int]:
-        batch, rejected, total, received = Batch(), Rejections("log records"), 0, now_ms()
+    def decode(self, request, rejected: Rejections) -> Iterator[Batch]:
+        """The request's rows, WRITE_CHUNK_ROWS at a time; what is rejected or re-dated is counted in `rejected`."""
+        batch, received = Batch(), now_ms()
         for resource_logs in request.resource_logs:
             try:
                 resource = attributes_dict(resource_logs.resource.attributes)
@@ -2015,12 +2020,16 @@ class LogsIngest:
             resource_json = compact_json(resource) or "{}"
             for scope_logs in resource_logs.scope_logs:
                 for record in scope_logs.log_records:
-                    total += 1
-                    if resource_problem or total > MAX_RECORDS_PER_EXPORT:
+                    rejected.total += 1
+                    if resource_problem or rejected.total > MAX_RECORDS_PER_EXPORT:
                         rejected.add(resource_problem or f"more than {MAX_RECORDS_PER_EXPORT} records in one export")
                         continue
                     self._decode_record(record, resource, resource_json, received, batch, rejected)
-        return batch, rejected, total
+                    if len(batch) == WRITE_CHUNK_ROWS:
+                        yield batch
+                        batch = Batch()
+        if len(batch):
+            yield batch
 
     def _decode_record(self, record, resource: dict, resource_json: str, received: int, batch: Batch,
                        rejected: Rejections) -> None:
@@ -2051,9 +2060,10 @@ class LogsIngest:
             log.info("storing events of a kind ccmon does not know yet: %r", name)
 
 
-def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[tuple], int]:
-    """Number data points (sums and gauges; histograms by their sum) as metric_points rows (METRIC_COLUMNS)."""
-    rows, total, received = [], 0, now_ms()
+def metric_rows(request, rejected: Rejections, sources: Sources) -> Iterator[list[tuple]]:
+    """Number data points (sums and gauges; histograms by their sum) as metric_points rows (METRIC_COLUMNS),
+    WRITE_CHUNK_ROWS at a time; what is rejected or re-dated is counted in `rejected`."""
+    rows, received = [], now_ms()
     for resource_metrics in request.resource_metrics:
         try:
             resource = attributes_dict(resource_metrics.resource.attributes)
@@ -2062,7 +2072,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
                         for sm in resource_metrics.scope_metrics for m in sm.metrics if m.WhichOneof("data"))
             for _ in range(count):
                 rejected.add(f"resource: {exc}")
-            total += count
+            rejected.total += count
             continue
         resource_json = compact_json(resource) or "{}"
         for scope_metrics in resource_metrics.scope_metrics:
@@ -2073,12 +2083,12 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
                 data = getattr(metric, kind)
                 temporality = getattr(data, "aggregation_temporality", 0)
                 for point in data.data_points:
-                    total += 1
+                    rejected.total += 1
                     if kind in ("sum", "gauge"):
                         value = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
                     else:
                         value = point.sum
-                    if total > MAX_RECORDS_PER_EXPORT:
+                    if rejected.total > MAX_RECORDS_PER_EXPORT:
                         rejected.add(f"more than {MAX_RECORDS_PER_EXPORT} data points in one export")
                         continue
                     if not math.isfinite(value) or value < 0 or value >= MAX_COUNT:
@@ -2103,29 +2113,82 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
                                  user_name(attrs, resource), metric.name, temporality, float(value),
                                  optional_text(attrs.get("model")), optional_text(attrs.get("type")),
                                  sources.json(resource_json, attrs), compact_json(rest) or "{}"))
-    return rows, total
+                    if len(rows) == WRITE_CHUNK_ROWS:
+                        yield rows
+                        rows = []
+    if rows:
+        yield rows
+
+
+M_MMAP_THRESHOLD = -3            # mallopt's parameter (malloc.h)
+MMAP_THRESHOLD_BYTES = 1024 ** 2  # blocks this big get pages of their own, which go back to the system when freed
+TRIM_DELAY_S = 1.0                # an export's request is freed once its answer is sent: give memory back after that
+
+
+def glibc_or_none() -> ctypes.CDLL | None:
+    """The C library if it is glibc, whose malloc needs the help HeapTrimmer gives; None for others (musl, macOS)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+
+
+class HeapTrimmer:
+    """Keeps the server near its idle size after big exports. glibc's malloc keeps what is freed for reuse, so a
+    16 MiB export left RSS near its peak; worse, once a big block is freed, glibc serves blocks up to that size
+    from the heap instead of pages of their own, and the heap fragments. A fixed threshold for those, and a trim
+    after exports (at most once per TRIM_DELAY_S), give the memory back to the system. Elsewhere than glibc it
+    does nothing."""
+
+    def __init__(self):
+        self._libc = glibc_or_none()
+        self._due = threading.Event()
+        if self._libc:
+            self._libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)  # a fixed one: glibc then stops raising it
+            threading.Thread(target=self._trim_when_due, name="ccmon-trim", daemon=True).start()
+
+    def after_export(self) -> None:
+        self._due.set()
+
+    def _trim_when_due(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            time.sleep(TRIM_DELAY_S)
+            self._libc.malloc_trim(0)
 
 
 class Receiver:
-    """OTLP ingestion shared by the gRPC and HTTP listeners: decode, store, answer.
-    Raises StorageUnavailable when the data cannot be stored now (the caller says "retry")."""
+    """OTLP ingestion shared by the gRPC and HTTP listeners: decode, store, answer; a big export is decoded and
+    stored a chunk at a time, so its rows never all exist at once. Raises StorageUnavailable when the data cannot
+    be stored now (the caller says "retry"); chunks stored before that are duplicates when the export comes again,
+    and ignored as such, but for records re-dated to the time received (see FUTURE_TOLERANCE_MS)."""
 
     def __init__(self, store: Writer):
-        self.store, self.logs_ingest = store, LogsIngest()
+        self.store, self.logs_ingest, self.heap = store, LogsIngest(), HeapTrimmer()
 
     def logs(self, request) -> logs_service_pb2.ExportLogsServiceResponse:
-        batch, rejected, total = self.logs_ingest.decode(request)
-        new = self.store.write(batch) if len(batch) else 0
+        rejected, requests, new = Rejections("log records"), 0, 0
+        try:
+            for batch in self.logs_ingest.decode(request, rejected):
+                requests += len(batch.requests)
+                new += self.store.write(batch)
+        finally:
+            self.heap.after_export()
         log.info("logs: %d records, %d api requests, %d new, %d rejected",
-                 total, len(batch.requests), new, rejected.count)
-        return rejected.answer(logs_service_pb2.ExportLogsServiceResponse(), "rejected_log_records", total)
+                 rejected.total, requests, new, rejected.count)
+        return rejected.answer(logs_service_pb2.ExportLogsServiceResponse(), "rejected_log_records")
 
     def metrics(self, request) -> metrics_service_pb2.ExportMetricsServiceResponse:
-        rejected = Rejections("data points")
-        rows, total = metric_rows(request, rejected, self.logs_ingest.sources)
-        new = self.store.write(Batch(metrics=rows)) if rows else 0
-        log.info("metrics: %d data points, %d new, %d rejected", total, new, rejected.count)
-        return rejected.answer(metrics_service_pb2.ExportMetricsServiceResponse(), "rejected_data_points", total)
+        rejected, new = Rejections("data points"), 0
+        try:
+            for rows in metric_rows(request, rejected, self.logs_ingest.sources):
+                new += self.store.write(Batch(metrics=rows))
+        finally:
+            self.heap.after_export()
+        log.info("metrics: %d data points, %d new, %d rejected", rejected.total, new, rejected.count)
+        return rejected.answer(metrics_service_pb2.ExportMetricsServiceResponse(), "rejected_data_points")
 
     def traces(self, request) -> trace_service_pb2.ExportTraceServiceResponse:
         """Accepted so exporters configured for traces do not error; ccmon has no use for spans."""

@@ -2415,9 +2415,10 @@ def test_oversize_and_gzip_bombs_are_refused_without_growing(tmp_path):
         srv.stop()
 
 
-def process_rss_kib(pid: int) -> int:
+def process_rss_kib(pid: int, field: str = "VmHWM") -> int:
+    """The process's peak resident size (VmHWM), or its current one (VmRSS), in KiB."""
     status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))
+    return int(re.search(rf"{field}:\s+(\d+) kB", status).group(1))
 
 
 def test_per_record_caps_reject_through_partial_success(server):
@@ -3032,6 +3033,64 @@ def test_metric_points_from_the_future_are_stored_at_the_time_received(server):
     assert sent <= ts <= answered and json.loads(attributes) == {"ccmon.original_timestamp": iso(ahead)}
     assert (old_ts, old_attributes) == (1_700_000_000_000, "{}")
     assert server.query().GetSessionStats(ccmon_pb2.GetSessionStatsRequest()).session_id == "metrics-only"
+
+
+def export_of(records: list, resource: dict = CLAUDE_RESOURCE) -> logs_service_pb2.ExportLogsServiceRequest:
+    request = logs_request([], resource)
+    request.resource_logs[0].scope_logs[0].log_records.extend(records)
+    return request
+
+
+def api_request_records(attrs: dict, limit_bytes: int, count: int = 10 ** 6) -> list:
+    """Up to `count` api_request records an hour old with these attributes (and numbered sequences), as many
+    as fit in `limit_bytes` of an export."""
+    template = logs_request([("api_request", {**attrs, "session.id": "", "event.sequence": 0})])
+    template = template.resource_logs[0].scope_logs[0].log_records[0]
+    template.time_unix_nano = time.time_ns() - 3600 * 10 ** 9
+    session, sequence = (next(kv.value for kv in template.attributes if kv.key == key)
+                         for key in ("session.id", "event.sequence"))
+    records, size = [], 0
+    for seq in range(count):
+        session.string_value, sequence.int_value = f"session-{seq % 100}", seq
+        size += template.ByteSize() + 4
+        if size > limit_bytes:
+            break
+        records.append(logs_pb2.LogRecord())
+        records[-1].CopyFrom(template)
+    return records
+
+
+def test_big_exports_leave_the_server_near_its_idle_size(tmp_path):
+    limit = 16 * 1024 * 1024
+    many = export_of(api_request_records({"model": "claude-sonnet-4-5", "input_tokens": 1, "cost_usd": 0.001},
+                                         limit - 1024, count=100_000))
+    full = export_of(api_request_records(api_request(0, hours_ago(1), input_tokens="1200", output_tokens="340",
+                                                     cache_read_tokens="15000", cost_usd="0.0421",
+                                                     duration_ms="5120"), limit - 1024))
+    huge_values = export_of([logs_pb2.LogRecord(body=any_value("claude_code.tool_result"), attributes=[
+        common_pb2.KeyValue(key="session.id", value=any_value("huge")),
+        common_pb2.KeyValue(key="event.sequence", value=any_value(seq)),
+        common_pb2.KeyValue(key="output", value=any_value("x" * (1024 * 1024 - 200)))]) for seq in range(15)])
+    many_count = len(many.resource_logs[0].scope_logs[0].log_records)
+    full_count = len(full.resource_logs[0].scope_logs[0].log_records)
+    assert many_count == 100_000 and full_count > 20_000
+    assert all(limit - 2 * 1024 * 1024 < r.ByteSize() <= limit for r in (many, full, huge_values))
+    srv = ServerProcess(tmp_path).start()
+    try:
+        stub = srv.logs_stub()
+        stub.Export(logs_request([("api_request", api_request(0, hours_ago(1), session="warm-up"))]))
+        idle = process_rss_kib(srv.proc.pid, "VmRSS")
+        for request in (many, full, huge_values):
+            assert not stub.Export(request, timeout=120).HasField("partial_success")
+        assert process_rss_kib(srv.proc.pid) < 250 * 1024, "the peak (VmHWM)"
+        deadline = time.monotonic() + 30  # memory is given back shortly after the last answer
+        while process_rss_kib(srv.proc.pid, "VmRSS") > idle + 30 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process_rss_kib(srv.proc.pid, "VmRSS") <= idle + 30 * 1024, f"idle was {idle // 1024} MiB"
+        assert stats(srv).total_requests == 1 + many_count + full_count  # and nothing lost on the way
+        assert db_rows(srv.db, "SELECT COUNT(*) FROM events WHERE name = 'tool_result'") == [(15,)]
+    finally:
+        srv.stop()
 
 
 # ---------------------------------------------------------------- insights: models, sessions, tools, users, reports
