@@ -44,6 +44,21 @@ import ccmon_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent
 CCMON = [sys.executable, str(ROOT / "ccmon.py")]
+def shared_dir() -> Path:
+    """The project's shared/ folder: `$CCMON_SHARED` when set, else `shared/` beside the clone (CI, and any
+    worktree that sits beside it), else /work/shared (a worktree elsewhere on a developer's machine)."""
+    for candidate in (os.environ.get("CCMON_SHARED"), ROOT.parent / "shared", "/work/shared"):
+        if candidate and (Path(candidate) / "tools" / "mock_anthropic.py").is_file():
+            return Path(candidate)
+    pytest.fail(f"shared/tools/mock_anthropic.py not found in $CCMON_SHARED, {ROOT.parent / 'shared'} "
+                "or /work/shared: set CCMON_SHARED to the shared/ folder")
+
+
+def go_ccmon_binary() -> Path:
+    """The original Go ccmon v0.9.4, built for this kind of machine, in shared/."""
+    return shared_dir() / "peers" / "go-ccmon" / "ccmon"
+
+
 CLAUDE_RESOURCE = {"service.name": "claude-code", "service.version": "2.0.14", "os.type": "linux",
                    "host.arch": "amd64"}
 
@@ -2823,9 +2838,6 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
 
 # ---------------------------------------------------------------- a server you can leave running: wrong servers, settings, future records, memory
 
-GO_CCMON = Path("/work/shared/peers/go-ccmon/ccmon")
-
-
 def client_commands(address: str) -> list[list[str]]:
     """--health, a quick query and a report against `address`."""
     return [["--health", "--monitor-server", address], ["--monitor-server", address, "--format", "@daily_cost"],
@@ -2881,10 +2893,8 @@ def free_port() -> int:
 @pytest.fixture
 def go_server(tmp_path):
     """The original Go ccmon server (v0.9.4) on a free loopback port, once it answers gRPC."""
-    if not GO_CCMON.exists():
-        pytest.skip(f"{GO_CCMON} is not on this machine")
     address = f"127.0.0.1:{free_port()}"
-    proc = subprocess.Popen([str(GO_CCMON), "--server", "--server-address", address, "--database-path",
+    proc = subprocess.Popen([str(go_ccmon_binary()), "--server", "--server-address", address, "--database-path",
                              str(tmp_path / "go.db")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with grpc.insecure_channel(address) as channel:
         grpc.channel_ready_future(channel).result(timeout=60)
@@ -2901,8 +2911,25 @@ def test_clients_against_the_original_go_server(go_server, tmp_path):
     health = run_ccmon(["--health", "--monitor-server", go_server], tmp_path)
     assert (health.returncode, health.stderr) == (0, "")
     assert health.stdout == f"ok: {go_server}: the Go ccmon server answers only GetStats and GetAPIRequests\n"
-    quick = run_ccmon(["--monitor-server", go_server, "--format", "@monthly_tokens"], tmp_path)
-    assert (quick.returncode, quick.stdout) == (0, "100\n")
+    assert sdk_export(port, [go_telemetry(2, "claude-sonnet-4-5", input_tokens=1200, output_tokens=300,
+                                          cost_usd=1.25, duration_ms=900),
+                             go_telemetry(3, "claude-haiku-4-5", input_tokens=100, output_tokens=10,
+                                          cost_usd=0.0021, duration_ms=100)]) == ["SUCCESS"]
+    quick = run_ccmon(["--monitor-server", go_server, "--format", "@monthly_tokens @daily_cost"], tmp_path)
+    assert (quick.returncode, quick.stdout) == (0, "1.71K $1.75\n")
+    # The monitor: the Current tab in ccmon's order (the Go server answers oldest first), other tabs say why not.
+    client, settings, now = ccmon.Client(go_server), _settings(block_hour=None), int(time.time() * 1000)
+    current = client.snapshot(ccmon.query_for(ccmon.ViewState(), settings, now))
+    assert [row.model for row in current.data.requests] == ["claude-haiku-4-5", "claude-sonnet-4-5",
+                                                            "claude-sonnet-4-5"]
+    lines, _ = frame_text(ccmon.ViewState(), current, settings, 80, 24, now)
+    assert lines[6].split()[:2] == ["Premium", "2"] and not current.unanswered
+    for tab in ("daily", "models", "sessions", "tools", "users", "blocks"):
+        snap = client.snapshot(ccmon.query_for(ccmon.ViewState(tab=tab), settings, now))
+        lines, _ = frame_text(ccmon.ViewState(tab=tab), snap, settings, 120, 24, now)
+        assert "This tab needs ccmon's own server: the Go ccmon server answers only GetStats and GetAPIRequests." \
+            in "\n".join(lines), tab
+    client.close()
     for kind in ccmon.REPORT_KINDS:
         report = run_ccmon(["report", kind, "--monitor-server", go_server], tmp_path)
         assert (report.returncode, report.stdout) == (1, "")
@@ -3619,59 +3646,10 @@ def test_weekly_gauge_and_its_projection():
     assert ccmon.weekly_reached_ms(100, 100, 0.0, now) == now and ccmon.weekly_reached_ms(1, 100, 0.0, now) is None
 
 
-GO_CCMON = Path(os.environ.get("CCMON_SHARED", ROOT.parent / "shared")) / "peers" / "go-ccmon" / "ccmon"
-if not GO_CCMON.is_file():
-    GO_CCMON = Path("/work/shared/peers/go-ccmon/ccmon")
-
-
 def go_telemetry(sequence: int, model: str, **figures) -> tuple[str, dict]:
     """An api_request the Go ccmon can read: it takes figures only as strings."""
     return "api_request", api_request(sequence, hours_ago(0.01 - sequence / 10_000), model=model,
                                       **{key: str(value) for key, value in figures.items()})
-
-
-def test_ccmon_clients_against_the_real_go_ccmon_server(tmp_path):
-    import socket
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    go = subprocess.Popen([str(GO_CCMON), "-s", "--server-address", f"127.0.0.1:{port}", "--database-path",
-                           str(tmp_path / "go.db")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = f"127.0.0.1:{port}"
-    try:
-        stub = ccmon_pb2_grpc.QueryServiceStub(grpc.insecure_channel(target))
-        for _ in range(300):  # ready when it answers
-            try:
-                stub.GetStats(ccmon_pb2.GetStatsRequest(), timeout=1)
-                break
-            except grpc.RpcError:
-                time.sleep(0.1)
-        assert sdk_export(port, [go_telemetry(1, "claude-sonnet-4-5", input_tokens=1200, output_tokens=300,
-                                              cost_usd=1.25, duration_ms=900),
-                                 go_telemetry(2, "claude-haiku-4-5", input_tokens=100, output_tokens=10,
-                                              cost_usd=0.0021, duration_ms=100)]) == ["SUCCESS"]
-        quick = run_ccmon(["--monitor-server", target, "--format", "@daily_cost @daily_tokens"], tmp_path)
-        assert (quick.returncode, quick.stdout) == (0, "$1.25 1.61K\n")
-        client = ccmon.Client(target)
-        settings = _settings(block_hour=None)
-        now = int(time.time() * 1000)
-        current = client.snapshot(ccmon.query_for(ccmon.ViewState(), settings, now))
-        assert [row.model for row in current.data.requests] == ["claude-haiku-4-5", "claude-sonnet-4-5"]  # newest first
-        assert not current.unanswered
-        lines, _ = frame_text(ccmon.ViewState(), current, settings, 80, 24, now)
-        assert lines[6].split()[:2] == ["Premium", "1"], "\n".join(lines)
-        for tab in ("daily", "models", "sessions", "tools", "users", "blocks"):
-            snap = client.snapshot(ccmon.query_for(ccmon.ViewState(tab=tab), settings, now))
-            lines, _ = frame_text(ccmon.ViewState(tab=tab), snap, settings, 120, 24, now)
-            assert "This tab needs ccmon's own server: the Go ccmon server answers only GetStats and GetAPIRequests." \
-                in "\n".join(lines), tab
-        client.close()
-        report = run_ccmon(["report", "daily", "--monitor-server", target], tmp_path)
-        assert (report.returncode, report.stdout) == (1, "")
-        assert "the Go ccmon server answers only GetStats and GetAPIRequests" in report.stderr
-    finally:
-        go.terminate()
-        go.wait(10)
 
 
 def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
@@ -3680,12 +3658,12 @@ def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
                              ("api_request", api_request(2, hours_ago(0.01), model="claude-haiku-4-5",
                                                          input_tokens=100, output_tokens=10, cost_usd=0.0021))])
     for template, shown in (("@daily_cost", "$1.3"), ("@monthly_cost", "$1.3"), ("@daily_plan_usage", "0%")):
-        result = subprocess.run([str(GO_CCMON), "--monitor-server", server.target, "--format", template],
+        result = subprocess.run([str(go_ccmon_binary()), "--monitor-server", server.target, "--format", template],
                                 capture_output=True, text=True, timeout=30)
         assert (result.returncode, result.stdout) == (0, shown)  # $1.2521, as the Go ccmon rounds it
     session = f"go-monitor-{os.getpid()}"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30",
-                    f"{GO_CCMON} --monitor-server {server.target}"], check=True)
+                    f"{go_ccmon_binary()} --monitor-server {server.target}"], check=True)
     try:
         deadline, screen = time.time() + 30, ""
         while time.time() < deadline and "0.002100" not in screen:
@@ -3975,18 +3953,14 @@ def test_files_are_private_and_a_failed_start_leaves_none(server, tmp_path):
 
 # ---------------------------------------------------------------- status line: ccmon statusline, Claude's own limits
 
-SAMPLES = Path(os.environ.get("CCMON_SHARED", ROOT.parent / "shared")) / "data" / "claude-code-2.1.328"
-if not SAMPLES.is_dir():
-    SAMPLES = Path("/work/shared/data/claude-code-2.1.328")
-
-
-def status_inputs() -> list[dict]:
+def sample_status_inputs() -> list[dict]:
     """Real status line input of Claude Code 2.1.328: 4 lines of a subscriber session, then 4 of an API-key one."""
-    return [json.loads(line) for line in (SAMPLES / "statusline-stdin.jsonl").read_text().splitlines()]
+    path = shared_dir() / "data" / "claude-code-2.1.328" / "statusline-stdin.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_status_line_input_is_read_as_claude_code_writes_it():
-    subscriber, api_key = status_inputs()[3], status_inputs()[7]
+    subscriber, api_key = sample_status_inputs()[3], sample_status_inputs()[7]
     now = 1_795_762_477_000  # when the sample was taken: 2026-11-27T06:54:37Z
     reading = ccmon.reading_from_status_input(subscriber, now)
     assert reading == ccmon.LimitReading(
@@ -4002,7 +3976,7 @@ def test_status_line_input_is_read_as_claude_code_writes_it():
     first = ccmon.reading_from_status_input(api_key, now)
     assert (first.five_hour, first.seven_day) == (None, None)
     assert ccmon.format_status_line(ccmon.DEFAULT_STATUS_LINE, ccmon.status_values(
-        status_inputs()[4], ccmon.reading_from_status_input(status_inputs()[4], now), None,
+        sample_status_inputs()[4], ccmon.reading_from_status_input(sample_status_inputs()[4], now), None,
         ccmon.Split(premium=ccmon.Usage(cost_nanos=8_350_000_000)), ccmon.ZoneInfo("UTC"), now)) == \
         "Sonnet 4.5 | session $0.00 | today $8.35"
     # A window whose reset has passed says nothing any more; odd values are ignored, not trusted.
@@ -4032,7 +4006,7 @@ def status_line(srv_target: str, data: dict | str, *extra: str, cwd: Path) -> su
 
 def live_input(session: str, five_hour: float | None = 42.0, cost: bool = False) -> dict:
     """The subscriber sample as Claude Code would write it now, for `session`."""
-    data = {k: v for k, v in status_inputs()[3].items() if k != "cost" or cost}
+    data = {k: v for k, v in sample_status_inputs()[3].items() if k != "cost" or cost}
     now_s = int(time.time())
     data["session_id"] = session
     data["rate_limits"] = {"five_hour": {"used_percentage": five_hour, "resets_at": now_s + 3600},
@@ -4191,16 +4165,6 @@ MOCK_REQUEST_ID = re.compile(r"req_011CV[0-9a-f]{20}")  # the mock's request-id 
 # The mock's usage per model family, and what Claude Code charges for it (its own cost_usd), in nano-dollars.
 MOCK_USAGE = {"claude-sonnet-4-5": (1500, 250, 4000, 800, 12_450_000),
               "claude-haiku-4-5": (120, 30, 0, 0, 270_000)}
-
-
-def shared_dir() -> Path:
-    """The project's shared/ folder: `$CCMON_SHARED` when set, else `shared/` beside the clone (CI, and any
-    worktree that sits beside it), else /work/shared (a worktree elsewhere on a developer's machine)."""
-    for candidate in (os.environ.get("CCMON_SHARED"), ROOT.parent / "shared", "/work/shared"):
-        if candidate and (Path(candidate) / "tools" / "mock_anthropic.py").is_file():
-            return Path(candidate)
-    pytest.fail(f"shared/tools/mock_anthropic.py not found in $CCMON_SHARED, {ROOT.parent / 'shared'} "
-                "or /work/shared: set CCMON_SHARED to the shared/ folder")
 
 
 def wait_until(check, what: str, timeout: float = 60.0, interval: float = 0.1):
