@@ -4531,3 +4531,36 @@ def test_claude_code_status_line_gets_the_session_and_the_subscription_limits(se
     assert [row[:3] for row in rows] == [("claude-sonnet-4-5", 12_450_000, first["prompt_id"]),
                                          ("claude-sonnet-4-5", 12_450_000, second["prompt_id"])]
     assert sorted(transcript_requests(transcript)) == sorted(row[3] for row in rows)
+
+
+def test_ccmon_statusline_in_a_real_claude_code(server, claude_code, mock_anthropic, tmp_path):
+    """`ccmon statusline` as a subscriber's Claude Code runs it: Claude's own limits on the status line, the
+    session's cost, today's once its events are in, and each reading kept by the server."""
+    limits = tmp_path / "rate-limits.json"
+    api = mock_anthropic(RL_HEADERS="1", RL_5H_UTIL="0.555", RL_STATE_FILE=str(limits))
+    command = f"{sys.executable} {ROOT / 'ccmon.py'} statusline --monitor-server {server.target} --monitor-timezone UTC"
+    session = ClaudeTmux(claude_code, api.port, tmp_path / "project", tmp_path / "home", command,
+                         {"CLAUDE_CODE_OAUTH_TOKEN": TEST_OAUTH_TOKEN, **telemetry_env(server)})
+    one_turn = ccmon.format_cost(12_450_000)
+    try:
+        session.start("Sonnet 4.5")
+        session.turn("say hello")
+        pane = session.wait_for(lambda text: f"session {one_turn} | " in text and "5h 56% (resets " in text,
+                                "the status line after the first turn")
+        assert re.search(rf"Sonnet 4\.5 \| ctx \d+% \| session {re.escape(one_turn)} \| (today \S+ \| )?5h 56% "
+                         r"\(resets \d\d:\d\d\) \| week 17% \(\w{3} \d\d:\d\d\)", pane), pane
+        wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM r")[0][0] >= 1, "the first turn's api_request")
+        limits.write_text(json.dumps({"RL_5H_UTIL": "0.4237", "RL_5H_RESET_IN": "3600"}))
+        session.turn("say hello again")
+        pane = session.wait_for(lambda text: "5h 42% (resets " in text, "the status line after the second turn")
+        assert f"| today {one_turn} | 5h 42%" in pane, pane  # the first turn's cost, now known to be this user's
+        assert session.exit() == 0
+    finally:
+        session.close()
+    latest = server.query().GetLimits(ccmon_pb2.GetLimitsRequest()).latest
+    assert (latest.five_hour.used_percentage, latest.seven_day.used_percentage, latest.model,
+            latest.project_dir) == (42.4, 17.0, "claude-sonnet-4-5", str(tmp_path.resolve() / "project"))
+    readings = db_rows(server.db, "SELECT COUNT(*), COUNT(five_hour_percent) FROM limit_readings")[0]
+    assert readings[0] >= 4 and readings[1] == 2  # two at start-up, one after each turn (only those have limits)
+    assert db_rows(server.db, "SELECT project FROM sessions WHERE session_id = ?", (latest.session_id,)) == \
+        [(str(tmp_path.resolve() / "project"),)]
