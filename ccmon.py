@@ -4836,7 +4836,7 @@ def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
 
 
 def blocks_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
-    blocks: tuple[tuple[int, int, Split], ...] = snap.data
+    blocks: tuple[tuple[int, int, Split, bool], ...] = snap.data
     zone = screen.settings.zone
     limit = snap.limits.limit if snap.limits else screen.settings.limit
     columns = [Column("Block", 17, 0, left=True), Column("Req", 5, 1), Column("Premium", 7, 0),

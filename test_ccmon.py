@@ -1081,7 +1081,8 @@ def first_hour_screens(settings, now) -> list[tuple[ccmon.ViewState, ccmon.Snaps
     tools = ccmon.ToolsData((("Bash", 30, 22, 120, 3000), ("mcp__github__create_pull_request", 1, 1, 900, 900)),
                             (("accept", "config", 12), ("reject", "user_reject", 1)),
                             (("529", "claude-opus-4-1-20250805", 1),), 1)
-    blocks = ((now - 3600_000, now + 4 * 3600_000, ccmon.Split(usage(2, 100), usage(7, 400_000, 107_500, 500_000))),)
+    blocks = ((now - 3600_000, now + 4 * 3600_000, ccmon.Split(usage(2, 100), usage(7, 400_000, 107_500, 500_000)),
+               False),)
     return [(ccmon.ViewState(period="b"), requests),
             (ccmon.ViewState(tab="daily"), dataclasses_replace(daily_snapshot(settings, now), data=days)),
             insight_snapshot(settings, now, "models", data=models),
@@ -1530,7 +1531,8 @@ def test_quick_query_format_and_json(server, tmp_path):
     assert result.returncode == 0
     assert result.stderr == ("ccmon: unknown in --format, left as written: @nonsense (known: @daily_cost "
                              "@monthly_cost @daily_plan_usage @monthly_plan_usage @daily_tokens @monthly_tokens "
-                             "@block_usage @block_remaining @block_projection @weekly_usage @session_cost)\n")
+                             "@block_usage @block_remaining @block_projection @weekly_usage @session_cost @five_hour "
+                             "@five_hour_resets @seven_day @seven_day_resets)\n")
     cost = ccmon.format_cost  # as every screen shows it: $0.0040 below a dollar, $12.35 above
     assert result.stdout == (
         f"{cost(round(expected['daily_cost'] * 1e9))} | {cost(round(expected['monthly_cost'] * 1e9))} | "
@@ -1543,7 +1545,9 @@ def test_quick_query_format_and_json(server, tmp_path):
                        "daily_tokens": expected["daily_tokens"], "monthly_tokens": expected["monthly_tokens"],
                        "daily_plan_usage": figures["daily_plan_usage"], "monthly_plan_usage": expected["monthly_cost"],
                        "session_id": "latest", "session_cost": 0.004,
-                       "weekly_premium_tokens": 5500, "weekly_premium_cost": 3.75, "weekly_usage": None}
+                       "weekly_premium_tokens": 5500, "weekly_premium_cost": 3.75, "weekly_usage": None,
+                       "five_hour_percent": None, "five_hour_resets_at": None, "seven_day_percent": None,
+                       "seven_day_resets_at": None, "limits_read_at": None}  # no status line reading
     assert figures["daily_plan_usage"] == pytest.approx(expected["daily_cost"] / (100 / days) * 100)
     unset = run_ccmon(["--monitor-server", server.target, "--format", "@daily_plan_usage"], tmp_path)
     assert unset.stdout == "0%\n"
@@ -3382,12 +3386,12 @@ def test_automatic_blocks_from_a_hand_made_history(server, tmp_path):
     report = run_ccmon(["report", "blocks", "--since", "2026-03-28", "--until", "2026-03-29", "--csv",
                         "--monitor-server", server.target, "--monitor-timezone", "Europe/Berlin"], tmp_path)
     assert report.stdout.splitlines() == [
-        "block_start,block_end,premium_tokens,requests,input_tokens,output_tokens,cache_read_tokens,"
+        "block_start,block_end,window,premium_tokens,requests,input_tokens,output_tokens,cache_read_tokens,"
         "cache_creation_tokens,total_tokens,cost_usd",
-        "2026-03-27T23:00+01:00,2026-03-28T04:00+01:00,7000,2,7000,0,0,0,7000,0.7",
-        "2026-03-28T04:00+01:00,2026-03-28T09:00+01:00,100,1,100,0,0,0,100,0.01",
-        "2026-03-29T01:00+01:00,2026-03-29T07:00+02:00,700,1,700,0,0,0,700,0.07",
-        "Total,,7800,4,7800,0,0,0,7800,0.78"]
+        "2026-03-27T23:00+01:00,2026-03-28T04:00+01:00,auto,7000,2,7000,0,0,0,7000,0.7",
+        "2026-03-28T04:00+01:00,2026-03-28T09:00+01:00,auto,100,1,100,0,0,0,100,0.01",
+        "2026-03-29T01:00+01:00,2026-03-29T07:00+02:00,auto,700,1,700,0,0,0,700,0.07",
+        "Total,,,7800,4,7800,0,0,0,7800,0.78"]
 
 
 def test_limit_math():
@@ -3422,7 +3426,7 @@ def test_alerts_fire_once_per_window_and_rearm():
     assert [(key, message) for key, message, _ in due] == [
         (("block", 0, 50), "ALERT: block usage passed 50% (6.00K of 10.0K)")]
     assert due[0][2] == {"CCMON_ALERT_KIND": "block", "CCMON_ALERT_THRESHOLD": "50", "CCMON_ALERT_PERCENT": "60.0",
-                         "CCMON_ALERT_USED": "6000", "CCMON_ALERT_LIMIT": "10000"}
+                         "CCMON_ALERT_USED": "6000", "CCMON_ALERT_LIMIT": "10000", "CCMON_ALERT_SOURCE": "ccmon"}
     assert ccmon.due_alerts(limits(6_500, 10_000), settings, 1000, fired) == []
     assert [key for key, _, _ in ccmon.due_alerts(limits(9_000, 85_000), settings, 1000, fired)] == \
         [("block", 0, 80), ("weekly", 0, 50), ("weekly", 0, 80)]
@@ -3465,7 +3469,7 @@ def test_auto_block_monitor_alert_and_format(tmp_path):
                 time.sleep(0.05)
             assert sorted(marker.read_text().split()) == sorted([
                 "CCMON_ALERT_KIND=block", "CCMON_ALERT_THRESHOLD=50", "CCMON_ALERT_PERCENT=71.4",
-                "CCMON_ALERT_USED=5000", "CCMON_ALERT_LIMIT=7000"])
+                "CCMON_ALERT_USED=5000", "CCMON_ALERT_LIMIT=7000", "CCMON_ALERT_SOURCE=ccmon"])
             monitor.send(b"7")
             monitor.wait_for("Blocks - current block (1; 5 hours from the first request)", "the blocks tab")
             monitor.send(b"q")
