@@ -3650,11 +3650,11 @@ def reset_time(ms: int, now: int, zone: ZoneInfo) -> str:
 
 
 def reading_age(read_ms: int, now: int) -> str:
-    """How old Claude's figure is: 'read just now', 'read 2 min ago', 'read 1h05m ago'."""
+    """How old Claude's figure is: 'just now', '2 min ago', '1h05m ago'."""
     age = max(0, now - read_ms)
     if age < 60_000:
-        return "read just now"
-    return f"read {age // 60_000} min ago" if age < HOUR_MS else f"read {format_duration(age)} ago"
+        return "just now"
+    return f"{age // 60_000} min ago" if age < HOUR_MS else f"{format_duration(age)} ago"
 
 
 # ---------------------------------------------------------------- Quick query: --format and --json for status bars
@@ -4312,12 +4312,13 @@ def pad_between(left: str, right: str, width: int) -> str:
     return left + " " * gap + right if gap >= 1 else left[:width]
 
 
-def joined_to_fit(parts: list[str], width: int) -> str:
-    """The first part, then each later one that still fits in `width`: a part is shown whole or not at all."""
-    text = parts[0]
+def joined_to_fit(parts: list[str | tuple[str, ...]], width: int) -> str:
+    """The first part, then each later one that still fits in `width`: a part is shown whole or not at all. A part
+    given as forms from longest to shortest shows the longest form that fits."""
+    text = parts[0] if isinstance(parts[0], str) else parts[0][0]
     for part in parts[1:]:
-        if len(text) + len(part) <= width:
-            text += part
+        text += next((form for form in ((part,) if isinstance(part, str) else part)
+                      if len(text) + len(form) <= width), "")
     return text
 
 
@@ -4528,15 +4529,17 @@ def block_lines(snap: Snapshot, screen: Screen) -> list[Line]:
     return lines
 
 
-def limit_note(limits: LimitFigures, settings: MonitorSettings) -> str:
-    """Where the block limit comes from, unless the user set it: calibrated, learned, or the plan's guess."""
+def limit_note(limits: LimitFigures, settings: MonitorSettings) -> tuple[str, ...]:
+    """Where the block limit comes from, unless the user set it (calibrated, learned, or the plan's guess), in
+    long and short words."""
     if limits.calibrated_from:
-        return f" (calibrated from {plural(limits.calibrated_from, 'reading')})"
+        return f" (calibrated from {plural(limits.calibrated_from, 'reading')})", " (calibrated)"
     if limits.learned_from:
-        return f" (learned from {plural(limits.learned_from, 'block')})"
+        return f" (learned from {plural(limits.learned_from, 'block')})", " (learned)"
     if settings.limit_from_plan:
-        return " (guess from the plan, nothing learned yet)" if settings.learn else " (guess from the plan)"
-    return ""
+        return (" (a guess from the plan: nothing learned yet)" if settings.learn else " (a guess from the plan)",
+                " (plan's guess)")
+    return ("",)
 
 
 def plural(count: int, noun: str) -> str:
@@ -4549,8 +4552,9 @@ def claude_line(label: str, window: LimitWindow, read_ms: int, screen: Screen, a
     head = f"Claude {label} "
     share = f"{window.percent:.0f}%"
     style = "alert" if window.percent >= alert_at else level_style(window.percent / 100)
+    age = reading_age(read_ms, screen.now)
     rest = joined_to_fit(["", f", resets {reset_time(window.resets_ms, screen.now, screen.settings.zone)}",
-                          f" ({reading_age(read_ms, screen.now)})"], screen.width - len(head) - len(share))
+                          (f" (read {age})", f" ({age})")], screen.width - len(head) - len(share))
     return [(head, ""), (share, style), (rest, "")]
 
 
@@ -4577,7 +4581,8 @@ def weekly_line(limits: LimitFigures, screen: Screen, alert_at: int) -> Line:
         if reached is not None and limits.weekly_window and reached >= limits.weekly_window[1]:
             reached = None  # Claude's week resets first
         pace = "" if reached is None else f", limit {local_time(reached, settings.zone, '%a %H:%M')} at this pace"
-        note = f" (calibrated from {plural(calibrated_from, 'reading')})" if calibrated_from else ""
+        note = (f" (calibrated from {plural(calibrated_from, 'reading')})", " (calibrated)") if calibrated_from \
+            else ""
         bar_width = gauge_width(screen.width)
         figures = f" {fraction * 100:3.0f}%  {format_count(premium.limited)} / {format_count(limit)}"
         return [("Week   ", ""), (bar(fraction, bar_width, screen.glyphs), style),
