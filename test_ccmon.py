@@ -1034,6 +1034,7 @@ def test_render_never_overflows_any_size():
         for height in range(8, 70, 5):
             for state, data in ((ccmon.ViewState(period="b"), snap), (ccmon.ViewState(tab="daily"), daily),
                                 (ccmon.ViewState(help=True, help_scroll=4), snap),
+                                (ccmon.ViewState(period="b"), claude_snapshot(settings, now)),
                                 *first_hour_screens(settings, now)[2:]):
                 lines, _ = frame_text(state, data, settings, width, height, now, unicode=True)
                 assert len(lines) <= height and all(len(line) <= width for line in lines)
@@ -3980,6 +3981,172 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
     mixed = status_line(server.target, live_input("s-x"), "--format", "@model: @monthly_cost this month, @nonsense",
                         cwd=tmp_path)
     assert mixed.stdout == "Sonnet 4.5: $2.50 this month, @nonsense\n"
+
+
+# ---------------------------------------------------------------- Claude's own limits: blocks, monitor, alerts, quick query, reports
+
+def test_blocks_follow_claudes_own_windows(tmp_path):
+    """A reading says Claude's window is 09:20:30-14:20:30: that is the block; guessed blocks around it give way to
+    it, and figures at its edges (inside quarter hours) are counted exactly, on the right side."""
+    store, reader = ccmon.Writer(tmp_path / "claude.db"), ccmon.Reader(tmp_path / "claude.db")
+    at = lambda hhmmss: ccmon.parse_iso_ms(f"2026-06-01T{hhmmss}Z")
+
+    def request(seq, when, tokens):
+        return (at(when), "s-ana", seq, "claude-sonnet-4-5", "ana@example.com", tokens, 0, 0, 0, 0, 0, None, None,
+                None, None, None, 0)
+
+    store.write(ccmon.Batch(requests=[
+        request(1, "08:10:00", 100),   # a guessed block from 08:00, cut where Claude's window begins
+        request(2, "09:18:00", 200),   # the same quarter hour as the window's start, before it
+        request(3, "09:25:00", 400),   # in Claude's window
+        request(4, "14:19:00", 800),   # in it, in the quarter hour it ends in
+        request(5, "14:25:00", 1600),  # after it, same quarter hour: a guessed block from its end
+        request(6, "19:25:00", 3200),  # after that block's end, in the quarter hour it ends in
+    ]))
+    store.record_reading(ccmon.LimitReading("s-ana", at("10:00:00"),
+                                            five_hour=ccmon.LimitWindow(40.0, at("14:20:30"))))
+    store.record_reading(ccmon.LimitReading("s-ana", at("10:00:01"),  # the same reset, read a second off
+                                            five_hour=ccmon.LimitWindow(41.0, at("14:20:31"))))
+    expected = [("08:00:00", "09:20:30", 300, False), ("09:20:30", "14:20:30", 1200, True),
+                ("14:20:30", "19:20:30", 1600, False), ("19:20:30", "2026-06-02T00:20:30", 3200, False)]
+    for user in (None, "ana@example.com"):
+        blocks = reader.blocks(at("00:00:00"), at("23:59:00"), user)
+        assert [(b.start_ms, b.end_ms, b.by_model["claude-sonnet-4-5"].input, b.from_claude) for b in blocks] == \
+            [(at(start), ccmon.parse_iso_ms(end + "Z") if "T" in end else at(end), tokens, claude)
+             for start, end, tokens, claude in expected]
+    assert reader.blocks(at("00:00:00"), at("23:59:00"), "bo@example.com") == []
+    assert reader.claude_windows("bo@example.com", at("00:00:00"), at("23:59:00")) == []
+    store.close()
+    assert ccmon.block_around(at("09:25:00"), 0, [(at("09:20:30"), at("14:20:30"))]) == \
+        (at("09:20:30"), at("14:20:30"), True)
+    assert ccmon.block_around(at("14:40:00"), at("12:00:00"), [(at("09:20:30"), at("14:20:30"))]) == \
+        (at("14:20:30"), at("19:20:30"), False)  # never before Claude's window ended
+
+
+def claude_snapshot(settings, now, **changes):
+    """The Current tab's fixture with Claude's own readings, 2 minutes old: the 5-hour window 09:17-14:17 at 63 %
+    (a full one holds about 33,300 premium tokens, from 14 readings), the week at 21.4 % until Friday 09:00."""
+    snap, _, _ = _frame_fixture()
+    read = now - 2 * 60_000
+    reading = ccmon.LimitReading("s-ana", read, five_hour=ccmon.LimitWindow(63.0, local_ms("2026-03-10 14:17")),
+                                 seven_day=ccmon.LimitWindow(21.4, local_ms("2026-03-13 09:00")))
+    claude = ccmon.ClaudeLimits(reading, reading, 33_300, 14, 1_000_000, 3)
+    limits = dataclasses_replace(snap.limits, window=(local_ms("2026-03-10 09:17"), local_ms("2026-03-10 14:17")),
+                                 limit=33_300, claude=claude, calibrated_from=14, window_from_claude=True,
+                                 weekly_window=(local_ms("2026-03-06 09:00"), local_ms("2026-03-13 09:00")))
+    return dataclasses_replace(snap, limits=dataclasses_replace(limits, **changes))
+
+
+CLAUDE_80x24 = [
+    "-- Block 09:17-14:17 (Claude) --------------------------------------------------",
+    "Claude 5h 63%, resets 14:17 (read 2 min ago)",
+    "Tokens #########################...............  63%  21.0K / 33.3K (calibrated)",
+    "Time   ##########..............................  24% 3h47m left, ends 14:17",
+    "Burn 700/min; at this pace 100% at 10:47",
+    "Claude week 21%, resets Fri 09:00 (read 2 min ago)",
+    "Week   #.......................................   2%  21.0K / 1.00M (calibrated)",
+    "-- Requests 1-6 of 12 ----------------------------------------------------------"]
+
+CLAUDE_40x12 = [
+    " ccmon - Claude Code usage monitor",
+    " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk ",
+    " * connected | current block",
+    "-- Usage - current block ---------------",
+    "         Requests  Limited       Cost",
+    "Base            4    2.80K    $0.0040",
+    "Premium        12    15.0K      $1.23",
+    "Total          16    17.8K      $1.24",
+    "-- Block 09:17-14:17 (Claude) ----------",
+    "Claude 5h 63%, resets 14:17 (2 min ago)",
+    "Tokens ###..  63%  21.0K / 33.3K",
+    "h/d/w/m/a/b  o  1-7  u  ? help  q quit"]
+
+
+def test_render_claudes_own_limits_80x24_and_40x12():
+    _, settings, now = _frame_fixture()
+    snap = claude_snapshot(settings, now)
+    lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now)
+    assert lines[:8] == FRAME_80x24[:8] and lines[8:16] == CLAUDE_80x24 and lines[-1] == FRAME_80x24[-1]
+    assert frame.page_rows == 6
+    assert frame_text(ccmon.ViewState(period="b"), snap, settings, 40, 12, now)[0] == CLAUDE_40x12
+    wide = frame_text(ccmon.ViewState(period="b"), snap, settings, 120, 30, now)[0]
+    assert wide[10] == ("Tokens #########################...............  63%  21.0K / 33.3K (calibrated from 14 "
+                        "readings)")
+    # Claude's share is what alerts measure: it takes the alert colour, ccmon's own bar keeps its level's.
+    alerting = dataclasses_replace(settings, alerts=(60,))
+    styled = ccmon.render(ccmon.ViewState(period="b"), ccmon.Connection(True, attempts=1), snap,
+                          ccmon.Screen(alerting, 80, 24, now, ccmon.Glyphs.for_terminal(False))).lines
+    assert styled[9][1] == ("63%", "alert") and styled[10][1][1] == "warn"
+    # Later: the figure is older, and once Claude's window has reset it is no longer shown.
+    later = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now + 65 * 60_000)[0]
+    assert later[9] == "Claude 5h 63%, resets 14:17 (read 1h07m ago)"
+    after = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, local_ms("2026-03-10 14:17"))[0]
+    assert after[9:13] == ["Tokens #########################...............  63%  21.0K / 33.3K (calibrated)",
+                           "Time   ######################################## 100% 0ms left, ends 14:17",
+                           "Burn 700/min; at this pace 63% at reset",
+                           "Claude week 21%, resets Fri 09:00 (read 3h49m ago)"]
+    # Nothing read yet in this window but a calibrated capacity: the projection goes to the block's limit.
+    guessed = dataclasses_replace(claude_snapshot(settings, now, window_from_claude=False, window=snap.limits.window),
+                                  limits=dataclasses_replace(snap.limits, claude=ccmon.ClaudeLimits(
+                                      five_hour_capacity=33_300, five_hour_readings=14), weekly_window=None,
+                                      window_from_claude=False))
+    assert frame_text(ccmon.ViewState(period="b"), guessed, settings, 80, 24, now)[0][8:12] == [
+        "-- Block 09:17-14:17 -----------------------------------------------------------",
+        "Tokens #########################...............  63%  21.0K / 33.3K (calibrated)",
+        "Time   ##########..............................  24% 3h47m left, ends 14:17",
+        "Burn 700/min; at this pace the limit is reached at 10:47"]
+
+
+def test_render_claudes_figures_without_block_tracking_and_the_limits_sources():
+    _, settings, now = _frame_fixture()
+    off = _settings(block_hour=None, limit=None)
+    snap = claude_snapshot(off, now, window=None, window_from_claude=False, limit=None, calibrated_from=None)
+    lines, _ = frame_text(ccmon.ViewState(), snap, off, 80, 30, now)
+    assert lines[8:12] == ["Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows).",
+                           "Claude 5h 63%, resets 14:17 (read 2 min ago)",
+                           "Claude week 21%, resets Fri 09:00 (read 2 min ago)",
+                           "Week   #.......................................   2%  21.0K / 1.00M (calibrated)"]
+    lines, _ = frame_text(ccmon.ViewState(), snap, off, 80, 24, now)
+    assert lines[8].startswith("Claude 5h 63%")  # the hint gives way to the table's rows
+    plan = dataclasses_replace(settings, limit_from_plan=True)
+    guessed = dataclasses_replace(snap, limits=dataclasses_replace(snap.limits, claude=ccmon.ClaudeLimits(),
+                                                                   weekly_window=None, calibrated_from=None,
+                                                                   window=(local_ms("2026-03-10 10:00"),
+                                                                           local_ms("2026-03-10 15:00")),
+                                                                   limit=35_000))
+    tokens = {width: frame_text(ccmon.ViewState(period="b"), guessed, plan, width, 24, now)[0][9]
+              for width in (80, 100)}
+    assert tokens == {80: "Tokens ########################................  60%  21.0K / 35.0K (plan's guess)",
+                      100: "Tokens ########################................  60%  21.0K / 35.0K (a guess from the plan)"}
+    learning = dataclasses_replace(plan, learn=True)
+    assert frame_text(ccmon.ViewState(period="b"), guessed, learning, 120, 24, now)[0][9].endswith(
+        "21.0K / 35.0K (a guess from the plan: nothing learned yet)")
+    learned = dataclasses_replace(guessed, limits=dataclasses_replace(guessed.limits, learned_from=23))
+    assert frame_text(ccmon.ViewState(period="b"), learned, learning, 120, 24, now)[0][9].endswith(
+        "21.0K / 35.0K (learned from 23 blocks)")
+
+
+def test_alerts_fire_on_claudes_own_percentages():
+    settings = ccmon.MonitorSettings("x:1", BERLIN, "auto", 10_000, 5, weekly_limit=100_000, alerts=(50, 80))
+    window_end, week_end = ccmon.BLOCK_MS + 500, 7 * ccmon.DAY_MS
+    reading = ccmon.LimitReading("s", 0, five_hour=ccmon.LimitWindow(55.0, window_end),
+                                 seven_day=ccmon.LimitWindow(81.5, week_end))
+    # ccmon's own counts say 20 % of the block and 10 % of the week: Claude's say 55 % and 81.5 %.
+    limits = ccmon.LimitFigures((500, window_end), ccmon.Split(premium=ccmon.Usage(1, 2_000)), 0.0, 10_000, None,
+                                (("sonnet", ccmon.Usage(1, 10_000)),), ccmon.ClaudeLimits(reading, reading, 40_000, 3),
+                                window_from_claude=True)
+    fired: set = set()
+    due = ccmon.due_alerts(limits, settings, 1000, fired)
+    assert [(key, message) for key, message, _ in due] == [
+        (("block", 500, 50), "ALERT: block usage passed 50% (Claude says 55%)"),
+        (("weekly", week_end, 50), "ALERT: weekly usage passed 50% (Claude says 82%)"),
+        (("weekly", week_end, 80), "ALERT: weekly usage passed 80% (Claude says 82%)")]
+    assert due[0][2] == {"CCMON_ALERT_KIND": "block", "CCMON_ALERT_THRESHOLD": "50", "CCMON_ALERT_PERCENT": "55.0",
+                         "CCMON_ALERT_USED": "2000", "CCMON_ALERT_LIMIT": "40000", "CCMON_ALERT_SOURCE": "claude"}
+    assert due[2][2]["CCMON_ALERT_LIMIT"] == "" and due[2][2]["CCMON_ALERT_USED"] == "10000"
+    assert ccmon.due_alerts(limits, settings, 2000, fired) == []  # once per window
+    # Once Claude's windows have reset, ccmon's own counts measure again: 20 % and 10 % fire nothing.
+    assert ccmon.due_alerts(limits, settings, week_end, fired) == []
 
 
 # ---------------------------------------------------------------- module structure
