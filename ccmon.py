@@ -4538,7 +4538,7 @@ def limit_note(limits: LimitFigures, settings: MonitorSettings) -> tuple[str, ..
         return f" (learned from {plural(limits.learned_from, 'block')})", " (learned)"
     if settings.limit_from_plan:
         return (" (a guess from the plan: nothing learned yet)" if settings.learn else " (a guess from the plan)",
-                " (plan's guess)")
+                " (plan's guess)", " (guess)")
     return ("",)
 
 

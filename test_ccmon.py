@@ -4115,9 +4115,10 @@ def test_render_claudes_figures_without_block_tracking_and_the_limits_sources():
                                                                            local_ms("2026-03-10 15:00")),
                                                                    limit=35_000))
     tokens = {width: frame_text(ccmon.ViewState(period="b"), guessed, plan, width, 24, now)[0][9]
-              for width in (80, 100)}
-    assert tokens == {80: "Tokens ########################................  60%  21.0K / 35.0K (plan's guess)",
-                      100: "Tokens ########################................  60%  21.0K / 35.0K (a guess from the plan)"}
+              for width in (81, 82, 91)}
+    assert tokens == {81: "Tokens ########################................  60%  21.0K / 35.0K (guess)",
+                      82: "Tokens ########################................  60%  21.0K / 35.0K (plan's guess)",
+                      91: "Tokens ########################................  60%  21.0K / 35.0K (a guess from the plan)"}
     learning = dataclasses_replace(plan, learn=True)
     assert frame_text(ccmon.ViewState(period="b"), guessed, learning, 120, 24, now)[0][9].endswith(
         "21.0K / 35.0K (a guess from the plan: nothing learned yet)")
