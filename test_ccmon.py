@@ -4150,6 +4150,147 @@ def test_alerts_fire_on_claudes_own_percentages():
     assert ccmon.due_alerts(limits, settings, week_end, fired) == []
 
 
+def claude_reading(srv: ServerProcess, session: str, email: str, tokens: list[tuple[int, int]], five_hour: float,
+                   resets_in_s: int, cwd: Path) -> dict:
+    """Requests of `session` in the last quarter hour ((input, output) each, a minute apart, the last 6 minutes
+    ago), then Claude Code's status line input for it with Claude's 5-hour share, sent by `ccmon statusline`;
+    returns the input and when it was read (between two moments)."""
+    now = ccmon.now_ms()
+    sdk_export(srv.port, [("api_request", {**api_request(i, iso(now - (6 + len(tokens) - 1 - i) * 60_000),
+                                                         session=session, input_tokens=inp, output_tokens=out),
+                                           "user.email": email}) for i, (inp, out) in enumerate(tokens)])
+    data = live_input(session, five_hour=five_hour)
+    data["rate_limits"]["five_hour"]["resets_at"] = now // 1000 + resets_in_s
+    before = ccmon.now_ms()
+    result = status_line(srv.target, data, cwd=cwd)
+    assert (result.returncode, result.stderr) == (0, ""), result
+    return {"input": data, "read_between": (before, ccmon.now_ms()),
+            "five_hour_resets": data["rate_limits"]["five_hour"]["resets_at"],
+            "seven_day_resets": data["rate_limits"]["seven_day"]["resets_at"]}
+
+
+def test_claudes_own_limits_on_every_screen(tmp_path):
+    """One person's server: 15,000 premium tokens when Claude said 30 % (a full window: 50,000), 15,000 more since.
+    The block is Claude's window; the limit (max_tokens auto) its calibrated capacity; the projection goes to
+    Claude's 100 %; alerts fire on Claude's 30 %, not on ccmon's 60 %."""
+    srv = ServerProcess(tmp_path).start()
+    utc = ccmon.ZoneInfo("UTC")
+    ana = claude_reading(srv, "s-ana", "ana@example.com", [(1000, 500)] * 10, 30.0, 7200, tmp_path)
+    resets, week_resets = ana["five_hour_resets"] * 1000, ana["seven_day_resets"] * 1000
+    time.sleep(0.01)  # after the reading, so not part of what it measured
+    sdk_export(srv.port, [("api_request", {**api_request(99, iso(ccmon.now_ms()), session="s-ana", input_tokens=10_000,
+                                                         output_tokens=5_000), "user.email": "ana@example.com"})])
+    base = ["--monitor-server", srv.target, "--monitor-timezone", "UTC"]
+    try:
+        figures = json.loads(run_ccmon([*base, "-b", "auto", "--claude-max-tokens", "auto", "--json"], tmp_path).stdout)
+        read_at = figures.pop("limits_read_at")
+        assert ana["read_between"][0] // 1000 <= read_at <= ana["read_between"][1] // 1000
+        assert {key: figures[key] for key in ("five_hour_percent", "five_hour_resets_at", "seven_day_percent",
+                                              "seven_day_resets_at", "block_end", "block_tokens", "block_limit",
+                                              "block_usage", "weekly_premium_tokens")} == {
+            "five_hour_percent": 30.0, "five_hour_resets_at": resets // 1000, "seven_day_percent": 20.5,
+            "seven_day_resets_at": week_resets // 1000, "block_end": resets // 1000, "block_tokens": 30_000,
+            "block_limit": 50_000, "block_usage": 60.0, "weekly_premium_tokens": 30_000}
+        assert figures["weekly_usage"] == 30_000 / 73_171 * 100  # Claude's week, calibrated: 15,000 / 20.5 %
+        shown = run_ccmon([*base, "--format", "5h @five_hour until @five_hour_resets, week @seven_day until "
+                           "@seven_day_resets"], tmp_path)
+        now = ccmon.now_ms()
+        assert (shown.stdout, shown.stderr) == (
+            f"5h 30% until {ccmon.reset_time(resets, now, utc)}, week 20% until "
+            f"{ccmon.reset_time(week_resets, now, utc)}\n", "")
+        report = json.loads(run_ccmon(["report", "blocks", "--json", *base], tmp_path).stdout)
+        assert [{key: row[key] for key in ("block_start", "block_end", "window", "premium_tokens")}
+                for row in report["rows"]] == [
+            {"block_start": dt.datetime.fromtimestamp((resets - ccmon.BLOCK_MS) / 1000, utc).isoformat(
+                timespec="minutes"), "block_end": dt.datetime.fromtimestamp(resets / 1000, utc).isoformat(
+                timespec="minutes"), "window": "claude", "premium_tokens": 30_000}]
+        table = run_ccmon(["report", "blocks", *base], tmp_path).stdout.splitlines()
+        assert table[1].split()[:4] == ["start", "end", "window", "premium"] and table[3].split()[4] == "claude"
+
+        marker = tmp_path / "alerts.env"
+        monitor = MonitorPty([*base, "-b", "auto", "--claude-max-tokens", "auto", "--alert", "25", "--alert", "50",
+                              "--monitor-alert-command", f"env | grep CCMON_ALERT | sort >> {marker}",
+                              "--monitor-refresh-interval", "1s"], cols=100, rows=30, cwd=tmp_path,
+                             env={"HOME": str(tmp_path)})
+        try:
+            started = ccmon.now_ms()
+            screen = monitor.wait_for("ALERT: block usage passed 25% (Claude says 30%)", "the alert")
+            window = f"{ccmon.local_time(resets - ccmon.BLOCK_MS, utc)}-{ccmon.local_time(resets, utc)}"
+            assert line_with(screen, "── Block").startswith(f"── Block {window} (Claude) ───")
+            assert re.fullmatch(rf"Claude 5h 30%, resets {ccmon.local_time(resets, utc)} "
+                                rf"\(read (just now|1 min ago)\) *", line_with(screen, "Claude 5h"))
+            assert line_with(screen, "Tokens").split()[2:] == ["60%", "30.0K", "/", "50.0K", "(calibrated", "from",
+                                                                "1", "reading)"]
+            # 30,000 tokens in the last 20 minutes: 1,500 a minute; the 20,000 left of 50,000 last 13 m 20 s.
+            reached = {ccmon.local_time(moment + 800_000, utc) for moment in range(started - 60_000,
+                                                                                   ccmon.now_ms(), 30_000)}
+            projection = line_with(screen, "Burn")
+            assert projection.startswith("Burn 1.50K/min; at this pace 100% at ") and projection.split()[-1] in reached
+            assert re.match(rf"Claude week 20%, resets {re.escape(ccmon.reset_time(week_resets, ccmon.now_ms(), utc))}"
+                            r" \(read", line_with(screen, "Claude week"))
+            assert line_with(screen, "Week ").split()[2:6] == ["41%", "30.0K", "/", "73.2K"]
+            assert line_with(screen, "Premium").split()[:3] == ["Premium", "11", "30.0K"]  # the block's requests
+            monitor.send(b"6")
+            screen = monitor.wait_for("Users by cost", "the users tab")
+            assert line_with(screen, "User ").split()[-2:] == ["5h", "Week"]
+            assert line_with(screen, "ana@example.com").split()[-2:] == ["30%", "20%"]
+            deadline = time.time() + 10
+            while not marker.exists() and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(2)  # two more refreshes: nothing more fires
+            assert marker.read_text().split() == [
+                "CCMON_ALERT_KIND=block", "CCMON_ALERT_LIMIT=50000", "CCMON_ALERT_PERCENT=30.0",
+                "CCMON_ALERT_SOURCE=claude", "CCMON_ALERT_THRESHOLD=25", "CCMON_ALERT_USED=30000"]
+            monitor.send(b"q")
+            assert monitor.close() == 0
+        finally:
+            if monitor.proc.poll() is None:
+                monitor.proc.kill()
+    finally:
+        srv.stop()
+
+
+def test_each_users_own_limits_on_a_team_server(server, tmp_path):
+    """Ana's Claude says 30 %, Bo's 80 %: the Users tab shows both; each one's own figures show under the user
+    filter; without a filter, nobody's (they would be some user's, not the server's)."""
+    utc = ccmon.ZoneInfo("UTC")
+    ana = claude_reading(server, "s-ana", "ana@example.com", [(1000, 500)] * 10, 30.0, 7200, tmp_path)
+    bo = claude_reading(server, "s-bo", "bo@example.com", [(700, 100)], 80.0, 3600, tmp_path)
+    everyone = server.query().GetLimits(ccmon_pb2.GetLimitsRequest())
+    assert everyone.HasField("latest") and not everyone.HasField("five_hour_now")
+    only_bo = server.query().GetLimits(ccmon_pb2.GetLimitsRequest(user="bo@example.com"))
+    assert (only_bo.five_hour_now.session_id, only_bo.five_hour_now.five_hour.used_percentage,
+            only_bo.five_hour.tokens, only_bo.five_hour.readings) == ("s-bo", 80.0, 1000, 1)  # 800 / 80 %
+    later = server.query().GetLimits(ccmon_pb2.GetLimitsRequest(user="bo@example.com", at=ccmon.timestamp_from_ms(
+        bo["five_hour_resets"] * 1000)))
+    assert not later.HasField("five_hour_now") and later.seven_day_now.seven_day.used_percentage == 20.5
+    settings = ccmon.MonitorSettings(server.target, utc, "auto", 7_000, 5, limit_from_plan=True)
+    client = ccmon.Client(server.target)
+    try:
+        now = ccmon.now_ms()
+        snap = client.snapshot(ccmon.query_for(ccmon.ViewState(tab="users"), settings, now))
+        lines, _ = frame_text(ccmon.ViewState(tab="users"), snap, settings, 100, 30, now)
+        assert not [line for line in lines if line.startswith("Claude")]
+        table = lines.index(next(line for line in lines if line.startswith("-- Users by cost")))
+        assert [line.split() for line in lines[table + 1:table + 4]] == [
+            ["User", "Sessions", "Req", "Tokens", "Premium", "Cost", "Share", "of", "cost", "5h", "Week"],
+            ["ana@example.com", "1", "10", "15.0K", "15.0K", "$0.00", "........", "0%", "30%", "20%"],
+            ["bo@example.com", "1", "1", "800", "800", "$0.00", "........", "0%", "80%", "20%"]]
+        state = ccmon.ViewState(tab="users", user="bo@example.com", period="b")
+        snap = client.snapshot(ccmon.query_for(state, settings, now))
+        lines, _ = frame_text(state, snap, settings, 100, 30, now)
+        resets = bo["five_hour_resets"] * 1000
+        block = next(i for i, line in enumerate(lines) if line.startswith("-- Block"))
+        assert lines[block].startswith(f"-- Block {ccmon.local_time(resets - ccmon.BLOCK_MS, utc)}-"
+                                       f"{ccmon.local_time(resets, utc)} (Claude) --")
+        assert lines[block + 1] == f"Claude 5h 80%, resets {ccmon.local_time(resets, utc)} (read just now)"
+        assert lines[block + 2].split()[2:] == ["11%", "800", "/", "7.00K", "(a", "guess", "from", "the", "plan)"]
+        assert snap.query.start_ms == resets - ccmon.BLOCK_MS  # the `b` period is Claude's window too
+        assert ana["five_hour_resets"] != bo["five_hour_resets"]
+    finally:
+        client.close()
+
+
 # ---------------------------------------------------------------- module structure
 
 def top_level_uses_above_their_section(source: str) -> list[str]:
