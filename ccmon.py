@@ -1686,11 +1686,12 @@ class Reader:
             f"lr.five_hour_resets, lr.seven_day_percent, lr.seven_day_resets, lr.spend_limit, lr.version "
             f"FROM limit_readings lr JOIN sessions s ON s.id = lr.session WHERE lr.ts >= ? AND lr.ts <= ?{of_user} "
             "ORDER BY lr.ts DESC, lr.id DESC LIMIT ?", (since_ms, until_ms, *params, limit)).fetchall()
+        users = {sid: user for sid in {row[0] for row in rows}} if user is not None else \
+            {sid: self.session_user(sid) for sid in {row[0] for row in rows}}  # once per session, not per reading
         return [LimitReading(sid, ts, project or "", model or "", context,
                              LimitWindow(five, five_resets) if five is not None else None,
                              LimitWindow(seven, seven_resets) if seven is not None else None,
-                             LimitWindow(**json.loads(spend)) if spend else None, version or "",
-                             (user if user is not None else self.session_user(sid)) or "")
+                             LimitWindow(**json.loads(spend)) if spend else None, version or "", users[sid] or "")
                 for sid, ts, project, model, context, five, five_resets, seven, seven_resets, spend, version in rows]
 
     def _of_user(self, user: str | None) -> tuple[str, tuple] | None:
@@ -1726,7 +1727,8 @@ class Reader:
         for column, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
             rows = self._reader().execute(
                 f"SELECT u.name, lr.{column}_percent, lr.{column}_resets FROM limit_readings lr "
-                "JOIN (SELECT session, user FROM session_usage GROUP BY session) su ON su.session = lr.session "
+                "JOIN (SELECT session, user, MAX(last_ts) FROM session_usage GROUP BY session) su "  # its latest user
+                "ON su.session = lr.session "
                 f"JOIN users u ON u.id = su.user WHERE lr.ts > ? AND lr.ts <= ? AND lr.{column}_resets > ? "
                 "ORDER BY lr.ts DESC, lr.id DESC", (at_ms - span, at_ms, at_ms))
             for user, percent, resets in rows:
@@ -5109,7 +5111,8 @@ def alert_setup_problem(settings: MonitorSettings) -> str:
     """Alerts need something to measure against; say so rather than stay silent."""
     if settings.alerts and not settings.weekly_limit and (settings.block_mode is None or
                                                           not (settings.limit or settings.learn)):
-        return "alerts need a block limit (-b with claude.plan or claude.max_tokens) or claude.weekly_max_tokens"
+        return ("alerts need a block limit (-b with claude.plan or claude.max_tokens), claude.weekly_max_tokens "
+                "or Claude's own limits (ccmon statusline)")
     return ""
 
 

@@ -3612,8 +3612,8 @@ def test_block_period_follows_the_automatic_block(server):
 
 def test_alerts_without_anything_to_measure_say_so():
     quiet = ccmon.MonitorSettings("x:1", BERLIN, None, None, 5, alerts=(80,))
-    assert ccmon.alert_setup_problem(quiet) == ("alerts need a block limit (-b with claude.plan or claude.max_tokens) "
-                                                "or claude.weekly_max_tokens")
+    assert ccmon.alert_setup_problem(quiet) == ("alerts need a block limit (-b with claude.plan or claude.max_tokens), "
+                                                "claude.weekly_max_tokens or Claude's own limits (ccmon statusline)")
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, block_mode="auto", limit=7_000)) == ""
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, weekly_limit=10)) == ""
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, alerts=())) == ""
