@@ -3526,7 +3526,7 @@ class Client:
                                                 query.floor)
         weekly_window = (seven.resets_ms - 7 * DAY_MS, seven.resets_ms) if seven else None
         weekly: dict[str, Usage] = {}
-        if query.track_week or five or seven:
+        if query.track_week or seven:
             for model, usage in self.models(weekly_window[0] if weekly_window else now - 7 * DAY_MS, now, user):
                 weekly[model_family(model)] = weekly.get(model_family(model), Usage()) + usage
         return LimitFigures(window, self.stats(window[0], now, user) if window else Split(),
