@@ -5231,9 +5231,10 @@ def config_options() -> argparse.ArgumentParser:
     parser.add_argument("--monitor-timezone", metavar="ZONE", help="IANA timezone, e.g. Europe/Berlin")
     parser.add_argument("--monitor-refresh-interval", metavar="DURATION", help="1s to 5m (default 5s)")
     parser.add_argument("--claude-plan", metavar="PLAN", help="unset, pro, max or max20")
-    parser.add_argument("--claude-max-tokens", metavar="N", help="block token limit (0: plan default; auto: learn "
-                        "it from past blocks)")
-    parser.add_argument("--claude-weekly-max-tokens", metavar="N", help="weekly premium token limit (0: none)")
+    parser.add_argument("--claude-max-tokens", metavar="N", help="block token limit (0: plan default; auto: "
+                        "calibrated from Claude's own readings, else learned from past blocks)")
+    parser.add_argument("--claude-weekly-max-tokens", metavar="N", help="weekly premium token limit (0: none, or "
+                        "calibrated while Claude's own week is read)")
     parser.add_argument("-b", "--block", metavar="HOUR", help="track 5-hour blocks: 'auto' (from your first "
                         "request, like Claude's own windows) or a fixed start hour such as 5am")
     parser.add_argument("--alert", metavar="PERCENT", action="append", help="alert when block or weekly usage "
