@@ -291,6 +291,32 @@ class LimitReading:
     user: str = ""                 # the session's user, once its events have arrived
 
 
+def live_window(window: LimitWindow | None, now: int) -> LimitWindow | None:
+    """A window of Claude's while it has not reset; its share is Claude's figure when it was read."""
+    return window if window is not None and window.resets_ms > now else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaudeLimits:
+    """What Claude itself says about a user's limits: the newest reading of each window that has not reset
+    (its share as read then), and what a full window holds by calibration (None without usable readings)."""
+    five_hour: LimitReading | None = None
+    seven_day: LimitReading | None = None
+    five_hour_capacity: int | None = None   # premium input + output tokens of a full 5-hour window
+    five_hour_readings: int = 0             # how many windows the capacity was calibrated from
+    seven_day_capacity: int | None = None
+    seven_day_readings: int = 0
+
+    def window(self, name: str, now: int) -> LimitWindow | None:
+        """The five_hour or seven_day window as last read, while it has not reset at `now`."""
+        reading = getattr(self, name)
+        return live_window(getattr(reading, name), now) if reading is not None else None
+
+    def read_ms(self, name: str) -> int | None:
+        reading = getattr(self, name)
+        return reading.read_ms if reading is not None else None
+
+
 # ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
 
 PLAN_TOKEN_LIMITS = {"pro": 7_000, "max": 35_000, "max20": 140_000}
@@ -363,6 +389,18 @@ def block_window(mode: int | str | None, now: int, zone: ZoneInfo,
         return None
     active = [(start, end) for start, end in auto_blocks if start <= now < end]
     return active[-1] if active else None
+
+
+def block_around(moment: int, previous_end: int, windows: list[tuple[int, int]]) -> tuple[int, int, bool]:
+    """The automatic block that activity at `moment` starts after a block that ended at `previous_end`, as
+    (start, end, from Claude): Claude's own window when one of `windows` holds the moment; else from the moment
+    floored to the hour (not before the previous block or a window of Claude's ended) for 5 hours, cut short
+    where a window of Claude's begins."""
+    for start, end in windows:
+        if start <= moment < end:
+            return start, end, True
+    begin = max([moment - moment % HOUR_MS, previous_end] + [end for _, end in windows if end <= moment])
+    return begin, min([begin + BLOCK_MS] + [start for start, _ in windows if start > moment]), False
 
 
 def per_minute(tokens: int, elapsed_ms: int) -> float:
@@ -1553,6 +1591,7 @@ class UsageBlock:
     end_ms: int
     by_model: dict[str, Usage]
     last_activity_ms: int
+    from_claude: bool = False   # the window is Claude's own, from a reading's reset time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1649,12 +1688,57 @@ class Reader:
             f"lr.five_hour_resets, lr.seven_day_percent, lr.seven_day_resets, lr.spend_limit, lr.version "
             f"FROM limit_readings lr JOIN sessions s ON s.id = lr.session WHERE lr.ts >= ? AND lr.ts <= ?{of_user} "
             "ORDER BY lr.ts DESC, lr.id DESC LIMIT ?", (since_ms, until_ms, *params, limit)).fetchall()
+        users = {sid: user for sid in {row[0] for row in rows}} if user is not None else \
+            {sid: self.session_user(sid) for sid in {row[0] for row in rows}}  # once per session, not per reading
         return [LimitReading(sid, ts, project or "", model or "", context,
                              LimitWindow(five, five_resets) if five is not None else None,
                              LimitWindow(seven, seven_resets) if seven is not None else None,
-                             LimitWindow(**json.loads(spend)) if spend else None, version or "",
-                             (user if user is not None else self.session_user(sid)) or "")
+                             LimitWindow(**json.loads(spend)) if spend else None, version or "", users[sid] or "")
                 for sid, ts, project, model, context, five, five_resets, seven, seven_resets, spend, version in rows]
+
+    def _of_user(self, user: str | None) -> tuple[str, tuple] | None:
+        """The SQL condition for readings (alias lr) of `user`'s sessions: ('', ()) for everyone, None for a user
+        never seen."""
+        chosen = self._user_filter(user, "su.user")
+        if chosen is None or not chosen[0]:
+            return chosen
+        return f" AND lr.session IN (SELECT su.session FROM session_usage su WHERE 1{chosen[0]})", chosen[1]
+
+    def claude_windows(self, user: str | None, start_ms: int, end_ms: int) -> list[tuple[int, int]]:
+        """Claude's own 5-hour windows overlapping [start_ms, end_ms) as readings of `user`'s sessions (or
+        everyone's) reported them: [resets - 5 hours, resets), oldest first. Of windows that overlap (a reset time
+        read a second apart), the earlier stands."""
+        chosen = self._of_user(user)
+        if chosen is None:
+            return []
+        where, params = chosen
+        resets = self._reader().execute(
+            f"SELECT DISTINCT lr.five_hour_resets FROM limit_readings lr WHERE lr.ts >= ? AND lr.ts < ? "
+            f"AND lr.five_hour_resets > ? AND lr.five_hour_resets < ?{where} ORDER BY 1",
+            (start_ms - BLOCK_MS, end_ms + BLOCK_MS, start_ms, end_ms + BLOCK_MS, *params)).fetchall()
+        windows: list[tuple[int, int]] = []
+        for reset, in resets:
+            if not windows or reset - BLOCK_MS >= windows[-1][1]:
+                windows.append((reset - BLOCK_MS, reset))
+        return windows
+
+    def live_limits(self, at_ms: int) -> dict[str, tuple[LimitWindow | None, LimitWindow | None]]:
+        """Each user's five_hour and seven_day windows from the newest of their sessions' readings (up to `at_ms`)
+        that has that window and has not reset by then."""
+        found: dict[str, list] = {}
+        for column, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
+            rows = self._reader().execute(
+                f"SELECT u.name, lr.{column}_percent, lr.{column}_resets FROM limit_readings lr "
+                "JOIN (SELECT session, user, MAX(last_ts) FROM session_usage GROUP BY session) su "  # its latest user
+                "ON su.session = lr.session "
+                f"JOIN users u ON u.id = su.user WHERE lr.ts > ? AND lr.ts <= ? AND lr.{column}_resets > ? "
+                "ORDER BY lr.ts DESC, lr.id DESC", (at_ms - span, at_ms, at_ms))
+            for user, percent, resets in rows:
+                entry = found.setdefault(user, [None, None])
+                index = 0 if column == "five_hour" else 1
+                if entry[index] is None:
+                    entry[index] = LimitWindow(percent, resets)
+        return {user: (five, seven) for user, (five, seven) in found.items()}
 
     def latest_session(self) -> str | None:
         row = self._reader().execute("SELECT s.session_id FROM requests r JOIN sessions s ON s.id = r.session "
@@ -1769,19 +1853,44 @@ class Reader:
         if chosen is None:
             return []
         where, params = chosen
+        chain_start = self._chain_start(start_ms, where, params)
+        windows = self.claude_windows(user, chain_start, end_ms)
         rows = self._reader().execute(
             f"SELECT bucket, model, {USAGE_SUMS} FROM usage_rollup WHERE bucket >= ? AND bucket < ?{where} "
-            "GROUP BY bucket, model ORDER BY bucket", (self._chain_start(start_ms, where, params), end_ms, *params))
+            "GROUP BY bucket, model ORDER BY bucket", (chain_start, end_ms, *params))
         names = self._names("models")
         blocks: list[UsageBlock] = []
         for bucket, model, *figures in rows:
-            if not blocks or bucket >= blocks[-1].end_ms:
-                begin = bucket - bucket % HOUR_MS
-                blocks.append(UsageBlock(begin, begin + BLOCK_MS, {}, bucket))
+            if not blocks or bucket + BUCKET_MS > blocks[-1].end_ms:
+                for moment in self._activity(bucket, windows, blocks[-1].end_ms if blocks else 0, where, params):
+                    if not blocks or moment >= blocks[-1].end_ms:
+                        begin, end, from_claude = block_around(moment, blocks[-1].end_ms if blocks else 0, windows)
+                        blocks.append(UsageBlock(begin, end, {}, bucket, from_claude))
+            if not blocks:
+                continue
             block = blocks[-1]
             block.by_model[names[model]] = block.by_model.get(names[model], Usage()) + Usage(*figures)
             block.last_activity_ms = bucket
+        for block in blocks:  # Claude's edges fall inside quarter hours: such a block is summed exactly
+            if block.start_ms % BUCKET_MS or block.end_ms % BUCKET_MS:
+                block.by_model = self.usage(block.start_ms, block.end_ms, user=user)
         return [block for block in blocks if block.end_ms > start_ms]
+
+    def _activity(self, bucket: int, windows: list[tuple[int, int]], block_end: int, where: str,
+                  params: tuple) -> list[int]:
+        """When activity in a quarter hour begins: the quarter hour itself, unless a window's or the running
+        block's edge falls inside it; then the first request of each part (from the raw rows) that has one."""
+        edges = sorted({edge for window in windows for edge in window if bucket < edge < bucket + BUCKET_MS} |
+                       ({block_end} if bucket < block_end < bucket + BUCKET_MS else set()))
+        if not edges:
+            return [bucket]
+        moments = []
+        for lo, hi in zip([bucket, *edges], [*edges, bucket + BUCKET_MS]):
+            first = self._reader().execute(f"SELECT MIN(ts) FROM requests WHERE ts >= ? AND ts < ?{where}",
+                                           (lo, hi, *params)).fetchone()[0]
+            if first is not None:
+                moments.append(first)
+        return moments
 
     def _chain_start(self, before_ms: int, where: str, params: tuple) -> int:
         """Where block chaining must start to be exact for blocks from `before_ms` on: after a pause of 5 hours
@@ -2461,9 +2570,12 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             by_user.setdefault(user, {})[model] = usage
         splits = {user: Split.from_models(models) for user, models in by_user.items()}
         sessions = self.reader.user_sessions(start, end)
+        live = self.reader.live_limits(end)
         ranked = sorted(splits, key=lambda user: (-splits[user].total.cost_nanos, user))
         return ccmon_pb2.GetUsersResponse(users=[
-            ccmon_pb2.UserStats(user=user, stats=stats_message(splits[user]), sessions=sessions.get(user, 0))
+            ccmon_pb2.UserStats(user=user, stats=stats_message(splits[user]), sessions=sessions.get(user, 0),
+                                five_hour=window_message(live.get(user, (None, None))[0]),
+                                seven_day=window_message(live.get(user, (None, None))[1]))
             for user in ranked])
 
     def GetBlocks(self, request, context):
@@ -2471,7 +2583,8 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         return ccmon_pb2.GetBlocksResponse(blocks=[
             ccmon_pb2.Block(start_time=timestamp_from_ms(b.start_ms), end_time=timestamp_from_ms(b.end_ms),
                             stats=stats_message(Split.from_models(b.by_model)),
-                            last_activity_at=timestamp_from_ms(b.last_activity_ms)) for b in found])
+                            last_activity_at=timestamp_from_ms(b.last_activity_ms), from_claude=b.from_claude)
+            for b in found])
 
     def ReportStatusLine(self, request, context):
         reading = reading_of(request.reading)
@@ -2499,6 +2612,10 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         response = ccmon_pb2.GetLimitsResponse()
         if recent:
             response.latest.CopyFrom(reading_message(recent[0]))
+        for field in ("five_hour", "seven_day"):
+            live = [reading for reading in recent if live_window(getattr(reading, field), now)]
+            if live and (user is not None or len({reading.user for reading in live} - {""}) <= 1):
+                getattr(response, f"{field}_now").CopyFrom(reading_message(live[0]))
         for field, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
             newest_per_window: dict[int, LimitReading] = {}
             for reading in recent:  # newest first: the first reading of a window has seen the most of it
@@ -3210,21 +3327,37 @@ class Query:
 @dataclasses.dataclass(frozen=True)
 class LimitQuery:
     """How to find the current block and its limit."""
-    mode: int | str | None      # fixed start hour, "auto", or None (weekly figures only)
+    mode: int | str | None      # fixed start hour, "auto", or None (no block tracking)
     now_ms: int
     learn: bool                 # claude.max_tokens = "auto"
     floor: int | None           # the configured or plan limit (the learned limit's floor)
+    track_week: bool = True     # the week's figures are wanted even without a reading of Claude's week
 
 
 @dataclasses.dataclass(frozen=True)
 class LimitFigures:
-    """Where the user stands against Claude's windows: the current block and the rolling week."""
+    """Where the user stands against Claude's windows: the current block and the week, by ccmon's own counts and
+    by Claude's own readings."""
     window: tuple[int, int] | None          # the current block, None between automatic blocks
     block: Split                            # usage in it so far
     recent_rate: float                      # premium limited tokens per minute over the last 20 minutes
-    limit: int | None                       # the block limit in force (configured, plan or learned)
+    limit: int | None                       # the block limit in force (configured, plan, learned or calibrated)
     learned_from: int | None                # blocks the limit was learned from; None when not learned
-    weekly: tuple[tuple[str, Usage], ...]   # rolling 7 days, per model family
+    weekly: tuple[tuple[str, Usage], ...]   # the week (Claude's when read, else the rolling 7 days), per family
+    claude: ClaudeLimits = ClaudeLimits()   # Claude's own: live readings and calibrated capacities
+    calibrated_from: int | None = None      # readings the block limit was calibrated from; None when not
+    weekly_window: tuple[int, int] | None = None  # Claude's week, from a live reading; None: the rolling 7 days
+    window_from_claude: bool = False        # the block is Claude's own window, from a live reading
+
+
+def weekly_limit_in_force(limits: LimitFigures, configured: int | None) -> tuple[int | None, int | None]:
+    """(the weekly limit, the readings it was calibrated from or None): claude.weekly_max_tokens when set, else
+    the calibrated capacity of Claude's week while a reading of it is live."""
+    if configured:
+        return configured, None
+    if limits.weekly_window and limits.claude.seven_day_capacity:
+        return limits.claude.seven_day_capacity, limits.claude.seven_day_readings
+    return None, None
 
 
 def block_status(limits: LimitFigures, now: int) -> BlockStatus | None:
@@ -3294,6 +3427,7 @@ class Snapshot:
     limits: LimitFigures | None = None
     users: tuple[tuple[str, Split, int], ...] = ()  # user, usage, sessions: the Users tab and the `u` filter
     data: Any = None                          # what query.fetch returned
+    user_limits: tuple[tuple[str, LimitWindow | None, LimitWindow | None], ...] = ()  # users' live Claude windows
     unanswered: str = ""                      # why the server could not answer the tab (the Go ccmon)
 
 
@@ -3422,29 +3556,60 @@ class Client:
         return (split_from_stats(response.session) if response.HasField("session") else None,
                 split_from_stats(response.today) if response.HasField("today") else None)
 
-    def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None) -> tuple[tuple[int, int, Split], ...]:
+    def blocks(self, start_ms: int | None, end_ms: int,
+               user: str | None = None) -> tuple[tuple[int, int, Split, bool], ...]:
+        """(start, end, usage, whether the window is Claude's own) per block, oldest first."""
         response = self._call("GetBlocks", self._period(ccmon_pb2.GetBlocksRequest(), start_ms, end_ms, user))
-        return tuple((ms_of(b.start_time), ms_of(b.end_time), split_from_stats(b.stats)) for b in response.blocks)
+        return tuple((ms_of(b.start_time), ms_of(b.end_time), split_from_stats(b.stats), b.from_claude)
+                     for b in response.blocks)
+
+    def limits(self, user: str | None, at_ms: int) -> ClaudeLimits:
+        """Claude's own limits for a user (everyone: None) at a moment: live readings and calibrated capacities."""
+        response = self._call("GetLimits", ccmon_pb2.GetLimitsRequest(user=user or "", at=timestamp_from_ms(at_ms)))
+        return ClaudeLimits(
+            reading_of(response.five_hour_now) if response.HasField("five_hour_now") else None,
+            reading_of(response.seven_day_now) if response.HasField("seven_day_now") else None,
+            response.five_hour.tokens if response.HasField("five_hour") else None, response.five_hour.readings,
+            response.seven_day.tokens if response.HasField("seven_day") else None, response.seven_day.readings)
 
     def limit_figures(self, query: LimitQuery, zone: ZoneInfo, user: str | None) -> LimitFigures:
+        """The current block (Claude's own window while a reading of it is live, else as query.mode finds it), its
+        limit (calibrated, learned, configured or the plan's) and the week (Claude's when read, else rolling)."""
         now = query.now_ms
-        history = self.blocks(now - (LEARN_FROM_MS if query.learn else DAY_MS), now, user) \
-            if query.learn or query.mode == "auto" else ()
-        window = block_window(query.mode, now, zone, [(start, end) for start, end, _ in history])
-        limit, learned_from = query.floor, None
-        if query.learn:
-            limit, learned_from = learned_limit([split.premium.limited for start, end, split in history if end <= now],
+        claude = self.limits(user, now)
+        five, seven = claude.window("five_hour", now), claude.window("seven_day", now)
+        calibrated = claude.five_hour_capacity if query.learn else None
+        learn = query.learn and calibrated is None
+        history = self.blocks(now - (LEARN_FROM_MS if learn else DAY_MS), now, user) \
+            if learn or (query.mode == "auto" and five is None) else ()
+        from_claude = query.mode is not None and five is not None
+        window = (five.resets_ms - BLOCK_MS, five.resets_ms) if from_claude else \
+            block_window(query.mode, now, zone, [(start, end) for start, end, _, _ in history])
+        limit, learned_from, calibrated_from = query.floor, None, None
+        if calibrated is not None:
+            limit, calibrated_from = calibrated, claude.five_hour_readings
+        elif learn:
+            limit, learned_from = learned_limit([split.premium.limited for _, end, split, _ in history if end <= now],
                                                 query.floor)
+        weekly_window = (seven.resets_ms - 7 * DAY_MS, seven.resets_ms) if seven else None
         weekly: dict[str, Usage] = {}
-        for model, usage in self.models(now - 7 * DAY_MS, now, user):
-            weekly[model_family(model)] = weekly.get(model_family(model), Usage()) + usage
+        if query.track_week or seven:
+            for model, usage in self.models(weekly_window[0] if weekly_window else now - 7 * DAY_MS, now, user):
+                weekly[model_family(model)] = weekly.get(model_family(model), Usage()) + usage
         return LimitFigures(window, self.stats(window[0], now, user) if window else Split(),
                             self.stats(now - RECENT_RATE_MS, now, user).premium.limited / (RECENT_RATE_MS / 60_000),
-                            limit, learned_from, tuple(sorted(weekly.items())))
+                            limit, learned_from, tuple(sorted(weekly.items())), claude, calibrated_from, weekly_window,
+                            from_claude)
 
     def users(self, start_ms: int | None, end_ms: int) -> tuple[tuple[str, Split, int], ...]:
+        return tuple(row[:3] for row in self.users_with_limits(start_ms, end_ms))
+
+    def users_with_limits(self, start_ms: int | None, end_ms: int) -> tuple[tuple[str, Split, int, LimitWindow | None,
+                                                                                  LimitWindow | None], ...]:
+        """Users by cost: (user, usage, sessions, Claude's live 5-hour window, Claude's live week) each."""
         response = self._call("GetUsers", self._period(ccmon_pb2.GetUsersRequest(), start_ms, end_ms))
-        return tuple((u.user, split_from_stats(u.stats), u.sessions) for u in response.users)
+        return tuple((u.user, split_from_stats(u.stats), u.sessions, window_of(u, "five_hour"),
+                      window_of(u, "seven_day")) for u in response.users)
 
     def requests_page(self, query: Query) -> RequestsPage:
         start, end, user = query.start_ms or 0, query.end_ms, query.user  # the Go ccmon needs a start
@@ -3462,12 +3627,14 @@ class Client:
         if query.period_is_block and limits is not None:  # the current automatic block, or nothing between blocks
             query = dataclasses.replace(query, start_ms=limits.window[0] if limits.window else query.end_ms)
         self.unanswered.clear()
-        users = self.users(query.start_ms, query.end_ms)  # what the Users tab shows, and the `u` filter's names
+        users = self.users_with_limits(query.start_ms, query.end_ms)  # the Users tab, and the `u` filter's names
         data = None
         if query.fetch:
             self.unanswered.clear()
             data = query.fetch(self, query)
-        return Snapshot(query, now_ms(), info.usage_records if info.version else -1, limits, users, data,
+        return Snapshot(query, now_ms(), info.usage_records if info.version else -1, limits,
+                        tuple(row[:3] for row in users), data,
+                        tuple((name, five, seven) for name, _, _, five, seven in users if five or seven),
                         GO_CCMON_ONLY if self.unanswered else "")
 
     def close(self) -> None:
@@ -3487,17 +3654,19 @@ class MonitorSettings:
     weekly_limit: int | None = None
     alerts: tuple[int, ...] = ()
     alert_command: str = ""
+    limit_from_plan: bool = False    # `limit` is the plan's figure, a guess (claude.max_tokens 0 or "auto")
 
     @classmethod
     def from_config(cls, config: Config) -> MonitorSettings:
         return cls(config.monitor_server, config.zone, config.block_mode, token_limit(config.plan, config.max_tokens),
                    config.refresh_interval_s, config.max_tokens == "auto", config.weekly_max_tokens or None,
-                   config.alert_percents, config.alert_command)
+                   config.alert_percents, config.alert_command,
+                   config.max_tokens in (0, "auto") and config.plan in PLAN_TOKEN_LIMITS)
 
-    def limit_query(self, now: int) -> LimitQuery | None:
-        if self.block_mode is None and not self.weekly_limit:
-            return None
-        return LimitQuery(self.block_mode, now, self.learn, self.limit)
+    def limit_query(self, now: int) -> LimitQuery:
+        """Claude's own limits are always asked for; ccmon's block and week figures when tracked."""
+        return LimitQuery(self.block_mode, now, self.learn, self.limit,
+                          track_week=self.block_mode is not None or bool(self.weekly_limit))
 
 
 def format_count(n: float) -> str:
@@ -3550,13 +3719,28 @@ def local_time(ms: int, zone: ZoneInfo, fmt: str = "%H:%M") -> str:
     return dt.datetime.fromtimestamp(ms / 1000, zone).strftime(fmt)
 
 
+def reset_time(ms: int, now: int, zone: ZoneInfo) -> str:
+    """14:00 today, Mon 09:00 on another day."""
+    same_day = local_time(ms, zone, "%Y-%m-%d") == local_time(now, zone, "%Y-%m-%d")
+    return local_time(ms, zone, "%H:%M" if same_day else "%a %H:%M")
+
+
+def reading_age(read_ms: int, now: int) -> str:
+    """How old Claude's figure is: 'just now', '2 min ago', '1h05m ago'."""
+    age = max(0, now - read_ms)
+    if age < 60_000:
+        return "just now"
+    return f"{age // 60_000} min ago" if age < HOUR_MS else f"{format_duration(age)} ago"
+
+
 # ---------------------------------------------------------------- Quick query: --format and --json for status bars
 
 PLAN_MONTHLY_USD = {"pro": 20, "max": 100, "max20": 200}
 FORMAT_VARIABLES = ("daily_cost", "monthly_cost", "daily_plan_usage", "monthly_plan_usage", "daily_tokens",
                     "monthly_tokens", "block_usage", "block_remaining", "block_projection", "weekly_usage",
-                    "session_cost")
+                    "session_cost", "five_hour", "five_hour_resets", "seven_day", "seven_day_resets")
 BLOCK_VARIABLES = {"block_usage", "block_remaining", "block_projection"}
+CLAUDE_VARIABLES = {"five_hour", "five_hour_resets", "seven_day", "seven_day_resets"}  # as `ccmon statusline` has
 FORMAT_PATTERN = re.compile("@(" + "|".join(sorted(FORMAT_VARIABLES, key=len, reverse=True)) + ")")
 
 
@@ -3573,6 +3757,9 @@ class QuickFigures:
     weekly_limit: int | None = None
     session_id: str = ""
     session: Usage | None = None
+    claude: ClaudeLimits | None = None   # Claude's own limits, when asked for
+    now_ms: int = 0
+    zone: ZoneInfo | None = None
 
 
 def day_and_month_start(now: int, zone: ZoneInfo) -> tuple[int, int, int]:
@@ -3592,12 +3779,16 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
     if wanted & {"monthly_cost", "monthly_plan_usage", "monthly_tokens"}:
         figures = dataclasses.replace(figures, monthly=client.stats(month_start, now).total)
     settings = MonitorSettings.from_config(config)
+    claude = None
     if wanted & BLOCK_VARIABLES and settings.block_mode is not None or "weekly_usage" in wanted:
         limits = client.limit_figures(LimitQuery(settings.block_mode, now, settings.learn, settings.limit),
                                       config.zone, None)
         figures = dataclasses.replace(figures, block=block_status(limits, now), weekly=weekly_premium(limits),
-                                      weekly_limit=settings.weekly_limit,
+                                      weekly_limit=weekly_limit_in_force(limits, settings.weekly_limit)[0],
                                       block_tracked=settings.block_mode is not None)
+        claude = limits.claude
+    if wanted & CLAUDE_VARIABLES:
+        figures = dataclasses.replace(figures, claude=claude or client.limits(None, now), now_ms=now, zone=config.zone)
     if "session_cost" in wanted:
         session_id, split = client.latest_session()
         figures = dataclasses.replace(figures, session_id=session_id, session=split.total)
@@ -3636,6 +3827,13 @@ def quick_values(figures: QuickFigures) -> dict[str, Any]:
                       else None)
     if figures.session is not None:
         values.update(session_id=figures.session_id, session_cost=figures.session.cost_usd)
+    if figures.claude is not None:  # Claude's own figures as last read, while their window has not reset
+        windows = {name: figures.claude.window(name, figures.now_ms) for name in ("five_hour", "seven_day")}
+        for name, window in windows.items():
+            values[f"{name}_percent"] = window.percent if window else None
+            values[f"{name}_resets_at"] = window.resets_ms // 1000 if window else None
+        read = [figures.claude.read_ms(name) for name, window in windows.items() if window]
+        values["limits_read_at"] = min(read) // 1000 if read else None
     return values
 
 
@@ -3655,12 +3853,20 @@ def format_quick(template: str, figures: QuickFigures) -> str:
         "weekly_usage": lambda: percent_or_dash(values["weekly_usage"]) if figures.weekly_limit else
         format_count(figures.weekly.limited) if figures.weekly else "-",
         "session_cost": lambda: format_cost(figures.session.cost_nanos),
+        "five_hour": lambda: percent_or_dash(values["five_hour_percent"]),
+        "five_hour_resets": lambda: reset_or_dash(values["five_hour_resets_at"], figures),
+        "seven_day": lambda: percent_or_dash(values["seven_day_percent"]),
+        "seven_day_resets": lambda: reset_or_dash(values["seven_day_resets_at"], figures),
     }
     return FORMAT_PATTERN.sub(lambda match: shown[match.group(1)](), template)
 
 
 def percent_or_dash(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}%"
+
+
+def reset_or_dash(resets_s: int | None, figures: QuickFigures) -> str:
+    return "-" if resets_s is None else reset_time(resets_s * 1000, figures.now_ms, figures.zone or ZoneInfo("UTC"))
 
 
 def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
@@ -3750,12 +3956,6 @@ def reading_from_status_input(data: dict, now: int) -> LimitReading:
                         text_at(data, "model", "id"), number_in(context.get("used_percentage"), 0, 100),
                         limit_window(limits.get("five_hour")), limit_window(limits.get("seven_day")),
                         limit_window(limits.get("spend_limit")), text_at(data, "version"))
-
-
-def reset_time(ms: int, now: int, zone: ZoneInfo) -> str:
-    """14:00 today, Mon 09:00 on another day."""
-    same_day = local_time(ms, zone, "%Y-%m-%d") == local_time(now, zone, "%Y-%m-%d")
-    return local_time(ms, zone, "%H:%M" if same_day else "%a %H:%M")
 
 
 def status_values(data: dict, reading: LimitReading, session: Split | None, today: Split | None, zone: ZoneInfo,
@@ -3891,8 +4091,9 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
     if kind == "blocks":
         return [{"block_start": dt.datetime.fromtimestamp(start / 1000, zone).isoformat(timespec="minutes"),
                  "block_end": dt.datetime.fromtimestamp(end / 1000, zone).isoformat(timespec="minutes"),
+                 "window": "claude" if from_claude else "auto",  # Claude's own reset time, or guessed
                  "premium_tokens": split.premium.limited, **usage_fields(split.total)}
-                for start, end, split in client.blocks(start, end, user)]
+                for start, end, split, from_claude in client.blocks(start, end, user)]
     if kind == "session":
         return [{"session_id": s.session_id, "user": s.user,
                  "first_request": dt.datetime.fromtimestamp(s.first_ms / 1000, zone).isoformat(timespec="seconds"),
@@ -4079,7 +4280,7 @@ def query_for(state: ViewState, settings: MonitorSettings, now: int, auto_block_
     start, end = period_range(state, settings, now, auto_block_start)
     offset = max(0, state.scroll - PAGE_FETCH // 4)
     return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key,
-                 settings.limit_query(now), state.period == "b" and settings.block_mode == "auto", state.user,
+                 settings.limit_query(now), state.period == "b" and settings.block_mode is not None, state.user,
                  state.session_id, TABS[state.tab].fetch)
 
 
@@ -4187,12 +4388,13 @@ def pad_between(left: str, right: str, width: int) -> str:
     return left + " " * gap + right if gap >= 1 else left[:width]
 
 
-def joined_to_fit(parts: list[str], width: int) -> str:
-    """The first part, then each later one that still fits in `width`: a part is shown whole or not at all."""
-    text = parts[0]
+def joined_to_fit(parts: list[str | tuple[str, ...]], width: int) -> str:
+    """The first part, then each later one that still fits in `width`: a part is shown whole or not at all. A part
+    given as forms from longest to shortest shows the longest form that fits."""
+    text = parts[0] if isinstance(parts[0], str) else parts[0][0]
     for part in parts[1:]:
-        if len(text) + len(part) <= width:
-            text += part
+        text += next((form for form in ((part,) if isinstance(part, str) else part)
+                      if len(text) + len(form) <= width), "")
     return text
 
 
@@ -4373,21 +4575,23 @@ def block_lines(snap: Snapshot, screen: Screen) -> list[Line]:
     lines: list[Line] = []
     status = block_status(limits, screen.now)
     alert_at = min(settings.alerts) if settings.alerts else 101
+    five = limits.claude.window("five_hour", screen.now)
+    seven = limits.claude.window("seven_day", screen.now)
     if settings.block_mode is not None and status is None:
         lines.append(rule("Block (auto)", width, glyphs))
         lines.append([("No active block: the next 5-hour block starts with your next request.", "dim")])
     elif status is not None:
-        kind = " (auto)" if settings.block_mode == "auto" else ""
+        kind = " (Claude)" if limits.window_from_claude else " (auto)" if settings.block_mode == "auto" else ""
         lines.append(rule(f"Block {local_time(status.start_ms, zone)}-{local_time(status.end_ms, zone)}{kind}",
                           width, glyphs))
+        if five is not None:
+            lines.append(claude_line("5h", five, limits.claude.read_ms("five_hour"), screen, alert_at))
         if status.limit:
             fraction = status.used / status.limit
-            learned = f" (learned from {limits.learned_from} blocks)" if limits.learned_from else \
-                " (learned: no blocks yet)" if settings.learn else ""
-            style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
+            style = "alert" if fraction * 100 >= alert_at and five is None else level_style(fraction)
             figures = f" {fraction * 100:3.0f}%  {format_count(status.used)} / {format_count(status.limit)}"
             lines.append([("Tokens ", ""), (bar(fraction, bar_width, glyphs), style),
-                          (joined_to_fit([figures, learned], width - 7 - bar_width), "")])
+                          (joined_to_fit([figures, limit_note(limits, settings)], width - 7 - bar_width), "")])
         else:
             lines.append([(joined_to_fit([f"Tokens {format_count(status.used)} premium",
                                           " (no limit: set claude.plan or claude.max_tokens)"], width), "dim")])
@@ -4395,9 +4599,44 @@ def block_lines(snap: Snapshot, screen: Screen) -> list[Line]:
         left = f" {time_fraction * 100:3.0f}% {format_duration(status.remaining_ms)} left"
         lines.append([("Time   ", ""), (bar(time_fraction, bar_width, glyphs), "dim"),
                       (joined_to_fit([left, f", ends {local_time(status.end_ms, zone)}"], width - 7 - bar_width), "")])
-        lines.append(projection_line(status, zone, width))
-    lines.append(weekly_line(limits, screen, alert_at))
+        lines.append(projection_line(status, zone, width,
+                                     limits.claude.five_hour_capacity if limits.window_from_claude else None))
+    elif five is not None:  # no block tracking: Claude's own figure all the same
+        lines.append(claude_line("5h", five, limits.claude.read_ms("five_hour"), screen, alert_at))
+    if seven is not None:
+        lines.append(claude_line("week", seven, limits.claude.read_ms("seven_day"), screen, alert_at))
+    if settings.block_mode is not None or settings.weekly_limit or limits.weekly_window:
+        lines.append(weekly_line(limits, screen, alert_at))
     return lines
+
+
+def limit_note(limits: LimitFigures, settings: MonitorSettings) -> tuple[str, ...]:
+    """Where the block limit comes from, unless the user set it (calibrated, learned, or the plan's guess), in
+    long and short words."""
+    if limits.calibrated_from:
+        return f" (calibrated from {plural(limits.calibrated_from, 'reading')})", " (calibrated)"
+    if limits.learned_from:
+        return f" (learned from {plural(limits.learned_from, 'block')})", " (learned)"
+    if settings.limit_from_plan:
+        return (" (a guess from the plan: nothing learned yet)" if settings.learn else " (a guess from the plan)",
+                " (plan's guess)", " (guess)")
+    return ("",)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def claude_line(label: str, window: LimitWindow, read_ms: int, screen: Screen, alert_at: int) -> Line:
+    """Claude's own share of a window as read, when it resets and how old the figure is:
+    'Claude 5h 63%, resets 14:00 (read 2 min ago)'; the parts after the share are dropped whole to fit."""
+    head = f"Claude {label} "
+    share = f"{window.percent:.0f}%"
+    style = "alert" if window.percent >= alert_at else level_style(window.percent / 100)
+    age = reading_age(read_ms, screen.now)
+    rest = joined_to_fit(["", f", resets {reset_time(window.resets_ms, screen.now, screen.settings.zone)}",
+                          (f" (read {age})", f" ({age})")], screen.width - len(head) - len(share))
+    return [(head, ""), (share, style), (rest, "")]
 
 
 def weekly_reached_ms(used: int, limit: int, rate: float, now: int) -> int | None:
@@ -4408,27 +4647,47 @@ def weekly_reached_ms(used: int, limit: int, rate: float, now: int) -> int | Non
 
 
 def weekly_line(limits: LimitFigures, screen: Screen, alert_at: int) -> Line:
-    """Rolling 7 days of premium tokens, by family, against claude.weekly_max_tokens when set."""
+    """The week's premium tokens (Claude's week while a reading of it is live, else the rolling 7 days), by
+    family, against claude.weekly_max_tokens when set, else against the calibrated capacity of Claude's week."""
     settings = screen.settings
     premium = weekly_premium(limits)
     families = ", ".join(f"{family} {format_count(u.limited)}" for family, u in limits.weekly if family != "haiku")
     detail = f" ({families})" if families else ""
-    if settings.weekly_limit:
-        fraction = premium.limited / settings.weekly_limit
-        style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
-        reached = weekly_reached_ms(premium.limited, settings.weekly_limit, limits.recent_rate, screen.now)
+    limit, calibrated_from = weekly_limit_in_force(limits, settings.weekly_limit)
+    if limit:
+        fraction = premium.limited / limit
+        claude_says = limits.claude.window("seven_day", screen.now) is not None
+        style = "alert" if fraction * 100 >= alert_at and not claude_says else level_style(fraction)
+        reached = weekly_reached_ms(premium.limited, limit, limits.recent_rate, screen.now)
+        if reached is not None and limits.weekly_window and reached >= limits.weekly_window[1]:
+            reached = None  # Claude's week resets first
         pace = "" if reached is None else f", limit {local_time(reached, settings.zone, '%a %H:%M')} at this pace"
+        note = (f" (calibrated from {plural(calibrated_from, 'reading')})", " (calibrated)") if calibrated_from \
+            else ""
         bar_width = gauge_width(screen.width)
-        figures = f" {fraction * 100:3.0f}%  {format_count(premium.limited)} / {format_count(settings.weekly_limit)}"
+        figures = f" {fraction * 100:3.0f}%  {format_count(premium.limited)} / {format_count(limit)}"
         return [("Week   ", ""), (bar(fraction, bar_width, screen.glyphs), style),
-                (joined_to_fit([figures, pace, detail], screen.width - 7 - bar_width), "")]
+                (joined_to_fit([figures, note, pace, detail], screen.width - 7 - bar_width), "")]
     return [(joined_to_fit([f"Week   {format_count(premium.limited)} premium tokens, {format_cost(premium.cost_nanos)}",
                             detail], screen.width), "dim")]
 
 
-def projection_line(status: BlockStatus, zone: ZoneInfo, width: int) -> Line:
-    """Burn rate and where it leads, in long or short words to fit the width."""
+def projection_line(status: BlockStatus, zone: ZoneInfo, width: int, capacity: int | None = None) -> Line:
+    """Burn rate and where it leads, in long or short words to fit the width: in Claude's own window with its
+    calibrated capacity, to Claude's 100%; else to the block limit."""
     pace = f"Burn {format_rate(status.burn_rate)}"
+    if capacity:
+        claude = dataclasses.replace(status, limit=capacity)
+        reached = claude.limit_reached_ms()
+        if status.used >= capacity:
+            return [(pace + "; the calibrated limit is reached", "bad")]
+        if reached is not None:
+            at = local_time(reached, zone)
+            long, short, style = f"; at this pace 100% at {at}", f"; 100% at {at}", "warn"
+        else:
+            projected = f"{claude.projected_at_end() / capacity * 100:.0f}%"
+            long, short, style = f"; at this pace {projected} at reset", f"; {projected} at reset", "good"
+        return [(pace + (long if len(pace + long) <= width else short), style)]
     reached = status.limit_reached_ms()
     if not status.limit:
         return [(pace, "")]
@@ -4646,9 +4905,15 @@ def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
                Column("Tokens", 7, 1), Column("Premium", 7, 3), Column("Cost", 9, 0), Column("Share of cost", 13, 2)]
     whole = sum(split.total.cost_nanos for _, split, _ in snap.users)
     page_rows = max(1, screen.rows - 2)
+    claude = {user: [live_window(window, screen.now) for window in windows] for user, *windows in snap.user_limits}
+    with_claude = any(window for windows in claude.values() for window in windows)
+    if with_claude:  # each user's own latest share of Claude's windows, where a reading of it is live
+        columns += [Column("5h", 4, 1), Column("Week", 4, 1)]
     rows = [([user_names(user, "(unknown)"), str(sessions), format_count(split.total.requests), format_count(split.total.total),
               format_count(split.premium.limited), format_cost(split.total.cost_nanos),
-              share_cell(split.total.cost_nanos, whole, screen.glyphs)],
+              share_cell(split.total.cost_nanos, whole, screen.glyphs)] +
+             ([f"{window.percent:.0f}%" if window else "-" for window in claude.get(user, [None, None])]
+              if with_claude else []),
              "tab_active" if user and user == state.user else "")
             for user, split, sessions in snap.users[state.scroll:state.scroll + page_rows]]
     header, body = table_lines(columns, rows, screen.width)
@@ -4657,14 +4922,14 @@ def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
 
 
 def blocks_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
-    blocks: tuple[tuple[int, int, Split], ...] = snap.data
+    blocks: tuple[tuple[int, int, Split, bool], ...] = snap.data
     zone = screen.settings.zone
     limit = snap.limits.limit if snap.limits else screen.settings.limit
     columns = [Column("Block", 17, 0, left=True), Column("Req", 5, 1), Column("Premium", 7, 0),
                Column("Tokens", 7, 2), Column("Cost", 9, 0), Column("Of limit", 13, 1)]
     page_rows = max(1, screen.rows - 2)
     rows = []
-    for start, end, split in blocks[state.scroll:state.scroll + page_rows]:
+    for start, end, split, _ in blocks[state.scroll:state.scroll + page_rows]:
         used = split.premium.limited
         share = share_cell(used, limit, screen.glyphs) if limit else "-"
         label = f"{local_time(start, zone, '%m-%d %H:%M')}-{local_time(end, zone)}"
@@ -4775,8 +5040,9 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Sc
                                                             "warn")]]
     else:
         tab = TABS[state.tab]
-        summary = tab.summary(snap, state, dataclasses.replace(screen, rows=room)) if tab.summary else []
-        above = summary + block_lines(snap, screen)
+        block = block_lines(snap, screen)
+        summary = tab.summary(snap, state, dataclasses.replace(screen, rows=room - len(block))) if tab.summary else []
+        above = summary + block
         tab_frame = tab.render(snap, state, dataclasses.replace(screen, rows=room - len(above)))
         lines += above + tab_frame.lines
     lines = lines[:height - 1]
@@ -4886,29 +5152,40 @@ def draw(curses_module, window, lines: list[Line], attributes: dict[str, int]) -
 def due_alerts(limits: LimitFigures | None, settings: MonitorSettings, now: int,
                fired: set[tuple]) -> list[tuple[tuple, str, dict[str, str]]]:
     """Thresholds that block or weekly usage has newly crossed: (key, message, environment for the command).
-    A block's thresholds fire once per block; weekly ones again after usage fell back below them."""
+    While a reading of Claude's own window is live, the percentage is Claude's (as read; used and limit are then
+    ccmon's tokens in the window and its calibrated capacity, where known); else ccmon's count against the
+    limit. A window's thresholds fire once per window; a rolling week's again after usage fell back below them."""
     if limits is None or not settings.alerts:
         return []
-    gauges = []
+    gauges: list[tuple[str, int, float, int | None, int | None, str]] = []  # kind, window, percent, used, limit, source
     status = block_status(limits, now)
-    if status is not None and status.limit:
-        gauges.append(("block", status.start_ms, status.used, status.limit))
-    if settings.weekly_limit:
-        gauges.append(("weekly", 0, weekly_premium(limits).limited, settings.weekly_limit))
+    five, seven = limits.claude.window("five_hour", now), limits.claude.window("seven_day", now)
+    if five is not None:
+        gauges.append(("block", five.resets_ms - BLOCK_MS, five.percent, status.used if status else None,
+                       limits.claude.five_hour_capacity, "claude"))
+    elif status is not None and status.limit:
+        gauges.append(("block", status.start_ms, status.used / status.limit * 100, status.used, status.limit, "ccmon"))
+    weekly_used = weekly_premium(limits).limited
+    if seven is not None:
+        gauges.append(("weekly", seven.resets_ms, seven.percent, weekly_used, limits.claude.seven_day_capacity,
+                       "claude"))
+    elif settings.weekly_limit:
+        gauges.append(("weekly", 0, weekly_used / settings.weekly_limit * 100, weekly_used, settings.weekly_limit,
+                       "ccmon"))
     due = []
-    for kind, window, used, limit in gauges:
-        percent = used / limit * 100
+    for kind, window, percent, used, limit, source in gauges:
         for threshold in settings.alerts:
             key = (kind, window, threshold)
             if percent < threshold:
                 fired.discard(key)  # re-arms a rolling window's alert
             elif key not in fired:
                 fired.add(key)
-                due.append((key, f"ALERT: {kind} usage passed {threshold}% ({format_count(used)} of "
-                                 f"{format_count(limit)})",
+                figures = f"Claude says {percent:.0f}%" if source == "claude" else \
+                    f"{format_count(used)} of {format_count(limit)}"
+                due.append((key, f"ALERT: {kind} usage passed {threshold}% ({figures})",
                             {"CCMON_ALERT_KIND": kind, "CCMON_ALERT_THRESHOLD": str(threshold),
-                             "CCMON_ALERT_PERCENT": f"{percent:.1f}", "CCMON_ALERT_USED": str(used),
-                             "CCMON_ALERT_LIMIT": str(limit)}))
+                             "CCMON_ALERT_PERCENT": f"{percent:.1f}", "CCMON_ALERT_USED": "" if used is None else str(used),
+                             "CCMON_ALERT_LIMIT": "" if limit is None else str(limit), "CCMON_ALERT_SOURCE": source}))
     return due
 
 
@@ -4916,7 +5193,8 @@ def alert_setup_problem(settings: MonitorSettings) -> str:
     """Alerts need something to measure against; say so rather than stay silent."""
     if settings.alerts and not settings.weekly_limit and (settings.block_mode is None or
                                                           not (settings.limit or settings.learn)):
-        return "alerts need a block limit (-b with claude.plan or claude.max_tokens) or claude.weekly_max_tokens"
+        return ("alerts need a block limit (-b with claude.plan or claude.max_tokens), claude.weekly_max_tokens "
+                "or Claude's own limits (ccmon statusline)")
     return ""
 
 
@@ -5035,9 +5313,10 @@ def config_options() -> argparse.ArgumentParser:
     parser.add_argument("--monitor-timezone", metavar="ZONE", help="IANA timezone, e.g. Europe/Berlin")
     parser.add_argument("--monitor-refresh-interval", metavar="DURATION", help="1s to 5m (default 5s)")
     parser.add_argument("--claude-plan", metavar="PLAN", help="unset, pro, max or max20")
-    parser.add_argument("--claude-max-tokens", metavar="N", help="block token limit (0: plan default; auto: learn "
-                        "it from past blocks)")
-    parser.add_argument("--claude-weekly-max-tokens", metavar="N", help="weekly premium token limit (0: none)")
+    parser.add_argument("--claude-max-tokens", metavar="N", help="block token limit (0: plan default; auto: "
+                        "calibrated from Claude's own readings, else learned from past blocks)")
+    parser.add_argument("--claude-weekly-max-tokens", metavar="N", help="weekly premium token limit (0: none, or "
+                        "calibrated while Claude's own week is read)")
     parser.add_argument("-b", "--block", metavar="HOUR", help="track 5-hour blocks: 'auto' (from your first "
                         "request, like Claude's own windows) or a fixed start hour such as 5am")
     parser.add_argument("--alert", metavar="PERCENT", action="append", help="alert when block or weekly usage "

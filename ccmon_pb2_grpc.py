@@ -177,8 +177,10 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetBlocks(self, request, context):
-        """GetBlocks returns the automatic 5-hour blocks overlapping a period, oldest first: a block starts
-        at the first request after the previous block ended, floored to the (UTC) hour.
+        """GetBlocks returns the automatic 5-hour blocks overlapping a period, oldest first: where status line
+        readings of the user's sessions name Claude's own window, the block is that window, [resets_at - 5h,
+        resets_at); elsewhere a block starts at the first request after the previous block ended, floored to the
+        (UTC) hour (never before a window of Claude's ended, and cut short where one begins).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1051,6 +1051,7 @@ def test_render_never_overflows_any_size():
         for height in range(8, 70, 5):
             for state, data in ((ccmon.ViewState(period="b"), snap), (ccmon.ViewState(tab="daily"), daily),
                                 (ccmon.ViewState(help=True, help_scroll=4), snap),
+                                (ccmon.ViewState(period="b"), claude_snapshot(settings, now)),
                                 *first_hour_screens(settings, now)[2:]):
                 lines, _ = frame_text(state, data, settings, width, height, now, unicode=True)
                 assert len(lines) <= height and all(len(line) <= width for line in lines)
@@ -1098,7 +1099,8 @@ def first_hour_screens(settings, now) -> list[tuple[ccmon.ViewState, ccmon.Snaps
     tools = ccmon.ToolsData((("Bash", 30, 22, 120, 3000), ("mcp__github__create_pull_request", 1, 1, 900, 900)),
                             (("accept", "config", 12), ("reject", "user_reject", 1)),
                             (("529", "claude-opus-4-1-20250805", 1),), 1)
-    blocks = ((now - 3600_000, now + 4 * 3600_000, ccmon.Split(usage(2, 100), usage(7, 400_000, 107_500, 500_000))),)
+    blocks = ((now - 3600_000, now + 4 * 3600_000, ccmon.Split(usage(2, 100), usage(7, 400_000, 107_500, 500_000)),
+               False),)
     return [(ccmon.ViewState(period="b"), requests),
             (ccmon.ViewState(tab="daily"), dataclasses_replace(daily_snapshot(settings, now), data=days)),
             insight_snapshot(settings, now, "models", data=models),
@@ -1547,7 +1549,8 @@ def test_quick_query_format_and_json(server, tmp_path):
     assert result.returncode == 0
     assert result.stderr == ("ccmon: unknown in --format, left as written: @nonsense (known: @daily_cost "
                              "@monthly_cost @daily_plan_usage @monthly_plan_usage @daily_tokens @monthly_tokens "
-                             "@block_usage @block_remaining @block_projection @weekly_usage @session_cost)\n")
+                             "@block_usage @block_remaining @block_projection @weekly_usage @session_cost @five_hour "
+                             "@five_hour_resets @seven_day @seven_day_resets)\n")
     cost = ccmon.format_cost  # as every screen shows it: $0.0040 below a dollar, $12.35 above
     assert result.stdout == (
         f"{cost(round(expected['daily_cost'] * 1e9))} | {cost(round(expected['monthly_cost'] * 1e9))} | "
@@ -1560,7 +1563,9 @@ def test_quick_query_format_and_json(server, tmp_path):
                        "daily_tokens": expected["daily_tokens"], "monthly_tokens": expected["monthly_tokens"],
                        "daily_plan_usage": figures["daily_plan_usage"], "monthly_plan_usage": expected["monthly_cost"],
                        "session_id": "latest", "session_cost": 0.004,
-                       "weekly_premium_tokens": 5500, "weekly_premium_cost": 3.75, "weekly_usage": None}
+                       "weekly_premium_tokens": 5500, "weekly_premium_cost": 3.75, "weekly_usage": None,
+                       "five_hour_percent": None, "five_hour_resets_at": None, "seven_day_percent": None,
+                       "seven_day_resets_at": None, "limits_read_at": None}  # no status line reading
     assert figures["daily_plan_usage"] == pytest.approx(expected["daily_cost"] / (100 / days) * 100)
     unset = run_ccmon(["--monitor-server", server.target, "--format", "@daily_plan_usage"], tmp_path)
     assert unset.stdout == "0%\n"
@@ -3504,12 +3509,12 @@ def test_automatic_blocks_from_a_hand_made_history(server, tmp_path):
     report = run_ccmon(["report", "blocks", "--since", "2026-03-28", "--until", "2026-03-29", "--csv",
                         "--monitor-server", server.target, "--monitor-timezone", "Europe/Berlin"], tmp_path)
     assert report.stdout.splitlines() == [
-        "block_start,block_end,premium_tokens,requests,input_tokens,output_tokens,cache_read_tokens,"
+        "block_start,block_end,window,premium_tokens,requests,input_tokens,output_tokens,cache_read_tokens,"
         "cache_creation_tokens,total_tokens,cost_usd",
-        "2026-03-27T23:00+01:00,2026-03-28T04:00+01:00,7000,2,7000,0,0,0,7000,0.7",
-        "2026-03-28T04:00+01:00,2026-03-28T09:00+01:00,100,1,100,0,0,0,100,0.01",
-        "2026-03-29T01:00+01:00,2026-03-29T07:00+02:00,700,1,700,0,0,0,700,0.07",
-        "Total,,7800,4,7800,0,0,0,7800,0.78"]
+        "2026-03-27T23:00+01:00,2026-03-28T04:00+01:00,auto,7000,2,7000,0,0,0,7000,0.7",
+        "2026-03-28T04:00+01:00,2026-03-28T09:00+01:00,auto,100,1,100,0,0,0,100,0.01",
+        "2026-03-29T01:00+01:00,2026-03-29T07:00+02:00,auto,700,1,700,0,0,0,700,0.07",
+        "Total,,,7800,4,7800,0,0,0,7800,0.78"]
 
 
 def test_limit_math():
@@ -3544,7 +3549,7 @@ def test_alerts_fire_once_per_window_and_rearm():
     assert [(key, message) for key, message, _ in due] == [
         (("block", 0, 50), "ALERT: block usage passed 50% (6.00K of 10.0K)")]
     assert due[0][2] == {"CCMON_ALERT_KIND": "block", "CCMON_ALERT_THRESHOLD": "50", "CCMON_ALERT_PERCENT": "60.0",
-                         "CCMON_ALERT_USED": "6000", "CCMON_ALERT_LIMIT": "10000"}
+                         "CCMON_ALERT_USED": "6000", "CCMON_ALERT_LIMIT": "10000", "CCMON_ALERT_SOURCE": "ccmon"}
     assert ccmon.due_alerts(limits(6_500, 10_000), settings, 1000, fired) == []
     assert [key for key, _, _ in ccmon.due_alerts(limits(9_000, 85_000), settings, 1000, fired)] == \
         [("block", 0, 80), ("weekly", 0, 50), ("weekly", 0, 80)]
@@ -3587,7 +3592,7 @@ def test_auto_block_monitor_alert_and_format(tmp_path):
                 time.sleep(0.05)
             assert sorted(marker.read_text().split()) == sorted([
                 "CCMON_ALERT_KIND=block", "CCMON_ALERT_THRESHOLD=50", "CCMON_ALERT_PERCENT=71.4",
-                "CCMON_ALERT_USED=5000", "CCMON_ALERT_LIMIT=7000"])
+                "CCMON_ALERT_USED=5000", "CCMON_ALERT_LIMIT=7000", "CCMON_ALERT_SOURCE=ccmon"])
             monitor.send(b"7")
             monitor.wait_for("Blocks - current block (1; 5 hours from the first request)", "the blocks tab")
             monitor.send(b"q")
@@ -3725,8 +3730,8 @@ def test_block_period_follows_the_automatic_block(server):
 
 def test_alerts_without_anything_to_measure_say_so():
     quiet = ccmon.MonitorSettings("x:1", BERLIN, None, None, 5, alerts=(80,))
-    assert ccmon.alert_setup_problem(quiet) == ("alerts need a block limit (-b with claude.plan or claude.max_tokens) "
-                                                "or claude.weekly_max_tokens")
+    assert ccmon.alert_setup_problem(quiet) == ("alerts need a block limit (-b with claude.plan or claude.max_tokens), "
+                                                "claude.weekly_max_tokens or Claude's own limits (ccmon statusline)")
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, block_mode="auto", limit=7_000)) == ""
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, weekly_limit=10)) == ""
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, alerts=())) == ""
@@ -4090,6 +4095,314 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
     mixed = status_line(server.target, live_input("s-x"), "--format", "@model: @monthly_cost this month, @nonsense",
                         cwd=tmp_path)
     assert mixed.stdout == "Sonnet 4.5: $2.50 this month, @nonsense\n"
+
+
+# ---------------------------------------------------------------- Claude's own limits: blocks, monitor, alerts, quick query, reports
+
+def test_blocks_follow_claudes_own_windows(tmp_path):
+    """A reading says Claude's window is 09:20:30-14:20:30: that is the block; guessed blocks around it give way to
+    it, and figures at its edges (inside quarter hours) are counted exactly, on the right side."""
+    store, reader = ccmon.Writer(tmp_path / "claude.db"), ccmon.Reader(tmp_path / "claude.db")
+    at = lambda hhmmss: ccmon.parse_iso_ms(f"2026-06-01T{hhmmss}Z")
+
+    def request(seq, when, tokens):
+        return (at(when), "s-ana", seq, "claude-sonnet-4-5", "ana@example.com", tokens, 0, 0, 0, 0, 0, None, None,
+                None, None, None, 0)
+
+    store.write(ccmon.Batch(requests=[
+        request(1, "08:10:00", 100),   # a guessed block from 08:00, cut where Claude's window begins
+        request(2, "09:18:00", 200),   # the same quarter hour as the window's start, before it
+        request(3, "09:25:00", 400),   # in Claude's window
+        request(4, "14:19:00", 800),   # in it, in the quarter hour it ends in
+        request(5, "14:25:00", 1600),  # after it, same quarter hour: a guessed block from its end
+        request(6, "19:25:00", 3200),  # after that block's end, in the quarter hour it ends in
+    ]))
+    store.record_reading(ccmon.LimitReading("s-ana", at("10:00:00"),
+                                            five_hour=ccmon.LimitWindow(40.0, at("14:20:30"))))
+    store.record_reading(ccmon.LimitReading("s-ana", at("10:00:01"),  # the same reset, read a second off
+                                            five_hour=ccmon.LimitWindow(41.0, at("14:20:31"))))
+    expected = [("08:00:00", "09:20:30", 300, False), ("09:20:30", "14:20:30", 1200, True),
+                ("14:20:30", "19:20:30", 1600, False), ("19:20:30", "2026-06-02T00:20:30", 3200, False)]
+    for user in (None, "ana@example.com"):
+        blocks = reader.blocks(at("00:00:00"), at("23:59:00"), user)
+        assert [(b.start_ms, b.end_ms, b.by_model["claude-sonnet-4-5"].input, b.from_claude) for b in blocks] == \
+            [(at(start), ccmon.parse_iso_ms(end + "Z") if "T" in end else at(end), tokens, claude)
+             for start, end, tokens, claude in expected]
+    assert reader.blocks(at("00:00:00"), at("23:59:00"), "bo@example.com") == []
+    assert reader.claude_windows("bo@example.com", at("00:00:00"), at("23:59:00")) == []
+    store.close()
+    assert ccmon.block_around(at("09:25:00"), 0, [(at("09:20:30"), at("14:20:30"))]) == \
+        (at("09:20:30"), at("14:20:30"), True)
+    assert ccmon.block_around(at("14:40:00"), at("12:00:00"), [(at("09:20:30"), at("14:20:30"))]) == \
+        (at("14:20:30"), at("19:20:30"), False)  # never before Claude's window ended
+
+
+def claude_snapshot(settings, now, **changes):
+    """The Current tab's fixture with Claude's own readings, 2 minutes old: the 5-hour window 09:17-14:17 at 63 %
+    (a full one holds about 33,300 premium tokens, from 14 readings), the week at 21.4 % until Friday 09:00."""
+    snap, _, _ = _frame_fixture()
+    read = now - 2 * 60_000
+    reading = ccmon.LimitReading("s-ana", read, five_hour=ccmon.LimitWindow(63.0, local_ms("2026-03-10 14:17")),
+                                 seven_day=ccmon.LimitWindow(21.4, local_ms("2026-03-13 09:00")))
+    claude = ccmon.ClaudeLimits(reading, reading, 33_300, 14, 1_000_000, 3)
+    limits = dataclasses_replace(snap.limits, window=(local_ms("2026-03-10 09:17"), local_ms("2026-03-10 14:17")),
+                                 limit=33_300, claude=claude, calibrated_from=14, window_from_claude=True,
+                                 weekly_window=(local_ms("2026-03-06 09:00"), local_ms("2026-03-13 09:00")))
+    return dataclasses_replace(snap, limits=dataclasses_replace(limits, **changes))
+
+
+CLAUDE_80x24 = [
+    "-- Block 09:17-14:17 (Claude) --------------------------------------------------",
+    "Claude 5h 63%, resets 14:17 (read 2 min ago)",
+    "Tokens #########################...............  63%  21.0K / 33.3K (calibrated)",
+    "Time   ##########..............................  24% 3h47m left, ends 14:17",
+    "Burn 700/min; at this pace 100% at 10:47",
+    "Claude week 21%, resets Fri 09:00 (read 2 min ago)",
+    "Week   #.......................................   2%  21.0K / 1.00M (calibrated)",
+    "-- Requests 1-6 of 12 ----------------------------------------------------------"]
+
+CLAUDE_40x12 = [
+    " ccmon - Claude Code usage monitor",
+    " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk ",
+    " * connected | current block",
+    "-- Usage - current block ---------------",
+    "         Requests  Limited       Cost",
+    "Base            4    2.80K    $0.0040",
+    "Premium        12    15.0K      $1.23",
+    "Total          16    17.8K      $1.24",
+    "-- Block 09:17-14:17 (Claude) ----------",
+    "Claude 5h 63%, resets 14:17 (2 min ago)",
+    "Tokens ###..  63%  21.0K / 33.3K",
+    "h/d/w/m/a/b  o  1-7  u  ? help  q quit"]
+
+
+def test_render_claudes_own_limits_80x24_and_40x12():
+    _, settings, now = _frame_fixture()
+    snap = claude_snapshot(settings, now)
+    lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now)
+    assert lines[:8] == FRAME_80x24[:8] and lines[8:16] == CLAUDE_80x24 and lines[-1] == FRAME_80x24[-1]
+    assert frame.page_rows == 6
+    assert frame_text(ccmon.ViewState(period="b"), snap, settings, 40, 12, now)[0] == CLAUDE_40x12
+    wide = frame_text(ccmon.ViewState(period="b"), snap, settings, 120, 30, now)[0]
+    assert wide[10] == ("Tokens #########################...............  63%  21.0K / 33.3K (calibrated from 14 "
+                        "readings)")
+    # Claude's share is what alerts measure: it takes the alert colour, ccmon's own bar keeps its level's.
+    alerting = dataclasses_replace(settings, alerts=(60,))
+    styled = ccmon.render(ccmon.ViewState(period="b"), ccmon.Connection(True, attempts=1), snap,
+                          ccmon.Screen(alerting, 80, 24, now, ccmon.Glyphs.for_terminal(False))).lines
+    assert styled[9][1] == ("63%", "alert") and styled[10][1][1] == "warn"
+    # Later: the figure is older, and once Claude's window has reset it is no longer shown.
+    later = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now + 65 * 60_000)[0]
+    assert later[9] == "Claude 5h 63%, resets 14:17 (read 1h07m ago)"
+    after = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, local_ms("2026-03-10 14:17"))[0]
+    assert after[9:13] == ["Tokens #########################...............  63%  21.0K / 33.3K (calibrated)",
+                           "Time   ######################################## 100% 0ms left, ends 14:17",
+                           "Burn 700/min; at this pace 63% at reset",
+                           "Claude week 21%, resets Fri 09:00 (read 3h49m ago)"]
+    # Nothing read yet in this window but a calibrated capacity: the projection goes to the block's limit.
+    guessed = dataclasses_replace(claude_snapshot(settings, now, window_from_claude=False, window=snap.limits.window),
+                                  limits=dataclasses_replace(snap.limits, claude=ccmon.ClaudeLimits(
+                                      five_hour_capacity=33_300, five_hour_readings=14), weekly_window=None,
+                                      window_from_claude=False))
+    assert frame_text(ccmon.ViewState(period="b"), guessed, settings, 80, 24, now)[0][8:12] == [
+        "-- Block 09:17-14:17 -----------------------------------------------------------",
+        "Tokens #########################...............  63%  21.0K / 33.3K (calibrated)",
+        "Time   ##########..............................  24% 3h47m left, ends 14:17",
+        "Burn 700/min; at this pace the limit is reached at 10:47"]
+
+
+def test_render_claudes_figures_without_block_tracking_and_the_limits_sources():
+    _, settings, now = _frame_fixture()
+    off = _settings(block_hour=None, limit=None)
+    snap = claude_snapshot(off, now, window=None, window_from_claude=False, limit=None, calibrated_from=None)
+    lines, _ = frame_text(ccmon.ViewState(), snap, off, 80, 30, now)
+    assert lines[8:12] == ["Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows).",
+                           "Claude 5h 63%, resets 14:17 (read 2 min ago)",
+                           "Claude week 21%, resets Fri 09:00 (read 2 min ago)",
+                           "Week   #.......................................   2%  21.0K / 1.00M (calibrated)"]
+    lines, _ = frame_text(ccmon.ViewState(), snap, off, 80, 24, now)
+    assert lines[8].startswith("Claude 5h 63%")  # the hint gives way to the table's rows
+    plan = dataclasses_replace(settings, limit_from_plan=True)
+    guessed = dataclasses_replace(snap, limits=dataclasses_replace(snap.limits, claude=ccmon.ClaudeLimits(),
+                                                                   weekly_window=None, calibrated_from=None,
+                                                                   window=(local_ms("2026-03-10 10:00"),
+                                                                           local_ms("2026-03-10 15:00")),
+                                                                   limit=35_000))
+    tokens = {width: frame_text(ccmon.ViewState(period="b"), guessed, plan, width, 24, now)[0][9]
+              for width in (81, 82, 91)}
+    assert tokens == {81: "Tokens ########################................  60%  21.0K / 35.0K (guess)",
+                      82: "Tokens ########################................  60%  21.0K / 35.0K (plan's guess)",
+                      91: "Tokens ########################................  60%  21.0K / 35.0K (a guess from the plan)"}
+    learning = dataclasses_replace(plan, learn=True)
+    assert frame_text(ccmon.ViewState(period="b"), guessed, learning, 120, 24, now)[0][9].endswith(
+        "21.0K / 35.0K (a guess from the plan: nothing learned yet)")
+    learned = dataclasses_replace(guessed, limits=dataclasses_replace(guessed.limits, learned_from=23))
+    assert frame_text(ccmon.ViewState(period="b"), learned, learning, 120, 24, now)[0][9].endswith(
+        "21.0K / 35.0K (learned from 23 blocks)")
+
+
+def test_alerts_fire_on_claudes_own_percentages():
+    settings = ccmon.MonitorSettings("x:1", BERLIN, "auto", 10_000, 5, weekly_limit=100_000, alerts=(50, 80))
+    window_end, week_end = ccmon.BLOCK_MS + 500, 7 * ccmon.DAY_MS
+    reading = ccmon.LimitReading("s", 0, five_hour=ccmon.LimitWindow(55.0, window_end),
+                                 seven_day=ccmon.LimitWindow(81.5, week_end))
+    # ccmon's own counts say 20 % of the block and 10 % of the week: Claude's say 55 % and 81.5 %.
+    limits = ccmon.LimitFigures((500, window_end), ccmon.Split(premium=ccmon.Usage(1, 2_000)), 0.0, 10_000, None,
+                                (("sonnet", ccmon.Usage(1, 10_000)),), ccmon.ClaudeLimits(reading, reading, 40_000, 3),
+                                window_from_claude=True)
+    fired: set = set()
+    due = ccmon.due_alerts(limits, settings, 1000, fired)
+    assert [(key, message) for key, message, _ in due] == [
+        (("block", 500, 50), "ALERT: block usage passed 50% (Claude says 55%)"),
+        (("weekly", week_end, 50), "ALERT: weekly usage passed 50% (Claude says 82%)"),
+        (("weekly", week_end, 80), "ALERT: weekly usage passed 80% (Claude says 82%)")]
+    assert due[0][2] == {"CCMON_ALERT_KIND": "block", "CCMON_ALERT_THRESHOLD": "50", "CCMON_ALERT_PERCENT": "55.0",
+                         "CCMON_ALERT_USED": "2000", "CCMON_ALERT_LIMIT": "40000", "CCMON_ALERT_SOURCE": "claude"}
+    assert due[2][2]["CCMON_ALERT_LIMIT"] == "" and due[2][2]["CCMON_ALERT_USED"] == "10000"
+    assert ccmon.due_alerts(limits, settings, 2000, fired) == []  # once per window
+    # Once Claude's windows have reset, ccmon's own counts measure again: 20 % and 10 % fire nothing.
+    assert ccmon.due_alerts(limits, settings, week_end, fired) == []
+
+
+def claude_reading(srv: ServerProcess, session: str, email: str, tokens: list[tuple[int, int]], five_hour: float,
+                   resets_in_s: int, cwd: Path) -> dict:
+    """Requests of `session` in the last quarter hour ((input, output) each, a minute apart, the last 6 minutes
+    ago), then Claude Code's status line input for it with Claude's 5-hour share, sent by `ccmon statusline`;
+    returns the input and when it was read (between two moments)."""
+    now = ccmon.now_ms()
+    sdk_export(srv.port, [("api_request", {**api_request(i, iso(now - (6 + len(tokens) - 1 - i) * 60_000),
+                                                         session=session, input_tokens=inp, output_tokens=out),
+                                           "user.email": email}) for i, (inp, out) in enumerate(tokens)])
+    data = live_input(session, five_hour=five_hour)
+    data["rate_limits"]["five_hour"]["resets_at"] = now // 1000 + resets_in_s
+    before = ccmon.now_ms()
+    result = status_line(srv.target, data, cwd=cwd)
+    assert (result.returncode, result.stderr) == (0, ""), result
+    return {"input": data, "read_between": (before, ccmon.now_ms()),
+            "five_hour_resets": data["rate_limits"]["five_hour"]["resets_at"],
+            "seven_day_resets": data["rate_limits"]["seven_day"]["resets_at"]}
+
+
+def test_claudes_own_limits_on_every_screen(tmp_path):
+    """One person's server: 15,000 premium tokens when Claude said 30 % (a full window: 50,000), 15,000 more since.
+    The block is Claude's window; the limit (max_tokens auto) its calibrated capacity; the projection goes to
+    Claude's 100 %; alerts fire on Claude's 30 %, not on ccmon's 60 %."""
+    srv = ServerProcess(tmp_path).start()
+    utc = ccmon.ZoneInfo("UTC")
+    ana = claude_reading(srv, "s-ana", "ana@example.com", [(1000, 500)] * 10, 30.0, 7200, tmp_path)
+    resets, week_resets = ana["five_hour_resets"] * 1000, ana["seven_day_resets"] * 1000
+    time.sleep(0.01)  # after the reading, so not part of what it measured
+    sdk_export(srv.port, [("api_request", {**api_request(99, iso(ccmon.now_ms()), session="s-ana", input_tokens=10_000,
+                                                         output_tokens=5_000), "user.email": "ana@example.com"})])
+    base = ["--monitor-server", srv.target, "--monitor-timezone", "UTC"]
+    try:
+        figures = json.loads(run_ccmon([*base, "-b", "auto", "--claude-max-tokens", "auto", "--json"], tmp_path).stdout)
+        read_at = figures.pop("limits_read_at")
+        assert ana["read_between"][0] // 1000 <= read_at <= ana["read_between"][1] // 1000
+        assert {key: figures[key] for key in ("five_hour_percent", "five_hour_resets_at", "seven_day_percent",
+                                              "seven_day_resets_at", "block_end", "block_tokens", "block_limit",
+                                              "block_usage", "weekly_premium_tokens")} == {
+            "five_hour_percent": 30.0, "five_hour_resets_at": resets // 1000, "seven_day_percent": 20.5,
+            "seven_day_resets_at": week_resets // 1000, "block_end": resets // 1000, "block_tokens": 30_000,
+            "block_limit": 50_000, "block_usage": 60.0, "weekly_premium_tokens": 30_000}
+        assert figures["weekly_usage"] == 30_000 / 73_171 * 100  # Claude's week, calibrated: 15,000 / 20.5 %
+        shown = run_ccmon([*base, "--format", "5h @five_hour until @five_hour_resets, week @seven_day until "
+                           "@seven_day_resets"], tmp_path)
+        now = ccmon.now_ms()
+        assert (shown.stdout, shown.stderr) == (
+            f"5h 30% until {ccmon.reset_time(resets, now, utc)}, week 20% until "
+            f"{ccmon.reset_time(week_resets, now, utc)}\n", "")
+        report = json.loads(run_ccmon(["report", "blocks", "--json", *base], tmp_path).stdout)
+        assert [{key: row[key] for key in ("block_start", "block_end", "window", "premium_tokens")}
+                for row in report["rows"]] == [
+            {"block_start": dt.datetime.fromtimestamp((resets - ccmon.BLOCK_MS) / 1000, utc).isoformat(
+                timespec="minutes"), "block_end": dt.datetime.fromtimestamp(resets / 1000, utc).isoformat(
+                timespec="minutes"), "window": "claude", "premium_tokens": 30_000}]
+        table = run_ccmon(["report", "blocks", *base], tmp_path).stdout.splitlines()
+        assert table[1].split()[:4] == ["start", "end", "window", "premium"] and table[3].split()[4] == "claude"
+
+        marker = tmp_path / "alerts.env"
+        monitor = MonitorPty([*base, "-b", "auto", "--claude-max-tokens", "auto", "--alert", "25", "--alert", "50",
+                              "--monitor-alert-command", f"env | grep CCMON_ALERT | sort >> {marker}",
+                              "--monitor-refresh-interval", "1s"], cols=100, rows=30, cwd=tmp_path,
+                             env={"HOME": str(tmp_path)})
+        try:
+            started = ccmon.now_ms()
+            screen = monitor.wait_for("ALERT: block usage passed 25% (Claude says 30%)", "the alert")
+            window = f"{ccmon.local_time(resets - ccmon.BLOCK_MS, utc)}-{ccmon.local_time(resets, utc)}"
+            assert line_with(screen, "── Block").startswith(f"── Block {window} (Claude) ───")
+            assert re.fullmatch(rf"Claude 5h 30%, resets {ccmon.local_time(resets, utc)} "
+                                rf"\(read (just now|1 min ago)\) *", line_with(screen, "Claude 5h"))
+            assert line_with(screen, "Tokens").split()[2:] == ["60%", "30.0K", "/", "50.0K", "(calibrated", "from",
+                                                                "1", "reading)"]
+            # 30,000 tokens in the last 20 minutes: 1,500 a minute; the 20,000 left of 50,000 last 13 m 20 s.
+            reached = {ccmon.local_time(moment + 800_000, utc) for moment in range(started - 60_000,
+                                                                                   ccmon.now_ms(), 30_000)}
+            projection = line_with(screen, "Burn")
+            assert projection.startswith("Burn 1.50K/min; at this pace 100% at ") and projection.split()[-1] in reached
+            assert re.match(rf"Claude week 20%, resets {re.escape(ccmon.reset_time(week_resets, ccmon.now_ms(), utc))}"
+                            r" \(read", line_with(screen, "Claude week"))
+            assert line_with(screen, "Week ").split()[2:6] == ["41%", "30.0K", "/", "73.2K"]
+            assert line_with(screen, "Premium").split()[:3] == ["Premium", "11", "30.0K"]  # the block's requests
+            monitor.send(b"6")
+            screen = monitor.wait_for("Users by cost", "the users tab")
+            assert line_with(screen, "User ").split()[-2:] == ["5h", "Week"]
+            assert line_with(screen, "ana@example.com").split()[-2:] == ["30%", "20%"]
+            deadline = time.time() + 10
+            while not marker.exists() and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(2)  # two more refreshes: nothing more fires
+            assert marker.read_text().split() == [
+                "CCMON_ALERT_KIND=block", "CCMON_ALERT_LIMIT=50000", "CCMON_ALERT_PERCENT=30.0",
+                "CCMON_ALERT_SOURCE=claude", "CCMON_ALERT_THRESHOLD=25", "CCMON_ALERT_USED=30000"]
+            monitor.send(b"q")
+            assert monitor.close() == 0
+        finally:
+            if monitor.proc.poll() is None:
+                monitor.proc.kill()
+    finally:
+        srv.stop()
+
+
+def test_each_users_own_limits_on_a_team_server(server, tmp_path):
+    """Ana's Claude says 30 %, Bo's 80 %: the Users tab shows both; each one's own figures show under the user
+    filter; without a filter, nobody's (they would be some user's, not the server's)."""
+    utc = ccmon.ZoneInfo("UTC")
+    ana = claude_reading(server, "s-ana", "ana@example.com", [(1000, 500)] * 10, 30.0, 7200, tmp_path)
+    bo = claude_reading(server, "s-bo", "bo@example.com", [(700, 100)], 80.0, 3600, tmp_path)
+    everyone = server.query().GetLimits(ccmon_pb2.GetLimitsRequest())
+    assert everyone.HasField("latest") and not everyone.HasField("five_hour_now")
+    only_bo = server.query().GetLimits(ccmon_pb2.GetLimitsRequest(user="bo@example.com"))
+    assert (only_bo.five_hour_now.session_id, only_bo.five_hour_now.five_hour.used_percentage,
+            only_bo.five_hour.tokens, only_bo.five_hour.readings) == ("s-bo", 80.0, 1000, 1)  # 800 / 80 %
+    later = server.query().GetLimits(ccmon_pb2.GetLimitsRequest(user="bo@example.com", at=ccmon.timestamp_from_ms(
+        bo["five_hour_resets"] * 1000)))
+    assert not later.HasField("five_hour_now") and later.seven_day_now.seven_day.used_percentage == 20.5
+    settings = ccmon.MonitorSettings(server.target, utc, "auto", 7_000, 5, limit_from_plan=True)
+    client = ccmon.Client(server.target)
+    try:
+        now = ccmon.now_ms()
+        snap = client.snapshot(ccmon.query_for(ccmon.ViewState(tab="users"), settings, now))
+        lines, _ = frame_text(ccmon.ViewState(tab="users"), snap, settings, 100, 30, now)
+        assert not [line for line in lines if line.startswith("Claude")]
+        table = lines.index(next(line for line in lines if line.startswith("-- Users by cost")))
+        assert [line.split() for line in lines[table + 1:table + 4]] == [
+            ["User", "Sessions", "Req", "Tokens", "Premium", "Cost", "Share", "of", "cost", "5h", "Week"],
+            ["ana@example.com", "1", "10", "15.0K", "15.0K", "$0.00", "........", "0%", "30%", "20%"],
+            ["bo@example.com", "1", "1", "800", "800", "$0.00", "........", "0%", "80%", "20%"]]
+        state = ccmon.ViewState(tab="users", user="bo@example.com", period="b")
+        snap = client.snapshot(ccmon.query_for(state, settings, now))
+        lines, _ = frame_text(state, snap, settings, 100, 30, now)
+        resets = bo["five_hour_resets"] * 1000
+        block = next(i for i, line in enumerate(lines) if line.startswith("-- Block"))
+        assert lines[block].startswith(f"-- Block {ccmon.local_time(resets - ccmon.BLOCK_MS, utc)}-"
+                                       f"{ccmon.local_time(resets, utc)} (Claude) --")
+        assert lines[block + 1] == f"Claude 5h 80%, resets {ccmon.local_time(resets, utc)} (read just now)"
+        assert lines[block + 2].split()[2:] == ["11%", "800", "/", "7.00K", "(a", "guess", "from", "the", "plan)"]
+        assert snap.query.start_ms == resets - ccmon.BLOCK_MS  # the `b` period is Claude's window too
+        assert ana["five_hour_resets"] != bo["five_hour_resets"]
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------- module structure
