@@ -900,7 +900,7 @@ def frame_text(state, snap, settings, width, height, now, connection=None, unico
 
 FRAME_80x24 = [
     " ccmon - Claude Code usage monitor                                       v0.1.0 ",
-    "  Current   Daily Usage   Models   Sessions   Tools & errors   Users   Blocks  ",
+    "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  ",
     " * connected 127.0.0.1:4317 | current block | newest first | updated 10:30:00",
     "-- Usage - current block -------------------------------------------------------",
     "         Requests  Limited    Cache    Total       Cost    Burn rate",
@@ -922,12 +922,12 @@ FRAME_80x24 = [
     "09:55:00 opus-4-1     1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s 0005abcd-ef",
     "09:48:00 sonnet-4-5   1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s 0006abcd-ef",
     "09:41:00 haiku-4-5    1.01K   1.40K   30.0K   32.4K   $0.0864    10s 0007abcd-ef",
-    "h/d/w/m/a/b period  o order  Tab/1-7 tab  u user  ? help  q quit",
+    "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit",
 ]
 
 FRAME_40x12 = [
     " ccmon - Claude Code usage monitor",
-    " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk ",
+    " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj",
     " * connected | current block",
     "-- Usage - current block ---------------",
     "         Requests  Limited       Cost",
@@ -937,7 +937,7 @@ FRAME_40x12 = [
     "-- Block 10:00-15:00 -------------------",
     "Tokens ###..  60%  21.0K / 35.0K",
     "Time   .....  10% 4h30m left, ends 15:00",
-    "h/d/w/m/a/b  o  1-7  u  ? help  q quit",
+    "h/d/w/m/a/b  o  1-8  u/p  ? help  q quit",
 ]
 
 DAILY_80x24 = [
@@ -1167,11 +1167,14 @@ def test_every_tab_is_named_at_every_width():
     snap, settings, now = _frame_fixture()
     for width in range(40, 201):
         strip = frame_text(ccmon.ViewState(period="b"), snap, settings, width, 24, now)[0][1]
+        packed = "".join(f"{number}{tab.short_title}" for number, tab in enumerate(ccmon.TABS.values(), start=1))
         for number, tab in enumerate(ccmon.TABS.values(), start=1):
             assert f" {tab.title} " in strip or f"{number} {tab.short_title}" in strip or \
-                f" {number}{tab.short_title} " in strip, (width, strip)
+                f" {number}{tab.short_title} " in strip or strip == " " + packed, (width, strip)
     assert frame_text(ccmon.ViewState(), snap, settings, 60, 24, now)[0][1] == \
-        "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk  "
+        " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk 8Proj "
+    assert frame_text(ccmon.ViewState(), snap, settings, 80, 24, now)[0][1] == \
+        "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  "
 
 
 def test_every_help_key_is_reachable_at_40x12():
@@ -1189,7 +1192,7 @@ def test_every_help_key_is_reachable_at_40x12():
                          "| w  last 7 days     m  last 30 days  |",
                          "| a  all time        b  current block |",
                          "| o  sort order      r  refresh now   |",
-                         "| Tab/Shift-Tab or 1-7  switch tab    |",
+                         "| Tab/Shift-Tab or 1-8  switch tab    |",
                          "| arrows/j/k PgUp/PgDn  scroll        |",
                          "+- 1-6 of 10 -------------------------+",
                          "arrows/PgDn: more  other keys close"]
@@ -3194,13 +3197,13 @@ def test_reports_as_table_json_and_csv(server, tmp_path):
         "-------  ---------------  ----------------  ---  -----  ------  ------  -------  "
         "----------------------------------",
         "Total                                         3  1,350   5,230   6,580    $2.76",
-        "(to fit 120 columns, not shown: failed, errors, source, cache_write, cache_read, last, tools; --wide "
-        "shows every column)"]
+        "(to fit 120 columns, not shown: failed, errors, source, cache_write, cache_read, last, tools, project; --wide shows",
+        "every column)"]
     wide = run_report(server, "session", "--since", "2026-05-01", "--until", "2026-05-31", "--user",
                       "ana@example.com", "--wide", cwd=tmp_path).stdout.splitlines()
-    assert wide[1].split() == ["session", "user", "first", "last", "req", "input", "output", "cache_read",
+    assert wide[1].split() == ["session", "user", "project", "first", "last", "req", "input", "output", "cache_read",
                                "cache_write", "tokens", "cost", "models", "tools", "failed", "errors", "source"]
-    assert wide[3].split()[:5] == ["s-ana-2", "ana@example.com", "2026-05-05T19:00:00+09:00",
+    assert wide[3].split()[:7] == ["s-ana-2", "ana@example.com", "(no", "project)", "2026-05-05T19:00:00+09:00",
                                    "2026-05-05T19:00:00+09:00", "1"]
     assert wide[-1].split() == ["Total", "3", "1,350", "5,230", "0", "0", "6,580", "$2.76", "3", "1", "1"]
     model = run_report(server, "model", "--since", "2026-05-01", cwd=tmp_path).stdout.splitlines()
@@ -3307,7 +3310,7 @@ def test_render_insight_tabs():
     for key, tab in (("1", "current"), ("3", "models"), ("6", "users")):
         assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
     narrow, _ = frame_text(state, snap, settings, 40, 12, now)
-    assert narrow[1] == " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk "
+    assert narrow[1] == " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj"
 
 
 def test_adding_a_tab_is_one_entry_in_tabs():
@@ -3326,7 +3329,7 @@ def test_adding_a_tab_is_one_entry_in_tabs():
     finally:
         del sys.modules[module.__name__]
     settings, now = _settings(), local_ms("2026-05-05 13:00")
-    state, action = module.handle_key(module.ViewState(), "8", settings, module.Frame([]))
+    state, action = module.handle_key(module.ViewState(), "9", settings, module.Frame([]))
     assert (state.tab, action) == ("notes", "refresh")
     query = module.query_for(state, settings, now)
     snap = module.Snapshot(query, now, 500, data=query.fetch(None, query))
@@ -3337,11 +3340,11 @@ def test_adding_a_tab_is_one_entry_in_tabs():
         return [module.line_text(line) for line in frame.lines], frame
 
     lines, frame = text(120)
-    assert lines[1].rstrip().endswith("   Blocks   Notes") and "3 notes" in lines
+    assert lines[1].rstrip().endswith("   Blocks   Projects   Notes") and "3 notes" in lines
     assert (frame.page_rows, frame.total_rows) == (1, 3)
-    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  ? help  q quit"
-    assert text(80)[0][1].rstrip().endswith("7 Blk   8 Note")
-    assert "Tab/Shift-Tab or 1-8  switch tab" in module.HELP_TEXT
+    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit"
+    assert text(80)[0][1].rstrip().endswith("8 Proj   9 Note")
+    assert "Tab/Shift-Tab or 1-9  switch tab" in module.HELP_TEXT
     assert module.handle_key(state, "\t", settings, frame)[0].tab == "current"
 
 
