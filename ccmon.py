@@ -1845,32 +1845,39 @@ class Reader:
                  project: str | None = None) -> dict[str, tuple[dict[str, Usage], int]]:
         """Per project ('' for the sessions without one): its usage per model in [start_ms, end_ms) and how many
         sessions had usage then. A session's totals per model come from session_usage when they lie wholly
-        inside the period; raw rows are read only for those crossing its edges."""
+        inside the period; raw rows are read only for those crossing its edges. (With a user, a session's totals
+        are its user's as session_usage names them: the user of its latest row.)"""
         inside_filter = self._filter(user, project, "su.user", "su.session")
         crossing_filter = self._filter(user, project, "r.user", "su.session")  # the user of each row
         if inside_filter is None or crossing_filter is None or start_ms >= end_ms:
             return {}
-        (where, params), (crossing, crossing_params) = inside_filter, crossing_filter
-        inside = ", ".join(f"su.{column}" for column in list(FIGURES)[1:])
+        (inside, inside_params), (crossing, crossing_params) = inside_filter, crossing_filter
+        figures = list(FIGURES)[1:]
         raw = ", ".join(f"SUM({expression.format(r='r.')})" for expression in list(FIGURES.values())[1:])
         rows = self._reader().execute(
-            f"SELECT COALESCE(s.project, ''), su.session, su.model, {inside} FROM session_usage su "
-            "JOIN sessions s ON s.id = su.session "
-            f"WHERE su.last_ts >= ? AND su.last_ts < ? AND su.first_ts >= ?{where} "
-            f"UNION ALL SELECT COALESCE(s.project, ''), su.session, su.model, {raw} FROM session_usage su "
-            "JOIN sessions s ON s.id = su.session "
-            "JOIN requests r ON r.session = su.session AND r.model = su.model AND r.ts >= ? AND r.ts < ? "
+            f"WITH parts (session, model, {', '.join(figures)}) AS ("
+            f"SELECT su.session, su.model, {', '.join('su.' + column for column in figures)} FROM session_usage su "
+            f"WHERE su.last_ts >= ? AND su.last_ts < ? AND su.first_ts >= ?{inside} "
+            f"UNION ALL SELECT su.session, su.model, {raw} FROM session_usage su "  # CROSS JOIN: su first, then
+            "CROSS JOIN requests r ON r.session = su.session AND r.model = su.model AND r.ts >= ? AND r.ts < ? "
             f"WHERE su.last_ts >= ? AND su.first_ts < ? AND (su.first_ts < ? OR su.last_ts >= ?){crossing} "
-            "GROUP BY su.session, su.model",
-            (start_ms, end_ms, start_ms, *params, start_ms, end_ms, start_ms, end_ms, start_ms, end_ms,
+            "GROUP BY su.session, su.model), "  # r by requests_session, never all of requests by time
+            "named AS (SELECT COALESCE(s.project, '') AS project, parts.* FROM parts JOIN sessions s ON s.id = "
+            f"parts.session) SELECT project, model, {', '.join(f'SUM({column})' for column in figures)} FROM named "
+            f"GROUP BY project, model UNION ALL SELECT project, NULL, COUNT(DISTINCT session)"
+            f"{', 0' * (len(figures) - 1)} FROM named GROUP BY project",
+            (start_ms, end_ms, start_ms, *inside_params, start_ms, end_ms, start_ms, end_ms, start_ms, end_ms,
              *crossing_params))
         names = self._names("models")
-        found: dict[str, tuple[dict[str, Usage], set[int]]] = {}
-        for name, session, model, *figures in rows:
-            by_model, sessions = found.setdefault(name, ({}, set()))
-            by_model[names[model]] = by_model.get(names[model], Usage()) + Usage(*figures)
-            sessions.add(session)
-        return {name: (by_model, len(sessions)) for name, (by_model, sessions) in found.items()}
+        found: dict[str, tuple[dict[str, Usage], int]] = {}
+        for name, model, *sums in rows:  # a project's models, then its sessions (model NULL)
+            by_model, sessions = found.get(name, ({}, 0))
+            if model is None:
+                sessions = sums[0]
+            else:
+                by_model[names[model]] = Usage(*sums)
+            found[name] = (by_model, sessions)
+        return found
 
     def last_request_ms(self) -> int | None:
         return self._reader().execute("SELECT MAX(ts) FROM requests").fetchone()[0]
