@@ -1999,6 +1999,12 @@ def optional_text(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
+def resource_project(resource: dict) -> str:
+    """The project OTEL_RESOURCE_ATTRIBUTES=project=NAME names ('' for none): it wins over a status line's folder."""
+    project = resource.get("project")
+    return project.strip() if isinstance(project, str) else ""
+
+
 class Sources:
     """Canonical JSON of resource + identity attributes, memoized: every record of a session has the same."""
 
@@ -2112,8 +2118,9 @@ class LogsIngest:
             return
         source = self.sources.json(resource_json, attrs)
         user = user_name(attrs, resource)
-        if isinstance(resource.get("project"), str) and resource["project"].strip():  # OTEL_RESOURCE_ATTRIBUTES
-            batch.projects[str(attrs.get("session.id", ""))] = resource["project"].strip()
+        project, session = resource_project(resource), str(attrs.get("session.id", ""))
+        if project and session:
+            batch.projects[session] = project
         ts, original = unless_ahead(record_time_ms(attrs, record, received), received)
         if original:
             attrs[ORIGINAL_TIME_KEY] = original
@@ -2131,9 +2138,12 @@ class LogsIngest:
             log.info("storing events of a kind ccmon does not know yet: %r", name)
 
 
-def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[tuple], int]:
-    """Number data points (sums and gauges; histograms by their sum) as metric_points rows (METRIC_COLUMNS)."""
+def metric_rows(request, rejected: Rejections, sources: Sources,
+                projects: dict[str, str] | None = None) -> tuple[list[tuple], int]:
+    """Number data points (sums and gauges; histograms by their sum) as metric_points rows (METRIC_COLUMNS);
+    the sessions' projects their resources name go into `projects`."""
     rows, total, received = [], 0, now_ms()
+    projects = {} if projects is None else projects
     for resource_metrics in request.resource_metrics:
         try:
             resource = attributes_dict(resource_metrics.resource.attributes)
@@ -2145,6 +2155,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
             total += count
             continue
         resource_json = compact_json(resource) or "{}"
+        project = resource_project(resource)
         for scope_metrics in resource_metrics.scope_metrics:
             for metric in scope_metrics.metrics:
                 kind = metric.WhichOneof("data")
@@ -2178,8 +2189,11 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> tuple[list[t
                     if original:
                         rest[ORIGINAL_TIME_KEY] = original
                         rejected.dated_ahead += 1
+                    session = str(attrs.get("session.id", ""))
+                    if project and session:
+                        projects[session] = project
                     rows.append((ts, point.start_time_unix_nano // 1_000_000 or None,
-                                 str(attrs.get("session.id", "")), content_hash(identity.encode()),
+                                 session, content_hash(identity.encode()),
                                  user_name(attrs, resource), metric.name, temporality, float(value),
                                  optional_text(attrs.get("model")), optional_text(attrs.get("type")),
                                  sources.json(resource_json, attrs), compact_json(rest) or "{}"))
@@ -2202,8 +2216,9 @@ class Receiver:
 
     def metrics(self, request) -> metrics_service_pb2.ExportMetricsServiceResponse:
         rejected = Rejections("data points")
-        rows, total = metric_rows(request, rejected, self.logs_ingest.sources)
-        new = self.store.write(Batch(metrics=rows)) if rows else 0
+        projects: dict[str, str] = {}
+        rows, total = metric_rows(request, rejected, self.logs_ingest.sources, projects)
+        new = self.store.write(Batch(metrics=rows, projects=projects)) if rows else 0
         log.info("metrics: %d data points, %d new, %d rejected", total, new, rejected.count)
         return rejected.answer(metrics_service_pb2.ExportMetricsServiceResponse(), "rejected_data_points", total)
 

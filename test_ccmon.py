@@ -4078,6 +4078,23 @@ def test_sessions_get_their_project_from_the_resource_or_the_status_line(server,
     assert q.GetProjects(ccmon_pb2.GetProjectsRequest(**MAY, user="nobody@example.com")).projects == []
 
 
+def test_a_metrics_only_session_gets_its_project_from_the_resource(server):
+    exporter = OTLPMetricExporter(endpoint=server.target, insecure=True,
+                                  preferred_temporality={Counter: AggregationTemporality.DELTA})
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
+    provider = MeterProvider(resource=Resource.create({**CLAUDE_RESOURCE, "project": " gamma "}),
+                             metric_readers=[reader])
+    cost = provider.get_meter("com.anthropic.claude_code").create_counter("claude_code.cost.usage", unit="USD")
+    cost.add(0.75, {"session.id": "m-gamma", "model": "claude-sonnet-4-5"})
+    cost.add(0.5, {"model": "claude-sonnet-4-5"})  # no session: no project to give
+    provider.force_flush()
+    provider.shutdown()
+    assert db_rows(server.db, "SELECT session_id, project FROM sessions ORDER BY session_id") == \
+        [("", None), ("m-gamma", "gamma")]
+    assert [project_figures(p) for p in server.query().GetProjects(ccmon_pb2.GetProjectsRequest()).projects] == \
+        [("gamma", 1, 0, 0.75, 0)]
+
+
 def test_the_project_filter_on_every_query(server, tmp_path):
     seed_projects(server, tmp_path)
     q = server.query()
