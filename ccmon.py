@@ -18,7 +18,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Settings and figures as text: shared by quick query, reports and the monitor
   Quick query: --format and --json for status bars
   Status line: ccmon statusline, for Claude Code's settings
-  Reports: ccmon report daily|weekly|monthly|session|model|blocks
+  Reports: ccmon report daily|weekly|monthly|session|model|blocks|project
   View model and pure render functions
   Curses loop: polling thread, keys, drawing
   CLI: arguments and entry point
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import calendar
 import contextlib
 import ctypes
@@ -1583,6 +1584,7 @@ class SessionSummary:
     tool_failures: int = 0
     api_errors: int = 0
     from_metrics: bool = False
+    project: str = ""        # '' when unknown
 
 
 @dataclasses.dataclass
@@ -1627,11 +1629,32 @@ class Reader:
         row = self._reader().execute("SELECT id FROM users WHERE name = ?", (user,)).fetchone()
         return (f" AND {column} = ?", (row[0],)) if row else None
 
-    def usage(self, start_ms: int, end_ms: int, by: str = "model", user: str | None = None) -> dict[Any, Usage]:
+    @staticmethod
+    def _project_filter(project: str | None, column: str = "session") -> tuple[str, tuple]:
+        """The SQL condition for the rows of one project's sessions ('', () for every project). A project is named
+        by its stored value (a folder, or the name OTEL_RESOURCE_ATTRIBUTES gave) or by the end of its path:
+        /home/dev/app is app, dev/app or /home/dev/app. The rollups have no project: a query with this
+        condition reads rows that have a session column (raw rows, session_usage, events)."""
+        if project is None:
+            return "", ()
+        return (f" AND {column} IN (SELECT id FROM sessions WHERE project = ? OR "
+                "substr(project, -1 - length(?)) IN ('/' || ?, '\\' || ?))", (project,) * 4)
+
+    def _filter(self, user: str | None, project: str | None, user_column: str = "user",
+                session_column: str = "session") -> tuple[str, tuple] | None:
+        """The conditions for one user's rows and one project's, as _user_filter: None when there can be no rows."""
+        chosen = self._user_filter(user, user_column)
+        if chosen is None:
+            return None
+        where, params = self._project_filter(project, session_column)
+        return chosen[0] + where, chosen[1] + params
+
+    def usage(self, start_ms: int, end_ms: int, by: str = "model", user: str | None = None,
+              project: str | None = None) -> dict[Any, Usage]:
         """Totals per model (by='model'), per user ('user') or per (user, model) ('user, model') over
         [start_ms, end_ms): whole UTC days from usage_daily, whole quarter hours from usage_rollup around
-        them, raw rows at the unaligned edges."""
-        chosen = self._user_filter(user)
+        them, raw rows at the unaligned edges. One project's totals come from its sessions' raw rows."""
+        chosen = self._filter(user, project)
         if chosen is None:
             return {}
         where, extra = chosen
@@ -1641,7 +1664,9 @@ class Reader:
                   f"SELECT {by}, {RAW_SUMS} FROM requests WHERE ts >= ? AND ts < ?{where} GROUP BY {by}"]
         totals: dict[tuple, Usage] = {}
         conn = self._reader()
-        for level, lo, hi in period_parts(start_ms, end_ms, (DAY_MS, BUCKET_MS)):
+        parts = period_parts(start_ms, end_ms, (DAY_MS, BUCKET_MS)) if project is None else \
+            [(2, start_ms, end_ms)] * (start_ms < end_ms)  # raw rows only
+        for level, lo, hi in parts:
             for row in conn.execute(levels[level], (lo, hi, *extra)):
                 key = tuple(row[:len(keys)])
                 totals[key] = totals.get(key, Usage()) + Usage(*row[len(keys):])
@@ -1654,8 +1679,8 @@ class Reader:
                                            f"FROM {table}"))
 
     def requests_page(self, start_ms: int, end_ms: int, limit: int, offset: int, oldest_first: bool,
-                      user: str | None = None) -> list[StoredRequest]:
-        chosen = self._user_filter(user, "r.user")
+                      user: str | None = None, project: str | None = None) -> list[StoredRequest]:
+        chosen = self._filter(user, project, "r.user", "r.session")
         if chosen is None:
             return []
         where, extra = chosen
@@ -1746,9 +1771,9 @@ class Reader:
         return row[0] if row else None
 
     def sessions(self, start_ms: int, end_ms: int, user: str | None = None, limit: int = 500,
-                 session_id: str | None = None) -> list[SessionSummary]:
+                 session_id: str | None = None, project: str | None = None) -> list[SessionSummary]:
         """Sessions with requests in [start_ms, end_ms) (or the one named), most recent first, with their totals."""
-        chosen_user = self._user_filter(user)
+        chosen_user = self._filter(user, project)
         if chosen_user is None:
             return []
         if session_id is not None:
@@ -1762,20 +1787,21 @@ class Reader:
         conn = self._reader()
         rows = conn.execute(
             f"WITH chosen AS ({chosen}) SELECT su.session, s.session_id, u.name, m.name, su.first_ts, su.last_ts, "
-            f"su.rows, {', '.join(list(FIGURES)[1:])} FROM session_usage su JOIN chosen c ON c.{'id' if session_id is not None else 'session'} = su.session "
+            f"COALESCE(s.project, ''), su.rows, {', '.join(list(FIGURES)[1:])} FROM session_usage su JOIN chosen c ON c.{'id' if session_id is not None else 'session'} = su.session "
             "JOIN sessions s ON s.id = su.session JOIN models m ON m.id = su.model JOIN users u ON u.id = su.user",
             params).fetchall()
         grouped: dict[int, dict] = {}
-        for key, sid, user_name_, model, first, last, count, *figures in rows:
+        for key, sid, user_name_, model, first, last, project, count, *figures in rows:
             entry = grouped.setdefault(key, {"session_id": sid, "user": user_name_, "first": first, "last": last,
-                                             "by_model": {}, "rows": 0})
+                                             "by_model": {}, "rows": 0, "project": project})
             entry["first"], entry["last"] = min(entry["first"], first), max(entry["last"], last)
             entry["by_model"][model] = Usage(*figures)
             entry["rows"] += count
         counts = self._event_counts(list(grouped))
         summaries = [SessionSummary(e["session_id"], e["user"], e["first"], e["last"], e["by_model"],
                                     *counts.get(key, (0, 0, 0)),
-                                    from_metrics=sum(u.requests for u in e["by_model"].values()) < e["rows"])
+                                    from_metrics=sum(u.requests for u in e["by_model"].values()) < e["rows"],
+                                    project=e["project"])
                      for key, e in grouped.items()]
         return sorted(summaries, key=lambda summary: (-summary.last_ms, summary.session_id))
 
@@ -1812,8 +1838,9 @@ class Reader:
         return [StoredRequest(sid, ts, model, Usage(*figures))
                 for sid, ts, model, *figures in self._reader().execute(sql, (session, limit))]
 
-    def tool_report(self, start_ms: int, end_ms: int, user: str | None = None) -> ToolReport:
-        chosen = self._user_filter(user)
+    def tool_report(self, start_ms: int, end_ms: int, user: str | None = None,
+                    project: str | None = None) -> ToolReport:
+        chosen = self._filter(user, project)
         if chosen is None:
             return ToolReport([], [], [], 0)
         where = "name = ? AND ts >= ? AND ts < ?" + chosen[0]
@@ -1844,11 +1871,13 @@ class Reader:
                                  params("api_retries_exhausted")).fetchone()[0]
         return ToolReport(tools, decisions, errors, exhausted)
 
-    def blocks(self, start_ms: int, end_ms: int, user: str | None = None) -> list[UsageBlock]:
+    def blocks(self, start_ms: int, end_ms: int, user: str | None = None,
+               project: str | None = None) -> list[UsageBlock]:
         """Automatic 5-hour blocks overlapping [start_ms, end_ms): each starts at the first activity after the
         previous one ended, floored to the hour. Activity is read at quarter-hour resolution from the rollup,
         which the hour floor makes exact; the chain is followed from the last pause of 5 hours before the
-        period (looking back up to 30 days)."""
+        period (looking back up to 30 days). With a project: the user's blocks still (Claude's windows are the
+        account's), with the project's figures in them; blocks it had no usage in are left out."""
         chosen = self._user_filter(user)
         if chosen is None:
             return []
@@ -1874,7 +1903,19 @@ class Reader:
         for block in blocks:  # Claude's edges fall inside quarter hours: such a block is summed exactly
             if block.start_ms % BUCKET_MS or block.end_ms % BUCKET_MS:
                 block.by_model = self.usage(block.start_ms, block.end_ms, user=user)
-        return [block for block in blocks if block.end_ms > start_ms]
+        blocks = [block for block in blocks if block.end_ms > start_ms]
+        if project is None or not blocks:
+            return blocks
+        where, params = self._filter(user, project)
+        shares = [UsageBlock(block.start_ms, block.end_ms, {}, block.start_ms, block.from_claude) for block in blocks]
+        starts = [block.start_ms for block in shares]
+        for bucket, model, *figures in self._reader().execute(
+                f"SELECT ts - ts % {BUCKET_MS}, model, {RAW_SUMS} FROM requests WHERE ts >= ? AND ts < ?{where} "
+                "GROUP BY 1, 2 ORDER BY 1", (starts[0], end_ms, *params)):
+            share = shares[bisect.bisect_right(starts, bucket) - 1]  # every bucket of the user's is in a block
+            share.by_model[names[model]] = share.by_model.get(names[model], Usage()) + Usage(*figures)
+            share.last_activity_ms = max(share.last_activity_ms, bucket)
+        return [share for share in shares if share.by_model]
 
     def _activity(self, bucket: int, windows: list[tuple[int, int]], block_end: int, where: str,
                   params: tuple) -> list[int]:
@@ -1904,11 +1945,50 @@ class Reader:
             later = bucket
         return later
 
-    def user_sessions(self, start_ms: int, end_ms: int) -> dict[str, int]:
-        """How many sessions each user had active in the period."""
+    def user_sessions(self, start_ms: int, end_ms: int, project: str | None = None) -> dict[str, int]:
+        """How many sessions each user had active in the period (in one project's sessions)."""
+        where, params = self._project_filter(project, "su.session")
         return dict(self._reader().execute(
             "SELECT u.name, COUNT(DISTINCT su.session) FROM session_usage su JOIN users u ON u.id = su.user "
-            "WHERE su.last_ts >= ? AND su.first_ts < ? GROUP BY u.name", (start_ms, end_ms)))
+            f"WHERE su.last_ts >= ? AND su.first_ts < ?{where} GROUP BY u.name", (start_ms, end_ms, *params)))
+
+    def projects(self, start_ms: int, end_ms: int, user: str | None = None,
+                 project: str | None = None) -> dict[str, tuple[dict[str, Usage], int]]:
+        """Per project ('' for the sessions without one): its usage per model in [start_ms, end_ms) and how many
+        sessions had usage then. A session's totals per model come from session_usage when they lie wholly
+        inside the period; raw rows are read only for those crossing its edges. (With a user, a session's totals
+        are its user's as session_usage names them: the user of its latest row.)"""
+        inside_filter = self._filter(user, project, "su.user", "su.session")
+        crossing_filter = self._filter(user, project, "r.user", "su.session")  # the user of each row
+        if inside_filter is None or crossing_filter is None or start_ms >= end_ms:
+            return {}
+        (inside, inside_params), (crossing, crossing_params) = inside_filter, crossing_filter
+        figures = list(FIGURES)[1:]
+        raw = ", ".join(f"SUM({expression.format(r='r.')})" for expression in list(FIGURES.values())[1:])
+        rows = self._reader().execute(
+            f"WITH parts (session, model, {', '.join(figures)}) AS ("
+            f"SELECT su.session, su.model, {', '.join('su.' + column for column in figures)} FROM session_usage su "
+            f"WHERE su.last_ts >= ? AND su.last_ts < ? AND su.first_ts >= ?{inside} "
+            f"UNION ALL SELECT su.session, su.model, {raw} FROM session_usage su "  # CROSS JOIN: su first, then
+            "CROSS JOIN requests r ON r.session = su.session AND r.model = su.model AND r.ts >= ? AND r.ts < ? "
+            f"WHERE su.last_ts >= ? AND su.first_ts < ? AND (su.first_ts < ? OR su.last_ts >= ?){crossing} "
+            "GROUP BY su.session, su.model), "  # r by requests_session, never all of requests by time
+            "named AS (SELECT COALESCE(s.project, '') AS project, parts.* FROM parts JOIN sessions s ON s.id = "
+            f"parts.session) SELECT project, model, {', '.join(f'SUM({column})' for column in figures)} FROM named "
+            f"GROUP BY project, model UNION ALL SELECT project, NULL, COUNT(DISTINCT session)"
+            f"{', 0' * (len(figures) - 1)} FROM named GROUP BY project",
+            (start_ms, end_ms, start_ms, *inside_params, start_ms, end_ms, start_ms, end_ms, start_ms, end_ms,
+             *crossing_params))
+        names = self._names("models")
+        found: dict[str, tuple[dict[str, Usage], int]] = {}
+        for name, model, *sums in rows:  # a project's models, then its sessions (model NULL)
+            by_model, sessions = found.get(name, ({}, 0))
+            if model is None:
+                sessions = sums[0]
+            else:
+                by_model[names[model]] = Usage(*sums)
+            found[name] = (by_model, sessions)
+        return found
 
     def last_request_ms(self) -> int | None:
         return self._reader().execute("SELECT MAX(ts) FROM requests").fetchone()[0]
@@ -2031,6 +2111,12 @@ def optional_text(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
 
 
+def resource_project(resource: dict) -> str:
+    """The project OTEL_RESOURCE_ATTRIBUTES=project=NAME names ('' for none): it wins over a status line's folder."""
+    project = resource.get("project")
+    return project.strip() if isinstance(project, str) else ""
+
+
 class Sources:
     """Canonical JSON of resource + identity attributes, memoized: every record of a session has the same."""
 
@@ -2150,8 +2236,9 @@ class LogsIngest:
             return
         source = self.sources.json(resource_json, attrs)
         user = user_name(attrs, resource)
-        if isinstance(resource.get("project"), str) and resource["project"].strip():  # OTEL_RESOURCE_ATTRIBUTES
-            batch.projects[str(attrs.get("session.id", ""))] = resource["project"].strip()
+        project, session = resource_project(resource), str(attrs.get("session.id", ""))
+        if project and session:
+            batch.projects[session] = project
         ts, original = unless_ahead(record_time_ms(attrs, record, received), received)
         if original:
             attrs[ORIGINAL_TIME_KEY] = original
@@ -2169,9 +2256,10 @@ class LogsIngest:
             log.info("storing events of a kind ccmon does not know yet: %r", name)
 
 
-def metric_rows(request, rejected: Rejections, sources: Sources) -> Iterator[list[tuple]]:
+def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[str, str]) -> Iterator[list[tuple]]:
     """Number data points (sums and gauges; histograms by their sum) as metric_points rows (METRIC_COLUMNS),
-    WRITE_CHUNK_ROWS at a time; what is rejected or re-dated is counted in `rejected`."""
+    WRITE_CHUNK_ROWS at a time; what is rejected or re-dated is counted in `rejected`, and the sessions' projects
+    their resources name go into `projects`."""
     rows, received = [], now_ms()
     for resource_metrics in request.resource_metrics:
         try:
@@ -2184,6 +2272,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> Iterator[lis
             rejected.total += count
             continue
         resource_json = compact_json(resource) or "{}"
+        project = resource_project(resource)
         for scope_metrics in resource_metrics.scope_metrics:
             for metric in scope_metrics.metrics:
                 kind = metric.WhichOneof("data")
@@ -2217,8 +2306,11 @@ def metric_rows(request, rejected: Rejections, sources: Sources) -> Iterator[lis
                     if original:
                         rest[ORIGINAL_TIME_KEY] = original
                         rejected.dated_ahead += 1
+                    session = str(attrs.get("session.id", ""))
+                    if project and session:
+                        projects[session] = project
                     rows.append((ts, point.start_time_unix_nano // 1_000_000 or None,
-                                 str(attrs.get("session.id", "")), content_hash(identity.encode()),
+                                 session, content_hash(identity.encode()),
                                  user_name(attrs, resource), metric.name, temporality, float(value),
                                  optional_text(attrs.get("model")), optional_text(attrs.get("type")),
                                  sources.json(resource_json, attrs), compact_json(rest) or "{}"))
@@ -2290,10 +2382,10 @@ class Receiver:
         return rejected.answer(logs_service_pb2.ExportLogsServiceResponse(), "rejected_log_records")
 
     def metrics(self, request) -> metrics_service_pb2.ExportMetricsServiceResponse:
-        rejected, new = Rejections("data points"), 0
+        rejected, new, projects = Rejections("data points"), 0, {}
         try:
-            for rows in metric_rows(request, rejected, self.logs_ingest.sources):
-                new += self.store.write(Batch(metrics=rows))
+            for rows in metric_rows(request, rejected, self.logs_ingest.sources, projects):
+                new += self.store.write(Batch(metrics=rows, projects=projects))
         finally:
             self.heap.after_export()
         log.info("metrics: %d data points, %d new, %d rejected", rejected.total, new, rejected.count)
@@ -2387,7 +2479,7 @@ def session_message(summary: SessionSummary) -> ccmon_pb2.SessionStats:
         last_request_at=timestamp_from_ms(summary.last_ms), stats=stats_message(Split.from_models(summary.by_model)),
         models=sorted(summary.by_model, key=lambda m: (-summary.by_model[m].cost_nanos, m)),
         tool_calls=summary.tool_calls, tool_failures=summary.tool_failures, api_errors=summary.api_errors,
-        from_metrics=summary.from_metrics)
+        from_metrics=summary.from_metrics, project=summary.project)
 
 
 def window_message(window: LimitWindow | None) -> ccmon_pb2.LimitWindow | None:
@@ -2488,15 +2580,21 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def _user(request) -> str | None:
         return request.user or None
 
+    @staticmethod
+    def _project(request) -> str | None:
+        return request.project or None
+
     def GetStats(self, request, context):
-        split = Split.from_models(self.reader.usage(*self._period(request), user=self._user(request)))
+        split = Split.from_models(self.reader.usage(*self._period(request), user=self._user(request),
+                                                    project=self._project(request)))
         return ccmon_pb2.GetStatsResponse(stats=stats_message(split))
 
     def GetAPIRequests(self, request, context):
         start, end = self._period(request)
-        user = self._user(request)
-        rows = self.reader.requests_page(start, end, request.limit, request.offset, request.oldest_first, user)
-        total = sum(u.requests for u in self.reader.usage(start, end, user=user).values())
+        user, project = self._user(request), self._project(request)
+        rows = self.reader.requests_page(start, end, request.limit, request.offset, request.oldest_first, user,
+                                         project)
+        total = sum(u.requests for u in self.reader.usage(start, end, user=user, project=project).values())
         return ccmon_pb2.GetAPIRequestsResponse(total_count=total, requests=[api_request_message(r) for r in rows])
 
     def GetUsage(self, request, context):
@@ -2513,12 +2611,13 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         for date, lo, hi in day_bounds(zone, max(end - 1, 0), days):
             lo, hi = max(lo, start), min(hi, end)
             if lo < hi or start < 0:
-                split = Split.from_models(self.reader.usage(lo, hi, user=self._user(request)))
+                split = Split.from_models(self.reader.usage(lo, hi, user=self._user(request),
+                                                            project=self._project(request)))
                 response.days.add(date=date, stats=stats_message(split))
         return response
 
     def GetModelStats(self, request, context):
-        by_model = self.reader.usage(*self._period(request), user=self._user(request))
+        by_model = self.reader.usage(*self._period(request), user=self._user(request), project=self._project(request))
         ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))
         return ccmon_pb2.GetModelStatsResponse(models=[
             ccmon_pb2.ModelStats(model=model, premium=is_premium(model), requests=u.requests,
@@ -2540,7 +2639,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
 
     def GetSessions(self, request, context):
         found = self.reader.sessions(*self._period(request), user=self._user(request),
-                                    limit=min(max(request.limit, 0) or 500, 5000))
+                                    limit=min(max(request.limit, 0) or 500, 5000), project=self._project(request))
         return ccmon_pb2.GetSessionsResponse(sessions=[session_message(s) for s in found])
 
     def GetSessionTimeline(self, request, context):
@@ -2553,7 +2652,8 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         return response
 
     def GetToolStats(self, request, context):
-        report = self.reader.tool_report(*self._period(request), user=self._user(request))
+        report = self.reader.tool_report(*self._period(request), user=self._user(request),
+                                         project=self._project(request))
         return ccmon_pb2.GetToolStatsResponse(
             tools=[ccmon_pb2.ToolStats(tool=str(t), calls=n, successes=ok, p50_duration_ms=p50 or 0,
                                        p95_duration_ms=p95 or 0) for t, n, ok, p50, p95 in report.tools],
@@ -2565,11 +2665,12 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
 
     def GetUsers(self, request, context):
         start, end = self._period(request)
+        project = self._project(request)
         by_user: dict[str, dict[str, Usage]] = {}
-        for (user, model), usage in self.reader.usage(start, end, by="user, model").items():
+        for (user, model), usage in self.reader.usage(start, end, by="user, model", project=project).items():
             by_user.setdefault(user, {})[model] = usage
         splits = {user: Split.from_models(models) for user, models in by_user.items()}
-        sessions = self.reader.user_sessions(start, end)
+        sessions = self.reader.user_sessions(start, end, project)
         live = self.reader.live_limits(end)
         ranked = sorted(splits, key=lambda user: (-splits[user].total.cost_nanos, user))
         return ccmon_pb2.GetUsersResponse(users=[
@@ -2579,12 +2680,20 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             for user in ranked])
 
     def GetBlocks(self, request, context):
-        found = self.reader.blocks(*self._period(request), user=self._user(request))
+        found = self.reader.blocks(*self._period(request), user=self._user(request), project=self._project(request))
         return ccmon_pb2.GetBlocksResponse(blocks=[
             ccmon_pb2.Block(start_time=timestamp_from_ms(b.start_ms), end_time=timestamp_from_ms(b.end_ms),
                             stats=stats_message(Split.from_models(b.by_model)),
                             last_activity_at=timestamp_from_ms(b.last_activity_ms), from_claude=b.from_claude)
             for b in found])
+
+    def GetProjects(self, request, context):
+        found = self.reader.projects(*self._period(request), user=self._user(request), project=self._project(request))
+        splits = {project: Split.from_models(by_model) for project, (by_model, _) in found.items()}
+        ranked = sorted(splits, key=lambda project: (-splits[project].total.cost_nanos, project))
+        return ccmon_pb2.GetProjectsResponse(projects=[
+            ccmon_pb2.ProjectStats(project=project, stats=stats_message(splits[project]), sessions=found[project][1])
+            for project in ranked])
 
     def ReportStatusLine(self, request, context):
         reading = reading_of(request.reading)
@@ -3322,6 +3431,7 @@ class Query:
     user: str | None = None
     session_id: str | None = None  # the session whose timeline is open
     fetch: Callable[[Client, Query], Any] | None = None  # what the tab shows beyond what every screen has
+    project: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3392,6 +3502,8 @@ class SessionRow:
     tool_failures: int
     api_errors: int
     from_metrics: bool
+    project: str = ""
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3429,6 +3541,7 @@ class Snapshot:
     data: Any = None                          # what query.fetch returned
     user_limits: tuple[tuple[str, LimitWindow | None, LimitWindow | None], ...] = ()  # users' live Claude windows
     unanswered: str = ""                      # why the server could not answer the tab (the Go ccmon)
+    projects: tuple[tuple[str, Split, int], ...] = ()  # project, usage, sessions: the Projects tab and `p`
 
 
 def request_row_of(r: ccmon_pb2.APIRequest) -> RequestRow:
@@ -3494,18 +3607,21 @@ class Client:
         return self._go_ccmon
 
     @staticmethod
-    def _period(request, start_ms: int | None, end_ms: int | None, user: str | None = None):
+    def _period(request, start_ms: int | None, end_ms: int | None, user: str | None = None,
+                project: str | None = None):
         if start_ms is not None:
             request.start_time.CopyFrom(timestamp_from_ms(start_ms))
         if end_ms is not None:
             request.end_time.CopyFrom(timestamp_from_ms(end_ms))
         if user:
             request.user = user
+        if project:
+            request.project = project
         return request
 
-    def stats(self, start_ms: int | None, end_ms: int, user: str | None = None) -> Split:
+    def stats(self, start_ms: int | None, end_ms: int, user: str | None = None, project: str | None = None) -> Split:
         # From the epoch rather than unset: the Go ccmon counts nothing without a start.
-        request = self._period(ccmon_pb2.GetStatsRequest(), start_ms or 0, end_ms, user)
+        request = self._period(ccmon_pb2.GetStatsRequest(), start_ms or 0, end_ms, user, project)
         return split_from_stats(self._call("GetStats", request).stats)
 
     def server_info(self) -> ccmon_pb2.GetServerInfoResponse:
@@ -3516,23 +3632,25 @@ class Client:
         response = self._call("GetSessionStats", ccmon_pb2.GetSessionStatsRequest())
         return response.session_id, split_from_stats(response.stats)
 
-    def days(self, start_ms: int | None, end_ms: int, timezone: str, user: str | None = None) -> tuple:
-        request = self._period(ccmon_pb2.GetUsageRequest(timezone=timezone), start_ms, end_ms, user)
+    def days(self, start_ms: int | None, end_ms: int, timezone: str, user: str | None = None,
+             project: str | None = None) -> tuple:
+        request = self._period(ccmon_pb2.GetUsageRequest(timezone=timezone), start_ms, end_ms, user, project)
         return tuple((day.date, split_from_stats(day.stats)) for day in self._call("GetUsage", request).days)
 
-    def models(self, start_ms: int | None, end_ms: int, user: str | None = None) -> tuple[tuple[str, Usage], ...]:
-        request = self._period(ccmon_pb2.GetModelStatsRequest(), start_ms, end_ms, user)
+    def models(self, start_ms: int | None, end_ms: int, user: str | None = None,
+               project: str | None = None) -> tuple[tuple[str, Usage], ...]:
+        request = self._period(ccmon_pb2.GetModelStatsRequest(), start_ms, end_ms, user, project)
         return tuple((m.model, dataclasses.replace(usage_from_token(m.tokens, m.requests, m.cost),
                                                    duration_ms=m.duration_ms, ttft_ms=m.ttft_ms_total,
                                                    ttft_count=m.ttft_count))
                      for m in self._call("GetModelStats", request).models)
 
     def sessions(self, start_ms: int | None, end_ms: int, user: str | None = None,
-                 limit: int = 500) -> tuple[SessionRow, ...]:
-        request = self._period(ccmon_pb2.GetSessionsRequest(limit=limit), start_ms, end_ms, user)
+                 limit: int = 500, project: str | None = None) -> tuple[SessionRow, ...]:
+        request = self._period(ccmon_pb2.GetSessionsRequest(limit=limit), start_ms, end_ms, user, project)
         return tuple(SessionRow(s.session_id, s.user, ms_of(s.first_request_at), ms_of(s.last_request_at),
                                 split_from_stats(s.stats), tuple(s.models), s.tool_calls, s.tool_failures,
-                                s.api_errors, s.from_metrics)
+                                s.api_errors, s.from_metrics, s.project)
                      for s in self._call("GetSessions", request).sessions)
 
     def timeline(self, session_id: str) -> tuple[TimelineRow, ...]:
@@ -3541,8 +3659,10 @@ class Client:
                                  else None, json.loads(e.details) if e.details else {})
                      for e in response.entries)
 
-    def tools(self, start_ms: int | None, end_ms: int, user: str | None = None) -> ToolsData:
-        response = self._call("GetToolStats", self._period(ccmon_pb2.GetToolStatsRequest(), start_ms, end_ms, user))
+    def tools(self, start_ms: int | None, end_ms: int, user: str | None = None,
+              project: str | None = None) -> ToolsData:
+        response = self._call("GetToolStats", self._period(ccmon_pb2.GetToolStatsRequest(), start_ms, end_ms, user,
+                                                           project))
         return ToolsData(tuple((t.tool, t.calls, t.successes, t.p50_duration_ms, t.p95_duration_ms)
                                for t in response.tools),
                          tuple((d.decision, d.source, d.count) for d in response.decisions),
@@ -3556,10 +3676,10 @@ class Client:
         return (split_from_stats(response.session) if response.HasField("session") else None,
                 split_from_stats(response.today) if response.HasField("today") else None)
 
-    def blocks(self, start_ms: int | None, end_ms: int,
-               user: str | None = None) -> tuple[tuple[int, int, Split, bool], ...]:
+    def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None,
+               project: str | None = None) -> tuple[tuple[int, int, Split, bool], ...]:
         """(start, end, usage, whether the window is Claude's own) per block, oldest first."""
-        response = self._call("GetBlocks", self._period(ccmon_pb2.GetBlocksRequest(), start_ms, end_ms, user))
+        response = self._call("GetBlocks", self._period(ccmon_pb2.GetBlocksRequest(), start_ms, end_ms, user, project))
         return tuple((ms_of(b.start_time), ms_of(b.end_time), split_from_stats(b.stats), b.from_claude)
                      for b in response.blocks)
 
@@ -3601,24 +3721,34 @@ class Client:
                             limit, learned_from, tuple(sorted(weekly.items())), claude, calibrated_from, weekly_window,
                             from_claude)
 
-    def users(self, start_ms: int | None, end_ms: int) -> tuple[tuple[str, Split, int], ...]:
-        return tuple(row[:3] for row in self.users_with_limits(start_ms, end_ms))
+    def users(self, start_ms: int | None, end_ms: int,
+              project: str | None = None) -> tuple[tuple[str, Split, int], ...]:
+        return tuple(row[:3] for row in self.users_with_limits(start_ms, end_ms, project))
 
-    def users_with_limits(self, start_ms: int | None, end_ms: int) -> tuple[tuple[str, Split, int, LimitWindow | None,
-                                                                                  LimitWindow | None], ...]:
+    def users_with_limits(self, start_ms: int | None, end_ms: int, project: str | None = None) -> tuple[
+            tuple[str, Split, int, LimitWindow | None, LimitWindow | None], ...]:
         """Users by cost: (user, usage, sessions, Claude's live 5-hour window, Claude's live week) each."""
-        response = self._call("GetUsers", self._period(ccmon_pb2.GetUsersRequest(), start_ms, end_ms))
+        response = self._call("GetUsers", self._period(ccmon_pb2.GetUsersRequest(), start_ms, end_ms,
+                                                       project=project))
         return tuple((u.user, split_from_stats(u.stats), u.sessions, window_of(u, "five_hour"),
                       window_of(u, "seven_day")) for u in response.users)
 
+    def projects(self, start_ms: int | None, end_ms: int, user: str | None = None,
+                 project: str | None = None) -> tuple[tuple[str, Split, int], ...]:
+        """(project, usage, sessions), highest cost first; '' is the sessions without a project."""
+        response = self._call("GetProjects", self._period(ccmon_pb2.GetProjectsRequest(), start_ms, end_ms, user,
+                                                          project))
+        return tuple((p.project, split_from_stats(p.stats), p.sessions) for p in response.projects)
+
     def requests_page(self, query: Query) -> RequestsPage:
-        start, end, user = query.start_ms or 0, query.end_ms, query.user  # the Go ccmon needs a start
+        start, end, user, project = query.start_ms or 0, query.end_ms, query.user, query.project  # Go needs a start
         request = self._period(ccmon_pb2.GetAPIRequestsRequest(limit=query.limit, offset=query.offset,
-                                                               oldest_first=query.oldest_first), start, end, user)
+                                                               oldest_first=query.oldest_first), start, end, user,
+                               project)
         page = self._call("GetAPIRequests", request)
         rows = sorted((request_row_of(r) for r in page.requests), key=lambda row: row.ts_ms,
                       reverse=not query.oldest_first)  # the Go ccmon answers oldest first whatever is asked
-        return RequestsPage(self.stats(start, end, user), tuple(rows), page.total_count)
+        return RequestsPage(self.stats(start, end, user, project), tuple(rows), page.total_count)
 
     def snapshot(self, query: Query) -> Snapshot:
         """Everything one screen shows: the figures every tab has, then what the query's tab fetches."""
@@ -3627,7 +3757,8 @@ class Client:
         if query.period_is_block and limits is not None:  # the current automatic block, or nothing between blocks
             query = dataclasses.replace(query, start_ms=limits.window[0] if limits.window else query.end_ms)
         self.unanswered.clear()
-        users = self.users_with_limits(query.start_ms, query.end_ms)  # the Users tab, and the `u` filter's names
+        users = self.users_with_limits(query.start_ms, query.end_ms, query.project)  # the Users tab and `u`
+        projects = self.projects(query.start_ms, query.end_ms, query.user)  # the Projects tab and `p`
         data = None
         if query.fetch:
             self.unanswered.clear()
@@ -3635,7 +3766,7 @@ class Client:
         return Snapshot(query, now_ms(), info.usage_records if info.version else -1, limits,
                         tuple(row[:3] for row in users), data,
                         tuple((name, five, seven) for name, _, _, five, seven in users if five or seven),
-                        GO_CCMON_ONLY if self.unanswered else "")
+                        GO_CCMON_ONLY if self.unanswered else "", projects)
 
     def close(self) -> None:
         self._channel.close()
@@ -3696,6 +3827,30 @@ def short_user(name: str) -> str:
 def short_model(model: str) -> str:
     """claude-sonnet-4-5-20250929 -> claude-sonnet-4-5: the date suffix only costs width."""
     return re.sub(r"-\d{8}$", "", model)
+
+
+NO_PROJECT = "(no project)"
+
+
+def project_labels(projects: Iterable[str]) -> dict[str, str]:
+    """Short names for projects where a table is narrow: a folder's last component, with as many components
+    before it as tell it from the others' (/a/web/app and /b/api/app: web/app and api/app); names as they are;
+    NO_PROJECT for ''."""
+    paths = {project: [part for part in re.split(r"[/\\]", project) if part] or [project]
+             for project in set(projects) if project}
+    labels = {"": NO_PROJECT}
+    for project, path in paths.items():
+        depth = 1
+        while depth < len(path) and any(other[-depth:] == path[-depth:] for name, other in paths.items()
+                                        if name != project):
+            depth += 1
+        labels[project] = "/".join(path[-depth:])
+    return labels
+
+
+def project_forms(project: str, labels: dict[str, str]) -> tuple[str, ...]:
+    """A project's name from longest to shortest, as a table cell: its full path, then its label."""
+    return (project, labels[project]) if project and labels[project] != project else (labels[project],)
 
 
 def format_duration(ms: int) -> str:
@@ -4041,9 +4196,9 @@ def run_status_line(config: Config, template: str | None, stream=sys.stdin) -> i
     return 0
 
 
-# ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model|blocks
+# ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model|blocks|project
 
-REPORT_KINDS = ("daily", "weekly", "monthly", "session", "model", "blocks")
+REPORT_KINDS = ("daily", "weekly", "monthly", "session", "model", "blocks", "project")
 REPORT_WIDTH = 120  # a table's width unless --wide
 USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                 "total_tokens", "cost_usd")
@@ -4081,29 +4236,34 @@ def report_period(kind: str, since: dt.date | None, until: dt.date | None, zone:
 
 
 def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
-                user: str | None) -> list[dict[str, Any]]:
+                user: str | None, project: str | None = None) -> list[dict[str, Any]]:
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float)."""
+    if kind == "project":  # '' is the sessions without a project
+        return [{"project": name, "sessions": sessions, **usage_fields(split.total),
+                 "premium_requests": split.premium.requests,
+                 "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD}
+                for name, split, sessions in client.projects(start, end, user, project)]
     if kind == "model":
         return [{"model": model, **usage_fields(u),  # None: not known (usage from metrics has no durations)
                  "avg_duration_ms": u.duration_ms // u.requests if u.requests else None,
                  "avg_ttft_ms": u.ttft_ms // u.ttft_count if u.ttft_count else None}
-                for model, u in client.models(start, end, user)]
+                for model, u in client.models(start, end, user, project)]
     if kind == "blocks":
         return [{"block_start": dt.datetime.fromtimestamp(start / 1000, zone).isoformat(timespec="minutes"),
                  "block_end": dt.datetime.fromtimestamp(end / 1000, zone).isoformat(timespec="minutes"),
                  "window": "claude" if from_claude else "auto",  # Claude's own reset time, or guessed
                  "premium_tokens": split.premium.limited, **usage_fields(split.total)}
-                for start, end, split, from_claude in client.blocks(start, end, user)]
+                for start, end, split, from_claude in client.blocks(start, end, user, project)]
     if kind == "session":
-        return [{"session_id": s.session_id, "user": s.user,
+        return [{"session_id": s.session_id, "user": s.user, "project": s.project,
                  "first_request": dt.datetime.fromtimestamp(s.first_ms / 1000, zone).isoformat(timespec="seconds"),
                  "last_request": dt.datetime.fromtimestamp(s.last_ms / 1000, zone).isoformat(timespec="seconds"),
                  **usage_fields(s.split.total), "models": " ".join(s.models), "tool_calls": s.tool_calls,
                  "tool_failures": s.tool_failures, "api_errors": s.api_errors,
                  "source": "metrics" if s.from_metrics else "events"}
-                for s in client.sessions(start, end, user, limit=5000)]
+                for s in client.sessions(start, end, user, limit=5000, project=project)]
     groups: dict[str, Split] = {}
-    for date, split in reversed(client.days(start, end, zone.key, user)):
+    for date, split in reversed(client.days(start, end, zone.key, user, project)):
         day = dt.date.fromisoformat(date)
         label = {"daily": date, "weekly": (day - dt.timedelta(days=day.weekday())).isoformat(),
                  "monthly": date[:7]}[kind]
@@ -4116,7 +4276,7 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
 
 def report_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summed = [key for key in rows[0] if key in (*USAGE_FIELDS, "premium_requests", "premium_cost_usd", "tool_calls",
-                                                 "tool_failures", "api_errors", "premium_tokens")] \
+                                                 "tool_failures", "api_errors", "premium_tokens", "sessions")] \
         if rows else list(USAGE_FIELDS)
     totals = {key: sum(row[key] for row in rows) for key in summed}
     for key in ("cost_usd", "premium_cost_usd"):  # sums of floats: round back to the nano-dollar they came from
@@ -4134,8 +4294,8 @@ TABLE_HEADERS = {"session_id": "session", "first_request": "first", "last_reques
                  "avg_duration_ms": "avg_ms", "avg_ttft_ms": "ttft_ms", "tool_calls": "tools",
                  "tool_failures": "failed", "api_errors": "errors", "block_start": "start", "block_end": "end"}
 TABLE_DROP_ORDER = ("tool_failures", "api_errors", "source", "cache_creation_tokens", "cache_read_tokens",
-                    "last_request", "premium_cost_usd", "premium_requests", "tool_calls", "avg_ttft_ms", "block_end",
-                    "input_tokens", "output_tokens", "models")
+                    "last_request", "premium_cost_usd", "premium_requests", "tool_calls", "project", "avg_ttft_ms",
+                    "block_end", "input_tokens", "output_tokens", "models")
 
 
 def table_cell(key: str, value: Any, wide: bool) -> str:
@@ -4168,6 +4328,10 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
     cells = {k: [table_cell(k, row[k], width is None) for row in rows] +
              ["Total" if k == columns[0] else table_cell(k, totals[k], width is None) if k in totals else ""]
              for k in columns}
+    if "project" in columns:  # short names unless wide, told apart from one another
+        labels = project_labels(row["project"] for row in rows)
+        cells["project"][:len(rows)] = [labels[row["project"]] if width is not None else row["project"] or NO_PROJECT
+                                        for row in rows]
     headers = {k: TABLE_HEADERS.get(k, k) for k in columns}
     widths = {k: max(len(headers[k]), *map(len, cells[k])) for k in columns}
     hidden = []
@@ -4195,7 +4359,7 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
                                now_ms())
     client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
-        rows = report_rows(client, args.kind, start, end, zone, args.user)
+        rows = report_rows(client, args.kind, start, end, zone, args.user, args.project)
     except ServerUnreachable as exc:
         print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {exc}", file=sys.stderr)
         return 1
@@ -4206,7 +4370,8 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
               "until": dt.datetime.fromtimestamp(end / 1000, zone).isoformat(timespec="seconds"),
               "timezone": zone.key}
     if args.json:
-        print(json.dumps({"report": args.kind, **period, "user": args.user, "rows": rows, "totals": totals}))
+        print(json.dumps({"report": args.kind, **period, "user": args.user, "project": args.project, "rows": rows,
+                          "totals": totals}))
     elif args.csv:
         import csv
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else list(USAGE_FIELDS),
@@ -4218,7 +4383,7 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
             writer.writerow({**totals_row, writer.fieldnames[0]: "Total"})
     else:
         print(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
-              + (f", user {args.user}" if args.user else ""))
+              + (f", user {args.user}" if args.user else "") + (f", project {args.project}" if args.project else ""))
         print(report_table(rows, totals, None if args.wide else REPORT_WIDTH))
     return 0
 
@@ -4245,6 +4410,7 @@ class ViewState:
     user: str | None = None          # the `u` filter
     session_id: str | None = None    # the session whose timeline is open (Enter on Sessions; Esc closes)
     selected: int = 0                # the Sessions selection while a timeline is open
+    project: str | None = None       # the `p` filter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4263,6 +4429,7 @@ class Frame:
     total_rows: int = 0
     session_ids: tuple[str, ...] = ()   # sessions Enter can open, in scroll order
     user_names: tuple[str, ...] = ()
+    project_names: tuple[str, ...] = ()
 
 
 def period_range(state: ViewState, settings: MonitorSettings, now: int,
@@ -4281,7 +4448,7 @@ def query_for(state: ViewState, settings: MonitorSettings, now: int, auto_block_
     offset = max(0, state.scroll - PAGE_FETCH // 4)
     return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key,
                  settings.limit_query(now), state.period == "b" and settings.block_mode is not None, state.user,
-                 state.session_id, TABS[state.tab].fetch)
+                 state.session_id, TABS[state.tab].fetch, state.project)
 
 
 def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Frame) -> tuple[ViewState, str]:
@@ -4316,6 +4483,13 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
             return dataclasses.replace(state, notice="no user names in this period to filter by"), ""
         following = names[names.index(state.user) + 1:] if state.user in names else names
         return dataclasses.replace(state, user=following[0] if following else None, scroll=0, notice=""), "refresh"
+    if key == "p":
+        names = [name for name in frame.project_names if name]
+        if not names:
+            return dataclasses.replace(state, notice="no projects in this period to filter by"), ""
+        following = names[names.index(state.project) + 1:] if state.project in names else names
+        return dataclasses.replace(state, project=following[0] if following else None, scroll=0, notice=""), \
+            "refresh"
     if key == "b" and settings.block_mode is None:
         return dataclasses.replace(state, notice="block tracking is off: start ccmon with -b auto"), ""
     if key in PERIODS:
@@ -4528,21 +4702,26 @@ def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, scre
     order = "oldest first" if state.oldest_first else "newest first"
     updated = f"updated {local_time(snap.taken_ms, settings.zone, '%H:%M:%S')}" if snap else "no data yet"
     user = [f"user {state.user}"] if state.user else []
-    details = joined_to_fit(["", *(f" | {part}" for part in (*user, filter_text, order, updated))],
+    known = [name for name, _, _ in snap.projects] if snap else []  # a label tells it from these
+    project = [f"project {project_labels([state.project, *known])[state.project]}"] if state.project else []
+    details = joined_to_fit(["", *(f" | {part}" for part in (*user, *project, filter_text, order, updated))],
                             width - len(link[0]))  # as many as fit, most important first
     return [[(title, "title")], tab_strip(state.tab, width), [link, (details, "dim")]]
 
 
 def tab_strip(active: str, width: int) -> Line:
-    """Every tab named: by its title where all fit, else by its digit and short title, else packed tighter."""
+    """Every tab named: by its title where all fit, else by its digit and short title, else packed tighter, and
+    at the tightest with nothing between them but their digits."""
     tabs = list(TABS.values())
-    layouts = ([f" {tab.title} " for tab in tabs],
-               [f" {number} {tab.short_title} " for number, tab in enumerate(tabs, start=1)],
-               [f"{number}{tab.short_title}" for number, tab in enumerate(tabs, start=1)])
-    labels = next((labels for labels in layouts if sum(len(label) + 1 for label in labels) + 1 <= width), layouts[-1])
+    packed = [f"{number}{tab.short_title}" for number, tab in enumerate(tabs, start=1)]
+    layouts = (([f" {tab.title} " for tab in tabs], " "),
+               ([f" {number} {tab.short_title} " for number, tab in enumerate(tabs, start=1)], " "),
+               (packed, " "), (packed, ""))
+    labels, gap = next(((labels, gap) for labels, gap in layouts
+                        if sum(len(label) + len(gap) for label in labels) + 1 <= width), layouts[-1])
     strip: Line = [(" ", "")]
     for tab, label in zip(tabs, labels):
-        strip += [(label, "tab_active" if tab.name == active else "tab"), (" ", "")]
+        strip += [(label, "tab_active" if tab.name == active else "tab"), (gap, "")]
     return strip
 
 
@@ -4786,7 +4965,7 @@ def sessions_or_timeline(client: Client, query: Query) -> tuple[SessionRow, ...]
     """The period's sessions, or the timeline of the one opened with Enter."""
     if query.session_id:
         return client.timeline(query.session_id)
-    return client.sessions(query.start_ms, query.end_ms, query.user)
+    return client.sessions(query.start_ms, query.end_ms, query.user, project=query.project)
 
 
 def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
@@ -4794,8 +4973,10 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
         return timeline_lines(snap, state, screen)
     sessions: tuple[SessionRow, ...] = snap.data
     several_users = len({row.user for row in sessions}) > 1
+    labels = project_labels(row.project for row in sessions)
     columns = [Column("Session", 8, 0, left=True), Column("User", 14, 6, left=True),
-               Column("Started", 11, 2, left=True), Column("Dur", 6, 4), Column("Req", 5, 1), Column("Tokens", 7, 3),
+               Column("Project", 10, 6, left=True), Column("Started", 11, 2, left=True), Column("Dur", 6, 4),
+               Column("Req", 5, 1), Column("Tokens", 7, 3),
                Column("Cost", 9, 0), Column("Models", 20, 5, left=True), Column("Tools", 5, 7),
                Column("Fail", 4, 7), Column("Err", 4, 7), Column("Source", 7, 8, left=True)]
     page_rows = max(1, screen.rows - 2)
@@ -4805,14 +4986,16 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
         total = row.split.total
         models = tuple(",".join(names) for names in zip(*map(model_names, row.models))) or ""  # long to short
         rows.append(([session_names(row.session_id), user_names(row.user),
+                      project_forms(row.project, labels) if row.project else "-",
                       local_time(row.first_ms, screen.settings.zone, "%m-%d %H:%M"),
                       format_duration(row.last_ms - row.first_ms), format_count(total.requests),
                       format_count(total.total), format_cost(total.cost_nanos), models, str(row.tool_calls),
                       str(row.tool_failures), str(row.api_errors), "metrics" if row.from_metrics else "events"],
                      "tab_active" if index == state.scroll else ""))
-    if not several_users:  # one person's server: no User column
-        columns = columns[:1] + columns[2:]
-        rows = [(cells[:1] + cells[2:], style) for cells, style in rows]
+    shown = [i for i in range(len(columns))  # one person's server: no User column; no projects: no Project column
+             if (i != 1 or several_users) and (i != 2 or any(row.project for row in sessions))]
+    columns = [columns[i] for i in shown]
+    rows = [([cells[i] for i in shown], style) for cells, style in rows]
     header, body = table_lines(columns, rows, screen.width)
     title = f"Sessions - {PERIODS[state.period][0]} ({len(sessions)}) - Enter: details"
     return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(sessions),
@@ -4921,6 +5104,22 @@ def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(snap.users))
 
 
+def projects_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
+    columns = [Column("Project", 14, 0, left=True), Column("Sessions", 8, 2), Column("Req", 6, 1),
+               Column("Tokens", 7, 1), Column("Cost", 9, 0), Column("Share of cost", 13, 2)]
+    whole = sum(split.total.cost_nanos for _, split, _ in snap.projects)
+    labels = project_labels(project for project, _, _ in snap.projects)
+    page_rows = max(1, screen.rows - 2)
+    rows = [([project_forms(project, labels), str(sessions), format_count(split.total.requests),
+              format_count(split.total.total), format_cost(split.total.cost_nanos),
+              share_cell(split.total.cost_nanos, whole, screen.glyphs)],
+             "tab_active" if project and project == state.project else "")
+            for project, split, sessions in snap.projects[state.scroll:state.scroll + page_rows]]
+    header, body = table_lines(columns, rows, screen.width)
+    title = f"Projects by cost - {PERIODS[state.period][0]} - p: filter by project"
+    return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(snap.projects))
+
+
 def blocks_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     blocks: tuple[tuple[int, int, Split, bool], ...] = snap.data
     zone = screen.settings.zone
@@ -4954,14 +5153,17 @@ class Tab:
 
 TABS = {tab.name: tab for tab in (
     Tab("current", "Current", "Now", requests_lines, Client.requests_page, summary=usage_lines),
-    Tab("daily", "Daily Usage", "Day", daily_lines, lambda client, q: client.days(None, q.end_ms, q.timezone, q.user),
-        fixed_period="last 30 days"),
-    Tab("models", "Models", "Mod", models_lines, lambda client, q: client.models(q.start_ms, q.end_ms, q.user)),
+    Tab("daily", "Daily Usage", "Day", daily_lines,
+        lambda client, q: client.days(None, q.end_ms, q.timezone, q.user, q.project), fixed_period="last 30 days"),
+    Tab("models", "Models", "Mod", models_lines,
+        lambda client, q: client.models(q.start_ms, q.end_ms, q.user, q.project)),
     Tab("sessions", "Sessions", "Ses", sessions_lines, sessions_or_timeline),
-    Tab("tools", "Tools & errors", "Tool", tools_lines, lambda client, q: client.tools(q.start_ms, q.end_ms, q.user)),
+    Tab("tools", "Tools & errors", "Tool", tools_lines,
+        lambda client, q: client.tools(q.start_ms, q.end_ms, q.user, q.project)),
     Tab("users", "Users", "User", users_lines),  # every snapshot has the users
     Tab("blocks", "Blocks", "Blk", blocks_lines,
-        lambda client, q: tuple(reversed(client.blocks(q.start_ms, q.end_ms, q.user)))),  # newest first
+        lambda client, q: tuple(reversed(client.blocks(q.start_ms, q.end_ms, q.user, q.project)))),  # newest first
+    Tab("projects", "Projects", "Proj", projects_lines),  # every snapshot has the projects
 )}
 TAB_KEYS = f"1-{len(TABS)}"
 
@@ -4986,11 +5188,11 @@ HELP_TEXT = [  # at most 36 characters a line: the help box fits 40 columns
     "arrows/j/k PgUp/PgDn  scroll",
     "Home/End  first, last row",
     "Enter/Esc  open/close a session",
-    "u  next user (team servers)",
+    "u/p  next user / project filter",
     "?  this help       q  quit",
 ]
-FOOTER = f"h/d/w/m/a/b period  o order  Tab/{TAB_KEYS} tab  u user  ? help  q quit"
-FOOTER_SHORT = f"h/d/w/m/a/b  o  {TAB_KEYS}  u  ? help  q quit"
+FOOTER = f"h/d/w/m/a/b period  o order  Tab/{TAB_KEYS} tab  u user  p project  ? help  q quit"
+FOOTER_SHORT = f"h/d/w/m/a/b  o  {TAB_KEYS}  u/p  ? help  q quit"
 HELP_FOOTER = "any key closes this help"
 HELP_FOOTER_MORE = "arrows/PgDn: more  other keys close"
 
@@ -5048,7 +5250,8 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Sc
     lines = lines[:height - 1]
     lines += [[("", "")]] * (height - 1 - len(lines)) + [[(state.notice or hint, "warn" if state.notice else "dim")]]
     return Frame([clip(line, width) for line in lines], tab_frame.page_rows, tab_frame.total_rows,
-                 tab_frame.session_ids, tuple(name for name, _, _ in snap.users) if snap else ())
+                 tab_frame.session_ids, tuple(name for name, _, _ in snap.users) if snap else (),
+                 tuple(name for name, _, _ in snap.projects) if snap else ())
 
 
 # ---------------------------------------------------------------- Curses loop: polling thread, keys, drawing
@@ -5363,6 +5566,8 @@ def build_report_parser() -> CommandLine:
     parser.add_argument("--since", metavar="YYYY-MM-DD", help="first day (in monitor.timezone)")
     parser.add_argument("--until", metavar="YYYY-MM-DD", help="last day, included (default: today)")
     parser.add_argument("--user", metavar="NAME", help="only this user (user.email, account uuid or user.id)")
+    parser.add_argument("--project", metavar="NAME", help="only this project: its name, folder, or the folder's "
+                        "last part (proj-alpha for /home/dev/proj-alpha)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON object")
     output.add_argument("--csv", action="store_true", help="CSV with a header row")

@@ -100,6 +100,11 @@ class QueryServiceStub:
                 request_serializer=ccmon__pb2.GetLimitsRequest.SerializeToString,
                 response_deserializer=ccmon__pb2.GetLimitsResponse.FromString,
                 _registered_method=True)
+        self.GetProjects = channel.unary_unary(
+                '/ccmon.v1.QueryService/GetProjects',
+                request_serializer=ccmon__pb2.GetProjectsRequest.SerializeToString,
+                response_deserializer=ccmon__pb2.GetProjectsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -202,6 +207,14 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetProjects(self, request, context):
+        """GetProjects ranks the projects of a period by cost. A session's project is what
+        OTEL_RESOURCE_ATTRIBUTES=project=NAME named, else the folder its status line reported.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -269,6 +282,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.GetLimits,
                     request_deserializer=ccmon__pb2.GetLimitsRequest.FromString,
                     response_serializer=ccmon__pb2.GetLimitsResponse.SerializeToString,
+            ),
+            'GetProjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProjects,
+                    request_deserializer=ccmon__pb2.GetProjectsRequest.FromString,
+                    response_serializer=ccmon__pb2.GetProjectsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -623,6 +641,33 @@ class QueryService:
             '/ccmon.v1.QueryService/GetLimits',
             ccmon__pb2.GetLimitsRequest.SerializeToString,
             ccmon__pb2.GetLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ccmon.v1.QueryService/GetProjects',
+            ccmon__pb2.GetProjectsRequest.SerializeToString,
+            ccmon__pb2.GetProjectsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -601,7 +601,7 @@ CONFIG_ERRORS = [
     (["--format", "@daily_cost", "--json"], "ccmon: --format and --json cannot be used together (see ccmon --help)"),
     (["--health", "--json"], "ccmon: --health and --json cannot be used together (see ccmon --help)"),
     (["--monitor-server", "x:1", "report", "dialy"], "ccmon report: argument kind: invalid choice: 'dialy' (choose "
-     "from 'daily', 'weekly', 'monthly', 'session', 'model', 'blocks') (see ccmon report --help)"),
+     "from 'daily', 'weekly', 'monthly', 'session', 'model', 'blocks', 'project') (see ccmon report --help)"),
     (["report", "daily", "--csv", "--json"], "ccmon report: argument --json: not allowed with argument --csv (see "
                                              "ccmon report --help)"),
 ])
@@ -619,7 +619,7 @@ def test_options_go_before_or_after_the_report_command(capsys):
         args = ccmon.build_report_parser().parse_args(words)
         assert (args.kind, args.monitor_server, args.csv) == ("daily", "report:1", True)
     assert ccmon.without_command(["--format", "report"], "report", ccmon.build_parser()) is None
-    assert "report {daily,weekly,monthly,session,model,blocks}" in ccmon.build_parser().format_help()
+    assert "report {daily,weekly,monthly,session,model,blocks,project}" in ccmon.build_parser().format_help()
 
 
 @pytest.mark.parametrize("args,message", CONFIG_ERRORS)
@@ -917,7 +917,7 @@ def frame_text(state, snap, settings, width, height, now, connection=None, unico
 
 FRAME_80x24 = [
     " ccmon - Claude Code usage monitor                                       v0.1.0 ",
-    "  Current   Daily Usage   Models   Sessions   Tools & errors   Users   Blocks  ",
+    "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  ",
     " * connected 127.0.0.1:4317 | current block | newest first | updated 10:30:00",
     "-- Usage - current block -------------------------------------------------------",
     "         Requests  Limited    Cache    Total       Cost    Burn rate",
@@ -939,12 +939,12 @@ FRAME_80x24 = [
     "09:55:00 opus-4-1     1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s 0005abcd-ef",
     "09:48:00 sonnet-4-5   1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s 0006abcd-ef",
     "09:41:00 haiku-4-5    1.01K   1.40K   30.0K   32.4K   $0.0864    10s 0007abcd-ef",
-    "h/d/w/m/a/b period  o order  Tab/1-7 tab  u user  ? help  q quit",
+    "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit",
 ]
 
 FRAME_40x12 = [
     " ccmon - Claude Code usage monitor",
-    " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk ",
+    " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj",
     " * connected | current block",
     "-- Usage - current block ---------------",
     "         Requests  Limited       Cost",
@@ -954,7 +954,7 @@ FRAME_40x12 = [
     "-- Block 10:00-15:00 -------------------",
     "Tokens ###..  60%  21.0K / 35.0K",
     "Time   .....  10% 4h30m left, ends 15:00",
-    "h/d/w/m/a/b  o  1-7  u  ? help  q quit",
+    "h/d/w/m/a/b  o  1-8  u/p  ? help  q quit",
 ]
 
 DAILY_80x24 = [
@@ -1186,11 +1186,14 @@ def test_every_tab_is_named_at_every_width():
     snap, settings, now = _frame_fixture()
     for width in range(40, 201):
         strip = frame_text(ccmon.ViewState(period="b"), snap, settings, width, 24, now)[0][1]
+        packed = "".join(f"{number}{tab.short_title}" for number, tab in enumerate(ccmon.TABS.values(), start=1))
         for number, tab in enumerate(ccmon.TABS.values(), start=1):
             assert f" {tab.title} " in strip or f"{number} {tab.short_title}" in strip or \
-                f" {number}{tab.short_title} " in strip, (width, strip)
+                f" {number}{tab.short_title} " in strip or strip == " " + packed, (width, strip)
     assert frame_text(ccmon.ViewState(), snap, settings, 60, 24, now)[0][1] == \
-        "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk  "
+        " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk 8Proj "
+    assert frame_text(ccmon.ViewState(), snap, settings, 80, 24, now)[0][1] == \
+        "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  "
 
 
 def test_every_help_key_is_reachable_at_40x12():
@@ -1208,7 +1211,7 @@ def test_every_help_key_is_reachable_at_40x12():
                          "| w  last 7 days     m  last 30 days  |",
                          "| a  all time        b  current block |",
                          "| o  sort order      r  refresh now   |",
-                         "| Tab/Shift-Tab or 1-7  switch tab    |",
+                         "| Tab/Shift-Tab or 1-8  switch tab    |",
                          "| arrows/j/k PgUp/PgDn  scroll        |",
                          "+- 1-6 of 10 -------------------------+",
                          "arrows/PgDn: more  other keys close"]
@@ -3312,13 +3315,13 @@ def test_reports_as_table_json_and_csv(server, tmp_path):
         "-------  ---------------  ----------------  ---  -----  ------  ------  -------  "
         "----------------------------------",
         "Total                                         3  1,350   5,230   6,580    $2.76",
-        "(to fit 120 columns, not shown: failed, errors, source, cache_write, cache_read, last, tools; --wide "
-        "shows every column)"]
+        "(to fit 120 columns, not shown: failed, errors, source, cache_write, cache_read, last, tools, project; --wide shows",
+        "every column)"]
     wide = run_report(server, "session", "--since", "2026-05-01", "--until", "2026-05-31", "--user",
                       "ana@example.com", "--wide", cwd=tmp_path).stdout.splitlines()
-    assert wide[1].split() == ["session", "user", "first", "last", "req", "input", "output", "cache_read",
+    assert wide[1].split() == ["session", "user", "project", "first", "last", "req", "input", "output", "cache_read",
                                "cache_write", "tokens", "cost", "models", "tools", "failed", "errors", "source"]
-    assert wide[3].split()[:5] == ["s-ana-2", "ana@example.com", "2026-05-05T19:00:00+09:00",
+    assert wide[3].split()[:7] == ["s-ana-2", "ana@example.com", "(no", "project)", "2026-05-05T19:00:00+09:00",
                                    "2026-05-05T19:00:00+09:00", "1"]
     assert wide[-1].split() == ["Total", "3", "1,350", "5,230", "0", "0", "6,580", "$2.76", "3", "1", "1"]
     model = run_report(server, "model", "--since", "2026-05-01", cwd=tmp_path).stdout.splitlines()
@@ -3434,7 +3437,7 @@ def test_render_insight_tabs():
     for key, tab in (("1", "current"), ("3", "models"), ("6", "users")):
         assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
     narrow, _ = frame_text(state, snap, settings, 40, 12, now)
-    assert narrow[1] == " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk "
+    assert narrow[1] == " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj"
 
 
 def test_adding_a_tab_is_one_entry_in_tabs():
@@ -3453,7 +3456,7 @@ def test_adding_a_tab_is_one_entry_in_tabs():
     finally:
         del sys.modules[module.__name__]
     settings, now = _settings(), local_ms("2026-05-05 13:00")
-    state, action = module.handle_key(module.ViewState(), "8", settings, module.Frame([]))
+    state, action = module.handle_key(module.ViewState(), "9", settings, module.Frame([]))
     assert (state.tab, action) == ("notes", "refresh")
     query = module.query_for(state, settings, now)
     snap = module.Snapshot(query, now, 500, data=query.fetch(None, query))
@@ -3464,11 +3467,11 @@ def test_adding_a_tab_is_one_entry_in_tabs():
         return [module.line_text(line) for line in frame.lines], frame
 
     lines, frame = text(120)
-    assert lines[1].rstrip().endswith("   Blocks   Notes") and "3 notes" in lines
+    assert lines[1].rstrip().endswith("   Blocks   Projects   Notes") and "3 notes" in lines
     assert (frame.page_rows, frame.total_rows) == (1, 3)
-    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  ? help  q quit"
-    assert text(80)[0][1].rstrip().endswith("7 Blk   8 Note")
-    assert "Tab/Shift-Tab or 1-8  switch tab" in module.HELP_TEXT
+    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit"
+    assert text(80)[0][1].rstrip().endswith("8 Proj   9 Note")
+    assert "Tab/Shift-Tab or 1-9  switch tab" in module.HELP_TEXT
     assert module.handle_key(state, "\t", settings, frame)[0].tab == "current"
 
 
@@ -4401,8 +4404,320 @@ def test_each_users_own_limits_on_a_team_server(server, tmp_path):
         assert lines[block + 2].split()[2:] == ["11%", "800", "/", "7.00K", "(a", "guess", "from", "the", "plan)"]
         assert snap.query.start_ms == resets - ccmon.BLOCK_MS  # the `b` period is Claude's window too
         assert ana["five_hour_resets"] != bo["five_hour_resets"]
+
+
+# ---------------------------------------------------------------- projects: from the resource or the status line
+
+def project_events(session_filter=None) -> list[tuple[str, dict]]:
+    """Two users, six sessions: two of project alpha, two in folders both named web, one without a project."""
+    def request(seq, session, email, when, model, **figures):
+        return ("api_request", {**api_request(seq, when, model=model, session=session, **figures),
+                                "user.email": email})
+
+    def tool(seq, session, email, when, name):
+        return ("tool_result", {"event.name": "tool_result", "event.sequence": seq, "session.id": session,
+                                "user.email": email, "event.timestamp": when, "tool_name": name, "success": "true",
+                                "duration_ms": "10"})
+
+    events = [
+        request(1, "s-a1", "ana@example.com", "2026-05-04T09:00:00Z", "claude-sonnet-4-5", input_tokens=1000,
+                output_tokens=200, cost_usd=0.5),
+        request(2, "s-a1", "ana@example.com", "2026-05-04T09:05:00Z", "claude-haiku-4-5", input_tokens=300,
+                output_tokens=30, cost_usd=0.01),
+        tool(3, "s-a1", "ana@example.com", "2026-05-04T09:01:00Z", "Bash"),
+        request(4, "s-a2", "bo@example.com", "2026-05-05T10:00:00Z", "claude-opus-4-1", input_tokens=50,
+                output_tokens=5000, cost_usd=2.25),
+        request(5, "s-web", "ana@example.com", "2026-05-05T11:00:00Z", "claude-sonnet-4-5", input_tokens=7,
+                output_tokens=3, cost_usd=0.125),
+        request(6, "s-web", "ana@example.com", "2026-05-06T08:00:00Z", "claude-sonnet-4-5", input_tokens=100,
+                output_tokens=10, cost_usd=0.25),
+        tool(7, "s-web", "ana@example.com", "2026-05-05T11:01:00Z", "Read"),
+        request(8, "s-api", "bo@example.com", "2026-05-05T12:00:00Z", "claude-haiku-4-5", input_tokens=40,
+                output_tokens=4, cost_usd=0.02),
+        request(9, "s-none", "ana@example.com", "2026-05-05T13:00:00Z", "claude-sonnet-4-5", input_tokens=500,
+                output_tokens=50, cost_usd=1.0),
+    ]
+    return [event for event in events if session_filter is None or session_filter(event[1]["session.id"])]
+
+
+def report_reading(srv: ServerProcess, session: str, project_dir: str) -> None:
+    """What `ccmon statusline` sends: a LimitReading with the status line's workspace.project_dir."""
+    srv.query().ReportStatusLine(ccmon_pb2.ReportStatusLineRequest(reading=ccmon_pb2.LimitReading(
+        session_id=session, project_dir=project_dir, model="claude-sonnet-4-5")))
+
+
+def seed_projects(srv: ServerProcess, tmp_path: Path) -> None:
+    """alpha from OTEL_RESOURCE_ATTRIBUTES (s-a2's status line reported a folder first: the name wins); the web
+    folders from status lines, one through `ccmon statusline` itself; s-none has neither."""
+    web = live_input("s-web")
+    web["workspace"]["project_dir"] = "/home/dev/web"
+    assert status_line(srv.target, web, cwd=tmp_path).returncode == 0
+    assert status_line(srv.target, live_input("s-a2"), cwd=tmp_path).returncode == 0  # /home/dev/proj-alpha
+    assert db_rows(srv.db, "SELECT session_id, project FROM sessions ORDER BY session_id") == \
+        [("s-a2", "/home/dev/proj-alpha"), ("s-web", "/home/dev/web")]
+    assert sdk_export(srv.port, project_events(lambda s: s in ("s-a1", "s-a2")),
+                      resource={**CLAUDE_RESOURCE, "project": "alpha"}) == ["SUCCESS"]
+    assert sdk_export(srv.port, project_events(lambda s: s not in ("s-a1", "s-a2"))) == ["SUCCESS"]
+    report_reading(srv, "s-api", "/srv/api/web")
+    report_reading(srv, "s-a1", "/home/dev/elsewhere")  # a status line's folder never replaces a project
+    report_reading(srv, "s-none", "")                   # a status line without a folder says nothing
+
+
+def project_figures(message) -> tuple:
+    return message.project, message.sessions, message.stats.total_requests, message.stats.total_cost.amount, \
+        message.stats.total_tokens.total
+
+
+def test_sessions_get_their_project_from_the_resource_or_the_status_line(server, tmp_path):
+    seed_projects(server, tmp_path)
+    assert db_rows(server.db, "SELECT session_id, project FROM sessions ORDER BY session_id") == [
+        ("s-a1", "alpha"), ("s-a2", "alpha"), ("s-api", "/srv/api/web"), ("s-none", None), ("s-web", "/home/dev/web")]
+    q = server.query()
+    projects = q.GetProjects(ccmon_pb2.GetProjectsRequest(**MAY)).projects
+    assert [project_figures(p) for p in projects] == [
+        ("alpha", 2, 3, 2.76, 6580), ("", 1, 1, 1.0, 550), ("/home/dev/web", 1, 2, 0.375, 120),
+        ("/srv/api/web", 1, 1, 0.02, 44)]
+    assert (projects[0].stats.base_requests, projects[0].stats.premium_cost.amount) == (1, 2.75)
+    # 5 May (UTC): s-web crosses the end of the day, so only its first request counts; s-a1 was the day before.
+    may5 = dict(start_time=ts("2026-05-05T00:00:00Z"), end_time=ts("2026-05-06T00:00:00Z"))
+    day = q.GetProjects(ccmon_pb2.GetProjectsRequest(**may5)).projects
+    assert [project_figures(p) for p in day] == [
+        ("alpha", 1, 1, 2.25, 5050), ("", 1, 1, 1.0, 550), ("/home/dev/web", 1, 1, 0.125, 10),
+        ("/srv/api/web", 1, 1, 0.02, 44)]
+    late = dict(start_time=ts("2026-05-05T11:30:00Z"), end_time=ts("2026-06-01T00:00:00Z"))  # starts inside s-web
+    assert [project_figures(p) for p in q.GetProjects(ccmon_pb2.GetProjectsRequest(**late)).projects] == [
+        ("", 1, 1, 1.0, 550), ("/home/dev/web", 1, 1, 0.25, 110), ("/srv/api/web", 1, 1, 0.02, 44)]
+    for period in (MAY, may5, late):  # the projects add up to the period's totals
+        whole = q.GetStats(ccmon_pb2.GetStatsRequest(**period)).stats
+        parts = q.GetProjects(ccmon_pb2.GetProjectsRequest(**period)).projects
+        assert sum(p.stats.total_requests for p in parts) == whole.total_requests
+        assert sum(p.stats.total_tokens.total for p in parts) == whole.total_tokens.total
+        assert round(sum(p.stats.total_cost.amount for p in parts), 9) == whole.total_cost.amount
+    ana = q.GetProjects(ccmon_pb2.GetProjectsRequest(**MAY, user="ana@example.com")).projects
+    assert [project_figures(p) for p in ana] == [
+        ("", 1, 1, 1.0, 550), ("alpha", 1, 2, 0.51, 1530), ("/home/dev/web", 1, 2, 0.375, 120)]
+    bo_day = q.GetProjects(ccmon_pb2.GetProjectsRequest(**may5, user="bo@example.com")).projects
+    assert [project_figures(p) for p in bo_day] == [("alpha", 1, 1, 2.25, 5050), ("/srv/api/web", 1, 1, 0.02, 44)]
+    web = q.GetProjects(ccmon_pb2.GetProjectsRequest(**MAY, project="web")).projects
+    assert [p.project for p in web] == ["/home/dev/web", "/srv/api/web"]
+    assert q.GetProjects(ccmon_pb2.GetProjectsRequest(**MAY, user="nobody@example.com")).projects == []
+
+
+def test_a_metrics_only_session_gets_its_project_from_the_resource(server):
+    exporter = OTLPMetricExporter(endpoint=server.target, insecure=True,
+                                  preferred_temporality={Counter: AggregationTemporality.DELTA})
+    reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
+    provider = MeterProvider(resource=Resource.create({**CLAUDE_RESOURCE, "project": " gamma "}),
+                             metric_readers=[reader])
+    cost = provider.get_meter("com.anthropic.claude_code").create_counter("claude_code.cost.usage", unit="USD")
+    cost.add(0.75, {"session.id": "m-gamma", "model": "claude-sonnet-4-5"})
+    cost.add(0.5, {"model": "claude-sonnet-4-5"})  # no session: no project to give
+    provider.force_flush()
+    provider.shutdown()
+    assert db_rows(server.db, "SELECT session_id, project FROM sessions ORDER BY session_id") == \
+        [("", None), ("m-gamma", "gamma")]
+    assert [project_figures(p) for p in server.query().GetProjects(ccmon_pb2.GetProjectsRequest()).projects] == \
+        [("gamma", 1, 0, 0.75, 0)]
+
+
+def test_the_project_filter_on_every_query(server, tmp_path):
+    seed_projects(server, tmp_path)
+    q = server.query()
+
+    def stats(project, **period):
+        s = q.GetStats(ccmon_pb2.GetStatsRequest(**(period or MAY), project=project)).stats
+        return s.total_requests, s.total_cost.amount
+
+    # By its stored value, or by the end of its path; a folder's inner part or a partial name is not a project.
+    assert [stats(name) for name in ("alpha", "web", "api/web", "/srv/api/web", "/home/dev/web", "dev", "eb",
+                                     "proj-alpha")] == \
+        [(3, 2.76), (3, 0.395), (1, 0.02), (1, 0.02), (2, 0.375), (0, 0.0), (0, 0.0), (0, 0.0)]
+    assert stats("web", start_time=ts("2026-05-05T11:00:00Z"), end_time=ts("2026-05-05T11:00:00.001Z")) == \
+        (1, 0.125)  # half-open, to the millisecond
+    assert [(s.session_id, s.project, s.stats.total_cost.amount) for s in
+            q.GetSessions(ccmon_pb2.GetSessionsRequest(**MAY, project="web")).sessions] == \
+        [("s-web", "/home/dev/web", 0.375), ("s-api", "/srv/api/web", 0.02)]
+    assert [(s.session_id, s.project) for s in q.GetSessions(ccmon_pb2.GetSessionsRequest(**MAY)).sessions][-2:] == \
+        [("s-a2", "alpha"), ("s-a1", "alpha")]
+    assert [s.session_id for s in q.GetSessions(ccmon_pb2.GetSessionsRequest(
+        **MAY, project="alpha", user="bo@example.com")).sessions] == ["s-a2"]
+    page = q.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(**MAY, project="alpha", oldest_first=True))
+    assert (page.total_count, [(r.session_id, r.cost_usd) for r in page.requests]) == \
+        (3, [("s-a1", 0.5), ("s-a1", 0.01), ("s-a2", 2.25)])
+    assert [(m.model, m.requests, m.cost.amount) for m in
+            q.GetModelStats(ccmon_pb2.GetModelStatsRequest(**MAY, project="alpha")).models] == \
+        [("claude-opus-4-1", 1, 2.25), ("claude-sonnet-4-5", 1, 0.5), ("claude-haiku-4-5", 1, 0.01)]
+    days = q.GetUsage(ccmon_pb2.GetUsageRequest(start_time=ts("2026-05-04T00:00:00Z"),
+                                                end_time=ts("2026-05-07T00:00:00Z"), project="web")).days
+    assert [(d.date, d.stats.total_requests, d.stats.total_cost.amount) for d in days] == \
+        [("2026-05-06", 1, 0.25), ("2026-05-05", 2, 0.145), ("2026-05-04", 0, 0.0)]
+    assert [(t.tool, t.calls) for t in q.GetToolStats(ccmon_pb2.GetToolStatsRequest(**MAY, project="alpha")).tools] \
+        == [("Bash", 1)]
+    assert [(t.tool, t.calls) for t in q.GetToolStats(ccmon_pb2.GetToolStatsRequest(**MAY, project="web")).tools] \
+        == [("Read", 1)]
+    assert [(u.user, u.sessions, u.stats.total_requests, u.stats.total_cost.amount) for u in
+            q.GetUsers(ccmon_pb2.GetUsersRequest(**MAY, project="alpha")).users] == \
+        [("bo@example.com", 1, 1, 2.25), ("ana@example.com", 1, 2, 0.51)]
+    # Blocks stay the windows of everyone's activity (Claude's windows are the account's), with the project's
+    # figures in them; a block without the project's usage is left out.
+    everyone = q.GetBlocks(ccmon_pb2.GetBlocksRequest(**MAY)).blocks
+    assert [(b.start_time, b.stats.total_requests) for b in everyone] == [
+        (ts("2026-05-04T09:00:00Z"), 2), (ts("2026-05-05T10:00:00Z"), 4), (ts("2026-05-06T08:00:00Z"), 1)]
+    web_blocks = q.GetBlocks(ccmon_pb2.GetBlocksRequest(**MAY, project="web")).blocks
+    assert [(b.start_time, b.end_time, b.stats.total_requests, b.stats.total_cost.amount, b.last_activity_at)
+            for b in web_blocks] == [
+        (ts("2026-05-05T10:00:00Z"), ts("2026-05-05T15:00:00Z"), 2, 0.145, ts("2026-05-05T12:00:00Z")),
+        (ts("2026-05-06T08:00:00Z"), ts("2026-05-06T13:00:00Z"), 1, 0.25, ts("2026-05-06T08:00:00Z"))]
+    assert q.GetBlocks(ccmon_pb2.GetBlocksRequest(**MAY, project="web", user="ana@example.com")).blocks[0] \
+        .start_time == ts("2026-05-05T11:00:00Z")  # ana's own windows
+
+
+def test_the_monitor_snapshot_follows_the_project_filter(server, tmp_path):
+    seed_projects(server, tmp_path)
+    client = ccmon.Client(server.target)
+    settings = ccmon.MonitorSettings(server.target, ccmon.ZoneInfo("UTC"), None, None, 5)
+    end = ccmon.parse_iso_ms("2026-06-01T00:00:00Z")
+    try:
+        for tab, project, expected in (("current", "alpha", 3), ("sessions", "web", 2), ("models", "web", 2)):
+            state = ccmon.ViewState(tab=tab, period="m", project=project)
+            snap = client.snapshot(ccmon.query_for(state, settings, end))
+            assert [name for name, _, _ in snap.projects] == ["alpha", "", "/home/dev/web", "/srv/api/web"]
+            data = {"current": lambda d: d.total, "sessions": len, "models": len}[tab](snap.data)
+            assert data == expected, tab
+        assert [(user, split.total.cost_nanos, sessions) for user, split, sessions in snap.users] == \
+            [("ana@example.com", 375_000_000, 1), ("bo@example.com", 20_000_000, 1)]
+        state = ccmon.ViewState(tab="projects", period="m", user="bo@example.com")
+        snap = client.snapshot(ccmon.query_for(state, settings, end))
+        assert [(name, split.total.cost_nanos, sessions) for name, split, sessions in snap.projects] == \
+            [("alpha", 2_250_000_000, 1), ("/srv/api/web", 20_000_000, 1)]
     finally:
         client.close()
+
+
+def test_report_project_and_the_project_filter_on_reports(server, tmp_path):
+    seed_projects(server, tmp_path)
+    may = ("--since", "2026-05-01", "--until", "2026-05-31")
+    report = json.loads(run_report(server, "project", *may, "--json", cwd=tmp_path).stdout)
+    assert (report["report"], report["project"]) == ("project", None)
+    assert [(r["project"], r["sessions"], r["requests"], r["total_tokens"], r["cost_usd"], r["premium_cost_usd"])
+            for r in report["rows"]] == [("alpha", 2, 3, 6580, 2.76, 2.75), ("", 1, 1, 550, 1.0, 1.0),
+                                         ("/home/dev/web", 1, 2, 120, 0.375, 0.375),
+                                         ("/srv/api/web", 1, 1, 44, 0.02, 0.0)]
+    assert (report["totals"]["sessions"], report["totals"]["requests"], report["totals"]["cost_usd"]) == (5, 7, 4.155)
+    table = run_report(server, "project", *may, cwd=tmp_path).stdout.splitlines()
+    assert table == [
+        "project report, 2026-05-01T00:00:00+09:00 to 2026-06-01T00:00:00+09:00 (Asia/Tokyo)",
+        "project       sessions  req  input  output  cache_read  cache_write  tokens     cost  premium_req  premium_cost",
+        "------------  --------  ---  -----  ------  ----------  -----------  ------  -------  -----------  ------------",
+        "alpha                2    3  1,350   5,230           0            0   6,580    $2.76            2         $2.75",
+        "(no project)         1    1    500      50           0            0     550    $1.00            1         $1.00",
+        "dev/web              1    2    107      13           0            0     120  $0.3750            2       $0.3750",
+        "api/web              1    1     40       4           0            0      44  $0.0200            0         $0.00",
+        "------------  --------  ---  -----  ------  ----------  -----------  ------  -------  -----------  ------------",
+        "Total                5    7  1,997   5,297           0            0   7,294    $4.16            5         $4.12"]
+    wide = run_report(server, "project", *may, "--wide", cwd=tmp_path).stdout.splitlines()
+    assert [line.split()[0] for line in wide[3:7]] == ["alpha", "(no", "/home/dev/web", "/srv/api/web"]
+    csv_out = run_report(server, "project", *may, "--csv", "--project", "web", cwd=tmp_path).stdout.splitlines()
+    assert csv_out == [
+        "project,sessions,requests,input_tokens,output_tokens,cache_read_tokens,cache_creation_tokens,total_tokens,"
+        "cost_usd,premium_requests,premium_cost_usd",
+        "/home/dev/web,1,2,107,13,0,0,120,0.375,2,0.375",
+        "/srv/api/web,1,1,40,4,0,0,44,0.02,0,0.0",
+        "Total,2,3,147,17,0,0,164,0.395,2,0.375"]
+    daily = json.loads(run_report(server, "daily", "--since", "2026-05-04", "--until", "2026-05-06", "--project",
+                                  "alpha", "--json", cwd=tmp_path).stdout)
+    assert report_rows_of(daily, "date", "requests", "cost_usd") == \
+        [("2026-05-04", 2, 0.51), ("2026-05-05", 1, 2.25), ("2026-05-06", 0, 0.0)]
+    assert daily["project"] == "alpha"
+    for kind, key, expected in (("model", "model", [("claude-sonnet-4-5", 2, 0.375)]),
+                                ("session", "session_id", [("s-web", 2, 0.375)]),
+                                ("blocks", "block_start", [("2026-05-05T19:00+09:00", 1, 0.125),
+                                                           ("2026-05-06T17:00+09:00", 1, 0.25)]),
+                                ("monthly", "month", [("2026-05", 2, 0.375)])):
+        rows = json.loads(run_report(server, kind, *may, "--project", "dev/web", "--json", cwd=tmp_path).stdout)
+        assert report_rows_of(rows, key, "requests", "cost_usd") == expected, kind
+    session = run_report(server, "session", *may, "--project", "web", cwd=tmp_path).stdout.splitlines()
+    assert session[0].endswith("(Asia/Tokyo), project web")
+    assert [line.split()[0] for line in session[3:5]] == ["s-web", "s-api"]
+    wide_session = run_report(server, "session", *may, "--project", "web", "--wide", cwd=tmp_path).stdout.splitlines()
+    assert wide_session[3].split()[:3] == ["s-web", "ana@example.com", "/home/dev/web"]
+    nothing = run_report(server, "daily", *may, "--project", "nowhere", "--json", cwd=tmp_path)
+    assert json.loads(nothing.stdout)["totals"]["requests"] == 0
+
+
+def report_rows_of(report: dict, *keys: str) -> list[tuple]:
+    return [tuple(row[key] for key in keys) for row in report["rows"]]
+
+
+def test_project_labels_tell_folders_apart():
+    labels = ccmon.project_labels(["/home/dev/src/web", "/srv/api/web", "alpha", "/home/dev/alpha", "", "/x/y/tool/",
+                                   "C:\\Users\\dev\\app", "/"])
+    assert labels == {"/home/dev/src/web": "src/web", "/srv/api/web": "api/web", "alpha": "alpha",
+                      "/home/dev/alpha": "dev/alpha", "": "(no project)", "/x/y/tool/": "tool",
+                      "C:\\Users\\dev\\app": "app", "/": "/"}
+    assert ccmon.project_forms("/srv/api/web", labels) == ("/srv/api/web", "api/web")
+    assert ccmon.project_forms("alpha", labels) == ("alpha",)
+    assert ccmon.project_forms("", labels) == ("(no project)",)
+
+
+PROJECTS = (("alpha", ccmon.Split(ccmon.Usage(1, 300, 30, 0, 0, 10_000_000),
+                                  ccmon.Usage(2, 1050, 5200, 0, 0, 2_750_000_000)), 2),
+            ("", ccmon.Split(premium=ccmon.Usage(1, 500, 50, 0, 0, 1_000_000_000)), 1),
+            ("/home/dev/src/web", ccmon.Split(premium=ccmon.Usage(2, 107, 13, 0, 0, 375_000_000)), 1),
+            ("/srv/api/web", ccmon.Split(ccmon.Usage(1, 40, 4, 0, 0, 20_000_000)), 1))
+
+
+def test_render_projects_tab_and_the_p_key():
+    settings, now = _settings(), local_ms("2026-05-05 13:00")
+    state, snap = insight_snapshot(settings, now, "projects", projects=PROJECTS)
+    lines, frame = frame_text(state, snap, settings, 80, 24, now)
+    assert lines[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  "
+    assert lines[8:14] == [
+        "-- Projects by cost - last 7 days - p: filter by project -----------------------",
+        "Project           Sessions    Req  Tokens      Cost Share of cost",
+        "alpha                    2      3   6.58K     $2.76 #####...  66%",
+        "(no project)             1      1     550     $1.00 ##......  24%",
+        "/home/dev/src/web        1      2     120   $0.3750 #.......   9%",
+        "/srv/api/web             1      1      44   $0.0200 ........   0%"]
+    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit"
+    assert (frame.project_names, frame.total_rows) == (tuple(name for name, _, _ in PROJECTS), 4)
+    narrow, _ = frame_text(state, snap, settings, 40, 14, now)
+    assert narrow[8:13] == ["-- Projects by cost - last 7 days - p: f",
+                            "Project           Req  Tokens      Cost",
+                            "alpha               3   6.58K     $2.76",
+                            "(no project)        1     550     $1.00",
+                            "src/web             2     120   $0.3750"]
+    assert narrow[-1] == "h/d/w/m/a/b  o  1-8  u/p  ? help  q quit"
+    # p cycles through the period's projects (not the sessions without one), then back to every project.
+    chosen = []
+    for _ in range(4):
+        state, action = ccmon.handle_key(state, "p", settings, frame)
+        assert action == "refresh"
+        chosen.append(state.project)
+    assert chosen == ["alpha", "/home/dev/src/web", "/srv/api/web", None]
+    state = dataclasses_replace(state, project="/srv/api/web")
+    lines, _ = frame_text(state, snap, settings, 80, 24, now)
+    assert lines[2] == " * connected 127.0.0.1:4317 | project api/web | last 7 days | newest first"
+    styled = ccmon.render(state, ccmon.Connection(True, attempts=1), snap,
+                          ccmon.Screen(settings, 80, 24, now, ccmon.Glyphs.for_terminal(False))).lines
+    assert [line[0][1] for line in styled[10:14]] == ["", "", "", "tab_active"]
+    assert ccmon.query_for(state, settings, now).project == "/srv/api/web"
+    empty = ccmon.handle_key(state, "p", settings, ccmon.Frame([], project_names=("",)))[0]
+    assert (empty.project, empty.notice) == ("/srv/api/web", "no projects in this period to filter by")
+    assert ccmon.handle_key(ccmon.ViewState(), "8", settings, frame)[0].tab == "projects"
+    # The Sessions tab names each session's project where there is room, when any session has one.
+    split = ccmon.Split(premium=ccmon.Usage(2, 1000, 200, 0, 0, 500_000_000))
+    rows = tuple(ccmon.SessionRow(f"s-{i}-0123456789", "ana@example.com", now - 3600_000 * (i + 1),
+                                  now - 3600_000 * i, split, ("claude-sonnet-4-5",), 3, 1, i, False, project)
+                 for i, project in enumerate(["/home/dev/src/web", "", "/srv/api/web"]))
+    state, snap = insight_snapshot(settings, now, "sessions", data=rows, projects=PROJECTS)
+    lines, _ = frame_text(state, snap, settings, 120, 24, now)
+    assert lines[9].split()[:3] == ["Session", "Project", "Started"]
+    assert [line.split()[1] for line in lines[10:13]] == ["/home/dev/src/web", "-", "/srv/api/web"]
+    assert frame_text(state, snap, settings, 100, 24, now)[0][10].split()[1] == "src/web"
+    no_projects = tuple(dataclasses_replace(row, project="") for row in rows)
+    state, snap = insight_snapshot(settings, now, "sessions", data=no_projects)
+    assert "Project" not in frame_text(state, snap, settings, 120, 24, now)[0][9]
 
 
 # ---------------------------------------------------------------- module structure
