@@ -3740,7 +3740,6 @@ def test_alerts_without_anything_to_measure_say_so():
     assert ccmon.alert_setup_problem(dataclasses_replace(quiet, alerts=())) == ""
 
 
-
 # ---------------------------------------------------------------- storage: upgrades, a database that changes or breaks, files
 
 V1 = ROOT / "fixtures" / "v1"
@@ -3956,7 +3955,6 @@ def test_files_are_private_and_a_failed_start_leaves_none(server, tmp_path):
     assert fresh.stat().st_mode & 0o777 == 0o700
     server.stop()
     assert sorted(p.name for p in server.db.parent.iterdir() if p.name.startswith("ccmon.db")) == ["ccmon.db"]
-
 
 
 # ---------------------------------------------------------------- status line: ccmon statusline, Claude's own limits
@@ -4404,6 +4402,8 @@ def test_each_users_own_limits_on_a_team_server(server, tmp_path):
         assert lines[block + 2].split()[2:] == ["11%", "800", "/", "7.00K", "(a", "guess", "from", "the", "plan)"]
         assert snap.query.start_ms == resets - ccmon.BLOCK_MS  # the `b` period is Claude's window too
         assert ana["five_hour_resets"] != bo["five_hour_resets"]
+    finally:
+        client.close()
 
 
 # ---------------------------------------------------------------- projects: from the resource or the status line
