@@ -4164,7 +4164,7 @@ CLAUDE_80x24 = [
 
 CLAUDE_40x12 = [
     " ccmon - Claude Code usage monitor",
-    " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk ",
+    " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj",
     " * connected | current block",
     "-- Usage - current block ---------------",
     "         Requests  Limited       Cost",
@@ -4174,7 +4174,7 @@ CLAUDE_40x12 = [
     "-- Block 09:17-14:17 (Claude) ----------",
     "Claude 5h 63%, resets 14:17 (2 min ago)",
     "Tokens ###..  63%  21.0K / 33.3K",
-    "h/d/w/m/a/b  o  1-7  u  ? help  q quit"]
+    "h/d/w/m/a/b  o  1-8  u/p  ? help  q quit"]
 
 
 def test_render_claudes_own_limits_80x24_and_40x12():
