@@ -28,7 +28,8 @@ RUN groupadd --system --gid 10001 ccmon \
 COPY --from=build /app /app
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001
-ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+# HOME names the settings' folder even when the image runs as another user (docker --user, runAsUser).
+ENV HOME=/home/ccmon PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 VOLUME /data
 # 4317: OTLP gRPC and the QueryService; 4318: OTLP/HTTP.
 EXPOSE 4317 4318

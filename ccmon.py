@@ -356,6 +356,31 @@ RECENT_RATE_MS = 20 * 60_000   # projections use the last 20 minutes' pace, not 
 LEARN_FROM_MS = 30 * DAY_MS     # a learned limit looks at the blocks of the last 30 days
 
 
+READING_HORIZON_MS = 45 * DAY_MS  # Claude's windows reset within days (a gateway's spend limit within a month)
+
+
+def reading_problem(reading: LimitReading, now: int) -> str:
+    """What makes a status line reading impossible, or '': Claude's shares are 0-100 and its windows reset
+    within weeks, so a reading beyond that would only mislead every screen that shows it."""
+    if not 0 <= reading.read_ms <= MAX_TIMESTAMP_MS:
+        return "read_at is out of range"
+    if reading.context_percent is not None and not 0 <= reading.context_percent <= 100:
+        return "context_percent is not 0-100"
+    for name, window in (("five_hour", reading.five_hour), ("seven_day", reading.seven_day),
+                         ("spend_limit", reading.spend_limit)):
+        if window is not None and not 0 <= window.percent <= 100:  # NaN fails this too
+            return f"{name}.used_percentage {window.percent!r} is not 0-100"
+        if window is not None and not 0 < window.resets_ms <= now + READING_HORIZON_MS:
+            return f"{name}.resets_at is not within {READING_HORIZON_MS // DAY_MS} days"
+    return ""
+
+
+def claude_window_key(resets_ms: int) -> int:
+    """Which of Claude's windows a reset time names, as that time to the ten minutes: readings of one window
+    report it a few seconds apart."""
+    return round(resets_ms / 600_000) * 600_000
+
+
 CALIBRATE_FROM_PERCENT = 5.0  # readings below this share of a window say too little to divide by
 
 
@@ -557,16 +582,16 @@ def read_config_file(path: Path) -> dict:
     return data
 
 
-def config_file_data(explicit: str | None) -> tuple[Path | None, dict]:
-    """The config file and its contents: --config, else ./config.* when it is ccmon's, else ~/.ccmon/config.*.
-    A file in the current folder with none of ccmon's sections belongs to some other tool (a site generator's
-    config.toml, an app's config.json): it is passed over, so ccmon works in every folder."""
+def config_file_data(explicit: str | None, search_cwd: bool = True) -> tuple[Path | None, dict]:
+    """The config file and its contents: --config, else ./config.* when it is ccmon's (and `search_cwd`), else
+    ~/.ccmon/config.*. A file in the current folder with none of ccmon's sections belongs to some other tool
+    (a site generator's config.toml, an app's config.json): it is passed over, so ccmon works in every folder."""
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
             raise ConfigError(f"--config: no such file: {path}")
         return path, read_config_file(path)
-    for folder in (Path.cwd(), Path.home() / ".ccmon"):
+    for folder in (Path.cwd(), Path.home() / ".ccmon") if search_cwd else (Path.home() / ".ccmon",):
         for name in CONFIG_NAMES:
             path = folder / name
             if not path.is_file():
@@ -576,7 +601,11 @@ def config_file_data(explicit: str | None) -> tuple[Path | None, dict]:
             try:
                 data = read_config_file(path)
             except ConfigError as exc:  # unreadable: ccmon's own (and worth an error) if it names a section of ours
-                if re.search(rf"\b({'|'.join(DEFAULT_CONFIG)})\b", path.read_text(errors="replace")):
+                try:
+                    ours = re.search(rf"\b({'|'.join(DEFAULT_CONFIG)})\b", path.read_text(errors="replace"))
+                except OSError:
+                    ours = None  # not even readable as text: not a file to stop for
+                if ours:
                     raise
                 log.debug("passing over %s: %s", path, exc)
                 continue
@@ -795,8 +824,8 @@ def parse_address(address: str, fail_as: Callable[[str], Exception]) -> tuple[st
     return match.group(1), int(match.group(2))
 
 
-def load_config(args: argparse.Namespace) -> Config:
-    path, file_data = config_file_data(args.config)
+def load_config(args: argparse.Namespace, search_cwd: bool = True) -> Config:
+    path, file_data = config_file_data(args.config, search_cwd)
     overrides = {
         "database.path": ("--database-path", args.database_path),
         "server.address": ("--server-address", args.server_address),
@@ -1104,7 +1133,7 @@ class DatabaseFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self.created = create_private(path)
+        self.created = create_private(Path(os.path.realpath(path)))  # a symlink's file, even one not there yet
         self._handle = open(path, "rb")
         try:
             import fcntl  # an flock, not SQLite's own fcntl locks: the two never interfere on a local disk
@@ -1115,6 +1144,24 @@ class DatabaseFile:
             raise StorageError(f"another ccmon server (pid {owner}) is already using {path}; stop it or choose "
                                "another --database-path") from None
         self._identities = {path: self._identity(os.fstat(self._handle.fileno()))}
+        self._take_legacy_lock()
+
+    def _take_legacy_lock(self) -> None:
+        """Releases of schema 1 locked `ccmon.db.lock` instead: one may still be running on this database."""
+        import fcntl
+        legacy = self.path.with_name(self.path.name + ".lock")
+        try:
+            handle = open(legacy, "r")
+        except OSError:
+            return  # none (or not ours to read): nothing from an older release to wait for
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.close()
+                raise StorageError(f"an older ccmon server (pid {handle.read().strip() or 'unknown'}) is using "
+                                   f"{self.path}; stop it first") from None
+            legacy.unlink(missing_ok=True)
 
     @staticmethod
     def _identity(info: os.stat_result) -> tuple[int, int]:
@@ -1177,7 +1224,8 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite may have rolled back already (a full disk): keep the real error
+            conn.execute("ROLLBACK")
         raise
 
 
@@ -1198,8 +1246,10 @@ def open_database(path: Path) -> sqlite3.Connection:
             raise StorageError(f"{path} is damaged ({problem}); {recovery_advice(path)}")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")  # a commit is on disk before the exporter hears "ok"
-        if not tables:
+        if not tables or version == 0:  # new, or left by a schema-1 release stopped before it numbered its schema
             conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA}; PRAGMA user_version = 1; COMMIT;")
+            version = 1
+        if not tables:
             upgrade(conn, 1)
         elif version < SCHEMA_VERSION:
             backup = backup_copy(conn, version)
@@ -1278,12 +1328,12 @@ class Writer:
         try:
             # State of the writer thread alone: the write connection, interned ids, the failure streak.
             self._write_conn = open_database(path)
-            self._file.watch(path.with_name(path.name + "-wal"))
+            real = Path(os.path.realpath(path))  # SQLite keeps its -wal beside the file, not beside a symlink
+            self._file.watch(real.with_name(real.name + "-wal"))
         except (StorageError, OSError) as exc:
             self._file.close()
             self.remove_if_new()
             raise exc if isinstance(exc, StorageError) else StorageError(f"cannot use {path}: {exc}") from None
-        path.with_name(path.name + ".lock").unlink(missing_ok=True)  # schema-1 releases locked with this file
         self._ids: dict[tuple[str, Any], int] = {}  # (table, value) -> id of interned values
         self._failing = False  # log a failure streak once, and its end once
         self._lost = ""        # why the file at the path is no longer the one written: nothing more is acknowledged
@@ -1296,8 +1346,9 @@ class Writer:
     def remove_if_new(self) -> None:
         """After a start that failed: a database this start created leaves nothing behind."""
         if self._file.created:
+            real = Path(os.path.realpath(self.path))
             for suffix in ("", "-wal", "-shm", "-journal"):
-                self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+                real.with_name(real.name + suffix).unlink(missing_ok=True)
 
     def submit(self, job: Callable[[sqlite3.Connection], Any], timeout: float = 2.0) -> futures.Future:
         """Queue a job for the writer; its Future resolves after the job's transaction commits."""
@@ -1467,7 +1518,8 @@ class Writer:
                     new += 1
                     days.update(self._usage_from_metric(conn, dict(zip(METRIC_COLUMNS, row))))
         for session, project in batch.projects.items():  # a project the user named wins over a status line's folder
-            conn.execute("UPDATE sessions SET project = ? WHERE session_id = ?", (project, session))
+            conn.execute("UPDATE sessions SET project = ? WHERE session_id = ? AND project IS NOT ?",
+                         (project, session, project))
         self._refresh_days(conn, days)
         return new
 
@@ -1754,9 +1806,9 @@ class Reader:
         for column, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
             rows = self._reader().execute(
                 f"SELECT u.name, lr.{column}_percent, lr.{column}_resets FROM limit_readings lr "
-                "JOIN (SELECT session, user, MAX(last_ts) FROM session_usage GROUP BY session) su "  # its latest user
-                "ON su.session = lr.session "
-                f"JOIN users u ON u.id = su.user WHERE lr.ts > ? AND lr.ts <= ? AND lr.{column}_resets > ? "
+                "JOIN users u ON u.id = (SELECT su.user FROM session_usage su WHERE su.session = lr.session "
+                "ORDER BY su.last_ts DESC LIMIT 1) "  # the session's latest user, looked up by its key
+                f"WHERE lr.ts > ? AND lr.ts <= ? AND lr.{column}_resets > ? "
                 "ORDER BY lr.ts DESC, lr.id DESC", (at_ms - span, at_ms, at_ms))
             for user, percent, resets in rows:
                 entry = found.setdefault(user, [None, None])
@@ -2701,8 +2753,12 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         if not reading.session_id or zone is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a reading needs its session_id, and a known timezone")
         now = now_ms()
+        reading = dataclasses.replace(reading, read_ms=min(reading.read_ms or now, now))
+        problem = reading_problem(reading, now)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a reading Claude Code gives: {problem}")
         try:
-            self.writer.record_reading(dataclasses.replace(reading, read_ms=min(reading.read_ms or now, now)))
+            self.writer.record_reading(reading)
         except StorageUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the reading right now ({exc})")
         user = self.reader.session_user(reading.session_id)
@@ -2726,14 +2782,14 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             if live and (user is not None or len({reading.user for reading in live} - {""}) <= 1):
                 getattr(response, f"{field}_now").CopyFrom(reading_message(live[0]))
         for field, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
-            newest_per_window: dict[int, LimitReading] = {}
+            newest_per_window: dict[int, tuple[LimitReading, LimitWindow]] = {}
             for reading in recent:  # newest first: the first reading of a window has seen the most of it
                 window = getattr(reading, field)
                 if window is not None and len(newest_per_window) < CALIBRATION_WINDOWS:
-                    newest_per_window.setdefault(window.resets_ms, reading)
-            samples = [(Split.from_models(self.reader.usage(resets - span, reading.read_ms, user=reading.user or user))
-                        .premium.limited, getattr(reading, field).percent)
-                       for resets, reading in newest_per_window.items()]
+                    newest_per_window.setdefault(claude_window_key(window.resets_ms), (reading, window))
+            samples = [(Split.from_models(self.reader.usage(window.resets_ms - span, reading.read_ms,
+                                                            user=reading.user or user)).premium.limited, window.percent)
+                       for reading, window in newest_per_window.values()]
             tokens, count = window_capacity(samples)
             if tokens is not None:
                 getattr(response, field).CopyFrom(ccmon_pb2.WindowCapacity(tokens=tokens, readings=count))
@@ -3721,10 +3777,6 @@ class Client:
                             limit, learned_from, tuple(sorted(weekly.items())), claude, calibrated_from, weekly_window,
                             from_claude)
 
-    def users(self, start_ms: int | None, end_ms: int,
-              project: str | None = None) -> tuple[tuple[str, Split, int], ...]:
-        return tuple(row[:3] for row in self.users_with_limits(start_ms, end_ms, project))
-
     def users_with_limits(self, start_ms: int | None, end_ms: int, project: str | None = None) -> tuple[
             tuple[str, Split, int, LimitWindow | None, LimitWindow | None], ...]:
         """Users by cost: (user, usage, sessions, Claude's live 5-hour window, Claude's live week) each."""
@@ -4073,22 +4125,22 @@ STATUS_VARIABLES = ("model", "context", "session_cost", "daily_cost", "five_hour
 STATUS_PATTERN = re.compile("@(" + "|".join(sorted(STATUS_VARIABLES, key=len, reverse=True)) + ")")
 DEFAULT_STATUS_LINE = ("@model | ctx @context | session @session_cost | today @daily_cost | "
                        "5h @five_hour (resets @five_hour_resets) | week @seven_day (@seven_day_resets)")
-STATUS_LINE_BUDGET_S = 0.2  # the server's share of a status line: Claude Code waits for the line
+STATUS_LINE_BUDGET_S = 0.25  # the server's share of a status line: Claude Code waits for the line
 
 
 def number_in(value: Any, low: float, high: float) -> float | None:
     """A JSON number within [low, high], else None: status line input is read, never trusted."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value) if low <= value <= high else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        return None  # compared before any conversion: a 400-digit integer is simply out of range
+    return float(value)
 
 
-def limit_window(data: Any) -> LimitWindow | None:
+def limit_window(data: Any, now: int) -> LimitWindow | None:
     """One window of status line input's rate_limits: used_percentage 0-100, resets_at in epoch seconds."""
     if not isinstance(data, dict):
         return None
     percent = number_in(data.get("used_percentage"), 0, 100)
-    resets = number_in(data.get("resets_at"), 1, MAX_TIMESTAMP_MS / 1000)
+    resets = number_in(data.get("resets_at"), 1, (now + READING_HORIZON_MS) / 1000)
     if percent is None or resets is None:
         return None
     period = data.get("period")
@@ -4109,8 +4161,8 @@ def reading_from_status_input(data: dict, now: int) -> LimitReading:
     return LimitReading(text_at(data, "session_id"), now,
                         text_at(data, "workspace", "project_dir") or text_at(data, "cwd"),
                         text_at(data, "model", "id"), number_in(context.get("used_percentage"), 0, 100),
-                        limit_window(limits.get("five_hour")), limit_window(limits.get("seven_day")),
-                        limit_window(limits.get("spend_limit")), text_at(data, "version"))
+                        limit_window(limits.get("five_hour"), now), limit_window(limits.get("seven_day"), now),
+                        limit_window(limits.get("spend_limit"), now), text_at(data, "version"))
 
 
 def status_values(data: dict, reading: LimitReading, session: Split | None, today: Split | None, zone: ZoneInfo,
@@ -4154,26 +4206,39 @@ def format_status_line(template: str, values: dict[str, str]) -> str:
 
 
 def read_status_input(stream) -> tuple[dict, str]:
-    """(the status line input, a problem to report or ''): a terminal or bad JSON gives {} and says so."""
-    if stream.isatty():
+    """(the status line input, a problem to report or ''): no stdin, a terminal or bad JSON gives {} and says so."""
+    if stream is None or stream.isatty():
         return {}, "ccmon statusline reads Claude Code's status line JSON on stdin (see README)"
-    text = stream.read(MAX_VALUE_CHARS)
+    raw = stream.buffer.read(MAX_VALUE_CHARS) if hasattr(stream, "buffer") else stream.read(MAX_VALUE_CHARS)
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}, f"ccmon statusline: stdin is not JSON ({len(text)} characters); showing server figures only"
     if not isinstance(data, dict):
         return {}, "ccmon statusline: stdin is not a JSON object; showing server figures only"
     return data, ""
 
 
-def run_status_line(config: Config, template: str | None, stream=sys.stdin) -> int:
-    """Print one status line and report the reading, within Claude Code's patience; never blank, exit 0."""
+def run_status_line(config: Config | None, template: str | None, stream=sys.stdin) -> int:
+    """Print one status line and report the reading, within Claude Code's patience; never blank, exit 0.
+    Without a usable configuration (None) the line shows what stdin alone gives."""
     now = now_ms()
     data, problem = read_status_input(stream)
     if problem:
         print(problem, file=sys.stderr)
     reading = reading_from_status_input(data, now)
+    zone = config.zone if config else ZoneInfo("UTC")
+    line = format_status_line(template or DEFAULT_STATUS_LINE, status_values(data, reading, None, None, zone, now))
+    if config is not None:
+        line = status_line_with_server(config, template, data, reading, now) or line
+    print(line or "ccmon: nothing to show yet")
+    return 0
+
+
+def status_line_with_server(config: Config, template: str | None, data: dict, reading: LimitReading,
+                            now: int) -> str | None:
+    """The status line with the server's figures, the reading reported; None when the server did not answer."""
     session = today = None
     client = Client.for_config(config, timeout_s=STATUS_LINE_BUDGET_S)
     try:
@@ -4184,16 +4249,12 @@ def run_status_line(config: Config, template: str | None, stream=sys.stdin) -> i
         line = format_status_line(template or DEFAULT_STATUS_LINE,
                                   status_values(data, reading, session, today, config.zone, now))
         wanted = set(FORMAT_PATTERN.findall(line))  # quick query figures, in a template that asks for them
-        if wanted:
-            line = format_quick(line, fetch_quick_figures(client, config, now, wanted))
+        return format_quick(line, fetch_quick_figures(client, config, now, wanted)) if wanted else line
     except ServerUnreachable as exc:
         log.debug("status line without the server's figures: %s", exc)
-        line = format_status_line(template or DEFAULT_STATUS_LINE,
-                                  status_values(data, reading, session, today, config.zone, now))
+        return None
     finally:
         client.close()
-    print(line)
-    return 0
 
 
 # ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model|blocks|project
@@ -4223,15 +4284,20 @@ def report_period(kind: str, since: dt.date | None, until: dt.date | None, zone:
     """[start, end) in ms: local midnight of `since` (by default 30 days, 12 weeks or 12 months back) to the
     midnight after `until` (by default now)."""
     today = dt.datetime.fromtimestamp(now / 1000, zone).date()
-    if since is None:
-        last = until or today
-        months_back = last.year * 12 + last.month - 1 - 11
-        since = {"weekly": last - dt.timedelta(days=last.weekday() + 77),
-                 "monthly": dt.date(months_back // 12, months_back % 12 + 1, 1)}.get(kind, last - dt.timedelta(days=29))
-    if until is not None and until < since:
-        raise ConfigError(f"--until {until} is before --since {since}")
-    start = ms_from_datetime(dt.datetime.combine(since, dt.time(), zone))
-    end = ms_from_datetime(dt.datetime.combine(until + dt.timedelta(days=1), dt.time(), zone)) if until else now
+    try:
+        if since is None:
+            last = until or today
+            months_back = last.year * 12 + last.month - 1 - 11
+            since = {"weekly": last - dt.timedelta(days=last.weekday() + 77),
+                     "monthly": dt.date(months_back // 12, months_back % 12 + 1, 1)}.get(kind,
+                                                                                        last - dt.timedelta(days=29))
+        if until is not None and until < since:
+            raise ConfigError(f"--until {until} is before --since {since}")
+        start = ms_from_datetime(dt.datetime.combine(since, dt.time(), zone))
+        end = ms_from_datetime(dt.datetime.combine(until + dt.timedelta(days=1), dt.time(), zone)) if until else now
+    except (OverflowError, ValueError):  # the first or last days a date can be have no day before or after
+        raise ConfigError(f"--since/--until: dates from 0001-01-31 to 9999-12-30, please (got {since} to "
+                          f"{until})") from None
     return start, end
 
 
@@ -5378,7 +5444,7 @@ def due_alerts(limits: LimitFigures | None, settings: MonitorSettings, now: int,
     due = []
     for kind, window, percent, used, limit, source in gauges:
         for threshold in settings.alerts:
-            key = (kind, window, threshold)
+            key = (kind, claude_window_key(window), threshold)
             if percent < threshold:
                 fired.discard(key)  # re-arms a rolling window's alert
             elif key not in fired:
@@ -5625,12 +5691,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     if isinstance(args.server, str):  # '--server HOST:PORT' is the original spelling of --monitor-server
         args.monitor_server, args.server = args.server, None
+    if mode == "statusline":  # Claude Code runs it in every project folder: never a config found there
+        try:
+            config = load_config(args, search_cwd=False)
+        except ConfigError as exc:  # still a line, from stdin alone: the status line must never go blank
+            print(f"ccmon: config error: {exc}", file=sys.stderr)
+            config = None
+        return run_status_line(config, args.format)
     try:
         config = load_config(args)
         if mode == "report":
             return run_report(config, args)
-        if mode == "statusline":
-            return run_status_line(config, args.format)
         if mode == "--server":
             return run_server(config)
         if mode == "--health":

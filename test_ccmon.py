@@ -1861,6 +1861,7 @@ def test_dockerfile_structure():
     assert "--uid 10001 --gid 10001" in final and "--gid 10001 ccmon" in final
     assert final.index("USER 10001:10001") < final.index("ENTRYPOINT")
     assert "pip install" not in final  # nothing installed in the runtime image
+    assert "ENV HOME=/home/ccmon " in final  # the settings' folder under any user id
     assert "VOLUME /data" in final and "EXPOSE 4317 4318" in final and "STOPSIGNAL SIGTERM" in final
     for label in ("title", "description", "licenses", "base.name"):
         assert f"org.opencontainers.image.{label}=" in final
@@ -3337,6 +3338,8 @@ def test_reports_as_table_json_and_csv(server, tmp_path):
     (["daily", "--since", "May 1"], "ccmon: config error: --since: invalid date 'May 1' (use YYYY-MM-DD)\n"),
     (["daily", "--since", "2026-05-02", "--until", "2026-05-01"],
      "ccmon: config error: --until 2026-05-01 is before --since 2026-05-02\n"),
+    (["daily", "--until", "9999-12-31"], "ccmon: config error: --since/--until: dates from 0001-01-31 to 9999-12-30, "
+                                         "please (got 9999-12-02 to 9999-12-31)\n"),
 ])
 def test_report_errors(args, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -3943,6 +3946,48 @@ def test_damage_found_while_running_is_answered_not_raised(server):
     assert "Traceback" not in server.log
 
 
+def test_an_older_server_still_running_is_not_upgraded_under(tmp_path):
+    """Releases of schema 1 locked ccmon.db.lock: while one holds it, a new server must not touch the file."""
+    import fcntl
+    db = tmp_path / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    with open(tmp_path / "ccmon.db.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--database-path", str(db)], tmp_path)
+        assert (result.returncode, result.stderr) == (1, f"ccmon: an older ccmon server (pid 4242) is using {db}; "
+                                                         "stop it first\n")
+        assert db_rows(db, "PRAGMA user_version") == [(1,)] and not (tmp_path / "ccmon.db.v1.bak").exists()
+    srv = ServerProcess(tmp_path, db=db).start()  # once it has stopped, its lock file goes with the upgrade
+    srv.stop()
+    assert not (tmp_path / "ccmon.db.lock").exists() and db_rows(db, "PRAGMA user_version") == \
+        [(ccmon.SCHEMA_VERSION,)]
+
+
+def test_a_database_reached_by_a_symlink_and_one_left_unnumbered(tmp_path):
+    real = tmp_path / "data" / "real.db"
+    real.parent.mkdir()
+    link = tmp_path / "link.db"
+    link.symlink_to(real)
+    srv = ServerProcess(tmp_path, db=link).start()
+    try:
+        srv.logs_stub().Export(logs_request(MIXED_EVENTS))
+        assert stats(srv).total_requests == 3
+    finally:
+        srv.stop()
+    # A schema-1 release stopped between creating its tables and numbering them left user_version 0.
+    unnumbered = tmp_path / "unnumbered.db"
+    shutil.copyfile(V1 / "ccmon.db", unnumbered)
+    with sqlite3.connect(unnumbered) as conn:
+        conn.execute("PRAGMA user_version = 0")
+    conn.close()
+    srv = ServerProcess(tmp_path, db=unnumbered).start()
+    try:
+        assert stats(srv).total_requests == 8
+    finally:
+        srv.stop()
+
 def test_files_are_private_and_a_failed_start_leaves_none(server, tmp_path):
     server.logs_stub().Export(logs_request(MIXED_EVENTS))
     for suffix in ("", "-wal", "-shm"):
@@ -4069,6 +4114,53 @@ def test_window_capacity_from_claudes_own_percentages(server, tmp_path):
     assert ccmon.window_capacity([(15_000, 25.0), (40_000, 50.0), (1_000, 1.0), (0, 30.0)]) == (70_000, 2)
     assert ccmon.window_capacity([]) == (None, 0)
 
+
+def test_the_server_refuses_readings_claude_code_cannot_give(server):
+    now = ccmon.now_ms()
+    for window, problem in ((ccmon.LimitWindow(1e300, now + 3600_000), "five_hour.used_percentage 1e+300 is not 0-100"),
+                            (ccmon.LimitWindow(float("nan"), now + 3600_000), "five_hour.used_percentage nan is not "
+                                                                                "0-100"),
+                            (ccmon.LimitWindow(50.0, 10 ** 15 * 1000), "five_hour.resets_at is not within 45 days")):
+        reading = ccmon.LimitReading("s-odd", now, five_hour=window)
+        with pytest.raises(grpc.RpcError) as err:
+            server.query().ReportStatusLine(ccmon_pb2.ReportStatusLineRequest(reading=ccmon.reading_message(reading)))
+        assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT,
+                                                           f"not a reading Claude Code gives: {problem}")
+    assert db_rows(server.db, "SELECT COUNT(*) FROM limit_readings") == [(0,)]
+
+
+@pytest.mark.parametrize("stdin,line", [
+    (b"\xff\xfe{not utf-8", "ccmon: nothing to show yet\n"),
+    (b"[" * 200_000, "ccmon: nothing to show yet\n"),
+    (json.dumps({"context_window": {"used_percentage": 10 ** 400}, "model": {"display_name": "Opus"}}).encode(),
+     "Opus\n"),
+    (json.dumps({"rate_limits": {"five_hour": {"used_percentage": 5, "resets_at": 253402300799}}}).encode(),
+     "ccmon: nothing to show yet\n"),
+])
+def test_status_line_input_that_is_odd_never_breaks_the_line(stdin, line, tmp_path):
+    result = subprocess.run([*CCMON, "statusline", "--monitor-server", "127.0.0.1:9", "--monitor-timezone",
+                             "Asia/Tokyo"], input=stdin, capture_output=True, cwd=tmp_path, timeout=30,
+                            env={**os.environ, "HOME": str(tmp_path)})
+    assert (result.returncode, result.stdout.decode()) == (0, line), result.stderr
+    assert b"Traceback" not in result.stderr
+
+
+def test_status_line_ignores_the_project_folders_config_and_survives_its_own(server, tmp_path):
+    """Claude Code runs the status line in each project folder: a config.toml there is the project's, never
+    ccmon's (it could send the token elsewhere); a broken ~/.ccmon config still leaves a line."""
+    (tmp_path / "config.toml").write_text('[monitor]\nserver = "127.0.0.1:9"\n')
+    sdk_export(server.port, [("api_request", api_request(1, hours_ago(0.1), session="s-cfg", cost_usd=0.5))])
+    (tmp_path / ".ccmon").mkdir()
+    (tmp_path / ".ccmon" / "config.toml").write_text(f'[monitor]\nserver = "{server.target}"\n')
+    result = subprocess.run([*CCMON, "statusline", "--format", "@session_cost"], input=json.dumps({
+        "session_id": "s-cfg"}), capture_output=True, text=True, cwd=tmp_path, timeout=30,
+        env={**os.environ, "HOME": str(tmp_path)})
+    assert (result.returncode, result.stdout) == (0, "$0.5000\n")
+    (tmp_path / ".ccmon" / "config.toml").write_text('[monitor]\nrefresh_interval = "soon"\n')
+    broken = subprocess.run([*CCMON, "statusline"], input=json.dumps(live_input("s-cfg")), capture_output=True,
+                            text=True, cwd=tmp_path, timeout=30, env={**os.environ, "HOME": str(tmp_path)})
+    assert broken.returncode == 0 and broken.stdout.startswith("Sonnet 4.5 | ctx 3% | 5h 42% (resets ")
+    assert broken.stderr.startswith("ccmon: config error: ")
 
 def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, tmp_path):
     import socket
@@ -4254,13 +4346,17 @@ def test_alerts_fire_on_claudes_own_percentages():
     fired: set = set()
     due = ccmon.due_alerts(limits, settings, 1000, fired)
     assert [(key, message) for key, message, _ in due] == [
-        (("block", 500, 50), "ALERT: block usage passed 50% (Claude says 55%)"),
+        (("block", 0, 50), "ALERT: block usage passed 50% (Claude says 55%)"),  # the window to the ten minutes
         (("weekly", week_end, 50), "ALERT: weekly usage passed 50% (Claude says 82%)"),
         (("weekly", week_end, 80), "ALERT: weekly usage passed 80% (Claude says 82%)")]
     assert due[0][2] == {"CCMON_ALERT_KIND": "block", "CCMON_ALERT_THRESHOLD": "50", "CCMON_ALERT_PERCENT": "55.0",
                          "CCMON_ALERT_USED": "2000", "CCMON_ALERT_LIMIT": "40000", "CCMON_ALERT_SOURCE": "claude"}
     assert due[2][2]["CCMON_ALERT_LIMIT"] == "" and due[2][2]["CCMON_ALERT_USED"] == "10000"
     assert ccmon.due_alerts(limits, settings, 2000, fired) == []  # once per window
+    jittered = ccmon.LimitReading("s", 1500, five_hour=ccmon.LimitWindow(56.0, window_end + 6_000),
+                                  seven_day=ccmon.LimitWindow(81.6, week_end - 4_000))
+    assert ccmon.due_alerts(dataclasses_replace(limits, claude=ccmon.ClaudeLimits(jittered, jittered, 40_000, 3)),
+                            settings, 2000, fired) == []  # the same windows, read a few seconds apart
     # Once Claude's windows have reset, ccmon's own counts measure again: 20 % and 10 % fire nothing.
     assert ccmon.due_alerts(limits, settings, week_end, fired) == []
 
