@@ -854,10 +854,11 @@ def load_config(args: argparse.Namespace, search_cwd: bool = True) -> Config:
     for key, flag, value in (("server.token", "--server-token", args.server_token),
                              ("monitor.token", "--monitor-token", args.monitor_token)):
         # flag > environment > file: a token is most specific where it is given for one run
-        overrides[key] = (flag, value) if value is not None else (TOKEN_ENV, env_token)
-        if overrides[key][1] == "":  # an unset variable in a script, not a wish for no token (a file's "" is)
-            raise ConfigError(f"{overrides[key][0]}: the token is empty; give a token, or "
-                              + (f"leave {flag} out" if value is not None else f"unset {TOKEN_ENV}") + " for none")
+        source, token = (flag, value) if value is not None else (TOKEN_ENV, env_token)
+        if token == "":  # usually a variable that was not set, not a wish for no token (in a file, "" is that)
+            instead = f"leave {flag} out" if source == flag else f"unset {TOKEN_ENV}"
+            raise ConfigError(f"{source}: the token is empty; give a token, or {instead} for none")
+        overrides[key] = (source, token)
     settings, origin = merge_config(file_data, str(path), overrides)
     return validate_config(settings, origin, str(path) if path else "defaults")
 

@@ -2845,7 +2845,7 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
     store.close()
 
 
-# ---------------------------------------------------------------- a server you can leave running: wrong servers, settings, future records, memory
+# ---------------------------------------------------------------- wrong servers, empty tokens, TLS files, future records, memory
 
 def client_commands(address: str) -> list[list[str]]:
     """--health, a quick query and a report against `address`."""
@@ -2905,11 +2905,13 @@ def go_server(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen([str(go_ccmon_binary()), "--server", "--server-address", address, "--database-path",
                              str(tmp_path / "go.db")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with grpc.insecure_channel(address) as channel:
-        grpc.channel_ready_future(channel).result(timeout=60)
-    yield address
-    proc.terminate()
-    proc.wait(20)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(20)
 
 
 def test_clients_against_the_original_go_server(go_server, tmp_path):
