@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 import grpc
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.logs.v1 import logs_pb2
 
@@ -128,7 +128,7 @@ def ccmon_server(db: Path, *extra: str) -> Server:
 NULL_RECEIVER = r"""
 import sys, threading, grpc
 from concurrent import futures
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 class Logs(logs_service_pb2_grpc.LogsServiceServicer):
     def Export(self, request, context):
         return logs_service_pb2.ExportLogsServiceResponse()

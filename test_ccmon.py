@@ -352,7 +352,7 @@ def test_duplicate_exports_are_counted_once(server):
     server.logs_stub().Export(anonymous)
     server.logs_stub().Export(anonymous)
     assert stats(server).total_requests == 4
-    assert "logs: 1 records, 1 api requests, 0 new, 0 rejected" in server.log
+    wait_for_log(server, "logs: 1 records, 1 api requests, 0 new, 0 rejected")  # stderr reaches the test a bit later
 
 
 def test_malformed_values_are_rejected_with_partial_success(server):
@@ -3595,9 +3595,9 @@ def test_auto_block_monitor_alert_and_format(tmp_path):
             screen = monitor.wait_for("ALERT: block usage passed 50% (5.00K of 7.00K)", "the alert")
             assert "(auto)" in screen and "5.00K / 7.00K" in screen
             assert "Week   5.00K premium tokens" in screen and "opus 1.00K, sonnet 4.00K" in screen
-            deadline = time.time() + 10
-            while not marker.exists() and time.time() < deadline:
-                time.sleep(0.05)
+            # The shell creates the file before grep has written to it: wait for all six lines.
+            wait_until(lambda: marker.exists() and len(marker.read_text().split()) >= 6, "the alert command's output",
+                       20)
             assert sorted(marker.read_text().split()) == sorted([
                 "CCMON_ALERT_KIND=block", "CCMON_ALERT_THRESHOLD=50", "CCMON_ALERT_PERCENT=71.4",
                 "CCMON_ALERT_USED=5000", "CCMON_ALERT_LIMIT=7000", "CCMON_ALERT_SOURCE=ccmon"])
