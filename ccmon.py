@@ -291,6 +291,83 @@ class LimitReading:
     user: str = ""                 # the session's user, once its events have arrived
 
 
+
+@dataclasses.dataclass(frozen=True)
+class Price:
+    """USD per million tokens of one model, exact: input, output, cache read, 5-minute and 1-hour cache writes;
+    `long_prompt` (prompt tokens above which, and the price then) where the model charges more for long prompts."""
+    input: decimal.Decimal
+    output: decimal.Decimal
+    cache_read: decimal.Decimal
+    cache_write_5m: decimal.Decimal
+    cache_write_1h: decimal.Decimal
+    long_prompt: tuple[int, "Price"] | None = None
+
+
+def price(input: str, output: str, cache_read: str, cache_write_5m: str, cache_write_1h: str,
+          long_prompt: tuple[int, Price] | None = None) -> Price:
+    return Price(*(decimal.Decimal(v) for v in (input, output, cache_read, cache_write_5m, cache_write_1h)),
+                 long_prompt)
+
+
+# Claude Code 2.1.328's own model catalog (the prices it computes cost_usd with), per million tokens.
+PRICE_TIERS = {
+    "haiku_35": price("0.8", "4", "0.08", "1", "1.6"),
+    "haiku_45": price("1", "5", "0.1", "1.25", "2"),
+    "haiku_55": price("0.1", "0.5", "0.01", "0.125", "0.2", (100_000, price("0.5", "2.5", "0.05", "0.625", "1"))),
+    "3_15": price("3", "15", "0.3", "3.75", "6"),
+    "2_10": price("2", "10", "0.2", "2.5", "4"),
+    "2_10_read_0_10": price("2", "10", "0.1", "2.5", "4"),
+    "15_75": price("15", "75", "1.5", "18.75", "30"),
+    "5_25": price("5", "25", "0.5", "6.25", "10"),
+    "4_20_read_0_20": price("4", "20", "0.2", "5", "8"),
+    "10_50": price("10", "50", "1", "12.5", "20"),
+    "10_50_read_0_25": price("10", "50", "0.25", "12.5", "20"),
+    "8_40_read_0_20": price("8", "40", "0.2", "10", "16"),
+}
+PRICES: dict[str, Price] = {model: PRICE_TIERS[tier] for model, tier in (
+    ("claude-3-haiku", "haiku_35"), ("claude-3-5-haiku", "haiku_35"), ("claude-haiku-4-5", "haiku_45"),
+    ("claude-haiku-5-5", "haiku_55"),
+    ("claude-3-5-sonnet", "3_15"), ("claude-3-7-sonnet", "3_15"), ("claude-sonnet-4", "3_15"),
+    ("claude-sonnet-4-0", "3_15"), ("claude-sonnet-4-5", "3_15"), ("claude-sonnet-4-6", "3_15"),
+    ("claude-sonnet-5", "2_10"), ("claude-sonnet-5-5", "2_10_read_0_10"),
+    ("claude-opus-4", "15_75"), ("claude-opus-4-0", "15_75"), ("claude-opus-4-1", "15_75"),
+    ("claude-opus-4-5", "5_25"), ("claude-opus-4-6", "5_25"), ("claude-opus-4-7", "5_25"), ("claude-opus-4-8", "5_25"),
+    ("claude-opus-5", "5_25"), ("claude-opus-5-5", "4_20_read_0_20"),
+    ("claude-fable-5", "10_50"), ("claude-fable-5-1", "10_50_read_0_25"), ("claude-fable-5-2", "8_40_read_0_20"),
+    ("claude-mythos-5", "10_50"), ("claude-mythos-5-1", "10_50_read_0_25"), ("claude-mythos-5-2", "8_40_read_0_20"))}
+US_ONLY_INFERENCE = decimal.Decimal("1.1")  # Claude Code's surcharge for inference_geo "us"
+MODEL_ID_NOISE = re.compile(r"^(?:[a-z]{2,4}\.)?anthropic\.|(?:-v\d+(?::\d+)?|@\d{8}|-\d{8}|\[1m\])$")
+
+
+def price_of(model: str, overrides: dict[str, Price] | None = None) -> Price | None:
+    """The price of a model by its name as the API or a provider spells it (claude-sonnet-4-5-20250929,
+    us.anthropic.claude-sonnet-4-5-20250929-v1:0, claude-sonnet-4-5@20250929, ...); `overrides` win; None when
+    unknown."""
+    table = {**PRICES, **(overrides or {})}
+    name = model.strip().lower()
+    while name not in table:
+        shorter = MODEL_ID_NOISE.sub("", name)
+        if shorter == name:
+            return table.get(name)
+        name = shorter
+    return table[name]
+
+
+def cost_nanos(price: Price, input: int, output: int, cache_read: int, cache_creation: int, cache_1h: int = 0,
+               inference_geo: str = "") -> int:
+    """What a request costs at `price`, in nano-dollars, computed as Claude Code does: 1-hour cache writes at
+    their own price (never more than all cache writes), long prompts at the long-prompt price."""
+    if price.long_prompt and input + cache_read + cache_creation > price.long_prompt[0]:
+        price = price.long_prompt[1]
+    one_hour = min(max(cache_1h, 0), cache_creation)
+    per_million = (input * price.input + output * price.output + cache_read * price.cache_read +
+                   (cache_creation - one_hour) * price.cache_write_5m + one_hour * price.cache_write_1h)
+    if inference_geo == "us":
+        per_million *= US_ONLY_INFERENCE
+    return int((per_million * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))  # 1e9 nanos / 1e6 tokens
+
+
 # ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
 
 PLAN_TOKEN_LIMITS = {"pro": 7_000, "max": 35_000, "max20": 140_000}
@@ -425,6 +502,7 @@ DEFAULT_CONFIG = {
     "monitor": {"server": "127.0.0.1:4317", "timezone": "UTC", "refresh_interval": "5s", "token": "",
                 "tls_ca": "", "tls_cert": "", "tls_key": "", "alert_percent": [], "alert_command": ""},
     "claude": {"plan": "unset", "max_tokens": 0, "weekly_max_tokens": 0, "block": ""},
+    "pricing": {},  # MODEL = {input = 3, output = 15, cache_read = 0.3, cache_write_5m = 3.75, cache_write_1h = 6}
 }
 TOKEN_ENV = "CCMON_TOKEN"
 CONFIG_NAMES = ("config.toml", "config.yaml", "config.yml", "config.json")
@@ -472,6 +550,11 @@ class Config:
     alert_percents: tuple[int, ...] = ()
     alert_command: str = ""
     monitor_server_given: bool = False  # monitor.server set by a flag or the file, not the default
+    pricing: tuple[tuple[str, Price], ...] = ()  # [pricing]: models added to or overriding PRICES
+
+    @property
+    def prices(self) -> dict[str, Price]:
+        return dict(self.pricing)
 
     @property
     def zone(self) -> ZoneInfo:
@@ -568,6 +651,9 @@ def merge_config(file_data: dict, file_label: str, overrides: dict[str, Any]) ->
                               f"(known: {', '.join(DEFAULT_CONFIG)})")
         if not isinstance(keys, dict):
             raise ConfigError(f"{file_label}: [{section}] must be a table of settings")
+        if section == "pricing":  # keyed by model names, not settings of ccmon's
+            settings["pricing"], origin["pricing"] = keys, f"{file_label}: [pricing]"
+            continue
         for key, value in flattened(keys).items():
             if f"{section}.{key}" not in settings:
                 raise ConfigError(f"{file_label}: unknown key {section}.{key} "
@@ -579,6 +665,42 @@ def merge_config(file_data: dict, file_label: str, overrides: dict[str, Any]) ->
             settings[key] = value
             origin[key] = flag
     return settings, origin
+
+
+PRICE_KEYS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+
+
+def parse_pricing(table: dict, label: str) -> tuple[tuple[str, Price], ...]:
+    """[pricing]: MODEL = {input = 3, output = 15, cache_read = 0.3, cache_write_5m = 3.75, cache_write_1h = 6},
+    USD per million tokens; cache prices default to Anthropic's ratios to input (0.1, 1.25, 2)."""
+    prices = []
+    for model, entry in table.items():
+        where = f"{label} {model!r}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table such as {{input = 3, output = 15}}, got {entry!r}")
+        unknown = sorted(set(entry) - set(PRICE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]} (known: {', '.join(PRICE_KEYS)})")
+        values = {}
+        for key in PRICE_KEYS:
+            if key not in entry:
+                continue
+            value = entry[key]
+            try:
+                number = decimal.Decimal(str(value)) if not isinstance(value, bool) else None
+            except decimal.InvalidOperation:
+                number = None
+            if number is None or not number.is_finite() or not 0 <= number <= 10_000:
+                raise ConfigError(f"{where}: {key} must be a price in USD per million tokens from 0 to 10000, "
+                                  f"got {value!r}")
+            values[key] = number
+        if "input" not in values or "output" not in values:
+            raise ConfigError(f"{where}: needs at least input and output (USD per million tokens)")
+        ratios = {"cache_read": "0.1", "cache_write_5m": "1.25", "cache_write_1h": "2"}
+        for key, ratio in ratios.items():
+            values.setdefault(key, values["input"] * decimal.Decimal(ratio))
+        prices.append((model.strip().lower(), Price(**values)))
+    return tuple(prices)
 
 
 def validate_config(settings: dict, origin: dict, source: str) -> Config:
@@ -721,6 +843,7 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
         weekly_max_tokens=weekly,
         alert_percents=percents,
         alert_command=settings["monitor.alert_command"].strip(),
+        pricing=parse_pricing(settings.get("pricing", {}), origin.get("pricing", "[pricing]")),
     )
 
 
@@ -826,23 +949,27 @@ def health_config(config: Config) -> Config:
 
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                  "cost_nanos", "duration_ms")
+# requests.origin: where a row comes from. Rows derived from metrics are usage, not requests.
+ORIGIN_EVENT, ORIGIN_METRICS, ORIGIN_TRANSCRIPT, ORIGIN_TRANSCRIPT_COST = 0, 1, 2, 3  # 2: priced by ccmon (estimated)
 # What each rollup row keeps, and how one requests row ({r}: its alias) adds to it; after `rows`,
-# in the order of Usage's fields. Rows derived from metrics (origin 1) are usage, not requests.
-FIGURES = {"rows": "1", "requests": "({r}origin = 0)", **{c: "{r}" + c for c in USAGE_COLUMNS},
+# in the order of Usage's fields.
+FIGURES = {"rows": "1", "requests": "({r}origin != 1)", **{c: "{r}" + c for c in USAGE_COLUMNS},
            "ttft_ms": "COALESCE({r}ttft_ms, 0)", "ttft_count": "({r}ttft_ms IS NOT NULL)"}
+V1_FIGURES = {**FIGURES, "requests": "({r}origin = 0)"}  # as schema versions 1-4 built their triggers
 USAGE_SUMS = ", ".join(f"SUM({c})" for c in list(FIGURES)[1:])  # a rollup's figures as Usage(*...)
 RAW_SUMS = ", ".join(f"SUM({e.format(r='')})" for e in list(FIGURES.values())[1:])  # the same over raw rows
 ROW_FIGURES = ", ".join(e.format(r="r.") for e in list(FIGURES.values())[1:])  # one row (alias r) as Usage(*...)
 
 
-def rollup_triggers(table: str, key: dict[str, str], extra: dict[str, tuple[str, str]] | None = None) -> str:
+def rollup_triggers(table: str, key: dict[str, str], extra: dict[str, tuple[str, str]] | None = None,
+                    figures: dict[str, str] | None = None) -> str:
     """Triggers keeping `table` (keyed by `key`: column -> expression over a requests row) equal to the raw rows.
-    `extra` columns are (value on insert, merge on conflict)."""
-    extra = extra or {}
-    columns = [*key, *extra, *FIGURES]
+    `extra` columns are (value on insert, merge on conflict); `figures` default to FIGURES."""
+    extra, figures = extra or {}, figures or FIGURES
+    columns = [*key, *extra, *figures]
     inserted = [e.format(r="NEW.") for e in key.values()] + [v.format(r="NEW.") for v, _ in extra.values()] + \
-        [e.format(r="NEW.") for e in FIGURES.values()]
-    merged = [m for _, m in extra.values()] + [f"{c} = {c} + excluded.{c}" for c in FIGURES]
+        [e.format(r="NEW.") for e in figures.values()]
+    merged = [m for _, m in extra.values()] + [f"{c} = {c} + excluded.{c}" for c in figures]
     match = " AND ".join(f"{c} = {e.format(r='OLD.')}" for c, e in key.items())
     return f"""
 CREATE TRIGGER IF NOT EXISTS {table}_insert AFTER INSERT ON requests BEGIN
@@ -850,13 +977,26 @@ CREATE TRIGGER IF NOT EXISTS {table}_insert AFTER INSERT ON requests BEGIN
     ON CONFLICT ({", ".join(key)}) DO UPDATE SET {", ".join(merged)};
 END;
 CREATE TRIGGER IF NOT EXISTS {table}_delete AFTER DELETE ON requests BEGIN
-    UPDATE {table} SET {", ".join(f"{c} = {c} - {e.format(r='OLD.')}" for c, e in FIGURES.items())} WHERE {match};
+    UPDATE {table} SET {", ".join(f"{c} = {c} - {e.format(r='OLD.')}" for c, e in figures.items())} WHERE {match};
     DELETE FROM {table} WHERE {match} AND rows = 0;
 END;
 """
 
 
 FIGURE_COLUMNS = ", ".join(f"{c} INTEGER NOT NULL" for c in FIGURES)
+
+
+def usage_triggers(figures: dict[str, str]) -> str:
+    """The triggers of usage_rollup and session_usage, adding up `figures`."""
+    return rollup_triggers("usage_rollup", {"bucket": "{r}ts - {r}ts % " + str(BUCKET_MS), "model": "{r}model",
+                                            "user": "{r}user"}, figures=figures) + \
+        rollup_triggers("session_usage", {"session": "{r}session", "model": "{r}model"},
+                        {"user": ("NEW.user", "user = excluded.user"),
+                         "first_ts": ("NEW.ts", "first_ts = MIN(first_ts, excluded.first_ts)"),
+                         "last_ts": ("NEW.ts", "last_ts = MAX(last_ts, excluded.last_ts)")}, figures=figures)
+
+
+
 # The schema as version 1 (release 0.1.0) created it; MIGRATIONS take it from there.
 SCHEMA = f"""
 -- Values repeated across many rows are stored once and referenced by id (a row is ~150 bytes).
@@ -908,11 +1048,7 @@ CREATE TABLE IF NOT EXISTS session_usage (
     PRIMARY KEY (session, model)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS session_usage_last ON session_usage(last_ts);
-{rollup_triggers("usage_rollup", {"bucket": "{r}ts - {r}ts % " + str(BUCKET_MS), "model": "{r}model",
-                                  "user": "{r}user"})}
-{rollup_triggers("session_usage", {"session": "{r}session", "model": "{r}model"},
-                 {"user": ("NEW.user", "user = excluded.user"), "first_ts": ("NEW.ts", "first_ts = MIN(first_ts, excluded.first_ts)"),
-                  "last_ts": ("NEW.ts", "last_ts = MAX(last_ts, excluded.last_ts)")})}
+{{usage_triggers}}
 
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -946,7 +1082,7 @@ CREATE TABLE IF NOT EXISTS metric_points (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS metric_points_key ON metric_points(ts, session, seq);
 CREATE INDEX IF NOT EXISTS metric_points_series ON metric_points(session, name, ts);
-"""
+""".replace("{usage_triggers}", usage_triggers(V1_FIGURES))
 # Rows arrive from ingestion with text where the tables hold ids; the writer resolves them.
 
 
@@ -1008,10 +1144,22 @@ def keep_limit_readings(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE sessions ADD COLUMN project TEXT")
 
 
+def count_imported_requests(conn: sqlite3.Connection) -> None:
+    """Version 5: requests imported from Claude Code's transcripts (origin 2, priced by ccmon; 3, with the
+    transcript's own costUSD) are requests: the rollup triggers count every row but metric-derived ones. No
+    stored row has origin 2 or 3 yet, so the rollups stay as they are."""
+    for table in ("usage_rollup", "session_usage"):
+        conn.execute(f"DROP TRIGGER {table}_insert")
+        conn.execute(f"DROP TRIGGER {table}_delete")
+    for statement in re.split(r"(?<=END;)\n", usage_triggers(FIGURES).strip()):
+        conn.execute(statement)
+    conn.execute("CREATE INDEX requests_imported ON requests(session) WHERE origin >= 2")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
-                                                          keep_limit_readings]
+                                                          keep_limit_readings, count_imported_requests]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -1247,6 +1395,7 @@ class Writer:
         path.with_name(path.name + ".lock").unlink(missing_ok=True)  # schema-1 releases locked with this file
         self._ids: dict[tuple[str, Any], int] = {}  # (table, value) -> id of interned values
         self._failing = False  # log a failure streak once, and its end once
+        self._imported = False  # whether requests from transcripts are stored (telemetry then replaces its copies)
         self._lost = ""        # why the file at the path is no longer the one written: nothing more is acknowledged
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
@@ -1417,6 +1566,13 @@ class Writer:
                 gone = conn.execute("DELETE FROM requests WHERE session = ? AND origin = 1 RETURNING ts",
                                     (session,)).fetchall()
                 days.update(ts - ts % DAY_MS for ts, in gone)
+            if self._has_imported(conn):  # and over a transcript's copy of the same request (Claude Code's cost)
+                request_id = REQUEST_COLUMNS.index("request_id")
+                for row in requests:
+                    if row[request_id] is not None:
+                        gone = conn.execute("DELETE FROM requests WHERE request_id = ? AND origin >= 2 RETURNING ts",
+                                            (row[request_id],)).fetchall()
+                        days.update(ts - ts % DAY_MS for ts, in gone)
             new += conn.executemany(insert_sql("requests", REQUEST_COLUMNS), requests).rowcount
             days.update(row[0] - row[0] % DAY_MS for row in requests)
         if batch.events:
@@ -1432,12 +1588,61 @@ class Writer:
         self._refresh_days(conn, days)
         return new
 
+    def _has_imported(self, conn: sqlite3.Connection) -> bool:
+        """Whether any request was imported from a transcript (the partial index answers at once)."""
+        if not self._imported:
+            self._imported = conn.execute("SELECT 1 FROM requests WHERE origin >= 2 LIMIT 1").fetchone() is not None
+        return self._imported
+
+    def import_requests(self, rows: list[tuple], projects: dict[str, str], user: str,
+                        timeout: float = 60.0) -> tuple[int, int]:
+        """Store requests read from transcripts (REQUEST_COLUMNS tuples, origin 2 or 3) durably; returns (imported,
+        already known). A row whose request_id is stored already (by telemetry or an earlier import) or whose key
+        is is skipped. A session the server knows keeps its user; others get `user`."""
+        future = self.submit(lambda conn: self._import(conn, rows, projects, user), timeout=10)
+        try:
+            return future.result(timeout=timeout)
+        except futures.TimeoutError:
+            raise StorageUnavailable("the database did not commit in time") from None
+
+    def _import(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
+                user: str) -> tuple[int, int]:
+        if not rows:
+            return 0, 0
+        user_id = self._intern(conn, "users", "name", user)
+        users, days = {}, set()
+        for session_id in {row[1] for row in rows}:
+            session = self._intern(conn, "sessions", "session_id", session_id)
+            known = conn.execute("SELECT user FROM session_usage WHERE session = ? ORDER BY last_ts DESC LIMIT 1",
+                                 (session,)).fetchone()
+            users[session_id] = known[0] if known else user_id
+            gone = conn.execute("DELETE FROM requests WHERE session = ? AND origin = 1 RETURNING ts",
+                                (session,)).fetchall()  # requests win over metric-derived usage, as events do
+            days.update(ts - ts % DAY_MS for ts, in gone)
+            if projects.get(session_id):
+                conn.execute("UPDATE sessions SET project = ? WHERE id = ? AND project IS NULL",
+                             (projects[session_id], session))
+        user_index, request_id = REQUEST_COLUMNS.index("user"), REQUEST_COLUMNS.index("request_id")
+        with_users = [row[:user_index] + (users[row[1]],) + row[user_index + 1:] for row in rows]
+        resolved = self._resolve(conn, "requests", REQUEST_COLUMNS, with_users)
+        for row in resolved:
+            row.append(row[request_id])
+        sql = (f"INSERT OR IGNORE INTO requests ({', '.join(REQUEST_COLUMNS)}) SELECT "
+               f"{', '.join('?' * len(REQUEST_COLUMNS))} WHERE ?1 IS NULL OR NOT EXISTS "
+               "(SELECT 1 FROM requests WHERE request_id = ?1)").replace("?1", f"?{len(REQUEST_COLUMNS) + 1}")
+        imported = conn.executemany(sql, resolved).rowcount
+        if imported:
+            self._imported = True
+            days.update(row[0] - row[0] % DAY_MS for row in rows)
+        self._refresh_days(conn, days)
+        return imported, len(rows) - imported
+
     def _usage_from_metric(self, conn: sqlite3.Connection, point: dict) -> list[int]:
         """Count a cost/token data point as usage for a session without api_request events (metrics-only
         users); a cumulative point counts by its difference to the previous point of its series."""
         field = METRIC_USAGE_FIELDS.get((point["name"], point["type"]))
         if field is None or point["session"] == self._intern(conn, "sessions", "session_id", "") or \
-                conn.execute("SELECT 1 FROM requests WHERE session = ? AND origin = 0 LIMIT 1",
+                conn.execute("SELECT 1 FROM requests WHERE session = ? AND origin != 1 LIMIT 1",
                              (point["session"],)).fetchone():
             return []  # not usage, no session to tell events from metrics (not counted), or events win
         value = point["value"]
@@ -1545,6 +1750,14 @@ class SessionSummary:
     tool_failures: int = 0
     api_errors: int = 0
     from_metrics: bool = False
+    imported: int = 0  # the lowest origin of its requests imported from a transcript; 0 when none
+
+    @property
+    def source(self) -> str:
+        """Where its usage comes from: transcript* when ccmon priced some of it (estimated)."""
+        if self.imported:
+            return "transcript*" if self.imported == ORIGIN_TRANSCRIPT else "transcript"
+        return "metrics" if self.from_metrics else "events"
 
 
 @dataclasses.dataclass
@@ -1623,7 +1836,7 @@ class Reader:
         order = "ASC" if oldest_first else "DESC"
         sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r "
                "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model "
-               f"WHERE r.ts >= ? AND r.ts < ? AND r.origin = 0{where} ORDER BY r.ts {order}, r.id {order} "
+               f"WHERE r.ts >= ? AND r.ts < ? AND r.origin != 1{where} ORDER BY r.ts {order}, r.id {order} "
                "LIMIT ? OFFSET ?")
         params = (start_ms, end_ms, *extra, limit if limit > 0 else -1,
                   max(offset, 0))
@@ -1689,11 +1902,35 @@ class Reader:
             entry["by_model"][model] = Usage(*figures)
             entry["rows"] += count
         counts = self._event_counts(list(grouped))
+        imported = self._imported_origins(list(grouped))
         summaries = [SessionSummary(e["session_id"], e["user"], e["first"], e["last"], e["by_model"],
                                     *counts.get(key, (0, 0, 0)),
-                                    from_metrics=sum(u.requests for u in e["by_model"].values()) < e["rows"])
+                                    from_metrics=sum(u.requests for u in e["by_model"].values()) < e["rows"],
+                                    imported=imported.get(key, 0))
                      for key, e in grouped.items()]
         return sorted(summaries, key=lambda summary: (-summary.last_ms, summary.session_id))
+
+    def _imported_origins(self, sessions: list[int]) -> dict[int, int]:
+        """The lowest origin of each session's requests imported from transcripts (2: priced by ccmon)."""
+        found: dict[int, int] = {}
+        for first in range(0, len(sessions), 500):
+            chunk = sessions[first:first + 500]
+            found.update(self._reader().execute(
+                f"SELECT session, MIN(origin) FROM requests WHERE origin >= 2 AND session IN "
+                f"({', '.join('?' * len(chunk))}) GROUP BY session", chunk))
+        return found
+
+    def known_requests(self, keys: list[tuple[int, str, int, str | None]]) -> int:
+        """How many of these (ts, session id, seq, request_id) keys are stored: by request_id, else by key."""
+        conn, known = self._reader(), 0
+        for ts, session_id, seq, request_id in keys:
+            if request_id and conn.execute("SELECT 1 FROM requests WHERE request_id = ? LIMIT 1",
+                                           (request_id,)).fetchone():
+                known += 1
+            elif conn.execute("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session WHERE r.ts = ? AND "
+                              "s.session_id = ? AND r.seq = ?", (ts, session_id, seq)).fetchone():
+                known += 1
+        return known
 
     def _event_counts(self, sessions: list[int]) -> dict[int, tuple[int, int, int]]:
         """(tool calls, failed tool calls, API errors) per session."""
@@ -1724,7 +1961,7 @@ class Reader:
 
     def _session_requests(self, session: int, limit: int) -> list[StoredRequest]:
         sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r JOIN sessions s ON s.id = r.session "
-               "JOIN models m ON m.id = r.model WHERE r.session = ? AND r.origin = 0 ORDER BY r.ts LIMIT ?")
+               "JOIN models m ON m.id = r.model WHERE r.session = ? AND r.origin != 1 ORDER BY r.ts LIMIT ?")
         return [StoredRequest(sid, ts, model, Usage(*figures))
                 for sid, ts, model, *figures in self._reader().execute(sql, (session, limit))]
 
@@ -2278,7 +2515,7 @@ def session_message(summary: SessionSummary) -> ccmon_pb2.SessionStats:
         last_request_at=timestamp_from_ms(summary.last_ms), stats=stats_message(Split.from_models(summary.by_model)),
         models=sorted(summary.by_model, key=lambda m: (-summary.by_model[m].cost_nanos, m)),
         tool_calls=summary.tool_calls, tool_failures=summary.tool_failures, api_errors=summary.api_errors,
-        from_metrics=summary.from_metrics)
+        from_metrics=summary.from_metrics, source=summary.source)
 
 
 def window_message(window: LimitWindow | None) -> ccmon_pb2.LimitWindow | None:
@@ -2322,6 +2559,23 @@ def reading_of(message: ccmon_pb2.LimitReading) -> LimitReading:
 def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost) -> Usage:
     return Usage(requests=requests, input=token.input, output=token.output, cache_read=token.cache_read,
                  cache_creation=token.cache_creation, cost_nanos=round(cost.amount * NANOS_PER_USD))
+
+
+MAX_IMPORT_ROWS = 20_000  # rows in one ImportRequests call
+
+
+def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
+    """An ImportedRequest as a `requests` row (REQUEST_COLUMNS; the user is set by the writer); raises BadValue.
+    Its seq hashes message.id and requestId, so importing a transcript again adds nothing."""
+    if not r.session_id or not 0 < r.timestamp_ms <= MAX_TIMESTAMP_MS:
+        raise BadValue("an imported request needs its session_id and a timestamp")
+    counts = [parse_count(getattr(r, key), key) for key in
+              ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")]
+    if not 0 <= r.cost_nanos <= MAX_USD * NANOS_PER_USD:
+        raise BadValue(f"cost_nanos out of range: {r.cost_nanos}")
+    seq = content_hash(f"{r.message_id}\0{r.request_id}".encode())
+    return (r.timestamp_ms, r.session_id, seq, r.model or "unknown", "", *counts, r.cost_nanos, 0, None, None,
+            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST)
 
 
 def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
@@ -2512,6 +2766,24 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             if tokens is not None:
                 getattr(response, field).CopyFrom(ccmon_pb2.WindowCapacity(tokens=tokens, readings=count))
         return response
+
+    def ImportRequests(self, request, context):
+        if len(request.requests) > MAX_IMPORT_ROWS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_IMPORT_ROWS} requests a call")
+        try:
+            rows = [imported_row(r) for r in request.requests]
+        except BadValue as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an imported request is not valid: {exc}")
+        if request.dry_run:
+            known = self.reader.known_requests([(row[0], row[1], row[2], row[REQUEST_COLUMNS.index("request_id")])
+                                                for row in rows])
+            return ccmon_pb2.ImportRequestsResponse(imported=len(rows) - known, already_known=known)
+        projects = {r.session_id: r.project_dir for r in request.requests if r.project_dir}
+        try:
+            imported, known = self.writer.import_requests(rows, projects, request.user)
+        except StorageUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the requests right now ({exc})")
+        return ccmon_pb2.ImportRequestsResponse(imported=imported, already_known=known)
 
     def GetServerInfo(self, request, context):
         requests, rows = self.reader.totals()
@@ -3259,6 +3531,11 @@ class SessionRow:
     tool_failures: int
     api_errors: int
     from_metrics: bool
+    source: str = ""  # events, metrics, transcript, transcript* (estimated): see SessionSummary.source
+
+    @property
+    def source_label(self) -> str:
+        return self.source or ("metrics" if self.from_metrics else "events")  # servers before transcripts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3398,7 +3675,7 @@ class Client:
         request = self._period(ccmon_pb2.GetSessionsRequest(limit=limit), start_ms, end_ms, user)
         return tuple(SessionRow(s.session_id, s.user, ms_of(s.first_request_at), ms_of(s.last_request_at),
                                 split_from_stats(s.stats), tuple(s.models), s.tool_calls, s.tool_failures,
-                                s.api_errors, s.from_metrics)
+                                s.api_errors, s.from_metrics, s.source)
                      for s in self._call("GetSessions", request).sessions)
 
     def timeline(self, session_id: str) -> tuple[TimelineRow, ...]:
@@ -3421,6 +3698,13 @@ class Client:
             reading=reading_message(reading), timezone=timezone))
         return (split_from_stats(response.session) if response.HasField("session") else None,
                 split_from_stats(response.today) if response.HasField("today") else None)
+
+    def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False) \
+            -> tuple[int, int]:
+        """Send requests read from transcripts; returns (imported, already known), or with dry_run what would be."""
+        response = self._call("ImportRequests", ccmon_pb2.ImportRequestsRequest(requests=rows, user=user,
+                                                                                 dry_run=dry_run))
+        return response.imported, response.already_known
 
     def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None) -> tuple[tuple[int, int, Split], ...]:
         response = self._call("GetBlocks", self._period(ccmon_pb2.GetBlocksRequest(), start_ms, end_ms, user))
@@ -3899,7 +4183,7 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                  "last_request": dt.datetime.fromtimestamp(s.last_ms / 1000, zone).isoformat(timespec="seconds"),
                  **usage_fields(s.split.total), "models": " ".join(s.models), "tool_calls": s.tool_calls,
                  "tool_failures": s.tool_failures, "api_errors": s.api_errors,
-                 "source": "metrics" if s.from_metrics else "events"}
+                 "source": s.source_label}
                 for s in client.sessions(start, end, user, limit=5000)]
     groups: dict[str, Split] = {}
     for date, split in reversed(client.days(start, end, zone.key, user)):
@@ -4549,7 +4833,7 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
                       local_time(row.first_ms, screen.settings.zone, "%m-%d %H:%M"),
                       format_duration(row.last_ms - row.first_ms), format_count(total.requests),
                       format_count(total.total), format_cost(total.cost_nanos), models, str(row.tool_calls),
-                      str(row.tool_failures), str(row.api_errors), "metrics" if row.from_metrics else "events"],
+                      str(row.tool_failures), str(row.api_errors), row.source_label],
                      "tab_active" if index == state.scroll else ""))
     if not several_users:  # one person's server: no User column
         columns = columns[:1] + columns[2:]

@@ -3764,6 +3764,10 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         renamed = [s for s in new["sessions"]["sessions"] if s["sessionId"] == "s-cy-1"]
         assert renamed[0]["user"] == "cy@example.com"
         renamed[0]["user"] = "u" * 64
+        # schema 5 says where each session's usage comes from (a field schema 1 did not have)
+        sources = {s["sessionId"]: s.pop("source") for s in new["sessions"]["sessions"]}
+        assert sources == {s["sessionId"]: "metrics" if s.get("fromMetrics") else "events"
+                           for s in old["sessions"]["sessions"]}
         assert new["sessions"] == old["sessions"]
         users = {u["user"]: u for u in new["users"]["users"]}
         assert users["cy@example.com"]["stats"]["totalCost"] == {"amount": 0.02}
