@@ -19,6 +19,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Quick query: --format and --json for status bars
   Status line: ccmon statusline, for Claude Code's settings
   Reports: ccmon report daily|weekly|monthly|session|model|blocks
+  Import: ccmon import, Claude Code's transcripts
   View model and pure render functions
   Curses loop: polling thread, keys, drawing
   CLI: arguments and entry point
@@ -1609,13 +1610,12 @@ class Writer:
                 user: str) -> tuple[int, int]:
         if not rows:
             return 0, 0
-        user_id = self._intern(conn, "users", "name", user)
         users, days = {}, set()
         for session_id in {row[1] for row in rows}:
             session = self._intern(conn, "sessions", "session_id", session_id)
-            known = conn.execute("SELECT user FROM session_usage WHERE session = ? ORDER BY last_ts DESC LIMIT 1",
-                                 (session,)).fetchone()
-            users[session_id] = known[0] if known else user_id
+            known = conn.execute("SELECT u.name FROM session_usage su JOIN users u ON u.id = su.user WHERE "
+                                 "su.session = ? ORDER BY su.last_ts DESC LIMIT 1", (session,)).fetchone()
+            users[session_id] = known[0] if known else user
             gone = conn.execute("DELETE FROM requests WHERE session = ? AND origin = 1 RETURNING ts",
                                 (session,)).fetchall()  # requests win over metric-derived usage, as events do
             days.update(ts - ts % DAY_MS for ts, in gone)
@@ -4306,6 +4306,325 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- Import: ccmon import, Claude Code's transcripts
+
+IMPORT_BATCH = 5000         # requests sent in one ImportRequests call
+IMPORT_TIMEOUT_S = 120.0    # one call's patience: a batch is a few thousand inserts
+FOLLOW_POLL_S = 1.0         # --follow looks at the transcripts this often
+PROGRESS_EVERY_S = 0.25
+OTEL_RESOURCE_ENV = "OTEL_RESOURCE_ATTRIBUTES"
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriptEntry:
+    """One API answer as a transcript records it: an assistant message with usage."""
+    session_id: str
+    ts_ms: int
+    model: str
+    input: int
+    output: int
+    cache_read: int
+    cache_creation: int
+    cache_1h: int           # of cache_creation, written for an hour (priced higher)
+    request_id: str
+    message_id: str
+    project: str            # cwd
+    cost_usd: str | None    # costUSD, written by older Claude Code versions
+    inference_geo: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Streaming writes one answer as several lines with the same message.id and requestId: count it once."""
+        return self.message_id, self.request_id
+
+
+def token_count(usage: dict, key: str) -> int:
+    value = usage.get(key)
+    return value if type(value) is int and 0 <= value < MAX_COUNT else 0
+
+
+def transcript_entry(line: str) -> TranscriptEntry | str | None:
+    """One transcript line: an entry, the reason it is skipped ('not JSON', 'synthetic', 'API error', 'no usage',
+    'no session or time'), or None for lines that are no API answer (user, system, attachment, ... lines)."""
+    if '"assistant"' not in line:  # cheap: most lines are not an answer
+        text = line.strip()
+        return "not JSON" if text and (text[0] != "{" or text[-1] != "}") else None
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(data, dict) or data.get("type") != "assistant":
+        return None
+    message = data.get("message")
+    message = message if isinstance(message, dict) else {}
+    model = message.get("model")
+    if model == "<synthetic>":
+        return "synthetic"
+    if data.get("isApiErrorMessage"):
+        return "API error"
+    usage = message.get("usage")
+    if not isinstance(usage, dict):
+        return "no usage"
+    session, ts = data.get("sessionId"), parse_iso_ms(data.get("timestamp"))
+    if not isinstance(session, str) or not session or ts is None:
+        return "no session or time"
+    detail = usage.get("cache_creation")
+    cost = data.get("costUSD")
+    return TranscriptEntry(
+        session, ts, model if isinstance(model, str) and model else "unknown",
+        token_count(usage, "input_tokens"), token_count(usage, "output_tokens"),
+        token_count(usage, "cache_read_input_tokens"), token_count(usage, "cache_creation_input_tokens"),
+        token_count(detail, "ephemeral_1h_input_tokens") if isinstance(detail, dict) else 0,
+        str(data.get("requestId") or ""), str(message.get("id") or ""),
+        data["cwd"] if isinstance(data.get("cwd"), str) else "",
+        repr(cost) if type(cost) in (int, float) and 0 <= cost <= MAX_USD else None,
+        usage["inference_geo"] if isinstance(usage.get("inference_geo"), str) else "")
+
+
+def imported_request(entry: TranscriptEntry, prices: dict[str, Price]) -> tuple[ccmon_pb2.ImportedRequest, bool]:
+    """The entry as sent to the server, costed: its own costUSD, else ccmon's price table (estimated). Also
+    whether its model was priced (False: unknown, counted at $0)."""
+    known = True
+    if entry.cost_usd is not None:
+        nanos = int((decimal.Decimal(entry.cost_usd) * NANOS_PER_USD).to_integral_value(decimal.ROUND_HALF_EVEN))
+    else:
+        found = price_of(entry.model, prices)
+        known = found is not None
+        nanos = cost_nanos(found, entry.input, entry.output, entry.cache_read, entry.cache_creation, entry.cache_1h,
+                           entry.inference_geo) if found else 0
+    return ccmon_pb2.ImportedRequest(
+        session_id=entry.session_id, timestamp_ms=entry.ts_ms, model=entry.model, input_tokens=entry.input,
+        output_tokens=entry.output, cache_read_tokens=entry.cache_read, cache_creation_tokens=entry.cache_creation,
+        cost_nanos=nanos, estimated=entry.cost_usd is None, request_id=entry.request_id,
+        message_id=entry.message_id, project_dir=entry.project), known
+
+
+def transcript_roots(environ: dict[str, str], home: Path) -> list[Path]:
+    """Where Claude Code keeps transcripts: $CLAUDE_CONFIG_DIR/projects (a comma-separated list of folders is
+    accepted), else ~/.claude/projects and ~/.config/claude/projects."""
+    if environ.get("CLAUDE_CONFIG_DIR", "").strip():
+        return [Path(folder.strip()).expanduser() / "projects"
+                for folder in environ["CLAUDE_CONFIG_DIR"].split(",") if folder.strip()]
+    return [home / ".claude" / "projects", home / ".config" / "claude" / "projects"]
+
+
+def resource_user(environ: dict[str, str]) -> str:
+    """user.email in OTEL_RESOURCE_ATTRIBUTES (key=value pairs, comma-separated), else ''."""
+    for pair in environ.get(OTEL_RESOURCE_ENV, "").split(","):
+        key, _, value = pair.partition("=")
+        if key.strip() == "user.email":
+            return unquote(value.strip())
+    return ""
+
+
+class TranscriptFiles:
+    """The .jsonl files under some folders, each read from where the last read stopped: only complete lines, so
+    a line Claude Code is still writing is read once it is whole."""
+
+    def __init__(self, roots: list[Path]):
+        self.roots = roots
+        self.offsets: dict[Path, int] = {}
+
+    def paths(self) -> list[Path]:
+        found: list[Path] = []
+        for root in self.roots:
+            if root.is_file():
+                found.append(root)
+            elif root.is_dir():
+                found.extend(sorted(root.rglob("*.jsonl")))
+        return found
+
+    def read(self, path: Path, final: bool) -> tuple[list[str], str | None, str | None]:
+        """(new complete lines, a last line without its newline when `final` (else it waits), a problem)."""
+        offset = self.offsets.get(path, 0)
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size < offset:  # rewritten from the start
+                    offset = 0
+                handle.seek(offset)
+                data = handle.read()
+        except OSError as exc:
+            return [], None, f"unreadable: {path} ({exc.strerror or exc})"
+        end = data.rfind(b"\n") + 1
+        tail = data[end:]
+        self.offsets[path] = offset + (len(data) if final else end)
+        text = data[:end].decode("utf-8", errors="replace")
+        lines = text.split("\n")
+        lines.pop()  # after the last newline
+        return lines, tail.decode("utf-8", errors="replace") if final and tail.strip() else None, None
+
+
+@dataclasses.dataclass
+class ImportTally:
+    files: int = 0
+    entries: int = 0        # assistant messages with usage, once each
+    imported: int = 0
+    known: int = 0
+    duplicates: int = 0     # the same message written again (streaming)
+    before_since: int = 0
+    estimated: int = 0      # priced by ccmon's table
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    unknown_models: dict[str, int] = dataclasses.field(default_factory=dict)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+def import_summary(tally: ImportTally, dry_run: bool) -> str:
+    """The one line `ccmon import` ends with."""
+    skipped = sum(tally.skipped.values())
+    parts = [f"{tally.files:,} file{'s' * (tally.files != 1)} read",
+             f"{tally.imported:,} request{'s' * (tally.imported != 1)} {'to import' if dry_run else 'imported'}",
+             f"{tally.known:,} already known",
+             f"{skipped:,} skipped" + (" (" + ", ".join(f"{n:,} {reason}" for reason, n in
+                                                         sorted(tally.skipped.items())) + ")" if skipped else "")]
+    if tally.duplicates:
+        parts.append(f"{tally.duplicates:,} streaming duplicates counted once")
+    if tally.before_since:
+        parts.append(f"{tally.before_since:,} before --since")
+    if tally.estimated:
+        parts.append(f"{tally.estimated:,} priced by ccmon (estimated)")
+    if tally.unknown_models:
+        parts.append("unknown models counted at $0: " + ", ".join(f"{model} ({n:,})" for model, n in
+                                                                   sorted(tally.unknown_models.items())))
+    return ("ccmon import (dry run): " if dry_run else "ccmon import: ") + "; ".join(parts)
+
+
+class Importer:
+    """Reads transcripts and sends their requests in batches; counts everything it reads for the summary."""
+
+    def __init__(self, client: Client, config: Config, user: str, since_ms: int | None, dry_run: bool,
+                 progress: Any | None = None):
+        self.client, self.user, self.since_ms, self.dry_run = client, user, since_ms, dry_run
+        self.prices = config.prices
+        self.tally = ImportTally()
+        self.seen: set[tuple[str, str]] = set()
+        self.pending: list[ccmon_pb2.ImportedRequest] = []
+        self.progress, self.started, self.shown = progress, time.monotonic(), 0.0
+
+    def skip(self, reason: str) -> None:
+        self.tally.skipped[reason] = self.tally.skipped.get(reason, 0) + 1
+
+    def add(self, lines: list[str]) -> None:
+        for line in lines:
+            found = transcript_entry(line)
+            if found is None:
+                continue
+            if isinstance(found, str):
+                self.skip(found)
+                continue
+            key = found.key if found.message_id or found.request_id else (found.session_id, str(found.ts_ms))
+            if key in self.seen:
+                self.tally.duplicates += 1
+                continue
+            self.seen.add(key)
+            if self.since_ms is not None and found.ts_ms < self.since_ms:
+                self.tally.before_since += 1
+                continue
+            request, priced = imported_request(found, self.prices)
+            self.tally.entries += 1
+            self.tally.estimated += request.estimated and priced
+            if not priced:
+                self.tally.unknown_models[found.model] = self.tally.unknown_models.get(found.model, 0) + 1
+            self.pending.append(request)
+            if len(self.pending) >= IMPORT_BATCH:
+                self.flush()
+
+    def add_file(self, files: TranscriptFiles, path: Path, final: bool) -> None:
+        lines, tail, problem = files.read(path, final)
+        if problem:
+            self.tally.problems.append(problem)
+            self.skip("unreadable file")
+            return
+        self.add(lines)
+        if tail is not None:
+            if transcript_entry(tail) == "not JSON":  # Claude Code may be writing it: a later import reads it
+                self.tally.problems.append(f"truncated last line: {path}")
+                self.skip("truncated last line")
+            else:
+                self.add([tail])  # whole, only its newline missing
+        self.show_progress()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        imported, known = self.client.import_requests(self.pending, self.user, self.dry_run)
+        self.tally.imported += imported
+        self.tally.known += known
+        self.pending = []
+
+    def show_progress(self, files_total: int = 0, done: bool = False) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if done:
+            self.progress.write("\r\033[K")
+        elif now - self.shown >= PROGRESS_EVERY_S:
+            self.shown = now
+            rate = self.tally.entries / max(now - self.started, 1e-6)
+            total = f"/{files_total:,}" if files_total else ""
+            self.progress.write(f"\r\033[Kccmon import: {self.tally.files:,}{total} files, "
+                                f"{self.tally.entries:,} entries, {rate:,.0f}/s")
+        self.progress.flush()
+
+
+def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
+    """ccmon import [PATH ...]: every request of Claude Code's transcripts, sent to the server once."""
+    environ = dict(os.environ) if environ is None else environ
+    roots = [Path(p).expanduser() for p in args.paths] or transcript_roots(environ, Path.home())
+    missing = [root for root in roots if not root.exists()]
+    if len(missing) == len(roots):
+        print(f"ccmon import: no Claude Code transcripts in {' or '.join(map(str, roots))} (name their folder: "
+              "ccmon import PATH)", file=sys.stderr)
+        return 1
+    since = parse_day(args.since, "--since")
+    since_ms = ms_from_datetime(dt.datetime.combine(since, dt.time(), config.zone)) if since else None
+    user = args.user if args.user is not None else resource_user(environ)
+    stop = threading.Event()
+    if args.follow:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    client = Client.for_config(config, timeout_s=IMPORT_TIMEOUT_S, go_extras_empty=False)
+    importer = Importer(client, config, user, since_ms, args.dry_run,
+                        sys.stderr if sys.stderr.isatty() and not args.follow else None)
+    files = TranscriptFiles(roots)
+    for root in missing:
+        importer.tally.problems.append(f"unreadable: {root} (no such file or folder)")
+        importer.skip("unreadable file")
+    try:
+        paths = files.paths()
+        for path in paths:
+            importer.tally.files += 1
+            importer.add_file(files, path, final=not args.follow)
+            importer.show_progress(len(paths))
+            if stop.is_set():
+                break
+        importer.flush()
+        importer.show_progress(done=True)
+        failing = False
+        while args.follow and not stop.wait(FOLLOW_POLL_S):
+            before = len(files.offsets)
+            try:
+                for path in files.paths():
+                    importer.add_file(files, path, final=False)
+                importer.flush()
+                failing = False
+            except ServerUnreachable as exc:  # keep what is read and try again at the next poll
+                if not failing:
+                    print(f"ccmon import: {exc}; retrying", file=sys.stderr)
+                failing = True
+            importer.tally.files += len(files.offsets) - before
+    except ServerUnreachable as exc:
+        importer.show_progress(done=True)
+        print(f"ccmon import: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    for problem in importer.tally.problems:
+        print(f"ccmon import: {problem}", file=sys.stderr)
+    print(import_summary(importer.tally, args.dry_run), flush=True)
+    return 0
+
+
 # ---------------------------------------------------------------- View model and pure render functions
 
 PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w": ("last 7 days", 7 * 86400_000),
@@ -5348,7 +5667,8 @@ def build_parser() -> CommandLine:
     parser = CommandLine(
         prog="ccmon", parents=[config_options()],
         description="Watch what Claude Code costs: an OTLP collector (--server) and a live monitor.",
-        epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help. Claude Code's status line: ccmon statusline --help")
+        epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help. Claude Code's status line: ccmon statusline "
+               "--help. History from Claude Code's transcripts: ccmon import --help")
     parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
     parser.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
                         help="run the server; with HOST:PORT, run the monitor against that server")
@@ -5389,6 +5709,23 @@ def build_status_line_parser() -> CommandLine:
     return parser
 
 
+def build_import_parser() -> CommandLine:
+    parser = CommandLine(prog="ccmon import", parents=[config_options()],
+                         description="Import the API requests in Claude Code's transcripts (~/.claude/projects) "
+                                     "into the server: your history, every request once, costs as Claude Code's "
+                                     "(priced by ccmon's table when a transcript has none: estimated).")
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="transcript files or folders (default: "
+                        "$CLAUDE_CONFIG_DIR/projects, else ~/.claude/projects and ~/.config/claude/projects)")
+    parser.add_argument("--since", metavar="YYYY-MM-DD", help="only requests from this day on (monitor.timezone)")
+    parser.add_argument("--dry-run", action="store_true", help="read and count, store nothing")
+    parser.add_argument("--follow", action="store_true", help="keep watching and import new lines as Claude Code "
+                        "writes them (until Ctrl-C)")
+    parser.add_argument("--user", metavar="NAME", help=f"the user of sessions the server does not know (default: "
+                        f"user.email in ${OTEL_RESOURCE_ENV}, else none)")
+    parser.set_defaults(server=None, log_level="warning")
+    return parser
+
+
 def without_command(argv: list[str], command: str, parser: argparse.ArgumentParser) -> list[str] | None:
     """The words without `command` when it is the first word that is neither an option nor an option's value
     (so options may come before it), else None."""
@@ -5414,7 +5751,8 @@ def chosen_mode(args: argparse.Namespace, parser: CommandLine) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     mode, parser, words = "", build_parser(), argv
-    for command, command_parser in (("report", build_report_parser), ("statusline", build_status_line_parser)):
+    for command, command_parser in (("report", build_report_parser), ("statusline", build_status_line_parser),
+                                    ("import", build_import_parser)):
         command_words = without_command(argv, command, parser)
         if command_words is not None:
             mode, parser, words = command, command_parser(), command_words
@@ -5431,6 +5769,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_report(config, args)
         if mode == "statusline":
             return run_status_line(config, args.format)
+        if mode == "import":
+            return run_import(config, args)
         if mode == "--server":
             return run_server(config)
         if mode == "--health":

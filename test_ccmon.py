@@ -2800,13 +2800,13 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
                     st.sampled_from(["ana@example.com", "bo@example.com", ""]),
                     *[st.integers(min_value=0, max_value=10 ** 6)] * 6,
                     st.one_of(st.none(), st.integers(min_value=0, max_value=5000)),  # ttft_ms
-                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1]))  # ..., origin
+                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1, 2, 3]))  # ..., origin
     operation = st.one_of(st.tuples(st.just("insert"), st.lists(row, min_size=1, max_size=30)),
                           st.tuples(st.just("sweep"), moments))
     zones = st.sampled_from(["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Australia/Lord_Howe"])
 
     def brute_force(start, end, by="model_name", user=None):
-        rows = db_rows(store.path, f"SELECT {by}, SUM(origin = 0), SUM(input_tokens), SUM(output_tokens), "
+        rows = db_rows(store.path, f"SELECT {by}, SUM(origin != 1), SUM(input_tokens), SUM(output_tokens), "
                                    "SUM(cache_read_tokens), SUM(cache_creation_tokens), SUM(cost_nanos), "
                                    "SUM(duration_ms), SUM(COALESCE(ttft_ms, 0)), COUNT(ttft_ms) FROM r "
                                    "WHERE ts >= ? AND ts < ? AND user_name = COALESCE(?, user_name) GROUP BY 1",
