@@ -2778,7 +2778,10 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             known = self.reader.known_requests([(row[0], row[1], row[2], row[REQUEST_COLUMNS.index("request_id")])
                                                 for row in rows])
             return ccmon_pb2.ImportRequestsResponse(imported=len(rows) - known, already_known=known)
-        projects = {r.session_id: r.project_dir for r in request.requests if r.project_dir}
+        projects: dict[str, str] = {}
+        for r in request.requests:  # where the session started (its first request's cwd)
+            if r.project_dir:
+                projects.setdefault(r.session_id, r.project_dir)
         try:
             imported, known = self.writer.import_requests(rows, projects, request.user)
         except StorageUnavailable as exc:
@@ -4587,7 +4590,7 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
     importer = Importer(client, config, user, since_ms, args.dry_run,
                         sys.stderr if sys.stderr.isatty() and not args.follow else None)
     files = TranscriptFiles(roots)
-    for root in missing:
+    for root in missing if args.paths else ():  # of the default folders, those Claude Code does not use
         importer.tally.problems.append(f"unreadable: {root} (no such file or folder)")
         importer.skip("unreadable file")
     try:
