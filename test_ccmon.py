@@ -641,7 +641,18 @@ FILE_ERRORS = [
                                                "http_address, retention, token, tls_cert, tls_key, tls_client_ca, "
                                                "max_message_size, cache.stats.enabled, cache.stats.ttl)"),
     ("config.toml", '[mointor]\nserver = "x:1"\n', "{path}: unknown section [mointor] (known: database, server, "
-                                                   "monitor, claude)"),
+                                                   "monitor, claude, pricing)"),
+    ("config.toml", '[pricing]\nmy-model = 3\n',
+     "{path}: [pricing] 'my-model': expected a table such as {{input = 3, output = 15}}, got 3"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3}\n',
+     "{path}: [pricing] 'my-model': needs at least input and output (USD per million tokens)"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3, output = -1}\n',
+     "{path}: [pricing] 'my-model': output must be a price in USD per million tokens from 0 to 10000, got -1"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3, output = "x"}\n',
+     "{path}: [pricing] 'my-model': output must be a price in USD per million tokens from 0 to 10000, got 'x'"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3, output = 15, cache_write = 4}\n',
+     "{path}: [pricing] 'my-model': unknown key cache_write (known: input, output, cache_read, cache_write_5m, "
+     "cache_write_1h)"),
     ("config.toml", '[monitor]\ntimezone = 3\n', "{path}: monitor.timezone: expected a non-empty string, got 3"),
     ("config.toml", 'plan = \n', "{path}: not valid TOML: "),
     ("config.json", '{"claude": ', "{path}: not valid JSON: "),
@@ -4838,3 +4849,35 @@ def test_claude_codes_own_transcripts_are_imported_exactly_and_once(server, clau
     again = ccmon_import(server, home=home)
     assert again.stdout.startswith("ccmon import: 4 files read; 0 requests imported; 5 already known;"), again.stdout
     assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(5,)]
+
+
+def test_bundled_prices_are_what_claude_code_charges(claude_code, mock_anthropic, tmp_path):
+    """One model of each price in Claude Code's catalog, run for real against the stand-in API: ccmon's price of the
+    transcript's usage equals Claude Code's own total_cost_usd, to the nano-dollar."""
+    api = mock_anthropic()
+    home, project = tmp_path / "home", tmp_path / "project"
+    for model in ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-3-5-haiku", "claude-haiku-5-5", "claude-sonnet-5",
+                  "claude-sonnet-5-5", "claude-opus-4-5", "claude-opus-5-5", "claude-fable-5", "claude-fable-5-1",
+                  "claude-fable-5-2"):
+        result = run_claude_print(claude_code, api.port, project, "say hello", home=home, model=model)
+        [entry] = [e for e in map(ccmon.transcript_entry, map(json.dumps, claude_transcript(home, result["session_id"])))
+                   if isinstance(e, ccmon.TranscriptEntry)]
+        assert entry.model == model
+        request, priced = ccmon.imported_request(entry, {})
+        assert priced and request.estimated and request.cost_nanos == round(result["total_cost_usd"] * 1e9), model
+
+
+def test_pricing_in_the_config_adds_and_overrides_models(server, tmp_path):
+    (tmp_path / "config.toml").write_text('[pricing]\n"my-model" = {input = 2, output = 8}\n'
+                                          '"claude-sonnet-4-5" = {input = 1, output = 1, cache_read = 1, '
+                                          'cache_write_5m = 1, cache_write_1h = 1}\n')
+    folder = tmp_path / "projects"
+    write_transcript(folder, "s-p", [
+        transcript_line("s-p", "2026-05-05T10:00:00Z", "req_p1", "msg_p1", model="my-model-20260101",
+                        usage=(1_000_000, 1_000_000, 1_000_000, 1_000_000)),
+        transcript_line("s-p", "2026-05-05T10:01:00Z", "req_p2", "msg_p2")])
+    result = ccmon_import(server, "--config", str(tmp_path / "config.toml"), str(folder))
+    assert result.returncode == 0 and "unknown" not in result.stdout, result
+    # my-model: $2 input + $8 output + $0.20 cache read (0.1 x input) + $2.50 cache write (1.25 x input)
+    assert db_rows(server.db, "SELECT request_id, cost_nanos FROM r ORDER BY ts") == \
+        [("req_p1", 12_700_000_000), ("req_p2", 6_550_000)]
