@@ -4316,6 +4316,9 @@ IMPORT_TIMEOUT_S = 120.0    # one call's patience: a batch is a few thousand ins
 FOLLOW_POLL_S = 1.0         # --follow looks at the transcripts this often
 PROGRESS_EVERY_S = 0.25
 OTEL_RESOURCE_ENV = "OTEL_RESOURCE_ATTRIBUTES"
+# message.id and requestId as Claude Code writes an assistant line: a streamed answer's next lines are known
+# duplicates without parsing them (JSON escapes the quotes of any such text inside a message)
+ANSWER_IDS = re.compile(r'"message":\{"id":"([^"\\]*)".*"requestId":"([^"\\]*)"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4384,14 +4387,15 @@ def transcript_entry(line: str) -> TranscriptEntry | str | None:
         usage["inference_geo"] if isinstance(usage.get("inference_geo"), str) else "")
 
 
-def imported_request(entry: TranscriptEntry, prices: dict[str, Price]) -> tuple[ccmon_pb2.ImportedRequest, bool]:
-    """The entry as sent to the server, costed: its own costUSD, else ccmon's price table (estimated). Also
-    whether its model was priced (False: unknown, counted at $0)."""
+def imported_request(entry: TranscriptEntry, prices: dict[str, Price], found: Price | None = None) \
+        -> tuple[ccmon_pb2.ImportedRequest, bool]:
+    """The entry as sent to the server, costed: its own costUSD, else ccmon's price table (estimated; `found`:
+    the model's price, when looked up already). Also whether its model was priced (False: unknown, at $0)."""
     known = True
     if entry.cost_usd is not None:
         nanos = int((decimal.Decimal(entry.cost_usd) * NANOS_PER_USD).to_integral_value(decimal.ROUND_HALF_EVEN))
     else:
-        found = price_of(entry.model, prices)
+        found = found or price_of(entry.model, prices)
         known = found is not None
         nanos = cost_nanos(found, entry.input, entry.output, entry.cache_read, entry.cache_creation, entry.cache_1h,
                            entry.inference_geo) if found else 0
@@ -4502,6 +4506,10 @@ class Importer:
         self.tally = ImportTally()
         self.seen: set[tuple[str, str]] = set()
         self.pending: list[ccmon_pb2.ImportedRequest] = []
+        self.prices_found: dict[str, Price | None] = {}
+        # one batch is stored while the next is read: the server and the reading run on two cores
+        self.sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccmon-import")
+        self.in_flight: tuple[futures.Future, list] | None = None
         self.progress, self.started, self.shown = progress, time.monotonic(), 0.0
 
     def skip(self, reason: str) -> None:
@@ -4509,6 +4517,11 @@ class Importer:
 
     def add(self, lines: list[str]) -> None:
         for line in lines:
+            if '"requestId":"' in line:
+                ids = ANSWER_IDS.search(line)
+                if ids and ids.groups() in self.seen:
+                    self.tally.duplicates += 1
+                    continue
             found = transcript_entry(line)
             if found is None:
                 continue
@@ -4523,7 +4536,9 @@ class Importer:
             if self.since_ms is not None and found.ts_ms < self.since_ms:
                 self.tally.before_since += 1
                 continue
-            request, priced = imported_request(found, self.prices)
+            if found.model not in self.prices_found:
+                self.prices_found[found.model] = price_of(found.model, self.prices)
+            request, priced = imported_request(found, self.prices, self.prices_found[found.model])
             self.tally.entries += 1
             self.tally.estimated += request.estimated and priced
             if not priced:
@@ -4547,13 +4562,28 @@ class Importer:
                 self.add([tail])  # whole, only its newline missing
         self.show_progress()
 
-    def flush(self) -> None:
-        if not self.pending:
+    def flush(self, wait: bool = False) -> None:
+        """Send what is read (in the background, after the batch before it is stored); with `wait`, until all is
+        stored. A batch that could not be sent is kept for the next flush."""
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.collect()
+            self.in_flight = (self.sender.submit(self.client.import_requests, batch, self.user, self.dry_run), batch)
+        if wait:
+            self.collect()
+
+    def collect(self) -> None:
+        if self.in_flight is None:
             return
-        imported, known = self.client.import_requests(self.pending, self.user, self.dry_run)
+        future, batch = self.in_flight
+        self.in_flight = None
+        try:
+            imported, known = future.result()
+        except ServerUnreachable:
+            self.pending[:0] = batch
+            raise
         self.tally.imported += imported
         self.tally.known += known
-        self.pending = []
 
     def show_progress(self, files_total: int = 0, done: bool = False) -> None:
         if self.progress is None:
@@ -4601,7 +4631,7 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
             importer.show_progress(len(paths))
             if stop.is_set():
                 break
-        importer.flush()
+        importer.flush(wait=True)
         importer.show_progress(done=True)
         failing = False
         while args.follow and not stop.wait(FOLLOW_POLL_S):
@@ -4609,7 +4639,7 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
             try:
                 for path in files.paths():
                     importer.add_file(files, path, final=False)
-                importer.flush()
+                importer.flush(wait=True)
                 failing = False
             except ServerUnreachable as exc:  # keep what is read and try again at the next poll
                 if not failing:
@@ -4621,6 +4651,7 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
         print(f"ccmon import: {exc}", file=sys.stderr)
         return 1
     finally:
+        importer.sender.shutdown(wait=True)
         client.close()
     for problem in importer.tally.problems:
         print(f"ccmon import: {problem}", file=sys.stderr)
