@@ -302,6 +302,17 @@ def write_transcripts(folder: Path, entries: int, end_ms: int, seed_: int = 7) -
     return files, lines
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def children_cpu_seconds() -> float:
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def bench_import(workdir: Path, entries: int) -> dict:
     """`ccmon import` of a generated year of transcripts into a fresh local server, end to end; checks its own
     answer (rows stored = answers generated), then imports again (everything already known)."""
@@ -311,9 +322,12 @@ def bench_import(workdir: Path, entries: int) -> dict:
     server = ccmon_server(db)
     try:
         command = [sys.executable, str(ROOT / "ccmon.py"), "import", "--monitor-server", server.target, str(folder)]
+        load = os.getloadavg()[0]
+        server_cpu, client_cpu = cpu_seconds(server.proc.pid), children_cpu_seconds()
         started = time.perf_counter()
         first = subprocess.run(command, capture_output=True, text=True, check=True)
         seconds = time.perf_counter() - started
+        server_cpu, client_cpu = cpu_seconds(server.proc.pid) - server_cpu, children_cpu_seconds() - client_cpu
         started = time.perf_counter()
         again = subprocess.run(command, capture_output=True, text=True, check=True)
         again_s = time.perf_counter() - started
@@ -325,7 +339,8 @@ def bench_import(workdir: Path, entries: int) -> dict:
         raise RuntimeError(f"import stored {stored} of {entries}: {first.stdout} {first.stderr} {again.stdout}")
     db.unlink()
     shutil.rmtree(folder)
-    return {"entries": entries, "files": files, "lines": lines, "seconds": seconds,
+    return {"entries": entries, "files": files, "lines": lines, "seconds": seconds, "load": load,
+            "client_cpu_s": client_cpu, "server_cpu_s": server_cpu,
             "entries_per_s": entries / seconds, "lines_per_s": lines / seconds, "again_s": again_s}
 
 
@@ -547,7 +562,8 @@ def report(r: dict) -> str:
 def import_report(i: dict) -> str:
     return (f"| ccmon import, {i['entries']:,} answers ({i['lines']:,} lines, {i['files']:,} files), first run | "
             f"{i['entries_per_s']:,.0f} entries/s ({i['seconds']:.1f} s; {i['lines_per_s']:,.0f} lines/s; again: "
-            f"{i['again_s']:.1f} s) | >= 20,000/s | {target(i['entries_per_s'], 20_000, True)} |")
+            f"{i['again_s']:.1f} s; CPU: ccmon import {i['client_cpu_s']:.1f} s, server {i['server_cpu_s']:.1f} s; load "
+            f"average {i['load']:.1f}) | >= 20,000/s | {target(i['entries_per_s'], 20_000, True)} |")
 
 
 if __name__ == "__main__":

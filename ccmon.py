@@ -2561,7 +2561,7 @@ def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost
                  cache_creation=token.cache_creation, cost_nanos=round(cost.amount * NANOS_PER_USD))
 
 
-MAX_IMPORT_ROWS = 20_000  # rows in one ImportRequests call
+MAX_IMPORT_ROWS = 50_000  # rows in one ImportRequests call
 
 
 def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
@@ -4311,7 +4311,7 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- Import: ccmon import, Claude Code's transcripts
 
-IMPORT_BATCH = 5000         # requests sent in one ImportRequests call
+IMPORT_BATCH = 20_000       # requests sent in one ImportRequests call (fewer commits: fewer index pages written)
 IMPORT_TIMEOUT_S = 120.0    # one call's patience: a batch is a few thousand inserts
 FOLLOW_POLL_S = 1.0         # --follow looks at the transcripts this often
 PROGRESS_EVERY_S = 0.25
