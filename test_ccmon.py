@@ -699,7 +699,7 @@ def test_ccmons_config_in_the_current_folder_stays_strict(tmp_path, monkeypatch,
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "config.toml").write_text('[claude]\nplan = "max"\n[mointor]\nserver = "x:1"\n')
     assert run_main(["--server"], capsys) == (2, f"ccmon: config error: {tmp_path / 'config.toml'}: unknown section "
-                                                 "[mointor] (known: database, server, monitor, claude)\n")
+                                                 "[mointor] (known: database, server, monitor, claude, pricing)\n")
     (tmp_path / "config.toml").write_text('[claude\nplan = "max"\n')  # broken, but it names a section of ccmon's
     code, err = run_main(["--server"], capsys)
     assert code == 2 and err.startswith(f"ccmon: config error: {tmp_path / 'config.toml'}: not valid TOML: ")
@@ -3258,6 +3258,15 @@ def test_metrics_only_sessions_count_and_events_win(server):
     export(AggregationTemporality.DELTA, [(9.0, {"input": 9999})], "delta-session")
     assert server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats.total_cost.amount == 2.2
     assert db_rows(server.db, "SELECT COUNT(*) FROM mp WHERE session_id = 'delta-session'") == [(9,)]
+    # A transcript of the cumulative session is imported: its requests replace the metric figures too.
+    write_transcript(server.workdir / "projects", "cumulative-session", [transcript_line(
+        "cumulative-session", hours_ago(0), "req_c1", "msg_c1", usage=(150, 5, 0, 0))])
+    assert "1 request imported" in ccmon_import(server, str(server.workdir / "projects")).stdout
+    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest()).sessions}
+    assert (sessions["cumulative-session"].source, sessions["cumulative-session"].stats.total_requests,
+            sessions["cumulative-session"].stats.total_cost.amount) == ("transcript*", 1, 0.000525)
+    export(AggregationTemporality.DELTA, [(9.0, {"input": 9999})], "cumulative-session")
+    assert server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats.total_cost.amount == 0.700525
 
 
 def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
@@ -4881,3 +4890,21 @@ def test_pricing_in_the_config_adds_and_overrides_models(server, tmp_path):
     # my-model: $2 input + $8 output + $0.20 cache read (0.1 x input) + $2.50 cache write (1.25 x input)
     assert db_rows(server.db, "SELECT request_id, cost_nanos FROM r ORDER BY ts") == \
         [("req_p1", 12_700_000_000), ("req_p2", 6_550_000)]
+
+
+def test_import_progress_is_drawn_on_one_line():
+    class Counting:
+        def import_requests(self, rows, user, dry_run):
+            return len(rows), 0
+
+    shown = io.StringIO()
+    importer = ccmon.Importer(Counting(), ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None,
+                              False, shown)
+    importer.tally.files = 3
+    importer.add([transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}") for n in range(7)])
+    importer.show_progress(10)
+    importer.flush(wait=True)
+    importer.show_progress(done=True)
+    importer.sender.shutdown()
+    assert re.fullmatch(r"\r\x1b\[Kccmon import: 3/10 files, 7 entries, [0-9,]+/s\r\x1b\[K", shown.getvalue())
+    assert importer.tally.imported == 7
