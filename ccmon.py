@@ -4445,6 +4445,8 @@ class TranscriptFiles:
         """(new complete lines, a last line without its newline when `final` (else it waits), a problem)."""
         offset = self.offsets.get(path, 0)
         try:
+            if offset and os.stat(path).st_size == offset:
+                return [], None, None  # nothing new (--follow looks at every file every second)
             with open(path, "rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
                 if size < offset:  # rewritten from the start
@@ -4507,6 +4509,7 @@ class Importer:
         self.seen: set[tuple[str, str]] = set()
         self.pending: list[ccmon_pb2.ImportedRequest] = []
         self.prices_found: dict[str, Price | None] = {}
+        self.unreadable: set[Path] = set()
         # one batch is stored while the next is read: the server and the reading run on two cores
         self.sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccmon-import")
         self.in_flight: tuple[futures.Future, list] | None = None
@@ -4550,8 +4553,10 @@ class Importer:
     def add_file(self, files: TranscriptFiles, path: Path, final: bool) -> None:
         lines, tail, problem = files.read(path, final)
         if problem:
-            self.tally.problems.append(problem)
-            self.skip("unreadable file")
+            if path not in self.unreadable:  # named once, however often --follow tries again
+                self.unreadable.add(path)
+                self.tally.problems.append(problem)
+                self.skip("unreadable file")
             return
         self.add(lines)
         if tail is not None:
@@ -4595,7 +4600,9 @@ class Importer:
             self.shown = now
             rate = self.tally.entries / max(now - self.started, 1e-6)
             total = f"/{files_total:,}" if files_total else ""
-            self.progress.write(f"\r\033[Kccmon import: {self.tally.files:,}{total} files, "
+            filled = round(20 * self.tally.files / files_total) if files_total else 0
+            gauge = f"[{'#' * filled}{'.' * (20 - filled)}] " if files_total else ""
+            self.progress.write(f"\r\033[Kccmon import: {gauge}{self.tally.files:,}{total} files, "
                                 f"{self.tally.entries:,} entries, {rate:,.0f}/s")
         self.progress.flush()
 

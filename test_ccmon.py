@@ -4780,6 +4780,7 @@ def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_pat
     home = tmp_path / "home"
     folder = home / ".claude" / "projects"
     path = write_transcript(folder, "s-live", [transcript_line("s-live", "2026-05-03T10:00:00Z", "req_l1", "msg_l1")])
+    (path.parent / "not-a-file.jsonl").mkdir()  # unreadable: named once, though --follow looks every second
     proc = subprocess.Popen([*CCMON, "import", "--follow", "--monitor-server", server.target], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HOME": str(home)})
@@ -4799,9 +4800,9 @@ def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_pat
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert out == "ccmon import: 2 files read; 3 requests imported; 0 already known; 0 skipped; 3 priced by ccmon " \
-                  "(estimated)\n"
-    assert "truncated" not in err
+    assert out == "ccmon import: 3 files read; 3 requests imported; 0 already known; 1 skipped (1 unreadable file); " \
+                  "3 priced by ccmon (estimated)\n"
+    assert err == f"ccmon import: unreadable: {path.parent / 'not-a-file.jsonl'} (Is a directory)\n"
     assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_l1",), ("req_l2",), ("req_l3",)]
 
 
@@ -4906,5 +4907,6 @@ def test_import_progress_is_drawn_on_one_line():
     importer.flush(wait=True)
     importer.show_progress(done=True)
     importer.sender.shutdown()
-    assert re.fullmatch(r"\r\x1b\[Kccmon import: 3/10 files, 7 entries, [0-9,]+/s\r\x1b\[K", shown.getvalue())
+    assert re.fullmatch(r"\r\x1b\[Kccmon import: \[######\.{14}\] 3/10 files, 7 entries, [0-9,]+/s\r\x1b\[K",
+                        shown.getvalue())
     assert importer.tally.imported == 7
