@@ -2569,10 +2569,9 @@ def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
     Its seq hashes message.id and requestId, so importing a transcript again adds nothing."""
     if not r.session_id or not 0 < r.timestamp_ms <= MAX_TIMESTAMP_MS:
         raise BadValue("an imported request needs its session_id and a timestamp")
-    counts = [parse_count(getattr(r, key), key) for key in
-              ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")]
-    if not 0 <= r.cost_nanos <= MAX_USD * NANOS_PER_USD:
-        raise BadValue(f"cost_nanos out of range: {r.cost_nanos}")
+    counts = (r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens)
+    if not (0 <= min(counts) and max(counts) < MAX_COUNT and 0 <= r.cost_nanos <= MAX_USD * NANOS_PER_USD):
+        raise BadValue(f"a token count or the cost is out of range: {counts}, {r.cost_nanos} nano-dollars")
     seq = content_hash(f"{r.message_id}\0{r.request_id}".encode())
     return (r.timestamp_ms, r.session_id, seq, r.model or "unknown", "", *counts, r.cost_nanos, 0, None, None,
             r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST)

@@ -4910,3 +4910,19 @@ def test_import_progress_is_drawn_on_one_line():
     assert re.fullmatch(r"\r\x1b\[Kccmon import: \[######\.{14}\] 3/10 files, 7 entries, [0-9,]+/s\r\x1b\[K",
                         shown.getvalue())
     assert importer.tally.imported == 7
+
+
+def test_import_requests_rejects_what_is_not_a_request(server):
+    good = dict(session_id="s-x", timestamp_ms=ccmon.parse_iso_ms("2026-05-06T10:00:00Z"), model="claude-haiku-4-5",
+                input_tokens=120, output_tokens=30, cost_nanos=270_000, estimated=True, request_id="req_x1",
+                message_id="msg_x1")
+    for bad in ({"session_id": ""}, {"timestamp_ms": 0}, {"input_tokens": -1}, {"cost_nanos": -5}):
+        with pytest.raises(grpc.RpcError) as error:
+            server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(requests=[
+                ccmon_pb2.ImportedRequest(**good), ccmon_pb2.ImportedRequest(**{**good, **bad})]))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(0,)]  # all or nothing
+    answer = server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(
+        requests=[ccmon_pb2.ImportedRequest(**good)] * 2, user="importer"))
+    assert (answer.imported, answer.already_known) == (1, 1)
+    assert db_rows(server.db, "SELECT user_name, origin, cost_nanos FROM r") == [("importer", 2, 270_000)]
