@@ -4352,6 +4352,8 @@ def transcript_entry(line: str) -> TranscriptEntry | str | None:
     """One transcript line: an entry, the reason it is skipped ('not JSON', 'synthetic', 'API error', 'no usage',
     'no session or time'), or None for lines that are no API answer (user, system, attachment, ... lines)."""
     if '"assistant"' not in line:  # cheap: most lines are not an answer
+        if line[:1] == "{" and line[-1:] == "}":
+            return None
         text = line.strip()
         return "not JSON" if text and (text[0] != "{" or text[-1] != "}") else None
     try:
