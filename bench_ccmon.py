@@ -254,6 +254,96 @@ def seed(db: Path, rows: int, end_ms: int, span_ms: int = YEAR_MS) -> float:
     return time.perf_counter() - started
 
 
+def write_transcripts(folder: Path, entries: int, end_ms: int, seed_: int = 7) -> tuple[int, int]:
+    """A heavy user's year of Claude Code transcripts: sessions of 20-200 API answers, each answer written as one
+    to three assistant lines (streaming), with user, attachment and system lines around them, as Claude Code 2.1
+    writes them. Returns (files, lines)."""
+    rng = random.Random(seed_)
+    start = end_ms - YEAR_MS
+    written = files = lines = 0
+    while written < entries:
+        session = str(uuid.UUID(int=rng.getrandbits(128)))
+        project = f"/home/dev/project-{rng.randint(1, 12)}"
+        path = folder / project.replace("/", "-") / f"{session}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        when = start + int((end_ms - start - 6 * HOUR_MS) * written / entries)
+        out = []
+        for _ in range(min(rng.randint(20, 200), entries - written)):
+            when += rng.randint(2_000, 90_000)
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when / 1000)) + f".{when % 1000:03d}Z"
+            base = {"sessionId": session, "cwd": project, "version": "2.1.328", "gitBranch": "main",
+                    "timestamp": stamp, "uuid": str(uuid.UUID(int=rng.getrandbits(128)))}
+            out.append(json.dumps({"parentUuid": None, "isSidechain": False, "type": "user", **base, "message": {
+                "role": "user", "content": [{"type": "text", "text": "please fix the failing test " * 4}]}},
+                separators=(",", ":")))
+            out.append(json.dumps({"type": "attachment", **base, "attachment": {"type": "todo", "content": []}},
+                                  separators=(",", ":")))
+            model = rng.choices([m for m, _ in MODELS], [w for _, w in MODELS])[0]
+            message_id, request_id = "msg_" + uuid.uuid4().hex[:24], "req_011CV" + uuid.uuid4().hex[:20]
+            usage = {"input_tokens": rng.randint(1, 5000), "cache_creation_input_tokens": rng.randint(0, 6000),
+                     "cache_read_input_tokens": rng.randint(0, 90_000), "output_tokens": rng.randint(1, 2000),
+                     "server_tool_use": {"web_search_requests": 0, "web_fetch_requests": 0},
+                     "service_tier": "standard", "cache_creation": {"ephemeral_1h_input_tokens": 0,
+                                                                    "ephemeral_5m_input_tokens": 0},
+                     "inference_geo": "", "iterations": [], "speed": "standard"}
+            for block in range(rng.choice((1, 1, 2, 3))):  # streaming: one line per content block
+                out.append(json.dumps({"parentUuid": None, "isSidechain": False, "message": {
+                    "id": message_id, "type": "message", "role": "assistant", "model": model,
+                    "content": [{"type": "text", "text": "Here is the change. " * 8}] if block == 0 else
+                    [{"type": "tool_use", "id": "toolu_" + uuid.uuid4().hex[:20], "name": "Bash",
+                      "input": {"command": "pytest -q"}}], "stop_reason": None, "usage": usage},
+                    "requestId": request_id, "type": "assistant", **base}, separators=(",", ":")))
+            out.append(json.dumps({"type": "system", "subtype": "turn_duration", **base, "durationMs": 1234},
+                                  separators=(",", ":")))
+            written += 1
+        path.write_text("\n".join(out) + "\n")
+        files += 1
+        lines += len(out)
+    return files, lines
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def children_cpu_seconds() -> float:
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench_import(workdir: Path, entries: int) -> dict:
+    """`ccmon import` of a generated year of transcripts into a fresh local server, end to end; checks its own
+    answer (rows stored = answers generated), then imports again (everything already known)."""
+    folder = workdir / "projects"
+    files, lines = write_transcripts(folder, entries, int(time.time() * 1000))
+    db = workdir / "import.db"
+    server = ccmon_server(db)
+    try:
+        command = [sys.executable, str(ROOT / "ccmon.py"), "import", "--monitor-server", server.target, str(folder)]
+        load = os.getloadavg()[0]
+        server_cpu, client_cpu = cpu_seconds(server.proc.pid), children_cpu_seconds()
+        started = time.perf_counter()
+        first = subprocess.run(command, capture_output=True, text=True, check=True)
+        seconds = time.perf_counter() - started
+        server_cpu, client_cpu = cpu_seconds(server.proc.pid) - server_cpu, children_cpu_seconds() - client_cpu
+        started = time.perf_counter()
+        again = subprocess.run(command, capture_output=True, text=True, check=True)
+        again_s = time.perf_counter() - started
+    finally:
+        server.stop()
+    stored = sqlite3.connect(db).execute("SELECT COUNT(*), SUM(origin = 2) FROM requests").fetchone()
+    if stored != (entries, entries) or f"{entries:,} requests imported" not in first.stdout or \
+            f"{entries:,} already known" not in again.stdout:
+        raise RuntimeError(f"import stored {stored} of {entries}: {first.stdout} {first.stderr} {again.stdout}")
+    db.unlink()
+    shutil.rmtree(folder)
+    return {"entries": entries, "files": files, "lines": lines, "seconds": seconds, "load": load,
+            "client_cpu_s": client_cpu, "server_cpu_s": server_cpu,
+            "entries_per_s": entries / seconds, "lines_per_s": lines / seconds, "again_s": again_s}
+
+
 def timed(call, runs: int) -> list[float]:
     call()  # warm: connections, caches
     samples = []
@@ -389,7 +479,19 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=40, help="samples per query")
     parser.add_argument("--quick", action="store_true", help="small sizes, for trying the script")
     parser.add_argument("--output", help="also write the results as JSON")
+    parser.add_argument("--import-entries", type=int, default=300_000, help="API answers in the generated "
+                        "transcripts of the import benchmark")
+    parser.add_argument("--only", choices=("import",), help="run one benchmark only")
     args = parser.parse_args()
+    if args.only == "import":
+        workdir = Path(tempfile.mkdtemp(prefix="ccmon-bench-"))
+        try:
+            print(f"machine: {machine()}\n7. import of {args.import_entries} transcript entries", flush=True)
+            result = bench_import(workdir, args.import_entries)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        print(import_report(result))
+        return 0
     sizes = [int(n) for n in args.rows.split(",")]
     ingest, runs = args.ingest, args.runs
     if args.quick:
@@ -416,6 +518,8 @@ def main() -> int:
             db.unlink()
         print("6. retention sweep under ingestion", flush=True)
         results["retention"] = bench_retention_stall(workdir, min(1_000_000, max(sizes)))
+        print("7. import of Claude Code transcripts", flush=True)
+        results["import"] = bench_import(workdir, 20_000 if args.quick else args.import_entries)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(report(results))
@@ -451,8 +555,15 @@ def report(r: dict) -> str:
               f"| {target(r['db_mb_per_million'], 250)} |",
               f"| retention sweep of {r['retention']['deleted']:,} rows: worst Export latency | "
               f"{r['retention']['worst_export_ms']:.0f} ms | <= 1000 ms "
-              f"| {target(r['retention']['worst_export_ms'], 1000)} |"]
+              f"| {target(r['retention']['worst_export_ms'], 1000)} |", import_report(r["import"])]
     return "\n".join(lines)
+
+
+def import_report(i: dict) -> str:
+    return (f"| ccmon import, {i['entries']:,} answers ({i['lines']:,} lines, {i['files']:,} files), first run | "
+            f"{i['entries_per_s']:,.0f} entries/s ({i['seconds']:.1f} s; {i['lines_per_s']:,.0f} lines/s; again: "
+            f"{i['again_s']:.1f} s; CPU: ccmon import {i['client_cpu_s']:.1f} s, server {i['server_cpu_s']:.1f} s; load "
+            f"average {i['load']:.1f}) | >= 20,000/s | {target(i['entries_per_s'], 20_000, True)} |")
 
 
 if __name__ == "__main__":

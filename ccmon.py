@@ -19,6 +19,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Quick query: --format and --json for status bars
   Status line: ccmon statusline, for Claude Code's settings
   Reports: ccmon report daily|weekly|monthly|session|model|blocks|project
+  Import: ccmon import, Claude Code's transcripts
   View model and pure render functions
   Curses loop: polling thread, keys, drawing
   CLI: arguments and entry point
@@ -318,6 +319,82 @@ class ClaudeLimits:
         return reading.read_ms if reading is not None else None
 
 
+@dataclasses.dataclass(frozen=True)
+class Price:
+    """USD per million tokens of one model, exact: input, output, cache read, 5-minute and 1-hour cache writes;
+    `long_prompt` (prompt tokens above which, and the price then) where the model charges more for long prompts."""
+    input: decimal.Decimal
+    output: decimal.Decimal
+    cache_read: decimal.Decimal
+    cache_write_5m: decimal.Decimal
+    cache_write_1h: decimal.Decimal
+    long_prompt: tuple[int, "Price"] | None = None
+
+
+def price(input: str, output: str, cache_read: str, cache_write_5m: str, cache_write_1h: str,
+          long_prompt: tuple[int, Price] | None = None) -> Price:
+    return Price(*(decimal.Decimal(v) for v in (input, output, cache_read, cache_write_5m, cache_write_1h)),
+                 long_prompt)
+
+
+# Claude Code 2.1.328's own model catalog (the prices it computes cost_usd with), per million tokens.
+PRICE_TIERS = {
+    "haiku_35": price("0.8", "4", "0.08", "1", "1.6"),
+    "haiku_45": price("1", "5", "0.1", "1.25", "2"),
+    "haiku_55": price("0.1", "0.5", "0.01", "0.125", "0.2", (100_000, price("0.5", "2.5", "0.05", "0.625", "1"))),
+    "3_15": price("3", "15", "0.3", "3.75", "6"),
+    "2_10": price("2", "10", "0.2", "2.5", "4"),
+    "2_10_read_0_10": price("2", "10", "0.1", "2.5", "4"),
+    "15_75": price("15", "75", "1.5", "18.75", "30"),
+    "5_25": price("5", "25", "0.5", "6.25", "10"),
+    "4_20_read_0_20": price("4", "20", "0.2", "5", "8"),
+    "10_50": price("10", "50", "1", "12.5", "20"),
+    "10_50_read_0_25": price("10", "50", "0.25", "12.5", "20"),
+    "8_40_read_0_20": price("8", "40", "0.2", "10", "16"),
+}
+PRICES: dict[str, Price] = {model: PRICE_TIERS[tier] for model, tier in (
+    ("claude-3-haiku", "haiku_35"), ("claude-3-5-haiku", "haiku_35"), ("claude-haiku-4-5", "haiku_45"),
+    ("claude-haiku-5-5", "haiku_55"),
+    ("claude-3-5-sonnet", "3_15"), ("claude-3-7-sonnet", "3_15"), ("claude-sonnet-4", "3_15"),
+    ("claude-sonnet-4-0", "3_15"), ("claude-sonnet-4-5", "3_15"), ("claude-sonnet-4-6", "3_15"),
+    ("claude-sonnet-5", "2_10"), ("claude-sonnet-5-5", "2_10_read_0_10"),
+    ("claude-opus-4", "15_75"), ("claude-opus-4-0", "15_75"), ("claude-opus-4-1", "15_75"),
+    ("claude-opus-4-5", "5_25"), ("claude-opus-4-6", "5_25"), ("claude-opus-4-7", "5_25"), ("claude-opus-4-8", "5_25"),
+    ("claude-opus-5", "5_25"), ("claude-opus-5-5", "4_20_read_0_20"),
+    ("claude-fable-5", "10_50"), ("claude-fable-5-1", "10_50_read_0_25"), ("claude-fable-5-2", "8_40_read_0_20"),
+    ("claude-mythos-5", "10_50"), ("claude-mythos-5-1", "10_50_read_0_25"), ("claude-mythos-5-2", "8_40_read_0_20"))}
+US_ONLY_INFERENCE = decimal.Decimal("1.1")  # Claude Code's surcharge for inference_geo "us"
+MODEL_ID_NOISE = re.compile(r"^(?:[a-z]{2,4}\.)?anthropic\.|(?:-v\d+(?::\d+)?|@\d{8}|-\d{8}|\[1m\])$")
+
+
+def price_of(model: str, overrides: dict[str, Price] | None = None) -> Price | None:
+    """The price of a model by its name as the API or a provider spells it (claude-sonnet-4-5-20250929,
+    us.anthropic.claude-sonnet-4-5-20250929-v1:0, claude-sonnet-4-5@20250929, ...); `overrides` win; None when
+    unknown."""
+    table = {**PRICES, **(overrides or {})}
+    name = model.strip().lower()
+    while name not in table:
+        shorter = MODEL_ID_NOISE.sub("", name)
+        if shorter == name:
+            return table.get(name)
+        name = shorter
+    return table[name]
+
+
+def cost_nanos(price: Price, input: int, output: int, cache_read: int, cache_creation: int, cache_1h: int = 0,
+               inference_geo: str = "") -> int:
+    """What a request costs at `price`, in nano-dollars, computed as Claude Code does: 1-hour cache writes at
+    their own price (never more than all cache writes), long prompts at the long-prompt price."""
+    if price.long_prompt and input + cache_read + cache_creation > price.long_prompt[0]:
+        price = price.long_prompt[1]
+    one_hour = min(max(cache_1h, 0), cache_creation)
+    per_million = (input * price.input + output * price.output + cache_read * price.cache_read +
+                   (cache_creation - one_hour) * price.cache_write_5m + one_hour * price.cache_write_1h)
+    if inference_geo == "us":
+        per_million *= US_ONLY_INFERENCE
+    return int((per_million * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))  # 1e9 nanos / 1e6 tokens
+
+
 # ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
 
 PLAN_TOKEN_LIMITS = {"pro": 7_000, "max": 35_000, "max20": 140_000}
@@ -489,6 +566,7 @@ DEFAULT_CONFIG = {
     "monitor": {"server": "127.0.0.1:4317", "timezone": "UTC", "refresh_interval": "5s", "token": "",
                 "tls_ca": "", "tls_cert": "", "tls_key": "", "alert_percent": [], "alert_command": ""},
     "claude": {"plan": "unset", "max_tokens": 0, "weekly_max_tokens": 0, "block": ""},
+    "pricing": {},  # MODEL = {input = 3, output = 15, cache_read = 0.3, cache_write_5m = 3.75, cache_write_1h = 6}
 }
 TOKEN_ENV = "CCMON_TOKEN"
 CONFIG_NAMES = ("config.toml", "config.yaml", "config.yml", "config.json")
@@ -536,6 +614,11 @@ class Config:
     alert_percents: tuple[int, ...] = ()
     alert_command: str = ""
     monitor_server_given: bool = False  # monitor.server set by a flag or the file, not the default
+    pricing: tuple[tuple[str, Price], ...] = ()  # [pricing]: models added to or overriding PRICES
+
+    @property
+    def prices(self) -> dict[str, Price]:
+        return dict(self.pricing)
 
     @property
     def zone(self) -> ZoneInfo:
@@ -636,6 +719,9 @@ def merge_config(file_data: dict, file_label: str, overrides: dict[str, Any]) ->
                               f"(known: {', '.join(DEFAULT_CONFIG)})")
         if not isinstance(keys, dict):
             raise ConfigError(f"{file_label}: [{section}] must be a table of settings")
+        if section == "pricing":  # keyed by model names, not settings of ccmon's
+            settings["pricing"], origin["pricing"] = keys, f"{file_label}: [pricing]"
+            continue
         for key, value in flattened(keys).items():
             if f"{section}.{key}" not in settings:
                 raise ConfigError(f"{file_label}: unknown key {section}.{key} "
@@ -647,6 +733,42 @@ def merge_config(file_data: dict, file_label: str, overrides: dict[str, Any]) ->
             settings[key] = value
             origin[key] = flag
     return settings, origin
+
+
+PRICE_KEYS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+
+
+def parse_pricing(table: dict, label: str) -> tuple[tuple[str, Price], ...]:
+    """[pricing]: MODEL = {input = 3, output = 15, cache_read = 0.3, cache_write_5m = 3.75, cache_write_1h = 6},
+    USD per million tokens; cache prices default to Anthropic's ratios to input (0.1, 1.25, 2)."""
+    prices = []
+    for model, entry in table.items():
+        where = f"{label} {model!r}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a table such as {{input = 3, output = 15}}, got {entry!r}")
+        unknown = sorted(set(entry) - set(PRICE_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]} (known: {', '.join(PRICE_KEYS)})")
+        values = {}
+        for key in PRICE_KEYS:
+            if key not in entry:
+                continue
+            value = entry[key]
+            try:
+                number = decimal.Decimal(str(value)) if not isinstance(value, bool) else None
+            except decimal.InvalidOperation:
+                number = None
+            if number is None or not number.is_finite() or not 0 <= number <= 10_000:
+                raise ConfigError(f"{where}: {key} must be a price in USD per million tokens from 0 to 10000, "
+                                  f"got {value!r}")
+            values[key] = number
+        if "input" not in values or "output" not in values:
+            raise ConfigError(f"{where}: needs at least input and output (USD per million tokens)")
+        ratios = {"cache_read": "0.1", "cache_write_5m": "1.25", "cache_write_1h": "2"}
+        for key, ratio in ratios.items():
+            values.setdefault(key, values["input"] * decimal.Decimal(ratio))
+        prices.append((model.strip().lower(), Price(**values)))
+    return tuple(prices)
 
 
 def validate_config(settings: dict, origin: dict, source: str) -> Config:
@@ -789,6 +911,7 @@ def validate_config(settings: dict, origin: dict, source: str) -> Config:
         weekly_max_tokens=weekly,
         alert_percents=percents,
         alert_command=settings["monitor.alert_command"].strip(),
+        pricing=parse_pricing(settings.get("pricing", {}), origin.get("pricing", "[pricing]")),
     )
 
 
@@ -895,23 +1018,27 @@ def health_config(config: Config) -> Config:
 
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                  "cost_nanos", "duration_ms")
+# requests.origin: where a row comes from. Rows derived from metrics are usage, not requests.
+ORIGIN_EVENT, ORIGIN_METRICS, ORIGIN_TRANSCRIPT, ORIGIN_TRANSCRIPT_COST = 0, 1, 2, 3  # 2: priced by ccmon (estimated)
 # What each rollup row keeps, and how one requests row ({r}: its alias) adds to it; after `rows`,
-# in the order of Usage's fields. Rows derived from metrics (origin 1) are usage, not requests.
-FIGURES = {"rows": "1", "requests": "({r}origin = 0)", **{c: "{r}" + c for c in USAGE_COLUMNS},
+# in the order of Usage's fields.
+FIGURES = {"rows": "1", "requests": "({r}origin != 1)", **{c: "{r}" + c for c in USAGE_COLUMNS},
            "ttft_ms": "COALESCE({r}ttft_ms, 0)", "ttft_count": "({r}ttft_ms IS NOT NULL)"}
+V1_FIGURES = {**FIGURES, "requests": "({r}origin = 0)"}  # as schema versions 1-4 built their triggers
 USAGE_SUMS = ", ".join(f"SUM({c})" for c in list(FIGURES)[1:])  # a rollup's figures as Usage(*...)
 RAW_SUMS = ", ".join(f"SUM({e.format(r='')})" for e in list(FIGURES.values())[1:])  # the same over raw rows
 ROW_FIGURES = ", ".join(e.format(r="r.") for e in list(FIGURES.values())[1:])  # one row (alias r) as Usage(*...)
 
 
-def rollup_triggers(table: str, key: dict[str, str], extra: dict[str, tuple[str, str]] | None = None) -> str:
+def rollup_triggers(table: str, key: dict[str, str], extra: dict[str, tuple[str, str]] | None = None,
+                    figures: dict[str, str] | None = None) -> str:
     """Triggers keeping `table` (keyed by `key`: column -> expression over a requests row) equal to the raw rows.
-    `extra` columns are (value on insert, merge on conflict)."""
-    extra = extra or {}
-    columns = [*key, *extra, *FIGURES]
+    `extra` columns are (value on insert, merge on conflict); `figures` default to FIGURES."""
+    extra, figures = extra or {}, figures or FIGURES
+    columns = [*key, *extra, *figures]
     inserted = [e.format(r="NEW.") for e in key.values()] + [v.format(r="NEW.") for v, _ in extra.values()] + \
-        [e.format(r="NEW.") for e in FIGURES.values()]
-    merged = [m for _, m in extra.values()] + [f"{c} = {c} + excluded.{c}" for c in FIGURES]
+        [e.format(r="NEW.") for e in figures.values()]
+    merged = [m for _, m in extra.values()] + [f"{c} = {c} + excluded.{c}" for c in figures]
     match = " AND ".join(f"{c} = {e.format(r='OLD.')}" for c, e in key.items())
     return f"""
 CREATE TRIGGER IF NOT EXISTS {table}_insert AFTER INSERT ON requests BEGIN
@@ -919,13 +1046,26 @@ CREATE TRIGGER IF NOT EXISTS {table}_insert AFTER INSERT ON requests BEGIN
     ON CONFLICT ({", ".join(key)}) DO UPDATE SET {", ".join(merged)};
 END;
 CREATE TRIGGER IF NOT EXISTS {table}_delete AFTER DELETE ON requests BEGIN
-    UPDATE {table} SET {", ".join(f"{c} = {c} - {e.format(r='OLD.')}" for c, e in FIGURES.items())} WHERE {match};
+    UPDATE {table} SET {", ".join(f"{c} = {c} - {e.format(r='OLD.')}" for c, e in figures.items())} WHERE {match};
     DELETE FROM {table} WHERE {match} AND rows = 0;
 END;
 """
 
 
 FIGURE_COLUMNS = ", ".join(f"{c} INTEGER NOT NULL" for c in FIGURES)
+
+
+def usage_triggers(figures: dict[str, str]) -> str:
+    """The triggers of usage_rollup and session_usage, adding up `figures`."""
+    return rollup_triggers("usage_rollup", {"bucket": "{r}ts - {r}ts % " + str(BUCKET_MS), "model": "{r}model",
+                                            "user": "{r}user"}, figures=figures) + \
+        rollup_triggers("session_usage", {"session": "{r}session", "model": "{r}model"},
+                        {"user": ("NEW.user", "user = excluded.user"),
+                         "first_ts": ("NEW.ts", "first_ts = MIN(first_ts, excluded.first_ts)"),
+                         "last_ts": ("NEW.ts", "last_ts = MAX(last_ts, excluded.last_ts)")}, figures=figures)
+
+
+
 # The schema as version 1 (release 0.1.0) created it; MIGRATIONS take it from there.
 SCHEMA = f"""
 -- Values repeated across many rows are stored once and referenced by id (a row is ~150 bytes).
@@ -977,11 +1117,7 @@ CREATE TABLE IF NOT EXISTS session_usage (
     PRIMARY KEY (session, model)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS session_usage_last ON session_usage(last_ts);
-{rollup_triggers("usage_rollup", {"bucket": "{r}ts - {r}ts % " + str(BUCKET_MS), "model": "{r}model",
-                                  "user": "{r}user"})}
-{rollup_triggers("session_usage", {"session": "{r}session", "model": "{r}model"},
-                 {"user": ("NEW.user", "user = excluded.user"), "first_ts": ("NEW.ts", "first_ts = MIN(first_ts, excluded.first_ts)"),
-                  "last_ts": ("NEW.ts", "last_ts = MAX(last_ts, excluded.last_ts)")})}
+{{usage_triggers}}
 
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -1015,7 +1151,7 @@ CREATE TABLE IF NOT EXISTS metric_points (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS metric_points_key ON metric_points(ts, session, seq);
 CREATE INDEX IF NOT EXISTS metric_points_series ON metric_points(session, name, ts);
-"""
+""".replace("{usage_triggers}", usage_triggers(V1_FIGURES))
 # Rows arrive from ingestion with text where the tables hold ids; the writer resolves them.
 
 
@@ -1077,10 +1213,22 @@ def keep_limit_readings(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE sessions ADD COLUMN project TEXT")
 
 
+def count_imported_requests(conn: sqlite3.Connection) -> None:
+    """Version 5: requests imported from Claude Code's transcripts (origin 2, priced by ccmon; 3, with the
+    transcript's own costUSD) are requests: the rollup triggers count every row but metric-derived ones. No
+    stored row has origin 2 or 3 yet, so the rollups stay as they are."""
+    for table in ("usage_rollup", "session_usage"):
+        conn.execute(f"DROP TRIGGER {table}_insert")
+        conn.execute(f"DROP TRIGGER {table}_delete")
+    for statement in re.split(r"(?<=END;)\n", usage_triggers(FIGURES).strip()):
+        conn.execute(statement)
+    conn.execute("CREATE INDEX requests_imported ON requests(session) WHERE origin >= 2")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
-                                                          keep_limit_readings]
+                                                          keep_limit_readings, count_imported_requests]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -1337,6 +1485,7 @@ class Writer:
             raise exc if isinstance(exc, StorageError) else StorageError(f"cannot use {path}: {exc}") from None
         self._ids: dict[tuple[str, Any], int] = {}  # (table, value) -> id of interned values
         self._failing = False  # log a failure streak once, and its end once
+        self._imported = False  # whether requests from transcripts are stored (telemetry then replaces its copies)
         self._lost = ""        # why the file at the path is no longer the one written: nothing more is acknowledged
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
@@ -1508,6 +1657,13 @@ class Writer:
                 gone = conn.execute("DELETE FROM requests WHERE session = ? AND origin = 1 RETURNING ts",
                                     (session,)).fetchall()
                 days.update(ts - ts % DAY_MS for ts, in gone)
+            if self._has_imported(conn):  # and over a transcript's copy of the same request (Claude Code's cost)
+                request_id = REQUEST_COLUMNS.index("request_id")
+                for row in requests:
+                    if row[request_id] is not None:
+                        gone = conn.execute("DELETE FROM requests WHERE request_id = ? AND origin >= 2 RETURNING ts",
+                                            (row[request_id],)).fetchall()
+                        days.update(ts - ts % DAY_MS for ts, in gone)
             new += conn.executemany(insert_sql("requests", REQUEST_COLUMNS), requests).rowcount
             days.update(row[0] - row[0] % DAY_MS for row in requests)
         if batch.events:
@@ -1524,12 +1680,60 @@ class Writer:
         self._refresh_days(conn, days)
         return new
 
+    def _has_imported(self, conn: sqlite3.Connection) -> bool:
+        """Whether any request was imported from a transcript (the partial index answers at once)."""
+        if not self._imported:
+            self._imported = conn.execute("SELECT 1 FROM requests WHERE origin >= 2 LIMIT 1").fetchone() is not None
+        return self._imported
+
+    def import_requests(self, rows: list[tuple], projects: dict[str, str], user: str,
+                        timeout: float = 60.0) -> tuple[int, int]:
+        """Store requests read from transcripts (REQUEST_COLUMNS tuples, origin 2 or 3) durably; returns (imported,
+        already known). A row whose request_id is stored already (by telemetry or an earlier import) or whose key
+        is is skipped. A session the server knows keeps its user; others get `user`."""
+        future = self.submit(lambda conn: self._import(conn, rows, projects, user), timeout=10)
+        try:
+            return future.result(timeout=timeout)
+        except futures.TimeoutError:
+            raise StorageUnavailable("the database did not commit in time") from None
+
+    def _import(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
+                user: str) -> tuple[int, int]:
+        if not rows:
+            return 0, 0
+        users, days = {}, set()
+        for session_id in {row[1] for row in rows}:
+            session = self._intern(conn, "sessions", "session_id", session_id)
+            known = conn.execute("SELECT u.name FROM session_usage su JOIN users u ON u.id = su.user WHERE "
+                                 "su.session = ? ORDER BY su.last_ts DESC LIMIT 1", (session,)).fetchone()
+            users[session_id] = known[0] if known else user
+            gone = conn.execute("DELETE FROM requests WHERE session = ? AND origin = 1 RETURNING ts",
+                                (session,)).fetchall()  # requests win over metric-derived usage, as events do
+            days.update(ts - ts % DAY_MS for ts, in gone)
+            if projects.get(session_id):
+                conn.execute("UPDATE sessions SET project = ? WHERE id = ? AND project IS NULL",
+                             (projects[session_id], session))
+        user_index, request_id = REQUEST_COLUMNS.index("user"), REQUEST_COLUMNS.index("request_id")
+        with_users = [row[:user_index] + (users[row[1]],) + row[user_index + 1:] for row in rows]
+        resolved = self._resolve(conn, "requests", REQUEST_COLUMNS, with_users)
+        for row in resolved:
+            row.append(row[request_id])
+        sql = (f"INSERT OR IGNORE INTO requests ({', '.join(REQUEST_COLUMNS)}) SELECT "
+               f"{', '.join('?' * len(REQUEST_COLUMNS))} WHERE ?1 IS NULL OR NOT EXISTS "
+               "(SELECT 1 FROM requests WHERE request_id = ?1)").replace("?1", f"?{len(REQUEST_COLUMNS) + 1}")
+        imported = conn.executemany(sql, resolved).rowcount
+        if imported:
+            self._imported = True
+            days.update(row[0] - row[0] % DAY_MS for row in rows)
+        self._refresh_days(conn, days)
+        return imported, len(rows) - imported
+
     def _usage_from_metric(self, conn: sqlite3.Connection, point: dict) -> list[int]:
         """Count a cost/token data point as usage for a session without api_request events (metrics-only
         users); a cumulative point counts by its difference to the previous point of its series."""
         field = METRIC_USAGE_FIELDS.get((point["name"], point["type"]))
         if field is None or point["session"] == self._intern(conn, "sessions", "session_id", "") or \
-                conn.execute("SELECT 1 FROM requests WHERE session = ? AND origin = 0 LIMIT 1",
+                conn.execute("SELECT 1 FROM requests WHERE session = ? AND origin != 1 LIMIT 1",
                              (point["session"],)).fetchone():
             return []  # not usage, no session to tell events from metrics (not counted), or events win
         value = point["value"]
@@ -1638,6 +1842,14 @@ class SessionSummary:
     api_errors: int = 0
     from_metrics: bool = False
     project: str = ""        # '' when unknown
+    imported: int = 0  # the lowest origin of its requests imported from a transcript; 0 when none
+
+    @property
+    def source(self) -> str:
+        """Where its usage comes from: transcript* when ccmon priced some of it (estimated)."""
+        if self.imported:
+            return "transcript*" if self.imported == ORIGIN_TRANSCRIPT else "transcript"
+        return "metrics" if self.from_metrics else "events"
 
 
 @dataclasses.dataclass
@@ -1740,7 +1952,7 @@ class Reader:
         order = "ASC" if oldest_first else "DESC"
         sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r "
                "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model "
-               f"WHERE r.ts >= ? AND r.ts < ? AND r.origin = 0{where} ORDER BY r.ts {order}, r.id {order} "
+               f"WHERE r.ts >= ? AND r.ts < ? AND r.origin != 1{where} ORDER BY r.ts {order}, r.id {order} "
                "LIMIT ? OFFSET ?")
         params = (start_ms, end_ms, *extra, limit if limit > 0 else -1,
                   max(offset, 0))
@@ -1851,12 +2063,35 @@ class Reader:
             entry["by_model"][model] = Usage(*figures)
             entry["rows"] += count
         counts = self._event_counts(list(grouped))
+        imported = self._imported_origins(list(grouped))
         summaries = [SessionSummary(e["session_id"], e["user"], e["first"], e["last"], e["by_model"],
                                     *counts.get(key, (0, 0, 0)),
                                     from_metrics=sum(u.requests for u in e["by_model"].values()) < e["rows"],
-                                    project=e["project"])
+                                    project=e["project"], imported=imported.get(key, 0))
                      for key, e in grouped.items()]
         return sorted(summaries, key=lambda summary: (-summary.last_ms, summary.session_id))
+
+    def _imported_origins(self, sessions: list[int]) -> dict[int, int]:
+        """The lowest origin of each session's requests imported from transcripts (2: priced by ccmon)."""
+        found: dict[int, int] = {}
+        for first in range(0, len(sessions), 500):
+            chunk = sessions[first:first + 500]
+            found.update(self._reader().execute(
+                f"SELECT session, MIN(origin) FROM requests WHERE origin >= 2 AND session IN "
+                f"({', '.join('?' * len(chunk))}) GROUP BY session", chunk))
+        return found
+
+    def known_requests(self, keys: list[tuple[int, str, int, str | None]]) -> int:
+        """How many of these (ts, session id, seq, request_id) keys are stored: by request_id, else by key."""
+        conn, known = self._reader(), 0
+        for ts, session_id, seq, request_id in keys:
+            if request_id and conn.execute("SELECT 1 FROM requests WHERE request_id = ? LIMIT 1",
+                                           (request_id,)).fetchone():
+                known += 1
+            elif conn.execute("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session WHERE r.ts = ? AND "
+                              "s.session_id = ? AND r.seq = ?", (ts, session_id, seq)).fetchone():
+                known += 1
+        return known
 
     def _event_counts(self, sessions: list[int]) -> dict[int, tuple[int, int, int]]:
         """(tool calls, failed tool calls, API errors) per session."""
@@ -1887,7 +2122,7 @@ class Reader:
 
     def _session_requests(self, session: int, limit: int) -> list[StoredRequest]:
         sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r JOIN sessions s ON s.id = r.session "
-               "JOIN models m ON m.id = r.model WHERE r.session = ? AND r.origin = 0 ORDER BY r.ts LIMIT ?")
+               "JOIN models m ON m.id = r.model WHERE r.session = ? AND r.origin != 1 ORDER BY r.ts LIMIT ?")
         return [StoredRequest(sid, ts, model, Usage(*figures))
                 for sid, ts, model, *figures in self._reader().execute(sql, (session, limit))]
 
@@ -2532,7 +2767,8 @@ def session_message(summary: SessionSummary) -> ccmon_pb2.SessionStats:
         last_request_at=timestamp_from_ms(summary.last_ms), stats=stats_message(Split.from_models(summary.by_model)),
         models=sorted(summary.by_model, key=lambda m: (-summary.by_model[m].cost_nanos, m)),
         tool_calls=summary.tool_calls, tool_failures=summary.tool_failures, api_errors=summary.api_errors,
-        from_metrics=summary.from_metrics, project=summary.project)
+        from_metrics=summary.from_metrics, project=summary.project,
+        source=summary.source)
 
 
 def window_message(window: LimitWindow | None) -> ccmon_pb2.LimitWindow | None:
@@ -2576,6 +2812,22 @@ def reading_of(message: ccmon_pb2.LimitReading) -> LimitReading:
 def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost) -> Usage:
     return Usage(requests=requests, input=token.input, output=token.output, cache_read=token.cache_read,
                  cache_creation=token.cache_creation, cost_nanos=round(cost.amount * NANOS_PER_USD))
+
+
+MAX_IMPORT_ROWS = 50_000  # rows in one ImportRequests call
+
+
+def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
+    """An ImportedRequest as a `requests` row (REQUEST_COLUMNS; the user is set by the writer); raises BadValue.
+    Its seq hashes message.id and requestId, so importing a transcript again adds nothing."""
+    if not r.session_id or not 0 < r.timestamp_ms <= MAX_TIMESTAMP_MS:
+        raise BadValue("an imported request needs its session_id and a timestamp")
+    counts = (r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens)
+    if not (0 <= min(counts) and max(counts) < MAX_COUNT and 0 <= r.cost_nanos <= MAX_USD * NANOS_PER_USD):
+        raise BadValue(f"a token count or the cost is out of range: {counts}, {r.cost_nanos} nano-dollars")
+    seq = content_hash(f"{r.message_id}\0{r.request_id}".encode())
+    return (r.timestamp_ms, r.session_id, seq, r.model or "unknown", "", *counts, r.cost_nanos, 0, None, None,
+            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST)
 
 
 def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
@@ -2795,6 +3047,27 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             if tokens is not None:
                 getattr(response, field).CopyFrom(ccmon_pb2.WindowCapacity(tokens=tokens, readings=count))
         return response
+
+    def ImportRequests(self, request, context):
+        if len(request.requests) > MAX_IMPORT_ROWS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_IMPORT_ROWS} requests a call")
+        try:
+            rows = [imported_row(r) for r in request.requests]
+        except BadValue as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an imported request is not valid: {exc}")
+        if request.dry_run:
+            known = self.reader.known_requests([(row[0], row[1], row[2], row[REQUEST_COLUMNS.index("request_id")])
+                                                for row in rows])
+            return ccmon_pb2.ImportRequestsResponse(imported=len(rows) - known, already_known=known)
+        projects: dict[str, str] = {}
+        for r in request.requests:  # where the session started (its first request's cwd)
+            if r.project_dir:
+                projects.setdefault(r.session_id, r.project_dir)
+        try:
+            imported, known = self.writer.import_requests(rows, projects, request.user)
+        except StorageUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the requests right now ({exc})")
+        return ccmon_pb2.ImportRequestsResponse(imported=imported, already_known=known)
 
     def GetServerInfo(self, request, context):
         requests, rows = self.reader.totals()
@@ -3560,7 +3833,11 @@ class SessionRow:
     api_errors: int
     from_metrics: bool
     project: str = ""
+    source: str = ""  # events, metrics, transcript, transcript* (estimated): see SessionSummary.source
 
+    @property
+    def source_label(self) -> str:
+        return self.source or ("metrics" if self.from_metrics else "events")  # servers before transcripts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3707,7 +3984,7 @@ class Client:
         request = self._period(ccmon_pb2.GetSessionsRequest(limit=limit), start_ms, end_ms, user, project)
         return tuple(SessionRow(s.session_id, s.user, ms_of(s.first_request_at), ms_of(s.last_request_at),
                                 split_from_stats(s.stats), tuple(s.models), s.tool_calls, s.tool_failures,
-                                s.api_errors, s.from_metrics, s.project)
+                                s.api_errors, s.from_metrics, s.project, s.source)
                      for s in self._call("GetSessions", request).sessions)
 
     def timeline(self, session_id: str) -> tuple[TimelineRow, ...]:
@@ -3732,6 +4009,13 @@ class Client:
             reading=reading_message(reading), timezone=timezone))
         return (split_from_stats(response.session) if response.HasField("session") else None,
                 split_from_stats(response.today) if response.HasField("today") else None)
+
+    def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False) \
+            -> tuple[int, int]:
+        """Send requests read from transcripts; returns (imported, already known), or with dry_run what would be."""
+        response = self._call("ImportRequests", ccmon_pb2.ImportRequestsRequest(requests=rows, user=user,
+                                                                                 dry_run=dry_run))
+        return response.imported, response.already_known
 
     def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None,
                project: str | None = None) -> tuple[tuple[int, int, Split, bool], ...]:
@@ -4327,7 +4611,7 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                  "last_request": dt.datetime.fromtimestamp(s.last_ms / 1000, zone).isoformat(timespec="seconds"),
                  **usage_fields(s.split.total), "models": " ".join(s.models), "tool_calls": s.tool_calls,
                  "tool_failures": s.tool_failures, "api_errors": s.api_errors,
-                 "source": "metrics" if s.from_metrics else "events"}
+                 "source": s.source_label}
                 for s in client.sessions(start, end, user, limit=5000, project=project)]
     groups: dict[str, Split] = {}
     for date, split in reversed(client.days(start, end, zone.key, user, project)):
@@ -4452,6 +4736,365 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
         print(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
               + (f", user {args.user}" if args.user else "") + (f", project {args.project}" if args.project else ""))
         print(report_table(rows, totals, None if args.wide else REPORT_WIDTH))
+    return 0
+
+
+# ---------------------------------------------------------------- Import: ccmon import, Claude Code's transcripts
+
+IMPORT_BATCH = 20_000       # requests sent in one ImportRequests call (fewer commits: fewer index pages written)
+IMPORT_TIMEOUT_S = 120.0    # one call's patience: a batch is a few thousand inserts
+FOLLOW_POLL_S = 1.0         # --follow looks at the transcripts this often
+PROGRESS_EVERY_S = 0.25
+OTEL_RESOURCE_ENV = "OTEL_RESOURCE_ATTRIBUTES"
+# message.id and requestId as Claude Code writes an assistant line: a streamed answer's next lines are known
+# duplicates without parsing them (JSON escapes the quotes of any such text inside a message)
+ANSWER_IDS = re.compile(r'"message":\{"id":"([^"\\]*)".*"requestId":"([^"\\]*)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriptEntry:
+    """One API answer as a transcript records it: an assistant message with usage."""
+    session_id: str
+    ts_ms: int
+    model: str
+    input: int
+    output: int
+    cache_read: int
+    cache_creation: int
+    cache_1h: int           # of cache_creation, written for an hour (priced higher)
+    request_id: str
+    message_id: str
+    project: str            # cwd
+    cost_usd: str | None    # costUSD, written by older Claude Code versions
+    inference_geo: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Streaming writes one answer as several lines with the same message.id and requestId: count it once."""
+        return self.message_id, self.request_id
+
+
+def token_count(usage: dict, key: str) -> int:
+    value = usage.get(key)
+    return value if type(value) is int and 0 <= value < MAX_COUNT else 0
+
+
+def transcript_entry(line: str) -> TranscriptEntry | str | None:
+    """One transcript line: an entry, the reason it is skipped ('not JSON', 'synthetic', 'API error', 'no usage',
+    'no session or time'), or None for lines that are no API answer (user, system, attachment, ... lines)."""
+    if '"assistant"' not in line:  # cheap: most lines are not an answer
+        if line[:1] == "{" and line[-1:] == "}":
+            return None
+        text = line.strip()
+        return "not JSON" if text and (text[0] != "{" or text[-1] != "}") else None
+    try:
+        data = json.loads(line)
+    except ValueError:
+        return "not JSON"
+    if not isinstance(data, dict) or data.get("type") != "assistant":
+        return None
+    message = data.get("message")
+    message = message if isinstance(message, dict) else {}
+    model = message.get("model")
+    if model == "<synthetic>":
+        return "synthetic"
+    if data.get("isApiErrorMessage"):
+        return "API error"
+    usage = message.get("usage")
+    if not isinstance(usage, dict):
+        return "no usage"
+    session, ts = data.get("sessionId"), parse_iso_ms(data.get("timestamp"))
+    if not isinstance(session, str) or not session or ts is None:
+        return "no session or time"
+    detail = usage.get("cache_creation")
+    cost = data.get("costUSD")
+    return TranscriptEntry(
+        session, ts, model if isinstance(model, str) and model else "unknown",
+        token_count(usage, "input_tokens"), token_count(usage, "output_tokens"),
+        token_count(usage, "cache_read_input_tokens"), token_count(usage, "cache_creation_input_tokens"),
+        token_count(detail, "ephemeral_1h_input_tokens") if isinstance(detail, dict) else 0,
+        str(data.get("requestId") or ""), str(message.get("id") or ""),
+        data["cwd"] if isinstance(data.get("cwd"), str) else "",
+        repr(cost) if type(cost) in (int, float) and 0 <= cost <= MAX_USD else None,
+        usage["inference_geo"] if isinstance(usage.get("inference_geo"), str) else "")
+
+
+def imported_request(entry: TranscriptEntry, prices: dict[str, Price], found: Price | None = None) \
+        -> tuple[ccmon_pb2.ImportedRequest, bool]:
+    """The entry as sent to the server, costed: its own costUSD, else ccmon's price table (estimated; `found`:
+    the model's price, when looked up already). Also whether its model was priced (False: unknown, at $0)."""
+    known = True
+    if entry.cost_usd is not None:
+        nanos = int((decimal.Decimal(entry.cost_usd) * NANOS_PER_USD).to_integral_value(decimal.ROUND_HALF_EVEN))
+    else:
+        found = found or price_of(entry.model, prices)
+        known = found is not None
+        nanos = cost_nanos(found, entry.input, entry.output, entry.cache_read, entry.cache_creation, entry.cache_1h,
+                           entry.inference_geo) if found else 0
+    return ccmon_pb2.ImportedRequest(
+        session_id=entry.session_id, timestamp_ms=entry.ts_ms, model=entry.model, input_tokens=entry.input,
+        output_tokens=entry.output, cache_read_tokens=entry.cache_read, cache_creation_tokens=entry.cache_creation,
+        cost_nanos=nanos, estimated=entry.cost_usd is None, request_id=entry.request_id,
+        message_id=entry.message_id, project_dir=entry.project), known
+
+
+def transcript_roots(environ: dict[str, str], home: Path) -> list[Path]:
+    """Where Claude Code keeps transcripts: $CLAUDE_CONFIG_DIR/projects (a comma-separated list of folders is
+    accepted), else ~/.claude/projects and ~/.config/claude/projects."""
+    if environ.get("CLAUDE_CONFIG_DIR", "").strip():
+        return [Path(folder.strip()).expanduser() / "projects"
+                for folder in environ["CLAUDE_CONFIG_DIR"].split(",") if folder.strip()]
+    return [home / ".claude" / "projects", home / ".config" / "claude" / "projects"]
+
+
+def resource_user(environ: dict[str, str]) -> str:
+    """user.email in OTEL_RESOURCE_ATTRIBUTES (key=value pairs, comma-separated), else ''."""
+    for pair in environ.get(OTEL_RESOURCE_ENV, "").split(","):
+        key, _, value = pair.partition("=")
+        if key.strip() == "user.email":
+            return unquote(value.strip())
+    return ""
+
+
+class TranscriptFiles:
+    """The .jsonl files under some folders, each read from where the last read stopped: only complete lines, so
+    a line Claude Code is still writing is read once it is whole."""
+
+    def __init__(self, roots: list[Path]):
+        self.roots = roots
+        self.offsets: dict[Path, int] = {}
+
+    def paths(self) -> list[Path]:
+        found: list[Path] = []
+        for root in self.roots:
+            if root.is_file():
+                found.append(root)
+            elif root.is_dir():
+                found.extend(sorted(root.rglob("*.jsonl")))
+        return found
+
+    def read(self, path: Path, final: bool) -> tuple[list[str], str | None, str | None]:
+        """(new complete lines, a last line without its newline when `final` (else it waits), a problem)."""
+        offset = self.offsets.get(path, 0)
+        try:
+            if offset and os.stat(path).st_size == offset:
+                return [], None, None  # nothing new (--follow looks at every file every second)
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size < offset:  # rewritten from the start
+                    offset = 0
+                handle.seek(offset)
+                data = handle.read()
+        except OSError as exc:
+            return [], None, f"unreadable: {path} ({exc.strerror or exc})"
+        end = data.rfind(b"\n") + 1
+        tail = data[end:]
+        self.offsets[path] = offset + (len(data) if final else end)
+        text = data[:end].decode("utf-8", errors="replace")
+        lines = text.split("\n")
+        lines.pop()  # after the last newline
+        return lines, tail.decode("utf-8", errors="replace") if final and tail.strip() else None, None
+
+
+@dataclasses.dataclass
+class ImportTally:
+    files: int = 0
+    entries: int = 0        # assistant messages with usage, once each
+    imported: int = 0
+    known: int = 0
+    duplicates: int = 0     # the same message written again (streaming)
+    before_since: int = 0
+    estimated: int = 0      # priced by ccmon's table
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    unknown_models: dict[str, int] = dataclasses.field(default_factory=dict)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+
+def import_summary(tally: ImportTally, dry_run: bool) -> str:
+    """The one line `ccmon import` ends with."""
+    skipped = sum(tally.skipped.values())
+    parts = [f"{tally.files:,} file{'s' * (tally.files != 1)} read",
+             f"{tally.imported:,} request{'s' * (tally.imported != 1)} {'to import' if dry_run else 'imported'}",
+             f"{tally.known:,} already known",
+             f"{skipped:,} skipped" + (" (" + ", ".join(f"{n:,} {reason}" for reason, n in
+                                                         sorted(tally.skipped.items())) + ")" if skipped else "")]
+    if tally.duplicates:
+        parts.append(f"{tally.duplicates:,} streaming duplicates counted once")
+    if tally.before_since:
+        parts.append(f"{tally.before_since:,} before --since")
+    if tally.estimated:
+        parts.append(f"{tally.estimated:,} priced by ccmon (estimated)")
+    if tally.unknown_models:
+        parts.append("unknown models counted at $0: " + ", ".join(f"{model} ({n:,})" for model, n in
+                                                                   sorted(tally.unknown_models.items())))
+    return ("ccmon import (dry run): " if dry_run else "ccmon import: ") + "; ".join(parts)
+
+
+class Importer:
+    """Reads transcripts and sends their requests in batches; counts everything it reads for the summary."""
+
+    def __init__(self, client: Client, config: Config, user: str, since_ms: int | None, dry_run: bool,
+                 progress: Any | None = None):
+        self.client, self.user, self.since_ms, self.dry_run = client, user, since_ms, dry_run
+        self.prices = config.prices
+        self.tally = ImportTally()
+        self.seen: set[tuple[str, str]] = set()
+        self.pending: list[ccmon_pb2.ImportedRequest] = []
+        self.prices_found: dict[str, Price | None] = {}
+        self.unreadable: set[Path] = set()
+        # one batch is stored while the next is read: the server and the reading run on two cores
+        self.sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccmon-import")
+        self.in_flight: tuple[futures.Future, list] | None = None
+        self.progress, self.started, self.shown = progress, time.monotonic(), 0.0
+
+    def skip(self, reason: str) -> None:
+        self.tally.skipped[reason] = self.tally.skipped.get(reason, 0) + 1
+
+    def add(self, lines: list[str]) -> None:
+        for line in lines:
+            if '"requestId":"' in line:
+                ids = ANSWER_IDS.search(line)
+                if ids and ids.groups() in self.seen:
+                    self.tally.duplicates += 1
+                    continue
+            found = transcript_entry(line)
+            if found is None:
+                continue
+            if isinstance(found, str):
+                self.skip(found)
+                continue
+            key = found.key if found.message_id or found.request_id else (found.session_id, str(found.ts_ms))
+            if key in self.seen:
+                self.tally.duplicates += 1
+                continue
+            self.seen.add(key)
+            if self.since_ms is not None and found.ts_ms < self.since_ms:
+                self.tally.before_since += 1
+                continue
+            if found.model not in self.prices_found:
+                self.prices_found[found.model] = price_of(found.model, self.prices)
+            request, priced = imported_request(found, self.prices, self.prices_found[found.model])
+            self.tally.entries += 1
+            self.tally.estimated += request.estimated and priced
+            if not priced:
+                self.tally.unknown_models[found.model] = self.tally.unknown_models.get(found.model, 0) + 1
+            self.pending.append(request)
+            if len(self.pending) >= IMPORT_BATCH:
+                self.flush()
+
+    def add_file(self, files: TranscriptFiles, path: Path, final: bool) -> None:
+        lines, tail, problem = files.read(path, final)
+        if problem:
+            if path not in self.unreadable:  # named once, however often --follow tries again
+                self.unreadable.add(path)
+                self.tally.problems.append(problem)
+                self.skip("unreadable file")
+            return
+        self.add(lines)
+        if tail is not None:
+            if transcript_entry(tail) == "not JSON":  # Claude Code may be writing it: a later import reads it
+                self.tally.problems.append(f"truncated last line: {path}")
+                self.skip("truncated last line")
+            else:
+                self.add([tail])  # whole, only its newline missing
+        self.show_progress()
+
+    def flush(self, wait: bool = False) -> None:
+        """Send what is read (in the background, after the batch before it is stored); with `wait`, until all is
+        stored. A batch that could not be sent is kept for the next flush."""
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.collect()
+            self.in_flight = (self.sender.submit(self.client.import_requests, batch, self.user, self.dry_run), batch)
+        if wait:
+            self.collect()
+
+    def collect(self) -> None:
+        if self.in_flight is None:
+            return
+        future, batch = self.in_flight
+        self.in_flight = None
+        try:
+            imported, known = future.result()
+        except ServerUnreachable:
+            self.pending[:0] = batch
+            raise
+        self.tally.imported += imported
+        self.tally.known += known
+
+    def show_progress(self, files_total: int = 0, done: bool = False) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if done:
+            self.progress.write("\r\033[K")
+        elif now - self.shown >= PROGRESS_EVERY_S:
+            self.shown = now
+            rate = self.tally.entries / max(now - self.started, 1e-6)
+            total = f"/{files_total:,}" if files_total else ""
+            filled = round(20 * self.tally.files / files_total) if files_total else 0
+            gauge = f"[{'#' * filled}{'.' * (20 - filled)}] " if files_total else ""
+            self.progress.write(f"\r\033[Kccmon import: {gauge}{self.tally.files:,}{total} files, "
+                                f"{self.tally.entries:,} entries, {rate:,.0f}/s")
+        self.progress.flush()
+
+
+def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
+    """ccmon import [PATH ...]: every request of Claude Code's transcripts, sent to the server once."""
+    environ = dict(os.environ) if environ is None else environ
+    roots = [Path(p).expanduser() for p in args.paths] or transcript_roots(environ, Path.home())
+    missing = [root for root in roots if not root.exists()]
+    if len(missing) == len(roots):
+        print(f"ccmon import: no Claude Code transcripts in {' or '.join(map(str, roots))} (name their folder: "
+              "ccmon import PATH)", file=sys.stderr)
+        return 1
+    since = parse_day(args.since, "--since")
+    since_ms = ms_from_datetime(dt.datetime.combine(since, dt.time(), config.zone)) if since else None
+    user = args.user if args.user is not None else resource_user(environ)
+    stop = threading.Event()
+    if args.follow:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    client = Client.for_config(config, timeout_s=IMPORT_TIMEOUT_S, go_extras_empty=False)
+    importer = Importer(client, config, user, since_ms, args.dry_run,
+                        sys.stderr if sys.stderr.isatty() and not args.follow else None)
+    files = TranscriptFiles(roots)
+    for root in missing if args.paths else ():  # of the default folders, those Claude Code does not use
+        importer.tally.problems.append(f"unreadable: {root} (no such file or folder)")
+        importer.skip("unreadable file")
+    try:
+        paths = files.paths()
+        for path in paths:
+            importer.tally.files += 1
+            importer.add_file(files, path, final=not args.follow)
+            importer.show_progress(len(paths))
+            if stop.is_set():
+                break
+        importer.flush(wait=True)
+        importer.show_progress(done=True)
+        failing = False
+        while args.follow and not stop.wait(FOLLOW_POLL_S):
+            before = len(files.offsets)
+            try:
+                for path in files.paths():
+                    importer.add_file(files, path, final=False)
+                importer.flush(wait=True)
+                failing = False
+            except ServerUnreachable as exc:  # keep what is read and try again at the next poll
+                if not failing:
+                    print(f"ccmon import: {exc}; retrying", file=sys.stderr)
+                failing = True
+            importer.tally.files += len(files.offsets) - before
+    except ServerUnreachable as exc:
+        importer.show_progress(done=True)
+        print(f"ccmon import: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        importer.sender.shutdown(wait=True)
+        client.close()
+    for problem in importer.tally.problems:
+        print(f"ccmon import: {problem}", file=sys.stderr)
+    print(import_summary(importer.tally, args.dry_run), flush=True)
     return 0
 
 
@@ -5057,7 +5700,7 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
                       local_time(row.first_ms, screen.settings.zone, "%m-%d %H:%M"),
                       format_duration(row.last_ms - row.first_ms), format_count(total.requests),
                       format_count(total.total), format_cost(total.cost_nanos), models, str(row.tool_calls),
-                      str(row.tool_failures), str(row.api_errors), "metrics" if row.from_metrics else "events"],
+                      str(row.tool_failures), str(row.api_errors), row.source_label],
                      "tab_active" if index == state.scroll else ""))
     shown = [i for i in range(len(columns))  # one person's server: no User column; no projects: no Project column
              if (i != 1 or several_users) and (i != 2 or any(row.project for row in sessions))]
@@ -5613,7 +6256,8 @@ def build_parser() -> CommandLine:
     parser = CommandLine(
         prog="ccmon", parents=[config_options()],
         description="Watch what Claude Code costs: an OTLP collector (--server) and a live monitor.",
-        epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help. Claude Code's status line: ccmon statusline --help")
+        epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help. Claude Code's status line: ccmon statusline "
+               "--help. History from Claude Code's transcripts: ccmon import --help")
     parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
     parser.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
                         help="run the server; with HOST:PORT, run the monitor against that server")
@@ -5656,6 +6300,23 @@ def build_status_line_parser() -> CommandLine:
     return parser
 
 
+def build_import_parser() -> CommandLine:
+    parser = CommandLine(prog="ccmon import", parents=[config_options()],
+                         description="Import the API requests in Claude Code's transcripts (~/.claude/projects) "
+                                     "into the server: your history, every request once, costs as Claude Code's "
+                                     "(priced by ccmon's table when a transcript has none: estimated).")
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="transcript files or folders (default: "
+                        "$CLAUDE_CONFIG_DIR/projects, else ~/.claude/projects and ~/.config/claude/projects)")
+    parser.add_argument("--since", metavar="YYYY-MM-DD", help="only requests from this day on (monitor.timezone)")
+    parser.add_argument("--dry-run", action="store_true", help="read and count, store nothing")
+    parser.add_argument("--follow", action="store_true", help="keep watching and import new lines as Claude Code "
+                        "writes them (until Ctrl-C)")
+    parser.add_argument("--user", metavar="NAME", help=f"the user of sessions the server does not know (default: "
+                        f"user.email in ${OTEL_RESOURCE_ENV}, else none)")
+    parser.set_defaults(server=None, log_level="warning")
+    return parser
+
+
 def without_command(argv: list[str], command: str, parser: argparse.ArgumentParser) -> list[str] | None:
     """The words without `command` when it is the first word that is neither an option nor an option's value
     (so options may come before it), else None."""
@@ -5681,7 +6342,8 @@ def chosen_mode(args: argparse.Namespace, parser: CommandLine) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     mode, parser, words = "", build_parser(), argv
-    for command, command_parser in (("report", build_report_parser), ("statusline", build_status_line_parser)):
+    for command, command_parser in (("report", build_report_parser), ("statusline", build_status_line_parser),
+                                    ("import", build_import_parser)):
         command_words = without_command(argv, command, parser)
         if command_words is not None:
             mode, parser, words = command, command_parser(), command_words
@@ -5703,6 +6365,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args)
         if mode == "report":
             return run_report(config, args)
+        if mode == "import":
+            return run_import(config, args)
         if mode == "--server":
             return run_server(config)
         if mode == "--health":

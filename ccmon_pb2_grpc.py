@@ -105,6 +105,11 @@ class QueryServiceStub:
                 request_serializer=ccmon__pb2.GetProjectsRequest.SerializeToString,
                 response_deserializer=ccmon__pb2.GetProjectsResponse.FromString,
                 _registered_method=True)
+        self.ImportRequests = channel.unary_unary(
+                '/ccmon.v1.QueryService/ImportRequests',
+                request_serializer=ccmon__pb2.ImportRequestsRequest.SerializeToString,
+                response_deserializer=ccmon__pb2.ImportRequestsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -215,6 +220,15 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportRequests(self, request, context):
+        """ImportRequests stores API requests read from Claude Code's transcripts (ccmon import). A request whose
+        request_id is stored already (telemetry sent it, or an earlier import) is skipped and counted as known;
+        an api_request event arriving later replaces the imported copy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -287,6 +301,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.GetProjects,
                     request_deserializer=ccmon__pb2.GetProjectsRequest.FromString,
                     response_serializer=ccmon__pb2.GetProjectsResponse.SerializeToString,
+            ),
+            'ImportRequests': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportRequests,
+                    request_deserializer=ccmon__pb2.ImportRequestsRequest.FromString,
+                    response_serializer=ccmon__pb2.ImportRequestsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -668,6 +687,33 @@ class QueryService:
             '/ccmon.v1.QueryService/GetProjects',
             ccmon__pb2.GetProjectsRequest.SerializeToString,
             ccmon__pb2.GetProjectsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportRequests(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ccmon.v1.QueryService/ImportRequests',
+            ccmon__pb2.ImportRequestsRequest.SerializeToString,
+            ccmon__pb2.ImportRequestsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -641,7 +641,18 @@ FILE_ERRORS = [
                                                "http_address, retention, token, tls_cert, tls_key, tls_client_ca, "
                                                "max_message_size, cache.stats.enabled, cache.stats.ttl)"),
     ("config.toml", '[mointor]\nserver = "x:1"\n', "{path}: unknown section [mointor] (known: database, server, "
-                                                   "monitor, claude)"),
+                                                   "monitor, claude, pricing)"),
+    ("config.toml", '[pricing]\nmy-model = 3\n',
+     "{path}: [pricing] 'my-model': expected a table such as {{input = 3, output = 15}}, got 3"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3}\n',
+     "{path}: [pricing] 'my-model': needs at least input and output (USD per million tokens)"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3, output = -1}\n',
+     "{path}: [pricing] 'my-model': output must be a price in USD per million tokens from 0 to 10000, got -1"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3, output = "x"}\n',
+     "{path}: [pricing] 'my-model': output must be a price in USD per million tokens from 0 to 10000, got 'x'"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3, output = 15, cache_write = 4}\n',
+     "{path}: [pricing] 'my-model': unknown key cache_write (known: input, output, cache_read, cache_write_5m, "
+     "cache_write_1h)"),
     ("config.toml", '[monitor]\ntimezone = 3\n', "{path}: monitor.timezone: expected a non-empty string, got 3"),
     ("config.toml", 'plan = \n', "{path}: not valid TOML: "),
     ("config.json", '{"claude": ', "{path}: not valid JSON: "),
@@ -688,7 +699,7 @@ def test_ccmons_config_in_the_current_folder_stays_strict(tmp_path, monkeypatch,
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "config.toml").write_text('[claude]\nplan = "max"\n[mointor]\nserver = "x:1"\n')
     assert run_main(["--server"], capsys) == (2, f"ccmon: config error: {tmp_path / 'config.toml'}: unknown section "
-                                                 "[mointor] (known: database, server, monitor, claude)\n")
+                                                 "[mointor] (known: database, server, monitor, claude, pricing)\n")
     (tmp_path / "config.toml").write_text('[claude\nplan = "max"\n')  # broken, but it names a section of ccmon's
     code, err = run_main(["--server"], capsys)
     assert code == 2 and err.startswith(f"ccmon: config error: {tmp_path / 'config.toml'}: not valid TOML: ")
@@ -2809,13 +2820,13 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
                     st.sampled_from(["ana@example.com", "bo@example.com", ""]),
                     *[st.integers(min_value=0, max_value=10 ** 6)] * 6,
                     st.one_of(st.none(), st.integers(min_value=0, max_value=5000)),  # ttft_ms
-                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1]))  # ..., origin
+                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1, 2, 3]))  # ..., origin
     operation = st.one_of(st.tuples(st.just("insert"), st.lists(row, min_size=1, max_size=30)),
                           st.tuples(st.just("sweep"), moments))
     zones = st.sampled_from(["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Australia/Lord_Howe"])
 
     def brute_force(start, end, by="model_name", user=None):
-        rows = db_rows(store.path, f"SELECT {by}, SUM(origin = 0), SUM(input_tokens), SUM(output_tokens), "
+        rows = db_rows(store.path, f"SELECT {by}, SUM(origin != 1), SUM(input_tokens), SUM(output_tokens), "
                                    "SUM(cache_read_tokens), SUM(cache_creation_tokens), SUM(cost_nanos), "
                                    "SUM(duration_ms), SUM(COALESCE(ttft_ms, 0)), COUNT(ttft_ms) FROM r "
                                    "WHERE ts >= ? AND ts < ? AND user_name = COALESCE(?, user_name) GROUP BY 1",
@@ -3258,6 +3269,15 @@ def test_metrics_only_sessions_count_and_events_win(server):
     export(AggregationTemporality.DELTA, [(9.0, {"input": 9999})], "delta-session")
     assert server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats.total_cost.amount == 2.2
     assert db_rows(server.db, "SELECT COUNT(*) FROM mp WHERE session_id = 'delta-session'") == [(9,)]
+    # A transcript of the cumulative session is imported: its requests replace the metric figures too.
+    write_transcript(server.workdir / "projects", "cumulative-session", [transcript_line(
+        "cumulative-session", hours_ago(0), "req_c1", "msg_c1", usage=(150, 5, 0, 0))])
+    assert "1 request imported" in ccmon_import(server, str(server.workdir / "projects")).stdout
+    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest()).sessions}
+    assert (sessions["cumulative-session"].source, sessions["cumulative-session"].stats.total_requests,
+            sessions["cumulative-session"].stats.total_cost.amount) == ("transcript*", 1, 0.000525)
+    export(AggregationTemporality.DELTA, [(9.0, {"input": 9999})], "cumulative-session")
+    assert server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats.total_cost.amount == 0.700525
 
 
 def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
@@ -3776,6 +3796,10 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         renamed = [s for s in new["sessions"]["sessions"] if s["sessionId"] == "s-cy-1"]
         assert renamed[0]["user"] == "cy@example.com"
         renamed[0]["user"] = "u" * 64
+        # schema 5 says where each session's usage comes from (a field schema 1 did not have)
+        sources = {s["sessionId"]: s.pop("source") for s in new["sessions"]["sessions"]}
+        assert sources == {s["sessionId"]: "metrics" if s.get("fromMetrics") else "events"
+                           for s in old["sessions"]["sessions"]}
         assert new["sessions"] == old["sessions"]
         users = {u["user"]: u for u in new["users"]["users"]}
         assert users["cy@example.com"]["stats"]["totalCost"] == {"amount": 0.02}
@@ -5292,3 +5316,341 @@ def test_ccmon_statusline_in_a_real_claude_code(server, claude_code, mock_anthro
     assert kept and {row[1:] for row in kept} <= {(55.5, 17.0, "claude-sonnet-4-5"), (42.4, 17.0, "claude-sonnet-4-5")}
     assert db_rows(server.db, "SELECT project FROM sessions WHERE session_id = ?", (kept[0][0],)) == \
         [(str(tmp_path.resolve() / "project"),)]
+
+
+# ---------------------------------------------------------------- ccmon import: Claude Code's transcripts
+
+SAMPLE_TRANSCRIPTS = "data/claude-code-2.1.328/transcripts"
+
+
+def transcript_line(session: str, when: str, request_id: str, message_id: str, model: str = "claude-sonnet-4-5",
+                    usage: tuple = (1500, 250, 4000, 800), cwd: str = "/home/dev/proj", **extra) -> str:
+    """An assistant line shaped as Claude Code writes it (compact JSON, usage as the API sent it)."""
+    i, o, cr, cc, *one_hour = usage
+    line = {"parentUuid": None, "isSidechain": False, "message": {
+        "id": message_id, "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": i, "cache_creation_input_tokens": cc, "cache_read_input_tokens": cr,
+                  "output_tokens": o, "service_tier": "standard",
+                  "cache_creation": {"ephemeral_1h_input_tokens": one_hour[0] if one_hour else 0,
+                                     "ephemeral_5m_input_tokens": 0}}},
+        "requestId": request_id, "type": "assistant", "uuid": f"u-{message_id}", "timestamp": when, "cwd": cwd,
+        "sessionId": session, "version": "2.1.328", **extra}
+    return json.dumps(line, separators=(",", ":"))
+
+
+def user_line(session: str, when: str) -> str:
+    return json.dumps({"type": "user", "message": {"role": "user", "content": "hello"}, "timestamp": when,
+                       "sessionId": session, "cwd": "/home/dev/proj"}, separators=(",", ":"))
+
+
+def ccmon_import(srv: ServerProcess, *args: str, env: dict | None = None, home: Path | None = None,
+                 timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CCMON, "import", "--monitor-server", srv.target, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=srv.workdir,
+                          env={**os.environ, "HOME": str(home or srv.workdir), **(env or {})})
+
+
+def test_claude_codes_prices_are_bundled_exactly():
+    """The notes' figures for the mock's usage (1,500 in / 250 out / 4,000 cache read / 800 cache write), as Claude
+    Code computes them; provider spellings of a model name; 1-hour cache writes; long prompts; unknown models."""
+    mock = (1500, 250, 4000, 800)
+    for model, nanos in (("claude-sonnet-4-5", 12_450_000), ("claude-sonnet-4-5-20250929", 12_450_000),
+                         ("claude-opus-4-5", 20_750_000), ("claude-opus-4-5-20251101", 20_750_000),
+                         ("claude-opus-5-5", 15_800_000), ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", 12_450_000),
+                         ("claude-sonnet-4-5@20250929", 12_450_000), ("claude-sonnet-4-20250514", 12_450_000),
+                         ("claude-opus-4-1-20250805", 62_250_000)):
+        assert ccmon.cost_nanos(ccmon.price_of(model), *mock) == nanos, model
+    assert ccmon.cost_nanos(ccmon.price_of("claude-haiku-4-5-20251001"), 120, 30, 0, 0) == 270_000
+    # 300 of the 800 cache-write tokens for an hour: at $6 instead of $3.75 a million
+    assert ccmon.cost_nanos(ccmon.price_of("claude-sonnet-4-5"), *mock, 300) == 12_450_000 + 300 * 2250
+    assert ccmon.cost_nanos(ccmon.price_of("claude-sonnet-4-5"), *mock, inference_geo="us") == 13_695_000
+    haiku55 = ccmon.price_of("claude-haiku-5-5")  # prompts over 100,000 tokens cost five times as much
+    assert ccmon.cost_nanos(haiku55, 100_000, 0, 0, 0) == 10_000_000
+    assert ccmon.cost_nanos(haiku55, 100_001, 0, 0, 0) == 50_000_500
+    assert ccmon.price_of("gpt-4o") is None and ccmon.price_of("<synthetic>") is None
+    own = {"my-model": ccmon.Price(*(ccmon.decimal.Decimal(v) for v in ("1", "2", "0.1", "1.25", "2")))}
+    assert ccmon.cost_nanos(ccmon.price_of("my-model-20260101", own), 1_000_000, 1_000_000, 0, 0) == 3 * 10 ** 9
+
+
+def test_transcript_lines_are_read_as_claude_code_writes_them():
+    sample = shared_dir() / SAMPLE_TRANSCRIPTS
+    [path] = sample.glob("*/*.jsonl")
+    found = [ccmon.transcript_entry(line) for line in path.read_text().splitlines()]
+    entries = [e for e in found if isinstance(e, ccmon.TranscriptEntry)]
+    assert [e for e in found if isinstance(e, str)] == []
+    assert [(e.request_id, e.message_id, e.model, e.input, e.output, e.cache_read, e.cache_creation, e.cache_1h,
+             e.project, e.cost_usd) for e in entries] == [
+        (r, m, "claude-sonnet-4-5", 1500, 250, 4000, 800, 0, "/home/dev/proj-alpha", None) for r, m in (
+            ("req_011CVc24a37712b284815b5cf", "msg_96079c6a38004c4d90f9ed2d"),
+            ("req_011CV9ec60954321e474e938a", "msg_ce12446355fc45f794d82929"),
+            ("req_011CVd016700b686246efb449", "msg_e148106fb4cc4856b39ba7cb"))]
+    assert entries[0].session_id == "c05b702a-6e79-483f-8620-85c0f585c90e"
+    assert entries[0].ts_ms == ccmon.parse_iso_ms("2026-11-27T05:30:37.457Z")
+    line = transcript_line("s", "2026-05-01T10:00:00Z", "req_1", "msg_1")
+    assert ccmon.transcript_entry(line[:-20]) == "not JSON"
+    assert ccmon.transcript_entry('{"type":"user"') == "not JSON"
+    assert ccmon.transcript_entry("garbage") == "not JSON"
+    assert ccmon.transcript_entry(user_line("s", "2026-05-01T10:00:00Z")) is None
+    assert ccmon.transcript_entry(transcript_line("s", "2026-05-01T10:00:00Z", "", "m", model="<synthetic>")) == \
+        "synthetic"
+    no_usage = json.loads(line)
+    del no_usage["message"]["usage"]
+    assert ccmon.transcript_entry(json.dumps(no_usage)) == "no usage"
+    assert ccmon.transcript_entry(transcript_line("s", "2026-05-01T10:00:00Z", "r", "m", costUSD=0.5)).cost_usd == \
+        "0.5"
+
+
+def write_transcript(folder: Path, session: str, lines: list[str], newline_at_end: bool = True) -> Path:
+    path = folder / "-home-dev-proj" / f"{session}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + ("\n" if newline_at_end else ""))
+    return path
+
+
+def test_import_counts_every_request_once_and_says_what_it_skipped(server, tmp_path):
+    """Streaming duplicates, a synthetic entry, an entry without usage, a line that is not JSON, a truncated last
+    line, an unknown model (cost 0, named), a transcript with costUSD (its own cost, not estimated), --since,
+    --dry-run, and a second import that finds everything known."""
+    folder = tmp_path / "projects"
+    answer = transcript_line("s-a", "2026-05-01T10:00:00.000Z", "req_a1", "msg_a1")
+    tool_use = transcript_line("s-a", "2026-05-01T10:00:00.100Z", "req_a1", "msg_a1")  # same answer, 2nd block
+    write_transcript(folder, "s-a", [
+        user_line("s-a", "2026-05-01T09:59:59Z"), answer, tool_use,
+        transcript_line("s-a", "2026-05-01T10:01:00Z", "req_a2", "msg_a2", model="claude-haiku-4-5",
+                        usage=(120, 30, 0, 0)),
+        transcript_line("s-a", "2026-05-01T10:02:00Z", "", "msg_syn", model="<synthetic>", usage=(0, 0, 0, 0)),
+        "this is not JSON",
+        transcript_line("s-a", "2026-05-01T10:03:00Z", "req_a3", "msg_a3", model="gpt-unknown", usage=(10, 10, 0, 0)),
+        transcript_line("s-a", "2026-05-01T10:04:00Z", "req_a4", "msg_a4", usage=(1500, 250, 4000, 800, 800)),
+        transcript_line("s-a", "2026-05-01T10:05:00Z", "req_a5", "msg_a5")[:80]], newline_at_end=False)
+    write_transcript(folder, "s-old", [
+        transcript_line("s-old", "2025-01-10T08:00:00Z", "req_o1", "msg_o1", model="claude-sonnet-4-20250514",
+                        costUSD=0.0125, cwd="/home/dev/old"),
+        transcript_line("s-old", "2026-04-30T08:00:00Z", "req_o2", "msg_o2", model="claude-opus-4-5", costUSD=0.02)])
+    dry = ccmon_import(server, str(folder), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(0,)]
+    assert dry.stdout.startswith("ccmon import (dry run): 2 files read; 6 requests to import; 0 already known; ")
+    first = ccmon_import(server, str(folder))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [
+        "ccmon import: 2 files read; 6 requests imported; 0 already known; 3 skipped (1 not JSON, 1 synthetic, "
+        "1 truncated last line); 1 streaming duplicates counted once; 3 priced by ccmon (estimated); unknown models "
+        "counted at $0: gpt-unknown (1)"]
+    assert f"ccmon import: truncated last line: {folder / '-home-dev-proj' / 's-a.jsonl'}" in first.stderr
+    rows = db_rows(server.db, "SELECT session_id, request_id, model_name, input_tokens, output_tokens, "
+                              "cache_read_tokens, cache_creation_tokens, cost_nanos, origin, user_name FROM r "
+                              "ORDER BY ts")
+    assert rows == [
+        ("s-old", "req_o1", "claude-sonnet-4-20250514", 1500, 250, 4000, 800, 12_500_000, 3, ""),
+        ("s-old", "req_o2", "claude-opus-4-5", 1500, 250, 4000, 800, 20_000_000, 3, ""),
+        ("s-a", "req_a1", "claude-sonnet-4-5", 1500, 250, 4000, 800, 12_450_000, 2, ""),
+        ("s-a", "req_a2", "claude-haiku-4-5", 120, 30, 0, 0, 270_000, 2, ""),
+        ("s-a", "req_a3", "gpt-unknown", 10, 10, 0, 0, 0, 2, ""),
+        ("s-a", "req_a4", "claude-sonnet-4-5", 1500, 250, 4000, 800, 12_450_000 + 800 * 2250, 2, "")]
+    assert db_rows(server.db, "SELECT session_id, project FROM sessions ORDER BY session_id") == \
+        [("s-a", "/home/dev/proj"), ("s-old", "/home/dev/old")]
+    s = stats(server)
+    assert (s.total_requests, s.total_cost.amount) == (6, 0.05947)
+    sessions = {x.session_id: x for x in server.query().GetSessions(ccmon_pb2.GetSessionsRequest(
+        start_time=ts("2020-01-01T00:00:00Z"))).sessions}
+    assert (sessions["s-a"].source, sessions["s-old"].source) == ("transcript*", "transcript")
+    page = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(start_time=ts("2020-01-01T00:00:00Z")))
+    assert page.total_count == 6 and len(page.requests) == 6
+    again = ccmon_import(server, str(folder))
+    assert again.stdout.startswith("ccmon import: 2 files read; 0 requests imported; 6 already known; "), again.stdout
+    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(6,)]
+    # the rest of the truncated line arrives: only that request is new
+    with open(folder / "-home-dev-proj" / "s-a.jsonl", "a") as out:
+        out.write(transcript_line("s-a", "2026-05-01T10:05:00Z", "req_a5", "msg_a5")[80:] + "\n")
+    since = ccmon_import(server, str(folder), "--since", "2026-05-01")
+    assert since.stdout.startswith("ccmon import: 2 files read; 1 request imported; 4 already known; 2 skipped "
+                                   "(1 not JSON, 1 synthetic); 1 streaming duplicates counted once; 2 before "
+                                   "--since;"), since.stdout
+    report = subprocess.run([*CCMON, "report", "session", "--monitor-server", server.target, "--since",
+                             "2025-01-01", "--json"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert {r["session_id"]: r["source"] for r in json.loads(report.stdout)["rows"]} == \
+        {"s-a": "transcript*", "s-old": "transcript"}
+
+
+def test_a_request_seen_by_telemetry_and_in_a_transcript_is_counted_once(server, tmp_path):
+    """Telemetry first: the transcript's copy is already known. Import first: the api_request event that arrives
+    later replaces the estimate with Claude Code's own cost. The session keeps the user telemetry names."""
+    sdk_export(server.port, [("api_request", api_request(1, "2026-05-02T10:00:00.050Z", session="s-both",
+                                                         request_id="req_b1", cost_usd=0.0125,
+                                                         input_tokens=1500, output_tokens=250,
+                                                         cache_read_tokens=4000, cache_creation_tokens=800))])
+    folder = tmp_path / "projects"
+    write_transcript(folder, "s-both", [
+        transcript_line("s-both", "2026-05-02T10:00:00Z", "req_b1", "msg_b1"),
+        transcript_line("s-both", "2026-05-02T10:01:00Z", "req_b2", "msg_b2")])
+    result = ccmon_import(server, str(folder), "--user", "importer@example.com")
+    assert result.stdout.startswith("ccmon import: 1 file read; 1 request imported; 1 already known;"), result
+    rows = db_rows(server.db, "SELECT request_id, origin, cost_nanos, user_name FROM r ORDER BY ts")
+    assert rows == [("req_b1", 0, 12_500_000, "u" * 64), ("req_b2", 2, 12_450_000, "u" * 64)]
+    sdk_export(server.port, [("api_request", api_request(2, "2026-05-02T10:01:00.030Z", session="s-both",
+                                                         request_id="req_b2", cost_usd=0.013))])
+    rows = wait_until(lambda: [r for r in db_rows(server.db, "SELECT request_id, origin, cost_nanos FROM r "
+                                                             "ORDER BY ts") if r[1] == 0 and r[0] == "req_b2"],
+                      "the api_request event replacing the imported request", 30)
+    assert db_rows(server.db, "SELECT request_id, origin, cost_nanos FROM r ORDER BY ts") == \
+        [("req_b1", 0, 12_500_000), ("req_b2", 0, 13_000_000)]
+    s = stats(server, "2026-05-02T00:00:00Z", "2026-05-03T00:00:00Z")
+    assert (s.total_requests, s.total_cost.amount) == (2, 0.0255)
+    # a session the server never saw gets the importer's user (default: user.email of OTEL_RESOURCE_ATTRIBUTES)
+    write_transcript(folder, "s-new", [transcript_line("s-new", "2026-05-02T11:00:00Z", "req_n1", "msg_n1")])
+    ccmon_import(server, str(folder), env={"OTEL_RESOURCE_ATTRIBUTES": "team=x,user.email=ana%40example.com"})
+    assert db_rows(server.db, "SELECT user_name FROM r WHERE session_id = 's-new'") == [("ana@example.com",)]
+
+
+def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_path):
+    home = tmp_path / "home"
+    folder = home / ".claude" / "projects"
+    path = write_transcript(folder, "s-live", [transcript_line("s-live", "2026-05-03T10:00:00Z", "req_l1", "msg_l1")])
+    (path.parent / "not-a-file.jsonl").mkdir()  # unreadable: named once, though --follow looks every second
+    proc = subprocess.Popen([*CCMON, "import", "--follow", "--monitor-server", server.target], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HOME": str(home)})
+    try:
+        wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(1,)], "the first import", 30)
+        half = transcript_line("s-live", "2026-05-03T10:01:00Z", "req_l2", "msg_l2")
+        with open(path, "a") as out:  # Claude Code writing a line: first half, then the rest
+            out.write(half[:100])
+            out.flush()
+            time.sleep(1.5)
+            out.write(half[100:] + "\n" + user_line("s-live", "2026-05-03T10:01:01Z") + "\n")
+        write_transcript(folder, "s-new", [transcript_line("s-new", "2026-05-03T10:02:00Z", "req_l3", "msg_l3")])
+        wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(3,)], "the appended lines", 30)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out == "ccmon import: 3 files read; 3 requests imported; 0 already known; 1 skipped (1 unreadable file); " \
+                  "3 priced by ccmon (estimated)\n"
+    assert err == f"ccmon import: unreadable: {path.parent / 'not-a-file.jsonl'} (Is a directory)\n"
+    assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_l1",), ("req_l2",), ("req_l3",)]
+
+
+def test_import_into_a_server_with_a_token(tmp_path):
+    srv = ServerProcess(tmp_path, "--server-token", "t0ken").start()
+    try:
+        folder = tmp_path / "projects"
+        write_transcript(folder, "s-t", [transcript_line("s-t", "2026-05-04T10:00:00Z", "req_t1", "msg_t1")])
+        refused = ccmon_import(srv, str(folder))
+        assert refused.returncode == 1 and "token" in refused.stderr.lower(), refused.stderr
+        assert db_rows(srv.db, "SELECT COUNT(*) FROM requests") == [(0,)]
+        accepted = ccmon_import(srv, str(folder), env={"CCMON_TOKEN": "t0ken"})
+        assert accepted.returncode == 0 and "1 request imported" in accepted.stdout, accepted
+        missing = ccmon_import(srv, str(tmp_path / "nowhere"))
+        assert missing.returncode == 1 and "no Claude Code transcripts in" in missing.stderr
+    finally:
+        srv.stop()
+
+
+def test_claude_codes_own_transcripts_are_imported_exactly_and_once(server, claude_code, mock_anthropic, tmp_path):
+    """A real Claude Code, offline: two runs without telemetry (one with a tool call: two API calls), one with
+    Haiku, one with telemetry on. `ccmon import` of its HOME's transcripts stores each API call once, costed as
+    Claude Code costed it; the telemetry run's calls are already known; importing again adds nothing."""
+    api = mock_anthropic()
+    home, project = tmp_path / "home", tmp_path / "project"
+    runs = [("RUN_TOOL: print a word", "claude-sonnet-4-5", None, 2), ("say hello", "claude-sonnet-4-5", None, 1),
+            ("say hello with haiku", "claude-haiku-4-5", None, 1),
+            ("say hello with telemetry", "claude-sonnet-4-5", telemetry_env(server), 1)]
+    results = []
+    for prompt, model, env, calls in runs:
+        result = run_claude_print(claude_code, api.port, project, prompt, env, home=home, model=model)
+        assert round(result["total_cost_usd"] * 1e9) == calls * MOCK_USAGE[model][4]
+        results.append((result["session_id"], result["total_cost_usd"], model, calls))
+    telemetry_session = results[-1][0]
+    wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM r WHERE session_id = ?", (telemetry_session,))
+               == [(1,)], "the telemetry run's api_request", 30)
+    imported = ccmon_import(server, home=home)  # the default folder: ~/.claude/projects
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.startswith("ccmon import: 4 files read; 4 requests imported; 1 already known; "
+                                      "0 skipped;"), imported.stdout
+    for session, cost_usd, model, calls in results:
+        rows = db_rows(server.db, "SELECT model_name, input_tokens, output_tokens, cache_read_tokens, "
+                                  "cache_creation_tokens, cost_nanos, origin, request_id FROM r WHERE session_id = ? "
+                                  "ORDER BY ts", (session,))
+        i, o, cr, cc, nanos = MOCK_USAGE[model]
+        origin = 0 if session == telemetry_session else 2
+        assert [row[:7] for row in rows] == [(model, i, o, cr, cc, nanos, origin)] * calls, session
+        assert sum(row[5] for row in rows) == round(cost_usd * 1e9), "Claude Code's own cost"
+        assert sorted(row[7] for row in rows) == sorted(transcript_requests(claude_transcript(home, session)))
+    assert db_rows(server.db, "SELECT project FROM sessions WHERE session_id = ?", (results[0][0],)) == \
+        [(str(project.resolve()),)]
+    s = stats(server)
+    assert (s.total_requests, round(s.total_cost.amount * 1e9)) == (5, 4 * 12_450_000 + 270_000)
+    again = ccmon_import(server, home=home)
+    assert again.stdout.startswith("ccmon import: 4 files read; 0 requests imported; 5 already known;"), again.stdout
+    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(5,)]
+
+
+def test_bundled_prices_are_what_claude_code_charges(claude_code, mock_anthropic, tmp_path):
+    """One model of each price in Claude Code's catalog, run for real against the stand-in API: ccmon's price of the
+    transcript's usage equals Claude Code's own total_cost_usd, to the nano-dollar."""
+    api = mock_anthropic()
+    home, project = tmp_path / "home", tmp_path / "project"
+    for model in ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-3-5-haiku", "claude-haiku-5-5", "claude-sonnet-5",
+                  "claude-sonnet-5-5", "claude-opus-4-5", "claude-opus-5-5", "claude-fable-5", "claude-fable-5-1",
+                  "claude-fable-5-2"):
+        result = run_claude_print(claude_code, api.port, project, "say hello", home=home, model=model)
+        [entry] = [e for e in map(ccmon.transcript_entry, map(json.dumps, claude_transcript(home, result["session_id"])))
+                   if isinstance(e, ccmon.TranscriptEntry)]
+        assert entry.model == model
+        request, priced = ccmon.imported_request(entry, {})
+        assert priced and request.estimated and request.cost_nanos == round(result["total_cost_usd"] * 1e9), model
+
+
+def test_pricing_in_the_config_adds_and_overrides_models(server, tmp_path):
+    (tmp_path / "config.toml").write_text('[pricing]\n"my-model" = {input = 2, output = 8}\n'
+                                          '"claude-sonnet-4-5" = {input = 1, output = 1, cache_read = 1, '
+                                          'cache_write_5m = 1, cache_write_1h = 1}\n')
+    folder = tmp_path / "projects"
+    write_transcript(folder, "s-p", [
+        transcript_line("s-p", "2026-05-05T10:00:00Z", "req_p1", "msg_p1", model="my-model-20260101",
+                        usage=(1_000_000, 1_000_000, 1_000_000, 1_000_000)),
+        transcript_line("s-p", "2026-05-05T10:01:00Z", "req_p2", "msg_p2")])
+    result = ccmon_import(server, "--config", str(tmp_path / "config.toml"), str(folder))
+    assert result.returncode == 0 and "unknown" not in result.stdout, result
+    # my-model: $2 input + $8 output + $0.20 cache read (0.1 x input) + $2.50 cache write (1.25 x input)
+    assert db_rows(server.db, "SELECT request_id, cost_nanos FROM r ORDER BY ts") == \
+        [("req_p1", 12_700_000_000), ("req_p2", 6_550_000)]
+
+
+def test_import_progress_is_drawn_on_one_line():
+    class Counting:
+        def import_requests(self, rows, user, dry_run):
+            return len(rows), 0
+
+    shown = io.StringIO()
+    importer = ccmon.Importer(Counting(), ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None,
+                              False, shown)
+    importer.tally.files = 3
+    importer.add([transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}") for n in range(7)])
+    importer.show_progress(10)
+    importer.flush(wait=True)
+    importer.show_progress(done=True)
+    importer.sender.shutdown()
+    assert re.fullmatch(r"\r\x1b\[Kccmon import: \[######\.{14}\] 3/10 files, 7 entries, [0-9,]+/s\r\x1b\[K",
+                        shown.getvalue())
+    assert importer.tally.imported == 7
+
+
+def test_import_requests_rejects_what_is_not_a_request(server):
+    good = dict(session_id="s-x", timestamp_ms=ccmon.parse_iso_ms("2026-05-06T10:00:00Z"), model="claude-haiku-4-5",
+                input_tokens=120, output_tokens=30, cost_nanos=270_000, estimated=True, request_id="req_x1",
+                message_id="msg_x1")
+    for bad in ({"session_id": ""}, {"timestamp_ms": 0}, {"input_tokens": -1}, {"cost_nanos": -5}):
+        with pytest.raises(grpc.RpcError) as error:
+            server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(requests=[
+                ccmon_pb2.ImportedRequest(**good), ccmon_pb2.ImportedRequest(**{**good, **bad})]))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(0,)]  # all or nothing
+    answer = server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(
+        requests=[ccmon_pb2.ImportedRequest(**good)] * 2, user="importer"))
+    assert (answer.imported, answer.already_known) == (1, 1)
+    assert db_rows(server.db, "SELECT user_name, origin, cost_nanos FROM r") == [("importer", 2, 270_000)]
