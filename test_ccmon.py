@@ -63,8 +63,6 @@ CLAUDE_RESOURCE = {"service.name": "claude-code", "service.version": "2.0.14", "
                    "host.arch": "amd64"}
 
 
-# ---------------------------------------------------------------- helpers: server process, exporters, queries
-
 class ServerProcess:
     """`ccmon --server` as a subprocess on an ephemeral loopback port, with its stderr collected."""
 
@@ -258,7 +256,904 @@ MIXED_EVENTS = [
 ]
 
 
-# ---------------------------------------------------------------- server: ingestion and the query service
+# ---------------------------------------------------------------- domain: numbers, time, 5-hour blocks and limits
+
+def test_number_parsing_accepts_every_anyvalue_shape():
+    assert [ccmon.parse_count(v, "k") for v in ("12", " 7 ", 12, 12.0, "3.0", "1e3")] == [12, 7, 12, 12, 3, 1000]
+    assert [ccmon.parse_usd_nanos(v, "c") for v in ("0.0421", 0.1, 3, "1e-9", 0.000975)] == \
+        [42_100_000, 100_000_000, 3_000_000_000, 1, 975_000]
+    for bad, message in ((True, "is not a number"), ("", "is not a number"), ("inf", "is not a finite number"),
+                         (float("nan"), "is not a finite number"), (2 ** 63, "is too large"), ([1], "is not a number"),
+                         (10 ** 12, "is too large"), (b"\x12", "is not a number"), ("١٢", "is not a number"),
+                         ("1e1000000", "is too large"), ("1.5", "is not a whole number"), (-3, "is negative")):
+        with pytest.raises(ccmon.BadValue, match=message):
+            ccmon.parse_count(bad, "k")
+    for bad, message in (("Infinity", "is not a finite number"), (-0.5, "is negative"), (None, "is not a number"),
+                         ("1,5", "is not a number"), (1e12, "is too large"), ("9" * 30, "is too large")):
+        with pytest.raises(ccmon.BadValue, match=message):
+            ccmon.parse_usd_nanos(bad, "c")
+
+
+def test_day_bounds_across_dst():
+    zone = ccmon.ZoneInfo("Europe/Berlin")
+    end = ccmon.parse_iso_ms("2026-03-30T12:00:00Z")
+    bounds = ccmon.day_bounds(zone, end, 3)
+    assert [(d, (hi - lo) // 3600_000) for d, lo, hi in bounds] == [
+        ("2026-03-30", 24), ("2026-03-29", 23), ("2026-03-28", 24)]
+    assert bounds[1][1] == ccmon.parse_iso_ms("2026-03-28T23:00:00Z")
+
+
+def test_premium_split():
+    assert not ccmon.is_premium("claude-3-5-HAIKU-20241022")
+    assert ccmon.is_premium("claude-opus-4-1") and ccmon.is_premium("unknown")
+
+
+BERLIN = ccmon.ZoneInfo("Europe/Berlin")
+
+
+def local_ms(text: str, zone=BERLIN) -> int:
+    return ccmon.ms_from_datetime(dt.datetime.fromisoformat(text).replace(tzinfo=zone))
+
+
+@pytest.mark.parametrize("text,hour", [("5am", 5), ("11pm", 23), ("12am", 0), ("12pm", 12), ("1AM", 1),
+                                       (" 07pm ", 19), ("10 am", 10)])
+def test_block_hour_forms(text, hour):
+    assert ccmon.parse_block_mode(text) == hour
+
+
+@pytest.mark.parametrize("now,hour,expected", [
+    ("2026-01-15 05:00", 5, ("2026-01-15 05:00", "2026-01-15 10:00")),
+    ("2026-01-15 09:59", 5, ("2026-01-15 05:00", "2026-01-15 10:00")),
+    ("2026-01-15 16:20", 5, ("2026-01-15 15:00", "2026-01-15 20:00")),
+    ("2026-01-16 00:30", 5, ("2026-01-15 20:00", "2026-01-16 01:00")),
+    ("2026-01-16 04:30", 5, ("2026-01-16 01:00", "2026-01-16 05:00")),  # cut short by the next cycle
+    ("2026-01-16 01:00", 23, ("2026-01-15 23:00", "2026-01-16 04:00")),
+    ("2026-03-29 01:30", 23, ("2026-03-28 23:00", "2026-03-29 05:00")),  # spring forward: 5 real hours
+    ("2026-10-25 02:30", 23, ("2026-10-24 23:00", "2026-10-25 03:00")),  # fall back: 5 real hours
+    ("2026-03-29 12:00", 2, ("2026-03-29 08:00", "2026-03-29 13:00")),   # 2am does not exist that day
+])
+def test_current_block_examples(now, hour, expected):
+    start, end = ccmon.current_block(local_ms(now), BERLIN, hour)
+    assert [dt.datetime.fromtimestamp(ms / 1000, BERLIN).strftime("%Y-%m-%d %H:%M") for ms in (start, end)] == \
+        list(expected)
+
+
+@pytest.mark.parametrize("zone_name", ["Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe",
+                                       "UTC"])
+def test_blocks_tile_time_for_every_start_hour(zone_name):
+    zone = ccmon.ZoneInfo(zone_name)
+    # Two days around each DST change of 2026 in the northern and southern hemispheres.
+    starts = [ccmon.parse_iso_ms(d) for d in ("2026-03-07T00:00:00Z", "2026-03-28T00:00:00Z",
+                                               "2026-04-04T00:00:00Z", "2026-10-24T00:00:00Z")]
+    for hour in range(24):
+        for origin in starts:
+            moment = origin
+            start, end = ccmon.current_block(moment, zone, hour)
+            while moment < origin + 2 * 86400_000:
+                assert start <= moment < end and 0 < end - start <= ccmon.BLOCK_MS
+                next_start, next_end = ccmon.current_block(end, zone, hour)
+                assert next_start == end  # blocks tile time: no gaps, no overlaps
+                cycle_start = ccmon.ms_from_datetime(dt.datetime.combine(
+                    dt.datetime.fromtimestamp(end / 1000, zone).date(), dt.time(hour), zone))
+                assert end - start == ccmon.BLOCK_MS or end == cycle_start  # short only where a cycle restarts
+                assert ccmon.current_block(cycle_start, zone, hour)[0] == cycle_start
+                moment, start, end = end, next_start, next_end
+
+
+def test_block_status_projection():
+    start = local_ms("2026-01-15 10:00")
+    status = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 30 * 60_000, used=21_000, limit=35_000)
+    assert status.burn_rate == 700.0
+    assert status.limit_reached_ms() == start + 50 * 60_000
+    slow = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 60 * 60_000, used=3_000, limit=35_000)
+    assert slow.limit_reached_ms() is None and slow.projected_at_end() == 15_000
+    over = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 60_000, used=40_000, limit=35_000)
+    assert over.limit_reached_ms() == start + 60_000
+    assert ccmon.token_limit("max", 0) == 35_000 and ccmon.token_limit("pro", 9) == 9
+    assert ccmon.token_limit("unset", 0) is None and ccmon.token_limit("max20", 0) == 140_000
+
+
+def test_limit_math():
+    assert ccmon.learned_limit([10, 20, 30, 40, 50, 60, 70, 80, 90, 100], 35) == (90, 10)
+    assert ccmon.learned_limit([10, 20, 0, 40], 35) == (40, 3)
+    assert ccmon.learned_limit([5, 6], 7_000) == (7_000, 2)  # never below the plan's limit
+    assert ccmon.learned_limit([], 7_000) == (7_000, 0) and ccmon.learned_limit([], None) == (None, 0)
+    zone = ccmon.ZoneInfo("UTC")
+    assert ccmon.block_window("auto", 150, zone, [(0, 100), (120, 200)]) == (120, 200)
+    assert ccmon.block_window("auto", 210, zone, [(0, 100), (120, 200)]) is None
+    assert ccmon.block_window(5, local_ms("2026-01-15 12:00", zone), zone, []) == \
+        (local_ms("2026-01-15 10:00", zone), local_ms("2026-01-15 15:00", zone))
+    assert [ccmon.model_family(m) for m in ("claude-opus-4-1", "claude-sonnet-4-5", "claude-3-5-haiku", "x")] == \
+        ["opus", "sonnet", "haiku", "other"]
+    start = local_ms("2026-01-15 10:00")
+    recent = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 60 * 60_000, used=3_000, limit=10_000,
+                               recent_rate=100.0)
+    assert recent.burn_rate == 100.0 and recent.projected_at_end() == 27_000
+    assert recent.limit_reached_ms() == start + 60 * 60_000 + 70 * 60_000
+
+
+def test_weekly_gauge_and_its_projection():
+    settings = ccmon.MonitorSettings("x:1", BERLIN, "auto", 10_000, 5, weekly_limit=100_000)
+    now = local_ms("2026-05-04 09:00")  # a Monday
+    limits = ccmon.LimitFigures(None, ccmon.Split(), 50.0, 10_000, None,
+                                (("opus", ccmon.Usage(3, 20_000, 5_000)), ("sonnet", ccmon.Usage(9, 40_000, 5_000)),
+                                 ("haiku", ccmon.Usage(2, 999, 1))))
+    def line(width):
+        return ccmon.line_text(ccmon.weekly_line(limits, ccmon.Screen(settings, width, 24, now,
+                                                                      ccmon.Glyphs.for_terminal(False)), 101))
+
+    # 70,000 used; 30,000 left at 50 tokens/min: 600 minutes, Monday 19:00
+    assert line(123) == ("Week   ############################............  70%  70.0K / 100K, limit Mon 19:00 at "
+                         "this pace (opus 25.0K, sonnet 45.0K)")
+    assert line(122) == line(123).removesuffix(" (opus 25.0K, sonnet 45.0K)")
+    assert ccmon.weekly_reached_ms(100, 100, 0.0, now) == now and ccmon.weekly_reached_ms(1, 100, 0.0, now) is None
+
+
+# ---------------------------------------------------------------- configuration: files, flags, environment, validation
+
+def run_main(args: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = ccmon.main(args)
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def config_for(tmp_path, monkeypatch, args: list[str] = ()) -> ccmon.Config:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return ccmon.load_config(ccmon.build_parser().parse_args(list(args)))
+
+
+def test_config_defaults(tmp_path, monkeypatch):
+    config = config_for(tmp_path, monkeypatch)
+    assert config == ccmon.Config(
+        database_path=tmp_path / "home" / ".ccmon" / "ccmon.db", server_address="127.0.0.1:4317",
+        server_retention_s=None, server_http_address="127.0.0.1:4318", server_token="", server_tls=None,
+        max_message_bytes=16 * 1024 * 1024, monitor_server="127.0.0.1:4317", monitor_token="", monitor_tls=None,
+        monitor_timezone="UTC", refresh_interval_s=5, plan="unset", max_tokens=0, source="defaults")
+
+
+def test_config_file_search_order_and_flag_precedence(tmp_path, monkeypatch):
+    home_dir = tmp_path / "home" / ".ccmon"
+    home_dir.mkdir(parents=True)
+    (home_dir / "config.toml").write_text('[claude]\nplan = "pro"\n')
+    assert config_for(tmp_path, monkeypatch).plan == "pro"
+    (tmp_path / "config.json").write_text(json.dumps({"claude": {"plan": "max", "max_tokens": 9000},
+                                                      "server": {"retention": "30d"}}))
+    config = config_for(tmp_path, monkeypatch)
+    assert (config.plan, config.max_tokens, config.server_retention_s) == ("max", 9000, 30 * 86400)
+    assert config.source == str(tmp_path / "config.json")
+    (tmp_path / "config.toml").write_text('[monitor]\ntimezone = "Asia/Taipei"\nrefresh_interval = "1m"\n'
+                                          '[database]\npath = "~/data/x.db"\n')
+    config = config_for(tmp_path, monkeypatch, ["--monitor-timezone", "Europe/Berlin"])
+    assert (config.monitor_timezone, config.refresh_interval_s, config.plan) == ("Europe/Berlin", 60, "unset")
+    assert config.database_path == tmp_path / "home" / "data" / "x.db"
+    yaml_file = tmp_path / "elsewhere.yaml"
+    yaml_file.write_text("claude:\n  plan: max20\nserver:\n  address: 0.0.0.0:4317\n")
+    config = config_for(tmp_path, monkeypatch, ["--config", str(yaml_file), "--claude-max-tokens", "5"])
+    assert (config.plan, config.server_address, config.max_tokens) == ("max20", "0.0.0.0:4317", 5)
+
+
+FILE_ERRORS = [
+    ("config.toml", '[claude]\nplan = "gold"\n', "{path}: claude.plan: unknown plan 'gold' (accepted: unset, pro, "
+                                                 "max, max20)"),
+    ("config.toml", '[claude]\nmax_tokens = -1\n',
+     "{path}: claude.max_tokens: invalid token limit -1 (use a whole number >= 0, 0 meaning the plan's default, or "
+     "'auto' to learn it)"),
+    ("config.toml", '[server]\nport = 4317\n', "{path}: unknown key server.port (known in [server]: address, "
+                                               "http_address, retention, token, tls_cert, tls_key, tls_client_ca, "
+                                               "max_message_size, cache.stats.enabled, cache.stats.ttl)"),
+    ("config.toml", '[mointor]\nserver = "x:1"\n', "{path}: unknown section [mointor] (known: database, server, "
+                                                   "monitor, claude, pricing)"),
+    ("config.toml", '[pricing]\nmy-model = 3\n',
+     "{path}: [pricing] 'my-model': expected a table such as {{input = 3, output = 15}}, got 3"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3}\n',
+     "{path}: [pricing] 'my-model': needs at least input and output (USD per million tokens)"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3, output = -1}\n',
+     "{path}: [pricing] 'my-model': output must be a price in USD per million tokens from 0 to 10000, got -1"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3, output = "x"}\n',
+     "{path}: [pricing] 'my-model': output must be a price in USD per million tokens from 0 to 10000, got 'x'"),
+    ("config.toml", '[pricing]\nmy-model = {input = 3, output = 15, cache_write = 4}\n',
+     "{path}: [pricing] 'my-model': unknown key cache_write (known: input, output, cache_read, cache_write_5m, "
+     "cache_write_1h)"),
+    ("config.toml", '[monitor]\ntimezone = 3\n', "{path}: monitor.timezone: expected a non-empty string, got 3"),
+    ("config.toml", 'plan = \n', "{path}: not valid TOML: "),
+    ("config.json", '{"claude": ', "{path}: not valid JSON: "),
+    ("config.yaml", 'claude: [unclosed', "{path}: not valid YAML: "),
+    ("config.json", '[1, 2]', "{path}: the top level must be a table of sections"),
+    ("config.toml", 'claude = 5\n', "{path}: [claude] must be a table of settings"),
+    ("config.toml", '[monitor]\ntoken = 5\n', "{path}: monitor.token: a token must be a string without spaces"),
+    ("config.toml", '[monitor]\ntls_ca = true\n', "{path}: monitor.tls_ca: expected a file path, got True"),
+]
+
+
+@pytest.mark.parametrize("name,content,message", FILE_ERRORS)
+def test_config_file_errors(name, content, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / ".ccmon").mkdir(parents=True)
+    path = tmp_path / "home" / ".ccmon" / name
+    path.write_text(content)
+    code, err = run_main(["--server"], capsys)
+    assert code == 2
+    assert err.startswith("ccmon: config error: " + message.format(path=path))
+
+
+@pytest.mark.parametrize("name,content", [
+    ("config.toml", 'baseURL = "https://example.org/"\ntitle = "My blog"\n[params]\nauthor = "me"\n'),  # Hugo's
+    ("config.json", '{"port": 8080, "debug": true}'),
+    ("config.yaml", "version: 2\njobs: {}\n"),
+    ("config.toml", "this is [not toml"),
+])
+def test_another_tools_config_in_the_current_folder_is_passed_over(name, content, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / name).write_text(content)
+    config = ccmon.load_config(ccmon.build_parser().parse_args([]))
+    assert (config.source, config.plan) == ("defaults", "unset")
+    (tmp_path / "home" / ".ccmon").mkdir(parents=True)
+    (tmp_path / "home" / ".ccmon" / "config.toml").write_text('[claude]\nplan = "max"\n')
+    config = ccmon.load_config(ccmon.build_parser().parse_args([]))
+    assert (config.source, config.plan) == (str(tmp_path / "home" / ".ccmon" / "config.toml"), "max")
+
+
+def test_ccmons_config_in_the_current_folder_stays_strict(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "config.toml").write_text('[claude]\nplan = "max"\n[mointor]\nserver = "x:1"\n')
+    assert run_main(["--server"], capsys) == (2, f"ccmon: config error: {tmp_path / 'config.toml'}: unknown section "
+                                                 "[mointor] (known: database, server, monitor, claude, pricing)\n")
+    (tmp_path / "config.toml").write_text('[claude\nplan = "max"\n')  # broken, but it names a section of ccmon's
+    code, err = run_main(["--server"], capsys)
+    assert code == 2 and err.startswith(f"ccmon: config error: {tmp_path / 'config.toml'}: not valid TOML: ")
+
+
+def test_the_original_go_ccmon_config_is_accepted(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "config.toml").write_text('[server]\naddress = "127.0.0.1:4317"\nretention = "30d"\n\n'
+                                          '[server.cache.stats]\nenabled = true\nttl = "1m"\n')
+    config = ccmon.load_config(ccmon.build_parser().parse_args(["--server-cache-stats-enabled=false",
+                                                                 "--server-cache-stats-ttl", "30s"]))
+    assert config.server_retention_s == 30 * 86400
+    (tmp_path / "config.toml").write_text('[server.cache.stats]\nttl = "soon"\n')
+    assert run_main(["--server"], capsys) == (
+        2, f"ccmon: config error: {tmp_path / 'config.toml'}: server.cache.stats.ttl: invalid duration 'soon' (use "
+           "seconds, minutes or hours such as '1m')\n")
+    assert run_main(["--server-cache-stats-enabled", "maybe", "--server"], capsys) == (
+        2, "ccmon: config error: --server-cache-stats-enabled: expected true or false\n")
+
+
+def test_yaml_without_pyyaml_says_how_to_get_it(tmp_path):
+    (tmp_path / "config.yaml").write_text("claude:\n  plan: pro\n")
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['yaml'] = None; "
+                             f"sys.path.insert(0, {str(ROOT)!r}); import ccmon; sys.exit(ccmon.main(['-s']))"],
+                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert "config.yaml: YAML config needs PyYAML: run 'pip install pyyaml'" in result.stderr
+
+
+@pytest.mark.parametrize("text", ["25am", "5", "noon", "13pm", "0am", "5 o'clock", "automatic"])
+def test_block_hour_errors(text, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["-b", text], capsys)
+    assert code == 2
+    assert err == (f"ccmon: config error: -b/--block: invalid block start {text!r} (use auto, or an hour from 1 to "
+                   "12 followed by am or pm, such as 5am or 11pm)\n")
+
+
+def test_token_precedence_flag_then_environment_then_file(tmp_path, monkeypatch):
+    (tmp_path / "config.toml").write_text('[server]\ntoken = "from-file"\n[monitor]\ntoken = "from-file"\n')
+    monkeypatch.delenv("CCMON_TOKEN", raising=False)
+    assert config_for(tmp_path, monkeypatch).server_token == "from-file"
+    monkeypatch.setenv("CCMON_TOKEN", "from-env")
+    config = config_for(tmp_path, monkeypatch)
+    assert (config.server_token, config.monitor_token) == ("from-env", "from-env")
+    config = config_for(tmp_path, monkeypatch, ["--server-token", "from-flag", "--monitor-token", "m"])
+    assert (config.server_token, config.monitor_token) == ("from-flag", "m")
+    tls = config_for(tmp_path, monkeypatch, ["--monitor-server", "https://ccmon.example.com:443"])
+    assert tls.monitor_tls == ccmon.TLSFiles()  # TLS with the system's roots
+
+
+def test_example_config_is_valid_and_shows_the_defaults(tmp_path, monkeypatch):
+    (tmp_path / "config.toml").write_text((ROOT / "config.toml.example").read_text())
+    example = config_for(tmp_path, monkeypatch)
+    (tmp_path / "config.toml").unlink()
+    assert dataclasses_replace(example, source="defaults", monitor_server_given=False) == config_for(tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--server-token", ""], {}, "--server-token: the token is empty; give a token, or leave --server-token out "
+                                 "for none"),
+    (["--monitor-token", ""], {}, "--monitor-token: the token is empty; give a token, or leave --monitor-token out "
+                                  "for none"),
+    ([], {"CCMON_TOKEN": ""}, "CCMON_TOKEN: the token is empty; give a token, or unset CCMON_TOKEN for none"),
+    (["--monitor-token", "m"], {"CCMON_TOKEN": ""},  # the server's token still comes from the variable
+     "CCMON_TOKEN: the token is empty; give a token, or unset CCMON_TOKEN for none"),
+])
+def test_an_empty_token_given_on_the_command_line_or_environment_is_a_config_error(args, env, message, tmp_path,
+                                                                                      monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("CCMON_TOKEN", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, err = run_main(["--format", "@daily_cost", "--monitor-server", "127.0.0.1:9", *args], capsys)
+    assert (code, err) == (2, f"ccmon: config error: {message}\n")
+
+
+def test_an_empty_token_in_a_config_file_means_none(tmp_path, monkeypatch):
+    monkeypatch.delenv("CCMON_TOKEN", raising=False)
+    (tmp_path / "config.toml").write_text('[server]\ntoken = ""\n[monitor]\ntoken = ""\n')
+    config = config_for(tmp_path, monkeypatch)
+    assert (config.server_token, config.monitor_token) == ("", "")
+
+
+def test_tls_files_that_cannot_work_are_config_errors(tmp_path, monkeypatch):
+    cert, key = make_certificate(tmp_path, "server")
+    other_cert, other_key = make_certificate(tmp_path, "other")
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(cert.read_bytes())
+    locked.chmod(0)
+    encrypted = tmp_path / "encrypted-key.pem"
+    subprocess.run(["openssl", "ec", "-in", str(key), "-aes256", "-passout", "pass:x", "-out", str(encrypted)],
+                   check=True, capture_output=True)
+    pair = ["--server-tls-cert", str(cert), "--server-tls-key", str(key)]
+    cases = [
+        (["--server-tls-cert", str(cert), "--server-tls-key", str(other_key)],
+         f"--server-tls-key: {other_key} does not match the certificate in {cert}"),
+        (["--server-tls-cert", str(junk), "--server-tls-key", str(key)],
+         f"--server-tls-cert: {junk} holds no PEM certificate"),
+        (["--server-tls-cert", str(key), "--server-tls-key", str(key)],
+         f"--server-tls-cert: {key} holds no PEM certificate"),
+        (["--server-tls-cert", str(cert), "--server-tls-key", str(junk)],
+         f"--server-tls-key: {junk} holds no unencrypted PEM private key"),
+        (["--server-tls-cert", str(cert), "--server-tls-key", str(encrypted)],
+         f"--server-tls-key: {encrypted} holds no unencrypted PEM private key"),
+        ([*pair, "--server-tls-client-ca", str(junk)], f"--server-tls-client-ca: {junk} holds no PEM certificate"),
+        (["--monitor-tls-ca", str(other_key)], f"--monitor-tls-ca: {other_key} holds no PEM certificate"),
+        (["--monitor-tls-cert", str(other_cert), "--monitor-tls-key", str(key)],
+         f"--monitor-tls-key: {key} does not match the certificate in {other_cert}"),
+    ]
+    if os.geteuid() != 0:  # root reads any file
+        cases.append((["--server-tls-cert", str(locked), "--server-tls-key", str(key)],
+                      f"--server-tls-cert: cannot read {locked}: Permission denied"))
+    for args, message in cases:
+        with pytest.raises(ccmon.ConfigError) as err:
+            config_for(tmp_path, monkeypatch, args)
+        assert str(err.value) == message
+    assert config_for(tmp_path, monkeypatch, pair).server_tls == ccmon.TLSFiles(cert, key)
+    # End to end: a mismatched pair is a config error, not "the port is in use".
+    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
+                        "--database-path", str(tmp_path / "tls.db"), "--server-tls-cert", str(cert),
+                        "--server-tls-key", str(other_key)], tmp_path, timeout=20)
+    assert (result.returncode, result.stderr) == \
+        (2, f"ccmon: config error: --server-tls-key: {other_key} does not match the certificate in {cert}\n")
+
+
+LIMIT_CONFIG_ERRORS = [
+    ("[claude]\nblock = \"dawn\"\n", "claude.block: invalid block start 'dawn' (use auto, or an hour from 1 to 12 "
+                                     "followed by am or pm, such as 5am or 11pm)"),
+    ("[claude]\nweekly_max_tokens = -3\n", "claude.weekly_max_tokens: invalid token limit -3 (use a whole number >= "
+                                           "0; 0 means none)"),
+    ("[monitor]\nalert_percent = [80, 120]\n", "monitor.alert_percent: invalid alert threshold 120 (use "
+                                               "whole percentages from 1 to 100, such as 80)"),
+    ("[monitor]\nalert_command = 5\n", "monitor.alert_command: expected a shell command as a string"),
+]
+
+
+@pytest.mark.parametrize("content,message", LIMIT_CONFIG_ERRORS)
+def test_limit_config_errors(content, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "config.toml").write_text(content)
+    code, err = run_main(["--server"], capsys)
+    assert (code, err) == (2, f"ccmon: config error: {tmp_path / 'config.toml'}: {message}\n")
+
+
+def test_limit_config_values(tmp_path, monkeypatch):
+    (tmp_path / "config.toml").write_text('[claude]\nblock = "auto"\nmax_tokens = "auto"\nweekly_max_tokens = 9\n'
+                                          '[monitor]\nalert_percent = 75\nalert_command = "notify-send ccmon"\n')
+    config = config_for(tmp_path, monkeypatch)
+    assert (config.block_mode, config.max_tokens, config.weekly_max_tokens, config.alert_percents,
+            config.alert_command) == ("auto", "auto", 9, (75,), "notify-send ccmon")
+    config = config_for(tmp_path, monkeypatch, ["-b", "11pm", "--alert", "80", "--alert", "95%"])
+    assert (config.block_mode, config.alert_percents) == (23, (80, 95))
+
+
+# ---------------------------------------------------------------- storage: schema, upgrades, the writer, a database that changes or breaks, files
+
+def test_restart_keeps_data_and_sigterm_is_graceful(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    sdk_export(srv.port, MIXED_EVENTS)
+    assert srv.stop(signal.SIGTERM) == 0
+    assert "stopped; database closed" in srv.log
+    srv.start()
+    try:
+        assert stats(srv).total_requests == 3
+        assert stats(srv).total_cost.amount == 0.143075
+    finally:
+        srv.stop()
+
+
+def test_kill_9_loses_no_acknowledged_record(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    stub = srv.logs_stub()
+    for batch in range(20):
+        events = [("api_request", api_request(batch * 50 + i, "2026-05-01T00:00:00Z", input_tokens=1))
+                  for i in range(50)]
+        stub.Export(logs_request(events))  # returns only after the commit
+    srv.stop(signal.SIGKILL)
+    assert db_rows(srv.db, "PRAGMA integrity_check") == [("ok",)]
+    srv.start()
+    try:
+        assert stats(srv).total_tokens.input == 1000
+    finally:
+        srv.stop()
+
+
+def test_retention_sweep_deletes_old_rows_at_start(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    events = [("api_request", api_request(1, hours_ago(24 * 10), input_tokens=100)),
+              ("api_request", api_request(2, hours_ago(24 * 8), input_tokens=200)),
+              ("api_request", api_request(3, hours_ago(24 * 6), input_tokens=400)),
+              ("tool_result", {"session.id": "sess-1", "event.sequence": 4, "event.timestamp": hours_ago(200)}),
+              ("tool_result", {"session.id": "sess-1", "event.sequence": 5, "event.timestamp": hours_ago(1)})]
+    sdk_export(srv.port, events)
+    srv.stop()
+    srv.args += ["--server-retention", "7d"]
+    srv.start()
+    try:
+        deadline = time.time() + 10
+        while "retention: deleted" not in srv.log and time.time() < deadline:
+            time.sleep(0.05)
+        assert "retention: deleted 3 rows older than" in srv.log
+        s = stats(srv)
+        assert (s.total_requests, s.total_tokens.input) == (1, 400)
+        assert db_rows(srv.db, "SELECT SUM(requests), SUM(input_tokens) FROM usage_rollup") == [(1, 400)]
+        assert db_rows(srv.db, "SELECT COUNT(*) FROM events") == [(1,)]
+    finally:
+        srv.stop()
+
+
+def test_port_in_use_and_foreign_database_are_refused(server, tmp_path):
+    second = subprocess.run([sys.executable, str(ROOT / "ccmon.py"), "--server", "--server-address",
+                             server.target, "--server-http-address", "off", "--database-path",
+                             str(tmp_path / "other.db")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert second.returncode == 1
+    assert second.stderr == (f"ccmon: cannot listen on {server.target}: the port is in use or the address is not "
+                             "on this machine (set --server-address)\n")  # and no line of gRPC's own
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE invoices (id INTEGER)")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database" * 100)
+    for path, message in ((foreign, "is an SQLite database of something else"),
+                          (garbage, "cannot use")):
+        result = subprocess.run([sys.executable, str(ROOT / "ccmon.py"), "-s", "--server-address",
+                                 "127.0.0.1:0", "--server-http-address", "off", "--database-path", str(path)],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 1
+        assert message in result.stderr and str(path) in result.stderr
+    assert garbage.read_bytes() == b"this is not a database" * 100
+
+
+def test_locked_database_answers_retry_and_recovers(server):
+    blocker = sqlite3.connect(server.db, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            server.logs_stub().Export(logs_request(MIXED_EVENTS))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert err.value.details().startswith("ccmon cannot store data right now (database write failed: ")
+        details = dict(err.value.trailing_metadata())["grpc-status-details-bin"]
+        status = ccmon_pb2.RpcStatus.FromString(details)
+        assert status.details[0].type_url == "type.googleapis.com/google.rpc.RetryInfo"
+        assert ccmon_pb2.RetryInfo.FromString(status.details[0].value).retry_delay.seconds == 5
+        response, data = http_post(server.http_port, body=logs_request(MIXED_EVENTS).SerializeToString())
+        assert (response.status, response.getheader("Retry-After")) == (503, "5")
+        assert status_of(data)[0] == 14
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert not server.logs_stub().Export(logs_request(MIXED_EVENTS)).HasField("partial_success")
+    assert stats(server).total_requests == 3
+    assert server.log.count("cannot write to the database") == 1
+    assert "is writable again" in server.log
+
+
+def test_second_server_on_the_same_database_refuses(server, tmp_path):
+    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "127.0.0.1:0",
+                        "--database-path", str(server.db)], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr == (f"ccmon: another ccmon server (pid {server.proc.pid}) is already using {server.db}; "
+                             "stop it or choose another --database-path\n")
+    taken = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address",
+                       f"127.0.0.1:{server.http_port}", "--database-path", str(tmp_path / "other.db")], tmp_path)
+    assert taken.returncode == 1
+    assert taken.stderr == (f"ccmon: cannot listen on 127.0.0.1:{server.http_port}: Address already in use "
+                            "(set --server-http-address, or 'off')\n")
+
+
+def test_kill_9_during_sustained_ingestion(tmp_path):
+    """Kill the server at random moments while exporters keep sending; every acknowledged record survives."""
+    import random
+    srv = ServerProcess(tmp_path).start()
+    acknowledged: set[int] = set()
+    rng = random.Random(7)
+    next_seq = 0
+    for round_number in range(3):
+        stop = threading.Event()
+
+        def send(port=srv.port):
+            nonlocal next_seq
+            stub = logs_service_pb2_grpc.LogsServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            while not stop.is_set():
+                seqs = list(range(next_seq, next_seq + 100))
+                next_seq += 100
+                events = [("api_request", api_request(seq, "2026-06-01T00:00:00Z", input_tokens=1)) for seq in seqs]
+                try:
+                    stub.Export(logs_request(events), timeout=5)
+                except grpc.RpcError:
+                    return
+                acknowledged.update(seqs)
+
+        senders = [threading.Thread(target=send) for _ in range(3)]
+        for sender in senders:
+            sender.start()
+        time.sleep(rng.uniform(0.3, 1.2))
+        srv.proc.kill()
+        srv.proc.wait()
+        stop.set()
+        for sender in senders:
+            sender.join()
+        assert db_rows(srv.db, "PRAGMA integrity_check") == [("ok",)]
+        srv.start()
+        stored = db_rows(srv.db, "SELECT seq, COUNT(*) FROM requests GROUP BY seq")
+        stored_seqs = {seq for seq, _ in stored}
+        print(f"round {round_number}: {len(acknowledged)} acknowledged, {len(stored_seqs)} stored")
+        assert all(count == 1 for _, count in stored)
+        assert acknowledged <= stored_seqs
+        assert stats(srv).total_tokens.input == len(stored_seqs)
+    srv.stop()
+
+
+def test_rollups_always_agree_with_raw_rows(tmp_path):
+    """Random inserts (with duplicates) and retention sweeps; every period, in any timezone, answered from the
+    rollups equals the brute-force sum over the raw rows."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    store, reader = ccmon.Writer(tmp_path / "rollups.db"), ccmon.Reader(tmp_path / "rollups.db")
+    base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
+    span = 40 * 86400_000
+    moments = st.integers(min_value=base - 86400_000, max_value=base + span)
+    row = st.tuples(moments, st.sampled_from(["s1", "s2", ""]), st.integers(min_value=0, max_value=50),
+                    st.sampled_from(["claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"]),
+                    st.sampled_from(["ana@example.com", "bo@example.com", ""]),
+                    *[st.integers(min_value=0, max_value=10 ** 6)] * 6,
+                    st.one_of(st.none(), st.integers(min_value=0, max_value=5000)),  # ttft_ms
+                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1, 2, 3]))  # ..., origin
+    operation = st.one_of(st.tuples(st.just("insert"), st.lists(row, min_size=1, max_size=30)),
+                          st.tuples(st.just("sweep"), moments))
+    zones = st.sampled_from(["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Australia/Lord_Howe"])
+
+    def brute_force(start, end, by="model_name", user=None):
+        rows = db_rows(store.path, f"SELECT {by}, SUM(origin != 1), SUM(input_tokens), SUM(output_tokens), "
+                                   "SUM(cache_read_tokens), SUM(cache_creation_tokens), SUM(cost_nanos), "
+                                   "SUM(duration_ms), SUM(COALESCE(ttft_ms, 0)), COUNT(ttft_ms) FROM r "
+                                   "WHERE ts >= ? AND ts < ? AND user_name = COALESCE(?, user_name) GROUP BY 1",
+                       (start, end, user))
+        return {key: ccmon.Usage(*figures) for key, *figures in rows}
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(operation, min_size=1, max_size=6), st.lists(st.tuples(moments, moments), max_size=6), zones)
+    def check(operations, periods, zone_name):
+        for kind, payload in operations:
+            if kind == "insert":
+                store.write(ccmon.Batch(requests=list(payload) * 2))  # every row twice: de-duplicated
+            else:
+                store.sweep(payload)
+        for start, end in periods:
+            lo, hi = min(start, end), max(start, end)
+            assert reader.usage(lo, hi) == brute_force(lo, hi)
+            assert reader.usage(lo, hi, by="user") == brute_force(lo, hi, by="user_name")
+            assert reader.usage(lo, hi, user="ana@example.com") == brute_force(lo, hi, user="ana@example.com")
+        zone = ccmon.ZoneInfo(zone_name)
+        for _, lo, hi in ccmon.day_bounds(zone, base + span, 42)[::7]:
+            assert reader.usage(lo, hi) == brute_force(lo, hi)
+        assert reader.usage(0, base + 2 * span) == brute_force(0, base + 2 * span)
+
+    check()
+    assert db_rows(store.path, "SELECT COUNT(*) FROM usage_rollup WHERE rows <= 0") == [(0,)]
+    store.close()
+
+
+def test_block_chains_and_edges(tmp_path):
+    store, reader = ccmon.Writer(tmp_path / "chain.db"), ccmon.Reader(tmp_path / "chain.db")
+    base = ccmon.parse_iso_ms("2026-06-01T00:05:00Z")
+    # One request every 40 minutes for 80 hours: never a pause of 5 hours.
+    rows = [(base + i * 40 * 60_000, "s", i, "claude-sonnet-4-5", "", 100, 0, 0, 0, 0, 0, None, None, None, None,
+             None, 0) for i in range(120)]
+    store.write(ccmon.Batch(requests=rows))
+    for hours in (30.5, 60.33, 61.0, 61.33, 63.0, 63.33):
+        now = base + int(hours * 3600_000)
+        near = reader.blocks(now - ccmon.DAY_MS, now)[-1]
+        far = reader.blocks(now - 30 * ccmon.DAY_MS, now)[-1]
+        assert (near.start_ms, near.end_ms) == (far.start_ms, far.end_ms)
+        assert (near.start_ms - ccmon.parse_iso_ms("2026-06-01T00:00:00Z")) % ccmon.BLOCK_MS == 0
+    store.close()
+    # No usage yet in a new block but a fast recent pace: the limit is near, not "within limit".
+    status = ccmon.BlockStatus(0, ccmon.BLOCK_MS, 60_000, used=0, limit=35_000, recent_rate=3_000.0)
+    assert status.limit_reached_ms() == 60_000 + int(35_000 / 3_000 * 60_000)
+    assert ccmon.block_window(None, 0, BERLIN, [(0, ccmon.BLOCK_MS)]) is None
+
+
+V1 = ROOT / "fixtures" / "v1"
+
+
+def v1_answers(srv: ServerProcess) -> dict:
+    """What `srv` answers to the queries fixtures/make_v1_database.py asked the schema-1 release."""
+    sys.path.insert(0, str(ROOT / "fixtures"))
+    from make_v1_database import queries
+    from google.protobuf import json_format
+    stub = srv.query()
+    return {name: json_format.MessageToDict(getattr(stub, method)(request))
+            for name, (method, request) in queries().items()}
+
+
+def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tmp_path):
+    db = tmp_path / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    srv = ServerProcess(tmp_path, db=db).start()
+    try:
+        backup = tmp_path / "ccmon.db.v1.bak"
+        assert f"upgrading {db} from schema 1 to {ccmon.SCHEMA_VERSION}; a copy of the old database is at " \
+               f"{backup}" in srv.log
+        old, new = json.loads((V1 / "answers.json").read_text()), v1_answers(srv)
+        # Every figure is what schema 1 answered; only s-cy-1's user is now the email its resource gave
+        # instead of the hashed user.id (schema 3 names users readably).
+        assert {k: v for k, v in new.items() if k not in ("sessions", "users")} == \
+            {k: v for k, v in old.items() if k not in ("sessions", "users")}
+        renamed = [s for s in new["sessions"]["sessions"] if s["sessionId"] == "s-cy-1"]
+        assert renamed[0]["user"] == "cy@example.com"
+        renamed[0]["user"] = "u" * 64
+        # schema 5 says where each session's usage comes from (a field schema 1 did not have)
+        sources = {s["sessionId"]: s.pop("source") for s in new["sessions"]["sessions"]}
+        assert sources == {s["sessionId"]: "metrics" if s.get("fromMetrics") else "events"
+                           for s in old["sessions"]["sessions"]}
+        assert new["sessions"] == old["sessions"]
+        users = {u["user"]: u for u in new["users"]["users"]}
+        assert users["cy@example.com"]["stats"]["totalCost"] == {"amount": 0.02}
+        assert users["u" * 64]["stats"]["totalCost"] == {"amount": 0.143075}
+        assert sorted(users) == sorted({u["user"] for u in old["users"]["users"]} | {"cy@example.com"})
+        assert db_rows(db, "PRAGMA user_version") == [(ccmon.SCHEMA_VERSION,)]
+        assert db_rows(db, "SELECT name FROM sqlite_master WHERE name = 'requests_request_id'") == \
+            [("requests_request_id",)]
+        with sqlite3.connect(backup) as copy:  # the backup is the old database, whole
+            assert copy.execute("PRAGMA user_version").fetchone() == (1,)
+            assert copy.execute("SELECT COUNT(*), SUM(cost_nanos) FROM requests").fetchone() == \
+                db_rows(db, "SELECT COUNT(*), SUM(cost_nanos) FROM requests")[0]
+        copy.close()
+        assert backup.stat().st_mode & 0o777 == 0o600
+        sdk_export(srv.port, [("api_request", api_request(1, hours_ago(1), session="after-upgrade",
+                                                          input_tokens=7, cost_usd=0.5))])
+        assert stats(srv, start=hours_ago(2)).total_tokens.input == 7
+        assert stats(srv).total_tokens.input == 3657 + 7
+    finally:
+        srv.stop()
+    srv.start()  # a second start finds the current schema: no second upgrade
+    srv.stop()
+    assert "upgrading" not in srv.log
+
+
+def test_a_failed_upgrade_leaves_the_database_untouched(tmp_path):
+    db = tmp_path / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    with sqlite3.connect(db) as conn:  # an object in the way of version 2's index: the upgrade cannot finish
+        conn.execute("CREATE TABLE requests_request_id (x)")
+    conn.close()
+    before = db.read_bytes()
+    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
+                        "--database-path", str(db)], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"ccmon: cannot upgrade {db} from schema 1 to {ccmon.SCHEMA_VERSION} (there is already a table named "
+        f"requests_request_id); the database is unchanged and a copy is at {db}.v1.bak")
+    assert db.read_bytes() == before
+    assert db_rows(db, "PRAGMA user_version") == [(1,)]
+
+
+def test_a_database_from_a_newer_ccmon_is_refused(tmp_path):
+    db = tmp_path / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    with sqlite3.connect(db) as conn:
+        conn.execute(f"PRAGMA user_version = {ccmon.SCHEMA_VERSION + 1}")
+    conn.close()
+    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--database-path", str(db)], tmp_path)
+    assert (result.returncode, result.stderr) == (
+        1, f"ccmon: {db} was written by a newer ccmon (schema {ccmon.SCHEMA_VERSION + 1}); upgrade ccmon\n")
+
+
+def test_sigterm_stops_the_server_promptly_under_load(tmp_path):
+    """gRPC and HTTP exports arrive together; SIGTERM (or SIGINT) stops the server within 10 s, with every
+    acknowledged record stored once."""
+    srv = ServerProcess(tmp_path)
+    acknowledged: set[int] = set()
+    counter = iter(range(10 ** 9))
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        srv.start()
+        stop = threading.Event()
+
+        def send(over_http: bool):
+            stub = srv.logs_stub()
+            while not stop.is_set():
+                seqs = [next(counter) for _ in range(50)]
+                body = logs_request([("api_request", api_request(seq, "2026-06-01T00:00:00Z", input_tokens=1))
+                                     for seq in seqs])
+                try:
+                    if over_http:
+                        response, _ = http_post(srv.http_port, body=body.SerializeToString())
+                        if response.status != 200:
+                            continue
+                    else:
+                        stub.Export(body, timeout=10)
+                except (grpc.RpcError, OSError):
+                    continue
+                acknowledged.update(seqs)
+
+        senders = [threading.Thread(target=send, args=(i % 2 == 0,)) for i in range(6)]
+        for sender in senders:
+            sender.start()
+        while len(acknowledged) < 500:
+            time.sleep(0.05)
+        srv.proc.send_signal(signum)
+        try:
+            assert srv.proc.wait(10) == 0, srv.log
+        finally:
+            stop.set()
+            for sender in senders:
+                sender.join()
+        time.sleep(0.05)  # the pump reads the last lines
+        assert "stopped; database closed" in srv.log
+    stored = db_rows(srv.db, "SELECT seq, COUNT(*) FROM requests GROUP BY seq")
+    assert all(count == 1 for _, count in stored)
+    assert acknowledged <= {seq for seq, _ in stored}
+
+
+def test_deleted_database_files_stop_acknowledgements(server):
+    stub = server.logs_stub()
+    stub.Export(logs_request(MIXED_EVENTS))
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{server.db}{suffix}").unlink()
+    events = [("api_request", api_request(9, "2026-06-01T00:00:00Z", session="after-delete", input_tokens=1))]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Export(logs_request(events))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert f"{server.db} was deleted" in err.value.details()
+    response, data = http_post(server.http_port, body=logs_request(events).SerializeToString())
+    assert (response.status, status_of(data)[0]) == (503, 14)
+    assert server.log.count("THE DATABASE FILE IS GONE") == 1
+    assert f"THE DATABASE FILE IS GONE: {server.db} was deleted." in server.log
+
+
+def test_one_server_per_database_whatever_the_path(server, tmp_path):
+    hard = tmp_path / "hard.db"
+    os.link(server.db, hard)
+    soft = tmp_path / "soft.db"
+    soft.symlink_to(server.db)
+    for path in (hard, soft):
+        result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
+                            "--database-path", str(path)], tmp_path)
+        assert (result.returncode, result.stderr) == (1, f"ccmon: another ccmon server (pid {server.proc.pid}) "
+                                                         f"is already using {path}; stop it or choose another "
+                                                         "--database-path\n")
+
+
+def zero_page(db: Path, table: str) -> None:
+    """Overwrite the first page of `table`'s b-tree with zeros, as a disk or a careless tool might."""
+    with sqlite3.connect(db) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        page = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+    conn.close()
+    with open(db, "r+b") as handle:
+        handle.seek((page - 1) * page_size)
+        handle.write(bytes(page_size))
+
+
+def test_a_damaged_database_is_refused_at_start(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    sdk_export(srv.port, MIXED_EVENTS)
+    srv.stop()
+    zero_page(srv.db, "requests")
+    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--database-path", str(srv.db)], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"ccmon: {srv.db} is damaged (")
+    assert result.stderr.endswith(f"); keep {srv.db} as it is, and restore a backup, or recover what SQLite can "
+                                  f"still read with: sqlite3 {srv.db} .recover | sqlite3 recovered.db\n")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_damage_found_while_running_is_answered_not_raised(server):
+    server.logs_stub().Export(logs_request(MIXED_EVENTS))
+    with sqlite3.connect(server.db) as conn:  # the rows move from the WAL into the main file, which then breaks
+        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    conn.close()
+    zero_page(server.db, "usage_rollup")
+    zero_page(server.db, "requests")
+    with pytest.raises(grpc.RpcError) as err:
+        server.logs_stub().Export(logs_request([("api_request", api_request(9, "2026-03-01T11:00:00Z"))]))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    for _ in range(2):
+        with pytest.raises(grpc.RpcError) as err:
+            stats(server)
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        assert err.value.details().startswith("the database is damaged: ")
+    assert server.log.count("it is damaged: stop the server, keep") == 1
+    assert server.log.count("the database is damaged (") == 1
+    assert "Traceback" not in server.log
+
+
+def test_an_older_server_still_running_is_not_upgraded_under(tmp_path):
+    """Releases of schema 1 locked ccmon.db.lock: while one holds it, a new server must not touch the file."""
+    import fcntl
+    db = tmp_path / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    with open(tmp_path / "ccmon.db.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--database-path", str(db)], tmp_path)
+        assert (result.returncode, result.stderr) == (1, f"ccmon: an older ccmon server (pid 4242) is using {db}; "
+                                                         "stop it first\n")
+        assert db_rows(db, "PRAGMA user_version") == [(1,)] and not (tmp_path / "ccmon.db.v1.bak").exists()
+    srv = ServerProcess(tmp_path, db=db).start()  # once it has stopped, its lock file goes with the upgrade
+    srv.stop()
+    assert not (tmp_path / "ccmon.db.lock").exists() and db_rows(db, "PRAGMA user_version") == \
+        [(ccmon.SCHEMA_VERSION,)]
+
+
+def test_a_database_reached_by_a_symlink_and_one_left_unnumbered(tmp_path):
+    real = tmp_path / "data" / "real.db"
+    real.parent.mkdir()
+    link = tmp_path / "link.db"
+    link.symlink_to(real)
+    srv = ServerProcess(tmp_path, db=link).start()
+    try:
+        srv.logs_stub().Export(logs_request(MIXED_EVENTS))
+        assert stats(srv).total_requests == 3
+    finally:
+        srv.stop()
+    # A schema-1 release stopped between creating its tables and numbering them left user_version 0.
+    unnumbered = tmp_path / "unnumbered.db"
+    shutil.copyfile(V1 / "ccmon.db", unnumbered)
+    with sqlite3.connect(unnumbered) as conn:
+        conn.execute("PRAGMA user_version = 0")
+    conn.close()
+    srv = ServerProcess(tmp_path, db=unnumbered).start()
+    try:
+        assert stats(srv).total_requests == 8
+    finally:
+        srv.stop()
+
+
+def test_files_are_private_and_a_failed_start_leaves_none(server, tmp_path):
+    server.logs_stub().Export(logs_request(MIXED_EVENTS))
+    for suffix in ("", "-wal", "-shm"):
+        assert Path(f"{server.db}{suffix}").stat().st_mode & 0o777 == 0o600, suffix
+    fresh = tmp_path / "fresh"
+    result = run_ccmon(["--server", "--server-address", server.target, "--database-path",
+                        str(fresh / "ccmon.db")], tmp_path)
+    assert result.returncode == 1 and "the port is in use" in result.stderr
+    assert list(fresh.iterdir()) == []
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    server.stop()
+    assert sorted(p.name for p in server.db.parent.iterdir() if p.name.startswith("ccmon.db")) == ["ccmon.db"]
+
+
+# ---------------------------------------------------------------- OTLP ingestion and the query service
 
 def test_sdk_exporter_mixed_value_types_recorded_exactly(server):
     sdk_export(server.port, MIXED_EVENTS)
@@ -424,1615 +1319,231 @@ def test_bad_metric_points_get_partial_success_and_traces_are_accepted(server):
         trace_service_pb2.ExportTraceServiceResponse()
 
 
-def test_restart_keeps_data_and_sigterm_is_graceful(tmp_path):
-    srv = ServerProcess(tmp_path).start()
-    sdk_export(srv.port, MIXED_EVENTS)
-    assert srv.stop(signal.SIGTERM) == 0
-    assert "stopped; database closed" in srv.log
-    srv.start()
-    try:
-        assert stats(srv).total_requests == 3
-        assert stats(srv).total_cost.amount == 0.143075
-    finally:
-        srv.stop()
-
-
-def test_kill_9_loses_no_acknowledged_record(tmp_path):
-    srv = ServerProcess(tmp_path).start()
-    stub = srv.logs_stub()
-    for batch in range(20):
-        events = [("api_request", api_request(batch * 50 + i, "2026-05-01T00:00:00Z", input_tokens=1))
-                  for i in range(50)]
-        stub.Export(logs_request(events))  # returns only after the commit
-    srv.stop(signal.SIGKILL)
-    assert db_rows(srv.db, "PRAGMA integrity_check") == [("ok",)]
-    srv.start()
-    try:
-        assert stats(srv).total_tokens.input == 1000
-    finally:
-        srv.stop()
-
-
-def test_retention_sweep_deletes_old_rows_at_start(tmp_path):
-    srv = ServerProcess(tmp_path).start()
-    events = [("api_request", api_request(1, hours_ago(24 * 10), input_tokens=100)),
-              ("api_request", api_request(2, hours_ago(24 * 8), input_tokens=200)),
-              ("api_request", api_request(3, hours_ago(24 * 6), input_tokens=400)),
-              ("tool_result", {"session.id": "sess-1", "event.sequence": 4, "event.timestamp": hours_ago(200)}),
-              ("tool_result", {"session.id": "sess-1", "event.sequence": 5, "event.timestamp": hours_ago(1)})]
-    sdk_export(srv.port, events)
-    srv.stop()
-    srv.args += ["--server-retention", "7d"]
-    srv.start()
-    try:
-        deadline = time.time() + 10
-        while "retention: deleted" not in srv.log and time.time() < deadline:
-            time.sleep(0.05)
-        assert "retention: deleted 3 rows older than" in srv.log
-        s = stats(srv)
-        assert (s.total_requests, s.total_tokens.input) == (1, 400)
-        assert db_rows(srv.db, "SELECT SUM(requests), SUM(input_tokens) FROM usage_rollup") == [(1, 400)]
-        assert db_rows(srv.db, "SELECT COUNT(*) FROM events") == [(1,)]
-    finally:
-        srv.stop()
-
-
-def test_port_in_use_and_foreign_database_are_refused(server, tmp_path):
-    second = subprocess.run([sys.executable, str(ROOT / "ccmon.py"), "--server", "--server-address",
-                             server.target, "--server-http-address", "off", "--database-path",
-                             str(tmp_path / "other.db")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
-    assert second.returncode == 1
-    assert second.stderr == (f"ccmon: cannot listen on {server.target}: the port is in use or the address is not "
-                             "on this machine (set --server-address)\n")  # and no line of gRPC's own
-    foreign = tmp_path / "foreign.db"
-    with sqlite3.connect(foreign) as conn:
-        conn.execute("CREATE TABLE invoices (id INTEGER)")
-    garbage = tmp_path / "garbage.db"
-    garbage.write_bytes(b"this is not a database" * 100)
-    for path, message in ((foreign, "is an SQLite database of something else"),
-                          (garbage, "cannot use")):
-        result = subprocess.run([sys.executable, str(ROOT / "ccmon.py"), "-s", "--server-address",
-                                 "127.0.0.1:0", "--server-http-address", "off", "--database-path", str(path)],
-                                cwd=tmp_path, capture_output=True, text=True, timeout=30)
-        assert result.returncode == 1
-        assert message in result.stderr and str(path) in result.stderr
-    assert garbage.read_bytes() == b"this is not a database" * 100
-
-
-# ---------------------------------------------------------------- configuration
-
-def run_main(args: list[str], capsys) -> tuple[int, str]:
-    try:
-        code = ccmon.main(args)
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr().err
-
-
-def config_for(tmp_path, monkeypatch, args: list[str] = ()) -> ccmon.Config:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    return ccmon.load_config(ccmon.build_parser().parse_args(list(args)))
-
-
-def test_config_defaults(tmp_path, monkeypatch):
-    config = config_for(tmp_path, monkeypatch)
-    assert config == ccmon.Config(
-        database_path=tmp_path / "home" / ".ccmon" / "ccmon.db", server_address="127.0.0.1:4317",
-        server_retention_s=None, server_http_address="127.0.0.1:4318", server_token="", server_tls=None,
-        max_message_bytes=16 * 1024 * 1024, monitor_server="127.0.0.1:4317", monitor_token="", monitor_tls=None,
-        monitor_timezone="UTC", refresh_interval_s=5, plan="unset", max_tokens=0, source="defaults")
-
-
-def test_config_file_search_order_and_flag_precedence(tmp_path, monkeypatch):
-    home_dir = tmp_path / "home" / ".ccmon"
-    home_dir.mkdir(parents=True)
-    (home_dir / "config.toml").write_text('[claude]\nplan = "pro"\n')
-    assert config_for(tmp_path, monkeypatch).plan == "pro"
-    (tmp_path / "config.json").write_text(json.dumps({"claude": {"plan": "max", "max_tokens": 9000},
-                                                      "server": {"retention": "30d"}}))
-    config = config_for(tmp_path, monkeypatch)
-    assert (config.plan, config.max_tokens, config.server_retention_s) == ("max", 9000, 30 * 86400)
-    assert config.source == str(tmp_path / "config.json")
-    (tmp_path / "config.toml").write_text('[monitor]\ntimezone = "Asia/Taipei"\nrefresh_interval = "1m"\n'
-                                          '[database]\npath = "~/data/x.db"\n')
-    config = config_for(tmp_path, monkeypatch, ["--monitor-timezone", "Europe/Berlin"])
-    assert (config.monitor_timezone, config.refresh_interval_s, config.plan) == ("Europe/Berlin", 60, "unset")
-    assert config.database_path == tmp_path / "home" / "data" / "x.db"
-    yaml_file = tmp_path / "elsewhere.yaml"
-    yaml_file.write_text("claude:\n  plan: max20\nserver:\n  address: 0.0.0.0:4317\n")
-    config = config_for(tmp_path, monkeypatch, ["--config", str(yaml_file), "--claude-max-tokens", "5"])
-    assert (config.plan, config.server_address, config.max_tokens) == ("max20", "0.0.0.0:4317", 5)
-
-
-CONFIG_ERRORS = [
-    (["--claude-plan", "gold"], "--claude-plan: unknown plan 'gold' (accepted: unset, pro, max, max20)"),
-    (["--monitor-timezone", "Mars/Olympus"],
-     "--monitor-timezone: unknown timezone 'Mars/Olympus' (use an IANA name such as 'UTC', 'Europe/Berlin' "
-     "or 'Asia/Taipei')"),
-    (["--claude-max-tokens", "-5"],
-     "--claude-max-tokens: invalid token limit '-5' (use a whole number >= 0, 0 meaning the plan's default, or "
-     "'auto' to learn it)"),
-    (["--server-retention", "5x"],
-     "--server-retention: invalid retention '5x' (use 'never', or a number of days or hours such as '30d' or "
-     "'48h')"),
-    (["--server-retention", "12h"], "--server-retention: retention '12h' is below the minimum of 24h"),
-    (["--monitor-refresh-interval", "0s"],
-     "--monitor-refresh-interval: interval '0s' is outside the allowed range 1s to 5m"),
-    (["--monitor-refresh-interval", "10m"],
-     "--monitor-refresh-interval: interval '10m' is outside the allowed range 1s to 5m"),
-    (["--monitor-refresh-interval", "fast"],
-     "--monitor-refresh-interval: invalid interval 'fast' (use seconds or minutes such as '5s' or '1m', from "
-     "1s to 5m)"),
-    (["--server-address", "localhost"],
-     "--server-address: invalid address 'localhost' (use HOST:PORT such as 127.0.0.1:4317)"),
-    (["--monitor-server", "host:99999"],
-     "--monitor-server: invalid address 'host:99999' (use HOST:PORT such as 127.0.0.1:4317)"),
-    (["--config", "/nonexistent/ccmon.toml"], "--config: no such file: /nonexistent/ccmon.toml"),
-    (["--server-http-address", "nope"],
-     "--server-http-address: invalid address 'nope' (use HOST:PORT such as 127.0.0.1:4317) or 'off'"),
-    (["--server-max-message-size", "lots"],
-     "--server-max-message-size: invalid size 'lots' (use bytes or a size such as '16MiB')"),
-    (["--server-max-message-size", "2GiB"],
-     "--server-max-message-size: size '2GiB' is outside the allowed range 1MiB to 1GiB"),
-    (["--server-max-message-size", "100KB"],
-     "--server-max-message-size: size '100KB' is outside the allowed range 1MiB to 1GiB"),
-    (["--server-tls-cert", "/nonexistent/cert.pem"], "--server-tls-cert: no such file: /nonexistent/cert.pem"),
-    (["--server-tls-cert", __file__], "--server-tls-cert: TLS needs both server.tls_cert and server.tls_key"),
-    (["--server-tls-client-ca", __file__],
-     "--server-tls-client-ca: mutual TLS needs server.tls_cert and server.tls_key too"),
-    (["--monitor-tls-key", __file__],
-     "--monitor-tls-key: a client certificate needs both monitor.tls_cert and monitor.tls_key"),
-    (["--server-token", "two words"], "--server-token: a token must be a string without spaces"),
-    (["--alert", "150"], "--alert: invalid alert threshold '150' (use whole percentages from 1 to 100, such as 80)"),
-    (["--alert", "80", "--alert", "eighty"],
-     "--alert: invalid alert threshold 'eighty' (use whole percentages from 1 to 100, such as 80)"),
-]
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--formt", "@daily_cost"], "ccmon: unknown option --formt; did you mean --format? (see ccmon --help)"),
-    (["--monitor-sever=x:1"], "ccmon: unknown option --monitor-sever; did you mean --monitor-server? (see ccmon "
-                              "--help)"),
-    (["--frobnicate"], "ccmon: unknown option --frobnicate (see ccmon --help)"),
-    (["--server", "--format", "@daily_cost"], "ccmon: --server and --format cannot be used together (see ccmon "
-                                              "--help)"),
-    (["--format", "@daily_cost", "--json"], "ccmon: --format and --json cannot be used together (see ccmon --help)"),
-    (["--health", "--json"], "ccmon: --health and --json cannot be used together (see ccmon --help)"),
-    (["--monitor-server", "x:1", "report", "dialy"], "ccmon report: argument kind: invalid choice: 'dialy' (choose "
-     "from 'daily', 'weekly', 'monthly', 'session', 'model', 'blocks', 'project') (see ccmon report --help)"),
-    (["report", "daily", "--csv", "--json"], "ccmon report: argument --json: not allowed with argument --csv (see "
-                                             "ccmon report --help)"),
-])
-def test_command_line_mistakes_get_one_line(args, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert run_main(args, capsys) == (2, message + "\n")
-
-
-def test_options_go_before_or_after_the_report_command(capsys):
-    for argv in (["--monitor-server", "report:1", "report", "daily", "--csv"],
-                 ["report", "--monitor-server", "report:1", "daily", "--csv"],
-                 ["-b", "auto", "report", "daily", "--csv", "--monitor-server=report:1"]):
-        words = ccmon.without_command(argv, "report", ccmon.build_parser())
-        args = ccmon.build_report_parser().parse_args(words)
-        assert (args.kind, args.monitor_server, args.csv) == ("daily", "report:1", True)
-    assert ccmon.without_command(["--format", "report"], "report", ccmon.build_parser()) is None
-    assert "report {daily,weekly,monthly,session,model,blocks,project}" in ccmon.build_parser().format_help()
-
-
-@pytest.mark.parametrize("args,message", CONFIG_ERRORS)
-def test_config_flag_errors(args, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    code, err = run_main(["--server", *args], capsys)
-    assert code == 2
-    assert err == f"ccmon: config error: {message}\n"
-
-
-FILE_ERRORS = [
-    ("config.toml", '[claude]\nplan = "gold"\n', "{path}: claude.plan: unknown plan 'gold' (accepted: unset, pro, "
-                                                 "max, max20)"),
-    ("config.toml", '[claude]\nmax_tokens = -1\n',
-     "{path}: claude.max_tokens: invalid token limit -1 (use a whole number >= 0, 0 meaning the plan's default, or "
-     "'auto' to learn it)"),
-    ("config.toml", '[server]\nport = 4317\n', "{path}: unknown key server.port (known in [server]: address, "
-                                               "http_address, retention, token, tls_cert, tls_key, tls_client_ca, "
-                                               "max_message_size, cache.stats.enabled, cache.stats.ttl)"),
-    ("config.toml", '[mointor]\nserver = "x:1"\n', "{path}: unknown section [mointor] (known: database, server, "
-                                                   "monitor, claude, pricing)"),
-    ("config.toml", '[pricing]\nmy-model = 3\n',
-     "{path}: [pricing] 'my-model': expected a table such as {{input = 3, output = 15}}, got 3"),
-    ("config.toml", '[pricing]\nmy-model = {input = 3}\n',
-     "{path}: [pricing] 'my-model': needs at least input and output (USD per million tokens)"),
-    ("config.toml", '[pricing]\nmy-model = {input = 3, output = -1}\n',
-     "{path}: [pricing] 'my-model': output must be a price in USD per million tokens from 0 to 10000, got -1"),
-    ("config.toml", '[pricing]\nmy-model = {input = 3, output = "x"}\n',
-     "{path}: [pricing] 'my-model': output must be a price in USD per million tokens from 0 to 10000, got 'x'"),
-    ("config.toml", '[pricing]\nmy-model = {input = 3, output = 15, cache_write = 4}\n',
-     "{path}: [pricing] 'my-model': unknown key cache_write (known: input, output, cache_read, cache_write_5m, "
-     "cache_write_1h)"),
-    ("config.toml", '[monitor]\ntimezone = 3\n', "{path}: monitor.timezone: expected a non-empty string, got 3"),
-    ("config.toml", 'plan = \n', "{path}: not valid TOML: "),
-    ("config.json", '{"claude": ', "{path}: not valid JSON: "),
-    ("config.yaml", 'claude: [unclosed', "{path}: not valid YAML: "),
-    ("config.json", '[1, 2]', "{path}: the top level must be a table of sections"),
-    ("config.toml", 'claude = 5\n', "{path}: [claude] must be a table of settings"),
-    ("config.toml", '[monitor]\ntoken = 5\n', "{path}: monitor.token: a token must be a string without spaces"),
-    ("config.toml", '[monitor]\ntls_ca = true\n', "{path}: monitor.tls_ca: expected a file path, got True"),
-]
-
-
-@pytest.mark.parametrize("name,content,message", FILE_ERRORS)
-def test_config_file_errors(name, content, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / "home" / ".ccmon").mkdir(parents=True)
-    path = tmp_path / "home" / ".ccmon" / name
-    path.write_text(content)
-    code, err = run_main(["--server"], capsys)
-    assert code == 2
-    assert err.startswith("ccmon: config error: " + message.format(path=path))
-
-
-@pytest.mark.parametrize("name,content", [
-    ("config.toml", 'baseURL = "https://example.org/"\ntitle = "My blog"\n[params]\nauthor = "me"\n'),  # Hugo's
-    ("config.json", '{"port": 8080, "debug": true}'),
-    ("config.yaml", "version: 2\njobs: {}\n"),
-    ("config.toml", "this is [not toml"),
-])
-def test_another_tools_config_in_the_current_folder_is_passed_over(name, content, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / name).write_text(content)
-    config = ccmon.load_config(ccmon.build_parser().parse_args([]))
-    assert (config.source, config.plan) == ("defaults", "unset")
-    (tmp_path / "home" / ".ccmon").mkdir(parents=True)
-    (tmp_path / "home" / ".ccmon" / "config.toml").write_text('[claude]\nplan = "max"\n')
-    config = ccmon.load_config(ccmon.build_parser().parse_args([]))
-    assert (config.source, config.plan) == (str(tmp_path / "home" / ".ccmon" / "config.toml"), "max")
-
-
-def test_ccmons_config_in_the_current_folder_stays_strict(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / "config.toml").write_text('[claude]\nplan = "max"\n[mointor]\nserver = "x:1"\n')
-    assert run_main(["--server"], capsys) == (2, f"ccmon: config error: {tmp_path / 'config.toml'}: unknown section "
-                                                 "[mointor] (known: database, server, monitor, claude, pricing)\n")
-    (tmp_path / "config.toml").write_text('[claude\nplan = "max"\n')  # broken, but it names a section of ccmon's
-    code, err = run_main(["--server"], capsys)
-    assert code == 2 and err.startswith(f"ccmon: config error: {tmp_path / 'config.toml'}: not valid TOML: ")
-
-
-def test_the_original_go_ccmon_config_is_accepted(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / "config.toml").write_text('[server]\naddress = "127.0.0.1:4317"\nretention = "30d"\n\n'
-                                          '[server.cache.stats]\nenabled = true\nttl = "1m"\n')
-    config = ccmon.load_config(ccmon.build_parser().parse_args(["--server-cache-stats-enabled=false",
-                                                                 "--server-cache-stats-ttl", "30s"]))
-    assert config.server_retention_s == 30 * 86400
-    (tmp_path / "config.toml").write_text('[server.cache.stats]\nttl = "soon"\n')
-    assert run_main(["--server"], capsys) == (
-        2, f"ccmon: config error: {tmp_path / 'config.toml'}: server.cache.stats.ttl: invalid duration 'soon' (use "
-           "seconds, minutes or hours such as '1m')\n")
-    assert run_main(["--server-cache-stats-enabled", "maybe", "--server"], capsys) == (
-        2, "ccmon: config error: --server-cache-stats-enabled: expected true or false\n")
-
-
-def test_yaml_without_pyyaml_says_how_to_get_it(tmp_path):
-    (tmp_path / "config.yaml").write_text("claude:\n  plan: pro\n")
-    result = subprocess.run([sys.executable, "-c", "import sys; sys.modules['yaml'] = None; "
-                             f"sys.path.insert(0, {str(ROOT)!r}); import ccmon; sys.exit(ccmon.main(['-s']))"],
-                            cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
-    assert result.returncode == 2
-    assert "config.yaml: YAML config needs PyYAML: run 'pip install pyyaml'" in result.stderr
-
-
-def test_version_flag(capsys):
-    code, _ = run_main(["--version"], capsys)
-    assert code == 0
-
-
-# ---------------------------------------------------------------- domain math
-
-def test_number_parsing_accepts_every_anyvalue_shape():
-    assert [ccmon.parse_count(v, "k") for v in ("12", " 7 ", 12, 12.0, "3.0", "1e3")] == [12, 7, 12, 12, 3, 1000]
-    assert [ccmon.parse_usd_nanos(v, "c") for v in ("0.0421", 0.1, 3, "1e-9", 0.000975)] == \
-        [42_100_000, 100_000_000, 3_000_000_000, 1, 975_000]
-    for bad, message in ((True, "is not a number"), ("", "is not a number"), ("inf", "is not a finite number"),
-                         (float("nan"), "is not a finite number"), (2 ** 63, "is too large"), ([1], "is not a number"),
-                         (10 ** 12, "is too large"), (b"\x12", "is not a number"), ("١٢", "is not a number"),
-                         ("1e1000000", "is too large"), ("1.5", "is not a whole number"), (-3, "is negative")):
-        with pytest.raises(ccmon.BadValue, match=message):
-            ccmon.parse_count(bad, "k")
-    for bad, message in (("Infinity", "is not a finite number"), (-0.5, "is negative"), (None, "is not a number"),
-                         ("1,5", "is not a number"), (1e12, "is too large"), ("9" * 30, "is too large")):
-        with pytest.raises(ccmon.BadValue, match=message):
-            ccmon.parse_usd_nanos(bad, "c")
-
-
-def test_day_bounds_across_dst():
-    zone = ccmon.ZoneInfo("Europe/Berlin")
-    end = ccmon.parse_iso_ms("2026-03-30T12:00:00Z")
-    bounds = ccmon.day_bounds(zone, end, 3)
-    assert [(d, (hi - lo) // 3600_000) for d, lo, hi in bounds] == [
-        ("2026-03-30", 24), ("2026-03-29", 23), ("2026-03-28", 24)]
-    assert bounds[1][1] == ccmon.parse_iso_ms("2026-03-28T23:00:00Z")
-
-
-def test_premium_split():
-    assert not ccmon.is_premium("claude-3-5-HAIKU-20241022")
-    assert ccmon.is_premium("claude-opus-4-1") and ccmon.is_premium("unknown")
-
-
-# ---------------------------------------------------------------- monitor: block math, formatting, keys, layouts
-
-BERLIN = ccmon.ZoneInfo("Europe/Berlin")
-
-
-def local_ms(text: str, zone=BERLIN) -> int:
-    return ccmon.ms_from_datetime(dt.datetime.fromisoformat(text).replace(tzinfo=zone))
-
-
-@pytest.mark.parametrize("text,hour", [("5am", 5), ("11pm", 23), ("12am", 0), ("12pm", 12), ("1AM", 1),
-                                       (" 07pm ", 19), ("10 am", 10)])
-def test_block_hour_forms(text, hour):
-    assert ccmon.parse_block_mode(text) == hour
-
-
-@pytest.mark.parametrize("text", ["25am", "5", "noon", "13pm", "0am", "5 o'clock", "automatic"])
-def test_block_hour_errors(text, capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code, err = run_main(["-b", text], capsys)
-    assert code == 2
-    assert err == (f"ccmon: config error: -b/--block: invalid block start {text!r} (use auto, or an hour from 1 to "
-                   "12 followed by am or pm, such as 5am or 11pm)\n")
-
-
-@pytest.mark.parametrize("now,hour,expected", [
-    ("2026-01-15 05:00", 5, ("2026-01-15 05:00", "2026-01-15 10:00")),
-    ("2026-01-15 09:59", 5, ("2026-01-15 05:00", "2026-01-15 10:00")),
-    ("2026-01-15 16:20", 5, ("2026-01-15 15:00", "2026-01-15 20:00")),
-    ("2026-01-16 00:30", 5, ("2026-01-15 20:00", "2026-01-16 01:00")),
-    ("2026-01-16 04:30", 5, ("2026-01-16 01:00", "2026-01-16 05:00")),  # cut short by the next cycle
-    ("2026-01-16 01:00", 23, ("2026-01-15 23:00", "2026-01-16 04:00")),
-    ("2026-03-29 01:30", 23, ("2026-03-28 23:00", "2026-03-29 05:00")),  # spring forward: 5 real hours
-    ("2026-10-25 02:30", 23, ("2026-10-24 23:00", "2026-10-25 03:00")),  # fall back: 5 real hours
-    ("2026-03-29 12:00", 2, ("2026-03-29 08:00", "2026-03-29 13:00")),   # 2am does not exist that day
-])
-def test_current_block_examples(now, hour, expected):
-    start, end = ccmon.current_block(local_ms(now), BERLIN, hour)
-    assert [dt.datetime.fromtimestamp(ms / 1000, BERLIN).strftime("%Y-%m-%d %H:%M") for ms in (start, end)] == \
-        list(expected)
-
-
-@pytest.mark.parametrize("zone_name", ["Europe/Berlin", "America/New_York", "Asia/Kolkata", "Australia/Lord_Howe",
-                                       "UTC"])
-def test_blocks_tile_time_for_every_start_hour(zone_name):
-    zone = ccmon.ZoneInfo(zone_name)
-    # Two days around each DST change of 2026 in the northern and southern hemispheres.
-    starts = [ccmon.parse_iso_ms(d) for d in ("2026-03-07T00:00:00Z", "2026-03-28T00:00:00Z",
-                                               "2026-04-04T00:00:00Z", "2026-10-24T00:00:00Z")]
-    for hour in range(24):
-        for origin in starts:
-            moment = origin
-            start, end = ccmon.current_block(moment, zone, hour)
-            while moment < origin + 2 * 86400_000:
-                assert start <= moment < end and 0 < end - start <= ccmon.BLOCK_MS
-                next_start, next_end = ccmon.current_block(end, zone, hour)
-                assert next_start == end  # blocks tile time: no gaps, no overlaps
-                cycle_start = ccmon.ms_from_datetime(dt.datetime.combine(
-                    dt.datetime.fromtimestamp(end / 1000, zone).date(), dt.time(hour), zone))
-                assert end - start == ccmon.BLOCK_MS or end == cycle_start  # short only where a cycle restarts
-                assert ccmon.current_block(cycle_start, zone, hour)[0] == cycle_start
-                moment, start, end = end, next_start, next_end
-
-
-def test_block_status_projection():
-    start = local_ms("2026-01-15 10:00")
-    status = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 30 * 60_000, used=21_000, limit=35_000)
-    assert status.burn_rate == 700.0
-    assert status.limit_reached_ms() == start + 50 * 60_000
-    slow = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 60 * 60_000, used=3_000, limit=35_000)
-    assert slow.limit_reached_ms() is None and slow.projected_at_end() == 15_000
-    over = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 60_000, used=40_000, limit=35_000)
-    assert over.limit_reached_ms() == start + 60_000
-    assert ccmon.token_limit("max", 0) == 35_000 and ccmon.token_limit("pro", 9) == 9
-    assert ccmon.token_limit("unset", 0) is None and ccmon.token_limit("max20", 0) == 140_000
-
-
-def test_formatting():
-    assert [ccmon.format_count(n) for n in (0, 950, 999, 1000, 1234, 12_345, 123_456, 999_499, 999_500,
-                                            4_560_000, 1_200_000_000)] == \
-        ["0", "950", "999", "1.00K", "1.23K", "12.3K", "123K", "999K", "1.00M", "4.56M", "1.20B"]
-    assert [ccmon.format_cost(n) for n in (0, 1, 42_100_000, 999_990_000, 12_345_678_901, 1_234_567_000_000)] == \
-        ["$0.00", "<$0.0001", "$0.0421", "$1.00", "$12.35", "$1,234.57"]
-    assert [ccmon.format_duration(ms) for ms in (850, 1500, 45_000, 12 * 60_000, 65 * 60_000)] == \
-        ["850ms", "1.5s", "45s", "12m", "1h05m"]
-    assert ccmon.short_model("claude-sonnet-4-5-20250929") == "claude-sonnet-4-5"
-    assert [ccmon.short_user(name) for name in ("3f" * 32, "ana@example.com", "4b1a0c7e-uuid-like-but-not-hex-x", "")] \
-        == ["3f3f3f3f3f~", "ana@example.com", "4b1a0c7e-uuid-like-but-not-hex-x", ""]
-
-
-def _settings(block_hour=5, limit=35_000):
-    return ccmon.MonitorSettings("127.0.0.1:4317", BERLIN, block_hour, limit, 5)
-
-
-def test_keys():
-    settings = _settings()
-    state = ccmon.ViewState()
-    frame = ccmon.Frame([], page_rows=10, total_rows=100)
-    for key, period in (("h", "h"), ("d", "d"), ("w", "w"), ("m", "m"), ("b", "b"), ("a", "a")):
-        state, action = ccmon.handle_key(state, key, settings, frame)
-        assert (state.period, action) == (period, "refresh")
-    state, action = ccmon.handle_key(state, "o", settings, frame)
-    assert state.oldest_first and action == "refresh"
-    state, _ = ccmon.handle_key(state, "KEY_NPAGE", settings, frame)
-    state, _ = ccmon.handle_key(state, "j", settings, frame)
-    assert state.scroll == 11
-    state, _ = ccmon.handle_key(state, "KEY_END", settings, frame)
-    assert state.scroll == 90
-    state, action = ccmon.handle_key(state, "KEY_DOWN", settings, frame)
-    assert state.scroll == 90 and action == ""
-    state, _ = ccmon.handle_key(state, "KEY_HOME", settings, frame)
-    state, _ = ccmon.handle_key(state, "k", settings, frame)
-    assert state.scroll == 0
-    state, action = ccmon.handle_key(state, "\t", settings, frame)
-    assert (state.tab, action) == ("daily", "refresh")
-    state, _ = ccmon.handle_key(state, "KEY_BTAB", settings, frame)
-    assert state.tab == "current"
-    state, _ = ccmon.handle_key(state, "?", settings, frame)
-    assert state.help
-    state, action = ccmon.handle_key(state, "x", settings, frame)
-    assert not state.help and action == ""
-    assert ccmon.handle_key(state, "q", settings, frame)[1] == "quit"
-    assert ccmon.handle_key(state, "^C", settings, frame)[1] == "quit"
-    off, action = ccmon.handle_key(state, "b", _settings(block_hour=None), frame)
-    assert off.period == state.period and off.notice == "block tracking is off: start ccmon with -b auto"
-
-
-def _frame_fixture():
-    settings = _settings()
-    now = local_ms("2026-03-10 10:30")
-    usage = ccmon.Usage
-    period = ccmon.Split(usage(4, 2000, 800, 10000, 500, 4_000_000),
-                         usage(12, 9000, 6000, 250000, 12000, 1_234_567_890))
-    block = ccmon.Split(usage(1, 100, 50, 0, 0, 1000), usage(8, 14000, 7000, 0, 0, 5))
-    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), block, 700.0, 35_000, None,
-                                (("haiku", usage(1, 100, 50)), ("sonnet", usage(8, 14000, 7000, 0, 0, 5))))
-    models = ["claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001", "claude-opus-4-1-20250805"] * 4
-    rows = tuple(ccmon.RequestRow(now - k * 7 * 60_000, model, f"{k:04d}abcd-ef",
-                                  usage(1, 1000 + k, 200 * k, 30000, 0, 12_345_000 * k + 1, 1500 * k))
-                 for k, model in enumerate(models))
-    query = ccmon.query_for(ccmon.ViewState(period="b"), settings, now)
-    return ccmon.Snapshot(query, now, 500, limits, data=ccmon.RequestsPage(period, rows, 12)), \
-        settings, now
-
-
-def daily_snapshot(settings, now):
-    query = ccmon.query_for(ccmon.ViewState(tab="daily"), settings, now)
-    days = tuple((f"2026-03-{10 - k:02d}", ccmon.Split(ccmon.Usage(k, 10 * k), ccmon.Usage(
-        3 * k, 1000 * k, 500 * k, 20000 * k, 700 * k, 250_000_000 * k))) for k in range(10))
-    block = ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000))
-    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), block, 700.0, 35_000, None, ())
-    return ccmon.Snapshot(query, now, 500, limits, data=days)
-
-
-def frame_text(state, snap, settings, width, height, now, connection=None, unicode=False):
-    frame = ccmon.render(state, connection or ccmon.Connection(True, attempts=1), snap,
-                         ccmon.Screen(settings, width, height, now, ccmon.Glyphs.for_terminal(unicode)))
-    return [ccmon.line_text(line) for line in frame.lines], frame
-
-
-FRAME_80x24 = [
-    " ccmon - Claude Code usage monitor                                       v0.1.0 ",
-    "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  ",
-    " * connected 127.0.0.1:4317 | current block | newest first | updated 10:30:00",
-    "-- Usage - current block -------------------------------------------------------",
-    "         Requests  Limited    Cache    Total       Cost    Burn rate",
-    "Base            4    2.80K    10.5K    13.3K    $0.0040            -",
-    "Premium        12    15.0K     262K     277K      $1.23      500/min",
-    "Total          16    17.8K     272K     290K      $1.24            -",
-    "-- Block 10:00-15:00 -----------------------------------------------------------",
-    "Tokens ########################................  60%  21.0K / 35.0K",
-    "Time   ####....................................  10% 4h30m left, ends 15:00",
-    "Burn 700/min; at this pace the limit is reached at 10:50",
-    "Week   21.0K premium tokens, <$0.0001 (sonnet 21.0K)",
-    "-- Requests 1-8 of 12 ----------------------------------------------------------",
-    "Time     Model        Input  Output   Cache   Total      Cost    Dur Session    ",
-    "10:30:00 sonnet-4-5   1.00K       0   30.0K   31.0K  <$0.0001    0ms 0000abcd-ef",
-    "10:23:00 haiku-4-5    1.00K     200   30.0K   31.2K   $0.0123   1.5s 0001abcd-ef",
-    "10:16:00 opus-4-1     1.00K     400   30.0K   31.4K   $0.0247   3.0s 0002abcd-ef",
-    "10:09:00 sonnet-4-5   1.00K     600   30.0K   31.6K   $0.0370   4.5s 0003abcd-ef",
-    "10:02:00 haiku-4-5    1.00K     800   30.0K   31.8K   $0.0494   6.0s 0004abcd-ef",
-    "09:55:00 opus-4-1     1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s 0005abcd-ef",
-    "09:48:00 sonnet-4-5   1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s 0006abcd-ef",
-    "09:41:00 haiku-4-5    1.01K   1.40K   30.0K   32.4K   $0.0864    10s 0007abcd-ef",
-    "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit",
-]
-
-FRAME_40x12 = [
-    " ccmon - Claude Code usage monitor",
-    " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj",
-    " * connected | current block",
-    "-- Usage - current block ---------------",
-    "         Requests  Limited       Cost",
-    "Base            4    2.80K    $0.0040",
-    "Premium        12    15.0K      $1.23",
-    "Total          16    17.8K      $1.24",
-    "-- Block 10:00-15:00 -------------------",
-    "Tokens ###..  60%  21.0K / 35.0K",
-    "Time   .....  10% 4h30m left, ends 15:00",
-    "h/d/w/m/a/b  o  1-8  u/p  ? help  q quit",
-]
-
-DAILY_80x24 = [
-    "-- Daily usage - last 10 days (Europe/Berlin) ----------------------------------",
-    "Date        Base  Prem  Input Output CacheR CacheW  Total      Burn    Prem $",
-    "2026-03-10     0     0      0      0      0      0      0     0/min     $0.00",
-    "2026-03-09     1     3  1.00K    500  20.0K    700  22.2K     1/min   $0.2500",
-    "2026-03-08     2     6  2.00K  1.00K  40.0K  1.40K  44.4K     2/min   $0.5000",
-]
-
-
-def test_render_current_tab_80x24_exact():
-    snap, settings, now = _frame_fixture()
-    lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now)
-    assert lines == FRAME_80x24
-    assert (frame.page_rows, frame.total_rows) == (8, 12)
-
-
-def test_render_40x12_exact_and_too_small():
-    snap, settings, now = _frame_fixture()
-    assert frame_text(ccmon.ViewState(period="b"), snap, settings, 40, 12, now)[0] == FRAME_40x12
-    assert frame_text(ccmon.ViewState(), snap, settings, 39, 12, now)[0] == ["terminal too small: 39x12, need 40x12"]
-    assert frame_text(ccmon.ViewState(), snap, settings, 80, 11, now)[0] == \
-        ["terminal too small: 80x11, need 40x12"]
-
-
-def test_render_wide_terminals_show_more_rows_and_columns():
-    snap, settings, now = _frame_fixture()
-    lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 120, 40, now)
-    assert frame.page_rows == 24 and len(lines) == 40
-    assert lines[14] == ("Time     Model                        Input  Output   Cache   Total      Cost    Dur "
-                         "Session    ")
-    assert lines[26] == ("09:13:00 claude-opus-4-1-20250805     1.01K   2.20K   30.0K   33.2K   $0.1358    16s "
-                         "0011abcd-ef")
-    assert lines[13].startswith("-- Requests 1-12 of 12 --")
-    wide, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 200, 60, now, unicode=True)
-    assert wide[9] == "Tokens ████████████████████████░░░░░░░░░░░░░░░░  60%  21.0K / 35.0K"
-    assert wide[0].endswith("v0.1.0 ") and len(wide[0]) == 200
-
-
-def test_render_daily_tab():
-    snap, settings, now = _frame_fixture()
-    daily = daily_snapshot(settings, now)
-    lines, frame = frame_text(ccmon.ViewState(tab="daily"), daily, settings, 80, 24, now)
-    assert lines[7] == "Week   0 premium tokens, $0.00" and lines[8:13] == DAILY_80x24
-    assert lines[20] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K              $11.25"
-    assert (frame.page_rows, frame.total_rows) == (12, 10)
-    narrow, _ = frame_text(ccmon.ViewState(tab="daily", scroll=2), daily, settings, 40, 14, now)
-    assert narrow[4:13] == [
-        "Tokens ###..  60%  21.0K / 35.0K",
-        "Time   .....  10% 4h30m left, ends 15:00",
-        "Burn 700/min; limit at 10:50",
-        "Week   0 premium tokens, $0.00",
-        "-- Daily usage - last 10 days (Europe/Be",
-        "Date        Prem Output  Total    Prem $",
-        "2026-03-08     6  1.00K  44.4K   $0.5000",
-        "2026-03-07     9  1.50K  66.6K   $0.7500",
-        "Total        135  22.5K   999K    $11.25"]
-    # The current tab's snapshot never stands in for the daily tab while it loads.
-    assert "Loading..." in frame_text(ccmon.ViewState(tab="daily"), snap, settings, 80, 24, now)[0]
-
-
-def test_render_states_without_data():
-    snap, settings, now = _frame_fixture()
-    empty = dataclasses_replace(snap, server_requests=0)
-    lines, _ = frame_text(ccmon.ViewState(), empty, settings, 80, 24, now)
-    assert "| Waiting for data: this server has not received any Claude Code request yet. |" in lines[4]
-    assert any("export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317" in line for line in lines)
-    down = ccmon.Connection(False, "connection refused", now + 4000, 3)
-    lines, _ = frame_text(ccmon.ViewState(), None, settings, 80, 24, now, connection=down)
-    assert lines[2] == " * disconnected (connection refused) - retrying in 4s | all time | newest first"
-    assert lines[4] == ("Cannot reach the ccmon server at 127.0.0.1:4317: connection refused. Is 'ccmon --server' "
-                        "running?")[:80]
-    stale, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now, connection=down)
-    assert stale[2].startswith(" * disconnected (connection refused) - retrying in 4s")
-    assert stale[6] == FRAME_80x24[6]  # the last data stays on screen
-    help_lines, _ = frame_text(ccmon.ViewState(help=True), snap, settings, 80, 24, now)
-    assert help_lines[3:5] == ["                    +- Keys ------------------------------+",
-                               "                    | h  last hour       d  last 24 hours |"]
-    assert help_lines[-1] == "any key closes this help"
-    no_block, _ = frame_text(ccmon.ViewState(), dataclasses_replace(snap, limits=None), _settings(block_hour=None),
-                             80, 24, now)
-    assert no_block[8] == "Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows)."
-    unlimited = dataclasses_replace(snap, limits=dataclasses_replace(snap.limits, limit=None))
-    no_limit, _ = frame_text(ccmon.ViewState(), unlimited, _settings(limit=None), 80, 24, now)
-    assert no_limit[9] == "Tokens 21.0K premium (no limit: set claude.plan or claude.max_tokens)"
-    assert no_limit[11] == "Burn 700/min"
-
-
-def test_render_never_overflows_any_size():
-    snap, settings, now = _frame_fixture()
-    daily = daily_snapshot(settings, now)
-    for width in range(30, 220, 7):
-        for height in range(8, 70, 5):
-            for state, data in ((ccmon.ViewState(period="b"), snap), (ccmon.ViewState(tab="daily"), daily),
-                                (ccmon.ViewState(help=True, help_scroll=4), snap),
-                                (ccmon.ViewState(period="b"), claude_snapshot(settings, now)),
-                                *first_hour_screens(settings, now)[2:]):
-                lines, _ = frame_text(state, data, settings, width, height, now, unicode=True)
-                assert len(lines) <= height and all(len(line) <= width for line in lines)
-
-
-SESSION_UUID = "0f0c2a9e-7d4b-4c1e-9a55-3e1f7c2b8d41"
-CONTEXT = {"anthropic.custom_base_url": True, "event.sequence": 7, "event.timestamp": "2026-05-05T10:59:00Z",
-           "session.id": SESSION_UUID, "user.email": "ana@example.com", "user.id": "u" * 64,
-           "organization.id": "org-1", "terminal.type": "tmux", "prompt.id": "p-7"}
-
-
-def timeline_entries(now: int) -> tuple:
-    """One of everything a session's timeline holds, with the context attributes Claude Code sends."""
-    row = ccmon.TimelineRow
-    return (row(now - 90_000, "user_prompt", None, {**CONTEXT, "prompt_length": "42",
-                                                   "prompt": "fix the\nfailing\ttest"}),
-            row(now - 60_000, "api_request", ccmon.RequestRow(now - 60_000, "claude-sonnet-4-5-20250929", SESSION_UUID,
-                                                              ccmon.Usage(1, 1000, 200, 5, 0, 500_000_000, 4000)), {}),
-            row(now - 50_000, "tool_decision", None, {**CONTEXT, "tool_name": "Bash", "decision": "accept",
-                                                     "source": "config"}),
-            row(now - 30_000, "tool_result", None, {**CONTEXT, "tool_name": "Bash", "success": "false",
-                                                   "duration_ms": "3000", "error": "Exit code 1"}),
-            row(now - 25_000, "tool_result", None, {**CONTEXT, "tool_name": "Read", "success": True, "duration_ms": 15}),
-            row(now - 20_000, "assistant_response", None, {**CONTEXT, "response_length": 400}),
-            row(now - 15_000, "api_error", None, {**CONTEXT, "model": "claude-opus-4-1-20250805", "status_code": "529",
-                                                 "error": "Overloaded", "attempt": 3}),
-            row(now - 10_000, "api_retries_exhausted", None, {**CONTEXT, "total_attempts": 10}))
-
-
-def first_hour_screens(settings, now) -> list[tuple[ccmon.ViewState, ccmon.Snapshot]]:
-    """Every tab and a session's timeline with a busy first hour's figures: dated model names, UUID session
-    ids, two users, a burn rate in thousands, a block far past its limit."""
-    usage = ccmon.Usage
-    requests, _, _ = _frame_fixture()
-    requests = dataclasses_replace(requests, data=dataclasses_replace(requests.data, requests=tuple(
-        dataclasses_replace(r, session_id=SESSION_UUID) for r in requests.data.requests)))
-    days = (("2026-03-10", ccmon.Split(usage(5, 900), usage(40, 2_000_000, 100_000, 3_000_000, 90_000, 37_200_000_000))),
-            ("2026-03-09", ccmon.Split(usage(), usage(80, 3_000_000, 153_600, 9_000_000, 90_000, 99_000_000_000))))
-    split = ccmon.Split(usage(1, 300, 30, 0, 0, 10_000_000), usage(1, 1000, 200, 0, 0, 500_000_000))
-    sessions = tuple(ccmon.SessionRow(f"{i}{SESSION_UUID[1:]}", user, now - 3600_000 * (i + 1), now - 3600_000 * i,
-                                      split, ("claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001"), 3, 1, i, i == 2)
-                     for i, user in enumerate(["ana@example.com", "bo@example.com", "ana@example.com"]))
-    models = (("claude-opus-4-1-20250805", usage(20, 119_000, 110_000, 1_640_000, 0, 18_600_000_000, 140_000)),
-              ("claude-sonnet-4-5-20250929", usage(20, 117_000, 108_000, 1_640_000, 0, 18_600_000_000, 136_000, 9000, 20)))
-    tools = ccmon.ToolsData((("Bash", 30, 22, 120, 3000), ("mcp__github__create_pull_request", 1, 1, 900, 900)),
-                            (("accept", "config", 12), ("reject", "user_reject", 1)),
-                            (("529", "claude-opus-4-1-20250805", 1),), 1)
-    blocks = ((now - 3600_000, now + 4 * 3600_000, ccmon.Split(usage(2, 100), usage(7, 400_000, 107_500, 500_000)),
-               False),)
-    return [(ccmon.ViewState(period="b"), requests),
-            (ccmon.ViewState(tab="daily"), dataclasses_replace(daily_snapshot(settings, now), data=days)),
-            insight_snapshot(settings, now, "models", data=models),
-            insight_snapshot(settings, now, "sessions", data=sessions),
-            insight_snapshot(settings, now, "sessions", session_id=SESSION_UUID, data=timeline_entries(now)),
-            insight_snapshot(settings, now, "tools", data=tools),
-            insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("bo@example.com", split, 1))),
-            insight_snapshot(settings, now, "blocks", data=blocks)]
-
-
-def test_columns_take_the_room_there_is():
-    """No cell is cut at 120 columns; where a screen is really too narrow, cells end in ~ rather than overflow."""
-    snap, settings, now = _frame_fixture()
-    for state, data in first_hour_screens(settings, now):
-        lines, _ = frame_text(state, data, settings, 120, 30, now, unicode=True)
-        assert not [line for line in lines if "~" in line], "\n".join(lines)
-    daily, _ = frame_text(*first_hour_screens(settings, now)[1], settings, 120, 30, now)
-    assert daily[11].split()[-2:] == ["2.19K/min", "$99.00"]
-    blocks, _ = frame_text(*first_hour_screens(settings, now)[-1], settings, 120, 30, now)
-    assert blocks[10].endswith("######## 1450%")
-
-
-def test_the_week_line_drops_parts_whole():
-    """At 120 columns the family split is one character too long: it goes whole, never as `sonnet 14.`."""
-    snap, settings, now = _frame_fixture()
-    weekly = dataclasses_replace(settings, weekly_limit=500_000)
-    limits = dataclasses_replace(snap.limits, weekly=(("opus", ccmon.Usage(9, 120_000, 108_000)),
-                                                      ("sonnet", ccmon.Usage(4, 10_000, 4_200))))
-    week = {width: frame_text(ccmon.ViewState(period="b"), dataclasses_replace(snap, limits=limits), weekly, width, 24,
-                              now)[0][12] for width in (40, 80, 120, 121)}
-    assert week[40] == "Week   ##...  48%  242K / 500K"
-    assert week[80] == "Week   ###################.....................  48%  242K / 500K"
-    assert week[120] == week[80] + ", limit Tue 16:38 at this pace"
-    assert week[121] == week[120] + " (opus 228K, sonnet 14.2K)"
-    unlimited = {width: frame_text(ccmon.ViewState(period="b"), dataclasses_replace(snap, limits=limits), settings,
-                                   width, 24, now)[0][12] for width in (58, 59)}
-    assert unlimited == {58: "Week   242K premium tokens, $0.00", 59: "Week   242K premium tokens, $0.00 (opus 228K, "
-                                                                        "sonnet 14.2K)"}
-
-def test_wide_screens_show_more():
-    """Full model names and session ids where there is room, short ones where there is not."""
-    snap, settings, now = _frame_fixture()
-    screens = first_hour_screens(settings, now)
-    for state, data in (screens[0], screens[3]):  # the requests, the sessions
-        text = {width: "\n".join(frame_text(state, data, settings, width, 30, now)[0]) for width in (80, 120, 200)}
-        assert "claude-sonnet-4-5-20250929" in text[200] and "claude-sonnet-4-5-20250929" not in text[120]
-        assert SESSION_UUID in text[200]
-        assert "sonnet-4-5" in text[80] and "claude-sonnet-4-5" not in text[80]
-    requests = frame_text(*screens[0], settings, 120, 30, now)[0]
-    assert requests[15] == ("10:30:00 claude-sonnet-4-5   1.00K       0   30.0K   31.0K  <$0.0001    0ms "
-                            f"{SESSION_UUID}")
-    sessions = frame_text(*screens[3], settings, 200, 30, now)[0]
-    assert sessions[10].split() == [SESSION_UUID, "ana@example.com", "03-10", "09:30", "1h00m", "2", "1.53K", "$0.5100",
-                                    "claude-sonnet-4-5-20250929,claude-haiku-4-5-20251001", "3", "1", "0", "events"]
-    models = frame_text(*screens[2], settings, 80, 30, now)[0]
-    assert models[9:11] == ["Model         Req   Input  Output   Cache      Cost Share of cost Avg dur   TTFT",
-                            "opus-4-1       20    119K    110K   1.64M    $18.60 ####....  50%    7.0s      -"]
-
-
-def test_fit_columns_widens_by_need_and_keeps_forms_whole():
-    columns = [ccmon.Column("Name", 8, 0, left=True), ccmon.Column("Note", 4, 1, left=True),
-               ccmon.Column("Extra", 5, 2)]
-    rows = [[("claude-opus-4-1-20250805", "claude-opus-4-1", "opus-4-1"), "a long note", "1"]]
-
-    def widths(width):
-        return [(fitted.column.title, fitted.width, fitted.level) for fitted in ccmon.fit_columns(columns, rows, width)]
-
-    assert widths(12) == [("Name", 8, 0)]  # Note (4) fits but for the space between
-    assert widths(13) == [("Name", 8, 0), ("Note", 4, 0)]
-    assert widths(19) == [("Name", 8, 0), ("Note", 4, 0), ("Extra", 5, 0)]
-    assert widths(25) == [("Name", 8, 0), ("Note", 10, 0), ("Extra", 5, 0)]  # the rest to what it cuts
-    assert widths(32) == [("Name", 8, 0), ("Note", 11, 0), ("Extra", 5, 0)]  # not half a longer name
-    assert widths(33) == [("Name", 15, 1), ("Note", 11, 0), ("Extra", 5, 0)]
-    assert widths(41) == widths(33)
-    assert widths(42) == [("Name", 24, 2), ("Note", 11, 0), ("Extra", 5, 0)]
-    assert widths(200) == widths(42)  # and no wider than their cells
-    header, body = ccmon.table_lines(columns, [(rows[0], "")], 25)
-    assert [ccmon.line_text(line) for line in (header, *body)] == ["Name     Note       Extra",
-                                                                   "opus-4-1 a long no~     1"]
-
-
-def test_every_tab_is_named_at_every_width():
-    snap, settings, now = _frame_fixture()
-    for width in range(40, 201):
-        strip = frame_text(ccmon.ViewState(period="b"), snap, settings, width, 24, now)[0][1]
-        packed = "".join(f"{number}{tab.short_title}" for number, tab in enumerate(ccmon.TABS.values(), start=1))
-        for number, tab in enumerate(ccmon.TABS.values(), start=1):
-            assert f" {tab.title} " in strip or f"{number} {tab.short_title}" in strip or \
-                f" {number}{tab.short_title} " in strip or strip == " " + packed, (width, strip)
-    assert frame_text(ccmon.ViewState(), snap, settings, 60, 24, now)[0][1] == \
-        " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk 8Proj "
-    assert frame_text(ccmon.ViewState(), snap, settings, 80, 24, now)[0][1] == \
-        "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  "
-
-
-def test_every_help_key_is_reachable_at_40x12():
-    snap, settings, now = _frame_fixture()
-    state, seen = ccmon.ViewState(help=True), []
-    for key in ("", "KEY_NPAGE", "KEY_NPAGE", "k", "KEY_HOME", "KEY_END", "j"):
-        if key:
-            state, action = ccmon.handle_key(state, key, settings, frame)
-            assert state.help and action == ""
-        lines, frame = frame_text(state, snap, settings, 40, 12, now)
-        seen.append(lines)
-    first, second, *_ = seen
-    assert first[3:] == ["+- Keys ------------------------------+",
-                         "| h  last hour       d  last 24 hours |",
-                         "| w  last 7 days     m  last 30 days  |",
-                         "| a  all time        b  current block |",
-                         "| o  sort order      r  refresh now   |",
-                         "| Tab/Shift-Tab or 1-8  switch tab    |",
-                         "| arrows/j/k PgUp/PgDn  scroll        |",
-                         "+- 1-6 of 10 -------------------------+",
-                         "arrows/PgDn: more  other keys close"]
-    assert second[4:10] == [f"| {text.ljust(36)}|" for text in ccmon.HELP_TEXT[4:]]
-    assert second[10] == "+- 5-10 of 10 ------------------------+"
-    assert [lines[4] for lines in seen] == [first[4], second[4], second[4], first[7], first[4], second[4], second[4]]
-    shown = "\n".join("\n".join(lines) for lines in seen)
-    assert all(text in shown for text in ccmon.HELP_TEXT)
-    closed, action = ccmon.handle_key(state, "x", settings, frame)
-    assert not closed.help and action == "" and closed.tab == state.tab
-    assert ccmon.handle_key(state, "q", settings, frame)[1] == "quit"
-    reopened, _ = ccmon.handle_key(closed, "?", settings, frame)
-    assert reopened.help and reopened.help_scroll == 0
-
-
-def test_the_block_hint_never_takes_a_tables_row():
-    snap, settings, now = _frame_fixture()
-    off = _settings(block_hour=None)
-    no_block = dataclasses_replace(snap, limits=None)
-    hint = "Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows)."
-    small, frame = frame_text(ccmon.ViewState(), no_block, off, 40, 12, now)
-    assert small[8:11] == ["-- Requests 1-1 of 12 ------------------",
-                           "Time     Model        Total      Cost",
-                           "10:30:00 sonnet-4-5   31.0K  <$0.0001"]
-    assert frame.page_rows == 1
-    assert hint in frame_text(ccmon.ViewState(), no_block, off, 80, 24, now)[0]
-    assert hint not in frame_text(ccmon.ViewState(), no_block, off, 80, 20, now)[0]  # 12 rows left: they are the table's
-    for state, data in first_hour_screens(off, now)[1:]:
-        lines, _ = frame_text(state, dataclasses_replace(data, limits=None), off, 80, 24, now)
-        assert not [line for line in lines if "Block tracking" in line]  # the other tabs start with their table
-        assert lines[3].startswith("-- ")
-
-
-def test_the_timeline_shows_what_happened():
-    snap, settings, now = _frame_fixture()
-    state, data = first_hour_screens(settings, now)[4]
-    lines, frame = frame_text(state, data, settings, 120, 24, now)
-    assert lines[8:18] == [
-        "-- Session 0f0c2a9e-7d4b-4c1e-9a55-3e1f7c2b8d41 (8 entries) - Esc: back " + "-" * 48,
-        "Time     Event                 Model/tool                      Cost Detail                             ",
-        "10:28:30 user_prompt                                                42 characters: fix the failing test",
-        "10:29:00 api_request           claude-sonnet-4-5-20250929   $0.5000 in 1.00K out 200 cache 5, 4.0s     ",
-        "10:29:10 tool_decision         Bash                                 accept (config)                    ",
-        "10:29:30 tool_result           Bash                                 failed, 3.0s: Exit code 1          ",
-        "10:29:35 tool_result           Read                                 ok, 15ms                           ",
-        "10:29:40 assistant_response                                         response_length=400                ",
-        "10:29:45 api_error             claude-opus-4-1-20250805             status 529: Overloaded (attempt 3) ",
-        "10:29:50 api_retries_exhausted                                      total_attempts=10                  "]
-    assert frame.total_rows == 8
-    narrow, _ = frame_text(state, data, settings, 80, 24, now)
-    assert [line[9:30].rstrip() for line in narrow[10:18]] == [row.kind for row in data.data]  # names in full
-    assert narrow[13] == "10:29:30 tool_result           Bash                 failed, 3.0s: Exit code 1   "
-    assert not [line for line in narrow + lines if re.search(r"anthropic|event\.|session\.|user\.|organization|"
-                                                              r"terminal|prompt\.id", line)]
-
-
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-    return dataclasses.replace(obj, **changes)
-
-
-# ---------------------------------------------------------------- monitor end to end: a real pty, a real server
-
-def terminal_screen(cols: int, rows: int):
-    """A pyte screen and byte stream that also understand SU/SD (CSI n S / CSI n T) and REP (CSI n b),
-    which ncurses sends to xterm-like terminals and pyte 0.8 does not implement."""
-    import pyte
-
-    class Screen(pyte.Screen):
-        last_char = " "
-
-        def draw(self, data: str) -> None:
-            super().draw(data)
-            if data:
-                self.last_char = data[-1]
-
-        def repeat_last(self, count=1, *_, **__):
-            self.draw(self.last_char * (count or 1))
-
-        def scroll_up(self, count=1, *_, **__):
-            top, bottom = self.margins or pyte.screens.Margins(0, self.lines - 1)
-            for _ in range(count or 1):
-                for y in range(top, bottom):
-                    self.buffer[y] = self.buffer[y + 1]
-                self.buffer.pop(bottom, None)
-            self.dirty.update(range(self.lines))
-
-        def scroll_down(self, count=1, *_, **__):
-            top, bottom = self.margins or pyte.screens.Margins(0, self.lines - 1)
-            for _ in range(count or 1):
-                for y in range(bottom, top, -1):
-                    self.buffer[y] = self.buffer[y - 1]
-                self.buffer.pop(top, None)
-            self.dirty.update(range(self.lines))
-
-    class Stream(pyte.ByteStream):
-        csi = {**pyte.ByteStream.csi, "S": "scroll_up", "T": "scroll_down", "b": "repeat_last"}
-
-    screen = Screen(cols, rows)
-    return screen, Stream(screen)
-
-
-class MonitorPty:
-    """The real monitor in a pseudo-terminal, its screen read through pyte."""
-
-    def __init__(self, args: list[str], cols: int = 80, rows: int = 24, term: str = "xterm-256color",
-                 cwd: Path = ROOT, env: dict | None = None, command: list[str] | None = None):
-        import fcntl
-        import termios
-        self.fcntl, self.termios = fcntl, termios
-        self.master, slave = os.openpty()
-        self._set_size(slave, cols, rows)
-        self.screen, self.stream = terminal_screen(cols, rows)
-        self.lock = threading.Lock()
-        environment = {**os.environ, "TERM": term, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **(env or {})}
-        self.proc = subprocess.Popen([*(command or CCMON), *args], stdin=slave, stdout=slave,
-                                     stderr=slave, env=environment, cwd=cwd, start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # so ^C is SIGINT
-        os.close(slave)
-        self.raw = bytearray()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _set_size(self, fd: int, cols: int, rows: int) -> None:
-        import struct
-        self.fcntl.ioctl(fd, self.termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    def _pump(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            with self.lock:
-                self.raw += data
-                self.stream.feed(data)
-
-    @property
-    def text(self) -> str:
-        with self.lock:
-            return "\n".join(self.screen.display)
-
-    def wait_for(self, predicate, what: str, timeout: float = 20.0) -> str:
-        """The screen once it shows `predicate` and has stopped changing: curses writes a frame in pieces,
-        and a loaded machine can leave one half-drawn for a moment."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            text = self.text
-            if (predicate(text) if callable(predicate) else predicate in text):
-                time.sleep(0.15)
-                if self.text == text:
-                    return text
-                continue
-            time.sleep(0.05)
-        raise AssertionError(f"screen never showed {what}:\n{self.text}")
-
-    def send(self, keys: bytes) -> None:
-        os.write(self.master, keys)
-
-    def resize(self, cols: int, rows: int) -> None:
-        with self.lock:
-            self._set_size(self.master, cols, rows)
-            self.screen.resize(rows, cols)
-        self.proc.send_signal(signal.SIGWINCH)
-
-    def close(self) -> int:
-        code = self.proc.wait(10)
-        os.close(self.master)
-        return code
-
-
-def line_with(text: str, prefix: str) -> str:
-    return next(line for line in text.splitlines() if line.startswith(prefix))
-
-
-def block_flag_for_now() -> str:
-    """A -b value whose block started two hours ago (UTC), so recent requests fall inside it."""
-    hour = (dt.datetime.now(dt.timezone.utc).hour - 2) % 24
-    return f"{hour % 12 or 12}{'am' if hour < 12 else 'pm'}"
-
-
-def test_monitor_end_to_end_in_a_pty(tmp_path):
-    srv = ServerProcess(tmp_path).start()
-    events = [("api_request", api_request(1, hours_ago(0.5), input_tokens="1200", output_tokens=300,
-                                          cost_usd=0.25, duration_ms=4000)),
-              ("api_request", api_request(2, hours_ago(0.25), model="claude-haiku-4-5-20251001", input_tokens=50,
-                                          output_tokens=20, cache_read_tokens=1000, cost_usd=0.001)),
-              ("api_request", api_request(3, hours_ago(30), model="claude-opus-4-1", input_tokens=2000,
-                                          output_tokens=1000, cost_usd=1.5))]
-    sdk_export(srv.port, events)
-    monitor = MonitorPty(["--monitor-server", srv.target, "-b", block_flag_for_now(), "--claude-plan", "pro",
-                          "--monitor-refresh-interval", "1s"], cwd=tmp_path, env={"HOME": str(tmp_path)})
-    try:
-        screen = monitor.wait_for("Requests 1-2 of 2", "the current block's requests")
-        assert "connected 127.0.0.1" in screen and "current block" in screen
-        assert line_with(screen, "Premium").split() == ["Premium", "1", "1.50K", "0", "1.50K", "$0.2500",
-                                                        line_with(screen, "Premium").split()[-1]]
-        assert "1.50K / 7.00K" in line_with(screen, "Tokens")
-        monitor.send(b"a")
-        screen = monitor.wait_for("Requests 1-3 of 3", "all time")
-        assert line_with(screen, "Total").split()[1:6] == ["3", "4.57K", "1.00K", "5.57K", "$1.75"]
-        monitor.send(b"d")
-        screen = monitor.wait_for("Requests 1-2 of 2", "the last 24 hours")
-        assert "last 24 hours" in screen.splitlines()[2]
-        monitor.send(b"w")
-        monitor.wait_for("Requests 1-3 of 3", "the last 7 days")
-        rows = [line for line in monitor.text.splitlines() if re.match(r"\d\d-\d\d \d\d:\d\d ", line)]
-        assert [row.split()[2] for row in rows] == ["haiku-4-5", "sonnet-4-5", "opus-4-1"]  # 80 columns: short names
-        monitor.send(b"o")
-        monitor.wait_for("oldest first", "the sort order")
-        screen = monitor.wait_for(lambda text: re.search(r"\d\d:\d\d opus-4-1 .*\n.*sonnet-4-5", text),
-                                  "oldest first rows")
-        monitor.send(b"\t")
-        screen = monitor.wait_for("Daily usage - last 30 days (UTC)", "the daily tab")
-        assert line_with(screen, "Total").split() == ["Total", "1", "2", "3.20K", "1.30K", "0", "0", "4.50K",
-                                                      "$1.75"]
-        monitor.send(b"3")
-        screen = monitor.wait_for("Models - last 7 days", "the models tab")
-        assert line_with(screen, "opus-4-1").split()[1:6] == ["1", "2.00K", "1.00K", "0", "$1.50"]
-        monitor.send(b"4")
-        screen = monitor.wait_for("Sessions - last 7 days (1) - Enter: details", "the sessions tab")
-        monitor.send(b"\r")
-        screen = monitor.wait_for("Session sess-1 (3 entries) - Esc: back", "a session's timeline")
-        assert [line.split()[1] for line in screen.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)] == \
-            ["api_request"] * 3
-        monitor.send(b"\x1b")
-        monitor.wait_for("Sessions - last 7 days (1) - Enter: details", "the sessions list again")
-        monitor.send(b"5")
-        monitor.wait_for("Retries exhausted: 0", "the tools tab")
-        monitor.send(b"6")
-        screen = monitor.wait_for("Users by cost", "the users tab")
-        monitor.send(b"1")
-        monitor.wait_for("Requests 1-3 of 3", "the current tab again")
-        monitor.send(b"b")
-        monitor.wait_for(lambda text: "current block" in text and "Requests 1-2 of 2" in text, "the block filter")
-        monitor.resize(120, 30)
-        screen = monitor.wait_for(lambda text: text.splitlines()[0].rstrip().endswith("v0.1.0") and
-                                  "Session" in text, "the resized screen")
-        assert len(screen.splitlines()) == 30 and len(screen.splitlines()[0]) == 120
-        monitor.resize(30, 10)
-        monitor.wait_for("terminal too small: 30x10", "the too-small notice")
-        monitor.resize(80, 24)
-        monitor.wait_for("Requests 1-2 of 2", "the screen after growing back")
-        srv.stop()
-        monitor.wait_for("disconnected (connection refused) - retrying in", "the disconnected status")
-        assert "$0.2500" in monitor.text  # the last data stays
-        srv.args[srv.args.index("--server-address") + 1] = srv.target
-        srv.start()
-        monitor.send(b"r")
-        monitor.wait_for("connected 127.0.0.1", "the reconnection", timeout=40)
-        monitor.send(b"q")
-        assert monitor.close() == 0
-    finally:
-        if monitor.proc.poll() is None:
-            monitor.proc.kill()
-        if srv.proc.poll() is None:
-            srv.stop()
-
-
-@pytest.mark.parametrize("term", ["xterm", "screen", "tmux-256color", "linux", "vt100"])
-def test_monitor_runs_on_every_terminal_type_and_without_color(term, tmp_path):
-    monitor = MonitorPty(["--monitor-server", "127.0.0.1:9"], term=term, cwd=tmp_path,
-                         env={"HOME": str(tmp_path), "NO_COLOR": "1", "LANG": "C", "LC_ALL": "C"})
-    try:
-        screen = monitor.wait_for("disconnected", "the unreachable server")
-        assert "Cannot reach the ccmon server at 127.0.0.1:9" in screen
-        assert "*" in screen and "●" not in screen  # ASCII glyphs outside UTF-8 locales
-        sgr_params = {p for group in re.findall(rb"\x1b\[([0-9;]*)m", bytes(monitor.raw)) for p in group.split(b";")}
-        assert not {p for p in sgr_params if re.fullmatch(rb"(3|4|9|10)[0-8]", p)}  # no colours with NO_COLOR
-        monitor.send(b"\x03")
-        assert monitor.close() == 0
-    finally:
-        if monitor.proc.poll() is None:
-            monitor.proc.kill()
-
-
-def test_monitor_bad_address_and_flags(tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code, err = run_main(["--monitor-server", "nonsense"], capsys)
-    assert (code, err) == (2, "ccmon: config error: --monitor-server: invalid address 'nonsense' (use HOST:PORT such "
-                               "as 127.0.0.1:4317)\n")
-    monitor = MonitorPty(["--server", "no-such-host.invalid:4317"], cwd=tmp_path, env={"HOME": str(tmp_path)})
-    try:
-        screen = monitor.wait_for("disconnected", "the DNS failure")
-        assert "cannot resolve the server's host name" in screen
-        assert "Traceback" not in screen
-        monitor.send(b"q")
-        assert monitor.close() == 0
-    finally:
-        if monitor.proc.poll() is None:
-            monitor.proc.kill()
-
-
-# ---------------------------------------------------------------- quick query: --format, --json, --health
-
-def midnight_ms(zone, days_back: int = 0) -> int:
-    today = dt.datetime.now(zone).date() - dt.timedelta(days=days_back)
-    return ccmon.ms_from_datetime(dt.datetime.combine(today, dt.time(), zone))
-
-
-def iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds") \
-        .replace("+00:00", "Z")
-
-
-def run_ccmon(args: list[str], cwd: Path, command: list[str] | None = None, env: dict | None = None,
-              timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([*(command or CCMON), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HOME": str(cwd), **(env or {})})
-
-
-def seed_quick_query(srv: ServerProcess, zone) -> dict:
-    """Today at local midnight, a minute before it, and a session 10 minutes ago; returns expected figures."""
-    today, before = midnight_ms(zone), midnight_ms(zone) - 60_000
-    recent = int(time.time() * 1000) - 10 * 60_000
-    events = [("api_request", api_request(1, iso(today), session="day", input_tokens=1000, output_tokens=500,
-                                          cache_read_tokens=8500, cost_usd="1.25")),
-              ("api_request", api_request(2, iso(before), session="yesterday", input_tokens=4000, output_tokens=0,
-                                          cost_usd=2.5)),
-              ("api_request", api_request(3, iso(recent), session="latest", model="claude-haiku-4-5",
-                                          input_tokens=30, output_tokens=20, cost_usd=0.004))]
-    sdk_export(srv.port, events)
-    first_of_month = dt.datetime.now(zone).day == 1
-    daily_cost = 1.25 + (0.004 if recent >= today else 0)
-    return {"daily_cost": daily_cost, "monthly_cost": daily_cost + (0 if first_of_month else 2.5),
-            "daily_tokens": 10_000 + (50 if recent >= today else 0),
-            "monthly_tokens": 10_050 + (0 if first_of_month else 4000)}
-
-
-def test_quick_query_format_and_json(server, tmp_path):
-    zone = ccmon.ZoneInfo("Asia/Kolkata")
-    expected = seed_quick_query(server, zone)
-    days = __import__("calendar").monthrange(*dt.datetime.now(zone).timetuple()[:2])[1]
-    base = ["--monitor-server", server.target, "--monitor-timezone", "Asia/Kolkata", "--claude-plan", "max"]
-    result = run_ccmon([*base, "--format", "@daily_cost | @monthly_cost | @daily_plan_usage | @monthly_plan_usage | "
-                        "@daily_tokens | @monthly_tokens | @session_cost | @daily_costs @nonsense"], tmp_path)
-    assert result.returncode == 0
-    assert result.stderr == ("ccmon: unknown in --format, left as written: @nonsense (known: @daily_cost "
-                             "@monthly_cost @daily_plan_usage @monthly_plan_usage @daily_tokens @monthly_tokens "
-                             "@block_usage @block_remaining @block_projection @weekly_usage @session_cost @five_hour "
-                             "@five_hour_resets @seven_day @seven_day_resets)\n")
-    cost = ccmon.format_cost  # as every screen shows it: $0.0040 below a dollar, $12.35 above
-    assert result.stdout == (
-        f"{cost(round(expected['daily_cost'] * 1e9))} | {cost(round(expected['monthly_cost'] * 1e9))} | "
-        f"{expected['daily_cost'] / (100 / days) * 100:.0f}% | {expected['monthly_cost']:.0f}% | "
-        f"{ccmon.format_count(expected['daily_tokens'])} | {ccmon.format_count(expected['monthly_tokens'])} | "
-        f"$0.0040 | {cost(round(expected['daily_cost'] * 1e9))}s @nonsense\n")
-    result = run_ccmon([*base, "--json"], tmp_path)
-    figures = json.loads(result.stdout)
-    assert figures == {"daily_cost": expected["daily_cost"], "monthly_cost": expected["monthly_cost"],
-                       "daily_tokens": expected["daily_tokens"], "monthly_tokens": expected["monthly_tokens"],
-                       "daily_plan_usage": figures["daily_plan_usage"], "monthly_plan_usage": expected["monthly_cost"],
-                       "session_id": "latest", "session_cost": 0.004,
-                       "weekly_premium_tokens": 5500, "weekly_premium_cost": 3.75, "weekly_usage": None,
-                       "five_hour_percent": None, "five_hour_resets_at": None, "seven_day_percent": None,
-                       "seven_day_resets_at": None, "limits_read_at": None}  # no status line reading
-    assert figures["daily_plan_usage"] == pytest.approx(expected["daily_cost"] / (100 / days) * 100)
-    unset = run_ccmon(["--monitor-server", server.target, "--format", "@daily_plan_usage"], tmp_path)
-    assert unset.stdout == "0%\n"
-
-
-def test_quick_query_block_figures(server, tmp_path):
+def test_query_edge_cases(server):
+    sdk_export(server.port, [("api_request", api_request(1, "2026-01-01T23:30:00Z", input_tokens=100)),
+                             ("api_request", api_request(2, "2026-01-02T00:30:00Z", input_tokens=5))])
+    request = ccmon_pb2.GetUsageRequest(timezone="UTC", start_time=ts("2026-01-01T23:00:00Z"),
+                                        end_time=ts("2026-01-02T01:00:00Z"))
+    days = server.query().GetUsage(request).days
+    assert [(d.date, d.stats.total_tokens.input) for d in days] == [("2026-01-02", 5), ("2026-01-01", 100)]
+    for zone in ("America", "a" * 300, "../../etc/passwd"):
+        with pytest.raises(grpc.RpcError) as err:
+            server.query().GetUsage(ccmon_pb2.GetUsageRequest(timezone=zone))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    huge = ccmon_pb2.GetStatsRequest()
+    huge.end_time.seconds = 2 ** 60
+    assert server.query().GetStats(huge).stats.total_requests == 2
+    usage = ccmon_pb2.GetUsageRequest()
+    usage.end_time.seconds = 2 ** 40
+    assert len(server.query().GetUsage(usage).days) == 30
+    epoch = ccmon_pb2.GetStatsRequest()
+    epoch.end_time.CopyFrom(ts("1970-01-01T00:00:00Z"))  # set to the epoch is not "unset"
+    assert server.query().GetStats(epoch).stats.total_requests == 0
+
+
+def test_records_from_the_future_are_stored_at_the_time_received(server):
     now = int(time.time() * 1000)
-    sdk_export(server.port, [("api_request", api_request(1, iso(now - 60_000), input_tokens=3000,
-                                                         output_tokens=500)),
-                             ("api_request", api_request(2, iso(now - 30_000), model="claude-3-5-haiku",
-                                                         input_tokens=9999))])
-    block_flag = block_flag_for_now()
-    result = run_ccmon(["--monitor-server", server.target, "-b", block_flag, "--claude-plan", "pro", "--format",
-                        "@block_usage @block_remaining"], tmp_path)
-    start, end = ccmon.current_block(now, ccmon.ZoneInfo("UTC"), ccmon.parse_block_mode(block_flag))
-    usage, remaining = result.stdout.split()
-    assert usage == "50%"  # 3,500 premium limited tokens of pro's 7,000
-    assert remaining in {ccmon.format_duration(end - now - delta) for delta in range(0, 120_000, 1000)}
-    no_block = run_ccmon(["--monitor-server", server.target, "--format", "@block_usage"], tmp_path)
-    assert (no_block.returncode, no_block.stdout) == (2, "")
-    assert no_block.stderr == ("ccmon: config error: @block_usage, @block_remaining and @block_projection need "
-                               "-b/--block (for example -b auto)\n")
-    figures = json.loads(run_ccmon(["--monitor-server", server.target, "-b", block_flag, "--json"], tmp_path).stdout)
-    assert (figures["block_tokens"], figures["block_limit"], figures["block_usage"]) == (3500, None, None)
+    ahead = now + 3 * 86400_000  # a clock three days fast
+    request = logs_request([
+        ("api_request", api_request(1, iso(ahead), session="fast-clock", input_tokens=10, cost_usd=1.0)),
+        ("api_request", api_request(2, iso(now + 60_000), session="a-minute-ahead", input_tokens=20)),
+        ("user_prompt", {"event.name": "user_prompt", "event.timestamp": iso(ahead), "event.sequence": 3,
+                         "session.id": "fast-clock"}),
+        ("api_request", {"session.id": "no-event-timestamp", "event.sequence": 4, "model": "m", "input_tokens": 5}),
+        ("api_request", api_request(5, "not a time", session="bad-time", input_tokens=1))])
+    request.resource_logs[0].scope_logs[0].log_records[3].time_unix_nano = ahead * 1_000_000
+    request.resource_logs[0].scope_logs[0].log_records[4].time_unix_nano = (ahead + 1) * 1_000_000
+    sent = int(time.time() * 1000)
+    response = server.logs_stub().Export(request)
+    answered = int(time.time() * 1000)
+    assert response.partial_success.rejected_log_records == 0  # stored, not rejected
+    assert response.partial_success.error_message == (
+        "4 of 5 log records were dated more than 5 minutes ahead of the server's clock: stored at the time "
+        "received, their own time kept as ccmon.original_timestamp")
+    requests = {session: (ts, json.loads(extra or "{}")) for session, ts, extra in
+                db_rows(server.db, "SELECT session_id, ts, extra_json FROM r")}
+    assert requests["a-minute-ahead"] == (now + 60_000, {"query_source": "repl_main_thread"})
+    for session, original in (("fast-clock", ahead), ("no-event-timestamp", ahead), ("bad-time", ahead + 1)):
+        ts, extra = requests[session]
+        assert sent <= ts <= answered
+        assert extra["ccmon.original_timestamp"] == iso(original)
+    (ts, attributes), = db_rows(server.db, "SELECT ts, attributes FROM e WHERE name = 'user_prompt'")
+    assert sent <= ts <= answered and json.loads(attributes)["ccmon.original_timestamp"] == iso(ahead)
+    assert stats(server, end=iso(now + 3600_000)).total_tokens.input == 36  # exact: every record counted once
+    # A session that starts later is the most recent one (@session_cost follows it), not the fast clock's.
+    sdk_export(server.port, [("api_request", api_request(6, iso(now + 120_000), session="later", cost_usd=0.25))])
+    assert server.query().GetSessionStats(ccmon_pb2.GetSessionStatsRequest()).session_id == "later"
 
 
-def test_quick_query_and_health_when_server_is_down(tmp_path, server):
-    result = run_ccmon(["--monitor-server", "127.0.0.1:9", "--format", "@daily_cost"], tmp_path)
-    assert (result.returncode, result.stdout) == (1, "")
-    assert result.stderr == "ccmon: cannot reach the ccmon server at 127.0.0.1:9: connection refused\n"
-    down = run_ccmon(["--health", "--monitor-server", "127.0.0.1:9"], tmp_path)
-    assert (down.returncode, down.stderr) == (1, "unhealthy: 127.0.0.1:9: connection refused\n")
-    up = run_ccmon(["--health", "--monitor-server", server.target], tmp_path)
-    assert (up.returncode, up.stdout) == (0, f"ok: ccmon {ccmon.VERSION} at {server.target}, 0 requests stored\n")
+def test_metric_points_from_the_future_are_stored_at_the_time_received(server):
+    ahead = int(time.time() * 1000) + 86400_000
+    request = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+        scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
+            name="claude_code.cost.usage", sum=metrics_pb2.Sum(aggregation_temporality=1, data_points=[
+                metrics_pb2.NumberDataPoint(as_double=0.5, time_unix_nano=ahead * 1_000_000, attributes=[
+                    common_pb2.KeyValue(key="session.id", value=any_value("metrics-only"))]),
+                metrics_pb2.NumberDataPoint(as_double=0.25, time_unix_nano=1_700_000_000_000_000_000)]))])])])
+    sent = int(time.time() * 1000)
+    response = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target)).Export(request)
+    answered = int(time.time() * 1000)
+    assert (response.partial_success.rejected_data_points, response.partial_success.error_message) == (
+        0, "1 of 2 data points were dated more than 5 minutes ahead of the server's clock: stored at the time "
+           "received, their own time kept as ccmon.original_timestamp")
+    (ts, attributes), (old_ts, old_attributes) = db_rows(server.db, "SELECT ts, attributes FROM mp ORDER BY value DESC")
+    assert sent <= ts <= answered and json.loads(attributes) == {"ccmon.original_timestamp": iso(ahead)}
+    assert (old_ts, old_attributes) == (1_700_000_000_000, "{}")
+    assert server.query().GetSessionStats(ccmon_pb2.GetSessionStatsRequest()).session_id == "metrics-only"
 
 
-# ---------------------------------------------------------------- ccmon.pyz and the Docker image
+def team_events() -> list[tuple[str, dict]]:
+    """Two users, three sessions, with tool calls, decisions, errors and retries, shaped like Claude Code's."""
+    def request(seq, session, email, when, model, **figures):
+        return ("api_request", {**api_request(seq, when, model=model, session=session, **figures),
+                                "user.email": email})
 
-PYZ_PYTHONS, PYZ_PLATFORM = "CPython 3.11-3.14", f"manylinux2014_{os.uname().machine}"  # a default build's target
+    def event(name, seq, session, email, when, **attrs):
+        return (name, {"event.name": name, "event.sequence": seq, "session.id": session, "user.email": email,
+                       "event.timestamp": when, **attrs})
 
-
-@pytest.fixture(scope="module")
-def pyz(tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("pyz") / "ccmon.pyz"
-    result = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output", str(output)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr
-    assert re.fullmatch(rf"built {re.escape(str(output))} \(\d+\.\d MB, build [0-9a-f]{{16}}\) for "
-                        rf"{re.escape(PYZ_PYTHONS)} on {PYZ_PLATFORM}\n", result.stdout)
-    return output
-
-
-def bare(pyz: Path, python: str = sys.executable) -> list[str]:
-    """The interpreter with no site-packages at all (-S) and no user environment (-I)."""
-    return [python, "-I", "-S", str(pyz)]
-
-
-@pytest.fixture(scope="module")
-def pythons() -> dict[tuple[int, int], str]:
-    """One CPython 3 per minor version found on this machine: this one, pyenv's, python3.X on PATH."""
-    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    candidates = [sys.executable, *map(str, sorted(pyenv.glob("*/bin/python3"))),
-                  *filter(None, (shutil.which(f"python3.{minor}") for minor in range(4, 20)))]
-    found: dict[tuple[int, int], str] = {}
-    for python in candidates:
-        probe = subprocess.run([python, "-c", "import sys; print(sys.implementation.name, *sys.version_info[:2])"],
-                               capture_output=True, text=True, timeout=30)
-        if probe.returncode != 0:  # a pyenv shim for a version it does not have
-            continue
-        name, major, minor = probe.stdout.split()
-        if name == "cpython":
-            found.setdefault((int(major), int(minor)), python)
-    return found
-
-
-def test_bare_interpreter_has_no_dependencies(tmp_path):
-    probe = subprocess.run([sys.executable, "-I", "-S", "-c", "import grpc"], capture_output=True, text=True)
-    assert "No module named 'grpc'" in probe.stderr  # so the pyz tests below prove the pyz carries everything
+    return [
+        request(1, "s-ana-1", "ana@example.com", "2026-05-04T09:00:00Z", "claude-sonnet-4-5", input_tokens=1000,
+                output_tokens=200, cost_usd=0.5, duration_ms=4000, ttft_ms=800),
+        request(2, "s-ana-1", "ana@example.com", "2026-05-04T09:05:00Z", "claude-haiku-4-5", input_tokens=300,
+                output_tokens=30, cost_usd=0.01, duration_ms=900, ttft_ms=200),
+        event("tool_result", 3, "s-ana-1", "ana@example.com", "2026-05-04T09:01:00Z", tool_name="Bash",
+              success="true", duration_ms="120"),
+        event("tool_result", 4, "s-ana-1", "ana@example.com", "2026-05-04T09:02:00Z", tool_name="Bash",
+              success="false", duration_ms="3000"),
+        event("tool_result", 5, "s-ana-1", "ana@example.com", "2026-05-04T09:03:00Z", tool_name="Read",
+              success=True, duration_ms=15),
+        event("tool_decision", 6, "s-ana-1", "ana@example.com", "2026-05-04T09:01:30Z", tool_name="Edit",
+              decision="accept", source="config"),
+        event("tool_decision", 7, "s-ana-1", "ana@example.com", "2026-05-04T09:01:40Z", tool_name="Bash",
+              decision="reject", source="user_reject"),
+        request(8, "s-ana-2", "ana@example.com", "2026-05-05T10:00:00Z", "claude-opus-4-1", input_tokens=50,
+                output_tokens=5000, cost_usd=2.25, duration_ms=60000),
+        event("api_error", 9, "s-ana-2", "ana@example.com", "2026-05-05T09:59:00Z", model="claude-opus-4-1",
+              error="Overloaded", status_code="529", attempt=1),
+        event("api_retries_exhausted", 10, "s-ana-2", "ana@example.com", "2026-05-05T09:59:30Z"),
+        request(11, "s-bo-1", "bo@example.com", "2026-05-05T11:00:00Z", "claude-sonnet-4-5", input_tokens=7,
+                output_tokens=3, cost_usd=0.125, duration_ms=1000, ttft_ms=500),
+        event("tool_result", 12, "s-bo-1", "bo@example.com", "2026-05-05T11:00:10Z", tool_name="Bash",
+              success="true", duration_ms="200"),
+        event("api_error", 13, "s-bo-1", "bo@example.com", "2026-05-05T11:00:20Z", model="claude-sonnet-4-5",
+              error="rate limited", status_code=429, attempt=2),
+    ]
 
 
-def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    srv = ServerProcess(tmp_path, command=bare(pyz), env=env).start()
-    try:
-        sdk_export(srv.port, MIXED_EVENTS)
-        result = run_ccmon(["--monitor-server", srv.target, "--format", "@monthly_tokens"], tmp_path,
-                           command=bare(pyz), env=env)
-        assert result.returncode == 0 and result.stdout in {"0\n", "52.3K\n"}  # March 2026 data; now is later
-        stats_now = stats(srv)
-        assert (stats_now.total_requests, stats_now.total_cost.amount) == (3, 0.143075)
-        monitor = MonitorPty(["--monitor-server", srv.target, "--monitor-timezone", "America/New_York"],
-                             cwd=tmp_path, env=env, command=bare(pyz))
-        try:
-            screen = monitor.wait_for("Requests 1-3 of 3", "the monitor from the pyz")
-            assert line_with(screen, "Total").split()[1:2] == ["3"]
-            monitor.send(b"q")
-            assert monitor.close() == 0
-        finally:
-            if monitor.proc.poll() is None:
-                monitor.proc.kill()
-        yaml_config = tmp_path / "config.yaml"
-        yaml_config.write_text("claude:\n  plan: max20\n")
-        result = run_ccmon(["--monitor-server", srv.target, "--format", "@daily_plan_usage"], tmp_path,
-                           command=bare(pyz), env=env)
-        assert (result.returncode, result.stdout) == (0, "0%\n")  # YAML parsed by the bundled PyYAML
-    finally:
-        srv.stop()
+MAY = dict(start_time=ts("2026-05-01T00:00:00Z"), end_time=ts("2026-06-01T00:00:00Z"))
 
 
-def test_pyz_version_names_the_build_without_unpacking_or_grpc(pyz, tmp_path):
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    for flag in ("--version", "-v"):
-        result = run_ccmon([flag], tmp_path, command=[sys.executable, "-X", "importtime", *bare(pyz)[1:]], env=env)
-        match = re.fullmatch(rf"ccmon {re.escape(ccmon.VERSION)} \(build ([0-9a-f]{{16}}), "
-                             rf"{re.escape(PYZ_PYTHONS)}, {PYZ_PLATFORM}\)\n", result.stdout)
-        assert result.returncode == 0 and match, result.stdout
-        imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()[1:]]
-        assert "zipfile" in imported and not [name for name in imported if name.startswith(("grpc", "google"))]
-    assert not (tmp_path / "cache").exists()
-    # The build id it names is the cache folder a real run unpacks into.
-    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
-    assert os.listdir(tmp_path / "cache" / "ccmon") == [match.group(1)]
+def test_insight_queries_match_the_raw_data(server):
+    assert sdk_export(server.port, team_events()) == ["SUCCESS"]
+    q = server.query()
+    models = {m.model: m for m in q.GetModelStats(ccmon_pb2.GetModelStatsRequest(**MAY)).models}
+    assert (models["claude-sonnet-4-5"].ttft_ms_total, models["claude-sonnet-4-5"].ttft_count) == (1300, 2)
+    assert (models["claude-opus-4-1"].ttft_ms_total, models["claude-opus-4-1"].ttft_count) == (0, 0)
+    sessions = q.GetSessions(ccmon_pb2.GetSessionsRequest(**MAY)).sessions
+    assert [s.session_id for s in sessions] == ["s-bo-1", "s-ana-2", "s-ana-1"]
+    ana1 = sessions[2]
+    assert (ana1.user, list(ana1.models), ana1.tool_calls, ana1.tool_failures, ana1.api_errors, ana1.from_metrics) \
+        == ("ana@example.com", ["claude-sonnet-4-5", "claude-haiku-4-5"], 3, 1, 0, False)
+    assert (ana1.stats.total_requests, ana1.stats.total_tokens.limited, ana1.stats.total_cost.amount) == \
+        (2, 1530, 0.51)
+    assert ana1.first_request_at == ts("2026-05-04T09:00:00Z") and ana1.last_request_at == ts("2026-05-04T09:05:00Z")
+    assert (sessions[1].api_errors, sessions[0].tool_calls, sessions[0].api_errors) == (1, 1, 1)
+    only_bo = q.GetSessions(ccmon_pb2.GetSessionsRequest(**MAY, user="bo@example.com")).sessions
+    assert [s.session_id for s in only_bo] == ["s-bo-1"]
+    tools = q.GetToolStats(ccmon_pb2.GetToolStatsRequest(**MAY))
+    assert [(t.tool, t.calls, t.successes, t.p50_duration_ms, t.p95_duration_ms) for t in tools.tools] == \
+        [("Bash", 3, 2, 200, 3000), ("Read", 1, 1, 15, 15)]
+    assert [(d.decision, d.source, d.count) for d in tools.decisions] == \
+        [("accept", "config", 1), ("reject", "user_reject", 1)]
+    assert [(e.status_code, e.model, e.count) for e in tools.errors] == \
+        [("429", "claude-sonnet-4-5", 1), ("529", "claude-opus-4-1", 1)]
+    assert tools.retries_exhausted == 1
+    bo_tools = q.GetToolStats(ccmon_pb2.GetToolStatsRequest(**MAY, user="bo@example.com"))
+    assert [(t.tool, t.calls) for t in bo_tools.tools] == [("Bash", 1)] and bo_tools.retries_exhausted == 0
+    users = q.GetUsers(ccmon_pb2.GetUsersRequest(**MAY)).users
+    assert [(u.user, u.sessions, u.stats.total_requests, u.stats.total_cost.amount, u.stats.base_requests)
+            for u in users] == [("ana@example.com", 2, 3, 2.76, 1), ("bo@example.com", 1, 1, 0.125, 0)]
+    ana = q.GetStats(ccmon_pb2.GetStatsRequest(**MAY, user="ana@example.com")).stats
+    assert (ana.total_requests, ana.total_tokens.input, ana.total_cost.amount) == (3, 1350, 2.76)
+    assert q.GetStats(ccmon_pb2.GetStatsRequest(user="nobody@example.com")).stats.total_requests == 0
+    page = q.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(**MAY, user="bo@example.com"))
+    assert (page.total_count, [r.session_id for r in page.requests]) == (1, ["s-bo-1"])
+    timeline = q.GetSessionTimeline(ccmon_pb2.GetSessionTimelineRequest(session_id="s-ana-1")).entries
+    assert [e.kind for e in timeline] == ["api_request", "tool_result", "tool_decision", "tool_decision",
+                                          "tool_result", "tool_result", "api_request"]
+    assert timeline[0].request.cost_usd == 0.5 and json.loads(timeline[1].details)["tool_name"] == "Bash"
 
 
-def test_pyz_runs_on_every_cpython_here(pyz, pythons, tmp_path):
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    supported = {version: python for version, python in pythons.items() if version >= (3, 11)}
-    assert sys.version_info[:2] in supported  # always at least this interpreter
-    for (major, minor), python in sorted(supported.items()):
-        version = run_ccmon(["--version"], tmp_path, command=bare(pyz, python), env=env)
-        assert version.returncode == 0, (python, version.stderr)
-        assert version.stdout.endswith(f", {PYZ_PYTHONS}, {PYZ_PLATFORM})\n")
-        srv = ServerProcess(tmp_path, db=tmp_path / f"{minor}.db", command=bare(pyz, python), env=env).start()
-        try:
-            sdk_export(srv.port, MIXED_EVENTS)
-            result = run_ccmon(["--monitor-server", srv.target, "--format", "@monthly_tokens"], tmp_path,
-                               command=bare(pyz, python), env=env)
-            assert result.returncode == 0 and result.stdout in {"0\n", "52.3K\n"}, (python, result.stderr)
-        finally:
-            assert srv.stop() == 0
-    # One build folder, and in it each version with its own grpc extension only.
-    [build] = (tmp_path / "cache" / "ccmon").iterdir()
-    assert sorted(p.name for p in build.iterdir()) == sorted(f"cp{major}{minor}" for major, minor in supported)
-    for major, minor in supported:
-        cygrpc = [p.name for p in (build / f"cp{major}{minor}" / "grpc" / "_cython").glob("cygrpc.*")]
-        assert cygrpc == [f"cygrpc.cpython-{major}{minor}-{os.uname().machine}-linux-gnu.so"]
+def test_metrics_only_sessions_count_and_events_win(server):
+    def export(temporality, steps, session):
+        exporter = OTLPMetricExporter(endpoint=server.target, insecure=True,
+                                      preferred_temporality={Counter: temporality})
+        reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
+        provider = MeterProvider(resource=Resource.create(CLAUDE_RESOURCE), metric_readers=[reader])
+        meter = provider.get_meter("com.anthropic.claude_code")
+        cost = meter.create_counter("claude_code.cost.usage", unit="USD")
+        tokens = meter.create_counter("claude_code.token.usage", unit="tokens")
+        attrs = {"session.id": session, "model": "claude-sonnet-4-5", "user.email": "m@example.com"}
+        for dollars, counts in steps:
+            cost.add(dollars, attrs)
+            for kind, n in counts.items():
+                tokens.add(n, {**attrs, "type": kind})
+            provider.force_flush()
+        provider.shutdown()
+
+    export(AggregationTemporality.DELTA, [(0.25, {"input": 100, "output": 20, "cacheRead": 1000}),
+                                          (0.5, {"input": 50, "cacheCreation": 7})], "delta-session")
+    export(AggregationTemporality.CUMULATIVE, [(1.0, {"input": 100}), (0.5, {"input": 50, "output": 5})],
+           "cumulative-session")
+    stats = server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats
+    assert (stats.total_requests, stats.total_tokens.input, stats.total_tokens.output, stats.total_tokens.cache_read,
+            stats.total_tokens.cache_creation, stats.total_cost.amount) == (0, 300, 25, 1000, 7, 2.25)
+    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest()).sessions}
+    assert sessions["cumulative-session"].from_metrics and sessions["cumulative-session"].stats.total_tokens.input \
+        == 150
+    assert sessions["delta-session"].stats.total_cost.amount == 0.75
+    # Now the api_request events of the delta session arrive: they replace its metric figures.
+    now = hours_ago(0)
+    sdk_export(server.port, [("api_request", api_request(1, now, session="delta-session", input_tokens=150,
+                                                         output_tokens=20, cost_usd=0.7))])
+    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest()).sessions}
+    assert not sessions["delta-session"].from_metrics
+    assert (sessions["delta-session"].stats.total_requests, sessions["delta-session"].stats.total_cost.amount) == \
+        (1, 0.7)
+    stats = server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats
+    assert (stats.total_requests, stats.total_tokens.input, stats.total_cost.amount) == (1, 300, 2.2)
+    # More metrics for that session are stored but no longer counted.
+    export(AggregationTemporality.DELTA, [(9.0, {"input": 9999})], "delta-session")
+    assert server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats.total_cost.amount == 2.2
+    assert db_rows(server.db, "SELECT COUNT(*) FROM mp WHERE session_id = 'delta-session'") == [(9,)]
+    # A transcript of the cumulative session is imported: its requests replace the metric figures too.
+    write_transcript(server.workdir / "projects", "cumulative-session", [transcript_line(
+        "cumulative-session", hours_ago(0), "req_c1", "msg_c1", usage=(150, 5, 0, 0))])
+    assert "1 request imported" in ccmon_import(server, str(server.workdir / "projects")).stdout
+    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest()).sessions}
+    assert (sessions["cumulative-session"].source, sessions["cumulative-session"].stats.total_requests,
+            sessions["cumulative-session"].stats.total_cost.amount) == ("transcript*", 1, 0.000525)
+    export(AggregationTemporality.DELTA, [(9.0, {"input": 9999})], "cumulative-session")
+    assert server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats.total_cost.amount == 0.700525
 
 
-def test_pyz_refuses_older_pythons_in_one_line(pyz, pythons, tmp_path):
-    older = {version: python for version, python in pythons.items() if version < (3, 11)}
-    if not older:
-        pytest.skip("no CPython older than 3.11 on this machine")
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    for (major, minor), python in sorted(older.items()):
-        result = run_ccmon(["--version"], tmp_path, command=bare(pyz, python), env=env)
-        assert (result.returncode, result.stdout) == (1, ""), python
-        assert re.fullmatch(rf"ccmon: this ccmon.pyz is for {re.escape(PYZ_PYTHONS)} on {PYZ_PLATFORM}; "
-                            rf"this is CPython {major}\.{minor} on Linux {os.uname().machine} \(glibc [\d.]+\)\n",
-                            result.stderr)
-    assert not (tmp_path / "cache").exists()
+def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
+    """Claude Code puts a hashed user.id on every event; OTEL_RESOURCE_ATTRIBUTES=user.email=... names the user."""
+    hashed = "f" * 64
+    events = [("api_request", {**api_request(1, hours_ago(1), session="s-dee", cost_usd=0.5), "user.id": hashed})]
+    assert sdk_export(server.port, events, resource={**CLAUDE_RESOURCE, "user.email": "dee@example.com"}) == \
+        ["SUCCESS"]
+    assert sdk_export(server.port, [("api_request", {**api_request(2, hours_ago(1), session="s-anon"),
+                                                     "user.id": hashed})]) == ["SUCCESS"]
+    users = {u.user: u.stats.total_cost.amount for u in server.query().GetUsers(ccmon_pb2.GetUsersRequest()).users}
+    assert users == {"dee@example.com": 0.5, hashed: 0.0}
 
 
-def test_pyz_for_one_python_on_another_platform(tmp_path):
-    foreign = "manylinux2014_aarch64" if os.uname().machine != "aarch64" else "manylinux2014_x86_64"
-    output = tmp_path / "foreign.pyz"
-    built = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(output),
-                            "--python-version", "3.11", "--platform", foreign],
-                           capture_output=True, text=True, timeout=600)
-    assert built.returncode == 0, built.stderr
-    assert built.stdout.endswith(f") for CPython 3.11 on {foreign}\n")
-    import zipfile
-    names = zipfile.ZipFile(output).namelist()
-    assert {name.split("/")[0] for name in names} == {"__main__.py", "app"}  # one version: nothing differs
-    assert f"app/grpc/_cython/cygrpc.cpython-311-{foreign.split('_', 1)[1]}-linux-gnu.so" in names
-    result = run_ccmon(["--version"], tmp_path, command=bare(output), env={"XDG_CACHE_HOME": str(tmp_path / "c")})
-    assert (result.returncode, result.stdout) == (1, "")
-    assert re.fullmatch(rf"ccmon: this ccmon.pyz is for CPython 3.11 on {foreign}; this is CPython "
-                        rf"{sys.version_info[0]}\.{sys.version_info[1]} on Linux {os.uname().machine} "
-                        rf"\(glibc [\d.]+\)\n", result.stderr)
-
-
-def test_pyz_concurrent_first_runs_share_one_cache(pyz, tmp_path):
-    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    procs = [subprocess.Popen(bare(pyz) + ["--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-             for _ in range(4)]
-    outputs = [proc.communicate(timeout=60) for proc in procs]
-    assert [proc.returncode for proc in procs] == [0, 0, 0, 0]
-    assert all(out.startswith(b"usage: ccmon ") for out, _ in outputs)
-    entries = sorted(p.name for p in (tmp_path / "cache" / "ccmon").iterdir())
-    assert len(entries) == 1 and re.fullmatch(r"[0-9a-f]{16}", entries[0])  # no half-unpacked leftovers
-    version = f"cp{sys.version_info[0]}{sys.version_info[1]}"
-    assert os.listdir(tmp_path / "cache" / "ccmon" / entries[0]) == [version]
-    assert (tmp_path / "cache" / "ccmon" / entries[0] / version / ".complete").is_file()
-
-
-def test_pyz_keeps_the_two_newest_builds(pyz, tmp_path):
-    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
-    root = tmp_path / "cache" / "ccmon"
-    now = time.time()
-
-    def fake(name: str, age_days: float) -> None:
-        (root / name / "cp311").mkdir(parents=True)
-        os.utime(root / name, (now - age_days * 86400,) * 2)
-
-    for number, age in enumerate((3, 2, 1), start=1):
-        fake(f"{number:016x}", age)
-    fake("notes", 9)  # not named like a build: not ours to remove
-    fake("0123456789abcdef0", 9)
-    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
-    [current] = {p.name for p in root.iterdir()} - {f"{n:016x}" for n in (1, 2, 3)} - {"notes", "0123456789abcdef0"}
-    assert sorted(p.name for p in root.iterdir()) == sorted([current, f"{3:016x}", "notes", "0123456789abcdef0"])
-    # The build in use stays even when two others look newer; a failing cleanup does not fail the run.
-    shutil.rmtree(root / current)
-    fake(f"{4:016x}", -1)
-    fake(f"{5:016x}", -2)
-    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
-    assert sorted(p.name for p in root.iterdir()) == sorted([current, f"{4:016x}", f"{5:016x}", "notes",
-                                                            "0123456789abcdef0"])
-    shutil.rmtree(root / current)
-    (root / f"{6:016x}").symlink_to(tmp_path / "gone")  # getmtime fails on it
-    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
-    assert (root / current / f"cp{sys.version_info[0]}{sys.version_info[1]}" / ".complete").is_file()
-
-
-def test_pyz_falls_back_to_temp_dir_when_home_is_unusable(pyz, tmp_path):
-    env = {**os.environ, "HOME": "/dev/null/nohome", "TMPDIR": str(tmp_path)}
-    env.pop("XDG_CACHE_HOME", None)
-    result = subprocess.run(bare(pyz) + ["--help"], capture_output=True, text=True, env=env, timeout=60)
-    assert result.returncode == 0 and result.stdout.startswith("usage: ccmon ")
-    assert list(tmp_path.glob(f"ccmon-{os.getuid()}/*/*/ccmon.py"))
-    # A cache folder that others can write to is never imported from.
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    (shared / "ccmon").mkdir(mode=0o777)
-    os.chmod(shared / "ccmon", 0o777)
-    env = {**env, "XDG_CACHE_HOME": str(shared), "TMPDIR": str(tmp_path / "tmp2")}
-    (tmp_path / "tmp2").mkdir()
-    result = subprocess.run(bare(pyz) + ["--help"], capture_output=True, text=True, env=env, timeout=60)
-    assert result.returncode == 0 and not list((shared / "ccmon").iterdir())
-    assert list((tmp_path / "tmp2").glob(f"ccmon-{os.getuid()}/*/*/ccmon.py"))
-    corrupt = tmp_path / "corrupt.pyz"
-    corrupt.write_bytes(pyz.read_bytes()[:200_000])
-    result = subprocess.run([sys.executable, "-I", "-S", str(corrupt), "--help"], capture_output=True, text=True,
-                            env=env, timeout=60)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-
-
-def test_pyz_build_is_reproducible_and_lean(pyz, tmp_path):
-    again = tmp_path / "again.pyz"
-    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(again)], check=True,
-                   capture_output=True, timeout=600)
-    assert again.read_bytes() == pyz.read_bytes()
-    assert pyz.stat().st_size <= 35_000_000
-    import zipfile
-    names = zipfile.ZipFile(pyz).namelist()
-    assert names[0] == "__main__.py" and "app/ccmon.py" in names and "app/tzdata/zoneinfo/Europe/Berlin" in names
-    assert not [n for n in names if n.endswith((".pyc", ".pyi")) or "__pycache__" in n or "/RECORD" in n
-                or "test_ccmon" in n]
-    assert any(n.startswith("app/yaml/") for n in names) and not any("_yaml." in n for n in names)
-    # What the versions share is stored once; each version folder holds only what differs.
-    per_version = {n.split("/", 1)[1] for n in names if n.startswith("cp3")}
-    assert {n.split("/")[0] for n in names if "/" in n} == {"app", "cp311", "cp312", "cp313", "cp314"}
-    assert {n for n in per_version if not n.endswith("/WHEEL")} == {
-        f"grpc/_cython/cygrpc.cpython-{v}-{os.uname().machine}-linux-gnu.so" for v in (311, 312, 313, 314)}
-    assert "app/google/_upb/_message.abi3.so" in names  # protobuf's extension is abi3: one for all
-
-
-def test_pyz_build_refuses_missing_wheels(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(tmp_path / "x.pyz"),
-                             "--platform", "win_nonexistent", "--python-version", "3.11"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 1
-    assert result.stderr.startswith("build_zipapp: cannot get wheels for CPython 3.11 on win_nonexistent: ")
-    assert not (tmp_path / "x.pyz").exists()
-
-
-def test_dockerfile_structure():
-    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
-    joined = "\n".join(lines).replace("\\\n", " ")
-    froms = [line for line in lines if line.startswith("FROM ")]
-    assert froms == ["FROM python:${PYTHON_VERSION}-slim-bookworm AS build", "FROM python:${PYTHON_VERSION}-slim-bookworm"]
-    assert re.search(r"^ARG PYTHON_VERSION=3\.12\.\d+$", joined, re.M)  # an exact version, not a moving tag
-    assert "ARG PYTHON_MINOR=3.12" in lines
-    build_stage, final = joined.split("FROM python:${PYTHON_VERSION}-slim-bookworm\n")
-    assert 'RUN python build_zipapp.py --python-version "${PYTHON_MINOR}" --output /out/ccmon.pyz' in build_stage
-    assert "mv /out/cache/ccmon/*/cp3*/ /app" in build_stage
-    assert "COPY --from=build /app /app" in final and "ccmon.pyz" not in final  # the unpacked app, once
-    assert re.search(r"^USER 10001:10001$", final, re.M)
-    assert "--uid 10001 --gid 10001" in final and "--gid 10001 ccmon" in final
-    assert final.index("USER 10001:10001") < final.index("ENTRYPOINT")
-    assert "pip install" not in final  # nothing installed in the runtime image
-    assert "ENV HOME=/home/ccmon " in final  # the settings' folder under any user id
-    assert "VOLUME /data" in final and "EXPOSE 4317 4318" in final and "STOPSIGNAL SIGTERM" in final
-    for label in ("title", "description", "licenses", "base.name"):
-        assert f"org.opencontainers.image.{label}=" in final
-    healthcheck = next(line for line in final.splitlines() if line.startswith("HEALTHCHECK"))
-    assert healthcheck.endswith('CMD ["python", "/app/ccmon.py", "--health"]')  # the server's own settings
-    assert 'ENTRYPOINT ["python", "/app/ccmon.py"]' in final and 'CMD ["--server"]' in final
-    # The image's config file (written by printf) is one ccmon reads, with the settings the server needs there.
-    printf = re.search(r"printf '%s\\n' (.*?) > /home/ccmon/\.ccmon/config\.toml", final).group(1)
-    config = tomllib.loads("\n".join(re.findall(r"'([^']*)'", printf)))
-    assert config == {"server": {"address": "0.0.0.0:4317", "http_address": "0.0.0.0:4318"},
-                      "database": {"path": "/data/ccmon.db"}}
-    # Every file the build stage copies exists, and .dockerignore lets exactly those through.
-    copied = next(line for line in lines if line.startswith("COPY requirements.txt")).split()[1:-1]
-    assert all((ROOT / name).is_file() for name in copied)
-    allowed = [line[1:] for line in (ROOT / ".dockerignore").read_text().split() if line.startswith("!")]
-    assert sorted(allowed) == sorted(copied)
-
-
-def test_dockerfile_passes_hadolint():
-    hadolint = Path(sys.executable).with_name("hadolint")
-    result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
-    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
-
-
-def test_the_image_build_steps_give_a_working_app(tmp_path):
-    """The build stage's commands, run here (no Docker engine in CI): the pyz for one Python, unpacked once,
-    moved to app/, runs ccmon from there."""
-    minor = "%d.%d" % sys.version_info[:2]
-    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--python-version", minor, "--output",
-                    str(tmp_path / "out" / "ccmon.pyz")], check=True, capture_output=True)
-    subprocess.run([sys.executable, str(tmp_path / "out" / "ccmon.pyz"), "--help"], check=True, capture_output=True,
-                   env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "out" / "cache")})
-    unpacked = list((tmp_path / "out" / "cache" / "ccmon").glob("*/cp3*/"))
-    assert len(unpacked) == 1
-    app = unpacked[0].rename(tmp_path / "app")
-    # -S -E: no site-packages, no PYTHONPATH; what the app needs is beside ccmon.py, as in the image.
-    version = subprocess.run([sys.executable, "-S", "-E", str(app / "ccmon.py"), "--version"], capture_output=True,
-                             text=True)
-    assert (version.returncode, version.stdout) == (0, f"ccmon {ccmon.VERSION}\n"), version.stderr
-
-# ---------------------------------------------------------------- OTLP/HTTP, the Node.js SDK, tokens, TLS, limits, faults
-
-NODE_PACKAGES = {"@opentelemetry/api": "1.10.0", "@opentelemetry/sdk-logs": "3.1.0",
-                 "@opentelemetry/resources": "3.1.0", "@opentelemetry/exporter-logs-otlp-http": "0.301.0",
-                 "@opentelemetry/exporter-logs-otlp-proto": "0.301.0",
-                 "@opentelemetry/exporter-logs-otlp-grpc": "0.301.0"}
-NODE_EMITTER = r"""
-// Claude-Code-shaped events through the real OpenTelemetry JS SDK and exporters (Claude Code is Node.js).
-const { LoggerProvider, SimpleLogRecordProcessor, InMemoryLogRecordExporter } = require('@opentelemetry/sdk-logs');
-const { resourceFromAttributes } = require('@opentelemetry/resources');
-const spec = JSON.parse(process.argv[2]);
-const compression = spec.gzip ? 'gzip' : 'none';
-let exporter;
-if (spec.protocol === 'grpc') {
-  const { OTLPLogExporter } = require('@opentelemetry/exporter-logs-otlp-grpc');
-  const grpc = require('@grpc/grpc-js');
-  const metadata = new grpc.Metadata();
-  for (const [k, v] of Object.entries(spec.headers || {})) metadata.set(k, v);
-  exporter = new OTLPLogExporter({ url: spec.endpoint, compression, metadata });
-} else {
-  const name = spec.protocol === 'http/json' ? 'http' : 'proto';
-  const { OTLPLogExporter } = require('@opentelemetry/exporter-logs-otlp-' + name);
-  exporter = new OTLPLogExporter({ url: spec.endpoint + '/v1/logs', compression, headers: spec.headers || {} });
-}
-const memory = new InMemoryLogRecordExporter();
-const provider = new LoggerProvider({ resource: resourceFromAttributes(spec.resource || {}),
-                                      processors: [new SimpleLogRecordProcessor({ exporter: memory })] });
-const logger = provider.getLogger('com.anthropic.claude_code.events');
-for (const e of spec.events) logger.emit({ body: e.body, attributes: e.attributes });
-provider.forceFlush().then(() => exporter.export(memory.getFinishedLogRecords(), (result) => {
-  const error = result.error ? String(result.error.message || result.error) : null;
-  process.stdout.write(JSON.stringify({ code: result.code, error }) + '\n');
-  exporter.shutdown().then(() => provider.shutdown());
-}));
-"""
-
-
-def npm_install_once(name: str, packages: dict[str, str]) -> Path:
-    """Install exact versions of npm packages from the registry once, into a cache folder named after them
-    (`$XDG_CACHE_HOME` or `~/.cache`, then `ccmon-tests/NAME-HASH`), and return that folder. A file lock keeps
-    concurrent test runs from installing over each other, and a marker written last tells a complete install
-    from an interrupted one. Without npm or the registry this fails (never skips), saying what is missing:
-    CI has both."""
-    import fcntl
-    import hashlib
-    key = hashlib.sha256(json.dumps(packages, sort_keys=True).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ccmon-tests" / f"{name}-{key}"
-    marker = cache / ".installed"
-    if marker.exists():
-        return cache
-    if not shutil.which("npm"):
-        pytest.fail("npm is not installed: these tests install Node.js packages from the npm registry "
-                    "(.ci/run installs nodejs and npm with apt-get when they are missing)")
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache.parent / f"{cache.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not marker.exists():
-            wanted = [f"{package}@{version}" for package, version in packages.items()]
-            try:
-                result = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error",
-                                         "--prefix", str(cache), *wanted], capture_output=True, text=True, timeout=900)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"npm install {' '.join(wanted)} took over 15 minutes (is the npm registry reachable?)")
-            if result.returncode != 0:
-                pytest.fail(f"npm install {' '.join(wanted)} failed (exit {result.returncode}; is the npm registry "
-                            f"reachable?):\n{result.stderr[-3000:]}")
-            marker.write_text(json.dumps(packages))
-    return cache
-
-
-@pytest.fixture(scope="session")
-def node_emitter() -> Path:
-    """The OpenTelemetry JS SDK installed from the npm registry once into a cache folder."""
-    script = npm_install_once("node-otel", NODE_PACKAGES) / "emit.js"
-    script.write_text(NODE_EMITTER)
-    return script
-
-
-def node_export(script: Path, protocol: str, endpoint: str, events, gzip=False, headers=None) -> dict:
-    spec = {"protocol": protocol, "endpoint": endpoint, "gzip": gzip, "headers": headers or {},
-            "resource": CLAUDE_RESOURCE,
-            "events": [{"body": f"claude_code.{name}", "attributes": attrs} for name, attrs in events]}
-    result = subprocess.run(["node", str(script), json.dumps(spec)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-def events_for(session: str):
-    return [(name, {**attrs, "session.id": session}) for name, attrs in MIXED_EVENTS]
-
-
-def session_figures(srv: ServerProcess, session: str) -> tuple:
-    rows = db_rows(srv.db, "SELECT COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cache_read_tokens), "
-                           "SUM(cache_creation_tokens), SUM(cost_nanos), SUM(duration_ms), GROUP_CONCAT(model_name) "
-                           "FROM (SELECT * FROM r WHERE session_id = ? ORDER BY ts)", (session,))
-    events = db_rows(srv.db, "SELECT name, attributes FROM e WHERE session_id = ? ORDER BY ts", (session,))
-    return rows[0], events
-
-
-def test_every_claude_code_protocol_is_recorded_identically(server, node_emitter):
-    http = f"http://127.0.0.1:{server.http_port}"
-    for gzip in (False, True):
-        suffix = "-gz" if gzip else ""
-        assert sdk_export(server.port, events_for(f"py-grpc{suffix}"), gzip=gzip) == ["SUCCESS"]
-        assert sdk_export(server.http_port, events_for(f"py-http{suffix}"), protocol="http/protobuf",
-                          gzip=gzip) == ["SUCCESS"]
-        for protocol, endpoint in (("grpc", f"http://127.0.0.1:{server.port}"), ("http/protobuf", http),
-                                   ("http/json", http)):
-            session = f"node-{protocol}{suffix}"
-            assert node_export(node_emitter, protocol, endpoint, events_for(session), gzip=gzip) == \
-                {"code": 0, "error": None}
-    reference = session_figures(server, "py-grpc")
-    assert reference[0] == (3, 1210 + 800, 2388 + 95, 45123, 2712, 143_075_000, 27950,
-                            "claude-sonnet-4-5,claude-haiku-4-5-20251001,claude-opus-4-1")
-    assert [name for name, _ in reference[1]] == ["user_prompt", "tool_result"]
-    for session in ("py-grpc-gz", "py-http", "py-http-gz", "node-grpc", "node-grpc-gz", "node-http/protobuf",
-                    "node-http/protobuf-gz", "node-http/json", "node-http/json-gz"):
-        assert session_figures(server, session) == reference, session
-    assert "logs: 5 records, 3 api requests, 5 new, 0 rejected" in server.log
-
+# ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
 def http_post(port: int, path: str = "/v1/logs", body: bytes = b"", headers: dict | None = None,
               method: str = "POST", context=None):
@@ -2385,6 +1896,129 @@ def test_idle_and_slow_connections_are_closed_at_their_deadline(tmp_path):
         store.close()
 
 
+# ---------------------------------------------------------------- server: every protocol end to end, tokens, TLS, limits, faults, start and stop
+
+NODE_PACKAGES = {"@opentelemetry/api": "1.10.0", "@opentelemetry/sdk-logs": "3.1.0",
+                 "@opentelemetry/resources": "3.1.0", "@opentelemetry/exporter-logs-otlp-http": "0.301.0",
+                 "@opentelemetry/exporter-logs-otlp-proto": "0.301.0",
+                 "@opentelemetry/exporter-logs-otlp-grpc": "0.301.0"}
+
+
+NODE_EMITTER = r"""
+// Claude-Code-shaped events through the real OpenTelemetry JS SDK and exporters (Claude Code is Node.js).
+const { LoggerProvider, SimpleLogRecordProcessor, InMemoryLogRecordExporter } = require('@opentelemetry/sdk-logs');
+const { resourceFromAttributes } = require('@opentelemetry/resources');
+const spec = JSON.parse(process.argv[2]);
+const compression = spec.gzip ? 'gzip' : 'none';
+let exporter;
+if (spec.protocol === 'grpc') {
+  const { OTLPLogExporter } = require('@opentelemetry/exporter-logs-otlp-grpc');
+  const grpc = require('@grpc/grpc-js');
+  const metadata = new grpc.Metadata();
+  for (const [k, v] of Object.entries(spec.headers || {})) metadata.set(k, v);
+  exporter = new OTLPLogExporter({ url: spec.endpoint, compression, metadata });
+} else {
+  const name = spec.protocol === 'http/json' ? 'http' : 'proto';
+  const { OTLPLogExporter } = require('@opentelemetry/exporter-logs-otlp-' + name);
+  exporter = new OTLPLogExporter({ url: spec.endpoint + '/v1/logs', compression, headers: spec.headers || {} });
+}
+const memory = new InMemoryLogRecordExporter();
+const provider = new LoggerProvider({ resource: resourceFromAttributes(spec.resource || {}),
+                                      processors: [new SimpleLogRecordProcessor({ exporter: memory })] });
+const logger = provider.getLogger('com.anthropic.claude_code.events');
+for (const e of spec.events) logger.emit({ body: e.body, attributes: e.attributes });
+provider.forceFlush().then(() => exporter.export(memory.getFinishedLogRecords(), (result) => {
+  const error = result.error ? String(result.error.message || result.error) : null;
+  process.stdout.write(JSON.stringify({ code: result.code, error }) + '\n');
+  exporter.shutdown().then(() => provider.shutdown());
+}));
+"""
+
+
+def npm_install_once(name: str, packages: dict[str, str]) -> Path:
+    """Install exact versions of npm packages from the registry once, into a cache folder named after them
+    (`$XDG_CACHE_HOME` or `~/.cache`, then `ccmon-tests/NAME-HASH`), and return that folder. A file lock keeps
+    concurrent test runs from installing over each other, and a marker written last tells a complete install
+    from an interrupted one. Without npm or the registry this fails (never skips), saying what is missing:
+    CI has both."""
+    import fcntl
+    import hashlib
+    key = hashlib.sha256(json.dumps(packages, sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ccmon-tests" / f"{name}-{key}"
+    marker = cache / ".installed"
+    if marker.exists():
+        return cache
+    if not shutil.which("npm"):
+        pytest.fail("npm is not installed: these tests install Node.js packages from the npm registry "
+                    "(.ci/run installs nodejs and npm with apt-get when they are missing)")
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache.parent / f"{cache.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            wanted = [f"{package}@{version}" for package, version in packages.items()]
+            try:
+                result = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error",
+                                         "--prefix", str(cache), *wanted], capture_output=True, text=True, timeout=900)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"npm install {' '.join(wanted)} took over 15 minutes (is the npm registry reachable?)")
+            if result.returncode != 0:
+                pytest.fail(f"npm install {' '.join(wanted)} failed (exit {result.returncode}; is the npm registry "
+                            f"reachable?):\n{result.stderr[-3000:]}")
+            marker.write_text(json.dumps(packages))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def node_emitter() -> Path:
+    """The OpenTelemetry JS SDK installed from the npm registry once into a cache folder."""
+    script = npm_install_once("node-otel", NODE_PACKAGES) / "emit.js"
+    script.write_text(NODE_EMITTER)
+    return script
+
+
+def node_export(script: Path, protocol: str, endpoint: str, events, gzip=False, headers=None) -> dict:
+    spec = {"protocol": protocol, "endpoint": endpoint, "gzip": gzip, "headers": headers or {},
+            "resource": CLAUDE_RESOURCE,
+            "events": [{"body": f"claude_code.{name}", "attributes": attrs} for name, attrs in events]}
+    result = subprocess.run(["node", str(script), json.dumps(spec)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def events_for(session: str):
+    return [(name, {**attrs, "session.id": session}) for name, attrs in MIXED_EVENTS]
+
+
+def session_figures(srv: ServerProcess, session: str) -> tuple:
+    rows = db_rows(srv.db, "SELECT COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM(cache_read_tokens), "
+                           "SUM(cache_creation_tokens), SUM(cost_nanos), SUM(duration_ms), GROUP_CONCAT(model_name) "
+                           "FROM (SELECT * FROM r WHERE session_id = ? ORDER BY ts)", (session,))
+    events = db_rows(srv.db, "SELECT name, attributes FROM e WHERE session_id = ? ORDER BY ts", (session,))
+    return rows[0], events
+
+
+def test_every_claude_code_protocol_is_recorded_identically(server, node_emitter):
+    http = f"http://127.0.0.1:{server.http_port}"
+    for gzip in (False, True):
+        suffix = "-gz" if gzip else ""
+        assert sdk_export(server.port, events_for(f"py-grpc{suffix}"), gzip=gzip) == ["SUCCESS"]
+        assert sdk_export(server.http_port, events_for(f"py-http{suffix}"), protocol="http/protobuf",
+                          gzip=gzip) == ["SUCCESS"]
+        for protocol, endpoint in (("grpc", f"http://127.0.0.1:{server.port}"), ("http/protobuf", http),
+                                   ("http/json", http)):
+            session = f"node-{protocol}{suffix}"
+            assert node_export(node_emitter, protocol, endpoint, events_for(session), gzip=gzip) == \
+                {"code": 0, "error": None}
+    reference = session_figures(server, "py-grpc")
+    assert reference[0] == (3, 1210 + 800, 2388 + 95, 45123, 2712, 143_075_000, 27950,
+                            "claude-sonnet-4-5,claude-haiku-4-5-20251001,claude-opus-4-1")
+    assert [name for name, _ in reference[1]] == ["user_prompt", "tool_result"]
+    for session in ("py-grpc-gz", "py-http", "py-http-gz", "node-grpc", "node-grpc-gz", "node-http/protobuf",
+                    "node-http/protobuf-gz", "node-http/json", "node-http/json-gz"):
+        assert session_figures(server, session) == reference, session
+    assert "logs: 5 records, 3 api requests, 5 new, 0 rejected" in server.log
+
+
 def wait_for_log(srv: ServerProcess, text: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while text not in srv.log:
@@ -2609,86 +2243,6 @@ def test_exposed_server_warns_without_token(tmp_path):
         srv.stop()
 
 
-def test_locked_database_answers_retry_and_recovers(server):
-    blocker = sqlite3.connect(server.db, isolation_level=None)
-    blocker.execute("BEGIN EXCLUSIVE")
-    try:
-        with pytest.raises(grpc.RpcError) as err:
-            server.logs_stub().Export(logs_request(MIXED_EVENTS))
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert err.value.details().startswith("ccmon cannot store data right now (database write failed: ")
-        details = dict(err.value.trailing_metadata())["grpc-status-details-bin"]
-        status = ccmon_pb2.RpcStatus.FromString(details)
-        assert status.details[0].type_url == "type.googleapis.com/google.rpc.RetryInfo"
-        assert ccmon_pb2.RetryInfo.FromString(status.details[0].value).retry_delay.seconds == 5
-        response, data = http_post(server.http_port, body=logs_request(MIXED_EVENTS).SerializeToString())
-        assert (response.status, response.getheader("Retry-After")) == (503, "5")
-        assert status_of(data)[0] == 14
-    finally:
-        blocker.execute("ROLLBACK")
-        blocker.close()
-    assert not server.logs_stub().Export(logs_request(MIXED_EVENTS)).HasField("partial_success")
-    assert stats(server).total_requests == 3
-    assert server.log.count("cannot write to the database") == 1
-    assert "is writable again" in server.log
-
-
-def test_second_server_on_the_same_database_refuses(server, tmp_path):
-    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "127.0.0.1:0",
-                        "--database-path", str(server.db)], tmp_path)
-    assert result.returncode == 1
-    assert result.stderr == (f"ccmon: another ccmon server (pid {server.proc.pid}) is already using {server.db}; "
-                             "stop it or choose another --database-path\n")
-    taken = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address",
-                       f"127.0.0.1:{server.http_port}", "--database-path", str(tmp_path / "other.db")], tmp_path)
-    assert taken.returncode == 1
-    assert taken.stderr == (f"ccmon: cannot listen on 127.0.0.1:{server.http_port}: Address already in use "
-                            "(set --server-http-address, or 'off')\n")
-
-
-def test_kill_9_during_sustained_ingestion(tmp_path):
-    """Kill the server at random moments while exporters keep sending; every acknowledged record survives."""
-    import random
-    srv = ServerProcess(tmp_path).start()
-    acknowledged: set[int] = set()
-    rng = random.Random(7)
-    next_seq = 0
-    for round_number in range(3):
-        stop = threading.Event()
-
-        def send(port=srv.port):
-            nonlocal next_seq
-            stub = logs_service_pb2_grpc.LogsServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-            while not stop.is_set():
-                seqs = list(range(next_seq, next_seq + 100))
-                next_seq += 100
-                events = [("api_request", api_request(seq, "2026-06-01T00:00:00Z", input_tokens=1)) for seq in seqs]
-                try:
-                    stub.Export(logs_request(events), timeout=5)
-                except grpc.RpcError:
-                    return
-                acknowledged.update(seqs)
-
-        senders = [threading.Thread(target=send) for _ in range(3)]
-        for sender in senders:
-            sender.start()
-        time.sleep(rng.uniform(0.3, 1.2))
-        srv.proc.kill()
-        srv.proc.wait()
-        stop.set()
-        for sender in senders:
-            sender.join()
-        assert db_rows(srv.db, "PRAGMA integrity_check") == [("ok",)]
-        srv.start()
-        stored = db_rows(srv.db, "SELECT seq, COUNT(*) FROM requests GROUP BY seq")
-        stored_seqs = {seq for seq, _ in stored}
-        print(f"round {round_number}: {len(acknowledged)} acknowledged, {len(stored_seqs)} stored")
-        assert all(count == 1 for _, count in stored)
-        assert acknowledged <= stored_seqs
-        assert stats(srv).total_tokens.input == len(stored_seqs)
-    srv.stop()
-
-
 def _any_values():
     from hypothesis import strategies as st
     scalars = st.one_of(st.text(max_size=20), st.integers(min_value=-2 ** 63, max_value=2 ** 63 - 1),
@@ -2755,108 +2309,65 @@ def test_random_otlp_input_never_crashes_or_stores_bad_figures(server):
     assert server.proc.poll() is None and "Traceback" not in server.log
 
 
-def test_token_precedence_flag_then_environment_then_file(tmp_path, monkeypatch):
-    (tmp_path / "config.toml").write_text('[server]\ntoken = "from-file"\n[monitor]\ntoken = "from-file"\n')
-    monkeypatch.delenv("CCMON_TOKEN", raising=False)
-    assert config_for(tmp_path, monkeypatch).server_token == "from-file"
-    monkeypatch.setenv("CCMON_TOKEN", "from-env")
-    config = config_for(tmp_path, monkeypatch)
-    assert (config.server_token, config.monitor_token) == ("from-env", "from-env")
-    config = config_for(tmp_path, monkeypatch, ["--server-token", "from-flag", "--monitor-token", "m"])
-    assert (config.server_token, config.monitor_token) == ("from-flag", "m")
-    tls = config_for(tmp_path, monkeypatch, ["--monitor-server", "https://ccmon.example.com:443"])
-    assert tls.monitor_tls == ccmon.TLSFiles()  # TLS with the system's roots
+def export_of(records: list, resource: dict = CLAUDE_RESOURCE) -> logs_service_pb2.ExportLogsServiceRequest:
+    request = logs_request([], resource)
+    request.resource_logs[0].scope_logs[0].log_records.extend(records)
+    return request
 
 
-def test_example_config_is_valid_and_shows_the_defaults(tmp_path, monkeypatch):
-    (tmp_path / "config.toml").write_text((ROOT / "config.toml.example").read_text())
-    example = config_for(tmp_path, monkeypatch)
-    (tmp_path / "config.toml").unlink()
-    assert dataclasses_replace(example, source="defaults", monitor_server_given=False) == config_for(tmp_path, monkeypatch)
+def api_request_records(attrs: dict, limit_bytes: int, count: int = 10 ** 6) -> list:
+    """Up to `count` api_request records an hour old with these attributes (and numbered sequences), as many
+    as fit in `limit_bytes` of an export."""
+    template = logs_request([("api_request", {**attrs, "session.id": "", "event.sequence": 0})])
+    template = template.resource_logs[0].scope_logs[0].log_records[0]
+    template.time_unix_nano = time.time_ns() - 3600 * 10 ** 9
+    session, sequence = (next(kv.value for kv in template.attributes if kv.key == key)
+                         for key in ("session.id", "event.sequence"))
+    records, size = [], 0
+    for seq in range(count):
+        session.string_value, sequence.int_value = f"session-{seq % 100}", seq
+        size += template.ByteSize() + 4
+        if size > limit_bytes:
+            break
+        records.append(logs_pb2.LogRecord())
+        records[-1].CopyFrom(template)
+    return records
 
 
-def test_query_edge_cases(server):
-    sdk_export(server.port, [("api_request", api_request(1, "2026-01-01T23:30:00Z", input_tokens=100)),
-                             ("api_request", api_request(2, "2026-01-02T00:30:00Z", input_tokens=5))])
-    request = ccmon_pb2.GetUsageRequest(timezone="UTC", start_time=ts("2026-01-01T23:00:00Z"),
-                                        end_time=ts("2026-01-02T01:00:00Z"))
-    days = server.query().GetUsage(request).days
-    assert [(d.date, d.stats.total_tokens.input) for d in days] == [("2026-01-02", 5), ("2026-01-01", 100)]
-    for zone in ("America", "a" * 300, "../../etc/passwd"):
-        with pytest.raises(grpc.RpcError) as err:
-            server.query().GetUsage(ccmon_pb2.GetUsageRequest(timezone=zone))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    huge = ccmon_pb2.GetStatsRequest()
-    huge.end_time.seconds = 2 ** 60
-    assert server.query().GetStats(huge).stats.total_requests == 2
-    usage = ccmon_pb2.GetUsageRequest()
-    usage.end_time.seconds = 2 ** 40
-    assert len(server.query().GetUsage(usage).days) == 30
-    epoch = ccmon_pb2.GetStatsRequest()
-    epoch.end_time.CopyFrom(ts("1970-01-01T00:00:00Z"))  # set to the epoch is not "unset"
-    assert server.query().GetStats(epoch).stats.total_requests == 0
+def test_big_exports_leave_the_server_near_its_idle_size(tmp_path):
+    limit = 16 * 1024 * 1024
+    many = export_of(api_request_records({"model": "claude-sonnet-4-5", "input_tokens": 1, "cost_usd": 0.001},
+                                         limit - 1024, count=100_000))
+    full = export_of(api_request_records(api_request(0, hours_ago(1), input_tokens="1200", output_tokens="340",
+                                                     cache_read_tokens="15000", cost_usd="0.0421",
+                                                     duration_ms="5120"), limit - 1024))
+    huge_values = export_of([logs_pb2.LogRecord(body=any_value("claude_code.tool_result"), attributes=[
+        common_pb2.KeyValue(key="session.id", value=any_value("huge")),
+        common_pb2.KeyValue(key="event.sequence", value=any_value(seq)),
+        common_pb2.KeyValue(key="output", value=any_value("x" * (1024 * 1024 - 200)))]) for seq in range(15)])
+    many_count = len(many.resource_logs[0].scope_logs[0].log_records)
+    full_count = len(full.resource_logs[0].scope_logs[0].log_records)
+    assert many_count == 100_000 and full_count > 20_000
+    assert all(limit - 2 * 1024 * 1024 < r.ByteSize() <= limit for r in (many, full, huge_values))
+    srv = ServerProcess(tmp_path).start()
+    try:
+        stub = srv.logs_stub()
+        stub.Export(logs_request([("api_request", api_request(0, hours_ago(1), session="warm-up"))]))
+        idle = process_rss_kib(srv.proc.pid, "VmRSS")
+        for request in (many, full, huge_values):
+            assert not stub.Export(request, timeout=120).HasField("partial_success")
+        assert process_rss_kib(srv.proc.pid) < 250 * 1024, "the peak (VmHWM)"
+        deadline = time.monotonic() + 30  # memory is given back shortly after the last answer
+        while process_rss_kib(srv.proc.pid, "VmRSS") > idle + 30 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert process_rss_kib(srv.proc.pid, "VmRSS") <= idle + 30 * 1024, f"idle was {idle // 1024} MiB"
+        assert stats(srv).total_requests == 1 + many_count + full_count  # and nothing lost on the way
+        assert db_rows(srv.db, "SELECT COUNT(*) FROM events WHERE name = 'tool_result'") == [(15,)]
+    finally:
+        srv.stop()
 
 
-def test_block_rollover_renders_the_fetched_block():
-    snap, settings, now = _frame_fixture()
-    next_block = ccmon.current_block(now, settings.zone, settings.block_mode)[1]
-    for moment in (next_block, next_block + 1, next_block + 60_000):
-        lines, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, moment)
-        assert lines[8].startswith("-- Block 10:00-15:00 ")
-        assert lines[11] == "Burn 700/min; within limit at this pace (60% at block end)"  # the block as it ended
-    assert ccmon.BlockStatus(0, ccmon.BLOCK_MS, 0, used=10, limit=100).limit_reached_ms() is None
-
-
-def test_rollups_always_agree_with_raw_rows(tmp_path):
-    """Random inserts (with duplicates) and retention sweeps; every period, in any timezone, answered from the
-    rollups equals the brute-force sum over the raw rows."""
-    from hypothesis import HealthCheck, given, settings, strategies as st
-    store, reader = ccmon.Writer(tmp_path / "rollups.db"), ccmon.Reader(tmp_path / "rollups.db")
-    base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
-    span = 40 * 86400_000
-    moments = st.integers(min_value=base - 86400_000, max_value=base + span)
-    row = st.tuples(moments, st.sampled_from(["s1", "s2", ""]), st.integers(min_value=0, max_value=50),
-                    st.sampled_from(["claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1"]),
-                    st.sampled_from(["ana@example.com", "bo@example.com", ""]),
-                    *[st.integers(min_value=0, max_value=10 ** 6)] * 6,
-                    st.one_of(st.none(), st.integers(min_value=0, max_value=5000)),  # ttft_ms
-                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1, 2, 3]))  # ..., origin
-    operation = st.one_of(st.tuples(st.just("insert"), st.lists(row, min_size=1, max_size=30)),
-                          st.tuples(st.just("sweep"), moments))
-    zones = st.sampled_from(["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Australia/Lord_Howe"])
-
-    def brute_force(start, end, by="model_name", user=None):
-        rows = db_rows(store.path, f"SELECT {by}, SUM(origin != 1), SUM(input_tokens), SUM(output_tokens), "
-                                   "SUM(cache_read_tokens), SUM(cache_creation_tokens), SUM(cost_nanos), "
-                                   "SUM(duration_ms), SUM(COALESCE(ttft_ms, 0)), COUNT(ttft_ms) FROM r "
-                                   "WHERE ts >= ? AND ts < ? AND user_name = COALESCE(?, user_name) GROUP BY 1",
-                       (start, end, user))
-        return {key: ccmon.Usage(*figures) for key, *figures in rows}
-
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(st.lists(operation, min_size=1, max_size=6), st.lists(st.tuples(moments, moments), max_size=6), zones)
-    def check(operations, periods, zone_name):
-        for kind, payload in operations:
-            if kind == "insert":
-                store.write(ccmon.Batch(requests=list(payload) * 2))  # every row twice: de-duplicated
-            else:
-                store.sweep(payload)
-        for start, end in periods:
-            lo, hi = min(start, end), max(start, end)
-            assert reader.usage(lo, hi) == brute_force(lo, hi)
-            assert reader.usage(lo, hi, by="user") == brute_force(lo, hi, by="user_name")
-            assert reader.usage(lo, hi, user="ana@example.com") == brute_force(lo, hi, user="ana@example.com")
-        zone = ccmon.ZoneInfo(zone_name)
-        for _, lo, hi in ccmon.day_bounds(zone, base + span, 42)[::7]:
-            assert reader.usage(lo, hi) == brute_force(lo, hi)
-        assert reader.usage(0, base + 2 * span) == brute_force(0, base + 2 * span)
-
-    check()
-    assert db_rows(store.path, "SELECT COUNT(*) FROM usage_rollup WHERE rows <= 0") == [(0,)]
-    store.close()
-
-
-# ---------------------------------------------------------------- wrong servers, empty tokens, TLS files, future records, memory
+# ---------------------------------------------------------------- client: what it says about wrong servers, the original Go ccmon both ways
 
 def client_commands(address: str) -> list[list[str]]:
     """--health, a quick query and a report against `address`."""
@@ -2959,726 +2470,6 @@ def test_clients_against_the_original_go_server(go_server, tmp_path):
                                  "only GetStats and GetAPIRequests\n")
 
 
-@pytest.mark.parametrize("args,env,message", [
-    (["--server-token", ""], {}, "--server-token: the token is empty; give a token, or leave --server-token out "
-                                 "for none"),
-    (["--monitor-token", ""], {}, "--monitor-token: the token is empty; give a token, or leave --monitor-token out "
-                                  "for none"),
-    ([], {"CCMON_TOKEN": ""}, "CCMON_TOKEN: the token is empty; give a token, or unset CCMON_TOKEN for none"),
-    (["--monitor-token", "m"], {"CCMON_TOKEN": ""},  # the server's token still comes from the variable
-     "CCMON_TOKEN: the token is empty; give a token, or unset CCMON_TOKEN for none"),
-])
-def test_an_empty_token_given_on_the_command_line_or_environment_is_a_config_error(args, env, message, tmp_path,
-                                                                                      monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("CCMON_TOKEN", raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    code, err = run_main(["--format", "@daily_cost", "--monitor-server", "127.0.0.1:9", *args], capsys)
-    assert (code, err) == (2, f"ccmon: config error: {message}\n")
-
-
-def test_an_empty_token_in_a_config_file_means_none(tmp_path, monkeypatch):
-    monkeypatch.delenv("CCMON_TOKEN", raising=False)
-    (tmp_path / "config.toml").write_text('[server]\ntoken = ""\n[monitor]\ntoken = ""\n')
-    config = config_for(tmp_path, monkeypatch)
-    assert (config.server_token, config.monitor_token) == ("", "")
-
-
-def test_tls_files_that_cannot_work_are_config_errors(tmp_path, monkeypatch):
-    cert, key = make_certificate(tmp_path, "server")
-    other_cert, other_key = make_certificate(tmp_path, "other")
-    junk = tmp_path / "junk.pem"
-    junk.write_text("not a certificate\n")
-    locked = tmp_path / "locked.pem"
-    locked.write_bytes(cert.read_bytes())
-    locked.chmod(0)
-    encrypted = tmp_path / "encrypted-key.pem"
-    subprocess.run(["openssl", "ec", "-in", str(key), "-aes256", "-passout", "pass:x", "-out", str(encrypted)],
-                   check=True, capture_output=True)
-    pair = ["--server-tls-cert", str(cert), "--server-tls-key", str(key)]
-    cases = [
-        (["--server-tls-cert", str(cert), "--server-tls-key", str(other_key)],
-         f"--server-tls-key: {other_key} does not match the certificate in {cert}"),
-        (["--server-tls-cert", str(junk), "--server-tls-key", str(key)],
-         f"--server-tls-cert: {junk} holds no PEM certificate"),
-        (["--server-tls-cert", str(key), "--server-tls-key", str(key)],
-         f"--server-tls-cert: {key} holds no PEM certificate"),
-        (["--server-tls-cert", str(cert), "--server-tls-key", str(junk)],
-         f"--server-tls-key: {junk} holds no unencrypted PEM private key"),
-        (["--server-tls-cert", str(cert), "--server-tls-key", str(encrypted)],
-         f"--server-tls-key: {encrypted} holds no unencrypted PEM private key"),
-        ([*pair, "--server-tls-client-ca", str(junk)], f"--server-tls-client-ca: {junk} holds no PEM certificate"),
-        (["--monitor-tls-ca", str(other_key)], f"--monitor-tls-ca: {other_key} holds no PEM certificate"),
-        (["--monitor-tls-cert", str(other_cert), "--monitor-tls-key", str(key)],
-         f"--monitor-tls-key: {key} does not match the certificate in {other_cert}"),
-    ]
-    if os.geteuid() != 0:  # root reads any file
-        cases.append((["--server-tls-cert", str(locked), "--server-tls-key", str(key)],
-                      f"--server-tls-cert: cannot read {locked}: Permission denied"))
-    for args, message in cases:
-        with pytest.raises(ccmon.ConfigError) as err:
-            config_for(tmp_path, monkeypatch, args)
-        assert str(err.value) == message
-    assert config_for(tmp_path, monkeypatch, pair).server_tls == ccmon.TLSFiles(cert, key)
-    # End to end: a mismatched pair is a config error, not "the port is in use".
-    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
-                        "--database-path", str(tmp_path / "tls.db"), "--server-tls-cert", str(cert),
-                        "--server-tls-key", str(other_key)], tmp_path, timeout=20)
-    assert (result.returncode, result.stderr) == \
-        (2, f"ccmon: config error: --server-tls-key: {other_key} does not match the certificate in {cert}\n")
-
-
-def test_records_from_the_future_are_stored_at_the_time_received(server):
-    now = int(time.time() * 1000)
-    ahead = now + 3 * 86400_000  # a clock three days fast
-    request = logs_request([
-        ("api_request", api_request(1, iso(ahead), session="fast-clock", input_tokens=10, cost_usd=1.0)),
-        ("api_request", api_request(2, iso(now + 60_000), session="a-minute-ahead", input_tokens=20)),
-        ("user_prompt", {"event.name": "user_prompt", "event.timestamp": iso(ahead), "event.sequence": 3,
-                         "session.id": "fast-clock"}),
-        ("api_request", {"session.id": "no-event-timestamp", "event.sequence": 4, "model": "m", "input_tokens": 5}),
-        ("api_request", api_request(5, "not a time", session="bad-time", input_tokens=1))])
-    request.resource_logs[0].scope_logs[0].log_records[3].time_unix_nano = ahead * 1_000_000
-    request.resource_logs[0].scope_logs[0].log_records[4].time_unix_nano = (ahead + 1) * 1_000_000
-    sent = int(time.time() * 1000)
-    response = server.logs_stub().Export(request)
-    answered = int(time.time() * 1000)
-    assert response.partial_success.rejected_log_records == 0  # stored, not rejected
-    assert response.partial_success.error_message == (
-        "4 of 5 log records were dated more than 5 minutes ahead of the server's clock: stored at the time "
-        "received, their own time kept as ccmon.original_timestamp")
-    requests = {session: (ts, json.loads(extra or "{}")) for session, ts, extra in
-                db_rows(server.db, "SELECT session_id, ts, extra_json FROM r")}
-    assert requests["a-minute-ahead"] == (now + 60_000, {"query_source": "repl_main_thread"})
-    for session, original in (("fast-clock", ahead), ("no-event-timestamp", ahead), ("bad-time", ahead + 1)):
-        ts, extra = requests[session]
-        assert sent <= ts <= answered
-        assert extra["ccmon.original_timestamp"] == iso(original)
-    (ts, attributes), = db_rows(server.db, "SELECT ts, attributes FROM e WHERE name = 'user_prompt'")
-    assert sent <= ts <= answered and json.loads(attributes)["ccmon.original_timestamp"] == iso(ahead)
-    assert stats(server, end=iso(now + 3600_000)).total_tokens.input == 36  # exact: every record counted once
-    # A session that starts later is the most recent one (@session_cost follows it), not the fast clock's.
-    sdk_export(server.port, [("api_request", api_request(6, iso(now + 120_000), session="later", cost_usd=0.25))])
-    assert server.query().GetSessionStats(ccmon_pb2.GetSessionStatsRequest()).session_id == "later"
-
-
-def test_metric_points_from_the_future_are_stored_at_the_time_received(server):
-    ahead = int(time.time() * 1000) + 86400_000
-    request = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
-        scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
-            name="claude_code.cost.usage", sum=metrics_pb2.Sum(aggregation_temporality=1, data_points=[
-                metrics_pb2.NumberDataPoint(as_double=0.5, time_unix_nano=ahead * 1_000_000, attributes=[
-                    common_pb2.KeyValue(key="session.id", value=any_value("metrics-only"))]),
-                metrics_pb2.NumberDataPoint(as_double=0.25, time_unix_nano=1_700_000_000_000_000_000)]))])])])
-    sent = int(time.time() * 1000)
-    response = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target)).Export(request)
-    answered = int(time.time() * 1000)
-    assert (response.partial_success.rejected_data_points, response.partial_success.error_message) == (
-        0, "1 of 2 data points were dated more than 5 minutes ahead of the server's clock: stored at the time "
-           "received, their own time kept as ccmon.original_timestamp")
-    (ts, attributes), (old_ts, old_attributes) = db_rows(server.db, "SELECT ts, attributes FROM mp ORDER BY value DESC")
-    assert sent <= ts <= answered and json.loads(attributes) == {"ccmon.original_timestamp": iso(ahead)}
-    assert (old_ts, old_attributes) == (1_700_000_000_000, "{}")
-    assert server.query().GetSessionStats(ccmon_pb2.GetSessionStatsRequest()).session_id == "metrics-only"
-
-
-def export_of(records: list, resource: dict = CLAUDE_RESOURCE) -> logs_service_pb2.ExportLogsServiceRequest:
-    request = logs_request([], resource)
-    request.resource_logs[0].scope_logs[0].log_records.extend(records)
-    return request
-
-
-def api_request_records(attrs: dict, limit_bytes: int, count: int = 10 ** 6) -> list:
-    """Up to `count` api_request records an hour old with these attributes (and numbered sequences), as many
-    as fit in `limit_bytes` of an export."""
-    template = logs_request([("api_request", {**attrs, "session.id": "", "event.sequence": 0})])
-    template = template.resource_logs[0].scope_logs[0].log_records[0]
-    template.time_unix_nano = time.time_ns() - 3600 * 10 ** 9
-    session, sequence = (next(kv.value for kv in template.attributes if kv.key == key)
-                         for key in ("session.id", "event.sequence"))
-    records, size = [], 0
-    for seq in range(count):
-        session.string_value, sequence.int_value = f"session-{seq % 100}", seq
-        size += template.ByteSize() + 4
-        if size > limit_bytes:
-            break
-        records.append(logs_pb2.LogRecord())
-        records[-1].CopyFrom(template)
-    return records
-
-
-def test_big_exports_leave_the_server_near_its_idle_size(tmp_path):
-    limit = 16 * 1024 * 1024
-    many = export_of(api_request_records({"model": "claude-sonnet-4-5", "input_tokens": 1, "cost_usd": 0.001},
-                                         limit - 1024, count=100_000))
-    full = export_of(api_request_records(api_request(0, hours_ago(1), input_tokens="1200", output_tokens="340",
-                                                     cache_read_tokens="15000", cost_usd="0.0421",
-                                                     duration_ms="5120"), limit - 1024))
-    huge_values = export_of([logs_pb2.LogRecord(body=any_value("claude_code.tool_result"), attributes=[
-        common_pb2.KeyValue(key="session.id", value=any_value("huge")),
-        common_pb2.KeyValue(key="event.sequence", value=any_value(seq)),
-        common_pb2.KeyValue(key="output", value=any_value("x" * (1024 * 1024 - 200)))]) for seq in range(15)])
-    many_count = len(many.resource_logs[0].scope_logs[0].log_records)
-    full_count = len(full.resource_logs[0].scope_logs[0].log_records)
-    assert many_count == 100_000 and full_count > 20_000
-    assert all(limit - 2 * 1024 * 1024 < r.ByteSize() <= limit for r in (many, full, huge_values))
-    srv = ServerProcess(tmp_path).start()
-    try:
-        stub = srv.logs_stub()
-        stub.Export(logs_request([("api_request", api_request(0, hours_ago(1), session="warm-up"))]))
-        idle = process_rss_kib(srv.proc.pid, "VmRSS")
-        for request in (many, full, huge_values):
-            assert not stub.Export(request, timeout=120).HasField("partial_success")
-        assert process_rss_kib(srv.proc.pid) < 250 * 1024, "the peak (VmHWM)"
-        deadline = time.monotonic() + 30  # memory is given back shortly after the last answer
-        while process_rss_kib(srv.proc.pid, "VmRSS") > idle + 30 * 1024 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert process_rss_kib(srv.proc.pid, "VmRSS") <= idle + 30 * 1024, f"idle was {idle // 1024} MiB"
-        assert stats(srv).total_requests == 1 + many_count + full_count  # and nothing lost on the way
-        assert db_rows(srv.db, "SELECT COUNT(*) FROM events WHERE name = 'tool_result'") == [(15,)]
-    finally:
-        srv.stop()
-
-
-# ---------------------------------------------------------------- insights: models, sessions, tools, users, reports
-
-def team_events() -> list[tuple[str, dict]]:
-    """Two users, three sessions, with tool calls, decisions, errors and retries, shaped like Claude Code's."""
-    def request(seq, session, email, when, model, **figures):
-        return ("api_request", {**api_request(seq, when, model=model, session=session, **figures),
-                                "user.email": email})
-
-    def event(name, seq, session, email, when, **attrs):
-        return (name, {"event.name": name, "event.sequence": seq, "session.id": session, "user.email": email,
-                       "event.timestamp": when, **attrs})
-
-    return [
-        request(1, "s-ana-1", "ana@example.com", "2026-05-04T09:00:00Z", "claude-sonnet-4-5", input_tokens=1000,
-                output_tokens=200, cost_usd=0.5, duration_ms=4000, ttft_ms=800),
-        request(2, "s-ana-1", "ana@example.com", "2026-05-04T09:05:00Z", "claude-haiku-4-5", input_tokens=300,
-                output_tokens=30, cost_usd=0.01, duration_ms=900, ttft_ms=200),
-        event("tool_result", 3, "s-ana-1", "ana@example.com", "2026-05-04T09:01:00Z", tool_name="Bash",
-              success="true", duration_ms="120"),
-        event("tool_result", 4, "s-ana-1", "ana@example.com", "2026-05-04T09:02:00Z", tool_name="Bash",
-              success="false", duration_ms="3000"),
-        event("tool_result", 5, "s-ana-1", "ana@example.com", "2026-05-04T09:03:00Z", tool_name="Read",
-              success=True, duration_ms=15),
-        event("tool_decision", 6, "s-ana-1", "ana@example.com", "2026-05-04T09:01:30Z", tool_name="Edit",
-              decision="accept", source="config"),
-        event("tool_decision", 7, "s-ana-1", "ana@example.com", "2026-05-04T09:01:40Z", tool_name="Bash",
-              decision="reject", source="user_reject"),
-        request(8, "s-ana-2", "ana@example.com", "2026-05-05T10:00:00Z", "claude-opus-4-1", input_tokens=50,
-                output_tokens=5000, cost_usd=2.25, duration_ms=60000),
-        event("api_error", 9, "s-ana-2", "ana@example.com", "2026-05-05T09:59:00Z", model="claude-opus-4-1",
-              error="Overloaded", status_code="529", attempt=1),
-        event("api_retries_exhausted", 10, "s-ana-2", "ana@example.com", "2026-05-05T09:59:30Z"),
-        request(11, "s-bo-1", "bo@example.com", "2026-05-05T11:00:00Z", "claude-sonnet-4-5", input_tokens=7,
-                output_tokens=3, cost_usd=0.125, duration_ms=1000, ttft_ms=500),
-        event("tool_result", 12, "s-bo-1", "bo@example.com", "2026-05-05T11:00:10Z", tool_name="Bash",
-              success="true", duration_ms="200"),
-        event("api_error", 13, "s-bo-1", "bo@example.com", "2026-05-05T11:00:20Z", model="claude-sonnet-4-5",
-              error="rate limited", status_code=429, attempt=2),
-    ]
-
-
-MAY = dict(start_time=ts("2026-05-01T00:00:00Z"), end_time=ts("2026-06-01T00:00:00Z"))
-
-
-def test_insight_queries_match_the_raw_data(server):
-    assert sdk_export(server.port, team_events()) == ["SUCCESS"]
-    q = server.query()
-    models = {m.model: m for m in q.GetModelStats(ccmon_pb2.GetModelStatsRequest(**MAY)).models}
-    assert (models["claude-sonnet-4-5"].ttft_ms_total, models["claude-sonnet-4-5"].ttft_count) == (1300, 2)
-    assert (models["claude-opus-4-1"].ttft_ms_total, models["claude-opus-4-1"].ttft_count) == (0, 0)
-    sessions = q.GetSessions(ccmon_pb2.GetSessionsRequest(**MAY)).sessions
-    assert [s.session_id for s in sessions] == ["s-bo-1", "s-ana-2", "s-ana-1"]
-    ana1 = sessions[2]
-    assert (ana1.user, list(ana1.models), ana1.tool_calls, ana1.tool_failures, ana1.api_errors, ana1.from_metrics) \
-        == ("ana@example.com", ["claude-sonnet-4-5", "claude-haiku-4-5"], 3, 1, 0, False)
-    assert (ana1.stats.total_requests, ana1.stats.total_tokens.limited, ana1.stats.total_cost.amount) == \
-        (2, 1530, 0.51)
-    assert ana1.first_request_at == ts("2026-05-04T09:00:00Z") and ana1.last_request_at == ts("2026-05-04T09:05:00Z")
-    assert (sessions[1].api_errors, sessions[0].tool_calls, sessions[0].api_errors) == (1, 1, 1)
-    only_bo = q.GetSessions(ccmon_pb2.GetSessionsRequest(**MAY, user="bo@example.com")).sessions
-    assert [s.session_id for s in only_bo] == ["s-bo-1"]
-    tools = q.GetToolStats(ccmon_pb2.GetToolStatsRequest(**MAY))
-    assert [(t.tool, t.calls, t.successes, t.p50_duration_ms, t.p95_duration_ms) for t in tools.tools] == \
-        [("Bash", 3, 2, 200, 3000), ("Read", 1, 1, 15, 15)]
-    assert [(d.decision, d.source, d.count) for d in tools.decisions] == \
-        [("accept", "config", 1), ("reject", "user_reject", 1)]
-    assert [(e.status_code, e.model, e.count) for e in tools.errors] == \
-        [("429", "claude-sonnet-4-5", 1), ("529", "claude-opus-4-1", 1)]
-    assert tools.retries_exhausted == 1
-    bo_tools = q.GetToolStats(ccmon_pb2.GetToolStatsRequest(**MAY, user="bo@example.com"))
-    assert [(t.tool, t.calls) for t in bo_tools.tools] == [("Bash", 1)] and bo_tools.retries_exhausted == 0
-    users = q.GetUsers(ccmon_pb2.GetUsersRequest(**MAY)).users
-    assert [(u.user, u.sessions, u.stats.total_requests, u.stats.total_cost.amount, u.stats.base_requests)
-            for u in users] == [("ana@example.com", 2, 3, 2.76, 1), ("bo@example.com", 1, 1, 0.125, 0)]
-    ana = q.GetStats(ccmon_pb2.GetStatsRequest(**MAY, user="ana@example.com")).stats
-    assert (ana.total_requests, ana.total_tokens.input, ana.total_cost.amount) == (3, 1350, 2.76)
-    assert q.GetStats(ccmon_pb2.GetStatsRequest(user="nobody@example.com")).stats.total_requests == 0
-    page = q.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(**MAY, user="bo@example.com"))
-    assert (page.total_count, [r.session_id for r in page.requests]) == (1, ["s-bo-1"])
-    timeline = q.GetSessionTimeline(ccmon_pb2.GetSessionTimelineRequest(session_id="s-ana-1")).entries
-    assert [e.kind for e in timeline] == ["api_request", "tool_result", "tool_decision", "tool_decision",
-                                          "tool_result", "tool_result", "api_request"]
-    assert timeline[0].request.cost_usd == 0.5 and json.loads(timeline[1].details)["tool_name"] == "Bash"
-
-
-def test_metrics_only_sessions_count_and_events_win(server):
-    def export(temporality, steps, session):
-        exporter = OTLPMetricExporter(endpoint=server.target, insecure=True,
-                                      preferred_temporality={Counter: temporality})
-        reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
-        provider = MeterProvider(resource=Resource.create(CLAUDE_RESOURCE), metric_readers=[reader])
-        meter = provider.get_meter("com.anthropic.claude_code")
-        cost = meter.create_counter("claude_code.cost.usage", unit="USD")
-        tokens = meter.create_counter("claude_code.token.usage", unit="tokens")
-        attrs = {"session.id": session, "model": "claude-sonnet-4-5", "user.email": "m@example.com"}
-        for dollars, counts in steps:
-            cost.add(dollars, attrs)
-            for kind, n in counts.items():
-                tokens.add(n, {**attrs, "type": kind})
-            provider.force_flush()
-        provider.shutdown()
-
-    export(AggregationTemporality.DELTA, [(0.25, {"input": 100, "output": 20, "cacheRead": 1000}),
-                                          (0.5, {"input": 50, "cacheCreation": 7})], "delta-session")
-    export(AggregationTemporality.CUMULATIVE, [(1.0, {"input": 100}), (0.5, {"input": 50, "output": 5})],
-           "cumulative-session")
-    stats = server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats
-    assert (stats.total_requests, stats.total_tokens.input, stats.total_tokens.output, stats.total_tokens.cache_read,
-            stats.total_tokens.cache_creation, stats.total_cost.amount) == (0, 300, 25, 1000, 7, 2.25)
-    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest()).sessions}
-    assert sessions["cumulative-session"].from_metrics and sessions["cumulative-session"].stats.total_tokens.input \
-        == 150
-    assert sessions["delta-session"].stats.total_cost.amount == 0.75
-    # Now the api_request events of the delta session arrive: they replace its metric figures.
-    now = hours_ago(0)
-    sdk_export(server.port, [("api_request", api_request(1, now, session="delta-session", input_tokens=150,
-                                                         output_tokens=20, cost_usd=0.7))])
-    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest()).sessions}
-    assert not sessions["delta-session"].from_metrics
-    assert (sessions["delta-session"].stats.total_requests, sessions["delta-session"].stats.total_cost.amount) == \
-        (1, 0.7)
-    stats = server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats
-    assert (stats.total_requests, stats.total_tokens.input, stats.total_cost.amount) == (1, 300, 2.2)
-    # More metrics for that session are stored but no longer counted.
-    export(AggregationTemporality.DELTA, [(9.0, {"input": 9999})], "delta-session")
-    assert server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats.total_cost.amount == 2.2
-    assert db_rows(server.db, "SELECT COUNT(*) FROM mp WHERE session_id = 'delta-session'") == [(9,)]
-    # A transcript of the cumulative session is imported: its requests replace the metric figures too.
-    write_transcript(server.workdir / "projects", "cumulative-session", [transcript_line(
-        "cumulative-session", hours_ago(0), "req_c1", "msg_c1", usage=(150, 5, 0, 0))])
-    assert "1 request imported" in ccmon_import(server, str(server.workdir / "projects")).stdout
-    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest()).sessions}
-    assert (sessions["cumulative-session"].source, sessions["cumulative-session"].stats.total_requests,
-            sessions["cumulative-session"].stats.total_cost.amount) == ("transcript*", 1, 0.000525)
-    export(AggregationTemporality.DELTA, [(9.0, {"input": 9999})], "cumulative-session")
-    assert server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats.total_cost.amount == 0.700525
-
-
-def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
-    """Claude Code puts a hashed user.id on every event; OTEL_RESOURCE_ATTRIBUTES=user.email=... names the user."""
-    hashed = "f" * 64
-    events = [("api_request", {**api_request(1, hours_ago(1), session="s-dee", cost_usd=0.5), "user.id": hashed})]
-    assert sdk_export(server.port, events, resource={**CLAUDE_RESOURCE, "user.email": "dee@example.com"}) == \
-        ["SUCCESS"]
-    assert sdk_export(server.port, [("api_request", {**api_request(2, hours_ago(1), session="s-anon"),
-                                                     "user.id": hashed})]) == ["SUCCESS"]
-    users = {u.user: u.stats.total_cost.amount for u in server.query().GetUsers(ccmon_pb2.GetUsersRequest()).users}
-    assert users == {"dee@example.com": 0.5, hashed: 0.0}
-
-
-def run_report(srv: ServerProcess, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_ccmon(["report", *args, "--monitor-server", srv.target, "--monitor-timezone", "Asia/Tokyo"], cwd)
-
-
-def test_reports_as_table_json_and_csv(server, tmp_path):
-    sdk_export(server.port, team_events())
-    daily = run_report(server, "daily", "--since", "2026-05-04", "--until", "2026-05-06", "--json", cwd=tmp_path)
-    assert daily.returncode == 0, daily.stderr
-    report = json.loads(daily.stdout)
-    assert (report["since"], report["until"], report["timezone"]) == \
-        ("2026-05-04T00:00:00+09:00", "2026-05-07T00:00:00+09:00", "Asia/Tokyo")
-    assert [(r["date"], r["requests"], r["total_tokens"], r["cost_usd"], r["premium_cost_usd"])
-            for r in report["rows"]] == [("2026-05-04", 2, 1530, 0.51, 0.5), ("2026-05-05", 2, 5060, 2.375, 2.375),
-                                         ("2026-05-06", 0, 0, 0.0, 0.0)]
-    assert report["totals"] == {"requests": 4, "input_tokens": 1357, "output_tokens": 5233, "cache_read_tokens": 0,
-                                "cache_creation_tokens": 0, "total_tokens": 6590, "cost_usd": 2.885,
-                                "premium_requests": 3, "premium_cost_usd": 2.875}
-    weekly = json.loads(run_report(server, "weekly", "--since", "2026-05-01", "--until", "2026-05-10", "--json",
-                                   cwd=tmp_path).stdout)
-    assert [(r["week_of"], r["requests"]) for r in weekly["rows"]] == [("2026-04-27", 0), ("2026-05-04", 4)]
-    monthly = json.loads(run_report(server, "monthly", "--since", "2026-04-01", "--until", "2026-05-31", "--json",
-                                    cwd=tmp_path).stdout)
-    assert [(r["month"], r["cost_usd"]) for r in monthly["rows"]] == [("2026-04", 0.0), ("2026-05", 2.885)]
-    csv_out = run_report(server, "model", "--since", "2026-05-01", "--until", "2026-05-31", "--csv", cwd=tmp_path)
-    assert csv_out.stdout.splitlines() == [
-        "model,requests,input_tokens,output_tokens,cache_read_tokens,cache_creation_tokens,total_tokens,cost_usd,"
-        "avg_duration_ms,avg_ttft_ms",
-        "claude-opus-4-1,1,50,5000,0,0,5050,2.25,60000,",  # no time to first token was reported for it
-        "claude-sonnet-4-5,2,1007,203,0,0,1210,0.625,2500,650",
-        "claude-haiku-4-5,1,300,30,0,0,330,0.01,900,200",
-        "Total,4,1357,5233,0,0,6590,2.885,,"]
-    table = run_report(server, "session", "--since", "2026-05-01", "--until", "2026-05-31", "--user",
-                       "ana@example.com", cwd=tmp_path)
-    lines = table.stdout.splitlines()
-    assert lines[0] == ("session report, 2026-05-01T00:00:00+09:00 to 2026-06-01T00:00:00+09:00 (Asia/Tokyo), "
-                        "user ana@example.com")
-    assert lines[1:] == [  # what fits 120 columns, ids and times shortened
-        "session  user             first             req  input  output  tokens     cost  models",
-        "-------  ---------------  ----------------  ---  -----  ------  ------  -------  "
-        "----------------------------------",
-        "s-ana-2  ana@example.com  2026-05-05 19:00    1     50   5,000   5,050    $2.25  claude-opus-4-1",
-        "s-ana-1  ana@example.com  2026-05-04 18:00    2  1,300     230   1,530  $0.5100  "
-        "claude-sonnet-4-5 claude-haiku-4-5",
-        "-------  ---------------  ----------------  ---  -----  ------  ------  -------  "
-        "----------------------------------",
-        "Total                                         3  1,350   5,230   6,580    $2.76",
-        "(to fit 120 columns, not shown: failed, errors, source, cache_write, cache_read, last, tools, project; --wide shows",
-        "every column)"]
-    wide = run_report(server, "session", "--since", "2026-05-01", "--until", "2026-05-31", "--user",
-                      "ana@example.com", "--wide", cwd=tmp_path).stdout.splitlines()
-    assert wide[1].split() == ["session", "user", "project", "first", "last", "req", "input", "output", "cache_read",
-                               "cache_write", "tokens", "cost", "models", "tools", "failed", "errors", "source"]
-    assert wide[3].split()[:7] == ["s-ana-2", "ana@example.com", "(no", "project)", "2026-05-05T19:00:00+09:00",
-                                   "2026-05-05T19:00:00+09:00", "1"]
-    assert wide[-1].split() == ["Total", "3", "1,350", "5,230", "0", "0", "6,580", "$2.76", "3", "1", "1"]
-    model = run_report(server, "model", "--since", "2026-05-01", cwd=tmp_path).stdout.splitlines()
-    assert model[3].split() == ["claude-opus-4-1", "1", "50", "5,000", "0", "0", "5,050", "$2.25", "60,000", "-"]
-    reader = subprocess.Popen([*CCMON, "report", "daily", "--monitor-server", server.target, "--since", "2020-01-01"],
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert reader.stdout.readline().startswith(b"daily report, 2020-01-01")
-    reader.stdout.close()  # like `| head -1`: the rest of the report has nowhere to go
-    assert (reader.wait(30), reader.stderr.read()) == (0, b"")
-
-
-@pytest.mark.parametrize("args,message", [
-    (["daily", "--since", "May 1"], "ccmon: config error: --since: invalid date 'May 1' (use YYYY-MM-DD)\n"),
-    (["daily", "--since", "2026-05-02", "--until", "2026-05-01"],
-     "ccmon: config error: --until 2026-05-01 is before --since 2026-05-02\n"),
-    (["daily", "--until", "9999-12-31"], "ccmon: config error: --since/--until: dates from 0001-01-31 to 9999-12-30, "
-                                         "please (got 9999-12-02 to 9999-12-31)\n"),
-])
-def test_report_errors(args, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    code, err = run_main(["report", *args], capsys)
-    assert (code, err) == (2, message)
-    code, err = run_main(["report", "yearly"], capsys)
-    assert code == 2 and "argument kind: invalid choice: 'yearly'" in err
-    unreachable = run_ccmon(["report", "model", "--monitor-server", "127.0.0.1:9"], tmp_path)
-    assert (unreachable.returncode, unreachable.stdout) == (1, "")
-    assert unreachable.stderr == "ccmon: cannot reach the ccmon server at 127.0.0.1:9: connection refused\n"
-
-
-def test_hashed_user_ids_are_cut_short_where_the_screen_is_narrow():
-    settings, now = _settings(), ccmon.parse_iso_ms("2026-05-05T12:00:00Z")
-    hashed = "9c" * 32
-    state, snap = insight_snapshot(settings, now, "users", users=((hashed, ccmon.Split(ccmon.Usage(1, 10)), 1),
-                                                                  ("ana@example.com", ccmon.Split(), 2)))
-    narrow = "\n".join(frame_text(state, snap, settings, 80, 24, now)[0])
-    assert "9c9c9c9c9c~" in narrow and hashed not in narrow and "ana@example.com" in narrow
-    assert hashed in "\n".join(frame_text(state, snap, settings, 200, 24, now)[0])
-
-def insight_snapshot(settings, now, tab, **fields):
-    state = ccmon.ViewState(tab=tab, period="w", session_id=fields.pop("session_id", None))
-    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5),
-                                ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000)), 700.0, 35_000, None, ())
-    return state, ccmon.Snapshot(ccmon.query_for(state, settings, now), now, 500, limits=limits, **fields)
-
-
-def test_render_insight_tabs():
-    settings, now = _settings(), local_ms("2026-05-05 13:00")
-    usage = ccmon.Usage
-    state, snap = insight_snapshot(settings, now, "models", data=(
-        ("claude-opus-4-1-20250805", usage(1, 50, 5000, 0, 0, 2_250_000_000, 60000, 0, 0)),
-        ("claude-sonnet-4-5", usage(2, 1007, 203, 0, 0, 625_000_000, 5000, 1300, 2))))
-    lines, frame = frame_text(state, snap, settings, 100, 24, now)
-    assert lines[1].startswith("  Current   Daily Usage   Models   Sessions   Tools & errors   Users")
-    assert lines[8] == "-- Models - last 7 days " + "-" * 76
-    assert lines[9].split() == ["Model", "Req", "Input", "Output", "Cache", "Cost", "Share", "of", "cost", "Avg",
-                                "dur", "TTFT"]
-    assert lines[10].split() == ["claude-opus-4-1-20250805", "1", "50", "5.00K", "0", "$2.25", "######..", "78%", "1m",
-                                 "-"]
-    assert lines[11].split() == ["claude-sonnet-4-5", "2", "1.01K", "203", "0", "$0.6250", "##......", "22%",
-                                 "2.5s", "650ms"]
-    assert lines[12].split()[:6] == ["Total", "3", "1.06K", "5.20K", "0", "$2.88"]
-    split = ccmon.Split(usage(1, 300, 30, 0, 0, 10_000_000), usage(1, 1000, 200, 0, 0, 500_000_000))
-    rows = tuple(ccmon.SessionRow(f"s-{i}-0123456789", user, now - 3600_000 * (i + 1), now - 3600_000 * i, split,
-                                  ("claude-sonnet-4-5", "claude-haiku-4-5"), 3, 1, i, i == 2)
-                 for i, user in enumerate(["ana@example.com", "bo@example.com", "ana@example.com"]))
-    state, snap = insight_snapshot(settings, now, "sessions", data=rows)
-    state = dataclasses_replace(state, scroll=1)
-    lines, frame = frame_text(state, snap, settings, 120, 24, now)
-    assert frame.session_ids == tuple(r.session_id for r in rows) and frame.total_rows == 3
-    assert lines[8].startswith("-- Sessions - last 7 days (3) - Enter: details --")
-    assert lines[9].split() == ["Session", "User", "Started", "Dur", "Req", "Tokens", "Cost", "Models", "Tools",
-                                "Fail", "Err", "Source"]
-    assert lines[11].split() == ["s-1-0123456789", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K",
-                                 "$0.5100", "sonnet-4-5,haiku-4-5", "3", "1", "1", "events"]
-    assert lines[12].split()[-1] == "metrics"
-    selected = ccmon.render(state, ccmon.Connection(True, attempts=1), snap,
-                            ccmon.Screen(settings, 120, 24, now, ccmon.Glyphs.for_terminal(False))).lines[11]
-    assert selected[0][1] == "tab_active"
-    entered, action = ccmon.handle_key(state, "\n", settings, frame)
-    assert (entered.session_id, action) == ("s-1-0123456789", "refresh")
-    back, action = ccmon.handle_key(entered, "ESC", settings, frame)
-    assert (back.session_id, back.tab, action) == (None, "sessions", "refresh")
-    timeline = (ccmon.TimelineRow(now - 60_000, "api_request", ccmon.RequestRow(now - 60_000, "claude-sonnet-4-5", "s",
-                                                                              usage(1, 1000, 200, 5, 0, 500_000_000,
-                                                                                    4000)), {}),
-                ccmon.TimelineRow(now - 30_000, "tool_result", None, {"tool_name": "Bash", "success": "false",
-                                                                      "duration_ms": "3000"}))
-    state, snap = insight_snapshot(settings, now, "sessions", session_id="s-1-0123456789", data=timeline)
-    lines, _ = frame_text(state, snap, settings, 100, 24, now)
-    assert lines[8].startswith("-- Session s-1-0123456789 (2 entries) - Esc: back --")
-    assert lines[10].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "$0.5000", "in", "1.00K", "out", "200",
-                                 "cache", "5,", "4.0s"]
-    assert lines[11].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3.0s"]
-    tools = ccmon.ToolsData((("Bash", 3, 2, 200, 3000),), (("accept", "config", 1),), (("529", "claude-opus-4-1", 1),),
-                            1)
-    state, snap = insight_snapshot(settings, now, "tools", data=tools)
-    lines, _ = frame_text(state, snap, settings, 80, 24, now)
-    assert lines[9].split() == ["Tool", "Calls", "Success", "p50", "p95"]
-    assert lines[10].split() == ["Bash", "3", "67%", "200ms", "3.0s"]
-    assert lines[11] == "Decisions: accept by config: 1"
-    assert lines[14].split() == ["529", "claude-opus-4-1", "1"] and lines[15] == "Retries exhausted: 1"
-    many = dataclasses_replace(tools, tools=tuple((f"Tool{i:02d}", 1, 1, 1, 1) for i in range(40)))
-    state, snap = insight_snapshot(settings, now, "tools", data=many)
-    lines, frame = frame_text(dataclasses_replace(state, scroll=30), snap, settings, 80, 24, now)
-    assert (frame.total_rows, frame.page_rows, lines[10].split()[0]) == (40, 8, "Tool30")
-    assert "Retries exhausted: 1" in lines
-    state, snap = insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("", split, 1)))
-    lines, frame = frame_text(state, snap, settings, 80, 24, now)
-    assert lines[10].split() == ["ana@example.com", "2", "2", "1.53K", "1.20K", "$0.5100", "####....", "50%"]
-    assert lines[11].split()[0] == "(unknown)"
-    filtered, action = ccmon.handle_key(state, "u", settings, frame)
-    assert (filtered.user, action) == ("ana@example.com", "refresh")
-    assert "| user ana@example.com |" in frame_text(filtered, snap, settings, 80, 24, now)[0][2]
-    assert ccmon.handle_key(filtered, "u", settings, frame)[0].user is None
-    for key, tab in (("1", "current"), ("3", "models"), ("6", "users")):
-        assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
-    narrow, _ = frame_text(state, snap, settings, 40, 12, now)
-    assert narrow[1] == " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj"
-
-
-def test_adding_a_tab_is_one_entry_in_tabs():
-    """The tab strip, digit key, help, footer, fetch and render of a new tab all follow from its Tab."""
-    import types
-    source = (ROOT / "ccmon.py").read_text()
-    end_of_tabs = ")}\nTAB_KEYS"
-    notes = ('    Tab("notes", "Notes", "Note",\n'
-             '        lambda snap, state, screen: Frame([[(f"{snap.data} notes", "")]], 1, 3),\n'
-             '        lambda client, query: 3),\n')
-    assert source.count(end_of_tabs) == 1
-    module = types.ModuleType("ccmon_with_notes")
-    sys.modules[module.__name__] = module  # dataclasses look up their class's module
-    try:
-        exec(compile(source.replace(end_of_tabs, notes + end_of_tabs), "ccmon.py", "exec"), module.__dict__)
-    finally:
-        del sys.modules[module.__name__]
-    settings, now = _settings(), local_ms("2026-05-05 13:00")
-    state, action = module.handle_key(module.ViewState(), "9", settings, module.Frame([]))
-    assert (state.tab, action) == ("notes", "refresh")
-    query = module.query_for(state, settings, now)
-    snap = module.Snapshot(query, now, 500, data=query.fetch(None, query))
-
-    def text(width):
-        frame = module.render(state, module.Connection(True, attempts=1), snap,
-                              module.Screen(settings, width, 24, now, module.Glyphs.for_terminal(False)))
-        return [module.line_text(line) for line in frame.lines], frame
-
-    lines, frame = text(120)
-    assert lines[1].rstrip().endswith("   Blocks   Projects   Notes") and "3 notes" in lines
-    assert (frame.page_rows, frame.total_rows) == (1, 3)
-    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit"
-    assert text(80)[0][1].rstrip().endswith("8 Proj   9 Note")
-    assert "Tab/Shift-Tab or 1-9  switch tab" in module.HELP_TEXT
-    assert module.handle_key(state, "\t", settings, frame)[0].tab == "current"
-
-
-# ---------------------------------------------------------------- limits: automatic blocks, learned limit, weekly, alerts
-
-def block_history() -> list[tuple[str, dict]]:
-    """Hand-made: two overlapping sessions, a gap, a block across midnight, a Haiku request, a DST night."""
-    def request(seq, session, when, model="claude-sonnet-4-5", tokens=1000):
-        return ("api_request", api_request(seq, when, session=session, model=model, input_tokens=tokens,
-                                           output_tokens=0, cost_usd=tokens / 10000))
-    return [request(1, "a", "2026-03-27T09:10:00Z"), request(2, "b", "2026-03-27T09:50:00Z", tokens=500),
-            request(3, "a", "2026-03-27T13:59:00Z", model="claude-haiku-4-5", tokens=9999),
-            request(4, "b", "2026-03-27T13:59:59Z"),           # block 1: 09:00-14:00, premium 2,500
-            request(5, "a", "2026-03-27T14:00:00Z", tokens=2000),  # block 2 starts at its end: 14:00-19:00
-            request(6, "c", "2026-03-27T22:30:00Z", tokens=4000),  # after a gap: 22:00-03:00 across midnight
-            request(7, "c", "2026-03-28T02:59:00Z", tokens=3000),
-            request(8, "c", "2026-03-28T03:05:00Z", tokens=100),   # block 4: 03:00-08:00
-            request(9, "d", "2026-03-29T00:40:00Z", tokens=700)]   # Berlin switches to summer time in it
-
-
-def test_automatic_blocks_from_a_hand_made_history(server, tmp_path):
-    sdk_export(server.port, block_history())
-    blocks = server.query().GetBlocks(ccmon_pb2.GetBlocksRequest(start_time=ts("2026-03-27T00:00:00Z"),
-                                                                 end_time=ts("2026-03-30T00:00:00Z"))).blocks
-    assert [(ccmon.ms_of(b.start_time), ccmon.ms_of(b.end_time), b.stats.premium_tokens.limited,
-             b.stats.base_tokens.limited, b.stats.total_requests) for b in blocks] == [
-        (ccmon.parse_iso_ms(start), ccmon.parse_iso_ms(end), premium, base, requests)
-        for start, end, premium, base, requests in (
-            ("2026-03-27T09:00:00Z", "2026-03-27T14:00:00Z", 2500, 9999, 4),
-            ("2026-03-27T14:00:00Z", "2026-03-27T19:00:00Z", 2000, 0, 1),
-            ("2026-03-27T22:00:00Z", "2026-03-28T03:00:00Z", 7000, 0, 2),
-            ("2026-03-28T03:00:00Z", "2026-03-28T08:00:00Z", 100, 0, 1),
-            ("2026-03-29T00:00:00Z", "2026-03-29T05:00:00Z", 700, 0, 1))]
-    # A period starting inside a block still sees the block from its real start.
-    late = server.query().GetBlocks(ccmon_pb2.GetBlocksRequest(start_time=ts("2026-03-28T01:00:00Z"),
-                                                               end_time=ts("2026-03-28T02:00:00Z"))).blocks
-    assert [ccmon.ms_of(b.start_time) for b in late] == [ccmon.parse_iso_ms("2026-03-27T22:00:00Z")]
-    report = run_ccmon(["report", "blocks", "--since", "2026-03-28", "--until", "2026-03-29", "--csv",
-                        "--monitor-server", server.target, "--monitor-timezone", "Europe/Berlin"], tmp_path)
-    assert report.stdout.splitlines() == [
-        "block_start,block_end,window,premium_tokens,requests,input_tokens,output_tokens,cache_read_tokens,"
-        "cache_creation_tokens,total_tokens,cost_usd",
-        "2026-03-27T23:00+01:00,2026-03-28T04:00+01:00,auto,7000,2,7000,0,0,0,7000,0.7",
-        "2026-03-28T04:00+01:00,2026-03-28T09:00+01:00,auto,100,1,100,0,0,0,100,0.01",
-        "2026-03-29T01:00+01:00,2026-03-29T07:00+02:00,auto,700,1,700,0,0,0,700,0.07",
-        "Total,,,7800,4,7800,0,0,0,7800,0.78"]
-
-
-def test_limit_math():
-    assert ccmon.learned_limit([10, 20, 30, 40, 50, 60, 70, 80, 90, 100], 35) == (90, 10)
-    assert ccmon.learned_limit([10, 20, 0, 40], 35) == (40, 3)
-    assert ccmon.learned_limit([5, 6], 7_000) == (7_000, 2)  # never below the plan's limit
-    assert ccmon.learned_limit([], 7_000) == (7_000, 0) and ccmon.learned_limit([], None) == (None, 0)
-    zone = ccmon.ZoneInfo("UTC")
-    assert ccmon.block_window("auto", 150, zone, [(0, 100), (120, 200)]) == (120, 200)
-    assert ccmon.block_window("auto", 210, zone, [(0, 100), (120, 200)]) is None
-    assert ccmon.block_window(5, local_ms("2026-01-15 12:00", zone), zone, []) == \
-        (local_ms("2026-01-15 10:00", zone), local_ms("2026-01-15 15:00", zone))
-    assert [ccmon.model_family(m) for m in ("claude-opus-4-1", "claude-sonnet-4-5", "claude-3-5-haiku", "x")] == \
-        ["opus", "sonnet", "haiku", "other"]
-    start = local_ms("2026-01-15 10:00")
-    recent = ccmon.BlockStatus(start, start + ccmon.BLOCK_MS, start + 60 * 60_000, used=3_000, limit=10_000,
-                               recent_rate=100.0)
-    assert recent.burn_rate == 100.0 and recent.projected_at_end() == 27_000
-    assert recent.limit_reached_ms() == start + 60 * 60_000 + 70 * 60_000
-
-
-def test_alerts_fire_once_per_window_and_rearm():
-    settings = ccmon.MonitorSettings("x:1", BERLIN, "auto", 10_000, 5, weekly_limit=100_000, alerts=(50, 80))
-    window = (0, ccmon.BLOCK_MS)
-
-    def limits(block_tokens, weekly_tokens, window=window):
-        return ccmon.LimitFigures(window, ccmon.Split(ccmon.Usage(), ccmon.Usage(1, block_tokens)), 0.0, 10_000,
-                                  None, (("sonnet", ccmon.Usage(1, weekly_tokens)),))
-
-    fired: set = set()
-    due = ccmon.due_alerts(limits(6_000, 10_000), settings, 1000, fired)
-    assert [(key, message) for key, message, _ in due] == [
-        (("block", 0, 50), "ALERT: block usage passed 50% (6.00K of 10.0K)")]
-    assert due[0][2] == {"CCMON_ALERT_KIND": "block", "CCMON_ALERT_THRESHOLD": "50", "CCMON_ALERT_PERCENT": "60.0",
-                         "CCMON_ALERT_USED": "6000", "CCMON_ALERT_LIMIT": "10000", "CCMON_ALERT_SOURCE": "ccmon"}
-    assert ccmon.due_alerts(limits(6_500, 10_000), settings, 1000, fired) == []
-    assert [key for key, _, _ in ccmon.due_alerts(limits(9_000, 85_000), settings, 1000, fired)] == \
-        [("block", 0, 80), ("weekly", 0, 50), ("weekly", 0, 80)]
-    next_block = (ccmon.BLOCK_MS, 2 * ccmon.BLOCK_MS)
-    assert [key for key, _, _ in ccmon.due_alerts(limits(5_000, 40_000, next_block), settings,
-                                                  ccmon.BLOCK_MS + 1, fired)] == [("block", ccmon.BLOCK_MS, 50)]
-    assert [key for key, _, _ in ccmon.due_alerts(limits(5_000, 55_000, next_block), settings,
-                                                  ccmon.BLOCK_MS + 1, fired)] == [("weekly", 0, 50)]  # re-armed
-
-
-def test_auto_block_monitor_alert_and_format(tmp_path):
-    srv = ServerProcess(tmp_path).start()
-    now = int(time.time() * 1000)
-    sdk_export(srv.port, [("api_request", api_request(1, iso(now - 20 * 60_000), input_tokens=3000, output_tokens=1000)),
-                          ("api_request", api_request(2, iso(now - 5 * 60_000), model="claude-opus-4-1",
-                                                      input_tokens=500, output_tokens=500))])
-    first_hour = (now - 20 * 60_000) // 3600_000 * 3600_000
-    marker = tmp_path / "alert.env"
-    try:
-        quick = run_ccmon(["--monitor-server", srv.target, "-b", "auto", "--claude-plan", "pro",
-                           "--claude-weekly-max-tokens", "50000", "--format",
-                           "@block_usage @block_projection @weekly_usage"], tmp_path)
-        usage, projection, weekly = quick.stdout.split()
-        assert (usage, weekly) == ("71%", "10%")  # 5,000 of pro's 7,000; 5,000 of 50,000
-        assert int(projection.rstrip("%")) >= 71
-        plain = run_ccmon(["--monitor-server", srv.target, "--format", "@weekly_usage"], tmp_path)
-        assert plain.stdout == "5.00K\n"  # no block tracking, no weekly limit: the week's premium tokens
-        figures = json.loads(run_ccmon(["--monitor-server", srv.target, "-b", "auto", "--json"], tmp_path).stdout)
-        assert figures["block_end"] == (first_hour + ccmon.BLOCK_MS) // 1000
-        assert figures["weekly_premium_tokens"] == 5000
-        monitor = MonitorPty(["--monitor-server", srv.target, "-b", "auto", "--claude-plan", "pro", "--alert", "50",
-                              "--alert", "90", "--monitor-alert-command", f"env | grep CCMON_ALERT > {marker}"],
-                             cols=100, cwd=tmp_path, env={"HOME": str(tmp_path)})
-        try:
-            screen = monitor.wait_for("ALERT: block usage passed 50% (5.00K of 7.00K)", "the alert")
-            assert "(auto)" in screen and "5.00K / 7.00K" in screen
-            assert "Week   5.00K premium tokens" in screen and "opus 1.00K, sonnet 4.00K" in screen
-            # The shell creates the file before grep has written to it: wait for all six lines.
-            wait_until(lambda: marker.exists() and len(marker.read_text().split()) >= 6, "the alert command's output",
-                       20)
-            assert sorted(marker.read_text().split()) == sorted([
-                "CCMON_ALERT_KIND=block", "CCMON_ALERT_THRESHOLD=50", "CCMON_ALERT_PERCENT=71.4",
-                "CCMON_ALERT_USED=5000", "CCMON_ALERT_LIMIT=7000", "CCMON_ALERT_SOURCE=ccmon"])
-            monitor.send(b"7")
-            monitor.wait_for("Blocks - current block (1; 5 hours from the first request)", "the blocks tab")
-            monitor.send(b"q")
-            assert monitor.close() == 0
-        finally:
-            if monitor.proc.poll() is None:
-                monitor.proc.kill()
-    finally:
-        srv.stop()
-
-
-LIMIT_CONFIG_ERRORS = [
-    ("[claude]\nblock = \"dawn\"\n", "claude.block: invalid block start 'dawn' (use auto, or an hour from 1 to 12 "
-                                     "followed by am or pm, such as 5am or 11pm)"),
-    ("[claude]\nweekly_max_tokens = -3\n", "claude.weekly_max_tokens: invalid token limit -3 (use a whole number >= "
-                                           "0; 0 means none)"),
-    ("[monitor]\nalert_percent = [80, 120]\n", "monitor.alert_percent: invalid alert threshold 120 (use "
-                                               "whole percentages from 1 to 100, such as 80)"),
-    ("[monitor]\nalert_command = 5\n", "monitor.alert_command: expected a shell command as a string"),
-]
-
-
-@pytest.mark.parametrize("content,message", LIMIT_CONFIG_ERRORS)
-def test_limit_config_errors(content, message, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    (tmp_path / "config.toml").write_text(content)
-    code, err = run_main(["--server"], capsys)
-    assert (code, err) == (2, f"ccmon: config error: {tmp_path / 'config.toml'}: {message}\n")
-
-
-def test_limit_config_values(tmp_path, monkeypatch):
-    (tmp_path / "config.toml").write_text('[claude]\nblock = "auto"\nmax_tokens = "auto"\nweekly_max_tokens = 9\n'
-                                          '[monitor]\nalert_percent = 75\nalert_command = "notify-send ccmon"\n')
-    config = config_for(tmp_path, monkeypatch)
-    assert (config.block_mode, config.max_tokens, config.weekly_max_tokens, config.alert_percents,
-            config.alert_command) == ("auto", "auto", 9, (75,), "notify-send ccmon")
-    config = config_for(tmp_path, monkeypatch, ["-b", "11pm", "--alert", "80", "--alert", "95%"])
-    assert (config.block_mode, config.alert_percents) == (23, (80, 95))
-
-
-def test_weekly_gauge_and_its_projection():
-    settings = ccmon.MonitorSettings("x:1", BERLIN, "auto", 10_000, 5, weekly_limit=100_000)
-    now = local_ms("2026-05-04 09:00")  # a Monday
-    limits = ccmon.LimitFigures(None, ccmon.Split(), 50.0, 10_000, None,
-                                (("opus", ccmon.Usage(3, 20_000, 5_000)), ("sonnet", ccmon.Usage(9, 40_000, 5_000)),
-                                 ("haiku", ccmon.Usage(2, 999, 1))))
-    def line(width):
-        return ccmon.line_text(ccmon.weekly_line(limits, ccmon.Screen(settings, width, 24, now,
-                                                                      ccmon.Glyphs.for_terminal(False)), 101))
-
-    # 70,000 used; 30,000 left at 50 tokens/min: 600 minutes, Monday 19:00
-    assert line(123) == ("Week   ############################............  70%  70.0K / 100K, limit Mon 19:00 at "
-                         "this pace (opus 25.0K, sonnet 45.0K)")
-    assert line(122) == line(123).removesuffix(" (opus 25.0K, sonnet 45.0K)")
-    assert ccmon.weekly_reached_ms(100, 100, 0.0, now) == now and ccmon.weekly_reached_ms(1, 100, 0.0, now) is None
-
-
 def go_telemetry(sequence: int, model: str, **figures) -> tuple[str, dict]:
     """An api_request the Go ccmon can read: it takes figures only as strings."""
     return "api_request", api_request(sequence, hours_ago(0.01 - sequence / 10_000), model=model,
@@ -3709,323 +2500,104 @@ def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session])
 
-def test_learned_limit_from_recent_blocks(server, tmp_path):
+
+# ---------------------------------------------------------------- quick query: --format, --json, --health
+
+def midnight_ms(zone, days_back: int = 0) -> int:
+    today = dt.datetime.now(zone).date() - dt.timedelta(days=days_back)
+    return ccmon.ms_from_datetime(dt.datetime.combine(today, dt.time(), zone))
+
+
+def iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+def run_ccmon(args: list[str], cwd: Path, command: list[str] | None = None, env: dict | None = None,
+              timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([*(command or CCMON), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HOME": str(cwd), **(env or {})})
+
+
+def seed_quick_query(srv: ServerProcess, zone) -> dict:
+    """Today at local midnight, a minute before it, and a session 10 minutes ago; returns expected figures."""
+    today, before = midnight_ms(zone), midnight_ms(zone) - 60_000
+    recent = int(time.time() * 1000) - 10 * 60_000
+    events = [("api_request", api_request(1, iso(today), session="day", input_tokens=1000, output_tokens=500,
+                                          cache_read_tokens=8500, cost_usd="1.25")),
+              ("api_request", api_request(2, iso(before), session="yesterday", input_tokens=4000, output_tokens=0,
+                                          cost_usd=2.5)),
+              ("api_request", api_request(3, iso(recent), session="latest", model="claude-haiku-4-5",
+                                          input_tokens=30, output_tokens=20, cost_usd=0.004))]
+    sdk_export(srv.port, events)
+    first_of_month = dt.datetime.now(zone).day == 1
+    daily_cost = 1.25 + (0.004 if recent >= today else 0)
+    return {"daily_cost": daily_cost, "monthly_cost": daily_cost + (0 if first_of_month else 2.5),
+            "daily_tokens": 10_000 + (50 if recent >= today else 0),
+            "monthly_tokens": 10_050 + (0 if first_of_month else 4000)}
+
+
+def test_quick_query_format_and_json(server, tmp_path):
+    zone = ccmon.ZoneInfo("Asia/Kolkata")
+    expected = seed_quick_query(server, zone)
+    days = __import__("calendar").monthrange(*dt.datetime.now(zone).timetuple()[:2])[1]
+    base = ["--monitor-server", server.target, "--monitor-timezone", "Asia/Kolkata", "--claude-plan", "max"]
+    result = run_ccmon([*base, "--format", "@daily_cost | @monthly_cost | @daily_plan_usage | @monthly_plan_usage | "
+                        "@daily_tokens | @monthly_tokens | @session_cost | @daily_costs @nonsense"], tmp_path)
+    assert result.returncode == 0
+    assert result.stderr == ("ccmon: unknown in --format, left as written: @nonsense (known: @daily_cost "
+                             "@monthly_cost @daily_plan_usage @monthly_plan_usage @daily_tokens @monthly_tokens "
+                             "@block_usage @block_remaining @block_projection @weekly_usage @session_cost @five_hour "
+                             "@five_hour_resets @seven_day @seven_day_resets)\n")
+    cost = ccmon.format_cost  # as every screen shows it: $0.0040 below a dollar, $12.35 above
+    assert result.stdout == (
+        f"{cost(round(expected['daily_cost'] * 1e9))} | {cost(round(expected['monthly_cost'] * 1e9))} | "
+        f"{expected['daily_cost'] / (100 / days) * 100:.0f}% | {expected['monthly_cost']:.0f}% | "
+        f"{ccmon.format_count(expected['daily_tokens'])} | {ccmon.format_count(expected['monthly_tokens'])} | "
+        f"$0.0040 | {cost(round(expected['daily_cost'] * 1e9))}s @nonsense\n")
+    result = run_ccmon([*base, "--json"], tmp_path)
+    figures = json.loads(result.stdout)
+    assert figures == {"daily_cost": expected["daily_cost"], "monthly_cost": expected["monthly_cost"],
+                       "daily_tokens": expected["daily_tokens"], "monthly_tokens": expected["monthly_tokens"],
+                       "daily_plan_usage": figures["daily_plan_usage"], "monthly_plan_usage": expected["monthly_cost"],
+                       "session_id": "latest", "session_cost": 0.004,
+                       "weekly_premium_tokens": 5500, "weekly_premium_cost": 3.75, "weekly_usage": None,
+                       "five_hour_percent": None, "five_hour_resets_at": None, "seven_day_percent": None,
+                       "seven_day_resets_at": None, "limits_read_at": None}  # no status line reading
+    assert figures["daily_plan_usage"] == pytest.approx(expected["daily_cost"] / (100 / days) * 100)
+    unset = run_ccmon(["--monitor-server", server.target, "--format", "@daily_plan_usage"], tmp_path)
+    assert unset.stdout == "0%\n"
+
+
+def test_quick_query_block_figures(server, tmp_path):
     now = int(time.time() * 1000)
-    day = 86400_000
-    # Three completed blocks in the last 30 days with 8,000, 12,000 and 30,000 premium tokens.
-    events = [("api_request", api_request(i, iso(now - days * day), session=f"l{i}", input_tokens=tokens))
-              for i, (days, tokens) in enumerate(((3, 8000), (2, 12000), (1, 30000)))]
-    sdk_export(server.port, events)
-    base = ["--monitor-server", server.target, "-b", "auto", "--claude-max-tokens", "auto", "--json"]
-    pro = json.loads(run_ccmon([*base, "--claude-plan", "pro"], tmp_path).stdout)
-    assert pro["block_limit"] is None  # no block is active now: nothing to measure against
-    limits = ccmon.Client(server.target).limit_figures(ccmon.LimitQuery("auto", now, True, 7_000), BERLIN, None)
-    assert (limits.window, limits.limit, limits.learned_from) == (None, 30_000, 3)  # p90 of three is the highest
-    floor = ccmon.Client(server.target).limit_figures(ccmon.LimitQuery("auto", now, True, 140_000), BERLIN, None)
-    assert (floor.limit, floor.learned_from) == (140_000, 3)  # never below the plan's figure
+    sdk_export(server.port, [("api_request", api_request(1, iso(now - 60_000), input_tokens=3000,
+                                                         output_tokens=500)),
+                             ("api_request", api_request(2, iso(now - 30_000), model="claude-3-5-haiku",
+                                                         input_tokens=9999))])
+    block_flag = block_flag_for_now()
+    result = run_ccmon(["--monitor-server", server.target, "-b", block_flag, "--claude-plan", "pro", "--format",
+                        "@block_usage @block_remaining"], tmp_path)
+    start, end = ccmon.current_block(now, ccmon.ZoneInfo("UTC"), ccmon.parse_block_mode(block_flag))
+    usage, remaining = result.stdout.split()
+    assert usage == "50%"  # 3,500 premium limited tokens of pro's 7,000
+    assert remaining in {ccmon.format_duration(end - now - delta) for delta in range(0, 120_000, 1000)}
+    no_block = run_ccmon(["--monitor-server", server.target, "--format", "@block_usage"], tmp_path)
+    assert (no_block.returncode, no_block.stdout) == (2, "")
+    assert no_block.stderr == ("ccmon: config error: @block_usage, @block_remaining and @block_projection need "
+                               "-b/--block (for example -b auto)\n")
+    figures = json.loads(run_ccmon(["--monitor-server", server.target, "-b", block_flag, "--json"], tmp_path).stdout)
+    assert (figures["block_tokens"], figures["block_limit"], figures["block_usage"]) == (3500, None, None)
 
 
-def test_block_chains_and_edges(tmp_path):
-    store, reader = ccmon.Writer(tmp_path / "chain.db"), ccmon.Reader(tmp_path / "chain.db")
-    base = ccmon.parse_iso_ms("2026-06-01T00:05:00Z")
-    # One request every 40 minutes for 80 hours: never a pause of 5 hours.
-    rows = [(base + i * 40 * 60_000, "s", i, "claude-sonnet-4-5", "", 100, 0, 0, 0, 0, 0, None, None, None, None,
-             None, 0) for i in range(120)]
-    store.write(ccmon.Batch(requests=rows))
-    for hours in (30.5, 60.33, 61.0, 61.33, 63.0, 63.33):
-        now = base + int(hours * 3600_000)
-        near = reader.blocks(now - ccmon.DAY_MS, now)[-1]
-        far = reader.blocks(now - 30 * ccmon.DAY_MS, now)[-1]
-        assert (near.start_ms, near.end_ms) == (far.start_ms, far.end_ms)
-        assert (near.start_ms - ccmon.parse_iso_ms("2026-06-01T00:00:00Z")) % ccmon.BLOCK_MS == 0
-    store.close()
-    # No usage yet in a new block but a fast recent pace: the limit is near, not "within limit".
-    status = ccmon.BlockStatus(0, ccmon.BLOCK_MS, 60_000, used=0, limit=35_000, recent_rate=3_000.0)
-    assert status.limit_reached_ms() == 60_000 + int(35_000 / 3_000 * 60_000)
-    assert ccmon.block_window(None, 0, BERLIN, [(0, ccmon.BLOCK_MS)]) is None
-
-
-def test_block_period_follows_the_automatic_block(server):
-    now = int(time.time() * 1000)
-    sdk_export(server.port, [("api_request", api_request(1, iso(now - 10 * 60_000), input_tokens=10))])
-    settings = ccmon.MonitorSettings(server.target, BERLIN, "auto", 7_000, 5)
-    client = ccmon.Client(server.target)
-    snap = client.snapshot(ccmon.query_for(ccmon.ViewState(period="b"), settings, now))
-    assert snap.query.start_ms == snap.limits.window[0] == (now - 10 * 60_000) // 3600_000 * 3600_000
-    assert snap.data.period.total.input == 10
-    client.close()
-
-
-def test_alerts_without_anything_to_measure_say_so():
-    quiet = ccmon.MonitorSettings("x:1", BERLIN, None, None, 5, alerts=(80,))
-    assert ccmon.alert_setup_problem(quiet) == ("alerts need a block limit (-b with claude.plan or claude.max_tokens), "
-                                                "claude.weekly_max_tokens or Claude's own limits (ccmon statusline)")
-    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, block_mode="auto", limit=7_000)) == ""
-    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, weekly_limit=10)) == ""
-    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, alerts=())) == ""
-
-
-# ---------------------------------------------------------------- storage: upgrades, a database that changes or breaks, files
-
-V1 = ROOT / "fixtures" / "v1"
-
-
-def v1_answers(srv: ServerProcess) -> dict:
-    """What `srv` answers to the queries fixtures/make_v1_database.py asked the schema-1 release."""
-    sys.path.insert(0, str(ROOT / "fixtures"))
-    from make_v1_database import queries
-    from google.protobuf import json_format
-    stub = srv.query()
-    return {name: json_format.MessageToDict(getattr(stub, method)(request))
-            for name, (method, request) in queries().items()}
-
-
-def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tmp_path):
-    db = tmp_path / "ccmon.db"
-    shutil.copyfile(V1 / "ccmon.db", db)
-    srv = ServerProcess(tmp_path, db=db).start()
-    try:
-        backup = tmp_path / "ccmon.db.v1.bak"
-        assert f"upgrading {db} from schema 1 to {ccmon.SCHEMA_VERSION}; a copy of the old database is at " \
-               f"{backup}" in srv.log
-        old, new = json.loads((V1 / "answers.json").read_text()), v1_answers(srv)
-        # Every figure is what schema 1 answered; only s-cy-1's user is now the email its resource gave
-        # instead of the hashed user.id (schema 3 names users readably).
-        assert {k: v for k, v in new.items() if k not in ("sessions", "users")} == \
-            {k: v for k, v in old.items() if k not in ("sessions", "users")}
-        renamed = [s for s in new["sessions"]["sessions"] if s["sessionId"] == "s-cy-1"]
-        assert renamed[0]["user"] == "cy@example.com"
-        renamed[0]["user"] = "u" * 64
-        # schema 5 says where each session's usage comes from (a field schema 1 did not have)
-        sources = {s["sessionId"]: s.pop("source") for s in new["sessions"]["sessions"]}
-        assert sources == {s["sessionId"]: "metrics" if s.get("fromMetrics") else "events"
-                           for s in old["sessions"]["sessions"]}
-        assert new["sessions"] == old["sessions"]
-        users = {u["user"]: u for u in new["users"]["users"]}
-        assert users["cy@example.com"]["stats"]["totalCost"] == {"amount": 0.02}
-        assert users["u" * 64]["stats"]["totalCost"] == {"amount": 0.143075}
-        assert sorted(users) == sorted({u["user"] for u in old["users"]["users"]} | {"cy@example.com"})
-        assert db_rows(db, "PRAGMA user_version") == [(ccmon.SCHEMA_VERSION,)]
-        assert db_rows(db, "SELECT name FROM sqlite_master WHERE name = 'requests_request_id'") == \
-            [("requests_request_id",)]
-        with sqlite3.connect(backup) as copy:  # the backup is the old database, whole
-            assert copy.execute("PRAGMA user_version").fetchone() == (1,)
-            assert copy.execute("SELECT COUNT(*), SUM(cost_nanos) FROM requests").fetchone() == \
-                db_rows(db, "SELECT COUNT(*), SUM(cost_nanos) FROM requests")[0]
-        copy.close()
-        assert backup.stat().st_mode & 0o777 == 0o600
-        sdk_export(srv.port, [("api_request", api_request(1, hours_ago(1), session="after-upgrade",
-                                                          input_tokens=7, cost_usd=0.5))])
-        assert stats(srv, start=hours_ago(2)).total_tokens.input == 7
-        assert stats(srv).total_tokens.input == 3657 + 7
-    finally:
-        srv.stop()
-    srv.start()  # a second start finds the current schema: no second upgrade
-    srv.stop()
-    assert "upgrading" not in srv.log
-
-
-def test_a_failed_upgrade_leaves_the_database_untouched(tmp_path):
-    db = tmp_path / "ccmon.db"
-    shutil.copyfile(V1 / "ccmon.db", db)
-    with sqlite3.connect(db) as conn:  # an object in the way of version 2's index: the upgrade cannot finish
-        conn.execute("CREATE TABLE requests_request_id (x)")
-    conn.close()
-    before = db.read_bytes()
-    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
-                        "--database-path", str(db)], tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.splitlines()[-1] == (
-        f"ccmon: cannot upgrade {db} from schema 1 to {ccmon.SCHEMA_VERSION} (there is already a table named "
-        f"requests_request_id); the database is unchanged and a copy is at {db}.v1.bak")
-    assert db.read_bytes() == before
-    assert db_rows(db, "PRAGMA user_version") == [(1,)]
-
-
-def test_a_database_from_a_newer_ccmon_is_refused(tmp_path):
-    db = tmp_path / "ccmon.db"
-    shutil.copyfile(V1 / "ccmon.db", db)
-    with sqlite3.connect(db) as conn:
-        conn.execute(f"PRAGMA user_version = {ccmon.SCHEMA_VERSION + 1}")
-    conn.close()
-    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--database-path", str(db)], tmp_path)
-    assert (result.returncode, result.stderr) == (
-        1, f"ccmon: {db} was written by a newer ccmon (schema {ccmon.SCHEMA_VERSION + 1}); upgrade ccmon\n")
-
-
-def test_sigterm_stops_the_server_promptly_under_load(tmp_path):
-    """gRPC and HTTP exports arrive together; SIGTERM (or SIGINT) stops the server within 10 s, with every
-    acknowledged record stored once."""
-    srv = ServerProcess(tmp_path)
-    acknowledged: set[int] = set()
-    counter = iter(range(10 ** 9))
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
-        srv.start()
-        stop = threading.Event()
-
-        def send(over_http: bool):
-            stub = srv.logs_stub()
-            while not stop.is_set():
-                seqs = [next(counter) for _ in range(50)]
-                body = logs_request([("api_request", api_request(seq, "2026-06-01T00:00:00Z", input_tokens=1))
-                                     for seq in seqs])
-                try:
-                    if over_http:
-                        response, _ = http_post(srv.http_port, body=body.SerializeToString())
-                        if response.status != 200:
-                            continue
-                    else:
-                        stub.Export(body, timeout=10)
-                except (grpc.RpcError, OSError):
-                    continue
-                acknowledged.update(seqs)
-
-        senders = [threading.Thread(target=send, args=(i % 2 == 0,)) for i in range(6)]
-        for sender in senders:
-            sender.start()
-        while len(acknowledged) < 500:
-            time.sleep(0.05)
-        srv.proc.send_signal(signum)
-        try:
-            assert srv.proc.wait(10) == 0, srv.log
-        finally:
-            stop.set()
-            for sender in senders:
-                sender.join()
-        time.sleep(0.05)  # the pump reads the last lines
-        assert "stopped; database closed" in srv.log
-    stored = db_rows(srv.db, "SELECT seq, COUNT(*) FROM requests GROUP BY seq")
-    assert all(count == 1 for _, count in stored)
-    assert acknowledged <= {seq for seq, _ in stored}
-
-
-def test_deleted_database_files_stop_acknowledgements(server):
-    stub = server.logs_stub()
-    stub.Export(logs_request(MIXED_EVENTS))
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{server.db}{suffix}").unlink()
-    events = [("api_request", api_request(9, "2026-06-01T00:00:00Z", session="after-delete", input_tokens=1))]
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Export(logs_request(events))
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert f"{server.db} was deleted" in err.value.details()
-    response, data = http_post(server.http_port, body=logs_request(events).SerializeToString())
-    assert (response.status, status_of(data)[0]) == (503, 14)
-    assert server.log.count("THE DATABASE FILE IS GONE") == 1
-    assert f"THE DATABASE FILE IS GONE: {server.db} was deleted." in server.log
-
-
-def test_one_server_per_database_whatever_the_path(server, tmp_path):
-    hard = tmp_path / "hard.db"
-    os.link(server.db, hard)
-    soft = tmp_path / "soft.db"
-    soft.symlink_to(server.db)
-    for path in (hard, soft):
-        result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
-                            "--database-path", str(path)], tmp_path)
-        assert (result.returncode, result.stderr) == (1, f"ccmon: another ccmon server (pid {server.proc.pid}) "
-                                                         f"is already using {path}; stop it or choose another "
-                                                         "--database-path\n")
-
-
-def zero_page(db: Path, table: str) -> None:
-    """Overwrite the first page of `table`'s b-tree with zeros, as a disk or a careless tool might."""
-    with sqlite3.connect(db) as conn:
-        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-        page = conn.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
-    conn.close()
-    with open(db, "r+b") as handle:
-        handle.seek((page - 1) * page_size)
-        handle.write(bytes(page_size))
-
-
-def test_a_damaged_database_is_refused_at_start(tmp_path):
-    srv = ServerProcess(tmp_path).start()
-    sdk_export(srv.port, MIXED_EVENTS)
-    srv.stop()
-    zero_page(srv.db, "requests")
-    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--database-path", str(srv.db)], tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.startswith(f"ccmon: {srv.db} is damaged (")
-    assert result.stderr.endswith(f"); keep {srv.db} as it is, and restore a backup, or recover what SQLite can "
-                                  f"still read with: sqlite3 {srv.db} .recover | sqlite3 recovered.db\n")
-    assert len(result.stderr.splitlines()) == 1
-
-
-def test_damage_found_while_running_is_answered_not_raised(server):
-    server.logs_stub().Export(logs_request(MIXED_EVENTS))
-    with sqlite3.connect(server.db) as conn:  # the rows move from the WAL into the main file, which then breaks
-        assert conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
-    conn.close()
-    zero_page(server.db, "usage_rollup")
-    zero_page(server.db, "requests")
-    with pytest.raises(grpc.RpcError) as err:
-        server.logs_stub().Export(logs_request([("api_request", api_request(9, "2026-03-01T11:00:00Z"))]))
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    for _ in range(2):
-        with pytest.raises(grpc.RpcError) as err:
-            stats(server)
-        assert err.value.code() == grpc.StatusCode.DATA_LOSS
-        assert err.value.details().startswith("the database is damaged: ")
-    assert server.log.count("it is damaged: stop the server, keep") == 1
-    assert server.log.count("the database is damaged (") == 1
-    assert "Traceback" not in server.log
-
-
-def test_an_older_server_still_running_is_not_upgraded_under(tmp_path):
-    """Releases of schema 1 locked ccmon.db.lock: while one holds it, a new server must not touch the file."""
-    import fcntl
-    db = tmp_path / "ccmon.db"
-    shutil.copyfile(V1 / "ccmon.db", db)
-    with open(tmp_path / "ccmon.db.lock", "a+") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("4242")
-        held.flush()
-        result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--database-path", str(db)], tmp_path)
-        assert (result.returncode, result.stderr) == (1, f"ccmon: an older ccmon server (pid 4242) is using {db}; "
-                                                         "stop it first\n")
-        assert db_rows(db, "PRAGMA user_version") == [(1,)] and not (tmp_path / "ccmon.db.v1.bak").exists()
-    srv = ServerProcess(tmp_path, db=db).start()  # once it has stopped, its lock file goes with the upgrade
-    srv.stop()
-    assert not (tmp_path / "ccmon.db.lock").exists() and db_rows(db, "PRAGMA user_version") == \
-        [(ccmon.SCHEMA_VERSION,)]
-
-
-def test_a_database_reached_by_a_symlink_and_one_left_unnumbered(tmp_path):
-    real = tmp_path / "data" / "real.db"
-    real.parent.mkdir()
-    link = tmp_path / "link.db"
-    link.symlink_to(real)
-    srv = ServerProcess(tmp_path, db=link).start()
-    try:
-        srv.logs_stub().Export(logs_request(MIXED_EVENTS))
-        assert stats(srv).total_requests == 3
-    finally:
-        srv.stop()
-    # A schema-1 release stopped between creating its tables and numbering them left user_version 0.
-    unnumbered = tmp_path / "unnumbered.db"
-    shutil.copyfile(V1 / "ccmon.db", unnumbered)
-    with sqlite3.connect(unnumbered) as conn:
-        conn.execute("PRAGMA user_version = 0")
-    conn.close()
-    srv = ServerProcess(tmp_path, db=unnumbered).start()
-    try:
-        assert stats(srv).total_requests == 8
-    finally:
-        srv.stop()
-
-def test_files_are_private_and_a_failed_start_leaves_none(server, tmp_path):
-    server.logs_stub().Export(logs_request(MIXED_EVENTS))
-    for suffix in ("", "-wal", "-shm"):
-        assert Path(f"{server.db}{suffix}").stat().st_mode & 0o777 == 0o600, suffix
-    fresh = tmp_path / "fresh"
-    result = run_ccmon(["--server", "--server-address", server.target, "--database-path",
-                        str(fresh / "ccmon.db")], tmp_path)
-    assert result.returncode == 1 and "the port is in use" in result.stderr
-    assert list(fresh.iterdir()) == []
-    assert fresh.stat().st_mode & 0o777 == 0o700
-    server.stop()
-    assert sorted(p.name for p in server.db.parent.iterdir() if p.name.startswith("ccmon.db")) == ["ccmon.db"]
+def test_quick_query_and_health_when_server_is_down(tmp_path, server):
+    result = run_ccmon(["--monitor-server", "127.0.0.1:9", "--format", "@daily_cost"], tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == "ccmon: cannot reach the ccmon server at 127.0.0.1:9: connection refused\n"
+    down = run_ccmon(["--health", "--monitor-server", "127.0.0.1:9"], tmp_path)
+    assert (down.returncode, down.stderr) == (1, "unhealthy: 127.0.0.1:9: connection refused\n")
+    up = run_ccmon(["--health", "--monitor-server", server.target], tmp_path)
+    assert (up.returncode, up.stdout) == (0, f"ok: ccmon {ccmon.VERSION} at {server.target}, 0 requests stored\n")
 
 
 # ---------------------------------------------------------------- status line: ccmon statusline, Claude's own limits
@@ -4188,6 +2760,7 @@ def test_status_line_ignores_the_project_folders_config_and_survives_its_own(ser
     assert broken.returncode == 0 and broken.stdout.startswith("Sonnet 4.5 | ctx 3% | 5h 42% (resets ")
     assert broken.stderr.startswith("ccmon: config error: ")
 
+
 def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, tmp_path):
     import socket
     silent = socket.socket()  # accepts connections (the kernel's backlog) and never answers
@@ -4214,6 +2787,1449 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
     mixed = status_line(server.target, live_input("s-x"), "--format", "@model: @monthly_cost this month, @nonsense",
                         cwd=tmp_path)
     assert mixed.stdout == "Sonnet 4.5: $2.50 this month, @nonsense\n"
+
+
+# ---------------------------------------------------------------- reports: ccmon report
+
+def run_report(srv: ServerProcess, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run_ccmon(["report", *args, "--monitor-server", srv.target, "--monitor-timezone", "Asia/Tokyo"], cwd)
+
+
+def test_reports_as_table_json_and_csv(server, tmp_path):
+    sdk_export(server.port, team_events())
+    daily = run_report(server, "daily", "--since", "2026-05-04", "--until", "2026-05-06", "--json", cwd=tmp_path)
+    assert daily.returncode == 0, daily.stderr
+    report = json.loads(daily.stdout)
+    assert (report["since"], report["until"], report["timezone"]) == \
+        ("2026-05-04T00:00:00+09:00", "2026-05-07T00:00:00+09:00", "Asia/Tokyo")
+    assert [(r["date"], r["requests"], r["total_tokens"], r["cost_usd"], r["premium_cost_usd"])
+            for r in report["rows"]] == [("2026-05-04", 2, 1530, 0.51, 0.5), ("2026-05-05", 2, 5060, 2.375, 2.375),
+                                         ("2026-05-06", 0, 0, 0.0, 0.0)]
+    assert report["totals"] == {"requests": 4, "input_tokens": 1357, "output_tokens": 5233, "cache_read_tokens": 0,
+                                "cache_creation_tokens": 0, "total_tokens": 6590, "cost_usd": 2.885,
+                                "premium_requests": 3, "premium_cost_usd": 2.875}
+    weekly = json.loads(run_report(server, "weekly", "--since", "2026-05-01", "--until", "2026-05-10", "--json",
+                                   cwd=tmp_path).stdout)
+    assert [(r["week_of"], r["requests"]) for r in weekly["rows"]] == [("2026-04-27", 0), ("2026-05-04", 4)]
+    monthly = json.loads(run_report(server, "monthly", "--since", "2026-04-01", "--until", "2026-05-31", "--json",
+                                    cwd=tmp_path).stdout)
+    assert [(r["month"], r["cost_usd"]) for r in monthly["rows"]] == [("2026-04", 0.0), ("2026-05", 2.885)]
+    csv_out = run_report(server, "model", "--since", "2026-05-01", "--until", "2026-05-31", "--csv", cwd=tmp_path)
+    assert csv_out.stdout.splitlines() == [
+        "model,requests,input_tokens,output_tokens,cache_read_tokens,cache_creation_tokens,total_tokens,cost_usd,"
+        "avg_duration_ms,avg_ttft_ms",
+        "claude-opus-4-1,1,50,5000,0,0,5050,2.25,60000,",  # no time to first token was reported for it
+        "claude-sonnet-4-5,2,1007,203,0,0,1210,0.625,2500,650",
+        "claude-haiku-4-5,1,300,30,0,0,330,0.01,900,200",
+        "Total,4,1357,5233,0,0,6590,2.885,,"]
+    table = run_report(server, "session", "--since", "2026-05-01", "--until", "2026-05-31", "--user",
+                       "ana@example.com", cwd=tmp_path)
+    lines = table.stdout.splitlines()
+    assert lines[0] == ("session report, 2026-05-01T00:00:00+09:00 to 2026-06-01T00:00:00+09:00 (Asia/Tokyo), "
+                        "user ana@example.com")
+    assert lines[1:] == [  # what fits 120 columns, ids and times shortened
+        "session  user             first             req  input  output  tokens     cost  models",
+        "-------  ---------------  ----------------  ---  -----  ------  ------  -------  "
+        "----------------------------------",
+        "s-ana-2  ana@example.com  2026-05-05 19:00    1     50   5,000   5,050    $2.25  claude-opus-4-1",
+        "s-ana-1  ana@example.com  2026-05-04 18:00    2  1,300     230   1,530  $0.5100  "
+        "claude-sonnet-4-5 claude-haiku-4-5",
+        "-------  ---------------  ----------------  ---  -----  ------  ------  -------  "
+        "----------------------------------",
+        "Total                                         3  1,350   5,230   6,580    $2.76",
+        "(to fit 120 columns, not shown: failed, errors, source, cache_write, cache_read, last, tools, project; --wide shows",
+        "every column)"]
+    wide = run_report(server, "session", "--since", "2026-05-01", "--until", "2026-05-31", "--user",
+                      "ana@example.com", "--wide", cwd=tmp_path).stdout.splitlines()
+    assert wide[1].split() == ["session", "user", "project", "first", "last", "req", "input", "output", "cache_read",
+                               "cache_write", "tokens", "cost", "models", "tools", "failed", "errors", "source"]
+    assert wide[3].split()[:7] == ["s-ana-2", "ana@example.com", "(no", "project)", "2026-05-05T19:00:00+09:00",
+                                   "2026-05-05T19:00:00+09:00", "1"]
+    assert wide[-1].split() == ["Total", "3", "1,350", "5,230", "0", "0", "6,580", "$2.76", "3", "1", "1"]
+    model = run_report(server, "model", "--since", "2026-05-01", cwd=tmp_path).stdout.splitlines()
+    assert model[3].split() == ["claude-opus-4-1", "1", "50", "5,000", "0", "0", "5,050", "$2.25", "60,000", "-"]
+    reader = subprocess.Popen([*CCMON, "report", "daily", "--monitor-server", server.target, "--since", "2020-01-01"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout.readline().startswith(b"daily report, 2020-01-01")
+    reader.stdout.close()  # like `| head -1`: the rest of the report has nowhere to go
+    assert (reader.wait(30), reader.stderr.read()) == (0, b"")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["daily", "--since", "May 1"], "ccmon: config error: --since: invalid date 'May 1' (use YYYY-MM-DD)\n"),
+    (["daily", "--since", "2026-05-02", "--until", "2026-05-01"],
+     "ccmon: config error: --until 2026-05-01 is before --since 2026-05-02\n"),
+    (["daily", "--until", "9999-12-31"], "ccmon: config error: --since/--until: dates from 0001-01-31 to 9999-12-30, "
+                                         "please (got 9999-12-02 to 9999-12-31)\n"),
+])
+def test_report_errors(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["report", *args], capsys)
+    assert (code, err) == (2, message)
+    code, err = run_main(["report", "yearly"], capsys)
+    assert code == 2 and "argument kind: invalid choice: 'yearly'" in err
+    unreachable = run_ccmon(["report", "model", "--monitor-server", "127.0.0.1:9"], tmp_path)
+    assert (unreachable.returncode, unreachable.stdout) == (1, "")
+    assert unreachable.stderr == "ccmon: cannot reach the ccmon server at 127.0.0.1:9: connection refused\n"
+
+
+# ---------------------------------------------------------------- monitor: view model and pure render functions
+
+def test_formatting():
+    assert [ccmon.format_count(n) for n in (0, 950, 999, 1000, 1234, 12_345, 123_456, 999_499, 999_500,
+                                            4_560_000, 1_200_000_000)] == \
+        ["0", "950", "999", "1.00K", "1.23K", "12.3K", "123K", "999K", "1.00M", "4.56M", "1.20B"]
+    assert [ccmon.format_cost(n) for n in (0, 1, 42_100_000, 999_990_000, 12_345_678_901, 1_234_567_000_000)] == \
+        ["$0.00", "<$0.0001", "$0.0421", "$1.00", "$12.35", "$1,234.57"]
+    assert [ccmon.format_duration(ms) for ms in (850, 1500, 45_000, 12 * 60_000, 65 * 60_000)] == \
+        ["850ms", "1.5s", "45s", "12m", "1h05m"]
+    assert ccmon.short_model("claude-sonnet-4-5-20250929") == "claude-sonnet-4-5"
+    assert [ccmon.short_user(name) for name in ("3f" * 32, "ana@example.com", "4b1a0c7e-uuid-like-but-not-hex-x", "")] \
+        == ["3f3f3f3f3f~", "ana@example.com", "4b1a0c7e-uuid-like-but-not-hex-x", ""]
+
+
+def _settings(block_hour=5, limit=35_000):
+    return ccmon.MonitorSettings("127.0.0.1:4317", BERLIN, block_hour, limit, 5)
+
+
+def test_keys():
+    settings = _settings()
+    state = ccmon.ViewState()
+    frame = ccmon.Frame([], page_rows=10, total_rows=100)
+    for key, period in (("h", "h"), ("d", "d"), ("w", "w"), ("m", "m"), ("b", "b"), ("a", "a")):
+        state, action = ccmon.handle_key(state, key, settings, frame)
+        assert (state.period, action) == (period, "refresh")
+    state, action = ccmon.handle_key(state, "o", settings, frame)
+    assert state.oldest_first and action == "refresh"
+    state, _ = ccmon.handle_key(state, "KEY_NPAGE", settings, frame)
+    state, _ = ccmon.handle_key(state, "j", settings, frame)
+    assert state.scroll == 11
+    state, _ = ccmon.handle_key(state, "KEY_END", settings, frame)
+    assert state.scroll == 90
+    state, action = ccmon.handle_key(state, "KEY_DOWN", settings, frame)
+    assert state.scroll == 90 and action == ""
+    state, _ = ccmon.handle_key(state, "KEY_HOME", settings, frame)
+    state, _ = ccmon.handle_key(state, "k", settings, frame)
+    assert state.scroll == 0
+    state, action = ccmon.handle_key(state, "\t", settings, frame)
+    assert (state.tab, action) == ("daily", "refresh")
+    state, _ = ccmon.handle_key(state, "KEY_BTAB", settings, frame)
+    assert state.tab == "current"
+    state, _ = ccmon.handle_key(state, "?", settings, frame)
+    assert state.help
+    state, action = ccmon.handle_key(state, "x", settings, frame)
+    assert not state.help and action == ""
+    assert ccmon.handle_key(state, "q", settings, frame)[1] == "quit"
+    assert ccmon.handle_key(state, "^C", settings, frame)[1] == "quit"
+    off, action = ccmon.handle_key(state, "b", _settings(block_hour=None), frame)
+    assert off.period == state.period and off.notice == "block tracking is off: start ccmon with -b auto"
+
+
+def _frame_fixture():
+    settings = _settings()
+    now = local_ms("2026-03-10 10:30")
+    usage = ccmon.Usage
+    period = ccmon.Split(usage(4, 2000, 800, 10000, 500, 4_000_000),
+                         usage(12, 9000, 6000, 250000, 12000, 1_234_567_890))
+    block = ccmon.Split(usage(1, 100, 50, 0, 0, 1000), usage(8, 14000, 7000, 0, 0, 5))
+    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), block, 700.0, 35_000, None,
+                                (("haiku", usage(1, 100, 50)), ("sonnet", usage(8, 14000, 7000, 0, 0, 5))))
+    models = ["claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001", "claude-opus-4-1-20250805"] * 4
+    rows = tuple(ccmon.RequestRow(now - k * 7 * 60_000, model, f"{k:04d}abcd-ef",
+                                  usage(1, 1000 + k, 200 * k, 30000, 0, 12_345_000 * k + 1, 1500 * k))
+                 for k, model in enumerate(models))
+    query = ccmon.query_for(ccmon.ViewState(period="b"), settings, now)
+    return ccmon.Snapshot(query, now, 500, limits, data=ccmon.RequestsPage(period, rows, 12)), \
+        settings, now
+
+
+def daily_snapshot(settings, now):
+    query = ccmon.query_for(ccmon.ViewState(tab="daily"), settings, now)
+    days = tuple((f"2026-03-{10 - k:02d}", ccmon.Split(ccmon.Usage(k, 10 * k), ccmon.Usage(
+        3 * k, 1000 * k, 500 * k, 20000 * k, 700 * k, 250_000_000 * k))) for k in range(10))
+    block = ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000))
+    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), block, 700.0, 35_000, None, ())
+    return ccmon.Snapshot(query, now, 500, limits, data=days)
+
+
+def frame_text(state, snap, settings, width, height, now, connection=None, unicode=False):
+    frame = ccmon.render(state, connection or ccmon.Connection(True, attempts=1), snap,
+                         ccmon.Screen(settings, width, height, now, ccmon.Glyphs.for_terminal(unicode)))
+    return [ccmon.line_text(line) for line in frame.lines], frame
+
+
+FRAME_80x24 = [
+    " ccmon - Claude Code usage monitor                                       v0.1.0 ",
+    "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  ",
+    " * connected 127.0.0.1:4317 | current block | newest first | updated 10:30:00",
+    "-- Usage - current block -------------------------------------------------------",
+    "         Requests  Limited    Cache    Total       Cost    Burn rate",
+    "Base            4    2.80K    10.5K    13.3K    $0.0040            -",
+    "Premium        12    15.0K     262K     277K      $1.23      500/min",
+    "Total          16    17.8K     272K     290K      $1.24            -",
+    "-- Block 10:00-15:00 -----------------------------------------------------------",
+    "Tokens ########################................  60%  21.0K / 35.0K",
+    "Time   ####....................................  10% 4h30m left, ends 15:00",
+    "Burn 700/min; at this pace the limit is reached at 10:50",
+    "Week   21.0K premium tokens, <$0.0001 (sonnet 21.0K)",
+    "-- Requests 1-8 of 12 ----------------------------------------------------------",
+    "Time     Model        Input  Output   Cache   Total      Cost    Dur Session    ",
+    "10:30:00 sonnet-4-5   1.00K       0   30.0K   31.0K  <$0.0001    0ms 0000abcd-ef",
+    "10:23:00 haiku-4-5    1.00K     200   30.0K   31.2K   $0.0123   1.5s 0001abcd-ef",
+    "10:16:00 opus-4-1     1.00K     400   30.0K   31.4K   $0.0247   3.0s 0002abcd-ef",
+    "10:09:00 sonnet-4-5   1.00K     600   30.0K   31.6K   $0.0370   4.5s 0003abcd-ef",
+    "10:02:00 haiku-4-5    1.00K     800   30.0K   31.8K   $0.0494   6.0s 0004abcd-ef",
+    "09:55:00 opus-4-1     1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s 0005abcd-ef",
+    "09:48:00 sonnet-4-5   1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s 0006abcd-ef",
+    "09:41:00 haiku-4-5    1.01K   1.40K   30.0K   32.4K   $0.0864    10s 0007abcd-ef",
+    "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit",
+]
+
+
+FRAME_40x12 = [
+    " ccmon - Claude Code usage monitor",
+    " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj",
+    " * connected | current block",
+    "-- Usage - current block ---------------",
+    "         Requests  Limited       Cost",
+    "Base            4    2.80K    $0.0040",
+    "Premium        12    15.0K      $1.23",
+    "Total          16    17.8K      $1.24",
+    "-- Block 10:00-15:00 -------------------",
+    "Tokens ###..  60%  21.0K / 35.0K",
+    "Time   .....  10% 4h30m left, ends 15:00",
+    "h/d/w/m/a/b  o  1-8  u/p  ? help  q quit",
+]
+
+
+DAILY_80x24 = [
+    "-- Daily usage - last 10 days (Europe/Berlin) ----------------------------------",
+    "Date        Base  Prem  Input Output CacheR CacheW  Total      Burn    Prem $",
+    "2026-03-10     0     0      0      0      0      0      0     0/min     $0.00",
+    "2026-03-09     1     3  1.00K    500  20.0K    700  22.2K     1/min   $0.2500",
+    "2026-03-08     2     6  2.00K  1.00K  40.0K  1.40K  44.4K     2/min   $0.5000",
+]
+
+
+def test_render_current_tab_80x24_exact():
+    snap, settings, now = _frame_fixture()
+    lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now)
+    assert lines == FRAME_80x24
+    assert (frame.page_rows, frame.total_rows) == (8, 12)
+
+
+def test_render_40x12_exact_and_too_small():
+    snap, settings, now = _frame_fixture()
+    assert frame_text(ccmon.ViewState(period="b"), snap, settings, 40, 12, now)[0] == FRAME_40x12
+    assert frame_text(ccmon.ViewState(), snap, settings, 39, 12, now)[0] == ["terminal too small: 39x12, need 40x12"]
+    assert frame_text(ccmon.ViewState(), snap, settings, 80, 11, now)[0] == \
+        ["terminal too small: 80x11, need 40x12"]
+
+
+def test_render_wide_terminals_show_more_rows_and_columns():
+    snap, settings, now = _frame_fixture()
+    lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 120, 40, now)
+    assert frame.page_rows == 24 and len(lines) == 40
+    assert lines[14] == ("Time     Model                        Input  Output   Cache   Total      Cost    Dur "
+                         "Session    ")
+    assert lines[26] == ("09:13:00 claude-opus-4-1-20250805     1.01K   2.20K   30.0K   33.2K   $0.1358    16s "
+                         "0011abcd-ef")
+    assert lines[13].startswith("-- Requests 1-12 of 12 --")
+    wide, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 200, 60, now, unicode=True)
+    assert wide[9] == "Tokens ████████████████████████░░░░░░░░░░░░░░░░  60%  21.0K / 35.0K"
+    assert wide[0].endswith("v0.1.0 ") and len(wide[0]) == 200
+
+
+def test_render_daily_tab():
+    snap, settings, now = _frame_fixture()
+    daily = daily_snapshot(settings, now)
+    lines, frame = frame_text(ccmon.ViewState(tab="daily"), daily, settings, 80, 24, now)
+    assert lines[7] == "Week   0 premium tokens, $0.00" and lines[8:13] == DAILY_80x24
+    assert lines[20] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K              $11.25"
+    assert (frame.page_rows, frame.total_rows) == (12, 10)
+    narrow, _ = frame_text(ccmon.ViewState(tab="daily", scroll=2), daily, settings, 40, 14, now)
+    assert narrow[4:13] == [
+        "Tokens ###..  60%  21.0K / 35.0K",
+        "Time   .....  10% 4h30m left, ends 15:00",
+        "Burn 700/min; limit at 10:50",
+        "Week   0 premium tokens, $0.00",
+        "-- Daily usage - last 10 days (Europe/Be",
+        "Date        Prem Output  Total    Prem $",
+        "2026-03-08     6  1.00K  44.4K   $0.5000",
+        "2026-03-07     9  1.50K  66.6K   $0.7500",
+        "Total        135  22.5K   999K    $11.25"]
+    # The current tab's snapshot never stands in for the daily tab while it loads.
+    assert "Loading..." in frame_text(ccmon.ViewState(tab="daily"), snap, settings, 80, 24, now)[0]
+
+
+def test_render_states_without_data():
+    snap, settings, now = _frame_fixture()
+    empty = dataclasses_replace(snap, server_requests=0)
+    lines, _ = frame_text(ccmon.ViewState(), empty, settings, 80, 24, now)
+    assert "| Waiting for data: this server has not received any Claude Code request yet. |" in lines[4]
+    assert any("export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317" in line for line in lines)
+    down = ccmon.Connection(False, "connection refused", now + 4000, 3)
+    lines, _ = frame_text(ccmon.ViewState(), None, settings, 80, 24, now, connection=down)
+    assert lines[2] == " * disconnected (connection refused) - retrying in 4s | all time | newest first"
+    assert lines[4] == ("Cannot reach the ccmon server at 127.0.0.1:4317: connection refused. Is 'ccmon --server' "
+                        "running?")[:80]
+    stale, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now, connection=down)
+    assert stale[2].startswith(" * disconnected (connection refused) - retrying in 4s")
+    assert stale[6] == FRAME_80x24[6]  # the last data stays on screen
+    help_lines, _ = frame_text(ccmon.ViewState(help=True), snap, settings, 80, 24, now)
+    assert help_lines[3:5] == ["                    +- Keys ------------------------------+",
+                               "                    | h  last hour       d  last 24 hours |"]
+    assert help_lines[-1] == "any key closes this help"
+    no_block, _ = frame_text(ccmon.ViewState(), dataclasses_replace(snap, limits=None), _settings(block_hour=None),
+                             80, 24, now)
+    assert no_block[8] == "Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows)."
+    unlimited = dataclasses_replace(snap, limits=dataclasses_replace(snap.limits, limit=None))
+    no_limit, _ = frame_text(ccmon.ViewState(), unlimited, _settings(limit=None), 80, 24, now)
+    assert no_limit[9] == "Tokens 21.0K premium (no limit: set claude.plan or claude.max_tokens)"
+    assert no_limit[11] == "Burn 700/min"
+
+
+def test_render_never_overflows_any_size():
+    snap, settings, now = _frame_fixture()
+    daily = daily_snapshot(settings, now)
+    for width in range(30, 220, 7):
+        for height in range(8, 70, 5):
+            for state, data in ((ccmon.ViewState(period="b"), snap), (ccmon.ViewState(tab="daily"), daily),
+                                (ccmon.ViewState(help=True, help_scroll=4), snap),
+                                (ccmon.ViewState(period="b"), claude_snapshot(settings, now)),
+                                *first_hour_screens(settings, now)[2:]):
+                lines, _ = frame_text(state, data, settings, width, height, now, unicode=True)
+                assert len(lines) <= height and all(len(line) <= width for line in lines)
+
+
+SESSION_UUID = "0f0c2a9e-7d4b-4c1e-9a55-3e1f7c2b8d41"
+
+
+CONTEXT = {"anthropic.custom_base_url": True, "event.sequence": 7, "event.timestamp": "2026-05-05T10:59:00Z",
+           "session.id": SESSION_UUID, "user.email": "ana@example.com", "user.id": "u" * 64,
+           "organization.id": "org-1", "terminal.type": "tmux", "prompt.id": "p-7"}
+
+
+def timeline_entries(now: int) -> tuple:
+    """One of everything a session's timeline holds, with the context attributes Claude Code sends."""
+    row = ccmon.TimelineRow
+    return (row(now - 90_000, "user_prompt", None, {**CONTEXT, "prompt_length": "42",
+                                                   "prompt": "fix the\nfailing\ttest"}),
+            row(now - 60_000, "api_request", ccmon.RequestRow(now - 60_000, "claude-sonnet-4-5-20250929", SESSION_UUID,
+                                                              ccmon.Usage(1, 1000, 200, 5, 0, 500_000_000, 4000)), {}),
+            row(now - 50_000, "tool_decision", None, {**CONTEXT, "tool_name": "Bash", "decision": "accept",
+                                                     "source": "config"}),
+            row(now - 30_000, "tool_result", None, {**CONTEXT, "tool_name": "Bash", "success": "false",
+                                                   "duration_ms": "3000", "error": "Exit code 1"}),
+            row(now - 25_000, "tool_result", None, {**CONTEXT, "tool_name": "Read", "success": True, "duration_ms": 15}),
+            row(now - 20_000, "assistant_response", None, {**CONTEXT, "response_length": 400}),
+            row(now - 15_000, "api_error", None, {**CONTEXT, "model": "claude-opus-4-1-20250805", "status_code": "529",
+                                                 "error": "Overloaded", "attempt": 3}),
+            row(now - 10_000, "api_retries_exhausted", None, {**CONTEXT, "total_attempts": 10}))
+
+
+def first_hour_screens(settings, now) -> list[tuple[ccmon.ViewState, ccmon.Snapshot]]:
+    """Every tab and a session's timeline with a busy first hour's figures: dated model names, UUID session
+    ids, two users, a burn rate in thousands, a block far past its limit."""
+    usage = ccmon.Usage
+    requests, _, _ = _frame_fixture()
+    requests = dataclasses_replace(requests, data=dataclasses_replace(requests.data, requests=tuple(
+        dataclasses_replace(r, session_id=SESSION_UUID) for r in requests.data.requests)))
+    days = (("2026-03-10", ccmon.Split(usage(5, 900), usage(40, 2_000_000, 100_000, 3_000_000, 90_000, 37_200_000_000))),
+            ("2026-03-09", ccmon.Split(usage(), usage(80, 3_000_000, 153_600, 9_000_000, 90_000, 99_000_000_000))))
+    split = ccmon.Split(usage(1, 300, 30, 0, 0, 10_000_000), usage(1, 1000, 200, 0, 0, 500_000_000))
+    sessions = tuple(ccmon.SessionRow(f"{i}{SESSION_UUID[1:]}", user, now - 3600_000 * (i + 1), now - 3600_000 * i,
+                                      split, ("claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001"), 3, 1, i, i == 2)
+                     for i, user in enumerate(["ana@example.com", "bo@example.com", "ana@example.com"]))
+    models = (("claude-opus-4-1-20250805", usage(20, 119_000, 110_000, 1_640_000, 0, 18_600_000_000, 140_000)),
+              ("claude-sonnet-4-5-20250929", usage(20, 117_000, 108_000, 1_640_000, 0, 18_600_000_000, 136_000, 9000, 20)))
+    tools = ccmon.ToolsData((("Bash", 30, 22, 120, 3000), ("mcp__github__create_pull_request", 1, 1, 900, 900)),
+                            (("accept", "config", 12), ("reject", "user_reject", 1)),
+                            (("529", "claude-opus-4-1-20250805", 1),), 1)
+    blocks = ((now - 3600_000, now + 4 * 3600_000, ccmon.Split(usage(2, 100), usage(7, 400_000, 107_500, 500_000)),
+               False),)
+    return [(ccmon.ViewState(period="b"), requests),
+            (ccmon.ViewState(tab="daily"), dataclasses_replace(daily_snapshot(settings, now), data=days)),
+            insight_snapshot(settings, now, "models", data=models),
+            insight_snapshot(settings, now, "sessions", data=sessions),
+            insight_snapshot(settings, now, "sessions", session_id=SESSION_UUID, data=timeline_entries(now)),
+            insight_snapshot(settings, now, "tools", data=tools),
+            insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("bo@example.com", split, 1))),
+            insight_snapshot(settings, now, "blocks", data=blocks)]
+
+
+def test_columns_take_the_room_there_is():
+    """No cell is cut at 120 columns; where a screen is really too narrow, cells end in ~ rather than overflow."""
+    snap, settings, now = _frame_fixture()
+    for state, data in first_hour_screens(settings, now):
+        lines, _ = frame_text(state, data, settings, 120, 30, now, unicode=True)
+        assert not [line for line in lines if "~" in line], "\n".join(lines)
+    daily, _ = frame_text(*first_hour_screens(settings, now)[1], settings, 120, 30, now)
+    assert daily[11].split()[-2:] == ["2.19K/min", "$99.00"]
+    blocks, _ = frame_text(*first_hour_screens(settings, now)[-1], settings, 120, 30, now)
+    assert blocks[10].endswith("######## 1450%")
+
+
+def test_the_week_line_drops_parts_whole():
+    """At 120 columns the family split is one character too long: it goes whole, never as `sonnet 14.`."""
+    snap, settings, now = _frame_fixture()
+    weekly = dataclasses_replace(settings, weekly_limit=500_000)
+    limits = dataclasses_replace(snap.limits, weekly=(("opus", ccmon.Usage(9, 120_000, 108_000)),
+                                                      ("sonnet", ccmon.Usage(4, 10_000, 4_200))))
+    week = {width: frame_text(ccmon.ViewState(period="b"), dataclasses_replace(snap, limits=limits), weekly, width, 24,
+                              now)[0][12] for width in (40, 80, 120, 121)}
+    assert week[40] == "Week   ##...  48%  242K / 500K"
+    assert week[80] == "Week   ###################.....................  48%  242K / 500K"
+    assert week[120] == week[80] + ", limit Tue 16:38 at this pace"
+    assert week[121] == week[120] + " (opus 228K, sonnet 14.2K)"
+    unlimited = {width: frame_text(ccmon.ViewState(period="b"), dataclasses_replace(snap, limits=limits), settings,
+                                   width, 24, now)[0][12] for width in (58, 59)}
+    assert unlimited == {58: "Week   242K premium tokens, $0.00", 59: "Week   242K premium tokens, $0.00 (opus 228K, "
+                                                                        "sonnet 14.2K)"}
+
+
+def test_wide_screens_show_more():
+    """Full model names and session ids where there is room, short ones where there is not."""
+    snap, settings, now = _frame_fixture()
+    screens = first_hour_screens(settings, now)
+    for state, data in (screens[0], screens[3]):  # the requests, the sessions
+        text = {width: "\n".join(frame_text(state, data, settings, width, 30, now)[0]) for width in (80, 120, 200)}
+        assert "claude-sonnet-4-5-20250929" in text[200] and "claude-sonnet-4-5-20250929" not in text[120]
+        assert SESSION_UUID in text[200]
+        assert "sonnet-4-5" in text[80] and "claude-sonnet-4-5" not in text[80]
+    requests = frame_text(*screens[0], settings, 120, 30, now)[0]
+    assert requests[15] == ("10:30:00 claude-sonnet-4-5   1.00K       0   30.0K   31.0K  <$0.0001    0ms "
+                            f"{SESSION_UUID}")
+    sessions = frame_text(*screens[3], settings, 200, 30, now)[0]
+    assert sessions[10].split() == [SESSION_UUID, "ana@example.com", "03-10", "09:30", "1h00m", "2", "1.53K", "$0.5100",
+                                    "claude-sonnet-4-5-20250929,claude-haiku-4-5-20251001", "3", "1", "0", "events"]
+    models = frame_text(*screens[2], settings, 80, 30, now)[0]
+    assert models[9:11] == ["Model         Req   Input  Output   Cache      Cost Share of cost Avg dur   TTFT",
+                            "opus-4-1       20    119K    110K   1.64M    $18.60 ####....  50%    7.0s      -"]
+
+
+def test_fit_columns_widens_by_need_and_keeps_forms_whole():
+    columns = [ccmon.Column("Name", 8, 0, left=True), ccmon.Column("Note", 4, 1, left=True),
+               ccmon.Column("Extra", 5, 2)]
+    rows = [[("claude-opus-4-1-20250805", "claude-opus-4-1", "opus-4-1"), "a long note", "1"]]
+
+    def widths(width):
+        return [(fitted.column.title, fitted.width, fitted.level) for fitted in ccmon.fit_columns(columns, rows, width)]
+
+    assert widths(12) == [("Name", 8, 0)]  # Note (4) fits but for the space between
+    assert widths(13) == [("Name", 8, 0), ("Note", 4, 0)]
+    assert widths(19) == [("Name", 8, 0), ("Note", 4, 0), ("Extra", 5, 0)]
+    assert widths(25) == [("Name", 8, 0), ("Note", 10, 0), ("Extra", 5, 0)]  # the rest to what it cuts
+    assert widths(32) == [("Name", 8, 0), ("Note", 11, 0), ("Extra", 5, 0)]  # not half a longer name
+    assert widths(33) == [("Name", 15, 1), ("Note", 11, 0), ("Extra", 5, 0)]
+    assert widths(41) == widths(33)
+    assert widths(42) == [("Name", 24, 2), ("Note", 11, 0), ("Extra", 5, 0)]
+    assert widths(200) == widths(42)  # and no wider than their cells
+    header, body = ccmon.table_lines(columns, [(rows[0], "")], 25)
+    assert [ccmon.line_text(line) for line in (header, *body)] == ["Name     Note       Extra",
+                                                                   "opus-4-1 a long no~     1"]
+
+
+def test_every_tab_is_named_at_every_width():
+    snap, settings, now = _frame_fixture()
+    for width in range(40, 201):
+        strip = frame_text(ccmon.ViewState(period="b"), snap, settings, width, 24, now)[0][1]
+        packed = "".join(f"{number}{tab.short_title}" for number, tab in enumerate(ccmon.TABS.values(), start=1))
+        for number, tab in enumerate(ccmon.TABS.values(), start=1):
+            assert f" {tab.title} " in strip or f"{number} {tab.short_title}" in strip or \
+                f" {number}{tab.short_title} " in strip or strip == " " + packed, (width, strip)
+    assert frame_text(ccmon.ViewState(), snap, settings, 60, 24, now)[0][1] == \
+        " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk 8Proj "
+    assert frame_text(ccmon.ViewState(), snap, settings, 80, 24, now)[0][1] == \
+        "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  "
+
+
+def test_every_help_key_is_reachable_at_40x12():
+    snap, settings, now = _frame_fixture()
+    state, seen = ccmon.ViewState(help=True), []
+    for key in ("", "KEY_NPAGE", "KEY_NPAGE", "k", "KEY_HOME", "KEY_END", "j"):
+        if key:
+            state, action = ccmon.handle_key(state, key, settings, frame)
+            assert state.help and action == ""
+        lines, frame = frame_text(state, snap, settings, 40, 12, now)
+        seen.append(lines)
+    first, second, *_ = seen
+    assert first[3:] == ["+- Keys ------------------------------+",
+                         "| h  last hour       d  last 24 hours |",
+                         "| w  last 7 days     m  last 30 days  |",
+                         "| a  all time        b  current block |",
+                         "| o  sort order      r  refresh now   |",
+                         "| Tab/Shift-Tab or 1-8  switch tab    |",
+                         "| arrows/j/k PgUp/PgDn  scroll        |",
+                         "+- 1-6 of 10 -------------------------+",
+                         "arrows/PgDn: more  other keys close"]
+    assert second[4:10] == [f"| {text.ljust(36)}|" for text in ccmon.HELP_TEXT[4:]]
+    assert second[10] == "+- 5-10 of 10 ------------------------+"
+    assert [lines[4] for lines in seen] == [first[4], second[4], second[4], first[7], first[4], second[4], second[4]]
+    shown = "\n".join("\n".join(lines) for lines in seen)
+    assert all(text in shown for text in ccmon.HELP_TEXT)
+    closed, action = ccmon.handle_key(state, "x", settings, frame)
+    assert not closed.help and action == "" and closed.tab == state.tab
+    assert ccmon.handle_key(state, "q", settings, frame)[1] == "quit"
+    reopened, _ = ccmon.handle_key(closed, "?", settings, frame)
+    assert reopened.help and reopened.help_scroll == 0
+
+
+def test_the_block_hint_never_takes_a_tables_row():
+    snap, settings, now = _frame_fixture()
+    off = _settings(block_hour=None)
+    no_block = dataclasses_replace(snap, limits=None)
+    hint = "Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows)."
+    small, frame = frame_text(ccmon.ViewState(), no_block, off, 40, 12, now)
+    assert small[8:11] == ["-- Requests 1-1 of 12 ------------------",
+                           "Time     Model        Total      Cost",
+                           "10:30:00 sonnet-4-5   31.0K  <$0.0001"]
+    assert frame.page_rows == 1
+    assert hint in frame_text(ccmon.ViewState(), no_block, off, 80, 24, now)[0]
+    assert hint not in frame_text(ccmon.ViewState(), no_block, off, 80, 20, now)[0]  # 12 rows left: they are the table's
+    for state, data in first_hour_screens(off, now)[1:]:
+        lines, _ = frame_text(state, dataclasses_replace(data, limits=None), off, 80, 24, now)
+        assert not [line for line in lines if "Block tracking" in line]  # the other tabs start with their table
+        assert lines[3].startswith("-- ")
+
+
+def test_the_timeline_shows_what_happened():
+    snap, settings, now = _frame_fixture()
+    state, data = first_hour_screens(settings, now)[4]
+    lines, frame = frame_text(state, data, settings, 120, 24, now)
+    assert lines[8:18] == [
+        "-- Session 0f0c2a9e-7d4b-4c1e-9a55-3e1f7c2b8d41 (8 entries) - Esc: back " + "-" * 48,
+        "Time     Event                 Model/tool                      Cost Detail                             ",
+        "10:28:30 user_prompt                                                42 characters: fix the failing test",
+        "10:29:00 api_request           claude-sonnet-4-5-20250929   $0.5000 in 1.00K out 200 cache 5, 4.0s     ",
+        "10:29:10 tool_decision         Bash                                 accept (config)                    ",
+        "10:29:30 tool_result           Bash                                 failed, 3.0s: Exit code 1          ",
+        "10:29:35 tool_result           Read                                 ok, 15ms                           ",
+        "10:29:40 assistant_response                                         response_length=400                ",
+        "10:29:45 api_error             claude-opus-4-1-20250805             status 529: Overloaded (attempt 3) ",
+        "10:29:50 api_retries_exhausted                                      total_attempts=10                  "]
+    assert frame.total_rows == 8
+    narrow, _ = frame_text(state, data, settings, 80, 24, now)
+    assert [line[9:30].rstrip() for line in narrow[10:18]] == [row.kind for row in data.data]  # names in full
+    assert narrow[13] == "10:29:30 tool_result           Bash                 failed, 3.0s: Exit code 1   "
+    assert not [line for line in narrow + lines if re.search(r"anthropic|event\.|session\.|user\.|organization|"
+                                                              r"terminal|prompt\.id", line)]
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+    return dataclasses.replace(obj, **changes)
+
+
+def test_block_rollover_renders_the_fetched_block():
+    snap, settings, now = _frame_fixture()
+    next_block = ccmon.current_block(now, settings.zone, settings.block_mode)[1]
+    for moment in (next_block, next_block + 1, next_block + 60_000):
+        lines, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, moment)
+        assert lines[8].startswith("-- Block 10:00-15:00 ")
+        assert lines[11] == "Burn 700/min; within limit at this pace (60% at block end)"  # the block as it ended
+    assert ccmon.BlockStatus(0, ccmon.BLOCK_MS, 0, used=10, limit=100).limit_reached_ms() is None
+
+
+def test_hashed_user_ids_are_cut_short_where_the_screen_is_narrow():
+    settings, now = _settings(), ccmon.parse_iso_ms("2026-05-05T12:00:00Z")
+    hashed = "9c" * 32
+    state, snap = insight_snapshot(settings, now, "users", users=((hashed, ccmon.Split(ccmon.Usage(1, 10)), 1),
+                                                                  ("ana@example.com", ccmon.Split(), 2)))
+    narrow = "\n".join(frame_text(state, snap, settings, 80, 24, now)[0])
+    assert "9c9c9c9c9c~" in narrow and hashed not in narrow and "ana@example.com" in narrow
+    assert hashed in "\n".join(frame_text(state, snap, settings, 200, 24, now)[0])
+
+
+def insight_snapshot(settings, now, tab, **fields):
+    state = ccmon.ViewState(tab=tab, period="w", session_id=fields.pop("session_id", None))
+    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5),
+                                ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000)), 700.0, 35_000, None, ())
+    return state, ccmon.Snapshot(ccmon.query_for(state, settings, now), now, 500, limits=limits, **fields)
+
+
+def test_render_insight_tabs():
+    settings, now = _settings(), local_ms("2026-05-05 13:00")
+    usage = ccmon.Usage
+    state, snap = insight_snapshot(settings, now, "models", data=(
+        ("claude-opus-4-1-20250805", usage(1, 50, 5000, 0, 0, 2_250_000_000, 60000, 0, 0)),
+        ("claude-sonnet-4-5", usage(2, 1007, 203, 0, 0, 625_000_000, 5000, 1300, 2))))
+    lines, frame = frame_text(state, snap, settings, 100, 24, now)
+    assert lines[1].startswith("  Current   Daily Usage   Models   Sessions   Tools & errors   Users")
+    assert lines[8] == "-- Models - last 7 days " + "-" * 76
+    assert lines[9].split() == ["Model", "Req", "Input", "Output", "Cache", "Cost", "Share", "of", "cost", "Avg",
+                                "dur", "TTFT"]
+    assert lines[10].split() == ["claude-opus-4-1-20250805", "1", "50", "5.00K", "0", "$2.25", "######..", "78%", "1m",
+                                 "-"]
+    assert lines[11].split() == ["claude-sonnet-4-5", "2", "1.01K", "203", "0", "$0.6250", "##......", "22%",
+                                 "2.5s", "650ms"]
+    assert lines[12].split()[:6] == ["Total", "3", "1.06K", "5.20K", "0", "$2.88"]
+    split = ccmon.Split(usage(1, 300, 30, 0, 0, 10_000_000), usage(1, 1000, 200, 0, 0, 500_000_000))
+    rows = tuple(ccmon.SessionRow(f"s-{i}-0123456789", user, now - 3600_000 * (i + 1), now - 3600_000 * i, split,
+                                  ("claude-sonnet-4-5", "claude-haiku-4-5"), 3, 1, i, i == 2)
+                 for i, user in enumerate(["ana@example.com", "bo@example.com", "ana@example.com"]))
+    state, snap = insight_snapshot(settings, now, "sessions", data=rows)
+    state = dataclasses_replace(state, scroll=1)
+    lines, frame = frame_text(state, snap, settings, 120, 24, now)
+    assert frame.session_ids == tuple(r.session_id for r in rows) and frame.total_rows == 3
+    assert lines[8].startswith("-- Sessions - last 7 days (3) - Enter: details --")
+    assert lines[9].split() == ["Session", "User", "Started", "Dur", "Req", "Tokens", "Cost", "Models", "Tools",
+                                "Fail", "Err", "Source"]
+    assert lines[11].split() == ["s-1-0123456789", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K",
+                                 "$0.5100", "sonnet-4-5,haiku-4-5", "3", "1", "1", "events"]
+    assert lines[12].split()[-1] == "metrics"
+    selected = ccmon.render(state, ccmon.Connection(True, attempts=1), snap,
+                            ccmon.Screen(settings, 120, 24, now, ccmon.Glyphs.for_terminal(False))).lines[11]
+    assert selected[0][1] == "tab_active"
+    entered, action = ccmon.handle_key(state, "\n", settings, frame)
+    assert (entered.session_id, action) == ("s-1-0123456789", "refresh")
+    back, action = ccmon.handle_key(entered, "ESC", settings, frame)
+    assert (back.session_id, back.tab, action) == (None, "sessions", "refresh")
+    timeline = (ccmon.TimelineRow(now - 60_000, "api_request", ccmon.RequestRow(now - 60_000, "claude-sonnet-4-5", "s",
+                                                                              usage(1, 1000, 200, 5, 0, 500_000_000,
+                                                                                    4000)), {}),
+                ccmon.TimelineRow(now - 30_000, "tool_result", None, {"tool_name": "Bash", "success": "false",
+                                                                      "duration_ms": "3000"}))
+    state, snap = insight_snapshot(settings, now, "sessions", session_id="s-1-0123456789", data=timeline)
+    lines, _ = frame_text(state, snap, settings, 100, 24, now)
+    assert lines[8].startswith("-- Session s-1-0123456789 (2 entries) - Esc: back --")
+    assert lines[10].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "$0.5000", "in", "1.00K", "out", "200",
+                                 "cache", "5,", "4.0s"]
+    assert lines[11].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3.0s"]
+    tools = ccmon.ToolsData((("Bash", 3, 2, 200, 3000),), (("accept", "config", 1),), (("529", "claude-opus-4-1", 1),),
+                            1)
+    state, snap = insight_snapshot(settings, now, "tools", data=tools)
+    lines, _ = frame_text(state, snap, settings, 80, 24, now)
+    assert lines[9].split() == ["Tool", "Calls", "Success", "p50", "p95"]
+    assert lines[10].split() == ["Bash", "3", "67%", "200ms", "3.0s"]
+    assert lines[11] == "Decisions: accept by config: 1"
+    assert lines[14].split() == ["529", "claude-opus-4-1", "1"] and lines[15] == "Retries exhausted: 1"
+    many = dataclasses_replace(tools, tools=tuple((f"Tool{i:02d}", 1, 1, 1, 1) for i in range(40)))
+    state, snap = insight_snapshot(settings, now, "tools", data=many)
+    lines, frame = frame_text(dataclasses_replace(state, scroll=30), snap, settings, 80, 24, now)
+    assert (frame.total_rows, frame.page_rows, lines[10].split()[0]) == (40, 8, "Tool30")
+    assert "Retries exhausted: 1" in lines
+    state, snap = insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("", split, 1)))
+    lines, frame = frame_text(state, snap, settings, 80, 24, now)
+    assert lines[10].split() == ["ana@example.com", "2", "2", "1.53K", "1.20K", "$0.5100", "####....", "50%"]
+    assert lines[11].split()[0] == "(unknown)"
+    filtered, action = ccmon.handle_key(state, "u", settings, frame)
+    assert (filtered.user, action) == ("ana@example.com", "refresh")
+    assert "| user ana@example.com |" in frame_text(filtered, snap, settings, 80, 24, now)[0][2]
+    assert ccmon.handle_key(filtered, "u", settings, frame)[0].user is None
+    for key, tab in (("1", "current"), ("3", "models"), ("6", "users")):
+        assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
+    narrow, _ = frame_text(state, snap, settings, 40, 12, now)
+    assert narrow[1] == " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj"
+
+
+# ---------------------------------------------------------------- monitor in a real terminal
+
+def terminal_screen(cols: int, rows: int):
+    """A pyte screen and byte stream that also understand SU/SD (CSI n S / CSI n T) and REP (CSI n b),
+    which ncurses sends to xterm-like terminals and pyte 0.8 does not implement."""
+    import pyte
+
+    class Screen(pyte.Screen):
+        last_char = " "
+
+        def draw(self, data: str) -> None:
+            super().draw(data)
+            if data:
+                self.last_char = data[-1]
+
+        def repeat_last(self, count=1, *_, **__):
+            self.draw(self.last_char * (count or 1))
+
+        def scroll_up(self, count=1, *_, **__):
+            top, bottom = self.margins or pyte.screens.Margins(0, self.lines - 1)
+            for _ in range(count or 1):
+                for y in range(top, bottom):
+                    self.buffer[y] = self.buffer[y + 1]
+                self.buffer.pop(bottom, None)
+            self.dirty.update(range(self.lines))
+
+        def scroll_down(self, count=1, *_, **__):
+            top, bottom = self.margins or pyte.screens.Margins(0, self.lines - 1)
+            for _ in range(count or 1):
+                for y in range(bottom, top, -1):
+                    self.buffer[y] = self.buffer[y - 1]
+                self.buffer.pop(top, None)
+            self.dirty.update(range(self.lines))
+
+    class Stream(pyte.ByteStream):
+        csi = {**pyte.ByteStream.csi, "S": "scroll_up", "T": "scroll_down", "b": "repeat_last"}
+
+    screen = Screen(cols, rows)
+    return screen, Stream(screen)
+
+
+class MonitorPty:
+    """The real monitor in a pseudo-terminal, its screen read through pyte."""
+
+    def __init__(self, args: list[str], cols: int = 80, rows: int = 24, term: str = "xterm-256color",
+                 cwd: Path = ROOT, env: dict | None = None, command: list[str] | None = None):
+        import fcntl
+        import termios
+        self.fcntl, self.termios = fcntl, termios
+        self.master, slave = os.openpty()
+        self._set_size(slave, cols, rows)
+        self.screen, self.stream = terminal_screen(cols, rows)
+        self.lock = threading.Lock()
+        environment = {**os.environ, "TERM": term, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **(env or {})}
+        self.proc = subprocess.Popen([*(command or CCMON), *args], stdin=slave, stdout=slave,
+                                     stderr=slave, env=environment, cwd=cwd, start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # so ^C is SIGINT
+        os.close(slave)
+        self.raw = bytearray()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _set_size(self, fd: int, cols: int, rows: int) -> None:
+        import struct
+        self.fcntl.ioctl(fd, self.termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                data = os.read(self.master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self.lock:
+                self.raw += data
+                self.stream.feed(data)
+
+    @property
+    def text(self) -> str:
+        with self.lock:
+            return "\n".join(self.screen.display)
+
+    def wait_for(self, predicate, what: str, timeout: float = 20.0) -> str:
+        """The screen once it shows `predicate` and has stopped changing: curses writes a frame in pieces,
+        and a loaded machine can leave one half-drawn for a moment."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            text = self.text
+            if (predicate(text) if callable(predicate) else predicate in text):
+                time.sleep(0.15)
+                if self.text == text:
+                    return text
+                continue
+            time.sleep(0.05)
+        raise AssertionError(f"screen never showed {what}:\n{self.text}")
+
+    def send(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def resize(self, cols: int, rows: int) -> None:
+        with self.lock:
+            self._set_size(self.master, cols, rows)
+            self.screen.resize(rows, cols)
+        self.proc.send_signal(signal.SIGWINCH)
+
+    def close(self) -> int:
+        code = self.proc.wait(10)
+        os.close(self.master)
+        return code
+
+
+def line_with(text: str, prefix: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(prefix))
+
+
+def block_flag_for_now() -> str:
+    """A -b value whose block started two hours ago (UTC), so recent requests fall inside it."""
+    hour = (dt.datetime.now(dt.timezone.utc).hour - 2) % 24
+    return f"{hour % 12 or 12}{'am' if hour < 12 else 'pm'}"
+
+
+def test_monitor_end_to_end_in_a_pty(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    events = [("api_request", api_request(1, hours_ago(0.5), input_tokens="1200", output_tokens=300,
+                                          cost_usd=0.25, duration_ms=4000)),
+              ("api_request", api_request(2, hours_ago(0.25), model="claude-haiku-4-5-20251001", input_tokens=50,
+                                          output_tokens=20, cache_read_tokens=1000, cost_usd=0.001)),
+              ("api_request", api_request(3, hours_ago(30), model="claude-opus-4-1", input_tokens=2000,
+                                          output_tokens=1000, cost_usd=1.5))]
+    sdk_export(srv.port, events)
+    monitor = MonitorPty(["--monitor-server", srv.target, "-b", block_flag_for_now(), "--claude-plan", "pro",
+                          "--monitor-refresh-interval", "1s"], cwd=tmp_path, env={"HOME": str(tmp_path)})
+    try:
+        screen = monitor.wait_for("Requests 1-2 of 2", "the current block's requests")
+        assert "connected 127.0.0.1" in screen and "current block" in screen
+        assert line_with(screen, "Premium").split() == ["Premium", "1", "1.50K", "0", "1.50K", "$0.2500",
+                                                        line_with(screen, "Premium").split()[-1]]
+        assert "1.50K / 7.00K" in line_with(screen, "Tokens")
+        monitor.send(b"a")
+        screen = monitor.wait_for("Requests 1-3 of 3", "all time")
+        assert line_with(screen, "Total").split()[1:6] == ["3", "4.57K", "1.00K", "5.57K", "$1.75"]
+        monitor.send(b"d")
+        screen = monitor.wait_for("Requests 1-2 of 2", "the last 24 hours")
+        assert "last 24 hours" in screen.splitlines()[2]
+        monitor.send(b"w")
+        monitor.wait_for("Requests 1-3 of 3", "the last 7 days")
+        rows = [line for line in monitor.text.splitlines() if re.match(r"\d\d-\d\d \d\d:\d\d ", line)]
+        assert [row.split()[2] for row in rows] == ["haiku-4-5", "sonnet-4-5", "opus-4-1"]  # 80 columns: short names
+        monitor.send(b"o")
+        monitor.wait_for("oldest first", "the sort order")
+        screen = monitor.wait_for(lambda text: re.search(r"\d\d:\d\d opus-4-1 .*\n.*sonnet-4-5", text),
+                                  "oldest first rows")
+        monitor.send(b"\t")
+        screen = monitor.wait_for("Daily usage - last 30 days (UTC)", "the daily tab")
+        assert line_with(screen, "Total").split() == ["Total", "1", "2", "3.20K", "1.30K", "0", "0", "4.50K",
+                                                      "$1.75"]
+        monitor.send(b"3")
+        screen = monitor.wait_for("Models - last 7 days", "the models tab")
+        assert line_with(screen, "opus-4-1").split()[1:6] == ["1", "2.00K", "1.00K", "0", "$1.50"]
+        monitor.send(b"4")
+        screen = monitor.wait_for("Sessions - last 7 days (1) - Enter: details", "the sessions tab")
+        monitor.send(b"\r")
+        screen = monitor.wait_for("Session sess-1 (3 entries) - Esc: back", "a session's timeline")
+        assert [line.split()[1] for line in screen.splitlines() if re.match(r"\d\d:\d\d:\d\d ", line)] == \
+            ["api_request"] * 3
+        monitor.send(b"\x1b")
+        monitor.wait_for("Sessions - last 7 days (1) - Enter: details", "the sessions list again")
+        monitor.send(b"5")
+        monitor.wait_for("Retries exhausted: 0", "the tools tab")
+        monitor.send(b"6")
+        screen = monitor.wait_for("Users by cost", "the users tab")
+        monitor.send(b"1")
+        monitor.wait_for("Requests 1-3 of 3", "the current tab again")
+        monitor.send(b"b")
+        monitor.wait_for(lambda text: "current block" in text and "Requests 1-2 of 2" in text, "the block filter")
+        monitor.resize(120, 30)
+        screen = monitor.wait_for(lambda text: text.splitlines()[0].rstrip().endswith("v0.1.0") and
+                                  "Session" in text, "the resized screen")
+        assert len(screen.splitlines()) == 30 and len(screen.splitlines()[0]) == 120
+        monitor.resize(30, 10)
+        monitor.wait_for("terminal too small: 30x10", "the too-small notice")
+        monitor.resize(80, 24)
+        monitor.wait_for("Requests 1-2 of 2", "the screen after growing back")
+        srv.stop()
+        monitor.wait_for("disconnected (connection refused) - retrying in", "the disconnected status")
+        assert "$0.2500" in monitor.text  # the last data stays
+        srv.args[srv.args.index("--server-address") + 1] = srv.target
+        srv.start()
+        monitor.send(b"r")
+        monitor.wait_for("connected 127.0.0.1", "the reconnection", timeout=40)
+        monitor.send(b"q")
+        assert monitor.close() == 0
+    finally:
+        if monitor.proc.poll() is None:
+            monitor.proc.kill()
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
+@pytest.mark.parametrize("term", ["xterm", "screen", "tmux-256color", "linux", "vt100"])
+def test_monitor_runs_on_every_terminal_type_and_without_color(term, tmp_path):
+    monitor = MonitorPty(["--monitor-server", "127.0.0.1:9"], term=term, cwd=tmp_path,
+                         env={"HOME": str(tmp_path), "NO_COLOR": "1", "LANG": "C", "LC_ALL": "C"})
+    try:
+        screen = monitor.wait_for("disconnected", "the unreachable server")
+        assert "Cannot reach the ccmon server at 127.0.0.1:9" in screen
+        assert "*" in screen and "●" not in screen  # ASCII glyphs outside UTF-8 locales
+        sgr_params = {p for group in re.findall(rb"\x1b\[([0-9;]*)m", bytes(monitor.raw)) for p in group.split(b";")}
+        assert not {p for p in sgr_params if re.fullmatch(rb"(3|4|9|10)[0-8]", p)}  # no colours with NO_COLOR
+        monitor.send(b"\x03")
+        assert monitor.close() == 0
+    finally:
+        if monitor.proc.poll() is None:
+            monitor.proc.kill()
+
+
+def test_monitor_bad_address_and_flags(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["--monitor-server", "nonsense"], capsys)
+    assert (code, err) == (2, "ccmon: config error: --monitor-server: invalid address 'nonsense' (use HOST:PORT such "
+                               "as 127.0.0.1:4317)\n")
+    monitor = MonitorPty(["--server", "no-such-host.invalid:4317"], cwd=tmp_path, env={"HOME": str(tmp_path)})
+    try:
+        screen = monitor.wait_for("disconnected", "the DNS failure")
+        assert "cannot resolve the server's host name" in screen
+        assert "Traceback" not in screen
+        monitor.send(b"q")
+        assert monitor.close() == 0
+    finally:
+        if monitor.proc.poll() is None:
+            monitor.proc.kill()
+
+
+# ---------------------------------------------------------------- command line
+
+CONFIG_ERRORS = [
+    (["--claude-plan", "gold"], "--claude-plan: unknown plan 'gold' (accepted: unset, pro, max, max20)"),
+    (["--monitor-timezone", "Mars/Olympus"],
+     "--monitor-timezone: unknown timezone 'Mars/Olympus' (use an IANA name such as 'UTC', 'Europe/Berlin' "
+     "or 'Asia/Taipei')"),
+    (["--claude-max-tokens", "-5"],
+     "--claude-max-tokens: invalid token limit '-5' (use a whole number >= 0, 0 meaning the plan's default, or "
+     "'auto' to learn it)"),
+    (["--server-retention", "5x"],
+     "--server-retention: invalid retention '5x' (use 'never', or a number of days or hours such as '30d' or "
+     "'48h')"),
+    (["--server-retention", "12h"], "--server-retention: retention '12h' is below the minimum of 24h"),
+    (["--monitor-refresh-interval", "0s"],
+     "--monitor-refresh-interval: interval '0s' is outside the allowed range 1s to 5m"),
+    (["--monitor-refresh-interval", "10m"],
+     "--monitor-refresh-interval: interval '10m' is outside the allowed range 1s to 5m"),
+    (["--monitor-refresh-interval", "fast"],
+     "--monitor-refresh-interval: invalid interval 'fast' (use seconds or minutes such as '5s' or '1m', from "
+     "1s to 5m)"),
+    (["--server-address", "localhost"],
+     "--server-address: invalid address 'localhost' (use HOST:PORT such as 127.0.0.1:4317)"),
+    (["--monitor-server", "host:99999"],
+     "--monitor-server: invalid address 'host:99999' (use HOST:PORT such as 127.0.0.1:4317)"),
+    (["--config", "/nonexistent/ccmon.toml"], "--config: no such file: /nonexistent/ccmon.toml"),
+    (["--server-http-address", "nope"],
+     "--server-http-address: invalid address 'nope' (use HOST:PORT such as 127.0.0.1:4317) or 'off'"),
+    (["--server-max-message-size", "lots"],
+     "--server-max-message-size: invalid size 'lots' (use bytes or a size such as '16MiB')"),
+    (["--server-max-message-size", "2GiB"],
+     "--server-max-message-size: size '2GiB' is outside the allowed range 1MiB to 1GiB"),
+    (["--server-max-message-size", "100KB"],
+     "--server-max-message-size: size '100KB' is outside the allowed range 1MiB to 1GiB"),
+    (["--server-tls-cert", "/nonexistent/cert.pem"], "--server-tls-cert: no such file: /nonexistent/cert.pem"),
+    (["--server-tls-cert", __file__], "--server-tls-cert: TLS needs both server.tls_cert and server.tls_key"),
+    (["--server-tls-client-ca", __file__],
+     "--server-tls-client-ca: mutual TLS needs server.tls_cert and server.tls_key too"),
+    (["--monitor-tls-key", __file__],
+     "--monitor-tls-key: a client certificate needs both monitor.tls_cert and monitor.tls_key"),
+    (["--server-token", "two words"], "--server-token: a token must be a string without spaces"),
+    (["--alert", "150"], "--alert: invalid alert threshold '150' (use whole percentages from 1 to 100, such as 80)"),
+    (["--alert", "80", "--alert", "eighty"],
+     "--alert: invalid alert threshold 'eighty' (use whole percentages from 1 to 100, such as 80)"),
+]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--formt", "@daily_cost"], "ccmon: unknown option --formt; did you mean --format? (see ccmon --help)"),
+    (["--monitor-sever=x:1"], "ccmon: unknown option --monitor-sever; did you mean --monitor-server? (see ccmon "
+                              "--help)"),
+    (["--frobnicate"], "ccmon: unknown option --frobnicate (see ccmon --help)"),
+    (["--server", "--format", "@daily_cost"], "ccmon: --server and --format cannot be used together (see ccmon "
+                                              "--help)"),
+    (["--format", "@daily_cost", "--json"], "ccmon: --format and --json cannot be used together (see ccmon --help)"),
+    (["--health", "--json"], "ccmon: --health and --json cannot be used together (see ccmon --help)"),
+    (["--monitor-server", "x:1", "report", "dialy"], "ccmon report: argument kind: invalid choice: 'dialy' (choose "
+     "from 'daily', 'weekly', 'monthly', 'session', 'model', 'blocks', 'project') (see ccmon report --help)"),
+    (["report", "daily", "--csv", "--json"], "ccmon report: argument --json: not allowed with argument --csv (see "
+                                             "ccmon report --help)"),
+])
+def test_command_line_mistakes_get_one_line(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run_main(args, capsys) == (2, message + "\n")
+
+
+def test_options_go_before_or_after_the_report_command(capsys):
+    for argv in (["--monitor-server", "report:1", "report", "daily", "--csv"],
+                 ["report", "--monitor-server", "report:1", "daily", "--csv"],
+                 ["-b", "auto", "report", "daily", "--csv", "--monitor-server=report:1"]):
+        words = ccmon.without_command(argv, "report", ccmon.build_parser())
+        args = ccmon.build_report_parser().parse_args(words)
+        assert (args.kind, args.monitor_server, args.csv) == ("daily", "report:1", True)
+    assert ccmon.without_command(["--format", "report"], "report", ccmon.build_parser()) is None
+    assert "report {daily,weekly,monthly,session,model,blocks,project}" in ccmon.build_parser().format_help()
+
+
+@pytest.mark.parametrize("args,message", CONFIG_ERRORS)
+def test_config_flag_errors(args, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    code, err = run_main(["--server", *args], capsys)
+    assert code == 2
+    assert err == f"ccmon: config error: {message}\n"
+
+
+def test_version_flag(capsys):
+    code, _ = run_main(["--version"], capsys)
+    assert code == 0
+
+
+# ---------------------------------------------------------------- ccmon.pyz and the Docker image
+
+PYZ_PYTHONS, PYZ_PLATFORM = "CPython 3.11-3.14", f"manylinux2014_{os.uname().machine}"  # a default build's target
+
+
+@pytest.fixture(scope="module")
+def pyz(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("pyz") / "ccmon.pyz"
+    result = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output", str(output)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(rf"built {re.escape(str(output))} \(\d+\.\d MB, build [0-9a-f]{{16}}\) for "
+                        rf"{re.escape(PYZ_PYTHONS)} on {PYZ_PLATFORM}\n", result.stdout)
+    return output
+
+
+def bare(pyz: Path, python: str = sys.executable) -> list[str]:
+    """The interpreter with no site-packages at all (-S) and no user environment (-I)."""
+    return [python, "-I", "-S", str(pyz)]
+
+
+@pytest.fixture(scope="module")
+def pythons() -> dict[tuple[int, int], str]:
+    """One CPython 3 per minor version found on this machine: this one, pyenv's, python3.X on PATH."""
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
+    candidates = [sys.executable, *map(str, sorted(pyenv.glob("*/bin/python3"))),
+                  *filter(None, (shutil.which(f"python3.{minor}") for minor in range(4, 20)))]
+    found: dict[tuple[int, int], str] = {}
+    for python in candidates:
+        probe = subprocess.run([python, "-c", "import sys; print(sys.implementation.name, *sys.version_info[:2])"],
+                               capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:  # a pyenv shim for a version it does not have
+            continue
+        name, major, minor = probe.stdout.split()
+        if name == "cpython":
+            found.setdefault((int(major), int(minor)), python)
+    return found
+
+
+def test_bare_interpreter_has_no_dependencies(tmp_path):
+    probe = subprocess.run([sys.executable, "-I", "-S", "-c", "import grpc"], capture_output=True, text=True)
+    assert "No module named 'grpc'" in probe.stderr  # so the pyz tests below prove the pyz carries everything
+
+
+def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    srv = ServerProcess(tmp_path, command=bare(pyz), env=env).start()
+    try:
+        sdk_export(srv.port, MIXED_EVENTS)
+        result = run_ccmon(["--monitor-server", srv.target, "--format", "@monthly_tokens"], tmp_path,
+                           command=bare(pyz), env=env)
+        assert result.returncode == 0 and result.stdout in {"0\n", "52.3K\n"}  # March 2026 data; now is later
+        stats_now = stats(srv)
+        assert (stats_now.total_requests, stats_now.total_cost.amount) == (3, 0.143075)
+        monitor = MonitorPty(["--monitor-server", srv.target, "--monitor-timezone", "America/New_York"],
+                             cwd=tmp_path, env=env, command=bare(pyz))
+        try:
+            screen = monitor.wait_for("Requests 1-3 of 3", "the monitor from the pyz")
+            assert line_with(screen, "Total").split()[1:2] == ["3"]
+            monitor.send(b"q")
+            assert monitor.close() == 0
+        finally:
+            if monitor.proc.poll() is None:
+                monitor.proc.kill()
+        yaml_config = tmp_path / "config.yaml"
+        yaml_config.write_text("claude:\n  plan: max20\n")
+        result = run_ccmon(["--monitor-server", srv.target, "--format", "@daily_plan_usage"], tmp_path,
+                           command=bare(pyz), env=env)
+        assert (result.returncode, result.stdout) == (0, "0%\n")  # YAML parsed by the bundled PyYAML
+    finally:
+        srv.stop()
+
+
+def test_pyz_version_names_the_build_without_unpacking_or_grpc(pyz, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for flag in ("--version", "-v"):
+        result = run_ccmon([flag], tmp_path, command=[sys.executable, "-X", "importtime", *bare(pyz)[1:]], env=env)
+        match = re.fullmatch(rf"ccmon {re.escape(ccmon.VERSION)} \(build ([0-9a-f]{{16}}), "
+                             rf"{re.escape(PYZ_PYTHONS)}, {PYZ_PLATFORM}\)\n", result.stdout)
+        assert result.returncode == 0 and match, result.stdout
+        imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()[1:]]
+        assert "zipfile" in imported and not [name for name in imported if name.startswith(("grpc", "google"))]
+    assert not (tmp_path / "cache").exists()
+    # The build id it names is the cache folder a real run unpacks into.
+    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
+    assert os.listdir(tmp_path / "cache" / "ccmon") == [match.group(1)]
+
+
+def test_pyz_runs_on_every_cpython_here(pyz, pythons, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    supported = {version: python for version, python in pythons.items() if version >= (3, 11)}
+    assert sys.version_info[:2] in supported  # always at least this interpreter
+    for (major, minor), python in sorted(supported.items()):
+        version = run_ccmon(["--version"], tmp_path, command=bare(pyz, python), env=env)
+        assert version.returncode == 0, (python, version.stderr)
+        assert version.stdout.endswith(f", {PYZ_PYTHONS}, {PYZ_PLATFORM})\n")
+        srv = ServerProcess(tmp_path, db=tmp_path / f"{minor}.db", command=bare(pyz, python), env=env).start()
+        try:
+            sdk_export(srv.port, MIXED_EVENTS)
+            result = run_ccmon(["--monitor-server", srv.target, "--format", "@monthly_tokens"], tmp_path,
+                               command=bare(pyz, python), env=env)
+            assert result.returncode == 0 and result.stdout in {"0\n", "52.3K\n"}, (python, result.stderr)
+        finally:
+            assert srv.stop() == 0
+    # One build folder, and in it each version with its own grpc extension only.
+    [build] = (tmp_path / "cache" / "ccmon").iterdir()
+    assert sorted(p.name for p in build.iterdir()) == sorted(f"cp{major}{minor}" for major, minor in supported)
+    for major, minor in supported:
+        cygrpc = [p.name for p in (build / f"cp{major}{minor}" / "grpc" / "_cython").glob("cygrpc.*")]
+        assert cygrpc == [f"cygrpc.cpython-{major}{minor}-{os.uname().machine}-linux-gnu.so"]
+
+
+def test_pyz_refuses_older_pythons_in_one_line(pyz, pythons, tmp_path):
+    older = {version: python for version, python in pythons.items() if version < (3, 11)}
+    if not older:
+        pytest.skip("no CPython older than 3.11 on this machine")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for (major, minor), python in sorted(older.items()):
+        result = run_ccmon(["--version"], tmp_path, command=bare(pyz, python), env=env)
+        assert (result.returncode, result.stdout) == (1, ""), python
+        assert re.fullmatch(rf"ccmon: this ccmon.pyz is for {re.escape(PYZ_PYTHONS)} on {PYZ_PLATFORM}; "
+                            rf"this is CPython {major}\.{minor} on Linux {os.uname().machine} \(glibc [\d.]+\)\n",
+                            result.stderr)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_pyz_for_one_python_on_another_platform(tmp_path):
+    foreign = "manylinux2014_aarch64" if os.uname().machine != "aarch64" else "manylinux2014_x86_64"
+    output = tmp_path / "foreign.pyz"
+    built = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(output),
+                            "--python-version", "3.11", "--platform", foreign],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.endswith(f") for CPython 3.11 on {foreign}\n")
+    import zipfile
+    names = zipfile.ZipFile(output).namelist()
+    assert {name.split("/")[0] for name in names} == {"__main__.py", "app"}  # one version: nothing differs
+    assert f"app/grpc/_cython/cygrpc.cpython-311-{foreign.split('_', 1)[1]}-linux-gnu.so" in names
+    result = run_ccmon(["--version"], tmp_path, command=bare(output), env={"XDG_CACHE_HOME": str(tmp_path / "c")})
+    assert (result.returncode, result.stdout) == (1, "")
+    assert re.fullmatch(rf"ccmon: this ccmon.pyz is for CPython 3.11 on {foreign}; this is CPython "
+                        rf"{sys.version_info[0]}\.{sys.version_info[1]} on Linux {os.uname().machine} "
+                        rf"\(glibc [\d.]+\)\n", result.stderr)
+
+
+def test_pyz_concurrent_first_runs_share_one_cache(pyz, tmp_path):
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    procs = [subprocess.Popen(bare(pyz) + ["--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+             for _ in range(4)]
+    outputs = [proc.communicate(timeout=60) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0]
+    assert all(out.startswith(b"usage: ccmon ") for out, _ in outputs)
+    entries = sorted(p.name for p in (tmp_path / "cache" / "ccmon").iterdir())
+    assert len(entries) == 1 and re.fullmatch(r"[0-9a-f]{16}", entries[0])  # no half-unpacked leftovers
+    version = f"cp{sys.version_info[0]}{sys.version_info[1]}"
+    assert os.listdir(tmp_path / "cache" / "ccmon" / entries[0]) == [version]
+    assert (tmp_path / "cache" / "ccmon" / entries[0] / version / ".complete").is_file()
+
+
+def test_pyz_keeps_the_two_newest_builds(pyz, tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    root = tmp_path / "cache" / "ccmon"
+    now = time.time()
+
+    def fake(name: str, age_days: float) -> None:
+        (root / name / "cp311").mkdir(parents=True)
+        os.utime(root / name, (now - age_days * 86400,) * 2)
+
+    for number, age in enumerate((3, 2, 1), start=1):
+        fake(f"{number:016x}", age)
+    fake("notes", 9)  # not named like a build: not ours to remove
+    fake("0123456789abcdef0", 9)
+    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
+    [current] = {p.name for p in root.iterdir()} - {f"{n:016x}" for n in (1, 2, 3)} - {"notes", "0123456789abcdef0"}
+    assert sorted(p.name for p in root.iterdir()) == sorted([current, f"{3:016x}", "notes", "0123456789abcdef0"])
+    # The build in use stays even when two others look newer; a failing cleanup does not fail the run.
+    shutil.rmtree(root / current)
+    fake(f"{4:016x}", -1)
+    fake(f"{5:016x}", -2)
+    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
+    assert sorted(p.name for p in root.iterdir()) == sorted([current, f"{4:016x}", f"{5:016x}", "notes",
+                                                            "0123456789abcdef0"])
+    shutil.rmtree(root / current)
+    (root / f"{6:016x}").symlink_to(tmp_path / "gone")  # getmtime fails on it
+    assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
+    assert (root / current / f"cp{sys.version_info[0]}{sys.version_info[1]}" / ".complete").is_file()
+
+
+def test_pyz_falls_back_to_temp_dir_when_home_is_unusable(pyz, tmp_path):
+    env = {**os.environ, "HOME": "/dev/null/nohome", "TMPDIR": str(tmp_path)}
+    env.pop("XDG_CACHE_HOME", None)
+    result = subprocess.run(bare(pyz) + ["--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("usage: ccmon ")
+    assert list(tmp_path.glob(f"ccmon-{os.getuid()}/*/*/ccmon.py"))
+    # A cache folder that others can write to is never imported from.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "ccmon").mkdir(mode=0o777)
+    os.chmod(shared / "ccmon", 0o777)
+    env = {**env, "XDG_CACHE_HOME": str(shared), "TMPDIR": str(tmp_path / "tmp2")}
+    (tmp_path / "tmp2").mkdir()
+    result = subprocess.run(bare(pyz) + ["--help"], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0 and not list((shared / "ccmon").iterdir())
+    assert list((tmp_path / "tmp2").glob(f"ccmon-{os.getuid()}/*/*/ccmon.py"))
+    corrupt = tmp_path / "corrupt.pyz"
+    corrupt.write_bytes(pyz.read_bytes()[:200_000])
+    result = subprocess.run([sys.executable, "-I", "-S", str(corrupt), "--help"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+
+
+def test_pyz_build_is_reproducible_and_lean(pyz, tmp_path):
+    again = tmp_path / "again.pyz"
+    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(again)], check=True,
+                   capture_output=True, timeout=600)
+    assert again.read_bytes() == pyz.read_bytes()
+    assert pyz.stat().st_size <= 35_000_000
+    import zipfile
+    names = zipfile.ZipFile(pyz).namelist()
+    assert names[0] == "__main__.py" and "app/ccmon.py" in names and "app/tzdata/zoneinfo/Europe/Berlin" in names
+    assert not [n for n in names if n.endswith((".pyc", ".pyi")) or "__pycache__" in n or "/RECORD" in n
+                or "test_ccmon" in n]
+    assert any(n.startswith("app/yaml/") for n in names) and not any("_yaml." in n for n in names)
+    # What the versions share is stored once; each version folder holds only what differs.
+    per_version = {n.split("/", 1)[1] for n in names if n.startswith("cp3")}
+    assert {n.split("/")[0] for n in names if "/" in n} == {"app", "cp311", "cp312", "cp313", "cp314"}
+    assert {n for n in per_version if not n.endswith("/WHEEL")} == {
+        f"grpc/_cython/cygrpc.cpython-{v}-{os.uname().machine}-linux-gnu.so" for v in (311, 312, 313, 314)}
+    assert "app/google/_upb/_message.abi3.so" in names  # protobuf's extension is abi3: one for all
+
+
+def test_pyz_build_refuses_missing_wheels(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(tmp_path / "x.pyz"),
+                             "--platform", "win_nonexistent", "--python-version", "3.11"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert result.stderr.startswith("build_zipapp: cannot get wheels for CPython 3.11 on win_nonexistent: ")
+    assert not (tmp_path / "x.pyz").exists()
+
+
+def test_dockerfile_structure():
+    lines = [line.strip() for line in (ROOT / "Dockerfile").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    froms = [line for line in lines if line.startswith("FROM ")]
+    assert froms == ["FROM python:${PYTHON_VERSION}-slim-bookworm AS build", "FROM python:${PYTHON_VERSION}-slim-bookworm"]
+    assert re.search(r"^ARG PYTHON_VERSION=3\.12\.\d+$", joined, re.M)  # an exact version, not a moving tag
+    assert "ARG PYTHON_MINOR=3.12" in lines
+    build_stage, final = joined.split("FROM python:${PYTHON_VERSION}-slim-bookworm\n")
+    assert 'RUN python build_zipapp.py --python-version "${PYTHON_MINOR}" --output /out/ccmon.pyz' in build_stage
+    assert "mv /out/cache/ccmon/*/cp3*/ /app" in build_stage
+    assert "COPY --from=build /app /app" in final and "ccmon.pyz" not in final  # the unpacked app, once
+    assert re.search(r"^USER 10001:10001$", final, re.M)
+    assert "--uid 10001 --gid 10001" in final and "--gid 10001 ccmon" in final
+    assert final.index("USER 10001:10001") < final.index("ENTRYPOINT")
+    assert "pip install" not in final  # nothing installed in the runtime image
+    assert "ENV HOME=/home/ccmon " in final  # the settings' folder under any user id
+    assert "VOLUME /data" in final and "EXPOSE 4317 4318" in final and "STOPSIGNAL SIGTERM" in final
+    for label in ("title", "description", "licenses", "base.name"):
+        assert f"org.opencontainers.image.{label}=" in final
+    healthcheck = next(line for line in final.splitlines() if line.startswith("HEALTHCHECK"))
+    assert healthcheck.endswith('CMD ["python", "/app/ccmon.py", "--health"]')  # the server's own settings
+    assert 'ENTRYPOINT ["python", "/app/ccmon.py"]' in final and 'CMD ["--server"]' in final
+    # The image's config file (written by printf) is one ccmon reads, with the settings the server needs there.
+    printf = re.search(r"printf '%s\\n' (.*?) > /home/ccmon/\.ccmon/config\.toml", final).group(1)
+    config = tomllib.loads("\n".join(re.findall(r"'([^']*)'", printf)))
+    assert config == {"server": {"address": "0.0.0.0:4317", "http_address": "0.0.0.0:4318"},
+                      "database": {"path": "/data/ccmon.db"}}
+    # Every file the build stage copies exists, and .dockerignore lets exactly those through.
+    copied = next(line for line in lines if line.startswith("COPY requirements.txt")).split()[1:-1]
+    assert all((ROOT / name).is_file() for name in copied)
+    allowed = [line[1:] for line in (ROOT / ".dockerignore").read_text().split() if line.startswith("!")]
+    assert sorted(allowed) == sorted(copied)
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = Path(sys.executable).with_name("hadolint")
+    result = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_the_image_build_steps_give_a_working_app(tmp_path):
+    """The build stage's commands, run here (no Docker engine in CI): the pyz for one Python, unpacked once,
+    moved to app/, runs ccmon from there."""
+    minor = "%d.%d" % sys.version_info[:2]
+    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--python-version", minor, "--output",
+                    str(tmp_path / "out" / "ccmon.pyz")], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(tmp_path / "out" / "ccmon.pyz"), "--help"], check=True, capture_output=True,
+                   env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "out" / "cache")})
+    unpacked = list((tmp_path / "out" / "cache" / "ccmon").glob("*/cp3*/"))
+    assert len(unpacked) == 1
+    app = unpacked[0].rename(tmp_path / "app")
+    # -S -E: no site-packages, no PYTHONPATH; what the app needs is beside ccmon.py, as in the image.
+    version = subprocess.run([sys.executable, "-S", "-E", str(app / "ccmon.py"), "--version"], capture_output=True,
+                             text=True)
+    assert (version.returncode, version.stdout) == (0, f"ccmon {ccmon.VERSION}\n"), version.stderr
+
+
+# ---------------------------------------------------------------- insights: models, sessions, tools, users
+
+def test_adding_a_tab_is_one_entry_in_tabs():
+    """The tab strip, digit key, help, footer, fetch and render of a new tab all follow from its Tab."""
+    import types
+    source = (ROOT / "ccmon.py").read_text()
+    end_of_tabs = ")}\nTAB_KEYS"
+    notes = ('    Tab("notes", "Notes", "Note",\n'
+             '        lambda snap, state, screen: Frame([[(f"{snap.data} notes", "")]], 1, 3),\n'
+             '        lambda client, query: 3),\n')
+    assert source.count(end_of_tabs) == 1
+    module = types.ModuleType("ccmon_with_notes")
+    sys.modules[module.__name__] = module  # dataclasses look up their class's module
+    try:
+        exec(compile(source.replace(end_of_tabs, notes + end_of_tabs), "ccmon.py", "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    settings, now = _settings(), local_ms("2026-05-05 13:00")
+    state, action = module.handle_key(module.ViewState(), "9", settings, module.Frame([]))
+    assert (state.tab, action) == ("notes", "refresh")
+    query = module.query_for(state, settings, now)
+    snap = module.Snapshot(query, now, 500, data=query.fetch(None, query))
+
+    def text(width):
+        frame = module.render(state, module.Connection(True, attempts=1), snap,
+                              module.Screen(settings, width, 24, now, module.Glyphs.for_terminal(False)))
+        return [module.line_text(line) for line in frame.lines], frame
+
+    lines, frame = text(120)
+    assert lines[1].rstrip().endswith("   Blocks   Projects   Notes") and "3 notes" in lines
+    assert (frame.page_rows, frame.total_rows) == (1, 3)
+    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit"
+    assert text(80)[0][1].rstrip().endswith("8 Proj   9 Note")
+    assert "Tab/Shift-Tab or 1-9  switch tab" in module.HELP_TEXT
+    assert module.handle_key(state, "\t", settings, frame)[0].tab == "current"
+
+
+# ---------------------------------------------------------------- limits: automatic blocks, learned limit, weekly, alerts
+
+def block_history() -> list[tuple[str, dict]]:
+    """Hand-made: two overlapping sessions, a gap, a block across midnight, a Haiku request, a DST night."""
+    def request(seq, session, when, model="claude-sonnet-4-5", tokens=1000):
+        return ("api_request", api_request(seq, when, session=session, model=model, input_tokens=tokens,
+                                           output_tokens=0, cost_usd=tokens / 10000))
+    return [request(1, "a", "2026-03-27T09:10:00Z"), request(2, "b", "2026-03-27T09:50:00Z", tokens=500),
+            request(3, "a", "2026-03-27T13:59:00Z", model="claude-haiku-4-5", tokens=9999),
+            request(4, "b", "2026-03-27T13:59:59Z"),           # block 1: 09:00-14:00, premium 2,500
+            request(5, "a", "2026-03-27T14:00:00Z", tokens=2000),  # block 2 starts at its end: 14:00-19:00
+            request(6, "c", "2026-03-27T22:30:00Z", tokens=4000),  # after a gap: 22:00-03:00 across midnight
+            request(7, "c", "2026-03-28T02:59:00Z", tokens=3000),
+            request(8, "c", "2026-03-28T03:05:00Z", tokens=100),   # block 4: 03:00-08:00
+            request(9, "d", "2026-03-29T00:40:00Z", tokens=700)]   # Berlin switches to summer time in it
+
+
+def test_automatic_blocks_from_a_hand_made_history(server, tmp_path):
+    sdk_export(server.port, block_history())
+    blocks = server.query().GetBlocks(ccmon_pb2.GetBlocksRequest(start_time=ts("2026-03-27T00:00:00Z"),
+                                                                 end_time=ts("2026-03-30T00:00:00Z"))).blocks
+    assert [(ccmon.ms_of(b.start_time), ccmon.ms_of(b.end_time), b.stats.premium_tokens.limited,
+             b.stats.base_tokens.limited, b.stats.total_requests) for b in blocks] == [
+        (ccmon.parse_iso_ms(start), ccmon.parse_iso_ms(end), premium, base, requests)
+        for start, end, premium, base, requests in (
+            ("2026-03-27T09:00:00Z", "2026-03-27T14:00:00Z", 2500, 9999, 4),
+            ("2026-03-27T14:00:00Z", "2026-03-27T19:00:00Z", 2000, 0, 1),
+            ("2026-03-27T22:00:00Z", "2026-03-28T03:00:00Z", 7000, 0, 2),
+            ("2026-03-28T03:00:00Z", "2026-03-28T08:00:00Z", 100, 0, 1),
+            ("2026-03-29T00:00:00Z", "2026-03-29T05:00:00Z", 700, 0, 1))]
+    # A period starting inside a block still sees the block from its real start.
+    late = server.query().GetBlocks(ccmon_pb2.GetBlocksRequest(start_time=ts("2026-03-28T01:00:00Z"),
+                                                               end_time=ts("2026-03-28T02:00:00Z"))).blocks
+    assert [ccmon.ms_of(b.start_time) for b in late] == [ccmon.parse_iso_ms("2026-03-27T22:00:00Z")]
+    report = run_ccmon(["report", "blocks", "--since", "2026-03-28", "--until", "2026-03-29", "--csv",
+                        "--monitor-server", server.target, "--monitor-timezone", "Europe/Berlin"], tmp_path)
+    assert report.stdout.splitlines() == [
+        "block_start,block_end,window,premium_tokens,requests,input_tokens,output_tokens,cache_read_tokens,"
+        "cache_creation_tokens,total_tokens,cost_usd",
+        "2026-03-27T23:00+01:00,2026-03-28T04:00+01:00,auto,7000,2,7000,0,0,0,7000,0.7",
+        "2026-03-28T04:00+01:00,2026-03-28T09:00+01:00,auto,100,1,100,0,0,0,100,0.01",
+        "2026-03-29T01:00+01:00,2026-03-29T07:00+02:00,auto,700,1,700,0,0,0,700,0.07",
+        "Total,,,7800,4,7800,0,0,0,7800,0.78"]
+
+
+def test_alerts_fire_once_per_window_and_rearm():
+    settings = ccmon.MonitorSettings("x:1", BERLIN, "auto", 10_000, 5, weekly_limit=100_000, alerts=(50, 80))
+    window = (0, ccmon.BLOCK_MS)
+
+    def limits(block_tokens, weekly_tokens, window=window):
+        return ccmon.LimitFigures(window, ccmon.Split(ccmon.Usage(), ccmon.Usage(1, block_tokens)), 0.0, 10_000,
+                                  None, (("sonnet", ccmon.Usage(1, weekly_tokens)),))
+
+    fired: set = set()
+    due = ccmon.due_alerts(limits(6_000, 10_000), settings, 1000, fired)
+    assert [(key, message) for key, message, _ in due] == [
+        (("block", 0, 50), "ALERT: block usage passed 50% (6.00K of 10.0K)")]
+    assert due[0][2] == {"CCMON_ALERT_KIND": "block", "CCMON_ALERT_THRESHOLD": "50", "CCMON_ALERT_PERCENT": "60.0",
+                         "CCMON_ALERT_USED": "6000", "CCMON_ALERT_LIMIT": "10000", "CCMON_ALERT_SOURCE": "ccmon"}
+    assert ccmon.due_alerts(limits(6_500, 10_000), settings, 1000, fired) == []
+    assert [key for key, _, _ in ccmon.due_alerts(limits(9_000, 85_000), settings, 1000, fired)] == \
+        [("block", 0, 80), ("weekly", 0, 50), ("weekly", 0, 80)]
+    next_block = (ccmon.BLOCK_MS, 2 * ccmon.BLOCK_MS)
+    assert [key for key, _, _ in ccmon.due_alerts(limits(5_000, 40_000, next_block), settings,
+                                                  ccmon.BLOCK_MS + 1, fired)] == [("block", ccmon.BLOCK_MS, 50)]
+    assert [key for key, _, _ in ccmon.due_alerts(limits(5_000, 55_000, next_block), settings,
+                                                  ccmon.BLOCK_MS + 1, fired)] == [("weekly", 0, 50)]  # re-armed
+
+
+def test_auto_block_monitor_alert_and_format(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    now = int(time.time() * 1000)
+    sdk_export(srv.port, [("api_request", api_request(1, iso(now - 20 * 60_000), input_tokens=3000, output_tokens=1000)),
+                          ("api_request", api_request(2, iso(now - 5 * 60_000), model="claude-opus-4-1",
+                                                      input_tokens=500, output_tokens=500))])
+    first_hour = (now - 20 * 60_000) // 3600_000 * 3600_000
+    marker = tmp_path / "alert.env"
+    try:
+        quick = run_ccmon(["--monitor-server", srv.target, "-b", "auto", "--claude-plan", "pro",
+                           "--claude-weekly-max-tokens", "50000", "--format",
+                           "@block_usage @block_projection @weekly_usage"], tmp_path)
+        usage, projection, weekly = quick.stdout.split()
+        assert (usage, weekly) == ("71%", "10%")  # 5,000 of pro's 7,000; 5,000 of 50,000
+        assert int(projection.rstrip("%")) >= 71
+        plain = run_ccmon(["--monitor-server", srv.target, "--format", "@weekly_usage"], tmp_path)
+        assert plain.stdout == "5.00K\n"  # no block tracking, no weekly limit: the week's premium tokens
+        figures = json.loads(run_ccmon(["--monitor-server", srv.target, "-b", "auto", "--json"], tmp_path).stdout)
+        assert figures["block_end"] == (first_hour + ccmon.BLOCK_MS) // 1000
+        assert figures["weekly_premium_tokens"] == 5000
+        monitor = MonitorPty(["--monitor-server", srv.target, "-b", "auto", "--claude-plan", "pro", "--alert", "50",
+                              "--alert", "90", "--monitor-alert-command", f"env | grep CCMON_ALERT > {marker}"],
+                             cols=100, cwd=tmp_path, env={"HOME": str(tmp_path)})
+        try:
+            screen = monitor.wait_for("ALERT: block usage passed 50% (5.00K of 7.00K)", "the alert")
+            assert "(auto)" in screen and "5.00K / 7.00K" in screen
+            assert "Week   5.00K premium tokens" in screen and "opus 1.00K, sonnet 4.00K" in screen
+            # The shell creates the file before grep has written to it: wait for all six lines.
+            wait_until(lambda: marker.exists() and len(marker.read_text().split()) >= 6, "the alert command's output",
+                       20)
+            assert sorted(marker.read_text().split()) == sorted([
+                "CCMON_ALERT_KIND=block", "CCMON_ALERT_THRESHOLD=50", "CCMON_ALERT_PERCENT=71.4",
+                "CCMON_ALERT_USED=5000", "CCMON_ALERT_LIMIT=7000", "CCMON_ALERT_SOURCE=ccmon"])
+            monitor.send(b"7")
+            monitor.wait_for("Blocks - current block (1; 5 hours from the first request)", "the blocks tab")
+            monitor.send(b"q")
+            assert monitor.close() == 0
+        finally:
+            if monitor.proc.poll() is None:
+                monitor.proc.kill()
+    finally:
+        srv.stop()
+
+
+def test_learned_limit_from_recent_blocks(server, tmp_path):
+    now = int(time.time() * 1000)
+    day = 86400_000
+    # Three completed blocks in the last 30 days with 8,000, 12,000 and 30,000 premium tokens.
+    events = [("api_request", api_request(i, iso(now - days * day), session=f"l{i}", input_tokens=tokens))
+              for i, (days, tokens) in enumerate(((3, 8000), (2, 12000), (1, 30000)))]
+    sdk_export(server.port, events)
+    base = ["--monitor-server", server.target, "-b", "auto", "--claude-max-tokens", "auto", "--json"]
+    pro = json.loads(run_ccmon([*base, "--claude-plan", "pro"], tmp_path).stdout)
+    assert pro["block_limit"] is None  # no block is active now: nothing to measure against
+    limits = ccmon.Client(server.target).limit_figures(ccmon.LimitQuery("auto", now, True, 7_000), BERLIN, None)
+    assert (limits.window, limits.limit, limits.learned_from) == (None, 30_000, 3)  # p90 of three is the highest
+    floor = ccmon.Client(server.target).limit_figures(ccmon.LimitQuery("auto", now, True, 140_000), BERLIN, None)
+    assert (floor.limit, floor.learned_from) == (140_000, 3)  # never below the plan's figure
+
+
+def test_block_period_follows_the_automatic_block(server):
+    now = int(time.time() * 1000)
+    sdk_export(server.port, [("api_request", api_request(1, iso(now - 10 * 60_000), input_tokens=10))])
+    settings = ccmon.MonitorSettings(server.target, BERLIN, "auto", 7_000, 5)
+    client = ccmon.Client(server.target)
+    snap = client.snapshot(ccmon.query_for(ccmon.ViewState(period="b"), settings, now))
+    assert snap.query.start_ms == snap.limits.window[0] == (now - 10 * 60_000) // 3600_000 * 3600_000
+    assert snap.data.period.total.input == 10
+    client.close()
+
+
+def test_alerts_without_anything_to_measure_say_so():
+    quiet = ccmon.MonitorSettings("x:1", BERLIN, None, None, 5, alerts=(80,))
+    assert ccmon.alert_setup_problem(quiet) == ("alerts need a block limit (-b with claude.plan or claude.max_tokens), "
+                                                "claude.weekly_max_tokens or Claude's own limits (ccmon statusline)")
+    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, block_mode="auto", limit=7_000)) == ""
+    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, weekly_limit=10)) == ""
+    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, alerts=())) == ""
 
 
 # ---------------------------------------------------------------- Claude's own limits: blocks, monitor, alerts, quick query, reports
@@ -4279,6 +4295,7 @@ CLAUDE_80x24 = [
     "Claude week 21%, resets Fri 09:00 (read 2 min ago)",
     "Week   #.......................................   2%  21.0K / 1.00M (calibrated)",
     "-- Requests 1-6 of 12 ----------------------------------------------------------"]
+
 
 CLAUDE_40x12 = [
     " ccmon - Claude Code usage monitor",
@@ -4842,76 +4859,365 @@ def test_render_projects_tab_and_the_p_key():
     assert "Project" not in frame_text(state, snap, settings, 120, 24, now)[0][9]
 
 
-# ---------------------------------------------------------------- module structure
+# ---------------------------------------------------------------- import: ccmon import, Claude Code's transcripts, priced
 
-def top_level_uses_above_their_section(source: str) -> list[str]:
-    """Uses of a top-level name in a section above the one defining it (annotations aside)."""
-    import ast
-    banner = re.compile(r"^# -{8,} (.+)$")
-    starts = [number for number, line in enumerate(source.splitlines(), 1) if banner.match(line)]
-
-    def section(line: int) -> int:
-        return sum(1 for start in starts if start <= line)
-
-    tree = ast.parse(source)
-    defined: dict[str, int] = {}
-    for node in tree.body:
-        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
-            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        for target in targets:
-            names = [target.name] if hasattr(target, "name") else \
-                [n.id for n in ast.walk(target) if isinstance(n, ast.Name)]
-            for name in names:
-                defined.setdefault(name, section(node.lineno))
-
-    class Uses(ast.NodeVisitor):
-        found: list[str] = []
-
-        def visit_arg(self, node):  # parameter annotations are not uses
-            pass
-
-        def visit_FunctionDef(self, node):
-            for child in (*node.decorator_list, *node.args.defaults, *filter(None, node.args.kw_defaults), *node.body):
-                self.visit(child)
-
-        def visit_AnnAssign(self, node):
-            if node.value is not None:
-                self.visit(node.value)
-
-        def visit_Name(self, node):
-            if isinstance(node.ctx, ast.Load) and defined.get(node.id, 0) > section(node.lineno):
-                self.found.append(f"line {node.lineno}: {node.id}")
-
-    uses = Uses()
-    uses.found = []
-    uses.visit(tree)
-    return uses.found
+SAMPLE_TRANSCRIPTS = "data/claude-code-2.1.328/transcripts"
 
 
-def test_sections_depend_only_on_sections_above():
-    source = (ROOT / "ccmon.py").read_text()
-    assert top_level_uses_above_their_section(source) == []
-    # the check itself finds an upward use
-    assert top_level_uses_above_their_section(
-        "# -------- A\ndef f():\n    return g()\n\n# -------- B\ndef g():\n    return 1\n") == ["line 3: g"]
+def transcript_line(session: str, when: str, request_id: str, message_id: str, model: str = "claude-sonnet-4-5",
+                    usage: tuple = (1500, 250, 4000, 800), cwd: str = "/home/dev/proj", **extra) -> str:
+    """An assistant line shaped as Claude Code writes it (compact JSON, usage as the API sent it)."""
+    i, o, cr, cc, *one_hour = usage
+    line = {"parentUuid": None, "isSidechain": False, "message": {
+        "id": message_id, "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": i, "cache_creation_input_tokens": cc, "cache_read_input_tokens": cr,
+                  "output_tokens": o, "service_tier": "standard",
+                  "cache_creation": {"ephemeral_1h_input_tokens": one_hour[0] if one_hour else 0,
+                                     "ephemeral_5m_input_tokens": 0}}},
+        "requestId": request_id, "type": "assistant", "uuid": f"u-{message_id}", "timestamp": when, "cwd": cwd,
+        "sessionId": session, "version": "2.1.328", **extra}
+    return json.dumps(line, separators=(",", ":"))
 
 
-def test_module_docstring_lists_the_sections_in_order():
-    titles = re.findall(r"^# -{8,} (.+)$", (ROOT / "ccmon.py").read_text(), re.MULTILINE)
-    listed = [line.strip() for line in ccmon.__doc__.splitlines() if line.startswith("  ")]
-    assert listed == titles
+def user_line(session: str, when: str) -> str:
+    return json.dumps({"type": "user", "message": {"role": "user", "content": "hello"}, "timestamp": when,
+                       "sessionId": session, "cwd": "/home/dev/proj"}, separators=(",", ":"))
+
+
+def ccmon_import(srv: ServerProcess, *args: str, env: dict | None = None, home: Path | None = None,
+                 timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*CCMON, "import", "--monitor-server", srv.target, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=srv.workdir,
+                          env={**os.environ, "HOME": str(home or srv.workdir), **(env or {})})
+
+
+def test_claude_codes_prices_are_bundled_exactly():
+    """The notes' figures for the mock's usage (1,500 in / 250 out / 4,000 cache read / 800 cache write), as Claude
+    Code computes them; provider spellings of a model name; 1-hour cache writes; long prompts; unknown models."""
+    mock = (1500, 250, 4000, 800)
+    for model, nanos in (("claude-sonnet-4-5", 12_450_000), ("claude-sonnet-4-5-20250929", 12_450_000),
+                         ("claude-opus-4-5", 20_750_000), ("claude-opus-4-5-20251101", 20_750_000),
+                         ("claude-opus-5-5", 15_800_000), ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", 12_450_000),
+                         ("claude-sonnet-4-5@20250929", 12_450_000), ("claude-sonnet-4-20250514", 12_450_000),
+                         ("claude-opus-4-1-20250805", 62_250_000)):
+        assert ccmon.cost_nanos(ccmon.price_of(model), *mock) == nanos, model
+    assert ccmon.cost_nanos(ccmon.price_of("claude-haiku-4-5-20251001"), 120, 30, 0, 0) == 270_000
+    # 300 of the 800 cache-write tokens for an hour: at $6 instead of $3.75 a million
+    assert ccmon.cost_nanos(ccmon.price_of("claude-sonnet-4-5"), *mock, 300) == 12_450_000 + 300 * 2250
+    assert ccmon.cost_nanos(ccmon.price_of("claude-sonnet-4-5"), *mock, inference_geo="us") == 13_695_000
+    haiku55 = ccmon.price_of("claude-haiku-5-5")  # prompts over 100,000 tokens cost five times as much
+    assert ccmon.cost_nanos(haiku55, 100_000, 0, 0, 0) == 10_000_000
+    assert ccmon.cost_nanos(haiku55, 100_001, 0, 0, 0) == 50_000_500
+    assert ccmon.price_of("gpt-4o") is None and ccmon.price_of("<synthetic>") is None
+    own = {"my-model": ccmon.Price(*(ccmon.decimal.Decimal(v) for v in ("1", "2", "0.1", "1.25", "2")))}
+    assert ccmon.cost_nanos(ccmon.price_of("my-model-20260101", own), 1_000_000, 1_000_000, 0, 0) == 3 * 10 ** 9
+
+
+def test_transcript_lines_are_read_as_claude_code_writes_them():
+    sample = shared_dir() / SAMPLE_TRANSCRIPTS
+    [path] = sample.glob("*/*.jsonl")
+    found = [ccmon.transcript_entry(line) for line in path.read_text().splitlines()]
+    entries = [e for e in found if isinstance(e, ccmon.TranscriptEntry)]
+    assert [e for e in found if isinstance(e, str)] == []
+    assert [(e.request_id, e.message_id, e.model, e.input, e.output, e.cache_read, e.cache_creation, e.cache_1h,
+             e.project, e.cost_usd) for e in entries] == [
+        (r, m, "claude-sonnet-4-5", 1500, 250, 4000, 800, 0, "/home/dev/proj-alpha", None) for r, m in (
+            ("req_011CVc24a37712b284815b5cf", "msg_96079c6a38004c4d90f9ed2d"),
+            ("req_011CV9ec60954321e474e938a", "msg_ce12446355fc45f794d82929"),
+            ("req_011CVd016700b686246efb449", "msg_e148106fb4cc4856b39ba7cb"))]
+    assert entries[0].session_id == "c05b702a-6e79-483f-8620-85c0f585c90e"
+    assert entries[0].ts_ms == ccmon.parse_iso_ms("2026-11-27T05:30:37.457Z")
+    line = transcript_line("s", "2026-05-01T10:00:00Z", "req_1", "msg_1")
+    assert ccmon.transcript_entry(line[:-20]) == "not JSON"
+    assert ccmon.transcript_entry('{"type":"user"') == "not JSON"
+    assert ccmon.transcript_entry("garbage") == "not JSON"
+    assert ccmon.transcript_entry(user_line("s", "2026-05-01T10:00:00Z")) is None
+    assert ccmon.transcript_entry(transcript_line("s", "2026-05-01T10:00:00Z", "", "m", model="<synthetic>")) == \
+        "synthetic"
+    no_usage = json.loads(line)
+    del no_usage["message"]["usage"]
+    assert ccmon.transcript_entry(json.dumps(no_usage)) == "no usage"
+    assert ccmon.transcript_entry(transcript_line("s", "2026-05-01T10:00:00Z", "r", "m", costUSD=0.5)).cost_usd == \
+        "0.5"
+
+
+def write_transcript(folder: Path, session: str, lines: list[str], newline_at_end: bool = True) -> Path:
+    path = folder / "-home-dev-proj" / f"{session}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + ("\n" if newline_at_end else ""))
+    return path
+
+
+def test_import_counts_every_request_once_and_says_what_it_skipped(server, tmp_path):
+    """Streaming duplicates, a synthetic entry, an entry without usage, a line that is not JSON, a truncated last
+    line, an unknown model (cost 0, named), a transcript with costUSD (its own cost, not estimated), --since,
+    --dry-run, and a second import that finds everything known."""
+    folder = tmp_path / "projects"
+    answer = transcript_line("s-a", "2026-05-01T10:00:00.000Z", "req_a1", "msg_a1")
+    tool_use = transcript_line("s-a", "2026-05-01T10:00:00.100Z", "req_a1", "msg_a1")  # same answer, 2nd block
+    write_transcript(folder, "s-a", [
+        user_line("s-a", "2026-05-01T09:59:59Z"), answer, tool_use,
+        transcript_line("s-a", "2026-05-01T10:01:00Z", "req_a2", "msg_a2", model="claude-haiku-4-5",
+                        usage=(120, 30, 0, 0)),
+        transcript_line("s-a", "2026-05-01T10:02:00Z", "", "msg_syn", model="<synthetic>", usage=(0, 0, 0, 0)),
+        "this is not JSON",
+        transcript_line("s-a", "2026-05-01T10:03:00Z", "req_a3", "msg_a3", model="gpt-unknown", usage=(10, 10, 0, 0)),
+        transcript_line("s-a", "2026-05-01T10:04:00Z", "req_a4", "msg_a4", usage=(1500, 250, 4000, 800, 800)),
+        transcript_line("s-a", "2026-05-01T10:05:00Z", "req_a5", "msg_a5")[:80]], newline_at_end=False)
+    write_transcript(folder, "s-old", [
+        transcript_line("s-old", "2025-01-10T08:00:00Z", "req_o1", "msg_o1", model="claude-sonnet-4-20250514",
+                        costUSD=0.0125, cwd="/home/dev/old"),
+        transcript_line("s-old", "2026-04-30T08:00:00Z", "req_o2", "msg_o2", model="claude-opus-4-5", costUSD=0.02)])
+    dry = ccmon_import(server, str(folder), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(0,)]
+    assert dry.stdout.startswith("ccmon import (dry run): 2 files read; 6 requests to import; 0 already known; ")
+    first = ccmon_import(server, str(folder))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [
+        "ccmon import: 2 files read; 6 requests imported; 0 already known; 3 skipped (1 not JSON, 1 synthetic, "
+        "1 truncated last line); 1 streaming duplicates counted once; 3 priced by ccmon (estimated); unknown models "
+        "counted at $0: gpt-unknown (1)"]
+    assert f"ccmon import: truncated last line: {folder / '-home-dev-proj' / 's-a.jsonl'}" in first.stderr
+    rows = db_rows(server.db, "SELECT session_id, request_id, model_name, input_tokens, output_tokens, "
+                              "cache_read_tokens, cache_creation_tokens, cost_nanos, origin, user_name FROM r "
+                              "ORDER BY ts")
+    assert rows == [
+        ("s-old", "req_o1", "claude-sonnet-4-20250514", 1500, 250, 4000, 800, 12_500_000, 3, ""),
+        ("s-old", "req_o2", "claude-opus-4-5", 1500, 250, 4000, 800, 20_000_000, 3, ""),
+        ("s-a", "req_a1", "claude-sonnet-4-5", 1500, 250, 4000, 800, 12_450_000, 2, ""),
+        ("s-a", "req_a2", "claude-haiku-4-5", 120, 30, 0, 0, 270_000, 2, ""),
+        ("s-a", "req_a3", "gpt-unknown", 10, 10, 0, 0, 0, 2, ""),
+        ("s-a", "req_a4", "claude-sonnet-4-5", 1500, 250, 4000, 800, 12_450_000 + 800 * 2250, 2, "")]
+    assert db_rows(server.db, "SELECT session_id, project FROM sessions ORDER BY session_id") == \
+        [("s-a", "/home/dev/proj"), ("s-old", "/home/dev/old")]
+    s = stats(server)
+    assert (s.total_requests, s.total_cost.amount) == (6, 0.05947)
+    sessions = {x.session_id: x for x in server.query().GetSessions(ccmon_pb2.GetSessionsRequest(
+        start_time=ts("2020-01-01T00:00:00Z"))).sessions}
+    assert (sessions["s-a"].source, sessions["s-old"].source) == ("transcript*", "transcript")
+    page = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(start_time=ts("2020-01-01T00:00:00Z")))
+    assert page.total_count == 6 and len(page.requests) == 6
+    again = ccmon_import(server, str(folder))
+    assert again.stdout.startswith("ccmon import: 2 files read; 0 requests imported; 6 already known; "), again.stdout
+    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(6,)]
+    # the rest of the truncated line arrives: only that request is new
+    with open(folder / "-home-dev-proj" / "s-a.jsonl", "a") as out:
+        out.write(transcript_line("s-a", "2026-05-01T10:05:00Z", "req_a5", "msg_a5")[80:] + "\n")
+    since = ccmon_import(server, str(folder), "--since", "2026-05-01")
+    assert since.stdout.startswith("ccmon import: 2 files read; 1 request imported; 4 already known; 2 skipped "
+                                   "(1 not JSON, 1 synthetic); 1 streaming duplicates counted once; 2 before "
+                                   "--since;"), since.stdout
+    report = subprocess.run([*CCMON, "report", "session", "--monitor-server", server.target, "--since",
+                             "2025-01-01", "--json"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert {r["session_id"]: r["source"] for r in json.loads(report.stdout)["rows"]} == \
+        {"s-a": "transcript*", "s-old": "transcript"}
+
+
+def test_a_request_seen_by_telemetry_and_in_a_transcript_is_counted_once(server, tmp_path):
+    """Telemetry first: the transcript's copy is already known. Import first: the api_request event that arrives
+    later replaces the estimate with Claude Code's own cost. The session keeps the user telemetry names."""
+    sdk_export(server.port, [("api_request", api_request(1, "2026-05-02T10:00:00.050Z", session="s-both",
+                                                         request_id="req_b1", cost_usd=0.0125,
+                                                         input_tokens=1500, output_tokens=250,
+                                                         cache_read_tokens=4000, cache_creation_tokens=800))])
+    folder = tmp_path / "projects"
+    write_transcript(folder, "s-both", [
+        transcript_line("s-both", "2026-05-02T10:00:00Z", "req_b1", "msg_b1"),
+        transcript_line("s-both", "2026-05-02T10:01:00Z", "req_b2", "msg_b2")])
+    result = ccmon_import(server, str(folder), "--user", "importer@example.com")
+    assert result.stdout.startswith("ccmon import: 1 file read; 1 request imported; 1 already known;"), result
+    rows = db_rows(server.db, "SELECT request_id, origin, cost_nanos, user_name FROM r ORDER BY ts")
+    assert rows == [("req_b1", 0, 12_500_000, "u" * 64), ("req_b2", 2, 12_450_000, "u" * 64)]
+    sdk_export(server.port, [("api_request", api_request(2, "2026-05-02T10:01:00.030Z", session="s-both",
+                                                         request_id="req_b2", cost_usd=0.013))])
+    rows = wait_until(lambda: [r for r in db_rows(server.db, "SELECT request_id, origin, cost_nanos FROM r "
+                                                             "ORDER BY ts") if r[1] == 0 and r[0] == "req_b2"],
+                      "the api_request event replacing the imported request", 30)
+    assert db_rows(server.db, "SELECT request_id, origin, cost_nanos FROM r ORDER BY ts") == \
+        [("req_b1", 0, 12_500_000), ("req_b2", 0, 13_000_000)]
+    s = stats(server, "2026-05-02T00:00:00Z", "2026-05-03T00:00:00Z")
+    assert (s.total_requests, s.total_cost.amount) == (2, 0.0255)
+    # a session the server never saw gets the importer's user (default: user.email of OTEL_RESOURCE_ATTRIBUTES)
+    write_transcript(folder, "s-new", [transcript_line("s-new", "2026-05-02T11:00:00Z", "req_n1", "msg_n1")])
+    ccmon_import(server, str(folder), env={"OTEL_RESOURCE_ATTRIBUTES": "team=x,user.email=ana%40example.com"})
+    assert db_rows(server.db, "SELECT user_name FROM r WHERE session_id = 's-new'") == [("ana@example.com",)]
+
+
+def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_path):
+    home = tmp_path / "home"
+    folder = home / ".claude" / "projects"
+    path = write_transcript(folder, "s-live", [transcript_line("s-live", "2026-05-03T10:00:00Z", "req_l1", "msg_l1")])
+    (path.parent / "not-a-file.jsonl").mkdir()  # unreadable: named once, though --follow looks every second
+    proc = subprocess.Popen([*CCMON, "import", "--follow", "--monitor-server", server.target], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HOME": str(home)})
+    try:
+        wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(1,)], "the first import", 30)
+        half = transcript_line("s-live", "2026-05-03T10:01:00Z", "req_l2", "msg_l2")
+        with open(path, "a") as out:  # Claude Code writing a line: first half, then the rest
+            out.write(half[:100])
+            out.flush()
+            time.sleep(1.5)
+            out.write(half[100:] + "\n" + user_line("s-live", "2026-05-03T10:01:01Z") + "\n")
+        write_transcript(folder, "s-new", [transcript_line("s-new", "2026-05-03T10:02:00Z", "req_l3", "msg_l3")])
+        wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(3,)], "the appended lines", 30)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out == "ccmon import: 3 files read; 3 requests imported; 0 already known; 1 skipped (1 unreadable file); " \
+                  "3 priced by ccmon (estimated)\n"
+    assert err == f"ccmon import: unreadable: {path.parent / 'not-a-file.jsonl'} (Is a directory)\n"
+    assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_l1",), ("req_l2",), ("req_l3",)]
+
+
+def test_import_into_a_server_with_a_token(tmp_path):
+    srv = ServerProcess(tmp_path, "--server-token", "t0ken").start()
+    try:
+        folder = tmp_path / "projects"
+        write_transcript(folder, "s-t", [transcript_line("s-t", "2026-05-04T10:00:00Z", "req_t1", "msg_t1")])
+        refused = ccmon_import(srv, str(folder))
+        assert refused.returncode == 1 and "token" in refused.stderr.lower(), refused.stderr
+        assert db_rows(srv.db, "SELECT COUNT(*) FROM requests") == [(0,)]
+        accepted = ccmon_import(srv, str(folder), env={"CCMON_TOKEN": "t0ken"})
+        assert accepted.returncode == 0 and "1 request imported" in accepted.stdout, accepted
+        missing = ccmon_import(srv, str(tmp_path / "nowhere"))
+        assert missing.returncode == 1 and "no Claude Code transcripts in" in missing.stderr
+    finally:
+        srv.stop()
+
+
+def test_claude_codes_own_transcripts_are_imported_exactly_and_once(server, claude_code, mock_anthropic, tmp_path):
+    """A real Claude Code, offline: two runs without telemetry (one with a tool call: two API calls), one with
+    Haiku, one with telemetry on. `ccmon import` of its HOME's transcripts stores each API call once, costed as
+    Claude Code costed it; the telemetry run's calls are already known; importing again adds nothing."""
+    api = mock_anthropic()
+    home, project = tmp_path / "home", tmp_path / "project"
+    runs = [("RUN_TOOL: print a word", "claude-sonnet-4-5", None, 2), ("say hello", "claude-sonnet-4-5", None, 1),
+            ("say hello with haiku", "claude-haiku-4-5", None, 1),
+            ("say hello with telemetry", "claude-sonnet-4-5", telemetry_env(server), 1)]
+    results = []
+    for prompt, model, env, calls in runs:
+        result = run_claude_print(claude_code, api.port, project, prompt, env, home=home, model=model)
+        assert round(result["total_cost_usd"] * 1e9) == calls * MOCK_USAGE[model][4]
+        results.append((result["session_id"], result["total_cost_usd"], model, calls))
+    telemetry_session = results[-1][0]
+    wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM r WHERE session_id = ?", (telemetry_session,))
+               == [(1,)], "the telemetry run's api_request", 30)
+    imported = ccmon_import(server, home=home)  # the default folder: ~/.claude/projects
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.startswith("ccmon import: 4 files read; 4 requests imported; 1 already known; "
+                                      "0 skipped;"), imported.stdout
+    for session, cost_usd, model, calls in results:
+        rows = db_rows(server.db, "SELECT model_name, input_tokens, output_tokens, cache_read_tokens, "
+                                  "cache_creation_tokens, cost_nanos, origin, request_id FROM r WHERE session_id = ? "
+                                  "ORDER BY ts", (session,))
+        i, o, cr, cc, nanos = MOCK_USAGE[model]
+        origin = 0 if session == telemetry_session else 2
+        assert [row[:7] for row in rows] == [(model, i, o, cr, cc, nanos, origin)] * calls, session
+        assert sum(row[5] for row in rows) == round(cost_usd * 1e9), "Claude Code's own cost"
+        assert sorted(row[7] for row in rows) == sorted(transcript_requests(claude_transcript(home, session)))
+    assert db_rows(server.db, "SELECT project FROM sessions WHERE session_id = ?", (results[0][0],)) == \
+        [(str(project.resolve()),)]
+    s = stats(server)
+    assert (s.total_requests, round(s.total_cost.amount * 1e9)) == (5, 4 * 12_450_000 + 270_000)
+    again = ccmon_import(server, home=home)
+    assert again.stdout.startswith("ccmon import: 4 files read; 0 requests imported; 5 already known;"), again.stdout
+    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(5,)]
+
+
+def test_bundled_prices_are_what_claude_code_charges(claude_code, mock_anthropic, tmp_path):
+    """One model of each price in Claude Code's catalog, run for real against the stand-in API: ccmon's price of the
+    transcript's usage equals Claude Code's own total_cost_usd, to the nano-dollar."""
+    api = mock_anthropic()
+    home, project = tmp_path / "home", tmp_path / "project"
+    for model in ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-3-5-haiku", "claude-haiku-5-5", "claude-sonnet-5",
+                  "claude-sonnet-5-5", "claude-opus-4-5", "claude-opus-5-5", "claude-fable-5", "claude-fable-5-1",
+                  "claude-fable-5-2"):
+        result = run_claude_print(claude_code, api.port, project, "say hello", home=home, model=model)
+        [entry] = [e for e in map(ccmon.transcript_entry, map(json.dumps, claude_transcript(home, result["session_id"])))
+                   if isinstance(e, ccmon.TranscriptEntry)]
+        assert entry.model == model
+        request, priced = ccmon.imported_request(entry, {})
+        assert priced and request.estimated and request.cost_nanos == round(result["total_cost_usd"] * 1e9), model
+
+
+def test_pricing_in_the_config_adds_and_overrides_models(server, tmp_path):
+    (tmp_path / "config.toml").write_text('[pricing]\n"my-model" = {input = 2, output = 8}\n'
+                                          '"claude-sonnet-4-5" = {input = 1, output = 1, cache_read = 1, '
+                                          'cache_write_5m = 1, cache_write_1h = 1}\n')
+    folder = tmp_path / "projects"
+    write_transcript(folder, "s-p", [
+        transcript_line("s-p", "2026-05-05T10:00:00Z", "req_p1", "msg_p1", model="my-model-20260101",
+                        usage=(1_000_000, 1_000_000, 1_000_000, 1_000_000)),
+        transcript_line("s-p", "2026-05-05T10:01:00Z", "req_p2", "msg_p2")])
+    result = ccmon_import(server, "--config", str(tmp_path / "config.toml"), str(folder))
+    assert result.returncode == 0 and "unknown" not in result.stdout, result
+    # my-model: $2 input + $8 output + $0.20 cache read (0.1 x input) + $2.50 cache write (1.25 x input)
+    assert db_rows(server.db, "SELECT request_id, cost_nanos FROM r ORDER BY ts") == \
+        [("req_p1", 12_700_000_000), ("req_p2", 6_550_000)]
+
+
+def test_import_progress_is_drawn_on_one_line():
+    class Counting:
+        def import_requests(self, rows, user, dry_run):
+            return len(rows), 0
+
+    shown = io.StringIO()
+    importer = ccmon.Importer(Counting(), ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None,
+                              False, shown)
+    importer.tally.files = 3
+    importer.add([transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}") for n in range(7)])
+    importer.show_progress(10)
+    importer.flush(wait=True)
+    importer.show_progress(done=True)
+    importer.sender.shutdown()
+    assert re.fullmatch(r"\r\x1b\[Kccmon import: \[######\.{14}\] 3/10 files, 7 entries, [0-9,]+/s\r\x1b\[K",
+                        shown.getvalue())
+    assert importer.tally.imported == 7
+
+
+def test_import_requests_rejects_what_is_not_a_request(server):
+    good = dict(session_id="s-x", timestamp_ms=ccmon.parse_iso_ms("2026-05-06T10:00:00Z"), model="claude-haiku-4-5",
+                input_tokens=120, output_tokens=30, cost_nanos=270_000, estimated=True, request_id="req_x1",
+                message_id="msg_x1")
+    for bad in ({"session_id": ""}, {"timestamp_ms": 0}, {"input_tokens": -1}, {"cost_nanos": -5}):
+        with pytest.raises(grpc.RpcError) as error:
+            server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(requests=[
+                ccmon_pb2.ImportedRequest(**good), ccmon_pb2.ImportedRequest(**{**good, **bad})]))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(0,)]  # all or nothing
+    answer = server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(
+        requests=[ccmon_pb2.ImportedRequest(**good)] * 2, user="importer"))
+    assert (answer.imported, answer.already_known) == (1, 1)
+    assert db_rows(server.db, "SELECT user_name, origin, cost_nanos FROM r") == [("importer", 2, 270_000)]
 
 
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
+
 # Claude Code itself (the npm package, a native binary) runs offline against shared/tools/mock_anthropic.py, a
 # stand-in Anthropic API: in `-p` mode with run_claude_print(), interactively in tmux with ClaudeTmux. Each test
 # gives it a fresh HOME under tmp_path. Notes on what it sends: shared/notes/claude-code-sources.md.
 
 CLAUDE_CODE_VERSION = "2.1.328"
+
+
 TEST_API_KEY = "sk-ant-api03-ccmon-tests-0123456789abcdefghijklmnop"
+
+
 TEST_OAUTH_TOKEN = "sk-ant-oat01-ccmon-tests-0123456789abcdefghijklmnop"  # a subscriber: status line rate_limits
+
+
 MOCK_REPLY = "Hello from the stand-in API."
+
+
 MOCK_REQUEST_ID = re.compile(r"req_011CV[0-9a-f]{20}")  # the mock's request-id header
+
+
 # The mock's usage per model family, and what Claude Code charges for it (its own cost_usd), in nano-dollars.
 MOCK_USAGE = {"claude-sonnet-4-5": (1500, 250, 4000, 800, 12_450_000),
               "claude-haiku-4-5": (120, 30, 0, 0, 270_000)}
@@ -5318,339 +5624,61 @@ def test_ccmon_statusline_in_a_real_claude_code(server, claude_code, mock_anthro
         [(str(tmp_path.resolve() / "project"),)]
 
 
-# ---------------------------------------------------------------- ccmon import: Claude Code's transcripts
+# ---------------------------------------------------------------- module structure
 
-SAMPLE_TRANSCRIPTS = "data/claude-code-2.1.328/transcripts"
+def top_level_uses_above_their_section(source: str) -> list[str]:
+    """Uses of a top-level name in a section above the one defining it (annotations aside)."""
+    import ast
+    banner = re.compile(r"^# -{8,} (.+)$")
+    starts = [number for number, line in enumerate(source.splitlines(), 1) if banner.match(line)]
 
+    def section(line: int) -> int:
+        return sum(1 for start in starts if start <= line)
 
-def transcript_line(session: str, when: str, request_id: str, message_id: str, model: str = "claude-sonnet-4-5",
-                    usage: tuple = (1500, 250, 4000, 800), cwd: str = "/home/dev/proj", **extra) -> str:
-    """An assistant line shaped as Claude Code writes it (compact JSON, usage as the API sent it)."""
-    i, o, cr, cc, *one_hour = usage
-    line = {"parentUuid": None, "isSidechain": False, "message": {
-        "id": message_id, "type": "message", "role": "assistant", "model": model,
-        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
-        "usage": {"input_tokens": i, "cache_creation_input_tokens": cc, "cache_read_input_tokens": cr,
-                  "output_tokens": o, "service_tier": "standard",
-                  "cache_creation": {"ephemeral_1h_input_tokens": one_hour[0] if one_hour else 0,
-                                     "ephemeral_5m_input_tokens": 0}}},
-        "requestId": request_id, "type": "assistant", "uuid": f"u-{message_id}", "timestamp": when, "cwd": cwd,
-        "sessionId": session, "version": "2.1.328", **extra}
-    return json.dumps(line, separators=(",", ":"))
+    tree = ast.parse(source)
+    defined: dict[str, int] = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            names = [target.name] if hasattr(target, "name") else \
+                [n.id for n in ast.walk(target) if isinstance(n, ast.Name)]
+            for name in names:
+                defined.setdefault(name, section(node.lineno))
 
+    class Uses(ast.NodeVisitor):
+        found: list[str] = []
 
-def user_line(session: str, when: str) -> str:
-    return json.dumps({"type": "user", "message": {"role": "user", "content": "hello"}, "timestamp": when,
-                       "sessionId": session, "cwd": "/home/dev/proj"}, separators=(",", ":"))
+        def visit_arg(self, node):  # parameter annotations are not uses
+            pass
 
+        def visit_FunctionDef(self, node):
+            for child in (*node.decorator_list, *node.args.defaults, *filter(None, node.args.kw_defaults), *node.body):
+                self.visit(child)
 
-def ccmon_import(srv: ServerProcess, *args: str, env: dict | None = None, home: Path | None = None,
-                 timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*CCMON, "import", "--monitor-server", srv.target, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=srv.workdir,
-                          env={**os.environ, "HOME": str(home or srv.workdir), **(env or {})})
+        def visit_AnnAssign(self, node):
+            if node.value is not None:
+                self.visit(node.value)
 
+        def visit_Name(self, node):
+            if isinstance(node.ctx, ast.Load) and defined.get(node.id, 0) > section(node.lineno):
+                self.found.append(f"line {node.lineno}: {node.id}")
 
-def test_claude_codes_prices_are_bundled_exactly():
-    """The notes' figures for the mock's usage (1,500 in / 250 out / 4,000 cache read / 800 cache write), as Claude
-    Code computes them; provider spellings of a model name; 1-hour cache writes; long prompts; unknown models."""
-    mock = (1500, 250, 4000, 800)
-    for model, nanos in (("claude-sonnet-4-5", 12_450_000), ("claude-sonnet-4-5-20250929", 12_450_000),
-                         ("claude-opus-4-5", 20_750_000), ("claude-opus-4-5-20251101", 20_750_000),
-                         ("claude-opus-5-5", 15_800_000), ("us.anthropic.claude-sonnet-4-5-20250929-v1:0", 12_450_000),
-                         ("claude-sonnet-4-5@20250929", 12_450_000), ("claude-sonnet-4-20250514", 12_450_000),
-                         ("claude-opus-4-1-20250805", 62_250_000)):
-        assert ccmon.cost_nanos(ccmon.price_of(model), *mock) == nanos, model
-    assert ccmon.cost_nanos(ccmon.price_of("claude-haiku-4-5-20251001"), 120, 30, 0, 0) == 270_000
-    # 300 of the 800 cache-write tokens for an hour: at $6 instead of $3.75 a million
-    assert ccmon.cost_nanos(ccmon.price_of("claude-sonnet-4-5"), *mock, 300) == 12_450_000 + 300 * 2250
-    assert ccmon.cost_nanos(ccmon.price_of("claude-sonnet-4-5"), *mock, inference_geo="us") == 13_695_000
-    haiku55 = ccmon.price_of("claude-haiku-5-5")  # prompts over 100,000 tokens cost five times as much
-    assert ccmon.cost_nanos(haiku55, 100_000, 0, 0, 0) == 10_000_000
-    assert ccmon.cost_nanos(haiku55, 100_001, 0, 0, 0) == 50_000_500
-    assert ccmon.price_of("gpt-4o") is None and ccmon.price_of("<synthetic>") is None
-    own = {"my-model": ccmon.Price(*(ccmon.decimal.Decimal(v) for v in ("1", "2", "0.1", "1.25", "2")))}
-    assert ccmon.cost_nanos(ccmon.price_of("my-model-20260101", own), 1_000_000, 1_000_000, 0, 0) == 3 * 10 ** 9
+    uses = Uses()
+    uses.found = []
+    uses.visit(tree)
+    return uses.found
 
 
-def test_transcript_lines_are_read_as_claude_code_writes_them():
-    sample = shared_dir() / SAMPLE_TRANSCRIPTS
-    [path] = sample.glob("*/*.jsonl")
-    found = [ccmon.transcript_entry(line) for line in path.read_text().splitlines()]
-    entries = [e for e in found if isinstance(e, ccmon.TranscriptEntry)]
-    assert [e for e in found if isinstance(e, str)] == []
-    assert [(e.request_id, e.message_id, e.model, e.input, e.output, e.cache_read, e.cache_creation, e.cache_1h,
-             e.project, e.cost_usd) for e in entries] == [
-        (r, m, "claude-sonnet-4-5", 1500, 250, 4000, 800, 0, "/home/dev/proj-alpha", None) for r, m in (
-            ("req_011CVc24a37712b284815b5cf", "msg_96079c6a38004c4d90f9ed2d"),
-            ("req_011CV9ec60954321e474e938a", "msg_ce12446355fc45f794d82929"),
-            ("req_011CVd016700b686246efb449", "msg_e148106fb4cc4856b39ba7cb"))]
-    assert entries[0].session_id == "c05b702a-6e79-483f-8620-85c0f585c90e"
-    assert entries[0].ts_ms == ccmon.parse_iso_ms("2026-11-27T05:30:37.457Z")
-    line = transcript_line("s", "2026-05-01T10:00:00Z", "req_1", "msg_1")
-    assert ccmon.transcript_entry(line[:-20]) == "not JSON"
-    assert ccmon.transcript_entry('{"type":"user"') == "not JSON"
-    assert ccmon.transcript_entry("garbage") == "not JSON"
-    assert ccmon.transcript_entry(user_line("s", "2026-05-01T10:00:00Z")) is None
-    assert ccmon.transcript_entry(transcript_line("s", "2026-05-01T10:00:00Z", "", "m", model="<synthetic>")) == \
-        "synthetic"
-    no_usage = json.loads(line)
-    del no_usage["message"]["usage"]
-    assert ccmon.transcript_entry(json.dumps(no_usage)) == "no usage"
-    assert ccmon.transcript_entry(transcript_line("s", "2026-05-01T10:00:00Z", "r", "m", costUSD=0.5)).cost_usd == \
-        "0.5"
+def test_sections_depend_only_on_sections_above():
+    source = (ROOT / "ccmon.py").read_text()
+    assert top_level_uses_above_their_section(source) == []
+    # the check itself finds an upward use
+    assert top_level_uses_above_their_section(
+        "# -------- A\ndef f():\n    return g()\n\n# -------- B\ndef g():\n    return 1\n") == ["line 3: g"]
 
 
-def write_transcript(folder: Path, session: str, lines: list[str], newline_at_end: bool = True) -> Path:
-    path = folder / "-home-dev-proj" / f"{session}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + ("\n" if newline_at_end else ""))
-    return path
-
-
-def test_import_counts_every_request_once_and_says_what_it_skipped(server, tmp_path):
-    """Streaming duplicates, a synthetic entry, an entry without usage, a line that is not JSON, a truncated last
-    line, an unknown model (cost 0, named), a transcript with costUSD (its own cost, not estimated), --since,
-    --dry-run, and a second import that finds everything known."""
-    folder = tmp_path / "projects"
-    answer = transcript_line("s-a", "2026-05-01T10:00:00.000Z", "req_a1", "msg_a1")
-    tool_use = transcript_line("s-a", "2026-05-01T10:00:00.100Z", "req_a1", "msg_a1")  # same answer, 2nd block
-    write_transcript(folder, "s-a", [
-        user_line("s-a", "2026-05-01T09:59:59Z"), answer, tool_use,
-        transcript_line("s-a", "2026-05-01T10:01:00Z", "req_a2", "msg_a2", model="claude-haiku-4-5",
-                        usage=(120, 30, 0, 0)),
-        transcript_line("s-a", "2026-05-01T10:02:00Z", "", "msg_syn", model="<synthetic>", usage=(0, 0, 0, 0)),
-        "this is not JSON",
-        transcript_line("s-a", "2026-05-01T10:03:00Z", "req_a3", "msg_a3", model="gpt-unknown", usage=(10, 10, 0, 0)),
-        transcript_line("s-a", "2026-05-01T10:04:00Z", "req_a4", "msg_a4", usage=(1500, 250, 4000, 800, 800)),
-        transcript_line("s-a", "2026-05-01T10:05:00Z", "req_a5", "msg_a5")[:80]], newline_at_end=False)
-    write_transcript(folder, "s-old", [
-        transcript_line("s-old", "2025-01-10T08:00:00Z", "req_o1", "msg_o1", model="claude-sonnet-4-20250514",
-                        costUSD=0.0125, cwd="/home/dev/old"),
-        transcript_line("s-old", "2026-04-30T08:00:00Z", "req_o2", "msg_o2", model="claude-opus-4-5", costUSD=0.02)])
-    dry = ccmon_import(server, str(folder), "--dry-run")
-    assert dry.returncode == 0, dry.stderr
-    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(0,)]
-    assert dry.stdout.startswith("ccmon import (dry run): 2 files read; 6 requests to import; 0 already known; ")
-    first = ccmon_import(server, str(folder))
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.splitlines() == [
-        "ccmon import: 2 files read; 6 requests imported; 0 already known; 3 skipped (1 not JSON, 1 synthetic, "
-        "1 truncated last line); 1 streaming duplicates counted once; 3 priced by ccmon (estimated); unknown models "
-        "counted at $0: gpt-unknown (1)"]
-    assert f"ccmon import: truncated last line: {folder / '-home-dev-proj' / 's-a.jsonl'}" in first.stderr
-    rows = db_rows(server.db, "SELECT session_id, request_id, model_name, input_tokens, output_tokens, "
-                              "cache_read_tokens, cache_creation_tokens, cost_nanos, origin, user_name FROM r "
-                              "ORDER BY ts")
-    assert rows == [
-        ("s-old", "req_o1", "claude-sonnet-4-20250514", 1500, 250, 4000, 800, 12_500_000, 3, ""),
-        ("s-old", "req_o2", "claude-opus-4-5", 1500, 250, 4000, 800, 20_000_000, 3, ""),
-        ("s-a", "req_a1", "claude-sonnet-4-5", 1500, 250, 4000, 800, 12_450_000, 2, ""),
-        ("s-a", "req_a2", "claude-haiku-4-5", 120, 30, 0, 0, 270_000, 2, ""),
-        ("s-a", "req_a3", "gpt-unknown", 10, 10, 0, 0, 0, 2, ""),
-        ("s-a", "req_a4", "claude-sonnet-4-5", 1500, 250, 4000, 800, 12_450_000 + 800 * 2250, 2, "")]
-    assert db_rows(server.db, "SELECT session_id, project FROM sessions ORDER BY session_id") == \
-        [("s-a", "/home/dev/proj"), ("s-old", "/home/dev/old")]
-    s = stats(server)
-    assert (s.total_requests, s.total_cost.amount) == (6, 0.05947)
-    sessions = {x.session_id: x for x in server.query().GetSessions(ccmon_pb2.GetSessionsRequest(
-        start_time=ts("2020-01-01T00:00:00Z"))).sessions}
-    assert (sessions["s-a"].source, sessions["s-old"].source) == ("transcript*", "transcript")
-    page = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(start_time=ts("2020-01-01T00:00:00Z")))
-    assert page.total_count == 6 and len(page.requests) == 6
-    again = ccmon_import(server, str(folder))
-    assert again.stdout.startswith("ccmon import: 2 files read; 0 requests imported; 6 already known; "), again.stdout
-    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(6,)]
-    # the rest of the truncated line arrives: only that request is new
-    with open(folder / "-home-dev-proj" / "s-a.jsonl", "a") as out:
-        out.write(transcript_line("s-a", "2026-05-01T10:05:00Z", "req_a5", "msg_a5")[80:] + "\n")
-    since = ccmon_import(server, str(folder), "--since", "2026-05-01")
-    assert since.stdout.startswith("ccmon import: 2 files read; 1 request imported; 4 already known; 2 skipped "
-                                   "(1 not JSON, 1 synthetic); 1 streaming duplicates counted once; 2 before "
-                                   "--since;"), since.stdout
-    report = subprocess.run([*CCMON, "report", "session", "--monitor-server", server.target, "--since",
-                             "2025-01-01", "--json"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert {r["session_id"]: r["source"] for r in json.loads(report.stdout)["rows"]} == \
-        {"s-a": "transcript*", "s-old": "transcript"}
-
-
-def test_a_request_seen_by_telemetry_and_in_a_transcript_is_counted_once(server, tmp_path):
-    """Telemetry first: the transcript's copy is already known. Import first: the api_request event that arrives
-    later replaces the estimate with Claude Code's own cost. The session keeps the user telemetry names."""
-    sdk_export(server.port, [("api_request", api_request(1, "2026-05-02T10:00:00.050Z", session="s-both",
-                                                         request_id="req_b1", cost_usd=0.0125,
-                                                         input_tokens=1500, output_tokens=250,
-                                                         cache_read_tokens=4000, cache_creation_tokens=800))])
-    folder = tmp_path / "projects"
-    write_transcript(folder, "s-both", [
-        transcript_line("s-both", "2026-05-02T10:00:00Z", "req_b1", "msg_b1"),
-        transcript_line("s-both", "2026-05-02T10:01:00Z", "req_b2", "msg_b2")])
-    result = ccmon_import(server, str(folder), "--user", "importer@example.com")
-    assert result.stdout.startswith("ccmon import: 1 file read; 1 request imported; 1 already known;"), result
-    rows = db_rows(server.db, "SELECT request_id, origin, cost_nanos, user_name FROM r ORDER BY ts")
-    assert rows == [("req_b1", 0, 12_500_000, "u" * 64), ("req_b2", 2, 12_450_000, "u" * 64)]
-    sdk_export(server.port, [("api_request", api_request(2, "2026-05-02T10:01:00.030Z", session="s-both",
-                                                         request_id="req_b2", cost_usd=0.013))])
-    rows = wait_until(lambda: [r for r in db_rows(server.db, "SELECT request_id, origin, cost_nanos FROM r "
-                                                             "ORDER BY ts") if r[1] == 0 and r[0] == "req_b2"],
-                      "the api_request event replacing the imported request", 30)
-    assert db_rows(server.db, "SELECT request_id, origin, cost_nanos FROM r ORDER BY ts") == \
-        [("req_b1", 0, 12_500_000), ("req_b2", 0, 13_000_000)]
-    s = stats(server, "2026-05-02T00:00:00Z", "2026-05-03T00:00:00Z")
-    assert (s.total_requests, s.total_cost.amount) == (2, 0.0255)
-    # a session the server never saw gets the importer's user (default: user.email of OTEL_RESOURCE_ATTRIBUTES)
-    write_transcript(folder, "s-new", [transcript_line("s-new", "2026-05-02T11:00:00Z", "req_n1", "msg_n1")])
-    ccmon_import(server, str(folder), env={"OTEL_RESOURCE_ATTRIBUTES": "team=x,user.email=ana%40example.com"})
-    assert db_rows(server.db, "SELECT user_name FROM r WHERE session_id = 's-new'") == [("ana@example.com",)]
-
-
-def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_path):
-    home = tmp_path / "home"
-    folder = home / ".claude" / "projects"
-    path = write_transcript(folder, "s-live", [transcript_line("s-live", "2026-05-03T10:00:00Z", "req_l1", "msg_l1")])
-    (path.parent / "not-a-file.jsonl").mkdir()  # unreadable: named once, though --follow looks every second
-    proc = subprocess.Popen([*CCMON, "import", "--follow", "--monitor-server", server.target], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HOME": str(home)})
-    try:
-        wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(1,)], "the first import", 30)
-        half = transcript_line("s-live", "2026-05-03T10:01:00Z", "req_l2", "msg_l2")
-        with open(path, "a") as out:  # Claude Code writing a line: first half, then the rest
-            out.write(half[:100])
-            out.flush()
-            time.sleep(1.5)
-            out.write(half[100:] + "\n" + user_line("s-live", "2026-05-03T10:01:01Z") + "\n")
-        write_transcript(folder, "s-new", [transcript_line("s-new", "2026-05-03T10:02:00Z", "req_l3", "msg_l3")])
-        wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(3,)], "the appended lines", 30)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    assert out == "ccmon import: 3 files read; 3 requests imported; 0 already known; 1 skipped (1 unreadable file); " \
-                  "3 priced by ccmon (estimated)\n"
-    assert err == f"ccmon import: unreadable: {path.parent / 'not-a-file.jsonl'} (Is a directory)\n"
-    assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_l1",), ("req_l2",), ("req_l3",)]
-
-
-def test_import_into_a_server_with_a_token(tmp_path):
-    srv = ServerProcess(tmp_path, "--server-token", "t0ken").start()
-    try:
-        folder = tmp_path / "projects"
-        write_transcript(folder, "s-t", [transcript_line("s-t", "2026-05-04T10:00:00Z", "req_t1", "msg_t1")])
-        refused = ccmon_import(srv, str(folder))
-        assert refused.returncode == 1 and "token" in refused.stderr.lower(), refused.stderr
-        assert db_rows(srv.db, "SELECT COUNT(*) FROM requests") == [(0,)]
-        accepted = ccmon_import(srv, str(folder), env={"CCMON_TOKEN": "t0ken"})
-        assert accepted.returncode == 0 and "1 request imported" in accepted.stdout, accepted
-        missing = ccmon_import(srv, str(tmp_path / "nowhere"))
-        assert missing.returncode == 1 and "no Claude Code transcripts in" in missing.stderr
-    finally:
-        srv.stop()
-
-
-def test_claude_codes_own_transcripts_are_imported_exactly_and_once(server, claude_code, mock_anthropic, tmp_path):
-    """A real Claude Code, offline: two runs without telemetry (one with a tool call: two API calls), one with
-    Haiku, one with telemetry on. `ccmon import` of its HOME's transcripts stores each API call once, costed as
-    Claude Code costed it; the telemetry run's calls are already known; importing again adds nothing."""
-    api = mock_anthropic()
-    home, project = tmp_path / "home", tmp_path / "project"
-    runs = [("RUN_TOOL: print a word", "claude-sonnet-4-5", None, 2), ("say hello", "claude-sonnet-4-5", None, 1),
-            ("say hello with haiku", "claude-haiku-4-5", None, 1),
-            ("say hello with telemetry", "claude-sonnet-4-5", telemetry_env(server), 1)]
-    results = []
-    for prompt, model, env, calls in runs:
-        result = run_claude_print(claude_code, api.port, project, prompt, env, home=home, model=model)
-        assert round(result["total_cost_usd"] * 1e9) == calls * MOCK_USAGE[model][4]
-        results.append((result["session_id"], result["total_cost_usd"], model, calls))
-    telemetry_session = results[-1][0]
-    wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM r WHERE session_id = ?", (telemetry_session,))
-               == [(1,)], "the telemetry run's api_request", 30)
-    imported = ccmon_import(server, home=home)  # the default folder: ~/.claude/projects
-    assert imported.returncode == 0, imported.stderr
-    assert imported.stdout.startswith("ccmon import: 4 files read; 4 requests imported; 1 already known; "
-                                      "0 skipped;"), imported.stdout
-    for session, cost_usd, model, calls in results:
-        rows = db_rows(server.db, "SELECT model_name, input_tokens, output_tokens, cache_read_tokens, "
-                                  "cache_creation_tokens, cost_nanos, origin, request_id FROM r WHERE session_id = ? "
-                                  "ORDER BY ts", (session,))
-        i, o, cr, cc, nanos = MOCK_USAGE[model]
-        origin = 0 if session == telemetry_session else 2
-        assert [row[:7] for row in rows] == [(model, i, o, cr, cc, nanos, origin)] * calls, session
-        assert sum(row[5] for row in rows) == round(cost_usd * 1e9), "Claude Code's own cost"
-        assert sorted(row[7] for row in rows) == sorted(transcript_requests(claude_transcript(home, session)))
-    assert db_rows(server.db, "SELECT project FROM sessions WHERE session_id = ?", (results[0][0],)) == \
-        [(str(project.resolve()),)]
-    s = stats(server)
-    assert (s.total_requests, round(s.total_cost.amount * 1e9)) == (5, 4 * 12_450_000 + 270_000)
-    again = ccmon_import(server, home=home)
-    assert again.stdout.startswith("ccmon import: 4 files read; 0 requests imported; 5 already known;"), again.stdout
-    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(5,)]
-
-
-def test_bundled_prices_are_what_claude_code_charges(claude_code, mock_anthropic, tmp_path):
-    """One model of each price in Claude Code's catalog, run for real against the stand-in API: ccmon's price of the
-    transcript's usage equals Claude Code's own total_cost_usd, to the nano-dollar."""
-    api = mock_anthropic()
-    home, project = tmp_path / "home", tmp_path / "project"
-    for model in ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-3-5-haiku", "claude-haiku-5-5", "claude-sonnet-5",
-                  "claude-sonnet-5-5", "claude-opus-4-5", "claude-opus-5-5", "claude-fable-5", "claude-fable-5-1",
-                  "claude-fable-5-2"):
-        result = run_claude_print(claude_code, api.port, project, "say hello", home=home, model=model)
-        [entry] = [e for e in map(ccmon.transcript_entry, map(json.dumps, claude_transcript(home, result["session_id"])))
-                   if isinstance(e, ccmon.TranscriptEntry)]
-        assert entry.model == model
-        request, priced = ccmon.imported_request(entry, {})
-        assert priced and request.estimated and request.cost_nanos == round(result["total_cost_usd"] * 1e9), model
-
-
-def test_pricing_in_the_config_adds_and_overrides_models(server, tmp_path):
-    (tmp_path / "config.toml").write_text('[pricing]\n"my-model" = {input = 2, output = 8}\n'
-                                          '"claude-sonnet-4-5" = {input = 1, output = 1, cache_read = 1, '
-                                          'cache_write_5m = 1, cache_write_1h = 1}\n')
-    folder = tmp_path / "projects"
-    write_transcript(folder, "s-p", [
-        transcript_line("s-p", "2026-05-05T10:00:00Z", "req_p1", "msg_p1", model="my-model-20260101",
-                        usage=(1_000_000, 1_000_000, 1_000_000, 1_000_000)),
-        transcript_line("s-p", "2026-05-05T10:01:00Z", "req_p2", "msg_p2")])
-    result = ccmon_import(server, "--config", str(tmp_path / "config.toml"), str(folder))
-    assert result.returncode == 0 and "unknown" not in result.stdout, result
-    # my-model: $2 input + $8 output + $0.20 cache read (0.1 x input) + $2.50 cache write (1.25 x input)
-    assert db_rows(server.db, "SELECT request_id, cost_nanos FROM r ORDER BY ts") == \
-        [("req_p1", 12_700_000_000), ("req_p2", 6_550_000)]
-
-
-def test_import_progress_is_drawn_on_one_line():
-    class Counting:
-        def import_requests(self, rows, user, dry_run):
-            return len(rows), 0
-
-    shown = io.StringIO()
-    importer = ccmon.Importer(Counting(), ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None,
-                              False, shown)
-    importer.tally.files = 3
-    importer.add([transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}") for n in range(7)])
-    importer.show_progress(10)
-    importer.flush(wait=True)
-    importer.show_progress(done=True)
-    importer.sender.shutdown()
-    assert re.fullmatch(r"\r\x1b\[Kccmon import: \[######\.{14}\] 3/10 files, 7 entries, [0-9,]+/s\r\x1b\[K",
-                        shown.getvalue())
-    assert importer.tally.imported == 7
-
-
-def test_import_requests_rejects_what_is_not_a_request(server):
-    good = dict(session_id="s-x", timestamp_ms=ccmon.parse_iso_ms("2026-05-06T10:00:00Z"), model="claude-haiku-4-5",
-                input_tokens=120, output_tokens=30, cost_nanos=270_000, estimated=True, request_id="req_x1",
-                message_id="msg_x1")
-    for bad in ({"session_id": ""}, {"timestamp_ms": 0}, {"input_tokens": -1}, {"cost_nanos": -5}):
-        with pytest.raises(grpc.RpcError) as error:
-            server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(requests=[
-                ccmon_pb2.ImportedRequest(**good), ccmon_pb2.ImportedRequest(**{**good, **bad})]))
-        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
-    assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(0,)]  # all or nothing
-    answer = server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(
-        requests=[ccmon_pb2.ImportedRequest(**good)] * 2, user="importer"))
-    assert (answer.imported, answer.already_known) == (1, 1)
-    assert db_rows(server.db, "SELECT user_name, origin, cost_nanos FROM r") == [("importer", 2, 270_000)]
+def test_module_docstring_lists_the_sections_in_order():
+    titles = re.findall(r"^# -{8,} (.+)$", (ROOT / "ccmon.py").read_text(), re.MULTILINE)
+    listed = [line.strip() for line in ccmon.__doc__.splitlines() if line.startswith("  ")]
+    assert listed == titles
