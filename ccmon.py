@@ -4663,7 +4663,7 @@ def table_cell(key: str, value: Any, wide: bool) -> str:
     if key == "session_id":
         return value[:8]
     if key == "user":
-        return short_user(value)
+        return short_user(value) or "-"  # a user no record named
     if key in ("first_request", "last_request", "block_start", "block_end"):
         return value[:16].replace("T", " ")
     return str(value)

@@ -2886,6 +2886,7 @@ def test_formatting():
     assert ccmon.short_model("claude-sonnet-4-5-20250929") == "claude-sonnet-4-5"
     assert [ccmon.short_user(name) for name in ("3f" * 32, "ana@example.com", "4b1a0c7e-uuid-like-but-not-hex-x", "")] \
         == ["3f3f3f3f3f~", "ana@example.com", "4b1a0c7e-uuid-like-but-not-hex-x", ""]
+    assert [ccmon.table_cell("user", name, False) for name in ("", "3f" * 32)] == ["-", "3f3f3f3f3f~"]
 
 
 def _settings(block_hour=5, limit=35_000):
