@@ -1968,11 +1968,10 @@ class Reader:
 
     def readings(self, user: str | None, since_ms: int, until_ms: int, limit: int = 1) -> list[LimitReading]:
         """Status line readings of `user`'s sessions (or everyone's), newest first."""
-        chosen = self._user_filter(user, "su.user")
+        chosen = self._of_user(user)
         if chosen is None:
             return []
-        where, params = chosen
-        of_user = f" AND lr.session IN (SELECT su.session FROM session_usage su WHERE 1{where})" if where else ""
+        of_user, params = chosen
         rows = self._reader().execute(
             f"SELECT s.session_id, lr.ts, lr.project, lr.model, lr.context_percent, lr.five_hour_percent, "
             f"lr.five_hour_resets, lr.seven_day_percent, lr.seven_day_resets, lr.spend_limit, lr.version "
@@ -6270,9 +6269,15 @@ def build_parser() -> CommandLine:
     return parser
 
 
+def command_parser(command: str, description: str) -> CommandLine:
+    """The parser of `ccmon COMMAND`: the config flags, a client's defaults (no server mode, quiet logging)."""
+    parser = CommandLine(prog=f"ccmon {command}", parents=[config_options()], description=description)
+    parser.set_defaults(server=None, log_level="warning")
+    return parser
+
+
 def build_report_parser() -> CommandLine:
-    parser = CommandLine(prog="ccmon report", parents=[config_options()],
-                         description="Usage reports from a ccmon server, as a table, JSON or CSV.")
+    parser = command_parser("report", "Usage reports from a ccmon server, as a table, JSON or CSV.")
     parser.add_argument("kind", choices=REPORT_KINDS)
     parser.add_argument("--since", metavar="YYYY-MM-DD", help="first day (in monitor.timezone)")
     parser.add_argument("--until", metavar="YYYY-MM-DD", help="last day, included (default: today)")
@@ -6284,27 +6289,23 @@ def build_report_parser() -> CommandLine:
     output.add_argument("--csv", action="store_true", help="CSV with a header row")
     parser.add_argument("--wide", action="store_true", help=f"tables: every column, ids and times in full "
                         f"(default: fit {REPORT_WIDTH} columns)")
-    parser.set_defaults(server=None, log_level="warning")
     return parser
 
 
 def build_status_line_parser() -> CommandLine:
-    parser = CommandLine(prog="ccmon statusline", parents=[config_options()],
-                         description="One status line for Claude Code from the JSON it writes on stdin: Claude's own "
-                                     "5-hour and weekly limits, this session's cost, today's; the reading is sent "
-                                     "to the server too.")
+    parser = command_parser("statusline", "One status line for Claude Code from the JSON it writes on stdin: "
+                            "Claude's own 5-hour and weekly limits, this session's cost, today's; the reading is "
+                            "sent to the server too.")
     parser.add_argument("-f", "--format", metavar="TEMPLATE", help=f"the line, with @{', @'.join(STATUS_VARIABLES)} "
                         "and the --format figures of ccmon; '|'-separated parts with nothing to show are left out "
                         f"(default: {DEFAULT_STATUS_LINE!r})".replace("%", "%%"))
-    parser.set_defaults(server=None, log_level="warning")
     return parser
 
 
 def build_import_parser() -> CommandLine:
-    parser = CommandLine(prog="ccmon import", parents=[config_options()],
-                         description="Import the API requests in Claude Code's transcripts (~/.claude/projects) "
-                                     "into the server: your history, every request once, costs as Claude Code's "
-                                     "(priced by ccmon's table when a transcript has none: estimated).")
+    parser = command_parser("import", "Import the API requests in Claude Code's transcripts (~/.claude/projects) "
+                            "into the server: your history, every request once, costs as Claude Code's (priced "
+                            "by ccmon's table when a transcript has none: estimated).")
     parser.add_argument("paths", nargs="*", metavar="PATH", help="transcript files or folders (default: "
                         "$CLAUDE_CONFIG_DIR/projects, else ~/.claude/projects and ~/.config/claude/projects)")
     parser.add_argument("--since", metavar="YYYY-MM-DD", help="only requests from this day on (monitor.timezone)")
@@ -6313,7 +6314,6 @@ def build_import_parser() -> CommandLine:
                         "writes them (until Ctrl-C)")
     parser.add_argument("--user", metavar="NAME", help=f"the user of sessions the server does not know (default: "
                         f"user.email in ${OTEL_RESOURCE_ENV}, else none)")
-    parser.set_defaults(server=None, log_level="warning")
     return parser
 
 
