@@ -41,6 +41,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing.connection
 import os
 import queue
 import re
@@ -67,9 +68,9 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc  # noqa: E402  (after GRPC_VERBOSITY, which it reads when imported)
 from google.protobuf import any_pb2, duration_pb2, json_format, timestamp_pb2
 from google.protobuf.message import DecodeError
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 import ccmon_pb2
 import ccmon_pb2_grpc
@@ -1225,10 +1226,22 @@ def count_imported_requests(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX requests_imported ON requests(session) WHERE origin >= 2")
 
 
+def find_request_ids_within_sessions(conn: sqlite3.Connection) -> None:
+    """Version 6: a request_id is looked up within its session (Claude Code logs a request's api_request event and
+    writes its transcript line under the same session id), and across sessions among imported rows only (a
+    transcript's copies in other sessions). With one index over every request_id, each new row wrote to a random
+    page of it: once the index outgrew the cache, that page write was most of an insert's cost. Now a new row goes
+    next to its session's other rows."""
+    conn.execute("DROP INDEX requests_request_id")
+    conn.execute("CREATE INDEX requests_session_request ON requests(session, request_id) WHERE request_id IS NOT NULL")
+    conn.execute("CREATE INDEX requests_imported_request ON requests(request_id) WHERE origin >= 2")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
-                                                          keep_limit_readings, count_imported_requests]
+                                                          keep_limit_readings, count_imported_requests,
+                                                          find_request_ids_within_sessions]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -1689,8 +1702,8 @@ class Writer:
     def import_requests(self, rows: list[tuple], projects: dict[str, str], user: str,
                         timeout: float = 60.0) -> tuple[int, int]:
         """Store requests read from transcripts (REQUEST_COLUMNS tuples, origin 2 or 3) durably; returns (imported,
-        already known). A row whose request_id is stored already (by telemetry or an earlier import) or whose key
-        is is skipped. A session the server knows keeps its user; others get `user`."""
+        already known). A row whose request_id is stored already (in its session, or by an earlier import in any) or
+        whose key is, is skipped. A session the server knows keeps its user; others get `user`."""
         future = self.submit(lambda conn: self._import(conn, rows, projects, user), timeout=10)
         try:
             return future.result(timeout=timeout)
@@ -1719,8 +1732,9 @@ class Writer:
         for row in resolved:
             row.append(row[request_id])
         sql = (f"INSERT OR IGNORE INTO requests ({', '.join(REQUEST_COLUMNS)}) SELECT "
-               f"{', '.join('?' * len(REQUEST_COLUMNS))} WHERE ?1 IS NULL OR NOT EXISTS "
-               "(SELECT 1 FROM requests WHERE request_id = ?1)").replace("?1", f"?{len(REQUEST_COLUMNS) + 1}")
+               f"{', '.join('?' * len(REQUEST_COLUMNS))} WHERE ?1 IS NULL OR NOT (EXISTS (SELECT 1 FROM requests WHERE "
+               "session = ?2 AND request_id = ?1) OR EXISTS (SELECT 1 FROM requests WHERE request_id = ?1 AND "
+               "origin >= 2))").replace("?1", f"?{len(REQUEST_COLUMNS) + 1}")  # ?2: the row's session
         imported = conn.executemany(sql, resolved).rowcount
         if imported:
             self._imported = True
@@ -2081,11 +2095,14 @@ class Reader:
         return found
 
     def known_requests(self, keys: list[tuple[int, str, int, str | None]]) -> int:
-        """How many of these (ts, session id, seq, request_id) keys are stored: by request_id, else by key."""
+        """How many of these (ts, session id, seq, request_id) keys are stored: by request_id (as Writer._import
+        finds it), else by key."""
         conn, known = self._reader(), 0
         for ts, session_id, seq, request_id in keys:
-            if request_id and conn.execute("SELECT 1 FROM requests WHERE request_id = ? LIMIT 1",
-                                           (request_id,)).fetchone():
+            if request_id and conn.execute(
+                    "SELECT EXISTS (SELECT 1 FROM requests WHERE request_id = ?1 AND origin >= 2) OR EXISTS (SELECT 1 "
+                    "FROM requests WHERE session = (SELECT id FROM sessions WHERE session_id = ?2) AND request_id = ?1)",
+                    (request_id, session_id)).fetchone()[0]:
                 known += 1
             elif conn.execute("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session WHERE r.ts = ? AND "
                               "s.session_id = ? AND r.seq = ?", (ts, session_id, seq)).fetchone():
@@ -2647,19 +2664,164 @@ class HeapTrimmer:
             self._libc.malloc_trim(0)
 
 
-class Receiver:
-    """OTLP ingestion shared by the gRPC and HTTP listeners: decode, store, answer; a big export is decoded and
-    stored a chunk at a time, so its rows never all exist at once. Raises StorageUnavailable when the data cannot
-    be stored now (the caller says "retry"); chunks stored before that are duplicates when the export comes again,
-    and ignored as such, but for records re-dated to the time received (see FUTURE_TOLERANCE_MS)."""
+class BadExport(Exception):
+    """An export that is not a valid OTLP protobuf message: refused whole (INVALID_ARGUMENT, HTTP 400)."""
 
-    def __init__(self, store: Writer):
-        self.store, self.logs_ingest, self.heap = store, LogsIngest(), HeapTrimmer()
 
-    def logs(self, request) -> logs_service_pb2.ExportLogsServiceResponse:
-        rejected, requests, new = Rejections("log records"), 0, 0
+EXPORT_MESSAGES = {"logs": logs_service_pb2.ExportLogsServiceRequest,
+                   "metrics": metrics_service_pb2.ExportMetricsServiceRequest}
+EXPORT_ITEMS = {"logs": "log records", "metrics": "data points"}  # what Rejections counts
+DECODERS = min(4, os.cpu_count() or 1)
+BIG_EXPORT_BYTES = 1024 ** 2  # after decoding one this big, a decoder gives its memory back
+
+
+def export_batches(kind: str, data: bytes, rejected: Rejections, ingest: LogsIngest) -> Iterator[Batch]:
+    """The rows of a serialized export of `kind` (logs, metrics), WRITE_CHUNK_ROWS at a time."""
+    try:
+        request = EXPORT_MESSAGES[kind].FromString(data)
+    except DecodeError as exc:
+        raise BadExport(f"not valid OTLP protobuf: {str(exc)[:200]}") from None
+    if kind == "logs":
+        yield from ingest.decode(request, rejected)
+    else:
+        projects: dict[str, str] = {}
+        for rows in metric_rows(request, rejected, ingest.sources, projects):
+            yield Batch(metrics=rows, projects=projects)
+
+
+def decoder_loop(conn) -> None:
+    """A decoder process: (kind, serialized export) in; its batches out as (batch, None), the last one as (batch or
+    None, its Rejections) or (None, BadExport). It ends when the server closes the pipe."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)  # a Ctrl-C or a stop meant for the server: it ends us by closing the pipe
+    libc, ingest = glibc_or_none(), LogsIngest()
+    while True:
         try:
-            for batch in self.logs_ingest.decode(request, rejected):
+            kind, data = conn.recv()
+        except (EOFError, OSError):
+            return
+        rejected, pending = Rejections(EXPORT_ITEMS[kind]), None
+        try:
+            for batch in export_batches(kind, data, rejected, ingest):
+                if pending is not None:
+                    conn.send((pending, None))
+                pending = batch
+            conn.send((pending, rejected))
+        except BadExport as exc:
+            conn.send((None, exc))
+        if libc and len(data) >= BIG_EXPORT_BYTES:
+            data = pending = None
+            libc.malloc_trim(0)
+
+
+class Decoders:
+    """Decoding, most of ingestion's work, runs in processes of its own (DECODERS, one per core), so that it uses
+    every core and leaves the server's interpreter to the writer and the queries. They are forked at start,
+    before any thread exists. An export whose decoder dies is decoded in the server, as every export is once no
+    decoder is left (decoding again from the start: the rows already stored are duplicates, ignored as such)."""
+
+    def __init__(self, count: int = DECODERS):
+        self.ingest = LogsIngest()  # for decoding in the server
+        self._idle: queue.Queue = queue.Queue()
+        self._alive = 0
+        ends = []
+        for _ in range(count):
+            parent, child = multiprocessing.connection.Pipe()
+            pid = os.fork()
+            if pid == 0:
+                for end in (parent, *ends):  # only the server may hold a decoder's end: closing it ends the decoder
+                    end.close()
+                decoder_loop(child)
+                os._exit(0)
+            child.close()
+            ends.append(parent)
+            self._idle.put((pid, parent))
+            self._alive += 1
+
+    def batches(self, kind: str, data: bytes, rejected: Rejections) -> Iterator[Batch]:
+        """The export's batches, decoded by an idle decoder (or here); `rejected` is filled in by the end."""
+        decoder = self._checkout()
+        if decoder is not None:
+            try:
+                yield from self._from_decoder(decoder, kind, data, rejected)
+                return
+            except (EOFError, OSError):
+                self._lost(decoder)
+        yield from export_batches(kind, data, rejected, self.ingest)
+
+    def _from_decoder(self, decoder: tuple, kind: str, data: bytes, rejected: Rejections) -> Iterator[Batch]:
+        conn, done = decoder[1], False
+        try:
+            conn.send((kind, data))
+            while not done:
+                batch, last = conn.recv()
+                if last is not None:
+                    done = True
+                    self._idle.put(decoder)  # free for the next export while this batch is written
+                    if isinstance(last, BadExport):
+                        raise last
+                    vars(rejected).update(vars(last))
+                if batch is not None:
+                    yield batch
+        finally:
+            try:
+                while not done:  # the caller stopped early (the store failed): read the rest, so the pipe is clean
+                    done = conn.recv()[1] is not None
+                    if done:
+                        self._idle.put(decoder)
+            except (EOFError, OSError):
+                self._lost(decoder)
+
+    def _checkout(self) -> tuple | None:
+        while self._alive:
+            try:
+                return self._idle.get(timeout=0.5)
+            except queue.Empty:
+                continue  # all busy; or the last ones died meanwhile
+        return None
+
+    def _lost(self, decoder: tuple) -> None:
+        pid, conn = decoder
+        conn.close()
+        self._alive -= 1
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # a decoder whose pipe failed is of no more use
+        _, status = os.waitpid(pid, 0)
+        log.error("a decoder process (pid %d) ended (%s); %s", pid, describe_exit(status),
+                  f"{self._alive} left" if self._alive else "exports are decoded in the server from now on")
+
+    def close(self) -> None:
+        """End the decoders: each ends when its pipe closes."""
+        while True:
+            try:
+                pid, conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            conn.close()
+            os.waitpid(pid, 0)
+
+
+def describe_exit(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"
+
+
+class Receiver:
+    """OTLP ingestion shared by the gRPC and HTTP listeners: decode (see Decoders), store, answer; a big export is
+    decoded and stored a chunk at a time, so its rows never all exist at once. Raises BadExport for a message that
+    is not OTLP, StorageUnavailable when the data cannot be stored now (the caller says "retry"); chunks stored
+    before that are duplicates when the export comes again, and ignored as such, but for records re-dated to the
+    time received (see FUTURE_TOLERANCE_MS)."""
+
+    def __init__(self, store: Writer, decoders: Decoders | None = None):
+        self.store, self.decoders, self.heap = store, decoders or Decoders(0), HeapTrimmer()
+
+    def logs(self, data: bytes) -> logs_service_pb2.ExportLogsServiceResponse:
+        """Store a serialized ExportLogsServiceRequest."""
+        rejected, requests, new = Rejections(EXPORT_ITEMS["logs"]), 0, 0
+        try:
+            for batch in self.decoders.batches("logs", data, rejected):
                 requests += len(batch.requests)
                 new += self.store.write(batch)
         finally:
@@ -2668,17 +2830,18 @@ class Receiver:
                  rejected.total, requests, new, rejected.count)
         return rejected.answer(logs_service_pb2.ExportLogsServiceResponse(), "rejected_log_records")
 
-    def metrics(self, request) -> metrics_service_pb2.ExportMetricsServiceResponse:
-        rejected, new, projects = Rejections("data points"), 0, {}
+    def metrics(self, data: bytes) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        """Store a serialized ExportMetricsServiceRequest."""
+        rejected, new = Rejections(EXPORT_ITEMS["metrics"]), 0
         try:
-            for rows in metric_rows(request, rejected, self.logs_ingest.sources, projects):
-                new += self.store.write(Batch(metrics=rows, projects=projects))
+            for batch in self.decoders.batches("metrics", data, rejected):
+                new += self.store.write(batch)
         finally:
             self.heap.after_export()
         log.info("metrics: %d data points, %d new, %d rejected", rejected.total, new, rejected.count)
         return rejected.answer(metrics_service_pb2.ExportMetricsServiceResponse(), "rejected_data_points")
 
-    def traces(self, request) -> trace_service_pb2.ExportTraceServiceResponse:
+    def traces(self, data: bytes) -> trace_service_pb2.ExportTraceServiceResponse:
         """Accepted so exporters configured for traces do not error; ccmon has no use for spans."""
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -2692,37 +2855,26 @@ def unavailable_status(exc: StorageUnavailable) -> ccmon_pb2.RpcStatus:
         details=[any_pb2.Any(type_url="type.googleapis.com/google.rpc.RetryInfo", value=retry.SerializeToString())])
 
 
-def grpc_export(handler: Callable):
-    """A gRPC Export method over a Receiver method."""
-    def export(self, request, context):
-        try:
-            return handler(self.receiver, request)
-        except StorageUnavailable as exc:
-            status = unavailable_status(exc)
-            context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
-            context.abort(grpc.StatusCode.UNAVAILABLE, status.message)
-    return export
+OTLP_SERVICES = {"opentelemetry.proto.collector.logs.v1.LogsService": Receiver.logs,
+                 "opentelemetry.proto.collector.metrics.v1.MetricsService": Receiver.metrics,
+                 "opentelemetry.proto.collector.trace.v1.TraceService": Receiver.traces}
 
 
-class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
-    def __init__(self, receiver: Receiver):
-        self.receiver = receiver
-
-    Export = grpc_export(Receiver.logs)
-
-
-class MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
-    def __init__(self, receiver: Receiver):
-        self.receiver = receiver
-
-    Export = grpc_export(Receiver.metrics)
-
-
-class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, receiver: Receiver):
-        self.receiver = receiver
-
-    Export = grpc_export(Receiver.traces)
+def otlp_grpc_handlers(receiver: Receiver) -> list[grpc.GenericRpcHandler]:
+    """The OTLP Export methods over gRPC. Each takes its request as bytes: the decoders parse it (see Decoders)."""
+    def method(handler: Callable) -> grpc.RpcMethodHandler:
+        def export(data: bytes, context):
+            try:
+                return handler(receiver, data)
+            except BadExport as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except StorageUnavailable as exc:
+                status = unavailable_status(exc)
+                context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+                context.abort(grpc.StatusCode.UNAVAILABLE, status.message)
+        return grpc.unary_unary_rpc_method_handler(export, response_serializer=lambda answer: answer.SerializeToString())
+    return [grpc.method_handlers_generic_handler(service, {"Export": method(handler)})
+            for service, handler in OTLP_SERVICES.items()]
 
 
 # ---------------------------------------------------------------- Wire: ccmon.v1 messages to and from domain values
@@ -3176,24 +3328,23 @@ def hex_ids_to_base64(node: Any) -> Any:
     return node
 
 
-def decode_export(body: bytes, content_type: str, message_type):
+def protobuf_body(body: bytes, content_type: str, message_type) -> bytes:
+    """The export as serialized protobuf, which the decoders take: an OTLP/JSON body is converted here."""
+    if content_type != JSON:
+        return body
     message = message_type()
     try:
-        if content_type == JSON:
-            document = json.loads(body)
-            if not isinstance(document, dict):
-                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT,
-                                  "body is not valid OTLP/JSON: the top level is not an object")
-            json_format.ParseDict(hex_ids_to_base64(document), message, ignore_unknown_fields=True)
-        else:
-            message.ParseFromString(body)
+        document = json.loads(body)
+        if not isinstance(document, dict):
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT,
+                              "body is not valid OTLP/JSON: the top level is not an object")
+        json_format.ParseDict(hex_ids_to_base64(document), message, ignore_unknown_fields=True)
     except HTTPFailure:
         raise
     except (ValueError, RecursionError, json_format.ParseError, DecodeError) as exc:
-        kind = "OTLP/JSON" if content_type == JSON else "OTLP protobuf"
-        raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"body is not valid {kind}: "
+        raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"body is not valid OTLP/JSON: "
                           f"{str(exc)[:200]}") from None
-    return message
+    return message.SerializeToString()
 
 
 class HTTPConnections:
@@ -3343,7 +3494,9 @@ class OTLPHandler(BaseHTTPRequestHandler):
                 body = inflate(body, self.server.max_bytes)
             message_type, handler = route
             try:
-                response = handler(self.server.receiver, decode_export(body, content_type, message_type))
+                response = handler(self.server.receiver, protobuf_body(body, content_type, message_type))
+            except BadExport as exc:
+                raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"body is {exc}") from None
             except StorageUnavailable as exc:
                 status = unavailable_status(exc)
                 raise HTTPFailure(503, grpc.StatusCode.UNAVAILABLE, status.message,
@@ -3567,9 +3720,7 @@ def start_grpc_server(config: Config, receiver: Receiver, reader: Reader) -> tup
         interceptors=[TokenAuth(config.server_token)] if config.server_token else [],
         options=[("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
                  ("grpc.max_receive_message_length", config.max_message_bytes)])
-    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(LogsService(receiver), server)
-    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsService(receiver), server)
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(receiver), server)
+    server.add_generic_rpc_handlers(otlp_grpc_handlers(receiver))
     ccmon_pb2_grpc.add_QueryServiceServicer_to_server(QueryService(reader, now_ms(), receiver.store), server)
     tls = config.server_tls
     try:
@@ -3633,9 +3784,10 @@ def retention_loop(store: Writer, retention_s: int, stop: threading.Event) -> No
             return
 
 
-def start_listeners(config: Config, store: Writer) -> tuple[grpc.Server, int, OTLPHTTPServer | None, int]:
+def start_listeners(config: Config, store: Writer,
+                    decoders: Decoders) -> tuple[grpc.Server, int, OTLPHTTPServer | None, int]:
     """Both listeners started, or neither (a ServerError in one line)."""
-    receiver = Receiver(store)
+    receiver = Receiver(store, decoders)
     server = None
     try:
         server, port = start_grpc_server(config, receiver, Reader(config.database_path))
@@ -3679,15 +3831,18 @@ def run_server(config: Config) -> int:
     # The writer needs the GIL for every row it binds while decoding threads are busy; a short switch
     # interval keeps it from waiting up to 5 ms each time (measured: ingestion 19k -> see BENCHMARKS.md).
     sys.setswitchinterval(0.0005)
+    decoders = Decoders()  # first: they are forked, which must happen before any thread starts
     try:
         store = Writer(config.database_path)
     except StorageError as exc:
+        decoders.close()
         raise ServerError(str(exc)) from None
     try:
-        server, port, httpd, http_port = start_listeners(config, store)
+        server, port, httpd, http_port = start_listeners(config, store, decoders)
     except ServerError:
         store.close()
         store.remove_if_new()
+        decoders.close()
         raise
     log_start(config, port, http_port)
     stop = threading.Event()
@@ -3708,6 +3863,7 @@ def run_server(config: Config) -> int:
         httpd.server_close()
     stopped.wait(max(0.0, deadline - time.monotonic() - 2))
     store.close(drain_s=max(0.5, deadline - time.monotonic()))
+    decoders.close()
     log.info("stopped; database closed")
     return 0
 

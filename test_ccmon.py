@@ -930,8 +930,8 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         assert users["u" * 64]["stats"]["totalCost"] == {"amount": 0.143075}
         assert sorted(users) == sorted({u["user"] for u in old["users"]["users"]} | {"cy@example.com"})
         assert db_rows(db, "PRAGMA user_version") == [(ccmon.SCHEMA_VERSION,)]
-        assert db_rows(db, "SELECT name FROM sqlite_master WHERE name = 'requests_request_id'") == \
-            [("requests_request_id",)]
+        assert db_rows(db, "SELECT name FROM sqlite_master WHERE name LIKE 'requests_%request%' ORDER BY 1") == \
+            [("requests_imported_request",), ("requests_session_request",)]
         with sqlite3.connect(backup) as copy:  # the backup is the old database, whole
             assert copy.execute("PRAGMA user_version").fetchone() == (1,)
             assert copy.execute("SELECT COUNT(*), SUM(cost_nanos) FROM requests").fetchone() == \
