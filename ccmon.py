@@ -430,8 +430,13 @@ def token_limit(plan: str, max_tokens: int | str) -> int | None:
     return (max_tokens if isinstance(max_tokens, int) else 0) or PLAN_TOKEN_LIMITS.get(plan)
 
 
-RECENT_RATE_MS = 20 * 60_000   # projections use the last 20 minutes' pace, not the whole block's
 LEARN_FROM_MS = 30 * DAY_MS     # a learned limit looks at the blocks of the last 30 days
+
+
+def recent_pace_start(now_ms: int) -> int:
+    """Projections use the recent pace, not the whole block's: since the start of the previous quarter hour (15 to
+    30 minutes), whole quarter hours, which the rollups answer without reading rows."""
+    return now_ms - now_ms % BUCKET_MS - BUCKET_MS
 
 
 READING_HORIZON_MS = 45 * DAY_MS  # Claude's windows reset within days (a gateway's spend limit within a month)
@@ -1943,15 +1948,31 @@ class Reader:
                   f"SELECT {by}, {RAW_SUMS} FROM requests WHERE ts >= ? AND ts < ?{where} GROUP BY {by}"]
         totals: dict[tuple, Usage] = {}
         conn = self._reader()
-        parts = period_parts(start_ms, end_ms, (DAY_MS, BUCKET_MS)) if project is None else \
-            [(2, start_ms, end_ms)] * (start_ms < end_ms)  # raw rows only
-        for level, lo, hi in parts:
-            for row in conn.execute(levels[level], (lo, hi, *extra)):
-                key = tuple(row[:len(keys)])
-                totals[key] = totals.get(key, Usage()) + Usage(*row[len(keys):])
+        conn.execute("BEGIN")  # one snapshot: a rollup and the raw rows it stands for agree
+        try:
+            parts = [self._whole_bucket(conn, *part) for part in period_parts(start_ms, end_ms, (DAY_MS, BUCKET_MS))] \
+                if project is None else [(2, start_ms, end_ms)] * (start_ms < end_ms)  # raw rows only
+            for level, lo, hi in parts:
+                for row in conn.execute(levels[level], (lo, hi, *extra)):
+                    key = tuple(row[:len(keys)])
+                    totals[key] = totals.get(key, Usage()) + Usage(*row[len(keys):])
+        finally:
+            conn.execute("COMMIT")
         names = {column: self._names(column + "s") for column in keys}
         named = {tuple(names[c][k] for c, k in zip(keys, key)): u for key, u in totals.items() if u != Usage()}
         return {key[0] if len(keys) == 1 else key: u for key, u in named.items()}
+
+    @staticmethod
+    def _whole_bucket(conn: sqlite3.Connection, level: int, lo: int, hi: int) -> tuple[int, int, int]:
+        """A raw-rows part of a period (inside one quarter hour, see period_parts) as that quarter hour's rollup when
+        no row of the quarter hour lies outside the part, as for a period ending now: the rollup is then exact, and
+        one row instead of every row so far (thousands at full ingestion)."""
+        if level != 2:
+            return level, lo, hi
+        bucket = lo - lo % BUCKET_MS
+        outside = conn.execute("SELECT EXISTS (SELECT 1 FROM requests WHERE ts >= ? AND ts < ?) OR EXISTS (SELECT 1 "
+                               "FROM requests WHERE ts >= ? AND ts < ?)", (bucket, lo, hi, bucket + BUCKET_MS))
+        return (2, lo, hi) if outside.fetchone()[0] else (1, bucket, bucket + BUCKET_MS)
 
     def _names(self, table: str) -> dict[int, str]:
         return dict(self._reader().execute(f"SELECT id, {'session_id' if table == 'sessions' else 'name'} "
@@ -2672,6 +2693,9 @@ EXPORT_MESSAGES = {"logs": logs_service_pb2.ExportLogsServiceRequest,
                    "metrics": metrics_service_pb2.ExportMetricsServiceRequest}
 EXPORT_ITEMS = {"logs": "log records", "metrics": "data points"}  # what Rejections counts
 DECODERS = min(4, os.cpu_count() or 1)
+# Decoding yields the CPU to the server's own threads: the writer, and the queries, which stay quick while
+# exporters keep every core busy (a monitor refresh, p95 at 1M requests: 178 ms at the same priority, see BENCHMARKS.md).
+DECODER_NICENESS = 10
 BIG_EXPORT_BYTES = 1024 ** 2  # after decoding one this big, a decoder gives its memory back
 
 
@@ -2694,6 +2718,7 @@ def decoder_loop(conn) -> None:
     None, its Rejections) or (None, BadExport). It ends when the server closes the pipe."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # a Ctrl-C or a stop meant for the server: it ends us by closing the pipe
+    os.nice(DECODER_NICENESS)
     libc, ingest = glibc_or_none(), LogsIngest()
     while True:
         try:
@@ -3935,7 +3960,7 @@ class LimitFigures:
     by Claude's own readings."""
     window: tuple[int, int] | None          # the current block, None between automatic blocks
     block: Split                            # usage in it so far
-    recent_rate: float                      # premium limited tokens per minute over the last 20 minutes
+    recent_rate: float                      # premium limited tokens per minute since recent_pace_start
     limit: int | None                       # the block limit in force (configured, plan, learned or calibrated)
     learned_from: int | None                # blocks the limit was learned from; None when not learned
     weekly: tuple[tuple[str, Usage], ...]   # the week (Claude's when read, else the rolling 7 days), per family
@@ -4212,8 +4237,9 @@ class Client:
         if query.track_week or seven:
             for model, usage in self.models(weekly_window[0] if weekly_window else now - 7 * DAY_MS, now, user):
                 weekly[model_family(model)] = weekly.get(model_family(model), Usage()) + usage
+        recent = recent_pace_start(now)
         return LimitFigures(window, self.stats(window[0], now, user) if window else Split(),
-                            self.stats(now - RECENT_RATE_MS, now, user).premium.limited / (RECENT_RATE_MS / 60_000),
+                            self.stats(recent, now, user).premium.limited / ((now - recent) / 60_000),
                             limit, learned_from, tuple(sorted(weekly.items())), claude, calibrated_from, weekly_window,
                             from_claude)
 
@@ -5259,7 +5285,7 @@ PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w":
            "m": ("last 30 days", 30 * 86400_000), "a": ("all time", None), "b": ("current block", None)}
 MIN_SIZE = (40, 12)
 HINT_ROOM = 10  # table rows a screen keeps before it spares one for a hint: hints never push data off
-PAGE_FETCH = 1000  # request rows fetched per refresh, around the scroll position: enough for any screen
+PAGE_FETCH = 300  # request rows fetched per refresh, around the scroll position: enough for a screen 225 rows tall
 
 
 @dataclasses.dataclass(frozen=True)
