@@ -1964,12 +1964,12 @@ class Reader:
 
     @staticmethod
     def _whole_bucket(conn: sqlite3.Connection, level: int, lo: int, hi: int) -> tuple[int, int, int]:
-        """A raw-rows part of a period (inside one quarter hour, see period_parts) as that quarter hour's rollup when
+        """A raw-rows part of a period (see period_parts) inside one quarter hour as that quarter hour's rollup when
         no row of the quarter hour lies outside the part, as for a period ending now: the rollup is then exact, and
         one row instead of every row so far (thousands at full ingestion)."""
-        if level != 2:
-            return level, lo, hi
         bucket = lo - lo % BUCKET_MS
+        if level != 2 or hi > bucket + BUCKET_MS:
+            return level, lo, hi
         outside = conn.execute("SELECT EXISTS (SELECT 1 FROM requests WHERE ts >= ? AND ts < ?) OR EXISTS (SELECT 1 "
                                "FROM requests WHERE ts >= ? AND ts < ?)", (bucket, lo, hi, bucket + BUCKET_MS))
         return (2, lo, hi) if outside.fetchone()[0] else (1, bucket, bucket + BUCKET_MS)
@@ -2776,26 +2776,32 @@ class Decoders:
 
     def _from_decoder(self, decoder: tuple, kind: str, data: bytes, rejected: Rejections) -> Iterator[Batch]:
         conn, done = decoder[1], False
-        try:
-            conn.send((kind, data))
-            while not done:
-                batch, last = conn.recv()
-                if last is not None:
-                    done = True
-                    self._idle.put(decoder)  # free for the next export while this batch is written
-                    if isinstance(last, BadExport):
-                        raise last
-                    vars(rejected).update(vars(last))
-                if batch is not None:
+        conn.send((kind, data))
+        while not done:
+            batch, last = conn.recv()
+            if last is not None:
+                done = True
+                self._idle.put(decoder)  # free for the next export while this batch is written
+                if isinstance(last, BadExport):
+                    raise last
+                vars(rejected).update(vars(last))
+            if batch is not None:
+                try:
                     yield batch
-        finally:
-            try:
-                while not done:  # the caller stopped early (the store failed): read the rest, so the pipe is clean
-                    done = conn.recv()[1] is not None
-                    if done:
-                        self._idle.put(decoder)
-            except (EOFError, OSError):
-                self._lost(decoder)
+                except GeneratorExit:  # the caller stopped early (the store failed)
+                    if not done:
+                        self._drain(decoder)
+                    raise
+
+    def _drain(self, decoder: tuple) -> None:
+        """Read the rest of an export's batches, so that the decoder's next answer is to the next export."""
+        try:
+            while decoder[1].recv()[1] is None:
+                continue
+        except (EOFError, OSError):
+            self._lost(decoder)
+        else:
+            self._idle.put(decoder)
 
     def _checkout(self) -> tuple | None:
         while self._alive:
@@ -2811,8 +2817,7 @@ class Decoders:
         self._alive -= 1
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # a decoder whose pipe failed is of no more use
-        _, status = os.waitpid(pid, 0)
-        log.error("a decoder process (pid %d) ended (%s); %s", pid, describe_exit(status),
+        log.error("a decoder process (pid %d) ended (%s); %s", pid, reap(pid),
                   f"{self._alive} left" if self._alive else "exports are decoded in the server from now on")
 
     def close(self) -> None:
@@ -2823,10 +2828,15 @@ class Decoders:
             except queue.Empty:
                 return
             conn.close()
-            os.waitpid(pid, 0)
+            reap(pid)
 
 
-def describe_exit(status: int) -> str:
+def reap(pid: int) -> str:
+    """Wait for a child process to end; how it ended."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return "reaped elsewhere"  # SIGCHLD ignored by whoever started us: the kernel reaps children
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit status {os.waitstatus_to_exitcode(status)}"

@@ -679,6 +679,64 @@ def test_restart_keeps_data_and_sigterm_is_graceful(tmp_path):
         srv.stop()
 
 
+def decoder_pids(srv: ServerProcess) -> list[int]:
+    """The server's child processes: its decoders."""
+    return [int(pid) for pid in Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()]
+
+
+def has_ended(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+def test_a_decoder_that_dies_costs_no_record(tmp_path):
+    """Exports are decoded in processes of their own, one per core (at most 4). When they die (killed, out of
+    memory), the server decodes exports itself: every record is still stored, once, and the log says so."""
+    srv = ServerProcess(tmp_path).start()
+    try:
+        decoders = decoder_pids(srv)
+        assert len(decoders) == ccmon.DECODERS == min(4, os.cpu_count())
+        stub, when = srv.logs_stub(), hours_ago(1)
+        stub.Export(logs_request([("api_request", api_request(0, when, input_tokens=1))]))
+        for pid in decoders:
+            os.kill(pid, signal.SIGKILL)
+        for seq in range(1, 6):
+            stub.Export(logs_request([("api_request", api_request(seq, when, input_tokens=10))]))
+        stub.Export(logs_request([("api_request", api_request(5, when, input_tokens=10))]))  # a resend
+        assert stats(srv).total_tokens.input == 51
+        assert decoder_pids(srv) == []
+        for pid in decoders:
+            assert f"a decoder process (pid {pid}) ended (killed by SIGKILL)" in srv.log
+        assert srv.log.count("exports are decoded in the server from now on") == 1
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_decoders_end_with_the_server(tmp_path, sig):
+    srv = ServerProcess(tmp_path).start()
+    decoders = decoder_pids(srv)
+    assert decoders
+    srv.stop(sig)
+    deadline = time.monotonic() + 10
+    while not all(has_ended(pid) for pid in decoders) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(has_ended(pid) for pid in decoders)
+
+
+@pytest.mark.parametrize("service", ["logs.v1.LogsService", "metrics.v1.MetricsService"])
+def test_a_grpc_export_that_is_not_protobuf_is_refused(server, service):
+    export = grpc.insecure_channel(server.target).unary_unary(
+        f"/opentelemetry.proto.collector.{service}/Export", request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as refused:
+        export(b"\x0a\xff\xff\xff", timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details().startswith("not valid OTLP protobuf: Error parsing message")
+    assert stats(server).total_requests == 0
+
+
 def test_kill_9_loses_no_acknowledged_record(tmp_path):
     srv = ServerProcess(tmp_path).start()
     stub = srv.logs_stub()
@@ -1205,6 +1263,20 @@ def test_daily_usage_in_a_timezone(server):
         server.query().GetUsage(ccmon_pb2.GetUsageRequest(timezone="Mars/Olympus"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown timezone 'Mars/Olympus'" in err.value.details()
+
+
+def test_a_quarter_hour_inside_a_period_counts_only_the_rows_inside_it(server):
+    """A period's edges inside a quarter hour come from that quarter hour's rollup only when none of its rows lies
+    outside the period (as for a period ending now); else from the rows themselves."""
+    at = lambda minutes: f"2026-03-01T10:{minutes:02d}:00Z"  # noqa: E731  (10:00-10:15 is one quarter hour)
+    sdk_export(server.port, [("api_request", api_request(seq, at(minutes), input_tokens=10 ** seq))
+                             for seq, minutes in ((0, 1), (1, 5), (2, 10))])
+    assert stats(server, at(2), at(7)).total_tokens.input == 10
+    assert stats(server, at(0), at(7)).total_tokens.input == 11
+    assert stats(server, at(2), at(15)).total_tokens.input == 110
+    assert stats(server, at(1), "2026-03-01T10:10:00.001Z").total_tokens.input == 111  # every row: the rollup
+    assert stats(server, at(1), at(10)).total_tokens.input == 11
+    assert stats(server, "2026-03-01T09:59:00Z", at(11)).total_tokens.input == 111
 
 
 def test_model_stats_ranked_by_cost(server):
@@ -4476,11 +4548,15 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
                                 rf"\(read (just now|1 min ago)\) *", line_with(screen, "Claude 5h"))
             assert line_with(screen, "Tokens").split()[2:] == ["60%", "30.0K", "/", "50.0K", "(calibrated", "from",
                                                                 "1", "reading)"]
-            # 30,000 tokens in the last 20 minutes: 1,500 a minute; the 20,000 left of 50,000 last 13 m 20 s.
-            reached = {ccmon.local_time(moment + 800_000, utc) for moment in range(started - 60_000,
-                                                                                   ccmon.now_ms(), 30_000)}
-            projection = line_with(screen, "Burn")
-            assert projection.startswith("Burn 1.50K/min; at this pace 100% at ") and projection.split()[-1] in reached
+            # 30,000 tokens since the previous quarter hour began (15 to 30 minutes before the refresh): the pace,
+            # and when the 20,000 left of 50,000 are used at it.
+            paces = {}
+            for moment in range(started - 60_000, ccmon.now_ms() + 1000, 1000):
+                per_minute = 30_000 / ((moment - ccmon.recent_pace_start(moment)) / 60_000)
+                paces.setdefault(f"Burn {ccmon.format_rate(per_minute)}; at this pace 100% at", set()).add(
+                    ccmon.local_time(moment + round(20_000 / per_minute * 60_000), utc))
+            projection = line_with(screen, "Burn").rsplit(None, 1)
+            assert projection[1] in paces[projection[0]], (projection, paces)
             assert re.match(rf"Claude week 20%, resets {re.escape(ccmon.reset_time(week_resets, ccmon.now_ms(), utc))}"
                             r" \(read", line_with(screen, "Claude week"))
             assert line_with(screen, "Week ").split()[2:6] == ["41%", "30.0K", "/", "73.2K"]
@@ -5044,6 +5120,27 @@ def test_a_request_seen_by_telemetry_and_in_a_transcript_is_counted_once(server,
     write_transcript(folder, "s-new", [transcript_line("s-new", "2026-05-02T11:00:00Z", "req_n1", "msg_n1")])
     ccmon_import(server, str(folder), env={"OTEL_RESOURCE_ATTRIBUTES": "team=x,user.email=ana%40example.com"})
     assert db_rows(server.db, "SELECT user_name FROM r WHERE session_id = 's-new'") == [("ana@example.com",)]
+
+
+def test_a_transcripts_copy_in_another_session_is_known(server, tmp_path):
+    """A request_id is found within its session (telemetry and transcripts share the session id), and among
+    imported rows in any session: a copy of an answer in a forked session's transcript, imported later, is known."""
+    original, fork = tmp_path / "original", tmp_path / "fork"
+    write_transcript(original, "s-orig", [transcript_line("s-orig", "2026-05-01T10:00:00Z", "req_f1", "msg_f1")])
+    write_transcript(fork, "s-fork", [transcript_line("s-fork", "2026-05-01T10:00:00Z", "req_f1", "msg_f1"),
+                                      transcript_line("s-fork", "2026-05-01T11:00:00Z", "req_f2", "msg_f2")])
+    sdk_export(server.port, [("api_request", api_request(1, "2026-05-01T12:00:00Z", session="s-tele",
+                                                         request_id="req_t1", cost_usd=0.5))])
+    write_transcript(tmp_path / "tele", "s-tele", [
+        transcript_line("s-tele", "2026-05-01T12:00:01Z", "req_t1", "msg_t1")])
+    assert ccmon_import(server, str(original)).stdout.startswith("ccmon import: 1 file read; 1 request imported; "
+                                                                  "0 already known")
+    assert ccmon_import(server, str(fork)).stdout.startswith("ccmon import: 1 file read; 1 request imported; "
+                                                              "1 already known")
+    assert ccmon_import(server, str(tmp_path / "tele")).stdout.startswith(
+        "ccmon import: 1 file read; 0 requests imported; 1 already known")
+    assert db_rows(server.db, "SELECT session_id, request_id, origin FROM r ORDER BY ts") == [
+        ("s-orig", "req_f1", 2), ("s-fork", "req_f2", 2), ("s-tele", "req_t1", 0)]
 
 
 def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_path):
