@@ -2735,7 +2735,7 @@ def decoder_loop(conn) -> None:
         except BadExport as exc:
             conn.send((None, exc))
         if libc and len(data) >= BIG_EXPORT_BYTES:
-            data = pending = None
+            data = pending = batch = None
             libc.malloc_trim(0)
 
 
