@@ -1455,6 +1455,7 @@ READING_COLUMNS = ("ts", "session", "project", "model", "context_percent", "five
                    "seven_day_percent", "seven_day_resets", "spend_limit", "version")
 RETENTION_TABLES = ("requests", "events", "metric_points", "limit_readings")
 SWEEP_CHUNK = 5000
+COPY_WINDOW_MS = 10 * 60_000  # a telemetry event and the transcript line of the same answer are this close
 
 
 @dataclasses.dataclass
@@ -1475,6 +1476,14 @@ METRIC_USAGE_FIELDS = {("claude_code.cost.usage", None): "cost_nanos",
                        ("claude_code.token.usage", "output"): "output_tokens",
                        ("claude_code.token.usage", "cacheRead"): "cache_read_tokens",
                        ("claude_code.token.usage", "cacheCreation"): "cache_creation_tokens"}
+
+
+# Whether request_id ?R is stored for a request at time ?1 in session ?2 (ids): in the session, as telemetry and
+# transcripts name it alike; among imported rows, in any session; and near that time in any session, for a
+# transcript's copy in a forked session of an answer that telemetry stored (the copy keeps the answer's time).
+REQUEST_ID_KNOWN = ("EXISTS (SELECT 1 FROM requests WHERE session = ?2 AND request_id = ?R) OR EXISTS (SELECT 1 "
+                    "FROM requests WHERE request_id = ?R AND origin >= 2) OR EXISTS (SELECT 1 FROM requests WHERE "
+                    f"ts >= ?1 - {COPY_WINDOW_MS} AND ts <= ?1 + {COPY_WINDOW_MS} AND request_id = ?R)")
 
 
 def insert_sql(table: str, columns: tuple) -> str:
@@ -1737,9 +1746,8 @@ class Writer:
         for row in resolved:
             row.append(row[request_id])
         sql = (f"INSERT OR IGNORE INTO requests ({', '.join(REQUEST_COLUMNS)}) SELECT "
-               f"{', '.join('?' * len(REQUEST_COLUMNS))} WHERE ?1 IS NULL OR NOT (EXISTS (SELECT 1 FROM requests WHERE "
-               "session = ?2 AND request_id = ?1) OR EXISTS (SELECT 1 FROM requests WHERE request_id = ?1 AND "
-               "origin >= 2))").replace("?1", f"?{len(REQUEST_COLUMNS) + 1}")  # ?2: the row's session
+               f"{', '.join('?' * len(REQUEST_COLUMNS))} WHERE ?R IS NULL OR NOT ({REQUEST_ID_KNOWN})").replace(
+            "?R", f"?{len(REQUEST_COLUMNS) + 1}")  # ?1, ?2: the row's time and session
         imported = conn.executemany(sql, resolved).rowcount
         if imported:
             self._imported = True
@@ -1957,7 +1965,8 @@ class Reader:
                     key = tuple(row[:len(keys)])
                     totals[key] = totals.get(key, Usage()) + Usage(*row[len(keys):])
         finally:
-            conn.execute("COMMIT")
+            if conn.in_transaction:  # SQLite may have ended it on an error already
+                conn.execute("COMMIT")
         names = {column: self._names(column + "s") for column in keys}
         named = {tuple(names[c][k] for c, k in zip(keys, key)): u for key, u in totals.items() if u != Usage()}
         return {key[0] if len(keys) == 1 else key: u for key, u in named.items()}
@@ -2121,9 +2130,8 @@ class Reader:
         conn, known = self._reader(), 0
         for ts, session_id, seq, request_id in keys:
             if request_id and conn.execute(
-                    "SELECT EXISTS (SELECT 1 FROM requests WHERE request_id = ?1 AND origin >= 2) OR EXISTS (SELECT 1 "
-                    "FROM requests WHERE session = (SELECT id FROM sessions WHERE session_id = ?2) AND request_id = ?1)",
-                    (request_id, session_id)).fetchone()[0]:
+                    f"SELECT {REQUEST_ID_KNOWN.replace('?2', '(SELECT id FROM sessions WHERE session_id = ?2)')}"
+                    .replace("?R", "?3"), (ts, session_id, request_id)).fetchone()[0]:
                 known += 1
             elif conn.execute("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session WHERE r.ts = ? AND "
                               "s.session_id = ? AND r.seq = ?", (ts, session_id, seq)).fetchone():
@@ -2689,6 +2697,10 @@ class BadExport(Exception):
     """An export that is not a valid OTLP protobuf message: refused whole (INVALID_ARGUMENT, HTTP 400)."""
 
 
+class DecoderFailure(Exception):
+    """A decoder could not decode an export (a bug, or out of memory): the server decodes it itself."""
+
+
 EXPORT_MESSAGES = {"logs": logs_service_pb2.ExportLogsServiceRequest,
                    "metrics": metrics_service_pb2.ExportMetricsServiceRequest}
 EXPORT_ITEMS = {"logs": "log records", "metrics": "data points"}  # what Rejections counts
@@ -2715,7 +2727,7 @@ def export_batches(kind: str, data: bytes, rejected: Rejections, ingest: LogsIng
 
 def decoder_loop(conn) -> None:
     """A decoder process: (kind, serialized export) in; its batches out as (batch, None), the last one as (batch or
-    None, its Rejections) or (None, BadExport). It ends when the server closes the pipe."""
+    None, its Rejections), (None, BadExport) or (None, DecoderFailure). It ends when the server closes the pipe."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # a Ctrl-C or a stop meant for the server: it ends us by closing the pipe
     os.nice(DECODER_NICENESS)
@@ -2734,6 +2746,10 @@ def decoder_loop(conn) -> None:
             conn.send((pending, rejected))
         except BadExport as exc:
             conn.send((None, exc))
+        except (EOFError, OSError):
+            return  # the server is gone
+        except Exception as exc:
+            conn.send((None, DecoderFailure(f"{type(exc).__name__}: {exc}")))
         if libc and len(data) >= BIG_EXPORT_BYTES:
             data = pending = batch = None
             libc.malloc_trim(0)
@@ -2748,16 +2764,18 @@ class Decoders:
     def __init__(self, count: int = DECODERS):
         self.ingest = LogsIngest()  # for decoding in the server
         self._idle: queue.Queue = queue.Queue()
-        self._alive = 0
+        self._alive, self._alive_lock = 0, threading.Lock()
         ends = []
         for _ in range(count):
             parent, child = multiprocessing.connection.Pipe()
             pid = os.fork()
             if pid == 0:
-                for end in (parent, *ends):  # only the server may hold a decoder's end: closing it ends the decoder
-                    end.close()
-                decoder_loop(child)
-                os._exit(0)
+                try:
+                    for end in (parent, *ends):  # only the server may hold a decoder's end: closing it ends the decoder
+                        end.close()
+                    decoder_loop(child)
+                finally:
+                    os._exit(0)  # never back into the server's code
             child.close()
             ends.append(parent)
             self._idle.put((pid, parent))
@@ -2770,7 +2788,11 @@ class Decoders:
             try:
                 yield from self._from_decoder(decoder, kind, data, rejected)
                 return
-            except (EOFError, OSError):
+            except BadExport:
+                raise
+            except DecoderFailure as exc:
+                log.error("a decoder failed (%s); the server decodes the export itself", exc)
+            except Exception:  # the pipe broke (the decoder died), or its answer could not be read
                 self._lost(decoder)
         yield from export_batches(kind, data, rejected, self.ingest)
 
@@ -2782,7 +2804,7 @@ class Decoders:
             if last is not None:
                 done = True
                 self._idle.put(decoder)  # free for the next export while this batch is written
-                if isinstance(last, BadExport):
+                if isinstance(last, (BadExport, DecoderFailure)):
                     raise last
                 vars(rejected).update(vars(last))
             if batch is not None:
@@ -2798,7 +2820,7 @@ class Decoders:
         try:
             while decoder[1].recv()[1] is None:
                 continue
-        except (EOFError, OSError):
+        except Exception:  # as in batches()
             self._lost(decoder)
         else:
             self._idle.put(decoder)
@@ -2814,11 +2836,13 @@ class Decoders:
     def _lost(self, decoder: tuple) -> None:
         pid, conn = decoder
         conn.close()
-        self._alive -= 1
+        with self._alive_lock:
+            self._alive -= 1
+            alive = self._alive
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # a decoder whose pipe failed is of no more use
         log.error("a decoder process (pid %d) ended (%s); %s", pid, reap(pid),
-                  f"{self._alive} left" if self._alive else "exports are decoded in the server from now on")
+                  f"{alive} left" if alive else "exports are decoded in the server from now on")
 
     def close(self) -> None:
         """End the decoders: each ends when its pipe closes."""

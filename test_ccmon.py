@@ -5127,8 +5127,9 @@ def test_a_request_seen_by_telemetry_and_in_a_transcript_is_counted_once(server,
 
 
 def test_a_transcripts_copy_in_another_session_is_known(server, tmp_path):
-    """A request_id is found within its session (telemetry and transcripts share the session id), and among
-    imported rows in any session: a copy of an answer in a forked session's transcript, imported later, is known."""
+    """A request_id is found within its session (telemetry and transcripts share the session id), among imported
+    rows in any session, and near its time in any session: a copy of an answer in a forked session's transcript
+    is known, whether an import or telemetry stored the answer."""
     original, fork = tmp_path / "original", tmp_path / "fork"
     write_transcript(original, "s-orig", [transcript_line("s-orig", "2026-05-01T10:00:00Z", "req_f1", "msg_f1")])
     write_transcript(fork, "s-fork", [transcript_line("s-fork", "2026-05-01T10:00:00Z", "req_f1", "msg_f1"),
@@ -5137,12 +5138,17 @@ def test_a_transcripts_copy_in_another_session_is_known(server, tmp_path):
                                                          request_id="req_t1", cost_usd=0.5))])
     write_transcript(tmp_path / "tele", "s-tele", [
         transcript_line("s-tele", "2026-05-01T12:00:01Z", "req_t1", "msg_t1")])
+    write_transcript(tmp_path / "tele-fork", "s-tele-fork", [  # a copy of an answer only telemetry stored
+        transcript_line("s-tele-fork", "2026-05-01T12:00:01Z", "req_t1", "msg_t1")])
     assert ccmon_import(server, str(original)).stdout.startswith("ccmon import: 1 file read; 1 request imported; "
                                                                   "0 already known")
     assert ccmon_import(server, str(fork)).stdout.startswith("ccmon import: 1 file read; 1 request imported; "
                                                               "1 already known")
-    assert ccmon_import(server, str(tmp_path / "tele")).stdout.startswith(
-        "ccmon import: 1 file read; 0 requests imported; 1 already known")
+    for folder in ("tele", "tele-fork"):
+        assert ccmon_import(server, str(tmp_path / folder)).stdout.startswith(
+            "ccmon import: 1 file read; 0 requests imported; 1 already known")
+        assert ccmon_import(server, str(tmp_path / folder), "--dry-run").stdout.startswith(
+            "ccmon import (dry run): 1 file read; 0 requests to import; 1 already known")
     assert db_rows(server.db, "SELECT session_id, request_id, origin FROM r ORDER BY ts") == [
         ("s-orig", "req_f1", 2), ("s-fork", "req_f2", 2), ("s-tele", "req_t1", 0)]
 
