@@ -331,9 +331,13 @@ def check_rollups(db: Path) -> None:
 
 # ---------------------------------------------------------------- 2. queries on a seeded database
 
+SESSION_REQUESTS = 100  # requests per session in a seeded database
+
+
 def seed(db: Path, rows: int, end_ms: int, span_ms: int = YEAR_MS) -> float:
-    """Fill a fresh ccmon database with `rows` requests over `span_ms` before `end_ms`, in the real schema,
-    without the gRPC path; then build every rollup level from the raw rows, and check them."""
+    """Fill a fresh ccmon database with `rows` requests over `span_ms` before `end_ms`, in sessions of
+    SESSION_REQUESTS requests, five users taking turns, in the real schema, without the gRPC path; then build
+    every rollup level from the raw rows, and check them."""
     for suffix in ("", "-wal", "-shm"):
         Path(str(db) + suffix).unlink(missing_ok=True)
     ccmon.Writer(db).close()  # creates the schema
@@ -343,8 +347,9 @@ def seed(db: Path, rows: int, end_ms: int, span_ms: int = YEAR_MS) -> float:
     rng = random.Random(2)
     models = [conn.execute("INSERT INTO models (name) VALUES (?) RETURNING id", (m,)).fetchone()[0] for m, _ in MODELS]
     weights = [w for _, w in MODELS]
-    sessions = [conn.execute("INSERT INTO sessions (session_id) VALUES (?) RETURNING id",
-                             (str(uuid.UUID(int=rng.getrandbits(128))),)).fetchone()[0] for _ in range(5000)]
+    sessions = range(1, -(-rows // SESSION_REQUESTS) + 1)  # one after another, as Claude Code's sessions come
+    conn.executemany("INSERT INTO sessions (id, session_id) VALUES (?, ?)",
+                     [(session, str(uuid.UUID(int=rng.getrandbits(128)))) for session in sessions])
     users = [conn.execute("INSERT INTO users (name) VALUES (?) RETURNING id", (f"dev{i}@example.com",)).fetchone()[0]
              for i in range(5)]
     source = conn.execute("INSERT INTO attribute_sets (attributes) VALUES (?) RETURNING id",
@@ -360,8 +365,8 @@ def seed(db: Path, rows: int, end_ms: int, span_ms: int = YEAR_MS) -> float:
         batch = []
         for i in range(first, min(rows, first + chunk)):
             ts = end_ms - span_ms + int(i * step)
-            session = (i // 40) % len(sessions)
-            batch.append((ts, sessions[session], i, rng.choices(models, weights)[0], users[session % len(users)],
+            session = sessions[i // SESSION_REQUESTS]
+            batch.append((ts, session, i, rng.choices(models, weights)[0], users[session % len(users)],
                           rng.randint(1, 5000), rng.randint(1, 2000), rng.randint(0, 90_000), rng.randint(0, 6000),
                           rng.randint(500_000, 400_000_000), rng.randint(300, 40_000), rng.randint(100, 3000),
                           str(uuid.UUID(int=rng.getrandbits(128))), "req_011CV" + f"{rng.getrandbits(80):020x}",
