@@ -2302,10 +2302,13 @@ class Reader:
             f"WITH parts (session, model, {', '.join(figures)}) AS ("
             f"SELECT su.session, su.model, {', '.join('su.' + column for column in figures)} FROM session_usage su "
             f"WHERE su.last_ts >= ? AND su.last_ts < ? AND su.first_ts >= ?{inside} "
-            f"UNION ALL SELECT su.session, su.model, {raw} FROM session_usage su "  # CROSS JOIN: su first, then
+            # The sessions crossing an edge: among those ending after the start (by session_usage_last, not a scan of
+            # every session in key order, which SQLite prefers to save a sort), then each one's rows (CROSS JOIN: su
+            # first, then r by requests_session, never all of requests by time).
+            f"UNION ALL SELECT su.session, su.model, {raw} FROM session_usage su INDEXED BY session_usage_last "
             "CROSS JOIN requests r ON r.session = su.session AND r.model = su.model AND r.ts >= ? AND r.ts < ? "
             f"WHERE su.last_ts >= ? AND su.first_ts < ? AND (su.first_ts < ? OR su.last_ts >= ?){crossing} "
-            "GROUP BY su.session, su.model), "  # r by requests_session, never all of requests by time
+            "GROUP BY su.session, su.model), "
             "named AS (SELECT COALESCE(s.project, '') AS project, parts.* FROM parts JOIN sessions s ON s.id = "
             f"parts.session) SELECT project, model, {', '.join(f'SUM({column})' for column in figures)} FROM named "
             f"GROUP BY project, model UNION ALL SELECT project, NULL, COUNT(DISTINCT session)"
