@@ -31,7 +31,7 @@ from typing import Iterator
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # the client processes fork while gRPC is in use
 import grpc  # noqa: E402
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.logs.v1 import logs_pb2
 
