@@ -3890,8 +3890,8 @@ SHUTDOWN_S = 8  # within the 10 s Docker and systemd give before SIGKILL
 
 
 def run_server(config: Config) -> int:
-    # The writer needs the GIL for every row it binds while decoding threads are busy; a short switch
-    # interval keeps it from waiting up to 5 ms each time (measured: ingestion 19k -> see BENCHMARKS.md).
+    # The writer binding rows, the export threads taking decoded batches and the queries share the GIL; a short
+    # switch interval keeps each from waiting up to 5 ms for another whenever it needs the GIL back.
     sys.setswitchinterval(0.0005)
     decoders = Decoders()  # first: they are forked, which must happen before any thread starts
     try:
