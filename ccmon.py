@@ -2128,10 +2128,10 @@ class Reader:
         """How many of these (ts, session id, seq, request_id) keys are stored: by request_id (as Writer._import
         finds it), else by key."""
         conn, known = self._reader(), 0
+        by_request_id = f"SELECT {REQUEST_ID_KNOWN.replace('?2', '(SELECT id FROM sessions WHERE session_id = ?2)')}" \
+            .replace("?R", "?3")
         for ts, session_id, seq, request_id in keys:
-            if request_id and conn.execute(
-                    f"SELECT {REQUEST_ID_KNOWN.replace('?2', '(SELECT id FROM sessions WHERE session_id = ?2)')}"
-                    .replace("?R", "?3"), (ts, session_id, request_id)).fetchone()[0]:
+            if request_id and conn.execute(by_request_id, (ts, session_id, request_id)).fetchone()[0]:
                 known += 1
             elif conn.execute("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session WHERE r.ts = ? AND "
                               "s.session_id = ? AND r.seq = ?", (ts, session_id, seq)).fetchone():
@@ -5779,33 +5779,39 @@ def weekly_line(limits: LimitFigures, screen: Screen, alert_at: int) -> Line:
                             detail], screen.width), "dim")]
 
 
+@dataclasses.dataclass(frozen=True)
+class ProjectionWords:
+    """How projection_line says where the pace leads: to a block limit, or to Claude's 100 %."""
+    reached: str       # the limit is used up
+    at_long: str       # reached before the end, at {at}
+    at_short: str
+    end_long: str      # not reached: {projected} at the end
+    end_short: str
+
+
+BLOCK_WORDS = ProjectionWords("; limit reached", "; at this pace the limit is reached at {at}", "; limit at {at}",
+                              "; within limit at this pace ({projected} at block end)", "; {projected} at end")
+CLAUDE_WORDS = ProjectionWords("; the calibrated limit is reached", "; at this pace 100% at {at}", "; 100% at {at}",
+                               "; at this pace {projected} at reset", "; {projected} at reset")
+
+
 def projection_line(status: BlockStatus, zone: ZoneInfo, width: int, capacity: int | None = None) -> Line:
     """Burn rate and where it leads, in long or short words to fit the width: in Claude's own window with its
     calibrated capacity, to Claude's 100%; else to the block limit."""
     pace = f"Burn {format_rate(status.burn_rate)}"
-    if capacity:
-        claude = dataclasses.replace(status, limit=capacity)
-        reached = claude.limit_reached_ms()
-        if status.used >= capacity:
-            return [(pace + "; the calibrated limit is reached", "bad")]
-        if reached is not None:
-            at = local_time(reached, zone)
-            long, short, style = f"; at this pace 100% at {at}", f"; 100% at {at}", "warn"
-        else:
-            projected = f"{claude.projected_at_end() / capacity * 100:.0f}%"
-            long, short, style = f"; at this pace {projected} at reset", f"; {projected} at reset", "good"
-        return [(pace + (long if len(pace + long) <= width else short), style)]
-    reached = status.limit_reached_ms()
-    if not status.limit:
+    target, words = (dataclasses.replace(status, limit=capacity), CLAUDE_WORDS) if capacity else (status, BLOCK_WORDS)
+    if not target.limit:
         return [(pace, "")]
-    if status.used >= status.limit:
-        return [(pace + "; limit reached", "bad")]
+    if target.used >= target.limit:
+        return [(pace + words.reached, "bad")]
+    reached = target.limit_reached_ms()
     if reached is not None:
         at = local_time(reached, zone)
-        long, short, style = f"; at this pace the limit is reached at {at}", f"; limit at {at}", "warn"
+        long, short, style = words.at_long.format(at=at), words.at_short.format(at=at), "warn"
     else:
-        projected = f"{status.projected_at_end() / status.limit * 100:.0f}%"
-        long, short, style = f"; within limit at this pace ({projected} at block end)", f"; {projected} at end", "good"
+        projected = f"{target.projected_at_end() / target.limit * 100:.0f}%"
+        long, short, style = (words.end_long.format(projected=projected),
+                              words.end_short.format(projected=projected), "good")
     return [(pace + (long if len(pace + long) <= width else short), style)]
 
 

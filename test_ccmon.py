@@ -765,9 +765,7 @@ def test_retention_sweep_deletes_old_rows_at_start(tmp_path):
     srv.args += ["--server-retention", "7d"]
     srv.start()
     try:
-        deadline = time.time() + 10
-        while "retention: deleted" not in srv.log and time.time() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: "retention: deleted" in srv.log, "the retention sweep", 10)
         assert "retention: deleted 3 rows older than" in srv.log
         s = stats(srv)
         assert (s.total_requests, s.total_tokens.input) == (1, 400)
@@ -4569,9 +4567,7 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
             screen = monitor.wait_for("Users by cost", "the users tab")
             assert line_with(screen, "User ").split()[-2:] == ["5h", "Week"]
             assert line_with(screen, "ana@example.com").split()[-2:] == ["30%", "20%"]
-            deadline = time.time() + 10
-            while not marker.exists() and time.time() < deadline:
-                time.sleep(0.05)
+            wait_until(marker.exists, "the alert command's output", 10)
             time.sleep(2)  # two more refreshes: nothing more fires
             assert marker.read_text().split() == [
                 "CCMON_ALERT_KIND=block", "CCMON_ALERT_LIMIT=50000", "CCMON_ALERT_PERCENT=30.0",
