@@ -5,7 +5,7 @@ One module, read top to bottom. Its sections, each using only the sections above
 (storage never sees gRPC, the UI never sees SQLite):
   Domain: time, money, numbers, usage totals, models
   Blocks and plans: 5-hour windows, limits, projections
-  Configuration: defaults, files, flags, validation
+  Configuration: the settings, files, flags, validation
   Storage: schema, migrations, opening a database
   Storage: the single writer
   Storage: reads
@@ -557,23 +557,12 @@ class BlockStatus:
         return self.used / self.limit * 100 if self.limit else None
 
 
-# ---------------------------------------------------------------- Configuration: defaults, files, flags, validation
+# ---------------------------------------------------------------- Configuration: the settings, files, flags, validation
 
 class ConfigError(Exception):
     """A user-supplied setting is invalid; the message names it and says what is accepted."""
 
 
-DEFAULT_CONFIG = {
-    "database": {"path": "~/.ccmon/ccmon.db"},
-    "server": {"address": "127.0.0.1:4317", "http_address": "127.0.0.1:4318", "retention": "never", "token": "",
-               "tls_cert": "", "tls_key": "", "tls_client_ca": "", "max_message_size": "16MiB",
-               # the original Go ccmon's stats cache: accepted so its config works; rollups make a cache unneeded
-               "cache.stats.enabled": True, "cache.stats.ttl": "1m"},
-    "monitor": {"server": "127.0.0.1:4317", "timezone": "UTC", "refresh_interval": "5s", "token": "",
-                "tls_ca": "", "tls_cert": "", "tls_key": "", "alert_percent": [], "alert_command": ""},
-    "claude": {"plan": "unset", "max_tokens": 0, "weekly_max_tokens": 0, "block": ""},
-    "pricing": {},  # MODEL = {input = 3, output = 15, cache_read = 0.3, cache_write_5m = 3.75, cache_write_1h = 6}
-}
 TOKEN_ENV = "CCMON_TOKEN"
 CONFIG_NAMES = ("config.toml", "config.yaml", "config.yml", "config.json")
 PLANS = ("unset", "pro", "max", "max20")
@@ -583,6 +572,283 @@ DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2, "gb": 1000 ** 3,
               "gib": 1024 ** 3}
 MESSAGE_SIZE_RANGE = (1024 ** 2, 1024 ** 3)
+
+
+def parse_duration(text: Any, units: str = "smhd") -> int:
+    """'90s', '5m', '6h', '7d' -> seconds; raises ValueError on anything else."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-z])\s*", str(text))
+    if not match or match.group(2) not in units:
+        raise ValueError(text)
+    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+
+
+
+def parse_address(address: str, fail_as: Callable[[str], Exception]) -> tuple[str, int]:
+    """'host:port', '[v6]:port' or a monitor's 'https://host:port' -> (host, port)."""
+    match = re.fullmatch(r"(?:https?://)?(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(\d{1,5})/?", address, re.IGNORECASE)
+    if not match or int(match.group(2)) > 65535:
+        raise fail_as(f"invalid address {address!r} (use HOST:PORT such as 127.0.0.1:4317)")
+    return match.group(1), int(match.group(2))
+
+
+# -- readers: a setting's value as written (in a file, a flag or the environment) -> the value ccmon uses, or
+#    ValueError with what is wrong, in words that say what is accepted (the caller names the setting and where)
+
+def read_text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def read_path(value: Any) -> Path:
+    return Path(read_text(value)).expanduser()
+
+
+def read_address(value: Any) -> str:
+    address = read_text(value)
+    parse_address(address, fail_as=ValueError)
+    return address
+
+
+def read_listener(value: Any) -> str | None:
+    """An address to listen on, or None for 'off'."""
+    address = read_text(value)
+    if address.lower() == "off":
+        return None
+    parse_address(address, fail_as=lambda problem: ValueError(problem + " or 'off'"))
+    return address
+
+
+def read_retention(value: Any) -> int | None:
+    """Seconds, or None: keep forever."""
+    text = read_text(value).lower()
+    if text == "never":
+        return None
+    try:
+        seconds = parse_duration(text, units="hd")
+    except ValueError:
+        raise ValueError(f"invalid retention {text!r} (use 'never', or a number of days or hours such as '30d' or "
+                         "'48h')") from None
+    if seconds < MIN_RETENTION_S:
+        raise ValueError(f"retention {text!r} is below the minimum of 24h")
+    return seconds
+
+
+def read_refresh_interval(value: Any) -> int:
+    try:
+        seconds = parse_duration(read_text(value), units="sm")
+    except ValueError:
+        raise ValueError(f"invalid interval {value!r} (use seconds or minutes such as '5s' or '1m', from 1s to "
+                         "5m)") from None
+    if not REFRESH_RANGE_S[0] <= seconds <= REFRESH_RANGE_S[1]:
+        raise ValueError(f"interval {value!r} is outside the allowed range 1s to 5m")
+    return seconds
+
+
+def read_zone(value: Any) -> str:
+    zone = read_text(value)
+    if zone_or_none(zone) is None:
+        raise ValueError(f"unknown timezone {zone!r} (use an IANA name such as 'UTC', 'Europe/Berlin' or "
+                         "'Asia/Taipei')")
+    return zone
+
+
+def read_plan(value: Any) -> str:
+    plan = read_text(value).lower()
+    if plan not in PLANS:
+        raise ValueError(f"unknown plan {value!r} (accepted: {', '.join(PLANS)})")
+    return plan
+
+
+def whole_number(value: Any) -> int | None:
+    """A whole number >= 0, written as a number or in digits; None for anything else."""
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def read_block_limit(value: Any) -> int | str:
+    """Tokens, 0 for the plan's default, or 'auto'."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    number = whole_number(value)
+    if number is None:
+        raise ValueError(f"invalid token limit {value!r} (use a whole number >= 0, 0 meaning the plan's default, "
+                         "or 'auto' to learn it)")
+    return number
+
+
+def read_weekly_limit(value: Any) -> int:
+    number = whole_number(value)
+    if number is None:
+        raise ValueError(f"invalid token limit {value!r} (use a whole number >= 0; 0 means none)")
+    return number
+
+
+def read_block(value: Any) -> int | str | None:
+    """A fixed start hour, 'auto', or None (blocks not tracked)."""
+    if not str(value).strip():
+        return None
+    try:
+        return parse_block_mode(value)
+    except ValueError:
+        raise ValueError(f"invalid block start {value!r} (use auto, or an hour from 1 to 12 followed by am or pm, "
+                         "such as 5am or 11pm)") from None
+
+
+def read_percents(value: Any) -> tuple[int, ...]:
+    """One percentage or a list of them, 1 to 100, '%' allowed."""
+    percents = set()
+    for alert in value if isinstance(value, list) else [value]:
+        text = str(alert).strip().rstrip("%")
+        if isinstance(alert, bool) or not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 100:
+            raise ValueError(f"invalid alert threshold {alert!r} (use whole percentages from 1 to 100, such as 80)")
+        percents.add(int(text))
+    return tuple(sorted(percents))
+
+
+def read_switch(value: Any) -> bool:
+    if str(value).lower() not in ("true", "false"):
+        raise ValueError("expected true or false")
+    return str(value).lower() == "true"
+
+
+def read_ttl(value: Any) -> int:
+    try:
+        return parse_duration(value, units="smh")
+    except ValueError:
+        raise ValueError(f"invalid duration {value!r} (use seconds, minutes or hours such as '1m')") from None
+
+
+def read_command(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a shell command as a string")
+    return value.strip()
+
+
+def read_token(value: Any) -> str:
+    if not isinstance(value, str) or any(c.isspace() for c in value):
+        raise ValueError("a token must be a string without spaces")
+    return value
+
+
+def read_file(value: Any) -> Path | None:
+    """An existing file, or None when empty."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected a file path, got {value!r}")
+    if not value.strip():
+        return None
+    path = Path(value.strip()).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    return path
+
+
+def read_size(value: Any) -> int:
+    """Bytes, from '16MiB', '1000000' or '2GB'."""
+    text = str(value).strip()
+    match = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", text)
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise ValueError(f"invalid size {text!r} (use bytes or a size such as '16MiB')")
+    size = int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
+    if not MESSAGE_SIZE_RANGE[0] <= size <= MESSAGE_SIZE_RANGE[1]:
+        raise ValueError(f"size {text!r} is outside the allowed range 1MiB to 1GiB")
+    return size
+
+
+# -- the settings, each declared once
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting. Its flag, its place in a config file, how it is read and checked, config.toml.example and
+    the table in docs/configuration.md all come from this declaration (a test holds the two files to it)."""
+    key: str                        # section.name in a config file
+    default: Any                    # as a config file writes it
+    read: Callable[[Any], Any]      # what is written -> what ccmon uses (see the readers above)
+    help: str
+    metavar: str
+    scope: str                      # who reads it, one of SCOPES: each command's --help shows its scopes
+    field: str | None               # the Config attribute it sets; None: one of several that make a derived one
+    flags: tuple[str, ...] = ()     # default: --section-name
+    env: str | None = None          # an environment variable, between the flag and the file in precedence
+    repeatable: bool = False        # a flag given several times, a list in a file
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.split(".", 1)[1]
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return self.flags or ("--" + self.key.replace(".", "-").replace("_", "-"),)
+
+    @property
+    def label(self) -> str:
+        """How an error names the flag: '-b/--block'."""
+        return "/".join(self.options)
+
+    @property
+    def dest(self) -> str:
+        return self.key.replace(".", "_")
+
+
+SCOPES = {  # scope -> the title of its group of options in --help
+    "server": "server (ccmon --server)",
+    "connection": "the server to query (the monitor, --format, --json, --health, report, statusline, import)",
+    "time": "days and times (the monitor, --format, --json, report, statusline, import --since)",
+    "monitor": "the monitor",
+    "limits": "Claude's limits and 5-hour blocks (the monitor, --format, --json, report, statusline)",
+}
+SETTINGS = (
+    Setting("database.path", "~/.ccmon/ccmon.db", read_path, "the server's database; the folder is created",
+            "PATH", "server", "database_path"),
+    Setting("server.address", "127.0.0.1:4317", read_address, "OTLP gRPC and the QueryService", "HOST:PORT",
+            "server", "server_address"),
+    Setting("server.http_address", "127.0.0.1:4318", read_listener, "OTLP/HTTP, or 'off'", "HOST:PORT",
+            "server", "server_http_address"),
+    Setting("server.retention", "never", read_retention, "how long to keep requests: 'never', or days or hours such as 30d or 48h, at least 24h", "DURATION",
+            "server", "server_retention_s"),
+    Setting("server.token", "", read_token, "require 'Authorization: Bearer TOKEN' on every export and query",
+            "TOKEN", "server", "server_token", env=TOKEN_ENV),
+    Setting("server.tls_cert", "", read_file, "PEM certificate; with tls_key turns on TLS for both listeners",
+            "PEM", "server", None),
+    Setting("server.tls_key", "", read_file, "PEM private key of tls_cert", "PEM", "server", None),
+    Setting("server.tls_client_ca", "", read_file, "require client certificates signed by this CA (mutual TLS)",
+            "PEM", "server", None),
+    Setting("server.max_message_size", "16MiB", read_size, "largest accepted export after decompression, 1MiB "
+            "to 1GiB", "SIZE", "server", "max_message_bytes"),
+    Setting("server.cache.stats.enabled", True, read_switch, "accepted for the original Go ccmon's config; no "
+            "effect (rollups need no cache)", "BOOL", "server", None),
+    Setting("server.cache.stats.ttl", "1m", read_ttl, "accepted for the original Go ccmon's config; no effect",
+            "DURATION", "server", None),
+    Setting("monitor.server", "127.0.0.1:4317", read_address, "the server to query; https://HOST:PORT for TLS", "HOST:PORT", "connection", "monitor_server"),
+    Setting("monitor.timezone", "UTC", read_zone, "IANA timezone of days, weeks and months, e.g. Europe/Berlin",
+            "ZONE", "time", "monitor_timezone"),
+    Setting("monitor.refresh_interval", "5s", read_refresh_interval, "how often the monitor refreshes, 1s to 5m",
+            "DURATION", "monitor", "refresh_interval_s"),
+    Setting("monitor.token", "", read_token, "token sent to the server", "TOKEN", "connection", "monitor_token",
+            env=TOKEN_ENV),
+    Setting("monitor.tls_ca", "", read_file, "CA that signed the server's certificate (or write the server as "
+            "https://HOST:PORT for the system's CAs)", "PEM", "connection", None),
+    Setting("monitor.tls_cert", "", read_file, "client certificate for mutual TLS", "PEM", "connection", None),
+    Setting("monitor.tls_key", "", read_file, "private key of tls_cert", "PEM", "connection", None),
+    Setting("monitor.alert_percent", [], read_percents, "alert when block or weekly usage crosses PERCENT",
+            "PERCENT", "monitor", "alert_percents", flags=("--alert",), repeatable=True),
+    Setting("monitor.alert_command", "", read_command, "run COMMAND on an alert, with the figures in "
+            "CCMON_ALERT_* variables", "COMMAND", "monitor", "alert_command"),
+    Setting("claude.plan", "unset", read_plan, f"your Claude plan: {', '.join(PLANS)}", "PLAN", "limits", "plan"),
+    Setting("claude.max_tokens", 0, read_block_limit, "block token limit: 0 for the plan's default, 'auto' to "
+            "calibrate it from Claude's own readings (ccmon statusline), else learn it from past blocks", "N",
+            "limits", "max_tokens"),
+    Setting("claude.weekly_max_tokens", 0, read_weekly_limit, "weekly premium token limit: 0 for none (or the one "
+            "calibrated while a reading of Claude's week is live)", "N", "limits", "weekly_max_tokens"),
+    Setting("claude.block", "", read_block, "track 5-hour blocks: 'auto' (from your first request, like Claude's "
+            "own windows) or a fixed start hour such as 5am", "HOUR", "limits", "block_mode", flags=("-b", "--block")),
+)
+SECTIONS = (*dict.fromkeys(setting.section for setting in SETTINGS), "pricing")  # [pricing] is keyed by models
 
 
 @dataclasses.dataclass(frozen=True)
@@ -598,29 +864,8 @@ def read_pem(path: Path | None) -> bytes | None:
     return path.read_bytes() if path else None
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    database_path: Path
-    server_address: str
-    server_retention_s: int | None  # None: keep forever
-    server_http_address: str | None  # None: OTLP/HTTP off
-    server_token: str
-    server_tls: TLSFiles | None
-    max_message_bytes: int
-    monitor_server: str
-    monitor_token: str
-    monitor_tls: TLSFiles | None  # None: plaintext
-    monitor_timezone: str
-    refresh_interval_s: int
-    plan: str
-    max_tokens: int | str            # "auto": learned from past blocks
-    source: str  # the config file used, or "defaults"
-    block_mode: int | str | None = None   # start hour of fixed blocks, "auto", or None (off)
-    weekly_max_tokens: int = 0
-    alert_percents: tuple[int, ...] = ()
-    alert_command: str = ""
-    monitor_server_given: bool = False  # monitor.server set by a flag or the file, not the default
-    pricing: tuple[tuple[str, Price], ...] = ()  # [pricing]: models added to or overriding PRICES
+class ConfigViews:
+    """What Config's users read that is not a setting of its own."""
 
     @property
     def prices(self) -> dict[str, Price]:
@@ -631,12 +876,16 @@ class Config:
         return ZoneInfo(self.monitor_timezone)
 
 
-def parse_duration(text: Any, units: str = "smhd") -> int:
-    """'90s', '5m', '6h', '7d' -> seconds; raises ValueError on anything else."""
-    match = re.fullmatch(r"\s*(\d+)\s*([a-z])\s*", str(text))
-    if not match or match.group(2) not in units:
-        raise ValueError(text)
-    return int(match.group(1)) * DURATION_UNITS[match.group(2)]
+# The settings as ccmon uses them: a field per setting (Setting.field), and those made of several settings or of
+# where they came from.
+Config = dataclasses.make_dataclass("Config", [
+    *((setting.field, Any) for setting in SETTINGS if setting.field),
+    ("server_tls", TLSFiles | None),      # server.tls_*; None: plaintext
+    ("monitor_tls", TLSFiles | None),     # monitor.tls_* or an https:// monitor.server; None: plaintext
+    ("source", str),                      # the config file used, or "defaults"
+    ("monitor_server_given", bool, False),  # monitor.server set by a flag or the file, not the default
+    ("pricing", tuple, ()),               # [pricing]: (model, Price) added to or overriding PRICES
+], bases=(ConfigViews,), frozen=True)
 
 
 def read_config_file(path: Path) -> dict:
@@ -691,16 +940,16 @@ def config_file_data(explicit: str | None, search_cwd: bool = True) -> tuple[Pat
                 data = read_config_file(path)
             except ConfigError as exc:  # unreadable: ccmon's own (and worth an error) if it names a section of ours
                 try:
-                    ours = re.search(rf"\b({'|'.join(DEFAULT_CONFIG)})\b", path.read_text(errors="replace"))
+                    ours = re.search(rf"\b({'|'.join(SECTIONS)})\b", path.read_text(errors="replace"))
                 except OSError:
                     ours = None  # not even readable as text: not a file to stop for
                 if ours:
                     raise
                 log.debug("passing over %s: %s", path, exc)
                 continue
-            if any(section in DEFAULT_CONFIG for section in data):
+            if any(section in SECTIONS for section in data):
                 return path, data
-            log.debug("passing over %s: it has none of ccmon's sections (%s)", path, ", ".join(DEFAULT_CONFIG))
+            log.debug("passing over %s: it has none of ccmon's sections (%s)", path, ", ".join(SECTIONS))
     return None, {}
 
 
@@ -713,32 +962,6 @@ def flattened(table: dict, prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + key] = value
     return flat
-
-
-def merge_config(file_data: dict, file_label: str, overrides: dict[str, Any]) -> tuple[dict, dict]:
-    """Defaults < file < flags. Returns (settings, origin) keyed 'section.key'."""
-    settings = {f"{s}.{k}": v for s, keys in DEFAULT_CONFIG.items() for k, v in keys.items()}
-    origin = {key: "default" for key in settings}
-    for section, keys in file_data.items():
-        if section not in DEFAULT_CONFIG:
-            raise ConfigError(f"{file_label}: unknown section [{section}] "
-                              f"(known: {', '.join(DEFAULT_CONFIG)})")
-        if not isinstance(keys, dict):
-            raise ConfigError(f"{file_label}: [{section}] must be a table of settings")
-        if section == "pricing":  # keyed by model names, not settings of ccmon's
-            settings["pricing"], origin["pricing"] = keys, f"{file_label}: [pricing]"
-            continue
-        for key, value in flattened(keys).items():
-            if f"{section}.{key}" not in settings:
-                raise ConfigError(f"{file_label}: unknown key {section}.{key} "
-                                  f"(known in [{section}]: {', '.join(DEFAULT_CONFIG[section])})")
-            settings[f"{section}.{key}"] = value
-            origin[f"{section}.{key}"] = f"{file_label}: {section}.{key}"
-    for key, (flag, value) in overrides.items():
-        if value is not None:
-            settings[key] = value
-            origin[key] = flag
-    return settings, origin
 
 
 PRICE_KEYS = ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
@@ -777,149 +1000,6 @@ def parse_pricing(table: dict, label: str) -> tuple[tuple[str, Price], ...]:
     return tuple(prices)
 
 
-def validate_config(settings: dict, origin: dict, source: str) -> Config:
-    def fail(key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{origin[key]}: {problem}")
-
-    def text(key: str) -> str:
-        value = settings[key]
-        if not isinstance(value, str) or not value.strip():
-            raise fail(key, f"expected a non-empty string, got {value!r}")
-        return value.strip()
-
-    retention_text = text("server.retention").lower()
-    retention_s = None
-    if retention_text != "never":
-        try:
-            retention_s = parse_duration(retention_text, units="hd")
-        except ValueError:
-            raise fail("server.retention", f"invalid retention {retention_text!r} "
-                       "(use 'never', or a number of days or hours such as '30d' or '48h')") from None
-        if retention_s < MIN_RETENTION_S:
-            raise fail("server.retention", f"retention {retention_text!r} is below the minimum of 24h")
-    try:
-        refresh_s = parse_duration(text("monitor.refresh_interval"), units="sm")
-    except ValueError:
-        raise fail("monitor.refresh_interval", f"invalid interval {settings['monitor.refresh_interval']!r} "
-                   "(use seconds or minutes such as '5s' or '1m', from 1s to 5m)") from None
-    if not REFRESH_RANGE_S[0] <= refresh_s <= REFRESH_RANGE_S[1]:
-        raise fail("monitor.refresh_interval", f"interval {settings['monitor.refresh_interval']!r} "
-                   "is outside the allowed range 1s to 5m")
-    zone = text("monitor.timezone")
-    if zone_or_none(zone) is None:
-        raise fail("monitor.timezone", f"unknown timezone {zone!r} "
-                   "(use an IANA name such as 'UTC', 'Europe/Berlin' or 'Asia/Taipei')")
-    plan = text("claude.plan").lower()
-    if plan not in PLANS:
-        raise fail("claude.plan", f"unknown plan {settings['claude.plan']!r} (accepted: {', '.join(PLANS)})")
-    max_tokens = settings["claude.max_tokens"]
-    if isinstance(max_tokens, str) and max_tokens.strip().isascii() and max_tokens.strip().isdigit():
-        max_tokens = int(max_tokens)
-    if isinstance(max_tokens, str) and max_tokens.strip().lower() == "auto":
-        max_tokens = "auto"
-    elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-        raise fail("claude.max_tokens", f"invalid token limit {settings['claude.max_tokens']!r} "
-                   "(use a whole number >= 0, 0 meaning the plan's default, or 'auto' to learn it)")
-    weekly = settings["claude.weekly_max_tokens"]
-    if isinstance(weekly, str) and weekly.strip().isascii() and weekly.strip().isdigit():
-        weekly = int(weekly)
-    if isinstance(weekly, bool) or not isinstance(weekly, int) or weekly < 0:
-        raise fail("claude.weekly_max_tokens", f"invalid token limit {settings['claude.weekly_max_tokens']!r} "
-                   "(use a whole number >= 0; 0 means none)")
-    block_text = settings["claude.block"]
-    try:
-        block_mode = parse_block_mode(block_text) if str(block_text).strip() else None
-    except ValueError:
-        raise fail("claude.block", f"invalid block start {block_text!r} (use auto, or an hour from 1 to 12 "
-                   "followed by am or pm, such as 5am or 11pm)") from None
-    alerts = settings["monitor.alert_percent"]
-    percents = []
-    for alert in alerts if isinstance(alerts, list) else [alerts]:
-        text_value = str(alert).strip().rstrip("%")
-        if isinstance(alert, bool) or not (text_value.isascii() and text_value.isdigit()) \
-                or not 1 <= int(text_value) <= 100:
-            raise fail("monitor.alert_percent", f"invalid alert threshold {alert!r} (use whole percentages from "
-                       "1 to 100, such as 80)")
-        percents.append(int(text_value))
-    percents = tuple(sorted(set(percents)))
-    if str(settings["server.cache.stats.enabled"]).lower() not in ("true", "false"):
-        raise fail("server.cache.stats.enabled", "expected true or false")
-    try:
-        parse_duration(settings["server.cache.stats.ttl"], units="smh")
-    except ValueError:
-        raise fail("server.cache.stats.ttl", f"invalid duration {settings['server.cache.stats.ttl']!r} "
-                   "(use seconds, minutes or hours such as '1m')") from None
-    if not isinstance(settings["monitor.alert_command"], str):
-        raise fail("monitor.alert_command", "expected a shell command as a string")
-    for key in ("server.address", "monitor.server"):
-        parse_address(text(key), fail_as=lambda problem, key=key: fail(key, problem))
-    http_address = text("server.http_address")
-    if http_address.lower() != "off":
-        parse_address(http_address, fail_as=lambda problem: fail("server.http_address", problem + " or 'off'"))
-    size_text = str(settings["server.max_message_size"]).strip()
-    match = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", size_text)
-    if not match or match.group(2).lower() not in SIZE_UNITS:
-        raise fail("server.max_message_size", f"invalid size {size_text!r} (use bytes or a size such as '16MiB')")
-    max_bytes = int(match.group(1)) * SIZE_UNITS[match.group(2).lower()]
-    if not MESSAGE_SIZE_RANGE[0] <= max_bytes <= MESSAGE_SIZE_RANGE[1]:
-        raise fail("server.max_message_size", f"size {size_text!r} is outside the allowed range 1MiB to 1GiB")
-
-    def optional_file(key: str) -> Path | None:
-        value = settings[key]
-        if not isinstance(value, str):
-            raise fail(key, f"expected a file path, got {value!r}")
-        if not value.strip():
-            return None
-        path = Path(value.strip()).expanduser()
-        if not path.is_file():
-            raise fail(key, f"no such file: {path}")
-        return path
-
-    server_tls = TLSFiles(optional_file("server.tls_cert"), optional_file("server.tls_key"),
-                          optional_file("server.tls_client_ca"))
-    if bool(server_tls.cert) != bool(server_tls.key):
-        raise fail("server.tls_cert" if server_tls.cert else "server.tls_key",
-                   "TLS needs both server.tls_cert and server.tls_key")
-    if server_tls.ca and not server_tls.cert:
-        raise fail("server.tls_client_ca", "mutual TLS needs server.tls_cert and server.tls_key too")
-    monitor_tls = TLSFiles(optional_file("monitor.tls_cert"), optional_file("monitor.tls_key"),
-                           optional_file("monitor.tls_ca"))
-    if bool(monitor_tls.cert) != bool(monitor_tls.key):
-        raise fail("monitor.tls_cert" if monitor_tls.cert else "monitor.tls_key",
-                   "a client certificate needs both monitor.tls_cert and monitor.tls_key")
-    check_pem_files(server_tls, ("server.tls_cert", "server.tls_key", "server.tls_client_ca"), fail)
-    check_pem_files(monitor_tls, ("monitor.tls_cert", "monitor.tls_key", "monitor.tls_ca"), fail)
-    monitor_server = text("monitor.server")
-    wants_tls = monitor_server.lower().startswith("https://") or any(dataclasses.astuple(monitor_tls))
-    tokens = {}
-    for key in ("server.token", "monitor.token"):
-        if not isinstance(settings[key], str) or any(c.isspace() for c in settings[key]):
-            raise fail(key, "a token must be a string without spaces")
-        tokens[key] = settings[key]
-    return Config(
-        database_path=Path(text("database.path")).expanduser(),
-        server_address=text("server.address"),
-        server_retention_s=retention_s,
-        server_http_address=None if http_address.lower() == "off" else http_address,
-        server_token=tokens["server.token"],
-        server_tls=server_tls if server_tls.cert else None,
-        max_message_bytes=max_bytes,
-        monitor_server=monitor_server,
-        monitor_token=tokens["monitor.token"],
-        monitor_tls=monitor_tls if wants_tls else None,
-        monitor_server_given=origin["monitor.server"] != "default",
-        monitor_timezone=zone,
-        refresh_interval_s=refresh_s,
-        plan=plan,
-        max_tokens=max_tokens,
-        source=source,
-        block_mode=block_mode,
-        weekly_max_tokens=weekly,
-        alert_percents=percents,
-        alert_command=settings["monitor.alert_command"].strip(),
-        pricing=parse_pricing(settings.get("pricing", {}), origin.get("pricing", "[pricing]")),
-    )
-
 
 def check_pem_files(tls: TLSFiles, keys: tuple[str, str, str], fail: Callable[[str, str], ConfigError]) -> None:
     """Load the PEM files as TLS will, so that a wrong one is named now: gRPC only says it cannot listen
@@ -945,51 +1025,78 @@ def check_pem_files(tls: TLSFiles, keys: tuple[str, str, str], fail: Callable[[s
         raise fail(key_key, f"cannot read {tls.key}: {exc.strerror}") from None
 
 
-def parse_address(address: str, fail_as: Callable[[str], Exception]) -> tuple[str, int]:
-    """'host:port', '[v6]:port' or a monitor's 'https://host:port' -> (host, port)."""
-    match = re.fullmatch(r"(?:https?://)?(\[[0-9a-fA-F:.]+\]|[^\s:/\[\]]+):(\d{1,5})/?", address, re.IGNORECASE)
-    if not match or int(match.group(2)) > 65535:
-        raise fail_as(f"invalid address {address!r} (use HOST:PORT such as 127.0.0.1:4317)")
-    return match.group(1), int(match.group(2))
+def setting_values(file_data: dict, file_label: str, args: argparse.Namespace,
+                   environ: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Each setting's value as written, and where it was written ('default', the file and key, the flag, the
+    variable): defaults < file < environment < flags, a setting most specific where it is given for one run."""
+    values = {setting.key: setting.default for setting in SETTINGS}
+    origin = dict.fromkeys(values, "default")
+    keys_of = {section: [s.name for s in SETTINGS if s.section == section] for section in SECTIONS}
+    for section, keys in file_data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{file_label}: unknown section [{section}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(keys, dict):
+            raise ConfigError(f"{file_label}: [{section}] must be a table of settings")
+        if section == "pricing":  # keyed by model names, not settings of ccmon's
+            values["pricing"], origin["pricing"] = keys, f"{file_label}: [pricing]"
+            continue
+        for key, value in flattened(keys).items():
+            if key not in keys_of[section]:
+                raise ConfigError(f"{file_label}: unknown key {section}.{key} "
+                                  f"(known in [{section}]: {', '.join(keys_of[section])})")
+            values[f"{section}.{key}"], origin[f"{section}.{key}"] = value, f"{file_label}: {section}.{key}"
+    for setting in SETTINGS:
+        given = getattr(args, setting.dest, None)  # a command shows only the flags of its own scopes
+        source, value = (setting.label, given) if given is not None else (setting.env, environ.get(setting.env or ""))
+        if value is None:
+            continue
+        if value == "" and setting.env:  # usually a variable that was not set, not a wish for none (a file's "" is)
+            instead = f"leave {setting.label} out" if source == setting.label else f"unset {setting.env}"
+            noun = setting.metavar.lower()
+            raise ConfigError(f"{source}: the {noun} is empty; give a {noun}, or {instead} for none")
+        values[setting.key], origin[setting.key] = value, source
+    return values, origin
+
+
+def validate_config(values: dict[str, Any], origin: dict[str, str], source: str) -> Config:
+    """Read every setting (an error names it and where it was written), then check what several say together."""
+    read = {}
+    for setting in SETTINGS:
+        try:
+            read[setting.key] = setting.read(values[setting.key])
+        except ValueError as exc:
+            raise ConfigError(f"{origin[setting.key]}: {exc}") from None
+
+    def fail(key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{origin[key]}: {problem}")
+
+    server_tls = TLSFiles(read["server.tls_cert"], read["server.tls_key"], read["server.tls_client_ca"])
+    if bool(server_tls.cert) != bool(server_tls.key):
+        raise fail("server.tls_cert" if server_tls.cert else "server.tls_key",
+                   "TLS needs both server.tls_cert and server.tls_key")
+    if server_tls.ca and not server_tls.cert:
+        raise fail("server.tls_client_ca", "mutual TLS needs server.tls_cert and server.tls_key too")
+    monitor_tls = TLSFiles(read["monitor.tls_cert"], read["monitor.tls_key"], read["monitor.tls_ca"])
+    if bool(monitor_tls.cert) != bool(monitor_tls.key):
+        raise fail("monitor.tls_cert" if monitor_tls.cert else "monitor.tls_key",
+                   "a client certificate needs both monitor.tls_cert and monitor.tls_key")
+    check_pem_files(server_tls, ("server.tls_cert", "server.tls_key", "server.tls_client_ca"), fail)
+    check_pem_files(monitor_tls, ("monitor.tls_cert", "monitor.tls_key", "monitor.tls_ca"), fail)
+    wants_tls = read["monitor.server"].lower().startswith("https://") or any(dataclasses.astuple(monitor_tls))
+    return Config(
+        **{setting.field: read[setting.key] for setting in SETTINGS if setting.field},
+        server_tls=server_tls if server_tls.cert else None,
+        monitor_tls=monitor_tls if wants_tls else None,
+        source=source,
+        monitor_server_given=origin["monitor.server"] != "default",
+        pricing=parse_pricing(values.get("pricing", {}), origin.get("pricing", "[pricing]")),
+    )
 
 
 def load_config(args: argparse.Namespace, search_cwd: bool = True) -> Config:
     path, file_data = config_file_data(args.config, search_cwd)
-    overrides = {
-        "database.path": ("--database-path", args.database_path),
-        "server.address": ("--server-address", args.server_address),
-        "server.retention": ("--server-retention", args.server_retention),
-        "server.http_address": ("--server-http-address", args.server_http_address),
-        "server.tls_cert": ("--server-tls-cert", args.server_tls_cert),
-        "server.tls_key": ("--server-tls-key", args.server_tls_key),
-        "server.tls_client_ca": ("--server-tls-client-ca", args.server_tls_client_ca),
-        "server.max_message_size": ("--server-max-message-size", args.server_max_message_size),
-        "server.cache.stats.enabled": ("--server-cache-stats-enabled", args.server_cache_stats_enabled),
-        "server.cache.stats.ttl": ("--server-cache-stats-ttl", args.server_cache_stats_ttl),
-        "monitor.server": ("--monitor-server", args.monitor_server),
-        "monitor.tls_ca": ("--monitor-tls-ca", args.monitor_tls_ca),
-        "monitor.tls_cert": ("--monitor-tls-cert", args.monitor_tls_cert),
-        "monitor.tls_key": ("--monitor-tls-key", args.monitor_tls_key),
-        "monitor.timezone": ("--monitor-timezone", args.monitor_timezone),
-        "monitor.refresh_interval": ("--monitor-refresh-interval", args.monitor_refresh_interval),
-        "claude.plan": ("--claude-plan", args.claude_plan),
-        "claude.max_tokens": ("--claude-max-tokens", args.claude_max_tokens),
-        "claude.weekly_max_tokens": ("--claude-weekly-max-tokens", args.claude_weekly_max_tokens),
-        "claude.block": ("-b/--block", args.block),
-        "monitor.alert_percent": ("--alert", args.alert),
-        "monitor.alert_command": ("--monitor-alert-command", args.monitor_alert_command),
-    }
-    env_token = os.environ.get(TOKEN_ENV)
-    for key, flag, value in (("server.token", "--server-token", args.server_token),
-                             ("monitor.token", "--monitor-token", args.monitor_token)):
-        # flag > environment > file: a token is most specific where it is given for one run
-        source, token = (flag, value) if value is not None else (TOKEN_ENV, env_token)
-        if token == "":  # usually a variable that was not set, not a wish for no token (in a file, "" is that)
-            instead = f"leave {flag} out" if source == flag else f"unset {TOKEN_ENV}"
-            raise ConfigError(f"{source}: the token is empty; give a token, or {instead} for none")
-        overrides[key] = (source, token)
-    settings, origin = merge_config(file_data, str(path), overrides)
-    return validate_config(settings, origin, str(path) if path else "defaults")
+    values, origin = setting_values(file_data, str(path), args, dict(os.environ))
+    return validate_config(values, origin, str(path) if path else "defaults")
 
 
 def certificate_name(path: Path) -> str | None:
@@ -6421,46 +6528,31 @@ def run_monitor(config: Config) -> int:
 
 # ---------------------------------------------------------------- CLI: arguments and entry point
 
-def config_options() -> argparse.ArgumentParser:
-    """The flags that override config file settings, shared by ccmon and ccmon report."""
-    parser = argparse.ArgumentParser(add_help=False)
+COMMAND_SCOPES = {  # the settings each command reads; ccmon itself (server, monitor, quick query) reads all
+    "report": ("connection", "time", "limits"),
+    "statusline": ("connection", "time", "limits"),
+    "import": ("connection", "time"),
+}
+
+
+def setting_help(setting: Setting) -> str:
+    default = str(setting.default).lower() if isinstance(setting.default, bool) else setting.default
+    notes = ([f"default {default}"] if default not in ("", [], 0) else []) + \
+            ([f"also ${setting.env}"] if setting.env else []) + (["repeatable"] if setting.repeatable else [])
+    return (setting.help + (f" ({'; '.join(notes)})" if notes else "")).replace("%", "%%")
+
+
+def add_setting_options(parser: argparse.ArgumentParser, scopes: Iterable[str]) -> None:
+    """--config, and a group of flags for each scope's settings."""
     parser.add_argument("--config", metavar="PATH", help="config file (default: ./config.{toml,yaml,yml,json}, "
                         "then ~/.ccmon/config.*)")
-    parser.add_argument("--database-path", metavar="PATH")
-    parser.add_argument("--server-address", metavar="HOST:PORT")
-    parser.add_argument("--server-retention", metavar="DURATION", help="'never', or e.g. 30d, 48h (min 24h)")
-    parser.add_argument("--server-http-address", metavar="HOST:PORT", help="OTLP/HTTP listener, or 'off'")
-    parser.add_argument("--server-token", metavar="TOKEN", help=f"require 'Authorization: Bearer TOKEN' "
-                        f"(also ${TOKEN_ENV})")
-    parser.add_argument("--server-tls-cert", metavar="PEM")
-    parser.add_argument("--server-tls-key", metavar="PEM")
-    parser.add_argument("--server-tls-client-ca", metavar="PEM", help="require client certificates (mutual TLS)")
-    parser.add_argument("--server-max-message-size", metavar="SIZE", help="largest accepted export after "
-                        "decompression (default 16MiB)")
-    parser.add_argument("--server-cache-stats-enabled", metavar="BOOL", nargs="?", const="true",
-                        help="accepted for the original Go ccmon's config; has no effect (rollups need no cache)")
-    parser.add_argument("--server-cache-stats-ttl", metavar="DURATION", help="accepted for the original Go "
-                        "ccmon's config; has no effect")
-    parser.add_argument("--monitor-server", metavar="HOST:PORT", help="the server to query; https://HOST:PORT "
-                        "for TLS")
-    parser.add_argument("--monitor-token", metavar="TOKEN", help=f"token sent to the server (also ${TOKEN_ENV})")
-    parser.add_argument("--monitor-tls-ca", metavar="PEM", help="CA that signed the server's certificate")
-    parser.add_argument("--monitor-tls-cert", metavar="PEM", help="client certificate for mutual TLS")
-    parser.add_argument("--monitor-tls-key", metavar="PEM")
-    parser.add_argument("--monitor-timezone", metavar="ZONE", help="IANA timezone, e.g. Europe/Berlin")
-    parser.add_argument("--monitor-refresh-interval", metavar="DURATION", help="1s to 5m (default 5s)")
-    parser.add_argument("--claude-plan", metavar="PLAN", help="unset, pro, max or max20")
-    parser.add_argument("--claude-max-tokens", metavar="N", help="block token limit (0: plan default; auto: "
-                        "calibrated from Claude's own readings, else learned from past blocks)")
-    parser.add_argument("--claude-weekly-max-tokens", metavar="N", help="weekly premium token limit (0: none, or "
-                        "calibrated while Claude's own week is read)")
-    parser.add_argument("-b", "--block", metavar="HOUR", help="track 5-hour blocks: 'auto' (from your first "
-                        "request, like Claude's own windows) or a fixed start hour such as 5am")
-    parser.add_argument("--alert", metavar="PERCENT", action="append", help="alert when block or weekly usage "
-                        "crosses PERCENT (repeatable)")
-    parser.add_argument("--monitor-alert-command", metavar="COMMAND", help="run COMMAND on an alert, with the "
-                        "figures in CCMON_ALERT_* variables")
-    return parser
+    for scope in scopes:
+        group = parser.add_argument_group(SCOPES[scope])
+        for setting in (setting for setting in SETTINGS if setting.scope == scope):
+            form = {"action": "append"} if setting.repeatable else \
+                {"nargs": "?", "const": "true"} if setting.read is read_switch else {}
+            group.add_argument(*setting.options, dest=setting.dest, metavar=setting.metavar,
+                               help=setting_help(setting), **form)
 
 
 class CommandLine(argparse.ArgumentParser):
@@ -6478,25 +6570,29 @@ class CommandLine(argparse.ArgumentParser):
 
 def build_parser() -> CommandLine:
     parser = CommandLine(
-        prog="ccmon", parents=[config_options()],
-        description="Watch what Claude Code costs: an OTLP collector (--server) and a live monitor.",
+        prog="ccmon", description="Watch what Claude Code costs: an OTLP collector (--server) and a live monitor "
+        "(no mode flag).",
         epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help. Claude Code's status line: ccmon statusline "
                "--help. History from Claude Code's transcripts: ccmon import --help")
     parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
-    parser.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
-                        help="run the server; with HOST:PORT, run the monitor against that server")
-    parser.add_argument("-f", "--format", metavar="TEMPLATE", help="print TEMPLATE with @daily_cost, "
-                        "@monthly_cost, @daily_plan_usage, ... replaced, and exit (for status bars)")
-    parser.add_argument("--json", action="store_true", help="print every quick-query figure as JSON and exit")
-    parser.add_argument("--health", action="store_true", help="check that the server answers (exit 0) and exit")
-    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                        help="server log level (default info)")
+    modes = parser.add_argument_group("modes (none: the monitor)")
+    modes.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
+                       help="run the server; with HOST:PORT, run the monitor against that server")
+    modes.add_argument("-f", "--format", metavar="TEMPLATE", help="quick query: print TEMPLATE with @daily_cost, "
+                       "@monthly_cost, @daily_plan_usage, ... replaced, and exit (for status bars)")
+    modes.add_argument("--json", action="store_true", help="quick query: print every figure as JSON and exit")
+    modes.add_argument("--health", action="store_true", help="check that the server answers (exit 0) and exit")
+    modes.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                       help="server log level (default info)")
+    add_setting_options(parser, SCOPES)
     return parser
 
 
 def command_parser(command: str, description: str) -> CommandLine:
-    """The parser of `ccmon COMMAND`: the config flags, a client's defaults (no server mode, quiet logging)."""
-    parser = CommandLine(prog=f"ccmon {command}", parents=[config_options()], description=description)
+    """The parser of `ccmon COMMAND`: the flags of the settings it reads, a client's defaults (no server mode,
+    quiet logging)."""
+    parser = CommandLine(prog=f"ccmon {command}", description=description)
+    add_setting_options(parser, COMMAND_SCOPES[command])
     parser.set_defaults(server=None, log_level="warning")
     return parser
 
@@ -6567,11 +6663,11 @@ def chosen_mode(args: argparse.Namespace, parser: CommandLine) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     mode, parser, words = "", build_parser(), argv
-    for command, command_parser in (("report", build_report_parser), ("statusline", build_status_line_parser),
-                                    ("import", build_import_parser)):
+    for command, build in (("report", build_report_parser), ("statusline", build_status_line_parser),
+                           ("import", build_import_parser)):
         command_words = without_command(argv, command, parser)
         if command_words is not None:
-            mode, parser, words = command, command_parser(), command_words
+            mode, parser, words = command, build(), command_words
             break
     args = parser.parse_args(words)
     mode = mode or chosen_mode(args, parser)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import io
 import json
@@ -17,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import tomllib
@@ -411,7 +413,8 @@ def test_config_defaults(tmp_path, monkeypatch):
         database_path=tmp_path / "home" / ".ccmon" / "ccmon.db", server_address="127.0.0.1:4317",
         server_retention_s=None, server_http_address="127.0.0.1:4318", server_token="", server_tls=None,
         max_message_bytes=16 * 1024 * 1024, monitor_server="127.0.0.1:4317", monitor_token="", monitor_tls=None,
-        monitor_timezone="UTC", refresh_interval_s=5, plan="unset", max_tokens=0, source="defaults")
+        monitor_timezone="UTC", refresh_interval_s=5, plan="unset", max_tokens=0, source="defaults", block_mode=None,
+        weekly_max_tokens=0, alert_percents=(), alert_command="")
 
 
 def test_config_file_search_order_and_flag_precedence(tmp_path, monkeypatch):
@@ -554,6 +557,116 @@ def test_token_precedence_flag_then_environment_then_file(tmp_path, monkeypatch)
     assert (config.server_token, config.monitor_token) == ("from-flag", "m")
     tls = config_for(tmp_path, monkeypatch, ["--monitor-server", "https://ccmon.example.com:443"])
     assert tls.monitor_tls == ccmon.TLSFiles()  # TLS with the system's roots
+
+
+# config.toml.example and the table in docs/configuration.md are made from ccmon.SETTINGS; after changing a setting,
+# CCMON_WRITE_GENERATED=1 python -m pytest -q -k generated writes them anew (and the tests below then pass).
+EXAMPLE_HEAD = """\
+# ccmon configuration. Copy to ./config.toml or ~/.ccmon/config.toml (YAML and JSON work too,
+# as config.yaml / config.yml / config.json). Every key is optional; shown are the defaults.
+# Flags override this file; docs/configuration.md has the whole table. Generated from SETTINGS in ccmon.py.
+"""
+EXAMPLE_PRICING = """\
+[pricing]                         # USD per million tokens, for models ccmon's table lacks or to override it
+# "claude-sonnet-4-5" = {input = 3, output = 15, cache_read = 0.3, cache_write_5m = 3.75, cache_write_1h = 6}
+# "my-gateway-model" = {input = 2, output = 8}   # cache prices default to 0.1, 1.25 and 2 x input
+"""
+DOCS_TABLE_BEGIN = "<!-- settings:begin (generated from SETTINGS in ccmon.py; do not edit) -->"
+DOCS_TABLE_END = "<!-- settings:end -->"
+
+
+def toml_value(value) -> str:
+    return "true" if value is True else "false" if value is False else json.dumps(value)
+
+
+def example_config_text() -> str:
+    """config.toml.example: each setting at its default, with its flag (and variable) and what it does."""
+    lines = [EXAMPLE_HEAD]
+    for section in ccmon.SECTIONS[:-1]:
+        lines.append(f"[{section}]")
+        for setting in (s for s in ccmon.SETTINGS if s.section == section):
+            where = " or ".join([setting.label] + ([f"${setting.env}"] if setting.env else []))
+            words = textwrap.wrap(f"{where}; {setting.help}", 116 - 36)
+            assignment = f"{setting.name} = {toml_value(setting.default)}"
+            lines.append(f"{assignment:<33} # {words[0]}")
+            lines.extend(f"{'':<33} # {more}" for more in words[1:])
+        lines.append("")
+    return "\n".join(lines) + "\n" + EXAMPLE_PRICING
+
+
+def docs_settings_table() -> str:
+    """The table in docs/configuration.md, between its markers."""
+    rows = ["| Setting | Flag | Default | What it does |", "| --- | --- | --- | --- |"]
+    for setting in ccmon.SETTINGS:
+        flags = ", ".join(f"`{flag}`" for flag in setting.options) + (f", `${setting.env}`" if setting.env else "")
+        default = f"`{toml_value(setting.default)}`"
+        rows.append(f"| `{setting.key}` | {flags} | {default} | {setting.help.replace('|', '&#124;')} |")
+    return "\n".join([DOCS_TABLE_BEGIN, *rows, DOCS_TABLE_END])
+
+
+def generated(path: Path, expected: str, actual: str):
+    """Holds a generated file to what it is made from; CCMON_WRITE_GENERATED=1 writes it anew instead."""
+    if os.environ.get("CCMON_WRITE_GENERATED") == "1":
+        path.write_text(path.read_text().replace(actual, expected) if actual else expected)
+        actual = expected
+    assert actual == expected, f"{path.name} is not what SETTINGS makes; see the comment above EXAMPLE_HEAD"
+
+
+def test_config_example_is_generated_from_the_settings():
+    path = ROOT / "config.toml.example"
+    generated(path, example_config_text(), path.read_text())
+
+
+def test_docs_settings_table_is_generated_from_the_settings():
+    path = ROOT / "docs" / "configuration.md"
+    text = path.read_text()
+    begin, end = text.index(DOCS_TABLE_BEGIN), text.index(DOCS_TABLE_END) + len(DOCS_TABLE_END)
+    generated(path, docs_settings_table(), text[begin:end])
+
+
+def test_a_setting_is_declared_once():
+    """Every Config field but the few made of several settings is one setting's; every setting is a flag of
+    ccmon and of each command that reads its scope, and nowhere else."""
+    derived = {"server_tls", "monitor_tls", "source", "monitor_server_given", "pricing"}
+    fields = {field.name for field in dataclasses.fields(ccmon.Config)}
+    assert fields - derived == {s.field for s in ccmon.SETTINGS if s.field}
+    for command, scopes in [("", tuple(ccmon.SCOPES)), *ccmon.COMMAND_SCOPES.items()]:
+        parser = ccmon.build_parser() if not command else {"report": ccmon.build_report_parser,
+                                                          "statusline": ccmon.build_status_line_parser,
+                                                          "import": ccmon.build_import_parser}[command]()
+        flags = set(parser._option_string_actions)
+        for setting in ccmon.SETTINGS:
+            assert (set(setting.options) <= flags) == (setting.scope in scopes), (command, setting.key)
+
+
+@pytest.mark.parametrize("command,shown,hidden", [
+    ("import", ["--since", "--follow", "--monitor-server", "--monitor-token", "--monitor-tls-ca",
+                "--monitor-timezone", "--config"], ["--server-tls-client-ca", "--database-path", "--block",
+                                                    "--monitor-refresh-interval", "--alert"]),
+    ("statusline", ["--format", "--monitor-server", "--monitor-token", "--claude-plan", "--block"],
+     ["--server-tls-cert", "--server-retention", "--alert", "--monitor-refresh-interval"]),
+    ("report", ["--since", "--csv", "--monitor-server", "--block", "--monitor-timezone"],
+     ["--server-address", "--server-max-message-size", "--monitor-alert-command"]),
+])
+def test_each_command_shows_the_options_it_uses(command, shown, hidden, capsys):
+    with pytest.raises(SystemExit):
+        ccmon.main([command, "--help"])
+    out = capsys.readouterr().out
+    for flag in shown:
+        assert f"{flag} " in out or f"{flag}," in out, flag
+    for flag in hidden:
+        assert flag not in out, flag
+
+
+def test_ccmons_help_groups_options_by_mode(capsys):
+    with pytest.raises(SystemExit):
+        ccmon.main(["--help"])
+    out = capsys.readouterr().out
+    groups = re.findall(r"^(\S[^\n]*):$", out, re.MULTILINE)
+    assert groups == ["options", "modes (none: the monitor)", ccmon.SCOPES["server"], ccmon.SCOPES["connection"],
+                      ccmon.SCOPES["time"], ccmon.SCOPES["monitor"], ccmon.SCOPES["limits"]]
+    server_part = out.split(ccmon.SCOPES["server"] + ":")[1].split(ccmon.SCOPES["connection"] + ":")[0]
+    assert "--server-tls-client-ca" in server_part and "--monitor-server" not in server_part
 
 
 def test_example_config_is_valid_and_shows_the_defaults(tmp_path, monkeypatch):
