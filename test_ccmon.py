@@ -5844,3 +5844,10 @@ def test_configuration_page_has_the_generated_settings_block():
     assert text.count("<!-- settings:begin (generated from SETTINGS in ccmon.py; do not edit) -->") == 1
     assert text.count("<!-- settings:end -->") == 1
     assert text.index("<!-- settings:begin") < text.index("<!-- settings:end -->")
+
+
+def test_readme_has_the_test_command_ci_runs():
+    """.ci/run runs the README's test command verbatim: the two stay one line."""
+    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert command.startswith("python3 -m venv .venv") and \
+        command in (ROOT / "README.md").read_text().splitlines()
