@@ -5899,3 +5899,68 @@ def test_module_docstring_lists_the_sections_in_order():
     titles = re.findall(r"^# -{8,} (.+)$", (ROOT / "ccmon.py").read_text(), re.MULTILINE)
     listed = [line.strip() for line in ccmon.__doc__.splitlines() if line.startswith("  ")]
     assert listed == titles
+
+
+# ---------------------------------------------------------------- docs: README.md and docs/*.md
+
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def markdown_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a file's headings: lower case, punctuation dropped, spaces as hyphens, a
+    repeated heading numbered (-1, -2, ...); headings inside code blocks are not headings."""
+    anchors: set[str] = set()
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (match := re.match(r"#{1,6} (.+)", line)):
+            slug = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
+            anchor, number = slug, 0
+            while anchor in anchors:
+                number += 1
+                anchor = f"{slug}-{number}"
+            anchors.add(anchor)
+    return anchors
+
+
+def test_markdown_anchors():
+    assert markdown_anchors("# ccmon\n## Claude Code's status line: `ccmon statusline`\n```\n# not one\n```\n"
+                            "## ccmon.pyz\n## Notes\n## Notes\n") == \
+        {"ccmon", "claude-codes-status-line-ccmon-statusline", "ccmonpyz", "notes", "notes-1"}
+
+
+def test_docs_links_resolve():
+    """Every relative link in README.md and docs/*.md names a file that exists, and a heading in it when it
+    names an anchor; the README stays a front door (under 200 lines); no page names a path on one machine."""
+    broken = []
+    for page in DOC_FILES:
+        text = page.read_text()
+        prose = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in markdown_anchors(linked.read_text()):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+        assert "/work/" not in text, f"{page.relative_to(ROOT)} names a path on one machine"
+    assert broken == []
+    assert len(DOC_FILES) > 1
+    assert len((ROOT / "README.md").read_text().splitlines()) < 200
+
+
+def test_configuration_page_has_the_generated_settings_block():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert text.count("<!-- settings:begin (generated from SETTINGS in ccmon.py; do not edit) -->") == 1
+    assert text.count("<!-- settings:end -->") == 1
+    assert text.index("<!-- settings:begin") < text.index("<!-- settings:end -->")
+
+
+def test_readme_has_the_test_command_ci_runs():
+    """.ci/run runs the README's test command verbatim: the two stay one line."""
+    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert command.startswith("python3 -m venv .venv") and \
+        command in (ROOT / "README.md").read_text().splitlines()
