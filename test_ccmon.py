@@ -598,7 +598,8 @@ def docs_settings_table() -> str:
     """The table in docs/configuration.md, between its markers."""
     rows = ["| Setting | Flag | Default | What it does |", "| --- | --- | --- | --- |"]
     for setting in ccmon.SETTINGS:
-        flags = ", ".join(f"`{flag}`" for flag in setting.options) + (f", `${setting.env}`" if setting.env else "")
+        flags = ", ".join(f"`{flag}`" for flag in setting.options) + (f", `${setting.env}`" if setting.env else "") \
+            + (" (repeatable)" if setting.repeatable else "")
         default = f"`{toml_value(setting.default)}`"
         rows.append(f"| `{setting.key}` | {flags} | {default} | {setting.help.replace('|', '&#124;')} |")
     return "\n".join([DOCS_TABLE_BEGIN, *rows, DOCS_TABLE_END])
