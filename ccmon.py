@@ -4818,7 +4818,7 @@ def format_status_line(template: str, values: dict[str, str]) -> str:
 def read_status_input(stream) -> tuple[dict, str]:
     """(the status line input, a problem to report or ''): no stdin, a terminal or bad JSON gives {} and says so."""
     if stream is None or stream.isatty():
-        return {}, "ccmon statusline reads Claude Code's status line JSON on stdin (see README)"
+        return {}, "ccmon statusline reads Claude Code's status line JSON on stdin (see docs/statusline.md)"
     raw = stream.buffer.read(MAX_VALUE_CHARS) if hasattr(stream, "buffer") else stream.read(MAX_VALUE_CHARS)
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     try:
