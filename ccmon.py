@@ -1789,7 +1789,7 @@ class Writer:
             return 0, 0
         users, days = {}, set()
         origin = REQUEST_COLUMNS.index("origin")
-        replaced = frozenset().union(*(replaced_by(row[origin]) for row in rows)) - REQUEST_ORIGINS
+        replaced = frozenset().union(*map(replaced_by, {row[origin] for row in rows})) - REQUEST_ORIGINS
         for session_id in {row[1] for row in rows}:
             session = self._intern(conn, "sessions", "session_id", session_id)
             known = conn.execute("SELECT u.name FROM session_usage su JOIN users u ON u.id = su.user WHERE "
