@@ -1131,13 +1131,64 @@ def health_config(config: Config) -> Config:
 
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                  "cost_nanos", "duration_ms")
-# requests.origin: where a row comes from. Rows derived from metrics are usage, not requests.
-ORIGIN_EVENT, ORIGIN_METRICS, ORIGIN_TRANSCRIPT, ORIGIN_TRANSCRIPT_COST = 0, 1, 2, 3  # 2: priced by ccmon (estimated)
+# requests.origin: where a row comes from. Stored, so a value keeps its meaning for ever.
+ORIGIN_EVENT = 0            # an api_request event: Claude Code's own figures and cost
+ORIGIN_METRICS = 1          # derived from cost/token metrics: a session's usage, not requests (no request_id)
+ORIGIN_TRANSCRIPT = 2       # read from a transcript, priced by ccmon (estimated)
+ORIGIN_TRANSCRIPT_COST = 3  # read from a transcript with the cost Claude Code wrote in it
+
+
+@dataclasses.dataclass(frozen=True)
+class OriginRule:
+    """How the rows of one origin count, and which source wins: a row replaces the stored rows of a lower rank,
+    usage (not requests) within its session and requests by its request_id; they are deleted when it arrives. A
+    row is not stored where one replacing it, or a copy of it, is: metric usage in a session with requests, a
+    transcript's request whose request_id is stored. The SQL selecting origins is rendered from ORIGIN_RULES by
+    origin_in; migrations keep theirs literal, as it was when they were written.
+
+    A new source (another agent, a new Claude Code event) is a constant above and its line in ORIGIN_RULES. Should
+    that change the SQL the migrations wrote into the schema (the rollup triggers count REQUEST_ORIGINS, partial
+    indexes select the metric and transcript origins), a new migration recreates it: a test compares them."""
+    rank: int         # a row replaces the stored rows of a lower rank
+    request: bool     # one API request with its request_id (else usage: not counted or listed as a request)
+    transcript: bool  # read from a transcript, whose copies in forked sessions share the request_id
+
+
+ORIGIN_RULES = {ORIGIN_EVENT: OriginRule(rank=2, request=True, transcript=False),
+                ORIGIN_METRICS: OriginRule(rank=0, request=False, transcript=False),
+                ORIGIN_TRANSCRIPT: OriginRule(rank=1, request=True, transcript=True),
+                ORIGIN_TRANSCRIPT_COST: OriginRule(rank=1, request=True, transcript=True)}
+REQUEST_ORIGINS = frozenset(origin for origin, policy in ORIGIN_RULES.items() if policy.request)
+TRANSCRIPT_ORIGINS = frozenset(origin for origin, policy in ORIGIN_RULES.items() if policy.transcript)
+
+
+def replaced_by(origin: int) -> frozenset[int]:
+    """The origins whose stored rows a row of `origin` replaces (see OriginRule)."""
+    return frozenset(other for other, policy in ORIGIN_RULES.items() if policy.rank < ORIGIN_RULES[origin].rank)
+
+
+def origin_in(origins: Iterable[int], column: str = "origin") -> str:
+    """SQL true for the rows of these origins, written as the partial indexes' conditions are (SQLite uses a
+    partial index only for a query stating its condition): = one, != all but one, >= all from one on, else IN."""
+    chosen = sorted(set(origins))
+    others = sorted(set(ORIGIN_RULES) - set(chosen))
+    if len(chosen) == 1:
+        return f"{column} = {chosen[0]}"
+    if len(others) == 1:
+        return f"{column} != {others[0]}"
+    if chosen and others and others[-1] < chosen[0]:
+        return f"{column} >= {chosen[0]}"
+    return f"{column} IN ({', '.join(map(str, chosen))})"
+
+
 # What each rollup row keeps, and how one requests row ({r}: its alias) adds to it; after `rows`,
 # in the order of Usage's fields.
-FIGURES = {"rows": "1", "requests": "({r}origin != 1)", **{c: "{r}" + c for c in USAGE_COLUMNS},
+FIGURES = {"rows": "1", "requests": f"({origin_in(REQUEST_ORIGINS, '{r}origin')})",
+           **{c: "{r}" + c for c in USAGE_COLUMNS},
            "ttft_ms": "COALESCE({r}ttft_ms, 0)", "ttft_count": "({r}ttft_ms IS NOT NULL)"}
-V1_FIGURES = {**FIGURES, "requests": "({r}origin = 0)"}  # as schema versions 1-4 built their triggers
+# The figures as schema versions 1-4 and 5 on built their triggers: a migration's SQL keeps meaning what it did.
+V1_FIGURES = {**FIGURES, "requests": "({r}origin = 0)"}
+V5_FIGURES = {**FIGURES, "requests": "({r}origin != 1)"}
 USAGE_SUMS = ", ".join(f"SUM({c})" for c in list(FIGURES)[1:])  # a rollup's figures as Usage(*...)
 RAW_SUMS = ", ".join(f"SUM({e.format(r='')})" for e in list(FIGURES.values())[1:])  # the same over raw rows
 ROW_FIGURES = ", ".join(e.format(r="r.") for e in list(FIGURES.values())[1:])  # one row (alias r) as Usage(*...)
@@ -1265,7 +1316,6 @@ CREATE TABLE IF NOT EXISTS metric_points (
 CREATE UNIQUE INDEX IF NOT EXISTS metric_points_key ON metric_points(ts, session, seq);
 CREATE INDEX IF NOT EXISTS metric_points_series ON metric_points(session, name, ts);
 """.replace("{usage_triggers}", usage_triggers(V1_FIGURES))
-# Rows arrive from ingestion with text where the tables hold ids; the writer resolves them.
 
 
 def add_request_id_index(conn: sqlite3.Connection) -> None:
@@ -1274,7 +1324,8 @@ def add_request_id_index(conn: sqlite3.Connection) -> None:
 
 
 def rebuild_rollups(conn: sqlite3.Connection) -> None:
-    """Recompute every rollup from the raw rows, as the triggers and the writer would have built them."""
+    """Recompute every rollup from the raw rows, as the triggers and the writer would have built them. (By FIGURES,
+    also in migration 3: before version 5 every row has origin 0 or 1, which FIGURES and V1_FIGURES count alike.)"""
     sums = ", ".join(f"SUM({expression.format(r='')})" for expression in FIGURES.values())
     for table in ("usage_rollup", "usage_daily", "session_usage"):
         conn.execute(f"DELETE FROM {table}")
@@ -1333,7 +1384,7 @@ def count_imported_requests(conn: sqlite3.Connection) -> None:
     for table in ("usage_rollup", "session_usage"):
         conn.execute(f"DROP TRIGGER {table}_insert")
         conn.execute(f"DROP TRIGGER {table}_delete")
-    for statement in re.split(r"(?<=END;)\n", usage_triggers(FIGURES).strip()):
+    for statement in re.split(r"(?<=END;)\n", usage_triggers(V5_FIGURES).strip()):
         conn.execute(statement)
     conn.execute("CREATE INDEX requests_imported ON requests(session) WHERE origin >= 2")
 
@@ -1589,8 +1640,13 @@ METRIC_USAGE_FIELDS = {("claude_code.cost.usage", None): "cost_nanos",
 # transcripts name it alike; among imported rows, in any session; and near that time in any session, for a
 # transcript's copy in a forked session of an answer that telemetry stored (the copy keeps the answer's time).
 REQUEST_ID_KNOWN = ("EXISTS (SELECT 1 FROM requests WHERE session = ?2 AND request_id = ?R) OR EXISTS (SELECT 1 "
-                    "FROM requests WHERE request_id = ?R AND origin >= 2) OR EXISTS (SELECT 1 FROM requests WHERE "
-                    f"ts >= ?1 - {COPY_WINDOW_MS} AND ts <= ?1 + {COPY_WINDOW_MS} AND request_id = ?R)")
+                    f"FROM requests WHERE request_id = ?R AND {origin_in(TRANSCRIPT_ORIGINS)}) OR EXISTS (SELECT 1 "
+                    f"FROM requests WHERE ts >= ?1 - {COPY_WINDOW_MS} AND ts <= ?1 + {COPY_WINDOW_MS} AND "
+                    "request_id = ?R)")
+
+
+# Metric-derived usage counts for a session until a row that replaces it is stored.
+METRIC_USAGE_REPLACED_BY = origin_in(origin for origin in ORIGIN_RULES if ORIGIN_METRICS in replaced_by(origin))
 
 
 def insert_sql(table: str, columns: tuple) -> str:
@@ -1787,16 +1843,18 @@ class Writer:
         new, days = 0, set()
         if batch.requests:
             requests = self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests)
+            replaced = replaced_by(ORIGIN_EVENT)
+            usage = f"DELETE FROM requests WHERE session = ? AND {origin_in(replaced - REQUEST_ORIGINS)} RETURNING ts"
             for session in {row[1] for row in requests}:  # api_request events win over metric-derived usage
-                gone = conn.execute("DELETE FROM requests WHERE session = ? AND origin = 1 RETURNING ts",
-                                    (session,)).fetchall()
+                gone = conn.execute(usage, (session,)).fetchall()
                 days.update(ts - ts % DAY_MS for ts, in gone)
             if self._has_imported(conn):  # and over a transcript's copy of the same request (Claude Code's cost)
                 request_id = REQUEST_COLUMNS.index("request_id")
+                copies = (f"DELETE FROM requests WHERE request_id = ? AND {origin_in(replaced & REQUEST_ORIGINS)} "
+                          "RETURNING ts")
                 for row in requests:
                     if row[request_id] is not None:
-                        gone = conn.execute("DELETE FROM requests WHERE request_id = ? AND origin >= 2 RETURNING ts",
-                                            (row[request_id],)).fetchall()
+                        gone = conn.execute(copies, (row[request_id],)).fetchall()
                         days.update(ts - ts % DAY_MS for ts, in gone)
             new += conn.executemany(insert_sql("requests", REQUEST_COLUMNS), requests).rowcount
             days.update(row[0] - row[0] % DAY_MS for row in requests)
@@ -1817,7 +1875,8 @@ class Writer:
     def _has_imported(self, conn: sqlite3.Connection) -> bool:
         """Whether any request was imported from a transcript (the partial index answers at once)."""
         if not self._imported:
-            self._imported = conn.execute("SELECT 1 FROM requests WHERE origin >= 2 LIMIT 1").fetchone() is not None
+            self._imported = conn.execute(f"SELECT 1 FROM requests WHERE {origin_in(TRANSCRIPT_ORIGINS)} LIMIT 1"
+                                          ).fetchone() is not None
         return self._imported
 
     def import_requests(self, rows: list[tuple], projects: dict[str, str], user: str,
@@ -1836,12 +1895,14 @@ class Writer:
         if not rows:
             return 0, 0
         users, days = {}, set()
+        origin = REQUEST_COLUMNS.index("origin")
+        replaced = frozenset().union(*map(replaced_by, {row[origin] for row in rows})) - REQUEST_ORIGINS
         for session_id in {row[1] for row in rows}:
             session = self._intern(conn, "sessions", "session_id", session_id)
             known = conn.execute("SELECT u.name FROM session_usage su JOIN users u ON u.id = su.user WHERE "
                                  "su.session = ? ORDER BY su.last_ts DESC LIMIT 1", (session,)).fetchone()
             users[session_id] = known[0] if known else user
-            gone = conn.execute("DELETE FROM requests WHERE session = ? AND origin = 1 RETURNING ts",
+            gone = conn.execute(f"DELETE FROM requests WHERE session = ? AND {origin_in(replaced)} RETURNING ts",
                                 (session,)).fetchall()  # requests win over metric-derived usage, as events do
             days.update(ts - ts % DAY_MS for ts, in gone)
             if projects.get(session_id):
@@ -1867,7 +1928,7 @@ class Writer:
         users); a cumulative point counts by its difference to the previous point of its series."""
         field = METRIC_USAGE_FIELDS.get((point["name"], point["type"]))
         if field is None or point["session"] == self._intern(conn, "sessions", "session_id", "") or \
-                conn.execute("SELECT 1 FROM requests WHERE session = ? AND origin != 1 LIMIT 1",
+                conn.execute(f"SELECT 1 FROM requests WHERE session = ? AND {METRIC_USAGE_REPLACED_BY} LIMIT 1",
                              (point["session"],)).fetchone():
             return []  # not usage, no session to tell events from metrics (not counted), or events win
         value = point["value"]
@@ -1888,7 +1949,7 @@ class Writer:
         row = {"ts": point["ts"], "session": point["session"], "seq": point["seq"],
                "model": self._intern(conn, "models", "name", point["model"] or "unknown"), "user": point["user"],
                **figures, "ttft_ms": None, "prompt_id": None, "request_id": None, "source": point["source"],
-               "extra": None, "origin": 1}
+               "extra": None, "origin": ORIGIN_METRICS}
         conn.execute(insert_sql("requests", REQUEST_COLUMNS), [row[c] for c in REQUEST_COLUMNS])
         return [point["ts"] - point["ts"] % DAY_MS]
 
@@ -2103,8 +2164,8 @@ class Reader:
         order = "ASC" if oldest_first else "DESC"
         sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r "
                "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model "
-               f"WHERE r.ts >= ? AND r.ts < ? AND r.origin != 1{where} ORDER BY r.ts {order}, r.id {order} "
-               "LIMIT ? OFFSET ?")
+               f"WHERE r.ts >= ? AND r.ts < ? AND {origin_in(REQUEST_ORIGINS, 'r.origin')}{where} "
+               f"ORDER BY r.ts {order}, r.id {order} LIMIT ? OFFSET ?")
         params = (start_ms, end_ms, *extra, limit if limit > 0 else -1,
                   max(offset, 0))
         return [StoredRequest(session, ts, model, Usage(*figures))
@@ -2222,12 +2283,13 @@ class Reader:
         return sorted(summaries, key=lambda summary: (-summary.last_ms, summary.session_id))
 
     def _imported_origins(self, sessions: list[int]) -> dict[int, int]:
-        """The lowest origin of each session's requests imported from transcripts (2: priced by ccmon)."""
+        """The lowest origin of each session's requests imported from transcripts (ORIGIN_TRANSCRIPT, priced by
+        ccmon, when any)."""
         found: dict[int, int] = {}
         for first in range(0, len(sessions), 500):
             chunk = sessions[first:first + 500]
             found.update(self._reader().execute(
-                f"SELECT session, MIN(origin) FROM requests WHERE origin >= 2 AND session IN "
+                f"SELECT session, MIN(origin) FROM requests WHERE {origin_in(TRANSCRIPT_ORIGINS)} AND session IN "
                 f"({', '.join('?' * len(chunk))}) GROUP BY session", chunk))
         return found
 
@@ -2274,7 +2336,8 @@ class Reader:
 
     def _session_requests(self, session: int, limit: int) -> list[StoredRequest]:
         sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r JOIN sessions s ON s.id = r.session "
-               "JOIN models m ON m.id = r.model WHERE r.session = ? AND r.origin != 1 ORDER BY r.ts LIMIT ?")
+               f"JOIN models m ON m.id = r.model WHERE r.session = ? AND {origin_in(REQUEST_ORIGINS, 'r.origin')} "
+               "ORDER BY r.ts LIMIT ?")
         return [StoredRequest(sid, ts, model, Usage(*figures))
                 for sid, ts, model, *figures in self._reader().execute(sql, (session, limit))]
 
@@ -2592,7 +2655,7 @@ def request_row(attrs: dict, ts: int, source: str | None, user: str, record) -> 
     session, seq = record_key(attrs, record)
     return (ts, session, seq, str(attrs.get("model") or "unknown"), user, *counts,
             cost, duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
-            source, compact_json(extra), 0)
+            source, compact_json(extra), ORIGIN_EVENT)
 
 
 def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, record) -> tuple:

@@ -1061,6 +1061,47 @@ def test_block_chains_and_edges(tmp_path):
     assert ccmon.block_window(None, 0, BERLIN, [(0, ccmon.BLOCK_MS)]) is None
 
 
+def test_which_origin_replaces_which():
+    event, metrics, transcript, transcript_cost = origins = (ccmon.ORIGIN_EVENT, ccmon.ORIGIN_METRICS,
+                                                             ccmon.ORIGIN_TRANSCRIPT, ccmon.ORIGIN_TRANSCRIPT_COST)
+    assert origins == (0, 1, 2, 3)  # stored in requests.origin
+    assert {origin: ccmon.replaced_by(origin) for origin in ccmon.ORIGIN_RULES} == {
+        event: {metrics, transcript, transcript_cost}, metrics: set(), transcript: {metrics},
+        transcript_cost: {metrics}}
+    assert ccmon.REQUEST_ORIGINS == {event, transcript, transcript_cost}
+    assert ccmon.TRANSCRIPT_ORIGINS == {transcript, transcript_cost}
+    assert min(ccmon.TRANSCRIPT_ORIGINS) == transcript  # a session's lowest imported origin: whether ccmon priced any
+    assert [ccmon.origin_in(chosen) for chosen in ({metrics}, {event, transcript, transcript_cost},
+                                                   {transcript, transcript_cost}, {event, transcript})] == \
+        ["origin = 1", "origin != 1", "origin >= 2", "origin IN (0, 2)"]
+    assert ccmon.origin_in(iter([event, transcript, transcript_cost]), "r.origin") == "r.origin != 1"
+
+
+def test_the_schema_selects_origins_as_the_policy_renders_them(tmp_path):
+    """The rollup triggers and the partial indexes, written by migrations, select origins with the SQL the policy
+    renders (SQLite uses a partial index only for a query stating its condition): a policy change that alters
+    it needs a migration recreating them."""
+    conn = ccmon.open_database(tmp_path / "ccmon.db")
+    schema = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE tbl_name = 'requests'"))
+    from_metrics = ccmon.origin_in(ccmon.replaced_by(ccmon.ORIGIN_EVENT) - ccmon.REQUEST_ORIGINS)
+    transcripts = ccmon.origin_in(ccmon.TRANSCRIPT_ORIGINS)
+    assert schema["requests_from_metrics"].endswith(f" WHERE {from_metrics}")
+    assert schema["requests_imported"].endswith(f" WHERE {transcripts}")
+    assert schema["requests_imported_request"].endswith(f" WHERE {transcripts}")
+    for table in ("usage_rollup", "session_usage"):
+        assert ccmon.FIGURES["requests"].format(r="NEW.") in schema[f"{table}_insert"]
+        assert ccmon.FIGURES["requests"].format(r="OLD.") in schema[f"{table}_delete"]
+
+    def plan(sql: str) -> str:
+        return " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
+
+    assert "requests_from_metrics" in plan(f"DELETE FROM requests WHERE session = 1 AND {from_metrics}")
+    assert "requests_imported_request" in plan(f"DELETE FROM requests WHERE request_id = 'r' AND {transcripts}")
+    assert "requests_imported" in plan(f"SELECT session, MIN(origin) FROM requests WHERE {transcripts} "
+                                       "AND session IN (1, 2) GROUP BY session")
+    conn.close()
+
+
 V1 = ROOT / "fixtures" / "v1"
 
 
@@ -5894,6 +5935,49 @@ def test_sections_depend_only_on_sections_above():
     # the check itself finds an upward use
     assert top_level_uses_above_their_section(
         "# -------- A\ndef f():\n    return g()\n\n# -------- B\ndef g():\n    return 1\n") == ["line 3: g"]
+
+
+ORIGIN_BY_NUMBER = re.compile(r"\borigin\s*(?:[=!<>]=?|<>|IN\s*\()\s*\d", re.IGNORECASE)
+
+
+def origins_by_number(source: str, historical: set[str]) -> list[str]:
+    """Where code outside the top-level definitions named `historical` selects or sets a request's origin by its
+    number: in SQL text, a comparison in Python, an "origin" key."""
+    import ast
+
+    def number(node) -> bool:
+        return isinstance(node, ast.Constant) and type(node.value) is int
+
+    def origin(node) -> bool:
+        return "origin" in (getattr(node, "id", "") or getattr(node, "attr", "")).lower()
+
+    def by_number(node) -> bool:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return ORIGIN_BY_NUMBER.search(node.value) is not None
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            return any(map(origin, operands)) and any(map(number, operands))
+        return isinstance(node, ast.Dict) and any(isinstance(key, ast.Constant) and key.value == "origin" and
+                                                  number(value) for key, value in zip(node.keys, node.values))
+
+    found = []
+    for node in ast.parse(source).body:
+        names = {node.name} if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else \
+            {target.id for target in node.targets if isinstance(target, ast.Name)} if isinstance(node, ast.Assign) \
+            else set()
+        if not names & historical:
+            found += [f"line {part.lineno}" for part in ast.walk(node) if by_number(part)]
+    return found
+
+
+def test_which_source_wins_is_said_once():
+    """Outside the migrations, which keep the SQL they were written with, origins are selected by ORIGIN_RULES."""
+    historical = {migration.__name__ for migration in ccmon.MIGRATIONS} | {"SCHEMA", "V1_FIGURES", "V5_FIGURES"}
+    assert origins_by_number((ROOT / "ccmon.py").read_text(), historical) == []
+    # the check itself finds an origin by number in SQL, a comparison and a row
+    planted = ('X = "SELECT 1 FROM requests WHERE r.origin >= 2"\nY = f"WHERE origin IN (2, {z})"\n'
+               'def f(row, origin):\n    return origin == 1 or {"origin": 0}\nSCHEMA = "origin = 0"\n')
+    assert origins_by_number(planted, {"SCHEMA"}) == ["line 1", "line 2", "line 4", "line 4"]
 
 
 def test_module_docstring_lists_the_sections_in_order():
