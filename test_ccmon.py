@@ -2528,7 +2528,7 @@ def test_clients_against_the_original_go_server(go_server, tmp_path):
     client, settings, now = ccmon.Client(go_server), _settings(block_hour=None), int(time.time() * 1000)
     current = ccmon.fetch_snapshot(client, ccmon.query_for(ccmon.ViewState(), settings, now))
     assert [row.model for row in current.data.page.requests] == ["claude-haiku-4-5", "claude-sonnet-4-5",
-                                                            "claude-sonnet-4-5"]
+                                                                 "claude-sonnet-4-5"]
     lines, _ = frame_text(ccmon.ViewState(), current, settings, 80, 24, now)
     assert lines[6].split()[:2] == ["Premium", "2"] and not current.unanswered
     for tab in ("daily", "models", "sessions", "tools", "users", "blocks"):
