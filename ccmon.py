@@ -512,6 +512,13 @@ class UserUsage:
 
 
 @dataclasses.dataclass(frozen=True)
+class ImportCounts:
+    """What importing requests from transcripts did (or, in a dry run, would do)."""
+    imported: int
+    already_known: int
+
+
+@dataclasses.dataclass(frozen=True)
 class ProjectUsage:
     """A project's usage in a period ('' is the sessions without a project)."""
     project: str
@@ -1837,9 +1844,8 @@ class Writer:
         return self._imported
 
     def import_requests(self, rows: list[tuple], projects: dict[str, str], user: str,
-                        timeout: float = 60.0) -> tuple[int, int]:
-        """Store requests read from transcripts (REQUEST_COLUMNS tuples, origin 2 or 3) durably; returns (imported,
-        already known). A row whose request_id is stored already (in its session, or by an earlier import in any) or
+                        timeout: float = 60.0) -> ImportCounts:
+        """Store requests read from transcripts (REQUEST_COLUMNS tuples, origin 2 or 3) durably. A row whose request_id is stored already (in its session, or by an earlier import in any) or
         whose key is, is skipped. A session the server knows keeps its user; others get `user`."""
         future = self.submit(lambda conn: self._import(conn, rows, projects, user), timeout=10)
         try:
@@ -1848,9 +1854,9 @@ class Writer:
             raise StorageUnavailable("the database did not commit in time") from None
 
     def _import(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
-                user: str) -> tuple[int, int]:
+                user: str) -> ImportCounts:
         if not rows:
-            return 0, 0
+            return ImportCounts(0, 0)
         users, days = {}, set()
         for session_id in {row[1] for row in rows}:
             session = self._intern(conn, "sessions", "session_id", session_id)
@@ -1876,7 +1882,7 @@ class Writer:
             self._imported = True
             days.update(row[0] - row[0] % DAY_MS for row in rows)
         self._refresh_days(conn, days)
-        return imported, len(rows) - imported
+        return ImportCounts(imported, len(rows) - imported)
 
     def _usage_from_metric(self, conn: sqlite3.Connection, point: dict) -> list[int]:
         """Count a cost/token data point as usage for a session without api_request events (metrics-only
@@ -3252,6 +3258,10 @@ def project_usage_of(p: ccmon_pb2.ProjectStats) -> ProjectUsage:
     return ProjectUsage(p.project, split_from_stats(p.stats), p.sessions)
 
 
+def import_counts_message(counts: ImportCounts) -> ccmon_pb2.ImportRequestsResponse:
+    return ccmon_pb2.ImportRequestsResponse(imported=counts.imported, already_known=counts.already_known)
+
+
 
 # ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
 
@@ -3440,16 +3450,16 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         if request.dry_run:
             known = self.reader.known_requests([(row[0], row[1], row[2], row[REQUEST_COLUMNS.index("request_id")])
                                                 for row in rows])
-            return ccmon_pb2.ImportRequestsResponse(imported=len(rows) - known, already_known=known)
+            return import_counts_message(ImportCounts(len(rows) - known, known))
         projects: dict[str, str] = {}
         for r in request.requests:  # where the session started (its first request's cwd)
             if r.project_dir:
                 projects.setdefault(r.session_id, r.project_dir)
         try:
-            imported, known = self.writer.import_requests(rows, projects, request.user)
+            counts = self.writer.import_requests(rows, projects, request.user)
         except StorageUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the requests right now ({exc})")
-        return ccmon_pb2.ImportRequestsResponse(imported=imported, already_known=known)
+        return import_counts_message(counts)
 
     def GetServerInfo(self, request, context):
         requests, rows = self.reader.totals()
@@ -4255,11 +4265,11 @@ class Client:
                 split_from_stats(response.today) if response.HasField("today") else None)
 
     def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False) \
-            -> tuple[int, int]:
-        """Send requests read from transcripts; returns (imported, already known), or with dry_run what would be."""
+            -> ImportCounts:
+        """Send requests read from transcripts; with dry_run, nothing is stored: the counts say what would be."""
         response = self._call("ImportRequests", ccmon_pb2.ImportRequestsRequest(requests=rows, user=user,
                                                                                  dry_run=dry_run))
-        return response.imported, response.already_known
+        return ImportCounts(response.imported, response.already_known)
 
     def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None,
                project: str | None = None) -> tuple[UsageBlock, ...]:
@@ -5345,12 +5355,12 @@ class Importer:
         future, batch = self.in_flight
         self.in_flight = None
         try:
-            imported, known = future.result()
+            counts = future.result()
         except ServerUnreachable:
             self.pending[:0] = batch
             raise
-        self.tally.imported += imported
-        self.tally.known += known
+        self.tally.imported += counts.imported
+        self.tally.known += counts.already_known
 
     def show_progress(self, files_total: int = 0, done: bool = False) -> None:
         if self.progress is None:

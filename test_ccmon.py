@@ -5280,7 +5280,7 @@ def test_pricing_in_the_config_adds_and_overrides_models(server, tmp_path):
 def test_import_progress_is_drawn_on_one_line():
     class Counting:
         def import_requests(self, rows, user, dry_run):
-            return len(rows), 0
+            return ccmon.ImportCounts(len(rows), 0)
 
     shown = io.StringIO()
     importer = ccmon.Importer(Counting(), ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None,
