@@ -4298,6 +4298,43 @@ def test_learned_limit_from_recent_blocks(server, tmp_path):
     assert (floor.limit, floor.learned_from) == (140_000, 3)  # never below the plan's figure
 
 
+def test_limit_figures_are_computed_from_the_clients_answers_alone():
+    """No server: a stand-in gives the answers. Claude's live window is the block and calibrates its limit (no
+    history asked for); the week is Claude's, summed per family."""
+    now = local_ms("2026-05-05 12:00")
+    resets, week_resets = now + 3600_000, now + 2 * ccmon.DAY_MS
+    reading = ccmon.LimitReading("s", now - 60_000, five_hour=ccmon.LimitWindow(40.0, resets),
+                                 seven_day=ccmon.LimitWindow(20.0, week_resets))
+    asked = []
+
+    class Answers:
+        def limits(self, user, at_ms):
+            return ccmon.ClaudeLimits(reading, reading, 50_000, 4)
+
+        def blocks(self, *args):
+            raise AssertionError("Claude's own window needs no history")
+
+        def models(self, start_ms, end_ms, user):
+            asked.append(("models", start_ms))
+            return (ccmon.ModelUsage("claude-opus-4-1", ccmon.Usage(1, 100, 10)),
+                    ccmon.ModelUsage("claude-opus-4-5", ccmon.Usage(1, 50)),
+                    ccmon.ModelUsage("claude-haiku-4-5", ccmon.Usage(1, 7)))
+
+        def stats(self, start_ms, end_ms, user):
+            asked.append(("stats", start_ms))
+            return ccmon.Split(premium=ccmon.Usage(2, 3000, 600))
+
+    figures = ccmon.limit_figures(Answers(), ccmon.LimitQuery("auto", now, True, 7_000), BERLIN, None)
+    assert (figures.window, figures.window_from_claude) == ((resets - ccmon.BLOCK_MS, resets), True)
+    assert (figures.limit, figures.calibrated_from, figures.learned_from) == (50_000, 4, None)
+    assert figures.weekly == {"haiku": ccmon.Usage(1, 7), "opus": ccmon.Usage(2, 150, 10)}
+    assert figures.weekly_window == (week_resets - 7 * ccmon.DAY_MS, week_resets)
+    assert figures.block == ccmon.Split(premium=ccmon.Usage(2, 3000, 600))
+    recent = ccmon.recent_pace_start(now)
+    assert figures.recent_rate == 3600 / ((now - recent) / 60_000)
+    assert asked == [("models", week_resets - 7 * ccmon.DAY_MS), ("stats", resets - ccmon.BLOCK_MS), ("stats", recent)]
+
+
 def test_block_period_follows_the_automatic_block(server):
     now = int(time.time() * 1000)
     sdk_export(server.port, [("api_request", api_request(1, iso(now - 10 * 60_000), input_tokens=10))])
