@@ -481,12 +481,14 @@ class ToolReport:
 
 @dataclasses.dataclass(frozen=True)
 class DayUsage:
+    """A calendar day's usage."""
     date: str                 # YYYY-MM-DD in the zone asked for
     split: Split
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelUsage:
+    """A model's usage in a period."""
     model: str
     usage: Usage
 
