@@ -1847,8 +1847,9 @@ class Writer:
 
     def import_requests(self, rows: list[tuple], projects: dict[str, str], user: str,
                         timeout: float = 60.0) -> ImportCounts:
-        """Store requests read from transcripts (REQUEST_COLUMNS tuples, origin 2 or 3) durably. A row whose request_id is stored already (in its session, or by an earlier import in any) or
-        whose key is, is skipped. A session the server knows keeps its user; others get `user`."""
+        """Store requests read from transcripts (REQUEST_COLUMNS tuples, origin 2 or 3) durably, and count them. A
+        row whose request_id is stored already (in its session, or by an earlier import in any) or whose key is, is
+        skipped. A session the server knows keeps its user; others get `user`."""
         future = self.submit(lambda conn: self._import(conn, rows, projects, user), timeout=10)
         try:
             return future.result(timeout=timeout)
