@@ -514,18 +514,18 @@ class UserUsage:
 
 
 @dataclasses.dataclass(frozen=True)
-class ImportCounts:
-    """What importing requests from transcripts did (or, in a dry run, would do)."""
-    imported: int
-    already_known: int
-
-
-@dataclasses.dataclass(frozen=True)
 class ProjectUsage:
     """A project's usage in a period ('' is the sessions without a project)."""
     project: str
     split: Split
     sessions: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportCounts:
+    """What importing requests from transcripts did (or, in a dry run, would do)."""
+    imported: int
+    already_known: int
 
 
 # ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
