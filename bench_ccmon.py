@@ -501,13 +501,13 @@ def refresh_call(client: ccmon.Client, target: str, tab: str):
     """One full refresh of the monitor's `tab`, as its polling thread does it."""
     settings = ccmon.MonitorSettings(target, **MONITOR_SETTINGS)
     state = ccmon.ViewState(tab=tab, period="d")
-    return lambda: client.snapshot(ccmon.query_for(state, settings, int(time.time() * 1000)))
+    return lambda: ccmon.fetch_snapshot(client, ccmon.query_for(state, settings, int(time.time() * 1000)))
 
 
 def snapshot_totals(snapshot) -> tuple[int, int]:
     """A refresh's answer as (requests, cost) over its period: the per-user figures every tab shows."""
-    return (sum(split.total.requests for _, split, _ in snapshot.users),
-            sum(split.total.cost_nanos for _, split, _ in snapshot.users))
+    return (sum(user.split.total.requests for user in snapshot.users),
+            sum(user.split.total.cost_nanos for user in snapshot.users))
 
 
 def bench_queries(server: Server, db: Path, runs: int) -> dict:

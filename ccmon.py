@@ -4,6 +4,7 @@
 One module, read top to bottom. Its sections, each using only the sections above it
 (storage never sees gRPC, the UI never sees SQLite):
   Domain: time, money, numbers, usage totals, models
+  Values: what the store reads, the wire carries and the screens show
   Blocks and plans: 5-hour windows, limits, projections
   Configuration: the settings, files, flags, validation
   Storage: schema, migrations, opening a database
@@ -15,6 +16,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   OTLP/HTTP receiver: POST /v1/logs, /v1/metrics, /v1/traces
   Server: listeners, authentication, TLS, retention, shutdown
   Client: a small QueryService client for the monitor, reports and quick query
+  Figures: limits, projections and snapshots from the server's answers
   Settings and figures as text: shared by quick query, reports and the monitor
   Quick query: --format and --json for status bars
   Status line: ccmon statusline, for Claude Code's settings
@@ -394,6 +396,136 @@ def cost_nanos(price: Price, input: int, output: int, cache_read: int, cache_cre
     if inference_geo == "us":
         per_million *= US_ONLY_INFERENCE
     return int((per_million * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))  # 1e9 nanos / 1e6 tokens
+
+
+# ---------------------------------------------------------------- Values: what the store reads, the wire carries and the screens show
+# One type per concept: the store's reads build them, the query service sends them, the client builds the same
+# ones from the server's answers, and reports and the monitor show them.
+
+@dataclasses.dataclass(frozen=True)
+class ApiRequest:
+    """One API request of Claude Code's and what it used."""
+    ts_ms: int
+    model: str
+    session_id: str
+    usage: Usage
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestsPage:
+    """One page of a period's API requests, and how many the period has."""
+    requests: tuple[ApiRequest, ...]
+    total: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Session:
+    """A Claude Code session's totals."""
+    session_id: str
+    user: str
+    first_ms: int
+    last_ms: int
+    split: Split
+    models: tuple[str, ...]   # highest cost first
+    tool_calls: int
+    tool_failures: int
+    api_errors: int
+    from_metrics: bool
+    project: str              # '' when unknown
+    source: str               # where its usage comes from: events, metrics, transcript, transcript* (estimated)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimelineEntry:
+    """One moment of a session: an API request, or another of its events with that event's attributes."""
+    ts_ms: int
+    kind: str                 # api_request, or the event's name
+    request: ApiRequest | None
+    details: dict             # the event's attributes; {} for a request
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolFigures:
+    """How one tool's calls went in a period."""
+    tool: str
+    calls: int
+    successes: int
+    p50_ms: int
+    p95_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DecisionCount:
+    """How often a permission decision was made, and by what."""
+    decision: str
+    source: str
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiErrorCount:
+    """How often a model answered with an error status."""
+    status_code: str
+    model: str
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolReport:
+    """A period's tool calls, permission decisions and API errors, most frequent first."""
+    tools: tuple[ToolFigures, ...] = ()
+    decisions: tuple[DecisionCount, ...] = ()
+    errors: tuple[ApiErrorCount, ...] = ()
+    retries_exhausted: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DayUsage:
+    """A calendar day's usage."""
+    date: str                 # YYYY-MM-DD in the zone asked for
+    split: Split
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelUsage:
+    """A model's usage in a period."""
+    model: str
+    usage: Usage
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageBlock:
+    """A 5-hour block and the usage in it."""
+    start_ms: int
+    end_ms: int
+    split: Split
+    last_activity_ms: int
+    from_claude: bool = False   # the window is Claude's own, from a reading's reset time
+
+
+@dataclasses.dataclass(frozen=True)
+class UserUsage:
+    """A user's usage in a period, and Claude's own windows of theirs while a reading of them is live."""
+    user: str
+    split: Split
+    sessions: int
+    five_hour: LimitWindow | None = None
+    seven_day: LimitWindow | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectUsage:
+    """A project's usage in a period ('' is the sessions without a project)."""
+    project: str
+    split: Split
+    sessions: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportCounts:
+    """What importing requests from transcripts did (or, in a dry run, would do)."""
+    imported: int
+    already_known: int
 
 
 # ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
@@ -1880,10 +2012,10 @@ class Writer:
         return self._imported
 
     def import_requests(self, rows: list[tuple], projects: dict[str, str], user: str,
-                        timeout: float = 60.0) -> tuple[int, int]:
-        """Store requests read from transcripts (REQUEST_COLUMNS tuples, origin 2 or 3) durably; returns (imported,
-        already known). A row whose request_id is stored already (in its session, or by an earlier import in any) or
-        whose key is, is skipped. A session the server knows keeps its user; others get `user`."""
+                        timeout: float = 60.0) -> ImportCounts:
+        """Store requests read from transcripts (REQUEST_COLUMNS tuples, origin 2 or 3) durably, and count them. A
+        row whose request_id is stored already (in its session, or by an earlier import in any) or whose key is, is
+        skipped. A session the server knows keeps its user; others get `user`."""
         future = self.submit(lambda conn: self._import(conn, rows, projects, user), timeout=10)
         try:
             return future.result(timeout=timeout)
@@ -1891,9 +2023,9 @@ class Writer:
             raise StorageUnavailable("the database did not commit in time") from None
 
     def _import(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
-                user: str) -> tuple[int, int]:
+                user: str) -> ImportCounts:
         if not rows:
-            return 0, 0
+            return ImportCounts(0, 0)
         users, days = {}, set()
         origin = REQUEST_COLUMNS.index("origin")
         replaced = frozenset().union(*map(replaced_by, {row[origin] for row in rows})) - REQUEST_ORIGINS
@@ -1921,7 +2053,7 @@ class Writer:
             self._imported = True
             days.update(row[0] - row[0] % DAY_MS for row in rows)
         self._refresh_days(conn, days)
-        return imported, len(rows) - imported
+        return ImportCounts(imported, len(rows) - imported)
 
     def _usage_from_metric(self, conn: sqlite3.Connection, point: dict) -> list[int]:
         """Count a cost/token data point as usage for a session without api_request events (metrics-only
@@ -2017,51 +2149,26 @@ def period_parts(start: int, end: int, sizes: tuple[int, ...]) -> list[tuple[int
     return [(0, lo, hi)] + [(level + 1, a, b) for level, a, b in edges]
 
 
-@dataclasses.dataclass(frozen=True)
-class StoredRequest:
-    session_id: str
-    ts_ms: int
-    model: str
-    usage: Usage
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionSummary:
-    session_id: str
-    user: str
-    first_ms: int
-    last_ms: int
-    by_model: dict[str, Usage]
-    tool_calls: int = 0
-    tool_failures: int = 0
-    api_errors: int = 0
-    from_metrics: bool = False
-    project: str = ""        # '' when unknown
-    imported: int = 0  # the lowest origin of its requests imported from a transcript; 0 when none
-
-    @property
-    def source(self) -> str:
-        """Where its usage comes from: transcript* when ccmon priced some of it (estimated)."""
-        if self.imported:
-            return "transcript*" if self.imported == ORIGIN_TRANSCRIPT else "transcript"
-        return "metrics" if self.from_metrics else "events"
-
-
 @dataclasses.dataclass
-class UsageBlock:
+class BlockTally:
+    """A block while its rows are summed (see Reader.blocks)."""
     start_ms: int
     end_ms: int
     by_model: dict[str, Usage]
     last_activity_ms: int
-    from_claude: bool = False   # the window is Claude's own, from a reading's reset time
+    from_claude: bool = False
+
+    def block(self) -> UsageBlock:
+        return UsageBlock(self.start_ms, self.end_ms, Split.from_models(self.by_model), self.last_activity_ms,
+                          self.from_claude)
 
 
-@dataclasses.dataclass(frozen=True)
-class ToolReport:
-    tools: list[tuple]       # (tool, calls, successes, p50 ms, p95 ms)
-    decisions: list[tuple]   # (decision, source, count)
-    errors: list[tuple]      # (status code, model, count)
-    retries_exhausted: int
+def session_source(imported: int, from_metrics: bool) -> str:
+    """Where a session's usage comes from, given the lowest origin of its requests imported from transcripts (0 when
+    none): transcript* when ccmon priced some of it (estimated)."""
+    if imported:
+        return "transcript*" if imported == ORIGIN_TRANSCRIPT else "transcript"
+    return "metrics" if from_metrics else "events"
 
 
 # Claude Code sends success as "true"/"false" (older versions) or a boolean.
@@ -2156,7 +2263,7 @@ class Reader:
                                            f"FROM {table}"))
 
     def requests_page(self, start_ms: int, end_ms: int, limit: int, offset: int, oldest_first: bool,
-                      user: str | None = None, project: str | None = None) -> list[StoredRequest]:
+                      user: str | None = None, project: str | None = None) -> list[ApiRequest]:
         chosen = self._filter(user, project, "r.user", "r.session")
         if chosen is None:
             return []
@@ -2168,7 +2275,7 @@ class Reader:
                f"ORDER BY r.ts {order}, r.id {order} LIMIT ? OFFSET ?")
         params = (start_ms, end_ms, *extra, limit if limit > 0 else -1,
                   max(offset, 0))
-        return [StoredRequest(session, ts, model, Usage(*figures))
+        return [ApiRequest(ts, model, session, Usage(*figures))
                 for session, ts, model, *figures in self._reader().execute(sql, params)]
 
     def session_user(self, session_id: str) -> str | None:
@@ -2247,7 +2354,7 @@ class Reader:
         return row[0] if row else None
 
     def sessions(self, start_ms: int, end_ms: int, user: str | None = None, limit: int = 500,
-                 session_id: str | None = None, project: str | None = None) -> list[SessionSummary]:
+                 session_id: str | None = None, project: str | None = None) -> list[Session]:
         """Sessions with requests in [start_ms, end_ms) (or the one named), most recent first, with their totals."""
         chosen_user = self._filter(user, project)
         if chosen_user is None:
@@ -2275,11 +2382,13 @@ class Reader:
             entry["rows"] += count
         counts = self._event_counts(list(grouped))
         imported = self._imported_origins(list(grouped))
-        summaries = [SessionSummary(e["session_id"], e["user"], e["first"], e["last"], e["by_model"],
-                                    *counts.get(key, (0, 0, 0)),
-                                    from_metrics=sum(u.requests for u in e["by_model"].values()) < e["rows"],
-                                    project=e["project"], imported=imported.get(key, 0))
-                     for key, e in grouped.items()]
+        summaries = []
+        for key, e in grouped.items():
+            by_model, from_metrics = e["by_model"], sum(u.requests for u in e["by_model"].values()) < e["rows"]
+            summaries.append(Session(e["session_id"], e["user"], e["first"], e["last"], Split.from_models(by_model),
+                                     tuple(sorted(by_model, key=lambda m: (-by_model[m].cost_nanos, m))),
+                                     *counts.get(key, (0, 0, 0)), from_metrics, e["project"],
+                                     session_source(imported.get(key, 0), from_metrics)))
         return sorted(summaries, key=lambda summary: (-summary.last_ms, summary.session_id))
 
     def _imported_origins(self, sessions: list[int]) -> dict[int, int]:
@@ -2323,29 +2432,30 @@ class Reader:
                     entry[2] = total
         return {session: tuple(entry) for session, entry in counts.items()}
 
-    def timeline(self, session_id: str, limit: int = 2000) -> list[tuple]:
-        """A session's requests and events in order: (ts, kind, StoredRequest | None, attributes JSON)."""
+    def timeline(self, session_id: str, limit: int = 2000) -> list[TimelineEntry]:
+        """A session's requests and events in order."""
         conn = self._reader()
         row = conn.execute("SELECT id FROM sessions WHERE session_id = ?", (session_id,)).fetchone()
         if row is None:
             return []
-        requests = [(r.ts_ms, "api_request", r, "") for r in self._session_requests(row[0], limit)]
-        events = [(ts, name, None, attributes) for ts, name, attributes in conn.execute(
-            "SELECT ts, name, attributes FROM events WHERE session = ? ORDER BY ts LIMIT ?", (row[0], limit))]
-        return sorted(requests + events, key=lambda entry: entry[0])[:limit]
+        requests = [TimelineEntry(r.ts_ms, "api_request", r, {}) for r in self._session_requests(row[0], limit)]
+        events = [TimelineEntry(ts, name, None, json.loads(attributes) if attributes else {})
+                  for ts, name, attributes in conn.execute(
+                      "SELECT ts, name, attributes FROM events WHERE session = ? ORDER BY ts LIMIT ?", (row[0], limit))]
+        return sorted(requests + events, key=lambda entry: entry.ts_ms)[:limit]
 
-    def _session_requests(self, session: int, limit: int) -> list[StoredRequest]:
+    def _session_requests(self, session: int, limit: int) -> list[ApiRequest]:
         sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r JOIN sessions s ON s.id = r.session "
                f"JOIN models m ON m.id = r.model WHERE r.session = ? AND {origin_in(REQUEST_ORIGINS, 'r.origin')} "
                "ORDER BY r.ts LIMIT ?")
-        return [StoredRequest(sid, ts, model, Usage(*figures))
+        return [ApiRequest(ts, model, sid, Usage(*figures))
                 for sid, ts, model, *figures in self._reader().execute(sql, (session, limit))]
 
     def tool_report(self, start_ms: int, end_ms: int, user: str | None = None,
                     project: str | None = None) -> ToolReport:
         chosen = self._filter(user, project)
         if chosen is None:
-            return ToolReport([], [], [], 0)
+            return ToolReport()
         where = "name = ? AND ts >= ? AND ts < ?" + chosen[0]
 
         def params(name: str) -> tuple:
@@ -2372,7 +2482,10 @@ class Reader:
             "GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2", params("api_error")).fetchall()
         exhausted = conn.execute(f"SELECT COUNT(*) FROM events WHERE {where}",
                                  params("api_retries_exhausted")).fetchone()[0]
-        return ToolReport(tools, decisions, errors, exhausted)
+        return ToolReport(tuple(ToolFigures(str(tool), calls, ok, p50 or 0, p95 or 0)
+                                for tool, calls, ok, p50, p95 in tools),
+                          tuple(DecisionCount(str(decision), str(source), n) for decision, source, n in decisions),
+                          tuple(ApiErrorCount(str(code), str(model), n) for code, model, n in errors), exhausted)
 
     def blocks(self, start_ms: int, end_ms: int, user: str | None = None,
                project: str | None = None) -> list[UsageBlock]:
@@ -2391,13 +2504,13 @@ class Reader:
             f"SELECT bucket, model, {USAGE_SUMS} FROM usage_rollup WHERE bucket >= ? AND bucket < ?{where} "
             "GROUP BY bucket, model ORDER BY bucket", (chain_start, end_ms, *params))
         names = self._names("models")
-        blocks: list[UsageBlock] = []
+        blocks: list[BlockTally] = []
         for bucket, model, *figures in rows:
             if not blocks or bucket + BUCKET_MS > blocks[-1].end_ms:
                 for moment in self._activity(bucket, windows, blocks[-1].end_ms if blocks else 0, where, params):
                     if not blocks or moment >= blocks[-1].end_ms:
                         begin, end, from_claude = block_around(moment, blocks[-1].end_ms if blocks else 0, windows)
-                        blocks.append(UsageBlock(begin, end, {}, bucket, from_claude))
+                        blocks.append(BlockTally(begin, end, {}, bucket, from_claude))
             if not blocks:
                 continue
             block = blocks[-1]
@@ -2408,9 +2521,9 @@ class Reader:
                 block.by_model = self.usage(block.start_ms, block.end_ms, user=user)
         blocks = [block for block in blocks if block.end_ms > start_ms]
         if project is None or not blocks:
-            return blocks
+            return [block.block() for block in blocks]
         where, params = self._filter(user, project)
-        shares = [UsageBlock(block.start_ms, block.end_ms, {}, block.start_ms, block.from_claude) for block in blocks]
+        shares = [BlockTally(block.start_ms, block.end_ms, {}, block.start_ms, block.from_claude) for block in blocks]
         starts = [block.start_ms for block in shares]
         for bucket, model, *figures in self._reader().execute(
                 f"SELECT ts - ts % {BUCKET_MS}, model, {RAW_SUMS} FROM requests WHERE ts >= ? AND ts < ?{where} "
@@ -2418,7 +2531,7 @@ class Reader:
             share = shares[bisect.bisect_right(starts, bucket) - 1]  # every bucket of the user's is in a block
             share.by_model[names[model]] = share.by_model.get(names[model], Usage()) + Usage(*figures)
             share.last_activity_ms = max(share.last_activity_ms, bucket)
-        return [share for share in shares if share.by_model]
+        return [share.block() for share in shares if share.by_model]
 
     def _activity(self, bucket: int, windows: list[tuple[int, int]], block_end: int, where: str,
                   params: tuple) -> list[int]:
@@ -2448,6 +2561,18 @@ class Reader:
             later = bucket
         return later
 
+    def users(self, start_ms: int, end_ms: int, project: str | None = None) -> list[UserUsage]:
+        """Each user's usage in the period (in one project's sessions), highest cost first, with how many sessions
+        they had then and Claude's live windows of theirs at its end."""
+        by_user: dict[str, dict[str, Usage]] = {}
+        for (user, model), usage in self.usage(start_ms, end_ms, by="user, model", project=project).items():
+            by_user.setdefault(user, {})[model] = usage
+        splits = {user: Split.from_models(models) for user, models in by_user.items()}
+        sessions = self.user_sessions(start_ms, end_ms, project)
+        live = self.live_limits(end_ms)
+        ranked = sorted(splits, key=lambda user: (-splits[user].total.cost_nanos, user))
+        return [UserUsage(user, splits[user], sessions.get(user, 0), *live.get(user, (None, None))) for user in ranked]
+
     def user_sessions(self, start_ms: int, end_ms: int, project: str | None = None) -> dict[str, int]:
         """How many sessions each user had active in the period (in one project's sessions)."""
         where, params = self._project_filter(project, "su.session")
@@ -2456,15 +2581,15 @@ class Reader:
             f"WHERE su.last_ts >= ? AND su.first_ts < ?{where} GROUP BY u.name", (start_ms, end_ms, *params)))
 
     def projects(self, start_ms: int, end_ms: int, user: str | None = None,
-                 project: str | None = None) -> dict[str, tuple[dict[str, Usage], int]]:
-        """Per project ('' for the sessions without one): its usage per model in [start_ms, end_ms) and how many
-        sessions had usage then. A session's totals per model come from session_usage when they lie wholly
+                 project: str | None = None) -> list[ProjectUsage]:
+        """Per project ('' for the sessions without one), highest cost first: its usage in [start_ms, end_ms) and
+        how many sessions had usage then. A session's totals per model come from session_usage when they lie wholly
         inside the period; raw rows are read only for those crossing its edges. (With a user, a session's totals
         are its user's as session_usage names them: the user of its latest row.)"""
         inside_filter = self._filter(user, project, "su.user", "su.session")
         crossing_filter = self._filter(user, project, "r.user", "su.session")  # the user of each row
         if inside_filter is None or crossing_filter is None or start_ms >= end_ms:
-            return {}
+            return []
         (inside, inside_params), (crossing, crossing_params) = inside_filter, crossing_filter
         figures = list(FIGURES)[1:]
         raw = ", ".join(f"SUM({expression.format(r='r.')})" for expression in list(FIGURES.values())[1:])
@@ -2494,7 +2619,9 @@ class Reader:
             else:
                 by_model[names[model]] = Usage(*sums)
             found[name] = (by_model, sessions)
-        return found
+        splits = {name: Split.from_models(by_model) for name, (by_model, _) in found.items()}
+        ranked = sorted(splits, key=lambda name: (-splits[name].total.cost_nanos, name))
+        return [ProjectUsage(name, splits[name], found[name][1]) for name in ranked]
 
     def last_request_ms(self) -> int | None:
         return self._reader().execute("SELECT MAX(ts) FROM requests").fetchone()[0]
@@ -3136,24 +3263,6 @@ def stats_message(split: Split) -> ccmon_pb2.Stats:
         total_cost=ccmon_pb2.Cost(amount=total.cost_usd))
 
 
-def api_request_message(r: StoredRequest) -> ccmon_pb2.APIRequest:
-    return ccmon_pb2.APIRequest(
-        session_id=r.session_id, timestamp=timestamp_from_ms(r.ts_ms), model=r.model, input_tokens=r.usage.input,
-        output_tokens=r.usage.output, cache_read_tokens=r.usage.cache_read,
-        cache_creation_tokens=r.usage.cache_creation, total_tokens=r.usage.total, cost_usd=r.usage.cost_usd,
-        duration_ms=r.usage.duration_ms)
-
-
-def session_message(summary: SessionSummary) -> ccmon_pb2.SessionStats:
-    return ccmon_pb2.SessionStats(
-        session_id=summary.session_id, user=summary.user, first_request_at=timestamp_from_ms(summary.first_ms),
-        last_request_at=timestamp_from_ms(summary.last_ms), stats=stats_message(Split.from_models(summary.by_model)),
-        models=sorted(summary.by_model, key=lambda m: (-summary.by_model[m].cost_nanos, m)),
-        tool_calls=summary.tool_calls, tool_failures=summary.tool_failures, api_errors=summary.api_errors,
-        from_metrics=summary.from_metrics, project=summary.project,
-        source=summary.source)
-
-
 def window_message(window: LimitWindow | None) -> ccmon_pb2.LimitWindow | None:
     if window is None:
         return None
@@ -3216,6 +3325,115 @@ def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
 def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
     return Split(usage_from_token(stats.base_tokens, stats.base_requests, stats.base_cost),
                  usage_from_token(stats.premium_tokens, stats.premium_requests, stats.premium_cost))
+
+
+def api_request_message(r: ApiRequest) -> ccmon_pb2.APIRequest:
+    return ccmon_pb2.APIRequest(
+        session_id=r.session_id, timestamp=timestamp_from_ms(r.ts_ms), model=r.model, input_tokens=r.usage.input,
+        output_tokens=r.usage.output, cache_read_tokens=r.usage.cache_read,
+        cache_creation_tokens=r.usage.cache_creation, total_tokens=r.usage.total, cost_usd=r.usage.cost_usd,
+        duration_ms=r.usage.duration_ms)
+
+
+def api_request_of(r: ccmon_pb2.APIRequest) -> ApiRequest:
+    return ApiRequest(ms_of(r.timestamp), r.model, r.session_id,
+                      Usage(1, r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens,
+                            round(r.cost_usd * NANOS_PER_USD), r.duration_ms))
+
+
+def session_message(session: Session) -> ccmon_pb2.SessionStats:
+    return ccmon_pb2.SessionStats(
+        session_id=session.session_id, user=session.user, first_request_at=timestamp_from_ms(session.first_ms),
+        last_request_at=timestamp_from_ms(session.last_ms), stats=stats_message(session.split),
+        models=session.models, tool_calls=session.tool_calls, tool_failures=session.tool_failures,
+        api_errors=session.api_errors, from_metrics=session.from_metrics, project=session.project,
+        source=session.source)
+
+
+def session_of(s: ccmon_pb2.SessionStats) -> Session:
+    return Session(s.session_id, s.user, ms_of(s.first_request_at), ms_of(s.last_request_at),
+                   split_from_stats(s.stats), tuple(s.models), s.tool_calls, s.tool_failures, s.api_errors,
+                   s.from_metrics, s.project,
+                   s.source or session_source(0, s.from_metrics))  # servers before transcripts send no source
+
+
+def timeline_entry_message(entry: TimelineEntry) -> ccmon_pb2.TimelineEntry:
+    message = ccmon_pb2.TimelineEntry(timestamp=timestamp_from_ms(entry.ts_ms), kind=entry.kind,
+                                      details=compact_json(entry.details) or "")  # as stored
+    if entry.request is not None:
+        message.request.CopyFrom(api_request_message(entry.request))
+    return message
+
+
+def timeline_entry_of(e: ccmon_pb2.TimelineEntry) -> TimelineEntry:
+    return TimelineEntry(ms_of(e.timestamp), e.kind, api_request_of(e.request) if e.kind == "api_request" else None,
+                         json.loads(e.details) if e.details else {})
+
+
+def tool_report_message(report: ToolReport) -> ccmon_pb2.GetToolStatsResponse:
+    return ccmon_pb2.GetToolStatsResponse(
+        tools=[ccmon_pb2.ToolStats(tool=t.tool, calls=t.calls, successes=t.successes, p50_duration_ms=t.p50_ms,
+                                   p95_duration_ms=t.p95_ms) for t in report.tools],
+        decisions=[ccmon_pb2.DecisionStats(decision=d.decision, source=d.source, count=d.count)
+                   for d in report.decisions],
+        errors=[ccmon_pb2.ErrorStats(status_code=e.status_code, model=e.model, count=e.count) for e in report.errors],
+        retries_exhausted=report.retries_exhausted)
+
+
+def tool_report_of(response: ccmon_pb2.GetToolStatsResponse) -> ToolReport:
+    return ToolReport(tuple(ToolFigures(t.tool, t.calls, t.successes, t.p50_duration_ms, t.p95_duration_ms)
+                            for t in response.tools),
+                      tuple(DecisionCount(d.decision, d.source, d.count) for d in response.decisions),
+                      tuple(ApiErrorCount(e.status_code, e.model, e.count) for e in response.errors),
+                      response.retries_exhausted)
+
+
+def model_message(model: ModelUsage) -> ccmon_pb2.ModelStats:
+    u = model.usage
+    return ccmon_pb2.ModelStats(model=model.model, premium=is_premium(model.model), requests=u.requests,
+                                tokens=token_message(u), cost=ccmon_pb2.Cost(amount=u.cost_usd),
+                                duration_ms=u.duration_ms, ttft_ms_total=u.ttft_ms, ttft_count=u.ttft_count)
+
+
+def model_usage_of(m: ccmon_pb2.ModelStats) -> ModelUsage:
+    return ModelUsage(m.model, dataclasses.replace(usage_from_token(m.tokens, m.requests, m.cost),
+                                                   duration_ms=m.duration_ms, ttft_ms=m.ttft_ms_total,
+                                                   ttft_count=m.ttft_count))
+
+
+def block_message(block: UsageBlock) -> ccmon_pb2.Block:
+    return ccmon_pb2.Block(start_time=timestamp_from_ms(block.start_ms), end_time=timestamp_from_ms(block.end_ms),
+                           stats=stats_message(block.split), last_activity_at=timestamp_from_ms(block.last_activity_ms),
+                           from_claude=block.from_claude)
+
+
+def usage_block_of(b: ccmon_pb2.Block) -> UsageBlock:
+    return UsageBlock(ms_of(b.start_time), ms_of(b.end_time), split_from_stats(b.stats), ms_of(b.last_activity_at),
+                      b.from_claude)
+
+
+def user_message(user: UserUsage) -> ccmon_pb2.UserStats:
+    return ccmon_pb2.UserStats(user=user.user, stats=stats_message(user.split), sessions=user.sessions,
+                               five_hour=window_message(user.five_hour), seven_day=window_message(user.seven_day))
+
+
+def user_usage_of(u: ccmon_pb2.UserStats) -> UserUsage:
+    return UserUsage(u.user, split_from_stats(u.stats), u.sessions, window_of(u, "five_hour"),
+                     window_of(u, "seven_day"))
+
+
+def project_message(project: ProjectUsage) -> ccmon_pb2.ProjectStats:
+    return ccmon_pb2.ProjectStats(project=project.project, stats=stats_message(project.split),
+                                  sessions=project.sessions)
+
+
+def project_usage_of(p: ccmon_pb2.ProjectStats) -> ProjectUsage:
+    return ProjectUsage(p.project, split_from_stats(p.stats), p.sessions)
+
+
+def import_counts_message(counts: ImportCounts) -> ccmon_pb2.ImportRequestsResponse:
+    return ccmon_pb2.ImportRequestsResponse(imported=counts.imported, already_known=counts.already_known)
+
 
 
 # ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
@@ -3307,11 +3525,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def GetModelStats(self, request, context):
         by_model = self.reader.usage(*self._period(request), user=self._user(request), project=self._project(request))
         ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))
-        return ccmon_pb2.GetModelStatsResponse(models=[
-            ccmon_pb2.ModelStats(model=model, premium=is_premium(model), requests=u.requests,
-                                 tokens=token_message(u), cost=ccmon_pb2.Cost(amount=u.cost_usd),
-                                 duration_ms=u.duration_ms, ttft_ms_total=u.ttft_ms, ttft_count=u.ttft_count)
-            for model, u in ranked])
+        return ccmon_pb2.GetModelStatsResponse(models=[model_message(ModelUsage(model, u)) for model, u in ranked])
 
     def GetSessionStats(self, request, context):
         session = request.session_id or self.reader.latest_session()
@@ -3320,7 +3534,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         if found:
             summary = found[0]
             response.session_id = summary.session_id
-            response.stats.CopyFrom(stats_message(Split.from_models(summary.by_model)))
+            response.stats.CopyFrom(stats_message(summary.split))
             response.first_request_at.CopyFrom(timestamp_from_ms(summary.first_ms))
             response.last_request_at.CopyFrom(timestamp_from_ms(summary.last_ms))
         return response
@@ -3332,56 +3546,24 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
 
     def GetSessionTimeline(self, request, context):
         entries = self.reader.timeline(request.session_id, min(max(request.limit, 0) or 2000, 20000))
-        response = ccmon_pb2.GetSessionTimelineResponse(session_id=request.session_id)
-        for ts, kind, stored, details in entries:
-            entry = response.entries.add(timestamp=timestamp_from_ms(ts), kind=kind, details=details)
-            if stored is not None:
-                entry.request.CopyFrom(api_request_message(stored))
-        return response
+        return ccmon_pb2.GetSessionTimelineResponse(session_id=request.session_id,
+                                                    entries=[timeline_entry_message(entry) for entry in entries])
 
     def GetToolStats(self, request, context):
-        report = self.reader.tool_report(*self._period(request), user=self._user(request),
-                                         project=self._project(request))
-        return ccmon_pb2.GetToolStatsResponse(
-            tools=[ccmon_pb2.ToolStats(tool=str(t), calls=n, successes=ok, p50_duration_ms=p50 or 0,
-                                       p95_duration_ms=p95 or 0) for t, n, ok, p50, p95 in report.tools],
-            decisions=[ccmon_pb2.DecisionStats(decision=str(d), source=str(src), count=n)
-                       for d, src, n in report.decisions],
-            errors=[ccmon_pb2.ErrorStats(status_code=str(code), model=str(model), count=n)
-                    for code, model, n in report.errors],
-            retries_exhausted=report.retries_exhausted)
+        return tool_report_message(self.reader.tool_report(*self._period(request), user=self._user(request),
+                                                           project=self._project(request)))
 
     def GetUsers(self, request, context):
-        start, end = self._period(request)
-        project = self._project(request)
-        by_user: dict[str, dict[str, Usage]] = {}
-        for (user, model), usage in self.reader.usage(start, end, by="user, model", project=project).items():
-            by_user.setdefault(user, {})[model] = usage
-        splits = {user: Split.from_models(models) for user, models in by_user.items()}
-        sessions = self.reader.user_sessions(start, end, project)
-        live = self.reader.live_limits(end)
-        ranked = sorted(splits, key=lambda user: (-splits[user].total.cost_nanos, user))
-        return ccmon_pb2.GetUsersResponse(users=[
-            ccmon_pb2.UserStats(user=user, stats=stats_message(splits[user]), sessions=sessions.get(user, 0),
-                                five_hour=window_message(live.get(user, (None, None))[0]),
-                                seven_day=window_message(live.get(user, (None, None))[1]))
-            for user in ranked])
+        found = self.reader.users(*self._period(request), self._project(request))
+        return ccmon_pb2.GetUsersResponse(users=[user_message(user) for user in found])
 
     def GetBlocks(self, request, context):
         found = self.reader.blocks(*self._period(request), user=self._user(request), project=self._project(request))
-        return ccmon_pb2.GetBlocksResponse(blocks=[
-            ccmon_pb2.Block(start_time=timestamp_from_ms(b.start_ms), end_time=timestamp_from_ms(b.end_ms),
-                            stats=stats_message(Split.from_models(b.by_model)),
-                            last_activity_at=timestamp_from_ms(b.last_activity_ms), from_claude=b.from_claude)
-            for b in found])
+        return ccmon_pb2.GetBlocksResponse(blocks=[block_message(block) for block in found])
 
     def GetProjects(self, request, context):
         found = self.reader.projects(*self._period(request), user=self._user(request), project=self._project(request))
-        splits = {project: Split.from_models(by_model) for project, (by_model, _) in found.items()}
-        ranked = sorted(splits, key=lambda project: (-splits[project].total.cost_nanos, project))
-        return ccmon_pb2.GetProjectsResponse(projects=[
-            ccmon_pb2.ProjectStats(project=project, stats=stats_message(splits[project]), sessions=found[project][1])
-            for project in ranked])
+        return ccmon_pb2.GetProjectsResponse(projects=[project_message(project) for project in found])
 
     def ReportStatusLine(self, request, context):
         reading = reading_of(request.reading)
@@ -3401,7 +3583,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         response = ccmon_pb2.ReportStatusLineResponse(user=user or "")
         found = self.reader.sessions(0, 0, session_id=reading.session_id)
         if found:
-            response.session.CopyFrom(stats_message(Split.from_models(found[0].by_model)))
+            response.session.CopyFrom(stats_message(found[0].split))
         if user is not None:
             midnight = day_bounds(zone, now, 1)[0][1]
             response.today.CopyFrom(stats_message(Split.from_models(self.reader.usage(midnight, now, user=user))))
@@ -3441,16 +3623,16 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         if request.dry_run:
             known = self.reader.known_requests([(row[0], row[1], row[2], row[REQUEST_COLUMNS.index("request_id")])
                                                 for row in rows])
-            return ccmon_pb2.ImportRequestsResponse(imported=len(rows) - known, already_known=known)
+            return import_counts_message(ImportCounts(len(rows) - known, known))
         projects: dict[str, str] = {}
         for r in request.requests:  # where the session started (its first request's cwd)
             if r.project_dir:
                 projects.setdefault(r.session_id, r.project_dir)
         try:
-            imported, known = self.writer.import_requests(rows, projects, request.user)
+            counts = self.writer.import_requests(rows, projects, request.user)
         except StorageUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the requests right now ({exc})")
-        return ccmon_pb2.ImportRequestsResponse(imported=imported, already_known=known)
+        return import_counts_message(counts)
 
     def GetServerInfo(self, request, context):
         requests, rows = self.reader.totals()
@@ -4133,144 +4315,6 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
     return f"{exc.code().name.lower()}: {details[:80]}"
 
 
-@dataclasses.dataclass(frozen=True)
-class Query:
-    """What one screen needs from the server."""
-    tab: str
-    start_ms: int | None
-    end_ms: int
-    offset: int
-    limit: int
-    oldest_first: bool
-    timezone: str
-    limits: LimitQuery | None = None  # block and weekly figures, when tracked
-    period_is_block: bool = False     # the period is the current automatic block, known once limits are in
-    user: str | None = None
-    session_id: str | None = None  # the session whose timeline is open
-    fetch: Callable[[Client, Query], Any] | None = None  # what the tab shows beyond what every screen has
-    project: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class LimitQuery:
-    """How to find the current block and its limit."""
-    mode: int | str | None      # fixed start hour, "auto", or None (no block tracking)
-    now_ms: int
-    learn: bool                 # claude.max_tokens = "auto"
-    floor: int | None           # the configured or plan limit (the learned limit's floor)
-    track_week: bool = True     # the week's figures are wanted even without a reading of Claude's week
-
-
-@dataclasses.dataclass(frozen=True)
-class LimitFigures:
-    """Where the user stands against Claude's windows: the current block and the week, by ccmon's own counts and
-    by Claude's own readings."""
-    window: tuple[int, int] | None          # the current block, None between automatic blocks
-    block: Split                            # usage in it so far
-    recent_rate: float                      # premium limited tokens per minute since recent_pace_start
-    limit: int | None                       # the block limit in force (configured, plan, learned or calibrated)
-    learned_from: int | None                # blocks the limit was learned from; None when not learned
-    weekly: tuple[tuple[str, Usage], ...]   # the week (Claude's when read, else the rolling 7 days), per family
-    claude: ClaudeLimits = ClaudeLimits()   # Claude's own: live readings and calibrated capacities
-    calibrated_from: int | None = None      # readings the block limit was calibrated from; None when not
-    weekly_window: tuple[int, int] | None = None  # Claude's week, from a live reading; None: the rolling 7 days
-    window_from_claude: bool = False        # the block is Claude's own window, from a live reading
-
-
-def weekly_limit_in_force(limits: LimitFigures, configured: int | None) -> tuple[int | None, int | None]:
-    """(the weekly limit, the readings it was calibrated from or None): claude.weekly_max_tokens when set, else
-    the calibrated capacity of Claude's week while a reading of it is live."""
-    if configured:
-        return configured, None
-    if limits.weekly_window and limits.claude.seven_day_capacity:
-        return limits.claude.seven_day_capacity, limits.claude.seven_day_readings
-    return None, None
-
-
-def block_status(limits: LimitFigures, now: int) -> BlockStatus | None:
-    if limits.window is None:
-        return None
-    start, end = limits.window
-    return BlockStatus(start, end, min(max(now, start), end), limits.block.premium.limited, limits.limit,
-                       limits.recent_rate)
-
-
-def weekly_premium(limits: LimitFigures) -> Usage:
-    return sum((usage for family, usage in limits.weekly if family != "haiku"), Usage())
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestRow:
-    ts_ms: int
-    model: str
-    session_id: str
-    usage: Usage
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionRow:
-    session_id: str
-    user: str
-    first_ms: int
-    last_ms: int
-    split: Split
-    models: tuple[str, ...]
-    tool_calls: int
-    tool_failures: int
-    api_errors: int
-    from_metrics: bool
-    project: str = ""
-    source: str = ""  # events, metrics, transcript, transcript* (estimated): see SessionSummary.source
-
-    @property
-    def source_label(self) -> str:
-        return self.source or ("metrics" if self.from_metrics else "events")  # servers before transcripts
-
-
-@dataclasses.dataclass(frozen=True)
-class TimelineRow:
-    ts_ms: int
-    kind: str
-    request: RequestRow | None
-    details: dict
-
-
-@dataclasses.dataclass(frozen=True)
-class ToolsData:
-    tools: tuple[tuple[str, int, int, int, int], ...]      # tool, calls, successes, p50 ms, p95 ms
-    decisions: tuple[tuple[str, str, int], ...]            # decision, source, count
-    errors: tuple[tuple[str, str, int], ...]               # status code, model, count
-    retries_exhausted: int
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestsPage:
-    """A period's totals and one page of its requests."""
-    period: Split
-    requests: tuple[RequestRow, ...]
-    total: int                                # requests in the period
-
-
-@dataclasses.dataclass(frozen=True)
-class Snapshot:
-    """The server's answers for one Query: what every screen shows, and what its tab fetched."""
-    query: Query
-    taken_ms: int
-    server_requests: int                      # usage records ever stored, to tell an empty database apart
-    limits: LimitFigures | None = None
-    users: tuple[tuple[str, Split, int], ...] = ()  # user, usage, sessions: the Users tab and the `u` filter
-    data: Any = None                          # what query.fetch returned
-    user_limits: tuple[tuple[str, LimitWindow | None, LimitWindow | None], ...] = ()  # users' live Claude windows
-    unanswered: str = ""                      # why the server could not answer the tab (the Go ccmon)
-    projects: tuple[tuple[str, Split, int], ...] = ()  # project, usage, sessions: the Projects tab and `p`
-
-
-def request_row_of(r: ccmon_pb2.APIRequest) -> RequestRow:
-    return RequestRow(ms_of(r.timestamp), r.model, r.session_id,
-                      Usage(1, r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens,
-                            round(r.cost_usd * NANOS_PER_USD), r.duration_ms))
-
-
 GO_CCMON_METHODS = {"GetStats", "GetAPIRequests"}  # what the original Go ccmon server answers
 GO_CCMON_ONLY = "the Go ccmon server answers only GetStats and GetAPIRequests"
 
@@ -4345,6 +4389,15 @@ class Client:
         request = self._period(ccmon_pb2.GetStatsRequest(), start_ms or 0, end_ms, user, project)
         return split_from_stats(self._call("GetStats", request).stats)
 
+    def api_requests(self, start_ms: int | None, end_ms: int, limit: int, offset: int, oldest_first: bool,
+                     user: str | None = None, project: str | None = None) -> RequestsPage:
+        request = self._period(ccmon_pb2.GetAPIRequestsRequest(limit=limit, offset=offset, oldest_first=oldest_first),
+                               start_ms or 0, end_ms, user, project)  # the Go ccmon needs a start
+        page = self._call("GetAPIRequests", request)
+        rows = sorted((api_request_of(r) for r in page.requests), key=lambda row: row.ts_ms,
+                      reverse=not oldest_first)  # the Go ccmon answers oldest first whatever is asked
+        return RequestsPage(tuple(rows), page.total_count)
+
     def server_info(self) -> ccmon_pb2.GetServerInfoResponse:
         """Empty (no version) from the Go ccmon, which has no GetServerInfo."""
         return self._call("GetServerInfo", ccmon_pb2.GetServerInfoRequest())
@@ -4354,41 +4407,28 @@ class Client:
         return response.session_id, split_from_stats(response.stats)
 
     def days(self, start_ms: int | None, end_ms: int, timezone: str, user: str | None = None,
-             project: str | None = None) -> tuple:
+             project: str | None = None) -> tuple[DayUsage, ...]:
         request = self._period(ccmon_pb2.GetUsageRequest(timezone=timezone), start_ms, end_ms, user, project)
-        return tuple((day.date, split_from_stats(day.stats)) for day in self._call("GetUsage", request).days)
+        return tuple(DayUsage(day.date, split_from_stats(day.stats)) for day in self._call("GetUsage", request).days)
 
     def models(self, start_ms: int | None, end_ms: int, user: str | None = None,
-               project: str | None = None) -> tuple[tuple[str, Usage], ...]:
+               project: str | None = None) -> tuple[ModelUsage, ...]:
         request = self._period(ccmon_pb2.GetModelStatsRequest(), start_ms, end_ms, user, project)
-        return tuple((m.model, dataclasses.replace(usage_from_token(m.tokens, m.requests, m.cost),
-                                                   duration_ms=m.duration_ms, ttft_ms=m.ttft_ms_total,
-                                                   ttft_count=m.ttft_count))
-                     for m in self._call("GetModelStats", request).models)
+        return tuple(model_usage_of(m) for m in self._call("GetModelStats", request).models)
 
     def sessions(self, start_ms: int | None, end_ms: int, user: str | None = None,
-                 limit: int = 500, project: str | None = None) -> tuple[SessionRow, ...]:
+                 limit: int = 500, project: str | None = None) -> tuple[Session, ...]:
         request = self._period(ccmon_pb2.GetSessionsRequest(limit=limit), start_ms, end_ms, user, project)
-        return tuple(SessionRow(s.session_id, s.user, ms_of(s.first_request_at), ms_of(s.last_request_at),
-                                split_from_stats(s.stats), tuple(s.models), s.tool_calls, s.tool_failures,
-                                s.api_errors, s.from_metrics, s.project, s.source)
-                     for s in self._call("GetSessions", request).sessions)
+        return tuple(session_of(s) for s in self._call("GetSessions", request).sessions)
 
-    def timeline(self, session_id: str) -> tuple[TimelineRow, ...]:
+    def timeline(self, session_id: str) -> tuple[TimelineEntry, ...]:
         response = self._call("GetSessionTimeline", ccmon_pb2.GetSessionTimelineRequest(session_id=session_id))
-        return tuple(TimelineRow(ms_of(e.timestamp), e.kind, request_row_of(e.request) if e.kind == "api_request"
-                                 else None, json.loads(e.details) if e.details else {})
-                     for e in response.entries)
+        return tuple(timeline_entry_of(e) for e in response.entries)
 
     def tools(self, start_ms: int | None, end_ms: int, user: str | None = None,
-              project: str | None = None) -> ToolsData:
-        response = self._call("GetToolStats", self._period(ccmon_pb2.GetToolStatsRequest(), start_ms, end_ms, user,
-                                                           project))
-        return ToolsData(tuple((t.tool, t.calls, t.successes, t.p50_duration_ms, t.p95_duration_ms)
-                               for t in response.tools),
-                         tuple((d.decision, d.source, d.count) for d in response.decisions),
-                         tuple((e.status_code, e.model, e.count) for e in response.errors),
-                         response.retries_exhausted)
+              project: str | None = None) -> ToolReport:
+        return tool_report_of(self._call("GetToolStats", self._period(ccmon_pb2.GetToolStatsRequest(), start_ms,
+                                                                      end_ms, user, project)))
 
     def report_status_line(self, reading: LimitReading, timezone: str) -> tuple[Split | None, Split | None]:
         """Store a status line reading; returns (this session's figures, its user's today), None where unknown."""
@@ -4398,18 +4438,17 @@ class Client:
                 split_from_stats(response.today) if response.HasField("today") else None)
 
     def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False) \
-            -> tuple[int, int]:
-        """Send requests read from transcripts; returns (imported, already known), or with dry_run what would be."""
+            -> ImportCounts:
+        """Send requests read from transcripts; with dry_run, nothing is stored: the counts say what would be."""
         response = self._call("ImportRequests", ccmon_pb2.ImportRequestsRequest(requests=rows, user=user,
                                                                                  dry_run=dry_run))
-        return response.imported, response.already_known
+        return ImportCounts(response.imported, response.already_known)
 
     def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None,
-               project: str | None = None) -> tuple[tuple[int, int, Split, bool], ...]:
-        """(start, end, usage, whether the window is Claude's own) per block, oldest first."""
+               project: str | None = None) -> tuple[UsageBlock, ...]:
+        """The blocks overlapping the period, oldest first."""
         response = self._call("GetBlocks", self._period(ccmon_pb2.GetBlocksRequest(), start_ms, end_ms, user, project))
-        return tuple((ms_of(b.start_time), ms_of(b.end_time), split_from_stats(b.stats), b.from_claude)
-                     for b in response.blocks)
+        return tuple(usage_block_of(b) for b in response.blocks)
 
     def limits(self, user: str | None, at_ms: int) -> ClaudeLimits:
         """Claude's own limits for a user (everyone: None) at a moment: live readings and calibrated capacities."""
@@ -4420,81 +4459,167 @@ class Client:
             response.five_hour.tokens if response.HasField("five_hour") else None, response.five_hour.readings,
             response.seven_day.tokens if response.HasField("seven_day") else None, response.seven_day.readings)
 
-    def limit_figures(self, query: LimitQuery, zone: ZoneInfo, user: str | None) -> LimitFigures:
-        """The current block (Claude's own window while a reading of it is live, else as query.mode finds it), its
-        limit (calibrated, learned, configured or the plan's) and the week (Claude's when read, else rolling)."""
-        now = query.now_ms
-        claude = self.limits(user, now)
-        five, seven = claude.window("five_hour", now), claude.window("seven_day", now)
-        calibrated = claude.five_hour_capacity if query.learn else None
-        learn = query.learn and calibrated is None
-        history = self.blocks(now - (LEARN_FROM_MS if learn else DAY_MS), now, user) \
-            if learn or (query.mode == "auto" and five is None) else ()
-        from_claude = query.mode is not None and five is not None
-        window = (five.resets_ms - BLOCK_MS, five.resets_ms) if from_claude else \
-            block_window(query.mode, now, zone, [(start, end) for start, end, _, _ in history])
-        limit, learned_from, calibrated_from = query.floor, None, None
-        if calibrated is not None:
-            limit, calibrated_from = calibrated, claude.five_hour_readings
-        elif learn:
-            limit, learned_from = learned_limit([split.premium.limited for _, end, split, _ in history if end <= now],
-                                                query.floor)
-        weekly_window = (seven.resets_ms - 7 * DAY_MS, seven.resets_ms) if seven else None
-        weekly: dict[str, Usage] = {}
-        if query.track_week or seven:
-            for model, usage in self.models(weekly_window[0] if weekly_window else now - 7 * DAY_MS, now, user):
-                weekly[model_family(model)] = weekly.get(model_family(model), Usage()) + usage
-        recent = recent_pace_start(now)
-        return LimitFigures(window, self.stats(window[0], now, user) if window else Split(),
-                            self.stats(recent, now, user).premium.limited / ((now - recent) / 60_000),
-                            limit, learned_from, tuple(sorted(weekly.items())), claude, calibrated_from, weekly_window,
-                            from_claude)
-
-    def users_with_limits(self, start_ms: int | None, end_ms: int, project: str | None = None) -> tuple[
-            tuple[str, Split, int, LimitWindow | None, LimitWindow | None], ...]:
-        """Users by cost: (user, usage, sessions, Claude's live 5-hour window, Claude's live week) each."""
+    def users(self, start_ms: int | None, end_ms: int, project: str | None = None) -> tuple[UserUsage, ...]:
+        """Users by cost, with Claude's live windows of theirs."""
         response = self._call("GetUsers", self._period(ccmon_pb2.GetUsersRequest(), start_ms, end_ms,
                                                        project=project))
-        return tuple((u.user, split_from_stats(u.stats), u.sessions, window_of(u, "five_hour"),
-                      window_of(u, "seven_day")) for u in response.users)
+        return tuple(user_usage_of(u) for u in response.users)
 
     def projects(self, start_ms: int | None, end_ms: int, user: str | None = None,
-                 project: str | None = None) -> tuple[tuple[str, Split, int], ...]:
-        """(project, usage, sessions), highest cost first; '' is the sessions without a project."""
+                 project: str | None = None) -> tuple[ProjectUsage, ...]:
+        """Projects by cost; '' is the sessions without a project."""
         response = self._call("GetProjects", self._period(ccmon_pb2.GetProjectsRequest(), start_ms, end_ms, user,
                                                           project))
-        return tuple((p.project, split_from_stats(p.stats), p.sessions) for p in response.projects)
-
-    def requests_page(self, query: Query) -> RequestsPage:
-        start, end, user, project = query.start_ms or 0, query.end_ms, query.user, query.project  # Go needs a start
-        request = self._period(ccmon_pb2.GetAPIRequestsRequest(limit=query.limit, offset=query.offset,
-                                                               oldest_first=query.oldest_first), start, end, user,
-                               project)
-        page = self._call("GetAPIRequests", request)
-        rows = sorted((request_row_of(r) for r in page.requests), key=lambda row: row.ts_ms,
-                      reverse=not query.oldest_first)  # the Go ccmon answers oldest first whatever is asked
-        return RequestsPage(self.stats(start, end, user, project), tuple(rows), page.total_count)
-
-    def snapshot(self, query: Query) -> Snapshot:
-        """Everything one screen shows: the figures every tab has, then what the query's tab fetches."""
-        info = self.server_info()
-        limits = self.limit_figures(query.limits, zone_or_none(query.timezone), query.user) if query.limits else None
-        if query.period_is_block and limits is not None:  # the current automatic block, or nothing between blocks
-            query = dataclasses.replace(query, start_ms=limits.window[0] if limits.window else query.end_ms)
-        self.unanswered.clear()
-        users = self.users_with_limits(query.start_ms, query.end_ms, query.project)  # the Users tab and `u`
-        projects = self.projects(query.start_ms, query.end_ms, query.user)  # the Projects tab and `p`
-        data = None
-        if query.fetch:
-            self.unanswered.clear()
-            data = query.fetch(self, query)
-        return Snapshot(query, now_ms(), info.usage_records if info.version else -1, limits,
-                        tuple(row[:3] for row in users), data,
-                        tuple((name, five, seven) for name, _, _, five, seven in users if five or seven),
-                        GO_CCMON_ONLY if self.unanswered else "", projects)
+        return tuple(project_usage_of(p) for p in response.projects)
 
     def close(self) -> None:
         self._channel.close()
+
+
+# ---------------------------------------------------------------- Figures: limits, projections and snapshots from the server's answers
+
+@dataclasses.dataclass(frozen=True)
+class Query:
+    """What one screen needs from the server."""
+    tab: str
+    start_ms: int | None
+    end_ms: int
+    offset: int
+    limit: int
+    oldest_first: bool
+    timezone: str
+    limits: LimitQuery | None = None  # block and weekly figures, when tracked
+    period_is_block: bool = False     # the period is the current automatic block, known once limits are in
+    user: str | None = None
+    session_id: str | None = None  # the session whose timeline is open
+    fetch: Callable[[Client, Query], Any] | None = None  # what the tab shows beyond what every screen has
+    project: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitQuery:
+    """How to find the current block and its limit."""
+    mode: int | str | None      # fixed start hour, "auto", or None (no block tracking)
+    now_ms: int
+    learn: bool                 # claude.max_tokens = "auto"
+    floor: int | None           # the configured or plan limit (the learned limit's floor)
+    track_week: bool = True     # the week's figures are wanted even without a reading of Claude's week
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitFigures:
+    """Where the user stands against Claude's windows: the current block and the week, by ccmon's own counts and
+    by Claude's own readings."""
+    window: tuple[int, int] | None          # the current block, None between automatic blocks
+    block: Split                            # usage in it so far
+    recent_rate: float                      # premium limited tokens per minute since recent_pace_start
+    limit: int | None                       # the block limit in force (configured, plan, learned or calibrated)
+    learned_from: int | None                # blocks the limit was learned from; None when not learned
+    weekly: dict[str, Usage]                # the week (Claude's when read, else the rolling 7 days), per family
+    claude: ClaudeLimits = ClaudeLimits()   # Claude's own: live readings and calibrated capacities
+    calibrated_from: int | None = None      # readings the block limit was calibrated from; None when not
+    weekly_window: tuple[int, int] | None = None  # Claude's week, from a live reading; None: the rolling 7 days
+    window_from_claude: bool = False        # the block is Claude's own window, from a live reading
+
+
+def weekly_limit_in_force(limits: LimitFigures, configured: int | None) -> tuple[int | None, int | None]:
+    """(the weekly limit, the readings it was calibrated from or None): claude.weekly_max_tokens when set, else
+    the calibrated capacity of Claude's week while a reading of it is live."""
+    if configured:
+        return configured, None
+    if limits.weekly_window and limits.claude.seven_day_capacity:
+        return limits.claude.seven_day_capacity, limits.claude.seven_day_readings
+    return None, None
+
+
+def block_status(limits: LimitFigures, now: int) -> BlockStatus | None:
+    if limits.window is None:
+        return None
+    start, end = limits.window
+    return BlockStatus(start, end, min(max(now, start), end), limits.block.premium.limited, limits.limit,
+                       limits.recent_rate)
+
+
+def weekly_premium(limits: LimitFigures) -> Usage:
+    return sum((usage for family, usage in limits.weekly.items() if family != "haiku"), Usage())
+
+
+def usage_by_family(models: Iterable[ModelUsage]) -> dict[str, Usage]:
+    by_family: dict[str, Usage] = {}
+    for m in models:
+        by_family[model_family(m.model)] = by_family.get(model_family(m.model), Usage()) + m.usage
+    return dict(sorted(by_family.items()))
+
+
+def limit_figures(client: Client, query: LimitQuery, zone: ZoneInfo, user: str | None) -> LimitFigures:
+    """The current block (Claude's own window while a reading of it is live, else as query.mode finds it), its
+    limit (calibrated, learned, configured or the plan's) and the week (Claude's when read, else rolling)."""
+    now = query.now_ms
+    claude = client.limits(user, now)
+    five, seven = claude.window("five_hour", now), claude.window("seven_day", now)
+    calibrated = claude.five_hour_capacity if query.learn else None
+    learn = query.learn and calibrated is None
+    history = client.blocks(now - (LEARN_FROM_MS if learn else DAY_MS), now, user) \
+        if learn or (query.mode == "auto" and five is None) else ()
+    from_claude = query.mode is not None and five is not None
+    window = (five.resets_ms - BLOCK_MS, five.resets_ms) if from_claude else \
+        block_window(query.mode, now, zone, [(block.start_ms, block.end_ms) for block in history])
+    limit, learned_from, calibrated_from = query.floor, None, None
+    if calibrated is not None:
+        limit, calibrated_from = calibrated, claude.five_hour_readings
+    elif learn:
+        limit, learned_from = learned_limit([block.split.premium.limited for block in history if block.end_ms <= now],
+                                            query.floor)
+    weekly_window = (seven.resets_ms - 7 * DAY_MS, seven.resets_ms) if seven else None
+    weekly = usage_by_family(client.models(weekly_window[0] if weekly_window else now - 7 * DAY_MS, now, user)) \
+        if query.track_week or seven else {}
+    recent = recent_pace_start(now)
+    return LimitFigures(window, client.stats(window[0], now, user) if window else Split(),
+                        client.stats(recent, now, user).premium.limited / ((now - recent) / 60_000),
+                        limit, learned_from, weekly, claude, calibrated_from, weekly_window, from_claude)
+
+
+@dataclasses.dataclass(frozen=True)
+class CurrentRequests:
+    """The Current tab's data: the period's totals and one page of its requests."""
+    period: Split
+    page: RequestsPage
+
+
+def current_requests(client: Client, query: Query) -> CurrentRequests:
+    return CurrentRequests(client.stats(query.start_ms, query.end_ms, query.user, query.project),
+                           client.api_requests(query.start_ms, query.end_ms, query.limit, query.offset,
+                                               query.oldest_first, query.user, query.project))
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The server's answers for one Query: what every screen shows, and what its tab fetched."""
+    query: Query
+    taken_ms: int
+    server_requests: int                      # usage records ever stored, to tell an empty database apart
+    limits: LimitFigures | None = None
+    users: tuple[UserUsage, ...] = ()         # the Users tab and the `u` filter, with their live Claude windows
+    data: Any = None                          # what query.fetch returned
+    unanswered: str = ""                      # why the server could not answer the tab (the Go ccmon)
+    projects: tuple[ProjectUsage, ...] = ()   # the Projects tab and `p`
+
+
+def fetch_snapshot(client: Client, query: Query) -> Snapshot:
+    """Everything one screen shows: the figures every tab has, then what the query's tab fetches."""
+    info = client.server_info()
+    limits = limit_figures(client, query.limits, zone_or_none(query.timezone), query.user) if query.limits else None
+    if query.period_is_block and limits is not None:  # the current automatic block, or nothing between blocks
+        query = dataclasses.replace(query, start_ms=limits.window[0] if limits.window else query.end_ms)
+    client.unanswered.clear()
+    users = client.users(query.start_ms, query.end_ms, query.project)  # the Users tab and `u`
+    projects = client.projects(query.start_ms, query.end_ms, query.user)  # the Projects tab and `p`
+    data = None
+    if query.fetch:
+        client.unanswered.clear()
+        data = query.fetch(client, query)
+    return Snapshot(query, now_ms(), info.usage_records if info.version else -1, limits, users, data,
+                    GO_CCMON_ONLY if client.unanswered else "", projects)
 
 
 # ---------------------------------------------------------------- Settings and figures as text: shared by quick query, reports and the monitor
@@ -4661,8 +4786,8 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
     settings = MonitorSettings.from_config(config)
     claude = None
     if wanted & BLOCK_VARIABLES and settings.block_mode is not None or "weekly_usage" in wanted:
-        limits = client.limit_figures(LimitQuery(settings.block_mode, now, settings.learn, settings.limit),
-                                      config.zone, None)
+        limits = limit_figures(client, LimitQuery(settings.block_mode, now, settings.learn, settings.limit),
+                               config.zone, None)
         figures = dataclasses.replace(figures, block=block_status(limits, now), weekly=weekly_premium(limits),
                                       weekly_limit=weekly_limit_in_force(limits, settings.weekly_limit)[0],
                                       block_tracked=settings.block_mode is not None)
@@ -4978,36 +5103,36 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                 user: str | None, project: str | None = None) -> list[dict[str, Any]]:
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float)."""
     if kind == "project":  # '' is the sessions without a project
-        return [{"project": name, "sessions": sessions, **usage_fields(split.total),
-                 "premium_requests": split.premium.requests,
-                 "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD}
-                for name, split, sessions in client.projects(start, end, user, project)]
+        return [{"project": p.project, "sessions": p.sessions, **usage_fields(p.split.total),
+                 "premium_requests": p.split.premium.requests,
+                 "premium_cost_usd": p.split.premium.cost_nanos / NANOS_PER_USD}
+                for p in client.projects(start, end, user, project)]
     if kind == "model":
-        return [{"model": model, **usage_fields(u),  # None: not known (usage from metrics has no durations)
-                 "avg_duration_ms": u.duration_ms // u.requests if u.requests else None,
-                 "avg_ttft_ms": u.ttft_ms // u.ttft_count if u.ttft_count else None}
-                for model, u in client.models(start, end, user, project)]
+        return [{"model": m.model, **usage_fields(m.usage),  # None: not known (usage from metrics has no durations)
+                 "avg_duration_ms": m.usage.duration_ms // m.usage.requests if m.usage.requests else None,
+                 "avg_ttft_ms": m.usage.ttft_ms // m.usage.ttft_count if m.usage.ttft_count else None}
+                for m in client.models(start, end, user, project)]
     if kind == "blocks":
-        return [{"block_start": dt.datetime.fromtimestamp(start / 1000, zone).isoformat(timespec="minutes"),
-                 "block_end": dt.datetime.fromtimestamp(end / 1000, zone).isoformat(timespec="minutes"),
-                 "window": "claude" if from_claude else "auto",  # Claude's own reset time, or guessed
-                 "premium_tokens": split.premium.limited, **usage_fields(split.total)}
-                for start, end, split, from_claude in client.blocks(start, end, user, project)]
+        return [{"block_start": dt.datetime.fromtimestamp(b.start_ms / 1000, zone).isoformat(timespec="minutes"),
+                 "block_end": dt.datetime.fromtimestamp(b.end_ms / 1000, zone).isoformat(timespec="minutes"),
+                 "window": "claude" if b.from_claude else "auto",  # Claude's own reset time, or guessed
+                 "premium_tokens": b.split.premium.limited, **usage_fields(b.split.total)}
+                for b in client.blocks(start, end, user, project)]
     if kind == "session":
         return [{"session_id": s.session_id, "user": s.user, "project": s.project,
                  "first_request": dt.datetime.fromtimestamp(s.first_ms / 1000, zone).isoformat(timespec="seconds"),
                  "last_request": dt.datetime.fromtimestamp(s.last_ms / 1000, zone).isoformat(timespec="seconds"),
                  **usage_fields(s.split.total), "models": " ".join(s.models), "tool_calls": s.tool_calls,
                  "tool_failures": s.tool_failures, "api_errors": s.api_errors,
-                 "source": s.source_label}
+                 "source": s.source}
                 for s in client.sessions(start, end, user, limit=5000, project=project)]
     groups: dict[str, Split] = {}
-    for date, split in reversed(client.days(start, end, zone.key, user, project)):
-        day = dt.date.fromisoformat(date)
-        label = {"daily": date, "weekly": (day - dt.timedelta(days=day.weekday())).isoformat(),
-                 "monthly": date[:7]}[kind]
+    for usage in reversed(client.days(start, end, zone.key, user, project)):
+        day = dt.date.fromisoformat(usage.date)
+        label = {"daily": usage.date, "weekly": (day - dt.timedelta(days=day.weekday())).isoformat(),
+                 "monthly": usage.date[:7]}[kind]
         previous = groups.get(label, Split())
-        groups[label] = Split(previous.base + split.base, previous.premium + split.premium)
+        groups[label] = Split(previous.base + usage.split.base, previous.premium + usage.split.premium)
     column = {"daily": "date", "weekly": "week_of", "monthly": "month"}[kind]
     return [{column: label, **usage_fields(split.total), "premium_requests": split.premium.requests,
              "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD} for label, split in groups.items()]
@@ -5403,12 +5528,12 @@ class Importer:
         future, batch = self.in_flight
         self.in_flight = None
         try:
-            imported, known = future.result()
+            counts = future.result()
         except ServerUnreachable:
             self.pending[:0] = batch
             raise
-        self.tally.imported += imported
-        self.tally.known += known
+        self.tally.imported += counts.imported
+        self.tally.known += counts.already_known
 
     def show_progress(self, files_total: int = 0, done: bool = False) -> None:
         if self.progress is None:
@@ -5800,7 +5925,7 @@ def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, scre
     order = "oldest first" if state.oldest_first else "newest first"
     updated = f"updated {local_time(snap.taken_ms, settings.zone, '%H:%M:%S')}" if snap else "no data yet"
     user = [f"user {state.user}"] if state.user else []
-    known = [name for name, _, _ in snap.projects] if snap else []  # a label tells it from these
+    known = [p.project for p in snap.projects] if snap else []  # a label tells it from these
     project = [f"project {project_labels([state.project, *known])[state.project]}"] if state.project else []
     details = joined_to_fit(["", *(f" | {part}" for part in (*user, *project, filter_text, order, updated))],
                             width - len(link[0]))  # as many as fit, most important first
@@ -5928,7 +6053,8 @@ def weekly_line(limits: LimitFigures, screen: Screen, alert_at: int) -> Line:
     family, against claude.weekly_max_tokens when set, else against the calibrated capacity of Claude's week."""
     settings = screen.settings
     premium = weekly_premium(limits)
-    families = ", ".join(f"{family} {format_count(u.limited)}" for family, u in limits.weekly if family != "haiku")
+    families = ", ".join(f"{family} {format_count(u.limited)}" for family, u in limits.weekly.items()
+                         if family != "haiku")
     detail = f" ({families})" if families else ""
     limit, calibrated_from = weekly_limit_in_force(limits, settings.weekly_limit)
     if limit:
@@ -5987,7 +6113,7 @@ def projection_line(status: BlockStatus, zone: ZoneInfo, width: int, capacity: i
 
 # -- tabs: each renders its snapshot's data into the rows left below the block figures
 def requests_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
-    page: RequestsPage = snap.data
+    page: RequestsPage = snap.data.page
     long_period = snap.query.start_ms is None or snap.query.end_ms - snap.query.start_ms > 86400_000
     time_format, time_width = ("%m-%d %H:%M", 11) if long_period else ("%H:%M:%S", 8)
     columns = [Column("Time", time_width, 0, left=True), Column("Model", 10, 0, left=True),
@@ -6007,19 +6133,20 @@ def requests_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
 
 
 def daily_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
-    days: tuple[tuple[str, Split], ...] = snap.data
+    days: tuple[DayUsage, ...] = snap.data
     zone = screen.settings.zone
     columns = [Column("Date", 10, 0, left=True), Column("Base", 5, 3), Column("Prem", 5, 1), Column("Input", 6, 4),
                Column("Output", 6, 2), Column("CacheR", 6, 5), Column("CacheW", 6, 5), Column("Total", 6, 2),
                Column("Burn", 9, 6), Column("Prem $", 9, 1)]
     rows, total = [], Split()
-    for date, split in days:
-        total = Split(total.base + split.base, total.premium + split.premium)
-        day = dt.date.fromisoformat(date)
+    for usage in days:
+        total = Split(total.base + usage.split.base, total.premium + usage.split.premium)
+        day = dt.date.fromisoformat(usage.date)
         day_start, next_day = (ms_from_datetime(dt.datetime.combine(d, dt.time(), zone))
                                for d in (day, day + dt.timedelta(days=1)))
         elapsed_ms = min(screen.now, next_day) - day_start  # DST days have 23 or 25 hours
-        rows.append(_daily_cells(date, split, format_rate(per_minute(split.premium.limited, elapsed_ms))))
+        rows.append(_daily_cells(usage.date, usage.split,
+                                 format_rate(per_minute(usage.split.premium.limited, elapsed_ms))))
     page_rows = max(1, screen.rows - 3)
     body_rows = [(cells, "") for cells in rows[state.scroll:state.scroll + page_rows]]
     body_rows.append((_daily_cells("Total", total, ""), "bold"))
@@ -6045,16 +6172,16 @@ def average_ms(total_ms: int, count: int) -> str:
 
 
 def models_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
-    models: tuple[tuple[str, Usage], ...] = snap.data
+    models: tuple[ModelUsage, ...] = snap.data
     columns = [Column("Model", 10, 0, left=True), Column("Req", 6, 1), Column("Input", 7, 3),
                Column("Output", 7, 3), Column("Cache", 7, 4), Column("Cost", 9, 1), Column("Share of cost", 13, 2),
                Column("Avg dur", 7, 5), Column("TTFT", 6, 6)]
-    total = sum((usage for _, usage in models), Usage())
-    rows = [([model_names(model), format_count(u.requests), format_count(u.input), format_count(u.output),
-              format_count(u.cache), format_cost(u.cost_nanos),
-              share_cell(u.cost_nanos, total.cost_nanos, screen.glyphs), average_ms(u.duration_ms, u.requests),
-              average_ms(u.ttft_ms, u.ttft_count)], "")
-            for model, u in models]
+    total = sum((m.usage for m in models), Usage())
+    rows = [([model_names(m.model), format_count(m.usage.requests), format_count(m.usage.input),
+              format_count(m.usage.output), format_count(m.usage.cache), format_cost(m.usage.cost_nanos),
+              share_cell(m.usage.cost_nanos, total.cost_nanos, screen.glyphs),
+              average_ms(m.usage.duration_ms, m.usage.requests), average_ms(m.usage.ttft_ms, m.usage.ttft_count)], "")
+            for m in models]
     page_rows = max(1, screen.rows - 3)
     shown = rows[state.scroll:state.scroll + page_rows]
     shown.append((["Total", format_count(total.requests), format_count(total.input), format_count(total.output),
@@ -6065,7 +6192,7 @@ def models_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(rows))
 
 
-def sessions_or_timeline(client: Client, query: Query) -> tuple[SessionRow, ...] | tuple[TimelineRow, ...]:
+def sessions_or_timeline(client: Client, query: Query) -> tuple[Session, ...] | tuple[TimelineEntry, ...]:
     """The period's sessions, or the timeline of the one opened with Enter."""
     if query.session_id:
         return client.timeline(query.session_id)
@@ -6075,7 +6202,7 @@ def sessions_or_timeline(client: Client, query: Query) -> tuple[SessionRow, ...]
 def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     if state.session_id:
         return timeline_lines(snap, state, screen)
-    sessions: tuple[SessionRow, ...] = snap.data
+    sessions: tuple[Session, ...] = snap.data
     several_users = len({row.user for row in sessions}) > 1
     labels = project_labels(row.project for row in sessions)
     columns = [Column("Session", 8, 0, left=True), Column("User", 14, 6, left=True),
@@ -6094,7 +6221,7 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
                       local_time(row.first_ms, screen.settings.zone, "%m-%d %H:%M"),
                       format_duration(row.last_ms - row.first_ms), format_count(total.requests),
                       format_count(total.total), format_cost(total.cost_nanos), models, str(row.tool_calls),
-                      str(row.tool_failures), str(row.api_errors), row.source_label],
+                      str(row.tool_failures), str(row.api_errors), row.source],
                      "tab_active" if index == state.scroll else ""))
     shown = [i for i in range(len(columns))  # one person's server: no User column; no projects: no Project column
              if (i != 1 or several_users) and (i != 2 or any(row.project for row in sessions))]
@@ -6142,7 +6269,7 @@ def event_detail(kind: str, attributes: dict[str, str]) -> str:
     return ", ".join(f"{key}={value}" for key, value in sorted(a.items()) if key not in ("model", "tool_name"))
 
 
-def timeline_cells(row: TimelineRow) -> tuple[Cell, str, str]:
+def timeline_cells(row: TimelineEntry) -> tuple[Cell, str, str]:
     """(model or tool, cost, detail) for one timeline entry; a request's tokens and time are its detail."""
     if row.request is not None:
         u = row.request.usage
@@ -6156,7 +6283,7 @@ def timeline_cells(row: TimelineRow) -> tuple[Cell, str, str]:
 
 
 def timeline_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
-    timeline: tuple[TimelineRow, ...] = snap.data
+    timeline: tuple[TimelineEntry, ...] = snap.data
     columns = [Column("Time", 8, 0, left=True), Column("Event", 18, 0, left=True),
                Column("Model/tool", 10, 2, left=True), Column("Cost", 9, 2), Column("Detail", 10, 1, left=True)]
     page_rows = max(1, screen.rows - 2)
@@ -6168,18 +6295,18 @@ def timeline_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
 
 
 def tools_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
-    data: ToolsData = snap.data
+    data: ToolReport = snap.data
     width, glyphs = screen.width, screen.glyphs
     page_rows = max(1, screen.rows - 6 - min(len(data.errors), 3))  # room below for decisions and errors
-    tools = [([tool, format_count(calls), f"{ok / calls * 100:.0f}%" if calls else "-", format_duration(p50),
-               format_duration(p95)], "" if ok == calls else "warn")
-             for tool, calls, ok, p50, p95 in data.tools[state.scroll:state.scroll + page_rows]]
+    tools = [([t.tool, format_count(t.calls), f"{t.successes / t.calls * 100:.0f}%" if t.calls else "-",
+               format_duration(t.p50_ms), format_duration(t.p95_ms)], "" if t.successes == t.calls else "warn")
+             for t in data.tools[state.scroll:state.scroll + page_rows]]
     header, body = table_lines([Column("Tool", 12, 0, left=True), Column("Calls", 6, 0),
                                 Column("Success", 7, 0), Column("p50", 6, 1), Column("p95", 6, 1)], tools, width)
     lines = [rule(f"Tools - {PERIODS[state.period][0]}", width, glyphs), header, *body]
-    decisions = "  ".join(f"{decision} by {source}: {count}" for decision, source, count in data.decisions)
+    decisions = "  ".join(f"{d.decision} by {d.source}: {d.count}" for d in data.decisions)
     lines.append([("Decisions: " + (decisions or "none"), "")])
-    errors = [([code, model_names(model), format_count(count)], "bad") for code, model, count in data.errors]
+    errors = [([e.status_code, model_names(e.model), format_count(e.count)], "bad") for e in data.errors]
     header, body = table_lines([Column("Status", 6, 0, left=True), Column("Model", 10, 0, left=True),
                                 Column("Errors", 6, 0)], errors, width)
     lines += [rule("API errors", width, glyphs), header, *body,
@@ -6190,19 +6317,18 @@ def tools_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
 def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     columns = [Column("User", 14, 0, left=True), Column("Sessions", 8, 2), Column("Req", 6, 1),
                Column("Tokens", 7, 1), Column("Premium", 7, 3), Column("Cost", 9, 0), Column("Share of cost", 13, 2)]
-    whole = sum(split.total.cost_nanos for _, split, _ in snap.users)
+    whole = sum(u.split.total.cost_nanos for u in snap.users)
     page_rows = max(1, screen.rows - 2)
-    claude = {user: [live_window(window, screen.now) for window in windows] for user, *windows in snap.user_limits}
+    claude = {u.user: [live_window(u.five_hour, screen.now), live_window(u.seven_day, screen.now)] for u in snap.users}
     with_claude = any(window for windows in claude.values() for window in windows)
     if with_claude:  # each user's own latest share of Claude's windows, where a reading of it is live
         columns += [Column("5h", 4, 1), Column("Week", 4, 1)]
-    rows = [([user_names(user, "(unknown)"), str(sessions), format_count(split.total.requests), format_count(split.total.total),
-              format_count(split.premium.limited), format_cost(split.total.cost_nanos),
-              share_cell(split.total.cost_nanos, whole, screen.glyphs)] +
-             ([f"{window.percent:.0f}%" if window else "-" for window in claude.get(user, [None, None])]
-              if with_claude else []),
-             "tab_active" if user and user == state.user else "")
-            for user, split, sessions in snap.users[state.scroll:state.scroll + page_rows]]
+    rows = [([user_names(u.user, "(unknown)"), str(u.sessions), format_count(u.split.total.requests),
+              format_count(u.split.total.total), format_count(u.split.premium.limited),
+              format_cost(u.split.total.cost_nanos), share_cell(u.split.total.cost_nanos, whole, screen.glyphs)] +
+             ([f"{window.percent:.0f}%" if window else "-" for window in claude[u.user]] if with_claude else []),
+             "tab_active" if u.user and u.user == state.user else "")
+            for u in snap.users[state.scroll:state.scroll + page_rows]]
     header, body = table_lines(columns, rows, screen.width)
     title = f"Users by cost - {PERIODS[state.period][0]} - u: filter by user"
     return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(snap.users))
@@ -6211,28 +6337,29 @@ def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
 def projects_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     columns = [Column("Project", 14, 0, left=True), Column("Sessions", 8, 2), Column("Req", 6, 1),
                Column("Tokens", 7, 1), Column("Cost", 9, 0), Column("Share of cost", 13, 2)]
-    whole = sum(split.total.cost_nanos for _, split, _ in snap.projects)
-    labels = project_labels(project for project, _, _ in snap.projects)
+    whole = sum(p.split.total.cost_nanos for p in snap.projects)
+    labels = project_labels(p.project for p in snap.projects)
     page_rows = max(1, screen.rows - 2)
-    rows = [([project_forms(project, labels), str(sessions), format_count(split.total.requests),
-              format_count(split.total.total), format_cost(split.total.cost_nanos),
-              share_cell(split.total.cost_nanos, whole, screen.glyphs)],
-             "tab_active" if project and project == state.project else "")
-            for project, split, sessions in snap.projects[state.scroll:state.scroll + page_rows]]
+    rows = [([project_forms(p.project, labels), str(p.sessions), format_count(p.split.total.requests),
+              format_count(p.split.total.total), format_cost(p.split.total.cost_nanos),
+              share_cell(p.split.total.cost_nanos, whole, screen.glyphs)],
+             "tab_active" if p.project and p.project == state.project else "")
+            for p in snap.projects[state.scroll:state.scroll + page_rows]]
     header, body = table_lines(columns, rows, screen.width)
     title = f"Projects by cost - {PERIODS[state.period][0]} - p: filter by project"
     return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(snap.projects))
 
 
 def blocks_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
-    blocks: tuple[tuple[int, int, Split, bool], ...] = snap.data
+    blocks: tuple[UsageBlock, ...] = snap.data
     zone = screen.settings.zone
     limit = snap.limits.limit if snap.limits else screen.settings.limit
     columns = [Column("Block", 17, 0, left=True), Column("Req", 5, 1), Column("Premium", 7, 0),
                Column("Tokens", 7, 2), Column("Cost", 9, 0), Column("Of limit", 13, 1)]
     page_rows = max(1, screen.rows - 2)
     rows = []
-    for start, end, split, _ in blocks[state.scroll:state.scroll + page_rows]:
+    for block in blocks[state.scroll:state.scroll + page_rows]:
+        start, end, split = block.start_ms, block.end_ms, block.split
         used = split.premium.limited
         share = share_cell(used, limit, screen.glyphs) if limit else "-"
         label = f"{local_time(start, zone, '%m-%d %H:%M')}-{local_time(end, zone)}"
@@ -6256,7 +6383,7 @@ class Tab:
 
 
 TABS = {tab.name: tab for tab in (
-    Tab("current", "Current", "Now", requests_lines, Client.requests_page, summary=usage_lines),
+    Tab("current", "Current", "Now", requests_lines, current_requests, summary=usage_lines),
     Tab("daily", "Daily Usage", "Day", daily_lines,
         lambda client, q: client.days(None, q.end_ms, q.timezone, q.user, q.project), fixed_period="last 30 days"),
     Tab("models", "Models", "Mod", models_lines,
@@ -6354,8 +6481,8 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Sc
     lines = lines[:height - 1]
     lines += [[("", "")]] * (height - 1 - len(lines)) + [[(state.notice or hint, "warn" if state.notice else "dim")]]
     return Frame([clip(line, width) for line in lines], tab_frame.page_rows, tab_frame.total_rows,
-                 tab_frame.session_ids, tuple(name for name, _, _ in snap.users) if snap else (),
-                 tuple(name for name, _, _ in snap.projects) if snap else ())
+                 tab_frame.session_ids, tuple(u.user for u in snap.users) if snap else (),
+                 tuple(p.project for p in snap.projects) if snap else ())
 
 
 # ---------------------------------------------------------------- Curses loop: polling thread, keys, drawing
@@ -6395,7 +6522,7 @@ class Poller:
             window = self.snapshot.limits.window if self.snapshot and self.snapshot.limits else None
             query = query_for(state, self.settings, now_ms(), window[0] if window else None)
             try:
-                snapshot = self.client.snapshot(query)
+                snapshot = fetch_snapshot(self.client, query)
                 with self._lock:
                     self.snapshot, self.connection = snapshot, Connection(connected=True, attempts=1)
                     self.version += 1

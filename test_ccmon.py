@@ -378,8 +378,8 @@ def test_weekly_gauge_and_its_projection():
     settings = ccmon.MonitorSettings("x:1", BERLIN, "auto", 10_000, 5, weekly_limit=100_000)
     now = local_ms("2026-05-04 09:00")  # a Monday
     limits = ccmon.LimitFigures(None, ccmon.Split(), 50.0, 10_000, None,
-                                (("opus", ccmon.Usage(3, 20_000, 5_000)), ("sonnet", ccmon.Usage(9, 40_000, 5_000)),
-                                 ("haiku", ccmon.Usage(2, 999, 1))))
+                                {"opus": ccmon.Usage(3, 20_000, 5_000), "sonnet": ccmon.Usage(9, 40_000, 5_000),
+                                 "haiku": ccmon.Usage(2, 999, 1)})
     def line(width):
         return ccmon.line_text(ccmon.weekly_line(limits, ccmon.Screen(settings, width, 24, now,
                                                                       ccmon.Glyphs.for_terminal(False)), 101))
@@ -2624,7 +2624,7 @@ def test_clients_say_what_they_found_instead_of_a_ccmon_server(server, tmp_path)
                            tmp_path)
         client = ccmon.Client(f"127.0.0.1:{port}")  # the monitor shows the same on its status line
         with pytest.raises(ccmon.ServerUnreachable, match=r"^not a ccmon server"):
-            client.snapshot(ccmon.query_for(ccmon.ViewState(), _settings(block_hour=None), int(time.time() * 1000)))
+            ccmon.fetch_snapshot(client, ccmon.query_for(ccmon.ViewState(), _settings(block_hour=None), int(time.time() * 1000)))
         client.close()
     finally:
         other.stop(None)
@@ -2681,13 +2681,13 @@ def test_clients_against_the_original_go_server(go_server, tmp_path):
     assert (quick.returncode, quick.stdout) == (0, "1.71K $1.75\n")
     # The monitor: the Current tab in ccmon's order (the Go server answers oldest first), other tabs say why not.
     client, settings, now = ccmon.Client(go_server), _settings(block_hour=None), int(time.time() * 1000)
-    current = client.snapshot(ccmon.query_for(ccmon.ViewState(), settings, now))
-    assert [row.model for row in current.data.requests] == ["claude-haiku-4-5", "claude-sonnet-4-5",
-                                                            "claude-sonnet-4-5"]
+    current = ccmon.fetch_snapshot(client, ccmon.query_for(ccmon.ViewState(), settings, now))
+    assert [row.model for row in current.data.page.requests] == ["claude-haiku-4-5", "claude-sonnet-4-5",
+                                                                 "claude-sonnet-4-5"]
     lines, _ = frame_text(ccmon.ViewState(), current, settings, 80, 24, now)
     assert lines[6].split()[:2] == ["Premium", "2"] and not current.unanswered
     for tab in ("daily", "models", "sessions", "tools", "users", "blocks"):
-        snap = client.snapshot(ccmon.query_for(ccmon.ViewState(tab=tab), settings, now))
+        snap = ccmon.fetch_snapshot(client, ccmon.query_for(ccmon.ViewState(tab=tab), settings, now))
         lines, _ = frame_text(ccmon.ViewState(tab=tab), snap, settings, 120, 24, now)
         assert "This tab needs ccmon's own server: the Go ccmon server answers only GetStats and GetAPIRequests." \
             in "\n".join(lines), tab
@@ -3163,22 +3163,22 @@ def _frame_fixture():
                          usage(12, 9000, 6000, 250000, 12000, 1_234_567_890))
     block = ccmon.Split(usage(1, 100, 50, 0, 0, 1000), usage(8, 14000, 7000, 0, 0, 5))
     limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), block, 700.0, 35_000, None,
-                                (("haiku", usage(1, 100, 50)), ("sonnet", usage(8, 14000, 7000, 0, 0, 5))))
+                                {"haiku": usage(1, 100, 50), "sonnet": usage(8, 14000, 7000, 0, 0, 5)})
     models = ["claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001", "claude-opus-4-1-20250805"] * 4
-    rows = tuple(ccmon.RequestRow(now - k * 7 * 60_000, model, f"{k:04d}abcd-ef",
+    rows = tuple(ccmon.ApiRequest(now - k * 7 * 60_000, model, f"{k:04d}abcd-ef",
                                   usage(1, 1000 + k, 200 * k, 30000, 0, 12_345_000 * k + 1, 1500 * k))
                  for k, model in enumerate(models))
     query = ccmon.query_for(ccmon.ViewState(period="b"), settings, now)
-    return ccmon.Snapshot(query, now, 500, limits, data=ccmon.RequestsPage(period, rows, 12)), \
+    return ccmon.Snapshot(query, now, 500, limits, data=ccmon.CurrentRequests(period, ccmon.RequestsPage(rows, 12))), \
         settings, now
 
 
 def daily_snapshot(settings, now):
     query = ccmon.query_for(ccmon.ViewState(tab="daily"), settings, now)
-    days = tuple((f"2026-03-{10 - k:02d}", ccmon.Split(ccmon.Usage(k, 10 * k), ccmon.Usage(
+    days = tuple(ccmon.DayUsage(f"2026-03-{10 - k:02d}", ccmon.Split(ccmon.Usage(k, 10 * k), ccmon.Usage(
         3 * k, 1000 * k, 500 * k, 20000 * k, 700 * k, 250_000_000 * k))) for k in range(10))
     block = ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000))
-    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), block, 700.0, 35_000, None, ())
+    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), block, 700.0, 35_000, None, {})
     return ccmon.Snapshot(query, now, 500, limits, data=days)
 
 
@@ -3342,10 +3342,10 @@ CONTEXT = {"anthropic.custom_base_url": True, "event.sequence": 7, "event.timest
 
 def timeline_entries(now: int) -> tuple:
     """One of everything a session's timeline holds, with the context attributes Claude Code sends."""
-    row = ccmon.TimelineRow
+    row = ccmon.TimelineEntry
     return (row(now - 90_000, "user_prompt", None, {**CONTEXT, "prompt_length": "42",
                                                    "prompt": "fix the\nfailing\ttest"}),
-            row(now - 60_000, "api_request", ccmon.RequestRow(now - 60_000, "claude-sonnet-4-5-20250929", SESSION_UUID,
+            row(now - 60_000, "api_request", ccmon.ApiRequest(now - 60_000, "claude-sonnet-4-5-20250929", SESSION_UUID,
                                                               ccmon.Usage(1, 1000, 200, 5, 0, 500_000_000, 4000)), {}),
             row(now - 50_000, "tool_decision", None, {**CONTEXT, "tool_name": "Bash", "decision": "accept",
                                                      "source": "config"}),
@@ -3363,28 +3363,36 @@ def first_hour_screens(settings, now) -> list[tuple[ccmon.ViewState, ccmon.Snaps
     ids, two users, a burn rate in thousands, a block far past its limit."""
     usage = ccmon.Usage
     requests, _, _ = _frame_fixture()
-    requests = dataclasses_replace(requests, data=dataclasses_replace(requests.data, requests=tuple(
-        dataclasses_replace(r, session_id=SESSION_UUID) for r in requests.data.requests)))
-    days = (("2026-03-10", ccmon.Split(usage(5, 900), usage(40, 2_000_000, 100_000, 3_000_000, 90_000, 37_200_000_000))),
-            ("2026-03-09", ccmon.Split(usage(), usage(80, 3_000_000, 153_600, 9_000_000, 90_000, 99_000_000_000))))
+    page = requests.data.page
+    requests = dataclasses_replace(requests, data=dataclasses_replace(requests.data, page=dataclasses_replace(
+        page, requests=tuple(dataclasses_replace(r, session_id=SESSION_UUID) for r in page.requests))))
+    days = (ccmon.DayUsage("2026-03-10", ccmon.Split(usage(5, 900), usage(40, 2_000_000, 100_000, 3_000_000, 90_000,
+                                                                         37_200_000_000))),
+            ccmon.DayUsage("2026-03-09", ccmon.Split(usage(), usage(80, 3_000_000, 153_600, 9_000_000, 90_000,
+                                                                   99_000_000_000))))
     split = ccmon.Split(usage(1, 300, 30, 0, 0, 10_000_000), usage(1, 1000, 200, 0, 0, 500_000_000))
-    sessions = tuple(ccmon.SessionRow(f"{i}{SESSION_UUID[1:]}", user, now - 3600_000 * (i + 1), now - 3600_000 * i,
-                                      split, ("claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001"), 3, 1, i, i == 2)
+    sessions = tuple(ccmon.Session(f"{i}{SESSION_UUID[1:]}", user, now - 3600_000 * (i + 1), now - 3600_000 * i,
+                                   split, ("claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001"), 3, 1, i, i == 2,
+                                   "", "metrics" if i == 2 else "events")
                      for i, user in enumerate(["ana@example.com", "bo@example.com", "ana@example.com"]))
-    models = (("claude-opus-4-1-20250805", usage(20, 119_000, 110_000, 1_640_000, 0, 18_600_000_000, 140_000)),
-              ("claude-sonnet-4-5-20250929", usage(20, 117_000, 108_000, 1_640_000, 0, 18_600_000_000, 136_000, 9000, 20)))
-    tools = ccmon.ToolsData((("Bash", 30, 22, 120, 3000), ("mcp__github__create_pull_request", 1, 1, 900, 900)),
-                            (("accept", "config", 12), ("reject", "user_reject", 1)),
-                            (("529", "claude-opus-4-1-20250805", 1),), 1)
-    blocks = ((now - 3600_000, now + 4 * 3600_000, ccmon.Split(usage(2, 100), usage(7, 400_000, 107_500, 500_000)),
-               False),)
+    models = (ccmon.ModelUsage("claude-opus-4-1-20250805",
+                               usage(20, 119_000, 110_000, 1_640_000, 0, 18_600_000_000, 140_000)),
+              ccmon.ModelUsage("claude-sonnet-4-5-20250929",
+                               usage(20, 117_000, 108_000, 1_640_000, 0, 18_600_000_000, 136_000, 9000, 20)))
+    tools = ccmon.ToolReport((ccmon.ToolFigures("Bash", 30, 22, 120, 3000),
+                              ccmon.ToolFigures("mcp__github__create_pull_request", 1, 1, 900, 900)),
+                             (ccmon.DecisionCount("accept", "config", 12), ccmon.DecisionCount("reject", "user_reject", 1)),
+                             (ccmon.ApiErrorCount("529", "claude-opus-4-1-20250805", 1),), 1)
+    blocks = (ccmon.UsageBlock(now - 3600_000, now + 4 * 3600_000,
+                               ccmon.Split(usage(2, 100), usage(7, 400_000, 107_500, 500_000)), now),)
     return [(ccmon.ViewState(period="b"), requests),
             (ccmon.ViewState(tab="daily"), dataclasses_replace(daily_snapshot(settings, now), data=days)),
             insight_snapshot(settings, now, "models", data=models),
             insight_snapshot(settings, now, "sessions", data=sessions),
             insight_snapshot(settings, now, "sessions", session_id=SESSION_UUID, data=timeline_entries(now)),
             insight_snapshot(settings, now, "tools", data=tools),
-            insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("bo@example.com", split, 1))),
+            insight_snapshot(settings, now, "users", users=(ccmon.UserUsage("ana@example.com", split, 2),
+                                                            ccmon.UserUsage("bo@example.com", split, 1))),
             insight_snapshot(settings, now, "blocks", data=blocks)]
 
 
@@ -3404,8 +3412,8 @@ def test_the_week_line_drops_parts_whole():
     """At 120 columns the family split is one character too long: it goes whole, never as `sonnet 14.`."""
     snap, settings, now = _frame_fixture()
     weekly = dataclasses_replace(settings, weekly_limit=500_000)
-    limits = dataclasses_replace(snap.limits, weekly=(("opus", ccmon.Usage(9, 120_000, 108_000)),
-                                                      ("sonnet", ccmon.Usage(4, 10_000, 4_200))))
+    limits = dataclasses_replace(snap.limits, weekly={"opus": ccmon.Usage(9, 120_000, 108_000),
+                                                      "sonnet": ccmon.Usage(4, 10_000, 4_200)})
     week = {width: frame_text(ccmon.ViewState(period="b"), dataclasses_replace(snap, limits=limits), weekly, width, 24,
                               now)[0][12] for width in (40, 80, 120, 121)}
     assert week[40] == "Week   ##...  48%  242K / 500K"
@@ -3564,8 +3572,8 @@ def test_block_rollover_renders_the_fetched_block():
 def test_hashed_user_ids_are_cut_short_where_the_screen_is_narrow():
     settings, now = _settings(), ccmon.parse_iso_ms("2026-05-05T12:00:00Z")
     hashed = "9c" * 32
-    state, snap = insight_snapshot(settings, now, "users", users=((hashed, ccmon.Split(ccmon.Usage(1, 10)), 1),
-                                                                  ("ana@example.com", ccmon.Split(), 2)))
+    state, snap = insight_snapshot(settings, now, "users", users=(
+        ccmon.UserUsage(hashed, ccmon.Split(ccmon.Usage(1, 10)), 1), ccmon.UserUsage("ana@example.com", ccmon.Split(), 2)))
     narrow = "\n".join(frame_text(state, snap, settings, 80, 24, now)[0])
     assert "9c9c9c9c9c~" in narrow and hashed not in narrow and "ana@example.com" in narrow
     assert hashed in "\n".join(frame_text(state, snap, settings, 200, 24, now)[0])
@@ -3574,7 +3582,7 @@ def test_hashed_user_ids_are_cut_short_where_the_screen_is_narrow():
 def insight_snapshot(settings, now, tab, **fields):
     state = ccmon.ViewState(tab=tab, period="w", session_id=fields.pop("session_id", None))
     limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5),
-                                ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000)), 700.0, 35_000, None, ())
+                                ccmon.Split(ccmon.Usage(), ccmon.Usage(8, 14000, 7000)), 700.0, 35_000, None, {})
     return state, ccmon.Snapshot(ccmon.query_for(state, settings, now), now, 500, limits=limits, **fields)
 
 
@@ -3582,8 +3590,8 @@ def test_render_insight_tabs():
     settings, now = _settings(), local_ms("2026-05-05 13:00")
     usage = ccmon.Usage
     state, snap = insight_snapshot(settings, now, "models", data=(
-        ("claude-opus-4-1-20250805", usage(1, 50, 5000, 0, 0, 2_250_000_000, 60000, 0, 0)),
-        ("claude-sonnet-4-5", usage(2, 1007, 203, 0, 0, 625_000_000, 5000, 1300, 2))))
+        ccmon.ModelUsage("claude-opus-4-1-20250805", usage(1, 50, 5000, 0, 0, 2_250_000_000, 60000, 0, 0)),
+        ccmon.ModelUsage("claude-sonnet-4-5", usage(2, 1007, 203, 0, 0, 625_000_000, 5000, 1300, 2))))
     lines, frame = frame_text(state, snap, settings, 100, 24, now)
     assert lines[1].startswith("  Current   Daily Usage   Models   Sessions   Tools & errors   Users")
     assert lines[8] == "-- Models - last 7 days " + "-" * 76
@@ -3595,8 +3603,9 @@ def test_render_insight_tabs():
                                  "2.5s", "650ms"]
     assert lines[12].split()[:6] == ["Total", "3", "1.06K", "5.20K", "0", "$2.88"]
     split = ccmon.Split(usage(1, 300, 30, 0, 0, 10_000_000), usage(1, 1000, 200, 0, 0, 500_000_000))
-    rows = tuple(ccmon.SessionRow(f"s-{i}-0123456789", user, now - 3600_000 * (i + 1), now - 3600_000 * i, split,
-                                  ("claude-sonnet-4-5", "claude-haiku-4-5"), 3, 1, i, i == 2)
+    rows = tuple(ccmon.Session(f"s-{i}-0123456789", user, now - 3600_000 * (i + 1), now - 3600_000 * i, split,
+                               ("claude-sonnet-4-5", "claude-haiku-4-5"), 3, 1, i, i == 2, "",
+                               "metrics" if i == 2 else "events")
                  for i, user in enumerate(["ana@example.com", "bo@example.com", "ana@example.com"]))
     state, snap = insight_snapshot(settings, now, "sessions", data=rows)
     state = dataclasses_replace(state, scroll=1)
@@ -3615,10 +3624,10 @@ def test_render_insight_tabs():
     assert (entered.session_id, action) == ("s-1-0123456789", "refresh")
     back, action = ccmon.handle_key(entered, "ESC", settings, frame)
     assert (back.session_id, back.tab, action) == (None, "sessions", "refresh")
-    timeline = (ccmon.TimelineRow(now - 60_000, "api_request", ccmon.RequestRow(now - 60_000, "claude-sonnet-4-5", "s",
-                                                                              usage(1, 1000, 200, 5, 0, 500_000_000,
-                                                                                    4000)), {}),
-                ccmon.TimelineRow(now - 30_000, "tool_result", None, {"tool_name": "Bash", "success": "false",
+    timeline = (ccmon.TimelineEntry(now - 60_000, "api_request", ccmon.ApiRequest(now - 60_000, "claude-sonnet-4-5", "s",
+                                                                                usage(1, 1000, 200, 5, 0, 500_000_000,
+                                                                                      4000)), {}),
+                ccmon.TimelineEntry(now - 30_000, "tool_result", None, {"tool_name": "Bash", "success": "false",
                                                                       "duration_ms": "3000"}))
     state, snap = insight_snapshot(settings, now, "sessions", session_id="s-1-0123456789", data=timeline)
     lines, _ = frame_text(state, snap, settings, 100, 24, now)
@@ -3626,20 +3635,21 @@ def test_render_insight_tabs():
     assert lines[10].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "$0.5000", "in", "1.00K", "out", "200",
                                  "cache", "5,", "4.0s"]
     assert lines[11].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3.0s"]
-    tools = ccmon.ToolsData((("Bash", 3, 2, 200, 3000),), (("accept", "config", 1),), (("529", "claude-opus-4-1", 1),),
-                            1)
+    tools = ccmon.ToolReport((ccmon.ToolFigures("Bash", 3, 2, 200, 3000),), (ccmon.DecisionCount("accept", "config", 1),),
+                             (ccmon.ApiErrorCount("529", "claude-opus-4-1", 1),), 1)
     state, snap = insight_snapshot(settings, now, "tools", data=tools)
     lines, _ = frame_text(state, snap, settings, 80, 24, now)
     assert lines[9].split() == ["Tool", "Calls", "Success", "p50", "p95"]
     assert lines[10].split() == ["Bash", "3", "67%", "200ms", "3.0s"]
     assert lines[11] == "Decisions: accept by config: 1"
     assert lines[14].split() == ["529", "claude-opus-4-1", "1"] and lines[15] == "Retries exhausted: 1"
-    many = dataclasses_replace(tools, tools=tuple((f"Tool{i:02d}", 1, 1, 1, 1) for i in range(40)))
+    many = dataclasses_replace(tools, tools=tuple(ccmon.ToolFigures(f"Tool{i:02d}", 1, 1, 1, 1) for i in range(40)))
     state, snap = insight_snapshot(settings, now, "tools", data=many)
     lines, frame = frame_text(dataclasses_replace(state, scroll=30), snap, settings, 80, 24, now)
     assert (frame.total_rows, frame.page_rows, lines[10].split()[0]) == (40, 8, "Tool30")
     assert "Retries exhausted: 1" in lines
-    state, snap = insight_snapshot(settings, now, "users", users=(("ana@example.com", split, 2), ("", split, 1)))
+    state, snap = insight_snapshot(settings, now, "users", users=(ccmon.UserUsage("ana@example.com", split, 2),
+                                                                  ccmon.UserUsage("", split, 1)))
     lines, frame = frame_text(state, snap, settings, 80, 24, now)
     assert lines[10].split() == ["ana@example.com", "2", "2", "1.53K", "1.20K", "$0.5100", "####....", "50%"]
     assert lines[11].split()[0] == "(unknown)"
@@ -4364,7 +4374,7 @@ def test_alerts_fire_once_per_window_and_rearm():
 
     def limits(block_tokens, weekly_tokens, window=window):
         return ccmon.LimitFigures(window, ccmon.Split(ccmon.Usage(), ccmon.Usage(1, block_tokens)), 0.0, 10_000,
-                                  None, (("sonnet", ccmon.Usage(1, weekly_tokens)),))
+                                  None, {"sonnet": ccmon.Usage(1, weekly_tokens)})
 
     fired: set = set()
     due = ccmon.due_alerts(limits(6_000, 10_000), settings, 1000, fired)
@@ -4436,10 +4446,48 @@ def test_learned_limit_from_recent_blocks(server, tmp_path):
     base = ["--monitor-server", server.target, "-b", "auto", "--claude-max-tokens", "auto", "--json"]
     pro = json.loads(run_ccmon([*base, "--claude-plan", "pro"], tmp_path).stdout)
     assert pro["block_limit"] is None  # no block is active now: nothing to measure against
-    limits = ccmon.Client(server.target).limit_figures(ccmon.LimitQuery("auto", now, True, 7_000), BERLIN, None)
+    limits = ccmon.limit_figures(ccmon.Client(server.target), ccmon.LimitQuery("auto", now, True, 7_000), BERLIN, None)
     assert (limits.window, limits.limit, limits.learned_from) == (None, 30_000, 3)  # p90 of three is the highest
-    floor = ccmon.Client(server.target).limit_figures(ccmon.LimitQuery("auto", now, True, 140_000), BERLIN, None)
+    floor = ccmon.limit_figures(ccmon.Client(server.target), ccmon.LimitQuery("auto", now, True, 140_000), BERLIN,
+                                None)
     assert (floor.limit, floor.learned_from) == (140_000, 3)  # never below the plan's figure
+
+
+def test_limit_figures_are_computed_from_the_clients_answers_alone():
+    """No server: a stand-in gives the answers. Claude's live window is the block and calibrates its limit (no
+    history asked for); the week is Claude's, summed per family."""
+    now = local_ms("2026-05-05 12:00")
+    resets, week_resets = now + 3600_000, now + 2 * ccmon.DAY_MS
+    reading = ccmon.LimitReading("s", now - 60_000, five_hour=ccmon.LimitWindow(40.0, resets),
+                                 seven_day=ccmon.LimitWindow(20.0, week_resets))
+    asked = []
+
+    class Answers:
+        def limits(self, user, at_ms):
+            return ccmon.ClaudeLimits(reading, reading, 50_000, 4)
+
+        def blocks(self, *args):
+            raise AssertionError("Claude's own window needs no history")
+
+        def models(self, start_ms, end_ms, user):
+            asked.append(("models", start_ms))
+            return (ccmon.ModelUsage("claude-opus-4-1", ccmon.Usage(1, 100, 10)),
+                    ccmon.ModelUsage("claude-opus-4-5", ccmon.Usage(1, 50)),
+                    ccmon.ModelUsage("claude-haiku-4-5", ccmon.Usage(1, 7)))
+
+        def stats(self, start_ms, end_ms, user):
+            asked.append(("stats", start_ms))
+            return ccmon.Split(premium=ccmon.Usage(2, 3000, 600))
+
+    figures = ccmon.limit_figures(Answers(), ccmon.LimitQuery("auto", now, True, 7_000), BERLIN, None)
+    assert (figures.window, figures.window_from_claude) == ((resets - ccmon.BLOCK_MS, resets), True)
+    assert (figures.limit, figures.calibrated_from, figures.learned_from) == (50_000, 4, None)
+    assert figures.weekly == {"haiku": ccmon.Usage(1, 7), "opus": ccmon.Usage(2, 150, 10)}
+    assert figures.weekly_window == (week_resets - 7 * ccmon.DAY_MS, week_resets)
+    assert figures.block == ccmon.Split(premium=ccmon.Usage(2, 3000, 600))
+    recent = ccmon.recent_pace_start(now)
+    assert figures.recent_rate == 3600 / ((now - recent) / 60_000)
+    assert asked == [("models", week_resets - 7 * ccmon.DAY_MS), ("stats", resets - ccmon.BLOCK_MS), ("stats", recent)]
 
 
 def test_block_period_follows_the_automatic_block(server):
@@ -4447,7 +4495,7 @@ def test_block_period_follows_the_automatic_block(server):
     sdk_export(server.port, [("api_request", api_request(1, iso(now - 10 * 60_000), input_tokens=10))])
     settings = ccmon.MonitorSettings(server.target, BERLIN, "auto", 7_000, 5)
     client = ccmon.Client(server.target)
-    snap = client.snapshot(ccmon.query_for(ccmon.ViewState(period="b"), settings, now))
+    snap = ccmon.fetch_snapshot(client, ccmon.query_for(ccmon.ViewState(period="b"), settings, now))
     assert snap.query.start_ms == snap.limits.window[0] == (now - 10 * 60_000) // 3600_000 * 3600_000
     assert snap.data.period.total.input == 10
     client.close()
@@ -4490,7 +4538,7 @@ def test_blocks_follow_claudes_own_windows(tmp_path):
                 ("14:20:30", "19:20:30", 1600, False), ("19:20:30", "2026-06-02T00:20:30", 3200, False)]
     for user in (None, "ana@example.com"):
         blocks = reader.blocks(at("00:00:00"), at("23:59:00"), user)
-        assert [(b.start_ms, b.end_ms, b.by_model["claude-sonnet-4-5"].input, b.from_claude) for b in blocks] == \
+        assert [(b.start_ms, b.end_ms, b.split.premium.input, b.from_claude) for b in blocks] == \
             [(at(start), ccmon.parse_iso_ms(end + "Z") if "T" in end else at(end), tokens, claude)
              for start, end, tokens, claude in expected]
     assert reader.blocks(at("00:00:00"), at("23:59:00"), "bo@example.com") == []
@@ -4614,7 +4662,7 @@ def test_alerts_fire_on_claudes_own_percentages():
                                  seven_day=ccmon.LimitWindow(81.5, week_end))
     # ccmon's own counts say 20 % of the block and 10 % of the week: Claude's say 55 % and 81.5 %.
     limits = ccmon.LimitFigures((500, window_end), ccmon.Split(premium=ccmon.Usage(1, 2_000)), 0.0, 10_000, None,
-                                (("sonnet", ccmon.Usage(1, 10_000)),), ccmon.ClaudeLimits(reading, reading, 40_000, 3),
+                                {"sonnet": ccmon.Usage(1, 10_000)}, ccmon.ClaudeLimits(reading, reading, 40_000, 3),
                                 window_from_claude=True)
     fired: set = set()
     due = ccmon.due_alerts(limits, settings, 1000, fired)
@@ -4754,7 +4802,7 @@ def test_each_users_own_limits_on_a_team_server(server, tmp_path):
     client = ccmon.Client(server.target)
     try:
         now = ccmon.now_ms()
-        snap = client.snapshot(ccmon.query_for(ccmon.ViewState(tab="users"), settings, now))
+        snap = ccmon.fetch_snapshot(client, ccmon.query_for(ccmon.ViewState(tab="users"), settings, now))
         lines, _ = frame_text(ccmon.ViewState(tab="users"), snap, settings, 100, 30, now)
         assert not [line for line in lines if line.startswith("Claude")]
         table = lines.index(next(line for line in lines if line.startswith("-- Users by cost")))
@@ -4763,7 +4811,7 @@ def test_each_users_own_limits_on_a_team_server(server, tmp_path):
             ["ana@example.com", "1", "10", "15.0K", "15.0K", "$0.00", "........", "0%", "30%", "20%"],
             ["bo@example.com", "1", "1", "800", "800", "$0.00", "........", "0%", "80%", "20%"]]
         state = ccmon.ViewState(tab="users", user="bo@example.com", period="b")
-        snap = client.snapshot(ccmon.query_for(state, settings, now))
+        snap = ccmon.fetch_snapshot(client, ccmon.query_for(state, settings, now))
         lines, _ = frame_text(state, snap, settings, 100, 30, now)
         resets = bo["five_hour_resets"] * 1000
         block = next(i for i, line in enumerate(lines) if line.startswith("-- Block"))
@@ -4951,15 +4999,15 @@ def test_the_monitor_snapshot_follows_the_project_filter(server, tmp_path):
     try:
         for tab, project, expected in (("current", "alpha", 3), ("sessions", "web", 2), ("models", "web", 2)):
             state = ccmon.ViewState(tab=tab, period="m", project=project)
-            snap = client.snapshot(ccmon.query_for(state, settings, end))
-            assert [name for name, _, _ in snap.projects] == ["alpha", "", "/home/dev/web", "/srv/api/web"]
-            data = {"current": lambda d: d.total, "sessions": len, "models": len}[tab](snap.data)
+            snap = ccmon.fetch_snapshot(client, ccmon.query_for(state, settings, end))
+            assert [p.project for p in snap.projects] == ["alpha", "", "/home/dev/web", "/srv/api/web"]
+            data = {"current": lambda d: d.page.total, "sessions": len, "models": len}[tab](snap.data)
             assert data == expected, tab
-        assert [(user, split.total.cost_nanos, sessions) for user, split, sessions in snap.users] == \
+        assert [(u.user, u.split.total.cost_nanos, u.sessions) for u in snap.users] == \
             [("ana@example.com", 375_000_000, 1), ("bo@example.com", 20_000_000, 1)]
         state = ccmon.ViewState(tab="projects", period="m", user="bo@example.com")
-        snap = client.snapshot(ccmon.query_for(state, settings, end))
-        assert [(name, split.total.cost_nanos, sessions) for name, split, sessions in snap.projects] == \
+        snap = ccmon.fetch_snapshot(client, ccmon.query_for(state, settings, end))
+        assert [(p.project, p.split.total.cost_nanos, p.sessions) for p in snap.projects] == \
             [("alpha", 2_250_000_000, 1), ("/srv/api/web", 20_000_000, 1)]
     finally:
         client.close()
@@ -5031,11 +5079,11 @@ def test_project_labels_tell_folders_apart():
     assert ccmon.project_forms("", labels) == ("(no project)",)
 
 
-PROJECTS = (("alpha", ccmon.Split(ccmon.Usage(1, 300, 30, 0, 0, 10_000_000),
-                                  ccmon.Usage(2, 1050, 5200, 0, 0, 2_750_000_000)), 2),
-            ("", ccmon.Split(premium=ccmon.Usage(1, 500, 50, 0, 0, 1_000_000_000)), 1),
-            ("/home/dev/src/web", ccmon.Split(premium=ccmon.Usage(2, 107, 13, 0, 0, 375_000_000)), 1),
-            ("/srv/api/web", ccmon.Split(ccmon.Usage(1, 40, 4, 0, 0, 20_000_000)), 1))
+PROJECTS = (ccmon.ProjectUsage("alpha", ccmon.Split(ccmon.Usage(1, 300, 30, 0, 0, 10_000_000),
+                                                   ccmon.Usage(2, 1050, 5200, 0, 0, 2_750_000_000)), 2),
+            ccmon.ProjectUsage("", ccmon.Split(premium=ccmon.Usage(1, 500, 50, 0, 0, 1_000_000_000)), 1),
+            ccmon.ProjectUsage("/home/dev/src/web", ccmon.Split(premium=ccmon.Usage(2, 107, 13, 0, 0, 375_000_000)), 1),
+            ccmon.ProjectUsage("/srv/api/web", ccmon.Split(ccmon.Usage(1, 40, 4, 0, 0, 20_000_000)), 1))
 
 
 def test_render_projects_tab_and_the_p_key():
@@ -5051,7 +5099,7 @@ def test_render_projects_tab_and_the_p_key():
         "/home/dev/src/web        1      2     120   $0.3750 #.......   9%",
         "/srv/api/web             1      1      44   $0.0200 ........   0%"]
     assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit"
-    assert (frame.project_names, frame.total_rows) == (tuple(name for name, _, _ in PROJECTS), 4)
+    assert (frame.project_names, frame.total_rows) == (tuple(p.project for p in PROJECTS), 4)
     narrow, _ = frame_text(state, snap, settings, 40, 14, now)
     assert narrow[8:13] == ["-- Projects by cost - last 7 days - p: f",
                             "Project           Req  Tokens      Cost",
@@ -5078,8 +5126,8 @@ def test_render_projects_tab_and_the_p_key():
     assert ccmon.handle_key(ccmon.ViewState(), "8", settings, frame)[0].tab == "projects"
     # The Sessions tab names each session's project where there is room, when any session has one.
     split = ccmon.Split(premium=ccmon.Usage(2, 1000, 200, 0, 0, 500_000_000))
-    rows = tuple(ccmon.SessionRow(f"s-{i}-0123456789", "ana@example.com", now - 3600_000 * (i + 1),
-                                  now - 3600_000 * i, split, ("claude-sonnet-4-5",), 3, 1, i, False, project)
+    rows = tuple(ccmon.Session(f"s-{i}-0123456789", "ana@example.com", now - 3600_000 * (i + 1),
+                               now - 3600_000 * i, split, ("claude-sonnet-4-5",), 3, 1, i, False, project, "events")
                  for i, project in enumerate(["/home/dev/src/web", "", "/srv/api/web"]))
     state, snap = insight_snapshot(settings, now, "sessions", data=rows, projects=PROJECTS)
     lines, _ = frame_text(state, snap, settings, 120, 24, now)
@@ -5424,7 +5472,7 @@ def test_pricing_in_the_config_adds_and_overrides_models(server, tmp_path):
 def test_import_progress_is_drawn_on_one_line():
     class Counting:
         def import_requests(self, rows, user, dry_run):
-            return len(rows), 0
+            return ccmon.ImportCounts(len(rows), 0)
 
     shown = io.StringIO()
     importer = ccmon.Importer(Counting(), ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None,
