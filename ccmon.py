@@ -17,7 +17,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Server: listeners, authentication, TLS, retention, shutdown
   Client: a small QueryService client for the monitor, reports and quick query
   Figures: limits, projections and snapshots from the server's answers
-  Settings and figures as text: shared by quick query, reports and the monitor
+  Text: figures, names and tables, shared by quick query, reports and the monitor
   Quick query: --format and --json for status bars
   Status line: ccmon statusline, for Claude Code's settings
   Reports: ccmon report daily|weekly|monthly|session|model|blocks|project
@@ -4622,7 +4622,7 @@ def fetch_snapshot(client: Client, query: Query) -> Snapshot:
                     GO_CCMON_ONLY if client.unanswered else "", projects)
 
 
-# ---------------------------------------------------------------- Settings and figures as text: shared by quick query, reports and the monitor
+# ---------------------------------------------------------------- Text: figures, names and tables, shared by quick query, reports and the monitor
 
 @dataclasses.dataclass(frozen=True)
 class MonitorSettings:
@@ -4736,6 +4736,82 @@ def reading_age(read_ms: int, now: int) -> str:
     if age < 60_000:
         return "just now"
     return f"{age // 60_000} min ago" if age < HOUR_MS else f"{format_duration(age)} ago"
+
+
+# -- tables: columns that fit the width, most important first; the monitor and reports lay out tables alike
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    title: str
+    width: int              # the least it is shown at: wide enough for its usual cells
+    priority: int           # columns with the highest numbers are dropped first on narrow screens
+    left: bool = False
+
+
+# A cell's text, or its forms from longest to shortest (a full model name, then without its date suffix):
+# the longest form that fits its column is shown.
+Cell = str | tuple[str, ...]
+
+
+def cell_forms(cell: Cell) -> tuple[str, ...]:
+    return (cell,) if isinstance(cell, str) else cell
+
+
+def form_at(cell: Cell, level: int) -> str:
+    """A cell's form `level` steps up from its shortest (its longest when it has fewer)."""
+    forms = cell_forms(cell)
+    return forms[max(0, len(forms) - 1 - level)]
+
+
+def form_widths(title: str, cells: list[Cell]) -> list[int]:
+    """The width a column needs to show its title and every one of its cells whole, in each form from the
+    shortest."""
+    depth = max((len(cell_forms(cell)) for cell in cells), default=1)
+    return [max([len(title)] + [len(form_at(cell, level)) for cell in cells]) for level in range(depth)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+    index: int          # in the table's columns
+    column: Column
+    width: int
+    level: int          # the form its cells show in: 0 for their shortest
+
+
+def fit_columns(columns: list[Column], rows: list[list[Cell]], width: int, gap: int = 1) -> list[Fitted]:
+    """Choose the columns that fit at their least widths, most important first. Then widen them with the rest
+    of the line where their cells need it: first so every cell shows whole in its shortest form (columns that
+    can have all they need, then the others with what is left), then to longer forms for the columns whose
+    cells all fit in them. In column order, `gap` spaces apart."""
+    by_priority = sorted(range(len(columns)), key=lambda i: columns[i].priority)
+    widths: dict[int, int] = {}
+    spare = width + gap  # each column costs its width and the gap before it
+    for i in by_priority:
+        if columns[i].width + gap <= spare:
+            widths[i] = columns[i].width
+            spare -= columns[i].width + gap
+    needs = {i: form_widths(columns[i].title, [row[i] for row in rows]) for i in widths}
+    depth = max(map(len, needs.values()), default=0)
+    for level, partly in [(0, False), (0, True), *((level, False) for level in range(1, depth))]:
+        for i in (i for i in by_priority if i in widths and level < len(needs[i])):
+            grow = max(0, needs[i][level] - widths[i])
+            if partly or grow <= spare:
+                widths[i] += min(grow, spare)
+                spare -= min(grow, spare)
+    return [Fitted(i, columns[i], widths[i], max(level for level, need in enumerate(needs[i])
+                                                  if level == 0 or need <= widths[i]))  # the longest that fits
+            for i in sorted(widths)]
+
+
+def row_text(fitted: list[Fitted], cells: list[Cell], gap: int = 1) -> str:
+    """One row of a fitted table: each cell in its column's form, cut with '~' when still too long."""
+    parts = []
+    for f in fitted:
+        value = form_at(cells[f.index], f.level)
+        value = value if len(value) <= f.width else value[:f.width - 1] + "~"
+        parts.append(value.ljust(f.width) if f.column.left else value.rjust(f.width))
+    return (" " * gap).join(parts)
+
 
 
 # ---------------------------------------------------------------- Quick query: --format and --json for status bars
@@ -5197,24 +5273,25 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
         cells["project"][:len(rows)] = [labels[row["project"]] if width is not None else row["project"] or NO_PROJECT
                                         for row in rows]
     headers = {k: TABLE_HEADERS.get(k, k) for k in columns}
-    widths = {k: max(len(headers[k]), *map(len, cells[k])) for k in columns}
-    hidden = []
-    for key in TABLE_DROP_ORDER:
-        if width is None or sum(widths[k] + 2 for k in columns) - 2 <= width:
-            break
-        if key in columns:
-            columns.remove(key)
-            hidden.append(key)
+    body = [[cells[k][i] for k in columns] for i in range(len(rows) + 1)]
+    fitted = fit_columns([Column(headers[k], max(len(headers[k]), *map(len, cells[k])), drop_rank(k), left=not numeric[k])
+                          for k in columns], body, sys.maxsize if width is None else width, gap=2)
+    shown = {columns[f.index] for f in fitted}
+    hidden = [headers[k] for k in sorted(set(columns) - shown, key=drop_rank, reverse=True)]  # in the order dropped
 
     def line(values: list[str]) -> str:
-        return "  ".join(v.rjust(widths[k]) if numeric[k] else v.ljust(widths[k])
-                         for k, v in zip(columns, values)).rstrip()
+        return row_text(fitted, values, gap=2).rstrip()
 
-    rule_line = "  ".join("-" * widths[k] for k in columns)
-    body = [line([cells[k][i] for k in columns]) for i in range(len(rows) + 1)]
-    note = textwrap.wrap(f"(to fit {width} columns, not shown: {', '.join(headers[k] for k in hidden)}; --wide "
-                         "shows every column)", width) if hidden else []
-    return "\n".join([line([headers[k] for k in columns]), rule_line, *body[:-1], rule_line, body[-1], *note])
+    rule_line = "  ".join("-" * f.width for f in fitted)
+    note = textwrap.wrap(f"(to fit {width} columns, not shown: {', '.join(hidden)}; --wide shows every column)",
+                         width) if hidden else []
+    return "\n".join([line([headers[k] for k in columns]), rule_line, *map(line, body[:-1]), rule_line, line(body[-1]),
+                      *note])
+
+
+def drop_rank(key: str) -> int:
+    """A report column's priority: those TABLE_DROP_ORDER names first are dropped first, the rest never."""
+    return len(TABLE_DROP_ORDER) - TABLE_DROP_ORDER.index(key) if key in TABLE_DROP_ORDER else 0
 
 
 def run_report(config: Config, args: argparse.Namespace) -> int:
@@ -5622,7 +5699,7 @@ PAGE_FETCH = 300  # request rows fetched per refresh, around the scroll position
 
 @dataclasses.dataclass(frozen=True)
 class ViewState:
-    """Everything the user chose; the screen is render(ViewState, Connection, Snapshot, size)."""
+    """Everything the user chose; the screen is render(ViewState, ServerStatus, Snapshot, Screen)."""
     tab: str = "current"
     period: str = "a"
     oldest_first: bool = False
@@ -5637,7 +5714,8 @@ class ViewState:
 
 
 @dataclasses.dataclass(frozen=True)
-class Connection:
+class ServerStatus:
+    """Whether the monitor's poller reaches the server, and when it tries again."""
     connected: bool = False
     error: str = ""
     retry_at_ms: int = 0
@@ -5766,10 +5844,6 @@ class Screen:
     glyphs: Glyphs
 
 
-def line_text(line: Line) -> str:
-    return "".join(text for text, _ in line)
-
-
 def clip(line: Line, width: int) -> Line:
     out, used = [], 0
     for text, style in line:
@@ -5800,83 +5874,11 @@ def rule(title: str, width: int, glyphs: Glyphs) -> Line:
     return [(head + glyphs.rule * max(0, width - len(head)), "rule")]
 
 
-@dataclasses.dataclass(frozen=True)
-class Column:
-    title: str
-    width: int              # the least it is shown at: wide enough for its usual cells
-    priority: int           # columns with the highest numbers are dropped first on narrow screens
-    left: bool = False
-
-
-# A cell's text, or its forms from longest to shortest (a full model name, then without its date suffix):
-# the longest form that fits its column is shown.
-Cell = str | tuple[str, ...]
-
-
-def cell_forms(cell: Cell) -> tuple[str, ...]:
-    return (cell,) if isinstance(cell, str) else cell
-
-
-def form_at(cell: Cell, level: int) -> str:
-    """A cell's form `level` steps up from its shortest (its longest when it has fewer)."""
-    forms = cell_forms(cell)
-    return forms[max(0, len(forms) - 1 - level)]
-
-
-def form_widths(title: str, cells: list[Cell]) -> list[int]:
-    """The width a column needs to show its title and every one of its cells whole, in each form from the
-    shortest."""
-    depth = max((len(cell_forms(cell)) for cell in cells), default=1)
-    return [max([len(title)] + [len(form_at(cell, level)) for cell in cells]) for level in range(depth)]
-
-
-@dataclasses.dataclass(frozen=True)
-class Fitted:
-    index: int          # in the table's columns
-    column: Column
-    width: int
-    level: int          # the form its cells show in: 0 for their shortest
-
-
-def fit_columns(columns: list[Column], rows: list[list[Cell]], width: int) -> list[Fitted]:
-    """Choose the columns that fit at their least widths, most important first. Then widen them with the rest
-    of the line where their cells need it: first so every cell shows whole in its shortest form (columns that
-    can have all they need, then the others with what is left), then to longer forms for the columns whose
-    cells all fit in them. In column order."""
-    by_priority = sorted(range(len(columns)), key=lambda i: columns[i].priority)
-    widths: dict[int, int] = {}
-    spare = width + 1  # each column costs its width and a space before it
-    for i in by_priority:
-        if columns[i].width + 1 <= spare:
-            widths[i] = columns[i].width
-            spare -= columns[i].width + 1
-    needs = {i: form_widths(columns[i].title, [row[i] for row in rows]) for i in widths}
-    depth = max(map(len, needs.values()), default=0)
-    for level, partly in [(0, False), (0, True), *((level, False) for level in range(1, depth))]:
-        for i in (i for i in by_priority if i in widths and level < len(needs[i])):
-            grow = max(0, needs[i][level] - widths[i])
-            if partly or grow <= spare:
-                widths[i] += min(grow, spare)
-                spare -= min(grow, spare)
-    return [Fitted(i, columns[i], widths[i], max(level for level, need in enumerate(needs[i])
-                                                  if level == 0 or need <= widths[i]))  # the longest that fits
-            for i in sorted(widths)]
-
-
 def table_lines(columns: list[Column], rows: list[tuple[list[Cell], str]], width: int) -> tuple[Line, list[Line]]:
     """A header line and one line per (cells, style) row, dropping columns that do not fit."""
     fitted = fit_columns(columns, [cells for cells, _ in rows], width)
-
-    def text(values: list[Cell]) -> str:
-        parts = []
-        for f in fitted:
-            value = form_at(values[f.index], f.level)
-            value = value if len(value) <= f.width else value[:f.width - 1] + "~"
-            parts.append(value.ljust(f.width) if f.column.left else value.rjust(f.width))
-        return " ".join(parts)
-
-    header = [(text([c.title for c in columns]), "header")]
-    return header, [[(text(values), style)] for values, style in rows]
+    header = [(row_text(fitted, [c.title for c in columns]), "header")]
+    return header, [[(row_text(fitted, cells), style)] for cells, style in rows]
 
 
 def model_names(model: str) -> tuple[str, str, str]:
@@ -5909,17 +5911,17 @@ def level_style(fraction: float) -> str:
 
 
 # -- sections
-def header_lines(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Screen) -> list[Line]:
+def header_lines(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen: Screen) -> list[Line]:
     settings, width = screen.settings, screen.width
     title = pad_between(" ccmon - Claude Code usage monitor", f"v{VERSION} ", width)
     wide = width >= 60
-    if conn.connected:
+    if status.connected:
         link: Segment = (f" {screen.glyphs.dot} connected" + (f" {settings.server}" if wide else ""), "good")
-    elif conn.attempts == 0:
+    elif status.attempts == 0:
         link = (f" {screen.glyphs.dot} connecting to {settings.server}", "warn")
     else:
-        wait = max(0, -(-(conn.retry_at_ms - screen.now) // 1000))
-        reason = f" ({conn.error})" if wide else ""
+        wait = max(0, -(-(status.retry_at_ms - screen.now) // 1000))
+        reason = f" ({status.error})" if wide else ""
         link = (f" {screen.glyphs.dot} disconnected{reason} - retrying in {wait}s", "bad")
     filter_text = TABS[state.tab].fixed_period or PERIODS[state.period][0]
     order = "oldest first" if state.oldest_first else "newest first"
@@ -5967,7 +5969,7 @@ def usage_lines(snap: Snapshot, state: ViewState, screen: Screen) -> list[Line]:
     return lines
 
 
-def block_lines(snap: Snapshot, screen: Screen) -> list[Line]:
+def limit_gauge_lines(snap: Snapshot, screen: Screen) -> list[Line]:
     limits = snap.limits
     if limits is None or snap.query.limits is None:
         return []
@@ -6447,13 +6449,13 @@ def boxed(text: list[str], width: int, height: int, glyphs: Glyphs, title: str =
     return body + [edge(bottom_left, where, bottom_right)]
 
 
-def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Screen) -> Frame:
+def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen: Screen) -> Frame:
     """The whole screen as at most `screen.rows` lines of at most `screen.width` characters."""
     width, height = screen.width, screen.rows
     if width < MIN_SIZE[0] or height < MIN_SIZE[1]:
         return Frame([[(f"terminal too small: {width}x{height}, need {MIN_SIZE[0]}x{MIN_SIZE[1]}"[:width], "bad")]])
     tab_frame = Frame([])
-    lines = header_lines(state, conn, snap, screen)
+    lines = header_lines(state, status, snap, screen)
     room = height - len(lines) - 1
     hint = FOOTER if len(FOOTER) <= width else FOOTER_SHORT
     if state.help:
@@ -6461,19 +6463,19 @@ def render(state: ViewState, conn: Connection, snap: Snapshot | None, screen: Sc
         lines += boxed(HELP_TEXT, width, room, screen.glyphs, "Keys", state.help_scroll)
         hint = HELP_FOOTER if len(HELP_TEXT) <= tab_frame.page_rows else HELP_FOOTER_MORE
     elif snap is None:
-        message = "Connecting to the ccmon server..." if conn.attempts == 0 else \
-            f"Cannot reach the ccmon server at {screen.settings.server}: {conn.error}. Is 'ccmon --server' running?"
+        message = "Connecting to the ccmon server..." if status.attempts == 0 else \
+            f"Cannot reach the ccmon server at {screen.settings.server}: {status.error}. Is 'ccmon --server' running?"
         lines += [[("", "")], [(message, "warn")]]
     elif snap.server_requests == 0:
         lines += boxed([t.format(server=screen.settings.server) for t in WAITING_TEXT], width, room, screen.glyphs)
     elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):  # another tab's data
-        lines += block_lines(snap, screen) + [[("Loading...", "dim")]]
+        lines += limit_gauge_lines(snap, screen) + [[("Loading...", "dim")]]
     elif snap.unanswered:
-        lines += block_lines(snap, screen) + [[("", "")], [(f"This tab needs ccmon's own server: {snap.unanswered}.",
+        lines += limit_gauge_lines(snap, screen) + [[("", "")], [(f"This tab needs ccmon's own server: {snap.unanswered}.",
                                                             "warn")]]
     else:
         tab = TABS[state.tab]
-        block = block_lines(snap, screen)
+        block = limit_gauge_lines(snap, screen)
         summary = tab.summary(snap, state, dataclasses.replace(screen, rows=room - len(block))) if tab.summary else []
         above = summary + block
         tab_frame = tab.render(snap, state, dataclasses.replace(screen, rows=room - len(above)))
@@ -6497,7 +6499,7 @@ class Poller:
         self._stop = threading.Event()
         self._state = ViewState()
         self.snapshot: Snapshot | None = None
-        self.connection = Connection()
+        self.status = ServerStatus()
         self.version = 0  # bumps on every new snapshot or connection change
         threading.Thread(target=self._run, name="ccmon-poller", daemon=True).start()
 
@@ -6506,9 +6508,9 @@ class Poller:
             self._state = state
         self._wake.set()
 
-    def latest(self) -> tuple[Snapshot | None, Connection, int]:
+    def latest(self) -> tuple[Snapshot | None, ServerStatus, int]:
         with self._lock:
-            return self.snapshot, self.connection, self.version
+            return self.snapshot, self.status, self.version
 
     def stop(self) -> None:
         self._stop.set()
@@ -6524,14 +6526,14 @@ class Poller:
             try:
                 snapshot = fetch_snapshot(self.client, query)
                 with self._lock:
-                    self.snapshot, self.connection = snapshot, Connection(connected=True, attempts=1)
+                    self.snapshot, self.status = snapshot, ServerStatus(connected=True, attempts=1)
                     self.version += 1
                 wait = self.settings.refresh_s
             except ServerUnreachable as exc:
-                failures = self.connection.attempts + 1 if not self.connection.connected else 1
+                failures = self.status.attempts + 1 if not self.status.connected else 1
                 wait = min(2 ** (failures - 1), 30, self.settings.refresh_s * 6)
                 with self._lock:
-                    self.connection = Connection(False, str(exc), now_ms() + wait * 1000, failures)
+                    self.status = ServerStatus(False, str(exc), now_ms() + wait * 1000, failures)
                     self.version += 1
             self._wake.wait(wait)
 
@@ -6685,7 +6687,7 @@ def run_monitor(config: Config) -> int:
                 height, width = window.getmaxyx()
                 now = now_ms()
                 if (poller.version, now // 1000) != (shown_version, shown_second):
-                    snap, conn, version = poller.latest()
+                    snap, status, version = poller.latest()
                     if version != shown_version and snap is not None:
                         for _, message, environment in due_alerts(snap.limits, settings, now, fired):
                             curses.beep()
@@ -6693,7 +6695,7 @@ def run_monitor(config: Config) -> int:
                             if settings.alert_command:
                                 run_alert_command(settings.alert_command, environment)
                     shown_version, shown_second = version, now // 1000
-                    frame = render(state, conn, snap, Screen(settings, width, height, now, glyphs))
+                    frame = render(state, status, snap, Screen(settings, width, height, now, glyphs))
                     draw(curses, window, frame.lines, attributes)
                 key = window.getch()
                 if key == -1:

@@ -381,7 +381,7 @@ def test_weekly_gauge_and_its_projection():
                                 {"opus": ccmon.Usage(3, 20_000, 5_000), "sonnet": ccmon.Usage(9, 40_000, 5_000),
                                  "haiku": ccmon.Usage(2, 999, 1)})
     def line(width):
-        return ccmon.line_text(ccmon.weekly_line(limits, ccmon.Screen(settings, width, 24, now,
+        return line_text(ccmon.weekly_line(limits, ccmon.Screen(settings, width, 24, now,
                                                                       ccmon.Glyphs.for_terminal(False)), 101))
 
     # 70,000 used; 30,000 left at 50 tokens/min: 600 minutes, Monday 19:00
@@ -674,7 +674,7 @@ def test_example_config_is_valid_and_shows_the_defaults(tmp_path, monkeypatch):
     (tmp_path / "config.toml").write_text((ROOT / "config.toml.example").read_text())
     example = config_for(tmp_path, monkeypatch)
     (tmp_path / "config.toml").unlink()
-    assert dataclasses_replace(example, source="defaults", monitor_server_given=False) == config_for(tmp_path, monkeypatch)
+    assert dataclasses.replace(example, source="defaults", monitor_server_given=False) == config_for(tmp_path, monkeypatch)
 
 
 @pytest.mark.parametrize("args,env,message", [
@@ -3182,10 +3182,15 @@ def daily_snapshot(settings, now):
     return ccmon.Snapshot(query, now, 500, limits, data=days)
 
 
-def frame_text(state, snap, settings, width, height, now, connection=None, unicode=False):
-    frame = ccmon.render(state, connection or ccmon.Connection(True, attempts=1), snap,
+def line_text(line) -> str:
+    """A rendered line's text without its styles."""
+    return "".join(text for text, _ in line)
+
+
+def frame_text(state, snap, settings, width, height, now, status=None, unicode=False):
+    frame = ccmon.render(state, status or ccmon.ServerStatus(True, attempts=1), snap,
                          ccmon.Screen(settings, width, height, now, ccmon.Glyphs.for_terminal(unicode)))
-    return [ccmon.line_text(line) for line in frame.lines], frame
+    return [line_text(line) for line in frame.lines], frame
 
 
 FRAME_80x24 = [
@@ -3294,26 +3299,26 @@ def test_render_daily_tab():
 
 def test_render_states_without_data():
     snap, settings, now = _frame_fixture()
-    empty = dataclasses_replace(snap, server_requests=0)
+    empty = dataclasses.replace(snap, server_requests=0)
     lines, _ = frame_text(ccmon.ViewState(), empty, settings, 80, 24, now)
     assert "| Waiting for data: this server has not received any Claude Code request yet. |" in lines[4]
     assert any("export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317" in line for line in lines)
-    down = ccmon.Connection(False, "connection refused", now + 4000, 3)
-    lines, _ = frame_text(ccmon.ViewState(), None, settings, 80, 24, now, connection=down)
+    down = ccmon.ServerStatus(False, "connection refused", now + 4000, 3)
+    lines, _ = frame_text(ccmon.ViewState(), None, settings, 80, 24, now, status=down)
     assert lines[2] == " * disconnected (connection refused) - retrying in 4s | all time | newest first"
     assert lines[4] == ("Cannot reach the ccmon server at 127.0.0.1:4317: connection refused. Is 'ccmon --server' "
                         "running?")[:80]
-    stale, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now, connection=down)
+    stale, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now, status=down)
     assert stale[2].startswith(" * disconnected (connection refused) - retrying in 4s")
     assert stale[6] == FRAME_80x24[6]  # the last data stays on screen
     help_lines, _ = frame_text(ccmon.ViewState(help=True), snap, settings, 80, 24, now)
     assert help_lines[3:5] == ["                    +- Keys ------------------------------+",
                                "                    | h  last hour       d  last 24 hours |"]
     assert help_lines[-1] == "any key closes this help"
-    no_block, _ = frame_text(ccmon.ViewState(), dataclasses_replace(snap, limits=None), _settings(block_hour=None),
+    no_block, _ = frame_text(ccmon.ViewState(), dataclasses.replace(snap, limits=None), _settings(block_hour=None),
                              80, 24, now)
     assert no_block[8] == "Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows)."
-    unlimited = dataclasses_replace(snap, limits=dataclasses_replace(snap.limits, limit=None))
+    unlimited = dataclasses.replace(snap, limits=dataclasses.replace(snap.limits, limit=None))
     no_limit, _ = frame_text(ccmon.ViewState(), unlimited, _settings(limit=None), 80, 24, now)
     assert no_limit[9] == "Tokens 21.0K premium (no limit: set claude.plan or claude.max_tokens)"
     assert no_limit[11] == "Burn 700/min"
@@ -3364,8 +3369,8 @@ def first_hour_screens(settings, now) -> list[tuple[ccmon.ViewState, ccmon.Snaps
     usage = ccmon.Usage
     requests, _, _ = _frame_fixture()
     page = requests.data.page
-    requests = dataclasses_replace(requests, data=dataclasses_replace(requests.data, page=dataclasses_replace(
-        page, requests=tuple(dataclasses_replace(r, session_id=SESSION_UUID) for r in page.requests))))
+    requests = dataclasses.replace(requests, data=dataclasses.replace(requests.data, page=dataclasses.replace(
+        page, requests=tuple(dataclasses.replace(r, session_id=SESSION_UUID) for r in page.requests))))
     days = (ccmon.DayUsage("2026-03-10", ccmon.Split(usage(5, 900), usage(40, 2_000_000, 100_000, 3_000_000, 90_000,
                                                                          37_200_000_000))),
             ccmon.DayUsage("2026-03-09", ccmon.Split(usage(), usage(80, 3_000_000, 153_600, 9_000_000, 90_000,
@@ -3386,7 +3391,7 @@ def first_hour_screens(settings, now) -> list[tuple[ccmon.ViewState, ccmon.Snaps
     blocks = (ccmon.UsageBlock(now - 3600_000, now + 4 * 3600_000,
                                ccmon.Split(usage(2, 100), usage(7, 400_000, 107_500, 500_000)), now),)
     return [(ccmon.ViewState(period="b"), requests),
-            (ccmon.ViewState(tab="daily"), dataclasses_replace(daily_snapshot(settings, now), data=days)),
+            (ccmon.ViewState(tab="daily"), dataclasses.replace(daily_snapshot(settings, now), data=days)),
             insight_snapshot(settings, now, "models", data=models),
             insight_snapshot(settings, now, "sessions", data=sessions),
             insight_snapshot(settings, now, "sessions", session_id=SESSION_UUID, data=timeline_entries(now)),
@@ -3411,16 +3416,16 @@ def test_columns_take_the_room_there_is():
 def test_the_week_line_drops_parts_whole():
     """At 120 columns the family split is one character too long: it goes whole, never as `sonnet 14.`."""
     snap, settings, now = _frame_fixture()
-    weekly = dataclasses_replace(settings, weekly_limit=500_000)
-    limits = dataclasses_replace(snap.limits, weekly={"opus": ccmon.Usage(9, 120_000, 108_000),
+    weekly = dataclasses.replace(settings, weekly_limit=500_000)
+    limits = dataclasses.replace(snap.limits, weekly={"opus": ccmon.Usage(9, 120_000, 108_000),
                                                       "sonnet": ccmon.Usage(4, 10_000, 4_200)})
-    week = {width: frame_text(ccmon.ViewState(period="b"), dataclasses_replace(snap, limits=limits), weekly, width, 24,
+    week = {width: frame_text(ccmon.ViewState(period="b"), dataclasses.replace(snap, limits=limits), weekly, width, 24,
                               now)[0][12] for width in (40, 80, 120, 121)}
     assert week[40] == "Week   ##...  48%  242K / 500K"
     assert week[80] == "Week   ###################.....................  48%  242K / 500K"
     assert week[120] == week[80] + ", limit Tue 16:38 at this pace"
     assert week[121] == week[120] + " (opus 228K, sonnet 14.2K)"
-    unlimited = {width: frame_text(ccmon.ViewState(period="b"), dataclasses_replace(snap, limits=limits), settings,
+    unlimited = {width: frame_text(ccmon.ViewState(period="b"), dataclasses.replace(snap, limits=limits), settings,
                                    width, 24, now)[0][12] for width in (58, 59)}
     assert unlimited == {58: "Week   242K premium tokens, $0.00", 59: "Week   242K premium tokens, $0.00 (opus 228K, "
                                                                         "sonnet 14.2K)"}
@@ -3464,7 +3469,7 @@ def test_fit_columns_widens_by_need_and_keeps_forms_whole():
     assert widths(42) == [("Name", 24, 2), ("Note", 11, 0), ("Extra", 5, 0)]
     assert widths(200) == widths(42)  # and no wider than their cells
     header, body = ccmon.table_lines(columns, [(rows[0], "")], 25)
-    assert [ccmon.line_text(line) for line in (header, *body)] == ["Name     Note       Extra",
+    assert [line_text(line) for line in (header, *body)] == ["Name     Note       Extra",
                                                                    "opus-4-1 a long no~     1"]
 
 
@@ -3516,7 +3521,7 @@ def test_every_help_key_is_reachable_at_40x12():
 def test_the_block_hint_never_takes_a_tables_row():
     snap, settings, now = _frame_fixture()
     off = _settings(block_hour=None)
-    no_block = dataclasses_replace(snap, limits=None)
+    no_block = dataclasses.replace(snap, limits=None)
     hint = "Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows)."
     small, frame = frame_text(ccmon.ViewState(), no_block, off, 40, 12, now)
     assert small[8:11] == ["-- Requests 1-1 of 12 ------------------",
@@ -3526,7 +3531,7 @@ def test_the_block_hint_never_takes_a_tables_row():
     assert hint in frame_text(ccmon.ViewState(), no_block, off, 80, 24, now)[0]
     assert hint not in frame_text(ccmon.ViewState(), no_block, off, 80, 20, now)[0]  # 12 rows left: they are the table's
     for state, data in first_hour_screens(off, now)[1:]:
-        lines, _ = frame_text(state, dataclasses_replace(data, limits=None), off, 80, 24, now)
+        lines, _ = frame_text(state, dataclasses.replace(data, limits=None), off, 80, 24, now)
         assert not [line for line in lines if "Block tracking" in line]  # the other tabs start with their table
         assert lines[3].startswith("-- ")
 
@@ -3552,11 +3557,6 @@ def test_the_timeline_shows_what_happened():
     assert narrow[13] == "10:29:30 tool_result           Bash                 failed, 3.0s: Exit code 1   "
     assert not [line for line in narrow + lines if re.search(r"anthropic|event\.|session\.|user\.|organization|"
                                                               r"terminal|prompt\.id", line)]
-
-
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-    return dataclasses.replace(obj, **changes)
 
 
 def test_block_rollover_renders_the_fetched_block():
@@ -3608,7 +3608,7 @@ def test_render_insight_tabs():
                                "metrics" if i == 2 else "events")
                  for i, user in enumerate(["ana@example.com", "bo@example.com", "ana@example.com"]))
     state, snap = insight_snapshot(settings, now, "sessions", data=rows)
-    state = dataclasses_replace(state, scroll=1)
+    state = dataclasses.replace(state, scroll=1)
     lines, frame = frame_text(state, snap, settings, 120, 24, now)
     assert frame.session_ids == tuple(r.session_id for r in rows) and frame.total_rows == 3
     assert lines[8].startswith("-- Sessions - last 7 days (3) - Enter: details --")
@@ -3617,7 +3617,7 @@ def test_render_insight_tabs():
     assert lines[11].split() == ["s-1-0123456789", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K",
                                  "$0.5100", "sonnet-4-5,haiku-4-5", "3", "1", "1", "events"]
     assert lines[12].split()[-1] == "metrics"
-    selected = ccmon.render(state, ccmon.Connection(True, attempts=1), snap,
+    selected = ccmon.render(state, ccmon.ServerStatus(True, attempts=1), snap,
                             ccmon.Screen(settings, 120, 24, now, ccmon.Glyphs.for_terminal(False))).lines[11]
     assert selected[0][1] == "tab_active"
     entered, action = ccmon.handle_key(state, "\n", settings, frame)
@@ -3643,9 +3643,9 @@ def test_render_insight_tabs():
     assert lines[10].split() == ["Bash", "3", "67%", "200ms", "3.0s"]
     assert lines[11] == "Decisions: accept by config: 1"
     assert lines[14].split() == ["529", "claude-opus-4-1", "1"] and lines[15] == "Retries exhausted: 1"
-    many = dataclasses_replace(tools, tools=tuple(ccmon.ToolFigures(f"Tool{i:02d}", 1, 1, 1, 1) for i in range(40)))
+    many = dataclasses.replace(tools, tools=tuple(ccmon.ToolFigures(f"Tool{i:02d}", 1, 1, 1, 1) for i in range(40)))
     state, snap = insight_snapshot(settings, now, "tools", data=many)
-    lines, frame = frame_text(dataclasses_replace(state, scroll=30), snap, settings, 80, 24, now)
+    lines, frame = frame_text(dataclasses.replace(state, scroll=30), snap, settings, 80, 24, now)
     assert (frame.total_rows, frame.page_rows, lines[10].split()[0]) == (40, 8, "Tool30")
     assert "Retries exhausted: 1" in lines
     state, snap = insight_snapshot(settings, now, "users", users=(ccmon.UserUsage("ana@example.com", split, 2),
@@ -4310,9 +4310,9 @@ def test_adding_a_tab_is_one_entry_in_tabs():
     snap = module.Snapshot(query, now, 500, data=query.fetch(None, query))
 
     def text(width):
-        frame = module.render(state, module.Connection(True, attempts=1), snap,
+        frame = module.render(state, module.ServerStatus(True, attempts=1), snap,
                               module.Screen(settings, width, 24, now, module.Glyphs.for_terminal(False)))
-        return [module.line_text(line) for line in frame.lines], frame
+        return [line_text(line) for line in frame.lines], frame
 
     lines, frame = text(120)
     assert lines[1].rstrip().endswith("   Blocks   Projects   Notes") and "3 notes" in lines
@@ -4505,9 +4505,9 @@ def test_alerts_without_anything_to_measure_say_so():
     quiet = ccmon.MonitorSettings("x:1", BERLIN, None, None, 5, alerts=(80,))
     assert ccmon.alert_setup_problem(quiet) == ("alerts need a block limit (-b with claude.plan or claude.max_tokens), "
                                                 "claude.weekly_max_tokens or Claude's own limits (ccmon statusline)")
-    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, block_mode="auto", limit=7_000)) == ""
-    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, weekly_limit=10)) == ""
-    assert ccmon.alert_setup_problem(dataclasses_replace(quiet, alerts=())) == ""
+    assert ccmon.alert_setup_problem(dataclasses.replace(quiet, block_mode="auto", limit=7_000)) == ""
+    assert ccmon.alert_setup_problem(dataclasses.replace(quiet, weekly_limit=10)) == ""
+    assert ccmon.alert_setup_problem(dataclasses.replace(quiet, alerts=())) == ""
 
 
 # ---------------------------------------------------------------- Claude's own limits: blocks, monitor, alerts, quick query, reports
@@ -4558,10 +4558,10 @@ def claude_snapshot(settings, now, **changes):
     reading = ccmon.LimitReading("s-ana", read, five_hour=ccmon.LimitWindow(63.0, local_ms("2026-03-10 14:17")),
                                  seven_day=ccmon.LimitWindow(21.4, local_ms("2026-03-13 09:00")))
     claude = ccmon.ClaudeLimits(reading, reading, 33_300, 14, 1_000_000, 3)
-    limits = dataclasses_replace(snap.limits, window=(local_ms("2026-03-10 09:17"), local_ms("2026-03-10 14:17")),
+    limits = dataclasses.replace(snap.limits, window=(local_ms("2026-03-10 09:17"), local_ms("2026-03-10 14:17")),
                                  limit=33_300, claude=claude, calibrated_from=14, window_from_claude=True,
                                  weekly_window=(local_ms("2026-03-06 09:00"), local_ms("2026-03-13 09:00")))
-    return dataclasses_replace(snap, limits=dataclasses_replace(limits, **changes))
+    return dataclasses.replace(snap, limits=dataclasses.replace(limits, **changes))
 
 
 CLAUDE_80x24 = [
@@ -4601,8 +4601,8 @@ def test_render_claudes_own_limits_80x24_and_40x12():
     assert wide[10] == ("Tokens #########################...............  63%  21.0K / 33.3K (calibrated from 14 "
                         "readings)")
     # Claude's share is what alerts measure: it takes the alert colour, ccmon's own bar keeps its level's.
-    alerting = dataclasses_replace(settings, alerts=(60,))
-    styled = ccmon.render(ccmon.ViewState(period="b"), ccmon.Connection(True, attempts=1), snap,
+    alerting = dataclasses.replace(settings, alerts=(60,))
+    styled = ccmon.render(ccmon.ViewState(period="b"), ccmon.ServerStatus(True, attempts=1), snap,
                           ccmon.Screen(alerting, 80, 24, now, ccmon.Glyphs.for_terminal(False))).lines
     assert styled[9][1] == ("63%", "alert") and styled[10][1][1] == "warn"
     # Later: the figure is older, and once Claude's window has reset it is no longer shown.
@@ -4614,8 +4614,8 @@ def test_render_claudes_own_limits_80x24_and_40x12():
                            "Burn 700/min; at this pace 63% at reset",
                            "Claude week 21%, resets Fri 09:00 (read 3h49m ago)"]
     # Nothing read yet in this window but a calibrated capacity: the projection goes to the block's limit.
-    guessed = dataclasses_replace(claude_snapshot(settings, now, window_from_claude=False, window=snap.limits.window),
-                                  limits=dataclasses_replace(snap.limits, claude=ccmon.ClaudeLimits(
+    guessed = dataclasses.replace(claude_snapshot(settings, now, window_from_claude=False, window=snap.limits.window),
+                                  limits=dataclasses.replace(snap.limits, claude=ccmon.ClaudeLimits(
                                       five_hour_capacity=33_300, five_hour_readings=14), weekly_window=None,
                                       window_from_claude=False))
     assert frame_text(ccmon.ViewState(period="b"), guessed, settings, 80, 24, now)[0][8:12] == [
@@ -4636,8 +4636,8 @@ def test_render_claudes_figures_without_block_tracking_and_the_limits_sources():
                            "Week   #.......................................   2%  21.0K / 1.00M (calibrated)"]
     lines, _ = frame_text(ccmon.ViewState(), snap, off, 80, 24, now)
     assert lines[8].startswith("Claude 5h 63%")  # the hint gives way to the table's rows
-    plan = dataclasses_replace(settings, limit_from_plan=True)
-    guessed = dataclasses_replace(snap, limits=dataclasses_replace(snap.limits, claude=ccmon.ClaudeLimits(),
+    plan = dataclasses.replace(settings, limit_from_plan=True)
+    guessed = dataclasses.replace(snap, limits=dataclasses.replace(snap.limits, claude=ccmon.ClaudeLimits(),
                                                                    weekly_window=None, calibrated_from=None,
                                                                    window=(local_ms("2026-03-10 10:00"),
                                                                            local_ms("2026-03-10 15:00")),
@@ -4647,10 +4647,10 @@ def test_render_claudes_figures_without_block_tracking_and_the_limits_sources():
     assert tokens == {81: "Tokens ########################................  60%  21.0K / 35.0K (guess)",
                       82: "Tokens ########################................  60%  21.0K / 35.0K (plan's guess)",
                       91: "Tokens ########################................  60%  21.0K / 35.0K (a guess from the plan)"}
-    learning = dataclasses_replace(plan, learn=True)
+    learning = dataclasses.replace(plan, learn=True)
     assert frame_text(ccmon.ViewState(period="b"), guessed, learning, 120, 24, now)[0][9].endswith(
         "21.0K / 35.0K (a guess from the plan: nothing learned yet)")
-    learned = dataclasses_replace(guessed, limits=dataclasses_replace(guessed.limits, learned_from=23))
+    learned = dataclasses.replace(guessed, limits=dataclasses.replace(guessed.limits, learned_from=23))
     assert frame_text(ccmon.ViewState(period="b"), learned, learning, 120, 24, now)[0][9].endswith(
         "21.0K / 35.0K (learned from 23 blocks)")
 
@@ -4676,7 +4676,7 @@ def test_alerts_fire_on_claudes_own_percentages():
     assert ccmon.due_alerts(limits, settings, 2000, fired) == []  # once per window
     jittered = ccmon.LimitReading("s", 1500, five_hour=ccmon.LimitWindow(56.0, window_end + 6_000),
                                   seven_day=ccmon.LimitWindow(81.6, week_end - 4_000))
-    assert ccmon.due_alerts(dataclasses_replace(limits, claude=ccmon.ClaudeLimits(jittered, jittered, 40_000, 3)),
+    assert ccmon.due_alerts(dataclasses.replace(limits, claude=ccmon.ClaudeLimits(jittered, jittered, 40_000, 3)),
                             settings, 2000, fired) == []  # the same windows, read a few seconds apart
     # Once Claude's windows have reset, ccmon's own counts measure again: 20 % and 10 % fire nothing.
     assert ccmon.due_alerts(limits, settings, week_end, fired) == []
@@ -5114,10 +5114,10 @@ def test_render_projects_tab_and_the_p_key():
         assert action == "refresh"
         chosen.append(state.project)
     assert chosen == ["alpha", "/home/dev/src/web", "/srv/api/web", None]
-    state = dataclasses_replace(state, project="/srv/api/web")
+    state = dataclasses.replace(state, project="/srv/api/web")
     lines, _ = frame_text(state, snap, settings, 80, 24, now)
     assert lines[2] == " * connected 127.0.0.1:4317 | project api/web | last 7 days | newest first"
-    styled = ccmon.render(state, ccmon.Connection(True, attempts=1), snap,
+    styled = ccmon.render(state, ccmon.ServerStatus(True, attempts=1), snap,
                           ccmon.Screen(settings, 80, 24, now, ccmon.Glyphs.for_terminal(False))).lines
     assert [line[0][1] for line in styled[10:14]] == ["", "", "", "tab_active"]
     assert ccmon.query_for(state, settings, now).project == "/srv/api/web"
@@ -5134,7 +5134,7 @@ def test_render_projects_tab_and_the_p_key():
     assert lines[9].split()[:3] == ["Session", "Project", "Started"]
     assert [line.split()[1] for line in lines[10:13]] == ["/home/dev/src/web", "-", "/srv/api/web"]
     assert frame_text(state, snap, settings, 100, 24, now)[0][10].split()[1] == "src/web"
-    no_projects = tuple(dataclasses_replace(row, project="") for row in rows)
+    no_projects = tuple(dataclasses.replace(row, project="") for row in rows)
     state, snap = insight_snapshot(settings, now, "sessions", data=no_projects)
     assert "Project" not in frame_text(state, snap, settings, 120, 24, now)[0][9]
 
