@@ -3823,7 +3823,8 @@ def start_http_server(config: Config, receiver: Receiver) -> tuple[OTLPHTTPServe
             context.load_verify_locations(tls.ca)
             context.verify_mode = ssl.CERT_REQUIRED
         httpd.socket = context.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
-    threading.Thread(target=httpd.serve_forever, name="ccmon-http", daemon=True).start()
+    # serve_forever looks for shutdown() every 0.1 s (not 0.5): a stopping server ends 0.4 s sooner
+    threading.Thread(target=httpd.serve_forever, args=(0.1,), name="ccmon-http", daemon=True).start()
     return httpd, httpd.server_address[1]
 
 

@@ -1946,7 +1946,7 @@ def test_idle_and_slow_connections_are_closed_at_their_deadline(tmp_path):
     """A connection must deliver each whole request within the client timeout of opening or of its last
     answer: one that sends nothing, trickles bytes, or idles after an answer is closed."""
     store = ccmon.Writer(tmp_path / "ccmon.db")
-    httpd = ccmon.OTLPHTTPServer(("127.0.0.1", 0), ccmon.Receiver(store), "", 1024 * 1024, client_timeout_s=3)
+    httpd = ccmon.OTLPHTTPServer(("127.0.0.1", 0), ccmon.Receiver(store), "", 1024 * 1024, client_timeout_s=1.5)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     port, stop = httpd.server_address[1], threading.Event()
 
@@ -1971,7 +1971,7 @@ def test_idle_and_slow_connections_are_closed_at_their_deadline(tmp_path):
         for _ in range(4):  # each answer restarts the clock: a connection in use stays open past it
             answered.sendall(raw_post(f"Content-Length: {len(data)}\r\n", data))
             assert answered.recv(65536).startswith(b"HTTP/1.1 200 ")
-            time.sleep(1)
+            time.sleep(0.5)  # pacing, not a wait: 4 answers 0.5 s apart outlast the 1.5 s timeout of the first one
         for sock in (idle, trickling, answered):
             assert closed_by_server(sock)
             sock.close()
@@ -5209,7 +5209,7 @@ def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_pat
         with open(path, "a") as out:  # Claude Code writing a line: first half, then the rest
             out.write(half[:100])
             out.flush()
-            time.sleep(1.5)
+            time.sleep(1.5)  # the half line stays there past one of --follow's looks (each second): not a wait
             out.write(half[100:] + "\n" + user_line("s-live", "2026-05-03T10:01:01Z") + "\n")
         write_transcript(folder, "s-new", [transcript_line("s-new", "2026-05-03T10:02:00Z", "req_l3", "msg_l3")])
         wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(3,)], "the appended lines", 30)
