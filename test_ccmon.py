@@ -5353,7 +5353,7 @@ def test_import_requests_rejects_what_is_not_a_request(server):
 
 # Claude Code itself (the npm package, a native binary) runs offline against fixtures/mock_anthropic.py, a
 # stand-in Anthropic API: in `-p` mode with run_claude_print(), interactively in tmux with ClaudeTmux. Each test
-# gives it a fresh HOME under tmp_path. Notes on what it sends: shared/notes/claude-code-sources.md.
+# gives it a fresh HOME under tmp_path. Notes on what it sends: notes/claude-code-sources.md in ../shared.
 
 CLAUDE_CODE_VERSION = "2.1.328"
 
