@@ -115,7 +115,8 @@ def make_payloads(clients: int, exports_per_client: int, batch: int, seed: int) 
 # ---------------------------------------------------------------- processes
 
 class Server:
-    """`ccmon --server` (or the do-nothing receiver) as a subprocess on an ephemeral port."""
+    """`ccmon --server` (or the do-nothing receiver) as a subprocess on an ephemeral port; used as a context
+    manager, so that an error on the way never leaves one running."""
 
     def __init__(self, args: list[str], env: dict | None = None):
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
@@ -134,15 +135,30 @@ class Server:
 
         threading.Thread(target=pump, daemon=True).start()
         if not ready.wait(600) or not self.port:
+            self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.lines))
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not ended a minute later (and that is an error); twice is harmless."""
+        if self.proc.poll() is not None:
+            return
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(60)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
 
 def ccmon_server(db: Path, *extra: str) -> Server:
@@ -208,14 +224,21 @@ def drive(target: str, payloads: list[list[bytes]]) -> tuple[float, list[float]]
     context = multiprocessing.get_context("fork")
     results, barrier = context.Queue(), context.Barrier(len(payloads) + 1)
     workers = [context.Process(target=client_worker, args=(target, p, results, barrier)) for p in payloads]
-    for worker in workers:
-        worker.start()
-    barrier.wait()
-    started = time.perf_counter()
-    latencies = [lat for _ in workers for lat in results.get(timeout=900)]
-    elapsed = time.perf_counter() - started
-    for worker in workers:
-        worker.join()
+    finished = False
+    try:
+        for worker in workers:
+            worker.start()
+        barrier.wait()
+        started = time.perf_counter()
+        latencies = [lat for _ in workers for lat in results.get(timeout=900)]
+        elapsed = time.perf_counter() - started
+        finished = True
+    finally:
+        for worker in workers:
+            if worker.pid is not None:  # started
+                if not finished:
+                    worker.terminate()
+                worker.join()
     records = sum(len(p) for p in payloads) * BATCH
     return records / elapsed, latencies
 
@@ -233,15 +256,13 @@ def bench_ingestion(workdir: Path, records: int, clients: int) -> dict:
     sent = sum(len(p) for p in payloads) * BATCH
     ceilings = {}
     for label, script in (("null", NULL_RECEIVER), ("reading", READING_RECEIVER)):
-        receiver = Server([sys.executable, "-c", script])
-        ceilings[label], _ = drive(receiver.target, payloads)
-        receiver.stop()
+        with Server([sys.executable, "-c", script]) as receiver:
+            ceilings[label], _ = drive(receiver.target, payloads)
     db = workdir / "ingest.db"
-    server = ccmon_server(db)
-    with MemorySampler(server.proc.pid) as memory:
-        rate, latencies = drive(server.target, payloads)
-    check_stats(server, None, sent, cost_nanos)
-    server.stop()
+    with ccmon_server(db) as server:
+        with MemorySampler(server.proc.pid) as memory:
+            rate, latencies = drive(server.target, payloads)
+        check_stats(server, None, sent, cost_nanos)
     check_rollups(db)
     return {"records": sent, "clients": clients, "null_per_s": ceilings["null"], "reading_per_s": ceilings["reading"],
             "ccmon_per_s": rate, "ratio_null": rate / ceilings["null"], "ratio_reading": rate / ceilings["reading"],
@@ -448,8 +469,7 @@ def bench_import(workdir: Path, entries: int) -> dict:
     folder = workdir / "projects"
     files, lines = write_transcripts(folder, entries, int(time.time() * 1000))
     db = workdir / "import.db"
-    server = ccmon_server(db)
-    try:
+    with ccmon_server(db) as server:
         command = [sys.executable, str(ROOT / "ccmon.py"), "import", "--monitor-server", server.target, str(folder)]
         load = os.getloadavg()[0]
         server_cpu, client_cpu = cpu_seconds(server.proc.pid), children_cpu_seconds()
@@ -460,8 +480,6 @@ def bench_import(workdir: Path, entries: int) -> dict:
         started = time.perf_counter()
         again = subprocess.run(command, capture_output=True, text=True, check=True)
         again_s = time.perf_counter() - started
-    finally:
-        server.stop()
     stored = sqlite3.connect(db).execute("SELECT COUNT(*), SUM(origin = 2) FROM requests").fetchone()
     if stored != (entries, entries) or f"{entries:,} requests imported" not in first.stdout or \
             f"{entries:,} already known" not in again.stdout:
@@ -547,7 +565,7 @@ def bench_queries(server: Server, db: Path, runs: int) -> dict:
     return {label: (percentile(s, 50) * 1000, percentile(s, 95) * 1000) for label, s in results.items()}
 
 
-def sample_queries(target: str, lowest: int, highest: int, stop, results) -> None:
+def sample_queries(target: str, lowest: int, highest: int, stop, results, ready) -> None:
     """GetStats all and full monitor refreshes, one after another, until `stop` is set; each answer must lie between
     `lowest` and `highest` requests. Runs in a process of its own, started fresh: a process that forks (as drive()
     does) while its gRPC channel is busy leaves that channel's events to its children."""
@@ -555,6 +573,7 @@ def sample_queries(target: str, lowest: int, highest: int, stop, results) -> Non
     calls = {"GetStats all": stats_call(client, None, int(time.time() * 1000) + HOUR_MS),
              "monitor refresh (current)": refresh_call(client, target, "current")}
     samples: dict[str, list[float]] = {label: [] for label in calls}
+    ready.set()
     while not stop.is_set():
         for label, call in calls.items():
             started = time.perf_counter()
@@ -564,7 +583,7 @@ def sample_queries(target: str, lowest: int, highest: int, stop, results) -> Non
             if not lowest <= requests <= highest:
                 results.put(f"{label} while ingesting: {requests} requests, not between {lowest} and {highest}")
                 return
-        time.sleep(0.05)
+        time.sleep(0.05)  # pacing: the sampler leaves the server time for the exports it measures under
     client.close()
     results.put(samples)
 
@@ -578,17 +597,23 @@ def bench_busy(server: Server, db: Path, records: int, clients: int) -> dict:
     payloads, cost_nanos = make_payloads(clients, exports, BATCH, seed=5)
     sent = sum(len(p) for p in payloads) * BATCH
     spawn = multiprocessing.get_context("spawn")
-    stop, results = spawn.Event(), spawn.Queue()
-    sampler = spawn.Process(target=sample_queries, args=(server.target, before[0], before[0] + sent, stop, results))
+    stop, results, ready = spawn.Event(), spawn.Queue(), spawn.Event()
+    sampler = spawn.Process(target=sample_queries, args=(server.target, before[0], before[0] + sent, stop, results,
+                                                         ready))
     with MemorySampler(server.proc.pid) as memory:
         sampler.start()
-        time.sleep(3)  # the sampler's interpreter starts
         try:
+            if not ready.wait(120):  # its interpreter started and its client is connected
+                raise RuntimeError("the query sampler did not start within 120 s")
             rate, _ = drive(server.target, payloads)
         finally:
             stop.set()
-            samples = results.get(timeout=120)
-            sampler.join()
+            try:
+                samples = results.get(timeout=120)
+            finally:
+                sampler.join(10)
+                sampler.terminate()  # only one that never answered is still running
+                sampler.join()
     if isinstance(samples, str):
         raise WrongAnswer(samples)
     check_stats(server, None, before[0] + sent, before[1] + cost_nanos)
@@ -602,21 +627,20 @@ def bench_retention_stall(workdir: Path, rows: int) -> dict:
     now = int(time.time() * 1000)
     seed(db, rows, end_ms=now - 40 * 86400_000, span_ms=30 * 86400_000)
     payloads = make_payloads(1, 400, 64, seed=3)[0][0]
-    server = ccmon_server(db, "--server-retention", "30d")
-    channel = grpc.insecure_channel(server.target)
-    export = channel.unary_unary(EXPORT_METHOD, request_serializer=None,
-                                 response_deserializer=logs_service_pb2.ExportLogsServiceResponse.FromString)
-    worst, sent = 0.0, 0
-    started = time.perf_counter()
-    for payload in payloads:
-        begun = time.perf_counter()
-        export(payload, timeout=60)
-        worst = max(worst, time.perf_counter() - begun)
-        sent += 1
-        if any("retention: deleted" in line for line in server.lines) and sent > 50:
-            break
-    sweep_seconds = time.perf_counter() - started
-    server.stop()
+    with ccmon_server(db, "--server-retention", "30d") as server:
+        channel = grpc.insecure_channel(server.target)
+        export = channel.unary_unary(EXPORT_METHOD, request_serializer=None,
+                                     response_deserializer=logs_service_pb2.ExportLogsServiceResponse.FromString)
+        worst, sent = 0.0, 0
+        started = time.perf_counter()
+        for payload in payloads:
+            begun = time.perf_counter()
+            export(payload, timeout=60)
+            worst = max(worst, time.perf_counter() - begun)
+            sent += 1
+            if any("retention: deleted" in line for line in server.lines) and sent > 50:
+                break
+        sweep_seconds = time.perf_counter() - started
     deleted = next((line for line in server.lines if "retention: deleted" in line), "")
     return {"old_rows": rows, "worst_export_ms": worst * 1000, "sweep_s": sweep_seconds,
             "deleted": int(re.search(r"deleted (\d+)", deleted).group(1)) if deleted else 0}
@@ -655,16 +679,18 @@ def monitor_rss_mb(server: Server) -> float:
         os.environ["TERM"] = "xterm"
         os.execv(sys.executable, [sys.executable, str(ROOT / "ccmon.py"), "--monitor-server", server.target,
                                   "-b", "5am"])
-    deadline = time.time() + 4
-    while time.time() < deadline:
-        try:
-            os.read(fd, 65536)
-        except OSError:
-            break
-    rss = proc_status_kib(pid, "VmRSS") / 1024
-    os.kill(pid, signal.SIGTERM)
-    os.waitpid(pid, 0)
-    return rss
+    try:
+        deadline = time.time() + 4
+        while time.time() < deadline:
+            try:
+                os.read(fd, 65536)
+            except OSError:
+                break
+        return proc_status_kib(pid, "VmRSS") / 1024
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        os.close(fd)
 
 
 def database_mb_per_million(db: Path, rows: int) -> float:
@@ -723,16 +749,15 @@ def main() -> int:
                 print(f"2. queries at {rows} requests: seeding ...", flush=True)
                 seconds = seed(db, rows, end_ms=int(time.time() * 1000))
                 print(f"   seeded in {seconds:.0f} s; querying", flush=True)
-                server = ccmon_server(db)
-                results["queries"][rows] = bench_queries(server, db, runs)
-                results["db_mb_per_million"] = database_mb_per_million(db, rows)  # the largest size's, in the end
-                if rows == sizes[0]:
-                    results["server_mb"] = {"rows": rows, "mb": memory_mb(server.proc.pid)}
-                    print("3. startup, 4. monitor memory, 5. queries while ingesting", flush=True)
-                    results["startup"] = bench_startup(workdir, server)
-                    results["monitor_rss_mb"] = monitor_rss_mb(server)
-                    results["busy"] = {"rows": rows, **bench_busy(server, db, ingest // 2, args.clients)}
-                server.stop()
+                with ccmon_server(db) as server:
+                    results["queries"][rows] = bench_queries(server, db, runs)
+                    results["db_mb_per_million"] = database_mb_per_million(db, rows)  # the largest size's, in the end
+                    if rows == sizes[0]:
+                        results["server_mb"] = {"rows": rows, "mb": memory_mb(server.proc.pid)}
+                        print("3. startup, 4. monitor memory, 5. queries while ingesting", flush=True)
+                        results["startup"] = bench_startup(workdir, server)
+                        results["monitor_rss_mb"] = monitor_rss_mb(server)
+                        results["busy"] = {"rows": rows, **bench_busy(server, db, ingest // 2, args.clients)}
                 db.unlink()
         if "retention" in steps:
             print("6. retention sweep under ingestion", flush=True)

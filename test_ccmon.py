@@ -46,19 +46,27 @@ import ccmon_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent
 CCMON = [sys.executable, str(ROOT / "ccmon.py")]
-def shared_dir() -> Path:
-    """The project's shared/ folder: `$CCMON_SHARED` when set, else `shared/` beside the clone (CI, and any
-    worktree that sits beside it), else /work/shared (a worktree elsewhere on a developer's machine)."""
-    for candidate in (os.environ.get("CCMON_SHARED"), ROOT.parent / "shared", "/work/shared"):
-        if candidate and (Path(candidate) / "tools" / "mock_anthropic.py").is_file():
-            return Path(candidate)
-    pytest.fail(f"shared/tools/mock_anthropic.py not found in $CCMON_SHARED, {ROOT.parent / 'shared'} "
-                "or /work/shared: set CCMON_SHARED to the shared/ folder")
+FIXTURES = ROOT / "fixtures"  # the project's own test material: the stand-in Anthropic API, real samples
 
 
 def go_ccmon_binary() -> Path:
-    """The original Go ccmon v0.9.4, built for this kind of machine, in shared/."""
-    return shared_dir() / "peers" / "go-ccmon" / "ccmon"
+    """The original Go ccmon v0.9.4, built for this kind of machine: `$CCMON_GO_PEER`, else the one in the shared/
+    folder beside the clone. It is not part of the repository: without it, its interoperability tests skip."""
+    path = Path(os.environ.get("CCMON_GO_PEER") or ROOT.parent / "shared" / "peers" / "go-ccmon" / "ccmon")
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"the Go ccmon peer is not here ({path}): set CCMON_GO_PEER to its binary to run this test")
+    return path
+
+
+# Fixtures that start an external program or need the network: a test using one is marked e2e (pytest.ini).
+E2E_FIXTURES = {"node_emitter", "go_server", "pyz", "pythons", "claude_code"}
+
+
+@pytest.fixture(autouse=True)
+def e2e_tests_are_marked(request):
+    """Keeps the fast tier (-m "not e2e") free of external programs: a test using an E2E_FIXTURES one says e2e."""
+    uses = E2E_FIXTURES & set(request.fixturenames)
+    assert not uses or request.node.get_closest_marker("e2e"), f"uses {sorted(uses)}: mark it @pytest.mark.e2e"
 
 
 CLAUDE_RESOURCE = {"service.name": "claude-code", "service.version": "2.0.14", "os.type": "linux",
@@ -91,7 +99,8 @@ class ServerProcess:
                     ready.set()
             ready.set()  # the server exited before it was ready
 
-        threading.Thread(target=pump, daemon=True).start()
+        self.pump = threading.Thread(target=pump, daemon=True)
+        self.pump.start()
         assert ready.wait(60), f"server did not start within 60 s: {''.join(self.lines)}"
         assert self.port, f"server failed to start: {''.join(self.lines)}"
         return self
@@ -103,8 +112,13 @@ class ServerProcess:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
         code = self.proc.wait(20)
-        time.sleep(0.05)  # let the pump thread read the last lines
+        self.read_last_lines()
         return code
+
+    def read_last_lines(self) -> None:
+        """Once the server has exited: the pump thread reads its stderr to the end (every line is in `log`)."""
+        self.pump.join(20)
+        assert not self.pump.is_alive(), f"the server's stderr is still open 20 s after it exited: {self.log}"
 
     @property
     def target(self) -> str:
@@ -834,10 +848,7 @@ def test_decoders_end_with_the_server(tmp_path, sig):
     decoders = decoder_pids(srv)
     assert decoders
     srv.stop(sig)
-    deadline = time.monotonic() + 10
-    while not all(has_ended(pid) for pid in decoders) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert all(has_ended(pid) for pid in decoders)
+    wait_until(lambda: all(has_ended(pid) for pid in decoders), "the decoders to end", 10, interval=0.05)
 
 
 @pytest.mark.parametrize("service", ["logs.v1.LogsService", "metrics.v1.MetricsService"])
@@ -955,16 +966,18 @@ def test_kill_9_during_sustained_ingestion(tmp_path):
     srv = ServerProcess(tmp_path).start()
     acknowledged: set[int] = set()
     rng = random.Random(7)
-    next_seq = 0
+    next_seq, seq_lock = 0, threading.Lock()
     for round_number in range(3):
         stop = threading.Event()
+        before = len(acknowledged)
 
         def send(port=srv.port):
             nonlocal next_seq
             stub = logs_service_pb2_grpc.LogsServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
             while not stop.is_set():
-                seqs = list(range(next_seq, next_seq + 100))
-                next_seq += 100
+                with seq_lock:  # three senders: each batch its own sequence numbers
+                    seqs = list(range(next_seq, next_seq + 100))
+                    next_seq += 100
                 events = [("api_request", api_request(seq, "2026-06-01T00:00:00Z", input_tokens=1)) for seq in seqs]
                 try:
                     stub.Export(logs_request(events), timeout=5)
@@ -975,12 +988,16 @@ def test_kill_9_during_sustained_ingestion(tmp_path):
         senders = [threading.Thread(target=send) for _ in range(3)]
         for sender in senders:
             sender.start()
-        time.sleep(rng.uniform(0.3, 1.2))
+        # The kill lands in sustained ingestion: once 300 records of this round were acknowledged, then at a random
+        # moment (the sleep picks the moment; it waits for nothing).
+        wait_until(lambda: len(acknowledged) >= before + 300, "300 acknowledged records", 60, interval=0.02)
+        time.sleep(rng.uniform(0, 0.9))
         srv.proc.kill()
         srv.proc.wait()
         stop.set()
         for sender in senders:
             sender.join()
+        assert len(acknowledged) >= before + 300  # so the checks below are about acknowledged records
         assert db_rows(srv.db, "PRAGMA integrity_check") == [("ok",)]
         srv.start()
         stored = db_rows(srv.db, "SELECT seq, COUNT(*) FROM requests GROUP BY seq")
@@ -1218,8 +1235,7 @@ def test_sigterm_stops_the_server_promptly_under_load(tmp_path):
         senders = [threading.Thread(target=send, args=(i % 2 == 0,)) for i in range(6)]
         for sender in senders:
             sender.start()
-        while len(acknowledged) < 500:
-            time.sleep(0.05)
+        wait_until(lambda: len(acknowledged) >= 500, "500 acknowledged records", 60, interval=0.05)
         srv.proc.send_signal(signum)
         try:
             assert srv.proc.wait(10) == 0, srv.log
@@ -1227,7 +1243,7 @@ def test_sigterm_stops_the_server_promptly_under_load(tmp_path):
             stop.set()
             for sender in senders:
                 sender.join()
-        time.sleep(0.05)  # the pump reads the last lines
+        srv.read_last_lines()
         assert "stopped; database closed" in srv.log
     stored = db_rows(srv.db, "SELECT seq, COUNT(*) FROM requests GROUP BY seq")
     assert all(count == 1 for _, count in stored)
@@ -2085,7 +2101,7 @@ def test_idle_and_slow_connections_are_closed_at_their_deadline(tmp_path):
     """A connection must deliver each whole request within the client timeout of opening or of its last
     answer: one that sends nothing, trickles bytes, or idles after an answer is closed."""
     store = ccmon.Writer(tmp_path / "ccmon.db")
-    httpd = ccmon.OTLPHTTPServer(("127.0.0.1", 0), ccmon.Receiver(store), "", 1024 * 1024, client_timeout_s=3)
+    httpd = ccmon.OTLPHTTPServer(("127.0.0.1", 0), ccmon.Receiver(store), "", 1024 * 1024, client_timeout_s=1.5)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     port, stop = httpd.server_address[1], threading.Event()
 
@@ -2110,7 +2126,7 @@ def test_idle_and_slow_connections_are_closed_at_their_deadline(tmp_path):
         for _ in range(4):  # each answer restarts the clock: a connection in use stays open past it
             answered.sendall(raw_post(f"Content-Length: {len(data)}\r\n", data))
             assert answered.recv(65536).startswith(b"HTTP/1.1 200 ")
-            time.sleep(1)
+            time.sleep(0.5)  # pacing, not a wait: 4 answers 0.5 s apart outlast the 1.5 s timeout of the first one
         for sock in (idle, trickling, answered):
             assert closed_by_server(sock)
             sock.close()
@@ -2222,6 +2238,7 @@ def session_figures(srv: ServerProcess, session: str) -> tuple:
     return rows[0], events
 
 
+@pytest.mark.e2e
 def test_every_claude_code_protocol_is_recorded_identically(server, node_emitter):
     http = f"http://127.0.0.1:{server.http_port}"
     for gzip in (False, True):
@@ -2665,6 +2682,7 @@ def go_server(tmp_path):
         proc.wait(20)
 
 
+@pytest.mark.e2e
 def test_clients_against_the_original_go_server(go_server, tmp_path):
     port = int(go_server.rsplit(":", 1)[1])
     # The Go server reads figures only from strings, as Claude Code sends them.
@@ -2705,18 +2723,20 @@ def go_telemetry(sequence: int, model: str, **figures) -> tuple[str, dict]:
                                       **{key: str(value) for key, value in figures.items()})
 
 
+@pytest.mark.e2e
 def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
+    go_ccmon = go_ccmon_binary()
     sdk_export(server.port, [go_telemetry(1, "claude-sonnet-4-5", input_tokens=1200, output_tokens=300, cost_usd=1.25,
                                           duration_ms=900),
                              ("api_request", api_request(2, hours_ago(0.01), model="claude-haiku-4-5",
                                                          input_tokens=100, output_tokens=10, cost_usd=0.0021))])
     for template, shown in (("@daily_cost", "$1.3"), ("@monthly_cost", "$1.3"), ("@daily_plan_usage", "0%")):
-        result = subprocess.run([str(go_ccmon_binary()), "--monitor-server", server.target, "--format", template],
+        result = subprocess.run([str(go_ccmon), "--monitor-server", server.target, "--format", template],
                                 capture_output=True, text=True, timeout=30)
         assert (result.returncode, result.stdout) == (0, shown)  # $1.2521, as the Go ccmon rounds it
     session = f"go-monitor-{os.getpid()}"
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30",
-                    f"{go_ccmon_binary()} --monitor-server {server.target}"], check=True)
+                    f"{go_ccmon} --monitor-server {server.target}"], check=True)
     try:
         deadline, screen = time.time() + 30, ""
         while time.time() < deadline and "0.002100" not in screen:
@@ -2833,7 +2853,7 @@ def test_quick_query_and_health_when_server_is_down(tmp_path, server):
 
 def sample_status_inputs() -> list[dict]:
     """Real status line input of Claude Code 2.1.328: 4 lines of a subscriber session, then 4 of an API-key one."""
-    path = shared_dir() / "data" / "claude-code-2.1.328" / "statusline-stdin.jsonl"
+    path = FIXTURES / "claude-code-2.1.328" / "statusline-stdin.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -4032,6 +4052,22 @@ def test_bare_interpreter_has_no_dependencies(tmp_path):
     assert "No module named 'grpc'" in probe.stderr  # so the pyz tests below prove the pyz carries everything
 
 
+def test_running_from_source_without_the_dependencies_says_so_in_one_line(tmp_path):
+    """python3 ccmon.py on an interpreter without grpc & co. (-S: no site-packages): one line naming what is missing
+    and the two ways out, no traceback. `import ccmon` there raises as any import would (a program importing it
+    handles that itself)."""
+    result = subprocess.run([sys.executable, "-E", "-S", str(ROOT / "ccmon.py"), "--version"], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (1, "", (
+        "ccmon: missing Python package 'grpc': run the single-file ccmon.pyz, or install the dependencies with "
+        "'pip install -r requirements.txt'\n"))
+    imported = subprocess.run([sys.executable, "-E", "-S", "-c", "import ccmon"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=60)
+    assert imported.returncode == 1 and "Traceback" in imported.stderr
+    assert imported.stderr.endswith("ModuleNotFoundError: No module named 'grpc'\n")
+
+
+@pytest.mark.e2e
 def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     srv = ServerProcess(tmp_path, command=bare(pyz), env=env).start()
@@ -4061,6 +4097,7 @@ def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
         srv.stop()
 
 
+@pytest.mark.e2e
 def test_pyz_version_names_the_build_without_unpacking_or_grpc(pyz, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     for flag in ("--version", "-v"):
@@ -4076,6 +4113,7 @@ def test_pyz_version_names_the_build_without_unpacking_or_grpc(pyz, tmp_path):
     assert os.listdir(tmp_path / "cache" / "ccmon") == [match.group(1)]
 
 
+@pytest.mark.e2e
 def test_pyz_runs_on_every_cpython_here(pyz, pythons, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     supported = {version: python for version, python in pythons.items() if version >= (3, 11)}
@@ -4100,6 +4138,7 @@ def test_pyz_runs_on_every_cpython_here(pyz, pythons, tmp_path):
         assert cygrpc == [f"cygrpc.cpython-{major}{minor}-{os.uname().machine}-linux-gnu.so"]
 
 
+@pytest.mark.e2e
 def test_pyz_refuses_older_pythons_in_one_line(pyz, pythons, tmp_path):
     older = {version: python for version, python in pythons.items() if version < (3, 11)}
     if not older:
@@ -4114,6 +4153,7 @@ def test_pyz_refuses_older_pythons_in_one_line(pyz, pythons, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.e2e
 def test_pyz_for_one_python_on_another_platform(tmp_path):
     foreign = "manylinux2014_aarch64" if os.uname().machine != "aarch64" else "manylinux2014_x86_64"
     output = tmp_path / "foreign.pyz"
@@ -4133,6 +4173,7 @@ def test_pyz_for_one_python_on_another_platform(tmp_path):
                         rf"\(glibc [\d.]+\)\n", result.stderr)
 
 
+@pytest.mark.e2e
 def test_pyz_concurrent_first_runs_share_one_cache(pyz, tmp_path):
     env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     procs = [subprocess.Popen(bare(pyz) + ["--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -4147,6 +4188,7 @@ def test_pyz_concurrent_first_runs_share_one_cache(pyz, tmp_path):
     assert (tmp_path / "cache" / "ccmon" / entries[0] / version / ".complete").is_file()
 
 
+@pytest.mark.e2e
 def test_pyz_keeps_the_two_newest_builds(pyz, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     root = tmp_path / "cache" / "ccmon"
@@ -4176,6 +4218,7 @@ def test_pyz_keeps_the_two_newest_builds(pyz, tmp_path):
     assert (root / current / f"cp{sys.version_info[0]}{sys.version_info[1]}" / ".complete").is_file()
 
 
+@pytest.mark.e2e
 def test_pyz_falls_back_to_temp_dir_when_home_is_unusable(pyz, tmp_path):
     env = {**os.environ, "HOME": "/dev/null/nohome", "TMPDIR": str(tmp_path)}
     env.pop("XDG_CACHE_HOME", None)
@@ -4199,6 +4242,7 @@ def test_pyz_falls_back_to_temp_dir_when_home_is_unusable(pyz, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
 
 
+@pytest.mark.e2e
 def test_pyz_build_is_reproducible_and_lean(pyz, tmp_path):
     again = tmp_path / "again.pyz"
     subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(again)], check=True,
@@ -4219,6 +4263,7 @@ def test_pyz_build_is_reproducible_and_lean(pyz, tmp_path):
     assert "app/google/_upb/_message.abi3.so" in names  # protobuf's extension is abi3: one for all
 
 
+@pytest.mark.e2e
 def test_pyz_build_refuses_missing_wheels(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(tmp_path / "x.pyz"),
                              "--platform", "win_nonexistent", "--python-version", "3.11"],
@@ -4269,6 +4314,7 @@ def test_dockerfile_passes_hadolint():
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
+@pytest.mark.e2e
 def test_the_image_build_steps_give_a_working_app(tmp_path):
     """The build stage's commands, run here (no Docker engine in CI): the pyz for one Python, unpacked once,
     moved to app/, runs ccmon from there."""
@@ -5141,7 +5187,7 @@ def test_render_projects_tab_and_the_p_key():
 
 # ---------------------------------------------------------------- import: ccmon import, Claude Code's transcripts, priced
 
-SAMPLE_TRANSCRIPTS = "data/claude-code-2.1.328/transcripts"
+SAMPLE_TRANSCRIPTS = FIXTURES / "claude-code-2.1.328" / "transcripts"
 
 
 def transcript_line(session: str, when: str, request_id: str, message_id: str, model: str = "claude-sonnet-4-5",
@@ -5195,7 +5241,7 @@ def test_claude_codes_prices_are_bundled_exactly():
 
 
 def test_transcript_lines_are_read_as_claude_code_writes_them():
-    sample = shared_dir() / SAMPLE_TRANSCRIPTS
+    sample = SAMPLE_TRANSCRIPTS
     [path] = sample.glob("*/*.jsonl")
     found = [ccmon.transcript_entry(line) for line in path.read_text().splitlines()]
     entries = [e for e in found if isinstance(e, ccmon.TranscriptEntry)]
@@ -5366,7 +5412,7 @@ def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_pat
         with open(path, "a") as out:  # Claude Code writing a line: first half, then the rest
             out.write(half[:100])
             out.flush()
-            time.sleep(1.5)
+            time.sleep(1.5)  # the half line stays there past one of --follow's looks (each second): not a wait
             out.write(half[100:] + "\n" + user_line("s-live", "2026-05-03T10:01:01Z") + "\n")
         write_transcript(folder, "s-new", [transcript_line("s-new", "2026-05-03T10:02:00Z", "req_l3", "msg_l3")])
         wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(3,)], "the appended lines", 30)
@@ -5398,6 +5444,7 @@ def test_import_into_a_server_with_a_token(tmp_path):
         srv.stop()
 
 
+@pytest.mark.e2e
 def test_claude_codes_own_transcripts_are_imported_exactly_and_once(server, claude_code, mock_anthropic, tmp_path):
     """A real Claude Code, offline: two runs without telemetry (one with a tool call: two API calls), one with
     Haiku, one with telemetry on. `ccmon import` of its HOME's transcripts stores each API call once, costed as
@@ -5437,6 +5484,7 @@ def test_claude_codes_own_transcripts_are_imported_exactly_and_once(server, clau
     assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(5,)]
 
 
+@pytest.mark.e2e
 def test_bundled_prices_are_what_claude_code_charges(claude_code, mock_anthropic, tmp_path):
     """One model of each price in Claude Code's catalog, run for real against the stand-in API: ccmon's price of the
     transcript's usage equals Claude Code's own total_cost_usd, to the nano-dollar."""
@@ -5506,9 +5554,9 @@ def test_import_requests_rejects_what_is_not_a_request(server):
 
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
 
-# Claude Code itself (the npm package, a native binary) runs offline against shared/tools/mock_anthropic.py, a
+# Claude Code itself (the npm package, a native binary) runs offline against fixtures/mock_anthropic.py, a
 # stand-in Anthropic API: in `-p` mode with run_claude_print(), interactively in tmux with ClaudeTmux. Each test
-# gives it a fresh HOME under tmp_path. Notes on what it sends: shared/notes/claude-code-sources.md.
+# gives it a fresh HOME under tmp_path. Notes on what it sends: notes/claude-code-sources.md in ../shared.
 
 CLAUDE_CODE_VERSION = "2.1.328"
 
@@ -5558,7 +5606,7 @@ def claude_code() -> Path:
 
 
 class MockAnthropic:
-    """shared/tools/mock_anthropic.py on a free loopback port; `env` sets its options (RL_HEADERS=1, ...)."""
+    """fixtures/mock_anthropic.py on a free loopback port; `env` sets its options (RL_HEADERS=1, ...)."""
 
     def __init__(self, folder: Path, **env: str):
         self.folder, self.env = folder, env
@@ -5571,7 +5619,7 @@ class MockAnthropic:
         self.folder.mkdir(parents=True, exist_ok=True)
         port_file = self.folder / "port"
         with open(port_file, "w") as out, open(self.folder / "stderr", "w") as err:
-            self.proc = subprocess.Popen([sys.executable, str(shared_dir() / "tools" / "mock_anthropic.py"), "0",
+            self.proc = subprocess.Popen([sys.executable, str(FIXTURES / "mock_anthropic.py"), "0",
                                           str(self.log_path)], stdout=out, stderr=err, env={**os.environ, **self.env})
 
         def port():
@@ -5793,6 +5841,7 @@ class ClaudeTmux:
         self.socket.unlink(missing_ok=True)
 
 
+@pytest.mark.e2e
 def test_claude_code_print_mode_is_recorded_exactly_over_every_protocol(server, claude_code, mock_anthropic, tmp_path):
     """Claude Code in -p mode, telemetry on, exporting over each OTLP protocol to a real server: one api_request per
     model call with the stand-in API's usage, Claude Code's own cost and the API's request-id, the same requestId
@@ -5837,6 +5886,7 @@ def test_claude_code_print_mode_is_recorded_exactly_over_every_protocol(server, 
     assert len(api.calls()) == 5
 
 
+@pytest.mark.e2e
 def test_claude_code_status_line_gets_the_session_and_the_subscription_limits(server, claude_code, mock_anthropic,
                                                                               tmp_path):
     """Claude Code interactive in tmux, signed in as a subscriber, with a statusLine command that keeps its stdin:
@@ -5896,6 +5946,7 @@ def test_claude_code_status_line_gets_the_session_and_the_subscription_limits(se
     assert sorted(transcript_requests(transcript)) == sorted(row[3] for row in rows)
 
 
+@pytest.mark.e2e
 def test_ccmon_statusline_in_a_real_claude_code(server, claude_code, mock_anthropic, tmp_path):
     """`ccmon statusline` as a subscriber's Claude Code runs it: Claude's own limits on the status line, the
     session's cost, today's once its events are in, and each reading kept by the server."""
