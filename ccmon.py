@@ -6658,6 +6658,9 @@ def terminal(curses_module):
     locale.setlocale(locale.LC_ALL, "")  # before initscr, so curses writes the terminal's encoding
     # The C library's codeset, not Python's (UTF-8 mode makes Python say UTF-8 in the C locale).
     unicode = "utf" in locale.nl_langinfo(locale.CODESET).lower().replace("-", "")
+    # Ctrl-C quits the monitor even when it was started with SIGINT ignored (by a parent that ignores it, such as a
+    # test runner's worker): Python keeps an inherited SIG_IGN, and the key would do nothing.
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     window = curses_module.initscr()
     try:
         curses_module.noecho()
@@ -6677,6 +6680,7 @@ def terminal(curses_module):
         curses_module.echo()
         curses_module.nocbreak()
         curses_module.endwin()
+        signal.signal(signal.SIGINT, interrupt)
 
 
 def run_monitor(config: Config) -> int:

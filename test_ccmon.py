@@ -3899,6 +3899,21 @@ def test_monitor_runs_on_every_terminal_type_and_without_color(term, tmp_path):
             monitor.proc.kill()
 
 
+def test_ctrl_c_quits_the_monitor_started_with_sigint_ignored(tmp_path):
+    """A parent that ignores SIGINT (a test runner's worker, nohup) passes SIG_IGN on; Ctrl-C must still quit."""
+    ignoring = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])", str(ROOT / "ccmon.py")]
+    monitor = MonitorPty(["--monitor-server", "127.0.0.1:9"], command=ignoring, cwd=tmp_path,
+                         env={"HOME": str(tmp_path)})
+    try:
+        monitor.wait_for("disconnected", "the unreachable server")
+        monitor.send(b"\x03")
+        assert monitor.close() == 0
+    finally:
+        if monitor.proc.poll() is None:
+            monitor.proc.kill()
+
+
 def test_monitor_bad_address_and_flags(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, err = run_main(["--monitor-server", "nonsense"], capsys)
