@@ -62,11 +62,19 @@ def go_ccmon_binary() -> Path:
 E2E_FIXTURES = {"node_emitter", "go_server", "pyz", "pythons", "claude_code"}
 
 
+def e2e(test):
+    """Marks a test that starts an external program. The tests run on a worker per core (pytest-xdist, pytest.ini);
+    these share programs and caches (tmux's server, npm's install, the pyz build), so they run one at a time, on
+    one worker."""
+    return pytest.mark.xdist_group("e2e")(pytest.mark.e2e(test))
+
+
 @pytest.fixture(autouse=True)
 def e2e_tests_are_marked(request):
-    """Keeps the fast tier (-m "not e2e") free of external programs: a test using an E2E_FIXTURES one says e2e."""
+    """Keeps the fast tier (-m "not e2e") free of external programs: a test using an E2E_FIXTURES one says @e2e."""
     uses = E2E_FIXTURES & set(request.fixturenames)
-    assert not uses or request.node.get_closest_marker("e2e"), f"uses {sorted(uses)}: mark it @pytest.mark.e2e"
+    marked = request.node.get_closest_marker("e2e") and request.node.get_closest_marker("xdist_group")
+    assert not uses or marked, f"uses {sorted(uses)}: mark it @e2e"
 
 
 CLAUDE_RESOURCE = {"service.name": "claude-code", "service.version": "2.0.14", "os.type": "linux",
@@ -2238,7 +2246,7 @@ def session_figures(srv: ServerProcess, session: str) -> tuple:
     return rows[0], events
 
 
-@pytest.mark.e2e
+@e2e
 def test_every_claude_code_protocol_is_recorded_identically(server, node_emitter):
     http = f"http://127.0.0.1:{server.http_port}"
     for gzip in (False, True):
@@ -2682,7 +2690,7 @@ def go_server(tmp_path):
         proc.wait(20)
 
 
-@pytest.mark.e2e
+@e2e
 def test_clients_against_the_original_go_server(go_server, tmp_path):
     port = int(go_server.rsplit(":", 1)[1])
     # The Go server reads figures only from strings, as Claude Code sends them.
@@ -2723,7 +2731,7 @@ def go_telemetry(sequence: int, model: str, **figures) -> tuple[str, dict]:
                                       **{key: str(value) for key, value in figures.items()})
 
 
-@pytest.mark.e2e
+@e2e
 def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
     go_ccmon = go_ccmon_binary()
     sdk_export(server.port, [go_telemetry(1, "claude-sonnet-4-5", input_tokens=1200, output_tokens=300, cost_usd=1.25,
@@ -4082,7 +4090,7 @@ def test_running_from_source_without_the_dependencies_says_so_in_one_line(tmp_pa
     assert imported.stderr.endswith("ModuleNotFoundError: No module named 'grpc'\n")
 
 
-@pytest.mark.e2e
+@e2e
 def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     srv = ServerProcess(tmp_path, command=bare(pyz), env=env).start()
@@ -4112,7 +4120,7 @@ def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
         srv.stop()
 
 
-@pytest.mark.e2e
+@e2e
 def test_pyz_version_names_the_build_without_unpacking_or_grpc(pyz, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     for flag in ("--version", "-v"):
@@ -4128,7 +4136,7 @@ def test_pyz_version_names_the_build_without_unpacking_or_grpc(pyz, tmp_path):
     assert os.listdir(tmp_path / "cache" / "ccmon") == [match.group(1)]
 
 
-@pytest.mark.e2e
+@e2e
 def test_pyz_runs_on_every_cpython_here(pyz, pythons, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     supported = {version: python for version, python in pythons.items() if version >= (3, 11)}
@@ -4153,7 +4161,7 @@ def test_pyz_runs_on_every_cpython_here(pyz, pythons, tmp_path):
         assert cygrpc == [f"cygrpc.cpython-{major}{minor}-{os.uname().machine}-linux-gnu.so"]
 
 
-@pytest.mark.e2e
+@e2e
 def test_pyz_refuses_older_pythons_in_one_line(pyz, pythons, tmp_path):
     older = {version: python for version, python in pythons.items() if version < (3, 11)}
     if not older:
@@ -4168,7 +4176,7 @@ def test_pyz_refuses_older_pythons_in_one_line(pyz, pythons, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.e2e
+@e2e
 def test_pyz_for_one_python_on_another_platform(tmp_path):
     foreign = "manylinux2014_aarch64" if os.uname().machine != "aarch64" else "manylinux2014_x86_64"
     output = tmp_path / "foreign.pyz"
@@ -4188,7 +4196,7 @@ def test_pyz_for_one_python_on_another_platform(tmp_path):
                         rf"\(glibc [\d.]+\)\n", result.stderr)
 
 
-@pytest.mark.e2e
+@e2e
 def test_pyz_concurrent_first_runs_share_one_cache(pyz, tmp_path):
     env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     procs = [subprocess.Popen(bare(pyz) + ["--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -4203,7 +4211,7 @@ def test_pyz_concurrent_first_runs_share_one_cache(pyz, tmp_path):
     assert (tmp_path / "cache" / "ccmon" / entries[0] / version / ".complete").is_file()
 
 
-@pytest.mark.e2e
+@e2e
 def test_pyz_keeps_the_two_newest_builds(pyz, tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     root = tmp_path / "cache" / "ccmon"
@@ -4233,7 +4241,7 @@ def test_pyz_keeps_the_two_newest_builds(pyz, tmp_path):
     assert (root / current / f"cp{sys.version_info[0]}{sys.version_info[1]}" / ".complete").is_file()
 
 
-@pytest.mark.e2e
+@e2e
 def test_pyz_falls_back_to_temp_dir_when_home_is_unusable(pyz, tmp_path):
     env = {**os.environ, "HOME": "/dev/null/nohome", "TMPDIR": str(tmp_path)}
     env.pop("XDG_CACHE_HOME", None)
@@ -4257,7 +4265,7 @@ def test_pyz_falls_back_to_temp_dir_when_home_is_unusable(pyz, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
 
 
-@pytest.mark.e2e
+@e2e
 def test_pyz_build_is_reproducible_and_lean(pyz, tmp_path):
     again = tmp_path / "again.pyz"
     subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(again)], check=True,
@@ -4278,7 +4286,7 @@ def test_pyz_build_is_reproducible_and_lean(pyz, tmp_path):
     assert "app/google/_upb/_message.abi3.so" in names  # protobuf's extension is abi3: one for all
 
 
-@pytest.mark.e2e
+@e2e
 def test_pyz_build_refuses_missing_wheels(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(tmp_path / "x.pyz"),
                              "--platform", "win_nonexistent", "--python-version", "3.11"],
@@ -4329,7 +4337,7 @@ def test_dockerfile_passes_hadolint():
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
 
-@pytest.mark.e2e
+@e2e
 def test_the_image_build_steps_give_a_working_app(tmp_path):
     """The build stage's commands, run here (no Docker engine in CI): the pyz for one Python, unpacked once,
     moved to app/, runs ccmon from there."""
@@ -5459,7 +5467,7 @@ def test_import_into_a_server_with_a_token(tmp_path):
         srv.stop()
 
 
-@pytest.mark.e2e
+@e2e
 def test_claude_codes_own_transcripts_are_imported_exactly_and_once(server, claude_code, mock_anthropic, tmp_path):
     """A real Claude Code, offline: two runs without telemetry (one with a tool call: two API calls), one with
     Haiku, one with telemetry on. `ccmon import` of its HOME's transcripts stores each API call once, costed as
@@ -5499,7 +5507,7 @@ def test_claude_codes_own_transcripts_are_imported_exactly_and_once(server, clau
     assert db_rows(server.db, "SELECT COUNT(*) FROM requests") == [(5,)]
 
 
-@pytest.mark.e2e
+@e2e
 def test_bundled_prices_are_what_claude_code_charges(claude_code, mock_anthropic, tmp_path):
     """One model of each price in Claude Code's catalog, run for real against the stand-in API: ccmon's price of the
     transcript's usage equals Claude Code's own total_cost_usd, to the nano-dollar."""
@@ -5856,7 +5864,7 @@ class ClaudeTmux:
         self.socket.unlink(missing_ok=True)
 
 
-@pytest.mark.e2e
+@e2e
 def test_claude_code_print_mode_is_recorded_exactly_over_every_protocol(server, claude_code, mock_anthropic, tmp_path):
     """Claude Code in -p mode, telemetry on, exporting over each OTLP protocol to a real server: one api_request per
     model call with the stand-in API's usage, Claude Code's own cost and the API's request-id, the same requestId
@@ -5901,7 +5909,7 @@ def test_claude_code_print_mode_is_recorded_exactly_over_every_protocol(server, 
     assert len(api.calls()) == 5
 
 
-@pytest.mark.e2e
+@e2e
 def test_claude_code_status_line_gets_the_session_and_the_subscription_limits(server, claude_code, mock_anthropic,
                                                                               tmp_path):
     """Claude Code interactive in tmux, signed in as a subscriber, with a statusLine command that keeps its stdin:
@@ -5961,7 +5969,7 @@ def test_claude_code_status_line_gets_the_session_and_the_subscription_limits(se
     assert sorted(transcript_requests(transcript)) == sorted(row[3] for row in rows)
 
 
-@pytest.mark.e2e
+@e2e
 def test_ccmon_statusline_in_a_real_claude_code(server, claude_code, mock_anthropic, tmp_path):
     """`ccmon statusline` as a subscriber's Claude Code runs it: Claude's own limits on the status line, the
     session's cost, today's once its events are in, and each reading kept by the server."""
