@@ -2460,6 +2460,11 @@ MAX_ATTRIBUTES = 1024
 MAX_VALUE_CHARS = 1024 * 1024
 MAX_DEPTH = 8
 SCALAR_KINDS = ("string_value", "int_value", "double_value", "bool_value")
+# Attributes ccmon reads as text (ids and names): a number or a boolean is taken as its text, but an array, a
+# key-value list or bytes names nothing, and its record is rejected. "type" is read on metric data points.
+TEXT_KEYS = (*IDENTITY_KEYS, "session.id", "model", "prompt.id", "request_id")
+POINT_TEXT_KEYS = (*TEXT_KEYS, "type")
+NOT_TEXT = {list: "an array", dict: "a key-value list", bytes: "bytes"}
 # Clocks drift a little; a record dated further ahead than this is stored at the time it was received (a fast
 # clock would otherwise make its session the most recent one for ever), its own time kept under ORIGINAL_TIME_KEY.
 FUTURE_TOLERANCE_MS = 5 * 60_000
@@ -2497,6 +2502,14 @@ def attributes_dict(key_values, depth: int = 0) -> dict[str, Any]:
         else:
             attributes[kv.key] = any_value(value, depth)
     return attributes
+
+
+def check_text(attrs: dict, keys: tuple[str, ...]) -> None:
+    """BadValue for the first of `keys` whose value is not text (see TEXT_KEYS)."""
+    for key in keys:
+        kind = NOT_TEXT.get(type(attrs.get(key)))
+        if kind:
+            raise BadValue(f"{key} is {kind}, not text")
 
 
 def record_time_ms(attrs: dict, record, received_ms: int) -> int:
@@ -2547,7 +2560,23 @@ def json_default(value: Any) -> str:
 
 
 def compact_json(mapping: dict) -> str | None:
-    return json.dumps(mapping, sort_keys=True, separators=(",", ":"), default=json_default) if mapping else None
+    if not mapping:
+        return None
+    try:
+        return json.dumps(mapping, sort_keys=True, separators=(",", ":"), default=json_default, allow_nan=False)
+    except ValueError:  # a NaN or an infinity: JSON has none, and SQLite's json functions fail on the whole table
+        return json.dumps(finite_json(mapping), sort_keys=True, separators=(",", ":"), default=json_default)
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with each NaN or infinity as its text ('nan', 'inf', '-inf')."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def optional_text(value: Any) -> str | None:
@@ -2651,6 +2680,7 @@ class LogsIngest:
         for resource_logs in request.resource_logs:
             try:
                 resource = attributes_dict(resource_logs.resource.attributes)
+                check_text(resource, USER_KEYS)
             except BadValue as exc:
                 resource, resource_problem = {}, f"resource: {exc}"
             else:
@@ -2673,6 +2703,7 @@ class LogsIngest:
                        rejected: Rejections) -> None:
         try:
             attrs = attributes_dict(record.attributes)
+            check_text(attrs, TEXT_KEYS)
             name = event_name(attrs, record)
         except BadValue as exc:
             rejected.add(f"log record: {exc}")
@@ -2707,6 +2738,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
     for resource_metrics in request.resource_metrics:
         try:
             resource = attributes_dict(resource_metrics.resource.attributes)
+            check_text(resource, USER_KEYS)
         except BadValue as exc:
             count = sum(len(getattr(m, m.WhichOneof("data")).data_points)
                         for sm in resource_metrics.scope_metrics for m in sm.metrics if m.WhichOneof("data"))
@@ -2737,6 +2769,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
                         continue
                     try:
                         attrs = attributes_dict(point.attributes)
+                        check_text(attrs, POINT_TEXT_KEYS)
                     except BadValue as exc:
                         rejected.add(f"{metric.name}: {exc}")
                         continue

@@ -1726,6 +1726,116 @@ def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
     assert users == {"dee@example.com": 0.5, hashed: 0.0}
 
 
+# Every attribute ccmon reads: on log records (api_request and the other events), on a resource, on metric points.
+RECORD_KEYS = ["event.name", "event.timestamp", "event.sequence", "session.id", "model", "input_tokens",
+               "output_tokens", "cache_read_tokens", "cache_creation_tokens", "cost_usd", "cost_usd_micros",
+               "duration_ms", "ttft_ms", "prompt.id", "request_id", *ccmon.IDENTITY_KEYS]
+RESOURCE_KEYS = [*ccmon.USER_KEYS, "project"]
+POINT_KEYS = ["session.id", "model", "type", *ccmon.IDENTITY_KEYS]
+
+
+def every_any_value_kind():
+    """AnyValues of each kind OTLP has: string, bool, int, double, array (empty or not), kvlist, bytes, unset."""
+    from hypothesis import strategies as st
+    scalar = st.one_of(st.text(max_size=8).map(lambda v: common_pb2.AnyValue(string_value=v)),
+                       st.booleans().map(lambda v: common_pb2.AnyValue(bool_value=v)),
+                       st.integers(-2 ** 63, 2 ** 63 - 1).map(lambda v: common_pb2.AnyValue(int_value=v)),
+                       st.floats().map(lambda v: common_pb2.AnyValue(double_value=v)))
+    return st.one_of(
+        scalar, st.just(common_pb2.AnyValue()), st.binary(max_size=8).map(lambda v: common_pb2.AnyValue(bytes_value=v)),
+        st.lists(scalar, max_size=3).map(lambda vs: common_pb2.AnyValue(array_value=common_pb2.ArrayValue(values=vs))),
+        st.dictionaries(st.text(max_size=4), scalar, max_size=3).map(lambda kv: common_pb2.AnyValue(
+            kvlist_value=common_pb2.KeyValueList(values=[common_pb2.KeyValue(key=k, value=v) for k, v in kv.items()]))))
+
+
+def with_value(key_values, key: str, value: common_pb2.AnyValue) -> None:
+    """Set `key` in a repeated KeyValue field to `value`, added if absent."""
+    found = next((kv for kv in key_values if kv.key == key), None) or key_values.add(key=key)
+    found.value.CopyFrom(value)
+
+
+def test_any_value_of_any_kind_in_any_attribute_read_costs_at_most_its_own_record(tmp_path):
+    """One attribute of an unexpected kind (user.id as an empty array used to fail the whole export in the
+    decoder's memo) is taken as text, or rejects its record with a reason naming it: never the export, never
+    the good record beside it; and every JSON stored stays readable by SQLite's json functions."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    receiver, when, numbers = ccmon.Receiver(ccmon.Writer(tmp_path / "fuzz.db")), hours_ago(1), iter(range(10 ** 6))
+    where = st.one_of(st.tuples(st.just("record"), st.sampled_from(RECORD_KEYS)),
+                      st.tuples(st.just("resource"), st.sampled_from(RESOURCE_KEYS)),
+                      st.tuples(st.just("point"), st.sampled_from(POINT_KEYS)))
+
+    def rows(table: str) -> int:
+        return db_rows(tmp_path / "fuzz.db", f"SELECT COUNT(*) FROM {table}")[0][0]
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(where, every_any_value_kind(), st.sampled_from(["api_request", "tool_result"]))
+    def check(place, value, name):
+        (part, key), n = place, next(numbers)
+        if part == "point":
+            points = [metrics_pb2.NumberDataPoint(as_int=3, time_unix_nano=time.time_ns() - 10 ** 12 + n,
+                                                  attributes=[common_pb2.KeyValue(key="session.id",
+                                                                                  value=any_value(f"s-{n}-{i}"))])
+                      for i in range(2)]
+            with_value(points[0].attributes, key, value)
+            request = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+                scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
+                    name="claude_code.lines_of_code.count", sum=metrics_pb2.Sum(aggregation_temporality=1,
+                                                                                 data_points=points))])])])
+            before = rows("metric_points")
+            answer = receiver.metrics(request.SerializeToString())
+            rejected, stored = answer.partial_success.rejected_data_points, rows("metric_points") - before
+            assert db_rows(tmp_path / "fuzz.db", "SELECT COUNT(*) FROM mp WHERE session_id = ?", (f"s-{n}-1",)) == \
+                [(1,)]
+        else:
+            bad = {**api_request(n, when, session=f"bad-{n}", input_tokens=1), "event.name": name}
+            request = logs_request([(name, bad), ("api_request", api_request(1, when, session=f"good-{n}",
+                                                                            input_tokens=7))])
+            target = request.resource_logs[0].resource.attributes if part == "resource" else \
+                request.resource_logs[0].scope_logs[0].log_records[0].attributes
+            with_value(target, key, value)
+            before = rows("requests") + rows("events")
+            answer = receiver.logs(request.SerializeToString())
+            rejected, stored = answer.partial_success.rejected_log_records, rows("requests") + rows("events") - before
+            good = db_rows(tmp_path / "fuzz.db", "SELECT input_tokens FROM r WHERE session_id = ?", (f"good-{n}",))
+            if part == "record":
+                assert good == [(7,)]
+        records = 2 if part == "resource" else 1  # a resource's attribute is every record's
+        assert (rejected, stored) in ((0, 2), (records, 2 - records))
+        if rejected:
+            assert re.search(rf"\b{re.escape(key)}( is |=)", answer.partial_success.error_message)
+
+    check()
+    for table, column in (("attribute_sets", "attributes"), ("events", "attributes"),
+                          ("metric_points", "attributes")):
+        assert db_rows(tmp_path / "fuzz.db", f"SELECT COUNT(*) FROM {table} WHERE NOT json_valid({column})") == [(0,)]
+
+
+def test_a_record_with_an_array_user_id_costs_only_itself_over_grpc_and_http(server):
+    """The export of issue #22: records whose user.id is an array (empty or not) among good ones. The decoder
+    used to fail on it, then the server decoding it again, and the export failed whole with UNKNOWN."""
+    when, answers = hours_ago(1), []
+    for protocol in ("grpc", "http"):
+        request = logs_request([("api_request", api_request(seq, when, session=protocol, input_tokens=10 ** seq))
+                                for seq in range(4)])
+        for record, values in zip(request.resource_logs[0].scope_logs[0].log_records[1::2], ([], ["u1", "u2"])):
+            with_value(record.attributes, "user.id", common_pb2.AnyValue(array_value=common_pb2.ArrayValue(
+                values=[any_value(v) for v in values])))
+        if protocol == "grpc":
+            answers.append(server.logs_stub().Export(request, timeout=10))
+        else:
+            response, data = http_post(server.http_port, body=request.SerializeToString())
+            assert response.status == 200
+            answers.append(logs_service_pb2.ExportLogsServiceResponse.FromString(data))
+    for answer in answers:
+        assert answer.partial_success.rejected_log_records == 2
+        assert answer.partial_success.error_message == \
+            "rejected 2 of 4 log records: log record: user.id is an array, not text; " \
+            "log record: user.id is an array, not text"
+    assert db_rows(server.db, "SELECT session_id, SUM(input_tokens), COUNT(*) FROM r GROUP BY 1 ORDER BY 1") == \
+        [("grpc", 101, 2), ("http", 101, 2)]
+    assert "Traceback" not in server.log and "a decoder failed" not in server.log
+
+
 # ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
 def http_post(port: int, path: str = "/v1/logs", body: bytes = b"", headers: dict | None = None,
