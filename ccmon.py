@@ -2459,6 +2459,17 @@ WRITE_CHUNK_ROWS = 5_000  # rows decoded and stored at a time: a big export neve
 MAX_ATTRIBUTES = 1024
 MAX_VALUE_CHARS = 1024 * 1024
 MAX_DEPTH = 8
+# What one api_request can claim. A context window holds at most a million tokens, and the dearest call yet (a
+# million tokens in, 128k out, at the dearest prices, $30 and $150 per million) costs about $50: the caps leave
+# a thousand and twenty times that; Claude Code gives up on a call after minutes. They are what keeps sums exact
+# in SQLite's int64 (9.22e18): at the caps, a sum of costs (1e12 nano-dollars each) reaches it only past 9.2
+# million records ($9.2 billion) in one query's range or rollup row, one of tokens (4e9 per record, all kinds)
+# past 2.3 billion, one of durations (8.64e7 ms) past 1e11; at Claude Code's real figures ($0.05, 50k tokens a
+# call) a hundred thousand times later still.
+MAX_REQUEST_TOKENS = 10 ** 9  # of each kind
+MAX_REQUEST_USD = 1_000
+MAX_REQUEST_MS = DAY_MS       # duration_ms and ttft_ms
+TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")
 SCALAR_KINDS = ("string_value", "int_value", "double_value", "bool_value")
 # Attributes ccmon reads as text (ids and names): a number or a boolean is taken as its text, but an array, a
 # key-value list or bytes names nothing, and its record is rejected. "type" is read on metric data points.
@@ -2608,15 +2619,23 @@ class Sources:
 
 def request_row(attrs: dict, ts: int, source: str | None, user: str, record) -> tuple:
     """One api_request record as a `requests` row (REQUEST_COLUMNS); raises BadValue for unreadable figures."""
-    counts = [parse_count(attrs.get(key, 0), key) for key in
-              ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")]
-    if "cost_usd" in attrs:
+    counts = [parse_count(attrs.get(key, 0), key) for key in TOKEN_KEYS]
+    for key, count in zip(TOKEN_KEYS, counts):
+        if count > MAX_REQUEST_TOKENS:
+            raise BadValue(f"{key}={count} is more than one API call can use ({MAX_REQUEST_TOKENS:,} tokens of a kind)")
+    cost_key = "cost_usd" if "cost_usd" in attrs else "cost_usd_micros"
+    if cost_key == "cost_usd":
         cost = parse_usd_nanos(attrs["cost_usd"], "cost_usd")
     else:
         cost = parse_usd_nanos(exact_number(attrs.get("cost_usd_micros", 0), "cost_usd_micros") / 10 ** 6
                                if attrs.get("cost_usd_micros") else 0, "cost_usd_micros")
+    if cost > MAX_REQUEST_USD * NANOS_PER_USD:
+        raise BadValue(f"{cost_key}={attrs[cost_key]!r} is more than one API call can cost (${MAX_REQUEST_USD:,})")
     duration = parse_count(attrs.get("duration_ms", 0), "duration_ms")
     ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if attrs.get("ttft_ms") not in (None, "") else None
+    for key, ms in (("duration_ms", duration), ("ttft_ms", ttft or 0)):
+        if ms > MAX_REQUEST_MS:
+            raise BadValue(f"{key}={ms} is longer than one API call can take (a day)")
     extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     session, seq = record_key(attrs, record)
     return (ts, session, seq, str(attrs.get("model") or "unknown"), user, *counts,
