@@ -1563,6 +1563,12 @@ READING_COLUMNS = ("ts", "session", "project", "model", "context_percent", "five
 RETENTION_TABLES = ("requests", "events", "metric_points", "limit_readings")
 SWEEP_CHUNK = 5000
 COPY_WINDOW_MS = 10 * 60_000  # a telemetry event and the transcript line of the same answer are this close
+# A record with no time at all is stored at the time received, where a re-send of it would be a new key (ts,
+# session, seq). Ingestion gives it a seq at or below UNDATED_SEQ, a hash of its content, and the writer skips it
+# when its session has that seq among rows stored up to RESEND_WINDOW_MS before (exporters retry for a minute
+# or so; a collector's queue may hold an export for hours).
+UNDATED_SEQ = -(2 ** 62) - 1
+RESEND_WINDOW_MS = DAY_MS
 
 
 @dataclasses.dataclass
@@ -1786,7 +1792,8 @@ class Writer:
     def _insert(self, conn: sqlite3.Connection, batch: Batch) -> int:
         new, days = 0, set()
         if batch.requests:
-            requests = self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests)
+            requests = self._not_resent(conn, "requests", REQUEST_COLUMNS,
+                                        self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests))
             for session in {row[1] for row in requests}:  # api_request events win over metric-derived usage
                 gone = conn.execute("DELETE FROM requests WHERE session = ? AND origin = 1 RETURNING ts",
                                     (session,)).fetchall()
@@ -1801,10 +1808,12 @@ class Writer:
             new += conn.executemany(insert_sql("requests", REQUEST_COLUMNS), requests).rowcount
             days.update(row[0] - row[0] % DAY_MS for row in requests)
         if batch.events:
+            events = self._resolve(conn, "events", EVENT_COLUMNS, batch.events)
             new += conn.executemany(insert_sql("events", EVENT_COLUMNS),
-                                    self._resolve(conn, "events", EVENT_COLUMNS, batch.events)).rowcount
+                                    self._not_resent(conn, "events", EVENT_COLUMNS, events)).rowcount
         if batch.metrics:
-            for row in self._resolve(conn, "metric_points", METRIC_COLUMNS, batch.metrics):
+            metrics = self._resolve(conn, "metric_points", METRIC_COLUMNS, batch.metrics)
+            for row in self._not_resent(conn, "metric_points", METRIC_COLUMNS, metrics):
                 if conn.execute(insert_sql("metric_points", METRIC_COLUMNS), row).rowcount:  # new, not a resend
                     new += 1
                     days.update(self._usage_from_metric(conn, dict(zip(METRIC_COLUMNS, row))))
@@ -1813,6 +1822,17 @@ class Writer:
                          (project, session, project))
         self._refresh_days(conn, days)
         return new
+
+    @staticmethod
+    def _not_resent(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple]) -> list[tuple]:
+        """`rows` less the undated ones their session has stored already (see UNDATED_SEQ); the name narrows
+        the search to a metric series (its index is session, name, ts)."""
+        ts, session, seq, name = (columns.index(c) if c in columns else None for c in ("ts", "session", "seq", "name"))
+        sql = f"SELECT 1 FROM {table} WHERE session = ? AND ts BETWEEN ? AND ? AND seq = ?" + \
+            (" AND name = ?" if name is not None else "")
+        return [row for row in rows if row[seq] > UNDATED_SEQ or not conn.execute(
+            sql, (row[session], row[ts] - RESEND_WINDOW_MS, row[ts], row[seq],
+                  *([row[name]] if name is not None else []))).fetchone()]
 
     def _has_imported(self, conn: sqlite3.Connection) -> bool:
         """Whether any request was imported from a transcript (the partial index answers at once)."""
@@ -2523,13 +2543,13 @@ def check_text(attrs: dict, keys: tuple[str, ...]) -> None:
             raise BadValue(f"{key} is {kind}, not text")
 
 
-def record_time_ms(attrs: dict, record, received_ms: int) -> int:
-    """event.timestamp, else the record's time, else its observed time, else the time received."""
+def record_time_ms(attrs: dict, record) -> int | None:
+    """event.timestamp, else the record's time, else its observed time; None when it has none of them."""
     for ms in (parse_iso_ms(attrs.get("event.timestamp")), record.time_unix_nano // 1_000_000,
                record.observed_time_unix_nano // 1_000_000):
         if ms and ms <= MAX_TIMESTAMP_MS:
             return ms
-    return received_ms
+    return None
 
 
 def unless_ahead(ms: int, received_ms: int) -> tuple[int, str | None]:
@@ -2551,10 +2571,13 @@ def event_name(attrs: dict, record) -> str:
     return "log"
 
 
-def record_key(attrs: dict, record) -> tuple[str, int]:
+def record_key(attrs: dict, record, undated: bool) -> tuple[str, int]:
     """The de-duplication key besides the timestamp: (session.id, event.sequence), or a negative hash
-    of the whole record where Claude Code's sequence number is missing."""
+    of the whole record where Claude Code's sequence number is missing or the record has no time (see
+    UNDATED_SEQ)."""
     session, sequence = attrs.get("session.id", ""), attrs.get("event.sequence")
+    if undated:
+        return str(session), content_hash(record.SerializeToString(deterministic=True), UNDATED_SEQ)
     if type(sequence) is int and 0 <= sequence < 2 ** 62:
         return str(session), sequence
     if isinstance(sequence, str) and sequence.isdigit() and len(sequence) < 18:
@@ -2562,8 +2585,9 @@ def record_key(attrs: dict, record) -> tuple[str, int]:
     return str(session), content_hash(record.SerializeToString(deterministic=True))
 
 
-def content_hash(data: bytes) -> int:
-    return -1 - (int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 2)
+def content_hash(data: bytes, top: int = -1) -> int:
+    """A hash of `data` from `top` down, in a range of 2**62."""
+    return top - (int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 2)
 
 
 def json_default(value: Any) -> str:
@@ -2617,7 +2641,7 @@ class Sources:
         return self._memo[key]
 
 
-def request_row(attrs: dict, ts: int, source: str | None, user: str, record) -> tuple:
+def request_row(attrs: dict, ts: int, source: str | None, user: str, record, undated: bool) -> tuple:
     """One api_request record as a `requests` row (REQUEST_COLUMNS); raises BadValue for unreadable figures."""
     counts = [parse_count(attrs.get(key, 0), key) for key in TOKEN_KEYS]
     for key, count in zip(TOKEN_KEYS, counts):
@@ -2637,19 +2661,19 @@ def request_row(attrs: dict, ts: int, source: str | None, user: str, record) -> 
         if ms > MAX_REQUEST_MS:
             raise BadValue(f"{key}={ms} is longer than one API call can take (a day)")
     extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
-    session, seq = record_key(attrs, record)
+    session, seq = record_key(attrs, record, undated)
     return (ts, session, seq, str(attrs.get("model") or "unknown"), user, *counts,
             cost, duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
             source, compact_json(extra), 0)
 
 
-def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, record) -> tuple:
+def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, record, undated: bool) -> tuple:
     """One other event as an `events` row (EVENT_COLUMNS)."""
     rest = {k: v for k, v in attrs.items() if k not in EVENT_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     body = any_value(record.body)
     if body is not None and body != EVENT_PREFIX + name:
         rest["body"] = body
-    session, seq = record_key(attrs, record)
+    session, seq = record_key(attrs, record, undated)
     return (ts, session, seq, user, name, optional_text(attrs.get("prompt.id")), source, compact_json(rest) or "{}")
 
 
@@ -2732,14 +2756,15 @@ class LogsIngest:
         project, session = resource_project(resource), str(attrs.get("session.id", ""))
         if project and session:
             batch.projects[session] = project
-        ts, original = unless_ahead(record_time_ms(attrs, record, received), received)
+        ms = record_time_ms(attrs, record)
+        ts, original = unless_ahead(received if ms is None else ms, received)
         if original:
             attrs[ORIGINAL_TIME_KEY] = original
         try:
             if name == "api_request":
-                batch.requests.append(request_row(attrs, ts, source, user, record))
+                batch.requests.append(request_row(attrs, ts, source, user, record, ms is None))
             else:
-                batch.events.append(event_row(name, attrs, ts, source, user, record))
+                batch.events.append(event_row(name, attrs, ts, source, user, record, ms is None))
         except BadValue as exc:
             rejected.add(f"{name} in session {attrs.get('session.id', '?')}: {exc}")
             return
@@ -2797,7 +2822,8 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
                     rest = {k: v for k, v in attrs.items()
                             if k not in ("session.id", "model", "type") and k not in IDENTITY_KEYS}
                     point_ms = point.time_unix_nano // 1_000_000
-                    ts, original = unless_ahead(point_ms if 0 < point_ms <= MAX_TIMESTAMP_MS else received, received)
+                    undated = not 0 < point_ms <= MAX_TIMESTAMP_MS
+                    ts, original = unless_ahead(received if undated else point_ms, received)
                     if original:
                         rest[ORIGINAL_TIME_KEY] = original
                         rejected.dated_ahead += 1
@@ -2805,7 +2831,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
                     if project and session:
                         projects[session] = project
                     rows.append((ts, point.start_time_unix_nano // 1_000_000 or None,
-                                 session, content_hash(identity.encode()),
+                                 session, content_hash(identity.encode(), UNDATED_SEQ if undated else -1),
                                  user_name(attrs, resource), metric.name, temporality, float(value),
                                  optional_text(attrs.get("model")), optional_text(attrs.get("type")),
                                  sources.json(resource_json, attrs), compact_json(rest) or "{}"))

@@ -1869,6 +1869,31 @@ def test_one_record_cannot_claim_more_than_an_api_call_and_sums_stay_exact(serve
     assert db_rows(server.db, "SELECT typeof(SUM(cost_nanos)) FROM usage_rollup") == [("integer",)]
 
 
+def test_records_without_any_time_count_once_however_often_sent(server):
+    """Issue #22: records with no event.timestamp, no time and no observed time are stored at the time received;
+    50 sent three times were 150. Their content is their identity: a re-send counts once, a different record
+    (here only its figures differ) is another, and so for metric points without a time."""
+    requests = [("api_request", {"event.name": "api_request", "event.sequence": seq, "session.id": "undated",
+                                 "model": "claude-sonnet-4-5", "input_tokens": 10 + seq}) for seq in range(30)]
+    events = [("tool_result", {"event.name": "tool_result", "event.sequence": 100 + seq, "session.id": "undated",
+                               "tool_name": "Bash"}) for seq in range(20)]
+    twins = [("api_request", {"session.id": "twins", "input_tokens": tokens}) for tokens in (1, 2)]
+    points = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+        scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
+            name="claude_code.lines_of_code.count", sum=metrics_pb2.Sum(aggregation_temporality=1, data_points=[
+                metrics_pb2.NumberDataPoint(as_int=value, attributes=[common_pb2.KeyValue(
+                    key="session.id", value=any_value("undated"))]) for value in (3, 4)]))])])])
+    metrics_stub = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target))
+    for _ in range(3):
+        assert not server.logs_stub().Export(logs_request(requests + events + twins), timeout=10).HasField(
+            "partial_success")
+        assert not metrics_stub.Export(points, timeout=10).HasField("partial_success")
+    assert db_rows(server.db, "SELECT session_id, COUNT(*), SUM(input_tokens) FROM r GROUP BY 1 ORDER BY 1") == \
+        [("twins", 2, 3), ("undated", 30, sum(range(10, 40)))]
+    assert db_rows(server.db, "SELECT COUNT(*) FROM e WHERE session_id = 'undated'") == [(20,)]
+    assert db_rows(server.db, "SELECT COUNT(*), SUM(value) FROM mp") == [(2, 7.0)]
+
+
 # ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
 def http_post(port: int, path: str = "/v1/logs", body: bytes = b"", headers: dict | None = None,
