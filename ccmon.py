@@ -48,6 +48,7 @@ import re
 import signal
 import socket
 import sqlite3
+import struct
 import ssl
 import sys
 import threading
@@ -2889,6 +2890,19 @@ class DecoderFailure(Exception):
     """A decoder could not decode an export (a bug, or out of memory): the server decodes it itself."""
 
 
+class DecoderHung(Exception):
+    """A decoder did not answer and used no CPU for DECODER_PATIENCE_S: it is killed, and the server decodes."""
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """The CPU time a process has used (user and system, in clock ticks); None where /proc cannot tell."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12])
+
+
 EXPORT_MESSAGES = {"logs": logs_service_pb2.ExportLogsServiceRequest,
                    "metrics": metrics_service_pb2.ExportMetricsServiceRequest}
 EXPORT_ITEMS = {"logs": "log records", "metrics": "data points"}  # what Rejections counts
@@ -2897,6 +2911,12 @@ DECODERS = min(4, os.cpu_count() or 1)
 # exporters keep every core busy (a monitor refresh, p95 at 1M requests: 178 ms at the same priority, see BENCHMARKS.md).
 DECODER_NICENESS = 10
 BIG_EXPORT_BYTES = 1024 ** 2  # after decoding one this big, a decoder gives its memory back
+# A decoder the server waits on and that uses no CPU for this long is hung (stopped with SIGSTOP, say): it is
+# killed and the server decodes the export itself, well within an exporter's deadline (10 s by default, 30 s in
+# the issue's case). A busy decoder always uses CPU, even at DECODER_NICENESS on a saturated machine, where CFS
+# still gives it a share; a 16 MiB export takes it under a second of CPU before its first answer. Where the
+# CPU time cannot be read (no /proc), a decoder silent for this long is taken as hung.
+DECODER_PATIENCE_S = 2.0
 
 
 def export_batches(kind: str, data: bytes, rejected: Rejections, ingest: LogsIngest) -> Iterator[Batch]:
@@ -2947,12 +2967,13 @@ class Decoders:
     """Decoding, most of ingestion's work, runs in processes of its own (DECODERS, one per core), so that it uses
     every core and leaves the server's interpreter to the writer and the queries. They are forked at start,
     before any thread exists. An export whose decoder dies is decoded in the server, as every export is once no
-    decoder is left (decoding again from the start: the rows already stored are duplicates, ignored as such)."""
+    decoder is left (decoding again from the start: the rows already stored are duplicates, ignored as such).
+    One that hangs is killed (see DECODER_PATIENCE_S): a read or a write on its pipe waits no longer than that."""
 
     def __init__(self, count: int = DECODERS):
         self.ingest = LogsIngest()  # for decoding in the server
         self._idle: queue.Queue = queue.Queue()
-        self._alive, self._alive_lock = 0, threading.Lock()
+        self._alive, self._alive_lock = {}, threading.Lock()  # pid -> the server's end of its pipe
         ends = []
         for _ in range(count):
             parent, child = multiprocessing.connection.Pipe()
@@ -2966,8 +2987,12 @@ class Decoders:
                     os._exit(0)  # never back into the server's code
             child.close()
             ends.append(parent)
+            with socket.socket(fileno=os.dup(parent.fileno())) as end:  # options are the socket's, not the fd's
+                patience = struct.pack("ll", int(DECODER_PATIENCE_S), int(DECODER_PATIENCE_S % 1 * 1_000_000))
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, patience)  # mid-answer: BlockingIOError
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, patience)  # an export it does not read
             self._idle.put((pid, parent))
-            self._alive += 1
+            self._alive[pid] = parent
 
     def batches(self, kind: str, data: bytes, rejected: Rejections) -> Iterator[Batch]:
         """The export's batches, decoded by an idle decoder (or here); `rejected` is filled in by the end."""
@@ -2980,15 +3005,15 @@ class Decoders:
                 raise
             except DecoderFailure as exc:
                 log.error("a decoder failed (%s); the server decodes the export itself", exc)
-            except Exception:  # the pipe broke (the decoder died), or its answer could not be read
-                self._lost(decoder)
+            except Exception as exc:  # the pipe broke (the decoder died), it hung, or its answer could not be read
+                self._lost(decoder, exc)
         yield from export_batches(kind, data, rejected, self.ingest)
 
     def _from_decoder(self, decoder: tuple, kind: str, data: bytes, rejected: Rejections) -> Iterator[Batch]:
         conn, done = decoder[1], False
         conn.send((kind, data))
         while not done:
-            batch, last = conn.recv()
+            batch, last = self._answer(decoder)
             if last is not None:
                 done = True
                 self._idle.put(decoder)  # free for the next export while this batch is written
@@ -3006,12 +3031,23 @@ class Decoders:
     def _drain(self, decoder: tuple) -> None:
         """Read the rest of an export's batches, so that the decoder's next answer is to the next export."""
         try:
-            while decoder[1].recv()[1] is None:
+            while self._answer(decoder)[1] is None:
                 continue
-        except Exception:  # as in batches()
-            self._lost(decoder)
+        except Exception as exc:  # as in batches()
+            self._lost(decoder, exc)
         else:
             self._idle.put(decoder)
+
+    @staticmethod
+    def _answer(decoder: tuple) -> tuple:
+        """The decoder's next answer; DecoderHung when it gives none and uses no CPU for DECODER_PATIENCE_S."""
+        pid, conn = decoder
+        ticks = cpu_ticks(pid)
+        while not conn.poll(DECODER_PATIENCE_S):
+            ticks, before = cpu_ticks(pid), ticks
+            if ticks is None or ticks == before:
+                raise DecoderHung(f"no answer and no CPU used for {DECODER_PATIENCE_S:g} s")
+        return conn.recv()
 
     def _checkout(self) -> tuple | None:
         while self._alive:
@@ -3021,26 +3057,35 @@ class Decoders:
                 continue  # all busy; or the last ones died meanwhile
         return None
 
-    def _lost(self, decoder: tuple) -> None:
+    def _lost(self, decoder: tuple, exc: Exception) -> None:
         pid, conn = decoder
         conn.close()
         with self._alive_lock:
-            self._alive -= 1
-            alive = self._alive
+            if self._alive.pop(pid, None) is None:
+                return  # close() ended it
+            alive = len(self._alive)
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # a decoder whose pipe failed is of no more use
-        log.error("a decoder process (pid %d) ended (%s); %s", pid, reap(pid),
+            os.kill(pid, signal.SIGKILL)  # a decoder whose pipe failed, or that hung, is of no more use
+        hung = f"it hung ({exc}) and was killed: " if isinstance(exc, (DecoderHung, BlockingIOError)) else ""
+        log.error("a decoder process (pid %d) ended (%s%s); %s", pid, hung, reap(pid),
                   f"{alive} left" if alive else "exports are decoded in the server from now on")
 
     def close(self) -> None:
-        """End the decoders: each ends when its pipe closes."""
+        """End the decoders: the idle ones end when their pipe closes; the others (busy with an export that
+        outlived the shutdown) and any that does not end at once (stopped, say) are killed: they hold nothing
+        to finish, and shutdown never waits on one."""
+        with self._alive_lock:
+            decoders, self._alive = self._alive, {}
         while True:
             try:
-                pid, conn = self._idle.get_nowait()
+                self._idle.get_nowait()[1].close()
             except queue.Empty:
-                return
-            conn.close()
-            reap(pid)
+                break
+        for pid in decoders:
+            with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored by whoever started us: reaped already
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):  # not ended yet
+                    os.kill(pid, signal.SIGKILL)
+                    reap(pid)
 
 
 def reap(pid: int) -> str:

@@ -1894,6 +1894,65 @@ def test_records_without_any_time_count_once_however_often_sent(server):
     assert db_rows(server.db, "SELECT COUNT(*), SUM(value) FROM mp") == [(2, 7.0)]
 
 
+@contextlib.contextmanager
+def stopped(pids: list[int]):
+    """These decoders stopped (SIGSTOP) meanwhile; those still alive after are let go on (SIGCONT), never left
+    stopped."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            if not has_ended(pid):
+                os.kill(pid, signal.SIGCONT)
+
+
+def test_a_stopped_decoder_is_killed_and_its_export_decoded_in_the_server(tmp_path):
+    """Issue #22: with the last decoder stopped (SIGSTOP), every export waited for its deadline. A decoder that
+    answers nothing and uses no CPU for DECODER_PATIENCE_S is killed, and the server decodes the export."""
+    srv = ServerProcess(tmp_path).start()
+    decoders = decoder_pids(srv)
+    try:
+        with stopped(decoders):
+            for seq in range(len(decoders) + 2):  # one export per decoder finds it hung; the rest go to the server
+                answer = srv.logs_stub().Export(logs_request([("api_request", api_request(
+                    seq, hours_ago(1), input_tokens=10 ** seq))]), timeout=3 * ccmon.DECODER_PATIENCE_S)
+                assert not answer.HasField("partial_success")
+            assert all(has_ended(pid) for pid in decoders) and decoder_pids(srv) == []
+        assert stats(srv).total_tokens.input == int("1" * (len(decoders) + 2))
+        for pid in decoders:
+            assert f"a decoder process (pid {pid}) ended (it hung (no answer and no CPU used for " \
+                   f"{ccmon.DECODER_PATIENCE_S:g} s) and was killed: killed by SIGKILL)" in srv.log
+        assert srv.log.count("exports are decoded in the server from now on") == 1
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_sigterm_ends_the_server_at_once_while_a_decoder_is_stopped(tmp_path, busy):
+    """Issue #22: with one of the decoders stopped, the server logged "stopped; database closed" and did not
+    exit until the decoder went on. Stopped idle, or stopped while it decodes an export in flight."""
+    srv = ServerProcess(tmp_path).start()
+    decoders = decoder_pids(srv)
+    try:
+        with stopped(decoders if busy else decoders[:1]):
+            if busy:  # an export in flight: the server has written it to a (stopped) decoder's pipe
+                request = logs_request([("api_request", api_request(1, hours_ago(1), input_tokens=5))])
+                written = lambda: int(re.search(r"wchar: (\d+)", Path(f"/proc/{srv.proc.pid}/io").read_text())[1])
+                before, call = written(), srv.logs_stub().Export.future(request, timeout=30)
+                wait_until(lambda: written() - before >= request.ByteSize(), "the export sent to a decoder")
+            srv.proc.send_signal(signal.SIGTERM)
+            assert srv.proc.wait(10) == 0
+            if busy:
+                assert not call.result().HasField("partial_success")  # decoded in the server in time
+        assert all(has_ended(pid) for pid in decoders)
+        assert "stopped; database closed" in srv.log
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop(signal.SIGKILL)
+
+
 # ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
 def http_post(port: int, path: str = "/v1/logs", body: bytes = b"", headers: dict | None = None,
