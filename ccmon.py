@@ -2474,8 +2474,10 @@ REQUEST_COLUMNS_KEYS = {"event.name", "event.timestamp", "event.sequence", "sess
                         "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                         "cost_usd", "cost_usd_micros", "duration_ms", "ttft_ms", "prompt.id", "request_id"}
 EVENT_COLUMNS_KEYS = {"event.name", "event.timestamp", "session.id", "prompt.id"}
-# Caps per record: what is over them is rejected (partial_success), never stored or crashed on.
+# An export with more records (or data points) is refused whole, before it is parsed: parsing materialises
+# every record, and 16 MiB of empty ones (2 bytes each) took a decoder to 1.15 GB. The SDKs send 512 at a time.
 MAX_RECORDS_PER_EXPORT = 100_000
+# Caps per record: what is over them is rejected (partial_success), never stored or crashed on.
 WRITE_CHUNK_ROWS = 5_000  # rows decoded and stored at a time: a big export never holds all its rows at once
 MAX_ATTRIBUTES = 1024
 MAX_VALUE_CHARS = 1024 * 1024
@@ -2733,8 +2735,8 @@ class LogsIngest:
             for scope_logs in resource_logs.scope_logs:
                 for record in scope_logs.log_records:
                     rejected.total += 1
-                    if resource_problem or rejected.total > MAX_RECORDS_PER_EXPORT:
-                        rejected.add(resource_problem or f"more than {MAX_RECORDS_PER_EXPORT} records in one export")
+                    if resource_problem:
+                        rejected.add(resource_problem)
                         continue
                     self._decode_record(record, resource, resource_json, received, batch, rejected)
                     if len(batch) == WRITE_CHUNK_ROWS:
@@ -2806,9 +2808,6 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
                         value = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
                     else:
                         value = point.sum
-                    if rejected.total > MAX_RECORDS_PER_EXPORT:
-                        rejected.add(f"more than {MAX_RECORDS_PER_EXPORT} data points in one export")
-                        continue
                     if not math.isfinite(value) or value < 0 or value >= MAX_COUNT:
                         rejected.add(f"{metric.name}: value {value!r} is not a number from 0 to {MAX_COUNT:.0e}")
                         continue
@@ -2883,7 +2882,75 @@ class HeapTrimmer:
 
 
 class BadExport(Exception):
-    """An export that is not a valid OTLP protobuf message: refused whole (INVALID_ARGUMENT, HTTP 400)."""
+    """An export that is not a valid OTLP protobuf message, or has more than MAX_RECORDS_PER_EXPORT records:
+    refused whole (INVALID_ARGUMENT, HTTP 400)."""
+
+
+# Where an export's records are: the protobuf field numbers leading to them from the top (logs: resource_logs,
+# scope_logs, log_records; metrics: resource_metrics, scope_metrics, metrics, its data of any kind, data_points).
+RECORD_FIELDS = {"logs": ((1,), (2,), (2,)), "metrics": ((1,), (2,), (2,), (5, 7, 9, 10, 11), (1,))}
+EMPTY_RECORD_BYTES = 2  # a record's tag and length: an export of n bytes has at most n / 2 records
+
+
+def check_record_count(kind: str, data: bytes) -> None:
+    """BadExport when the serialized export has more than MAX_RECORDS_PER_EXPORT records, counted on the wire
+    format, up to one more than that, without parsing any record."""
+    if len(data) <= EMPTY_RECORD_BYTES * MAX_RECORDS_PER_EXPORT:
+        return
+    path, view, count = RECORD_FIELDS[kind], memoryview(data), 0
+
+    def walk(start: int, end: int, depth: int) -> None:
+        nonlocal count
+        for field, field_start, field_end in length_delimited_fields(view, start, end):
+            if field in path[depth]:
+                if depth + 1 < len(path):
+                    walk(field_start, field_end, depth + 1)
+                    continue
+                count += 1
+                if count > MAX_RECORDS_PER_EXPORT:
+                    raise BadExport(f"over {MAX_RECORDS_PER_EXPORT} {EXPORT_ITEMS[kind]} in one export (ccmon takes "
+                                    f"at most {MAX_RECORDS_PER_EXPORT} at a time)")
+
+    walk(0, len(data), 0)
+
+
+def length_delimited_fields(data: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the message in data[start:end], the others
+    skipped; BadExport for what is not protobuf's wire format."""
+    position = start
+    try:
+        while position < end:
+            key, position = wire_varint(data, position)
+            wire_type = key & 7
+            if wire_type == 2:
+                length, position = wire_varint(data, position)
+                if position + length > end:
+                    raise IndexError
+                yield key >> 3, position, position + length
+                position += length
+            elif wire_type == 0:
+                position = wire_varint(data, position)[1]
+            elif wire_type in (1, 5):
+                position += 8 if wire_type == 1 else 4
+            else:
+                raise IndexError  # groups (3, 4) are not in proto3, nor OTLP; 6 and 7 are not wire types
+        if position > end:
+            raise IndexError
+    except IndexError:
+        raise BadExport("not valid OTLP protobuf: a field runs past its message") from None
+
+
+def wire_varint(data: memoryview, position: int) -> tuple[int, int]:
+    """The varint at `position`, and the position after it; IndexError past the data or ten bytes."""
+    value = shift = 0
+    while shift < 70:
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        if byte < 0x80:
+            return value, position
+        shift += 7
+    raise IndexError
 
 
 class DecoderFailure(Exception):
@@ -2921,6 +2988,7 @@ DECODER_PATIENCE_S = 2.0
 
 def export_batches(kind: str, data: bytes, rejected: Rejections, ingest: LogsIngest) -> Iterator[Batch]:
     """The rows of a serialized export of `kind` (logs, metrics), WRITE_CHUNK_ROWS at a time."""
+    check_record_count(kind, data)
     try:
         request = EXPORT_MESSAGES[kind].FromString(data)
     except DecodeError as exc:
@@ -3620,16 +3688,62 @@ def hex_ids_to_base64(node: Any) -> Any:
     return node
 
 
+# json.loads makes an object of each JSON value, 37 to 62 bytes each (measured: 16 MiB of empty records took the
+# server to 1.24 GB); past this many (strings, objects, arrays, and what commas separate), a body is refused
+# before it is parsed. Claude Code's records take about 150 each: 16 MiB of them, the default size limit, 2.2
+# million, which json.loads holds in 135 MB.
+MAX_JSON_VALUES = 2_500_000
+# A JSON string; one left open runs to the end of the body, so that no quote starts a search of the rest (which
+# made 16 MiB of '"\\' take hours).
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+# Where an OTLP/JSON document's records are (protobuf's JSON parser takes either spelling of a field's name);
+# checked against MAX_RECORDS_PER_EXPORT before the parser makes a message of each.
+JSON_RECORD_KEYS = {
+    logs_service_pb2.ExportLogsServiceRequest: (("resourceLogs", "resource_logs"), ("scopeLogs", "scope_logs"),
+                                               ("logRecords", "log_records")),
+    metrics_service_pb2.ExportMetricsServiceRequest: (
+        ("resourceMetrics", "resource_metrics"), ("scopeMetrics", "scope_metrics"), ("metrics",),
+        ("gauge", "sum", "histogram", "exponentialHistogram", "exponential_histogram", "summary"),
+        ("dataPoints", "data_points")),
+    trace_service_pb2.ExportTraceServiceRequest: (("resourceSpans", "resource_spans"), ("scopeSpans", "scope_spans"),
+                                                 ("spans",))}
+
+
+def json_values(body: bytes) -> int:
+    """About how many values json.loads would make of `body` (an upper bound), counted without parsing it."""
+    unquoted, strings = JSON_STRING.subn(b"", body)
+    return strings + unquoted.count(b"{") + unquoted.count(b"[") + unquoted.count(b",") + 1
+
+
+def json_records(node: Any, path: tuple[tuple[str, ...], ...]) -> int:
+    """How many records a parsed OTLP/JSON document has along `path` (see JSON_RECORD_KEYS); where its shape is
+    not OTLP's, what is found (the parser then says what is wrong)."""
+    if not isinstance(node, dict):
+        return 0
+    total = 0
+    for key in path[0]:
+        value = node.get(key)
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        total += len(items) if len(path) == 1 else sum(json_records(item, path[1:]) for item in items)
+    return total
+
+
 def protobuf_body(body: bytes, content_type: str, message_type) -> bytes:
     """The export as serialized protobuf, which the decoders take: an OTLP/JSON body is converted here."""
     if content_type != JSON:
         return body
+    if json_values(body) > MAX_JSON_VALUES:
+        raise HTTPFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"body has over {MAX_JSON_VALUES} JSON values "
+                          f"(ccmon takes at most {MAX_JSON_VALUES} in one OTLP/JSON export)")
     message = message_type()
     try:
         document = json.loads(body)
         if not isinstance(document, dict):
             raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT,
                               "body is not valid OTLP/JSON: the top level is not an object")
+        if json_records(document, JSON_RECORD_KEYS[message_type]) > MAX_RECORDS_PER_EXPORT:
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"body has over {MAX_RECORDS_PER_EXPORT} "
+                              f"records (ccmon takes at most {MAX_RECORDS_PER_EXPORT} in one export)")
         json_format.ParseDict(hex_ids_to_base64(document), message, ignore_unknown_fields=True)
     except HTTPFailure:
         raise

@@ -1953,6 +1953,72 @@ def test_sigterm_ends_the_server_at_once_while_a_decoder_is_stopped(tmp_path, bu
             srv.stop(signal.SIGKILL)
 
 
+def length_delimited(field: int, payload: bytes) -> bytes:
+    """A protobuf length-delimited field, as its bytes on the wire."""
+    length, size = bytearray(), len(payload)
+    while True:
+        length.append(size & 0x7F | (0x80 if size > 0x7F else 0))
+        size >>= 7
+        if not size:
+            return bytes([field << 3 | 2]) + bytes(length) + payload
+
+
+def test_exports_of_millions_of_empty_records_are_refused_before_parsing(tmp_path):
+    """Issue #22: 16 MiB of empty records (5.6 million in OTLP/JSON, 8.4 million in protobuf) took the server to
+    1.24 GB (3.5 GB for three at once) and a decoder to 1.15 GB. An export has at most MAX_RECORDS_PER_EXPORT
+    records, counted on the wire before parsing, and an OTLP/JSON body at most MAX_JSON_VALUES values, counted
+    before json.loads: every process stays under the 250 MB the docs promise."""
+    limit, most = 16 * 1024 * 1024, ccmon.MAX_RECORDS_PER_EXPORT
+    empty_json = b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[' + b",".join([b"{}"] * ((limit - 64) // 3)) + \
+        b"]}]}]}"
+    fewer_json = b'{"resource_logs":[{"scope_logs":[{"log_records":[' + b",".join([b"{}"] * (most + 1)) + b"]}]}]}"
+    empty_protobuf = length_delimited(1, length_delimited(2, b"\x12\x00" * ((limit - 16) // 2)))
+    assert len(empty_json) <= limit and len(empty_protobuf) <= limit
+    one_over = export_of([logs_pb2.LogRecord(body=any_value("claude_code.user_prompt"))] * (most + 1))
+    points = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+        scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(name="m", gauge=metrics_pb2.Gauge(
+            data_points=[metrics_pb2.NumberDataPoint()] * (most + 1)))])])])
+    srv = ServerProcess(tmp_path).start()
+    try:
+        processes = [srv.proc.pid, *decoder_pids(srv)]
+        for export, items in ((srv.logs_stub().Export, "log records"), (metrics_service_pb2_grpc.MetricsServiceStub(
+                grpc.insecure_channel(srv.target)).Export, "data points")):
+            with pytest.raises(grpc.RpcError) as refused:
+                export(one_over if items == "log records" else points, timeout=60)
+            assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, (
+                f"over {most} {items} in one export (ccmon takes at most {most} at a time)"))
+        answers = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, http_post(
+            srv.http_port, body=empty_json, headers={"Content-Type": "application/json"}))) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for response, data in answers:
+            assert (response.status, status_of(data, as_json=True)) == (413, (8, (
+                f"body has over {ccmon.MAX_JSON_VALUES} JSON values (ccmon takes at most {ccmon.MAX_JSON_VALUES} "
+                "in one OTLP/JSON export)")))
+        response, data = http_post(srv.http_port, body=fewer_json, headers={"Content-Type": "application/json"})
+        assert (response.status, status_of(data, as_json=True)) == (400, (3, (
+            f"body has over {most} records (ccmon takes at most {most} in one export)")))
+        response, data = http_post(srv.http_port, body=empty_protobuf)
+        assert (response.status, status_of(data)) == (400, (3, (
+            f"body is over {most} log records in one export (ccmon takes at most {most} at a time)")))
+        for pid in processes:
+            assert process_rss_kib(pid) < 250 * 1024, "the peak (VmHWM)"
+        assert stats(srv).total_requests == 0 and db_rows(srv.db, "SELECT COUNT(*) FROM events") == [(0,)]
+    finally:
+        srv.stop()
+
+
+def test_json_values_are_counted_without_parsing():
+    """What json_values counts: strings (quotes inside them, escaped or not, count for nothing), objects, arrays,
+    and what commas separate; a string left open ends the body, as does its count."""
+    assert ccmon.json_values(json.dumps({"a": ['x\\"y', 1, {"b": "c,{[", "d": [True, None]}]}).encode()) == 14
+    assert ccmon.json_values(b'"\\' * 1000) == 2 and ccmon.json_values(b'{"a":"open, {[') == 4
+    assert ccmon.json_values(b",".join([b"{}"] * 1000)) == 2000
+
+
 # ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
 def http_post(port: int, path: str = "/v1/logs", body: bytes = b"", headers: dict | None = None,
