@@ -1584,6 +1584,19 @@ class Batch:
         return len(self.requests) + len(self.events) + len(self.metrics)
 
 
+# What one api_request, or one metric data point as usage, can claim. A context window holds at most a million
+# tokens, and the dearest call yet (a million tokens in, 128k out, at the dearest prices, $30 and $150 per
+# million) costs about $50: the caps leave a thousand times that in tokens, twenty in cost; Claude Code gives up
+# on a call after minutes, and sends its metric points every minute. The caps are what keeps sums exact in
+# SQLite's int64 (9.22e18): at the caps, a sum of costs (1e12 nano-dollars each) reaches it only past 9.2
+# million records ($9.2 billion) in one query's range or rollup row, one of tokens (4e9 per record, all kinds)
+# past 2.3 billion, one of durations (8.64e7 ms) past 1e11; at Claude Code's real figures ($0.05, 50k tokens a
+# call) a hundred thousand times later still.
+MAX_REQUEST_TOKENS = 10 ** 9  # of each kind
+MAX_REQUEST_USD = 1_000
+MAX_REQUEST_MS = DAY_MS       # duration_ms and ttft_ms
+TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")
+
 # Metric data points that are usage: (metric name, its `type` attribute) -> the requests column they add to.
 METRIC_USAGE_FIELDS = {("claude_code.cost.usage", None): "cost_nanos",
                        ("claude_code.token.usage", "input"): "input_tokens",
@@ -1906,6 +1919,8 @@ class Writer:
             figures[field] = parse_usd_nanos(value, "cost") if field == "cost_nanos" else parse_count(round(value), field)
         except BadValue:
             return []  # stored as a point, too large to be usage
+        if figures[field] > (MAX_REQUEST_USD * NANOS_PER_USD if field == "cost_nanos" else MAX_REQUEST_TOKENS):
+            return []  # the same: more than usage can be in one point (see MAX_REQUEST_TOKENS)
         row = {"ts": point["ts"], "session": point["session"], "seq": point["seq"],
                "model": self._intern(conn, "models", "name", point["model"] or "unknown"), "user": point["user"],
                **figures, "ttft_ms": None, "prompt_id": None, "request_id": None, "source": point["source"],
@@ -2482,17 +2497,6 @@ WRITE_CHUNK_ROWS = 5_000  # rows decoded and stored at a time: a big export neve
 MAX_ATTRIBUTES = 1024
 MAX_VALUE_CHARS = 1024 * 1024
 MAX_DEPTH = 8
-# What one api_request can claim. A context window holds at most a million tokens, and the dearest call yet (a
-# million tokens in, 128k out, at the dearest prices, $30 and $150 per million) costs about $50: the caps leave
-# a thousand and twenty times that; Claude Code gives up on a call after minutes. They are what keeps sums exact
-# in SQLite's int64 (9.22e18): at the caps, a sum of costs (1e12 nano-dollars each) reaches it only past 9.2
-# million records ($9.2 billion) in one query's range or rollup row, one of tokens (4e9 per record, all kinds)
-# past 2.3 billion, one of durations (8.64e7 ms) past 1e11; at Claude Code's real figures ($0.05, 50k tokens a
-# call) a hundred thousand times later still.
-MAX_REQUEST_TOKENS = 10 ** 9  # of each kind
-MAX_REQUEST_USD = 1_000
-MAX_REQUEST_MS = DAY_MS       # duration_ms and ttft_ms
-TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")
 SCALAR_KINDS = ("string_value", "int_value", "double_value", "bool_value")
 # Attributes ccmon reads as text (ids and names): a number or a boolean is taken as its text, but an array, a
 # key-value list or bytes names nothing, and its record is rejected. "type" is read on metric data points.

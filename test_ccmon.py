@@ -1869,6 +1869,28 @@ def test_one_record_cannot_claim_more_than_an_api_call_and_sums_stay_exact(serve
     assert db_rows(server.db, "SELECT typeof(SUM(cost_nanos)) FROM usage_rollup") == [("integer",)]
 
 
+def test_a_metric_point_counts_as_usage_only_up_to_what_a_call_can_claim(server):
+    """As for api_request records (issue #22): 20,000 cost points of $999,999 each would overflow the quarter
+    hour's sum; points over MAX_REQUEST_USD are stored as points, not counted as usage."""
+    quarter = (ccmon.now_ms() - 3 * ccmon.HOUR_MS) // ccmon.BUCKET_MS * ccmon.BUCKET_MS
+    stub = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target))
+
+    def export(count: int, value: float) -> None:
+        stub.Export(metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+            scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
+                name="claude_code.cost.usage", sum=metrics_pb2.Sum(aggregation_temporality=1, data_points=[
+                    metrics_pb2.NumberDataPoint(
+                        as_double=value, time_unix_nano=(quarter + 7 * 60_000) * 10 ** 6 + i,
+                        start_time_unix_nano=quarter * 10 ** 6 + i, attributes=[common_pb2.KeyValue(
+                            key="session.id", value=any_value("metrics-only"))]) for i in range(count)]))])])]),
+            timeout=120)
+
+    export(20_000, 999999.0)
+    export(3, float(ccmon.MAX_REQUEST_USD))
+    assert db_rows(server.db, "SELECT COUNT(*) FROM mp") == [(20_003,)]
+    figures = stats(server, start=ccmon.iso_from_ms(quarter + 60_000))
+    assert (figures.total_requests, figures.total_cost.amount) == (0, 3 * ccmon.MAX_REQUEST_USD)
+
 def test_records_without_any_time_count_once_however_often_sent(server):
     """Issue #22: records with no event.timestamp, no time and no observed time are stored at the time received;
     50 sent three times were 150. Their content is their identity: a re-send counts once, a different record
