@@ -2691,6 +2691,7 @@ class Rejections:
 
     def __init__(self, what: str):
         self.what, self.total, self.count, self.reasons, self.dated_ahead = what, 0, 0, [], 0
+        self.failures = 0  # records ccmon failed on (its own bug): logged with a traceback once per export
 
     def add(self, reason: str) -> None:
         self.count += 1
@@ -2742,7 +2743,13 @@ class LogsIngest:
                     if resource_problem:
                         rejected.add(resource_problem)
                         continue
-                    self._decode_record(record, resource, resource_json, received, batch, rejected)
+                    try:
+                        self._decode_record(record, resource, resource_json, received, batch, rejected)
+                    except Exception as exc:  # a bug of ccmon's costs the record it met, never the export
+                        if not rejected.failures:
+                            log.exception("decoding a log record failed")
+                        rejected.failures += 1
+                        rejected.add(f"log record: ccmon failed to decode it ({type(exc).__name__}: {exc})"[:300])
                     if len(batch) == WRITE_CHUNK_ROWS:
                         yield batch
                         batch = Batch()

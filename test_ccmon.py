@@ -1836,6 +1836,26 @@ def test_a_record_with_an_array_user_id_costs_only_itself_over_grpc_and_http(ser
     assert "Traceback" not in server.log and "a decoder failed" not in server.log
 
 
+def test_a_record_ccmon_fails_on_costs_only_itself(tmp_path, monkeypatch):
+    """Should decoding a record meet a bug of ccmon's (as user.id arrays did, in issue #22), that record is
+    rejected with what went wrong, and the records beside it are stored."""
+    decode = ccmon.request_row
+
+    def buggy(attrs: dict, *args):
+        if attrs["session.id"] == "bug":
+            raise KeyError("a bug")
+        return decode(attrs, *args)
+
+    monkeypatch.setattr(ccmon, "request_row", buggy)
+    receiver, when = ccmon.Receiver(ccmon.Writer(tmp_path / "ccmon.db")), hours_ago(1)
+    answer = receiver.logs(logs_request([("api_request", api_request(seq, when, session=session, input_tokens=seq))
+                                         for seq, session in ((1, "good"), (2, "bug"), (3, "good"))])
+                           .SerializeToString())
+    assert (answer.partial_success.rejected_log_records, answer.partial_success.error_message) == \
+        (1, "rejected 1 of 3 log records: log record: ccmon failed to decode it (KeyError: 'a bug')")
+    assert db_rows(tmp_path / "ccmon.db", "SELECT session_id, input_tokens FROM r ORDER BY seq") == \
+        [("good", 1), ("good", 3)]
+
 def test_one_record_cannot_claim_more_than_an_api_call_and_sums_stay_exact(server):
     """Issue #22: 20,000 records of 10^12-1 tokens and $999,999 each made the quarter hour's cost_nanos a float
     past int64, and GetStats from inside that quarter hour UNAVAILABLE for good. Such records are rejected;
