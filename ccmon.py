@@ -2492,8 +2492,8 @@ EVENT_COLUMNS_KEYS = {"event.name", "event.timestamp", "session.id", "prompt.id"
 # An export with more records (or data points) is refused whole, before it is parsed: parsing materialises
 # every record, and 16 MiB of empty ones (2 bytes each) took a decoder to 1.15 GB. The SDKs send 512 at a time.
 MAX_RECORDS_PER_EXPORT = 100_000
-# Caps per record: what is over them is rejected (partial_success), never stored or crashed on.
 WRITE_CHUNK_ROWS = 5_000  # rows decoded and stored at a time: a big export never holds all its rows at once
+# Caps per record: what is over them is rejected (partial_success), never stored or crashed on.
 MAX_ATTRIBUTES = 1024
 MAX_VALUE_CHARS = 1024 * 1024
 MAX_DEPTH = 8
