@@ -1971,12 +1971,20 @@ def test_a_stopped_decoder_is_killed_and_its_export_decoded_in_the_server(tmp_pa
         srv.stop()
 
 
+def caught_signals(pid: int) -> set[int]:
+    """The signals the process has handlers for (SigCgt in /proc/PID/status)."""
+    mask = int(re.search(r"SigCgt:\s+([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text())[1], 16)
+    return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+
+
 @pytest.mark.parametrize("busy", [False, True])
 def test_sigterm_ends_the_server_at_once_while_a_decoder_is_stopped(tmp_path, busy):
     """Issue #22: with one of the decoders stopped, the server logged "stopped; database closed" and did not
     exit until the decoder went on. Stopped idle, or stopped while it decodes an export in flight."""
     srv = ServerProcess(tmp_path).start()
     decoders = decoder_pids(srv)
+    wait_until(lambda: signal.SIGTERM in caught_signals(srv.proc.pid), "the server's SIGTERM handler (installed "
+               "after its ready line)")
     try:
         with stopped(decoders if busy else decoders[:1]):
             if busy:  # an export in flight: the server has written it to a (stopped) decoder's pipe
