@@ -2582,14 +2582,20 @@ def record_key(attrs: dict, record, undated: bool) -> tuple[str, int]:
     """The de-duplication key besides the timestamp: (session.id, event.sequence), or a negative hash
     of the whole record where Claude Code's sequence number is missing or the record has no time (see
     UNDATED_SEQ)."""
-    session, sequence = attrs.get("session.id", ""), attrs.get("event.sequence")
+    session, sequence = session_of(attrs), attrs.get("event.sequence")
     if undated:
-        return str(session), content_hash(record.SerializeToString(deterministic=True), UNDATED_SEQ)
+        return session, content_hash(record.SerializeToString(deterministic=True), UNDATED_SEQ)
     if type(sequence) is int and 0 <= sequence < 2 ** 62:
-        return str(session), sequence
+        return session, sequence
     if isinstance(sequence, str) and sequence.isdigit() and len(sequence) < 18:
-        return str(session), int(sequence)
-    return str(session), content_hash(record.SerializeToString(deterministic=True))
+        return session, int(sequence)
+    return session, content_hash(record.SerializeToString(deterministic=True))
+
+
+def session_of(attrs: dict) -> str:
+    """session.id as text: '' when absent or unset (an AnyValue of no kind), never 'None'."""
+    session = attrs.get("session.id")
+    return "" if session is None else str(session)
 
 
 def content_hash(data: bytes, top: int = -1) -> int:
@@ -2767,7 +2773,7 @@ class LogsIngest:
             return
         source = self.sources.json(resource_json, attrs)
         user = user_name(attrs, resource)
-        project, session = resource_project(resource), str(attrs.get("session.id", ""))
+        project, session = resource_project(resource), session_of(attrs)
         if project and session:
             batch.projects[session] = project
         ms = record_time_ms(attrs, record)
@@ -2838,7 +2844,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
                     if original:
                         rest[ORIGINAL_TIME_KEY] = original
                         rejected.dated_ahead += 1
-                    session = str(attrs.get("session.id", ""))
+                    session = session_of(attrs)
                     if project and session:
                         projects[session] = project
                     rows.append((ts, point.start_time_unix_nano // 1_000_000 or None,

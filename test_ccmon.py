@@ -1758,7 +1758,7 @@ def test_any_value_of_any_kind_in_any_attribute_read_costs_at_most_its_own_recor
     """One attribute of an unexpected kind (user.id as an empty array used to fail the whole export in the
     decoder's memo) is taken as text, or rejects its record with a reason naming it: never the export, never
     the good record beside it; and every JSON stored stays readable by SQLite's json functions."""
-    from hypothesis import HealthCheck, given, settings, strategies as st
+    from hypothesis import HealthCheck, example, given, settings, strategies as st
     receiver, when, numbers = ccmon.Receiver(ccmon.Writer(tmp_path / "fuzz.db")), hours_ago(1), iter(range(10 ** 6))
     where = st.one_of(st.tuples(st.just("record"), st.sampled_from(RECORD_KEYS)),
                       st.tuples(st.just("resource"), st.sampled_from(RESOURCE_KEYS)),
@@ -1769,6 +1769,8 @@ def test_any_value_of_any_kind_in_any_attribute_read_costs_at_most_its_own_recor
 
     @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(where, every_any_value_kind(), st.sampled_from(["api_request", "tool_result"]))
+    @example(("record", "session.id"), common_pb2.AnyValue(), "api_request")  # unset: no session, not 'None'
+    @example(("record", "user.id"), common_pb2.AnyValue(array_value=common_pb2.ArrayValue()), "api_request")
     def check(place, value, name):
         (part, key), n = place, next(numbers)
         if part == "point":
@@ -1799,6 +1801,12 @@ def test_any_value_of_any_kind_in_any_attribute_read_costs_at_most_its_own_recor
             good = db_rows(tmp_path / "fuzz.db", "SELECT input_tokens FROM r WHERE session_id = ?", (f"good-{n}",))
             if part == "record":
                 assert good == [(7,)]
+            if part == "record" and key in ("session.id", "model") and name == "api_request" and not rejected:
+                kind = value.WhichOneof("value")  # a scalar (others are rejected): stored as its text
+                text = "" if kind is None else str(getattr(value, kind))
+                column = "session_id" if key == "session.id" else "model_name"
+                assert db_rows(tmp_path / "fuzz.db", f"SELECT {column} FROM r WHERE session_id != ? AND seq = ?",
+                               (f"good-{n}", n)) == [(text or "unknown" if key == "model" else text,)]
         records = 2 if part == "resource" else 1  # a resource's attribute is every record's
         assert (rejected, stored) in ((0, 2), (records, 2 - records))
         if rejected:
