@@ -50,6 +50,7 @@ import re
 import signal
 import socket
 import sqlite3
+import struct
 import ssl
 import sys
 import threading
@@ -1752,6 +1753,12 @@ READING_COLUMNS = ("ts", "session", "project", "model", "context_percent", "five
 RETENTION_TABLES = ("requests", "events", "metric_points", "limit_readings")
 SWEEP_CHUNK = 5000
 COPY_WINDOW_MS = 10 * 60_000  # a telemetry event and the transcript line of the same answer are this close
+# A record with no time at all is stored at the time received, where a re-send of it would be a new key (ts,
+# session, seq). Ingestion gives it a seq at or below UNDATED_SEQ, a hash of its content, and the writer skips it
+# when its session has that seq among rows stored up to RESEND_WINDOW_MS before (exporters retry for a minute
+# or so; a collector's queue may hold an export for hours).
+UNDATED_SEQ = -(2 ** 62) - 1
+RESEND_WINDOW_MS = DAY_MS
 
 
 @dataclasses.dataclass
@@ -1765,6 +1772,19 @@ class Batch:
     def __len__(self) -> int:
         return len(self.requests) + len(self.events) + len(self.metrics)
 
+
+# What one api_request, or one metric data point as usage, can claim. A context window holds at most a million
+# tokens, and the dearest call yet (a million tokens in, 128k out, at the dearest prices, $30 and $150 per
+# million) costs about $50: the caps leave a thousand times that in tokens, twenty in cost; Claude Code gives up
+# on a call after minutes, and sends its metric points every minute. The caps are what keeps sums exact in
+# SQLite's int64 (9.22e18): at the caps, a sum of costs (1e12 nano-dollars each) reaches it only past 9.2
+# million records ($9.2 billion) in one query's range or rollup row, one of tokens (4e9 per record, all kinds)
+# past 2.3 billion, one of durations (8.64e7 ms) past 1e11; at Claude Code's real figures ($0.05, 50k tokens a
+# call) a hundred thousand times later still.
+MAX_REQUEST_TOKENS = 10 ** 9  # of each kind
+MAX_REQUEST_USD = 1_000
+MAX_REQUEST_MS = DAY_MS       # duration_ms and ttft_ms
+TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")
 
 # Metric data points that are usage: (metric name, its `type` attribute) -> the requests column they add to.
 METRIC_USAGE_FIELDS = {("claude_code.cost.usage", None): "cost_nanos",
@@ -1980,7 +2000,8 @@ class Writer:
     def _insert(self, conn: sqlite3.Connection, batch: Batch) -> int:
         new, days = 0, set()
         if batch.requests:
-            requests = self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests)
+            requests = self._not_resent(conn, "requests", REQUEST_COLUMNS,
+                                        self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests))
             replaced = replaced_by(ORIGIN_EVENT)
             usage = f"DELETE FROM requests WHERE session = ? AND {origin_in(replaced - REQUEST_ORIGINS)} RETURNING ts"
             for session in {row[1] for row in requests}:  # api_request events win over metric-derived usage
@@ -1997,10 +2018,12 @@ class Writer:
             new += conn.executemany(insert_sql("requests", REQUEST_COLUMNS), requests).rowcount
             days.update(row[0] - row[0] % DAY_MS for row in requests)
         if batch.events:
+            events = self._resolve(conn, "events", EVENT_COLUMNS, batch.events)
             new += conn.executemany(insert_sql("events", EVENT_COLUMNS),
-                                    self._resolve(conn, "events", EVENT_COLUMNS, batch.events)).rowcount
+                                    self._not_resent(conn, "events", EVENT_COLUMNS, events)).rowcount
         if batch.metrics:
-            for row in self._resolve(conn, "metric_points", METRIC_COLUMNS, batch.metrics):
+            metrics = self._resolve(conn, "metric_points", METRIC_COLUMNS, batch.metrics)
+            for row in self._not_resent(conn, "metric_points", METRIC_COLUMNS, metrics):
                 if conn.execute(insert_sql("metric_points", METRIC_COLUMNS), row).rowcount:  # new, not a resend
                     new += 1
                     days.update(self._usage_from_metric(conn, dict(zip(METRIC_COLUMNS, row))))
@@ -2009,6 +2032,17 @@ class Writer:
                          (project, session, project))
         self._refresh_days(conn, days)
         return new
+
+    @staticmethod
+    def _not_resent(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple]) -> list[tuple]:
+        """`rows` less the undated ones their session has stored already (see UNDATED_SEQ); the name narrows
+        the search to a metric series (its index is session, name, ts)."""
+        ts, session, seq, name = (columns.index(c) if c in columns else None for c in ("ts", "session", "seq", "name"))
+        sql = f"SELECT 1 FROM {table} WHERE session = ? AND ts BETWEEN ? AND ? AND seq = ?" + \
+            (" AND name = ?" if name is not None else "")
+        return [row for row in rows if row[seq] > UNDATED_SEQ or not conn.execute(
+            sql, (row[session], row[ts] - RESEND_WINDOW_MS, row[ts], row[seq],
+                  *([row[name]] if name is not None else []))).fetchone()]
 
     def _has_imported(self, conn: sqlite3.Connection) -> bool:
         """Whether any request was imported from a transcript (the partial index answers at once)."""
@@ -2084,6 +2118,8 @@ class Writer:
             figures[field] = parse_usd_nanos(value, "cost") if field == "cost_nanos" else parse_count(round(value), field)
         except BadValue:
             return []  # stored as a point, too large to be usage
+        if figures[field] > (MAX_REQUEST_USD * NANOS_PER_USD if field == "cost_nanos" else MAX_REQUEST_TOKENS):
+            return []  # the same: more than usage can be in one point (see MAX_REQUEST_TOKENS)
         row = {"ts": point["ts"], "session": point["session"], "seq": point["seq"],
                "model": self._intern(conn, "models", "name", point["model"] or "unknown"), "user": point["user"],
                **figures, "ttft_ms": None, "prompt_id": None, "request_id": None, "source": point["source"],
@@ -2649,13 +2685,20 @@ REQUEST_COLUMNS_KEYS = {"event.name", "event.timestamp", "event.sequence", "sess
                         "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                         "cost_usd", "cost_usd_micros", "duration_ms", "ttft_ms", "prompt.id", "request_id"}
 EVENT_COLUMNS_KEYS = {"event.name", "event.timestamp", "session.id", "prompt.id"}
-# Caps per record: what is over them is rejected (partial_success), never stored or crashed on.
+# An export with more records (or data points) is refused whole, before it is parsed: parsing materialises
+# every record, and 16 MiB of empty ones (2 bytes each) took a decoder to 1.15 GB. The SDKs send 512 at a time.
 MAX_RECORDS_PER_EXPORT = 100_000
 WRITE_CHUNK_ROWS = 5_000  # rows decoded and stored at a time: a big export never holds all its rows at once
+# Caps per record: what is over them is rejected (partial_success), never stored or crashed on.
 MAX_ATTRIBUTES = 1024
 MAX_VALUE_CHARS = 1024 * 1024
 MAX_DEPTH = 8
 SCALAR_KINDS = ("string_value", "int_value", "double_value", "bool_value")
+# Attributes ccmon reads as text (ids and names): a number or a boolean is taken as its text, but an array, a
+# key-value list or bytes names nothing, and its record is rejected. "type" is read on metric data points.
+TEXT_KEYS = (*IDENTITY_KEYS, "session.id", "model", "prompt.id", "request_id")
+POINT_TEXT_KEYS = (*TEXT_KEYS, "type")
+NOT_TEXT = {list: "an array", dict: "a key-value list", bytes: "bytes"}
 # Clocks drift a little; a record dated further ahead than this is stored at the time it was received (a fast
 # clock would otherwise make its session the most recent one for ever), its own time kept under ORIGINAL_TIME_KEY.
 FUTURE_TOLERANCE_MS = 5 * 60_000
@@ -2695,13 +2738,21 @@ def attributes_dict(key_values, depth: int = 0) -> dict[str, Any]:
     return attributes
 
 
-def record_time_ms(attrs: dict, record, received_ms: int) -> int:
-    """event.timestamp, else the record's time, else its observed time, else the time received."""
+def check_text(attrs: dict, keys: tuple[str, ...]) -> None:
+    """BadValue for the first of `keys` whose value is not text (see TEXT_KEYS)."""
+    for key in keys:
+        kind = NOT_TEXT.get(type(attrs.get(key)))
+        if kind:
+            raise BadValue(f"{key} is {kind}, not text")
+
+
+def record_time_ms(attrs: dict, record) -> int | None:
+    """event.timestamp, else the record's time, else its observed time; None when it has none of them."""
     for ms in (parse_iso_ms(attrs.get("event.timestamp")), record.time_unix_nano // 1_000_000,
                record.observed_time_unix_nano // 1_000_000):
         if ms and ms <= MAX_TIMESTAMP_MS:
             return ms
-    return received_ms
+    return None
 
 
 def unless_ahead(ms: int, received_ms: int) -> tuple[int, str | None]:
@@ -2723,19 +2774,29 @@ def event_name(attrs: dict, record) -> str:
     return "log"
 
 
-def record_key(attrs: dict, record) -> tuple[str, int]:
+def record_key(attrs: dict, record, undated: bool) -> tuple[str, int]:
     """The de-duplication key besides the timestamp: (session.id, event.sequence), or a negative hash
-    of the whole record where Claude Code's sequence number is missing."""
-    session, sequence = attrs.get("session.id", ""), attrs.get("event.sequence")
+    of the whole record where Claude Code's sequence number is missing or the record has no time (see
+    UNDATED_SEQ)."""
+    session, sequence = session_id_of(attrs), attrs.get("event.sequence")
+    if undated:
+        return session, content_hash(record.SerializeToString(deterministic=True), UNDATED_SEQ)
     if type(sequence) is int and 0 <= sequence < 2 ** 62:
-        return str(session), sequence
+        return session, sequence
     if isinstance(sequence, str) and sequence.isdigit() and len(sequence) < 18:
-        return str(session), int(sequence)
-    return str(session), content_hash(record.SerializeToString(deterministic=True))
+        return session, int(sequence)
+    return session, content_hash(record.SerializeToString(deterministic=True))
 
 
-def content_hash(data: bytes) -> int:
-    return -1 - (int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 2)
+def session_id_of(attrs: dict) -> str:
+    """session.id as text: '' when absent or unset (an AnyValue of no kind), never 'None'."""
+    session = attrs.get("session.id")
+    return "" if session is None else str(session)
+
+
+def content_hash(data: bytes, top: int = -1) -> int:
+    """A hash of `data` from `top` down, in a range of 2**62."""
+    return top - (int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big") >> 2)
 
 
 def json_default(value: Any) -> str:
@@ -2743,7 +2804,23 @@ def json_default(value: Any) -> str:
 
 
 def compact_json(mapping: dict) -> str | None:
-    return json.dumps(mapping, sort_keys=True, separators=(",", ":"), default=json_default) if mapping else None
+    if not mapping:
+        return None
+    try:
+        return json.dumps(mapping, sort_keys=True, separators=(",", ":"), default=json_default, allow_nan=False)
+    except ValueError:  # a NaN or an infinity: JSON has none, and SQLite's json functions fail on the whole table
+        return json.dumps(finite_json(mapping), sort_keys=True, separators=(",", ":"), default=json_default)
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with each NaN or infinity as its text ('nan', 'inf', '-inf')."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    return value
 
 
 def optional_text(value: Any) -> str | None:
@@ -2773,31 +2850,39 @@ class Sources:
         return self._memo[key]
 
 
-def request_row(attrs: dict, ts: int, source: str | None, user: str, record) -> tuple:
+def request_row(attrs: dict, ts: int, source: str | None, user: str, record, undated: bool) -> tuple:
     """One api_request record as a `requests` row (REQUEST_COLUMNS); raises BadValue for unreadable figures."""
-    counts = [parse_count(attrs.get(key, 0), key) for key in
-              ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")]
-    if "cost_usd" in attrs:
+    counts = [parse_count(attrs.get(key, 0), key) for key in TOKEN_KEYS]
+    for key, count in zip(TOKEN_KEYS, counts):
+        if count > MAX_REQUEST_TOKENS:
+            raise BadValue(f"{key}={count} is more than one API call can use ({MAX_REQUEST_TOKENS:,} tokens of a kind)")
+    cost_key = "cost_usd" if "cost_usd" in attrs else "cost_usd_micros"
+    if cost_key == "cost_usd":
         cost = parse_usd_nanos(attrs["cost_usd"], "cost_usd")
     else:
         cost = parse_usd_nanos(exact_number(attrs.get("cost_usd_micros", 0), "cost_usd_micros") / 10 ** 6
                                if attrs.get("cost_usd_micros") else 0, "cost_usd_micros")
+    if cost > MAX_REQUEST_USD * NANOS_PER_USD:
+        raise BadValue(f"{cost_key}={attrs[cost_key]!r} is more than one API call can cost (${MAX_REQUEST_USD:,})")
     duration = parse_count(attrs.get("duration_ms", 0), "duration_ms")
     ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if attrs.get("ttft_ms") not in (None, "") else None
+    for key, ms in (("duration_ms", duration), ("ttft_ms", ttft or 0)):
+        if ms > MAX_REQUEST_MS:
+            raise BadValue(f"{key}={ms} is longer than one API call can take (a day)")
     extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
-    session, seq = record_key(attrs, record)
+    session, seq = record_key(attrs, record, undated)
     return (ts, session, seq, str(attrs.get("model") or "unknown"), user, *counts,
             cost, duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
             source, compact_json(extra), ORIGIN_EVENT)
 
 
-def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, record) -> tuple:
+def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, record, undated: bool) -> tuple:
     """One other event as an `events` row (EVENT_COLUMNS)."""
     rest = {k: v for k, v in attrs.items() if k not in EVENT_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     body = any_value(record.body)
     if body is not None and body != EVENT_PREFIX + name:
         rest["body"] = body
-    session, seq = record_key(attrs, record)
+    session, seq = record_key(attrs, record, undated)
     return (ts, session, seq, user, name, optional_text(attrs.get("prompt.id")), source, compact_json(rest) or "{}")
 
 
@@ -2808,6 +2893,7 @@ class Rejections:
 
     def __init__(self, what: str):
         self.what, self.total, self.count, self.reasons, self.dated_ahead = what, 0, 0, [], 0
+        self.failures = 0  # records ccmon failed on (its own bug): logged with a traceback once per export
 
     def add(self, reason: str) -> None:
         self.count += 1
@@ -2847,6 +2933,7 @@ class LogsIngest:
         for resource_logs in request.resource_logs:
             try:
                 resource = attributes_dict(resource_logs.resource.attributes)
+                check_text(resource, USER_KEYS)
             except BadValue as exc:
                 resource, resource_problem = {}, f"resource: {exc}"
             else:
@@ -2855,10 +2942,16 @@ class LogsIngest:
             for scope_logs in resource_logs.scope_logs:
                 for record in scope_logs.log_records:
                     rejected.total += 1
-                    if resource_problem or rejected.total > MAX_RECORDS_PER_EXPORT:
-                        rejected.add(resource_problem or f"more than {MAX_RECORDS_PER_EXPORT} records in one export")
+                    if resource_problem:
+                        rejected.add(resource_problem)
                         continue
-                    self._decode_record(record, resource, resource_json, received, batch, rejected)
+                    try:
+                        self._decode_record(record, resource, resource_json, received, batch, rejected)
+                    except Exception as exc:  # a bug of ccmon's costs the record it met, never the export
+                        if not rejected.failures:
+                            log.exception("decoding a log record failed")
+                        rejected.failures += 1
+                        rejected.add(f"log record: ccmon failed to decode it ({type(exc).__name__}: {exc})"[:300])
                     if len(batch) == WRITE_CHUNK_ROWS:
                         yield batch
                         batch = Batch()
@@ -2869,23 +2962,25 @@ class LogsIngest:
                        rejected: Rejections) -> None:
         try:
             attrs = attributes_dict(record.attributes)
+            check_text(attrs, TEXT_KEYS)
             name = event_name(attrs, record)
         except BadValue as exc:
             rejected.add(f"log record: {exc}")
             return
         source = self.sources.json(resource_json, attrs)
         user = user_name(attrs, resource)
-        project, session = resource_project(resource), str(attrs.get("session.id", ""))
+        project, session = resource_project(resource), session_id_of(attrs)
         if project and session:
             batch.projects[session] = project
-        ts, original = unless_ahead(record_time_ms(attrs, record, received), received)
+        ms = record_time_ms(attrs, record)
+        ts, original = unless_ahead(received if ms is None else ms, received)
         if original:
             attrs[ORIGINAL_TIME_KEY] = original
         try:
             if name == "api_request":
-                batch.requests.append(request_row(attrs, ts, source, user, record))
+                batch.requests.append(request_row(attrs, ts, source, user, record, ms is None))
             else:
-                batch.events.append(event_row(name, attrs, ts, source, user, record))
+                batch.events.append(event_row(name, attrs, ts, source, user, record, ms is None))
         except BadValue as exc:
             rejected.add(f"{name} in session {attrs.get('session.id', '?')}: {exc}")
             return
@@ -2903,6 +2998,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
     for resource_metrics in request.resource_metrics:
         try:
             resource = attributes_dict(resource_metrics.resource.attributes)
+            check_text(resource, USER_KEYS)
         except BadValue as exc:
             count = sum(len(getattr(m, m.WhichOneof("data")).data_points)
                         for sm in resource_metrics.scope_metrics for m in sm.metrics if m.WhichOneof("data"))
@@ -2925,14 +3021,12 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
                         value = point.as_double if point.WhichOneof("value") == "as_double" else point.as_int
                     else:
                         value = point.sum
-                    if rejected.total > MAX_RECORDS_PER_EXPORT:
-                        rejected.add(f"more than {MAX_RECORDS_PER_EXPORT} data points in one export")
-                        continue
                     if not math.isfinite(value) or value < 0 or value >= MAX_COUNT:
                         rejected.add(f"{metric.name}: value {value!r} is not a number from 0 to {MAX_COUNT:.0e}")
                         continue
                     try:
                         attrs = attributes_dict(point.attributes)
+                        check_text(attrs, POINT_TEXT_KEYS)
                     except BadValue as exc:
                         rejected.add(f"{metric.name}: {exc}")
                         continue
@@ -2941,15 +3035,16 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
                     rest = {k: v for k, v in attrs.items()
                             if k not in ("session.id", "model", "type") and k not in IDENTITY_KEYS}
                     point_ms = point.time_unix_nano // 1_000_000
-                    ts, original = unless_ahead(point_ms if 0 < point_ms <= MAX_TIMESTAMP_MS else received, received)
+                    undated = not 0 < point_ms <= MAX_TIMESTAMP_MS
+                    ts, original = unless_ahead(received if undated else point_ms, received)
                     if original:
                         rest[ORIGINAL_TIME_KEY] = original
                         rejected.dated_ahead += 1
-                    session = str(attrs.get("session.id", ""))
+                    session = session_id_of(attrs)
                     if project and session:
                         projects[session] = project
                     rows.append((ts, point.start_time_unix_nano // 1_000_000 or None,
-                                 session, content_hash(identity.encode()),
+                                 session, content_hash(identity.encode(), UNDATED_SEQ if undated else -1),
                                  user_name(attrs, resource), metric.name, temporality, float(value),
                                  optional_text(attrs.get("model")), optional_text(attrs.get("type")),
                                  sources.json(resource_json, attrs), compact_json(rest) or "{}"))
@@ -3000,11 +3095,92 @@ class HeapTrimmer:
 
 
 class BadExport(Exception):
-    """An export that is not a valid OTLP protobuf message: refused whole (INVALID_ARGUMENT, HTTP 400)."""
+    """An export that is not a valid OTLP protobuf message, or has more than MAX_RECORDS_PER_EXPORT records:
+    refused whole (INVALID_ARGUMENT, HTTP 400)."""
+
+
+# Where an export's records are: the protobuf field numbers leading to them from the top (logs: resource_logs,
+# scope_logs, log_records; metrics: resource_metrics, scope_metrics, metrics, its data of any kind, data_points).
+RECORD_FIELDS = {"logs": ((1,), (2,), (2,)), "metrics": ((1,), (2,), (2,), (5, 7, 9, 10, 11), (1,))}
+EMPTY_RECORD_BYTES = 2  # a record's tag and length: an export of n bytes has at most n / 2 records
+
+
+def check_record_count(kind: str, data: bytes) -> None:
+    """BadExport when the serialized export has more than MAX_RECORDS_PER_EXPORT records, counted on the wire
+    format, up to one more than that, without parsing any record."""
+    if len(data) <= EMPTY_RECORD_BYTES * MAX_RECORDS_PER_EXPORT:
+        return
+    path, view, count = RECORD_FIELDS[kind], memoryview(data), 0
+
+    def walk(start: int, end: int, depth: int) -> None:
+        nonlocal count
+        for field, field_start, field_end in length_delimited_fields(view, start, end):
+            if field in path[depth]:
+                if depth + 1 < len(path):
+                    walk(field_start, field_end, depth + 1)
+                    continue
+                count += 1
+                if count > MAX_RECORDS_PER_EXPORT:
+                    raise BadExport(f"over {MAX_RECORDS_PER_EXPORT} {EXPORT_ITEMS[kind]} in one export (ccmon takes "
+                                    f"at most {MAX_RECORDS_PER_EXPORT} at a time)")
+
+    walk(0, len(data), 0)
+
+
+def length_delimited_fields(data: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field of the message in data[start:end], the others
+    skipped; BadExport for what is not protobuf's wire format."""
+    position = start
+    try:
+        while position < end:
+            key, position = wire_varint(data, position)
+            wire_type = key & 7
+            if wire_type == 2:
+                length, position = wire_varint(data, position)
+                if position + length > end:
+                    raise IndexError
+                yield key >> 3, position, position + length
+                position += length
+            elif wire_type == 0:
+                position = wire_varint(data, position)[1]
+            elif wire_type in (1, 5):
+                position += 8 if wire_type == 1 else 4
+            else:
+                raise IndexError  # groups (3, 4) are not in proto3, nor OTLP; 6 and 7 are not wire types
+        if position > end:
+            raise IndexError
+    except IndexError:
+        raise BadExport("not valid OTLP protobuf: a field runs past its message") from None
+
+
+def wire_varint(data: memoryview, position: int) -> tuple[int, int]:
+    """The varint at `position`, and the position after it; IndexError past the data or ten bytes."""
+    value = shift = 0
+    while shift < 70:
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position += 1
+        if byte < 0x80:
+            return value, position
+        shift += 7
+    raise IndexError
 
 
 class DecoderFailure(Exception):
     """A decoder could not decode an export (a bug, or out of memory): the server decodes it itself."""
+
+
+class DecoderHung(Exception):
+    """A decoder did not answer and used no CPU for DECODER_PATIENCE_S: it is killed, and the server decodes."""
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """The CPU time a process has used (user and system, in clock ticks); None where /proc cannot tell."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[11]) + int(fields[12])
 
 
 EXPORT_MESSAGES = {"logs": logs_service_pb2.ExportLogsServiceRequest,
@@ -3015,10 +3191,17 @@ DECODERS = min(4, os.cpu_count() or 1)
 # exporters keep every core busy (a monitor refresh, p95 at 1M requests: 178 ms at the same priority, see BENCHMARKS.md).
 DECODER_NICENESS = 10
 BIG_EXPORT_BYTES = 1024 ** 2  # after decoding one this big, a decoder gives its memory back
+# A decoder the server waits on and that uses no CPU for this long is hung (stopped with SIGSTOP, say): it is
+# killed and the server decodes the export itself, well within an exporter's deadline (10 s by default, 30 s in
+# the issue's case). A busy decoder always uses CPU, even at DECODER_NICENESS on a saturated machine, where CFS
+# still gives it a share; a 16 MiB export takes it under a second of CPU before its first answer. Where the
+# CPU time cannot be read (no /proc), a decoder silent for this long is taken as hung.
+DECODER_PATIENCE_S = 2.0
 
 
 def export_batches(kind: str, data: bytes, rejected: Rejections, ingest: LogsIngest) -> Iterator[Batch]:
     """The rows of a serialized export of `kind` (logs, metrics), WRITE_CHUNK_ROWS at a time."""
+    check_record_count(kind, data)
     try:
         request = EXPORT_MESSAGES[kind].FromString(data)
     except DecodeError as exc:
@@ -3065,12 +3248,13 @@ class Decoders:
     """Decoding, most of ingestion's work, runs in processes of its own (DECODERS, one per core), so that it uses
     every core and leaves the server's interpreter to the writer and the queries. They are forked at start,
     before any thread exists. An export whose decoder dies is decoded in the server, as every export is once no
-    decoder is left (decoding again from the start: the rows already stored are duplicates, ignored as such)."""
+    decoder is left (decoding again from the start: the rows already stored are duplicates, ignored as such).
+    One that hangs is killed (see DECODER_PATIENCE_S): a read or a write on its pipe waits no longer than that."""
 
     def __init__(self, count: int = DECODERS):
         self.ingest = LogsIngest()  # for decoding in the server
         self._idle: queue.Queue = queue.Queue()
-        self._alive, self._alive_lock = 0, threading.Lock()
+        self._alive, self._alive_lock = {}, threading.Lock()  # pid -> the server's end of its pipe
         ends = []
         for _ in range(count):
             parent, child = multiprocessing.connection.Pipe()
@@ -3084,8 +3268,12 @@ class Decoders:
                     os._exit(0)  # never back into the server's code
             child.close()
             ends.append(parent)
+            with socket.socket(fileno=os.dup(parent.fileno())) as end:  # options are the socket's, not the fd's
+                patience = struct.pack("ll", int(DECODER_PATIENCE_S), int(DECODER_PATIENCE_S % 1 * 1_000_000))
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, patience)  # mid-answer: BlockingIOError
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, patience)  # an export it does not read
             self._idle.put((pid, parent))
-            self._alive += 1
+            self._alive[pid] = parent
 
     def batches(self, kind: str, data: bytes, rejected: Rejections) -> Iterator[Batch]:
         """The export's batches, decoded by an idle decoder (or here); `rejected` is filled in by the end."""
@@ -3098,15 +3286,15 @@ class Decoders:
                 raise
             except DecoderFailure as exc:
                 log.error("a decoder failed (%s); the server decodes the export itself", exc)
-            except Exception:  # the pipe broke (the decoder died), or its answer could not be read
-                self._lost(decoder)
+            except Exception as exc:  # the pipe broke (the decoder died), it hung, or its answer could not be read
+                self._lost(decoder, exc)
         yield from export_batches(kind, data, rejected, self.ingest)
 
     def _from_decoder(self, decoder: tuple, kind: str, data: bytes, rejected: Rejections) -> Iterator[Batch]:
         conn, done = decoder[1], False
         conn.send((kind, data))
         while not done:
-            batch, last = conn.recv()
+            batch, last = self._answer(decoder)
             if last is not None:
                 done = True
                 self._idle.put(decoder)  # free for the next export while this batch is written
@@ -3124,12 +3312,23 @@ class Decoders:
     def _drain(self, decoder: tuple) -> None:
         """Read the rest of an export's batches, so that the decoder's next answer is to the next export."""
         try:
-            while decoder[1].recv()[1] is None:
+            while self._answer(decoder)[1] is None:
                 continue
-        except Exception:  # as in batches()
-            self._lost(decoder)
+        except Exception as exc:  # as in batches()
+            self._lost(decoder, exc)
         else:
             self._idle.put(decoder)
+
+    @staticmethod
+    def _answer(decoder: tuple) -> tuple:
+        """The decoder's next answer; DecoderHung when it gives none and uses no CPU for DECODER_PATIENCE_S."""
+        pid, conn = decoder
+        ticks = cpu_ticks(pid)
+        while not conn.poll(DECODER_PATIENCE_S):
+            ticks, before = cpu_ticks(pid), ticks
+            if ticks is None or ticks == before:
+                raise DecoderHung(f"no answer and no CPU used for {DECODER_PATIENCE_S:g} s")
+        return conn.recv()
 
     def _checkout(self) -> tuple | None:
         while self._alive:
@@ -3139,26 +3338,35 @@ class Decoders:
                 continue  # all busy; or the last ones died meanwhile
         return None
 
-    def _lost(self, decoder: tuple) -> None:
+    def _lost(self, decoder: tuple, exc: Exception) -> None:
         pid, conn = decoder
         conn.close()
         with self._alive_lock:
-            self._alive -= 1
-            alive = self._alive
+            if self._alive.pop(pid, None) is None:
+                return  # close() ended it
+            alive = len(self._alive)
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)  # a decoder whose pipe failed is of no more use
-        log.error("a decoder process (pid %d) ended (%s); %s", pid, reap(pid),
+            os.kill(pid, signal.SIGKILL)  # a decoder whose pipe failed, or that hung, is of no more use
+        hung = f"it hung ({exc}) and was killed: " if isinstance(exc, (DecoderHung, BlockingIOError)) else ""
+        log.error("a decoder process (pid %d) ended (%s%s); %s", pid, hung, reap(pid),
                   f"{alive} left" if alive else "exports are decoded in the server from now on")
 
     def close(self) -> None:
-        """End the decoders: each ends when its pipe closes."""
+        """End the decoders: the idle ones end when their pipe closes; the others (busy with an export that
+        outlived the shutdown) and any that does not end at once (stopped, say) are killed: they hold nothing
+        to finish, and shutdown never waits on one."""
+        with self._alive_lock:
+            decoders, self._alive = self._alive, {}
         while True:
             try:
-                pid, conn = self._idle.get_nowait()
+                self._idle.get_nowait()[1].close()
             except queue.Empty:
-                return
-            conn.close()
-            reap(pid)
+                break
+        for pid in decoders:
+            with contextlib.suppress(ChildProcessError):  # SIGCHLD ignored by whoever started us: reaped already
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):  # not ended yet
+                    os.kill(pid, signal.SIGKILL)
+                    reap(pid)
 
 
 def reap(pid: int) -> str:
@@ -3748,16 +3956,62 @@ def hex_ids_to_base64(node: Any) -> Any:
     return node
 
 
+# json.loads makes an object of each JSON value, 37 to 62 bytes each (measured: 16 MiB of empty records took the
+# server to 1.24 GB); past this many (strings, objects, arrays, and what commas separate), a body is refused
+# before it is parsed. Claude Code's records take about 150 each: 16 MiB of them, the default size limit, 2.2
+# million, which json.loads holds in 135 MB.
+MAX_JSON_VALUES = 2_500_000
+# A JSON string; one left open runs to the end of the body, so that no quote starts a search of the rest (which
+# made 16 MiB of '"\\' take hours).
+JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+# Where an OTLP/JSON document's records are (protobuf's JSON parser takes either spelling of a field's name);
+# checked against MAX_RECORDS_PER_EXPORT before the parser makes a message of each.
+JSON_RECORD_KEYS = {
+    logs_service_pb2.ExportLogsServiceRequest: (("resourceLogs", "resource_logs"), ("scopeLogs", "scope_logs"),
+                                               ("logRecords", "log_records")),
+    metrics_service_pb2.ExportMetricsServiceRequest: (
+        ("resourceMetrics", "resource_metrics"), ("scopeMetrics", "scope_metrics"), ("metrics",),
+        ("gauge", "sum", "histogram", "exponentialHistogram", "exponential_histogram", "summary"),
+        ("dataPoints", "data_points")),
+    trace_service_pb2.ExportTraceServiceRequest: (("resourceSpans", "resource_spans"), ("scopeSpans", "scope_spans"),
+                                                 ("spans",))}
+
+
+def json_values(body: bytes) -> int:
+    """About how many values json.loads would make of `body` (an upper bound), counted without parsing it."""
+    unquoted, strings = JSON_STRING.subn(b"", body)
+    return strings + unquoted.count(b"{") + unquoted.count(b"[") + unquoted.count(b",") + 1
+
+
+def json_records(node: Any, path: tuple[tuple[str, ...], ...]) -> int:
+    """How many records a parsed OTLP/JSON document has along `path` (see JSON_RECORD_KEYS); where its shape is
+    not OTLP's, what is found (the parser then says what is wrong)."""
+    if not isinstance(node, dict):
+        return 0
+    total = 0
+    for key in path[0]:
+        value = node.get(key)
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        total += len(items) if len(path) == 1 else sum(json_records(item, path[1:]) for item in items)
+    return total
+
+
 def protobuf_body(body: bytes, content_type: str, message_type) -> bytes:
     """The export as serialized protobuf, which the decoders take: an OTLP/JSON body is converted here."""
     if content_type != JSON:
         return body
+    if json_values(body) > MAX_JSON_VALUES:
+        raise HTTPFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"body has over {MAX_JSON_VALUES} JSON values "
+                          f"(ccmon takes at most {MAX_JSON_VALUES} in one OTLP/JSON export)")
     message = message_type()
     try:
         document = json.loads(body)
         if not isinstance(document, dict):
             raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT,
                               "body is not valid OTLP/JSON: the top level is not an object")
+        if json_records(document, JSON_RECORD_KEYS[message_type]) > MAX_RECORDS_PER_EXPORT:
+            raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"body has over {MAX_RECORDS_PER_EXPORT} "
+                              f"records (ccmon takes at most {MAX_RECORDS_PER_EXPORT} in one export)")
         json_format.ParseDict(hex_ids_to_base64(document), message, ignore_unknown_fields=True)
     except HTTPFailure:
         raise

@@ -1792,6 +1792,357 @@ def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
     assert users == {"dee@example.com": 0.5, hashed: 0.0}
 
 
+# Every attribute ccmon reads: on log records (api_request and the other events), on a resource, on metric points.
+RECORD_KEYS = ["event.name", "event.timestamp", "event.sequence", "session.id", "model", "input_tokens",
+               "output_tokens", "cache_read_tokens", "cache_creation_tokens", "cost_usd", "cost_usd_micros",
+               "duration_ms", "ttft_ms", "prompt.id", "request_id", *ccmon.IDENTITY_KEYS]
+RESOURCE_KEYS = [*ccmon.USER_KEYS, "project"]
+POINT_KEYS = ["session.id", "model", "type", *ccmon.IDENTITY_KEYS]
+
+
+def every_any_value_kind():
+    """AnyValues of each kind OTLP has: string, bool, int, double, array (empty or not), kvlist, bytes, unset."""
+    from hypothesis import strategies as st
+    scalar = st.one_of(st.text(max_size=8).map(lambda v: common_pb2.AnyValue(string_value=v)),
+                       st.booleans().map(lambda v: common_pb2.AnyValue(bool_value=v)),
+                       st.integers(-2 ** 63, 2 ** 63 - 1).map(lambda v: common_pb2.AnyValue(int_value=v)),
+                       st.floats().map(lambda v: common_pb2.AnyValue(double_value=v)))
+    return st.one_of(
+        scalar, st.just(common_pb2.AnyValue()), st.binary(max_size=8).map(lambda v: common_pb2.AnyValue(bytes_value=v)),
+        st.lists(scalar, max_size=3).map(lambda vs: common_pb2.AnyValue(array_value=common_pb2.ArrayValue(values=vs))),
+        st.dictionaries(st.text(max_size=4), scalar, max_size=3).map(lambda kv: common_pb2.AnyValue(
+            kvlist_value=common_pb2.KeyValueList(values=[common_pb2.KeyValue(key=k, value=v) for k, v in kv.items()]))))
+
+
+def with_value(key_values, key: str, value: common_pb2.AnyValue) -> None:
+    """Set `key` in a repeated KeyValue field to `value`, added if absent."""
+    found = next((kv for kv in key_values if kv.key == key), None) or key_values.add(key=key)
+    found.value.CopyFrom(value)
+
+
+def test_any_value_of_any_kind_in_any_attribute_read_costs_at_most_its_own_record(tmp_path):
+    """One attribute of an unexpected kind (user.id as an empty array used to fail the whole export in the
+    decoder's memo) is taken as text, or rejects its record with a reason naming it: never the export, never
+    the good record beside it; and every JSON stored stays readable by SQLite's json functions."""
+    from hypothesis import HealthCheck, example, given, settings, strategies as st
+    receiver, when, numbers = ccmon.Receiver(ccmon.Writer(tmp_path / "fuzz.db")), hours_ago(1), iter(range(10 ** 6))
+    where = st.one_of(st.tuples(st.just("record"), st.sampled_from(RECORD_KEYS)),
+                      st.tuples(st.just("resource"), st.sampled_from(RESOURCE_KEYS)),
+                      st.tuples(st.just("point"), st.sampled_from(POINT_KEYS)))
+
+    def rows(table: str) -> int:
+        return db_rows(tmp_path / "fuzz.db", f"SELECT COUNT(*) FROM {table}")[0][0]
+
+    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(where, every_any_value_kind(), st.sampled_from(["api_request", "tool_result"]))
+    @example(("record", "session.id"), common_pb2.AnyValue(), "api_request")  # unset: no session, not 'None'
+    @example(("record", "user.id"), common_pb2.AnyValue(array_value=common_pb2.ArrayValue()), "api_request")
+    def check(place, value, name):
+        (part, key), n = place, next(numbers)
+        if part == "point":
+            points = [metrics_pb2.NumberDataPoint(as_int=3, time_unix_nano=time.time_ns() - 10 ** 12 + n,
+                                                  attributes=[common_pb2.KeyValue(key="session.id",
+                                                                                  value=any_value(f"s-{n}-{i}"))])
+                      for i in range(2)]
+            with_value(points[0].attributes, key, value)
+            request = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+                scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
+                    name="claude_code.lines_of_code.count", sum=metrics_pb2.Sum(aggregation_temporality=1,
+                                                                                 data_points=points))])])])
+            before = rows("metric_points")
+            answer = receiver.metrics(request.SerializeToString())
+            rejected, stored = answer.partial_success.rejected_data_points, rows("metric_points") - before
+            assert db_rows(tmp_path / "fuzz.db", "SELECT COUNT(*) FROM mp WHERE session_id = ?", (f"s-{n}-1",)) == \
+                [(1,)]
+        else:
+            bad = {**api_request(n, when, session=f"bad-{n}", input_tokens=1), "event.name": name}
+            request = logs_request([(name, bad), ("api_request", api_request(1, when, session=f"good-{n}",
+                                                                            input_tokens=7))])
+            target = request.resource_logs[0].resource.attributes if part == "resource" else \
+                request.resource_logs[0].scope_logs[0].log_records[0].attributes
+            with_value(target, key, value)
+            before = rows("requests") + rows("events")
+            answer = receiver.logs(request.SerializeToString())
+            rejected, stored = answer.partial_success.rejected_log_records, rows("requests") + rows("events") - before
+            good = db_rows(tmp_path / "fuzz.db", "SELECT input_tokens FROM r WHERE session_id = ?", (f"good-{n}",))
+            if part == "record":
+                assert good == [(7,)]
+            if part == "record" and key in ("session.id", "model") and name == "api_request" and not rejected:
+                kind = value.WhichOneof("value")  # a scalar (others are rejected): stored as its text
+                text = "" if kind is None else str(getattr(value, kind))
+                column = "session_id" if key == "session.id" else "model_name"
+                assert db_rows(tmp_path / "fuzz.db", f"SELECT {column} FROM r WHERE session_id != ? AND seq = ?",
+                               (f"good-{n}", n)) == [(text or "unknown" if key == "model" else text,)]
+        records = 2 if part == "resource" else 1  # a resource's attribute is every record's
+        assert (rejected, stored) in ((0, 2), (records, 2 - records))
+        if rejected:
+            assert re.search(rf"\b{re.escape(key)}( is |=)", answer.partial_success.error_message)
+
+    check()
+    for table, column in (("attribute_sets", "attributes"), ("events", "attributes"),
+                          ("metric_points", "attributes")):
+        assert db_rows(tmp_path / "fuzz.db", f"SELECT COUNT(*) FROM {table} WHERE NOT json_valid({column})") == [(0,)]
+
+
+def test_a_record_with_an_array_user_id_costs_only_itself_over_grpc_and_http(server):
+    """The export of issue #22: records whose user.id is an array (empty or not) among good ones. The decoder
+    used to fail on it, then the server decoding it again, and the export failed whole with UNKNOWN."""
+    when, answers = hours_ago(1), []
+    for protocol in ("grpc", "http"):
+        request = logs_request([("api_request", api_request(seq, when, session=protocol, input_tokens=10 ** seq))
+                                for seq in range(4)])
+        for record, values in zip(request.resource_logs[0].scope_logs[0].log_records[1::2], ([], ["u1", "u2"])):
+            with_value(record.attributes, "user.id", common_pb2.AnyValue(array_value=common_pb2.ArrayValue(
+                values=[any_value(v) for v in values])))
+        if protocol == "grpc":
+            answers.append(server.logs_stub().Export(request, timeout=10))
+        else:
+            response, data = http_post(server.http_port, body=request.SerializeToString())
+            assert response.status == 200
+            answers.append(logs_service_pb2.ExportLogsServiceResponse.FromString(data))
+    for answer in answers:
+        assert answer.partial_success.rejected_log_records == 2
+        assert answer.partial_success.error_message == \
+            "rejected 2 of 4 log records: log record: user.id is an array, not text; " \
+            "log record: user.id is an array, not text"
+    assert db_rows(server.db, "SELECT session_id, SUM(input_tokens), COUNT(*) FROM r GROUP BY 1 ORDER BY 1") == \
+        [("grpc", 101, 2), ("http", 101, 2)]
+    assert "Traceback" not in server.log and "a decoder failed" not in server.log
+
+
+def test_a_record_ccmon_fails_on_costs_only_itself(tmp_path, monkeypatch):
+    """Should decoding a record meet a bug of ccmon's (as user.id arrays did, in issue #22), that record is
+    rejected with what went wrong, and the records beside it are stored."""
+    decode = ccmon.request_row
+
+    def buggy(attrs: dict, *args):
+        if attrs["session.id"] == "bug":
+            raise KeyError("a bug")
+        return decode(attrs, *args)
+
+    monkeypatch.setattr(ccmon, "request_row", buggy)
+    receiver, when = ccmon.Receiver(ccmon.Writer(tmp_path / "ccmon.db")), hours_ago(1)
+    answer = receiver.logs(logs_request([("api_request", api_request(seq, when, session=session, input_tokens=seq))
+                                         for seq, session in ((1, "good"), (2, "bug"), (3, "good"))])
+                           .SerializeToString())
+    assert (answer.partial_success.rejected_log_records, answer.partial_success.error_message) == \
+        (1, "rejected 1 of 3 log records: log record: ccmon failed to decode it (KeyError: 'a bug')")
+    assert db_rows(tmp_path / "ccmon.db", "SELECT session_id, input_tokens FROM r ORDER BY seq") == \
+        [("good", 1), ("good", 3)]
+
+def test_one_record_cannot_claim_more_than_an_api_call_and_sums_stay_exact(server):
+    """Issue #22: 20,000 records of 10^12-1 tokens and $999,999 each made the quarter hour's cost_nanos a float
+    past int64, and GetStats from inside that quarter hour UNAVAILABLE for good. Such records are rejected;
+    as many at the caps are stored and summed exactly, from inside the quarter hour and over the day."""
+    quarter = (ccmon.now_ms() - 3 * ccmon.HOUR_MS) // ccmon.BUCKET_MS * ccmon.BUCKET_MS
+    when, inside = ccmon.iso_from_ms(quarter + 7 * 60_000), ccmon.iso_from_ms(quarter + 60_000)
+    tokens = dict.fromkeys(["input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens"])
+
+    def export(count: int, session: str, each: int, cost) -> logs_service_pb2.ExportLogsServiceResponse:
+        figures = {key: each for key in tokens}
+        return server.logs_stub().Export(logs_request([("api_request", api_request(
+            seq, when, session=session, cost_usd=cost, **figures)) for seq in range(count)]), timeout=120)
+
+    too_much = export(20_000, "too-much", 10 ** 12 - 1, 999999)
+    assert too_much.partial_success.rejected_log_records == 20_000
+    assert too_much.partial_success.error_message.startswith(
+        "rejected 20000 of 20000 log records: api_request in session too-much: input_tokens=999999999999 is "
+        f"more than one API call can use ({ccmon.MAX_REQUEST_TOKENS:,} tokens of a kind)")
+    dearest = export(1, "dearest", 1, ccmon.MAX_REQUEST_USD + 0.001)
+    assert dearest.partial_success.error_message == \
+        f"rejected 1 of 1 log records: api_request in session dearest: cost_usd={ccmon.MAX_REQUEST_USD + 0.001!r} " \
+        f"is more than one API call can cost (${ccmon.MAX_REQUEST_USD:,})"
+    for session in ("at-the-caps", "again-that-day"):
+        assert not export(20_000, session, ccmon.MAX_REQUEST_TOKENS, ccmon.MAX_REQUEST_USD).HasField(
+            "partial_success")
+    for start in (inside, ccmon.iso_from_ms(quarter - ccmon.DAY_MS)):
+        figures = stats(server, start=start)
+        assert figures.total_requests == 40_000
+        assert figures.total_tokens.input == figures.total_tokens.cache_read == 40_000 * ccmon.MAX_REQUEST_TOKENS
+        assert figures.total_cost.amount == 40_000 * ccmon.MAX_REQUEST_USD
+    assert db_rows(server.db, "SELECT typeof(SUM(cost_nanos)) FROM usage_rollup") == [("integer",)]
+
+
+def test_a_metric_point_counts_as_usage_only_up_to_what_a_call_can_claim(server):
+    """As for api_request records (issue #22): 20,000 cost points of $999,999 each would overflow the quarter
+    hour's sum; points over MAX_REQUEST_USD are stored as points, not counted as usage."""
+    quarter = (ccmon.now_ms() - 3 * ccmon.HOUR_MS) // ccmon.BUCKET_MS * ccmon.BUCKET_MS
+    stub = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target))
+
+    def export(count: int, value: float) -> None:
+        stub.Export(metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+            scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
+                name="claude_code.cost.usage", sum=metrics_pb2.Sum(aggregation_temporality=1, data_points=[
+                    metrics_pb2.NumberDataPoint(
+                        as_double=value, time_unix_nano=(quarter + 7 * 60_000) * 10 ** 6 + i,
+                        start_time_unix_nano=quarter * 10 ** 6 + i, attributes=[common_pb2.KeyValue(
+                            key="session.id", value=any_value("metrics-only"))]) for i in range(count)]))])])]),
+            timeout=120)
+
+    export(20_000, 999999.0)
+    export(3, float(ccmon.MAX_REQUEST_USD))
+    assert db_rows(server.db, "SELECT COUNT(*) FROM mp") == [(20_003,)]
+    figures = stats(server, start=ccmon.iso_from_ms(quarter + 60_000))
+    assert (figures.total_requests, figures.total_cost.amount) == (0, 3 * ccmon.MAX_REQUEST_USD)
+
+def test_records_without_any_time_count_once_however_often_sent(server):
+    """Issue #22: records with no event.timestamp, no time and no observed time are stored at the time received;
+    50 sent three times were 150. Their content is their identity: a re-send counts once, a different record
+    (here only its figures differ) is another, and so for metric points without a time."""
+    requests = [("api_request", {"event.name": "api_request", "event.sequence": seq, "session.id": "undated",
+                                 "model": "claude-sonnet-4-5", "input_tokens": 10 + seq}) for seq in range(30)]
+    events = [("tool_result", {"event.name": "tool_result", "event.sequence": 100 + seq, "session.id": "undated",
+                               "tool_name": "Bash"}) for seq in range(20)]
+    twins = [("api_request", {"session.id": "twins", "input_tokens": tokens}) for tokens in (1, 2)]
+    points = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+        scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(
+            name="claude_code.lines_of_code.count", sum=metrics_pb2.Sum(aggregation_temporality=1, data_points=[
+                metrics_pb2.NumberDataPoint(as_int=value, attributes=[common_pb2.KeyValue(
+                    key="session.id", value=any_value("undated"))]) for value in (3, 4)]))])])])
+    metrics_stub = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target))
+    for _ in range(3):
+        assert not server.logs_stub().Export(logs_request(requests + events + twins), timeout=10).HasField(
+            "partial_success")
+        assert not metrics_stub.Export(points, timeout=10).HasField("partial_success")
+    assert db_rows(server.db, "SELECT session_id, COUNT(*), SUM(input_tokens) FROM r GROUP BY 1 ORDER BY 1") == \
+        [("twins", 2, 3), ("undated", 30, sum(range(10, 40)))]
+    assert db_rows(server.db, "SELECT COUNT(*) FROM e WHERE session_id = 'undated'") == [(20,)]
+    assert db_rows(server.db, "SELECT COUNT(*), SUM(value) FROM mp") == [(2, 7.0)]
+
+
+@contextlib.contextmanager
+def stopped(pids: list[int]):
+    """These decoders stopped (SIGSTOP) meanwhile; those still alive after are let go on (SIGCONT), never left
+    stopped."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            if not has_ended(pid):
+                os.kill(pid, signal.SIGCONT)
+
+
+def test_a_stopped_decoder_is_killed_and_its_export_decoded_in_the_server(tmp_path):
+    """Issue #22: with the last decoder stopped (SIGSTOP), every export waited for its deadline. A decoder that
+    answers nothing and uses no CPU for DECODER_PATIENCE_S is killed, and the server decodes the export."""
+    srv = ServerProcess(tmp_path).start()
+    decoders = decoder_pids(srv)
+    try:
+        with stopped(decoders):
+            for seq in range(len(decoders) + 2):  # one export per decoder finds it hung; the rest go to the server
+                answer = srv.logs_stub().Export(logs_request([("api_request", api_request(
+                    seq, hours_ago(1), input_tokens=10 ** seq))]), timeout=3 * ccmon.DECODER_PATIENCE_S)
+                assert not answer.HasField("partial_success")
+            assert all(has_ended(pid) for pid in decoders) and decoder_pids(srv) == []
+        assert stats(srv).total_tokens.input == int("1" * (len(decoders) + 2))
+        for pid in decoders:
+            assert f"a decoder process (pid {pid}) ended (it hung (no answer and no CPU used for " \
+                   f"{ccmon.DECODER_PATIENCE_S:g} s) and was killed: killed by SIGKILL)" in srv.log
+        assert srv.log.count("exports are decoded in the server from now on") == 1
+    finally:
+        srv.stop()
+
+
+def caught_signals(pid: int) -> set[int]:
+    """The signals the process has handlers for (SigCgt in /proc/PID/status)."""
+    mask = int(re.search(r"SigCgt:\s+([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text())[1], 16)
+    return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+
+
+@pytest.mark.parametrize("busy", [False, True])
+def test_sigterm_ends_the_server_at_once_while_a_decoder_is_stopped(tmp_path, busy):
+    """Issue #22: with one of the decoders stopped, the server logged "stopped; database closed" and did not
+    exit until the decoder went on. Stopped idle, or stopped while it decodes an export in flight."""
+    srv = ServerProcess(tmp_path).start()
+    decoders = decoder_pids(srv)
+    wait_until(lambda: signal.SIGTERM in caught_signals(srv.proc.pid), "the server's SIGTERM handler (installed "
+               "after its ready line)")
+    try:
+        with stopped(decoders if busy else decoders[:1]):
+            if busy:  # an export in flight: the server has written it to a (stopped) decoder's pipe
+                request = logs_request([("api_request", api_request(1, hours_ago(1), input_tokens=5))])
+                written = lambda: int(re.search(r"wchar: (\d+)", Path(f"/proc/{srv.proc.pid}/io").read_text())[1])
+                before, call = written(), srv.logs_stub().Export.future(request, timeout=30)
+                wait_until(lambda: written() - before >= request.ByteSize(), "the export sent to a decoder")
+            srv.proc.send_signal(signal.SIGTERM)
+            assert srv.proc.wait(10) == 0
+            if busy:
+                assert not call.result().HasField("partial_success")  # decoded in the server in time
+        assert all(has_ended(pid) for pid in decoders)
+        assert "stopped; database closed" in srv.log
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop(signal.SIGKILL)
+
+
+def length_delimited(field: int, payload: bytes) -> bytes:
+    """A protobuf length-delimited field, as its bytes on the wire."""
+    length, size = bytearray(), len(payload)
+    while True:
+        length.append(size & 0x7F | (0x80 if size > 0x7F else 0))
+        size >>= 7
+        if not size:
+            return bytes([field << 3 | 2]) + bytes(length) + payload
+
+
+def test_exports_of_millions_of_empty_records_are_refused_before_parsing(tmp_path):
+    """Issue #22: 16 MiB of empty records (5.6 million in OTLP/JSON, 8.4 million in protobuf) took the server to
+    1.24 GB (3.5 GB for three at once) and a decoder to 1.15 GB. An export has at most MAX_RECORDS_PER_EXPORT
+    records, counted on the wire before parsing, and an OTLP/JSON body at most MAX_JSON_VALUES values, counted
+    before json.loads: every process stays under the 250 MB the docs promise."""
+    limit, most = 16 * 1024 * 1024, ccmon.MAX_RECORDS_PER_EXPORT
+    empty_json = b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[' + b",".join([b"{}"] * ((limit - 64) // 3)) + \
+        b"]}]}]}"
+    fewer_json = b'{"resource_logs":[{"scope_logs":[{"log_records":[' + b",".join([b"{}"] * (most + 1)) + b"]}]}]}"
+    empty_protobuf = length_delimited(1, length_delimited(2, b"\x12\x00" * ((limit - 16) // 2)))
+    assert len(empty_json) <= limit and len(empty_protobuf) <= limit
+    one_over = export_of([logs_pb2.LogRecord(body=any_value("claude_code.user_prompt"))] * (most + 1))
+    points = metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+        scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metrics_pb2.Metric(name="m", gauge=metrics_pb2.Gauge(
+            data_points=[metrics_pb2.NumberDataPoint()] * (most + 1)))])])])
+    srv = ServerProcess(tmp_path).start()
+    try:
+        processes = [srv.proc.pid, *decoder_pids(srv)]
+        for export, items in ((srv.logs_stub().Export, "log records"), (metrics_service_pb2_grpc.MetricsServiceStub(
+                grpc.insecure_channel(srv.target)).Export, "data points")):
+            with pytest.raises(grpc.RpcError) as refused:
+                export(one_over if items == "log records" else points, timeout=60)
+            assert (refused.value.code(), refused.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, (
+                f"over {most} {items} in one export (ccmon takes at most {most} at a time)"))
+        answers = [None] * 3
+        threads = [threading.Thread(target=lambda i=i: answers.__setitem__(i, http_post(
+            srv.http_port, body=empty_json, headers={"Content-Type": "application/json"}))) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for response, data in answers:
+            assert (response.status, status_of(data, as_json=True)) == (413, (8, (
+                f"body has over {ccmon.MAX_JSON_VALUES} JSON values (ccmon takes at most {ccmon.MAX_JSON_VALUES} "
+                "in one OTLP/JSON export)")))
+        response, data = http_post(srv.http_port, body=fewer_json, headers={"Content-Type": "application/json"})
+        assert (response.status, status_of(data, as_json=True)) == (400, (3, (
+            f"body has over {most} records (ccmon takes at most {most} in one export)")))
+        response, data = http_post(srv.http_port, body=empty_protobuf)
+        assert (response.status, status_of(data)) == (400, (3, (
+            f"body is over {most} log records in one export (ccmon takes at most {most} at a time)")))
+        for pid in processes:
+            assert process_rss_kib(pid) < 250 * 1024, "the peak (VmHWM)"
+        assert stats(srv).total_requests == 0 and db_rows(srv.db, "SELECT COUNT(*) FROM events") == [(0,)]
+    finally:
+        srv.stop()
+
+
+def test_json_values_are_counted_without_parsing():
+    """What json_values counts: strings (quotes inside them, escaped or not, count for nothing), objects, arrays,
+    and what commas separate; a string left open ends the body, as does its count."""
+    assert ccmon.json_values(json.dumps({"a": ['x\\"y', 1, {"b": "c,{[", "d": [True, None]}]}).encode()) == 14
+    assert ccmon.json_values(b'"\\' * 1000) == 2 and ccmon.json_values(b'{"a":"open, {[') == 4
+    assert ccmon.json_values(b",".join([b"{}"] * 1000)) == 2000
+
+
 # ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
 def http_post(port: int, path: str = "/v1/logs", body: bytes = b"", headers: dict | None = None,
@@ -6049,6 +6400,23 @@ def top_level_uses_above_their_section(source: str) -> list[str]:
     uses.found = []
     uses.visit(tree)
     return uses.found
+
+
+def names_defined_twice(source: str) -> list[str]:
+    """Top-level functions and classes defined more than once: the later one silently replaces the first."""
+    import ast
+    seen, twice = set(), []
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            if node.name in seen:
+                twice.append(f"line {node.lineno}: {node.name}")
+            seen.add(node.name)
+    return twice
+
+
+def test_no_top_level_name_is_defined_twice():
+    assert names_defined_twice((ROOT / "ccmon.py").read_text()) == []
+    assert names_defined_twice("def f():\n    pass\n\n\ndef f():\n    pass\n") == ["line 5: f"]
 
 
 def test_sections_depend_only_on_sections_above():
