@@ -3516,11 +3516,16 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         end = min(timestamp_ms(request, "end_time", now_ms()), MAX_TIMESTAMP_MS - 86400_000)
         start = timestamp_ms(request, "start_time", -1)
         days = 30  # unset start: the last 30 calendar days
-        if start >= 0:
-            first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date() for ms in (start, max(start, end - 1)))
-            days = min(3660, (last - first).days + 1)
+        try:  # a day's end in a zone ahead of UTC can fall past year 9999, which dates cannot show
+            if start >= 0:
+                first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date() for ms in (start, max(start, end - 1)))
+                days = min(3660, (last - first).days + 1)
+            bounds = day_bounds(zone, max(end - 1, 0), days)
+        except (OverflowError, ValueError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the period has days past the year 9999 in {zone.key}; "
+                          "end it earlier")
         response = ccmon_pb2.GetUsageResponse()
-        for date, lo, hi in day_bounds(zone, max(end - 1, 0), days):
+        for date, lo, hi in bounds:
             lo, hi = max(lo, start), min(hi, end)
             if lo < hi or start < 0:
                 split = Split.from_models(self.reader.usage(lo, hi, user=self._user(request),

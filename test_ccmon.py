@@ -1784,6 +1784,35 @@ def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
     assert users == {"dee@example.com": 0.5, hashed: 0.0}
 
 
+
+def test_get_usage_at_the_end_of_time_is_an_invalid_argument_in_any_zone(server):
+    """Days in a zone ahead of UTC can end past year 9999: INVALID_ARGUMENT, never UNKNOWN with a traceback."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    query = server.query()
+    with pytest.raises(grpc.RpcError) as raised:
+        query.GetUsage(ccmon_pb2.GetUsageRequest(timezone="Pacific/Kiritimati", end_time=Timestamp(seconds=253402300799)))
+    assert (raised.value.code(), raised.value.details()) == \
+        (grpc.StatusCode.INVALID_ARGUMENT, "the period has days past the year 9999 in Pacific/Kiritimati; end it earlier")
+    extremes = st.sampled_from([-62135596800, -1, 0, 1, 253402214400, 253402300799, 253402300800, 2 ** 62])
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(zone=st.sampled_from(["Pacific/Kiritimati", "Etc/GMT-14", "Etc/GMT+12", "UTC", "America/St_Johns"]),
+           start=st.none() | extremes, end=st.none() | extremes)
+    def answers_or_refuses(zone, start, end):
+        request = ccmon_pb2.GetUsageRequest(timezone=zone)
+        if start is not None:
+            request.start_time.seconds = start
+        if end is not None:
+            request.end_time.seconds = end
+        try:
+            query.GetUsage(request, timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (zone, start, end, exc.details())
+
+    answers_or_refuses()
+    assert "Traceback" not in server.log
+
 # ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
 def http_post(port: int, path: str = "/v1/logs", body: bytes = b"", headers: dict | None = None,
