@@ -2279,8 +2279,7 @@ class Reader:
                "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model "
                f"WHERE r.ts >= ? AND r.ts < ? AND {origin_in(REQUEST_ORIGINS, 'r.origin')}{where} "
                f"ORDER BY r.ts {order}, r.id {order} LIMIT ? OFFSET ?")
-        params = (start_ms, end_ms, *extra, limit if limit > 0 else -1,
-                  max(offset, 0))
+        params = (start_ms, end_ms, *extra, limit, max(offset, 0))
         return [ApiRequest(ts, model, session, Usage(*figures))
                 for session, ts, model, *figures in self._reader().execute(sql, params)]
 
@@ -3444,6 +3443,9 @@ def import_counts_message(counts: ImportCounts) -> ccmon_pb2.ImportRequestsRespo
 
 # ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
 
+# The most an answer lists (ccmon.proto says so): an answer fits gRPC's default 4 MB message limit, and a
+# client looping on a query cannot hold the server's memory or its reads for long.
+MAX_REQUESTS_PAGE = 1000
 CALIBRATION_READINGS = 2000  # the readings GetLimits looks through (the last 30 days of a busy status line)
 CALIBRATION_WINDOWS = 20     # and the windows it calibrates from, newest first
 
@@ -3504,8 +3506,10 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def GetAPIRequests(self, request, context):
         start, end = self._period(request)
         user, project = self._user(request), self._project(request)
-        rows = self.reader.requests_page(start, end, request.limit, request.offset, request.oldest_first, user,
-                                         project)
+        limit = request.limit if 0 < request.limit <= MAX_REQUESTS_PAGE else MAX_REQUESTS_PAGE
+        rows = self.reader.requests_page(start, end, limit, request.offset, request.oldest_first, user, project)
+        if not request.HasField("oldest_first"):  # the Go ccmon's client: the newest page, in time order
+            rows.reverse()
         total = sum(u.requests for u in self.reader.usage(start, end, user=user, project=project).values())
         return ccmon_pb2.GetAPIRequestsResponse(total_count=total, requests=[api_request_message(r) for r in rows])
 

@@ -124,7 +124,10 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetAPIRequests(self, request, context):
-        """GetAPIRequests returns API request records, newest first unless oldest_first.
+        """GetAPIRequests returns a page of API request records: at most 1000 (limit 0, negative or above 1000
+        means 1000), `offset` counted from the newest. Unset oldest_first (as the Go ccmon sends it): the page
+        in time order, oldest first, as the Go ccmon server answers; set: newest first (false) or the oldest
+        records first (true), offset counted from the end that comes first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1397,7 +1397,7 @@ def test_sdk_exporter_mixed_value_types_recorded_exactly(server):
 
 def test_api_requests_page_order_and_fields(server):
     sdk_export(server.port, MIXED_EVENTS)
-    page = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(limit=2))
+    page = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(limit=2, oldest_first=False))
     assert page.total_count == 3
     assert [r.model for r in page.requests] == ["claude-opus-4-1", "claude-haiku-4-5-20251001"]
     newest = page.requests[0]
@@ -1812,6 +1812,29 @@ def test_get_usage_at_the_end_of_time_is_an_invalid_argument_in_any_zone(server)
 
     answers_or_refuses()
     assert "Traceback" not in server.log
+
+
+def test_api_requests_in_the_go_ccmons_order_when_oldest_first_is_unset(server):
+    """The Go ccmon's client sends no oldest_first and reverses what it gets for "Latest First": its server answers
+    the newest `limit` requests (offset counted from the newest) oldest first. Pages hold at most 1000 requests."""
+    first = ccmon.parse_iso_ms("2026-05-06T10:00:00Z")
+    rows = [ccmon_pb2.ImportedRequest(session_id="s-page", timestamp_ms=first + i * 1000, model="claude-haiku-4-5",
+                                      input_tokens=i, request_id=f"req_{i}") for i in range(1005)]
+    assert server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(requests=rows)).imported == 1005
+    query = server.query()
+
+    def tokens(**fields) -> list[int]:
+        page = query.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(**fields))
+        assert page.total_count == 1005
+        return [r.input_tokens for r in page.requests]
+
+    assert tokens(limit=3) == [1002, 1003, 1004]
+    assert tokens(limit=3, offset=2) == [1000, 1001, 1002]
+    assert tokens(limit=3, oldest_first=False) == [1004, 1003, 1002]
+    assert tokens(limit=3, offset=1, oldest_first=True) == [1, 2, 3]
+    for limit in (0, -1, 1001, 2 ** 31 - 1):
+        assert tokens(limit=limit) == list(range(5, 1005)), limit
+        assert tokens(limit=limit, oldest_first=True) == list(range(1000)), limit
 
 # ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
@@ -2775,6 +2798,16 @@ def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
         assert re.search(r"Base \(Haiku\) +1 +110 .* 0\.002100", screen), screen
         assert re.search(r"Premium \(S/O\) +1 +1\.5K .* 1\.250000", screen), screen
         assert re.search(r"claude-sonnet-4-5 +1200 +300 .* 1\.250000 +900ms", screen), screen
+        # "Latest First" (its default) puts the sonnet request, 0.36 s newer, on top; `o` turns it to "Oldest First".
+        assert "Latest First" in screen and screen.index("claude-sonnet-4-5 ") < screen.index("claude-haiku-4-5 "), \
+            screen
+        subprocess.run(["tmux", "send-keys", "-t", session, "o"], check=True)
+        deadline = time.time() + 30
+        while time.time() < deadline and "Oldest First" not in screen:
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+                                    text=True).stdout
+            time.sleep(0.2)
+        assert screen.index("claude-haiku-4-5 ") < screen.index("claude-sonnet-4-5 "), screen
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session])
 
