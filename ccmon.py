@@ -1550,6 +1550,10 @@ class StorageError(Exception):
     """The database cannot be opened (wrong file, no permission, corrupt, failed upgrade): fatal at start."""
 
 
+class DatabaseMoved(Exception):
+    """The file the server opened is no longer at its path: a read would find another file, or none."""
+
+
 class StorageUnavailable(Exception):
     """The database cannot take writes right now (locked, disk full, read-only, queue full): retryable."""
 
@@ -1559,7 +1563,10 @@ class StorageUnavailable(Exception):
 
 
 def connect(path: Path, readonly: bool = False, busy_ms: int = 5000) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000)
+    """A connection; a read-only one (mode=ro) never creates a file where the database is not."""
+    where = f"{Path(os.path.abspath(path)).as_uri()}?mode=ro" if readonly else path
+    conn = sqlite3.connect(where, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000,
+                           uri=readonly)
     conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     if readonly:
         conn.execute("PRAGMA query_only = 1")
@@ -1609,6 +1616,10 @@ class DatabaseFile:
         self._identities = {path: self._identity(os.fstat(self._handle.fileno()))}
         self._take_legacy_lock()
 
+    def moved(self) -> str:
+        """'' while the database file is still the one at its path, else what happened to it."""
+        return self._changed({self.path: self._identities[self.path]})
+
     def _take_legacy_lock(self) -> None:
         """Releases of schema 1 locked `ccmon.db.lock` instead: one may still be running on this database."""
         import fcntl
@@ -1636,12 +1647,16 @@ class DatabaseFile:
 
     def replaced(self) -> str:
         """'' while every watched file is still the one at its path, else what happened to the first that is not."""
-        for path, identity in self._identities.items():
+        return self._changed(self._identities)
+
+    @classmethod
+    def _changed(cls, identities: dict[Path, tuple[int, int]]) -> str:
+        for path, identity in identities.items():
             try:
-                if self._identity(os.stat(path)) != identity:
+                if cls._identity(os.stat(path)) != identity:
                     return f"{path} was replaced by another file"
             except FileNotFoundError:
-                return f"{path} was deleted"
+                return f"{path} was moved or deleted"
             except OSError as exc:
                 return f"{path} cannot be checked: {exc.strerror}"
         return ""
@@ -1828,6 +1843,20 @@ class Writer:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 real.with_name(real.name + suffix).unlink(missing_ok=True)
 
+    def moved(self) -> str:
+        """'' while the database file is at its path, else what happened to it (see DatabaseFile.moved)."""
+        return self._file.moved()
+
+    def _checkpoint(self) -> None:
+        """Copy the -wal into the database file: what was committed stays in the file the server opened, wherever
+        it now is (SQLite finds a -wal only beside the file's path, and the path may no longer name it)."""
+        try:
+            busy, _, _ = self._write_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                log.error("the database %s could not be checkpointed: a read was still open", self.path)
+        except sqlite3.Error as exc:
+            log.error("the database %s could not be checkpointed: %s", self.path, exc)
+
     def submit(self, job: Callable[[sqlite3.Connection], Any], timeout: float = 2.0) -> futures.Future:
         """Queue a job for the writer; its Future resolves after the job's transaction commits."""
         if self._closed:
@@ -1898,7 +1927,8 @@ class Writer:
 
     def _run_group(self, group: list) -> None:
         if self._lost:
-            failure = StorageUnavailable(f"the database file is gone ({self._lost}); restart the server", 30)
+            failure = StorageUnavailable(f"the database file is gone ({self._lost}); stop the server and put the "
+                                         f"file back at {self.path}", 30)
             for _, future in group:
                 future.set_exception(failure)
             return
@@ -1939,8 +1969,10 @@ class Writer:
         self._lost = self._file.replaced()
         if self._lost:
             log.critical("THE DATABASE FILE IS GONE: %s. The server no longer acknowledges any data, so exporters "
-                         "keep it until it can be stored; restart the server to write a new database at %s.",
-                         self._lost, self.path)
+                         "keep it until it can be stored. Everything acknowledged is in the file the server opened: "
+                         "stop the server and put that file back at %s (started without it, the server begins a new "
+                         "database there).", self._lost, self.path)
+            self._checkpoint()
             self._run_group(group)  # answers every job of the group as not stored
             return
         if self._failing:
@@ -2135,6 +2167,7 @@ class Writer:
             except queue.Full:
                 continue
         self._writer.join()
+        self._checkpoint()
         self._write_conn.close()
         self._file.close()
 
@@ -2185,11 +2218,16 @@ class Reader:
     """Queries over the database, each on its thread's own read-only connection (SQLite's WAL lets them run
     while the writer commits)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, moved: Callable[[], str] = lambda: ""):
         self.path = path
+        self._moved = moved  # the server's check that its database file is still at the path
         self._connections = threading.local()
 
     def _reader(self) -> sqlite3.Connection:
+        gone = self._moved()
+        if gone:  # a connection opened now would read another file, or none
+            raise DatabaseMoved(f"the database file the server writes is no longer at its path ({gone}); stop the "
+                                f"server and put the file back at {self.path}: it holds everything acknowledged")
         conn = getattr(self._connections, "conn", None)
         if conn is None:
             conn = self._connections.conn = connect(self.path, readonly=True)
@@ -3458,13 +3496,16 @@ def timestamp_ms(request, field: str, default: int) -> int:
 
 
 def answering_storage_errors(cls: type) -> type:
-    """Wrap every RPC method of a servicer so that SQLite errors become gRPC statuses."""
+    """Wrap every RPC method of a servicer so that SQLite errors, and a database no longer at its path, become gRPC
+    statuses."""
     def wrapped(method: Callable) -> Callable:
         def answer(self, request, context):
             try:
                 return method(self, request, context)
             except sqlite3.Error as exc:
                 self.storage_failure(context, exc)
+            except DatabaseMoved as exc:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         return answer
 
     for name in [name for name in vars(cls) if name[:1].isupper()]:  # the RPCs
@@ -4220,7 +4261,7 @@ def start_listeners(config: Config, store: Writer,
     receiver = Receiver(store, decoders)
     server = None
     try:
-        server, port = start_grpc_server(config, receiver, Reader(config.database_path))
+        server, port = start_grpc_server(config, receiver, Reader(config.database_path, store.moved))
         httpd, http_port = start_http_server(config, receiver) if config.server_http_address else (None, 0)
     except (ServerError, ssl.SSLError, OSError) as exc:
         if server:
@@ -4328,6 +4369,8 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
         return f"the server refused the token ({TOKEN_ENV} or monitor.token)"
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "server did not answer in time"
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # ccmon's server says what to do: in full
+        return f"the server cannot answer: {details[:400]}"
     return f"{exc.code().name.lower()}: {details[:80]}"
 
 

@@ -1141,6 +1141,8 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         assert f"upgrading {db} from schema 1 to {ccmon.SCHEMA_VERSION}; a copy of the old database is at " \
                f"{backup}" in srv.log
         old, new = json.loads((V1 / "answers.json").read_text()), v1_answers(srv)
+        # Asked without oldest_first, GetAPIRequests now answers the same page in the Go ccmon's order, oldest first.
+        new["requests"]["requests"].reverse()
         # Every figure is what schema 1 answered; only s-cy-1's user is now the email its resource gave
         # instead of the hashed user.id (schema 3 names users readably).
         assert {k: v for k, v in new.items() if k not in ("sessions", "users")} == \
@@ -1259,11 +1261,11 @@ def test_deleted_database_files_stop_acknowledgements(server):
     with pytest.raises(grpc.RpcError) as err:
         stub.Export(logs_request(events))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert f"{server.db} was deleted" in err.value.details()
+    assert f"{server.db} was moved or deleted" in err.value.details()
     response, data = http_post(server.http_port, body=logs_request(events).SerializeToString())
     assert (response.status, status_of(data)[0]) == (503, 14)
     assert server.log.count("THE DATABASE FILE IS GONE") == 1
-    assert f"THE DATABASE FILE IS GONE: {server.db} was deleted." in server.log
+    assert f"THE DATABASE FILE IS GONE: {server.db} was moved or deleted." in server.log
 
 
 def test_one_server_per_database_whatever_the_path(server, tmp_path):
@@ -1379,6 +1381,36 @@ def test_files_are_private_and_a_failed_start_leaves_none(server, tmp_path):
     server.stop()
     assert sorted(p.name for p in server.db.parent.iterdir() if p.name.startswith("ccmon.db")) == ["ccmon.db"]
 
+
+
+def test_a_database_renamed_under_the_server_keeps_every_acknowledged_row(tmp_path):
+    """A query after `mv ccmon.db moved.db` neither creates a new ccmon.db nor loses the -wal: it is refused, and
+    at the stop what was acknowledged is in moved.db itself. Files are private whatever the umask."""
+    umask_0 = ["sh", "-c", 'umask 000 && exec "$0" "$@"', *CCMON]
+    srv = ServerProcess(tmp_path, command=umask_0).start()
+    try:
+        events = [("api_request", api_request(seq, "2026-06-01T00:00:00Z", input_tokens=seq)) for seq in range(10)]
+        srv.logs_stub().Export(logs_request(events))
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ccmon.db")) == \
+            ["ccmon.db", "ccmon.db-shm", "ccmon.db-wal"]
+        for path in tmp_path.glob("ccmon.db*"):
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        srv.db.rename(tmp_path / "moved.db")
+        with pytest.raises(grpc.RpcError) as refused:
+            srv.query().GetStats(ccmon_pb2.GetStatsRequest())
+        assert (refused.value.code(), refused.value.details()) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the database file the server writes is no longer at its path ({srv.db} was moved or deleted); stop "
+            f"the server and put the file back at {srv.db}: it holds everything acknowledged")
+        client = run_ccmon(["--monitor-server", srv.target, "--format", "@daily_cost"], tmp_path)
+        assert client.returncode == 1 and "the server cannot answer: the database file the server writes is no " \
+            "longer at its path" in client.stderr, client.stderr
+        assert not srv.db.exists()
+    finally:
+        assert srv.stop() == 0, srv.log
+    assert not srv.db.exists() and "Traceback" not in srv.log
+    assert (tmp_path / "moved.db").stat().st_mode & 0o777 == 0o600
+    assert db_rows(tmp_path / "moved.db", "SELECT COUNT(*), SUM(input_tokens) FROM requests") == [(10, 45)]
 
 # ---------------------------------------------------------------- OTLP ingestion and the query service
 
