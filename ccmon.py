@@ -51,6 +51,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -1604,6 +1605,10 @@ class DatabaseFile:
     def __init__(self, path: Path):
         self.path = path
         self.created = create_private(Path(os.path.realpath(path)))  # a symlink's file, even one not there yet
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before opening it: opening a FIFO would wait for a writer
+            kind = "a folder" if os.path.isdir(path) else "not a regular file"
+            raise StorageError(f"{path} is {kind}; --database-path (database.path) names ccmon's database file, "
+                               "created when missing")
         self._handle = open(path, "rb")
         try:
             import fcntl  # an flock, not SQLite's own fcntl locks: the two never interfere on a local disk
@@ -1670,6 +1675,20 @@ def recovery_advice(path: Path) -> str:
             f"sqlite3 {path} .recover | sqlite3 recovered.db")
 
 
+def fresh_start_advice(path: Path) -> str:
+    """What to do with a database ccmon cannot read: its newest upgrade backup back in place, else a new one."""
+    try:
+        backups = sorted((found for found in path.parent.iterdir()
+                          if re.fullmatch(re.escape(path.name) + r"\.v\d+\.bak", found.name)),
+                         key=lambda backup: backup.stat().st_mtime)
+    except OSError:
+        backups = []
+    keep = f"move {path} aside (keep it: sqlite3 may still recover rows from it)"
+    if backups:
+        return f"{keep} and restore the newest backup, {backups[-1]}, in its place"
+    return f"{keep} to start a new database there"
+
+
 def is_damage(exc: sqlite3.Error, kinds: tuple[int, ...] = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)) -> bool:
     """The file is damaged, not busy: retrying will not help."""
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF in kinds
@@ -1710,12 +1729,18 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
 def open_database(path: Path) -> sqlite3.Connection:
     """The write connection to a sound database of the current schema: created at version 1 and brought up to
     date, or upgraded after a backup copy is written beside it. Anything else is a StorageError in one line."""
-    conn = connect(path, busy_ms=2000)  # short: a locked database answers exporters "retry later" within 10 s
+    try:
+        conn = connect(path, busy_ms=2000)  # short: a locked database answers exporters "retry later" within 10 s
+    except sqlite3.Error as exc:  # not a file SQLite can use at all (/proc/self/mem, a device)
+        raise StorageError(f"cannot use {path} as ccmon's database: {exc}") from None
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if version > SCHEMA_VERSION:
             raise StorageError(f"{path} was written by a newer ccmon (schema {version}); upgrade ccmon")
+        if version < 0:  # no ccmon writes one: not something to migrate, or to copy as a backup
+            raise StorageError(f"{path} has schema version {version}, which no ccmon writes; "
+                               f"{fresh_start_advice(path)}")
         if tables and "requests" not in tables:
             raise StorageError(f"{path} is an SQLite database of something else, not ccmon's; "
                                "choose another --database-path")
@@ -1742,6 +1767,9 @@ def open_database(path: Path) -> sqlite3.Connection:
         conn.close()
         if is_damage(exc, (sqlite3.SQLITE_CORRUPT,)):  # not SQLITE_NOTADB: that is some other kind of file
             raise StorageError(f"{path} is damaged ({exc}); {recovery_advice(path)}") from None
+        if is_damage(exc, (sqlite3.SQLITE_NOTADB,)):  # another kind of file, or ccmon's with its header destroyed
+            raise StorageError(f"{path} is not an SQLite database ({exc}); if it was ccmon's, "
+                               f"{fresh_start_advice(path)}") from None
         raise StorageError(f"cannot use {path} as ccmon's database: {exc}") from None
     except StorageError:
         conn.close()

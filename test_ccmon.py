@@ -1412,6 +1412,40 @@ def test_a_database_renamed_under_the_server_keeps_every_acknowledged_row(tmp_pa
     assert (tmp_path / "moved.db").stat().st_mode & 0o777 == 0o600
     assert db_rows(tmp_path / "moved.db", "SELECT COUNT(*), SUM(input_tokens) FROM requests") == [(10, 45)]
 
+
+def test_database_paths_ccmon_cannot_use_are_refused_in_one_line(tmp_path):
+    """No traceback, no hang on a FIFO, no migration or backup of a schema version no ccmon writes, and for a
+    destroyed header what to do: restore the newest upgrade backup when there is one."""
+    fifo, folder = tmp_path / "fifo", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    negative, headless = tmp_path / "negative.db", tmp_path / "headless.db"
+    for path in (negative, headless):
+        shutil.copyfile(V1 / "ccmon.db", path)
+    with sqlite3.connect(negative) as conn:
+        conn.execute("PRAGMA user_version = -1")
+    conn.close()
+    with open(headless, "r+b") as damaged:
+        damaged.write(b"\0" * 100)
+    shutil.copyfile(V1 / "ccmon.db", tmp_path / "headless.db.v1.bak")
+    os.utime(tmp_path / "headless.db.v1.bak", (1_700_000_000, 1_700_000_000))
+    shutil.copyfile(V1 / "ccmon.db", tmp_path / "headless.db.v3.bak")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    usage = "names ccmon's database file, created when missing"
+    keep = "(keep it: sqlite3 may still recover rows from it)"
+    cases = {Path("/proc/self/mem"): "cannot use /proc/self/mem as ccmon's database: disk I/O error",
+             folder: f"{folder} is a folder; --database-path (database.path) {usage}",
+             fifo: f"{fifo} is not a regular file; --database-path (database.path) {usage}",
+             negative: f"{negative} has schema version -1, which no ccmon writes; move {negative} aside {keep} to "
+                       "start a new database there",
+             headless: f"{headless} is not an SQLite database (file is not a database); if it was ccmon's, move "
+                       f"{headless} aside {keep} and restore the newest backup, {headless}.v3.bak, in its place"}
+    for path, message in cases.items():
+        result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
+                            "--database-path", str(path)], tmp_path, timeout=20)
+        assert (result.returncode, result.stderr) == (1, f"ccmon: {message}\n"), path
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
 # ---------------------------------------------------------------- OTLP ingestion and the query service
 
 def test_sdk_exporter_mixed_value_types_recorded_exactly(server):
