@@ -3428,9 +3428,36 @@ def session_of(s: ccmon_pb2.SessionStats) -> Session:
                    s.source or session_source(0, s.from_metrics))  # servers before transcripts send no source
 
 
+# An event's attributes in a timeline answer: a full timeline (MAX_TIMELINE_ENTRIES) fits in the 4 MB clients accept.
+DETAILS_MAX_BYTES = 1024
+DETAILS_TEXT_CHARS = 200      # a longer key or text is cut to this, ending in "…", once the whole is over the size
+DETAILS_OMITTED = "ccmon.omitted_attributes"  # how many attributes did not fit
+
+
+def details_json(details: dict) -> str:
+    """Attributes as stored, as compact JSON; over DETAILS_MAX_BYTES, with long texts cut and as many attributes as
+    fit, the shortest first (a tool's name before a command's text), DETAILS_OMITTED counting the others."""
+    whole = compact_json(details) or ""
+    if len(whole.encode()) <= DETAILS_MAX_BYTES:
+        return whole
+
+    def cut(text: str) -> str:
+        return text if len(text) <= DETAILS_TEXT_CHARS else text[:DETAILS_TEXT_CHARS - 1] + "…"
+
+    texts = {key: value if isinstance(value, (str, int, float, bool)) or value is None else
+             json.dumps(value, sort_keys=True, separators=(",", ":"), default=json_default)  # a nested value's JSON
+             for key, value in details.items()}
+    kept: dict[str, Any] = {}
+    for key, value in sorted(texts.items(), key=lambda item: (len(item[0]) + len(str(item[1])), item[0])):
+        trial = {**kept, cut(key): cut(value) if isinstance(value, str) else value}
+        if len(compact_json({**trial, DETAILS_OMITTED: len(details)}).encode()) <= DETAILS_MAX_BYTES:
+            kept = trial
+    return compact_json({**kept, DETAILS_OMITTED: len(details) - len(kept)})
+
+
 def timeline_entry_message(entry: TimelineEntry) -> ccmon_pb2.TimelineEntry:
     message = ccmon_pb2.TimelineEntry(timestamp=timestamp_from_ms(entry.ts_ms), kind=entry.kind,
-                                      details=compact_json(entry.details) or "")  # as stored
+                                      details=details_json(entry.details))
     if entry.request is not None:
         message.request.CopyFrom(api_request_message(entry.request))
     return message
@@ -3512,6 +3539,12 @@ def import_counts_message(counts: ImportCounts) -> ccmon_pb2.ImportRequestsRespo
 # The most an answer lists (ccmon.proto says so): an answer fits gRPC's default 4 MB message limit, and a
 # client looping on a query cannot hold the server's memory or its reads for long.
 MAX_REQUESTS_PAGE = 1000
+MAX_SESSIONS, DEFAULT_SESSIONS = 5000, 500
+MAX_TIMELINE_ENTRIES = 2000  # each event's details at most DETAILS_MAX_BYTES
+MAX_LIST = 1000              # users, projects, models, tools, blocks (the newest)
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # what gRPC clients accept by default; an answer over it is refused instead
+# Queries answered at once: the rest of the RPC threads stay free for exports, however many clients loop on queries.
+QUERY_SLOTS = 8
 CALIBRATION_READINGS = 2000  # the readings GetLimits looks through (the last 30 days of a busy status line)
 CALIBRATION_WINDOWS = 20     # and the windows it calibrates from, newest first
 
@@ -3525,15 +3558,24 @@ def timestamp_ms(request, field: str, default: int) -> int:
 
 def answering_storage_errors(cls: type) -> type:
     """Wrap every RPC method of a servicer so that SQLite errors, and a database no longer at its path, become gRPC
-    statuses."""
+    statuses; at most QUERY_SLOTS run at once, and no answer is larger than MAX_ANSWER_BYTES."""
     def wrapped(method: Callable) -> Callable:
         def answer(self, request, context):
+            if not self.slots.acquire(blocking=False):  # waiting would hold an RPC thread an export needs
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is answering {QUERY_SLOTS} queries "
+                              "already; ask again in a moment")
             try:
-                return method(self, request, context)
+                response = method(self, request, context)
             except sqlite3.Error as exc:
                 self.storage_failure(context, exc)
             except DatabaseMoved as exc:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            finally:
+                self.slots.release()
+            if response.ByteSize() > MAX_ANSWER_BYTES:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the answer would be {response.ByteSize():,} "
+                              f"bytes, over the {MAX_ANSWER_BYTES:,} clients accept: ask for less")
+            return response
         return answer
 
     for name in [name for name in vars(cls) if name[:1].isupper()]:  # the RPCs
@@ -3546,6 +3588,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def __init__(self, reader: Reader, started_ms: int, writer: Writer):
         self.reader, self.started_ms, self.writer = reader, started_ms, writer
         self._failures_logged: set[str] = set()
+        self.slots = threading.BoundedSemaphore(QUERY_SLOTS)
 
     def storage_failure(self, context, exc: sqlite3.Error) -> None:
         """Abort with a status that says why the database cannot answer (logged once per kind)."""
@@ -3608,7 +3651,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
 
     def GetModelStats(self, request, context):
         by_model = self.reader.usage(*self._period(request), user=self._user(request), project=self._project(request))
-        ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))
+        ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))[:MAX_LIST]
         return ccmon_pb2.GetModelStatsResponse(models=[model_message(ModelUsage(model, u)) for model, u in ranked])
 
     def GetSessionStats(self, request, context):
@@ -3625,28 +3668,35 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
 
     def GetSessions(self, request, context):
         found = self.reader.sessions(*self._period(request), user=self._user(request),
-                                    limit=min(max(request.limit, 0) or 500, 5000), project=self._project(request))
+                                    limit=min(max(request.limit, 0) or DEFAULT_SESSIONS, MAX_SESSIONS),
+                                    project=self._project(request))
         return ccmon_pb2.GetSessionsResponse(sessions=[session_message(s) for s in found])
 
     def GetSessionTimeline(self, request, context):
-        entries = self.reader.timeline(request.session_id, min(max(request.limit, 0) or 2000, 20000))
+        limit = request.limit if 0 < request.limit <= MAX_TIMELINE_ENTRIES else MAX_TIMELINE_ENTRIES
+        entries = self.reader.timeline(request.session_id, limit)
         return ccmon_pb2.GetSessionTimelineResponse(session_id=request.session_id,
                                                     entries=[timeline_entry_message(entry) for entry in entries])
 
     def GetToolStats(self, request, context):
-        return tool_report_message(self.reader.tool_report(*self._period(request), user=self._user(request),
-                                                           project=self._project(request)))
+        report = self.reader.tool_report(*self._period(request), user=self._user(request),
+                                         project=self._project(request))
+        return tool_report_message(dataclasses.replace(report, tools=report.tools[:MAX_LIST],
+                                                       decisions=report.decisions[:MAX_LIST],
+                                                       errors=report.errors[:MAX_LIST]))
 
     def GetUsers(self, request, context):
-        found = self.reader.users(*self._period(request), self._project(request))
+        found = self.reader.users(*self._period(request), self._project(request))[:MAX_LIST]
         return ccmon_pb2.GetUsersResponse(users=[user_message(user) for user in found])
 
     def GetBlocks(self, request, context):
-        found = self.reader.blocks(*self._period(request), user=self._user(request), project=self._project(request))
+        found = self.reader.blocks(*self._period(request), user=self._user(request),
+                                   project=self._project(request))[-MAX_LIST:]
         return ccmon_pb2.GetBlocksResponse(blocks=[block_message(block) for block in found])
 
     def GetProjects(self, request, context):
-        found = self.reader.projects(*self._period(request), user=self._user(request), project=self._project(request))
+        found = self.reader.projects(*self._period(request), user=self._user(request),
+                                     project=self._project(request))[:MAX_LIST]
         return ccmon_pb2.GetProjectsResponse(projects=[project_message(project) for project in found])
 
     def ReportStatusLine(self, request, context):

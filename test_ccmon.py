@@ -1902,6 +1902,28 @@ def test_api_requests_in_the_go_ccmons_order_when_oldest_first_is_unset(server):
         assert tokens(limit=limit) == list(range(5, 1005)), limit
         assert tokens(limit=limit, oldest_first=True) == list(range(1000)), limit
 
+
+def test_a_timeline_of_huge_attributes_fits_what_clients_accept(server):
+    """Six events of 1 MiB attributes each (and a 100 KB key): the timeline answer fits gRPC's default 4 MB, each
+    event's details cut to 1 KiB of valid JSON that keeps its short attributes and counts those left out."""
+    big = "x" * (1024 * 1024 - 1)
+    events = [("tool_result", {"event.name": "tool_result", "event.timestamp": f"2026-05-06T10:00:0{i}Z",
+                               "session.id": "s-huge", "tool_name": "Bash", "success": "true", "output": big,
+                               "k" * 100_000: "v", **{f"part{p}": "y" * 100_000 for p in range(4)}})
+              for i in range(6)]
+    assert server.logs_stub().Export(logs_request(events)).partial_success.rejected_log_records == 0
+    client = ccmon.Client(server.target)  # gRPC's default receive limit, 4 MB
+    entries = client.timeline("s-huge")
+    client.close()
+    assert [(entry.kind, entry.ts_ms) for entry in entries] == \
+        [("tool_result", ccmon.parse_iso_ms(f"2026-05-06T10:00:0{i}Z")) for i in range(6)]
+    for entry in entries:
+        assert entry.details["tool_name"] == "Bash" and entry.details["success"] == "true"
+        assert sorted(entry.details) == ["ccmon.omitted_attributes", "k" * 199 + "…", "part0", "part1", "part2",
+                                         "success", "tool_name"], sorted(entry.details)
+        assert entry.details["part0"] == "y" * 199 + "…" and entry.details["ccmon.omitted_attributes"] == 2  # output, part3
+        assert len(ccmon.compact_json(entry.details).encode()) <= ccmon.DETAILS_MAX_BYTES
+
 # ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
 def http_post(port: int, path: str = "/v1/logs", body: bytes = b"", headers: dict | None = None,
