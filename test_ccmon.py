@@ -1924,6 +1924,94 @@ def test_a_timeline_of_huge_attributes_fits_what_clients_accept(server):
         assert entry.details["part0"] == "y" * 199 + "…" and entry.details["ccmon.omitted_attributes"] == 2  # output, part3
         assert len(ccmon.compact_json(entry.details).encode()) <= ccmon.DETAILS_MAX_BYTES
 
+
+class Aborted(Exception):
+    pass
+
+
+class AbortingContext:
+    """What a servicer method is given in place of gRPC's context: abort raises, as gRPC's does."""
+
+    def abort(self, code, details):
+        raise Aborted(code, details)
+
+
+class ListingReader:
+    """A Reader standing in for a big database: MAX_LIST + 1 of everything, huge timelines, a totals() that waits."""
+
+    def __init__(self):
+        self.entered, self.release, self.lock, self.waiting = threading.Event(), threading.Event(), threading.Lock(), 0
+
+    def users(self, start_ms, end_ms, project=None):
+        return [ccmon.UserUsage(f"user-{i:04}", ccmon.Split(), 1) for i in range(ccmon.MAX_LIST + 1)]
+
+    def projects(self, start_ms, end_ms, user=None, project=None):
+        return [ccmon.ProjectUsage(f"project-{i:04}", ccmon.Split(), 1) for i in range(ccmon.MAX_LIST + 1)]
+
+    def blocks(self, start_ms, end_ms, user=None, project=None):
+        return [ccmon.UsageBlock(i * ccmon.BLOCK_MS, (i + 1) * ccmon.BLOCK_MS, ccmon.Split(), i * ccmon.BLOCK_MS)
+                for i in range(ccmon.MAX_LIST + 1)]
+
+    def timeline(self, session_id, limit):
+        self.limit = limit
+        request = ccmon.ApiRequest(0, "claude-haiku-4-5", session_id, ccmon.Usage())
+        return [ccmon.TimelineEntry(i, "api_request", request, {}) for i in range(limit)]
+
+    def totals(self):
+        with self.lock:
+            self.waiting += 1
+            if self.waiting == ccmon.QUERY_SLOTS:
+                self.entered.set()
+        self.release.wait(30)
+        return 0, 0
+
+    def last_request_ms(self):
+        return None
+
+
+def test_every_list_answer_is_bounded():
+    reader = ListingReader()
+    service, context = ccmon.QueryService(reader, 0, None), AbortingContext()
+    users = service.GetUsers(ccmon_pb2.GetUsersRequest(), context).users
+    assert (len(users), users[0].user, users[-1].user) == (1000, "user-0000", "user-0999")
+    projects = service.GetProjects(ccmon_pb2.GetProjectsRequest(), context).projects
+    assert (len(projects), projects[-1].project) == (1000, "project-0999")
+    blocks = service.GetBlocks(ccmon_pb2.GetBlocksRequest(), context).blocks  # the newest
+    assert (len(blocks), ccmon.ms_of(blocks[0].start_time)) == (1000, ccmon.BLOCK_MS)
+    for limit in (0, -1, 2001, 2 ** 31 - 1):
+        timeline = service.GetSessionTimeline(ccmon_pb2.GetSessionTimelineRequest(session_id="s", limit=limit),
+                                              context)
+        assert (reader.limit, len(timeline.entries)) == (2000, 2000)
+    with pytest.raises(Aborted) as refused:  # a timeline of 2000 requests of a 3000-character session id
+        service.GetSessionTimeline(ccmon_pb2.GetSessionTimelineRequest(session_id="s" * 3000), context)
+    code, details = refused.value.args
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert re.fullmatch(r"the answer would be [\d,]+ bytes, over the 4,194,304 clients accept: ask for less", details)
+
+
+def test_queries_beyond_the_slots_are_refused_not_queued():
+    """A query waiting for a slot would hold an RPC thread that an export needs."""
+    reader = ListingReader()
+    service = ccmon.QueryService(reader, 0, None)
+    answers = []
+    running = [threading.Thread(target=lambda: answers.append(
+        service.GetServerInfo(ccmon_pb2.GetServerInfoRequest(), AbortingContext()).version))
+        for _ in range(ccmon.QUERY_SLOTS)]
+    for thread in running:
+        thread.start()
+    try:
+        assert reader.entered.wait(30)
+        with pytest.raises(Aborted) as refused:
+            service.GetServerInfo(ccmon_pb2.GetServerInfoRequest(), AbortingContext())
+        assert refused.value.args == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      "the server is answering 8 queries already; ask again in a moment")
+    finally:
+        reader.release.set()
+        for thread in running:
+            thread.join()
+    assert answers == [ccmon.VERSION] * 8
+    assert service.GetServerInfo(ccmon_pb2.GetServerInfoRequest(), AbortingContext()).version == ccmon.VERSION
+
 # ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
 def http_post(port: int, path: str = "/v1/logs", body: bytes = b"", headers: dict | None = None,
