@@ -2012,6 +2012,53 @@ def test_queries_beyond_the_slots_are_refused_not_queued():
     assert answers == [ccmon.VERSION] * 8
     assert service.GetServerInfo(ccmon_pb2.GetServerInfoRequest(), AbortingContext()).version == ccmon.VERSION
 
+
+def test_a_server_busy_with_looping_queries_stores_exports_and_stops_within_10_s(tmp_path):
+    """24 clients looping on the largest page leave exports their threads, and SIGTERM ends the server in time."""
+    srv = ServerProcess(tmp_path).start()
+    first = ccmon.parse_iso_ms("2026-05-06T10:00:00Z")
+    rows = [ccmon_pb2.ImportedRequest(session_id="s-load", timestamp_ms=first + i, model="claude-haiku-4-5",
+                                      input_tokens=1, request_id=f"req_{i}") for i in range(2000)]
+    assert srv.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(requests=rows)).imported == 2000
+    stop, answered, acknowledged, failures = threading.Event(), [], set(), []
+
+    def loop_queries():
+        query = srv.query()
+        while not stop.is_set():
+            try:
+                answered.append(len(query.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(limit=0), timeout=10)
+                                    .requests))
+            except grpc.RpcError:
+                continue  # refused while the slots are taken, or the server stopping
+
+    loopers = [threading.Thread(target=loop_queries) for _ in range(24)]
+    for looper in loopers:
+        looper.start()
+    try:
+        wait_until(lambda: len(answered) >= 24, "24 answered queries", 60, interval=0.05)
+        stub = srv.logs_stub()
+        for seq in range(5):
+            try:
+                stub.Export(logs_request([("api_request", api_request(seq, "2026-06-01T00:00:00Z",
+                                                                      session="s-export", input_tokens=1))]),
+                            timeout=10)
+                acknowledged.add(seq)
+            except grpc.RpcError as exc:
+                failures.append(exc.code())
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(10) == 0
+    finally:
+        stop.set()
+        for looper in loopers:
+            looper.join()
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    srv.read_last_lines()
+    assert (failures, sorted(acknowledged)) == ([], [0, 1, 2, 3, 4]), srv.log
+    assert set(answered) == {1000}
+    assert db_rows(srv.db, "SELECT COUNT(*) FROM requests s JOIN sessions ss ON ss.id = s.session "
+                           "WHERE ss.session_id = 's-export'") == [(5,)]
+
 # ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
 def http_post(port: int, path: str = "/v1/logs", body: bytes = b"", headers: dict | None = None,
