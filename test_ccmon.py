@@ -914,7 +914,7 @@ def test_port_in_use_and_foreign_database_are_refused(server, tmp_path):
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not a database" * 100)
     for path, message in ((foreign, "is an SQLite database of something else"),
-                          (garbage, "cannot use")):
+                          (garbage, "is not an SQLite database")):
         result = subprocess.run([sys.executable, str(ROOT / "ccmon.py"), "-s", "--server-address",
                                  "127.0.0.1:0", "--server-http-address", "off", "--database-path", str(path)],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=30)
