@@ -2195,7 +2195,8 @@ class Writer:
             except queue.Full:
                 continue
         self._writer.join()
-        self._checkpoint()
+        if self._file.replaced():  # else SQLite checkpoints as usual, or finds the -wal beside the file next time
+            self._checkpoint()
         self._write_conn.close()
         self._file.close()
 
