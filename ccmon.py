@@ -3557,7 +3557,7 @@ def timestamp_ms(request, field: str, default: int) -> int:
     return min(max(ms_of(getattr(request, field)), 0), MAX_TIMESTAMP_MS + 1)
 
 
-def answering_storage_errors(cls: type) -> type:
+def guarding_every_rpc(cls: type) -> type:
     """Wrap every RPC method of a servicer so that SQLite errors, and a database no longer at its path, become gRPC
     statuses; at most QUERY_SLOTS run at once, and no answer is larger than MAX_ANSWER_BYTES."""
     def wrapped(method: Callable) -> Callable:
@@ -3584,7 +3584,7 @@ def answering_storage_errors(cls: type) -> type:
     return cls
 
 
-@answering_storage_errors
+@guarding_every_rpc
 class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def __init__(self, reader: Reader, started_ms: int, writer: Writer):
         self.reader, self.started_ms, self.writer = reader, started_ms, writer
