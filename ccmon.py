@@ -3570,6 +3570,9 @@ def guarding_every_rpc(cls: type) -> type:
             except sqlite3.Error as exc:
                 self.storage_failure(context, exc)
             except DatabaseMoved as exc:
+                if "moved" not in self._failures_logged:
+                    self._failures_logged.add("moved")
+                    log.critical("queries are refused: %s", exc)
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             finally:
                 self.slots.release()

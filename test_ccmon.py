@@ -1409,6 +1409,8 @@ def test_a_database_renamed_under_the_server_keeps_every_acknowledged_row(tmp_pa
     finally:
         assert srv.stop() == 0, srv.log
     assert not srv.db.exists() and "Traceback" not in srv.log
+    assert srv.log.count(f"CRITICAL queries are refused: the database file the server writes is no longer at its "
+                         f"path ({srv.db} was moved or deleted)") == 1, srv.log
     assert (tmp_path / "moved.db").stat().st_mode & 0o777 == 0o600
     assert db_rows(tmp_path / "moved.db", "SELECT COUNT(*), SUM(input_tokens) FROM requests") == [(10, 45)]
 
