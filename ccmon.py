@@ -52,6 +52,7 @@ import socket
 import sqlite3
 import struct
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -1551,6 +1552,10 @@ class StorageError(Exception):
     """The database cannot be opened (wrong file, no permission, corrupt, failed upgrade): fatal at start."""
 
 
+class DatabaseMoved(Exception):
+    """The file the server opened is no longer at its path: a read would find another file, or none."""
+
+
 class StorageUnavailable(Exception):
     """The database cannot take writes right now (locked, disk full, read-only, queue full): retryable."""
 
@@ -1560,7 +1565,10 @@ class StorageUnavailable(Exception):
 
 
 def connect(path: Path, readonly: bool = False, busy_ms: int = 5000) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000)
+    """A connection; a read-only one (mode=ro) never creates a file where the database is not."""
+    where = f"{Path(os.path.abspath(path)).as_uri()}?mode=ro" if readonly else path
+    conn = sqlite3.connect(where, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000,
+                           uri=readonly)
     conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     if readonly:
         conn.execute("PRAGMA query_only = 1")
@@ -1598,6 +1606,10 @@ class DatabaseFile:
     def __init__(self, path: Path):
         self.path = path
         self.created = create_private(Path(os.path.realpath(path)))  # a symlink's file, even one not there yet
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before opening it: opening a FIFO would wait for a writer
+            kind = "a folder" if os.path.isdir(path) else "not a regular file"
+            raise StorageError(f"{path} is {kind}; --database-path (database.path) names ccmon's database file, "
+                               "created when missing")
         self._handle = open(path, "rb")
         try:
             import fcntl  # an flock, not SQLite's own fcntl locks: the two never interfere on a local disk
@@ -1609,6 +1621,10 @@ class DatabaseFile:
                                "another --database-path") from None
         self._identities = {path: self._identity(os.fstat(self._handle.fileno()))}
         self._take_legacy_lock()
+
+    def moved(self) -> str:
+        """'' while the database file is still the one at its path, else what happened to it."""
+        return self._changed({self.path: self._identities[self.path]})
 
     def _take_legacy_lock(self) -> None:
         """Releases of schema 1 locked `ccmon.db.lock` instead: one may still be running on this database."""
@@ -1637,12 +1653,16 @@ class DatabaseFile:
 
     def replaced(self) -> str:
         """'' while every watched file is still the one at its path, else what happened to the first that is not."""
-        for path, identity in self._identities.items():
+        return self._changed(self._identities)
+
+    @classmethod
+    def _changed(cls, identities: dict[Path, tuple[int, int]]) -> str:
+        for path, identity in identities.items():
             try:
-                if self._identity(os.stat(path)) != identity:
+                if cls._identity(os.stat(path)) != identity:
                     return f"{path} was replaced by another file"
             except FileNotFoundError:
-                return f"{path} was deleted"
+                return f"{path} was moved or deleted"
             except OSError as exc:
                 return f"{path} cannot be checked: {exc.strerror}"
         return ""
@@ -1654,6 +1674,20 @@ class DatabaseFile:
 def recovery_advice(path: Path) -> str:
     return (f"keep {path} as it is, and restore a backup, or recover what SQLite can still read with: "
             f"sqlite3 {path} .recover | sqlite3 recovered.db")
+
+
+def fresh_start_advice(path: Path) -> str:
+    """What to do with a database ccmon cannot read: its newest upgrade backup back in place, else a new one."""
+    try:
+        backups = sorted((found for found in path.parent.iterdir()
+                          if re.fullmatch(re.escape(path.name) + r"\.v\d+\.bak", found.name)),
+                         key=lambda backup: backup.stat().st_mtime)
+    except OSError:
+        backups = []
+    keep = f"move {path} aside (keep it: sqlite3 may still recover rows from it)"
+    if backups:
+        return f"{keep} and restore the newest backup, {backups[-1]}, in its place"
+    return f"{keep} to start a new database there"
 
 
 def is_damage(exc: sqlite3.Error, kinds: tuple[int, ...] = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)) -> bool:
@@ -1696,12 +1730,18 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
 def open_database(path: Path) -> sqlite3.Connection:
     """The write connection to a sound database of the current schema: created at version 1 and brought up to
     date, or upgraded after a backup copy is written beside it. Anything else is a StorageError in one line."""
-    conn = connect(path, busy_ms=2000)  # short: a locked database answers exporters "retry later" within 10 s
+    try:
+        conn = connect(path, busy_ms=2000)  # short: a locked database answers exporters "retry later" within 10 s
+    except sqlite3.Error as exc:  # not a file SQLite can use at all (/proc/self/mem, a device)
+        raise StorageError(f"cannot use {path} as ccmon's database: {exc}") from None
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if version > SCHEMA_VERSION:
             raise StorageError(f"{path} was written by a newer ccmon (schema {version}); upgrade ccmon")
+        if version < 0:  # no ccmon writes one: not something to migrate, or to copy as a backup
+            raise StorageError(f"{path} has schema version {version}, which no ccmon writes; "
+                               f"{fresh_start_advice(path)}")
         if tables and "requests" not in tables:
             raise StorageError(f"{path} is an SQLite database of something else, not ccmon's; "
                                "choose another --database-path")
@@ -1728,6 +1768,9 @@ def open_database(path: Path) -> sqlite3.Connection:
         conn.close()
         if is_damage(exc, (sqlite3.SQLITE_CORRUPT,)):  # not SQLITE_NOTADB: that is some other kind of file
             raise StorageError(f"{path} is damaged ({exc}); {recovery_advice(path)}") from None
+        if is_damage(exc, (sqlite3.SQLITE_NOTADB,)):  # another kind of file, or ccmon's with its header destroyed
+            raise StorageError(f"{path} is not an SQLite database ({exc}); if it was ccmon's, "
+                               f"{fresh_start_advice(path)}") from None
         raise StorageError(f"cannot use {path} as ccmon's database: {exc}") from None
     except StorageError:
         conn.close()
@@ -1848,6 +1891,20 @@ class Writer:
             for suffix in ("", "-wal", "-shm", "-journal"):
                 real.with_name(real.name + suffix).unlink(missing_ok=True)
 
+    def moved(self) -> str:
+        """'' while the database file is at its path, else what happened to it (see DatabaseFile.moved)."""
+        return self._file.moved()
+
+    def _checkpoint(self) -> None:
+        """Copy the -wal into the database file: what was committed stays in the file the server opened, wherever
+        it now is (SQLite finds a -wal only beside the file's path, and the path may no longer name it)."""
+        try:
+            busy, _, _ = self._write_conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                log.error("the database %s could not be checkpointed: a read was still open", self.path)
+        except sqlite3.Error as exc:
+            log.error("the database %s could not be checkpointed: %s", self.path, exc)
+
     def submit(self, job: Callable[[sqlite3.Connection], Any], timeout: float = 2.0) -> futures.Future:
         """Queue a job for the writer; its Future resolves after the job's transaction commits."""
         if self._closed:
@@ -1918,7 +1975,8 @@ class Writer:
 
     def _run_group(self, group: list) -> None:
         if self._lost:
-            failure = StorageUnavailable(f"the database file is gone ({self._lost}); restart the server", 30)
+            failure = StorageUnavailable(f"the database file is gone ({self._lost}); stop the server and put the "
+                                         f"file back at {self.path}", 30)
             for _, future in group:
                 future.set_exception(failure)
             return
@@ -1959,8 +2017,10 @@ class Writer:
         self._lost = self._file.replaced()
         if self._lost:
             log.critical("THE DATABASE FILE IS GONE: %s. The server no longer acknowledges any data, so exporters "
-                         "keep it until it can be stored; restart the server to write a new database at %s.",
-                         self._lost, self.path)
+                         "keep it until it can be stored. Everything acknowledged is in the file the server opened: "
+                         "stop the server and put that file back at %s (started without it, the server begins a new "
+                         "database there).", self._lost, self.path)
+            self._checkpoint()
             self._run_group(group)  # answers every job of the group as not stored
             return
         if self._failing:
@@ -2171,6 +2231,8 @@ class Writer:
             except queue.Full:
                 continue
         self._writer.join()
+        if self._file.replaced():  # else SQLite checkpoints as usual, or finds the -wal beside the file next time
+            self._checkpoint()
         self._write_conn.close()
         self._file.close()
 
@@ -2221,11 +2283,16 @@ class Reader:
     """Queries over the database, each on its thread's own read-only connection (SQLite's WAL lets them run
     while the writer commits)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, moved: Callable[[], str] = lambda: ""):
         self.path = path
+        self._moved = moved  # the server's check that its database file is still at the path
         self._connections = threading.local()
 
     def _reader(self) -> sqlite3.Connection:
+        gone = self._moved()
+        if gone:  # a connection opened now would read another file, or none
+            raise DatabaseMoved(f"the database file the server writes is no longer at its path ({gone}); stop the "
+                                f"server and put the file back at {self.path}: it holds everything acknowledged")
         conn = getattr(self._connections, "conn", None)
         if conn is None:
             conn = self._connections.conn = connect(self.path, readonly=True)
@@ -2315,8 +2382,7 @@ class Reader:
                "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model "
                f"WHERE r.ts >= ? AND r.ts < ? AND {origin_in(REQUEST_ORIGINS, 'r.origin')}{where} "
                f"ORDER BY r.ts {order}, r.id {order} LIMIT ? OFFSET ?")
-        params = (start_ms, end_ms, *extra, limit if limit > 0 else -1,
-                  max(offset, 0))
+        params = (start_ms, end_ms, *extra, limit, max(offset, 0))
         return [ApiRequest(ts, model, session, Usage(*figures))
                 for session, ts, model, *figures in self._reader().execute(sql, params)]
 
@@ -3571,9 +3637,36 @@ def session_of(s: ccmon_pb2.SessionStats) -> Session:
                    s.source or session_source(0, s.from_metrics))  # servers before transcripts send no source
 
 
+# An event's attributes in a timeline answer: a full timeline (MAX_TIMELINE_ENTRIES) fits in the 4 MB clients accept.
+DETAILS_MAX_BYTES = 1024
+DETAILS_TEXT_CHARS = 200      # a longer key or text is cut to this, ending in "…", once the whole is over the size
+DETAILS_OMITTED = "ccmon.omitted_attributes"  # how many attributes did not fit
+
+
+def details_json(details: dict) -> str:
+    """Attributes as stored, as compact JSON; over DETAILS_MAX_BYTES, with long texts cut and as many attributes as
+    fit, the shortest first (a tool's name before a command's text), DETAILS_OMITTED counting the others."""
+    whole = compact_json(details) or ""
+    if len(whole.encode()) <= DETAILS_MAX_BYTES:
+        return whole
+
+    def cut(text: str) -> str:
+        return text if len(text) <= DETAILS_TEXT_CHARS else text[:DETAILS_TEXT_CHARS - 1] + "…"
+
+    texts = {key: value if isinstance(value, (str, int, float, bool)) or value is None else
+             json.dumps(value, sort_keys=True, separators=(",", ":"), default=json_default)  # a nested value's JSON
+             for key, value in details.items()}
+    kept: dict[str, Any] = {}
+    for key, value in sorted(texts.items(), key=lambda item: (len(item[0]) + len(str(item[1])), item[0])):
+        trial = {**kept, cut(key): cut(value) if isinstance(value, str) else value}
+        if len(compact_json({**trial, DETAILS_OMITTED: len(details)}).encode()) <= DETAILS_MAX_BYTES:
+            kept = trial
+    return compact_json({**kept, DETAILS_OMITTED: len(details) - len(kept)})
+
+
 def timeline_entry_message(entry: TimelineEntry) -> ccmon_pb2.TimelineEntry:
     message = ccmon_pb2.TimelineEntry(timestamp=timestamp_from_ms(entry.ts_ms), kind=entry.kind,
-                                      details=compact_json(entry.details) or "")  # as stored
+                                      details=details_json(entry.details))
     if entry.request is not None:
         message.request.CopyFrom(api_request_message(entry.request))
     return message
@@ -3652,6 +3745,15 @@ def import_counts_message(counts: ImportCounts) -> ccmon_pb2.ImportRequestsRespo
 
 # ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
 
+# The most an answer lists (ccmon.proto says so): an answer fits gRPC's default 4 MB message limit, and a
+# client looping on a query cannot hold the server's memory or its reads for long.
+MAX_REQUESTS_PAGE = 1000
+MAX_SESSIONS, DEFAULT_SESSIONS = 5000, 500
+MAX_TIMELINE_ENTRIES = 2000  # each event's details at most DETAILS_MAX_BYTES
+MAX_LIST = 1000              # users, projects, models, tools, blocks (the newest)
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # what gRPC clients accept by default; an answer over it is refused instead
+# Queries answered at once: the rest of the RPC threads stay free for exports, however many clients loop on queries.
+QUERY_SLOTS = 8
 CALIBRATION_READINGS = 2000  # the readings GetLimits looks through (the last 30 days of a busy status line)
 CALIBRATION_WINDOWS = 20     # and the windows it calibrates from, newest first
 
@@ -3663,14 +3765,29 @@ def timestamp_ms(request, field: str, default: int) -> int:
     return min(max(ms_of(getattr(request, field)), 0), MAX_TIMESTAMP_MS + 1)
 
 
-def answering_storage_errors(cls: type) -> type:
-    """Wrap every RPC method of a servicer so that SQLite errors become gRPC statuses."""
+def guarding_every_rpc(cls: type) -> type:
+    """Wrap every RPC method of a servicer so that SQLite errors, and a database no longer at its path, become gRPC
+    statuses; at most QUERY_SLOTS run at once, and no answer is larger than MAX_ANSWER_BYTES."""
     def wrapped(method: Callable) -> Callable:
         def answer(self, request, context):
+            if not self.slots.acquire(blocking=False):  # waiting would hold an RPC thread an export needs
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is answering {QUERY_SLOTS} queries "
+                              "already; ask again in a moment")
             try:
-                return method(self, request, context)
+                response = method(self, request, context)
             except sqlite3.Error as exc:
                 self.storage_failure(context, exc)
+            except DatabaseMoved as exc:
+                if "moved" not in self._failures_logged:
+                    self._failures_logged.add("moved")
+                    log.critical("queries are refused: %s", exc)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            finally:
+                self.slots.release()
+            if response.ByteSize() > MAX_ANSWER_BYTES:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the answer would be {response.ByteSize():,} "
+                              f"bytes, over the {MAX_ANSWER_BYTES:,} clients accept: ask for less")
+            return response
         return answer
 
     for name in [name for name in vars(cls) if name[:1].isupper()]:  # the RPCs
@@ -3678,11 +3795,12 @@ def answering_storage_errors(cls: type) -> type:
     return cls
 
 
-@answering_storage_errors
+@guarding_every_rpc
 class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def __init__(self, reader: Reader, started_ms: int, writer: Writer):
         self.reader, self.started_ms, self.writer = reader, started_ms, writer
         self._failures_logged: set[str] = set()
+        self.slots = threading.BoundedSemaphore(QUERY_SLOTS)
 
     def storage_failure(self, context, exc: sqlite3.Error) -> None:
         """Abort with a status that says why the database cannot answer (logged once per kind)."""
@@ -3712,8 +3830,10 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def GetAPIRequests(self, request, context):
         start, end = self._period(request)
         user, project = self._user(request), self._project(request)
-        rows = self.reader.requests_page(start, end, request.limit, request.offset, request.oldest_first, user,
-                                         project)
+        limit = request.limit if 0 < request.limit <= MAX_REQUESTS_PAGE else MAX_REQUESTS_PAGE
+        rows = self.reader.requests_page(start, end, limit, request.offset, request.oldest_first, user, project)
+        if not request.HasField("oldest_first"):  # the Go ccmon's client: the newest page, in time order
+            rows.reverse()
         total = sum(u.requests for u in self.reader.usage(start, end, user=user, project=project).values())
         return ccmon_pb2.GetAPIRequestsResponse(total_count=total, requests=[api_request_message(r) for r in rows])
 
@@ -3724,11 +3844,16 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         end = min(timestamp_ms(request, "end_time", now_ms()), MAX_TIMESTAMP_MS - 86400_000)
         start = timestamp_ms(request, "start_time", -1)
         days = 30  # unset start: the last 30 calendar days
-        if start >= 0:
-            first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date() for ms in (start, max(start, end - 1)))
-            days = min(3660, (last - first).days + 1)
+        try:  # a day's end in a zone ahead of UTC can fall past year 9999, which dates cannot show
+            if start >= 0:
+                first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date() for ms in (start, max(start, end - 1)))
+                days = min(3660, (last - first).days + 1)
+            bounds = day_bounds(zone, max(end - 1, 0), days)
+        except (OverflowError, ValueError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the period has days past the year 9999 in {zone.key}; "
+                          "end it earlier")
         response = ccmon_pb2.GetUsageResponse()
-        for date, lo, hi in day_bounds(zone, max(end - 1, 0), days):
+        for date, lo, hi in bounds:
             lo, hi = max(lo, start), min(hi, end)
             if lo < hi or start < 0:
                 split = Split.from_models(self.reader.usage(lo, hi, user=self._user(request),
@@ -3738,7 +3863,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
 
     def GetModelStats(self, request, context):
         by_model = self.reader.usage(*self._period(request), user=self._user(request), project=self._project(request))
-        ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))
+        ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))[:MAX_LIST]
         return ccmon_pb2.GetModelStatsResponse(models=[model_message(ModelUsage(model, u)) for model, u in ranked])
 
     def GetSessionStats(self, request, context):
@@ -3755,28 +3880,35 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
 
     def GetSessions(self, request, context):
         found = self.reader.sessions(*self._period(request), user=self._user(request),
-                                    limit=min(max(request.limit, 0) or 500, 5000), project=self._project(request))
+                                    limit=min(max(request.limit, 0) or DEFAULT_SESSIONS, MAX_SESSIONS),
+                                    project=self._project(request))
         return ccmon_pb2.GetSessionsResponse(sessions=[session_message(s) for s in found])
 
     def GetSessionTimeline(self, request, context):
-        entries = self.reader.timeline(request.session_id, min(max(request.limit, 0) or 2000, 20000))
+        limit = request.limit if 0 < request.limit <= MAX_TIMELINE_ENTRIES else MAX_TIMELINE_ENTRIES
+        entries = self.reader.timeline(request.session_id, limit)
         return ccmon_pb2.GetSessionTimelineResponse(session_id=request.session_id,
                                                     entries=[timeline_entry_message(entry) for entry in entries])
 
     def GetToolStats(self, request, context):
-        return tool_report_message(self.reader.tool_report(*self._period(request), user=self._user(request),
-                                                           project=self._project(request)))
+        report = self.reader.tool_report(*self._period(request), user=self._user(request),
+                                         project=self._project(request))
+        return tool_report_message(dataclasses.replace(report, tools=report.tools[:MAX_LIST],
+                                                       decisions=report.decisions[:MAX_LIST],
+                                                       errors=report.errors[:MAX_LIST]))
 
     def GetUsers(self, request, context):
-        found = self.reader.users(*self._period(request), self._project(request))
+        found = self.reader.users(*self._period(request), self._project(request))[:MAX_LIST]
         return ccmon_pb2.GetUsersResponse(users=[user_message(user) for user in found])
 
     def GetBlocks(self, request, context):
-        found = self.reader.blocks(*self._period(request), user=self._user(request), project=self._project(request))
+        found = self.reader.blocks(*self._period(request), user=self._user(request),
+                                   project=self._project(request))[-MAX_LIST:]
         return ccmon_pb2.GetBlocksResponse(blocks=[block_message(block) for block in found])
 
     def GetProjects(self, request, context):
-        found = self.reader.projects(*self._period(request), user=self._user(request), project=self._project(request))
+        found = self.reader.projects(*self._period(request), user=self._user(request),
+                                     project=self._project(request))[:MAX_LIST]
         return ccmon_pb2.GetProjectsResponse(projects=[project_message(project) for project in found])
 
     def ReportStatusLine(self, request, context):
@@ -4465,7 +4597,7 @@ def start_listeners(config: Config, store: Writer,
     receiver = Receiver(store, decoders)
     server = None
     try:
-        server, port = start_grpc_server(config, receiver, Reader(config.database_path))
+        server, port = start_grpc_server(config, receiver, Reader(config.database_path, store.moved))
         httpd, http_port = start_http_server(config, receiver) if config.server_http_address else (None, 0)
     except (ServerError, ssl.SSLError, OSError) as exc:
         if server:
@@ -4573,6 +4705,8 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
         return f"the server refused the token ({TOKEN_ENV} or monitor.token)"
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "server did not answer in time"
+    if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # ccmon's server says what to do: in full
+        return f"the server cannot answer: {details[:400]}"
     return f"{exc.code().name.lower()}: {details[:80]}"
 
 

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class QueryServiceStub:
-    """QueryService provides read-only access to ccmon data.
+    """QueryService provides read-only access to ccmon data. Every answer is bounded (each list's maximum is
+    stated at its call) and fits the 4 MB gRPC clients accept by default; one that would not is refused with
+    RESOURCE_EXHAUSTED, as is a call while the server already answers 8. A server whose database file was moved
+    or deleted under it answers FAILED_PRECONDITION, saying what to do.
     """
 
     def __init__(self, channel):
@@ -113,7 +116,10 @@ class QueryServiceStub:
 
 
 class QueryServiceServicer:
-    """QueryService provides read-only access to ccmon data.
+    """QueryService provides read-only access to ccmon data. Every answer is bounded (each list's maximum is
+    stated at its call) and fits the 4 MB gRPC clients accept by default; one that would not is refused with
+    RESOURCE_EXHAUSTED, as is a call while the server already answers 8. A server whose database file was moved
+    or deleted under it answers FAILED_PRECONDITION, saying what to do.
     """
 
     def GetStats(self, request, context):
@@ -124,7 +130,10 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetAPIRequests(self, request, context):
-        """GetAPIRequests returns API request records, newest first unless oldest_first.
+        """GetAPIRequests returns a page of API request records: at most 1000 (limit 0, negative or above 1000
+        means 1000), `offset` counted from the newest. Unset oldest_first (as the Go ccmon sends it): the page
+        in time order, oldest first, as the Go ccmon server answers; set: newest first (false) or the oldest
+        records first (true), offset counted from the end that comes first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,7 +147,7 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelStats(self, request, context):
-        """GetModelStats returns per-model statistics for [start_time, end_time).
+        """GetModelStats returns per-model statistics for [start_time, end_time): at most 1000 models, highest cost first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,28 +168,30 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSessions(self, request, context):
-        """GetSessions lists the sessions active in [start_time, end_time), most recent first, with their totals.
+        """GetSessions lists the sessions active in [start_time, end_time), most recent first, with their totals
+        (at most 5000).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSessionTimeline(self, request, context):
-        """GetSessionTimeline returns a session's requests and events in order.
+        """GetSessionTimeline returns a session's requests and events in order: at most 2000, each event's details
+        at most 1 KiB (see TimelineEntry.details).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetToolStats(self, request, context):
-        """GetToolStats returns tool calls, permission decisions and API errors for a period.
+        """GetToolStats returns tool calls, permission decisions and API errors for a period (the first 1000 of each).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetUsers(self, request, context):
-        """GetUsers ranks the users of a (team) server by cost for a period.
+        """GetUsers ranks the users of a (team) server by cost for a period (the first 1000).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,7 +201,7 @@ class QueryServiceServicer:
         """GetBlocks returns the automatic 5-hour blocks overlapping a period, oldest first: where status line
         readings of the user's sessions name Claude's own window, the block is that window, [resets_at - 5h,
         resets_at); elsewhere a block starts at the first request after the previous block ended, floored to the
-        (UTC) hour (never before a window of Claude's ended, and cut short where one begins).
+        (UTC) hour (never before a window of Claude's ended, and cut short where one begins). The newest 1000.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -213,7 +224,7 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetProjects(self, request, context):
-        """GetProjects ranks the projects of a period by cost. A session's project is what
+        """GetProjects ranks the projects of a period by cost (the first 1000). A session's project is what
         OTEL_RESOURCE_ATTRIBUTES=project=NAME named, else the folder its status line reported.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -316,7 +327,10 @@ def add_QueryServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class QueryService:
-    """QueryService provides read-only access to ccmon data.
+    """QueryService provides read-only access to ccmon data. Every answer is bounded (each list's maximum is
+    stated at its call) and fits the 4 MB gRPC clients accept by default; one that would not is refused with
+    RESOURCE_EXHAUSTED, as is a call while the server already answers 8. A server whose database file was moved
+    or deleted under it answers FAILED_PRECONDITION, saying what to do.
     """
 
     @staticmethod

@@ -922,7 +922,7 @@ def test_port_in_use_and_foreign_database_are_refused(server, tmp_path):
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not a database" * 100)
     for path, message in ((foreign, "is an SQLite database of something else"),
-                          (garbage, "cannot use")):
+                          (garbage, "is not an SQLite database")):
         result = subprocess.run([sys.executable, str(ROOT / "ccmon.py"), "-s", "--server-address",
                                  "127.0.0.1:0", "--server-http-address", "off", "--database-path", str(path)],
                                 cwd=tmp_path, capture_output=True, text=True, timeout=30)
@@ -1149,6 +1149,8 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         assert f"upgrading {db} from schema 1 to {ccmon.SCHEMA_VERSION}; a copy of the old database is at " \
                f"{backup}" in srv.log
         old, new = json.loads((V1 / "answers.json").read_text()), v1_answers(srv)
+        # Asked without oldest_first, GetAPIRequests now answers the same page in the Go ccmon's order, oldest first.
+        new["requests"]["requests"].reverse()
         # Every figure is what schema 1 answered; only s-cy-1's user is now the email its resource gave
         # instead of the hashed user.id (schema 3 names users readably).
         assert {k: v for k, v in new.items() if k not in ("sessions", "users")} == \
@@ -1267,11 +1269,11 @@ def test_deleted_database_files_stop_acknowledgements(server):
     with pytest.raises(grpc.RpcError) as err:
         stub.Export(logs_request(events))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert f"{server.db} was deleted" in err.value.details()
+    assert f"{server.db} was moved or deleted" in err.value.details()
     response, data = http_post(server.http_port, body=logs_request(events).SerializeToString())
     assert (response.status, status_of(data)[0]) == (503, 14)
     assert server.log.count("THE DATABASE FILE IS GONE") == 1
-    assert f"THE DATABASE FILE IS GONE: {server.db} was deleted." in server.log
+    assert f"THE DATABASE FILE IS GONE: {server.db} was moved or deleted." in server.log
 
 
 def test_one_server_per_database_whatever_the_path(server, tmp_path):
@@ -1388,6 +1390,72 @@ def test_files_are_private_and_a_failed_start_leaves_none(server, tmp_path):
     assert sorted(p.name for p in server.db.parent.iterdir() if p.name.startswith("ccmon.db")) == ["ccmon.db"]
 
 
+
+def test_a_database_renamed_under_the_server_keeps_every_acknowledged_row(tmp_path):
+    """A query after `mv ccmon.db moved.db` neither creates a new ccmon.db nor loses the -wal: it is refused, and
+    at the stop what was acknowledged is in moved.db itself. Files are private whatever the umask."""
+    umask_0 = ["sh", "-c", 'umask 000 && exec "$0" "$@"', *CCMON]
+    srv = ServerProcess(tmp_path, command=umask_0).start()
+    try:
+        events = [("api_request", api_request(seq, "2026-06-01T00:00:00Z", input_tokens=seq)) for seq in range(10)]
+        srv.logs_stub().Export(logs_request(events))
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ccmon.db")) == \
+            ["ccmon.db", "ccmon.db-shm", "ccmon.db-wal"]
+        for path in tmp_path.glob("ccmon.db*"):
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        srv.db.rename(tmp_path / "moved.db")
+        with pytest.raises(grpc.RpcError) as refused:
+            srv.query().GetStats(ccmon_pb2.GetStatsRequest())
+        assert (refused.value.code(), refused.value.details()) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"the database file the server writes is no longer at its path ({srv.db} was moved or deleted); stop "
+            f"the server and put the file back at {srv.db}: it holds everything acknowledged")
+        client = run_ccmon(["--monitor-server", srv.target, "--format", "@daily_cost"], tmp_path)
+        assert client.returncode == 1 and "the server cannot answer: the database file the server writes is no " \
+            "longer at its path" in client.stderr, client.stderr
+        assert not srv.db.exists()
+    finally:
+        assert srv.stop() == 0, srv.log
+    assert not srv.db.exists() and "Traceback" not in srv.log
+    assert srv.log.count(f"CRITICAL queries are refused: the database file the server writes is no longer at its "
+                         f"path ({srv.db} was moved or deleted)") == 1, srv.log
+    assert (tmp_path / "moved.db").stat().st_mode & 0o777 == 0o600
+    assert db_rows(tmp_path / "moved.db", "SELECT COUNT(*), SUM(input_tokens) FROM requests") == [(10, 45)]
+
+
+def test_database_paths_ccmon_cannot_use_are_refused_in_one_line(tmp_path):
+    """No traceback, no hang on a FIFO, no migration or backup of a schema version no ccmon writes, and for a
+    destroyed header what to do: restore the newest upgrade backup when there is one."""
+    fifo, folder = tmp_path / "fifo", tmp_path / "folder"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    negative, headless = tmp_path / "negative.db", tmp_path / "headless.db"
+    for path in (negative, headless):
+        shutil.copyfile(V1 / "ccmon.db", path)
+    with sqlite3.connect(negative) as conn:
+        conn.execute("PRAGMA user_version = -1")
+    conn.close()
+    with open(headless, "r+b") as damaged:
+        damaged.write(b"\0" * 100)
+    shutil.copyfile(V1 / "ccmon.db", tmp_path / "headless.db.v1.bak")
+    os.utime(tmp_path / "headless.db.v1.bak", (1_700_000_000, 1_700_000_000))
+    shutil.copyfile(V1 / "ccmon.db", tmp_path / "headless.db.v3.bak")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    usage = "names ccmon's database file, created when missing"
+    keep = "(keep it: sqlite3 may still recover rows from it)"
+    cases = {Path("/proc/self/mem"): "cannot use /proc/self/mem as ccmon's database: disk I/O error",
+             folder: f"{folder} is a folder; --database-path (database.path) {usage}",
+             fifo: f"{fifo} is not a regular file; --database-path (database.path) {usage}",
+             negative: f"{negative} has schema version -1, which no ccmon writes; move {negative} aside {keep} to "
+                       "start a new database there",
+             headless: f"{headless} is not an SQLite database (file is not a database); if it was ccmon's, move "
+                       f"{headless} aside {keep} and restore the newest backup, {headless}.v3.bak, in its place"}
+    for path, message in cases.items():
+        result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
+                            "--database-path", str(path)], tmp_path, timeout=20)
+        assert (result.returncode, result.stderr) == (1, f"ccmon: {message}\n"), path
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
 # ---------------------------------------------------------------- OTLP ingestion and the query service
 
 def test_sdk_exporter_mixed_value_types_recorded_exactly(server):
@@ -1405,7 +1473,7 @@ def test_sdk_exporter_mixed_value_types_recorded_exactly(server):
 
 def test_api_requests_page_order_and_fields(server):
     sdk_export(server.port, MIXED_EVENTS)
-    page = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(limit=2))
+    page = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(limit=2, oldest_first=False))
     assert page.total_count == 3
     assert [r.model for r in page.requests] == ["claude-opus-4-1", "claude-haiku-4-5-20251001"]
     newest = page.requests[0]
@@ -2142,6 +2210,217 @@ def test_json_values_are_counted_without_parsing():
     assert ccmon.json_values(b'"\\' * 1000) == 2 and ccmon.json_values(b'{"a":"open, {[') == 4
     assert ccmon.json_values(b",".join([b"{}"] * 1000)) == 2000
 
+
+
+def test_get_usage_at_the_end_of_time_is_an_invalid_argument_in_any_zone(server):
+    """Days in a zone ahead of UTC can end past year 9999: INVALID_ARGUMENT, never UNKNOWN with a traceback."""
+    from google.protobuf.timestamp_pb2 import Timestamp
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    query = server.query()
+    with pytest.raises(grpc.RpcError) as raised:
+        query.GetUsage(ccmon_pb2.GetUsageRequest(timezone="Pacific/Kiritimati",
+                                                 end_time=Timestamp(seconds=253402300799)))
+    assert (raised.value.code(), raised.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "the period has days past the year 9999 in Pacific/Kiritimati; end it earlier")
+    extremes = st.sampled_from([-62135596800, -1, 0, 1, 253402214400, 253402300799, 253402300800, 2 ** 62])
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(zone=st.sampled_from(["Pacific/Kiritimati", "Etc/GMT-14", "Etc/GMT+12", "UTC", "America/St_Johns"]),
+           start=st.none() | extremes, end=st.none() | extremes)
+    def answers_or_refuses(zone, start, end):
+        request = ccmon_pb2.GetUsageRequest(timezone=zone)
+        if start is not None:
+            request.start_time.seconds = start
+        if end is not None:
+            request.end_time.seconds = end
+        try:
+            query.GetUsage(request, timeout=30)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (zone, start, end, exc.details())
+
+    answers_or_refuses()
+    assert "Traceback" not in server.log
+
+
+def test_api_requests_in_the_go_ccmons_order_when_oldest_first_is_unset(server):
+    """The Go ccmon's client sends no oldest_first and reverses what it gets for "Latest First": its server answers
+    the newest `limit` requests (offset counted from the newest) oldest first. Pages hold at most 1000 requests."""
+    first = ccmon.parse_iso_ms("2026-05-06T10:00:00Z")
+    rows = [ccmon_pb2.ImportedRequest(session_id="s-page", timestamp_ms=first + i * 1000, model="claude-haiku-4-5",
+                                      input_tokens=i, request_id=f"req_{i}") for i in range(1005)]
+    assert server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(requests=rows)).imported == 1005
+    query = server.query()
+
+    def tokens(**fields) -> list[int]:
+        page = query.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(**fields))
+        assert page.total_count == 1005
+        return [r.input_tokens for r in page.requests]
+
+    assert tokens(limit=3) == [1002, 1003, 1004]
+    assert tokens(limit=3, offset=2) == [1000, 1001, 1002]
+    assert tokens(limit=3, oldest_first=False) == [1004, 1003, 1002]
+    assert tokens(limit=3, offset=1, oldest_first=True) == [1, 2, 3]
+    for limit in (0, -1, 1001, 2 ** 31 - 1):
+        assert tokens(limit=limit) == list(range(5, 1005)), limit
+        assert tokens(limit=limit, oldest_first=True) == list(range(1000)), limit
+
+
+def test_a_timeline_of_huge_attributes_fits_what_clients_accept(server):
+    """Six events of 1 MiB attributes each (and a 100 KB key): the timeline answer fits gRPC's default 4 MB, each
+    event's details cut to 1 KiB of valid JSON that keeps its short attributes and counts those left out."""
+    big = "x" * (1024 * 1024 - 1)
+    events = [("tool_result", {"event.name": "tool_result", "event.timestamp": f"2026-05-06T10:00:0{i}Z",
+                               "session.id": "s-huge", "tool_name": "Bash", "success": "true", "output": big,
+                               "k" * 100_000: "v", **{f"part{p}": "y" * 100_000 for p in range(4)}})
+              for i in range(6)]
+    assert server.logs_stub().Export(logs_request(events)).partial_success.rejected_log_records == 0
+    client = ccmon.Client(server.target)  # gRPC's default receive limit, 4 MB
+    entries = client.timeline("s-huge")
+    client.close()
+    assert [(entry.kind, entry.ts_ms) for entry in entries] == \
+        [("tool_result", ccmon.parse_iso_ms(f"2026-05-06T10:00:0{i}Z")) for i in range(6)]
+    for entry in entries:
+        assert entry.details["tool_name"] == "Bash" and entry.details["success"] == "true"
+        assert sorted(entry.details) == ["ccmon.omitted_attributes", "k" * 199 + "…", "part0", "part1", "part2",
+                                         "success", "tool_name"], sorted(entry.details)
+        assert entry.details["part0"] == "y" * 199 + "…"
+        assert entry.details["ccmon.omitted_attributes"] == 2  # output and part3
+        assert len(ccmon.compact_json(entry.details).encode()) <= ccmon.DETAILS_MAX_BYTES
+
+
+class Aborted(Exception):
+    pass
+
+
+class AbortingContext:
+    """What a servicer method is given in place of gRPC's context: abort raises, as gRPC's does."""
+
+    def abort(self, code, details):
+        raise Aborted(code, details)
+
+
+class ListingReader:
+    """A Reader standing in for a big database: MAX_LIST + 1 of everything, huge timelines, a totals() that waits."""
+
+    def __init__(self):
+        self.entered, self.release, self.lock, self.waiting = threading.Event(), threading.Event(), threading.Lock(), 0
+
+    def users(self, start_ms, end_ms, project=None):
+        return [ccmon.UserUsage(f"user-{i:04}", ccmon.Split(), 1) for i in range(ccmon.MAX_LIST + 1)]
+
+    def projects(self, start_ms, end_ms, user=None, project=None):
+        return [ccmon.ProjectUsage(f"project-{i:04}", ccmon.Split(), 1) for i in range(ccmon.MAX_LIST + 1)]
+
+    def blocks(self, start_ms, end_ms, user=None, project=None):
+        return [ccmon.UsageBlock(i * ccmon.BLOCK_MS, (i + 1) * ccmon.BLOCK_MS, ccmon.Split(), i * ccmon.BLOCK_MS)
+                for i in range(ccmon.MAX_LIST + 1)]
+
+    def timeline(self, session_id, limit):
+        self.limit = limit
+        request = ccmon.ApiRequest(0, "claude-haiku-4-5", session_id, ccmon.Usage())
+        return [ccmon.TimelineEntry(i, "api_request", request, {}) for i in range(limit)]
+
+    def totals(self):
+        with self.lock:
+            self.waiting += 1
+            if self.waiting == ccmon.QUERY_SLOTS:
+                self.entered.set()
+        self.release.wait(30)
+        return 0, 0
+
+    def last_request_ms(self):
+        return None
+
+
+def test_every_list_answer_is_bounded():
+    reader = ListingReader()
+    service, context = ccmon.QueryService(reader, 0, None), AbortingContext()
+    users = service.GetUsers(ccmon_pb2.GetUsersRequest(), context).users
+    assert (len(users), users[0].user, users[-1].user) == (1000, "user-0000", "user-0999")
+    projects = service.GetProjects(ccmon_pb2.GetProjectsRequest(), context).projects
+    assert (len(projects), projects[-1].project) == (1000, "project-0999")
+    blocks = service.GetBlocks(ccmon_pb2.GetBlocksRequest(), context).blocks  # the newest
+    assert (len(blocks), ccmon.ms_of(blocks[0].start_time)) == (1000, ccmon.BLOCK_MS)
+    for limit in (0, -1, 2001, 2 ** 31 - 1):
+        timeline = service.GetSessionTimeline(ccmon_pb2.GetSessionTimelineRequest(session_id="s", limit=limit),
+                                              context)
+        assert (reader.limit, len(timeline.entries)) == (2000, 2000)
+    with pytest.raises(Aborted) as refused:  # a timeline of 2000 requests of a 3000-character session id
+        service.GetSessionTimeline(ccmon_pb2.GetSessionTimelineRequest(session_id="s" * 3000), context)
+    code, details = refused.value.args
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert re.fullmatch(r"the answer would be [\d,]+ bytes, over the 4,194,304 clients accept: ask for less", details)
+
+
+def test_queries_beyond_the_slots_are_refused_not_queued():
+    """A query waiting for a slot would hold an RPC thread that an export needs."""
+    reader = ListingReader()
+    service = ccmon.QueryService(reader, 0, None)
+    answers = []
+    running = [threading.Thread(target=lambda: answers.append(
+        service.GetServerInfo(ccmon_pb2.GetServerInfoRequest(), AbortingContext()).version))
+        for _ in range(ccmon.QUERY_SLOTS)]
+    for thread in running:
+        thread.start()
+    try:
+        assert reader.entered.wait(30)
+        with pytest.raises(Aborted) as refused:
+            service.GetServerInfo(ccmon_pb2.GetServerInfoRequest(), AbortingContext())
+        assert refused.value.args == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                      "the server is answering 8 queries already; ask again in a moment")
+    finally:
+        reader.release.set()
+        for thread in running:
+            thread.join()
+    assert answers == [ccmon.VERSION] * 8
+    assert service.GetServerInfo(ccmon_pb2.GetServerInfoRequest(), AbortingContext()).version == ccmon.VERSION
+
+
+def test_a_server_busy_with_looping_queries_stores_exports_and_stops_within_10_s(tmp_path):
+    """24 clients looping on the largest page leave exports their threads, and SIGTERM ends the server in time."""
+    srv = ServerProcess(tmp_path).start()
+    first = ccmon.parse_iso_ms("2026-05-06T10:00:00Z")
+    rows = [ccmon_pb2.ImportedRequest(session_id="s-load", timestamp_ms=first + i, model="claude-haiku-4-5",
+                                      input_tokens=1, request_id=f"req_{i}") for i in range(2000)]
+    assert srv.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(requests=rows)).imported == 2000
+    stop, answered, acknowledged, failures = threading.Event(), [], set(), []
+
+    def loop_queries():
+        query = srv.query()
+        while not stop.is_set():
+            try:
+                answered.append(len(query.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(limit=0), timeout=10)
+                                    .requests))
+            except grpc.RpcError:
+                continue  # refused while the slots are taken, or the server stopping
+
+    loopers = [threading.Thread(target=loop_queries) for _ in range(24)]
+    for looper in loopers:
+        looper.start()
+    try:
+        wait_until(lambda: len(answered) >= 24, "24 answered queries", 60, interval=0.05)
+        stub = srv.logs_stub()
+        for seq in range(5):
+            try:
+                stub.Export(logs_request([("api_request", api_request(seq, "2026-06-01T00:00:00Z",
+                                                                      session="s-export", input_tokens=1))]),
+                            timeout=10)
+                acknowledged.add(seq)
+            except grpc.RpcError as exc:
+                failures.append(exc.code())
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(10) == 0
+    finally:
+        stop.set()
+        for looper in loopers:
+            looper.join()
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    srv.read_last_lines()
+    assert (failures, sorted(acknowledged)) == ([], [0, 1, 2, 3, 4]), srv.log
+    assert set(answered) == {1000}
+    assert db_rows(srv.db, "SELECT COUNT(*) FROM requests s JOIN sessions ss ON ss.id = s.session "
+                           "WHERE ss.session_id = 's-export'") == [(5,)]
 
 # ---------------------------------------------------------------- OTLP/HTTP receiver: framing, status codes, bursts, slow clients
 
@@ -3105,6 +3384,16 @@ def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
         assert re.search(r"Base \(Haiku\) +1 +110 .* 0\.002100", screen), screen
         assert re.search(r"Premium \(S/O\) +1 +1\.5K .* 1\.250000", screen), screen
         assert re.search(r"claude-sonnet-4-5 +1200 +300 .* 1\.250000 +900ms", screen), screen
+        # "Latest First" (its default) puts the sonnet request, 0.36 s newer, on top; `o` turns it to "Oldest First".
+        assert "Latest First" in screen and screen.index("claude-sonnet-4-5 ") < screen.index("claude-haiku-4-5 "), \
+            screen
+        subprocess.run(["tmux", "send-keys", "-t", session, "o"], check=True)
+        deadline = time.time() + 30
+        while time.time() < deadline and "Oldest First" not in screen:
+            screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+                                    text=True).stdout
+            time.sleep(0.2)
+        assert screen.index("claude-haiku-4-5 ") < screen.index("claude-sonnet-4-5 "), screen
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session])
 
