@@ -4620,12 +4620,18 @@ def log_start(config: Config, port: int, http_port: int) -> None:
     warn_if_exposed(config)
 
 
-def wait_for_stop_signal() -> int:
-    """Block until SIGINT or SIGTERM; returns it. The handler only records the signal (it may interrupt code
-    holding a lock), and the main thread wakes to look, because the kernel may hand a signal to any thread."""
+def catch_stop_signals() -> list[int]:
+    """From now on SIGINT and SIGTERM are recorded in the list returned, not acted on: the handler may interrupt
+    code holding a lock. Caught before the server says it is ready, so a supervisor's stop is never lost."""
     received: list[int] = []
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda number, _: received.append(number))
+    return received
+
+
+def wait_for_stop_signal(received: list[int]) -> int:
+    """Block until a stop signal is recorded; returns it. The main thread wakes to look, because the kernel may
+    hand a signal to any thread."""
     while not received:
         time.sleep(0.2)
     return received[0]
@@ -4656,9 +4662,10 @@ def run_server(config: Config) -> int:
     if config.server_retention_s:
         threading.Thread(target=retention_loop, args=(store, config.server_retention_s, stop),
                          name="ccmon-retention", daemon=True).start()
+    received = catch_stop_signals()
     log.info("ready: gRPC %s:%d%s", config.server_address.rsplit(":", 1)[0], port,  # the last start-up line
              f", HTTP {config.server_http_address.rsplit(':', 1)[0]}:{http_port}" if httpd else "")
-    signum = wait_for_stop_signal()
+    signum = wait_for_stop_signal(received)
     deadline = time.monotonic() + SHUTDOWN_S
     log.info("%s: finishing in-flight calls", signal.Signals(signum).name)
     stop.set()

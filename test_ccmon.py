@@ -111,6 +111,8 @@ class ServerProcess:
         self.pump.start()
         assert ready.wait(60), f"server did not start within 60 s: {''.join(self.lines)}"
         assert self.port, f"server failed to start: {''.join(self.lines)}"
+        # Ready means a stop signal is caught from then on: a supervisor may stop it the moment it says so.
+        assert signal.SIGTERM in caught_signals(self.proc.pid), "ready before its SIGTERM handler"
         return self
 
     @property
@@ -2125,8 +2127,6 @@ def test_sigterm_ends_the_server_at_once_while_a_decoder_is_stopped(tmp_path, bu
     exit until the decoder went on. Stopped idle, or stopped while it decodes an export in flight."""
     srv = ServerProcess(tmp_path).start()
     decoders = decoder_pids(srv)
-    wait_until(lambda: signal.SIGTERM in caught_signals(srv.proc.pid), "the server's SIGTERM handler (installed "
-               "after its ready line)")
     try:
         with stopped(decoders if busy else decoders[:1]):
             if busy:  # an export in flight: the server has written it to a (stopped) decoder's pipe
