@@ -11,9 +11,9 @@ One module, read top to bottom. Its sections, each using only the sections above
   Storage: the single writer
   Storage: reads
   OTLP ingestion: decode records, validate values
+  OTLP/HTTP receiver: POST /v1/logs, /v1/metrics, /v1/traces
   Wire: ccmon.v1 messages to and from domain values
   Query service: ccmon.v1.QueryService over the store
-  OTLP/HTTP receiver: POST /v1/logs, /v1/metrics, /v1/traces
   Server: listeners, authentication, TLS, retention, shutdown
   Client: a small QueryService client for the monitor, reports and quick query
   Figures: limits, projections and snapshots from the server's answers
@@ -3516,480 +3516,6 @@ def otlp_grpc_handlers(receiver: Receiver) -> list[grpc.GenericRpcHandler]:
             for service, handler in OTLP_SERVICES.items()]
 
 
-# ---------------------------------------------------------------- Wire: ccmon.v1 messages to and from domain values
-
-def ms_of(ts: timestamp_pb2.Timestamp) -> int:
-    return ts.seconds * 1000 + ts.nanos // 1_000_000
-
-
-def timestamp_from_ms(ms: int) -> timestamp_pb2.Timestamp:
-    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=ms % 1000 * 1_000_000)
-
-
-def token_message(usage: Usage) -> ccmon_pb2.Token:
-    return ccmon_pb2.Token(total=usage.total, input=usage.input, output=usage.output,
-                           cache_read=usage.cache_read, cache_creation=usage.cache_creation,
-                           limited=usage.limited, cache=usage.cache)
-
-
-def stats_message(split: Split) -> ccmon_pb2.Stats:
-    total = split.total
-    return ccmon_pb2.Stats(
-        base_requests=split.base.requests, premium_requests=split.premium.requests,
-        total_requests=total.requests, base_tokens=token_message(split.base),
-        premium_tokens=token_message(split.premium), total_tokens=token_message(total),
-        base_cost=ccmon_pb2.Cost(amount=split.base.cost_usd),
-        premium_cost=ccmon_pb2.Cost(amount=split.premium.cost_usd),
-        total_cost=ccmon_pb2.Cost(amount=total.cost_usd))
-
-
-def window_message(window: LimitWindow | None) -> ccmon_pb2.LimitWindow | None:
-    if window is None:
-        return None
-    message = ccmon_pb2.LimitWindow(used_percentage=window.percent, resets_at=timestamp_from_ms(window.resets_ms),
-                                    period=window.period)
-    if window.used_usd is not None:
-        message.used_usd = window.used_usd
-    if window.limit_usd is not None:
-        message.limit_usd = window.limit_usd
-    return message
-
-
-def reading_message(reading: LimitReading) -> ccmon_pb2.LimitReading:
-    message = ccmon_pb2.LimitReading(
-        session_id=reading.session_id, read_at=timestamp_from_ms(reading.read_ms), project_dir=reading.project,
-        model=reading.model, five_hour=window_message(reading.five_hour), seven_day=window_message(reading.seven_day),
-        spend_limit=window_message(reading.spend_limit), claude_code_version=reading.version, user=reading.user)
-    if reading.context_percent is not None:
-        message.context_percent = reading.context_percent
-    return message
-
-
-def window_of(message, field: str) -> LimitWindow | None:
-    if not message.HasField(field):
-        return None
-    window = getattr(message, field)
-    return LimitWindow(window.used_percentage, ms_of(window.resets_at),
-                       window.used_usd if window.HasField("used_usd") else None,
-                       window.limit_usd if window.HasField("limit_usd") else None, window.period)
-
-
-def reading_of(message: ccmon_pb2.LimitReading) -> LimitReading:
-    return LimitReading(message.session_id, ms_of(message.read_at), message.project_dir, message.model,
-                        message.context_percent if message.HasField("context_percent") else None,
-                        window_of(message, "five_hour"), window_of(message, "seven_day"),
-                        window_of(message, "spend_limit"), message.claude_code_version, message.user)
-
-
-def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost) -> Usage:
-    return Usage(requests=requests, input=token.input, output=token.output, cache_read=token.cache_read,
-                 cache_creation=token.cache_creation, cost_nanos=round(cost.amount * NANOS_PER_USD))
-
-
-MAX_IMPORT_ROWS = 50_000  # rows in one ImportRequests call
-
-
-def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
-    """An ImportedRequest as a `requests` row (REQUEST_COLUMNS; the user is set by the writer); raises BadValue.
-    Its seq hashes message.id and requestId, so importing a transcript again adds nothing."""
-    if not r.session_id or not 0 < r.timestamp_ms <= MAX_TIMESTAMP_MS:
-        raise BadValue("an imported request needs its session_id and a timestamp")
-    counts = (r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens)
-    if not (0 <= min(counts) and max(counts) < MAX_COUNT and 0 <= r.cost_nanos <= MAX_USD * NANOS_PER_USD):
-        raise BadValue(f"a token count or the cost is out of range: {counts}, {r.cost_nanos} nano-dollars")
-    seq = content_hash(f"{r.message_id}\0{r.request_id}".encode())
-    return (r.timestamp_ms, r.session_id, seq, r.model or "unknown", "", *counts, r.cost_nanos, 0, None, None,
-            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST)
-
-
-def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
-    return Split(usage_from_token(stats.base_tokens, stats.base_requests, stats.base_cost),
-                 usage_from_token(stats.premium_tokens, stats.premium_requests, stats.premium_cost))
-
-
-def api_request_message(r: ApiRequest) -> ccmon_pb2.APIRequest:
-    return ccmon_pb2.APIRequest(
-        session_id=r.session_id, timestamp=timestamp_from_ms(r.ts_ms), model=r.model, input_tokens=r.usage.input,
-        output_tokens=r.usage.output, cache_read_tokens=r.usage.cache_read,
-        cache_creation_tokens=r.usage.cache_creation, total_tokens=r.usage.total, cost_usd=r.usage.cost_usd,
-        duration_ms=r.usage.duration_ms)
-
-
-def api_request_of(r: ccmon_pb2.APIRequest) -> ApiRequest:
-    return ApiRequest(ms_of(r.timestamp), r.model, r.session_id,
-                      Usage(1, r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens,
-                            round(r.cost_usd * NANOS_PER_USD), r.duration_ms))
-
-
-def session_message(session: Session) -> ccmon_pb2.SessionStats:
-    return ccmon_pb2.SessionStats(
-        session_id=session.session_id, user=session.user, first_request_at=timestamp_from_ms(session.first_ms),
-        last_request_at=timestamp_from_ms(session.last_ms), stats=stats_message(session.split),
-        models=session.models, tool_calls=session.tool_calls, tool_failures=session.tool_failures,
-        api_errors=session.api_errors, from_metrics=session.from_metrics, project=session.project,
-        source=session.source)
-
-
-def session_of(s: ccmon_pb2.SessionStats) -> Session:
-    return Session(s.session_id, s.user, ms_of(s.first_request_at), ms_of(s.last_request_at),
-                   split_from_stats(s.stats), tuple(s.models), s.tool_calls, s.tool_failures, s.api_errors,
-                   s.from_metrics, s.project,
-                   s.source or session_source(0, s.from_metrics))  # servers before transcripts send no source
-
-
-# An event's attributes in a timeline answer: a full timeline (MAX_TIMELINE_ENTRIES) fits in the 4 MB clients accept.
-DETAILS_MAX_BYTES = 1024
-DETAILS_TEXT_CHARS = 200      # a longer key or text is cut to this, ending in "…", once the whole is over the size
-DETAILS_OMITTED = "ccmon.omitted_attributes"  # how many attributes did not fit
-
-
-def details_json(details: dict) -> str:
-    """Attributes as stored, as compact JSON; over DETAILS_MAX_BYTES, with long texts cut and as many attributes as
-    fit, the shortest first (a tool's name before a command's text), DETAILS_OMITTED counting the others."""
-    whole = compact_json(details) or ""
-    if len(whole.encode()) <= DETAILS_MAX_BYTES:
-        return whole
-
-    def cut(text: str) -> str:
-        return text if len(text) <= DETAILS_TEXT_CHARS else text[:DETAILS_TEXT_CHARS - 1] + "…"
-
-    texts = {key: value if isinstance(value, (str, int, float, bool)) or value is None else
-             json.dumps(value, sort_keys=True, separators=(",", ":"), default=json_default)  # a nested value's JSON
-             for key, value in details.items()}
-    kept: dict[str, Any] = {}
-    for key, value in sorted(texts.items(), key=lambda item: (len(item[0]) + len(str(item[1])), item[0])):
-        trial = {**kept, cut(key): cut(value) if isinstance(value, str) else value}
-        if len(compact_json({**trial, DETAILS_OMITTED: len(details)}).encode()) <= DETAILS_MAX_BYTES:
-            kept = trial
-    return compact_json({**kept, DETAILS_OMITTED: len(details) - len(kept)})
-
-
-def timeline_entry_message(entry: TimelineEntry) -> ccmon_pb2.TimelineEntry:
-    message = ccmon_pb2.TimelineEntry(timestamp=timestamp_from_ms(entry.ts_ms), kind=entry.kind,
-                                      details=details_json(entry.details))
-    if entry.request is not None:
-        message.request.CopyFrom(api_request_message(entry.request))
-    return message
-
-
-def timeline_entry_of(e: ccmon_pb2.TimelineEntry) -> TimelineEntry:
-    return TimelineEntry(ms_of(e.timestamp), e.kind, api_request_of(e.request) if e.kind == "api_request" else None,
-                         json.loads(e.details) if e.details else {})
-
-
-def tool_report_message(report: ToolReport) -> ccmon_pb2.GetToolStatsResponse:
-    return ccmon_pb2.GetToolStatsResponse(
-        tools=[ccmon_pb2.ToolStats(tool=t.tool, calls=t.calls, successes=t.successes, p50_duration_ms=t.p50_ms,
-                                   p95_duration_ms=t.p95_ms) for t in report.tools],
-        decisions=[ccmon_pb2.DecisionStats(decision=d.decision, source=d.source, count=d.count)
-                   for d in report.decisions],
-        errors=[ccmon_pb2.ErrorStats(status_code=e.status_code, model=e.model, count=e.count) for e in report.errors],
-        retries_exhausted=report.retries_exhausted)
-
-
-def tool_report_of(response: ccmon_pb2.GetToolStatsResponse) -> ToolReport:
-    return ToolReport(tuple(ToolFigures(t.tool, t.calls, t.successes, t.p50_duration_ms, t.p95_duration_ms)
-                            for t in response.tools),
-                      tuple(DecisionCount(d.decision, d.source, d.count) for d in response.decisions),
-                      tuple(ApiErrorCount(e.status_code, e.model, e.count) for e in response.errors),
-                      response.retries_exhausted)
-
-
-def model_message(model: ModelUsage) -> ccmon_pb2.ModelStats:
-    u = model.usage
-    return ccmon_pb2.ModelStats(model=model.model, premium=is_premium(model.model), requests=u.requests,
-                                tokens=token_message(u), cost=ccmon_pb2.Cost(amount=u.cost_usd),
-                                duration_ms=u.duration_ms, ttft_ms_total=u.ttft_ms, ttft_count=u.ttft_count)
-
-
-def model_usage_of(m: ccmon_pb2.ModelStats) -> ModelUsage:
-    return ModelUsage(m.model, dataclasses.replace(usage_from_token(m.tokens, m.requests, m.cost),
-                                                   duration_ms=m.duration_ms, ttft_ms=m.ttft_ms_total,
-                                                   ttft_count=m.ttft_count))
-
-
-def block_message(block: UsageBlock) -> ccmon_pb2.Block:
-    return ccmon_pb2.Block(start_time=timestamp_from_ms(block.start_ms), end_time=timestamp_from_ms(block.end_ms),
-                           stats=stats_message(block.split), last_activity_at=timestamp_from_ms(block.last_activity_ms),
-                           from_claude=block.from_claude)
-
-
-def usage_block_of(b: ccmon_pb2.Block) -> UsageBlock:
-    return UsageBlock(ms_of(b.start_time), ms_of(b.end_time), split_from_stats(b.stats), ms_of(b.last_activity_at),
-                      b.from_claude)
-
-
-def user_message(user: UserUsage) -> ccmon_pb2.UserStats:
-    return ccmon_pb2.UserStats(user=user.user, stats=stats_message(user.split), sessions=user.sessions,
-                               five_hour=window_message(user.five_hour), seven_day=window_message(user.seven_day))
-
-
-def user_usage_of(u: ccmon_pb2.UserStats) -> UserUsage:
-    return UserUsage(u.user, split_from_stats(u.stats), u.sessions, window_of(u, "five_hour"),
-                     window_of(u, "seven_day"))
-
-
-def project_message(project: ProjectUsage) -> ccmon_pb2.ProjectStats:
-    return ccmon_pb2.ProjectStats(project=project.project, stats=stats_message(project.split),
-                                  sessions=project.sessions)
-
-
-def project_usage_of(p: ccmon_pb2.ProjectStats) -> ProjectUsage:
-    return ProjectUsage(p.project, split_from_stats(p.stats), p.sessions)
-
-
-def import_counts_message(counts: ImportCounts) -> ccmon_pb2.ImportRequestsResponse:
-    return ccmon_pb2.ImportRequestsResponse(imported=counts.imported, already_known=counts.already_known)
-
-
-
-# ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
-
-# The most an answer lists (ccmon.proto says so): an answer fits gRPC's default 4 MB message limit, and a
-# client looping on a query cannot hold the server's memory or its reads for long.
-MAX_REQUESTS_PAGE = 1000
-MAX_SESSIONS, DEFAULT_SESSIONS = 5000, 500
-MAX_TIMELINE_ENTRIES = 2000  # each event's details at most DETAILS_MAX_BYTES
-MAX_LIST = 1000              # users, projects, models, tools, blocks (the newest)
-MAX_ANSWER_BYTES = 4 * 1024 * 1024  # what gRPC clients accept by default; an answer over it is refused instead
-# Queries answered at once: the rest of the RPC threads stay free for exports, however many clients loop on queries.
-QUERY_SLOTS = 8
-CALIBRATION_READINGS = 2000  # the readings GetLimits looks through (the last 30 days of a busy status line)
-CALIBRATION_WINDOWS = 20     # and the windows it calibrates from, newest first
-
-
-def timestamp_ms(request, field: str, default: int) -> int:
-    """A request's Timestamp field in ms, clamped to what the store holds; `default` when unset."""
-    if not request.HasField(field):
-        return default
-    return min(max(ms_of(getattr(request, field)), 0), MAX_TIMESTAMP_MS + 1)
-
-
-def guarding_every_rpc(cls: type) -> type:
-    """Wrap every RPC method of a servicer so that SQLite errors, and a database no longer at its path, become gRPC
-    statuses; at most QUERY_SLOTS run at once, and no answer is larger than MAX_ANSWER_BYTES."""
-    def wrapped(method: Callable) -> Callable:
-        def answer(self, request, context):
-            if not self.slots.acquire(blocking=False):  # waiting would hold an RPC thread an export needs
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is answering {QUERY_SLOTS} queries "
-                              "already; ask again in a moment")
-            try:
-                response = method(self, request, context)
-            except sqlite3.Error as exc:
-                self.storage_failure(context, exc)
-            except DatabaseMoved as exc:
-                if "moved" not in self._failures_logged:
-                    self._failures_logged.add("moved")
-                    log.critical("queries are refused: %s", exc)
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-            finally:
-                self.slots.release()
-            if response.ByteSize() > MAX_ANSWER_BYTES:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the answer would be {response.ByteSize():,} "
-                              f"bytes, over the {MAX_ANSWER_BYTES:,} clients accept: ask for less")
-            return response
-        return answer
-
-    for name in [name for name in vars(cls) if name[:1].isupper()]:  # the RPCs
-        setattr(cls, name, wrapped(getattr(cls, name)))
-    return cls
-
-
-@guarding_every_rpc
-class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
-    def __init__(self, reader: Reader, started_ms: int, writer: Writer):
-        self.reader, self.started_ms, self.writer = reader, started_ms, writer
-        self._failures_logged: set[str] = set()
-        self.slots = threading.BoundedSemaphore(QUERY_SLOTS)
-
-    def storage_failure(self, context, exc: sqlite3.Error) -> None:
-        """Abort with a status that says why the database cannot answer (logged once per kind)."""
-        code, what = (grpc.StatusCode.DATA_LOSS, "the database is damaged") if is_damage(exc) else \
-            (grpc.StatusCode.UNAVAILABLE, "the database cannot be read right now")
-        if what not in self._failures_logged:
-            self._failures_logged.add(what)
-            log.error("%s (%s): queries fail until it is fixed", what, exc)
-        context.abort(code, f"{what}: {exc}")
-
-    def _period(self, request) -> tuple[int, int]:
-        return timestamp_ms(request, "start_time", 0), timestamp_ms(request, "end_time", now_ms())
-
-    @staticmethod
-    def _user(request) -> str | None:
-        return request.user or None
-
-    @staticmethod
-    def _project(request) -> str | None:
-        return request.project or None
-
-    def GetStats(self, request, context):
-        split = Split.from_models(self.reader.usage(*self._period(request), user=self._user(request),
-                                                    project=self._project(request)))
-        return ccmon_pb2.GetStatsResponse(stats=stats_message(split))
-
-    def GetAPIRequests(self, request, context):
-        start, end = self._period(request)
-        user, project = self._user(request), self._project(request)
-        limit = request.limit if 0 < request.limit <= MAX_REQUESTS_PAGE else MAX_REQUESTS_PAGE
-        rows = self.reader.requests_page(start, end, limit, request.offset, request.oldest_first, user, project)
-        if not request.HasField("oldest_first"):  # the Go ccmon's client: the newest page, in time order
-            rows.reverse()
-        total = sum(u.requests for u in self.reader.usage(start, end, user=user, project=project).values())
-        return ccmon_pb2.GetAPIRequestsResponse(total_count=total, requests=[api_request_message(r) for r in rows])
-
-    def GetUsage(self, request, context):
-        zone = zone_or_none(request.timezone or "UTC")
-        if zone is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown timezone {request.timezone[:100]!r}")
-        end = min(timestamp_ms(request, "end_time", now_ms()), MAX_TIMESTAMP_MS - 86400_000)
-        start = timestamp_ms(request, "start_time", -1)
-        days = 30  # unset start: the last 30 calendar days
-        try:  # a day's end in a zone ahead of UTC can fall past year 9999, which dates cannot show
-            if start >= 0:
-                first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date() for ms in (start, max(start, end - 1)))
-                days = min(3660, (last - first).days + 1)
-            bounds = day_bounds(zone, max(end - 1, 0), days)
-        except (OverflowError, ValueError):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the period has days past the year 9999 in {zone.key}; "
-                          "end it earlier")
-        response = ccmon_pb2.GetUsageResponse()
-        for date, lo, hi in bounds:
-            lo, hi = max(lo, start), min(hi, end)
-            if lo < hi or start < 0:
-                split = Split.from_models(self.reader.usage(lo, hi, user=self._user(request),
-                                                            project=self._project(request)))
-                response.days.add(date=date, stats=stats_message(split))
-        return response
-
-    def GetModelStats(self, request, context):
-        by_model = self.reader.usage(*self._period(request), user=self._user(request), project=self._project(request))
-        ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))[:MAX_LIST]
-        return ccmon_pb2.GetModelStatsResponse(models=[model_message(ModelUsage(model, u)) for model, u in ranked])
-
-    def GetSessionStats(self, request, context):
-        session = request.session_id or self.reader.latest_session()
-        response = ccmon_pb2.GetSessionStatsResponse(stats=stats_message(Split()))
-        found = self.reader.sessions(0, 0, session_id=session) if session else []
-        if found:
-            summary = found[0]
-            response.session_id = summary.session_id
-            response.stats.CopyFrom(stats_message(summary.split))
-            response.first_request_at.CopyFrom(timestamp_from_ms(summary.first_ms))
-            response.last_request_at.CopyFrom(timestamp_from_ms(summary.last_ms))
-        return response
-
-    def GetSessions(self, request, context):
-        found = self.reader.sessions(*self._period(request), user=self._user(request),
-                                    limit=min(max(request.limit, 0) or DEFAULT_SESSIONS, MAX_SESSIONS),
-                                    project=self._project(request))
-        return ccmon_pb2.GetSessionsResponse(sessions=[session_message(s) for s in found])
-
-    def GetSessionTimeline(self, request, context):
-        limit = request.limit if 0 < request.limit <= MAX_TIMELINE_ENTRIES else MAX_TIMELINE_ENTRIES
-        entries = self.reader.timeline(request.session_id, limit)
-        return ccmon_pb2.GetSessionTimelineResponse(session_id=request.session_id,
-                                                    entries=[timeline_entry_message(entry) for entry in entries])
-
-    def GetToolStats(self, request, context):
-        report = self.reader.tool_report(*self._period(request), user=self._user(request),
-                                         project=self._project(request))
-        return tool_report_message(dataclasses.replace(report, tools=report.tools[:MAX_LIST],
-                                                       decisions=report.decisions[:MAX_LIST],
-                                                       errors=report.errors[:MAX_LIST]))
-
-    def GetUsers(self, request, context):
-        found = self.reader.users(*self._period(request), self._project(request))[:MAX_LIST]
-        return ccmon_pb2.GetUsersResponse(users=[user_message(user) for user in found])
-
-    def GetBlocks(self, request, context):
-        found = self.reader.blocks(*self._period(request), user=self._user(request),
-                                   project=self._project(request))[-MAX_LIST:]
-        return ccmon_pb2.GetBlocksResponse(blocks=[block_message(block) for block in found])
-
-    def GetProjects(self, request, context):
-        found = self.reader.projects(*self._period(request), user=self._user(request),
-                                     project=self._project(request))[:MAX_LIST]
-        return ccmon_pb2.GetProjectsResponse(projects=[project_message(project) for project in found])
-
-    def ReportStatusLine(self, request, context):
-        reading = reading_of(request.reading)
-        zone = zone_or_none(request.timezone or "UTC")
-        if not reading.session_id or zone is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a reading needs its session_id, and a known timezone")
-        now = now_ms()
-        reading = dataclasses.replace(reading, read_ms=min(reading.read_ms or now, now))
-        problem = reading_problem(reading, now)
-        if problem:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a reading Claude Code gives: {problem}")
-        try:
-            self.writer.record_reading(reading)
-        except StorageUnavailable as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the reading right now ({exc})")
-        user = self.reader.session_user(reading.session_id)
-        response = ccmon_pb2.ReportStatusLineResponse(user=user or "")
-        found = self.reader.sessions(0, 0, session_id=reading.session_id)
-        if found:
-            response.session.CopyFrom(stats_message(found[0].split))
-        if user is not None:
-            midnight = day_bounds(zone, now, 1)[0][1]
-            response.today.CopyFrom(stats_message(Split.from_models(self.reader.usage(midnight, now, user=user))))
-        return response
-
-    def GetLimits(self, request, context):
-        user, now = self._user(request), timestamp_ms(request, "at", now_ms())
-        recent = self.reader.readings(user, now - LEARN_FROM_MS, now, limit=CALIBRATION_READINGS)
-        response = ccmon_pb2.GetLimitsResponse()
-        if recent:
-            response.latest.CopyFrom(reading_message(recent[0]))
-        for field in ("five_hour", "seven_day"):
-            live = [reading for reading in recent if live_window(getattr(reading, field), now)]
-            if live and (user is not None or len({reading.user for reading in live} - {""}) <= 1):
-                getattr(response, f"{field}_now").CopyFrom(reading_message(live[0]))
-        for field, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
-            newest_per_window: dict[int, tuple[LimitReading, LimitWindow]] = {}
-            for reading in recent:  # newest first: the first reading of a window has seen the most of it
-                window = getattr(reading, field)
-                if window is not None and len(newest_per_window) < CALIBRATION_WINDOWS:
-                    newest_per_window.setdefault(claude_window_key(window.resets_ms), (reading, window))
-            samples = [(Split.from_models(self.reader.usage(window.resets_ms - span, reading.read_ms,
-                                                            user=reading.user or user)).premium.limited, window.percent)
-                       for reading, window in newest_per_window.values()]
-            tokens, count = window_capacity(samples)
-            if tokens is not None:
-                getattr(response, field).CopyFrom(ccmon_pb2.WindowCapacity(tokens=tokens, readings=count))
-        return response
-
-    def ImportRequests(self, request, context):
-        if len(request.requests) > MAX_IMPORT_ROWS:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_IMPORT_ROWS} requests a call")
-        try:
-            rows = [imported_row(r) for r in request.requests]
-        except BadValue as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an imported request is not valid: {exc}")
-        if request.dry_run:
-            known = self.reader.known_requests([(row[0], row[1], row[2], row[REQUEST_COLUMNS.index("request_id")])
-                                                for row in rows])
-            return import_counts_message(ImportCounts(len(rows) - known, known))
-        projects: dict[str, str] = {}
-        for r in request.requests:  # where the session started (its first request's cwd)
-            if r.project_dir:
-                projects.setdefault(r.session_id, r.project_dir)
-        try:
-            counts = self.writer.import_requests(rows, projects, request.user)
-        except StorageUnavailable as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the requests right now ({exc})")
-        return import_counts_message(counts)
-
-    def GetServerInfo(self, request, context):
-        requests, rows = self.reader.totals()
-        response = ccmon_pb2.GetServerInfoResponse(version=VERSION, total_requests=requests, usage_records=rows,
-                                                   started_at=timestamp_from_ms(self.started_ms))
-        last = self.reader.last_request_ms()
-        if last is not None:
-            response.last_request_at.CopyFrom(timestamp_from_ms(last))
-        return response
-
-
 # ---------------------------------------------------------------- OTLP/HTTP receiver: POST /v1/logs, /v1/metrics, /v1/traces
 
 HTTP_ROUTES = {
@@ -4485,6 +4011,480 @@ class OTLPHTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:
         log.debug("http connection from %s failed: %s", client_address[0], sys.exc_info()[1])
+
+
+# ---------------------------------------------------------------- Wire: ccmon.v1 messages to and from domain values
+
+def ms_of(ts: timestamp_pb2.Timestamp) -> int:
+    return ts.seconds * 1000 + ts.nanos // 1_000_000
+
+
+def timestamp_from_ms(ms: int) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=ms // 1000, nanos=ms % 1000 * 1_000_000)
+
+
+def token_message(usage: Usage) -> ccmon_pb2.Token:
+    return ccmon_pb2.Token(total=usage.total, input=usage.input, output=usage.output,
+                           cache_read=usage.cache_read, cache_creation=usage.cache_creation,
+                           limited=usage.limited, cache=usage.cache)
+
+
+def stats_message(split: Split) -> ccmon_pb2.Stats:
+    total = split.total
+    return ccmon_pb2.Stats(
+        base_requests=split.base.requests, premium_requests=split.premium.requests,
+        total_requests=total.requests, base_tokens=token_message(split.base),
+        premium_tokens=token_message(split.premium), total_tokens=token_message(total),
+        base_cost=ccmon_pb2.Cost(amount=split.base.cost_usd),
+        premium_cost=ccmon_pb2.Cost(amount=split.premium.cost_usd),
+        total_cost=ccmon_pb2.Cost(amount=total.cost_usd))
+
+
+def window_message(window: LimitWindow | None) -> ccmon_pb2.LimitWindow | None:
+    if window is None:
+        return None
+    message = ccmon_pb2.LimitWindow(used_percentage=window.percent, resets_at=timestamp_from_ms(window.resets_ms),
+                                    period=window.period)
+    if window.used_usd is not None:
+        message.used_usd = window.used_usd
+    if window.limit_usd is not None:
+        message.limit_usd = window.limit_usd
+    return message
+
+
+def reading_message(reading: LimitReading) -> ccmon_pb2.LimitReading:
+    message = ccmon_pb2.LimitReading(
+        session_id=reading.session_id, read_at=timestamp_from_ms(reading.read_ms), project_dir=reading.project,
+        model=reading.model, five_hour=window_message(reading.five_hour), seven_day=window_message(reading.seven_day),
+        spend_limit=window_message(reading.spend_limit), claude_code_version=reading.version, user=reading.user)
+    if reading.context_percent is not None:
+        message.context_percent = reading.context_percent
+    return message
+
+
+def window_of(message, field: str) -> LimitWindow | None:
+    if not message.HasField(field):
+        return None
+    window = getattr(message, field)
+    return LimitWindow(window.used_percentage, ms_of(window.resets_at),
+                       window.used_usd if window.HasField("used_usd") else None,
+                       window.limit_usd if window.HasField("limit_usd") else None, window.period)
+
+
+def reading_of(message: ccmon_pb2.LimitReading) -> LimitReading:
+    return LimitReading(message.session_id, ms_of(message.read_at), message.project_dir, message.model,
+                        message.context_percent if message.HasField("context_percent") else None,
+                        window_of(message, "five_hour"), window_of(message, "seven_day"),
+                        window_of(message, "spend_limit"), message.claude_code_version, message.user)
+
+
+def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost) -> Usage:
+    return Usage(requests=requests, input=token.input, output=token.output, cache_read=token.cache_read,
+                 cache_creation=token.cache_creation, cost_nanos=round(cost.amount * NANOS_PER_USD))
+
+
+MAX_IMPORT_ROWS = 50_000  # rows in one ImportRequests call
+
+
+def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
+    """An ImportedRequest as a `requests` row (REQUEST_COLUMNS; the user is set by the writer); raises BadValue.
+    Its seq hashes message.id and requestId, so importing a transcript again adds nothing."""
+    if not r.session_id or not 0 < r.timestamp_ms <= MAX_TIMESTAMP_MS:
+        raise BadValue("an imported request needs its session_id and a timestamp")
+    counts = (r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens)
+    if not (0 <= min(counts) and max(counts) < MAX_COUNT and 0 <= r.cost_nanos <= MAX_USD * NANOS_PER_USD):
+        raise BadValue(f"a token count or the cost is out of range: {counts}, {r.cost_nanos} nano-dollars")
+    seq = content_hash(f"{r.message_id}\0{r.request_id}".encode())
+    return (r.timestamp_ms, r.session_id, seq, r.model or "unknown", "", *counts, r.cost_nanos, 0, None, None,
+            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST)
+
+
+def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
+    return Split(usage_from_token(stats.base_tokens, stats.base_requests, stats.base_cost),
+                 usage_from_token(stats.premium_tokens, stats.premium_requests, stats.premium_cost))
+
+
+def api_request_message(r: ApiRequest) -> ccmon_pb2.APIRequest:
+    return ccmon_pb2.APIRequest(
+        session_id=r.session_id, timestamp=timestamp_from_ms(r.ts_ms), model=r.model, input_tokens=r.usage.input,
+        output_tokens=r.usage.output, cache_read_tokens=r.usage.cache_read,
+        cache_creation_tokens=r.usage.cache_creation, total_tokens=r.usage.total, cost_usd=r.usage.cost_usd,
+        duration_ms=r.usage.duration_ms)
+
+
+def api_request_of(r: ccmon_pb2.APIRequest) -> ApiRequest:
+    return ApiRequest(ms_of(r.timestamp), r.model, r.session_id,
+                      Usage(1, r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens,
+                            round(r.cost_usd * NANOS_PER_USD), r.duration_ms))
+
+
+def session_message(session: Session) -> ccmon_pb2.SessionStats:
+    return ccmon_pb2.SessionStats(
+        session_id=session.session_id, user=session.user, first_request_at=timestamp_from_ms(session.first_ms),
+        last_request_at=timestamp_from_ms(session.last_ms), stats=stats_message(session.split),
+        models=session.models, tool_calls=session.tool_calls, tool_failures=session.tool_failures,
+        api_errors=session.api_errors, from_metrics=session.from_metrics, project=session.project,
+        source=session.source)
+
+
+def session_of(s: ccmon_pb2.SessionStats) -> Session:
+    return Session(s.session_id, s.user, ms_of(s.first_request_at), ms_of(s.last_request_at),
+                   split_from_stats(s.stats), tuple(s.models), s.tool_calls, s.tool_failures, s.api_errors,
+                   s.from_metrics, s.project,
+                   s.source or session_source(0, s.from_metrics))  # servers before transcripts send no source
+
+
+# An event's attributes in a timeline answer: a full timeline (MAX_TIMELINE_ENTRIES) fits in the 4 MB clients accept.
+DETAILS_MAX_BYTES = 1024
+DETAILS_TEXT_CHARS = 200      # a longer key or text is cut to this, ending in "…", once the whole is over the size
+DETAILS_OMITTED = "ccmon.omitted_attributes"  # how many attributes did not fit
+
+
+def details_json(details: dict) -> str:
+    """Attributes as stored, as compact JSON; over DETAILS_MAX_BYTES, with long texts cut and as many attributes as
+    fit, the shortest first (a tool's name before a command's text), DETAILS_OMITTED counting the others."""
+    whole = compact_json(details) or ""
+    if len(whole.encode()) <= DETAILS_MAX_BYTES:
+        return whole
+
+    def cut(text: str) -> str:
+        return text if len(text) <= DETAILS_TEXT_CHARS else text[:DETAILS_TEXT_CHARS - 1] + "…"
+
+    texts = {key: value if isinstance(value, (str, int, float, bool)) or value is None else
+             json.dumps(value, sort_keys=True, separators=(",", ":"), default=json_default)  # a nested value's JSON
+             for key, value in details.items()}
+    kept: dict[str, Any] = {}
+    for key, value in sorted(texts.items(), key=lambda item: (len(item[0]) + len(str(item[1])), item[0])):
+        trial = {**kept, cut(key): cut(value) if isinstance(value, str) else value}
+        if len(compact_json({**trial, DETAILS_OMITTED: len(details)}).encode()) <= DETAILS_MAX_BYTES:
+            kept = trial
+    return compact_json({**kept, DETAILS_OMITTED: len(details) - len(kept)})
+
+
+def timeline_entry_message(entry: TimelineEntry) -> ccmon_pb2.TimelineEntry:
+    message = ccmon_pb2.TimelineEntry(timestamp=timestamp_from_ms(entry.ts_ms), kind=entry.kind,
+                                      details=details_json(entry.details))
+    if entry.request is not None:
+        message.request.CopyFrom(api_request_message(entry.request))
+    return message
+
+
+def timeline_entry_of(e: ccmon_pb2.TimelineEntry) -> TimelineEntry:
+    return TimelineEntry(ms_of(e.timestamp), e.kind, api_request_of(e.request) if e.kind == "api_request" else None,
+                         json.loads(e.details) if e.details else {})
+
+
+def tool_report_message(report: ToolReport) -> ccmon_pb2.GetToolStatsResponse:
+    return ccmon_pb2.GetToolStatsResponse(
+        tools=[ccmon_pb2.ToolStats(tool=t.tool, calls=t.calls, successes=t.successes, p50_duration_ms=t.p50_ms,
+                                   p95_duration_ms=t.p95_ms) for t in report.tools],
+        decisions=[ccmon_pb2.DecisionStats(decision=d.decision, source=d.source, count=d.count)
+                   for d in report.decisions],
+        errors=[ccmon_pb2.ErrorStats(status_code=e.status_code, model=e.model, count=e.count) for e in report.errors],
+        retries_exhausted=report.retries_exhausted)
+
+
+def tool_report_of(response: ccmon_pb2.GetToolStatsResponse) -> ToolReport:
+    return ToolReport(tuple(ToolFigures(t.tool, t.calls, t.successes, t.p50_duration_ms, t.p95_duration_ms)
+                            for t in response.tools),
+                      tuple(DecisionCount(d.decision, d.source, d.count) for d in response.decisions),
+                      tuple(ApiErrorCount(e.status_code, e.model, e.count) for e in response.errors),
+                      response.retries_exhausted)
+
+
+def model_message(model: ModelUsage) -> ccmon_pb2.ModelStats:
+    u = model.usage
+    return ccmon_pb2.ModelStats(model=model.model, premium=is_premium(model.model), requests=u.requests,
+                                tokens=token_message(u), cost=ccmon_pb2.Cost(amount=u.cost_usd),
+                                duration_ms=u.duration_ms, ttft_ms_total=u.ttft_ms, ttft_count=u.ttft_count)
+
+
+def model_usage_of(m: ccmon_pb2.ModelStats) -> ModelUsage:
+    return ModelUsage(m.model, dataclasses.replace(usage_from_token(m.tokens, m.requests, m.cost),
+                                                   duration_ms=m.duration_ms, ttft_ms=m.ttft_ms_total,
+                                                   ttft_count=m.ttft_count))
+
+
+def block_message(block: UsageBlock) -> ccmon_pb2.Block:
+    return ccmon_pb2.Block(start_time=timestamp_from_ms(block.start_ms), end_time=timestamp_from_ms(block.end_ms),
+                           stats=stats_message(block.split), last_activity_at=timestamp_from_ms(block.last_activity_ms),
+                           from_claude=block.from_claude)
+
+
+def usage_block_of(b: ccmon_pb2.Block) -> UsageBlock:
+    return UsageBlock(ms_of(b.start_time), ms_of(b.end_time), split_from_stats(b.stats), ms_of(b.last_activity_at),
+                      b.from_claude)
+
+
+def user_message(user: UserUsage) -> ccmon_pb2.UserStats:
+    return ccmon_pb2.UserStats(user=user.user, stats=stats_message(user.split), sessions=user.sessions,
+                               five_hour=window_message(user.five_hour), seven_day=window_message(user.seven_day))
+
+
+def user_usage_of(u: ccmon_pb2.UserStats) -> UserUsage:
+    return UserUsage(u.user, split_from_stats(u.stats), u.sessions, window_of(u, "five_hour"),
+                     window_of(u, "seven_day"))
+
+
+def project_message(project: ProjectUsage) -> ccmon_pb2.ProjectStats:
+    return ccmon_pb2.ProjectStats(project=project.project, stats=stats_message(project.split),
+                                  sessions=project.sessions)
+
+
+def project_usage_of(p: ccmon_pb2.ProjectStats) -> ProjectUsage:
+    return ProjectUsage(p.project, split_from_stats(p.stats), p.sessions)
+
+
+def import_counts_message(counts: ImportCounts) -> ccmon_pb2.ImportRequestsResponse:
+    return ccmon_pb2.ImportRequestsResponse(imported=counts.imported, already_known=counts.already_known)
+
+
+
+# ---------------------------------------------------------------- Query service: ccmon.v1.QueryService over the store
+
+# The most an answer lists (ccmon.proto says so): an answer fits gRPC's default 4 MB message limit, and a
+# client looping on a query cannot hold the server's memory or its reads for long.
+MAX_REQUESTS_PAGE = 1000
+MAX_SESSIONS, DEFAULT_SESSIONS = 5000, 500
+MAX_TIMELINE_ENTRIES = 2000  # each event's details at most DETAILS_MAX_BYTES
+MAX_LIST = 1000              # users, projects, models, tools, blocks (the newest)
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # what gRPC clients accept by default; an answer over it is refused instead
+# Queries answered at once: the rest of the RPC threads stay free for exports, however many clients loop on queries.
+QUERY_SLOTS = 8
+CALIBRATION_READINGS = 2000  # the readings GetLimits looks through (the last 30 days of a busy status line)
+CALIBRATION_WINDOWS = 20     # and the windows it calibrates from, newest first
+
+
+def timestamp_ms(request, field: str, default: int) -> int:
+    """A request's Timestamp field in ms, clamped to what the store holds; `default` when unset."""
+    if not request.HasField(field):
+        return default
+    return min(max(ms_of(getattr(request, field)), 0), MAX_TIMESTAMP_MS + 1)
+
+
+def guarding_every_rpc(cls: type) -> type:
+    """Wrap every RPC method of a servicer so that SQLite errors, and a database no longer at its path, become gRPC
+    statuses; at most QUERY_SLOTS run at once, and no answer is larger than MAX_ANSWER_BYTES."""
+    def wrapped(method: Callable) -> Callable:
+        def answer(self, request, context):
+            if not self.slots.acquire(blocking=False):  # waiting would hold an RPC thread an export needs
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the server is answering {QUERY_SLOTS} queries "
+                              "already; ask again in a moment")
+            try:
+                response = method(self, request, context)
+            except sqlite3.Error as exc:
+                self.storage_failure(context, exc)
+            except DatabaseMoved as exc:
+                if "moved" not in self._failures_logged:
+                    self._failures_logged.add("moved")
+                    log.critical("queries are refused: %s", exc)
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            finally:
+                self.slots.release()
+            if response.ByteSize() > MAX_ANSWER_BYTES:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the answer would be {response.ByteSize():,} "
+                              f"bytes, over the {MAX_ANSWER_BYTES:,} clients accept: ask for less")
+            return response
+        return answer
+
+    for name in [name for name in vars(cls) if name[:1].isupper()]:  # the RPCs
+        setattr(cls, name, wrapped(getattr(cls, name)))
+    return cls
+
+
+@guarding_every_rpc
+class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
+    def __init__(self, reader: Reader, started_ms: int, writer: Writer):
+        self.reader, self.started_ms, self.writer = reader, started_ms, writer
+        self._failures_logged: set[str] = set()
+        self.slots = threading.BoundedSemaphore(QUERY_SLOTS)
+
+    def storage_failure(self, context, exc: sqlite3.Error) -> None:
+        """Abort with a status that says why the database cannot answer (logged once per kind)."""
+        code, what = (grpc.StatusCode.DATA_LOSS, "the database is damaged") if is_damage(exc) else \
+            (grpc.StatusCode.UNAVAILABLE, "the database cannot be read right now")
+        if what not in self._failures_logged:
+            self._failures_logged.add(what)
+            log.error("%s (%s): queries fail until it is fixed", what, exc)
+        context.abort(code, f"{what}: {exc}")
+
+    def _period(self, request) -> tuple[int, int]:
+        return timestamp_ms(request, "start_time", 0), timestamp_ms(request, "end_time", now_ms())
+
+    @staticmethod
+    def _user(request) -> str | None:
+        return request.user or None
+
+    @staticmethod
+    def _project(request) -> str | None:
+        return request.project or None
+
+    def GetStats(self, request, context):
+        split = Split.from_models(self.reader.usage(*self._period(request), user=self._user(request),
+                                                    project=self._project(request)))
+        return ccmon_pb2.GetStatsResponse(stats=stats_message(split))
+
+    def GetAPIRequests(self, request, context):
+        start, end = self._period(request)
+        user, project = self._user(request), self._project(request)
+        limit = request.limit if 0 < request.limit <= MAX_REQUESTS_PAGE else MAX_REQUESTS_PAGE
+        rows = self.reader.requests_page(start, end, limit, request.offset, request.oldest_first, user, project)
+        if not request.HasField("oldest_first"):  # the Go ccmon's client: the newest page, in time order
+            rows.reverse()
+        total = sum(u.requests for u in self.reader.usage(start, end, user=user, project=project).values())
+        return ccmon_pb2.GetAPIRequestsResponse(total_count=total, requests=[api_request_message(r) for r in rows])
+
+    def GetUsage(self, request, context):
+        zone = zone_or_none(request.timezone or "UTC")
+        if zone is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown timezone {request.timezone[:100]!r}")
+        end = min(timestamp_ms(request, "end_time", now_ms()), MAX_TIMESTAMP_MS - 86400_000)
+        start = timestamp_ms(request, "start_time", -1)
+        days = 30  # unset start: the last 30 calendar days
+        try:  # a day's end in a zone ahead of UTC can fall past year 9999, which dates cannot show
+            if start >= 0:
+                first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date() for ms in (start, max(start, end - 1)))
+                days = min(3660, (last - first).days + 1)
+            bounds = day_bounds(zone, max(end - 1, 0), days)
+        except (OverflowError, ValueError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the period has days past the year 9999 in {zone.key}; "
+                          "end it earlier")
+        response = ccmon_pb2.GetUsageResponse()
+        for date, lo, hi in bounds:
+            lo, hi = max(lo, start), min(hi, end)
+            if lo < hi or start < 0:
+                split = Split.from_models(self.reader.usage(lo, hi, user=self._user(request),
+                                                            project=self._project(request)))
+                response.days.add(date=date, stats=stats_message(split))
+        return response
+
+    def GetModelStats(self, request, context):
+        by_model = self.reader.usage(*self._period(request), user=self._user(request), project=self._project(request))
+        ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))[:MAX_LIST]
+        return ccmon_pb2.GetModelStatsResponse(models=[model_message(ModelUsage(model, u)) for model, u in ranked])
+
+    def GetSessionStats(self, request, context):
+        session = request.session_id or self.reader.latest_session()
+        response = ccmon_pb2.GetSessionStatsResponse(stats=stats_message(Split()))
+        found = self.reader.sessions(0, 0, session_id=session) if session else []
+        if found:
+            summary = found[0]
+            response.session_id = summary.session_id
+            response.stats.CopyFrom(stats_message(summary.split))
+            response.first_request_at.CopyFrom(timestamp_from_ms(summary.first_ms))
+            response.last_request_at.CopyFrom(timestamp_from_ms(summary.last_ms))
+        return response
+
+    def GetSessions(self, request, context):
+        found = self.reader.sessions(*self._period(request), user=self._user(request),
+                                    limit=min(max(request.limit, 0) or DEFAULT_SESSIONS, MAX_SESSIONS),
+                                    project=self._project(request))
+        return ccmon_pb2.GetSessionsResponse(sessions=[session_message(s) for s in found])
+
+    def GetSessionTimeline(self, request, context):
+        limit = request.limit if 0 < request.limit <= MAX_TIMELINE_ENTRIES else MAX_TIMELINE_ENTRIES
+        entries = self.reader.timeline(request.session_id, limit)
+        return ccmon_pb2.GetSessionTimelineResponse(session_id=request.session_id,
+                                                    entries=[timeline_entry_message(entry) for entry in entries])
+
+    def GetToolStats(self, request, context):
+        report = self.reader.tool_report(*self._period(request), user=self._user(request),
+                                         project=self._project(request))
+        return tool_report_message(dataclasses.replace(report, tools=report.tools[:MAX_LIST],
+                                                       decisions=report.decisions[:MAX_LIST],
+                                                       errors=report.errors[:MAX_LIST]))
+
+    def GetUsers(self, request, context):
+        found = self.reader.users(*self._period(request), self._project(request))[:MAX_LIST]
+        return ccmon_pb2.GetUsersResponse(users=[user_message(user) for user in found])
+
+    def GetBlocks(self, request, context):
+        found = self.reader.blocks(*self._period(request), user=self._user(request),
+                                   project=self._project(request))[-MAX_LIST:]
+        return ccmon_pb2.GetBlocksResponse(blocks=[block_message(block) for block in found])
+
+    def GetProjects(self, request, context):
+        found = self.reader.projects(*self._period(request), user=self._user(request),
+                                     project=self._project(request))[:MAX_LIST]
+        return ccmon_pb2.GetProjectsResponse(projects=[project_message(project) for project in found])
+
+    def ReportStatusLine(self, request, context):
+        reading = reading_of(request.reading)
+        zone = zone_or_none(request.timezone or "UTC")
+        if not reading.session_id or zone is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a reading needs its session_id, and a known timezone")
+        now = now_ms()
+        reading = dataclasses.replace(reading, read_ms=min(reading.read_ms or now, now))
+        problem = reading_problem(reading, now)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a reading Claude Code gives: {problem}")
+        try:
+            self.writer.record_reading(reading)
+        except StorageUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the reading right now ({exc})")
+        user = self.reader.session_user(reading.session_id)
+        response = ccmon_pb2.ReportStatusLineResponse(user=user or "")
+        found = self.reader.sessions(0, 0, session_id=reading.session_id)
+        if found:
+            response.session.CopyFrom(stats_message(found[0].split))
+        if user is not None:
+            midnight = day_bounds(zone, now, 1)[0][1]
+            response.today.CopyFrom(stats_message(Split.from_models(self.reader.usage(midnight, now, user=user))))
+        return response
+
+    def GetLimits(self, request, context):
+        user, now = self._user(request), timestamp_ms(request, "at", now_ms())
+        recent = self.reader.readings(user, now - LEARN_FROM_MS, now, limit=CALIBRATION_READINGS)
+        response = ccmon_pb2.GetLimitsResponse()
+        if recent:
+            response.latest.CopyFrom(reading_message(recent[0]))
+        for field in ("five_hour", "seven_day"):
+            live = [reading for reading in recent if live_window(getattr(reading, field), now)]
+            if live and (user is not None or len({reading.user for reading in live} - {""}) <= 1):
+                getattr(response, f"{field}_now").CopyFrom(reading_message(live[0]))
+        for field, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
+            newest_per_window: dict[int, tuple[LimitReading, LimitWindow]] = {}
+            for reading in recent:  # newest first: the first reading of a window has seen the most of it
+                window = getattr(reading, field)
+                if window is not None and len(newest_per_window) < CALIBRATION_WINDOWS:
+                    newest_per_window.setdefault(claude_window_key(window.resets_ms), (reading, window))
+            samples = [(Split.from_models(self.reader.usage(window.resets_ms - span, reading.read_ms,
+                                                            user=reading.user or user)).premium.limited, window.percent)
+                       for reading, window in newest_per_window.values()]
+            tokens, count = window_capacity(samples)
+            if tokens is not None:
+                getattr(response, field).CopyFrom(ccmon_pb2.WindowCapacity(tokens=tokens, readings=count))
+        return response
+
+    def ImportRequests(self, request, context):
+        if len(request.requests) > MAX_IMPORT_ROWS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_IMPORT_ROWS} requests a call")
+        try:
+            rows = [imported_row(r) for r in request.requests]
+        except BadValue as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an imported request is not valid: {exc}")
+        if request.dry_run:
+            known = self.reader.known_requests([(row[0], row[1], row[2], row[REQUEST_COLUMNS.index("request_id")])
+                                                for row in rows])
+            return import_counts_message(ImportCounts(len(rows) - known, known))
+        projects: dict[str, str] = {}
+        for r in request.requests:  # where the session started (its first request's cwd)
+            if r.project_dir:
+                projects.setdefault(r.session_id, r.project_dir)
+        try:
+            counts = self.writer.import_requests(rows, projects, request.user)
+        except StorageUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the requests right now ({exc})")
+        return import_counts_message(counts)
+
+    def GetServerInfo(self, request, context):
+        requests, rows = self.reader.totals()
+        response = ccmon_pb2.GetServerInfoResponse(version=VERSION, total_requests=requests, usage_records=rows,
+                                                   started_at=timestamp_from_ms(self.started_ms))
+        last = self.reader.last_request_ms()
+        if last is not None:
+            response.last_request_at.CopyFrom(timestamp_from_ms(last))
+        return response
 
 
 # ---------------------------------------------------------------- Server: listeners, authentication, TLS, retention, shutdown
