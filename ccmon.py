@@ -2937,7 +2937,7 @@ def request_row(attrs: dict, ts: int, source: str | None, user: str, record, und
             raise BadValue(f"{key}={ms} is longer than one API call can take (a day)")
     extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     session, seq = record_key(attrs, record, undated)
-    return (ts, session, seq, str(attrs.get("model") or "unknown"), user, *counts,
+    return (ts, session, seq, optional_text(attrs.get("model")) or "unknown", user, *counts,
             cost, duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
             source, compact_json(extra), ORIGIN_EVENT)
 

@@ -3419,7 +3419,8 @@ def run_ccmon(args: list[str], cwd: Path, command: list[str] | None = None, env:
 def seed_quick_query(srv: ServerProcess, zone) -> dict:
     """Today at local midnight, a minute before it, and a session 10 minutes ago; returns expected figures."""
     today, before = midnight_ms(zone), midnight_ms(zone) - 60_000
-    recent = int(time.time() * 1000) - 10 * 60_000
+    # the latest session, 10 minutes ago, or just after midnight when midnight was less than 10 minutes ago
+    recent = max(int(time.time() * 1000) - 10 * 60_000, today + 1000)
     events = [("api_request", api_request(1, iso(today), session="day", input_tokens=1000, output_tokens=500,
                                           cache_read_tokens=8500, cost_usd="1.25")),
               ("api_request", api_request(2, iso(before), session="yesterday", input_tokens=4000, output_tokens=0,
