@@ -7056,6 +7056,9 @@ def terminal(curses_module):
     # Ctrl-C quits the monitor even when it was started with SIGINT ignored (by a parent that ignores it, such as a
     # test runner's worker): Python keeps an inherited SIG_IGN, and the key would do nothing.
     interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The terminal's own size, not $COLUMNS and $LINES: exported (by a test runner's worker, a script), curses
+    # would take them for the size and draw every resize wrong.
+    pinned = {name: os.environ.pop(name) for name in ("COLUMNS", "LINES") if name in os.environ}
     window = curses_module.initscr()
     try:
         curses_module.noecho()
@@ -7076,6 +7079,7 @@ def terminal(curses_module):
         curses_module.nocbreak()
         curses_module.endwin()
         signal.signal(signal.SIGINT, interrupt)
+        os.environ.update(pinned)
 
 
 def run_monitor(config: Config) -> int:

@@ -4548,6 +4548,22 @@ def test_monitor_runs_on_every_terminal_type_and_without_color(term, tmp_path):
             monitor.proc.kill()
 
 
+def test_the_monitor_follows_the_terminals_size_whatever_columns_and_lines_say(tmp_path):
+    """$COLUMNS and $LINES exported (pytest-xdist's workers do) must not pin the screen: a resize is drawn anew."""
+    monitor = MonitorPty(["--monitor-server", "127.0.0.1:9"], cols=100, rows=30, cwd=tmp_path,
+                         env={"HOME": str(tmp_path), "COLUMNS": "80", "LINES": "24"})
+    try:
+        screen = monitor.wait_for("disconnected", "the unreachable server")
+        assert len(screen.splitlines()[0].rstrip()) > 80  # drawn 100 columns wide: the header's version at the end
+        monitor.resize(30, 10)
+        monitor.wait_for("terminal too small: 30x10", "the too-small notice")
+        monitor.send(b"q")
+        assert monitor.close() == 0
+    finally:
+        if monitor.proc.poll() is None:
+            monitor.proc.kill()
+
+
 def test_ctrl_c_quits_the_monitor_started_with_sigint_ignored(tmp_path):
     """A parent that ignores SIGINT (a test runner's worker, nohup) passes SIG_IGN on; Ctrl-C must still quit."""
     ignoring = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
