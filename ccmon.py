@@ -1774,13 +1774,68 @@ METRIC_USAGE_FIELDS = {("claude_code.cost.usage", None): "cost_nanos",
                        ("claude_code.token.usage", "cacheCreation"): "cache_creation_tokens"}
 
 
-# Whether request_id ?R is stored for a request at time ?1 in session ?2 (ids): in the session, as telemetry and
-# transcripts name it alike; among imported rows, in any session; and near that time in any session, for a
-# transcript's copy in a forked session of an answer that telemetry stored (the copy keeps the answer's time).
+# Whether request_id ?R is stored for a request in session ?2 (an id): in the session, as telemetry and transcripts
+# name it alike; among imported rows, in any session. Each is an index search. (A copy in a forked session of an
+# answer telemetry stored is found by a CopyWindow.)
 REQUEST_ID_KNOWN = ("EXISTS (SELECT 1 FROM requests WHERE session = ?2 AND request_id = ?R) OR EXISTS (SELECT 1 "
-                    f"FROM requests WHERE request_id = ?R AND {origin_in(TRANSCRIPT_ORIGINS)}) OR EXISTS (SELECT 1 "
-                    f"FROM requests WHERE ts >= ?1 - {COPY_WINDOW_MS} AND ts <= ?1 + {COPY_WINDOW_MS} AND "
-                    "request_id = ?R)")
+                    f"FROM requests WHERE request_id = ?R AND {origin_in(TRANSCRIPT_ORIGINS)})")
+IMPORT_CHUNK = 1000       # imported rows written in one transaction: telemetry waits for one chunk at most
+COPY_SCAN_CHUNK = 20_000  # stored rows a CopyWindow reads in one transaction
+
+
+class ImportInterrupted(StorageUnavailable):
+    """An import stopped after some of its chunks were stored."""
+
+    def __init__(self, stored: ImportCounts, total: int, cause: StorageUnavailable):
+        super().__init__(f"{stored.imported + stored.already_known:,} of the {total:,} requests were stored or "
+                         f"found known ({stored.imported:,} new), then: {cause}", cause.retry_after_s)
+        self.stored = stored
+
+
+class CopyWindow:
+    """The request_ids stored by telemetry (not imported) within COPY_WINDOW_MS of some imported rows' times: a
+    transcript's copy of such an answer in a forked session keeps the answer's time, not its session. Read in one
+    pass over each stretch of time the rows cover (a query per row visited every row near its time: the square of
+    the rows when they are dense); the writer adds the telemetry it stores while an import is under way."""
+
+    def __init__(self, rows: Iterable[tuple]):
+        """`rows` in REQUEST_COLUMNS order."""
+        request_id = REQUEST_COLUMNS.index("request_id")
+        times = sorted((row[0], row[request_id]) for row in rows if row[request_id] is not None)
+        self.wanted = {rid for _, rid in times}
+        self.spans: list[list[int]] = []  # [first ms, last ms], apart and in order
+        for ts, _ in times:
+            if self.spans and ts - COPY_WINDOW_MS <= self.spans[-1][1]:
+                self.spans[-1][1] = ts + COPY_WINDOW_MS
+            else:
+                self.spans.append([ts - COPY_WINDOW_MS, ts + COPY_WINDOW_MS])
+        self.stored: dict[str, set[int]] = {}
+        self._after: tuple | None = None  # the key (ts, session, seq) read last in spans[0]
+
+    def add(self, request_id: str | None, ts: int) -> None:
+        if request_id in self.wanted:
+            self.stored.setdefault(request_id, set()).add(ts)
+
+    def read(self, conn: sqlite3.Connection, limit: int | None = None) -> bool:
+        """Read up to `limit` stored rows of the spans, from where the last read stopped; True once all are read."""
+        while self.spans:
+            first, last = self.spans[0]
+            where, params = ("(ts, session, seq) > (?, ?, ?)", self._after) if self._after else ("ts >= ?", (first,))
+            rows = conn.execute(f"SELECT ts, session, seq, request_id, origin FROM requests WHERE {where} AND "
+                                f"ts <= ? ORDER BY ts, session, seq{f' LIMIT {limit}' if limit else ''}",
+                                (*params, last)).fetchall()
+            for ts, _, _, request_id, origin in rows:
+                if origin not in TRANSCRIPT_ORIGINS:  # imported rows are found by REQUEST_ID_KNOWN
+                    self.add(request_id, ts)
+            if limit and len(rows) == limit:
+                self._after = rows[-1][:3]
+                return False
+            self.spans.pop(0)
+            self._after = None
+        return True
+
+    def has(self, request_id: str | None, ts: int) -> bool:
+        return any(abs(stored - ts) <= COPY_WINDOW_MS for stored in self.stored.get(request_id, ()))
 
 
 # Metric-derived usage counts for a session until a row that replaces it is stored.
@@ -1814,6 +1869,7 @@ class Writer:
         self._ids: dict[tuple[str, Any], int] = {}  # (table, value) -> id of interned values
         self._failing = False  # log a failure streak once, and its end once
         self._imported = False  # whether requests from transcripts are stored (telemetry then replaces its copies)
+        self._copy_windows: set[CopyWindow] = set()  # of the imports under way (import_requests' threads add them)
         self._lost = ""        # why the file at the path is no longer the one written: nothing more is acknowledged
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
@@ -1996,6 +2052,10 @@ class Writer:
                         days.update(ts - ts % DAY_MS for ts, in gone)
             new += conn.executemany(insert_sql("requests", REQUEST_COLUMNS), requests).rowcount
             days.update(row[0] - row[0] % DAY_MS for row in requests)
+            for window in tuple(self._copy_windows):  # imports under way read the stored rows before these
+                request_id = REQUEST_COLUMNS.index("request_id")
+                for row in requests:
+                    window.add(row[request_id], row[0])
         if batch.events:
             new += conn.executemany(insert_sql("events", EVENT_COLUMNS),
                                     self._resolve(conn, "events", EVENT_COLUMNS, batch.events)).rowcount
@@ -2020,18 +2080,34 @@ class Writer:
     def import_requests(self, rows: list[tuple], projects: dict[str, str], user: str,
                         timeout: float = 60.0) -> ImportCounts:
         """Store requests read from transcripts (REQUEST_COLUMNS tuples, origin 2 or 3) durably, and count them. A
-        row whose request_id is stored already (in its session, or by an earlier import in any) or whose key is, is
-        skipped. A session the server knows keeps its user; others get `user`."""
-        future = self.submit(lambda conn: self._import(conn, rows, projects, user), timeout=10)
+        row whose request_id is stored already (in its session, by an earlier import in any session, or by
+        telemetry in any session near its time) or whose key is, is skipped. A session the server knows keeps its
+        user; others get `user`. Written IMPORT_CHUNK rows a transaction, so telemetry is stored in between;
+        `timeout` bounds each. Raises ImportInterrupted (with what was stored) when a chunk cannot be written."""
+        window = CopyWindow(rows)
+        self._copy_windows.add(window)  # from here on the writer adds the telemetry it stores to it
+        stored = ImportCounts(0, 0)
         try:
-            return future.result(timeout=timeout)
+            while not self._job(lambda conn: window.read(conn, COPY_SCAN_CHUNK), timeout):
+                pass  # one transaction per COPY_SCAN_CHUNK rows read
+            for first in range(0, len(rows), IMPORT_CHUNK):
+                chunk = rows[first:first + IMPORT_CHUNK]
+                counts = self._job(lambda conn: self._import(conn, chunk, projects, user, window), timeout)
+                stored = ImportCounts(stored.imported + counts.imported, stored.already_known + counts.already_known)
+        except StorageUnavailable as exc:
+            raise ImportInterrupted(stored, len(rows), exc) from None
+        finally:
+            self._copy_windows.discard(window)
+        return stored
+
+    def _job(self, job: Callable[[sqlite3.Connection], Any], timeout: float) -> Any:
+        try:
+            return self.submit(job, timeout=10).result(timeout=timeout)
         except futures.TimeoutError:
             raise StorageUnavailable("the database did not commit in time") from None
 
     def _import(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
-                user: str) -> ImportCounts:
-        if not rows:
-            return ImportCounts(0, 0)
+                user: str, window: CopyWindow) -> ImportCounts:
         users, days = {}, set()
         origin = REQUEST_COLUMNS.index("origin")
         replaced = frozenset().union(*map(replaced_by, {row[origin] for row in rows})) - REQUEST_ORIGINS
@@ -2047,14 +2123,15 @@ class Writer:
                 conn.execute("UPDATE sessions SET project = ? WHERE id = ? AND project IS NULL",
                              (projects[session_id], session))
         user_index, request_id = REQUEST_COLUMNS.index("user"), REQUEST_COLUMNS.index("request_id")
-        with_users = [row[:user_index] + (users[row[1]],) + row[user_index + 1:] for row in rows]
+        with_users = [row[:user_index] + (users[row[1]],) + row[user_index + 1:] for row in rows
+                      if not window.has(row[request_id], row[0])]
         resolved = self._resolve(conn, "requests", REQUEST_COLUMNS, with_users)
         for row in resolved:
             row.append(row[request_id])
         sql = (f"INSERT OR IGNORE INTO requests ({', '.join(REQUEST_COLUMNS)}) SELECT "
                f"{', '.join('?' * len(REQUEST_COLUMNS))} WHERE ?R IS NULL OR NOT ({REQUEST_ID_KNOWN})").replace(
-            "?R", f"?{len(REQUEST_COLUMNS) + 1}")  # ?1, ?2: the row's time and session
-        imported = conn.executemany(sql, resolved).rowcount
+            "?R", f"?{len(REQUEST_COLUMNS) + 1}")  # ?2: the row's session
+        imported = conn.executemany(sql, resolved).rowcount if resolved else 0
         if imported:
             self._imported = True
             days.update(row[0] - row[0] % DAY_MS for row in rows)
@@ -2408,14 +2485,18 @@ class Reader:
                 f"({', '.join('?' * len(chunk))}) GROUP BY session", chunk))
         return found
 
-    def known_requests(self, keys: list[tuple[int, str, int, str | None]]) -> int:
-        """How many of these (ts, session id, seq, request_id) keys are stored: by request_id (as Writer._import
-        finds it), else by key."""
+    def known_requests(self, rows: list[tuple]) -> int:
+        """How many of these requests rows (REQUEST_COLUMNS, as ImportRequests reads them) are stored: by request_id
+        (as Writer._import finds it), else by key."""
         conn, known = self._reader(), 0
+        window = CopyWindow(rows)
+        window.read(conn)
         by_request_id = f"SELECT {REQUEST_ID_KNOWN.replace('?2', '(SELECT id FROM sessions WHERE session_id = ?2)')}" \
             .replace("?R", "?3")
-        for ts, session_id, seq, request_id in keys:
-            if request_id and conn.execute(by_request_id, (ts, session_id, request_id)).fetchone()[0]:
+        request_id = REQUEST_COLUMNS.index("request_id")
+        for row in rows:
+            ts, session_id, seq, rid = row[0], row[1], row[2], row[request_id]
+            if rid and (window.has(rid, ts) or conn.execute(by_request_id, (ts, session_id, rid)).fetchone()[0]):
                 known += 1
             elif conn.execute("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session WHERE r.ts = ? AND "
                               "s.session_id = ? AND r.seq = ?", (ts, session_id, seq)).fetchone():
@@ -3627,8 +3708,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         except BadValue as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an imported request is not valid: {exc}")
         if request.dry_run:
-            known = self.reader.known_requests([(row[0], row[1], row[2], row[REQUEST_COLUMNS.index("request_id")])
-                                                for row in rows])
+            known = self.reader.known_requests(rows)
             return import_counts_message(ImportCounts(len(rows) - known, known))
         projects: dict[str, str] = {}
         for r in request.requests:  # where the session started (its first request's cwd)
@@ -3636,7 +3716,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
                 projects.setdefault(r.session_id, r.project_dir)
         try:
             counts = self.writer.import_requests(rows, projects, request.user)
-        except StorageUnavailable as exc:
+        except StorageUnavailable as exc:  # ImportInterrupted says what is stored: sending again finds it known
             context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the requests right now ({exc})")
         return import_counts_message(counts)
 

@@ -5552,6 +5552,41 @@ def test_import_requests_rejects_what_is_not_a_request(server):
     assert db_rows(server.db, "SELECT user_name, origin, cost_nanos FROM r") == [("importer", 2, 270_000)]
 
 
+
+def dense_import_rows(count: int, start: int = 0, sessions: int = 10) -> list[tuple]:
+    """`count` answers in ten minutes, as the server's requests rows (REQUEST_COLUMNS)."""
+    base = ccmon.parse_iso_ms("2026-05-07T10:00:00Z")
+    return [ccmon.imported_row(ccmon_pb2.ImportedRequest(
+        session_id=f"s-{n % sessions}", timestamp_ms=base + n * 600_000 // count, model="claude-haiku-4-5",
+        input_tokens=120, output_tokens=30, cost_nanos=270_000, estimated=True, request_id=f"req_{n}",
+        message_id=f"msg_{n}")) for n in range(start, start + count)]
+
+
+def test_the_duplicate_check_of_an_import_grows_linearly(tmp_path):
+    """Each imported row is looked up by index, not by scanning every stored row near its time: importing twice
+    as many answers dated within ten minutes, over twice as many stored there, costs about twice the SQLite work
+    (counted in virtual machine steps, not seconds); it was four times as much."""
+    def steps_to_import(count: int) -> int:
+        writer = ccmon.Writer(tmp_path / f"{count}.db")
+        try:
+            assert writer.import_requests(dense_import_rows(count), {}, "") == ccmon.ImportCounts(count, 0)
+            steps = [0]
+
+            def count_steps() -> int:
+                steps[0] += 1
+                return 0
+
+            writer._write_conn.set_progress_handler(count_steps, 1000)
+            assert writer.import_requests(dense_import_rows(count, count), {}, "") == ccmon.ImportCounts(count, 0)
+            writer._write_conn.set_progress_handler(None, 0)
+            return steps[0]
+        finally:
+            writer.close()
+
+    small, large = steps_to_import(1000), steps_to_import(2000)
+    assert large < 2.5 * small, (small, large)
+
+
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
 
 # Claude Code itself (the npm package, a native binary) runs offline against fixtures/mock_anthropic.py, a
