@@ -5581,7 +5581,7 @@ class ImportTally:
     known: int = 0
     duplicates: int = 0     # the same message written again (streaming)
     before_since: int = 0
-    estimated: int = 0      # priced by ccmon's table
+    estimated: int = 0      # of those imported (or to import), priced by ccmon's table
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     unknown_models: dict[str, int] = dataclasses.field(default_factory=dict)
     problems: list[str] = dataclasses.field(default_factory=list)
@@ -5616,12 +5616,14 @@ class Importer:
         self.prices = config.prices
         self.tally = ImportTally()
         self.seen: set[tuple[str, str]] = set()
-        self.pending: list[ccmon_pb2.ImportedRequest] = []
+        # requests to send, apart by whether ccmon priced them: the server's count of a batch's imported requests
+        # is then also the count of those priced by ccmon among them
+        self.pending: dict[bool, list[ccmon_pb2.ImportedRequest]] = {True: [], False: []}
         self.prices_found: dict[str, Price | None] = {}
         self.unreadable: set[Path] = set()
         # one batch is stored while the next is read: the server and the reading run on two cores
         self.sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccmon-import")
-        self.in_flight: tuple[futures.Future, list] | None = None
+        self.in_flight: tuple[futures.Future, list, bool] | None = None
         self.progress, self.started, self.shown = progress, time.monotonic(), 0.0
 
     def skip(self, reason: str) -> None:
@@ -5652,12 +5654,12 @@ class Importer:
                 self.prices_found[found.model] = price_of(found.model, self.prices)
             request, priced = imported_request(found, self.prices, self.prices_found[found.model])
             self.tally.entries += 1
-            self.tally.estimated += request.estimated and priced
             if not priced:
                 self.tally.unknown_models[found.model] = self.tally.unknown_models.get(found.model, 0) + 1
-            self.pending.append(request)
-            if len(self.pending) >= IMPORT_BATCH:
-                self.flush()
+            estimated = request.estimated and priced
+            self.pending[estimated].append(request)
+            if len(self.pending[estimated]) >= IMPORT_BATCH:
+                self.send(estimated)
 
     def add_file(self, files: TranscriptFiles, path: Path, final: bool) -> None:
         lines, tail, problem = files.read(path, final)
@@ -5679,25 +5681,31 @@ class Importer:
     def flush(self, wait: bool = False) -> None:
         """Send what is read (in the background, after the batch before it is stored); with `wait`, until all is
         stored. A batch that could not be sent is kept for the next flush."""
-        if self.pending:
-            batch, self.pending = self.pending, []
-            self.collect()
-            self.in_flight = (self.sender.submit(self.client.import_requests, batch, self.user, self.dry_run), batch)
+        for estimated in (False, True):
+            self.send(estimated)
         if wait:
             self.collect()
+
+    def send(self, estimated: bool) -> None:
+        if self.pending[estimated]:
+            batch, self.pending[estimated] = self.pending[estimated], []
+            self.collect()
+            self.in_flight = (self.sender.submit(self.client.import_requests, batch, self.user, self.dry_run), batch,
+                              estimated)
 
     def collect(self) -> None:
         if self.in_flight is None:
             return
-        future, batch = self.in_flight
+        future, batch, estimated = self.in_flight
         self.in_flight = None
         try:
             counts = future.result()
         except ServerUnreachable:
-            self.pending[:0] = batch
+            self.pending[estimated][:0] = batch
             raise
         self.tally.imported += counts.imported
         self.tally.known += counts.already_known
+        self.tally.estimated += counts.imported if estimated else 0
 
     def show_progress(self, files_total: int = 0, done: bool = False) -> None:
         if self.progress is None:

@@ -5587,6 +5587,48 @@ def test_the_duplicate_check_of_an_import_grows_linearly(tmp_path):
     assert large < 2.5 * small, (small, large)
 
 
+
+def test_telemetry_is_stored_while_a_large_import_is(server, tmp_path):
+    """20,000 answers dated within ten minutes are imported while telemetry keeps arriving: every export is
+    acknowledged (an import was one transaction of a minute, and exporters were told UNAVAILABLE), and the totals
+    are exact. A telemetry answer in a forked session's transcript, exported before its copy is read, is known."""
+    folder = tmp_path / "projects"
+    base = ccmon.parse_iso_ms("2026-05-08T10:00:00Z")
+    for first in range(0, 20_000, 2_000):
+        write_transcript(folder, f"s-{first}", [
+            transcript_line(f"s-{first}", ccmon.iso_from_ms(base + n * 30), f"req_{n}", f"msg_{n}")
+            for n in range(first, first + 2_000)])
+    write_transcript(folder, "s-fork", [transcript_line("s-fork", ccmon.iso_from_ms(base + 300_000), "req_t0", "m")])
+    stub, answers, during = server.logs_stub(), [], []
+    stub.Export(logs_request([("api_request", api_request(0, ccmon.iso_from_ms(base + 300_000), session="s-tele",
+                                                          request_id="req_t0", cost_usd=0.01))]), timeout=30)
+    answers.append("ok")
+    importing = subprocess.Popen([*CCMON, "import", "--monitor-server", server.target, str(folder)], text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                                 env={**os.environ, "HOME": str(tmp_path)})
+    while importing.poll() is None:  # one export at a time, as an exporter sends them
+        n = len(answers)
+        try:
+            stub.Export(logs_request([("api_request", api_request(
+                n, ccmon.iso_from_ms(base + 300_000 + n), session="s-tele", request_id=f"req_t{n}",
+                cost_usd=0.01))]), timeout=30)
+            answers.append("ok")
+        except grpc.RpcError as exc:
+            answers.append(exc.code().name)
+        during.append(importing.poll() is None)
+    out, err = importing.communicate(timeout=60)
+    assert importing.returncode == 0, err
+    assert set(answers) == {"ok"} and sum(during) >= 1, answers  # the first was sent before the import
+    telemetry = len(answers)
+    assert out == "ccmon import: 11 files read; 20,000 requests imported; 1 already known; 0 skipped; " \
+                  "20,000 priced by ccmon (estimated)\n"
+    assert db_rows(server.db, "SELECT origin, COUNT(*) FROM requests GROUP BY origin") == \
+        [(0, telemetry), (2, 20_000)]
+    s = stats(server, "2026-05-08T00:00:00Z", "2026-05-09T00:00:00Z")
+    assert (s.total_requests, round(s.total_cost.amount * 1e9)) == \
+        (20_000 + telemetry, 20_000 * 12_450_000 + telemetry * 10_000_000)
+
+
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
 
 # Claude Code itself (the npm package, a native binary) runs offline against fixtures/mock_anthropic.py, a
