@@ -51,6 +51,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import sys
 import threading
 import time
@@ -4375,6 +4376,10 @@ class ServerUnreachable(Exception):
     """The query server did not answer, or something else did; the message is short enough for a status line."""
 
 
+class ImportRefused(ServerUnreachable):
+    """The server refused a batch of imported requests as not valid (its reason in full)."""
+
+
 NOT_CCMON = "not a ccmon server (it does not answer ccmon.v1.QueryService)"
 # What gRPC reports when an HTTP/1.1 server answers its HTTP/2 preface, in plaintext or over TLS (no h2 in ALPN)
 HTTP_PORT_SIGNS = ("Failed parsing HTTP/2", "missing selected ALPN property")
@@ -4434,12 +4439,16 @@ class Client:
         try:
             return self._invoke(method, request)
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method not in GO_CCMON_METHODS and self._is_go_ccmon():
-                if self.go_extras_empty:
-                    self.unanswered.add(method)
-                    return getattr(ccmon_pb2, method + "Response")()  # nothing to show
-                raise ServerUnreachable(GO_CCMON_ONLY) from None
-            raise ServerUnreachable(describe_rpc_error(exc)) from None
+            return self._failed(method, exc)
+
+    def _failed(self, method: str, exc: grpc.RpcError):
+        """A call's error as ServerUnreachable, or an empty answer where the Go ccmon has none to give."""
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method not in GO_CCMON_METHODS and self._is_go_ccmon():
+            if self.go_extras_empty:
+                self.unanswered.add(method)
+                return getattr(ccmon_pb2, method + "Response")()  # nothing to show
+            raise ServerUnreachable(GO_CCMON_ONLY) from None
+        raise ServerUnreachable(describe_rpc_error(exc)) from None
 
     def _invoke(self, method: str, request):
         return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
@@ -4526,9 +4535,15 @@ class Client:
 
     def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False) \
             -> ImportCounts:
-        """Send requests read from transcripts; with dry_run, nothing is stored: the counts say what would be."""
-        response = self._call("ImportRequests", ccmon_pb2.ImportRequestsRequest(requests=rows, user=user,
-                                                                                 dry_run=dry_run))
+        """Send requests read from transcripts; with dry_run, nothing is stored: the counts say what would be.
+        Raises ImportRefused, with the server's whole reason, when it refuses one of them (it then stores none)."""
+        request = ccmon_pb2.ImportRequestsRequest(requests=rows, user=user, dry_run=dry_run)
+        try:
+            response = self._invoke("ImportRequests", request)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ImportRefused(exc.details() or "") from None
+            response = self._failed("ImportRequests", exc)
         return ImportCounts(response.imported, response.already_known)
 
     def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None,
@@ -5423,6 +5438,9 @@ IMPORT_TIMEOUT_S = 120.0    # one call's patience: a batch is a few thousand ins
 FOLLOW_POLL_S = 1.0         # --follow looks at the transcripts this often
 PROGRESS_EVERY_S = 0.25
 OTEL_RESOURCE_ENV = "OTEL_RESOURCE_ATTRIBUTES"
+NAMED_PER_REASON = 10  # lines named (file:line) for each reason they are skipped; the rest are counted
+FIGURES_OUT_OF_RANGE = "figures out of range"
+NAMED_REASONS = {"not JSON", FIGURES_OUT_OF_RANGE}  # the skip reasons that are damage, not Claude Code's own entries
 # message.id and requestId as Claude Code writes an assistant line: a streamed answer's next lines are known
 # duplicates without parsing them (JSON escapes the quotes of any such text inside a message)
 ANSWER_IDS = re.compile(r'"message":\{"id":"([^"\\]*)".*"requestId":"([^"\\]*)"')
@@ -5451,14 +5469,18 @@ class TranscriptEntry:
         return self.message_id, self.request_id
 
 
-def token_count(usage: dict, key: str) -> int:
+def token_count(usage: dict, key: str) -> int | None:
+    """A token count of the usage: 0 when absent, None when it is no count the server stores (one call's)."""
     value = usage.get(key)
-    return value if type(value) is int and 0 <= value < MAX_COUNT else 0
+    if value is None:
+        return 0
+    return value if type(value) is int and 0 <= value < MAX_COUNT else None
 
 
 def transcript_entry(line: str) -> TranscriptEntry | str | None:
     """One transcript line: an entry, the reason it is skipped ('not JSON', 'synthetic', 'API error', 'no usage',
-    'no session or time'), or None for lines that are no API answer (user, system, attachment, ... lines)."""
+    'no session or time', FIGURES_OUT_OF_RANGE), or None for lines that are no API answer (user, system,
+    attachment, ... lines)."""
     if '"assistant"' not in line:  # cheap: most lines are not an answer
         if line[:1] == "{" and line[-1:] == "}":
             return None
@@ -5466,7 +5488,7 @@ def transcript_entry(line: str) -> TranscriptEntry | str | None:
         return "not JSON" if text and (text[0] != "{" or text[-1] != "}") else None
     try:
         data = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return "not JSON"
     if not isinstance(data, dict) or data.get("type") != "assistant":
         return None
@@ -5484,12 +5506,14 @@ def transcript_entry(line: str) -> TranscriptEntry | str | None:
     if not isinstance(session, str) or not session or ts is None:
         return "no session or time"
     detail = usage.get("cache_creation")
+    counts = [token_count(usage, key) for key in ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                                                   "cache_creation_input_tokens")]
+    counts.append(token_count(detail, "ephemeral_1h_input_tokens") if isinstance(detail, dict) else 0)
+    if None in counts:
+        return FIGURES_OUT_OF_RANGE
     cost = data.get("costUSD")
     return TranscriptEntry(
-        session, ts, model if isinstance(model, str) and model else "unknown",
-        token_count(usage, "input_tokens"), token_count(usage, "output_tokens"),
-        token_count(usage, "cache_read_input_tokens"), token_count(usage, "cache_creation_input_tokens"),
-        token_count(detail, "ephemeral_1h_input_tokens") if isinstance(detail, dict) else 0,
+        session, ts, model if isinstance(model, str) and model else "unknown", *counts,
         str(data.get("requestId") or ""), str(message.get("id") or ""),
         data["cwd"] if isinstance(data.get("cwd"), str) else "",
         repr(cost) if type(cost) in (int, float) and 0 <= cost <= MAX_USD else None,
@@ -5533,44 +5557,99 @@ def resource_user(environ: dict[str, str]) -> str:
     return ""
 
 
+MAX_LINE_BYTES = 32 * 2 ** 20  # a longer transcript line is skipped (named), never held in memory whole
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # what a path named *.jsonl may be instead
+
+
+class NotTranscript(OSError):
+    """A path named like a transcript that is no regular file (a FIFO would block the reading for ever)."""
+
+
 class TranscriptFiles:
-    """The .jsonl files under some folders, each read from where the last read stopped: only complete lines, so
-    a line Claude Code is still writing is read once it is whole."""
+    """The .jsonl files under some folders, each read line by line from where the last read stopped: only complete
+    lines, so a line Claude Code is still writing is read once it is whole."""
 
     def __init__(self, roots: list[Path]):
         self.roots = roots
-        self.offsets: dict[Path, int] = {}
+        self.positions: dict[Path, tuple[int, int]] = {}  # bytes and lines read
 
     def paths(self) -> list[Path]:
+        """Every *.jsonl under the roots (a root may be one), sorted. The walk keeps its folders in a list, not in
+        recursion, and enters a folder once however many links lead to it."""
         found: list[Path] = []
+        folders, entered = [], set()
         for root in self.roots:
-            if root.is_file():
+            if root.is_dir():
+                folders.append(root)
+            elif root.exists() or root.is_symlink():
                 found.append(root)
-            elif root.is_dir():
-                found.extend(sorted(root.rglob("*.jsonl")))
-        return found
+        while folders:
+            folder = folders.pop()
+            try:
+                info = folder.stat()
+                if (info.st_dev, info.st_ino) in entered:
+                    continue
+                entered.add((info.st_dev, info.st_ino))
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        if entry.name.endswith(".jsonl"):
+                            found.append(Path(entry.path))
+                        try:
+                            if entry.is_dir():
+                                folders.append(Path(entry.path))
+                        except OSError:
+                            continue  # gone, or a link to nowhere
+            except OSError:
+                continue  # gone or unreadable since it was listed: its files are not listed either
+        return sorted(found)
 
-    def read(self, path: Path, final: bool) -> tuple[list[str], str | None, str | None]:
-        """(new complete lines, a last line without its newline when `final` (else it waits), a problem)."""
-        offset = self.offsets.get(path, 0)
+    def lines(self, path: Path, final: bool) -> Iterator[tuple[int, str | None, bool]]:
+        """(line number, text, whole) of each new complete line; text None for a line over MAX_LINE_BYTES (skipped
+        unread). With `final`, a last line without its newline too (whole False), else it waits for its newline.
+        Raises OSError for a file that cannot be read, NotTranscript for one that is no regular file."""
+        offset, number = self.positions.get(path, (0, 0))
+        if offset and os.stat(path).st_size == offset:
+            return  # nothing new (--follow looks at every file every second)
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO's open waits for a writer
         try:
-            if offset and os.stat(path).st_size == offset:
-                return [], None, None  # nothing new (--follow looks at every file every second)
-            with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size < offset:  # rewritten from the start
-                    offset = 0
-                handle.seek(offset)
-                data = handle.read()
-        except OSError as exc:
-            return [], None, f"unreadable: {path} ({exc.strerror or exc})"
-        end = data.rfind(b"\n") + 1
-        tail = data[end:]
-        self.offsets[path] = offset + (len(data) if final else end)
-        text = data[:end].decode("utf-8", errors="replace")
-        lines = text.split("\n")
-        lines.pop()  # after the last newline
-        return lines, tail.decode("utf-8", errors="replace") if final and tail.strip() else None, None
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode):
+                kind = next((kind for is_kind, kind in FILE_KINDS if is_kind(info.st_mode)), "of an unknown kind")
+                raise NotTranscript(f"not a regular file: {kind}")
+            handle = open(descriptor, "rb")
+        except BaseException:
+            os.close(descriptor)
+            raise
+        with handle:
+            if info.st_size < offset:  # rewritten from the start
+                offset = number = 0
+            handle.seek(offset)
+            while raw := handle.readline(MAX_LINE_BYTES + 1):
+                whole = raw.endswith(b"\n")
+                if not whole and len(raw) > MAX_LINE_BYTES:
+                    rest = self.skip_line(handle)
+                    if rest is None and not final:
+                        return  # its newline may still come
+                    raw, whole = b"", rest is not None
+                    text = None
+                elif not whole and not final:
+                    return
+                else:
+                    text = raw[:-1 if whole else None].decode("utf-8", errors="replace")
+                offset, number = handle.tell(), number + 1
+                self.positions[path] = offset, number
+                yield number, text, whole
+
+    @staticmethod
+    def skip_line(handle) -> int | None:
+        """Read on to the end of a line, a MiB at a time; its length, or None when the file ends first."""
+        skipped = 0
+        while chunk := handle.readline(2 ** 20):
+            skipped += len(chunk)
+            if chunk.endswith(b"\n"):
+                return skipped
+        return None
 
 
 @dataclasses.dataclass
@@ -5624,13 +5703,21 @@ class Importer:
         # one batch is stored while the next is read: the server and the reading run on two cores
         self.sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccmon-import")
         self.in_flight: tuple[futures.Future, list, bool] | None = None
+        self.unconfirmed = 0  # requests of the call that failed last: stored or not, the server did not say
         self.progress, self.started, self.shown = progress, time.monotonic(), 0.0
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, where: str = "") -> None:
+        """Count a skipped line or file; `where` (file:line) names it, the first NAMED_PER_REASON of a reason."""
         self.tally.skipped[reason] = self.tally.skipped.get(reason, 0) + 1
+        if where and self.tally.skipped[reason] <= NAMED_PER_REASON:
+            self.tally.problems.append(f"{reason}: {where}")
 
-    def add(self, lines: list[str]) -> None:
-        for line in lines:
+    def add(self, lines: Iterable[tuple[int, str | None]], path: Path | str) -> None:
+        """Numbered lines of a file; None: a line too long to read."""
+        for number, line in lines:
+            if line is None:
+                self.skip("line too long", f"{path}:{number}")
+                continue
             if '"requestId":"' in line:
                 ids = ANSWER_IDS.search(line)
                 if ids and ids.groups() in self.seen:
@@ -5640,7 +5727,7 @@ class Importer:
             if found is None:
                 continue
             if isinstance(found, str):
-                self.skip(found)
+                self.skip(found, f"{path}:{number}" if found in NAMED_REASONS else "")
                 continue
             key = found.key if found.message_id or found.request_id else (found.session_id, str(found.ts_ms))
             if key in self.seen:
@@ -5653,29 +5740,40 @@ class Importer:
             if found.model not in self.prices_found:
                 self.prices_found[found.model] = price_of(found.model, self.prices)
             request, priced = imported_request(found, self.prices, self.prices_found[found.model])
+            if request.cost_nanos > MAX_USD * NANOS_PER_USD:  # the server refuses it: more than one call can cost
+                self.skip(FIGURES_OUT_OF_RANGE, f"{path}:{number}")
+                continue
             self.tally.entries += 1
             if not priced:
                 self.tally.unknown_models[found.model] = self.tally.unknown_models.get(found.model, 0) + 1
             estimated = request.estimated and priced
-            self.pending[estimated].append(request)
+            self.pending[estimated].append((request, f"{path}:{number}"))
             if len(self.pending[estimated]) >= IMPORT_BATCH:
                 self.send(estimated)
 
     def add_file(self, files: TranscriptFiles, path: Path, final: bool) -> None:
-        lines, tail, problem = files.read(path, final)
-        if problem:
+        last: list[tuple[int, str]] = []
+
+        def whole_lines() -> Iterator[tuple[int, str | None]]:
+            for number, text, whole in files.lines(path, final):
+                if whole:
+                    yield number, text
+                else:
+                    last.append((number, text))
+
+        try:
+            self.add(whole_lines(), path)
+        except OSError as exc:
             if path not in self.unreadable:  # named once, however often --follow tries again
                 self.unreadable.add(path)
-                self.tally.problems.append(problem)
+                self.tally.problems.append(f"unreadable: {path} ({exc.strerror or exc})")
                 self.skip("unreadable file")
             return
-        self.add(lines)
-        if tail is not None:
-            if transcript_entry(tail) == "not JSON":  # Claude Code may be writing it: a later import reads it
-                self.tally.problems.append(f"truncated last line: {path}")
-                self.skip("truncated last line")
+        for number, tail in last:  # without its newline: Claude Code may be writing it, a later import reads it
+            if tail is not None and transcript_entry(tail) == "not JSON":
+                self.skip("truncated last line", f"{path}:{number}")
             else:
-                self.add([tail])  # whole, only its newline missing
+                self.add([(number, tail)], path)  # whole, only its newline missing (or too long)
         self.show_progress()
 
     def flush(self, wait: bool = False) -> None:
@@ -5690,8 +5788,8 @@ class Importer:
         if self.pending[estimated]:
             batch, self.pending[estimated] = self.pending[estimated], []
             self.collect()
-            self.in_flight = (self.sender.submit(self.client.import_requests, batch, self.user, self.dry_run), batch,
-                              estimated)
+            self.in_flight = (self.sender.submit(self.client.import_requests, [request for request, _ in batch],
+                                                 self.user, self.dry_run), batch, estimated)
 
     def collect(self) -> None:
         if self.in_flight is None:
@@ -5699,13 +5797,33 @@ class Importer:
         future, batch, estimated = self.in_flight
         self.in_flight = None
         try:
-            counts = future.result()
+            self.count(future.result(), estimated)
+        except ImportRefused as exc:
+            self.send_apart(batch, estimated, exc)
         except ServerUnreachable:
             self.pending[estimated][:0] = batch
+            self.unconfirmed = len(batch)
             raise
+
+    def count(self, counts: ImportCounts, estimated: bool) -> None:
         self.tally.imported += counts.imported
         self.tally.known += counts.already_known
         self.tally.estimated += counts.imported if estimated else 0
+
+    def send_apart(self, batch: list[tuple[ccmon_pb2.ImportedRequest, str]], estimated: bool,
+                   refused: ImportRefused) -> None:
+        """A batch the server refused (it stores all of a batch or nothing): sent again in halves, until each
+        request it refuses is alone, and named; the others are stored."""
+        if len(batch) == 1:
+            self.tally.entries -= 1
+            self.skip("refused by the server", f"{batch[0][1]} ({refused})")
+            return
+        for half in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
+            try:
+                self.count(self.client.import_requests([request for request, _ in half], self.user, self.dry_run),
+                           estimated)
+            except ImportRefused as exc:
+                self.send_apart(half, estimated, exc)
 
     def show_progress(self, files_total: int = 0, done: bool = False) -> None:
         if self.progress is None:
@@ -5759,7 +5877,7 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
         importer.show_progress(done=True)
         failing = False
         while args.follow and not stop.wait(FOLLOW_POLL_S):
-            before = len(files.offsets)
+            before = len(files.positions)
             try:
                 for path in files.paths():
                     importer.add_file(files, path, final=False)
@@ -5769,18 +5887,25 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
                 if not failing:
                     print(f"ccmon import: {exc}; retrying", file=sys.stderr)
                 failing = True
-            importer.tally.files += len(files.offsets) - before
+            importer.tally.files += len(files.positions) - before
     except ServerUnreachable as exc:
         importer.show_progress(done=True)
-        print(f"ccmon import: {exc}", file=sys.stderr)
-        return 1
+        failure = exc
+    else:
+        failure = None
     finally:
         importer.sender.shutdown(wait=True)
         client.close()
     for problem in importer.tally.problems:
         print(f"ccmon import: {problem}", file=sys.stderr)
+    for reason, count in sorted(importer.tally.skipped.items()):
+        if reason in NAMED_REASONS and count > NAMED_PER_REASON:
+            print(f"ccmon import: {reason}: {count - NAMED_PER_REASON:,} more lines", file=sys.stderr)
+    if failure is not None:  # a call that failed may have been stored, in part or whole, before its answer was lost
+        print(f"ccmon import: stopped: {failure}. The {importer.unconfirmed:,} requests sent last may be stored "
+              "already (not counted below); importing again counts each request once.", file=sys.stderr)
     print(import_summary(importer.tally, args.dry_run), flush=True)
-    return 0
+    return 0 if failure is None else 1
 
 
 # ---------------------------------------------------------------- View model and pure render functions

@@ -5424,7 +5424,7 @@ def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_pat
     assert proc.returncode == 0, err
     assert out == "ccmon import: 3 files read; 3 requests imported; 0 already known; 1 skipped (1 unreadable file); " \
                   "3 priced by ccmon (estimated)\n"
-    assert err == f"ccmon import: unreadable: {path.parent / 'not-a-file.jsonl'} (Is a directory)\n"
+    assert err == f"ccmon import: unreadable: {path.parent / 'not-a-file.jsonl'} (not a regular file: a folder)\n"
     assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_l1",), ("req_l2",), ("req_l3",)]
 
 
@@ -5526,7 +5526,8 @@ def test_import_progress_is_drawn_on_one_line():
     importer = ccmon.Importer(Counting(), ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None,
                               False, shown)
     importer.tally.files = 3
-    importer.add([transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}") for n in range(7)])
+    importer.add(enumerate([transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}") for n in range(7)],
+                           1), "s.jsonl")
     importer.show_progress(10)
     importer.flush(wait=True)
     importer.show_progress(done=True)
