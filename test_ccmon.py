@@ -5630,6 +5630,36 @@ def test_telemetry_is_stored_while_a_large_import_is(server, tmp_path):
         (20_000 + telemetry, 20_000 * 12_450_000 + telemetry * 10_000_000)
 
 
+
+def test_import_skips_what_it_cannot_read_and_goes_on(server, tmp_path):
+    """A line nested too deep to parse, an answer with more tokens than one call can have or priced over the
+    server's bound for one record, a FIFO named like a transcript, 1,500 nested folders and a link back up: each
+    is skipped and named (file:line), and every other answer is imported."""
+    folder = tmp_path / "projects"
+    good = [transcript_line("s-g", f"2026-05-09T10:0{n}:00Z", f"req_g{n}", f"msg_g{n}") for n in range(3)]
+    deep = '{"type":"assistant","message":' + "[" * 100_000 + "]" * 100_000 + "}"
+    costly = transcript_line("s-g", "2026-05-09T10:05:00Z", "req_c", "msg_c", model="claude-opus-4-5",
+                             usage=(10 ** 12 - 1, 0, 0, 0))
+    huge = transcript_line("s-g", "2026-05-09T10:06:00Z", "req_h", "msg_h", usage=(10 ** 12, 0, 0, 0))
+    path = write_transcript(folder, "s-g", [good[0], deep, good[1], costly, huge])
+    os.mkfifo(path.parent / "fifo.jsonl")
+    nested = folder
+    for _ in range(1500):  # one by one: pathlib's mkdir(parents=True) recurses too
+        nested = nested / "d"
+        nested.mkdir()
+    (nested / "up").symlink_to(folder, target_is_directory=True)  # a loop
+    (nested / "s-n.jsonl").write_text(good[2] + "\n")
+    result = ccmon_import(server, str(folder), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ccmon import: 3 files read; 3 requests imported; 0 already known; 4 skipped (2 figures " \
+                            "out of range, 1 not JSON, 1 unreadable file); 3 priced by ccmon (estimated)\n"
+    assert result.stderr.splitlines() == [
+        f"ccmon import: unreadable: {path.parent / 'fifo.jsonl'} (not a regular file: a FIFO)",
+        f"ccmon import: not JSON: {path}:2", f"ccmon import: figures out of range: {path}:4",
+        f"ccmon import: figures out of range: {path}:5"]
+    assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_g0",), ("req_g1",), ("req_g2",)]
+
+
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
 
 # Claude Code itself (the npm package, a native binary) runs offline against fixtures/mock_anthropic.py, a
