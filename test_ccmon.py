@@ -5631,6 +5631,21 @@ def test_telemetry_is_stored_while_a_large_import_is(server, tmp_path):
 
 
 
+def remove_deep_folders(top: Path) -> None:
+    """Remove a tree of folders deeper than Python's recursion limit, the deepest first."""
+    stack = [top]
+    while stack:
+        inside = [entry for entry in os.scandir(stack[-1])]
+        for entry in inside:
+            if not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+        folders = [entry.path for entry in inside if entry.is_dir(follow_symlinks=False)]
+        if folders:
+            stack.extend(folders)
+        else:
+            os.rmdir(stack.pop())
+
+
 def test_import_skips_what_it_cannot_read_and_goes_on(server, tmp_path):
     """A line nested too deep to parse, an answer with more tokens than one call can have or priced over the
     server's bound for one record, a FIFO named like a transcript, 1,500 nested folders and a link back up: each
@@ -5649,7 +5664,10 @@ def test_import_skips_what_it_cannot_read_and_goes_on(server, tmp_path):
         nested.mkdir()
     (nested / "up").symlink_to(folder, target_is_directory=True)  # a loop
     (nested / "s-n.jsonl").write_text(good[2] + "\n")
-    result = ccmon_import(server, str(folder), timeout=60)
+    try:
+        result = ccmon_import(server, str(folder), timeout=60)
+    finally:
+        remove_deep_folders(folder / "d")  # shutil.rmtree, and so pytest's cleanup, recurses
     assert result.returncode == 0, result.stderr
     assert result.stdout == "ccmon import: 3 files read; 3 requests imported; 0 already known; 4 skipped (2 figures " \
                             "out of range, 1 not JSON, 1 unreadable file); 3 priced by ccmon (estimated)\n"
@@ -5658,6 +5676,85 @@ def test_import_skips_what_it_cannot_read_and_goes_on(server, tmp_path):
         f"ccmon import: not JSON: {path}:2", f"ccmon import: figures out of range: {path}:4",
         f"ccmon import: figures out of range: {path}:5"]
     assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_g0",), ("req_g1",), ("req_g2",)]
+
+
+
+class CountingImports:
+    """A stand-in server for the importer: imports every request it is sent, refusing those of `refused`."""
+
+    def __init__(self, refused: set[str] = frozenset()):
+        self.refused, self.calls = refused, 0
+
+    def import_requests(self, rows, user, dry_run):
+        self.calls += 1
+        bad = [r.request_id for r in rows if r.request_id in self.refused]
+        if bad:
+            raise ccmon.ImportRefused(f"an imported request is not valid: {bad[0]} " + "is refused " * 20)
+        return ccmon.ImportCounts(len(rows), 0)
+
+
+def importer_of(client) -> ccmon.Importer:
+    return ccmon.Importer(client, ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None, False)
+
+
+def test_a_large_transcript_is_read_in_little_memory(tmp_path):
+    """A 60 MB transcript (Claude Code's grow to gigabytes) is read a line at a time: the importer's peak memory
+    grows by far less than the file (it read the file whole, and held it three times over)."""
+    path = tmp_path / "s-big.jsonl"
+    base = ccmon.parse_iso_ms("2026-05-10T10:00:00Z")
+    tool_output = user_line("s-big", "2026-05-10T10:00:00Z").replace('"hello"', '"' + "x" * 100_000 + '"')
+    with open(path, "w") as out:
+        for n in range(600):
+            out.write(tool_output + "\n" + transcript_line("s-big", ccmon.iso_from_ms(base + n), f"r{n}", f"m{n}") + "\n")
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        import ccmon, test_ccmon
+        def peak_kb():
+            return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+        importer = test_ccmon.importer_of(test_ccmon.CountingImports())
+        before = peak_kb()
+        importer.add_file(ccmon.TranscriptFiles([Path(sys.argv[1])]), Path(sys.argv[1]), final=True)
+        importer.flush(wait=True)
+        importer.sender.shutdown()
+        print(importer.tally.imported, peak_kb() - before)""")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT)
+    imported, grown_kb = map(int, result.stdout.split())
+    assert imported == 600 and grown_kb < 15_000, (result.stdout, result.stderr)
+
+
+def test_a_line_too_long_is_skipped_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(ccmon, "MAX_LINE_BYTES", 2000)
+    path = tmp_path / "s-long.jsonl"
+    lines = [transcript_line("s-long", f"2026-05-10T10:0{n}:00Z", f"req_{n}", f"msg_{n}") for n in range(3)]
+    path.write_text(lines[0] + "\n" + "x" * 5000 + "\n" + lines[1] + "\n" + lines[2] + "\n" + "y" * 3000)
+    importer = importer_of(CountingImports())
+    importer.add_file(ccmon.TranscriptFiles([path]), path, final=True)
+    importer.flush(wait=True)
+    importer.sender.shutdown()
+    assert (importer.tally.imported, importer.tally.skipped) == (3, {"line too long": 2})
+    assert importer.tally.problems == [f"line too long: {path}:2", f"line too long: {path}:5"]
+
+
+def test_a_request_the_server_refuses_is_named_and_the_rest_imported(server):
+    """The server stores all of a call or nothing: the importer sends a refused batch again in halves, until the
+    refused request is alone, and names it with the server's whole reason."""
+    client = CountingImports({"req_5"})
+    importer = importer_of(client)
+    importer.add(enumerate([transcript_line("s", "2026-05-11T10:00:00Z", f"req_{n}", f"msg_{n}")
+                            for n in range(1, 10)], 1), "s.jsonl")
+    importer.flush(wait=True)
+    importer.sender.shutdown()
+    assert (importer.tally.imported, importer.tally.skipped, client.calls) == (8, {"refused by the server": 1}, 7)
+    assert importer.tally.problems == [
+        "refused by the server: s.jsonl:5 (an imported request is not valid: req_5 " + "is refused " * 20 + ")"]
+    bad = ccmon_pb2.ImportedRequest(session_id="s", timestamp_ms=ccmon.parse_iso_ms("2026-05-11T10:00:00Z"),
+                                    input_tokens=10 ** 12 - 1, cost_nanos=10 ** 15 + 1, request_id="r")
+    with pytest.raises(ccmon.ImportRefused) as refused:  # the whole reason, where a call's errors are cut short
+        ccmon.Client(server.target).import_requests([bad], "")
+    assert str(refused.value) == "an imported request is not valid: a token count or the cost is out of range: " \
+                                 "(999999999999, 0, 0, 0), 1000000000000001 nano-dollars"
 
 
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
