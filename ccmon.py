@@ -2053,8 +2053,8 @@ class Writer:
                         days.update(ts - ts % DAY_MS for ts, in gone)
             new += conn.executemany(insert_sql("requests", REQUEST_COLUMNS), requests).rowcount
             days.update(row[0] - row[0] % DAY_MS for row in requests)
-            for window in tuple(self._copy_windows):  # imports under way read the stored rows before these
-                request_id = REQUEST_COLUMNS.index("request_id")
+            request_id = REQUEST_COLUMNS.index("request_id")
+            for window in tuple(self._copy_windows):  # imports under way have read the rows stored before these
                 for row in requests:
                     window.add(row[request_id], row[0])
         if batch.events:

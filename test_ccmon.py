@@ -5757,6 +5757,46 @@ def test_a_request_the_server_refuses_is_named_and_the_rest_imported(server):
                                  "(999999999999, 0, 0, 0), 1000000000000001 nano-dollars"
 
 
+
+def test_an_interrupted_import_says_what_is_stored(tmp_path, monkeypatch, capsys):
+    """The server writes an import a chunk at a time: when one fails, it says how much is stored, and importing
+    again counts those as known. The importer, when a call fails, says its requests may be stored."""
+    writer = ccmon.Writer(tmp_path / "interrupted.db")
+    chunks, store = [], ccmon.Writer._import
+
+    def second_chunk_fails(self, conn, rows, *rest):
+        chunks.append(len(rows))
+        if len(chunks) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return store(self, conn, rows, *rest)
+
+    monkeypatch.setattr(ccmon.Writer, "_import", second_chunk_fails)
+    rows = dense_import_rows(2500)
+    try:
+        with pytest.raises(ccmon.ImportInterrupted) as interrupted:
+            writer.import_requests(rows, {}, "")
+        assert str(interrupted.value) == "1,000 of the 2,500 requests were stored or found known (1,000 new), " \
+                                         "then: database write failed: disk I/O error"
+        monkeypatch.setattr(ccmon.Writer, "_import", store)
+        assert writer.import_requests(rows, {}, "") == ccmon.ImportCounts(1500, 1000)
+    finally:
+        writer.close()
+    folder = tmp_path / "projects"
+    write_transcript(folder, "s-i", [transcript_line("s-i", "2026-05-12T10:00:00Z", "req_i1", "msg_i1"),
+                                     transcript_line("s-i", "2026-05-12T10:01:00Z", "req_i2", "msg_i2")])
+
+    def no_answer(self, rows, user, dry_run):
+        raise ccmon.ServerUnreachable("server did not answer in time")
+
+    monkeypatch.setattr(ccmon.Client, "import_requests", no_answer)
+    args = ccmon.build_import_parser().parse_args([str(folder)])
+    assert ccmon.run_import(ccmon.load_config(args), args, environ={}) == 1
+    out, err = capsys.readouterr()
+    assert err == "ccmon import: stopped: server did not answer in time. The 2 requests sent last may be stored " \
+                  "already (not counted below); importing again counts each request once.\n"
+    assert out == "ccmon import: 1 file read; 0 requests imported; 0 already known; 0 skipped\n"
+
+
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
 
 # Claude Code itself (the npm package, a native binary) runs offline against fixtures/mock_anthropic.py, a
