@@ -5797,6 +5797,32 @@ def test_an_interrupted_import_says_what_is_stored(tmp_path, monkeypatch, capsys
     assert out == "ccmon import: 1 file read; 0 requests imported; 0 already known; 0 skipped\n"
 
 
+
+def test_telemetry_stored_between_an_imports_chunks_is_known(tmp_path, monkeypatch):
+    """An import reads the telemetry near its rows' times once; what telemetry the writer stores between its
+    chunks is added: a forked session's copy of that answer, in a later chunk, is known."""
+    writer = ccmon.Writer(tmp_path / "between.db")
+    rows = dense_import_rows(1500)
+    copy_at = rows[1200][0]
+    rows[1200] = rows[1200][:1] + ("s-fork",) + rows[1200][2:-4] + ("req_tele",) + rows[1200][-3:]
+    telemetry = (copy_at, "s-tele", 1, "claude-haiku-4-5", "u", 120, 30, 0, 0, 270_000, 900, None, None, "req_tele",
+                 None, None, ccmon.ORIGIN_EVENT)
+    store = ccmon.Writer._import
+
+    def telemetry_first(self, conn, chunk, *rest):
+        if chunk[0] == rows[1000]:  # before the second chunk, as if an export had been queued meanwhile
+            self._insert(conn, ccmon.Batch(requests=[telemetry]))
+        return store(self, conn, chunk, *rest)
+
+    monkeypatch.setattr(ccmon.Writer, "_import", telemetry_first)
+    try:
+        assert writer.import_requests(rows, {}, "") == ccmon.ImportCounts(1499, 1)
+    finally:
+        writer.close()
+    assert db_rows(tmp_path / "between.db", "SELECT session_id, origin FROM r WHERE request_id = 'req_tele'") == \
+        [("s-tele", 0)]
+
+
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
 
 # Claude Code itself (the npm package, a native binary) runs offline against fixtures/mock_anthropic.py, a
