@@ -5558,6 +5558,7 @@ def resource_user(environ: dict[str, str]) -> str:
 
 
 MAX_LINE_BYTES = 32 * 2 ** 20  # a longer transcript line is skipped (named), never held in memory whole
+READ_BLOCK = 2 ** 20          # transcripts are read this much at a time
 FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
               (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # what a path named *.jsonl may be instead
 
@@ -5625,31 +5626,26 @@ class TranscriptFiles:
             if info.st_size < offset:  # rewritten from the start
                 offset = number = 0
             handle.seek(offset)
-            while raw := handle.readline(MAX_LINE_BYTES + 1):
-                whole = raw.endswith(b"\n")
-                if not whole and len(raw) > MAX_LINE_BYTES:
-                    rest = self.skip_line(handle)
-                    if rest is None and not final:
-                        return  # its newline may still come
-                    raw, whole = b"", rest is not None
-                    text = None
-                elif not whole and not final:
-                    return
-                else:
-                    text = raw[:-1 if whole else None].decode("utf-8", errors="replace")
-                offset, number = handle.tell(), number + 1
-                self.positions[path] = offset, number
-                yield number, text, whole
-
-    @staticmethod
-    def skip_line(handle) -> int | None:
-        """Read on to the end of a line, a MiB at a time; its length, or None when the file ends first."""
-        skipped = 0
-        while chunk := handle.readline(2 ** 20):
-            skipped += len(chunk)
-            if chunk.endswith(b"\n"):
-                return skipped
-        return None
+            held: list[bytes] | None = []  # the line read so far, until its newline; None: too long, not kept
+            size = 0
+            while block := handle.read(READ_BLOCK):
+                *ended, rest = block.split(b"\n")
+                for part in ended:
+                    size += len(part)
+                    text = None if held is None or size > MAX_LINE_BYTES else \
+                        (b"".join(held) + part if held else part).decode("utf-8", errors="replace")
+                    offset, number = offset + size + 1, number + 1
+                    held, size = [], 0
+                    yield number, text, True
+                self.positions[path] = offset, number  # a block's lines are read: a read error comes after them
+                size += len(rest)
+                if held is not None and rest:
+                    held.append(rest)
+                    if size > MAX_LINE_BYTES:
+                        held = None
+            if size and final:  # a last line without its newline
+                self.positions[path] = offset + size, number + 1
+                yield number + 1, None if held is None else b"".join(held).decode("utf-8", errors="replace"), False
 
 
 @dataclasses.dataclass
@@ -5695,9 +5691,9 @@ class Importer:
         self.prices = config.prices
         self.tally = ImportTally()
         self.seen: set[tuple[str, str]] = set()
-        # requests to send, apart by whether ccmon priced them: the server's count of a batch's imported requests
-        # is then also the count of those priced by ccmon among them
-        self.pending: dict[bool, list[ccmon_pb2.ImportedRequest]] = {True: [], False: []}
+        # requests to send (with the file and line they are read from), apart by whether ccmon priced them: the
+        # server's count of a batch's imported requests is then also the count of those priced by ccmon among them
+        self.pending: dict[bool, list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]]] = {True: [], False: []}
         self.prices_found: dict[str, Price | None] = {}
         self.unreadable: set[Path] = set()
         # one batch is stored while the next is read: the server and the reading run on two cores
@@ -5712,11 +5708,14 @@ class Importer:
         if where and self.tally.skipped[reason] <= NAMED_PER_REASON:
             self.tally.problems.append(f"{reason}: {where}")
 
-    def add(self, lines: Iterable[tuple[int, str | None]], path: Path | str) -> None:
-        """Numbered lines of a file; None: a line too long to read."""
-        for number, line in lines:
+    def add(self, lines: Iterable[tuple[int, str | None, bool]], path: Path | str) -> None:
+        """A file's lines, as TranscriptFiles.lines reads them."""
+        for number, line, whole in lines:
             if line is None:
                 self.skip("line too long", f"{path}:{number}")
+                continue
+            if not whole and transcript_entry(line) == "not JSON":  # Claude Code may be writing it: read it later
+                self.skip("truncated last line", f"{path}:{number}")
                 continue
             if '"requestId":"' in line:
                 ids = ANSWER_IDS.search(line)
@@ -5747,33 +5746,19 @@ class Importer:
             if not priced:
                 self.tally.unknown_models[found.model] = self.tally.unknown_models.get(found.model, 0) + 1
             estimated = request.estimated and priced
-            self.pending[estimated].append((request, f"{path}:{number}"))
+            self.pending[estimated].append((request, path, number))
             if len(self.pending[estimated]) >= IMPORT_BATCH:
                 self.send(estimated)
 
     def add_file(self, files: TranscriptFiles, path: Path, final: bool) -> None:
-        last: list[tuple[int, str]] = []
-
-        def whole_lines() -> Iterator[tuple[int, str | None]]:
-            for number, text, whole in files.lines(path, final):
-                if whole:
-                    yield number, text
-                else:
-                    last.append((number, text))
-
         try:
-            self.add(whole_lines(), path)
+            self.add(files.lines(path, final), path)
         except OSError as exc:
             if path not in self.unreadable:  # named once, however often --follow tries again
                 self.unreadable.add(path)
                 self.tally.problems.append(f"unreadable: {path} ({exc.strerror or exc})")
                 self.skip("unreadable file")
             return
-        for number, tail in last:  # without its newline: Claude Code may be writing it, a later import reads it
-            if tail is not None and transcript_entry(tail) == "not JSON":
-                self.skip("truncated last line", f"{path}:{number}")
-            else:
-                self.add([(number, tail)], path)  # whole, only its newline missing (or too long)
         self.show_progress()
 
     def flush(self, wait: bool = False) -> None:
@@ -5788,7 +5773,7 @@ class Importer:
         if self.pending[estimated]:
             batch, self.pending[estimated] = self.pending[estimated], []
             self.collect()
-            self.in_flight = (self.sender.submit(self.client.import_requests, [request for request, _ in batch],
+            self.in_flight = (self.sender.submit(self.client.import_requests, [request for request, *_ in batch],
                                                  self.user, self.dry_run), batch, estimated)
 
     def collect(self) -> None:
@@ -5810,17 +5795,18 @@ class Importer:
         self.tally.known += counts.already_known
         self.tally.estimated += counts.imported if estimated else 0
 
-    def send_apart(self, batch: list[tuple[ccmon_pb2.ImportedRequest, str]], estimated: bool,
+    def send_apart(self, batch: list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]], estimated: bool,
                    refused: ImportRefused) -> None:
         """A batch the server refused (it stores all of a batch or nothing): sent again in halves, until each
         request it refuses is alone, and named; the others are stored."""
         if len(batch) == 1:
+            _, path, number = batch[0]
             self.tally.entries -= 1
-            self.skip("refused by the server", f"{batch[0][1]} ({refused})")
+            self.skip("refused by the server", f"{path}:{number} ({refused})")
             return
         for half in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
             try:
-                self.count(self.client.import_requests([request for request, _ in half], self.user, self.dry_run),
+                self.count(self.client.import_requests([request for request, *_ in half], self.user, self.dry_run),
                            estimated)
             except ImportRefused as exc:
                 self.send_apart(half, estimated, exc)

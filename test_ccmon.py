@@ -5526,8 +5526,8 @@ def test_import_progress_is_drawn_on_one_line():
     importer = ccmon.Importer(Counting(), ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None,
                               False, shown)
     importer.tally.files = 3
-    importer.add(enumerate([transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}") for n in range(7)],
-                           1), "s.jsonl")
+    importer.add([(n, transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}"), True) for n in range(7)],
+                 "s.jsonl")
     importer.show_progress(10)
     importer.flush(wait=True)
     importer.show_progress(done=True)
@@ -5742,8 +5742,8 @@ def test_a_request_the_server_refuses_is_named_and_the_rest_imported(server):
     refused request is alone, and names it with the server's whole reason."""
     client = CountingImports({"req_5"})
     importer = importer_of(client)
-    importer.add(enumerate([transcript_line("s", "2026-05-11T10:00:00Z", f"req_{n}", f"msg_{n}")
-                            for n in range(1, 10)], 1), "s.jsonl")
+    importer.add([(n, transcript_line("s", "2026-05-11T10:00:00Z", f"req_{n}", f"msg_{n}"), True)
+                  for n in range(1, 10)], "s.jsonl")
     importer.flush(wait=True)
     importer.sender.shutdown()
     assert (importer.tally.imported, importer.tally.skipped, client.calls) == (8, {"refused by the server": 1}, 7)
