@@ -5574,12 +5574,14 @@ class TranscriptFiles:
     def __init__(self, roots: list[Path]):
         self.roots = roots
         self.positions: dict[Path, tuple[int, int]] = {}  # bytes and lines read
+        self.unreadable_folders: dict[Path, str] = {}  # found by the last walk, with the reason
 
     def paths(self) -> list[Path]:
         """Every *.jsonl under the roots (a root may be one), sorted. The walk keeps its folders in a list, not in
         recursion, and enters a folder once however many links lead to it."""
         found: list[Path] = []
         folders, entered = [], set()
+        self.unreadable_folders = {}
         for root in self.roots:
             if root.is_dir():
                 folders.append(root)
@@ -5601,8 +5603,10 @@ class TranscriptFiles:
                                 folders.append(Path(entry.path))
                         except OSError:
                             continue  # gone, or a link to nowhere
-            except OSError:
-                continue  # gone or unreadable since it was listed: its files are not listed either
+            except FileNotFoundError:
+                continue  # gone since it was listed
+            except OSError as exc:
+                self.unreadable_folders[folder] = exc.strerror or str(exc)
         return sorted(found)
 
     def lines(self, path: Path, final: bool) -> Iterator[tuple[int, str | None, bool]]:
@@ -5754,12 +5758,21 @@ class Importer:
         try:
             self.add(files.lines(path, final), path)
         except OSError as exc:
-            if path not in self.unreadable:  # named once, however often --follow tries again
-                self.unreadable.add(path)
-                self.tally.problems.append(f"unreadable: {path} ({exc.strerror or exc})")
-                self.skip("unreadable file")
+            self.unreadable_path(path, exc.strerror or str(exc), "unreadable file")
             return
         self.show_progress()
+
+    def unreadable_path(self, path: Path, reason: str, kind: str) -> None:
+        if path not in self.unreadable:  # named once, however often --follow tries again
+            self.unreadable.add(path)
+            self.tally.problems.append(f"unreadable: {path} ({reason})")
+            self.skip(kind)
+
+    def transcript_paths(self, files: TranscriptFiles) -> list[Path]:
+        paths = files.paths()
+        for folder, reason in files.unreadable_folders.items():
+            self.unreadable_path(folder, reason, "unreadable folder")
+        return paths
 
     def flush(self, wait: bool = False) -> None:
         """Send what is read (in the background, after the batch before it is stored); with `wait`, until all is
@@ -5782,10 +5795,11 @@ class Importer:
         future, batch, estimated = self.in_flight
         self.in_flight = None
         try:
-            self.count(future.result(), estimated)
-        except ImportRefused as exc:
-            self.send_apart(batch, estimated, exc)
-        except ServerUnreachable:
+            try:
+                self.count(future.result(), estimated)
+            except ImportRefused as exc:
+                self.send_apart(batch, estimated, exc)
+        except ServerUnreachable:  # kept for --follow's next try: what is stored of it is then known
             self.pending[estimated][:0] = batch
             self.unconfirmed = len(batch)
             raise
@@ -5852,7 +5866,7 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
         importer.tally.problems.append(f"unreadable: {root} (no such file or folder)")
         importer.skip("unreadable file")
     try:
-        paths = files.paths()
+        paths = importer.transcript_paths(files)
         for path in paths:
             importer.tally.files += 1
             importer.add_file(files, path, final=not args.follow)
@@ -5865,7 +5879,7 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
         while args.follow and not stop.wait(FOLLOW_POLL_S):
             before = len(files.positions)
             try:
-                for path in files.paths():
+                for path in importer.transcript_paths(files):
                     importer.add_file(files, path, final=False)
                 importer.flush(wait=True)
                 failing = False

@@ -5724,6 +5724,27 @@ def test_a_large_transcript_is_read_in_little_memory(tmp_path):
     assert imported == 600 and grown_kb < 15_000, (result.stdout, result.stderr)
 
 
+def test_a_folder_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    """Named once, as a file is, however often --follow walks the folders (tests may run as root: the folder
+    refuses to be listed through a stand-in for os.scandir)."""
+    write_transcript(tmp_path, "s-ok", [transcript_line("s-ok", "2026-05-10T10:00:00Z", "req_1", "msg_1")])
+    (tmp_path / "closed").mkdir()
+    listing = os.scandir
+
+    def refusing(folder):
+        if Path(folder).name == "closed":
+            raise PermissionError(13, "Permission denied")
+        return listing(folder)
+
+    monkeypatch.setattr(ccmon.os, "scandir", refusing)
+    files, importer = ccmon.TranscriptFiles([tmp_path]), importer_of(CountingImports())
+    for _ in range(2):
+        assert importer.transcript_paths(files) == [tmp_path / "-home-dev-proj" / "s-ok.jsonl"]
+    importer.sender.shutdown()
+    assert importer.tally.problems == [f"unreadable: {tmp_path / 'closed'} (Permission denied)"]
+    assert importer.tally.skipped == {"unreadable folder": 1}
+
+
 def test_a_line_too_long_is_skipped_unread(tmp_path, monkeypatch):
     monkeypatch.setattr(ccmon, "MAX_LINE_BYTES", 2000)
     path = tmp_path / "s-long.jsonl"
