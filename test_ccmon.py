@@ -5705,7 +5705,8 @@ def test_a_large_transcript_is_read_in_little_memory(tmp_path):
     tool_output = user_line("s-big", "2026-05-10T10:00:00Z").replace('"hello"', '"' + "x" * 100_000 + '"')
     with open(path, "w") as out:
         for n in range(600):
-            out.write(tool_output + "\n" + transcript_line("s-big", ccmon.iso_from_ms(base + n), f"r{n}", f"m{n}") + "\n")
+            answer = transcript_line("s-big", ccmon.iso_from_ms(base + n), f"r{n}", f"m{n}")
+            out.write(tool_output + "\n" + answer + "\n")
     script = textwrap.dedent("""
         import sys
         from pathlib import Path
