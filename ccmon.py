@@ -1837,13 +1837,68 @@ METRIC_USAGE_FIELDS = {("claude_code.cost.usage", None): "cost_nanos",
                        ("claude_code.token.usage", "cacheCreation"): "cache_creation_tokens"}
 
 
-# Whether request_id ?R is stored for a request at time ?1 in session ?2 (ids): in the session, as telemetry and
-# transcripts name it alike; among imported rows, in any session; and near that time in any session, for a
-# transcript's copy in a forked session of an answer that telemetry stored (the copy keeps the answer's time).
+# Whether request_id ?R is stored for a request in session ?2 (an id): in the session, as telemetry and transcripts
+# name it alike; among imported rows, in any session. Each is an index search. (A copy in a forked session of an
+# answer telemetry stored is found by a CopyWindow.)
 REQUEST_ID_KNOWN = ("EXISTS (SELECT 1 FROM requests WHERE session = ?2 AND request_id = ?R) OR EXISTS (SELECT 1 "
-                    f"FROM requests WHERE request_id = ?R AND {origin_in(TRANSCRIPT_ORIGINS)}) OR EXISTS (SELECT 1 "
-                    f"FROM requests WHERE ts >= ?1 - {COPY_WINDOW_MS} AND ts <= ?1 + {COPY_WINDOW_MS} AND "
-                    "request_id = ?R)")
+                    f"FROM requests WHERE request_id = ?R AND {origin_in(TRANSCRIPT_ORIGINS)})")
+IMPORT_CHUNK = 1000       # imported rows written in one transaction: telemetry waits for one chunk at most
+COPY_SCAN_CHUNK = 20_000  # stored rows a CopyWindow reads in one transaction
+
+
+class ImportInterrupted(StorageUnavailable):
+    """An import stopped after some of its chunks were stored."""
+
+    def __init__(self, stored: ImportCounts, total: int, cause: StorageUnavailable):
+        super().__init__(f"{stored.imported + stored.already_known:,} of the {total:,} requests were stored or "
+                         f"found known ({stored.imported:,} new), then: {cause}", cause.retry_after_s)
+        self.stored = stored
+
+
+class CopyWindow:
+    """The request_ids stored by telemetry (not imported) within COPY_WINDOW_MS of some imported rows' times: a
+    transcript's copy of such an answer in a forked session keeps the answer's time, not its session. Read in one
+    pass over each stretch of time the rows cover (a query per row visited every row near its time: the square of
+    the rows when they are dense); the writer adds the telemetry it stores while an import is under way."""
+
+    def __init__(self, rows: Iterable[tuple]):
+        """`rows` in REQUEST_COLUMNS order."""
+        request_id = REQUEST_COLUMNS.index("request_id")
+        times = sorted((row[0], row[request_id]) for row in rows if row[request_id] is not None)
+        self.wanted = {rid for _, rid in times}
+        self.spans: list[list[int]] = []  # [first ms, last ms], apart and in order
+        for ts, _ in times:
+            if self.spans and ts - COPY_WINDOW_MS <= self.spans[-1][1]:
+                self.spans[-1][1] = ts + COPY_WINDOW_MS
+            else:
+                self.spans.append([ts - COPY_WINDOW_MS, ts + COPY_WINDOW_MS])
+        self.stored: dict[str, set[int]] = {}
+        self._after: tuple | None = None  # the key (ts, session, seq) read last in spans[0]
+
+    def add(self, request_id: str | None, ts: int) -> None:
+        if request_id in self.wanted:
+            self.stored.setdefault(request_id, set()).add(ts)
+
+    def read(self, conn: sqlite3.Connection, limit: int | None = None) -> bool:
+        """Read up to `limit` stored rows of the spans, from where the last read stopped; True once all are read."""
+        while self.spans:
+            first, last = self.spans[0]
+            where, params = ("(ts, session, seq) > (?, ?, ?)", self._after) if self._after else ("ts >= ?", (first,))
+            rows = conn.execute(f"SELECT ts, session, seq, request_id, origin FROM requests WHERE {where} AND "
+                                f"ts <= ? ORDER BY ts, session, seq{f' LIMIT {limit}' if limit else ''}",
+                                (*params, last)).fetchall()
+            for ts, _, _, request_id, origin in rows:
+                if origin not in TRANSCRIPT_ORIGINS:  # imported rows are found by REQUEST_ID_KNOWN
+                    self.add(request_id, ts)
+            if limit and len(rows) == limit:
+                self._after = rows[-1][:3]
+                return False
+            self.spans.pop(0)
+            self._after = None
+        return True
+
+    def has(self, request_id: str | None, ts: int) -> bool:
+        return any(abs(stored - ts) <= COPY_WINDOW_MS for stored in self.stored.get(request_id, ()))
 
 
 # Metric-derived usage counts for a session until a row that replaces it is stored.
@@ -1877,6 +1932,7 @@ class Writer:
         self._ids: dict[tuple[str, Any], int] = {}  # (table, value) -> id of interned values
         self._failing = False  # log a failure streak once, and its end once
         self._imported = False  # whether requests from transcripts are stored (telemetry then replaces its copies)
+        self._copy_windows: set[CopyWindow] = set()  # of the imports under way (import_requests' threads add them)
         self._lost = ""        # why the file at the path is no longer the one written: nothing more is acknowledged
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
@@ -2077,6 +2133,10 @@ class Writer:
                         days.update(ts - ts % DAY_MS for ts, in gone)
             new += conn.executemany(insert_sql("requests", REQUEST_COLUMNS), requests).rowcount
             days.update(row[0] - row[0] % DAY_MS for row in requests)
+            request_id = REQUEST_COLUMNS.index("request_id")
+            for window in tuple(self._copy_windows):  # imports under way have read the rows stored before these
+                for row in requests:
+                    window.add(row[request_id], row[0])
         if batch.events:
             events = self._resolve(conn, "events", EVENT_COLUMNS, batch.events)
             new += conn.executemany(insert_sql("events", EVENT_COLUMNS),
@@ -2114,18 +2174,34 @@ class Writer:
     def import_requests(self, rows: list[tuple], projects: dict[str, str], user: str,
                         timeout: float = 60.0) -> ImportCounts:
         """Store requests read from transcripts (REQUEST_COLUMNS tuples, origin 2 or 3) durably, and count them. A
-        row whose request_id is stored already (in its session, or by an earlier import in any) or whose key is, is
-        skipped. A session the server knows keeps its user; others get `user`."""
-        future = self.submit(lambda conn: self._import(conn, rows, projects, user), timeout=10)
+        row whose request_id is stored already (in its session, by an earlier import in any session, or by
+        telemetry in any session near its time) or whose key is, is skipped. A session the server knows keeps its
+        user; others get `user`. Written IMPORT_CHUNK rows a transaction, so telemetry is stored in between;
+        `timeout` bounds each. Raises ImportInterrupted (with what was stored) when a chunk cannot be written."""
+        window = CopyWindow(rows)
+        self._copy_windows.add(window)  # from here on the writer adds the telemetry it stores to it
+        stored = ImportCounts(0, 0)
         try:
-            return future.result(timeout=timeout)
+            while not self._job(lambda conn: window.read(conn, COPY_SCAN_CHUNK), timeout):
+                pass  # one transaction per COPY_SCAN_CHUNK rows read
+            for first in range(0, len(rows), IMPORT_CHUNK):
+                chunk = rows[first:first + IMPORT_CHUNK]
+                counts = self._job(lambda conn: self._import(conn, chunk, projects, user, window), timeout)
+                stored = ImportCounts(stored.imported + counts.imported, stored.already_known + counts.already_known)
+        except StorageUnavailable as exc:
+            raise ImportInterrupted(stored, len(rows), exc) from None
+        finally:
+            self._copy_windows.discard(window)
+        return stored
+
+    def _job(self, job: Callable[[sqlite3.Connection], Any], timeout: float) -> Any:
+        try:
+            return self.submit(job, timeout=10).result(timeout=timeout)
         except futures.TimeoutError:
             raise StorageUnavailable("the database did not commit in time") from None
 
     def _import(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
-                user: str) -> ImportCounts:
-        if not rows:
-            return ImportCounts(0, 0)
+                user: str, window: CopyWindow) -> ImportCounts:
         users, days = {}, set()
         origin = REQUEST_COLUMNS.index("origin")
         replaced = frozenset().union(*map(replaced_by, {row[origin] for row in rows})) - REQUEST_ORIGINS
@@ -2141,14 +2217,15 @@ class Writer:
                 conn.execute("UPDATE sessions SET project = ? WHERE id = ? AND project IS NULL",
                              (projects[session_id], session))
         user_index, request_id = REQUEST_COLUMNS.index("user"), REQUEST_COLUMNS.index("request_id")
-        with_users = [row[:user_index] + (users[row[1]],) + row[user_index + 1:] for row in rows]
+        with_users = [row[:user_index] + (users[row[1]],) + row[user_index + 1:] for row in rows
+                      if not window.has(row[request_id], row[0])]
         resolved = self._resolve(conn, "requests", REQUEST_COLUMNS, with_users)
         for row in resolved:
             row.append(row[request_id])
         sql = (f"INSERT OR IGNORE INTO requests ({', '.join(REQUEST_COLUMNS)}) SELECT "
                f"{', '.join('?' * len(REQUEST_COLUMNS))} WHERE ?R IS NULL OR NOT ({REQUEST_ID_KNOWN})").replace(
-            "?R", f"?{len(REQUEST_COLUMNS) + 1}")  # ?1, ?2: the row's time and session
-        imported = conn.executemany(sql, resolved).rowcount
+            "?R", f"?{len(REQUEST_COLUMNS) + 1}")  # ?2: the row's session
+        imported = conn.executemany(sql, resolved).rowcount if resolved else 0
         if imported:
             self._imported = True
             days.update(row[0] - row[0] % DAY_MS for row in rows)
@@ -2510,14 +2587,18 @@ class Reader:
                 f"({', '.join('?' * len(chunk))}) GROUP BY session", chunk))
         return found
 
-    def known_requests(self, keys: list[tuple[int, str, int, str | None]]) -> int:
-        """How many of these (ts, session id, seq, request_id) keys are stored: by request_id (as Writer._import
-        finds it), else by key."""
+    def known_requests(self, rows: list[tuple]) -> int:
+        """How many of these requests rows (REQUEST_COLUMNS, as ImportRequests reads them) are stored: by request_id
+        (as Writer._import finds it), else by key."""
         conn, known = self._reader(), 0
+        window = CopyWindow(rows)
+        window.read(conn)
         by_request_id = f"SELECT {REQUEST_ID_KNOWN.replace('?2', '(SELECT id FROM sessions WHERE session_id = ?2)')}" \
             .replace("?R", "?3")
-        for ts, session_id, seq, request_id in keys:
-            if request_id and conn.execute(by_request_id, (ts, session_id, request_id)).fetchone()[0]:
+        request_id = REQUEST_COLUMNS.index("request_id")
+        for row in rows:
+            ts, session_id, seq, rid = row[0], row[1], row[2], row[request_id]
+            if rid and (window.has(rid, ts) or conn.execute(by_request_id, (ts, session_id, rid)).fetchone()[0]):
                 known += 1
             elif conn.execute("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session WHERE r.ts = ? AND "
                               "s.session_id = ? AND r.seq = ?", (ts, session_id, seq)).fetchone():
@@ -4464,8 +4545,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         except BadValue as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an imported request is not valid: {exc}")
         if request.dry_run:
-            known = self.reader.known_requests([(row[0], row[1], row[2], row[REQUEST_COLUMNS.index("request_id")])
-                                                for row in rows])
+            known = self.reader.known_requests(rows)
             return import_counts_message(ImportCounts(len(rows) - known, known))
         projects: dict[str, str] = {}
         for r in request.requests:  # where the session started (its first request's cwd)
@@ -4473,7 +4553,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
                 projects.setdefault(r.session_id, r.project_dir)
         try:
             counts = self.writer.import_requests(rows, projects, request.user)
-        except StorageUnavailable as exc:
+        except StorageUnavailable as exc:  # ImportInterrupted says what is stored: sending again finds it known
             context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the requests right now ({exc})")
         return import_counts_message(counts)
 
@@ -4688,6 +4768,10 @@ class ServerUnreachable(Exception):
     """The query server did not answer, or something else did; the message is short enough for a status line."""
 
 
+class ImportRefused(ServerUnreachable):
+    """The server refused a batch of imported requests as not valid (its reason in full)."""
+
+
 NOT_CCMON = "not a ccmon server (it does not answer ccmon.v1.QueryService)"
 # What gRPC reports when an HTTP/1.1 server answers its HTTP/2 preface, in plaintext or over TLS (no h2 in ALPN)
 HTTP_PORT_SIGNS = ("Failed parsing HTTP/2", "missing selected ALPN property")
@@ -4749,12 +4833,16 @@ class Client:
         try:
             return self._invoke(method, request)
         except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method not in GO_CCMON_METHODS and self._is_go_ccmon():
-                if self.go_extras_empty:
-                    self.unanswered.add(method)
-                    return getattr(ccmon_pb2, method + "Response")()  # nothing to show
-                raise ServerUnreachable(GO_CCMON_ONLY) from None
-            raise ServerUnreachable(describe_rpc_error(exc)) from None
+            return self._failed(method, exc)
+
+    def _failed(self, method: str, exc: grpc.RpcError):
+        """A call's error as ServerUnreachable, or an empty answer where the Go ccmon has none to give."""
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED and method not in GO_CCMON_METHODS and self._is_go_ccmon():
+            if self.go_extras_empty:
+                self.unanswered.add(method)
+                return getattr(ccmon_pb2, method + "Response")()  # nothing to show
+            raise ServerUnreachable(GO_CCMON_ONLY) from None
+        raise ServerUnreachable(describe_rpc_error(exc)) from None
 
     def _invoke(self, method: str, request):
         return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
@@ -4841,9 +4929,15 @@ class Client:
 
     def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False) \
             -> ImportCounts:
-        """Send requests read from transcripts; with dry_run, nothing is stored: the counts say what would be."""
-        response = self._call("ImportRequests", ccmon_pb2.ImportRequestsRequest(requests=rows, user=user,
-                                                                                 dry_run=dry_run))
+        """Send requests read from transcripts; with dry_run, nothing is stored: the counts say what would be.
+        Raises ImportRefused, with the server's whole reason, when it refuses one of them (it then stores none)."""
+        request = ccmon_pb2.ImportRequestsRequest(requests=rows, user=user, dry_run=dry_run)
+        try:
+            response = self._invoke("ImportRequests", request)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ImportRefused(exc.details() or "") from None
+            response = self._failed("ImportRequests", exc)
         return ImportCounts(response.imported, response.already_known)
 
     def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None,
@@ -5738,6 +5832,9 @@ IMPORT_TIMEOUT_S = 120.0    # one call's patience: a batch is a few thousand ins
 FOLLOW_POLL_S = 1.0         # --follow looks at the transcripts this often
 PROGRESS_EVERY_S = 0.25
 OTEL_RESOURCE_ENV = "OTEL_RESOURCE_ATTRIBUTES"
+NAMED_PER_REASON = 10  # lines named (file:line) for each reason they are skipped; the rest are counted
+FIGURES_OUT_OF_RANGE = "figures out of range"
+NAMED_REASONS = {"not JSON", FIGURES_OUT_OF_RANGE}  # the skip reasons that are damage, not Claude Code's own entries
 # message.id and requestId as Claude Code writes an assistant line: a streamed answer's next lines are known
 # duplicates without parsing them (JSON escapes the quotes of any such text inside a message)
 ANSWER_IDS = re.compile(r'"message":\{"id":"([^"\\]*)".*"requestId":"([^"\\]*)"')
@@ -5766,14 +5863,18 @@ class TranscriptEntry:
         return self.message_id, self.request_id
 
 
-def token_count(usage: dict, key: str) -> int:
+def token_count(usage: dict, key: str) -> int | None:
+    """A token count of the usage: 0 when absent, None when it is no count the server stores (one call's)."""
     value = usage.get(key)
-    return value if type(value) is int and 0 <= value < MAX_COUNT else 0
+    if value is None:
+        return 0
+    return value if type(value) is int and 0 <= value < MAX_COUNT else None
 
 
 def transcript_entry(line: str) -> TranscriptEntry | str | None:
     """One transcript line: an entry, the reason it is skipped ('not JSON', 'synthetic', 'API error', 'no usage',
-    'no session or time'), or None for lines that are no API answer (user, system, attachment, ... lines)."""
+    'no session or time', FIGURES_OUT_OF_RANGE), or None for lines that are no API answer (user, system,
+    attachment, ... lines)."""
     if '"assistant"' not in line:  # cheap: most lines are not an answer
         if line[:1] == "{" and line[-1:] == "}":
             return None
@@ -5781,7 +5882,7 @@ def transcript_entry(line: str) -> TranscriptEntry | str | None:
         return "not JSON" if text and (text[0] != "{" or text[-1] != "}") else None
     try:
         data = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return "not JSON"
     if not isinstance(data, dict) or data.get("type") != "assistant":
         return None
@@ -5799,12 +5900,14 @@ def transcript_entry(line: str) -> TranscriptEntry | str | None:
     if not isinstance(session, str) or not session or ts is None:
         return "no session or time"
     detail = usage.get("cache_creation")
+    counts = [token_count(usage, key) for key in ("input_tokens", "output_tokens", "cache_read_input_tokens",
+                                                   "cache_creation_input_tokens")]
+    counts.append(token_count(detail, "ephemeral_1h_input_tokens") if isinstance(detail, dict) else 0)
+    if None in counts:
+        return FIGURES_OUT_OF_RANGE
     cost = data.get("costUSD")
     return TranscriptEntry(
-        session, ts, model if isinstance(model, str) and model else "unknown",
-        token_count(usage, "input_tokens"), token_count(usage, "output_tokens"),
-        token_count(usage, "cache_read_input_tokens"), token_count(usage, "cache_creation_input_tokens"),
-        token_count(detail, "ephemeral_1h_input_tokens") if isinstance(detail, dict) else 0,
+        session, ts, model if isinstance(model, str) and model else "unknown", *counts,
         str(data.get("requestId") or ""), str(message.get("id") or ""),
         data["cwd"] if isinstance(data.get("cwd"), str) else "",
         repr(cost) if type(cost) in (int, float) and 0 <= cost <= MAX_USD else None,
@@ -5848,44 +5951,99 @@ def resource_user(environ: dict[str, str]) -> str:
     return ""
 
 
+MAX_LINE_BYTES = 32 * 2 ** 20  # a longer transcript line is skipped (named), never held in memory whole
+READ_BLOCK = 2 ** 20          # transcripts are read this much at a time
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+              (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # what a path named *.jsonl may be instead
+
+
+class NotTranscript(OSError):
+    """A path named like a transcript that is no regular file (a FIFO would block the reading for ever)."""
+
+
 class TranscriptFiles:
-    """The .jsonl files under some folders, each read from where the last read stopped: only complete lines, so
-    a line Claude Code is still writing is read once it is whole."""
+    """The .jsonl files under some folders, each read line by line from where the last read stopped: only complete
+    lines, so a line Claude Code is still writing is read once it is whole."""
 
     def __init__(self, roots: list[Path]):
         self.roots = roots
-        self.offsets: dict[Path, int] = {}
+        self.positions: dict[Path, tuple[int, int]] = {}  # bytes and lines read
+        self.unreadable_folders: dict[Path, str] = {}  # found by the last walk, with the reason
 
     def paths(self) -> list[Path]:
+        """Every *.jsonl under the roots (a root may be one), sorted. The walk keeps its folders in a list, not in
+        recursion, and enters a folder once however many links lead to it."""
         found: list[Path] = []
+        folders, entered = [], set()
+        self.unreadable_folders = {}
         for root in self.roots:
-            if root.is_file():
+            if root.is_dir():
+                folders.append(root)
+            elif root.exists() or root.is_symlink():
                 found.append(root)
-            elif root.is_dir():
-                found.extend(sorted(root.rglob("*.jsonl")))
-        return found
+        while folders:
+            folder = folders.pop()
+            try:
+                info = folder.stat()
+                if (info.st_dev, info.st_ino) in entered:
+                    continue
+                entered.add((info.st_dev, info.st_ino))
+                with os.scandir(folder) as entries:
+                    for entry in entries:
+                        if entry.name.endswith(".jsonl"):
+                            found.append(Path(entry.path))
+                        try:
+                            if entry.is_dir():
+                                folders.append(Path(entry.path))
+                        except OSError:
+                            continue  # gone, or a link to nowhere
+            except FileNotFoundError:
+                continue  # gone since it was listed
+            except OSError as exc:
+                self.unreadable_folders[folder] = exc.strerror or str(exc)
+        return sorted(found)
 
-    def read(self, path: Path, final: bool) -> tuple[list[str], str | None, str | None]:
-        """(new complete lines, a last line without its newline when `final` (else it waits), a problem)."""
-        offset = self.offsets.get(path, 0)
+    def lines(self, path: Path, final: bool) -> Iterator[tuple[int, str | None, bool]]:
+        """(line number, text, whole) of each new complete line; text None for a line over MAX_LINE_BYTES (skipped
+        unread). With `final`, a last line without its newline too (whole False), else it waits for its newline.
+        Raises OSError for a file that cannot be read, NotTranscript for one that is no regular file."""
+        offset, number = self.positions.get(path, (0, 0))
+        if offset and os.stat(path).st_size == offset:
+            return  # nothing new (--follow looks at every file every second)
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO's open waits for a writer
         try:
-            if offset and os.stat(path).st_size == offset:
-                return [], None, None  # nothing new (--follow looks at every file every second)
-            with open(path, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                if size < offset:  # rewritten from the start
-                    offset = 0
-                handle.seek(offset)
-                data = handle.read()
-        except OSError as exc:
-            return [], None, f"unreadable: {path} ({exc.strerror or exc})"
-        end = data.rfind(b"\n") + 1
-        tail = data[end:]
-        self.offsets[path] = offset + (len(data) if final else end)
-        text = data[:end].decode("utf-8", errors="replace")
-        lines = text.split("\n")
-        lines.pop()  # after the last newline
-        return lines, tail.decode("utf-8", errors="replace") if final and tail.strip() else None, None
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode):
+                kind = next((kind for is_kind, kind in FILE_KINDS if is_kind(info.st_mode)), "of an unknown kind")
+                raise NotTranscript(f"not a regular file: {kind}")
+            handle = open(descriptor, "rb")
+        except BaseException:
+            os.close(descriptor)
+            raise
+        with handle:
+            if info.st_size < offset:  # rewritten from the start
+                offset = number = 0
+            handle.seek(offset)
+            held: list[bytes] | None = []  # the line read so far, until its newline; None: too long, not kept
+            size = 0
+            while block := handle.read(READ_BLOCK):
+                *ended, rest = block.split(b"\n")
+                for part in ended:
+                    size += len(part)
+                    text = None if held is None or size > MAX_LINE_BYTES else \
+                        (b"".join(held) + part if held else part).decode("utf-8", errors="replace")
+                    offset, number = offset + size + 1, number + 1
+                    held, size = [], 0
+                    yield number, text, True
+                self.positions[path] = offset, number  # a block's lines are read: a read error comes after them
+                size += len(rest)
+                if held is not None and rest:
+                    held.append(rest)
+                    if size > MAX_LINE_BYTES:
+                        held = None
+            if size and final:  # a last line without its newline
+                self.positions[path] = offset + size, number + 1
+                yield number + 1, None if held is None else b"".join(held).decode("utf-8", errors="replace"), False
 
 
 @dataclasses.dataclass
@@ -5896,7 +6054,7 @@ class ImportTally:
     known: int = 0
     duplicates: int = 0     # the same message written again (streaming)
     before_since: int = 0
-    estimated: int = 0      # priced by ccmon's table
+    estimated: int = 0      # of those imported (or to import), priced by ccmon's table
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     unknown_models: dict[str, int] = dataclasses.field(default_factory=dict)
     problems: list[str] = dataclasses.field(default_factory=list)
@@ -5931,19 +6089,32 @@ class Importer:
         self.prices = config.prices
         self.tally = ImportTally()
         self.seen: set[tuple[str, str]] = set()
-        self.pending: list[ccmon_pb2.ImportedRequest] = []
+        # requests to send (with the file and line they are read from), apart by whether ccmon priced them: the
+        # server's count of a batch's imported requests is then also the count of those priced by ccmon among them
+        self.pending: dict[bool, list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]]] = {True: [], False: []}
         self.prices_found: dict[str, Price | None] = {}
         self.unreadable: set[Path] = set()
         # one batch is stored while the next is read: the server and the reading run on two cores
         self.sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccmon-import")
-        self.in_flight: tuple[futures.Future, list] | None = None
+        self.in_flight: tuple[futures.Future, list, bool] | None = None
+        self.unconfirmed = 0  # requests of the call that failed last: stored or not, the server did not say
         self.progress, self.started, self.shown = progress, time.monotonic(), 0.0
 
-    def skip(self, reason: str) -> None:
+    def skip(self, reason: str, where: str = "") -> None:
+        """Count a skipped line or file; `where` (file:line) names it, the first NAMED_PER_REASON of a reason."""
         self.tally.skipped[reason] = self.tally.skipped.get(reason, 0) + 1
+        if where and self.tally.skipped[reason] <= NAMED_PER_REASON:
+            self.tally.problems.append(f"{reason}: {where}")
 
-    def add(self, lines: list[str]) -> None:
-        for line in lines:
+    def add(self, lines: Iterable[tuple[int, str | None, bool]], path: Path | str) -> None:
+        """A file's lines, as TranscriptFiles.lines reads them."""
+        for number, line, whole in lines:
+            if line is None:
+                self.skip("line too long", f"{path}:{number}")
+                continue
+            if not whole and transcript_entry(line) == "not JSON":  # Claude Code may be writing it: read it later
+                self.skip("truncated last line", f"{path}:{number}")
+                continue
             if '"requestId":"' in line:
                 ids = ANSWER_IDS.search(line)
                 if ids and ids.groups() in self.seen:
@@ -5953,7 +6124,7 @@ class Importer:
             if found is None:
                 continue
             if isinstance(found, str):
-                self.skip(found)
+                self.skip(found, f"{path}:{number}" if found in NAMED_REASONS else "")
                 continue
             key = found.key if found.message_id or found.request_id else (found.session_id, str(found.ts_ms))
             if key in self.seen:
@@ -5966,53 +6137,87 @@ class Importer:
             if found.model not in self.prices_found:
                 self.prices_found[found.model] = price_of(found.model, self.prices)
             request, priced = imported_request(found, self.prices, self.prices_found[found.model])
+            if request.cost_nanos > MAX_USD * NANOS_PER_USD:  # the server refuses it: more than one call can cost
+                self.skip(FIGURES_OUT_OF_RANGE, f"{path}:{number}")
+                continue
             self.tally.entries += 1
-            self.tally.estimated += request.estimated and priced
             if not priced:
                 self.tally.unknown_models[found.model] = self.tally.unknown_models.get(found.model, 0) + 1
-            self.pending.append(request)
-            if len(self.pending) >= IMPORT_BATCH:
-                self.flush()
+            estimated = request.estimated and priced
+            self.pending[estimated].append((request, path, number))
+            if len(self.pending[estimated]) >= IMPORT_BATCH:
+                self.send(estimated)
 
     def add_file(self, files: TranscriptFiles, path: Path, final: bool) -> None:
-        lines, tail, problem = files.read(path, final)
-        if problem:
-            if path not in self.unreadable:  # named once, however often --follow tries again
-                self.unreadable.add(path)
-                self.tally.problems.append(problem)
-                self.skip("unreadable file")
+        try:
+            self.add(files.lines(path, final), path)
+        except OSError as exc:
+            self.unreadable_path(path, exc.strerror or str(exc), "unreadable file")
             return
-        self.add(lines)
-        if tail is not None:
-            if transcript_entry(tail) == "not JSON":  # Claude Code may be writing it: a later import reads it
-                self.tally.problems.append(f"truncated last line: {path}")
-                self.skip("truncated last line")
-            else:
-                self.add([tail])  # whole, only its newline missing
         self.show_progress()
+
+    def unreadable_path(self, path: Path, reason: str, kind: str) -> None:
+        if path not in self.unreadable:  # named once, however often --follow tries again
+            self.unreadable.add(path)
+            self.tally.problems.append(f"unreadable: {path} ({reason})")
+            self.skip(kind)
+
+    def transcript_paths(self, files: TranscriptFiles) -> list[Path]:
+        paths = files.paths()
+        for folder, reason in files.unreadable_folders.items():
+            self.unreadable_path(folder, reason, "unreadable folder")
+        return paths
 
     def flush(self, wait: bool = False) -> None:
         """Send what is read (in the background, after the batch before it is stored); with `wait`, until all is
         stored. A batch that could not be sent is kept for the next flush."""
-        if self.pending:
-            batch, self.pending = self.pending, []
-            self.collect()
-            self.in_flight = (self.sender.submit(self.client.import_requests, batch, self.user, self.dry_run), batch)
+        for estimated in (False, True):
+            self.send(estimated)
         if wait:
             self.collect()
+
+    def send(self, estimated: bool) -> None:
+        if self.pending[estimated]:
+            batch, self.pending[estimated] = self.pending[estimated], []
+            self.collect()
+            self.in_flight = (self.sender.submit(self.client.import_requests, [request for request, *_ in batch],
+                                                 self.user, self.dry_run), batch, estimated)
 
     def collect(self) -> None:
         if self.in_flight is None:
             return
-        future, batch = self.in_flight
+        future, batch, estimated = self.in_flight
         self.in_flight = None
         try:
-            counts = future.result()
-        except ServerUnreachable:
-            self.pending[:0] = batch
+            try:
+                self.count(future.result(), estimated)
+            except ImportRefused as exc:
+                self.send_apart(batch, estimated, exc)
+        except ServerUnreachable:  # kept for --follow's next try: what is stored of it is then known
+            self.pending[estimated][:0] = batch
+            self.unconfirmed = len(batch)
             raise
+
+    def count(self, counts: ImportCounts, estimated: bool) -> None:
         self.tally.imported += counts.imported
         self.tally.known += counts.already_known
+        self.tally.estimated += counts.imported if estimated else 0
+
+    def send_apart(self, batch: list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]], estimated: bool,
+                   refused: ImportRefused) -> None:
+        """A batch the server refused (it stores all of a batch or nothing): sent again in halves, until each
+        request it refuses is alone, and named; the others are stored."""
+        if len(batch) == 1:
+            _, path, number = batch[0]
+            self.tally.entries -= 1
+            self.skip("refused by the server", f"{path}:{number} ({refused})")
+            return
+        for half in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
+            try:
+                self.count(self.client.import_requests([request for request, *_ in half], self.user, self.dry_run),
+                           estimated)
+            except ImportRefused as exc:
+                self.send_apart(half, estimated, exc)
 
     def show_progress(self, files_total: int = 0, done: bool = False) -> None:
         if self.progress is None:
@@ -6055,7 +6260,7 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
         importer.tally.problems.append(f"unreadable: {root} (no such file or folder)")
         importer.skip("unreadable file")
     try:
-        paths = files.paths()
+        paths = importer.transcript_paths(files)
         for path in paths:
             importer.tally.files += 1
             importer.add_file(files, path, final=not args.follow)
@@ -6066,9 +6271,9 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
         importer.show_progress(done=True)
         failing = False
         while args.follow and not stop.wait(FOLLOW_POLL_S):
-            before = len(files.offsets)
+            before = len(files.positions)
             try:
-                for path in files.paths():
+                for path in importer.transcript_paths(files):
                     importer.add_file(files, path, final=False)
                 importer.flush(wait=True)
                 failing = False
@@ -6076,18 +6281,25 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
                 if not failing:
                     print(f"ccmon import: {exc}; retrying", file=sys.stderr)
                 failing = True
-            importer.tally.files += len(files.offsets) - before
+            importer.tally.files += len(files.positions) - before
     except ServerUnreachable as exc:
         importer.show_progress(done=True)
-        print(f"ccmon import: {exc}", file=sys.stderr)
-        return 1
+        failure = exc
+    else:
+        failure = None
     finally:
         importer.sender.shutdown(wait=True)
         client.close()
     for problem in importer.tally.problems:
         print(f"ccmon import: {problem}", file=sys.stderr)
+    for reason, count in sorted(importer.tally.skipped.items()):
+        if reason in NAMED_REASONS and count > NAMED_PER_REASON:
+            print(f"ccmon import: {reason}: {count - NAMED_PER_REASON:,} more lines", file=sys.stderr)
+    if failure is not None:  # a call that failed may have been stored, in part or whole, before its answer was lost
+        print(f"ccmon import: stopped: {failure}. The {importer.unconfirmed:,} requests sent last may be stored "
+              "already (not counted below); importing again counts each request once.", file=sys.stderr)
     print(import_summary(importer.tally, args.dry_run), flush=True)
-    return 0
+    return 0 if failure is None else 1
 
 
 # ---------------------------------------------------------------- View model and pure render functions

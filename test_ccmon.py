@@ -6104,7 +6104,7 @@ def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_pat
     assert proc.returncode == 0, err
     assert out == "ccmon import: 3 files read; 3 requests imported; 0 already known; 1 skipped (1 unreadable file); " \
                   "3 priced by ccmon (estimated)\n"
-    assert err == f"ccmon import: unreadable: {path.parent / 'not-a-file.jsonl'} (Is a directory)\n"
+    assert err == f"ccmon import: unreadable: {path.parent / 'not-a-file.jsonl'} (not a regular file: a folder)\n"
     assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_l1",), ("req_l2",), ("req_l3",)]
 
 
@@ -6206,7 +6206,8 @@ def test_import_progress_is_drawn_on_one_line():
     importer = ccmon.Importer(Counting(), ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None,
                               False, shown)
     importer.tally.files = 3
-    importer.add([transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}") for n in range(7)])
+    importer.add([(n, transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}"), True) for n in range(7)],
+                 "s.jsonl")
     importer.show_progress(10)
     importer.flush(wait=True)
     importer.show_progress(done=True)
@@ -6230,6 +6231,298 @@ def test_import_requests_rejects_what_is_not_a_request(server):
         requests=[ccmon_pb2.ImportedRequest(**good)] * 2, user="importer"))
     assert (answer.imported, answer.already_known) == (1, 1)
     assert db_rows(server.db, "SELECT user_name, origin, cost_nanos FROM r") == [("importer", 2, 270_000)]
+
+
+
+def dense_import_rows(count: int, start: int = 0, sessions: int = 10) -> list[tuple]:
+    """`count` answers in ten minutes, as the server's requests rows (REQUEST_COLUMNS)."""
+    base = ccmon.parse_iso_ms("2026-05-07T10:00:00Z")
+    return [ccmon.imported_row(ccmon_pb2.ImportedRequest(
+        session_id=f"s-{n % sessions}", timestamp_ms=base + n * 600_000 // count, model="claude-haiku-4-5",
+        input_tokens=120, output_tokens=30, cost_nanos=270_000, estimated=True, request_id=f"req_{n}",
+        message_id=f"msg_{n}")) for n in range(start, start + count)]
+
+
+def test_the_duplicate_check_of_an_import_grows_linearly(tmp_path):
+    """Each imported row is looked up by index, not by scanning every stored row near its time: importing twice
+    as many answers dated within ten minutes, over twice as many stored there, costs about twice the SQLite work
+    (counted in virtual machine steps, not seconds); it was four times as much."""
+    def steps_to_import(count: int) -> int:
+        writer = ccmon.Writer(tmp_path / f"{count}.db")
+        try:
+            assert writer.import_requests(dense_import_rows(count), {}, "") == ccmon.ImportCounts(count, 0)
+            steps = [0]
+
+            def count_steps() -> int:
+                steps[0] += 1
+                return 0
+
+            writer._write_conn.set_progress_handler(count_steps, 1000)
+            assert writer.import_requests(dense_import_rows(count, count), {}, "") == ccmon.ImportCounts(count, 0)
+            writer._write_conn.set_progress_handler(None, 0)
+            return steps[0]
+        finally:
+            writer.close()
+
+    small, large = steps_to_import(1000), steps_to_import(2000)
+    assert large < 2.5 * small, (small, large)
+
+
+
+def test_telemetry_is_stored_while_a_large_import_is(server, tmp_path):
+    """20,000 answers dated within ten minutes are imported while telemetry keeps arriving: every export is
+    acknowledged (an import was one transaction of a minute, and exporters were told UNAVAILABLE), and the totals
+    are exact. A telemetry answer in a forked session's transcript, exported before its copy is read, is known."""
+    folder = tmp_path / "projects"
+    base = ccmon.parse_iso_ms("2026-05-08T10:00:00Z")
+    for first in range(0, 20_000, 2_000):
+        write_transcript(folder, f"s-{first}", [
+            transcript_line(f"s-{first}", ccmon.iso_from_ms(base + n * 30), f"req_{n}", f"msg_{n}")
+            for n in range(first, first + 2_000)])
+    write_transcript(folder, "s-fork", [transcript_line("s-fork", ccmon.iso_from_ms(base + 300_000), "req_t0", "m")])
+    stub, answers, during = server.logs_stub(), [], []
+    stub.Export(logs_request([("api_request", api_request(0, ccmon.iso_from_ms(base + 300_000), session="s-tele",
+                                                          request_id="req_t0", cost_usd=0.01))]), timeout=30)
+    answers.append("ok")
+    importing = subprocess.Popen([*CCMON, "import", "--monitor-server", server.target, str(folder)], text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                                 env={**os.environ, "HOME": str(tmp_path)})
+    while importing.poll() is None:  # one export at a time, as an exporter sends them
+        n = len(answers)
+        try:
+            stub.Export(logs_request([("api_request", api_request(
+                n, ccmon.iso_from_ms(base + 300_000 + n), session="s-tele", request_id=f"req_t{n}",
+                cost_usd=0.01))]), timeout=30)
+            answers.append("ok")
+        except grpc.RpcError as exc:
+            answers.append(exc.code().name)
+        during.append(importing.poll() is None)
+    out, err = importing.communicate(timeout=60)
+    assert importing.returncode == 0, err
+    assert set(answers) == {"ok"} and sum(during) >= 1, answers  # the first was sent before the import
+    telemetry = len(answers)
+    assert out == "ccmon import: 11 files read; 20,000 requests imported; 1 already known; 0 skipped; " \
+                  "20,000 priced by ccmon (estimated)\n"
+    assert db_rows(server.db, "SELECT origin, COUNT(*) FROM requests GROUP BY origin") == \
+        [(0, telemetry), (2, 20_000)]
+    s = stats(server, "2026-05-08T00:00:00Z", "2026-05-09T00:00:00Z")
+    assert (s.total_requests, round(s.total_cost.amount * 1e9)) == \
+        (20_000 + telemetry, 20_000 * 12_450_000 + telemetry * 10_000_000)
+
+
+
+def remove_deep_folders(top: Path) -> None:
+    """Remove a tree of folders deeper than Python's recursion limit, the deepest first."""
+    stack = [top]
+    while stack:
+        inside = [entry for entry in os.scandir(stack[-1])]
+        for entry in inside:
+            if not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+        folders = [entry.path for entry in inside if entry.is_dir(follow_symlinks=False)]
+        if folders:
+            stack.extend(folders)
+        else:
+            os.rmdir(stack.pop())
+
+
+def test_import_skips_what_it_cannot_read_and_goes_on(server, tmp_path):
+    """A line nested too deep to parse, an answer with more tokens than one call can have or priced over the
+    server's bound for one record, a FIFO named like a transcript, 1,500 nested folders and a link back up: each
+    is skipped and named (file:line), and every other answer is imported."""
+    folder = tmp_path / "projects"
+    good = [transcript_line("s-g", f"2026-05-09T10:0{n}:00Z", f"req_g{n}", f"msg_g{n}") for n in range(3)]
+    deep = '{"type":"assistant","message":' + "[" * 100_000 + "]" * 100_000 + "}"
+    costly = transcript_line("s-g", "2026-05-09T10:05:00Z", "req_c", "msg_c", model="claude-opus-4-5",
+                             usage=(10 ** 12 - 1, 0, 0, 0))
+    huge = transcript_line("s-g", "2026-05-09T10:06:00Z", "req_h", "msg_h", usage=(10 ** 12, 0, 0, 0))
+    path = write_transcript(folder, "s-g", [good[0], deep, good[1], costly, huge])
+    os.mkfifo(path.parent / "fifo.jsonl")
+    nested = folder
+    for _ in range(1500):  # one by one: pathlib's mkdir(parents=True) recurses too
+        nested = nested / "d"
+        nested.mkdir()
+    (nested / "up").symlink_to(folder, target_is_directory=True)  # a loop
+    (nested / "s-n.jsonl").write_text(good[2] + "\n")
+    try:
+        result = ccmon_import(server, str(folder), timeout=60)
+    finally:
+        remove_deep_folders(folder / "d")  # shutil.rmtree, and so pytest's cleanup, recurses
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ccmon import: 3 files read; 3 requests imported; 0 already known; 4 skipped (2 figures " \
+                            "out of range, 1 not JSON, 1 unreadable file); 3 priced by ccmon (estimated)\n"
+    assert result.stderr.splitlines() == [
+        f"ccmon import: unreadable: {path.parent / 'fifo.jsonl'} (not a regular file: a FIFO)",
+        f"ccmon import: not JSON: {path}:2", f"ccmon import: figures out of range: {path}:4",
+        f"ccmon import: figures out of range: {path}:5"]
+    assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_g0",), ("req_g1",), ("req_g2",)]
+
+
+
+class CountingImports:
+    """A stand-in server for the importer: imports every request it is sent, refusing those of `refused`."""
+
+    def __init__(self, refused: set[str] = frozenset()):
+        self.refused, self.calls = refused, 0
+
+    def import_requests(self, rows, user, dry_run):
+        self.calls += 1
+        bad = [r.request_id for r in rows if r.request_id in self.refused]
+        if bad:
+            raise ccmon.ImportRefused(f"an imported request is not valid: {bad[0]} " + "is refused " * 20)
+        return ccmon.ImportCounts(len(rows), 0)
+
+
+def importer_of(client) -> ccmon.Importer:
+    return ccmon.Importer(client, ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None, False)
+
+
+def test_a_large_transcript_is_read_in_little_memory(tmp_path):
+    """A 60 MB transcript (Claude Code's grow to gigabytes) is read a line at a time: the importer's peak memory
+    grows by far less than the file (it read the file whole, and held it three times over)."""
+    path = tmp_path / "s-big.jsonl"
+    base = ccmon.parse_iso_ms("2026-05-10T10:00:00Z")
+    tool_output = user_line("s-big", "2026-05-10T10:00:00Z").replace('"hello"', '"' + "x" * 100_000 + '"')
+    with open(path, "w") as out:
+        for n in range(600):
+            answer = transcript_line("s-big", ccmon.iso_from_ms(base + n), f"r{n}", f"m{n}")
+            out.write(tool_output + "\n" + answer + "\n")
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        import ccmon, test_ccmon
+        def peak_kb():
+            return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+        importer = test_ccmon.importer_of(test_ccmon.CountingImports())
+        before = peak_kb()
+        importer.add_file(ccmon.TranscriptFiles([Path(sys.argv[1])]), Path(sys.argv[1]), final=True)
+        importer.flush(wait=True)
+        importer.sender.shutdown()
+        print(importer.tally.imported, peak_kb() - before)""")
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT)
+    imported, grown_kb = map(int, result.stdout.split())
+    assert imported == 600 and grown_kb < 15_000, (result.stdout, result.stderr)
+
+
+def test_a_folder_that_cannot_be_read_is_named(tmp_path, monkeypatch):
+    """Named once, as a file is, however often --follow walks the folders (tests may run as root: the folder
+    refuses to be listed through a stand-in for os.scandir)."""
+    write_transcript(tmp_path, "s-ok", [transcript_line("s-ok", "2026-05-10T10:00:00Z", "req_1", "msg_1")])
+    (tmp_path / "closed").mkdir()
+    listing = os.scandir
+
+    def refusing(folder):
+        if Path(folder).name == "closed":
+            raise PermissionError(13, "Permission denied")
+        return listing(folder)
+
+    monkeypatch.setattr(ccmon.os, "scandir", refusing)
+    files, importer = ccmon.TranscriptFiles([tmp_path]), importer_of(CountingImports())
+    for _ in range(2):
+        assert importer.transcript_paths(files) == [tmp_path / "-home-dev-proj" / "s-ok.jsonl"]
+    importer.sender.shutdown()
+    assert importer.tally.problems == [f"unreadable: {tmp_path / 'closed'} (Permission denied)"]
+    assert importer.tally.skipped == {"unreadable folder": 1}
+
+
+def test_a_line_too_long_is_skipped_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(ccmon, "MAX_LINE_BYTES", 2000)
+    path = tmp_path / "s-long.jsonl"
+    lines = [transcript_line("s-long", f"2026-05-10T10:0{n}:00Z", f"req_{n}", f"msg_{n}") for n in range(3)]
+    path.write_text(lines[0] + "\n" + "x" * 5000 + "\n" + lines[1] + "\n" + lines[2] + "\n" + "y" * 3000)
+    importer = importer_of(CountingImports())
+    importer.add_file(ccmon.TranscriptFiles([path]), path, final=True)
+    importer.flush(wait=True)
+    importer.sender.shutdown()
+    assert (importer.tally.imported, importer.tally.skipped) == (3, {"line too long": 2})
+    assert importer.tally.problems == [f"line too long: {path}:2", f"line too long: {path}:5"]
+
+
+def test_a_request_the_server_refuses_is_named_and_the_rest_imported(server):
+    """The server stores all of a call or nothing: the importer sends a refused batch again in halves, until the
+    refused request is alone, and names it with the server's whole reason."""
+    client = CountingImports({"req_5"})
+    importer = importer_of(client)
+    importer.add([(n, transcript_line("s", "2026-05-11T10:00:00Z", f"req_{n}", f"msg_{n}"), True)
+                  for n in range(1, 10)], "s.jsonl")
+    importer.flush(wait=True)
+    importer.sender.shutdown()
+    assert (importer.tally.imported, importer.tally.skipped, client.calls) == (8, {"refused by the server": 1}, 7)
+    assert importer.tally.problems == [
+        "refused by the server: s.jsonl:5 (an imported request is not valid: req_5 " + "is refused " * 20 + ")"]
+    bad = ccmon_pb2.ImportedRequest(session_id="s", timestamp_ms=ccmon.parse_iso_ms("2026-05-11T10:00:00Z"),
+                                    input_tokens=10 ** 12 - 1, cost_nanos=10 ** 15 + 1, request_id="r")
+    with pytest.raises(ccmon.ImportRefused) as refused:  # the whole reason, where a call's errors are cut short
+        ccmon.Client(server.target).import_requests([bad], "")
+    assert str(refused.value) == "an imported request is not valid: a token count or the cost is out of range: " \
+                                 "(999999999999, 0, 0, 0), 1000000000000001 nano-dollars"
+
+
+
+def test_an_interrupted_import_says_what_is_stored(tmp_path, monkeypatch, capsys):
+    """The server writes an import a chunk at a time: when one fails, it says how much is stored, and importing
+    again counts those as known. The importer, when a call fails, says its requests may be stored."""
+    writer = ccmon.Writer(tmp_path / "interrupted.db")
+    chunks, store = [], ccmon.Writer._import
+
+    def second_chunk_fails(self, conn, rows, *rest):
+        chunks.append(len(rows))
+        if len(chunks) == 2:
+            raise sqlite3.OperationalError("disk I/O error")
+        return store(self, conn, rows, *rest)
+
+    monkeypatch.setattr(ccmon.Writer, "_import", second_chunk_fails)
+    rows = dense_import_rows(2500)
+    try:
+        with pytest.raises(ccmon.ImportInterrupted) as interrupted:
+            writer.import_requests(rows, {}, "")
+        assert str(interrupted.value) == "1,000 of the 2,500 requests were stored or found known (1,000 new), " \
+                                         "then: database write failed: disk I/O error"
+        monkeypatch.setattr(ccmon.Writer, "_import", store)
+        assert writer.import_requests(rows, {}, "") == ccmon.ImportCounts(1500, 1000)
+    finally:
+        writer.close()
+    folder = tmp_path / "projects"
+    write_transcript(folder, "s-i", [transcript_line("s-i", "2026-05-12T10:00:00Z", "req_i1", "msg_i1"),
+                                     transcript_line("s-i", "2026-05-12T10:01:00Z", "req_i2", "msg_i2")])
+
+    def no_answer(self, rows, user, dry_run):
+        raise ccmon.ServerUnreachable("server did not answer in time")
+
+    monkeypatch.setattr(ccmon.Client, "import_requests", no_answer)
+    args = ccmon.build_import_parser().parse_args([str(folder)])
+    assert ccmon.run_import(ccmon.load_config(args), args, environ={}) == 1
+    out, err = capsys.readouterr()
+    assert err == "ccmon import: stopped: server did not answer in time. The 2 requests sent last may be stored " \
+                  "already (not counted below); importing again counts each request once.\n"
+    assert out == "ccmon import: 1 file read; 0 requests imported; 0 already known; 0 skipped\n"
+
+
+
+def test_telemetry_stored_between_an_imports_chunks_is_known(tmp_path, monkeypatch):
+    """An import reads the telemetry near its rows' times once; what telemetry the writer stores between its
+    chunks is added: a forked session's copy of that answer, in a later chunk, is known."""
+    writer = ccmon.Writer(tmp_path / "between.db")
+    rows = dense_import_rows(1500)
+    copy_at = rows[1200][0]
+    rows[1200] = rows[1200][:1] + ("s-fork",) + rows[1200][2:-4] + ("req_tele",) + rows[1200][-3:]
+    telemetry = (copy_at, "s-tele", 1, "claude-haiku-4-5", "u", 120, 30, 0, 0, 270_000, 900, None, None, "req_tele",
+                 None, None, ccmon.ORIGIN_EVENT)
+    store = ccmon.Writer._import
+
+    def telemetry_first(self, conn, chunk, *rest):
+        if chunk[0] == rows[1000]:  # before the second chunk, as if an export had been queued meanwhile
+            self._insert(conn, ccmon.Batch(requests=[telemetry]))
+        return store(self, conn, chunk, *rest)
+
+    monkeypatch.setattr(ccmon.Writer, "_import", telemetry_first)
+    try:
+        assert writer.import_requests(rows, {}, "") == ccmon.ImportCounts(1499, 1)
+    finally:
+        writer.close()
+    assert db_rows(tmp_path / "between.db", "SELECT session_id, origin FROM r WHERE request_id = 'req_tele'") == \
+        [("s-tele", 0)]
 
 
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
