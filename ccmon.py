@@ -438,7 +438,8 @@ class Session:
     api_errors: int
     from_metrics: bool
     project: str              # '' when unknown
-    source: str               # where its usage comes from: events, metrics, transcript, transcript* (estimated)
+    source: str               # where most of its usage comes from: events, metrics, transcript, transcript*
+    # (estimated); events+tx or metrics+tx when some requests came from transcripts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2169,12 +2170,13 @@ class BlockTally:
                           self.from_claude)
 
 
-def session_source(imported: int, from_metrics: bool) -> str:
-    """Where a session's usage comes from, given the lowest origin of its requests imported from transcripts (0 when
-    none): transcript* when ccmon priced some of it (estimated)."""
-    if imported:
+def session_source(imported: int, from_metrics: bool, imported_requests: int = 0, requests: int = 0) -> str:
+    """Where most of a session's usage comes from, given the lowest origin of its requests imported from transcripts
+    (0 when none) and how many of its `requests` were: transcript (transcript* when ccmon priced some, estimated)
+    when most were imported; else events or metrics, with +tx when some were (a lost turn re-imported)."""
+    if imported and imported_requests * 2 > requests:
         return "transcript*" if imported == ORIGIN_TRANSCRIPT else "transcript"
-    return "metrics" if from_metrics else "events"
+    return ("metrics" if from_metrics else "events") + ("+tx" if imported else "")
 
 
 # Claude Code sends success as "true"/"false" (older versions) or a boolean.
@@ -2391,21 +2393,23 @@ class Reader:
         summaries = []
         for key, e in grouped.items():
             by_model, from_metrics = e["by_model"], sum(u.requests for u in e["by_model"].values()) < e["rows"]
+            origin, imported_requests = imported.get(key, (0, 0))
             summaries.append(Session(e["session_id"], e["user"], e["first"], e["last"], Split.from_models(by_model),
                                      tuple(sorted(by_model, key=lambda m: (-by_model[m].cost_nanos, m))),
                                      *counts.get(key, (0, 0, 0)), from_metrics, e["project"],
-                                     session_source(imported.get(key, 0), from_metrics)))
+                                     session_source(origin, from_metrics, imported_requests,
+                                                    sum(u.requests for u in by_model.values()))))
         return sorted(summaries, key=lambda summary: (-summary.last_ms, summary.session_id))
 
-    def _imported_origins(self, sessions: list[int]) -> dict[int, int]:
+    def _imported_origins(self, sessions: list[int]) -> dict[int, tuple[int, int]]:
         """The lowest origin of each session's requests imported from transcripts (ORIGIN_TRANSCRIPT, priced by
-        ccmon, when any)."""
-        found: dict[int, int] = {}
+        ccmon, when any) and how many were imported."""
+        found: dict[int, tuple[int, int]] = {}
         for first in range(0, len(sessions), 500):
             chunk = sessions[first:first + 500]
-            found.update(self._reader().execute(
-                f"SELECT session, MIN(origin) FROM requests WHERE {origin_in(TRANSCRIPT_ORIGINS)} AND session IN "
-                f"({', '.join('?' * len(chunk))}) GROUP BY session", chunk))
+            found.update((session, (origin, count)) for session, origin, count in self._reader().execute(
+                f"SELECT session, MIN(origin), COUNT(*) FROM requests WHERE {origin_in(TRANSCRIPT_ORIGINS)} AND "
+                f"session IN ({', '.join('?' * len(chunk))}) GROUP BY session", chunk))
         return found
 
     def known_requests(self, keys: list[tuple[int, str, int, str | None]]) -> int:

@@ -3781,6 +3781,16 @@ def test_the_daily_tab_starts_with_history_and_shows_the_whole_cost():
     assert frame.total_rows == 0
 
 
+def test_a_sessions_source_is_where_most_of_its_requests_came_from():
+    """A session whose one lost turn was re-imported is still Claude Code's telemetry (4 of 5 requests), marked as
+    holding some from a transcript; most from transcripts: transcript, * when ccmon priced some."""
+    assert ccmon.session_source(ccmon.ORIGIN_TRANSCRIPT, False, 1, 5) == "events+tx"
+    assert ccmon.session_source(ccmon.ORIGIN_TRANSCRIPT_COST, True, 1, 3) == "metrics+tx"
+    assert ccmon.session_source(ccmon.ORIGIN_TRANSCRIPT, False, 4, 5) == "transcript*"
+    assert ccmon.session_source(ccmon.ORIGIN_TRANSCRIPT_COST, False, 3, 3) == "transcript"
+    assert ccmon.session_source(0, False, 0, 5) == "events" and ccmon.session_source(0, True, 0, 2) == "metrics"
+
+
 # ---------------------------------------------------------------- monitor in a real terminal
 
 def terminal_screen(cols: int, rows: int):
@@ -5447,6 +5457,8 @@ def test_a_request_seen_by_telemetry_and_in_a_transcript_is_counted_once(server,
     assert result.stdout.startswith("ccmon import: 1 file read; 1 request imported; 1 already known;"), result
     rows = db_rows(server.db, "SELECT request_id, origin, cost_nanos, user_name FROM r ORDER BY ts")
     assert rows == [("req_b1", 0, 12_500_000, "u" * 64), ("req_b2", 2, 12_450_000, "u" * 64)]
+    sessions = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-05-01T00:00:00Z"))).sessions
+    assert [(x.session_id, x.source) for x in sessions] == [("s-both", "events+tx")]  # half from telemetry
     sdk_export(server.port, [("api_request", api_request(2, "2026-05-02T10:01:00.030Z", session="s-both",
                                                          request_id="req_b2", cost_usd=0.013))])
     rows = wait_until(lambda: [r for r in db_rows(server.db, "SELECT request_id, origin, cost_nanos FROM r "
