@@ -440,7 +440,8 @@ class Session:
     api_errors: int
     from_metrics: bool
     project: str              # '' when unknown
-    source: str               # where its usage comes from: events, metrics, transcript, transcript* (estimated)
+    source: str               # where most of its usage comes from: events, metrics, transcript, transcript*
+    # (estimated); events+tx or metrics+tx when some requests came from transcripts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2344,12 +2345,13 @@ class BlockTally:
                           self.from_claude)
 
 
-def session_source(imported: int, from_metrics: bool) -> str:
-    """Where a session's usage comes from, given the lowest origin of its requests imported from transcripts (0 when
-    none): transcript* when ccmon priced some of it (estimated)."""
-    if imported:
+def session_source(imported: int, from_metrics: bool, imported_requests: int = 0, requests: int = 0) -> str:
+    """Where most of a session's usage comes from, given the lowest origin of its requests imported from transcripts
+    (0 when none) and how many of its `requests` were: transcript (transcript* when ccmon priced some, estimated)
+    when most were imported; else events or metrics, with +tx when some were (a lost turn re-imported)."""
+    if imported and imported_requests * 2 > requests:
         return "transcript*" if imported == ORIGIN_TRANSCRIPT else "transcript"
-    return "metrics" if from_metrics else "events"
+    return ("metrics" if from_metrics else "events") + ("+tx" if imported else "")
 
 
 # Claude Code sends success as "true"/"false" (older versions) or a boolean.
@@ -2570,21 +2572,23 @@ class Reader:
         summaries = []
         for key, e in grouped.items():
             by_model, from_metrics = e["by_model"], sum(u.requests for u in e["by_model"].values()) < e["rows"]
+            origin, imported_requests = imported.get(key, (0, 0))
             summaries.append(Session(e["session_id"], e["user"], e["first"], e["last"], Split.from_models(by_model),
                                      tuple(sorted(by_model, key=lambda m: (-by_model[m].cost_nanos, m))),
                                      *counts.get(key, (0, 0, 0)), from_metrics, e["project"],
-                                     session_source(imported.get(key, 0), from_metrics)))
+                                     session_source(origin, from_metrics, imported_requests,
+                                                    sum(u.requests for u in by_model.values()))))
         return sorted(summaries, key=lambda summary: (-summary.last_ms, summary.session_id))
 
-    def _imported_origins(self, sessions: list[int]) -> dict[int, int]:
+    def _imported_origins(self, sessions: list[int]) -> dict[int, tuple[int, int]]:
         """The lowest origin of each session's requests imported from transcripts (ORIGIN_TRANSCRIPT, priced by
-        ccmon, when any)."""
-        found: dict[int, int] = {}
+        ccmon, when any) and how many were imported."""
+        found: dict[int, tuple[int, int]] = {}
         for first in range(0, len(sessions), 500):
             chunk = sessions[first:first + 500]
-            found.update(self._reader().execute(
-                f"SELECT session, MIN(origin) FROM requests WHERE {origin_in(TRANSCRIPT_ORIGINS)} AND session IN "
-                f"({', '.join('?' * len(chunk))}) GROUP BY session", chunk))
+            found.update((session, (origin, count)) for session, origin, count in self._reader().execute(
+                f"SELECT session, MIN(origin), COUNT(*) FROM requests WHERE {origin_in(TRANSCRIPT_ORIGINS)} AND "
+                f"session IN ({', '.join('?' * len(chunk))}) GROUP BY session", chunk))
         return found
 
     def known_requests(self, rows: list[tuple]) -> int:
@@ -6307,6 +6311,8 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
 PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w": ("last 7 days", 7 * 86400_000),
            "m": ("last 30 days", 30 * 86400_000), "a": ("all time", None), "b": ("current block", None)}
 MIN_SIZE = (40, 12)
+TABLE_ROWS_FIRST = 3  # data rows a tab's table keeps before the summary and panel above it take room
+TABLE_CHROME = 3      # a table's title, header and total lines
 HINT_ROOM = 10  # table rows a screen keeps before it spares one for a hint: hints never push data off
 PAGE_FETCH = 300  # request rows fetched per refresh, around the scroll position: enough for a screen 225 rows tall
 
@@ -6517,7 +6523,7 @@ def bar(fraction: float, width: int, glyphs: Glyphs) -> str:
 
 def gauge_width(width: int) -> int:
     """The block and week bars, one width so they line up: room is left beside them for their figures."""
-    return max(5, min(40, width - 35))
+    return max(5, min(30, width - 64))
 
 
 def level_style(fraction: float) -> str:
@@ -6564,11 +6570,18 @@ def tab_strip(active: str, width: int) -> Line:
     return strip
 
 
-def usage_lines(snap: Snapshot, state: ViewState, screen: Screen) -> list[Line]:
+def usage_lines(snap: Snapshot, state: ViewState, screen: Screen, compact: bool = False) -> list[Line]:
+    """The period's usage as a table (base, premium, total), or `compact`, in one line. Its rate is the period's
+    average, named so: the panel's pace is the recent one."""
     start, end = snap.query.start_ms, snap.query.end_ms
     period = snap.data.period
+    if compact:
+        return [[(joined_to_fit([f"{PERIODS[state.period][0].capitalize()}: {format_cost(period.total.cost_nanos)}",
+                                 f", {format_count(period.total.requests)} requests",
+                                 f", {format_count(period.total.total)} tokens",
+                                 f" (premium {format_cost(period.premium.cost_nanos)})"], screen.width), "bold")]]
     columns = [Column("", 8, 0, left=True), Column("Requests", 8, 1), Column("Limited", 8, 2),
-               Column("Cache", 8, 4), Column("Total", 8, 3), Column("Cost", 10, 1), Column("Burn rate", 12, 5)]
+               Column("Cache", 8, 4), Column("Total", 8, 3), Column("Cost", 10, 1), Column("Avg rate", 10, 5)]
     rows = []
     for name, usage, style in (("Base", period.base, ""), ("Premium", period.premium, ""),
                                ("Total", period.total, "bold")):
@@ -6583,49 +6596,77 @@ def usage_lines(snap: Snapshot, state: ViewState, screen: Screen) -> list[Line]:
     return lines
 
 
-def limit_gauge_lines(snap: Snapshot, screen: Screen) -> list[Line]:
+GAUGE_LABEL = 12                # "Claude week ": every gauge's bar starts in one column
+MIN_CALIBRATION_READINGS = 3    # a capacity from fewer readings is not projected to: one reading divides by a
+                                # share Claude rounds (at 5 % that is 10 % either way), a median of three sets an
+                                # odd one aside
+
+
+def limit_gauge_lines(snap: Snapshot, screen: Screen, most: int = 3) -> list[Line]:
+    """The block and week panel, one line a figure: the block, the recent pace and where it leads, the week. While
+    a reading of Claude's own window is live its gauge is Claude's share, with ccmon's count beside it as support;
+    else ccmon's count against the limit, which says where it comes from. With room for fewer than 3 lines
+    (`most`), the pace goes first, then the week."""
     limits = snap.limits
-    if limits is None or snap.query.limits is None:
+    if limits is None or snap.query.limits is None or most <= 0:
         return []
-    settings, width, glyphs = screen.settings, screen.width, screen.glyphs
-    zone = settings.zone
-    bar_width = gauge_width(width)
-    lines: list[Line] = []
-    status = block_status(limits, screen.now)
+    settings, now = screen.settings, screen.now
     alert_at = min(settings.alerts) if settings.alerts else 101
-    five = limits.claude.window("five_hour", screen.now)
-    seven = limits.claude.window("seven_day", screen.now)
-    if settings.block_mode is not None and status is None:
-        lines.append(rule("Block (auto)", width, glyphs))
-        lines.append([("No active block: the next 5-hour block starts with your next request.", "dim")])
+    status = block_status(limits, now)
+    five = limits.claude.window("five_hour", now)
+    block = pace = week = None
+    if five is not None:
+        block = claude_gauge("5h", five, limits.claude.read_ms("five_hour"), status.used if status else None,
+                             screen, alert_at)
     elif status is not None:
-        kind = " (Claude)" if limits.window_from_claude else " (auto)" if settings.block_mode == "auto" else ""
-        lines.append(rule(f"Block {local_time(status.start_ms, zone)}-{local_time(status.end_ms, zone)}{kind}",
-                          width, glyphs))
-        if five is not None:
-            lines.append(claude_line("5h", five, limits.claude.read_ms("five_hour"), screen, alert_at))
-        if status.limit:
-            fraction = status.used / status.limit
-            style = "alert" if fraction * 100 >= alert_at and five is None else level_style(fraction)
-            figures = f" {fraction * 100:3.0f}%  {format_count(status.used)} / {format_count(status.limit)}"
-            lines.append([("Tokens ", ""), (bar(fraction, bar_width, glyphs), style),
-                          (joined_to_fit([figures, limit_note(limits, settings)], width - 7 - bar_width), "")])
-        else:
-            lines.append([(joined_to_fit([f"Tokens {format_count(status.used)} premium",
-                                          " (no limit: set claude.plan or claude.max_tokens)"], width), "dim")])
-        time_fraction = status.elapsed_ms / (status.end_ms - status.start_ms)
-        left = f" {time_fraction * 100:3.0f}% {format_duration(status.remaining_ms)} left"
-        lines.append([("Time   ", ""), (bar(time_fraction, bar_width, glyphs), "dim"),
-                      (joined_to_fit([left, f", ends {local_time(status.end_ms, zone)}"], width - 7 - bar_width), "")])
-        lines.append(projection_line(status, zone, width,
-                                     limits.claude.five_hour_capacity if limits.window_from_claude else None))
-    elif five is not None:  # no block tracking: Claude's own figure all the same
-        lines.append(claude_line("5h", five, limits.claude.read_ms("five_hour"), screen, alert_at))
-    if seven is not None:
-        lines.append(claude_line("week", seven, limits.claude.read_ms("seven_day"), screen, alert_at))
-    if settings.block_mode is not None or settings.weekly_limit or limits.weekly_window:
-        lines.append(weekly_line(limits, screen, alert_at))
-    return lines
+        block = block_gauge(limits, status, screen, alert_at)
+    elif settings.block_mode is not None:
+        block = [(joined_to_fit(["Block".ljust(GAUGE_LABEL) + "none active",
+                                 ": the next 5-hour block starts with your next request"], screen.width), "dim")]
+    if status is not None:
+        pace = projection_line(limits, status, settings, screen.width)
+    if settings.block_mode is not None or settings.weekly_limit or limits.claude.window("seven_day", now):
+        week = weekly_line(limits, screen, alert_at)
+    kept = [line for line in (block, week, pace) if line is not None][:most]
+    return [line for line in (block, pace, week) if any(line is one for one in kept)]
+
+
+def gauge_line(label: str, fraction: float, style: str, parts: list[str | tuple[str, ...]], screen: Screen) -> Line:
+    """'Label' padded, a bar of `fraction`, then `parts` as joined_to_fit shows them (the first always)."""
+    bar_width = gauge_width(screen.width)
+    head = label.ljust(GAUGE_LABEL)
+    return [(head, ""), (bar(fraction, bar_width, screen.glyphs), style),
+            (joined_to_fit(parts, screen.width - len(head) - bar_width), "")]
+
+
+def claude_gauge(label: str, window: LimitWindow, read_ms: int, counted: int | None, screen: Screen,
+                 alert_at: int, pace: str = "") -> Line:
+    """Claude's own share of a window as its gauge, when it resets, what ccmon counted in it, where the pace leads
+    and how old Claude's figure is: 'Claude 5h   ####....  63%, resets 14:17; ccmon counted 21.0K (read 2 min
+    ago)'."""
+    style = "alert" if window.percent >= alert_at else level_style(window.percent / 100)
+    age = reading_age(read_ms, screen.now)
+    support = (f"; ccmon counted {format_count(counted)}", f"; ccmon {format_count(counted)}") \
+        if counted is not None else ""
+    resets = f", resets {reset_time(window.resets_ms, screen.now, screen.settings.zone)}"
+    return gauge_line(f"Claude {label}", window.percent / 100, style,
+                      [f" {window.percent:3.0f}%", resets, support, pace, (f" (read {age})", f" ({age})")], screen)
+
+
+def block_gauge(limits: LimitFigures, status: BlockStatus, screen: Screen, alert_at: int) -> Line:
+    """ccmon's count against the block limit, where the limit comes from and the time left."""
+    settings = screen.settings
+    left, ends = f", {format_duration(status.remaining_ms)} left", f" (ends {local_time(status.end_ms, settings.zone)})"
+    if not status.limit:
+        return [(joined_to_fit(["Block".ljust(GAUGE_LABEL) + f"{format_count(status.used)} premium", left,
+                                (" (no limit: set claude.plan or claude.max_tokens)", " (no limit set)")],
+                               screen.width), "dim")]
+    fraction = status.used / status.limit
+    style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
+    figures = f" {fraction * 100:3.0f}%  {format_count(status.used)} / {format_count(status.limit)}"
+    room = screen.width - GAUGE_LABEL - gauge_width(screen.width)
+    noted = joined_to_fit([figures, limit_note(limits, settings)], room - len(left))  # as leaves the time left room
+    return gauge_line("Block", fraction, style, [noted, left, ends], screen)
 
 
 def limit_note(limits: LimitFigures, settings: MonitorSettings) -> tuple[str, ...]:
@@ -6635,26 +6676,18 @@ def limit_note(limits: LimitFigures, settings: MonitorSettings) -> tuple[str, ..
         return f" (calibrated from {plural(limits.calibrated_from, 'reading')})", " (calibrated)"
     if limits.learned_from:
         return f" (learned from {plural(limits.learned_from, 'block')})", " (learned)"
-    if settings.limit_from_plan:
+    if limit_is_guess(limits, settings):
         return (" (a guess from the plan: nothing learned yet)" if settings.learn else " (a guess from the plan)",
                 " (plan's guess)", " (guess)")
     return ("",)
 
 
+def limit_is_guess(limits: LimitFigures, settings: MonitorSettings) -> bool:
+    return settings.limit_from_plan and not limits.calibrated_from and not limits.learned_from
+
+
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def claude_line(label: str, window: LimitWindow, read_ms: int, screen: Screen, alert_at: int) -> Line:
-    """Claude's own share of a window as read, when it resets and how old the figure is:
-    'Claude 5h 63%, resets 14:00 (read 2 min ago)'; the parts after the share are dropped whole to fit."""
-    head = f"Claude {label} "
-    share = f"{window.percent:.0f}%"
-    style = "alert" if window.percent >= alert_at else level_style(window.percent / 100)
-    age = reading_age(read_ms, screen.now)
-    rest = joined_to_fit(["", f", resets {reset_time(window.resets_ms, screen.now, screen.settings.zone)}",
-                          (f" (read {age})", f" ({age})")], screen.width - len(head) - len(share))
-    return [(head, ""), (share, style), (rest, "")]
 
 
 def weekly_reached_ms(used: int, limit: int, rate: float, now: int) -> int | None:
@@ -6665,35 +6698,40 @@ def weekly_reached_ms(used: int, limit: int, rate: float, now: int) -> int | Non
 
 
 def weekly_line(limits: LimitFigures, screen: Screen, alert_at: int) -> Line:
-    """The week's premium tokens (Claude's week while a reading of it is live, else the rolling 7 days), by
-    family, against claude.weekly_max_tokens when set, else against the calibrated capacity of Claude's week."""
+    """The week's premium tokens (Claude's week while a reading of it is live, else the rolling 7 days): while
+    Claude's reading is live, its share is the gauge and ccmon's count supports it; else against
+    claude.weekly_max_tokens when set. Where the pace leads only by a limit set or calibrated from enough
+    readings."""
     settings = screen.settings
     premium = weekly_premium(limits)
     families = ", ".join(f"{family} {format_count(u.limited)}" for family, u in limits.weekly.items()
                          if family != "haiku")
     detail = f" ({families})" if families else ""
     limit, calibrated_from = weekly_limit_in_force(limits, settings.weekly_limit)
+    if calibrated_from is not None and calibrated_from < MIN_CALIBRATION_READINGS:
+        limit = None
+    reached = weekly_reached_ms(premium.limited, limit, limits.recent_rate, screen.now) if limit else None
+    if reached is not None and limits.weekly_window and reached >= limits.weekly_window[1]:
+        reached = None  # Claude's week resets first
+    seven = limits.claude.window("seven_day", screen.now)
+    if seven is not None:
+        pace = "" if reached is None else f", limit {local_time(reached, settings.zone, '%a %H:%M')} at this pace"
+        return claude_gauge("week", seven, limits.claude.read_ms("seven_day"), premium.limited, screen, alert_at,
+                            pace)
     if limit:
         fraction = premium.limited / limit
-        claude_says = limits.claude.window("seven_day", screen.now) is not None
-        style = "alert" if fraction * 100 >= alert_at and not claude_says else level_style(fraction)
-        reached = weekly_reached_ms(premium.limited, limit, limits.recent_rate, screen.now)
-        if reached is not None and limits.weekly_window and reached >= limits.weekly_window[1]:
-            reached = None  # Claude's week resets first
+        style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
         pace = "" if reached is None else f", limit {local_time(reached, settings.zone, '%a %H:%M')} at this pace"
-        note = (f" (calibrated from {plural(calibrated_from, 'reading')})", " (calibrated)") if calibrated_from \
-            else ""
-        bar_width = gauge_width(screen.width)
         figures = f" {fraction * 100:3.0f}%  {format_count(premium.limited)} / {format_count(limit)}"
-        return [("Week   ", ""), (bar(fraction, bar_width, screen.glyphs), style),
-                (joined_to_fit([figures, note, pace, detail], screen.width - 7 - bar_width), "")]
-    return [(joined_to_fit([f"Week   {format_count(premium.limited)} premium tokens, {format_cost(premium.cost_nanos)}",
-                            detail], screen.width), "dim")]
+        return gauge_line("Week", fraction, style, [figures, pace, detail], screen)
+    return [(joined_to_fit(["Week".ljust(GAUGE_LABEL) + f"{format_count(premium.limited)} premium tokens, "
+                            f"{format_cost(premium.cost_nanos)}", detail], screen.width), "dim")]
 
 
 @dataclasses.dataclass(frozen=True)
 class ProjectionWords:
-    """How projection_line says where the pace leads: to a block limit, or to Claude's 100 %."""
+    """How projection_line says where the pace leads, naming what it leads to: Claude's limit, the block limit
+    or the plan's guess."""
     reached: str       # the limit is used up
     at_long: str       # reached before the end, at {at}
     at_short: str
@@ -6703,22 +6741,36 @@ class ProjectionWords:
 
 BLOCK_WORDS = ProjectionWords("; limit reached", "; at this pace the limit is reached at {at}", "; limit at {at}",
                               "; within limit at this pace ({projected} at block end)", "; {projected} at end")
-CLAUDE_WORDS = ProjectionWords("; the calibrated limit is reached", "; at this pace 100% at {at}", "; 100% at {at}",
-                               "; at this pace {projected} at reset", "; {projected} at reset")
+GUESS_WORDS = ProjectionWords("; the plan's guess is reached", "; at this pace the plan's guess is reached at {at}",
+                              "; plan guess at {at}", "; within the plan's guess at this pace ({projected} at block "
+                              "end)", "; {projected} of guess at end")
+CLAUDE_WORDS = ProjectionWords("; Claude's 5h limit reached (calibrated)",
+                               "; Claude's 5h limit at this pace at {at}", "; Claude's limit at {at}",
+                               "; at this pace {projected} of Claude's 5h limit at reset",
+                               "; {projected} at reset")
 
 
-def projection_line(status: BlockStatus, zone: ZoneInfo, width: int, capacity: int | None = None) -> Line:
-    """Burn rate and where it leads, in long or short words to fit the width: in Claude's own window with its
-    calibrated capacity, to Claude's 100%; else to the block limit."""
-    pace = f"Burn {format_rate(status.burn_rate)}"
-    target, words = (dataclasses.replace(status, limit=capacity), CLAUDE_WORDS) if capacity else (status, BLOCK_WORDS)
+def projection_line(limits: LimitFigures, status: BlockStatus, settings: MonitorSettings, width: int) -> Line:
+    """The recent pace (the last 15 to 30 minutes: other paces on the screen are averages, named so) and where it
+    leads, in long or short words to fit: in Claude's own window, to Claude's 5-hour limit by its capacity
+    calibrated from enough readings, else nowhere (a guess does not stand beside Claude's figure); else to the
+    block limit or the plan's guess, named for what it is."""
+    pace = f"Recent pace {format_rate(status.burn_rate)}"
+    if limits.claude.window("five_hour", status.now_ms) is not None:  # the gauge is Claude's
+        capacity = limits.claude.five_hour_capacity \
+            if limits.claude.five_hour_readings >= MIN_CALIBRATION_READINGS else None
+        if not capacity:
+            return [(joined_to_fit([pace, "; too few of Claude's readings to project its limit"], width), "")]
+        target, words = dataclasses.replace(status, limit=capacity), CLAUDE_WORDS
+    else:
+        target, words = status, GUESS_WORDS if limit_is_guess(limits, settings) else BLOCK_WORDS
     if not target.limit:
         return [(pace, "")]
     if target.used >= target.limit:
         return [(pace + words.reached, "bad")]
     reached = target.limit_reached_ms()
     if reached is not None:
-        at = local_time(reached, zone)
+        at = local_time(reached, settings.zone)
         long, short, style = words.at_long.format(at=at), words.at_short.format(at=at), "warn"
     else:
         projected = f"{target.projected_at_end() / target.limit * 100:.0f}%"
@@ -6748,12 +6800,19 @@ def requests_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, page.total)
 
 
+def days_with_history(days: tuple[DayUsage, ...]) -> tuple[DayUsage, ...]:
+    """The days (newest first) from the first one with usage on: the empty days before history began say
+    nothing. Days without usage since stay: a quiet day is a figure."""
+    used = [index for index, day in enumerate(days) if day.split.total.requests]
+    return days[:used[-1] + 1] if used else ()
+
+
 def daily_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
-    days: tuple[DayUsage, ...] = snap.data
+    days = days_with_history(snap.data)
     zone = screen.settings.zone
     columns = [Column("Date", 10, 0, left=True), Column("Base", 5, 3), Column("Prem", 5, 1), Column("Input", 6, 4),
                Column("Output", 6, 2), Column("CacheR", 6, 5), Column("CacheW", 6, 5), Column("Total", 6, 2),
-               Column("Burn", 9, 6), Column("Prem $", 9, 1)]
+               Column("Avg rate", 9, 6), Column("Cost", 9, 1), Column("Prem $", 9, 3)]
     rows, total = [], Split()
     for usage in days:
         total = Split(total.base + usage.split.base, total.premium + usage.split.premium)
@@ -6767,15 +6826,18 @@ def daily_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     body_rows = [(cells, "") for cells in rows[state.scroll:state.scroll + page_rows]]
     body_rows.append((_daily_cells("Total", total, ""), "bold"))
     header, body = table_lines(columns, body_rows, screen.width)
-    title = f"Daily usage - last {len(days)} days ({zone.key})"
+    if not days:
+        return Frame([rule(f"Daily usage - last 30 days ({zone.key})", screen.width, screen.glyphs),
+                      [("No usage in the last 30 days.", "dim")]], page_rows, 0)
+    title = f"Daily usage - last {plural(len(days), 'day')} ({zone.key})"
     return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(days))
 
 
-def _daily_cells(label: str, split: Split, burn: str) -> list[str]:
+def _daily_cells(label: str, split: Split, rate: str) -> list[str]:
     p = split.premium
     return [label, format_count(split.base.requests), format_count(p.requests), format_count(p.input),
             format_count(p.output), format_count(p.cache_read), format_count(p.cache_creation),
-            format_count(p.total), burn, format_cost(p.cost_nanos)]
+            format_count(p.total), rate, format_cost(split.total.cost_nanos), format_cost(p.cost_nanos)]
 
 
 def share_cell(part: int, whole: int, glyphs: Glyphs, width: int = 8) -> str:
@@ -6994,7 +7056,8 @@ class Tab:
     short_title: str                                            # on narrow screens, after the tab's digit
     render: Callable[[Snapshot, ViewState, Screen], Frame]      # its lines below the block figures
     fetch: Callable[[Client, Query], Any] | None = None         # its Snapshot.data, if it needs any
-    summary: Callable[[Snapshot, ViewState, Screen], list[Line]] | None = None  # its lines above them, in all its rows
+    summary: Callable[[Snapshot, ViewState, Screen, bool], list[Line]] | None = None  # its lines above them, in
+    # all its rows; in one line when compact
     fixed_period: str = ""                                      # shown whatever the period keys chose
 
 
@@ -7039,9 +7102,22 @@ HELP_TEXT = [  # at most 36 characters a line: the help box fits 40 columns
     "?  this help       q  quit",
 ]
 FOOTER = f"h/d/w/m/a/b period  o order  Tab/{TAB_KEYS} tab  u user  p project  ? help  q quit"
-FOOTER_SHORT = f"h/d/w/m/a/b  o  {TAB_KEYS}  u/p  ? help  q quit"
+FOOTER_SHORT = ("h/d/w/m/a/b", "o", TAB_KEYS, "u/p", "? help", "q quit")  # dropped whole, "o" first, to fit
 HELP_FOOTER = "any key closes this help"
 HELP_FOOTER_MORE = "arrows/PgDn: more  other keys close"
+
+
+def footer_hint(width: int) -> str:
+    """The key hints that fit in `width` - 1 (curses never writes the bottom-right cell): whole hints, the least
+    needed dropped first."""
+    if len(FOOTER) < width:
+        return FOOTER
+    hints = list(FOOTER_SHORT)
+    for least_needed in ("o", "u/p", "h/d/w/m/a/b", TAB_KEYS):
+        if len("  ".join(hints)) < width:
+            break
+        hints.remove(least_needed)
+    return "  ".join(hints)
 
 
 def boxed(text: list[str], width: int, height: int, glyphs: Glyphs, title: str = "", top: int = 0) -> list[Line]:
@@ -7063,6 +7139,19 @@ def boxed(text: list[str], width: int, height: int, glyphs: Glyphs, title: str =
     return body + [edge(bottom_left, where, bottom_right)]
 
 
+def lines_above_the_table(tab: Tab, snap: Snapshot, state: ViewState, screen: Screen) -> list[Line]:
+    """The tab's summary and the block/week panel, as much of them as leaves the tab's table TABLE_ROWS_FIRST data
+    rows (below its title, header and total): the panel first shrinks to one line, then the summary to one,
+    then the panel steps aside."""
+    for panel_rows, compact in ((3, False), (1, False), (1, True), (0, True)):
+        panel = limit_gauge_lines(snap, screen, panel_rows)
+        summary = tab.summary(snap, state, dataclasses.replace(screen, rows=screen.rows - len(panel)), compact) \
+            if tab.summary else []
+        if screen.rows - len(panel) - len(summary) >= TABLE_CHROME + TABLE_ROWS_FIRST:
+            break
+    return summary + panel
+
+
 def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen: Screen) -> Frame:
     """The whole screen as at most `screen.rows` lines of at most `screen.width` characters."""
     width, height = screen.width, screen.rows
@@ -7071,7 +7160,7 @@ def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen
     tab_frame = Frame([])
     lines = header_lines(state, status, snap, screen)
     room = height - len(lines) - 1
-    hint = FOOTER if len(FOOTER) <= width else FOOTER_SHORT
+    hint = footer_hint(width)
     if state.help:
         tab_frame = Frame([], max(1, room - 2), len(HELP_TEXT))  # the box pages through the help like a table
         lines += boxed(HELP_TEXT, width, room, screen.glyphs, "Keys", state.help_scroll)
@@ -7089,9 +7178,7 @@ def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen
                                                             "warn")]]
     else:
         tab = TABS[state.tab]
-        block = limit_gauge_lines(snap, screen)
-        summary = tab.summary(snap, state, dataclasses.replace(screen, rows=room - len(block))) if tab.summary else []
-        above = summary + block
+        above = lines_above_the_table(tab, snap, state, dataclasses.replace(screen, rows=room))
         tab_frame = tab.render(snap, state, dataclasses.replace(screen, rows=room - len(above)))
         lines += above + tab_frame.lines
     lines = lines[:height - 1]

@@ -409,9 +409,9 @@ def test_weekly_gauge_and_its_projection():
                                                                       ccmon.Glyphs.for_terminal(False)), 101))
 
     # 70,000 used; 30,000 left at 50 tokens/min: 600 minutes, Monday 19:00
-    assert line(123) == ("Week   ############################............  70%  70.0K / 100K, limit Mon 19:00 at "
+    assert line(118) == ("Week        #####################.........  70%  70.0K / 100K, limit Mon 19:00 at "
                          "this pace (opus 25.0K, sonnet 45.0K)")
-    assert line(122) == line(123).removesuffix(" (opus 25.0K, sonnet 45.0K)")
+    assert line(117) == line(118).removesuffix(" (opus 25.0K, sonnet 45.0K)")
     assert ccmon.weekly_reached_ms(100, 100, 0.0, now) == now and ccmon.weekly_reached_ms(1, 100, 0.0, now) is None
 
 
@@ -3863,55 +3863,55 @@ def frame_text(state, snap, settings, width, height, now, status=None, unicode=F
 
 
 FRAME_80x24 = [
-    " ccmon - Claude Code usage monitor                                       v0.1.0 ",
-    "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  ",
-    " * connected 127.0.0.1:4317 | current block | newest first | updated 10:30:00",
-    "-- Usage - current block -------------------------------------------------------",
-    "         Requests  Limited    Cache    Total       Cost    Burn rate",
-    "Base            4    2.80K    10.5K    13.3K    $0.0040            -",
-    "Premium        12    15.0K     262K     277K      $1.23      500/min",
-    "Total          16    17.8K     272K     290K      $1.24            -",
-    "-- Block 10:00-15:00 -----------------------------------------------------------",
-    "Tokens ########################................  60%  21.0K / 35.0K",
-    "Time   ####....................................  10% 4h30m left, ends 15:00",
-    "Burn 700/min; at this pace the limit is reached at 10:50",
-    "Week   21.0K premium tokens, <$0.0001 (sonnet 21.0K)",
-    "-- Requests 1-8 of 12 ----------------------------------------------------------",
-    "Time     Model        Input  Output   Cache   Total      Cost    Dur Session    ",
-    "10:30:00 sonnet-4-5   1.00K       0   30.0K   31.0K  <$0.0001    0ms 0000abcd-ef",
-    "10:23:00 haiku-4-5    1.00K     200   30.0K   31.2K   $0.0123   1.5s 0001abcd-ef",
-    "10:16:00 opus-4-1     1.00K     400   30.0K   31.4K   $0.0247   3.0s 0002abcd-ef",
-    "10:09:00 sonnet-4-5   1.00K     600   30.0K   31.6K   $0.0370   4.5s 0003abcd-ef",
-    "10:02:00 haiku-4-5    1.00K     800   30.0K   31.8K   $0.0494   6.0s 0004abcd-ef",
-    "09:55:00 opus-4-1     1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s 0005abcd-ef",
-    "09:48:00 sonnet-4-5   1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s 0006abcd-ef",
-    "09:41:00 haiku-4-5    1.01K   1.40K   30.0K   32.4K   $0.0864    10s 0007abcd-ef",
-    "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit",
+    ' ccmon - Claude Code usage monitor                                       v0.1.0 ',
+    '  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  ',
+    ' * connected 127.0.0.1:4317 | current block | newest first | updated 10:30:00',
+    '-- Usage - current block -------------------------------------------------------',
+    '         Requests  Limited    Cache    Total       Cost   Avg rate',
+    'Base            4    2.80K    10.5K    13.3K    $0.0040          -',
+    'Premium        12    15.0K     262K     277K      $1.23    500/min',
+    'Total          16    17.8K     272K     290K      $1.24          -',
+    'Block       ##########......  60%  21.0K / 35.0K, 4h30m left (ends 15:00)',
+    'Recent pace 700/min; at this pace the limit is reached at 10:50',
+    'Week        21.0K premium tokens, <$0.0001 (sonnet 21.0K)',
+    '-- Requests 1-10 of 12 ---------------------------------------------------------',
+    'Time     Model        Input  Output   Cache   Total      Cost    Dur Session    ',
+    '10:30:00 sonnet-4-5   1.00K       0   30.0K   31.0K  <$0.0001    0ms 0000abcd-ef',
+    '10:23:00 haiku-4-5    1.00K     200   30.0K   31.2K   $0.0123   1.5s 0001abcd-ef',
+    '10:16:00 opus-4-1     1.00K     400   30.0K   31.4K   $0.0247   3.0s 0002abcd-ef',
+    '10:09:00 sonnet-4-5   1.00K     600   30.0K   31.6K   $0.0370   4.5s 0003abcd-ef',
+    '10:02:00 haiku-4-5    1.00K     800   30.0K   31.8K   $0.0494   6.0s 0004abcd-ef',
+    '09:55:00 opus-4-1     1.00K   1.00K   30.0K   32.0K   $0.0617   7.5s 0005abcd-ef',
+    '09:48:00 sonnet-4-5   1.01K   1.20K   30.0K   32.2K   $0.0741   9.0s 0006abcd-ef',
+    '09:41:00 haiku-4-5    1.01K   1.40K   30.0K   32.4K   $0.0864    10s 0007abcd-ef',
+    '09:34:00 opus-4-1     1.01K   1.60K   30.0K   32.6K   $0.0988    12s 0008abcd-ef',
+    '09:27:00 sonnet-4-5   1.01K   1.80K   30.0K   32.8K   $0.1111    13s 0009abcd-ef',
+    'h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit',
 ]
 
 
 FRAME_40x12 = [
-    " ccmon - Claude Code usage monitor",
-    " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj",
-    " * connected | current block",
-    "-- Usage - current block ---------------",
-    "         Requests  Limited       Cost",
-    "Base            4    2.80K    $0.0040",
-    "Premium        12    15.0K      $1.23",
-    "Total          16    17.8K      $1.24",
-    "-- Block 10:00-15:00 -------------------",
-    "Tokens ###..  60%  21.0K / 35.0K",
-    "Time   .....  10% 4h30m left, ends 15:00",
-    "h/d/w/m/a/b  o  1-8  u/p  ? help  q quit",
+    ' ccmon - Claude Code usage monitor',
+    ' 1Now2Day3Mod4Ses5Tool6User7Blk8Proj',
+    ' * connected | current block',
+    'Current block: $1.24, 16 requests',
+    'Block       ###..  60%  21.0K / 35.0K',
+    '-- Requests 1-4 of 12 ------------------',
+    'Time     Model        Total      Cost',
+    '10:30:00 sonnet-4-5   31.0K  <$0.0001',
+    '10:23:00 haiku-4-5    31.2K   $0.0123',
+    '10:16:00 opus-4-1     31.4K   $0.0247',
+    '10:09:00 sonnet-4-5   31.6K   $0.0370',
+    'h/d/w/m/a/b  1-8  u/p  ? help  q quit',
 ]
 
 
 DAILY_80x24 = [
     "-- Daily usage - last 10 days (Europe/Berlin) ----------------------------------",
-    "Date        Base  Prem  Input Output CacheR CacheW  Total      Burn    Prem $",
-    "2026-03-10     0     0      0      0      0      0      0     0/min     $0.00",
-    "2026-03-09     1     3  1.00K    500  20.0K    700  22.2K     1/min   $0.2500",
-    "2026-03-08     2     6  2.00K  1.00K  40.0K  1.40K  44.4K     2/min   $0.5000",
+    "Date        Base  Prem  Input Output CacheR CacheW  Total      Cost    Prem $",
+    "2026-03-10     0     0      0      0      0      0      0     $0.00     $0.00",
+    "2026-03-09     1     3  1.00K    500  20.0K    700  22.2K   $0.2500   $0.2500",
+    "2026-03-08     2     6  2.00K  1.00K  40.0K  1.40K  44.4K   $0.5000   $0.5000",
 ]
 
 
@@ -3919,7 +3919,7 @@ def test_render_current_tab_80x24_exact():
     snap, settings, now = _frame_fixture()
     lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now)
     assert lines == FRAME_80x24
-    assert (frame.page_rows, frame.total_rows) == (8, 12)
+    assert (frame.page_rows, frame.total_rows) == (10, 12)
 
 
 def test_render_40x12_exact_and_too_small():
@@ -3933,14 +3933,14 @@ def test_render_40x12_exact_and_too_small():
 def test_render_wide_terminals_show_more_rows_and_columns():
     snap, settings, now = _frame_fixture()
     lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 120, 40, now)
-    assert frame.page_rows == 24 and len(lines) == 40
-    assert lines[14] == ("Time     Model                        Input  Output   Cache   Total      Cost    Dur "
+    assert frame.page_rows == 26 and len(lines) == 40
+    assert lines[12] == ("Time     Model                        Input  Output   Cache   Total      Cost    Dur "
                          "Session    ")
-    assert lines[26] == ("09:13:00 claude-opus-4-1-20250805     1.01K   2.20K   30.0K   33.2K   $0.1358    16s "
+    assert lines[24] == ("09:13:00 claude-opus-4-1-20250805     1.01K   2.20K   30.0K   33.2K   $0.1358    16s "
                          "0011abcd-ef")
-    assert lines[13].startswith("-- Requests 1-12 of 12 --")
+    assert lines[11].startswith("-- Requests 1-12 of 12 --")
     wide, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 200, 60, now, unicode=True)
-    assert wide[9] == "Tokens ████████████████████████░░░░░░░░░░░░░░░░  60%  21.0K / 35.0K"
+    assert wide[8] == "Block       ██████████████████░░░░░░░░░░░░  60%  21.0K / 35.0K, 4h30m left (ends 15:00)"
     assert wide[0].endswith("v0.1.0 ") and len(wide[0]) == 200
 
 
@@ -3948,19 +3948,20 @@ def test_render_daily_tab():
     snap, settings, now = _frame_fixture()
     daily = daily_snapshot(settings, now)
     lines, frame = frame_text(ccmon.ViewState(tab="daily"), daily, settings, 80, 24, now)
-    assert lines[7] == "Week   0 premium tokens, $0.00" and lines[8:13] == DAILY_80x24
-    assert lines[20] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K              $11.25"
-    assert (frame.page_rows, frame.total_rows) == (12, 10)
+    assert lines[5] == "Week        0 premium tokens, $0.00" and lines[6:11] == DAILY_80x24
+    assert lines[18] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K    $11.25    $11.25"
+    assert (frame.page_rows, frame.total_rows) == (14, 10)
     narrow, _ = frame_text(ccmon.ViewState(tab="daily", scroll=2), daily, settings, 40, 14, now)
-    assert narrow[4:13] == [
-        "Tokens ###..  60%  21.0K / 35.0K",
-        "Time   .....  10% 4h30m left, ends 15:00",
-        "Burn 700/min; limit at 10:50",
-        "Week   0 premium tokens, $0.00",
+    assert narrow[3:13] == [
+        "Block       ###..  60%  21.0K / 35.0K",
+        "Recent pace 700/min; limit at 10:50",
+        "Week        0 premium tokens, $0.00",
         "-- Daily usage - last 10 days (Europe/Be",
-        "Date        Prem Output  Total    Prem $",
+        "Date        Prem Output  Total      Cost",
         "2026-03-08     6  1.00K  44.4K   $0.5000",
         "2026-03-07     9  1.50K  66.6K   $0.7500",
+        "2026-03-06    12  2.00K  88.8K     $1.00",
+        "2026-03-05    15  2.50K   111K     $1.25",
         "Total        135  22.5K   999K    $11.25"]
     # The current tab's snapshot never stands in for the daily tab while it loads.
     assert "Loading..." in frame_text(ccmon.ViewState(tab="daily"), snap, settings, 80, 24, now)[0]
@@ -3989,8 +3990,9 @@ def test_render_states_without_data():
     assert no_block[8] == "Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows)."
     unlimited = dataclasses.replace(snap, limits=dataclasses.replace(snap.limits, limit=None))
     no_limit, _ = frame_text(ccmon.ViewState(), unlimited, _settings(limit=None), 80, 24, now)
-    assert no_limit[9] == "Tokens 21.0K premium (no limit: set claude.plan or claude.max_tokens)"
-    assert no_limit[11] == "Burn 700/min"
+    assert no_limit[8:10] == ["Block       21.0K premium, 4h30m left (no limit set)", "Recent pace 700/min"]
+    assert frame_text(ccmon.ViewState(), unlimited, _settings(limit=None), 100, 24, now)[0][8] == \
+        "Block       21.0K premium, 4h30m left (no limit: set claude.plan or claude.max_tokens)"
 
 
 def test_render_never_overflows_any_size():
@@ -4077,9 +4079,9 @@ def test_columns_take_the_room_there_is():
         lines, _ = frame_text(state, data, settings, 120, 30, now, unicode=True)
         assert not [line for line in lines if "~" in line], "\n".join(lines)
     daily, _ = frame_text(*first_hour_screens(settings, now)[1], settings, 120, 30, now)
-    assert daily[11].split()[-2:] == ["2.19K/min", "$99.00"]
+    assert daily[9].split()[-3:] == ["2.19K/min", "$99.00", "$99.00"]
     blocks, _ = frame_text(*first_hour_screens(settings, now)[-1], settings, 120, 30, now)
-    assert blocks[10].endswith("######## 1450%")
+    assert blocks[8].endswith("######## 1450%")
 
 
 def test_the_week_line_drops_parts_whole():
@@ -4089,15 +4091,15 @@ def test_the_week_line_drops_parts_whole():
     limits = dataclasses.replace(snap.limits, weekly={"opus": ccmon.Usage(9, 120_000, 108_000),
                                                       "sonnet": ccmon.Usage(4, 10_000, 4_200)})
     week = {width: frame_text(ccmon.ViewState(period="b"), dataclasses.replace(snap, limits=limits), weekly, width, 24,
-                              now)[0][12] for width in (40, 80, 120, 121)}
-    assert week[40] == "Week   ##...  48%  242K / 500K"
-    assert week[80] == "Week   ###################.....................  48%  242K / 500K"
-    assert week[120] == week[80] + ", limit Tue 16:38 at this pace"
-    assert week[121] == week[120] + " (opus 228K, sonnet 14.2K)"
+                              now)[0][10] for width in (40, 80, 115, 116)}
+    assert week[40] == "Week        ##...  48%  242K / 500K"
+    assert week[80] == "Week        ########........  48%  242K / 500K, limit Tue 16:38 at this pace"
+    assert week[115] == "Week        ###############...............  48%  242K / 500K, limit Tue 16:38 at this pace"
+    assert week[116] == week[115] + " (opus 228K, sonnet 14.2K)"
     unlimited = {width: frame_text(ccmon.ViewState(period="b"), dataclasses.replace(snap, limits=limits), settings,
-                                   width, 24, now)[0][12] for width in (58, 59)}
-    assert unlimited == {58: "Week   242K premium tokens, $0.00", 59: "Week   242K premium tokens, $0.00 (opus 228K, "
-                                                                        "sonnet 14.2K)"}
+                                   width, 24, now)[0][10] for width in (63, 64)}
+    assert unlimited == {63: "Week        242K premium tokens, $0.00", 64: "Week        242K premium tokens, $0.00 "
+                                                                             "(opus 228K, sonnet 14.2K)"}
 
 
 def test_wide_screens_show_more():
@@ -4110,13 +4112,13 @@ def test_wide_screens_show_more():
         assert SESSION_UUID in text[200]
         assert "sonnet-4-5" in text[80] and "claude-sonnet-4-5" not in text[80]
     requests = frame_text(*screens[0], settings, 120, 30, now)[0]
-    assert requests[15] == ("10:30:00 claude-sonnet-4-5   1.00K       0   30.0K   31.0K  <$0.0001    0ms "
+    assert requests[13] == ("10:30:00 claude-sonnet-4-5   1.00K       0   30.0K   31.0K  <$0.0001    0ms "
                             f"{SESSION_UUID}")
     sessions = frame_text(*screens[3], settings, 200, 30, now)[0]
-    assert sessions[10].split() == [SESSION_UUID, "ana@example.com", "03-10", "09:30", "1h00m", "2", "1.53K", "$0.5100",
+    assert sessions[8].split() == [SESSION_UUID, "ana@example.com", "03-10", "09:30", "1h00m", "2", "1.53K", "$0.5100",
                                     "claude-sonnet-4-5-20250929,claude-haiku-4-5-20251001", "3", "1", "0", "events"]
     models = frame_text(*screens[2], settings, 80, 30, now)[0]
-    assert models[9:11] == ["Model         Req   Input  Output   Cache      Cost Share of cost Avg dur   TTFT",
+    assert models[7:9] == ["Model         Req   Input  Output   Cache      Cost Share of cost Avg dur   TTFT",
                             "opus-4-1       20    119K    110K   1.64M    $18.60 ####....  50%    7.0s      -"]
 
 
@@ -4193,10 +4195,11 @@ def test_the_block_hint_never_takes_a_tables_row():
     no_block = dataclasses.replace(snap, limits=None)
     hint = "Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows)."
     small, frame = frame_text(ccmon.ViewState(), no_block, off, 40, 12, now)
-    assert small[8:11] == ["-- Requests 1-1 of 12 ------------------",
-                           "Time     Model        Total      Cost",
-                           "10:30:00 sonnet-4-5   31.0K  <$0.0001"]
-    assert frame.page_rows == 1
+    assert small[3:7] == ["All time: $1.24, 16 requests",  # the usage table in one line: the rows are the table's
+                          "-- Requests 1-5 of 12 ------------------",
+                          "Time     Model        Total      Cost",
+                          "10:30:00 sonnet-4-5   31.0K  <$0.0001"]
+    assert frame.page_rows == 5
     assert hint in frame_text(ccmon.ViewState(), no_block, off, 80, 24, now)[0]
     assert hint not in frame_text(ccmon.ViewState(), no_block, off, 80, 20, now)[0]  # 12 rows left: they are the table's
     for state, data in first_hour_screens(off, now)[1:]:
@@ -4209,7 +4212,7 @@ def test_the_timeline_shows_what_happened():
     snap, settings, now = _frame_fixture()
     state, data = first_hour_screens(settings, now)[4]
     lines, frame = frame_text(state, data, settings, 120, 24, now)
-    assert lines[8:18] == [
+    assert lines[6:16] == [
         "-- Session 0f0c2a9e-7d4b-4c1e-9a55-3e1f7c2b8d41 (8 entries) - Esc: back " + "-" * 48,
         "Time     Event                 Model/tool                      Cost Detail                             ",
         "10:28:30 user_prompt                                                42 characters: fix the failing test",
@@ -4222,8 +4225,8 @@ def test_the_timeline_shows_what_happened():
         "10:29:50 api_retries_exhausted                                      total_attempts=10                  "]
     assert frame.total_rows == 8
     narrow, _ = frame_text(state, data, settings, 80, 24, now)
-    assert [line[9:30].rstrip() for line in narrow[10:18]] == [row.kind for row in data.data]  # names in full
-    assert narrow[13] == "10:29:30 tool_result           Bash                 failed, 3.0s: Exit code 1   "
+    assert [line[9:30].rstrip() for line in narrow[8:16]] == [row.kind for row in data.data]  # names in full
+    assert narrow[11] == "10:29:30 tool_result           Bash                 failed, 3.0s: Exit code 1   "
     assert not [line for line in narrow + lines if re.search(r"anthropic|event\.|session\.|user\.|organization|"
                                                               r"terminal|prompt\.id", line)]
 
@@ -4233,8 +4236,8 @@ def test_block_rollover_renders_the_fetched_block():
     next_block = ccmon.current_block(now, settings.zone, settings.block_mode)[1]
     for moment in (next_block, next_block + 1, next_block + 60_000):
         lines, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, moment)
-        assert lines[8].startswith("-- Block 10:00-15:00 ")
-        assert lines[11] == "Burn 700/min; within limit at this pace (60% at block end)"  # the block as it ended
+        assert lines[8].endswith("60%  21.0K / 35.0K, 0ms left (ends 15:00)")
+        assert lines[9] == "Recent pace 700/min; within limit at this pace (60% at block end)"  # the block as it ended
     assert ccmon.BlockStatus(0, ccmon.BLOCK_MS, 0, used=10, limit=100).limit_reached_ms() is None
 
 
@@ -4263,14 +4266,14 @@ def test_render_insight_tabs():
         ccmon.ModelUsage("claude-sonnet-4-5", usage(2, 1007, 203, 0, 0, 625_000_000, 5000, 1300, 2))))
     lines, frame = frame_text(state, snap, settings, 100, 24, now)
     assert lines[1].startswith("  Current   Daily Usage   Models   Sessions   Tools & errors   Users")
-    assert lines[8] == "-- Models - last 7 days " + "-" * 76
-    assert lines[9].split() == ["Model", "Req", "Input", "Output", "Cache", "Cost", "Share", "of", "cost", "Avg",
+    assert lines[6] == "-- Models - last 7 days " + "-" * 76
+    assert lines[7].split() == ["Model", "Req", "Input", "Output", "Cache", "Cost", "Share", "of", "cost", "Avg",
                                 "dur", "TTFT"]
-    assert lines[10].split() == ["claude-opus-4-1-20250805", "1", "50", "5.00K", "0", "$2.25", "######..", "78%", "1m",
+    assert lines[8].split() == ["claude-opus-4-1-20250805", "1", "50", "5.00K", "0", "$2.25", "######..", "78%", "1m",
                                  "-"]
-    assert lines[11].split() == ["claude-sonnet-4-5", "2", "1.01K", "203", "0", "$0.6250", "##......", "22%",
+    assert lines[9].split() == ["claude-sonnet-4-5", "2", "1.01K", "203", "0", "$0.6250", "##......", "22%",
                                  "2.5s", "650ms"]
-    assert lines[12].split()[:6] == ["Total", "3", "1.06K", "5.20K", "0", "$2.88"]
+    assert lines[10].split()[:6] == ["Total", "3", "1.06K", "5.20K", "0", "$2.88"]
     split = ccmon.Split(usage(1, 300, 30, 0, 0, 10_000_000), usage(1, 1000, 200, 0, 0, 500_000_000))
     rows = tuple(ccmon.Session(f"s-{i}-0123456789", user, now - 3600_000 * (i + 1), now - 3600_000 * i, split,
                                ("claude-sonnet-4-5", "claude-haiku-4-5"), 3, 1, i, i == 2, "",
@@ -4280,14 +4283,14 @@ def test_render_insight_tabs():
     state = dataclasses.replace(state, scroll=1)
     lines, frame = frame_text(state, snap, settings, 120, 24, now)
     assert frame.session_ids == tuple(r.session_id for r in rows) and frame.total_rows == 3
-    assert lines[8].startswith("-- Sessions - last 7 days (3) - Enter: details --")
-    assert lines[9].split() == ["Session", "User", "Started", "Dur", "Req", "Tokens", "Cost", "Models", "Tools",
+    assert lines[6].startswith("-- Sessions - last 7 days (3) - Enter: details --")
+    assert lines[7].split() == ["Session", "User", "Started", "Dur", "Req", "Tokens", "Cost", "Models", "Tools",
                                 "Fail", "Err", "Source"]
-    assert lines[11].split() == ["s-1-0123456789", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K",
+    assert lines[9].split() == ["s-1-0123456789", "bo@example.com", "05-05", "11:00", "1h00m", "2", "1.53K",
                                  "$0.5100", "sonnet-4-5,haiku-4-5", "3", "1", "1", "events"]
-    assert lines[12].split()[-1] == "metrics"
+    assert lines[10].split()[-1] == "metrics"
     selected = ccmon.render(state, ccmon.ServerStatus(True, attempts=1), snap,
-                            ccmon.Screen(settings, 120, 24, now, ccmon.Glyphs.for_terminal(False))).lines[11]
+                            ccmon.Screen(settings, 120, 24, now, ccmon.Glyphs.for_terminal(False))).lines[9]
     assert selected[0][1] == "tab_active"
     entered, action = ccmon.handle_key(state, "\n", settings, frame)
     assert (entered.session_id, action) == ("s-1-0123456789", "refresh")
@@ -4300,28 +4303,28 @@ def test_render_insight_tabs():
                                                                       "duration_ms": "3000"}))
     state, snap = insight_snapshot(settings, now, "sessions", session_id="s-1-0123456789", data=timeline)
     lines, _ = frame_text(state, snap, settings, 100, 24, now)
-    assert lines[8].startswith("-- Session s-1-0123456789 (2 entries) - Esc: back --")
-    assert lines[10].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "$0.5000", "in", "1.00K", "out", "200",
+    assert lines[6].startswith("-- Session s-1-0123456789 (2 entries) - Esc: back --")
+    assert lines[8].split() == ["12:59:00", "api_request", "claude-sonnet-4-5", "$0.5000", "in", "1.00K", "out", "200",
                                  "cache", "5,", "4.0s"]
-    assert lines[11].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3.0s"]
+    assert lines[9].split() == ["12:59:30", "tool_result", "Bash", "failed,", "3.0s"]
     tools = ccmon.ToolReport((ccmon.ToolFigures("Bash", 3, 2, 200, 3000),), (ccmon.DecisionCount("accept", "config", 1),),
                              (ccmon.ApiErrorCount("529", "claude-opus-4-1", 1),), 1)
     state, snap = insight_snapshot(settings, now, "tools", data=tools)
     lines, _ = frame_text(state, snap, settings, 80, 24, now)
-    assert lines[9].split() == ["Tool", "Calls", "Success", "p50", "p95"]
-    assert lines[10].split() == ["Bash", "3", "67%", "200ms", "3.0s"]
-    assert lines[11] == "Decisions: accept by config: 1"
-    assert lines[14].split() == ["529", "claude-opus-4-1", "1"] and lines[15] == "Retries exhausted: 1"
+    assert lines[7].split() == ["Tool", "Calls", "Success", "p50", "p95"]
+    assert lines[8].split() == ["Bash", "3", "67%", "200ms", "3.0s"]
+    assert lines[9] == "Decisions: accept by config: 1"
+    assert lines[12].split() == ["529", "claude-opus-4-1", "1"] and lines[13] == "Retries exhausted: 1"
     many = dataclasses.replace(tools, tools=tuple(ccmon.ToolFigures(f"Tool{i:02d}", 1, 1, 1, 1) for i in range(40)))
     state, snap = insight_snapshot(settings, now, "tools", data=many)
     lines, frame = frame_text(dataclasses.replace(state, scroll=30), snap, settings, 80, 24, now)
-    assert (frame.total_rows, frame.page_rows, lines[10].split()[0]) == (40, 8, "Tool30")
+    assert (frame.total_rows, frame.page_rows, lines[8].split()[0]) == (40, 10, "Tool30")
     assert "Retries exhausted: 1" in lines
     state, snap = insight_snapshot(settings, now, "users", users=(ccmon.UserUsage("ana@example.com", split, 2),
                                                                   ccmon.UserUsage("", split, 1)))
     lines, frame = frame_text(state, snap, settings, 80, 24, now)
-    assert lines[10].split() == ["ana@example.com", "2", "2", "1.53K", "1.20K", "$0.5100", "####....", "50%"]
-    assert lines[11].split()[0] == "(unknown)"
+    assert lines[8].split() == ["ana@example.com", "2", "2", "1.53K", "1.20K", "$0.5100", "####....", "50%"]
+    assert lines[9].split()[0] == "(unknown)"
     filtered, action = ccmon.handle_key(state, "u", settings, frame)
     assert (filtered.user, action) == ("ana@example.com", "refresh")
     assert "| user ana@example.com |" in frame_text(filtered, snap, settings, 80, 24, now)[0][2]
@@ -4330,6 +4333,111 @@ def test_render_insight_tabs():
         assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
     narrow, _ = frame_text(state, snap, settings, 40, 12, now)
     assert narrow[1] == " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj"
+
+
+def plan_guess_beside_claude(now, readings=1):
+    """Issue #22's screen: -b auto --claude-plan max while Claude's own readings are live; Claude says 63 % of the
+    5 hours and 56 % of the week, ccmon counted 14,000 and 7,000 tokens, and one reading calibrated each capacity."""
+    settings = ccmon.MonitorSettings("127.0.0.1:4317", BERLIN, "auto", 35_000, 5, limit_from_plan=True)
+    read = now - 2 * 60_000
+    reading = ccmon.LimitReading("s-ana", read, five_hour=ccmon.LimitWindow(63.0, local_ms("2026-03-10 14:17")),
+                                 seven_day=ccmon.LimitWindow(56.0, local_ms("2026-03-13 09:00")))
+    block = ccmon.Split(ccmon.Usage(), ccmon.Usage(20, 9_000, 5_000))
+    limits = ccmon.LimitFigures((local_ms("2026-03-10 09:17"), local_ms("2026-03-10 14:17")), block, 720.0, 35_000,
+                                None, {"sonnet": ccmon.Usage(20, 4_000, 3_000)},
+                                ccmon.ClaudeLimits(reading, reading, 22_200, readings, 3_150, readings),
+                                weekly_window=(local_ms("2026-03-06 09:00"), local_ms("2026-03-13 09:00")),
+                                window_from_claude=True)
+    snap, _, _ = _frame_fixture()
+    state = ccmon.ViewState(period="b")
+    query = dataclasses.replace(ccmon.query_for(state, settings, now), start_ms=limits.window[0])  # as fetched
+    snap = dataclasses.replace(snap, query=query, limits=limits, data=dataclasses.replace(snap.data, period=block))
+    return state, snap, settings
+
+
+def test_one_answer_per_screen_while_claudes_reading_is_live():
+    """Claude's share is the gauge, ccmon's count supports it; the plan's guess and a capacity calibrated from one
+    reading never stand beside it; the pace says what it leads to, and the table's rate is named an average."""
+    now = local_ms("2026-03-10 10:30")
+    state, snap, settings = plan_guess_beside_claude(now)
+    lines, _ = frame_text(state, snap, settings, 80, 24, now)
+    assert lines[4].split()[-2:] == ["Avg", "rate"] and lines[6].split()[-1] == "192/min"  # 14,000 in 73 min
+    assert lines[8:11] == [
+        "Claude 5h   ##########......  63%, resets 14:17; ccmon counted 14.0K (2 min ago)",
+        "Recent pace 720/min; too few of Claude's readings to project its limit",
+        "Claude week #########.......  56%, resets Fri 09:00; ccmon counted 7.00K"]
+    small, _ = frame_text(state, snap, settings, 40, 12, now)
+    assert small[3:6] == ["Current block: $0.00, 20 requests",
+                          "Claude 5h   ###..  63%, resets 14:17",
+                          "-- Requests 1-4 of 12 ------------------"]
+    for text in ("\n".join(lines), "\n".join(small)):
+        assert not re.search(r"35\.0K|guess|3\.15K|222%|Burn", text), text
+    # With a capacity calibrated from 3 readings the pace leads to Claude's limit, and says so.
+    state, snap, settings = plan_guess_beside_claude(now, readings=3)
+    lines, _ = frame_text(state, snap, settings, 80, 24, now)
+    assert lines[9] == "Recent pace 720/min; Claude's 5h limit at this pace at 10:41"  # 8,200 left of 22,200
+    assert lines[10] == "Claude week #########.......  56%, resets Fri 09:00; ccmon counted 7.00K"  # 7,000 > 3,150
+
+
+def test_small_screens_keep_data_rows_and_whole_key_hints():
+    """At 40x12 with -b every table shows at least 3 rows (or all it has), j scrolls, and the key hints are whole
+    in the 39 columns curses writes; at 80x24 the block/week panel takes 3 rows, and Daily shows 14 days."""
+    snap, settings, now = _frame_fixture()
+    screens = first_hour_screens(settings, now)
+    days = tuple(ccmon.DayUsage((dt.date(2026, 3, 10) - dt.timedelta(days=k)).isoformat(), ccmon.Split(
+        ccmon.Usage(1, 10), ccmon.Usage(3, 1000, 500, 0, 0, 250_000_000))) for k in range(30))
+    screens[1] = (screens[1][0], dataclasses.replace(screens[1][1], data=days))
+    for state, data in [screens[0], screens[1], screens[2], screens[3], screens[6], screens[7]]:
+        lines, frame = frame_text(state, data, settings, 40, 12, now)
+        table = next(i for i, line in enumerate(lines) if line.startswith("-- ") and not line.startswith("-- Usage"))
+        rows = [line for line in lines[table + 2:-1] if line.strip() and not line.startswith("Total")]
+        assert len(rows) >= min(frame.total_rows, 3), (state.tab, lines)
+        assert lines[-1] == "h/d/w/m/a/b  1-8  u/p  ? help  q quit" and len(lines[-1]) < 40
+    daily_state, daily = screens[1]
+    lines, frame = frame_text(daily_state, daily, settings, 40, 12, now)
+    scrolled, action = ccmon.handle_key(daily_state, "j", settings, frame)
+    assert (scrolled.scroll, action) == (1, "refresh")
+    assert frame_text(scrolled, daily, settings, 40, 12, now)[0][6].startswith("2026-03-09")
+    lines, frame = frame_text(daily_state, daily, settings, 80, 24, now)
+    assert [line.split()[0] for line in lines[3:7]] == ["Block", "Recent", "Week", "--"]
+    assert frame.page_rows == 14 and sum(line.startswith("2026-") for line in lines) == 14
+    assert ccmon.footer_hint(30) == "1-8  ? help  q quit"
+
+
+def test_the_daily_tab_starts_with_history_and_shows_the_whole_cost():
+    """A fresh database has 28 empty days before the first use: they are not listed; Cost is the whole cost, beside
+    the premium one, and the totals agree."""
+    snap, settings, now = _frame_fixture()
+    used = ccmon.Split(ccmon.Usage(2, 100, 10, 0, 0, 300_000), ccmon.Usage(4, 1000, 500, 0, 0, 107_900_000))
+    days = (ccmon.DayUsage("2026-03-10", used), ccmon.DayUsage("2026-03-09", ccmon.Split()),
+            ccmon.DayUsage("2026-03-08", used)) + tuple(
+        ccmon.DayUsage((dt.date(2026, 3, 7) - dt.timedelta(days=k)).isoformat(), ccmon.Split()) for k in range(27))
+    state = ccmon.ViewState(tab="daily")
+    daily = dataclasses.replace(daily_snapshot(settings, now), data=days)
+    lines, frame = frame_text(state, daily, settings, 80, 24, now)
+    assert lines[6:12] == [
+        "-- Daily usage - last 3 days (Europe/Berlin) -----------------------------------",
+        "Date        Base  Prem  Input Output CacheR CacheW  Total      Cost    Prem $",
+        "2026-03-10     2     4  1.00K    500      0      0  1.50K   $0.1082   $0.1079",
+        "2026-03-09     0     0      0      0      0      0      0     $0.00     $0.00",
+        "2026-03-08     2     4  1.00K    500      0      0  1.50K   $0.1082   $0.1079",
+        "Total          4     8  2.00K  1.00K      0      0  3.00K   $0.2164   $0.2158"]
+    assert frame.total_rows == 3
+    empty = dataclasses.replace(daily, data=tuple(ccmon.DayUsage(day.date, ccmon.Split()) for day in days))
+    lines, frame = frame_text(state, empty, settings, 80, 24, now)
+    assert lines[6:9] == ["-- Daily usage - last 30 days (Europe/Berlin) ----------------------------------",
+                          "No usage in the last 30 days.", ""]
+    assert frame.total_rows == 0
+
+
+def test_a_sessions_source_is_where_most_of_its_requests_came_from():
+    """A session whose one lost turn was re-imported is still Claude Code's telemetry (4 of 5 requests), marked as
+    holding some from a transcript; most from transcripts: transcript, * when ccmon priced some."""
+    assert ccmon.session_source(ccmon.ORIGIN_TRANSCRIPT, False, 1, 5) == "events+tx"
+    assert ccmon.session_source(ccmon.ORIGIN_TRANSCRIPT_COST, True, 1, 3) == "metrics+tx"
+    assert ccmon.session_source(ccmon.ORIGIN_TRANSCRIPT, False, 4, 5) == "transcript*"
+    assert ccmon.session_source(ccmon.ORIGIN_TRANSCRIPT_COST, False, 3, 3) == "transcript"
+    assert ccmon.session_source(0, False, 0, 5) == "events" and ccmon.session_source(0, True, 0, 2) == "metrics"
 
 
 # ---------------------------------------------------------------- monitor in a real terminal
@@ -4469,7 +4577,7 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
         assert "connected 127.0.0.1" in screen and "current block" in screen
         assert line_with(screen, "Premium").split() == ["Premium", "1", "1.50K", "0", "1.50K", "$0.2500",
                                                         line_with(screen, "Premium").split()[-1]]
-        assert "1.50K / 7.00K" in line_with(screen, "Tokens")
+        assert "1.50K / 7.00K" in line_with(screen, "Block ")
         monitor.send(b"a")
         screen = monitor.wait_for("Requests 1-3 of 3", "all time")
         assert line_with(screen, "Total").split()[1:6] == ["3", "4.57K", "1.00K", "5.57K", "$1.75"]
@@ -4485,9 +4593,9 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
         screen = monitor.wait_for(lambda text: re.search(r"\d\d:\d\d opus-4-1 .*\n.*sonnet-4-5", text),
                                   "oldest first rows")
         monitor.send(b"\t")
-        screen = monitor.wait_for("Daily usage - last 30 days (UTC)", "the daily tab")
+        screen = monitor.wait_for("Daily usage - last 2 days (UTC)", "the daily tab")  # from the first day used
         assert line_with(screen, "Total").split() == ["Total", "1", "2", "3.20K", "1.30K", "0", "0", "4.50K",
-                                                      "$1.75"]
+                                                      "$1.75", "$1.75"]
         monitor.send(b"3")
         screen = monitor.wait_for("Models - last 7 days", "the models tab")
         assert line_with(screen, "opus-4-1").split()[1:6] == ["1", "2.00K", "1.00K", "0", "$1.50"]
@@ -5143,8 +5251,8 @@ def test_auto_block_monitor_alert_and_format(tmp_path):
                              cols=100, cwd=tmp_path, env={"HOME": str(tmp_path)})
         try:
             screen = monitor.wait_for("ALERT: block usage passed 50% (5.00K of 7.00K)", "the alert")
-            assert "(auto)" in screen and "5.00K / 7.00K" in screen
-            assert "Week   5.00K premium tokens" in screen and "opus 1.00K, sonnet 4.00K" in screen
+            assert line_with(screen, "Block ").split()[2:6] == ["71%", "5.00K", "/", "7.00K"]
+            assert "Week        5.00K premium tokens" in screen and "opus 1.00K, sonnet 4.00K" in screen
             # The shell creates the file before grep has written to it: wait for all six lines.
             wait_until(lambda: marker.exists() and len(marker.read_text().split()) >= 6, "the alert command's output",
                        20)
@@ -5290,65 +5398,58 @@ def claude_snapshot(settings, now, **changes):
     return dataclasses.replace(snap, limits=dataclasses.replace(limits, **changes))
 
 
-CLAUDE_80x24 = [
-    "-- Block 09:17-14:17 (Claude) --------------------------------------------------",
-    "Claude 5h 63%, resets 14:17 (read 2 min ago)",
-    "Tokens #########################...............  63%  21.0K / 33.3K (calibrated)",
-    "Time   ##########..............................  24% 3h47m left, ends 14:17",
-    "Burn 700/min; at this pace 100% at 10:47",
-    "Claude week 21%, resets Fri 09:00 (read 2 min ago)",
-    "Week   #.......................................   2%  21.0K / 1.00M (calibrated)",
-    "-- Requests 1-6 of 12 ----------------------------------------------------------"]
+CLAUDE_80x24 = [  # Claude's share is the gauge; ccmon's count supports it; the pace leads to Claude's limit
+    "Claude 5h   ##########......  63%, resets 14:17; ccmon counted 21.0K (2 min ago)",
+    "Recent pace 700/min; Claude's 5h limit at this pace at 10:47",
+    "Claude week ###.............  21%, resets Fri 09:00; ccmon counted 21.0K",
+    "-- Requests 1-10 of 12 ---------------------------------------------------------"]
 
 
 CLAUDE_40x12 = [
     " ccmon - Claude Code usage monitor",
     " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj",
     " * connected | current block",
-    "-- Usage - current block ---------------",
-    "         Requests  Limited       Cost",
-    "Base            4    2.80K    $0.0040",
-    "Premium        12    15.0K      $1.23",
-    "Total          16    17.8K      $1.24",
-    "-- Block 09:17-14:17 (Claude) ----------",
-    "Claude 5h 63%, resets 14:17 (2 min ago)",
-    "Tokens ###..  63%  21.0K / 33.3K",
-    "h/d/w/m/a/b  o  1-8  u/p  ? help  q quit"]
+    "Current block: $1.24, 16 requests",
+    "Claude 5h   ###..  63%, resets 14:17",
+    "-- Requests 1-4 of 12 ------------------",
+    "Time     Model        Total      Cost",
+    "10:30:00 sonnet-4-5   31.0K  <$0.0001",
+    "10:23:00 haiku-4-5    31.2K   $0.0123",
+    "10:16:00 opus-4-1     31.4K   $0.0247",
+    "10:09:00 sonnet-4-5   31.6K   $0.0370",
+    "h/d/w/m/a/b  1-8  u/p  ? help  q quit"]
 
 
 def test_render_claudes_own_limits_80x24_and_40x12():
     _, settings, now = _frame_fixture()
     snap = claude_snapshot(settings, now)
     lines, frame = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now)
-    assert lines[:8] == FRAME_80x24[:8] and lines[8:16] == CLAUDE_80x24 and lines[-1] == FRAME_80x24[-1]
-    assert frame.page_rows == 6
+    assert lines[:8] == FRAME_80x24[:8] and lines[8:12] == CLAUDE_80x24 and lines[-1] == FRAME_80x24[-1]
+    assert frame.page_rows == 10
     assert frame_text(ccmon.ViewState(period="b"), snap, settings, 40, 12, now)[0] == CLAUDE_40x12
-    wide = frame_text(ccmon.ViewState(period="b"), snap, settings, 120, 30, now)[0]
-    assert wide[10] == ("Tokens #########################...............  63%  21.0K / 33.3K (calibrated from 14 "
-                        "readings)")
-    # Claude's share is what alerts measure: it takes the alert colour, ccmon's own bar keeps its level's.
+    wide = frame_text(ccmon.ViewState(period="b"), snap, settings, 130, 30, now)[0]
+    assert wide[8] == ("Claude 5h   ###################...........  63%, resets 14:17; ccmon counted 21.0K (read 2 min "
+                       "ago)")
+    # Claude's share is what alerts measure: its gauge takes the alert colour.
     alerting = dataclasses.replace(settings, alerts=(60,))
     styled = ccmon.render(ccmon.ViewState(period="b"), ccmon.ServerStatus(True, attempts=1), snap,
                           ccmon.Screen(alerting, 80, 24, now, ccmon.Glyphs.for_terminal(False))).lines
-    assert styled[9][1] == ("63%", "alert") and styled[10][1][1] == "warn"
+    assert styled[8][1] == ("##########......", "alert") and styled[10][1] == ("###.............", "good")
     # Later: the figure is older, and once Claude's window has reset it is no longer shown.
     later = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now + 65 * 60_000)[0]
-    assert later[9] == "Claude 5h 63%, resets 14:17 (read 1h07m ago)"
+    assert later[8] == "Claude 5h   ##########......  63%, resets 14:17; ccmon counted 21.0K (1h07m ago)"
     after = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, local_ms("2026-03-10 14:17"))[0]
-    assert after[9:13] == ["Tokens #########################...............  63%  21.0K / 33.3K (calibrated)",
-                           "Time   ######################################## 100% 0ms left, ends 14:17",
-                           "Burn 700/min; at this pace 63% at reset",
-                           "Claude week 21%, resets Fri 09:00 (read 3h49m ago)"]
+    assert after[8:11] == ["Block       ##########......  63%  21.0K / 33.3K (calibrated), 0ms left",
+                           "Recent pace 700/min; within limit at this pace (63% at block end)",
+                           "Claude week ###.............  21%, resets Fri 09:00; ccmon counted 21.0K"]
     # Nothing read yet in this window but a calibrated capacity: the projection goes to the block's limit.
     guessed = dataclasses.replace(claude_snapshot(settings, now, window_from_claude=False, window=snap.limits.window),
                                   limits=dataclasses.replace(snap.limits, claude=ccmon.ClaudeLimits(
                                       five_hour_capacity=33_300, five_hour_readings=14), weekly_window=None,
                                       window_from_claude=False))
-    assert frame_text(ccmon.ViewState(period="b"), guessed, settings, 80, 24, now)[0][8:12] == [
-        "-- Block 09:17-14:17 -----------------------------------------------------------",
-        "Tokens #########################...............  63%  21.0K / 33.3K (calibrated)",
-        "Time   ##########..............................  24% 3h47m left, ends 14:17",
-        "Burn 700/min; at this pace the limit is reached at 10:47"]
+    assert frame_text(ccmon.ViewState(period="b"), guessed, settings, 80, 24, now)[0][8:10] == [
+        "Block       ##########......  63%  21.0K / 33.3K (calibrated), 3h47m left",
+        "Recent pace 700/min; at this pace the limit is reached at 10:47"]
 
 
 def test_render_claudes_figures_without_block_tracking_and_the_limits_sources():
@@ -5356,29 +5457,33 @@ def test_render_claudes_figures_without_block_tracking_and_the_limits_sources():
     off = _settings(block_hour=None, limit=None)
     snap = claude_snapshot(off, now, window=None, window_from_claude=False, limit=None, calibrated_from=None)
     lines, _ = frame_text(ccmon.ViewState(), snap, off, 80, 30, now)
-    assert lines[8:12] == ["Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows).",
-                           "Claude 5h 63%, resets 14:17 (read 2 min ago)",
-                           "Claude week 21%, resets Fri 09:00 (read 2 min ago)",
-                           "Week   #.......................................   2%  21.0K / 1.00M (calibrated)"]
-    lines, _ = frame_text(ccmon.ViewState(), snap, off, 80, 24, now)
-    assert lines[8].startswith("Claude 5h 63%")  # the hint gives way to the table's rows
+    assert lines[8:11] == ["Block tracking is off: run with -b auto (or -b 5am for fixed 5-hour windows).",
+                           "Claude 5h   ##########......  63%, resets 14:17 (read 2 min ago)",
+                           "Claude week ###.............  21%, resets Fri 09:00; ccmon counted 21.0K"]
+    lines, _ = frame_text(ccmon.ViewState(), snap, off, 80, 22, now)
+    assert lines[8].startswith("Claude 5h   ")  # the hint gives way to the table's rows
     plan = dataclasses.replace(settings, limit_from_plan=True)
     guessed = dataclasses.replace(snap, limits=dataclasses.replace(snap.limits, claude=ccmon.ClaudeLimits(),
                                                                    weekly_window=None, calibrated_from=None,
                                                                    window=(local_ms("2026-03-10 10:00"),
                                                                            local_ms("2026-03-10 15:00")),
                                                                    limit=35_000))
-    tokens = {width: frame_text(ccmon.ViewState(period="b"), guessed, plan, width, 24, now)[0][9]
-              for width in (81, 82, 91)}
-    assert tokens == {81: "Tokens ########################................  60%  21.0K / 35.0K (guess)",
-                      82: "Tokens ########################................  60%  21.0K / 35.0K (plan's guess)",
-                      91: "Tokens ########################................  60%  21.0K / 35.0K (a guess from the plan)"}
+    tokens = {width: frame_text(ccmon.ViewState(period="b"), guessed, plan, width, 24, now)[0][8]
+              for width in (63, 64, 97, 98)}
+    assert tokens == {63: "Block       ###..  60%  21.0K / 35.0K (guess), 4h30m left",
+                      64: "Block       ###..  60%  21.0K / 35.0K (plan's guess), 4h30m left",
+                      97: "Block       ##################............  60%  21.0K / 35.0K (plan's guess), 4h30m left",
+                      98: "Block       ##################............  60%  21.0K / 35.0K (a guess from the plan), "
+                          "4h30m left"}
+    # A guess's projection says it is a guess.
+    assert frame_text(ccmon.ViewState(period="b"), guessed, plan, 80, 24, now)[0][9] == \
+        "Recent pace 700/min; at this pace the plan's guess is reached at 10:50"
     learning = dataclasses.replace(plan, learn=True)
-    assert frame_text(ccmon.ViewState(period="b"), guessed, learning, 120, 24, now)[0][9].endswith(
-        "21.0K / 35.0K (a guess from the plan: nothing learned yet)")
+    assert frame_text(ccmon.ViewState(period="b"), guessed, learning, 130, 24, now)[0][8].endswith(
+        "21.0K / 35.0K (a guess from the plan: nothing learned yet), 4h30m left")
     learned = dataclasses.replace(guessed, limits=dataclasses.replace(guessed.limits, learned_from=23))
-    assert frame_text(ccmon.ViewState(period="b"), learned, learning, 120, 24, now)[0][9].endswith(
-        "21.0K / 35.0K (learned from 23 blocks)")
+    assert frame_text(ccmon.ViewState(period="b"), learned, learning, 120, 24, now)[0][8].endswith(
+        "21.0K / 35.0K (learned from 23 blocks), 4h30m left (ends 15:00)")
 
 
 def test_alerts_fire_on_claudes_own_percentages():
@@ -5473,24 +5578,20 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
         try:
             started = ccmon.now_ms()
             screen = monitor.wait_for("ALERT: block usage passed 25% (Claude says 30%)", "the alert")
-            window = f"{ccmon.local_time(resets - ccmon.BLOCK_MS, utc)}-{ccmon.local_time(resets, utc)}"
-            assert line_with(screen, "── Block").startswith(f"── Block {window} (Claude) ───")
-            assert re.fullmatch(rf"Claude 5h 30%, resets {ccmon.local_time(resets, utc)} "
-                                rf"\(read (just now|1 min ago)\) *", line_with(screen, "Claude 5h"))
-            assert line_with(screen, "Tokens").split()[2:] == ["60%", "30.0K", "/", "50.0K", "(calibrated", "from",
-                                                                "1", "reading)"]
-            # 30,000 tokens since the previous quarter hour began (15 to 30 minutes before the refresh): the pace,
-            # and when the 20,000 left of 50,000 are used at it.
-            paces = {}
-            for moment in range(started - 60_000, ccmon.now_ms() + 1000, 1000):
-                per_minute = 30_000 / ((moment - ccmon.recent_pace_start(moment)) / 60_000)
-                paces.setdefault(f"Burn {ccmon.format_rate(per_minute)}; at this pace 100% at", set()).add(
-                    ccmon.local_time(moment + round(20_000 / per_minute * 60_000), utc))
-            projection = line_with(screen, "Burn").rsplit(None, 1)
-            assert projection[1] in paces[projection[0]], (projection, paces)
-            assert re.match(rf"Claude week 20%, resets {re.escape(ccmon.reset_time(week_resets, ccmon.now_ms(), utc))}"
-                            r" \(read", line_with(screen, "Claude week"))
-            assert line_with(screen, "Week ").split()[2:6] == ["41%", "30.0K", "/", "73.2K"]
+            # The gauge is Claude's 30 %; ccmon's 30,000 tokens support it.
+            assert re.fullmatch(rf"Claude 5h   [█░]+  30%, resets {ccmon.local_time(resets, utc)}; ccmon counted "
+                                rf"30\.0K \(read (just now|1 min ago)\) *", line_with(screen, "Claude 5h"))
+            # 30,000 tokens since the previous quarter hour began (15 to 30 minutes before the refresh): the pace.
+            # A capacity from one reading is not projected to.
+            paces = {ccmon.format_rate(30_000 / ((moment - ccmon.recent_pace_start(moment)) / 60_000))
+                     for moment in range(started - 60_000, ccmon.now_ms() + 1000, 1000)}
+            pace = re.fullmatch(r"Recent pace (\S+); too few of Claude's readings to project its limit *",
+                                line_with(screen, "Recent pace"))
+            assert pace and pace.group(1) in paces, (line_with(screen, "Recent pace"), paces)
+            assert re.match(rf"Claude week [█░]+  20%, resets "
+                            rf"{re.escape(ccmon.reset_time(week_resets, ccmon.now_ms(), utc))}; ccmon counted 30\.0K",
+                            line_with(screen, "Claude week"))
+            assert not [line for line in screen.splitlines() if line.startswith(("Week", "Block", "Tokens"))]
             assert line_with(screen, "Premium").split()[:3] == ["Premium", "11", "30.0K"]  # the block's requests
             monitor.send(b"6")
             screen = monitor.wait_for("Users by cost", "the users tab")
@@ -5540,11 +5641,11 @@ def test_each_users_own_limits_on_a_team_server(server, tmp_path):
         snap = ccmon.fetch_snapshot(client, ccmon.query_for(state, settings, now))
         lines, _ = frame_text(state, snap, settings, 100, 30, now)
         resets = bo["five_hour_resets"] * 1000
-        block = next(i for i, line in enumerate(lines) if line.startswith("-- Block"))
-        assert lines[block].startswith(f"-- Block {ccmon.local_time(resets - ccmon.BLOCK_MS, utc)}-"
-                                       f"{ccmon.local_time(resets, utc)} (Claude) --")
-        assert lines[block + 1] == f"Claude 5h 80%, resets {ccmon.local_time(resets, utc)} (read just now)"
-        assert lines[block + 2].split()[2:] == ["11%", "800", "/", "7.00K", "(a", "guess", "from", "the", "plan)"]
+        block = next(i for i, line in enumerate(lines) if line.startswith("Claude 5h"))
+        assert lines[block] == (f"Claude 5h   {'#' * 24}{'.' * 6}  80%, resets {ccmon.local_time(resets, utc)}; "
+                                "ccmon counted 800 (read just now)")
+        assert lines[block + 1].endswith("; too few of Claude's readings to project its limit")
+        assert not [line for line in lines if "7.00K" in line]  # the plan's guess never stands beside Claude's 80 %
         assert snap.query.start_ms == resets - ccmon.BLOCK_MS  # the `b` period is Claude's window too
         assert ana["five_hour_resets"] != bo["five_hour_resets"]
     finally:
@@ -5817,7 +5918,7 @@ def test_render_projects_tab_and_the_p_key():
     state, snap = insight_snapshot(settings, now, "projects", projects=PROJECTS)
     lines, frame = frame_text(state, snap, settings, 80, 24, now)
     assert lines[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  "
-    assert lines[8:14] == [
+    assert lines[6:12] == [
         "-- Projects by cost - last 7 days - p: filter by project -----------------------",
         "Project           Sessions    Req  Tokens      Cost Share of cost",
         "alpha                    2      3   6.58K     $2.76 #####...  66%",
@@ -5827,12 +5928,12 @@ def test_render_projects_tab_and_the_p_key():
     assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit"
     assert (frame.project_names, frame.total_rows) == (tuple(p.project for p in PROJECTS), 4)
     narrow, _ = frame_text(state, snap, settings, 40, 14, now)
-    assert narrow[8:13] == ["-- Projects by cost - last 7 days - p: f",
+    assert narrow[6:11] == ["-- Projects by cost - last 7 days - p: f",
                             "Project           Req  Tokens      Cost",
                             "alpha               3   6.58K     $2.76",
                             "(no project)        1     550     $1.00",
                             "src/web             2     120   $0.3750"]
-    assert narrow[-1] == "h/d/w/m/a/b  o  1-8  u/p  ? help  q quit"
+    assert narrow[-1] == "h/d/w/m/a/b  1-8  u/p  ? help  q quit"  # whole hints in 39 columns
     # p cycles through the period's projects (not the sessions without one), then back to every project.
     chosen = []
     for _ in range(4):
@@ -5845,7 +5946,7 @@ def test_render_projects_tab_and_the_p_key():
     assert lines[2] == " * connected 127.0.0.1:4317 | project api/web | last 7 days | newest first"
     styled = ccmon.render(state, ccmon.ServerStatus(True, attempts=1), snap,
                           ccmon.Screen(settings, 80, 24, now, ccmon.Glyphs.for_terminal(False))).lines
-    assert [line[0][1] for line in styled[10:14]] == ["", "", "", "tab_active"]
+    assert [line[0][1] for line in styled[8:12]] == ["", "", "", "tab_active"]
     assert ccmon.query_for(state, settings, now).project == "/srv/api/web"
     empty = ccmon.handle_key(state, "p", settings, ccmon.Frame([], project_names=("",)))[0]
     assert (empty.project, empty.notice) == ("/srv/api/web", "no projects in this period to filter by")
@@ -5857,12 +5958,12 @@ def test_render_projects_tab_and_the_p_key():
                  for i, project in enumerate(["/home/dev/src/web", "", "/srv/api/web"]))
     state, snap = insight_snapshot(settings, now, "sessions", data=rows, projects=PROJECTS)
     lines, _ = frame_text(state, snap, settings, 120, 24, now)
-    assert lines[9].split()[:3] == ["Session", "Project", "Started"]
-    assert [line.split()[1] for line in lines[10:13]] == ["/home/dev/src/web", "-", "/srv/api/web"]
-    assert frame_text(state, snap, settings, 100, 24, now)[0][10].split()[1] == "src/web"
+    assert lines[7].split()[:3] == ["Session", "Project", "Started"]
+    assert [line.split()[1] for line in lines[8:11]] == ["/home/dev/src/web", "-", "/srv/api/web"]
+    assert frame_text(state, snap, settings, 100, 24, now)[0][8].split()[1] == "src/web"
     no_projects = tuple(dataclasses.replace(row, project="") for row in rows)
     state, snap = insight_snapshot(settings, now, "sessions", data=no_projects)
-    assert "Project" not in frame_text(state, snap, settings, 120, 24, now)[0][9]
+    assert "Project" not in frame_text(state, snap, settings, 120, 24, now)[0][7]
 
 
 # ---------------------------------------------------------------- import: ccmon import, Claude Code's transcripts, priced
@@ -6036,6 +6137,8 @@ def test_a_request_seen_by_telemetry_and_in_a_transcript_is_counted_once(server,
     assert result.stdout.startswith("ccmon import: 1 file read; 1 request imported; 1 already known;"), result
     rows = db_rows(server.db, "SELECT request_id, origin, cost_nanos, user_name FROM r ORDER BY ts")
     assert rows == [("req_b1", 0, 12_500_000, "u" * 64), ("req_b2", 2, 12_450_000, "u" * 64)]
+    sessions = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-05-01T00:00:00Z"))).sessions
+    assert [(x.session_id, x.source) for x in sessions] == [("s-both", "events+tx")]  # half from telemetry
     sdk_export(server.port, [("api_request", api_request(2, "2026-05-02T10:01:00.030Z", session="s-both",
                                                          request_id="req_b2", cost_usd=0.013))])
     rows = wait_until(lambda: [r for r in db_rows(server.db, "SELECT request_id, origin, cost_nanos FROM r "
