@@ -4668,12 +4668,41 @@ def format_count(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def half_up(numerator: int, denominator: int) -> int:
+    """numerator / denominator to the nearest whole number, halves up (away from zero): the one rounding rule
+    of every figure shown, applied to exact integers so that $0.06225 shows as $0.0623 and 20.5% as 21%."""
+    quotient = (2 * abs(numerator) + denominator) // (2 * denominator)
+    return -quotient if numerator < 0 else quotient
+
+
 def format_cost(nanos: int) -> str:
-    """$0.0421 below a dollar (single requests cost cents), $1,234.57 above."""
-    usd = nanos / NANOS_PER_USD
-    if 0 < usd < 0.00005:
+    """$0.0421 below a dollar (single requests cost cents), $1,234.57 above; halves rounded up."""
+    sign, nanos = ("-" if nanos < 0 else ""), abs(nanos)
+    ten_thousandths = half_up(nanos, NANOS_PER_USD // 10_000)
+    if 0 < nanos and ten_thousandths == 0:
         return "<$0.0001"
-    return f"${usd:.4f}" if 0 < round(usd, 4) < 1 else f"${usd:,.2f}"
+    if 0 < ten_thousandths < 10_000:
+        return f"{sign}$0.{ten_thousandths:04d}"
+    cents = half_up(nanos, NANOS_PER_USD // 100)
+    return f"{sign}${cents // 100:,}.{cents % 100:02d}"
+
+
+def format_percent(value: float) -> str:
+    """20.5 -> 21%: whole percents, halves up. A float percent is read at nine decimals, which is what it
+    carries of the ratio of integers it came from (41 / 200 * 100 is 20.499999999999996)."""
+    exact = decimal.Decimal(repr(float(value))).quantize(decimal.Decimal("1e-9"))
+    return f"{exact.quantize(decimal.Decimal(1), rounding=decimal.ROUND_HALF_UP):.0f}%"
+
+
+# C0 and C1 control characters and DEL: ESC, BEL, CR and their kind move the cursor, ring, retitle the terminal
+# or start an escape sequence; names from telemetry and status line input are anyone's text.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text as it may reach a terminal: each control character as its Python escape (ESC as \\x1b, a newline
+    as \\x0a), so that it is seen rather than obeyed. Every text output passes through it."""
+    return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def short_user(name: str) -> str:
@@ -4931,15 +4960,14 @@ def format_quick(template: str, figures: QuickFigures) -> str:
     shown = {
         "daily_cost": lambda: format_cost(figures.daily.cost_nanos),
         "monthly_cost": lambda: format_cost(figures.monthly.cost_nanos),
-        "daily_plan_usage": lambda: f"{values['daily_plan_usage']:.0f}%",
-        "monthly_plan_usage": lambda: f"{values['monthly_plan_usage']:.0f}%",
+        "daily_plan_usage": lambda: format_percent(values['daily_plan_usage']),
+        "monthly_plan_usage": lambda: format_percent(values['monthly_plan_usage']),
         "daily_tokens": lambda: format_count(figures.daily.total),
         "monthly_tokens": lambda: format_count(figures.monthly.total),
         "block_usage": lambda: percent_or_dash(values.get("block_usage")),
         "block_remaining": lambda: format_duration(figures.block.remaining_ms) if figures.block else "-",
         "block_projection": lambda: percent_or_dash(values.get("block_projection")),
-        "weekly_usage": lambda: percent_or_dash(values["weekly_usage"]) if figures.weekly_limit else
-        format_count(figures.weekly.limited) if figures.weekly else "-",
+        "weekly_usage": lambda: percent_or_dash(values.get("weekly_usage")),  # a share of the weekly limit, if set
         "session_cost": lambda: format_cost(figures.session.cost_nanos),
         "five_hour": lambda: percent_or_dash(values["five_hour_percent"]),
         "five_hour_resets": lambda: reset_or_dash(values["five_hour_resets_at"], figures),
@@ -4950,7 +4978,7 @@ def format_quick(template: str, figures: QuickFigures) -> str:
 
 
 def percent_or_dash(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}%"
+    return "-" if value is None else format_percent(value)
 
 
 def reset_or_dash(resets_s: int | None, figures: QuickFigures) -> str:
@@ -5053,18 +5081,18 @@ def status_values(data: dict, reading: LimitReading, session: Split | None, toda
     if text_at(data, "model", "display_name") or reading.model:
         values["model"] = text_at(data, "model", "display_name") or reading.model
     if reading.context_percent is not None:
-        values["context"] = f"{reading.context_percent:.0f}%"
+        values["context"] = format_percent(reading.context_percent)
     own_cost = number_in((data.get("cost") or {}).get("total_cost_usd") if isinstance(data.get("cost"), dict)
                          else None, 0, MAX_USD)
-    if own_cost is not None:  # Claude Code's own figure for this session, up to this very turn
-        values["session_cost"] = format_cost(round(own_cost * NANOS_PER_USD))
-    elif session is not None:
-        values["session_cost"] = format_cost(session.total.cost_nanos)
+    session_nanos = round(own_cost * NANOS_PER_USD) if own_cost is not None else \
+        session.total.cost_nanos if session is not None else 0  # Claude Code's own figure, up to this very turn
+    if session_nanos:  # nothing yet at start-up: the session has made no request
+        values["session_cost"] = format_cost(session_nanos)
     if today is not None:
         values["daily_cost"] = format_cost(today.total.cost_nanos)
     for name, window in (("five_hour", reading.five_hour), ("seven_day", reading.seven_day)):
         if window is not None and window.resets_ms > now:
-            values[name] = f"{window.percent:.0f}%"
+            values[name] = format_percent(window.percent)
             values[f"{name}_resets"] = reset_time(window.resets_ms, now, zone)
     if reading.project:
         values["project"] = Path(reading.project).name or reading.project
@@ -6000,14 +6028,14 @@ def limit_gauge_lines(snap: Snapshot, screen: Screen) -> list[Line]:
         if status.limit:
             fraction = status.used / status.limit
             style = "alert" if fraction * 100 >= alert_at and five is None else level_style(fraction)
-            figures = f" {fraction * 100:3.0f}%  {format_count(status.used)} / {format_count(status.limit)}"
+            figures = f" {format_percent(fraction * 100):>4}  {format_count(status.used)} / {format_count(status.limit)}"
             lines.append([("Tokens ", ""), (bar(fraction, bar_width, glyphs), style),
                           (joined_to_fit([figures, limit_note(limits, settings)], width - 7 - bar_width), "")])
         else:
             lines.append([(joined_to_fit([f"Tokens {format_count(status.used)} premium",
                                           " (no limit: set claude.plan or claude.max_tokens)"], width), "dim")])
         time_fraction = status.elapsed_ms / (status.end_ms - status.start_ms)
-        left = f" {time_fraction * 100:3.0f}% {format_duration(status.remaining_ms)} left"
+        left = f" {format_percent(time_fraction * 100):>4} {format_duration(status.remaining_ms)} left"
         lines.append([("Time   ", ""), (bar(time_fraction, bar_width, glyphs), "dim"),
                       (joined_to_fit([left, f", ends {local_time(status.end_ms, zone)}"], width - 7 - bar_width), "")])
         lines.append(projection_line(status, zone, width,
@@ -6042,7 +6070,7 @@ def claude_line(label: str, window: LimitWindow, read_ms: int, screen: Screen, a
     """Claude's own share of a window as read, when it resets and how old the figure is:
     'Claude 5h 63%, resets 14:00 (read 2 min ago)'; the parts after the share are dropped whole to fit."""
     head = f"Claude {label} "
-    share = f"{window.percent:.0f}%"
+    share = format_percent(window.percent)
     style = "alert" if window.percent >= alert_at else level_style(window.percent / 100)
     age = reading_age(read_ms, screen.now)
     rest = joined_to_fit(["", f", resets {reset_time(window.resets_ms, screen.now, screen.settings.zone)}",
@@ -6077,7 +6105,7 @@ def weekly_line(limits: LimitFigures, screen: Screen, alert_at: int) -> Line:
         note = (f" (calibrated from {plural(calibrated_from, 'reading')})", " (calibrated)") if calibrated_from \
             else ""
         bar_width = gauge_width(screen.width)
-        figures = f" {fraction * 100:3.0f}%  {format_count(premium.limited)} / {format_count(limit)}"
+        figures = f" {format_percent(fraction * 100):>4}  {format_count(premium.limited)} / {format_count(limit)}"
         return [("Week   ", ""), (bar(fraction, bar_width, screen.glyphs), style),
                 (joined_to_fit([figures, note, pace, detail], screen.width - 7 - bar_width), "")]
     return [(joined_to_fit([f"Week   {format_count(premium.limited)} premium tokens, {format_cost(premium.cost_nanos)}",
@@ -6114,7 +6142,7 @@ def projection_line(status: BlockStatus, zone: ZoneInfo, width: int, capacity: i
         at = local_time(reached, zone)
         long, short, style = words.at_long.format(at=at), words.at_short.format(at=at), "warn"
     else:
-        projected = f"{target.projected_at_end() / target.limit * 100:.0f}%"
+        projected = format_percent(target.projected_at_end() / target.limit * 100)
         long, short, style = (words.end_long.format(projected=projected),
                               words.end_short.format(projected=projected), "good")
     return [(pace + (long if len(pace + long) <= width else short), style)]
@@ -6173,7 +6201,7 @@ def _daily_cells(label: str, split: Split, burn: str) -> list[str]:
 
 def share_cell(part: int, whole: int, glyphs: Glyphs, width: int = 8) -> str:
     fraction = part / whole if whole else 0.0
-    return f"{bar(fraction, width, glyphs)} {fraction * 100:3.0f}%"
+    return f"{bar(fraction, width, glyphs)} {format_percent(fraction * 100):>4}"
 
 
 def average_ms(total_ms: int, count: int) -> str:
@@ -6307,7 +6335,7 @@ def tools_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     data: ToolReport = snap.data
     width, glyphs = screen.width, screen.glyphs
     page_rows = max(1, screen.rows - 6 - min(len(data.errors), 3))  # room below for decisions and errors
-    tools = [([t.tool, format_count(t.calls), f"{t.successes / t.calls * 100:.0f}%" if t.calls else "-",
+    tools = [([t.tool, format_count(t.calls), format_percent(t.successes / t.calls * 100) if t.calls else "-",
                format_duration(t.p50_ms), format_duration(t.p95_ms)], "" if t.successes == t.calls else "warn")
              for t in data.tools[state.scroll:state.scroll + page_rows]]
     header, body = table_lines([Column("Tool", 12, 0, left=True), Column("Calls", 6, 0),
@@ -6335,7 +6363,7 @@ def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     rows = [([user_names(u.user, "(unknown)"), str(u.sessions), format_count(u.split.total.requests),
               format_count(u.split.total.total), format_count(u.split.premium.limited),
               format_cost(u.split.total.cost_nanos), share_cell(u.split.total.cost_nanos, whole, screen.glyphs)] +
-             ([f"{window.percent:.0f}%" if window else "-" for window in claude[u.user]] if with_claude else []),
+             ([format_percent(window.percent) if window else "-" for window in claude[u.user]] if with_claude else []),
              "tab_active" if u.user and u.user == state.user else "")
             for u in snap.users[state.scroll:state.scroll + page_rows]]
     header, body = table_lines(columns, rows, screen.width)
@@ -6623,7 +6651,7 @@ def due_alerts(limits: LimitFigures | None, settings: MonitorSettings, now: int,
                 fired.discard(key)  # re-arms a rolling window's alert
             elif key not in fired:
                 fired.add(key)
-                figures = f"Claude says {percent:.0f}%" if source == "claude" else \
+                figures = f"Claude says {format_percent(percent)}" if source == "claude" else \
                     f"{format_count(used)} of {format_count(limit)}"
                 due.append((key, f"ALERT: {kind} usage passed {threshold}% ({figures})",
                             {"CCMON_ALERT_KIND": kind, "CCMON_ALERT_THRESHOLD": str(threshold),

@@ -2866,20 +2866,20 @@ def test_status_line_input_is_read_as_claude_code_writes_it():
         ccmon.LimitWindow(55.5, 1_795_764_643_000), ccmon.LimitWindow(20.5, 1_796_016_643_000), None, "2.1.328")
     values = ccmon.status_values(subscriber, reading, None, None, ccmon.ZoneInfo("Europe/Berlin"), now)
     assert values == {"model": "Sonnet 4.5", "context": "3%", "session_cost": "$0.0374", "five_hour": "56%",
-                      "five_hour_resets": "08:30", "seven_day": "20%", "seven_day_resets": "Mon 06:30",
+                      "five_hour_resets": "08:30", "seven_day": "21%", "seven_day_resets": "Mon 06:30",
                       "project": "proj-alpha"}
     assert ccmon.format_status_line(ccmon.DEFAULT_STATUS_LINE, values) == \
-        "Sonnet 4.5 | ctx 3% | session $0.0374 | 5h 56% (resets 08:30) | week 20% (Mon 06:30)"
+        "Sonnet 4.5 | ctx 3% | session $0.0374 | 5h 56% (resets 08:30) | week 21% (Mon 06:30)"
     # An API-key session has no rate limits; before its first answer no context either: those parts go.
     first = ccmon.reading_from_status_input(api_key, now)
     assert (first.five_hour, first.seven_day) == (None, None)
     assert ccmon.format_status_line(ccmon.DEFAULT_STATUS_LINE, ccmon.status_values(
         sample_status_inputs()[4], ccmon.reading_from_status_input(sample_status_inputs()[4], now), None,
         ccmon.Split(premium=ccmon.Usage(cost_nanos=8_350_000_000)), ccmon.ZoneInfo("UTC"), now)) == \
-        "Sonnet 4.5 | session $0.00 | today $8.35"
+        "Sonnet 4.5 | today $8.35"  # nothing spent yet: no session part
     # A window whose reset has passed says nothing any more; odd values are ignored, not trusted.
     later = ccmon.status_values(subscriber, reading, None, None, ccmon.ZoneInfo("UTC"), 1_795_764_643_000)
-    assert "five_hour" not in later and later["seven_day"] == "20%"
+    assert "five_hour" not in later and later["seven_day"] == "21%"
     odd = ccmon.reading_from_status_input({"session_id": 7, "rate_limits": {"five_hour": {
         "used_percentage": "55", "resets_at": 1}, "seven_day": {"used_percentage": 250, "resets_at": 10}},
         "context_window": {"used_percentage": float("nan")}, "model": ["x"]}, now)
@@ -4454,7 +4454,7 @@ def test_auto_block_monitor_alert_and_format(tmp_path):
         assert (usage, weekly) == ("71%", "10%")  # 5,000 of pro's 7,000; 5,000 of 50,000
         assert int(projection.rstrip("%")) >= 71
         plain = run_ccmon(["--monitor-server", srv.target, "--format", "@weekly_usage"], tmp_path)
-        assert plain.stdout == "5.00K\n"  # no block tracking, no weekly limit: the week's premium tokens
+        assert plain.stdout == "-\n"  # no weekly limit: no share of one (the tokens are weekly_premium_tokens in --json)
         figures = json.loads(run_ccmon(["--monitor-server", srv.target, "-b", "auto", "--json"], tmp_path).stdout)
         assert figures["block_end"] == (first_hour + ccmon.BLOCK_MS) // 1000
         assert figures["weekly_premium_tokens"] == 5000
@@ -5079,7 +5079,7 @@ def test_report_project_and_the_project_filter_on_reports(server, tmp_path):
         "dev/web              1    2    107      13           0            0     120  $0.3750            2       $0.3750",
         "api/web              1    1     40       4           0            0      44  $0.0200            0         $0.00",
         "------------  --------  ---  -----  ------  ----------  -----------  ------  -------  -----------  ------------",
-        "Total                5    7  1,997   5,297           0            0   7,294    $4.16            5         $4.12"]
+        "Total                5    7  1,997   5,297           0            0   7,294    $4.16            5         $4.13"]
     wide = run_report(server, "project", *may, "--wide", cwd=tmp_path).stdout.splitlines()
     assert [line.split()[0] for line in wide[3:7]] == ["alpha", "(no", "/home/dev/web", "/srv/api/web"]
     csv_out = run_report(server, "project", *may, "--csv", "--project", "web", cwd=tmp_path).stdout.splitlines()
