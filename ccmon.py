@@ -4319,7 +4319,7 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
         return f"the server refused the token ({TOKEN_ENV} or monitor.token)"
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "server did not answer in time"
-    return f"{exc.code().name.lower()}: {details[:80]}"
+    return f"{exc.code().name.lower()}: {details[:80]}"  # the server's words: printed through printable
 
 
 GO_CCMON_METHODS = {"GetStats", "GetAPIRequests"}  # what the original Go ccmon server answers
@@ -4705,6 +4705,11 @@ def printable(text: str) -> str:
     return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
+def json_text(value: Any, **options) -> str:
+    """JSON for a terminal or a pipe: json.dumps escapes every control character but DEL."""
+    return json.dumps(value, **options).replace("\x7f", "\\u007f")
+
+
 def short_user(name: str) -> str:
     """A hashed user id (Claude Code's 64-hex user.id) cut to what tells users apart; names and emails whole."""
     return name[:10] + "~" if len(name) > 24 and re.fullmatch(r"[0-9a-f]+", name) else name
@@ -4998,12 +5003,12 @@ def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
     try:
         figures = fetch_quick_figures(client, config, now_ms(), wanted)
     except ServerUnreachable as exc:
-        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {exc}", file=sys.stderr)
+        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}", file=sys.stderr)
         return 1
     finally:
         client.close()
     if as_json:
-        print(json.dumps(quick_values(figures), sort_keys=True))
+        print(json_text(quick_values(figures), sort_keys=True))
     else:
         print(format_quick(template or "", figures))
     return 0
@@ -5016,12 +5021,12 @@ def run_health_check(config: Config) -> int:
     try:
         info = client.server_info()
     except ServerUnreachable as exc:
-        print(f"unhealthy: {config.monitor_server}: {exc}", file=sys.stderr)
+        print(f"unhealthy: {config.monitor_server}: {printable(str(exc))}", file=sys.stderr)
         return 1
     finally:
         client.close()
     if info.version:
-        print(f"ok: ccmon {info.version} at {config.monitor_server}, {info.total_requests} requests stored")
+        print(f"ok: ccmon {printable(info.version)} at {config.monitor_server}, {info.total_requests} requests stored")
     else:
         print(f"ok: {config.monitor_server}: {GO_CCMON_ONLY}")
     return 0
@@ -5079,7 +5084,7 @@ def status_values(data: dict, reading: LimitReading, session: Split | None, toda
     """The status line's figures as text; a figure with nothing to show is absent, never zero."""
     values = {}
     if text_at(data, "model", "display_name") or reading.model:
-        values["model"] = text_at(data, "model", "display_name") or reading.model
+        values["model"] = printable(text_at(data, "model", "display_name") or reading.model)
     if reading.context_percent is not None:
         values["context"] = format_percent(reading.context_percent)
     own_cost = number_in((data.get("cost") or {}).get("total_cost_usd") if isinstance(data.get("cost"), dict)
@@ -5095,7 +5100,7 @@ def status_values(data: dict, reading: LimitReading, session: Split | None, toda
             values[name] = format_percent(window.percent)
             values[f"{name}_resets"] = reset_time(window.resets_ms, now, zone)
     if reading.project:
-        values["project"] = Path(reading.project).name or reading.project
+        values["project"] = printable(Path(reading.project).name or reading.project)
     return values
 
 
@@ -5307,6 +5312,7 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
         labels = project_labels(row["project"] for row in rows)
         cells["project"][:len(rows)] = [labels[row["project"]] if width is not None else row["project"] or NO_PROJECT
                                         for row in rows]
+    cells = {k: list(map(printable, column)) for k, column in cells.items()}  # names are anyone's text
     headers = {k: TABLE_HEADERS.get(k, k) for k in columns}
     body = [[cells[k][i] for k in columns] for i in range(len(rows) + 1)]
     fitted = fit_columns([Column(headers[k], max(len(headers[k]), *map(len, cells[k])), drop_rank(k), left=not numeric[k])
@@ -5337,7 +5343,7 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     try:
         rows = report_rows(client, args.kind, start, end, zone, args.user, args.project)
     except ServerUnreachable as exc:
-        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {exc}", file=sys.stderr)
+        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}", file=sys.stderr)
         return 1
     finally:
         client.close()
@@ -5346,20 +5352,21 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
               "until": dt.datetime.fromtimestamp(end / 1000, zone).isoformat(timespec="seconds"),
               "timezone": zone.key}
     if args.json:
-        print(json.dumps({"report": args.kind, **period, "user": args.user, "project": args.project, "rows": rows,
+        print(json_text({"report": args.kind, **period, "user": args.user, "project": args.project, "rows": rows,
                           "totals": totals}))
     elif args.csv:
         import csv
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else list(USAGE_FIELDS),
                                 lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: printable(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows)
         if rows:
             totals_row = {k: v for k, v in totals.items() if k in writer.fieldnames}
             writer.writerow({**totals_row, writer.fieldnames[0]: "Total"})
     else:
-        print(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
-              + (f", user {args.user}" if args.user else "") + (f", project {args.project}" if args.project else ""))
+        print(printable(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
+                        + (f", user {args.user}" if args.user else "")
+                        + (f", project {args.project}" if args.project else "")))
         print(report_table(rows, totals, None if args.wide else REPORT_WIDTH))
     return 0
 
@@ -6611,8 +6618,8 @@ def draw(curses_module, window, lines: list[Line], attributes: dict[str, int]) -
     height, width = window.getmaxyx()
     for y, line in enumerate(lines[:height]):
         x = 0
-        for text, style in line:
-            text = text[:width - x - (1 if y == height - 1 else 0)]  # never write the bottom-right cell
+        for text, style in line:  # names from telemetry are anyone's text: shown, never obeyed
+            text = printable(text)[:width - x - (1 if y == height - 1 else 0)]  # never the bottom-right cell
             if text:
                 window.addstr(y, x, text, attributes.get(style, 0))
             x += len(text)

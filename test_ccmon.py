@@ -21,6 +21,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import types
 import tomllib
 from pathlib import Path
 
@@ -3120,6 +3121,42 @@ def test_report_errors(args, message, tmp_path, capsys, monkeypatch):
     unreachable = run_ccmon(["report", "model", "--monitor-server", "127.0.0.1:9"], tmp_path)
     assert (unreachable.returncode, unreachable.stdout) == (1, "")
     assert unreachable.stderr == "ccmon: cannot reach the ccmon server at 127.0.0.1:9: connection refused\n"
+
+
+
+HOSTILE = "x\x1b[31m\x07\r\x9b\x7fy"  # ESC starting a colour, BEL, CR, a C1 CSI and DEL, in anyone's names
+RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # any control character but the line ends
+
+
+def test_names_with_control_characters_are_shown_not_obeyed(server, tmp_path):
+    """Anyone who can export to a team server names projects, sessions, models and users; the status line's
+    stdin names the model. Every output shows their control characters as escapes (\x1b), never raw."""
+    assert sdk_export(server.port, [("api_request", api_request(
+        1, hours_ago(0.1), model=f"claude-{HOSTILE}", session=f"s-{HOSTILE}", input_tokens=10, cost_usd=0.01245,
+        **{"user.email": f"u-{HOSTILE}"}))], resource={**CLAUDE_RESOURCE, "project": f"p-{HOSTILE}"}) == ["SUCCESS"]
+    shown = r"x\x1b[31m\x07\x0d\x9b\x7fy"
+    outputs = []
+    for kind in ("project", "session", "model"):
+        for form in ([], ["--csv"], ["--json"], ["--wide"]):
+            result = run_ccmon(["report", kind, "--monitor-server", server.target, *form], tmp_path)
+            assert result.returncode == 0, result.stderr
+            outputs.append(result.stdout)
+            if not form or form == ["--csv"]:
+                assert shown in result.stdout, (kind, form, result.stdout)
+    data = live_input("s-live")
+    data["model"]["display_name"] = f"Sonnet {HOSTILE}"
+    data["workspace"]["project_dir"] = f"/home/p-{HOSTILE}"
+    line = status_line(server.target, data, "--format", "@model @project", cwd=tmp_path)
+    assert (line.returncode, line.stdout) == (0, f"Sonnet {shown} p-{shown}\n")
+    outputs.append(line.stdout)
+    assert [output for output in outputs if RAW_CONTROL.search(output)] == []
+    # The monitor: at the drawing edge, whatever the screen built its lines from.
+    written = []
+    window = types.SimpleNamespace(erase=lambda: None, getmaxyx=lambda: (3, 40), noutrefresh=lambda: None,
+                                   addstr=lambda y, x, text, attr: written.append(text))
+    ccmon.draw(types.SimpleNamespace(doupdate=lambda: None), window, [[(f"a{HOSTILE}", "")], [("b\x1b]0;t\x07", "")]],
+               {})
+    assert written == [r"ax\x1b[31m\x07\x0d\x9b\x7fy", r"b\x1b]0;t\x07"]
 
 
 # ---------------------------------------------------------------- monitor: view model and pure render functions
