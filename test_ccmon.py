@@ -2850,6 +2850,35 @@ def test_quick_query_and_health_when_server_is_down(tmp_path, server):
     assert (up.returncode, up.stdout) == (0, f"ok: ccmon {ccmon.VERSION} at {server.target}, 0 requests stored\n")
 
 
+
+def test_costs_and_percents_round_half_up_from_the_exact_figure():
+    """Claude Code's own $0.01245 (one Sonnet call) and Claude's 20.5 %: every output rounds halves up."""
+    assert [ccmon.format_cost(n) for n in (12_450_000, 20_750_000, 62_250_000, 49_999, 50_000, 999_949_999,
+                                           999_950_000, 4_125_000_000, 1_234_565_000_000, 0)] == \
+        ["$0.0125", "$0.0208", "$0.0623", "<$0.0001", "$0.0001", "$0.9999", "$1.00", "$4.13", "$1,234.57", "$0.00"]
+    assert [ccmon.format_percent(p) for p in (20.5, 55.5, 41 / 200 * 100, 99.5, 0.49, 0)] == \
+        ["21%", "56%", "21%", "100%", "0%", "0%"]
+    now, zone = 1_795_762_477_000, ccmon.ZoneInfo("UTC")
+    data = {"session_id": "s", "cost": {"total_cost_usd": 0.06225}, "rate_limits": {
+        "five_hour": {"used_percentage": 55.5, "resets_at": now // 1000 + 3600},
+        "seven_day": {"used_percentage": 20.5, "resets_at": now // 1000 + 86400}}}
+    reading = ccmon.reading_from_status_input(data, now)
+    values = ccmon.status_values(data, reading, None, ccmon.Split(ccmon.Usage(cost_nanos=20_750_000)), zone, now)
+    assert ccmon.format_status_line("@session_cost @daily_cost @five_hour @seven_day", values) == \
+        "$0.0623 $0.0208 56% 21%"
+    figures = ccmon.QuickFigures("pro", 30, daily=ccmon.Usage(cost_nanos=12_450_000),
+                                 monthly=ccmon.Usage(cost_nanos=4_100_000_000), session=ccmon.Usage(cost_nanos=62_250_000),
+                                 claude=ccmon.ClaudeLimits(reading), now_ms=now, zone=zone)
+    assert ccmon.format_quick("@daily_cost @session_cost @monthly_plan_usage @five_hour", figures) == \
+        "$0.0125 $0.0623 21% 56%"  # $4.10 of pro's $20 is 20.5 %
+    assert [ccmon.table_cell("cost_usd", usd, False) for usd in (0.01245, 0.06225, 4.125)] == \
+        ["$0.0125", "$0.0623", "$4.13"]
+    screen = ccmon.Screen(_settings(), 80, 24, now, ccmon.Glyphs.for_terminal(False))
+    assert line_text(ccmon.claude_line("5h", ccmon.LimitWindow(20.5, now + 3_600_000), now, screen, 90)) == \
+        "Claude 5h 21%, resets 08:54 (read just now)"
+    assert ccmon.share_cell(41, 200, screen.glyphs, 4).endswith(" 21%")
+
+
 # ---------------------------------------------------------------- status line: ccmon statusline, Claude's own limits
 
 def sample_status_inputs() -> list[dict]:
