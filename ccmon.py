@@ -865,8 +865,9 @@ def read_command(value: Any) -> str:
 
 
 def read_token(value: Any) -> str:
-    if not isinstance(value, str) or any(c.isspace() for c in value):
-        raise ValueError("a token must be a string without spaces")
+    """What an Authorization header and gRPC metadata can carry: printable ASCII, no spaces."""
+    if not isinstance(value, str) or not re.fullmatch(r"[!-~]*", value):
+        raise ValueError("a token must be printable ASCII without spaces (letters, digits, punctuation)")
     return value
 
 
@@ -1049,6 +1050,8 @@ def read_config_file(path: Path) -> dict:
             raise ConfigError(f"{path}: unknown config format (use .toml, .yaml, .yml or .json)")
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a ccmon config (it has sections of settings)") from None
     except Exception as exc:  # yaml.YAMLError without importing yaml at module level
         if type(exc).__module__.startswith("yaml"):
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None

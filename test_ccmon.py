@@ -453,6 +453,9 @@ def test_config_file_search_order_and_flag_precedence(tmp_path, monkeypatch):
     assert (config.plan, config.server_address, config.max_tokens) == ("max20", "0.0.0.0:4317", 5)
 
 
+TOKEN_RULE = "a token must be printable ASCII without spaces (letters, digits, punctuation)"
+
+
 FILE_ERRORS = [
     ("config.toml", '[claude]\nplan = "gold"\n', "{path}: claude.plan: unknown plan 'gold' (accepted: unset, pro, "
                                                  "max, max20)"),
@@ -481,7 +484,12 @@ FILE_ERRORS = [
     ("config.yaml", 'claude: [unclosed', "{path}: not valid YAML: "),
     ("config.json", '[1, 2]', "{path}: the top level must be a table of sections"),
     ("config.toml", 'claude = 5\n', "{path}: [claude] must be a table of settings"),
-    ("config.toml", '[monitor]\ntoken = 5\n', "{path}: monitor.token: a token must be a string without spaces"),
+    ("config.toml", '[monitor]\ntoken = 5\n', "{path}: monitor.token: " + TOKEN_RULE),
+    # what no Authorization header or gRPC metadata can carry
+    ("config.toml", '[monitor]\ntoken = "t\u00f6k\u00e9n"\n', "{path}: monitor.token: " + TOKEN_RULE),
+    ("config.toml", '[server]\ntoken = "a\\u0000b"\n', "{path}: server.token: " + TOKEN_RULE),
+    ("config.json", '{"a":' * 100_000 + '1' + '}' * 100_000,
+     "{path}: nested too deeply to be a ccmon config (it has sections of settings)"),
     ("config.toml", '[monitor]\ntls_ca = true\n', "{path}: monitor.tls_ca: expected a file path, got True"),
 ]
 
@@ -700,6 +708,8 @@ def test_example_config_is_valid_and_shows_the_defaults(tmp_path, monkeypatch):
     ([], {"CCMON_TOKEN": ""}, "CCMON_TOKEN: the token is empty; give a token, or unset CCMON_TOKEN for none"),
     (["--monitor-token", "m"], {"CCMON_TOKEN": ""},  # the server's token still comes from the variable
      "CCMON_TOKEN: the token is empty; give a token, or unset CCMON_TOKEN for none"),
+    ([], {"CCMON_TOKEN": "t\u00f6ken"}, "CCMON_TOKEN: " + TOKEN_RULE),
+    (["--monitor-token", "a\x07b"], {}, "--monitor-token: " + TOKEN_RULE),
 ])
 def test_an_empty_token_given_on_the_command_line_or_environment_is_a_config_error(args, env, message, tmp_path,
                                                                                       monkeypatch, capsys):
