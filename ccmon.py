@@ -37,6 +37,7 @@ import ctypes
 import dataclasses
 import datetime as dt
 import decimal
+import errno
 import hashlib
 import hmac
 import io
@@ -47,6 +48,7 @@ import multiprocessing.connection
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import sqlite3
@@ -5122,14 +5124,40 @@ def format_status_line(template: str, values: dict[str, str]) -> str:
     return "|".join(kept).strip()
 
 
-def read_status_input(stream) -> tuple[dict, str]:
+STATUS_INPUT_WAIT_S = 1.0  # for stdin to hold one whole JSON object: Claude Code writes it at once
+
+
+def read_json_object(fd: int, wait_s: float, limit: int) -> tuple[str, bool]:
+    """What arrives on `fd` until it holds one whole JSON object (stdin may be left open), it ends, `wait_s`
+    passes or more than `limit` bytes have come: (the text, whether it was cut at the limit)."""
+    deadline, received = time.monotonic() + wait_s, bytearray()
+    while len(received) <= limit:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        received += chunk
+        if received.rstrip().endswith(b"}"):  # perhaps the object's end: worth a parse
+            try:
+                json.JSONDecoder().raw_decode(received.decode("utf-8", "replace").lstrip())
+                break
+            except (ValueError, RecursionError):
+                pass
+    return received[:limit].decode("utf-8", "replace"), len(received) > limit
+
+
+def read_status_input(stream, wait_s: float = STATUS_INPUT_WAIT_S) -> tuple[dict, str]:
     """(the status line input, a problem to report or ''): no stdin, a terminal or bad JSON gives {} and says so."""
     if stream is None or stream.isatty():
         return {}, "ccmon statusline reads Claude Code's status line JSON on stdin (see docs/statusline.md)"
-    raw = stream.buffer.read(MAX_VALUE_CHARS) if hasattr(stream, "buffer") else stream.read(MAX_VALUE_CHARS)
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text, cut = read_json_object(stream.fileno(), wait_s, MAX_VALUE_CHARS)
+    if cut:
+        return {}, (f"ccmon statusline: stdin is larger than {MAX_VALUE_CHARS // 2**20} MB, more than a status line's "
+                    "input; showing server figures only")
     try:
-        data = json.loads(text)
+        data, _ = json.JSONDecoder().raw_decode(text.lstrip())
     except (ValueError, RecursionError):
         return {}, f"ccmon statusline: stdin is not JSON ({len(text)} characters); showing server figures only"
     if not isinstance(data, dict):
@@ -6898,7 +6926,23 @@ def chosen_mode(args: argparse.Namespace, parser: CommandLine) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run a command; output that cannot be written (a full disk, a closed pipe) ends it with one line."""
+    try:
+        code = run_command(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # what is still buffered fails here, not in a traceback at exit
+        return code
+    except BrokenPipeError:  # `ccmon report daily | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush into the pipe
+        return 0
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the rest is lost either way
+        print(f"ccmon: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+def run_command(argv: list[str]) -> int:
     mode, parser, words = "", build_parser(), argv
     for command, build in (("report", build_report_parser), ("statusline", build_status_line_parser),
                            ("import", build_import_parser)):
@@ -6938,9 +6982,6 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as exc:
         print(f"ccmon: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # `ccmon report daily | head -1`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush into the pipe
-        return 0
 
 
 if __name__ == "__main__":

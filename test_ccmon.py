@@ -3078,6 +3078,35 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
     assert mixed.stdout == "Sonnet 4.5: $2.50 this month, @nonsense\n"
 
 
+
+def test_status_line_reads_one_object_from_stdin_left_open(tmp_path):
+    """Claude Code's JSON is parsed once it is whole, whether or not stdin is closed after it."""
+    proc = subprocess.Popen([*CCMON, "statusline", "--monitor-server", "127.0.0.1:9"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "HOME": str(tmp_path)})
+    try:
+        proc.stdin.write(json.dumps({"model": {"display_name": "Opus"}, "cost": {"total_cost_usd": 0.01245}}))
+        proc.stdin.flush()  # and left open, as a writer that never closes it would
+        assert proc.wait(20) == 0
+        assert (proc.stdout.read(), proc.stderr.read()) == ("Opus | session $0.0125\n", "")
+    finally:
+        proc.stdin.close()
+        proc.kill() if proc.poll() is None else None
+
+
+def test_status_line_input_too_large_and_output_to_a_full_disk(tmp_path):
+    huge = json.dumps({"model": {"display_name": "Opus"}, "padding": "x" * 50 * 2**20})  # valid JSON, 50 MB
+    result = status_line("127.0.0.1:9", huge, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "ccmon: nothing to show yet\n")
+    assert result.stderr == ("ccmon statusline: stdin is larger than 1 MB, more than a status line's input; showing "
+                             "server figures only\n")
+    with open("/dev/full", "w") as full:  # every command's output goes through main's one writer check
+        written = subprocess.run([*CCMON, "statusline", "--monitor-server", "127.0.0.1:9"], input="{}", stdout=full,
+                                 stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=30,
+                                 env={**os.environ, "HOME": str(tmp_path)})
+    assert (written.returncode, written.stderr) == (1, "ccmon: cannot write the output: No space left on device\n")
+
+
 # ---------------------------------------------------------------- reports: ccmon report
 
 def run_report(srv: ServerProcess, *args: str, cwd: Path) -> subprocess.CompletedProcess:
