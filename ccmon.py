@@ -4305,8 +4305,13 @@ NOT_CCMON = "not a ccmon server (it does not answer ccmon.v1.QueryService)"
 HTTP_PORT_SIGNS = ("Failed parsing HTTP/2", "missing selected ALPN property")
 
 
-def describe_rpc_error(exc: grpc.RpcError) -> str:
+# What gRPC reports when a connection never completes: a listener that accepts and says nothing
+SILENCE_SIGNS = ("timed out", "Timeout occurred", "before receiving SETTINGS")
+
+
+def describe_rpc_error(exc: grpc.RpcError, address: str, timeout_s: float) -> str:
     details = (exc.details() or "").splitlines()[0] if exc.details() else ""
+    silence = f"nothing answered at {address} within {timeout_s:g} s"
     if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
         return NOT_CCMON
     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and \
@@ -4317,13 +4322,18 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
             return "TLS handshake failed (check monitor.tls_ca and the server's certificate)"
         if any(word in details.lower() for word in ("dns resolution failed", "errors resolving", "not resolve")):
             return "cannot resolve the server's host name"
-        if "Connection refused" in details or "connect" in details.lower():
+        if "Connection refused" in details:
             return "connection refused"
-        return "server unavailable"
+        if any(sign in details for sign in SILENCE_SIGNS):
+            return silence
+        if "Socket closed" in details:  # closed at our plaintext HTTP/2 preface: what a TLS listener does
+            return (f"the server speaks TLS (it closed a plaintext connection): use "
+                    f"https://{re.sub(r'^https?://', '', address, flags=re.IGNORECASE)} or monitor.tls_ca")
+        return f"server unavailable ({details[:80]})" if details else "server unavailable"
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
         return f"the server refused the token ({TOKEN_ENV} or monitor.token)"
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "server did not answer in time"
+        return silence
     return f"{exc.code().name.lower()}: {details[:80]}"  # the server's words: printed through printable
 
 
@@ -4364,7 +4374,7 @@ class Client:
                     self.unanswered.add(method)
                     return getattr(ccmon_pb2, method + "Response")()  # nothing to show
                 raise ServerUnreachable(GO_CCMON_ONLY) from None
-            raise ServerUnreachable(describe_rpc_error(exc)) from None
+            raise ServerUnreachable(describe_rpc_error(exc, self.address, self.timeout_s)) from None
 
     def _invoke(self, method: str, request):
         return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
@@ -4379,7 +4389,7 @@ class Client:
                 self._go_ccmon = True
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise ServerUnreachable(describe_rpc_error(exc)) from None
+                    raise ServerUnreachable(describe_rpc_error(exc, self.address, self.timeout_s)) from None
                 self._go_ccmon = False
         return self._go_ccmon
 

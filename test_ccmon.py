@@ -2678,6 +2678,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+
+def test_clients_say_when_nothing_answers_in_time_or_the_server_speaks_tls(tmp_path):
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        client = ccmon.Client(address, timeout_s=0.5)
+        with pytest.raises(ccmon.ServerUnreachable) as raised:
+            client.server_info()
+        client.close()
+        assert str(raised.value) == f"nothing answered at {address} within 0.5 s"
+        health = run_ccmon(["--health", "--monitor-server", address], tmp_path)
+        assert (health.returncode, health.stderr) == (1, f"unhealthy: {address}: nothing answered at {address} "
+                                                         "within 3 s\n")
+    cert, key = make_certificate(tmp_path, "server")
+    srv = ServerProcess(tmp_path, "--server-tls-cert", str(cert), "--server-tls-key", str(key)).start()
+    try:
+        assert_clients_say(srv.target, f"the server speaks TLS (it closed a plaintext connection): use "
+                                       f"https://{srv.target} or monitor.tls_ca", tmp_path)
+    finally:
+        srv.stop()
+
+
 @pytest.fixture
 def go_server(tmp_path):
     """The original Go ccmon server (v0.9.4) on a free loopback port, once it answers gRPC."""
