@@ -4339,6 +4339,11 @@ def describe_rpc_error(exc: grpc.RpcError, address: str, timeout_s: float) -> st
 
 GO_CCMON_METHODS = {"GetStats", "GetAPIRequests"}  # what the original Go ccmon server answers
 GO_CCMON_ONLY = "the Go ccmon server answers only GetStats and GetAPIRequests"
+GO_CCMON_ZEROS = "the Go ccmon server records no tokens or cost for Claude Code 2.x (its figures are zeros)"
+
+
+class GoCcmonServer(ServerUnreachable):
+    """The server answered, but it is the Go ccmon, without the query asked for."""
 
 
 class Client:
@@ -4373,7 +4378,7 @@ class Client:
                 if self.go_extras_empty:
                     self.unanswered.add(method)
                     return getattr(ccmon_pb2, method + "Response")()  # nothing to show
-                raise ServerUnreachable(GO_CCMON_ONLY) from None
+                raise GoCcmonServer(GO_CCMON_ONLY) from None
             raise ServerUnreachable(describe_rpc_error(exc, self.address, self.timeout_s)) from None
 
     def _invoke(self, method: str, request):
@@ -5017,6 +5022,7 @@ def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
     client = Client.for_config(config, timeout_s=3.0)
     try:
         figures = fetch_quick_figures(client, config, now_ms(), wanted)
+        say_if_go_ccmon(client, quick_values(figures), config.monitor_server)
     except ServerUnreachable as exc:
         print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}", file=sys.stderr)
         return 1
@@ -5027,6 +5033,15 @@ def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
     else:
         print(format_quick(template or "", figures))
     return 0
+
+
+def say_if_go_ccmon(client: Client, values: dict[str, Any], address: str) -> None:
+    """Zeros from the Go ccmon are not usage: say so, once (asking which server it is only when all is zero)."""
+    if not any(values.get(name) for name in ("daily_cost", "monthly_cost", "daily_tokens", "monthly_tokens",
+                                             "session_cost")):
+        with contextlib.suppress(ServerUnreachable):
+            if not client.server_info().version:
+                print(f"ccmon: {address}: {GO_CCMON_ZEROS}", file=sys.stderr)
 
 
 def run_health_check(config: Config) -> int:
@@ -5043,7 +5058,7 @@ def run_health_check(config: Config) -> int:
     if info.version:
         print(f"ok: ccmon {printable(info.version)} at {config.monitor_server}, {info.total_requests} requests stored")
     else:
-        print(f"ok: {config.monitor_server}: {GO_CCMON_ONLY}")
+        print(f"ok: {config.monitor_server}: {GO_CCMON_ONLY}; {GO_CCMON_ZEROS}")
     return 0
 
 
@@ -5383,6 +5398,10 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
         rows = report_rows(client, args.kind, start, end, zone, args.user, args.project)
+    except GoCcmonServer:
+        print(f"ccmon: {config.monitor_server} is the Go ccmon server, which answers only GetStats and GetAPIRequests: "
+              f"the {args.kind} report needs ccmon's own server", file=sys.stderr)
+        return 1
     except ServerUnreachable as exc:
         print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}", file=sys.stderr)
         return 1

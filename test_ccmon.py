@@ -2724,7 +2724,7 @@ def test_clients_against_the_original_go_server(go_server, tmp_path):
                                                          input_tokens="100", cost_usd="0.5"))]) == ["SUCCESS"]
     health = run_ccmon(["--health", "--monitor-server", go_server], tmp_path)
     assert (health.returncode, health.stderr) == (0, "")
-    assert health.stdout == f"ok: {go_server}: the Go ccmon server answers only GetStats and GetAPIRequests\n"
+    assert health.stdout == f"ok: {go_server}: {ccmon.GO_CCMON_ONLY}; {ccmon.GO_CCMON_ZEROS}\n"
     assert sdk_export(port, [go_telemetry(2, "claude-sonnet-4-5", input_tokens=1200, output_tokens=300,
                                           cost_usd=1.25, duration_ms=900),
                              go_telemetry(3, "claude-haiku-4-5", input_tokens=100, output_tokens=10,
@@ -2747,8 +2747,43 @@ def test_clients_against_the_original_go_server(go_server, tmp_path):
     for kind in ccmon.REPORT_KINDS:
         report = run_ccmon(["report", kind, "--monitor-server", go_server], tmp_path)
         assert (report.returncode, report.stdout) == (1, "")
-        assert report.stderr == (f"ccmon: cannot reach the ccmon server at {go_server}: the Go ccmon server answers "
-                                 "only GetStats and GetAPIRequests\n")
+        assert report.stderr == (f"ccmon: {go_server} is the Go ccmon server, which answers only GetStats and "
+                                 f"GetAPIRequests: the {kind} report needs ccmon's own server\n")
+
+
+
+class GoLikeQueryService(ccmon_pb2_grpc.QueryServiceServicer):
+    """What the Go ccmon answers for Claude Code 2.x's telemetry: zeros, from GetStats and GetAPIRequests only
+    (the rest UNIMPLEMENTED, as the base servicer answers)."""
+
+    def GetStats(self, request, context):
+        return ccmon_pb2.GetStatsResponse(stats=ccmon_pb2.Stats())
+
+    def GetAPIRequests(self, request, context):
+        return ccmon_pb2.GetAPIRequestsResponse()
+
+
+def test_clients_against_a_server_that_answers_as_the_go_ccmon(tmp_path):
+    from concurrent import futures
+    go_like = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ccmon_pb2_grpc.add_QueryServiceServicer_to_server(GoLikeQueryService(), go_like)
+    address = f"127.0.0.1:{go_like.add_insecure_port('127.0.0.1:0')}"
+    go_like.start()
+    try:
+        quick = run_ccmon(["--monitor-server", address, "--format", "@daily_cost @monthly_cost @daily_tokens"],
+                          tmp_path)
+        assert (quick.returncode, quick.stdout) == (0, "$0.00 $0.00 0\n")
+        assert quick.stderr == f"ccmon: {address}: {ccmon.GO_CCMON_ZEROS}\n"  # once, however many figures
+        health = run_ccmon(["--health", "--monitor-server", address], tmp_path)
+        assert (health.returncode, health.stdout, health.stderr) == \
+            (0, f"ok: {address}: the Go ccmon server answers only GetStats and GetAPIRequests; the Go ccmon server "
+                "records no tokens or cost for Claude Code 2.x (its figures are zeros)\n", "")
+        report = run_ccmon(["report", "model", "--monitor-server", address], tmp_path)
+        assert (report.returncode, report.stdout, report.stderr) == \
+            (1, "", f"ccmon: {address} is the Go ccmon server, which answers only GetStats and GetAPIRequests: the "
+                    "model report needs ccmon's own server\n")
+    finally:
+        go_like.stop(None)
 
 
 def go_telemetry(sequence: int, model: str, **figures) -> tuple[str, dict]:
