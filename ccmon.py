@@ -6023,7 +6023,7 @@ def header_lines(state: ViewState, status: ServerStatus, snap: Snapshot | None, 
         link = (f" {screen.glyphs.dot} connecting to {settings.server}", "warn")
     else:
         wait = max(0, -(-(status.retry_at_ms - screen.now) // 1000))
-        reason = f" ({status.error})" if wide else ""
+        reason = f" ({printable(status.error)})" if wide else ""
         link = (f" {screen.glyphs.dot} disconnected{reason} - retrying in {wait}s", "bad")
     filter_text = TABS[state.tab].fixed_period or PERIODS[state.period][0]
     order = "oldest first" if state.oldest_first else "newest first"
@@ -6031,9 +6031,16 @@ def header_lines(state: ViewState, status: ServerStatus, snap: Snapshot | None, 
     user = [f"user {state.user}"] if state.user else []
     known = [p.project for p in snap.projects] if snap else []  # a label tells it from these
     project = [f"project {project_labels([state.project, *known])[state.project]}"] if state.project else []
+    *error_lines, last = wrapped(link[0], width) or [""]  # the whole error, on as many lines as it takes
     details = joined_to_fit(["", *(f" | {part}" for part in (*user, *project, filter_text, order, updated))],
-                            width - len(link[0]))  # as many as fit, most important first
-    return [[(title, "title")], tab_strip(state.tab, width), [link, (details, "dim")]]
+                            width - len(last))  # as many as fit, most important first
+    return [[(title, "title")], tab_strip(state.tab, width), *([(text, link[1])] for text in error_lines),
+            [(last, link[1]), (details, "dim")]]
+
+
+def wrapped(text: str, width: int) -> list[str]:
+    """A message on lines of at most `width`, continued with an indent: errors are read whole, never cut."""
+    return textwrap.wrap(text, width, subsequent_indent="   ", break_on_hyphens=False)
 
 
 def tab_strip(active: str, width: int) -> Line:
@@ -6566,8 +6573,9 @@ def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen
         hint = HELP_FOOTER if len(HELP_TEXT) <= tab_frame.page_rows else HELP_FOOTER_MORE
     elif snap is None:
         message = "Connecting to the ccmon server..." if status.attempts == 0 else \
-            f"Cannot reach the ccmon server at {screen.settings.server}: {status.error}. Is 'ccmon --server' running?"
-        lines += [[("", "")], [(message, "warn")]]
+            f"Cannot reach the ccmon server at {screen.settings.server}: {printable(status.error)}. Is 'ccmon --server' " \
+            "running?"
+        lines += [[("", "")], *([(text, "warn")] for text in wrapped(message, width))]
     elif snap.server_requests == 0:
         lines += boxed([t.format(server=screen.settings.server) for t in WAITING_TEXT], width, room, screen.glyphs)
     elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):  # another tab's data

@@ -3489,8 +3489,8 @@ def test_render_states_without_data():
     down = ccmon.ServerStatus(False, "connection refused", now + 4000, 3)
     lines, _ = frame_text(ccmon.ViewState(), None, settings, 80, 24, now, status=down)
     assert lines[2] == " * disconnected (connection refused) - retrying in 4s | all time | newest first"
-    assert lines[4] == ("Cannot reach the ccmon server at 127.0.0.1:4317: connection refused. Is 'ccmon --server' "
-                        "running?")[:80]
+    assert lines[4:6] == ["Cannot reach the ccmon server at 127.0.0.1:4317: connection refused. Is 'ccmon",
+                          "   --server' running?"]
     stale, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now, status=down)
     assert stale[2].startswith(" * disconnected (connection refused) - retrying in 4s")
     assert stale[6] == FRAME_80x24[6]  # the last data stays on screen
@@ -3844,6 +3844,32 @@ def test_render_insight_tabs():
         assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
     narrow, _ = frame_text(state, snap, settings, 40, 12, now)
     assert narrow[1] == " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj"
+
+
+
+def test_monitor_error_lines_wrap_to_the_width():
+    now, settings = 1_773_138_600_000, _settings()
+    error = "the server speaks TLS (it closed a plaintext connection): use https://127.0.0.1:4317 or monitor.tls_ca"
+    down = ccmon.ServerStatus(False, error, now + 4000, 3)
+    lines, _ = frame_text(ccmon.ViewState(), None, settings, 80, 24, now, status=down)
+    assert lines[2:8] == [
+        " * disconnected (the server speaks TLS (it closed a plaintext connection): use",
+        "   https://127.0.0.1:4317 or monitor.tls_ca) - retrying in 4s | all time",
+        "",
+        "Cannot reach the ccmon server at 127.0.0.1:4317: the server speaks TLS (it",
+        "   closed a plaintext connection): use https://127.0.0.1:4317 or monitor.tls_ca.",
+        "   Is 'ccmon --server' running?"]
+    narrow, _ = frame_text(ccmon.ViewState(), None, settings, 40, 24, now, status=down)
+    assert narrow[2:10] == [
+        " * disconnected - retrying in 4s",
+        "",
+        "Cannot reach the ccmon server at",
+        "   127.0.0.1:4317: the server speaks TLS",
+        "   (it closed a plaintext connection):",
+        "   use https://127.0.0.1:4317 or",
+        "   monitor.tls_ca. Is 'ccmon --server'",
+        "   running?"]
+    assert max(map(len, lines + narrow)) <= 80 and max(map(len, narrow)) <= 40
 
 
 # ---------------------------------------------------------------- monitor in a real terminal
