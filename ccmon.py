@@ -6031,14 +6031,14 @@ def header_lines(state: ViewState, status: ServerStatus, snap: Snapshot | None, 
     user = [f"user {state.user}"] if state.user else []
     known = [p.project for p in snap.projects] if snap else []  # a label tells it from these
     project = [f"project {project_labels([state.project, *known])[state.project]}"] if state.project else []
-    *error_lines, last = wrapped(link[0], width) or [""]  # the whole error, on as many lines as it takes
+    *error_lines, last = message_lines(link[0], width) or [""]  # the whole error, on as many lines as it takes
     details = joined_to_fit(["", *(f" | {part}" for part in (*user, *project, filter_text, order, updated))],
                             width - len(last))  # as many as fit, most important first
     return [[(title, "title")], tab_strip(state.tab, width), *([(text, link[1])] for text in error_lines),
             [(last, link[1]), (details, "dim")]]
 
 
-def wrapped(text: str, width: int) -> list[str]:
+def message_lines(text: str, width: int) -> list[str]:
     """A message on lines of at most `width`, continued with an indent: errors are read whole, never cut."""
     return textwrap.wrap(text, width, subsequent_indent="   ", break_on_hyphens=False)
 
@@ -6575,7 +6575,7 @@ def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen
         message = "Connecting to the ccmon server..." if status.attempts == 0 else \
             f"Cannot reach the ccmon server at {screen.settings.server}: {printable(status.error)}. Is 'ccmon --server' " \
             "running?"
-        lines += [[("", "")], *([(text, "warn")] for text in wrapped(message, width))]
+        lines += [[("", "")], *([(text, "warn")] for text in message_lines(message, width))]
     elif snap.server_requests == 0:
         lines += boxed([t.format(server=screen.settings.server) for t in WAITING_TEXT], width, room, screen.glyphs)
     elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):  # another tab's data
