@@ -4145,7 +4145,7 @@ CONFIG_ERRORS = [
      "--server-tls-client-ca: mutual TLS needs server.tls_cert and server.tls_key too"),
     (["--monitor-tls-key", __file__],
      "--monitor-tls-key: a client certificate needs both monitor.tls_cert and monitor.tls_key"),
-    (["--server-token", "two words"], "--server-token: a token must be a string without spaces"),
+    (["--server-token", "two words"], "--server-token: " + TOKEN_RULE),
     (["--alert", "150"], "--alert: invalid alert threshold '150' (use whole percentages from 1 to 100, such as 80)"),
     (["--alert", "80", "--alert", "eighty"],
      "--alert: invalid alert threshold 'eighty' (use whole percentages from 1 to 100, such as 80)"),
@@ -4963,7 +4963,7 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
                            "@seven_day_resets"], tmp_path)
         now = ccmon.now_ms()
         assert (shown.stdout, shown.stderr) == (
-            f"5h 30% until {ccmon.reset_time(resets, now, utc)}, week 20% until "
+            f"5h 30% until {ccmon.reset_time(resets, now, utc)}, week 21% until "
             f"{ccmon.reset_time(week_resets, now, utc)}\n", "")
         report = json.loads(run_ccmon(["report", "blocks", "--json", *base], tmp_path).stdout)
         assert [{key: row[key] for key in ("block_start", "block_end", "window", "premium_tokens")}
@@ -4997,14 +4997,14 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
                     ccmon.local_time(moment + round(20_000 / per_minute * 60_000), utc))
             projection = line_with(screen, "Burn").rsplit(None, 1)
             assert projection[1] in paces[projection[0]], (projection, paces)
-            assert re.match(rf"Claude week 20%, resets {re.escape(ccmon.reset_time(week_resets, ccmon.now_ms(), utc))}"
+            assert re.match(rf"Claude week 21%, resets {re.escape(ccmon.reset_time(week_resets, ccmon.now_ms(), utc))}"
                             r" \(read", line_with(screen, "Claude week"))
             assert line_with(screen, "Week ").split()[2:6] == ["41%", "30.0K", "/", "73.2K"]
             assert line_with(screen, "Premium").split()[:3] == ["Premium", "11", "30.0K"]  # the block's requests
             monitor.send(b"6")
             screen = monitor.wait_for("Users by cost", "the users tab")
             assert line_with(screen, "User ").split()[-2:] == ["5h", "Week"]
-            assert line_with(screen, "ana@example.com").split()[-2:] == ["30%", "20%"]
+            assert line_with(screen, "ana@example.com").split()[-2:] == ["30%", "21%"]
             wait_until(marker.exists, "the alert command's output", 10)
             time.sleep(2)  # two more refreshes: nothing more fires
             assert marker.read_text().split() == [
@@ -5043,8 +5043,8 @@ def test_each_users_own_limits_on_a_team_server(server, tmp_path):
         table = lines.index(next(line for line in lines if line.startswith("-- Users by cost")))
         assert [line.split() for line in lines[table + 1:table + 4]] == [
             ["User", "Sessions", "Req", "Tokens", "Premium", "Cost", "Share", "of", "cost", "5h", "Week"],
-            ["ana@example.com", "1", "10", "15.0K", "15.0K", "$0.00", "........", "0%", "30%", "20%"],
-            ["bo@example.com", "1", "1", "800", "800", "$0.00", "........", "0%", "80%", "20%"]]
+            ["ana@example.com", "1", "10", "15.0K", "15.0K", "$0.00", "........", "0%", "30%", "21%"],
+            ["bo@example.com", "1", "1", "800", "800", "$0.00", "........", "0%", "80%", "21%"]]
         state = ccmon.ViewState(tab="users", user="bo@example.com", period="b")
         snap = ccmon.fetch_snapshot(client, ccmon.query_for(state, settings, now))
         lines, _ = frame_text(state, snap, settings, 100, 30, now)
