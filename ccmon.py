@@ -5024,7 +5024,8 @@ def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
         figures = fetch_quick_figures(client, config, now_ms(), wanted)
         say_if_go_ccmon(client, quick_values(figures), config.monitor_server)
     except ServerUnreachable as exc:
-        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}", file=sys.stderr)
+        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}",
+              file=sys.stderr)
         return 1
     finally:
         client.close()
@@ -5403,7 +5404,8 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
               f"the {args.kind} report needs ccmon's own server", file=sys.stderr)
         return 1
     except ServerUnreachable as exc:
-        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}", file=sys.stderr)
+        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}",
+              file=sys.stderr)
         return 1
     finally:
         client.close()
@@ -6102,7 +6104,8 @@ def limit_gauge_lines(snap: Snapshot, screen: Screen) -> list[Line]:
         if status.limit:
             fraction = status.used / status.limit
             style = "alert" if fraction * 100 >= alert_at and five is None else level_style(fraction)
-            figures = f" {format_percent(fraction * 100):>4}  {format_count(status.used)} / {format_count(status.limit)}"
+            figures = (f" {format_percent(fraction * 100):>4}  {format_count(status.used)} / "
+                       f"{format_count(status.limit)}")
             lines.append([("Tokens ", ""), (bar(fraction, bar_width, glyphs), style),
                           (joined_to_fit([figures, limit_note(limits, settings)], width - 7 - bar_width), "")])
         else:
@@ -6573,8 +6576,8 @@ def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen
         hint = HELP_FOOTER if len(HELP_TEXT) <= tab_frame.page_rows else HELP_FOOTER_MORE
     elif snap is None:
         message = "Connecting to the ccmon server..." if status.attempts == 0 else \
-            f"Cannot reach the ccmon server at {screen.settings.server}: {printable(status.error)}. Is 'ccmon --server' " \
-            "running?"
+            f"Cannot reach the ccmon server at {screen.settings.server}: {printable(status.error)}. " \
+            "Is 'ccmon --server' running?"
         lines += [[("", "")], *([(text, "warn")] for text in message_lines(message, width))]
     elif snap.server_requests == 0:
         lines += boxed([t.format(server=screen.settings.server) for t in WAITING_TEXT], width, room, screen.glyphs)

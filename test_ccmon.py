@@ -2935,7 +2935,8 @@ def test_costs_and_percents_round_half_up_from_the_exact_figure():
     assert ccmon.format_status_line("@session_cost @daily_cost @five_hour @seven_day", values) == \
         "$0.0623 $0.0208 56% 21%"
     figures = ccmon.QuickFigures("pro", 30, daily=ccmon.Usage(cost_nanos=12_450_000),
-                                 monthly=ccmon.Usage(cost_nanos=4_100_000_000), session=ccmon.Usage(cost_nanos=62_250_000),
+                                 monthly=ccmon.Usage(cost_nanos=4_100_000_000),
+                                 session=ccmon.Usage(cost_nanos=62_250_000),
                                  claude=ccmon.ClaudeLimits(reading), now_ms=now, zone=zone)
     assert ccmon.format_quick("@daily_cost @session_cost @monthly_plan_usage @five_hour", figures) == \
         "$0.0125 $0.0623 21% 56%"  # $4.10 of pro's $20 is 20.5 %
@@ -4643,7 +4644,7 @@ def test_auto_block_monitor_alert_and_format(tmp_path):
         assert (usage, weekly) == ("71%", "10%")  # 5,000 of pro's 7,000; 5,000 of 50,000
         assert int(projection.rstrip("%")) >= 71
         plain = run_ccmon(["--monitor-server", srv.target, "--format", "@weekly_usage"], tmp_path)
-        assert plain.stdout == "-\n"  # no weekly limit: no share of one (the tokens are weekly_premium_tokens in --json)
+        assert plain.stdout == "-\n"  # no weekly limit, no share of one (--json has weekly_premium_tokens)
         figures = json.loads(run_ccmon(["--monitor-server", srv.target, "-b", "auto", "--json"], tmp_path).stdout)
         assert figures["block_end"] == (first_hour + ccmon.BLOCK_MS) // 1000
         assert figures["weekly_premium_tokens"] == 5000
