@@ -4711,7 +4711,7 @@ def format_percent(value: float) -> str:
     """20.5 -> 21%: whole percents, halves up. A float percent is read at nine decimals, which is what it
     carries of the ratio of integers it came from (41 / 200 * 100 is 20.499999999999996)."""
     exact = decimal.Decimal(repr(float(value))).quantize(decimal.Decimal("1e-9"))
-    return f"{exact.quantize(decimal.Decimal(1), rounding=decimal.ROUND_HALF_UP):.0f}%"
+    return f"{half_up(*exact.as_integer_ratio())}%"
 
 
 # C0 and C1 control characters and DEL: ESC, BEL, CR and their kind move the cursor, ring, retitle the terminal
