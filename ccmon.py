@@ -4868,7 +4868,7 @@ def row_text(fitted: list[Fitted], cells: list[Cell], gap: int = 1) -> str:
     """One row of a fitted table: each cell in its column's form, cut with '~' when still too long."""
     parts = []
     for f in fitted:
-        value = form_at(cells[f.index], f.level)
+        value = printable(form_at(cells[f.index], f.level))  # escaped before it is cut: the columns stay aligned
         value = value if len(value) <= f.width else value[:f.width - 1] + "~"
         parts.append(value.ljust(f.width) if f.column.left else value.rjust(f.width))
     return (" " * gap).join(parts)

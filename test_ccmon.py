@@ -3284,6 +3284,9 @@ def test_names_with_control_characters_are_shown_not_obeyed(server, tmp_path):
     ccmon.draw(types.SimpleNamespace(doupdate=lambda: None), window, [[(f"a{HOSTILE}", "")], [("b\x1b]0;t\x07", "")]],
                {})
     assert written == [r"ax\x1b[31m\x07\x0d\x9b\x7fy", r"b\x1b]0;t\x07"]
+    fitted = ccmon.fit_columns([ccmon.Column("model", 12, 0, left=True), ccmon.Column("cost", 7, 0)],
+                               [[f"m{HOSTILE}", "$0.0125"]], 20)  # a table's cells: escaped, cut, still aligned
+    assert ccmon.row_text(fitted, [f"m{HOSTILE}", "$0.0125"]) == r"mx\x1b[31m\~ $0.0125"
 
 
 # ---------------------------------------------------------------- monitor: view model and pure render functions
