@@ -37,6 +37,7 @@ import ctypes
 import dataclasses
 import datetime as dt
 import decimal
+import errno
 import hashlib
 import hmac
 import io
@@ -47,6 +48,7 @@ import multiprocessing.connection
 import os
 import queue
 import re
+import select
 import signal
 import socket
 import sqlite3
@@ -868,8 +870,9 @@ def read_command(value: Any) -> str:
 
 
 def read_token(value: Any) -> str:
-    if not isinstance(value, str) or any(c.isspace() for c in value):
-        raise ValueError("a token must be a string without spaces")
+    """What an Authorization header and gRPC metadata can carry: printable ASCII, no spaces."""
+    if not isinstance(value, str) or not re.fullmatch(r"[!-~]*", value):
+        raise ValueError("a token must be printable ASCII without spaces (letters, digits, punctuation)")
     return value
 
 
@@ -1052,6 +1055,8 @@ def read_config_file(path: Path) -> dict:
             raise ConfigError(f"{path}: unknown config format (use .toml, .yaml, .yml or .json)")
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a ccmon config (it has sections of settings)") from None
     except Exception as exc:  # yaml.YAMLError without importing yaml at module level
         if type(exc).__module__.startswith("yaml"):
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
@@ -4781,8 +4786,13 @@ NOT_CCMON = "not a ccmon server (it does not answer ccmon.v1.QueryService)"
 HTTP_PORT_SIGNS = ("Failed parsing HTTP/2", "missing selected ALPN property")
 
 
-def describe_rpc_error(exc: grpc.RpcError) -> str:
+# What gRPC reports when a connection never completes: a listener that accepts and says nothing
+SILENCE_SIGNS = ("timed out", "Timeout occurred", "before receiving SETTINGS")
+
+
+def describe_rpc_error(exc: grpc.RpcError, address: str, timeout_s: float) -> str:
     details = (exc.details() or "").splitlines()[0] if exc.details() else ""
+    silence = f"nothing answered at {address} within {timeout_s:g} s"
     if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
         return NOT_CCMON
     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and \
@@ -4793,20 +4803,30 @@ def describe_rpc_error(exc: grpc.RpcError) -> str:
             return "TLS handshake failed (check monitor.tls_ca and the server's certificate)"
         if any(word in details.lower() for word in ("dns resolution failed", "errors resolving", "not resolve")):
             return "cannot resolve the server's host name"
-        if "Connection refused" in details or "connect" in details.lower():
+        if "Connection refused" in details:
             return "connection refused"
-        return "server unavailable"
+        if any(sign in details for sign in SILENCE_SIGNS):
+            return silence
+        if "Socket closed" in details:  # closed at our plaintext HTTP/2 preface: what a TLS listener does
+            return (f"the server speaks TLS (it closed a plaintext connection): use "
+                    f"https://{re.sub(r'^https?://', '', address, flags=re.IGNORECASE)} or monitor.tls_ca")
+        return f"server unavailable ({details[:80]})" if details else "server unavailable"
     if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
         return f"the server refused the token ({TOKEN_ENV} or monitor.token)"
     if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "server did not answer in time"
+        return silence
     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # ccmon's server says what to do: in full
         return f"the server cannot answer: {details[:400]}"
-    return f"{exc.code().name.lower()}: {details[:80]}"
+    return f"{exc.code().name.lower()}: {details[:80]}"  # the server's words: printed through printable
 
 
 GO_CCMON_METHODS = {"GetStats", "GetAPIRequests"}  # what the original Go ccmon server answers
 GO_CCMON_ONLY = "the Go ccmon server answers only GetStats and GetAPIRequests"
+GO_CCMON_ZEROS = "the Go ccmon server records no tokens or cost for Claude Code 2.x (its figures are zeros)"
+
+
+class GoCcmonServer(ServerUnreachable):
+    """The server answered, but it is the Go ccmon, without the query asked for."""
 
 
 class Client:
@@ -4845,8 +4865,8 @@ class Client:
             if self.go_extras_empty:
                 self.unanswered.add(method)
                 return getattr(ccmon_pb2, method + "Response")()  # nothing to show
-            raise ServerUnreachable(GO_CCMON_ONLY) from None
-        raise ServerUnreachable(describe_rpc_error(exc)) from None
+            raise GoCcmonServer(GO_CCMON_ONLY) from None
+        raise ServerUnreachable(describe_rpc_error(exc, self.address, self.timeout_s)) from None
 
     def _invoke(self, method: str, request):
         return getattr(self._stub, method)(request, timeout=self.timeout_s, metadata=self._metadata)
@@ -4861,7 +4881,7 @@ class Client:
                 self._go_ccmon = True
             except grpc.RpcError as exc:
                 if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise ServerUnreachable(describe_rpc_error(exc)) from None
+                    raise ServerUnreachable(describe_rpc_error(exc, self.address, self.timeout_s)) from None
                 self._go_ccmon = False
         return self._go_ccmon
 
@@ -5161,12 +5181,46 @@ def format_count(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def half_up(numerator: int, denominator: int) -> int:
+    """numerator / denominator to the nearest whole number, halves up (away from zero): the one rounding rule
+    of every figure shown, applied to exact integers so that $0.06225 shows as $0.0623 and 20.5% as 21%."""
+    quotient = (2 * abs(numerator) + denominator) // (2 * denominator)
+    return -quotient if numerator < 0 else quotient
+
+
 def format_cost(nanos: int) -> str:
-    """$0.0421 below a dollar (single requests cost cents), $1,234.57 above."""
-    usd = nanos / NANOS_PER_USD
-    if 0 < usd < 0.00005:
+    """$0.0421 below a dollar (single requests cost cents), $1,234.57 above; halves rounded up."""
+    sign, nanos = ("-" if nanos < 0 else ""), abs(nanos)
+    ten_thousandths = half_up(nanos, NANOS_PER_USD // 10_000)
+    if 0 < nanos and ten_thousandths == 0:
         return "<$0.0001"
-    return f"${usd:.4f}" if 0 < round(usd, 4) < 1 else f"${usd:,.2f}"
+    if 0 < ten_thousandths < 10_000:
+        return f"{sign}$0.{ten_thousandths:04d}"
+    cents = half_up(nanos, NANOS_PER_USD // 100)
+    return f"{sign}${cents // 100:,}.{cents % 100:02d}"
+
+
+def format_percent(value: float) -> str:
+    """20.5 -> 21%: whole percents, halves up. A float percent is read at nine decimals, which is what it
+    carries of the ratio of integers it came from (41 / 200 * 100 is 20.499999999999996)."""
+    exact = decimal.Decimal(repr(float(value))).quantize(decimal.Decimal("1e-9"))
+    return f"{half_up(*exact.as_integer_ratio())}%"
+
+
+# C0 and C1 control characters and DEL: ESC, BEL, CR and their kind move the cursor, ring, retitle the terminal
+# or start an escape sequence; names from telemetry and status line input are anyone's text.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text as it may reach a terminal: each control character as its Python escape (ESC as \\x1b, a newline
+    as \\x0a), so that it is seen rather than obeyed. Every text output passes through it."""
+    return CONTROL_CHARACTERS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+def json_text(value: Any, **options) -> str:
+    """JSON for a terminal or a pipe: json.dumps escapes every control character but DEL."""
+    return json.dumps(value, **options).replace("\x7f", "\\u007f")
 
 
 def short_user(name: str) -> str:
@@ -5307,7 +5361,7 @@ def row_text(fitted: list[Fitted], cells: list[Cell], gap: int = 1) -> str:
     """One row of a fitted table: each cell in its column's form, cut with '~' when still too long."""
     parts = []
     for f in fitted:
-        value = form_at(cells[f.index], f.level)
+        value = printable(form_at(cells[f.index], f.level))  # escaped before it is cut: the columns stay aligned
         value = value if len(value) <= f.width else value[:f.width - 1] + "~"
         parts.append(value.ljust(f.width) if f.column.left else value.rjust(f.width))
     return (" " * gap).join(parts)
@@ -5424,15 +5478,14 @@ def format_quick(template: str, figures: QuickFigures) -> str:
     shown = {
         "daily_cost": lambda: format_cost(figures.daily.cost_nanos),
         "monthly_cost": lambda: format_cost(figures.monthly.cost_nanos),
-        "daily_plan_usage": lambda: f"{values['daily_plan_usage']:.0f}%",
-        "monthly_plan_usage": lambda: f"{values['monthly_plan_usage']:.0f}%",
+        "daily_plan_usage": lambda: format_percent(values['daily_plan_usage']),
+        "monthly_plan_usage": lambda: format_percent(values['monthly_plan_usage']),
         "daily_tokens": lambda: format_count(figures.daily.total),
         "monthly_tokens": lambda: format_count(figures.monthly.total),
         "block_usage": lambda: percent_or_dash(values.get("block_usage")),
         "block_remaining": lambda: format_duration(figures.block.remaining_ms) if figures.block else "-",
         "block_projection": lambda: percent_or_dash(values.get("block_projection")),
-        "weekly_usage": lambda: percent_or_dash(values["weekly_usage"]) if figures.weekly_limit else
-        format_count(figures.weekly.limited) if figures.weekly else "-",
+        "weekly_usage": lambda: percent_or_dash(values.get("weekly_usage")),  # a share of the weekly limit, if set
         "session_cost": lambda: format_cost(figures.session.cost_nanos),
         "five_hour": lambda: percent_or_dash(values["five_hour_percent"]),
         "five_hour_resets": lambda: reset_or_dash(values["five_hour_resets_at"], figures),
@@ -5443,7 +5496,7 @@ def format_quick(template: str, figures: QuickFigures) -> str:
 
 
 def percent_or_dash(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}%"
+    return "-" if value is None else format_percent(value)
 
 
 def reset_or_dash(resets_s: int | None, figures: QuickFigures) -> str:
@@ -5462,16 +5515,27 @@ def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
     client = Client.for_config(config, timeout_s=3.0)
     try:
         figures = fetch_quick_figures(client, config, now_ms(), wanted)
+        say_if_go_ccmon(client, quick_values(figures), config.monitor_server)
     except ServerUnreachable as exc:
-        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {exc}", file=sys.stderr)
+        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}",
+              file=sys.stderr)
         return 1
     finally:
         client.close()
     if as_json:
-        print(json.dumps(quick_values(figures), sort_keys=True))
+        print(json_text(quick_values(figures), sort_keys=True))
     else:
         print(format_quick(template or "", figures))
     return 0
+
+
+def say_if_go_ccmon(client: Client, values: dict[str, Any], address: str) -> None:
+    """Zeros from the Go ccmon are not usage: say so, once (asking which server it is only when all is zero)."""
+    if not any(values.get(name) for name in ("daily_cost", "monthly_cost", "daily_tokens", "monthly_tokens",
+                                             "session_cost")):
+        with contextlib.suppress(ServerUnreachable):
+            if not client.server_info().version:
+                print(f"ccmon: {address}: {GO_CCMON_ZEROS}", file=sys.stderr)
 
 
 def run_health_check(config: Config) -> int:
@@ -5481,14 +5545,14 @@ def run_health_check(config: Config) -> int:
     try:
         info = client.server_info()
     except ServerUnreachable as exc:
-        print(f"unhealthy: {config.monitor_server}: {exc}", file=sys.stderr)
+        print(f"unhealthy: {config.monitor_server}: {printable(str(exc))}", file=sys.stderr)
         return 1
     finally:
         client.close()
     if info.version:
-        print(f"ok: ccmon {info.version} at {config.monitor_server}, {info.total_requests} requests stored")
+        print(f"ok: ccmon {printable(info.version)} at {config.monitor_server}, {info.total_requests} requests stored")
     else:
-        print(f"ok: {config.monitor_server}: {GO_CCMON_ONLY}")
+        print(f"ok: {config.monitor_server}: {GO_CCMON_ONLY}; {GO_CCMON_ZEROS}")
     return 0
 
 
@@ -5544,23 +5608,23 @@ def status_values(data: dict, reading: LimitReading, session: Split | None, toda
     """The status line's figures as text; a figure with nothing to show is absent, never zero."""
     values = {}
     if text_at(data, "model", "display_name") or reading.model:
-        values["model"] = text_at(data, "model", "display_name") or reading.model
+        values["model"] = printable(text_at(data, "model", "display_name") or reading.model)
     if reading.context_percent is not None:
-        values["context"] = f"{reading.context_percent:.0f}%"
+        values["context"] = format_percent(reading.context_percent)
     own_cost = number_in((data.get("cost") or {}).get("total_cost_usd") if isinstance(data.get("cost"), dict)
                          else None, 0, MAX_USD)
-    if own_cost is not None:  # Claude Code's own figure for this session, up to this very turn
-        values["session_cost"] = format_cost(round(own_cost * NANOS_PER_USD))
-    elif session is not None:
-        values["session_cost"] = format_cost(session.total.cost_nanos)
+    session_nanos = round(own_cost * NANOS_PER_USD) if own_cost is not None else \
+        session.total.cost_nanos if session is not None else 0  # Claude Code's own figure, up to this very turn
+    if session_nanos:  # nothing yet at start-up: the session has made no request
+        values["session_cost"] = format_cost(session_nanos)
     if today is not None:
         values["daily_cost"] = format_cost(today.total.cost_nanos)
     for name, window in (("five_hour", reading.five_hour), ("seven_day", reading.seven_day)):
         if window is not None and window.resets_ms > now:
-            values[name] = f"{window.percent:.0f}%"
+            values[name] = format_percent(window.percent)
             values[f"{name}_resets"] = reset_time(window.resets_ms, now, zone)
     if reading.project:
-        values["project"] = Path(reading.project).name or reading.project
+        values["project"] = printable(Path(reading.project).name or reading.project)
     return values
 
 
@@ -5579,14 +5643,40 @@ def format_status_line(template: str, values: dict[str, str]) -> str:
     return "|".join(kept).strip()
 
 
-def read_status_input(stream) -> tuple[dict, str]:
+STATUS_INPUT_WAIT_S = 1.0  # for stdin to hold one whole JSON object: Claude Code writes it at once
+
+
+def read_json_object(fd: int, wait_s: float, limit: int) -> tuple[str, bool]:
+    """What arrives on `fd` until it holds one whole JSON object (stdin may be left open), it ends, `wait_s`
+    passes or more than `limit` bytes have come: (the text, whether it was cut at the limit)."""
+    deadline, received = time.monotonic() + wait_s, bytearray()
+    while len(received) <= limit:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        received += chunk
+        if received.rstrip().endswith(b"}"):  # perhaps the object's end: worth a parse
+            try:
+                json.JSONDecoder().raw_decode(received.decode("utf-8", "replace").lstrip())
+                break
+            except (ValueError, RecursionError):
+                pass
+    return received[:limit].decode("utf-8", "replace"), len(received) > limit
+
+
+def read_status_input(stream, wait_s: float = STATUS_INPUT_WAIT_S) -> tuple[dict, str]:
     """(the status line input, a problem to report or ''): no stdin, a terminal or bad JSON gives {} and says so."""
     if stream is None or stream.isatty():
         return {}, "ccmon statusline reads Claude Code's status line JSON on stdin (see docs/statusline.md)"
-    raw = stream.buffer.read(MAX_VALUE_CHARS) if hasattr(stream, "buffer") else stream.read(MAX_VALUE_CHARS)
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text, cut = read_json_object(stream.fileno(), wait_s, MAX_VALUE_CHARS)
+    if cut:
+        return {}, (f"ccmon statusline: stdin is larger than {MAX_VALUE_CHARS // 2**20} MB, more than a status line's "
+                    "input; showing server figures only")
     try:
-        data = json.loads(text)
+        data, _ = json.JSONDecoder().raw_decode(text.lstrip())
     except (ValueError, RecursionError):
         return {}, f"ccmon statusline: stdin is not JSON ({len(text)} characters); showing server figures only"
     if not isinstance(data, dict):
@@ -5772,6 +5862,7 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
         labels = project_labels(row["project"] for row in rows)
         cells["project"][:len(rows)] = [labels[row["project"]] if width is not None else row["project"] or NO_PROJECT
                                         for row in rows]
+    cells = {k: list(map(printable, column)) for k, column in cells.items()}  # names are anyone's text
     headers = {k: TABLE_HEADERS.get(k, k) for k in columns}
     body = [[cells[k][i] for k in columns] for i in range(len(rows) + 1)]
     fitted = fit_columns([Column(headers[k], max(len(headers[k]), *map(len, cells[k])), drop_rank(k), left=not numeric[k])
@@ -5801,8 +5892,13 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
         rows = report_rows(client, args.kind, start, end, zone, args.user, args.project)
+    except GoCcmonServer:
+        print(f"ccmon: {config.monitor_server} is the Go ccmon server, which answers only GetStats and GetAPIRequests: "
+              f"the {args.kind} report needs ccmon's own server", file=sys.stderr)
+        return 1
     except ServerUnreachable as exc:
-        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {exc}", file=sys.stderr)
+        print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}",
+              file=sys.stderr)
         return 1
     finally:
         client.close()
@@ -5811,20 +5907,21 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
               "until": dt.datetime.fromtimestamp(end / 1000, zone).isoformat(timespec="seconds"),
               "timezone": zone.key}
     if args.json:
-        print(json.dumps({"report": args.kind, **period, "user": args.user, "project": args.project, "rows": rows,
+        print(json_text({"report": args.kind, **period, "user": args.user, "project": args.project, "rows": rows,
                           "totals": totals}))
     elif args.csv:
         import csv
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else list(USAGE_FIELDS),
                                 lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: printable(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows)
         if rows:
             totals_row = {k: v for k, v in totals.items() if k in writer.fieldnames}
             writer.writerow({**totals_row, writer.fieldnames[0]: "Total"})
     else:
-        print(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
-              + (f", user {args.user}" if args.user else "") + (f", project {args.project}" if args.project else ""))
+        print(printable(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
+                        + (f", user {args.user}" if args.user else "")
+                        + (f", project {args.project}" if args.project else "")))
         print(report_table(rows, totals, None if args.wide else REPORT_WIDTH))
     return 0
 
@@ -6541,7 +6638,7 @@ def header_lines(state: ViewState, status: ServerStatus, snap: Snapshot | None, 
         link = (f" {screen.glyphs.dot} connecting to {settings.server}", "warn")
     else:
         wait = max(0, -(-(status.retry_at_ms - screen.now) // 1000))
-        reason = f" ({status.error})" if wide else ""
+        reason = f" ({printable(status.error)})" if wide else ""
         link = (f" {screen.glyphs.dot} disconnected{reason} - retrying in {wait}s", "bad")
     filter_text = TABS[state.tab].fixed_period or PERIODS[state.period][0]
     order = "oldest first" if state.oldest_first else "newest first"
@@ -6549,9 +6646,16 @@ def header_lines(state: ViewState, status: ServerStatus, snap: Snapshot | None, 
     user = [f"user {state.user}"] if state.user else []
     known = [p.project for p in snap.projects] if snap else []  # a label tells it from these
     project = [f"project {project_labels([state.project, *known])[state.project]}"] if state.project else []
+    *error_lines, last = message_lines(link[0], width) or [""]  # the whole error, on as many lines as it takes
     details = joined_to_fit(["", *(f" | {part}" for part in (*user, *project, filter_text, order, updated))],
-                            width - len(link[0]))  # as many as fit, most important first
-    return [[(title, "title")], tab_strip(state.tab, width), [link, (details, "dim")]]
+                            width - len(last))  # as many as fit, most important first
+    return [[(title, "title")], tab_strip(state.tab, width), *([(text, link[1])] for text in error_lines),
+            [(last, link[1]), (details, "dim")]]
+
+
+def message_lines(text: str, width: int) -> list[str]:
+    """A message on lines of at most `width`, continued with an indent: errors are read whole, never cut."""
+    return textwrap.wrap(text, width, subsequent_indent="   ", break_on_hyphens=False)
 
 
 def tab_strip(active: str, width: int) -> Line:
@@ -6650,7 +6754,8 @@ def claude_gauge(label: str, window: LimitWindow, read_ms: int, counted: int | N
         if counted is not None else ""
     resets = f", resets {reset_time(window.resets_ms, screen.now, screen.settings.zone)}"
     return gauge_line(f"Claude {label}", window.percent / 100, style,
-                      [f" {window.percent:3.0f}%", resets, support, pace, (f" (read {age})", f" ({age})")], screen)
+                      [f" {format_percent(window.percent):>4}", resets, support, pace, (f" (read {age})", f" ({age})")],
+                      screen)
 
 
 def block_gauge(limits: LimitFigures, status: BlockStatus, screen: Screen, alert_at: int) -> Line:
@@ -6663,7 +6768,7 @@ def block_gauge(limits: LimitFigures, status: BlockStatus, screen: Screen, alert
                                screen.width), "dim")]
     fraction = status.used / status.limit
     style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
-    figures = f" {fraction * 100:3.0f}%  {format_count(status.used)} / {format_count(status.limit)}"
+    figures = f" {format_percent(fraction * 100):>4}  {format_count(status.used)} / {format_count(status.limit)}"
     room = screen.width - GAUGE_LABEL - gauge_width(screen.width)
     noted = joined_to_fit([figures, limit_note(limits, settings)], room - len(left))  # as leaves the time left room
     return gauge_line("Block", fraction, style, [noted, left, ends], screen)
@@ -6722,7 +6827,7 @@ def weekly_line(limits: LimitFigures, screen: Screen, alert_at: int) -> Line:
         fraction = premium.limited / limit
         style = "alert" if fraction * 100 >= alert_at else level_style(fraction)
         pace = "" if reached is None else f", limit {local_time(reached, settings.zone, '%a %H:%M')} at this pace"
-        figures = f" {fraction * 100:3.0f}%  {format_count(premium.limited)} / {format_count(limit)}"
+        figures = f" {format_percent(fraction * 100):>4}  {format_count(premium.limited)} / {format_count(limit)}"
         return gauge_line("Week", fraction, style, [figures, pace, detail], screen)
     return [(joined_to_fit(["Week".ljust(GAUGE_LABEL) + f"{format_count(premium.limited)} premium tokens, "
                             f"{format_cost(premium.cost_nanos)}", detail], screen.width), "dim")]
@@ -6773,7 +6878,7 @@ def projection_line(limits: LimitFigures, status: BlockStatus, settings: Monitor
         at = local_time(reached, settings.zone)
         long, short, style = words.at_long.format(at=at), words.at_short.format(at=at), "warn"
     else:
-        projected = f"{target.projected_at_end() / target.limit * 100:.0f}%"
+        projected = format_percent(target.projected_at_end() / target.limit * 100)
         long, short, style = (words.end_long.format(projected=projected),
                               words.end_short.format(projected=projected), "good")
     return [(pace + (long if len(pace + long) <= width else short), style)]
@@ -6842,7 +6947,7 @@ def _daily_cells(label: str, split: Split, rate: str) -> list[str]:
 
 def share_cell(part: int, whole: int, glyphs: Glyphs, width: int = 8) -> str:
     fraction = part / whole if whole else 0.0
-    return f"{bar(fraction, width, glyphs)} {fraction * 100:3.0f}%"
+    return f"{bar(fraction, width, glyphs)} {format_percent(fraction * 100):>4}"
 
 
 def average_ms(total_ms: int, count: int) -> str:
@@ -6976,7 +7081,7 @@ def tools_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     data: ToolReport = snap.data
     width, glyphs = screen.width, screen.glyphs
     page_rows = max(1, screen.rows - 6 - min(len(data.errors), 3))  # room below for decisions and errors
-    tools = [([t.tool, format_count(t.calls), f"{t.successes / t.calls * 100:.0f}%" if t.calls else "-",
+    tools = [([t.tool, format_count(t.calls), format_percent(t.successes / t.calls * 100) if t.calls else "-",
                format_duration(t.p50_ms), format_duration(t.p95_ms)], "" if t.successes == t.calls else "warn")
              for t in data.tools[state.scroll:state.scroll + page_rows]]
     header, body = table_lines([Column("Tool", 12, 0, left=True), Column("Calls", 6, 0),
@@ -7004,7 +7109,7 @@ def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     rows = [([user_names(u.user, "(unknown)"), str(u.sessions), format_count(u.split.total.requests),
               format_count(u.split.total.total), format_count(u.split.premium.limited),
               format_cost(u.split.total.cost_nanos), share_cell(u.split.total.cost_nanos, whole, screen.glyphs)] +
-             ([f"{window.percent:.0f}%" if window else "-" for window in claude[u.user]] if with_claude else []),
+             ([format_percent(window.percent) if window else "-" for window in claude[u.user]] if with_claude else []),
              "tab_active" if u.user and u.user == state.user else "")
             for u in snap.users[state.scroll:state.scroll + page_rows]]
     header, body = table_lines(columns, rows, screen.width)
@@ -7167,8 +7272,9 @@ def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen
         hint = HELP_FOOTER if len(HELP_TEXT) <= tab_frame.page_rows else HELP_FOOTER_MORE
     elif snap is None:
         message = "Connecting to the ccmon server..." if status.attempts == 0 else \
-            f"Cannot reach the ccmon server at {screen.settings.server}: {status.error}. Is 'ccmon --server' running?"
-        lines += [[("", "")], [(message, "warn")]]
+            f"Cannot reach the ccmon server at {screen.settings.server}: {printable(status.error)}. " \
+            "Is 'ccmon --server' running?"
+        lines += [[("", "")], *([(text, "warn")] for text in message_lines(message, width))]
     elif snap.server_requests == 0:
         lines += boxed([t.format(server=screen.settings.server) for t in WAITING_TEXT], width, room, screen.glyphs)
     elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):  # another tab's data
@@ -7277,8 +7383,8 @@ def draw(curses_module, window, lines: list[Line], attributes: dict[str, int]) -
     height, width = window.getmaxyx()
     for y, line in enumerate(lines[:height]):
         x = 0
-        for text, style in line:
-            text = text[:width - x - (1 if y == height - 1 else 0)]  # never write the bottom-right cell
+        for text, style in line:  # names from telemetry are anyone's text: shown, never obeyed
+            text = printable(text)[:width - x - (1 if y == height - 1 else 0)]  # never the bottom-right cell
             if text:
                 window.addstr(y, x, text, attributes.get(style, 0))
             x += len(text)
@@ -7317,7 +7423,7 @@ def due_alerts(limits: LimitFigures | None, settings: MonitorSettings, now: int,
                 fired.discard(key)  # re-arms a rolling window's alert
             elif key not in fired:
                 fired.add(key)
-                figures = f"Claude says {percent:.0f}%" if source == "claude" else \
+                figures = f"Claude says {format_percent(percent)}" if source == "claude" else \
                     f"{format_count(used)} of {format_count(limit)}"
                 due.append((key, f"ALERT: {kind} usage passed {threshold}% ({figures})",
                             {"CCMON_ALERT_KIND": kind, "CCMON_ALERT_THRESHOLD": str(threshold),
@@ -7562,7 +7668,23 @@ def chosen_mode(args: argparse.Namespace, parser: CommandLine) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run a command; output that cannot be written (a full disk, a closed pipe) ends it with one line."""
+    try:
+        code = run_command(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()  # what is still buffered fails here, not in a traceback at exit
+        return code
+    except BrokenPipeError:  # `ccmon report daily | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush into the pipe
+        return 0
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO) or exc.filename is not None:
+            raise  # a named file's failure (the server's database, say), not the output's
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the rest is lost either way
+        print(f"ccmon: cannot write the output: {exc.strerror}", file=sys.stderr)
+        return 1
+
+
+def run_command(argv: list[str]) -> int:
     mode, parser, words = "", build_parser(), argv
     for command, build in (("report", build_report_parser), ("statusline", build_status_line_parser),
                            ("import", build_import_parser)):
@@ -7602,9 +7724,6 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as exc:
         print(f"ccmon: {exc}", file=sys.stderr)
         return 1
-    except BrokenPipeError:  # `ccmon report daily | head -1`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush into the pipe
-        return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import types
 import tomllib
 from pathlib import Path
 
@@ -462,6 +463,9 @@ def test_config_file_search_order_and_flag_precedence(tmp_path, monkeypatch):
     assert (config.plan, config.server_address, config.max_tokens) == ("max20", "0.0.0.0:4317", 5)
 
 
+TOKEN_RULE = "a token must be printable ASCII without spaces (letters, digits, punctuation)"
+
+
 FILE_ERRORS = [
     ("config.toml", '[claude]\nplan = "gold"\n', "{path}: claude.plan: unknown plan 'gold' (accepted: unset, pro, "
                                                  "max, max20)"),
@@ -490,7 +494,12 @@ FILE_ERRORS = [
     ("config.yaml", 'claude: [unclosed', "{path}: not valid YAML: "),
     ("config.json", '[1, 2]', "{path}: the top level must be a table of sections"),
     ("config.toml", 'claude = 5\n', "{path}: [claude] must be a table of settings"),
-    ("config.toml", '[monitor]\ntoken = 5\n', "{path}: monitor.token: a token must be a string without spaces"),
+    ("config.toml", '[monitor]\ntoken = 5\n', "{path}: monitor.token: " + TOKEN_RULE),
+    # what no Authorization header or gRPC metadata can carry
+    ("config.toml", '[monitor]\ntoken = "t\u00f6k\u00e9n"\n', "{path}: monitor.token: " + TOKEN_RULE),
+    ("config.toml", '[server]\ntoken = "a\\u0000b"\n', "{path}: server.token: " + TOKEN_RULE),
+    ("config.json", '{"a":' * 100_000 + '1' + '}' * 100_000,
+     "{path}: nested too deeply to be a ccmon config (it has sections of settings)"),
     ("config.toml", '[monitor]\ntls_ca = true\n', "{path}: monitor.tls_ca: expected a file path, got True"),
 ]
 
@@ -709,6 +718,8 @@ def test_example_config_is_valid_and_shows_the_defaults(tmp_path, monkeypatch):
     ([], {"CCMON_TOKEN": ""}, "CCMON_TOKEN: the token is empty; give a token, or unset CCMON_TOKEN for none"),
     (["--monitor-token", "m"], {"CCMON_TOKEN": ""},  # the server's token still comes from the variable
      "CCMON_TOKEN: the token is empty; give a token, or unset CCMON_TOKEN for none"),
+    ([], {"CCMON_TOKEN": "t\u00f6ken"}, "CCMON_TOKEN: " + TOKEN_RULE),
+    (["--monitor-token", "a\x07b"], {}, "--monitor-token: " + TOKEN_RULE),
 ])
 def test_an_empty_token_given_on_the_command_line_or_environment_is_a_config_error(args, env, message, tmp_path,
                                                                                       monkeypatch, capsys):
@@ -3305,6 +3316,29 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+
+def test_clients_say_when_nothing_answers_in_time_or_the_server_speaks_tls(tmp_path):
+    with socket.socket() as silent:  # accepts connections (the kernel does) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        client = ccmon.Client(address, timeout_s=0.5)
+        with pytest.raises(ccmon.ServerUnreachable) as raised:
+            client.server_info()
+        client.close()
+        assert str(raised.value) == f"nothing answered at {address} within 0.5 s"
+        health = run_ccmon(["--health", "--monitor-server", address], tmp_path)
+        assert (health.returncode, health.stderr) == (1, f"unhealthy: {address}: nothing answered at {address} "
+                                                         "within 3 s\n")
+    cert, key = make_certificate(tmp_path, "server")
+    srv = ServerProcess(tmp_path, "--server-tls-cert", str(cert), "--server-tls-key", str(key)).start()
+    try:
+        assert_clients_say(srv.target, f"the server speaks TLS (it closed a plaintext connection): use "
+                                       f"https://{srv.target} or monitor.tls_ca", tmp_path)
+    finally:
+        srv.stop()
+
+
 @pytest.fixture
 def go_server(tmp_path):
     """The original Go ccmon server (v0.9.4) on a free loopback port, once it answers gRPC."""
@@ -3323,12 +3357,16 @@ def go_server(tmp_path):
 @e2e
 def test_clients_against_the_original_go_server(go_server, tmp_path):
     port = int(go_server.rsplit(":", 1)[1])
+    # It stores Claude Code 2.x's numbers as zeros: a quick query of nothing but zeros says why, once.
+    zeros = run_ccmon(["--monitor-server", go_server, "--format", "@daily_cost @daily_tokens"], tmp_path)
+    assert (zeros.returncode, zeros.stdout, zeros.stderr) == (0, "$0.00 0\n",
+                                                              f"ccmon: {go_server}: {ccmon.GO_CCMON_ZEROS}\n")
     # The Go server reads figures only from strings, as Claude Code sends them.
     assert sdk_export(port, [("api_request", api_request(1, iso(int(time.time() * 1000) - 60_000),
                                                          input_tokens="100", cost_usd="0.5"))]) == ["SUCCESS"]
     health = run_ccmon(["--health", "--monitor-server", go_server], tmp_path)
     assert (health.returncode, health.stderr) == (0, "")
-    assert health.stdout == f"ok: {go_server}: the Go ccmon server answers only GetStats and GetAPIRequests\n"
+    assert health.stdout == f"ok: {go_server}: {ccmon.GO_CCMON_ONLY}; {ccmon.GO_CCMON_ZEROS}\n"
     assert sdk_export(port, [go_telemetry(2, "claude-sonnet-4-5", input_tokens=1200, output_tokens=300,
                                           cost_usd=1.25, duration_ms=900),
                              go_telemetry(3, "claude-haiku-4-5", input_tokens=100, output_tokens=10,
@@ -3351,8 +3389,43 @@ def test_clients_against_the_original_go_server(go_server, tmp_path):
     for kind in ccmon.REPORT_KINDS:
         report = run_ccmon(["report", kind, "--monitor-server", go_server], tmp_path)
         assert (report.returncode, report.stdout) == (1, "")
-        assert report.stderr == (f"ccmon: cannot reach the ccmon server at {go_server}: the Go ccmon server answers "
-                                 "only GetStats and GetAPIRequests\n")
+        assert report.stderr == (f"ccmon: {go_server} is the Go ccmon server, which answers only GetStats and "
+                                 f"GetAPIRequests: the {kind} report needs ccmon's own server\n")
+
+
+
+class GoLikeQueryService(ccmon_pb2_grpc.QueryServiceServicer):
+    """What the Go ccmon answers for Claude Code 2.x's telemetry: zeros, from GetStats and GetAPIRequests only
+    (the rest UNIMPLEMENTED, as the base servicer answers)."""
+
+    def GetStats(self, request, context):
+        return ccmon_pb2.GetStatsResponse(stats=ccmon_pb2.Stats())
+
+    def GetAPIRequests(self, request, context):
+        return ccmon_pb2.GetAPIRequestsResponse()
+
+
+def test_clients_against_a_server_that_answers_as_the_go_ccmon(tmp_path):
+    from concurrent import futures
+    go_like = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    ccmon_pb2_grpc.add_QueryServiceServicer_to_server(GoLikeQueryService(), go_like)
+    address = f"127.0.0.1:{go_like.add_insecure_port('127.0.0.1:0')}"
+    go_like.start()
+    try:
+        quick = run_ccmon(["--monitor-server", address, "--format", "@daily_cost @monthly_cost @daily_tokens"],
+                          tmp_path)
+        assert (quick.returncode, quick.stdout) == (0, "$0.00 $0.00 0\n")
+        assert quick.stderr == f"ccmon: {address}: {ccmon.GO_CCMON_ZEROS}\n"  # once, however many figures
+        health = run_ccmon(["--health", "--monitor-server", address], tmp_path)
+        assert (health.returncode, health.stdout, health.stderr) == \
+            (0, f"ok: {address}: the Go ccmon server answers only GetStats and GetAPIRequests; the Go ccmon server "
+                "records no tokens or cost for Claude Code 2.x (its figures are zeros)\n", "")
+        report = run_ccmon(["report", "model", "--monitor-server", address], tmp_path)
+        assert (report.returncode, report.stdout, report.stderr) == \
+            (1, "", f"ccmon: {address} is the Go ccmon server, which answers only GetStats and GetAPIRequests: the "
+                    "model report needs ccmon's own server\n")
+    finally:
+        go_like.stop(None)
 
 
 def go_telemetry(sequence: int, model: str, **figures) -> tuple[str, dict]:
@@ -3498,6 +3571,36 @@ def test_quick_query_and_health_when_server_is_down(tmp_path, server):
     assert (up.returncode, up.stdout) == (0, f"ok: ccmon {ccmon.VERSION} at {server.target}, 0 requests stored\n")
 
 
+
+def test_costs_and_percents_round_half_up_from_the_exact_figure():
+    """Claude Code's own $0.01245 (one Sonnet call) and Claude's 20.5 %: every output rounds halves up."""
+    assert [ccmon.format_cost(n) for n in (12_450_000, 20_750_000, 62_250_000, 49_999, 50_000, 999_949_999,
+                                           999_950_000, 4_125_000_000, 1_234_565_000_000, 0)] == \
+        ["$0.0125", "$0.0208", "$0.0623", "<$0.0001", "$0.0001", "$0.9999", "$1.00", "$4.13", "$1,234.57", "$0.00"]
+    assert [ccmon.format_percent(p) for p in (20.5, 55.5, 41 / 200 * 100, 99.5, 0.49, 0)] == \
+        ["21%", "56%", "21%", "100%", "0%", "0%"]
+    now, zone = 1_795_762_477_000, ccmon.ZoneInfo("UTC")
+    data = {"session_id": "s", "cost": {"total_cost_usd": 0.06225}, "rate_limits": {
+        "five_hour": {"used_percentage": 55.5, "resets_at": now // 1000 + 3600},
+        "seven_day": {"used_percentage": 20.5, "resets_at": now // 1000 + 86400}}}
+    reading = ccmon.reading_from_status_input(data, now)
+    values = ccmon.status_values(data, reading, None, ccmon.Split(ccmon.Usage(cost_nanos=20_750_000)), zone, now)
+    assert ccmon.format_status_line("@session_cost @daily_cost @five_hour @seven_day", values) == \
+        "$0.0623 $0.0208 56% 21%"
+    figures = ccmon.QuickFigures("pro", 30, daily=ccmon.Usage(cost_nanos=12_450_000),
+                                 monthly=ccmon.Usage(cost_nanos=4_100_000_000),
+                                 session=ccmon.Usage(cost_nanos=62_250_000),
+                                 claude=ccmon.ClaudeLimits(reading), now_ms=now, zone=zone)
+    assert ccmon.format_quick("@daily_cost @session_cost @monthly_plan_usage @five_hour", figures) == \
+        "$0.0125 $0.0623 21% 56%"  # $4.10 of pro's $20 is 20.5 %
+    assert [ccmon.table_cell("cost_usd", usd, False) for usd in (0.01245, 0.06225, 4.125)] == \
+        ["$0.0125", "$0.0623", "$4.13"]
+    screen = ccmon.Screen(_settings(), 80, 24, now, ccmon.Glyphs.for_terminal(False))
+    assert line_text(ccmon.claude_gauge("5h", ccmon.LimitWindow(20.5, now + 3_600_000), now, None, screen, 90)) == \
+        "Claude 5h   ###.............  21%, resets 08:54 (read just now)"
+    assert ccmon.share_cell(41, 200, screen.glyphs, 4).endswith(" 21%")
+
+
 # ---------------------------------------------------------------- status line: ccmon statusline, Claude's own limits
 
 def sample_status_inputs() -> list[dict]:
@@ -3515,20 +3618,20 @@ def test_status_line_input_is_read_as_claude_code_writes_it():
         ccmon.LimitWindow(55.5, 1_795_764_643_000), ccmon.LimitWindow(20.5, 1_796_016_643_000), None, "2.1.328")
     values = ccmon.status_values(subscriber, reading, None, None, ccmon.ZoneInfo("Europe/Berlin"), now)
     assert values == {"model": "Sonnet 4.5", "context": "3%", "session_cost": "$0.0374", "five_hour": "56%",
-                      "five_hour_resets": "08:30", "seven_day": "20%", "seven_day_resets": "Mon 06:30",
+                      "five_hour_resets": "08:30", "seven_day": "21%", "seven_day_resets": "Mon 06:30",
                       "project": "proj-alpha"}
     assert ccmon.format_status_line(ccmon.DEFAULT_STATUS_LINE, values) == \
-        "Sonnet 4.5 | ctx 3% | session $0.0374 | 5h 56% (resets 08:30) | week 20% (Mon 06:30)"
+        "Sonnet 4.5 | ctx 3% | session $0.0374 | 5h 56% (resets 08:30) | week 21% (Mon 06:30)"
     # An API-key session has no rate limits; before its first answer no context either: those parts go.
     first = ccmon.reading_from_status_input(api_key, now)
     assert (first.five_hour, first.seven_day) == (None, None)
     assert ccmon.format_status_line(ccmon.DEFAULT_STATUS_LINE, ccmon.status_values(
         sample_status_inputs()[4], ccmon.reading_from_status_input(sample_status_inputs()[4], now), None,
         ccmon.Split(premium=ccmon.Usage(cost_nanos=8_350_000_000)), ccmon.ZoneInfo("UTC"), now)) == \
-        "Sonnet 4.5 | session $0.00 | today $8.35"
+        "Sonnet 4.5 | today $8.35"  # nothing spent yet: no session part
     # A window whose reset has passed says nothing any more; odd values are ignored, not trusted.
     later = ccmon.status_values(subscriber, reading, None, None, ccmon.ZoneInfo("UTC"), 1_795_764_643_000)
-    assert "five_hour" not in later and later["seven_day"] == "20%"
+    assert "five_hour" not in later and later["seven_day"] == "21%"
     odd = ccmon.reading_from_status_input({"session_id": 7, "rate_limits": {"five_hour": {
         "used_percentage": "55", "resets_at": 1}, "seven_day": {"used_percentage": 250, "resets_at": 10}},
         "context_window": {"used_percentage": float("nan")}, "model": ["x"]}, now)
@@ -3687,6 +3790,35 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
     assert mixed.stdout == "Sonnet 4.5: $2.50 this month, @nonsense\n"
 
 
+
+def test_status_line_reads_one_object_from_stdin_left_open(tmp_path):
+    """Claude Code's JSON is parsed once it is whole, whether or not stdin is closed after it."""
+    proc = subprocess.Popen([*CCMON, "statusline", "--monitor-server", "127.0.0.1:9"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "HOME": str(tmp_path)})
+    try:
+        proc.stdin.write(json.dumps({"model": {"display_name": "Opus"}, "cost": {"total_cost_usd": 0.01245}}))
+        proc.stdin.flush()  # and left open, as a writer that never closes it would
+        assert proc.wait(20) == 0
+        assert (proc.stdout.read(), proc.stderr.read()) == ("Opus | session $0.0125\n", "")
+    finally:
+        proc.stdin.close()
+        proc.kill() if proc.poll() is None else None
+
+
+def test_status_line_input_too_large_and_output_to_a_full_disk(tmp_path):
+    huge = json.dumps({"model": {"display_name": "Opus"}, "padding": "x" * 50 * 2**20})  # valid JSON, 50 MB
+    result = status_line("127.0.0.1:9", huge, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "ccmon: nothing to show yet\n")
+    assert result.stderr == ("ccmon statusline: stdin is larger than 1 MB, more than a status line's input; showing "
+                             "server figures only\n")
+    with open("/dev/full", "w") as full:  # every command's output goes through main's one writer check
+        written = subprocess.run([*CCMON, "statusline", "--monitor-server", "127.0.0.1:9"], input="{}", stdout=full,
+                                 stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=30,
+                                 env={**os.environ, "HOME": str(tmp_path)})
+    assert (written.returncode, written.stderr) == (1, "ccmon: cannot write the output: No space left on device\n")
+
+
 # ---------------------------------------------------------------- reports: ccmon report
 
 def run_report(srv: ServerProcess, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -3769,6 +3901,45 @@ def test_report_errors(args, message, tmp_path, capsys, monkeypatch):
     unreachable = run_ccmon(["report", "model", "--monitor-server", "127.0.0.1:9"], tmp_path)
     assert (unreachable.returncode, unreachable.stdout) == (1, "")
     assert unreachable.stderr == "ccmon: cannot reach the ccmon server at 127.0.0.1:9: connection refused\n"
+
+
+
+HOSTILE = "x\x1b[31m\x07\r\x9b\x7fy"  # ESC starting a colour, BEL, CR, a C1 CSI and DEL, in anyone's names
+RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # any control character but the line ends
+
+
+def test_names_with_control_characters_are_shown_not_obeyed(server, tmp_path):
+    """Anyone who can export to a team server names projects, sessions, models and users; the status line's
+    stdin names the model. Every output shows their control characters as escapes (\x1b), never raw."""
+    assert sdk_export(server.port, [("api_request", api_request(
+        1, hours_ago(0.1), model=f"claude-{HOSTILE}", session=f"s-{HOSTILE}", input_tokens=10, cost_usd=0.01245,
+        **{"user.email": f"u-{HOSTILE}"}))], resource={**CLAUDE_RESOURCE, "project": f"p-{HOSTILE}"}) == ["SUCCESS"]
+    shown = r"x\x1b[31m\x07\x0d\x9b\x7fy"
+    outputs = []
+    for kind, form in [(kind, form) for kind in ("project", "session", "model") for form in ([], ["--csv"])] + \
+            [("session", ["--json"]), ("session", ["--wide"])]:
+        result = run_ccmon(["report", kind, "--monitor-server", server.target, *form], tmp_path)
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+        if form != ["--json"]:
+            assert shown in result.stdout, (kind, form, result.stdout)
+    data = live_input("s-live")
+    data["model"]["display_name"] = f"Sonnet {HOSTILE}"
+    data["workspace"]["project_dir"] = f"/home/p-{HOSTILE}"
+    line = status_line(server.target, data, "--format", "@model @project", cwd=tmp_path)
+    assert (line.returncode, line.stdout) == (0, f"Sonnet {shown} p-{shown}\n")
+    outputs.append(line.stdout)
+    assert [output for output in outputs if RAW_CONTROL.search(output)] == []
+    # The monitor: at the drawing edge, whatever the screen built its lines from.
+    written = []
+    window = types.SimpleNamespace(erase=lambda: None, getmaxyx=lambda: (3, 40), noutrefresh=lambda: None,
+                                   addstr=lambda y, x, text, attr: written.append(text))
+    ccmon.draw(types.SimpleNamespace(doupdate=lambda: None), window, [[(f"a{HOSTILE}", "")], [("b\x1b]0;t\x07", "")]],
+               {})
+    assert written == [r"ax\x1b[31m\x07\x0d\x9b\x7fy", r"b\x1b]0;t\x07"]
+    fitted = ccmon.fit_columns([ccmon.Column("model", 12, 0, left=True), ccmon.Column("cost", 7, 0)],
+                               [[f"m{HOSTILE}", "$0.0125"]], 20)  # a table's cells: escaped, cut, still aligned
+    assert ccmon.row_text(fitted, [f"m{HOSTILE}", "$0.0125"]) == r"mx\x1b[31m\~ $0.0125"
 
 
 # ---------------------------------------------------------------- monitor: view model and pure render functions
@@ -3976,8 +4147,8 @@ def test_render_states_without_data():
     down = ccmon.ServerStatus(False, "connection refused", now + 4000, 3)
     lines, _ = frame_text(ccmon.ViewState(), None, settings, 80, 24, now, status=down)
     assert lines[2] == " * disconnected (connection refused) - retrying in 4s | all time | newest first"
-    assert lines[4] == ("Cannot reach the ccmon server at 127.0.0.1:4317: connection refused. Is 'ccmon --server' "
-                        "running?")[:80]
+    assert lines[4:6] == ["Cannot reach the ccmon server at 127.0.0.1:4317: connection refused. Is 'ccmon",
+                          "   --server' running?"]
     stale, _ = frame_text(ccmon.ViewState(period="b"), snap, settings, 80, 24, now, status=down)
     assert stale[2].startswith(" * disconnected (connection refused) - retrying in 4s")
     assert stale[6] == FRAME_80x24[6]  # the last data stays on screen
@@ -4440,6 +4611,31 @@ def test_a_sessions_source_is_where_most_of_its_requests_came_from():
     assert ccmon.session_source(0, False, 0, 5) == "events" and ccmon.session_source(0, True, 0, 2) == "metrics"
 
 
+def test_monitor_error_lines_wrap_to_the_width():
+    now, settings = 1_773_138_600_000, _settings()
+    error = "the server speaks TLS (it closed a plaintext connection): use https://127.0.0.1:4317 or monitor.tls_ca"
+    down = ccmon.ServerStatus(False, error, now + 4000, 3)
+    lines, _ = frame_text(ccmon.ViewState(), None, settings, 80, 24, now, status=down)
+    assert lines[2:8] == [
+        " * disconnected (the server speaks TLS (it closed a plaintext connection): use",
+        "   https://127.0.0.1:4317 or monitor.tls_ca) - retrying in 4s | all time",
+        "",
+        "Cannot reach the ccmon server at 127.0.0.1:4317: the server speaks TLS (it",
+        "   closed a plaintext connection): use https://127.0.0.1:4317 or monitor.tls_ca.",
+        "   Is 'ccmon --server' running?"]
+    narrow, _ = frame_text(ccmon.ViewState(), None, settings, 40, 24, now, status=down)
+    assert narrow[2:10] == [
+        " * disconnected - retrying in 4s",
+        "",
+        "Cannot reach the ccmon server at",
+        "   127.0.0.1:4317: the server speaks TLS",
+        "   (it closed a plaintext connection):",
+        "   use https://127.0.0.1:4317 or",
+        "   monitor.tls_ca. Is 'ccmon --server'",
+        "   running?"]
+    assert max(map(len, lines + narrow)) <= 80 and max(map(len, narrow)) <= 40
+
+
 # ---------------------------------------------------------------- monitor in a real terminal
 
 def terminal_screen(cols: int, rows: int):
@@ -4744,7 +4940,7 @@ CONFIG_ERRORS = [
      "--server-tls-client-ca: mutual TLS needs server.tls_cert and server.tls_key too"),
     (["--monitor-tls-key", __file__],
      "--monitor-tls-key: a client certificate needs both monitor.tls_cert and monitor.tls_key"),
-    (["--server-token", "two words"], "--server-token: a token must be a string without spaces"),
+    (["--server-token", "two words"], "--server-token: " + TOKEN_RULE),
     (["--alert", "150"], "--alert: invalid alert threshold '150' (use whole percentages from 1 to 100, such as 80)"),
     (["--alert", "80", "--alert", "eighty"],
      "--alert: invalid alert threshold 'eighty' (use whole percentages from 1 to 100, such as 80)"),
@@ -5242,7 +5438,7 @@ def test_auto_block_monitor_alert_and_format(tmp_path):
         assert (usage, weekly) == ("71%", "10%")  # 5,000 of pro's 7,000; 5,000 of 50,000
         assert int(projection.rstrip("%")) >= 71
         plain = run_ccmon(["--monitor-server", srv.target, "--format", "@weekly_usage"], tmp_path)
-        assert plain.stdout == "5.00K\n"  # no block tracking, no weekly limit: the week's premium tokens
+        assert plain.stdout == "-\n"  # no weekly limit, no share of one (--json has weekly_premium_tokens)
         figures = json.loads(run_ccmon(["--monitor-server", srv.target, "-b", "auto", "--json"], tmp_path).stdout)
         assert figures["block_end"] == (first_hour + ccmon.BLOCK_MS) // 1000
         assert figures["weekly_premium_tokens"] == 5000
@@ -5559,7 +5755,7 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
                            "@seven_day_resets"], tmp_path)
         now = ccmon.now_ms()
         assert (shown.stdout, shown.stderr) == (
-            f"5h 30% until {ccmon.reset_time(resets, now, utc)}, week 20% until "
+            f"5h 30% until {ccmon.reset_time(resets, now, utc)}, week 21% until "
             f"{ccmon.reset_time(week_resets, now, utc)}\n", "")
         report = json.loads(run_ccmon(["report", "blocks", "--json", *base], tmp_path).stdout)
         assert [{key: row[key] for key in ("block_start", "block_end", "window", "premium_tokens")}
@@ -5588,7 +5784,7 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
             pace = re.fullmatch(r"Recent pace (\S+); too few of Claude's readings to project its limit *",
                                 line_with(screen, "Recent pace"))
             assert pace and pace.group(1) in paces, (line_with(screen, "Recent pace"), paces)
-            assert re.match(rf"Claude week [█░]+  20%, resets "
+            assert re.match(rf"Claude week [█░]+  21%, resets "
                             rf"{re.escape(ccmon.reset_time(week_resets, ccmon.now_ms(), utc))}; ccmon counted 30\.0K",
                             line_with(screen, "Claude week"))
             assert not [line for line in screen.splitlines() if line.startswith(("Week", "Block", "Tokens"))]
@@ -5596,7 +5792,7 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
             monitor.send(b"6")
             screen = monitor.wait_for("Users by cost", "the users tab")
             assert line_with(screen, "User ").split()[-2:] == ["5h", "Week"]
-            assert line_with(screen, "ana@example.com").split()[-2:] == ["30%", "20%"]
+            assert line_with(screen, "ana@example.com").split()[-2:] == ["30%", "21%"]
             wait_until(marker.exists, "the alert command's output", 10)
             time.sleep(2)  # two more refreshes: nothing more fires
             assert marker.read_text().split() == [
@@ -5635,8 +5831,8 @@ def test_each_users_own_limits_on_a_team_server(server, tmp_path):
         table = lines.index(next(line for line in lines if line.startswith("-- Users by cost")))
         assert [line.split() for line in lines[table + 1:table + 4]] == [
             ["User", "Sessions", "Req", "Tokens", "Premium", "Cost", "Share", "of", "cost", "5h", "Week"],
-            ["ana@example.com", "1", "10", "15.0K", "15.0K", "$0.00", "........", "0%", "30%", "20%"],
-            ["bo@example.com", "1", "1", "800", "800", "$0.00", "........", "0%", "80%", "20%"]]
+            ["ana@example.com", "1", "10", "15.0K", "15.0K", "$0.00", "........", "0%", "30%", "21%"],
+            ["bo@example.com", "1", "1", "800", "800", "$0.00", "........", "0%", "80%", "21%"]]
         state = ccmon.ViewState(tab="users", user="bo@example.com", period="b")
         snap = ccmon.fetch_snapshot(client, ccmon.query_for(state, settings, now))
         lines, _ = frame_text(state, snap, settings, 100, 30, now)
@@ -5860,7 +6056,7 @@ def test_report_project_and_the_project_filter_on_reports(server, tmp_path):
         "dev/web              1    2    107      13           0            0     120  $0.3750            2       $0.3750",
         "api/web              1    1     40       4           0            0      44  $0.0200            0         $0.00",
         "------------  --------  ---  -----  ------  ----------  -----------  ------  -------  -----------  ------------",
-        "Total                5    7  1,997   5,297           0            0   7,294    $4.16            5         $4.12"]
+        "Total                5    7  1,997   5,297           0            0   7,294    $4.16            5         $4.13"]
     wide = run_report(server, "project", *may, "--wide", cwd=tmp_path).stdout.splitlines()
     assert [line.split()[0] for line in wide[3:7]] == ["alpha", "(no", "/home/dev/web", "/srv/api/web"]
     csv_out = run_report(server, "project", *may, "--csv", "--project", "web", cwd=tmp_path).stdout.splitlines()
