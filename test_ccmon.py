@@ -3461,12 +3461,16 @@ def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
         assert "Latest First" in screen and screen.index("claude-sonnet-4-5 ") < screen.index("claude-haiku-4-5 "), \
             screen
         subprocess.run(["tmux", "send-keys", "-t", session, "o"], check=True)
+
+        def oldest_first(screen: str) -> bool:  # the header can be redrawn a moment before the rows
+            return "Oldest First" in screen and "claude-haiku-4-5 " in screen and "claude-sonnet-4-5 " in screen \
+                and screen.index("claude-haiku-4-5 ") < screen.index("claude-sonnet-4-5 ")
         deadline = time.time() + 30
-        while time.time() < deadline and "Oldest First" not in screen:
+        while time.time() < deadline and not oldest_first(screen):
             screen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
                                     text=True).stdout
             time.sleep(0.2)
-        assert screen.index("claude-haiku-4-5 ") < screen.index("claude-sonnet-4-5 "), screen
+        assert oldest_first(screen), screen
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session])
 
