@@ -533,6 +533,28 @@ class ProjectUsage:
 
 
 @dataclasses.dataclass(frozen=True)
+class StoreTotals:
+    """What a store holds: API requests, and every usage row (those derived from metrics too)."""
+    requests: int
+    rows: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionUsage:
+    """A session's usage: the newest session's, for @session_cost."""
+    session_id: str
+    split: Split
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusLineFigures:
+    """What the server tells a status line as it stores its reading: the reading's session's usage and its user's
+    today, None where it does not know them."""
+    session: Split | None
+    today: Split | None
+
+
+@dataclasses.dataclass(frozen=True)
 class ImportCounts:
     """What importing requests from transcripts did (or, in a dry run, would do)."""
     imported: int
@@ -2824,10 +2846,10 @@ class Reader:
     def last_request_ms(self) -> int | None:
         return self._reader().execute("SELECT MAX(ts) FROM requests").fetchone()[0]
 
-    def totals(self) -> tuple[int, int]:
-        """(API requests, all usage rows including those derived from metrics) ever stored."""
-        return self._reader().execute("SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(rows), 0) "
-                                      "FROM usage_daily").fetchone()
+    def totals(self) -> StoreTotals:
+        """API requests and all usage rows (those derived from metrics too) ever stored."""
+        return StoreTotals(*self._reader().execute("SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(rows), 0) "
+                                                   "FROM usage_daily").fetchone())
 
 
 # ---------------------------------------------------------------- OTLP ingestion: decode records, validate values
@@ -4567,8 +4589,9 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         return import_counts_message(counts)
 
     def GetServerInfo(self, request, context):
-        requests, rows = self.reader.totals()
-        response = ccmon_pb2.GetServerInfoResponse(version=VERSION, total_requests=requests, usage_records=rows,
+        totals = self.reader.totals()
+        response = ccmon_pb2.GetServerInfoResponse(version=VERSION, total_requests=totals.requests,
+                                                   usage_records=totals.rows,
                                                    started_at=timestamp_from_ms(self.started_ms))
         last = self.reader.last_request_ms()
         if last is not None:
@@ -4916,9 +4939,9 @@ class Client:
         """Empty (no version) from the Go ccmon, which has no GetServerInfo."""
         return self._call("GetServerInfo", ccmon_pb2.GetServerInfoRequest())
 
-    def latest_session(self) -> tuple[str, Split]:
+    def latest_session(self) -> SessionUsage:
         response = self._call("GetSessionStats", ccmon_pb2.GetSessionStatsRequest())
-        return response.session_id, split_from_stats(response.stats)
+        return SessionUsage(response.session_id, split_from_stats(response.stats))
 
     def days(self, start_ms: int | None, end_ms: int, timezone: str, user: str | None = None,
              project: str | None = None) -> tuple[DayUsage, ...]:
@@ -4944,12 +4967,12 @@ class Client:
         return tool_report_of(self._call("GetToolStats", self._period(ccmon_pb2.GetToolStatsRequest(), start_ms,
                                                                       end_ms, user, project)))
 
-    def report_status_line(self, reading: LimitReading, timezone: str) -> tuple[Split | None, Split | None]:
-        """Store a status line reading; returns (this session's figures, its user's today), None where unknown."""
+    def report_status_line(self, reading: LimitReading, timezone: str) -> StatusLineFigures:
+        """Store a status line reading; returns its session's figures and its user's today."""
         response = self._call("ReportStatusLine", ccmon_pb2.ReportStatusLineRequest(
             reading=reading_message(reading), timezone=timezone))
-        return (split_from_stats(response.session) if response.HasField("session") else None,
-                split_from_stats(response.today) if response.HasField("today") else None)
+        return StatusLineFigures(split_from_stats(response.session) if response.HasField("session") else None,
+                                 split_from_stats(response.today) if response.HasField("today") else None)
 
     def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False) \
             -> ImportCounts:
@@ -5042,14 +5065,21 @@ class LimitFigures:
     window_from_claude: bool = False        # the block is Claude's own window, from a live reading
 
 
-def weekly_limit_in_force(limits: LimitFigures, configured: int | None) -> tuple[int | None, int | None]:
-    """(the weekly limit, the readings it was calibrated from or None): claude.weekly_max_tokens when set, else
-    the calibrated capacity of Claude's week while a reading of it is live."""
+@dataclasses.dataclass(frozen=True)
+class WeeklyLimit:
+    """The weekly limit in force, if any, and the readings it was calibrated from (None: set by the user)."""
+    tokens: int | None
+    calibrated_from: int | None = None
+
+
+def weekly_limit_in_force(limits: LimitFigures, configured: int | None) -> WeeklyLimit:
+    """claude.weekly_max_tokens when set, else the calibrated capacity of Claude's week while a reading of it is
+    live."""
     if configured:
-        return configured, None
+        return WeeklyLimit(configured)
     if limits.weekly_window and limits.claude.seven_day_capacity:
-        return limits.claude.seven_day_capacity, limits.claude.seven_day_readings
-    return None, None
+        return WeeklyLimit(limits.claude.seven_day_capacity, limits.claude.seven_day_readings)
+    return WeeklyLimit(None)
 
 
 def block_status(limits: LimitFigures, now: int) -> BlockStatus | None:
@@ -5419,14 +5449,14 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
         limits = limit_figures(client, LimitQuery(settings.block_mode, now, settings.learn, settings.limit),
                                config.zone, None)
         figures = dataclasses.replace(figures, block=block_status(limits, now), weekly=weekly_premium(limits),
-                                      weekly_limit=weekly_limit_in_force(limits, settings.weekly_limit)[0],
+                                      weekly_limit=weekly_limit_in_force(limits, settings.weekly_limit).tokens,
                                       block_tracked=settings.block_mode is not None)
         claude = limits.claude
     if wanted & CLAUDE_VARIABLES:
         figures = dataclasses.replace(figures, claude=claude or client.limits(None, now), now_ms=now, zone=config.zone)
     if "session_cost" in wanted:
-        session_id, split = client.latest_session()
-        figures = dataclasses.replace(figures, session_id=session_id, session=split.total)
+        latest = client.latest_session()
+        figures = dataclasses.replace(figures, session_id=latest.session_id, session=latest.split.total)
     return figures
 
 
@@ -5707,7 +5737,8 @@ def status_line_with_server(config: Config, template: str | None, data: dict, re
     client = Client.for_config(config, timeout_s=STATUS_LINE_BUDGET_S)
     try:
         if reading.session_id:
-            session, today = client.report_status_line(reading, config.zone.key)
+            told = client.report_status_line(reading, config.zone.key)
+            session, today = told.session, told.today
         else:
             today = client.stats(day_bounds(config.zone, now, 1)[0][1], now)
         line = format_status_line(template or DEFAULT_STATUS_LINE,
@@ -6812,7 +6843,8 @@ def weekly_line(limits: LimitFigures, screen: Screen, alert_at: int) -> Line:
     families = ", ".join(f"{family} {format_count(u.limited)}" for family, u in limits.weekly.items()
                          if family != "haiku")
     detail = f" ({families})" if families else ""
-    limit, calibrated_from = weekly_limit_in_force(limits, settings.weekly_limit)
+    weekly = weekly_limit_in_force(limits, settings.weekly_limit)
+    limit, calibrated_from = weekly.tokens, weekly.calibrated_from
     if calibrated_from is not None and calibrated_from < MIN_CALIBRATION_READINGS:
         limit = None
     reached = weekly_reached_ms(premium.limited, limit, limits.recent_rate, screen.now) if limit else None

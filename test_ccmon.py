@@ -2337,7 +2337,7 @@ class ListingReader:
             if self.waiting == ccmon.QUERY_SLOTS:
                 self.entered.set()
         self.release.wait(30)
-        return 0, 0
+        return ccmon.StoreTotals(0, 0)
 
     def last_request_ms(self):
         return None
