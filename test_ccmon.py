@@ -7198,6 +7198,35 @@ def test_claude_code_print_mode_is_recorded_exactly_over_every_protocol(server, 
 
 
 @e2e
+def test_claude_code_exports_to_the_server_ccmon_setup_pointed_it_at(claude_code, mock_anthropic, tmp_path,
+                                                                      monkeypatch, capsys):
+    """A HOME whose settings.json only `ccmon setup` wrote (a team server with a token): Claude Code in -p mode
+    sends its api_request to that server, with the stand-in API's exact usage."""
+    srv = ServerProcess(tmp_path, "--server-token", "team-t0ken").start()
+    try:
+        api = mock_anthropic()
+        home, project = tmp_path / "home", (tmp_path / "project").resolve()
+        project.mkdir()
+        (claude_home(home, project) / ".claude" / "settings.json").unlink()
+        for name in ("CLAUDE_CONFIG_DIR", "CCMON_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.chdir(tmp_path)
+        assert ccmon.main(["setup", "--monitor-server", srv.target, "--monitor-token", "team-t0ken"]) == 0
+        assert json.loads((home / ".claude" / "settings.json").read_bytes())["env"]["OTEL_EXPORTER_OTLP_HEADERS"] == \
+            "Authorization=Bearer team-t0ken"
+        result = run_claude_print(claude_code, api.port, project, "say hello", home=home)
+        model = "claude-sonnet-4-5"
+        rows = wait_until(lambda: at_least(1, db_rows(
+            srv.db, "SELECT model_name, input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, "
+                    "cost_nanos FROM r WHERE session_id = ?", (result["session_id"],))),
+            "the api_request of a Claude Code set up by ccmon setup", 30)
+        assert rows == [(model, *MOCK_USAGE[model])]
+    finally:
+        srv.stop()
+
+
+@e2e
 def test_claude_code_status_line_gets_the_session_and_the_subscription_limits(server, claude_code, mock_anthropic,
                                                                               tmp_path):
     """Claude Code interactive in tmux, signed in as a subscriber, with a statusLine command that keeps its stdin:
