@@ -6371,10 +6371,6 @@ def is_ccmon_status_line(value: Any) -> bool:
     return bool(programs) and "statusline" in words[programs[0] + 1:]
 
 
-def json_line(text: str, position: int) -> int:
-    return text.count("\n", 0, position) + 1
-
-
 def read_claude_settings(path: Path) -> tuple[bytes | None, dict]:
     """(the file's bytes, or None when there is none; its JSON object). SetupError for a file that is not a
     JSON object, naming the line."""
@@ -6393,10 +6389,10 @@ def read_claude_settings(path: Path) -> tuple[bytes | None, dict]:
         settings = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SetupError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
-    except RecursionError:
-        raise SetupError(f"{path} line 1: not valid JSON (nested too deeply)") from None
-    start = json_line(text, len(text) - len(text.lstrip()))
+    except RecursionError:  # Python's JSON reader recurses, and stops before it finds an error's line
+        raise SetupError(f"{path}: nested too deeply to read as JSON") from None
     if not isinstance(settings, dict):
+        start = text.count("\n", 0, len(text) - len(text.lstrip())) + 1
         raise SetupError(f"{path} line {start}: not a JSON object (Claude Code's settings are one {{...}})")
     if not isinstance(settings.get("env", {}), dict):
         raise SetupError(f"{path}: \"env\" is not a JSON object (Claude Code's env is {{\"NAME\": \"value\"}})")
@@ -6471,29 +6467,29 @@ def run_setup(config: Config, args: argparse.Namespace, environ: dict[str, str],
         env = telemetry_env(config)
         command = status_line_command(config, sys.executable, ccmon_program())
         updated, changes, notes = setup_changes(settings, env, command, args.replace_status_line)
-        for line in changes:
-            print(without_token(("would " if args.dry_run else "") + line, config.monitor_token))
-        for line in notes:
-            print(line)
-        if not changes:
-            print(f"nothing to change: {path} already points Claude Code at ccmon "
-                  f"({env['OTEL_EXPORTER_OTLP_ENDPOINT']})")
-            return 0
-        if args.dry_run:
-            print(f"nothing written (--dry-run): {path}")
-            return 0
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mode = stat.S_IMODE(path.stat().st_mode) if raw is not None else NEW_SETTINGS_MODE
-        if not backup.exists():  # the content before ccmon's first change; empty: there was no file
-            write_atomically(backup, raw or b"", mode)
-        write_atomically(path, settings_bytes(updated), mode)
+        if changes and not args.dry_run:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            mode = stat.S_IMODE(path.stat().st_mode) if raw is not None else NEW_SETTINGS_MODE
+            if not backup.exists():  # the content before ccmon's first change; empty: there was no file
+                write_atomically(backup, raw or b"", mode)
+            write_atomically(path, settings_bytes(updated), mode)
     except SetupError as exc:
         print(f"ccmon setup: {exc}; left as it is", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"ccmon setup: cannot write {exc.filename or path}: {exc.strerror}", file=sys.stderr)
+        print(f"ccmon setup: cannot write {exc.filename or path}: {exc.strerror}; {path} is as it was",
+              file=sys.stderr)
         return 1
-    print(f"wrote {path} (before ccmon: {backup}; ccmon setup --undo restores it)")
+    for line in changes:  # said once done: a line says what the file now holds
+        print(without_token(("would " if args.dry_run else "") + line, config.monitor_token))
+    for line in notes:
+        print(line)
+    if not changes:
+        print(f"nothing to change: {path} already points Claude Code at ccmon ({env['OTEL_EXPORTER_OTLP_ENDPOINT']})")
+    elif args.dry_run:
+        print(f"nothing written (--dry-run): {path}")
+    else:
+        print(f"wrote {path} (before ccmon: {backup}; ccmon setup --undo restores it)")
     return 0
 
 

@@ -6789,6 +6789,7 @@ def test_ccmons_status_line_is_known_by_its_program_and_command(command, ccmons)
     (b'\n\n["not", "an", "object"]\n', "line 3: not a JSON object (Claude Code's settings are one {...})"),
     (b'{"env": ["A=1"]}', ': "env" is not a JSON object (Claude Code\'s env is {"NAME": "value"})'),
     (b'{"model": "caf\xe9"}\n', "line 1: not UTF-8 text"),
+    (b"[" * 100_000, ": nested too deeply to read as JSON"),
 ])
 def test_setup_leaves_a_settings_file_it_cannot_read_as_it_is(setup_home, capsys, content, message):
     path = settings_file(setup_home, content)
@@ -6796,6 +6797,25 @@ def test_setup_leaves_a_settings_file_it_cannot_read_as_it_is(setup_home, capsys
     assert ccmon_setup(capsys) == (1, [], f"ccmon setup: {path}{separator}{message}; left as it is\n")
     assert path.read_bytes() == content
     assert [p.name for p in path.parent.iterdir()] == ["settings.json"]
+
+
+def test_setup_says_when_it_cannot_read_the_settings_file(setup_home, capsys):
+    path = setup_home / ".claude" / "settings.json"
+    path.mkdir(parents=True)
+    assert ccmon_setup(capsys) == (1, [], f"ccmon setup: cannot read {path}: Is a directory; left as it is\n")
+
+
+def test_setup_that_cannot_write_leaves_the_file_whole(setup_home, capsys, monkeypatch):
+    path = settings_file(setup_home, SETUP_ORIGINAL)
+
+    def refused(source, target):
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(ccmon.os, "replace", refused)
+    assert ccmon_setup(capsys) == (1, [], f"ccmon setup: cannot write {path}.ccmon-backup: Permission denied; "
+                                          f"{path} is as it was\n")
+    assert path.read_bytes() == SETUP_ORIGINAL
+    assert [p.name for p in path.parent.iterdir()] == ["settings.json"]  # no temporary file left behind
 
 
 def test_setup_points_claude_code_at_a_team_server_with_its_token(setup_home, capsys):
