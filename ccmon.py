@@ -6350,25 +6350,45 @@ def ccmon_program() -> str:
     return archive if archive and os.path.isfile(archive) else os.path.abspath(__file__)
 
 
-def status_line_command(config: Config, python: str, program: str) -> str:
+def status_line_command(config: Config, python: str, program: str, template: str | None) -> str:
     """The statusLine command: this interpreter and this ccmon by absolute path, with the server when it is
-    not the default. The token goes in an assignment the shell makes, never in an argument `ps` shows."""
+    not the default, and the line's own --format if it had one. The token goes in an assignment the shell that
+    runs the command makes, never in an argument `ps` shows."""
     words = [python, program, "statusline"]
     if config.monitor_server_given:
         words += ["--monitor-server", config.monitor_server]
+    if template is not None:
+        words += ["--format", template]
     token = f"{TOKEN_ENV}={shlex.quote(config.monitor_token)} " if config.monitor_token else ""
     return token + shlex.join(words)
 
 
-def is_ccmon_status_line(value: Any) -> bool:
-    """Whether a statusLine runs ccmon's statusline (from any path, so a moved ccmon.pyz is followed)."""
+def ccmon_status_line_words(value: Any) -> list[str] | None:
+    """The words after `statusline` of a statusLine that runs ccmon's statusline (from any path, so a moved
+    ccmon.pyz is followed), else None."""
     command = value.get("command") if isinstance(value, dict) else None
     try:
         words = shlex.split(command) if isinstance(command, str) else []
     except ValueError:  # unbalanced quotes: not a command ccmon setup wrote
-        return False
+        return None
     programs = [index for index, word in enumerate(words) if Path(word).name in CCMON_PROGRAM_NAMES]
-    return bool(programs) and "statusline" in words[programs[0] + 1:]
+    after = words[programs[0] + 1:] if programs else []
+    return after[after.index("statusline") + 1:] if "statusline" in after else None
+
+
+def is_ccmon_status_line(value: Any) -> bool:
+    return ccmon_status_line_words(value) is not None
+
+
+def status_line_template(value: Any) -> str | None:
+    """The --format of ccmon's statusLine, the user's own line, which ccmon setup keeps when it rewrites it."""
+    words = ccmon_status_line_words(value) or []
+    for index, word in enumerate(words):
+        if word in ("-f", "--format") and index + 1 < len(words):
+            return words[index + 1]
+        if word.startswith("--format="):
+            return word.partition("=")[2]
+    return None
 
 
 def read_claude_settings(path: Path) -> tuple[bytes | None, dict]:
@@ -6438,12 +6458,12 @@ def setup_changes(settings: dict, env: dict[str, str], command: str,
             changes.append(f"set env.{name} = {value}{was}")
             updated_env[name] = value
     updated["env"] = updated_env
-    status_line = {"type": "command", "command": command}
     current = settings.get("statusLine")
+    status_line = {**(current if isinstance(current, dict) else {}), "type": "command", "command": command}
     if current is not None and not is_ccmon_status_line(current) and not replace_status_line:
         notes.append(f"kept statusLine: {json.dumps(current, ensure_ascii=False)} is not ccmon's; "
                      "--replace-status-line replaces it")
-    elif current != status_line:
+    elif current != status_line:  # its other keys (padding) stay
         was = f" (was: {json.dumps(current, ensure_ascii=False)})" if current is not None else ""
         changes.append(f"set statusLine: {command}{was}")
         updated["statusLine"] = status_line
@@ -6465,7 +6485,8 @@ def run_setup(config: Config, args: argparse.Namespace, environ: dict[str, str],
             return undo_setup(path, backup, args.dry_run)
         raw, settings = read_claude_settings(path)
         env = telemetry_env(config)
-        command = status_line_command(config, sys.executable, ccmon_program())
+        command = status_line_command(config, sys.executable, ccmon_program(),
+                                      status_line_template(settings.get("statusLine")))
         updated, changes, notes = setup_changes(settings, env, command, args.replace_status_line)
         if changes and not args.dry_run:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -6756,15 +6756,29 @@ def test_setup_keeps_a_status_line_that_is_not_ccmons_unless_told(setup_home, ca
     assert ccmon_setup(capsys, "--replace-status-line")[1] == [
         f'set statusLine: {THIS_CCMON} (was: {{"type": "command", "command": "~/bin/my-line.sh", "padding": 0}})',
         f"wrote {path} (before ccmon: {path}.ccmon-backup; ccmon setup --undo restores it)"]
-    assert json.loads(path.read_bytes())["statusLine"] == {"type": "command", "command": THIS_CCMON}
+    assert json.loads(path.read_bytes())["statusLine"] == {"type": "command", "command": THIS_CCMON, "padding": 0}
     assert (path.parent / "settings.json.ccmon-backup").read_bytes() == foreign  # the first change's original
 
 
-def test_setup_follows_a_moved_ccmon_in_its_status_line(setup_home, capsys):
-    old = {"type": "command", "command": "python3 ~/old/ccmon.pyz statusline -f '@model'"}
+def test_setup_follows_a_moved_ccmon_and_keeps_its_status_lines_format(setup_home, capsys):
+    old = {"type": "command", "command": "python3 ~/old/ccmon.pyz statusline -f '@model | @daily_cost'", "padding": 1}
     path = settings_file(setup_home, json.dumps({"statusLine": old}).encode())
-    assert ccmon_setup(capsys)[1][5] == f"set statusLine: {THIS_CCMON} (was: {json.dumps(old)})"
-    assert json.loads(path.read_bytes())["statusLine"]["command"] == THIS_CCMON
+    command = f"{THIS_CCMON} --format '@model | @daily_cost'"
+    assert ccmon_setup(capsys)[1][5] == f"set statusLine: {command} (was: {json.dumps(old)})"
+    assert json.loads(path.read_bytes())["statusLine"] == {"type": "command", "command": command, "padding": 1}
+    assert ccmon_setup(capsys)[1] == [f"nothing to change: {path} already points Claude Code at ccmon "
+                                      "(http://127.0.0.1:4317)"]
+
+
+@pytest.mark.parametrize("command, template", [
+    ("python3 ccmon.pyz statusline --format=@model", "@model"),
+    ("python3 ccmon.pyz statusline --monitor-server h:1 -f '@model @context'", "@model @context"),
+    ("python3 ccmon.pyz statusline", None),
+    ("python3 ccmon.pyz statusline -f", None),  # cut short: ccmon statusline itself refuses it
+    ("python3 my-line.py statusline -f @model", None),  # not ccmon's
+])
+def test_setup_keeps_the_format_of_ccmons_status_line(command, template):
+    assert ccmon.status_line_template({"type": "command", "command": command}) == template
 
 
 @pytest.mark.parametrize("command, ccmons", [
