@@ -6731,6 +6731,16 @@ def test_setup_undo_keeps_what_the_user_changed_since(setup_home, capsys):
                                                                         "OTEL_METRICS_EXPORTER": "console"}}
 
 
+def test_setup_undo_leaves_a_settings_file_it_cannot_read_as_it_is(setup_home, capsys):
+    path = settings_file(setup_home, SETUP_ORIGINAL)
+    ccmon_setup(capsys)
+    path.write_bytes(b'{"model": "opus"')
+    assert ccmon_setup(capsys, "--undo") == (1, [], f"ccmon setup: {path} line 1: not valid JSON (Expecting ',' "
+                                                    "delimiter); left as it is\n")
+    assert path.read_bytes() == b'{"model": "opus"'
+    assert (path.parent / "settings.json.ccmon-backup").read_bytes() == SETUP_ORIGINAL
+
+
 def test_setup_creates_the_settings_file_and_undo_removes_it(setup_home, capsys):
     path = setup_home / ".claude" / "settings.json"
     assert ccmon_setup(capsys)[0] == 0
@@ -6779,6 +6789,21 @@ def test_setup_follows_a_moved_ccmon_and_keeps_its_status_lines_format(setup_hom
 ])
 def test_setup_keeps_the_format_of_ccmons_status_line(command, template):
     assert ccmon.status_line_template({"type": "command", "command": command}) == template
+
+
+def test_setup_names_the_pyz_it_runs_from(tmp_path, monkeypatch):
+    """From ccmon.pyz, __main__ is the archive's bootstrap (build_zipapp.py): the archive is the program."""
+    import types
+    archive = tmp_path / "bin" / "ccmon.pyz"
+    archive.parent.mkdir()
+    archive.write_bytes(b"PK")
+    monkeypatch.chdir(tmp_path)
+    bootstrap = types.ModuleType("__main__")
+    bootstrap.__file__ = "bin/ccmon.pyz/__main__.py"  # as `python3 bin/ccmon.pyz` names it
+    monkeypatch.setitem(sys.modules, "__main__", bootstrap)
+    assert ccmon.ccmon_program() == str(archive)
+    bootstrap.__file__ = str(tmp_path / "bin" / "__main__.py")  # a script that imports ccmon
+    assert ccmon.ccmon_program() == os.path.abspath(ccmon.__file__)
 
 
 @pytest.mark.parametrize("command, ccmons", [
