@@ -22,6 +22,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Status line: ccmon statusline, for Claude Code's settings
   Reports: ccmon report daily|weekly|monthly|session|model|blocks|project
   Import: ccmon import, Claude Code's transcripts
+  Setup: ccmon setup, Claude Code's settings pointed at ccmon
   View model and pure render functions
   Curses loop: polling thread, keys, drawing
   CLI: arguments and entry point
@@ -49,12 +50,13 @@ import os
 import queue
 import re
 import select
+import shlex
 import signal
 import socket
 import sqlite3
-import struct
 import ssl
 import stat
+import struct
 import sys
 import threading
 import time
@@ -963,7 +965,7 @@ class Setting:
 
 SCOPES = {  # scope -> the title of its group of options in --help
     "server": "server (ccmon --server)",
-    "connection": "the server to query (the monitor, --format, --json, --health, report, statusline, import)",
+    "connection": "the server to query (the monitor, --format, --json, --health, report, statusline, import, setup)",
     "time": "days and times (the monitor, --format, --json, report, statusline, import --since)",
     "monitor": "the monitor",
     "limits": "Claude's limits and 5-hour blocks (the monitor, --format, --json, report, statusline)",
@@ -6434,6 +6436,244 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
     return 0 if failure is None else 1
 
 
+# ---------------------------------------------------------------- Setup: ccmon setup, Claude Code's settings pointed at ccmon
+
+SETUP_BACKUP_SUFFIX = ".ccmon-backup"  # next to settings.json: its content before ccmon setup first changed it
+CCMON_PROGRAM_NAMES = ("ccmon.pyz", "ccmon.py", "ccmon")  # a statusLine running one of these is ccmon's own
+TELEMETRY_ENV_KEYS = ("CLAUDE_CODE_ENABLE_TELEMETRY", "OTEL_LOGS_EXPORTER", "OTEL_METRICS_EXPORTER",
+                      "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_HEADERS")
+NEW_SETTINGS_MODE = 0o600  # the file may hold the server's token
+
+
+class SetupError(Exception):
+    """A settings file ccmon setup cannot use; the message names the file (and the line) and says why."""
+
+
+def claude_settings_path(environ: dict[str, str], home: Path) -> Path:
+    """Claude Code's user settings: $CLAUDE_CONFIG_DIR/settings.json, else ~/.claude/settings.json."""
+    folder = environ.get("CLAUDE_CONFIG_DIR", "").strip()
+    return (Path(folder).expanduser() if folder else home / ".claude") / "settings.json"
+
+
+def otlp_endpoint(config: Config) -> str:
+    """The server's OTLP gRPC endpoint as Claude Code's exporters want it: a URL of monitor.server."""
+    host, port = parse_address(config.monitor_server, fail_as=ConfigError)
+    return f"{'https' if config.monitor_tls else 'http'}://{host}:{port}"
+
+
+def telemetry_env(config: Config) -> dict[str, str]:
+    """The env entries that make Claude Code export its telemetry to the server over OTLP gRPC."""
+    env = {"CLAUDE_CODE_ENABLE_TELEMETRY": "1", "OTEL_LOGS_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_endpoint(config)}
+    if config.monitor_token:
+        env["OTEL_EXPORTER_OTLP_HEADERS"] = f"Authorization=Bearer {config.monitor_token}"
+    return env
+
+
+def ccmon_program() -> str:
+    """This ccmon's file: the ccmon.pyz it runs from (whose bootstrap is the archive's __main__.py), else
+    ccmon.py. As given, not resolved: a symlink the user made (~/bin/ccmon.pyz) stays theirs to repoint."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    archive = os.path.dirname(os.path.abspath(main_file)) if main_file else ""
+    return archive if archive and os.path.isfile(archive) else os.path.abspath(__file__)
+
+
+def status_line_command(config: Config, python: str, program: str, template: str | None) -> str:
+    """The statusLine command: this interpreter and this ccmon by absolute path, with the server when it is
+    not the default, and the line's own --format if it had one. The token goes in an assignment the shell that
+    runs the command makes, never in an argument `ps` shows."""
+    words = [python, program, "statusline"]
+    if config.monitor_server_given:
+        words += ["--monitor-server", config.monitor_server]
+    if template is not None:
+        words += ["--format", template]
+    token = f"{TOKEN_ENV}={shlex.quote(config.monitor_token)} " if config.monitor_token else ""
+    return token + shlex.join(words)
+
+
+def ccmon_status_line_words(value: Any) -> list[str] | None:
+    """The words after `statusline` of a statusLine that runs ccmon's statusline (from any path, so a moved
+    ccmon.pyz is followed), else None."""
+    command = value.get("command") if isinstance(value, dict) else None
+    try:
+        words = shlex.split(command) if isinstance(command, str) else []
+    except ValueError:  # unbalanced quotes: not a command ccmon setup wrote
+        return None
+    programs = [index for index, word in enumerate(words) if Path(word).name in CCMON_PROGRAM_NAMES]
+    after = words[programs[0] + 1:] if programs else []
+    return after[after.index("statusline") + 1:] if "statusline" in after else None
+
+
+def is_ccmon_status_line(value: Any) -> bool:
+    return ccmon_status_line_words(value) is not None
+
+
+def status_line_template(value: Any) -> str | None:
+    """The --format of ccmon's statusLine, the user's own line, which ccmon setup keeps when it rewrites it."""
+    words = ccmon_status_line_words(value) or []
+    for index, word in enumerate(words):
+        if word in ("-f", "--format") and index + 1 < len(words):
+            return words[index + 1]
+        if word.startswith("--format="):
+            return word.partition("=")[2]
+    return None
+
+
+def read_claude_settings(path: Path) -> tuple[bytes | None, dict]:
+    """(the file's bytes, or None when there is none; its JSON object). SetupError for a file that is not a
+    JSON object, naming the line."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, {}
+    except OSError as exc:
+        raise SetupError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise SetupError(f"{path} line {line}: not UTF-8 text") from None
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SetupError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:  # Python's JSON reader recurses, and stops before it finds an error's line
+        raise SetupError(f"{path}: nested too deeply to read as JSON") from None
+    if not isinstance(settings, dict):
+        start = text.count("\n", 0, len(text) - len(text.lstrip())) + 1
+        raise SetupError(f"{path} line {start}: not a JSON object (Claude Code's settings are one {{...}})")
+    if not isinstance(settings.get("env", {}), dict):
+        raise SetupError(f"{path}: \"env\" is not a JSON object (Claude Code's env is {{\"NAME\": \"value\"}})")
+    return raw, settings
+
+
+def settings_bytes(settings: dict) -> bytes:
+    return (json.dumps(settings, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Replace path with data whole or not at all: a temporary file in the same folder, flushed to disk, with
+    the mode given, renamed over it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, mode)  # os.open's mode passes through the umask
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash
+    finally:
+        os.close(folder)
+
+
+def setup_changes(settings: dict, env: dict[str, str], command: str,
+                  replace_status_line: bool) -> tuple[dict, list[str], list[str]]:
+    """(the settings with ccmon's entries, one line per change, notes on what was kept that is not ccmon's).
+    Every other key and value stays as it was, in its place."""
+    updated = dict(settings)
+    changes, notes = [], []
+    updated_env = dict(settings.get("env", {}))
+    for name, value in env.items():
+        if updated_env.get(name) != value:
+            was = f" (was: {updated_env[name]})" if name in updated_env else ""
+            changes.append(f"set env.{name} = {value}{was}")
+            updated_env[name] = value
+    updated["env"] = updated_env
+    current = settings.get("statusLine")
+    status_line = {**(current if isinstance(current, dict) else {}), "type": "command", "command": command}
+    if current is not None and not is_ccmon_status_line(current) and not replace_status_line:
+        notes.append(f"kept statusLine: {json.dumps(current, ensure_ascii=False)} is not ccmon's; "
+                     "--replace-status-line replaces it")
+    elif current != status_line:  # its other keys (padding) stay
+        was = f" (was: {json.dumps(current, ensure_ascii=False)})" if current is not None else ""
+        changes.append(f"set statusLine: {command}{was}")
+        updated["statusLine"] = status_line
+    return updated, changes, notes
+
+
+def without_token(line: str, token: str) -> str:
+    """A line to print: the token stays in the file, off the terminal."""
+    return line.replace(token, "<token>") if token else line
+
+
+def run_setup(config: Config, args: argparse.Namespace, environ: dict[str, str], home: Path) -> int:
+    """ccmon setup: Claude Code's user settings pointed at this ccmon's server, and its status line at ccmon."""
+    path = claude_settings_path(environ, home)
+    path = path.resolve() if path.is_symlink() else path  # a dotfiles link stays a link; its target is written
+    backup = path.with_name(path.name + SETUP_BACKUP_SUFFIX)
+    try:
+        if args.undo:
+            return undo_setup(path, backup, args.dry_run)
+        raw, settings = read_claude_settings(path)
+        env = telemetry_env(config)
+        command = status_line_command(config, sys.executable, ccmon_program(),
+                                      status_line_template(settings.get("statusLine")))
+        updated, changes, notes = setup_changes(settings, env, command, args.replace_status_line)
+        if changes and not args.dry_run:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            mode = stat.S_IMODE(path.stat().st_mode) if raw is not None else NEW_SETTINGS_MODE
+            if not backup.exists():  # the content before ccmon's first change; empty: there was no file
+                write_atomically(backup, raw or b"", mode)
+            write_atomically(path, settings_bytes(updated), mode)
+    except SetupError as exc:
+        print(f"ccmon setup: {exc}; left as it is", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"ccmon setup: cannot write {exc.filename or path}: {exc.strerror}; {path} is as it was",
+              file=sys.stderr)
+        return 1
+    for line in changes:  # said once done: a line says what the file now holds
+        print(without_token(("would " if args.dry_run else "") + line, config.monitor_token))
+    for line in notes:
+        print(line)
+    if not changes:
+        print(f"nothing to change: {path} already points Claude Code at ccmon ({env['OTEL_EXPORTER_OTLP_ENDPOINT']})")
+    elif args.dry_run:
+        print(f"nothing written (--dry-run): {path}")
+    else:
+        print(f"wrote {path} (before ccmon: {backup}; ccmon setup --undo restores it)")
+    return 0
+
+
+def undo_setup(path: Path, backup: Path, dry_run: bool) -> int:
+    """Put back what ccmon setup changed, from the backup. A file changed only by ccmon gets its original bytes
+    back; one edited since keeps those edits, only ccmon's entries going back to what they were."""
+    if not backup.exists():
+        print(f"nothing to undo: no {backup}")
+        return 0
+    had_file = backup.stat().st_size > 0  # an empty backup: there was no settings file before ccmon setup
+    original_raw, original = read_claude_settings(backup) if had_file else (None, {})
+    current_raw, current = read_claude_settings(path)
+    reverted = {key: value for key, value in current.items() if key not in ("env", "statusLine")}
+    reverted_env = {name: value for name, value in current.get("env", {}).items() if name not in TELEMETRY_ENV_KEYS}
+    reverted_env.update({name: value for name, value in original.get("env", {}).items() if name in TELEMETRY_ENV_KEYS})
+    if reverted_env or "env" in original:
+        reverted["env"] = reverted_env
+    if "statusLine" in original:
+        reverted["statusLine"] = original["statusLine"]
+    whole = current_raw is None or reverted == original
+    if not dry_run:
+        if whole and not had_file:
+            path.unlink(missing_ok=True)
+        else:
+            mode = stat.S_IMODE((path if current_raw is not None else backup).stat().st_mode)
+            write_atomically(path, original_raw if whole else settings_bytes(reverted), mode)
+        backup.unlink()
+    verb = "would restore" if dry_run else "restored"
+    if whole:
+        print(f"{verb} {path} as it was before ccmon setup" + ("" if had_file else " (there was none)"))
+    else:
+        print(f"{verb} ccmon's entries in {path} as they were before ccmon setup; other changes since are kept")
+    return 0
+
+
 # ---------------------------------------------------------------- View model and pure render functions
 
 PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w": ("last 7 days", 7 * 86400_000),
@@ -7571,6 +7811,7 @@ COMMAND_SCOPES = {  # the settings each command reads; ccmon itself (server, mon
     "report": ("connection", "time", "limits"),
     "statusline": ("connection", "time", "limits"),
     "import": ("connection", "time"),
+    "setup": ("connection",),
 }
 
 
@@ -7612,7 +7853,8 @@ def build_parser() -> CommandLine:
         prog="ccmon", description="Watch what Claude Code costs: an OTLP collector (--server) and a live monitor "
         "(no mode flag).",
         epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help. Claude Code's status line: ccmon statusline "
-               "--help. History from Claude Code's transcripts: ccmon import --help")
+               "--help. History from Claude Code's transcripts: ccmon import --help. To point Claude Code "
+               "at ccmon, ccmon setup --help")
     parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
     modes = parser.add_argument_group("modes (none: the monitor)")
     modes.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
@@ -7677,6 +7919,19 @@ def build_import_parser() -> CommandLine:
     return parser
 
 
+def build_setup_parser() -> CommandLine:
+    parser = command_parser("setup", "Point Claude Code at this ccmon: in its user settings ($CLAUDE_CONFIG_DIR/"
+                            "settings.json, else ~/.claude/settings.json) the env entries that send its telemetry to "
+                            "the server, and statusLine running ccmon statusline. Other keys are kept; a backup is "
+                            "kept for --undo.")
+    parser.add_argument("--dry-run", action="store_true", help="print the changes, write nothing")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--replace-status-line", action="store_true", help="replace a statusLine that is not "
+                        "ccmon's (kept without this flag)")
+    choice.add_argument("--undo", action="store_true", help="put back what the settings were before ccmon setup")
+    return parser
+
+
 def without_command(argv: list[str], command: str, parser: argparse.ArgumentParser) -> list[str] | None:
     """The words without `command` when it is the first word that is neither an option nor an option's value
     (so options may come before it), else None."""
@@ -7719,7 +7974,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_command(argv: list[str]) -> int:
     mode, parser, words = "", build_parser(), argv
     for command, build in (("report", build_report_parser), ("statusline", build_status_line_parser),
-                           ("import", build_import_parser)):
+                           ("import", build_import_parser), ("setup", build_setup_parser)):
         command_words = without_command(argv, command, parser)
         if command_words is not None:
             mode, parser, words = command, build(), command_words
@@ -7743,6 +7998,8 @@ def run_command(argv: list[str]) -> int:
             return run_report(config, args)
         if mode == "import":
             return run_import(config, args)
+        if mode == "setup":
+            return run_setup(config, args, dict(os.environ), Path.home())
         if mode == "--server":
             return run_server(config)
         if mode == "--health":

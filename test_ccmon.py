@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -6828,6 +6829,299 @@ def test_telemetry_stored_between_an_imports_chunks_is_known(tmp_path, monkeypat
         [("s-tele", 0)]
 
 
+# ---------------------------------------------------------------- setup: ccmon setup
+
+SETUP_ORIGINAL = (b'{\n  "model": "opus",\n  "permissions": {"allow": ["Bash(ls:*)"], "deny": []},\n'
+                  b'  "hooks": {"Stop": [{"hooks": [{"type": "command", "command": "notify-send done"}]}]},\n'
+                  b'  "env": {"OTEL_RESOURCE_ATTRIBUTES": "project=proj-alpha", "EDITOR": "vim"}\n}\n')
+TELEMETRY_LINES = ["set env.CLAUDE_CODE_ENABLE_TELEMETRY = 1", "set env.OTEL_LOGS_EXPORTER = otlp",
+                   "set env.OTEL_METRICS_EXPORTER = otlp", "set env.OTEL_EXPORTER_OTLP_PROTOCOL = grpc",
+                   "set env.OTEL_EXPORTER_OTLP_ENDPOINT = http://127.0.0.1:4317"]
+TELEMETRY_ENV = {"CLAUDE_CODE_ENABLE_TELEMETRY": "1", "OTEL_LOGS_EXPORTER": "otlp", "OTEL_METRICS_EXPORTER": "otlp",
+                 "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+THIS_CCMON = shlex.join([sys.executable, os.path.abspath(ccmon.__file__), "statusline"])
+
+
+@pytest.fixture
+def setup_home(tmp_path, monkeypatch) -> Path:
+    """A HOME of its own, no config file in reach and no ccmon or Claude Code variables: returns HOME."""
+    for name in ("CLAUDE_CONFIG_DIR", "CCMON_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "home"
+
+
+def settings_file(home: Path, content: bytes, mode: int = 0o644) -> Path:
+    path = home / ".claude" / "settings.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content)
+    path.chmod(mode)
+    return path
+
+
+def ccmon_setup(capsys, *args: str) -> tuple[int, list[str], str]:
+    """(exit code, stdout lines, stderr) of `ccmon setup ARGS`."""
+    code = ccmon.main(["setup", *args])
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+def test_setup_sets_telemetry_and_the_status_line_and_keeps_every_other_key(setup_home, capsys):
+    path = settings_file(setup_home, SETUP_ORIGINAL, 0o640)
+    code, lines, err = ccmon_setup(capsys)
+    assert (code, err) == (0, "")
+    backup = setup_home / ".claude" / "settings.json.ccmon-backup"
+    assert lines == [*TELEMETRY_LINES, f"set statusLine: {THIS_CCMON}",
+                     f"wrote {path} (before ccmon: {backup}; ccmon setup --undo restores it)"]
+    written = json.loads(path.read_bytes())
+    assert list(written.items()) == [
+        ("model", "opus"), ("permissions", {"allow": ["Bash(ls:*)"], "deny": []}),
+        ("hooks", {"Stop": [{"hooks": [{"type": "command", "command": "notify-send done"}]}]}),
+        ("env", {"OTEL_RESOURCE_ATTRIBUTES": "project=proj-alpha", "EDITOR": "vim", **TELEMETRY_ENV}),
+        ("statusLine", {"type": "command", "command": THIS_CCMON})]
+    assert path.read_bytes() == (json.dumps(written, indent=2) + "\n").encode()
+    assert backup.read_bytes() == SETUP_ORIGINAL
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(backup.stat().st_mode) == 0o640
+    assert sorted(p.name for p in path.parent.iterdir()) == ["settings.json", "settings.json.ccmon-backup"]
+
+
+def test_setup_twice_changes_nothing_the_second_time(setup_home, capsys):
+    path = settings_file(setup_home, SETUP_ORIGINAL)
+    assert ccmon_setup(capsys)[0] == 0
+    first = path.read_bytes()
+    assert ccmon_setup(capsys) == (0, [f"nothing to change: {path} already points Claude Code at ccmon "
+                                     "(http://127.0.0.1:4317)"], "")
+    assert path.read_bytes() == first
+    assert (path.parent / "settings.json.ccmon-backup").read_bytes() == SETUP_ORIGINAL
+
+
+def test_setup_dry_run_prints_the_changes_and_writes_nothing(setup_home, capsys):
+    path = settings_file(setup_home, SETUP_ORIGINAL)
+    assert ccmon_setup(capsys, "--dry-run") == (0, [*(f"would {line}" for line in TELEMETRY_LINES),
+                                                  f"would set statusLine: {THIS_CCMON}",
+                                                  f"nothing written (--dry-run): {path}"], "")
+    assert path.read_bytes() == SETUP_ORIGINAL
+    assert [p.name for p in path.parent.iterdir()] == ["settings.json"]
+
+
+def test_setup_undo_puts_back_the_original_bytes_and_removes_the_backup(setup_home, capsys):
+    path = settings_file(setup_home, SETUP_ORIGINAL, 0o600)
+    ccmon_setup(capsys)
+    assert ccmon_setup(capsys, "--undo", "--dry-run") == \
+        (0, [f"would restore {path} as it was before ccmon setup"], "")
+    assert ccmon_setup(capsys, "--undo") == (0, [f"restored {path} as it was before ccmon setup"], "")
+    assert path.read_bytes() == SETUP_ORIGINAL
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["settings.json"]
+    assert ccmon_setup(capsys, "--undo") == (0, [f"nothing to undo: no {path}.ccmon-backup"], "")
+
+
+def test_setup_undo_keeps_what_the_user_changed_since(setup_home, capsys):
+    path = settings_file(setup_home, b'{"env": {"OTEL_METRICS_EXPORTER": "console", "EDITOR": "vim"}}')
+    ccmon_setup(capsys)
+    edited = json.loads(path.read_bytes())
+    edited["model"] = "sonnet"
+    edited["env"]["DEBUG"] = "1"
+    path.write_text(json.dumps(edited))
+    assert ccmon_setup(capsys, "--undo") == (0, [f"restored ccmon's entries in {path} as they were before ccmon "
+                                               "setup; other changes since are kept"], "")
+    assert json.loads(path.read_bytes()) == {"model": "sonnet", "env": {"EDITOR": "vim", "DEBUG": "1",
+                                                                        "OTEL_METRICS_EXPORTER": "console"}}
+
+
+def test_setup_undo_leaves_a_settings_file_it_cannot_read_as_it_is(setup_home, capsys):
+    path = settings_file(setup_home, SETUP_ORIGINAL)
+    ccmon_setup(capsys)
+    path.write_bytes(b'{"model": "opus"')
+    assert ccmon_setup(capsys, "--undo") == (1, [], f"ccmon setup: {path} line 1: not valid JSON (Expecting ',' "
+                                                    "delimiter); left as it is\n")
+    assert path.read_bytes() == b'{"model": "opus"'
+    assert (path.parent / "settings.json.ccmon-backup").read_bytes() == SETUP_ORIGINAL
+
+
+def test_setup_creates_the_settings_file_and_undo_removes_it(setup_home, capsys):
+    path = setup_home / ".claude" / "settings.json"
+    assert ccmon_setup(capsys)[0] == 0
+    assert json.loads(path.read_bytes()) == {"env": TELEMETRY_ENV,
+                                             "statusLine": {"type": "command", "command": THIS_CCMON}}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert ccmon_setup(capsys, "--undo") == (0, [f"restored {path} as it was before ccmon setup (there was none)"],
+                                           "")
+    assert list(path.parent.iterdir()) == []
+
+
+def test_setup_keeps_a_status_line_that_is_not_ccmons_unless_told(setup_home, capsys):
+    foreign = b'{"statusLine": {"type": "command", "command": "~/bin/my-line.sh", "padding": 0}}'
+    path = settings_file(setup_home, foreign)
+    code, lines, _ = ccmon_setup(capsys)
+    assert code == 0 and lines[5:] == [
+        'kept statusLine: {"type": "command", "command": "~/bin/my-line.sh", "padding": 0} is not ccmon\'s; '
+        "--replace-status-line replaces it",
+        f"wrote {path} (before ccmon: {path}.ccmon-backup; ccmon setup --undo restores it)"]
+    assert json.loads(path.read_bytes())["statusLine"] == json.loads(foreign)["statusLine"]
+    assert ccmon_setup(capsys)[1] == [lines[5], f"nothing to change: {path} already points Claude Code at ccmon "
+                                              "(http://127.0.0.1:4317)"]
+    assert ccmon_setup(capsys, "--replace-status-line")[1] == [
+        f'set statusLine: {THIS_CCMON} (was: {{"type": "command", "command": "~/bin/my-line.sh", "padding": 0}})',
+        f"wrote {path} (before ccmon: {path}.ccmon-backup; ccmon setup --undo restores it)"]
+    assert json.loads(path.read_bytes())["statusLine"] == {"type": "command", "command": THIS_CCMON, "padding": 0}
+    assert (path.parent / "settings.json.ccmon-backup").read_bytes() == foreign  # the first change's original
+
+
+def test_setup_follows_a_moved_ccmon_and_keeps_its_status_lines_format(setup_home, capsys):
+    old = {"type": "command", "command": "python3 ~/old/ccmon.pyz statusline -f '@model | @daily_cost'", "padding": 1}
+    path = settings_file(setup_home, json.dumps({"statusLine": old}).encode())
+    command = f"{THIS_CCMON} --format '@model | @daily_cost'"
+    assert ccmon_setup(capsys)[1][5] == f"set statusLine: {command} (was: {json.dumps(old)})"
+    assert json.loads(path.read_bytes())["statusLine"] == {"type": "command", "command": command, "padding": 1}
+    assert ccmon_setup(capsys)[1] == [f"nothing to change: {path} already points Claude Code at ccmon "
+                                      "(http://127.0.0.1:4317)"]
+
+
+@pytest.mark.parametrize("command, template", [
+    ("python3 ccmon.pyz statusline --format=@model", "@model"),
+    ("python3 ccmon.pyz statusline --monitor-server h:1 -f '@model @context'", "@model @context"),
+    ("python3 ccmon.pyz statusline", None),
+    ("python3 ccmon.pyz statusline -f", None),  # cut short: ccmon statusline itself refuses it
+    ("python3 my-line.py statusline -f @model", None),  # not ccmon's
+])
+def test_setup_keeps_the_format_of_ccmons_status_line(command, template):
+    assert ccmon.status_line_template({"type": "command", "command": command}) == template
+
+
+def test_setup_names_the_pyz_it_runs_from(tmp_path, monkeypatch):
+    """From ccmon.pyz, __main__ is the archive's bootstrap (build_zipapp.py): the archive is the program."""
+    import types
+    archive = tmp_path / "bin" / "ccmon.pyz"
+    archive.parent.mkdir()
+    archive.write_bytes(b"PK")
+    monkeypatch.chdir(tmp_path)
+    bootstrap = types.ModuleType("__main__")
+    bootstrap.__file__ = "bin/ccmon.pyz/__main__.py"  # as `python3 bin/ccmon.pyz` names it
+    monkeypatch.setitem(sys.modules, "__main__", bootstrap)
+    assert ccmon.ccmon_program() == str(archive)
+    bootstrap.__file__ = str(tmp_path / "bin" / "__main__.py")  # a script that imports ccmon
+    assert ccmon.ccmon_program() == os.path.abspath(ccmon.__file__)
+
+
+@pytest.mark.parametrize("command, ccmons", [
+    ("python3 ~/bin/ccmon.pyz statusline", True),
+    ("CCMON_TOKEN=t /usr/bin/python3 '/opt/my tools/ccmon.py' statusline --monitor-server h:1", True),
+    ("ccmon statusline", True),
+    ("ccmon.pyz --monitor-server h:1 statusline", True),
+    ("python3 ~/bin/ccmon.pyz --format @daily_cost", False),  # a quick query of ccmon's, not its status line
+    ("~/bin/my-line.sh statusline", False),
+    ("bash -c 'ccmon statusline", False),  # unbalanced quote
+    ("npx ccusage statusline", False),
+])
+def test_ccmons_status_line_is_known_by_its_program_and_command(command, ccmons):
+    assert ccmon.is_ccmon_status_line({"type": "command", "command": command}) is ccmons
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{\n  // my settings\n  "model": "opus"\n}\n', "line 2: not valid JSON (Expecting property name enclosed in "
+     "double quotes)"),
+    (b'{"model": "opus",\n "env": {}\n', "line 3: not valid JSON (Expecting ',' delimiter)"),  # cut short
+    (b"", "line 1: not valid JSON (Expecting value)"),
+    (b'\n\n["not", "an", "object"]\n', "line 3: not a JSON object (Claude Code's settings are one {...})"),
+    (b'{"env": ["A=1"]}', ': "env" is not a JSON object (Claude Code\'s env is {"NAME": "value"})'),
+    (b'{"model": "caf\xe9"}\n', "line 1: not UTF-8 text"),
+    (b"[" * 100_000, ": nested too deeply to read as JSON"),
+])
+def test_setup_leaves_a_settings_file_it_cannot_read_as_it_is(setup_home, capsys, content, message):
+    path = settings_file(setup_home, content)
+    separator = "" if message.startswith(":") else " "
+    assert ccmon_setup(capsys) == (1, [], f"ccmon setup: {path}{separator}{message}; left as it is\n")
+    assert path.read_bytes() == content
+    assert [p.name for p in path.parent.iterdir()] == ["settings.json"]
+
+
+def test_setup_says_when_it_cannot_read_the_settings_file(setup_home, capsys):
+    path = setup_home / ".claude" / "settings.json"
+    path.mkdir(parents=True)
+    assert ccmon_setup(capsys) == (1, [], f"ccmon setup: cannot read {path}: Is a directory; left as it is\n")
+
+
+def test_setup_that_cannot_write_leaves_the_file_whole(setup_home, capsys, monkeypatch):
+    path = settings_file(setup_home, SETUP_ORIGINAL)
+
+    def refused(source, target):
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(ccmon.os, "replace", refused)
+    assert ccmon_setup(capsys) == (1, [], f"ccmon setup: cannot write {path}.ccmon-backup: Permission denied; "
+                                          f"{path} is as it was\n")
+    assert path.read_bytes() == SETUP_ORIGINAL
+    assert [p.name for p in path.parent.iterdir()] == ["settings.json"]  # no temporary file left behind
+
+
+def test_setup_points_claude_code_at_a_team_server_with_its_token(setup_home, capsys):
+    path = settings_file(setup_home, b"{}")
+    code, lines, _ = ccmon_setup(capsys, "--monitor-server", "team-box:4317", "--monitor-token", "s3cret&t0ken")
+    command = "CCMON_TOKEN='s3cret&t0ken' " + shlex.join(
+        [sys.executable, os.path.abspath(ccmon.__file__), "statusline", "--monitor-server", "team-box:4317"])
+    assert json.loads(path.read_bytes()) == {
+        "env": {**TELEMETRY_ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://team-box:4317",
+                "OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer s3cret&t0ken"},
+        "statusLine": {"type": "command", "command": command}}
+    assert code == 0 and lines[4:7] == [  # the token stays off the terminal
+        "set env.OTEL_EXPORTER_OTLP_ENDPOINT = http://team-box:4317",
+        "set env.OTEL_EXPORTER_OTLP_HEADERS = Authorization=Bearer <token>",
+        f"set statusLine: {command.replace('s3cret&t0ken', '<token>')}"]
+
+
+def test_setup_takes_the_token_from_ccmon_token_too(setup_home, capsys, monkeypatch):
+    monkeypatch.setenv("CCMON_TOKEN", "from-env")
+    path = settings_file(setup_home, b"{}")
+    assert ccmon_setup(capsys)[0] == 0
+    written = json.loads(path.read_bytes())
+    assert written["env"]["OTEL_EXPORTER_OTLP_HEADERS"] == "Authorization=Bearer from-env"
+    assert written["statusLine"]["command"] == f"CCMON_TOKEN=from-env {THIS_CCMON}"
+
+
+def test_setup_with_a_tls_server_exports_over_https(setup_home, capsys):
+    path = settings_file(setup_home, b"{}")
+    assert ccmon_setup(capsys, "--monitor-server", "https://team-box:443")[0] == 0
+    assert json.loads(path.read_bytes())["env"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "https://team-box:443"
+
+
+def test_setup_writes_the_settings_in_claude_config_dir(setup_home, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CLAUDE_CONFIG_DIR", str(tmp_path / "claude-config"))
+    assert ccmon_setup(capsys)[0] == 0
+    assert json.loads((tmp_path / "claude-config" / "settings.json").read_bytes())["env"] == TELEMETRY_ENV
+    assert not (setup_home / ".claude").exists()
+
+
+def test_setup_writes_through_a_symlinked_settings_file(setup_home, tmp_path, capsys):
+    target = tmp_path / "dotfiles" / "claude-settings.json"
+    target.parent.mkdir()
+    target.write_bytes(b'{"model": "opus"}')
+    (setup_home / ".claude").mkdir()
+    (setup_home / ".claude" / "settings.json").symlink_to(target)
+    assert ccmon_setup(capsys)[0] == 0
+    assert (setup_home / ".claude" / "settings.json").is_symlink()
+    assert json.loads(target.read_bytes())["model"] == "opus"
+    assert (tmp_path / "dotfiles" / "claude-settings.json.ccmon-backup").read_bytes() == b'{"model": "opus"}'
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--undo", "--replace-status-line"], "ccmon setup: argument --replace-status-line: not allowed with argument "
+     "--undo (see ccmon setup --help)\n"),
+    (["--dryrun"], "ccmon setup: unknown option --dryrun; did you mean --dry-run? (see ccmon setup --help)\n"),
+    (["--monitor-server", "team-box"], "ccmon: config error: --monitor-server: invalid address 'team-box' (use "
+     "HOST:PORT such as 127.0.0.1:4317)\n"),
+])
+def test_setup_refuses_bad_flags(setup_home, capsys, args, message):
+    try:
+        code = ccmon.main(["setup", *args])
+    except SystemExit as exc:
+        code = exc.code
+    assert (code, capsys.readouterr().err) == (2, message)
+    assert not (setup_home / ".claude").exists()
+
+
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
 
 # Claude Code itself (the npm package, a native binary) runs offline against fixtures/mock_anthropic.py, a
@@ -7160,6 +7454,35 @@ def test_claude_code_print_mode_is_recorded_exactly_over_every_protocol(server, 
     assert s.base_tokens == ccmon_pb2.Token(input=120, output=30, limited=150, total=150)
     assert (s.premium_cost.amount, s.base_cost.amount, s.total_cost.amount) == (0.0498, 0.00027, 0.05007)
     assert len(api.calls()) == 5
+
+
+@e2e
+def test_claude_code_exports_to_the_server_ccmon_setup_pointed_it_at(claude_code, mock_anthropic, tmp_path,
+                                                                      monkeypatch, capsys):
+    """A HOME whose settings.json only `ccmon setup` wrote (a team server with a token): Claude Code in -p mode
+    sends its api_request to that server, with the stand-in API's exact usage."""
+    srv = ServerProcess(tmp_path, "--server-token", "team-t0ken").start()
+    try:
+        api = mock_anthropic()
+        home, project = tmp_path / "home", (tmp_path / "project").resolve()
+        project.mkdir()
+        (claude_home(home, project) / ".claude" / "settings.json").unlink()
+        for name in ("CLAUDE_CONFIG_DIR", "CCMON_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HOME", str(home))
+        monkeypatch.chdir(tmp_path)
+        assert ccmon.main(["setup", "--monitor-server", srv.target, "--monitor-token", "team-t0ken"]) == 0
+        assert json.loads((home / ".claude" / "settings.json").read_bytes())["env"]["OTEL_EXPORTER_OTLP_HEADERS"] == \
+            "Authorization=Bearer team-t0ken"
+        result = run_claude_print(claude_code, api.port, project, "say hello", home=home)
+        model = "claude-sonnet-4-5"
+        rows = wait_until(lambda: at_least(1, db_rows(
+            srv.db, "SELECT model_name, input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, "
+                    "cost_nanos FROM r WHERE session_id = ?", (result["session_id"],))),
+            "the api_request of a Claude Code set up by ccmon setup", 30)
+        assert rows == [(model, *MOCK_USAGE[model])]
+    finally:
+        srv.stop()
 
 
 @e2e
