@@ -553,7 +553,7 @@ def bench_queries(server: Server, db: Path, runs: int) -> dict:
     newest = sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute(
         "SELECT ts FROM requests WHERE ts >= ? ORDER BY ts DESC LIMIT 100", (now - 30 * 24 * HOUR_MS,)).fetchall()
     results["GetAPIRequests 100"] = timed(lambda: stub.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(
-        start_time=ccmon.timestamp_from_ms(now - 30 * 24 * HOUR_MS), limit=100), timeout=60),
+        start_time=ccmon.timestamp_from_ms(now - 30 * 24 * HOUR_MS), limit=100, oldest_first=False), timeout=60),
         lambda response: expect("GetAPIRequests 100", [ccmon.ms_of(r.timestamp) for r in response.requests],
                                 [ts for ts, in newest]), runs)
     for tab in ("current", "daily"):
