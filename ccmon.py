@@ -7848,6 +7848,9 @@ def main(argv: list[str] | None = None) -> int:
         config = client_config(config)
         if mode == "--health":  # a health check looks, it starts nothing
             return run_health_check(config)
+        if mode == "report":  # a mistake in the dates is said before a server is started for it
+            report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), config.zone,
+                          now_ms())
         notice = start_local_server_if_needed(config)
         if notice and mode != "monitor":
             print(f"ccmon: {notice}", file=sys.stderr)

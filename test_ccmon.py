@@ -6628,6 +6628,174 @@ def test_telemetry_stored_between_an_imports_chunks_is_known(tmp_path, monkeypat
         [("s-tele", 0)]
 
 
+# ---------------------------------------------------------------- local server: started on demand
+
+def local_home(tmp_path: Path, extra: str = "") -> tuple[Path, int]:
+    """A HOME whose ~/.ccmon/config.toml puts the local server on a free port (never 4317: tests run side by side)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / ".ccmon").mkdir()
+    (tmp_path / ".ccmon" / "config.toml").write_text(
+        f'[server]\naddress = "127.0.0.1:{port}"\nhttp_address = "off"\n{extra}')
+    return tmp_path, port
+
+
+def local_server_pids(home: Path) -> list[int]:
+    """The `ccmon --server` processes running with this HOME (from /proc), not counting their decoders (forked
+    children of theirs)."""
+    parents = {}
+    for folder in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (folder / "cmdline").read_bytes().split(b"\0")
+            environment = (folder / "environ").read_bytes().split(b"\0")
+            state, parent = (folder / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if b"--server" in command and f"HOME={home}".encode() in environment and state != "Z":
+            parents[int(folder.name)] = int(parent)
+    return sorted(pid for pid, parent in parents.items() if parent not in parents)
+
+
+def pid_file(home: Path) -> dict:
+    return json.loads((home / ".ccmon" / "ccmon.db.pid").read_text())
+
+
+def stop_local_servers(home: Path) -> None:
+    """Every server started for this HOME, stopped (a detached server outlives the client that started it)."""
+    pids = local_server_pids(home)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not local_server_pids(home), "the local servers to stop", timeout=20)
+
+
+def test_a_client_starts_the_local_server_which_keeps_running_and_server_stops_it(tmp_path):
+    home, port = local_home(tmp_path)
+    try:
+        first = run_ccmon(["--json"], home)
+        running = pid_file(home)
+        assert (first.returncode, first.stderr) == (0, f"ccmon: local server started, pid {running['pid']}\n")
+        assert json.loads(first.stdout)["monthly_cost"] == 0.0
+        assert local_server_pids(home) == [running["pid"]]  # it outlives the client that started it
+        assert (running["address"], running["http_address"]) == (f"127.0.0.1:{port}", "")
+        assert (home / ".ccmon" / "server.log").stat().st_mode & 0o777 == 0o600
+        status = run_ccmon(["server", "status"], home)
+        since = dt.datetime.fromtimestamp(running["started_ms"] / 1000, dt.timezone.utc).isoformat(timespec="seconds")
+        assert (status.returncode, status.stdout) == (0, (
+            f"ccmon server: running, pid {running['pid']}\n  gRPC:     127.0.0.1:{port}\n  OTLP/HTTP: off\n"
+            f"  database: {home}/.ccmon/ccmon.db\n  log:      {home}/.ccmon/server.log\n  up since: {since}\n"))
+        again = run_ccmon(["report", "daily", "--json"], home)  # the running one answers; nothing more started
+        assert (again.returncode, again.stderr) == (0, "")
+        assert local_server_pids(home) == [running["pid"]]
+        stopped = run_ccmon(["server", "stop"], home)
+        assert (stopped.returncode, stopped.stdout) == (0, f"ccmon server: stopped pid {running['pid']}\n")
+        assert local_server_pids(home) == [] and not (home / ".ccmon" / "ccmon.db.pid").exists()
+        down = run_ccmon(["server", "status"], home)
+        assert (down.returncode, down.stdout) == (1, f"ccmon server: not running (no live pid in "
+                                                     f"{home}/.ccmon/ccmon.db.pid)\n")
+    finally:
+        stop_local_servers(home)
+
+
+def test_two_clients_at_once_start_one_local_server(tmp_path):
+    home, _ = local_home(tmp_path)
+    start = threading.Barrier(2)
+    results: list[subprocess.CompletedProcess] = []
+
+    def client():
+        start.wait()
+        results.append(run_ccmon(["--format", "@daily_cost"], home))
+    try:
+        threads = [threading.Thread(target=client) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        winner = pid_file(home)["pid"]
+        assert local_server_pids(home) == [winner]
+        assert [(r.returncode, r.stdout) for r in results] == [(0, "$0.00\n")] * 2
+        # the one whose server lost the database's lock connected to the winner
+        assert [r.stderr for r in results] == [f"ccmon: local server started, pid {winner}\n"] * 2
+    finally:
+        stop_local_servers(home)
+
+
+def test_a_named_server_or_autostart_off_is_never_replaced_by_a_local_one(tmp_path):
+    home, port = local_home(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    try:
+        named = run_ccmon(["--monitor-server", f"127.0.0.1:{closed}", "--format", "@daily_cost"], home)
+        assert (named.returncode, named.stderr) == (
+            1, f"ccmon: cannot reach the ccmon server at 127.0.0.1:{closed}: connection refused\n")
+        off = run_ccmon(["--monitor-autostart", "false", "--json"], home)
+        # server.address is where a client of this config looks (not 4317), and nothing is started there
+        assert (off.returncode, off.stderr) == (
+            1, f"ccmon: cannot reach the ccmon server at 127.0.0.1:{port}: connection refused\n")
+        (home / ".ccmon" / "config.toml").write_text(
+            f'[server]\naddress = "127.0.0.1:{port}"\nhttp_address = "off"\n[monitor]\nautostart = false\n')
+        report = run_ccmon(["report", "daily"], home)
+        assert (report.returncode, report.stderr) == (
+            1, f"ccmon: cannot reach the ccmon server at 127.0.0.1:{port}: connection refused\n")
+        assert local_server_pids(home) == [] and not (home / ".ccmon" / "server.log").exists()
+    finally:
+        stop_local_servers(home)
+
+
+def test_the_monitor_says_it_started_the_local_server(tmp_path):
+    home, _ = local_home(tmp_path)
+    monitor = MonitorPty([], cwd=home, env={"HOME": str(home)})
+    try:
+        screen = monitor.wait_for("local server started, pid", "the notice of the start")
+        assert f"local server started, pid {pid_file(home)['pid']}" in screen
+        monitor.send(b"q")
+        assert monitor.close() == 0
+        assert local_server_pids(home) == [pid_file(home)["pid"]]  # still running once the monitor has quit
+    finally:
+        if monitor.proc.poll() is None:
+            monitor.proc.kill()
+            monitor.close()
+        stop_local_servers(home)
+
+
+def test_the_local_server_reads_and_follows_the_transcripts(tmp_path):
+    home, _ = local_home(tmp_path)
+    project = home / ".claude" / "projects" / "-home-dev-proj"
+    project.mkdir(parents=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    when = [(now - dt.timedelta(minutes=m)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            for m in (3, 2, 1)]
+    transcript = project / "s-local.jsonl"
+    transcript.write_text("".join(transcript_line("s-local", when[i], f"req_{i}", f"msg_{i}") + "\n"
+                                  for i in range(2)))
+
+    def figures():
+        result = run_ccmon(["--json"], home)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+    try:
+        # two Sonnet 4.5 requests of 1,500 in, 250 out, 4,000 cache read, 800 cache write: $0.01245 each
+        wait_until(lambda: figures()["monthly_tokens"] == 2 * 6550, "the transcripts' two requests")
+        assert figures()["monthly_cost"] == 0.0249
+        with transcript.open("a") as handle:  # Claude Code writes on: followed
+            handle.write(transcript_line("s-local", when[2], "req_2", "msg_2") + "\n")
+        wait_until(lambda: figures()["monthly_tokens"] == 3 * 6550, "the appended request")
+        assert figures()["monthly_cost"] == 0.03735
+    finally:
+        stop_local_servers(home)
+
+
+def test_only_the_local_server_reads_the_local_transcripts(tmp_path, monkeypatch):
+    """The default database on a loopback address with auto-start on; a team server (any other) does not."""
+    local = config_for(tmp_path, monkeypatch)
+    assert ccmon.is_local_server(local)
+    assert local.database_path == tmp_path / "home" / ".ccmon" / "ccmon.db"
+    for args in (["--database-path", str(tmp_path / "team.db")], ["--server-address", "0.0.0.0:4317"],
+                 ["--monitor-autostart", "false"]):
+        assert not ccmon.is_local_server(config_for(tmp_path, monkeypatch, args)), args
+
+
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
 
 # Claude Code itself (the npm package, a native binary) runs offline against fixtures/mock_anthropic.py, a
