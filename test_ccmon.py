@@ -438,7 +438,7 @@ def test_config_defaults(tmp_path, monkeypatch):
         server_retention_s=None, server_http_address="127.0.0.1:4318", server_token="", server_tls=None,
         max_message_bytes=16 * 1024 * 1024, monitor_server="127.0.0.1:4317", monitor_token="", monitor_tls=None,
         monitor_timezone="UTC", refresh_interval_s=5, plan="unset", max_tokens=0, source="defaults", block_mode=None,
-        weekly_max_tokens=0, alert_percents=(), alert_command="")
+        weekly_max_tokens=0, alert_percents=(), alert_command="", monitor_autostart=True)
 
 
 def test_config_file_search_order_and_flag_precedence(tmp_path, monkeypatch):
