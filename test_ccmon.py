@@ -6743,6 +6743,39 @@ def test_a_named_server_or_autostart_off_is_never_replaced_by_a_local_one(tmp_pa
         stop_local_servers(home)
 
 
+def test_a_local_server_that_cannot_start_or_an_unknown_action_is_one_line(tmp_path):
+    home, _ = local_home(tmp_path)
+    database = home / ".ccmon" / "ccmon.db"
+    database.mkdir()  # a folder where the database should be: the server cannot start
+    try:
+        failed = run_ccmon(["--json"], home)
+        assert (failed.returncode, failed.stdout) == (1, "")
+        assert failed.stderr == (f"ccmon: the local server did not start: ccmon: {database} is a folder; "
+                                 "--database-path (database.path) names ccmon's database file, created when missing "
+                                 f"(its log: {home}/.ccmon/server.log)\n")
+        unknown = run_ccmon(["server", "restart"], home)
+        assert (unknown.returncode, unknown.stderr) == (2, "ccmon server: argument action: invalid choice: 'restart' "
+                                                           "(choose from 'status', 'stop') (see ccmon server --help)\n")
+    finally:
+        stop_local_servers(home)
+
+
+def test_the_status_line_starts_the_local_server_without_waiting_for_it(tmp_path):
+    home, _ = local_home(tmp_path)
+    try:
+        line = subprocess.run([*CCMON, "statusline", "--format", "@model"], input=json.dumps(live_input("s-x")),
+                              capture_output=True, text=True, cwd=home, timeout=30, env={**os.environ, "HOME": str(home)})
+        assert (line.returncode, line.stdout) == (0, "Sonnet 4.5\n")
+        started = re.fullmatch(r"ccmon: local server starting, pid (\d+); this line is from Claude Code's input "
+                               r"alone\n", line.stderr)
+        assert started, line.stderr
+        ready = wait_until(lambda: local_server_pids(home) and (home / ".ccmon" / "ccmon.db.pid").exists(),
+                           "the local server to be ready", timeout=20)
+        assert ready and pid_file(home)["pid"] == int(started.group(1))
+    finally:
+        stop_local_servers(home)
+
+
 def test_the_monitor_says_it_started_the_local_server(tmp_path):
     home, _ = local_home(tmp_path)
     monitor = MonitorPty([], cwd=home, env={"HOME": str(home)})
