@@ -7717,7 +7717,8 @@ def build_parser() -> CommandLine:
         prog="ccmon", description="Watch what Claude Code costs: an OTLP collector (--server) and a live monitor "
         "(no mode flag).",
         epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help. Claude Code's status line: ccmon statusline "
-               "--help. History from Claude Code's transcripts: ccmon import --help")
+               "--help. History from Claude Code's transcripts: ccmon import --help. The local server ccmon starts when "
+               "none answers: ccmon server {status,stop}")
     parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
     modes = parser.add_argument_group("modes (none: the monitor)")
     modes.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
