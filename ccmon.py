@@ -6444,9 +6444,10 @@ def serve(config: Config) -> int:
 
 
 def program_path() -> Path:
-    """This program: ccmon.py, or the ccmon.pyz it runs from."""
-    here = Path(__file__).resolve()
-    return here.parent if here.parent.is_file() else here
+    """This program: the ccmon.pyz whose __main__.py runs (it imports ccmon.py from its unpacked cache), else
+    ccmon.py."""
+    main_file = Path(getattr(sys.modules.get("__main__"), "__file__", None) or __file__)
+    return main_file.parent if main_file.parent.is_file() else Path(__file__).resolve()
 
 
 def start_detached_server(config: Config) -> tuple[Any, int]:
