@@ -6331,8 +6331,8 @@ class RunningServer:
 
 
 def pid_file_path(config: Config) -> Path:
-    """Next to the database, which one server at a time writes: ~/.ccmon/ccmon.db.pid."""
-    return config.database_path.with_name(config.database_path.name + ".pid")
+    """Next to the database, which one server at a time writes, named after it: ~/.ccmon/ccmon.pid."""
+    return config.database_path.with_name(config.database_path.stem + ".pid")
 
 
 def server_log_path(config: Config) -> Path:

@@ -658,7 +658,8 @@ def test_a_setting_is_declared_once():
     for command, scopes in [("", tuple(ccmon.SCOPES)), *ccmon.COMMAND_SCOPES.items()]:
         parser = ccmon.build_parser() if not command else {"report": ccmon.build_report_parser,
                                                           "statusline": ccmon.build_status_line_parser,
-                                                          "import": ccmon.build_import_parser}[command]()
+                                                          "import": ccmon.build_import_parser,
+                                                          "server": ccmon.build_server_command_parser}[command]()
         flags = set(parser._option_string_actions)
         for setting in ccmon.SETTINGS:
             assert (set(setting.options) <= flags) == (setting.scope in scopes), (command, setting.key)
@@ -6658,7 +6659,7 @@ def local_server_pids(home: Path) -> list[int]:
 
 
 def pid_file(home: Path) -> dict:
-    return json.loads((home / ".ccmon" / "ccmon.db.pid").read_text())
+    return json.loads((home / ".ccmon" / "ccmon.pid").read_text())
 
 
 def stop_local_servers(home: Path) -> None:
@@ -6689,10 +6690,10 @@ def test_a_client_starts_the_local_server_which_keeps_running_and_server_stops_i
         assert local_server_pids(home) == [running["pid"]]
         stopped = run_ccmon(["server", "stop"], home)
         assert (stopped.returncode, stopped.stdout) == (0, f"ccmon server: stopped pid {running['pid']}\n")
-        assert local_server_pids(home) == [] and not (home / ".ccmon" / "ccmon.db.pid").exists()
+        assert local_server_pids(home) == [] and not (home / ".ccmon" / "ccmon.pid").exists()
         down = run_ccmon(["server", "status"], home)
         assert (down.returncode, down.stdout) == (1, f"ccmon server: not running (no live pid in "
-                                                     f"{home}/.ccmon/ccmon.db.pid)\n")
+                                                     f"{home}/.ccmon/ccmon.pid)\n")
     finally:
         stop_local_servers(home)
 
@@ -6769,7 +6770,7 @@ def test_the_status_line_starts_the_local_server_without_waiting_for_it(tmp_path
         started = re.fullmatch(r"ccmon: local server starting, pid (\d+); this line is from Claude Code's input "
                                r"alone\n", line.stderr)
         assert started, line.stderr
-        ready = wait_until(lambda: local_server_pids(home) and (home / ".ccmon" / "ccmon.db.pid").exists(),
+        ready = wait_until(lambda: local_server_pids(home) and (home / ".ccmon" / "ccmon.pid").exists(),
                            "the local server to be ready", timeout=20)
         assert ready and pid_file(home)["pid"] == int(started.group(1))
     finally:
