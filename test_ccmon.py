@@ -6812,10 +6812,22 @@ def test_the_local_server_reads_and_follows_the_transcripts(tmp_path):
         # two Sonnet 4.5 requests of 1,500 in, 250 out, 4,000 cache read, 800 cache write: $0.01245 each
         wait_until(lambda: figures()["monthly_tokens"] == 2 * 6550, "the transcripts' two requests")
         assert figures()["monthly_cost"] == 0.0249
+        # the telemetry of the next request, then its transcript line: one request, at Claude Code's own cost
+        port = int(pid_file(home)["address"].rsplit(":", 1)[1])
+        sdk_export(port, [("api_request", api_request(2, when[2], session="s-local", request_id="req_2",
+                                                      cost_usd=0.013, input_tokens=1500, output_tokens=250,
+                                                      cache_read_tokens=4000, cache_creation_tokens=800))])
+        wait_until(lambda: figures()["monthly_tokens"] == 3 * 6550, "the telemetry of the third request")
         with transcript.open("a") as handle:  # Claude Code writes on: followed
             handle.write(transcript_line("s-local", when[2], "req_2", "msg_2") + "\n")
-        wait_until(lambda: figures()["monthly_tokens"] == 3 * 6550, "the appended request")
-        assert figures()["monthly_cost"] == 0.03735
+        log = home / ".ccmon" / "server.log"
+        wait_until(lambda: "transcripts: 1 files read, 2 requests imported, 1 already known" in log.read_text(),
+                   "the appended line, known by its request_id")
+        assert (figures()["monthly_tokens"], figures()["monthly_cost"]) == (3 * 6550, 0.0379)
+        with transcript.open("a") as handle:  # a request telemetry missed: the transcript fills the gap
+            handle.write(transcript_line("s-local", when[2], "req_3", "msg_3") + "\n")
+        wait_until(lambda: figures()["monthly_tokens"] == 4 * 6550, "the appended request")
+        assert figures()["monthly_cost"] == 0.05035
     finally:
         stop_local_servers(home)
 
