@@ -6471,6 +6471,7 @@ def start_detached_server(config: Config) -> tuple[Any, int]:
 
 
 def log_since(path: Path, offset: int) -> str:
+    """What a log holds after `offset`: the lines of the servers started since ('' when unreadable)."""
     try:
         with path.open("rb") as handle:
             handle.seek(offset)
