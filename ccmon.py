@@ -22,6 +22,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Status line: ccmon statusline, for Claude Code's settings
   Reports: ccmon report daily|weekly|monthly|session|model|blocks|project
   Import: ccmon import, Claude Code's transcripts
+  Local server: started on demand, detached, following the transcripts
   Setup: ccmon setup, Claude Code's settings pointed at ccmon
   View model and pure render functions
   Curses loop: polling thread, keys, drawing
@@ -993,6 +994,7 @@ SETTINGS = (
     Setting("server.cache.stats.ttl", "1m", read_ttl, "accepted for the original Go ccmon's config; no effect",
             "DURATION", "server", None),
     Setting("monitor.server", "127.0.0.1:4317", read_address, "the server to query; https://HOST:PORT for TLS", "HOST:PORT", "connection", "monitor_server"),
+    Setting("monitor.autostart", True, read_switch, "when no server is named and none answers at server.address, start this machine's own in the background (it keeps running)", "BOOL", "connection", "monitor_autostart"),
     Setting("monitor.timezone", "UTC", read_zone, "IANA timezone of days, weeks and months, e.g. Europe/Berlin",
             "ZONE", "time", "monitor_timezone"),
     Setting("monitor.refresh_interval", "5s", read_refresh_interval, "how often the monitor refreshes, 1s to 5m",
@@ -1280,10 +1282,11 @@ def certificate_name(path: Path) -> str | None:
     return names[0] if names else None
 
 
-def health_config(config: Config) -> Config:
-    """What --health checks: the configured monitor server, else the server this configuration runs: its own
-    address (a wildcard address means this machine), token and TLS. So a container's or a service unit's
-    health check, reading the server's own configuration, follows its settings."""
+def client_config(config: Config) -> Config:
+    """The server every client of this configuration talks to (the monitor, --format, --json, --health,
+    statusline, report, import): the configured monitor server, else the server this configuration runs: its own
+    address (a wildcard address means this machine), token and TLS. So a container's or a service unit's health
+    check, reading the server's own configuration, follows its settings, and so does the monitor."""
     if config.monitor_server_given:
         return config
     host, port = parse_address(config.server_address, fail_as=ConfigError)
@@ -4754,7 +4757,9 @@ def wait_for_stop_signal(received: list[int]) -> int:
 SHUTDOWN_S = 8  # within the 10 s Docker and systemd give before SIGKILL
 
 
-def run_server(config: Config) -> int:
+def run_server(config: Config, on_ready: Callable[[int, int, threading.Event], None] | None = None) -> int:
+    """Serve until SIGINT or SIGTERM. `on_ready(port, http_port, stop)` runs once the server is ready; `stop` is set
+    when it starts to stop."""
     # The writer binding rows, the export threads taking decoded batches and the queries share the GIL; a short
     # switch interval keeps each from waiting up to 5 ms for another whenever it needs the GIL back.
     sys.setswitchinterval(0.0005)
@@ -4779,6 +4784,8 @@ def run_server(config: Config) -> int:
     received = catch_stop_signals()
     log.info("ready: gRPC %s:%d%s", config.server_address.rsplit(":", 1)[0], port,  # the last start-up line
              f", HTTP {config.server_http_address.rsplit(':', 1)[0]}:{http_port}" if httpd else "")
+    if on_ready:
+        on_ready(port, http_port, stop)
     signum = wait_for_stop_signal(received)
     deadline = time.monotonic() + SHUTDOWN_S
     log.info("%s: finishing in-flight calls", signal.Signals(signum).name)
@@ -5572,7 +5579,6 @@ def say_if_go_ccmon(client: Client, values: dict[str, Any], address: str) -> Non
 
 def run_health_check(config: Config) -> int:
     """Exit 0 when a ccmon server (this one or the Go one) answers; for Docker's HEALTHCHECK and service managers."""
-    config = health_config(config)
     client = Client.for_config(config, timeout_s=3.0)
     try:
         info = client.server_info()
@@ -6434,6 +6440,242 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
               "already (not counted below); importing again counts each request once.", file=sys.stderr)
     print(import_summary(importer.tally, args.dry_run), flush=True)
     return 0 if failure is None else 1
+
+
+# ---------------------------------------------------------------- Local server: started on demand, detached, following the transcripts
+
+LOCAL_SERVER_START_S = 20.0          # how long a client waits for the server it started to be ready
+LOCAL_SERVER_STOP_S = SHUTDOWN_S + 2  # `ccmon server stop`: the server's own shutdown, and a margin
+LOCAL_SERVER_POLL_S = 0.05           # how often a start or a stop is looked at
+ANOTHER_SERVER = "another ccmon server"  # the start of the message of a server that lost the database's lock
+
+
+@dataclasses.dataclass(frozen=True)
+class RunningServer:
+    """What a server writes to its pid file once it is ready: who it is and where it listens."""
+    pid: int
+    address: str
+    http_address: str      # '' when OTLP/HTTP is off
+    database: str
+    started_ms: int
+
+
+def pid_file_path(config: Config) -> Path:
+    """Next to the database, which one server at a time writes, named after it: ~/.ccmon/ccmon.pid."""
+    return config.database_path.with_name(config.database_path.stem + ".pid")
+
+
+def server_log_path(config: Config) -> Path:
+    """Where a server started on demand writes its log: ~/.ccmon/server.log."""
+    return config.database_path.parent / "server.log"
+
+
+def is_local_server(config: Config) -> bool:
+    """This machine's own server, for its user: the default database, a loopback address, auto-start on. It reads
+    the user's transcripts; a team server (any other) does not."""
+    default_database = next(setting.default for setting in SETTINGS if setting.key == "database.path")
+    return (config.monitor_autostart and is_loopback(config.server_address)
+            and config.database_path == Path(default_database).expanduser())
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's: alive
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(0) has said it runs
+
+
+def running_server(config: Config) -> RunningServer | None:
+    """The server of this configuration's database, from its pid file, while its process runs."""
+    try:
+        server = RunningServer(**json.loads(pid_file_path(config).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None  # none, or not a pid file of this release: no server known
+    return server if process_alive(server.pid) else None
+
+
+def write_pid_file(path: Path, server: RunningServer) -> None:
+    """Whole or not at all (a reader never sees half of it), readable by its user only."""
+    partial = path.with_name(path.name + f".{os.getpid()}.tmp")
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(dataclasses.asdict(server), handle)
+    os.replace(partial, path)
+
+
+def follow_transcripts(config: Config, stop: threading.Event) -> None:
+    """What `ccmon import --follow` does, inside the local server: Claude Code's transcripts read at start and
+    followed, each request stored once (joined to its telemetry by request_id). Problems are logged, never fatal."""
+    own = client_config(dataclasses.replace(config, monitor_server_given=False))
+    client = Client.for_config(own, timeout_s=IMPORT_TIMEOUT_S, go_extras_empty=False)
+    roots = transcript_roots(dict(os.environ), Path.home())
+    importer = Importer(client, config, resource_user(dict(os.environ)), None, False)
+    files = TranscriptFiles(roots)
+    log.info("transcripts: following %s", " and ".join(map(str, roots)))
+    reported, failing = (0, 0, 0), ""
+    try:
+        while True:
+            try:
+                for path in importer.transcript_paths(files):
+                    importer.add_file(files, path, final=False)
+                importer.flush(wait=True)
+                failing = ""
+            except ServerUnreachable as exc:  # kept and tried again at the next look, as --follow does
+                if str(exc) != failing:
+                    log.warning("transcripts: %s; retrying", exc)
+                failing = str(exc)
+            except Exception as exc:  # a bug must not stop the server that stores the telemetry
+                log.error("transcripts: %s: %s; retrying", type(exc).__name__, exc)
+            tally = importer.tally
+            for problem in tally.problems:
+                log.warning("transcripts: %s", problem)
+            tally.problems.clear()
+            if (len(files.positions), tally.imported, tally.known) != reported:
+                reported = (len(files.positions), tally.imported, tally.known)
+                log.info("transcripts: %d files read, %d requests imported, %d already known", *reported)
+            if stop.wait(FOLLOW_POLL_S):
+                return
+    finally:
+        importer.sender.shutdown(wait=True)
+        client.close()
+
+
+def serve(config: Config) -> int:
+    """ccmon --server: the server, its pid file written once it is ready (removed when it stops), and for the
+    local server the transcripts followed."""
+    path = pid_file_path(config)
+
+    def ready(port: int, http_port: int, stop: threading.Event) -> None:
+        host = config.server_address.rsplit(":", 1)[0]
+        http_host = (config.server_http_address or "").rsplit(":", 1)[0]
+        try:
+            write_pid_file(path, RunningServer(os.getpid(), f"{host}:{port}", f"{http_host}:{http_port}" if http_port
+                                               else "", str(config.database_path), now_ms()))
+        except OSError as exc:
+            log.error("cannot write the pid file %s: %s (ccmon server status and stop will not find this server)",
+                      path, exc.strerror)
+        if is_local_server(config):
+            threading.Thread(target=follow_transcripts, args=(config, stop), name="ccmon-transcripts",
+                             daemon=True).start()
+
+    try:
+        return run_server(config, on_ready=ready)
+    finally:
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            if json.loads(path.read_text())["pid"] == os.getpid():  # not another server's, after a failed start
+                path.unlink()
+
+
+def program_path() -> Path:
+    """This program: the ccmon.pyz whose __main__.py runs (it imports ccmon.py from its unpacked cache), else
+    ccmon.py."""
+    main_file = Path(getattr(sys.modules.get("__main__"), "__file__", None) or __file__)
+    return main_file.parent if main_file.parent.is_file() else Path(__file__).resolve()
+
+
+def start_detached_server(config: Config) -> tuple[Any, int]:
+    """`ccmon --server` (with this configuration's file) in a session of its own, detached from the terminal like
+    tmux's server; its output appended to server.log. Returns the process and where its log started."""
+    import subprocess
+    log_path = server_log_path(config)
+    log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    offset = os.fstat(descriptor).st_size
+    command = [sys.executable, str(program_path()), "--server"]
+    command += ["--config", config.source] if config.source != "defaults" else []
+    try:
+        process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=descriptor, stderr=descriptor,
+                                   close_fds=True, start_new_session=True, cwd=log_path.parent)
+    except OSError as exc:
+        raise ServerError(f"cannot start the local server: {exc.strerror or exc}") from None
+    finally:
+        os.close(descriptor)
+    return process, offset
+
+
+def log_since(path: Path, offset: int) -> str:
+    """What a log holds after `offset`: the lines of the servers started since ('' when unreadable)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            return handle.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def wait_for_started_server(config: Config, process: Any, log_offset: int) -> RunningServer:
+    """The server ready, by its pid file: the one just started, or, when it lost the database's lock to another
+    started at the same moment, that other one. ServerError with its log's last line when none is ready in time."""
+    deadline = time.monotonic() + LOCAL_SERVER_START_S
+    while time.monotonic() < deadline:
+        server = running_server(config)
+        if server is not None and (server.pid == process.pid or process.poll() is not None):
+            return server
+        if process.poll() is not None and ANOTHER_SERVER not in log_since(server_log_path(config), log_offset):
+            break  # it failed for a reason of its own: no other server to wait for
+        time.sleep(LOCAL_SERVER_POLL_S)
+    lines = log_since(server_log_path(config), log_offset).strip().splitlines()
+    said = f": {lines[-1]}" if lines else ""
+    raise ServerError(f"the local server did not start{said} (its log: {server_log_path(config)})")
+
+
+def start_local_server_if_needed(config: Config, wait: bool = True) -> str:
+    """For a client of this configuration (as client_config makes it): when it names no server, auto-start is on
+    and nothing answers at the local address, start the local server; returns what to tell the user ('' when
+    nothing was started). With wait=False (the status line, within Claude Code's patience) the start is not
+    waited for."""
+    if config.monitor_server_given or not config.monitor_autostart:
+        return ""
+    probe = Client.for_config(config, timeout_s=2.0 if wait else STATUS_LINE_BUDGET_S)
+    try:
+        probe.server_info()
+        return ""
+    except ServerUnreachable as exc:
+        if str(exc) != "connection refused":
+            return ""  # something answers there: the client's own call says what is wrong with it
+    finally:
+        probe.close()
+    process, log_offset = start_detached_server(config)
+    if not wait:
+        return f"local server starting, pid {process.pid}"
+    return f"local server started, pid {wait_for_started_server(config, process, log_offset).pid}"
+
+
+def run_server_command(config: Config, action: str) -> int:
+    """ccmon server status|stop: the server of this configuration's database, found by its pid file."""
+    server = running_server(config)
+    if server is None:
+        print(f"ccmon server: not running (no live pid in {pid_file_path(config)})")
+        return 1 if action == "status" else 0
+    if action == "status":
+        since = dt.datetime.fromtimestamp(server.started_ms / 1000, config.zone).isoformat(timespec="seconds")
+        print(f"ccmon server: running, pid {server.pid}\n  gRPC:     {server.address}\n"
+              f"  OTLP/HTTP: {server.http_address or 'off'}\n  database: {server.database}\n"
+              f"  log:      {server_log_path(config)}\n  up since: {since}")
+        return 0
+    try:
+        os.kill(server.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        print(f"ccmon server: pid {server.pid} is not yours to stop", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + LOCAL_SERVER_STOP_S
+    while process_alive(server.pid):
+        if time.monotonic() > deadline:
+            print(f"ccmon server: pid {server.pid} has not stopped after {LOCAL_SERVER_STOP_S} s (its log: "
+                  f"{server_log_path(config)})", file=sys.stderr)
+            return 1
+        time.sleep(LOCAL_SERVER_POLL_S)
+    print(f"ccmon server: stopped pid {server.pid}")
+    return 0
 
 
 # ---------------------------------------------------------------- Setup: ccmon setup, Claude Code's settings pointed at ccmon
@@ -7759,11 +8001,13 @@ def terminal(curses_module):
         os.environ.update(pinned)
 
 
-def run_monitor(config: Config) -> int:
+def run_monitor(config: Config, notice: str = "") -> int:
+    """The monitor; `notice` (such as that the local server was started) is shown until the first key."""
     import curses
     settings = MonitorSettings.from_config(config)
     client = Client.for_config(config)
-    state = ViewState(period="b" if settings.block_mode is not None else "a", notice=alert_setup_problem(settings))
+    state = ViewState(period="b" if settings.block_mode is not None else "a",
+                      notice="; ".join(filter(None, (notice, alert_setup_problem(settings)))))
     poller = Poller(client, settings)
     poller.request(state)
     fired: set[tuple] = set()
@@ -7812,6 +8056,7 @@ COMMAND_SCOPES = {  # the settings each command reads; ccmon itself (server, mon
     "statusline": ("connection", "time", "limits"),
     "import": ("connection", "time"),
     "setup": ("connection",),
+    "server": ("server", "time"),
 }
 
 
@@ -7854,7 +8099,8 @@ def build_parser() -> CommandLine:
         "(no mode flag).",
         epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help. Claude Code's status line: ccmon statusline "
                "--help. History from Claude Code's transcripts: ccmon import --help. To point Claude Code "
-               "at ccmon, ccmon setup --help")
+               "at ccmon: ccmon setup --help. The local server ccmon starts when none answers: "
+               "ccmon server {status,stop}")
     parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
     modes = parser.add_argument_group("modes (none: the monitor)")
     modes.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
@@ -7932,6 +8178,19 @@ def build_setup_parser() -> CommandLine:
     return parser
 
 
+def build_server_command_parser() -> CommandLine:
+    parser = command_parser("server", "The server of this configuration's database (~/.ccmon/ccmon.db by default), "
+                            "such as the local one ccmon starts on demand: its status, or stop it. (ccmon --server "
+                            "runs a server.)")
+    parser.add_argument("action", choices=("status", "stop"), help="status: pid, addresses, database, log, up since "
+                        "(exit 1 when not running); stop: SIGTERM, and wait for it to exit")
+    return parser
+
+
+COMMAND_PARSERS = {"report": build_report_parser, "statusline": build_status_line_parser, "import": build_import_parser,
+                   "setup": build_setup_parser, "server": build_server_command_parser}
+
+
 def without_command(argv: list[str], command: str, parser: argparse.ArgumentParser) -> list[str] | None:
     """The words without `command` when it is the first word that is neither an option nor an option's value
     (so options may come before it), else None."""
@@ -7973,8 +8232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(argv: list[str]) -> int:
     mode, parser, words = "", build_parser(), argv
-    for command, build in (("report", build_report_parser), ("statusline", build_status_line_parser),
-                           ("import", build_import_parser), ("setup", build_setup_parser)):
+    for command, build in COMMAND_PARSERS.items():
         command_words = without_command(argv, command, parser)
         if command_words is not None:
             mode, parser, words = command, build(), command_words
@@ -7987,26 +8245,39 @@ def run_command(argv: list[str]) -> int:
         args.monitor_server, args.server = args.server, None
     if mode == "statusline":  # Claude Code runs it in every project folder: never a config found there
         try:
-            config = load_config(args, search_cwd=False)
-        except ConfigError as exc:  # still a line, from stdin alone: the status line must never go blank
-            print(f"ccmon: config error: {exc}", file=sys.stderr)
+            config = client_config(load_config(args, search_cwd=False))
+            # never waited for: Claude Code gives the line 250 ms; this one is from stdin, the next from the server
+            notice = start_local_server_if_needed(config, wait=False)
+            if notice:
+                print(f"ccmon: {notice}; this line is from Claude Code's input alone", file=sys.stderr)
+        except (ConfigError, ServerError) as exc:  # still a line, from stdin alone: never blank
+            print(f"ccmon: config error: {exc}" if isinstance(exc, ConfigError) else f"ccmon: {exc}", file=sys.stderr)
             config = None
         return run_status_line(config, args.format)
     try:
         config = load_config(args)
+        if mode == "server":
+            return run_server_command(config, args.action)
+        if mode == "--server":
+            return serve(config)
+        config = client_config(config)
+        if mode == "--health":  # a health check looks, it starts nothing
+            return run_health_check(config)
+        if mode == "setup":  # it writes Claude Code's settings for this server, started or not
+            return run_setup(config, args, dict(os.environ), Path.home())
+        if mode == "report":  # a mistake in the dates is said before a server is started for it
+            report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), config.zone,
+                          now_ms())
+        notice = start_local_server_if_needed(config)
+        if notice and mode != "monitor":
+            print(f"ccmon: {notice}", file=sys.stderr)
         if mode == "report":
             return run_report(config, args)
         if mode == "import":
             return run_import(config, args)
-        if mode == "setup":
-            return run_setup(config, args, dict(os.environ), Path.home())
-        if mode == "--server":
-            return run_server(config)
-        if mode == "--health":
-            return run_health_check(config)
         if mode in ("--format", "--json"):
             return run_quick_query(config, args.format, args.json)
-        return run_monitor(config)
+        return run_monitor(config, notice)
     except ConfigError as exc:
         print(f"ccmon: config error: {exc}", file=sys.stderr)
         return 2

@@ -440,7 +440,7 @@ def test_config_defaults(tmp_path, monkeypatch):
         server_retention_s=None, server_http_address="127.0.0.1:4318", server_token="", server_tls=None,
         max_message_bytes=16 * 1024 * 1024, monitor_server="127.0.0.1:4317", monitor_token="", monitor_tls=None,
         monitor_timezone="UTC", refresh_interval_s=5, plan="unset", max_tokens=0, source="defaults", block_mode=None,
-        weekly_max_tokens=0, alert_percents=(), alert_command="")
+        weekly_max_tokens=0, alert_percents=(), alert_command="", monitor_autostart=True)
 
 
 def test_config_file_search_order_and_flag_precedence(tmp_path, monkeypatch):
@@ -665,10 +665,9 @@ def test_a_setting_is_declared_once():
     derived = {"server_tls", "monitor_tls", "source", "monitor_server_given", "pricing"}
     fields = {field.name for field in dataclasses.fields(ccmon.Config)}
     assert fields - derived == {s.field for s in ccmon.SETTINGS if s.field}
+    assert set(ccmon.COMMAND_SCOPES) == set(ccmon.COMMAND_PARSERS)
     for command, scopes in [("", tuple(ccmon.SCOPES)), *ccmon.COMMAND_SCOPES.items()]:
-        parser = ccmon.build_parser() if not command else {"report": ccmon.build_report_parser,
-                                                          "statusline": ccmon.build_status_line_parser,
-                                                          "import": ccmon.build_import_parser}[command]()
+        parser = ccmon.COMMAND_PARSERS[command]() if command else ccmon.build_parser()
         flags = set(parser._option_string_actions)
         for setting in ccmon.SETTINGS:
             assert (set(setting.options) <= flags) == (setting.scope in scopes), (command, setting.key)
@@ -697,7 +696,8 @@ def test_ccmons_help_groups_options_by_mode(capsys):
     with pytest.raises(SystemExit):
         ccmon.main(["--help"])
     out = capsys.readouterr().out
-    groups = re.findall(r"^(\S[^\n]*):$", out, re.MULTILINE)
+    groups = [group.title for group in ccmon.build_parser()._action_groups if group._group_actions]
+    assert all(f"\n{title}:\n" in out for title in groups)
     assert groups == ["options", "modes (none: the monitor)", ccmon.SCOPES["server"], ccmon.SCOPES["connection"],
                       ccmon.SCOPES["time"], ccmon.SCOPES["monitor"], ccmon.SCOPES["limits"]]
     server_part = out.split(ccmon.SCOPES["server"] + ":")[1].split(ccmon.SCOPES["connection"] + ":")[0]
@@ -6827,6 +6827,219 @@ def test_telemetry_stored_between_an_imports_chunks_is_known(tmp_path, monkeypat
         writer.close()
     assert db_rows(tmp_path / "between.db", "SELECT session_id, origin FROM r WHERE request_id = 'req_tele'") == \
         [("s-tele", 0)]
+
+
+# ---------------------------------------------------------------- local server: started on demand
+
+def local_home(tmp_path: Path, extra: str = "") -> tuple[Path, int]:
+    """A HOME whose ~/.ccmon/config.toml puts the local server on a free port (never 4317: tests run side by side)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / ".ccmon").mkdir()
+    (tmp_path / ".ccmon" / "config.toml").write_text(
+        f'[server]\naddress = "127.0.0.1:{port}"\nhttp_address = "off"\n{extra}')
+    return tmp_path, port
+
+
+def local_server_pids(home: Path) -> list[int]:
+    """The `ccmon --server` processes running with this HOME (from /proc), not counting their decoders (forked
+    children of theirs)."""
+    parents = {}
+    for folder in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (folder / "cmdline").read_bytes().split(b"\0")
+            environment = (folder / "environ").read_bytes().split(b"\0")
+            state, parent = (folder / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        if b"--server" in command and f"HOME={home}".encode() in environment and state != "Z":
+            parents[int(folder.name)] = int(parent)
+    return sorted(pid for pid, parent in parents.items() if parent not in parents)
+
+
+def pid_file(home: Path) -> dict:
+    return json.loads((home / ".ccmon" / "ccmon.pid").read_text())
+
+
+def stop_local_servers(home: Path) -> None:
+    """Every server started for this HOME, stopped (a detached server outlives the client that started it)."""
+    pids = local_server_pids(home)
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not local_server_pids(home), "the local servers to stop", timeout=20)
+
+
+def test_a_client_starts_the_local_server_which_keeps_running_and_server_stops_it(tmp_path):
+    home, port = local_home(tmp_path)
+    try:
+        first = run_ccmon(["--json"], home)
+        running = pid_file(home)
+        assert (first.returncode, first.stderr) == (0, f"ccmon: local server started, pid {running['pid']}\n")
+        assert json.loads(first.stdout)["monthly_cost"] == 0.0
+        assert local_server_pids(home) == [running["pid"]]  # it outlives the client that started it
+        assert (running["address"], running["http_address"]) == (f"127.0.0.1:{port}", "")
+        assert (home / ".ccmon" / "server.log").stat().st_mode & 0o777 == 0o600
+        status = run_ccmon(["server", "status"], home)
+        since = dt.datetime.fromtimestamp(running["started_ms"] / 1000, dt.timezone.utc).isoformat(timespec="seconds")
+        assert (status.returncode, status.stdout) == (0, (
+            f"ccmon server: running, pid {running['pid']}\n  gRPC:     127.0.0.1:{port}\n  OTLP/HTTP: off\n"
+            f"  database: {home}/.ccmon/ccmon.db\n  log:      {home}/.ccmon/server.log\n  up since: {since}\n"))
+        again = run_ccmon(["report", "daily", "--json"], home)  # the running one answers; nothing more started
+        assert (again.returncode, again.stderr) == (0, "")
+        assert local_server_pids(home) == [running["pid"]]
+        stopped = run_ccmon(["server", "stop"], home)
+        assert (stopped.returncode, stopped.stdout) == (0, f"ccmon server: stopped pid {running['pid']}\n")
+        assert local_server_pids(home) == [] and not (home / ".ccmon" / "ccmon.pid").exists()
+        down = run_ccmon(["server", "status"], home)
+        assert (down.returncode, down.stdout) == (1, f"ccmon server: not running (no live pid in "
+                                                     f"{home}/.ccmon/ccmon.pid)\n")
+    finally:
+        stop_local_servers(home)
+
+
+def test_two_clients_at_once_start_one_local_server(tmp_path):
+    home, _ = local_home(tmp_path)
+    start = threading.Barrier(2)
+    results: list[subprocess.CompletedProcess] = []
+
+    def client():
+        start.wait()
+        results.append(run_ccmon(["--format", "@daily_cost"], home))
+    try:
+        threads = [threading.Thread(target=client) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        winner = pid_file(home)["pid"]
+        assert local_server_pids(home) == [winner]
+        assert [(r.returncode, r.stdout) for r in results] == [(0, "$0.00\n")] * 2
+        # the one whose server lost the database's lock connected to the winner
+        assert [r.stderr for r in results] == [f"ccmon: local server started, pid {winner}\n"] * 2
+    finally:
+        stop_local_servers(home)
+
+
+def test_a_named_server_or_autostart_off_is_never_replaced_by_a_local_one(tmp_path):
+    home, port = local_home(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    try:
+        named = run_ccmon(["--monitor-server", f"127.0.0.1:{closed}", "--format", "@daily_cost"], home)
+        assert (named.returncode, named.stderr) == (
+            1, f"ccmon: cannot reach the ccmon server at 127.0.0.1:{closed}: connection refused\n")
+        off = run_ccmon(["--monitor-autostart", "false", "--json"], home)
+        # server.address is where a client of this config looks (not 4317), and nothing is started there
+        assert (off.returncode, off.stderr) == (
+            1, f"ccmon: cannot reach the ccmon server at 127.0.0.1:{port}: connection refused\n")
+        (home / ".ccmon" / "config.toml").write_text(
+            f'[server]\naddress = "127.0.0.1:{port}"\nhttp_address = "off"\n[monitor]\nautostart = false\n')
+        report = run_ccmon(["report", "daily"], home)
+        assert (report.returncode, report.stderr) == (
+            1, f"ccmon: cannot reach the ccmon server at 127.0.0.1:{port}: connection refused\n")
+        assert local_server_pids(home) == [] and not (home / ".ccmon" / "server.log").exists()
+    finally:
+        stop_local_servers(home)
+
+
+def test_a_local_server_that_cannot_start_or_an_unknown_action_is_one_line(tmp_path):
+    home, _ = local_home(tmp_path)
+    database = home / ".ccmon" / "ccmon.db"
+    database.mkdir()  # a folder where the database should be: the server cannot start
+    try:
+        failed = run_ccmon(["--json"], home)
+        assert (failed.returncode, failed.stdout) == (1, "")
+        assert failed.stderr == (f"ccmon: the local server did not start: ccmon: {database} is a folder; "
+                                 "--database-path (database.path) names ccmon's database file, created when missing "
+                                 f"(its log: {home}/.ccmon/server.log)\n")
+        unknown = run_ccmon(["server", "restart"], home)
+        assert (unknown.returncode, unknown.stderr) == (2, "ccmon server: argument action: invalid choice: 'restart' "
+                                                           "(choose from 'status', 'stop') (see ccmon server --help)\n")
+    finally:
+        stop_local_servers(home)
+
+
+def test_the_status_line_starts_the_local_server_without_waiting_for_it(tmp_path):
+    home, _ = local_home(tmp_path)
+    try:
+        line = subprocess.run([*CCMON, "statusline", "--format", "@model"], input=json.dumps(live_input("s-x")),
+                              capture_output=True, text=True, cwd=home, timeout=30, env={**os.environ, "HOME": str(home)})
+        assert (line.returncode, line.stdout) == (0, "Sonnet 4.5\n")
+        started = re.fullmatch(r"ccmon: local server starting, pid (\d+); this line is from Claude Code's input "
+                               r"alone\n", line.stderr)
+        assert started, line.stderr
+        ready = wait_until(lambda: local_server_pids(home) and (home / ".ccmon" / "ccmon.pid").exists(),
+                           "the local server to be ready", timeout=20)
+        assert ready and pid_file(home)["pid"] == int(started.group(1))
+    finally:
+        stop_local_servers(home)
+
+
+def test_the_monitor_says_it_started_the_local_server(tmp_path):
+    home, _ = local_home(tmp_path)
+    monitor = MonitorPty([], cwd=home, env={"HOME": str(home)})
+    try:
+        screen = monitor.wait_for("local server started, pid", "the notice of the start")
+        assert f"local server started, pid {pid_file(home)['pid']}" in screen
+        monitor.send(b"q")
+        assert monitor.close() == 0
+        assert local_server_pids(home) == [pid_file(home)["pid"]]  # still running once the monitor has quit
+    finally:
+        if monitor.proc.poll() is None:
+            monitor.proc.kill()
+            monitor.close()
+        stop_local_servers(home)
+
+
+def test_the_local_server_reads_and_follows_the_transcripts(tmp_path):
+    home, _ = local_home(tmp_path)
+    project = home / ".claude" / "projects" / "-home-dev-proj"
+    project.mkdir(parents=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    when = [(now - dt.timedelta(minutes=m)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            for m in (3, 2, 1)]
+    transcript = project / "s-local.jsonl"
+    transcript.write_text("".join(transcript_line("s-local", when[i], f"req_{i}", f"msg_{i}") + "\n"
+                                  for i in range(2)))
+
+    def figures():
+        result = run_ccmon(["--json"], home)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+    try:
+        # two Sonnet 4.5 requests of 1,500 in, 250 out, 4,000 cache read, 800 cache write: $0.01245 each
+        wait_until(lambda: figures()["monthly_tokens"] == 2 * 6550, "the transcripts' two requests")
+        assert figures()["monthly_cost"] == 0.0249
+        # the telemetry of the next request, then its transcript line: one request, at Claude Code's own cost
+        port = int(pid_file(home)["address"].rsplit(":", 1)[1])
+        sdk_export(port, [("api_request", api_request(2, when[2], session="s-local", request_id="req_2",
+                                                      cost_usd=0.013, input_tokens=1500, output_tokens=250,
+                                                      cache_read_tokens=4000, cache_creation_tokens=800))])
+        wait_until(lambda: figures()["monthly_tokens"] == 3 * 6550, "the telemetry of the third request")
+        with transcript.open("a") as handle:  # Claude Code writes on: followed
+            handle.write(transcript_line("s-local", when[2], "req_2", "msg_2") + "\n")
+        log = home / ".ccmon" / "server.log"
+        wait_until(lambda: "transcripts: 1 files read, 2 requests imported, 1 already known" in log.read_text(),
+                   "the appended line, known by its request_id")
+        assert (figures()["monthly_tokens"], figures()["monthly_cost"]) == (3 * 6550, 0.0379)
+        with transcript.open("a") as handle:  # a request telemetry missed: the transcript fills the gap
+            handle.write(transcript_line("s-local", when[2], "req_3", "msg_3") + "\n")
+        wait_until(lambda: figures()["monthly_tokens"] == 4 * 6550, "the appended request")
+        assert figures()["monthly_cost"] == 0.05035
+    finally:
+        stop_local_servers(home)
+
+
+def test_only_the_local_server_reads_the_local_transcripts(tmp_path, monkeypatch):
+    """The default database on a loopback address with auto-start on; a team server (any other) does not."""
+    local = config_for(tmp_path, monkeypatch)
+    assert ccmon.is_local_server(local)
+    assert local.database_path == tmp_path / "home" / ".ccmon" / "ccmon.db"
+    for args in (["--database-path", str(tmp_path / "team.db")], ["--server-address", "0.0.0.0:4317"],
+                 ["--monitor-autostart", "false"]):
+        assert not ccmon.is_local_server(config_for(tmp_path, monkeypatch, args)), args
 
 
 # ---------------------------------------------------------------- setup: ccmon setup
