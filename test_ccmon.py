@@ -4751,6 +4751,13 @@ class MonitorPty:
         os.close(self.master)
         return code
 
+    def __enter__(self) -> MonitorPty:
+        return self
+
+    def __exit__(self, *_) -> None:
+        if self.proc.poll() is None:  # a test that failed midway leaves no monitor behind
+            self.proc.kill()
+
 
 def line_with(text: str, prefix: str) -> str:
     return next(line for line in text.splitlines() if line.startswith(prefix))
@@ -4842,9 +4849,8 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
 
 @pytest.mark.parametrize("term", ["xterm", "screen", "tmux-256color", "linux", "vt100"])
 def test_monitor_runs_on_every_terminal_type_and_without_color(term, tmp_path):
-    monitor = MonitorPty(["--monitor-server", "127.0.0.1:9"], term=term, cwd=tmp_path,
-                         env={"HOME": str(tmp_path), "NO_COLOR": "1", "LANG": "C", "LC_ALL": "C"})
-    try:
+    with MonitorPty(["--monitor-server", "127.0.0.1:9"], term=term, cwd=tmp_path,
+                    env={"HOME": str(tmp_path), "NO_COLOR": "1", "LANG": "C", "LC_ALL": "C"}) as monitor:
         screen = monitor.wait_for("disconnected", "the unreachable server")
         assert "Cannot reach the ccmon server at 127.0.0.1:9" in screen
         assert "*" in screen and "●" not in screen  # ASCII glyphs outside UTF-8 locales
@@ -4852,40 +4858,29 @@ def test_monitor_runs_on_every_terminal_type_and_without_color(term, tmp_path):
         assert not {p for p in sgr_params if re.fullmatch(rb"(3|4|9|10)[0-8]", p)}  # no colours with NO_COLOR
         monitor.send(b"\x03")
         assert monitor.close() == 0
-    finally:
-        if monitor.proc.poll() is None:
-            monitor.proc.kill()
 
 
 def test_the_monitor_follows_the_terminals_size_whatever_columns_and_lines_say(tmp_path):
     """$COLUMNS and $LINES exported (pytest-xdist's workers do) must not pin the screen: a resize is drawn anew."""
-    monitor = MonitorPty(["--monitor-server", "127.0.0.1:9"], cols=100, rows=30, cwd=tmp_path,
-                         env={"HOME": str(tmp_path), "COLUMNS": "80", "LINES": "24"})
-    try:
+    with MonitorPty(["--monitor-server", "127.0.0.1:9"], cols=100, rows=30, cwd=tmp_path,
+                    env={"HOME": str(tmp_path), "COLUMNS": "80", "LINES": "24"}) as monitor:
         screen = monitor.wait_for("disconnected", "the unreachable server")
         assert len(screen.splitlines()[0].rstrip()) > 80  # drawn 100 columns wide: the header's version at the end
         monitor.resize(30, 10)
         monitor.wait_for("terminal too small: 30x10", "the too-small notice")
         monitor.send(b"q")
         assert monitor.close() == 0
-    finally:
-        if monitor.proc.poll() is None:
-            monitor.proc.kill()
 
 
 def test_ctrl_c_quits_the_monitor_started_with_sigint_ignored(tmp_path):
     """A parent that ignores SIGINT (a test runner's worker, nohup) passes SIG_IGN on; Ctrl-C must still quit."""
     ignoring = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
                 "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])", str(ROOT / "ccmon.py")]
-    monitor = MonitorPty(["--monitor-server", "127.0.0.1:9"], command=ignoring, cwd=tmp_path,
-                         env={"HOME": str(tmp_path)})
-    try:
+    with MonitorPty(["--monitor-server", "127.0.0.1:9"], command=ignoring, cwd=tmp_path,
+                    env={"HOME": str(tmp_path)}) as monitor:
         monitor.wait_for("disconnected", "the unreachable server")
         monitor.send(b"\x03")
         assert monitor.close() == 0
-    finally:
-        if monitor.proc.poll() is None:
-            monitor.proc.kill()
 
 
 def test_monitor_bad_address_and_flags(tmp_path, capsys, monkeypatch):
@@ -4893,16 +4888,12 @@ def test_monitor_bad_address_and_flags(tmp_path, capsys, monkeypatch):
     code, err = run_main(["--monitor-server", "nonsense"], capsys)
     assert (code, err) == (2, "ccmon: config error: --monitor-server: invalid address 'nonsense' (use HOST:PORT such "
                                "as 127.0.0.1:4317)\n")
-    monitor = MonitorPty(["--server", "no-such-host.invalid:4317"], cwd=tmp_path, env={"HOME": str(tmp_path)})
-    try:
+    with MonitorPty(["--server", "no-such-host.invalid:4317"], cwd=tmp_path, env={"HOME": str(tmp_path)}) as monitor:
         screen = monitor.wait_for("disconnected", "the DNS failure")
         assert "cannot resolve the server's host name" in screen
         assert "Traceback" not in screen
         monitor.send(b"q")
         assert monitor.close() == 0
-    finally:
-        if monitor.proc.poll() is None:
-            monitor.proc.kill()
 
 
 # ---------------------------------------------------------------- command line
@@ -5067,16 +5058,12 @@ def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
         assert result.returncode == 0 and result.stdout in {"0\n", "52.3K\n"}  # March 2026 data; now is later
         stats_now = stats(srv)
         assert (stats_now.total_requests, stats_now.total_cost.amount) == (3, 0.143075)
-        monitor = MonitorPty(["--monitor-server", srv.target, "--monitor-timezone", "America/New_York"],
-                             cwd=tmp_path, env=env, command=bare(pyz))
-        try:
+        with MonitorPty(["--monitor-server", srv.target, "--monitor-timezone", "America/New_York"],
+                        cwd=tmp_path, env=env, command=bare(pyz)) as monitor:
             screen = monitor.wait_for("Requests 1-3 of 3", "the monitor from the pyz")
             assert line_with(screen, "Total").split()[1:2] == ["3"]
             monitor.send(b"q")
             assert monitor.close() == 0
-        finally:
-            if monitor.proc.poll() is None:
-                monitor.proc.kill()
         yaml_config = tmp_path / "config.yaml"
         yaml_config.write_text("claude:\n  plan: max20\n")
         result = run_ccmon(["--monitor-server", srv.target, "--format", "@daily_plan_usage"], tmp_path,
@@ -5447,10 +5434,9 @@ def test_auto_block_monitor_alert_and_format(tmp_path):
         figures = json.loads(run_ccmon(["--monitor-server", srv.target, "-b", "auto", "--json"], tmp_path).stdout)
         assert figures["block_end"] == (first_hour + ccmon.BLOCK_MS) // 1000
         assert figures["weekly_premium_tokens"] == 5000
-        monitor = MonitorPty(["--monitor-server", srv.target, "-b", "auto", "--claude-plan", "pro", "--alert", "50",
-                              "--alert", "90", "--monitor-alert-command", f"env | grep CCMON_ALERT > {marker}"],
-                             cols=100, cwd=tmp_path, env={"HOME": str(tmp_path)})
-        try:
+        with MonitorPty(["--monitor-server", srv.target, "-b", "auto", "--claude-plan", "pro", "--alert", "50",
+                         "--alert", "90", "--monitor-alert-command", f"env | grep CCMON_ALERT > {marker}"],
+                        cols=100, cwd=tmp_path, env={"HOME": str(tmp_path)}) as monitor:
             screen = monitor.wait_for("ALERT: block usage passed 50% (5.00K of 7.00K)", "the alert")
             assert line_with(screen, "Block ").split()[2:6] == ["71%", "5.00K", "/", "7.00K"]
             assert "Week        5.00K premium tokens" in screen and "opus 1.00K, sonnet 4.00K" in screen
@@ -5464,9 +5450,6 @@ def test_auto_block_monitor_alert_and_format(tmp_path):
             monitor.wait_for("Blocks - current block (1; 5 hours from the first request)", "the blocks tab")
             monitor.send(b"q")
             assert monitor.close() == 0
-        finally:
-            if monitor.proc.poll() is None:
-                monitor.proc.kill()
     finally:
         srv.stop()
 
@@ -5772,11 +5755,10 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
         assert table[1].split()[:4] == ["start", "end", "window", "premium"] and table[3].split()[4] == "claude"
 
         marker = tmp_path / "alerts.env"
-        monitor = MonitorPty([*base, "-b", "auto", "--claude-max-tokens", "auto", "--alert", "25", "--alert", "50",
-                              "--monitor-alert-command", f"env | grep CCMON_ALERT | sort >> {marker}",
-                              "--monitor-refresh-interval", "1s"], cols=100, rows=30, cwd=tmp_path,
-                             env={"HOME": str(tmp_path)})
-        try:
+        with MonitorPty([*base, "-b", "auto", "--claude-max-tokens", "auto", "--alert", "25", "--alert", "50",
+                         "--monitor-alert-command", f"env | grep CCMON_ALERT | sort >> {marker}",
+                         "--monitor-refresh-interval", "1s"], cols=100, rows=30, cwd=tmp_path,
+                        env={"HOME": str(tmp_path)}) as monitor:
             started = ccmon.now_ms()
             screen = monitor.wait_for("ALERT: block usage passed 25% (Claude says 30%)", "the alert")
             # The gauge is Claude's 30 %; ccmon's 30,000 tokens support it.
@@ -5805,9 +5787,6 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
                 "CCMON_ALERT_SOURCE=claude", "CCMON_ALERT_THRESHOLD=25", "CCMON_ALERT_USED=30000"]
             monitor.send(b"q")
             assert monitor.close() == 0
-        finally:
-            if monitor.proc.poll() is None:
-                monitor.proc.kill()
     finally:
         srv.stop()
 
