@@ -501,6 +501,24 @@ class DayUsage:
 
 
 @dataclasses.dataclass(frozen=True)
+class SeriesPoint:
+    """One bucket of a time series: the usage from start_ms for one bucket length (an hour, a local day or a
+    local week), of one group (a model, user or project; '' when the series is not grouped)."""
+    start_ms: int
+    group: str
+    split: Split
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageSeries:
+    """A period's usage bucket by bucket (empty buckets left out), and Claude's own limit readings in it, oldest
+    first: what charts draw."""
+    bucket: str                             # hour, day or week
+    points: tuple[SeriesPoint, ...] = ()
+    readings: tuple[LimitReading, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelUsage:
     """A model's usage in a period."""
     model: str
