@@ -5851,6 +5851,8 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                 for s in client.sessions(start, end, user, limit=5000, project=project)]
     groups: dict[str, Split] = {}
     for usage in reversed(client.days(start, end, zone.key, user, project)):
+        if usage.split.total == Usage():  # as ccusage: a period without usage is no row (the totals say it all)
+            continue
         day = dt.date.fromisoformat(usage.date)
         label = {"daily": usage.date, "weekly": (day - dt.timedelta(days=day.weekday())).isoformat(),
                  "monthly": usage.date[:7]}[kind]

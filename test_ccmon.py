@@ -3838,17 +3838,17 @@ def test_reports_as_table_json_and_csv(server, tmp_path):
     assert (report["since"], report["until"], report["timezone"]) == \
         ("2026-05-04T00:00:00+09:00", "2026-05-07T00:00:00+09:00", "Asia/Tokyo")
     assert [(r["date"], r["requests"], r["total_tokens"], r["cost_usd"], r["premium_cost_usd"])
-            for r in report["rows"]] == [("2026-05-04", 2, 1530, 0.51, 0.5), ("2026-05-05", 2, 5060, 2.375, 2.375),
-                                         ("2026-05-06", 0, 0, 0.0, 0.0)]
+            for r in report["rows"]] == [("2026-05-04", 2, 1530, 0.51, 0.5), ("2026-05-05", 2, 5060, 2.375, 2.375)]
+    # a day, week or month without usage is no row
     assert report["totals"] == {"requests": 4, "input_tokens": 1357, "output_tokens": 5233, "cache_read_tokens": 0,
                                 "cache_creation_tokens": 0, "total_tokens": 6590, "cost_usd": 2.885,
                                 "premium_requests": 3, "premium_cost_usd": 2.875}
     weekly = json.loads(run_report(server, "weekly", "--since", "2026-05-01", "--until", "2026-05-10", "--json",
                                    cwd=tmp_path).stdout)
-    assert [(r["week_of"], r["requests"]) for r in weekly["rows"]] == [("2026-04-27", 0), ("2026-05-04", 4)]
+    assert [(r["week_of"], r["requests"]) for r in weekly["rows"]] == [("2026-05-04", 4)]
     monthly = json.loads(run_report(server, "monthly", "--since", "2026-04-01", "--until", "2026-05-31", "--json",
                                     cwd=tmp_path).stdout)
-    assert [(r["month"], r["cost_usd"]) for r in monthly["rows"]] == [("2026-04", 0.0), ("2026-05", 2.885)]
+    assert [(r["month"], r["cost_usd"]) for r in monthly["rows"]] == [("2026-05", 2.885)]
     csv_out = run_report(server, "model", "--since", "2026-05-01", "--until", "2026-05-31", "--csv", cwd=tmp_path)
     assert csv_out.stdout.splitlines() == [
         "model,requests,input_tokens,output_tokens,cache_read_tokens,cache_creation_tokens,total_tokens,cost_usd,"
@@ -6053,7 +6053,7 @@ def test_report_project_and_the_project_filter_on_reports(server, tmp_path):
     daily = json.loads(run_report(server, "daily", "--since", "2026-05-04", "--until", "2026-05-06", "--project",
                                   "alpha", "--json", cwd=tmp_path).stdout)
     assert report_rows_of(daily, "date", "requests", "cost_usd") == \
-        [("2026-05-04", 2, 0.51), ("2026-05-05", 1, 2.25), ("2026-05-06", 0, 0.0)]
+        [("2026-05-04", 2, 0.51), ("2026-05-05", 1, 2.25)]
     assert daily["project"] == "alpha"
     for kind, key, expected in (("model", "model", [("claude-sonnet-4-5", 2, 0.375)]),
                                 ("session", "session_id", [("s-web", 2, 0.375)]),
