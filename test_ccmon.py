@@ -6438,8 +6438,9 @@ def test_claude_codes_own_transcripts_are_imported_exactly_and_once(server, clau
         assert [row[:7] for row in rows] == [(model, i, o, cr, cc, nanos, origin)] * calls, session
         assert sum(row[5] for row in rows) == round(cost_usd * 1e9), "Claude Code's own cost"
         assert sorted(row[7] for row in rows) == sorted(transcript_requests(claude_transcript(home, session)))
-    assert db_rows(server.db, "SELECT project FROM sessions WHERE session_id = ?", (results[0][0],)) == \
-        [(str(project.resolve()),)]
+    for session, *_ in results:  # -p sends no folder; its transcript names it, for telemetry's sessions too
+        assert db_rows(server.db, "SELECT project FROM sessions WHERE session_id = ?", (session,)) == \
+            [(str(project.resolve()),)], session
     s = stats(server)
     assert (s.total_requests, round(s.total_cost.amount * 1e9)) == (5, 4 * 12_450_000 + 270_000)
     again = ccmon_import(server, home=home)
