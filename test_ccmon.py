@@ -4695,9 +4695,12 @@ class MonitorPty:
         self.screen, self.stream = terminal_screen(cols, rows)
         self.lock = threading.Lock()
         environment = {**os.environ, "TERM": term, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **(env or {})}
-        self.proc = subprocess.Popen([*(command or CCMON), *args], stdin=slave, stdout=slave,
-                                     stderr=slave, env=environment, cwd=cwd, start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # so ^C is SIGINT
+        # A session of its own with the pty as its controlling terminal, so ^C is SIGINT: util-linux's setsid
+        # does that before it execs the monitor (same pid). Not a preexec_fn: that makes Python fork() rather than
+        # vfork(), and in the child gRPC's fork handlers restart a poller on an epoll fd close_fds has closed
+        # ("Epoll1Poller encountered epoll_wait error: Bad file descriptor"), killing it before the exec.
+        self.proc = subprocess.Popen(["setsid", "--ctty", *(command or CCMON), *args], stdin=slave, stdout=slave,
+                                     stderr=slave, env=environment, cwd=cwd)
         os.close(slave)
         self.raw = bytearray()
         threading.Thread(target=self._pump, daemon=True).start()
@@ -5068,7 +5071,7 @@ def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
         yaml_config.write_text("claude:\n  plan: max20\n")
         result = run_ccmon(["--monitor-server", srv.target, "--format", "@daily_plan_usage"], tmp_path,
                            command=bare(pyz), env=env)
-        assert (result.returncode, result.stdout) == (0, "0%\n")  # YAML parsed by the bundled PyYAML
+        assert (result.returncode, result.stdout, result.stderr) == (0, "0%\n", "")  # the bundled PyYAML
     finally:
         srv.stop()
 
