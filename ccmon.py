@@ -40,6 +40,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import errno
+import fractions
 import hashlib
 import hmac
 import io
@@ -5314,6 +5315,10 @@ def project_forms(project: str, labels: dict[str, str]) -> tuple[str, ...]:
     return (project, labels[project]) if project and labels[project] != project else (labels[project],)
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def format_duration(ms: int) -> str:
     """1h05m, 12m, 45s, 850ms."""
     if ms < 1000:
@@ -5423,6 +5428,277 @@ def row_text(fitted: list[Fitted], cells: list[Cell], gap: int = 1) -> str:
         parts.append(value.ljust(f.width) if f.column.left else value.rjust(f.width))
     return (" " * gap).join(parts)
 
+
+# -- charts: bars, columns, a burn-up, a week, a heatmap, as plain lines of text (no colour: the glyphs and the
+# scale written on each chart tell everything). `unicode` is the locale's (utf8_locale): block elements in eighths
+# of a cell where the terminal has them, whole cells of ASCII where it has not.
+
+EIGHTHS = " ▏▎▍▌▋▊▉█"   # a horizontal bar's last cell, by eighths
+RISING = " ▁▂▃▄▅▆▇█"    # a column's top cell, by eighths
+SHADES = {True: " ░▒▓█", False: " .:*#"}  # a heatmap's cells: none, then a quarter of the largest each
+
+
+def utf8_locale() -> bool:
+    """Whether the user's locale (LC_ALL, LC_CTYPE, LANG) writes UTF-8, so charts may draw Unicode: the C library's
+    codeset, not Python's (UTF-8 mode makes Python say UTF-8 in the C locale). Sets the C library's locale from the
+    environment, as curses needs before it starts; a locale the system does not have is not UTF-8."""
+    import locale
+    try:
+        locale.setlocale(locale.LC_ALL, "")
+    except locale.Error:
+        return False
+    return "utf" in locale.nl_langinfo(locale.CODESET).lower().replace("-", "")
+
+
+def steps_per_cell(unicode: bool) -> int:
+    return 8 if unicode else 1
+
+
+def bar_steps(value: float, largest: float, cells: int, steps: int) -> int:
+    """A bar's length in steps (`steps` to a cell): value / largest × cells, rounded to the nearest step (halves
+    up, exactly: costs and counts are integers, percents their float); none for zero, at least one for any other
+    value, so that what is not zero never looks it; never past the chart."""
+    if value <= 0 or largest <= 0:
+        return 0
+    exact = fractions.Fraction(value) * cells * steps / fractions.Fraction(largest)
+    return min(cells * steps, max(1, half_up(exact.numerator, exact.denominator)))
+
+
+def hbar(value: float, largest: float, width: int, unicode: bool) -> str:
+    """A horizontal bar `width` cells long for the largest value, in eighths of a cell (whole '#' in ASCII);
+    '' for zero. Not padded."""
+    steps = bar_steps(value, largest, width, steps_per_cell(unicode))
+    if not unicode:
+        return "#" * steps
+    return "█" * (steps // 8) + (EIGHTHS[steps % 8] if steps % 8 else "")
+
+
+def column_rows(heights: list[int], rows: int, unicode: bool) -> list[str]:
+    """Columns `heights` steps high (bar_steps), as `rows` lines of text, top first: the top cell of each in
+    eighths (RISING), whole '#' in ASCII."""
+    k = steps_per_cell(unicode)
+    lines = []
+    for row in range(rows):
+        below = (rows - 1 - row) * k  # the steps under this row
+        levels = [min(k, max(0, height - below)) for height in heights]
+        lines.append("".join(RISING[level] if unicode else "#" if level else " " for level in levels))
+    return lines
+
+
+def local_hours(start_ms: int, end_ms: int, zone: ZoneInfo) -> list[tuple[int, dt.datetime]]:
+    """The local whole hours in [start, end): every zone's offset is a multiple of 15 minutes."""
+    first = -(-start_ms // BUCKET_MS) * BUCKET_MS
+    moments = ((ms, dt.datetime.fromtimestamp(ms / 1000, zone)) for ms in range(first, end_ms, BUCKET_MS))
+    return [(ms, moment) for ms, moment in moments if moment.minute == 0]
+
+
+# The time axis's labels, densest first: the first whose labels all stand apart is drawn.
+TIME_TICKS: tuple[tuple[Callable[[dt.datetime], bool], str, int], ...] = (  # which hours, how shown, longest span
+    *((lambda d, k=k: d.hour % k == 0, "%H:%M", 2 * DAY_MS) for k in (1, 2, 3, 4, 6, 12)),
+    (lambda d: d.hour == 0, "%a %d", 62 * DAY_MS),
+    (lambda d: d.hour == 0, "%a", 62 * DAY_MS),
+    (lambda d: d.hour == 0 and d.weekday() == 0, "%m-%d", sys.maxsize),
+    (lambda d: d.hour == 0 and d.day == 1, "%b", sys.maxsize))
+
+
+def time_axis(start_ms: int, end_ms: int, cells: int, zone: ZoneInfo) -> str:
+    """Labels for a time axis `cells` wide from start to end, each starting at the cell of its moment, two spaces
+    apart at least; the densest ticks that leave them so (TIME_TICKS); '' when none fit."""
+    hours = local_hours(start_ms, end_ms, zone)
+    for keep, fmt, longest in TIME_TICKS:
+        if end_ms - start_ms > longest:
+            continue
+        ticks = [((ms - start_ms) * cells // (end_ms - start_ms), moment.strftime(fmt))
+                 for ms, moment in hours if keep(moment)]
+        ticks = [(cell, label) for cell, label in ticks if cell + len(label) <= cells]
+        if ticks and all(cell + len(label) + 2 <= after for (cell, label), (after, _) in zip(ticks, ticks[1:])):
+            line = ""
+            for cell, label in ticks:
+                line += " " * (cell - len(line)) + label
+            return line
+    return ""
+
+
+def framed(plot: list[str], labels: dict[int, str], axis: str, times: str, unicode: bool) -> list[str]:
+    """Plot rows (top first) on a frame: the scale's labels right-aligned before the side at their rows
+    (len(plot): the axis's row), the axis under the plot, the time labels under it."""
+    label_width = max(map(len, labels.values()))
+    side, corner = ("│", "└") if unicode else ("|", "+")
+    lines = [f"{labels.get(row, '').rjust(label_width)} {side}{cells}" for row, cells in enumerate(plot)]
+    lines.append(f"{labels.get(len(plot), '').rjust(label_width)} {corner}{axis}")
+    lines.append(" " * (label_width + 2) + times)
+    return [line.rstrip() for line in lines]
+
+
+def axis_line(unicode: bool) -> str:
+    return "─" if unicode else "-"
+
+
+def scale_width(labels: Iterable[str]) -> int:
+    """What the frame takes from a chart's width: its longest scale label, a space and the side."""
+    return max(map(len, labels)) + 2
+
+
+def time_chart(points: Iterable[tuple[int, float]], start_ms: int, end_ms: int, bucket_ms: int, width: int,
+               height: int, unicode: bool, zone: ZoneInfo, format_value: Callable[[float], str]) -> list[str]:
+    """Usage per bucket (an hour) from start to end as columns, `width` × `height` at most: a caption saying
+    what a column holds, the columns (several cells wide each when there is room, several buckets each when
+    there is not), the scale (the largest column's value at the top, 0 at the axis) and the time axis. Columns
+    rather than braille: a bucket's total is an area, and a cell's eighths are twice braille's four dots up.
+    [] when it cannot be drawn that small."""
+    buckets = max(1, -(-(end_ms - start_ms) // bucket_ms))
+    values = [0.0] * buckets
+    for ms, value in points:
+        if start_ms <= ms < end_ms:
+            values[(ms - start_ms) // bucket_ms] += value
+    rows = height - 3  # the caption, the axis and its labels
+    cells = width - scale_width([format_value(max(values) * buckets), "0"])  # the widest a column's sum can say
+    if rows < 1 or cells < 4:
+        return []
+    group = -(-buckets // cells)  # buckets a column holds
+    columns = [sum(values[i:i + group]) for i in range(0, buckets, group)]
+    cell_width = max(1, cells // len(columns))
+    top = max(columns)
+    heights = column_rows([bar_steps(value, top, rows, steps_per_cell(unicode)) for value in columns], rows, unicode)
+    gap = 1 if cell_width >= 3 else 0  # columns stand apart when wide enough to spare it
+    plot = ["".join(c * (cell_width - gap) + " " * gap for c in row) for row in heights]
+    span = group * bucket_ms
+    caption = f"each column: {format_duration(span) if span % HOUR_MS else plural(span // HOUR_MS, 'hour')}"
+    times = time_axis(start_ms, start_ms + len(columns) * span, len(columns) * cell_width, zone)
+    return [caption[:width]] + framed(plot, {0: format_value(top), rows: "0"}, axis_line(unicode) * len(plot[0]),
+                                      times, unicode)
+
+
+def slice_ends(start_ms: int, end_ms: int, cells: int) -> list[int]:
+    """Where each of `cells` equal slices of [start, end) ends."""
+    return [start_ms + (end_ms - start_ms) * (i + 1) // cells for i in range(cells)]
+
+
+def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]], limit: float | None,
+                 projected: float | None, now: int, width: int, height: int, unicode: bool, zone: ZoneInfo,
+                 format_value: Callable[[float], str]) -> list[str]:
+    """A 5-hour window from start to end (its reset): the cumulative usage so far as columns (`points`, oldest
+    first, each the running total at its moment), the projection from now to `projected` at the reset, the limit
+    as a line; scaled to the largest of them, with the limit's value at its row, the time axis and a legend.
+    `width` × `height` at most; [] when it cannot be drawn that small."""
+    points = sorted(points)
+    so_far = points[-1][1] if points else 0
+    top = max(so_far, limit or 0, projected or 0)
+    rows = height - 3  # the axis, its labels, the legend
+    labels = [format_value(top), "0"] + ([format_value(limit)] if limit else [])
+    cells = width - scale_width(labels)
+    if rows < 2 or cells < 4 or top <= 0:
+        return []
+    k = steps_per_cell(unicode)
+    ends = slice_ends(start_ms, end_ms, cells)
+    used = [0] * cells
+    for i, end in enumerate(ends):
+        if end - (end_ms - start_ms) // cells <= now:  # a slice that has begun
+            used[i] = bar_steps(max([v for ms, v in points if ms < min(end, now + 1)], default=0), top, rows, k)
+    plot = [list(row) for row in column_rows(used, rows, unicode)]
+
+    def row_of(value: float) -> int:
+        return rows - 1 - (max(1, bar_steps(value, top, rows, k)) - 1) // k
+
+    line, dot = axis_line(unicode), "·" if unicode else "."
+    marks = []
+    if limit:
+        marks.append(f"{line} limit")
+        for cell in range(cells):
+            if plot[row_of(limit)][cell] == " ":
+                plot[row_of(limit)][cell] = line
+    if projected is not None and now < end_ms:
+        marks.append(f"{dot} projected")
+        for i, end in enumerate(ends):
+            if end > now:
+                value = so_far + (projected - so_far) * (end - now) / (end_ms - now)
+                if plot[row_of(value)][i] in (" ", line):
+                    plot[row_of(value)][i] = dot
+    scale = {0: format_value(top), rows: "0"}
+    if limit and row_of(limit) not in scale:
+        scale[row_of(limit)] = format_value(limit)
+    legend = "  ".join([f"{'█' if unicode else '#'} used", *marks])
+    return framed(["".join(row) for row in plot], scale, axis_line(unicode) * cells, time_axis(start_ms, end_ms, cells, zone),
+                  unicode) + [legend[:width]]
+
+
+def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], daily: Iterable[tuple[int, float]],
+               width: int, height: int, unicode: bool, zone: ZoneInfo,
+               format_value: Callable[[float], str]) -> list[str]:
+    """A week from start to end against Claude's weekly limit: Claude's weekly % readings as columns over the week
+    (each the newest reading by then, 0 once its window has reset, none past the last reading; 100% at the top),
+    each reset marked on the axis; then a bar for each day's usage (`daily`: (the day's start, its value)),
+    scaled to the largest day, with its value. The days step aside when the height has no room for both;
+    [] when not even the readings fit."""
+    readings = sorted((r for r in readings if r.seven_day is not None), key=lambda r: r.read_ms)
+    days = []
+    day = dt.datetime.fromtimestamp(start_ms / 1000, zone)
+    while ms_from_datetime(day) < end_ms:
+        days.append(day)
+        day = dt.datetime.combine(day.date() + dt.timedelta(days=1), dt.time(), zone)
+    per_day = {}
+    for ms, value in daily:
+        date = dt.datetime.fromtimestamp(ms / 1000, zone).date()
+        per_day[date] = per_day.get(date, 0) + value
+    resets = sorted({r.seven_day.resets_ms for r in readings if start_ms < r.seven_day.resets_ms < end_ms})
+    legend = [f"{'▲' if unicode else '^'} Claude's weekly limit reset"] if resets else []
+    chart_height = height - len(days) if height - len(days) >= 3 + len(legend) + 2 else height
+    rows = chart_height - 2 - len(legend)
+    cells = width - scale_width(["100%", "0%"])
+    if rows < 2 or cells < 4:
+        return []
+    k = steps_per_cell(unicode)
+    ends = slice_ends(start_ms, end_ms, cells)
+    heights = []
+    for i, end in enumerate(ends):
+        begun = start_ms + (end_ms - start_ms) * i // cells
+        latest = [r for r in readings if r.read_ms < end]
+        shown = latest and begun <= readings[-1].read_ms
+        live = shown and latest[-1].seven_day.resets_ms > begun
+        heights.append(bar_steps(latest[-1].seven_day.percent, 100, rows, k) if live else 0)
+    axis = [axis_line(unicode)] * cells
+    for reset in resets:
+        axis[(reset - start_ms) * cells // (end_ms - start_ms)] = "▲" if unicode else "^"
+    lines = framed(column_rows(heights, rows, unicode), {0: "100%", rows: "0%"}, "".join(axis),
+                   time_axis(start_ms, end_ms, cells, zone), unicode) + [text[:width] for text in legend]
+    if chart_height == height:
+        return lines
+    values = [per_day.get(day.date(), 0) for day in days]
+    figures = [format_value(value) for value in values]
+    bar_width = width - 10 - 1 - max(map(len, figures))  # "Mon 12-01 " and a space before the figure
+    if bar_width < 4:
+        return lines
+    largest = max(values)
+    return lines + [f"{day:%a %m-%d} {hbar(value, largest, bar_width, unicode).ljust(bar_width)} {figure}"
+                    for day, value, figure in zip(days, values, figures)]
+
+
+def heatmap(points: Iterable[tuple[int, float]], width: int, unicode: bool, zone: ZoneInfo,
+            format_value: Callable[[float], str]) -> list[str]:
+    """Usage by day of the week (rows, Monday first) and local hour of the day (columns), summed over every
+    point: each cell shaded by its quarter of the busiest cell (SHADES: none for zero, the lightest for any
+    other value up to a quarter), with the hours above and a legend with the busiest cell's value below;
+    cells 1 to 3 columns wide as `width` allows; [] under 28 columns."""
+    sums = [[0.0] * 24 for _ in range(7)]
+    for ms, value in points:
+        moment = dt.datetime.fromtimestamp(ms / 1000, zone)
+        sums[moment.weekday()][moment.hour] += value
+    cell = min(3, (width - 4) // 24)
+    if cell < 1:
+        return []
+    top = max(map(max, sums))
+    shades = SHADES[unicode]
+
+    def shade(value: float) -> str:
+        return shades[0 if value <= 0 else -(-fractions.Fraction(value) * 4 // fractions.Fraction(top))]
+
+    step = 3 if cell == 1 else 2 if cell == 2 else 1  # hours between labels
+    hours = "".join(f"{hour:<{cell * step}}" for hour in range(0, 24, step)).rstrip()
+    lines = ["    " + hours] + [f"{calendar.day_abbr[day]} " + "".join(shade(v) * cell for v in sums[day])
+                                 for day in range(7)]
+    legend = (f"{shades[1]} up to 25%  {shades[2]} 50%  {shades[3]} 75%  {shades[4]} 100% of the busiest hour, "
+              f"{format_value(top)}")
+    return [line.rstrip() for line in lines] + textwrap.wrap(legend, width)
 
 
 # ---------------------------------------------------------------- Quick query: --format and --json for status bars
@@ -7322,10 +7598,6 @@ def limit_is_guess(limits: LimitFigures, settings: MonitorSettings) -> bool:
     return settings.limit_from_plan and not limits.calibrated_from and not limits.learned_from
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def weekly_reached_ms(used: int, limit: int, rate: float, now: int) -> int | None:
     """When a rolling weekly limit is reached at `rate` tokens per minute (now if it already is)."""
     if used >= limit:
@@ -7986,10 +8258,7 @@ def run_alert_command(command: str, environment: dict[str, str]) -> None:
 @contextlib.contextmanager
 def terminal(curses_module):
     """The terminal in curses mode as (window, style attributes, glyphs), restored however the monitor ends."""
-    import locale
-    locale.setlocale(locale.LC_ALL, "")  # before initscr, so curses writes the terminal's encoding
-    # The C library's codeset, not Python's (UTF-8 mode makes Python say UTF-8 in the C locale).
-    unicode = "utf" in locale.nl_langinfo(locale.CODESET).lower().replace("-", "")
+    unicode = utf8_locale()  # it sets the locale before initscr, so curses writes the terminal's encoding
     # Ctrl-C quits the monitor even when it was started with SIGINT ignored (by a parent that ignores it, such as a
     # test runner's worker): Python keeps an inherited SIG_IGN, and the key would do nothing.
     interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
