@@ -6181,9 +6181,12 @@ def table_cell(key: str, value: Any, wide: bool) -> str:
     return str(value)
 
 
-def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int | None = None) -> str:
+def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int | None = None,
+                 chart: str | None = None, unicode: bool = False) -> str:
     """An aligned text table with a totals row; numbers right-aligned. Within `width` columns (None: all),
-    dropping the columns of TABLE_DROP_ORDER that do not fit, and saying which."""
+    dropping the columns of TABLE_DROP_ORDER that do not fit, and saying which. With a chart (a key of
+    CHART_KEYS), a bar after each row in the width the table leaves (at least CHART_LEAST; CHART_WIDE when the
+    table is wide), the longest for the largest row."""
     if not rows:
         return "no usage in this period"
     columns = list(rows[0])
@@ -6199,7 +6202,8 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
     headers = {k: TABLE_HEADERS.get(k, k) for k in columns}
     body = [[cells[k][i] for k in columns] for i in range(len(rows) + 1)]
     fitted = fit_columns([Column(headers[k], max(len(headers[k]), *map(len, cells[k])), drop_rank(k), left=not numeric[k])
-                          for k in columns], body, sys.maxsize if width is None else width, gap=2)
+                          for k in columns], body, sys.maxsize if width is None else width - (CHART_LEAST + 2) * bool(chart),
+                         gap=2)
     shown = {columns[f.index] for f in fitted}
     hidden = [headers[k] for k in sorted(set(columns) - shown, key=drop_rank, reverse=True)]  # in the order dropped
 
@@ -6209,8 +6213,29 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
     rule_line = "  ".join("-" * f.width for f in fitted)
     note = textwrap.wrap(f"(to fit {width} columns, not shown: {', '.join(hidden)}; --wide shows every column)",
                          width) if hidden else []
-    return "\n".join([line([headers[k] for k in columns]), rule_line, *map(line, body[:-1]), rule_line, line(body[-1]),
-                      *note])
+    head, rows_text = [line([headers[k] for k in columns]), rule_line], [line(cells) for cells in body[:-1]]
+    if chart:
+        bar_width = CHART_WIDE if width is None else width - len(rule_line) - 2
+        values = [row[CHART_KEYS[chart]] for row in rows]
+        largest = max(values)
+        shown = format_cost(round(largest * NANOS_PER_USD)) if chart == "cost" else format_count(largest)
+        title = next(t for t in (f"{chart}, longest {shown}", chart) if len(t) <= bar_width or t == chart)
+        head = [head[0].ljust(len(rule_line)) + "  " + title, rule_line + "  " + "-" * bar_width]
+        rows_text = [(text.ljust(len(rule_line)) + "  " + hbar(value, largest, bar_width, unicode)).rstrip()
+                     for text, value in zip(rows_text, values)]
+    return "\n".join([*head, *rows_text, rule_line, line(body[-1]), *note])
+
+
+CHART_KEYS = {"cost": "cost_usd", "tokens": "total_tokens"}  # --chart's values: what the bars are of
+CHART_REPORTS = ("daily", "weekly", "monthly", "model", "project")
+CHART_LEAST = 10  # a report's bars are at least this wide: the table drops columns for them
+CHART_WIDE = 40   # and this wide beside a --wide table, which has no width to fill
+
+
+def check_report_chart(kind: str, chart: str | None) -> None:
+    if chart and kind not in CHART_REPORTS:
+        raise ConfigError(f"--chart: bars are drawn beside the {', '.join(CHART_REPORTS[:-1])} and "
+                          f"{CHART_REPORTS[-1]} reports, not the {kind} report")
 
 
 def drop_rank(key: str) -> int:
@@ -6255,7 +6280,8 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
         print(printable(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
                         + (f", user {args.user}" if args.user else "")
                         + (f", project {args.project}" if args.project else "")))
-        print(report_table(rows, totals, None if args.wide else REPORT_WIDTH))
+        print(report_table(rows, totals, None if args.wide else REPORT_WIDTH, args.chart,
+                           args.chart is not None and utf8_locale()))
     return 0
 
 
@@ -8422,6 +8448,9 @@ def build_report_parser() -> CommandLine:
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON object")
     output.add_argument("--csv", action="store_true", help="CSV with a header row")
+    output.add_argument("--chart", nargs="?", const="cost", choices=tuple(CHART_KEYS), help="tables of the "
+                        f"{', '.join(CHART_REPORTS)} reports: a bar beside each row, proportional to its cost "
+                        "(default) or tokens; Unicode when the locale is UTF-8, ASCII otherwise")
     parser.add_argument("--wide", action="store_true", help=f"tables: every column, ids and times in full "
                         f"(default: fit {REPORT_WIDTH} columns)")
     return parser
@@ -8552,7 +8581,8 @@ def run_command(argv: list[str]) -> int:
             return run_health_check(config)
         if mode == "setup":  # it writes Claude Code's settings for this server, started or not
             return run_setup(config, args, dict(os.environ), Path.home())
-        if mode == "report":  # a mistake in the dates is said before a server is started for it
+        if mode == "report":  # a mistake in the dates or the chart is said before a server is started for it
+            check_report_chart(args.kind, args.chart)
             report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), config.zone,
                           now_ms())
         notice = start_local_server_if_needed(config)

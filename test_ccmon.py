@@ -3826,8 +3826,9 @@ def test_status_line_input_too_large_and_output_to_a_full_disk(tmp_path):
 
 # ---------------------------------------------------------------- reports: ccmon report
 
-def run_report(srv: ServerProcess, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_ccmon(["report", *args, "--monitor-server", srv.target, "--monitor-timezone", "Asia/Tokyo"], cwd)
+def run_report(srv: ServerProcess, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_ccmon(["report", *args, "--monitor-server", srv.target, "--monitor-timezone", "Asia/Tokyo"], cwd,
+                     env=env)
 
 
 def test_reports_as_table_json_and_csv(server, tmp_path):
@@ -7959,3 +7960,56 @@ def test_readme_has_the_test_command_ci_runs():
     command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert command.startswith("python3 -m venv .venv") and \
         command in (ROOT / "README.md").read_text().splitlines()
+
+
+
+def test_report_chart_draws_a_bar_per_row(server, tmp_path):
+    """--chart: a bar beside each row, its length cost (or tokens) / the largest row's × the width the table
+    leaves, in eighths of a cell where the locale is UTF-8 (piped or not, as ccusage-like tools do), '#' else."""
+    sdk_export(server.port, team_events())
+    daily = ["daily", "--since", "2026-05-03", "--until", "2026-05-06", "--chart"]
+    table = [
+        "date        req  input  output  cache_read  cache_write  tokens     cost  premium_req  premium_cost  "
+        "cost, longest $2.38",
+        "----------  ---  -----  ------  ----------  -----------  ------  -------  -----------  ------------  "
+        "-------------------",
+        "2026-05-03    0      0       0           0            0       0    $0.00            0         $0.00",
+        "2026-05-04    2  1,300     230           0            0   1,530  $0.5100            1       $0.5000  {small}",
+        "2026-05-05    2     57   5,003           0            0   5,060    $2.38            2         $2.38  {large}",
+        "2026-05-06    0      0       0           0            0       0    $0.00            0         $0.00",
+        "----------  ---  -----  ------  ----------  -----------  ------  -------  -----------  ------------",
+        "Total         4  1,357   5,233           0            0   6,590    $2.89            3         $2.88"]
+    for locale_env, small, large in (("C.UTF-8", "████▏", "█" * 19), ("C", "####", "#" * 19)):
+        out = run_report(server, *daily, cwd=tmp_path, env={"LC_ALL": locale_env})
+        assert (out.returncode, out.stderr) == (0, "")
+        # $0.51 / $2.375 × 19 cells = 4.08 cells: 33 eighths (4 whole cells and one eighth), 4 '#'
+        assert out.stdout.splitlines()[1:] == [line.format(small=small, large=large) for line in table]
+    tokens = run_report(server, "model", "--since", "2026-05-01", "--until", "2026-05-31", "--chart", "tokens",
+                        cwd=tmp_path, env={"LC_ALL": "C.UTF-8"})
+    assert tokens.stdout.splitlines()[1:5] == [
+        "model              req  input  output  cache_read  cache_write  tokens     cost  avg_ms  ttft_ms  "
+        "tokens, longest 5.05K",
+        "-----------------  ---  -----  ------  ----------  -----------  ------  -------  ------  -------  "
+        "----------------------",
+        "claude-opus-4-1      1     50   5,000           0            0   5,050    $2.25  60,000        -  "
+        "██████████████████████",
+        # 1,210 / 5,050 × 22 cells × 8 = 42.2 eighths: 5 cells and 2 eighths; 330 tokens: 11.5, so 12 eighths
+        "claude-sonnet-4-5    2  1,007     203           0            0   1,210  $0.6250   2,500      650  █████▎"]
+    assert tokens.stdout.splitlines()[5].endswith("  █▌")
+    wide = run_report(server, "project", "--since", "2026-05-01", "--until", "2026-05-31", "--chart", "--wide",
+                      cwd=tmp_path, env={"LC_ALL": "C"}).stdout.splitlines()
+    assert wide[1].endswith("premium_cost  cost, longest $2.89") and wide[3].endswith("$2.88  " + "#" * 40)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["daily", "--chart", "--json"], "argument --json: not allowed with argument --chart"),
+    (["daily", "--csv", "--chart", "tokens"], "argument --chart: not allowed with argument --csv"),
+    (["daily", "--chart", "requests"], "argument --chart: invalid choice: 'requests' (choose from 'cost', 'tokens')"),
+])
+def test_report_chart_flag_errors(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["report", *args], capsys)
+    assert (code, err) == (2, f"ccmon report: {message} (see ccmon report --help)\n")
+    code, err = run_main(["report", "session", "--chart", "--monitor-server", "127.0.0.1:9"], capsys)
+    assert (code, err) == (2, "ccmon: config error: --chart: bars are drawn beside the daily, weekly, monthly, model "
+                              "and project reports, not the session report\n")
