@@ -5438,6 +5438,16 @@ RISING = " ▁▂▃▄▅▆▇█"    # a column's top cell, by eighths
 SHADES = {True: " ░▒▓█", False: " .:*#"}  # a heatmap's cells: none, then a quarter of the largest each
 
 
+def joined_to_fit(parts: list[str | tuple[str, ...]], width: int) -> str:
+    """The first part, then each later one that still fits in `width`: a part is shown whole or not at all. A part
+    given as forms from longest to shortest shows the longest form that fits."""
+    text = parts[0] if isinstance(parts[0], str) else parts[0][0]
+    for part in parts[1:]:
+        text += next((form for form in ((part,) if isinstance(part, str) else part)
+                      if len(text) + len(form) <= width), "")
+    return text
+
+
 def utf8_locale() -> bool:
     """Whether the user's locale (LC_ALL, LC_CTYPE, LANG) writes UTF-8, so charts may draw Unicode: the C library's
     codeset, not Python's (UTF-8 mode makes Python say UTF-8 in the C locale). Sets the C library's locale from the
@@ -5502,7 +5512,7 @@ TIME_TICKS: tuple[tuple[Callable[[dt.datetime], bool], str, int], ...] = (  # wh
 
 
 def time_axis(start_ms: int, end_ms: int, cells: int, zone: ZoneInfo) -> str:
-    """Labels for a time axis `cells` wide from start to end, each starting at the cell of its moment, two spaces
+    """Labels for a time axis `cells` wide from start to end, each starting at the cell of its moment, a space
     apart at least; the densest ticks that leave them so (TIME_TICKS); '' when none fit."""
     hours = local_hours(start_ms, end_ms, zone)
     for keep, fmt, longest in TIME_TICKS:
@@ -5511,7 +5521,7 @@ def time_axis(start_ms: int, end_ms: int, cells: int, zone: ZoneInfo) -> str:
         ticks = [((ms - start_ms) * cells // (end_ms - start_ms), moment.strftime(fmt))
                  for ms, moment in hours if keep(moment)]
         ticks = [(cell, label) for cell, label in ticks if cell + len(label) <= cells]
-        if ticks and all(cell + len(label) + 2 <= after for (cell, label), (after, _) in zip(ticks, ticks[1:])):
+        if ticks and all(cell + len(label) < after for (cell, label), (after, _) in zip(ticks, ticks[1:])):
             line = ""
             for cell, label in ticks:
                 line += " " * (cell - len(line)) + label
@@ -5546,32 +5556,39 @@ def time_chart(points: Iterable[tuple[int, float]], start_ms: int, end_ms: int, 
     there is not), the scale (the largest column's value at the top, 0 at the axis) and the time axis. Columns
     rather than braille: a bucket's total is an area, and a cell's eighths are twice braille's four dots up.
     [] when it cannot be drawn that small."""
-    buckets = max(1, -(-(end_ms - start_ms) // bucket_ms))
-    values = [0.0] * buckets
+    buckets = -(-(end_ms - start_ms) // bucket_ms)
+    values = [0] * max(0, buckets)
     for ms, value in points:
         if start_ms <= ms < end_ms:
             values[(ms - start_ms) // bucket_ms] += value
     rows = height - 3  # the caption, the axis and its labels
-    cells = width - scale_width([format_value(max(values) * buckets), "0"])  # the widest a column's sum can say
-    if rows < 1 or cells < 4:
-        return []
-    group = -(-buckets // cells)  # buckets a column holds
-    columns = [sum(values[i:i + group]) for i in range(0, buckets, group)]
+    label = "0"
+    while True:  # the scale's label takes width from the columns, which may hold more buckets each and sum higher
+        cells = width - scale_width([label])
+        if rows < 1 or cells < 8 or buckets < 1:
+            return []
+        group = -(-buckets // cells)  # buckets a column holds
+        columns = [sum(values[i:i + group]) for i in range(0, buckets, group)]
+        if len(format_value(max(columns))) <= len(label):
+            break
+        label = format_value(max(columns))
     cell_width = max(1, cells // len(columns))
     top = max(columns)
     heights = column_rows([bar_steps(value, top, rows, steps_per_cell(unicode)) for value in columns], rows, unicode)
     gap = 1 if cell_width >= 3 else 0  # columns stand apart when wide enough to spare it
     plot = ["".join(c * (cell_width - gap) + " " * gap for c in row) for row in heights]
     span = group * bucket_ms
-    caption = f"each column: {format_duration(span) if span % HOUR_MS else plural(span // HOUR_MS, 'hour')}"
+    holds = format_duration(span) if span % HOUR_MS else plural(span // HOUR_MS, "hour")
+    caption = joined_to_fit(["", (f"each column: {holds}", holds)], width)
     times = time_axis(start_ms, start_ms + len(columns) * span, len(columns) * cell_width, zone)
-    return [caption[:width]] + framed(plot, {0: format_value(top), rows: "0"}, axis_line(unicode) * len(plot[0]),
+    return [caption] + framed(plot, {0: format_value(top), rows: "0"}, axis_line(unicode) * len(plot[0]),
                                       times, unicode)
 
 
-def slice_ends(start_ms: int, end_ms: int, cells: int) -> list[int]:
-    """Where each of `cells` equal slices of [start, end) ends."""
-    return [start_ms + (end_ms - start_ms) * (i + 1) // cells for i in range(cells)]
+def slices(start_ms: int, end_ms: int, cells: int) -> list[tuple[int, int]]:
+    """[start, end) cut in `cells` equal slices, one for each cell of a chart, as [begin, end) of each."""
+    bounds = [start_ms + (end_ms - start_ms) * i // cells for i in range(cells + 1)]
+    return list(zip(bounds, bounds[1:]))
 
 
 def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]], limit: float | None,
@@ -5587,29 +5604,26 @@ def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]]
     rows = height - 3  # the axis, its labels, the legend
     labels = [format_value(top), "0"] + ([format_value(limit)] if limit else [])
     cells = width - scale_width(labels)
-    if rows < 2 or cells < 4 or top <= 0:
+    if rows < 2 or cells < 4 or top <= 0 or end_ms <= start_ms:
         return []
     k = steps_per_cell(unicode)
-    ends = slice_ends(start_ms, end_ms, cells)
-    used = [0] * cells
-    for i, end in enumerate(ends):
-        if end - (end_ms - start_ms) // cells <= now:  # a slice that has begun
-            used[i] = bar_steps(max([v for ms, v in points if ms < min(end, now + 1)], default=0), top, rows, k)
+    used = [bar_steps(max([v for ms, v in points if ms < min(end, now + 1)], default=0), top, rows, k)
+            if begin <= now else 0 for begin, end in slices(start_ms, end_ms, cells)]
     plot = [list(row) for row in column_rows(used, rows, unicode)]
 
     def row_of(value: float) -> int:
         return rows - 1 - (max(1, bar_steps(value, top, rows, k)) - 1) // k
 
     line, dot = axis_line(unicode), "·" if unicode else "."
-    marks = []
+    marks = [f"{'█' if unicode else '#'} used {format_value(so_far)}"]
     if limit:
-        marks.append(f"{line} limit")
+        marks.append(f"  {line} limit {format_value(limit)}")
         for cell in range(cells):
             if plot[row_of(limit)][cell] == " ":
                 plot[row_of(limit)][cell] = line
     if projected is not None and now < end_ms:
-        marks.append(f"{dot} projected")
-        for i, end in enumerate(ends):
+        marks.append(f"  {dot} projected {format_value(projected)}")
+        for i, (_, end) in enumerate(slices(start_ms, end_ms, cells)):
             if end > now:
                 value = so_far + (projected - so_far) * (end - now) / (end_ms - now)
                 if plot[row_of(value)][i] in (" ", line):
@@ -5617,9 +5631,8 @@ def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]]
     scale = {0: format_value(top), rows: "0"}
     if limit and row_of(limit) not in scale:
         scale[row_of(limit)] = format_value(limit)
-    legend = "  ".join([f"{'█' if unicode else '#'} used", *marks])
-    return framed(["".join(row) for row in plot], scale, axis_line(unicode) * cells, time_axis(start_ms, end_ms, cells, zone),
-                  unicode) + [legend[:width]]
+    return framed(["".join(row) for row in plot], scale, line * cells, time_axis(start_ms, end_ms, cells, zone),
+                  unicode) + [joined_to_fit(marks, width)]
 
 
 def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], daily: Iterable[tuple[int, float]],
@@ -5641,26 +5654,24 @@ def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], dai
         date = dt.datetime.fromtimestamp(ms / 1000, zone).date()
         per_day[date] = per_day.get(date, 0) + value
     resets = sorted({r.seven_day.resets_ms for r in readings if start_ms < r.seven_day.resets_ms < end_ms})
-    legend = [f"{'▲' if unicode else '^'} Claude's weekly limit reset"] if resets else []
+    mark = "▲" if unicode else "^"
+    legend = [joined_to_fit(["", (f"{mark} Claude's weekly limit reset", f"{mark} reset")], width)] if resets else []
     chart_height = height - len(days) if height - len(days) >= 3 + len(legend) + 2 else height
     rows = chart_height - 2 - len(legend)
     cells = width - scale_width(["100%", "0%"])
-    if rows < 2 or cells < 4:
+    if rows < 2 or cells < 4 or end_ms <= start_ms:
         return []
     k = steps_per_cell(unicode)
-    ends = slice_ends(start_ms, end_ms, cells)
     heights = []
-    for i, end in enumerate(ends):
-        begun = start_ms + (end_ms - start_ms) * i // cells
+    for begin, end in slices(start_ms, end_ms, cells):
         latest = [r for r in readings if r.read_ms < end]
-        shown = latest and begun <= readings[-1].read_ms
-        live = shown and latest[-1].seven_day.resets_ms > begun
+        live = latest and begin <= readings[-1].read_ms and latest[-1].seven_day.resets_ms > begin
         heights.append(bar_steps(latest[-1].seven_day.percent, 100, rows, k) if live else 0)
     axis = [axis_line(unicode)] * cells
     for reset in resets:
         axis[(reset - start_ms) * cells // (end_ms - start_ms)] = "▲" if unicode else "^"
     lines = framed(column_rows(heights, rows, unicode), {0: "100%", rows: "0%"}, "".join(axis),
-                   time_axis(start_ms, end_ms, cells, zone), unicode) + [text[:width] for text in legend]
+                   time_axis(start_ms, end_ms, cells, zone), unicode) + legend
     if chart_height == height:
         return lines
     values = [per_day.get(day.date(), 0) for day in days]
@@ -5696,8 +5707,8 @@ def heatmap(points: Iterable[tuple[int, float]], width: int, unicode: bool, zone
     hours = "".join(f"{hour:<{cell * step}}" for hour in range(0, 24, step)).rstrip()
     lines = ["    " + hours] + [f"{calendar.day_abbr[day]} " + "".join(shade(v) * cell for v in sums[day])
                                  for day in range(7)]
-    legend = (f"{shades[1]} up to 25%  {shades[2]} 50%  {shades[3]} 75%  {shades[4]} 100% of the busiest hour, "
-              f"{format_value(top)}")
+    legend = (f"{shades[1]} up to 25%, {shades[2]} 50%, {shades[3]} 75%, {shades[4]} 100% of the busiest hour "
+              f"({format_value(top)}); blank: none")
     return [line.rstrip() for line in lines] + textwrap.wrap(legend, width)
 
 
@@ -7407,16 +7418,6 @@ def clip(line: Line, width: int) -> Line:
 def pad_between(left: str, right: str, width: int) -> str:
     gap = width - len(left) - len(right)
     return left + " " * gap + right if gap >= 1 else left[:width]
-
-
-def joined_to_fit(parts: list[str | tuple[str, ...]], width: int) -> str:
-    """The first part, then each later one that still fits in `width`: a part is shown whole or not at all. A part
-    given as forms from longest to shortest shows the longest form that fits."""
-    text = parts[0] if isinstance(parts[0], str) else parts[0][0]
-    for part in parts[1:]:
-        text += next((form for form in ((part,) if isinstance(part, str) else part)
-                      if len(text) + len(form) <= width), "")
-    return text
 
 
 def rule(title: str, width: int, glyphs: Glyphs) -> Line:
