@@ -5572,6 +5572,8 @@ def time_chart(points: Iterable[tuple[int, float]], start_ms: int, end_ms: int, 
         if len(format_value(max(columns))) <= len(label):
             break
         label = format_value(max(columns))
+    # every column as wide as the others (an area's width says nothing): what is left, less than a cell for
+    # each column, stays blank at the right
     cell_width = max(1, cells // len(columns))
     top = max(columns)
     heights = column_rows([bar_steps(value, top, rows, steps_per_cell(unicode)) for value in columns], rows, unicode)

@@ -8326,3 +8326,12 @@ def test_heatmap():
     ]
     assert heat(27) == []
 
+
+
+def test_the_charts_page_shows_real_charts():
+    """docs/charts.md's samples are these functions' output for the data above."""
+    page = (ROOT / "docs" / "charts.md").read_text()
+    for lines in (day_chart(80, 10), week_of_hours(80, 9), day_chart(40, 6, unicode=False), burnup(72, 11),
+                  burnup(40, 7, unicode=False), week(72, 17), week(40, 8, unicode=False), heat(80),
+                  heat(40, unicode=False)):
+        assert "```\n" + "\n".join(lines) + "\n```" in page
