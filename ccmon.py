@@ -5617,7 +5617,7 @@ def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]]
         return rows - 1 - (max(1, bar_steps(value, top, rows, k)) - 1) // k
 
     line, dot = axis_line(unicode), "·" if unicode else "."
-    marks = [f"{'█' if unicode else '#'} used {format_value(so_far)}"]
+    marks = ["", f"{'█' if unicode else '#'} used {format_value(so_far)}"]
     if limit:
         marks.append(f"  {line} limit {format_value(limit)}")
         for cell in range(cells):
@@ -5658,8 +5658,12 @@ def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], dai
     resets = sorted({r.seven_day.resets_ms for r in readings if start_ms < r.seven_day.resets_ms < end_ms})
     mark = "▲" if unicode else "^"
     legend = [joined_to_fit(["", (f"{mark} Claude's weekly limit reset", f"{mark} reset")], width)] if resets else []
-    chart_height = height - len(days) if height - len(days) >= 3 + len(legend) + 2 else height
-    rows = chart_height - 2 - len(legend)
+    values = [per_day.get(day.date(), 0) for day in days]
+    names, figures = [f"{day:%a %m-%d}" for day in days], [format_value(value) for value in values]
+    bar_width = width - max(map(len, names), default=0) - max(map(len, figures), default=0) - 2
+    # the days under the readings when there is room for both, at least two rows of readings
+    with_days = bar_width >= 4 and height - len(days) >= 2 + 2 + len(legend)
+    rows = height - len(days) * with_days - 2 - len(legend)
     cells = width - scale_width(["100%", "0%"])
     if rows < 2 or cells < 4 or end_ms <= start_ms:
         return []
@@ -5671,19 +5675,13 @@ def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], dai
         heights.append(bar_steps(latest[-1].seven_day.percent, 100, rows, k) if live else 0)
     axis = [axis_line(unicode)] * cells
     for reset in resets:
-        axis[(reset - start_ms) * cells // (end_ms - start_ms)] = "▲" if unicode else "^"
+        axis[(reset - start_ms) * cells // (end_ms - start_ms)] = mark
     lines = framed(column_rows(heights, rows, unicode), {0: "100%", rows: "0%"}, "".join(axis),
                    time_axis(start_ms, end_ms, cells, zone), unicode) + legend
-    if chart_height == height:
+    if not with_days:
         return lines
-    values = [per_day.get(day.date(), 0) for day in days]
-    figures = [format_value(value) for value in values]
-    bar_width = width - 10 - 1 - max(map(len, figures))  # "Mon 12-01 " and a space before the figure
-    if bar_width < 4:
-        return lines
-    largest = max(values)
-    return lines + [f"{day:%a %m-%d} {hbar(value, largest, bar_width, unicode).ljust(bar_width)} {figure}"
-                    for day, value, figure in zip(days, values, figures)]
+    return lines + [f"{name} {hbar(value, max(values), bar_width, unicode).ljust(bar_width)} {figure}"
+                    for name, value, figure in zip(names, values, figures)]
 
 
 def heatmap(points: Iterable[tuple[int, float]], width: int, unicode: bool, zone: ZoneInfo,

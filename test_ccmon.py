@@ -7979,7 +7979,9 @@ def test_report_chart_draws_a_bar_per_row(server, tmp_path):
         "2026-05-06    0      0       0           0            0       0    $0.00            0         $0.00",
         "----------  ---  -----  ------  ----------  -----------  ------  -------  -----------  ------------",
         "Total         4  1,357   5,233           0            0   6,590    $2.89            3         $2.88"]
-    for locale_env, small, large in (("C.UTF-8", "████▏", "█" * 19), ("C", "####", "#" * 19)):
+    # a locale the system does not have is not taken for UTF-8, whatever its name says
+    for locale_env, small, large in (("C.UTF-8", "████▏", "█" * 19), ("C", "####", "#" * 19),
+                                     ("xx_XX.UTF-8", "####", "#" * 19)):
         out = run_report(server, *daily, cwd=tmp_path, env={"LC_ALL": locale_env})
         assert (out.returncode, out.stderr) == (0, "")
         # $0.51 / $2.375 × 19 cells = 4.08 cells: 33 eighths (4 whole cells and one eighth), 4 '#'
