@@ -40,6 +40,7 @@ import dataclasses
 import datetime as dt
 import decimal
 import errno
+import fractions
 import hashlib
 import hmac
 import io
@@ -5314,6 +5315,10 @@ def project_forms(project: str, labels: dict[str, str]) -> tuple[str, ...]:
     return (project, labels[project]) if project and labels[project] != project else (labels[project],)
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def format_duration(ms: int) -> str:
     """1h05m, 12m, 45s, 850ms."""
     if ms < 1000:
@@ -5423,6 +5428,288 @@ def row_text(fitted: list[Fitted], cells: list[Cell], gap: int = 1) -> str:
         parts.append(value.ljust(f.width) if f.column.left else value.rjust(f.width))
     return (" " * gap).join(parts)
 
+
+# -- charts: bars, columns, a burn-up, a week, a heatmap, as plain lines of text (no colour: the glyphs and the
+# scale written on each chart tell everything). `unicode` is the locale's (utf8_locale): block elements in eighths
+# of a cell where the terminal has them, whole cells of ASCII where it has not.
+
+EIGHTHS = " ▏▎▍▌▋▊▉█"   # a horizontal bar's last cell, by eighths
+RISING = " ▁▂▃▄▅▆▇█"    # a column's top cell, by eighths
+SHADES = {True: " ░▒▓█", False: " .:*#"}  # a heatmap's cells: none, then a quarter of the largest each
+
+
+def joined_to_fit(parts: list[str | tuple[str, ...]], width: int) -> str:
+    """The first part, then each later one that still fits in `width`: a part is shown whole or not at all. A part
+    given as forms from longest to shortest shows the longest form that fits."""
+    text = parts[0] if isinstance(parts[0], str) else parts[0][0]
+    for part in parts[1:]:
+        text += next((form for form in ((part,) if isinstance(part, str) else part)
+                      if len(text) + len(form) <= width), "")
+    return text
+
+
+def utf8_locale() -> bool:
+    """Whether the user's locale (LC_ALL, LC_CTYPE, LANG) writes UTF-8, so charts may draw Unicode: the C library's
+    codeset, not Python's (UTF-8 mode makes Python say UTF-8 in the C locale). Sets the C library's locale from the
+    environment, as curses needs before it starts; a locale the system does not have is not UTF-8."""
+    import locale
+    try:
+        locale.setlocale(locale.LC_ALL, "")
+    except locale.Error:
+        return False
+    return "utf" in locale.nl_langinfo(locale.CODESET).lower().replace("-", "")
+
+
+def steps_per_cell(unicode: bool) -> int:
+    return 8 if unicode else 1
+
+
+def bar_steps(value: float, largest: float, cells: int, steps: int) -> int:
+    """A bar's length in steps (`steps` to a cell): value / largest × cells, rounded to the nearest step (halves
+    up, exactly: costs and counts are integers, percents their float); none for zero, at least one for any other
+    value, so that what is not zero never looks it; never past the chart."""
+    if value <= 0 or largest <= 0:
+        return 0
+    exact = fractions.Fraction(value) * cells * steps / fractions.Fraction(largest)
+    return min(cells * steps, max(1, half_up(exact.numerator, exact.denominator)))
+
+
+def hbar(value: float, largest: float, width: int, unicode: bool) -> str:
+    """A horizontal bar `width` cells long for the largest value, in eighths of a cell (whole '#' in ASCII);
+    '' for zero. Not padded."""
+    steps = bar_steps(value, largest, width, steps_per_cell(unicode))
+    if not unicode:
+        return "#" * steps
+    return "█" * (steps // 8) + (EIGHTHS[steps % 8] if steps % 8 else "")
+
+
+def column_rows(heights: list[int], rows: int, unicode: bool) -> list[str]:
+    """Columns `heights` steps high (bar_steps), as `rows` lines of text, top first: the top cell of each in
+    eighths (RISING), whole '#' in ASCII."""
+    k = steps_per_cell(unicode)
+    lines = []
+    for row in range(rows):
+        below = (rows - 1 - row) * k  # the steps under this row
+        levels = [min(k, max(0, height - below)) for height in heights]
+        lines.append("".join(RISING[level] if unicode else "#" if level else " " for level in levels))
+    return lines
+
+
+def local_hours(start_ms: int, end_ms: int, zone: ZoneInfo) -> list[tuple[int, dt.datetime]]:
+    """The local whole hours in [start, end): every zone's offset is a multiple of 15 minutes."""
+    first = -(-start_ms // BUCKET_MS) * BUCKET_MS
+    moments = ((ms, dt.datetime.fromtimestamp(ms / 1000, zone)) for ms in range(first, end_ms, BUCKET_MS))
+    return [(ms, moment) for ms, moment in moments if moment.minute == 0]
+
+
+# The time axis's labels, densest first: the first whose labels all stand apart is drawn.
+TIME_TICKS: tuple[tuple[Callable[[dt.datetime], bool], str, int], ...] = (  # which hours, how shown, longest span
+    *((lambda d, k=k: d.hour % k == 0, "%H:%M", 2 * DAY_MS) for k in (1, 2, 3, 4, 6, 12)),
+    (lambda d: d.hour == 0, "%a %d", 62 * DAY_MS),
+    (lambda d: d.hour == 0, "%a", 62 * DAY_MS),
+    (lambda d: d.hour == 0 and d.weekday() == 0, "%m-%d", sys.maxsize),
+    (lambda d: d.hour == 0 and d.day == 1, "%b", sys.maxsize))
+
+
+def time_axis(start_ms: int, end_ms: int, cells: int, zone: ZoneInfo) -> str:
+    """Labels for a time axis `cells` wide from start to end, each starting at the cell of its moment, a space
+    apart at least; the densest ticks that leave them so (TIME_TICKS); '' when none fit."""
+    hours = local_hours(start_ms, end_ms, zone)
+    for keep, fmt, longest in TIME_TICKS:
+        if end_ms - start_ms > longest:
+            continue
+        ticks = [((ms - start_ms) * cells // (end_ms - start_ms), moment.strftime(fmt))
+                 for ms, moment in hours if keep(moment)]
+        ticks = [(cell, label) for cell, label in ticks if cell + len(label) <= cells]
+        if ticks and all(cell + len(label) < after for (cell, label), (after, _) in zip(ticks, ticks[1:])):
+            line = ""
+            for cell, label in ticks:
+                line += " " * (cell - len(line)) + label
+            return line
+    return ""
+
+
+def framed(plot: list[str], labels: dict[int, str], axis: str, times: str, unicode: bool) -> list[str]:
+    """Plot rows (top first) on a frame: the scale's labels right-aligned before the side at their rows
+    (len(plot): the axis's row), the axis under the plot, the time labels under it."""
+    label_width = max(map(len, labels.values()))
+    side, corner = ("│", "└") if unicode else ("|", "+")
+    lines = [f"{labels.get(row, '').rjust(label_width)} {side}{cells}" for row, cells in enumerate(plot)]
+    lines.append(f"{labels.get(len(plot), '').rjust(label_width)} {corner}{axis}")
+    lines.append(" " * (label_width + 2) + times)
+    return [line.rstrip() for line in lines]
+
+
+def axis_line(unicode: bool) -> str:
+    return "─" if unicode else "-"
+
+
+def scale_width(labels: Iterable[str]) -> int:
+    """What the frame takes from a chart's width: its longest scale label, a space and the side."""
+    return max(map(len, labels)) + 2
+
+
+def time_chart(points: Iterable[tuple[int, float]], start_ms: int, end_ms: int, bucket_ms: int, width: int,
+               height: int, unicode: bool, zone: ZoneInfo, format_value: Callable[[float], str]) -> list[str]:
+    """Usage per bucket (an hour) from start to end as columns, `width` × `height` at most: a caption saying
+    what a column holds, the columns (several cells wide each when there is room, several buckets each when
+    there is not), the scale (the largest column's value at the top, 0 at the axis) and the time axis. Columns
+    rather than braille: a bucket's total is an area, and a cell's eighths are twice braille's four dots up.
+    [] when it cannot be drawn that small."""
+    buckets = -(-(end_ms - start_ms) // bucket_ms)
+    values = [0] * max(0, buckets)
+    for ms, value in points:
+        if start_ms <= ms < end_ms:
+            values[(ms - start_ms) // bucket_ms] += value
+    rows = height - 3  # the caption, the axis and its labels
+    label = "0"
+    while True:  # the scale's label takes width from the columns, which may hold more buckets each and sum higher
+        cells = width - scale_width([label])
+        if rows < 1 or cells < 8 or buckets < 1:
+            return []
+        group = -(-buckets // cells)  # buckets a column holds
+        columns = [sum(values[i:i + group]) for i in range(0, buckets, group)]
+        if len(format_value(max(columns))) <= len(label):
+            break
+        label = format_value(max(columns))
+    # every column as wide as the others (an area's width says nothing): what is left, less than a cell for
+    # each column, stays blank at the right
+    cell_width = max(1, cells // len(columns))
+    top = max(columns)
+    heights = column_rows([bar_steps(value, top, rows, steps_per_cell(unicode)) for value in columns], rows, unicode)
+    gap = 1 if cell_width >= 3 else 0  # columns stand apart when wide enough to spare it
+    plot = ["".join(c * (cell_width - gap) + " " * gap for c in row) for row in heights]
+    span = group * bucket_ms
+    holds = format_duration(span) if span % HOUR_MS else plural(span // HOUR_MS, "hour")
+    caption = joined_to_fit(["", (f"each column: {holds}", holds)], width)
+    times = time_axis(start_ms, start_ms + len(columns) * span, len(columns) * cell_width, zone)
+    return [caption] + framed(plot, {0: format_value(top), rows: "0"}, axis_line(unicode) * len(plot[0]),
+                                      times, unicode)
+
+
+def slices(start_ms: int, end_ms: int, cells: int) -> list[tuple[int, int]]:
+    """[start, end) cut in `cells` equal slices, one for each cell of a chart, as [begin, end) of each."""
+    bounds = [start_ms + (end_ms - start_ms) * i // cells for i in range(cells + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]], limit: float | None,
+                 projected: float | None, now: int, width: int, height: int, unicode: bool, zone: ZoneInfo,
+                 format_value: Callable[[float], str]) -> list[str]:
+    """A 5-hour window from start to end (its reset): the cumulative usage so far as columns (`points`, oldest
+    first, each the running total at its moment), the projection from now to `projected` at the reset, the limit
+    as a line; scaled to the largest of them, with the limit's value at its row, the time axis and a legend.
+    `width` × `height` at most; [] when it cannot be drawn that small."""
+    points = sorted(points)
+    so_far = points[-1][1] if points else 0
+    top = max(so_far, limit or 0, projected or 0)
+    rows = height - 3  # the axis, its labels, the legend
+    labels = [format_value(top), "0"] + ([format_value(limit)] if limit else [])
+    cells = width - scale_width(labels)
+    if rows < 2 or cells < 4 or top <= 0 or end_ms <= start_ms:
+        return []
+    k = steps_per_cell(unicode)
+    used = [bar_steps(max([v for ms, v in points if ms < min(end, now + 1)], default=0), top, rows, k)
+            if begin <= now else 0 for begin, end in slices(start_ms, end_ms, cells)]
+    plot = [list(row) for row in column_rows(used, rows, unicode)]
+
+    def row_of(value: float) -> int:
+        return rows - 1 - (max(1, bar_steps(value, top, rows, k)) - 1) // k
+
+    line, dot = axis_line(unicode), "·" if unicode else "."
+    marks = ["", f"{'█' if unicode else '#'} used {format_value(so_far)}"]
+    if limit:
+        marks.append(f"  {line} limit {format_value(limit)}")
+        for cell in range(cells):
+            if plot[row_of(limit)][cell] == " ":
+                plot[row_of(limit)][cell] = line
+    if projected is not None and now < end_ms:
+        marks.append(f"  {dot} projected {format_value(projected)}")
+        for i, (_, end) in enumerate(slices(start_ms, end_ms, cells)):
+            if end > now:
+                value = so_far + (projected - so_far) * (end - now) / (end_ms - now)
+                if plot[row_of(value)][i] in (" ", line):
+                    plot[row_of(value)][i] = dot
+    scale = {0: format_value(top), rows: "0"}
+    if limit and row_of(limit) not in scale:
+        scale[row_of(limit)] = format_value(limit)
+    return framed(["".join(row) for row in plot], scale, line * cells, time_axis(start_ms, end_ms, cells, zone),
+                  unicode) + [joined_to_fit(marks, width)]
+
+
+def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], daily: Iterable[tuple[int, float]],
+               width: int, height: int, unicode: bool, zone: ZoneInfo,
+               format_value: Callable[[float], str]) -> list[str]:
+    """A week from start to end against Claude's weekly limit: Claude's weekly % readings as columns over the week
+    (each the newest reading by then, 0 once its window has reset, none past the last reading; 100% at the top),
+    each reset marked on the axis; then a bar for each day's usage (`daily`: (the day's start, its value)),
+    scaled to the largest day, with its value. The days step aside when the height has no room for both;
+    [] when not even the readings fit."""
+    readings = sorted((r for r in readings if r.seven_day is not None), key=lambda r: r.read_ms)
+    days = []
+    day = dt.datetime.fromtimestamp(start_ms / 1000, zone)
+    while ms_from_datetime(day) < end_ms:
+        days.append(day)
+        day = dt.datetime.combine(day.date() + dt.timedelta(days=1), dt.time(), zone)
+    per_day = {}
+    for ms, value in daily:
+        date = dt.datetime.fromtimestamp(ms / 1000, zone).date()
+        per_day[date] = per_day.get(date, 0) + value
+    resets = sorted({r.seven_day.resets_ms for r in readings if start_ms < r.seven_day.resets_ms < end_ms})
+    mark = "▲" if unicode else "^"
+    legend = [joined_to_fit(["", (f"{mark} Claude's weekly limit reset", f"{mark} reset")], width)] if resets else []
+    values = [per_day.get(day.date(), 0) for day in days]
+    names, figures = [f"{day:%a %m-%d}" for day in days], [format_value(value) for value in values]
+    bar_width = width - max(map(len, names), default=0) - max(map(len, figures), default=0) - 2
+    # the days under the readings when there is room for both, at least two rows of readings
+    with_days = bar_width >= 4 and height - len(days) >= 2 + 2 + len(legend)
+    rows = height - len(days) * with_days - 2 - len(legend)
+    cells = width - scale_width(["100%", "0%"])
+    if rows < 2 or cells < 4 or end_ms <= start_ms:
+        return []
+    k = steps_per_cell(unicode)
+    heights = []
+    for begin, end in slices(start_ms, end_ms, cells):
+        latest = [r for r in readings if r.read_ms < end]
+        live = latest and begin <= readings[-1].read_ms and latest[-1].seven_day.resets_ms > begin
+        heights.append(bar_steps(latest[-1].seven_day.percent, 100, rows, k) if live else 0)
+    axis = [axis_line(unicode)] * cells
+    for reset in resets:
+        axis[(reset - start_ms) * cells // (end_ms - start_ms)] = mark
+    lines = framed(column_rows(heights, rows, unicode), {0: "100%", rows: "0%"}, "".join(axis),
+                   time_axis(start_ms, end_ms, cells, zone), unicode) + legend
+    if not with_days:
+        return lines
+    return lines + [f"{name} {hbar(value, max(values), bar_width, unicode).ljust(bar_width)} {figure}"
+                    for name, value, figure in zip(names, values, figures)]
+
+
+def heatmap(points: Iterable[tuple[int, float]], width: int, unicode: bool, zone: ZoneInfo,
+            format_value: Callable[[float], str]) -> list[str]:
+    """Usage by day of the week (rows, Monday first) and local hour of the day (columns), summed over every
+    point: each cell shaded by its quarter of the busiest cell (SHADES: none for zero, the lightest for any
+    other value up to a quarter), with the hours above and a legend with the busiest cell's value below;
+    cells 1 to 3 columns wide as `width` allows; [] under 28 columns."""
+    sums = [[0.0] * 24 for _ in range(7)]
+    for ms, value in points:
+        moment = dt.datetime.fromtimestamp(ms / 1000, zone)
+        sums[moment.weekday()][moment.hour] += value
+    cell = min(3, (width - 4) // 24)
+    if cell < 1:
+        return []
+    top = max(map(max, sums))
+    shades = SHADES[unicode]
+
+    def shade(value: float) -> str:
+        return shades[0 if value <= 0 else -(-fractions.Fraction(value) * 4 // fractions.Fraction(top))]
+
+    step = 3 if cell == 1 else 2 if cell == 2 else 1  # hours between labels
+    hours = "".join(f"{hour:<{cell * step}}" for hour in range(0, 24, step)).rstrip()
+    lines = ["    " + hours] + [f"{calendar.day_abbr[day]} " + "".join(shade(v) * cell for v in sums[day])
+                                 for day in range(7)]
+    legend = (f"{shades[1]} up to 25%, {shades[2]} 50%, {shades[3]} 75%, {shades[4]} 100% of the busiest hour "
+              f"({format_value(top)}); blank: none")
+    return [line.rstrip() for line in lines] + textwrap.wrap(legend, width)
 
 
 # ---------------------------------------------------------------- Quick query: --format and --json for status bars
@@ -5907,9 +6194,12 @@ def table_cell(key: str, value: Any, wide: bool) -> str:
     return str(value)
 
 
-def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int | None = None) -> str:
+def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int | None = None,
+                 chart: str | None = None, unicode: bool = False) -> str:
     """An aligned text table with a totals row; numbers right-aligned. Within `width` columns (None: all),
-    dropping the columns of TABLE_DROP_ORDER that do not fit, and saying which."""
+    dropping the columns of TABLE_DROP_ORDER that do not fit, and saying which. With a chart (a key of
+    CHART_KEYS), a bar after each row in the width the table leaves (at least CHART_LEAST; CHART_WIDE when the
+    table is wide), the longest for the largest row."""
     if not rows:
         return "no usage in this period"
     columns = list(rows[0])
@@ -5925,7 +6215,8 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
     headers = {k: TABLE_HEADERS.get(k, k) for k in columns}
     body = [[cells[k][i] for k in columns] for i in range(len(rows) + 1)]
     fitted = fit_columns([Column(headers[k], max(len(headers[k]), *map(len, cells[k])), drop_rank(k), left=not numeric[k])
-                          for k in columns], body, sys.maxsize if width is None else width, gap=2)
+                          for k in columns], body, sys.maxsize if width is None else width - (CHART_LEAST + 2) * bool(chart),
+                         gap=2)
     shown = {columns[f.index] for f in fitted}
     hidden = [headers[k] for k in sorted(set(columns) - shown, key=drop_rank, reverse=True)]  # in the order dropped
 
@@ -5935,8 +6226,29 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
     rule_line = "  ".join("-" * f.width for f in fitted)
     note = textwrap.wrap(f"(to fit {width} columns, not shown: {', '.join(hidden)}; --wide shows every column)",
                          width) if hidden else []
-    return "\n".join([line([headers[k] for k in columns]), rule_line, *map(line, body[:-1]), rule_line, line(body[-1]),
-                      *note])
+    head, rows_text = [line([headers[k] for k in columns]), rule_line], [line(cells) for cells in body[:-1]]
+    if chart:
+        bar_width = CHART_WIDE if width is None else width - len(rule_line) - 2
+        values = [row[CHART_KEYS[chart]] for row in rows]
+        largest = max(values)
+        shown = format_cost(round(largest * NANOS_PER_USD)) if chart == "cost" else format_count(largest)
+        title = next(t for t in (f"{chart}, longest {shown}", chart) if len(t) <= bar_width or t == chart)
+        head = [head[0].ljust(len(rule_line)) + "  " + title, rule_line + "  " + "-" * bar_width]
+        rows_text = [(text.ljust(len(rule_line)) + "  " + hbar(value, largest, bar_width, unicode)).rstrip()
+                     for text, value in zip(rows_text, values)]
+    return "\n".join([*head, *rows_text, rule_line, line(body[-1]), *note])
+
+
+CHART_KEYS = {"cost": "cost_usd", "tokens": "total_tokens"}  # --chart's values: what the bars are of
+CHART_REPORTS = ("daily", "weekly", "monthly", "model", "project")
+CHART_LEAST = 10  # a report's bars are at least this wide: the table drops columns for them
+CHART_WIDE = 40   # and this wide beside a --wide table, which has no width to fill
+
+
+def check_report_chart(kind: str, chart: str | None) -> None:
+    if chart and kind not in CHART_REPORTS:
+        raise ConfigError(f"--chart: bars are drawn beside the {', '.join(CHART_REPORTS[:-1])} and "
+                          f"{CHART_REPORTS[-1]} reports, not the {kind} report")
 
 
 def drop_rank(key: str) -> int:
@@ -5981,7 +6293,8 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
         print(printable(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
                         + (f", user {args.user}" if args.user else "")
                         + (f", project {args.project}" if args.project else "")))
-        print(report_table(rows, totals, None if args.wide else REPORT_WIDTH))
+        print(report_table(rows, totals, None if args.wide else REPORT_WIDTH, args.chart,
+                           args.chart is not None and utf8_locale()))
     return 0
 
 
@@ -7109,16 +7422,6 @@ def pad_between(left: str, right: str, width: int) -> str:
     return left + " " * gap + right if gap >= 1 else left[:width]
 
 
-def joined_to_fit(parts: list[str | tuple[str, ...]], width: int) -> str:
-    """The first part, then each later one that still fits in `width`: a part is shown whole or not at all. A part
-    given as forms from longest to shortest shows the longest form that fits."""
-    text = parts[0] if isinstance(parts[0], str) else parts[0][0]
-    for part in parts[1:]:
-        text += next((form for form in ((part,) if isinstance(part, str) else part)
-                      if len(text) + len(form) <= width), "")
-    return text
-
-
 def rule(title: str, width: int, glyphs: Glyphs) -> Line:
     head = f"{glyphs.rule * 2} {title} "
     return [(head + glyphs.rule * max(0, width - len(head)), "rule")]
@@ -7322,10 +7625,6 @@ def limit_note(limits: LimitFigures, settings: MonitorSettings) -> tuple[str, ..
 
 def limit_is_guess(limits: LimitFigures, settings: MonitorSettings) -> bool:
     return settings.limit_from_plan and not limits.calibrated_from and not limits.learned_from
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def weekly_reached_ms(used: int, limit: int, rate: float, now: int) -> int | None:
@@ -7988,10 +8287,7 @@ def run_alert_command(command: str, environment: dict[str, str]) -> None:
 @contextlib.contextmanager
 def terminal(curses_module):
     """The terminal in curses mode as (window, style attributes, glyphs), restored however the monitor ends."""
-    import locale
-    locale.setlocale(locale.LC_ALL, "")  # before initscr, so curses writes the terminal's encoding
-    # The C library's codeset, not Python's (UTF-8 mode makes Python say UTF-8 in the C locale).
-    unicode = "utf" in locale.nl_langinfo(locale.CODESET).lower().replace("-", "")
+    unicode = utf8_locale()  # it sets the locale before initscr, so curses writes the terminal's encoding
     # Ctrl-C quits the monitor even when it was started with SIGINT ignored (by a parent that ignores it, such as a
     # test runner's worker): Python keeps an inherited SIG_IGN, and the key would do nothing.
     interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -8155,6 +8451,9 @@ def build_report_parser() -> CommandLine:
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON object")
     output.add_argument("--csv", action="store_true", help="CSV with a header row")
+    output.add_argument("--chart", nargs="?", const="cost", choices=tuple(CHART_KEYS), help="tables of the "
+                        f"{', '.join(CHART_REPORTS)} reports: a bar beside each row, proportional to its cost "
+                        "(default) or tokens; Unicode when the locale is UTF-8, ASCII otherwise")
     parser.add_argument("--wide", action="store_true", help=f"tables: every column, ids and times in full "
                         f"(default: fit {REPORT_WIDTH} columns)")
     return parser
@@ -8285,7 +8584,8 @@ def run_command(argv: list[str]) -> int:
             return run_health_check(config)
         if mode == "setup":  # it writes Claude Code's settings for this server, started or not
             return run_setup(config, args, dict(os.environ), Path.home())
-        if mode == "report":  # a mistake in the dates is said before a server is started for it
+        if mode == "report":  # a mistake in the dates or the chart is said before a server is started for it
+            check_report_chart(args.kind, args.chart)
             report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), config.zone,
                           now_ms())
         notice = start_local_server_if_needed(config)

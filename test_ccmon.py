@@ -3826,8 +3826,9 @@ def test_status_line_input_too_large_and_output_to_a_full_disk(tmp_path):
 
 # ---------------------------------------------------------------- reports: ccmon report
 
-def run_report(srv: ServerProcess, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run_ccmon(["report", *args, "--monitor-server", srv.target, "--monitor-timezone", "Asia/Tokyo"], cwd)
+def run_report(srv: ServerProcess, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run_ccmon(["report", *args, "--monitor-server", srv.target, "--monitor-timezone", "Asia/Tokyo"], cwd,
+                     env=env)
 
 
 def test_reports_as_table_json_and_csv(server, tmp_path):
@@ -7963,3 +7964,380 @@ def test_readme_has_the_test_command_ci_runs():
     command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert command.startswith("python3 -m venv .venv") and \
         command in (ROOT / "README.md").read_text().splitlines()
+
+
+
+def test_report_chart_draws_a_bar_per_row(server, tmp_path):
+    """--chart: a bar beside each row, its length cost (or tokens) / the largest row's × the width the table
+    leaves, in eighths of a cell where the locale is UTF-8 (piped or not, as ccusage-like tools do), '#' else."""
+    sdk_export(server.port, team_events())
+    daily = ["daily", "--since", "2026-05-03", "--until", "2026-05-06", "--chart"]
+    table = [
+        "date        req  input  output  cache_read  cache_write  tokens     cost  premium_req  premium_cost  "
+        "cost, longest $2.38",
+        "----------  ---  -----  ------  ----------  -----------  ------  -------  -----------  ------------  "
+        "-------------------",
+        "2026-05-03    0      0       0           0            0       0    $0.00            0         $0.00",
+        "2026-05-04    2  1,300     230           0            0   1,530  $0.5100            1       $0.5000  {small}",
+        "2026-05-05    2     57   5,003           0            0   5,060    $2.38            2         $2.38  {large}",
+        "2026-05-06    0      0       0           0            0       0    $0.00            0         $0.00",
+        "----------  ---  -----  ------  ----------  -----------  ------  -------  -----------  ------------",
+        "Total         4  1,357   5,233           0            0   6,590    $2.89            3         $2.88"]
+    # a locale the system does not have is not taken for UTF-8, whatever its name says
+    for locale_env, small, large in (("C.UTF-8", "████▏", "█" * 19), ("C", "####", "#" * 19),
+                                     ("xx_XX.UTF-8", "####", "#" * 19)):
+        out = run_report(server, *daily, cwd=tmp_path, env={"LC_ALL": locale_env})
+        assert (out.returncode, out.stderr) == (0, "")
+        # $0.51 / $2.375 × 19 cells = 4.08 cells: 33 eighths (4 whole cells and one eighth), 4 '#'
+        assert out.stdout.splitlines()[1:] == [line.format(small=small, large=large) for line in table]
+    tokens = run_report(server, "model", "--since", "2026-05-01", "--until", "2026-05-31", "--chart", "tokens",
+                        cwd=tmp_path, env={"LC_ALL": "C.UTF-8"})
+    assert tokens.stdout.splitlines()[1:5] == [
+        "model              req  input  output  cache_read  cache_write  tokens     cost  avg_ms  ttft_ms  "
+        "tokens, longest 5.05K",
+        "-----------------  ---  -----  ------  ----------  -----------  ------  -------  ------  -------  "
+        "----------------------",
+        "claude-opus-4-1      1     50   5,000           0            0   5,050    $2.25  60,000        -  "
+        "██████████████████████",
+        # 1,210 / 5,050 × 22 cells × 8 = 42.2 eighths: 5 cells and 2 eighths; 330 tokens: 11.5, so 12 eighths
+        "claude-sonnet-4-5    2  1,007     203           0            0   1,210  $0.6250   2,500      650  █████▎"]
+    assert tokens.stdout.splitlines()[5].endswith("  █▌")
+    wide = run_report(server, "project", "--since", "2026-05-01", "--until", "2026-05-31", "--chart", "--wide",
+                      cwd=tmp_path, env={"LC_ALL": "C"}).stdout.splitlines()
+    assert wide[1].endswith("premium_cost  cost, longest $2.89") and wide[3].endswith("$2.88  " + "#" * 40)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["daily", "--chart", "--json"], "argument --json: not allowed with argument --chart"),
+    (["daily", "--csv", "--chart", "tokens"], "argument --chart: not allowed with argument --csv"),
+    (["daily", "--chart", "requests"], "argument --chart: invalid choice: 'requests' (choose from 'cost', 'tokens')"),
+])
+def test_report_chart_flag_errors(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_main(["report", *args], capsys)
+    assert (code, err) == (2, f"ccmon report: {message} (see ccmon report --help)\n")
+    code, err = run_main(["report", "session", "--chart", "--monitor-server", "127.0.0.1:9"], capsys)
+    assert (code, err) == (2, "ccmon: config error: --chart: bars are drawn beside the daily, weekly, monthly, model "
+                              "and project reports, not the session report\n")
+
+
+# ---------------------------------------------------------------- charts: pure render functions, golden frames
+
+CHART_ZONE = ccmon.ZoneInfo("Asia/Tokyo")
+CHART_START = int(dt.datetime(2026, 5, 4, tzinfo=CHART_ZONE).timestamp() * 1000)  # a Monday, local midnight
+H = ccmon.HOUR_MS
+HOURLY_TOKENS = [0, 0, 0, 0, 0, 0, 0, 0, 120_000, 800_000, 2_400_000, 3_100_000, 2_900_000, 900_000, 1_500_000,
+                 4_200_000, 5_000_000, 3_900_000, 2_500_000, 1_100_000, 300_000, 0, 0, 2_000]
+A_DAY = [(CHART_START + hour * H, tokens) for hour, tokens in enumerate(HOURLY_TOKENS) if tokens]
+# the same day each day of the week, divided by the day's number (Monday 1), and nothing on Saturday
+A_WEEK = [(CHART_START + day * 24 * H + hour * H, tokens // (day + 1)) for day in range(7) if day != 5
+          for hour, tokens in enumerate(HOURLY_TOKENS) if tokens]
+
+
+def bar_length_in_steps(bar: str, unicode: bool) -> int:
+    return sum(ccmon.EIGHTHS.index(glyph) for glyph in bar) if unicode else len(bar)
+
+
+def test_bars_are_value_over_largest_times_width_in_steps():
+    """A bar's length in steps (eighths of a cell; '#' cells in ASCII) is value / largest × width × steps to the
+    nearest step (halves up), except that a non-zero value too small for one step shows one; zero shows none."""
+    from fractions import Fraction
+
+    from hypothesis import given, strategies as st
+
+    values = st.one_of(st.integers(0, 10**15), st.floats(0, 1e6, allow_nan=False, allow_infinity=False))
+
+    @given(st.lists(values, min_size=1, max_size=30), st.integers(1, 120), st.booleans())
+    def check(series, width, unicode):
+        largest, steps = max(series), 8 if unicode else 1
+        for value in series:
+            bar = ccmon.hbar(value, largest, width, unicode)
+            exact = Fraction(value) / Fraction(largest) * width * steps if value else Fraction(0)
+            expected = int(exact + Fraction(1, 2)) if exact >= Fraction(1, 2) else (1 if value else 0)
+            assert bar_length_in_steps(bar, unicode) == expected
+            assert len(bar) <= width and set(bar) <= set("█▏▎▍▌▋▊▉" if unicode else "#")
+            assert set(bar[:-1]) <= {"█" if unicode else "#"}  # whole cells, then at most one part of a cell
+
+    check()
+
+
+def test_bar_glyphs():
+    assert [ccmon.hbar(value, 80, 10, True) for value in (0, 0.01, 1, 5, 40, 79, 80)] == \
+        ["", "▏", "▏", "▋", "█████", "█████████▉", "██████████"]
+    assert [ccmon.hbar(value, 80, 10, False) for value in (0, 0.01, 1, 5, 40, 79, 80)] == \
+        ["", "#", "#", "#", "#####", "##########", "##########"]
+
+
+def day_chart(width: int, height: int, unicode: bool = True) -> list[str]:
+    return ccmon.time_chart(A_DAY, CHART_START, CHART_START + 24 * H, H, width, height, unicode, CHART_ZONE,
+                            ccmon.format_count)
+
+
+def week_of_hours(width: int, height: int, unicode: bool = True) -> list[str]:
+    return ccmon.time_chart(A_WEEK, CHART_START, CHART_START + 7 * 24 * H, H, width, height, unicode, CHART_ZONE,
+                            ccmon.format_count)
+
+
+def test_time_chart_24_hours_and_7_days():
+    """One column per hour, two cells wide where 60 columns have room; the week's hours four to a column (their
+    sum); the largest column's value at the top, the local hours or days under the axis."""
+    assert day_chart(60, 8) == [
+        'each column: 1 hour',
+        '5.00M │                              ▂▂██',
+        '      │                      ▁▁      ████▇▇',
+        '      │                    ▃▃██▇▇    ██████▄▄',
+        '      │                    ██████  ▄▄████████▁▁',
+        '      │                ▁▁▆▆██████▇▇████████████▂▂    ▁▁',
+        '    0 └────────────────────────────────────────────────',
+        '       00:00 03:00 06:00 09:00 12:00 15:00 18:00 21:00',
+    ]
+    assert day_chart(60, 8, unicode=False) == [
+        'each column: 1 hour',
+        '5.00M |                                ##',
+        '      |                              ######',
+        '      |                      ####    ########',
+        '      |                    ######  ##########',
+        '      |                ##########################    ##',
+        '    0 +------------------------------------------------',
+        '       00:00 03:00 06:00 09:00 12:00 15:00 18:00 21:00',
+    ]
+    assert week_of_hours(60, 7) == [
+        'each column: 4 hours',
+        '12.5M │    █',
+        '      │   ██',
+        '      │  ███    ▄█     ▃',
+        '      │  ███▁  ███▁  ▅██▁  ▄▆█▁  ▃▅▆▁        ▂▃▅▁',
+        '    0 └──────────────────────────────────────────',
+        '       Mon   Tue   Wed   Thu   Fri   Sat   Sun',
+    ]
+    assert week_of_hours(60, 7, unicode=False) == [
+        'each column: 4 hours',
+        '12.5M |    #',
+        '      |   ##',
+        '      |  ###    ##',
+        '      |  ####  ####  ####  ####  ####        ####',
+        '    0 +------------------------------------------',
+        '       Mon   Tue   Wed   Thu   Fri   Sat   Sun',
+    ]
+
+
+def test_time_chart_at_small_sizes():
+    """40 columns: a cell per hour, six hours to a column for the week; too small to draw: nothing."""
+    assert day_chart(40, 5) == [
+        'each column: 1 hour',
+        '5.00M │           ▂▁  ▅█▄',
+        '      │        ▁▃███▃▅████▄▁  ▁',
+        '    0 └────────────────────────',
+        '       00:00 06:00 12:00 18:00',
+    ]
+    assert week_of_hours(40, 6, unicode=False) == [
+        'each column: 6 hours',
+        '18.4M |  #',
+        '      |  #   #',
+        '      | ### ### ### ### ###     ###',
+        '    0 +----------------------------',
+        '       Mon Tue Wed Thu Fri Sat Sun',
+    ]
+    assert day_chart(60, 3) == day_chart(10, 8) == []
+
+
+BLOCK_START = CHART_START + 14 * H
+# the running total every 10 minutes, 2,500 tokens a minute; 95 minutes into the window
+SO_FAR = [(BLOCK_START + minute * 60_000, minute * 2500) for minute in range(0, 100, 10)]
+
+
+def burnup(width: int, height: int, unicode: bool = True, limit: int | None = 880_000) -> list[str]:
+    return ccmon.burnup_chart(BLOCK_START, BLOCK_START + 5 * H, SO_FAR, limit, 600_000, BLOCK_START + 95 * 60_000,
+                              width, height, unicode, CHART_ZONE, ccmon.format_count)
+
+
+def test_burnup_chart():
+    """Columns for the running total so far, dots for the projection to the reset, a line for the limit with its
+    value on the scale, and a legend that says each with its figure."""
+    assert burnup(60, 9) == [
+        '880K │──────────────────────────────────────────────────────',
+        '     │                                                     ·',
+        '     │                                       ··············',
+        '     │                        ···············',
+        '     │            ▂▂▃▃▄▄······',
+        '     │ ▁▁▃▃▄▄▅▅▇████████',
+        '   0 └──────────────────────────────────────────────────────',
+        '      14:00     15:00      16:00      17:00      18:00',
+        '█ used 225K  ─ limit 880K  · projected 600K',
+    ]
+    assert burnup(60, 9, unicode=False) == [
+        '880K |------------------------------------------------------',
+        '     |',
+        '     |                                             .........',
+        '     |                               ..............',
+        '     |                ##.............',
+        '     | #################',
+        '   0 +------------------------------------------------------',
+        '      14:00     15:00      16:00      17:00      18:00',
+        '# used 225K  - limit 880K  . projected 600K',
+    ]
+    # no limit: scaled to the projection; 40 columns; the legend keeps the parts that fit whole
+    assert burnup(40, 6, limit=None) == [
+        '600K │                      ············',
+        '     │          ▁···········',
+        '     │ ▁▂▃▄▅▆▇▇██',
+        '   0 └──────────────────────────────────',
+        '      14:00 15:00  16:00  17:00  18:00',
+        '█ used 225K  · projected 600K',
+    ]
+    assert burnup(30, 6, unicode=False) == [
+        '880K |------------------------',
+        '     |                 .......',
+        '     |########.........',
+        '   0 +------------------------',
+        '      14:00    16:00     18:00',
+        '# used 225K  - limit 880K',
+    ]
+    assert burnup(40, 4) == burnup(8, 9) == []
+
+
+WEEKLY_RESET = CHART_START + (2 * 24 + 10) * H  # Wednesday 10:00
+READINGS = [ccmon.LimitReading("s", CHART_START + hour * H, seven_day=ccmon.LimitWindow(percent, resets))
+            for hour, percent, resets in [(6, 4, WEEKLY_RESET), (18, 15, WEEKLY_RESET), (30, 33, WEEKLY_RESET),
+                                          (44, 52, WEEKLY_RESET), (60, 6, WEEKLY_RESET + 7 * 24 * H),
+                                          (80, 21, WEEKLY_RESET + 7 * 24 * H), (100, 40, WEEKLY_RESET + 7 * 24 * H)]]
+DAILY_COST = [(CHART_START + day * 24 * H, nanos) for day, nanos in enumerate(
+    [12_500_000_000, 30_000_000_000, 8_000_000_000, 0, 20_250_000_000, 40_000_000, 1_000_000_000])]
+
+
+def week(width: int, height: int, unicode: bool = True) -> list[str]:
+    return ccmon.week_chart(CHART_START, CHART_START + 7 * 24 * H, READINGS, DAILY_COST, width, height, unicode,
+                            CHART_ZONE, lambda nanos: ccmon.format_cost(round(nanos)))
+
+
+def test_week_chart():
+    """Claude's weekly % as read (100% at the top), falling at the reset marked on the axis, nothing drawn past
+    the last reading; a bar per day for its cost, the largest day the longest, Saturday's $0.04 one eighth."""
+    assert week(60, 16) == [
+        '100% │',
+        '     │',
+        '     │              ▁▁▁▁▁',
+        '     │              █████             ▃',
+        '     │         ██████████      ▂▂▂▂▂▂▂█',
+        '     │ ▂▂▂▂▇▇▇▇██████████▃▃▃▃▃▃████████',
+        '  0% └──────────────────▲───────────────────────────────────',
+        '      Mon 04 Tue 05  Wed 06  Thu 07 Fri 08  Sat 09  Sun 10',
+        "▲ Claude's weekly limit reset",
+        'Mon 05-04 █████████████████▌                         $12.50',
+        'Tue 05-05 ██████████████████████████████████████████ $30.00',
+        'Wed 05-06 ███████████▎                               $8.00',
+        'Thu 05-07                                            $0.00',
+        'Fri 05-08 ████████████████████████████▍              $20.25',
+        'Sat 05-09 ▏                                          $0.0400',
+        'Sun 05-10 █▍                                         $1.00',
+    ]
+    assert week(60, 16, unicode=False) == [
+        '100% |',
+        '     |',
+        '     |',
+        '     |              #####',
+        '     |         ##########             #',
+        '     | ################################',
+        '  0% +------------------^-----------------------------------',
+        '      Mon 04 Tue 05  Wed 06  Thu 07 Fri 08  Sat 09  Sun 10',
+        "^ Claude's weekly limit reset",
+        'Mon 05-04 ##################                         $12.50',
+        'Tue 05-05 ########################################## $30.00',
+        'Wed 05-06 ###########                                $8.00',
+        'Thu 05-07                                            $0.00',
+        'Fri 05-08 ############################               $20.25',
+        'Sat 05-09 #                                          $0.0400',
+        'Sun 05-10 #                                          $1.00',
+    ]
+
+
+def test_week_chart_at_small_sizes():
+    """Without room for both, the days step aside; a narrow legend says less; too small: nothing."""
+    assert week(40, 8) == [
+        '100% │',
+        '     │',
+        '     │        ▅▅▅▅',
+        '     │      ▅▅████        █',
+        '     │ ▂▂▆▆▆██████▂▂▂▂█████',
+        '  0% └───────────▲──────────────────────',
+        '      Mon Tue  Wed  Thu  Fri  Sat  Sun',
+        "▲ Claude's weekly limit reset",
+    ]
+    assert week(28, 8, unicode=False) == [
+        '100% |',
+        '     |',
+        '     |     ##',
+        '     |   ####      #',
+        '     |##############',
+        '  0% +-------^--------------',
+        '      05-04',
+        '^ reset',
+    ]
+    assert week(40, 3) == week(9, 16) == []
+
+
+def heat(width: int, unicode: bool = True) -> list[str]:
+    return ccmon.heatmap(A_WEEK, width, unicode, CHART_ZONE, ccmon.format_count)
+
+
+def test_heatmap():
+    """Days by local hours, each cell shaded by its quarter of the busiest (any usage at least the lightest), a
+    legend with the busiest hour's figure; three columns an hour at 80, one at 40, nothing under 28."""
+    assert heat(80) == [
+        '    0  1  2  3  4  5  6  7  8  9  10 11 12 13 14 15 16 17 18 19 20 21 22 23',
+        'Mon                         ░░░░░░▒▒▒▓▓▓▓▓▓░░░▒▒▒█████████▒▒▒░░░░░░      ░░░',
+        'Tue                         ░░░░░░░░░▒▒▒▒▒▒░░░░░░▒▒▒▒▒▒▒▒▒░░░░░░░░░      ░░░',
+        'Wed                         ░░░░░░░░░░░░░░░░░░░░░▒▒▒▒▒▒▒▒▒░░░░░░░░░      ░░░',
+        'Thu                         ░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░      ░░░',
+        'Fri                         ░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░      ░░░',
+        'Sat',
+        'Sun                         ░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░░      ░░░',
+        '░ up to 25%, ▒ 50%, ▓ 75%, █ 100% of the busiest hour (5.00M); blank: none',
+    ]
+    assert heat(80, unicode=False) == [
+        '    0  1  2  3  4  5  6  7  8  9  10 11 12 13 14 15 16 17 18 19 20 21 22 23',
+        'Mon                         ......:::******...:::#########:::......      ...',
+        'Tue                         .........::::::......:::::::::.........      ...',
+        'Wed                         .....................:::::::::.........      ...',
+        'Thu                         .......................................      ...',
+        'Fri                         .......................................      ...',
+        'Sat',
+        'Sun                         .......................................      ...',
+        '. up to 25%, : 50%, * 75%, # 100% of the busiest hour (5.00M); blank: none',
+    ]
+    assert heat(40) == [
+        '    0  3  6  9  12 15 18 21',
+        'Mon         ░░▒▓▓░▒███▒░░  ░',
+        'Tue         ░░░▒▒░░▒▒▒░░░  ░',
+        'Wed         ░░░░░░░▒▒▒░░░  ░',
+        'Thu         ░░░░░░░░░░░░░  ░',
+        'Fri         ░░░░░░░░░░░░░  ░',
+        'Sat',
+        'Sun         ░░░░░░░░░░░░░  ░',
+        '░ up to 25%, ▒ 50%, ▓ 75%, █ 100% of the',
+        'busiest hour (5.00M); blank: none',
+    ]
+    assert heat(28, unicode=False) == [
+        '    0  3  6  9  12 15 18 21',
+        'Mon         ..:**.:###:..  .',
+        'Tue         ...::..:::...  .',
+        'Wed         .......:::...  .',
+        'Thu         .............  .',
+        'Fri         .............  .',
+        'Sat',
+        'Sun         .............  .',
+        '. up to 25%, : 50%, * 75%, #',
+        '100% of the busiest hour',
+        '(5.00M); blank: none',
+    ]
+    assert heat(27) == []
+
+
+
+def test_the_charts_page_shows_real_charts():
+    """docs/charts.md's samples are these functions' output for the data above."""
+    page = (ROOT / "docs" / "charts.md").read_text()
+    for lines in (day_chart(80, 10), week_of_hours(80, 9), day_chart(40, 6, unicode=False), burnup(72, 11),
+                  burnup(40, 7, unicode=False), week(72, 17), week(40, 8, unicode=False), heat(80),
+                  heat(40, unicode=False)):
+        assert "```\n" + "\n".join(lines) + "\n```" in page
