@@ -553,6 +553,20 @@ class ProjectUsage:
     sessions: int
 
 
+RECEIVER_PROTOCOLS = ("grpc", "http/protobuf", "http/json")  # as OTEL_EXPORTER_OTLP_PROTOCOL names them
+
+
+@dataclasses.dataclass(frozen=True)
+class ReceiverCounts:
+    """What one receiver protocol took of one signal (logs, metrics): when it last accepted a record (None: never),
+    and how many records it accepted and rejected, ever. Cumulative: they never go down."""
+    protocol: str
+    signal: str
+    last_ms: int | None
+    accepted: int
+    rejected: int
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreTotals:
     """What a store holds: API requests, and every usage row (those derived from metrics too)."""
@@ -1289,6 +1303,11 @@ def load_config(args: argparse.Namespace, search_cwd: bool = True) -> Config:
     return validate_config(values, origin, str(path) if path else "defaults")
 
 
+def default_database_path() -> Path:
+    """database.path's default, for this user: ~/.ccmon/ccmon.db."""
+    return Path(next(setting.default for setting in SETTINGS if setting.key == "database.path")).expanduser()
+
+
 def certificate_name(path: Path) -> str | None:
     """The first DNS name (else the common name) a PEM certificate is for."""
     try:
@@ -1591,11 +1610,24 @@ def find_request_ids_within_sessions(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX requests_imported_request ON requests(request_id) WHERE origin >= 2")
 
 
+def count_receipts(conn: sqlite3.Connection) -> None:
+    """Version 7: per receiver protocol and signal, when a record was last accepted and how many were accepted and
+    rejected, ever (one upsert per export, in the transaction of its last rows: ccmon doctor's "last telemetry
+    received", and counters that never go down)."""
+    conn.execute("""CREATE TABLE receiver_counts (
+        protocol TEXT NOT NULL,               -- grpc, http/protobuf, http/json
+        signal TEXT NOT NULL,                 -- logs, metrics
+        last_ms INTEGER,                      -- when a record was last accepted; NULL: never
+        accepted INTEGER NOT NULL,
+        rejected INTEGER NOT NULL,
+        PRIMARY KEY (protocol, signal)) WITHOUT ROWID""")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
                                                           keep_limit_readings, count_imported_requests,
-                                                          find_request_ids_within_sessions]
+                                                          find_request_ids_within_sessions, count_receipts]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -1862,6 +1894,7 @@ class Batch:
     events: list[tuple] = dataclasses.field(default_factory=list)
     metrics: list[tuple] = dataclasses.field(default_factory=list)
     projects: dict[str, str] = dataclasses.field(default_factory=dict)  # session id -> project its resource names
+    receipt: ReceiverCounts | None = None  # the export's counts, on its last batch (see Receiver.receive)
 
     def __len__(self) -> int:
         return len(self.requests) + len(self.events) + len(self.metrics)
@@ -2201,8 +2234,17 @@ class Writer:
         for session, project in batch.projects.items():  # a project the user named wins over a status line's folder
             conn.execute("UPDATE sessions SET project = ? WHERE session_id = ? AND project IS NOT ?",
                          (project, session, project))
+        if batch.receipt:
+            self._count_receipt(conn, batch.receipt)
         self._refresh_days(conn, days)
         return new
+
+    @staticmethod
+    def _count_receipt(conn: sqlite3.Connection, receipt: ReceiverCounts) -> None:
+        conn.execute("INSERT INTO receiver_counts (protocol, signal, last_ms, accepted, rejected) VALUES (?, ?, ?, ?, ?) "
+                     "ON CONFLICT (protocol, signal) DO UPDATE SET last_ms = COALESCE(excluded.last_ms, last_ms), "
+                     "accepted = accepted + excluded.accepted, rejected = rejected + excluded.rejected",
+                     dataclasses.astuple(receipt))
 
     @staticmethod
     def _not_resent(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple]) -> list[tuple]:
@@ -2868,6 +2910,10 @@ class Reader:
 
     def last_request_ms(self) -> int | None:
         return self._reader().execute("SELECT MAX(ts) FROM requests").fetchone()[0]
+
+    def receiver_counts(self) -> list[ReceiverCounts]:
+        return [ReceiverCounts(*row) for row in self._reader().execute(
+            "SELECT protocol, signal, last_ms, accepted, rejected FROM receiver_counts ORDER BY protocol, signal")]
 
     def totals(self) -> StoreTotals:
         """API requests and all usage rows (those derived from metrics too) ever stored."""
@@ -3591,31 +3637,43 @@ class Receiver:
     def __init__(self, store: Writer, decoders: Decoders | None = None):
         self.store, self.decoders, self.heap = store, decoders or Decoders(0), HeapTrimmer()
 
-    def logs(self, data: bytes) -> logs_service_pb2.ExportLogsServiceResponse:
-        """Store a serialized ExportLogsServiceRequest."""
-        rejected, requests, new = Rejections(EXPORT_ITEMS["logs"]), 0, 0
+    def receive(self, kind: str, data: bytes, protocol: str, rejected: Rejections) -> tuple[int, int]:
+        """Decode and store an export's batches; (API requests, new rows). The export's counts (see ReceiverCounts)
+        go with its last batch, into the transaction that stores it: known only once the export is all decoded,
+        one batch is held back for them (an export of rejected records only writes them alone)."""
+        requests, new, held = 0, 0, None
         try:
-            for batch in self.decoders.batches("logs", data, rejected):
+            for batch in self.decoders.batches(kind, data, rejected):
                 requests += len(batch.requests)
-                new += self.store.write(batch)
+                if held is not None:
+                    new += self.store.write(held)
+                held = batch
+            if rejected.total:
+                accepted = rejected.total - rejected.count
+                held = held or Batch()
+                held.receipt = ReceiverCounts(protocol, kind, now_ms() if accepted else None, accepted, rejected.count)
+            if held is not None:
+                new += self.store.write(held)
         finally:
             self.heap.after_export()
+        return requests, new
+
+    def logs(self, data: bytes, protocol: str) -> logs_service_pb2.ExportLogsServiceResponse:
+        """Store a serialized ExportLogsServiceRequest, received over `protocol` (grpc, http/protobuf, http/json)."""
+        rejected = Rejections(EXPORT_ITEMS["logs"])
+        requests, new = self.receive("logs", data, protocol, rejected)
         log.info("logs: %d records, %d api requests, %d new, %d rejected",
                  rejected.total, requests, new, rejected.count)
         return rejected.answer(logs_service_pb2.ExportLogsServiceResponse(), "rejected_log_records")
 
-    def metrics(self, data: bytes) -> metrics_service_pb2.ExportMetricsServiceResponse:
-        """Store a serialized ExportMetricsServiceRequest."""
-        rejected, new = Rejections(EXPORT_ITEMS["metrics"]), 0
-        try:
-            for batch in self.decoders.batches("metrics", data, rejected):
-                new += self.store.write(batch)
-        finally:
-            self.heap.after_export()
+    def metrics(self, data: bytes, protocol: str) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        """Store a serialized ExportMetricsServiceRequest, received over `protocol`."""
+        rejected = Rejections(EXPORT_ITEMS["metrics"])
+        _, new = self.receive("metrics", data, protocol, rejected)
         log.info("metrics: %d data points, %d new, %d rejected", rejected.total, new, rejected.count)
         return rejected.answer(metrics_service_pb2.ExportMetricsServiceResponse(), "rejected_data_points")
 
-    def traces(self, data: bytes) -> trace_service_pb2.ExportTraceServiceResponse:
+    def traces(self, data: bytes, protocol: str) -> trace_service_pb2.ExportTraceServiceResponse:
         """Accepted so exporters configured for traces do not error; ccmon has no use for spans."""
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -3639,7 +3697,7 @@ def otlp_grpc_handlers(receiver: Receiver) -> list[grpc.GenericRpcHandler]:
     def method(handler: Callable) -> grpc.RpcMethodHandler:
         def export(data: bytes, context):
             try:
-                return handler(receiver, data)
+                return handler(receiver, data, "grpc")
             except BadExport as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except StorageUnavailable as exc:
@@ -3961,7 +4019,8 @@ class OTLPHandler(BaseHTTPRequestHandler):
                 body = inflate(body, self.server.max_bytes)
             message_type, handler = route
             try:
-                response = handler(self.server.receiver, protobuf_body(body, content_type, message_type))
+                response = handler(self.server.receiver, protobuf_body(body, content_type, message_type),
+                                   "http/json" if content_type == JSON else "http/protobuf")
             except BadExport as exc:
                 raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"body is {exc}") from None
             except StorageUnavailable as exc:
@@ -4185,6 +4244,20 @@ def window_message(window: LimitWindow | None) -> ccmon_pb2.LimitWindow | None:
     if window.limit_usd is not None:
         message.limit_usd = window.limit_usd
     return message
+
+
+def receiver_counts_message(counts: ReceiverCounts) -> ccmon_pb2.ReceiverCounts:
+    message = ccmon_pb2.ReceiverCounts(protocol=counts.protocol, signal=counts.signal, accepted=counts.accepted,
+                                       rejected=counts.rejected)
+    if counts.last_ms is not None:
+        message.last_accepted_at.CopyFrom(timestamp_from_ms(counts.last_ms))
+    return message
+
+
+def receiver_counts_of(message: ccmon_pb2.ReceiverCounts) -> ReceiverCounts:
+    return ReceiverCounts(message.protocol, message.signal,
+                          ms_of(message.last_accepted_at) if message.HasField("last_accepted_at") else None,
+                          message.accepted, message.rejected)
 
 
 def reading_message(reading: LimitReading) -> ccmon_pb2.LimitReading:
@@ -4619,6 +4692,9 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         last = self.reader.last_request_ms()
         if last is not None:
             response.last_request_at.CopyFrom(timestamp_from_ms(last))
+        response.receivers.extend(map(receiver_counts_message, self.reader.receiver_counts()))
+        response.database_path = str(self.reader.path)
+        response.default_database = self.reader.path == default_database_path()
         return response
 
 
@@ -6491,9 +6567,8 @@ def server_log_path(config: Config) -> Path:
 def is_local_server(config: Config) -> bool:
     """This machine's own server, for its user: the default database, a loopback address, auto-start on. It reads
     the user's transcripts; a team server (any other) does not."""
-    default_database = next(setting.default for setting in SETTINGS if setting.key == "database.path")
     return (config.monitor_autostart and is_loopback(config.server_address)
-            and config.database_path == Path(default_database).expanduser())
+            and config.database_path == default_database_path())
 
 
 def process_alive(pid: int) -> bool:

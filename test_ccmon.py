@@ -1932,7 +1932,7 @@ def test_any_value_of_any_kind_in_any_attribute_read_costs_at_most_its_own_recor
                     name="claude_code.lines_of_code.count", sum=metrics_pb2.Sum(aggregation_temporality=1,
                                                                                  data_points=points))])])])
             before = rows("metric_points")
-            answer = receiver.metrics(request.SerializeToString())
+            answer = receiver.metrics(request.SerializeToString(), "grpc")
             rejected, stored = answer.partial_success.rejected_data_points, rows("metric_points") - before
             assert db_rows(tmp_path / "fuzz.db", "SELECT COUNT(*) FROM mp WHERE session_id = ?", (f"s-{n}-1",)) == \
                 [(1,)]
@@ -1944,7 +1944,7 @@ def test_any_value_of_any_kind_in_any_attribute_read_costs_at_most_its_own_recor
                 request.resource_logs[0].scope_logs[0].log_records[0].attributes
             with_value(target, key, value)
             before = rows("requests") + rows("events")
-            answer = receiver.logs(request.SerializeToString())
+            answer = receiver.logs(request.SerializeToString(), "grpc")
             rejected, stored = answer.partial_success.rejected_log_records, rows("requests") + rows("events") - before
             good = db_rows(tmp_path / "fuzz.db", "SELECT input_tokens FROM r WHERE session_id = ?", (f"good-{n}",))
             if part == "record":
@@ -2006,7 +2006,7 @@ def test_a_record_ccmon_fails_on_costs_only_itself(tmp_path, monkeypatch):
     receiver, when = ccmon.Receiver(ccmon.Writer(tmp_path / "ccmon.db")), hours_ago(1)
     answer = receiver.logs(logs_request([("api_request", api_request(seq, when, session=session, input_tokens=seq))
                                          for seq, session in ((1, "good"), (2, "bug"), (3, "good"))])
-                           .SerializeToString())
+                           .SerializeToString(), "grpc")
     assert (answer.partial_success.rejected_log_records, answer.partial_success.error_message) == \
         (1, "rejected 1 of 3 log records: log record: ccmon failed to decode it (KeyError: 'a bug')")
     assert db_rows(tmp_path / "ccmon.db", "SELECT session_id, input_tokens FROM r ORDER BY seq") == \
