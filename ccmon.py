@@ -24,6 +24,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Import: ccmon import, Claude Code's transcripts
   Local server: started on demand, detached, following the transcripts
   Setup: ccmon setup, Claude Code's settings pointed at ccmon
+  Doctor: ccmon doctor, the chain from Claude Code to the monitor checked link by link
   View model and pure render functions
   Curses loop: polling thread, keys, drawing
   CLI: arguments and entry point
@@ -5105,6 +5106,11 @@ class Client:
             response.five_hour.tokens if response.HasField("five_hour") else None, response.five_hour.readings,
             response.seven_day.tokens if response.HasField("seven_day") else None, response.seven_day.readings)
 
+    def latest_reading(self) -> LimitReading | None:
+        """The newest status line reading of anyone's (of the last 30 days), None when there is none."""
+        response = self._call("GetLimits", ccmon_pb2.GetLimitsRequest())
+        return reading_of(response.latest) if response.HasField("latest") else None
+
     def users(self, start_ms: int | None, end_ms: int, project: str | None = None) -> tuple[UserUsage, ...]:
         """Users by cost, with Claude's live windows of theirs."""
         response = self._call("GetUsers", self._period(ccmon_pb2.GetUsersRequest(), start_ms, end_ms,
@@ -7008,6 +7014,276 @@ def undo_setup(path: Path, backup: Path, dry_run: bool) -> int:
         print(f"{verb} ccmon's entries in {path} as they were before ccmon setup; other changes since are kept")
     return 0
 
+# ---------------------------------------------------------------- Doctor: ccmon doctor, the chain from Claude Code to the monitor checked link by link
+
+TELEMETRY_LAG_MS = 5 * 60_000  # transcripts newer than the newest telemetry by more: telemetry is not arriving
+TRANSCRIPT_TAIL_BYTES = 1 << 20  # of the newest transcript, read for its newest entry
+OTLP_DEFAULT_PORTS = {"grpc": 4317, "http/protobuf": 4318, "http/json": 4318}
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+TELEMETRY_NOT_ARRIVING = ("telemetry is not arriving; history is being filled from transcripts. Likely: Claude Code "
+                          "was started before ccmon setup (restart it), its environment or a project's "
+                          ".claude/settings.json overrides the exporter, the server was down or unreachable from "
+                          "Claude Code, or this Claude Code release does not export")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One link of the chain: ok, warn (works, but not as it should) or fail; the message says what holds, or what
+    is wrong and what to do about it."""
+    link: str
+    status: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaudeEnv:
+    """The telemetry settings Claude Code starts with: its settings file's env over the environment ccmon sees
+    (Claude Code applies the file's env over its own), each value with where it is from."""
+    values: dict[str, tuple[str, str]]  # name -> (value, where)
+
+    def get(self, name: str) -> str:
+        return self.values.get(name, ("", ""))[0]
+
+    def where(self, name: str) -> str:
+        return self.values.get(name, ("", "unset"))[1]
+
+
+def claude_env(settings: dict, settings_path: Path, environ: dict[str, str]) -> ClaudeEnv:
+    values = {name: (environ[name], "the environment") for name in TELEMETRY_ENV_KEYS if name in environ}
+    values.update({name: (str(value), str(settings_path)) for name, value in settings.get("env", {}).items()
+                   if name in TELEMETRY_ENV_KEYS})
+    return ClaudeEnv(values)
+
+
+def same_host(one: str, other: str) -> bool:
+    one, other = one.strip("[]").lower(), other.strip("[]").lower()
+    return one == other or (one in LOOPBACK_NAMES and other in LOOPBACK_NAMES)
+
+
+def endpoint_reaches(endpoint: str, protocol: str, address: str, tls: bool) -> str:
+    """'' when an OTLP endpoint URL reaches the server listening at address (HOST:PORT), else why not."""
+    try:
+        url = urlsplit(endpoint)
+        port = url.port or OTLP_DEFAULT_PORTS[protocol]
+    except ValueError:
+        return f"{endpoint!r} is not a URL"
+    host, server_port = address.rsplit(":", 1)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return f"{endpoint!r} is not an http:// or https:// URL"
+    anywhere = host.strip("[]") in ("0.0.0.0", "::")  # a wildcard listener: any name of this machine reaches it
+    if not (anywhere or same_host(url.hostname, host)) or port != int(server_port):
+        return f"it sends to {url.hostname}:{port}, not to this server's {address}"
+    if (url.scheme == "https") != tls:
+        return f"it uses {url.scheme}://, the server {'has' if tls else 'has no'} TLS"
+    return ""
+
+
+def bearer_of(headers: str) -> str:
+    """The bearer token in OTEL_EXPORTER_OTLP_HEADERS (key=value pairs, comma-separated, values URL-encoded)."""
+    for pair in headers.split(","):
+        key, _, value = pair.partition("=")
+        value = unquote(value.strip())
+        if key.strip().lower() == "authorization" and value.lower().startswith("bearer "):
+            return value[len("bearer "):].strip()
+    return ""
+
+
+def settings_findings(config: Config, env: ClaudeEnv, http_address: str) -> list[Finding]:
+    """Telemetry on, the exporter reaching this server (its gRPC or OTLP/HTTP address, by the protocol), the token."""
+    where = env.where("CLAUDE_CODE_ENABLE_TELEMETRY")
+    enabled = env.get("CLAUDE_CODE_ENABLE_TELEMETRY").strip().lower() in ("1", "true")
+    logs = "otlp" in [word.strip() for word in env.get("OTEL_LOGS_EXPORTER").split(",")]
+    if not enabled or not logs:
+        off = "CLAUDE_CODE_ENABLE_TELEMETRY" if not enabled else "OTEL_LOGS_EXPORTER"
+        value = f"{env.get(off)} ({env.where(off)})" if env.get(off) else "unset"
+        return [Finding("telemetry", "fail", f"off: {off} is {value}; run ccmon setup, then restart Claude Code")]
+    found = [Finding("telemetry", "ok", f"on ({where})")]
+    protocol, endpoint = env.get("OTEL_EXPORTER_OTLP_PROTOCOL"), env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    address = config.monitor_server.removeprefix("https://") if protocol == "grpc" else http_address
+    if protocol not in OTLP_DEFAULT_PORTS:
+        found.append(Finding("exporter", "fail", f"OTEL_EXPORTER_OTLP_PROTOCOL is {protocol or 'unset'} "
+                             f"({env.where('OTEL_EXPORTER_OTLP_PROTOCOL')}), not one of "
+                             f"{', '.join(OTLP_DEFAULT_PORTS)}; run ccmon setup"))
+    elif not endpoint:
+        found.append(Finding("exporter", "fail", "OTEL_EXPORTER_OTLP_ENDPOINT is unset; run ccmon setup"))
+    elif not address:
+        found.append(Finding("exporter", "warn", f"{protocol} to {endpoint}: this server's OTLP/HTTP address is "
+                             "not known here (--server-http-address), so not checked"))
+    else:
+        problem = endpoint_reaches(endpoint, protocol, address, protocol == "grpc" and bool(config.monitor_tls))
+        found.append(Finding("exporter", "fail", f"{protocol} to {endpoint} ({env.where('OTEL_EXPORTER_OTLP_ENDPOINT')})"
+                             f": {problem}; run ccmon setup") if problem else
+                     Finding("exporter", "ok", f"{protocol} to {endpoint}, this server"))
+    sent = bearer_of(env.get("OTEL_EXPORTER_OTLP_HEADERS"))
+    if not config.monitor_token:
+        found.append(Finding("token", "ok", "none needed (the server has no token)"))
+    elif not sent:
+        found.append(Finding("token", "fail", "the server has a token; Claude Code sends none "
+                             "(OTEL_EXPORTER_OTLP_HEADERS): run ccmon setup"))
+    elif not hmac.compare_digest(sent, config.monitor_token):
+        found.append(Finding("token", "fail", f"Claude Code sends another token than the server's "
+                             f"({env.where('OTEL_EXPORTER_OTLP_HEADERS')}): run ccmon setup"))
+    else:
+        found.append(Finding("token", "ok", "Claude Code sends the server's token"))
+    return found
+
+
+def protocol_counts(receivers: Iterable[ReceiverCounts]) -> dict[str, ReceiverCounts]:
+    """Per protocol, its signals together: the newest acceptance, the sums."""
+    merged: dict[str, ReceiverCounts] = {}
+    for counts in receivers:
+        was = merged.get(counts.protocol, ReceiverCounts(counts.protocol, "", None, 0, 0))
+        newest = max((ms for ms in (was.last_ms, counts.last_ms) if ms is not None), default=None)
+        merged[counts.protocol] = ReceiverCounts(counts.protocol, "", newest, was.accepted + counts.accepted,
+                                                 was.rejected + counts.rejected)
+    return merged
+
+
+def received_findings(receivers: list[ReceiverCounts], protocol: str, now: int) -> list[Finding]:
+    """Per protocol, the last telemetry accepted and its age; none over Claude Code's protocol fails."""
+    merged = protocol_counts(receivers)
+    found = []
+    for name in RECEIVER_PROTOCOLS:
+        counts = merged.get(name)
+        if counts is None or counts.last_ms is None:
+            if name == protocol:
+                rejected = f" ({counts.rejected} records rejected: see the server's log)" if counts else ""
+                found.append(Finding(f"received {name}", "fail", f"nothing yet{rejected}; once the settings above "
+                                     "hold, restart Claude Code and use it"))
+            continue
+        rejected = f", {counts.rejected:,} rejected (see the server's log)" if counts.rejected else ""
+        found.append(Finding(f"received {name}", "ok", f"last {reading_age(counts.last_ms, now)} "
+                             f"({dt.datetime.fromtimestamp(counts.last_ms / 1000, dt.timezone.utc):%Y-%m-%d %H:%M:%S} "
+                             f"UTC), {counts.accepted:,} records accepted{rejected}"))
+    return found
+
+
+def status_line_finding(settings: dict, settings_path: Path, reading: LimitReading | None, now: int) -> Finding:
+    current = settings.get("statusLine")
+    if current is None:
+        return Finding("status line", "fail", f"not set in {settings_path}: run ccmon setup")
+    if not is_ccmon_status_line(current):
+        return Finding("status line", "fail", f"{settings_path} runs another status line: ccmon setup "
+                                              "--replace-status-line makes it ccmon's")
+    if reading is None:
+        return Finding("status line", "ok", "ccmon's; no reading yet (one comes each time Claude Code draws it)")
+    limits = "with Claude's limits (a subscription)" if reading.five_hour or reading.seven_day else \
+        "without Claude's limits (an API key, or a Claude Code too old to give them)"
+    return Finding("status line", "ok", f"ccmon's; last reading {reading_age(reading.read_ms, now)}, {limits}")
+
+
+def newest_transcript_entry(files: list[Path]) -> int | None:
+    """The time of the newest API answer in the newest transcript (by its last write), from its tail."""
+    try:
+        newest = max(files, key=lambda path: path.stat().st_mtime_ns)
+        with newest.open("rb") as handle:
+            handle.seek(max(0, newest.stat().st_size - TRANSCRIPT_TAIL_BYTES))
+            lines = handle.read().decode(errors="replace").splitlines()
+    except (OSError, ValueError):
+        return None
+    times = [entry.ts_ms for entry in map(transcript_entry, lines) if isinstance(entry, TranscriptEntry)]
+    return max(times, default=None)
+
+
+def transcripts_finding(roots: list[Path], newest_telemetry: int | None, local: bool, now: int) -> Finding:
+    files = TranscriptFiles(roots).paths()
+    if not files:
+        return Finding("transcripts", "ok", f"none under {' or '.join(map(str, roots))}")
+    read = "read by this server" if local else "not read by this server (not the local one)"
+    newest = newest_transcript_entry(files)
+    if newest is None:
+        return Finding("transcripts", "ok", f"{len(files)} files, {read}")
+    telemetry = f"newest telemetry {reading_age(newest_telemetry, now)}" if newest_telemetry else "no telemetry"
+    if newest - (newest_telemetry or 0) > TELEMETRY_LAG_MS:
+        return Finding("transcripts", "warn", f"{len(files)} files, newest entry {reading_age(newest, now)}, "
+                                              f"{telemetry}: {TELEMETRY_NOT_ARRIVING}")
+    return Finding("transcripts", "ok", f"{len(files)} files, {read}; newest entry {reading_age(newest, now)}, "
+                                        f"{telemetry}")
+
+
+def server_findings(config: Config) -> tuple[list[Finding], ccmon_pb2.GetServerInfoResponse | None,
+                                             LimitReading | None]:
+    """The server reached (the local one started when none answers, as the monitor does): (its finding, its
+    info and newest status line reading, None when unreachable)."""
+    try:
+        started = start_local_server_if_needed(config)
+    except ServerError as exc:
+        return [Finding("server", "fail", str(exc))], None, None
+    client = Client.for_config(config, timeout_s=5.0)
+    try:
+        info = client.server_info()
+        reading = client.latest_reading() if info.version else None
+    except ServerUnreachable as exc:
+        fix = "check --monitor-server (monitor.server) or start the server there" if config.monitor_server_given \
+            else "start it: ccmon --server, or turn monitor.autostart on" if not config.monitor_autostart \
+            else f"see its log, {server_log_path(config)}"
+        return [Finding("server", "fail", f"cannot reach {config.monitor_server}: {exc}; {fix}")], None, None
+    finally:
+        client.close()
+    if not info.version:
+        return [Finding("server", "fail", f"{config.monitor_server}: {GO_CCMON_ONLY}; ccmon doctor needs this "
+                                          "ccmon's server")], None, None
+    host = config.monitor_server.removeprefix("https://").rsplit(":", 1)[0]
+    where = started or ("local" if same_host(host, "localhost") else "remote")
+    database = info.database_path + (" (the default)" if info.default_database else "")
+    up = format_duration(max(0, now_ms() - ms_of(info.started_at)))
+    return [Finding("server", "ok", f"ccmon {printable(info.version)} at {config.monitor_server} ({where}), up {up}, "
+                                    f"database {database}")], info, reading
+
+
+def doctor_findings(args: argparse.Namespace, environ: dict[str, str],
+                    home: Path) -> tuple[list[Finding], list[ReceiverCounts]]:
+    """Every link, in the order data flows: the config, the server, Claude Code's settings, what the server
+    received, the status line, the transcripts; and the server's receiver counts. A link that cannot be checked
+    for want of an earlier one is left out."""
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        return [Finding("config", "fail", f"{exc}; fix it, or name another file with --config")], []
+    found = [Finding("config", "ok", "no config file: the defaults" if config.source == "defaults" else
+                     f"{config.source} is valid")]
+    config = client_config(config)
+    found += (checked := server_findings(config))[0]
+    _, info, reading = checked
+    settings_path = claude_settings_path(environ, home)
+    try:
+        _, settings = read_claude_settings(settings_path)
+    except SetupError as exc:
+        return found + [Finding("claude settings", "fail", f"{exc}; fix it, then run ccmon setup")], []
+    if info is None:
+        return found, []
+    http_address = ""  # a named server's OTLP/HTTP address is not known here
+    if not config.monitor_server_given:
+        running = running_server(config)
+        http_address = running.http_address if running else config.server_http_address or ""
+    env = claude_env(settings, settings_path, environ)
+    found += settings_findings(config, env, http_address)
+    receivers = [receiver_counts_of(message) for message in info.receivers]
+    now = now_ms()
+    found += received_findings(receivers, env.get("OTEL_EXPORTER_OTLP_PROTOCOL"), now)
+    found.append(status_line_finding(settings, settings_path, reading, now))
+    newest = max((counts.last_ms for counts in receivers if counts.last_ms is not None), default=None)
+    found.append(transcripts_finding(transcript_roots(environ, home), newest,
+                                     info.default_database and not config.monitor_server_given, now))
+    return found, receivers
+
+
+DOCTOR_MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+
+
+def run_doctor(args: argparse.Namespace, environ: dict[str, str], home: Path) -> int:
+    """ccmon doctor: one line per link; exit 0 when every link holds, else 1."""
+    found, receivers = doctor_findings(args, environ, home)
+    healthy = all(finding.status == "ok" for finding in found)
+    if args.json:
+        print(json.dumps({"ok": healthy, "checks": [dataclasses.asdict(finding) for finding in found],
+                          "received": [dataclasses.asdict(counts) for counts in receivers]}, indent=2))
+    else:
+        width = max(len(finding.link) for finding in found)
+        for finding in found:
+            print(f"{DOCTOR_MARKS[finding.status]} {finding.link:<{width}}  {finding.message}")
+    return 0 if healthy else 1
+
 
 # ---------------------------------------------------------------- View model and pure render functions
 
@@ -8149,6 +8425,7 @@ COMMAND_SCOPES = {  # the settings each command reads; ccmon itself (server, mon
     "statusline": ("connection", "time", "limits"),
     "import": ("connection", "time"),
     "setup": ("connection",),
+    "doctor": ("connection",),
     "server": ("server", "time"),
 }
 
@@ -8193,7 +8470,7 @@ def build_parser() -> CommandLine:
         epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help. Claude Code's status line: ccmon statusline "
                "--help. History from Claude Code's transcripts: ccmon import --help. To point Claude Code "
                "at ccmon: ccmon setup --help. The local server ccmon starts when none answers: "
-               "ccmon server {status,stop}")
+               "ccmon server {status,stop}. To check the whole chain: ccmon doctor")
     parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
     modes = parser.add_argument_group("modes (none: the monitor)")
     modes.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
@@ -8280,8 +8557,17 @@ def build_server_command_parser() -> CommandLine:
     return parser
 
 
+def build_doctor_parser() -> CommandLine:
+    parser = command_parser("doctor", "Check the chain from Claude Code to ccmon, one line per link, each saying "
+                            "what holds or what to do: the config, the server (started when it is the local one and "
+                            "none answers), Claude Code's telemetry settings, the telemetry received per protocol, "
+                            "the status line, the transcripts. Exit 0 when all is well, else 1.")
+    parser.add_argument("--json", action="store_true", help="the checks as one JSON object")
+    return parser
+
+
 COMMAND_PARSERS = {"report": build_report_parser, "statusline": build_status_line_parser, "import": build_import_parser,
-                   "setup": build_setup_parser, "server": build_server_command_parser}
+                   "setup": build_setup_parser, "server": build_server_command_parser, "doctor": build_doctor_parser}
 
 
 def without_command(argv: list[str], command: str, parser: argparse.ArgumentParser) -> list[str] | None:
@@ -8347,6 +8633,8 @@ def run_command(argv: list[str]) -> int:
             print(f"ccmon: config error: {exc}" if isinstance(exc, ConfigError) else f"ccmon: {exc}", file=sys.stderr)
             config = None
         return run_status_line(config, args.format)
+    if mode == "doctor":  # a config error is one of the links it reports
+        return run_doctor(args, dict(os.environ), Path.home())
     try:
         config = load_config(args)
         if mode == "server":
