@@ -7239,7 +7239,7 @@ def doctor_findings(args: argparse.Namespace, environ: dict[str, str],
     try:
         config = load_config(args)
     except ConfigError as exc:
-        return [Finding("config", "fail", f"{exc}; fix it, or name another file with --config")], []
+        return [Finding("config", "fail", str(exc))], []  # it names the file or flag, and what is wrong
     found = [Finding("config", "ok", "no config file: the defaults" if config.source == "defaults" else
                      f"{config.source} is valid")]
     config = client_config(config)

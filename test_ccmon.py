@@ -7314,6 +7314,231 @@ def test_setup_refuses_bad_flags(setup_home, capsys, args, message):
     assert not (setup_home / ".claude").exists()
 
 
+# ---------------------------------------------------------------- doctor: ccmon doctor
+
+def doctor(home: Path, *args: str) -> tuple[int, list[tuple[str, str, str]], list[dict]]:
+    """(exit code, (status, link, message) per check, receiver counts) of `ccmon doctor --json ARGS` in HOME."""
+    result = run_ccmon(["doctor", "--json", *args], home)
+    assert result.stderr == "", result.stderr
+    answer = json.loads(result.stdout)
+    checks = [(check["status"], check["link"], check["message"]) for check in answer["checks"]]
+    assert answer["ok"] == (result.returncode == 0) == all(status == "ok" for status, _, _ in checks)
+    return result.returncode, checks, answer["received"]
+
+
+def failing(checks: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    return [check for check in checks if check[0] != "ok"]
+
+
+def edit_settings(home: Path, change: Callable[[dict], None]) -> None:
+    path = home / ".claude" / "settings.json"
+    settings = json.loads(path.read_text())
+    change(settings)
+    path.write_text(json.dumps(settings))
+
+
+@pytest.fixture
+def doctor_home(tmp_path, monkeypatch) -> tuple[Path, int]:
+    """A HOME with a local server's config (a free port, a token, no OTLP/HTTP) and none of Claude Code's or
+    ccmon's variables in the environment; its servers stopped at the end."""
+    for name in ("CLAUDE_CONFIG_DIR", "CCMON_TOKEN", *ccmon.TELEMETRY_ENV_KEYS):
+        monkeypatch.delenv(name, raising=False)
+    home, port = local_home(tmp_path, 'token = "s3cret"\n')
+    yield home, port
+    stop_local_servers(home)
+
+
+def test_doctor_turns_each_link_red_when_broken_and_green_when_fixed(doctor_home):
+    home, port = doctor_home
+    settings = home / ".claude" / "settings.json"
+    code, checks, received = doctor(home)
+    pid = pid_file(home)["pid"]
+    assert (code, received) == (1, [])
+    assert checks == [
+        ("ok", "config", f"{home}/.ccmon/config.toml is valid"),
+        ("ok", "server", checks[1][2]),
+        ("fail", "telemetry", "off: CLAUDE_CODE_ENABLE_TELEMETRY is unset; run ccmon setup, then restart Claude Code"),
+        ("fail", "status line", f"not set in {settings}: run ccmon setup"),
+        ("ok", "transcripts", f"none under {home}/.claude/projects or {home}/.config/claude/projects")]
+    assert re.fullmatch(rf"ccmon {ccmon.VERSION} at 127\.0\.0\.1:{port} \(local server started, pid {pid}\), up "
+                        rf"\S+, database {home}/\.ccmon/ccmon\.db \(the default\)", checks[1][2]), checks[1][2]
+
+    assert run_ccmon(["setup"], home).returncode == 0
+    code, checks, _ = doctor(home)
+    assert code == 1 and failing(checks) == [
+        ("fail", "received grpc", "nothing yet; once the settings above hold, restart Claude Code and use it")]
+    assert checks[2:5] == [("ok", "telemetry", f"on ({settings})"),
+                           ("ok", "exporter", f"grpc to http://127.0.0.1:{port}, this server"),
+                           ("ok", "token", "Claude Code sends the server's token")]
+    assert checks[6] == ("ok", "status line", "ccmon's; no reading yet (one comes each time Claude Code draws it)")
+
+    # Claude Code's telemetry and a status line reading arrive: every link holds
+    when = hours_ago(0.01)
+    assert sdk_export(port, [("api_request", api_request(1, when)), ("api_request", api_request(2, when))],
+                      headers={"authorization": "Bearer s3cret"}) == ["SUCCESS"]
+    line = subprocess.run([*CCMON, "statusline", "--format", "@model"], input=json.dumps(live_input("s-doc")),
+                          capture_output=True, text=True, cwd=home, timeout=30, env={**os.environ, "HOME": str(home)})
+    assert (line.returncode, line.stdout, line.stderr) == (0, "Sonnet 4.5\n", "")
+    code, checks, received = doctor(home)
+    assert code == 0, checks
+    last = received[0]["last_ms"]
+    assert received == [{"protocol": "grpc", "signal": "logs", "last_ms": last, "accepted": 2, "rejected": 0}]
+    assert checks[5:7] == [
+        ("ok", "received grpc", f"last just now ({dt.datetime.fromtimestamp(last / 1000, dt.timezone.utc):%Y-%m-%d %H:%M:%S}"
+                                " UTC), 2 records accepted"),
+        ("ok", "status line", "ccmon's; last reading just now, with Claude's limits (a subscription)")]
+    text = run_ccmon(["doctor"], home)
+    assert text.returncode == 0
+    uptime = re.compile(r", up \S+, ")  # it went on between the two
+    assert [uptime.sub(", up T, ", line) for line in text.stdout.splitlines()] == \
+        [uptime.sub(", up T, ", f"ok   {link:<13}  {message}") for _, link, message in checks]
+
+    # each link broken, then fixed by ccmon setup
+    breaks = [
+        (lambda s: s["env"].update(CLAUDE_CODE_ENABLE_TELEMETRY="0"),
+         ("fail", "telemetry", f"off: CLAUDE_CODE_ENABLE_TELEMETRY is 0 ({settings}); run ccmon setup, then restart "
+                               "Claude Code")),
+        (lambda s: s["env"].update(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://localhost:{port + 1}"),
+         ("fail", "exporter", f"grpc to http://localhost:{port + 1} ({settings}): it sends to localhost:{port + 1}, "
+                              f"not to this server's 127.0.0.1:{port}; run ccmon setup")),
+        (lambda s: s["env"].update(OTEL_EXPORTER_OTLP_HEADERS="Authorization=Bearer guess"),
+         ("fail", "token", f"Claude Code sends another token than the server's ({settings}): run ccmon setup")),
+        (lambda s: s["env"].pop("OTEL_EXPORTER_OTLP_HEADERS"),
+         ("fail", "token", "the server has a token; Claude Code sends none (OTEL_EXPORTER_OTLP_HEADERS): run ccmon "
+                           "setup")),
+        (lambda s: s.pop("statusLine"), ("fail", "status line", f"not set in {settings}: run ccmon setup")),
+        (lambda s: s.update(statusLine={"type": "command", "command": "starship prompt"}),
+         ("fail", "status line", f"{settings} runs another status line: ccmon setup --replace-status-line makes it "
+                                 "ccmon's")),
+    ]
+    for change, broken in breaks:
+        edit_settings(home, change)
+        code, checks, _ = doctor(home)
+        assert (code, failing(checks)) == (1, [broken])
+        assert run_ccmon(["setup", "--replace-status-line"], home).returncode == 0
+        assert doctor(home)[0] == 0, broken
+
+    # the server stopped: red when it may not be started; started again by doctor, what it received is kept
+    assert run_ccmon(["server", "stop"], home).returncode == 0
+    code, checks, _ = doctor(home, "--monitor-autostart", "false")
+    assert (code, checks) == (1, [
+        ("ok", "config", f"{home}/.ccmon/config.toml is valid"),
+        ("fail", "server", f"cannot reach 127.0.0.1:{port}: connection refused; start it: ccmon --server, or turn "
+                           "monitor.autostart on")])
+    code, checks, received = doctor(home)
+    assert code == 0 and f"(local server started, pid {pid_file(home)['pid']})" in checks[1][2]
+    assert received == [{"protocol": "grpc", "signal": "logs", "last_ms": last, "accepted": 2, "rejected": 0}]
+
+
+def test_doctor_warns_when_transcripts_are_newer_than_the_telemetry(doctor_home):
+    home, port = doctor_home
+    assert run_ccmon(["setup"], home).returncode == 0
+    project = home / ".claude" / "projects" / "-home-dev-proj"
+    project.mkdir(parents=True)
+    minutes_ago = [(dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=m)).isoformat(timespec="milliseconds")
+                   .replace("+00:00", "Z") for m in (20, 10)]
+    (project / "s-t.jsonl").write_text("".join(transcript_line("s-t", when, f"req_t{i}", f"msg_t{i}") + "\n"
+                                               for i, when in enumerate(minutes_ago)))
+    code, checks, _ = doctor(home)
+    assert (code, failing(checks)) == (1, [
+        ("fail", "received grpc", "nothing yet; once the settings above hold, restart Claude Code and use it"),
+        ("warn", "transcripts", "1 files, newest entry 10 min ago, no telemetry: telemetry is not arriving; history "
+                                "is being filled from transcripts. Likely: Claude Code was started before ccmon setup "
+                                "(restart it), its environment or a project's .claude/settings.json overrides the "
+                                "exporter, the server was down or unreachable from Claude Code, or this Claude Code "
+                                "release does not export")])
+    assert sdk_export(port, [("api_request", api_request(1, minutes_ago[1]))],
+                      headers={"authorization": "Bearer s3cret"}) == ["SUCCESS"]
+    code, checks, _ = doctor(home)
+    assert (code, checks[-1]) == (0, ("ok", "transcripts", "1 files, read by this server; newest entry 10 min ago, "
+                                                           "newest telemetry just now"))
+
+
+def test_doctor_follows_the_environment_claude_code_inherits_and_a_named_server(doctor_home, tmp_path):
+    """Values in the environment count where the settings file has none; a named server's OTLP/HTTP address is
+    not known, and it does not read the local transcripts."""
+    home, _ = doctor_home
+    team = ServerProcess(tmp_path, "--server-token", "team").start()
+    try:
+        env = {"CLAUDE_CODE_ENABLE_TELEMETRY": "1", "OTEL_LOGS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL":
+               "http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{team.http_port}",
+               "OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20team", "CCMON_TOKEN": "team"}
+        result = run_ccmon(["doctor", "--json", "--monitor-server", team.target], home, env=env)
+        checks = [(c["status"], c["link"], c["message"]) for c in json.loads(result.stdout)["checks"]]
+        assert result.returncode == 1
+        assert checks[1][2].startswith(f"ccmon {ccmon.VERSION} at {team.target} (local), up ")
+        assert checks[1][2].endswith(f", database {tmp_path}/ccmon.db")
+        assert checks[2:6] == [
+            ("ok", "telemetry", "on (the environment)"),
+            ("warn", "exporter", f"http/protobuf to http://127.0.0.1:{team.http_port}: this server's OTLP/HTTP "
+                                 "address is not known here (--server-http-address), so not checked"),
+            ("ok", "token", "Claude Code sends the server's token"),
+            ("fail", "received http/protobuf", "nothing yet; once the settings above hold, restart Claude Code and "
+                                               "use it")]
+    finally:
+        team.stop()
+
+
+def test_doctor_reports_a_bad_config_or_settings_file_and_refuses_bad_flags(doctor_home):
+    home, _ = doctor_home
+    config = home / ".ccmon" / "config.toml"
+    good = config.read_text()
+    config.write_text(good + "[monitor]\nrefresh_interval = \"forever\"\n")
+    code, checks, _ = doctor(home)
+    assert (code, checks) == (1, [("fail", "config", checks[0][2])])
+    assert checks[0][2].startswith(f"{config}: monitor.refresh_interval")
+    config.write_text(good)
+    settings = home / ".claude" / "settings.json"
+    settings.parent.mkdir()
+    settings.write_text('{\n  "env": {\n')
+    code, checks, _ = doctor(home)
+    assert (code, checks[2:]) == (1, [("fail", "claude settings", f"{settings} line 3: not valid JSON (Expecting "
+                                       "property name enclosed in double quotes); fix it, then run ccmon setup")])
+    for args, message in ((["--jsn"], "ccmon doctor: unknown option --jsn; did you mean --json? (see ccmon doctor "
+                                      "--help)\n"),
+                          (["now"], "ccmon doctor: unrecognized arguments: now (see ccmon doctor --help)\n")):
+        result = run_ccmon(["doctor", *args], home)
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", message), args
+    flag = run_ccmon(["doctor", "--monitor-server", "team-box"], home)  # a link of its own, as a file's error is
+    assert (flag.returncode, flag.stdout) == (1, "FAIL config  --monitor-server: invalid address 'team-box' (use "
+                                                 "HOST:PORT such as 127.0.0.1:4317)\n")
+
+
+def test_receiver_counts_per_protocol_are_cumulative_and_durable(tmp_path):
+    """One upsert per export, per protocol and signal: records accepted (duplicates too) and rejected, and when a
+    record was last accepted; they survive a restart and only ever grow."""
+    srv = ServerProcess(tmp_path).start()
+    when = hours_ago(1)
+    good = [("api_request", api_request(seq, when)) for seq in range(1, 4)]
+    bad = [("api_request", api_request(9, when, output_tokens=-4))]
+    before = ccmon.now_ms()
+    assert sdk_export(srv.port, good + bad) == ["SUCCESS"]
+    assert sdk_export(srv.http_port, good, protocol="http/protobuf") == ["SUCCESS"]  # duplicates: accepted
+    from google.protobuf import json_format
+    response, _ = http_post(srv.http_port, body=json_format.MessageToJson(logs_request(bad)).encode(),
+                            headers={"Content-Type": "application/json"})  # rejected only: no time of acceptance
+    assert response.status == 200
+    after = ccmon.now_ms()
+
+    def counts():
+        info = srv.query().GetServerInfo(ccmon_pb2.GetServerInfoRequest())
+        return [ccmon.receiver_counts_of(message) for message in info.receivers]
+    first = counts()
+    assert [dataclasses.replace(c, last_ms=None) for c in first] == [
+        ccmon.ReceiverCounts("grpc", "logs", None, 3, 1), ccmon.ReceiverCounts("http/json", "logs", None, 0, 1),
+        ccmon.ReceiverCounts("http/protobuf", "logs", None, 3, 0)]
+    assert before <= first[0].last_ms <= first[2].last_ms <= after and first[1].last_ms is None
+    assert srv.stop() == 0
+    srv.start()
+    assert counts() == first
+    assert sdk_export(srv.port, good) == ["SUCCESS"]
+    assert [(c.protocol, c.accepted, c.rejected) for c in counts()] == [("grpc", 6, 1), ("http/json", 0, 1),
+                                                                        ("http/protobuf", 3, 0)]
+    info = srv.query().GetServerInfo(ccmon_pb2.GetServerInfoRequest())
+    assert (info.database_path, info.default_database) == (str(tmp_path / "ccmon.db"), False)
+    srv.stop()
+
+
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
 
 # Claude Code itself (the npm package, a native binary) runs offline against fixtures/mock_anthropic.py, a
