@@ -5423,6 +5423,10 @@ def reset_time(ms: int, now: int, zone: ZoneInfo) -> str:
     return local_time(ms, zone, "%H:%M" if same_day else "%a %H:%M")
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def reading_age(read_ms: int, now: int) -> str:
     """How old Claude's figure is: 'just now', '2 min ago', '1h05m ago'."""
     age = max(0, now - read_ms)
@@ -7111,8 +7115,9 @@ def settings_findings(config: Config, env: ClaudeEnv, http_address: str) -> list
                              "not known here (--server-http-address), so not checked"))
     else:
         problem = endpoint_reaches(endpoint, protocol, address, protocol == "grpc" and bool(config.monitor_tls))
-        found.append(Finding("exporter", "fail", f"{protocol} to {endpoint} ({env.where('OTEL_EXPORTER_OTLP_ENDPOINT')})"
-                             f": {problem}; run ccmon setup") if problem else
+        where = env.where("OTEL_EXPORTER_OTLP_ENDPOINT")
+        found.append(Finding("exporter", "fail", f"{protocol} to {endpoint} ({where}): {problem}; run ccmon setup")
+                     if problem else
                      Finding("exporter", "ok", f"{protocol} to {endpoint}, this server"))
     sent = bearer_of(env.get("OTEL_EXPORTER_OTLP_HEADERS"))
     if not config.monitor_token:
@@ -7147,14 +7152,14 @@ def received_findings(receivers: list[ReceiverCounts], protocol: str, now: int) 
         counts = merged.get(name)
         if counts is None or counts.last_ms is None:
             if name == protocol:
-                rejected = f" ({counts.rejected} records rejected: see the server's log)" if counts else ""
+                rejected = f" ({plural(counts.rejected, 'record')} rejected: see the server's log)" if counts else ""
                 found.append(Finding(f"received {name}", "fail", f"nothing yet{rejected}; once the settings above "
                                      "hold, restart Claude Code and use it"))
             continue
-        rejected = f", {counts.rejected:,} rejected (see the server's log)" if counts.rejected else ""
+        rejected = f", {counts.rejected} rejected (see the server's log)" if counts.rejected else ""
         found.append(Finding(f"received {name}", "ok", f"last {reading_age(counts.last_ms, now)} "
                              f"({dt.datetime.fromtimestamp(counts.last_ms / 1000, dt.timezone.utc):%Y-%m-%d %H:%M:%S} "
-                             f"UTC), {counts.accepted:,} records accepted{rejected}"))
+                             f"UTC), {plural(counts.accepted, 'record')} accepted{rejected}"))
     return found
 
 
@@ -7189,16 +7194,16 @@ def transcripts_finding(roots: list[Path], newest_telemetry: int | None, local: 
     files = TranscriptFiles(roots).paths()
     if not files:
         return Finding("transcripts", "ok", f"none under {' or '.join(map(str, roots))}")
+    count = plural(len(files), "file")
     read = "read by this server" if local else "not read by this server (not the local one)"
     newest = newest_transcript_entry(files)
     if newest is None:
-        return Finding("transcripts", "ok", f"{len(files)} files, {read}")
+        return Finding("transcripts", "ok", f"{count}, {read}")
     telemetry = f"newest telemetry {reading_age(newest_telemetry, now)}" if newest_telemetry else "no telemetry"
     if newest - (newest_telemetry or 0) > TELEMETRY_LAG_MS:
-        return Finding("transcripts", "warn", f"{len(files)} files, newest entry {reading_age(newest, now)}, "
-                                              f"{telemetry}: {TELEMETRY_NOT_ARRIVING}")
-    return Finding("transcripts", "ok", f"{len(files)} files, {read}; newest entry {reading_age(newest, now)}, "
-                                        f"{telemetry}")
+        return Finding("transcripts", "warn", f"{count}, newest entry {reading_age(newest, now)}, {telemetry}: "
+                                              f"{TELEMETRY_NOT_ARRIVING}")
+    return Finding("transcripts", "ok", f"{count}, {read}; newest entry {reading_age(newest, now)}, {telemetry}")
 
 
 def server_findings(config: Config) -> tuple[list[Finding], ccmon_pb2.GetServerInfoResponse | None,
@@ -7671,10 +7676,6 @@ def limit_note(limits: LimitFigures, settings: MonitorSettings) -> tuple[str, ..
 
 def limit_is_guess(limits: LimitFigures, settings: MonitorSettings) -> bool:
     return settings.limit_from_plan and not limits.calibrated_from and not limits.learned_from
-
-
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def weekly_reached_ms(used: int, limit: int, rate: float, now: int) -> int | None:

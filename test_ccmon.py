@@ -681,6 +681,8 @@ def test_a_setting_is_declared_once():
      ["--server-tls-cert", "--server-retention", "--alert", "--monitor-refresh-interval"]),
     ("report", ["--since", "--csv", "--monitor-server", "--block", "--monitor-timezone"],
      ["--server-address", "--server-max-message-size", "--monitor-alert-command"]),
+    ("doctor", ["--json", "--monitor-server", "--monitor-token", "--monitor-autostart", "--config"],
+     ["--server-address", "--database-path", "--block", "--monitor-refresh-interval"]),
 ])
 def test_each_command_shows_the_options_it_uses(command, shown, hidden, capsys):
     with pytest.raises(SystemExit):
@@ -7383,9 +7385,9 @@ def test_doctor_turns_each_link_red_when_broken_and_green_when_fixed(doctor_home
     assert code == 0, checks
     last = received[0]["last_ms"]
     assert received == [{"protocol": "grpc", "signal": "logs", "last_ms": last, "accepted": 2, "rejected": 0}]
+    received_at = dt.datetime.fromtimestamp(last / 1000, dt.timezone.utc)
     assert checks[5:7] == [
-        ("ok", "received grpc", f"last just now ({dt.datetime.fromtimestamp(last / 1000, dt.timezone.utc):%Y-%m-%d %H:%M:%S}"
-                                " UTC), 2 records accepted"),
+        ("ok", "received grpc", f"last just now ({received_at:%Y-%m-%d %H:%M:%S} UTC), 2 records accepted"),
         ("ok", "status line", "ccmon's; last reading just now, with Claude's limits (a subscription)")]
     text = run_ccmon(["doctor"], home)
     assert text.returncode == 0
@@ -7442,7 +7444,7 @@ def test_doctor_warns_when_transcripts_are_newer_than_the_telemetry(doctor_home)
     code, checks, _ = doctor(home)
     assert (code, failing(checks)) == (1, [
         ("fail", "received grpc", "nothing yet; once the settings above hold, restart Claude Code and use it"),
-        ("warn", "transcripts", "1 files, newest entry 10 min ago, no telemetry: telemetry is not arriving; history "
+        ("warn", "transcripts", "1 file, newest entry 10 min ago, no telemetry: telemetry is not arriving; history "
                                 "is being filled from transcripts. Likely: Claude Code was started before ccmon setup "
                                 "(restart it), its environment or a project's .claude/settings.json overrides the "
                                 "exporter, the server was down or unreachable from Claude Code, or this Claude Code "
@@ -7450,7 +7452,7 @@ def test_doctor_warns_when_transcripts_are_newer_than_the_telemetry(doctor_home)
     assert sdk_export(port, [("api_request", api_request(1, minutes_ago[1]))],
                       headers={"authorization": "Bearer s3cret"}) == ["SUCCESS"]
     code, checks, _ = doctor(home)
-    assert (code, checks[-1]) == (0, ("ok", "transcripts", "1 files, read by this server; newest entry 10 min ago, "
+    assert (code, checks[-1]) == (0, ("ok", "transcripts", "1 file, read by this server; newest entry 10 min ago, "
                                                            "newest telemetry just now"))
 
 
