@@ -6974,6 +6974,53 @@ def test_the_monitor_says_it_started_the_local_server(tmp_path):
         stop_local_servers(home)
 
 
+def test_a_first_run_shows_the_transcripts_totals_on_its_first_screen(tmp_path):
+    """A fresh HOME with Claude Code's transcripts and no server: the monitor starts the local server, which reads
+    them, and the first screen connected shows their totals exactly."""
+    home, _ = local_home(tmp_path)
+    now = dt.datetime.now(dt.timezone.utc)
+    when = [(now - dt.timedelta(minutes=m)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            for m in (30, 20, 10)]
+    sonnet, haiku = ("claude-sonnet-4-5", (1500, 250, 4000, 800)), ("claude-haiku-4-5", (120, 30, 0, 0))
+    for project, session, lines in (("-home-dev-proj", "s-one", [(when[0], *sonnet), (when[1], *sonnet)]),
+                                    ("-home-dev-other", "s-two", [(when[2], *haiku)])):
+        folder = home / ".claude" / "projects" / project
+        folder.mkdir(parents=True)
+        (folder / f"{session}.jsonl").write_text("".join(
+            transcript_line(session, at, f"req_{session}_{i}", f"msg_{session}_{i}", model=model, usage=usage) + "\n"
+            for i, (at, model, usage) in enumerate(lines)))
+    try:
+        with MonitorPty([], cwd=home, env={"HOME": str(home)}) as monitor:
+            screen = monitor.wait_for("● connected", "the first screen connected")
+            # two Sonnet 4.5 requests at $0.01245 each and one Haiku 4.5 request of 120 in, 30 out: $0.00027
+            assert line_with(screen, "Base").split() == ["Base", "1", "150", "0", "150", "$0.0003", "-"]
+            assert line_with(screen, "Premium").split() == ["Premium", "2", "3.50K", "9.60K", "13.1K", "$0.0249", "-"]
+            assert line_with(screen, "Total").split() == ["Total", "3", "3.65K", "9.60K", "13.2K", "$0.0252", "-"]
+            assert "Requests 1-3 of 3" in screen
+            monitor.send(b"q")
+            assert monitor.close() == 0
+    finally:
+        stop_local_servers(home)
+
+
+def test_two_monitors_started_at_the_same_instant_leave_one_server(tmp_path):
+    home, _ = local_home(tmp_path)
+    try:
+        with MonitorPty([], cwd=home, env={"HOME": str(home)}) as first, \
+                MonitorPty([], cwd=home, env={"HOME": str(home)}) as second:
+            screens = [monitor.wait_for(lambda text: "● connected" in text and "local server started" in text,
+                                        "the monitor connected") for monitor in (first, second)]
+            winner = pid_file(home)["pid"]
+            assert local_server_pids(home) == [winner]
+            assert all(f"local server started, pid {winner}" in screen for screen in screens)
+            for monitor in (first, second):
+                monitor.send(b"q")
+                assert monitor.close() == 0
+        assert local_server_pids(home) == [winner]  # still running once both monitors have quit
+    finally:
+        stop_local_servers(home)
+
+
 def test_the_local_server_reads_and_follows_the_transcripts(tmp_path):
     home, _ = local_home(tmp_path)
     project = home / ".claude" / "projects" / "-home-dev-proj"
