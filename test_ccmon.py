@@ -7947,6 +7947,14 @@ def test_claude_code_exports_to_the_server_ccmon_setup_pointed_it_at(claude_code
                     "cost_nanos FROM r WHERE session_id = ?", (result["session_id"],))),
             "the api_request of a Claude Code set up by ccmon setup", 30)
         assert rows == [(model, *MOCK_USAGE[model])]
+        # and ccmon doctor finds every link holding, its telemetry received over gRPC
+        capsys.readouterr()  # what setup said
+        code = ccmon.main(["doctor", "--monitor-server", srv.target, "--monitor-token", "team-t0ken"])
+        lines = capsys.readouterr().out.splitlines()
+        assert code == 0, lines
+        assert [line.split()[:3] for line in lines] == [
+            ["ok", "config", "no"], ["ok", "server", "ccmon"], ["ok", "telemetry", "on"], ["ok", "exporter", "grpc"],
+            ["ok", "token", "Claude"], ["ok", "received", "grpc"], ["ok", "status", "line"], ["ok", "transcripts", "1"]]
     finally:
         srv.stop()
 
