@@ -7092,8 +7092,9 @@ def bearer_of(headers: str) -> str:
     return ""
 
 
-def settings_findings(config: Config, env: ClaudeEnv, http_address: str) -> list[Finding]:
-    """Telemetry on, the exporter reaching this server (its gRPC or OTLP/HTTP address, by the protocol), the token."""
+def settings_findings(config: Config, env: ClaudeEnv, http_address: str | None) -> list[Finding]:
+    """Telemetry on, the exporter reaching this server (its gRPC or OTLP/HTTP address, by the protocol: '' when
+    it has none, None when not known here), the token."""
     where = env.where("CLAUDE_CODE_ENABLE_TELEMETRY")
     enabled = env.get("CLAUDE_CODE_ENABLE_TELEMETRY").strip().lower() in ("1", "true")
     logs = "otlp" in [word.strip() for word in env.get("OTEL_LOGS_EXPORTER").split(",")]
@@ -7110,9 +7111,12 @@ def settings_findings(config: Config, env: ClaudeEnv, http_address: str) -> list
                              f"{', '.join(OTLP_DEFAULT_PORTS)}; run ccmon setup"))
     elif not endpoint:
         found.append(Finding("exporter", "fail", "OTEL_EXPORTER_OTLP_ENDPOINT is unset; run ccmon setup"))
-    elif not address:
+    elif address is None:
         found.append(Finding("exporter", "warn", f"{protocol} to {endpoint}: this server's OTLP/HTTP address is "
                              "not known here (--server-http-address), so not checked"))
+    elif not address:
+        found.append(Finding("exporter", "fail", f"{protocol} to {endpoint}: this server does not take OTLP/HTTP "
+                             "(server.http_address is off); run ccmon setup (it writes grpc)"))
     else:
         problem = endpoint_reaches(endpoint, protocol, address, protocol == "grpc" and bool(config.monitor_tls))
         where = env.where("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -7257,7 +7261,7 @@ def doctor_findings(args: argparse.Namespace, environ: dict[str, str],
         return found + [Finding("claude settings", "fail", f"{exc}; fix it, then run ccmon setup")], []
     if info is None:
         return found, []
-    http_address = ""  # a named server's OTLP/HTTP address is not known here
+    http_address = None  # a named server's OTLP/HTTP address is not known here
     if not config.monitor_server_given:
         running = running_server(config)
         http_address = running.http_address if running else config.server_http_address or ""

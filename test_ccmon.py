@@ -7528,6 +7528,33 @@ def test_doctor_follows_the_environment_claude_code_inherits_and_a_named_server(
         team.stop()
 
 
+def test_doctor_checks_an_http_exporter_against_the_local_servers_otlp_http_address(doctor_home):
+    home, port = doctor_home
+    assert run_ccmon(["setup"], home).returncode == 0
+    edit_settings(home, lambda s: s["env"].update(OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+                                                  OTEL_EXPORTER_OTLP_ENDPOINT="http://localhost:4318"))
+    code, checks, _ = doctor(home)
+    assert code == 1 and checks[3] == ("fail", "exporter", "http/protobuf to http://localhost:4318: this server does "
+                                                           "not take OTLP/HTTP (server.http_address is off); run ccmon "
+                                                           "setup (it writes grpc)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+    config = home / ".ccmon" / "config.toml"
+    config.write_text(config.read_text().replace('http_address = "off"', f'http_address = "127.0.0.1:{http_port}"'))
+    assert run_ccmon(["server", "stop"], home).returncode == 0
+    code, checks, _ = doctor(home)  # started again, with OTLP/HTTP on
+    assert checks[3] == ("fail", "exporter", f"http/protobuf to http://localhost:4318 ({home}/.claude/settings.json): "
+                                             f"it sends to localhost:4318, not to this server's 127.0.0.1:{http_port}; "
+                                             "run ccmon setup")
+    edit_settings(home, lambda s: s["env"].update(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://localhost:{http_port}"))
+    assert sdk_export(http_port, [("api_request", api_request(1, hours_ago(0.01)))], protocol="http/protobuf",
+                      headers={"authorization": "Bearer s3cret"}) == ["SUCCESS"]
+    code, checks, _ = doctor(home)
+    assert (code, checks[3], checks[5][:2]) == (0, ("ok", "exporter", f"http/protobuf to http://localhost:{http_port}, "
+                                                                      "this server"), ("ok", "received http/protobuf"))
+
+
 def test_doctor_reports_a_bad_config_or_settings_file_and_refuses_bad_flags(doctor_home):
     home, _ = doctor_home
     config = home / ".ccmon" / "config.toml"
