@@ -7290,7 +7290,7 @@ def run_doctor(args: argparse.Namespace, environ: dict[str, str], home: Path) ->
     else:
         width = max(len(finding.link) for finding in found)
         for finding in found:
-            print(f"{DOCTOR_MARKS[finding.status]} {finding.link:<{width}}  {finding.message}")
+            print(f"{DOCTOR_MARKS[finding.status]} {finding.link:<{width}}  {printable(finding.message)}")
     return 0 if healthy else 1
 
 
