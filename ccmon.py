@@ -7023,7 +7023,6 @@ def undo_setup(path: Path, backup: Path, dry_run: bool) -> int:
 TELEMETRY_LAG_MS = 5 * 60_000  # transcripts newer than the newest telemetry by more: telemetry is not arriving
 TRANSCRIPT_TAIL_BYTES = 1 << 20  # of the newest transcript, read for its newest entry
 OTLP_DEFAULT_PORTS = {"grpc": 4317, "http/protobuf": 4318, "http/json": 4318}
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 TELEMETRY_NOT_ARRIVING = ("telemetry is not arriving; history is being filled from transcripts. Likely: Claude Code "
                           "was started before ccmon setup (restart it), its environment or a project's "
                           ".claude/settings.json overrides the exporter, the server was down or unreachable from "
@@ -7060,8 +7059,9 @@ def claude_env(settings: dict, settings_path: Path, environ: dict[str, str]) -> 
 
 
 def same_host(one: str, other: str) -> bool:
+    """The same machine: the same name, or both loopback (localhost, 127.0.0.1, ::1)."""
     one, other = one.strip("[]").lower(), other.strip("[]").lower()
-    return one == other or (one in LOOPBACK_NAMES and other in LOOPBACK_NAMES)
+    return one == other or (is_loopback(f"{one}:0") and is_loopback(f"{other}:0"))
 
 
 def endpoint_reaches(endpoint: str, protocol: str, address: str, tls: bool) -> str:
@@ -7232,8 +7232,7 @@ def server_findings(config: Config) -> tuple[list[Finding], ccmon_pb2.GetServerI
     if not info.version:
         return [Finding("server", "fail", f"{config.monitor_server}: {GO_CCMON_ONLY}; ccmon doctor needs this "
                                           "ccmon's server")], None, None
-    host = config.monitor_server.removeprefix("https://").rsplit(":", 1)[0]
-    where = started or ("local" if same_host(host, "localhost") else "remote")
+    where = started or ("local" if is_loopback(config.monitor_server.removeprefix("https://")) else "remote")
     database = info.database_path + (" (the default)" if info.default_database else "")
     up = format_duration(max(0, now_ms() - ms_of(info.started_at)))
     return [Finding("server", "ok", f"ccmon {printable(info.version)} at {config.monitor_server} ({where}), up {up}, "
