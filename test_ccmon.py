@@ -2345,6 +2345,11 @@ class ListingReader:
     def last_request_ms(self):
         return None
 
+    def receiver_counts(self):
+        return []
+
+    path = Path("big.db")
+
 
 def test_every_list_answer_is_bounded():
     reader = ListingReader()
