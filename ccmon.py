@@ -24,6 +24,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Import: ccmon import, Claude Code's transcripts
   Local server: started on demand, detached, following the transcripts
   Setup: ccmon setup, Claude Code's settings pointed at ccmon
+  Doctor: ccmon doctor, the chain from Claude Code to the monitor checked link by link
   View model and pure render functions
   Curses loop: polling thread, keys, drawing
   CLI: arguments and entry point
@@ -552,6 +553,20 @@ class ProjectUsage:
     project: str
     split: Split
     sessions: int
+
+
+RECEIVER_PROTOCOLS = ("grpc", "http/protobuf", "http/json")  # as OTEL_EXPORTER_OTLP_PROTOCOL names them
+
+
+@dataclasses.dataclass(frozen=True)
+class ReceiverCounts:
+    """What one receiver protocol took of one signal (logs, metrics): when it last accepted a record (None: never),
+    and how many records it accepted and rejected, ever. Cumulative: they never go down."""
+    protocol: str
+    signal: str
+    last_ms: int | None
+    accepted: int
+    rejected: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1290,6 +1305,11 @@ def load_config(args: argparse.Namespace, search_cwd: bool = True) -> Config:
     return validate_config(values, origin, str(path) if path else "defaults")
 
 
+def default_database_path() -> Path:
+    """database.path's default, for this user: ~/.ccmon/ccmon.db."""
+    return Path(next(setting.default for setting in SETTINGS if setting.key == "database.path")).expanduser()
+
+
 def certificate_name(path: Path) -> str | None:
     """The first DNS name (else the common name) a PEM certificate is for."""
     try:
@@ -1592,11 +1612,24 @@ def find_request_ids_within_sessions(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX requests_imported_request ON requests(request_id) WHERE origin >= 2")
 
 
+def count_receipts(conn: sqlite3.Connection) -> None:
+    """Version 7: per receiver protocol and signal, when a record was last accepted and how many were accepted and
+    rejected, ever (one upsert per export, in the transaction of its last rows: ccmon doctor's "last telemetry
+    received", and counters that never go down)."""
+    conn.execute("""CREATE TABLE receiver_counts (
+        protocol TEXT NOT NULL,               -- grpc, http/protobuf, http/json
+        signal TEXT NOT NULL,                 -- logs, metrics
+        last_ms INTEGER,                      -- when a record was last accepted; NULL: never
+        accepted INTEGER NOT NULL,
+        rejected INTEGER NOT NULL,
+        PRIMARY KEY (protocol, signal)) WITHOUT ROWID""")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
                                                           keep_limit_readings, count_imported_requests,
-                                                          find_request_ids_within_sessions]
+                                                          find_request_ids_within_sessions, count_receipts]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -1863,6 +1896,7 @@ class Batch:
     events: list[tuple] = dataclasses.field(default_factory=list)
     metrics: list[tuple] = dataclasses.field(default_factory=list)
     projects: dict[str, str] = dataclasses.field(default_factory=dict)  # session id -> project its resource names
+    receipt: ReceiverCounts | None = None  # the export's counts, on its last batch (see Receiver.receive)
 
     def __len__(self) -> int:
         return len(self.requests) + len(self.events) + len(self.metrics)
@@ -2202,8 +2236,17 @@ class Writer:
         for session, project in batch.projects.items():  # a project the user named wins over a status line's folder
             conn.execute("UPDATE sessions SET project = ? WHERE session_id = ? AND project IS NOT ?",
                          (project, session, project))
+        if batch.receipt:
+            self._count_receipt(conn, batch.receipt)
         self._refresh_days(conn, days)
         return new
+
+    @staticmethod
+    def _count_receipt(conn: sqlite3.Connection, receipt: ReceiverCounts) -> None:
+        conn.execute("INSERT INTO receiver_counts (protocol, signal, last_ms, accepted, rejected) VALUES (?, ?, ?, ?, ?) "
+                     "ON CONFLICT (protocol, signal) DO UPDATE SET last_ms = COALESCE(excluded.last_ms, last_ms), "
+                     "accepted = accepted + excluded.accepted, rejected = rejected + excluded.rejected",
+                     dataclasses.astuple(receipt))
 
     @staticmethod
     def _not_resent(conn: sqlite3.Connection, table: str, columns: tuple[str, ...], rows: list[tuple]) -> list[tuple]:
@@ -2869,6 +2912,10 @@ class Reader:
 
     def last_request_ms(self) -> int | None:
         return self._reader().execute("SELECT MAX(ts) FROM requests").fetchone()[0]
+
+    def receiver_counts(self) -> list[ReceiverCounts]:
+        return [ReceiverCounts(*row) for row in self._reader().execute(
+            "SELECT protocol, signal, last_ms, accepted, rejected FROM receiver_counts ORDER BY protocol, signal")]
 
     def totals(self) -> StoreTotals:
         """API requests and all usage rows (those derived from metrics too) ever stored."""
@@ -3592,31 +3639,43 @@ class Receiver:
     def __init__(self, store: Writer, decoders: Decoders | None = None):
         self.store, self.decoders, self.heap = store, decoders or Decoders(0), HeapTrimmer()
 
-    def logs(self, data: bytes) -> logs_service_pb2.ExportLogsServiceResponse:
-        """Store a serialized ExportLogsServiceRequest."""
-        rejected, requests, new = Rejections(EXPORT_ITEMS["logs"]), 0, 0
+    def receive(self, kind: str, data: bytes, protocol: str, rejected: Rejections) -> tuple[int, int]:
+        """Decode and store an export's batches; (API requests, new rows). The export's counts (see ReceiverCounts)
+        go with its last batch, into the transaction that stores it: known only once the export is all decoded,
+        one batch is held back for them (an export of rejected records only writes them alone)."""
+        requests, new, held = 0, 0, None
         try:
-            for batch in self.decoders.batches("logs", data, rejected):
+            for batch in self.decoders.batches(kind, data, rejected):
                 requests += len(batch.requests)
-                new += self.store.write(batch)
+                if held is not None:
+                    new += self.store.write(held)
+                held = batch
+            if rejected.total:
+                accepted = rejected.total - rejected.count
+                held = held or Batch()
+                held.receipt = ReceiverCounts(protocol, kind, now_ms() if accepted else None, accepted, rejected.count)
+            if held is not None:
+                new += self.store.write(held)
         finally:
             self.heap.after_export()
+        return requests, new
+
+    def logs(self, data: bytes, protocol: str) -> logs_service_pb2.ExportLogsServiceResponse:
+        """Store a serialized ExportLogsServiceRequest, received over `protocol` (grpc, http/protobuf, http/json)."""
+        rejected = Rejections(EXPORT_ITEMS["logs"])
+        requests, new = self.receive("logs", data, protocol, rejected)
         log.info("logs: %d records, %d api requests, %d new, %d rejected",
                  rejected.total, requests, new, rejected.count)
         return rejected.answer(logs_service_pb2.ExportLogsServiceResponse(), "rejected_log_records")
 
-    def metrics(self, data: bytes) -> metrics_service_pb2.ExportMetricsServiceResponse:
-        """Store a serialized ExportMetricsServiceRequest."""
-        rejected, new = Rejections(EXPORT_ITEMS["metrics"]), 0
-        try:
-            for batch in self.decoders.batches("metrics", data, rejected):
-                new += self.store.write(batch)
-        finally:
-            self.heap.after_export()
+    def metrics(self, data: bytes, protocol: str) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        """Store a serialized ExportMetricsServiceRequest, received over `protocol`."""
+        rejected = Rejections(EXPORT_ITEMS["metrics"])
+        _, new = self.receive("metrics", data, protocol, rejected)
         log.info("metrics: %d data points, %d new, %d rejected", rejected.total, new, rejected.count)
         return rejected.answer(metrics_service_pb2.ExportMetricsServiceResponse(), "rejected_data_points")
 
-    def traces(self, data: bytes) -> trace_service_pb2.ExportTraceServiceResponse:
+    def traces(self, data: bytes, protocol: str) -> trace_service_pb2.ExportTraceServiceResponse:
         """Accepted so exporters configured for traces do not error; ccmon has no use for spans."""
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -3640,7 +3699,7 @@ def otlp_grpc_handlers(receiver: Receiver) -> list[grpc.GenericRpcHandler]:
     def method(handler: Callable) -> grpc.RpcMethodHandler:
         def export(data: bytes, context):
             try:
-                return handler(receiver, data)
+                return handler(receiver, data, "grpc")
             except BadExport as exc:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             except StorageUnavailable as exc:
@@ -3962,7 +4021,8 @@ class OTLPHandler(BaseHTTPRequestHandler):
                 body = inflate(body, self.server.max_bytes)
             message_type, handler = route
             try:
-                response = handler(self.server.receiver, protobuf_body(body, content_type, message_type))
+                response = handler(self.server.receiver, protobuf_body(body, content_type, message_type),
+                                   "http/json" if content_type == JSON else "http/protobuf")
             except BadExport as exc:
                 raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"body is {exc}") from None
             except StorageUnavailable as exc:
@@ -4186,6 +4246,20 @@ def window_message(window: LimitWindow | None) -> ccmon_pb2.LimitWindow | None:
     if window.limit_usd is not None:
         message.limit_usd = window.limit_usd
     return message
+
+
+def receiver_counts_message(counts: ReceiverCounts) -> ccmon_pb2.ReceiverCounts:
+    message = ccmon_pb2.ReceiverCounts(protocol=counts.protocol, signal=counts.signal, accepted=counts.accepted,
+                                       rejected=counts.rejected)
+    if counts.last_ms is not None:
+        message.last_accepted_at.CopyFrom(timestamp_from_ms(counts.last_ms))
+    return message
+
+
+def receiver_counts_of(message: ccmon_pb2.ReceiverCounts) -> ReceiverCounts:
+    return ReceiverCounts(message.protocol, message.signal,
+                          ms_of(message.last_accepted_at) if message.HasField("last_accepted_at") else None,
+                          message.accepted, message.rejected)
 
 
 def reading_message(reading: LimitReading) -> ccmon_pb2.LimitReading:
@@ -4620,6 +4694,9 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         last = self.reader.last_request_ms()
         if last is not None:
             response.last_request_at.CopyFrom(timestamp_from_ms(last))
+        response.receivers.extend(map(receiver_counts_message, self.reader.receiver_counts()))
+        response.database_path = str(self.reader.path)
+        response.default_database = self.reader.path == default_database_path()
         return response
 
 
@@ -5030,6 +5107,11 @@ class Client:
             response.five_hour.tokens if response.HasField("five_hour") else None, response.five_hour.readings,
             response.seven_day.tokens if response.HasField("seven_day") else None, response.seven_day.readings)
 
+    def latest_reading(self) -> LimitReading | None:
+        """The newest status line reading of anyone's (of the last 30 days), None when there is none."""
+        response = self._call("GetLimits", ccmon_pb2.GetLimitsRequest())
+        return reading_of(response.latest) if response.HasField("latest") else None
+
     def users(self, start_ms: int | None, end_ms: int, project: str | None = None) -> tuple[UserUsage, ...]:
         """Users by cost, with Claude's live windows of theirs."""
         response = self._call("GetUsers", self._period(ccmon_pb2.GetUsersRequest(), start_ms, end_ms,
@@ -5344,6 +5426,10 @@ def reset_time(ms: int, now: int, zone: ZoneInfo) -> str:
     """14:00 today, Mon 09:00 on another day."""
     same_day = local_time(ms, zone, "%Y-%m-%d") == local_time(now, zone, "%Y-%m-%d")
     return local_time(ms, zone, "%H:%M" if same_day else "%a %H:%M")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def reading_age(read_ms: int, now: int) -> str:
@@ -6806,9 +6892,8 @@ def server_log_path(config: Config) -> Path:
 def is_local_server(config: Config) -> bool:
     """This machine's own server, for its user: the default database, a loopback address, auto-start on. It reads
     the user's transcripts; a team server (any other) does not."""
-    default_database = next(setting.default for setting in SETTINGS if setting.key == "database.path")
     return (config.monitor_autostart and is_loopback(config.server_address)
-            and config.database_path == Path(default_database).expanduser())
+            and config.database_path == default_database_path())
 
 
 def process_alive(pid: int) -> bool:
@@ -7247,6 +7332,280 @@ def undo_setup(path: Path, backup: Path, dry_run: bool) -> int:
     else:
         print(f"{verb} ccmon's entries in {path} as they were before ccmon setup; other changes since are kept")
     return 0
+
+# ---------------------------------------------------------------- Doctor: ccmon doctor, the chain from Claude Code to the monitor checked link by link
+
+TELEMETRY_LAG_MS = 5 * 60_000  # transcripts newer than the newest telemetry by more: telemetry is not arriving
+TRANSCRIPT_TAIL_BYTES = 1 << 20  # of the newest transcript, read for its newest entry
+OTLP_DEFAULT_PORTS = {"grpc": 4317, "http/protobuf": 4318, "http/json": 4318}
+TELEMETRY_NOT_ARRIVING = ("telemetry is not arriving; history is being filled from transcripts. Likely: Claude Code "
+                          "was started before ccmon setup (restart it), its environment or a project's "
+                          ".claude/settings.json overrides the exporter, the server was down or unreachable from "
+                          "Claude Code, or this Claude Code release does not export")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    """One link of the chain: ok, warn (works, but not as it should) or fail; the message says what holds, or what
+    is wrong and what to do about it."""
+    link: str
+    status: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaudeEnv:
+    """The telemetry settings Claude Code starts with: its settings file's env over the environment ccmon sees
+    (Claude Code applies the file's env over its own), each value with where it is from."""
+    values: dict[str, tuple[str, str]]  # name -> (value, where)
+
+    def get(self, name: str) -> str:
+        return self.values.get(name, ("", ""))[0]
+
+    def where(self, name: str) -> str:
+        return self.values.get(name, ("", "unset"))[1]
+
+
+def claude_env(settings: dict, settings_path: Path, environ: dict[str, str]) -> ClaudeEnv:
+    values = {name: (environ[name], "the environment") for name in TELEMETRY_ENV_KEYS if name in environ}
+    values.update({name: (str(value), str(settings_path)) for name, value in settings.get("env", {}).items()
+                   if name in TELEMETRY_ENV_KEYS})
+    return ClaudeEnv(values)
+
+
+def same_host(one: str, other: str) -> bool:
+    """The same machine: the same name, or both loopback (localhost, 127.0.0.1, ::1)."""
+    one, other = one.strip("[]").lower(), other.strip("[]").lower()
+    return one == other or (is_loopback(f"{one}:0") and is_loopback(f"{other}:0"))
+
+
+def endpoint_reaches(endpoint: str, protocol: str, address: str, tls: bool) -> str:
+    """'' when an OTLP endpoint URL reaches the server listening at address (HOST:PORT), else why not."""
+    try:
+        url = urlsplit(endpoint)
+        port = url.port or OTLP_DEFAULT_PORTS[protocol]
+    except ValueError:
+        return f"{endpoint!r} is not a URL"
+    host, server_port = address.rsplit(":", 1)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        return f"{endpoint!r} is not an http:// or https:// URL"
+    anywhere = host.strip("[]") in ("0.0.0.0", "::")  # a wildcard listener: any name of this machine reaches it
+    if not (anywhere or same_host(url.hostname, host)) or port != int(server_port):
+        return f"it sends to {url.hostname}:{port}, not to this server's {address}"
+    if (url.scheme == "https") != tls:
+        return f"it uses {url.scheme}://, the server {'has' if tls else 'has no'} TLS"
+    return ""
+
+
+def bearer_of(headers: str) -> str:
+    """The bearer token in OTEL_EXPORTER_OTLP_HEADERS (key=value pairs, comma-separated, values URL-encoded)."""
+    for pair in headers.split(","):
+        key, _, value = pair.partition("=")
+        value = unquote(value.strip())
+        if key.strip().lower() == "authorization" and value.lower().startswith("bearer "):
+            return value[len("bearer "):].strip()
+    return ""
+
+
+def settings_findings(config: Config, env: ClaudeEnv, http_address: str | None) -> list[Finding]:
+    """Telemetry on, the exporter reaching this server (its gRPC or OTLP/HTTP address, by the protocol: '' when
+    it has none, None when not known here), the token."""
+    where = env.where("CLAUDE_CODE_ENABLE_TELEMETRY")
+    enabled = env.get("CLAUDE_CODE_ENABLE_TELEMETRY").strip().lower() in ("1", "true")
+    logs = "otlp" in [word.strip() for word in env.get("OTEL_LOGS_EXPORTER").split(",")]
+    if not enabled or not logs:
+        off = "CLAUDE_CODE_ENABLE_TELEMETRY" if not enabled else "OTEL_LOGS_EXPORTER"
+        value = f"{env.get(off)} ({env.where(off)})" if env.get(off) else "unset"
+        return [Finding("telemetry", "fail", f"off: {off} is {value}; run ccmon setup, then restart Claude Code")]
+    found = [Finding("telemetry", "ok", f"on ({where})")]
+    protocol, endpoint = env.get("OTEL_EXPORTER_OTLP_PROTOCOL"), env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    address = config.monitor_server.removeprefix("https://") if protocol == "grpc" else http_address
+    if protocol not in OTLP_DEFAULT_PORTS:
+        found.append(Finding("exporter", "fail", f"OTEL_EXPORTER_OTLP_PROTOCOL is {protocol or 'unset'} "
+                             f"({env.where('OTEL_EXPORTER_OTLP_PROTOCOL')}), not one of "
+                             f"{', '.join(OTLP_DEFAULT_PORTS)}; run ccmon setup"))
+    elif not endpoint:
+        found.append(Finding("exporter", "fail", "OTEL_EXPORTER_OTLP_ENDPOINT is unset; run ccmon setup"))
+    elif address is None:
+        found.append(Finding("exporter", "warn", f"{protocol} to {endpoint}: this server's OTLP/HTTP address is "
+                             "not known here (--server-http-address), so not checked"))
+    elif not address:
+        found.append(Finding("exporter", "fail", f"{protocol} to {endpoint}: this server does not take OTLP/HTTP "
+                             "(server.http_address is off); run ccmon setup (it writes grpc)"))
+    else:
+        problem = endpoint_reaches(endpoint, protocol, address, protocol == "grpc" and bool(config.monitor_tls))
+        where = env.where("OTEL_EXPORTER_OTLP_ENDPOINT")
+        found.append(Finding("exporter", "fail", f"{protocol} to {endpoint} ({where}): {problem}; run ccmon setup")
+                     if problem else
+                     Finding("exporter", "ok", f"{protocol} to {endpoint}, this server"))
+    sent = bearer_of(env.get("OTEL_EXPORTER_OTLP_HEADERS"))
+    if not config.monitor_token:
+        found.append(Finding("token", "ok", "none needed (the server has no token)"))
+    elif not sent:
+        found.append(Finding("token", "fail", "the server has a token; Claude Code sends none "
+                             "(OTEL_EXPORTER_OTLP_HEADERS): run ccmon setup"))
+    elif not hmac.compare_digest(sent, config.monitor_token):
+        found.append(Finding("token", "fail", f"Claude Code sends another token than the server's "
+                             f"({env.where('OTEL_EXPORTER_OTLP_HEADERS')}): run ccmon setup"))
+    else:
+        found.append(Finding("token", "ok", "Claude Code sends the server's token"))
+    return found
+
+
+def protocol_counts(receivers: Iterable[ReceiverCounts]) -> dict[str, ReceiverCounts]:
+    """Per protocol, its signals together: the newest acceptance, the sums."""
+    merged: dict[str, ReceiverCounts] = {}
+    for counts in receivers:
+        was = merged.get(counts.protocol, ReceiverCounts(counts.protocol, "", None, 0, 0))
+        newest = max((ms for ms in (was.last_ms, counts.last_ms) if ms is not None), default=None)
+        merged[counts.protocol] = ReceiverCounts(counts.protocol, "", newest, was.accepted + counts.accepted,
+                                                 was.rejected + counts.rejected)
+    return merged
+
+
+def received_findings(receivers: list[ReceiverCounts], protocol: str, now: int) -> list[Finding]:
+    """Per protocol, the last telemetry accepted and its age; none over Claude Code's protocol fails."""
+    merged = protocol_counts(receivers)
+    found = []
+    for name in RECEIVER_PROTOCOLS:
+        counts = merged.get(name)
+        if counts is None or counts.last_ms is None:
+            if name == protocol:
+                rejected = f" ({plural(counts.rejected, 'record')} rejected: see the server's log)" if counts else ""
+                found.append(Finding(f"received {name}", "fail", f"nothing yet{rejected}; once the settings above "
+                                     "hold, restart Claude Code and use it"))
+            continue
+        rejected = f", {counts.rejected} rejected (see the server's log)" if counts.rejected else ""
+        found.append(Finding(f"received {name}", "ok", f"last {reading_age(counts.last_ms, now)} "
+                             f"({dt.datetime.fromtimestamp(counts.last_ms / 1000, dt.timezone.utc):%Y-%m-%d %H:%M:%S} "
+                             f"UTC), {plural(counts.accepted, 'record')} accepted{rejected}"))
+    return found
+
+
+def status_line_finding(settings: dict, settings_path: Path, reading: LimitReading | None, now: int) -> Finding:
+    current = settings.get("statusLine")
+    if current is None:
+        return Finding("status line", "fail", f"not set in {settings_path}: run ccmon setup")
+    if not is_ccmon_status_line(current):
+        return Finding("status line", "fail", f"{settings_path} runs another status line: ccmon setup "
+                                              "--replace-status-line makes it ccmon's")
+    if reading is None:
+        return Finding("status line", "ok", "ccmon's; no reading yet (one comes each time Claude Code draws it)")
+    limits = "with Claude's limits (a subscription)" if reading.five_hour or reading.seven_day else \
+        "without Claude's limits (an API key, or a Claude Code too old to give them)"
+    return Finding("status line", "ok", f"ccmon's; last reading {reading_age(reading.read_ms, now)}, {limits}")
+
+
+def newest_transcript_entry(files: list[Path]) -> int | None:
+    """The time of the newest API answer in the newest transcript (by its last write), from its tail."""
+    try:
+        newest = max(files, key=lambda path: path.stat().st_mtime_ns)
+        with newest.open("rb") as handle:
+            handle.seek(max(0, newest.stat().st_size - TRANSCRIPT_TAIL_BYTES))
+            lines = handle.read().decode(errors="replace").splitlines()
+    except (OSError, ValueError):
+        return None
+    times = [entry.ts_ms for entry in map(transcript_entry, lines) if isinstance(entry, TranscriptEntry)]
+    return max(times, default=None)
+
+
+def transcripts_finding(roots: list[Path], newest_telemetry: int | None, local: bool, now: int) -> Finding:
+    files = TranscriptFiles(roots).paths()
+    if not files:
+        return Finding("transcripts", "ok", f"none under {' or '.join(map(str, roots))}")
+    count = plural(len(files), "file")
+    read = "read by this server" if local else "not read by this server (not the local one)"
+    newest = newest_transcript_entry(files)
+    if newest is None:
+        return Finding("transcripts", "ok", f"{count}, {read}")
+    telemetry = f"newest telemetry {reading_age(newest_telemetry, now)}" if newest_telemetry else "no telemetry"
+    if newest - (newest_telemetry or 0) > TELEMETRY_LAG_MS:
+        return Finding("transcripts", "warn", f"{count}, newest entry {reading_age(newest, now)}, {telemetry}: "
+                                              f"{TELEMETRY_NOT_ARRIVING}")
+    return Finding("transcripts", "ok", f"{count}, {read}; newest entry {reading_age(newest, now)}, {telemetry}")
+
+
+def server_findings(config: Config) -> tuple[list[Finding], ccmon_pb2.GetServerInfoResponse | None,
+                                             LimitReading | None]:
+    """The server reached (the local one started when none answers, as the monitor does): (its finding, its
+    info and newest status line reading, None when unreachable)."""
+    try:
+        started = start_local_server_if_needed(config)
+    except ServerError as exc:
+        return [Finding("server", "fail", str(exc))], None, None
+    client = Client.for_config(config, timeout_s=5.0)
+    try:
+        info = client.server_info()
+        reading = client.latest_reading() if info.version else None
+    except ServerUnreachable as exc:
+        fix = "check --monitor-server (monitor.server) or start the server there" if config.monitor_server_given \
+            else "start it: ccmon --server, or turn monitor.autostart on" if not config.monitor_autostart \
+            else f"see its log, {server_log_path(config)}"
+        return [Finding("server", "fail", f"cannot reach {config.monitor_server}: {exc}; {fix}")], None, None
+    finally:
+        client.close()
+    if not info.version:
+        return [Finding("server", "fail", f"{config.monitor_server}: {GO_CCMON_ONLY}; ccmon doctor needs this "
+                                          "ccmon's server")], None, None
+    where = started or ("local" if is_loopback(config.monitor_server.removeprefix("https://")) else "remote")
+    database = info.database_path + (" (the default)" if info.default_database else "")
+    up = format_duration(max(0, now_ms() - ms_of(info.started_at)))
+    return [Finding("server", "ok", f"ccmon {printable(info.version)} at {config.monitor_server} ({where}), up {up}, "
+                                    f"database {database}")], info, reading
+
+
+def doctor_findings(args: argparse.Namespace, environ: dict[str, str],
+                    home: Path) -> tuple[list[Finding], list[ReceiverCounts]]:
+    """Every link, in the order data flows: the config, the server, Claude Code's settings, what the server
+    received, the status line, the transcripts; and the server's receiver counts. A link that cannot be checked
+    for want of an earlier one is left out."""
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        return [Finding("config", "fail", str(exc))], []  # it names the file or flag, and what is wrong
+    found = [Finding("config", "ok", "no config file: the defaults" if config.source == "defaults" else
+                     f"{config.source} is valid")]
+    config = client_config(config)
+    found += (checked := server_findings(config))[0]
+    _, info, reading = checked
+    settings_path = claude_settings_path(environ, home)
+    try:
+        _, settings = read_claude_settings(settings_path)
+    except SetupError as exc:
+        return found + [Finding("claude settings", "fail", f"{exc}; fix it, then run ccmon setup")], []
+    if info is None:
+        return found, []
+    http_address = None  # a named server's OTLP/HTTP address is not known here
+    if not config.monitor_server_given:
+        running = running_server(config)
+        http_address = running.http_address if running else config.server_http_address or ""
+    env = claude_env(settings, settings_path, environ)
+    found += settings_findings(config, env, http_address)
+    receivers = [receiver_counts_of(message) for message in info.receivers]
+    now = now_ms()
+    found += received_findings(receivers, env.get("OTEL_EXPORTER_OTLP_PROTOCOL"), now)
+    found.append(status_line_finding(settings, settings_path, reading, now))
+    newest = max((counts.last_ms for counts in receivers if counts.last_ms is not None), default=None)
+    found.append(transcripts_finding(transcript_roots(environ, home), newest,
+                                     info.default_database and not config.monitor_server_given, now))
+    return found, receivers
+
+
+DOCTOR_MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+
+
+def run_doctor(args: argparse.Namespace, environ: dict[str, str], home: Path) -> int:
+    """ccmon doctor: one line per link; exit 0 when every link holds, else 1."""
+    found, receivers = doctor_findings(args, environ, home)
+    healthy = all(finding.status == "ok" for finding in found)
+    if args.json:
+        print(json.dumps({"ok": healthy, "checks": [dataclasses.asdict(finding) for finding in found],
+                          "received": [dataclasses.asdict(counts) for counts in receivers]}, indent=2))
+    else:
+        width = max(len(finding.link) for finding in found)
+        for finding in found:
+            print(f"{DOCTOR_MARKS[finding.status]} {finding.link:<{width}}  {printable(finding.message)}")
+    return 0 if healthy else 1
 
 
 # ---------------------------------------------------------------- View model and pure render functions
@@ -8372,6 +8731,7 @@ COMMAND_SCOPES = {  # the settings each command reads; ccmon itself (server, mon
     "statusline": ("connection", "time", "limits"),
     "import": ("connection", "time"),
     "setup": ("connection",),
+    "doctor": ("connection",),
     "server": ("server", "time"),
 }
 
@@ -8416,7 +8776,7 @@ def build_parser() -> CommandLine:
         epilog=f"Reports: ccmon report {{{','.join(REPORT_KINDS)}}} --help. Claude Code's status line: ccmon statusline "
                "--help. History from Claude Code's transcripts: ccmon import --help. To point Claude Code "
                "at ccmon: ccmon setup --help. The local server ccmon starts when none answers: "
-               "ccmon server {status,stop}")
+               "ccmon server {status,stop}. To check the whole chain: ccmon doctor")
     parser.add_argument("-v", "--version", action="version", version=f"ccmon {VERSION}")
     modes = parser.add_argument_group("modes (none: the monitor)")
     modes.add_argument("-s", "--server", nargs="?", const=True, default=None, metavar="HOST:PORT",
@@ -8506,8 +8866,17 @@ def build_server_command_parser() -> CommandLine:
     return parser
 
 
+def build_doctor_parser() -> CommandLine:
+    parser = command_parser("doctor", "Check the chain from Claude Code to ccmon, one line per link, each saying "
+                            "what holds or what to do: the config, the server (started when it is the local one and "
+                            "none answers), Claude Code's telemetry settings, the telemetry received per protocol, "
+                            "the status line, the transcripts. Exit 0 when all is well, else 1.")
+    parser.add_argument("--json", action="store_true", help="the checks as one JSON object")
+    return parser
+
+
 COMMAND_PARSERS = {"report": build_report_parser, "statusline": build_status_line_parser, "import": build_import_parser,
-                   "setup": build_setup_parser, "server": build_server_command_parser}
+                   "setup": build_setup_parser, "server": build_server_command_parser, "doctor": build_doctor_parser}
 
 
 def without_command(argv: list[str], command: str, parser: argparse.ArgumentParser) -> list[str] | None:
@@ -8573,6 +8942,8 @@ def run_command(argv: list[str]) -> int:
             print(f"ccmon: config error: {exc}" if isinstance(exc, ConfigError) else f"ccmon: {exc}", file=sys.stderr)
             config = None
         return run_status_line(config, args.format)
+    if mode == "doctor":  # a config error is one of the links it reports
+        return run_doctor(args, dict(os.environ), Path.home())
     try:
         config = load_config(args)
         if mode == "server":

@@ -681,6 +681,8 @@ def test_a_setting_is_declared_once():
      ["--server-tls-cert", "--server-retention", "--alert", "--monitor-refresh-interval"]),
     ("report", ["--since", "--csv", "--monitor-server", "--block", "--monitor-timezone"],
      ["--server-address", "--server-max-message-size", "--monitor-alert-command"]),
+    ("doctor", ["--json", "--monitor-server", "--monitor-token", "--monitor-autostart", "--config"],
+     ["--server-address", "--database-path", "--block", "--monitor-refresh-interval"]),
 ])
 def test_each_command_shows_the_options_it_uses(command, shown, hidden, capsys):
     with pytest.raises(SystemExit):
@@ -1932,7 +1934,7 @@ def test_any_value_of_any_kind_in_any_attribute_read_costs_at_most_its_own_recor
                     name="claude_code.lines_of_code.count", sum=metrics_pb2.Sum(aggregation_temporality=1,
                                                                                  data_points=points))])])])
             before = rows("metric_points")
-            answer = receiver.metrics(request.SerializeToString())
+            answer = receiver.metrics(request.SerializeToString(), "grpc")
             rejected, stored = answer.partial_success.rejected_data_points, rows("metric_points") - before
             assert db_rows(tmp_path / "fuzz.db", "SELECT COUNT(*) FROM mp WHERE session_id = ?", (f"s-{n}-1",)) == \
                 [(1,)]
@@ -1944,7 +1946,7 @@ def test_any_value_of_any_kind_in_any_attribute_read_costs_at_most_its_own_recor
                 request.resource_logs[0].scope_logs[0].log_records[0].attributes
             with_value(target, key, value)
             before = rows("requests") + rows("events")
-            answer = receiver.logs(request.SerializeToString())
+            answer = receiver.logs(request.SerializeToString(), "grpc")
             rejected, stored = answer.partial_success.rejected_log_records, rows("requests") + rows("events") - before
             good = db_rows(tmp_path / "fuzz.db", "SELECT input_tokens FROM r WHERE session_id = ?", (f"good-{n}",))
             if part == "record":
@@ -2006,7 +2008,7 @@ def test_a_record_ccmon_fails_on_costs_only_itself(tmp_path, monkeypatch):
     receiver, when = ccmon.Receiver(ccmon.Writer(tmp_path / "ccmon.db")), hours_ago(1)
     answer = receiver.logs(logs_request([("api_request", api_request(seq, when, session=session, input_tokens=seq))
                                          for seq, session in ((1, "good"), (2, "bug"), (3, "good"))])
-                           .SerializeToString())
+                           .SerializeToString(), "grpc")
     assert (answer.partial_success.rejected_log_records, answer.partial_success.error_message) == \
         (1, "rejected 1 of 3 log records: log record: ccmon failed to decode it (KeyError: 'a bug')")
     assert db_rows(tmp_path / "ccmon.db", "SELECT session_id, input_tokens FROM r ORDER BY seq") == \
@@ -2342,6 +2344,11 @@ class ListingReader:
 
     def last_request_ms(self):
         return None
+
+    def receiver_counts(self):
+        return []
+
+    path = Path("big.db")
 
 
 def test_every_list_answer_is_bounded():
@@ -6977,6 +6984,53 @@ def test_the_monitor_says_it_started_the_local_server(tmp_path):
         stop_local_servers(home)
 
 
+def test_a_first_run_shows_the_transcripts_totals_on_its_first_screen(tmp_path):
+    """A fresh HOME with Claude Code's transcripts and no server: the monitor starts the local server, which reads
+    them, and the first screen connected shows their totals exactly."""
+    home, _ = local_home(tmp_path)
+    now = dt.datetime.now(dt.timezone.utc)
+    when = [(now - dt.timedelta(minutes=m)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            for m in (30, 20, 10)]
+    sonnet, haiku = ("claude-sonnet-4-5", (1500, 250, 4000, 800)), ("claude-haiku-4-5", (120, 30, 0, 0))
+    for project, session, lines in (("-home-dev-proj", "s-one", [(when[0], *sonnet), (when[1], *sonnet)]),
+                                    ("-home-dev-other", "s-two", [(when[2], *haiku)])):
+        folder = home / ".claude" / "projects" / project
+        folder.mkdir(parents=True)
+        (folder / f"{session}.jsonl").write_text("".join(
+            transcript_line(session, at, f"req_{session}_{i}", f"msg_{session}_{i}", model=model, usage=usage) + "\n"
+            for i, (at, model, usage) in enumerate(lines)))
+    try:
+        with MonitorPty([], cwd=home, env={"HOME": str(home)}) as monitor:
+            screen = monitor.wait_for("● connected", "the first screen connected")
+            # two Sonnet 4.5 requests at $0.01245 each and one Haiku 4.5 request of 120 in, 30 out: $0.00027
+            assert line_with(screen, "Base").split() == ["Base", "1", "150", "0", "150", "$0.0003", "-"]
+            assert line_with(screen, "Premium").split() == ["Premium", "2", "3.50K", "9.60K", "13.1K", "$0.0249", "-"]
+            assert line_with(screen, "Total").split() == ["Total", "3", "3.65K", "9.60K", "13.2K", "$0.0252", "-"]
+            assert "Requests 1-3 of 3" in screen
+            monitor.send(b"q")
+            assert monitor.close() == 0
+    finally:
+        stop_local_servers(home)
+
+
+def test_two_monitors_started_at_the_same_instant_leave_one_server(tmp_path):
+    home, _ = local_home(tmp_path)
+    try:
+        with MonitorPty([], cwd=home, env={"HOME": str(home)}) as first, \
+                MonitorPty([], cwd=home, env={"HOME": str(home)}) as second:
+            screens = [monitor.wait_for(lambda text: "● connected" in text and "local server started" in text,
+                                        "the monitor connected") for monitor in (first, second)]
+            winner = pid_file(home)["pid"]
+            assert local_server_pids(home) == [winner]
+            assert all(f"local server started, pid {winner}" in screen for screen in screens)
+            for monitor in (first, second):
+                monitor.send(b"q")
+                assert monitor.close() == 0
+        assert local_server_pids(home) == [winner]  # still running once both monitors have quit
+    finally:
+        stop_local_servers(home)
+
+
 def test_the_local_server_reads_and_follows_the_transcripts(tmp_path):
     home, _ = local_home(tmp_path)
     project = home / ".claude" / "projects" / "-home-dev-proj"
@@ -7317,6 +7371,258 @@ def test_setup_refuses_bad_flags(setup_home, capsys, args, message):
         code = exc.code
     assert (code, capsys.readouterr().err) == (2, message)
     assert not (setup_home / ".claude").exists()
+
+
+# ---------------------------------------------------------------- doctor: ccmon doctor
+
+def doctor(home: Path, *args: str) -> tuple[int, list[tuple[str, str, str]], list[dict]]:
+    """(exit code, (status, link, message) per check, receiver counts) of `ccmon doctor --json ARGS` in HOME."""
+    result = run_ccmon(["doctor", "--json", *args], home)
+    assert result.stderr == "", result.stderr
+    answer = json.loads(result.stdout)
+    checks = [(check["status"], check["link"], check["message"]) for check in answer["checks"]]
+    assert answer["ok"] == (result.returncode == 0) == all(status == "ok" for status, _, _ in checks)
+    return result.returncode, checks, answer["received"]
+
+
+def failing(checks: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    return [check for check in checks if check[0] != "ok"]
+
+
+def edit_settings(home: Path, change: Callable[[dict], None]) -> None:
+    path = home / ".claude" / "settings.json"
+    settings = json.loads(path.read_text())
+    change(settings)
+    path.write_text(json.dumps(settings))
+
+
+@pytest.fixture
+def doctor_home(tmp_path, monkeypatch) -> tuple[Path, int]:
+    """A HOME with a local server's config (a free port, a token, no OTLP/HTTP) and none of Claude Code's or
+    ccmon's variables in the environment; its servers stopped at the end."""
+    for name in ("CLAUDE_CONFIG_DIR", "CCMON_TOKEN", *ccmon.TELEMETRY_ENV_KEYS):
+        monkeypatch.delenv(name, raising=False)
+    home, port = local_home(tmp_path, 'token = "s3cret"\n')
+    yield home, port
+    stop_local_servers(home)
+
+
+def test_doctor_turns_each_link_red_when_broken_and_green_when_fixed(doctor_home):
+    home, port = doctor_home
+    settings = home / ".claude" / "settings.json"
+    code, checks, received = doctor(home)
+    pid = pid_file(home)["pid"]
+    assert (code, received) == (1, [])
+    assert checks == [
+        ("ok", "config", f"{home}/.ccmon/config.toml is valid"),
+        ("ok", "server", checks[1][2]),
+        ("fail", "telemetry", "off: CLAUDE_CODE_ENABLE_TELEMETRY is unset; run ccmon setup, then restart Claude Code"),
+        ("fail", "status line", f"not set in {settings}: run ccmon setup"),
+        ("ok", "transcripts", f"none under {home}/.claude/projects or {home}/.config/claude/projects")]
+    assert re.fullmatch(rf"ccmon {ccmon.VERSION} at 127\.0\.0\.1:{port} \(local server started, pid {pid}\), up "
+                        rf"\S+, database {home}/\.ccmon/ccmon\.db \(the default\)", checks[1][2]), checks[1][2]
+
+    assert run_ccmon(["setup"], home).returncode == 0
+    code, checks, _ = doctor(home)
+    assert code == 1 and failing(checks) == [
+        ("fail", "received grpc", "nothing yet; once the settings above hold, restart Claude Code and use it")]
+    assert checks[2:5] == [("ok", "telemetry", f"on ({settings})"),
+                           ("ok", "exporter", f"grpc to http://127.0.0.1:{port}, this server"),
+                           ("ok", "token", "Claude Code sends the server's token")]
+    assert checks[6] == ("ok", "status line", "ccmon's; no reading yet (one comes each time Claude Code draws it)")
+
+    # Claude Code's telemetry and a status line reading arrive: every link holds
+    when = hours_ago(0.01)
+    assert sdk_export(port, [("api_request", api_request(1, when)), ("api_request", api_request(2, when))],
+                      headers={"authorization": "Bearer s3cret"}) == ["SUCCESS"]
+    line = subprocess.run([*CCMON, "statusline", "--format", "@model"], input=json.dumps(live_input("s-doc")),
+                          capture_output=True, text=True, cwd=home, timeout=30, env={**os.environ, "HOME": str(home)})
+    assert (line.returncode, line.stdout, line.stderr) == (0, "Sonnet 4.5\n", "")
+    code, checks, received = doctor(home)
+    assert code == 0, checks
+    last = received[0]["last_ms"]
+    assert received == [{"protocol": "grpc", "signal": "logs", "last_ms": last, "accepted": 2, "rejected": 0}]
+    received_at = dt.datetime.fromtimestamp(last / 1000, dt.timezone.utc)
+    assert checks[5:7] == [
+        ("ok", "received grpc", f"last just now ({received_at:%Y-%m-%d %H:%M:%S} UTC), 2 records accepted"),
+        ("ok", "status line", "ccmon's; last reading just now, with Claude's limits (a subscription)")]
+    text = run_ccmon(["doctor"], home)
+    assert text.returncode == 0
+    uptime = re.compile(r", up \S+, ")  # it went on between the two
+    assert [uptime.sub(", up T, ", line) for line in text.stdout.splitlines()] == \
+        [uptime.sub(", up T, ", f"ok   {link:<13}  {message}") for _, link, message in checks]
+
+    # each link broken, then fixed by ccmon setup
+    breaks = [
+        (lambda s: s["env"].update(CLAUDE_CODE_ENABLE_TELEMETRY="0"),
+         ("fail", "telemetry", f"off: CLAUDE_CODE_ENABLE_TELEMETRY is 0 ({settings}); run ccmon setup, then restart "
+                               "Claude Code")),
+        (lambda s: s["env"].update(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://localhost:{port + 1}"),
+         ("fail", "exporter", f"grpc to http://localhost:{port + 1} ({settings}): it sends to localhost:{port + 1}, "
+                              f"not to this server's 127.0.0.1:{port}; run ccmon setup")),
+        (lambda s: s["env"].update(OTEL_EXPORTER_OTLP_HEADERS="Authorization=Bearer guess"),
+         ("fail", "token", f"Claude Code sends another token than the server's ({settings}): run ccmon setup")),
+        (lambda s: s["env"].pop("OTEL_EXPORTER_OTLP_HEADERS"),
+         ("fail", "token", "the server has a token; Claude Code sends none (OTEL_EXPORTER_OTLP_HEADERS): run ccmon "
+                           "setup")),
+        (lambda s: s.pop("statusLine"), ("fail", "status line", f"not set in {settings}: run ccmon setup")),
+        (lambda s: s.update(statusLine={"type": "command", "command": "starship prompt"}),
+         ("fail", "status line", f"{settings} runs another status line: ccmon setup --replace-status-line makes it "
+                                 "ccmon's")),
+    ]
+    for change, broken in breaks:
+        edit_settings(home, change)
+        code, checks, _ = doctor(home)
+        assert (code, failing(checks)) == (1, [broken])
+        assert run_ccmon(["setup", "--replace-status-line"], home).returncode == 0
+        assert doctor(home)[0] == 0, broken
+
+    # the server stopped: red when it may not be started; started again by doctor, what it received is kept
+    assert run_ccmon(["server", "stop"], home).returncode == 0
+    code, checks, _ = doctor(home, "--monitor-autostart", "false")
+    assert (code, checks) == (1, [
+        ("ok", "config", f"{home}/.ccmon/config.toml is valid"),
+        ("fail", "server", f"cannot reach 127.0.0.1:{port}: connection refused; start it: ccmon --server, or turn "
+                           "monitor.autostart on")])
+    code, checks, received = doctor(home)
+    assert code == 0 and f"(local server started, pid {pid_file(home)['pid']})" in checks[1][2]
+    assert received == [{"protocol": "grpc", "signal": "logs", "last_ms": last, "accepted": 2, "rejected": 0}]
+
+
+def test_doctor_warns_when_transcripts_are_newer_than_the_telemetry(doctor_home):
+    home, port = doctor_home
+    assert run_ccmon(["setup"], home).returncode == 0
+    project = home / ".claude" / "projects" / "-home-dev-proj"
+    project.mkdir(parents=True)
+    minutes_ago = [(dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=m)).isoformat(timespec="milliseconds")
+                   .replace("+00:00", "Z") for m in (20, 10)]
+    (project / "s-t.jsonl").write_text("".join(transcript_line("s-t", when, f"req_t{i}", f"msg_t{i}") + "\n"
+                                               for i, when in enumerate(minutes_ago)))
+    code, checks, _ = doctor(home)
+    assert (code, failing(checks)) == (1, [
+        ("fail", "received grpc", "nothing yet; once the settings above hold, restart Claude Code and use it"),
+        ("warn", "transcripts", "1 file, newest entry 10 min ago, no telemetry: telemetry is not arriving; history "
+                                "is being filled from transcripts. Likely: Claude Code was started before ccmon setup "
+                                "(restart it), its environment or a project's .claude/settings.json overrides the "
+                                "exporter, the server was down or unreachable from Claude Code, or this Claude Code "
+                                "release does not export")])
+    assert sdk_export(port, [("api_request", api_request(1, minutes_ago[1]))],
+                      headers={"authorization": "Bearer s3cret"}) == ["SUCCESS"]
+    code, checks, _ = doctor(home)
+    assert (code, checks[-1]) == (0, ("ok", "transcripts", "1 file, read by this server; newest entry 10 min ago, "
+                                                           "newest telemetry just now"))
+
+
+def test_doctor_follows_the_environment_claude_code_inherits_and_a_named_server(doctor_home, tmp_path):
+    """Values in the environment count where the settings file has none; a named server's OTLP/HTTP address is
+    not known, and it does not read the local transcripts."""
+    home, _ = doctor_home
+    team = ServerProcess(tmp_path, "--server-token", "team").start()
+    try:
+        env = {"CLAUDE_CODE_ENABLE_TELEMETRY": "1", "OTEL_LOGS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL":
+               "http/protobuf", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{team.http_port}",
+               "OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20team", "CCMON_TOKEN": "team"}
+        result = run_ccmon(["doctor", "--json", "--monitor-server", team.target], home, env=env)
+        checks = [(c["status"], c["link"], c["message"]) for c in json.loads(result.stdout)["checks"]]
+        assert result.returncode == 1
+        assert checks[1][2].startswith(f"ccmon {ccmon.VERSION} at {team.target} (local), up ")
+        assert checks[1][2].endswith(f", database {tmp_path}/ccmon.db")
+        assert checks[2:6] == [
+            ("ok", "telemetry", "on (the environment)"),
+            ("warn", "exporter", f"http/protobuf to http://127.0.0.1:{team.http_port}: this server's OTLP/HTTP "
+                                 "address is not known here (--server-http-address), so not checked"),
+            ("ok", "token", "Claude Code sends the server's token"),
+            ("fail", "received http/protobuf", "nothing yet; once the settings above hold, restart Claude Code and "
+                                               "use it")]
+    finally:
+        team.stop()
+
+
+def test_doctor_checks_an_http_exporter_against_the_local_servers_otlp_http_address(doctor_home):
+    home, port = doctor_home
+    assert run_ccmon(["setup"], home).returncode == 0
+    edit_settings(home, lambda s: s["env"].update(OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf",
+                                                  OTEL_EXPORTER_OTLP_ENDPOINT="http://localhost:4318"))
+    code, checks, _ = doctor(home)
+    assert code == 1 and checks[3] == ("fail", "exporter", "http/protobuf to http://localhost:4318: this server does "
+                                                           "not take OTLP/HTTP (server.http_address is off); run ccmon "
+                                                           "setup (it writes grpc)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+    config = home / ".ccmon" / "config.toml"
+    config.write_text(config.read_text().replace('http_address = "off"', f'http_address = "127.0.0.1:{http_port}"'))
+    assert run_ccmon(["server", "stop"], home).returncode == 0
+    code, checks, _ = doctor(home)  # started again, with OTLP/HTTP on
+    assert checks[3] == ("fail", "exporter", f"http/protobuf to http://localhost:4318 ({home}/.claude/settings.json): "
+                                             f"it sends to localhost:4318, not to this server's 127.0.0.1:{http_port}; "
+                                             "run ccmon setup")
+    edit_settings(home, lambda s: s["env"].update(OTEL_EXPORTER_OTLP_ENDPOINT=f"http://localhost:{http_port}"))
+    assert sdk_export(http_port, [("api_request", api_request(1, hours_ago(0.01)))], protocol="http/protobuf",
+                      headers={"authorization": "Bearer s3cret"}) == ["SUCCESS"]
+    code, checks, _ = doctor(home)
+    assert (code, checks[3], checks[5][:2]) == (0, ("ok", "exporter", f"http/protobuf to http://localhost:{http_port}, "
+                                                                      "this server"), ("ok", "received http/protobuf"))
+
+
+def test_doctor_reports_a_bad_config_or_settings_file_and_refuses_bad_flags(doctor_home):
+    home, _ = doctor_home
+    config = home / ".ccmon" / "config.toml"
+    good = config.read_text()
+    config.write_text(good + "[monitor]\nrefresh_interval = \"forever\"\n")
+    code, checks, _ = doctor(home)
+    assert (code, checks) == (1, [("fail", "config", checks[0][2])])
+    assert checks[0][2].startswith(f"{config}: monitor.refresh_interval")
+    config.write_text(good)
+    settings = home / ".claude" / "settings.json"
+    settings.parent.mkdir()
+    settings.write_text('{\n  "env": {\n')
+    code, checks, _ = doctor(home)
+    assert (code, checks[2:]) == (1, [("fail", "claude settings", f"{settings} line 3: not valid JSON (Expecting "
+                                       "property name enclosed in double quotes); fix it, then run ccmon setup")])
+    for args, message in ((["--jsn"], "ccmon doctor: unknown option --jsn; did you mean --json? (see ccmon doctor "
+                                      "--help)\n"),
+                          (["now"], "ccmon doctor: unrecognized arguments: now (see ccmon doctor --help)\n")):
+        result = run_ccmon(["doctor", *args], home)
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", message), args
+    flag = run_ccmon(["doctor", "--monitor-server", "team-box"], home)  # a link of its own, as a file's error is
+    assert (flag.returncode, flag.stdout) == (1, "FAIL config  --monitor-server: invalid address 'team-box' (use "
+                                                 "HOST:PORT such as 127.0.0.1:4317)\n")
+
+
+def test_receiver_counts_per_protocol_are_cumulative_and_durable(tmp_path):
+    """One upsert per export, per protocol and signal: records accepted (duplicates too) and rejected, and when a
+    record was last accepted; they survive a restart and only ever grow."""
+    srv = ServerProcess(tmp_path).start()
+    when = hours_ago(1)
+    good = [("api_request", api_request(seq, when)) for seq in range(1, 4)]
+    bad = [("api_request", api_request(9, when, output_tokens=-4))]
+    before = ccmon.now_ms()
+    assert sdk_export(srv.port, good + bad) == ["SUCCESS"]
+    assert sdk_export(srv.http_port, good, protocol="http/protobuf") == ["SUCCESS"]  # duplicates: accepted
+    from google.protobuf import json_format
+    response, _ = http_post(srv.http_port, body=json_format.MessageToJson(logs_request(bad)).encode(),
+                            headers={"Content-Type": "application/json"})  # rejected only: no time of acceptance
+    assert response.status == 200
+    after = ccmon.now_ms()
+
+    def counts():
+        info = srv.query().GetServerInfo(ccmon_pb2.GetServerInfoRequest())
+        return [ccmon.receiver_counts_of(message) for message in info.receivers]
+    first = counts()
+    assert [dataclasses.replace(c, last_ms=None) for c in first] == [
+        ccmon.ReceiverCounts("grpc", "logs", None, 3, 1), ccmon.ReceiverCounts("http/json", "logs", None, 0, 1),
+        ccmon.ReceiverCounts("http/protobuf", "logs", None, 3, 0)]
+    assert before <= first[0].last_ms <= first[2].last_ms <= after and first[1].last_ms is None
+    assert srv.stop() == 0
+    srv.start()
+    assert counts() == first
+    assert sdk_export(srv.port, good) == ["SUCCESS"]
+    assert [(c.protocol, c.accepted, c.rejected) for c in counts()] == [("grpc", 6, 1), ("http/json", 0, 1),
+                                                                        ("http/protobuf", 3, 0)]
+    info = srv.query().GetServerInfo(ccmon_pb2.GetServerInfoRequest())
+    assert (info.database_path, info.default_database) == (str(tmp_path / "ccmon.db"), False)
+    srv.stop()
 
 
 # ---------------------------------------------------------------- a real Claude Code: telemetry, transcripts, status line
@@ -7678,6 +7984,14 @@ def test_claude_code_exports_to_the_server_ccmon_setup_pointed_it_at(claude_code
                     "cost_nanos FROM r WHERE session_id = ?", (result["session_id"],))),
             "the api_request of a Claude Code set up by ccmon setup", 30)
         assert rows == [(model, *MOCK_USAGE[model])]
+        # and ccmon doctor finds every link holding, its telemetry received over gRPC
+        capsys.readouterr()  # what setup said
+        code = ccmon.main(["doctor", "--monitor-server", srv.target, "--monitor-token", "team-t0ken"])
+        lines = capsys.readouterr().out.splitlines()
+        assert code == 0, lines
+        assert [line.split()[:3] for line in lines] == [
+            ["ok", "config", "no"], ["ok", "server", "ccmon"], ["ok", "telemetry", "on"], ["ok", "exporter", "grpc"],
+            ["ok", "token", "Claude"], ["ok", "received", "grpc"], ["ok", "status", "line"], ["ok", "transcripts", "1"]]
     finally:
         srv.stop()
 
