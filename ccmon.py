@@ -5428,10 +5428,6 @@ def reset_time(ms: int, now: int, zone: ZoneInfo) -> str:
     return local_time(ms, zone, "%H:%M" if same_day else "%a %H:%M")
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def reading_age(read_ms: int, now: int) -> str:
     """How old Claude's figure is: 'just now', '2 min ago', '1h05m ago'."""
     age = max(0, now - read_ms)

@@ -7001,7 +7001,10 @@ def test_a_first_run_shows_the_transcripts_totals_on_its_first_screen(tmp_path):
             for i, (at, model, usage) in enumerate(lines)))
     try:
         with MonitorPty([], cwd=home, env={"HOME": str(home)}) as monitor:
-            screen = monitor.wait_for("● connected", "the first screen connected")
+            # the server reads the transcripts as it starts: the screen fills in (in a refresh or two) and then holds
+            # exactly their totals
+            screen = monitor.wait_for(lambda text: "● connected" in text and "Requests 1-3 of 3" in text,
+                                      "the transcripts' requests on screen")
             # two Sonnet 4.5 requests at $0.01245 each and one Haiku 4.5 request of 120 in, 30 out: $0.00027
             assert line_with(screen, "Base").split() == ["Base", "1", "150", "0", "150", "$0.0003", "-"]
             assert line_with(screen, "Premium").split() == ["Premium", "2", "3.50K", "9.60K", "13.1K", "$0.0249", "-"]
