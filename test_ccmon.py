@@ -3947,6 +3947,254 @@ def test_names_with_control_characters_are_shown_not_obeyed(server, tmp_path):
     assert ccmon.row_text(fitted, [f"m{HOSTILE}", "$0.0125"]) == r"mx\x1b[31m\~ $0.0125"
 
 
+# ---------------------------------------------------------------- web dashboard: GET / and /api/ on the HTTP listener
+
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+USAGE_KEYS = ("requests", "input", "output", "cache_read", "cache_creation", "cost_nanos")
+
+
+def web(port: int, path: str = "/", method: str = "GET", headers: dict | None = None, body: bytes | None = None):
+    """One request to the HTTP listener, redirects not followed: (response, body)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response, data
+
+
+def dashboard_api(port: int, query: str = "", headers: dict | None = None) -> dict:
+    response, data = web(port, "/api/dashboard" + query, headers=headers)
+    assert response.status == 200, data
+    return json.loads(data)
+
+
+def web_team_events() -> tuple[list, list]:
+    """Recent requests of two users in two projects (ana's, then bo's export), and an older one of bo's."""
+    def request(seq, session, email, hours, model, cost, **figures):
+        return ("api_request", {**api_request(seq, hours_ago(hours), model=model, session=session, cost_usd=cost,
+                                              **figures), "user.email": email})
+    ana = [request(1, "s-ana", "ana@example.com", 0.2, "claude-sonnet-4-5", "1.25", input_tokens=1200,
+                   output_tokens=340, cache_read_tokens=15000, cache_creation_tokens=2200, duration_ms=5120),
+           request(2, "s-ana", "ana@example.com", 0.3, "claude-haiku-4-5", 0.000975, input_tokens=800,
+                   output_tokens=95, duration_ms=830)]
+    bo = [request(3, "s-bo", "bo@example.com", 0.5, "claude-opus-4-1", 0.06225, input_tokens=10, output_tokens=2048),
+          request(4, "s-bo-old", "bo@example.com", 50, "claude-opus-4-1", "2.5", input_tokens=7, output_tokens=3)]
+    return ana, bo
+
+
+def seed_web_team(srv: ServerProcess) -> None:
+    """web_team_events through the SDK's OTLP/HTTP exporter, and a status line reading of ana's limits."""
+    ana, bo = web_team_events()
+    assert sdk_export(srv.http_port, ana, resource={**CLAUDE_RESOURCE, "project": "web-app"},
+                      protocol="http/protobuf") == ["SUCCESS"]
+    assert sdk_export(srv.http_port, bo, resource={**CLAUDE_RESOURCE, "project": "api"},
+                      protocol="http/protobuf") == ["SUCCESS"]
+    resets = ccmon.now_ms() + 3600_000
+    srv.query().ReportStatusLine(ccmon_pb2.ReportStatusLineRequest(reading=ccmon_pb2.LimitReading(
+        session_id="s-ana", model="claude-sonnet-4-5",
+        five_hour=ccmon_pb2.LimitWindow(used_percentage=20.5, resets_at=ccmon.timestamp_from_ms(resets)),
+        seven_day=ccmon_pb2.LimitWindow(used_percentage=63.0,
+                                        resets_at=ccmon.timestamp_from_ms(resets + 2 * 86400_000)))))
+
+
+def usage_figures(usage) -> tuple:
+    """A Usage's counts and cost, from the dashboard's JSON or from a value the client built."""
+    if isinstance(usage, dict):
+        return tuple(usage[key] for key in USAGE_KEYS)
+    return (usage.requests, usage.input, usage.output, usage.cache_read, usage.cache_creation, usage.cost_nanos)
+
+
+def split_figures(split) -> tuple:
+    if isinstance(split, dict):
+        return tuple(usage_figures(split[part]) for part in ("base", "premium", "total"))
+    return tuple(usage_figures(part) for part in (split.base, split.premium, split.total))
+
+
+def test_dashboard_api_figures_are_the_query_services_exactly(server):
+    seed_web_team(server)
+    client = ccmon.Client(server.target)
+    for query, user, project in (("?period=d&tz=UTC", None, None), ("?period=a&user=bo%40example.com", "bo@example.com",
+                                                                     None), ("?period=w&project=web-app", None, "web-app")):
+        data = dashboard_api(server.http_port, query)
+        now, (start, end) = data["now_ms"], (data["period"]["start_ms"], data["period"]["end_ms"])
+        assert (data["user"], data["project"], data["timezone"], end) == (user, project, "UTC", now)
+        midnight, month_start, _ = ccmon.day_and_month_start(now, ccmon.ZoneInfo("UTC"))
+        today = dt.datetime.fromtimestamp(now / 1000, dt.timezone.utc).date()
+        monday = ccmon.ms_from_datetime(dt.datetime.combine(today - dt.timedelta(days=today.weekday()), dt.time(),
+                                                            dt.timezone.utc))
+        for key, lo in (("today", midnight), ("week", monday), ("month", month_start), ("period_usage", start)):
+            expected = client.stats(lo, now, user, project)
+            assert split_figures(data[key]) == split_figures(expected), key
+            assert data[key]["total"]["text"]["cost"] == ccmon.format_cost(expected.total.cost_nanos)
+        days = client.days(None, now, "UTC", user, project)[::-1]
+        assert [(day["date"], split_figures(day["split"])) for day in data["days"]] == \
+            [(day.date, split_figures(day.split)) for day in days]
+        assert [(u["user"], u["sessions"], split_figures(u["split"])) for u in data["users"]] == \
+            [(u.user, u.sessions, split_figures(u.split)) for u in client.users(start, end, project)]
+        assert [(m["model"], usage_figures(m["usage"])) for m in data["models"]] == \
+            [(m.model, usage_figures(m.usage)) for m in client.models(start, end, user, project)]
+        assert [(p["project"], p["sessions"], split_figures(p["split"])) for p in data["projects"]] == \
+            [(p.project, p.sessions, split_figures(p.split)) for p in client.projects(start, end, user)]
+        page = client.api_requests(start, end, 50, 0, False, user, project)
+        assert [(r["ts_ms"], r["model"], r["session_id"], usage_figures(r["usage"])) for r in data["requests"]] == \
+            [(r.ts_ms, r.model, r.session_id, usage_figures(r.usage)) for r in page.requests]
+        assert [(s["session_id"], s["user"], s["project"], split_figures(s["split"])) for s in data["sessions"]] == \
+            [(s.session_id, s.user, s.project, split_figures(s.split))
+             for s in client.sessions(start, end, user, 50, project)]
+    data = dashboard_api(server.http_port, "?period=d&tz=UTC")
+    assert data["period_usage"]["total"]["cost_nanos"] == 1_313_225_000  # 1.25 + 0.000975 + 0.06225, exactly
+    assert data["period_usage"]["total"]["text"] == {
+        "cost": "$1.31", "requests": "3", "tokens": "21.7K", "input": "2.01K", "output": "2.48K", "cache": "17.2K",
+        "limited": "4.49K", "duration": "6.0s"}  # 5,950 ms
+    assert [r["usage"]["text"]["cost"] for r in data["requests"]] == ["$1.25", "$0.0010", "$0.0623"]  # halves up
+    assert [(u["text"]["name"], u["five_hour"]["text"]["percent"] if u["five_hour"] else None)
+            for u in data["users"]] == [("ana@example.com", "21%"), ("bo@example.com", None)]
+    limits = data["limits"]
+    assert [(entry["user"], entry["five_hour"]["window"]["percent"], entry["five_hour"]["text"]["age"],
+             entry["seven_day"]["window"]["text"]["percent"]) for entry in limits] == \
+        [("ana@example.com", 20.5, "just now", "63%")]
+    assert limits[0]["five_hour"]["window"]["text"]["resets"] == ccmon.reset_time(
+        limits[0]["five_hour"]["window"]["resets_ms"], data["now_ms"], ccmon.ZoneInfo("UTC"))
+    assert [p["key"] for p in data["periods"]] == list(ccmon.PERIODS) and data["stored_requests"] == 4
+    assert dashboard_api(server.http_port, "?user=nobody%40example.com")["limits"] == []
+    client.close()
+
+
+def test_dashboard_pages_headers_methods_and_bad_requests(server):
+    page, html = web(server.http_port, "/")
+    assert (page.status, page.getheader("Content-Type")) == (200, "text/html; charset=utf-8")
+    assert b'<body data-view="dashboard">' in html and b'<script src="/dashboard.js" defer></script>' in html
+    for name, value in (("Content-Security-Policy", PAGE_CSP), ("X-Content-Type-Options", "nosniff"),
+                        ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"), ("Cache-Control", "no-store")):
+        assert page.getheader(name) == value, name
+    head, empty = web(server.http_port, "/", method="HEAD")
+    assert (head.status, head.getheader("Content-Length"), empty) == (200, str(len(html)), b"")
+    script, js = web(server.http_port, "/dashboard.js")
+    assert (script.status, script.getheader("Content-Type"), script.getheader("Cache-Control")) == \
+        (200, "text/javascript; charset=utf-8", "no-cache")
+    assert js == (ROOT / "dashboard.js").read_bytes() and "innerHTML" not in js.decode()
+    again, nothing = web(server.http_port, "/dashboard.js", headers={"If-None-Match": script.getheader("ETag")})
+    assert (again.status, nothing) == (304, b"")
+    style, css = web(server.http_port, "/dashboard.css")
+    assert (style.status, style.getheader("Content-Type"), css) == \
+        (200, "text/css; charset=utf-8", (ROOT / "dashboard.css").read_bytes())
+    api, _ = web(server.http_port, "/api/dashboard")
+    assert (api.status, api.getheader("Content-Type"), api.getheader("Cache-Control"),
+            api.getheader("Content-Security-Policy")) == (200, "application/json", "no-store", PAGE_CSP)
+    refusals = [
+        ("GET", "/nope", 404, "no such page '/nope'; the dashboard is at /", None),
+        ("GET", "/api/", 404, "no such page '/api/'; the dashboard is at /", None),
+        ("PUT", "/", 405, "PUT is not supported here; use GET, HEAD", "GET, HEAD"),
+        ("DELETE", "/api/dashboard", 405, "DELETE is not supported here; use GET, HEAD", "GET, HEAD"),
+        ("POST", "/api/dashboard", 405, "POST is not supported here; use GET, HEAD", "GET, HEAD"),
+        ("GET", "/login", 405, "GET is not supported here; use POST", "POST"),
+    ]
+    for method, path, status, message, allow in refusals:
+        response, data = web(server.http_port, path, method=method, body=b"x" if method == "POST" else None)
+        assert (response.status, data.decode(), response.getheader("Allow")) == (status, message + "\n", allow), path
+        assert response.getheader("Content-Security-Policy") == PAGE_CSP
+    response, data = web(server.http_port, "/v1/logs")  # the OTLP paths answer as before
+    assert (response.status, response.getheader("Allow")) == (405, "POST")
+    assert json.loads(data)["message"] == "GET is not supported; OTLP/HTTP exports use POST"
+    bad = [("?period=x", "period 'x' is none of h, d, w, m, a, b (last hour, last 24 hours, last 7 days, last 30 days, "
+                         "all time, current block)"),
+           ("?tz=Mars/Olympus", "unknown timezone 'Mars/Olympus'"),
+           ("?colour=red", "unknown parameter 'colour'; use period, user, project, tz")]
+    for query, message in bad:
+        response, data = web(server.http_port, "/api/dashboard" + query)
+        assert (response.status, json.loads(data)) == (400, {"error": message})
+    # Without a token, only a request that names the server by address or localhost is answered: a web site whose
+    # name resolves to this machine (DNS rebinding) is not.
+    for host in ("localhost", f"localhost:{server.http_port}", f"127.0.0.1:{server.http_port}", "[::1]:80"):
+        assert web(server.http_port, "/api/dashboard", headers={"Host": host})[0].status == 200, host
+    for path in ("/", "/api/dashboard", "/dashboard.js"):
+        response, data = web(server.http_port, path, headers={"Host": "evil.example:4318"})
+        assert (response.status, data.decode()) == (403, "without a token the dashboard answers only at an IP "
+                                                         "address or localhost (no web site can then reach it by a "
+                                                         "name of its own): set server.token to open it by name\n")
+    assert "Traceback" not in server.log
+
+
+def test_dashboard_with_a_token_asks_for_it_and_signs_in_with_a_cookie(tmp_path):
+    token = "s3cret-dashboard-token"
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": token}).start()
+    try:
+        seed = logs_request([("api_request", api_request(1, hours_ago(0.1), cost_usd=0.5))])
+        response, _ = http_post(srv.http_port, body=seed.SerializeToString())
+        assert response.status == 401  # the OTLP endpoints keep their token rule
+        response, _ = http_post(srv.http_port, body=seed.SerializeToString(),
+                                headers={"Authorization": f"Bearer {token}"})
+        assert response.status == 200
+        page, html = web(srv.http_port, "/")
+        assert (page.status, page.getheader("WWW-Authenticate"), page.getheader("Cache-Control")) == \
+            (401, 'Bearer realm="ccmon"', "no-store")
+        assert b'<body data-view="login">' in html and b'<form method="post" action="/login">' in html
+        api, data = web(srv.http_port, "/api/dashboard")
+        assert (api.status, json.loads(data)) == \
+            (401, {"error": "missing or wrong token: sign in at / or send Authorization: Bearer"})
+        for wrong in ("Bearer nope", "Basic " + token, token):
+            assert web(srv.http_port, "/api/dashboard", headers={"Authorization": wrong})[0].status == 401
+        by_bearer = dashboard_api(srv.http_port, headers={"Authorization": f"Bearer {token}"})
+        assert by_bearer["period_usage"]["total"]["text"]["cost"] == "$0.5000" and by_bearer["sign_out"] is True
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        failed, html = web(srv.http_port, "/login", "POST", form, b"token=wrong")
+        assert failed.status == 401 and failed.getheader("Set-Cookie") is None
+        assert b'<body data-view="login-failed">' in html
+        signed, _ = web(srv.http_port, "/login", "POST", form, f"token={token}".encode())
+        cookie = signed.getheader("Set-Cookie")
+        assert (signed.status, signed.getheader("Location")) == (303, "/")
+        value, *flags = cookie.split("; ")
+        assert value.startswith("ccmon_session=") and token not in cookie
+        assert flags == [f"Max-Age={30 * 86400}", "Path=/", "HttpOnly", "SameSite=Strict"]  # Secure only over TLS
+        session = {"Cookie": value}
+        page, html = web(srv.http_port, "/", headers=session)
+        assert page.status == 200 and b'<body data-view="dashboard">' in html
+        assert dashboard_api(srv.http_port, headers={"Cookie": f"other=1; {value}"})["stored_requests"] == 1
+        expires, mac = value.removeprefix("ccmon_session=").split(".")
+        past = int(time.time()) - 1
+        for forged in (f"{int(expires) + 1}.{mac}", f"{expires}.{'0' * len(mac)}", ccmon.session_cookie(token, past),
+                       ccmon.session_cookie("another-token", int(expires)), "", "x.y", f"{expires}"):
+            assert web(srv.http_port, "/api/dashboard", headers={"Cookie": f"ccmon_session={forged}"})[0].status == \
+                401, forged
+        # The cookie opens the dashboard alone: exports and the query service still want the token itself.
+        assert http_post(srv.http_port, body=seed.SerializeToString(), headers=session)[0].status == 401
+        out, _ = web(srv.http_port, "/logout", "POST", form, b"")
+        assert (out.status, out.getheader("Location"), out.getheader("Set-Cookie")) == \
+            (303, "/", "ccmon_session=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict")
+        # With a token, a request naming the server by any host name is answered once it is signed in.
+        assert web(srv.http_port, "/api/dashboard", headers={**session, "Host": "ccmon.example"})[0].status == 200
+    finally:
+        srv.stop()
+    assert token not in srv.log and "refused dashboard sign-in from 127.0.0.1: wrong token" in srv.log
+
+
+def test_dashboard_session_cookie_is_the_tokens_and_expires():
+    cookie = ccmon.session_cookie("t", 2_000_000_000)
+    assert re.fullmatch(r"2000000000\.[0-9a-f]{64}", cookie)
+    assert ccmon.signed_in(f"ccmon_session={cookie}", "t", 1_999_999_999)
+    assert not ccmon.signed_in(f"ccmon_session={cookie}", "t", 2_000_000_000)  # expired
+    assert not ccmon.signed_in(f"ccmon_session={cookie}", "u", 1)
+    assert not ccmon.signed_in(f"session={cookie}", "t", 1)
+    assert not ccmon.signed_in("ccmon_session=\u00b2." + cookie.split(".")[1], "t", 1)  # a digit int() would take
+    assert not ccmon.signed_in(None, "t", 1)
+
+
+def test_dashboard_files_are_small_and_load_nothing_from_elsewhere():
+    files = {name: (ROOT / name).read_text() for name in ("dashboard.html", "dashboard.js", "dashboard.css")}
+    assert sum(map(len, files.values())) < 40_000
+    for name, text in files.items():
+        assert not re.search(r"(?:https?:)?//[a-z]", re.sub(r"http://www\.w3\.org/2000/svg", "", text)), name
+    assert "innerHTML" not in files["dashboard.js"] and "insertAdjacentHTML" not in files["dashboard.js"]
+    assert "style=" not in files["dashboard.html"] and "<script>" not in files["dashboard.html"]
+    assert set(ccmon.DASHBOARD_FILES.values()) <= {(name, kind) for name in files for kind in (
+        "text/html; charset=utf-8", "text/javascript; charset=utf-8", "text/css; charset=utf-8")}
+    import build_zipapp
+    assert all(name in build_zipapp.APP_FILES for name in files)
+
+
 # ---------------------------------------------------------------- monitor: view model and pure render functions
 
 def test_formatting():
