@@ -61,7 +61,7 @@ def go_ccmon_binary() -> Path:
 
 
 # Fixtures that start an external program or need the network: a test using one is marked e2e (pytest.ini).
-E2E_FIXTURES = {"node_emitter", "go_server", "pyz", "pythons", "claude_code"}
+E2E_FIXTURES = {"node_emitter", "go_server", "pyz", "pythons", "claude_code", "chromium"}
 
 
 def e2e(test):
@@ -4193,6 +4193,169 @@ def test_dashboard_files_are_small_and_load_nothing_from_elsewhere():
         "text/html; charset=utf-8", "text/javascript; charset=utf-8", "text/css; charset=utf-8")}
     import build_zipapp
     assert all(name in build_zipapp.APP_FILES for name in files)
+
+
+# In a real browser: headless Chromium (Debian's chromium package) loads the page, runs its script and its fetches
+# (virtual time runs only once they have answered), and hands back the document as it then is.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("the dashboard's browser tests need Chromium: apt-get install -y chromium (README, Development)")
+    return path
+
+
+def in_browser(chromium: str, tmp_path: Path, url: str, *args: str) -> str:
+    """What headless Chromium prints for `url` (with --dump-dom, the document once its script has run), in a new
+    profile, in UTC (the zone the page asks the server for)."""
+    profile = tempfile.mkdtemp(dir=tmp_path, prefix="chromium-")
+    result = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=4000",
+                             *args, url], capture_output=True, text=True, timeout=120, env={**os.environ, "TZ": "UTC"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@dataclasses.dataclass
+class Document:
+    """A dumped document as a reader sees it: each element's text by id, each table's rows of cell texts, the bars'
+    titles, and every start tag (name and attributes) it has."""
+    texts: dict[str, str]
+    tables: dict[str, list[list[str]]]
+    titles: list[str]
+    tags: list[tuple[str, dict]]
+
+
+def read_document(dom: str) -> Document:
+    from html.parser import HTMLParser
+    document = Document({}, {}, [], [])
+    void = {"meta", "link", "input", "br", "img", "hr", "source", "area", "base", "col", "embed", "wbr"}
+
+    class Reader(HTMLParser):
+        open: list[tuple[str, str | None]] = []   # (tag, id) of the elements open here
+        table: str | None = None
+
+        def handle_starttag(self, tag, attrs):
+            attributes = dict(attrs)
+            document.tags.append((tag, attributes))
+            if tag == "table":
+                self.table = attributes.get("id")
+                document.tables[self.table] = []
+            elif tag == "tr" and self.table:
+                document.tables[self.table].append([])
+            elif tag == "td" and self.table:
+                document.tables[self.table][-1].append("")
+            if tag not in void:
+                self.open.append((tag, attributes.get("id")))
+                if attributes.get("id"):
+                    document.texts[attributes["id"]] = ""
+            if tag == "title" and any(name == "rect" for name, _ in self.open[:-1]):
+                document.titles.append("")
+
+        def handle_endtag(self, tag):
+            while self.open and self.open.pop()[0] != tag:
+                pass
+            if tag == "table":
+                self.table = None
+
+        def handle_data(self, data):
+            for _, element_id in self.open:
+                if element_id:
+                    document.texts[element_id] += data
+            if self.table and self.open and self.open[-1][0] == "td":
+                document.tables[self.table][-1][-1] += data
+            if self.open and self.open[-1][0] == "title" and any(name == "rect" for name, _ in self.open):
+                document.titles[-1] += data
+
+    reader = Reader(convert_charrefs=True)
+    reader.open = []
+    reader.feed(dom)
+    return document
+
+
+@e2e
+def test_dashboard_in_chromium_shows_the_servers_figures_exactly(server, chromium, tmp_path):
+    seed_web_team(server)
+    document = read_document(in_browser(chromium, tmp_path, f"http://127.0.0.1:{server.http_port}/?period=d",
+                                        "--dump-dom"))
+    assert document.texts["status"].startswith("updated ")
+    client, now, utc = ccmon.Client(server.target), ccmon.now_ms(), ccmon.ZoneInfo("UTC")
+    midnight, month_start, _ = ccmon.day_and_month_start(now, utc)
+    today = client.stats(midnight, now).total
+    assert (document.texts["today-cost"], document.texts["today-detail"]) == \
+        (ccmon.format_cost(today.cost_nanos), f"{today.requests} requests, {ccmon.format_count(today.total)} tokens")
+    assert document.texts["month-cost"] == ccmon.format_cost(client.stats(month_start, now).total.cost_nanos)
+    period = client.stats(now - 86400_000, now).total
+    assert (document.texts["period-name"], document.texts["period-cost"]) == \
+        ("Last 24 hours", ccmon.format_cost(period.cost_nanos)) == ("Last 24 hours", "$1.31")
+    assert document.tables["users"][1:] == [
+        [u.user, str(u.sessions), ccmon.format_count(u.split.total.requests), ccmon.format_count(u.split.total.total),
+         ccmon.format_count(u.split.premium.limited), ccmon.format_cost(u.split.total.cost_nanos),
+         ccmon.format_percent(u.five_hour.percent) if u.five_hour else "–",
+         ccmon.format_percent(u.seven_day.percent) if u.seven_day else "–"]
+        for u in client.users(now - 86400_000, now)]
+    assert [row[0] for row in document.tables["users"][1:]] == ["ana@example.com", "bo@example.com"]
+    assert document.tables["models"][1:] == [
+        [m.model, ccmon.format_count(m.usage.requests), ccmon.format_count(m.usage.input),
+         ccmon.format_count(m.usage.output), ccmon.format_count(m.usage.cache), ccmon.format_count(m.usage.total),
+         ccmon.format_cost(m.usage.cost_nanos)] for m in client.models(now - 86400_000, now)]
+    assert [row[0] for row in document.tables["projects"][1:]] == ["web-app", "api"]
+    assert [row[6] for row in document.tables["requests"][1:]] == ["$1.25", "$0.0010", "$0.0623"]
+    (limits,) = document.tables["limits"][1:]
+    assert limits[0] == "ana@example.com" and limits[1].startswith("21%, resets ") and limits[2] == "just now"
+    assert limits[3].startswith("63%, resets ")
+    days = client.days(None, now, "UTC")
+    assert len(document.titles) == 30 and document.titles[-1] == \
+        f"{days[0].date}: {ccmon.format_cost(days[0].split.total.cost_nanos)}, {days[0].split.total.requests} requests"
+    client.close()
+
+
+XSS = {"user": "<img src=x onerror=\"document.title='pwned-user'\">",
+       "project": "</script><script>document.title='pwned-project'</script>",
+       "model": "\"><svg onload=\"document.title='pwned-model'\"><b>claude</b>",
+       "session": "<iframe src=\"javascript:parent.document.title='pwned-session'\"></iframe>"}
+
+
+@e2e
+def test_dashboard_in_chromium_shows_names_from_telemetry_as_text_and_runs_nothing(server, chromium, tmp_path):
+    events = [("api_request", {**api_request(1, hours_ago(0.1), model=XSS["model"], session=XSS["session"],
+                                             cost_usd=0.5), "user.email": XSS["user"]})]
+    assert sdk_export(server.http_port, events, resource={**CLAUDE_RESOURCE, "project": XSS["project"]},
+                      protocol="http/protobuf") == ["SUCCESS"]
+    dom = in_browser(chromium, tmp_path, f"http://127.0.0.1:{server.http_port}/", "--dump-dom")
+    document = read_document(dom)
+    assert document.texts["status"].startswith("updated ")
+    assert "<title>ccmon</title>" in dom and "pwned" not in dom.split("</title>")[0]  # no payload ran
+    tags = [name for name, _ in document.tags]
+    assert not {"img", "iframe", "b"} & set(tags) and tags.count("script") == 1  # no payload became an element
+    assert [name for name, attributes in document.tags if name == "svg"] == ["svg"]  # the chart's alone
+    assert document.tables["users"][1][0] == XSS["user"]
+    assert document.tables["projects"][1][0] == XSS["project"]
+    assert document.tables["models"][1][0] == XSS["model"]
+    assert document.tables["requests"][1][1] == XSS["model"] and document.tables["requests"][1][8] == XSS["session"]
+    assert document.tables["sessions"][1][1:3] == [XSS["user"], XSS["project"]]
+    options = [attributes.get("value") for name, attributes in document.tags if name == "option"]
+    assert XSS["user"] in options and XSS["project"] in options  # the filters' values, as they are
+
+
+@e2e
+def test_dashboard_in_chromium_without_the_token_shows_only_the_sign_in(tmp_path, chromium):
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": "browser-token"}).start()
+    try:
+        response, _ = http_post(srv.http_port, body=logs_request([("api_request", api_request(
+            1, hours_ago(0.1), cost_usd=0.5))]).SerializeToString(), headers={"Authorization": "Bearer browser-token"})
+        assert response.status == 200
+        dom = in_browser(chromium, tmp_path, f"http://127.0.0.1:{srv.http_port}/", "--dump-dom")
+        document = read_document(dom)
+        assert '<body data-view="login">' in dom and ("form", {"method": "post", "action": "/login"}) in document.tags
+        assert "$" not in dom and document.texts["today-cost"] == "–"  # nothing fetched: no figure on the page
+        api = in_browser(chromium, tmp_path, f"http://127.0.0.1:{srv.http_port}/api/dashboard", "--dump-dom")
+        assert "missing or wrong token" in api and "cost" not in api
+    finally:
+        srv.stop()
 
 
 # ---------------------------------------------------------------- monitor: view model and pure render functions
