@@ -87,9 +87,10 @@ function fillCard(name, split, label) {
   if (label) byId(`${name}-name`).textContent = label;
 }
 
-// Cost per day as SVG bars, oldest day on the left; each bar's title says its day and cost.
+// Cost per day as SVG bars, oldest day on the left; each bar's title says its day and cost. The drawing is as wide
+// as its box, in CSS pixels, so that its text keeps its size on a phone and on a wide screen.
 function drawChart(days) {
-  const width = 640, height = 170, left = 8, right = 8, top = 22, bottom = 22;
+  const width = Math.max(280, byId("chart").clientWidth), height = 170, left = 8, right = 8, top = 22, bottom = 22;
   const step = (width - left - right) / Math.max(days.length, 1);
   const most = days.reduce((best, day) => day.split.total.cost_nanos > best.split.total.cost_nanos ? day : best,
                            days[0]);
