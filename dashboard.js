@@ -186,6 +186,7 @@ function setStatus(text, state) {
 
 async function poll() {
   clearTimeout(timer);
+  if (document.hidden) return;  // polled again when shown
   const params = query();
   const zone = Intl.DateTimeFormat().resolvedOptions().timeZone;
   if (zone) params.set("tz", zone);
@@ -195,14 +196,24 @@ async function poll() {
       window.location.assign("/");
       return;
     }
-    const data = await response.json();
-    if (!response.ok) throw new Error(data.error || `HTTP ${response.status}`);
+    const since = lastUpdate ? `; the figures are from ${lastUpdate}` : "";
+    let data;
+    try {
+      data = await response.json();
+    } catch (error) {
+      data = {error: `HTTP ${response.status}`};
+    }
+    if (!response.ok) {
+      setStatus(`the server cannot answer (${data.error}): retrying every ${POLL_MS / 1000} s${since}`, "bad");
+      return;
+    }
     render(data);
     lastUpdate = new Date().toLocaleTimeString();
-    setStatus(`updated ${lastUpdate}`, "good");
-  } catch (error) {
+    setStatus(data.stored_requests ? `updated ${lastUpdate}` : `updated ${lastUpdate}: no Claude Code request has ` +
+              "reached this server yet (point Claude Code's telemetry at it: see ccmon's README)", "good");
+  } catch (error) {  // no answer at all
     const since = lastUpdate ? `; the figures are from ${lastUpdate}` : "";
-    setStatus(`server unreachable (${error.message}): retrying every ${POLL_MS / 1000} s${since}`, "bad");
+    setStatus(`server unreachable: retrying every ${POLL_MS / 1000} s${since}`, "bad");
   } finally {
     timer = setTimeout(poll, POLL_MS);
   }
@@ -219,6 +230,7 @@ function start() {
       poll();
     });
   }
+  document.addEventListener("visibilitychange", poll);
   poll();
 }
 

@@ -23,6 +23,7 @@ import textwrap
 import threading
 import time
 import types
+import zlib
 import tomllib
 from pathlib import Path
 
@@ -4060,6 +4061,12 @@ def test_dashboard_api_figures_are_the_query_services_exactly(server):
         limits[0]["five_hour"]["window"]["resets_ms"], data["now_ms"], ccmon.ZoneInfo("UTC"))
     assert [p["key"] for p in data["periods"]] == list(ccmon.PERIODS) and data["stored_requests"] == 4
     assert dashboard_api(server.http_port, "?user=nobody%40example.com")["limits"] == []
+    # The current block: the automatic 5-hour block running now, as GetBlocks finds it.
+    block = dashboard_api(server.http_port, "?period=b")
+    now = block["now_ms"]
+    (running,) = [b for b in client.blocks(now - ccmon.BLOCK_MS, now) if b.start_ms <= now < b.end_ms]
+    assert (block["period"]["name"], block["period"]["start_ms"]) == ("current block", running.start_ms)
+    assert split_figures(block["period_usage"]) == split_figures(client.stats(running.start_ms, now))
     client.close()
 
 
@@ -4081,9 +4088,13 @@ def test_dashboard_pages_headers_methods_and_bad_requests(server):
     style, css = web(server.http_port, "/dashboard.css")
     assert (style.status, style.getheader("Content-Type"), css) == \
         (200, "text/css; charset=utf-8", (ROOT / "dashboard.css").read_bytes())
-    api, _ = web(server.http_port, "/api/dashboard")
+    api, plain = web(server.http_port, "/api/dashboard")
     assert (api.status, api.getheader("Content-Type"), api.getheader("Cache-Control"),
-            api.getheader("Content-Security-Policy")) == (200, "application/json", "no-store", PAGE_CSP)
+            api.getheader("Content-Security-Policy"), api.getheader("Content-Encoding")) == \
+        (200, "application/json", "no-store", PAGE_CSP, None)
+    packed, data = web(server.http_port, "/api/dashboard", headers={"Accept-Encoding": "br, gzip"})
+    assert (packed.getheader("Content-Encoding"), packed.getheader("Vary")) == ("gzip", "Accept-Encoding")
+    assert json.loads(zlib.decompress(data, 31)).keys() == json.loads(plain).keys()
     refusals = [
         ("GET", "/nope", 404, "no such page '/nope'; the dashboard is at /", None),
         ("GET", "/api/", 404, "no such page '/api/'; the dashboard is at /", None),
@@ -4169,6 +4180,12 @@ def test_dashboard_with_a_token_asks_for_it_and_signs_in_with_a_cookie(tmp_path)
     finally:
         srv.stop()
     assert token not in srv.log and "refused dashboard sign-in from 127.0.0.1: wrong token" in srv.log
+
+
+@pytest.mark.parametrize("header,takes", [("gzip", True), ("br;q=1.0, GZIP ; q=0.5", True), ("deflate, gzip;q=0", False),
+                                          ("gzip; q=0.000", False), ("x-gzip", False), ("", False), (None, False)])
+def test_dashboard_json_is_gzipped_for_clients_that_take_it(header, takes):
+    assert ccmon.accepts_gzip(header) is takes
 
 
 def test_dashboard_session_cookie_is_the_tokens_and_expires():
