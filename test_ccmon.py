@@ -23,8 +23,8 @@ import textwrap
 import threading
 import time
 import types
-import zlib
 import tomllib
+import zlib
 from pathlib import Path
 
 import grpc
@@ -4328,6 +4328,138 @@ def test_dashboard_in_chromium_shows_the_servers_figures_exactly(server, chromiu
     assert len(document.titles) == 30 and document.titles[-1] == \
         f"{days[0].date}: {ccmon.format_cost(days[0].split.total.cost_nanos)}, {days[0].split.total.requests} requests"
     client.close()
+
+
+class DevTools:
+    """Headless Chromium driven through the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages, each
+    ended by a NUL, read from its descriptor 3 and written to its descriptor 4), with the standard library alone."""
+
+    def __init__(self, chromium: str, tmp_path: Path):
+        import fcntl
+        commands_read, self.commands = os.pipe()
+        self.replies, replies_write = os.pipe()
+        # the child's ends, above 4, to be put at 3 and 4 in the child (where one could otherwise land on the other)
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (commands_read, replies_write)]
+        for fd in (commands_read, replies_write):
+            os.close(fd)
+
+        def at_3_and_4():
+            os.dup2(ends[0], 3)
+            os.dup2(ends[1], 4)
+
+        profile = tempfile.mkdtemp(dir=tmp_path, prefix="chromium-")
+        self.proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                      "--remote-debugging-pipe", "about:blank"], preexec_fn=at_3_and_4,
+                                     close_fds=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env={**os.environ, "TZ": "UTC"})
+        for fd in ends:
+            os.close(fd)
+        self.answers: dict[int, dict] = {}
+        self.events: list[dict] = []
+        self.arrived = threading.Condition()
+        self.next_id, self.session = 0, None
+        threading.Thread(target=self._read, daemon=True).start()
+        page = next(t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        self.call("Page.enable")
+
+    def _read(self) -> None:
+        pending = b""
+        while chunk := os.read(self.replies, 65536):
+            *messages, pending = (pending + chunk).split(b"\0")
+            with self.arrived:
+                for message in map(json.loads, messages):
+                    if "id" in message:
+                        self.answers[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                self.arrived.notify_all()
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        number = self.next_id
+        message = {"id": number, "method": method, "params": params, **({"sessionId": self.session}
+                                                                        if self.session else {})}
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: number in self.answers, 30), f"no answer to {method} in 30 s"
+        answer = self.answers.pop(number)
+        assert "error" not in answer, answer
+        return answer["result"]
+
+    def loaded(self, action: Callable[[], Any]) -> None:
+        """Run `action` (a navigation, a form sent) and wait until the document it leads to has loaded."""
+        with self.arrived:
+            seen = len(self.events)
+        action()
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: any(event["method"] == "Page.loadEventFired"
+                                                     for event in self.events[seen:]), 30), "the page did not load"
+
+    def open(self, url: str) -> None:
+        self.loaded(lambda: self.call("Page.navigate", url=url))
+
+    def value(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, condition: str) -> None:
+        """Until the page's document makes `condition` (a JavaScript expression) true: watched in the page, as the
+        document changes."""
+        assert self.value(f"""new Promise((resolve) => {{
+            const met = () => {{ try {{ return Boolean({condition}); }} catch (error) {{ return false; }} }};
+            if (met()) return resolve(true);
+            const watch = new MutationObserver(() => {{ if (met()) {{ watch.disconnect(); resolve(true); }} }});
+            watch.observe(document, {{subtree: true, childList: true, characterData: true, attributes: true}});
+            setTimeout(() => resolve(met()), 20000);
+        }})""") is True, f"not within 20 s: {condition}"
+
+    def text(self, element_id: str) -> str:
+        return self.value(f"document.getElementById({json.dumps(element_id)}).textContent")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+        os.close(self.commands)
+        os.close(self.replies)
+
+
+@e2e
+def test_dashboard_in_chromium_signs_in_filters_and_says_when_the_server_is_gone(tmp_path, chromium):
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": "browser-token"}).start()
+    browser = DevTools(chromium, tmp_path)
+    try:
+        events = [("api_request", api_request(1, hours_ago(0.1), cost_usd=0.5)),
+                  ("api_request", api_request(2, hours_ago(3), cost_usd=0.25, session="sess-2"))]
+        assert sdk_export(srv.http_port, events, protocol="http/protobuf",
+                          headers={"Authorization": "Bearer browser-token"}) == ["SUCCESS"]
+        browser.open(f"http://127.0.0.1:{srv.http_port}/?period=d")
+        assert browser.value("document.body.dataset.view") == "login"
+        sign_in = "document.querySelector('input[name=token]').value = {!r}; document.querySelector('#login form')" \
+                  ".submit()"
+        browser.loaded(lambda: browser.value(sign_in.format("not-it")))
+        assert browser.value("document.body.dataset.view") == "login-failed"
+        assert browser.value("getComputedStyle(document.querySelector('.failed')).display") != "none"
+        browser.loaded(lambda: browser.value(sign_in.format("browser-token")))
+        assert browser.value("[document.body.dataset.view, location.pathname]") == ["dashboard", "/"]
+        assert browser.value("document.cookie") == ""  # HttpOnly: no script on the page can read the sign-in
+        browser.wait_for("document.getElementById('status').textContent.startsWith('updated ')")
+        assert (browser.text("today-cost"), browser.text("period-name"), browser.text("period-cost")) == \
+            ("$0.7500", "All time", "$0.7500")  # the sign-in leads to /: the monitor's default period
+        browser.value("const select = document.getElementById('period'); select.value = 'h'; "
+                      "select.dispatchEvent(new Event('change'))")
+        browser.wait_for("document.getElementById('period-name').textContent === 'Last hour'")
+        assert (browser.text("period-cost"), browser.value("location.search")) == ("$0.5000", "?period=h")
+        srv.stop()
+        browser.wait_for("document.getElementById('status').textContent.startsWith('server unreachable')")
+        assert browser.text("status").startswith("server unreachable: retrying every 5 s; the figures are from ")
+        assert browser.value("document.body.classList.contains('stale')") is True
+        assert browser.text("period-cost") == "$0.5000"  # the last figures stay, dimmed
+    finally:
+        browser.close()
+        if srv.proc.poll() is None:
+            srv.stop()
 
 
 XSS = {"user": "<img src=x onerror=\"document.title='pwned-user'\">",
