@@ -5629,6 +5629,11 @@ def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
         result = run_ccmon(["--monitor-server", srv.target, "--format", "@daily_plan_usage"], tmp_path,
                            command=bare(pyz), env=env)
         assert (result.returncode, result.stdout) == (0, "0%\n")  # YAML parsed by the bundled PyYAML
+        for path, name in (("/", "dashboard.html"), ("/dashboard.js", "dashboard.js"), ("/dashboard.css",
+                                                                                        "dashboard.css")):
+            response, body = web(srv.http_port, path)  # the dashboard's files, unpacked from the pyz with ccmon.py
+            assert (response.status, body) == (200, (ROOT / name).read_bytes())
+        assert dashboard_api(srv.http_port)["period_usage"]["total"]["requests"] == 3
     finally:
         srv.stop()
 
