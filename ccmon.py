@@ -4215,7 +4215,6 @@ class OTLPHandler(BaseHTTPRequestHandler):
         self._linger()
 
 
-
 class InFlight:
     """Counts requests being handled, so shutdown can wait for them."""
 
@@ -4865,7 +4864,8 @@ def log_start(config: Config, port: int, http_port: int, with_pages: bool) -> No
              "token required" if config.server_token else "no token")
     if http_port:
         log.info("OTLP/HTTP listening on %s:%d (POST /v1/logs, /v1/metrics, /v1/traces%s)",
-                 config.server_http_address.rsplit(":", 1)[0], http_port, "; the web dashboard at /" if with_pages else "")
+                 config.server_http_address.rsplit(":", 1)[0], http_port,
+                 "; the web dashboard at /" if with_pages else "")
     log.info("database %s, retention %s", config.database_path,
              f"{config.server_retention_s // 3600}h" if config.server_retention_s else "never")
     warn_if_exposed(config)
@@ -6362,7 +6362,8 @@ class Dashboard:
         return PageAnswer(303, "text/plain; charset=utf-8", b"", (("Location", "/"), ("Set-Cookie", cookie), NO_STORE))
 
     def logout(self, request: PageRequest) -> PageAnswer:
-        cookie = f"{SESSION_COOKIE}=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict" + ("; Secure" if request.tls else "")
+        cookie = f"{SESSION_COOKIE}=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict" + \
+            ("; Secure" if request.tls else "")
         return PageAnswer(303, "text/plain; charset=utf-8", b"", (("Location", "/"), ("Set-Cookie", cookie), NO_STORE))
 
     def api(self, request: PageRequest) -> PageAnswer:

@@ -4017,8 +4017,9 @@ def split_figures(split) -> tuple:
 def test_dashboard_api_figures_are_the_query_services_exactly(server):
     seed_web_team(server)
     client = ccmon.Client(server.target)
-    for query, user, project in (("?period=d&tz=UTC", None, None), ("?period=a&user=bo%40example.com", "bo@example.com",
-                                                                     None), ("?period=w&project=web-app", None, "web-app")):
+    for query, user, project in (("?period=d&tz=UTC", None, None),
+                                 ("?period=a&user=bo%40example.com", "bo@example.com", None),
+                                 ("?period=w&project=web-app", None, "web-app")):
         data = dashboard_api(server.http_port, query)
         now, (start, end) = data["now_ms"], (data["period"]["start_ms"], data["period"]["end_ms"])
         assert (data["user"], data["project"], data["timezone"], end) == (user, project, "UTC", now)
@@ -4182,8 +4183,9 @@ def test_dashboard_with_a_token_asks_for_it_and_signs_in_with_a_cookie(tmp_path)
     assert token not in srv.log and "refused dashboard sign-in from 127.0.0.1: wrong token" in srv.log
 
 
-@pytest.mark.parametrize("header,takes", [("gzip", True), ("br;q=1.0, GZIP ; q=0.5", True), ("deflate, gzip;q=0", False),
-                                          ("gzip; q=0.000", False), ("x-gzip", False), ("", False), (None, False)])
+@pytest.mark.parametrize("header,takes", [("gzip", True), ("br;q=1.0, GZIP ; q=0.5", True),
+                                          ("deflate, gzip;q=0", False), ("gzip; q=0.000", False), ("x-gzip", False),
+                                          ("", False), (None, False)])
 def test_dashboard_json_is_gzipped_for_clients_that_take_it(header, takes):
     assert ccmon.accepts_gzip(header) is takes
 
