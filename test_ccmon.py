@@ -4076,7 +4076,8 @@ def test_dashboard_pages_headers_methods_and_bad_requests(server):
     assert (page.status, page.getheader("Content-Type")) == (200, "text/html; charset=utf-8")
     assert b'<body data-view="dashboard">' in html and b'<script src="/dashboard.js" defer></script>' in html
     for name, value in (("Content-Security-Policy", PAGE_CSP), ("X-Content-Type-Options", "nosniff"),
-                        ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"), ("Cache-Control", "no-store")):
+                        ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"), ("Cache-Control", "no-store"),
+                        ("Cross-Origin-Resource-Policy", "same-origin")):
         assert page.getheader(name) == value, name
     head, empty = web(server.http_port, "/", method="HEAD")
     assert (head.status, head.getheader("Content-Length"), empty) == (200, str(len(html)), b"")
