@@ -8,7 +8,7 @@ ARG PYTHON_MINOR=3.12
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
 ARG PYTHON_MINOR
 WORKDIR /src
-COPY requirements.txt build_zipapp.py ccmon.py ccmon_pb2.py ccmon_pb2_grpc.py ./
+COPY requirements.txt build_zipapp.py ccmon.py ccmon_pb2.py ccmon_pb2_grpc.py dashboard.html dashboard.js dashboard.css ./
 # The pyz's first run unpacks it; the image keeps that folder alone (not the pyz beside it).
 RUN python build_zipapp.py --python-version "${PYTHON_MINOR}" --output /out/ccmon.pyz \
     && XDG_CACHE_HOME=/out/cache python /out/ccmon.pyz --help > /dev/null \

@@ -35,7 +35,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-APP_FILES = ("ccmon.py", "ccmon_pb2.py", "ccmon_pb2_grpc.py")
+APP_FILES = ("ccmon.py", "ccmon_pb2.py", "ccmon_pb2_grpc.py", "dashboard.html", "dashboard.js", "dashboard.css")
 PYTHONS = ("3.11", "3.12", "3.13", "3.14")  # every CPython ccmon supports: tomllib needs 3.11
 EXTRAS = ("PyYAML==6.0.3", "tzdata==2026.6")  # pure-Python extras: YAML config and timezones everywhere
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamps: same inputs, same bytes

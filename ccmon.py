@@ -21,6 +21,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Quick query: --format and --json for status bars
   Status line: ccmon statusline, for Claude Code's settings
   Reports: ccmon report daily|weekly|monthly|session|model|blocks|project
+  Web dashboard: GET / and /api/ on the HTTP listener
   Import: ccmon import, Claude Code's transcripts
   Local server: started on demand, detached, following the transcripts
   Setup: ccmon setup, Claude Code's settings pointed at ccmon
@@ -45,6 +46,7 @@ import fractions
 import hashlib
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -70,7 +72,7 @@ from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # gRPC's C core logs its own lines (bind failures, TLS handshakes) to the terminal; ccmon reports every
@@ -2544,6 +2546,30 @@ class Reader:
         return dict(self._reader().execute(f"SELECT id, {'session_id' if table == 'sessions' else 'name'} "
                                            f"FROM {table}"))
 
+    def models(self, start_ms: int, end_ms: int, user: str | None = None,
+               project: str | None = None) -> list[ModelUsage]:
+        """Each model's usage in the period, highest cost first."""
+        by_model = self.usage(start_ms, end_ms, user=user, project=project)
+        return [ModelUsage(model, usage) for model, usage in
+                sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))]
+
+    def days(self, zone: ZoneInfo, start_ms: int | None, end_ms: int, user: str | None = None,
+             project: str | None = None) -> list[DayUsage]:
+        """Each calendar day's usage in `zone`, newest first: the days from the one holding start_ms to the one
+        holding end_ms - 1, cut to the period; without start_ms, the last 30 days (today up to end_ms). Raises
+        OverflowError or ValueError when a day's end falls past the year 9999, which dates cannot show."""
+        days = 30
+        if start_ms is not None:
+            first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date()
+                           for ms in (start_ms, max(start_ms, end_ms - 1)))
+            days = min(3660, (last - first).days + 1)
+        found = []
+        for date, lo, hi in day_bounds(zone, max(end_ms - 1, 0), days):
+            lo, hi = max(lo, -1 if start_ms is None else start_ms), min(hi, end_ms)
+            if lo < hi or start_ms is None:
+                found.append(DayUsage(date, Split.from_models(self.usage(lo, hi, user=user, project=project))))
+        return found
+
     def requests_page(self, start_ms: int, end_ms: int, limit: int, offset: int, oldest_first: bool,
                       user: str | None = None, project: str | None = None) -> list[ApiRequest]:
         chosen = self._filter(user, project, "r.user", "r.session")
@@ -2611,23 +2637,23 @@ class Reader:
                 windows.append((reset - BLOCK_MS, reset))
         return windows
 
-    def live_limits(self, at_ms: int) -> dict[str, tuple[LimitWindow | None, LimitWindow | None]]:
-        """Each user's five_hour and seven_day windows from the newest of their sessions' readings (up to `at_ms`)
-        that has that window and has not reset by then."""
-        found: dict[str, list] = {}
+    def live_limits(self, at_ms: int) -> dict[str, ClaudeLimits]:
+        """Each user's newest reading (up to `at_ms`) of their sessions' that has a five_hour window not reset by
+        then, and the same of seven_day (each reading with that window alone), by user name."""
+        found: dict[str, dict[str, LimitReading]] = {}
         for column, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
             rows = self._reader().execute(
-                f"SELECT u.name, lr.{column}_percent, lr.{column}_resets FROM limit_readings lr "
+                f"SELECT u.name, s.session_id, lr.ts, lr.{column}_percent, lr.{column}_resets FROM limit_readings lr "
                 "JOIN users u ON u.id = (SELECT su.user FROM session_usage su WHERE su.session = lr.session "
                 "ORDER BY su.last_ts DESC LIMIT 1) "  # the session's latest user, looked up by its key
+                "JOIN sessions s ON s.id = lr.session "
                 f"WHERE lr.ts > ? AND lr.ts <= ? AND lr.{column}_resets > ? "
                 "ORDER BY lr.ts DESC, lr.id DESC", (at_ms - span, at_ms, at_ms))
-            for user, percent, resets in rows:
-                entry = found.setdefault(user, [None, None])
-                index = 0 if column == "five_hour" else 1
-                if entry[index] is None:
-                    entry[index] = LimitWindow(percent, resets)
-        return {user: (five, seven) for user, (five, seven) in found.items()}
+            for user, session_id, read_ms, percent, resets in rows:
+                found.setdefault(user, {}).setdefault(column, LimitReading(
+                    session_id, read_ms, user=user, **{column: LimitWindow(percent, resets)}))
+        return {user: ClaudeLimits(readings.get("five_hour"), readings.get("seven_day"))
+                for user, readings in sorted(found.items())}
 
     def latest_session(self) -> str | None:
         row = self._reader().execute("SELECT s.session_id FROM requests r JOIN sessions s ON s.id = r.session "
@@ -2858,7 +2884,9 @@ class Reader:
         sessions = self.user_sessions(start_ms, end_ms, project)
         live = self.live_limits(end_ms)
         ranked = sorted(splits, key=lambda user: (-splits[user].total.cost_nanos, user))
-        return [UserUsage(user, splits[user], sessions.get(user, 0), *live.get(user, (None, None))) for user in ranked]
+        return [UserUsage(user, splits[user], sessions.get(user, 0),
+                          *(live.get(user, ClaudeLimits()).window(name, end_ms) for name in ("five_hour", "seven_day")))
+                for user in ranked]
 
     def user_sessions(self, start_ms: int, end_ms: int, project: str | None = None) -> dict[str, int]:
         """How many sessions each user had active in the period (in one project's sessions)."""
@@ -3743,6 +3771,44 @@ class HTTPFailure(Exception):
         self.status, self.code, self.headers = status, code, headers or {}
 
 
+# What every answer of the listener's pages carries (an OTLP export's answer is protobuf or JSON for an exporter):
+# nothing of another origin may load, frame or be sent to, and no type is guessed from content.
+PAGE_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                                "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
+    ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"),
+    ("Cross-Origin-Resource-Policy", "same-origin"))
+PAGE_MAX_BODY = 4096  # a page's POST body: a form with a token in it
+
+
+@dataclasses.dataclass(frozen=True)
+class PageRequest:
+    """A request to one of the listener's pages (anything but an OTLP export), as its handler reads it."""
+    method: str              # GET (also for HEAD, whose answer is sent without its body) or POST
+    path: str
+    query: str               # the query string, undecoded
+    headers: Any             # the request's header fields (an email.message.Message)
+    body: bytes              # a POST's body; b"" otherwise
+    tls: bool
+    client: str              # the client's address
+
+
+@dataclasses.dataclass(frozen=True)
+class PageAnswer:
+    status: int
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()   # pairs: a field may repeat
+
+
+# The listener's pages: path -> method (GET, POST) -> handler. GET / and /api/ are the web dashboard's.
+Pages = dict[str, dict[str, Callable[[PageRequest], PageAnswer]]]
+
+
+def text_answer(status: int, text: str, headers: tuple[tuple[str, str], ...] = ()) -> PageAnswer:
+    return PageAnswer(status, "text/plain; charset=utf-8", (text + "\n").encode(), headers)
+
+
 def bearer_matches(header: str | None, token: str) -> bool:
     """Constant-time check of an 'Authorization: Bearer <token>' value."""
     scheme, _, given = (header or "").partition(" ")
@@ -3989,11 +4055,67 @@ class OTLPHandler(BaseHTTPRequestHandler):
         log.debug("http %s %s", self.address_string(), fmt % args)
 
     def do_POST(self) -> None:
+        if urlsplit(self.path).path in self.server.pages:
+            self._page()
+            return
         self.server.inflight.acquire()
         try:
             self._export()
         finally:
             self.server.inflight.release()
+
+    def do_GET(self) -> None:
+        """Every method but an export's POST: a page, or a refusal (404, 405) that says what there is."""
+        if urlsplit(self.path).path in HTTP_ROUTES:
+            self._not_allowed()
+        else:
+            self._page()
+
+    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def _page(self) -> None:
+        self.server.inflight.acquire()
+        try:
+            answer = self._page_answer()
+        except Exception:  # a page's bug is logged and answered, never a traceback to the client
+            log.exception("the page %s failed", self.path[:200])
+            answer = text_answer(500, "internal error: the server's log says more")
+        finally:
+            self.server.inflight.release()
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Content-Length", str(len(answer.body)))
+        for name, value in PAGE_HEADERS + answer.headers:
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(answer.body)
+
+    def _page_answer(self) -> PageAnswer:
+        parts = urlsplit(self.path)
+        methods = self.server.pages.get(parts.path)
+        if methods is None:
+            self.close_connection = True  # a body it may have sent is not read
+            return text_answer(404, f"no such page {parts.path[:100]!r}" +
+                               ("; the dashboard is at /" if "/" in self.server.pages else ""))
+        method = "GET" if self.command == "HEAD" else self.command
+        if method not in methods:
+            self.close_connection = True
+            allowed = ", ".join(sorted({*methods, *(["HEAD"] if "GET" in methods else [])}))
+            return text_answer(405, f"{self.command} is not supported here; use {allowed}", (("Allow", allowed),))
+        body = b""
+        if method == "POST":
+            try:
+                body = self._read_body(PAGE_MAX_BODY)
+            except HTTPFailure as failure:
+                self.close_connection = True
+                return text_answer(failure.status, str(failure))
+        elif self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() != "0":
+            self.close_connection = True  # a GET's body is not read: the connection cannot carry another request
+        return methods[method](PageRequest(method, parts.path, parts.query, self.headers, body,
+                                           isinstance(self.connection, ssl.SSLSocket), self.client_address[0]))
 
     def _export(self) -> None:
         content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
@@ -4051,8 +4173,10 @@ class OTLPHandler(BaseHTTPRequestHandler):
         except OSError:
             pass  # gone, or too slow: the connection closes either way
 
-    def _read_body(self) -> bytes:
-        """The body, framed as RFC 9112 section 6 says; anything ambiguous is refused, never guessed at."""
+    def _read_body(self, limit: int | None = None) -> bytes:
+        """The body (at most `limit` bytes, by default the export size limit), framed as RFC 9112 section 6 says;
+        anything ambiguous is refused, never guessed at."""
+        limit = self.server.max_bytes if limit is None else limit
         if self.headers.defects:  # 'Transfer-Encoding : chunked' is dropped here; a lenient proxy might obey it
             raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, "malformed header field line")
         codings, lengths = self.headers.get_all("Transfer-Encoding"), self.headers.get_all("Content-Length")
@@ -4071,7 +4195,7 @@ class OTLPHandler(BaseHTTPRequestHandler):
             if len(names) > 1:
                 raise HTTPFailure(501, grpc.StatusCode.UNIMPLEMENTED, f"Transfer-Encoding {spelled[:100]!r} is "
                                   "not supported; use chunked")
-            return self._read_chunked(self.server.max_bytes)
+            return self._read_chunked(limit)
         if not lengths:
             raise HTTPFailure(411, grpc.StatusCode.INVALID_ARGUMENT, "Content-Length is required")
         if len(lengths) > 1:
@@ -4080,7 +4204,7 @@ class OTLPHandler(BaseHTTPRequestHandler):
         if not CONTENT_LENGTH.fullmatch(spelled):
             raise HTTPFailure(400, grpc.StatusCode.INVALID_ARGUMENT, f"Content-Length {spelled[:40]!r} is not a "
                               "byte count")
-        length, limit = int(spelled), self.server.max_bytes
+        length = int(spelled)
         if length > limit:
             raise HTTPFailure(413, grpc.StatusCode.RESOURCE_EXHAUSTED, f"body of {length} bytes is over the "
                               f"{limit} byte limit")
@@ -4141,19 +4265,16 @@ class OTLPHandler(BaseHTTPRequestHandler):
 
     def _not_allowed(self) -> None:
         self.close_connection = True
+        if self.command == "HEAD":
+            self.send_response(405)
+            self.send_header("Allow", "POST")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         status = ccmon_pb2.RpcStatus(code=grpc.StatusCode.UNIMPLEMENTED.value[0],
                                      message=f"{self.command} is not supported; OTLP/HTTP exports use POST")
         self._send(405, status, True, {"Allow": "POST"})
         self._linger()
-
-    do_GET = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
-
-    def do_HEAD(self) -> None:
-        self.close_connection = True
-        self.send_response(405)
-        self.send_header("Allow", "POST")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
 
 
 class InFlight:
@@ -4181,9 +4302,10 @@ class OTLPHTTPServer(ThreadingHTTPServer):
     request_queue_size = HTTP_BACKLOG
 
     def __init__(self, address: tuple[str, int], receiver: Receiver, token: str, max_bytes: int,
-                 client_timeout_s: float = CLIENT_TIMEOUT_S):
+                 client_timeout_s: float = CLIENT_TIMEOUT_S, pages: Pages | None = None):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.receiver, self.token, self.max_bytes, self.inflight = receiver, token, max_bytes, InFlight()
+        self.pages = pages or {}
         self.connections, self.refusals = HTTPConnections(HTTP_MAX_CONNECTIONS, client_timeout_s), RefusalLog()
         super().__init__(address, OTLPHandler)
 
@@ -4550,28 +4672,18 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown timezone {request.timezone[:100]!r}")
         end = min(timestamp_ms(request, "end_time", now_ms()), MAX_TIMESTAMP_MS - 86400_000)
         start = timestamp_ms(request, "start_time", -1)
-        days = 30  # unset start: the last 30 calendar days
-        try:  # a day's end in a zone ahead of UTC can fall past year 9999, which dates cannot show
-            if start >= 0:
-                first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date() for ms in (start, max(start, end - 1)))
-                days = min(3660, (last - first).days + 1)
-            bounds = day_bounds(zone, max(end - 1, 0), days)
+        try:
+            days = self.reader.days(zone, start if start >= 0 else None, end, self._user(request),
+                                    self._project(request))
         except (OverflowError, ValueError):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the period has days past the year 9999 in {zone.key}; "
                           "end it earlier")
-        response = ccmon_pb2.GetUsageResponse()
-        for date, lo, hi in bounds:
-            lo, hi = max(lo, start), min(hi, end)
-            if lo < hi or start < 0:
-                split = Split.from_models(self.reader.usage(lo, hi, user=self._user(request),
-                                                            project=self._project(request)))
-                response.days.add(date=date, stats=stats_message(split))
-        return response
+        return ccmon_pb2.GetUsageResponse(days=[ccmon_pb2.DailyUsage(date=day.date, stats=stats_message(day.split))
+                                                for day in days])
 
     def GetModelStats(self, request, context):
-        by_model = self.reader.usage(*self._period(request), user=self._user(request), project=self._project(request))
-        ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))[:MAX_LIST]
-        return ccmon_pb2.GetModelStatsResponse(models=[model_message(ModelUsage(model, u)) for model, u in ranked])
+        found = self.reader.models(*self._period(request), user=self._user(request), project=self._project(request))
+        return ccmon_pb2.GetModelStatsResponse(models=[model_message(model) for model in found[:MAX_LIST]])
 
     def GetSessionStats(self, request, context):
         session = request.session_id or self.reader.latest_session()
@@ -4759,10 +4871,11 @@ def start_grpc_server(config: Config, receiver: Receiver, reader: Reader) -> tup
     return server, port
 
 
-def start_http_server(config: Config, receiver: Receiver) -> tuple[OTLPHTTPServer, int]:
+def start_http_server(config: Config, receiver: Receiver, pages: Pages | None = None) -> tuple[OTLPHTTPServer, int]:
     host, port = parse_address(config.server_http_address, fail_as=ServerError)
     try:
-        httpd = OTLPHTTPServer((host.strip("[]"), port), receiver, config.server_token, config.max_message_bytes)
+        httpd = OTLPHTTPServer((host.strip("[]"), port), receiver, config.server_token, config.max_message_bytes,
+                               pages=pages)
     except OSError as exc:
         raise ServerError(f"cannot listen on {config.server_http_address}: {exc.strerror} "
                           "(set --server-http-address, or 'off')") from None
@@ -4804,14 +4917,17 @@ def retention_loop(store: Writer, retention_s: int, stop: threading.Event) -> No
             return
 
 
-def start_listeners(config: Config, store: Writer,
-                    decoders: Decoders) -> tuple[grpc.Server, int, OTLPHTTPServer | None, int]:
-    """Both listeners started, or neither (a ServerError in one line)."""
+def start_listeners(config: Config, store: Writer, decoders: Decoders, pages: Callable[[Reader], Pages] | None = None) \
+        -> tuple[grpc.Server, int, OTLPHTTPServer | None, int]:
+    """Both listeners started, or neither (a ServerError in one line); the HTTP listener with the `pages` made for
+    the store's reader."""
     receiver = Receiver(store, decoders)
+    reader = Reader(config.database_path, store.moved)
     server = None
     try:
-        server, port = start_grpc_server(config, receiver, Reader(config.database_path, store.moved))
-        httpd, http_port = start_http_server(config, receiver) if config.server_http_address else (None, 0)
+        server, port = start_grpc_server(config, receiver, reader)
+        httpd, http_port = start_http_server(config, receiver, pages(reader) if pages else None) \
+            if config.server_http_address else (None, 0)
     except (ServerError, ssl.SSLError, OSError) as exc:
         if server:
             server.stop(None)
@@ -4819,15 +4935,16 @@ def start_listeners(config: Config, store: Writer,
     return server, port, httpd, http_port
 
 
-def log_start(config: Config, port: int, http_port: int) -> None:
+def log_start(config: Config, port: int, http_port: int, with_pages: bool) -> None:
     scheme = "TLS" + (" with client certificates" if config.server_tls and config.server_tls.ca else "") \
         if config.server_tls else "plaintext"
     log.info("ccmon %s: gRPC listening on %s:%d (OTLP logs/metrics/traces + QueryService), %s, %s", VERSION,
              config.server_address.rsplit(":", 1)[0], port, scheme,
              "token required" if config.server_token else "no token")
     if http_port:
-        log.info("OTLP/HTTP listening on %s:%d (POST /v1/logs, /v1/metrics, /v1/traces)",
-                 config.server_http_address.rsplit(":", 1)[0], http_port)
+        log.info("OTLP/HTTP listening on %s:%d (POST /v1/logs, /v1/metrics, /v1/traces%s)",
+                 config.server_http_address.rsplit(":", 1)[0], http_port,
+                 "; the web dashboard at /" if with_pages else "")
     log.info("database %s, retention %s", config.database_path,
              f"{config.server_retention_s // 3600}h" if config.server_retention_s else "never")
     warn_if_exposed(config)
@@ -4853,9 +4970,10 @@ def wait_for_stop_signal(received: list[int]) -> int:
 SHUTDOWN_S = 8  # within the 10 s Docker and systemd give before SIGKILL
 
 
-def run_server(config: Config, on_ready: Callable[[int, int, threading.Event], None] | None = None) -> int:
+def run_server(config: Config, on_ready: Callable[[int, int, threading.Event], None] | None = None,
+               pages: Callable[[Reader], Pages] | None = None) -> int:
     """Serve until SIGINT or SIGTERM. `on_ready(port, http_port, stop)` runs once the server is ready; `stop` is set
-    when it starts to stop."""
+    when it starts to stop. The HTTP listener also answers `pages(reader)` (the web dashboard)."""
     # The writer binding rows, the export threads taking decoded batches and the queries share the GIL; a short
     # switch interval keeps each from waiting up to 5 ms for another whenever it needs the GIL back.
     sys.setswitchinterval(0.0005)
@@ -4866,13 +4984,13 @@ def run_server(config: Config, on_ready: Callable[[int, int, threading.Event], N
         decoders.close()
         raise ServerError(str(exc)) from None
     try:
-        server, port, httpd, http_port = start_listeners(config, store, decoders)
+        server, port, httpd, http_port = start_listeners(config, store, decoders, pages)
     except ServerError:
         store.close()
         store.remove_if_new()
         decoders.close()
         raise
-    log_start(config, port, http_port)
+    log_start(config, port, http_port, bool(httpd and httpd.pages))
     stop = threading.Event()
     if config.server_retention_s:
         threading.Thread(target=retention_loop, args=(store, config.server_retention_s, stop),
@@ -5308,6 +5426,12 @@ class MonitorSettings:
         """Claude's own limits are always asked for; ccmon's block and week figures when tracked."""
         return LimitQuery(self.block_mode, now, self.learn, self.limit,
                           track_week=self.block_mode is not None or bool(self.weekly_limit))
+
+
+# The periods the monitor's keys and the web dashboard offer: key -> (name, length; None: from the start of time, or
+# the current block).
+PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w": ("last 7 days", 7 * 86400_000),
+           "m": ("last 30 days", 30 * 86400_000), "a": ("all time", None), "b": ("current block", None)}
 
 
 def format_count(n: float) -> str:
@@ -6380,6 +6504,299 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- Web dashboard: GET / and /api/ on the HTTP listener
+# The page is static (one HTML, one JS and one CSS file beside ccmon.py, in ccmon.pyz with it); what it shows comes
+# from GET /api/dashboard, answered from the store's reads the QueryService answers with, through web_json.
+
+DASHBOARD_FILES = {"/": ("dashboard.html", "text/html; charset=utf-8"),
+                   "/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+                   "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
+DASHBOARD_ROWS = 50       # the newest requests and sessions the dashboard lists
+DASHBOARD_SLOTS = 4       # dashboard answers computed at once; more are told to ask again (as QUERY_SLOTS)
+DASHBOARD_PARAMETERS = ("period", "user", "project", "tz")
+SESSION_COOKIE = "ccmon_session"
+SESSION_S = 30 * 86400    # how long a sign-in lasts
+NO_STORE = ("Cache-Control", "no-store")
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowReading:
+    """One of Claude's windows of a user's as last read (its share then) and when that was."""
+    window: LimitWindow
+    read_ms: int
+
+
+def window_reading(claude: ClaudeLimits, name: str, now: int) -> WindowReading | None:
+    """The five_hour or seven_day window as last read, while it has not reset."""
+    window = claude.window(name, now)
+    return WindowReading(window, claude.read_ms(name)) if window else None
+
+
+def moment_text(ms: int, now: int, zone: ZoneInfo) -> str:
+    """14:03:05 today, 03-01 14:03 on another day."""
+    return local_time(ms, zone, "%H:%M:%S" if local_time(ms, zone, "%Y-%m-%d") == local_time(now, zone, "%Y-%m-%d")
+                      else "%m-%d %H:%M")
+
+
+# Beside each value's fields, what the monitor shows for it: the page formats nothing itself.
+WEB_EXTRAS: dict[type, Callable[[Any, int, ZoneInfo], dict]] = {
+    Usage: lambda u, now, zone: {"limited": u.limited, "cache": u.cache, "total": u.total, "text": {
+        "cost": format_cost(u.cost_nanos), "requests": format_count(u.requests), "tokens": format_count(u.total),
+        "input": format_count(u.input), "output": format_count(u.output), "cache": format_count(u.cache),
+        "limited": format_count(u.limited), "duration": format_duration(u.duration_ms)}},
+    Split: lambda split, now, zone: {"total": web_json(split.total, now, zone)},
+    LimitWindow: lambda window, now, zone: {"text": {"percent": format_percent(window.percent),
+                                                     "resets": reset_time(window.resets_ms, now, zone)}},
+    WindowReading: lambda reading, now, zone: {"text": {"age": reading_age(reading.read_ms, now)}},
+    ApiRequest: lambda r, now, zone: {"text": {"time": moment_text(r.ts_ms, now, zone)}},
+    Session: lambda s, now, zone: {"text": {"first": moment_text(s.first_ms, now, zone),
+                                            "last": moment_text(s.last_ms, now, zone)}},
+    UserUsage: lambda u, now, zone: {"text": {"name": u.user or "(unknown)"}},
+    ProjectUsage: lambda p, now, zone: {"text": {"name": p.project or NO_PROJECT}},
+}
+
+
+def web_json(value: Any, now: int, zone: ZoneInfo) -> Any:
+    """Values as JSON: each field exact (costs in integer nano-dollars, times in ms since the epoch), and beside
+    them, under "text", the figures as the monitor shows them (format_cost, format_count, ...) at `now` in `zone`."""
+    if dataclasses.is_dataclass(value):
+        extras = WEB_EXTRAS.get(type(value))
+        return {**{field.name: web_json(getattr(value, field.name), now, zone) for field in dataclasses.fields(value)},
+                **(extras(value, now, zone) if extras else {})}
+    if isinstance(value, dict):
+        return {key: web_json(item, now, zone) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [web_json(item, now, zone) for item in value]
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class DashboardQuery:
+    """What the page asks for: the monitor's period (PERIODS) and filters, and the zone of its days and times."""
+    period: str
+    user: str | None
+    project: str | None
+    zone: ZoneInfo
+
+
+def dashboard_query(query: str, default_zone: ZoneInfo) -> DashboardQuery:
+    """GET /api/dashboard's parameters; a ValueError says what is wrong with one."""
+    params = parse_qs(query, keep_blank_values=True, max_num_fields=2 * len(DASHBOARD_PARAMETERS))
+    unknown = sorted(set(params) - set(DASHBOARD_PARAMETERS))
+    if unknown:
+        raise ValueError(f"unknown parameter {unknown[0][:40]!r}; use {', '.join(DASHBOARD_PARAMETERS)}")
+    given = {name: values[-1] for name, values in params.items()}
+    period = given.get("period") or "a"
+    if period not in PERIODS:
+        raise ValueError(f"period {period[:20]!r} is none of {', '.join(PERIODS)} "
+                         f"({', '.join(name for name, _ in PERIODS.values())})")
+    zone = zone_or_none(given["tz"]) if given.get("tz") else default_zone
+    if zone is None:
+        raise ValueError(f"unknown timezone {given['tz'][:100]!r}")
+    return DashboardQuery(period, given.get("user") or None, given.get("project") or None, zone)
+
+
+def dashboard_period(reader: Reader, query: DashboardQuery, now: int) -> tuple[int, int]:
+    """[start, end) of the period asked for; the current block is the automatic 5-hour block running now (Claude's
+    own window where a reading gives it), empty between blocks."""
+    if query.period == "b":
+        running = [b for b in reader.blocks(now - BLOCK_MS, now, query.user) if b.start_ms <= now < b.end_ms]
+        return (running[-1].start_ms if running else now), now
+    span = PERIODS[query.period][1]
+    return (now - span if span else 0), now
+
+
+def dashboard(reader: Reader, query: DashboardQuery, now: int) -> dict[str, Any]:
+    """Everything the page shows, as JSON values: today's, this week's (from Monday) and this month's usage, the
+    period's, every user's latest reading of Claude's windows, the last 30 days, the period by user, model and
+    project, its newest requests and sessions."""
+    user, project, zone = query.user, query.project, query.zone
+    start, end = dashboard_period(reader, query, now)
+    midnight, month_start, _ = day_and_month_start(now, zone)
+    today = dt.datetime.fromtimestamp(now / 1000, zone).date()
+    monday = ms_from_datetime(dt.datetime.combine(today - dt.timedelta(days=today.weekday()), dt.time(), zone))
+
+    def usage(lo: int, hi: int) -> Split:
+        return Split.from_models(reader.usage(lo, hi, user=user, project=project))
+
+    limits = [{"user": name, **{window: window_reading(claude, window, now) for window in ("five_hour", "seven_day")}}
+              for name, claude in reader.live_limits(now).items() if user is None or name == user]
+    figures = {"today": usage(midnight, now), "week": usage(monday, now), "month": usage(month_start, now),
+               "period_usage": usage(start, end), "limits": limits,
+               "days": reader.days(zone, None, now, user, project)[::-1],  # oldest first, as the chart draws them
+               "users": reader.users(start, end, project), "models": reader.models(start, end, user, project),
+               "projects": reader.projects(start, end, user),
+               "requests": reader.requests_page(start, end, DASHBOARD_ROWS, 0, False, user, project),
+               "sessions": reader.sessions(start, end, user, DASHBOARD_ROWS, project=project)}
+    return {"version": VERSION, "now_ms": now, "timezone": zone.key, "user": user, "project": project,
+            "period": {"key": query.period, "name": PERIODS[query.period][0], "start_ms": start, "end_ms": end},
+            "periods": [{"key": key, "name": name} for key, (name, _) in PERIODS.items()],
+            "stored_requests": reader.totals().requests, **web_json(figures, now, zone)}
+
+
+def session_cookie(token: str, expires_s: int) -> str:
+    """A sign-in that holds until expires_s: the time and its HMAC under the token. It is not the token (it opens
+    the dashboard alone, not exports or the QueryService), and a new token ends every sign-in."""
+    mac = hmac.new(token.encode(), f"ccmon dashboard until {expires_s}".encode(), hashlib.sha256).hexdigest()
+    return f"{expires_s}.{mac}"
+
+
+def signed_in(cookie_header: str | None, token: str, now_s: int) -> bool:
+    """Whether the Cookie header holds a sign-in of `token`'s that has not expired (compared in constant time)."""
+    for part in (cookie_header or "").split(";"):
+        name, _, value = part.strip().partition("=")
+        expires = value.partition(".")[0]
+        if name == SESSION_COOKIE and re.fullmatch(r"[0-9]{1,12}", expires) and int(expires) > now_s and \
+                hmac.compare_digest(value.encode(), session_cookie(token, int(expires)).encode()):
+            return True
+    return False
+
+
+def addressed_safely(host_header: str | None, listen_host: str) -> bool:
+    """Whether a request names this server as DNS rebinding cannot: by an IP address, localhost, or the host name
+    the listener was given. Another name could be a web site's, resolved to this machine to read the dashboard."""
+    try:
+        host = urlsplit("//" + (host_header or "")).hostname or ""
+    except ValueError:
+        return False
+    if host in ("localhost", listen_host.strip("[]").lower()) or host.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def accepts_gzip(header: str | None) -> bool:
+    """Whether an Accept-Encoding header takes gzip (named, and not with q=0)."""
+    for item in (header or "").split(","):
+        name, _, weight = item.partition(";")
+        if name.strip().lower() == "gzip":
+            return not re.fullmatch(r"q=0(?:\.0{0,3})?", weight.replace(" ", "").lower())
+    return False
+
+
+def json_answer(status: int, value: Any, headers: tuple[tuple[str, str], ...] = (), gzip: bool = False) -> PageAnswer:
+    """JSON, gzipped for a client that takes it (the dashboard's answer shrinks about 6 times: it is polled)."""
+    body = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    if gzip:
+        packer = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip format
+        body = packer.compress(body) + packer.flush()
+        headers = (("Content-Encoding", "gzip"), *headers)
+    return PageAnswer(status, "application/json", body, (NO_STORE, ("Vary", "Accept-Encoding"), *headers))
+
+
+class Dashboard:
+    """The web dashboard's pages over one Reader: the page, its files, sign-in and out, and its JSON."""
+
+    def __init__(self, reader: Reader, token: str, zone: ZoneInfo, files: dict[str, bytes], listen_host: str):
+        self.reader, self.token, self.zone, self.files, self.listen_host = reader, token, zone, files, listen_host
+        self.slots = threading.BoundedSemaphore(DASHBOARD_SLOTS)
+        self.refusals = RefusalLog()
+
+    def pages(self) -> Pages:
+        return {"/": {"GET": self.index}, "/dashboard.js": {"GET": self.asset}, "/dashboard.css": {"GET": self.asset},
+                "/login": {"POST": self.login}, "/logout": {"POST": self.logout}, "/api/dashboard": {"GET": self.api}}
+
+    def _refusal(self, request: PageRequest) -> str:
+        """Why the request may not read the dashboard ('' when it may): without a token, only a request addressed
+        safely; with one, only with its sign-in cookie or its bearer token."""
+        if not self.token:
+            return "" if addressed_safely(request.headers.get("Host"), self.listen_host) else "host"
+        if signed_in(request.headers.get("Cookie"), self.token, now_ms() // 1000) or \
+                bearer_matches(request.headers.get("Authorization"), self.token):
+            return ""
+        self.refusals.note(f"dashboard {request.path}", request.client, "no sign-in" if request.path == "/" else
+                           refusal_reason(request.headers.get("Authorization")))
+        return "token"
+
+    @staticmethod
+    def _host_refused() -> PageAnswer:
+        return text_answer(403, "without a token the dashboard answers only at an IP address or localhost (no web "
+                                "site can then reach it by a name of its own): set server.token to open it by name")
+
+    def _page(self, status: int, view: str, *headers: tuple[str, str]) -> PageAnswer:
+        """The page, showing `view` (dashboard, login or login-failed): the HTML is the same, its body says which."""
+        body = self.files["/"].replace(b'data-view="dashboard"', f'data-view="{view}"'.encode(), 1)
+        return PageAnswer(status, DASHBOARD_FILES["/"][1], body, (NO_STORE, *headers))
+
+    def index(self, request: PageRequest) -> PageAnswer:
+        refused = self._refusal(request)
+        if refused == "host":
+            return self._host_refused()
+        if refused:
+            return self._page(401, "login", ("WWW-Authenticate", 'Bearer realm="ccmon"'))
+        return self._page(200, "dashboard")
+
+    def asset(self, request: PageRequest) -> PageAnswer:
+        """The page's script and style: the same for everyone (they hold no figures; the sign-in page uses them)."""
+        if not self.token and not addressed_safely(request.headers.get("Host"), self.listen_host):
+            return self._host_refused()
+        body = self.files[request.path]
+        tag = f'"{hashlib.sha256(body).hexdigest()[:20]}"'
+        headers = (("Cache-Control", "no-cache"), ("ETag", tag))  # kept, but asked after each time: 304 if unchanged
+        if tag in [given.strip() for given in (request.headers.get("If-None-Match") or "").split(",")]:
+            return PageAnswer(304, DASHBOARD_FILES[request.path][1], b"", headers)
+        return PageAnswer(200, DASHBOARD_FILES[request.path][1], body, headers)
+
+    def login(self, request: PageRequest) -> PageAnswer:
+        """The sign-in form's POST (token=...): the right token sets the sign-in cookie."""
+        if not self.token:
+            return PageAnswer(303, "text/plain; charset=utf-8", b"", (("Location", "/"), NO_STORE))
+        try:
+            form = parse_qs(request.body.decode("utf-8", "replace"), max_num_fields=4)
+        except ValueError:
+            form = {}
+        given = (form.get("token") or [""])[-1]
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            self.refusals.note("dashboard sign-in", request.client, "wrong token")
+            return self._page(401, "login-failed", ("WWW-Authenticate", 'Bearer realm="ccmon"'))
+        expires = now_ms() // 1000 + SESSION_S
+        cookie = f"{SESSION_COOKIE}={session_cookie(self.token, expires)}; Max-Age={SESSION_S}; Path=/; HttpOnly; " \
+                 "SameSite=Strict" + ("; Secure" if request.tls else "")
+        return PageAnswer(303, "text/plain; charset=utf-8", b"", (("Location", "/"), ("Set-Cookie", cookie), NO_STORE))
+
+    def logout(self, request: PageRequest) -> PageAnswer:
+        cookie = f"{SESSION_COOKIE}=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict" + \
+            ("; Secure" if request.tls else "")
+        return PageAnswer(303, "text/plain; charset=utf-8", b"", (("Location", "/"), ("Set-Cookie", cookie), NO_STORE))
+
+    def api(self, request: PageRequest) -> PageAnswer:
+        refused = self._refusal(request)
+        if refused == "host":
+            return self._host_refused()
+        if refused:
+            return json_answer(401, {"error": "missing or wrong token: sign in at / or send Authorization: Bearer"},
+                               (("WWW-Authenticate", 'Bearer realm="ccmon"'),))
+        try:
+            query = dashboard_query(request.query, self.zone)
+        except ValueError as exc:
+            return json_answer(400, {"error": str(exc)})
+        if not self.slots.acquire(blocking=False):
+            return json_answer(503, {"error": f"the server is answering {DASHBOARD_SLOTS} dashboards already; ask "
+                                              "again in a moment"}, (("Retry-After", "1"),))
+        try:
+            return json_answer(200, {**dashboard(self.reader, query, now_ms()), "sign_out": bool(self.token)},
+                               gzip=accepts_gzip(request.headers.get("Accept-Encoding")))
+        except (sqlite3.Error, DatabaseMoved) as exc:
+            log.error("the dashboard cannot read the database: %s", exc)
+            return json_answer(503, {"error": f"the database cannot be read right now: {exc}"})
+        finally:
+            self.slots.release()
+
+
+def dashboard_pages(config: Config, reader: Reader) -> Pages:
+    """The web dashboard's pages for the HTTP listener; none, with a warning, when its files are missing."""
+    try:
+        files = {path: Path(__file__).with_name(name).read_bytes() for path, (name, _) in DASHBOARD_FILES.items()}
+    except OSError as exc:
+        log.warning("the web dashboard is off: %s is missing beside ccmon.py", Path(exc.filename or "").name)
+        return {}
+    host = parse_address(config.server_http_address, fail_as=ServerError)[0]
+    return Dashboard(reader, config.server_token, config.zone, files, host).pages()
+
+
 # ---------------------------------------------------------------- Import: ccmon import, Claude Code's transcripts
 
 IMPORT_BATCH = 20_000       # requests sent in one ImportRequests call (fewer commits: fewer index pages written)
@@ -6980,7 +7397,7 @@ def serve(config: Config) -> int:
                              daemon=True).start()
 
     try:
-        return run_server(config, on_ready=ready)
+        return run_server(config, on_ready=ready, pages=lambda reader: dashboard_pages(config, reader))
     finally:
         with contextlib.suppress(OSError, ValueError, TypeError):
             if json.loads(path.read_text())["pid"] == os.getpid():  # not another server's, after a failed start
@@ -7606,8 +8023,6 @@ def run_doctor(args: argparse.Namespace, environ: dict[str, str], home: Path) ->
 
 # ---------------------------------------------------------------- View model and pure render functions
 
-PERIODS = {"h": ("last hour", 3600_000), "d": ("last 24 hours", 86400_000), "w": ("last 7 days", 7 * 86400_000),
-           "m": ("last 30 days", 30 * 86400_000), "a": ("all time", None), "b": ("current block", None)}
 MIN_SIZE = (40, 12)
 TABLE_ROWS_FIRST = 3  # data rows a tab's table keeps before the summary and panel above it take room
 TABLE_CHROME = 3      # a table's title, header and total lines

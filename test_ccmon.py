@@ -24,6 +24,7 @@ import threading
 import time
 import types
 import tomllib
+import zlib
 from pathlib import Path
 
 import grpc
@@ -61,7 +62,7 @@ def go_ccmon_binary() -> Path:
 
 
 # Fixtures that start an external program or need the network: a test using one is marked e2e (pytest.ini).
-E2E_FIXTURES = {"node_emitter", "go_server", "pyz", "pythons", "claude_code"}
+E2E_FIXTURES = {"node_emitter", "go_server", "pyz", "pythons", "claude_code", "chromium"}
 
 
 def e2e(test):
@@ -3955,6 +3956,568 @@ def test_names_with_control_characters_are_shown_not_obeyed(server, tmp_path):
     assert ccmon.row_text(fitted, [f"m{HOSTILE}", "$0.0125"]) == r"mx\x1b[31m\~ $0.0125"
 
 
+# ---------------------------------------------------------------- web dashboard: GET / and /api/ on the HTTP listener
+
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+            "frame-ancestors 'none'; form-action 'self'; base-uri 'none'")
+USAGE_KEYS = ("requests", "input", "output", "cache_read", "cache_creation", "cost_nanos")
+
+
+def web(port: int, path: str = "/", method: str = "GET", headers: dict | None = None, body: bytes | None = None):
+    """One request to the HTTP listener, redirects not followed: (response, body)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    response = conn.getresponse()
+    data = response.read()
+    conn.close()
+    return response, data
+
+
+def dashboard_api(port: int, query: str = "", headers: dict | None = None) -> dict:
+    response, data = web(port, "/api/dashboard" + query, headers=headers)
+    assert response.status == 200, data
+    return json.loads(data)
+
+
+def web_team_events() -> tuple[list, list]:
+    """Recent requests of two users in two projects (ana's, then bo's export), and an older one of bo's."""
+    def request(seq, session, email, hours, model, cost, **figures):
+        return ("api_request", {**api_request(seq, hours_ago(hours), model=model, session=session, cost_usd=cost,
+                                              **figures), "user.email": email})
+    ana = [request(1, "s-ana", "ana@example.com", 0.2, "claude-sonnet-4-5", "1.25", input_tokens=1200,
+                   output_tokens=340, cache_read_tokens=15000, cache_creation_tokens=2200, duration_ms=5120),
+           request(2, "s-ana", "ana@example.com", 0.3, "claude-haiku-4-5", 0.000975, input_tokens=800,
+                   output_tokens=95, duration_ms=830)]
+    bo = [request(3, "s-bo", "bo@example.com", 0.5, "claude-opus-4-1", 0.06225, input_tokens=10, output_tokens=2048),
+          request(4, "s-bo-old", "bo@example.com", 50, "claude-opus-4-1", "2.5", input_tokens=7, output_tokens=3)]
+    return ana, bo
+
+
+def seed_web_team(srv: ServerProcess) -> None:
+    """web_team_events through the SDK's OTLP/HTTP exporter, and a status line reading of ana's limits."""
+    ana, bo = web_team_events()
+    assert sdk_export(srv.http_port, ana, resource={**CLAUDE_RESOURCE, "project": "web-app"},
+                      protocol="http/protobuf") == ["SUCCESS"]
+    assert sdk_export(srv.http_port, bo, resource={**CLAUDE_RESOURCE, "project": "api"},
+                      protocol="http/protobuf") == ["SUCCESS"]
+    resets = ccmon.now_ms() + 3600_000
+    srv.query().ReportStatusLine(ccmon_pb2.ReportStatusLineRequest(reading=ccmon_pb2.LimitReading(
+        session_id="s-ana", model="claude-sonnet-4-5",
+        five_hour=ccmon_pb2.LimitWindow(used_percentage=20.5, resets_at=ccmon.timestamp_from_ms(resets)),
+        seven_day=ccmon_pb2.LimitWindow(used_percentage=63.0,
+                                        resets_at=ccmon.timestamp_from_ms(resets + 2 * 86400_000)))))
+
+
+def usage_figures(usage) -> tuple:
+    """A Usage's counts and cost, from the dashboard's JSON or from a value the client built."""
+    if isinstance(usage, dict):
+        return tuple(usage[key] for key in USAGE_KEYS)
+    return (usage.requests, usage.input, usage.output, usage.cache_read, usage.cache_creation, usage.cost_nanos)
+
+
+def split_figures(split) -> tuple:
+    if isinstance(split, dict):
+        return tuple(usage_figures(split[part]) for part in ("base", "premium", "total"))
+    return tuple(usage_figures(part) for part in (split.base, split.premium, split.total))
+
+
+def test_dashboard_api_figures_are_the_query_services_exactly(server):
+    seed_web_team(server)
+    client = ccmon.Client(server.target)
+    for query, user, project in (("?period=d&tz=UTC", None, None),
+                                 ("?period=a&user=bo%40example.com", "bo@example.com", None),
+                                 ("?period=w&project=web-app", None, "web-app")):
+        data = dashboard_api(server.http_port, query)
+        now, (start, end) = data["now_ms"], (data["period"]["start_ms"], data["period"]["end_ms"])
+        assert (data["user"], data["project"], data["timezone"], end) == (user, project, "UTC", now)
+        midnight, month_start, _ = ccmon.day_and_month_start(now, ccmon.ZoneInfo("UTC"))
+        today = dt.datetime.fromtimestamp(now / 1000, dt.timezone.utc).date()
+        monday = ccmon.ms_from_datetime(dt.datetime.combine(today - dt.timedelta(days=today.weekday()), dt.time(),
+                                                            dt.timezone.utc))
+        for key, lo in (("today", midnight), ("week", monday), ("month", month_start), ("period_usage", start)):
+            expected = client.stats(lo, now, user, project)
+            assert split_figures(data[key]) == split_figures(expected), key
+            assert data[key]["total"]["text"]["cost"] == ccmon.format_cost(expected.total.cost_nanos)
+        days = client.days(None, now, "UTC", user, project)[::-1]
+        assert [(day["date"], split_figures(day["split"])) for day in data["days"]] == \
+            [(day.date, split_figures(day.split)) for day in days]
+        assert [(u["user"], u["sessions"], split_figures(u["split"])) for u in data["users"]] == \
+            [(u.user, u.sessions, split_figures(u.split)) for u in client.users(start, end, project)]
+        assert [(m["model"], usage_figures(m["usage"])) for m in data["models"]] == \
+            [(m.model, usage_figures(m.usage)) for m in client.models(start, end, user, project)]
+        assert [(p["project"], p["sessions"], split_figures(p["split"])) for p in data["projects"]] == \
+            [(p.project, p.sessions, split_figures(p.split)) for p in client.projects(start, end, user)]
+        page = client.api_requests(start, end, 50, 0, False, user, project)
+        assert [(r["ts_ms"], r["model"], r["session_id"], usage_figures(r["usage"])) for r in data["requests"]] == \
+            [(r.ts_ms, r.model, r.session_id, usage_figures(r.usage)) for r in page.requests]
+        assert [(s["session_id"], s["user"], s["project"], split_figures(s["split"])) for s in data["sessions"]] == \
+            [(s.session_id, s.user, s.project, split_figures(s.split))
+             for s in client.sessions(start, end, user, 50, project)]
+    data = dashboard_api(server.http_port, "?period=d&tz=UTC")
+    assert data["period_usage"]["total"]["cost_nanos"] == 1_313_225_000  # 1.25 + 0.000975 + 0.06225, exactly
+    assert data["period_usage"]["total"]["text"] == {
+        "cost": "$1.31", "requests": "3", "tokens": "21.7K", "input": "2.01K", "output": "2.48K", "cache": "17.2K",
+        "limited": "4.49K", "duration": "6.0s"}  # 5,950 ms
+    assert [r["usage"]["text"]["cost"] for r in data["requests"]] == ["$1.25", "$0.0010", "$0.0623"]  # halves up
+    assert [(u["text"]["name"], u["five_hour"]["text"]["percent"] if u["five_hour"] else None)
+            for u in data["users"]] == [("ana@example.com", "21%"), ("bo@example.com", None)]
+    limits = data["limits"]
+    assert [(entry["user"], entry["five_hour"]["window"]["percent"], entry["five_hour"]["text"]["age"],
+             entry["seven_day"]["window"]["text"]["percent"]) for entry in limits] == \
+        [("ana@example.com", 20.5, "just now", "63%")]
+    assert limits[0]["five_hour"]["window"]["text"]["resets"] == ccmon.reset_time(
+        limits[0]["five_hour"]["window"]["resets_ms"], data["now_ms"], ccmon.ZoneInfo("UTC"))
+    assert [p["key"] for p in data["periods"]] == list(ccmon.PERIODS) and data["stored_requests"] == 4
+    assert dashboard_api(server.http_port, "?user=nobody%40example.com")["limits"] == []
+    # The current block: the automatic 5-hour block running now, as GetBlocks finds it.
+    block = dashboard_api(server.http_port, "?period=b")
+    now = block["now_ms"]
+    (running,) = [b for b in client.blocks(now - ccmon.BLOCK_MS, now) if b.start_ms <= now < b.end_ms]
+    assert (block["period"]["name"], block["period"]["start_ms"]) == ("current block", running.start_ms)
+    assert split_figures(block["period_usage"]) == split_figures(client.stats(running.start_ms, now))
+    client.close()
+
+
+def test_dashboard_pages_headers_methods_and_bad_requests(server):
+    page, html = web(server.http_port, "/")
+    assert (page.status, page.getheader("Content-Type")) == (200, "text/html; charset=utf-8")
+    assert b'<body data-view="dashboard">' in html and b'<script src="/dashboard.js" defer></script>' in html
+    for name, value in (("Content-Security-Policy", PAGE_CSP), ("X-Content-Type-Options", "nosniff"),
+                        ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"), ("Cache-Control", "no-store"),
+                        ("Cross-Origin-Resource-Policy", "same-origin")):
+        assert page.getheader(name) == value, name
+    head, empty = web(server.http_port, "/", method="HEAD")
+    assert (head.status, head.getheader("Content-Length"), empty) == (200, str(len(html)), b"")
+    script, js = web(server.http_port, "/dashboard.js")
+    assert (script.status, script.getheader("Content-Type"), script.getheader("Cache-Control")) == \
+        (200, "text/javascript; charset=utf-8", "no-cache")
+    assert js == (ROOT / "dashboard.js").read_bytes() and "innerHTML" not in js.decode()
+    again, nothing = web(server.http_port, "/dashboard.js", headers={"If-None-Match": script.getheader("ETag")})
+    assert (again.status, nothing) == (304, b"")
+    style, css = web(server.http_port, "/dashboard.css")
+    assert (style.status, style.getheader("Content-Type"), css) == \
+        (200, "text/css; charset=utf-8", (ROOT / "dashboard.css").read_bytes())
+    api, plain = web(server.http_port, "/api/dashboard")
+    assert (api.status, api.getheader("Content-Type"), api.getheader("Cache-Control"),
+            api.getheader("Content-Security-Policy"), api.getheader("Content-Encoding")) == \
+        (200, "application/json", "no-store", PAGE_CSP, None)
+    packed, data = web(server.http_port, "/api/dashboard", headers={"Accept-Encoding": "br, gzip"})
+    assert (packed.getheader("Content-Encoding"), packed.getheader("Vary")) == ("gzip", "Accept-Encoding")
+    assert json.loads(zlib.decompress(data, 31)).keys() == json.loads(plain).keys()
+    refusals = [
+        ("GET", "/nope", 404, "no such page '/nope'; the dashboard is at /", None),
+        ("GET", "/api/", 404, "no such page '/api/'; the dashboard is at /", None),
+        ("PUT", "/", 405, "PUT is not supported here; use GET, HEAD", "GET, HEAD"),
+        ("DELETE", "/api/dashboard", 405, "DELETE is not supported here; use GET, HEAD", "GET, HEAD"),
+        ("POST", "/api/dashboard", 405, "POST is not supported here; use GET, HEAD", "GET, HEAD"),
+        ("GET", "/login", 405, "GET is not supported here; use POST", "POST"),
+    ]
+    for method, path, status, message, allow in refusals:
+        response, data = web(server.http_port, path, method=method, body=b"x" if method == "POST" else None)
+        assert (response.status, data.decode(), response.getheader("Allow")) == (status, message + "\n", allow), path
+        assert response.getheader("Content-Security-Policy") == PAGE_CSP
+    response, data = web(server.http_port, "/v1/logs")  # the OTLP paths answer as before
+    assert (response.status, response.getheader("Allow")) == (405, "POST")
+    assert json.loads(data)["message"] == "GET is not supported; OTLP/HTTP exports use POST"
+    bad = [("?period=x", "period 'x' is none of h, d, w, m, a, b (last hour, last 24 hours, last 7 days, last 30 days, "
+                         "all time, current block)"),
+           ("?tz=Mars/Olympus", "unknown timezone 'Mars/Olympus'"),
+           ("?colour=red", "unknown parameter 'colour'; use period, user, project, tz")]
+    for query, message in bad:
+        response, data = web(server.http_port, "/api/dashboard" + query)
+        assert (response.status, json.loads(data)) == (400, {"error": message})
+    # Without a token, only a request that names the server by address or localhost is answered: a web site whose
+    # name resolves to this machine (DNS rebinding) is not.
+    for host in ("localhost", f"localhost:{server.http_port}", f"127.0.0.1:{server.http_port}", "[::1]:80"):
+        assert web(server.http_port, "/api/dashboard", headers={"Host": host})[0].status == 200, host
+    for path in ("/", "/api/dashboard", "/dashboard.js"):
+        response, data = web(server.http_port, path, headers={"Host": "evil.example:4318"})
+        assert (response.status, data.decode()) == (403, "without a token the dashboard answers only at an IP "
+                                                         "address or localhost (no web site can then reach it by a "
+                                                         "name of its own): set server.token to open it by name\n")
+    assert "Traceback" not in server.log
+
+
+def test_dashboard_with_a_token_asks_for_it_and_signs_in_with_a_cookie(tmp_path):
+    token = "s3cret-dashboard-token"
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": token}).start()
+    try:
+        seed = logs_request([("api_request", api_request(1, hours_ago(0.1), cost_usd=0.5))])
+        response, _ = http_post(srv.http_port, body=seed.SerializeToString())
+        assert response.status == 401  # the OTLP endpoints keep their token rule
+        response, _ = http_post(srv.http_port, body=seed.SerializeToString(),
+                                headers={"Authorization": f"Bearer {token}"})
+        assert response.status == 200
+        page, html = web(srv.http_port, "/")
+        assert (page.status, page.getheader("WWW-Authenticate"), page.getheader("Cache-Control")) == \
+            (401, 'Bearer realm="ccmon"', "no-store")
+        assert b'<body data-view="login">' in html and b'<form method="post" action="/login">' in html
+        api, data = web(srv.http_port, "/api/dashboard")
+        assert (api.status, json.loads(data)) == \
+            (401, {"error": "missing or wrong token: sign in at / or send Authorization: Bearer"})
+        for wrong in ("Bearer nope", "Basic " + token, token):
+            assert web(srv.http_port, "/api/dashboard", headers={"Authorization": wrong})[0].status == 401
+        by_bearer = dashboard_api(srv.http_port, headers={"Authorization": f"Bearer {token}"})
+        assert by_bearer["period_usage"]["total"]["text"]["cost"] == "$0.5000" and by_bearer["sign_out"] is True
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        failed, html = web(srv.http_port, "/login", "POST", form, b"token=wrong")
+        assert failed.status == 401 and failed.getheader("Set-Cookie") is None
+        assert b'<body data-view="login-failed">' in html
+        signed, _ = web(srv.http_port, "/login", "POST", form, f"token={token}".encode())
+        cookie = signed.getheader("Set-Cookie")
+        assert (signed.status, signed.getheader("Location")) == (303, "/")
+        value, *flags = cookie.split("; ")
+        assert value.startswith("ccmon_session=") and token not in cookie
+        assert flags == [f"Max-Age={30 * 86400}", "Path=/", "HttpOnly", "SameSite=Strict"]  # Secure only over TLS
+        session = {"Cookie": value}
+        page, html = web(srv.http_port, "/", headers=session)
+        assert page.status == 200 and b'<body data-view="dashboard">' in html
+        assert dashboard_api(srv.http_port, headers={"Cookie": f"other=1; {value}"})["stored_requests"] == 1
+        expires, mac = value.removeprefix("ccmon_session=").split(".")
+        past = int(time.time()) - 1
+        for forged in (f"{int(expires) + 1}.{mac}", f"{expires}.{'0' * len(mac)}", ccmon.session_cookie(token, past),
+                       ccmon.session_cookie("another-token", int(expires)), "", "x.y", f"{expires}"):
+            assert web(srv.http_port, "/api/dashboard", headers={"Cookie": f"ccmon_session={forged}"})[0].status == \
+                401, forged
+        # The cookie opens the dashboard alone: exports and the query service still want the token itself.
+        assert http_post(srv.http_port, body=seed.SerializeToString(), headers=session)[0].status == 401
+        out, _ = web(srv.http_port, "/logout", "POST", form, b"")
+        assert (out.status, out.getheader("Location"), out.getheader("Set-Cookie")) == \
+            (303, "/", "ccmon_session=; Max-Age=0; Path=/; HttpOnly; SameSite=Strict")
+        # With a token, a request naming the server by any host name is answered once it is signed in.
+        assert web(srv.http_port, "/api/dashboard", headers={**session, "Host": "ccmon.example"})[0].status == 200
+    finally:
+        srv.stop()
+    assert token not in srv.log and "refused dashboard sign-in from 127.0.0.1: wrong token" in srv.log
+
+
+@pytest.mark.parametrize("header,takes", [("gzip", True), ("br;q=1.0, GZIP ; q=0.5", True),
+                                          ("deflate, gzip;q=0", False), ("gzip; q=0.000", False), ("x-gzip", False),
+                                          ("", False), (None, False)])
+def test_dashboard_json_is_gzipped_for_clients_that_take_it(header, takes):
+    assert ccmon.accepts_gzip(header) is takes
+
+
+def test_dashboard_session_cookie_is_the_tokens_and_expires():
+    cookie = ccmon.session_cookie("t", 2_000_000_000)
+    assert re.fullmatch(r"2000000000\.[0-9a-f]{64}", cookie)
+    assert ccmon.signed_in(f"ccmon_session={cookie}", "t", 1_999_999_999)
+    assert not ccmon.signed_in(f"ccmon_session={cookie}", "t", 2_000_000_000)  # expired
+    assert not ccmon.signed_in(f"ccmon_session={cookie}", "u", 1)
+    assert not ccmon.signed_in(f"session={cookie}", "t", 1)
+    assert not ccmon.signed_in("ccmon_session=\u00b2." + cookie.split(".")[1], "t", 1)  # a digit int() would take
+    assert not ccmon.signed_in(None, "t", 1)
+
+
+def test_dashboard_files_are_small_and_load_nothing_from_elsewhere():
+    files = {name: (ROOT / name).read_text() for name in ("dashboard.html", "dashboard.js", "dashboard.css")}
+    assert sum(map(len, files.values())) < 40_000
+    for name, text in files.items():
+        assert not re.search(r"(?:https?:)?//[a-z]", re.sub(r"http://www\.w3\.org/2000/svg", "", text)), name
+    assert "innerHTML" not in files["dashboard.js"] and "insertAdjacentHTML" not in files["dashboard.js"]
+    assert "style=" not in files["dashboard.html"] and "<script>" not in files["dashboard.html"]
+    assert set(ccmon.DASHBOARD_FILES.values()) <= {(name, kind) for name in files for kind in (
+        "text/html; charset=utf-8", "text/javascript; charset=utf-8", "text/css; charset=utf-8")}
+    import build_zipapp
+    assert all(name in build_zipapp.APP_FILES for name in files)
+
+
+# In a real browser: headless Chromium (Debian's chromium package) loads the page, runs its script and its fetches
+# (virtual time runs only once they have answered), and hands back the document as it then is.
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.fail("the dashboard's browser tests need Chromium: apt-get install -y chromium (README, Development)")
+    return path
+
+
+def in_browser(chromium: str, tmp_path: Path, url: str, *args: str) -> str:
+    """What headless Chromium prints for `url` (with --dump-dom, the document once its script has run), in a new
+    profile, in UTC (the zone the page asks the server for)."""
+    profile = tempfile.mkdtemp(dir=tmp_path, prefix="chromium-")
+    result = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=4000",
+                             *args, url], capture_output=True, text=True, timeout=120, env={**os.environ, "TZ": "UTC"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@dataclasses.dataclass
+class Document:
+    """A dumped document as a reader sees it: each element's text by id, each table's rows of cell texts, the bars'
+    titles, and every start tag (name and attributes) it has."""
+    texts: dict[str, str]
+    tables: dict[str, list[list[str]]]
+    titles: list[str]
+    tags: list[tuple[str, dict]]
+
+
+def read_document(dom: str) -> Document:
+    from html.parser import HTMLParser
+    document = Document({}, {}, [], [])
+    void = {"meta", "link", "input", "br", "img", "hr", "source", "area", "base", "col", "embed", "wbr"}
+
+    class Reader(HTMLParser):
+        open: list[tuple[str, str | None]] = []   # (tag, id) of the elements open here
+        table: str | None = None
+
+        def handle_starttag(self, tag, attrs):
+            attributes = dict(attrs)
+            document.tags.append((tag, attributes))
+            if tag == "table":
+                self.table = attributes.get("id")
+                document.tables[self.table] = []
+            elif tag == "tr" and self.table:
+                document.tables[self.table].append([])
+            elif tag == "td" and self.table:
+                document.tables[self.table][-1].append("")
+            if tag not in void:
+                self.open.append((tag, attributes.get("id")))
+                if attributes.get("id"):
+                    document.texts[attributes["id"]] = ""
+            if tag == "title" and any(name == "rect" for name, _ in self.open[:-1]):
+                document.titles.append("")
+
+        def handle_endtag(self, tag):
+            while self.open and self.open.pop()[0] != tag:
+                pass
+            if tag == "table":
+                self.table = None
+
+        def handle_data(self, data):
+            for _, element_id in self.open:
+                if element_id:
+                    document.texts[element_id] += data
+            if self.table and self.open and self.open[-1][0] == "td":
+                document.tables[self.table][-1][-1] += data
+            if self.open and self.open[-1][0] == "title" and any(name == "rect" for name, _ in self.open):
+                document.titles[-1] += data
+
+    reader = Reader(convert_charrefs=True)
+    reader.open = []
+    reader.feed(dom)
+    return document
+
+
+@e2e
+def test_dashboard_in_chromium_shows_the_servers_figures_exactly(server, chromium, tmp_path):
+    seed_web_team(server)
+    document = read_document(in_browser(chromium, tmp_path, f"http://127.0.0.1:{server.http_port}/?period=d",
+                                        "--dump-dom"))
+    assert document.texts["status"].startswith("updated ")
+    client, now, utc = ccmon.Client(server.target), ccmon.now_ms(), ccmon.ZoneInfo("UTC")
+    midnight, month_start, _ = ccmon.day_and_month_start(now, utc)
+    today = client.stats(midnight, now).total
+    assert (document.texts["today-cost"], document.texts["today-detail"]) == \
+        (ccmon.format_cost(today.cost_nanos), f"{today.requests} requests, {ccmon.format_count(today.total)} tokens")
+    assert document.texts["month-cost"] == ccmon.format_cost(client.stats(month_start, now).total.cost_nanos)
+    period = client.stats(now - 86400_000, now).total
+    assert (document.texts["period-name"], document.texts["period-cost"]) == \
+        ("Last 24 hours", ccmon.format_cost(period.cost_nanos)) == ("Last 24 hours", "$1.31")
+    assert document.tables["users"][1:] == [
+        [u.user, str(u.sessions), ccmon.format_count(u.split.total.requests), ccmon.format_count(u.split.total.total),
+         ccmon.format_count(u.split.premium.limited), ccmon.format_cost(u.split.total.cost_nanos),
+         ccmon.format_percent(u.five_hour.percent) if u.five_hour else "–",
+         ccmon.format_percent(u.seven_day.percent) if u.seven_day else "–"]
+        for u in client.users(now - 86400_000, now)]
+    assert [row[0] for row in document.tables["users"][1:]] == ["ana@example.com", "bo@example.com"]
+    assert document.tables["models"][1:] == [
+        [m.model, ccmon.format_count(m.usage.requests), ccmon.format_count(m.usage.input),
+         ccmon.format_count(m.usage.output), ccmon.format_count(m.usage.cache), ccmon.format_count(m.usage.total),
+         ccmon.format_cost(m.usage.cost_nanos)] for m in client.models(now - 86400_000, now)]
+    assert [row[0] for row in document.tables["projects"][1:]] == ["web-app", "api"]
+    assert [row[6] for row in document.tables["requests"][1:]] == ["$1.25", "$0.0010", "$0.0623"]
+    (limits,) = document.tables["limits"][1:]
+    assert limits[0] == "ana@example.com" and limits[1].startswith("21%, resets ") and limits[2] == "just now"
+    assert limits[3].startswith("63%, resets ")
+    days = client.days(None, now, "UTC")
+    assert len(document.titles) == 30 and document.titles[-1] == \
+        f"{days[0].date}: {ccmon.format_cost(days[0].split.total.cost_nanos)}, {days[0].split.total.requests} requests"
+    client.close()
+
+
+class DevTools:
+    """Headless Chromium driven through the DevTools protocol on a pipe (--remote-debugging-pipe: JSON messages, each
+    ended by a NUL, read from its descriptor 3 and written to its descriptor 4), with the standard library alone."""
+
+    def __init__(self, chromium: str, tmp_path: Path):
+        import fcntl
+        commands_read, self.commands = os.pipe()
+        self.replies, replies_write = os.pipe()
+        # the child's ends, above 4, to be put at 3 and 4 in the child (where one could otherwise land on the other)
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (commands_read, replies_write)]
+        for fd in (commands_read, replies_write):
+            os.close(fd)
+
+        def at_3_and_4():
+            os.dup2(ends[0], 3)
+            os.dup2(ends[1], 4)
+
+        profile = tempfile.mkdtemp(dir=tmp_path, prefix="chromium-")
+        self.proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                                      "--remote-debugging-pipe", "about:blank"], preexec_fn=at_3_and_4,
+                                     close_fds=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env={**os.environ, "TZ": "UTC"})
+        for fd in ends:
+            os.close(fd)
+        self.answers: dict[int, dict] = {}
+        self.events: list[dict] = []
+        self.arrived = threading.Condition()
+        self.next_id, self.session = 0, None
+        threading.Thread(target=self._read, daemon=True).start()
+        page = next(t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        self.session = self.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        self.call("Page.enable")
+
+    def _read(self) -> None:
+        pending = b""
+        while chunk := os.read(self.replies, 65536):
+            *messages, pending = (pending + chunk).split(b"\0")
+            with self.arrived:
+                for message in map(json.loads, messages):
+                    if "id" in message:
+                        self.answers[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                self.arrived.notify_all()
+
+    def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        number = self.next_id
+        message = {"id": number, "method": method, "params": params, **({"sessionId": self.session}
+                                                                        if self.session else {})}
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: number in self.answers, 30), f"no answer to {method} in 30 s"
+        answer = self.answers.pop(number)
+        assert "error" not in answer, answer
+        return answer["result"]
+
+    def loaded(self, action: Callable[[], Any]) -> None:
+        """Run `action` (a navigation, a form sent) and wait until the document it leads to has loaded."""
+        with self.arrived:
+            seen = len(self.events)
+        action()
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: any(event["method"] == "Page.loadEventFired"
+                                                     for event in self.events[seen:]), 30), "the page did not load"
+
+    def open(self, url: str) -> None:
+        self.loaded(lambda: self.call("Page.navigate", url=url))
+
+    def value(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, condition: str) -> None:
+        """Until the page's document makes `condition` (a JavaScript expression) true: watched in the page, as the
+        document changes."""
+        assert self.value(f"""new Promise((resolve) => {{
+            const met = () => {{ try {{ return Boolean({condition}); }} catch (error) {{ return false; }} }};
+            if (met()) return resolve(true);
+            const watch = new MutationObserver(() => {{ if (met()) {{ watch.disconnect(); resolve(true); }} }});
+            watch.observe(document, {{subtree: true, childList: true, characterData: true, attributes: true}});
+            setTimeout(() => resolve(met()), 20000);
+        }})""") is True, f"not within 20 s: {condition}"
+
+    def text(self, element_id: str) -> str:
+        return self.value(f"document.getElementById({json.dumps(element_id)}).textContent")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(30)
+        os.close(self.commands)
+        os.close(self.replies)
+
+
+@e2e
+def test_dashboard_in_chromium_signs_in_filters_and_says_when_the_server_is_gone(tmp_path, chromium):
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": "browser-token"}).start()
+    browser = DevTools(chromium, tmp_path)
+    try:
+        events = [("api_request", api_request(1, hours_ago(0.1), cost_usd=0.5)),
+                  ("api_request", api_request(2, hours_ago(3), cost_usd=0.25, session="sess-2"))]
+        assert sdk_export(srv.http_port, events, protocol="http/protobuf",
+                          headers={"Authorization": "Bearer browser-token"}) == ["SUCCESS"]
+        browser.open(f"http://127.0.0.1:{srv.http_port}/?period=d")
+        assert browser.value("document.body.dataset.view") == "login"
+        sign_in = "document.querySelector('input[name=token]').value = {!r}; document.querySelector('#login form')" \
+                  ".submit()"
+        browser.loaded(lambda: browser.value(sign_in.format("not-it")))
+        assert browser.value("document.body.dataset.view") == "login-failed"
+        assert browser.value("getComputedStyle(document.querySelector('.failed')).display") != "none"
+        browser.loaded(lambda: browser.value(sign_in.format("browser-token")))
+        assert browser.value("[document.body.dataset.view, location.pathname]") == ["dashboard", "/"]
+        assert browser.value("document.cookie") == ""  # HttpOnly: no script on the page can read the sign-in
+        browser.wait_for("document.getElementById('status').textContent.startsWith('updated ')")
+        assert (browser.text("today-cost"), browser.text("period-name"), browser.text("period-cost")) == \
+            ("$0.7500", "All time", "$0.7500")  # the sign-in leads to /: the monitor's default period
+        browser.value("const select = document.getElementById('period'); select.value = 'h'; "
+                      "select.dispatchEvent(new Event('change'))")
+        browser.wait_for("document.getElementById('period-name').textContent === 'Last hour'")
+        assert (browser.text("period-cost"), browser.value("location.search")) == ("$0.5000", "?period=h")
+        srv.stop()
+        browser.wait_for("document.getElementById('status').textContent.startsWith('server unreachable')")
+        assert browser.text("status").startswith("server unreachable: retrying every 5 s; the figures are from ")
+        assert browser.value("document.body.classList.contains('stale')") is True
+        assert browser.text("period-cost") == "$0.5000"  # the last figures stay, dimmed
+    finally:
+        browser.close()
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
+XSS = {"user": "<img src=x onerror=\"document.title='pwned-user'\">",
+       "project": "</script><script>document.title='pwned-project'</script>",
+       "model": "\"><svg onload=\"document.title='pwned-model'\"><b>claude</b>",
+       "session": "<iframe src=\"javascript:parent.document.title='pwned-session'\"></iframe>"}
+
+
+@e2e
+def test_dashboard_in_chromium_shows_names_from_telemetry_as_text_and_runs_nothing(server, chromium, tmp_path):
+    events = [("api_request", {**api_request(1, hours_ago(0.1), model=XSS["model"], session=XSS["session"],
+                                             cost_usd=0.5), "user.email": XSS["user"]})]
+    assert sdk_export(server.http_port, events, resource={**CLAUDE_RESOURCE, "project": XSS["project"]},
+                      protocol="http/protobuf") == ["SUCCESS"]
+    dom = in_browser(chromium, tmp_path, f"http://127.0.0.1:{server.http_port}/", "--dump-dom")
+    document = read_document(dom)
+    assert document.texts["status"].startswith("updated ")
+    assert "<title>ccmon</title>" in dom and "pwned" not in dom.split("</title>")[0]  # no payload ran
+    tags = [name for name, _ in document.tags]
+    assert not {"img", "iframe", "b"} & set(tags) and tags.count("script") == 1  # no payload became an element
+    assert [name for name, attributes in document.tags if name == "svg"] == ["svg"]  # the chart's alone
+    assert document.tables["users"][1][0] == XSS["user"]
+    assert document.tables["projects"][1][0] == XSS["project"]
+    assert document.tables["models"][1][0] == XSS["model"]
+    assert document.tables["requests"][1][1] == XSS["model"] and document.tables["requests"][1][8] == XSS["session"]
+    assert document.tables["sessions"][1][1:3] == [XSS["user"], XSS["project"]]
+    options = [attributes.get("value") for name, attributes in document.tags if name == "option"]
+    assert XSS["user"] in options and XSS["project"] in options  # the filters' values, as they are
+
+
+@e2e
+def test_dashboard_in_chromium_without_the_token_shows_only_the_sign_in(tmp_path, chromium):
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": "browser-token"}).start()
+    try:
+        response, _ = http_post(srv.http_port, body=logs_request([("api_request", api_request(
+            1, hours_ago(0.1), cost_usd=0.5))]).SerializeToString(), headers={"Authorization": "Bearer browser-token"})
+        assert response.status == 200
+        dom = in_browser(chromium, tmp_path, f"http://127.0.0.1:{srv.http_port}/", "--dump-dom")
+        document = read_document(dom)
+        assert '<body data-view="login">' in dom and ("form", {"method": "post", "action": "/login"}) in document.tags
+        assert "$" not in dom and document.texts["today-cost"] == "–"  # nothing fetched: no figure on the page
+        api = in_browser(chromium, tmp_path, f"http://127.0.0.1:{srv.http_port}/api/dashboard", "--dump-dom")
+        assert "missing or wrong token" in api and "cost" not in api
+    finally:
+        srv.stop()
+
+
 # ---------------------------------------------------------------- monitor: view model and pure render functions
 
 def test_formatting():
@@ -5080,6 +5643,11 @@ def test_pyz_server_format_and_monitor_with_nothing_installed(pyz, tmp_path):
         result = run_ccmon(["--monitor-server", srv.target, "--format", "@daily_plan_usage"], tmp_path,
                            command=bare(pyz), env=env)
         assert (result.returncode, result.stdout, result.stderr) == (0, "0%\n", "")  # the bundled PyYAML
+        for path, name in (("/", "dashboard.html"), ("/dashboard.js", "dashboard.js"), ("/dashboard.css",
+                                                                                        "dashboard.css")):
+            response, body = web(srv.http_port, path)  # the dashboard's files, unpacked from the pyz with ccmon.py
+            assert (response.status, body) == (200, (ROOT / name).read_bytes())
+        assert dashboard_api(srv.http_port)["period_usage"]["total"]["requests"] == 3
     finally:
         srv.stop()
 
