@@ -228,8 +228,8 @@ class Usage:
     def cost_usd(self) -> float:
         return self.cost_nanos / NANOS_PER_USD
 
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+    def __add__(self, other: Usage) -> Usage:  # field by field, in order (dataclasses.astuple deep-copies: slow)
+        return Usage(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2536,51 +2536,53 @@ class Reader:
     def series(self, starts: list[int], start_ms: int, end_ms: int, by: str = "", user: str | None = None,
                project: str | None = None) -> list[SeriesPoint]:
         """The usage of each bucket [starts[i], starts[i + 1]) within [start_ms, end_ms), per model, user or
-        project (by) or not grouped (''), oldest first, empty buckets left out. From the rollups in one query
-        per level (see series_parts); by or of a project, from the raw rows (the rollups have no project)."""
+        project (by) or not grouped (''), oldest first, empty buckets left out. From the rollups (see series_parts):
+        the UTC days in one range, the quarter hours at the buckets' edges in one query, each read once (a local
+        day's end is the next one's start); by or of a project, from the raw rows (the rollups have no project)."""
         chosen = self._filter(user, project, "t.user", "t.session")
         if chosen is None:
             return []
         where, extra = chosen
         raw = project is not None or by == "project"
-        parts: list[list[list[int]]] = [[], [], []]  # per level: [bucket index, sign, lo, hi]
+        uses: list[dict[tuple[int, int], list[tuple[int, int]]]] = [{}, {}, {}]  # per level: range -> (bucket, sign)
         for index, (lo, hi) in enumerate(zip(starts, starts[1:])):
             lo, hi = max(lo, start_ms), min(hi, end_ms)
             for sign, level, a, b in ([(1, 2, lo, hi)] if lo < hi else []) if raw else series_parts(lo, hi):
-                parts[level].append([index, sign, a, b])
-        group = {"": "''", "model": "''", "user": "t.user", "project": "COALESCE(s.project, '')"}[by]
+                uses[level].setdefault((a, b), []).append((index, sign))
+        group = {"": "''", "model": "t.model", "user": "t.user", "project": "COALESCE(s.project, '')"}[by]
+        keys = "1, 3" if by in ("", "model") else "1, 2, 3"  # a constant in GROUP BY would cost a sort
         join = " JOIN sessions s ON s.id = t.session" if by == "project" else ""
-        sums = [", ".join(f"SUM(p.sign * {column})" for column in list(FIGURES)[1:])] * 2 + \
-            [", ".join(f"SUM(p.sign * {expression.format(r='t.')})" for expression in list(FIGURES.values())[1:])]
-        found: dict[tuple[int, Any], dict[int, Usage]] = {}
+        day_uses = {day: used for (a, b), used in uses[0].items() for day in range(a, b, DAY_MS)}
+        ranges = [list(level) for level in uses]
+        premium = {model: is_premium(name) for model, name in self._names("models").items()}
+        found: dict[tuple[int, Any], list[list[int]]] = {}  # (bucket, group) -> [base figures, premium figures]
         conn = self._reader()
         conn.execute("BEGIN")  # one snapshot: a rollup and the raw rows it stands for agree
         try:
-            for level, table in enumerate(("usage_daily", "usage_rollup", "requests")):
-                if not parts[level]:
+            queries = [(f"SELECT t.bucket, {group}, t.model, {USAGE_SUMS} FROM usage_daily t WHERE t.bucket >= ? "
+                        f"AND t.bucket < ?{where} GROUP BY {keys}", (min(day_uses, default=0),
+                                                                     max(day_uses, default=-DAY_MS) + DAY_MS))]
+            for level, table, column, sums in ((1, "usage_rollup", "t.bucket", USAGE_SUMS),
+                                               (2, "requests", "t.ts", RAW_SUMS)):
+                queries.append((  # MATERIALIZED: the ranges read from JSON once, not at every row they are joined to
+                    "WITH p (i, lo, hi) AS MATERIALIZED (SELECT key, json_extract(value, '$[0]'), json_extract(value, "
+                    f"'$[1]') FROM json_each(?)) SELECT p.i, {group}, t.model, {sums} FROM p CROSS JOIN {table} t "
+                    f"ON {column} >= p.lo AND {column} < p.hi{join} WHERE 1{where} GROUP BY {keys}",
+                    (json.dumps(ranges[level]),)))
+            for level, (sql, bounds) in enumerate(queries):
+                if not uses[level]:
                     continue
-                column = "t.bucket" if level < 2 else "t.ts"
-                for index, key, model, *figures in conn.execute(  # CROSS JOIN: each part by its range of the key
-                        "WITH p (i, sign, lo, hi) AS (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
-                        "json_extract(value, '$[2]'), json_extract(value, '$[3]') FROM json_each(?))"
-                        f" SELECT p.i, {group}, t.model, {sums[level]} FROM p CROSS JOIN {table} t "
-                        f"ON {column} >= p.lo AND {column} < p.hi{join} WHERE 1{where} GROUP BY 1, 2, 3",
-                        (json.dumps(parts[level]), *extra)):
-                    by_model = found.setdefault((index, key), {})
-                    by_model[model] = by_model[model] + Usage(*figures) if model in by_model else Usage(*figures)
+                for part, key, model, *figures in conn.execute(sql, (*bounds, *extra)):
+                    for index, sign in day_uses[part] if level == 0 else uses[level][ranges[level][part]]:
+                        sums = found.setdefault((index, key), [[0] * len(figures), [0] * len(figures)])
+                        sums[premium[model]] = [a + sign * b for a, b in zip(sums[premium[model]], figures)]
         finally:
             if conn.in_transaction:
                 conn.execute("COMMIT")
-        models, users = self._names("models"), self._names("users") if by == "user" else {}
-        points = []
-        for (index, key), by_model in found.items():
-            named = {models[model]: usage for model, usage in by_model.items() if usage != Usage()}
-            if by == "model":
-                points += [SeriesPoint(starts[index], model, Split.from_models({model: usage}))
-                           for model, usage in sorted(named.items())]
-            elif named:
-                points.append(SeriesPoint(starts[index], users.get(key, key), Split.from_models(named)))
-        return sorted(points, key=lambda point: (point.start_ms, point.group))
+        names = self._names("models") if by == "model" else self._names("users") if by == "user" else {}
+        return sorted((SeriesPoint(starts[index], names.get(key, key), Split(Usage(*base), Usage(*premium)))
+                       for (index, key), (base, premium) in found.items() if any(base) or any(premium)),
+                      key=lambda point: (point.start_ms, point.group))
 
     @staticmethod
     def _whole_bucket(conn: sqlite3.Connection, level: int, lo: int, hi: int) -> tuple[int, int, int]:

@@ -4047,7 +4047,52 @@ def test_reports_as_table_json_and_csv(server, tmp_path):
     assert (reader.wait(30), reader.stderr.read()) == (0, b"")
 
 
+def test_report_limits_lists_claudes_readings_as_table_json_and_csv(server, tmp_path):
+    sdk_export(server.port, team_events())  # the sessions' users
+    now = ccmon.now_ms() // 60_000 * 60_000  # whole minutes: tables show minutes
+    for reading in (ccmon.LimitReading("s-ana-1", now - 7200_000, five_hour=ccmon.LimitWindow(42.0, now + 3600_000),
+                                       seven_day=ccmon.LimitWindow(12.5, now + 3 * 86400_000)),
+                    ccmon.LimitReading("s-ana-1", now - 5400_000),  # no limits (an API key): not listed
+                    ccmon.LimitReading("s-bo-1", now - 1800_000, seven_day=ccmon.LimitWindow(80.0, now + 86400_000))):
+        server.query().ReportStatusLine(ccmon_pb2.ReportStatusLineRequest(reading=ccmon.reading_message(reading)))
+    tokyo = ccmon.ZoneInfo("Asia/Tokyo")
+
+    def local(ms: int, spec: str = "minutes") -> str:
+        return ccmon.dt.datetime.fromtimestamp(ms / 1000, tokyo).isoformat(timespec=spec)
+    report = json.loads(run_report(server, "limits", "--json", cwd=tmp_path).stdout)
+    assert (report["report"], report["rows"], report["totals"]) == ("limits", [  # oldest first, as daily and blocks
+        {"read_at": local(now - 7200_000, "seconds"), "user": "ana@example.com", "session_id": "s-ana-1",
+         "five_hour_percent": 42.0, "five_hour_resets": local(now + 3600_000), "seven_day_percent": 12.5,
+         "seven_day_resets": local(now + 3 * 86400_000)},
+        {"read_at": local(now - 1800_000, "seconds"), "user": "bo@example.com", "session_id": "s-bo-1",
+         "five_hour_percent": None, "five_hour_resets": None, "seven_day_percent": 80.0,
+         "seven_day_resets": local(now + 86400_000)}], {})
+    assert run_report(server, "limits", "--csv", cwd=tmp_path).stdout.splitlines() == [
+        "read_at,user,session_id,five_hour_percent,five_hour_resets,seven_day_percent,seven_day_resets",
+        f"{local(now - 7200_000, 'seconds')},ana@example.com,s-ana-1,42.0,{local(now + 3600_000)},12.5,"
+        f"{local(now + 3 * 86400_000)}",
+        f"{local(now - 1800_000, 'seconds')},bo@example.com,s-bo-1,,,80.0,{local(now + 86400_000)}"]
+    table = run_report(server, "limits", cwd=tmp_path).stdout.splitlines()
+    minutes = lambda ms: local(ms)[:16].replace("T", " ")  # noqa: E731
+    assert table[1:] == [
+        "read              user             session   5h  5h_resets          week  week_resets",
+        "----------------  ---------------  -------  ---  ----------------  -----  ----------------",
+        f"{minutes(now - 7200_000)}  ana@example.com  s-ana-1  42%  {minutes(now + 3600_000)}  12.5%  "
+        f"{minutes(now + 3 * 86400_000)}",
+        f"{minutes(now - 1800_000)}  bo@example.com   s-bo-1     -  -                   80%  "
+        f"{minutes(now + 86400_000)}"]
+    only_bo = json.loads(run_report(server, "limits", "--user", "bo@example.com", "--json", cwd=tmp_path).stdout)
+    assert [row["session_id"] for row in only_bo["rows"]] == ["s-bo-1"]
+    none = run_report(server, "limits", "--since", "2026-01-01", "--until", "2026-01-31", cwd=tmp_path)
+    assert none.stdout.splitlines()[1:] == ["no readings of Claude's limits in this period (ccmon statusline stores "
+                                            "them)"]
+    assert run_report(server, "limits", "--since", "2026-01-01", "--until", "2026-01-31", "--csv",
+                      cwd=tmp_path).stdout == ",".join(ccmon.LIMIT_FIELDS) + "\n"
+
+
 @pytest.mark.parametrize("args,message", [
+    (["limits", "--project", "alpha"], "ccmon: config error: --project: Claude's limits are an account's, not a "
+                                       "project's (use --user)\n"),
     (["daily", "--since", "May 1"], "ccmon: config error: --since: invalid date 'May 1' (use YYYY-MM-DD)\n"),
     (["daily", "--since", "2026-05-02", "--until", "2026-05-01"],
      "ccmon: config error: --until 2026-05-01 is before --since 2026-05-02\n"),
