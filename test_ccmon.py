@@ -2484,6 +2484,13 @@ class ListingReader:
         return [ccmon.UsageBlock(i * ccmon.BLOCK_MS, (i + 1) * ccmon.BLOCK_MS, ccmon.Split(), i * ccmon.BLOCK_MS)
                 for i in range(ccmon.MAX_LIST + 1)]
 
+    def series(self, starts, start_ms, end_ms, by="", user=None, project=None):
+        return [ccmon.SeriesPoint(start, "", ccmon.Split()) for start in starts[:-1]]
+
+    def readings(self, user, since_ms, until_ms, limit=1, with_limits=False):
+        self.limit = limit
+        return [ccmon.LimitReading("s", until_ms - i, five_hour=ccmon.LimitWindow(1.0, until_ms)) for i in range(limit)]
+
     def timeline(self, session_id, limit):
         self.limit = limit
         request = ccmon.ApiRequest(0, "claude-haiku-4-5", session_id, ccmon.Usage())
@@ -2510,6 +2517,10 @@ def test_every_list_answer_is_bounded():
     assert (len(projects), projects[-1].project) == (1000, "project-0999")
     blocks = service.GetBlocks(ccmon_pb2.GetBlocksRequest(), context).blocks  # the newest
     assert (len(blocks), ccmon.ms_of(blocks[0].start_time)) == (1000, ccmon.BLOCK_MS)
+    series = service.GetSeries(ccmon_pb2.GetSeriesRequest(bucket="hour", start_time=ccmon.timestamp_from_ms(0),
+                                                          end_time=ccmon.timestamp_from_ms(5000 * ccmon.HOUR_MS)), context)
+    assert (len(series.points), reader.limit, len(series.readings)) == (5000, 5000, 5000)
+    assert ccmon.ms_of(series.readings[0].read_at) < ccmon.ms_of(series.readings[-1].read_at)  # oldest first
     for limit in (0, -1, 2001, 2 ** 31 - 1):
         timeline = service.GetSessionTimeline(ccmon_pb2.GetSessionTimelineRequest(session_id="s", limit=limit),
                                               context)
