@@ -2419,8 +2419,8 @@ def period_parts(start: int, end: int, sizes: tuple[int, ...]) -> list[tuple[int
 def series_parts(lo: int, hi: int) -> list[tuple[int, int, int, int]]:
     """[lo, hi) as signed (sign, level, a, b) parts summed from usage_daily (level 0), usage_rollup (1) and raw rows
     (2). A bucket of a day or more is read from the UTC days nearest its edges, corrected by the quarter hours
-    between those and its edges, added or taken away: a local day of Berlin's is a UTC day and two hours of
-    quarter hours, not 96 of them."""
+    between those and its edges, added or taken away: a local day of Berlin's is a UTC day, plus the hour before
+    it and less its last hour (two in summer), not 96 quarter hours."""
     a, b = (-(-(edge - DAY_MS // 2) // DAY_MS) * DAY_MS for edge in (lo, hi))  # nearest UTC midnights
     if a >= b:
         return [(1, level + 1, x, y) for level, x, y in period_parts(lo, hi, (BUCKET_MS,))]
@@ -2573,9 +2573,10 @@ class Reader:
                 if not uses[level]:
                     continue
                 for part, key, model, *figures in conn.execute(sql, (*bounds, *extra)):
-                    for index, sign in day_uses[part] if level == 0 else uses[level][ranges[level][part]]:
-                        sums = found.setdefault((index, key), [[0] * len(figures), [0] * len(figures)])
-                        sums[premium[model]] = [a + sign * b for a, b in zip(sums[premium[model]], figures)]
+                    for index, sign in day_uses.get(part, ()) if level == 0 else uses[level][ranges[level][part]]:
+                        tally = found.setdefault((index, key), [[0] * len(figures), [0] * len(figures)])
+                        side = premium[model]  # 0: base, 1: premium
+                        tally[side] = [a + sign * b for a, b in zip(tally[side], figures)]
         finally:
             if conn.in_transaction:
                 conn.execute("COMMIT")
