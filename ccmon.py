@@ -2572,11 +2572,12 @@ class Reader:
             for level, (sql, bounds) in enumerate(queries):
                 if not uses[level]:
                     continue
+                uses_of = day_uses if level == 0 else dict(enumerate(uses[level].values()))  # a row's part -> uses
                 for part, key, model, *figures in conn.execute(sql, (*bounds, *extra)):
-                    for index, sign in day_uses.get(part, ()) if level == 0 else uses[level][ranges[level][part]]:
+                    side = premium[model]  # 0: base, 1: premium
+                    for index, sign in uses_of.get(part, ()):
                         tally = found.setdefault((index, key), [[0] * len(figures), [0] * len(figures)])
-                        side = premium[model]  # 0: base, 1: premium
-                        tally[side] = [a + sign * b for a, b in zip(tally[side], figures)]
+                        tally[side] = list(map(int.__add__ if sign > 0 else int.__sub__, tally[side], figures))
         finally:
             if conn.in_transaction:
                 conn.execute("COMMIT")
