@@ -5166,7 +5166,7 @@ CONFIG_ERRORS = [
     (["--format", "@daily_cost", "--json"], "ccmon: --format and --json cannot be used together (see ccmon --help)"),
     (["--health", "--json"], "ccmon: --health and --json cannot be used together (see ccmon --help)"),
     (["--monitor-server", "x:1", "report", "dialy"], "ccmon report: argument kind: invalid choice: 'dialy' (choose "
-     "from 'daily', 'weekly', 'monthly', 'session', 'model', 'blocks', 'project') (see ccmon report --help)"),
+     "from 'daily', 'weekly', 'monthly', 'session', 'model', 'blocks', 'project', 'limits') (see ccmon report --help)"),
     (["report", "daily", "--csv", "--json"], "ccmon report: argument --json: not allowed with argument --csv (see "
                                              "ccmon report --help)"),
 ])
@@ -5184,7 +5184,8 @@ def test_options_go_before_or_after_the_report_command(capsys):
         args = ccmon.build_report_parser().parse_args(words)
         assert (args.kind, args.monitor_server, args.csv) == ("daily", "report:1", True)
     assert ccmon.without_command(["--format", "report"], "report", ccmon.build_parser()) is None
-    assert "report {daily,weekly,monthly,session,model,blocks,project}" in ccmon.build_parser().format_help()
+    assert "report {daily,weekly,monthly,session,model,blocks,project,limits}" in \
+        " ".join(ccmon.build_parser().format_help().split())  # wherever the help's lines wrap
 
 
 @pytest.mark.parametrize("args,message", CONFIG_ERRORS)
