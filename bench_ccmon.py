@@ -9,6 +9,7 @@ Uses the standard library and the test requirements only. Needs about 4 GB of fr
 from __future__ import annotations
 
 import argparse
+import bisect
 import decimal
 import json
 import multiprocessing
@@ -330,6 +331,22 @@ def raw_totals(db: Path, start_ms: int | None, end_ms: int) -> tuple[int, int]:
         conn.close()
 
 
+def series_oracle(db: Path, zone, start_ms: int, end_ms: int) -> list[tuple[int, int, int]]:
+    """(local day's start, requests, cost in nano-USD) of each day of [start, end) with requests, oldest first,
+    counted from the raw rows by the days GetUsage answers with."""
+    days = sorted(lo for _, lo, _ in ccmon.day_bounds(zone, end_ms - 1, 367))
+    found: dict[int, list[int]] = {}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        for ts, cost in conn.execute("SELECT ts, cost_nanos FROM requests WHERE ts >= ? AND ts < ?", (start_ms, end_ms)):
+            figures = found.setdefault(days[bisect.bisect_right(days, ts) - 1], [0, 0])
+            figures[0] += 1
+            figures[1] += cost
+    finally:
+        conn.close()
+    return [(day, *figures) for day, figures in sorted(found.items())]
+
+
 def check_stats(server: Server, start_ms: int | None, requests: int, cost_nanos: int) -> None:
     client = ccmon.Client(server.target, timeout_s=60)
     total = client.stats(start_ms, int(time.time() * 1000) + HOUR_MS).total
@@ -550,6 +567,11 @@ def bench_queries(server: Server, db: Path, runs: int) -> dict:
                                     for d in response.days], wanted_days)
     results["GetUsage 30 days"] = timed(lambda: stub.GetUsage(ccmon_pb2.GetUsageRequest(timezone="Europe/Berlin"),
                                                               timeout=60), check_days, runs)
+    year_start, wanted_series = now - 365 * 24 * HOUR_MS, series_oracle(db, zone, now - 365 * 24 * HOUR_MS, now)
+    results["GetSeries a year of days"] = timed(lambda: client.series(year_start, now, "day", "Europe/Berlin"),
+                                                lambda series: expect("GetSeries a year of days", [
+                                                    (p.start_ms, p.split.total.requests, p.split.total.cost_nanos)
+                                                    for p in series.points], wanted_series), runs)
     newest = sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute(
         "SELECT ts FROM requests WHERE ts >= ? ORDER BY ts DESC LIMIT 100", (now - 30 * 24 * HOUR_MS,)).fetchall()
     results["GetAPIRequests 100"] = timed(lambda: stub.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(

@@ -20,7 +20,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Text: figures, names and tables, shared by quick query, reports and the monitor
   Quick query: --format and --json for status bars
   Status line: ccmon statusline, for Claude Code's settings
-  Reports: ccmon report daily|weekly|monthly|session|model|blocks|project
+  Reports: ccmon report daily|weekly|monthly|session|model|blocks|project|limits
   Web dashboard: GET / and /api/ on the HTTP listener
   Import: ccmon import, Claude Code's transcripts
   Local server: started on demand, detached, following the transcripts
@@ -137,6 +137,41 @@ def day_bounds(zone: ZoneInfo, end_ms: int, days: int) -> list[tuple[str, int, i
     return bounds
 
 
+SERIES_BUCKETS = ("hour", "day", "week")  # a series' bucket sizes; weeks start on Monday
+
+
+def bucket_floor(zone: ZoneInfo, bucket: str, ms: int) -> int:
+    """The start of the local hour, day or week (from Monday) holding `ms`. (A local hour starts where the clock
+    shows a whole hour: at :30 UTC in India. A day starts at local midnight, or where a DST change skips it.)"""
+    moment = dt.datetime.fromtimestamp(ms / 1000, zone)
+    if bucket == "hour":
+        while True:  # again from there when the clock was set back by half an hour in between (Lord Howe)
+            floor = ms - (ms + int(moment.utcoffset().total_seconds()) * 1000) % HOUR_MS
+            if floor == ms:
+                return ms
+            ms, moment = floor, dt.datetime.fromtimestamp(floor / 1000, zone)
+    day = moment.date() - dt.timedelta(days=moment.weekday() if bucket == "week" else 0)
+    return ms_from_datetime(dt.datetime.combine(day, dt.time(), zone))
+
+
+def bucket_starts(zone: ZoneInfo, bucket: str, start_ms: int, end_ms: int, most: int) -> list[int] | None:
+    """The starts of the local hours, days or weeks overlapping [start_ms, end_ms), oldest first, and the end of
+    the last: len - 1 buckets. None when there would be more than `most`. Raises OverflowError or ValueError
+    for buckets past what dates can show (year 9999)."""
+    starts = [bucket_floor(zone, bucket, start_ms)]
+    step = {"hour": HOUR_MS, "day": DAY_MS, "week": 7 * DAY_MS}[bucket]
+    while starts[-1] < end_ms:
+        if len(starts) > most:
+            return None
+        # A step's length (and 3 hours more for days: they last 23 to 25) lands in the next bucket, floored on its
+        # start; an hour lasts 30 to 90 minutes where DST moves the clock by 30 (Lord Howe).
+        after = starts[-1] + step + (3 * HOUR_MS if bucket != "hour" else 0)
+        while (following := bucket_floor(zone, bucket, after)) <= starts[-1]:
+            after += BUCKET_MS
+        starts.append(following)
+    return starts
+
+
 def parse_iso_ms(text: Any) -> int | None:
     """RFC 3339 / ISO 8601 -> ms since the epoch; None when absent or unreadable."""
     if not isinstance(text, str) or not text:
@@ -197,8 +232,8 @@ class Usage:
     def cost_usd(self) -> float:
         return self.cost_nanos / NANOS_PER_USD
 
-    def __add__(self, other: Usage) -> Usage:
-        return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+    def __add__(self, other: Usage) -> Usage:  # field by field, in order (dataclasses.astuple deep-copies: slow)
+        return Usage(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2427,6 +2462,20 @@ def period_parts(start: int, end: int, sizes: tuple[int, ...]) -> list[tuple[int
     return [(0, lo, hi)] + [(level + 1, a, b) for level, a, b in edges]
 
 
+def series_parts(lo: int, hi: int) -> list[tuple[int, int, int, int]]:
+    """[lo, hi) as signed (sign, level, a, b) parts summed from usage_daily (level 0), usage_rollup (1) and raw rows
+    (2). A bucket of a day or more is read from the UTC days nearest its edges, corrected by the quarter hours
+    between those and its edges, added or taken away: a local day of Berlin's is a UTC day, plus the hour before
+    it and less its last hour (two in summer), not 96 quarter hours."""
+    a, b = (-(-(edge - DAY_MS // 2) // DAY_MS) * DAY_MS for edge in (lo, hi))  # nearest UTC midnights
+    if a >= b:
+        return [(1, level + 1, x, y) for level, x, y in period_parts(lo, hi, (BUCKET_MS,))]
+    parts = [(1, 0, a, b)]
+    for sign, x, y in ((1, lo, a), (-1, a, lo), (1, b, hi), (-1, hi, b)):
+        parts += [(sign, level + 1, p, q) for level, p, q in period_parts(x, y, (BUCKET_MS,))]
+    return parts
+
+
 @dataclasses.dataclass
 class BlockTally:
     """A block while its rows are summed (see Reader.blocks)."""
@@ -2530,6 +2579,59 @@ class Reader:
         named = {tuple(names[c][k] for c, k in zip(keys, key)): u for key, u in totals.items() if u != Usage()}
         return {key[0] if len(keys) == 1 else key: u for key, u in named.items()}
 
+    def series(self, starts: list[int], start_ms: int, end_ms: int, by: str = "", user: str | None = None,
+               project: str | None = None) -> list[SeriesPoint]:
+        """The usage of each bucket [starts[i], starts[i + 1]) within [start_ms, end_ms), per model, user or
+        project (by) or not grouped (''), oldest first, empty buckets left out. From the rollups (see series_parts):
+        the UTC days in one range, the quarter hours at the buckets' edges in one query, each read once (a local
+        day's end is the next one's start); by or of a project, from the raw rows (the rollups have no project)."""
+        chosen = self._filter(user, project, "t.user", "t.session")
+        if chosen is None:
+            return []
+        where, extra = chosen
+        raw = project is not None or by == "project"
+        uses: list[dict[tuple[int, int], list[tuple[int, int]]]] = [{}, {}, {}]  # per level: range -> (bucket, sign)
+        for index, (lo, hi) in enumerate(zip(starts, starts[1:])):
+            lo, hi = max(lo, start_ms), min(hi, end_ms)
+            for sign, level, a, b in ([(1, 2, lo, hi)] if lo < hi else []) if raw else series_parts(lo, hi):
+                uses[level].setdefault((a, b), []).append((index, sign))
+        group = {"": "''", "model": "t.model", "user": "t.user", "project": "COALESCE(s.project, '')"}[by]
+        keys = "1, 3" if by in ("", "model") else "1, 2, 3"  # a constant in GROUP BY would cost a sort
+        join = " JOIN sessions s ON s.id = t.session" if by == "project" else ""
+        day_uses = {day: used for (a, b), used in uses[0].items() for day in range(a, b, DAY_MS)}
+        ranges = [list(level) for level in uses]
+        premium = {model: is_premium(name) for model, name in self._names("models").items()}
+        found: dict[tuple[int, Any], list[list[int]]] = {}  # (bucket, group) -> [base figures, premium figures]
+        conn = self._reader()
+        conn.execute("BEGIN")  # one snapshot: a rollup and the raw rows it stands for agree
+        try:
+            queries = [(f"SELECT t.bucket, {group}, t.model, {USAGE_SUMS} FROM usage_daily t WHERE t.bucket >= ? "
+                        f"AND t.bucket < ?{where} GROUP BY {keys}", (min(day_uses, default=0),
+                                                                     max(day_uses, default=-DAY_MS) + DAY_MS))]
+            for level, table, column, sums in ((1, "usage_rollup", "t.bucket", USAGE_SUMS),
+                                               (2, "requests", "t.ts", RAW_SUMS)):
+                queries.append((  # MATERIALIZED: the ranges read from JSON once, not at every row they are joined to
+                    "WITH p (i, lo, hi) AS MATERIALIZED (SELECT key, json_extract(value, '$[0]'), json_extract(value, "
+                    f"'$[1]') FROM json_each(?)) SELECT p.i, {group}, t.model, {sums} FROM p CROSS JOIN {table} t "
+                    f"ON {column} >= p.lo AND {column} < p.hi{join} WHERE 1{where} GROUP BY {keys}",
+                    (json.dumps(ranges[level]),)))
+            for level, (sql, bounds) in enumerate(queries):
+                if not uses[level]:
+                    continue
+                uses_of = day_uses if level == 0 else dict(enumerate(uses[level].values()))  # a row's part -> uses
+                for part, key, model, *figures in conn.execute(sql, (*bounds, *extra)):
+                    side = premium[model]  # 0: base, 1: premium
+                    for index, sign in uses_of.get(part, ()):
+                        tally = found.setdefault((index, key), [[0] * len(figures), [0] * len(figures)])
+                        tally[side] = list(map(int.__add__ if sign > 0 else int.__sub__, tally[side], figures))
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+        names = self._names("models") if by == "model" else self._names("users") if by == "user" else {}
+        return sorted((SeriesPoint(starts[index], names.get(key, key), Split(Usage(*base), Usage(*premium)))
+                       for (index, key), (base, premium) in found.items() if any(base) or any(premium)),
+                      key=lambda point: (point.start_ms, point.group))
+
     @staticmethod
     def _whole_bucket(conn: sqlite3.Connection, level: int, lo: int, hi: int) -> tuple[int, int, int]:
         """A raw-rows part of a period (see period_parts) inside one quarter hour as that quarter hour's rollup when
@@ -2592,12 +2694,16 @@ class Reader:
             "WHERE s.session_id = ? ORDER BY su.last_ts DESC LIMIT 1", (session_id,)).fetchone()
         return row[0] if row else None
 
-    def readings(self, user: str | None, since_ms: int, until_ms: int, limit: int = 1) -> list[LimitReading]:
-        """Status line readings of `user`'s sessions (or everyone's), newest first."""
+    def readings(self, user: str | None, since_ms: int, until_ms: int, limit: int = 1,
+                 with_limits: bool = False) -> list[LimitReading]:
+        """Status line readings of `user`'s sessions (or everyone's), newest first; with_limits: only those with
+        a 5-hour or weekly window of Claude's."""
         chosen = self._of_user(user)
         if chosen is None:
             return []
         of_user, params = chosen
+        if with_limits:
+            of_user += " AND (lr.five_hour_percent IS NOT NULL OR lr.seven_day_percent IS NOT NULL)"
         rows = self._reader().execute(
             f"SELECT s.session_id, lr.ts, lr.project, lr.model, lr.context_percent, lr.five_hour_percent, "
             f"lr.five_hour_resets, lr.seven_day_percent, lr.seven_day_resets, lr.spend_limit, lr.version "
@@ -4567,6 +4673,17 @@ def project_usage_of(p: ccmon_pb2.ProjectStats) -> ProjectUsage:
     return ProjectUsage(p.project, split_from_stats(p.stats), p.sessions)
 
 
+def series_point_message(point: SeriesPoint) -> ccmon_pb2.SeriesPoint:
+    return ccmon_pb2.SeriesPoint(start_time=timestamp_from_ms(point.start_ms), group=point.group,
+                                 stats=stats_message(point.split))
+
+
+def usage_series_of(response: ccmon_pb2.GetSeriesResponse) -> UsageSeries:
+    return UsageSeries(response.bucket,
+                       tuple(SeriesPoint(ms_of(p.start_time), p.group, split_from_stats(p.stats)) for p in response.points),
+                       tuple(reading_of(r) for r in response.readings))
+
+
 def import_counts_message(counts: ImportCounts) -> ccmon_pb2.ImportRequestsResponse:
     return ccmon_pb2.ImportRequestsResponse(imported=counts.imported, already_known=counts.already_known)
 
@@ -4583,6 +4700,9 @@ MAX_LIST = 1000              # users, projects, models, tools, blocks (the newes
 MAX_ANSWER_BYTES = 4 * 1024 * 1024  # what gRPC clients accept by default; an answer over it is refused instead
 # Queries answered at once: the rest of the RPC threads stay free for exports, however many clients loop on queries.
 QUERY_SLOTS = 8
+MAX_SERIES_BUCKETS = 5000    # GetSeries: buckets of a period (13 years of days, 200 days of hours)
+MAX_SERIES_READINGS = 5000   # and the newest readings it lists
+SERIES_GROUPS = ("", "model", "user", "project")
 CALIBRATION_READINGS = 2000  # the readings GetLimits looks through (the last 30 days of a busy status line)
 CALIBRATION_WINDOWS = 20     # and the windows it calibrates from, newest first
 
@@ -4777,6 +4897,31 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             if tokens is not None:
                 getattr(response, field).CopyFrom(ccmon_pb2.WindowCapacity(tokens=tokens, readings=count))
         return response
+
+    def GetSeries(self, request, context):
+        zone = zone_or_none(request.timezone or "UTC")
+        end = timestamp_ms(request, "end_time", now_ms())
+        start = timestamp_ms(request, "start_time", max(end - 30 * DAY_MS, 0))
+        problem = (f"unknown bucket {request.bucket[:100]!r} (hour, day or week)"
+                   if request.bucket not in SERIES_BUCKETS else
+                   f"unknown group_by {request.group_by[:100]!r} (model, user, project, or empty)"
+                   if request.group_by not in SERIES_GROUPS else
+                   f"unknown timezone {request.timezone[:100]!r}" if zone is None else
+                   "the period ends before it starts" if end < start else "")
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            starts = bucket_starts(zone, request.bucket, start, end, MAX_SERIES_BUCKETS)
+        except (OverflowError, ValueError):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the period has {request.bucket}s past the year 9999 "
+                          f"in {zone.key}; end it earlier")
+        if starts is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the period has more than {MAX_SERIES_BUCKETS} "
+                          f"{request.bucket}s: ask for a shorter period or a larger bucket")
+        points = self.reader.series(starts, start, end, request.group_by, self._user(request), self._project(request))
+        readings = self.reader.readings(self._user(request), start, end - 1, MAX_SERIES_READINGS, with_limits=True)
+        return ccmon_pb2.GetSeriesResponse(bucket=request.bucket, points=map(series_point_message, points),
+                                           readings=map(reading_message, reversed(readings)))
 
     def ImportRequests(self, request, context):
         if len(request.requests) > MAX_IMPORT_ROWS:
@@ -5242,6 +5387,14 @@ class Client:
         response = self._call("GetProjects", self._period(ccmon_pb2.GetProjectsRequest(), start_ms, end_ms, user,
                                                           project))
         return tuple(project_usage_of(p) for p in response.projects)
+
+    def series(self, start_ms: int | None, end_ms: int | None, bucket: str, timezone: str, group_by: str = "",
+               user: str | None = None, project: str | None = None) -> UsageSeries:
+        """The period's usage per hour, local day or week (per model, user or project with group_by), and Claude's
+        limit readings in it (the user's), oldest first."""
+        request = self._period(ccmon_pb2.GetSeriesRequest(bucket=bucket, timezone=timezone, group_by=group_by),
+                               start_ms, end_ms, user, project)
+        return usage_series_of(self._call("GetSeries", request))
 
     def close(self) -> None:
         self._channel.close()
@@ -6271,12 +6424,16 @@ def status_line_with_server(config: Config, template: str | None, data: dict, re
         client.close()
 
 
-# ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model|blocks|project
+# ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model|blocks|project|limits
 
-REPORT_KINDS = ("daily", "weekly", "monthly", "session", "model", "blocks", "project")
+REPORT_KINDS = ("daily", "weekly", "monthly", "session", "model", "blocks", "project", "limits")
 REPORT_WIDTH = 120  # a table's width unless --wide
 USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                 "total_tokens", "cost_usd")
+
+
+LIMIT_FIELDS = ("read_at", "user", "session_id", "five_hour_percent", "five_hour_resets", "seven_day_percent",
+                "seven_day_resets")
 
 
 def usage_fields(usage: Usage) -> dict[str, Any]:
@@ -6318,6 +6475,8 @@ def report_period(kind: str, since: dt.date | None, until: dt.date | None, zone:
 def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                 user: str | None, project: str | None = None) -> list[dict[str, Any]]:
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float)."""
+    if kind == "limits":  # the series' readings; by week, as its points are not shown: the fewest of them
+        return [limit_fields(reading, zone) for reading in client.series(start, end, "week", zone.key, user=user).readings]
     if kind == "project":  # '' is the sessions without a project
         return [{"project": p.project, "sessions": p.sessions, **usage_fields(p.split.total),
                  "premium_requests": p.split.premium.requests,
@@ -6356,6 +6515,17 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
              "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD} for label, split in groups.items()]
 
 
+def limit_fields(reading: LimitReading, zone: ZoneInfo) -> dict[str, Any]:
+    """A reading of Claude's limits as a report row: times local, a window it did not have as None."""
+    def local(ms: int, spec: str) -> str:
+        return dt.datetime.fromtimestamp(ms / 1000, zone).isoformat(timespec=spec)
+
+    figures = [(window.percent, local(window.resets_ms, "minutes")) if window else (None, None)
+               for window in (reading.five_hour, reading.seven_day)]
+    return dict(zip(LIMIT_FIELDS, (local(reading.read_ms, "seconds"), reading.user, reading.session_id,
+                                   *figures[0], *figures[1])))
+
+
 def report_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summed = [key for key in rows[0] if key in (*USAGE_FIELDS, "premium_requests", "premium_cost_usd", "tool_calls",
                                                  "tool_failures", "api_errors", "premium_tokens", "sessions")] \
@@ -6374,7 +6544,9 @@ TABLE_HEADERS = {"session_id": "session", "first_request": "first", "last_reques
                  "cache_creation_tokens": "cache_write", "total_tokens": "tokens", "cost_usd": "cost",
                  "premium_requests": "premium_req", "premium_cost_usd": "premium_cost", "premium_tokens": "premium",
                  "avg_duration_ms": "avg_ms", "avg_ttft_ms": "ttft_ms", "tool_calls": "tools",
-                 "tool_failures": "failed", "api_errors": "errors", "block_start": "start", "block_end": "end"}
+                 "tool_failures": "failed", "api_errors": "errors", "block_start": "start", "block_end": "end",
+                 "read_at": "read", "five_hour_percent": "5h", "five_hour_resets": "5h_resets",
+                 "seven_day_percent": "week", "seven_day_resets": "week_resets"}
 TABLE_DROP_ORDER = ("tool_failures", "api_errors", "source", "cache_creation_tokens", "cache_read_tokens",
                     "last_request", "premium_cost_usd", "premium_requests", "tool_calls", "project", "avg_ttft_ms",
                     "block_end", "input_tokens", "output_tokens", "models")
@@ -6385,6 +6557,8 @@ def table_cell(key: str, value: Any, wide: bool) -> str:
     (unless wide) session ids and hashed user ids shortened, times to the minute (the zone is in the title)."""
     if value is None:
         return "-"
+    if key.endswith("_percent"):
+        return f"{value:g}%"
     if isinstance(value, float):
         return format_cost(round(value * NANOS_PER_USD)) if "cost" in key else f"{value:,.2f}"
     if isinstance(value, int):
@@ -6395,21 +6569,22 @@ def table_cell(key: str, value: Any, wide: bool) -> str:
         return value[:8]
     if key == "user":
         return short_user(value) or "-"  # a user no record named
-    if key in ("first_request", "last_request", "block_start", "block_end"):
+    if key in ("first_request", "last_request", "block_start", "block_end", "read_at", "five_hour_resets",
+               "seven_day_resets"):
         return value[:16].replace("T", " ")
     return str(value)
 
 
 def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int | None = None,
-                 chart: str | None = None, unicode: bool = False) -> str:
-    """An aligned text table with a totals row; numbers right-aligned. Within `width` columns (None: all),
-    dropping the columns of TABLE_DROP_ORDER that do not fit, and saying which. With a chart (a key of
-    CHART_KEYS), a bar after each row in the width the table leaves (at least CHART_LEAST; CHART_WIDE when the
-    table is wide), the longest for the largest row."""
+                 chart: str | None = None, unicode: bool = False, empty: str = "no usage in this period") -> str:
+    """An aligned text table with a totals row (unless `totals` is empty); numbers right-aligned. Within `width`
+    columns (None: all), dropping the columns of TABLE_DROP_ORDER that do not fit, and saying which. With a chart
+    (a key of CHART_KEYS), a bar after each row in the width the table leaves (at least CHART_LEAST; CHART_WIDE
+    when the table is wide), the longest for the largest row."""
     if not rows:
-        return "no usage in this period"
+        return empty
     columns = list(rows[0])
-    numeric = {k: isinstance(rows[0][k], (int, float)) or rows[0][k] is None for k in columns}
+    numeric = {k: isinstance(next((row[k] for row in rows if row[k] is not None), 0), (int, float)) for k in columns}
     cells = {k: [table_cell(k, row[k], width is None) for row in rows] +
              ["Total" if k == columns[0] else table_cell(k, totals[k], width is None) if k in totals else ""]
              for k in columns}
@@ -6442,7 +6617,8 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
         head = [head[0].ljust(len(rule_line)) + "  " + title, rule_line + "  " + "-" * bar_width]
         rows_text = [(text.ljust(len(rule_line)) + "  " + hbar(value, largest, bar_width, unicode)).rstrip()
                      for text, value in zip(rows_text, values)]
-    return "\n".join([*head, *rows_text, rule_line, line(body[-1]), *note])
+    total_lines = [rule_line, line(body[-1])] if totals else []
+    return "\n".join([*head, *rows_text, *total_lines, *note])
 
 
 CHART_KEYS = {"cost": "cost_usd", "tokens": "total_tokens"}  # --chart's values: what the bars are of
@@ -6462,10 +6638,18 @@ def drop_rank(key: str) -> int:
     return len(TABLE_DROP_ORDER) - TABLE_DROP_ORDER.index(key) if key in TABLE_DROP_ORDER else 0
 
 
+def report_flags_period(args: argparse.Namespace, zone: ZoneInfo) -> tuple[int, int]:
+    """The period a report's flags ask for; raises ConfigError for flags that cannot go together."""
+    if args.kind == "limits" and args.project:
+        raise ConfigError("--project: Claude's limits are an account's, not a project's (use --user)")
+    check_report_chart(args.kind, args.chart)
+    return report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), zone,
+                         now_ms())
+
+
 def run_report(config: Config, args: argparse.Namespace) -> int:
     zone = config.zone
-    start, end = report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), zone,
-                               now_ms())
+    start, end = report_flags_period(args, zone)
     client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
         rows = report_rows(client, args.kind, start, end, zone, args.user, args.project)
@@ -6479,7 +6663,7 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
         return 1
     finally:
         client.close()
-    totals = report_totals(rows)
+    totals = {} if args.kind == "limits" else report_totals(rows)  # percentages of different windows do not add up
     period = {"since": dt.datetime.fromtimestamp(start / 1000, zone).isoformat(timespec="seconds"),
               "until": dt.datetime.fromtimestamp(end / 1000, zone).isoformat(timespec="seconds"),
               "timezone": zone.key}
@@ -6488,11 +6672,11 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
                           "totals": totals}))
     elif args.csv:
         import csv
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else list(USAGE_FIELDS),
-                                lineterminator="\n")
+        writer = csv.DictWriter(sys.stdout, lineterminator="\n", fieldnames=list(rows[0]) if rows else
+                                list(LIMIT_FIELDS if args.kind == "limits" else USAGE_FIELDS))
         writer.writeheader()
         writer.writerows({k: printable(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows)
-        if rows:
+        if rows and totals:
             totals_row = {k: v for k, v in totals.items() if k in writer.fieldnames}
             writer.writerow({**totals_row, writer.fieldnames[0]: "Total"})
     else:
@@ -6500,7 +6684,9 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
                         + (f", user {args.user}" if args.user else "")
                         + (f", project {args.project}" if args.project else "")))
         print(report_table(rows, totals, None if args.wide else REPORT_WIDTH, args.chart,
-                           args.chart is not None and utf8_locale()))
+                           args.chart is not None and utf8_locale(),
+                           "no readings of Claude's limits in this period (ccmon statusline stores them)"
+                           if args.kind == "limits" else "no usage in this period"))
     return 0
 
 
@@ -9366,10 +9552,8 @@ def run_command(argv: list[str]) -> int:
             return run_health_check(config)
         if mode == "setup":  # it writes Claude Code's settings for this server, started or not
             return run_setup(config, args, dict(os.environ), Path.home())
-        if mode == "report":  # a mistake in the dates or the chart is said before a server is started for it
-            check_report_chart(args.kind, args.chart)
-            report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), config.zone,
-                          now_ms())
+        if mode == "report":  # a mistake in the flags is said before a server is started for it
+            report_flags_period(args, config.zone)
         notice = start_local_server_if_needed(config)
         if notice and mode != "monitor":
             print(f"ccmon: {notice}", file=sys.stderr)

@@ -113,6 +113,11 @@ class QueryServiceStub:
                 request_serializer=ccmon__pb2.ImportRequestsRequest.SerializeToString,
                 response_deserializer=ccmon__pb2.ImportRequestsResponse.FromString,
                 _registered_method=True)
+        self.GetSeries = channel.unary_unary(
+                '/ccmon.v1.QueryService/GetSeries',
+                request_serializer=ccmon__pb2.GetSeriesRequest.SerializeToString,
+                response_deserializer=ccmon__pb2.GetSeriesResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -240,6 +245,16 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSeries(self, request, context):
+        """GetSeries returns a period's usage bucket by bucket (hours, or calendar days or weeks in `timezone`),
+        optionally per model, user or project, and Claude's own limit readings in the period: what charts draw.
+        At most 5000 buckets (more is INVALID_ARGUMENT: ask for a shorter period or a larger bucket) and the
+        newest 5000 readings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -317,6 +332,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.ImportRequests,
                     request_deserializer=ccmon__pb2.ImportRequestsRequest.FromString,
                     response_serializer=ccmon__pb2.ImportRequestsResponse.SerializeToString,
+            ),
+            'GetSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSeries,
+                    request_deserializer=ccmon__pb2.GetSeriesRequest.FromString,
+                    response_serializer=ccmon__pb2.GetSeriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -728,6 +748,33 @@ class QueryService:
             '/ccmon.v1.QueryService/ImportRequests',
             ccmon__pb2.ImportRequestsRequest.SerializeToString,
             ccmon__pb2.ImportRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ccmon.v1.QueryService/GetSeries',
+            ccmon__pb2.GetSeriesRequest.SerializeToString,
+            ccmon__pb2.GetSeriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2227,6 +2227,163 @@ def test_json_values_are_counted_without_parsing():
 
 
 
+def series_events() -> tuple[list, list]:
+    """Around Berlin's spring DST change (2026-03-29 is a 23-hour day there): ana's sessions in project alpha, bo's
+    in none; Monday 2026-04-06's week has no request."""
+    def request(seq, session, email, when, model, **figures):
+        return ("api_request", {**api_request(seq, when, model=model, session=session, **figures),
+                                "user.email": email})
+
+    alpha = [request(1, "s-ana-1", "ana@example.com", "2026-03-28T22:30:00Z", "claude-sonnet-4-5",  # Sat 23:30 CET
+                     input_tokens=1000, output_tokens=200, cost_usd=0.5),
+             request(2, "s-ana-1", "ana@example.com", "2026-03-28T23:10:00Z", "claude-haiku-4-5",  # Sun 00:10 CET
+                     input_tokens=300, output_tokens=30, cost_usd=0.01),
+             request(5, "s-ana-2", "ana@example.com", "2026-04-14T09:00:00Z", "claude-sonnet-4-5",  # Tue 11:00 CEST
+                     input_tokens=40, output_tokens=4, cost_usd=1.0)]
+    other = [request(3, "s-bo-1", "bo@example.com", "2026-03-29T21:59:59.999Z", "claude-sonnet-4-5",  # Sun 23:59 CEST
+                     input_tokens=7, output_tokens=3, cost_usd=0.125),
+             request(4, "s-bo-1", "bo@example.com", "2026-03-29T22:00:00Z", "claude-opus-4-1",  # Mon 00:00 CEST
+                     input_tokens=50, output_tokens=5000, cost_usd=2.25)]
+    return alpha, other
+
+
+def series_figures(series: ccmon.UsageSeries) -> list[tuple]:
+    return [(ccmon.iso_from_ms(p.start_ms), p.group, p.split.total.requests, p.split.total.input,
+             p.split.total.output, p.split.total.cost_nanos, p.split.premium.requests) for p in series.points]
+
+
+def test_series_by_hour_day_and_week_grouped_and_filtered(server):
+    alpha, other = series_events()
+    assert sdk_export(server.port, alpha, resource={**CLAUDE_RESOURCE, "project": "alpha"}) == ["SUCCESS"]
+    assert sdk_export(server.port, other) == ["SUCCESS"]
+    client = ccmon.Client(server.target)
+    start, end = ccmon.parse_iso_ms("2026-03-27T23:00:00Z"), ccmon.parse_iso_ms("2026-04-19T22:00:00Z")
+    days = client.series(start, end, "day", "Europe/Berlin")
+    assert days.bucket == "day" and days.readings == ()
+    assert series_figures(days) == [  # local midnights, the 23-hour day's included; days without requests left out
+        ("2026-03-27T23:00:00.000Z", "", 1, 1000, 200, 500_000_000, 1),
+        ("2026-03-28T23:00:00.000Z", "", 2, 307, 33, 135_000_000, 1),
+        ("2026-03-29T22:00:00.000Z", "", 1, 50, 5000, 2_250_000_000, 1),
+        ("2026-04-13T22:00:00.000Z", "", 1, 40, 4, 1_000_000_000, 1)]
+    assert series_figures(client.series(start, end, "week", "Europe/Berlin")) == [  # Mondays; 6 April's week empty
+        ("2026-03-22T23:00:00.000Z", "", 3, 1307, 233, 635_000_000, 2),
+        ("2026-03-29T22:00:00.000Z", "", 1, 50, 5000, 2_250_000_000, 1),
+        ("2026-04-12T22:00:00.000Z", "", 1, 40, 4, 1_000_000_000, 1)]
+    assert series_figures(client.series(start, end, "day", "Europe/Berlin", "user")) == [
+        ("2026-03-27T23:00:00.000Z", "ana@example.com", 1, 1000, 200, 500_000_000, 1),
+        ("2026-03-28T23:00:00.000Z", "ana@example.com", 1, 300, 30, 10_000_000, 0),
+        ("2026-03-28T23:00:00.000Z", "bo@example.com", 1, 7, 3, 125_000_000, 1),
+        ("2026-03-29T22:00:00.000Z", "bo@example.com", 1, 50, 5000, 2_250_000_000, 1),
+        ("2026-04-13T22:00:00.000Z", "ana@example.com", 1, 40, 4, 1_000_000_000, 1)]
+    assert series_figures(client.series(start, end, "week", "Europe/Berlin", "project")) == [
+        ("2026-03-22T23:00:00.000Z", "", 1, 7, 3, 125_000_000, 1),
+        ("2026-03-22T23:00:00.000Z", "alpha", 2, 1300, 230, 510_000_000, 1),
+        ("2026-03-29T22:00:00.000Z", "", 1, 50, 5000, 2_250_000_000, 1),
+        ("2026-04-12T22:00:00.000Z", "alpha", 1, 40, 4, 1_000_000_000, 1)]
+    assert series_figures(client.series(start, end, "week", "Europe/Berlin", "model", user="ana@example.com")) == [
+        ("2026-03-22T23:00:00.000Z", "claude-haiku-4-5", 1, 300, 30, 10_000_000, 0),
+        ("2026-03-22T23:00:00.000Z", "claude-sonnet-4-5", 1, 1000, 200, 500_000_000, 1),
+        ("2026-04-12T22:00:00.000Z", "claude-sonnet-4-5", 1, 40, 4, 1_000_000_000, 1)]
+    assert series_figures(client.series(start, end, "day", "Europe/Berlin", project="alpha")) == [
+        ("2026-03-27T23:00:00.000Z", "", 1, 1000, 200, 500_000_000, 1),
+        ("2026-03-28T23:00:00.000Z", "", 1, 300, 30, 10_000_000, 0),
+        ("2026-04-13T22:00:00.000Z", "", 1, 40, 4, 1_000_000_000, 1)]
+    # A period starting inside a day: its first bucket still starts at midnight, with the usage from the start on.
+    cut = client.series(ccmon.parse_iso_ms("2026-03-28T23:15:00Z"), ccmon.parse_iso_ms("2026-03-29T22:00:00.001Z"),
+                        "day", "Europe/Berlin")
+    assert series_figures(cut) == [("2026-03-28T23:00:00.000Z", "", 1, 7, 3, 125_000_000, 1),
+                                   ("2026-03-29T22:00:00.000Z", "", 1, 50, 5000, 2_250_000_000, 1)]
+    # Hours are the clock's: at :30 UTC in India (UTC+5:30), on the hour in UTC.
+    night = (ccmon.parse_iso_ms("2026-03-28T22:00:00Z"), ccmon.parse_iso_ms("2026-03-29T00:00:00Z"))
+    assert series_figures(client.series(*night, "hour", "Asia/Kolkata", "model")) == [
+        ("2026-03-28T22:30:00.000Z", "claude-haiku-4-5", 1, 300, 30, 10_000_000, 0),
+        ("2026-03-28T22:30:00.000Z", "claude-sonnet-4-5", 1, 1000, 200, 500_000_000, 1)]
+    assert [p[0] for p in series_figures(client.series(*night, "hour", ""))] == ["2026-03-28T22:00:00.000Z",
+                                                                                 "2026-03-28T23:00:00.000Z"]
+    client.close()
+
+
+def test_series_days_agree_with_get_usage_in_every_kind_of_zone(server):
+    """Day buckets are read from UTC days corrected by quarter hours at their edges: every zone's days add up to
+    what GetUsage (day by day) answers."""
+    alpha, other = series_events()
+    sdk_export(server.port, alpha + other)
+    client = ccmon.Client(server.target)
+    start, end = ccmon.parse_iso_ms("2026-03-20T00:00:00Z"), ccmon.parse_iso_ms("2026-04-20T00:00:00Z")
+    for zone in ("UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Pacific/Kiritimati", "Etc/GMT+12"):
+        days = {ccmon.dt.datetime.fromtimestamp(p.start_ms / 1000, ccmon.ZoneInfo(zone)).date().isoformat(): p.split
+                for p in client.series(start, end, "day", zone).points}
+        assert days == {d.date: d.split for d in client.days(start, end, zone) if d.split.total.requests}, zone
+    client.close()
+
+
+def test_series_includes_claudes_limit_readings_of_the_user(server):
+    alpha, other = series_events()
+    sdk_export(server.port, alpha + other)
+    now = ccmon.now_ms() // 1000 * 1000
+    readings = [ccmon.LimitReading("s-ana-1", now - 7200_000, five_hour=ccmon.LimitWindow(42.0, now + 3600_000),
+                                   seven_day=ccmon.LimitWindow(12.5, now + 3 * 86400_000)),
+                ccmon.LimitReading("s-ana-1", now - 3600_000),  # no limits (an API key): not Claude's figures
+                ccmon.LimitReading("s-bo-1", now - 1800_000, seven_day=ccmon.LimitWindow(80.0, now + 86400_000)),
+                ccmon.LimitReading("s-ana-2", now - 600_000, five_hour=ccmon.LimitWindow(55.5, now + 3600_000))]
+    for reading in readings:
+        server.query().ReportStatusLine(ccmon_pb2.ReportStatusLineRequest(reading=ccmon.reading_message(reading)))
+    client = ccmon.Client(server.target)
+
+    def shown(series):
+        return [(r.session_id, r.read_ms - now, r.user, r.five_hour and (r.five_hour.percent, r.five_hour.resets_ms - now),
+                 r.seven_day and (r.seven_day.percent, r.seven_day.resets_ms - now)) for r in series.readings]
+    everyone = client.series(now - 86400_000, now + 1, "hour", "UTC")
+    assert (everyone.points, shown(everyone)) == ((), [  # oldest first
+        ("s-ana-1", -7200_000, "ana@example.com", (42.0, 3600_000), (12.5, 3 * 86400_000)),
+        ("s-bo-1", -1800_000, "bo@example.com", None, (80.0, 86400_000)),
+        ("s-ana-2", -600_000, "ana@example.com", (55.5, 3600_000), None)])
+    assert [r[0] for r in shown(client.series(now - 86400_000, now + 1, "day", "UTC", user="ana@example.com"))] == \
+        ["s-ana-1", "s-ana-2"]
+    assert shown(client.series(now - 86400_000, now - 600_000, "day", "UTC"))[-1][0] == "s-bo-1"  # [start, end)
+    client.close()
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(bucket="minute"), "unknown bucket 'minute' (hour, day or week)"),
+    (dict(bucket=""), "unknown bucket '' (hour, day or week)"),
+    (dict(bucket="day", group_by="session"), "unknown group_by 'session' (model, user, project, or empty)"),
+    (dict(bucket="day", timezone="Mars/Olympus"), "unknown timezone 'Mars/Olympus'"),
+    (dict(bucket="day", start_time=ts("2026-03-02T00:00:00Z"), end_time=ts("2026-03-01T00:00:00Z")),
+     "the period ends before it starts"),
+    (dict(bucket="hour", start_time=ts("2025-01-01T00:00:00Z"), end_time=ts("2026-01-01T00:00:00Z")),
+     "the period has more than 5000 hours: ask for a shorter period or a larger bucket"),
+    (dict(bucket="week", timezone="Pacific/Kiritimati", start_time=ts("9999-12-01T00:00:00Z"),
+          end_time=ts("9999-12-31T23:59:59Z")),
+     "the period has weeks past the year 9999 in Pacific/Kiritimati; end it earlier"),
+])
+def test_series_refuses_what_it_cannot_answer(server, fields, message):
+    with pytest.raises(grpc.RpcError) as err:
+        server.query().GetSeries(ccmon_pb2.GetSeriesRequest(**fields))
+    assert (err.value.code(), err.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+    year_of_days = ccmon_pb2.GetSeriesRequest(bucket="day", start_time=ts("2025-01-01T00:00:00Z"),
+                                              end_time=ts("2026-01-01T00:00:00Z"))
+    assert server.query().GetSeries(year_of_days).bucket == "day"  # 365 buckets are fine
+
+
+def test_bucket_starts_across_dst_and_odd_offsets():
+    berlin = ccmon.ZoneInfo("Europe/Berlin")
+    days = ccmon.bucket_starts(berlin, "day", local_ms("2026-10-24 12:00"), local_ms("2026-10-26 00:00"), 10)
+    assert [ccmon.iso_from_ms(ms) for ms in days] == ["2026-10-23T22:00:00.000Z", "2026-10-24T22:00:00.000Z",
+                                                      "2026-10-25T23:00:00.000Z"]  # a 25-hour day
+    hours = ccmon.bucket_starts(berlin, "hour", ccmon.parse_iso_ms("2026-10-25T00:00:00Z"),
+                                ccmon.parse_iso_ms("2026-10-25T01:30:00Z"), 10)
+    assert [ccmon.iso_from_ms(ms) for ms in hours] == ["2026-10-25T00:00:00.000Z", "2026-10-25T01:00:00.000Z",
+                                                       "2026-10-25T02:00:00.000Z"]  # 02:00 CEST, then 02:00 CET
+    lord_howe = ccmon.ZoneInfo("Australia/Lord_Howe")  # DST moves its clock by 30 minutes
+    hours = ccmon.bucket_starts(lord_howe, "hour", ccmon.parse_iso_ms("2026-04-04T14:00:00Z"),
+                                ccmon.parse_iso_ms("2026-04-04T16:30:00Z"), 10)
+    assert [ccmon.iso_from_ms(ms) for ms in hours] == [  # 01:00 +11:00, 02:00 +10:30 (90 minutes later), 03:00
+        "2026-04-04T14:00:00.000Z", "2026-04-04T15:30:00.000Z", "2026-04-04T16:30:00.000Z"]
+    assert ccmon.bucket_starts(berlin, "week", 0, 365 * 86400_000, 52) is None  # 53 weeks
+    assert len(ccmon.bucket_starts(berlin, "week", 0, 364 * 86400_000, 53)) == 54
+
+
 def test_get_usage_at_the_end_of_time_is_an_invalid_argument_in_any_zone(server):
     """Days in a zone ahead of UTC can end past year 9999: INVALID_ARGUMENT, never UNKNOWN with a traceback."""
     from google.protobuf.timestamp_pb2 import Timestamp
@@ -2330,6 +2487,13 @@ class ListingReader:
         return [ccmon.UsageBlock(i * ccmon.BLOCK_MS, (i + 1) * ccmon.BLOCK_MS, ccmon.Split(), i * ccmon.BLOCK_MS)
                 for i in range(ccmon.MAX_LIST + 1)]
 
+    def series(self, starts, start_ms, end_ms, by="", user=None, project=None):
+        return [ccmon.SeriesPoint(start, "", ccmon.Split()) for start in starts[:-1]]
+
+    def readings(self, user, since_ms, until_ms, limit=1, with_limits=False):
+        self.limit = limit
+        return [ccmon.LimitReading("s", until_ms - i, five_hour=ccmon.LimitWindow(1.0, until_ms)) for i in range(limit)]
+
     def timeline(self, session_id, limit):
         self.limit = limit
         request = ccmon.ApiRequest(0, "claude-haiku-4-5", session_id, ccmon.Usage())
@@ -2361,6 +2525,10 @@ def test_every_list_answer_is_bounded():
     assert (len(projects), projects[-1].project) == (1000, "project-0999")
     blocks = service.GetBlocks(ccmon_pb2.GetBlocksRequest(), context).blocks  # the newest
     assert (len(blocks), ccmon.ms_of(blocks[0].start_time)) == (1000, ccmon.BLOCK_MS)
+    series = service.GetSeries(ccmon_pb2.GetSeriesRequest(bucket="hour", start_time=ccmon.timestamp_from_ms(0),
+                                                          end_time=ccmon.timestamp_from_ms(5000 * ccmon.HOUR_MS)), context)
+    assert (len(series.points), reader.limit, len(series.readings)) == (5000, 5000, 5000)
+    assert ccmon.ms_of(series.readings[0].read_at) < ccmon.ms_of(series.readings[-1].read_at)  # oldest first
     for limit in (0, -1, 2001, 2 ** 31 - 1):
         timeline = service.GetSessionTimeline(ccmon_pb2.GetSessionTimelineRequest(session_id="s", limit=limit),
                                               context)
@@ -3899,7 +4067,52 @@ def test_reports_as_table_json_and_csv(server, tmp_path):
     assert (reader.wait(30), reader.stderr.read()) == (0, b"")
 
 
+def test_report_limits_lists_claudes_readings_as_table_json_and_csv(server, tmp_path):
+    sdk_export(server.port, team_events())  # the sessions' users
+    now = ccmon.now_ms() // 60_000 * 60_000  # whole minutes: tables show minutes
+    for reading in (ccmon.LimitReading("s-ana-1", now - 7200_000, five_hour=ccmon.LimitWindow(42.0, now + 3600_000),
+                                       seven_day=ccmon.LimitWindow(12.5, now + 3 * 86400_000)),
+                    ccmon.LimitReading("s-ana-1", now - 5400_000),  # no limits (an API key): not listed
+                    ccmon.LimitReading("s-bo-1", now - 1800_000, seven_day=ccmon.LimitWindow(80.0, now + 86400_000))):
+        server.query().ReportStatusLine(ccmon_pb2.ReportStatusLineRequest(reading=ccmon.reading_message(reading)))
+    tokyo = ccmon.ZoneInfo("Asia/Tokyo")
+
+    def local(ms: int, spec: str = "minutes") -> str:
+        return ccmon.dt.datetime.fromtimestamp(ms / 1000, tokyo).isoformat(timespec=spec)
+    report = json.loads(run_report(server, "limits", "--json", cwd=tmp_path).stdout)
+    assert (report["report"], report["rows"], report["totals"]) == ("limits", [  # oldest first, as daily and blocks
+        {"read_at": local(now - 7200_000, "seconds"), "user": "ana@example.com", "session_id": "s-ana-1",
+         "five_hour_percent": 42.0, "five_hour_resets": local(now + 3600_000), "seven_day_percent": 12.5,
+         "seven_day_resets": local(now + 3 * 86400_000)},
+        {"read_at": local(now - 1800_000, "seconds"), "user": "bo@example.com", "session_id": "s-bo-1",
+         "five_hour_percent": None, "five_hour_resets": None, "seven_day_percent": 80.0,
+         "seven_day_resets": local(now + 86400_000)}], {})
+    assert run_report(server, "limits", "--csv", cwd=tmp_path).stdout.splitlines() == [
+        "read_at,user,session_id,five_hour_percent,five_hour_resets,seven_day_percent,seven_day_resets",
+        f"{local(now - 7200_000, 'seconds')},ana@example.com,s-ana-1,42.0,{local(now + 3600_000)},12.5,"
+        f"{local(now + 3 * 86400_000)}",
+        f"{local(now - 1800_000, 'seconds')},bo@example.com,s-bo-1,,,80.0,{local(now + 86400_000)}"]
+    table = run_report(server, "limits", cwd=tmp_path).stdout.splitlines()
+    minutes = lambda ms: local(ms)[:16].replace("T", " ")  # noqa: E731
+    assert table[1:] == [
+        "read              user             session   5h  5h_resets          week  week_resets",
+        "----------------  ---------------  -------  ---  ----------------  -----  ----------------",
+        f"{minutes(now - 7200_000)}  ana@example.com  s-ana-1  42%  {minutes(now + 3600_000)}  12.5%  "
+        f"{minutes(now + 3 * 86400_000)}",
+        f"{minutes(now - 1800_000)}  bo@example.com   s-bo-1     -  -                   80%  "
+        f"{minutes(now + 86400_000)}"]
+    only_bo = json.loads(run_report(server, "limits", "--user", "bo@example.com", "--json", cwd=tmp_path).stdout)
+    assert [row["session_id"] for row in only_bo["rows"]] == ["s-bo-1"]
+    none = run_report(server, "limits", "--since", "2026-01-01", "--until", "2026-01-31", cwd=tmp_path)
+    assert none.stdout.splitlines()[1:] == ["no readings of Claude's limits in this period (ccmon statusline stores "
+                                            "them)"]
+    assert run_report(server, "limits", "--since", "2026-01-01", "--until", "2026-01-31", "--csv",
+                      cwd=tmp_path).stdout == ",".join(ccmon.LIMIT_FIELDS) + "\n"
+
+
 @pytest.mark.parametrize("args,message", [
+    (["limits", "--project", "alpha"], "ccmon: config error: --project: Claude's limits are an account's, not a "
+                                       "project's (use --user)\n"),
     (["daily", "--since", "May 1"], "ccmon: config error: --since: invalid date 'May 1' (use YYYY-MM-DD)\n"),
     (["daily", "--since", "2026-05-02", "--until", "2026-05-01"],
      "ccmon: config error: --until 2026-05-01 is before --since 2026-05-02\n"),
@@ -5527,7 +5740,7 @@ CONFIG_ERRORS = [
     (["--format", "@daily_cost", "--json"], "ccmon: --format and --json cannot be used together (see ccmon --help)"),
     (["--health", "--json"], "ccmon: --health and --json cannot be used together (see ccmon --help)"),
     (["--monitor-server", "x:1", "report", "dialy"], "ccmon report: argument kind: invalid choice: 'dialy' (choose "
-     "from 'daily', 'weekly', 'monthly', 'session', 'model', 'blocks', 'project') (see ccmon report --help)"),
+     "from 'daily', 'weekly', 'monthly', 'session', 'model', 'blocks', 'project', 'limits') (see ccmon report --help)"),
     (["report", "daily", "--csv", "--json"], "ccmon report: argument --json: not allowed with argument --csv (see "
                                              "ccmon report --help)"),
 ])
@@ -5545,7 +5758,8 @@ def test_options_go_before_or_after_the_report_command(capsys):
         args = ccmon.build_report_parser().parse_args(words)
         assert (args.kind, args.monitor_server, args.csv) == ("daily", "report:1", True)
     assert ccmon.without_command(["--format", "report"], "report", ccmon.build_parser()) is None
-    assert "report {daily,weekly,monthly,session,model,blocks,project}" in ccmon.build_parser().format_help()
+    assert "report {daily,weekly,monthly,session,model,blocks,project,limits}" in \
+        " ".join(ccmon.build_parser().format_help().split())  # wherever the help's lines wrap
 
 
 @pytest.mark.parametrize("args,message", CONFIG_ERRORS)
