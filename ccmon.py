@@ -3866,6 +3866,8 @@ HTTP_BACKLOG = 1024  # a burst of exporters waits in the kernel's queue instead 
 CLIENT_TIMEOUT_S = 30  # to send a whole request after connecting or after an answer (also closes idle keep-alive)
 SLOW_CLIENT_S = 1  # when every connection is taken, one still waiting for its client after this long makes way
 LINGER_S = 2  # after an error answer, how long the rest of an upload is read and dropped before closing
+BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+               b"Connection: close\r\n\r\n")  # to a connection closed before its first answer
 REFUSALS_REMEMBERED = 1024  # (address, reason) pairs; past that, refusals from new pairs go unlogged for a while
 
 
@@ -4054,12 +4056,16 @@ class HTTPConnections:
     When every place is taken, the connection whose client has owed its request longest, if longer than
     SLOW_CLIENT_S, is closed to make way for the next, so clients trickling bytes cannot keep prompt ones out.
     Only a connection whose thread is blocked reading is ever closed: one being answered, or whose bytes
-    are in but not yet read, is the server's slowness, not its client's."""
+    are in but not yet read, is the server's slowness, not its client's. A plain-HTTP connection closed before
+    its first answer is told `503` with Retry-After (BUSY_ANSWER) first: its client may only have been slow
+    to get CPU time, and an exporter retries a 503 where a silent close reads as a failure. An idle keep-alive
+    connection is closed silently: its client asked nothing, and knows to reconnect."""
 
     def __init__(self, capacity: int, timeout_s: float):
         self.capacity, self.timeout_s = capacity, timeout_s
         self._request_began: dict[socket.socket, float] = {}  # every open connection
         self._reading: set[socket.socket] = set()  # those whose thread waits for bytes from the client
+        self._unanswered: set[socket.socket] = set()  # those not answered yet
         self._closing = False
         self._changed = threading.Condition()
 
@@ -4075,6 +4081,7 @@ class HTTPConnections:
             if self._closing:
                 return False
             self._request_began[connection] = time.monotonic()
+            self._unanswered.add(connection)
             return True
 
     def next_request(self, connection: socket.socket) -> None:
@@ -4082,6 +4089,7 @@ class HTTPConnections:
         with self._changed:
             if connection in self._request_began:
                 self._request_began[connection] = time.monotonic()
+            self._unanswered.discard(connection)
 
     @contextlib.contextmanager
     def reading(self, connection: socket.socket):
@@ -4098,6 +4106,7 @@ class HTTPConnections:
         with self._changed:
             self._request_began.pop(connection, None)
             self._reading.discard(connection)
+            self._unanswered.discard(connection)
             self._changed.notify_all()
 
     def close_overdue(self) -> None:
@@ -4114,10 +4123,16 @@ class HTTPConnections:
                 self._cut(connection)
             self._changed.notify_all()
 
+    def cut(self, connection: socket.socket) -> None:
+        with self._changed:
+            self._cut(connection)
+
     def _cut(self, connection: socket.socket) -> None:
         """Shut the connection down under its thread, whose read then ends as if the client had left."""
         self._reading.discard(connection)
         try:  # the plain socket's shutdown: SSLSocket's would drop TLS state that the thread is using
+            if connection in self._unanswered and not isinstance(connection, ssl.SSLSocket):
+                socket.socket.send(connection, BUSY_ANSWER)  # a few bytes into an empty send buffer: no wait
             socket.socket.shutdown(connection, socket.SHUT_RDWR)
         except OSError:
             pass  # the client has already gone
@@ -4134,7 +4149,11 @@ class ClientReads(io.RawIOBase):
 
     def readinto(self, buffer) -> int:
         with self.connections.reading(self.connection):
-            return self.connection.recv_into(buffer)
+            try:
+                return self.connection.recv_into(buffer)
+            except TimeoutError:  # the client missed its deadline: closed as the listener closes the overdue
+                self.connections.cut(self.connection)
+                raise
 
 
 class OTLPHandler(BaseHTTPRequestHandler):

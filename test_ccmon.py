@@ -2925,19 +2925,24 @@ def test_slow_clients_cannot_keep_others_out(server):
 
 def test_idle_and_slow_connections_are_closed_at_their_deadline(tmp_path):
     """A connection must deliver each whole request within the client timeout of opening or of its last
-    answer: one that sends nothing, trickles bytes, or idles after an answer is closed."""
+    answer: one that sends nothing, trickles bytes, or idles after an answer is closed; those never answered
+    are told 503 with Retry-After first (an exporter retries that), an idle keep-alive one nothing."""
     store = ccmon.Writer(tmp_path / "ccmon.db")
     httpd = ccmon.OTLPHTTPServer(("127.0.0.1", 0), ccmon.Receiver(store), "", 1024 * 1024, client_timeout_s=1.5)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     port, stop = httpd.server_address[1], threading.Event()
 
-    def closed_by_server(sock: socket.socket) -> bool:
+    def last_words(sock: socket.socket) -> bytes | None:
+        """What the server sent before it closed the connection (None: it did not close it in time)."""
+        said = b""
         try:
-            return sock.recv(65536) == b""
+            while chunk := sock.recv(65536):
+                said += chunk
         except ConnectionResetError:
-            return True
+            pass
         except TimeoutError:
-            return False
+            return None
+        return said
 
     def trickle(sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
@@ -2953,8 +2958,10 @@ def test_idle_and_slow_connections_are_closed_at_their_deadline(tmp_path):
             answered.sendall(raw_post(f"Content-Length: {len(data)}\r\n", data))
             assert answered.recv(65536).startswith(b"HTTP/1.1 200 ")
             time.sleep(0.5)  # pacing, not a wait: 4 answers 0.5 s apart outlast the 1.5 s timeout of the first one
-        for sock in (idle, trickling, answered):
-            assert closed_by_server(sock)
+        busy = (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n")
+        for sock, said in ((idle, busy), (trickling, busy), (answered, b"")):
+            assert last_words(sock) == said
             sock.close()
     finally:
         stop.set()
