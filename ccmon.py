@@ -807,6 +807,7 @@ CONFIG_NAMES = ("config.toml", "config.yaml", "config.yml", "config.json")
 PLANS = ("unset", "pro", "max", "max20")
 MIN_RETENTION_S = 24 * 3600
 REFRESH_RANGE_S = (1, 300)
+STATUS_LINE_WAIT_RANGE_MS = (50, 30_000)
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000 ** 2, "mib": 1024 ** 2, "gb": 1000 ** 3,
               "gib": 1024 ** 3}
@@ -882,6 +883,18 @@ def read_refresh_interval(value: Any) -> int:
     if not REFRESH_RANGE_S[0] <= seconds <= REFRESH_RANGE_S[1]:
         raise ValueError(f"interval {value!r} is outside the allowed range 1s to 5m")
     return seconds
+
+
+def read_status_line_wait(value: Any) -> float:
+    """'250ms', '2s' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+)\s*(ms|s)\s*", str(value))
+    if not match:
+        raise ValueError(f"invalid wait {value!r} (use milliseconds or seconds such as '250ms' or '2s', from 50ms "
+                         "to 30s)")
+    ms = int(match.group(1)) * (1 if match.group(2) == "ms" else 1000)
+    if not STATUS_LINE_WAIT_RANGE_MS[0] <= ms <= STATUS_LINE_WAIT_RANGE_MS[1]:
+        raise ValueError(f"wait {value!r} is outside the allowed range 50ms to 30s")
+    return ms / 1000
 
 
 def read_zone(value: Any) -> str:
@@ -1070,6 +1083,9 @@ SETTINGS = (
             "ZONE", "time", "monitor_timezone"),
     Setting("monitor.refresh_interval", "5s", read_refresh_interval, "how often the monitor refreshes, 1s to 5m",
             "DURATION", "monitor", "refresh_interval_s"),
+    Setting("monitor.statusline_wait", "250ms", read_status_line_wait, "how long ccmon statusline waits for the "
+            "server before it shows what it has (Claude Code waits for its line); more for a distant team server",
+            "DURATION", "connection", "status_line_wait_s"),
     Setting("monitor.token", "", read_token, "token sent to the server", "TOKEN", "connection", "monitor_token",
             env=TOKEN_ENV),
     Setting("monitor.tls_ca", "", read_file, "CA that signed the server's certificate (or write the server as "
@@ -6284,7 +6300,6 @@ STATUS_VARIABLES = ("model", "context", "session_cost", "daily_cost", "five_hour
 STATUS_PATTERN = re.compile("@(" + "|".join(sorted(STATUS_VARIABLES, key=len, reverse=True)) + ")")
 DEFAULT_STATUS_LINE = ("@model | ctx @context | session @session_cost | today @daily_cost | "
                        "5h @five_hour (resets @five_hour_resets) | week @seven_day (@seven_day_resets)")
-STATUS_LINE_BUDGET_S = 0.25  # the server's share of a status line: Claude Code waits for the line
 
 
 def number_in(value: Any, low: float, high: float) -> float | None:
@@ -6425,7 +6440,7 @@ def status_line_with_server(config: Config, template: str | None, data: dict, re
                             now: int) -> str | None:
     """The status line with the server's figures, the reading reported; None when the server did not answer."""
     session = today = None
-    client = Client.for_config(config, timeout_s=STATUS_LINE_BUDGET_S)
+    client = Client.for_config(config, timeout_s=config.status_line_wait_s)
     try:
         if reading.session_id:
             told = client.report_status_line(reading, config.zone.key)
@@ -7669,7 +7684,7 @@ def start_local_server_if_needed(config: Config, wait: bool = True) -> str:
     waited for."""
     if config.monitor_server_given or not config.monitor_autostart:
         return ""
-    probe = Client.for_config(config, timeout_s=2.0 if wait else STATUS_LINE_BUDGET_S)
+    probe = Client.for_config(config, timeout_s=2.0 if wait else config.status_line_wait_s)
     try:
         probe.server_info()
         return ""
@@ -9550,7 +9565,7 @@ def run_command(argv: list[str]) -> int:
     if mode == "statusline":  # Claude Code runs it in every project folder: never a config found there
         try:
             config = client_config(load_config(args, search_cwd=False))
-            # never waited for: Claude Code gives the line 250 ms; this one is from stdin, the next from the server
+            # never waited for (Claude Code waits for the line): this one is from stdin, the next from the server
             notice = start_local_server_if_needed(config, wait=False)
             if notice:
                 print(f"ccmon: {notice}; this line is from Claude Code's input alone", file=sys.stderr)
