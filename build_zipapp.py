@@ -109,6 +109,15 @@ def remove_old_builds(root):
         pass
 
 
+def compile_bytecode(folder):
+    """Compile every module once, here: each later run imports the bytecode instead of compiling ccmon, grpc and
+    protobuf again (200 ms of a status line's start), even where PYTHONDONTWRITEBYTECODE is set. Unchecked: the
+    folder is named after the archive's content, so its sources never change under their bytecode. A file that
+    does not compile (none should) is left to import as source."""
+    import compileall, py_compile
+    compileall.compile_dir(folder, quiet=2, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+
+
 def unpack(archive, version):
     """The folder holding this build for this Python version (root/BUILD_ID/cp312), unpacked on first use."""
     problems = []
@@ -130,6 +139,7 @@ def unpack(archive, version):
                         with zf.open(info) as source, open(path, "wb") as copy:
                             shutil.copyfileobj(source, copy)
                         os.chmod(path, (info.external_attr >> 16) & 0o777 or 0o644)
+            compile_bytecode(staging)
             open(os.path.join(staging, ".complete"), "w").close()
             try:
                 os.rename(staging, target)  # atomic: one concurrent first run wins
