@@ -411,17 +411,30 @@ def cost_nanos(price: Price, input: int, output: int, cache_read: int, cache_cre
     return int((per_million * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))  # 1e9 nanos / 1e6 tokens
 
 
+# The coding agents whose telemetry ccmon receives, by the name stored with each request (see docs/agents.md).
+CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE = "claude-code", "gemini-cli", "codex", "qwen-code"
+
+
+def estimated_cost(model: str, input: int, output: int, cache_read: int, cache_creation: int,
+                   prices: dict[str, Price] | None = None) -> int:
+    """What ccmon's price table (with `prices` overriding it) says a call costs, in nano-dollars; 0 for a model it
+    has no price for."""
+    found = price_of(model, prices)
+    return cost_nanos(found, input, output, cache_read, cache_creation) if found else 0
+
+
 # ---------------------------------------------------------------- Values: what the store reads, the wire carries and the screens show
 # One type per concept: the store's reads build them, the query service sends them, the client builds the same
 # ones from the server's answers, and reports and the monitor show them.
 
 @dataclasses.dataclass(frozen=True)
 class ApiRequest:
-    """One API request of Claude Code's and what it used."""
+    """One API request of a coding agent's (Claude Code's, unless `agent` says another) and what it used."""
     ts_ms: int
     model: str
     session_id: str
     usage: Usage
+    agent: str = CLAUDE_CODE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,8 +458,9 @@ class Session:
     api_errors: int
     from_metrics: bool
     project: str              # '' when unknown
-    source: str               # where most of its usage comes from: events, metrics, transcript, transcript*
-    # (estimated); events+tx or metrics+tx when some requests came from transcripts
+    source: str               # where most of its usage comes from: events, metrics, transcript; with * when ccmon
+    # priced some (estimated); events+tx or metrics+tx when some requests came from transcripts
+    agent: str = CLAUDE_CODE  # the coding agent whose session it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1327,6 +1341,8 @@ ORIGIN_EVENT = 0            # an api_request event: Claude Code's own figures an
 ORIGIN_METRICS = 1          # derived from cost/token metrics: a session's usage, not requests (no request_id)
 ORIGIN_TRANSCRIPT = 2       # read from a transcript, priced by ccmon (estimated)
 ORIGIN_TRANSCRIPT_COST = 3  # read from a transcript with the cost Claude Code wrote in it
+ORIGIN_EVENT_ESTIMATED = 4  # another agent's model-call event, priced by ccmon (estimated)
+ORIGIN_METRICS_ESTIMATED = 5  # derived from another agent's token metrics, priced by ccmon (estimated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1348,7 +1364,11 @@ class OriginRule:
 ORIGIN_RULES = {ORIGIN_EVENT: OriginRule(rank=2, request=True, transcript=False),
                 ORIGIN_METRICS: OriginRule(rank=0, request=False, transcript=False),
                 ORIGIN_TRANSCRIPT: OriginRule(rank=1, request=True, transcript=True),
-                ORIGIN_TRANSCRIPT_COST: OriginRule(rank=1, request=True, transcript=True)}
+                ORIGIN_TRANSCRIPT_COST: OriginRule(rank=1, request=True, transcript=True),
+                ORIGIN_EVENT_ESTIMATED: OriginRule(rank=2, request=True, transcript=False),
+                ORIGIN_METRICS_ESTIMATED: OriginRule(rank=0, request=False, transcript=False)}
+AGENT_ESTIMATED_ORIGINS = frozenset((ORIGIN_EVENT_ESTIMATED, ORIGIN_METRICS_ESTIMATED))
+EVENT_ORIGINS = frozenset((ORIGIN_EVENT, ORIGIN_EVENT_ESTIMATED))  # an agent's own telemetry of one call
 REQUEST_ORIGINS = frozenset(origin for origin, policy in ORIGIN_RULES.items() if policy.request)
 TRANSCRIPT_ORIGINS = frozenset(origin for origin, policy in ORIGIN_RULES.items() if policy.transcript)
 
@@ -1377,9 +1397,10 @@ def origin_in(origins: Iterable[int], column: str = "origin") -> str:
 FIGURES = {"rows": "1", "requests": f"({origin_in(REQUEST_ORIGINS, '{r}origin')})",
            **{c: "{r}" + c for c in USAGE_COLUMNS},
            "ttft_ms": "COALESCE({r}ttft_ms, 0)", "ttft_count": "({r}ttft_ms IS NOT NULL)"}
-# The figures as schema versions 1-4 and 5 on built their triggers: a migration's SQL keeps meaning what it did.
+# The figures as schema versions 1-4, 5-6 and 7 on built their triggers: a migration's SQL keeps meaning what it did.
 V1_FIGURES = {**FIGURES, "requests": "({r}origin = 0)"}
 V5_FIGURES = {**FIGURES, "requests": "({r}origin != 1)"}
+V7_FIGURES = {**FIGURES, "requests": "({r}origin IN (0, 2, 3, 4))"}
 USAGE_SUMS = ", ".join(f"SUM({c})" for c in list(FIGURES)[1:])  # a rollup's figures as Usage(*...)
 RAW_SUMS = ", ".join(f"SUM({e.format(r='')})" for e in list(FIGURES.values())[1:])  # the same over raw rows
 ROW_FIGURES = ", ".join(e.format(r="r.") for e in list(FIGURES.values())[1:])  # one row (alias r) as Usage(*...)
@@ -1591,11 +1612,33 @@ def find_request_ids_within_sessions(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX requests_imported_request ON requests(request_id) WHERE origin >= 2")
 
 
+def record_agents(conn: sqlite3.Connection) -> None:
+    """Version 7: other coding agents (Gemini CLI, Codex, Qwen Code) besides Claude Code. Each request names its
+    agent (interned in `agents`; every stored row is Claude Code's, id 1, the column's default, which SQLite
+    keeps in the schema instead of writing it into each row). Two origins come: another agent's model-call event
+    (4) and its token metrics (5), both priced by ccmon; the triggers count 4 as a request, and the partial
+    indexes select the metric origins (1, 5), the transcript ones (2, 3) and the estimated agent rows (4, 5)."""
+    conn.execute("CREATE TABLE agents (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
+    conn.execute("INSERT INTO agents (id, name) VALUES (1, 'claude-code')")
+    conn.execute("ALTER TABLE requests ADD COLUMN agent INTEGER NOT NULL DEFAULT 1")
+    for table in ("usage_rollup", "session_usage"):
+        conn.execute(f"DROP TRIGGER {table}_insert")
+        conn.execute(f"DROP TRIGGER {table}_delete")
+    for statement in re.split(r"(?<=END;)\n", usage_triggers(V7_FIGURES).strip()):
+        conn.execute(statement)
+    for index in ("requests_from_metrics", "requests_imported", "requests_imported_request"):
+        conn.execute(f"DROP INDEX {index}")
+    conn.execute("CREATE INDEX requests_from_metrics ON requests(session) WHERE origin IN (1, 5)")
+    conn.execute("CREATE INDEX requests_imported ON requests(session) WHERE origin IN (2, 3)")
+    conn.execute("CREATE INDEX requests_imported_request ON requests(request_id) WHERE origin IN (2, 3)")
+    conn.execute("CREATE INDEX requests_estimated ON requests(session) WHERE origin >= 4")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
                                                           keep_limit_readings, count_imported_requests,
-                                                          find_request_ids_within_sessions]
+                                                          find_request_ids_within_sessions, record_agents]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -1834,13 +1877,14 @@ def open_database(path: Path) -> sqlite3.Connection:
 # Rows arrive from ingestion with text where the tables hold ids; the writer resolves them.
 # Each insert names its columns; the Batch row tuples follow the same order.
 REQUEST_COLUMNS = ("ts", "session", "seq", "model", "user", *USAGE_COLUMNS, "ttft_ms", "prompt_id", "request_id",
-                   "source", "extra", "origin")
+                   "source", "extra", "origin", "agent")
 EVENT_COLUMNS = ("ts", "session", "seq", "user", "name", "prompt_id", "source", "attributes")
 METRIC_COLUMNS = ("ts", "start_ts", "session", "seq", "user", "name", "temporality", "value", "model", "type",
                   "source", "attributes")
 SHARED = {"session": ("sessions", "session_id"), "source": ("attribute_sets", "attributes"),
           "user": ("users", "name")}
-INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attribute_sets", "attributes")},
+INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attribute_sets", "attributes"),
+                         "agent": ("agents", "name")},
             "events": SHARED, "metric_points": SHARED}
 READING_COLUMNS = ("ts", "session", "project", "model", "context_percent", "five_hour_percent", "five_hour_resets",
                    "seven_day_percent", "seven_day_resets", "spend_limit", "version")
@@ -1880,12 +1924,38 @@ MAX_REQUEST_USD = 1_000
 MAX_REQUEST_MS = DAY_MS       # duration_ms and ttft_ms
 TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")
 
-# Metric data points that are usage: (metric name, its `type` attribute) -> the requests column they add to.
-METRIC_USAGE_FIELDS = {("claude_code.cost.usage", None): "cost_nanos",
-                       ("claude_code.token.usage", "input"): "input_tokens",
-                       ("claude_code.token.usage", "output"): "output_tokens",
-                       ("claude_code.token.usage", "cacheRead"): "cache_read_tokens",
-                       ("claude_code.token.usage", "cacheCreation"): "cache_creation_tokens"}
+# Metric data points that are usage: (metric name, its type) -> (the agent, what each unit of it adds to which
+# requests columns). The other agents count input with the cache in it: a cache point moves its tokens from input
+# to the cache kind (the points of one export share their time). Gemini's thoughts are output, its tool-use prompt
+# input; Qwen's thoughts and Codex's reasoning are in their output already, and Codex's total is the sum.
+METRIC_USAGE_FIELDS = {("claude_code.cost.usage", None): (CLAUDE_CODE, {"cost_nanos": 1}),
+                       ("claude_code.token.usage", "input"): (CLAUDE_CODE, {"input_tokens": 1}),
+                       ("claude_code.token.usage", "output"): (CLAUDE_CODE, {"output_tokens": 1}),
+                       ("claude_code.token.usage", "cacheRead"): (CLAUDE_CODE, {"cache_read_tokens": 1}),
+                       ("claude_code.token.usage", "cacheCreation"): (CLAUDE_CODE, {"cache_creation_tokens": 1}),
+                       ("gemini_cli.token.usage", "input"): (GEMINI_CLI, {"input_tokens": 1}),
+                       ("gemini_cli.token.usage", "cache"): (GEMINI_CLI, {"cache_read_tokens": 1, "input_tokens": -1}),
+                       ("gemini_cli.token.usage", "tool"): (GEMINI_CLI, {"input_tokens": 1}),
+                       ("gemini_cli.token.usage", "output"): (GEMINI_CLI, {"output_tokens": 1}),
+                       ("gemini_cli.token.usage", "thought"): (GEMINI_CLI, {"output_tokens": 1}),
+                       ("qwen-code.token.usage", "input"): (QWEN_CODE, {"input_tokens": 1}),
+                       ("qwen-code.token.usage", "cache"): (QWEN_CODE, {"cache_read_tokens": 1, "input_tokens": -1}),
+                       ("qwen-code.token.usage", "output"): (QWEN_CODE, {"output_tokens": 1}),
+                       ("codex.turn.token_usage", "input"): (CODEX, {"input_tokens": 1}),
+                       ("codex.turn.token_usage", "cached_input"): (CODEX, {"cache_read_tokens": 1,
+                                                                           "input_tokens": -1}),
+                       ("codex.turn.token_usage", "cache_write_input"): (CODEX, {"cache_creation_tokens": 1,
+                                                                                "input_tokens": -1}),
+                       ("codex.turn.token_usage", "output"): (CODEX, {"output_tokens": 1})}
+# Codex's token metric, and Qwen's by default, name no session: their usage counts in a session of the agent's
+# metrics per user, unless the agent's events of that user are stored within this long of it (they win, as
+# events do within a session; the metrics' points come at the end of a run, or every minute or so).
+METRICS_SESSION_WINDOW_MS = HOUR_MS
+
+
+def metrics_session(agent: str, user: str) -> str:
+    """The session holding an agent's usage from metrics that name no session (see METRICS_SESSION_WINDOW_MS)."""
+    return f"{agent} metrics" + (f" of {user}" if user else "")
 
 
 # Whether request_id ?R is stored for a request in session ?2 (an id): in the session, as telemetry and transcripts
@@ -1964,8 +2034,8 @@ class Writer:
     """The one writer of the database. Its thread commits queued jobs in groups, and a job's result is delivered
     only after its COMMIT and a check that the file committed to is still the database at its path."""
 
-    def __init__(self, path: Path, queue_size: int = 256):
-        self.path = path
+    def __init__(self, path: Path, queue_size: int = 256, prices: dict[str, Price] | None = None):
+        self.path, self.prices = path, prices  # prices: [pricing], for the other agents' metrics
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._file = DatabaseFile(path)
@@ -2167,6 +2237,7 @@ class Writer:
     def _insert(self, conn: sqlite3.Connection, batch: Batch) -> int:
         new, days = 0, set()
         if batch.requests:
+            days.update(self._replace_session_less_metrics(conn, batch.requests))
             requests = self._not_resent(conn, "requests", REQUEST_COLUMNS,
                                         self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests))
             replaced = replaced_by(ORIGIN_EVENT)
@@ -2283,13 +2354,40 @@ class Writer:
         self._refresh_days(conn, days)
         return ImportCounts(imported, len(rows) - imported)
 
+    def _replace_session_less_metrics(self, conn: sqlite3.Connection, rows: list[tuple]) -> list[int]:
+        """Delete what another agent's session-less metrics counted near these rows' events of the same agent and
+        user (see METRICS_SESSION_WINDOW_MS); the days changed."""
+        agent, user, origin = (REQUEST_COLUMNS.index(c) for c in ("agent", "user", "origin"))
+        days = []
+        for row in rows:
+            if row[agent] == CLAUDE_CODE or row[origin] not in EVENT_ORIGINS:
+                continue
+            gone = conn.execute(
+                f"DELETE FROM requests WHERE session = (SELECT id FROM sessions WHERE session_id = ?) AND ts BETWEEN "
+                f"? AND ? AND origin = {ORIGIN_METRICS_ESTIMATED} RETURNING ts",
+                (metrics_session(row[agent], row[user]), row[0] - METRICS_SESSION_WINDOW_MS,
+                 row[0] + METRICS_SESSION_WINDOW_MS)).fetchall()
+            days.extend(ts - ts % DAY_MS for ts, in gone)
+        return days
+
     def _usage_from_metric(self, conn: sqlite3.Connection, point: dict) -> list[int]:
-        """Count a cost/token data point as usage for a session without api_request events (metrics-only
-        users); a cumulative point counts by its difference to the previous point of its series."""
-        field = METRIC_USAGE_FIELDS.get((point["name"], point["type"]))
-        if field is None or point["session"] == self._intern(conn, "sessions", "session_id", "") or \
+        """Count a cost/token data point as usage for a session without model-call events (metrics-only users);
+        a cumulative point counts by its difference to the previous point of its series. Another agent's point
+        naming no session counts in the agent's metrics session of its user, unless that agent's events of the user
+        are near (see METRICS_SESSION_WINDOW_MS); its cost is ccmon's estimate."""
+        agent, fields = METRIC_USAGE_FIELDS.get((point["name"], point["type"]), ("", {}))
+        session = point["session"]
+        if session == self._intern(conn, "sessions", "session_id", "") and agent not in ("", CLAUDE_CODE):
+            user = conn.execute("SELECT name FROM users WHERE id = ?", (point["user"],)).fetchone()[0]
+            session = self._intern(conn, "sessions", "session_id", metrics_session(agent, user))
+            if conn.execute(f"SELECT 1 FROM requests WHERE ts BETWEEN ? AND ? AND agent = ? AND user = ? AND "
+                            f"{origin_in(EVENT_ORIGINS)} LIMIT 1",
+                            (point["ts"] - METRICS_SESSION_WINDOW_MS, point["ts"] + METRICS_SESSION_WINDOW_MS,
+                             self._intern(conn, "agents", "name", agent), point["user"])).fetchone():
+                return []  # that agent's events of this user win
+        if not fields or session == self._intern(conn, "sessions", "session_id", "") or \
                 conn.execute(f"SELECT 1 FROM requests WHERE session = ? AND {METRIC_USAGE_REPLACED_BY} LIMIT 1",
-                             (point["session"],)).fetchone():
+                             (session,)).fetchone():
             return []  # not usage, no session to tell events from metrics (not counted), or events win
         value = point["value"]
         if point["temporality"] == 2:  # cumulative: the increase over the highest value the series had so far
@@ -2303,15 +2401,22 @@ class Writer:
             return []  # a repeated cumulative point: nothing new
         figures = dict.fromkeys(USAGE_COLUMNS, 0)
         try:
-            figures[field] = parse_usd_nanos(value, "cost") if field == "cost_nanos" else parse_count(round(value), field)
+            amount = parse_usd_nanos(value, "cost") if "cost_nanos" in fields else parse_count(round(value), "tokens")
         except BadValue:
             return []  # stored as a point, too large to be usage
-        if figures[field] > (MAX_REQUEST_USD * NANOS_PER_USD if field == "cost_nanos" else MAX_REQUEST_TOKENS):
+        if amount > (MAX_REQUEST_USD * NANOS_PER_USD if "cost_nanos" in fields else MAX_REQUEST_TOKENS):
             return []  # the same: more than usage can be in one point (see MAX_REQUEST_TOKENS)
-        row = {"ts": point["ts"], "session": point["session"], "seq": point["seq"],
-               "model": self._intern(conn, "models", "name", point["model"] or "unknown"), "user": point["user"],
+        for field, sign in fields.items():
+            figures[field] = sign * amount
+        model = point["model"] or "unknown"
+        if agent != CLAUDE_CODE:
+            figures["cost_nanos"] = estimated_cost(model, *(figures[column] for column in USAGE_COLUMNS[:4]),
+                                                   self.prices)
+        row = {"ts": point["ts"], "session": session, "seq": point["seq"],
+               "model": self._intern(conn, "models", "name", model), "user": point["user"],
                **figures, "ttft_ms": None, "prompt_id": None, "request_id": None, "source": point["source"],
-               "extra": None, "origin": ORIGIN_METRICS}
+               "extra": None, "origin": ORIGIN_METRICS if agent == CLAUDE_CODE else ORIGIN_METRICS_ESTIMATED,
+               "agent": self._intern(conn, "agents", "name", agent)}
         conn.execute(insert_sql("requests", REQUEST_COLUMNS), [row[c] for c in REQUEST_COLUMNS])
         return [point["ts"] - point["ts"] % DAY_MS]
 
@@ -2395,13 +2500,15 @@ class BlockTally:
                           self.from_claude)
 
 
-def session_source(imported: int, from_metrics: bool, imported_requests: int = 0, requests: int = 0) -> str:
+def session_source(imported: int, from_metrics: bool, imported_requests: int = 0, requests: int = 0,
+                   estimated: bool = False) -> str:
     """Where most of a session's usage comes from, given the lowest origin of its requests imported from transcripts
     (0 when none) and how many of its `requests` were: transcript (transcript* when ccmon priced some, estimated)
-    when most were imported; else events or metrics, with +tx when some were (a lost turn re-imported)."""
+    when most were imported; else events or metrics (events* or metrics* when ccmon priced some of another agent's,
+    `estimated`), with +tx when some were (a lost turn re-imported)."""
     if imported and imported_requests * 2 > requests:
         return "transcript*" if imported == ORIGIN_TRANSCRIPT else "transcript"
-    return ("metrics" if from_metrics else "events") + ("+tx" if imported else "")
+    return ("metrics" if from_metrics else "events") + ("*" if estimated else "") + ("+tx" if imported else "")
 
 
 # Claude Code sends success as "true"/"false" (older versions) or a boolean.
@@ -2507,13 +2614,13 @@ class Reader:
             return []
         where, extra = chosen
         order = "ASC" if oldest_first else "DESC"
-        sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r "
-               "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model "
+        sql = (f"SELECT s.session_id, r.ts, m.name, a.name, {ROW_FIGURES} FROM requests r "
+               "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model JOIN agents a ON a.id = r.agent "
                f"WHERE r.ts >= ? AND r.ts < ? AND {origin_in(REQUEST_ORIGINS, 'r.origin')}{where} "
                f"ORDER BY r.ts {order}, r.id {order} LIMIT ? OFFSET ?")
         params = (start_ms, end_ms, *extra, limit, max(offset, 0))
-        return [ApiRequest(ts, model, session, Usage(*figures))
-                for session, ts, model, *figures in self._reader().execute(sql, params)]
+        return [ApiRequest(ts, model, session, Usage(*figures), agent)
+                for session, ts, model, agent, *figures in self._reader().execute(sql, params)]
 
     def session_user(self, session_id: str) -> str | None:
         """The user of a session, once its events have arrived."""
@@ -2619,16 +2726,31 @@ class Reader:
             entry["rows"] += count
         counts = self._event_counts(list(grouped))
         imported = self._imported_origins(list(grouped))
+        agents = self._agents(list(grouped))
         summaries = []
         for key, e in grouped.items():
             by_model, from_metrics = e["by_model"], sum(u.requests for u in e["by_model"].values()) < e["rows"]
             origin, imported_requests = imported.get(key, (0, 0))
+            agent, estimated = agents[key]
             summaries.append(Session(e["session_id"], e["user"], e["first"], e["last"], Split.from_models(by_model),
                                      tuple(sorted(by_model, key=lambda m: (-by_model[m].cost_nanos, m))),
                                      *counts.get(key, (0, 0, 0)), from_metrics, e["project"],
                                      session_source(origin, from_metrics, imported_requests,
-                                                    sum(u.requests for u in by_model.values()))))
+                                                    sum(u.requests for u in by_model.values()), estimated), agent))
         return sorted(summaries, key=lambda summary: (-summary.last_ms, summary.session_id))
+
+    def _agents(self, sessions: list[int]) -> dict[int, tuple[str, bool]]:
+        """Each session's agent (that of one of its rows: a session is one agent's), and whether ccmon priced any
+        of its rows of another agent's (estimated; the partial index answers)."""
+        found: dict[int, tuple[str, bool]] = {}
+        for first in range(0, len(sessions), 500):
+            chunk = sessions[first:first + 500]
+            found.update((session, (agent, bool(estimated))) for session, agent, estimated in self._reader().execute(
+                f"SELECT c.value, (SELECT a.name FROM requests r JOIN agents a ON a.id = r.agent WHERE r.session = "
+                f"c.value LIMIT 1), EXISTS (SELECT 1 FROM requests r WHERE r.session = c.value AND "
+                f"{origin_in(AGENT_ESTIMATED_ORIGINS, 'r.origin')}) FROM "
+                f"json_each(?) c", (json.dumps(chunk),)))
+        return found
 
     def _imported_origins(self, sessions: list[int]) -> dict[int, tuple[int, int]]:
         """The lowest origin of each session's requests imported from transcripts (ORIGIN_TRANSCRIPT, priced by
@@ -2688,11 +2810,11 @@ class Reader:
         return sorted(requests + events, key=lambda entry: entry.ts_ms)[:limit]
 
     def _session_requests(self, session: int, limit: int) -> list[ApiRequest]:
-        sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r JOIN sessions s ON s.id = r.session "
-               f"JOIN models m ON m.id = r.model WHERE r.session = ? AND {origin_in(REQUEST_ORIGINS, 'r.origin')} "
-               "ORDER BY r.ts LIMIT ?")
-        return [ApiRequest(ts, model, sid, Usage(*figures))
-                for sid, ts, model, *figures in self._reader().execute(sql, (session, limit))]
+        sql = (f"SELECT s.session_id, r.ts, m.name, a.name, {ROW_FIGURES} FROM requests r JOIN sessions s ON "
+               "s.id = r.session JOIN models m ON m.id = r.model JOIN agents a ON a.id = r.agent WHERE r.session = ? "
+               f"AND {origin_in(REQUEST_ORIGINS, 'r.origin')} ORDER BY r.ts LIMIT ?")
+        return [ApiRequest(ts, model, sid, Usage(*figures), agent)
+                for sid, ts, model, agent, *figures in self._reader().execute(sql, (session, limit))]
 
     def tool_report(self, start_ms: int, end_ms: int, user: str | None = None,
                     project: str | None = None) -> ToolReport:
@@ -2897,8 +3019,9 @@ MAX_DEPTH = 8
 SCALAR_KINDS = ("string_value", "int_value", "double_value", "bool_value")
 # Attributes ccmon reads as text (ids and names): a number or a boolean is taken as its text, but an array, a
 # key-value list or bytes names nothing, and its record is rejected. "type" is read on metric data points.
-TEXT_KEYS = (*IDENTITY_KEYS, "session.id", "model", "prompt.id", "request_id")
-POINT_TEXT_KEYS = (*TEXT_KEYS, "type")
+TEXT_KEYS = (*IDENTITY_KEYS, "session.id", "conversation.id", "model", "prompt.id", "prompt_id", "request_id",
+             "response_id")
+POINT_TEXT_KEYS = (*TEXT_KEYS, "type", "token_type")
 NOT_TEXT = {list: "an array", dict: "a key-value list", bytes: "bytes"}
 # Clocks drift a little; a record dated further ahead than this is stored at the time it was received (a fast
 # clock would otherwise make its session the most recent one for ever), its own time kept under ORIGINAL_TIME_KEY.
@@ -2990,8 +3113,8 @@ def record_key(attrs: dict, record, undated: bool) -> tuple[str, int]:
 
 
 def session_id_of(attrs: dict) -> str:
-    """session.id as text: '' when absent or unset (an AnyValue of no kind), never 'None'."""
-    session = attrs.get("session.id")
+    """session.id (Codex: conversation.id) as text: '' when absent or unset (an AnyValue of no kind), never 'None'."""
+    session = attrs.get("session.id", attrs.get("conversation.id"))
     return "" if session is None else str(session)
 
 
@@ -3051,12 +3174,27 @@ class Sources:
         return self._memo[key]
 
 
+def check_call_tokens(counts: Iterable[int], keys: Iterable[str] = TOKEN_KEYS) -> None:
+    """BadValue for a count of a kind more than one API call can use."""
+    for key, count in zip(keys, counts):
+        if count > MAX_REQUEST_TOKENS:
+            raise BadValue(f"{key}={count} is more than one API call can use ({MAX_REQUEST_TOKENS:,} tokens of a kind)")
+
+
+def call_times(attrs: dict) -> tuple[int, int | None]:
+    """A call's duration_ms and ttft_ms (None when not reported); BadValue for unreadable or impossible ones."""
+    duration = parse_count(attrs.get("duration_ms", 0), "duration_ms")
+    ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if attrs.get("ttft_ms") not in (None, "") else None
+    for key, ms in (("duration_ms", duration), ("ttft_ms", ttft or 0)):
+        if ms > MAX_REQUEST_MS:
+            raise BadValue(f"{key}={ms} is longer than one API call can take (a day)")
+    return duration, ttft
+
+
 def request_row(attrs: dict, ts: int, source: str | None, user: str, record, undated: bool) -> tuple:
     """One api_request record as a `requests` row (REQUEST_COLUMNS); raises BadValue for unreadable figures."""
     counts = [parse_count(attrs.get(key, 0), key) for key in TOKEN_KEYS]
-    for key, count in zip(TOKEN_KEYS, counts):
-        if count > MAX_REQUEST_TOKENS:
-            raise BadValue(f"{key}={count} is more than one API call can use ({MAX_REQUEST_TOKENS:,} tokens of a kind)")
+    check_call_tokens(counts)
     cost_key = "cost_usd" if "cost_usd" in attrs else "cost_usd_micros"
     if cost_key == "cost_usd":
         cost = parse_usd_nanos(attrs["cost_usd"], "cost_usd")
@@ -3065,16 +3203,82 @@ def request_row(attrs: dict, ts: int, source: str | None, user: str, record, und
                                if attrs.get("cost_usd_micros") else 0, "cost_usd_micros")
     if cost > MAX_REQUEST_USD * NANOS_PER_USD:
         raise BadValue(f"{cost_key}={attrs[cost_key]!r} is more than one API call can cost (${MAX_REQUEST_USD:,})")
-    duration = parse_count(attrs.get("duration_ms", 0), "duration_ms")
-    ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if attrs.get("ttft_ms") not in (None, "") else None
-    for key, ms in (("duration_ms", duration), ("ttft_ms", ttft or 0)):
-        if ms > MAX_REQUEST_MS:
-            raise BadValue(f"{key}={ms} is longer than one API call can take (a day)")
+    duration, ttft = call_times(attrs)
     extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     session, seq = record_key(attrs, record, undated)
     return (ts, session, seq, optional_text(attrs.get("model")) or "unknown", user, *counts,
             cost, duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
-            source, compact_json(extra), ORIGIN_EVENT)
+            source, compact_json(extra), ORIGIN_EVENT, CLAUDE_CODE)
+
+
+def counts_of(attrs: dict, *keys: str) -> list[int]:
+    return [parse_count(attrs.get(key, 0), key) for key in keys]
+
+
+def uncached(prompt: int, cached: int, keys: str) -> int:
+    """The input tokens not read from (or written to) a cache, of a prompt count that includes them."""
+    if cached > prompt:
+        raise BadValue(f"{keys} ({cached}) is more than the input it is part of ({prompt})")
+    return prompt - cached
+
+
+def gemini_tokens(attrs: dict) -> tuple[int, int, int, int]:
+    """Gemini CLI's input counts the cached tokens and leaves out the tool-use prompt; its output leaves out the
+    thoughts, billed as output."""
+    prompt, cached, output, thoughts, tool = counts_of(attrs, *GEMINI_TOKEN_KEYS)
+    return uncached(prompt, cached, "cached_content_token_count") + tool, output + thoughts, cached, 0
+
+
+def codex_tokens(attrs: dict) -> tuple[int, int, int, int]:
+    """Codex's input counts the cached tokens (and those written to a cache); its output, the reasoning."""
+    prompt, cached, written, output = counts_of(attrs, *CODEX_TOKEN_KEYS)
+    return uncached(prompt, cached + written, "cached_token_count + cache_write_token_count"), output, cached, written
+
+
+def qwen_tokens(attrs: dict) -> tuple[int, int, int, int]:
+    """Qwen Code's input counts the cached tokens; its output, the thoughts (reported apart too)."""
+    prompt, cached, output = counts_of(attrs, *QWEN_TOKEN_KEYS)
+    return uncached(prompt, cached, "cached_content_token_count"), output, cached, 0
+
+
+GEMINI_TOKEN_KEYS = ("input_token_count", "cached_content_token_count", "output_token_count", "thoughts_token_count",
+                     "tool_token_count")
+CODEX_TOKEN_KEYS = ("input_token_count", "cached_token_count", "cache_write_token_count", "output_token_count")
+QWEN_TOKEN_KEYS = ("input_token_count", "cached_content_token_count", "output_token_count")
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentCall:
+    """How another agent's log event of one model call reads: its agent, its figures in ccmon's kinds (input
+    without cache, output, cache read, cache write) and the attributes those come from."""
+    agent: str
+    tokens: Callable[[dict], tuple[int, int, int, int]]
+    token_keys: tuple[str, ...]
+
+
+# The other agents' model-call events, by event.name; one carrying no input_token_count is no call (Codex logs
+# each response.completed twice, once with the usage).
+AGENT_CALLS = {"gemini_cli.api_response": AgentCall(GEMINI_CLI, gemini_tokens, GEMINI_TOKEN_KEYS),
+               "codex.sse_event": AgentCall(CODEX, codex_tokens, CODEX_TOKEN_KEYS),
+               "qwen-code.api_response": AgentCall(QWEN_CODE, qwen_tokens, QWEN_TOKEN_KEYS)}
+AGENT_CALL_KEYS = {"event.name", "event.timestamp", "session.id", "conversation.id", "model", "duration_ms",
+                   "ttft_ms", "prompt_id", "response_id"}  # also stored in columns
+
+
+def agent_call_row(call: AgentCall, attrs: dict, ts: int, source: str | None, user: str, record, undated: bool,
+                   prices: dict[str, Price] | None) -> tuple:
+    """Another agent's model-call event as a `requests` row (REQUEST_COLUMNS), priced by ccmon (estimated); raises
+    BadValue for unreadable figures. Its other figures (reasoning, totals) stay in its attributes."""
+    counts = call.tokens(attrs)
+    check_call_tokens(counts)
+    model = optional_text(attrs.get("model")) or "unknown"
+    duration, ttft = call_times(attrs)
+    extra = {k: v for k, v in attrs.items()
+             if k not in AGENT_CALL_KEYS and k not in call.token_keys and k not in IDENTITY_KEYS}
+    session, seq = record_key(attrs, record, undated)
+    return (ts, session, seq, model, user, *counts, estimated_cost(model, *counts, prices), duration, ttft,
+            optional_text(attrs.get("prompt_id")), optional_text(attrs.get("response_id")), source,
+            compact_json(extra), ORIGIN_EVENT_ESTIMATED, call.agent)
 
 
 def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, record, undated: bool) -> tuple:
@@ -3084,7 +3288,8 @@ def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, re
     if body is not None and body != EVENT_PREFIX + name:
         rest["body"] = body
     session, seq = record_key(attrs, record, undated)
-    return (ts, session, seq, user, name, optional_text(attrs.get("prompt.id")), source, compact_json(rest) or "{}")
+    return (ts, session, seq, user, name, optional_text(attrs.get("prompt.id", attrs.get("prompt_id"))), source,
+            compact_json(rest) or "{}")
 
 
 class Rejections:
@@ -3124,9 +3329,10 @@ class Rejections:
 class LogsIngest:
     """Decodes ExportLogsServiceRequest into rows."""
 
-    def __init__(self):
+    def __init__(self, prices: dict[str, Price] | None = None):
         self._seen_unknown: set[str] = set()
         self.sources = Sources()
+        self.prices = prices  # [pricing]: the other agents' calls are priced by ccmon
 
     def decode(self, request, rejected: Rejections) -> Iterator[Batch]:
         """The request's rows, WRITE_CHUNK_ROWS at a time; what is rejected or re-dated is counted in `rejected`."""
@@ -3178,15 +3384,19 @@ class LogsIngest:
         if original:
             attrs[ORIGINAL_TIME_KEY] = original
         try:
+            call = AGENT_CALLS.get(name)
             if name == "api_request":
                 batch.requests.append(request_row(attrs, ts, source, user, record, ms is None))
+            elif call and "input_token_count" in attrs:
+                batch.requests.append(agent_call_row(call, attrs, ts, source, user, record, ms is None, self.prices))
             else:
                 batch.events.append(event_row(name, attrs, ts, source, user, record, ms is None))
         except BadValue as exc:
             rejected.add(f"{name} in session {attrs.get('session.id', '?')}: {exc}")
             return
         rejected.dated_ahead += bool(original)
-        if name not in KNOWN_EVENTS and name not in self._seen_unknown and len(self._seen_unknown) < 1000:
+        known = name in KNOWN_EVENTS or call
+        if not known and name not in self._seen_unknown and len(self._seen_unknown) < 1000:
             self._seen_unknown.add(name)
             log.info("storing events of a kind ccmon does not know yet: %r", name)
 
@@ -3233,6 +3443,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
                         continue
                     identity = json.dumps([metric.name, attrs, point.start_time_unix_nano, value],
                                           sort_keys=True, default=json_default)
+                    point_type = attrs.get("type", attrs.get("token_type"))  # Codex: token_type
                     rest = {k: v for k, v in attrs.items()
                             if k not in ("session.id", "model", "type") and k not in IDENTITY_KEYS}
                     point_ms = point.time_unix_nano // 1_000_000
@@ -3247,7 +3458,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
                     rows.append((ts, point.start_time_unix_nano // 1_000_000 or None,
                                  session, content_hash(identity.encode(), UNDATED_SEQ if undated else -1),
                                  user_name(attrs, resource), metric.name, temporality, float(value),
-                                 optional_text(attrs.get("model")), optional_text(attrs.get("type")),
+                                 optional_text(attrs.get("model")), optional_text(point_type),
                                  sources.json(resource_json, attrs), compact_json(rest) or "{}"))
                     if len(rows) == WRITE_CHUNK_ROWS:
                         yield rows
@@ -3415,13 +3626,13 @@ def export_batches(kind: str, data: bytes, rejected: Rejections, ingest: LogsIng
             yield Batch(metrics=rows, projects=projects)
 
 
-def decoder_loop(conn) -> None:
+def decoder_loop(conn, prices: dict[str, Price] | None = None) -> None:
     """A decoder process: (kind, serialized export) in; its batches out as (batch, None), the last one as (batch or
     None, its Rejections), (None, BadExport) or (None, DecoderFailure). It ends when the server closes the pipe."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # a Ctrl-C or a stop meant for the server: it ends us by closing the pipe
     os.nice(DECODER_NICENESS)
-    libc, ingest = glibc_or_none(), LogsIngest()
+    libc, ingest = glibc_or_none(), LogsIngest(prices)
     while True:
         try:
             kind, data = conn.recv()
@@ -3452,8 +3663,8 @@ class Decoders:
     decoder is left (decoding again from the start: the rows already stored are duplicates, ignored as such).
     One that hangs is killed (see DECODER_PATIENCE_S): a read or a write on its pipe waits no longer than that."""
 
-    def __init__(self, count: int = DECODERS):
-        self.ingest = LogsIngest()  # for decoding in the server
+    def __init__(self, count: int = DECODERS, prices: dict[str, Price] | None = None):
+        self.ingest = LogsIngest(prices)  # for decoding in the server
         self._idle: queue.Queue = queue.Queue()
         self._alive, self._alive_lock = {}, threading.Lock()  # pid -> the server's end of its pipe
         ends = []
@@ -3464,7 +3675,7 @@ class Decoders:
                 try:
                     for end in (parent, *ends):  # only the server may hold a decoder's end: closing it ends the decoder
                         end.close()
-                    decoder_loop(child)
+                    decoder_loop(child, prices)
                 finally:
                     os._exit(0)  # never back into the server's code
             child.close()
@@ -4231,7 +4442,7 @@ def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
         raise BadValue(f"a token count or the cost is out of range: {counts}, {r.cost_nanos} nano-dollars")
     seq = content_hash(f"{r.message_id}\0{r.request_id}".encode())
     return (r.timestamp_ms, r.session_id, seq, r.model or "unknown", "", *counts, r.cost_nanos, 0, None, None,
-            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST)
+            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST, CLAUDE_CODE)
 
 
 def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
@@ -4244,13 +4455,14 @@ def api_request_message(r: ApiRequest) -> ccmon_pb2.APIRequest:
         session_id=r.session_id, timestamp=timestamp_from_ms(r.ts_ms), model=r.model, input_tokens=r.usage.input,
         output_tokens=r.usage.output, cache_read_tokens=r.usage.cache_read,
         cache_creation_tokens=r.usage.cache_creation, total_tokens=r.usage.total, cost_usd=r.usage.cost_usd,
-        duration_ms=r.usage.duration_ms)
+        duration_ms=r.usage.duration_ms, agent=r.agent)
 
 
 def api_request_of(r: ccmon_pb2.APIRequest) -> ApiRequest:
     return ApiRequest(ms_of(r.timestamp), r.model, r.session_id,
                       Usage(1, r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens,
-                            round(r.cost_usd * NANOS_PER_USD), r.duration_ms))
+                            round(r.cost_usd * NANOS_PER_USD), r.duration_ms),
+                      r.agent or CLAUDE_CODE)  # servers before agents send none
 
 
 def session_message(session: Session) -> ccmon_pb2.SessionStats:
@@ -4259,14 +4471,15 @@ def session_message(session: Session) -> ccmon_pb2.SessionStats:
         last_request_at=timestamp_from_ms(session.last_ms), stats=stats_message(session.split),
         models=session.models, tool_calls=session.tool_calls, tool_failures=session.tool_failures,
         api_errors=session.api_errors, from_metrics=session.from_metrics, project=session.project,
-        source=session.source)
+        source=session.source, agent=session.agent)
 
 
 def session_of(s: ccmon_pb2.SessionStats) -> Session:
     return Session(s.session_id, s.user, ms_of(s.first_request_at), ms_of(s.last_request_at),
                    split_from_stats(s.stats), tuple(s.models), s.tool_calls, s.tool_failures, s.api_errors,
                    s.from_metrics, s.project,
-                   s.source or session_source(0, s.from_metrics))  # servers before transcripts send no source
+                   s.source or session_source(0, s.from_metrics),  # servers before transcripts send no source
+                   s.agent or CLAUDE_CODE)  # nor those before agents an agent
 
 
 # An event's attributes in a timeline answer: a full timeline (MAX_TIMELINE_ENTRIES) fits in the 4 MB clients accept.
@@ -4781,9 +4994,9 @@ def run_server(config: Config, on_ready: Callable[[int, int, threading.Event], N
     # The writer binding rows, the export threads taking decoded batches and the queries share the GIL; a short
     # switch interval keeps each from waiting up to 5 ms for another whenever it needs the GIL back.
     sys.setswitchinterval(0.0005)
-    decoders = Decoders()  # first: they are forked, which must happen before any thread starts
+    decoders = Decoders(prices=config.prices)  # first: they are forked, which must happen before any thread starts
     try:
-        store = Writer(config.database_path)
+        store = Writer(config.database_path, prices=config.prices)
     except StorageError as exc:
         decoders.close()
         raise ServerError(str(exc)) from None

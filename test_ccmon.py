@@ -3,6 +3,7 @@ a real SQLite file, the real monitor in a pseudo-terminal. Run: python -m pytest
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import datetime as dt
@@ -1101,19 +1102,25 @@ def test_block_chains_and_edges(tmp_path):
 
 
 def test_which_origin_replaces_which():
-    event, metrics, transcript, transcript_cost = origins = (ccmon.ORIGIN_EVENT, ccmon.ORIGIN_METRICS,
-                                                             ccmon.ORIGIN_TRANSCRIPT, ccmon.ORIGIN_TRANSCRIPT_COST)
-    assert origins == (0, 1, 2, 3)  # stored in requests.origin
+    event, metrics, transcript, transcript_cost, agent_event, agent_metrics = origins = (
+        ccmon.ORIGIN_EVENT, ccmon.ORIGIN_METRICS, ccmon.ORIGIN_TRANSCRIPT, ccmon.ORIGIN_TRANSCRIPT_COST,
+        ccmon.ORIGIN_EVENT_ESTIMATED, ccmon.ORIGIN_METRICS_ESTIMATED)
+    assert origins == (0, 1, 2, 3, 4, 5)  # stored in requests.origin
+    lower = {metrics, transcript, transcript_cost, agent_metrics}
     assert {origin: ccmon.replaced_by(origin) for origin in ccmon.ORIGIN_RULES} == {
-        event: {metrics, transcript, transcript_cost}, metrics: set(), transcript: {metrics},
-        transcript_cost: {metrics}}
-    assert ccmon.REQUEST_ORIGINS == {event, transcript, transcript_cost}
+        event: lower, metrics: set(), transcript: {metrics, agent_metrics},
+        transcript_cost: {metrics, agent_metrics}, agent_event: lower, agent_metrics: set()}
+    assert ccmon.REQUEST_ORIGINS == {event, transcript, transcript_cost, agent_event}
     assert ccmon.TRANSCRIPT_ORIGINS == {transcript, transcript_cost}
+    assert ccmon.EVENT_ORIGINS == {event, agent_event}
     assert min(ccmon.TRANSCRIPT_ORIGINS) == transcript  # a session's lowest imported origin: whether ccmon priced any
-    assert [ccmon.origin_in(chosen) for chosen in ({metrics}, {event, transcript, transcript_cost},
-                                                   {transcript, transcript_cost}, {event, transcript})] == \
-        ["origin = 1", "origin != 1", "origin >= 2", "origin IN (0, 2)"]
-    assert ccmon.origin_in(iter([event, transcript, transcript_cost]), "r.origin") == "r.origin != 1"
+    assert [ccmon.origin_in(chosen) for chosen in ({metrics}, {event, transcript, transcript_cost, agent_event},
+                                                   {transcript, transcript_cost}, {event, transcript},
+                                                   {agent_event, agent_metrics}, {metrics, agent_metrics})] == \
+        ["origin = 1", "origin IN (0, 2, 3, 4)", "origin IN (2, 3)", "origin IN (0, 2)", "origin >= 4",
+         "origin IN (1, 5)"]
+    assert ccmon.origin_in(iter([event, transcript, transcript_cost, agent_event]), "r.origin") == \
+        "r.origin IN (0, 2, 3, 4)"
 
 
 def test_the_schema_selects_origins_as_the_policy_renders_them(tmp_path):
@@ -1127,6 +1134,7 @@ def test_the_schema_selects_origins_as_the_policy_renders_them(tmp_path):
     assert schema["requests_from_metrics"].endswith(f" WHERE {from_metrics}")
     assert schema["requests_imported"].endswith(f" WHERE {transcripts}")
     assert schema["requests_imported_request"].endswith(f" WHERE {transcripts}")
+    assert schema["requests_estimated"].endswith(f" WHERE {ccmon.origin_in(ccmon.AGENT_ESTIMATED_ORIGINS)}")
     for table in ("usage_rollup", "session_usage"):
         assert ccmon.FIGURES["requests"].format(r="NEW.") in schema[f"{table}_insert"]
         assert ccmon.FIGURES["requests"].format(r="OLD.") in schema[f"{table}_delete"]
@@ -1138,6 +1146,8 @@ def test_the_schema_selects_origins_as_the_policy_renders_them(tmp_path):
     assert "requests_imported_request" in plan(f"DELETE FROM requests WHERE request_id = 'r' AND {transcripts}")
     assert "requests_imported" in plan(f"SELECT session, MIN(origin) FROM requests WHERE {transcripts} "
                                        "AND session IN (1, 2) GROUP BY session")
+    estimated = ccmon.origin_in(ccmon.AGENT_ESTIMATED_ORIGINS, "r.origin")
+    assert "requests_estimated" in plan(f"SELECT EXISTS (SELECT 1 FROM requests r WHERE r.session = 1 AND {estimated})")
     conn.close()
 
 
@@ -1165,6 +1175,10 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         old, new = json.loads((V1 / "answers.json").read_text()), v1_answers(srv)
         # Asked without oldest_first, GetAPIRequests now answers the same page in the Go ccmon's order, oldest first.
         new["requests"]["requests"].reverse()
+        # schema 7 names each request's and session's agent (a field schema 1 did not have): all Claude Code's
+        named = [*new["requests"]["requests"], *new["sessions"]["sessions"],
+                 *(entry["request"] for entry in new["timeline"]["entries"] if "request" in entry)]
+        assert {item.pop("agent") for item in named} == {"claude-code"}
         # Every figure is what schema 1 answered; only s-cy-1's user is now the email its resource gave
         # instead of the hashed user.id (schema 3 names users readably).
         assert {k: v for k, v in new.items() if k not in ("sessions", "users")} == \
@@ -1184,6 +1198,8 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         assert db_rows(db, "PRAGMA user_version") == [(ccmon.SCHEMA_VERSION,)]
         assert db_rows(db, "SELECT name FROM sqlite_master WHERE name LIKE 'requests_%request%' ORDER BY 1") == \
             [("requests_imported_request",), ("requests_session_request",)]
+        assert db_rows(db, "SELECT a.name, COUNT(*) FROM requests r JOIN agents a ON a.id = r.agent GROUP BY 1") == \
+            [("claude-code", db_rows(db, "SELECT COUNT(*) FROM requests")[0][0])]
         with sqlite3.connect(backup) as copy:  # the backup is the old database, whole
             assert copy.execute("PRAGMA user_version").fetchone() == (1,)
             assert copy.execute("SELECT COUNT(*), SUM(cost_nanos) FROM requests").fetchone() == \
@@ -1860,6 +1876,105 @@ def test_metrics_only_sessions_count_and_events_win(server):
             sessions["cumulative-session"].stats.total_cost.amount) == ("transcript*", 1, 0.000525)
     export(AggregationTemporality.DELTA, [(9.0, {"input": 9999})], "cumulative-session")
     assert server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats.total_cost.amount == 0.700525
+
+
+# ---------------------------------------------------------------- other agents: Gemini CLI, Codex, Qwen Code
+
+# What each stand-in model API (../shared/tools/) answers every call, as ccmon counts it (docs/agents.md):
+# (input without cache, output, cache read, cache write), which add up to the call's total tokens.
+STANDIN_CALL = {"gemini-cli": (1234 - 456 + 11, 78 + 90, 456, 0),  # prompt - cached + tool-use prompt; + thoughts
+                "codex": (2345 - 678, 89, 678, 0),                 # output includes the 34 reasoning tokens
+                "qwen-code": (3456 - 789, 91, 789, 0)}             # output includes the 23 thoughts
+STANDIN_TOTAL = {"gemini-cli": 1413, "codex": 2434, "qwen-code": 3547}
+# The captures of the tools exporting to a receiver (fixtures/<tool>/otlp/<protocol>.jsonl.gz, traces left out):
+# (tool, protocol) -> (agent, model calls, sessions) in them.
+AGENT_CAPTURES = {("gemini-cli-0.61.0", "grpc"): ("gemini-cli", 6, 3),
+                  ("gemini-cli-0.61.0", "http-json"): ("gemini-cli", 6, 3),
+                  ("codex-0.169.0", "grpc"): ("codex", 6, 5),
+                  ("codex-0.169.0", "http-protobuf"): ("codex", 3, 2),
+                  ("codex-0.169.0", "http-json"): ("codex", 3, 2),
+                  ("qwen-code-0.24.4", "grpc"): ("qwen-code", 10, 5),
+                  ("qwen-code-0.24.4", "http-json"): ("qwen-code", 7, 3)}
+EXPORT_STUBS = {"logs": (logs_service_pb2_grpc.LogsServiceStub, logs_service_pb2.ExportLogsServiceRequest),
+                "metrics": (metrics_service_pb2_grpc.MetricsServiceStub,
+                            metrics_service_pb2.ExportMetricsServiceRequest)}
+
+
+def agent_capture(tool: str, protocol: str) -> list[dict]:
+    """A capture's export requests, as the tool sent them: over gRPC its request as protobuf-JSON (`body`), over
+    HTTP its raw body (`raw_text` for JSON, `raw_b64` for protobuf) with its path and content type."""
+    import gzip
+    with gzip.open(FIXTURES / tool / "otlp" / f"{protocol}.jsonl.gz", "rt") as lines:
+        return [json.loads(line) for line in lines]
+
+
+def replay(srv: ServerProcess, exports: list[dict], signals: tuple[str, ...] = ("logs", "metrics")) -> None:
+    """Send each export of `signals` to `srv` as the tool sent it (the same protocol, body and content type), and
+    check that every record was stored (no partial success)."""
+    from google.protobuf import json_format
+    channel = grpc.insecure_channel(srv.target)
+    for export in exports:
+        if export["signal"] not in signals:
+            continue
+        stub, message = EXPORT_STUBS[export["signal"]]
+        if export["protocol"] == "grpc":
+            answer = stub(channel).Export(json_format.ParseDict(export["body"], message()))
+            assert not answer.partial_success.error_message, answer
+            continue
+        body = export["raw_text"].encode() if "raw_text" in export else base64.b64decode(export["raw_b64"])
+        response, data = http_post(srv.http_port, export["path"], body, {"Content-Type": export["content_type"]})
+        assert response.status == 200 and b"rejected" not in data, data
+
+
+def agent_totals(srv: ServerProcess) -> tuple:
+    total = stats(srv)
+    tokens = total.total_tokens
+    return total.total_requests, (tokens.input, tokens.output, tokens.cache_read, tokens.cache_creation), tokens.total
+
+
+@pytest.mark.parametrize("tool, protocol", list(AGENT_CAPTURES))
+def test_every_model_call_of_another_agent_is_stored_once_with_the_standins_usage(server, tool, protocol):
+    """Replaying what the real CLI sent over each protocol it supports: every model call (Gemini's router call,
+    Qwen's memory sub-agent, both of Codex's responses to a tool call) is one request with exactly the usage the
+    stand-in answered, once, whatever else came (Codex's second response.completed, the token metrics)."""
+    agent, calls, sessions = AGENT_CAPTURES[tool, protocol]
+    replay(server, agent_capture(tool, protocol))
+    assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
+    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-01-01T00:00:00Z"))).sessions
+    assert len(found) == sessions
+    assert {(s.agent, s.source, s.from_metrics) for s in found} == {(agent, "events*", False)}
+    assert sum(s.stats.total_requests for s in found) == calls
+    requests = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(
+        start_time=ts("2026-01-01T00:00:00Z"), limit=100)).requests
+    assert {(r.agent, r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens)
+            for r in requests} == {(agent, *STANDIN_CALL[agent])}
+    assert {r.session_id for r in requests} == {s.session_id for s in found}
+    replay(server, agent_capture(tool, protocol))  # sent again (an exporter's retry): nothing new
+    assert agent_totals(server)[0] == calls
+
+
+def test_the_stored_call_keeps_the_tools_figures_prompt_and_duration(server):
+    replay(server, agent_capture("qwen-code-0.24.4", "grpc"), ("logs",))
+    replay(server, agent_capture("gemini-cli-0.61.0", "grpc"), ("logs",))
+    replay(server, agent_capture("codex-0.169.0", "grpc"), ("logs",))
+    rows = db_rows(server.db, "SELECT a.name, r.session_id, r.prompt_id, r.request_id, r.duration_ms, r.ttft_ms, "
+                              "r.origin, r.extra_json FROM r JOIN agents a ON a.id = r.agent ORDER BY r.ts")
+    qwen = [row for row in rows if row[0] == "qwen-code"]
+    assert qwen[0][1:7] == ("d8f47574-eaa5-4e1e-aada-948cf23da699",
+                            "d8f47574-eaa5-4e1e-aada-948cf23da699########0", "chatcmpl-bec6829176d248e2", 665, 562,
+                            ccmon.ORIGIN_EVENT_ESTIMATED)
+    extra = json.loads(qwen[0][7])
+    assert (extra["thoughts_token_count"], extra["total_token_count"]) == (23, 3547)  # kept as the tool sent them
+    gemini = [row for row in rows if row[0] == "gemini-cli"]
+    assert {json.loads(row[7])["role"] for row in gemini} == {"main", "utility_router"}
+    assert gemini[0][1] == gemini[0][2] == "d5de2ac9-a711-4e76-96d7-dbf7eaad9898"  # -p mode: prompt id = session
+    codex = [row for row in rows if row[0] == "codex"]
+    assert codex[0][1] == "01a2419c-29ba-7ec3-a23f-f4d7c693747e"  # conversation.id
+    assert {(json.loads(row[7])["reasoning_token_count"], json.loads(row[7])["tool_token_count"])
+            for row in codex} == {(34, "2434")}
+    # Codex's first response.completed of each response, without usage, is an event like its other SSE events.
+    assert db_rows(server.db, "SELECT COUNT(*) FROM e WHERE name = 'codex.sse_event' AND "
+                              "json_extract(attributes, '$.\"event.kind\"') = 'response.completed'") == [(6,)]
 
 
 def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
@@ -6790,9 +6905,9 @@ def test_telemetry_stored_between_an_imports_chunks_is_known(tmp_path, monkeypat
     writer = ccmon.Writer(tmp_path / "between.db")
     rows = dense_import_rows(1500)
     copy_at = rows[1200][0]
-    rows[1200] = rows[1200][:1] + ("s-fork",) + rows[1200][2:-4] + ("req_tele",) + rows[1200][-3:]
+    rows[1200] = rows[1200][:1] + ("s-fork",) + rows[1200][2:-5] + ("req_tele",) + rows[1200][-4:]
     telemetry = (copy_at, "s-tele", 1, "claude-haiku-4-5", "u", 120, 30, 0, 0, 270_000, 900, None, None, "req_tele",
-                 None, None, ccmon.ORIGIN_EVENT)
+                 None, None, ccmon.ORIGIN_EVENT, ccmon.CLAUDE_CODE)
     store = ccmon.Writer._import
 
     def telemetry_first(self, conn, chunk, *rest):
