@@ -3392,7 +3392,7 @@ class LogsIngest:
             else:
                 batch.events.append(event_row(name, attrs, ts, source, user, record, ms is None))
         except BadValue as exc:
-            rejected.add(f"{name} in session {attrs.get('session.id', '?')}: {exc}")
+            rejected.add(f"{name} in session {session or '?'}: {exc}")
             return
         rejected.dated_ahead += bool(original)
         known = name in KNOWN_EVENTS or call

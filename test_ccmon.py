@@ -1977,6 +1977,93 @@ def test_the_stored_call_keeps_the_tools_figures_prompt_and_duration(server):
                               "json_extract(attributes, '$.\"event.kind\"') = 'response.completed'") == [(6,)]
 
 
+@pytest.mark.parametrize("tool, protocol", list(AGENT_CAPTURES))
+def test_another_agents_token_metrics_count_without_events_and_events_win(server, tool, protocol):
+    """Metrics-only users: Gemini's and Qwen's cumulative sums and Codex's delta histogram alone give the same
+    exact totals (Codex's and Qwen's name no session: they count in the agent's metrics session); once the model
+    calls' events arrive, they replace what the metrics counted, and metrics sent again count nothing."""
+    agent, calls, sessions = AGENT_CAPTURES[tool, protocol]
+    exports = agent_capture(tool, protocol)
+    replay(server, exports, ("metrics",))
+    assert agent_totals(server) == (0, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
+    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-01-01T00:00:00Z"))).sessions
+    session_less = agent != "gemini-cli"
+    assert len(found) == (1 if session_less else sessions)
+    assert {(s.agent, s.source, s.from_metrics) for s in found} == {(agent, "metrics*", True)}
+    if session_less:
+        assert found[0].session_id == f"{agent} metrics"
+    replay(server, exports, ("logs",))
+    assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
+    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-01-01T00:00:00Z"))).sessions
+    assert (len(found), {(s.source, s.from_metrics) for s in found}) == (sessions, {("events*", False)})
+    replay(server, exports, ("metrics",))
+    assert agent_totals(server)[0:2] == (calls, tuple(calls * n for n in STANDIN_CALL[agent]))
+
+
+def codex_token_metrics(when_ms: int, input_tokens: int, user: str = "") -> metrics_service_pb2.ExportMetricsServiceRequest:
+    """One Codex turn's codex.turn.token_usage points (a DELTA histogram naming no conversation), as Codex sends."""
+    attrs = {"model": "gpt-5.5", "originator": "codex_exec", **({"user.email": user} if user else {})}
+    points = [metrics_pb2.HistogramDataPoint(
+        time_unix_nano=when_ms * 1_000_000, start_time_unix_nano=(when_ms - 1000) * 1_000_000, count=1, sum=value,
+        attributes=[common_pb2.KeyValue(key=k, value=any_value(v)) for k, v in {**attrs, "token_type": kind}.items()])
+        for kind, value in (("input", input_tokens), ("cached_input", 600), ("output", 80), ("total", input_tokens + 80))]
+    metric = metrics_pb2.Metric(name="codex.turn.token_usage", histogram=metrics_pb2.Histogram(
+        data_points=points, aggregation_temporality=metrics_pb2.AGGREGATION_TEMPORALITY_DELTA))
+    return metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+        resource={"attributes": [common_pb2.KeyValue(key="service.name", value=any_value("codex_exec"))]},
+        scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metric])])])
+
+
+def agent_logs_request(events: list[dict], resource: dict) -> logs_service_pb2.ExportLogsServiceRequest:
+    """Log records named by their event.name attribute, as Gemini CLI, Codex and Qwen Code send them."""
+    records = [logs_pb2.LogRecord(attributes=[common_pb2.KeyValue(key=k, value=any_value(v)) for k, v in attrs.items()])
+               for attrs in events]
+    return logs_service_pb2.ExportLogsServiceRequest(resource_logs=[logs_pb2.ResourceLogs(
+        resource={"attributes": [common_pb2.KeyValue(key=k, value=any_value(v)) for k, v in resource.items()]},
+        scope_logs=[logs_pb2.ScopeLogs(log_records=records)])])
+
+
+def codex_response(when: str, conversation: str, user: str = "", **figures) -> dict:
+    return {"event.name": "codex.sse_event", "event.kind": "response.completed", "event.timestamp": when,
+            "conversation.id": conversation, "model": "gpt-5.5", "input_token_count": "2345",
+            "output_token_count": "89", "cached_token_count": 678, "cache_write_token_count": 0,
+            "reasoning_token_count": 34, "tool_token_count": "2434", **({"user.email": user} if user else {}),
+            **figures}
+
+
+def test_session_less_metrics_give_way_to_the_same_agents_events_of_the_same_user_within_an_hour(server):
+    metrics = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target))
+    base = ccmon.parse_iso_ms(hours_ago(5))
+    metrics.Export(codex_token_metrics(base, 1000))                        # events come 30 minutes later: replaced
+    metrics.Export(codex_token_metrics(base + 3 * 3_600_000, 2000))          # 2.5 hours after them: counts
+    metrics.Export(codex_token_metrics(base + 30 * 60_000, 4000, "ann@example.com"))  # another user's: counts
+    assert agent_totals(server)[1] == (400 + 1400 + 3400, 240, 1800, 0)
+    server.logs_stub().Export(agent_logs_request([codex_response(ccmon.iso_from_ms(base + 30 * 60_000), "c-1")],
+                                                 {"service.name": "codex_exec"}))
+    assert agent_totals(server) == (1, (1400 + 3400 + 1667, 160 + 89, 1200 + 678, 0), 2080 + 4080 + 2434)
+    metrics.Export(codex_token_metrics(base + 50 * 60_000, 8000))          # within the hour of the events: not counted
+    assert agent_totals(server)[1][0] == 1400 + 3400 + 1667
+    sessions = {s.session_id: s.stats.total_tokens.input for s in server.query().GetSessions(
+        ccmon_pb2.GetSessionsRequest(start_time=ts(hours_ago(24)))).sessions}
+    assert sessions == {"c-1": 1667, "codex metrics": 1400, "codex metrics of ann@example.com": 3400}
+
+
+def test_another_agents_unreadable_figures_are_rejected_with_partial_success(server):
+    gemini = {"event.name": "gemini_cli.api_response", "event.timestamp": hours_ago(1), "session.id": "g-1",
+              "model": "gemini-2.5-flash", "input_token_count": 100, "cached_content_token_count": 456,
+              "output_token_count": 7}
+    response = server.logs_stub().Export(agent_logs_request([
+        gemini, {**gemini, "input_token_count": 1234},
+        codex_response(hours_ago(1), "c-1", input_token_count="2k"),
+        codex_response(hours_ago(1), "c-1", duration_ms="-3")], {"service.name": "gemini-cli"}))
+    assert response.partial_success.rejected_log_records == 3
+    assert response.partial_success.error_message == (
+        "rejected 3 of 4 log records: gemini_cli.api_response in session g-1: cached_content_token_count (456) is more "
+        "than the input it is part of (100); codex.sse_event in session c-1: input_token_count='2k' is not a number; "
+        "codex.sse_event in session c-1: duration_ms='-3' is negative")
+    assert agent_totals(server)[0:2] == (1, (778, 7, 456, 0))
+
+
 def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
     """Claude Code puts a hashed user.id on every event; OTEL_RESOURCE_ATTRIBUTES=user.email=... names the user."""
     hashed = "f" * 64
