@@ -338,7 +338,8 @@ class ClaudeLimits:
 @dataclasses.dataclass(frozen=True)
 class Price:
     """USD per million tokens of one model, exact: input, output, cache read, 5-minute and 1-hour cache writes;
-    `long_prompt` (prompt tokens above which, and the price then) where the model charges more for long prompts."""
+    `long_prompt` (prompt tokens above which, and the price then, which may have a long_prompt of its own) where the
+    model charges more for long prompts."""
     input: decimal.Decimal
     output: decimal.Decimal
     cache_read: decimal.Decimal
@@ -368,7 +369,7 @@ PRICE_TIERS = {
     "10_50_read_0_25": price("10", "50", "0.25", "12.5", "20"),
     "8_40_read_0_20": price("8", "40", "0.2", "10", "16"),
 }
-PRICES: dict[str, Price] = {model: PRICE_TIERS[tier] for model, tier in (
+PRICES: dict[str, Price] = {**{model: PRICE_TIERS[tier] for model, tier in (
     ("claude-3-haiku", "haiku_35"), ("claude-3-5-haiku", "haiku_35"), ("claude-haiku-4-5", "haiku_45"),
     ("claude-haiku-5-5", "haiku_55"),
     ("claude-3-5-sonnet", "3_15"), ("claude-3-7-sonnet", "3_15"), ("claude-sonnet-4", "3_15"),
@@ -378,7 +379,29 @@ PRICES: dict[str, Price] = {model: PRICE_TIERS[tier] for model, tier in (
     ("claude-opus-4-5", "5_25"), ("claude-opus-4-6", "5_25"), ("claude-opus-4-7", "5_25"), ("claude-opus-4-8", "5_25"),
     ("claude-opus-5", "5_25"), ("claude-opus-5-5", "4_20_read_0_20"),
     ("claude-fable-5", "10_50"), ("claude-fable-5-1", "10_50_read_0_25"), ("claude-fable-5-2", "8_40_read_0_20"),
-    ("claude-mythos-5", "10_50"), ("claude-mythos-5-1", "10_50_read_0_25"), ("claude-mythos-5-2", "8_40_read_0_20"))}
+    ("claude-mythos-5", "10_50"), ("claude-mythos-5-1", "10_50_read_0_25"), ("claude-mythos-5-2", "8_40_read_0_20"))},
+    **{model: price(input, output, cache_read, cache_write or input, cache_write or input, long_prompt)
+       for model, (input, output, cache_read, cache_write, long_prompt) in {
+        # The other agents' models, by the name their telemetry gives, from LiteLLM's list (docs/agents.md says
+        # which commit, and which entry each comes from). Cache writes: the input price where the list gives none
+        # (OpenAI and Google bill none). Above a prompt size a dearer price, as listed.
+        "gpt-5": ("1.25", "10", "0.125", None, None), "gpt-5.1": ("1.25", "10", "0.125", None, None),
+        "gpt-5.2": ("1.75", "14", "0.175", None, None),
+        "gpt-5.5": ("5", "30", "0.5", None, (272_000, price("10", "45", "1", "10", "10"))),
+        "gpt-5.6": ("5", "30", "0.5", "6.25", (272_000, price("10", "45", "1", "12.5", "12.5"))),
+        "gpt-5.6-sol": ("5", "30", "0.5", "6.25", (272_000, price("10", "45", "1", "12.5", "12.5"))),
+        "gpt-5.6-terra": ("2.5", "15", "0.25", "3.125", (272_000, price("5", "22.5", "0.5", "6.25", "6.25"))),
+        "gpt-5.6-luna": ("1", "6", "0.1", "1.25", (272_000, price("2", "9", "0.2", "2.5", "2.5"))),
+        "gemini-2.5-flash": ("0.3", "2.5", "0.03", None, None),
+        "gemini-2.5-flash-lite": ("0.1", "0.4", "0.01", None, None),
+        "gemini-2.5-pro": ("1.25", "10", "0.125", None, (200_000, price("2.5", "15", "0.25", "2.5", "2.5"))),
+        "gemini-3-flash-preview": ("0.5", "3", "0.05", None, None),
+        "gemini-3.1-flash-lite": ("0.25", "1.5", "0.025", None, None),
+        "gemini-3.1-pro-preview": ("2", "12", "0.2", None, (200_000, price("4", "18", "0.4", "4", "4"))),
+        "gemini-3.5-flash": ("1.5", "9", "0.15", None, None),
+        "qwen3-coder-plus": ("1", "5", "0.1", None, (32_000, price("1.8", "9", "0.18", "1.8", "1.8", (
+            128_000, price("3", "15", "0.3", "3", "3", (256_000, price("6", "60", "0.6", "6", "6"))))))),
+    }.items()}}
 US_ONLY_INFERENCE = decimal.Decimal("1.1")  # Claude Code's surcharge for inference_geo "us"
 MODEL_ID_NOISE = re.compile(r"^(?:[a-z]{2,4}\.)?anthropic\.|(?:-v\d+(?::\d+)?|@\d{8}|-\d{8}|\[1m\])$")
 
@@ -401,7 +424,7 @@ def cost_nanos(price: Price, input: int, output: int, cache_read: int, cache_cre
                inference_geo: str = "") -> int:
     """What a request costs at `price`, in nano-dollars, computed as Claude Code does: 1-hour cache writes at
     their own price (never more than all cache writes), long prompts at the long-prompt price."""
-    if price.long_prompt and input + cache_read + cache_creation > price.long_prompt[0]:
+    while price.long_prompt and input + cache_read + cache_creation > price.long_prompt[0]:
         price = price.long_prompt[1]
     one_hour = min(max(cache_1h, 0), cache_creation)
     per_million = (input * price.input + output * price.output + cache_read * price.cache_read +
@@ -409,6 +432,24 @@ def cost_nanos(price: Price, input: int, output: int, cache_read: int, cache_cre
     if inference_geo == "us":
         per_million *= US_ONLY_INFERENCE
     return int((per_million * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))  # 1e9 nanos / 1e6 tokens
+
+
+def shares(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights` (evenly when they are all 0), in whole units that add up to it
+    exactly: the last share takes what rounding down left."""
+    if not any(weights):
+        weights = [1] * len(weights)
+    parts = [total * weight // sum(weights) for weight in weights]
+    parts[-1] += total - sum(parts)
+    return parts
+
+
+def uuid7_ms(text: str) -> int | None:
+    """The time (ms since the epoch) a UUIDv7 was made at, its first 48 bits; None for anything else."""
+    digits = text.replace("-", "").lower() if isinstance(text, str) else ""
+    if len(digits) != 32 or digits[12] != "7" or not all(c in "0123456789abcdef" for c in digits):
+        return None
+    return int(digits[:12], 16)
 
 
 # The coding agents whose telemetry ccmon receives, by the name stored with each request (see docs/agents.md).
@@ -1337,7 +1378,8 @@ def client_config(config: Config) -> Config:
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                  "cost_nanos", "duration_ms")
 # requests.origin: where a row comes from. Stored, so a value keeps its meaning for ever.
-ORIGIN_EVENT = 0            # an api_request event: Claude Code's own figures and cost
+ORIGIN_EVENT = 0            # an api_request event: Claude Code's own figures and cost (or a Codex response its
+                            # turn's own cost priced)
 ORIGIN_METRICS = 1          # derived from cost/token metrics: a session's usage, not requests (no request_id)
 ORIGIN_TRANSCRIPT = 2       # read from a transcript, priced by ccmon (estimated)
 ORIGIN_TRANSCRIPT_COST = 3  # read from a transcript with the cost Claude Code wrote in it
@@ -1906,6 +1948,8 @@ class Batch:
     events: list[tuple] = dataclasses.field(default_factory=list)
     metrics: list[tuple] = dataclasses.field(default_factory=list)
     projects: dict[str, str] = dataclasses.field(default_factory=dict)  # session id -> project its resource names
+    turn_costs: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)  # Codex's: (conversation, turn
+    # id, nano-dollars), stored as events too
 
     def __len__(self) -> int:
         return len(self.requests) + len(self.events) + len(self.metrics)
@@ -2269,6 +2313,8 @@ class Writer:
                 if conn.execute(insert_sql("metric_points", METRIC_COLUMNS), row).rowcount:  # new, not a resend
                     new += 1
                     days.update(self._usage_from_metric(conn, dict(zip(METRIC_COLUMNS, row))))
+        for session_id, turn_id, cost in batch.turn_costs:
+            days.update(self._price_turn(conn, session_id, turn_id, cost))
         for session, project in batch.projects.items():  # a project the user named wins over a status line's folder
             conn.execute("UPDATE sessions SET project = ? WHERE session_id = ? AND project IS NOT ?",
                          (project, session, project))
@@ -2353,6 +2399,28 @@ class Writer:
             days.update(row[0] - row[0] % DAY_MS for row in rows)
         self._refresh_days(conn, days)
         return ImportCounts(imported, len(rows) - imported)
+
+    def _price_turn(self, conn: sqlite3.Connection, session_id: str, turn_id: str, cost: int) -> list[int]:
+        """Codex's own cost of a turn replaces ccmon's estimates of the turn's responses: its conversation's responses
+        still estimated from the turn's start (the time in its UUIDv7 id) up to the conversation's next user prompt,
+        shared in proportion to the estimates. Nothing when none are stored (or the id tells no time): the estimates
+        stay. The days changed."""
+        start = uuid7_ms(turn_id)
+        session = self._intern(conn, "sessions", "session_id", session_id)
+        rows = conn.execute(f"SELECT id, {', '.join(REQUEST_COLUMNS)} FROM requests WHERE session = ? AND ts >= ? AND "
+                            f"origin = {ORIGIN_EVENT_ESTIMATED} ORDER BY ts, id", (session, start)).fetchall() \
+            if start is not None else []
+        if not rows:
+            return []
+        ts, cost_at, origin = (1 + REQUEST_COLUMNS.index(c) for c in ("ts", "cost_nanos", "origin"))
+        next_prompt = conn.execute("SELECT MIN(ts) FROM events WHERE session = ? AND name = 'codex.user_prompt' AND "
+                                   "ts > ?", (session, rows[0][ts])).fetchone()[0]
+        turn = [row for row in rows if next_prompt is None or row[ts] < next_prompt]
+        conn.execute(f"DELETE FROM requests WHERE id IN ({', '.join('?' * len(turn))})", [row[0] for row in turn])
+        priced = [row[1:cost_at] + (share,) + row[cost_at + 1:origin] + (ORIGIN_EVENT,) + row[origin + 1:]
+                  for row, share in zip(turn, shares(cost, [row[cost_at] for row in turn]))]
+        conn.executemany(insert_sql("requests", REQUEST_COLUMNS), priced)  # re-inserted: the triggers count them
+        return [row[ts] - row[ts] % DAY_MS for row in turn]
 
     def _replace_session_less_metrics(self, conn: sqlite3.Connection, rows: list[tuple]) -> list[int]:
         """Delete what another agent's session-less metrics counted near these rows' events of the same agent and
@@ -3265,6 +3333,21 @@ AGENT_CALL_KEYS = {"event.name", "event.timestamp", "session.id", "conversation.
                    "ttft_ms", "prompt_id", "response_id"}  # also stored in columns
 
 
+CODEX_TURN_COST = "codex.turn_cost"  # Codex's own cost of a turn, once its backend priced it
+
+
+def turn_cost(attrs: dict) -> tuple[str, str, int]:
+    """A codex.turn_cost event as (conversation, turn id, nano-dollars); BadValue when it names no turn or its
+    cost is unreadable."""
+    session, turn = session_id_of(attrs), optional_text(attrs.get("turn.id"))
+    if not session or not turn:
+        raise BadValue("a turn cost needs its conversation.id and turn.id")
+    cost = parse_usd_nanos(attrs.get("usage.estimated_usd"), "usage.estimated_usd")
+    if cost > MAX_REQUEST_USD * NANOS_PER_USD:
+        raise BadValue(f"usage.estimated_usd={attrs['usage.estimated_usd']!r} is more than a turn can cost")
+    return session, turn, cost
+
+
 def agent_call_row(call: AgentCall, attrs: dict, ts: int, source: str | None, user: str, record, undated: bool,
                    prices: dict[str, Price] | None) -> tuple:
     """Another agent's model-call event as a `requests` row (REQUEST_COLUMNS), priced by ccmon (estimated); raises
@@ -3385,6 +3468,8 @@ class LogsIngest:
             attrs[ORIGINAL_TIME_KEY] = original
         try:
             call = AGENT_CALLS.get(name)
+            if name == CODEX_TURN_COST:
+                batch.turn_costs.append(turn_cost(attrs))
             if name == "api_request":
                 batch.requests.append(request_row(attrs, ts, source, user, record, ms is None))
             elif call and "input_token_count" in attrs:

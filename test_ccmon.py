@@ -1926,6 +1926,12 @@ def replay(srv: ServerProcess, exports: list[dict], signals: tuple[str, ...] = (
         assert response.status == 200 and b"rejected" not in data, data
 
 
+def events_sources(tool: str, protocol: str) -> set[str]:
+    """Where the sessions of a capture get their usage from: events priced by ccmon (events*), and in Codex's gRPC
+    capture, whose TUI run lived long enough for Codex to price its turns, events with Codex's own cost."""
+    return {"events*", "events"} if (tool, protocol) == ("codex-0.169.0", "grpc") else {"events*"}
+
+
 def agent_totals(srv: ServerProcess) -> tuple:
     total = stats(srv)
     tokens = total.total_tokens
@@ -1942,7 +1948,8 @@ def test_every_model_call_of_another_agent_is_stored_once_with_the_standins_usag
     assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
     found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-01-01T00:00:00Z"))).sessions
     assert len(found) == sessions
-    assert {(s.agent, s.source, s.from_metrics) for s in found} == {(agent, "events*", False)}
+    assert {(s.agent, s.source, s.from_metrics) for s in found} == {(agent, source, False)
+                                                                    for source in events_sources(tool, protocol)}
     assert sum(s.stats.total_requests for s in found) == calls
     requests = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(
         start_time=ts("2026-01-01T00:00:00Z"), limit=100)).requests
@@ -1995,7 +2002,8 @@ def test_another_agents_token_metrics_count_without_events_and_events_win(server
     replay(server, exports, ("logs",))
     assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
     found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-01-01T00:00:00Z"))).sessions
-    assert (len(found), {(s.source, s.from_metrics) for s in found}) == (sessions, {("events*", False)})
+    assert (len(found), {(s.source, s.from_metrics) for s in found}) == \
+        (sessions, {(source, False) for source in events_sources(tool, protocol)})
     replay(server, exports, ("metrics",))
     assert agent_totals(server)[0:2] == (calls, tuple(calls * n for n in STANDIN_CALL[agent]))
 
@@ -2061,7 +2069,142 @@ def test_another_agents_unreadable_figures_are_rejected_with_partial_success(ser
         "rejected 3 of 4 log records: gemini_cli.api_response in session g-1: cached_content_token_count (456) is more "
         "than the input it is part of (100); codex.sse_event in session c-1: input_token_count='2k' is not a number; "
         "codex.sse_event in session c-1: duration_ms='-3' is negative")
+    cost = {"event.name": "codex.turn_cost", "conversation.id": "c-1", "turn.id": "t", "usage.estimated_usd": "0.1"}
+    response = server.logs_stub().Export(agent_logs_request([
+        {**cost, "usage.estimated_usd": "lots"}, {**cost, "turn.id": ""}, {**cost, "usage.estimated_usd": "1e9"}],
+        {"service.name": "codex_exec"}))
+    assert response.partial_success.error_message == (
+        "rejected 3 of 3 log records: codex.turn_cost in session c-1: usage.estimated_usd='lots' is not a number; "
+        "codex.turn_cost in session c-1: a turn cost needs its conversation.id and turn.id; "
+        "codex.turn_cost in session c-1: usage.estimated_usd='1e9' is too large")
     assert agent_totals(server)[0:2] == (1, (778, 7, 456, 0))
+
+
+# LiteLLM's model_prices_and_context_window.json (BerriAI/litellm at 00035b69f416be24e2e323c13198d9b7d2d1bdf9), as
+# written there, per token: the entry, then input, output, cache read, cache write (None: not listed), and each
+# (prompt tokens above which, input, output, cache read, cache write) as listed. docs/agents.md names the entries.
+LITELLM_PRICES = {
+    "gpt-5": ("gpt-5", "1.25e-06", "1e-05", "1.25e-07", None, ()),
+    "gpt-5.1": ("gpt-5.1", "1.25e-06", "1e-05", "1.25e-07", None, ()),
+    "gpt-5.2": ("gpt-5.2", "1.75e-06", "1.4e-05", "1.75e-07", None, ()),
+    "gpt-5.5": ("gpt-5.5", "5e-06", "3e-05", "5e-07", None, ((272_000, "1e-05", "4.5e-05", "1e-06", None),)),
+    "gpt-5.6": ("gpt-5.6", "5e-06", "3e-05", "5e-07", "6.25e-06",
+                ((272_000, "1e-05", "4.5e-05", "1e-06", "1.25e-05"),)),
+    "gpt-5.6-sol": ("gpt-5.6-sol", "5e-06", "3e-05", "5e-07", "6.25e-06",
+                    ((272_000, "1e-05", "4.5e-05", "1e-06", "1.25e-05"),)),
+    "gpt-5.6-terra": ("gpt-5.6-terra", "2.5e-06", "1.5e-05", "2.5e-07", "3.125e-06",
+                      ((272_000, "5e-06", "2.25e-05", "5e-07", "6.25e-06"),)),
+    "gpt-5.6-luna": ("gpt-5.6-luna", "1e-06", "6e-06", "1e-07", "1.25e-06",
+                     ((272_000, "2e-06", "9e-06", "2e-07", "2.5e-06"),)),
+    "gemini-2.5-flash": ("gemini-2.5-flash", "3e-07", "2.5e-06", "3e-08", None, ()),
+    "gemini-2.5-flash-lite": ("gemini-2.5-flash-lite", "1e-07", "4e-07", "1e-08", None, ()),
+    "gemini-2.5-pro": ("gemini-2.5-pro", "1.25e-06", "1e-05", "1.25e-07", None,
+                       ((200_000, "2.5e-06", "1.5e-05", "2.5e-07", None),)),
+    "gemini-3-flash-preview": ("gemini-3-flash-preview", "5e-07", "3e-06", "5e-08", None, ()),
+    "gemini-3.1-flash-lite": ("gemini-3.1-flash-lite", "2.5e-07", "1.5e-06", "2.5e-08", None, ()),
+    "gemini-3.1-pro-preview": ("gemini-3.1-pro-preview", "2e-06", "1.2e-05", "2e-07", None,
+                               ((200_000, "4e-06", "1.8e-05", "4e-07", None),)),
+    "gemini-3.5-flash": ("gemini/gemini-3.5-flash", "1.5e-06", "9e-06", "1.5e-07", None, ()),
+    "qwen3-coder-plus": ("dashscope/qwen3-coder-plus", "1e-06", "5e-06", "1e-07", None,  # tiered_pricing
+                         ((32_000, "1.8e-06", "9e-06", "1.8e-07", None), (128_000, "3e-06", "1.5e-05", "3e-07", None),
+                          (256_000, "6e-06", "6e-05", "6e-07", None))),
+}
+
+
+def test_other_agents_prices_are_bundled_exactly_as_litellm_lists_them():
+    """Every bundled price of another agent's model is LiteLLM's figure (per token there, per million here), at
+    every prompt size it lists; a cache write costs the input price where LiteLLM lists none."""
+    from decimal import Decimal
+    claude = {model for model in ccmon.PRICES if model.startswith("claude-")}
+    assert set(ccmon.PRICES) - claude == set(LITELLM_PRICES)
+    for model, (_, *figures, tiers) in LITELLM_PRICES.items():
+        found = ccmon.PRICES[model]
+        for above, *tier in ((0, *figures), *tiers):
+            if above:
+                assert found.long_prompt[0] == above, model
+                found = found.long_prompt[1]
+            listed = [Decimal(v) * 10 ** 6 for v in tier[:3]] + [Decimal(tier[3] or tier[0]) * 10 ** 6] * 2
+            assert [found.input, found.output, found.cache_read, found.cache_write_5m, found.cache_write_1h] == \
+                listed, (model, above)
+        assert found.long_prompt is None, model
+    # the stand-ins' usage: Codex's response at gpt-5.5, Qwen's call at the first tier, and just above it
+    assert ccmon.cost_nanos(ccmon.price_of("gpt-5.5"), 1667, 89, 678, 0) == 11_344_000
+    assert ccmon.cost_nanos(ccmon.price_of("qwen3-coder-plus"), 2667, 91, 789, 0) == 3_200_900
+    assert ccmon.cost_nanos(ccmon.price_of("qwen3-coder-plus"), 32_001, 0, 0, 0) == 57_601_800
+    assert ccmon.cost_nanos(ccmon.price_of("gemini-2.5-pro"), 100_000, 0, 100_001, 0) == 275_000_250
+    assert ccmon.price_of("gemini-3.8-flash") is None  # not in LiteLLM's list at that commit: $0, unless [pricing]
+
+
+def test_codexs_own_turn_cost_replaces_ccmons_estimate_of_its_responses(server):
+    """The TUI's two conversations had their turns priced by Codex's backend ($0.012345 each, from the stand-in):
+    that is their cost; the exec runs, never priced, keep ccmon's estimate at gpt-5.5's (and gpt-5.6-sol's) price."""
+    exports = agent_capture("codex-0.169.0", "grpc")
+    replay(server, exports)
+    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest(
+        start_time=ts("2026-01-01T00:00:00Z"))).sessions}
+    tui = {"01a2419c-f77d-7560-a635-0779905e56e1", "01a2419d-0b88-7f01-8227-1627155c7a5d"}
+    assert {sid: (s.source, round(s.stats.total_cost.amount, 9)) for sid, s in sessions.items()} == {
+        **{sid: ("events", 0.012345) for sid in tui},
+        "01a2419c-29ba-7ec3-a23f-f4d7c693747e": ("events*", 0.011344),
+        "01a2419c-7f63-7241-8ee3-592fa9d20fbb": ("events*", 0.022688),  # the tool call's two responses
+        "01a2419c-82e1-72c1-b967-61381461c2d5": ("events*", 0.011344)}
+    assert db_rows(server.db, "SELECT SUM(cost_nanos), SUM(origin = 0), SUM(origin = 4) FROM requests") == \
+        [(4 * 11_344_000 + 2 * 12_345_000, 2, 4)]
+    replay(server, exports)  # sent again: the turns are priced once
+    assert stats(server).total_cost.amount == pytest.approx(0.070066, abs=1e-12)
+    assert db_rows(server.db, "SELECT COUNT(*) FROM e WHERE name = 'codex.turn_cost'") == [(2,)]
+
+
+def uuid7(ms: int) -> str:
+    digits = f"{ms:012x}7abc8def0123456789ab"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def test_a_turn_cost_covers_the_responses_from_its_start_to_the_next_prompt(server):
+    assert ccmon.shares(10, [1, 1, 1]) == [3, 3, 4] and ccmon.shares(7, [0, 0]) == [3, 4]
+    assert ccmon.uuid7_ms("01a2419d-0b41-7c62-9c64-d73d443f5666") == ccmon.parse_iso_ms("2026-12-04T15:12:20.801Z")
+    assert [ccmon.uuid7_ms(text) for text in ("01a2419d-0b41-4c62-9c64-d73d443f5666", "turn-1", "")] == [None] * 3
+    base = ccmon.parse_iso_ms(hours_ago(2))
+
+    def at(ms: int) -> str:
+        return ccmon.iso_from_ms(ms)
+
+    prompt = {"event.name": "codex.user_prompt", "conversation.id": "c-9", "prompt": "hi", "model": "gpt-5.5"}
+    server.logs_stub().Export(agent_logs_request([
+        {**prompt, "event.timestamp": at(base + 100)}, codex_response(at(base + 200), "c-9"),
+        codex_response(at(base + 300), "c-9", input_token_count="4690", cached_token_count=1356),  # $0.020018
+        {**prompt, "event.timestamp": at(base + 5000)}, codex_response(at(base + 5100), "c-9")],
+        {"service.name": "codex-app-server"}))
+    assert stats(server).total_cost.amount == pytest.approx(0.011344 + 0.020018 + 0.011344, abs=1e-12)
+    server.logs_stub().Export(agent_logs_request([
+        {"event.name": "codex.turn_cost", "event.timestamp": at(base + 150_000), "conversation.id": "c-9",
+         "turn.id": uuid7(base), "usage.estimated_usd": "0.012345", "turn.interrupted": False}],
+        {"service.name": "codex-app-server"}))
+    assert db_rows(server.db, "SELECT ts - ?, cost_nanos, origin FROM requests ORDER BY ts", (base,)) == [
+        (200, 4_465_330, ccmon.ORIGIN_EVENT), (300, 7_879_670, ccmon.ORIGIN_EVENT),  # $0.012345 as 11344 : 20018
+        (5100, 11_344_000, ccmon.ORIGIN_EVENT_ESTIMATED)]
+    assert stats(server).total_cost.amount == pytest.approx(0.012345 + 0.011344, abs=1e-12)
+    [session] = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts(hours_ago(3)))).sessions
+    assert (session.source, session.stats.total_requests) == ("events*", 3)  # one request still estimated
+
+
+def test_pricing_in_the_config_prices_another_agents_model(tmp_path):
+    """Gemini 3.8 Flash is not in the bundled table (its calls cost $0 there); [pricing] gives it one, and
+    overrides the bundled price of Gemini 2.5 Flash."""
+    config = tmp_path / "config.toml"
+    config.write_text('[pricing]\n"gemini-3.8-flash" = {input = 0.5, output = 3, cache_read = 0.05}\n'
+                      '"gemini-2.5-flash" = {input = 1, output = 10, cache_read = 0.1}\n'
+                      '"gemini-3.5-flash-lite" = {input = 0.1, output = 0.4}\n')
+    srv = ServerProcess(tmp_path, "--config", str(config)).start()
+    try:
+        replay(srv, agent_capture("gemini-cli-0.61.0", "grpc"))
+        models = {m.model: (m.requests, round(m.cost.amount, 9)) for m in srv.query().GetModelStats(
+            ccmon_pb2.GetModelStatsRequest(start_time=ts("2026-01-01T00:00:00Z"))).models}
+    finally:
+        srv.stop()
+    # 789 input, 168 output, 456 cache read a call; the router's cache read at 0.1 x input, [pricing]'s default
+    assert models == {"gemini-3.8-flash": (3, 0.0027639), "gemini-2.5-flash": (1, 0.0025146),  # $921.3, $2514.6 and
+                      "gemini-3.5-flash-lite": (2, 0.00030132)}                             # $150.66 a million calls
 
 
 def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
