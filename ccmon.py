@@ -5583,6 +5583,15 @@ def short_user(name: str) -> str:
     return name[:10] + "~" if len(name) > 24 and re.fullmatch(r"[0-9a-f]+", name) else name
 
 
+def short_session(session_id: str) -> str:
+    """A session id cut to 8 characters, enough to tell a person's sessions apart: the first ones, but the last of a
+    UUIDv7 (Codex's conversations), whose first ones are the time it began, alike for sessions begun together. An
+    agent's metrics session (a name, with spaces) whole."""
+    if " " in session_id:
+        return session_id
+    return session_id[-8:] if uuid7_ms(session_id) is not None else session_id[:8]
+
+
 def short_model(model: str) -> str:
     """claude-sonnet-4-5-20250929 -> claude-sonnet-4-5: the date suffix only costs width."""
     return re.sub(r"-\d{8}$", "", model)
@@ -6145,7 +6154,7 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                  "last_request": dt.datetime.fromtimestamp(s.last_ms / 1000, zone).isoformat(timespec="seconds"),
                  **usage_fields(s.split.total), "models": " ".join(s.models), "tool_calls": s.tool_calls,
                  "tool_failures": s.tool_failures, "api_errors": s.api_errors,
-                 "source": s.source}
+                 "source": s.source, "agent": s.agent}
                 for s in client.sessions(start, end, user, limit=5000, project=project)]
     groups: dict[str, Split] = {}
     for usage in reversed(client.days(start, end, zone.key, user, project)):
@@ -6180,7 +6189,7 @@ TABLE_HEADERS = {"session_id": "session", "first_request": "first", "last_reques
                  "premium_requests": "premium_req", "premium_cost_usd": "premium_cost", "premium_tokens": "premium",
                  "avg_duration_ms": "avg_ms", "avg_ttft_ms": "ttft_ms", "tool_calls": "tools",
                  "tool_failures": "failed", "api_errors": "errors", "block_start": "start", "block_end": "end"}
-TABLE_DROP_ORDER = ("tool_failures", "api_errors", "source", "cache_creation_tokens", "cache_read_tokens",
+TABLE_DROP_ORDER = ("tool_failures", "api_errors", "source", "agent", "cache_creation_tokens", "cache_read_tokens",
                     "last_request", "premium_cost_usd", "premium_requests", "tool_calls", "project", "avg_ttft_ms",
                     "block_end", "input_tokens", "output_tokens", "models")
 
@@ -6197,7 +6206,7 @@ def table_cell(key: str, value: Any, wide: bool) -> str:
     if wide:
         return str(value)
     if key == "session_id":
-        return value[:8]
+        return short_session(value)
     if key == "user":
         return short_user(value) or "-"  # a user no record named
     if key in ("first_request", "last_request", "block_start", "block_end"):
@@ -7435,8 +7444,8 @@ def model_names(model: str) -> tuple[str, str, str]:
 
 
 def session_names(session_id: str) -> tuple[str, str]:
-    """A session id whole, or its first 8 characters: enough to tell a person's sessions apart."""
-    return session_id, session_id[:8]
+    """A session id whole, or shortened (see short_session)."""
+    return session_id, short_session(session_id)
 
 
 def user_names(user: str, unknown: str = "-") -> Cell:

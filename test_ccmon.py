@@ -2188,6 +2188,19 @@ def test_a_turn_cost_covers_the_responses_from_its_start_to_the_next_prompt(serv
     assert (session.source, session.stats.total_requests) == ("events*", 3)  # one request still estimated
 
 
+def test_report_session_names_each_sessions_agent_and_tells_codexs_conversations_apart(server, tmp_path):
+    for tool, protocol in (("gemini-cli-0.61.0", "grpc"), ("codex-0.169.0", "http-json"), ("qwen-code-0.24.4", "grpc")):
+        replay(server, agent_capture(tool, protocol), ("logs",))
+    rows = json.loads(run_report(server, "session", "--since", "2026-12-01", "--json", cwd=tmp_path).stdout)["rows"]
+    assert sorted((r["agent"], r["source"], r["requests"]) for r in rows) == sorted(
+        [("gemini-cli", "events*", 1), ("gemini-cli", "events*", 2), ("gemini-cli", "events*", 3),
+         ("codex", "events*", 1), ("codex", "events*", 2),
+         *(("qwen-code", "events*", n) for n in (2, 2, 2, 2, 2))])
+    table = run_report(server, "session", "--since", "2026-12-01", cwd=tmp_path).stdout
+    # Codex's conversation ids (UUIDv7) begin with the time: their last 8 characters tell them apart
+    assert {"e1b6dd8c", "3a736a7e"} <= {line.split()[0] for line in table.splitlines()[3:]}, table
+
+
 def test_pricing_in_the_config_prices_another_agents_model(tmp_path):
     """Gemini 3.8 Flash is not in the bundled table (its calls cost $0 there); [pricing] gives it one, and
     overrides the bundled price of Gemini 2.5 Flash."""
@@ -4217,12 +4230,12 @@ def test_reports_as_table_json_and_csv(server, tmp_path):
         "-------  ---------------  ----------------  ---  -----  ------  ------  -------  "
         "----------------------------------",
         "Total                                         3  1,350   5,230   6,580    $2.76",
-        "(to fit 120 columns, not shown: failed, errors, source, cache_write, cache_read, last, tools, project; --wide shows",
-        "every column)"]
+        "(to fit 120 columns, not shown: failed, errors, source, agent, cache_write, cache_read, last, tools, project; --wide",
+        "shows every column)"]
     wide = run_report(server, "session", "--since", "2026-05-01", "--until", "2026-05-31", "--user",
                       "ana@example.com", "--wide", cwd=tmp_path).stdout.splitlines()
     assert wide[1].split() == ["session", "user", "project", "first", "last", "req", "input", "output", "cache_read",
-                               "cache_write", "tokens", "cost", "models", "tools", "failed", "errors", "source"]
+                               "cache_write", "tokens", "cost", "models", "tools", "failed", "errors", "source", "agent"]
     assert wide[3].split()[:7] == ["s-ana-2", "ana@example.com", "(no", "project)", "2026-05-05T19:00:00+09:00",
                                    "2026-05-05T19:00:00+09:00", "1"]
     assert wide[-1].split() == ["Total", "3", "1,350", "5,230", "0", "0", "6,580", "$2.76", "3", "1", "1"]
