@@ -8135,6 +8135,138 @@ def test_ccmon_statusline_in_a_real_claude_code(server, claude_code, mock_anthro
         [(str(tmp_path.resolve() / "project"),)]
 
 
+# ---------------------------------------------------------------- real Gemini CLI, Codex and Qwen Code, offline
+
+# agent -> (npm package, version, executable): each runs against its stand-in (fixtures/gemini_api.py, codex_api.py,
+# qwen_api.py, copied from the notes' tools) and exports to a real server over each protocol it supports.
+AGENT_CLIS = {"gemini-cli": ("@google/gemini-cli", "0.61.0", "gemini"), "codex": ("@openai/codex", "0.169.0", "codex"),
+              "qwen-code": ("@qwen-code/qwen-code", "0.24.4", "qwen")}
+STANDINS = {"gemini-cli": "gemini_api.py", "codex": "codex_api.py", "qwen-code": "qwen_api.py"}
+# The model calls a stand-in answered: the requests its log holds on these paths.
+MODEL_CALL_PATHS = {"gemini-cli": r"/v1beta/models/[^/:]+:(?:stream)?[gG]enerateContent",
+                    "codex": r"/v1/responses$", "qwen-code": r"/v1/chat/completions$"}
+
+
+def agent_cli(agent: str) -> Path:
+    """The tool's executable, installed with npm once, checked to be the version the notes describe."""
+    package, version, name = AGENT_CLIS[agent]
+    cli = npm_install_once(agent, {package: version}) / "node_modules" / ".bin" / name
+    found = subprocess.run([cli, "--version"], capture_output=True, text=True, timeout=120)
+    assert version in found.stdout, (found.stdout, found.stderr)
+    return cli
+
+
+class StandIn:
+    """A stand-in model API of fixtures/ on a free loopback port, logging every request it answers."""
+
+    def __init__(self, agent: str, folder: Path):
+        self.agent, self.folder = agent, folder
+        self.log_path = folder / "requests.jsonl"
+
+    def __enter__(self) -> "StandIn":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "stderr", "w") as err:
+            self.proc = subprocess.Popen([sys.executable, str(FIXTURES / STANDINS[self.agent]), "--port", "0",
+                                          "--log", str(self.log_path)], stdout=subprocess.PIPE, stderr=err, text=True)
+        self.port = int(self.proc.stdout.readline())  # printed once it listens
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def model_calls(self) -> int:
+        lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+        return sum(1 for line in lines if json.loads(line)["method"] == "POST" and
+                   re.search(MODEL_CALL_PATHS[self.agent], json.loads(line)["path"].split("?")[0]))
+
+
+def run_agent_cli(agent: str, protocol: str, srv: ServerProcess, standin: StandIn, home: Path) -> str:
+    """Run the tool once, offline, with one prompt, exporting its telemetry to `srv` over `protocol` (grpc,
+    http-json or, for Codex, http-protobuf); its output."""
+    work = home / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "README.md").write_text("# demo\n")
+    grpc_url, http_url = f"http://127.0.0.1:{srv.port}", f"http://127.0.0.1:{srv.http_port}"
+    env = {"HOME": str(home), "PATH": os.environ["PATH"], "NO_COLOR": "1"}
+    if agent == "codex":
+        exporter = {signal: f'{{ otlp-grpc = {{ endpoint = "{grpc_url}" }} }}' if protocol == "grpc" else
+                    f'{{ otlp-http = {{ endpoint = "{http_url}/v1/{signal}", protocol = '
+                    f'"{"binary" if protocol == "http-protobuf" else "json"}" }} }}' for signal in ("logs", "metrics")}
+        (home / ".codex").mkdir(parents=True, exist_ok=True)
+        (home / ".codex" / "config.toml").write_text(textwrap.dedent(f"""\
+            model = "gpt-5.5"
+            model_provider = "standin"
+            check_for_update_on_startup = false
+            approval_policy = "never"
+            sandbox_mode = "danger-full-access"
+            [model_providers.standin]
+            name = "Stand-in Responses API"
+            base_url = "{standin.url}/v1"
+            env_key = "STANDIN_API_KEY"
+            wire_api = "responses"
+            [analytics]
+            enabled = false
+            [otel]
+            exporter = {exporter["logs"]}
+            metrics_exporter = {exporter["metrics"]}
+            """))
+        env.update(CODEX_HOME=str(home / ".codex"), STANDIN_API_KEY="fake-key-for-standin")
+        command = [agent_cli(agent), "exec", "--skip-git-repo-check", "Say hi"]
+    else:
+        prefix, folder = ("GEMINI", ".gemini") if agent == "gemini-cli" else ("QWEN", ".qwen")
+        (home / folder).mkdir(parents=True, exist_ok=True)
+        (home / folder / "settings.json").write_text(json.dumps({
+            "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False},
+            "privacy": {"usageStatisticsEnabled": False},
+            "security": {"auth": {"selectedType": "gemini-api-key" if agent == "gemini-cli" else "openai"},
+                         "folderTrust": {"enabled": False}},
+            "telemetry": {"enabled": True, "target": "local"}}))
+        env.update({f"{prefix}_TELEMETRY_ENABLED": "true", f"{prefix}_TELEMETRY_TARGET": "local",
+                    f"{prefix}_TELEMETRY_OTLP_PROTOCOL": "grpc" if protocol == "grpc" else "http",
+                    f"{prefix}_TELEMETRY_OTLP_ENDPOINT": grpc_url if protocol == "grpc" else http_url})
+        if agent == "gemini-cli":
+            env.update(GEMINI_API_KEY="fake-key-for-standin", GOOGLE_GEMINI_BASE_URL=standin.url,
+                       GEMINI_CLI_TRUST_WORKSPACE="true")
+        else:
+            env.update(OPENAI_API_KEY="fake-key-for-standin", OPENAI_BASE_URL=f"{standin.url}/v1",
+                       OPENAI_MODEL="qwen3-coder-plus")
+        command = [agent_cli(agent), "-p", "Say hi"]
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    return result.stdout
+
+
+AGENT_PROTOCOLS = [("gemini-cli", "grpc"), ("gemini-cli", "http-json"), ("codex", "grpc"),
+                   ("codex", "http-protobuf"), ("codex", "http-json"), ("qwen-code", "grpc"), ("qwen-code", "http-json")]
+
+
+@e2e
+@pytest.mark.parametrize("agent, protocol", AGENT_PROTOCOLS)
+def test_a_real_agent_cli_offline_is_counted_exactly_on_every_protocol(tmp_path, agent, protocol):
+    """The real CLI, one prompt against its stand-in, exporting to a real server: every model call the stand-in
+    answered is one request of the agent, with exactly the stand-in's usage (its metrics, arriving too, add
+    nothing), in one session of the agent."""
+    srv = ServerProcess(tmp_path).start()
+    try:
+        with StandIn(agent, tmp_path / "standin") as standin:
+            run_agent_cli(agent, protocol, srv, standin, tmp_path / "home")
+            calls = standin.model_calls()
+        assert calls >= 1
+        wait_until(lambda: agent_totals(srv)[0] >= calls, f"{calls} model calls of {agent} stored", 30)
+        assert agent_totals(srv) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]),
+                                     calls * STANDIN_TOTAL[agent])
+        sessions = srv.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts(hours_ago(1)))).sessions
+        assert [(s.agent, s.source, s.stats.total_requests) for s in sessions] == [(agent, "events*", calls)]
+    finally:
+        srv.stop()
+
+
 # ---------------------------------------------------------------- module structure
 
 def top_level_uses_above_their_section(source: str) -> list[str]:
