@@ -7443,6 +7443,11 @@ def model_names(model: str) -> tuple[str, str, str]:
     return model, short_model(model), short_model(model).removeprefix("claude-")
 
 
+def agent_names(agent: str) -> tuple[str, str]:
+    """An agent's name whole, or its first word: claude-code, claude."""
+    return agent, agent.split("-")[0]
+
+
 def session_names(session_id: str) -> tuple[str, str]:
     """A session id whole, or shortened (see short_session)."""
     return session_id, short_session(session_id)
@@ -7730,16 +7735,19 @@ def requests_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     page: RequestsPage = snap.data.page
     long_period = snap.query.start_ms is None or snap.query.end_ms - snap.query.start_ms > 86400_000
     time_format, time_width = ("%m-%d %H:%M", 11) if long_period else ("%H:%M:%S", 8)
-    columns = [Column("Time", time_width, 0, left=True), Column("Model", 10, 0, left=True),
-               Column("Input", 7, 3), Column("Output", 7, 3), Column("Cache", 7, 4), Column("Total", 7, 1),
-               Column("Cost", 9, 1), Column("Dur", 6, 5), Column("Session", 8, 6, left=True)]
+    columns = [Column("Time", time_width, 0, left=True), Column("Agent", 6, 2, left=True),
+               Column("Model", 10, 0, left=True), Column("Input", 7, 3), Column("Output", 7, 3), Column("Cache", 7, 4),
+               Column("Total", 7, 1), Column("Cost", 9, 1), Column("Dur", 6, 5), Column("Session", 8, 6, left=True)]
     page_rows = max(1, screen.rows - 2)
     shown = page.requests[state.scroll - snap.query.offset:][:page_rows] if state.scroll >= snap.query.offset else ()
-    rows = [([local_time(r.ts_ms, screen.settings.zone, time_format), model_names(r.model),
+    rows = [([local_time(r.ts_ms, screen.settings.zone, time_format), agent_names(r.agent), model_names(r.model),
               format_count(r.usage.input), format_count(r.usage.output), format_count(r.usage.cache),
               format_count(r.usage.total), format_cost(r.usage.cost_nanos), format_duration(r.usage.duration_ms),
               session_names(r.session_id)], "")
             for r in shown]
+    if len({r.agent for r in shown}) < 2:  # Claude Code's alone (or another agent's alone): no Agent column
+        columns = columns[:1] + columns[2:]
+        rows = [(cells[:1] + cells[2:], style) for cells, style in rows]
     first = state.scroll + 1 if shown else 0
     title = f"Requests {first}-{state.scroll + len(shown)} of {page.total}"
     header, body = table_lines(columns, rows, screen.width)
@@ -7830,7 +7838,8 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     several_users = len({row.user for row in sessions}) > 1
     labels = project_labels(row.project for row in sessions)
     columns = [Column("Session", 8, 0, left=True), Column("User", 14, 6, left=True),
-               Column("Project", 10, 6, left=True), Column("Started", 11, 2, left=True), Column("Dur", 6, 4),
+               Column("Project", 10, 6, left=True), Column("Agent", 6, 2, left=True),
+               Column("Started", 11, 2, left=True), Column("Dur", 6, 4),
                Column("Req", 5, 1), Column("Tokens", 7, 3),
                Column("Cost", 9, 0), Column("Models", 20, 5, left=True), Column("Tools", 5, 7),
                Column("Fail", 4, 7), Column("Err", 4, 7), Column("Source", 7, 8, left=True)]
@@ -7841,14 +7850,15 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
         total = row.split.total
         models = tuple(",".join(names) for names in zip(*map(model_names, row.models))) or ""  # long to short
         rows.append(([session_names(row.session_id), user_names(row.user),
-                      project_forms(row.project, labels) if row.project else "-",
+                      project_forms(row.project, labels) if row.project else "-", agent_names(row.agent),
                       local_time(row.first_ms, screen.settings.zone, "%m-%d %H:%M"),
                       format_duration(row.last_ms - row.first_ms), format_count(total.requests),
                       format_count(total.total), format_cost(total.cost_nanos), models, str(row.tool_calls),
                       str(row.tool_failures), str(row.api_errors), row.source],
                      "tab_active" if index == state.scroll else ""))
-    shown = [i for i in range(len(columns))  # one person's server: no User column; no projects: no Project column
-             if (i != 1 or several_users) and (i != 2 or any(row.project for row in sessions))]
+    shown = [i for i in range(len(columns))  # one person's server: no User column; no projects: no Project column;
+             if (i != 1 or several_users) and (i != 2 or any(row.project for row in sessions))  # one agent: no Agent
+             and (i != 3 or len({row.agent for row in sessions}) > 1)]
     columns = [columns[i] for i in shown]
     rows = [([cells[i] for i in shown], style) for cells, style in rows]
     header, body = table_lines(columns, rows, screen.width)

@@ -4792,6 +4792,38 @@ def insight_snapshot(settings, now, tab, **fields):
     return state, ccmon.Snapshot(ccmon.query_for(state, settings, now), now, 500, limits=limits, **fields)
 
 
+def test_the_monitor_names_the_agent_where_requests_or_sessions_of_several_agents_are_shown():
+    """An Agent column on the Requests and Sessions tabs when their rows are of more than one agent (a Claude
+    Code only screen stays as it was); Codex's conversation ids are shortened to their last characters."""
+    settings, now = _settings(), local_ms("2026-05-05 13:00")
+    usage = ccmon.Usage(1, 1667, 89, 678, 0, 11_344_000, 50)
+    codex_session = "01a2419c-29ba-7ec3-a23f-f4d7c693747e"
+    requests = (ccmon.ApiRequest(now - 60_000, "gpt-5.5", codex_session, usage, "codex"),
+                ccmon.ApiRequest(now - 120_000, "claude-sonnet-4-5", "s-claude-1", usage),
+                ccmon.ApiRequest(now - 180_000, "qwen3-coder-plus", "s-qwen-1", usage, "qwen-code"))
+    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), ccmon.Split(), 700.0, 35_000, None, {})
+    state = ccmon.ViewState(period="b")
+    snap = ccmon.Snapshot(ccmon.query_for(state, settings, now), now, 500, limits, data=ccmon.CurrentRequests(
+        ccmon.Split(), ccmon.RequestsPage(requests, 3)))
+    lines = frame_text(state, snap, settings, 120, 30, now)[0]
+    header = next(index for index, line in enumerate(lines) if line.split()[:3] == ["Time", "Agent", "Model"])
+    assert [lines[header + n].split()[1:3] + lines[header + n].split()[-1:] for n in (1, 2, 3)] == [
+        ["codex", "gpt-5.5", "c693747e"], ["claude-code", "claude-sonnet-4-5", "s-claude"],
+        ["qwen-code", "qwen3-coder-plus", "s-qwen-1"]]
+    alone = dataclasses.replace(snap, data=ccmon.CurrentRequests(ccmon.Split(), ccmon.RequestsPage(requests[1:2], 1)))
+    assert not any(line.split()[:2] == ["Time", "Agent"] for line in frame_text(state, alone, settings, 120, 30, now)[0])
+    split = ccmon.Split(premium=usage)
+    sessions = tuple(ccmon.Session(sid, "", now - 3600_000, now - 60_000, split, (model,), 0, 0, 0, False, "", source,
+                                   agent)
+                     for sid, model, source, agent in ((codex_session, "gpt-5.5", "events*", "codex"),
+                                                       ("s-claude-1", "claude-sonnet-4-5", "events", "claude-code")))
+    state, snap = insight_snapshot(settings, now, "sessions", data=sessions)
+    lines = frame_text(state, snap, settings, 120, 24, now)[0]
+    assert lines[7].split()[:3] == ["Session", "Agent", "Started"]
+    assert [line.split()[:2] + line.split()[-1:] for line in lines[8:10]] == [
+        ["c693747e", "codex", "events*"], ["s-claude", "claude-code", "events"]]
+
+
 def test_render_insight_tabs():
     settings, now = _settings(), local_ms("2026-05-05 13:00")
     usage = ccmon.Usage
