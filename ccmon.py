@@ -196,26 +196,37 @@ class Usage:
     def __add__(self, other: Usage) -> Usage:
         return Usage(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Usage split into base (Haiku) and premium (everything else)."""
+    """Claude Code's usage split into base (Haiku) and premium (everything else), and the other agents' (Gemini
+    CLI's, Codex's, Qwen Code's models), which no Claude plan or limit counts."""
     base: Usage = Usage()
     premium: Usage = Usage()
+    other: Usage = Usage()
 
     @property
     def total(self) -> Usage:
-        return self.base + self.premium
+        return self.base + self.premium + self.other
+
+    def __add__(self, more: Split) -> Split:
+        return Split(self.base + more.base, self.premium + more.premium, self.other + more.other)
 
     @classmethod
-    def from_models(cls, by_model: dict[str, Usage]) -> Split:
-        base, premium = Usage(), Usage()
+    def from_models(cls, by_model: dict[str, Usage], others: frozenset[str] = frozenset()) -> Split:
+        """`others`: the names of other agents' models."""
+        base, premium, other = Usage(), Usage(), Usage()
         for model, usage in by_model.items():
-            if is_premium(model):
+            if model in others:
+                other += usage
+            elif is_premium(model):
                 premium += usage
             else:
                 base += usage
-        return cls(base, premium)
+        return cls(base, premium, other)
 
 
 class BadValue(ValueError):
@@ -1657,12 +1668,14 @@ def find_request_ids_within_sessions(conn: sqlite3.Connection) -> None:
 def record_agents(conn: sqlite3.Connection) -> None:
     """Version 7: other coding agents (Gemini CLI, Codex, Qwen Code) besides Claude Code. Each request names its
     agent (interned in `agents`; every stored row is Claude Code's, id 1, the column's default, which SQLite
-    keeps in the schema instead of writing it into each row). Two origins come: another agent's model-call event
+    keeps in the schema instead of writing it into each row), and so does each model: the rollups, by model, tell
+    Claude Code's usage (which Claude's plans and limits count) from the other agents'. Two origins come: another agent's model-call event
     (4) and its token metrics (5), both priced by ccmon; the triggers count 4 as a request, and the partial
     indexes select the metric origins (1, 5), the transcript ones (2, 3) and the estimated agent rows (4, 5)."""
     conn.execute("CREATE TABLE agents (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
     conn.execute("INSERT INTO agents (id, name) VALUES (1, 'claude-code')")
     conn.execute("ALTER TABLE requests ADD COLUMN agent INTEGER NOT NULL DEFAULT 1")
+    conn.execute("ALTER TABLE models ADD COLUMN agent INTEGER NOT NULL DEFAULT 1")  # whose model it is
     for table in ("usage_rollup", "session_usage"):
         conn.execute(f"DROP TRIGGER {table}_insert")
         conn.execute(f"DROP TRIGGER {table}_delete")
@@ -2284,6 +2297,8 @@ class Writer:
             days.update(self._replace_session_less_metrics(conn, batch.requests))
             requests = self._not_resent(conn, "requests", REQUEST_COLUMNS,
                                         self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests))
+            model, agent = REQUEST_COLUMNS.index("model"), REQUEST_COLUMNS.index("agent")
+            self._own_models(conn, {(row[model], row[agent]) for row in requests})
             replaced = replaced_by(ORIGIN_EVENT)
             usage = f"DELETE FROM requests WHERE session = ? AND {origin_in(replaced - REQUEST_ORIGINS)} RETURNING ts"
             for session in {row[1] for row in requests}:  # api_request events win over metric-derived usage
@@ -2422,6 +2437,13 @@ class Writer:
         conn.executemany(insert_sql("requests", REQUEST_COLUMNS), priced)  # re-inserted: the triggers count them
         return [row[ts] - row[ts] % DAY_MS for row in turn]
 
+    def _own_models(self, conn: sqlite3.Connection, models: set[tuple[int, int]]) -> None:
+        """Name the agent of these (model id, agent id) pairs' models, where another agent's (see Split)."""
+        claude = self._intern(conn, "agents", "name", CLAUDE_CODE)
+        for model, agent in models:
+            if agent != claude:
+                conn.execute("UPDATE models SET agent = ? WHERE id = ? AND agent != ?", (agent, model, agent))
+
     def _replace_session_less_metrics(self, conn: sqlite3.Connection, rows: list[tuple]) -> list[int]:
         """Delete what another agent's session-less metrics counted near these rows' events of the same agent and
         user (see METRICS_SESSION_WINDOW_MS); the days changed."""
@@ -2485,6 +2507,7 @@ class Writer:
                **figures, "ttft_ms": None, "prompt_id": None, "request_id": None, "source": point["source"],
                "extra": None, "origin": ORIGIN_METRICS if agent == CLAUDE_CODE else ORIGIN_METRICS_ESTIMATED,
                "agent": self._intern(conn, "agents", "name", agent)}
+        self._own_models(conn, {(row["model"], row["agent"])})
         conn.execute(insert_sql("requests", REQUEST_COLUMNS), [row[c] for c in REQUEST_COLUMNS])
         return [point["ts"] - point["ts"] % DAY_MS]
 
@@ -2579,6 +2602,10 @@ def session_source(imported: int, from_metrics: bool, imported_requests: int = 0
     return ("metrics" if from_metrics else "events") + ("*" if estimated else "") + ("+tx" if imported else "")
 
 
+# The models of agents other than Claude Code (agent 1): their usage is no Claude plan's or block's.
+NOT_CLAUDES = "agent != 1"
+CLAUDES_MODELS = f"model NOT IN (SELECT id FROM models WHERE {NOT_CLAUDES})"
+
 # Claude Code sends success as "true"/"false" (older versions) or a boolean.
 FAILED_TOOL = "COALESCE(json_extract(attributes, '$.success') IN ('false', 'False', 0), 0)"
 
@@ -2670,6 +2697,13 @@ class Reader:
         outside = conn.execute("SELECT EXISTS (SELECT 1 FROM requests WHERE ts >= ? AND ts < ?) OR EXISTS (SELECT 1 "
                                "FROM requests WHERE ts >= ? AND ts < ?)", (bucket, lo, hi, bucket + BUCKET_MS))
         return (2, lo, hi) if outside.fetchone()[0] else (1, bucket, bucket + BUCKET_MS)
+
+    def other_models(self) -> frozenset[str]:
+        """The names of the other agents' models (see Split)."""
+        return frozenset(name for name, in self._reader().execute(f"SELECT name FROM models WHERE {NOT_CLAUDES}"))
+
+    def split(self, by_model: dict[str, Usage]) -> Split:
+        return Split.from_models(by_model, self.other_models())
 
     def _names(self, table: str) -> dict[int, str]:
         return dict(self._reader().execute(f"SELECT id, {'session_id' if table == 'sessions' else 'name'} "
@@ -2794,13 +2828,14 @@ class Reader:
             entry["rows"] += count
         counts = self._event_counts(list(grouped))
         imported = self._imported_origins(list(grouped))
-        agents = self._agents(list(grouped))
+        agents, others = self._agents(list(grouped)), self.other_models()
         summaries = []
         for key, e in grouped.items():
             by_model, from_metrics = e["by_model"], sum(u.requests for u in e["by_model"].values()) < e["rows"]
             origin, imported_requests = imported.get(key, (0, 0))
             agent, estimated = agents[key]
-            summaries.append(Session(e["session_id"], e["user"], e["first"], e["last"], Split.from_models(by_model),
+            summaries.append(Session(e["session_id"], e["user"], e["first"], e["last"],
+                                     Split.from_models(by_model, others),
                                      tuple(sorted(by_model, key=lambda m: (-by_model[m].cost_nanos, m))),
                                      *counts.get(key, (0, 0, 0)), from_metrics, e["project"],
                                      session_source(origin, from_metrics, imported_requests,
@@ -2930,7 +2965,7 @@ class Reader:
         chosen = self._user_filter(user)
         if chosen is None:
             return []
-        where, params = chosen
+        where, params = chosen[0] + f" AND {CLAUDES_MODELS}", chosen[1]  # Claude's windows: Claude Code's usage
         chain_start = self._chain_start(start_ms, where, params)
         windows = self.claude_windows(user, chain_start, end_ms)
         rows = self._reader().execute(
@@ -2949,13 +2984,16 @@ class Reader:
             block = blocks[-1]
             block.by_model[names[model]] = block.by_model.get(names[model], Usage()) + Usage(*figures)
             block.last_activity_ms = bucket
+        others = self.other_models()
         for block in blocks:  # Claude's edges fall inside quarter hours: such a block is summed exactly
             if block.start_ms % BUCKET_MS or block.end_ms % BUCKET_MS:
-                block.by_model = self.usage(block.start_ms, block.end_ms, user=user)
+                block.by_model = {model: usage for model, usage in self.usage(block.start_ms, block.end_ms,
+                                                                              user=user).items() if model not in others}
         blocks = [block for block in blocks if block.end_ms > start_ms]
         if project is None or not blocks:
             return [block.block() for block in blocks]
         where, params = self._filter(user, project)
+        where += f" AND {CLAUDES_MODELS}"
         shares = [BlockTally(block.start_ms, block.end_ms, {}, block.start_ms, block.from_claude) for block in blocks]
         starts = [block.start_ms for block in shares]
         for bucket, model, *figures in self._reader().execute(
@@ -3000,7 +3038,8 @@ class Reader:
         by_user: dict[str, dict[str, Usage]] = {}
         for (user, model), usage in self.usage(start_ms, end_ms, by="user, model", project=project).items():
             by_user.setdefault(user, {})[model] = usage
-        splits = {user: Split.from_models(models) for user, models in by_user.items()}
+        others = self.other_models()
+        splits = {user: Split.from_models(models, others) for user, models in by_user.items()}
         sessions = self.user_sessions(start_ms, end_ms, project)
         live = self.live_limits(end_ms)
         ranked = sorted(splits, key=lambda user: (-splits[user].total.cost_nanos, user))
@@ -3052,7 +3091,8 @@ class Reader:
             else:
                 by_model[names[model]] = Usage(*sums)
             found[name] = (by_model, sessions)
-        splits = {name: Split.from_models(by_model) for name, (by_model, _) in found.items()}
+        others = self.other_models()
+        splits = {name: Split.from_models(by_model, others) for name, (by_model, _) in found.items()}
         ranked = sorted(splits, key=lambda name: (-splits[name].total.cost_nanos, name))
         return [ProjectUsage(name, splits[name], found[name][1]) for name in ranked]
 
@@ -4531,8 +4571,12 @@ def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
 
 
 def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
-    return Split(usage_from_token(stats.base_tokens, stats.base_requests, stats.base_cost),
-                 usage_from_token(stats.premium_tokens, stats.premium_requests, stats.premium_cost))
+    """The other agents' usage is what the total has beyond base and premium (none from older servers): requests or
+    tokens, with their cost (each cost went over the wire as a double: the difference alone is no usage)."""
+    base = usage_from_token(stats.base_tokens, stats.base_requests, stats.base_cost)
+    premium = usage_from_token(stats.premium_tokens, stats.premium_requests, stats.premium_cost)
+    other = usage_from_token(stats.total_tokens, stats.total_requests, stats.total_cost) - base - premium
+    return Split(base, premium, other if other.requests or other.total else Usage())
 
 
 def api_request_message(r: ApiRequest) -> ccmon_pb2.APIRequest:
@@ -4753,7 +4797,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         return request.project or None
 
     def GetStats(self, request, context):
-        split = Split.from_models(self.reader.usage(*self._period(request), user=self._user(request),
+        split = self.reader.split(self.reader.usage(*self._period(request), user=self._user(request),
                                                     project=self._project(request)))
         return ccmon_pb2.GetStatsResponse(stats=stats_message(split))
 
@@ -4786,7 +4830,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         for date, lo, hi in bounds:
             lo, hi = max(lo, start), min(hi, end)
             if lo < hi or start < 0:
-                split = Split.from_models(self.reader.usage(lo, hi, user=self._user(request),
+                split = self.reader.split(self.reader.usage(lo, hi, user=self._user(request),
                                                             project=self._project(request)))
                 response.days.add(date=date, stats=stats_message(split))
         return response
@@ -4862,7 +4906,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             response.session.CopyFrom(stats_message(found[0].split))
         if user is not None:
             midnight = day_bounds(zone, now, 1)[0][1]
-            response.today.CopyFrom(stats_message(Split.from_models(self.reader.usage(midnight, now, user=user))))
+            response.today.CopyFrom(stats_message(self.reader.split(self.reader.usage(midnight, now, user=user))))
         return response
 
     def GetLimits(self, request, context):
@@ -4881,7 +4925,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
                 window = getattr(reading, field)
                 if window is not None and len(newest_per_window) < CALIBRATION_WINDOWS:
                     newest_per_window.setdefault(claude_window_key(window.resets_ms), (reading, window))
-            samples = [(Split.from_models(self.reader.usage(window.resets_ms - span, reading.read_ms,
+            samples = [(self.reader.split(self.reader.usage(window.resets_ms - span, reading.read_ms,
                                                             user=reading.user or user)).premium.limited, window.percent)
                        for reading, window in newest_per_window.values()]
             tokens, count = window_capacity(samples)
@@ -6164,7 +6208,7 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
         label = {"daily": usage.date, "weekly": (day - dt.timedelta(days=day.weekday())).isoformat(),
                  "monthly": usage.date[:7]}[kind]
         previous = groups.get(label, Split())
-        groups[label] = Split(previous.base + usage.split.base, previous.premium + usage.split.premium)
+        groups[label] = previous + usage.split
     column = {"daily": "date", "weekly": "week_of", "monthly": "month"}[kind]
     return [{column: label, **usage_fields(split.total), "premium_requests": split.premium.requests,
              "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD} for label, split in groups.items()]
@@ -7532,7 +7576,8 @@ def usage_lines(snap: Snapshot, state: ViewState, screen: Screen, compact: bool 
     columns = [Column("", 8, 0, left=True), Column("Requests", 8, 1), Column("Limited", 8, 2),
                Column("Cache", 8, 4), Column("Total", 8, 3), Column("Cost", 10, 1), Column("Avg rate", 10, 5)]
     rows = []
-    for name, usage, style in (("Base", period.base, ""), ("Premium", period.premium, ""),
+    others = (("Others", period.other, ""),) if period.other != Usage() else ()  # other agents' (see Split)
+    for name, usage, style in (("Base", period.base, ""), ("Premium", period.premium, ""), *others,
                                ("Total", period.total, "bold")):
         rate = "-" if start is None or name != "Premium" else format_rate(per_minute(usage.limited, end - start))
         rows.append(([name, format_count(usage.requests), format_count(usage.limited), format_count(usage.cache),
@@ -7769,7 +7814,7 @@ def daily_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
                Column("Avg rate", 9, 6), Column("Cost", 9, 1), Column("Prem $", 9, 3)]
     rows, total = [], Split()
     for usage in days:
-        total = Split(total.base + usage.split.base, total.premium + usage.split.premium)
+        total = total + usage.split
         day = dt.date.fromisoformat(usage.date)
         day_start, next_day = (ms_from_datetime(dt.datetime.combine(d, dt.time(), zone))
                                for d in (day, day + dt.timedelta(days=1)))

@@ -1045,13 +1045,14 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
                     st.sampled_from(["ana@example.com", "bo@example.com", ""]),
                     *[st.integers(min_value=0, max_value=10 ** 6)] * 6,
                     st.one_of(st.none(), st.integers(min_value=0, max_value=5000)),  # ttft_ms
-                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1, 2, 3]))  # ..., origin
+                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1, 2, 3, 4, 5]),  # ..., origin
+                    st.sampled_from(["claude-code", "claude-code", "codex"]))  # agent
     operation = st.one_of(st.tuples(st.just("insert"), st.lists(row, min_size=1, max_size=30)),
                           st.tuples(st.just("sweep"), moments))
     zones = st.sampled_from(["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Australia/Lord_Howe"])
 
     def brute_force(start, end, by="model_name", user=None):
-        rows = db_rows(store.path, f"SELECT {by}, SUM(origin != 1), SUM(input_tokens), SUM(output_tokens), "
+        rows = db_rows(store.path, f"SELECT {by}, SUM(origin IN (0, 2, 3, 4)), SUM(input_tokens), SUM(output_tokens), "
                                    "SUM(cache_read_tokens), SUM(cache_creation_tokens), SUM(cost_nanos), "
                                    "SUM(duration_ms), SUM(COALESCE(ttft_ms, 0)), COUNT(ttft_ms) FROM r "
                                    "WHERE ts >= ? AND ts < ? AND user_name = COALESCE(?, user_name) GROUP BY 1",
@@ -1086,7 +1087,7 @@ def test_block_chains_and_edges(tmp_path):
     base = ccmon.parse_iso_ms("2026-06-01T00:05:00Z")
     # One request every 40 minutes for 80 hours: never a pause of 5 hours.
     rows = [(base + i * 40 * 60_000, "s", i, "claude-sonnet-4-5", "", 100, 0, 0, 0, 0, 0, None, None, None, None,
-             None, 0) for i in range(120)]
+             None, 0, "claude-code") for i in range(120)]
     store.write(ccmon.Batch(requests=rows))
     for hours in (30.5, 60.33, 61.0, 61.33, 63.0, 63.33):
         now = base + int(hours * 3600_000)
@@ -2199,6 +2200,30 @@ def test_report_session_names_each_sessions_agent_and_tells_codexs_conversations
     table = run_report(server, "session", "--since", "2026-12-01", cwd=tmp_path).stdout
     # Codex's conversation ids (UUIDv7) begin with the time: their last 8 characters tell them apart
     assert {"e1b6dd8c", "3a736a7e"} <= {line.split()[0] for line in table.splitlines()[3:]}, table
+
+
+def test_claude_codes_figures_do_not_change_by_a_cent_when_other_agents_are_used_too(server):
+    """Base and premium (what Claude's plans and limits count) and Claude's 5-hour blocks are Claude Code's alone;
+    the totals add the other agents' usage, which a client reads as what the total has beyond the two."""
+    claude = [("api_request", api_request(n, f"2026-12-04T15:0{n}:00.000Z", model=model, session="s-claude",
+                                          input_tokens=1000, output_tokens=100, cost_usd=0.5))
+              for n, model in ((1, "claude-sonnet-4-5"), (2, "claude-haiku-4-5"))]
+    sdk_export(server.port, claude)
+    december = ccmon_pb2.GetStatsRequest(start_time=ts("2026-12-01T00:00:00Z"))
+    blocks_request = ccmon_pb2.GetBlocksRequest(start_time=ts("2026-12-04T00:00:00Z"),
+                                                end_time=ts("2026-12-05T00:00:00Z"))
+    before = (server.query().GetStats(december).stats, server.query().GetBlocks(blocks_request).blocks)
+    for tool, protocol in (("codex-0.169.0", "http-json"), ("gemini-cli-0.61.0", "grpc")):
+        replay(server, agent_capture(tool, protocol))  # 3 and 6 calls within the same hour
+    after = server.query().GetStats(december).stats
+    for field in ("base_requests", "premium_requests", "base_tokens", "premium_tokens", "base_cost", "premium_cost"):
+        assert getattr(after, field) == getattr(before[0], field), field
+    assert (after.total_requests, after.total_tokens.total) == (2 + 3 + 6, 2200 + 3 * 2434 + 6 * 1413)
+    split = ccmon.split_from_stats(after)
+    assert (split.other.requests, split.other.total, split.other.cost_nanos) == (9, 3 * 2434 + 6 * 1413,
+                                                                                3 * 11_344_000 + 670_380)
+    assert list(server.query().GetBlocks(blocks_request).blocks) == list(before[1])
+    assert ccmon.split_from_stats(before[0]).other == ccmon.Usage()
 
 
 def test_pricing_in_the_config_prices_another_agents_model(tmp_path):
@@ -4804,8 +4829,10 @@ def test_the_monitor_names_the_agent_where_requests_or_sessions_of_several_agent
     limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), ccmon.Split(), 700.0, 35_000, None, {})
     state = ccmon.ViewState(period="b")
     snap = ccmon.Snapshot(ccmon.query_for(state, settings, now), now, 500, limits, data=ccmon.CurrentRequests(
-        ccmon.Split(), ccmon.RequestsPage(requests, 3)))
+        ccmon.Split(premium=usage, other=usage + usage), ccmon.RequestsPage(requests, 3)))
     lines = frame_text(state, snap, settings, 120, 30, now)[0]
+    assert [line.split()[:2] for line in lines if line.split()[:1] in (["Premium"], ["Others"], ["Total"])] == \
+        [["Premium", "1"], ["Others", "2"], ["Total", "3"]]  # the other agents' usage in a row of its own
     header = next(index for index, line in enumerate(lines) if line.split()[:3] == ["Time", "Agent", "Model"])
     assert [lines[header + n].split()[1:3] + lines[header + n].split()[-1:] for n in (1, 2, 3)] == [
         ["codex", "gpt-5.5", "c693747e"], ["claude-code", "claude-sonnet-4-5", "s-claude"],
@@ -5928,7 +5955,7 @@ def test_blocks_follow_claudes_own_windows(tmp_path):
 
     def request(seq, when, tokens):
         return (at(when), "s-ana", seq, "claude-sonnet-4-5", "ana@example.com", tokens, 0, 0, 0, 0, 0, None, None,
-                None, None, None, 0)
+                None, None, None, 0, "claude-code")
 
     store.write(ccmon.Batch(requests=[
         request(1, "08:10:00", 100),   # a guessed block from 08:00, cut where Claude's window begins
