@@ -1668,10 +1668,11 @@ def find_request_ids_within_sessions(conn: sqlite3.Connection) -> None:
 def record_agents(conn: sqlite3.Connection) -> None:
     """Version 7: other coding agents (Gemini CLI, Codex, Qwen Code) besides Claude Code. Each request names its
     agent (interned in `agents`; every stored row is Claude Code's, id 1, the column's default, which SQLite
-    keeps in the schema instead of writing it into each row), and so does each model: the rollups, by model, tell
-    Claude Code's usage (which Claude's plans and limits count) from the other agents'. Two origins come: another agent's model-call event
-    (4) and its token metrics (5), both priced by ccmon; the triggers count 4 as a request, and the partial
-    indexes select the metric origins (1, 5), the transcript ones (2, 3) and the estimated agent rows (4, 5)."""
+    keeps in the schema instead of writing it into each row), and so does each model: the rollups, by model,
+    tell Claude Code's usage (which Claude's plans and limits count) from the other agents'. Two origins come:
+    another agent's model-call event (4) and its token metrics (5), both priced by ccmon; the triggers count 4 as
+    a request, and the partial indexes select the metric origins (1, 5), the transcript ones (2, 3) and the
+    estimated agent rows (4, 5)."""
     conn.execute("CREATE TABLE agents (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
     conn.execute("INSERT INTO agents (id, name) VALUES (1, 'claude-code')")
     conn.execute("ALTER TABLE requests ADD COLUMN agent INTEGER NOT NULL DEFAULT 1")
