@@ -212,6 +212,11 @@ class Split:
     def total(self) -> Usage:
         return self.base + self.premium + self.other
 
+    @property
+    def claude(self) -> Usage:
+        """Claude Code's usage alone."""
+        return self.base + self.premium
+
     def __add__(self, more: Split) -> Split:
         return Split(self.base + more.base, self.premium + more.premium, self.other + more.other)
 
@@ -6025,8 +6030,8 @@ def status_values(data: dict, reading: LimitReading, session: Split | None, toda
         session.total.cost_nanos if session is not None else 0  # Claude Code's own figure, up to this very turn
     if session_nanos:  # nothing yet at start-up: the session has made no request
         values["session_cost"] = format_cost(session_nanos)
-    if today is not None:
-        values["daily_cost"] = format_cost(today.total.cost_nanos)
+    if today is not None:  # Claude Code's status line: Claude Code's cost today, not the other agents'
+        values["daily_cost"] = format_cost(today.claude.cost_nanos)
     for name, window in (("five_hour", reading.five_hour), ("seven_day", reading.seven_day)):
         if window is not None and window.resets_ms > now:
             values[name] = format_percent(window.percent)

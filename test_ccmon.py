@@ -2009,13 +2009,15 @@ def test_another_agents_token_metrics_count_without_events_and_events_win(server
     assert agent_totals(server)[0:2] == (calls, tuple(calls * n for n in STANDIN_CALL[agent]))
 
 
-def codex_token_metrics(when_ms: int, input_tokens: int, user: str = "") -> metrics_service_pb2.ExportMetricsServiceRequest:
+def codex_token_metrics(when_ms: int, input_tokens: int,
+                        user: str = "") -> metrics_service_pb2.ExportMetricsServiceRequest:
     """One Codex turn's codex.turn.token_usage points (a DELTA histogram naming no conversation), as Codex sends."""
     attrs = {"model": "gpt-5.5", "originator": "codex_exec", **({"user.email": user} if user else {})}
     points = [metrics_pb2.HistogramDataPoint(
         time_unix_nano=when_ms * 1_000_000, start_time_unix_nano=(when_ms - 1000) * 1_000_000, count=1, sum=value,
         attributes=[common_pb2.KeyValue(key=k, value=any_value(v)) for k, v in {**attrs, "token_type": kind}.items()])
-        for kind, value in (("input", input_tokens), ("cached_input", 600), ("output", 80), ("total", input_tokens + 80))]
+        for kind, value in (("input", input_tokens), ("cached_input", 600), ("output", 80),
+                            ("total", input_tokens + 80))]
     metric = metrics_pb2.Metric(name="codex.turn.token_usage", histogram=metrics_pb2.Histogram(
         data_points=points, aggregation_temporality=metrics_pb2.AGGREGATION_TEMPORALITY_DELTA))
     return metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
@@ -2224,6 +2226,9 @@ def test_claude_codes_figures_do_not_change_by_a_cent_when_other_agents_are_used
                                                                                 3 * 11_344_000 + 670_380)
     assert list(server.query().GetBlocks(blocks_request).blocks) == list(before[1])
     assert ccmon.split_from_stats(before[0]).other == ccmon.Usage()
+    # Claude Code's status line says what Claude Code cost today
+    assert ccmon.status_values({}, ccmon.LimitReading("s", 0), None, split, ccmon.ZoneInfo("UTC"), 0) == \
+        {"daily_cost": ccmon.format_cost(split.claude.cost_nanos)} and split.claude.cost_nanos == 1_000_000_000
 
 
 def test_pricing_in_the_config_prices_another_agents_model(tmp_path):
