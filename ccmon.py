@@ -591,9 +591,10 @@ class UsageSeries:
 
 @dataclasses.dataclass(frozen=True)
 class ModelUsage:
-    """A model's usage in a period."""
+    """A model's usage in a period, and whose model it is."""
     model: str
     usage: Usage
+    agent: str = CLAUDE_CODE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2704,9 +2705,13 @@ class Reader:
                                "FROM requests WHERE ts >= ? AND ts < ?)", (bucket, lo, hi, bucket + BUCKET_MS))
         return (2, lo, hi) if outside.fetchone()[0] else (1, bucket, bucket + BUCKET_MS)
 
+    def model_agents(self) -> dict[str, str]:
+        """The other agents' models (see Split): name -> agent."""
+        return dict(self._reader().execute(f"SELECT m.name, a.name FROM models m JOIN agents a ON a.id = m.agent "
+                                           f"WHERE m.{NOT_CLAUDES}"))
+
     def other_models(self) -> frozenset[str]:
-        """The names of the other agents' models (see Split)."""
-        return frozenset(name for name, in self._reader().execute(f"SELECT name FROM models WHERE {NOT_CLAUDES}"))
+        return frozenset(self.model_agents())
 
     def split(self, by_model: dict[str, Usage]) -> Split:
         return Split.from_models(by_model, self.other_models())
@@ -4677,15 +4682,17 @@ def tool_report_of(response: ccmon_pb2.GetToolStatsResponse) -> ToolReport:
 
 def model_message(model: ModelUsage) -> ccmon_pb2.ModelStats:
     u = model.usage
-    return ccmon_pb2.ModelStats(model=model.model, premium=is_premium(model.model), requests=u.requests,
-                                tokens=token_message(u), cost=ccmon_pb2.Cost(amount=u.cost_usd),
-                                duration_ms=u.duration_ms, ttft_ms_total=u.ttft_ms, ttft_count=u.ttft_count)
+    return ccmon_pb2.ModelStats(model=model.model, premium=model.agent == CLAUDE_CODE and is_premium(model.model),
+                                requests=u.requests, tokens=token_message(u), cost=ccmon_pb2.Cost(amount=u.cost_usd),
+                                duration_ms=u.duration_ms, ttft_ms_total=u.ttft_ms, ttft_count=u.ttft_count,
+                                agent=model.agent)
 
 
 def model_usage_of(m: ccmon_pb2.ModelStats) -> ModelUsage:
     return ModelUsage(m.model, dataclasses.replace(usage_from_token(m.tokens, m.requests, m.cost),
                                                    duration_ms=m.duration_ms, ttft_ms=m.ttft_ms_total,
-                                                   ttft_count=m.ttft_count))
+                                                   ttft_count=m.ttft_count),
+                      m.agent or CLAUDE_CODE)  # servers before agents send none
 
 
 def block_message(block: UsageBlock) -> ccmon_pb2.Block:
@@ -4844,7 +4851,9 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def GetModelStats(self, request, context):
         by_model = self.reader.usage(*self._period(request), user=self._user(request), project=self._project(request))
         ranked = sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))[:MAX_LIST]
-        return ccmon_pb2.GetModelStatsResponse(models=[model_message(ModelUsage(model, u)) for model, u in ranked])
+        agents = self.reader.model_agents()
+        return ccmon_pb2.GetModelStatsResponse(models=[
+            model_message(ModelUsage(model, u, agents.get(model, CLAUDE_CODE))) for model, u in ranked])
 
     def GetSessionStats(self, request, context):
         session = request.session_id or self.reader.latest_session()
@@ -5470,9 +5479,11 @@ def weekly_premium(limits: LimitFigures) -> Usage:
 
 
 def usage_by_family(models: Iterable[ModelUsage]) -> dict[str, Usage]:
+    """Claude Code's usage by model family (Claude's weekly caps are by family); the other agents' is no family's."""
     by_family: dict[str, Usage] = {}
     for m in models:
-        by_family[model_family(m.model)] = by_family.get(model_family(m.model), Usage()) + m.usage
+        if m.agent == CLAUDE_CODE:
+            by_family[model_family(m.model)] = by_family.get(model_family(m.model), Usage()) + m.usage
     return dict(sorted(by_family.items()))
 
 

@@ -2226,6 +2226,14 @@ def test_claude_codes_figures_do_not_change_by_a_cent_when_other_agents_are_used
                                                                                 3 * 11_344_000 + 670_380)
     assert list(server.query().GetBlocks(blocks_request).blocks) == list(before[1])
     assert ccmon.split_from_stats(before[0]).other == ccmon.Usage()
+    # Claude's weekly caps are by family of Claude's models: the other agents' models are no family's, nor premium
+    models = server.query().GetModelStats(ccmon_pb2.GetModelStatsRequest(start_time=ts("2026-12-01T00:00:00Z")))
+    assert {(m.model, m.agent, m.premium) for m in models.models} == {
+        ("claude-sonnet-4-5", "claude-code", True), ("claude-haiku-4-5", "claude-code", False),
+        ("gpt-5.5", "codex", False), ("gemini-2.5-flash", "gemini-cli", False),
+        ("gemini-3.8-flash", "gemini-cli", False), ("gemini-3.5-flash-lite", "gemini-cli", False)}
+    assert ccmon.usage_by_family(map(ccmon.model_usage_of, models.models)) == {
+        "haiku": ccmon.Usage(1, 1000, 100, 0, 0, 500_000_000), "sonnet": ccmon.Usage(1, 1000, 100, 0, 0, 500_000_000)}
     # Claude Code's status line says what Claude Code cost today
     assert ccmon.status_values({}, ccmon.LimitReading("s", 0), None, split, ccmon.ZoneInfo("UTC"), 0) == \
         {"daily_cost": ccmon.format_cost(split.claude.cost_nanos)} and split.claude.cost_nanos == 1_000_000_000
