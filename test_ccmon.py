@@ -1177,7 +1177,7 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         # Asked without oldest_first, GetAPIRequests now answers the same page in the Go ccmon's order, oldest first.
         new["requests"]["requests"].reverse()
         # schema 7 names each request's and session's agent (a field schema 1 did not have): all Claude Code's
-        named = [*new["requests"]["requests"], *new["sessions"]["sessions"],
+        named = [*new["requests"]["requests"], *new["sessions"]["sessions"], *new["models"]["models"],
                  *(entry["request"] for entry in new["timeline"]["entries"] if "request" in entry)]
         assert {item.pop("agent") for item in named} == {"claude-code"}
         # Every figure is what schema 1 answered; only s-cy-1's user is now the email its resource gave
