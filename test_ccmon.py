@@ -2239,6 +2239,37 @@ def test_claude_codes_figures_do_not_change_by_a_cent_when_other_agents_are_used
         {"daily_cost": ccmon.format_cost(split.claude.cost_nanos)} and split.claude.cost_nanos == 1_000_000_000
 
 
+def test_every_tab_and_report_shows_other_agents_usage(server, tmp_path):
+    """The monitor's tabs and every report, on a server holding Claude Code's and the three other agents' usage:
+    each answers, and the period's total is every agent's."""
+    sdk_export(server.port, [("api_request", api_request(1, hours_ago(0.5), session="s-claude", input_tokens=1000,
+                                                         output_tokens=100, cost_usd=0.5))])
+    later = ccmon.parse_iso_ms(hours_ago(0.2))
+    server.logs_stub().Export(agent_logs_request([codex_response(ccmon.iso_from_ms(later), "c-now")],
+                                                 {"service.name": "codex_exec"}))
+    client, settings, now = ccmon.Client(server.target), _settings(block_hour=None), int(time.time() * 1000)
+    try:
+        current = ccmon.fetch_snapshot(client, ccmon.query_for(ccmon.ViewState(period="d"), settings, now))
+        lines = frame_text(ccmon.ViewState(period="d"), current, settings, 120, 30, now)[0]
+        rows = {line.split()[0]: line.split()[1] for line in lines if line.split()[:1] in
+                (["Premium"], ["Others"], ["Total"])}
+        assert rows == {"Premium": "1", "Others": "1", "Total": "2"}, "\n".join(lines)
+        for tab in ("daily", "models", "sessions", "tools", "users", "blocks", "projects"):
+            state = ccmon.ViewState(tab=tab, period="d")
+            snap = ccmon.fetch_snapshot(client, ccmon.query_for(state, settings, now))
+            assert not snap.unanswered, tab
+            frame_text(state, snap, settings, 120, 30, now)
+    finally:
+        client.close()
+    for kind in ccmon.REPORT_KINDS:
+        report = run_ccmon(["report", kind, "--monitor-server", server.target, "--json"], tmp_path)
+        assert report.returncode == 0, (kind, report.stderr)
+        if kind not in ("blocks", "session", "model"):
+            assert json.loads(report.stdout)["totals"]["requests"] == 2, kind
+    assert json.loads(run_ccmon(["report", "blocks", "--monitor-server", server.target, "--json"], tmp_path).stdout
+                      )["totals"]["requests"] == 1  # Claude's blocks: Claude Code's request alone
+
+
 def test_pricing_in_the_config_prices_another_agents_model(tmp_path):
     """Gemini 3.8 Flash is not in the bundled table (its calls cost $0 there); [pricing] gives it one, and
     overrides the bundled price of Gemini 2.5 Flash."""
