@@ -408,7 +408,7 @@ def seed(db: Path, rows: int, end_ms: int, span_ms: int = YEAR_MS) -> float:
                           rng.randint(1, 5000), rng.randint(1, 2000), rng.randint(0, 90_000), rng.randint(0, 6000),
                           rng.randint(500_000, 400_000_000), rng.randint(300, 40_000), rng.randint(100, 3000),
                           str(uuid.UUID(int=rng.getrandbits(128))), "req_011CV" + f"{rng.getrandbits(80):020x}",
-                          source, extra, 0))
+                          source, extra, 0, 1))  # origin 0 (an api_request event), agent 1 (claude-code)
         conn.execute("BEGIN")
         conn.executemany(sql, batch)
         conn.execute("COMMIT")

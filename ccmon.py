@@ -235,26 +235,42 @@ class Usage:
     def __add__(self, other: Usage) -> Usage:  # field by field, in order (dataclasses.astuple deep-copies: slow)
         return Usage(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
 
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """Usage split into base (Haiku) and premium (everything else)."""
+    """Claude Code's usage split into base (Haiku) and premium (everything else), and the other agents' (Gemini
+    CLI's, Codex's, Qwen Code's models), which no Claude plan or limit counts."""
     base: Usage = Usage()
     premium: Usage = Usage()
+    other: Usage = Usage()
 
     @property
     def total(self) -> Usage:
+        return self.base + self.premium + self.other
+
+    @property
+    def claude(self) -> Usage:
+        """Claude Code's usage alone."""
         return self.base + self.premium
 
+    def __add__(self, more: Split) -> Split:
+        return Split(self.base + more.base, self.premium + more.premium, self.other + more.other)
+
     @classmethod
-    def from_models(cls, by_model: dict[str, Usage]) -> Split:
-        base, premium = Usage(), Usage()
+    def from_models(cls, by_model: dict[str, Usage], others: frozenset[str] = frozenset()) -> Split:
+        """`others`: the names of other agents' models."""
+        base, premium, other = Usage(), Usage(), Usage()
         for model, usage in by_model.items():
-            if is_premium(model):
+            if model in others:
+                other += usage
+            elif is_premium(model):
                 premium += usage
             else:
                 base += usage
-        return cls(base, premium)
+        return cls(base, premium, other)
 
 
 class BadValue(ValueError):
@@ -377,7 +393,8 @@ class ClaudeLimits:
 @dataclasses.dataclass(frozen=True)
 class Price:
     """USD per million tokens of one model, exact: input, output, cache read, 5-minute and 1-hour cache writes;
-    `long_prompt` (prompt tokens above which, and the price then) where the model charges more for long prompts."""
+    `long_prompt` (prompt tokens above which, and the price then, which may have a long_prompt of its own) where the
+    model charges more for long prompts."""
     input: decimal.Decimal
     output: decimal.Decimal
     cache_read: decimal.Decimal
@@ -407,7 +424,7 @@ PRICE_TIERS = {
     "10_50_read_0_25": price("10", "50", "0.25", "12.5", "20"),
     "8_40_read_0_20": price("8", "40", "0.2", "10", "16"),
 }
-PRICES: dict[str, Price] = {model: PRICE_TIERS[tier] for model, tier in (
+PRICES: dict[str, Price] = {**{model: PRICE_TIERS[tier] for model, tier in (
     ("claude-3-haiku", "haiku_35"), ("claude-3-5-haiku", "haiku_35"), ("claude-haiku-4-5", "haiku_45"),
     ("claude-haiku-5-5", "haiku_55"),
     ("claude-3-5-sonnet", "3_15"), ("claude-3-7-sonnet", "3_15"), ("claude-sonnet-4", "3_15"),
@@ -417,7 +434,29 @@ PRICES: dict[str, Price] = {model: PRICE_TIERS[tier] for model, tier in (
     ("claude-opus-4-5", "5_25"), ("claude-opus-4-6", "5_25"), ("claude-opus-4-7", "5_25"), ("claude-opus-4-8", "5_25"),
     ("claude-opus-5", "5_25"), ("claude-opus-5-5", "4_20_read_0_20"),
     ("claude-fable-5", "10_50"), ("claude-fable-5-1", "10_50_read_0_25"), ("claude-fable-5-2", "8_40_read_0_20"),
-    ("claude-mythos-5", "10_50"), ("claude-mythos-5-1", "10_50_read_0_25"), ("claude-mythos-5-2", "8_40_read_0_20"))}
+    ("claude-mythos-5", "10_50"), ("claude-mythos-5-1", "10_50_read_0_25"), ("claude-mythos-5-2", "8_40_read_0_20"))},
+    **{model: price(input, output, cache_read, cache_write or input, cache_write or input, long_prompt)
+       for model, (input, output, cache_read, cache_write, long_prompt) in {
+        # The other agents' models, by the name their telemetry gives, from LiteLLM's list (docs/agents.md says
+        # which commit, and which entry each comes from). Cache writes: the input price where the list gives none
+        # (OpenAI and Google bill none). Above a prompt size a dearer price, as listed.
+        "gpt-5": ("1.25", "10", "0.125", None, None), "gpt-5.1": ("1.25", "10", "0.125", None, None),
+        "gpt-5.2": ("1.75", "14", "0.175", None, None),
+        "gpt-5.5": ("5", "30", "0.5", None, (272_000, price("10", "45", "1", "10", "10"))),
+        "gpt-5.6": ("5", "30", "0.5", "6.25", (272_000, price("10", "45", "1", "12.5", "12.5"))),
+        "gpt-5.6-sol": ("5", "30", "0.5", "6.25", (272_000, price("10", "45", "1", "12.5", "12.5"))),
+        "gpt-5.6-terra": ("2.5", "15", "0.25", "3.125", (272_000, price("5", "22.5", "0.5", "6.25", "6.25"))),
+        "gpt-5.6-luna": ("1", "6", "0.1", "1.25", (272_000, price("2", "9", "0.2", "2.5", "2.5"))),
+        "gemini-2.5-flash": ("0.3", "2.5", "0.03", None, None),
+        "gemini-2.5-flash-lite": ("0.1", "0.4", "0.01", None, None),
+        "gemini-2.5-pro": ("1.25", "10", "0.125", None, (200_000, price("2.5", "15", "0.25", "2.5", "2.5"))),
+        "gemini-3-flash-preview": ("0.5", "3", "0.05", None, None),
+        "gemini-3.1-flash-lite": ("0.25", "1.5", "0.025", None, None),
+        "gemini-3.1-pro-preview": ("2", "12", "0.2", None, (200_000, price("4", "18", "0.4", "4", "4"))),
+        "gemini-3.5-flash": ("1.5", "9", "0.15", None, None),
+        "qwen3-coder-plus": ("1", "5", "0.1", None, (32_000, price("1.8", "9", "0.18", "1.8", "1.8", (
+            128_000, price("3", "15", "0.3", "3", "3", (256_000, price("6", "60", "0.6", "6", "6"))))))),
+    }.items()}}
 US_ONLY_INFERENCE = decimal.Decimal("1.1")  # Claude Code's surcharge for inference_geo "us"
 MODEL_ID_NOISE = re.compile(r"^(?:[a-z]{2,4}\.)?anthropic\.|(?:-v\d+(?::\d+)?|@\d{8}|-\d{8}|\[1m\])$")
 
@@ -440,7 +479,7 @@ def cost_nanos(price: Price, input: int, output: int, cache_read: int, cache_cre
                inference_geo: str = "") -> int:
     """What a request costs at `price`, in nano-dollars, computed as Claude Code does: 1-hour cache writes at
     their own price (never more than all cache writes), long prompts at the long-prompt price."""
-    if price.long_prompt and input + cache_read + cache_creation > price.long_prompt[0]:
+    while price.long_prompt and input + cache_read + cache_creation > price.long_prompt[0]:
         price = price.long_prompt[1]
     one_hour = min(max(cache_1h, 0), cache_creation)
     per_million = (input * price.input + output * price.output + cache_read * price.cache_read +
@@ -450,17 +489,48 @@ def cost_nanos(price: Price, input: int, output: int, cache_read: int, cache_cre
     return int((per_million * 1000).to_integral_value(decimal.ROUND_HALF_EVEN))  # 1e9 nanos / 1e6 tokens
 
 
+def shares(total: int, weights: list[int]) -> list[int]:
+    """`total` split in proportion to `weights` (evenly when they are all 0), in whole units that add up to it
+    exactly: the last share takes what rounding down left."""
+    if not any(weights):
+        weights = [1] * len(weights)
+    parts = [total * weight // sum(weights) for weight in weights]
+    parts[-1] += total - sum(parts)
+    return parts
+
+
+def uuid7_ms(text: str) -> int | None:
+    """The time (ms since the epoch) a UUIDv7 was made at, its first 48 bits; None for anything else."""
+    digits = text.replace("-", "").lower() if isinstance(text, str) else ""
+    if len(digits) != 32 or digits[12] != "7" or not all(c in "0123456789abcdef" for c in digits):
+        return None
+    return int(digits[:12], 16)
+
+
+# The coding agents whose telemetry ccmon receives, by the name stored with each request (see docs/agents.md).
+CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE = "claude-code", "gemini-cli", "codex", "qwen-code"
+
+
+def estimated_cost(model: str, input: int, output: int, cache_read: int, cache_creation: int,
+                   prices: dict[str, Price] | None = None) -> int:
+    """What ccmon's price table (with `prices` overriding it) says a call costs, in nano-dollars; 0 for a model it
+    has no price for."""
+    found = price_of(model, prices)
+    return cost_nanos(found, input, output, cache_read, cache_creation) if found else 0
+
+
 # ---------------------------------------------------------------- Values: what the store reads, the wire carries and the screens show
 # One type per concept: the store's reads build them, the query service sends them, the client builds the same
 # ones from the server's answers, and reports and the monitor show them.
 
 @dataclasses.dataclass(frozen=True)
 class ApiRequest:
-    """One API request of Claude Code's and what it used."""
+    """One API request of a coding agent's (Claude Code's, unless `agent` says another) and what it used."""
     ts_ms: int
     model: str
     session_id: str
     usage: Usage
+    agent: str = CLAUDE_CODE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,8 +554,9 @@ class Session:
     api_errors: int
     from_metrics: bool
     project: str              # '' when unknown
-    source: str               # where most of its usage comes from: events, metrics, transcript, transcript*
-    # (estimated); events+tx or metrics+tx when some requests came from transcripts
+    source: str               # where most of its usage comes from: events, metrics, transcript; with * when ccmon
+    # priced some (estimated); events+tx or metrics+tx when some requests came from transcripts
+    agent: str = CLAUDE_CODE  # the coding agent whose session it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -559,9 +630,10 @@ class UsageSeries:
 
 @dataclasses.dataclass(frozen=True)
 class ModelUsage:
-    """A model's usage in a period."""
+    """A model's usage in a period, and whose model it is."""
     model: str
     usage: Usage
+    agent: str = CLAUDE_CODE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1397,10 +1469,13 @@ def client_config(config: Config) -> Config:
 USAGE_COLUMNS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                  "cost_nanos", "duration_ms")
 # requests.origin: where a row comes from. Stored, so a value keeps its meaning for ever.
-ORIGIN_EVENT = 0            # an api_request event: Claude Code's own figures and cost
+ORIGIN_EVENT = 0            # an api_request event: Claude Code's own figures and cost (or a Codex response its
+                            # turn's own cost priced)
 ORIGIN_METRICS = 1          # derived from cost/token metrics: a session's usage, not requests (no request_id)
 ORIGIN_TRANSCRIPT = 2       # read from a transcript, priced by ccmon (estimated)
 ORIGIN_TRANSCRIPT_COST = 3  # read from a transcript with the cost Claude Code wrote in it
+ORIGIN_EVENT_ESTIMATED = 4  # another agent's model-call event, priced by ccmon (estimated)
+ORIGIN_METRICS_ESTIMATED = 5  # derived from another agent's token metrics, priced by ccmon (estimated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1422,7 +1497,11 @@ class OriginRule:
 ORIGIN_RULES = {ORIGIN_EVENT: OriginRule(rank=2, request=True, transcript=False),
                 ORIGIN_METRICS: OriginRule(rank=0, request=False, transcript=False),
                 ORIGIN_TRANSCRIPT: OriginRule(rank=1, request=True, transcript=True),
-                ORIGIN_TRANSCRIPT_COST: OriginRule(rank=1, request=True, transcript=True)}
+                ORIGIN_TRANSCRIPT_COST: OriginRule(rank=1, request=True, transcript=True),
+                ORIGIN_EVENT_ESTIMATED: OriginRule(rank=2, request=True, transcript=False),
+                ORIGIN_METRICS_ESTIMATED: OriginRule(rank=0, request=False, transcript=False)}
+AGENT_ESTIMATED_ORIGINS = frozenset((ORIGIN_EVENT_ESTIMATED, ORIGIN_METRICS_ESTIMATED))
+EVENT_ORIGINS = frozenset((ORIGIN_EVENT, ORIGIN_EVENT_ESTIMATED))  # an agent's own telemetry of one call
 REQUEST_ORIGINS = frozenset(origin for origin, policy in ORIGIN_RULES.items() if policy.request)
 TRANSCRIPT_ORIGINS = frozenset(origin for origin, policy in ORIGIN_RULES.items() if policy.transcript)
 
@@ -1451,9 +1530,10 @@ def origin_in(origins: Iterable[int], column: str = "origin") -> str:
 FIGURES = {"rows": "1", "requests": f"({origin_in(REQUEST_ORIGINS, '{r}origin')})",
            **{c: "{r}" + c for c in USAGE_COLUMNS},
            "ttft_ms": "COALESCE({r}ttft_ms, 0)", "ttft_count": "({r}ttft_ms IS NOT NULL)"}
-# The figures as schema versions 1-4 and 5 on built their triggers: a migration's SQL keeps meaning what it did.
+# The figures as schema versions 1-4, 5-6 and 7 on built their triggers: a migration's SQL keeps meaning what it did.
 V1_FIGURES = {**FIGURES, "requests": "({r}origin = 0)"}
 V5_FIGURES = {**FIGURES, "requests": "({r}origin != 1)"}
+V8_FIGURES = {**FIGURES, "requests": "({r}origin IN (0, 2, 3, 4))"}
 USAGE_SUMS = ", ".join(f"SUM({c})" for c in list(FIGURES)[1:])  # a rollup's figures as Usage(*...)
 RAW_SUMS = ", ".join(f"SUM({e.format(r='')})" for e in list(FIGURES.values())[1:])  # the same over raw rows
 ROW_FIGURES = ", ".join(e.format(r="r.") for e in list(FIGURES.values())[1:])  # one row (alias r) as Usage(*...)
@@ -1678,11 +1758,37 @@ def count_receipts(conn: sqlite3.Connection) -> None:
         PRIMARY KEY (protocol, signal)) WITHOUT ROWID""")
 
 
+def record_agents(conn: sqlite3.Connection) -> None:
+    """Version 8: other coding agents (Gemini CLI, Codex, Qwen Code) besides Claude Code. Each request names its
+    agent (interned in `agents`; every stored row is Claude Code's, id 1, the column's default, which SQLite
+    keeps in the schema instead of writing it into each row), and so does each model: the rollups, by model,
+    tell Claude Code's usage (which Claude's plans and limits count) from the other agents'. Two origins come:
+    another agent's model-call event (4) and its token metrics (5), both priced by ccmon; the triggers count 4 as
+    a request, and the partial indexes select the metric origins (1, 5), the transcript ones (2, 3) and the
+    estimated agent rows (4, 5)."""
+    conn.execute("CREATE TABLE agents (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
+    conn.execute("INSERT INTO agents (id, name) VALUES (1, 'claude-code')")
+    conn.execute("ALTER TABLE requests ADD COLUMN agent INTEGER NOT NULL DEFAULT 1")
+    conn.execute("ALTER TABLE models ADD COLUMN agent INTEGER NOT NULL DEFAULT 1")  # whose model it is
+    for table in ("usage_rollup", "session_usage"):
+        conn.execute(f"DROP TRIGGER {table}_insert")
+        conn.execute(f"DROP TRIGGER {table}_delete")
+    for statement in re.split(r"(?<=END;)\n", usage_triggers(V8_FIGURES).strip()):
+        conn.execute(statement)
+    for index in ("requests_from_metrics", "requests_imported", "requests_imported_request"):
+        conn.execute(f"DROP INDEX {index}")
+    conn.execute("CREATE INDEX requests_from_metrics ON requests(session) WHERE origin IN (1, 5)")
+    conn.execute("CREATE INDEX requests_imported ON requests(session) WHERE origin IN (2, 3)")
+    conn.execute("CREATE INDEX requests_imported_request ON requests(request_id) WHERE origin IN (2, 3)")
+    conn.execute("CREATE INDEX requests_estimated ON requests(session) WHERE origin >= 4")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
                                                           keep_limit_readings, count_imported_requests,
-                                                          find_request_ids_within_sessions, count_receipts]
+                                                          find_request_ids_within_sessions, count_receipts,
+                                                          record_agents]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -1921,13 +2027,14 @@ def open_database(path: Path) -> sqlite3.Connection:
 # Rows arrive from ingestion with text where the tables hold ids; the writer resolves them.
 # Each insert names its columns; the Batch row tuples follow the same order.
 REQUEST_COLUMNS = ("ts", "session", "seq", "model", "user", *USAGE_COLUMNS, "ttft_ms", "prompt_id", "request_id",
-                   "source", "extra", "origin")
+                   "source", "extra", "origin", "agent")
 EVENT_COLUMNS = ("ts", "session", "seq", "user", "name", "prompt_id", "source", "attributes")
 METRIC_COLUMNS = ("ts", "start_ts", "session", "seq", "user", "name", "temporality", "value", "model", "type",
                   "source", "attributes")
 SHARED = {"session": ("sessions", "session_id"), "source": ("attribute_sets", "attributes"),
           "user": ("users", "name")}
-INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attribute_sets", "attributes")},
+INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attribute_sets", "attributes"),
+                         "agent": ("agents", "name")},
             "events": SHARED, "metric_points": SHARED}
 READING_COLUMNS = ("ts", "session", "project", "model", "context_percent", "five_hour_percent", "five_hour_resets",
                    "seven_day_percent", "seven_day_resets", "spend_limit", "version")
@@ -1950,6 +2057,8 @@ class Batch:
     metrics: list[tuple] = dataclasses.field(default_factory=list)
     projects: dict[str, str] = dataclasses.field(default_factory=dict)  # session id -> project its resource names
     receipt: ReceiverCounts | None = None  # the export's counts, on its last batch (see Receiver.receive)
+    turn_costs: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)  # Codex's: (conversation, turn
+    # id, nano-dollars), stored as events too
 
     def __len__(self) -> int:
         return len(self.requests) + len(self.events) + len(self.metrics)
@@ -1968,12 +2077,38 @@ MAX_REQUEST_USD = 1_000
 MAX_REQUEST_MS = DAY_MS       # duration_ms and ttft_ms
 TOKEN_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens")
 
-# Metric data points that are usage: (metric name, its `type` attribute) -> the requests column they add to.
-METRIC_USAGE_FIELDS = {("claude_code.cost.usage", None): "cost_nanos",
-                       ("claude_code.token.usage", "input"): "input_tokens",
-                       ("claude_code.token.usage", "output"): "output_tokens",
-                       ("claude_code.token.usage", "cacheRead"): "cache_read_tokens",
-                       ("claude_code.token.usage", "cacheCreation"): "cache_creation_tokens"}
+# Metric data points that are usage: (metric name, its type) -> (the agent, what each unit of it adds to which
+# requests columns). The other agents count input with the cache in it: a cache point moves its tokens from input
+# to the cache kind (the points of one export share their time). Gemini's thoughts are output, its tool-use prompt
+# input; Qwen's thoughts and Codex's reasoning are in their output already, and Codex's total is the sum.
+METRIC_USAGE_FIELDS = {("claude_code.cost.usage", None): (CLAUDE_CODE, {"cost_nanos": 1}),
+                       ("claude_code.token.usage", "input"): (CLAUDE_CODE, {"input_tokens": 1}),
+                       ("claude_code.token.usage", "output"): (CLAUDE_CODE, {"output_tokens": 1}),
+                       ("claude_code.token.usage", "cacheRead"): (CLAUDE_CODE, {"cache_read_tokens": 1}),
+                       ("claude_code.token.usage", "cacheCreation"): (CLAUDE_CODE, {"cache_creation_tokens": 1}),
+                       ("gemini_cli.token.usage", "input"): (GEMINI_CLI, {"input_tokens": 1}),
+                       ("gemini_cli.token.usage", "cache"): (GEMINI_CLI, {"cache_read_tokens": 1, "input_tokens": -1}),
+                       ("gemini_cli.token.usage", "tool"): (GEMINI_CLI, {"input_tokens": 1}),
+                       ("gemini_cli.token.usage", "output"): (GEMINI_CLI, {"output_tokens": 1}),
+                       ("gemini_cli.token.usage", "thought"): (GEMINI_CLI, {"output_tokens": 1}),
+                       ("qwen-code.token.usage", "input"): (QWEN_CODE, {"input_tokens": 1}),
+                       ("qwen-code.token.usage", "cache"): (QWEN_CODE, {"cache_read_tokens": 1, "input_tokens": -1}),
+                       ("qwen-code.token.usage", "output"): (QWEN_CODE, {"output_tokens": 1}),
+                       ("codex.turn.token_usage", "input"): (CODEX, {"input_tokens": 1}),
+                       ("codex.turn.token_usage", "cached_input"): (CODEX, {"cache_read_tokens": 1,
+                                                                           "input_tokens": -1}),
+                       ("codex.turn.token_usage", "cache_write_input"): (CODEX, {"cache_creation_tokens": 1,
+                                                                                "input_tokens": -1}),
+                       ("codex.turn.token_usage", "output"): (CODEX, {"output_tokens": 1})}
+# Codex's token metric, and Qwen's by default, name no session: their usage counts in a session of the agent's
+# metrics per user, unless the agent's events of that user are stored within this long of it (they win, as
+# events do within a session; the metrics' points come at the end of a run, or every minute or so).
+METRICS_SESSION_WINDOW_MS = HOUR_MS
+
+
+def metrics_session(agent: str, user: str) -> str:
+    """The session holding an agent's usage from metrics that name no session (see METRICS_SESSION_WINDOW_MS)."""
+    return f"{agent} metrics" + (f" of {user}" if user else "")
 
 
 # Whether request_id ?R is stored for a request in session ?2 (an id): in the session, as telemetry and transcripts
@@ -2052,8 +2187,8 @@ class Writer:
     """The one writer of the database. Its thread commits queued jobs in groups, and a job's result is delivered
     only after its COMMIT and a check that the file committed to is still the database at its path."""
 
-    def __init__(self, path: Path, queue_size: int = 256):
-        self.path = path
+    def __init__(self, path: Path, queue_size: int = 256, prices: dict[str, Price] | None = None):
+        self.path, self.prices = path, prices  # prices: [pricing], for the other agents' metrics
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._file = DatabaseFile(path)
@@ -2255,8 +2390,11 @@ class Writer:
     def _insert(self, conn: sqlite3.Connection, batch: Batch) -> int:
         new, days = 0, set()
         if batch.requests:
+            days.update(self._replace_session_less_metrics(conn, batch.requests))
             requests = self._not_resent(conn, "requests", REQUEST_COLUMNS,
                                         self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests))
+            model, agent = REQUEST_COLUMNS.index("model"), REQUEST_COLUMNS.index("agent")
+            self._own_models(conn, {(row[model], row[agent]) for row in requests})
             replaced = replaced_by(ORIGIN_EVENT)
             usage = f"DELETE FROM requests WHERE session = ? AND {origin_in(replaced - REQUEST_ORIGINS)} RETURNING ts"
             for session in {row[1] for row in requests}:  # api_request events win over metric-derived usage
@@ -2286,6 +2424,8 @@ class Writer:
                 if conn.execute(insert_sql("metric_points", METRIC_COLUMNS), row).rowcount:  # new, not a resend
                     new += 1
                     days.update(self._usage_from_metric(conn, dict(zip(METRIC_COLUMNS, row))))
+        for session_id, turn_id, cost in batch.turn_costs:
+            days.update(self._price_turn(conn, session_id, turn_id, cost))
         for session, project in batch.projects.items():  # a project the user named wins over a status line's folder
             conn.execute("UPDATE sessions SET project = ? WHERE session_id = ? AND project IS NOT ?",
                          (project, session, project))
@@ -2380,13 +2520,69 @@ class Writer:
         self._refresh_days(conn, days)
         return ImportCounts(imported, len(rows) - imported)
 
+    def _price_turn(self, conn: sqlite3.Connection, session_id: str, turn_id: str, cost: int) -> list[int]:
+        """Codex's own cost of a turn replaces ccmon's estimates of the turn's responses: its conversation's responses
+        still estimated from the turn's start (the time in its UUIDv7 id) up to the conversation's next user prompt,
+        shared in proportion to the estimates. Nothing when none are stored (or the id tells no time): the estimates
+        stay. The days changed."""
+        start = uuid7_ms(turn_id)
+        session = self._intern(conn, "sessions", "session_id", session_id)
+        rows = conn.execute(f"SELECT id, {', '.join(REQUEST_COLUMNS)} FROM requests WHERE session = ? AND ts >= ? AND "
+                            f"origin = {ORIGIN_EVENT_ESTIMATED} ORDER BY ts, id", (session, start)).fetchall() \
+            if start is not None else []
+        if not rows:
+            return []
+        ts, cost_at, origin = (1 + REQUEST_COLUMNS.index(c) for c in ("ts", "cost_nanos", "origin"))
+        next_prompt = conn.execute("SELECT MIN(ts) FROM events WHERE session = ? AND name = 'codex.user_prompt' AND "
+                                   "ts > ?", (session, rows[0][ts])).fetchone()[0]
+        turn = [row for row in rows if next_prompt is None or row[ts] < next_prompt]
+        conn.execute(f"DELETE FROM requests WHERE id IN ({', '.join('?' * len(turn))})", [row[0] for row in turn])
+        priced = [row[1:cost_at] + (share,) + row[cost_at + 1:origin] + (ORIGIN_EVENT,) + row[origin + 1:]
+                  for row, share in zip(turn, shares(cost, [row[cost_at] for row in turn]))]
+        conn.executemany(insert_sql("requests", REQUEST_COLUMNS), priced)  # re-inserted: the triggers count them
+        return [row[ts] - row[ts] % DAY_MS for row in turn]
+
+    def _own_models(self, conn: sqlite3.Connection, models: set[tuple[int, int]]) -> None:
+        """Name the agent of these (model id, agent id) pairs' models, where another agent's (see Split)."""
+        claude = self._intern(conn, "agents", "name", CLAUDE_CODE)
+        for model, agent in models:
+            if agent != claude:
+                conn.execute("UPDATE models SET agent = ? WHERE id = ? AND agent != ?", (agent, model, agent))
+
+    def _replace_session_less_metrics(self, conn: sqlite3.Connection, rows: list[tuple]) -> list[int]:
+        """Delete what another agent's session-less metrics counted near these rows' events of the same agent and
+        user (see METRICS_SESSION_WINDOW_MS); the days changed."""
+        agent, user, origin = (REQUEST_COLUMNS.index(c) for c in ("agent", "user", "origin"))
+        days = []
+        for row in rows:
+            if row[agent] == CLAUDE_CODE or row[origin] not in EVENT_ORIGINS:
+                continue
+            gone = conn.execute(
+                f"DELETE FROM requests WHERE session = (SELECT id FROM sessions WHERE session_id = ?) AND ts BETWEEN "
+                f"? AND ? AND origin = {ORIGIN_METRICS_ESTIMATED} RETURNING ts",
+                (metrics_session(row[agent], row[user]), row[0] - METRICS_SESSION_WINDOW_MS,
+                 row[0] + METRICS_SESSION_WINDOW_MS)).fetchall()
+            days.extend(ts - ts % DAY_MS for ts, in gone)
+        return days
+
     def _usage_from_metric(self, conn: sqlite3.Connection, point: dict) -> list[int]:
-        """Count a cost/token data point as usage for a session without api_request events (metrics-only
-        users); a cumulative point counts by its difference to the previous point of its series."""
-        field = METRIC_USAGE_FIELDS.get((point["name"], point["type"]))
-        if field is None or point["session"] == self._intern(conn, "sessions", "session_id", "") or \
+        """Count a cost/token data point as usage for a session without model-call events (metrics-only users);
+        a cumulative point counts by its difference to the previous point of its series. Another agent's point
+        naming no session counts in the agent's metrics session of its user, unless that agent's events of the user
+        are near (see METRICS_SESSION_WINDOW_MS); its cost is ccmon's estimate."""
+        agent, fields = METRIC_USAGE_FIELDS.get((point["name"], point["type"]), ("", {}))
+        session = point["session"]
+        if session == self._intern(conn, "sessions", "session_id", "") and agent not in ("", CLAUDE_CODE):
+            user = conn.execute("SELECT name FROM users WHERE id = ?", (point["user"],)).fetchone()[0]
+            session = self._intern(conn, "sessions", "session_id", metrics_session(agent, user))
+            if conn.execute(f"SELECT 1 FROM requests WHERE ts BETWEEN ? AND ? AND agent = ? AND user = ? AND "
+                            f"{origin_in(EVENT_ORIGINS)} LIMIT 1",
+                            (point["ts"] - METRICS_SESSION_WINDOW_MS, point["ts"] + METRICS_SESSION_WINDOW_MS,
+                             self._intern(conn, "agents", "name", agent), point["user"])).fetchone():
+                return []  # that agent's events of this user win
+        if not fields or session == self._intern(conn, "sessions", "session_id", "") or \
                 conn.execute(f"SELECT 1 FROM requests WHERE session = ? AND {METRIC_USAGE_REPLACED_BY} LIMIT 1",
-                             (point["session"],)).fetchone():
+                             (session,)).fetchone():
             return []  # not usage, no session to tell events from metrics (not counted), or events win
         value = point["value"]
         if point["temporality"] == 2:  # cumulative: the increase over the highest value the series had so far
@@ -2400,15 +2596,23 @@ class Writer:
             return []  # a repeated cumulative point: nothing new
         figures = dict.fromkeys(USAGE_COLUMNS, 0)
         try:
-            figures[field] = parse_usd_nanos(value, "cost") if field == "cost_nanos" else parse_count(round(value), field)
+            amount = parse_usd_nanos(value, "cost") if "cost_nanos" in fields else parse_count(round(value), "tokens")
         except BadValue:
             return []  # stored as a point, too large to be usage
-        if figures[field] > (MAX_REQUEST_USD * NANOS_PER_USD if field == "cost_nanos" else MAX_REQUEST_TOKENS):
+        if amount > (MAX_REQUEST_USD * NANOS_PER_USD if "cost_nanos" in fields else MAX_REQUEST_TOKENS):
             return []  # the same: more than usage can be in one point (see MAX_REQUEST_TOKENS)
-        row = {"ts": point["ts"], "session": point["session"], "seq": point["seq"],
-               "model": self._intern(conn, "models", "name", point["model"] or "unknown"), "user": point["user"],
+        for field, sign in fields.items():
+            figures[field] = sign * amount
+        model = point["model"] or "unknown"
+        if agent != CLAUDE_CODE:
+            figures["cost_nanos"] = estimated_cost(model, *(figures[column] for column in USAGE_COLUMNS[:4]),
+                                                   self.prices)
+        row = {"ts": point["ts"], "session": session, "seq": point["seq"],
+               "model": self._intern(conn, "models", "name", model), "user": point["user"],
                **figures, "ttft_ms": None, "prompt_id": None, "request_id": None, "source": point["source"],
-               "extra": None, "origin": ORIGIN_METRICS}
+               "extra": None, "origin": ORIGIN_METRICS if agent == CLAUDE_CODE else ORIGIN_METRICS_ESTIMATED,
+               "agent": self._intern(conn, "agents", "name", agent)}
+        self._own_models(conn, {(row["model"], row["agent"])})
         conn.execute(insert_sql("requests", REQUEST_COLUMNS), [row[c] for c in REQUEST_COLUMNS])
         return [point["ts"] - point["ts"] % DAY_MS]
 
@@ -2506,14 +2710,20 @@ class BlockTally:
                           self.from_claude)
 
 
-def session_source(imported: int, from_metrics: bool, imported_requests: int = 0, requests: int = 0) -> str:
+def session_source(imported: int, from_metrics: bool, imported_requests: int = 0, requests: int = 0,
+                   estimated: bool = False) -> str:
     """Where most of a session's usage comes from, given the lowest origin of its requests imported from transcripts
     (0 when none) and how many of its `requests` were: transcript (transcript* when ccmon priced some, estimated)
-    when most were imported; else events or metrics, with +tx when some were (a lost turn re-imported)."""
+    when most were imported; else events or metrics (events* or metrics* when ccmon priced some of another agent's,
+    `estimated`), with +tx when some were (a lost turn re-imported)."""
     if imported and imported_requests * 2 > requests:
         return "transcript*" if imported == ORIGIN_TRANSCRIPT else "transcript"
-    return ("metrics" if from_metrics else "events") + ("+tx" if imported else "")
+    return ("metrics" if from_metrics else "events") + ("*" if estimated else "") + ("+tx" if imported else "")
 
+
+# The models of agents other than Claude Code (agent 1): their usage is no Claude plan's or block's.
+NOT_CLAUDES = "agent != 1"
+CLAUDES_MODELS = f"model NOT IN (SELECT id FROM models WHERE {NOT_CLAUDES})"
 
 # Claude Code sends success as "true"/"false" (older versions) or a boolean.
 FAILED_TOOL = "COALESCE(json_extract(attributes, '$.success') IN ('false', 'False', 0), 0)"
@@ -2616,8 +2826,10 @@ class Reader:
         join = " JOIN sessions s ON s.id = t.session" if by == "project" else ""
         day_uses = {day: used for (a, b), used in uses[0].items() for day in range(a, b, DAY_MS)}
         ranges = [list(level) for level in uses]
-        premium = {model: is_premium(name) for model, name in self._names("models").items()}
-        found: dict[tuple[int, Any], list[list[int]]] = {}  # (bucket, group) -> [base figures, premium figures]
+        others = self.other_models()
+        side_of = {model: 2 if name in others else int(is_premium(name))  # as Split.from_models tells them
+                   for model, name in self._names("models").items()}
+        found: dict[tuple[int, Any], list[list[int]]] = {}  # (bucket, group) -> [base, premium, other figures]
         conn = self._reader()
         conn.execute("BEGIN")  # one snapshot: a rollup and the raw rows it stands for agree
         try:
@@ -2636,16 +2848,16 @@ class Reader:
                     continue
                 uses_of = day_uses if level == 0 else dict(enumerate(uses[level].values()))  # a row's part -> uses
                 for part, key, model, *figures in conn.execute(sql, (*bounds, *extra)):
-                    side = premium[model]  # 0: base, 1: premium
+                    side = side_of[model]
                     for index, sign in uses_of.get(part, ()):
-                        tally = found.setdefault((index, key), [[0] * len(figures), [0] * len(figures)])
+                        tally = found.setdefault((index, key), [[0] * len(figures) for _ in range(3)])
                         tally[side] = list(map(int.__add__ if sign > 0 else int.__sub__, tally[side], figures))
         finally:
             if conn.in_transaction:
                 conn.execute("COMMIT")
         names = self._names("models") if by == "model" else self._names("users") if by == "user" else {}
-        return sorted((SeriesPoint(starts[index], names.get(key, key), Split(Usage(*base), Usage(*premium)))
-                       for (index, key), (base, premium) in found.items() if any(base) or any(premium)),
+        return sorted((SeriesPoint(starts[index], names.get(key, key), Split(*(Usage(*side) for side in sides)))
+                       for (index, key), sides in found.items() if any(map(any, sides))),
                       key=lambda point: (point.start_ms, point.group))
 
     @staticmethod
@@ -2660,6 +2872,17 @@ class Reader:
                                "FROM requests WHERE ts >= ? AND ts < ?)", (bucket, lo, hi, bucket + BUCKET_MS))
         return (2, lo, hi) if outside.fetchone()[0] else (1, bucket, bucket + BUCKET_MS)
 
+    def model_agents(self) -> dict[str, str]:
+        """The other agents' models (see Split): name -> agent."""
+        return dict(self._reader().execute(f"SELECT m.name, a.name FROM models m JOIN agents a ON a.id = m.agent "
+                                           f"WHERE m.{NOT_CLAUDES}"))
+
+    def other_models(self) -> frozenset[str]:
+        return frozenset(self.model_agents())
+
+    def split(self, by_model: dict[str, Usage]) -> Split:
+        return Split.from_models(by_model, self.other_models())
+
     def _names(self, table: str) -> dict[int, str]:
         return dict(self._reader().execute(f"SELECT id, {'session_id' if table == 'sessions' else 'name'} "
                                            f"FROM {table}"))
@@ -2667,8 +2890,8 @@ class Reader:
     def models(self, start_ms: int, end_ms: int, user: str | None = None,
                project: str | None = None) -> list[ModelUsage]:
         """Each model's usage in the period, highest cost first."""
-        by_model = self.usage(start_ms, end_ms, user=user, project=project)
-        return [ModelUsage(model, usage) for model, usage in
+        by_model, agents = self.usage(start_ms, end_ms, user=user, project=project), self.model_agents()
+        return [ModelUsage(model, usage, agents.get(model, CLAUDE_CODE)) for model, usage in
                 sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))]
 
     def days(self, zone: ZoneInfo, start_ms: int | None, end_ms: int, user: str | None = None,
@@ -2685,7 +2908,7 @@ class Reader:
         for date, lo, hi in day_bounds(zone, max(end_ms - 1, 0), days):
             lo, hi = max(lo, -1 if start_ms is None else start_ms), min(hi, end_ms)
             if lo < hi or start_ms is None:
-                found.append(DayUsage(date, Split.from_models(self.usage(lo, hi, user=user, project=project))))
+                found.append(DayUsage(date, self.split(self.usage(lo, hi, user=user, project=project))))
         return found
 
     def requests_page(self, start_ms: int, end_ms: int, limit: int, offset: int, oldest_first: bool,
@@ -2695,13 +2918,13 @@ class Reader:
             return []
         where, extra = chosen
         order = "ASC" if oldest_first else "DESC"
-        sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r "
-               "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model "
+        sql = (f"SELECT s.session_id, r.ts, m.name, a.name, {ROW_FIGURES} FROM requests r "
+               "JOIN sessions s ON s.id = r.session JOIN models m ON m.id = r.model JOIN agents a ON a.id = r.agent "
                f"WHERE r.ts >= ? AND r.ts < ? AND {origin_in(REQUEST_ORIGINS, 'r.origin')}{where} "
                f"ORDER BY r.ts {order}, r.id {order} LIMIT ? OFFSET ?")
         params = (start_ms, end_ms, *extra, limit, max(offset, 0))
-        return [ApiRequest(ts, model, session, Usage(*figures))
-                for session, ts, model, *figures in self._reader().execute(sql, params)]
+        return [ApiRequest(ts, model, session, Usage(*figures), agent)
+                for session, ts, model, agent, *figures in self._reader().execute(sql, params)]
 
     def session_user(self, session_id: str) -> str | None:
         """The user of a session, once its events have arrived."""
@@ -2811,16 +3034,32 @@ class Reader:
             entry["rows"] += count
         counts = self._event_counts(list(grouped))
         imported = self._imported_origins(list(grouped))
+        agents, others = self._agents(list(grouped)), self.other_models()
         summaries = []
         for key, e in grouped.items():
             by_model, from_metrics = e["by_model"], sum(u.requests for u in e["by_model"].values()) < e["rows"]
             origin, imported_requests = imported.get(key, (0, 0))
-            summaries.append(Session(e["session_id"], e["user"], e["first"], e["last"], Split.from_models(by_model),
+            agent, estimated = agents[key]
+            summaries.append(Session(e["session_id"], e["user"], e["first"], e["last"],
+                                     Split.from_models(by_model, others),
                                      tuple(sorted(by_model, key=lambda m: (-by_model[m].cost_nanos, m))),
                                      *counts.get(key, (0, 0, 0)), from_metrics, e["project"],
                                      session_source(origin, from_metrics, imported_requests,
-                                                    sum(u.requests for u in by_model.values()))))
+                                                    sum(u.requests for u in by_model.values()), estimated), agent))
         return sorted(summaries, key=lambda summary: (-summary.last_ms, summary.session_id))
+
+    def _agents(self, sessions: list[int]) -> dict[int, tuple[str, bool]]:
+        """Each session's agent (that of one of its rows: a session is one agent's), and whether ccmon priced any
+        of its rows of another agent's (estimated; the partial index answers)."""
+        found: dict[int, tuple[str, bool]] = {}
+        for first in range(0, len(sessions), 500):
+            chunk = sessions[first:first + 500]
+            found.update((session, (agent, bool(estimated))) for session, agent, estimated in self._reader().execute(
+                f"SELECT c.value, (SELECT a.name FROM requests r JOIN agents a ON a.id = r.agent WHERE r.session = "
+                f"c.value LIMIT 1), EXISTS (SELECT 1 FROM requests r WHERE r.session = c.value AND "
+                f"{origin_in(AGENT_ESTIMATED_ORIGINS, 'r.origin')}) FROM "
+                f"json_each(?) c", (json.dumps(chunk),)))
+        return found
 
     def _imported_origins(self, sessions: list[int]) -> dict[int, tuple[int, int]]:
         """The lowest origin of each session's requests imported from transcripts (ORIGIN_TRANSCRIPT, priced by
@@ -2880,11 +3119,11 @@ class Reader:
         return sorted(requests + events, key=lambda entry: entry.ts_ms)[:limit]
 
     def _session_requests(self, session: int, limit: int) -> list[ApiRequest]:
-        sql = (f"SELECT s.session_id, r.ts, m.name, {ROW_FIGURES} FROM requests r JOIN sessions s ON s.id = r.session "
-               f"JOIN models m ON m.id = r.model WHERE r.session = ? AND {origin_in(REQUEST_ORIGINS, 'r.origin')} "
-               "ORDER BY r.ts LIMIT ?")
-        return [ApiRequest(ts, model, sid, Usage(*figures))
-                for sid, ts, model, *figures in self._reader().execute(sql, (session, limit))]
+        sql = (f"SELECT s.session_id, r.ts, m.name, a.name, {ROW_FIGURES} FROM requests r JOIN sessions s ON "
+               "s.id = r.session JOIN models m ON m.id = r.model JOIN agents a ON a.id = r.agent WHERE r.session = ? "
+               f"AND {origin_in(REQUEST_ORIGINS, 'r.origin')} ORDER BY r.ts LIMIT ?")
+        return [ApiRequest(ts, model, sid, Usage(*figures), agent)
+                for sid, ts, model, agent, *figures in self._reader().execute(sql, (session, limit))]
 
     def tool_report(self, start_ms: int, end_ms: int, user: str | None = None,
                     project: str | None = None) -> ToolReport:
@@ -2932,7 +3171,7 @@ class Reader:
         chosen = self._user_filter(user)
         if chosen is None:
             return []
-        where, params = chosen
+        where, params = chosen[0] + f" AND {CLAUDES_MODELS}", chosen[1]  # Claude's windows: Claude Code's usage
         chain_start = self._chain_start(start_ms, where, params)
         windows = self.claude_windows(user, chain_start, end_ms)
         rows = self._reader().execute(
@@ -2951,13 +3190,16 @@ class Reader:
             block = blocks[-1]
             block.by_model[names[model]] = block.by_model.get(names[model], Usage()) + Usage(*figures)
             block.last_activity_ms = bucket
+        others = self.other_models()
         for block in blocks:  # Claude's edges fall inside quarter hours: such a block is summed exactly
             if block.start_ms % BUCKET_MS or block.end_ms % BUCKET_MS:
-                block.by_model = self.usage(block.start_ms, block.end_ms, user=user)
+                block.by_model = {model: usage for model, usage in self.usage(block.start_ms, block.end_ms,
+                                                                              user=user).items() if model not in others}
         blocks = [block for block in blocks if block.end_ms > start_ms]
         if project is None or not blocks:
             return [block.block() for block in blocks]
         where, params = self._filter(user, project)
+        where += f" AND {CLAUDES_MODELS}"
         shares = [BlockTally(block.start_ms, block.end_ms, {}, block.start_ms, block.from_claude) for block in blocks]
         starts = [block.start_ms for block in shares]
         for bucket, model, *figures in self._reader().execute(
@@ -3002,7 +3244,8 @@ class Reader:
         by_user: dict[str, dict[str, Usage]] = {}
         for (user, model), usage in self.usage(start_ms, end_ms, by="user, model", project=project).items():
             by_user.setdefault(user, {})[model] = usage
-        splits = {user: Split.from_models(models) for user, models in by_user.items()}
+        others = self.other_models()
+        splits = {user: Split.from_models(models, others) for user, models in by_user.items()}
         sessions = self.user_sessions(start_ms, end_ms, project)
         live = self.live_limits(end_ms)
         ranked = sorted(splits, key=lambda user: (-splits[user].total.cost_nanos, user))
@@ -3056,7 +3299,8 @@ class Reader:
             else:
                 by_model[names[model]] = Usage(*sums)
             found[name] = (by_model, sessions)
-        splits = {name: Split.from_models(by_model) for name, (by_model, _) in found.items()}
+        others = self.other_models()
+        splits = {name: Split.from_models(by_model, others) for name, (by_model, _) in found.items()}
         ranked = sorted(splits, key=lambda name: (-splits[name].total.cost_nanos, name))
         return [ProjectUsage(name, splits[name], found[name][1]) for name in ranked]
 
@@ -3095,8 +3339,9 @@ MAX_DEPTH = 8
 SCALAR_KINDS = ("string_value", "int_value", "double_value", "bool_value")
 # Attributes ccmon reads as text (ids and names): a number or a boolean is taken as its text, but an array, a
 # key-value list or bytes names nothing, and its record is rejected. "type" is read on metric data points.
-TEXT_KEYS = (*IDENTITY_KEYS, "session.id", "model", "prompt.id", "request_id")
-POINT_TEXT_KEYS = (*TEXT_KEYS, "type")
+TEXT_KEYS = (*IDENTITY_KEYS, "session.id", "conversation.id", "model", "prompt.id", "prompt_id", "request_id",
+             "response_id")
+POINT_TEXT_KEYS = (*TEXT_KEYS, "type", "token_type")
 NOT_TEXT = {list: "an array", dict: "a key-value list", bytes: "bytes"}
 # Clocks drift a little; a record dated further ahead than this is stored at the time it was received (a fast
 # clock would otherwise make its session the most recent one for ever), its own time kept under ORIGINAL_TIME_KEY.
@@ -3188,8 +3433,8 @@ def record_key(attrs: dict, record, undated: bool) -> tuple[str, int]:
 
 
 def session_id_of(attrs: dict) -> str:
-    """session.id as text: '' when absent or unset (an AnyValue of no kind), never 'None'."""
-    session = attrs.get("session.id")
+    """session.id (Codex: conversation.id) as text: '' when absent or unset (an AnyValue of no kind), never 'None'."""
+    session = attrs.get("session.id", attrs.get("conversation.id"))
     return "" if session is None else str(session)
 
 
@@ -3249,12 +3494,27 @@ class Sources:
         return self._memo[key]
 
 
+def check_call_tokens(counts: Iterable[int], keys: Iterable[str] = TOKEN_KEYS) -> None:
+    """BadValue for a count of a kind more than one API call can use."""
+    for key, count in zip(keys, counts):
+        if count > MAX_REQUEST_TOKENS:
+            raise BadValue(f"{key}={count} is more than one API call can use ({MAX_REQUEST_TOKENS:,} tokens of a kind)")
+
+
+def call_times(attrs: dict) -> tuple[int, int | None]:
+    """A call's duration_ms and ttft_ms (None when not reported); BadValue for unreadable or impossible ones."""
+    duration = parse_count(attrs.get("duration_ms", 0), "duration_ms")
+    ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if attrs.get("ttft_ms") not in (None, "") else None
+    for key, ms in (("duration_ms", duration), ("ttft_ms", ttft or 0)):
+        if ms > MAX_REQUEST_MS:
+            raise BadValue(f"{key}={ms} is longer than one API call can take (a day)")
+    return duration, ttft
+
+
 def request_row(attrs: dict, ts: int, source: str | None, user: str, record, undated: bool) -> tuple:
     """One api_request record as a `requests` row (REQUEST_COLUMNS); raises BadValue for unreadable figures."""
     counts = [parse_count(attrs.get(key, 0), key) for key in TOKEN_KEYS]
-    for key, count in zip(TOKEN_KEYS, counts):
-        if count > MAX_REQUEST_TOKENS:
-            raise BadValue(f"{key}={count} is more than one API call can use ({MAX_REQUEST_TOKENS:,} tokens of a kind)")
+    check_call_tokens(counts)
     cost_key = "cost_usd" if "cost_usd" in attrs else "cost_usd_micros"
     if cost_key == "cost_usd":
         cost = parse_usd_nanos(attrs["cost_usd"], "cost_usd")
@@ -3263,16 +3523,97 @@ def request_row(attrs: dict, ts: int, source: str | None, user: str, record, und
                                if attrs.get("cost_usd_micros") else 0, "cost_usd_micros")
     if cost > MAX_REQUEST_USD * NANOS_PER_USD:
         raise BadValue(f"{cost_key}={attrs[cost_key]!r} is more than one API call can cost (${MAX_REQUEST_USD:,})")
-    duration = parse_count(attrs.get("duration_ms", 0), "duration_ms")
-    ttft = parse_count(attrs["ttft_ms"], "ttft_ms") if attrs.get("ttft_ms") not in (None, "") else None
-    for key, ms in (("duration_ms", duration), ("ttft_ms", ttft or 0)):
-        if ms > MAX_REQUEST_MS:
-            raise BadValue(f"{key}={ms} is longer than one API call can take (a day)")
+    duration, ttft = call_times(attrs)
     extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
     session, seq = record_key(attrs, record, undated)
     return (ts, session, seq, optional_text(attrs.get("model")) or "unknown", user, *counts,
             cost, duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),
-            source, compact_json(extra), ORIGIN_EVENT)
+            source, compact_json(extra), ORIGIN_EVENT, CLAUDE_CODE)
+
+
+def counts_of(attrs: dict, *keys: str) -> list[int]:
+    return [parse_count(attrs.get(key, 0), key) for key in keys]
+
+
+def uncached(prompt: int, cached: int, keys: str) -> int:
+    """The input tokens not read from (or written to) a cache, of a prompt count that includes them."""
+    if cached > prompt:
+        raise BadValue(f"{keys} ({cached}) is more than the input it is part of ({prompt})")
+    return prompt - cached
+
+
+def gemini_tokens(attrs: dict) -> tuple[int, int, int, int]:
+    """Gemini CLI's input counts the cached tokens and leaves out the tool-use prompt; its output leaves out the
+    thoughts, billed as output."""
+    prompt, cached, output, thoughts, tool = counts_of(attrs, *GEMINI_TOKEN_KEYS)
+    return uncached(prompt, cached, "cached_content_token_count") + tool, output + thoughts, cached, 0
+
+
+def codex_tokens(attrs: dict) -> tuple[int, int, int, int]:
+    """Codex's input counts the cached tokens (and those written to a cache); its output, the reasoning."""
+    prompt, cached, written, output = counts_of(attrs, *CODEX_TOKEN_KEYS)
+    return uncached(prompt, cached + written, "cached_token_count + cache_write_token_count"), output, cached, written
+
+
+def qwen_tokens(attrs: dict) -> tuple[int, int, int, int]:
+    """Qwen Code's input counts the cached tokens; its output, the thoughts (reported apart too)."""
+    prompt, cached, output = counts_of(attrs, *QWEN_TOKEN_KEYS)
+    return uncached(prompt, cached, "cached_content_token_count"), output, cached, 0
+
+
+GEMINI_TOKEN_KEYS = ("input_token_count", "cached_content_token_count", "output_token_count", "thoughts_token_count",
+                     "tool_token_count")
+CODEX_TOKEN_KEYS = ("input_token_count", "cached_token_count", "cache_write_token_count", "output_token_count")
+QWEN_TOKEN_KEYS = ("input_token_count", "cached_content_token_count", "output_token_count")
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentCall:
+    """How another agent's log event of one model call reads: its agent, its figures in ccmon's kinds (input
+    without cache, output, cache read, cache write) and the attributes those come from."""
+    agent: str
+    tokens: Callable[[dict], tuple[int, int, int, int]]
+    token_keys: tuple[str, ...]
+
+
+# The other agents' model-call events, by event.name; one carrying no input_token_count is no call (Codex logs
+# each response.completed twice, once with the usage).
+AGENT_CALLS = {"gemini_cli.api_response": AgentCall(GEMINI_CLI, gemini_tokens, GEMINI_TOKEN_KEYS),
+               "codex.sse_event": AgentCall(CODEX, codex_tokens, CODEX_TOKEN_KEYS),
+               "qwen-code.api_response": AgentCall(QWEN_CODE, qwen_tokens, QWEN_TOKEN_KEYS)}
+AGENT_CALL_KEYS = {"event.name", "event.timestamp", "session.id", "conversation.id", "model", "duration_ms",
+                   "ttft_ms", "prompt_id", "response_id"}  # also stored in columns
+
+
+CODEX_TURN_COST = "codex.turn_cost"  # Codex's own cost of a turn, once its backend priced it
+
+
+def turn_cost(attrs: dict) -> tuple[str, str, int]:
+    """A codex.turn_cost event as (conversation, turn id, nano-dollars); BadValue when it names no turn or its
+    cost is unreadable."""
+    session, turn = session_id_of(attrs), optional_text(attrs.get("turn.id"))
+    if not session or not turn:
+        raise BadValue("a turn cost needs its conversation.id and turn.id")
+    cost = parse_usd_nanos(attrs.get("usage.estimated_usd"), "usage.estimated_usd")
+    if cost > MAX_REQUEST_USD * NANOS_PER_USD:
+        raise BadValue(f"usage.estimated_usd={attrs['usage.estimated_usd']!r} is more than a turn can cost")
+    return session, turn, cost
+
+
+def agent_call_row(call: AgentCall, attrs: dict, ts: int, source: str | None, user: str, record, undated: bool,
+                   prices: dict[str, Price] | None) -> tuple:
+    """Another agent's model-call event as a `requests` row (REQUEST_COLUMNS), priced by ccmon (estimated); raises
+    BadValue for unreadable figures. Its other figures (reasoning, totals) stay in its attributes."""
+    counts = call.tokens(attrs)
+    check_call_tokens(counts)
+    model = optional_text(attrs.get("model")) or "unknown"
+    duration, ttft = call_times(attrs)
+    extra = {k: v for k, v in attrs.items()
+             if k not in AGENT_CALL_KEYS and k not in call.token_keys and k not in IDENTITY_KEYS}
+    session, seq = record_key(attrs, record, undated)
+    return (ts, session, seq, model, user, *counts, estimated_cost(model, *counts, prices), duration, ttft,
+            optional_text(attrs.get("prompt_id")), optional_text(attrs.get("response_id")), source,
+            compact_json(extra), ORIGIN_EVENT_ESTIMATED, call.agent)
 
 
 def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, record, undated: bool) -> tuple:
@@ -3282,7 +3623,8 @@ def event_row(name: str, attrs: dict, ts: int, source: str | None, user: str, re
     if body is not None and body != EVENT_PREFIX + name:
         rest["body"] = body
     session, seq = record_key(attrs, record, undated)
-    return (ts, session, seq, user, name, optional_text(attrs.get("prompt.id")), source, compact_json(rest) or "{}")
+    return (ts, session, seq, user, name, optional_text(attrs.get("prompt.id", attrs.get("prompt_id"))), source,
+            compact_json(rest) or "{}")
 
 
 class Rejections:
@@ -3322,9 +3664,10 @@ class Rejections:
 class LogsIngest:
     """Decodes ExportLogsServiceRequest into rows."""
 
-    def __init__(self):
+    def __init__(self, prices: dict[str, Price] | None = None):
         self._seen_unknown: set[str] = set()
         self.sources = Sources()
+        self.prices = prices  # [pricing]: the other agents' calls are priced by ccmon
 
     def decode(self, request, rejected: Rejections) -> Iterator[Batch]:
         """The request's rows, WRITE_CHUNK_ROWS at a time; what is rejected or re-dated is counted in `rejected`."""
@@ -3376,15 +3719,21 @@ class LogsIngest:
         if original:
             attrs[ORIGINAL_TIME_KEY] = original
         try:
+            call = AGENT_CALLS.get(name)
+            if name == CODEX_TURN_COST:
+                batch.turn_costs.append(turn_cost(attrs))
             if name == "api_request":
                 batch.requests.append(request_row(attrs, ts, source, user, record, ms is None))
+            elif call and "input_token_count" in attrs:
+                batch.requests.append(agent_call_row(call, attrs, ts, source, user, record, ms is None, self.prices))
             else:
                 batch.events.append(event_row(name, attrs, ts, source, user, record, ms is None))
         except BadValue as exc:
-            rejected.add(f"{name} in session {attrs.get('session.id', '?')}: {exc}")
+            rejected.add(f"{name} in session {session or '?'}: {exc}")
             return
         rejected.dated_ahead += bool(original)
-        if name not in KNOWN_EVENTS and name not in self._seen_unknown and len(self._seen_unknown) < 1000:
+        known = name in KNOWN_EVENTS or call
+        if not known and name not in self._seen_unknown and len(self._seen_unknown) < 1000:
             self._seen_unknown.add(name)
             log.info("storing events of a kind ccmon does not know yet: %r", name)
 
@@ -3431,6 +3780,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
                         continue
                     identity = json.dumps([metric.name, attrs, point.start_time_unix_nano, value],
                                           sort_keys=True, default=json_default)
+                    point_type = attrs.get("type", attrs.get("token_type"))  # Codex: token_type
                     rest = {k: v for k, v in attrs.items()
                             if k not in ("session.id", "model", "type") and k not in IDENTITY_KEYS}
                     point_ms = point.time_unix_nano // 1_000_000
@@ -3445,7 +3795,7 @@ def metric_rows(request, rejected: Rejections, sources: Sources, projects: dict[
                     rows.append((ts, point.start_time_unix_nano // 1_000_000 or None,
                                  session, content_hash(identity.encode(), UNDATED_SEQ if undated else -1),
                                  user_name(attrs, resource), metric.name, temporality, float(value),
-                                 optional_text(attrs.get("model")), optional_text(attrs.get("type")),
+                                 optional_text(attrs.get("model")), optional_text(point_type),
                                  sources.json(resource_json, attrs), compact_json(rest) or "{}"))
                     if len(rows) == WRITE_CHUNK_ROWS:
                         yield rows
@@ -3613,13 +3963,13 @@ def export_batches(kind: str, data: bytes, rejected: Rejections, ingest: LogsIng
             yield Batch(metrics=rows, projects=projects)
 
 
-def decoder_loop(conn) -> None:
+def decoder_loop(conn, prices: dict[str, Price] | None = None) -> None:
     """A decoder process: (kind, serialized export) in; its batches out as (batch, None), the last one as (batch or
     None, its Rejections), (None, BadExport) or (None, DecoderFailure). It ends when the server closes the pipe."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)  # a Ctrl-C or a stop meant for the server: it ends us by closing the pipe
     os.nice(DECODER_NICENESS)
-    libc, ingest = glibc_or_none(), LogsIngest()
+    libc, ingest = glibc_or_none(), LogsIngest(prices)
     while True:
         try:
             kind, data = conn.recv()
@@ -3650,8 +4000,8 @@ class Decoders:
     decoder is left (decoding again from the start: the rows already stored are duplicates, ignored as such).
     One that hangs is killed (see DECODER_PATIENCE_S): a read or a write on its pipe waits no longer than that."""
 
-    def __init__(self, count: int = DECODERS):
-        self.ingest = LogsIngest()  # for decoding in the server
+    def __init__(self, count: int = DECODERS, prices: dict[str, Price] | None = None):
+        self.ingest = LogsIngest(prices)  # for decoding in the server
         self._idle: queue.Queue = queue.Queue()
         self._alive, self._alive_lock = {}, threading.Lock()  # pid -> the server's end of its pipe
         ends = []
@@ -3662,7 +4012,7 @@ class Decoders:
                 try:
                     for end in (parent, *ends):  # only the server may hold a decoder's end: closing it ends the decoder
                         end.close()
-                    decoder_loop(child)
+                    decoder_loop(child, prices)
                 finally:
                     os._exit(0)  # never back into the server's code
             child.close()
@@ -4569,12 +4919,16 @@ def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
         raise BadValue(f"a token count or the cost is out of range: {counts}, {r.cost_nanos} nano-dollars")
     seq = content_hash(f"{r.message_id}\0{r.request_id}".encode())
     return (r.timestamp_ms, r.session_id, seq, r.model or "unknown", "", *counts, r.cost_nanos, 0, None, None,
-            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST)
+            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST, CLAUDE_CODE)
 
 
 def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
-    return Split(usage_from_token(stats.base_tokens, stats.base_requests, stats.base_cost),
-                 usage_from_token(stats.premium_tokens, stats.premium_requests, stats.premium_cost))
+    """The other agents' usage is what the total has beyond base and premium (none from older servers): requests or
+    tokens, with their cost (each cost went over the wire as a double: the difference alone is no usage)."""
+    base = usage_from_token(stats.base_tokens, stats.base_requests, stats.base_cost)
+    premium = usage_from_token(stats.premium_tokens, stats.premium_requests, stats.premium_cost)
+    other = usage_from_token(stats.total_tokens, stats.total_requests, stats.total_cost) - base - premium
+    return Split(base, premium, other if other.requests or other.total else Usage())
 
 
 def api_request_message(r: ApiRequest) -> ccmon_pb2.APIRequest:
@@ -4582,13 +4936,14 @@ def api_request_message(r: ApiRequest) -> ccmon_pb2.APIRequest:
         session_id=r.session_id, timestamp=timestamp_from_ms(r.ts_ms), model=r.model, input_tokens=r.usage.input,
         output_tokens=r.usage.output, cache_read_tokens=r.usage.cache_read,
         cache_creation_tokens=r.usage.cache_creation, total_tokens=r.usage.total, cost_usd=r.usage.cost_usd,
-        duration_ms=r.usage.duration_ms)
+        duration_ms=r.usage.duration_ms, agent=r.agent)
 
 
 def api_request_of(r: ccmon_pb2.APIRequest) -> ApiRequest:
     return ApiRequest(ms_of(r.timestamp), r.model, r.session_id,
                       Usage(1, r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens,
-                            round(r.cost_usd * NANOS_PER_USD), r.duration_ms))
+                            round(r.cost_usd * NANOS_PER_USD), r.duration_ms),
+                      r.agent or CLAUDE_CODE)  # servers before agents send none
 
 
 def session_message(session: Session) -> ccmon_pb2.SessionStats:
@@ -4597,14 +4952,15 @@ def session_message(session: Session) -> ccmon_pb2.SessionStats:
         last_request_at=timestamp_from_ms(session.last_ms), stats=stats_message(session.split),
         models=session.models, tool_calls=session.tool_calls, tool_failures=session.tool_failures,
         api_errors=session.api_errors, from_metrics=session.from_metrics, project=session.project,
-        source=session.source)
+        source=session.source, agent=session.agent)
 
 
 def session_of(s: ccmon_pb2.SessionStats) -> Session:
     return Session(s.session_id, s.user, ms_of(s.first_request_at), ms_of(s.last_request_at),
                    split_from_stats(s.stats), tuple(s.models), s.tool_calls, s.tool_failures, s.api_errors,
                    s.from_metrics, s.project,
-                   s.source or session_source(0, s.from_metrics))  # servers before transcripts send no source
+                   s.source or session_source(0, s.from_metrics),  # servers before transcripts send no source
+                   s.agent or CLAUDE_CODE)  # nor those before agents an agent
 
 
 # An event's attributes in a timeline answer: a full timeline (MAX_TIMELINE_ENTRIES) fits in the 4 MB clients accept.
@@ -4667,15 +5023,17 @@ def tool_report_of(response: ccmon_pb2.GetToolStatsResponse) -> ToolReport:
 
 def model_message(model: ModelUsage) -> ccmon_pb2.ModelStats:
     u = model.usage
-    return ccmon_pb2.ModelStats(model=model.model, premium=is_premium(model.model), requests=u.requests,
-                                tokens=token_message(u), cost=ccmon_pb2.Cost(amount=u.cost_usd),
-                                duration_ms=u.duration_ms, ttft_ms_total=u.ttft_ms, ttft_count=u.ttft_count)
+    return ccmon_pb2.ModelStats(model=model.model, premium=model.agent == CLAUDE_CODE and is_premium(model.model),
+                                requests=u.requests, tokens=token_message(u), cost=ccmon_pb2.Cost(amount=u.cost_usd),
+                                duration_ms=u.duration_ms, ttft_ms_total=u.ttft_ms, ttft_count=u.ttft_count,
+                                agent=model.agent)
 
 
 def model_usage_of(m: ccmon_pb2.ModelStats) -> ModelUsage:
     return ModelUsage(m.model, dataclasses.replace(usage_from_token(m.tokens, m.requests, m.cost),
                                                    duration_ms=m.duration_ms, ttft_ms=m.ttft_ms_total,
-                                                   ttft_count=m.ttft_count))
+                                                   ttft_count=m.ttft_count),
+                      m.agent or CLAUDE_CODE)  # servers before agents send none
 
 
 def block_message(block: UsageBlock) -> ccmon_pb2.Block:
@@ -4807,7 +5165,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         return request.project or None
 
     def GetStats(self, request, context):
-        split = Split.from_models(self.reader.usage(*self._period(request), user=self._user(request),
+        split = self.reader.split(self.reader.usage(*self._period(request), user=self._user(request),
                                                     project=self._project(request)))
         return ccmon_pb2.GetStatsResponse(stats=stats_message(split))
 
@@ -4906,7 +5264,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             response.session.CopyFrom(stats_message(found[0].split))
         if user is not None:
             midnight = day_bounds(zone, now, 1)[0][1]
-            response.today.CopyFrom(stats_message(Split.from_models(self.reader.usage(midnight, now, user=user))))
+            response.today.CopyFrom(stats_message(self.reader.split(self.reader.usage(midnight, now, user=user))))
         return response
 
     def GetLimits(self, request, context):
@@ -4925,7 +5283,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
                 window = getattr(reading, field)
                 if window is not None and len(newest_per_window) < CALIBRATION_WINDOWS:
                     newest_per_window.setdefault(claude_window_key(window.resets_ms), (reading, window))
-            samples = [(Split.from_models(self.reader.usage(window.resets_ms - span, reading.read_ms,
+            samples = [(self.reader.split(self.reader.usage(window.resets_ms - span, reading.read_ms,
                                                             user=reading.user or user)).premium.limited, window.percent)
                        for reading, window in newest_per_window.values()]
             tokens, count = window_capacity(samples)
@@ -5157,9 +5515,9 @@ def run_server(config: Config, on_ready: Callable[[int, int, threading.Event], N
     # The writer binding rows, the export threads taking decoded batches and the queries share the GIL; a short
     # switch interval keeps each from waiting up to 5 ms for another whenever it needs the GIL back.
     sys.setswitchinterval(0.0005)
-    decoders = Decoders()  # first: they are forked, which must happen before any thread starts
+    decoders = Decoders(prices=config.prices)  # first: they are forked, which must happen before any thread starts
     try:
-        store = Writer(config.database_path)
+        store = Writer(config.database_path, prices=config.prices)
     except StorageError as exc:
         decoders.close()
         raise ServerError(str(exc)) from None
@@ -5511,9 +5869,11 @@ def weekly_premium(limits: LimitFigures) -> Usage:
 
 
 def usage_by_family(models: Iterable[ModelUsage]) -> dict[str, Usage]:
+    """Claude Code's usage by model family (Claude's weekly caps are by family); the other agents' is no family's."""
     by_family: dict[str, Usage] = {}
     for m in models:
-        by_family[model_family(m.model)] = by_family.get(model_family(m.model), Usage()) + m.usage
+        if m.agent == CLAUDE_CODE:
+            by_family[model_family(m.model)] = by_family.get(model_family(m.model), Usage()) + m.usage
     return dict(sorted(by_family.items()))
 
 
@@ -5678,6 +6038,15 @@ def json_text(value: Any, **options) -> str:
 def short_user(name: str) -> str:
     """A hashed user id (Claude Code's 64-hex user.id) cut to what tells users apart; names and emails whole."""
     return name[:10] + "~" if len(name) > 24 and re.fullmatch(r"[0-9a-f]+", name) else name
+
+
+def short_session(session_id: str) -> str:
+    """A session id cut to 8 characters, enough to tell a person's sessions apart: the first ones, but the last of a
+    UUIDv7 (Codex's conversations), whose first ones are the time it began, alike for sessions begun together. An
+    agent's metrics session (a name, with spaces) whole."""
+    if " " in session_id:
+        return session_id
+    return session_id[-8:] if uuid7_ms(session_id) is not None else session_id[:8]
 
 
 def short_model(model: str) -> str:
@@ -6353,8 +6722,8 @@ def status_values(data: dict, reading: LimitReading, session: Split | None, toda
         session.total.cost_nanos if session is not None else 0  # Claude Code's own figure, up to this very turn
     if session_nanos:  # nothing yet at start-up: the session has made no request
         values["session_cost"] = format_cost(session_nanos)
-    if today is not None:
-        values["daily_cost"] = format_cost(today.total.cost_nanos)
+    if today is not None:  # Claude Code's status line: Claude Code's cost today, not the other agents'
+        values["daily_cost"] = format_cost(today.claude.cost_nanos)
     for name, window in (("five_hour", reading.five_hour), ("seven_day", reading.seven_day)):
         if window is not None and window.resets_ms > now:
             values[name] = format_percent(window.percent)
@@ -6533,7 +6902,7 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                  "last_request": dt.datetime.fromtimestamp(s.last_ms / 1000, zone).isoformat(timespec="seconds"),
                  **usage_fields(s.split.total), "models": " ".join(s.models), "tool_calls": s.tool_calls,
                  "tool_failures": s.tool_failures, "api_errors": s.api_errors,
-                 "source": s.source}
+                 "source": s.source, "agent": s.agent}
                 for s in client.sessions(start, end, user, limit=5000, project=project)]
     groups: dict[str, Split] = {}
     for usage in reversed(client.days(start, end, zone.key, user, project)):
@@ -6543,7 +6912,7 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
         label = {"daily": usage.date, "weekly": (day - dt.timedelta(days=day.weekday())).isoformat(),
                  "monthly": usage.date[:7]}[kind]
         previous = groups.get(label, Split())
-        groups[label] = Split(previous.base + usage.split.base, previous.premium + usage.split.premium)
+        groups[label] = previous + usage.split
     column = {"daily": "date", "weekly": "week_of", "monthly": "month"}[kind]
     return [{column: label, **usage_fields(split.total), "premium_requests": split.premium.requests,
              "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD} for label, split in groups.items()]
@@ -6581,7 +6950,7 @@ TABLE_HEADERS = {"session_id": "session", "first_request": "first", "last_reques
                  "tool_failures": "failed", "api_errors": "errors", "block_start": "start", "block_end": "end",
                  "read_at": "read", "five_hour_percent": "5h", "five_hour_resets": "5h_resets",
                  "seven_day_percent": "week", "seven_day_resets": "week_resets"}
-TABLE_DROP_ORDER = ("tool_failures", "api_errors", "source", "cache_creation_tokens", "cache_read_tokens",
+TABLE_DROP_ORDER = ("tool_failures", "api_errors", "source", "agent", "cache_creation_tokens", "cache_read_tokens",
                     "last_request", "premium_cost_usd", "premium_requests", "tool_calls", "project", "avg_ttft_ms",
                     "block_end", "input_tokens", "output_tokens", "models")
 
@@ -6600,7 +6969,7 @@ def table_cell(key: str, value: Any, wide: bool) -> str:
     if wide:
         return str(value)
     if key == "session_id":
-        return value[:8]
+        return short_session(value)
     if key == "user":
         return short_user(value) or "-"  # a user no record named
     if key in ("first_request", "last_request", "block_start", "block_end", "read_at", "five_hour_resets",
@@ -6837,7 +7206,7 @@ def dashboard(reader: Reader, query: DashboardQuery, now: int) -> dict[str, Any]
     monday = ms_from_datetime(dt.datetime.combine(today - dt.timedelta(days=today.weekday()), dt.time(), zone))
 
     def usage(lo: int, hi: int) -> Split:
-        return Split.from_models(reader.usage(lo, hi, user=user, project=project))
+        return reader.split(reader.usage(lo, hi, user=user, project=project))
 
     limits = [{"user": name, **{window: window_reading(claude, window, now) for window in ("five_hour", "seven_day")}}
               for name, claude in reader.live_limits(now).items() if user is None or name == user]
@@ -8429,9 +8798,14 @@ def model_names(model: str) -> tuple[str, str, str]:
     return model, short_model(model), short_model(model).removeprefix("claude-")
 
 
+def agent_names(agent: str) -> tuple[str, str]:
+    """An agent's name whole, or its first word: claude-code, claude."""
+    return agent, agent.split("-")[0]
+
+
 def session_names(session_id: str) -> tuple[str, str]:
-    """A session id whole, or its first 8 characters: enough to tell a person's sessions apart."""
-    return session_id, session_id[:8]
+    """A session id whole, or shortened (see short_session)."""
+    return session_id, short_session(session_id)
 
 
 def user_names(user: str, unknown: str = "-") -> Cell:
@@ -8513,7 +8887,8 @@ def usage_lines(snap: Snapshot, state: ViewState, screen: Screen, compact: bool 
     columns = [Column("", 8, 0, left=True), Column("Requests", 8, 1), Column("Limited", 8, 2),
                Column("Cache", 8, 4), Column("Total", 8, 3), Column("Cost", 10, 1), Column("Avg rate", 10, 5)]
     rows = []
-    for name, usage, style in (("Base", period.base, ""), ("Premium", period.premium, ""),
+    others = (("Others", period.other, ""),) if period.other != Usage() else ()  # other agents' (see Split)
+    for name, usage, style in (("Base", period.base, ""), ("Premium", period.premium, ""), *others,
                                ("Total", period.total, "bold")):
         rate = "-" if start is None or name != "Premium" else format_rate(per_minute(usage.limited, end - start))
         rows.append(([name, format_count(usage.requests), format_count(usage.limited), format_count(usage.cache),
@@ -8712,16 +9087,19 @@ def requests_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     page: RequestsPage = snap.data.page
     long_period = snap.query.start_ms is None or snap.query.end_ms - snap.query.start_ms > 86400_000
     time_format, time_width = ("%m-%d %H:%M", 11) if long_period else ("%H:%M:%S", 8)
-    columns = [Column("Time", time_width, 0, left=True), Column("Model", 10, 0, left=True),
-               Column("Input", 7, 3), Column("Output", 7, 3), Column("Cache", 7, 4), Column("Total", 7, 1),
-               Column("Cost", 9, 1), Column("Dur", 6, 5), Column("Session", 8, 6, left=True)]
+    columns = [Column("Time", time_width, 0, left=True), Column("Agent", 6, 2, left=True),
+               Column("Model", 10, 0, left=True), Column("Input", 7, 3), Column("Output", 7, 3), Column("Cache", 7, 4),
+               Column("Total", 7, 1), Column("Cost", 9, 1), Column("Dur", 6, 5), Column("Session", 8, 6, left=True)]
     page_rows = max(1, screen.rows - 2)
     shown = page.requests[state.scroll - snap.query.offset:][:page_rows] if state.scroll >= snap.query.offset else ()
-    rows = [([local_time(r.ts_ms, screen.settings.zone, time_format), model_names(r.model),
+    rows = [([local_time(r.ts_ms, screen.settings.zone, time_format), agent_names(r.agent), model_names(r.model),
               format_count(r.usage.input), format_count(r.usage.output), format_count(r.usage.cache),
               format_count(r.usage.total), format_cost(r.usage.cost_nanos), format_duration(r.usage.duration_ms),
               session_names(r.session_id)], "")
             for r in shown]
+    if len({r.agent for r in shown}) < 2:  # Claude Code's alone (or another agent's alone): no Agent column
+        columns = columns[:1] + columns[2:]
+        rows = [(cells[:1] + cells[2:], style) for cells, style in rows]
     first = state.scroll + 1 if shown else 0
     title = f"Requests {first}-{state.scroll + len(shown)} of {page.total}"
     header, body = table_lines(columns, rows, screen.width)
@@ -8743,7 +9121,7 @@ def daily_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
                Column("Avg rate", 9, 6), Column("Cost", 9, 1), Column("Prem $", 9, 3)]
     rows, total = [], Split()
     for usage in days:
-        total = Split(total.base + usage.split.base, total.premium + usage.split.premium)
+        total = total + usage.split
         day = dt.date.fromisoformat(usage.date)
         day_start, next_day = (ms_from_datetime(dt.datetime.combine(d, dt.time(), zone))
                                for d in (day, day + dt.timedelta(days=1)))
@@ -8812,7 +9190,8 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     several_users = len({row.user for row in sessions}) > 1
     labels = project_labels(row.project for row in sessions)
     columns = [Column("Session", 8, 0, left=True), Column("User", 14, 6, left=True),
-               Column("Project", 10, 6, left=True), Column("Started", 11, 2, left=True), Column("Dur", 6, 4),
+               Column("Project", 10, 6, left=True), Column("Agent", 6, 2, left=True),
+               Column("Started", 11, 2, left=True), Column("Dur", 6, 4),
                Column("Req", 5, 1), Column("Tokens", 7, 3),
                Column("Cost", 9, 0), Column("Models", 20, 5, left=True), Column("Tools", 5, 7),
                Column("Fail", 4, 7), Column("Err", 4, 7), Column("Source", 7, 8, left=True)]
@@ -8823,14 +9202,15 @@ def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
         total = row.split.total
         models = tuple(",".join(names) for names in zip(*map(model_names, row.models))) or ""  # long to short
         rows.append(([session_names(row.session_id), user_names(row.user),
-                      project_forms(row.project, labels) if row.project else "-",
+                      project_forms(row.project, labels) if row.project else "-", agent_names(row.agent),
                       local_time(row.first_ms, screen.settings.zone, "%m-%d %H:%M"),
                       format_duration(row.last_ms - row.first_ms), format_count(total.requests),
                       format_count(total.total), format_cost(total.cost_nanos), models, str(row.tool_calls),
                       str(row.tool_failures), str(row.api_errors), row.source],
                      "tab_active" if index == state.scroll else ""))
-    shown = [i for i in range(len(columns))  # one person's server: no User column; no projects: no Project column
-             if (i != 1 or several_users) and (i != 2 or any(row.project for row in sessions))]
+    shown = [i for i in range(len(columns))  # one person's server: no User column; no projects: no Project column;
+             if (i != 1 or several_users) and (i != 2 or any(row.project for row in sessions))  # one agent: no Agent
+             and (i != 3 or len({row.agent for row in sessions}) > 1)]
     columns = [columns[i] for i in shown]
     rows = [([cells[i] for i in shown], style) for cells, style in rows]
     header, body = table_lines(columns, rows, screen.width)

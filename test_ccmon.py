@@ -3,6 +3,7 @@ a real SQLite file, the real monitor in a pseudo-terminal. Run: python -m pytest
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import datetime as dt
@@ -434,7 +435,7 @@ def test_config_defaults(tmp_path, monkeypatch):
         server_retention_s=None, server_http_address="127.0.0.1:4318", server_token="", server_tls=None,
         max_message_bytes=16 * 1024 * 1024, monitor_server="127.0.0.1:4317", monitor_token="", monitor_tls=None,
         monitor_timezone="UTC", refresh_interval_s=5, plan="unset", max_tokens=0, source="defaults", block_mode=None,
-        weekly_max_tokens=0, alert_percents=(), alert_command="", monitor_autostart=True)
+        weekly_max_tokens=0, alert_percents=(), alert_command="", monitor_autostart=True, status_line_wait_s=0.25)
 
 
 def test_config_file_search_order_and_flag_precedence(tmp_path, monkeypatch):
@@ -1040,13 +1041,14 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
                     st.sampled_from(["ana@example.com", "bo@example.com", ""]),
                     *[st.integers(min_value=0, max_value=10 ** 6)] * 6,
                     st.one_of(st.none(), st.integers(min_value=0, max_value=5000)),  # ttft_ms
-                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1, 2, 3]))  # ..., origin
+                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1, 2, 3, 4, 5]),  # ..., origin
+                    st.sampled_from(["claude-code", "claude-code", "codex"]))  # agent
     operation = st.one_of(st.tuples(st.just("insert"), st.lists(row, min_size=1, max_size=30)),
                           st.tuples(st.just("sweep"), moments))
     zones = st.sampled_from(["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Australia/Lord_Howe"])
 
     def brute_force(start, end, by="model_name", user=None):
-        rows = db_rows(store.path, f"SELECT {by}, SUM(origin != 1), SUM(input_tokens), SUM(output_tokens), "
+        rows = db_rows(store.path, f"SELECT {by}, SUM(origin IN (0, 2, 3, 4)), SUM(input_tokens), SUM(output_tokens), "
                                    "SUM(cache_read_tokens), SUM(cache_creation_tokens), SUM(cost_nanos), "
                                    "SUM(duration_ms), SUM(COALESCE(ttft_ms, 0)), COUNT(ttft_ms) FROM r "
                                    "WHERE ts >= ? AND ts < ? AND user_name = COALESCE(?, user_name) GROUP BY 1",
@@ -1081,7 +1083,7 @@ def test_block_chains_and_edges(tmp_path):
     base = ccmon.parse_iso_ms("2026-06-01T00:05:00Z")
     # One request every 40 minutes for 80 hours: never a pause of 5 hours.
     rows = [(base + i * 40 * 60_000, "s", i, "claude-sonnet-4-5", "", 100, 0, 0, 0, 0, 0, None, None, None, None,
-             None, 0) for i in range(120)]
+             None, 0, "claude-code") for i in range(120)]
     store.write(ccmon.Batch(requests=rows))
     for hours in (30.5, 60.33, 61.0, 61.33, 63.0, 63.33):
         now = base + int(hours * 3600_000)
@@ -1097,19 +1099,25 @@ def test_block_chains_and_edges(tmp_path):
 
 
 def test_which_origin_replaces_which():
-    event, metrics, transcript, transcript_cost = origins = (ccmon.ORIGIN_EVENT, ccmon.ORIGIN_METRICS,
-                                                             ccmon.ORIGIN_TRANSCRIPT, ccmon.ORIGIN_TRANSCRIPT_COST)
-    assert origins == (0, 1, 2, 3)  # stored in requests.origin
+    event, metrics, transcript, transcript_cost, agent_event, agent_metrics = origins = (
+        ccmon.ORIGIN_EVENT, ccmon.ORIGIN_METRICS, ccmon.ORIGIN_TRANSCRIPT, ccmon.ORIGIN_TRANSCRIPT_COST,
+        ccmon.ORIGIN_EVENT_ESTIMATED, ccmon.ORIGIN_METRICS_ESTIMATED)
+    assert origins == (0, 1, 2, 3, 4, 5)  # stored in requests.origin
+    lower = {metrics, transcript, transcript_cost, agent_metrics}
     assert {origin: ccmon.replaced_by(origin) for origin in ccmon.ORIGIN_RULES} == {
-        event: {metrics, transcript, transcript_cost}, metrics: set(), transcript: {metrics},
-        transcript_cost: {metrics}}
-    assert ccmon.REQUEST_ORIGINS == {event, transcript, transcript_cost}
+        event: lower, metrics: set(), transcript: {metrics, agent_metrics},
+        transcript_cost: {metrics, agent_metrics}, agent_event: lower, agent_metrics: set()}
+    assert ccmon.REQUEST_ORIGINS == {event, transcript, transcript_cost, agent_event}
     assert ccmon.TRANSCRIPT_ORIGINS == {transcript, transcript_cost}
+    assert ccmon.EVENT_ORIGINS == {event, agent_event}
     assert min(ccmon.TRANSCRIPT_ORIGINS) == transcript  # a session's lowest imported origin: whether ccmon priced any
-    assert [ccmon.origin_in(chosen) for chosen in ({metrics}, {event, transcript, transcript_cost},
-                                                   {transcript, transcript_cost}, {event, transcript})] == \
-        ["origin = 1", "origin != 1", "origin >= 2", "origin IN (0, 2)"]
-    assert ccmon.origin_in(iter([event, transcript, transcript_cost]), "r.origin") == "r.origin != 1"
+    assert [ccmon.origin_in(chosen) for chosen in ({metrics}, {event, transcript, transcript_cost, agent_event},
+                                                   {transcript, transcript_cost}, {event, transcript},
+                                                   {agent_event, agent_metrics}, {metrics, agent_metrics})] == \
+        ["origin = 1", "origin IN (0, 2, 3, 4)", "origin IN (2, 3)", "origin IN (0, 2)", "origin >= 4",
+         "origin IN (1, 5)"]
+    assert ccmon.origin_in(iter([event, transcript, transcript_cost, agent_event]), "r.origin") == \
+        "r.origin IN (0, 2, 3, 4)"
 
 
 def test_the_schema_selects_origins_as_the_policy_renders_them(tmp_path):
@@ -1123,6 +1131,7 @@ def test_the_schema_selects_origins_as_the_policy_renders_them(tmp_path):
     assert schema["requests_from_metrics"].endswith(f" WHERE {from_metrics}")
     assert schema["requests_imported"].endswith(f" WHERE {transcripts}")
     assert schema["requests_imported_request"].endswith(f" WHERE {transcripts}")
+    assert schema["requests_estimated"].endswith(f" WHERE {ccmon.origin_in(ccmon.AGENT_ESTIMATED_ORIGINS)}")
     for table in ("usage_rollup", "session_usage"):
         assert ccmon.FIGURES["requests"].format(r="NEW.") in schema[f"{table}_insert"]
         assert ccmon.FIGURES["requests"].format(r="OLD.") in schema[f"{table}_delete"]
@@ -1134,6 +1143,8 @@ def test_the_schema_selects_origins_as_the_policy_renders_them(tmp_path):
     assert "requests_imported_request" in plan(f"DELETE FROM requests WHERE request_id = 'r' AND {transcripts}")
     assert "requests_imported" in plan(f"SELECT session, MIN(origin) FROM requests WHERE {transcripts} "
                                        "AND session IN (1, 2) GROUP BY session")
+    estimated = ccmon.origin_in(ccmon.AGENT_ESTIMATED_ORIGINS, "r.origin")
+    assert "requests_estimated" in plan(f"SELECT EXISTS (SELECT 1 FROM requests r WHERE r.session = 1 AND {estimated})")
     conn.close()
 
 
@@ -1161,6 +1172,10 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         old, new = json.loads((V1 / "answers.json").read_text()), v1_answers(srv)
         # Asked without oldest_first, GetAPIRequests now answers the same page in the Go ccmon's order, oldest first.
         new["requests"]["requests"].reverse()
+        # schema 8 names each request's and session's agent (a field schema 1 did not have): all Claude Code's
+        named = [*new["requests"]["requests"], *new["sessions"]["sessions"], *new["models"]["models"],
+                 *(entry["request"] for entry in new["timeline"]["entries"] if "request" in entry)]
+        assert {item.pop("agent") for item in named} == {"claude-code"}
         # Every figure is what schema 1 answered; only s-cy-1's user is now the email its resource gave
         # instead of the hashed user.id (schema 3 names users readably).
         assert {k: v for k, v in new.items() if k not in ("sessions", "users")} == \
@@ -1180,6 +1195,8 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         assert db_rows(db, "PRAGMA user_version") == [(ccmon.SCHEMA_VERSION,)]
         assert db_rows(db, "SELECT name FROM sqlite_master WHERE name LIKE 'requests_%request%' ORDER BY 1") == \
             [("requests_imported_request",), ("requests_session_request",)]
+        assert db_rows(db, "SELECT a.name, COUNT(*) FROM requests r JOIN agents a ON a.id = r.agent GROUP BY 1") == \
+            [("claude-code", db_rows(db, "SELECT COUNT(*) FROM requests")[0][0])]
         with sqlite3.connect(backup) as copy:  # the backup is the old database, whole
             assert copy.execute("PRAGMA user_version").fetchone() == (1,)
             assert copy.execute("SELECT COUNT(*), SUM(cost_nanos) FROM requests").fetchone() == \
@@ -1855,6 +1872,416 @@ def test_metrics_only_sessions_count_and_events_win(server):
             sessions["cumulative-session"].stats.total_cost.amount) == ("transcript*", 1, 0.000525)
     export(AggregationTemporality.DELTA, [(9.0, {"input": 9999})], "cumulative-session")
     assert server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats.total_cost.amount == 0.700525
+
+
+# ---------------------------------------------------------------- other agents: Gemini CLI, Codex, Qwen Code
+
+# What each stand-in model API (../shared/tools/) answers every call, as ccmon counts it (docs/agents.md):
+# (input without cache, output, cache read, cache write), which add up to the call's total tokens.
+STANDIN_CALL = {"gemini-cli": (1234 - 456 + 11, 78 + 90, 456, 0),  # prompt - cached + tool-use prompt; + thoughts
+                "codex": (2345 - 678, 89, 678, 0),                 # output includes the 34 reasoning tokens
+                "qwen-code": (3456 - 789, 91, 789, 0)}             # output includes the 23 thoughts
+STANDIN_TOTAL = {"gemini-cli": 1413, "codex": 2434, "qwen-code": 3547}
+# The captures of the tools exporting to a receiver (fixtures/<tool>/otlp/<protocol>.jsonl.gz, traces left out):
+# (tool, protocol) -> (agent, model calls, sessions) in them.
+AGENT_CAPTURES = {("gemini-cli-0.61.0", "grpc"): ("gemini-cli", 6, 3),
+                  ("gemini-cli-0.61.0", "http-json"): ("gemini-cli", 6, 3),
+                  ("codex-0.169.0", "grpc"): ("codex", 6, 5),
+                  ("codex-0.169.0", "http-protobuf"): ("codex", 3, 2),
+                  ("codex-0.169.0", "http-json"): ("codex", 3, 2),
+                  ("qwen-code-0.24.4", "grpc"): ("qwen-code", 10, 5),
+                  ("qwen-code-0.24.4", "http-json"): ("qwen-code", 7, 3)}
+EXPORT_STUBS = {"logs": (logs_service_pb2_grpc.LogsServiceStub, logs_service_pb2.ExportLogsServiceRequest),
+                "metrics": (metrics_service_pb2_grpc.MetricsServiceStub,
+                            metrics_service_pb2.ExportMetricsServiceRequest)}
+
+
+def agent_capture(tool: str, protocol: str) -> list[dict]:
+    """A capture's export requests, as the tool sent them: over gRPC its request as protobuf-JSON (`body`), over
+    HTTP its raw body (`raw_text` for JSON, `raw_b64` for protobuf) with its path and content type."""
+    import gzip
+    with gzip.open(FIXTURES / tool / "otlp" / f"{protocol}.jsonl.gz", "rt") as lines:
+        return [json.loads(line) for line in lines]
+
+
+def replay(srv: ServerProcess, exports: list[dict], signals: tuple[str, ...] = ("logs", "metrics")) -> None:
+    """Send each export of `signals` to `srv` as the tool sent it (the same protocol, body and content type), and
+    check that every record was stored (no partial success)."""
+    from google.protobuf import json_format
+    channel = grpc.insecure_channel(srv.target)
+    for export in exports:
+        if export["signal"] not in signals:
+            continue
+        stub, message = EXPORT_STUBS[export["signal"]]
+        if export["protocol"] == "grpc":
+            answer = stub(channel).Export(json_format.ParseDict(export["body"], message()))
+            assert not answer.partial_success.error_message, answer
+            continue
+        body = export["raw_text"].encode() if "raw_text" in export else base64.b64decode(export["raw_b64"])
+        response, data = http_post(srv.http_port, export["path"], body, {"Content-Type": export["content_type"]})
+        assert response.status == 200 and b"rejected" not in data, data
+
+
+def events_sources(tool: str, protocol: str) -> set[str]:
+    """Where the sessions of a capture get their usage from: events priced by ccmon (events*), and in Codex's gRPC
+    capture, whose TUI run lived long enough for Codex to price its turns, events with Codex's own cost."""
+    return {"events*", "events"} if (tool, protocol) == ("codex-0.169.0", "grpc") else {"events*"}
+
+
+def agent_totals(srv: ServerProcess) -> tuple:
+    total = stats(srv)
+    tokens = total.total_tokens
+    return total.total_requests, (tokens.input, tokens.output, tokens.cache_read, tokens.cache_creation), tokens.total
+
+
+@pytest.mark.parametrize("tool, protocol", list(AGENT_CAPTURES))
+def test_every_model_call_of_another_agent_is_stored_once_with_the_standins_usage(server, tool, protocol):
+    """Replaying what the real CLI sent over each protocol it supports: every model call (Gemini's router call,
+    Qwen's memory sub-agent, both of Codex's responses to a tool call) is one request with exactly the usage the
+    stand-in answered, once, whatever else came (Codex's second response.completed, the token metrics)."""
+    agent, calls, sessions = AGENT_CAPTURES[tool, protocol]
+    replay(server, agent_capture(tool, protocol))
+    assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
+    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-01-01T00:00:00Z"))).sessions
+    assert len(found) == sessions
+    assert {(s.agent, s.source, s.from_metrics) for s in found} == {(agent, source, False)
+                                                                    for source in events_sources(tool, protocol)}
+    assert sum(s.stats.total_requests for s in found) == calls
+    requests = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(
+        start_time=ts("2026-01-01T00:00:00Z"), limit=100)).requests
+    assert {(r.agent, r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens)
+            for r in requests} == {(agent, *STANDIN_CALL[agent])}
+    assert {r.session_id for r in requests} == {s.session_id for s in found}
+    replay(server, agent_capture(tool, protocol))  # sent again (an exporter's retry): nothing new
+    assert agent_totals(server)[0] == calls
+
+
+def test_the_stored_call_keeps_the_tools_figures_prompt_and_duration(server):
+    replay(server, agent_capture("qwen-code-0.24.4", "grpc"), ("logs",))
+    replay(server, agent_capture("gemini-cli-0.61.0", "grpc"), ("logs",))
+    replay(server, agent_capture("codex-0.169.0", "grpc"), ("logs",))
+    rows = db_rows(server.db, "SELECT a.name, r.session_id, r.prompt_id, r.request_id, r.duration_ms, r.ttft_ms, "
+                              "r.origin, r.extra_json FROM r JOIN agents a ON a.id = r.agent ORDER BY r.ts")
+    qwen = [row for row in rows if row[0] == "qwen-code"]
+    assert qwen[0][1:7] == ("d8f47574-eaa5-4e1e-aada-948cf23da699",
+                            "d8f47574-eaa5-4e1e-aada-948cf23da699########0", "chatcmpl-bec6829176d248e2", 665, 562,
+                            ccmon.ORIGIN_EVENT_ESTIMATED)
+    extra = json.loads(qwen[0][7])
+    assert (extra["thoughts_token_count"], extra["total_token_count"]) == (23, 3547)  # kept as the tool sent them
+    gemini = [row for row in rows if row[0] == "gemini-cli"]
+    assert {json.loads(row[7])["role"] for row in gemini} == {"main", "utility_router"}
+    assert gemini[0][1] == gemini[0][2] == "d5de2ac9-a711-4e76-96d7-dbf7eaad9898"  # -p mode: prompt id = session
+    codex = [row for row in rows if row[0] == "codex"]
+    assert codex[0][1] == "01a2419c-29ba-7ec3-a23f-f4d7c693747e"  # conversation.id
+    assert {(json.loads(row[7])["reasoning_token_count"], json.loads(row[7])["tool_token_count"])
+            for row in codex} == {(34, "2434")}
+    # Codex's first response.completed of each response, without usage, is an event like its other SSE events.
+    assert db_rows(server.db, "SELECT COUNT(*) FROM e WHERE name = 'codex.sse_event' AND "
+                              "json_extract(attributes, '$.\"event.kind\"') = 'response.completed'") == [(6,)]
+
+
+@pytest.mark.parametrize("tool, protocol", list(AGENT_CAPTURES))
+def test_another_agents_token_metrics_count_without_events_and_events_win(server, tool, protocol):
+    """Metrics-only users: Gemini's and Qwen's cumulative sums and Codex's delta histogram alone give the same
+    exact totals (Codex's and Qwen's name no session: they count in the agent's metrics session); once the model
+    calls' events arrive, they replace what the metrics counted, and metrics sent again count nothing."""
+    agent, calls, sessions = AGENT_CAPTURES[tool, protocol]
+    exports = agent_capture(tool, protocol)
+    replay(server, exports, ("metrics",))
+    assert agent_totals(server) == (0, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
+    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-01-01T00:00:00Z"))).sessions
+    session_less = agent != "gemini-cli"
+    assert len(found) == (1 if session_less else sessions)
+    assert {(s.agent, s.source, s.from_metrics) for s in found} == {(agent, "metrics*", True)}
+    if session_less:
+        assert found[0].session_id == f"{agent} metrics"
+    replay(server, exports, ("logs",))
+    assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
+    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-01-01T00:00:00Z"))).sessions
+    assert (len(found), {(s.source, s.from_metrics) for s in found}) == \
+        (sessions, {(source, False) for source in events_sources(tool, protocol)})
+    replay(server, exports, ("metrics",))
+    assert agent_totals(server)[0:2] == (calls, tuple(calls * n for n in STANDIN_CALL[agent]))
+
+
+def codex_token_metrics(when_ms: int, input_tokens: int,
+                        user: str = "") -> metrics_service_pb2.ExportMetricsServiceRequest:
+    """One Codex turn's codex.turn.token_usage points (a DELTA histogram naming no conversation), as Codex sends."""
+    attrs = {"model": "gpt-5.5", "originator": "codex_exec", **({"user.email": user} if user else {})}
+    points = [metrics_pb2.HistogramDataPoint(
+        time_unix_nano=when_ms * 1_000_000, start_time_unix_nano=(when_ms - 1000) * 1_000_000, count=1, sum=value,
+        attributes=[common_pb2.KeyValue(key=k, value=any_value(v)) for k, v in {**attrs, "token_type": kind}.items()])
+        for kind, value in (("input", input_tokens), ("cached_input", 600), ("output", 80),
+                            ("total", input_tokens + 80))]
+    metric = metrics_pb2.Metric(name="codex.turn.token_usage", histogram=metrics_pb2.Histogram(
+        data_points=points, aggregation_temporality=metrics_pb2.AGGREGATION_TEMPORALITY_DELTA))
+    return metrics_service_pb2.ExportMetricsServiceRequest(resource_metrics=[metrics_pb2.ResourceMetrics(
+        resource={"attributes": [common_pb2.KeyValue(key="service.name", value=any_value("codex_exec"))]},
+        scope_metrics=[metrics_pb2.ScopeMetrics(metrics=[metric])])])
+
+
+def agent_logs_request(events: list[dict], resource: dict) -> logs_service_pb2.ExportLogsServiceRequest:
+    """Log records named by their event.name attribute, as Gemini CLI, Codex and Qwen Code send them."""
+    records = [logs_pb2.LogRecord(attributes=[common_pb2.KeyValue(key=k, value=any_value(v)) for k, v in attrs.items()])
+               for attrs in events]
+    return logs_service_pb2.ExportLogsServiceRequest(resource_logs=[logs_pb2.ResourceLogs(
+        resource={"attributes": [common_pb2.KeyValue(key=k, value=any_value(v)) for k, v in resource.items()]},
+        scope_logs=[logs_pb2.ScopeLogs(log_records=records)])])
+
+
+def codex_response(when: str, conversation: str, user: str = "", **figures) -> dict:
+    return {"event.name": "codex.sse_event", "event.kind": "response.completed", "event.timestamp": when,
+            "conversation.id": conversation, "model": "gpt-5.5", "input_token_count": "2345",
+            "output_token_count": "89", "cached_token_count": 678, "cache_write_token_count": 0,
+            "reasoning_token_count": 34, "tool_token_count": "2434", **({"user.email": user} if user else {}),
+            **figures}
+
+
+def test_session_less_metrics_give_way_to_the_same_agents_events_of_the_same_user_within_an_hour(server):
+    metrics = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target))
+    base = ccmon.parse_iso_ms(hours_ago(5))
+    metrics.Export(codex_token_metrics(base, 1000))                        # events come 30 minutes later: replaced
+    metrics.Export(codex_token_metrics(base + 3 * 3_600_000, 2000))          # 2.5 hours after them: counts
+    metrics.Export(codex_token_metrics(base + 30 * 60_000, 4000, "ann@example.com"))  # another user's: counts
+    assert agent_totals(server)[1] == (400 + 1400 + 3400, 240, 1800, 0)
+    server.logs_stub().Export(agent_logs_request([codex_response(ccmon.iso_from_ms(base + 30 * 60_000), "c-1")],
+                                                 {"service.name": "codex_exec"}))
+    assert agent_totals(server) == (1, (1400 + 3400 + 1667, 160 + 89, 1200 + 678, 0), 2080 + 4080 + 2434)
+    metrics.Export(codex_token_metrics(base + 50 * 60_000, 8000))          # within the hour of the events: not counted
+    assert agent_totals(server)[1][0] == 1400 + 3400 + 1667
+    sessions = {s.session_id: s.stats.total_tokens.input for s in server.query().GetSessions(
+        ccmon_pb2.GetSessionsRequest(start_time=ts(hours_ago(24)))).sessions}
+    assert sessions == {"c-1": 1667, "codex metrics": 1400, "codex metrics of ann@example.com": 3400}
+
+
+def test_another_agents_unreadable_figures_are_rejected_with_partial_success(server):
+    gemini = {"event.name": "gemini_cli.api_response", "event.timestamp": hours_ago(1), "session.id": "g-1",
+              "model": "gemini-2.5-flash", "input_token_count": 100, "cached_content_token_count": 456,
+              "output_token_count": 7}
+    response = server.logs_stub().Export(agent_logs_request([
+        gemini, {**gemini, "input_token_count": 1234},
+        codex_response(hours_ago(1), "c-1", input_token_count="2k"),
+        codex_response(hours_ago(1), "c-1", duration_ms="-3")], {"service.name": "gemini-cli"}))
+    assert response.partial_success.rejected_log_records == 3
+    assert response.partial_success.error_message == (
+        "rejected 3 of 4 log records: gemini_cli.api_response in session g-1: cached_content_token_count (456) is more "
+        "than the input it is part of (100); codex.sse_event in session c-1: input_token_count='2k' is not a number; "
+        "codex.sse_event in session c-1: duration_ms='-3' is negative")
+    cost = {"event.name": "codex.turn_cost", "conversation.id": "c-1", "turn.id": "t", "usage.estimated_usd": "0.1"}
+    response = server.logs_stub().Export(agent_logs_request([
+        {**cost, "usage.estimated_usd": "lots"}, {**cost, "turn.id": ""}, {**cost, "usage.estimated_usd": "1e9"}],
+        {"service.name": "codex_exec"}))
+    assert response.partial_success.error_message == (
+        "rejected 3 of 3 log records: codex.turn_cost in session c-1: usage.estimated_usd='lots' is not a number; "
+        "codex.turn_cost in session c-1: a turn cost needs its conversation.id and turn.id; "
+        "codex.turn_cost in session c-1: usage.estimated_usd='1e9' is too large")
+    assert agent_totals(server)[0:2] == (1, (778, 7, 456, 0))
+
+
+# LiteLLM's model_prices_and_context_window.json (BerriAI/litellm at 00035b69f416be24e2e323c13198d9b7d2d1bdf9), as
+# written there, per token: the entry, then input, output, cache read, cache write (None: not listed), and each
+# (prompt tokens above which, input, output, cache read, cache write) as listed. docs/agents.md names the entries.
+LITELLM_PRICES = {
+    "gpt-5": ("gpt-5", "1.25e-06", "1e-05", "1.25e-07", None, ()),
+    "gpt-5.1": ("gpt-5.1", "1.25e-06", "1e-05", "1.25e-07", None, ()),
+    "gpt-5.2": ("gpt-5.2", "1.75e-06", "1.4e-05", "1.75e-07", None, ()),
+    "gpt-5.5": ("gpt-5.5", "5e-06", "3e-05", "5e-07", None, ((272_000, "1e-05", "4.5e-05", "1e-06", None),)),
+    "gpt-5.6": ("gpt-5.6", "5e-06", "3e-05", "5e-07", "6.25e-06",
+                ((272_000, "1e-05", "4.5e-05", "1e-06", "1.25e-05"),)),
+    "gpt-5.6-sol": ("gpt-5.6-sol", "5e-06", "3e-05", "5e-07", "6.25e-06",
+                    ((272_000, "1e-05", "4.5e-05", "1e-06", "1.25e-05"),)),
+    "gpt-5.6-terra": ("gpt-5.6-terra", "2.5e-06", "1.5e-05", "2.5e-07", "3.125e-06",
+                      ((272_000, "5e-06", "2.25e-05", "5e-07", "6.25e-06"),)),
+    "gpt-5.6-luna": ("gpt-5.6-luna", "1e-06", "6e-06", "1e-07", "1.25e-06",
+                     ((272_000, "2e-06", "9e-06", "2e-07", "2.5e-06"),)),
+    "gemini-2.5-flash": ("gemini-2.5-flash", "3e-07", "2.5e-06", "3e-08", None, ()),
+    "gemini-2.5-flash-lite": ("gemini-2.5-flash-lite", "1e-07", "4e-07", "1e-08", None, ()),
+    "gemini-2.5-pro": ("gemini-2.5-pro", "1.25e-06", "1e-05", "1.25e-07", None,
+                       ((200_000, "2.5e-06", "1.5e-05", "2.5e-07", None),)),
+    "gemini-3-flash-preview": ("gemini-3-flash-preview", "5e-07", "3e-06", "5e-08", None, ()),
+    "gemini-3.1-flash-lite": ("gemini-3.1-flash-lite", "2.5e-07", "1.5e-06", "2.5e-08", None, ()),
+    "gemini-3.1-pro-preview": ("gemini-3.1-pro-preview", "2e-06", "1.2e-05", "2e-07", None,
+                               ((200_000, "4e-06", "1.8e-05", "4e-07", None),)),
+    "gemini-3.5-flash": ("gemini/gemini-3.5-flash", "1.5e-06", "9e-06", "1.5e-07", None, ()),
+    "qwen3-coder-plus": ("dashscope/qwen3-coder-plus", "1e-06", "5e-06", "1e-07", None,  # tiered_pricing
+                         ((32_000, "1.8e-06", "9e-06", "1.8e-07", None), (128_000, "3e-06", "1.5e-05", "3e-07", None),
+                          (256_000, "6e-06", "6e-05", "6e-07", None))),
+}
+
+
+def test_other_agents_prices_are_bundled_exactly_as_litellm_lists_them():
+    """Every bundled price of another agent's model is LiteLLM's figure (per token there, per million here), at
+    every prompt size it lists; a cache write costs the input price where LiteLLM lists none."""
+    from decimal import Decimal
+    claude = {model for model in ccmon.PRICES if model.startswith("claude-")}
+    assert set(ccmon.PRICES) - claude == set(LITELLM_PRICES)
+    for model, (_, *figures, tiers) in LITELLM_PRICES.items():
+        found = ccmon.PRICES[model]
+        for above, *tier in ((0, *figures), *tiers):
+            if above:
+                assert found.long_prompt[0] == above, model
+                found = found.long_prompt[1]
+            listed = [Decimal(v) * 10 ** 6 for v in tier[:3]] + [Decimal(tier[3] or tier[0]) * 10 ** 6] * 2
+            assert [found.input, found.output, found.cache_read, found.cache_write_5m, found.cache_write_1h] == \
+                listed, (model, above)
+        assert found.long_prompt is None, model
+    # the stand-ins' usage: Codex's response at gpt-5.5, Qwen's call at the first tier, and just above it
+    assert ccmon.cost_nanos(ccmon.price_of("gpt-5.5"), 1667, 89, 678, 0) == 11_344_000
+    assert ccmon.cost_nanos(ccmon.price_of("qwen3-coder-plus"), 2667, 91, 789, 0) == 3_200_900
+    assert ccmon.cost_nanos(ccmon.price_of("qwen3-coder-plus"), 32_001, 0, 0, 0) == 57_601_800
+    assert ccmon.cost_nanos(ccmon.price_of("gemini-2.5-pro"), 100_000, 0, 100_001, 0) == 275_000_250
+    assert ccmon.price_of("gemini-3.8-flash") is None  # not in LiteLLM's list at that commit: $0, unless [pricing]
+
+
+def test_codexs_own_turn_cost_replaces_ccmons_estimate_of_its_responses(server):
+    """The TUI's two conversations had their turns priced by Codex's backend ($0.012345 each, from the stand-in):
+    that is their cost; the exec runs, never priced, keep ccmon's estimate at gpt-5.5's (and gpt-5.6-sol's) price."""
+    exports = agent_capture("codex-0.169.0", "grpc")
+    replay(server, exports)
+    sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest(
+        start_time=ts("2026-01-01T00:00:00Z"))).sessions}
+    tui = {"01a2419c-f77d-7560-a635-0779905e56e1", "01a2419d-0b88-7f01-8227-1627155c7a5d"}
+    assert {sid: (s.source, round(s.stats.total_cost.amount, 9)) for sid, s in sessions.items()} == {
+        **{sid: ("events", 0.012345) for sid in tui},
+        "01a2419c-29ba-7ec3-a23f-f4d7c693747e": ("events*", 0.011344),
+        "01a2419c-7f63-7241-8ee3-592fa9d20fbb": ("events*", 0.022688),  # the tool call's two responses
+        "01a2419c-82e1-72c1-b967-61381461c2d5": ("events*", 0.011344)}
+    assert db_rows(server.db, "SELECT SUM(cost_nanos), SUM(origin = 0), SUM(origin = 4) FROM requests") == \
+        [(4 * 11_344_000 + 2 * 12_345_000, 2, 4)]
+    replay(server, exports)  # sent again: the turns are priced once
+    assert stats(server).total_cost.amount == pytest.approx(0.070066, abs=1e-12)
+    assert db_rows(server.db, "SELECT COUNT(*) FROM e WHERE name = 'codex.turn_cost'") == [(2,)]
+
+
+def uuid7(ms: int) -> str:
+    digits = f"{ms:012x}7abc8def0123456789ab"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def test_a_turn_cost_covers_the_responses_from_its_start_to_the_next_prompt(server):
+    assert ccmon.shares(10, [1, 1, 1]) == [3, 3, 4] and ccmon.shares(7, [0, 0]) == [3, 4]
+    assert ccmon.uuid7_ms("01a2419d-0b41-7c62-9c64-d73d443f5666") == ccmon.parse_iso_ms("2026-12-04T15:12:20.801Z")
+    assert [ccmon.uuid7_ms(text) for text in ("01a2419d-0b41-4c62-9c64-d73d443f5666", "turn-1", "")] == [None] * 3
+    base = ccmon.parse_iso_ms(hours_ago(2))
+
+    def at(ms: int) -> str:
+        return ccmon.iso_from_ms(ms)
+
+    prompt = {"event.name": "codex.user_prompt", "conversation.id": "c-9", "prompt": "hi", "model": "gpt-5.5"}
+    server.logs_stub().Export(agent_logs_request([
+        {**prompt, "event.timestamp": at(base + 100)}, codex_response(at(base + 200), "c-9"),
+        codex_response(at(base + 300), "c-9", input_token_count="4690", cached_token_count=1356),  # $0.020018
+        {**prompt, "event.timestamp": at(base + 5000)}, codex_response(at(base + 5100), "c-9")],
+        {"service.name": "codex-app-server"}))
+    assert stats(server).total_cost.amount == pytest.approx(0.011344 + 0.020018 + 0.011344, abs=1e-12)
+    server.logs_stub().Export(agent_logs_request([
+        {"event.name": "codex.turn_cost", "event.timestamp": at(base + 150_000), "conversation.id": "c-9",
+         "turn.id": uuid7(base), "usage.estimated_usd": "0.012345", "turn.interrupted": False}],
+        {"service.name": "codex-app-server"}))
+    assert db_rows(server.db, "SELECT ts - ?, cost_nanos, origin FROM requests ORDER BY ts", (base,)) == [
+        (200, 4_465_330, ccmon.ORIGIN_EVENT), (300, 7_879_670, ccmon.ORIGIN_EVENT),  # $0.012345 as 11344 : 20018
+        (5100, 11_344_000, ccmon.ORIGIN_EVENT_ESTIMATED)]
+    assert stats(server).total_cost.amount == pytest.approx(0.012345 + 0.011344, abs=1e-12)
+    [session] = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts(hours_ago(3)))).sessions
+    assert (session.source, session.stats.total_requests) == ("events*", 3)  # one request still estimated
+
+
+def test_report_session_names_each_sessions_agent_and_tells_codexs_conversations_apart(server, tmp_path):
+    for tool, protocol in (("gemini-cli-0.61.0", "grpc"), ("codex-0.169.0", "http-json"), ("qwen-code-0.24.4", "grpc")):
+        replay(server, agent_capture(tool, protocol), ("logs",))
+    rows = json.loads(run_report(server, "session", "--since", "2026-12-01", "--json", cwd=tmp_path).stdout)["rows"]
+    assert sorted((r["agent"], r["source"], r["requests"]) for r in rows) == sorted(
+        [("gemini-cli", "events*", 1), ("gemini-cli", "events*", 2), ("gemini-cli", "events*", 3),
+         ("codex", "events*", 1), ("codex", "events*", 2),
+         *(("qwen-code", "events*", n) for n in (2, 2, 2, 2, 2))])
+    table = run_report(server, "session", "--since", "2026-12-01", cwd=tmp_path).stdout
+    # Codex's conversation ids (UUIDv7) begin with the time: their last 8 characters tell them apart
+    assert {"e1b6dd8c", "3a736a7e"} <= {line.split()[0] for line in table.splitlines()[3:]}, table
+
+
+def test_claude_codes_figures_do_not_change_by_a_cent_when_other_agents_are_used_too(server):
+    """Base and premium (what Claude's plans and limits count) and Claude's 5-hour blocks are Claude Code's alone;
+    the totals add the other agents' usage, which a client reads as what the total has beyond the two."""
+    claude = [("api_request", api_request(n, f"2026-12-04T15:0{n}:00.000Z", model=model, session="s-claude",
+                                          input_tokens=1000, output_tokens=100, cost_usd=0.5))
+              for n, model in ((1, "claude-sonnet-4-5"), (2, "claude-haiku-4-5"))]
+    sdk_export(server.port, claude)
+    december = ccmon_pb2.GetStatsRequest(start_time=ts("2026-12-01T00:00:00Z"))
+    blocks_request = ccmon_pb2.GetBlocksRequest(start_time=ts("2026-12-04T00:00:00Z"),
+                                                end_time=ts("2026-12-05T00:00:00Z"))
+    before = (server.query().GetStats(december).stats, server.query().GetBlocks(blocks_request).blocks)
+    for tool, protocol in (("codex-0.169.0", "http-json"), ("gemini-cli-0.61.0", "grpc")):
+        replay(server, agent_capture(tool, protocol))  # 3 and 6 calls within the same hour
+    after = server.query().GetStats(december).stats
+    for field in ("base_requests", "premium_requests", "base_tokens", "premium_tokens", "base_cost", "premium_cost"):
+        assert getattr(after, field) == getattr(before[0], field), field
+    assert (after.total_requests, after.total_tokens.total) == (2 + 3 + 6, 2200 + 3 * 2434 + 6 * 1413)
+    split = ccmon.split_from_stats(after)
+    assert (split.other.requests, split.other.total, split.other.cost_nanos) == (9, 3 * 2434 + 6 * 1413,
+                                                                                3 * 11_344_000 + 670_380)
+    assert list(server.query().GetBlocks(blocks_request).blocks) == list(before[1])
+    assert ccmon.split_from_stats(before[0]).other == ccmon.Usage()
+    # Claude's weekly caps are by family of Claude's models: the other agents' models are no family's, nor premium
+    models = server.query().GetModelStats(ccmon_pb2.GetModelStatsRequest(start_time=ts("2026-12-01T00:00:00Z")))
+    assert {(m.model, m.agent, m.premium) for m in models.models} == {
+        ("claude-sonnet-4-5", "claude-code", True), ("claude-haiku-4-5", "claude-code", False),
+        ("gpt-5.5", "codex", False), ("gemini-2.5-flash", "gemini-cli", False),
+        ("gemini-3.8-flash", "gemini-cli", False), ("gemini-3.5-flash-lite", "gemini-cli", False)}
+    assert ccmon.usage_by_family(map(ccmon.model_usage_of, models.models)) == {
+        "haiku": ccmon.Usage(1, 1000, 100, 0, 0, 500_000_000), "sonnet": ccmon.Usage(1, 1000, 100, 0, 0, 500_000_000)}
+    # Claude Code's status line says what Claude Code cost today
+    assert ccmon.status_values({}, ccmon.LimitReading("s", 0), None, split, ccmon.ZoneInfo("UTC"), 0) == \
+        {"daily_cost": ccmon.format_cost(split.claude.cost_nanos)} and split.claude.cost_nanos == 1_000_000_000
+
+
+def test_every_tab_and_report_shows_other_agents_usage(server, tmp_path):
+    """The monitor's tabs and every report, on a server holding Claude Code's and the three other agents' usage:
+    each answers, and the period's total is every agent's."""
+    sdk_export(server.port, [("api_request", api_request(1, hours_ago(0.5), session="s-claude", input_tokens=1000,
+                                                         output_tokens=100, cost_usd=0.5))])
+    later = ccmon.parse_iso_ms(hours_ago(0.2))
+    server.logs_stub().Export(agent_logs_request([codex_response(ccmon.iso_from_ms(later), "c-now")],
+                                                 {"service.name": "codex_exec"}))
+    client, settings, now = ccmon.Client(server.target), _settings(block_hour=None), int(time.time() * 1000)
+    try:
+        current = ccmon.fetch_snapshot(client, ccmon.query_for(ccmon.ViewState(period="d"), settings, now))
+        lines = frame_text(ccmon.ViewState(period="d"), current, settings, 120, 30, now)[0]
+        rows = {line.split()[0]: line.split()[1] for line in lines if line.split()[:1] in
+                (["Premium"], ["Others"], ["Total"])}
+        assert rows == {"Premium": "1", "Others": "1", "Total": "2"}, "\n".join(lines)
+        for tab in ("daily", "models", "sessions", "tools", "users", "blocks", "projects"):
+            state = ccmon.ViewState(tab=tab, period="d")
+            snap = ccmon.fetch_snapshot(client, ccmon.query_for(state, settings, now))
+            assert not snap.unanswered, tab
+            frame_text(state, snap, settings, 120, 30, now)
+    finally:
+        client.close()
+    for kind in ccmon.REPORT_KINDS:
+        report = run_ccmon(["report", kind, "--monitor-server", server.target, "--json"], tmp_path)
+        assert report.returncode == 0, (kind, report.stderr)
+        if kind not in ("blocks", "session", "model", "limits"):  # limits: readings, no totals
+            assert json.loads(report.stdout)["totals"]["requests"] == 2, kind
+    assert json.loads(run_ccmon(["report", "blocks", "--monitor-server", server.target, "--json"], tmp_path).stdout
+                      )["totals"]["requests"] == 1  # Claude's blocks: Claude Code's request alone
+
+
+def test_pricing_in_the_config_prices_another_agents_model(tmp_path):
+    """Gemini 3.8 Flash is not in the bundled table (its calls cost $0 there); [pricing] gives it one, and
+    overrides the bundled price of Gemini 2.5 Flash."""
+    config = tmp_path / "config.toml"
+    config.write_text('[pricing]\n"gemini-3.8-flash" = {input = 0.5, output = 3, cache_read = 0.05}\n'
+                      '"gemini-2.5-flash" = {input = 1, output = 10, cache_read = 0.1}\n'
+                      '"gemini-3.5-flash-lite" = {input = 0.1, output = 0.4}\n')
+    srv = ServerProcess(tmp_path, "--config", str(config)).start()
+    try:
+        replay(srv, agent_capture("gemini-cli-0.61.0", "grpc"))
+        models = {m.model: (m.requests, round(m.cost.amount, 9)) for m in srv.query().GetModelStats(
+            ccmon_pb2.GetModelStatsRequest(start_time=ts("2026-01-01T00:00:00Z"))).models}
+    finally:
+        srv.stop()
+    # 789 input, 168 output, 456 cache read a call; the router's cache read at 0.1 x input, [pricing]'s default
+    assert models == {"gemini-3.8-flash": (3, 0.0027639), "gemini-2.5-flash": (1, 0.0025146),  # $921.3, $2514.6 and
+                      "gemini-3.5-flash-lite": (2, 0.00030132)}                             # $150.66 a million calls
 
 
 def test_a_readable_name_from_the_resource_wins_over_the_hashed_user_id(server):
@@ -4051,12 +4478,12 @@ def test_reports_as_table_json_and_csv(server, tmp_path):
         "-------  ---------------  ----------------  ---  -----  ------  ------  -------  "
         "----------------------------------",
         "Total                                         3  1,350   5,230   6,580    $2.76",
-        "(to fit 120 columns, not shown: failed, errors, source, cache_write, cache_read, last, tools, project; --wide shows",
-        "every column)"]
+        "(to fit 120 columns, not shown: failed, errors, source, agent, cache_write, cache_read, last, tools, project; --wide",
+        "shows every column)"]
     wide = run_report(server, "session", "--since", "2026-05-01", "--until", "2026-05-31", "--user",
                       "ana@example.com", "--wide", cwd=tmp_path).stdout.splitlines()
     assert wide[1].split() == ["session", "user", "project", "first", "last", "req", "input", "output", "cache_read",
-                               "cache_write", "tokens", "cost", "models", "tools", "failed", "errors", "source"]
+                               "cache_write", "tokens", "cost", "models", "tools", "failed", "errors", "source", "agent"]
     assert wide[3].split()[:7] == ["s-ana-2", "ana@example.com", "(no", "project)", "2026-05-05T19:00:00+09:00",
                                    "2026-05-05T19:00:00+09:00", "1"]
     assert wide[-1].split() == ["Total", "3", "1,350", "5,230", "0", "0", "6,580", "$2.76", "3", "1", "1"]
@@ -5220,6 +5647,40 @@ def insight_snapshot(settings, now, tab, **fields):
     return state, ccmon.Snapshot(ccmon.query_for(state, settings, now), now, 500, limits=limits, **fields)
 
 
+def test_the_monitor_names_the_agent_where_requests_or_sessions_of_several_agents_are_shown():
+    """An Agent column on the Requests and Sessions tabs when their rows are of more than one agent (a Claude
+    Code only screen stays as it was); Codex's conversation ids are shortened to their last characters."""
+    settings, now = _settings(), local_ms("2026-05-05 13:00")
+    usage = ccmon.Usage(1, 1667, 89, 678, 0, 11_344_000, 50)
+    codex_session = "01a2419c-29ba-7ec3-a23f-f4d7c693747e"
+    requests = (ccmon.ApiRequest(now - 60_000, "gpt-5.5", codex_session, usage, "codex"),
+                ccmon.ApiRequest(now - 120_000, "claude-sonnet-4-5", "s-claude-1", usage),
+                ccmon.ApiRequest(now - 180_000, "qwen3-coder-plus", "s-qwen-1", usage, "qwen-code"))
+    limits = ccmon.LimitFigures(ccmon.current_block(now, settings.zone, 5), ccmon.Split(), 700.0, 35_000, None, {})
+    state = ccmon.ViewState(period="b")
+    snap = ccmon.Snapshot(ccmon.query_for(state, settings, now), now, 500, limits, data=ccmon.CurrentRequests(
+        ccmon.Split(premium=usage, other=usage + usage), ccmon.RequestsPage(requests, 3)))
+    lines = frame_text(state, snap, settings, 120, 30, now)[0]
+    assert [line.split()[:2] for line in lines if line.split()[:1] in (["Premium"], ["Others"], ["Total"])] == \
+        [["Premium", "1"], ["Others", "2"], ["Total", "3"]]  # the other agents' usage in a row of its own
+    header = next(index for index, line in enumerate(lines) if line.split()[:3] == ["Time", "Agent", "Model"])
+    assert [lines[header + n].split()[1:3] + lines[header + n].split()[-1:] for n in (1, 2, 3)] == [
+        ["codex", "gpt-5.5", "c693747e"], ["claude-code", "claude-sonnet-4-5", "s-claude"],
+        ["qwen-code", "qwen3-coder-plus", "s-qwen-1"]]
+    alone = dataclasses.replace(snap, data=ccmon.CurrentRequests(ccmon.Split(), ccmon.RequestsPage(requests[1:2], 1)))
+    assert not any(line.split()[:2] == ["Time", "Agent"] for line in frame_text(state, alone, settings, 120, 30, now)[0])
+    split = ccmon.Split(premium=usage)
+    sessions = tuple(ccmon.Session(sid, "", now - 3600_000, now - 60_000, split, (model,), 0, 0, 0, False, "", source,
+                                   agent)
+                     for sid, model, source, agent in ((codex_session, "gpt-5.5", "events*", "codex"),
+                                                       ("s-claude-1", "claude-sonnet-4-5", "events", "claude-code")))
+    state, snap = insight_snapshot(settings, now, "sessions", data=sessions)
+    lines = frame_text(state, snap, settings, 120, 24, now)[0]
+    assert lines[7].split()[:3] == ["Session", "Agent", "Started"]
+    assert [line.split()[:2] + line.split()[-1:] for line in lines[8:10]] == [
+        ["c693747e", "codex", "events*"], ["s-claude", "claude-code", "events"]]
+
+
 def test_render_insight_tabs():
     settings, now = _settings(), local_ms("2026-05-05 13:00")
     usage = ccmon.Usage
@@ -6339,7 +6800,7 @@ def test_blocks_follow_claudes_own_windows(tmp_path):
 
     def request(seq, when, tokens):
         return (at(when), "s-ana", seq, "claude-sonnet-4-5", "ana@example.com", tokens, 0, 0, 0, 0, 0, None, None,
-                None, None, None, 0)
+                None, None, None, 0, "claude-code")
 
     store.write(ccmon.Batch(requests=[
         request(1, "08:10:00", 100),   # a guessed block from 08:00, cut where Claude's window begins
@@ -7591,9 +8052,9 @@ def test_telemetry_stored_between_an_imports_chunks_is_known(tmp_path, monkeypat
     writer = ccmon.Writer(tmp_path / "between.db")
     rows = dense_import_rows(1500)
     copy_at = rows[1200][0]
-    rows[1200] = rows[1200][:1] + ("s-fork",) + rows[1200][2:-4] + ("req_tele",) + rows[1200][-3:]
+    rows[1200] = rows[1200][:1] + ("s-fork",) + rows[1200][2:-5] + ("req_tele",) + rows[1200][-4:]
     telemetry = (copy_at, "s-tele", 1, "claude-haiku-4-5", "u", 120, 30, 0, 0, 270_000, 900, None, None, "req_tele",
-                 None, None, ccmon.ORIGIN_EVENT)
+                 None, None, ccmon.ORIGIN_EVENT, ccmon.CLAUDE_CODE)
     store = ccmon.Writer._import
 
     def telemetry_first(self, conn, chunk, *rest):
@@ -8888,6 +9349,138 @@ def test_ccmon_statusline_in_a_real_claude_code(server, claude_code, mock_anthro
         [(str(tmp_path.resolve() / "project"),)]
 
 
+# ---------------------------------------------------------------- real Gemini CLI, Codex and Qwen Code, offline
+
+# agent -> (npm package, version, executable): each runs against its stand-in (fixtures/gemini_api.py, codex_api.py,
+# qwen_api.py, copied from the notes' tools) and exports to a real server over each protocol it supports.
+AGENT_CLIS = {"gemini-cli": ("@google/gemini-cli", "0.61.0", "gemini"), "codex": ("@openai/codex", "0.169.0", "codex"),
+              "qwen-code": ("@qwen-code/qwen-code", "0.24.4", "qwen")}
+STANDINS = {"gemini-cli": "gemini_api.py", "codex": "codex_api.py", "qwen-code": "qwen_api.py"}
+# The model calls a stand-in answered: the requests its log holds on these paths.
+MODEL_CALL_PATHS = {"gemini-cli": r"/v1beta/models/[^/:]+:(?:stream)?[gG]enerateContent",
+                    "codex": r"/v1/responses$", "qwen-code": r"/v1/chat/completions$"}
+
+
+def agent_cli(agent: str) -> Path:
+    """The tool's executable, installed with npm once, checked to be the version the notes describe."""
+    package, version, name = AGENT_CLIS[agent]
+    cli = npm_install_once(agent, {package: version}) / "node_modules" / ".bin" / name
+    found = subprocess.run([cli, "--version"], capture_output=True, text=True, timeout=120)
+    assert version in found.stdout, (found.stdout, found.stderr)
+    return cli
+
+
+class StandIn:
+    """A stand-in model API of fixtures/ on a free loopback port, logging every request it answers."""
+
+    def __init__(self, agent: str, folder: Path):
+        self.agent, self.folder = agent, folder
+        self.log_path = folder / "requests.jsonl"
+
+    def __enter__(self) -> "StandIn":
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / "stderr", "w") as err:
+            self.proc = subprocess.Popen([sys.executable, str(FIXTURES / STANDINS[self.agent]), "--port", "0",
+                                          "--log", str(self.log_path)], stdout=subprocess.PIPE, stderr=err, text=True)
+        self.port = int(self.proc.stdout.readline())  # printed once it listens
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def model_calls(self) -> int:
+        lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+        return sum(1 for line in lines if json.loads(line)["method"] == "POST" and
+                   re.search(MODEL_CALL_PATHS[self.agent], json.loads(line)["path"].split("?")[0]))
+
+
+def run_agent_cli(agent: str, protocol: str, srv: ServerProcess, standin: StandIn, home: Path) -> str:
+    """Run the tool once, offline, with one prompt, exporting its telemetry to `srv` over `protocol` (grpc,
+    http-json or, for Codex, http-protobuf); its output."""
+    work = home / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "README.md").write_text("# demo\n")
+    grpc_url, http_url = f"http://127.0.0.1:{srv.port}", f"http://127.0.0.1:{srv.http_port}"
+    env = {"HOME": str(home), "PATH": os.environ["PATH"], "NO_COLOR": "1"}
+    if agent == "codex":
+        exporter = {signal: f'{{ otlp-grpc = {{ endpoint = "{grpc_url}" }} }}' if protocol == "grpc" else
+                    f'{{ otlp-http = {{ endpoint = "{http_url}/v1/{signal}", protocol = '
+                    f'"{"binary" if protocol == "http-protobuf" else "json"}" }} }}' for signal in ("logs", "metrics")}
+        (home / ".codex").mkdir(parents=True, exist_ok=True)
+        (home / ".codex" / "config.toml").write_text(textwrap.dedent(f"""\
+            model = "gpt-5.5"
+            model_provider = "standin"
+            check_for_update_on_startup = false
+            approval_policy = "never"
+            sandbox_mode = "danger-full-access"
+            [model_providers.standin]
+            name = "Stand-in Responses API"
+            base_url = "{standin.url}/v1"
+            env_key = "STANDIN_API_KEY"
+            wire_api = "responses"
+            [analytics]
+            enabled = false
+            [otel]
+            exporter = {exporter["logs"]}
+            metrics_exporter = {exporter["metrics"]}
+            """))
+        env.update(CODEX_HOME=str(home / ".codex"), STANDIN_API_KEY="fake-key-for-standin")
+        command = [agent_cli(agent), "exec", "--skip-git-repo-check", "Say hi"]
+    else:
+        prefix, folder = ("GEMINI", ".gemini") if agent == "gemini-cli" else ("QWEN", ".qwen")
+        (home / folder).mkdir(parents=True, exist_ok=True)
+        (home / folder / "settings.json").write_text(json.dumps({
+            "general": {"enableAutoUpdate": False, "enableAutoUpdateNotification": False},
+            "privacy": {"usageStatisticsEnabled": False},
+            "security": {"auth": {"selectedType": "gemini-api-key" if agent == "gemini-cli" else "openai"},
+                         "folderTrust": {"enabled": False}},
+            "telemetry": {"enabled": True, "target": "local"}}))
+        env.update({f"{prefix}_TELEMETRY_ENABLED": "true", f"{prefix}_TELEMETRY_TARGET": "local",
+                    f"{prefix}_TELEMETRY_OTLP_PROTOCOL": "grpc" if protocol == "grpc" else "http",
+                    f"{prefix}_TELEMETRY_OTLP_ENDPOINT": grpc_url if protocol == "grpc" else http_url})
+        if agent == "gemini-cli":
+            env.update(GEMINI_API_KEY="fake-key-for-standin", GOOGLE_GEMINI_BASE_URL=standin.url,
+                       GEMINI_CLI_TRUST_WORKSPACE="true")
+        else:
+            env.update(OPENAI_API_KEY="fake-key-for-standin", OPENAI_BASE_URL=f"{standin.url}/v1",
+                       OPENAI_MODEL="qwen3-coder-plus")
+        command = [agent_cli(agent), "-p", "Say hi"]
+    result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=300,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    return result.stdout
+
+
+AGENT_PROTOCOLS = [("gemini-cli", "grpc"), ("gemini-cli", "http-json"), ("codex", "grpc"),
+                   ("codex", "http-protobuf"), ("codex", "http-json"), ("qwen-code", "grpc"), ("qwen-code", "http-json")]
+
+
+@e2e
+@pytest.mark.parametrize("agent, protocol", AGENT_PROTOCOLS)
+def test_a_real_agent_cli_offline_is_counted_exactly_on_every_protocol(tmp_path, agent, protocol):
+    """The real CLI, one prompt against its stand-in, exporting to a real server: every model call the stand-in
+    answered is one request of the agent, with exactly the stand-in's usage (its metrics, arriving too, add
+    nothing), in one session of the agent."""
+    srv = ServerProcess(tmp_path).start()
+    try:
+        with StandIn(agent, tmp_path / "standin") as standin:
+            run_agent_cli(agent, protocol, srv, standin, tmp_path / "home")
+            calls = standin.model_calls()
+        assert calls >= 1
+        wait_until(lambda: agent_totals(srv)[0] >= calls, f"{calls} model calls of {agent} stored", 30)
+        assert agent_totals(srv) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]),
+                                     calls * STANDIN_TOTAL[agent])
+        sessions = srv.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts(hours_ago(1)))).sessions
+        assert [(s.agent, s.source, s.stats.total_requests) for s in sessions] == [(agent, "events*", calls)]
+    finally:
+        srv.stop()
+
+
 # ---------------------------------------------------------------- module structure
 
 def top_level_uses_above_their_section(source: str) -> list[str]:
@@ -8994,7 +9587,8 @@ def origins_by_number(source: str, historical: set[str]) -> list[str]:
 
 def test_which_source_wins_is_said_once():
     """Outside the migrations, which keep the SQL they were written with, origins are selected by ORIGIN_RULES."""
-    historical = {migration.__name__ for migration in ccmon.MIGRATIONS} | {"SCHEMA", "V1_FIGURES", "V5_FIGURES"}
+    historical = {migration.__name__ for migration in ccmon.MIGRATIONS} | {"SCHEMA", "V1_FIGURES", "V5_FIGURES",
+                                                                          "V8_FIGURES"}
     assert origins_by_number((ROOT / "ccmon.py").read_text(), historical) == []
     # the check itself finds an origin by number in SQL, a comparison and a row
     planted = ('X = "SELECT 1 FROM requests WHERE r.origin >= 2"\nY = f"WHERE origin IN (2, {z})"\n'
