@@ -4824,7 +4824,7 @@ def frame_text(state, snap, settings, width, height, now, status=None, unicode=F
 
 FRAME_80x24 = [
     ' ccmon - Claude Code usage monitor                                       v0.1.0 ',
-    '  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  ',
+    '  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj   9 Cht  ',
     ' * connected 127.0.0.1:4317 | current block | newest first | updated 10:30:00',
     '-- Usage - current block -------------------------------------------------------',
     '         Requests  Limited    Cache    Total       Cost   Avg rate',
@@ -4846,13 +4846,13 @@ FRAME_80x24 = [
     '09:41:00 haiku-4-5    1.01K   1.40K   30.0K   32.4K   $0.0864    10s 0007abcd-ef',
     '09:34:00 opus-4-1     1.01K   1.60K   30.0K   32.6K   $0.0988    12s 0008abcd-ef',
     '09:27:00 sonnet-4-5   1.01K   1.80K   30.0K   32.8K   $0.1111    13s 0009abcd-ef',
-    'h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit',
+    'h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit',
 ]
 
 
 FRAME_40x12 = [
     ' ccmon - Claude Code usage monitor',
-    ' 1Now2Day3Mod4Ses5Tool6User7Blk8Proj',
+    ' 1Now2Day3Mod4Ses5Tool6User7Blk8Proj9Cht',
     ' * connected | current block',
     'Current block: $1.24, 16 requests',
     'Block       ###..  60%  21.0K / 35.0K',
@@ -4862,16 +4862,16 @@ FRAME_40x12 = [
     '10:23:00 haiku-4-5    31.2K   $0.0123',
     '10:16:00 opus-4-1     31.4K   $0.0247',
     '10:09:00 sonnet-4-5   31.6K   $0.0370',
-    'h/d/w/m/a/b  1-8  u/p  ? help  q quit',
+    'h/d/w/m/a/b  1-9  u/p  ? help  q quit',
 ]
 
 
-DAILY_80x24 = [
+DAILY_80x24 = [  # the cache columns give way to a cost bar per day: $0.25 / $2.25 × 16 cells is 1.78 cells (2 in ASCII)
     "-- Daily usage - last 10 days (Europe/Berlin) ----------------------------------",
-    "Date        Base  Prem  Input Output CacheR CacheW  Total      Cost    Prem $",
-    "2026-03-10     0     0      0      0      0      0      0     $0.00     $0.00",
-    "2026-03-09     1     3  1.00K    500  20.0K    700  22.2K   $0.2500   $0.2500",
-    "2026-03-08     2     6  2.00K  1.00K  40.0K  1.40K  44.4K   $0.5000   $0.5000",
+    "Date        Base  Prem  Input Output  Total      Cost    Prem $ longest $2.25",
+    "2026-03-10     0     0      0      0      0     $0.00     $0.00",
+    "2026-03-09     1     3  1.00K    500  22.2K   $0.2500   $0.2500 ##",
+    "2026-03-08     2     6  2.00K  1.00K  44.4K   $0.5000   $0.5000 ####",
 ]
 
 
@@ -4909,7 +4909,8 @@ def test_render_daily_tab():
     daily = daily_snapshot(settings, now)
     lines, frame = frame_text(ccmon.ViewState(tab="daily"), daily, settings, 80, 24, now)
     assert lines[5] == "Week        0 premium tokens, $0.00" and lines[6:11] == DAILY_80x24
-    assert lines[18] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K    $11.25    $11.25"
+    assert lines[18] == "Total         45   135  45.0K  22.5K   999K    $11.25    $11.25"
+    assert lines[17] == "2026-03-01     9    27  9.00K  4.50K   200K     $2.25     $2.25 ################"
     assert (frame.page_rows, frame.total_rows) == (14, 10)
     narrow, _ = frame_text(ccmon.ViewState(tab="daily", scroll=2), daily, settings, 40, 14, now)
     assert narrow[3:13] == [
@@ -5115,7 +5116,7 @@ def test_every_tab_is_named_at_every_width():
     assert frame_text(ccmon.ViewState(), snap, settings, 60, 24, now)[0][1] == \
         " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk 8Proj "
     assert frame_text(ccmon.ViewState(), snap, settings, 80, 24, now)[0][1] == \
-        "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  "
+        "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj   9 Cht  "
 
 
 def test_every_help_key_is_reachable_at_40x12():
@@ -5133,7 +5134,7 @@ def test_every_help_key_is_reachable_at_40x12():
                          "| w  last 7 days     m  last 30 days  |",
                          "| a  all time        b  current block |",
                          "| o  sort order      r  refresh now   |",
-                         "| Tab/Shift-Tab or 1-8  switch tab    |",
+                         "| Tab/Shift-Tab or 1-9  switch tab    |",
                          "| arrows/j/k PgUp/PgDn  scroll        |",
                          "+- 1-6 of 10 -------------------------+",
                          "arrows/PgDn: more  other keys close"]
@@ -5292,7 +5293,7 @@ def test_render_insight_tabs():
     for key, tab in (("1", "current"), ("3", "models"), ("6", "users")):
         assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
     narrow, _ = frame_text(state, snap, settings, 40, 12, now)
-    assert narrow[1] == " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj"
+    assert narrow[1] == " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj9Cht"
 
 
 def plan_guess_beside_claude(now, readings=1):
@@ -5352,7 +5353,7 @@ def test_small_screens_keep_data_rows_and_whole_key_hints():
         table = next(i for i, line in enumerate(lines) if line.startswith("-- ") and not line.startswith("-- Usage"))
         rows = [line for line in lines[table + 2:-1] if line.strip() and not line.startswith("Total")]
         assert len(rows) >= min(frame.total_rows, 3), (state.tab, lines)
-        assert lines[-1] == "h/d/w/m/a/b  1-8  u/p  ? help  q quit" and len(lines[-1]) < 40
+        assert lines[-1] == "h/d/w/m/a/b  1-9  u/p  ? help  q quit" and len(lines[-1]) < 40
     daily_state, daily = screens[1]
     lines, frame = frame_text(daily_state, daily, settings, 40, 12, now)
     scrolled, action = ccmon.handle_key(daily_state, "j", settings, frame)
@@ -5361,7 +5362,7 @@ def test_small_screens_keep_data_rows_and_whole_key_hints():
     lines, frame = frame_text(daily_state, daily, settings, 80, 24, now)
     assert [line.split()[0] for line in lines[3:7]] == ["Block", "Recent", "Week", "--"]
     assert frame.page_rows == 14 and sum(line.startswith("2026-") for line in lines) == 14
-    assert ccmon.footer_hint(30) == "1-8  ? help  q quit"
+    assert ccmon.footer_hint(30) == "1-9  ? help  q quit"
 
 
 def test_the_daily_tab_starts_with_history_and_shows_the_whole_cost():
@@ -5377,11 +5378,11 @@ def test_the_daily_tab_starts_with_history_and_shows_the_whole_cost():
     lines, frame = frame_text(state, daily, settings, 80, 24, now)
     assert lines[6:12] == [
         "-- Daily usage - last 3 days (Europe/Berlin) -----------------------------------",
-        "Date        Base  Prem  Input Output CacheR CacheW  Total      Cost    Prem $",
-        "2026-03-10     2     4  1.00K    500      0      0  1.50K   $0.1082   $0.1079",
-        "2026-03-09     0     0      0      0      0      0      0     $0.00     $0.00",
-        "2026-03-08     2     4  1.00K    500      0      0  1.50K   $0.1082   $0.1079",
-        "Total          4     8  2.00K  1.00K      0      0  3.00K   $0.2164   $0.2158"]
+        "Date        Base  Prem  Input Output  Total      Cost    Prem $ longest $0.1082",
+        "2026-03-10     2     4  1.00K    500  1.50K   $0.1082   $0.1079 ################",
+        "2026-03-09     0     0      0      0      0     $0.00     $0.00",  # no cost, no bar
+        "2026-03-08     2     4  1.00K    500  1.50K   $0.1082   $0.1079 ################",
+        "Total          4     8  2.00K  1.00K  3.00K   $0.2164   $0.2158"]
     assert frame.total_rows == 3
     empty = dataclasses.replace(daily, data=tuple(ccmon.DayUsage(day.date, ccmon.Split()) for day in days))
     lines, frame = frame_text(state, empty, settings, 80, 24, now)
@@ -6384,7 +6385,7 @@ CLAUDE_80x24 = [  # Claude's share is the gauge; ccmon's count supports it; the 
 
 CLAUDE_40x12 = [
     " ccmon - Claude Code usage monitor",
-    " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj",
+    " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj9Cht",
     " * connected | current block",
     "Current block: $1.24, 16 requests",
     "Claude 5h   ###..  63%, resets 14:17",
@@ -6394,7 +6395,7 @@ CLAUDE_40x12 = [
     "10:23:00 haiku-4-5    31.2K   $0.0123",
     "10:16:00 opus-4-1     31.4K   $0.0247",
     "10:09:00 sonnet-4-5   31.6K   $0.0370",
-    "h/d/w/m/a/b  1-8  u/p  ? help  q quit"]
+    "h/d/w/m/a/b  1-9  u/p  ? help  q quit"]
 
 
 def test_render_claudes_own_limits_80x24_and_40x12():
@@ -6890,7 +6891,7 @@ def test_render_projects_tab_and_the_p_key():
     settings, now = _settings(), local_ms("2026-05-05 13:00")
     state, snap = insight_snapshot(settings, now, "projects", projects=PROJECTS)
     lines, frame = frame_text(state, snap, settings, 80, 24, now)
-    assert lines[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  "
+    assert lines[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj   9 Cht  "
     assert lines[6:12] == [
         "-- Projects by cost - last 7 days - p: filter by project -----------------------",
         "Project           Sessions    Req  Tokens      Cost Share of cost",
@@ -6898,7 +6899,7 @@ def test_render_projects_tab_and_the_p_key():
         "(no project)             1      1     550     $1.00 ##......  24%",
         "/home/dev/src/web        1      2     120   $0.3750 #.......   9%",
         "/srv/api/web             1      1      44   $0.0200 ........   0%"]
-    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit"
+    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit"
     assert (frame.project_names, frame.total_rows) == (tuple(p.project for p in PROJECTS), 4)
     narrow, _ = frame_text(state, snap, settings, 40, 14, now)
     assert narrow[6:11] == ["-- Projects by cost - last 7 days - p: f",
@@ -6906,7 +6907,7 @@ def test_render_projects_tab_and_the_p_key():
                             "alpha               3   6.58K     $2.76",
                             "(no project)        1     550     $1.00",
                             "src/web             2     120   $0.3750"]
-    assert narrow[-1] == "h/d/w/m/a/b  1-8  u/p  ? help  q quit"  # whole hints in 39 columns
+    assert narrow[-1] == "h/d/w/m/a/b  1-9  u/p  ? help  q quit"  # whole hints in 39 columns
     # p cycles through the period's projects (not the sessions without one), then back to every project.
     chosen = []
     for _ in range(4):
