@@ -5136,11 +5136,11 @@ def test_every_help_key_is_reachable_at_40x12():
                          "| o  sort order      r  refresh now   |",
                          "| Tab/Shift-Tab or 1-9  switch tab    |",
                          "| arrows/j/k PgUp/PgDn  scroll        |",
-                         "+- 1-6 of 10 -------------------------+",
+                         "+- 1-6 of 11 -------------------------+",
                          "arrows/PgDn: more  other keys close"]
-    assert second[4:10] == [f"| {text.ljust(36)}|" for text in ccmon.HELP_TEXT[4:]]
-    assert second[10] == "+- 5-10 of 10 ------------------------+"
-    assert [lines[4] for lines in seen] == [first[4], second[4], second[4], first[7], first[4], second[4], second[4]]
+    assert second[4:10] == [f"| {text.ljust(36)}|" for text in ccmon.HELP_TEXT[5:]]
+    assert second[10] == "+- 6-11 of 11 ------------------------+"
+    assert [lines[4] for lines in seen] == [first[4], second[4], second[4], first[8], first[4], second[4], second[4]]
     shown = "\n".join("\n".join(lines) for lines in seen)
     assert all(text in shown for text in ccmon.HELP_TEXT)
     closed, action = ccmon.handle_key(state, "x", settings, frame)
@@ -6462,6 +6462,264 @@ def test_render_claudes_figures_without_block_tracking_and_the_limits_sources():
     learned = dataclasses.replace(guessed, limits=dataclasses.replace(guessed.limits, learned_from=23))
     assert frame_text(ccmon.ViewState(period="b"), learned, learning, 120, 24, now)[0][8].endswith(
         "21.0K / 35.0K (learned from 23 blocks), 4h30m left (ends 15:00)")
+
+
+def charts_snapshot(settings, now, claude=False, **state):
+    """The Charts tab's data: four weeks of working hours (busiest on Mondays at 14:00), the current block's
+    hours, and Claude's weekly readings in its week (reset on Friday 03-06 at 09:00)."""
+    usage = ccmon.Usage
+    base = claude_snapshot(settings, now) if claude else _frame_fixture()[0]
+    points = []
+    for back in range(28):
+        day = dt.date(2026, 3, 10) - dt.timedelta(days=back)
+        for hour in range(8, 19):
+            start = local_ms(f"{day} {hour:02d}:00")
+            if start >= now or day.weekday() >= 5:  # no weekend work
+                continue
+            weight = (hour - 7) * (3 if day.weekday() == 0 else 1) + (back < 7) * 5
+            points.append(ccmon.SeriesPoint(start, "", ccmon.Split(usage(), usage(weight, 1000 * weight,
+                                                                                    200 * weight, 0, 0,
+                                                                                    30_000_000 * weight))))
+    readings = tuple(ccmon.LimitReading(f"s-{k}", local_ms(at), user="ana",
+                                        five_hour=ccmon.LimitWindow(five, local_ms("2026-03-10 14:17")),
+                                        seven_day=ccmon.LimitWindow(week, local_ms("2026-03-13 09:00")))
+                     for k, (at, five, week) in enumerate((("2026-03-06 11:00", 5.0, 4.0),
+                                                           ("2026-03-09 15:00", 30.0, 12.0),
+                                                           ("2026-03-10 09:40", 20.0, 18.0),
+                                                           ("2026-03-10 10:05", 45.0, 20.0),
+                                                           ("2026-03-10 10:28", 63.0, 21.4))))
+    block = [r for r in readings if r.read_ms >= base.limits.window[0]]
+    block_points = tuple(p for p in points if p.start_ms + ccmon.HOUR_MS > base.limits.window[0])
+    query = ccmon.query_for(ccmon.ViewState(tab="charts", **state), settings, now)
+    return dataclasses.replace(base, query=query, data=ccmon.UsageSeries("hour", tuple(points), readings),
+                               block_series=ccmon.UsageSeries("hour", block_points, tuple(block)))
+
+
+CHARTS_80x24_UNICODE_0 = [
+    'Block       ██████████░░░░░░  60%  21.0K / 35.0K, 4h30m left (ends 15:00)',
+    'Recent pace 700/min; at this pace the limit is reached at 10:50',
+    'Week        21.0K premium tokens, <$0.0001 (sonnet 21.0K)',
+    '── 5-hour window - premium tokens (1 of 5; j/k: more) ──────────────────────────',
+    ' 210K │                                                               ··········',
+    '      │                                                    ···········',
+    '      │                                          ··········',
+    '      │                               ···········',
+    '      │                     ··········',
+    '35.0K │───────────··········────────────────────────────────────────────────────',
+    '      │       ▆···',
+    '    0 └─────────────────────────────────────────────────────────────────────────',
+    '       10:00         11:00          12:00         13:00          14:00',
+    '█ used 21.0K  ─ limit 35.0K  · projected 210K',
+    '── Cost per hour - last 24 hours (2 of 5; j/k: more) ───────────────────────────',
+    'each column: 1 hour',
+    '$1.14 │      ▂▂ ▃▃ ▄▄ ▅▅ ▇▇ ██',
+    '      │▇▇ ██ ██ ██ ██ ██ ██ ██                                        ▃▃ ▃▃ ▃▃',
+    '    0 └────────────────────────────────────────────────────────────────────────',
+    '          12:00 14:00 16:00 18:00 20:00 22:00 00:00 02:00 04:00 06:00 08:00',
+    'h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit',
+]
+
+CHARTS_80x24_ASCII_0 = [
+    '-- 5-hour window - premium tokens (1 of 5; j/k: more) --------------------------',
+    ' 210K |                                                                   ......',
+    '      |                                                         ..........',
+    '      |                                              ...........',
+    '      |                                    ..........',
+    '      |                          ..........',
+    '      |               ...........',
+    '35.0K |-------#.......----------------------------------------------------------',
+    '    0 +-------------------------------------------------------------------------',
+    '       10:00         11:00          12:00         13:00          14:00',
+    '# used 21.0K  - limit 35.0K  . projected 210K',
+    '-- Cost per hour - last 24 hours (2 of 5; j/k: more) ---------------------------',
+    'each column: 1 hour',
+    '$1.14 |            ## ## ## ##',
+    '      |## ## ## ## ## ## ## ##                                        ## ## ##',
+    '    0 +------------------------------------------------------------------------',
+    '          12:00 14:00 16:00 18:00 20:00 22:00 00:00 02:00 04:00 06:00 08:00',
+]
+
+CHARTS_40x12_UNICODE_0 = [
+    ' ccmon - Claude Code usage monitor',
+    ' 1Now2Day3Mod4Ses5Tool6User7Blk8Proj9Cht',
+    ' ● connected | last 4 weeks by the hour',
+    'Block       ███░░  60%  21.0K / 35.0K',
+    '── 5-hour window - premium tokens 1/5 ──',
+    ' 210K │                      ···········',
+    '      │           ···········',
+    '35.0K │───▂·······──────────────────────',
+    '    0 └─────────────────────────────────',
+    '       10:00 11:00  12:00 13:00  14:00',
+    '█ used 21.0K  ─ limit 35.0K',
+    'h/d/w/m/a/b  1-9  u/p  ? help  q quit',
+]
+
+CHARTS_40x12_ASCII_0 = [
+    'Block       ###..  60%  21.0K / 35.0K',
+    '-- 5-hour window - premium tokens 1/5 --',
+    ' 210K |                           ......',
+    '      |                ...........',
+    '35.0K |---#............-----------------',
+    '    0 +---------------------------------',
+    '       10:00 11:00  12:00 13:00  14:00',
+    '# used 21.0K  - limit 35.0K',
+]
+
+CHARTS_CLAUDE_80x24_UNICODE_0 = [
+    'Claude 5h   ██████████░░░░░░  63%, resets 14:17; ccmon counted 21.0K (2 min ago)',
+    "Recent pace 700/min; Claude's 5h limit at this pace at 10:47",
+    'Claude week ███░░░░░░░░░░░░░  21%, resets Fri 09:00; ccmon counted 21.0K',
+    "── 5-hour window - Claude's own % (1 of 5; j/k: more) ──────────────────────────",
+    '540% │                                                                 ·········',
+    '     │                                                        ·········',
+    '     │                                               ·········',
+    '     │                                      ·········',
+    '     │                             ·········',
+    '100% │────────────────────·········─────────────────────────────────────────────',
+    '     │     ▂▂▂▂▂▂▅▅▅▅▅▅▇▇·',
+    '   0 └──────────────────────────────────────────────────────────────────────────',
+    '                10:00          11:00          12:00          13:00         14:00',
+    "█ used 63%  ─ Claude's limit 100%  · projected 540%",
+    '── Cost per hour - last 24 hours (2 of 5; j/k: more) ───────────────────────────',
+    'each column: 1 hour',
+    '$1.14 │      ▂▂ ▃▃ ▄▄ ▅▅ ▇▇ ██',
+    '      │▇▇ ██ ██ ██ ██ ██ ██ ██                                        ▃▃ ▃▃ ▃▃',
+    '    0 └────────────────────────────────────────────────────────────────────────',
+    '          12:00 14:00 16:00 18:00 20:00 22:00 00:00 02:00 04:00 06:00 08:00',
+]
+
+CHARTS_80x24_UNICODE_3 = [
+    "── Claude's week - cost per day (4 of 5; j/k: more) ────────────────────────────",
+    '100% │',
+    '     │',
+    '     │',
+    '     │',
+    '     │                                                                         ▂',
+    '     │                               ▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▆▆▆▆▆▆▆▆█',
+    '  0% └──────────────────────────────────────────────────────────────────────────',
+    '           Wed 04     Thu 05    Fri 06     Sat 07     Sun 08    Mon 09',
+    'Tue 03-03 ████████████████▏                                              $1.98',
+    'Wed 03-04 █████████████████████████████▋                                 $3.63',
+    'Thu 03-05 █████████████████████████████▋                                 $3.63',
+    'Fri 03-06 █████████████████████████████▋                                 $3.63',
+    'Sat 03-07                                                                $0.00',
+    'Sun 03-08                                                                $0.00',
+    'Mon 03-09 ██████████████████████████████████████████████████████████████ $7.59',
+    'Tue 03-10 █████▏                                                         $0.6300',
+]
+
+CHARTS_80x24_ASCII_4 = [
+    '-- Cost by weekday and hour - last 4 weeks (5 of 5; j/k: more) -----------------',
+    '    0  1  2  3  4  5  6  7  8  9  10 11 12 13 14 15 16 17 18 19 20 21 22 23',
+    'Mon                         ......:::::::::*********#########',
+    'Tue                         .................................',
+    'Wed                         .....................::::::::::::',
+    'Thu                         .....................::::::::::::',
+    'Fri                         .....................::::::::::::',
+    'Sat',
+    'Sun',
+]
+
+CHARTS_CLAUDE_40x12_ASCII_2 = [
+    'Claude 5h   ###..  63%, resets 14:17',
+    '-- Cost - last 7 days 3/5 --------------',
+    'each column: 6 hours',
+    '$4.41 |                        #',
+    '      |                        #',
+    '      |## ### ### ###         ### #',
+    '    0 +----------------------------',
+    '         Wed Thu Fri Sat Sun Mon',
+]
+
+
+CURRENT_BURNUP_80x40 = [  # Claude's own %: its readings in this window, 100% its limit; the pace's projection by
+    # the capacity calibrated from 14 readings: 63% + 700/min × 227 min / 33,300 = 540%
+    "-- 5-hour window - Claude's own % ----------------------------------------------",
+    '540% |                                                                     .....',
+    '     |                                                            .........',
+    '     |                                                   .........',
+    '     |                                          .........',
+    '     |                                 .........',
+    '     |                        .........',
+    '100% |-----##############.....--------------------------------------------------',
+    '   0 +--------------------------------------------------------------------------',
+    '                10:00          11:00          12:00          13:00         14:00',
+    "# used 63%  - Claude's limit 100%  . projected 540%",
+    '-- Requests 1-12 of 12 ---------------------------------------------------------',
+]
+
+
+def test_render_charts_tab_80x24_and_40x12_in_unicode_and_ascii():
+    """The Charts tab, chart by chart: each whole under its title, the first shrunk to the rows left, the next
+    shown when it fits; at 40x12 one chart at a time, the heatmap (a row a weekday) stepping aside with a note."""
+    _, settings, now = _frame_fixture()
+
+    def charts(width, height, unicode, scroll=0, claude=False, **state):
+        lines, frame = frame_text(ccmon.ViewState(tab="charts", scroll=scroll, **state),
+                                  charts_snapshot(settings, now, claude), settings, width, height, now,
+                                  unicode=unicode)
+        assert (frame.page_rows, frame.total_rows) == (1, 5)
+        return lines
+
+    assert charts(80, 24, True)[3:] == CHARTS_80x24_UNICODE_0
+    assert charts(80, 24, False)[6:-1] == CHARTS_80x24_ASCII_0
+    assert charts(40, 12, True) == CHARTS_40x12_UNICODE_0
+    assert charts(40, 12, False)[3:-1] == CHARTS_40x12_ASCII_0
+    assert charts(80, 24, True, claude=True)[3:-1] == CHARTS_CLAUDE_80x24_UNICODE_0
+    assert charts(80, 24, True, 3)[6:-1] == CHARTS_80x24_UNICODE_3
+    assert charts(80, 24, False, 4)[6:15] == CHARTS_80x24_ASCII_4
+    assert charts(40, 12, False, 2, claude=True)[3:-1] == CHARTS_CLAUDE_40x12_ASCII_2
+    assert charts(40, 12, True, 4)[4:6] == ["Cost by weekday and hour - last 4 weeks:", "   needs a taller terminal."]
+    # `c`: tokens instead of cost, the scale in tokens (Monday 18:00: 38 × 1,200 tokens)
+    assert charts(80, 24, True, 1, chart_tokens=True)[6:9] == [
+        "── Tokens per hour - last 24 hours (2 of 5; j/k: more) ─────────────────────────",
+        "each column: 1 hour",
+        "45.6K │                  ▄▄ ██"]
+    for width in range(40, 140, 9):  # any size: within the screen, every chart whole
+        for height in range(12, 50, 5):
+            for scroll in range(5):
+                lines = charts(width, height, width % 2 == 0, scroll, claude=height % 2 == 0)
+                assert len(lines) == height and all(len(line) <= width for line in lines)
+
+
+def test_the_c_key_and_the_charts_tabs_scroll():
+    settings = _settings()
+    frame = ccmon.Frame([], page_rows=1, total_rows=5)
+    state, action = ccmon.handle_key(ccmon.ViewState(), "9", settings, frame)
+    assert (state.tab, action) == ("charts", "refresh")
+    state, action = ccmon.handle_key(state, "c", settings, frame)
+    assert state.chart_tokens and action == ""  # the series holds both: nothing to fetch
+    state, action = ccmon.handle_key(state, "c", settings, frame)
+    assert not state.chart_tokens
+    state, _ = ccmon.handle_key(state, "KEY_END", settings, frame)
+    assert state.scroll == 4  # the last chart at the top
+    state, _ = ccmon.handle_key(state, "j", settings, frame)
+    assert state.scroll == 4
+    other, action = ccmon.handle_key(ccmon.ViewState(tab="daily"), "c", settings, frame)
+    assert (other.chart_tokens, other.notice, action) == \
+        (False, "c switches the Charts tab between cost and tokens", "")
+    assert ccmon.query_for(state, settings, 0).burnup and ccmon.query_for(ccmon.ViewState(), settings, 0).burnup
+    assert not ccmon.query_for(ccmon.ViewState(tab="daily"), settings, 0).burnup
+
+
+def test_render_the_burnup_on_a_tall_current_tab():
+    """The Current tab draws the 5-hour window's burn-up only where its requests still keep 10 rows (data rows
+    first): not at 80x24; at 80x40 in Claude's own % while its reading is live, else in ccmon's tokens against
+    the limit, which it names the plan's guess when it is one."""
+    snap, settings, now = _frame_fixture()
+    claude = dataclasses.replace(charts_snapshot(settings, now, claude=True), query=snap.query, data=snap.data)
+    assert frame_text(ccmon.ViewState(period="b"), claude, settings, 80, 24, now)[0][11:] == \
+        frame_text(ccmon.ViewState(period="b"), claude_snapshot(settings, now), settings, 80, 24, now)[0][11:]
+    lines, frame = frame_text(ccmon.ViewState(period="b"), claude, settings, 80, 40, now)
+    assert lines[8:11] == CLAUDE_80x24[:3] and lines[11:23] == CURRENT_BURNUP_80x40
+    assert frame.page_rows == 15 and lines[24].startswith("10:30:00 sonnet-4-5")
+    guess = dataclasses.replace(settings, limit_from_plan=True)
+    tokens = dataclasses.replace(charts_snapshot(settings, now), query=snap.query, data=snap.data)
+    lines, _ = frame_text(ccmon.ViewState(period="b"), tokens, guess, 80, 40, now, unicode=True)
+    assert lines[8] == "Block       ██████████░░░░░░  60%  21.0K / 35.0K (plan's guess), 4h30m left"
+    assert lines[11] == "── 5-hour window - premium tokens ──────────────────────────────────────────────"
+    assert lines[18] == "      │       ▆···"  # 10:00-10:30: 21.0K of 210K, 0.7 of 7 rows
+    assert lines[21] == "█ used 21.0K  ─ plan's guess 35.0K  · projected 210K"
 
 
 def test_alerts_fire_on_claudes_own_percentages():
