@@ -5635,6 +5635,63 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
             srv.stop()
 
 
+@e2e
+def test_the_charts_tab_in_a_pty_against_a_real_server(tmp_path):
+    """The real monitor on a real server's requests: $0.25 two hours back and $0.50 in the last hour (UTC), drawn on
+    the Charts tab's last 24 hours as columns two cells wide, the $0.50 one full height (7 rows) and the $0.25 one
+    3½ rows; `c` redraws it in tokens."""
+    srv = ServerProcess(tmp_path).start()
+    hour = dt.datetime.now(dt.timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+    def at(moment: dt.datetime) -> str:
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    sdk_export(srv.port, [("api_request", api_request(1, at(hour - dt.timedelta(minutes=110)), input_tokens="1000",
+                                                      output_tokens=200, cost_usd=0.25)),
+                          ("api_request", api_request(2, at(hour - dt.timedelta(minutes=50)), input_tokens="3000",
+                                                      output_tokens=600, cost_usd=0.5))])
+
+    def expected(scale: str, cells: int, small: int, current: dt.datetime) -> list[str]:
+        """The 24 hours to the end of `current`'s hour, columns `cells` wide (a space between when 3 or more): the
+        two requests' hours are the columns 2 and 1 before the last, the second full height (7 rows of 8 eighths),
+        the first `small` eighths high."""
+        end = ccmon.ms_from_datetime(current + dt.timedelta(hours=1))
+        back = (current - hour) // dt.timedelta(hours=1)  # 1 when the clock passed the hour meanwhile
+        pad, gap = " " * (cells * (21 - back)), " " * (cells >= 3)
+        glyph = 2 if cells == 2 else cells - 1
+
+        def column(eighths: int, row: int) -> str:
+            return " ▁▂▃▄▅▆▇█"[min(8, max(0, eighths - (6 - row) * 8))] * glyph + gap
+
+        rows = [f"{scale if row == 0 else ''.rjust(len(scale))} │{pad}{column(small, row)}{column(56, row)}".rstrip()
+                for row in range(7)]
+        return ["each column: 1 hour", *rows, f"{'0'.rjust(len(scale))} └{'─' * 24 * cells}",
+                " " * (len(scale) + 2) + ccmon.time_axis(end - ccmon.DAY_MS, end, 24 * cells, ccmon.ZoneInfo("UTC"))]
+
+    def shows(scale: str, cells: int, small: int):
+        def check(text: str) -> bool:
+            lines = [line.rstrip() for line in text.splitlines()]
+            return any(lines[4:14] == expected(scale, cells, small, hour + dt.timedelta(hours=later))
+                       for later in (0, 1))
+        return check
+
+    with MonitorPty(["--monitor-server", srv.target, "--monitor-timezone", "UTC", "--monitor-refresh-interval", "1s"],
+                    cwd=tmp_path, env={"HOME": str(tmp_path)}) as monitor:
+        try:
+            monitor.wait_for("Requests 1-2 of 2", "the requests")
+            monitor.send(b"9")
+            screen = monitor.wait_for(shows("$0.5000", 2, 28), "the last 24 hours' cost")  # $0.25: 3.5 rows
+            assert screen.splitlines()[3].startswith("── Cost per hour - last 24 hours (1 of 3; j/k: more) ──")
+            assert "last 4 weeks by the hour" in screen.splitlines()[2]
+            monitor.send(b"c")
+            screen = monitor.wait_for(shows("3.60K", 3, 19), "the last 24 hours' tokens")  # 1.20K / 3.60K × 56: 19
+            assert screen.splitlines()[3].startswith("── Tokens per hour - last 24 hours (1 of 3; j/k: more) ──")
+            monitor.send(b"q")
+            assert monitor.close() == 0
+        finally:
+            srv.stop()
+
+
 @pytest.mark.parametrize("term", ["xterm", "screen", "tmux-256color", "linux", "vt100"])
 def test_monitor_runs_on_every_terminal_type_and_without_color(term, tmp_path):
     with MonitorPty(["--monitor-server", "127.0.0.1:9"], term=term, cwd=tmp_path,
