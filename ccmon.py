@@ -6003,15 +6003,19 @@ def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]]
                   unicode) + [joined_to_fit(marks, width)]
 
 
+LIMIT_RESETS = {"seven_day": ("Claude's weekly limit reset", "reset"),
+                "five_hour": ("Claude's 5-hour limit reset", "reset")}  # a chart's legend, long and short
+
+
 def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], daily: Iterable[tuple[int, float]],
                width: int, height: int, unicode: bool, zone: ZoneInfo,
-               format_value: Callable[[float], str]) -> list[str]:
+               format_value: Callable[[float], str], window: str = "seven_day") -> list[str]:
     """A week from start to end against Claude's weekly limit: Claude's weekly % readings as columns over the week
     (each the newest reading by then, 0 once its window has reset, none past the last reading; 100% at the top),
     each reset marked on the axis; then a bar for each day's usage (`daily`: (the day's start, its value)),
-    scaled to the largest day, with its value. The days step aside when the height has no room for both;
-    [] when not even the readings fit."""
-    readings = sorted((r for r in readings if r.seven_day is not None), key=lambda r: r.read_ms)
+    scaled to the largest day, with its value. The days step aside when the height has no room for both, or
+    when `daily` is empty; [] when not even the readings fit. `window` "five_hour" draws the 5-hour readings."""
+    readings = sorted((r for r in readings if getattr(r, window) is not None), key=lambda r: r.read_ms)
     days = []
     day = dt.datetime.fromtimestamp(start_ms / 1000, zone)
     while ms_from_datetime(day) < end_ms:
@@ -6021,14 +6025,15 @@ def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], dai
     for ms, value in daily:
         date = dt.datetime.fromtimestamp(ms / 1000, zone).date()
         per_day[date] = per_day.get(date, 0) + value
-    resets = sorted({r.seven_day.resets_ms for r in readings if start_ms < r.seven_day.resets_ms < end_ms})
+    resets = sorted({getattr(r, window).resets_ms for r in readings
+                     if start_ms < getattr(r, window).resets_ms < end_ms})
     mark = "▲" if unicode else "^"
-    legend = [joined_to_fit(["", (f"{mark} Claude's weekly limit reset", f"{mark} reset")], width)] if resets else []
+    legend = [joined_to_fit(["", tuple(f"{mark} {name}" for name in LIMIT_RESETS[window])], width)] if resets else []
     values = [per_day.get(day.date(), 0) for day in days]
     names, figures = [f"{day:%a %m-%d}" for day in days], [format_value(value) for value in values]
     bar_width = width - max(map(len, names), default=0) - max(map(len, figures), default=0) - 2
     # the days under the readings when there is room for both, at least two rows of readings
-    with_days = bar_width >= 4 and height - len(days) >= 2 + 2 + len(legend)
+    with_days = bool(per_day) and bar_width >= 4 and height - len(days) >= 2 + 2 + len(legend)
     rows = height - len(days) * with_days - 2 - len(legend)
     cells = width - scale_width(["100%", "0%"])
     if rows < 2 or cells < 4 or end_ms <= start_ms:
@@ -6037,8 +6042,8 @@ def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], dai
     heights = []
     for begin, end in slices(start_ms, end_ms, cells):
         latest = [r for r in readings if r.read_ms < end]
-        live = latest and begin <= readings[-1].read_ms and latest[-1].seven_day.resets_ms > begin
-        heights.append(bar_steps(latest[-1].seven_day.percent, 100, rows, k) if live else 0)
+        live = latest and begin <= readings[-1].read_ms and getattr(latest[-1], window).resets_ms > begin
+        heights.append(bar_steps(getattr(latest[-1], window).percent, 100, rows, k) if live else 0)
     axis = [axis_line(unicode)] * cells
     for reset in resets:
         axis[(reset - start_ms) * cells // (end_ms - start_ms)] = mark
@@ -6482,8 +6487,8 @@ def report_period(kind: str, since: dt.date | None, until: dt.date | None, zone:
 def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                 user: str | None, project: str | None = None) -> list[dict[str, Any]]:
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float)."""
-    if kind == "limits":  # the series' readings; by week, as its points are not shown: the fewest of them
-        return [limit_fields(reading, zone) for reading in client.series(start, end, "week", zone.key, user=user).readings]
+    if kind == "limits":
+        return [limit_fields(reading, zone) for reading in limit_readings(client, start, end, zone, user)]
     if kind == "project":  # '' is the sessions without a project
         return [{"project": p.project, "sessions": p.sessions, **usage_fields(p.split.total),
                  "premium_requests": p.split.premium.requests,
@@ -6520,6 +6525,33 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
     column = {"daily": "date", "weekly": "week_of", "monthly": "month"}[kind]
     return [{column: label, **usage_fields(split.total), "premium_requests": split.premium.requests,
              "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD} for label, split in groups.items()]
+
+
+def limit_readings(client: Client, start: int, end: int, zone: ZoneInfo, user: str | None) -> tuple[LimitReading, ...]:
+    """The period's readings of Claude's limits, oldest first: the series' readings, by week, as its points are not
+    shown (the fewest of them)."""
+    return client.series(start, end, "week", zone.key, user=user).readings
+
+
+LIMIT_CHART_LINES = 10  # each of a limits report's charts: 7 rows of readings, the axis, its times, the legend
+
+
+def limit_charts(readings: Iterable[LimitReading], start: int, end: int, zone: ZoneInfo, width: int,
+                 unicode: bool) -> list[str]:
+    """`ccmon report limits --chart`: for each user (in the order of their first reading), Claude's 5-hour and
+    weekly % over the period, each under a title: the newest reading by each moment, 0 once its window has
+    reset, each reset marked on the axis (week_chart's columns); a window no reading has is not drawn."""
+    readings = list(readings)
+    users = list(dict.fromkeys(r.user for r in readings))
+    lines = []
+    for user in users:
+        mine = [r for r in readings if r.user == user]
+        for window, name in (("five_hour", "5-hour"), ("seven_day", "weekly")):
+            if any(getattr(r, window) for r in mine):
+                whose = f", user {printable(user or '(unknown)')}" if len(users) > 1 or user else ""
+                lines += ["", f"Claude's {name} limit, % used{whose}",
+                          *week_chart(start, end, mine, (), width, LIMIT_CHART_LINES, unicode, zone, str, window)]
+    return lines
 
 
 def limit_fields(reading: LimitReading, zone: ZoneInfo) -> dict[str, Any]:
@@ -6629,15 +6661,17 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
 
 
 CHART_KEYS = {"cost": "cost_usd", "tokens": "total_tokens"}  # --chart's values: what the bars are of
-CHART_REPORTS = ("daily", "weekly", "monthly", "model", "project")
+CHART_REPORTS = ("daily", "weekly", "monthly", "model", "project", "limits")
 CHART_LEAST = 10  # a report's bars are at least this wide: the table drops columns for them
 CHART_WIDE = 40   # and this wide beside a --wide table, which has no width to fill
 
 
 def check_report_chart(kind: str, chart: str | None) -> None:
     if chart and kind not in CHART_REPORTS:
-        raise ConfigError(f"--chart: bars are drawn beside the {', '.join(CHART_REPORTS[:-1])} and "
+        raise ConfigError(f"--chart: charts are drawn for the {', '.join(CHART_REPORTS[:-1])} and "
                           f"{CHART_REPORTS[-1]} reports, not the {kind} report")
+    if chart == "tokens" and kind == "limits":
+        raise ConfigError("--chart tokens: the limits report draws Claude's own percentages (use --chart)")
 
 
 def drop_rank(key: str) -> int:
@@ -6660,6 +6694,8 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
         rows = report_rows(client, args.kind, start, end, zone, args.user, args.project)
+        readings = limit_readings(client, start, end, zone, args.user) if args.kind == "limits" and args.chart \
+            and rows else ()
     except GoCcmonServer:
         print(f"ccmon: {config.monitor_server} is the Go ccmon server, which answers only GetStats and GetAPIRequests: "
               f"the {args.kind} report needs ccmon's own server", file=sys.stderr)
@@ -6690,10 +6726,13 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
         print(printable(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
                         + (f", user {args.user}" if args.user else "")
                         + (f", project {args.project}" if args.project else "")))
-        print(report_table(rows, totals, None if args.wide else REPORT_WIDTH, args.chart,
-                           args.chart is not None and utf8_locale(),
+        unicode = args.chart is not None and utf8_locale()
+        print(report_table(rows, totals, None if args.wide else REPORT_WIDTH,
+                           None if args.kind == "limits" else args.chart, unicode,
                            "no readings of Claude's limits in this period (ccmon statusline stores them)"
                            if args.kind == "limits" else "no usage in this period"))
+        if readings:
+            print("\n".join(limit_charts(readings, start, end, zone, REPORT_WIDTH, unicode)))
     return 0
 
 
@@ -9573,8 +9612,9 @@ def build_report_parser() -> CommandLine:
     output.add_argument("--json", action="store_true", help="one JSON object")
     output.add_argument("--csv", action="store_true", help="CSV with a header row")
     output.add_argument("--chart", nargs="?", const="cost", choices=tuple(CHART_KEYS), help="tables of the "
-                        f"{', '.join(CHART_REPORTS)} reports: a bar beside each row, proportional to its cost "
-                        "(default) or tokens; Unicode when the locale is UTF-8, ASCII otherwise")
+                        f"{', '.join(CHART_REPORTS[:-1])} reports: a bar beside each row, proportional to its cost "
+                        "(default) or tokens; the limits report: Claude's 5-hour and weekly %% over the period; "
+                        "Unicode when the locale is UTF-8, ASCII otherwise")
     parser.add_argument("--wide", action="store_true", help=f"tables: every column, ids and times in full "
                         f"(default: fit {REPORT_WIDTH} columns)")
     return parser

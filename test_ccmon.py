@@ -9420,6 +9420,55 @@ def test_report_chart_draws_a_bar_per_row(server, tmp_path):
     assert wide[1].endswith("premium_cost  cost, longest $2.89") and wide[3].endswith("$2.88  " + "#" * 40)
 
 
+def test_report_limits_chart_draws_claudes_readings_over_the_period(server, tmp_path):
+    """`report limits --chart`: under the table, Claude's 5-hour then weekly % over the period (each column the
+    newest reading by then, 0 once its window reset, every reset marked), 100% at the top."""
+    tokyo = ccmon.ZoneInfo("Asia/Tokyo")
+
+    def at(text: str) -> int:
+        return local_ms(text, tokyo)
+    for session, read, five, five_resets, week in (("s-1", "2026-05-04 10:00", 20.0, "2026-05-04 12:00", 10.0),
+                                                   ("s-1", "2026-05-04 22:00", 90.0, "2026-05-05 02:00", 40.0),
+                                                   ("s-2", "2026-05-05 12:00", 50.0, "2026-05-05 16:00", 80.0)):
+        reading = ccmon.LimitReading(session, at(read), five_hour=ccmon.LimitWindow(five, at(five_resets)),
+                                     seven_day=ccmon.LimitWindow(week, at("2026-05-06 00:00")))
+        server.query().ReportStatusLine(ccmon_pb2.ReportStatusLineRequest(reading=ccmon.reading_message(reading)))
+    out = run_report(server, "limits", "--since", "2026-05-04", "--until", "2026-05-06", "--chart", cwd=tmp_path,
+                     env={"LC_ALL": "C"})
+    assert (out.returncode, out.stderr) == (0, "")
+    lines = out.stdout.splitlines()
+    assert lines[6:] == LIMITS_CHART
+    assert run_report(server, "limits", "--since", "2026-05-04", "--until", "2026-05-06", "--chart", cwd=tmp_path,
+                      env={"LC_ALL": "C.UTF-8"}).stdout.splitlines()[8] == "100% │                                  ▂▂▂▂▂▂▂▂"
+
+
+LIMITS_CHART = [  # 90% of 7 rows: 6.3, so 6 '#'; nothing past the last reading (12:00, one column)
+    '',
+    "Claude's 5-hour limit, % used",
+    '100% |',
+    '     |                                  ########',
+    '     |                                  ########',
+    '     |                                  ########               #',
+    '     |                                  ########               #',
+    '     |                                  ########               #',
+    '     |               ####               ########               #',
+    '  0% +-------------------^---------------------^---------------------^--------------------------------------------------',
+    '      Mon 04                                Tue 05                                Wed 06',
+    "^ Claude's 5-hour limit reset",
+    '',
+    "Claude's weekly limit, % used",
+    '100% |',
+    '     |                                                         #',
+    '     |                                                         #',
+    '     |                                                         #',
+    '     |                                  ########################',
+    '     |                                  ########################',
+    '     |               ###########################################',
+    '  0% +----------------------------------------------------------------------------^-------------------------------------',
+    '      Mon 04                                Tue 05                                Wed 06',
+    "^ Claude's weekly limit reset",
+]
+
 @pytest.mark.parametrize("args,message", [
     (["daily", "--chart", "--json"], "argument --json: not allowed with argument --chart"),
     (["daily", "--csv", "--chart", "tokens"], "argument --chart: not allowed with argument --csv"),
@@ -9430,8 +9479,11 @@ def test_report_chart_flag_errors(args, message, tmp_path, capsys, monkeypatch):
     code, err = run_main(["report", *args], capsys)
     assert (code, err) == (2, f"ccmon report: {message} (see ccmon report --help)\n")
     code, err = run_main(["report", "session", "--chart", "--monitor-server", "127.0.0.1:9"], capsys)
-    assert (code, err) == (2, "ccmon: config error: --chart: bars are drawn beside the daily, weekly, monthly, model "
-                              "and project reports, not the session report\n")
+    assert (code, err) == (2, "ccmon: config error: --chart: charts are drawn for the daily, weekly, monthly, model, "
+                              "project and limits reports, not the session report\n")
+    code, err = run_main(["report", "limits", "--chart", "tokens", "--monitor-server", "127.0.0.1:9"], capsys)
+    assert (code, err) == (2, "ccmon: config error: --chart tokens: the limits report draws Claude's own percentages "
+                              "(use --chart)\n")
 
 
 # ---------------------------------------------------------------- charts: pure render functions, golden frames
