@@ -9806,3 +9806,24 @@ def test_the_charts_page_shows_real_charts():
                   burnup(40, 7, unicode=False), week(72, 17), week(40, 8, unicode=False), heat(80),
                   heat(40, unicode=False)):
         assert "```\n" + "\n".join(lines) + "\n```" in page
+
+
+def test_the_charts_page_shows_the_monitors_real_frames():
+    """docs/charts.md's monitor samples are the monitor's frames for its golden tests' data, and its limits report
+    sample is the report's output."""
+    page = (ROOT / "docs" / "charts.md").read_text()
+    _, settings, now = _frame_fixture()
+
+    def frame(state, snap, width, height, unicode, lines=slice(None)) -> str:
+        shown = frame_text(state, snap, settings, width, height, now, unicode=unicode)[0][lines]
+        return "```\n" + "\n".join(line.rstrip() for line in shown) + "\n```"
+    charts = ccmon.ViewState(tab="charts")
+    for sample in (frame(ccmon.ViewState(tab="daily"), daily_snapshot(settings, now), 80, 24, True, slice(6, 18)),
+                   frame(charts, charts_snapshot(settings, now), 80, 24, True),
+                   frame(charts, charts_snapshot(settings, now, True), 80, 24, True, slice(3, 17)),
+                   frame(dataclasses.replace(charts, scroll=3), charts_snapshot(settings, now), 80, 24, True),
+                   frame(dataclasses.replace(charts, scroll=4), charts_snapshot(settings, now), 80, 24, True,
+                         slice(6, 16)),
+                   frame(dataclasses.replace(charts, scroll=1), charts_snapshot(settings, now), 40, 12, False)):
+        assert sample in page
+    assert "\n".join(LIMITS_CHART[1:]) + "\n```" in page
