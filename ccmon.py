@@ -8335,7 +8335,7 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
             return state, ""
         return dataclasses.replace(state, session_id=None, scroll=state.selected), "refresh"
     names = list(TABS)
-    digits = [str(number) for number in range(1, len(names) + 1)]
+    digits = [str(number) for number in range(1, min(len(names), 9) + 1)]  # a key each: tabs past 9 by Tab
     if key in digits or key in ("\t", "KEY_BTAB"):
         step = 1 if key == "\t" else -1
         index = digits.index(key) if key in digits else (names.index(state.tab) + step) % len(names)
@@ -9171,7 +9171,7 @@ TABS = {tab.name: tab for tab in (
                                         user=q.user, project=q.project),
         fixed_period=f"last {CHART_WEEKS} weeks by the hour", burnup=True),
 )}
-TAB_KEYS = f"1-{len(TABS)}"
+TAB_KEYS = f"1-{min(len(TABS), 9)}"  # the digit keys; Tab reaches every tab
 
 WAITING_TEXT = [
     "Waiting for data: this server has not received any Claude Code request yet.",

@@ -5040,7 +5040,7 @@ def test_columns_take_the_room_there_is():
         lines, _ = frame_text(state, data, settings, 120, 30, now, unicode=True)
         assert not [line for line in lines if "~" in line], "\n".join(lines)
     daily, _ = frame_text(*first_hour_screens(settings, now)[1], settings, 120, 30, now)
-    assert daily[9].split()[-3:] == ["2.19K/min", "$99.00", "$99.00"]
+    assert daily[9].split()[-4:] == ["2.19K/min", "$99.00", "$99.00", "#" * 32]  # and the costliest day's bar
     blocks, _ = frame_text(*first_hour_screens(settings, now)[-1], settings, 120, 30, now)
     assert blocks[8].endswith("######## 1450%")
 
@@ -5114,7 +5114,7 @@ def test_every_tab_is_named_at_every_width():
             assert f" {tab.title} " in strip or f"{number} {tab.short_title}" in strip or \
                 f" {number}{tab.short_title} " in strip or strip == " " + packed, (width, strip)
     assert frame_text(ccmon.ViewState(), snap, settings, 60, 24, now)[0][1] == \
-        " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk 8Proj "
+        " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk 8Proj 9Cht "
     assert frame_text(ccmon.ViewState(), snap, settings, 80, 24, now)[0][1] == \
         "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj   9 Cht  "
 
@@ -5590,8 +5590,10 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
                                   "oldest first rows")
         monitor.send(b"\t")
         screen = monitor.wait_for("Daily usage - last 2 days (UTC)", "the daily tab")  # from the first day used
-        assert line_with(screen, "Total").split() == ["Total", "1", "2", "3.20K", "1.30K", "0", "0", "4.50K",
-                                                      "$1.75", "$1.75"]
+        assert line_with(screen, "Total").split() == ["Total", "1", "2", "3.20K", "1.30K", "4.50K", "$1.75", "$1.75"]
+        assert line_with(screen, "Date").rstrip().endswith("Prem $ longest $1.50")  # the cache columns gave way
+        assert sorted(line.split()[-1] for line in screen.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)) == \
+            ["█" * 16, "██▋"]  # $0.251 / $1.50 × 16 cells: 21.4 eighths, 21
         monitor.send(b"3")
         screen = monitor.wait_for("Models - last 7 days", "the models tab")
         assert line_with(screen, "opus-4-1").split()[1:6] == ["1", "2.00K", "1.00K", "0", "$1.50"]
@@ -6177,8 +6179,9 @@ def test_adding_a_tab_is_one_entry_in_tabs():
     finally:
         del sys.modules[module.__name__]
     settings, now = _settings(), local_ms("2026-05-05 13:00")
-    state, action = module.handle_key(module.ViewState(), "9", settings, module.Frame([]))
-    assert (state.tab, action) == ("notes", "refresh")
+    state, action = module.handle_key(module.ViewState(), "KEY_BTAB", settings, module.Frame([]))
+    assert (state.tab, action) == ("notes", "refresh")  # the tenth: past the digit keys, Tab reaches it
+    assert module.handle_key(module.ViewState(), "9", settings, module.Frame([]))[0].tab == "charts"
     query = module.query_for(state, settings, now)
     snap = module.Snapshot(query, now, 500, data=query.fetch(None, query))
 
@@ -6188,10 +6191,10 @@ def test_adding_a_tab_is_one_entry_in_tabs():
         return [line_text(line) for line in frame.lines], frame
 
     lines, frame = text(120)
-    assert lines[1].rstrip().endswith("   Blocks   Projects   Notes") and "3 notes" in lines
+    assert lines[1].rstrip().endswith("   Projects   Charts   Notes") and "3 notes" in lines
     assert (frame.page_rows, frame.total_rows) == (1, 3)
     assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit"
-    assert text(80)[0][1].rstrip().endswith("8 Proj   9 Note")
+    assert text(80)[0][1].rstrip().endswith("8Proj 9Cht 10Note")
     assert "Tab/Shift-Tab or 1-9  switch tab" in module.HELP_TEXT
     assert module.handle_key(state, "\t", settings, frame)[0].tab == "current"
 
