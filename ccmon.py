@@ -5472,6 +5472,13 @@ def block_status(limits: LimitFigures, now: int) -> BlockStatus | None:
                        limits.recent_rate)
 
 
+def burnup_window(limits: LimitFigures, now: int) -> tuple[int, int] | None:
+    """The 5-hour window a burn-up draws: the current block, else (without block tracking) Claude's own window
+    while a reading of it is live."""
+    five = limits.claude.window("five_hour", now)
+    return limits.window or ((five.resets_ms - BLOCK_MS, five.resets_ms) if five else None)
+
+
 def weekly_premium(limits: LimitFigures) -> Usage:
     return sum((usage for family, usage in limits.weekly.items() if family != "haiku"), Usage())
 
@@ -5546,8 +5553,9 @@ def fetch_snapshot(client: Client, query: Query) -> Snapshot:
         query = dataclasses.replace(query, start_ms=limits.window[0] if limits.window else query.end_ms)
     # The burn-up by the hour from the rollups: exact at each hour's end however busy the window, and six points
     # at most, where a page of the window's requests would miss the oldest of a busy one.
-    block_series = client.series(limits.window[0], query.end_ms, "hour", query.timezone, user=query.user) \
-        if query.burnup and limits is not None and limits.window is not None else None
+    window = burnup_window(limits, query.end_ms) if query.burnup and limits is not None else None
+    block_series = client.series(window[0], query.end_ms, "hour", query.timezone, user=query.user) \
+        if window else None
     client.unanswered.clear()
     users = client.users(query.start_ms, query.end_ms, query.project)  # the Users tab and `u`
     projects = client.projects(query.start_ms, query.end_ms, query.user)  # the Projects tab and `p`
@@ -8736,20 +8744,21 @@ def burnup_lines(snap: Snapshot, screen: Screen, height: int) -> list[str]:
     Else ccmon's premium tokens by the hour against the block limit (named the plan's guess when it is one),
     projected at the recent pace."""
     limits, series, now = snap.limits, snap.block_series, screen.now
-    status = block_status(limits, now) if limits is not None else None
-    if status is None or series is None:
+    window = burnup_window(limits, now) if limits is not None else None
+    if window is None or series is None:
         return []
     settings, unicode = screen.settings, screen.glyphs.unicode
     five = limits.claude.window("five_hour", now)
-    if five is not None:
+    if five is not None:  # its window, with block tracking or without
         points = [(r.read_ms, r.five_hour.percent) for r in series.readings
                   if r.five_hour is not None and r.five_hour.resets_ms == five.resets_ms]
         capacity = limits.claude.five_hour_capacity \
             if limits.claude.five_hour_readings >= MIN_CALIBRATION_READINGS else None
-        projected = five.percent + status.burn_rate * status.remaining_ms / 60_000 / capacity * 100 \
+        projected = five.percent + limits.recent_rate * max(0, window[1] - now) / 60_000 / capacity * 100 \
             if capacity else None
-        return burnup_chart(status.start_ms, status.end_ms, points, 100, projected, now, screen.width, height,
-                            unicode, settings.zone, format_percent, "Claude's limit")
+        return burnup_chart(*window, points, 100, projected, now, screen.width, height, unicode, settings.zone,
+                            format_percent, "Claude's limit")
+    status = block_status(limits, now)  # the block: the window is ccmon's
     points, used = [], 0
     for point in series.points:  # each hour's running total, reached at the hour's end
         used += point.split.premium.limited

@@ -6773,6 +6773,10 @@ def test_render_the_burnup_on_a_tall_current_tab():
     lines, frame = frame_text(ccmon.ViewState(period="b"), claude, settings, 80, 40, now)
     assert lines[8:11] == CLAUDE_80x24[:3] and lines[11:23] == CURRENT_BURNUP_80x40
     assert frame.page_rows == 15 and lines[24].startswith("10:30:00 sonnet-4-5")
+    # without block tracking, Claude's window is the burn-up's all the same
+    untracked = dataclasses.replace(claude, limits=dataclasses.replace(claude.limits, window=None))
+    lines, _ = frame_text(ccmon.ViewState(period="b"), untracked, _settings(block_hour=None), 80, 40, now)
+    assert CURRENT_BURNUP_80x40[:-1] == lines[lines.index(CURRENT_BURNUP_80x40[0]):][:11]
     guess = dataclasses.replace(settings, limit_from_plan=True)
     tokens = dataclasses.replace(charts_snapshot(settings, now), query=snap.query, data=snap.data)
     lines, _ = frame_text(ccmon.ViewState(period="b"), tokens, guess, 80, 40, now, unicode=True)
