@@ -5694,6 +5694,32 @@ def test_the_charts_tab_in_a_pty_against_a_real_server(tmp_path):
             srv.stop()
 
 
+@e2e
+def test_the_burnup_in_a_pty_against_a_real_server(tmp_path):
+    """With -b and the pro plan's guess, the Charts tab starts with the block's burn-up: 1.50K premium tokens used
+    an hour and a half ago, no recent pace (so the projection stays at 1.50K), the plan's guess of 7.00K the top
+    line, named a guess; on a tall terminal the Current tab draws it above the requests."""
+    srv = ServerProcess(tmp_path).start()
+    sdk_export(srv.port, [("api_request", api_request(1, hours_ago(1.5), input_tokens="1200", output_tokens=300,
+                                                      cost_usd=0.25))])
+    with MonitorPty(["--monitor-server", srv.target, "-b", block_flag_for_now(), "--claude-plan", "pro",
+                     "--monitor-timezone", "UTC", "--monitor-refresh-interval", "1s"], rows=40, cwd=tmp_path,
+                    env={"HOME": str(tmp_path)}) as monitor:
+        try:
+            screen = monitor.wait_for("█ used 1.50K  ─ plan's guess 7.00K  · projected 1.50K", "the Current burn-up")
+            lines = [line.rstrip() for line in screen.splitlines()]
+            title = lines.index("── 5-hour window - premium tokens " + "─" * 46)
+            assert lines[title + 1] == "7.00K │" + "─" * 73  # the guess: the top of the scale
+            assert lines[title + 11].startswith("── Requests 1-1 of 1 ──")
+            monitor.send(b"9")
+            screen = monitor.wait_for("5-hour window - premium tokens (1 of 4; j/k: more)", "the Charts tab")
+            assert "█ used 1.50K  ─ plan's guess 7.00K  · projected 1.50K" in screen
+            monitor.send(b"q")
+            assert monitor.close() == 0
+        finally:
+            srv.stop()
+
+
 @pytest.mark.parametrize("term", ["xterm", "screen", "tmux-256color", "linux", "vt100"])
 def test_monitor_runs_on_every_terminal_type_and_without_color(term, tmp_path):
     with MonitorPty(["--monitor-server", "127.0.0.1:9"], term=term, cwd=tmp_path,
