@@ -8786,6 +8786,8 @@ def burnup_subject(snap: Snapshot, now: int) -> str:
 
 
 CHART_WEEKS = 4  # the Charts tab's hours: the heatmap's weeks; the last 24 hours and 7 days are its newest
+TIME_CHART_LINES = 10  # the most its time charts take: 7 rows of columns, the caption, the axis, its times
+WEEK_CHART_LINES = 18  # and Claude's week: its readings, the axis, its times, the legend and 7 or 8 days
 
 
 def charts_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
@@ -8798,8 +8800,8 @@ def charts_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
         chart = drawn(left - 1)
         if not chart or len(chart) + 1 > left:
             break
-        heading = joined_to_fit([f"{title} ", (f"({index + 1} of {len(charts)}; j/k: more) ", f"{index + 1}/{len(charts)} ")],
-                                screen.width - 3)
+        place = (f"({index + 1} of {len(charts)}; j/k: more) ", f"{index + 1}/{len(charts)} ")
+        heading = joined_to_fit([f"{title} ", place], screen.width - 3)
         lines += [rule(heading.rstrip(), screen.width, screen.glyphs), *([(line, "")] for line in chart)]
         left -= len(chart) + 1
     if not lines:
@@ -8823,21 +8825,23 @@ def chart_list(snap: Snapshot, state: ViewState, screen: Screen) -> list[tuple[s
     if burnup_lines(snap, screen, BURNUP_LINES):
         charts.append((f"5-hour window - {burnup_subject(snap, now)}",
                        lambda height: burnup_lines(snap, screen, min(BURNUP_LINES, height))))
-    for title, days in ((f"{kind.capitalize()} per hour - last 24 hours", 1), (f"{kind.capitalize()} - last 7 days", 7)):
+    for title, days in ((f"{kind.capitalize()} per hour - last 24 hours", 1),
+                        (f"{kind.capitalize()} - last 7 days", 7)):
         charts.append((title, lambda height, days=days: time_chart(points, end - days * DAY_MS, end, HOUR_MS, width,
-                                                                   min(10, height), unicode, zone, format_value)))
-    week = claude_week(snap, series.readings, now, end)
+                                                                   min(TIME_CHART_LINES, height), unicode, zone,
+                                                                   format_value)))
+    week = claude_week(snap, series.readings, end)
     if week is not None:
         readings, start, stop = week
         charts.append((f"Claude's week - {kind} per day",
-                       lambda height: week_chart(start, stop, readings, points, width, min(18, height), unicode,
-                                                 zone, format_value)))
+                       lambda height: week_chart(start, stop, readings, points, width,
+                                                 min(WEEK_CHART_LINES, height), unicode, zone, format_value)))
     charts.append((f"{kind.capitalize()} by weekday and hour - last {CHART_WEEKS} weeks",
                    lambda height: heatmap_at(points, width, height, unicode, zone, format_value)))
     return charts
 
 
-def claude_week(snap: Snapshot, readings: Iterable[LimitReading], now: int,
+def claude_week(snap: Snapshot, readings: Iterable[LimitReading],
                 end: int) -> tuple[list[LimitReading], int, int] | None:
     """The week to draw against Claude's weekly limit: its readings, start and end. Claude's week while a reading
     of it is live, else the last 7 days; the readings of one user (the filtered one, else the newest reading's:
