@@ -5811,6 +5811,7 @@ class Query:
     session_id: str | None = None  # the session whose timeline is open
     fetch: Callable[[Client, Query], Any] | None = None  # what the tab shows beyond what every screen has
     project: str | None = None
+    burnup: bool = False           # the tab draws the current 5-hour window's burn-up: its hours are fetched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5862,6 +5863,13 @@ def block_status(limits: LimitFigures, now: int) -> BlockStatus | None:
     start, end = limits.window
     return BlockStatus(start, end, min(max(now, start), end), limits.block.premium.limited, limits.limit,
                        limits.recent_rate)
+
+
+def burnup_window(limits: LimitFigures, now: int) -> tuple[int, int] | None:
+    """The 5-hour window a burn-up draws: the current block, else (without block tracking) Claude's own window
+    while a reading of it is live."""
+    five = limits.claude.window("five_hour", now)
+    return limits.window or ((five.resets_ms - BLOCK_MS, five.resets_ms) if five else None)
 
 
 def weekly_premium(limits: LimitFigures) -> Usage:
@@ -5929,6 +5937,7 @@ class Snapshot:
     data: Any = None                          # what query.fetch returned
     unanswered: str = ""                      # why the server could not answer the tab (the Go ccmon)
     projects: tuple[ProjectUsage, ...] = ()   # the Projects tab and `p`
+    block_series: UsageSeries | None = None   # the current 5-hour window by the hour, and Claude's readings in it
 
 
 def fetch_snapshot(client: Client, query: Query) -> Snapshot:
@@ -5937,6 +5946,11 @@ def fetch_snapshot(client: Client, query: Query) -> Snapshot:
     limits = limit_figures(client, query.limits, zone_or_none(query.timezone), query.user) if query.limits else None
     if query.period_is_block and limits is not None:  # the current automatic block, or nothing between blocks
         query = dataclasses.replace(query, start_ms=limits.window[0] if limits.window else query.end_ms)
+    # The burn-up by the hour from the rollups: exact at each hour's end however busy the window, and six points
+    # at most, where a page of the window's requests would miss the oldest of a busy one.
+    window = burnup_window(limits, query.end_ms) if query.burnup and limits is not None else None
+    block_series = client.series(window[0], query.end_ms, "hour", query.timezone, user=query.user) \
+        if window else None
     client.unanswered.clear()
     users = client.users(query.start_ms, query.end_ms, query.project)  # the Users tab and `u`
     projects = client.projects(query.start_ms, query.end_ms, query.user)  # the Projects tab and `p`
@@ -5945,7 +5959,7 @@ def fetch_snapshot(client: Client, query: Query) -> Snapshot:
         client.unanswered.clear()
         data = query.fetch(client, query)
     return Snapshot(query, now_ms(), info.usage_records if info.version else -1, limits, users, data,
-                    GO_CCMON_ONLY if client.unanswered else "", projects)
+                    GO_CCMON_ONLY if client.unanswered else "", projects, block_series)
 
 
 # ---------------------------------------------------------------- Text: figures, names and tables, shared by quick query, reports and the monitor
@@ -6358,11 +6372,12 @@ def slices(start_ms: int, end_ms: int, cells: int) -> list[tuple[int, int]]:
 
 def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]], limit: float | None,
                  projected: float | None, now: int, width: int, height: int, unicode: bool, zone: ZoneInfo,
-                 format_value: Callable[[float], str]) -> list[str]:
+                 format_value: Callable[[float], str], limit_name: str = "limit") -> list[str]:
     """A 5-hour window from start to end (its reset): the cumulative usage so far as columns (`points`, oldest
     first, each the running total at its moment), the projection from now to `projected` at the reset, the limit
     as a line; scaled to the largest of them, with the limit's value at its row, the time axis and a legend.
-    `width` × `height` at most; [] when it cannot be drawn that small."""
+    `width` × `height` at most; [] when it cannot be drawn that small. The legend calls the limit `limit_name`
+    (what it is: the plan's guess is not a measured limit)."""
     points = sorted(points)
     so_far = points[-1][1] if points else 0
     top = max(so_far, limit or 0, projected or 0)
@@ -6382,7 +6397,7 @@ def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]]
     line, dot = axis_line(unicode), "·" if unicode else "."
     marks = ["", f"{'█' if unicode else '#'} used {format_value(so_far)}"]
     if limit:
-        marks.append(f"  {line} limit {format_value(limit)}")
+        marks.append(f"  {line} {limit_name} {format_value(limit)}")
         for cell in range(cells):
             if plot[row_of(limit)][cell] == " ":
                 plot[row_of(limit)][cell] = line
@@ -6400,15 +6415,19 @@ def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]]
                   unicode) + [joined_to_fit(marks, width)]
 
 
+LIMIT_RESETS = {"seven_day": ("Claude's weekly limit reset", "reset"),
+                "five_hour": ("Claude's 5-hour limit reset", "reset")}  # a chart's legend, long and short
+
+
 def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], daily: Iterable[tuple[int, float]],
                width: int, height: int, unicode: bool, zone: ZoneInfo,
-               format_value: Callable[[float], str]) -> list[str]:
+               format_value: Callable[[float], str], window: str = "seven_day") -> list[str]:
     """A week from start to end against Claude's weekly limit: Claude's weekly % readings as columns over the week
     (each the newest reading by then, 0 once its window has reset, none past the last reading; 100% at the top),
     each reset marked on the axis; then a bar for each day's usage (`daily`: (the day's start, its value)),
-    scaled to the largest day, with its value. The days step aside when the height has no room for both;
-    [] when not even the readings fit."""
-    readings = sorted((r for r in readings if r.seven_day is not None), key=lambda r: r.read_ms)
+    scaled to the largest day, with its value. The days step aside when the height has no room for both, or
+    when `daily` is empty; [] when not even the readings fit. `window` "five_hour" draws the 5-hour readings."""
+    readings = sorted((r for r in readings if getattr(r, window) is not None), key=lambda r: r.read_ms)
     days = []
     day = dt.datetime.fromtimestamp(start_ms / 1000, zone)
     while ms_from_datetime(day) < end_ms:
@@ -6418,14 +6437,15 @@ def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], dai
     for ms, value in daily:
         date = dt.datetime.fromtimestamp(ms / 1000, zone).date()
         per_day[date] = per_day.get(date, 0) + value
-    resets = sorted({r.seven_day.resets_ms for r in readings if start_ms < r.seven_day.resets_ms < end_ms})
+    resets = sorted({getattr(r, window).resets_ms for r in readings
+                     if start_ms < getattr(r, window).resets_ms < end_ms})
     mark = "▲" if unicode else "^"
-    legend = [joined_to_fit(["", (f"{mark} Claude's weekly limit reset", f"{mark} reset")], width)] if resets else []
+    legend = [joined_to_fit(["", tuple(f"{mark} {name}" for name in LIMIT_RESETS[window])], width)] if resets else []
     values = [per_day.get(day.date(), 0) for day in days]
     names, figures = [f"{day:%a %m-%d}" for day in days], [format_value(value) for value in values]
     bar_width = width - max(map(len, names), default=0) - max(map(len, figures), default=0) - 2
     # the days under the readings when there is room for both, at least two rows of readings
-    with_days = bar_width >= 4 and height - len(days) >= 2 + 2 + len(legend)
+    with_days = bool(per_day) and bar_width >= 4 and height - len(days) >= 2 + 2 + len(legend)
     rows = height - len(days) * with_days - 2 - len(legend)
     cells = width - scale_width(["100%", "0%"])
     if rows < 2 or cells < 4 or end_ms <= start_ms:
@@ -6434,8 +6454,8 @@ def week_chart(start_ms: int, end_ms: int, readings: Iterable[LimitReading], dai
     heights = []
     for begin, end in slices(start_ms, end_ms, cells):
         latest = [r for r in readings if r.read_ms < end]
-        live = latest and begin <= readings[-1].read_ms and latest[-1].seven_day.resets_ms > begin
-        heights.append(bar_steps(latest[-1].seven_day.percent, 100, rows, k) if live else 0)
+        live = latest and begin <= readings[-1].read_ms and getattr(latest[-1], window).resets_ms > begin
+        heights.append(bar_steps(getattr(latest[-1], window).percent, 100, rows, k) if live else 0)
     axis = [axis_line(unicode)] * cells
     for reset in resets:
         axis[(reset - start_ms) * cells // (end_ms - start_ms)] = mark
@@ -6878,8 +6898,8 @@ def report_period(kind: str, since: dt.date | None, until: dt.date | None, zone:
 def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                 user: str | None, project: str | None = None) -> list[dict[str, Any]]:
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float)."""
-    if kind == "limits":  # the series' readings; by week, as its points are not shown: the fewest of them
-        return [limit_fields(reading, zone) for reading in client.series(start, end, "week", zone.key, user=user).readings]
+    if kind == "limits":
+        return [limit_fields(reading, zone) for reading in limit_readings(client, start, end, zone, user)]
     if kind == "project":  # '' is the sessions without a project
         return [{"project": p.project, "sessions": p.sessions, **usage_fields(p.split.total),
                  "premium_requests": p.split.premium.requests,
@@ -6916,6 +6936,33 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
     column = {"daily": "date", "weekly": "week_of", "monthly": "month"}[kind]
     return [{column: label, **usage_fields(split.total), "premium_requests": split.premium.requests,
              "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD} for label, split in groups.items()]
+
+
+def limit_readings(client: Client, start: int, end: int, zone: ZoneInfo, user: str | None) -> tuple[LimitReading, ...]:
+    """The period's readings of Claude's limits, oldest first: the series' readings, by week, as its points are not
+    shown (the fewest of them)."""
+    return client.series(start, end, "week", zone.key, user=user).readings
+
+
+LIMIT_CHART_LINES = 10  # each of a limits report's charts: 7 rows of readings, the axis, its times, the legend
+
+
+def limit_charts(readings: Iterable[LimitReading], start: int, end: int, zone: ZoneInfo, width: int,
+                 unicode: bool) -> list[str]:
+    """`ccmon report limits --chart`: for each user (in the order of their first reading), Claude's 5-hour and
+    weekly % over the period, each under a title: the newest reading by each moment, 0 once its window has
+    reset, each reset marked on the axis (week_chart's columns); a window no reading has is not drawn."""
+    readings = list(readings)
+    users = list(dict.fromkeys(r.user for r in readings))
+    lines = []
+    for user in users:
+        mine = [r for r in readings if r.user == user]
+        for window, name in (("five_hour", "5-hour"), ("seven_day", "weekly")):
+            if any(getattr(r, window) for r in mine):
+                whose = f", user {printable(user or '(unknown)')}" if len(users) > 1 or user else ""
+                lines += ["", f"Claude's {name} limit, % used{whose}",
+                          *week_chart(start, end, mine, (), width, LIMIT_CHART_LINES, unicode, zone, str, window)]
+    return lines
 
 
 def limit_fields(reading: LimitReading, zone: ZoneInfo) -> dict[str, Any]:
@@ -7025,15 +7072,17 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
 
 
 CHART_KEYS = {"cost": "cost_usd", "tokens": "total_tokens"}  # --chart's values: what the bars are of
-CHART_REPORTS = ("daily", "weekly", "monthly", "model", "project")
+CHART_REPORTS = ("daily", "weekly", "monthly", "model", "project", "limits")
 CHART_LEAST = 10  # a report's bars are at least this wide: the table drops columns for them
 CHART_WIDE = 40   # and this wide beside a --wide table, which has no width to fill
 
 
 def check_report_chart(kind: str, chart: str | None) -> None:
     if chart and kind not in CHART_REPORTS:
-        raise ConfigError(f"--chart: bars are drawn beside the {', '.join(CHART_REPORTS[:-1])} and "
+        raise ConfigError(f"--chart: charts are drawn for the {', '.join(CHART_REPORTS[:-1])} and "
                           f"{CHART_REPORTS[-1]} reports, not the {kind} report")
+    if chart == "tokens" and kind == "limits":
+        raise ConfigError("--chart tokens: the limits report draws Claude's own percentages (use --chart)")
 
 
 def drop_rank(key: str) -> int:
@@ -7056,6 +7105,8 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
         rows = report_rows(client, args.kind, start, end, zone, args.user, args.project)
+        readings = limit_readings(client, start, end, zone, args.user) if args.kind == "limits" and args.chart \
+            and rows else ()
     except GoCcmonServer:
         print(f"ccmon: {config.monitor_server} is the Go ccmon server, which answers only GetStats and GetAPIRequests: "
               f"the {args.kind} report needs ccmon's own server", file=sys.stderr)
@@ -7086,10 +7137,13 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
         print(printable(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
                         + (f", user {args.user}" if args.user else "")
                         + (f", project {args.project}" if args.project else "")))
-        print(report_table(rows, totals, None if args.wide else REPORT_WIDTH, args.chart,
-                           args.chart is not None and utf8_locale(),
+        unicode = args.chart is not None and utf8_locale()
+        print(report_table(rows, totals, None if args.wide else REPORT_WIDTH,
+                           None if args.kind == "limits" else args.chart, unicode,
                            "no readings of Claude's limits in this period (ccmon statusline stores them)"
                            if args.kind == "limits" else "no usage in this period"))
+        if readings:
+            print("\n".join(limit_charts(readings, start, end, zone, REPORT_WIDTH, unicode)))
     return 0
 
 
@@ -8633,6 +8687,7 @@ class ViewState:
     session_id: str | None = None    # the session whose timeline is open (Enter on Sessions; Esc closes)
     selected: int = 0                # the Sessions selection while a timeline is open
     project: str | None = None       # the `p` filter
+    chart_tokens: bool = False       # the Charts tab draws tokens, not cost (`c`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -8671,7 +8726,7 @@ def query_for(state: ViewState, settings: MonitorSettings, now: int, auto_block_
     offset = max(0, state.scroll - PAGE_FETCH // 4)
     return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key,
                  settings.limit_query(now), state.period == "b" and settings.block_mode is not None, state.user,
-                 state.session_id, TABS[state.tab].fetch, state.project)
+                 state.session_id, TABS[state.tab].fetch, state.project, TABS[state.tab].burnup)
 
 
 def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Frame) -> tuple[ViewState, str]:
@@ -8691,7 +8746,7 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
             return state, ""
         return dataclasses.replace(state, session_id=None, scroll=state.selected), "refresh"
     names = list(TABS)
-    digits = [str(number) for number in range(1, len(names) + 1)]
+    digits = [str(number) for number in range(1, min(len(names), 9) + 1)]  # a key each: tabs past 9 by Tab
     if key in digits or key in ("\t", "KEY_BTAB"):
         step = 1 if key == "\t" else -1
         index = digits.index(key) if key in digits else (names.index(state.tab) + step) % len(names)
@@ -8719,6 +8774,10 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
         return dataclasses.replace(state, period=key, scroll=0, notice=""), "refresh"
     if key == "o":
         return dataclasses.replace(state, oldest_first=not state.oldest_first, scroll=0), "refresh"
+    if key == "c":  # the Charts tab's figures hold both: nothing to fetch
+        if state.tab != "charts":
+            return dataclasses.replace(state, notice="c switches the Charts tab between cost and tokens"), ""
+        return dataclasses.replace(state, chart_tokens=not state.chart_tokens, notice=""), ""
     if key == "r":
         return state, "refresh"
     scroll = scrolled(state.scroll, key, frame)
@@ -8750,10 +8809,11 @@ class Glyphs:
     rule: str
     dot: str
     box: str    # corners top left, top right, bottom left, bottom right, then the side
+    unicode: bool = False  # charts in block elements (utf8_locale), else ASCII
 
     @classmethod
     def for_terminal(cls, unicode: bool) -> Glyphs:
-        return cls("█", "░", "─", "●", "┌┐└┘│") if unicode else cls("#", ".", "-", "*", "++++|")
+        return cls("█", "░", "─", "●", "┌┐└┘│", True) if unicode else cls("#", ".", "-", "*", "++++|")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -9083,6 +9143,134 @@ def projection_line(limits: LimitFigures, status: BlockStatus, settings: Monitor
 
 
 # -- tabs: each renders its snapshot's data into the rows left below the block figures
+BURNUP_LINES = 10  # the burn-up's height where it has room: 7 rows of columns, the axis, its times, the legend
+
+
+def burnup_lines(snap: Snapshot, screen: Screen, height: int) -> list[str]:
+    """The current 5-hour window as a burn-up, `height` lines at most ([] without a window or room). While a
+    reading of Claude's own window is live, in Claude's figure (one answer per screen): its readings in this
+    window, 100% the limit, and where the recent pace leads only by a capacity calibrated from enough readings.
+    Else ccmon's premium tokens by the hour against the block limit (named the plan's guess when it is one),
+    projected at the recent pace."""
+    limits, series, now = snap.limits, snap.block_series, screen.now
+    window = burnup_window(limits, now) if limits is not None else None
+    if window is None or series is None:
+        return []
+    settings, unicode = screen.settings, screen.glyphs.unicode
+    five = limits.claude.window("five_hour", now)
+    if five is not None:  # its window, with block tracking or without
+        points = [(r.read_ms, r.five_hour.percent) for r in series.readings
+                  if r.five_hour is not None and r.five_hour.resets_ms == five.resets_ms]
+        capacity = limits.claude.five_hour_capacity \
+            if limits.claude.five_hour_readings >= MIN_CALIBRATION_READINGS else None
+        projected = five.percent + limits.recent_rate * max(0, window[1] - now) / 60_000 / capacity * 100 \
+            if capacity else None
+        return burnup_chart(*window, points, 100, projected, now, screen.width, height, unicode, settings.zone,
+                            format_percent, "Claude's limit")
+    status = block_status(limits, now)  # the block: the window is ccmon's
+    points, used = [], 0
+    for point in series.points:  # each hour's running total, reached at the hour's end
+        used += point.split.premium.limited
+        points.append((min(point.start_ms + HOUR_MS, now), used))
+    points.append((now, status.used))  # the gauge's figure: one answer per screen
+    name = "plan's guess" if limit_is_guess(limits, settings) else "limit"
+    return burnup_chart(status.start_ms, status.end_ms, points, status.limit, status.projected_at_end(), now,
+                        screen.width, height, unicode, settings.zone, format_count, name)
+
+
+def current_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
+    """The period's requests, with the 5-hour window's burn-up above them where the requests still keep
+    HINT_ROOM rows: the data rows come before their picture (the Charts tab draws it on any screen)."""
+    room = screen.rows - 2 - HINT_ROOM - 1  # the requests' title and header; the burn-up's title
+    chart = burnup_lines(snap, screen, min(BURNUP_LINES, room)) if room >= 5 else []
+    if not chart:
+        return requests_lines(snap, state, screen)
+    frame = requests_lines(snap, state, dataclasses.replace(screen, rows=screen.rows - len(chart) - 1))
+    title = rule(f"5-hour window - {burnup_subject(snap, screen.now)}", screen.width, screen.glyphs)
+    return dataclasses.replace(frame, lines=[title, *([(line, "")] for line in chart), *frame.lines])
+
+
+def burnup_subject(snap: Snapshot, now: int) -> str:
+    return "Claude's own %" if snap.limits.claude.window("five_hour", now) else "premium tokens"
+
+
+CHART_WEEKS = 4  # the Charts tab's hours: the heatmap's weeks; the last 24 hours and 7 days are its newest
+TIME_CHART_LINES = 10  # the most its time charts take: 7 rows of columns, the caption, the axis, its times
+WEEK_CHART_LINES = 18  # and Claude's week: its readings, the axis, its times, the legend and 7 or 8 days
+
+
+def charts_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
+    """The charts, each under its title, from the one the scroll keys chose (`state.scroll`) as many as fit
+    whole: the first shrinks to the rows there are, the others show when they fit. Cost or tokens per `c`."""
+    charts = chart_list(snap, state, screen)
+    first = min(state.scroll, len(charts) - 1)
+    lines, left = [], screen.rows
+    for index, (title, drawn) in enumerate(charts[first:], start=first):
+        chart = drawn(left - 1)
+        if not chart or len(chart) + 1 > left:
+            break
+        place = (f"({index + 1} of {len(charts)}; j/k: more) ", f"{index + 1}/{len(charts)} ")
+        heading = joined_to_fit([f"{title} ", place], screen.width - 3)
+        lines += [rule(heading.rstrip(), screen.width, screen.glyphs), *([(line, "")] for line in chart)]
+        left -= len(chart) + 1
+    if not lines:
+        lines = [[(text, "dim")] for text in message_lines(f"{charts[first][0]}: needs a taller terminal.",
+                                                           screen.width)]
+    return Frame(lines, 1, len(charts))
+
+
+def chart_list(snap: Snapshot, state: ViewState, screen: Screen) -> list[tuple[str, Callable[[int], list[str]]]]:
+    """(title, draw at a height) of each chart the Charts tab has: the 5-hour window (when there is one), the
+    last 24 hours and 7 days by the hour, the week against Claude's weekly limit (when Claude's weekly readings
+    are stored), the day × hour heatmap."""
+    series: UsageSeries = snap.data
+    zone, width, unicode, now = screen.settings.zone, screen.width, screen.glyphs.unicode, screen.now
+    kind, format_value = ("tokens", format_count) if state.chart_tokens else \
+        ("cost", lambda nanos: format_cost(int(nanos)))
+    points = [(p.start_ms, p.split.total.total if state.chart_tokens else p.split.total.cost_nanos)
+              for p in series.points]
+    end = local_hours(now + 1, now + HOUR_MS + 1, zone)[0][0]  # the next whole hour: the current one is drawn
+    charts: list[tuple[str, Callable[[int], list[str]]]] = []
+    if burnup_lines(snap, screen, BURNUP_LINES):
+        charts.append((f"5-hour window - {burnup_subject(snap, now)}",
+                       lambda height: burnup_lines(snap, screen, min(BURNUP_LINES, height))))
+    for title, days in ((f"{kind.capitalize()} per hour - last 24 hours", 1),
+                        (f"{kind.capitalize()} - last 7 days", 7)):
+        charts.append((title, lambda height, days=days: time_chart(points, end - days * DAY_MS, end, HOUR_MS, width,
+                                                                   min(TIME_CHART_LINES, height), unicode, zone,
+                                                                   format_value)))
+    week = claude_week(snap, series.readings, end)
+    if week is not None:
+        readings, start, stop = week
+        charts.append((f"Claude's week - {kind} per day",
+                       lambda height: week_chart(start, stop, readings, points, width,
+                                                 min(WEEK_CHART_LINES, height), unicode, zone, format_value)))
+    charts.append((f"{kind.capitalize()} by weekday and hour - last {CHART_WEEKS} weeks",
+                   lambda height: heatmap_at(points, width, height, unicode, zone, format_value)))
+    return charts
+
+
+def claude_week(snap: Snapshot, readings: Iterable[LimitReading],
+                end: int) -> tuple[list[LimitReading], int, int] | None:
+    """The week to draw against Claude's weekly limit: its readings, start and end. Claude's week while a reading
+    of it is live, else the last 7 days; the readings of one user (the filtered one, else the newest reading's:
+    as the gauges); None without any weekly reading in it."""
+    weekly = [r for r in readings if r.seven_day is not None]
+    if not weekly:
+        return None
+    user = weekly[-1].user
+    start, stop = snap.limits.weekly_window if snap.limits and snap.limits.weekly_window else (end - 7 * DAY_MS, end)
+    mine = [r for r in weekly if r.user == user and start <= r.read_ms < stop]
+    return (mine, start, stop) if mine else None
+
+
+def heatmap_at(points: list[tuple[int, float]], width: int, height: int, unicode: bool, zone: ZoneInfo,
+               format_value: Callable[[float], str]) -> list[str]:
+    """The heatmap, if it fits in `height` lines ([] if not: it does not shrink, each day is a row)."""
+    lines = heatmap(points, width, unicode, zone, format_value)
+    return lines if len(lines) <= height else []
+
+
 def requests_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     page: RequestsPage = snap.data.page
     long_period = snap.query.start_ms is None or snap.query.end_ms - snap.query.start_ms > 86400_000
@@ -9129,14 +9317,36 @@ def daily_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
         rows.append(_daily_cells(usage.date, usage.split,
                                  format_rate(per_minute(usage.split.premium.limited, elapsed_ms))))
     page_rows = max(1, screen.rows - 3)
+    shown = days[state.scroll:state.scroll + page_rows]
     body_rows = [(cells, "") for cells in rows[state.scroll:state.scroll + page_rows]]
     body_rows.append((_daily_cells("Total", total, ""), "bold"))
-    header, body = table_lines(columns, body_rows, screen.width)
     if not days:
         return Frame([rule(f"Daily usage - last 30 days ({zone.key})", screen.width, screen.glyphs),
                       [("No usage in the last 30 days.", "dim")]], page_rows, 0)
+    with_bars = bar_room(columns, [cells for cells, _ in body_rows], screen.width)
+    header, body = table_lines(columns, body_rows, screen.width - (DAILY_BAR_LEAST + 1) * with_bars)
+    if with_bars:  # a bar beside each day, its length its share of the costliest day's cost (the total has none)
+        bar_width = screen.width - len(header[0][0]) - 1
+        largest = max(day.split.total.cost_nanos for day in days)
+        scale = format_cost(largest)
+        header = [(header[0][0] + " " + joined_to_fit(["", (f"Cost, longest {scale}", f"longest {scale}", scale)],
+                                                      bar_width), "header")]
+        body = [line + [(" " + hbar(day.split.total.cost_nanos, largest, bar_width, screen.glyphs.unicode), "")]
+                if day.split.total.cost_nanos else line for line, day in zip(body, shown)] + body[len(shown):]
     title = f"Daily usage - last {plural(len(days), 'day')} ({zone.key})"
     return Frame([rule(title, screen.width, screen.glyphs), header, *body], page_rows, len(days))
+
+
+DAILY_BAR_LEAST = 16  # the Daily tab's cost bars are at least this wide, or step aside
+DAILY_BAR_KEEPS = 3  # and never take the place of a column of this priority or a more important one
+
+
+def bar_room(columns: list[Column], rows: list[list[Cell]], width: int) -> bool:
+    """Whether bars DAILY_BAR_LEAST wide fit beside the table and leave it every column it shows of priority
+    DAILY_BAR_KEEPS or more important: the figures come before their picture."""
+    def kept(fitted: list[Fitted]) -> set[int]:
+        return {f.index for f in fitted if f.column.priority <= DAILY_BAR_KEEPS}
+    return kept(fit_columns(columns, rows, width - DAILY_BAR_LEAST - 1)) == kept(fit_columns(columns, rows, width))
 
 
 def _daily_cells(label: str, split: Split, rate: str) -> list[str]:
@@ -9367,10 +9577,11 @@ class Tab:
     summary: Callable[[Snapshot, ViewState, Screen, bool], list[Line]] | None = None  # its lines above them, in
     # all its rows; in one line when compact
     fixed_period: str = ""                                      # shown whatever the period keys chose
+    burnup: bool = False                                        # it draws the 5-hour window's burn-up
 
 
 TABS = {tab.name: tab for tab in (
-    Tab("current", "Current", "Now", requests_lines, current_requests, summary=usage_lines),
+    Tab("current", "Current", "Now", current_lines, current_requests, summary=usage_lines, burnup=True),
     Tab("daily", "Daily Usage", "Day", daily_lines,
         lambda client, q: client.days(None, q.end_ms, q.timezone, q.user, q.project), fixed_period="last 30 days"),
     Tab("models", "Models", "Mod", models_lines,
@@ -9382,8 +9593,12 @@ TABS = {tab.name: tab for tab in (
     Tab("blocks", "Blocks", "Blk", blocks_lines,
         lambda client, q: tuple(reversed(client.blocks(q.start_ms, q.end_ms, q.user, q.project)))),  # newest first
     Tab("projects", "Projects", "Proj", projects_lines),  # every snapshot has the projects
+    Tab("charts", "Charts", "Cht", charts_lines,
+        lambda client, q: client.series(q.end_ms - CHART_WEEKS * 7 * DAY_MS, q.end_ms, "hour", q.timezone,
+                                        user=q.user, project=q.project),
+        fixed_period=f"last {CHART_WEEKS} weeks by the hour", burnup=True),
 )}
-TAB_KEYS = f"1-{len(TABS)}"
+TAB_KEYS = f"1-{min(len(TABS), 9)}"  # the digit keys; Tab reaches every tab
 
 WAITING_TEXT = [
     "Waiting for data: this server has not received any Claude Code request yet.",
@@ -9407,6 +9622,7 @@ HELP_TEXT = [  # at most 36 characters a line: the help box fits 40 columns
     "Home/End  first, last row",
     "Enter/Esc  open/close a session",
     "u/p  next user / project filter",
+    "c  Charts: cost or tokens",
     "?  this help       q  quit",
 ]
 FOOTER = f"h/d/w/m/a/b period  o order  Tab/{TAB_KEYS} tab  u user  p project  ? help  q quit"
@@ -9823,8 +10039,9 @@ def build_report_parser() -> CommandLine:
     output.add_argument("--json", action="store_true", help="one JSON object")
     output.add_argument("--csv", action="store_true", help="CSV with a header row")
     output.add_argument("--chart", nargs="?", const="cost", choices=tuple(CHART_KEYS), help="tables of the "
-                        f"{', '.join(CHART_REPORTS)} reports: a bar beside each row, proportional to its cost "
-                        "(default) or tokens; Unicode when the locale is UTF-8, ASCII otherwise")
+                        f"{', '.join(CHART_REPORTS[:-1])} reports: a bar beside each row, proportional to its cost "
+                        "(default) or tokens; the limits report: Claude's 5-hour and weekly %% over the period; "
+                        "Unicode when the locale is UTF-8, ASCII otherwise")
     parser.add_argument("--wide", action="store_true", help=f"tables: every column, ids and times in full "
                         f"(default: fit {REPORT_WIDTH} columns)")
     return parser

@@ -5253,7 +5253,7 @@ def frame_text(state, snap, settings, width, height, now, status=None, unicode=F
 
 FRAME_80x24 = [
     ' ccmon - Claude Code usage monitor                                       v0.1.0 ',
-    '  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  ',
+    '  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj   9 Cht  ',
     ' * connected 127.0.0.1:4317 | current block | newest first | updated 10:30:00',
     '-- Usage - current block -------------------------------------------------------',
     '         Requests  Limited    Cache    Total       Cost   Avg rate',
@@ -5275,13 +5275,13 @@ FRAME_80x24 = [
     '09:41:00 haiku-4-5    1.01K   1.40K   30.0K   32.4K   $0.0864    10s 0007abcd-ef',
     '09:34:00 opus-4-1     1.01K   1.60K   30.0K   32.6K   $0.0988    12s 0008abcd-ef',
     '09:27:00 sonnet-4-5   1.01K   1.80K   30.0K   32.8K   $0.1111    13s 0009abcd-ef',
-    'h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit',
+    'h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit',
 ]
 
 
 FRAME_40x12 = [
     ' ccmon - Claude Code usage monitor',
-    ' 1Now2Day3Mod4Ses5Tool6User7Blk8Proj',
+    ' 1Now2Day3Mod4Ses5Tool6User7Blk8Proj9Cht',
     ' * connected | current block',
     'Current block: $1.24, 16 requests',
     'Block       ###..  60%  21.0K / 35.0K',
@@ -5291,16 +5291,16 @@ FRAME_40x12 = [
     '10:23:00 haiku-4-5    31.2K   $0.0123',
     '10:16:00 opus-4-1     31.4K   $0.0247',
     '10:09:00 sonnet-4-5   31.6K   $0.0370',
-    'h/d/w/m/a/b  1-8  u/p  ? help  q quit',
+    'h/d/w/m/a/b  1-9  u/p  ? help  q quit',
 ]
 
 
-DAILY_80x24 = [
+DAILY_80x24 = [  # the cache columns give way to a cost bar per day: $0.25 / $2.25 × 16 cells is 1.78 cells (2 in ASCII)
     "-- Daily usage - last 10 days (Europe/Berlin) ----------------------------------",
-    "Date        Base  Prem  Input Output CacheR CacheW  Total      Cost    Prem $",
-    "2026-03-10     0     0      0      0      0      0      0     $0.00     $0.00",
-    "2026-03-09     1     3  1.00K    500  20.0K    700  22.2K   $0.2500   $0.2500",
-    "2026-03-08     2     6  2.00K  1.00K  40.0K  1.40K  44.4K   $0.5000   $0.5000",
+    "Date        Base  Prem  Input Output  Total      Cost    Prem $ longest $2.25",
+    "2026-03-10     0     0      0      0      0     $0.00     $0.00",
+    "2026-03-09     1     3  1.00K    500  22.2K   $0.2500   $0.2500 ##",
+    "2026-03-08     2     6  2.00K  1.00K  44.4K   $0.5000   $0.5000 ####",
 ]
 
 
@@ -5338,7 +5338,8 @@ def test_render_daily_tab():
     daily = daily_snapshot(settings, now)
     lines, frame = frame_text(ccmon.ViewState(tab="daily"), daily, settings, 80, 24, now)
     assert lines[5] == "Week        0 premium tokens, $0.00" and lines[6:11] == DAILY_80x24
-    assert lines[18] == "Total         45   135  45.0K  22.5K   900K  31.5K   999K    $11.25    $11.25"
+    assert lines[18] == "Total         45   135  45.0K  22.5K   999K    $11.25    $11.25"
+    assert lines[17] == "2026-03-01     9    27  9.00K  4.50K   200K     $2.25     $2.25 ################"
     assert (frame.page_rows, frame.total_rows) == (14, 10)
     narrow, _ = frame_text(ccmon.ViewState(tab="daily", scroll=2), daily, settings, 40, 14, now)
     assert narrow[3:13] == [
@@ -5468,7 +5469,7 @@ def test_columns_take_the_room_there_is():
         lines, _ = frame_text(state, data, settings, 120, 30, now, unicode=True)
         assert not [line for line in lines if "~" in line], "\n".join(lines)
     daily, _ = frame_text(*first_hour_screens(settings, now)[1], settings, 120, 30, now)
-    assert daily[9].split()[-3:] == ["2.19K/min", "$99.00", "$99.00"]
+    assert daily[9].split()[-4:] == ["2.19K/min", "$99.00", "$99.00", "#" * 32]  # and the costliest day's bar
     blocks, _ = frame_text(*first_hour_screens(settings, now)[-1], settings, 120, 30, now)
     assert blocks[8].endswith("######## 1450%")
 
@@ -5542,9 +5543,9 @@ def test_every_tab_is_named_at_every_width():
             assert f" {tab.title} " in strip or f"{number} {tab.short_title}" in strip or \
                 f" {number}{tab.short_title} " in strip or strip == " " + packed, (width, strip)
     assert frame_text(ccmon.ViewState(), snap, settings, 60, 24, now)[0][1] == \
-        " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk 8Proj "
+        " 1Now 2Day 3Mod 4Ses 5Tool 6User 7Blk 8Proj 9Cht "
     assert frame_text(ccmon.ViewState(), snap, settings, 80, 24, now)[0][1] == \
-        "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  "
+        "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj   9 Cht  "
 
 
 def test_every_help_key_is_reachable_at_40x12():
@@ -5562,13 +5563,13 @@ def test_every_help_key_is_reachable_at_40x12():
                          "| w  last 7 days     m  last 30 days  |",
                          "| a  all time        b  current block |",
                          "| o  sort order      r  refresh now   |",
-                         "| Tab/Shift-Tab or 1-8  switch tab    |",
+                         "| Tab/Shift-Tab or 1-9  switch tab    |",
                          "| arrows/j/k PgUp/PgDn  scroll        |",
-                         "+- 1-6 of 10 -------------------------+",
+                         "+- 1-6 of 11 -------------------------+",
                          "arrows/PgDn: more  other keys close"]
-    assert second[4:10] == [f"| {text.ljust(36)}|" for text in ccmon.HELP_TEXT[4:]]
-    assert second[10] == "+- 5-10 of 10 ------------------------+"
-    assert [lines[4] for lines in seen] == [first[4], second[4], second[4], first[7], first[4], second[4], second[4]]
+    assert second[4:10] == [f"| {text.ljust(36)}|" for text in ccmon.HELP_TEXT[5:]]
+    assert second[10] == "+- 6-11 of 11 ------------------------+"
+    assert [lines[4] for lines in seen] == [first[4], second[4], second[4], first[8], first[4], second[4], second[4]]
     shown = "\n".join("\n".join(lines) for lines in seen)
     assert all(text in shown for text in ccmon.HELP_TEXT)
     closed, action = ccmon.handle_key(state, "x", settings, frame)
@@ -5755,7 +5756,7 @@ def test_render_insight_tabs():
     for key, tab in (("1", "current"), ("3", "models"), ("6", "users")):
         assert ccmon.handle_key(state, key, settings, frame)[0].tab == tab
     narrow, _ = frame_text(state, snap, settings, 40, 12, now)
-    assert narrow[1] == " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj"
+    assert narrow[1] == " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj9Cht"
 
 
 def plan_guess_beside_claude(now, readings=1):
@@ -5815,7 +5816,7 @@ def test_small_screens_keep_data_rows_and_whole_key_hints():
         table = next(i for i, line in enumerate(lines) if line.startswith("-- ") and not line.startswith("-- Usage"))
         rows = [line for line in lines[table + 2:-1] if line.strip() and not line.startswith("Total")]
         assert len(rows) >= min(frame.total_rows, 3), (state.tab, lines)
-        assert lines[-1] == "h/d/w/m/a/b  1-8  u/p  ? help  q quit" and len(lines[-1]) < 40
+        assert lines[-1] == "h/d/w/m/a/b  1-9  u/p  ? help  q quit" and len(lines[-1]) < 40
     daily_state, daily = screens[1]
     lines, frame = frame_text(daily_state, daily, settings, 40, 12, now)
     scrolled, action = ccmon.handle_key(daily_state, "j", settings, frame)
@@ -5824,7 +5825,7 @@ def test_small_screens_keep_data_rows_and_whole_key_hints():
     lines, frame = frame_text(daily_state, daily, settings, 80, 24, now)
     assert [line.split()[0] for line in lines[3:7]] == ["Block", "Recent", "Week", "--"]
     assert frame.page_rows == 14 and sum(line.startswith("2026-") for line in lines) == 14
-    assert ccmon.footer_hint(30) == "1-8  ? help  q quit"
+    assert ccmon.footer_hint(30) == "1-9  ? help  q quit"
 
 
 def test_the_daily_tab_starts_with_history_and_shows_the_whole_cost():
@@ -5840,11 +5841,11 @@ def test_the_daily_tab_starts_with_history_and_shows_the_whole_cost():
     lines, frame = frame_text(state, daily, settings, 80, 24, now)
     assert lines[6:12] == [
         "-- Daily usage - last 3 days (Europe/Berlin) -----------------------------------",
-        "Date        Base  Prem  Input Output CacheR CacheW  Total      Cost    Prem $",
-        "2026-03-10     2     4  1.00K    500      0      0  1.50K   $0.1082   $0.1079",
-        "2026-03-09     0     0      0      0      0      0      0     $0.00     $0.00",
-        "2026-03-08     2     4  1.00K    500      0      0  1.50K   $0.1082   $0.1079",
-        "Total          4     8  2.00K  1.00K      0      0  3.00K   $0.2164   $0.2158"]
+        "Date        Base  Prem  Input Output  Total      Cost    Prem $ longest $0.1082",
+        "2026-03-10     2     4  1.00K    500  1.50K   $0.1082   $0.1079 ################",
+        "2026-03-09     0     0      0      0      0     $0.00     $0.00",  # no cost, no bar
+        "2026-03-08     2     4  1.00K    500  1.50K   $0.1082   $0.1079 ################",
+        "Total          4     8  2.00K  1.00K  3.00K   $0.2164   $0.2158"]
     assert frame.total_rows == 3
     empty = dataclasses.replace(daily, data=tuple(ccmon.DayUsage(day.date, ccmon.Split()) for day in days))
     lines, frame = frame_text(state, empty, settings, 80, 24, now)
@@ -6052,8 +6053,10 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
                                   "oldest first rows")
         monitor.send(b"\t")
         screen = monitor.wait_for("Daily usage - last 2 days (UTC)", "the daily tab")  # from the first day used
-        assert line_with(screen, "Total").split() == ["Total", "1", "2", "3.20K", "1.30K", "0", "0", "4.50K",
-                                                      "$1.75", "$1.75"]
+        assert line_with(screen, "Total").split() == ["Total", "1", "2", "3.20K", "1.30K", "4.50K", "$1.75", "$1.75"]
+        assert line_with(screen, "Date").rstrip().endswith("Prem $ longest $1.50")  # the cache columns gave way
+        assert sorted(line.split()[-1] for line in screen.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)) == \
+            ["█" * 16, "██▋"]  # $0.251 / $1.50 × 16 cells: 21.4 eighths, 21
         monitor.send(b"3")
         screen = monitor.wait_for("Models - last 7 days", "the models tab")
         assert line_with(screen, "opus-4-1").split()[1:6] == ["1", "2.00K", "1.00K", "0", "$1.50"]
@@ -6094,6 +6097,89 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
         if monitor.proc.poll() is None:
             monitor.proc.kill()
         if srv.proc.poll() is None:
+            srv.stop()
+
+
+@e2e
+def test_the_charts_tab_in_a_pty_against_a_real_server(tmp_path):
+    """The real monitor on a real server's requests: $0.25 two hours back and $0.50 in the last hour (UTC), drawn on
+    the Charts tab's last 24 hours as columns two cells wide, the $0.50 one full height (7 rows) and the $0.25 one
+    3½ rows; `c` redraws it in tokens."""
+    srv = ServerProcess(tmp_path).start()
+    hour = dt.datetime.now(dt.timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+    def at(moment: dt.datetime) -> str:
+        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    sdk_export(srv.port, [("api_request", api_request(1, at(hour - dt.timedelta(minutes=110)), input_tokens="1000",
+                                                      output_tokens=200, cost_usd=0.25)),
+                          ("api_request", api_request(2, at(hour - dt.timedelta(minutes=50)), input_tokens="3000",
+                                                      output_tokens=600, cost_usd=0.5))])
+
+    def expected(scale: str, cells: int, small: int, current: dt.datetime) -> list[str]:
+        """The 24 hours to the end of `current`'s hour, columns `cells` wide (a space between when 3 or more): the
+        two requests' hours are the columns 2 and 1 before the last, the second full height (7 rows of 8 eighths),
+        the first `small` eighths high."""
+        end = ccmon.ms_from_datetime(current + dt.timedelta(hours=1))
+        back = (current - hour) // dt.timedelta(hours=1)  # 1 when the clock passed the hour meanwhile
+        pad, gap = " " * (cells * (21 - back)), " " * (cells >= 3)
+        glyph = 2 if cells == 2 else cells - 1
+
+        def column(eighths: int, row: int) -> str:
+            return " ▁▂▃▄▅▆▇█"[min(8, max(0, eighths - (6 - row) * 8))] * glyph + gap
+
+        rows = [f"{scale if row == 0 else ''.rjust(len(scale))} │{pad}{column(small, row)}{column(56, row)}".rstrip()
+                for row in range(7)]
+        return ["each column: 1 hour", *rows, f"{'0'.rjust(len(scale))} └{'─' * 24 * cells}",
+                " " * (len(scale) + 2) + ccmon.time_axis(end - ccmon.DAY_MS, end, 24 * cells, ccmon.ZoneInfo("UTC"))]
+
+    def shows(scale: str, cells: int, small: int):
+        def check(text: str) -> bool:
+            lines = [line.rstrip() for line in text.splitlines()]
+            return any(lines[4:14] == expected(scale, cells, small, hour + dt.timedelta(hours=later))
+                       for later in (0, 1))
+        return check
+
+    with MonitorPty(["--monitor-server", srv.target, "--monitor-timezone", "UTC", "--monitor-refresh-interval", "1s"],
+                    cwd=tmp_path, env={"HOME": str(tmp_path)}) as monitor:
+        try:
+            monitor.wait_for("Requests 1-2 of 2", "the requests")
+            monitor.send(b"9")
+            screen = monitor.wait_for(shows("$0.5000", 2, 28), "the last 24 hours' cost")  # $0.25: 3.5 rows
+            assert screen.splitlines()[3].startswith("── Cost per hour - last 24 hours (1 of 3; j/k: more) ──")
+            assert "last 4 weeks by the hour" in screen.splitlines()[2]
+            monitor.send(b"c")
+            screen = monitor.wait_for(shows("3.60K", 3, 19), "the last 24 hours' tokens")  # 1.20K / 3.60K × 56: 19
+            assert screen.splitlines()[3].startswith("── Tokens per hour - last 24 hours (1 of 3; j/k: more) ──")
+            monitor.send(b"q")
+            assert monitor.close() == 0
+        finally:
+            srv.stop()
+
+
+@e2e
+def test_the_burnup_in_a_pty_against_a_real_server(tmp_path):
+    """With -b and the pro plan's guess, the Charts tab starts with the block's burn-up: 1.50K premium tokens used
+    an hour and a half ago, no recent pace (so the projection stays at 1.50K), the plan's guess of 7.00K the top
+    line, named a guess; on a tall terminal the Current tab draws it above the requests."""
+    srv = ServerProcess(tmp_path).start()
+    sdk_export(srv.port, [("api_request", api_request(1, hours_ago(1.5), input_tokens="1200", output_tokens=300,
+                                                      cost_usd=0.25))])
+    with MonitorPty(["--monitor-server", srv.target, "-b", block_flag_for_now(), "--claude-plan", "pro",
+                     "--monitor-timezone", "UTC", "--monitor-refresh-interval", "1s"], rows=40, cwd=tmp_path,
+                    env={"HOME": str(tmp_path)}) as monitor:
+        try:
+            screen = monitor.wait_for("█ used 1.50K  ─ plan's guess 7.00K  · projected 1.50K", "the Current burn-up")
+            lines = [line.rstrip() for line in screen.splitlines()]
+            title = lines.index("── 5-hour window - premium tokens " + "─" * 46)
+            assert lines[title + 1] == "7.00K │" + "─" * 73  # the guess: the top of the scale
+            assert lines[title + 11].startswith("── Requests 1-1 of 1 ──")
+            monitor.send(b"9")
+            screen = monitor.wait_for("5-hour window - premium tokens (1 of 4; j/k: more)", "the Charts tab")
+            assert "█ used 1.50K  ─ plan's guess 7.00K  · projected 1.50K" in screen
+            monitor.send(b"q")
+            assert monitor.close() == 0
+        finally:
             srv.stop()
 
 
@@ -6588,8 +6674,9 @@ def test_adding_a_tab_is_one_entry_in_tabs():
     finally:
         del sys.modules[module.__name__]
     settings, now = _settings(), local_ms("2026-05-05 13:00")
-    state, action = module.handle_key(module.ViewState(), "9", settings, module.Frame([]))
-    assert (state.tab, action) == ("notes", "refresh")
+    state, action = module.handle_key(module.ViewState(), "KEY_BTAB", settings, module.Frame([]))
+    assert (state.tab, action) == ("notes", "refresh")  # the tenth: past the digit keys, Tab reaches it
+    assert module.handle_key(module.ViewState(), "9", settings, module.Frame([]))[0].tab == "charts"
     query = module.query_for(state, settings, now)
     snap = module.Snapshot(query, now, 500, data=query.fetch(None, query))
 
@@ -6599,10 +6686,10 @@ def test_adding_a_tab_is_one_entry_in_tabs():
         return [line_text(line) for line in frame.lines], frame
 
     lines, frame = text(120)
-    assert lines[1].rstrip().endswith("   Blocks   Projects   Notes") and "3 notes" in lines
+    assert lines[1].rstrip().endswith("   Projects   Charts   Notes") and "3 notes" in lines
     assert (frame.page_rows, frame.total_rows) == (1, 3)
     assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit"
-    assert text(80)[0][1].rstrip().endswith("8 Proj   9 Note")
+    assert text(80)[0][1].rstrip().endswith("8Proj 9Cht 10Note")
     assert "Tab/Shift-Tab or 1-9  switch tab" in module.HELP_TEXT
     assert module.handle_key(state, "\t", settings, frame)[0].tab == "current"
 
@@ -6853,7 +6940,7 @@ CLAUDE_80x24 = [  # Claude's share is the gauge; ccmon's count supports it; the 
 
 CLAUDE_40x12 = [
     " ccmon - Claude Code usage monitor",
-    " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj",
+    " 1Now2Day3Mod4Ses5Tool6User7Blk8Proj9Cht",
     " * connected | current block",
     "Current block: $1.24, 16 requests",
     "Claude 5h   ###..  63%, resets 14:17",
@@ -6863,7 +6950,7 @@ CLAUDE_40x12 = [
     "10:23:00 haiku-4-5    31.2K   $0.0123",
     "10:16:00 opus-4-1     31.4K   $0.0247",
     "10:09:00 sonnet-4-5   31.6K   $0.0370",
-    "h/d/w/m/a/b  1-8  u/p  ? help  q quit"]
+    "h/d/w/m/a/b  1-9  u/p  ? help  q quit"]
 
 
 def test_render_claudes_own_limits_80x24_and_40x12():
@@ -6930,6 +7017,268 @@ def test_render_claudes_figures_without_block_tracking_and_the_limits_sources():
     learned = dataclasses.replace(guessed, limits=dataclasses.replace(guessed.limits, learned_from=23))
     assert frame_text(ccmon.ViewState(period="b"), learned, learning, 120, 24, now)[0][8].endswith(
         "21.0K / 35.0K (learned from 23 blocks), 4h30m left (ends 15:00)")
+
+
+def charts_snapshot(settings, now, claude=False, **state):
+    """The Charts tab's data: four weeks of working hours (busiest on Mondays at 14:00), the current block's
+    hours, and Claude's weekly readings in its week (reset on Friday 03-06 at 09:00)."""
+    usage = ccmon.Usage
+    base = claude_snapshot(settings, now) if claude else _frame_fixture()[0]
+    points = []
+    for back in range(28):
+        day = dt.date(2026, 3, 10) - dt.timedelta(days=back)
+        for hour in range(8, 19):
+            start = local_ms(f"{day} {hour:02d}:00")
+            if start >= now or day.weekday() >= 5:  # no weekend work
+                continue
+            weight = (hour - 7) * (3 if day.weekday() == 0 else 1) + (back < 7) * 5
+            points.append(ccmon.SeriesPoint(start, "", ccmon.Split(usage(), usage(weight, 1000 * weight,
+                                                                                    200 * weight, 0, 0,
+                                                                                    30_000_000 * weight))))
+    readings = tuple(ccmon.LimitReading(f"s-{k}", local_ms(at), user="ana",
+                                        five_hour=ccmon.LimitWindow(five, local_ms("2026-03-10 14:17")),
+                                        seven_day=ccmon.LimitWindow(week, local_ms("2026-03-13 09:00")))
+                     for k, (at, five, week) in enumerate((("2026-03-06 11:00", 5.0, 4.0),
+                                                           ("2026-03-09 15:00", 30.0, 12.0),
+                                                           ("2026-03-10 09:40", 20.0, 18.0),
+                                                           ("2026-03-10 10:05", 45.0, 20.0),
+                                                           ("2026-03-10 10:28", 63.0, 21.4))))
+    block = [r for r in readings if r.read_ms >= base.limits.window[0]]
+    block_points = tuple(p for p in points if p.start_ms + ccmon.HOUR_MS > base.limits.window[0])
+    query = ccmon.query_for(ccmon.ViewState(tab="charts", **state), settings, now)
+    return dataclasses.replace(base, query=query, data=ccmon.UsageSeries("hour", tuple(points), readings),
+                               block_series=ccmon.UsageSeries("hour", block_points, tuple(block)))
+
+
+CHARTS_80x24_UNICODE_0 = [
+    'Block       ██████████░░░░░░  60%  21.0K / 35.0K, 4h30m left (ends 15:00)',
+    'Recent pace 700/min; at this pace the limit is reached at 10:50',
+    'Week        21.0K premium tokens, <$0.0001 (sonnet 21.0K)',
+    '── 5-hour window - premium tokens (1 of 5; j/k: more) ──────────────────────────',
+    ' 210K │                                                               ··········',
+    '      │                                                    ···········',
+    '      │                                          ··········',
+    '      │                               ···········',
+    '      │                     ··········',
+    '35.0K │───────────··········────────────────────────────────────────────────────',
+    '      │       ▆···',
+    '    0 └─────────────────────────────────────────────────────────────────────────',
+    '       10:00         11:00          12:00         13:00          14:00',
+    '█ used 21.0K  ─ limit 35.0K  · projected 210K',
+    '── Cost per hour - last 24 hours (2 of 5; j/k: more) ───────────────────────────',
+    'each column: 1 hour',
+    '$1.14 │      ▂▂ ▃▃ ▄▄ ▅▅ ▇▇ ██',
+    '      │▇▇ ██ ██ ██ ██ ██ ██ ██                                        ▃▃ ▃▃ ▃▃',
+    '    0 └────────────────────────────────────────────────────────────────────────',
+    '          12:00 14:00 16:00 18:00 20:00 22:00 00:00 02:00 04:00 06:00 08:00',
+    'h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit',
+]
+
+CHARTS_80x24_ASCII_0 = [
+    '-- 5-hour window - premium tokens (1 of 5; j/k: more) --------------------------',
+    ' 210K |                                                                   ......',
+    '      |                                                         ..........',
+    '      |                                              ...........',
+    '      |                                    ..........',
+    '      |                          ..........',
+    '      |               ...........',
+    '35.0K |-------#.......----------------------------------------------------------',
+    '    0 +-------------------------------------------------------------------------',
+    '       10:00         11:00          12:00         13:00          14:00',
+    '# used 21.0K  - limit 35.0K  . projected 210K',
+    '-- Cost per hour - last 24 hours (2 of 5; j/k: more) ---------------------------',
+    'each column: 1 hour',
+    '$1.14 |            ## ## ## ##',
+    '      |## ## ## ## ## ## ## ##                                        ## ## ##',
+    '    0 +------------------------------------------------------------------------',
+    '          12:00 14:00 16:00 18:00 20:00 22:00 00:00 02:00 04:00 06:00 08:00',
+]
+
+CHARTS_40x12_UNICODE_0 = [
+    ' ccmon - Claude Code usage monitor',
+    ' 1Now2Day3Mod4Ses5Tool6User7Blk8Proj9Cht',
+    ' ● connected | last 4 weeks by the hour',
+    'Block       ███░░  60%  21.0K / 35.0K',
+    '── 5-hour window - premium tokens 1/5 ──',
+    ' 210K │                      ···········',
+    '      │           ···········',
+    '35.0K │───▂·······──────────────────────',
+    '    0 └─────────────────────────────────',
+    '       10:00 11:00  12:00 13:00  14:00',
+    '█ used 21.0K  ─ limit 35.0K',
+    'h/d/w/m/a/b  1-9  u/p  ? help  q quit',
+]
+
+CHARTS_40x12_ASCII_0 = [
+    'Block       ###..  60%  21.0K / 35.0K',
+    '-- 5-hour window - premium tokens 1/5 --',
+    ' 210K |                           ......',
+    '      |                ...........',
+    '35.0K |---#............-----------------',
+    '    0 +---------------------------------',
+    '       10:00 11:00  12:00 13:00  14:00',
+    '# used 21.0K  - limit 35.0K',
+]
+
+CHARTS_CLAUDE_80x24_UNICODE_0 = [
+    'Claude 5h   ██████████░░░░░░  63%, resets 14:17; ccmon counted 21.0K (2 min ago)',
+    "Recent pace 700/min; Claude's 5h limit at this pace at 10:47",
+    'Claude week ███░░░░░░░░░░░░░  21%, resets Fri 09:00; ccmon counted 21.0K',
+    "── 5-hour window - Claude's own % (1 of 5; j/k: more) ──────────────────────────",
+    '540% │                                                                 ·········',
+    '     │                                                        ·········',
+    '     │                                               ·········',
+    '     │                                      ·········',
+    '     │                             ·········',
+    '100% │────────────────────·········─────────────────────────────────────────────',
+    '     │     ▂▂▂▂▂▂▅▅▅▅▅▅▇▇·',
+    '   0 └──────────────────────────────────────────────────────────────────────────',
+    '                10:00          11:00          12:00          13:00         14:00',
+    "█ used 63%  ─ Claude's limit 100%  · projected 540%",
+    '── Cost per hour - last 24 hours (2 of 5; j/k: more) ───────────────────────────',
+    'each column: 1 hour',
+    '$1.14 │      ▂▂ ▃▃ ▄▄ ▅▅ ▇▇ ██',
+    '      │▇▇ ██ ██ ██ ██ ██ ██ ██                                        ▃▃ ▃▃ ▃▃',
+    '    0 └────────────────────────────────────────────────────────────────────────',
+    '          12:00 14:00 16:00 18:00 20:00 22:00 00:00 02:00 04:00 06:00 08:00',
+]
+
+CHARTS_80x24_UNICODE_3 = [
+    "── Claude's week - cost per day (4 of 5; j/k: more) ────────────────────────────",
+    '100% │',
+    '     │',
+    '     │',
+    '     │',
+    '     │                                                                         ▂',
+    '     │                               ▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▂▆▆▆▆▆▆▆▆█',
+    '  0% └──────────────────────────────────────────────────────────────────────────',
+    '           Wed 04     Thu 05    Fri 06     Sat 07     Sun 08    Mon 09',
+    'Tue 03-03 ████████████████▏                                              $1.98',
+    'Wed 03-04 █████████████████████████████▋                                 $3.63',
+    'Thu 03-05 █████████████████████████████▋                                 $3.63',
+    'Fri 03-06 █████████████████████████████▋                                 $3.63',
+    'Sat 03-07                                                                $0.00',
+    'Sun 03-08                                                                $0.00',
+    'Mon 03-09 ██████████████████████████████████████████████████████████████ $7.59',
+    'Tue 03-10 █████▏                                                         $0.6300',
+]
+
+CHARTS_80x24_ASCII_4 = [
+    '-- Cost by weekday and hour - last 4 weeks (5 of 5; j/k: more) -----------------',
+    '    0  1  2  3  4  5  6  7  8  9  10 11 12 13 14 15 16 17 18 19 20 21 22 23',
+    'Mon                         ......:::::::::*********#########',
+    'Tue                         .................................',
+    'Wed                         .....................::::::::::::',
+    'Thu                         .....................::::::::::::',
+    'Fri                         .....................::::::::::::',
+    'Sat',
+    'Sun',
+]
+
+CHARTS_CLAUDE_40x12_ASCII_2 = [
+    'Claude 5h   ###..  63%, resets 14:17',
+    '-- Cost - last 7 days 3/5 --------------',
+    'each column: 6 hours',
+    '$4.41 |                        #',
+    '      |                        #',
+    '      |## ### ### ###         ### #',
+    '    0 +----------------------------',
+    '         Wed Thu Fri Sat Sun Mon',
+]
+
+
+CURRENT_BURNUP_80x40 = [  # Claude's own %: its readings in this window, 100% its limit; the pace's projection by
+    # the capacity calibrated from 14 readings: 63% + 700/min × 227 min / 33,300 = 540%
+    "-- 5-hour window - Claude's own % ----------------------------------------------",
+    '540% |                                                                     .....',
+    '     |                                                            .........',
+    '     |                                                   .........',
+    '     |                                          .........',
+    '     |                                 .........',
+    '     |                        .........',
+    '100% |-----##############.....--------------------------------------------------',
+    '   0 +--------------------------------------------------------------------------',
+    '                10:00          11:00          12:00          13:00         14:00',
+    "# used 63%  - Claude's limit 100%  . projected 540%",
+    '-- Requests 1-12 of 12 ---------------------------------------------------------',
+]
+
+
+def test_render_charts_tab_80x24_and_40x12_in_unicode_and_ascii():
+    """The Charts tab, chart by chart: each whole under its title, the first shrunk to the rows left, the next
+    shown when it fits; at 40x12 one chart at a time, the heatmap (a row a weekday) stepping aside with a note."""
+    _, settings, now = _frame_fixture()
+
+    def charts(width, height, unicode, scroll=0, claude=False, **state):
+        lines, frame = frame_text(ccmon.ViewState(tab="charts", scroll=scroll, **state),
+                                  charts_snapshot(settings, now, claude), settings, width, height, now,
+                                  unicode=unicode)
+        assert (frame.page_rows, frame.total_rows) == (1, 5)
+        return lines
+
+    assert charts(80, 24, True)[3:] == CHARTS_80x24_UNICODE_0
+    assert charts(80, 24, False)[6:-1] == CHARTS_80x24_ASCII_0
+    assert charts(40, 12, True) == CHARTS_40x12_UNICODE_0
+    assert charts(40, 12, False)[3:-1] == CHARTS_40x12_ASCII_0
+    assert charts(80, 24, True, claude=True)[3:-1] == CHARTS_CLAUDE_80x24_UNICODE_0
+    assert charts(80, 24, True, 3)[6:-1] == CHARTS_80x24_UNICODE_3
+    assert charts(80, 24, False, 4)[6:15] == CHARTS_80x24_ASCII_4
+    assert charts(40, 12, False, 2, claude=True)[3:-1] == CHARTS_CLAUDE_40x12_ASCII_2
+    assert charts(40, 12, True, 4)[4:6] == ["Cost by weekday and hour - last 4 weeks:", "   needs a taller terminal."]
+    # `c`: tokens instead of cost, the scale in tokens (Monday 18:00: 38 × 1,200 tokens)
+    assert charts(80, 24, True, 1, chart_tokens=True)[6:9] == [
+        "── Tokens per hour - last 24 hours (2 of 5; j/k: more) ─────────────────────────",
+        "each column: 1 hour",
+        "45.6K │                  ▄▄ ██"]
+    for width in range(40, 140, 9):  # any size: within the screen, every chart whole
+        for height in range(12, 50, 5):
+            for scroll in range(5):
+                lines = charts(width, height, width % 2 == 0, scroll, claude=height % 2 == 0)
+                assert len(lines) == height and all(len(line) <= width for line in lines)
+
+
+def test_the_c_key_and_the_charts_tabs_scroll():
+    settings = _settings()
+    frame = ccmon.Frame([], page_rows=1, total_rows=5)
+    state, action = ccmon.handle_key(ccmon.ViewState(), "9", settings, frame)
+    assert (state.tab, action) == ("charts", "refresh")
+    state, action = ccmon.handle_key(state, "c", settings, frame)
+    assert state.chart_tokens and action == ""  # the series holds both: nothing to fetch
+    state, action = ccmon.handle_key(state, "c", settings, frame)
+    assert not state.chart_tokens
+    state, _ = ccmon.handle_key(state, "KEY_END", settings, frame)
+    assert state.scroll == 4  # the last chart at the top
+    state, _ = ccmon.handle_key(state, "j", settings, frame)
+    assert state.scroll == 4
+    other, action = ccmon.handle_key(ccmon.ViewState(tab="daily"), "c", settings, frame)
+    assert (other.chart_tokens, other.notice, action) == \
+        (False, "c switches the Charts tab between cost and tokens", "")
+    assert ccmon.query_for(state, settings, 0).burnup and ccmon.query_for(ccmon.ViewState(), settings, 0).burnup
+    assert not ccmon.query_for(ccmon.ViewState(tab="daily"), settings, 0).burnup
+
+
+def test_render_the_burnup_on_a_tall_current_tab():
+    """The Current tab draws the 5-hour window's burn-up only where its requests still keep 10 rows (data rows
+    first): not at 80x24; at 80x40 in Claude's own % while its reading is live, else in ccmon's tokens against
+    the limit, which it names the plan's guess when it is one."""
+    snap, settings, now = _frame_fixture()
+    claude = dataclasses.replace(charts_snapshot(settings, now, claude=True), query=snap.query, data=snap.data)
+    assert frame_text(ccmon.ViewState(period="b"), claude, settings, 80, 24, now)[0][11:] == \
+        frame_text(ccmon.ViewState(period="b"), claude_snapshot(settings, now), settings, 80, 24, now)[0][11:]
+    lines, frame = frame_text(ccmon.ViewState(period="b"), claude, settings, 80, 40, now)
+    assert lines[8:11] == CLAUDE_80x24[:3] and lines[11:23] == CURRENT_BURNUP_80x40
+    assert frame.page_rows == 15 and lines[24].startswith("10:30:00 sonnet-4-5")
+    # without block tracking, Claude's window is the burn-up's all the same
+    untracked = dataclasses.replace(claude, limits=dataclasses.replace(claude.limits, window=None))
+    lines, _ = frame_text(ccmon.ViewState(period="b"), untracked, _settings(block_hour=None), 80, 40, now)
+    assert CURRENT_BURNUP_80x40[:-1] == lines[lines.index(CURRENT_BURNUP_80x40[0]):][:11]
+    guess = dataclasses.replace(settings, limit_from_plan=True)
+    tokens = dataclasses.replace(charts_snapshot(settings, now), query=snap.query, data=snap.data)
+    lines, _ = frame_text(ccmon.ViewState(period="b"), tokens, guess, 80, 40, now, unicode=True)
+    assert lines[8] == "Block       ██████████░░░░░░  60%  21.0K / 35.0K (plan's guess), 4h30m left"
+    assert lines[11] == "── 5-hour window - premium tokens ──────────────────────────────────────────────"
+    assert lines[18] == "      │       ▆···"  # 10:00-10:30: 21.0K of 210K, 0.7 of 7 rows
+    assert lines[21] == "█ used 21.0K  ─ plan's guess 35.0K  · projected 210K"
 
 
 def test_alerts_fire_on_claudes_own_percentages():
@@ -7359,7 +7708,7 @@ def test_render_projects_tab_and_the_p_key():
     settings, now = _settings(), local_ms("2026-05-05 13:00")
     state, snap = insight_snapshot(settings, now, "projects", projects=PROJECTS)
     lines, frame = frame_text(state, snap, settings, 80, 24, now)
-    assert lines[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj  "
+    assert lines[1] == "  1 Now   2 Day   3 Mod   4 Ses   5 Tool   6 User   7 Blk   8 Proj   9 Cht  "
     assert lines[6:12] == [
         "-- Projects by cost - last 7 days - p: filter by project -----------------------",
         "Project           Sessions    Req  Tokens      Cost Share of cost",
@@ -7367,7 +7716,7 @@ def test_render_projects_tab_and_the_p_key():
         "(no project)             1      1     550     $1.00 ##......  24%",
         "/home/dev/src/web        1      2     120   $0.3750 #.......   9%",
         "/srv/api/web             1      1      44   $0.0200 ........   0%"]
-    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-8 tab  u user  p project  ? help  q quit"
+    assert lines[-1] == "h/d/w/m/a/b period  o order  Tab/1-9 tab  u user  p project  ? help  q quit"
     assert (frame.project_names, frame.total_rows) == (tuple(p.project for p in PROJECTS), 4)
     narrow, _ = frame_text(state, snap, settings, 40, 14, now)
     assert narrow[6:11] == ["-- Projects by cost - last 7 days - p: f",
@@ -7375,7 +7724,7 @@ def test_render_projects_tab_and_the_p_key():
                             "alpha               3   6.58K     $2.76",
                             "(no project)        1     550     $1.00",
                             "src/web             2     120   $0.3750"]
-    assert narrow[-1] == "h/d/w/m/a/b  1-8  u/p  ? help  q quit"  # whole hints in 39 columns
+    assert narrow[-1] == "h/d/w/m/a/b  1-9  u/p  ? help  q quit"  # whole hints in 39 columns
     # p cycles through the period's projects (not the sessions without one), then back to every project.
     chosen = []
     for _ in range(4):
@@ -9706,6 +10055,55 @@ def test_report_chart_draws_a_bar_per_row(server, tmp_path):
     assert wide[1].endswith("premium_cost  cost, longest $2.89") and wide[3].endswith("$2.88  " + "#" * 40)
 
 
+def test_report_limits_chart_draws_claudes_readings_over_the_period(server, tmp_path):
+    """`report limits --chart`: under the table, Claude's 5-hour then weekly % over the period (each column the
+    newest reading by then, 0 once its window reset, every reset marked), 100% at the top."""
+    tokyo = ccmon.ZoneInfo("Asia/Tokyo")
+
+    def at(text: str) -> int:
+        return local_ms(text, tokyo)
+    for session, read, five, five_resets, week in (("s-1", "2026-05-04 10:00", 20.0, "2026-05-04 12:00", 10.0),
+                                                   ("s-1", "2026-05-04 22:00", 90.0, "2026-05-05 02:00", 40.0),
+                                                   ("s-2", "2026-05-05 12:00", 50.0, "2026-05-05 16:00", 80.0)):
+        reading = ccmon.LimitReading(session, at(read), five_hour=ccmon.LimitWindow(five, at(five_resets)),
+                                     seven_day=ccmon.LimitWindow(week, at("2026-05-06 00:00")))
+        server.query().ReportStatusLine(ccmon_pb2.ReportStatusLineRequest(reading=ccmon.reading_message(reading)))
+    out = run_report(server, "limits", "--since", "2026-05-04", "--until", "2026-05-06", "--chart", cwd=tmp_path,
+                     env={"LC_ALL": "C"})
+    assert (out.returncode, out.stderr) == (0, "")
+    lines = out.stdout.splitlines()
+    assert lines[6:] == LIMITS_CHART
+    assert run_report(server, "limits", "--since", "2026-05-04", "--until", "2026-05-06", "--chart", cwd=tmp_path,
+                      env={"LC_ALL": "C.UTF-8"}).stdout.splitlines()[8] == "100% │                                  ▂▂▂▂▂▂▂▂"
+
+
+LIMITS_CHART = [  # 90% of 7 rows: 6.3, so 6 '#'; nothing past the last reading (12:00, one column)
+    '',
+    "Claude's 5-hour limit, % used",
+    '100% |',
+    '     |                                  ########',
+    '     |                                  ########',
+    '     |                                  ########               #',
+    '     |                                  ########               #',
+    '     |                                  ########               #',
+    '     |               ####               ########               #',
+    '  0% +-------------------^---------------------^---------------------^--------------------------------------------------',
+    '      Mon 04                                Tue 05                                Wed 06',
+    "^ Claude's 5-hour limit reset",
+    '',
+    "Claude's weekly limit, % used",
+    '100% |',
+    '     |                                                         #',
+    '     |                                                         #',
+    '     |                                                         #',
+    '     |                                  ########################',
+    '     |                                  ########################',
+    '     |               ###########################################',
+    '  0% +----------------------------------------------------------------------------^-------------------------------------',
+    '      Mon 04                                Tue 05                                Wed 06',
+    "^ Claude's weekly limit reset",
+]
+
 @pytest.mark.parametrize("args,message", [
     (["daily", "--chart", "--json"], "argument --json: not allowed with argument --chart"),
     (["daily", "--csv", "--chart", "tokens"], "argument --chart: not allowed with argument --csv"),
@@ -9716,8 +10114,11 @@ def test_report_chart_flag_errors(args, message, tmp_path, capsys, monkeypatch):
     code, err = run_main(["report", *args], capsys)
     assert (code, err) == (2, f"ccmon report: {message} (see ccmon report --help)\n")
     code, err = run_main(["report", "session", "--chart", "--monitor-server", "127.0.0.1:9"], capsys)
-    assert (code, err) == (2, "ccmon: config error: --chart: bars are drawn beside the daily, weekly, monthly, model "
-                              "and project reports, not the session report\n")
+    assert (code, err) == (2, "ccmon: config error: --chart: charts are drawn for the daily, weekly, monthly, model, "
+                              "project and limits reports, not the session report\n")
+    code, err = run_main(["report", "limits", "--chart", "tokens", "--monitor-server", "127.0.0.1:9"], capsys)
+    assert (code, err) == (2, "ccmon: config error: --chart tokens: the limits report draws Claude's own percentages "
+                              "(use --chart)\n")
 
 
 # ---------------------------------------------------------------- charts: pure render functions, golden frames
@@ -10040,3 +10441,24 @@ def test_the_charts_page_shows_real_charts():
                   burnup(40, 7, unicode=False), week(72, 17), week(40, 8, unicode=False), heat(80),
                   heat(40, unicode=False)):
         assert "```\n" + "\n".join(lines) + "\n```" in page
+
+
+def test_the_charts_page_shows_the_monitors_real_frames():
+    """docs/charts.md's monitor samples are the monitor's frames for its golden tests' data, and its limits report
+    sample is the report's output."""
+    page = (ROOT / "docs" / "charts.md").read_text()
+    _, settings, now = _frame_fixture()
+
+    def frame(state, snap, width, height, unicode, lines=slice(None)) -> str:
+        shown = frame_text(state, snap, settings, width, height, now, unicode=unicode)[0][lines]
+        return "```\n" + "\n".join(line.rstrip() for line in shown) + "\n```"
+    charts = ccmon.ViewState(tab="charts")
+    for sample in (frame(ccmon.ViewState(tab="daily"), daily_snapshot(settings, now), 80, 24, True, slice(6, 18)),
+                   frame(charts, charts_snapshot(settings, now), 80, 24, True),
+                   frame(charts, charts_snapshot(settings, now, True), 80, 24, True, slice(3, 17)),
+                   frame(dataclasses.replace(charts, scroll=3), charts_snapshot(settings, now), 80, 24, True),
+                   frame(dataclasses.replace(charts, scroll=4), charts_snapshot(settings, now), 80, 24, True,
+                         slice(6, 16)),
+                   frame(dataclasses.replace(charts, scroll=1), charts_snapshot(settings, now), 40, 12, False)):
+        assert sample in page
+    assert "\n".join(LIMITS_CHART[1:]) + "\n```" in page
