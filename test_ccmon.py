@@ -62,7 +62,7 @@ def go_ccmon_binary() -> Path:
 
 
 # Fixtures that start an external program or need the network: a test using one is marked e2e (pytest.ini).
-E2E_FIXTURES = {"node_emitter", "go_server", "pyz", "pythons", "claude_code", "chromium"}
+E2E_FIXTURES = {"node_emitter", "go_server", "pyz", "pythons", "claude_code", "chromium", "prometheus"}
 
 
 def e2e(test):
@@ -4989,6 +4989,76 @@ def test_metric_labels_are_capped_and_keep_their_series(tmp_path):
         (None, None, None): 19 * 1000, (None, "model-0", None): 9 * 1000, (None, "model-1", None): 9 * 1000}
     assert reader.first_users(2) == ["user-0", "user-1"]
     store.close()
+
+
+@pytest.fixture(scope="session")
+def prometheus() -> tuple[str, str]:
+    """Debian's Prometheus and its promtool."""
+    found = shutil.which("prometheus"), shutil.which("promtool")
+    if None in found:
+        pytest.fail("the metrics tests need Prometheus: apt-get install -y prometheus (README, Development)")
+    return found
+
+
+def prometheus_api(port: int, path: str, **query: str):
+    """The data of one answer of Prometheus's HTTP API."""
+    import urllib.request
+    from urllib.parse import urlencode
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/{path}?{urlencode(query)}", timeout=10) as reply:
+        answer = json.loads(reply.read())
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+@e2e
+def test_a_real_prometheus_scrapes_the_exact_totals(prometheus, tmp_path):
+    """Prometheus scrapes a real server with its token; PromQL gives back GetStats' cost and tokens exactly, the
+    hostile and long names as they were sent (the long one cut), and promtool finds the exposition clean."""
+    token = "s3cret-scrape-token"
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": token}).start()
+    now, metadata = hours_ago(0.1), {"authorization": f"Bearer {token}"}
+    sdk_export(srv.port, metrics_events(now)[:2], resource={**CLAUDE_RESOURCE, "project": "alpha"}, headers=metadata)
+    sdk_export(srv.port, metrics_events(now)[2:], resource={**CLAUDE_RESOURCE, "project": LONG_PROJECT},
+               headers=metadata)
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({  # YAML is a superset of JSON
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "ccmon", "scrape_interval": "1s", "authorization": {"credentials": token},
+                            "static_configs": [{"targets": [f"127.0.0.1:{srv.http_port}"]}]}]}))
+    server = subprocess.Popen([prometheus[0], f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                               f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "prometheus.log", "wb"))
+    try:
+        def scraped() -> bool:
+            with contextlib.suppress(OSError):
+                targets = prometheus_api(port, "targets")["activeTargets"]
+                return bool(targets) and targets[0]["health"] == "up"
+            return False
+
+        wait_until(scraped, "Prometheus's first good scrape", 60)
+        whole = srv.query().GetStats(ccmon_pb2.GetStatsRequest(), metadata=tuple(metadata.items())).stats
+
+        def value(promql: str) -> dict:
+            return {tuple(sorted(found["metric"].items())): found["value"][1]
+                    for found in prometheus_api(port, "query", query=promql)["result"]}
+
+        assert value("sum(ccmon_cost_usd_total)") == {(): repr(whole.total_cost.amount)} == {(): "1.875"}
+        assert value("sum by (type) (ccmon_tokens_total)") == {
+            (("type", "input"),): str(whole.total_tokens.input), (("type", "output"),): str(whole.total_tokens.output),
+            (("type", "cache_read"),): str(whole.total_tokens.cache_read),
+            (("type", "cache_creation"),): str(whole.total_tokens.cache_creation)}
+        assert value("sum(ccmon_requests_total)") == {(): str(whole.total_requests)}
+        by_user = value("sum by (user, project) (ccmon_cost_usd_total)")
+        assert by_user == {(("project", "alpha"), ("user", "ana@example.com")): "1.75",
+                           (("project", "p" * 99 + "…"), ("user", HOSTILE_USER)): "0.125"}
+        _, exposed = web(srv.http_port, "/metrics", headers={"Authorization": f"Bearer {token}"})
+        check = subprocess.run([prometheus[1], "check", "metrics"], input=exposed, capture_output=True, timeout=60)
+        assert (check.returncode, check.stdout, check.stderr) == (0, b"", b"")
+    finally:
+        server.terminate()
+        server.wait(30)
+        srv.stop()
 
 
 # ---------------------------------------------------------------- monitor: view model and pure render functions
