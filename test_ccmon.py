@@ -5061,6 +5061,22 @@ def test_a_real_prometheus_scrapes_the_exact_totals(prometheus, tmp_path):
         srv.stop()
 
 
+@e2e
+def test_the_prometheus_docs_queries_and_alerting_rule_are_valid(prometheus, tmp_path):
+    """docs/prometheus.md: every PromQL line parses, and its alerting rule passes promtool check rules."""
+    text = (ROOT / "docs" / "prometheus.md").read_text()
+    queries = [line.split("   #")[0].strip() for block in re.findall(r"```promql\n(.*?)```", text, re.S)
+               for line in block.splitlines() if line.strip()]
+    assert len(queries) == 8
+    (rules := tmp_path / "rules.yml").write_text(re.findall(r"```yaml\n(groups:.*?)```", text, re.S)[0])
+    (recorded := tmp_path / "queries.yml").write_text(json.dumps({"groups": [{"name": "docs", "rules": [
+        {"record": f"docs:query{number}", "expr": query} for number, query in enumerate(queries)]}]}))
+    check = subprocess.run([prometheus[1], "check", "rules", str(rules), str(recorded)], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS: 1 rules found" in check.stdout and f"SUCCESS: {len(queries)} rules found" in check.stdout
+
+
 # ---------------------------------------------------------------- monitor: view model and pure render functions
 
 def test_formatting():
