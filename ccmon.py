@@ -2056,9 +2056,10 @@ class CopyWindow:
 # The counter series' figures of some sessions (?1: a JSON array of session ids), per (user, model, project id): a
 # session's usage per model (session_usage) under its latest user and its project (0 for none).
 SERIES_FIGURES = list(FIGURES)[1:]
-SESSION_SERIES = (f"SELECT su.user, su.model, COALESCE(p.id, 0), {', '.join(f'SUM(su.{c})' for c in SERIES_FIGURES)} "
-                  "FROM session_usage su JOIN sessions s ON s.id = su.session LEFT JOIN projects p ON p.name = s.project "
-                  "WHERE su.session IN (SELECT value FROM json_each(?1)) GROUP BY 1, 2, 3")
+STORED_SERIES = ("SELECT su.user, su.model, COALESCE(p.id, 0) AS project, {figures} FROM session_usage su "
+                 "JOIN sessions s ON s.id = su.session LEFT JOIN projects p ON p.name = s.project")
+SESSION_SERIES = STORED_SERIES.format(figures=", ".join(f"SUM(su.{c})" for c in SERIES_FIGURES)) + \
+    " WHERE su.session IN (SELECT value FROM json_each(?1)) GROUP BY 1, 2, 3"
 RETIRE = (f"INSERT INTO retired_usage (user, model, project, {', '.join(SERIES_FIGURES)}) VALUES "
           f"({', '.join('?' * (3 + len(SERIES_FIGURES)))}) ON CONFLICT (user, model, project) DO UPDATE SET "
           f"{', '.join(f'{c} = {c} + excluded.{c}' for c in SERIES_FIGURES)}")
@@ -3153,8 +3154,7 @@ class Reader:
         figures = ", ".join(f"SUM(t.{c})" for c in SERIES_FIGURES)
         rows = self._reader().execute(
             f"WITH t (user, model, project, {', '.join(SERIES_FIGURES)}) AS ("
-            f"SELECT su.user, su.model, COALESCE(p.id, 0), {', '.join(f'su.{c}' for c in SERIES_FIGURES)} FROM "
-            "session_usage su JOIN sessions s ON s.id = su.session LEFT JOIN projects p ON p.name = s.project "
+            f"{STORED_SERIES.format(figures=', '.join(f'su.{c}' for c in SERIES_FIGURES))} "
             f"UNION ALL SELECT user, model, project, {', '.join(SERIES_FIGURES)} FROM retired_usage) "
             "SELECT CASE WHEN t.user IN (SELECT id FROM users ORDER BY id LIMIT ?) THEN u.name END, "
             "CASE WHEN t.model IN (SELECT id FROM models ORDER BY id LIMIT ?) THEN m.name END, "
@@ -7197,7 +7197,8 @@ class MetricsPage:
         if self.token and not bearer_matches(authorization, self.token):
             self.refusals.note("metrics /metrics", request.client, refusal_reason(authorization))
             return text_answer(401, "missing or wrong bearer token: give Prometheus the server's token in the scrape "
-                                    "config's authorization: credentials", (("WWW-Authenticate", 'Bearer realm="ccmon"'),))
+                                    "config's authorization: credentials",
+                               (("WWW-Authenticate", 'Bearer realm="ccmon"'),))
         if not self.token and not addressed_safely(request.headers.get("Host"), self.listen_host):
             return text_answer(403, "without a token /metrics answers only at an IP address or localhost (no web site "
                                     "can then reach it by a name of its own): set server.token to scrape it by name")
