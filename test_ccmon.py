@@ -4964,6 +4964,31 @@ def test_metric_counters_never_go_down(tmp_path):
     store.close()
 
 
+def test_schema_8_numbers_projects_in_the_order_sessions_named_them(tmp_path):
+    """A schema-7 database (as the release before wrote it) is upgraded with a backup: its projects get ids in the
+    order of the sessions that named them, and no counter has anything retired yet."""
+    db = tmp_path / "seven.db"
+    store = ccmon.Writer(db)
+    at = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
+    for number, project in enumerate(["beta", "alpha", "beta", "gamma"]):
+        store.write(ccmon.Batch(requests=[(at + number, f"s{number}", 1, "claude-sonnet-4-5", "ana@example.com",
+                                           1, 0, 0, 0, 1000, 0, None, None, None, None, None, 0)],
+                                projects={f"s{number}": project}))
+    store.close()
+    with sqlite3.connect(db) as conn:
+        conn.executescript("DROP TRIGGER projects_named; DROP TABLE projects; DROP TABLE retired_usage; "
+                           "PRAGMA user_version = 7;")
+    conn.close()
+    store = ccmon.Writer(db)
+    try:
+        assert (tmp_path / "seven.db.v7.bak").exists()
+        assert db_rows(db, "SELECT id, name FROM projects") == [(1, "beta"), (2, "alpha"), (3, "gamma")]
+        assert db_rows(db, "SELECT COUNT(*) FROM retired_usage") == [(0,)]
+        series = ccmon.Reader(db).counter_series({"user": 1, "model": 1, "project": 2})
+        assert {one.project: one.usage.cost_nanos for one in series} == {"beta": 2000, "alpha": 1000, None: 1000}
+    finally:
+        store.close()
+
 def test_metric_labels_are_capped_and_keep_their_series(tmp_path):
     """The first users, models and projects by id get labels; later ones are summed under (other), and a label
     once given is kept (adding users never moves a series)."""
