@@ -2056,10 +2056,11 @@ class CopyWindow:
 # The counter series' figures of some sessions (?1: a JSON array of session ids), per (user, model, project id): a
 # session's usage per model (session_usage) under its latest user and its project (0 for none).
 SERIES_FIGURES = list(FIGURES)[1:]
-STORED_SERIES = ("SELECT su.user, su.model, COALESCE(p.id, 0) AS project, {figures} FROM session_usage su "
-                 "JOIN sessions s ON s.id = su.session LEFT JOIN projects p ON p.name = s.project")
-SESSION_SERIES = STORED_SERIES.format(figures=", ".join(f"SUM(su.{c})" for c in SERIES_FIGURES)) + \
-    " WHERE su.session IN (SELECT value FROM json_each(?1)) GROUP BY 1, 2, 3"
+STORED_SERIES = (  # summed per project name, then each name looked up once
+    f"SELECT n.user, n.model, COALESCE(p.id, 0), {', '.join(f'n.{c}' for c in SERIES_FIGURES)} FROM (SELECT su.user, "
+    f"su.model, s.project AS name, {', '.join(f'SUM(su.{c}) AS {c}' for c in SERIES_FIGURES)} FROM session_usage su "
+    "JOIN sessions s ON s.id = su.session{where} GROUP BY 1, 2, 3) n LEFT JOIN projects p ON p.name = n.name")
+SESSION_SERIES = STORED_SERIES.format(where=" WHERE su.session IN (SELECT value FROM json_each(?1))")
 RETIRE = (f"INSERT INTO retired_usage (user, model, project, {', '.join(SERIES_FIGURES)}) VALUES "
           f"({', '.join('?' * (3 + len(SERIES_FIGURES)))}) ON CONFLICT (user, model, project) DO UPDATE SET "
           f"{', '.join(f'{c} = {c} + excluded.{c}' for c in SERIES_FIGURES)}")
@@ -3151,17 +3152,20 @@ class Reader:
         """Every counter series (see CounterSeries), the stored usage per session and model (session_usage) plus
         retired_usage, summed in SQL. Only the first labels[kind] users, models and projects by id (the order they
         were first seen in, which never changes) are named; the others are summed as None."""
-        figures = ", ".join(f"SUM(t.{c})" for c in SERIES_FIGURES)
+        columns = ", ".join(SERIES_FIGURES)
+        sums = ", ".join(f"SUM({c})" for c in SERIES_FIGURES)
+        # Summed per series first (a few hundred rows), then named: a name is looked up once per series, not per
+        # session.
         rows = self._reader().execute(
-            f"WITH t (user, model, project, {', '.join(SERIES_FIGURES)}) AS ("
-            f"{STORED_SERIES.format(figures=', '.join(f'su.{c}' for c in SERIES_FIGURES))} "
-            f"UNION ALL SELECT user, model, project, {', '.join(SERIES_FIGURES)} FROM retired_usage) "
+            f"WITH t (user, model, project, {columns}) AS ({STORED_SERIES.format(where='')} "
+            f"UNION ALL SELECT user, model, project, {columns} FROM retired_usage), "
+            f"series (user, model, project, {columns}) AS (SELECT user, model, project, {sums} FROM t GROUP BY 1, 2, 3) "
             "SELECT CASE WHEN t.user IN (SELECT id FROM users ORDER BY id LIMIT ?) THEN u.name END, "
             "CASE WHEN t.model IN (SELECT id FROM models ORDER BY id LIMIT ?) THEN m.name END, "
             "CASE WHEN t.project = 0 THEN '' WHEN t.project IN (SELECT id FROM projects ORDER BY id LIMIT ?) "
-            f"THEN p.name END, {figures} FROM t JOIN users u ON u.id = t.user JOIN models m ON m.id = t.model "
-            "LEFT JOIN projects p ON p.id = t.project GROUP BY 1, 2, 3",
-            (labels["user"], labels["model"], labels["project"])).fetchall()
+            f"THEN p.name END, {', '.join(f'SUM(t.{c})' for c in SERIES_FIGURES)} FROM series t "
+            "JOIN users u ON u.id = t.user JOIN models m ON m.id = t.model LEFT JOIN projects p ON p.id = t.project "
+            "GROUP BY 1, 2, 3", (labels["user"], labels["model"], labels["project"])).fetchall()
         return [CounterSeries(user, model, project, Usage(*sums)) for user, model, project, *sums in rows]
 
     def first_users(self, most: int) -> list[str]:
