@@ -22,6 +22,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Status line: ccmon statusline, for Claude Code's settings
   Reports: ccmon report daily|weekly|monthly|session|model|blocks|project|limits
   Web dashboard: GET / and /api/ on the HTTP listener
+  Prometheus metrics: GET /metrics on the HTTP listener
   Import: ccmon import, Claude Code's transcripts
   Local server: started on demand, detached, following the transcripts
   Setup: ccmon setup, Claude Code's settings pointed at ccmon
@@ -676,6 +677,16 @@ class ReceiverCounts:
     last_ms: int | None
     accepted: int
     rejected: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CounterSeries:
+    """One counter series of the Prometheus metrics: everything a user's usage of a model in a project ever added
+    up to (stored rows and what retention and replacements retired), None for a name beyond the labels' cap."""
+    user: str | None
+    model: str | None
+    project: str | None   # '' for sessions without a project
+    usage: Usage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1783,12 +1794,29 @@ def record_agents(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX requests_estimated ON requests(session) WHERE origin >= 4")
 
 
+def keep_counters_monotonic(conn: sqlite3.Connection) -> None:
+    """Version 9: what the Prometheus counters need to never go down. Projects get ids in the order they are first
+    named (a stable order: the first METRICS_LABELS of them get labels of their own), and retired_usage keeps, per
+    counter series (user, model, project), what left the stored rows: rows retention deleted, and what a
+    replacement or a move to another project or user took away (see Writer._keep_counters)."""
+    conn.execute("CREATE TABLE projects (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)")
+    conn.execute("INSERT INTO projects (name) SELECT project FROM sessions WHERE project IS NOT NULL GROUP BY project "
+                 "ORDER BY MIN(id)")
+    conn.execute("CREATE TRIGGER projects_named AFTER UPDATE OF project ON sessions WHEN NEW.project IS NOT NULL "
+                 "BEGIN INSERT OR IGNORE INTO projects (name) VALUES (NEW.project); END")
+    conn.execute(f"""CREATE TABLE retired_usage (
+        user INTEGER NOT NULL, model INTEGER NOT NULL,
+        project INTEGER NOT NULL,             -- projects.id; 0: sessions without a project
+        {", ".join(f"{c} INTEGER NOT NULL" for c in list(FIGURES)[1:])},
+        PRIMARY KEY (user, model, project)) WITHOUT ROWID""")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
                                                           keep_limit_readings, count_imported_requests,
                                                           find_request_ids_within_sessions, count_receipts,
-                                                          record_agents]
+                                                          record_agents, keep_counters_monotonic]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -2175,6 +2203,42 @@ class CopyWindow:
         return any(abs(stored - ts) <= COPY_WINDOW_MS for stored in self.stored.get(request_id, ()))
 
 
+# The counter series' figures of some sessions (?1: a JSON array of session ids), per (user, model, project id): a
+# session's usage per model (session_usage) under its latest user and its project (0 for none).
+SERIES_FIGURES = list(FIGURES)[1:]
+STORED_SERIES = (  # summed per project name, then each name looked up once
+    f"SELECT n.user, n.model, COALESCE(p.id, 0), {', '.join(f'n.{c}' for c in SERIES_FIGURES)} FROM (SELECT su.user, "
+    f"su.model, s.project AS name, {', '.join(f'SUM(su.{c}) AS {c}' for c in SERIES_FIGURES)} FROM session_usage su "
+    "JOIN sessions s ON s.id = su.session{where} GROUP BY 1, 2, 3) n LEFT JOIN projects p ON p.name = n.name")
+SESSION_SERIES = STORED_SERIES.format(where=" WHERE su.session IN (SELECT value FROM json_each(?1))")
+RETIRE = (f"INSERT INTO retired_usage (user, model, project, {', '.join(SERIES_FIGURES)}) VALUES "
+          f"({', '.join('?' * (3 + len(SERIES_FIGURES)))}) ON CONFLICT (user, model, project) DO UPDATE SET "
+          f"{', '.join(f'{c} = {c} + excluded.{c}' for c in SERIES_FIGURES)}")
+
+
+def series_sums(conn: sqlite3.Connection, sessions: Iterable[int]) -> dict[tuple[int, int, int], tuple[int, ...]]:
+    return {tuple(row[:3]): tuple(row[3:])
+            for row in conn.execute(SESSION_SERIES, (json.dumps(sorted(set(sessions))),))}
+
+
+@contextlib.contextmanager
+def counters_kept(conn: sqlite3.Connection, sessions: Iterable[int]) -> Iterator[None]:
+    """Keep the Prometheus counters from going down across a change to these sessions' rows or names (the only
+    sessions it may change): whatever a counter series' figures lost over the change (rows deleted, replaced by
+    rows of lower figures, moved to another project or user) is added to its retired_usage, in the same
+    transaction. What rows the change added to a series in the same go offsets what it took away."""
+    sessions = set(sessions)
+    before = series_sums(conn, sessions) if sessions else {}
+    yield
+    if not before:
+        return
+    after = series_sums(conn, sessions)
+    for key, figures in before.items():
+        lost = [max(0, was - now) for was, now in zip(figures, after.get(key, (0,) * len(figures)))]
+        if any(lost):
+            conn.execute(RETIRE, (*key, *lost))
+
+
 # Metric-derived usage counts for a session until a row that replaces it is stored.
 METRIC_USAGE_REPLACED_BY = origin_in(origin for origin in ORIGIN_RULES if ORIGIN_METRICS in replaced_by(origin))
 
@@ -2264,6 +2328,11 @@ class Writer:
 
     def _insert_reading(self, conn: sqlite3.Connection, reading: LimitReading) -> None:
         session = self._intern(conn, "sessions", "session_id", reading.session_id)
+        with counters_kept(conn, [session] if reading.project else []):  # a session named: its usage moves project
+            self._store_reading(conn, session, reading)
+
+    @staticmethod
+    def _store_reading(conn: sqlite3.Connection, session: int, reading: LimitReading) -> None:
         windows = [(w.percent, w.resets_ms) if w else (None, None) for w in (reading.five_hour, reading.seven_day)]
         spend = json.dumps(dataclasses.asdict(reading.spend_limit)) if reading.spend_limit else None
         conn.execute(f"INSERT INTO limit_readings ({', '.join(READING_COLUMNS)}) VALUES "
@@ -2388,13 +2457,32 @@ class Writer:
         return resolved
 
     def _insert(self, conn: sqlite3.Connection, batch: Batch) -> int:
+        requests = self._not_resent(conn, "requests", REQUEST_COLUMNS,
+                                    self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests))
+        model, agent = REQUEST_COLUMNS.index("model"), REQUEST_COLUMNS.index("agent")
+        self._own_models(conn, {(row[model], row[agent]) for row in requests})
+        metrics = self._resolve(conn, "metric_points", METRIC_COLUMNS, batch.metrics)
+        with counters_kept(conn, self._touched(conn, requests, metrics, batch.projects)):
+            return self._insert_resolved(conn, batch, requests, metrics)
+
+    def _touched(self, conn: sqlite3.Connection, requests: list, metrics: list, projects: dict[str, str]) -> set[int]:
+        """The sessions whose usage or project a batch may change: its own, and those of the transcripts' copies of
+        its requests."""
+        touched = {row[1] for row in requests} | {row[METRIC_COLUMNS.index("session")] for row in metrics}
+        if projects:
+            touched.update(id_ for id_, in conn.execute("SELECT id FROM sessions WHERE session_id IN (SELECT value "
+                                                        "FROM json_each(?))", (json.dumps(list(projects)),)))
+        request_ids = [row[REQUEST_COLUMNS.index("request_id")] for row in requests]
+        if requests and self._has_imported(conn):
+            touched.update(id_ for id_, in conn.execute(
+                f"SELECT session FROM requests WHERE request_id IN (SELECT value FROM json_each(?)) AND "
+                f"{origin_in(TRANSCRIPT_ORIGINS)}", (json.dumps([rid for rid in request_ids if rid is not None]),)))
+        return touched
+
+    def _insert_resolved(self, conn: sqlite3.Connection, batch: Batch, requests: list, metrics: list) -> int:
         new, days = 0, set()
-        if batch.requests:
+        if requests:
             days.update(self._replace_session_less_metrics(conn, batch.requests))
-            requests = self._not_resent(conn, "requests", REQUEST_COLUMNS,
-                                        self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests))
-            model, agent = REQUEST_COLUMNS.index("model"), REQUEST_COLUMNS.index("agent")
-            self._own_models(conn, {(row[model], row[agent]) for row in requests})
             replaced = replaced_by(ORIGIN_EVENT)
             usage = f"DELETE FROM requests WHERE session = ? AND {origin_in(replaced - REQUEST_ORIGINS)} RETURNING ts"
             for session in {row[1] for row in requests}:  # api_request events win over metric-derived usage
@@ -2418,8 +2506,7 @@ class Writer:
             events = self._resolve(conn, "events", EVENT_COLUMNS, batch.events)
             new += conn.executemany(insert_sql("events", EVENT_COLUMNS),
                                     self._not_resent(conn, "events", EVENT_COLUMNS, events)).rowcount
-        if batch.metrics:
-            metrics = self._resolve(conn, "metric_points", METRIC_COLUMNS, batch.metrics)
+        if metrics:
             for row in self._not_resent(conn, "metric_points", METRIC_COLUMNS, metrics):
                 if conn.execute(insert_sql("metric_points", METRIC_COLUMNS), row).rowcount:  # new, not a resend
                     new += 1
@@ -2490,6 +2577,12 @@ class Writer:
 
     def _import(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
                 user: str, window: CopyWindow) -> ImportCounts:
+        sessions = [self._intern(conn, "sessions", "session_id", session_id) for session_id in {row[1] for row in rows}]
+        with counters_kept(conn, sessions):
+            return self._import_chunk(conn, rows, projects, user, window)
+
+    def _import_chunk(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
+                      user: str, window: CopyWindow) -> ImportCounts:
         users, days = {}, set()
         origin = REQUEST_COLUMNS.index("origin")
         replaced = frozenset().union(*map(replaced_by, {row[origin] for row in rows})) - REQUEST_ORIGINS
@@ -2638,8 +2731,11 @@ class Writer:
         return deleted
 
     def _delete_chunk(self, conn: sqlite3.Connection, table: str, older_than_ms: int) -> int:
-        deleted = conn.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE ts < ? ORDER BY ts "
-                               f"LIMIT {SWEEP_CHUNK}) RETURNING ts, session", (older_than_ms,)).fetchall()
+        chunk = conn.execute(f"SELECT id, session FROM {table} WHERE ts < ? ORDER BY ts LIMIT {SWEEP_CHUNK}",
+                             (older_than_ms,)).fetchall()
+        with counters_kept(conn, {session for _, session in chunk} if table == "requests" else ()):
+            deleted = conn.execute(f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?)) "
+                                   "RETURNING ts, session", (json.dumps([id_ for id_, _ in chunk]),)).fetchall()
         if table == "requests" and deleted:
             self._refresh_days(conn, {ts - ts % DAY_MS for ts, _ in deleted})
             for session in {session for _, session in deleted}:  # the trigger cannot know a session's new start
@@ -3310,6 +3406,30 @@ class Reader:
     def receiver_counts(self) -> list[ReceiverCounts]:
         return [ReceiverCounts(*row) for row in self._reader().execute(
             "SELECT protocol, signal, last_ms, accepted, rejected FROM receiver_counts ORDER BY protocol, signal")]
+
+    def counter_series(self, labels: dict[str, int]) -> list[CounterSeries]:
+        """Every counter series (see CounterSeries), the stored usage per session and model (session_usage) plus
+        retired_usage, summed in SQL. Only the first labels[kind] users, models and projects by id (the order they
+        were first seen in, which never changes) are named; the others are summed as None."""
+        columns = ", ".join(SERIES_FIGURES)
+        sums = ", ".join(f"SUM({c})" for c in SERIES_FIGURES)
+        # Summed per series first (a few hundred rows), then named: a name is looked up once per series, not per
+        # session.
+        rows = self._reader().execute(
+            f"WITH t (user, model, project, {columns}) AS ({STORED_SERIES.format(where='')} "
+            f"UNION ALL SELECT user, model, project, {columns} FROM retired_usage), "
+            f"series (user, model, project, {columns}) AS (SELECT user, model, project, {sums} FROM t GROUP BY 1, 2, 3) "
+            "SELECT CASE WHEN t.user IN (SELECT id FROM users ORDER BY id LIMIT ?) THEN u.name END, "
+            "CASE WHEN t.model IN (SELECT id FROM models ORDER BY id LIMIT ?) THEN m.name END, "
+            "CASE WHEN t.project = 0 THEN '' WHEN t.project IN (SELECT id FROM projects ORDER BY id LIMIT ?) "
+            f"THEN p.name END, {', '.join(f'SUM(t.{c})' for c in SERIES_FIGURES)} FROM series t "
+            "JOIN users u ON u.id = t.user JOIN models m ON m.id = t.model LEFT JOIN projects p ON p.id = t.project "
+            "GROUP BY 1, 2, 3", (labels["user"], labels["model"], labels["project"])).fetchall()
+        return [CounterSeries(user, model, project, Usage(*sums)) for user, model, project, *sums in rows]
+
+    def first_users(self, most: int) -> list[str]:
+        """The names of the first `most` users by id (those the Prometheus metrics name)."""
+        return [name for name, in self._reader().execute("SELECT name FROM users ORDER BY id LIMIT ?", (most,))]
 
     def totals(self) -> StoreTotals:
         """API requests and all usage rows (those derived from metrics too) ever stored."""
@@ -5473,7 +5593,7 @@ def start_listeners(config: Config, store: Writer, decoders: Decoders, pages: Ca
     return server, port, httpd, http_port
 
 
-def log_start(config: Config, port: int, http_port: int, with_pages: bool) -> None:
+def log_start(config: Config, port: int, http_port: int, pages: Iterable[str] = ()) -> None:
     scheme = "TLS" + (" with client certificates" if config.server_tls and config.server_tls.ca else "") \
         if config.server_tls else "plaintext"
     log.info("ccmon %s: gRPC listening on %s:%d (OTLP logs/metrics/traces + QueryService), %s, %s", VERSION,
@@ -5482,7 +5602,8 @@ def log_start(config: Config, port: int, http_port: int, with_pages: bool) -> No
     if http_port:
         log.info("OTLP/HTTP listening on %s:%d (POST /v1/logs, /v1/metrics, /v1/traces%s)",
                  config.server_http_address.rsplit(":", 1)[0], http_port,
-                 "; the web dashboard at /" if with_pages else "")
+                 ("; the web dashboard at /" if "/" in pages else "") +
+                 ("; Prometheus metrics at /metrics" if "/metrics" in pages else ""))
     log.info("database %s, retention %s", config.database_path,
              f"{config.server_retention_s // 3600}h" if config.server_retention_s else "never")
     warn_if_exposed(config)
@@ -5528,7 +5649,7 @@ def run_server(config: Config, on_ready: Callable[[int, int, threading.Event], N
         store.remove_if_new()
         decoders.close()
         raise
-    log_start(config, port, http_port, bool(httpd and httpd.pages))
+    log_start(config, port, http_port, httpd.pages if httpd else ())
     stop = threading.Event()
     if config.server_retention_s:
         threading.Thread(target=retention_loop, args=(store, config.server_retention_s, stop),
@@ -7322,12 +7443,18 @@ def accepts_gzip(header: str | None) -> bool:
 
 def json_answer(status: int, value: Any, headers: tuple[tuple[str, str], ...] = (), gzip: bool = False) -> PageAnswer:
     """JSON, gzipped for a client that takes it (the dashboard's answer shrinks about 6 times: it is polled)."""
-    body = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    return packed_answer(status, "application/json", json.dumps(value, separators=(",", ":"), allow_nan=False).encode(),
+                         headers, gzip)
+
+
+def packed_answer(status: int, content_type: str, body: bytes, headers: tuple[tuple[str, str], ...] = (),
+                  gzip: bool = False) -> PageAnswer:
+    """An answer not to be cached, gzipped for a client that takes it."""
     if gzip:
         packer = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip format
         body = packer.compress(body) + packer.flush()
         headers = (("Content-Encoding", "gzip"), *headers)
-    return PageAnswer(status, "application/json", body, (NO_STORE, ("Vary", "Accept-Encoding"), *headers))
+    return PageAnswer(status, content_type, body, (NO_STORE, ("Vary", "Accept-Encoding"), *headers))
 
 
 class Dashboard:
@@ -7438,6 +7565,119 @@ def dashboard_pages(config: Config, reader: Reader) -> Pages:
         return {}
     host = parse_address(config.server_http_address, fail_as=ServerError)[0]
     return Dashboard(reader, config.server_token, config.zone, files, host).pages()
+
+
+# ---------------------------------------------------------------- Prometheus metrics: GET /metrics on the HTTP listener
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # the text exposition format
+# How many users, models and projects get a label value of their own: the first ones by id, the order the database
+# first saw them in (it never changes, so a series never leaves its label); the others are summed under OTHER_LABEL.
+METRICS_LABELS = {"user": 100, "model": 20, "project": 100}
+OTHER_LABEL = "(other)"
+LABEL_MAX = 100  # characters of a label value from telemetry; a longer one is cut, ending in …
+TOKEN_TYPES = ("input", "output", "cache_read", "cache_creation")  # the type label: Usage's fields
+
+
+def label_value(name: str | None) -> str:
+    """A name from telemetry as a label value: OTHER_LABEL beyond the cap, cut to LABEL_MAX characters, escaped as
+    the format wants (backslash, double quote, line feed)."""
+    text = OTHER_LABEL if name is None else name if len(name) <= LABEL_MAX else name[:LABEL_MAX - 1] + "…"
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def decimal_text(value: int, places: int) -> str:
+    """value / 10**places written exactly in decimal (nanos as USD, ms as seconds): Prometheus reads it as the
+    nearest float64."""
+    whole, part = divmod(abs(value), 10 ** places)
+    fraction = f"{part:0{places}d}".rstrip("0")
+    return ("-" if value < 0 else "") + str(whole) + (f".{fraction}" if fraction else "")
+
+
+def metric_family(name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, str], str]]) -> list[str]:
+    """One metric's HELP and TYPE lines and its samples ({label: escaped value}, value), in a stable order."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in sorted(samples, key=lambda sample: sorted(sample[0].items())):
+        labelled = ",".join(f'{key}="{text}"' for key, text in labels.items())
+        lines.append(f"{name}{{{labelled}}} {value}" if labelled else f"{name} {value}")
+    return lines
+
+
+def exposition(series: list[CounterSeries], limits: dict[str, ClaudeLimits], receipts: list[ReceiverCounts],
+               now: int) -> str:
+    """The metrics in Prometheus's text format. Series whose label values end up the same (cut to the same
+    text, or a user named like OTHER_LABEL) are summed: each sum of counters still only goes up."""
+    merged: dict[tuple[str, str, str], Usage] = {}
+    for one in series:
+        key = (label_value(one.user), label_value(one.model), label_value(one.project))
+        merged[key] = merged.get(key, Usage()) + one.usage
+    labelled = [({"user": user, "model": model, "project": project}, usage)
+                for (user, model, project), usage in merged.items()]
+    lines = metric_family("ccmon_requests_total", "counter", "API requests stored, ever (retention does not lower it).",
+                          [(labels, str(usage.requests)) for labels, usage in labelled])
+    lines += metric_family("ccmon_tokens_total", "counter", "Tokens by type, ever (retention does not lower it).",
+                           [({**labels, "type": kind}, str(getattr(usage, kind)))
+                            for labels, usage in labelled for kind in TOKEN_TYPES])
+    lines += metric_family("ccmon_cost_usd_total", "counter", "Cost in USD, ever (retention does not lower it).",
+                           [(labels, decimal_text(usage.cost_nanos, 9)) for labels, usage in labelled])
+    windows = [({"user": label_value(user), "window": window}, reading)
+               for user, claude in limits.items() for window in ("five_hour", "seven_day")
+               if (reading := claude.window(window, now)) is not None]
+    lines += metric_family("ccmon_claude_limit_used_ratio", "gauge", "The share of Claude's own 5-hour or weekly "
+                           "limit used (0-1), as last read from a status line, while the window has not reset.",
+                           [(labels, repr(reading.percent / 100)) for labels, reading in windows])
+    lines += metric_family("ccmon_claude_limit_resets_timestamp_seconds", "gauge", "When that window of Claude's "
+                           "starts afresh (Unix time).",
+                           [(labels, decimal_text(reading.resets_ms, 3)) for labels, reading in windows])
+    receivers = [({"protocol": counts.protocol, "signal": counts.signal}, counts) for counts in receipts]
+    lines += metric_family("ccmon_receiver_records_accepted_total", "counter", "OTLP records a receiver accepted.",
+                           [(labels, str(counts.accepted)) for labels, counts in receivers])
+    lines += metric_family("ccmon_receiver_records_rejected_total", "counter", "OTLP records a receiver rejected.",
+                           [(labels, str(counts.rejected)) for labels, counts in receivers])
+    lines += metric_family("ccmon_receiver_last_accepted_timestamp_seconds", "gauge", "When a receiver last "
+                           "accepted a record (Unix time).", [(labels, decimal_text(counts.last_ms, 3))
+                                                               for labels, counts in receivers if counts.last_ms])
+    lines += metric_family("ccmon_build_info", "gauge", "The ccmon version serving these metrics.",
+                           [({"version": label_value(VERSION)}, "1")])
+    return "\n".join(lines) + "\n"
+
+
+class MetricsPage:
+    """GET /metrics over one Reader: with a token, only for 'Authorization: Bearer TOKEN' (what Prometheus's
+    `authorization` scrape setting sends); without one, only addressed safely, as the dashboard."""
+
+    def __init__(self, reader: Reader, token: str, listen_host: str):
+        self.reader, self.token, self.listen_host = reader, token, listen_host
+        self.refusals = RefusalLog()
+
+    def pages(self) -> Pages:
+        return {"/metrics": {"GET": self.metrics}}
+
+    def metrics(self, request: PageRequest) -> PageAnswer:
+        authorization = request.headers.get("Authorization")
+        if self.token and not bearer_matches(authorization, self.token):
+            self.refusals.note("metrics /metrics", request.client, refusal_reason(authorization))
+            return text_answer(401, "missing or wrong bearer token: give Prometheus the server's token in the scrape "
+                                    "config's authorization: credentials",
+                               (("WWW-Authenticate", 'Bearer realm="ccmon"'),))
+        if not self.token and not addressed_safely(request.headers.get("Host"), self.listen_host):
+            return text_answer(403, "without a token /metrics answers only at an IP address or localhost (no web site "
+                                    "can then reach it by a name of its own): set server.token to scrape it by name")
+        now = now_ms()
+        try:
+            members = set(self.reader.first_users(METRICS_LABELS["user"]))
+            limits = {user: claude for user, claude in self.reader.live_limits(now).items() if user in members}
+            text = exposition(self.reader.counter_series(METRICS_LABELS), limits, self.reader.receiver_counts(), now)
+        except (sqlite3.Error, DatabaseMoved) as exc:
+            log.error("the metrics cannot read the database: %s", exc)
+            return text_answer(503, f"the database cannot be read right now: {exc}")
+        return packed_answer(200, PROMETHEUS_TEXT, text.encode("utf-8", "replace"),
+                             gzip=accepts_gzip(request.headers.get("Accept-Encoding")))
+
+
+def metrics_pages(config: Config, reader: Reader) -> Pages:
+    """GET /metrics for the HTTP listener."""
+    host = parse_address(config.server_http_address, fail_as=ServerError)[0]
+    return MetricsPage(reader, config.server_token, host).pages()
 
 
 # ---------------------------------------------------------------- Import: ccmon import, Claude Code's transcripts
@@ -8040,7 +8280,8 @@ def serve(config: Config) -> int:
                              daemon=True).start()
 
     try:
-        return run_server(config, on_ready=ready, pages=lambda reader: dashboard_pages(config, reader))
+        return run_server(config, on_ready=ready, pages=lambda reader: {**dashboard_pages(config, reader),
+                                                                     **metrics_pages(config, reader)})
     finally:
         with contextlib.suppress(OSError, ValueError, TypeError):
             if json.loads(path.read_text())["pid"] == os.getpid():  # not another server's, after a failed start

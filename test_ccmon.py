@@ -63,7 +63,7 @@ def go_ccmon_binary() -> Path:
 
 
 # Fixtures that start an external program or need the network: a test using one is marked e2e (pytest.ini).
-E2E_FIXTURES = {"node_emitter", "go_server", "pyz", "pythons", "claude_code", "chromium"}
+E2E_FIXTURES = {"node_emitter", "go_server", "pyz", "pythons", "claude_code", "chromium", "prometheus"}
 
 
 def e2e(test):
@@ -5158,6 +5158,378 @@ def test_dashboard_in_chromium_without_the_token_shows_only_the_sign_in(tmp_path
         assert "missing or wrong token" in api and "cost" not in api
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------- Prometheus metrics: GET /metrics on the HTTP listener
+
+def parse_exposition(text: str) -> dict[str, dict[tuple, str]]:
+    """Prometheus's text format read back strictly: {metric: {sorted (label, value) pairs: sample value}}, every
+    sample after its family's HELP and TYPE, label values unescaped, no sample twice."""
+    families: dict[str, dict[tuple, str]] = {}
+    kinds: dict[str, str] = {}
+    for line in text.split("\n")[:-1]:
+        if line.startswith("# HELP "):
+            name = line.split(" ")[2]
+            assert name not in families, f"{name} twice"
+            families[name] = {}
+            continue
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name in families and kind in ("counter", "gauge") and name not in kinds
+            assert (kind == "counter") == name.endswith("_total"), name
+            kinds[name] = kind
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
+        assert match, f"not a sample: {line!r}"
+        name, body, value = match.groups()
+        labels, at = [], 0
+        for pair in re.finditer(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)', body or ""):
+            assert pair.start() == at, f"unreadable labels: {body!r}"
+            at = pair.end()
+            labels.append((pair.group(1), re.sub(r"\\(.)", lambda e: "\n" if e.group(1) == "n" else e.group(1),
+                                                 pair.group(2))))
+        assert at == len(body or ""), f"unreadable labels: {body!r}"
+        assert name in kinds, f"{name} before its TYPE"
+        key = tuple(sorted(labels))
+        assert key not in families[name], f"{name}{body} twice"
+        families[name][key] = value
+    return families
+
+
+def scrape(port: int, headers: dict | None = None) -> dict[str, dict[tuple, str]]:
+    response, data = web(port, "/metrics", headers=headers)
+    assert (response.status, response.getheader("Content-Type")) == (200, "text/plain; version=0.0.4; charset=utf-8")
+    return parse_exposition(data.decode())
+
+
+def summed(family: dict[tuple, str], value=int, **chosen: str) -> dict:
+    """A family's samples summed by the labels not chosen away: {label values of `by`...}."""
+    total = 0
+    for labels, text in family.items():
+        if all(dict(labels).get(key) == wanted for key, wanted in chosen.items()):
+            total += value(text)
+    return total
+
+
+HOSTILE_USER = 'eve"}\\n\n{evil="1"} 9e99\n# TYPE x counter'
+LONG_PROJECT = "p" * 300
+
+
+def metrics_events(now: str) -> list[tuple[str, dict]]:
+    """Requests of two users (one with a hostile name) on two models, whose costs add up exactly in binary."""
+    return [("api_request", {**api_request(1, now, session="s-ana", cost_usd=0.25, input_tokens=100, output_tokens=20,
+                                           cache_read_tokens=3000, cache_creation_tokens=400),
+                             "user.email": "ana@example.com"}),
+            ("api_request", {**api_request(2, now, model="claude-opus-4-1", session="s-ana", cost_usd=1.5,
+                                           input_tokens=7, output_tokens=8, cache_read_tokens=9,
+                                           cache_creation_tokens=10), "user.email": "ana@example.com"}),
+            ("api_request", {**api_request(3, now, session="s-eve", cost_usd=0.125, input_tokens=1, output_tokens=2,
+                                           cache_read_tokens=3, cache_creation_tokens=4), "user.email": HOSTILE_USER})]
+
+
+def test_metrics_equal_get_stats_with_names_escaped(server, tmp_path):
+    now = hours_ago(0.1)
+    assert sdk_export(server.port, metrics_events(now)[:2], resource={**CLAUDE_RESOURCE, "project": "alpha"}) == \
+        ["SUCCESS"]
+    assert sdk_export(server.http_port, metrics_events(now)[2:], resource={**CLAUDE_RESOURCE, "project": LONG_PROJECT},
+                      protocol="http/protobuf") == ["SUCCESS"]
+    assert status_line(server.target, live_input("s-ana", five_hour=91.5), cwd=tmp_path).returncode == 0
+    metrics = scrape(server.http_port)
+    whole = server.query().GetStats(ccmon_pb2.GetStatsRequest()).stats
+    tokens = metrics["ccmon_tokens_total"]
+    assert [summed(tokens, type=kind) for kind in ("input", "output", "cache_read", "cache_creation")] == \
+        [whole.total_tokens.input, whole.total_tokens.output, whole.total_tokens.cache_read,
+         whole.total_tokens.cache_creation] == [108, 30, 3012, 414]
+    assert summed(metrics["ccmon_requests_total"]) == whole.total_requests == 3
+    assert summed(metrics["ccmon_cost_usd_total"], float) == whole.total_cost.amount == 1.875
+    cut = "p" * 99 + "…"
+    assert metrics["ccmon_cost_usd_total"] == {
+        (("model", "claude-opus-4-1"), ("project", "alpha"), ("user", "ana@example.com")): "1.5",
+        (("model", "claude-sonnet-4-5"), ("project", "alpha"), ("user", "ana@example.com")): "0.25",
+        (("model", "claude-sonnet-4-5"), ("project", cut), ("user", HOSTILE_USER)): "0.125"}
+    for user in ("ana@example.com", HOSTILE_USER):  # per user, as GetStats answers for one
+        one = server.query().GetStats(ccmon_pb2.GetStatsRequest(user=user)).stats
+        assert summed(metrics["ccmon_cost_usd_total"], float, user=user) == one.total_cost.amount
+        assert summed(tokens, user=user, type="input") == one.total_tokens.input
+    # Claude's limits of ana's, read by her status line (the reading names the session's folder: no move, a project
+    # OTEL_RESOURCE_ATTRIBUTES named wins).
+    resets = {labels: float(value) for labels, value in metrics["ccmon_claude_limit_resets_timestamp_seconds"].items()}
+    assert metrics["ccmon_claude_limit_used_ratio"] == {(("user", "ana@example.com"), ("window", "five_hour")): "0.915",
+                                                        (("user", "ana@example.com"), ("window", "seven_day")): "0.205"}
+    assert set(resets) == set(metrics["ccmon_claude_limit_used_ratio"])
+    assert all(time.time() < at < time.time() + 4 * 86400 for at in resets.values())
+    assert metrics["ccmon_receiver_records_accepted_total"] == {
+        (("protocol", "grpc"), ("signal", "logs")): "2", (("protocol", "http/protobuf"), ("signal", "logs")): "1"}
+    assert set(metrics["ccmon_receiver_records_rejected_total"].values()) == {"0"}
+    assert len(metrics["ccmon_receiver_last_accepted_timestamp_seconds"]) == 2
+    assert metrics["ccmon_build_info"] == {(("version", ccmon.VERSION),): "1"}
+    packed, data = web(server.http_port, "/metrics", headers={"Accept-Encoding": "gzip"})
+    assert packed.getheader("Content-Encoding") == "gzip"
+    assert parse_exposition(zlib.decompress(data, 31).decode())["ccmon_cost_usd_total"] == \
+        metrics["ccmon_cost_usd_total"]
+    assert web(server.http_port, "/metrics", headers={"Host": "evil.example"})[1] == (
+        b"without a token /metrics answers only at an IP address or localhost (no web site can then reach it by a "
+        b"name of its own): set server.token to scrape it by name\n")
+    assert "Prometheus metrics at /metrics" in server.log
+
+
+def test_metrics_exposition_escapes_and_merges_labels():
+    usage = ccmon.Usage(requests=1, input=2, cost_nanos=1)
+    series = [ccmon.CounterSeries("a\\b", None, "", usage),
+              ccmon.CounterSeries(ccmon.OTHER_LABEL, None, "", usage),  # a user named like the overflow: summed
+              ccmon.CounterSeries(None, None, "", usage),
+              ccmon.CounterSeries("u", "m", "x" * 101, usage),
+              ccmon.CounterSeries("u", "m", "x" * 102, usage)]  # cut to the same text as the one above: summed
+    text = ccmon.exposition(series, {}, [], 0)
+    assert 'ccmon_requests_total{user="a\\\\b",model="(other)",project=""} 1\n' in text
+    assert 'ccmon_requests_total{user="(other)",model="(other)",project=""} 2\n' in text
+    assert f'ccmon_cost_usd_total{{user="u",model="m",project="{"x" * 99}…"}} 0.000000002\n' in text
+    assert len(parse_exposition(text)["ccmon_requests_total"]) == 3
+    assert [ccmon.decimal_text(value, 9) for value in (0, 5, 10 ** 9, 1_234_567_891, -5)] == \
+        ["0", "0.000000005", "1", "1.234567891", "-0.000000005"]
+
+
+def test_metrics_require_the_token(tmp_path):
+    token = "s3cret-metrics-token"
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": token}).start()
+    try:
+        for wrong in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic " + token},
+                      {"Authorization": token}):
+            response, data = web(srv.http_port, "/metrics", headers=wrong)
+            assert (response.status, response.getheader("WWW-Authenticate"), data) == (
+                401, 'Bearer realm="ccmon"', b"missing or wrong bearer token: give Prometheus the server's token in "
+                                             b"the scrape config's authorization: credentials\n")
+        right = {"Authorization": f"Bearer {token}", "Host": "ccmon.example"}  # any name, with the token
+        assert scrape(srv.http_port, right)["ccmon_build_info"] == {(("version", ccmon.VERSION),): "1"}
+        wait_until(lambda: "refused metrics /metrics from 127.0.0.1" in srv.log, "the refusal logged")
+        assert token not in srv.log
+    finally:
+        srv.stop()
+
+
+def test_metric_counters_survive_a_restart_and_retention(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    old = [("api_request", {**api_request(seq, hours_ago(24 * days), cost_usd=0.5, input_tokens=100),
+                            "user.email": "ana@example.com"}) for seq, days in ((1, 10), (2, 9), (3, 1))]
+    sdk_export(srv.port, old, resource={**CLAUDE_RESOURCE, "project": "alpha"})
+    before = scrape(srv.http_port)
+    srv.stop()
+    srv.args += ["--server-retention", "7d"]
+    srv.start()
+    try:
+        wait_until(lambda: "retention: deleted" in srv.log, "the retention sweep", 10)
+        assert stats(srv).total_requests == 1  # two of the three are gone from the store...
+        after = scrape(srv.http_port)
+        for family in ("ccmon_requests_total", "ccmon_tokens_total", "ccmon_cost_usd_total"):
+            assert after[family] == before[family]  # ...and the counters hold them still
+        assert summed(after["ccmon_cost_usd_total"], float) == 1.5
+        assert db_rows(srv.db, "SELECT u.name, requests, input_tokens, cost_nanos FROM retired_usage JOIN users u "
+                               "ON u.id = retired_usage.user") == [("ana@example.com", 2, 200, 1_000_000_000)]
+        sdk_export(srv.port, [("api_request", {**api_request(4, hours_ago(1), cost_usd=0.25, input_tokens=1),
+                                               "user.email": "ana@example.com"})],
+                   resource={**CLAUDE_RESOURCE, "project": "alpha"})
+        assert summed(scrape(srv.http_port)["ccmon_cost_usd_total"], float) == 1.75
+    finally:
+        srv.stop()
+
+
+def counter_figures(reader: ccmon.Reader) -> dict[tuple, ccmon.Usage]:
+    return {(one.user, one.model, one.project): one.usage
+            for one in reader.counter_series({"user": 10 ** 6, "model": 10 ** 6, "project": 10 ** 6})}
+
+
+def test_metric_counters_never_go_down(tmp_path):
+    """Random telemetry, metric-derived usage, imports, telemetry replacing imported copies at another cost and
+    user, projects named late, retention sweeps: after each, no counter series is lower than before, and the
+    counters less what was retired are the stored rows."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    store, reader = ccmon.Writer(tmp_path / "counters.db"), ccmon.Reader(tmp_path / "counters.db")
+    base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
+    moments = st.integers(min_value=base, max_value=base + 10 * 86400_000)
+    sessions = st.sampled_from(["s1", "s2", "s3"])
+    row = st.tuples(moments, sessions, st.integers(min_value=0, max_value=20),
+                    st.sampled_from(["claude-sonnet-4-5", "claude-opus-4-1"]),
+                    st.sampled_from(["ana@example.com", "bo@example.com"]),
+                    *[st.integers(min_value=0, max_value=10 ** 6)] * 6, st.none(), st.none(),
+                    st.sampled_from([None, "req_1", "req_2", "req_3"]), st.none(), st.none(), st.sampled_from([0, 1]),
+                    st.just("claude-code"))
+    imported = st.tuples(moments, sessions, st.integers(min_value=100, max_value=120),
+                         st.just("claude-sonnet-4-5"), st.just(""), *[st.integers(min_value=0, max_value=10 ** 6)] * 6,
+                         st.none(), st.none(), st.sampled_from(["req_1", "req_2", "req_3"]), st.none(), st.none(),
+                         st.sampled_from([2, 3]), st.just("claude-code"))
+    operation = st.one_of(st.tuples(st.just("write"), st.lists(row, min_size=1, max_size=8)),
+                          st.tuples(st.just("import"), st.lists(imported, min_size=1, max_size=8)),
+                          st.tuples(st.just("name"), st.tuples(sessions, st.sampled_from(["alpha", "beta"]))),
+                          st.tuples(st.just("read"), st.tuples(sessions, st.sampled_from(["/w/alpha", "/w/gamma"]))),
+                          st.tuples(st.just("sweep"), moments))
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(operation, min_size=1, max_size=8))
+    def check(operations):
+        for kind, payload in operations:
+            before = counter_figures(reader)
+            if kind == "write":
+                store.write(ccmon.Batch(requests=[r if r[-2] == 0 else r[:13] + (None,) + r[14:]
+                                                  for r in payload]))  # metric usage has no request_id
+            elif kind == "import":
+                store.import_requests(list(payload), {}, "importer@example.com")
+            elif kind == "name":
+                store.write(ccmon.Batch(projects={payload[0]: payload[1]}))
+            elif kind == "read":
+                store.record_reading(ccmon.LimitReading(payload[0], base, project=payload[1]))
+            else:
+                store.sweep(payload)
+            after = counter_figures(reader)
+            for key, figures in before.items():
+                assert all(now >= was for now, was in zip(dataclasses.astuple(after.get(key, ccmon.Usage())),
+                                                          dataclasses.astuple(figures))), (kind, key)
+            retired = db_rows(store.path, f"SELECT {', '.join(f'SUM({c})' for c in ccmon.SERIES_FIGURES)} "
+                                          "FROM retired_usage")[0]
+            stored = ccmon.Usage(*db_rows(store.path, f"SELECT {ccmon.RAW_SUMS} FROM requests")[0])
+            counted = sum(after.values(), ccmon.Usage())
+            assert dataclasses.astuple(counted) == tuple(
+                (s or 0) + (r or 0) for s, r in zip(dataclasses.astuple(stored), retired))
+
+    check()
+    store.close()
+
+
+def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
+    """A schema-8 database (as the release before wrote it) is upgraded with a backup: its projects get ids in the
+    order of the sessions that named them, and no counter has anything retired yet."""
+    db = tmp_path / "eight.db"
+    store = ccmon.Writer(db)
+    at = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
+    for number, project in enumerate(["beta", "alpha", "beta", "gamma"]):
+        store.write(ccmon.Batch(requests=[(at + number, f"s{number}", 1, "claude-sonnet-4-5", "ana@example.com",
+                                           1, 0, 0, 0, 1000, 0, None, None, None, None, None, 0, "claude-code")],
+                                projects={f"s{number}": project}))
+    store.close()
+    with sqlite3.connect(db) as conn:
+        conn.executescript("DROP TRIGGER projects_named; DROP TABLE projects; DROP TABLE retired_usage; "
+                           "PRAGMA user_version = 8;")
+    conn.close()
+    store = ccmon.Writer(db)
+    try:
+        assert (tmp_path / "eight.db.v8.bak").exists()
+        assert db_rows(db, "SELECT id, name FROM projects") == [(1, "beta"), (2, "alpha"), (3, "gamma")]
+        assert db_rows(db, "SELECT COUNT(*) FROM retired_usage") == [(0,)]
+        series = ccmon.Reader(db).counter_series({"user": 1, "model": 1, "project": 2})
+        assert {one.project: one.usage.cost_nanos for one in series} == {"beta": 2000, "alpha": 1000, None: 1000}
+    finally:
+        store.close()
+
+def test_metric_labels_are_capped_and_keep_their_series(tmp_path):
+    """The first users, models and projects by id get labels; later ones are summed under (other), and a label
+    once given is kept (adding users never moves a series)."""
+    store, reader = ccmon.Writer(tmp_path / "labels.db"), ccmon.Reader(tmp_path / "labels.db")
+    at = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
+
+    def write(number: int) -> None:
+        store.write(ccmon.Batch(requests=[(at + number, f"s{number}", 1, f"model-{number % 4}", f"user-{number}",
+                                           1, 0, 0, 0, 1000, 0, None, None, None, None, None, 0, "claude-code")],
+                                projects={f"s{number}": f"project-{number}"}))
+
+    labels = {"user": 3, "model": 2, "project": 3}
+    for number in range(3):
+        write(number)
+    first = {(one.user, one.model, one.project): one.usage.cost_nanos for one in reader.counter_series(labels)}
+    assert first == {("user-0", "model-0", "project-0"): 1000, ("user-1", "model-1", "project-1"): 1000,
+                     ("user-2", None, "project-2"): 1000}
+    for number in range(3, 40):
+        write(number)
+    grown = {(one.user, one.model, one.project): one.usage.cost_nanos for one in reader.counter_series(labels)}
+    assert {key: grown[key] for key in first} == first  # every series kept its labels and its figures
+    assert {key: cost for key, cost in grown.items() if key not in first} == {
+        (None, None, None): 19 * 1000, (None, "model-0", None): 9 * 1000, (None, "model-1", None): 9 * 1000}
+    assert reader.first_users(2) == ["user-0", "user-1"]
+    store.close()
+
+
+@pytest.fixture(scope="session")
+def prometheus() -> tuple[str, str]:
+    """Debian's Prometheus and its promtool."""
+    found = shutil.which("prometheus"), shutil.which("promtool")
+    if None in found:
+        pytest.fail("the metrics tests need Prometheus: apt-get install -y prometheus (README, Development)")
+    return found
+
+
+def prometheus_api(port: int, path: str, **query: str):
+    """The data of one answer of Prometheus's HTTP API."""
+    import urllib.request
+    from urllib.parse import urlencode
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/{path}?{urlencode(query)}", timeout=10) as reply:
+        answer = json.loads(reply.read())
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+@e2e
+def test_a_real_prometheus_scrapes_the_exact_totals(prometheus, tmp_path):
+    """Prometheus scrapes a real server with its token; PromQL gives back GetStats' cost and tokens exactly, the
+    hostile and long names as they were sent (the long one cut), and promtool finds the exposition clean."""
+    token = "s3cret-scrape-token"
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": token}).start()
+    now, metadata = hours_ago(0.1), {"authorization": f"Bearer {token}"}
+    sdk_export(srv.port, metrics_events(now)[:2], resource={**CLAUDE_RESOURCE, "project": "alpha"}, headers=metadata)
+    sdk_export(srv.port, metrics_events(now)[2:], resource={**CLAUDE_RESOURCE, "project": LONG_PROJECT},
+               headers=metadata)
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(json.dumps({  # YAML is a superset of JSON
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "ccmon", "scrape_interval": "1s", "authorization": {"credentials": token},
+                            "static_configs": [{"targets": [f"127.0.0.1:{srv.http_port}"]}]}]}))
+    server = subprocess.Popen([prometheus[0], f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                               f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "prometheus.log", "wb"))
+    try:
+        def scraped() -> bool:
+            with contextlib.suppress(OSError):
+                targets = prometheus_api(port, "targets")["activeTargets"]
+                return bool(targets) and targets[0]["health"] == "up"
+            return False
+
+        wait_until(scraped, "Prometheus's first good scrape", 60)
+        whole = srv.query().GetStats(ccmon_pb2.GetStatsRequest(), metadata=tuple(metadata.items())).stats
+
+        def value(promql: str) -> dict:
+            return {tuple(sorted(found["metric"].items())): found["value"][1]
+                    for found in prometheus_api(port, "query", query=promql)["result"]}
+
+        assert value("sum(ccmon_cost_usd_total)") == {(): repr(whole.total_cost.amount)} == {(): "1.875"}
+        assert value("sum by (type) (ccmon_tokens_total)") == {
+            (("type", "input"),): str(whole.total_tokens.input), (("type", "output"),): str(whole.total_tokens.output),
+            (("type", "cache_read"),): str(whole.total_tokens.cache_read),
+            (("type", "cache_creation"),): str(whole.total_tokens.cache_creation)}
+        assert value("sum(ccmon_requests_total)") == {(): str(whole.total_requests)}
+        by_user = value("sum by (user, project) (ccmon_cost_usd_total)")
+        assert by_user == {(("project", "alpha"), ("user", "ana@example.com")): "1.75",
+                           (("project", "p" * 99 + "…"), ("user", HOSTILE_USER)): "0.125"}
+        _, exposed = web(srv.http_port, "/metrics", headers={"Authorization": f"Bearer {token}"})
+        check = subprocess.run([prometheus[1], "check", "metrics"], input=exposed, capture_output=True, timeout=60)
+        assert (check.returncode, check.stdout, check.stderr) == (0, b"", b"")
+    finally:
+        server.terminate()
+        server.wait(30)
+        srv.stop()
+
+
+@e2e
+def test_the_prometheus_docs_queries_and_alerting_rule_are_valid(prometheus, tmp_path):
+    """docs/prometheus.md: every PromQL line parses, and its alerting rule passes promtool check rules."""
+    text = (ROOT / "docs" / "prometheus.md").read_text()
+    queries = [line.split("   #")[0].strip() for block in re.findall(r"```promql\n(.*?)```", text, re.S)
+               for line in block.splitlines() if line.strip()]
+    assert len(queries) == 8
+    (rules := tmp_path / "rules.yml").write_text(re.findall(r"```yaml\n(groups:.*?)```", text, re.S)[0])
+    (recorded := tmp_path / "queries.yml").write_text(json.dumps({"groups": [{"name": "docs", "rules": [
+        {"record": f"docs:query{number}", "expr": query} for number, query in enumerate(queries)]}]}))
+    check = subprocess.run([prometheus[1], "check", "rules", str(rules), str(recorded)], capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "SUCCESS: 1 rules found" in check.stdout and f"SUCCESS: {len(queries)} rules found" in check.stdout
 
 
 # ---------------------------------------------------------------- monitor: view model and pure render functions
