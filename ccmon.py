@@ -509,6 +509,11 @@ def uuid7_ms(text: str) -> int | None:
 
 # The coding agents whose telemetry ccmon receives, by the name stored with each request (see docs/agents.md).
 CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE = "claude-code", "gemini-cli", "codex", "qwen-code"
+AGENTS = (CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE)
+# Whose local history names no id its telemetry names for the same call (Gemini CLI's chat messages, Codex's
+# rollouts; Qwen Code's embed the telemetry's response_id): within a session their telemetry wins over their
+# history, as it has calls the history lacks (Gemini's router); see docs/import.md.
+JOINED_BY_SESSION = frozenset((GEMINI_CLI, CODEX))
 
 
 def estimated_cost(model: str, input: int, output: int, cache_read: int, cache_creation: int,
@@ -2116,6 +2121,24 @@ def metrics_session(agent: str, user: str) -> str:
 # answer telemetry stored is found by a CopyWindow.)
 REQUEST_ID_KNOWN = ("EXISTS (SELECT 1 FROM requests WHERE session = ?2 AND request_id = ?R) OR EXISTS (SELECT 1 "
                     f"FROM requests WHERE request_id = ?R AND {origin_in(TRANSCRIPT_ORIGINS)})")
+# Whether the session named ?1 has telemetry of the agent named ?2 (a history row of JOINED_BY_SESSION's agents is
+# then known).
+SESSION_HAS_TELEMETRY = ("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session JOIN agents a ON a.id = r.agent "
+                         f"WHERE s.session_id = ?1 AND a.name = ?2 AND {origin_in(EVENT_ORIGINS, 'r.origin')} LIMIT 1")
+# A session's rows imported from its agent's history, which that agent's telemetry of the session replaces.
+SESSION_HISTORY_REPLACED = ("DELETE FROM requests WHERE session = (SELECT id FROM sessions WHERE session_id = ?1) AND "
+                            f"agent = (SELECT id FROM agents WHERE name = ?2) AND {origin_in(TRANSCRIPT_ORIGINS)} "
+                            "RETURNING ts")
+
+
+def joined_by_session(conn: sqlite3.Connection, rows: Iterable[tuple]) -> set[tuple[str, str]]:
+    """The (session, agent) pairs of these REQUEST_COLUMNS rows whose agent's history is joined to its telemetry by
+    session (JOINED_BY_SESSION), and whose session has that telemetry stored."""
+    agent = REQUEST_COLUMNS.index("agent")
+    pairs = {(row[1], row[agent]) for row in rows if row[agent] in JOINED_BY_SESSION}
+    return {pair for pair in pairs if conn.execute(SESSION_HAS_TELEMETRY, pair).fetchone()}
+
+
 IMPORT_CHUNK = 1000       # imported rows written in one transaction: telemetry waits for one chunk at most
 COPY_SCAN_CHUNK = 20_000  # stored rows a CopyWindow reads in one transaction
 
@@ -2401,6 +2424,9 @@ class Writer:
                 gone = conn.execute(usage, (session,)).fetchall()
                 days.update(ts - ts % DAY_MS for ts, in gone)
             if self._has_imported(conn):  # and over a transcript's copy of the same request (Claude Code's cost)
+                agent = REQUEST_COLUMNS.index("agent")
+                for pair in {(row[1], row[agent]) for row in batch.requests if row[agent] in JOINED_BY_SESSION}:
+                    days.update(ts - ts % DAY_MS for ts, in conn.execute(SESSION_HISTORY_REPLACED, pair).fetchall())
                 request_id = REQUEST_COLUMNS.index("request_id")
                 copies = (f"DELETE FROM requests WHERE request_id = ? AND {origin_in(replaced & REQUEST_ORIGINS)} "
                           "RETURNING ts")
@@ -2505,8 +2531,9 @@ class Writer:
                 conn.execute("UPDATE sessions SET project = ? WHERE id = ? AND project IS NULL",
                              (projects[session_id], session))
         user_index, request_id = REQUEST_COLUMNS.index("user"), REQUEST_COLUMNS.index("request_id")
+        agent, by_telemetry = REQUEST_COLUMNS.index("agent"), joined_by_session(conn, rows)
         with_users = [row[:user_index] + (users[row[1]],) + row[user_index + 1:] for row in rows
-                      if not window.has(row[request_id], row[0])]
+                      if not window.has(row[request_id], row[0]) and (row[1], row[agent]) not in by_telemetry]
         resolved = self._resolve(conn, "requests", REQUEST_COLUMNS, with_users)
         for row in resolved:
             row.append(row[request_id])
@@ -3080,10 +3107,13 @@ class Reader:
         window.read(conn)
         by_request_id = f"SELECT {REQUEST_ID_KNOWN.replace('?2', '(SELECT id FROM sessions WHERE session_id = ?2)')}" \
             .replace("?R", "?3")
-        request_id = REQUEST_COLUMNS.index("request_id")
+        request_id, agent = REQUEST_COLUMNS.index("request_id"), REQUEST_COLUMNS.index("agent")
+        by_telemetry = joined_by_session(conn, rows)
         for row in rows:
             ts, session_id, seq, rid = row[0], row[1], row[2], row[request_id]
-            if rid and (window.has(rid, ts) or conn.execute(by_request_id, (ts, session_id, rid)).fetchone()[0]):
+            if (session_id, row[agent]) in by_telemetry:
+                known += 1
+            elif rid and (window.has(rid, ts) or conn.execute(by_request_id, (ts, session_id, rid)).fetchone()[0]):
                 known += 1
             elif conn.execute("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session WHERE r.ts = ? AND "
                               "s.session_id = ? AND r.seq = ?", (ts, session_id, seq)).fetchone():
@@ -4917,9 +4947,12 @@ def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
     counts = (r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens)
     if not (0 <= min(counts) and max(counts) < MAX_COUNT and 0 <= r.cost_nanos <= MAX_USD * NANOS_PER_USD):
         raise BadValue(f"a token count or the cost is out of range: {counts}, {r.cost_nanos} nano-dollars")
+    if r.agent and r.agent not in AGENTS:
+        raise BadValue(f"unknown agent {r.agent!r} (known: {', '.join(AGENTS)})")
     seq = content_hash(f"{r.message_id}\0{r.request_id}".encode())
     return (r.timestamp_ms, r.session_id, seq, r.model or "unknown", "", *counts, r.cost_nanos, 0, None, None,
-            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST, CLAUDE_CODE)
+            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST,
+            r.agent or CLAUDE_CODE)
 
 
 def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
@@ -7417,6 +7450,7 @@ class TranscriptEntry:
     project: str            # cwd
     cost_usd: str | None    # costUSD, written by older Claude Code versions
     inference_geo: str = ""
+    agent: str = CLAUDE_CODE  # whose transcript or history
 
     @property
     def key(self) -> tuple[str, str]:
@@ -7491,7 +7525,129 @@ def imported_request(entry: TranscriptEntry, prices: dict[str, Price], found: Pr
         session_id=entry.session_id, timestamp_ms=entry.ts_ms, model=entry.model, input_tokens=entry.input,
         output_tokens=entry.output, cache_read_tokens=entry.cache_read, cache_creation_tokens=entry.cache_creation,
         cost_nanos=nanos, estimated=entry.cost_usd is None, request_id=entry.request_id,
-        message_id=entry.message_id, project_dir=entry.project), known
+        message_id=entry.message_id, project_dir=entry.project,
+        agent="" if entry.agent == CLAUDE_CODE else entry.agent), known
+
+
+# The other agents' local histories: one model call each, its figures named as below; each is read into ccmon's
+# kinds by the same function as the agent's telemetry (AGENT_CALLS), under its telemetry's attribute names.
+AGENT_CALL_OF = {call.agent: call for call in AGENT_CALLS.values()}
+HISTORY_TOKEN_NAMES = {GEMINI_CLI: {"input": "input_token_count", "cached": "cached_content_token_count",
+                                    "output": "output_token_count", "thoughts": "thoughts_token_count",
+                                    "tool": "tool_token_count"},
+                       CODEX: {"input_tokens": "input_token_count", "cached_input_tokens": "cached_token_count",
+                               "cache_write_input_tokens": "cache_write_token_count",
+                               "output_tokens": "output_token_count"},
+                       QWEN_CODE: {}}  # Qwen's embeds its api_response event as sent
+
+
+@dataclasses.dataclass
+class HistoryFile:
+    """What an agent's history file has told so far (the session, model and folder later lines leave out)."""
+    agent: str
+    session_id: str = ""
+    model: str = ""
+    project: str = ""
+
+
+def text_or_empty(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def history_call(file: HistoryFile, ts_text: Any, session: Any, model: Any, figures: Any, request_id: Any = "",
+                 message_id: Any = "") -> TranscriptEntry | str:
+    """One model call of an agent's history, in ccmon's kinds (or why it is skipped), as its telemetry maps it."""
+    ts, session = parse_iso_ms(ts_text), text_or_empty(session) or file.session_id
+    if not session or ts is None:
+        return "no session or time"
+    if not isinstance(figures, dict):
+        return "no usage"
+    names = HISTORY_TOKEN_NAMES[file.agent]
+    attrs = {names[key]: value for key, value in figures.items() if key in names} if names else figures
+    try:
+        counts = AGENT_CALL_OF[file.agent].tokens(attrs)
+        check_call_tokens(counts)
+    except BadValue:
+        return FIGURES_OUT_OF_RANGE
+    return TranscriptEntry(session, ts, text_or_empty(model) or file.model or "unknown", *counts, 0,
+                           text_or_empty(request_id), text_or_empty(message_id), file.project, None, agent=file.agent)
+
+
+def gemini_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | str]:
+    """A Gemini CLI chat line: its header (the session), a message, or a patch ($set) that may hold messages. A
+    model message is written again as it gains its tool calls: the importer counts its id once."""
+    if "$set" not in data and "kind" in data and "sessionId" in data:
+        file.session_id = text_or_empty(data["sessionId"])
+        return
+    patch = data.get("$set")
+    messages = patch.get("messages") if isinstance(patch, dict) else [data]
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict) and message.get("type") == "gemini" and "tokens" in message:
+            yield history_call(file, message.get("timestamp"), "", message.get("model"), message["tokens"],
+                               message_id=message.get("id"))
+
+
+def codex_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | str]:
+    """A Codex rollout line: session_meta (the conversation, its folder), turn_context (the model), or a
+    token_usage_record (one response's usage, with its response_id)."""
+    kind, payload = data.get("type"), data.get("payload")
+    if not isinstance(payload, dict):
+        return
+    if kind == "session_meta":
+        file.session_id = text_or_empty(payload.get("id")) or file.session_id
+        file.project = text_or_empty(payload.get("cwd")) or file.project
+    elif kind == "turn_context":
+        file.model = text_or_empty(payload.get("model")) or file.model
+    elif kind == "token_usage_record":
+        yield history_call(file, data.get("timestamp"), payload.get("session_id"), "", payload.get("usage"),
+                           request_id=payload.get("response_id"))
+
+
+def qwen_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | str]:
+    """A Qwen Code chat line: a ui_telemetry system line embeds its qwen-code.api_response event as sent."""
+    payload = data.get("systemPayload")
+    event = payload.get("uiEvent") if data.get("subtype") == "ui_telemetry" and isinstance(payload, dict) else None
+    if isinstance(event, dict) and event.get("event.name") == "qwen-code.api_response":
+        file.project = text_or_empty(data.get("cwd")) or file.project
+        yield history_call(file, event.get("event.timestamp") or data.get("timestamp"), data.get("sessionId"),
+                           event.get("model"), event, request_id=event.get("response_id"))
+
+
+HISTORY_READERS = {GEMINI_CLI: gemini_history, CODEX: codex_history, QWEN_CODE: qwen_history}
+
+
+def history_entries(file: HistoryFile, line: str) -> list[TranscriptEntry | str]:
+    """The calls of one line of an agent's history, and the reasons some are skipped ('not JSON', ...)."""
+    if not line.strip():
+        return []
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):
+        return ["not JSON"]
+    return list(HISTORY_READERS[file.agent](file, data)) if isinstance(data, dict) else ["not JSON"]
+
+
+def history_roots(environ: dict[str, str], home: Path) -> dict[Path, str]:
+    """Where each agent keeps its history, by agent: Claude Code's transcripts (transcript_roots), Gemini CLI's
+    chats (~/.gemini/tmp/*/chats), Codex's rollouts ($CODEX_HOME/sessions, else ~/.codex/sessions) and Qwen
+    Code's chats (~/.qwen/projects/*/chats)."""
+    codex_home = Path(environ["CODEX_HOME"]).expanduser() if environ.get("CODEX_HOME", "").strip() \
+        else home / ".codex"
+    return {**dict.fromkeys(transcript_roots(environ, home), CLAUDE_CODE), home / ".gemini" / "tmp": GEMINI_CLI,
+            codex_home / "sessions": CODEX, home / ".qwen" / "projects": QWEN_CODE}
+
+
+def history_agent(path: Path, roots: dict[Path, str]) -> str:
+    """Whose file this is: the agent of the default folder it is in, else by how each agent names its files
+    (Codex's rollout-*.jsonl, Gemini's chats/session-*.jsonl, Qwen's chats/*.jsonl; the rest are Claude Code's)."""
+    for root, agent in roots.items():
+        if path == root or root in path.parents:
+            return agent
+    if path.name.startswith("rollout-"):
+        return CODEX
+    if path.parent.name == "chats":
+        return GEMINI_CLI if path.name.startswith("session-") else QWEN_CODE
+    return CLAUDE_CODE
 
 
 def transcript_roots(environ: dict[str, str], home: Path) -> list[Path]:
@@ -7619,6 +7775,10 @@ class ImportTally:
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     unknown_models: dict[str, int] = dataclasses.field(default_factory=dict)
     problems: list[str] = dataclasses.field(default_factory=list)
+    agents: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # agent -> [files, imported, known]
+
+    def of_agent(self, agent: str) -> list[int]:
+        return self.agents.setdefault(agent, [0, 0, 0])
 
 
 def import_summary(tally: ImportTally, dry_run: bool) -> str:
@@ -7638,6 +7798,10 @@ def import_summary(tally: ImportTally, dry_run: bool) -> str:
     if tally.unknown_models:
         parts.append("unknown models counted at $0: " + ", ".join(f"{model} ({n:,})" for model, n in
                                                                    sorted(tally.unknown_models.items())))
+    if set(tally.agents) - {CLAUDE_CODE}:  # what was read of each agent, once other agents' histories were
+        parts.append("by agent: " + ", ".join(
+            f"{agent} ({plural(files, 'file')}, {imported:,} {'to import' if dry_run else 'imported'}, {known:,} known)"
+            for agent in AGENTS if agent in tally.agents for files, imported, known in [tally.agents[agent]]))
     return ("ccmon import (dry run): " if dry_run else "ccmon import: ") + "; ".join(parts)
 
 
@@ -7645,19 +7809,23 @@ class Importer:
     """Reads transcripts and sends their requests in batches; counts everything it reads for the summary."""
 
     def __init__(self, client: Client, config: Config, user: str, since_ms: int | None, dry_run: bool,
-                 progress: Any | None = None):
+                 progress: Any | None = None, roots: dict[Path, str] | None = None):
         self.client, self.user, self.since_ms, self.dry_run = client, user, since_ms, dry_run
+        self.roots = roots or {}  # the default folders, by agent (see history_agent)
+        self.histories: dict[Path, HistoryFile] = {}  # the other agents' files read
+        self.files_read: set[Path] = set()
         self.prices = config.prices
         self.tally = ImportTally()
         self.seen: set[tuple[str, str]] = set()
-        # requests to send (with the file and line they are read from), apart by whether ccmon priced them: the
-        # server's count of a batch's imported requests is then also the count of those priced by ccmon among them
-        self.pending: dict[bool, list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]]] = {True: [], False: []}
+        # requests to send (with the file and line they are read from), apart by whether ccmon priced them and by
+        # agent: the server's count of a batch's imported requests is then also the count of those priced by ccmon
+        # among them, and of that agent's
+        self.pending: dict[tuple[bool, str], list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]]] = {}
         self.prices_found: dict[str, Price | None] = {}
         self.unreadable: set[Path] = set()
         # one batch is stored while the next is read: the server and the reading run on two cores
         self.sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccmon-import")
-        self.in_flight: tuple[futures.Future, list, bool] | None = None
+        self.in_flight: tuple[futures.Future, list, tuple[bool, str]] | None = None
         self.unconfirmed = 0  # requests of the call that failed last: stored or not, the server did not say
         self.progress, self.started, self.shown = progress, time.monotonic(), 0.0
 
@@ -7669,6 +7837,13 @@ class Importer:
 
     def add(self, lines: Iterable[tuple[int, str | None, bool]], path: Path | str) -> None:
         """A file's lines, as TranscriptFiles.lines reads them."""
+        agent = history_agent(Path(path), self.roots)
+        if Path(path) not in self.files_read:
+            self.files_read.add(Path(path))
+            self.tally.of_agent(agent)[0] += 1
+        if agent != CLAUDE_CODE:
+            self.add_history(lines, path, self.histories.setdefault(Path(path), HistoryFile(agent)))
+            return
         for number, line, whole in lines:
             if line is None:
                 self.skip("line too long", f"{path}:{number}")
@@ -7682,32 +7857,48 @@ class Importer:
                     self.tally.duplicates += 1
                     continue
             found = transcript_entry(line)
-            if found is None:
+            if found is not None:
+                self.take(found, path, number)
+
+    def add_history(self, lines: Iterable[tuple[int, str | None, bool]], path: Path | str, file: HistoryFile) -> None:
+        """Another agent's history file's lines, as TranscriptFiles.lines reads them."""
+        for number, line, whole in lines:
+            if line is None:
+                self.skip("line too long", f"{path}:{number}")
                 continue
-            if isinstance(found, str):
-                self.skip(found, f"{path}:{number}" if found in NAMED_REASONS else "")
+            found = history_entries(file, line)
+            if not whole and found == ["not JSON"]:  # the agent may be writing it: read it later
+                self.skip("truncated last line", f"{path}:{number}")
                 continue
-            key = found.key if found.message_id or found.request_id else (found.session_id, str(found.ts_ms))
-            if key in self.seen:
-                self.tally.duplicates += 1
-                continue
-            self.seen.add(key)
-            if self.since_ms is not None and found.ts_ms < self.since_ms:
-                self.tally.before_since += 1
-                continue
-            if found.model not in self.prices_found:
-                self.prices_found[found.model] = price_of(found.model, self.prices)
-            request, priced = imported_request(found, self.prices, self.prices_found[found.model])
-            if request.cost_nanos > MAX_USD * NANOS_PER_USD:  # the server refuses it: more than one call can cost
-                self.skip(FIGURES_OUT_OF_RANGE, f"{path}:{number}")
-                continue
-            self.tally.entries += 1
-            if not priced:
-                self.tally.unknown_models[found.model] = self.tally.unknown_models.get(found.model, 0) + 1
-            estimated = request.estimated and priced
-            self.pending[estimated].append((request, path, number))
-            if len(self.pending[estimated]) >= IMPORT_BATCH:
-                self.send(estimated)
+            for each in found:
+                self.take(each, path, number)
+
+    def take(self, found: TranscriptEntry | str, path: Path | str, number: int) -> None:
+        """One call read (or the reason a line is skipped): counted once, sent in its batch."""
+        if isinstance(found, str):
+            self.skip(found, f"{path}:{number}" if found in NAMED_REASONS else "")
+            return
+        key = found.key if found.message_id or found.request_id else (found.session_id, str(found.ts_ms))
+        if key in self.seen:
+            self.tally.duplicates += 1
+            return
+        self.seen.add(key)
+        if self.since_ms is not None and found.ts_ms < self.since_ms:
+            self.tally.before_since += 1
+            return
+        if found.model not in self.prices_found:
+            self.prices_found[found.model] = price_of(found.model, self.prices)
+        request, priced = imported_request(found, self.prices, self.prices_found[found.model])
+        if request.cost_nanos > MAX_USD * NANOS_PER_USD:  # the server refuses it: more than one call can cost
+            self.skip(FIGURES_OUT_OF_RANGE, f"{path}:{number}")
+            return
+        self.tally.entries += 1
+        if not priced:
+            self.tally.unknown_models[found.model] = self.tally.unknown_models.get(found.model, 0) + 1
+        batch = (request.estimated and priced, found.agent)
+        self.pending.setdefault(batch, []).append((request, path, number))
+        if len(self.pending[batch]) >= IMPORT_BATCH:
+            self.send(batch)
 
     def add_file(self, files: TranscriptFiles, path: Path, final: bool) -> None:
         try:
@@ -7732,39 +7923,44 @@ class Importer:
     def flush(self, wait: bool = False) -> None:
         """Send what is read (in the background, after the batch before it is stored); with `wait`, until all is
         stored. A batch that could not be sent is kept for the next flush."""
-        for estimated in (False, True):
-            self.send(estimated)
+        for batch in list(self.pending):
+            self.send(batch)
         if wait:
             self.collect()
 
-    def send(self, estimated: bool) -> None:
-        if self.pending[estimated]:
-            batch, self.pending[estimated] = self.pending[estimated], []
+    def send(self, kind: tuple[bool, str]) -> None:
+        """Send the requests read of a kind: (priced by ccmon, agent)."""
+        if self.pending.get(kind):
+            batch, self.pending[kind] = self.pending[kind], []
             self.collect()
             self.in_flight = (self.sender.submit(self.client.import_requests, [request for request, *_ in batch],
-                                                 self.user, self.dry_run), batch, estimated)
+                                                 self.user, self.dry_run), batch, kind)
 
     def collect(self) -> None:
         if self.in_flight is None:
             return
-        future, batch, estimated = self.in_flight
+        future, batch, kind = self.in_flight
         self.in_flight = None
         try:
             try:
-                self.count(future.result(), estimated)
+                self.count(future.result(), kind)
             except ImportRefused as exc:
-                self.send_apart(batch, estimated, exc)
+                self.send_apart(batch, kind, exc)
         except ServerUnreachable:  # kept for --follow's next try: what is stored of it is then known
-            self.pending[estimated][:0] = batch
+            self.pending.setdefault(kind, [])[:0] = batch
             self.unconfirmed = len(batch)
             raise
 
-    def count(self, counts: ImportCounts, estimated: bool) -> None:
+    def count(self, counts: ImportCounts, kind: tuple[bool, str]) -> None:
+        estimated, agent = kind
         self.tally.imported += counts.imported
         self.tally.known += counts.already_known
         self.tally.estimated += counts.imported if estimated else 0
+        of_agent = self.tally.of_agent(agent)
+        of_agent[1] += counts.imported
+        of_agent[2] += counts.already_known
 
-    def send_apart(self, batch: list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]], estimated: bool,
+    def send_apart(self, batch: list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]], kind: tuple[bool, str],
                    refused: ImportRefused) -> None:
         """A batch the server refused (it stores all of a batch or nothing): sent again in halves, until each
         request it refuses is alone, and named; the others are stored."""
@@ -7776,9 +7972,9 @@ class Importer:
         for half in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
             try:
                 self.count(self.client.import_requests([request for request, *_ in half], self.user, self.dry_run),
-                           estimated)
+                           kind)
             except ImportRefused as exc:
-                self.send_apart(half, estimated, exc)
+                self.send_apart(half, kind, exc)
 
     def show_progress(self, files_total: int = 0, done: bool = False) -> None:
         if self.progress is None:
@@ -7798,13 +7994,18 @@ class Importer:
 
 
 def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
-    """ccmon import [PATH ...]: every request of Claude Code's transcripts, sent to the server once."""
+    """ccmon import [PATH ...]: every request of Claude Code's transcripts and the other agents' histories, sent to
+    the server once."""
     environ = dict(os.environ) if environ is None else environ
-    roots = [Path(p).expanduser() for p in args.paths] or transcript_roots(environ, Path.home())
+    defaults = {} if args.paths else history_roots(environ, Path.home())
+    roots = [Path(p).expanduser() for p in args.paths] or list(defaults)
     missing = [root for root in roots if not root.exists()]
     if len(missing) == len(roots):
-        print(f"ccmon import: no Claude Code transcripts in {' or '.join(map(str, roots))} (name their folder: "
-              "ccmon import PATH)", file=sys.stderr)
+        claude = [root for root in roots if defaults.get(root, CLAUDE_CODE) == CLAUDE_CODE]
+        others = [root for root in roots if root not in claude]
+        print(f"ccmon import: no Claude Code transcripts in {' or '.join(map(str, claude))}"
+              + (f" nor other agents' histories in {', '.join(map(str, others))}" if others else "")
+              + " (name their folder: ccmon import PATH)", file=sys.stderr)
         return 1
     since = parse_day(args.since, "--since")
     since_ms = ms_from_datetime(dt.datetime.combine(since, dt.time(), config.zone)) if since else None
@@ -7815,7 +8016,7 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
             signal.signal(sig, lambda *_: stop.set())
     client = Client.for_config(config, timeout_s=IMPORT_TIMEOUT_S, go_extras_empty=False)
     importer = Importer(client, config, user, since_ms, args.dry_run,
-                        sys.stderr if sys.stderr.isatty() and not args.follow else None)
+                        sys.stderr if sys.stderr.isatty() and not args.follow else None, defaults)
     files = TranscriptFiles(roots)
     for root in missing if args.paths else ():  # of the default folders, those Claude Code does not use
         importer.tally.problems.append(f"unreadable: {root} (no such file or folder)")
@@ -7931,12 +8132,14 @@ def write_pid_file(path: Path, server: RunningServer) -> None:
 
 
 def follow_transcripts(config: Config, stop: threading.Event) -> None:
-    """What `ccmon import --follow` does, inside the local server: Claude Code's transcripts read at start and
-    followed, each request stored once (joined to its telemetry by request_id). Problems are logged, never fatal."""
+    """What `ccmon import --follow` does, inside the local server: Claude Code's transcripts and the other agents'
+    histories read at start and followed, each request stored once (joined to its telemetry, see docs/import.md).
+    Problems are logged, never fatal."""
     own = client_config(dataclasses.replace(config, monitor_server_given=False))
     client = Client.for_config(own, timeout_s=IMPORT_TIMEOUT_S, go_extras_empty=False)
-    roots = transcript_roots(dict(os.environ), Path.home())
-    importer = Importer(client, config, resource_user(dict(os.environ)), None, False)
+    defaults = history_roots(dict(os.environ), Path.home())
+    roots = list(defaults)
+    importer = Importer(client, config, resource_user(dict(os.environ)), None, False, roots=defaults)
     files = TranscriptFiles(roots)
     log.info("transcripts: following %s", " and ".join(map(str, roots)))
     reported, failing = (0, 0, 0), ""

@@ -7653,6 +7653,104 @@ def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_pat
     assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_l1",), ("req_l2",), ("req_l3",)]
 
 
+# The other agents' local histories of the same runs as their gRPC captures (fixtures/<tool>/history/, under the
+# paths they have in the home folder): tool -> (agent, files, model calls in them, a model message written twice).
+# Gemini's chats leave out its router's calls; Codex's gRPC capture has a conversation without its rollout.
+AGENT_HISTORIES = {"gemini-cli-0.61.0": ("gemini-cli", 3, 4, 1), "codex-0.169.0": ("codex", 4, 5, 0),
+                   "qwen-code-0.24.4": ("qwen-code", 5, 10, 0)}
+
+
+def agent_home(tmp_path: Path, *tools: str) -> Path:
+    """A home folder holding these tools' histories."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    for tool in tools:
+        shutil.copytree(FIXTURES / tool / "history", home, dirs_exist_ok=True)
+    return home
+
+
+@pytest.mark.parametrize("tool", list(AGENT_HISTORIES))
+def test_another_agents_history_is_imported_exactly_once_priced_as_its_telemetry(server, tool, tmp_path):
+    """`ccmon import` reads Gemini CLI's chats, Codex's rollouts and Qwen Code's chats in their default folders:
+    each model call once (Gemini's message written again with its tool calls too), in ccmon's kinds as the agent's
+    telemetry maps them (the stand-in's fixed usage, to the token), priced by ccmon as the telemetry is
+    (estimated); importing again adds nothing."""
+    agent, files, calls, duplicates = AGENT_HISTORIES[tool]
+    home = agent_home(tmp_path, tool)
+    first = ccmon_import(server, home=home)
+    assert first.returncode == 0 and first.stderr == "", first
+    assert first.stdout.startswith(f"ccmon import: {files} files read; {calls} requests imported; 0 already known; "
+                                   "0 skipped"), first.stdout
+    assert first.stdout.rstrip().endswith(f"by agent: {agent} ({files} files, {calls} imported, 0 known)")
+    assert ("streaming duplicates" in first.stdout) == bool(duplicates)
+    assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
+    rows = db_rows(server.db, "SELECT a.name, r.model_name, r.cost_nanos, r.origin FROM r JOIN agents a "
+                              "ON a.id = r.agent")
+    assert {(name, cost, origin) for name, model, cost, origin in rows} == \
+        {(agent, ccmon.estimated_cost(model, *STANDIN_CALL[agent]), ccmon.ORIGIN_TRANSCRIPT)
+         for _, model, _, _ in rows}
+    assert any(cost > 0 for _, _, cost, _ in rows)  # a priced model among them
+    again = ccmon_import(server, home=home)
+    assert again.stdout.startswith(f"ccmon import: {files} files read; 0 requests imported; {calls} already known"), \
+        again.stdout
+    assert agent_totals(server)[0] == calls
+
+
+@pytest.mark.parametrize("tool", list(AGENT_HISTORIES))
+def test_another_agents_history_adds_nothing_to_its_telemetry_of_the_same_runs(server, tool, tmp_path):
+    """Joined with the telemetry of the same runs: Qwen's calls by their response_id, Gemini's and Codex's by
+    session (their histories name no id their telemetry does; the telemetry has Gemini's router calls the chats
+    lack). History imported after the telemetry adds nothing; telemetry arriving after the history replaces it."""
+    agent, files, calls, _ = AGENT_HISTORIES[tool]
+    _, telemetry_calls, _ = AGENT_CAPTURES[tool, "grpc"]
+    expected = (telemetry_calls, tuple(telemetry_calls * n for n in STANDIN_CALL[agent]),
+                telemetry_calls * STANDIN_TOTAL[agent])
+    replay(server, agent_capture(tool, "grpc"))
+    home = agent_home(tmp_path, tool)
+    after = ccmon_import(server, home=home)
+    assert after.stdout.startswith(f"ccmon import: {files} files read; 0 requests imported; {calls} already known"), \
+        after.stdout
+    assert agent_totals(server) == expected
+    assert db_rows(server.db, "SELECT COUNT(*) FROM r WHERE origin IN (2, 3)") == [(0,)]
+
+
+@pytest.mark.parametrize("tool", list(AGENT_HISTORIES))
+def test_telemetry_replaces_another_agents_history_imported_first(server, tool, tmp_path):
+    agent, files, calls, _ = AGENT_HISTORIES[tool]
+    _, telemetry_calls, _ = AGENT_CAPTURES[tool, "grpc"]
+    before = ccmon_import(server, home=agent_home(tmp_path, tool))
+    assert f"{calls} requests imported" in before.stdout, before.stdout
+    replay(server, agent_capture(tool, "grpc"))
+    assert agent_totals(server) == (telemetry_calls, tuple(telemetry_calls * n for n in STANDIN_CALL[agent]),
+                                    telemetry_calls * STANDIN_TOTAL[agent])
+    assert db_rows(server.db, "SELECT COUNT(*) FROM r WHERE origin IN (2, 3)") == [(0,)]
+
+
+def test_every_agents_history_is_read_together_and_bad_lines_are_named(server, tmp_path):
+    """One import of every agent's default folder names what it read of each; a line that is no JSON, a call whose
+    figures cannot be read and a line cut short at the end of a file are skipped and named (file:line)."""
+    home = agent_home(tmp_path, *AGENT_HISTORIES)
+    chats = home / ".qwen" / "projects" / "-home-dev-work-qwen" / "chats"
+    damaged = chats / "d8f47574-eaa5-4e1e-aada-948cf23da699.jsonl"
+    lines = damaged.read_text().splitlines()
+    bad_call = next(number for number, line in enumerate(lines) if '"input_token_count":3456' in line)
+    broken = [*lines[:bad_call], lines[bad_call].replace('"input_token_count":3456', '"input_token_count":-5'),
+              *lines[bad_call + 1:]]
+    damaged.write_text("\n".join(["{not json", *broken]) + "\n")
+    rollout = next((home / ".codex" / "sessions").rglob("rollout-*29ba*.jsonl"))
+    rollout.write_text(rollout.read_text() + '{"timestamp":"2026-12-04T15:11:24.000Z","type":"tok')
+    result = ccmon_import(server, home=home)
+    assert result.returncode == 0, result
+    assert result.stderr.splitlines() == [
+        f"ccmon import: truncated last line: {rollout}:{len(rollout.read_text().splitlines())}",
+        f"ccmon import: not JSON: {damaged}:1", f"ccmon import: figures out of range: {damaged}:{bad_call + 2}"], \
+        result.stderr
+    assert result.stdout.rstrip().endswith(
+        "by agent: gemini-cli (3 files, 4 imported, 0 known), codex (4 files, 5 imported, 0 known), "
+        "qwen-code (5 files, 9 imported, 0 known)"), result.stdout
+    assert "3 skipped (1 figures out of range, 1 not JSON, 1 truncated last line)" in result.stdout
+
+
 def test_import_into_a_server_with_a_token(tmp_path):
     srv = ServerProcess(tmp_path, "--server-token", "t0ken").start()
     try:
