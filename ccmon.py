@@ -362,6 +362,7 @@ class LimitReading:
     spend_limit: LimitWindow | None = None
     version: str = ""
     user: str = ""                 # the session's user, once its events have arrived
+    agent: str = "claude-code"     # whose limits: Claude's (the status line's), or another agent's (CLAUDE_CODE...)
 
 
 def live_window(window: LimitWindow | None, now: int) -> LimitWindow | None:
@@ -379,6 +380,7 @@ class ClaudeLimits:
     five_hour_readings: int = 0             # how many windows the capacity was calibrated from
     seven_day_capacity: int | None = None
     seven_day_readings: int = 0
+    agents: tuple[LimitReading, ...] = ()   # other agents' newest readings of their own plans' limits (Codex's)
 
     def window(self, name: str, now: int) -> LimitWindow | None:
         """The five_hour or seven_day window as last read, while it has not reset at `now`."""
@@ -510,6 +512,7 @@ def uuid7_ms(text: str) -> int | None:
 # The coding agents whose telemetry ccmon receives, by the name stored with each request (see docs/agents.md).
 CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE = "claude-code", "gemini-cli", "codex", "qwen-code"
 AGENTS = (CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE)
+LIMITS_OF = {CLAUDE_CODE: "Claude", GEMINI_CLI: "Gemini", CODEX: "Codex", QWEN_CODE: "Qwen"}  # whose plan's limits
 # Whose local history names no id its telemetry names for the same call (Gemini CLI's chat messages, Codex's
 # rollouts; Qwen Code's embed the telemetry's response_id): within a session their telemetry wins over their
 # history, as it has calls the history lacks (Gemini's router); see docs/import.md.
@@ -631,6 +634,7 @@ class UsageSeries:
     bucket: str                             # hour, day or week
     points: tuple[SeriesPoint, ...] = ()
     readings: tuple[LimitReading, ...] = ()
+    agent_readings: tuple[LimitReading, ...] = ()  # other agents' of their own plans' limits (Codex's), by agent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -710,6 +714,7 @@ class ImportCounts:
     """What importing requests from transcripts did (or, in a dry run, would do)."""
     imported: int
     already_known: int
+    readings: int = 0  # other agents' limit readings stored
 
 
 # ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
@@ -772,6 +777,15 @@ def reading_problem(reading: LimitReading, now: int) -> str:
         if window is not None and not 0 < window.resets_ms <= now + READING_HORIZON_MS:
             return f"{name}.resets_at is not within {READING_HORIZON_MS // DAY_MS} days"
     return ""
+
+
+def agent_reading_problem(reading: LimitReading, now: int) -> str:
+    """What makes another agent's limit reading (read from its history) impossible, or ''."""
+    if reading.agent not in AGENTS or reading.agent == CLAUDE_CODE:
+        return f"not another agent's ({', '.join(AGENTS[1:])}): Claude's come from its status line"
+    if not reading.session_id:
+        return "a reading needs its session_id"
+    return reading_problem(reading, now)
 
 
 def claude_window_key(resets_ms: int) -> int:
@@ -1788,12 +1802,19 @@ def record_agents(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX requests_estimated ON requests(session) WHERE origin >= 4")
 
 
+def mark_reading_agents(conn: sqlite3.Connection) -> None:
+    """Version 9: a limit reading names whose limits it reads: Claude's, from Claude Code's status line (every
+    stored reading, id 1, the default), or another agent's plan (Codex's 5-hour and weekly windows in its
+    rollouts). Claude's limit figures, blocks and alerts read Claude's alone."""
+    conn.execute("ALTER TABLE limit_readings ADD COLUMN agent INTEGER NOT NULL DEFAULT 1")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
                                                           keep_limit_readings, count_imported_requests,
                                                           find_request_ids_within_sessions, count_receipts,
-                                                          record_agents]
+                                                          record_agents, mark_reading_agents]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -2042,8 +2063,9 @@ INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attri
                          "agent": ("agents", "name")},
             "events": SHARED, "metric_points": SHARED}
 READING_COLUMNS = ("ts", "session", "project", "model", "context_percent", "five_hour_percent", "five_hour_resets",
-                   "seven_day_percent", "seven_day_resets", "spend_limit", "version")
+                   "seven_day_percent", "seven_day_resets", "spend_limit", "version", "agent")
 RETENTION_TABLES = ("requests", "events", "metric_points", "limit_readings")
+CLAUDE_AGENT_ID = 1  # Claude Code's id in `agents` (record_agents): Claude's own limit readings are its
 SWEEP_CHUNK = 5000
 COPY_WINDOW_MS = 10 * 60_000  # a telemetry event and the transcript line of the same answer are this close
 # A record with no time at all is stored at the time received, where a re-send of it would be a new key (ts,
@@ -2285,16 +2307,27 @@ class Writer:
         except futures.TimeoutError:
             raise StorageUnavailable("the database did not commit in time") from None
 
-    def _insert_reading(self, conn: sqlite3.Connection, reading: LimitReading) -> None:
+    def record_agent_readings(self, readings: list[LimitReading], timeout: float = 60.0) -> int:
+        """Store other agents' limit readings read from their histories durably; one stored already (its session,
+        agent and time) is skipped. How many were new."""
+        return self._job(lambda conn: sum(self._insert_reading(conn, reading) for reading in readings), timeout)
+
+    def _insert_reading(self, conn: sqlite3.Connection, reading: LimitReading) -> bool:
         session = self._intern(conn, "sessions", "session_id", reading.session_id)
+        agent = self._intern(conn, "agents", "name", reading.agent)
+        if reading.agent != CLAUDE_CODE and conn.execute(
+                "SELECT 1 FROM limit_readings WHERE session = ? AND ts = ? AND agent = ?",
+                (session, reading.read_ms, agent)).fetchone():
+            return False  # read again from the same history
         windows = [(w.percent, w.resets_ms) if w else (None, None) for w in (reading.five_hour, reading.seven_day)]
         spend = json.dumps(dataclasses.asdict(reading.spend_limit)) if reading.spend_limit else None
         conn.execute(f"INSERT INTO limit_readings ({', '.join(READING_COLUMNS)}) VALUES "
                      f"({', '.join('?' * len(READING_COLUMNS))})",
                      (reading.read_ms, session, reading.project or None, reading.model or None,
-                      reading.context_percent, *windows[0], *windows[1], spend, reading.version or None))
+                      reading.context_percent, *windows[0], *windows[1], spend, reading.version or None, agent))
         if reading.project:
             conn.execute("UPDATE sessions SET project = ? WHERE id = ? AND project IS NULL", (reading.project, session))
+        return True
 
     def _write_loop(self) -> None:
         while True:
@@ -2961,13 +2994,14 @@ class Reader:
         return row[0] if row else None
 
     def readings(self, user: str | None, since_ms: int, until_ms: int, limit: int = 1,
-                 with_limits: bool = False) -> list[LimitReading]:
+                 with_limits: bool = False, agent: str = CLAUDE_CODE) -> list[LimitReading]:
         """Status line readings of `user`'s sessions (or everyone's), newest first; with_limits: only those with
-        a 5-hour or weekly window of Claude's."""
+        a 5-hour or weekly window of Claude's. Of another agent: the readings of its own plan's limits."""
         chosen = self._of_user(user)
         if chosen is None:
             return []
         of_user, params = chosen
+        of_user, params = " AND lr.agent = (SELECT id FROM agents WHERE name = ?)" + of_user, (agent, *params)
         if with_limits:
             of_user += " AND (lr.five_hour_percent IS NOT NULL OR lr.seven_day_percent IS NOT NULL)"
         rows = self._reader().execute(
@@ -2980,7 +3014,8 @@ class Reader:
         return [LimitReading(sid, ts, project or "", model or "", context,
                              LimitWindow(five, five_resets) if five is not None else None,
                              LimitWindow(seven, seven_resets) if seven is not None else None,
-                             LimitWindow(**json.loads(spend)) if spend else None, version or "", users[sid] or "")
+                             LimitWindow(**json.loads(spend)) if spend else None, version or "", users[sid] or "",
+                             agent)
                 for sid, ts, project, model, context, five, five_resets, seven, seven_resets, spend, version in rows]
 
     def _of_user(self, user: str | None) -> tuple[str, tuple] | None:
@@ -3001,7 +3036,8 @@ class Reader:
         where, params = chosen
         resets = self._reader().execute(
             f"SELECT DISTINCT lr.five_hour_resets FROM limit_readings lr WHERE lr.ts >= ? AND lr.ts < ? "
-            f"AND lr.five_hour_resets > ? AND lr.five_hour_resets < ?{where} ORDER BY 1",
+            f"AND lr.five_hour_resets > ? AND lr.five_hour_resets < ? AND lr.agent = {CLAUDE_AGENT_ID}{where} "
+            "ORDER BY 1",
             (start_ms - BLOCK_MS, end_ms + BLOCK_MS, start_ms, end_ms + BLOCK_MS, *params)).fetchall()
         windows: list[tuple[int, int]] = []
         for reset, in resets:
@@ -3019,7 +3055,7 @@ class Reader:
                 "JOIN users u ON u.id = (SELECT su.user FROM session_usage su WHERE su.session = lr.session "
                 "ORDER BY su.last_ts DESC LIMIT 1) "  # the session's latest user, looked up by its key
                 "JOIN sessions s ON s.id = lr.session "
-                f"WHERE lr.ts > ? AND lr.ts <= ? AND lr.{column}_resets > ? "
+                f"WHERE lr.ts > ? AND lr.ts <= ? AND lr.{column}_resets > ? AND lr.agent = {CLAUDE_AGENT_ID} "
                 "ORDER BY lr.ts DESC, lr.id DESC", (at_ms - span, at_ms, at_ms))
             for user, session_id, read_ms, percent, resets in rows:
                 found.setdefault(user, {}).setdefault(column, LimitReading(
@@ -4909,7 +4945,8 @@ def reading_message(reading: LimitReading) -> ccmon_pb2.LimitReading:
     message = ccmon_pb2.LimitReading(
         session_id=reading.session_id, read_at=timestamp_from_ms(reading.read_ms), project_dir=reading.project,
         model=reading.model, five_hour=window_message(reading.five_hour), seven_day=window_message(reading.seven_day),
-        spend_limit=window_message(reading.spend_limit), claude_code_version=reading.version, user=reading.user)
+        spend_limit=window_message(reading.spend_limit), claude_code_version=reading.version, user=reading.user,
+        agent="" if reading.agent == CLAUDE_CODE else reading.agent)
     if reading.context_percent is not None:
         message.context_percent = reading.context_percent
     return message
@@ -4928,7 +4965,8 @@ def reading_of(message: ccmon_pb2.LimitReading) -> LimitReading:
     return LimitReading(message.session_id, ms_of(message.read_at), message.project_dir, message.model,
                         message.context_percent if message.HasField("context_percent") else None,
                         window_of(message, "five_hour"), window_of(message, "seven_day"),
-                        window_of(message, "spend_limit"), message.claude_code_version, message.user)
+                        window_of(message, "spend_limit"), message.claude_code_version, message.user,
+                        message.agent or CLAUDE_CODE)
 
 
 def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost) -> Usage:
@@ -5107,11 +5145,13 @@ def series_point_message(point: SeriesPoint) -> ccmon_pb2.SeriesPoint:
 def usage_series_of(response: ccmon_pb2.GetSeriesResponse) -> UsageSeries:
     return UsageSeries(response.bucket,
                        tuple(SeriesPoint(ms_of(p.start_time), p.group, split_from_stats(p.stats)) for p in response.points),
-                       tuple(reading_of(r) for r in response.readings))
+                       tuple(reading_of(r) for r in response.readings),
+                       tuple(reading_of(r) for r in response.agent_readings))
 
 
 def import_counts_message(counts: ImportCounts) -> ccmon_pb2.ImportRequestsResponse:
-    return ccmon_pb2.ImportRequestsResponse(imported=counts.imported, already_known=counts.already_known)
+    return ccmon_pb2.ImportRequestsResponse(imported=counts.imported, already_known=counts.already_known,
+                                            readings=counts.readings)
 
 
 
@@ -5282,7 +5322,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         if not reading.session_id or zone is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a reading needs its session_id, and a known timezone")
         now = now_ms()
-        reading = dataclasses.replace(reading, read_ms=min(reading.read_ms or now, now))
+        reading = dataclasses.replace(reading, read_ms=min(reading.read_ms or now, now), agent=CLAUDE_CODE)
         problem = reading_problem(reading, now)
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a reading Claude Code gives: {problem}")
@@ -5322,6 +5362,9 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             tokens, count = window_capacity(samples)
             if tokens is not None:
                 getattr(response, field).CopyFrom(ccmon_pb2.WindowCapacity(tokens=tokens, readings=count))
+        for agent in AGENTS[1:]:  # their own plans' limits: the newest reading of the past week
+            newest = self.reader.readings(user, now - 7 * DAY_MS, now, with_limits=True, agent=agent)
+            response.agents.extend(map(reading_message, newest))
         return response
 
     def GetSeries(self, request, context):
@@ -5346,8 +5389,11 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
                           f"{request.bucket}s: ask for a shorter period or a larger bucket")
         points = self.reader.series(starts, start, end, request.group_by, self._user(request), self._project(request))
         readings = self.reader.readings(self._user(request), start, end - 1, MAX_SERIES_READINGS, with_limits=True)
+        others = [reading for agent in AGENTS[1:] for reading in reversed(self.reader.readings(
+            self._user(request), start, end - 1, MAX_SERIES_READINGS, with_limits=True, agent=agent))]
         return ccmon_pb2.GetSeriesResponse(bucket=request.bucket, points=map(series_point_message, points),
-                                           readings=map(reading_message, reversed(readings)))
+                                           readings=map(reading_message, reversed(readings)),
+                                           agent_readings=map(reading_message, others))
 
     def ImportRequests(self, request, context):
         if len(request.requests) > MAX_IMPORT_ROWS:
@@ -5356,6 +5402,11 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             rows = [imported_row(r) for r in request.requests]
         except BadValue as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an imported request is not valid: {exc}")
+        readings = [reading_of(r) for r in request.readings]
+        problem = next((f"{reading.agent}: {problem}" for reading in readings
+                        for problem in [agent_reading_problem(reading, now_ms())] if problem), "")
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an imported limit reading is not valid: {problem}")
         if request.dry_run:
             known = self.reader.known_requests(rows)
             return import_counts_message(ImportCounts(len(rows) - known, known))
@@ -5364,7 +5415,9 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             if r.project_dir:
                 projects.setdefault(r.session_id, r.project_dir)
         try:
-            counts = self.writer.import_requests(rows, projects, request.user)
+            counts = self.writer.import_requests(rows, projects, request.user) if rows else ImportCounts(0, 0)
+            if readings:
+                counts = dataclasses.replace(counts, readings=self.writer.record_agent_readings(readings))
         except StorageUnavailable as exc:  # ImportInterrupted says what is stored: sending again finds it known
             context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the requests right now ({exc})")
         return import_counts_message(counts)
@@ -5768,18 +5821,20 @@ class Client:
         return StatusLineFigures(split_from_stats(response.session) if response.HasField("session") else None,
                                  split_from_stats(response.today) if response.HasField("today") else None)
 
-    def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False) \
-            -> ImportCounts:
-        """Send requests read from transcripts; with dry_run, nothing is stored: the counts say what would be.
-        Raises ImportRefused, with the server's whole reason, when it refuses one of them (it then stores none)."""
-        request = ccmon_pb2.ImportRequestsRequest(requests=rows, user=user, dry_run=dry_run)
+    def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False,
+                        readings: Iterable[LimitReading] = ()) -> ImportCounts:
+        """Send requests read from transcripts (and other agents' limit readings read from their histories); with
+        dry_run, nothing is stored: the counts say what would be. Raises ImportRefused, with the server's whole
+        reason, when it refuses one of them (it then stores none)."""
+        request = ccmon_pb2.ImportRequestsRequest(requests=rows, user=user, dry_run=dry_run,
+                                                  readings=map(reading_message, readings))
         try:
             response = self._invoke("ImportRequests", request)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ImportRefused(exc.details() or "") from None
             response = self._failed("ImportRequests", exc)
-        return ImportCounts(response.imported, response.already_known)
+        return ImportCounts(response.imported, response.already_known, response.readings)
 
     def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None,
                project: str | None = None) -> tuple[UsageBlock, ...]:
@@ -5794,7 +5849,8 @@ class Client:
             reading_of(response.five_hour_now) if response.HasField("five_hour_now") else None,
             reading_of(response.seven_day_now) if response.HasField("seven_day_now") else None,
             response.five_hour.tokens if response.HasField("five_hour") else None, response.five_hour.readings,
-            response.seven_day.tokens if response.HasField("seven_day") else None, response.seven_day.readings)
+            response.seven_day.tokens if response.HasField("seven_day") else None, response.seven_day.readings,
+            tuple(map(reading_of, response.agents)))
 
     def latest_reading(self) -> LimitReading | None:
         """The newest status line reading of anyone's (of the last 30 days), None when there is none."""
@@ -6868,8 +6924,8 @@ USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens"
                 "total_tokens", "cost_usd")
 
 
-LIMIT_FIELDS = ("read_at", "user", "session_id", "five_hour_percent", "five_hour_resets", "seven_day_percent",
-                "seven_day_resets")
+LIMIT_FIELDS = ("limits", "read_at", "user", "session_id", "five_hour_percent", "five_hour_resets",
+                "seven_day_percent", "seven_day_resets")
 
 
 def usage_fields(usage: Usage) -> dict[str, Any]:
@@ -6912,7 +6968,8 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                 user: str | None, project: str | None = None) -> list[dict[str, Any]]:
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float)."""
     if kind == "limits":  # the series' readings; by week, as its points are not shown: the fewest of them
-        return [limit_fields(reading, zone) for reading in client.series(start, end, "week", zone.key, user=user).readings]
+        series = client.series(start, end, "week", zone.key, user=user)
+        return [limit_fields(reading, zone) for reading in series.readings + series.agent_readings]
     if kind == "project":  # '' is the sessions without a project
         return [{"project": p.project, "sessions": p.sessions, **usage_fields(p.split.total),
                  "premium_requests": p.split.premium.requests,
@@ -6952,14 +7009,15 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
 
 
 def limit_fields(reading: LimitReading, zone: ZoneInfo) -> dict[str, Any]:
-    """A reading of Claude's limits as a report row: times local, a window it did not have as None."""
+    """A reading of Claude's limits (or another agent's plan's: Codex's) as a report row, named by whose limits
+    they are: times local, a window it did not have as None."""
     def local(ms: int, spec: str) -> str:
         return dt.datetime.fromtimestamp(ms / 1000, zone).isoformat(timespec=spec)
 
     figures = [(window.percent, local(window.resets_ms, "minutes")) if window else (None, None)
                for window in (reading.five_hour, reading.seven_day)]
-    return dict(zip(LIMIT_FIELDS, (local(reading.read_ms, "seconds"), reading.user, reading.session_id,
-                                   *figures[0], *figures[1])))
+    return dict(zip(LIMIT_FIELDS, (LIMITS_OF[reading.agent], local(reading.read_ms, "seconds"), reading.user,
+                                   reading.session_id, *figures[0], *figures[1])))
 
 
 def report_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -7121,7 +7179,8 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
                         + (f", project {args.project}" if args.project else "")))
         print(report_table(rows, totals, None if args.wide else REPORT_WIDTH, args.chart,
                            args.chart is not None and utf8_locale(),
-                           "no readings of Claude's limits in this period (ccmon statusline stores them)"
+                           "no readings of Claude's limits, nor of Codex's, in this period (ccmon statusline stores "
+                           "Claude's, ccmon import Codex's)"
                            if args.kind == "limits" else "no usage in this period"))
     return 0
 
@@ -7587,9 +7646,20 @@ def gemini_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | 
                                message_id=message.get("id"))
 
 
-def codex_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | str]:
-    """A Codex rollout line: session_meta (the conversation, its folder), turn_context (the model), or a
-    token_usage_record (one response's usage, with its response_id)."""
+def codex_limit_window(window: Any) -> LimitWindow | None:
+    """One of Codex's rate_limits windows ({used_percent, window_minutes, resets_at: seconds}), or None."""
+    if not isinstance(window, dict):
+        return None
+    percent, resets = window.get("used_percent"), window.get("resets_at")
+    if type(percent) not in (int, float) or type(resets) is not int:
+        return None
+    return LimitWindow(float(percent), resets * 1000)
+
+
+def codex_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | LimitReading | str]:
+    """A Codex rollout line: session_meta (the conversation, its folder), turn_context (the model), a
+    token_usage_record (one response's usage, with its response_id), or a token_count event, whose rate_limits
+    are Codex's plan's own: its primary (5-hour) and secondary (weekly) windows."""
     kind, payload = data.get("type"), data.get("payload")
     if not isinstance(payload, dict):
         return
@@ -7601,6 +7671,12 @@ def codex_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | s
     elif kind == "token_usage_record":
         yield history_call(file, data.get("timestamp"), payload.get("session_id"), "", payload.get("usage"),
                            request_id=payload.get("response_id"))
+    elif kind == "event_msg" and payload.get("type") == "token_count" and isinstance(payload.get("rate_limits"), dict):
+        limits, ts = payload["rate_limits"], parse_iso_ms(data.get("timestamp"))
+        five_hour, seven_day = codex_limit_window(limits.get("primary")), codex_limit_window(limits.get("secondary"))
+        if file.session_id and ts is not None and (five_hour or seven_day):
+            yield LimitReading(file.session_id, ts, file.project, file.model, five_hour=five_hour,
+                               seven_day=seven_day, agent=CODEX)
 
 
 def qwen_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | str]:
@@ -7616,7 +7692,7 @@ def qwen_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | st
 HISTORY_READERS = {GEMINI_CLI: gemini_history, CODEX: codex_history, QWEN_CODE: qwen_history}
 
 
-def history_entries(file: HistoryFile, line: str) -> list[TranscriptEntry | str]:
+def history_entries(file: HistoryFile, line: str) -> list[TranscriptEntry | LimitReading | str]:
     """The calls of one line of an agent's history, and the reasons some are skipped ('not JSON', ...)."""
     if not line.strip():
         return []
@@ -7776,6 +7852,7 @@ class ImportTally:
     unknown_models: dict[str, int] = dataclasses.field(default_factory=dict)
     problems: list[str] = dataclasses.field(default_factory=list)
     agents: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # agent -> [files, imported, known]
+    readings: int = 0       # other agents' limit readings stored
 
     def of_agent(self, agent: str) -> list[int]:
         return self.agents.setdefault(agent, [0, 0, 0])
@@ -7798,6 +7875,8 @@ def import_summary(tally: ImportTally, dry_run: bool) -> str:
     if tally.unknown_models:
         parts.append("unknown models counted at $0: " + ", ".join(f"{model} ({n:,})" for model, n in
                                                                    sorted(tally.unknown_models.items())))
+    if tally.readings:
+        parts.append(f"{plural(tally.readings, 'limit reading')} of Codex stored")
     if set(tally.agents) - {CLAUDE_CODE}:  # what was read of each agent, once other agents' histories were
         parts.append("by agent: " + ", ".join(
             f"{agent} ({plural(files, 'file')}, {imported:,} {'to import' if dry_run else 'imported'}, {known:,} known)"
@@ -7814,6 +7893,7 @@ class Importer:
         self.roots = roots or {}  # the default folders, by agent (see history_agent)
         self.histories: dict[Path, HistoryFile] = {}  # the other agents' files read
         self.files_read: set[Path] = set()
+        self.readings: list[LimitReading] = []  # other agents' limit readings, sent at each flush
         self.prices = config.prices
         self.tally = ImportTally()
         self.seen: set[tuple[str, str]] = set()
@@ -7873,8 +7953,12 @@ class Importer:
             for each in found:
                 self.take(each, path, number)
 
-    def take(self, found: TranscriptEntry | str, path: Path | str, number: int) -> None:
-        """One call read (or the reason a line is skipped): counted once, sent in its batch."""
+    def take(self, found: TranscriptEntry | LimitReading | str, path: Path | str, number: int) -> None:
+        """One call read (or an agent's limit reading, or the reason a line is skipped): counted once, sent in its
+        batch."""
+        if isinstance(found, LimitReading):
+            self.readings.append(found)
+            return
         if isinstance(found, str):
             self.skip(found, f"{path}:{number}" if found in NAMED_REASONS else "")
             return
@@ -7927,6 +8011,10 @@ class Importer:
             self.send(batch)
         if wait:
             self.collect()
+        if self.readings and not self.dry_run:  # with the requests they come with stored first
+            self.collect()
+            self.tally.readings += self.client.import_requests([], self.user, readings=self.readings).readings
+            self.readings = []
 
     def send(self, kind: tuple[bool, str]) -> None:
         """Send the requests read of a kind: (priced by ccmon, agent)."""
@@ -9110,11 +9198,12 @@ MIN_CALIBRATION_READINGS = 3    # a capacity from fewer readings is not projecte
                                 # odd one aside
 
 
-def limit_gauge_lines(snap: Snapshot, screen: Screen, most: int = 3) -> list[Line]:
-    """The block and week panel, one line a figure: the block, the recent pace and where it leads, the week. While
-    a reading of Claude's own window is live its gauge is Claude's share, with ccmon's count beside it as support;
-    else ccmon's count against the limit, which says where it comes from. With room for fewer than 3 lines
-    (`most`), the pace goes first, then the week."""
+def limit_gauge_lines(snap: Snapshot, screen: Screen, most: int = 4) -> list[Line]:
+    """The block and week panel, one line a figure: the block, the recent pace and where it leads, the week, and
+    other agents' own plans' limits (Codex's) while a reading of them is live. While a reading of Claude's own
+    window is live its gauge is Claude's share, with ccmon's count beside it as support; else ccmon's count against
+    the limit, which says where it comes from. With room for fewer lines (`most`), the other agents' go first,
+    then the pace, then the week."""
     limits = snap.limits
     if limits is None or snap.query.limits is None or most <= 0:
         return []
@@ -9135,8 +9224,26 @@ def limit_gauge_lines(snap: Snapshot, screen: Screen, most: int = 3) -> list[Lin
         pace = projection_line(limits, status, settings, screen.width)
     if settings.block_mode is not None or settings.weekly_limit or limits.claude.window("seven_day", now):
         week = weekly_line(limits, screen, alert_at)
-    kept = [line for line in (block, week, pace) if line is not None][:most]
-    return [line for line in (block, pace, week) if any(line is one for one in kept)]
+    agents = [line for line in (agent_limits_line(reading, screen) for reading in limits.claude.agents) if line]
+    kept = [line for line in (block, week, pace, *agents) if line is not None][:most]
+    return [line for line in (block, pace, week, *agents) if any(line is one for one in kept)]
+
+
+def agent_limits_line(reading: LimitReading, screen: Screen) -> Line | None:
+    """Another agent's own plan's limits as last read (Codex's: 'Codex 5h    ##....  12.5%, resets 14:17; week 34%,
+    resets Fri 10:00 (read 3 min ago)'), while a window of it has not reset; Claude's alerts never count it."""
+    five, week = live_window(reading.five_hour, screen.now), live_window(reading.seven_day, screen.now)
+    shown = five or week
+    if shown is None:
+        return None
+    zone, age = screen.settings.zone, reading_age(reading.read_ms, screen.now)
+    parts: list[str | tuple[str, ...]] = [f" {format_percent(shown.percent):>4}",
+                                          f", resets {reset_time(shown.resets_ms, screen.now, zone)}"]
+    if five and week:
+        parts.append(f"; week {format_percent(week.percent)}, resets {reset_time(week.resets_ms, screen.now, zone)}")
+    parts.append((f" (read {age})", f" ({age})"))
+    return gauge_line(f"{LIMITS_OF[reading.agent]} {'5h' if five else 'week'}", shown.percent / 100,
+                      level_style(shown.percent / 100), parts, screen)
 
 
 def gauge_line(label: str, fraction: float, style: str, parts: list[str | tuple[str, ...]], screen: Screen) -> Line:
@@ -9654,7 +9761,7 @@ def lines_above_the_table(tab: Tab, snap: Snapshot, state: ViewState, screen: Sc
     """The tab's summary and the block/week panel, as much of them as leaves the tab's table TABLE_ROWS_FIRST data
     rows (below its title, header and total): the panel first shrinks to one line, then the summary to one,
     then the panel steps aside."""
-    for panel_rows, compact in ((3, False), (1, False), (1, True), (0, True)):
+    for panel_rows, compact in ((4, False), (3, False), (1, False), (1, True), (0, True)):
         panel = limit_gauge_lines(snap, screen, panel_rows)
         summary = tab.summary(snap, state, dataclasses.replace(screen, rows=screen.rows - len(panel)), compact) \
             if tab.summary else []

@@ -4510,31 +4510,33 @@ def test_report_limits_lists_claudes_readings_as_table_json_and_csv(server, tmp_
         return ccmon.dt.datetime.fromtimestamp(ms / 1000, tokyo).isoformat(timespec=spec)
     report = json.loads(run_report(server, "limits", "--json", cwd=tmp_path).stdout)
     assert (report["report"], report["rows"], report["totals"]) == ("limits", [  # oldest first, as daily and blocks
-        {"read_at": local(now - 7200_000, "seconds"), "user": "ana@example.com", "session_id": "s-ana-1",
+        {"limits": "Claude", "read_at": local(now - 7200_000, "seconds"), "user": "ana@example.com",
+         "session_id": "s-ana-1",
          "five_hour_percent": 42.0, "five_hour_resets": local(now + 3600_000), "seven_day_percent": 12.5,
          "seven_day_resets": local(now + 3 * 86400_000)},
-        {"read_at": local(now - 1800_000, "seconds"), "user": "bo@example.com", "session_id": "s-bo-1",
+        {"limits": "Claude", "read_at": local(now - 1800_000, "seconds"), "user": "bo@example.com",
+         "session_id": "s-bo-1",
          "five_hour_percent": None, "five_hour_resets": None, "seven_day_percent": 80.0,
          "seven_day_resets": local(now + 86400_000)}], {})
     assert run_report(server, "limits", "--csv", cwd=tmp_path).stdout.splitlines() == [
-        "read_at,user,session_id,five_hour_percent,five_hour_resets,seven_day_percent,seven_day_resets",
-        f"{local(now - 7200_000, 'seconds')},ana@example.com,s-ana-1,42.0,{local(now + 3600_000)},12.5,"
+        "limits,read_at,user,session_id,five_hour_percent,five_hour_resets,seven_day_percent,seven_day_resets",
+        f"Claude,{local(now - 7200_000, 'seconds')},ana@example.com,s-ana-1,42.0,{local(now + 3600_000)},12.5,"
         f"{local(now + 3 * 86400_000)}",
-        f"{local(now - 1800_000, 'seconds')},bo@example.com,s-bo-1,,,80.0,{local(now + 86400_000)}"]
+        f"Claude,{local(now - 1800_000, 'seconds')},bo@example.com,s-bo-1,,,80.0,{local(now + 86400_000)}"]
     table = run_report(server, "limits", cwd=tmp_path).stdout.splitlines()
     minutes = lambda ms: local(ms)[:16].replace("T", " ")  # noqa: E731
     assert table[1:] == [
-        "read              user             session   5h  5h_resets          week  week_resets",
-        "----------------  ---------------  -------  ---  ----------------  -----  ----------------",
-        f"{minutes(now - 7200_000)}  ana@example.com  s-ana-1  42%  {minutes(now + 3600_000)}  12.5%  "
+        "limits  read              user             session   5h  5h_resets          week  week_resets",
+        "------  ----------------  ---------------  -------  ---  ----------------  -----  ----------------",
+        f"Claude  {minutes(now - 7200_000)}  ana@example.com  s-ana-1  42%  {minutes(now + 3600_000)}  12.5%  "
         f"{minutes(now + 3 * 86400_000)}",
-        f"{minutes(now - 1800_000)}  bo@example.com   s-bo-1     -  -                   80%  "
+        f"Claude  {minutes(now - 1800_000)}  bo@example.com   s-bo-1     -  -                   80%  "
         f"{minutes(now + 86400_000)}"]
     only_bo = json.loads(run_report(server, "limits", "--user", "bo@example.com", "--json", cwd=tmp_path).stdout)
     assert [row["session_id"] for row in only_bo["rows"]] == ["s-bo-1"]
     none = run_report(server, "limits", "--since", "2026-01-01", "--until", "2026-01-31", cwd=tmp_path)
-    assert none.stdout.splitlines()[1:] == ["no readings of Claude's limits in this period (ccmon statusline stores "
-                                            "them)"]
+    assert none.stdout.splitlines()[1:] == ["no readings of Claude's limits, nor of Codex's, in this period (ccmon "
+                                            "statusline stores Claude's, ccmon import Codex's)"]
     assert run_report(server, "limits", "--since", "2026-01-01", "--until", "2026-01-31", "--csv",
                       cwd=tmp_path).stdout == ",".join(ccmon.LIMIT_FIELDS) + "\n"
 
@@ -7749,6 +7751,60 @@ def test_every_agents_history_is_read_together_and_bad_lines_are_named(server, t
         "by agent: gemini-cli (3 files, 4 imported, 0 known), codex (4 files, 5 imported, 0 known), "
         "qwen-code (5 files, 9 imported, 0 known)"), result.stdout
     assert "3 skipped (1 figures out of range, 1 not JSON, 1 truncated last line)" in result.stdout
+
+
+# Codex's plan's limits in its newest rollout's token_count event (the TUI run's), as the stand-in's x-codex-*
+# headers gave them: each run's resets are 5 hours and a week after it.
+CODEX_PRIMARY = ccmon.LimitWindow(12.5, 1796400740_000)    # 5 hours
+CODEX_SECONDARY = ccmon.LimitWindow(34.0, 1796483540_000)  # a week
+
+
+def test_codexs_own_limits_are_read_from_its_rollouts_and_shown_apart_from_claudes(server, tmp_path):
+    """Each token_count event of a rollout is a reading of Codex's limits (primary: 5 hours, secondary: weekly):
+    stored once as Codex's, answered by GetLimits and listed by `report limits` as Codex's, never as Claude's."""
+    home = agent_home(tmp_path, "codex-0.169.0")
+    first = ccmon_import(server, home=home)
+    assert "; 5 limit readings of Codex stored; " in first.stdout, first.stdout
+    again = ccmon_import(server, home=home)
+    assert "limit reading" not in again.stdout, again.stdout
+    assert db_rows(server.db, "SELECT a.name, COUNT(*), MIN(five_hour_percent), MAX(five_hour_resets), "
+                              "MIN(seven_day_percent), MAX(seven_day_resets) FROM limit_readings lr JOIN agents a "
+                              "ON a.id = lr.agent GROUP BY 1") == \
+        [("codex", 5, 12.5, CODEX_PRIMARY.resets_ms, 34.0, CODEX_SECONDARY.resets_ms)]
+    answer = server.query().GetLimits(ccmon_pb2.GetLimitsRequest(at=ts("2026-12-04T15:13:00Z")))
+    assert not answer.HasField("latest") and not answer.HasField("five_hour_now") \
+        and not answer.HasField("seven_day_now")  # Claude's figures know nothing of Codex's
+    assert [(r.agent, r.session_id, ccmon.window_of(r, "five_hour"), ccmon.window_of(r, "seven_day"))
+            for r in answer.agents] == [("codex", "01a2419c-f77d-7560-a635-0779905e56e1", CODEX_PRIMARY,
+                                         CODEX_SECONDARY)]  # the newest
+    report = json.loads(run_report(server, "limits", "--since", "2026-12-04", "--until", "2026-12-05", "--json",
+                                   cwd=tmp_path).stdout)
+    assert [(row["limits"], row["five_hour_percent"], row["seven_day_percent"]) for row in report["rows"]] == \
+        [("Codex", 12.5, 34.0)] * 5
+    refused = server.query().ImportRequests.with_call  # a client cannot pass Claude's readings off as an import
+    with pytest.raises(grpc.RpcError) as failure:
+        refused(ccmon_pb2.ImportRequestsRequest(readings=[ccmon.reading_message(
+            ccmon.LimitReading("s-1", ccmon.now_ms(), five_hour=ccmon.LimitWindow(50.0, ccmon.now_ms() + 60_000)))]))
+    assert failure.value.details() == "an imported limit reading is not valid: claude-code: not another agent's " \
+                                      "(gemini-cli, codex, qwen-code): Claude's come from its status line"
+
+
+def test_the_monitor_shows_codexs_live_limits_below_claudes(tmp_path):
+    snap, settings, now = _frame_fixture()
+    reading = ccmon.LimitReading("c-1", now - 120_000, five_hour=ccmon.LimitWindow(12.5, now + 3600_000),
+                                 seven_day=ccmon.LimitWindow(34.0, now + 3 * 86400_000), agent=ccmon.CODEX)
+    limits = dataclasses.replace(snap.limits, claude=ccmon.ClaudeLimits(agents=(reading,)))
+    lines, _ = frame_text(ccmon.ViewState(period="b"), dataclasses.replace(snap, limits=limits), settings, 120, 30,
+                          now)
+    codex = [line for line in lines if line.startswith("Codex 5h")]
+    assert len(codex) == 1 and codex[0].endswith("  13%, resets 11:30; week 34%, resets Fri 10:30 (read 2 min "
+                                                 "ago)"), lines
+    assert not any(line.startswith("Claude") for line in lines)  # Claude's own gauges are not fed by it
+    reset = dataclasses.replace(reading, five_hour=ccmon.LimitWindow(12.5, now - 1), seven_day=None)
+    limits = dataclasses.replace(snap.limits, claude=ccmon.ClaudeLimits(agents=(reset,)))
+    lines, _ = frame_text(ccmon.ViewState(period="b"), dataclasses.replace(snap, limits=limits), settings, 100, 30,
+                          now)
+    assert not any(line.startswith("Codex") for line in lines)  # a window that has reset is not shown
 
 
 def test_import_into_a_server_with_a_token(tmp_path):
