@@ -1214,6 +1214,35 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
     assert "upgrading" not in srv.log
 
 
+def test_a_version_8_database_is_upgraded_with_a_backup_its_readings_claudes(tmp_path):
+    """Schema 9 names whose limits a reading reads: every reading stored before is Claude's (its status line's),
+    and still answers Claude's limits; Codex's are stored apart."""
+    db = tmp_path / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    now = ccmon.now_ms()
+    with sqlite3.connect(db, isolation_level=None) as conn:  # to schema 8, as the release before wrote it
+        for version, migration in enumerate(ccmon.MIGRATIONS[:7], 2):
+            conn.execute("BEGIN")
+            migration(conn)
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        conn.execute("INSERT INTO sessions (session_id) VALUES ('s-claude')")
+        conn.execute("INSERT INTO limit_readings (ts, session, five_hour_percent, five_hour_resets) SELECT ?, id, "
+                     "63.0, ? FROM sessions WHERE session_id = 's-claude'", (now - 60_000, now + 3600_000))
+    conn.close()
+    srv = ServerProcess(tmp_path, db=db).start()
+    try:
+        backup = tmp_path / "ccmon.db.v8.bak"
+        assert f"upgrading {db} from schema 8 to 9; a copy of the old database is at {backup}" in srv.log
+        assert db_rows(db, "SELECT a.name, lr.five_hour_percent FROM limit_readings lr JOIN agents a "
+                           "ON a.id = lr.agent") == [("claude-code", 63.0)]
+        answer = srv.query().GetLimits(ccmon_pb2.GetLimitsRequest())
+        assert (answer.five_hour_now.session_id, answer.five_hour_now.five_hour.used_percentage, len(answer.agents)) \
+            == ("s-claude", 63.0, 0)
+    finally:
+        srv.stop()
+
+
 def test_a_failed_upgrade_leaves_the_database_untouched(tmp_path):
     db = tmp_path / "ccmon.db"
     shutil.copyfile(V1 / "ccmon.db", db)
