@@ -7691,9 +7691,8 @@ AGENT_HISTORIES = {"gemini-cli-0.61.0": ("gemini-cli", 3, 4, 1), "codex-0.169.0"
                    "qwen-code-0.24.4": ("qwen-code", 5, 10, 0)}
 
 
-def agent_home(tmp_path: Path, *tools: str) -> Path:
+def agent_home(home: Path, *tools: str) -> Path:
     """A home folder holding these tools' histories."""
-    home = tmp_path / "home"
     home.mkdir(exist_ok=True)
     for tool in tools:
         shutil.copytree(FIXTURES / tool / "history", home, dirs_exist_ok=True)
@@ -7707,7 +7706,7 @@ def test_another_agents_history_is_imported_exactly_once_priced_as_its_telemetry
     telemetry maps them (the stand-in's fixed usage, to the token), priced by ccmon as the telemetry is
     (estimated); importing again adds nothing."""
     agent, files, calls, duplicates = AGENT_HISTORIES[tool]
-    home = agent_home(tmp_path, tool)
+    home = agent_home(tmp_path / "home", tool)
     first = ccmon_import(server, home=home)
     assert first.returncode == 0 and first.stderr == "", first
     assert first.stdout.startswith(f"ccmon import: {files} files read; {calls} requests imported; 0 already known; "
@@ -7737,7 +7736,7 @@ def test_another_agents_history_adds_nothing_to_its_telemetry_of_the_same_runs(s
     expected = (telemetry_calls, tuple(telemetry_calls * n for n in STANDIN_CALL[agent]),
                 telemetry_calls * STANDIN_TOTAL[agent])
     replay(server, agent_capture(tool, "grpc"))
-    home = agent_home(tmp_path, tool)
+    home = agent_home(tmp_path / "home", tool)
     after = ccmon_import(server, home=home)
     assert after.stdout.startswith(f"ccmon import: {files} files read; 0 requests imported; {calls} already known"), \
         after.stdout
@@ -7749,7 +7748,7 @@ def test_another_agents_history_adds_nothing_to_its_telemetry_of_the_same_runs(s
 def test_telemetry_replaces_another_agents_history_imported_first(server, tool, tmp_path):
     agent, files, calls, _ = AGENT_HISTORIES[tool]
     _, telemetry_calls, _ = AGENT_CAPTURES[tool, "grpc"]
-    before = ccmon_import(server, home=agent_home(tmp_path, tool))
+    before = ccmon_import(server, home=agent_home(tmp_path / "home", tool))
     assert f"{calls} requests imported" in before.stdout, before.stdout
     replay(server, agent_capture(tool, "grpc"))
     assert agent_totals(server) == (telemetry_calls, tuple(telemetry_calls * n for n in STANDIN_CALL[agent]),
@@ -7760,7 +7759,7 @@ def test_telemetry_replaces_another_agents_history_imported_first(server, tool, 
 def test_every_agents_history_is_read_together_and_bad_lines_are_named(server, tmp_path):
     """One import of every agent's default folder names what it read of each; a line that is no JSON, a call whose
     figures cannot be read and a line cut short at the end of a file are skipped and named (file:line)."""
-    home = agent_home(tmp_path, *AGENT_HISTORIES)
+    home = agent_home(tmp_path / "home", *AGENT_HISTORIES)
     chats = home / ".qwen" / "projects" / "-home-dev-work-qwen" / "chats"
     damaged = chats / "d8f47574-eaa5-4e1e-aada-948cf23da699.jsonl"
     lines = damaged.read_text().splitlines()
@@ -7791,7 +7790,7 @@ CODEX_SECONDARY = ccmon.LimitWindow(34.0, 1796483540_000)  # a week
 def test_codexs_own_limits_are_read_from_its_rollouts_and_shown_apart_from_claudes(server, tmp_path):
     """Each token_count event of a rollout is a reading of Codex's limits (primary: 5 hours, secondary: weekly):
     stored once as Codex's, answered by GetLimits and listed by `report limits` as Codex's, never as Claude's."""
-    home = agent_home(tmp_path, "codex-0.169.0")
+    home = agent_home(tmp_path / "home", "codex-0.169.0")
     first = ccmon_import(server, home=home)
     assert "; 5 limit readings of Codex stored; " in first.stdout, first.stdout
     again = ccmon_import(server, home=home)
@@ -7810,12 +7809,29 @@ def test_codexs_own_limits_are_read_from_its_rollouts_and_shown_apart_from_claud
                                    cwd=tmp_path).stdout)
     assert [(row["limits"], row["five_hour_percent"], row["seven_day_percent"]) for row in report["rows"]] == \
         [("Codex", 12.5, 34.0)] * 5
-    refused = server.query().ImportRequests.with_call  # a client cannot pass Claude's readings off as an import
-    with pytest.raises(grpc.RpcError) as failure:
-        refused(ccmon_pb2.ImportRequestsRequest(readings=[ccmon.reading_message(
+    with pytest.raises(grpc.RpcError) as failure:  # a client cannot pass Claude's readings off as an import
+        server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(readings=[ccmon.reading_message(
             ccmon.LimitReading("s-1", ccmon.now_ms(), five_hour=ccmon.LimitWindow(50.0, ccmon.now_ms() + 60_000)))]))
     assert failure.value.details() == "an imported limit reading is not valid: claude-code: not another agent's " \
                                       "(gemini-cli, codex, qwen-code): Claude's come from its status line"
+
+
+@pytest.mark.parametrize("request_, message", [
+    (ccmon_pb2.ImportRequestsRequest(requests=[ccmon_pb2.ImportedRequest(
+        session_id="s-1", timestamp_ms=1796400000000, model="m", agent="cursor")]),
+     "an imported request is not valid: unknown agent 'cursor' (known: claude-code, gemini-cli, codex, qwen-code)"),
+    (ccmon_pb2.ImportRequestsRequest(readings=[ccmon.reading_message(ccmon.LimitReading(
+        "s-1", 1796400000000, five_hour=ccmon.LimitWindow(120.0, 1796400000000), agent=ccmon.CODEX))]),
+     "an imported limit reading is not valid: codex: five_hour.used_percentage 120.0 is not 0-100"),
+    (ccmon_pb2.ImportRequestsRequest(readings=[ccmon.reading_message(ccmon.LimitReading(
+        "", 1796400000000, five_hour=ccmon.LimitWindow(12.0, 1796400000000), agent=ccmon.CODEX))]),
+     "an imported limit reading is not valid: codex: a reading needs its session_id")])
+def test_an_imported_request_or_limit_reading_the_server_cannot_store_is_refused(server, request_, message):
+    with pytest.raises(grpc.RpcError) as failure:
+        server.query().ImportRequests(request_)
+    assert (failure.value.code(), failure.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+    assert db_rows(server.db, "SELECT (SELECT COUNT(*) FROM requests), (SELECT COUNT(*) FROM limit_readings)") == \
+        [(0, 0)]
 
 
 def test_the_monitor_shows_codexs_live_limits_below_claudes(tmp_path):
@@ -8503,6 +8519,29 @@ def test_the_local_server_reads_and_follows_the_transcripts(tmp_path):
             handle.write(transcript_line("s-local", when[2], "req_3", "msg_3") + "\n")
         wait_until(lambda: figures()["monthly_tokens"] == 4 * 6550, "the appended request")
         assert figures()["monthly_cost"] == 0.05035
+    finally:
+        stop_local_servers(home)
+
+
+def test_the_local_server_reads_and_follows_the_other_agents_histories(tmp_path):
+    """The local server follows Codex's rollouts, Qwen's chats and Gemini's chats in their default folders as it
+    follows the transcripts: what is there at start, then a session written later; Codex's limits with them."""
+    home, _ = local_home(tmp_path)
+    agent_home(home, "codex-0.169.0", "qwen-code-0.24.4")
+    log = home / ".ccmon" / "server.log"
+    try:
+        assert run_ccmon(["--json"], home).returncode == 0  # starts the local server
+        wait_until(lambda: "transcripts: 9 files read, 15 requests imported, 0 already known" in log.read_text(),
+                   "Codex's and Qwen's histories")
+        chats = home / ".gemini" / "tmp" / "gemini" / "chats"
+        chats.mkdir(parents=True)
+        shutil.copy(next((FIXTURES / "gemini-cli-0.61.0" / "history").rglob("*-d5de2ac9.jsonl")), chats)
+        wait_until(lambda: "transcripts: 10 files read, 16 requests imported, 0 already known" in log.read_text(),
+                   "a Gemini chat written later")
+        db = home / ".ccmon" / "ccmon.db"
+        assert db_rows(db, "SELECT a.name, COUNT(*) FROM requests r JOIN agents a ON a.id = r.agent GROUP BY 1 "
+                           "ORDER BY 1") == [("codex", 5), ("gemini-cli", 1), ("qwen-code", 10)]
+        assert db_rows(db, "SELECT COUNT(*) FROM limit_readings") == [(5,)]
     finally:
         stop_local_servers(home)
 
