@@ -1523,6 +1523,7 @@ AGENT_ESTIMATED_ORIGINS = frozenset((ORIGIN_EVENT_ESTIMATED, ORIGIN_METRICS_ESTI
 EVENT_ORIGINS = frozenset((ORIGIN_EVENT, ORIGIN_EVENT_ESTIMATED))  # an agent's own telemetry of one call
 REQUEST_ORIGINS = frozenset(origin for origin, policy in ORIGIN_RULES.items() if policy.request)
 TRANSCRIPT_ORIGINS = frozenset(origin for origin, policy in ORIGIN_RULES.items() if policy.transcript)
+AGENT_CALL_ORIGINS = EVENT_ORIGINS | TRANSCRIPT_ORIGINS  # one call, by telemetry or read from a history
 
 
 def replaced_by(origin: int) -> frozenset[int]:
@@ -2567,6 +2568,7 @@ class Writer:
         agent, by_telemetry = REQUEST_COLUMNS.index("agent"), joined_by_session(conn, rows)
         with_users = [row[:user_index] + (users[row[1]],) + row[user_index + 1:] for row in rows
                       if not window.has(row[request_id], row[0]) and (row[1], row[agent]) not in by_telemetry]
+        days.update(self._replace_session_less_metrics(conn, with_users))  # a history wins as events do
         resolved = self._resolve(conn, "requests", REQUEST_COLUMNS, with_users)
         for row in resolved:
             row.append(row[request_id])
@@ -2610,12 +2612,12 @@ class Writer:
                 conn.execute("UPDATE models SET agent = ? WHERE id = ? AND agent != ?", (agent, model, agent))
 
     def _replace_session_less_metrics(self, conn: sqlite3.Connection, rows: list[tuple]) -> list[int]:
-        """Delete what another agent's session-less metrics counted near these rows' events of the same agent and
-        user (see METRICS_SESSION_WINDOW_MS); the days changed."""
+        """Delete what another agent's session-less metrics counted near these rows' calls (events, or history) of
+        the same agent and user (see METRICS_SESSION_WINDOW_MS); the days changed."""
         agent, user, origin = (REQUEST_COLUMNS.index(c) for c in ("agent", "user", "origin"))
         days = []
         for row in rows:
-            if row[agent] == CLAUDE_CODE or row[origin] not in EVENT_ORIGINS:
+            if row[agent] == CLAUDE_CODE or row[origin] not in AGENT_CALL_ORIGINS:
                 continue
             gone = conn.execute(
                 f"DELETE FROM requests WHERE session = (SELECT id FROM sessions WHERE session_id = ?) AND ts BETWEEN "
@@ -2636,10 +2638,10 @@ class Writer:
             user = conn.execute("SELECT name FROM users WHERE id = ?", (point["user"],)).fetchone()[0]
             session = self._intern(conn, "sessions", "session_id", metrics_session(agent, user))
             if conn.execute(f"SELECT 1 FROM requests WHERE ts BETWEEN ? AND ? AND agent = ? AND user = ? AND "
-                            f"{origin_in(EVENT_ORIGINS)} LIMIT 1",
+                            f"{origin_in(AGENT_CALL_ORIGINS)} LIMIT 1",
                             (point["ts"] - METRICS_SESSION_WINDOW_MS, point["ts"] + METRICS_SESSION_WINDOW_MS,
                              self._intern(conn, "agents", "name", agent), point["user"])).fetchone():
-                return []  # that agent's events of this user win
+                return []  # that agent's events (or history) of this user win
         if not fields or session == self._intern(conn, "sessions", "session_id", "") or \
                 conn.execute(f"SELECT 1 FROM requests WHERE session = ? AND {METRIC_USAGE_REPLACED_BY} LIMIT 1",
                              (session,)).fetchone():

@@ -7756,6 +7756,20 @@ def test_telemetry_replaces_another_agents_history_imported_first(server, tool, 
     assert db_rows(server.db, "SELECT COUNT(*) FROM r WHERE origin IN (2, 3)") == [(0,)]
 
 
+@pytest.mark.parametrize("tool", list(AGENT_HISTORIES))
+def test_another_agents_history_replaces_what_its_metrics_counted(server, tool, tmp_path):
+    """A metrics-only user's history: its calls replace what the agent's token metrics counted, as events do
+    (Gemini's in their sessions, Codex's and Qwen's session-less ones within an hour of a call)."""
+    agent, files, calls, _ = AGENT_HISTORIES[tool]
+    replay(server, agent_capture(tool, "grpc"), ("metrics",))
+    assert agent_totals(server)[0] == 0 and agent_totals(server)[2] > 0
+    imported = ccmon_import(server, home=agent_home(tmp_path / "home", tool))
+    assert f"; {calls} requests imported; " in imported.stdout, imported.stdout
+    assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
+    replay(server, agent_capture(tool, "grpc"), ("metrics",))  # sent again: still the history's
+    assert agent_totals(server)[0:2] == (calls, tuple(calls * n for n in STANDIN_CALL[agent]))
+
+
 def test_every_agents_history_is_read_together_and_bad_lines_are_named(server, tmp_path):
     """One import of every agent's default folder names what it read of each; a line that is no JSON, a call whose
     figures cannot be read and a line cut short at the end of a file are skipped and named (file:line)."""
