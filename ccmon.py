@@ -339,6 +339,16 @@ def user_name(attrs: dict, resource: dict) -> str:
     return ""
 
 
+# The coding agents whose telemetry ccmon receives, by the name stored with each request (see docs/agents.md).
+CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE = "claude-code", "gemini-cli", "codex", "qwen-code"
+AGENTS = (CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE)
+LIMITS_OF = {CLAUDE_CODE: "Claude", GEMINI_CLI: "Gemini", CODEX: "Codex", QWEN_CODE: "Qwen"}  # whose plan's limits
+# Whose local history names no id its telemetry names for the same call (Gemini CLI's chat messages, Codex's
+# rollouts; Qwen Code's embed the telemetry's response_id): within a session their telemetry wins over their
+# history, as it has calls the history lacks (Gemini's router); see docs/import.md.
+JOINED_BY_SESSION = frozenset((GEMINI_CLI, CODEX))
+
+
 @dataclasses.dataclass(frozen=True)
 class LimitWindow:
     """One window of Claude's own rate limits: how much of it is used and when it starts afresh."""
@@ -362,7 +372,7 @@ class LimitReading:
     spend_limit: LimitWindow | None = None
     version: str = ""
     user: str = ""                 # the session's user, once its events have arrived
-    agent: str = "claude-code"     # whose limits: Claude's (the status line's), or another agent's (CLAUDE_CODE...)
+    agent: str = CLAUDE_CODE       # whose limits: Claude's (the status line's), or another agent's plan's
 
 
 def live_window(window: LimitWindow | None, now: int) -> LimitWindow | None:
@@ -507,16 +517,6 @@ def uuid7_ms(text: str) -> int | None:
     if len(digits) != 32 or digits[12] != "7" or not all(c in "0123456789abcdef" for c in digits):
         return None
     return int(digits[:12], 16)
-
-
-# The coding agents whose telemetry ccmon receives, by the name stored with each request (see docs/agents.md).
-CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE = "claude-code", "gemini-cli", "codex", "qwen-code"
-AGENTS = (CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE)
-LIMITS_OF = {CLAUDE_CODE: "Claude", GEMINI_CLI: "Gemini", CODEX: "Codex", QWEN_CODE: "Qwen"}  # whose plan's limits
-# Whose local history names no id its telemetry names for the same call (Gemini CLI's chat messages, Codex's
-# rollouts; Qwen Code's embed the telemetry's response_id): within a session their telemetry wins over their
-# history, as it has calls the history lacks (Gemini's router); see docs/import.md.
-JOINED_BY_SESSION = frozenset((GEMINI_CLI, CODEX))
 
 
 def estimated_cost(model: str, input: int, output: int, cache_read: int, cache_creation: int,
@@ -2066,7 +2066,7 @@ INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attri
 READING_COLUMNS = ("ts", "session", "project", "model", "context_percent", "five_hour_percent", "five_hour_resets",
                    "seven_day_percent", "seven_day_resets", "spend_limit", "version", "agent")
 RETENTION_TABLES = ("requests", "events", "metric_points", "limit_readings")
-CLAUDE_AGENT_ID = 1  # Claude Code's id in `agents` (record_agents): Claude's own limit readings are its
+CLAUDE_AGENT_ID = 1  # Claude Code's id in `agents` (record_agents), the agent of Claude's own limit readings
 SWEEP_CHUNK = 5000
 COPY_WINDOW_MS = 10 * 60_000  # a telemetry event and the transcript line of the same answer are this close
 # A record with no time at all is stored at the time received, where a re-send of it would be a new key (ts,
@@ -7489,7 +7489,9 @@ PROGRESS_EVERY_S = 0.25
 OTEL_RESOURCE_ENV = "OTEL_RESOURCE_ATTRIBUTES"
 NAMED_PER_REASON = 10  # lines named (file:line) for each reason they are skipped; the rest are counted
 FIGURES_OUT_OF_RANGE = "figures out of range"
-NAMED_REASONS = {"not JSON", FIGURES_OUT_OF_RANGE}  # the skip reasons that are damage, not Claude Code's own entries
+LIMITS_OUT_OF_RANGE = "limits out of range"  # a Codex limit reading the server would refuse (a share over 100 %)
+NAMED_REASONS = {"not JSON", FIGURES_OUT_OF_RANGE, LIMITS_OUT_OF_RANGE}  # the skip reasons that are damage, not
+# Claude Code's own entries
 # message.id and requestId as Claude Code writes an assistant line: a streamed answer's next lines are known
 # duplicates without parsing them (JSON escapes the quotes of any such text inside a message)
 ANSWER_IDS = re.compile(r'"message":\{"id":"([^"\\]*)".*"requestId":"([^"\\]*)"')
@@ -7677,8 +7679,9 @@ def codex_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | L
         limits, ts = payload["rate_limits"], parse_iso_ms(data.get("timestamp"))
         five_hour, seven_day = codex_limit_window(limits.get("primary")), codex_limit_window(limits.get("secondary"))
         if file.session_id and ts is not None and (five_hour or seven_day):
-            yield LimitReading(file.session_id, ts, file.project, file.model, five_hour=five_hour,
-                               seven_day=seven_day, agent=CODEX)
+            reading = LimitReading(file.session_id, ts, file.project, file.model, five_hour=five_hour,
+                                   seven_day=seven_day, agent=CODEX)
+            yield LIMITS_OUT_OF_RANGE if agent_reading_problem(reading, now_ms()) else reading
 
 
 def qwen_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | str]:

@@ -7772,7 +7772,8 @@ def test_another_agents_history_replaces_what_its_metrics_counted(server, tool, 
 
 def test_every_agents_history_is_read_together_and_bad_lines_are_named(server, tmp_path):
     """One import of every agent's default folder names what it read of each; a line that is no JSON, a call whose
-    figures cannot be read and a line cut short at the end of a file are skipped and named (file:line)."""
+    figures cannot be read, a limit reading the server would refuse and a line cut short at the end of a file are
+    skipped and named (file:line)."""
     home = agent_home(tmp_path / "home", *AGENT_HISTORIES)
     chats = home / ".qwen" / "projects" / "-home-dev-work-qwen" / "chats"
     damaged = chats / "d8f47574-eaa5-4e1e-aada-948cf23da699.jsonl"
@@ -7782,17 +7783,23 @@ def test_every_agents_history_is_read_together_and_bad_lines_are_named(server, t
               *lines[bad_call + 1:]]
     damaged.write_text("\n".join(["{not json", *broken]) + "\n")
     rollout = next((home / ".codex" / "sessions").rglob("rollout-*29ba*.jsonl"))
-    rollout.write_text(rollout.read_text() + '{"timestamp":"2026-12-04T15:11:24.000Z","type":"tok')
+    over = next(line for line in rollout.read_text().splitlines() if '"rate_limits"' in line) \
+        .replace('"used_percent":12.5', '"used_percent":125.0').replace("15:11:23.210Z", "15:11:23.999Z")
+    rollout.write_text(rollout.read_text() + over + "\n" + '{"timestamp":"2026-12-04T15:11:24.000Z","type":"tok')
     result = ccmon_import(server, home=home)
     assert result.returncode == 0, result
+    lines_written = len(rollout.read_text().splitlines())
     assert result.stderr.splitlines() == [
-        f"ccmon import: truncated last line: {rollout}:{len(rollout.read_text().splitlines())}",
+        f"ccmon import: limits out of range: {rollout}:{lines_written - 1}",
+        f"ccmon import: truncated last line: {rollout}:{lines_written}",
         f"ccmon import: not JSON: {damaged}:1", f"ccmon import: figures out of range: {damaged}:{bad_call + 2}"], \
         result.stderr
     assert result.stdout.rstrip().endswith(
         "by agent: gemini-cli (3 files, 4 imported, 0 known), codex (4 files, 5 imported, 0 known), "
         "qwen-code (5 files, 9 imported, 0 known)"), result.stdout
-    assert "3 skipped (1 figures out of range, 1 not JSON, 1 truncated last line)" in result.stdout
+    assert "4 skipped (1 figures out of range, 1 limits out of range, 1 not JSON, 1 truncated last line)" \
+        in result.stdout
+    assert "; 5 limit readings of Codex stored; " in result.stdout
 
 
 # Codex's plan's limits in its newest rollout's token_count event (the TUI run's), as the stand-in's x-codex-*
