@@ -2938,9 +2938,10 @@ class ListingReader:
     def series(self, starts, start_ms, end_ms, by="", user=None, project=None):
         return [ccmon.SeriesPoint(start, "", ccmon.Split()) for start in starts[:-1]]
 
-    def readings(self, user, since_ms, until_ms, limit=1, with_limits=False):
+    def readings(self, user, since_ms, until_ms, limit=1, with_limits=False, agent=ccmon.CLAUDE_CODE):
         self.limit = limit
-        return [ccmon.LimitReading("s", until_ms - i, five_hour=ccmon.LimitWindow(1.0, until_ms)) for i in range(limit)]
+        return [ccmon.LimitReading("s", until_ms - i, five_hour=ccmon.LimitWindow(1.0, until_ms), agent=agent)
+                for i in range(limit)]
 
     def timeline(self, session_id, limit):
         self.limit = limit
@@ -2976,6 +2977,7 @@ def test_every_list_answer_is_bounded():
     series = service.GetSeries(ccmon_pb2.GetSeriesRequest(bucket="hour", start_time=ccmon.timestamp_from_ms(0),
                                                           end_time=ccmon.timestamp_from_ms(5000 * ccmon.HOUR_MS)), context)
     assert (len(series.points), reader.limit, len(series.readings)) == (5000, 5000, 5000)
+    assert [len([r for r in series.agent_readings if r.agent == agent]) for agent in ccmon.AGENTS[1:]] == [5000] * 3
     assert ccmon.ms_of(series.readings[0].read_at) < ccmon.ms_of(series.readings[-1].read_at)  # oldest first
     for limit in (0, -1, 2001, 2 ** 31 - 1):
         timeline = service.GetSessionTimeline(ccmon_pb2.GetSessionTimelineRequest(session_id="s", limit=limit),
