@@ -22,7 +22,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Status line: ccmon statusline, for Claude Code's settings
   Reports: ccmon report daily|weekly|monthly|session|model|blocks|project|limits
   Web dashboard: GET / and /api/ on the HTTP listener
-  Import: ccmon import, Claude Code's transcripts
+  Import: ccmon import, Claude Code's transcripts and other agents' histories
   Local server: started on demand, detached, following the transcripts
   Setup: ccmon setup, Claude Code's settings pointed at ccmon
   Doctor: ccmon doctor, the chain from Claude Code to the monitor checked link by link
@@ -7480,7 +7480,7 @@ def dashboard_pages(config: Config, reader: Reader) -> Pages:
     return Dashboard(reader, config.server_token, config.zone, files, host).pages()
 
 
-# ---------------------------------------------------------------- Import: ccmon import, Claude Code's transcripts
+# ---------------------------------------------------------------- Import: ccmon import, Claude Code's transcripts and other agents' histories
 
 IMPORT_BATCH = 20_000       # requests sent in one ImportRequests call (fewer commits: fewer index pages written)
 IMPORT_TIMEOUT_S = 120.0    # one call's patience: a batch is a few thousand inserts
