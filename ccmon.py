@@ -23,7 +23,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Reports: ccmon report daily|weekly|monthly|session|model|blocks|project|limits
   Web dashboard: GET / and /api/ on the HTTP listener
   Prometheus metrics: GET /metrics on the HTTP listener
-  Import: ccmon import, Claude Code's transcripts
+  Import: ccmon import, Claude Code's transcripts and other agents' histories
   Local server: started on demand, detached, following the transcripts
   Setup: ccmon setup, Claude Code's settings pointed at ccmon
   Doctor: ccmon doctor, the chain from Claude Code to the monitor checked link by link
@@ -340,6 +340,16 @@ def user_name(attrs: dict, resource: dict) -> str:
     return ""
 
 
+# The coding agents whose telemetry ccmon receives, by the name stored with each request (see docs/agents.md).
+CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE = "claude-code", "gemini-cli", "codex", "qwen-code"
+AGENTS = (CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE)
+LIMITS_OF = {CLAUDE_CODE: "Claude", GEMINI_CLI: "Gemini", CODEX: "Codex", QWEN_CODE: "Qwen"}  # whose plan's limits
+# Whose local history names no id its telemetry names for the same call (Gemini CLI's chat messages, Codex's
+# rollouts; Qwen Code's embed the telemetry's response_id): within a session their telemetry wins over their
+# history, as it has calls the history lacks (Gemini's router); see docs/import.md.
+JOINED_BY_SESSION = frozenset((GEMINI_CLI, CODEX))
+
+
 @dataclasses.dataclass(frozen=True)
 class LimitWindow:
     """One window of Claude's own rate limits: how much of it is used and when it starts afresh."""
@@ -363,6 +373,7 @@ class LimitReading:
     spend_limit: LimitWindow | None = None
     version: str = ""
     user: str = ""                 # the session's user, once its events have arrived
+    agent: str = CLAUDE_CODE       # whose limits: Claude's (the status line's), or another agent's plan's
 
 
 def live_window(window: LimitWindow | None, now: int) -> LimitWindow | None:
@@ -380,6 +391,7 @@ class ClaudeLimits:
     five_hour_readings: int = 0             # how many windows the capacity was calibrated from
     seven_day_capacity: int | None = None
     seven_day_readings: int = 0
+    agents: tuple[LimitReading, ...] = ()   # other agents' newest readings of their own plans' limits (Codex's)
 
     def window(self, name: str, now: int) -> LimitWindow | None:
         """The five_hour or seven_day window as last read, while it has not reset at `now`."""
@@ -508,10 +520,6 @@ def uuid7_ms(text: str) -> int | None:
     return int(digits[:12], 16)
 
 
-# The coding agents whose telemetry ccmon receives, by the name stored with each request (see docs/agents.md).
-CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE = "claude-code", "gemini-cli", "codex", "qwen-code"
-
-
 def estimated_cost(model: str, input: int, output: int, cache_read: int, cache_creation: int,
                    prices: dict[str, Price] | None = None) -> int:
     """What ccmon's price table (with `prices` overriding it) says a call costs, in nano-dollars; 0 for a model it
@@ -627,6 +635,7 @@ class UsageSeries:
     bucket: str                             # hour, day or week
     points: tuple[SeriesPoint, ...] = ()
     readings: tuple[LimitReading, ...] = ()
+    agent_readings: tuple[LimitReading, ...] = ()  # other agents' of their own plans' limits (Codex's), by agent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -716,6 +725,7 @@ class ImportCounts:
     """What importing requests from transcripts did (or, in a dry run, would do)."""
     imported: int
     already_known: int
+    readings: int = 0  # other agents' limit readings stored
 
 
 # ---------------------------------------------------------------- Blocks and plans: 5-hour windows, limits, projections
@@ -778,6 +788,15 @@ def reading_problem(reading: LimitReading, now: int) -> str:
         if window is not None and not 0 < window.resets_ms <= now + READING_HORIZON_MS:
             return f"{name}.resets_at is not within {READING_HORIZON_MS // DAY_MS} days"
     return ""
+
+
+def agent_reading_problem(reading: LimitReading, now: int) -> str:
+    """What makes another agent's limit reading (read from its history) impossible, or ''."""
+    if reading.agent not in AGENTS or reading.agent == CLAUDE_CODE:
+        return f"not another agent's ({', '.join(AGENTS[1:])}): Claude's come from its status line"
+    if not reading.session_id:
+        return "a reading needs its session_id"
+    return reading_problem(reading, now)
 
 
 def claude_window_key(resets_ms: int) -> int:
@@ -1515,6 +1534,7 @@ AGENT_ESTIMATED_ORIGINS = frozenset((ORIGIN_EVENT_ESTIMATED, ORIGIN_METRICS_ESTI
 EVENT_ORIGINS = frozenset((ORIGIN_EVENT, ORIGIN_EVENT_ESTIMATED))  # an agent's own telemetry of one call
 REQUEST_ORIGINS = frozenset(origin for origin, policy in ORIGIN_RULES.items() if policy.request)
 TRANSCRIPT_ORIGINS = frozenset(origin for origin, policy in ORIGIN_RULES.items() if policy.transcript)
+AGENT_CALL_ORIGINS = EVENT_ORIGINS | TRANSCRIPT_ORIGINS  # one call, by telemetry or read from a history
 
 
 def replaced_by(origin: int) -> frozenset[int]:
@@ -1811,12 +1831,20 @@ def keep_counters_monotonic(conn: sqlite3.Connection) -> None:
         PRIMARY KEY (user, model, project)) WITHOUT ROWID""")
 
 
+def mark_reading_agents(conn: sqlite3.Connection) -> None:
+    """Version 10: a limit reading names whose limits it reads: Claude's, from Claude Code's status line (every
+    stored reading, id 1, the default), or another agent's plan (Codex's 5-hour and weekly windows in its
+    rollouts). Claude's limit figures, blocks and alerts read Claude's alone."""
+    conn.execute("ALTER TABLE limit_readings ADD COLUMN agent INTEGER NOT NULL DEFAULT 1")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
                                                           keep_limit_readings, count_imported_requests,
                                                           find_request_ids_within_sessions, count_receipts,
-                                                          record_agents, keep_counters_monotonic]
+                                                          record_agents, keep_counters_monotonic,
+                                                          mark_reading_agents]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -2065,8 +2093,9 @@ INTERNED = {"requests": {**SHARED, "model": ("models", "name"), "extra": ("attri
                          "agent": ("agents", "name")},
             "events": SHARED, "metric_points": SHARED}
 READING_COLUMNS = ("ts", "session", "project", "model", "context_percent", "five_hour_percent", "five_hour_resets",
-                   "seven_day_percent", "seven_day_resets", "spend_limit", "version")
+                   "seven_day_percent", "seven_day_resets", "spend_limit", "version", "agent")
 RETENTION_TABLES = ("requests", "events", "metric_points", "limit_readings")
+CLAUDE_AGENT_ID = 1  # Claude Code's id in `agents` (record_agents), the agent of Claude's own limit readings
 SWEEP_CHUNK = 5000
 COPY_WINDOW_MS = 10 * 60_000  # a telemetry event and the transcript line of the same answer are this close
 # A record with no time at all is stored at the time received, where a re-send of it would be a new key (ts,
@@ -2144,6 +2173,24 @@ def metrics_session(agent: str, user: str) -> str:
 # answer telemetry stored is found by a CopyWindow.)
 REQUEST_ID_KNOWN = ("EXISTS (SELECT 1 FROM requests WHERE session = ?2 AND request_id = ?R) OR EXISTS (SELECT 1 "
                     f"FROM requests WHERE request_id = ?R AND {origin_in(TRANSCRIPT_ORIGINS)})")
+# Whether the session named ?1 has telemetry of the agent named ?2 (a history row of JOINED_BY_SESSION's agents is
+# then known).
+SESSION_HAS_TELEMETRY = ("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session JOIN agents a ON a.id = r.agent "
+                         f"WHERE s.session_id = ?1 AND a.name = ?2 AND {origin_in(EVENT_ORIGINS, 'r.origin')} LIMIT 1")
+# A session's rows imported from its agent's history, which that agent's telemetry of the session replaces.
+SESSION_HISTORY_REPLACED = ("DELETE FROM requests WHERE session = (SELECT id FROM sessions WHERE session_id = ?1) AND "
+                            f"agent = (SELECT id FROM agents WHERE name = ?2) AND {origin_in(TRANSCRIPT_ORIGINS)} "
+                            "RETURNING ts")
+
+
+def joined_by_session(conn: sqlite3.Connection, rows: Iterable[tuple]) -> set[tuple[str, str]]:
+    """The (session, agent) pairs of these REQUEST_COLUMNS rows whose agent's history is joined to its telemetry by
+    session (JOINED_BY_SESSION), and whose session has that telemetry stored."""
+    agent = REQUEST_COLUMNS.index("agent")
+    pairs = {(row[1], row[agent]) for row in rows if row[agent] in JOINED_BY_SESSION}
+    return {pair for pair in pairs if conn.execute(SESSION_HAS_TELEMETRY, pair).fetchone()}
+
+
 IMPORT_CHUNK = 1000       # imported rows written in one transaction: telemetry waits for one chunk at most
 COPY_SCAN_CHUNK = 20_000  # stored rows a CopyWindow reads in one transaction
 
@@ -2326,19 +2373,30 @@ class Writer:
         except futures.TimeoutError:
             raise StorageUnavailable("the database did not commit in time") from None
 
-    def _insert_reading(self, conn: sqlite3.Connection, reading: LimitReading) -> None:
+    def record_agent_readings(self, readings: list[LimitReading], timeout: float = 60.0) -> int:
+        """Store other agents' limit readings read from their histories durably; one stored already (its session,
+        agent and time) is skipped. How many were new."""
+        return self._job(lambda conn: sum(self._insert_reading(conn, reading) for reading in readings), timeout)
+
+    def _insert_reading(self, conn: sqlite3.Connection, reading: LimitReading) -> bool:
         session = self._intern(conn, "sessions", "session_id", reading.session_id)
+        agent = self._intern(conn, "agents", "name", reading.agent)
+        if reading.agent != CLAUDE_CODE and conn.execute(
+                "SELECT 1 FROM limit_readings WHERE session = ? AND ts = ? AND agent = ?",
+                (session, reading.read_ms, agent)).fetchone():
+            return False  # read again from the same history
         with counters_kept(conn, [session] if reading.project else []):  # a session named: its usage moves project
-            self._store_reading(conn, session, reading)
+            self._store_reading(conn, session, reading, agent)
+        return True
 
     @staticmethod
-    def _store_reading(conn: sqlite3.Connection, session: int, reading: LimitReading) -> None:
+    def _store_reading(conn: sqlite3.Connection, session: int, reading: LimitReading, agent: int) -> None:
         windows = [(w.percent, w.resets_ms) if w else (None, None) for w in (reading.five_hour, reading.seven_day)]
         spend = json.dumps(dataclasses.asdict(reading.spend_limit)) if reading.spend_limit else None
         conn.execute(f"INSERT INTO limit_readings ({', '.join(READING_COLUMNS)}) VALUES "
                      f"({', '.join('?' * len(READING_COLUMNS))})",
                      (reading.read_ms, session, reading.project or None, reading.model or None,
-                      reading.context_percent, *windows[0], *windows[1], spend, reading.version or None))
+                      reading.context_percent, *windows[0], *windows[1], spend, reading.version or None, agent))
         if reading.project:
             conn.execute("UPDATE sessions SET project = ? WHERE id = ? AND project IS NULL", (reading.project, session))
 
@@ -2489,6 +2547,9 @@ class Writer:
                 gone = conn.execute(usage, (session,)).fetchall()
                 days.update(ts - ts % DAY_MS for ts, in gone)
             if self._has_imported(conn):  # and over a transcript's copy of the same request (Claude Code's cost)
+                agent = REQUEST_COLUMNS.index("agent")
+                for pair in {(row[1], row[agent]) for row in batch.requests if row[agent] in JOINED_BY_SESSION}:
+                    days.update(ts - ts % DAY_MS for ts, in conn.execute(SESSION_HISTORY_REPLACED, pair).fetchall())
                 request_id = REQUEST_COLUMNS.index("request_id")
                 copies = (f"DELETE FROM requests WHERE request_id = ? AND {origin_in(replaced & REQUEST_ORIGINS)} "
                           "RETURNING ts")
@@ -2598,8 +2659,10 @@ class Writer:
                 conn.execute("UPDATE sessions SET project = ? WHERE id = ? AND project IS NULL",
                              (projects[session_id], session))
         user_index, request_id = REQUEST_COLUMNS.index("user"), REQUEST_COLUMNS.index("request_id")
+        agent, by_telemetry = REQUEST_COLUMNS.index("agent"), joined_by_session(conn, rows)
         with_users = [row[:user_index] + (users[row[1]],) + row[user_index + 1:] for row in rows
-                      if not window.has(row[request_id], row[0])]
+                      if not window.has(row[request_id], row[0]) and (row[1], row[agent]) not in by_telemetry]
+        days.update(self._replace_session_less_metrics(conn, with_users))  # a history wins as events do
         resolved = self._resolve(conn, "requests", REQUEST_COLUMNS, with_users)
         for row in resolved:
             row.append(row[request_id])
@@ -2643,12 +2706,12 @@ class Writer:
                 conn.execute("UPDATE models SET agent = ? WHERE id = ? AND agent != ?", (agent, model, agent))
 
     def _replace_session_less_metrics(self, conn: sqlite3.Connection, rows: list[tuple]) -> list[int]:
-        """Delete what another agent's session-less metrics counted near these rows' events of the same agent and
-        user (see METRICS_SESSION_WINDOW_MS); the days changed."""
+        """Delete what another agent's session-less metrics counted near these rows' calls (events, or history) of
+        the same agent and user (see METRICS_SESSION_WINDOW_MS); the days changed."""
         agent, user, origin = (REQUEST_COLUMNS.index(c) for c in ("agent", "user", "origin"))
         days = []
         for row in rows:
-            if row[agent] == CLAUDE_CODE or row[origin] not in EVENT_ORIGINS:
+            if row[agent] == CLAUDE_CODE or row[origin] not in AGENT_CALL_ORIGINS:
                 continue
             gone = conn.execute(
                 f"DELETE FROM requests WHERE session = (SELECT id FROM sessions WHERE session_id = ?) AND ts BETWEEN "
@@ -2669,10 +2732,10 @@ class Writer:
             user = conn.execute("SELECT name FROM users WHERE id = ?", (point["user"],)).fetchone()[0]
             session = self._intern(conn, "sessions", "session_id", metrics_session(agent, user))
             if conn.execute(f"SELECT 1 FROM requests WHERE ts BETWEEN ? AND ? AND agent = ? AND user = ? AND "
-                            f"{origin_in(EVENT_ORIGINS)} LIMIT 1",
+                            f"{origin_in(AGENT_CALL_ORIGINS)} LIMIT 1",
                             (point["ts"] - METRICS_SESSION_WINDOW_MS, point["ts"] + METRICS_SESSION_WINDOW_MS,
                              self._intern(conn, "agents", "name", agent), point["user"])).fetchone():
-                return []  # that agent's events of this user win
+                return []  # that agent's events (or history) of this user win
         if not fields or session == self._intern(conn, "sessions", "session_id", "") or \
                 conn.execute(f"SELECT 1 FROM requests WHERE session = ? AND {METRIC_USAGE_REPLACED_BY} LIMIT 1",
                              (session,)).fetchone():
@@ -3030,13 +3093,14 @@ class Reader:
         return row[0] if row else None
 
     def readings(self, user: str | None, since_ms: int, until_ms: int, limit: int = 1,
-                 with_limits: bool = False) -> list[LimitReading]:
+                 with_limits: bool = False, agent: str = CLAUDE_CODE) -> list[LimitReading]:
         """Status line readings of `user`'s sessions (or everyone's), newest first; with_limits: only those with
-        a 5-hour or weekly window of Claude's."""
+        a 5-hour or weekly window of Claude's. Of another agent: the readings of its own plan's limits."""
         chosen = self._of_user(user)
         if chosen is None:
             return []
         of_user, params = chosen
+        of_user, params = " AND lr.agent = (SELECT id FROM agents WHERE name = ?)" + of_user, (agent, *params)
         if with_limits:
             of_user += " AND (lr.five_hour_percent IS NOT NULL OR lr.seven_day_percent IS NOT NULL)"
         rows = self._reader().execute(
@@ -3049,7 +3113,8 @@ class Reader:
         return [LimitReading(sid, ts, project or "", model or "", context,
                              LimitWindow(five, five_resets) if five is not None else None,
                              LimitWindow(seven, seven_resets) if seven is not None else None,
-                             LimitWindow(**json.loads(spend)) if spend else None, version or "", users[sid] or "")
+                             LimitWindow(**json.loads(spend)) if spend else None, version or "", users[sid] or "",
+                             agent)
                 for sid, ts, project, model, context, five, five_resets, seven, seven_resets, spend, version in rows]
 
     def _of_user(self, user: str | None) -> tuple[str, tuple] | None:
@@ -3070,7 +3135,8 @@ class Reader:
         where, params = chosen
         resets = self._reader().execute(
             f"SELECT DISTINCT lr.five_hour_resets FROM limit_readings lr WHERE lr.ts >= ? AND lr.ts < ? "
-            f"AND lr.five_hour_resets > ? AND lr.five_hour_resets < ?{where} ORDER BY 1",
+            f"AND lr.five_hour_resets > ? AND lr.five_hour_resets < ? AND lr.agent = {CLAUDE_AGENT_ID}{where} "
+            "ORDER BY 1",
             (start_ms - BLOCK_MS, end_ms + BLOCK_MS, start_ms, end_ms + BLOCK_MS, *params)).fetchall()
         windows: list[tuple[int, int]] = []
         for reset, in resets:
@@ -3088,7 +3154,7 @@ class Reader:
                 "JOIN users u ON u.id = (SELECT su.user FROM session_usage su WHERE su.session = lr.session "
                 "ORDER BY su.last_ts DESC LIMIT 1) "  # the session's latest user, looked up by its key
                 "JOIN sessions s ON s.id = lr.session "
-                f"WHERE lr.ts > ? AND lr.ts <= ? AND lr.{column}_resets > ? "
+                f"WHERE lr.ts > ? AND lr.ts <= ? AND lr.{column}_resets > ? AND lr.agent = {CLAUDE_AGENT_ID} "
                 "ORDER BY lr.ts DESC, lr.id DESC", (at_ms - span, at_ms, at_ms))
             for user, session_id, read_ms, percent, resets in rows:
                 found.setdefault(user, {}).setdefault(column, LimitReading(
@@ -3176,10 +3242,13 @@ class Reader:
         window.read(conn)
         by_request_id = f"SELECT {REQUEST_ID_KNOWN.replace('?2', '(SELECT id FROM sessions WHERE session_id = ?2)')}" \
             .replace("?R", "?3")
-        request_id = REQUEST_COLUMNS.index("request_id")
+        request_id, agent = REQUEST_COLUMNS.index("request_id"), REQUEST_COLUMNS.index("agent")
+        by_telemetry = joined_by_session(conn, rows)
         for row in rows:
             ts, session_id, seq, rid = row[0], row[1], row[2], row[request_id]
-            if rid and (window.has(rid, ts) or conn.execute(by_request_id, (ts, session_id, rid)).fetchone()[0]):
+            if (session_id, row[agent]) in by_telemetry:
+                known += 1
+            elif rid and (window.has(rid, ts) or conn.execute(by_request_id, (ts, session_id, rid)).fetchone()[0]):
                 known += 1
             elif conn.execute("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session WHERE r.ts = ? AND "
                               "s.session_id = ? AND r.seq = ?", (ts, session_id, seq)).fetchone():
@@ -4999,7 +5068,8 @@ def reading_message(reading: LimitReading) -> ccmon_pb2.LimitReading:
     message = ccmon_pb2.LimitReading(
         session_id=reading.session_id, read_at=timestamp_from_ms(reading.read_ms), project_dir=reading.project,
         model=reading.model, five_hour=window_message(reading.five_hour), seven_day=window_message(reading.seven_day),
-        spend_limit=window_message(reading.spend_limit), claude_code_version=reading.version, user=reading.user)
+        spend_limit=window_message(reading.spend_limit), claude_code_version=reading.version, user=reading.user,
+        agent="" if reading.agent == CLAUDE_CODE else reading.agent)
     if reading.context_percent is not None:
         message.context_percent = reading.context_percent
     return message
@@ -5018,7 +5088,8 @@ def reading_of(message: ccmon_pb2.LimitReading) -> LimitReading:
     return LimitReading(message.session_id, ms_of(message.read_at), message.project_dir, message.model,
                         message.context_percent if message.HasField("context_percent") else None,
                         window_of(message, "five_hour"), window_of(message, "seven_day"),
-                        window_of(message, "spend_limit"), message.claude_code_version, message.user)
+                        window_of(message, "spend_limit"), message.claude_code_version, message.user,
+                        message.agent or CLAUDE_CODE)
 
 
 def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost) -> Usage:
@@ -5037,9 +5108,12 @@ def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
     counts = (r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens)
     if not (0 <= min(counts) and max(counts) < MAX_COUNT and 0 <= r.cost_nanos <= MAX_USD * NANOS_PER_USD):
         raise BadValue(f"a token count or the cost is out of range: {counts}, {r.cost_nanos} nano-dollars")
+    if r.agent and r.agent not in AGENTS:
+        raise BadValue(f"unknown agent {r.agent!r} (known: {', '.join(AGENTS)})")
     seq = content_hash(f"{r.message_id}\0{r.request_id}".encode())
     return (r.timestamp_ms, r.session_id, seq, r.model or "unknown", "", *counts, r.cost_nanos, 0, None, None,
-            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST, CLAUDE_CODE)
+            r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST,
+            r.agent or CLAUDE_CODE)
 
 
 def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
@@ -5194,11 +5268,13 @@ def series_point_message(point: SeriesPoint) -> ccmon_pb2.SeriesPoint:
 def usage_series_of(response: ccmon_pb2.GetSeriesResponse) -> UsageSeries:
     return UsageSeries(response.bucket,
                        tuple(SeriesPoint(ms_of(p.start_time), p.group, split_from_stats(p.stats)) for p in response.points),
-                       tuple(reading_of(r) for r in response.readings))
+                       tuple(reading_of(r) for r in response.readings),
+                       tuple(reading_of(r) for r in response.agent_readings))
 
 
 def import_counts_message(counts: ImportCounts) -> ccmon_pb2.ImportRequestsResponse:
-    return ccmon_pb2.ImportRequestsResponse(imported=counts.imported, already_known=counts.already_known)
+    return ccmon_pb2.ImportRequestsResponse(imported=counts.imported, already_known=counts.already_known,
+                                            readings=counts.readings)
 
 
 
@@ -5369,7 +5445,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         if not reading.session_id or zone is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a reading needs its session_id, and a known timezone")
         now = now_ms()
-        reading = dataclasses.replace(reading, read_ms=min(reading.read_ms or now, now))
+        reading = dataclasses.replace(reading, read_ms=min(reading.read_ms or now, now), agent=CLAUDE_CODE)
         problem = reading_problem(reading, now)
         if problem:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a reading Claude Code gives: {problem}")
@@ -5409,6 +5485,9 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             tokens, count = window_capacity(samples)
             if tokens is not None:
                 getattr(response, field).CopyFrom(ccmon_pb2.WindowCapacity(tokens=tokens, readings=count))
+        for agent in AGENTS[1:]:  # their own plans' limits: the newest reading of the past week
+            newest = self.reader.readings(user, now - 7 * DAY_MS, now, with_limits=True, agent=agent)
+            response.agents.extend(map(reading_message, newest))
         return response
 
     def GetSeries(self, request, context):
@@ -5433,8 +5512,11 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
                           f"{request.bucket}s: ask for a shorter period or a larger bucket")
         points = self.reader.series(starts, start, end, request.group_by, self._user(request), self._project(request))
         readings = self.reader.readings(self._user(request), start, end - 1, MAX_SERIES_READINGS, with_limits=True)
+        others = [reading for agent in AGENTS[1:] for reading in reversed(self.reader.readings(
+            self._user(request), start, end - 1, MAX_SERIES_READINGS, with_limits=True, agent=agent))]
         return ccmon_pb2.GetSeriesResponse(bucket=request.bucket, points=map(series_point_message, points),
-                                           readings=map(reading_message, reversed(readings)))
+                                           readings=map(reading_message, reversed(readings)),
+                                           agent_readings=map(reading_message, others))
 
     def ImportRequests(self, request, context):
         if len(request.requests) > MAX_IMPORT_ROWS:
@@ -5443,6 +5525,11 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             rows = [imported_row(r) for r in request.requests]
         except BadValue as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an imported request is not valid: {exc}")
+        readings = [reading_of(r) for r in request.readings]
+        problem = next((f"{reading.agent}: {problem}" for reading in readings
+                        for problem in [agent_reading_problem(reading, now_ms())] if problem), "")
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"an imported limit reading is not valid: {problem}")
         if request.dry_run:
             known = self.reader.known_requests(rows)
             return import_counts_message(ImportCounts(len(rows) - known, known))
@@ -5451,7 +5538,9 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             if r.project_dir:
                 projects.setdefault(r.session_id, r.project_dir)
         try:
-            counts = self.writer.import_requests(rows, projects, request.user)
+            counts = self.writer.import_requests(rows, projects, request.user) if rows else ImportCounts(0, 0)
+            if readings:
+                counts = dataclasses.replace(counts, readings=self.writer.record_agent_readings(readings))
         except StorageUnavailable as exc:  # ImportInterrupted says what is stored: sending again finds it known
             context.abort(grpc.StatusCode.UNAVAILABLE, f"ccmon cannot store the requests right now ({exc})")
         return import_counts_message(counts)
@@ -5856,18 +5945,20 @@ class Client:
         return StatusLineFigures(split_from_stats(response.session) if response.HasField("session") else None,
                                  split_from_stats(response.today) if response.HasField("today") else None)
 
-    def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False) \
-            -> ImportCounts:
-        """Send requests read from transcripts; with dry_run, nothing is stored: the counts say what would be.
-        Raises ImportRefused, with the server's whole reason, when it refuses one of them (it then stores none)."""
-        request = ccmon_pb2.ImportRequestsRequest(requests=rows, user=user, dry_run=dry_run)
+    def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False,
+                        readings: Iterable[LimitReading] = ()) -> ImportCounts:
+        """Send requests read from transcripts (and other agents' limit readings read from their histories); with
+        dry_run, nothing is stored: the counts say what would be. Raises ImportRefused, with the server's whole
+        reason, when it refuses one of them (it then stores none)."""
+        request = ccmon_pb2.ImportRequestsRequest(requests=rows, user=user, dry_run=dry_run,
+                                                  readings=map(reading_message, readings))
         try:
             response = self._invoke("ImportRequests", request)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ImportRefused(exc.details() or "") from None
             response = self._failed("ImportRequests", exc)
-        return ImportCounts(response.imported, response.already_known)
+        return ImportCounts(response.imported, response.already_known, response.readings)
 
     def blocks(self, start_ms: int | None, end_ms: int, user: str | None = None,
                project: str | None = None) -> tuple[UsageBlock, ...]:
@@ -5882,7 +5973,8 @@ class Client:
             reading_of(response.five_hour_now) if response.HasField("five_hour_now") else None,
             reading_of(response.seven_day_now) if response.HasField("seven_day_now") else None,
             response.five_hour.tokens if response.HasField("five_hour") else None, response.five_hour.readings,
-            response.seven_day.tokens if response.HasField("seven_day") else None, response.seven_day.readings)
+            response.seven_day.tokens if response.HasField("seven_day") else None, response.seven_day.readings,
+            tuple(map(reading_of, response.agents)))
 
     def latest_reading(self) -> LimitReading | None:
         """The newest status line reading of anyone's (of the last 30 days), None when there is none."""
@@ -6976,8 +7068,8 @@ USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens"
                 "total_tokens", "cost_usd")
 
 
-LIMIT_FIELDS = ("read_at", "user", "session_id", "five_hour_percent", "five_hour_resets", "seven_day_percent",
-                "seven_day_resets")
+LIMIT_FIELDS = ("limits", "read_at", "user", "session_id", "five_hour_percent", "five_hour_resets",
+                "seven_day_percent", "seven_day_resets")
 
 
 def usage_fields(usage: Usage) -> dict[str, Any]:
@@ -7019,8 +7111,9 @@ def report_period(kind: str, since: dt.date | None, until: dt.date | None, zone:
 def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                 user: str | None, project: str | None = None) -> list[dict[str, Any]]:
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float)."""
-    if kind == "limits":
-        return [limit_fields(reading, zone) for reading in limit_readings(client, start, end, zone, user)]
+    if kind == "limits":  # the series' readings; by week, as its points are not shown: the fewest of them
+        series = client.series(start, end, "week", zone.key, user=user)
+        return [limit_fields(reading, zone) for reading in series.readings + series.agent_readings]
     if kind == "project":  # '' is the sessions without a project
         return [{"project": p.project, "sessions": p.sessions, **usage_fields(p.split.total),
                  "premium_requests": p.split.premium.requests,
@@ -7087,14 +7180,15 @@ def limit_charts(readings: Iterable[LimitReading], start: int, end: int, zone: Z
 
 
 def limit_fields(reading: LimitReading, zone: ZoneInfo) -> dict[str, Any]:
-    """A reading of Claude's limits as a report row: times local, a window it did not have as None."""
+    """A reading of Claude's limits (or another agent's plan's: Codex's) as a report row, named by whose limits
+    they are: times local, a window it did not have as None."""
     def local(ms: int, spec: str) -> str:
         return dt.datetime.fromtimestamp(ms / 1000, zone).isoformat(timespec=spec)
 
     figures = [(window.percent, local(window.resets_ms, "minutes")) if window else (None, None)
                for window in (reading.five_hour, reading.seven_day)]
-    return dict(zip(LIMIT_FIELDS, (local(reading.read_ms, "seconds"), reading.user, reading.session_id,
-                                   *figures[0], *figures[1])))
+    return dict(zip(LIMIT_FIELDS, (LIMITS_OF[reading.agent], local(reading.read_ms, "seconds"), reading.user,
+                                   reading.session_id, *figures[0], *figures[1])))
 
 
 def report_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -7261,7 +7355,8 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
         unicode = args.chart is not None and utf8_locale()
         print(report_table(rows, totals, None if args.wide else REPORT_WIDTH,
                            None if args.kind == "limits" else args.chart, unicode,
-                           "no readings of Claude's limits in this period (ccmon statusline stores them)"
+                           "no readings of Claude's limits, nor of Codex's, in this period (ccmon statusline stores "
+                           "Claude's, ccmon import Codex's)"
                            if args.kind == "limits" else "no usage in this period"))
         if readings:
             print("\n".join(limit_charts(readings, start, end, zone, REPORT_WIDTH, unicode)))
@@ -7680,7 +7775,7 @@ def metrics_pages(config: Config, reader: Reader) -> Pages:
     return MetricsPage(reader, config.server_token, host).pages()
 
 
-# ---------------------------------------------------------------- Import: ccmon import, Claude Code's transcripts
+# ---------------------------------------------------------------- Import: ccmon import, Claude Code's transcripts and other agents' histories
 
 IMPORT_BATCH = 20_000       # requests sent in one ImportRequests call (fewer commits: fewer index pages written)
 IMPORT_TIMEOUT_S = 120.0    # one call's patience: a batch is a few thousand inserts
@@ -7689,7 +7784,9 @@ PROGRESS_EVERY_S = 0.25
 OTEL_RESOURCE_ENV = "OTEL_RESOURCE_ATTRIBUTES"
 NAMED_PER_REASON = 10  # lines named (file:line) for each reason they are skipped; the rest are counted
 FIGURES_OUT_OF_RANGE = "figures out of range"
-NAMED_REASONS = {"not JSON", FIGURES_OUT_OF_RANGE}  # the skip reasons that are damage, not Claude Code's own entries
+LIMITS_OUT_OF_RANGE = "limits out of range"  # a Codex limit reading the server would refuse (a share over 100 %)
+NAMED_REASONS = {"not JSON", FIGURES_OUT_OF_RANGE, LIMITS_OUT_OF_RANGE}  # the skip reasons that are damage, not
+# Claude Code's own entries
 # message.id and requestId as Claude Code writes an assistant line: a streamed answer's next lines are known
 # duplicates without parsing them (JSON escapes the quotes of any such text inside a message)
 ANSWER_IDS = re.compile(r'"message":\{"id":"([^"\\]*)".*"requestId":"([^"\\]*)"')
@@ -7711,6 +7808,7 @@ class TranscriptEntry:
     project: str            # cwd
     cost_usd: str | None    # costUSD, written by older Claude Code versions
     inference_geo: str = ""
+    agent: str = CLAUDE_CODE  # whose transcript or history
 
     @property
     def key(self) -> tuple[str, str]:
@@ -7785,7 +7883,147 @@ def imported_request(entry: TranscriptEntry, prices: dict[str, Price], found: Pr
         session_id=entry.session_id, timestamp_ms=entry.ts_ms, model=entry.model, input_tokens=entry.input,
         output_tokens=entry.output, cache_read_tokens=entry.cache_read, cache_creation_tokens=entry.cache_creation,
         cost_nanos=nanos, estimated=entry.cost_usd is None, request_id=entry.request_id,
-        message_id=entry.message_id, project_dir=entry.project), known
+        message_id=entry.message_id, project_dir=entry.project,
+        agent="" if entry.agent == CLAUDE_CODE else entry.agent), known
+
+
+# The other agents' local histories: one model call each, its figures named as below; each is read into ccmon's
+# kinds by the same function as the agent's telemetry (AGENT_CALLS), under its telemetry's attribute names.
+AGENT_CALL_OF = {call.agent: call for call in AGENT_CALLS.values()}
+HISTORY_TOKEN_NAMES = {GEMINI_CLI: {"input": "input_token_count", "cached": "cached_content_token_count",
+                                    "output": "output_token_count", "thoughts": "thoughts_token_count",
+                                    "tool": "tool_token_count"},
+                       CODEX: {"input_tokens": "input_token_count", "cached_input_tokens": "cached_token_count",
+                               "cache_write_input_tokens": "cache_write_token_count",
+                               "output_tokens": "output_token_count"},
+                       QWEN_CODE: {}}  # Qwen's embeds its api_response event as sent
+
+
+@dataclasses.dataclass
+class HistoryFile:
+    """What an agent's history file has told so far (the session, model and folder later lines leave out)."""
+    agent: str
+    session_id: str = ""
+    model: str = ""
+    project: str = ""
+
+
+def text_or_empty(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def history_call(file: HistoryFile, ts_text: Any, session: Any, model: Any, figures: Any, request_id: Any = "",
+                 message_id: Any = "") -> TranscriptEntry | str:
+    """One model call of an agent's history, in ccmon's kinds (or why it is skipped), as its telemetry maps it."""
+    ts, session = parse_iso_ms(ts_text), text_or_empty(session) or file.session_id
+    if not session or ts is None:
+        return "no session or time"
+    if not isinstance(figures, dict):
+        return "no usage"
+    names = HISTORY_TOKEN_NAMES[file.agent]
+    attrs = {names[key]: value for key, value in figures.items() if key in names} if names else figures
+    try:
+        counts = AGENT_CALL_OF[file.agent].tokens(attrs)
+        check_call_tokens(counts)
+    except BadValue:
+        return FIGURES_OUT_OF_RANGE
+    return TranscriptEntry(session, ts, text_or_empty(model) or file.model or "unknown", *counts, 0,
+                           text_or_empty(request_id), text_or_empty(message_id), file.project, None, agent=file.agent)
+
+
+def gemini_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | str]:
+    """A Gemini CLI chat line: its header (the session), a message, or a patch ($set) that may hold messages. A
+    model message is written again as it gains its tool calls: the importer counts its id once."""
+    if "$set" not in data and "kind" in data and "sessionId" in data:
+        file.session_id = text_or_empty(data["sessionId"])
+        return
+    patch = data.get("$set")
+    messages = patch.get("messages") if isinstance(patch, dict) else [data]
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict) and message.get("type") == "gemini" and "tokens" in message:
+            yield history_call(file, message.get("timestamp"), "", message.get("model"), message["tokens"],
+                               message_id=message.get("id"))
+
+
+def codex_limit_window(window: Any) -> LimitWindow | None:
+    """One of Codex's rate_limits windows ({used_percent, window_minutes, resets_at: seconds}), or None."""
+    if not isinstance(window, dict):
+        return None
+    percent, resets = window.get("used_percent"), window.get("resets_at")
+    if type(percent) not in (int, float) or type(resets) is not int:
+        return None
+    return LimitWindow(float(percent), resets * 1000)
+
+
+def codex_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | LimitReading | str]:
+    """A Codex rollout line: session_meta (the conversation, its folder), turn_context (the model), a
+    token_usage_record (one response's usage, with its response_id), or a token_count event, whose rate_limits
+    are Codex's plan's own: its primary (5-hour) and secondary (weekly) windows."""
+    kind, payload = data.get("type"), data.get("payload")
+    if not isinstance(payload, dict):
+        return
+    if kind == "session_meta":
+        file.session_id = text_or_empty(payload.get("id")) or file.session_id
+        file.project = text_or_empty(payload.get("cwd")) or file.project
+    elif kind == "turn_context":
+        file.model = text_or_empty(payload.get("model")) or file.model
+    elif kind == "token_usage_record":
+        yield history_call(file, data.get("timestamp"), payload.get("session_id"), "", payload.get("usage"),
+                           request_id=payload.get("response_id"))
+    elif kind == "event_msg" and payload.get("type") == "token_count" and isinstance(payload.get("rate_limits"), dict):
+        limits, ts = payload["rate_limits"], parse_iso_ms(data.get("timestamp"))
+        five_hour, seven_day = codex_limit_window(limits.get("primary")), codex_limit_window(limits.get("secondary"))
+        if file.session_id and ts is not None and (five_hour or seven_day):
+            reading = LimitReading(file.session_id, ts, file.project, file.model, five_hour=five_hour,
+                                   seven_day=seven_day, agent=CODEX)
+            yield LIMITS_OUT_OF_RANGE if agent_reading_problem(reading, now_ms()) else reading
+
+
+def qwen_history(file: HistoryFile, data: dict) -> Iterator[TranscriptEntry | str]:
+    """A Qwen Code chat line: a ui_telemetry system line embeds its qwen-code.api_response event as sent."""
+    payload = data.get("systemPayload")
+    event = payload.get("uiEvent") if data.get("subtype") == "ui_telemetry" and isinstance(payload, dict) else None
+    if isinstance(event, dict) and event.get("event.name") == "qwen-code.api_response":
+        file.project = text_or_empty(data.get("cwd")) or file.project
+        yield history_call(file, event.get("event.timestamp") or data.get("timestamp"), data.get("sessionId"),
+                           event.get("model"), event, request_id=event.get("response_id"))
+
+
+HISTORY_READERS = {GEMINI_CLI: gemini_history, CODEX: codex_history, QWEN_CODE: qwen_history}
+
+
+def history_entries(file: HistoryFile, line: str) -> list[TranscriptEntry | LimitReading | str]:
+    """The calls of one line of an agent's history, and the reasons some are skipped ('not JSON', ...)."""
+    if not line.strip():
+        return []
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):
+        return ["not JSON"]
+    return list(HISTORY_READERS[file.agent](file, data)) if isinstance(data, dict) else ["not JSON"]
+
+
+def history_roots(environ: dict[str, str], home: Path) -> dict[Path, str]:
+    """Where each agent keeps its history, by agent: Claude Code's transcripts (transcript_roots), Gemini CLI's
+    chats (~/.gemini/tmp/*/chats), Codex's rollouts ($CODEX_HOME/sessions, else ~/.codex/sessions) and Qwen
+    Code's chats (~/.qwen/projects/*/chats)."""
+    codex_home = Path(environ["CODEX_HOME"]).expanduser() if environ.get("CODEX_HOME", "").strip() \
+        else home / ".codex"
+    return {**dict.fromkeys(transcript_roots(environ, home), CLAUDE_CODE), home / ".gemini" / "tmp": GEMINI_CLI,
+            codex_home / "sessions": CODEX, home / ".qwen" / "projects": QWEN_CODE}
+
+
+def history_agent(path: Path, roots: dict[Path, str]) -> str:
+    """Whose file this is: the agent of the default folder it is in, else by how each agent names its files
+    (Codex's rollout-*.jsonl, Gemini's chats/session-*.jsonl, Qwen's chats/*.jsonl; the rest are Claude Code's)."""
+    for root, agent in roots.items():
+        if path == root or root in path.parents:
+            return agent
+    if path.name.startswith("rollout-"):
+        return CODEX
+    if path.parent.name == "chats":
+        return GEMINI_CLI if path.name.startswith("session-") else QWEN_CODE
+    return CLAUDE_CODE
 
 
 def transcript_roots(environ: dict[str, str], home: Path) -> list[Path]:
@@ -7913,6 +8151,11 @@ class ImportTally:
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     unknown_models: dict[str, int] = dataclasses.field(default_factory=dict)
     problems: list[str] = dataclasses.field(default_factory=list)
+    agents: dict[str, list[int]] = dataclasses.field(default_factory=dict)  # agent -> [files, imported, known]
+    readings: int = 0       # other agents' limit readings stored
+
+    def of_agent(self, agent: str) -> list[int]:
+        return self.agents.setdefault(agent, [0, 0, 0])
 
 
 def import_summary(tally: ImportTally, dry_run: bool) -> str:
@@ -7932,6 +8175,12 @@ def import_summary(tally: ImportTally, dry_run: bool) -> str:
     if tally.unknown_models:
         parts.append("unknown models counted at $0: " + ", ".join(f"{model} ({n:,})" for model, n in
                                                                    sorted(tally.unknown_models.items())))
+    if tally.readings:
+        parts.append(f"{plural(tally.readings, 'limit reading')} of Codex stored")
+    if set(tally.agents) - {CLAUDE_CODE}:  # what was read of each agent, once other agents' histories were
+        parts.append("by agent: " + ", ".join(
+            f"{agent} ({plural(files, 'file')}, {imported:,} {'to import' if dry_run else 'imported'}, {known:,} known)"
+            for agent in AGENTS if agent in tally.agents for files, imported, known in [tally.agents[agent]]))
     return ("ccmon import (dry run): " if dry_run else "ccmon import: ") + "; ".join(parts)
 
 
@@ -7939,19 +8188,24 @@ class Importer:
     """Reads transcripts and sends their requests in batches; counts everything it reads for the summary."""
 
     def __init__(self, client: Client, config: Config, user: str, since_ms: int | None, dry_run: bool,
-                 progress: Any | None = None):
+                 progress: Any | None = None, roots: dict[Path, str] | None = None):
         self.client, self.user, self.since_ms, self.dry_run = client, user, since_ms, dry_run
+        self.roots = roots or {}  # the default folders, by agent (see history_agent)
+        self.histories: dict[Path, HistoryFile] = {}  # the other agents' files read
+        self.files_read: set[Path] = set()
+        self.readings: list[LimitReading] = []  # other agents' limit readings, sent at each flush
         self.prices = config.prices
         self.tally = ImportTally()
         self.seen: set[tuple[str, str]] = set()
-        # requests to send (with the file and line they are read from), apart by whether ccmon priced them: the
-        # server's count of a batch's imported requests is then also the count of those priced by ccmon among them
-        self.pending: dict[bool, list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]]] = {True: [], False: []}
+        # requests to send (with the file and line they are read from), apart by whether ccmon priced them and by
+        # agent: the server's count of a batch's imported requests is then also the count of those priced by ccmon
+        # among them, and of that agent's
+        self.pending: dict[tuple[bool, str], list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]]] = {}
         self.prices_found: dict[str, Price | None] = {}
         self.unreadable: set[Path] = set()
         # one batch is stored while the next is read: the server and the reading run on two cores
         self.sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccmon-import")
-        self.in_flight: tuple[futures.Future, list, bool] | None = None
+        self.in_flight: tuple[futures.Future, list, tuple[bool, str]] | None = None
         self.unconfirmed = 0  # requests of the call that failed last: stored or not, the server did not say
         self.progress, self.started, self.shown = progress, time.monotonic(), 0.0
 
@@ -7963,6 +8217,13 @@ class Importer:
 
     def add(self, lines: Iterable[tuple[int, str | None, bool]], path: Path | str) -> None:
         """A file's lines, as TranscriptFiles.lines reads them."""
+        agent = history_agent(Path(path), self.roots)
+        if Path(path) not in self.files_read:
+            self.files_read.add(Path(path))
+            self.tally.of_agent(agent)[0] += 1
+        if agent != CLAUDE_CODE:
+            self.add_history(lines, path, self.histories.setdefault(Path(path), HistoryFile(agent)))
+            return
         for number, line, whole in lines:
             if line is None:
                 self.skip("line too long", f"{path}:{number}")
@@ -7976,32 +8237,52 @@ class Importer:
                     self.tally.duplicates += 1
                     continue
             found = transcript_entry(line)
-            if found is None:
+            if found is not None:
+                self.take(found, path, number)
+
+    def add_history(self, lines: Iterable[tuple[int, str | None, bool]], path: Path | str, file: HistoryFile) -> None:
+        """Another agent's history file's lines, as TranscriptFiles.lines reads them."""
+        for number, line, whole in lines:
+            if line is None:
+                self.skip("line too long", f"{path}:{number}")
                 continue
-            if isinstance(found, str):
-                self.skip(found, f"{path}:{number}" if found in NAMED_REASONS else "")
+            found = history_entries(file, line)
+            if not whole and found == ["not JSON"]:  # the agent may be writing it: read it later
+                self.skip("truncated last line", f"{path}:{number}")
                 continue
-            key = found.key if found.message_id or found.request_id else (found.session_id, str(found.ts_ms))
-            if key in self.seen:
-                self.tally.duplicates += 1
-                continue
-            self.seen.add(key)
-            if self.since_ms is not None and found.ts_ms < self.since_ms:
-                self.tally.before_since += 1
-                continue
-            if found.model not in self.prices_found:
-                self.prices_found[found.model] = price_of(found.model, self.prices)
-            request, priced = imported_request(found, self.prices, self.prices_found[found.model])
-            if request.cost_nanos > MAX_USD * NANOS_PER_USD:  # the server refuses it: more than one call can cost
-                self.skip(FIGURES_OUT_OF_RANGE, f"{path}:{number}")
-                continue
-            self.tally.entries += 1
-            if not priced:
-                self.tally.unknown_models[found.model] = self.tally.unknown_models.get(found.model, 0) + 1
-            estimated = request.estimated and priced
-            self.pending[estimated].append((request, path, number))
-            if len(self.pending[estimated]) >= IMPORT_BATCH:
-                self.send(estimated)
+            for each in found:
+                self.take(each, path, number)
+
+    def take(self, found: TranscriptEntry | LimitReading | str, path: Path | str, number: int) -> None:
+        """One call read (or an agent's limit reading, or the reason a line is skipped): counted once, sent in its
+        batch."""
+        if isinstance(found, LimitReading):
+            self.readings.append(found)
+            return
+        if isinstance(found, str):
+            self.skip(found, f"{path}:{number}" if found in NAMED_REASONS else "")
+            return
+        key = found.key if found.message_id or found.request_id else (found.session_id, str(found.ts_ms))
+        if key in self.seen:
+            self.tally.duplicates += 1
+            return
+        self.seen.add(key)
+        if self.since_ms is not None and found.ts_ms < self.since_ms:
+            self.tally.before_since += 1
+            return
+        if found.model not in self.prices_found:
+            self.prices_found[found.model] = price_of(found.model, self.prices)
+        request, priced = imported_request(found, self.prices, self.prices_found[found.model])
+        if request.cost_nanos > MAX_USD * NANOS_PER_USD:  # the server refuses it: more than one call can cost
+            self.skip(FIGURES_OUT_OF_RANGE, f"{path}:{number}")
+            return
+        self.tally.entries += 1
+        if not priced:
+            self.tally.unknown_models[found.model] = self.tally.unknown_models.get(found.model, 0) + 1
+        batch = (request.estimated and priced, found.agent)
+        self.pending.setdefault(batch, []).append((request, path, number))
+        if len(self.pending[batch]) >= IMPORT_BATCH:
+            self.send(batch)
 
     def add_file(self, files: TranscriptFiles, path: Path, final: bool) -> None:
         try:
@@ -8026,39 +8307,48 @@ class Importer:
     def flush(self, wait: bool = False) -> None:
         """Send what is read (in the background, after the batch before it is stored); with `wait`, until all is
         stored. A batch that could not be sent is kept for the next flush."""
-        for estimated in (False, True):
-            self.send(estimated)
+        for batch in list(self.pending):
+            self.send(batch)
         if wait:
             self.collect()
+        if self.readings and not self.dry_run:  # with the requests they come with stored first
+            self.collect()
+            self.tally.readings += self.client.import_requests([], self.user, readings=self.readings).readings
+            self.readings = []
 
-    def send(self, estimated: bool) -> None:
-        if self.pending[estimated]:
-            batch, self.pending[estimated] = self.pending[estimated], []
+    def send(self, kind: tuple[bool, str]) -> None:
+        """Send the requests read of a kind: (priced by ccmon, agent)."""
+        if self.pending.get(kind):
+            batch, self.pending[kind] = self.pending[kind], []
             self.collect()
             self.in_flight = (self.sender.submit(self.client.import_requests, [request for request, *_ in batch],
-                                                 self.user, self.dry_run), batch, estimated)
+                                                 self.user, self.dry_run), batch, kind)
 
     def collect(self) -> None:
         if self.in_flight is None:
             return
-        future, batch, estimated = self.in_flight
+        future, batch, kind = self.in_flight
         self.in_flight = None
         try:
             try:
-                self.count(future.result(), estimated)
+                self.count(future.result(), kind)
             except ImportRefused as exc:
-                self.send_apart(batch, estimated, exc)
+                self.send_apart(batch, kind, exc)
         except ServerUnreachable:  # kept for --follow's next try: what is stored of it is then known
-            self.pending[estimated][:0] = batch
+            self.pending.setdefault(kind, [])[:0] = batch
             self.unconfirmed = len(batch)
             raise
 
-    def count(self, counts: ImportCounts, estimated: bool) -> None:
+    def count(self, counts: ImportCounts, kind: tuple[bool, str]) -> None:
+        estimated, agent = kind
         self.tally.imported += counts.imported
         self.tally.known += counts.already_known
         self.tally.estimated += counts.imported if estimated else 0
+        of_agent = self.tally.of_agent(agent)
+        of_agent[1] += counts.imported
+        of_agent[2] += counts.already_known
 
-    def send_apart(self, batch: list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]], estimated: bool,
+    def send_apart(self, batch: list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]], kind: tuple[bool, str],
                    refused: ImportRefused) -> None:
         """A batch the server refused (it stores all of a batch or nothing): sent again in halves, until each
         request it refuses is alone, and named; the others are stored."""
@@ -8070,9 +8360,9 @@ class Importer:
         for half in (batch[:len(batch) // 2], batch[len(batch) // 2:]):
             try:
                 self.count(self.client.import_requests([request for request, *_ in half], self.user, self.dry_run),
-                           estimated)
+                           kind)
             except ImportRefused as exc:
-                self.send_apart(half, estimated, exc)
+                self.send_apart(half, kind, exc)
 
     def show_progress(self, files_total: int = 0, done: bool = False) -> None:
         if self.progress is None:
@@ -8092,13 +8382,18 @@ class Importer:
 
 
 def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
-    """ccmon import [PATH ...]: every request of Claude Code's transcripts, sent to the server once."""
+    """ccmon import [PATH ...]: every request of Claude Code's transcripts and the other agents' histories, sent to
+    the server once."""
     environ = dict(os.environ) if environ is None else environ
-    roots = [Path(p).expanduser() for p in args.paths] or transcript_roots(environ, Path.home())
+    defaults = {} if args.paths else history_roots(environ, Path.home())
+    roots = [Path(p).expanduser() for p in args.paths] or list(defaults)
     missing = [root for root in roots if not root.exists()]
     if len(missing) == len(roots):
-        print(f"ccmon import: no Claude Code transcripts in {' or '.join(map(str, roots))} (name their folder: "
-              "ccmon import PATH)", file=sys.stderr)
+        claude = [root for root in roots if defaults.get(root, CLAUDE_CODE) == CLAUDE_CODE]
+        others = [root for root in roots if root not in claude]
+        print(f"ccmon import: no Claude Code transcripts in {' or '.join(map(str, claude))}"
+              + (f" nor other agents' histories in {', '.join(map(str, others))}" if others else "")
+              + " (name their folder: ccmon import PATH)", file=sys.stderr)
         return 1
     since = parse_day(args.since, "--since")
     since_ms = ms_from_datetime(dt.datetime.combine(since, dt.time(), config.zone)) if since else None
@@ -8109,7 +8404,7 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
             signal.signal(sig, lambda *_: stop.set())
     client = Client.for_config(config, timeout_s=IMPORT_TIMEOUT_S, go_extras_empty=False)
     importer = Importer(client, config, user, since_ms, args.dry_run,
-                        sys.stderr if sys.stderr.isatty() and not args.follow else None)
+                        sys.stderr if sys.stderr.isatty() and not args.follow else None, defaults)
     files = TranscriptFiles(roots)
     for root in missing if args.paths else ():  # of the default folders, those Claude Code does not use
         importer.tally.problems.append(f"unreadable: {root} (no such file or folder)")
@@ -8225,12 +8520,14 @@ def write_pid_file(path: Path, server: RunningServer) -> None:
 
 
 def follow_transcripts(config: Config, stop: threading.Event) -> None:
-    """What `ccmon import --follow` does, inside the local server: Claude Code's transcripts read at start and
-    followed, each request stored once (joined to its telemetry by request_id). Problems are logged, never fatal."""
+    """What `ccmon import --follow` does, inside the local server: Claude Code's transcripts and the other agents'
+    histories read at start and followed, each request stored once (joined to its telemetry, see docs/import.md).
+    Problems are logged, never fatal."""
     own = client_config(dataclasses.replace(config, monitor_server_given=False))
     client = Client.for_config(own, timeout_s=IMPORT_TIMEOUT_S, go_extras_empty=False)
-    roots = transcript_roots(dict(os.environ), Path.home())
-    importer = Importer(client, config, resource_user(dict(os.environ)), None, False)
+    defaults = history_roots(dict(os.environ), Path.home())
+    roots = list(defaults)
+    importer = Importer(client, config, resource_user(dict(os.environ)), None, False, roots=defaults)
     files = TranscriptFiles(roots)
     log.info("transcripts: following %s", " and ".join(map(str, roots)))
     reported, failing = (0, 0, 0), ""
@@ -9208,11 +9505,12 @@ MIN_CALIBRATION_READINGS = 3    # a capacity from fewer readings is not projecte
                                 # odd one aside
 
 
-def limit_gauge_lines(snap: Snapshot, screen: Screen, most: int = 3) -> list[Line]:
-    """The block and week panel, one line a figure: the block, the recent pace and where it leads, the week. While
-    a reading of Claude's own window is live its gauge is Claude's share, with ccmon's count beside it as support;
-    else ccmon's count against the limit, which says where it comes from. With room for fewer than 3 lines
-    (`most`), the pace goes first, then the week."""
+def limit_gauge_lines(snap: Snapshot, screen: Screen, most: int = 4) -> list[Line]:
+    """The block and week panel, one line a figure: the block, the recent pace and where it leads, the week, and
+    other agents' own plans' limits (Codex's) while a reading of them is live. While a reading of Claude's own
+    window is live its gauge is Claude's share, with ccmon's count beside it as support; else ccmon's count against
+    the limit, which says where it comes from. With room for fewer lines (`most`), the other agents' go first,
+    then the pace, then the week."""
     limits = snap.limits
     if limits is None or snap.query.limits is None or most <= 0:
         return []
@@ -9233,8 +9531,26 @@ def limit_gauge_lines(snap: Snapshot, screen: Screen, most: int = 3) -> list[Lin
         pace = projection_line(limits, status, settings, screen.width)
     if settings.block_mode is not None or settings.weekly_limit or limits.claude.window("seven_day", now):
         week = weekly_line(limits, screen, alert_at)
-    kept = [line for line in (block, week, pace) if line is not None][:most]
-    return [line for line in (block, pace, week) if any(line is one for one in kept)]
+    agents = [line for line in (agent_limits_line(reading, screen) for reading in limits.claude.agents) if line]
+    kept = [line for line in (block, week, pace, *agents) if line is not None][:most]
+    return [line for line in (block, pace, week, *agents) if any(line is one for one in kept)]
+
+
+def agent_limits_line(reading: LimitReading, screen: Screen) -> Line | None:
+    """Another agent's own plan's limits as last read (Codex's: 'Codex 5h    ##....  12.5%, resets 14:17; week 34%,
+    resets Fri 10:00 (read 3 min ago)'), while a window of it has not reset; Claude's alerts never count it."""
+    five, week = live_window(reading.five_hour, screen.now), live_window(reading.seven_day, screen.now)
+    shown = five or week
+    if shown is None:
+        return None
+    zone, age = screen.settings.zone, reading_age(reading.read_ms, screen.now)
+    parts: list[str | tuple[str, ...]] = [f" {format_percent(shown.percent):>4}",
+                                          f", resets {reset_time(shown.resets_ms, screen.now, zone)}"]
+    if five and week:
+        parts.append(f"; week {format_percent(week.percent)}, resets {reset_time(week.resets_ms, screen.now, zone)}")
+    parts.append((f" (read {age})", f" ({age})"))
+    return gauge_line(f"{LIMITS_OF[reading.agent]} {'5h' if five else 'week'}", shown.percent / 100,
+                      level_style(shown.percent / 100), parts, screen)
 
 
 def gauge_line(label: str, fraction: float, style: str, parts: list[str | tuple[str, ...]], screen: Screen) -> Line:
@@ -9908,7 +10224,7 @@ def lines_above_the_table(tab: Tab, snap: Snapshot, state: ViewState, screen: Sc
     """The tab's summary and the block/week panel, as much of them as leaves the tab's table TABLE_ROWS_FIRST data
     rows (below its title, header and total): the panel first shrinks to one line, then the summary to one,
     then the panel steps aside."""
-    for panel_rows, compact in ((3, False), (1, False), (1, True), (0, True)):
+    for panel_rows, compact in ((4, False), (3, False), (1, False), (1, True), (0, True)):
         panel = limit_gauge_lines(snap, screen, panel_rows)
         summary = tab.summary(snap, state, dataclasses.replace(screen, rows=screen.rows - len(panel)), compact) \
             if tab.summary else []

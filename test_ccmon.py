@@ -1214,6 +1214,35 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
     assert "upgrading" not in srv.log
 
 
+def test_a_version_9_database_is_upgraded_with_a_backup_its_readings_claudes(tmp_path):
+    """Schema 10 names whose limits a reading reads: every reading stored before is Claude's (its status line's),
+    and still answers Claude's limits; Codex's are stored apart."""
+    db = tmp_path / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    now = ccmon.now_ms()
+    with sqlite3.connect(db, isolation_level=None) as conn:  # to schema 9, as the release before wrote it
+        for version, migration in enumerate(ccmon.MIGRATIONS[:8], 2):
+            conn.execute("BEGIN")
+            migration(conn)
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+        conn.execute("INSERT INTO sessions (session_id) VALUES ('s-claude')")
+        conn.execute("INSERT INTO limit_readings (ts, session, five_hour_percent, five_hour_resets) SELECT ?, id, "
+                     "63.0, ? FROM sessions WHERE session_id = 's-claude'", (now - 60_000, now + 3600_000))
+    conn.close()
+    srv = ServerProcess(tmp_path, db=db).start()
+    try:
+        backup = tmp_path / "ccmon.db.v9.bak"
+        assert f"upgrading {db} from schema 9 to 10; a copy of the old database is at {backup}" in srv.log
+        assert db_rows(db, "SELECT a.name, lr.five_hour_percent FROM limit_readings lr JOIN agents a "
+                           "ON a.id = lr.agent") == [("claude-code", 63.0)]
+        answer = srv.query().GetLimits(ccmon_pb2.GetLimitsRequest())
+        assert (answer.five_hour_now.session_id, answer.five_hour_now.five_hour.used_percentage, len(answer.agents)) \
+            == ("s-claude", 63.0, 0)
+    finally:
+        srv.stop()
+
+
 def test_a_failed_upgrade_leaves_the_database_untouched(tmp_path):
     db = tmp_path / "ccmon.db"
     shutil.copyfile(V1 / "ccmon.db", db)
@@ -2909,9 +2938,10 @@ class ListingReader:
     def series(self, starts, start_ms, end_ms, by="", user=None, project=None):
         return [ccmon.SeriesPoint(start, "", ccmon.Split()) for start in starts[:-1]]
 
-    def readings(self, user, since_ms, until_ms, limit=1, with_limits=False):
+    def readings(self, user, since_ms, until_ms, limit=1, with_limits=False, agent=ccmon.CLAUDE_CODE):
         self.limit = limit
-        return [ccmon.LimitReading("s", until_ms - i, five_hour=ccmon.LimitWindow(1.0, until_ms)) for i in range(limit)]
+        return [ccmon.LimitReading("s", until_ms - i, five_hour=ccmon.LimitWindow(1.0, until_ms), agent=agent)
+                for i in range(limit)]
 
     def timeline(self, session_id, limit):
         self.limit = limit
@@ -2947,6 +2977,7 @@ def test_every_list_answer_is_bounded():
     series = service.GetSeries(ccmon_pb2.GetSeriesRequest(bucket="hour", start_time=ccmon.timestamp_from_ms(0),
                                                           end_time=ccmon.timestamp_from_ms(5000 * ccmon.HOUR_MS)), context)
     assert (len(series.points), reader.limit, len(series.readings)) == (5000, 5000, 5000)
+    assert [len([r for r in series.agent_readings if r.agent == agent]) for agent in ccmon.AGENTS[1:]] == [5000] * 3
     assert ccmon.ms_of(series.readings[0].read_at) < ccmon.ms_of(series.readings[-1].read_at)  # oldest first
     for limit in (0, -1, 2001, 2 ** 31 - 1):
         timeline = service.GetSessionTimeline(ccmon_pb2.GetSessionTimelineRequest(session_id="s", limit=limit),
@@ -4510,31 +4541,33 @@ def test_report_limits_lists_claudes_readings_as_table_json_and_csv(server, tmp_
         return ccmon.dt.datetime.fromtimestamp(ms / 1000, tokyo).isoformat(timespec=spec)
     report = json.loads(run_report(server, "limits", "--json", cwd=tmp_path).stdout)
     assert (report["report"], report["rows"], report["totals"]) == ("limits", [  # oldest first, as daily and blocks
-        {"read_at": local(now - 7200_000, "seconds"), "user": "ana@example.com", "session_id": "s-ana-1",
+        {"limits": "Claude", "read_at": local(now - 7200_000, "seconds"), "user": "ana@example.com",
+         "session_id": "s-ana-1",
          "five_hour_percent": 42.0, "five_hour_resets": local(now + 3600_000), "seven_day_percent": 12.5,
          "seven_day_resets": local(now + 3 * 86400_000)},
-        {"read_at": local(now - 1800_000, "seconds"), "user": "bo@example.com", "session_id": "s-bo-1",
+        {"limits": "Claude", "read_at": local(now - 1800_000, "seconds"), "user": "bo@example.com",
+         "session_id": "s-bo-1",
          "five_hour_percent": None, "five_hour_resets": None, "seven_day_percent": 80.0,
          "seven_day_resets": local(now + 86400_000)}], {})
     assert run_report(server, "limits", "--csv", cwd=tmp_path).stdout.splitlines() == [
-        "read_at,user,session_id,five_hour_percent,five_hour_resets,seven_day_percent,seven_day_resets",
-        f"{local(now - 7200_000, 'seconds')},ana@example.com,s-ana-1,42.0,{local(now + 3600_000)},12.5,"
+        "limits,read_at,user,session_id,five_hour_percent,five_hour_resets,seven_day_percent,seven_day_resets",
+        f"Claude,{local(now - 7200_000, 'seconds')},ana@example.com,s-ana-1,42.0,{local(now + 3600_000)},12.5,"
         f"{local(now + 3 * 86400_000)}",
-        f"{local(now - 1800_000, 'seconds')},bo@example.com,s-bo-1,,,80.0,{local(now + 86400_000)}"]
+        f"Claude,{local(now - 1800_000, 'seconds')},bo@example.com,s-bo-1,,,80.0,{local(now + 86400_000)}"]
     table = run_report(server, "limits", cwd=tmp_path).stdout.splitlines()
     minutes = lambda ms: local(ms)[:16].replace("T", " ")  # noqa: E731
     assert table[1:] == [
-        "read              user             session   5h  5h_resets          week  week_resets",
-        "----------------  ---------------  -------  ---  ----------------  -----  ----------------",
-        f"{minutes(now - 7200_000)}  ana@example.com  s-ana-1  42%  {minutes(now + 3600_000)}  12.5%  "
+        "limits  read              user             session   5h  5h_resets          week  week_resets",
+        "------  ----------------  ---------------  -------  ---  ----------------  -----  ----------------",
+        f"Claude  {minutes(now - 7200_000)}  ana@example.com  s-ana-1  42%  {minutes(now + 3600_000)}  12.5%  "
         f"{minutes(now + 3 * 86400_000)}",
-        f"{minutes(now - 1800_000)}  bo@example.com   s-bo-1     -  -                   80%  "
+        f"Claude  {minutes(now - 1800_000)}  bo@example.com   s-bo-1     -  -                   80%  "
         f"{minutes(now + 86400_000)}"]
     only_bo = json.loads(run_report(server, "limits", "--user", "bo@example.com", "--json", cwd=tmp_path).stdout)
     assert [row["session_id"] for row in only_bo["rows"]] == ["s-bo-1"]
     none = run_report(server, "limits", "--since", "2026-01-01", "--until", "2026-01-31", cwd=tmp_path)
-    assert none.stdout.splitlines()[1:] == ["no readings of Claude's limits in this period (ccmon statusline stores "
-                                            "them)"]
+    assert none.stdout.splitlines()[1:] == ["no readings of Claude's limits, nor of Codex's, in this period (ccmon "
+                                            "statusline stores Claude's, ccmon import Codex's)"]
     assert run_report(server, "limits", "--since", "2026-01-01", "--until", "2026-01-31", "--csv",
                       cwd=tmp_path).stdout == ",".join(ccmon.LIMIT_FIELDS) + "\n"
 
@@ -5407,7 +5440,7 @@ def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
     store.close()
     with sqlite3.connect(db) as conn:
         conn.executescript("DROP TRIGGER projects_named; DROP TABLE projects; DROP TABLE retired_usage; "
-                           "PRAGMA user_version = 8;")
+                           "ALTER TABLE limit_readings DROP COLUMN agent; PRAGMA user_version = 8;")
     conn.close()
     store = ccmon.Writer(db)
     try:
@@ -8374,6 +8407,195 @@ def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_pat
     assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_l1",), ("req_l2",), ("req_l3",)]
 
 
+# The other agents' local histories of the same runs as their gRPC captures (fixtures/<tool>/history/, under the
+# paths they have in the home folder): tool -> (agent, files, model calls in them, a model message written twice).
+# Gemini's chats leave out its router's calls; Codex's gRPC capture has a conversation without its rollout.
+AGENT_HISTORIES = {"gemini-cli-0.61.0": ("gemini-cli", 3, 4, 1), "codex-0.169.0": ("codex", 4, 5, 0),
+                   "qwen-code-0.24.4": ("qwen-code", 5, 10, 0)}
+
+
+def agent_home(home: Path, *tools: str) -> Path:
+    """A home folder holding these tools' histories."""
+    home.mkdir(exist_ok=True)
+    for tool in tools:
+        shutil.copytree(FIXTURES / tool / "history", home, dirs_exist_ok=True)
+    return home
+
+
+@pytest.mark.parametrize("tool", list(AGENT_HISTORIES))
+def test_another_agents_history_is_imported_exactly_once_priced_as_its_telemetry(server, tool, tmp_path):
+    """`ccmon import` reads Gemini CLI's chats, Codex's rollouts and Qwen Code's chats in their default folders:
+    each model call once (Gemini's message written again with its tool calls too), in ccmon's kinds as the agent's
+    telemetry maps them (the stand-in's fixed usage, to the token), priced by ccmon as the telemetry is
+    (estimated); importing again adds nothing."""
+    agent, files, calls, duplicates = AGENT_HISTORIES[tool]
+    home = agent_home(tmp_path / "home", tool)
+    first = ccmon_import(server, home=home)
+    assert first.returncode == 0 and first.stderr == "", first
+    assert first.stdout.startswith(f"ccmon import: {files} files read; {calls} requests imported; 0 already known; "
+                                   "0 skipped"), first.stdout
+    assert first.stdout.rstrip().endswith(f"by agent: {agent} ({files} files, {calls} imported, 0 known)")
+    assert ("streaming duplicates" in first.stdout) == bool(duplicates)
+    assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
+    rows = db_rows(server.db, "SELECT a.name, r.model_name, r.cost_nanos, r.origin FROM r JOIN agents a "
+                              "ON a.id = r.agent")
+    assert {(name, cost, origin) for name, model, cost, origin in rows} == \
+        {(agent, ccmon.estimated_cost(model, *STANDIN_CALL[agent]), ccmon.ORIGIN_TRANSCRIPT)
+         for _, model, _, _ in rows}
+    assert any(cost > 0 for _, _, cost, _ in rows)  # a priced model among them
+    again = ccmon_import(server, home=home)
+    assert again.stdout.startswith(f"ccmon import: {files} files read; 0 requests imported; {calls} already known"), \
+        again.stdout
+    assert agent_totals(server)[0] == calls
+
+
+@pytest.mark.parametrize("tool", list(AGENT_HISTORIES))
+def test_another_agents_history_adds_nothing_to_its_telemetry_of_the_same_runs(server, tool, tmp_path):
+    """Joined with the telemetry of the same runs: Qwen's calls by their response_id, Gemini's and Codex's by
+    session (their histories name no id their telemetry does; the telemetry has Gemini's router calls the chats
+    lack). History imported after the telemetry adds nothing; telemetry arriving after the history replaces it."""
+    agent, files, calls, _ = AGENT_HISTORIES[tool]
+    _, telemetry_calls, _ = AGENT_CAPTURES[tool, "grpc"]
+    expected = (telemetry_calls, tuple(telemetry_calls * n for n in STANDIN_CALL[agent]),
+                telemetry_calls * STANDIN_TOTAL[agent])
+    replay(server, agent_capture(tool, "grpc"))
+    home = agent_home(tmp_path / "home", tool)
+    after = ccmon_import(server, home=home)
+    assert after.stdout.startswith(f"ccmon import: {files} files read; 0 requests imported; {calls} already known"), \
+        after.stdout
+    assert agent_totals(server) == expected
+    assert db_rows(server.db, "SELECT COUNT(*) FROM r WHERE origin IN (2, 3)") == [(0,)]
+
+
+@pytest.mark.parametrize("tool", list(AGENT_HISTORIES))
+def test_telemetry_replaces_another_agents_history_imported_first(server, tool, tmp_path):
+    agent, files, calls, _ = AGENT_HISTORIES[tool]
+    _, telemetry_calls, _ = AGENT_CAPTURES[tool, "grpc"]
+    before = ccmon_import(server, home=agent_home(tmp_path / "home", tool))
+    assert f"{calls} requests imported" in before.stdout, before.stdout
+    replay(server, agent_capture(tool, "grpc"))
+    assert agent_totals(server) == (telemetry_calls, tuple(telemetry_calls * n for n in STANDIN_CALL[agent]),
+                                    telemetry_calls * STANDIN_TOTAL[agent])
+    assert db_rows(server.db, "SELECT COUNT(*) FROM r WHERE origin IN (2, 3)") == [(0,)]
+
+
+@pytest.mark.parametrize("tool", list(AGENT_HISTORIES))
+def test_another_agents_history_replaces_what_its_metrics_counted(server, tool, tmp_path):
+    """A metrics-only user's history: its calls replace what the agent's token metrics counted, as events do
+    (Gemini's in their sessions, Codex's and Qwen's session-less ones within an hour of a call)."""
+    agent, files, calls, _ = AGENT_HISTORIES[tool]
+    replay(server, agent_capture(tool, "grpc"), ("metrics",))
+    assert agent_totals(server)[0] == 0 and agent_totals(server)[2] > 0
+    imported = ccmon_import(server, home=agent_home(tmp_path / "home", tool))
+    assert f"; {calls} requests imported; " in imported.stdout, imported.stdout
+    assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
+    replay(server, agent_capture(tool, "grpc"), ("metrics",))  # sent again: still the history's
+    assert agent_totals(server)[0:2] == (calls, tuple(calls * n for n in STANDIN_CALL[agent]))
+
+
+def test_every_agents_history_is_read_together_and_bad_lines_are_named(server, tmp_path):
+    """One import of every agent's default folder names what it read of each; a line that is no JSON, a call whose
+    figures cannot be read, a limit reading the server would refuse and a line cut short at the end of a file are
+    skipped and named (file:line)."""
+    home = agent_home(tmp_path / "home", *AGENT_HISTORIES)
+    chats = home / ".qwen" / "projects" / "-home-dev-work-qwen" / "chats"
+    damaged = chats / "d8f47574-eaa5-4e1e-aada-948cf23da699.jsonl"
+    lines = damaged.read_text().splitlines()
+    bad_call = next(number for number, line in enumerate(lines) if '"input_token_count":3456' in line)
+    broken = [*lines[:bad_call], lines[bad_call].replace('"input_token_count":3456', '"input_token_count":-5'),
+              *lines[bad_call + 1:]]
+    damaged.write_text("\n".join(["{not json", *broken]) + "\n")
+    rollout = next((home / ".codex" / "sessions").rglob("rollout-*29ba*.jsonl"))
+    over = next(line for line in rollout.read_text().splitlines() if '"rate_limits"' in line) \
+        .replace('"used_percent":12.5', '"used_percent":125.0').replace("15:11:23.210Z", "15:11:23.999Z")
+    rollout.write_text(rollout.read_text() + over + "\n" + '{"timestamp":"2026-12-04T15:11:24.000Z","type":"tok')
+    result = ccmon_import(server, home=home)
+    assert result.returncode == 0, result
+    lines_written = len(rollout.read_text().splitlines())
+    assert result.stderr.splitlines() == [
+        f"ccmon import: limits out of range: {rollout}:{lines_written - 1}",
+        f"ccmon import: truncated last line: {rollout}:{lines_written}",
+        f"ccmon import: not JSON: {damaged}:1", f"ccmon import: figures out of range: {damaged}:{bad_call + 2}"], \
+        result.stderr
+    assert result.stdout.rstrip().endswith(
+        "by agent: gemini-cli (3 files, 4 imported, 0 known), codex (4 files, 5 imported, 0 known), "
+        "qwen-code (5 files, 9 imported, 0 known)"), result.stdout
+    assert "4 skipped (1 figures out of range, 1 limits out of range, 1 not JSON, 1 truncated last line)" \
+        in result.stdout
+    assert "; 5 limit readings of Codex stored; " in result.stdout
+
+
+# Codex's plan's limits in its newest rollout's token_count event (the TUI run's), as the stand-in's x-codex-*
+# headers gave them: each run's resets are 5 hours and a week after it.
+CODEX_PRIMARY = ccmon.LimitWindow(12.5, 1796400740_000)    # 5 hours
+CODEX_SECONDARY = ccmon.LimitWindow(34.0, 1796483540_000)  # a week
+
+
+def test_codexs_own_limits_are_read_from_its_rollouts_and_shown_apart_from_claudes(server, tmp_path):
+    """Each token_count event of a rollout is a reading of Codex's limits (primary: 5 hours, secondary: weekly):
+    stored once as Codex's, answered by GetLimits and listed by `report limits` as Codex's, never as Claude's."""
+    home = agent_home(tmp_path / "home", "codex-0.169.0")
+    first = ccmon_import(server, home=home)
+    assert "; 5 limit readings of Codex stored; " in first.stdout, first.stdout
+    again = ccmon_import(server, home=home)
+    assert "limit reading" not in again.stdout, again.stdout
+    assert db_rows(server.db, "SELECT a.name, COUNT(*), MIN(five_hour_percent), MAX(five_hour_resets), "
+                              "MIN(seven_day_percent), MAX(seven_day_resets) FROM limit_readings lr JOIN agents a "
+                              "ON a.id = lr.agent GROUP BY 1") == \
+        [("codex", 5, 12.5, CODEX_PRIMARY.resets_ms, 34.0, CODEX_SECONDARY.resets_ms)]
+    answer = server.query().GetLimits(ccmon_pb2.GetLimitsRequest(at=ts("2026-12-04T15:13:00Z")))
+    assert not answer.HasField("latest") and not answer.HasField("five_hour_now") \
+        and not answer.HasField("seven_day_now")  # Claude's figures know nothing of Codex's
+    assert [(r.agent, r.session_id, ccmon.window_of(r, "five_hour"), ccmon.window_of(r, "seven_day"))
+            for r in answer.agents] == [("codex", "01a2419c-f77d-7560-a635-0779905e56e1", CODEX_PRIMARY,
+                                         CODEX_SECONDARY)]  # the newest
+    report = json.loads(run_report(server, "limits", "--since", "2026-12-04", "--until", "2026-12-05", "--json",
+                                   cwd=tmp_path).stdout)
+    assert [(row["limits"], row["five_hour_percent"], row["seven_day_percent"]) for row in report["rows"]] == \
+        [("Codex", 12.5, 34.0)] * 5
+    with pytest.raises(grpc.RpcError) as failure:  # a client cannot pass Claude's readings off as an import
+        server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(readings=[ccmon.reading_message(
+            ccmon.LimitReading("s-1", ccmon.now_ms(), five_hour=ccmon.LimitWindow(50.0, ccmon.now_ms() + 60_000)))]))
+    assert failure.value.details() == "an imported limit reading is not valid: claude-code: not another agent's " \
+                                      "(gemini-cli, codex, qwen-code): Claude's come from its status line"
+
+
+@pytest.mark.parametrize("request_, message", [
+    (ccmon_pb2.ImportRequestsRequest(requests=[ccmon_pb2.ImportedRequest(
+        session_id="s-1", timestamp_ms=1796400000000, model="m", agent="cursor")]),
+     "an imported request is not valid: unknown agent 'cursor' (known: claude-code, gemini-cli, codex, qwen-code)"),
+    (ccmon_pb2.ImportRequestsRequest(readings=[ccmon.reading_message(ccmon.LimitReading(
+        "s-1", 1796400000000, five_hour=ccmon.LimitWindow(120.0, 1796400000000), agent=ccmon.CODEX))]),
+     "an imported limit reading is not valid: codex: five_hour.used_percentage 120.0 is not 0-100"),
+    (ccmon_pb2.ImportRequestsRequest(readings=[ccmon.reading_message(ccmon.LimitReading(
+        "", 1796400000000, five_hour=ccmon.LimitWindow(12.0, 1796400000000), agent=ccmon.CODEX))]),
+     "an imported limit reading is not valid: codex: a reading needs its session_id")])
+def test_an_imported_request_or_limit_reading_the_server_cannot_store_is_refused(server, request_, message):
+    with pytest.raises(grpc.RpcError) as failure:
+        server.query().ImportRequests(request_)
+    assert (failure.value.code(), failure.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+    assert db_rows(server.db, "SELECT (SELECT COUNT(*) FROM requests), (SELECT COUNT(*) FROM limit_readings)") == \
+        [(0, 0)]
+
+
+def test_the_monitor_shows_codexs_live_limits_below_claudes(tmp_path):
+    snap, settings, now = _frame_fixture()
+    reading = ccmon.LimitReading("c-1", now - 120_000, five_hour=ccmon.LimitWindow(12.5, now + 3600_000),
+                                 seven_day=ccmon.LimitWindow(34.0, now + 3 * 86400_000), agent=ccmon.CODEX)
+    limits = dataclasses.replace(snap.limits, claude=ccmon.ClaudeLimits(agents=(reading,)))
+    lines, _ = frame_text(ccmon.ViewState(period="b"), dataclasses.replace(snap, limits=limits), settings, 120, 30,
+                          now)
+    codex = [line for line in lines if line.startswith("Codex 5h")]
+    assert len(codex) == 1 and codex[0].endswith("  13%, resets 11:30; week 34%, resets Fri 10:30 (read 2 min "
+                                                 "ago)"), lines
+    assert not any(line.startswith("Claude") for line in lines)  # Claude's own gauges are not fed by it
+    reset = dataclasses.replace(reading, five_hour=ccmon.LimitWindow(12.5, now - 1), seven_day=None)
+    limits = dataclasses.replace(snap.limits, claude=ccmon.ClaudeLimits(agents=(reset,)))
+    lines, _ = frame_text(ccmon.ViewState(period="b"), dataclasses.replace(snap, limits=limits), settings, 100, 30,
+                          now)
+    assert not any(line.startswith("Codex") for line in lines)  # a window that has reset is not shown
+
+
 def test_import_into_a_server_with_a_token(tmp_path):
     srv = ServerProcess(tmp_path, "--server-token", "t0ken").start()
     try:
@@ -9041,6 +9263,29 @@ def test_the_local_server_reads_and_follows_the_transcripts(tmp_path):
             handle.write(transcript_line("s-local", when[2], "req_3", "msg_3") + "\n")
         wait_until(lambda: figures()["monthly_tokens"] == 4 * 6550, "the appended request")
         assert figures()["monthly_cost"] == 0.05035
+    finally:
+        stop_local_servers(home)
+
+
+def test_the_local_server_reads_and_follows_the_other_agents_histories(tmp_path):
+    """The local server follows Codex's rollouts, Qwen's chats and Gemini's chats in their default folders as it
+    follows the transcripts: what is there at start, then a session written later; Codex's limits with them."""
+    home, _ = local_home(tmp_path)
+    agent_home(home, "codex-0.169.0", "qwen-code-0.24.4")
+    log = home / ".ccmon" / "server.log"
+    try:
+        assert run_ccmon(["--json"], home).returncode == 0  # starts the local server
+        wait_until(lambda: "transcripts: 9 files read, 15 requests imported, 0 already known" in log.read_text(),
+                   "Codex's and Qwen's histories")
+        chats = home / ".gemini" / "tmp" / "gemini" / "chats"
+        chats.mkdir(parents=True)
+        shutil.copy(next((FIXTURES / "gemini-cli-0.61.0" / "history").rglob("*-d5de2ac9.jsonl")), chats)
+        wait_until(lambda: "transcripts: 10 files read, 16 requests imported, 0 already known" in log.read_text(),
+                   "a Gemini chat written later")
+        db = home / ".ccmon" / "ccmon.db"
+        assert db_rows(db, "SELECT a.name, COUNT(*) FROM requests r JOIN agents a ON a.id = r.agent GROUP BY 1 "
+                           "ORDER BY 1") == [("codex", 5), ("gemini-cli", 1), ("qwen-code", 10)]
+        assert db_rows(db, "SELECT COUNT(*) FROM limit_readings") == [(5,)]
     finally:
         stop_local_servers(home)
 
