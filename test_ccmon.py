@@ -3974,10 +3974,13 @@ def test_clients_say_when_nothing_answers_in_time_or_the_server_speaks_tls(tmp_p
 
 @pytest.fixture
 def go_server(tmp_path):
-    """The original Go ccmon server (v0.9.4) on a free loopback port, once it answers gRPC."""
+    """The original Go ccmon server (v0.9.4) on a free loopback port, once it answers gRPC. Its stats cache is off:
+    it keeps GetStats answers for a minute, so a figure asked for before an export could come back unchanged after
+    it (the test of its clients failed 4 runs in 13 that way)."""
     address = f"127.0.0.1:{free_port()}"
     proc = subprocess.Popen([str(go_ccmon_binary()), "--server", "--server-address", address, "--database-path",
-                             str(tmp_path / "go.db")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(tmp_path / "go.db"), "--server-cache-stats-enabled=false"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with grpc.insecure_channel(address) as channel:
             grpc.channel_ready_future(channel).result(timeout=60)
