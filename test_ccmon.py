@@ -10220,6 +10220,45 @@ def test_claude_code_exports_to_the_server_ccmon_setup_pointed_it_at(claude_code
 
 
 @e2e
+def test_claude_code_set_up_by_ccmon_alone_feeds_the_server_its_status_line_started(claude_code, mock_anthropic,
+                                                                                     tmp_path):
+    """A new user's machine: a HOME with nothing of ccmon's but `ccmon setup`'s changes (and a config moving the local
+    server off 4317, as tests run side by side). Claude Code, interactive, runs ccmon's status line, which starts
+    the local server; its telemetry and its status line readings reach that server, and the server, following
+    the transcript too, keeps the one answer once, at Claude Code's exact figures."""
+    api = mock_anthropic()
+    home = tmp_path / "home"
+    home.mkdir()
+    _, port = local_home(home)
+    session = ClaudeTmux(claude_code, api.port, tmp_path / "project", home, "true")  # then replaced by setup's
+    try:
+        done = run_ccmon(["setup", "--replace-status-line"], home)
+        assert done.returncode == 0, done.stderr
+        settings = json.loads((home / ".claude" / "settings.json").read_text())
+        assert settings["env"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == f"http://127.0.0.1:{port}"
+        assert local_server_pids(home) == []
+        session.start("Sonnet 4.5")  # ccmon's status line, from Claude Code's input while the server starts
+        wait_until(lambda: run_ccmon(["server", "status"], home).returncode == 0, "the local server, running", 60)
+        session.turn("say hello")
+        db = home / ".ccmon" / "ccmon.db"
+        model = "claude-sonnet-4-5"
+        # the transcript's copy (origin 2) may come first; telemetry's event replaces it: one request, Claude Code's
+        wait_until(lambda: db_rows(db, "SELECT model_name, input_tokens, output_tokens, cache_read_tokens, "
+                                       "cache_creation_tokens, cost_nanos, origin FROM r")
+                   == [(model, *MOCK_USAGE[model], 0)], "the turn's api_request in the auto-started server, once", 60)
+        wait_until(lambda: db_rows(db, "SELECT COUNT(*) FROM limit_readings")[0][0] >= 1,
+                   "a status line reading in the auto-started server", 60)
+        session.turn("say hello again")
+        wait_until(lambda: db_rows(db, "SELECT COUNT(*), SUM(cost_nanos), MAX(origin) FROM r")
+                   == [(2, 2 * MOCK_USAGE[model][4], 0)], "the second turn, once, from telemetry", 60)
+        assert session.exit() == 0
+        assert len(local_server_pids(home)) == 1  # it keeps running after Claude Code has gone
+    finally:
+        session.close()
+        stop_local_servers(home)
+
+
+@e2e
 def test_claude_code_status_line_gets_the_session_and_the_subscription_limits(server, claude_code, mock_anthropic,
                                                                               tmp_path):
     """Claude Code interactive in tmux, signed in as a subscriber, with a statusLine command that keeps its stdin:
