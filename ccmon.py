@@ -1838,13 +1838,25 @@ def mark_reading_agents(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE limit_readings ADD COLUMN agent INTEGER NOT NULL DEFAULT 1")
 
 
+def number_metric_series(conn: sqlite3.Connection) -> None:
+    """Version 11: every counter series (user, model, project id) gets a number in the order it first occurs (see
+    counters_kept): only the first METRICS_SERIES of them get labels of their own, so one client sending a new
+    user, model and project with every request cannot make Prometheus hold more. Series already stored are
+    numbered by their ids (the first users' first)."""
+    conn.execute("CREATE TABLE metric_series (id INTEGER PRIMARY KEY, user INTEGER NOT NULL, model INTEGER NOT NULL, "
+                 "project INTEGER NOT NULL, UNIQUE (user, model, project))")
+    conn.execute("INSERT INTO metric_series (user, model, project) SELECT su.user, su.model, COALESCE(p.id, 0) "
+                 "FROM session_usage su JOIN sessions s ON s.id = su.session LEFT JOIN projects p ON p.name = s.project "
+                 "UNION SELECT user, model, project FROM retired_usage ORDER BY 1, 2, 3")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
                                                           keep_limit_readings, count_imported_requests,
                                                           find_request_ids_within_sessions, count_receipts,
                                                           record_agents, keep_counters_monotonic,
-                                                          mark_reading_agents]
+                                                          mark_reading_agents, number_metric_series]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -2262,6 +2274,8 @@ RETIRE = (f"INSERT INTO retired_usage (user, model, project, {', '.join(SERIES_F
           f"({', '.join('?' * (3 + len(SERIES_FIGURES)))}) ON CONFLICT (user, model, project) DO UPDATE SET "
           f"{', '.join(f'{c} = {c} + excluded.{c}' for c in SERIES_FIGURES)}")
 
+NUMBER_SERIES = "INSERT INTO metric_series (user, model, project) VALUES (?, ?, ?) ON CONFLICT DO NOTHING"
+
 
 def series_sums(conn: sqlite3.Connection, sessions: Iterable[int]) -> dict[tuple[int, int, int], tuple[int, ...]]:
     return {tuple(row[:3]): tuple(row[3:])
@@ -2277,13 +2291,15 @@ def counters_kept(conn: sqlite3.Connection, sessions: Iterable[int]) -> Iterator
     sessions = set(sessions)
     before = series_sums(conn, sessions) if sessions else {}
     yield
-    if not before:
+    if not sessions:
         return
     after = series_sums(conn, sessions)
     for key, figures in before.items():
         lost = [max(0, was - now) for was, now in zip(figures, after.get(key, (0,) * len(figures)))]
         if any(lost):
             conn.execute(RETIRE, (*key, *lost))
+    # A series seen for the first time is numbered after all others (what the change made, not what it passed by).
+    conn.executemany(NUMBER_SERIES, sorted(key for key in after if key not in before))
 
 
 # Metric-derived usage counts for a session until a row that replaces it is stored.
@@ -3476,10 +3492,11 @@ class Reader:
         return [ReceiverCounts(*row) for row in self._reader().execute(
             "SELECT protocol, signal, last_ms, accepted, rejected FROM receiver_counts ORDER BY protocol, signal")]
 
-    def counter_series(self, labels: dict[str, int]) -> list[CounterSeries]:
+    def counter_series(self, labels: dict[str, int], most_series: int) -> list[CounterSeries]:
         """Every counter series (see CounterSeries), the stored usage per session and model (session_usage) plus
-        retired_usage, summed in SQL. Only the first labels[kind] users, models and projects by id (the order they
-        were first seen in, which never changes) are named; the others are summed as None."""
+        retired_usage, summed in SQL. Only the first labels[kind] users, models and projects by id, and the first
+        most_series series by id (ids follow the order things were first seen in, which never changes) are named;
+        the others are summed as None: all three names None for a series past most_series."""
         columns = ", ".join(SERIES_FIGURES)
         sums = ", ".join(f"SUM({c})" for c in SERIES_FIGURES)
         # Summed per series first (a few hundred rows), then named: a name is looked up once per series, not per
@@ -3488,12 +3505,15 @@ class Reader:
             f"WITH t (user, model, project, {columns}) AS ({STORED_SERIES.format(where='')} "
             f"UNION ALL SELECT user, model, project, {columns} FROM retired_usage), "
             f"series (user, model, project, {columns}) AS (SELECT user, model, project, {sums} FROM t GROUP BY 1, 2, 3) "
-            "SELECT CASE WHEN t.user IN (SELECT id FROM users ORDER BY id LIMIT ?) THEN u.name END, "
-            "CASE WHEN t.model IN (SELECT id FROM models ORDER BY id LIMIT ?) THEN m.name END, "
-            "CASE WHEN t.project = 0 THEN '' WHEN t.project IN (SELECT id FROM projects ORDER BY id LIMIT ?) "
-            f"THEN p.name END, {', '.join(f'SUM(t.{c})' for c in SERIES_FIGURES)} FROM series t "
+            "SELECT CASE WHEN named AND t.user IN (SELECT id FROM users ORDER BY id LIMIT ?) THEN u.name END, "
+            "CASE WHEN named AND t.model IN (SELECT id FROM models ORDER BY id LIMIT ?) THEN m.name END, "
+            "CASE WHEN NOT named THEN NULL WHEN t.project = 0 THEN '' "
+            "WHEN t.project IN (SELECT id FROM projects ORDER BY id LIMIT ?) "
+            f"THEN p.name END, {', '.join(f'SUM(t.{c})' for c in SERIES_FIGURES)} FROM (SELECT series.*, "
+            "COALESCE(ms.id <= ?, 0) AS named FROM series LEFT JOIN metric_series ms ON ms.user = series.user "
+            "AND ms.model = series.model AND ms.project = series.project) t "
             "JOIN users u ON u.id = t.user JOIN models m ON m.id = t.model LEFT JOIN projects p ON p.id = t.project "
-            "GROUP BY 1, 2, 3", (labels["user"], labels["model"], labels["project"])).fetchall()
+            "GROUP BY 1, 2, 3", (labels["user"], labels["model"], labels["project"], most_series)).fetchall()
         return [CounterSeries(user, model, project, Usage(*sums)) for user, model, project, *sums in rows]
 
     def first_users(self, most: int) -> list[str]:
@@ -7668,6 +7688,9 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # the text exposit
 # How many users, models and projects get a label value of their own: the first ones by id, the order the database
 # first saw them in (it never changes, so a series never leaves its label); the others are summed under OTHER_LABEL.
 METRICS_LABELS = {"user": 100, "model": 20, "project": 100}
+# How many (user, model, project) series get labels of their own, the first ones by id (the order they first
+# occurred in); later ones are summed under OTHER_LABEL in all three. A counter family holds at most one more.
+METRICS_SERIES = 2000
 OTHER_LABEL = "(other)"
 LABEL_MAX = 100  # characters of a label value from telemetry; a longer one is cut, ending in …
 TOKEN_TYPES = ("input", "output", "cache_read", "cache_creation")  # the type label: Usage's fields
@@ -7761,7 +7784,8 @@ class MetricsPage:
         try:
             members = set(self.reader.first_users(METRICS_LABELS["user"]))
             limits = {user: claude for user, claude in self.reader.live_limits(now).items() if user in members}
-            text = exposition(self.reader.counter_series(METRICS_LABELS), limits, self.reader.receiver_counts(), now)
+            series = self.reader.counter_series(METRICS_LABELS, METRICS_SERIES)
+            text = exposition(series, limits, self.reader.receiver_counts(), now)
         except (sqlite3.Error, DatabaseMoved) as exc:
             log.error("the metrics cannot read the database: %s", exc)
             return text_answer(503, f"the database cannot be read right now: {exc}")

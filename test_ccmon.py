@@ -5369,9 +5369,12 @@ def test_metric_counters_survive_a_restart_and_retention(tmp_path):
         srv.stop()
 
 
-def counter_figures(reader: ccmon.Reader) -> dict[tuple, ccmon.Usage]:
-    return {(one.user, one.model, one.project): one.usage
-            for one in reader.counter_series({"user": 10 ** 6, "model": 10 ** 6, "project": 10 ** 6})}
+UNCAPPED = {"user": 10 ** 6, "model": 10 ** 6, "project": 10 ** 6}
+
+
+def counter_figures(reader: ccmon.Reader, labels: dict[str, int] = UNCAPPED,
+                    most_series: int = 10 ** 6) -> dict[tuple, ccmon.Usage]:
+    return {(one.user, one.model, one.project): one.usage for one in reader.counter_series(labels, most_series)}
 
 
 def test_metric_counters_never_go_down(tmp_path):
@@ -5403,7 +5406,8 @@ def test_metric_counters_never_go_down(tmp_path):
     @given(st.lists(operation, min_size=1, max_size=8))
     def check(operations):
         for kind, payload in operations:
-            before = counter_figures(reader)
+            before, capped_before = counter_figures(reader), counter_figures(reader, {"user": 1, "model": 1,
+                                                                                     "project": 1}, 2)
             if kind == "write":
                 store.write(ccmon.Batch(requests=[r if r[-2] == 0 else r[:13] + (None,) + r[14:]
                                                   for r in payload]))  # metric usage has no request_id
@@ -5415,10 +5419,18 @@ def test_metric_counters_never_go_down(tmp_path):
                 store.record_reading(ccmon.LimitReading(payload[0], base, project=payload[1]))
             else:
                 store.sweep(payload)
-            after = counter_figures(reader)
-            for key, figures in before.items():
-                assert all(now >= was for now, was in zip(dataclasses.astuple(after.get(key, ccmon.Usage())),
-                                                          dataclasses.astuple(figures))), (kind, key)
+            after, capped_after = counter_figures(reader), counter_figures(reader, {"user": 1, "model": 1,
+                                                                                   "project": 1}, 2)
+            for was_then, now_then in ((before, after), (capped_before, capped_after)):
+                for key, figures in was_then.items():
+                    assert all(now >= was for now, was in zip(dataclasses.astuple(now_then.get(key, ccmon.Usage())),
+                                                              dataclasses.astuple(figures))), (kind, key)
+            assert sum(capped_after.values(), ccmon.Usage()) == sum(after.values(), ccmon.Usage())
+            # Every stored series has its number (none was missed): none can leave (other) later.
+            assert db_rows(store.path, "SELECT COUNT(*) FROM (SELECT su.user, su.model, COALESCE(p.id, 0) FROM "
+                                       "session_usage su JOIN sessions s ON s.id = su.session LEFT JOIN projects p "
+                                       "ON p.name = s.project UNION SELECT user, model, project FROM retired_usage "
+                                       "EXCEPT SELECT user, model, project FROM metric_series)") == [(0,)]
             retired = db_rows(store.path, f"SELECT {', '.join(f'SUM({c})' for c in ccmon.SERIES_FIGURES)} "
                                           "FROM retired_usage")[0]
             stored = ccmon.Usage(*db_rows(store.path, f"SELECT {ccmon.RAW_SUMS} FROM requests")[0])
@@ -5442,15 +5454,16 @@ def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
                                 projects={f"s{number}": project}))
     store.close()
     with sqlite3.connect(db) as conn:
-        conn.executescript("DROP TRIGGER projects_named; DROP TABLE projects; DROP TABLE retired_usage; "
-                           "ALTER TABLE limit_readings DROP COLUMN agent; PRAGMA user_version = 8;")
+        conn.executescript("DROP TABLE metric_series; DROP TRIGGER projects_named; DROP TABLE projects; "
+                           "DROP TABLE retired_usage; ALTER TABLE limit_readings DROP COLUMN agent; "
+                           "PRAGMA user_version = 8;")
     conn.close()
     store = ccmon.Writer(db)
     try:
         assert (tmp_path / "eight.db.v8.bak").exists()
         assert db_rows(db, "SELECT id, name FROM projects") == [(1, "beta"), (2, "alpha"), (3, "gamma")]
         assert db_rows(db, "SELECT COUNT(*) FROM retired_usage") == [(0,)]
-        series = ccmon.Reader(db).counter_series({"user": 1, "model": 1, "project": 2})
+        series = ccmon.Reader(db).counter_series({"user": 1, "model": 1, "project": 2}, 10)
         assert {one.project: one.usage.cost_nanos for one in series} == {"beta": 2000, "alpha": 1000, None: 1000}
     finally:
         store.close()
@@ -5469,17 +5482,72 @@ def test_metric_labels_are_capped_and_keep_their_series(tmp_path):
     labels = {"user": 3, "model": 2, "project": 3}
     for number in range(3):
         write(number)
-    first = {(one.user, one.model, one.project): one.usage.cost_nanos for one in reader.counter_series(labels)}
+    first = {(one.user, one.model, one.project): one.usage.cost_nanos for one in reader.counter_series(labels, 10 ** 6)}
     assert first == {("user-0", "model-0", "project-0"): 1000, ("user-1", "model-1", "project-1"): 1000,
                      ("user-2", None, "project-2"): 1000}
     for number in range(3, 40):
         write(number)
-    grown = {(one.user, one.model, one.project): one.usage.cost_nanos for one in reader.counter_series(labels)}
+    grown = {(one.user, one.model, one.project): one.usage.cost_nanos for one in reader.counter_series(labels, 10 ** 6)}
     assert {key: grown[key] for key in first} == first  # every series kept its labels and its figures
     assert {key: cost for key, cost in grown.items() if key not in first} == {
         (None, None, None): 19 * 1000, (None, "model-0", None): 9 * 1000, (None, "model-1", None): 9 * 1000}
     assert reader.first_users(2) == ["user-0", "user-1"]
     store.close()
+
+
+def write_series(store: ccmon.Writer, at: int, number: int, session: str | None = None, user: str | None = None,
+                 model: str | None = None) -> None:
+    """One request of 1000 nanodollars in a user, model and project of its own (numbered), or of a given session,
+    user and model."""
+    store.write(ccmon.Batch(requests=[(at + number, session or f"s{number}", number, model or f"model-{number}",
+                                       user or f"user-{number}", 1, 0, 0, 0, 1000, 0, None, None, None, None, None,
+                                       0, "claude-code")],
+                            projects={} if session else {f"s{number}": f"project-{number}"}))
+
+
+def test_metric_series_are_capped_in_the_order_they_occur(tmp_path):
+    """One client sending a new user, model and project with every request: only the first series get labels, the
+    others are summed under (other) in all three; a series that occurs later for an old session (a new latest user)
+    is numbered after them, and the first ones keep their labels and figures."""
+    store, reader = ccmon.Writer(tmp_path / "series.db"), ccmon.Reader(tmp_path / "series.db")
+    at = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
+    for number in range(6):
+        write_series(store, at, number)
+    named = {(f"user-{n}", f"model-{n}", f"project-{n}"): ccmon.Usage(requests=1, input=1, cost_nanos=1000)
+             for n in range(3)}
+    assert counter_figures(reader, UNCAPPED, 3) == {
+        **named, (None, None, None): ccmon.Usage(requests=3, input=3, cost_nanos=3000)}
+    write_series(store, at, 100, session="s0", user="user-9", model="model-0")  # s0's usage moves to user-9
+    assert counter_figures(reader, UNCAPPED, 3) == {
+        **named, (None, None, None): ccmon.Usage(requests=5, input=5, cost_nanos=5000)}
+    assert db_rows(store.path, "SELECT ms.id, u.name FROM metric_series ms JOIN users u ON u.id = ms.user") == [
+        (1, "user-0"), (2, "user-1"), (3, "user-2"), (4, "user-3"), (5, "user-4"), (6, "user-5"), (7, "user-9")]
+    assert len(counter_figures(reader, UNCAPPED, ccmon.METRICS_SERIES)) == 7
+    store.close()
+
+
+def test_schema_11_numbers_the_stored_series_by_their_ids(tmp_path):
+    """A schema-10 database is upgraded with a backup: the series it holds (stored and retired) are numbered by
+    user, model and project id, and a series that occurs later is numbered after them."""
+    db = tmp_path / "ten.db"
+    store = ccmon.Writer(db)
+    at = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
+    for number in (2, 0, 1):
+        write_series(store, at, number)
+    store.close()
+    with sqlite3.connect(db) as conn:
+        conn.executescript("DROP TABLE metric_series; PRAGMA user_version = 10;")
+    conn.close()
+    store = ccmon.Writer(db)
+    try:
+        assert (tmp_path / "ten.db.v10.bak").exists()
+        write_series(store, at, 3)
+        assert db_rows(db, "SELECT ms.id, u.name, m.name, p.name FROM metric_series ms JOIN users u ON u.id = ms.user "
+                           "JOIN models m ON m.id = ms.model JOIN projects p ON p.id = ms.project") == [
+            (1, "user-2", "model-2", "project-2"), (2, "user-0", "model-0", "project-0"),
+            (3, "user-1", "model-1", "project-1"), (4, "user-3", "model-3", "project-3")]
+    finally:
+        store.close()
 
 
 @pytest.fixture(scope="session")
