@@ -2867,7 +2867,9 @@ def series_parts(lo: int, hi: int) -> list[tuple[int, int, int, int]]:
         return [(1, level + 1, x, y) for level, x, y in period_parts(lo, hi, (BUCKET_MS,))]
     parts = [(1, 0, a, b)]
     for sign, x, y in ((1, lo, a), (-1, a, lo), (1, b, hi), (-1, hi, b)):
-        parts += [(sign, level + 1, p, q) for level, p, q in period_parts(x, y, (BUCKET_MS,))]
+        if x < y:
+            parts += [(sign, 1, x, y)] if x % BUCKET_MS == y % BUCKET_MS == 0 else \
+                [(sign, level + 1, p, q) for level, p, q in period_parts(x, y, (BUCKET_MS,))]
     return parts
 
 
@@ -3025,7 +3027,8 @@ class Reader:
                 for part, key, model, *figures in conn.execute(sql, (*bounds, *extra)):
                     side = side_of[model]
                     for index, sign in uses_of.get(part, ()):
-                        tally = found.setdefault((index, key), [[0] * len(figures) for _ in range(3)])
+                        if (tally := found.get((index, key))) is None:
+                            tally = found[index, key] = [[0] * len(figures), [0] * len(figures), [0] * len(figures)]
                         tally[side] = list(map(int.__add__ if sign > 0 else int.__sub__, tally[side], figures))
         finally:
             if conn.in_transaction:
