@@ -7085,7 +7085,7 @@ def status_line_with_server(config: Config, template: str | None, data: dict, re
 
 # ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model|blocks|project|limits
 
-REPORT_KINDS = ("daily", "weekly", "monthly", "session", "model", "blocks", "project", "limits")
+REPORT_KINDS = ("daily", "weekly", "monthly", "session", "model", "blocks", "project", "agent", "limits")
 REPORT_WIDTH = 120  # a table's width unless --wide
 USAGE_FIELDS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                 "total_tokens", "cost_usd")
@@ -7131,22 +7131,73 @@ def report_period(kind: str, since: dt.date | None, until: dt.date | None, zone:
     return start, end
 
 
+def agent_days(client: Client, start: int, end: int, zone: ZoneInfo, user: str | None, project: str | None,
+               agent: str) -> list[DayUsage]:
+    """One agent's usage per local day, newest first, as Client.days: the days' series by model, each model
+    counted as its agent's (as the server tells them apart)."""
+    mine = {m.model for m in client.models(start, end, user, project) if m.agent == agent}
+    days: dict[str, Split] = {}
+    for point in client.series(start, end, "day", zone.key, "model", user, project).points:
+        if point.group in mine:
+            date = dt.datetime.fromtimestamp(point.start_ms / 1000, zone).date().isoformat()
+            days[date] = days.get(date, Split()) + point.split
+    return [DayUsage(date, split) for date, split in sorted(days.items(), reverse=True)]
+
+
+def project_row(project: str, sessions: int, split: Split) -> dict[str, Any]:
+    return {"project": project, "sessions": sessions, **usage_fields(split.total),
+            "premium_requests": split.premium.requests, "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD}
+
+
+def agent_projects(client: Client, start: int, end: int, user: str | None, project: str | None,
+                   agent: str) -> list[dict[str, Any]]:
+    """The project report of one agent's usage, by cost: each project's usage of the agent's models and its
+    sessions of the agent (one project's figures at a time: the server sums projects over every agent)."""
+    rows = []
+    for each in client.projects(start, end, user, project):
+        by_model = {m.model: m.usage for m in client.models(start, end, user, each.project or None) if m.agent == agent}
+        sessions = [s for s in client.sessions(start, end, user, MAX_SESSIONS, each.project or None)
+                    if (s.agent or CLAUDE_CODE) == agent]
+        if by_model:
+            rows.append(project_row(each.project, len(sessions), Split.from_models(
+                by_model, frozenset(by_model) if agent != CLAUDE_CODE else frozenset())))
+    return sorted(rows, key=lambda row: (-row["cost_usd"], row["project"]))
+
+
+def agent_rows(client: Client, start: int, end: int, user: str | None, project: str | None) -> list[dict[str, Any]]:
+    """`ccmon report agent`: each agent's usage in the period, by cost, with how many of its models were used."""
+    models: dict[str, list[ModelUsage]] = {}
+    for model in client.models(start, end, user, project):
+        models.setdefault(model.agent, []).append(model)
+    rows = [{"agent": agent, "models": len(used), **usage_fields(sum((m.usage for m in used), Usage()))}
+            for agent, used in models.items()]
+    return sorted(rows, key=lambda row: (-row["cost_usd"], row["agent"]))
+
+
+def check_report_agent(kind: str, agent: str | None) -> None:
+    if agent not in (None, CLAUDE_CODE) and kind == "blocks":
+        raise ConfigError(f"--agent {agent}: blocks are Claude's 5-hour windows, Claude Code's usage alone "
+                          f"(use --agent {CLAUDE_CODE}, or the daily report)")
+
+
 def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
-                user: str | None, project: str | None = None) -> list[dict[str, Any]]:
-    """The report's rows, oldest or most costly first; figures exact (cost in USD as a float)."""
+                user: str | None, project: str | None = None, agent: str | None = None) -> list[dict[str, Any]]:
+    """The report's rows, oldest or most costly first; figures exact (cost in USD as a float). With an agent, only
+    that agent's usage (blocks are Claude Code's anyway)."""
     if kind == "limits":  # the series' readings; by week, as its points are not shown: the fewest of them
         series = client.series(start, end, "week", zone.key, user=user)
-        return [limit_fields(reading, zone) for reading in series.readings + series.agent_readings]
+        return [limit_fields(reading, zone) for reading in series.readings + series.agent_readings
+                if agent in (None, reading.agent)]
+    if kind == "agent":
+        return [row for row in agent_rows(client, start, end, user, project) if agent in (None, row["agent"])]
     if kind == "project":  # '' is the sessions without a project
-        return [{"project": p.project, "sessions": p.sessions, **usage_fields(p.split.total),
-                 "premium_requests": p.split.premium.requests,
-                 "premium_cost_usd": p.split.premium.cost_nanos / NANOS_PER_USD}
-                for p in client.projects(start, end, user, project)]
+        return [project_row(p.project, p.sessions, p.split) for p in client.projects(start, end, user, project)] \
+            if agent is None else agent_projects(client, start, end, user, project, agent)
     if kind == "model":
         return [{"model": m.model, **usage_fields(m.usage),  # None: not known (usage from metrics has no durations)
                  "avg_duration_ms": m.usage.duration_ms // m.usage.requests if m.usage.requests else None,
                  "avg_ttft_ms": m.usage.ttft_ms // m.usage.ttft_count if m.usage.ttft_count else None}
-                for m in client.models(start, end, user, project)]
+                for m in client.models(start, end, user, project) if agent in (None, m.agent)]
     if kind == "blocks":
         return [{"block_start": dt.datetime.fromtimestamp(b.start_ms / 1000, zone).isoformat(timespec="minutes"),
                  "block_end": dt.datetime.fromtimestamp(b.end_ms / 1000, zone).isoformat(timespec="minutes"),
@@ -7160,9 +7211,12 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                  **usage_fields(s.split.total), "models": " ".join(s.models), "tool_calls": s.tool_calls,
                  "tool_failures": s.tool_failures, "api_errors": s.api_errors,
                  "source": s.source, "agent": s.agent}
-                for s in client.sessions(start, end, user, limit=5000, project=project)]
+                for s in client.sessions(start, end, user, limit=MAX_SESSIONS, project=project)
+                if agent in (None, s.agent or CLAUDE_CODE)]
     groups: dict[str, Split] = {}
-    for usage in reversed(client.days(start, end, zone.key, user, project)):
+    days = client.days(start, end, zone.key, user, project) if agent is None else \
+        agent_days(client, start, end, zone, user, project, agent)
+    for usage in reversed(days):
         if usage.split.total == Usage():  # as ccusage: a period without usage is no row (the totals say it all)
             continue
         day = dt.date.fromisoformat(usage.date)
@@ -7310,7 +7364,7 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
 
 
 CHART_KEYS = {"cost": "cost_usd", "tokens": "total_tokens"}  # --chart's values: what the bars are of
-CHART_REPORTS = ("daily", "weekly", "monthly", "model", "project", "limits")
+CHART_REPORTS = ("daily", "weekly", "monthly", "model", "project", "agent", "limits")
 CHART_LEAST = 10  # a report's bars are at least this wide: the table drops columns for them
 CHART_WIDE = 40   # and this wide beside a --wide table, which has no width to fill
 
@@ -7333,6 +7387,7 @@ def report_flags_period(args: argparse.Namespace, zone: ZoneInfo) -> tuple[int, 
     if args.kind == "limits" and args.project:
         raise ConfigError("--project: Claude's limits are an account's, not a project's (use --user)")
     check_report_chart(args.kind, args.chart)
+    check_report_agent(args.kind, args.agent)
     return report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), zone,
                          now_ms())
 
@@ -7342,7 +7397,7 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     start, end = report_flags_period(args, zone)
     client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
-        rows = report_rows(client, args.kind, start, end, zone, args.user, args.project)
+        rows = report_rows(client, args.kind, start, end, zone, args.user, args.project, args.agent)
         readings = limit_readings(client, start, end, zone, args.user) if args.kind == "limits" and args.chart \
             and rows else ()
     except GoCcmonServer:
@@ -7360,8 +7415,8 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
               "until": dt.datetime.fromtimestamp(end / 1000, zone).isoformat(timespec="seconds"),
               "timezone": zone.key}
     if args.json:
-        print(json_text({"report": args.kind, **period, "user": args.user, "project": args.project, "rows": rows,
-                          "totals": totals}))
+        print(json_text({"report": args.kind, **period, "user": args.user, "project": args.project,
+                         "agent": args.agent, "rows": rows, "totals": totals}))
     elif args.csv:
         import csv
         writer = csv.DictWriter(sys.stdout, lineterminator="\n", fieldnames=list(rows[0]) if rows else
@@ -7374,7 +7429,8 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     else:
         print(printable(f"{args.kind} report, {period['since']} to {period['until']} ({zone.key})"
                         + (f", user {args.user}" if args.user else "")
-                        + (f", project {args.project}" if args.project else "")))
+                        + (f", project {args.project}" if args.project else "")
+                        + (f", agent {args.agent}" if args.agent else "")))
         unicode = args.chart is not None and utf8_locale()
         print(report_table(rows, totals, None if args.wide else REPORT_WIDTH,
                            None if args.kind == "limits" else args.chart, unicode,
@@ -10619,6 +10675,8 @@ def build_report_parser() -> CommandLine:
     parser.add_argument("--user", metavar="NAME", help="only this user (user.email, account uuid or user.id)")
     parser.add_argument("--project", metavar="NAME", help="only this project: its name, folder, or the folder's "
                         "last part (proj-alpha for /home/dev/proj-alpha)")
+    parser.add_argument("--agent", choices=AGENTS, help="only this agent's usage (the agent report: its row; "
+                        "limits: its plan's readings)")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="one JSON object")
     output.add_argument("--csv", action="store_true", help="CSV with a header row")

@@ -2294,6 +2294,50 @@ def test_every_tab_and_report_shows_other_agents_usage(server, tmp_path):
                       )["totals"]["requests"] == 1  # Claude's blocks: Claude Code's request alone
 
 
+def test_reports_by_agent_and_of_one_agent(server, tmp_path):
+    """`report agent` gives each agent's usage; `--agent` keeps one agent's in every report, exactly (its days from
+    the series by model, its projects one at a time); blocks are Claude's alone; a misspelt agent is named."""
+    sdk_export(server.port, [("api_request", api_request(n, f"2026-12-04T15:0{n}:00.000Z", model=model,
+                                                         session="s-claude", input_tokens=1000, output_tokens=100,
+                                                         cost_usd=0.5))
+                             for n, model in ((1, "claude-sonnet-4-5"), (2, "claude-haiku-4-5"))])
+    for tool, protocol in (("codex-0.169.0", "http-json"), ("gemini-cli-0.61.0", "grpc")):
+        replay(server, agent_capture(tool, protocol))
+
+    def report(*args: str) -> dict:
+        answer = run_report(server, *args, "--since", "2026-12-01", "--json", cwd=tmp_path)
+        assert answer.returncode == 0, answer.stderr
+        return json.loads(answer.stdout)
+
+    agents = report("agent")
+    assert [(r["agent"], r["models"], r["requests"], r["total_tokens"], r["cost_usd"]) for r in agents["rows"]] == [
+        ("claude-code", 2, 2, 2200, 1.0), ("codex", 1, 3, 3 * 2434, 0.034032), ("gemini-cli", 3, 6, 6 * 1413, 0.00067038)]
+    assert agents["totals"]["requests"] == 11 and agents["agent"] is None
+    for agent, requests, tokens, cost in (("claude-code", 2, 2200, 1.0), ("codex", 3, 3 * 2434, 0.034032),
+                                          ("gemini-cli", 6, 6 * 1413, 0.00067038), ("qwen-code", 0, 0, 0)):
+        for kind in ("daily", "weekly", "monthly", "model", "project", "session", "agent"):
+            one = report(kind, "--agent", agent)
+            assert one["agent"] == agent
+            assert (one["totals"]["requests"], one["totals"]["total_tokens"], one["totals"]["cost_usd"]) == \
+                (requests, tokens, cost), (agent, kind, one)
+        assert sum(r["sessions"] for r in report("project", "--agent", agent)["rows"]) == \
+            len(report("session", "--agent", agent)["rows"]) == {"claude-code": 1, "codex": 2, "gemini-cli": 3,
+                                                                 "qwen-code": 0}[agent]
+    assert {r["model"] for r in report("model", "--agent", "gemini-cli")["rows"]} == {
+        "gemini-2.5-flash", "gemini-3.8-flash", "gemini-3.5-flash-lite"}
+    assert report("blocks", "--agent", "claude-code")["totals"]["requests"] == 2
+    table = run_report(server, "agent", "--since", "2026-12-01", "--chart", cwd=tmp_path).stdout
+    assert [line.split()[0] for line in table.splitlines()[3:6]] == ["claude-code", "codex", "gemini-cli"], table
+    refused = run_report(server, "blocks", "--agent", "codex", cwd=tmp_path)
+    assert (refused.returncode, refused.stderr) == (2, "ccmon: config error: --agent codex: blocks are Claude's "
+                                                       "5-hour windows, "
+                                                       "Claude Code's usage alone (use --agent claude-code, or the "
+                                                       "daily report)\n")
+    misspelt = run_report(server, "daily", "--agent", "copilot", cwd=tmp_path)
+    assert misspelt.returncode == 2 and "argument --agent: invalid choice: 'copilot' (choose from 'claude-code', " \
+        "'gemini-cli', 'codex', 'qwen-code')" in misspelt.stderr, misspelt.stderr
+
+
 def test_pricing_in_the_config_prices_another_agents_model(tmp_path):
     """Gemini 3.8 Flash is not in the bundled table (its calls cost $0 there); [pricing] gives it one, and
     overrides the bundled price of Gemini 2.5 Flash."""
@@ -6789,7 +6833,7 @@ def test_options_go_before_or_after_the_report_command(capsys):
         args = ccmon.build_report_parser().parse_args(words)
         assert (args.kind, args.monitor_server, args.csv) == ("daily", "report:1", True)
     assert ccmon.without_command(["--format", "report"], "report", ccmon.build_parser()) is None
-    assert "report {daily,weekly,monthly,session,model,blocks,project,limits}" in \
+    assert "report {daily,weekly,monthly,session,model,blocks,project,agent,limits}" in \
         " ".join(ccmon.build_parser().format_help().split())  # wherever the help's lines wrap
 
 
@@ -10842,7 +10886,7 @@ def test_report_chart_flag_errors(args, message, tmp_path, capsys, monkeypatch):
     assert (code, err) == (2, f"ccmon report: {message} (see ccmon report --help)\n")
     code, err = run_main(["report", "session", "--chart", "--monitor-server", "127.0.0.1:9"], capsys)
     assert (code, err) == (2, "ccmon: config error: --chart: charts are drawn for the daily, weekly, monthly, model, "
-                              "project and limits reports, not the session report\n")
+                              "project, agent and limits reports, not the session report\n")
     code, err = run_main(["report", "limits", "--chart", "tokens", "--monitor-server", "127.0.0.1:9"], capsys)
     assert (code, err) == (2, "ccmon: config error: --chart tokens: the limits report draws Claude's own percentages "
                               "(use --chart)\n")
