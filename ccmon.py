@@ -3519,6 +3519,11 @@ class Reader:
             "GROUP BY 1, 2, 3", (labels["user"], labels["model"], labels["project"], most_series)).fetchall()
         return [CounterSeries(user, model, project, Usage(*sums)) for user, model, project, *sums in rows]
 
+    def first_models(self, most: int) -> list[tuple[str, str]]:
+        """The first `most` models by id (those the Prometheus metrics name), each with its agent's name."""
+        return self._reader().execute("SELECT m.name, a.name FROM models m JOIN agents a ON a.id = m.agent "
+                                      "ORDER BY m.id LIMIT ?", (most,)).fetchall()
+
     def first_users(self, most: int) -> list[str]:
         """The names of the first `most` users by id (those the Prometheus metrics name)."""
         return [name for name, in self._reader().execute("SELECT name FROM users ORDER BY id LIMIT ?", (most,))]
@@ -7780,7 +7785,7 @@ def metric_family(name: str, kind: str, help_text: str, samples: Iterable[tuple[
 
 
 def exposition(series: list[CounterSeries], limits: dict[str, ClaudeLimits], receipts: list[ReceiverCounts],
-               now: int) -> str:
+               models: list[tuple[str, str]], now: int) -> str:
     """The metrics in Prometheus's text format. Series whose label values end up the same (cut to the same
     text, or a user named like OTHER_LABEL) are summed: each sum of counters still only goes up."""
     merged: dict[tuple[str, str, str], Usage] = {}
@@ -7813,6 +7818,10 @@ def exposition(series: list[CounterSeries], limits: dict[str, ClaudeLimits], rec
     lines += metric_family("ccmon_receiver_last_accepted_timestamp_seconds", "gauge", "When a receiver last "
                            "accepted a record (Unix time).", [(labels, decimal_text(counts.last_ms, 3))
                                                                for labels, counts in receivers if counts.last_ms])
+    lines += metric_family("ccmon_model_info", "gauge", "Which agent sends each model the counters name (1): "
+                           "join on model for figures by agent.",
+                           [({"model": model, "agent": agent}, "1")  # models cut to the same text: one line
+                            for model, agent in {(label_value(model), agent) for model, agent in models}])
     lines += metric_family("ccmon_build_info", "gauge", "The ccmon version serving these metrics.",
                            [({"version": label_value(VERSION)}, "1")])
     return "\n".join(lines) + "\n"
@@ -7844,7 +7853,8 @@ class MetricsPage:
             members = set(self.reader.first_users(METRICS_LABELS["user"]))
             limits = {user: claude for user, claude in self.reader.live_limits(now).items() if user in members}
             series = self.reader.counter_series(METRICS_LABELS, METRICS_SERIES)
-            text = exposition(series, limits, self.reader.receiver_counts(), now)
+            text = exposition(series, limits, self.reader.receiver_counts(),
+                              self.reader.first_models(METRICS_LABELS["model"]), now)
         except (sqlite3.Error, DatabaseMoved) as exc:
             log.error("the metrics cannot read the database: %s", exc)
             return text_answer(503, f"the database cannot be read right now: {exc}")

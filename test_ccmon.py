@@ -5360,7 +5360,7 @@ def test_metrics_exposition_escapes_and_merges_labels():
               ccmon.CounterSeries(None, None, "", usage),
               ccmon.CounterSeries("u", "m", "x" * 101, usage),
               ccmon.CounterSeries("u", "m", "x" * 102, usage)]  # cut to the same text as the one above: summed
-    text = ccmon.exposition(series, {}, [], 0)
+    text = ccmon.exposition(series, {}, [], [], 0)
     assert 'ccmon_requests_total{user="a\\\\b",model="(other)",project=""} 1\n' in text
     assert 'ccmon_requests_total{user="(other)",model="(other)",project=""} 2\n' in text
     assert f'ccmon_cost_usd_total{{user="u",model="m",project="{"x" * 99}…"}} 0.000000002\n' in text
@@ -5655,6 +5655,15 @@ def test_a_real_prometheus_scrapes_the_exact_totals(prometheus, tmp_path):
         by_user = value("sum by (user, project) (ccmon_cost_usd_total)")
         assert by_user == {(("project", "alpha"), ("user", "ana@example.com")): "1.75",
                            (("project", "p" * 99 + "…"), ("user", HOSTILE_USER)): "0.125"}
+        # Figures by agent: the counters joined with ccmon_model_info on model
+        srv.logs_stub().Export(agent_logs_request([codex_response(now, "c-1")], {"service.name": "codex_exec"}),
+                               metadata=tuple(metadata.items()))
+        codex = srv.query().GetModelStats(ccmon_pb2.GetModelStatsRequest(), metadata=tuple(metadata.items()))
+        codex_cost = sum(m.cost.amount for m in codex.models if m.agent == "codex")
+        by_agent = "sum by (agent) (ccmon_cost_usd_total * on (model) group_left (agent) ccmon_model_info)"
+        wait_until(lambda: len(value(by_agent)) == 2, "the scrape after Codex's export", 60)
+        assert value(by_agent) == {(("agent", "claude-code"),): "1.875", (("agent", "codex"),): repr(codex_cost)} \
+            and codex_cost > 0
         _, exposed = web(srv.http_port, "/metrics", headers={"Authorization": f"Bearer {token}"})
         check = subprocess.run([prometheus[1], "check", "metrics"], input=exposed, capture_output=True, timeout=60)
         assert (check.returncode, check.stdout, check.stderr) == (0, b"", b"")
@@ -5670,7 +5679,7 @@ def test_the_prometheus_docs_queries_and_alerting_rule_are_valid(prometheus, tmp
     text = (ROOT / "docs" / "prometheus.md").read_text()
     queries = [line.split("   #")[0].strip() for block in re.findall(r"```promql\n(.*?)```", text, re.S)
                for line in block.splitlines() if line.strip()]
-    assert len(queries) == 8
+    assert len(queries) == 9
     (rules := tmp_path / "rules.yml").write_text(re.findall(r"```yaml\n(groups:.*?)```", text, re.S)[0])
     (recorded := tmp_path / "queries.yml").write_text(json.dumps({"groups": [{"name": "docs", "rules": [
         {"record": f"docs:query{number}", "expr": query} for number, query in enumerate(queries)]}]}))
