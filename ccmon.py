@@ -9212,6 +9212,18 @@ def transcripts_finding(roots: list[Path], newest_telemetry: int | None, local: 
     return Finding("transcripts", "ok", f"{count}, {read}; newest entry {reading_age(newest, now)}, {telemetry}")
 
 
+def history_findings(environ: dict[str, str], home: Path, local: bool) -> list[Finding]:
+    """A line for each other agent whose history is on this machine: how many files, and whether this server
+    reads them (the local one follows them; any other needs ccmon import)."""
+    found = []
+    for root, agent in history_roots(environ, home).items():
+        if agent != CLAUDE_CODE and (files := TranscriptFiles([root]).paths()):
+            read = "read by this server" if local else "not read by this server (not the local one): ccmon import " \
+                                                       "sends them"
+            found.append(Finding(f"{agent} history", "ok", f"{plural(len(files), 'file')} under {root}, {read}"))
+    return found
+
+
 def server_findings(config: Config) -> tuple[list[Finding], ccmon_pb2.GetServerInfoResponse | None,
                                              LimitReading | None]:
     """The server reached (the local one started when none answers, as the monitor does): (its finding, its
@@ -9244,7 +9256,7 @@ def server_findings(config: Config) -> tuple[list[Finding], ccmon_pb2.GetServerI
 def doctor_findings(args: argparse.Namespace, environ: dict[str, str],
                     home: Path) -> tuple[list[Finding], list[ReceiverCounts]]:
     """Every link, in the order data flows: the config, the server, Claude Code's settings, what the server
-    received, the status line, the transcripts; and the server's receiver counts. A link that cannot be checked
+    received, the status line, the transcripts, the other agents' histories; and the server's receiver counts. A link that cannot be checked
     for want of an earlier one is left out."""
     try:
         config = load_config(args)
@@ -9273,9 +9285,9 @@ def doctor_findings(args: argparse.Namespace, environ: dict[str, str],
     found += received_findings(receivers, env.get("OTEL_EXPORTER_OTLP_PROTOCOL"), now)
     found.append(status_line_finding(settings, settings_path, reading, now))
     newest = max((counts.last_ms for counts in receivers if counts.last_ms is not None), default=None)
-    found.append(transcripts_finding(transcript_roots(environ, home), newest,
-                                     info.default_database and not config.monitor_server_given, now))
-    return found, receivers
+    local = info.default_database and not config.monitor_server_given
+    found.append(transcripts_finding(transcript_roots(environ, home), newest, local, now))
+    return found + history_findings(environ, home, local), receivers
 
 
 DOCTOR_MARKS = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}

@@ -9857,6 +9857,29 @@ def test_doctor_warns_when_transcripts_are_newer_than_the_telemetry(doctor_home)
                                                            "newest telemetry just now"))
 
 
+def test_doctor_names_the_other_agents_histories_and_whether_the_server_reads_them(doctor_home):
+    home, port = doctor_home
+    assert run_ccmon(["setup"], home).returncode == 0
+    _, before, _ = doctor(home)  # (which starts the local server)
+    assert not [check for check in before if check[1].endswith(" history")]  # none on this machine: no line
+    assert sdk_export(port, [("api_request", api_request(1, hours_ago(0.1)))],
+                      headers={"authorization": "Bearer s3cret"}) == ["SUCCESS"]
+    rollouts = home / ".codex" / "sessions" / "2026" / "12" / "04"
+    chats = home / ".gemini" / "tmp" / "abc123" / "chats"
+    for folder, names in ((rollouts, ("rollout-1.jsonl", "rollout-2.jsonl")), (chats, ("session-1.jsonl",))):
+        folder.mkdir(parents=True)
+        for name in names:
+            (folder / name).write_text("")
+    code, checks, _ = doctor(home)
+    assert (code, checks[-2:]) == (0, [
+        ("ok", "gemini-cli history", f"1 file under {home / '.gemini' / 'tmp'}, read by this server"),
+        ("ok", "codex history", f"2 files under {home / '.codex' / 'sessions'}, read by this server")])
+    named = json.loads(run_ccmon(["doctor", "--json", "--monitor-server", f"127.0.0.1:{port}"], home,
+                                 env={"CCMON_TOKEN": "s3cret"}).stdout)["checks"][-1]
+    assert (named["status"], named["link"], named["message"]) == ("ok", "codex history", f"2 files under {home / '.codex' / 'sessions'}, not read by this "
+                                                "server (not the local one): ccmon import sends them")
+
+
 def test_doctor_follows_the_environment_claude_code_inherits_and_a_named_server(doctor_home, tmp_path):
     """Values in the environment count where the settings file has none; a named server's OTLP/HTTP address is
     not known, and it does not read the local transcripts."""
