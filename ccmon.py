@@ -6156,15 +6156,28 @@ def limit_figures(client: Client, query: LimitQuery, zone: ZoneInfo, user: str |
 
 @dataclasses.dataclass(frozen=True)
 class CurrentRequests:
-    """The Current tab's data: the period's totals and one page of its requests."""
+    """The Current tab's data: the period's totals, the other agents' usage in it by agent (in AGENTS' order;
+    asked for only when there is some), and one page of its requests."""
     period: Split
     page: RequestsPage
+    others: tuple[tuple[str, Usage], ...] = ()
+
+
+def usage_by_agent(models: Iterable[ModelUsage]) -> tuple[tuple[str, Usage], ...]:
+    """The other agents' usage, by agent in AGENTS' order, from their models'."""
+    summed: dict[str, Usage] = {}
+    for model in models:
+        if model.agent != CLAUDE_CODE:
+            summed[model.agent] = summed.get(model.agent, Usage()) + model.usage
+    return tuple((agent, summed[agent]) for agent in sorted(summed, key=lambda a: (AGENTS + (a,)).index(a)))
 
 
 def current_requests(client: Client, query: Query) -> CurrentRequests:
-    return CurrentRequests(client.stats(query.start_ms, query.end_ms, query.user, query.project),
-                           client.api_requests(query.start_ms, query.end_ms, query.limit, query.offset,
-                                               query.oldest_first, query.user, query.project))
+    period = client.stats(query.start_ms, query.end_ms, query.user, query.project)
+    others = usage_by_agent(client.models(query.start_ms, query.end_ms, query.user, query.project)) \
+        if period.other != Usage() else ()
+    return CurrentRequests(period, client.api_requests(query.start_ms, query.end_ms, query.limit, query.offset,
+                                                       query.oldest_first, query.user, query.project), others)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -9590,7 +9603,9 @@ def usage_lines(snap: Snapshot, state: ViewState, screen: Screen, compact: bool 
     columns = [Column("", 8, 0, left=True), Column("Requests", 8, 1), Column("Limited", 8, 2),
                Column("Cache", 8, 4), Column("Total", 8, 3), Column("Cost", 10, 1), Column("Avg rate", 10, 5)]
     rows = []
-    others = (("Others", period.other, ""),) if period.other != Usage() else ()  # other agents' (see Split)
+    # The other agents' (see Split), a row each where the tab has them by agent
+    by_agent = tuple((LIMITS_OF.get(agent, agent), usage, "") for agent, usage in snap.data.others)
+    others = by_agent or ((("Others", period.other, ""),) if period.other != Usage() else ())
     for name, usage, style in (("Base", period.base, ""), ("Premium", period.premium, ""), *others,
                                ("Total", period.total, "bold")):
         rate = "-" if start is None or name != "Premium" else format_rate(per_minute(usage.limited, end - start))

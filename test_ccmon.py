@@ -2276,8 +2276,8 @@ def test_every_tab_and_report_shows_other_agents_usage(server, tmp_path):
         current = ccmon.fetch_snapshot(client, ccmon.query_for(ccmon.ViewState(period="d"), settings, now))
         lines = frame_text(ccmon.ViewState(period="d"), current, settings, 120, 30, now)[0]
         rows = {line.split()[0]: line.split()[1] for line in lines if line.split()[:1] in
-                (["Premium"], ["Others"], ["Total"])}
-        assert rows == {"Premium": "1", "Others": "1", "Total": "2"}, "\n".join(lines)
+                (["Premium"], ["Others"], ["Codex"], ["Total"])}
+        assert rows == {"Premium": "1", "Codex": "1", "Total": "2"}, "\n".join(lines)  # a row per other agent
         for tab in ("daily", "models", "sessions", "tools", "users", "blocks", "projects"):
             state = ccmon.ViewState(tab=tab, period="d")
             snap = ccmon.fetch_snapshot(client, ccmon.query_for(state, settings, now))
@@ -6193,6 +6193,15 @@ def test_the_monitor_names_the_agent_where_requests_or_sessions_of_several_agent
     lines = frame_text(state, snap, settings, 120, 30, now)[0]
     assert [line.split()[:2] for line in lines if line.split()[:1] in (["Premium"], ["Others"], ["Total"])] == \
         [["Premium", "1"], ["Others", "2"], ["Total", "3"]]  # the other agents' usage in a row of its own
+    by_agent = dataclasses.replace(snap, data=dataclasses.replace(snap.data, others=(("qwen-code", usage),
+                                                                                     ("codex", usage))))
+    assert [line.split()[:2] for line in frame_text(state, by_agent, settings, 120, 30, now)[0]
+            if line.split()[:1] in (["Premium"], ["Others"], ["Qwen"], ["Codex"], ["Total"])] == \
+        [["Premium", "1"], ["Qwen", "1"], ["Codex", "1"], ["Total", "3"]]  # by agent, where the tab has them
+    assert ccmon.usage_by_agent([ccmon.ModelUsage("qwen3-coder-plus", usage, "qwen-code"),
+                                 ccmon.ModelUsage("claude-sonnet-4-5", usage),
+                                 ccmon.ModelUsage("gpt-5.5", usage, "codex"), ccmon.ModelUsage("gpt-5", usage, "codex")]
+                                ) == (("codex", usage + usage), ("qwen-code", usage))
     header = next(index for index, line in enumerate(lines) if line.split()[:3] == ["Time", "Agent", "Model"])
     assert [lines[header + n].split()[1:3] + lines[header + n].split()[-1:] for n in (1, 2, 3)] == [
         ["codex", "gpt-5.5", "c693747e"], ["claude-code", "claude-sonnet-4-5", "s-claude"],
