@@ -2536,22 +2536,46 @@ class Writer:
         model, agent = REQUEST_COLUMNS.index("model"), REQUEST_COLUMNS.index("agent")
         self._own_models(conn, {(row[model], row[agent]) for row in requests})
         metrics = self._resolve(conn, "metric_points", METRIC_COLUMNS, batch.metrics)
-        with counters_kept(conn, self._touched(conn, requests, metrics, batch.projects)):
+        with counters_kept(conn, self._touched(conn, requests, metrics, batch)):
             return self._insert_resolved(conn, batch, requests, metrics)
 
-    def _touched(self, conn: sqlite3.Connection, requests: list, metrics: list, projects: dict[str, str]) -> set[int]:
-        """The sessions whose usage or project a batch may change: its own, and those of the transcripts' copies of
-        its requests."""
+    def _touched(self, conn: sqlite3.Connection, requests: list, metrics: list, batch: Batch) -> set[int]:
+        """The sessions whose usage or project a batch may change: its own, those it names a project or prices a
+        turn of, the metrics sessions of the other agents it holds usage of (see _metrics_sessions; one a point
+        naming no session will count in is made here), and those of the transcripts' copies of its requests."""
         touched = {row[1] for row in requests} | {row[METRIC_COLUMNS.index("session")] for row in metrics}
-        if projects:
+        named = [*batch.projects, *(session_id for session_id, _, _ in batch.turn_costs)]
+        if named:
             touched.update(id_ for id_, in conn.execute("SELECT id FROM sessions WHERE session_id IN (SELECT value "
-                                                        "FROM json_each(?))", (json.dumps(list(projects)),)))
+                                                        "FROM json_each(?))", (json.dumps(named),)))
+        agent_names = dict(conn.execute("SELECT id, name FROM agents"))
+        agents = {agent_names[row[REQUEST_COLUMNS.index("agent")]] for row in requests}
+        empty = self._intern(conn, "sessions", "session_id", "")
+        name, kind, session, user = (METRIC_COLUMNS.index(c) for c in ("name", "type", "session", "user"))
+        for row in metrics:
+            agent = METRIC_USAGE_FIELDS.get((row[name], row[kind]), ("", {}))[0]
+            agents.add(agent)
+            if row[session] == empty and agent not in ("", CLAUDE_CODE):
+                user_name = conn.execute("SELECT name FROM users WHERE id = ?", (row[user],)).fetchone()[0]
+                touched.add(self._intern(conn, "sessions", "session_id", metrics_session(agent, user_name)))
+        touched |= self._metrics_sessions(conn, agents)
         request_ids = [row[REQUEST_COLUMNS.index("request_id")] for row in requests]
         if requests and self._has_imported(conn):
             touched.update(id_ for id_, in conn.execute(
                 f"SELECT session FROM requests WHERE request_id IN (SELECT value FROM json_each(?)) AND "
                 f"{origin_in(TRANSCRIPT_ORIGINS)}", (json.dumps([rid for rid in request_ids if rid is not None]),)))
         return touched
+
+    @staticmethod
+    def _metrics_sessions(conn: sqlite3.Connection, agents: Iterable[str]) -> set[int]:
+        """Every user's metrics session of these agents (other than Claude Code): their calls replace what it
+        counted near them (see _replace_session_less_metrics)."""
+        found: set[int] = set()
+        for agent in set(agents) - {"", CLAUDE_CODE}:
+            prefix = metrics_session(agent, "")  # "codex metrics", and "codex metrics of USER" after it
+            found.update(id_ for id_, in conn.execute("SELECT id FROM sessions WHERE session_id >= ? AND "
+                                                      "session_id < ?", (prefix, prefix + "\U0010ffff")))
+        return found
 
     def _insert_resolved(self, conn: sqlite3.Connection, batch: Batch, requests: list, metrics: list) -> int:
         new, days = 0, set()
@@ -2655,7 +2679,8 @@ class Writer:
     def _import(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
                 user: str, window: CopyWindow) -> ImportCounts:
         sessions = [self._intern(conn, "sessions", "session_id", session_id) for session_id in {row[1] for row in rows}]
-        with counters_kept(conn, sessions):
+        agent = REQUEST_COLUMNS.index("agent")
+        with counters_kept(conn, {*sessions, *self._metrics_sessions(conn, {row[agent] for row in rows})}):
             return self._import_chunk(conn, rows, projects, user, window)
 
     def _import_chunk(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
@@ -2842,6 +2867,8 @@ class Writer:
 
 
 # ---------------------------------------------------------------- Storage: reads
+
+MAX_DAYS = 3660  # the days one GetUsage answers (ten years)
 
 def period_parts(start: int, end: int, sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """Split [start, end) into (level, lo, hi) pieces: the largest aligned blocks of sizes[0] inside,
@@ -3075,13 +3102,14 @@ class Reader:
     def days(self, zone: ZoneInfo, start_ms: int | None, end_ms: int, user: str | None = None,
              project: str | None = None) -> list[DayUsage]:
         """Each calendar day's usage in `zone`, newest first: the days from the one holding start_ms to the one
-        holding end_ms - 1, cut to the period; without start_ms, the last 30 days (today up to end_ms). Raises
+        holding end_ms - 1, cut to the period, the newest MAX_DAYS of them; without start_ms, the last 30 days
+        (today up to end_ms). Raises
         OverflowError or ValueError when a day's end falls past the year 9999, which dates cannot show."""
         days = 30
         if start_ms is not None:
             first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date()
                            for ms in (start_ms, max(start_ms, end_ms - 1)))
-            days = min(3660, (last - first).days + 1)
+            days = min(MAX_DAYS, (last - first).days + 1)
         found = []
         for date, lo, hi in day_bounds(zone, max(end_ms - 1, 0), days):
             lo, hi = max(lo, -1 if start_ms is None else start_ms), min(hi, end_ms)
@@ -3163,9 +3191,10 @@ class Reader:
                 windows.append((reset - BLOCK_MS, reset))
         return windows
 
-    def live_limits(self, at_ms: int) -> dict[str, ClaudeLimits]:
+    def live_limits(self, at_ms: int, agent: str = CLAUDE_CODE) -> dict[str, ClaudeLimits]:
         """Each user's newest reading (up to `at_ms`) of their sessions' that has a five_hour window not reset by
-        then, and the same of seven_day (each reading with that window alone), by user name."""
+        then, and the same of seven_day (each reading with that window alone), by user name: of Claude's limits, or
+        of another agent's own plan's (Codex's)."""
         found: dict[str, dict[str, LimitReading]] = {}
         for column, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
             rows = self._reader().execute(
@@ -3173,8 +3202,8 @@ class Reader:
                 "JOIN users u ON u.id = (SELECT su.user FROM session_usage su WHERE su.session = lr.session "
                 "ORDER BY su.last_ts DESC LIMIT 1) "  # the session's latest user, looked up by its key
                 "JOIN sessions s ON s.id = lr.session "
-                f"WHERE lr.ts > ? AND lr.ts <= ? AND lr.{column}_resets > ? AND lr.agent = {CLAUDE_AGENT_ID} "
-                "ORDER BY lr.ts DESC, lr.id DESC", (at_ms - span, at_ms, at_ms))
+                f"WHERE lr.ts > ? AND lr.ts <= ? AND lr.{column}_resets > ? AND lr.agent = (SELECT id FROM agents "
+                "WHERE name = ?) ORDER BY lr.ts DESC, lr.id DESC", (at_ms - span, at_ms, at_ms, agent))
             for user, session_id, read_ms, percent, resets in rows:
                 found.setdefault(user, {}).setdefault(column, LimitReading(
                     session_id, read_ms, user=user, **{column: LimitWindow(percent, resets)}))
@@ -7170,15 +7199,24 @@ def project_row(project: str, sessions: int, split: Split) -> dict[str, Any]:
 def agent_projects(client: Client, start: int, end: int, user: str | None, project: str | None,
                    agent: str) -> list[dict[str, Any]]:
     """The project report of one agent's usage, by cost: each project's usage of the agent's models and its
-    sessions of the agent (one project's figures at a time: the server sums projects over every agent)."""
-    rows = []
-    for each in client.projects(start, end, user, project):
-        by_model = {m.model: m.usage for m in client.models(start, end, user, each.project or None) if m.agent == agent}
-        sessions = [s for s in client.sessions(start, end, user, MAX_SESSIONS, each.project or None)
-                    if (s.agent or CLAUDE_CODE) == agent]
-        if by_model:
-            rows.append(project_row(each.project, len(sessions), Split.from_models(
-                by_model, frozenset(by_model) if agent != CLAUDE_CODE else frozenset())))
+    sessions of the agent (one named project's figures at a time: the server sums projects over every agent; the
+    sessions without a project are what the agent's usage has beyond the named ones')."""
+    def usage_of(name: str | None) -> dict[str, Usage]:
+        return {m.model: m.usage for m in client.models(start, end, user, name) if m.agent == agent}
+
+    projects = [each.project for each in client.projects(start, end, user, project)]
+    by_project = {name: usage_of(name) for name in projects if name}
+    if "" in projects:
+        rest = usage_of(project)
+        for used in by_project.values():
+            for model, usage in used.items():
+                rest[model] = rest[model] - usage
+        by_project[""] = {model: usage for model, usage in rest.items() if usage != Usage()}
+    sessions = [s.project for s in client.sessions(start, end, user, MAX_SESSIONS, project)
+                if (s.agent or CLAUDE_CODE) == agent]
+    others = frozenset() if agent == CLAUDE_CODE else frozenset().union(*by_project.values())
+    rows = [project_row(name, sessions.count(name), Split.from_models(used, others))
+            for name, used in by_project.items() if used]
     return sorted(rows, key=lambda row: (-row["cost_usd"], row["project"]))
 
 
@@ -7192,10 +7230,13 @@ def agent_rows(client: Client, start: int, end: int, user: str | None, project: 
     return sorted(rows, key=lambda row: (-row["cost_usd"], row["agent"]))
 
 
-def check_report_agent(kind: str, agent: str | None) -> None:
+def check_report_agent(kind: str, agent: str | None, chart: str | None) -> None:
     if agent not in (None, CLAUDE_CODE) and kind == "blocks":
         raise ConfigError(f"--agent {agent}: blocks are Claude's 5-hour windows, Claude Code's usage alone "
                           f"(use --agent {CLAUDE_CODE}, or the daily report)")
+    if agent not in (None, CLAUDE_CODE) and kind == "limits" and chart:
+        raise ConfigError(f"--chart: the limits report charts Claude's own limits, not {agent}'s plan's (leave out "
+                          "--chart or --agent)")
 
 
 def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
@@ -7405,9 +7446,14 @@ def report_flags_period(args: argparse.Namespace, zone: ZoneInfo) -> tuple[int, 
     if args.kind == "limits" and args.project:
         raise ConfigError("--project: Claude's limits are an account's, not a project's (use --user)")
     check_report_chart(args.kind, args.chart)
-    check_report_agent(args.kind, args.agent)
-    return report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), zone,
-                         now_ms())
+    check_report_agent(args.kind, args.agent, args.chart)
+    start, end = report_period(args.kind, parse_day(args.since, "--since"), parse_day(args.until, "--until"), zone,
+                               now_ms())
+    first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date() for ms in (start, max(start, end - 1)))
+    if args.kind in ("daily", "weekly", "monthly") and (last - first).days >= MAX_DAYS:
+        raise ConfigError(f"--since {first}: the {args.kind} report covers at most {MAX_DAYS} days, this period "
+                          f"{(last - first).days + 1}: give a later --since")
+    return start, end
 
 
 def run_report(config: Config, args: argparse.Namespace) -> int:
@@ -7797,8 +7843,20 @@ def metric_family(name: str, kind: str, help_text: str, samples: Iterable[tuple[
     return lines
 
 
+def limit_gauges(name: str, helps: tuple[str, str], limits: dict[tuple[str, ...], ClaudeLimits],
+                 labels: tuple[str, ...], now: int) -> list[str]:
+    """The used ratio and reset time of each live window of these limits (keyed by the values of `labels`)."""
+    windows = [({**{label: label_value(value) for label, value in zip(labels, key)}, "window": window}, reading)
+               for key, limits_of in limits.items() for window in ("five_hour", "seven_day")
+               if (reading := limits_of.window(window, now)) is not None]
+    return metric_family(f"ccmon_{name}_limit_used_ratio", "gauge", helps[0],
+                         [(labels, repr(reading.percent / 100)) for labels, reading in windows]) + \
+        metric_family(f"ccmon_{name}_limit_resets_timestamp_seconds", "gauge", helps[1],
+                      [(labels, decimal_text(reading.resets_ms, 3)) for labels, reading in windows])
+
+
 def exposition(series: list[CounterSeries], limits: dict[str, ClaudeLimits], receipts: list[ReceiverCounts],
-               models: list[tuple[str, str]], now: int) -> str:
+               models: list[tuple[str, str]], plans: dict[tuple[str, str], ClaudeLimits], now: int) -> str:
     """The metrics in Prometheus's text format. Series whose label values end up the same (cut to the same
     text, or a user named like OTHER_LABEL) are summed: each sum of counters still only goes up."""
     merged: dict[tuple[str, str, str], Usage] = {}
@@ -7814,15 +7872,14 @@ def exposition(series: list[CounterSeries], limits: dict[str, ClaudeLimits], rec
                             for labels, usage in labelled for kind in TOKEN_TYPES])
     lines += metric_family("ccmon_cost_usd_total", "counter", "Cost in USD, ever (retention does not lower it).",
                            [(labels, decimal_text(usage.cost_nanos, 9)) for labels, usage in labelled])
-    windows = [({"user": label_value(user), "window": window}, reading)
-               for user, claude in limits.items() for window in ("five_hour", "seven_day")
-               if (reading := claude.window(window, now)) is not None]
-    lines += metric_family("ccmon_claude_limit_used_ratio", "gauge", "The share of Claude's own 5-hour or weekly "
-                           "limit used (0-1), as last read from a status line, while the window has not reset.",
-                           [(labels, repr(reading.percent / 100)) for labels, reading in windows])
-    lines += metric_family("ccmon_claude_limit_resets_timestamp_seconds", "gauge", "When that window of Claude's "
-                           "starts afresh (Unix time).",
-                           [(labels, decimal_text(reading.resets_ms, 3)) for labels, reading in windows])
+    lines += limit_gauges("claude", ("The share of Claude's own 5-hour or weekly limit used (0-1), as last read from "
+                                     "a status line, while the window has not reset.", "When that window of Claude's "
+                                     "starts afresh (Unix time)."),
+                          {(user,): claude for user, claude in limits.items()}, ("user",), now)
+    lines += limit_gauges("plan", ("The share of another agent's own plan's 5-hour or weekly limit used (0-1) "
+                                   "(Codex's), as last read from its history, while the window has not reset.",
+                                   "When that window of the agent's plan starts afresh (Unix time)."),
+                          plans, ("agent", "user"), now)
     receivers = [({"protocol": counts.protocol, "signal": counts.signal}, counts) for counts in receipts]
     lines += metric_family("ccmon_receiver_records_accepted_total", "counter", "OTLP records a receiver accepted.",
                            [(labels, str(counts.accepted)) for labels, counts in receivers])
@@ -7831,10 +7888,13 @@ def exposition(series: list[CounterSeries], limits: dict[str, ClaudeLimits], rec
     lines += metric_family("ccmon_receiver_last_accepted_timestamp_seconds", "gauge", "When a receiver last "
                            "accepted a record (Unix time).", [(labels, decimal_text(counts.last_ms, 3))
                                                                for labels, counts in receivers if counts.last_ms])
+    agents: dict[str, str] = {OTHER_LABEL: OTHER_LABEL}  # the models past the cap: anybody's
+    for model, agent in models:  # models cut to the same text: one line, of (other) if of two agents
+        label = label_value(model)
+        agents[label] = agent if agents.get(label, agent) == agent else OTHER_LABEL
     lines += metric_family("ccmon_model_info", "gauge", "Which agent sends each model the counters name (1): "
                            "join on model for figures by agent.",
-                           [({"model": model, "agent": agent}, "1")  # models cut to the same text: one line
-                            for model, agent in {(label_value(model), agent) for model, agent in models}])
+                           [({"model": model, "agent": agent}, "1") for model, agent in agents.items()])
     lines += metric_family("ccmon_build_info", "gauge", "The ccmon version serving these metrics.",
                            [({"version": label_value(VERSION)}, "1")])
     return "\n".join(lines) + "\n"
@@ -7865,9 +7925,11 @@ class MetricsPage:
         try:
             members = set(self.reader.first_users(METRICS_LABELS["user"]))
             limits = {user: claude for user, claude in self.reader.live_limits(now).items() if user in members}
+            plans = {(agent, user): plan for agent in AGENTS[1:]
+                     for user, plan in self.reader.live_limits(now, agent).items() if user in members}
             series = self.reader.counter_series(METRICS_LABELS, METRICS_SERIES)
             text = exposition(series, limits, self.reader.receiver_counts(),
-                              self.reader.first_models(METRICS_LABELS["model"]), now)
+                              self.reader.first_models(METRICS_LABELS["model"]), plans, now)
         except (sqlite3.Error, DatabaseMoved) as exc:
             log.error("the metrics cannot read the database: %s", exc)
             return text_answer(503, f"the database cannot be read right now: {exc}")

@@ -2326,6 +2326,14 @@ def test_reports_by_agent_and_of_one_agent(server, tmp_path):
     assert {r["model"] for r in report("model", "--agent", "gemini-cli")["rows"]} == {
         "gemini-2.5-flash", "gemini-3.8-flash", "gemini-3.5-flash-lite"}
     assert report("blocks", "--agent", "claude-code")["totals"]["requests"] == 2
+    # A project of Claude Code's beside its sessions without one: each row the agent's own, none counted twice
+    sdk_export(server.port, [("api_request", api_request(3, "2026-12-04T16:00:00.000Z", model="claude-sonnet-4-5",
+                                                         session="s-alpha", input_tokens=10, cost_usd=0.25))],
+               resource={**CLAUDE_RESOURCE, "project": "alpha"})
+    assert [(r["project"], r["sessions"], r["requests"], r["cost_usd"])
+            for r in report("project", "--agent", "claude-code")["rows"]] == [("", 1, 2, 1.0), ("alpha", 1, 1, 0.25)]
+    assert [(r["project"], r["sessions"], r["requests"]) for r in report("project", "--agent", "codex")["rows"]] == \
+        [("", 2, 3)]
     table = run_report(server, "agent", "--since", "2026-12-01", "--chart", cwd=tmp_path).stdout
     assert [line.split()[0] for line in table.splitlines()[3:6]] == ["claude-code", "codex", "gemini-cli"], table
     refused = run_report(server, "blocks", "--agent", "codex", cwd=tmp_path)
@@ -2333,6 +2341,13 @@ def test_reports_by_agent_and_of_one_agent(server, tmp_path):
                                                        "5-hour windows, "
                                                        "Claude Code's usage alone (use --agent claude-code, or the "
                                                        "daily report)\n")
+    for args, message in ((["limits", "--agent", "codex", "--chart"], "--chart: the limits report charts Claude's "
+                           "own limits, not codex's plan's (leave out --chart or --agent)"),
+                          (["daily", "--agent", "codex", "--since", "2000-01-01", "--until", "2010-01-08"],
+                           "--since 2000-01-01: the daily report covers at most 3660 days, this period 3661: give "
+                           "a later --since")):
+        refused = run_report(server, *args, cwd=tmp_path)
+        assert (refused.returncode, refused.stderr) == (2, f"ccmon: config error: {message}\n")
     misspelt = run_report(server, "daily", "--agent", "copilot", cwd=tmp_path)
     assert misspelt.returncode == 2 and "argument --agent: invalid choice: 'copilot' (choose from 'claude-code', " \
         "'gemini-cli', 'codex', 'qwen-code')" in misspelt.stderr, misspelt.stderr
@@ -5353,6 +5368,26 @@ def test_metrics_equal_get_stats_with_names_escaped(server, tmp_path):
     assert "Prometheus metrics at /metrics" in server.log
 
 
+def test_metrics_show_codexs_own_limits_apart_from_claudes(server):
+    """Codex's own 5-hour and weekly limits (read from its rollouts) are gauges of their own, by agent and user,
+    while each window has not reset; Claude's gauges know nothing of them."""
+    now = ccmon.now_ms()
+    session = "01a2419c-f77d-7560-a635-0779905e56e1"
+    server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(
+        requests=[ccmon_pb2.ImportedRequest(session_id=session, timestamp_ms=now - 60_000, model="gpt-5.5",
+                                            input_tokens=10, agent="codex")],
+        user="ana@example.com", readings=[
+            ccmon.reading_message(ccmon.LimitReading(session, now - 60_000, five_hour=ccmon.LimitWindow(
+                12.5, now + 3600_000), seven_day=ccmon.LimitWindow(34.0, now - 1000), agent=ccmon.CODEX))]))
+    metrics = scrape(server.http_port)
+    assert metrics["ccmon_plan_limit_used_ratio"] == {
+        (("agent", "codex"), ("user", "ana@example.com"), ("window", "five_hour")): "0.125"}  # the week has reset
+    assert metrics["ccmon_plan_limit_resets_timestamp_seconds"] == {
+        (("agent", "codex"), ("user", "ana@example.com"), ("window", "five_hour")): ccmon.decimal_text(now + 3600_000,
+                                                                                                      3)}
+    assert metrics["ccmon_claude_limit_used_ratio"] == {}
+
+
 def test_metrics_exposition_escapes_and_merges_labels():
     usage = ccmon.Usage(requests=1, input=2, cost_nanos=1)
     series = [ccmon.CounterSeries("a\\b", None, "", usage),
@@ -5360,11 +5395,15 @@ def test_metrics_exposition_escapes_and_merges_labels():
               ccmon.CounterSeries(None, None, "", usage),
               ccmon.CounterSeries("u", "m", "x" * 101, usage),
               ccmon.CounterSeries("u", "m", "x" * 102, usage)]  # cut to the same text as the one above: summed
-    text = ccmon.exposition(series, {}, [], [], 0)
+    text = ccmon.exposition(series, {}, [], [("m" * 120, "codex"), ("m" * 120 + "x", "qwen-code"),
+                                             ("claude-sonnet-4-5", "claude-code")], {}, 0)
     assert 'ccmon_requests_total{user="a\\\\b",model="(other)",project=""} 1\n' in text
     assert 'ccmon_requests_total{user="(other)",model="(other)",project=""} 2\n' in text
     assert f'ccmon_cost_usd_total{{user="u",model="m",project="{"x" * 99}…"}} 0.000000002\n' in text
     assert len(parse_exposition(text)["ccmon_requests_total"]) == 3
+    assert parse_exposition(text)["ccmon_model_info"] == {  # two agents' models cut to one text: one line, (other)
+        (("agent", "(other)"), ("model", "(other)")): "1", (("agent", "(other)"), ("model", "m" * 99 + "…")): "1",
+        (("agent", "claude-code"), ("model", "claude-sonnet-4-5")): "1"}
     assert [ccmon.decimal_text(value, 9) for value in (0, 5, 10 ** 9, 1_234_567_891, -5)] == \
         ["0", "0.000000005", "1", "1.234567891", "-0.000000005"]
 
@@ -5471,10 +5510,7 @@ def test_metric_counters_never_go_down(tmp_path):
                                                               dataclasses.astuple(figures))), (kind, key)
             assert sum(capped_after.values(), ccmon.Usage()) == sum(after.values(), ccmon.Usage())
             # Every stored series has its number (none was missed): none can leave (other) later.
-            assert db_rows(store.path, "SELECT COUNT(*) FROM (SELECT su.user, su.model, COALESCE(p.id, 0) FROM "
-                                       "session_usage su JOIN sessions s ON s.id = su.session LEFT JOIN projects p "
-                                       "ON p.name = s.project UNION SELECT user, model, project FROM retired_usage "
-                                       "EXCEPT SELECT user, model, project FROM metric_series)") == [(0,)]
+            assert db_rows(store.path, EVERY_SERIES_NUMBERED) == [(0,)]
             retired = db_rows(store.path, f"SELECT {', '.join(f'SUM({c})' for c in ccmon.SERIES_FIGURES)} "
                                           "FROM retired_usage")[0]
             stored = ccmon.Usage(*db_rows(store.path, f"SELECT {ccmon.RAW_SUMS} FROM requests")[0])
@@ -5484,6 +5520,39 @@ def test_metric_counters_never_go_down(tmp_path):
 
     check()
     store.close()
+
+
+EVERY_SERIES_NUMBERED = ("SELECT COUNT(*) FROM (SELECT su.user, su.model, COALESCE(p.id, 0) FROM session_usage su "
+                         "JOIN sessions s ON s.id = su.session LEFT JOIN projects p ON p.name = s.project UNION "
+                         "SELECT user, model, project FROM retired_usage EXCEPT SELECT user, model, project FROM "
+                         "metric_series)")
+
+
+def test_other_agents_metrics_sessions_and_turn_costs_keep_the_counters(server):
+    """Another agent's usage from metrics naming no session (its metrics session) is numbered as it appears; its
+    calls replacing that usage, and Codex's own turn cost replacing ccmon's estimate, never lower a counter."""
+    reader = ccmon.Reader(server.db)
+
+    def step(send: Callable[[], Any]) -> None:
+        before = counter_figures(reader)
+        send()
+        after = counter_figures(reader)
+        for key, figures in before.items():
+            assert all(now >= was for now, was in zip(dataclasses.astuple(after.get(key, ccmon.Usage())),
+                                                      dataclasses.astuple(figures))), key
+        assert db_rows(server.db, EVERY_SERIES_NUMBERED) == [(0,)]
+
+    metrics = metrics_service_pb2_grpc.MetricsServiceStub(grpc.insecure_channel(server.target))
+    base = ccmon.parse_iso_ms(hours_ago(5))
+    step(lambda: metrics.Export(codex_token_metrics(base, 1000)))
+    assert db_rows(server.db, "SELECT COUNT(*) FROM metric_series") == [(1,)]
+    step(lambda: server.logs_stub().Export(agent_logs_request(  # replaces what the metrics counted
+        [codex_response(ccmon.iso_from_ms(base + 30 * 60_000), "c-1", model="gpt-5.6-sol")],
+        {"service.name": "codex_exec"})))  # (another model: the metrics' series loses what they counted)
+    assert db_rows(server.db, "SELECT SUM(input_tokens) FROM retired_usage") == [(400,)]
+    for export in agent_capture("codex-0.169.0", "grpc"):  # its turn costs replace ccmon's estimates
+        step(lambda: replay(server, [export]))
+    assert db_rows(server.db, "SELECT SUM(cost_nanos) > 0 FROM retired_usage") == [(1,)]
 
 
 def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
