@@ -40,7 +40,8 @@ const TABLES = {
           ["Premium", (u) => u.split.premium.text.limited, "num opt"], ["Cost", (u) => u.split.total.text.cost, "num"],
           ["5h", (u) => u.five_hour ? u.five_hour.text.percent : dash, "num opt"],
           ["Week", (u) => u.seven_day ? u.seven_day.text.percent : dash, "num opt"]],
-  models: [["Model", (m) => m.model, ""], ["Requests", (m) => m.usage.text.requests, "num"],
+  models: [["Model", (m) => m.model, ""], ["Agent", (m) => m.agent, "opt"],
+           ["Requests", (m) => m.usage.text.requests, "num"],
            ["Input", (m) => m.usage.text.input, "num opt"], ["Output", (m) => m.usage.text.output, "num opt"],
            ["Cache", (m) => m.usage.text.cache, "num opt"], ["Tokens", (m) => m.usage.text.tokens, "num"],
            ["Cost", (m) => m.usage.text.cost, "num"]],
@@ -55,7 +56,8 @@ const TABLES = {
   sessions: [["Last", (s) => s.text.last, ""], ["User", (s) => s.user || "(unknown)", ""],
              ["Project", (s) => s.project || "(no project)", "opt"],
              ["Requests", (s) => s.split.total.text.requests, "num"], ["Cost", (s) => s.split.total.text.cost, "num"],
-             ["Models", (s) => s.models.join(" "), "opt"], ["Session", (s) => s.session_id, "opt"]],
+             ["Models", (s) => s.models.join(" "), "opt"], ["Agent", (s) => s.agent || "claude-code", "opt"],
+             ["Session", (s) => s.session_id, "opt"]],
 };
 
 function fillTable(id, rows, empty) {

@@ -5064,7 +5064,7 @@ def test_dashboard_in_chromium_shows_the_servers_figures_exactly(server, chromiu
         for u in client.users(now - 86400_000, now)]
     assert [row[0] for row in document.tables["users"][1:]] == ["ana@example.com", "bo@example.com"]
     assert document.tables["models"][1:] == [
-        [m.model, ccmon.format_count(m.usage.requests), ccmon.format_count(m.usage.input),
+        [m.model, m.agent, ccmon.format_count(m.usage.requests), ccmon.format_count(m.usage.input),
          ccmon.format_count(m.usage.output), ccmon.format_count(m.usage.cache), ccmon.format_count(m.usage.total),
          ccmon.format_cost(m.usage.cost_nanos)] for m in client.models(now - 86400_000, now)]
     assert [row[0] for row in document.tables["projects"][1:]] == ["web-app", "api"]
