@@ -7621,8 +7621,10 @@ def dashboard(reader: Reader, query: DashboardQuery, now: int) -> dict[str, Any]
     def usage(lo: int, hi: int) -> Split:
         return reader.split(reader.usage(lo, hi, user=user, project=project))
 
-    limits = [{"user": name, **{window: window_reading(claude, window, now) for window in ("five_hour", "seven_day")}}
-              for name, claude in reader.live_limits(now).items() if user is None or name == user]
+    limits = [{"user": name, "of": LIMITS_OF[agent],  # Claude's limits, then other agents' own plans' (Codex's)
+               **{window: window_reading(claude, window, now) for window in ("five_hour", "seven_day")}}
+              for agent in AGENTS for name, claude in reader.live_limits(now, agent).items()
+              if user is None or name == user]
     figures = {"today": usage(midnight, now), "week": usage(monday, now), "month": usage(month_start, now),
                "period_usage": usage(start, end), "limits": limits,
                "days": reader.days(zone, None, now, user, project)[::-1],  # oldest first, as the chart draws them

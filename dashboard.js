@@ -30,7 +30,7 @@ function byId(id) {
 const dash = "–";
 const windowCells = (reading) => reading ? `${reading.window.text.percent}, resets ${reading.window.text.resets}` : dash;
 const TABLES = {
-  limits: [["User", (l) => l.user || "(unknown)", ""],
+  limits: [["User", (l) => l.user || "(unknown)", ""], ["Of", (l) => l.of, ""],
            ["5-hour", (l) => windowCells(l.five_hour), "num"],
            ["read", (l) => l.five_hour ? l.five_hour.text.age : dash, "num opt"],
            ["Week", (l) => windowCells(l.seven_day), "num"],
@@ -161,7 +161,7 @@ function render(data) {
   fillCard("week", data.week);
   fillCard("month", data.month);
   fillCard("period", data.period_usage, data.period.name.charAt(0).toUpperCase() + data.period.name.slice(1));
-  fillTable("limits", data.limits, "no live reading of Claude's limits (they come from ccmon statusline)");
+  fillTable("limits", data.limits, "no live reading of Claude's limits (ccmon statusline) nor of Codex's (its rollouts)");
   drawChart(data.days);
   fillTable("users", data.users, "no usage in this period");
   fillTable("models", data.models, "no usage in this period");

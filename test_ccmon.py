@@ -4807,6 +4807,17 @@ def test_dashboard_api_figures_are_the_query_services_exactly(server):
         limits[0]["five_hour"]["window"]["resets_ms"], data["now_ms"], ccmon.ZoneInfo("UTC"))
     assert [p["key"] for p in data["periods"]] == list(ccmon.PERIODS) and data["stored_requests"] == 4
     assert dashboard_api(server.http_port, "?user=nobody%40example.com")["limits"] == []
+    # Codex's own plan's limits (read from its rollouts) are listed after Claude's, named as Codex's
+    codex_session = "01a2419c-f77d-7560-a635-0779905e56e1"
+    server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(
+        requests=[ccmon_pb2.ImportedRequest(session_id=codex_session, timestamp_ms=data["now_ms"] - 60_000,
+                                            model="gpt-5.5", input_tokens=10, agent="codex")],
+        user="ana@example.com", readings=[ccmon.reading_message(ccmon.LimitReading(
+            codex_session, data["now_ms"] - 60_000, five_hour=ccmon.LimitWindow(12.5, data["now_ms"] + 3600_000),
+            agent=ccmon.CODEX))]))
+    assert [(entry["user"], entry["of"], entry["five_hour"]["window"]["percent"], entry["seven_day"])
+            for entry in dashboard_api(server.http_port, "?period=d&tz=UTC")["limits"]][1:] == \
+        [("ana@example.com", "Codex", 12.5, None)]
     # The current block: the automatic 5-hour block running now, as GetBlocks finds it.
     block = dashboard_api(server.http_port, "?period=b")
     now = block["now_ms"]
@@ -5070,8 +5081,8 @@ def test_dashboard_in_chromium_shows_the_servers_figures_exactly(server, chromiu
     assert [row[0] for row in document.tables["projects"][1:]] == ["web-app", "api"]
     assert [row[6] for row in document.tables["requests"][1:]] == ["$1.25", "$0.0010", "$0.0623"]
     (limits,) = document.tables["limits"][1:]
-    assert limits[0] == "ana@example.com" and limits[1].startswith("21%, resets ") and limits[2] == "just now"
-    assert limits[3].startswith("63%, resets ")
+    assert limits[:2] == ["ana@example.com", "Claude"] and limits[2].startswith("21%, resets ")
+    assert limits[3] == "just now" and limits[4].startswith("63%, resets ")
     days = client.days(None, now, "UTC")
     assert len(document.titles) == 30 and document.titles[-1] == \
         f"{days[0].date}: {ccmon.format_cost(days[0].split.total.cost_nanos)}, {days[0].split.total.requests} requests"
