@@ -9,6 +9,7 @@ Uses the standard library and the test requirements only. Needs about 4 GB of fr
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import bisect
 import decimal
 import json
@@ -480,12 +481,34 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+CCUSAGE = "ccusage@18.0.11"  # the last release that runs without a native binary
+CCUSAGE_CACHE = Path.home() / ".cache" / "ccmon-bench"
+
+
+def ccusage_daily(config_dir: Path) -> tuple[float, float] | None:
+    """ccusage's `daily` report of the transcripts under config_dir/projects (its offline prices): (seconds, total
+    cost in USD); None without Node.js and npm. Installs ccusage into CCUSAGE_CACHE the first time."""
+    tool = CCUSAGE_CACHE / "node_modules" / "ccusage" / "dist" / "index.js"
+    if not (shutil.which("node") and shutil.which("npm")):
+        return None
+    if not tool.exists():
+        subprocess.run(["npm", "install", "--prefix", str(CCUSAGE_CACHE), "--no-audit", "--no-fund", "--silent",
+                        CCUSAGE], check=True, capture_output=True)
+    started = time.perf_counter()
+    answer = subprocess.run(["node", str(tool), "daily", "--json", "--offline"], capture_output=True, text=True,
+                            check=True, env={**os.environ, "CLAUDE_CONFIG_DIR": str(config_dir)})
+    return time.perf_counter() - started, json.loads(answer.stdout)["totals"]["totalCost"]
+
+
 def bench_import(workdir: Path, entries: int) -> dict:
-    """`ccmon import` of a generated year of transcripts into a fresh local server, end to end; checks its own
-    answer (rows stored = answers generated), then imports again (everything already known)."""
+    """`ccmon import` of a generated year of transcripts into a fresh local server, end to end, then `ccmon report
+    monthly` of the year (what a user waits for), beside ccusage's `daily` of the same files; checks its own answer
+    (rows stored = answers generated), then imports again (everything already known), and that both tools total the
+    same cost to the cent."""
     folder = workdir / "projects"
     files, lines = write_transcripts(folder, entries, int(time.time() * 1000))
     db = workdir / "import.db"
+    since = (dt.date.today() - dt.timedelta(days=370)).isoformat()
     with ccmon_server(db) as server:
         command = [sys.executable, str(ROOT / "ccmon.py"), "import", "--monitor-server", server.target, str(folder)]
         load = os.getloadavg()[0]
@@ -495,8 +518,17 @@ def bench_import(workdir: Path, entries: int) -> dict:
         seconds = time.perf_counter() - started
         server_cpu, client_cpu = cpu_seconds(server.proc.pid) - server_cpu, children_cpu_seconds() - client_cpu
         started = time.perf_counter()
+        report = subprocess.run([sys.executable, str(ROOT / "ccmon.py"), "report", "monthly", "--since", since,
+                                 "--monitor-server", server.target, "--json"], capture_output=True, text=True,
+                                check=True)
+        report_s = time.perf_counter() - started
+        ccmon_cost = json.loads(report.stdout)["totals"]["cost_usd"]
+        started = time.perf_counter()
         again = subprocess.run(command, capture_output=True, text=True, check=True)
         again_s = time.perf_counter() - started
+    ccusage = ccusage_daily(workdir)
+    if ccusage is not None and abs(ccusage[1] - ccmon_cost) >= 0.01:
+        raise RuntimeError(f"ccmon's total ${ccmon_cost:.6f} is not ccusage's ${ccusage[1]:.6f}")
     stored = sqlite3.connect(db).execute("SELECT COUNT(*), SUM(origin = 2) FROM requests").fetchone()
     if stored != (entries, entries) or f"{entries:,} requests imported" not in first.stdout or \
             f"{entries:,} already known" not in again.stdout:
@@ -505,7 +537,9 @@ def bench_import(workdir: Path, entries: int) -> dict:
     shutil.rmtree(folder)
     return {"entries": entries, "files": files, "lines": lines, "seconds": seconds, "load": load,
             "client_cpu_s": client_cpu, "server_cpu_s": server_cpu,
-            "entries_per_s": entries / seconds, "lines_per_s": lines / seconds, "again_s": again_s}
+            "entries_per_s": entries / seconds, "lines_per_s": lines / seconds, "again_s": again_s,
+            "report_s": report_s, "cost_usd": ccmon_cost,
+            "ccusage_s": ccusage[0] if ccusage else None, "ccusage_cost_usd": ccusage[1] if ccusage else None}
 
 
 def timed(call, check, runs: int) -> list[float]:
@@ -849,10 +883,16 @@ def report(r: dict) -> str:
 
 
 def import_report(i: dict) -> str:
-    return (f"| ccmon import, {i['entries']:,} answers ({i['lines']:,} lines, {i['files']:,} files), first run | "
+    line = (f"| ccmon import, {i['entries']:,} answers ({i['lines']:,} lines, {i['files']:,} files), first run | "
             f"{i['entries_per_s']:,.0f} entries/s ({i['seconds']:.1f} s; {i['lines_per_s']:,.0f} lines/s; again: "
             f"{i['again_s']:.1f} s; CPU: ccmon import {i['client_cpu_s']:.1f} s, server {i['server_cpu_s']:.1f} s; load "
             f"average {i['load']:.1f}) | >= 20,000/s | {target(i['entries_per_s'], 20_000, True)} |")
+    ours = i["seconds"] + i["report_s"]
+    if i["ccusage_s"] is None:
+        return line + "\n| import + report monthly, against ccusage daily | ccusage not run (no Node.js or npm) | | |"
+    ratio = i["ccusage_s"] / ours
+    return line + (f"\n| import + report monthly ({ours:.1f} s), against {CCUSAGE} daily ({i['ccusage_s']:.1f} s), "
+                   f"same files, both ${i['cost_usd']:,.2f} | {ratio:.2f}x faster | >= 3x | {target(ratio, 3, True)} |")
 
 
 if __name__ == "__main__":
