@@ -1850,13 +1850,20 @@ def number_metric_series(conn: sqlite3.Connection) -> None:
                  "UNION SELECT user, model, project FROM retired_usage ORDER BY 1, 2, 3")
 
 
+def index_readings_by_agent(conn: sqlite3.Connection) -> None:
+    """Version 12: each agent's limit readings found by time without reading the others' (Claude's status line
+    writes one every turn; the metrics and the dashboard ask for each agent's)."""
+    conn.execute("CREATE INDEX limit_readings_agent ON limit_readings(agent, ts)")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
                                                           keep_limit_readings, count_imported_requests,
                                                           find_request_ids_within_sessions, count_receipts,
                                                           record_agents, keep_counters_monotonic,
-                                                          mark_reading_agents, number_metric_series]
+                                                          mark_reading_agents, number_metric_series,
+                                                          index_readings_by_agent]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -2548,14 +2555,14 @@ class Writer:
         if named:
             touched.update(id_ for id_, in conn.execute("SELECT id FROM sessions WHERE session_id IN (SELECT value "
                                                         "FROM json_each(?))", (json.dumps(named),)))
-        agent_names = dict(conn.execute("SELECT id, name FROM agents"))
-        agents = {agent_names[row[REQUEST_COLUMNS.index("agent")]] for row in requests}
-        empty = self._intern(conn, "sessions", "session_id", "")
+        agents = {row[REQUEST_COLUMNS.index("agent")] for row in batch.requests}  # resent ones too: see
+        # _replace_session_less_metrics
+        empty = conn.execute("SELECT id FROM sessions WHERE session_id = ''").fetchone()  # (points naming none)
         name, kind, session, user = (METRIC_COLUMNS.index(c) for c in ("name", "type", "session", "user"))
         for row in metrics:
             agent = METRIC_USAGE_FIELDS.get((row[name], row[kind]), ("", {}))[0]
             agents.add(agent)
-            if row[session] == empty and agent not in ("", CLAUDE_CODE):
+            if empty and row[session] == empty[0] and agent not in ("", CLAUDE_CODE):
                 user_name = conn.execute("SELECT name FROM users WHERE id = ?", (row[user],)).fetchone()[0]
                 touched.add(self._intern(conn, "sessions", "session_id", metrics_session(agent, user_name)))
         touched |= self._metrics_sessions(conn, agents)
@@ -7198,25 +7205,17 @@ def project_row(project: str, sessions: int, split: Split) -> dict[str, Any]:
 
 def agent_projects(client: Client, start: int, end: int, user: str | None, project: str | None,
                    agent: str) -> list[dict[str, Any]]:
-    """The project report of one agent's usage, by cost: each project's usage of the agent's models and its
-    sessions of the agent (one named project's figures at a time: the server sums projects over every agent; the
-    sessions without a project are what the agent's usage has beyond the named ones')."""
-    def usage_of(name: str | None) -> dict[str, Usage]:
-        return {m.model: m.usage for m in client.models(start, end, user, name) if m.agent == agent}
-
-    projects = [each.project for each in client.projects(start, end, user, project)]
-    by_project = {name: usage_of(name) for name in projects if name}
-    if "" in projects:
-        rest = usage_of(project)
-        for used in by_project.values():
-            for model, usage in used.items():
-                rest[model] = rest[model] - usage
-        by_project[""] = {model: usage for model, usage in rest.items() if usage != Usage()}
-    sessions = [s.project for s in client.sessions(start, end, user, MAX_SESSIONS, project)
-                if (s.agent or CLAUDE_CODE) == agent]
-    others = frozenset() if agent == CLAUDE_CODE else frozenset().union(*by_project.values())
-    rows = [project_row(name, sessions.count(name), Split.from_models(used, others))
-            for name, used in by_project.items() if used]
+    """The project report of one agent's usage, by cost: its sessions' figures in the period summed by their
+    project (a session is one agent's, in one project; the server sums projects over every agent)."""
+    sessions = client.sessions(start, end, user, MAX_SESSIONS, project)
+    if len(sessions) == MAX_SESSIONS:
+        raise ConfigError(f"--agent {agent}: the project report of one agent sums its sessions, and this period has "
+                          f"more than {MAX_SESSIONS:,}: give a later --since (or --user)")
+    by_project: dict[str, list[Split]] = {}
+    for session in sessions:
+        if (session.agent or CLAUDE_CODE) == agent:
+            by_project.setdefault(session.project, []).append(session.split)
+    rows = [project_row(name, len(splits), sum(splits, Split())) for name, splits in by_project.items()]
     return sorted(rows, key=lambda row: (-row["cost_usd"], row["project"]))
 
 
@@ -7452,7 +7451,7 @@ def report_flags_period(args: argparse.Namespace, zone: ZoneInfo) -> tuple[int, 
     first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date() for ms in (start, max(start, end - 1)))
     if args.kind in ("daily", "weekly", "monthly") and (last - first).days >= MAX_DAYS:
         raise ConfigError(f"--since {first}: the {args.kind} report covers at most {MAX_DAYS} days, this period "
-                          f"{(last - first).days + 1}: give a later --since")
+                          f"{(last - first).days + 1}: give a later --since or an earlier --until")
     return start, end
 
 

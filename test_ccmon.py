@@ -1233,7 +1233,7 @@ def test_a_version_9_database_is_upgraded_with_a_backup_its_readings_claudes(tmp
     srv = ServerProcess(tmp_path, db=db).start()
     try:
         backup = tmp_path / "ccmon.db.v9.bak"
-        assert f"upgrading {db} from schema 9 to 10; a copy of the old database is at {backup}" in srv.log
+        assert f"upgrading {db} from schema 9 to {ccmon.SCHEMA_VERSION}; a copy of the old database is at {backup}" in srv.log
         assert db_rows(db, "SELECT a.name, lr.five_hour_percent FROM limit_readings lr JOIN agents a "
                            "ON a.id = lr.agent") == [("claude-code", 63.0)]
         answer = srv.query().GetLimits(ccmon_pb2.GetLimitsRequest())
@@ -2330,8 +2330,12 @@ def test_reports_by_agent_and_of_one_agent(server, tmp_path):
     sdk_export(server.port, [("api_request", api_request(3, "2026-12-04T16:00:00.000Z", model="claude-sonnet-4-5",
                                                          session="s-alpha", input_tokens=10, cost_usd=0.25))],
                resource={**CLAUDE_RESOURCE, "project": "alpha"})
+    sdk_export(server.port, [("api_request", api_request(4, "2026-12-04T16:01:00.000Z", model="claude-sonnet-4-5",
+                                                         session="s-alpha-dir", input_tokens=10, cost_usd=0.125))],
+               resource={**CLAUDE_RESOURCE, "project": "/home/dev/alpha"})  # a folder ending like the name above
     assert [(r["project"], r["sessions"], r["requests"], r["cost_usd"])
-            for r in report("project", "--agent", "claude-code")["rows"]] == [("", 1, 2, 1.0), ("alpha", 1, 1, 0.25)]
+            for r in report("project", "--agent", "claude-code")["rows"]] == [
+        ("", 1, 2, 1.0), ("alpha", 1, 1, 0.25), ("/home/dev/alpha", 1, 1, 0.125)]
     assert [(r["project"], r["sessions"], r["requests"]) for r in report("project", "--agent", "codex")["rows"]] == \
         [("", 2, 3)]
     table = run_report(server, "agent", "--since", "2026-12-01", "--chart", cwd=tmp_path).stdout
@@ -2345,7 +2349,7 @@ def test_reports_by_agent_and_of_one_agent(server, tmp_path):
                            "own limits, not codex's plan's (leave out --chart or --agent)"),
                           (["daily", "--agent", "codex", "--since", "2000-01-01", "--until", "2010-01-08"],
                            "--since 2000-01-01: the daily report covers at most 3660 days, this period 3661: give "
-                           "a later --since")):
+                           "a later --since or an earlier --until")):
         refused = run_report(server, *args, cwd=tmp_path)
         assert (refused.returncode, refused.stderr) == (2, f"ccmon: config error: {message}\n")
     misspelt = run_report(server, "daily", "--agent", "copilot", cwd=tmp_path)
@@ -5578,7 +5582,8 @@ def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
                                 projects={f"s{number}": project}))
     store.close()
     with sqlite3.connect(db) as conn:
-        conn.executescript("DROP TABLE metric_series; DROP TRIGGER projects_named; DROP TABLE projects; "
+        conn.executescript("DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
+                           "DROP TRIGGER projects_named; DROP TABLE projects; "
                            "DROP TABLE retired_usage; ALTER TABLE limit_readings DROP COLUMN agent; "
                            "PRAGMA user_version = 8;")
     conn.close()
@@ -5660,7 +5665,7 @@ def test_schema_11_numbers_the_stored_series_by_their_ids(tmp_path):
         write_series(store, at, number)
     store.close()
     with sqlite3.connect(db) as conn:
-        conn.executescript("DROP TABLE metric_series; PRAGMA user_version = 10;")
+        conn.executescript("DROP TABLE metric_series; DROP INDEX limit_readings_agent; PRAGMA user_version = 10;")
     conn.close()
     store = ccmon.Writer(db)
     try:
@@ -6913,7 +6918,8 @@ CONFIG_ERRORS = [
     (["--format", "@daily_cost", "--json"], "ccmon: --format and --json cannot be used together (see ccmon --help)"),
     (["--health", "--json"], "ccmon: --health and --json cannot be used together (see ccmon --help)"),
     (["--monitor-server", "x:1", "report", "dialy"], "ccmon report: argument kind: invalid choice: 'dialy' (choose "
-     "from 'daily', 'weekly', 'monthly', 'session', 'model', 'blocks', 'project', 'limits') (see ccmon report --help)"),
+     "from 'daily', 'weekly', 'monthly', 'session', 'model', 'blocks', 'project', 'agent', 'limits') (see ccmon "
+     "report --help)"),
     (["report", "daily", "--csv", "--json"], "ccmon report: argument --json: not allowed with argument --csv (see "
                                              "ccmon report --help)"),
 ])
