@@ -9319,8 +9319,11 @@ def test_two_clients_at_once_start_one_local_server(tmp_path):
         winner = pid_file(home)["pid"]
         assert local_server_pids(home) == [winner]
         assert [(r.returncode, r.stdout) for r in results] == [(0, "$0.00\n")] * 2
-        # the one whose server lost the database's lock connected to the winner
-        assert [r.stderr for r in results] == [f"ccmon: local server started, pid {winner}\n"] * 2
+        # A client that started a server says so, naming the one that answers: its own, or (when its server lost
+        # the database's lock) the winner's. A client slowed down enough to find the winner already answering
+        # (the machine busy) says nothing.
+        started = f"ccmon: local server started, pid {winner}\n"
+        assert started in [r.stderr for r in results] and {r.stderr for r in results} <= {started, ""}
     finally:
         stop_local_servers(home)
 
