@@ -2563,8 +2563,7 @@ class Writer:
             agent = METRIC_USAGE_FIELDS.get((row[name], row[kind]), ("", {}))[0]
             agents.add(agent)
             if empty and row[session] == empty[0] and agent not in ("", CLAUDE_CODE):
-                user_name = conn.execute("SELECT name FROM users WHERE id = ?", (row[user],)).fetchone()[0]
-                touched.add(self._intern(conn, "sessions", "session_id", metrics_session(agent, user_name)))
+                touched.add(self._metrics_session_of(conn, agent, row[user]))
         touched |= self._metrics_sessions(conn, agents)
         request_ids = [row[REQUEST_COLUMNS.index("request_id")] for row in requests]
         if requests and self._has_imported(conn):
@@ -2572,6 +2571,11 @@ class Writer:
                 f"SELECT session FROM requests WHERE request_id IN (SELECT value FROM json_each(?)) AND "
                 f"{origin_in(TRANSCRIPT_ORIGINS)}", (json.dumps([rid for rid in request_ids if rid is not None]),)))
         return touched
+
+    def _metrics_session_of(self, conn: sqlite3.Connection, agent: str, user: int) -> int:
+        """The id of the session an agent's usage from metrics naming no session counts in, for a user id."""
+        name = conn.execute("SELECT name FROM users WHERE id = ?", (user,)).fetchone()[0]
+        return self._intern(conn, "sessions", "session_id", metrics_session(agent, name))
 
     @staticmethod
     def _metrics_sessions(conn: sqlite3.Connection, agents: Iterable[str]) -> set[int]:
@@ -2777,8 +2781,7 @@ class Writer:
         agent, fields = METRIC_USAGE_FIELDS.get((point["name"], point["type"]), ("", {}))
         session = point["session"]
         if session == self._intern(conn, "sessions", "session_id", "") and agent not in ("", CLAUDE_CODE):
-            user = conn.execute("SELECT name FROM users WHERE id = ?", (point["user"],)).fetchone()[0]
-            session = self._intern(conn, "sessions", "session_id", metrics_session(agent, user))
+            session = self._metrics_session_of(conn, agent, point["user"])
             if conn.execute(f"SELECT 1 FROM requests WHERE ts BETWEEN ? AND ? AND agent = ? AND user = ? AND "
                             f"{origin_in(AGENT_CALL_ORIGINS)} LIMIT 1",
                             (point["ts"] - METRICS_SESSION_WINDOW_MS, point["ts"] + METRICS_SESSION_WINDOW_MS,
@@ -2876,6 +2879,7 @@ class Writer:
 # ---------------------------------------------------------------- Storage: reads
 
 MAX_DAYS = 3660  # the days one GetUsage answers (ten years)
+
 
 def period_parts(start: int, end: int, sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
     """Split [start, end) into (level, lo, hi) pieces: the largest aligned blocks of sizes[0] inside,
@@ -3110,8 +3114,8 @@ class Reader:
              project: str | None = None) -> list[DayUsage]:
         """Each calendar day's usage in `zone`, newest first: the days from the one holding start_ms to the one
         holding end_ms - 1, cut to the period, the newest MAX_DAYS of them; without start_ms, the last 30 days
-        (today up to end_ms). Raises
-        OverflowError or ValueError when a day's end falls past the year 9999, which dates cannot show."""
+        (today up to end_ms). Raises OverflowError or ValueError when a day's end falls past the year 9999, which
+        dates cannot show."""
         days = 30
         if start_ms is not None:
             first, last = (dt.datetime.fromtimestamp(ms / 1000, zone).date()
@@ -9332,8 +9336,8 @@ def server_findings(config: Config) -> tuple[list[Finding], ccmon_pb2.GetServerI
 def doctor_findings(args: argparse.Namespace, environ: dict[str, str],
                     home: Path) -> tuple[list[Finding], list[ReceiverCounts]]:
     """Every link, in the order data flows: the config, the server, Claude Code's settings, what the server
-    received, the status line, the transcripts, the other agents' histories; and the server's receiver counts. A link that cannot be checked
-    for want of an earlier one is left out."""
+    received, the status line, the transcripts, the other agents' histories; and the server's receiver counts. A
+    link that cannot be checked for want of an earlier one is left out."""
     try:
         config = load_config(args)
     except ConfigError as exc:
