@@ -2716,6 +2716,8 @@ class Writer:
                       if not window.has(row[request_id], row[0]) and (row[1], row[agent]) not in by_telemetry]
         days.update(self._replace_session_less_metrics(conn, with_users))  # a history wins as events do
         resolved = self._resolve(conn, "requests", REQUEST_COLUMNS, with_users)
+        model = REQUEST_COLUMNS.index("model")
+        self._own_models(conn, {(row[model], row[agent]) for row in resolved})  # as telemetry's calls name them
         for row in resolved:
             row.append(row[request_id])
         sql = (f"INSERT OR IGNORE INTO requests ({', '.join(REQUEST_COLUMNS)}) SELECT "

@@ -8641,6 +8641,14 @@ def agent_home(home: Path, *tools: str) -> Path:
     return home
 
 
+def test_another_agents_models_imported_from_its_history_are_its_own(server, tmp_path):
+    """Models first seen in Codex's rollouts (no telemetry) are Codex's: not Claude's premium, not claude-code's."""
+    ccmon_import(server, home=agent_home(tmp_path / "home", "codex-0.169.0"))
+    models = server.query().GetModelStats(ccmon_pb2.GetModelStatsRequest(start_time=ts("2026-01-01T00:00:00Z")))
+    assert {(m.agent, m.premium) for m in models.models} == {("codex", False)}
+    assert stats(server).premium_requests == 0
+
+
 @pytest.mark.parametrize("tool", list(AGENT_HISTORIES))
 def test_another_agents_history_is_imported_exactly_once_priced_as_its_telemetry(server, tool, tmp_path):
     """`ccmon import` reads Gemini CLI's chats, Codex's rollouts and Qwen Code's chats in their default folders:
