@@ -1642,7 +1642,8 @@ CREATE INDEX IF NOT EXISTS requests_session ON requests(session, ts);
 CREATE INDEX IF NOT EXISTS requests_from_metrics ON requests(session) WHERE origin = 1;  -- small: events win
 
 -- Rollups kept equal to the raw rows by triggers: per 15 minutes (every timezone offset is a multiple
--- of it) and per session; usage_daily per UTC day is recomputed from usage_rollup by the writer.
+-- of it) and per session (total_hourly: see total_everyone); usage_daily per UTC day is recomputed
+-- from usage_rollup by the writer.
 CREATE TABLE IF NOT EXISTS usage_rollup (
     bucket INTEGER NOT NULL, model INTEGER NOT NULL, user INTEGER NOT NULL, {FIGURE_COLUMNS},
     PRIMARY KEY (bucket, model, user)
@@ -1712,6 +1713,12 @@ def rebuild_rollups(conn: sqlite3.Connection) -> None:
     conn.execute(f"INSERT INTO session_usage SELECT session, model, (SELECT user FROM requests latest WHERE "
                  f"latest.session = r.session AND latest.model = r.model ORDER BY id DESC LIMIT 1), MIN(ts), "
                  f"MAX(ts), {sums} FROM requests r GROUP BY session, model")
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'total_hourly'").fetchone():  # version 13 on
+        conn.execute("DELETE FROM total_hourly")
+        conn.execute("DELETE FROM total_daily")
+        conn.execute(f"INSERT INTO total_hourly SELECT ts - ts % {HOUR_MS}, model, {sums} FROM requests GROUP BY 1, 2")
+        conn.execute(f"INSERT INTO total_daily SELECT bucket - bucket % {DAY_MS}, model, "
+                     f"{', '.join(f'SUM({column})' for column in FIGURES)} FROM total_hourly GROUP BY 1, 2")
 
 
 def name_users_readably(conn: sqlite3.Connection) -> None:
@@ -1856,6 +1863,25 @@ def index_readings_by_agent(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX limit_readings_agent ON limit_readings(agent, ts)")
 
 
+def total_everyone(conn: sqlite3.Connection) -> None:
+    """Version 13: everyone's usage per hour and per UTC day, by model (total_hourly kept by triggers as usage_rollup
+    is; total_daily recomputed from it by the writer, as usage_daily is). A chart of everyone's local days reads
+    the UTC days and the hours between UTC and local midnights from them: a row per model instead of one per
+    model and user, and per hour instead of per quarter hour (a year of Berlin's days: a third of the rows)."""
+    for table in ("total_hourly", "total_daily"):
+        conn.execute(f"CREATE TABLE {table} (bucket INTEGER NOT NULL, model INTEGER NOT NULL, {FIGURE_COLUMNS}, "
+                     "PRIMARY KEY (bucket, model)) WITHOUT ROWID")
+    triggers = rollup_triggers("total_hourly", {"bucket": "{r}ts - {r}ts % " + str(HOUR_MS), "model": "{r}model"},
+                               figures=V8_FIGURES)
+    for statement in re.split(r"(?<=END;)\n", triggers.strip()):
+        conn.execute(statement)
+    sums = ", ".join(f"SUM({column})" for column in FIGURES)
+    conn.execute(f"INSERT INTO total_hourly SELECT bucket - bucket % {HOUR_MS}, model, {sums} FROM usage_rollup "
+                 "GROUP BY 1, 2")
+    conn.execute(f"INSERT INTO total_daily SELECT bucket - bucket % {DAY_MS}, model, {sums} FROM total_hourly "
+                 "GROUP BY 1, 2")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
@@ -1863,7 +1889,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, 
                                                           find_request_ids_within_sessions, count_receipts,
                                                           record_agents, keep_counters_monotonic,
                                                           mark_reading_agents, number_metric_series,
-                                                          index_readings_by_agent]
+                                                          index_readings_by_agent, total_everyone]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -2827,12 +2853,15 @@ class Writer:
 
     @staticmethod
     def _refresh_days(conn: sqlite3.Connection, days: Iterable[int]) -> None:
-        """Recompute usage_daily for these UTC days from usage_rollup, in the writing transaction."""
+        """Recompute usage_daily and total_daily for these UTC days from usage_rollup and total_hourly, in the
+        writing transaction."""
         sums = ", ".join(f"SUM({c})" for c in FIGURES)
         for day in days:
-            conn.execute("DELETE FROM usage_daily WHERE bucket = ?", (day,))
-            conn.execute(f"INSERT INTO usage_daily SELECT ?, model, user, {sums} FROM usage_rollup "
-                         "WHERE bucket >= ? AND bucket < ? GROUP BY model, user", (day, day, day + DAY_MS))
+            for table, source, key in (("usage_daily", "usage_rollup", "model, user"),
+                                       ("total_daily", "total_hourly", "model")):
+                conn.execute(f"DELETE FROM {table} WHERE bucket = ?", (day,))
+                conn.execute(f"INSERT INTO {table} SELECT ?, {key}, {sums} FROM {source} "
+                             f"WHERE bucket >= ? AND bucket < ? GROUP BY {key}", (day, day, day + DAY_MS))
 
     def sweep(self, older_than_ms: int) -> int:
         """Delete rows older than the cutoff, a chunk per transaction so ingestion keeps flowing."""
@@ -2897,20 +2926,24 @@ def period_parts(start: int, end: int, sizes: tuple[int, ...]) -> list[tuple[int
     return [(0, lo, hi)] + [(level + 1, a, b) for level, a, b in edges]
 
 
-def series_parts(lo: int, hi: int) -> list[tuple[int, int, int, int]]:
-    """[lo, hi) as signed (sign, level, a, b) parts summed from usage_daily (level 0), usage_rollup (1) and raw rows
-    (2). A bucket of a day or more is read from the UTC days nearest its edges, corrected by the quarter hours
-    between those and its edges, added or taken away: a local day of Berlin's is a UTC day, plus the hour before
-    it and less its last hour (two in summer), not 96 quarter hours."""
-    a, b = (-(-(edge - DAY_MS // 2) // DAY_MS) * DAY_MS for edge in (lo, hi))  # nearest UTC midnights
+def series_parts(lo: int, hi: int, everyone: bool) -> list[tuple[int, int, int, int]]:
+    """[lo, hi) as signed (sign, level, a, b) parts: UTC days (level 0), hours (1, of `everyone`'s usage only: no
+    rollup has hours per user), quarter hours (2) and raw rows (3). A bucket of a day or more is read from the UTC
+    days nearest its edges, corrected by the hours (or quarter hours) between those and its edges, added or taken
+    away: a local day of Berlin's is a UTC day, plus the hour before it and less its last hour (two in summer), not
+    96 quarter hours."""
+    sizes = (HOUR_MS, BUCKET_MS) if everyone else (BUCKET_MS,)
+
+    def edge(sign: int, x: int, y: int) -> list[tuple[int, int, int, int]]:
+        if x % sizes[0] == y % sizes[0] == 0:  # the usual edge, whole hours: one part or none (as period_parts)
+            return [(sign, 3 - len(sizes), x, y)] if x < y else []
+        return [(sign, level + 3 - len(sizes), p, q) for level, p, q in period_parts(x, y, sizes)]
+
+    a, b = (-(-(edge_ms - DAY_MS // 2) // DAY_MS) * DAY_MS for edge_ms in (lo, hi))  # nearest UTC midnights
     if a >= b:
-        return [(1, level + 1, x, y) for level, x, y in period_parts(lo, hi, (BUCKET_MS,))]
-    parts = [(1, 0, a, b)]
-    for sign, x, y in ((1, lo, a), (-1, a, lo), (1, b, hi), (-1, hi, b)):
-        if x < y:
-            parts += [(sign, 1, x, y)] if x % BUCKET_MS == y % BUCKET_MS == 0 else \
-                [(sign, level + 1, p, q) for level, p, q in period_parts(x, y, (BUCKET_MS,))]
-    return parts
+        return edge(1, lo, hi)
+    return [(1, 0, a, b)] + [part for sign, x, y in ((1, lo, a), (-1, a, lo), (1, b, hi), (-1, hi, b))
+                             for part in edge(sign, x, y)]
 
 
 @dataclasses.dataclass
@@ -3026,23 +3059,24 @@ class Reader:
                project: str | None = None) -> list[SeriesPoint]:
         """The usage of each bucket [starts[i], starts[i + 1]) within [start_ms, end_ms), per model, user or
         project (by) or not grouped (''), oldest first, empty buckets left out. From the rollups (see series_parts):
-        the UTC days in one range, the quarter hours at the buckets' edges in one query, each read once (a local
-        day's end is the next one's start); by or of a project, from the raw rows (the rollups have no project)."""
+        the UTC days in one range, the hours (of one user: quarter hours) at the buckets' edges in one query, each
+        read once (a local day's end is the next one's start); by or of a project, from the raw rows (the rollups
+        have no project)."""
         chosen = self._filter(user, project, "t.user", "t.session")
         if chosen is None:
             return []
         where, extra = chosen
         raw = project is not None or by == "project"
-        uses: list[dict[tuple[int, int], list[tuple[int, int]]]] = [{}, {}, {}]  # per level: range -> (bucket, sign)
+        everyone = user is None and by in ("", "model")  # the total_ rollups have no user
+        uses: list[dict[tuple[int, int], list[tuple[int, int]]]] = [{}, {}, {}, {}]  # level: range -> (bucket, sign)
         for index, (lo, hi) in enumerate(zip(starts, starts[1:])):
             lo, hi = max(lo, start_ms), min(hi, end_ms)
-            for sign, level, a, b in ([(1, 2, lo, hi)] if lo < hi else []) if raw else series_parts(lo, hi):
+            for sign, level, a, b in ([(1, 3, lo, hi)] if lo < hi else []) if raw else series_parts(lo, hi, everyone):
                 uses[level].setdefault((a, b), []).append((index, sign))
         group = {"": "''", "model": "t.model", "user": "t.user", "project": "COALESCE(s.project, '')"}[by]
         keys = "1, 3" if by in ("", "model") else "1, 2, 3"  # a constant in GROUP BY would cost a sort
         join = " JOIN sessions s ON s.id = t.session" if by == "project" else ""
         day_uses = {day: used for (a, b), used in uses[0].items() for day in range(a, b, DAY_MS)}
-        ranges = [list(level) for level in uses]
         others = self.other_models()
         side_of = {model: 2 if name in others else int(is_premium(name))  # as Split.from_models tells them
                    for model, name in self._names("models").items()}
@@ -3050,16 +3084,17 @@ class Reader:
         conn = self._reader()
         conn.execute("BEGIN")  # one snapshot: a rollup and the raw rows it stands for agree
         try:
-            queries = [(f"SELECT t.bucket, {group}, t.model, {USAGE_SUMS} FROM usage_daily t WHERE t.bucket >= ? "
-                        f"AND t.bucket < ?{where} GROUP BY {keys}", (min(day_uses, default=0),
-                                                                     max(day_uses, default=-DAY_MS) + DAY_MS))]
-            for level, table, column, sums in ((1, "usage_rollup", "t.bucket", USAGE_SUMS),
-                                               (2, "requests", "t.ts", RAW_SUMS)):
+            queries = [(f"SELECT t.bucket, {group}, t.model, {USAGE_SUMS} FROM {'total' if everyone else 'usage'}_daily "
+                        f"t WHERE t.bucket >= ? AND t.bucket < ?{where} GROUP BY {keys}",
+                        (min(day_uses, default=0), max(day_uses, default=-DAY_MS) + DAY_MS))]
+            for level, table, column, sums in ((1, "total_hourly", "t.bucket", USAGE_SUMS),
+                                               (2, "usage_rollup", "t.bucket", USAGE_SUMS),
+                                               (3, "requests", "t.ts", RAW_SUMS)):
                 queries.append((  # MATERIALIZED: the ranges read from JSON once, not at every row they are joined to
                     "WITH p (i, lo, hi) AS MATERIALIZED (SELECT key, json_extract(value, '$[0]'), json_extract(value, "
                     f"'$[1]') FROM json_each(?)) SELECT p.i, {group}, t.model, {sums} FROM p CROSS JOIN {table} t "
                     f"ON {column} >= p.lo AND {column} < p.hi{join} WHERE 1{where} GROUP BY {keys}",
-                    (json.dumps(ranges[level]),)))
+                    (json.dumps(list(uses[level])),)))
             for level, (sql, bounds) in enumerate(queries):
                 if not uses[level]:
                     continue

@@ -1072,9 +1072,22 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
         for _, lo, hi in ccmon.day_bounds(zone, base + span, 42)[::7]:
             assert reader.usage(lo, hi) == brute_force(lo, hi)
         assert reader.usage(0, base + 2 * span) == brute_force(0, base + 2 * span)
+        for bucket, (lo, hi) in [("hour", (base + span // 2, base + span // 2 + 86400_000)),
+                                 ("week", (base - 86400_000, base + span)), *(("day", sorted(p)) for p in periods[:1])]:
+            starts = ccmon.bucket_starts(zone, bucket, lo, hi, 1000)  # everyone's (totals) and one user's (by user)
+            for user in (None, "bo@example.com"):
+                assert {(point.start_ms, point.group): point.split.total
+                        for point in reader.series(starts, lo, hi, "model", user)} == \
+                    {(start, model): usage for start, end in zip(starts, starts[1:])
+                     for model, usage in brute_force(max(start, lo), min(end, hi), user=user).items()
+                     if usage != ccmon.Usage()}
+        for table, bucket in (("total_hourly", ccmon.HOUR_MS), ("total_daily", ccmon.DAY_MS)):
+            assert db_rows(store.path, f"SELECT bucket, model, {ccmon.USAGE_SUMS} FROM {table} GROUP BY 1, 2") == \
+                db_rows(store.path, f"SELECT ts - ts % {bucket}, model, {ccmon.RAW_SUMS} FROM requests GROUP BY 1, 2")
 
     check()
     assert db_rows(store.path, "SELECT COUNT(*) FROM usage_rollup WHERE rows <= 0") == [(0,)]
+    assert db_rows(store.path, "SELECT COUNT(*) FROM total_hourly WHERE rows <= 0") == [(0,)]
     store.close()
 
 
@@ -1386,6 +1399,37 @@ def test_damage_found_while_running_is_answered_not_raised(server):
     assert server.log.count("it is damaged: stop the server, keep") == 1
     assert server.log.count("the database is damaged (") == 1
     assert "Traceback" not in server.log
+
+
+def test_a_version_12_database_gets_everyones_totals_with_a_backup(tmp_path):
+    """Schema 13 keeps everyone's usage per hour and per UTC day (see total_everyone): filled from the stored rows
+    at the upgrade, kept by every write after it, and the series read from them agrees with GetUsage's figures."""
+    db = tmp_path / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    with sqlite3.connect(db, isolation_level=None) as conn:  # to schema 12, as the release before wrote it
+        for version, migration in enumerate(ccmon.MIGRATIONS[:11], 2):
+            conn.execute("BEGIN")
+            migration(conn)
+            conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
+    conn.close()
+    store, reader = ccmon.Writer(db), ccmon.Reader(db)
+    try:
+        assert (tmp_path / "ccmon.db.v12.bak").exists()
+        first, last = db_rows(db, "SELECT MIN(ts), MAX(ts) FROM requests")[0]
+        store.write(ccmon.Batch(requests=[(last + 3600_000, "after", 1, "claude-opus-4-1", "", 10, 0, 0, 0, 7, 0, None,
+                                           None, None, None, None, 0, "claude-code")]))
+        for table, bucket in (("total_hourly", ccmon.HOUR_MS), ("total_daily", ccmon.DAY_MS)):
+            stored = db_rows(db, f"SELECT bucket, model, {ccmon.USAGE_SUMS} FROM {table} GROUP BY 1, 2")
+            assert len(stored) > 1 and stored == \
+                db_rows(db, f"SELECT ts - ts % {bucket}, model, {ccmon.RAW_SUMS} FROM requests GROUP BY 1, 2")
+        start, end = first - ccmon.DAY_MS, last + 2 * ccmon.HOUR_MS
+        points = reader.series(ccmon.bucket_starts(BERLIN, "day", start, end, 100), start, end)
+        assert [(point.start_ms, point.split) for point in points] == \
+            [(lo, reader.split(reader.usage(lo, hi))) for _, lo, hi in ccmon.day_bounds(BERLIN, end, 100)[::-1]
+             if reader.usage(lo, hi)]
+    finally:
+        store.close()
 
 
 def test_an_older_server_still_running_is_not_upgraded_under(tmp_path):
@@ -5570,6 +5614,11 @@ def test_other_agents_metrics_sessions_and_turn_costs_keep_the_counters(server):
     assert db_rows(server.db, "SELECT SUM(cost_nanos) > 0 FROM retired_usage") == [(1,)]
 
 
+# What schema 13 added (see total_everyone), dropped: a database written now, as a release before it left it.
+TOTALS_UNDONE = "DROP TRIGGER total_hourly_insert; DROP TRIGGER total_hourly_delete; DROP TABLE total_hourly; " \
+    "DROP TABLE total_daily;"
+
+
 def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
     """A schema-8 database (as the release before wrote it) is upgraded with a backup: its projects get ids in the
     order of the sessions that named them, and no counter has anything retired yet."""
@@ -5582,7 +5631,7 @@ def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
                                 projects={f"s{number}": project}))
     store.close()
     with sqlite3.connect(db) as conn:
-        conn.executescript("DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
+        conn.executescript(f"{TOTALS_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
                            "DROP TRIGGER projects_named; DROP TABLE projects; "
                            "DROP TABLE retired_usage; ALTER TABLE limit_readings DROP COLUMN agent; "
                            "PRAGMA user_version = 8;")
@@ -5665,7 +5714,8 @@ def test_schema_11_numbers_the_stored_series_by_their_ids(tmp_path):
         write_series(store, at, number)
     store.close()
     with sqlite3.connect(db) as conn:
-        conn.executescript("DROP TABLE metric_series; DROP INDEX limit_readings_agent; PRAGMA user_version = 10;")
+        conn.executescript(f"{TOTALS_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
+                           "PRAGMA user_version = 10;")
     conn.close()
     store = ccmon.Writer(db)
     try:
