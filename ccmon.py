@@ -3074,17 +3074,20 @@ class Reader:
             for sign, level, a, b in ([(1, 3, lo, hi)] if lo < hi else []) if raw else series_parts(lo, hi, everyone):
                 uses[level].setdefault((a, b), []).append((index, sign))
         group = {"": "''", "model": "t.model", "user": "t.user", "project": "COALESCE(s.project, '')"}[by]
-        keys = "1, 3" if by in ("", "model") else "1, 2, 3"  # a constant in GROUP BY would cost a sort
+        keys = "1, 3" if by == "" else "1, 2, 3"  # a constant in GROUP BY would cost a sort
         join = " JOIN sessions s ON s.id = t.session" if by == "project" else ""
         day_uses = {day: used for (a, b), used in uses[0].items() for day in range(a, b, DAY_MS)}
-        others = self.other_models()
-        side_of = {model: 2 if name in others else int(is_premium(name))  # as Split.from_models tells them
-                   for model, name in self._names("models").items()}
+        others, sides = self.other_models(), {1: [], 2: []}  # a model's side of Split, as Split.from_models tells
+        for model, name in self._names("models").items():
+            if name in others or is_premium(name):
+                sides[2 if name in others else 1].append(str(model))
+        side = "".join(f"WHEN t.model IN ({', '.join(ids)}) THEN {number} " for number, ids in sides.items() if ids)
+        side = f"CASE {side}ELSE 0 END" if side else "0"  # the sides summed apart, not each model
         found: dict[tuple[int, Any], list[list[int]]] = {}  # (bucket, group) -> [base, premium, other figures]
         conn = self._reader()
         conn.execute("BEGIN")  # one snapshot: a rollup and the raw rows it stands for agree
         try:
-            queries = [(f"SELECT t.bucket, {group}, t.model, {USAGE_SUMS} FROM {'total' if everyone else 'usage'}_daily "
+            queries = [(f"SELECT t.bucket, {group}, {side}, {USAGE_SUMS} FROM {'total' if everyone else 'usage'}_daily "
                         f"t WHERE t.bucket >= ? AND t.bucket < ?{where} GROUP BY {keys}",
                         (min(day_uses, default=0), max(day_uses, default=-DAY_MS) + DAY_MS))]
             for level, table, column, sums in ((1, "total_hourly", "t.bucket", USAGE_SUMS),
@@ -3092,15 +3095,14 @@ class Reader:
                                                (3, "requests", "t.ts", RAW_SUMS)):
                 queries.append((  # MATERIALIZED: the ranges read from JSON once, not at every row they are joined to
                     "WITH p (i, lo, hi) AS MATERIALIZED (SELECT key, json_extract(value, '$[0]'), json_extract(value, "
-                    f"'$[1]') FROM json_each(?)) SELECT p.i, {group}, t.model, {sums} FROM p CROSS JOIN {table} t "
+                    f"'$[1]') FROM json_each(?)) SELECT p.i, {group}, {side}, {sums} FROM p CROSS JOIN {table} t "
                     f"ON {column} >= p.lo AND {column} < p.hi{join} WHERE 1{where} GROUP BY {keys}",
                     (json.dumps(list(uses[level])),)))
             for level, (sql, bounds) in enumerate(queries):
                 if not uses[level]:
                     continue
                 uses_of = day_uses if level == 0 else dict(enumerate(uses[level].values()))  # a row's part -> uses
-                for part, key, model, *figures in conn.execute(sql, (*bounds, *extra)):
-                    side = side_of[model]
+                for part, key, side, *figures in conn.execute(sql, (*bounds, *extra)):
                     for index, sign in uses_of.get(part, ()):
                         if (tally := found.get((index, key))) is None:
                             tally = found[index, key] = [[0] * len(figures), [0] * len(figures), [0] * len(figures)]
