@@ -403,6 +403,15 @@ class ClaudeLimits:
         return reading.read_ms if reading is not None else None
 
 
+def agent_windows(agent: str, user: str, limits: ClaudeLimits, now: int) -> LimitReading:
+    """Another agent's live windows of a user's (see Reader.live_limits) as one reading: each window as last read,
+    read at the newer of the two readings."""
+    read = [reading for reading in (limits.five_hour, limits.seven_day) if reading is not None]
+    newest = max(read, key=lambda reading: reading.read_ms)
+    return LimitReading(newest.session_id, newest.read_ms, five_hour=limits.window("five_hour", now),
+                        seven_day=limits.window("seven_day", now), user=user, agent=agent)
+
+
 @dataclasses.dataclass(frozen=True)
 class Price:
     """USD per million tokens of one model, exact: input, output, cache read, 5-minute and 1-hour cache writes;
@@ -664,6 +673,7 @@ class UserUsage:
     sessions: int
     five_hour: LimitWindow | None = None
     seven_day: LimitWindow | None = None
+    agents: tuple[LimitReading, ...] = ()  # other agents' own plans' live windows of theirs (Codex's), by agent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3510,10 +3520,13 @@ class Reader:
         others = self.other_models()
         splits = {user: Split.from_models(models, others) for user, models in by_user.items()}
         sessions = self.user_sessions(start_ms, end_ms, project)
-        live = self.live_limits(end_ms)
+        live = {agent: self.live_limits(end_ms, agent) for agent in AGENTS}
         ranked = sorted(splits, key=lambda user: (-splits[user].total.cost_nanos, user))
         return [UserUsage(user, splits[user], sessions.get(user, 0),
-                          *(live.get(user, ClaudeLimits()).window(name, end_ms) for name in ("five_hour", "seven_day")))
+                          *(live[CLAUDE_CODE].get(user, ClaudeLimits()).window(name, end_ms)
+                            for name in ("five_hour", "seven_day")),
+                          tuple(agent_windows(agent, user, live[agent][user], end_ms)
+                                for agent in AGENTS[1:] if user in live[agent]))
                 for user in ranked]
 
     def user_sessions(self, start_ms: int, end_ms: int, project: str | None = None) -> dict[str, int]:
@@ -5350,12 +5363,13 @@ def usage_block_of(b: ccmon_pb2.Block) -> UsageBlock:
 
 def user_message(user: UserUsage) -> ccmon_pb2.UserStats:
     return ccmon_pb2.UserStats(user=user.user, stats=stats_message(user.split), sessions=user.sessions,
-                               five_hour=window_message(user.five_hour), seven_day=window_message(user.seven_day))
+                               five_hour=window_message(user.five_hour), seven_day=window_message(user.seven_day),
+                               agents=map(reading_message, user.agents))
 
 
 def user_usage_of(u: ccmon_pb2.UserStats) -> UserUsage:
     return UserUsage(u.user, split_from_stats(u.stats), u.sessions, window_of(u, "five_hour"),
-                     window_of(u, "seven_day"))
+                     window_of(u, "seven_day"), tuple(map(reading_of, u.agents)))
 
 
 def project_message(project: ProjectUsage) -> ccmon_pb2.ProjectStats:
@@ -10302,10 +10316,16 @@ def users_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     with_claude = any(window for windows in claude.values() for window in windows)
     if with_claude:  # each user's own latest share of Claude's windows, where a reading of it is live
         columns += [Column("5h", 4, 1), Column("Week", 4, 1)]
+    plans = {u.user: {(reading.agent, name): live_window(getattr(reading, name), screen.now) for reading in u.agents
+                      for name in ("five_hour", "seven_day")} for u in snap.users}  # other agents' (Codex's) the same
+    shown = sorted({key for windows in plans.values() for key, window in windows.items() if window},
+                   key=lambda key: (AGENTS.index(key[0]), key[1]))
+    columns += [Column(f"{LIMITS_OF[agent]} {'5h' if name == 'five_hour' else 'week'}", 8, 2) for agent, name in shown]
     rows = [([user_names(u.user, "(unknown)"), str(u.sessions), format_count(u.split.total.requests),
               format_count(u.split.total.total), format_count(u.split.premium.limited),
               format_cost(u.split.total.cost_nanos), share_cell(u.split.total.cost_nanos, whole, screen.glyphs)] +
-             ([format_percent(window.percent) if window else "-" for window in claude[u.user]] if with_claude else []),
+             ([format_percent(window.percent) if window else "-" for window in claude[u.user]] if with_claude else []) +
+             [format_percent(window.percent) if (window := plans[u.user].get(key)) else "-" for key in shown],
              "tab_active" if u.user and u.user == state.user else "")
             for u in snap.users[state.scroll:state.scroll + page_rows]]
     header, body = table_lines(columns, rows, screen.width)

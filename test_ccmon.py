@@ -8855,6 +8855,35 @@ def test_an_imported_request_or_limit_reading_the_server_cannot_store_is_refused
         [(0, 0)]
 
 
+def test_the_users_tab_shows_each_users_codex_limits_beside_claudes(server, tmp_path):
+    """GetUsers names each user's live windows of Codex's plan (from the rollouts' readings), and the Users tab
+    shows them in columns of their own, beside Claude's; once a window has reset it is a dash, and with none live
+    the columns are gone."""
+    ccmon_import(server, home=agent_home(tmp_path / "home", "codex-0.169.0"))
+    client = ccmon.Client(server.target)
+    try:
+        at = ccmon.parse_iso_ms("2026-12-04T15:13:00Z")
+        users = client.users(at - ccmon.DAY_MS, at)
+    finally:
+        client.close()
+    assert [(u.user, u.agents) for u in users] == [("", (ccmon.LimitReading(
+        "01a2419c-f77d-7560-a635-0779905e56e1", db_rows(server.db, "SELECT MAX(ts) FROM limit_readings")[0][0],
+        five_hour=CODEX_PRIMARY, seven_day=CODEX_SECONDARY, user="", agent=ccmon.CODEX),))]
+    ana = ccmon.UserUsage("ana@example.com", ccmon.Split(ccmon.Usage(1, 10)), 1,
+                          five_hour=ccmon.LimitWindow(30.0, at + 3600_000))
+    settings = _settings()
+    frames = []
+    for now in (at, CODEX_PRIMARY.resets_ms, CODEX_SECONDARY.resets_ms):
+        state, snap = insight_snapshot(settings, now, "users", users=(ana, *users))
+        lines, _ = frame_text(state, snap, settings, 120, 24, now)
+        table = lines.index(next(line for line in lines if line.startswith("-- Users by cost")))
+        frames.append([line.split("Share of cost")[-1].split("%", 1)[-1].split() for line in lines[table + 1:table + 4]])
+    assert frames == [
+        [["5h", "Week", "Codex", "5h", "Codex", "week"], ["30%", "-", "-", "-"], ["-", "-", "13%", "34%"]],
+        [["5h", "Week", "Codex", "week"], ["30%", "-", "-"], ["-", "-", "34%"]],  # Codex's 5 hours have reset
+        [[], [], []]]  # and its week too: no column of Codex's (nor of Claude's, whose window ana read reset too)
+
+
 def test_the_monitor_shows_codexs_live_limits_below_claudes(tmp_path):
     snap, settings, now = _frame_fixture()
     reading = ccmon.LimitReading("c-1", now - 120_000, five_hour=ccmon.LimitWindow(12.5, now + 3600_000),
