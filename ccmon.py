@@ -343,6 +343,12 @@ def user_name(attrs: dict, resource: dict) -> str:
 # The coding agents whose telemetry ccmon receives, by the name stored with each request (see docs/agents.md).
 CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE = "claude-code", "gemini-cli", "codex", "qwen-code"
 AGENTS = (CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE)
+
+
+def unknown_agent(name: str) -> str:
+    """What is said of an agent name ccmon does not know."""
+    return f"unknown agent {name[:100]!r} (known: {', '.join(AGENTS)})"
+
 LIMITS_OF = {CLAUDE_CODE: "Claude", GEMINI_CLI: "Gemini", CODEX: "Codex", QWEN_CODE: "Qwen"}  # whose plan's limits
 # Whose local history names no id its telemetry names for the same call (Gemini CLI's chat messages, Codex's
 # rollouts; Qwen Code's embed the telemetry's response_id): within a session their telemetry wins over their
@@ -3026,21 +3032,32 @@ class Reader:
         return (f" AND {column} IN (SELECT id FROM sessions WHERE project = ? OR "
                 "substr(project, -1 - length(?)) IN ('/' || ?, '\\' || ?))", (project,) * 4)
 
+    @staticmethod
+    def _agent_filter(agent: str | None, column: str = "model") -> tuple[str, tuple]:
+        """The SQL condition for one agent's rows ('', () for every agent): the rows of its models, as Split tells
+        agents apart (a model is the agent's whose usage first named it: see Writer._own_models)."""
+        if agent is None:
+            return "", ()
+        return f" AND {column} IN (SELECT m.id FROM models m JOIN agents a ON a.id = m.agent WHERE a.name = ?)", \
+            (agent,)
+
     def _filter(self, user: str | None, project: str | None, user_column: str = "user",
-                session_column: str = "session") -> tuple[str, tuple] | None:
-        """The conditions for one user's rows and one project's, as _user_filter: None when there can be no rows."""
+                session_column: str = "session", agent: str | None = None,
+                model_column: str = "model") -> tuple[str, tuple] | None:
+        """The conditions for one user's rows, one project's and one agent's, as _user_filter: None when there can
+        be no rows."""
         chosen = self._user_filter(user, user_column)
         if chosen is None:
             return None
-        where, params = self._project_filter(project, session_column)
-        return chosen[0] + where, chosen[1] + params
+        parts = [chosen, self._project_filter(project, session_column), self._agent_filter(agent, model_column)]
+        return "".join(where for where, _ in parts), tuple(param for _, params in parts for param in params)
 
     def usage(self, start_ms: int, end_ms: int, by: str = "model", user: str | None = None,
-              project: str | None = None) -> dict[Any, Usage]:
+              project: str | None = None, agent: str | None = None) -> dict[Any, Usage]:
         """Totals per model (by='model'), per user ('user') or per (user, model) ('user, model') over
         [start_ms, end_ms): whole UTC days from usage_daily, whole quarter hours from usage_rollup around
         them, raw rows at the unaligned edges. One project's totals come from its sessions' raw rows."""
-        chosen = self._filter(user, project)
+        chosen = self._filter(user, project, agent=agent)
         if chosen is None:
             return {}
         where, extra = chosen
@@ -3066,13 +3083,13 @@ class Reader:
         return {key[0] if len(keys) == 1 else key: u for key, u in named.items()}
 
     def series(self, starts: list[int], start_ms: int, end_ms: int, by: str = "", user: str | None = None,
-               project: str | None = None) -> list[SeriesPoint]:
+               project: str | None = None, agent: str | None = None) -> list[SeriesPoint]:
         """The usage of each bucket [starts[i], starts[i + 1]) within [start_ms, end_ms), per model, user or
         project (by) or not grouped (''), oldest first, empty buckets left out. From the rollups (see series_parts):
         the UTC days in one range, the hours (of one user: quarter hours) at the buckets' edges in one query, each
         read once (a local day's end is the next one's start); by or of a project, from the raw rows (the rollups
         have no project)."""
-        chosen = self._filter(user, project, "t.user", "t.session")
+        chosen = self._filter(user, project, "t.user", "t.session", agent, "t.model")
         if chosen is None:
             return []
         where, extra = chosen
@@ -3152,15 +3169,15 @@ class Reader:
         return dict(self._reader().execute(f"SELECT id, {'session_id' if table == 'sessions' else 'name'} "
                                            f"FROM {table}"))
 
-    def models(self, start_ms: int, end_ms: int, user: str | None = None,
-               project: str | None = None) -> list[ModelUsage]:
+    def models(self, start_ms: int, end_ms: int, user: str | None = None, project: str | None = None,
+               agent: str | None = None) -> list[ModelUsage]:
         """Each model's usage in the period, highest cost first."""
-        by_model, agents = self.usage(start_ms, end_ms, user=user, project=project), self.model_agents()
+        by_model, agents = self.usage(start_ms, end_ms, user=user, project=project, agent=agent), self.model_agents()
         return [ModelUsage(model, usage, agents.get(model, CLAUDE_CODE)) for model, usage in
                 sorted(by_model.items(), key=lambda item: (-item[1].cost_nanos, item[0]))]
 
     def days(self, zone: ZoneInfo, start_ms: int | None, end_ms: int, user: str | None = None,
-             project: str | None = None) -> list[DayUsage]:
+             project: str | None = None, agent: str | None = None) -> list[DayUsage]:
         """Each calendar day's usage in `zone`, newest first: the days from the one holding start_ms to the one
         holding end_ms - 1, cut to the period, the newest MAX_DAYS of them; without start_ms, the last 30 days
         (today up to end_ms). Raises OverflowError or ValueError when a day's end falls past the year 9999, which
@@ -3174,12 +3191,13 @@ class Reader:
         for date, lo, hi in day_bounds(zone, max(end_ms - 1, 0), days):
             lo, hi = max(lo, -1 if start_ms is None else start_ms), min(hi, end_ms)
             if lo < hi or start_ms is None:
-                found.append(DayUsage(date, self.split(self.usage(lo, hi, user=user, project=project))))
+                found.append(DayUsage(date, self.split(self.usage(lo, hi, user=user, project=project, agent=agent))))
         return found
 
     def requests_page(self, start_ms: int, end_ms: int, limit: int, offset: int, oldest_first: bool,
-                      user: str | None = None, project: str | None = None) -> list[ApiRequest]:
-        chosen = self._filter(user, project, "r.user", "r.session")
+                      user: str | None = None, project: str | None = None,
+                      agent: str | None = None) -> list[ApiRequest]:
+        chosen = self._filter(user, project, "r.user", "r.session", agent, "r.model")
         if chosen is None:
             return []
         where, extra = chosen
@@ -3276,9 +3294,10 @@ class Reader:
         return row[0] if row else None
 
     def sessions(self, start_ms: int, end_ms: int, user: str | None = None, limit: int = 500,
-                 session_id: str | None = None, project: str | None = None) -> list[Session]:
+                 session_id: str | None = None, project: str | None = None,
+                 agent: str | None = None) -> list[Session]:
         """Sessions with requests in [start_ms, end_ms) (or the one named), most recent first, with their totals."""
-        chosen_user = self._filter(user, project)
+        chosen_user = self._filter(user, project, agent=agent)
         if chosen_user is None:
             return []
         if session_id is not None:
@@ -3398,10 +3417,10 @@ class Reader:
         return [ApiRequest(ts, model, sid, Usage(*figures), agent)
                 for sid, ts, model, agent, *figures in self._reader().execute(sql, (session, limit))]
 
-    def tool_report(self, start_ms: int, end_ms: int, user: str | None = None,
-                    project: str | None = None) -> ToolReport:
+    def tool_report(self, start_ms: int, end_ms: int, user: str | None = None, project: str | None = None,
+                    agent: str | None = None) -> ToolReport:
         chosen = self._filter(user, project)
-        if chosen is None:
+        if chosen is None or agent not in (None, CLAUDE_CODE):  # Claude Code's events alone are counted here
             return ToolReport()
         where = "name = ? AND ts >= ? AND ts < ?" + chosen[0]
 
@@ -3511,15 +3530,17 @@ class Reader:
             later = bucket
         return later
 
-    def users(self, start_ms: int, end_ms: int, project: str | None = None) -> list[UserUsage]:
-        """Each user's usage in the period (in one project's sessions), highest cost first, with how many sessions
-        they had then and Claude's live windows of theirs at its end."""
+    def users(self, start_ms: int, end_ms: int, project: str | None = None,
+              agent: str | None = None) -> list[UserUsage]:
+        """Each user's usage in the period (in one project's sessions, of one agent), highest cost first, with how
+        many sessions they had then and Claude's live windows of theirs at its end."""
         by_user: dict[str, dict[str, Usage]] = {}
-        for (user, model), usage in self.usage(start_ms, end_ms, by="user, model", project=project).items():
+        for (user, model), usage in self.usage(start_ms, end_ms, by="user, model", project=project,
+                                               agent=agent).items():
             by_user.setdefault(user, {})[model] = usage
         others = self.other_models()
         splits = {user: Split.from_models(models, others) for user, models in by_user.items()}
-        sessions = self.user_sessions(start_ms, end_ms, project)
+        sessions = self.user_sessions(start_ms, end_ms, project, agent)
         live = {agent: self.live_limits(end_ms, agent) for agent in AGENTS}
         ranked = sorted(splits, key=lambda user: (-splits[user].total.cost_nanos, user))
         return [UserUsage(user, splits[user], sessions.get(user, 0),
@@ -3529,21 +3550,22 @@ class Reader:
                                 for agent in AGENTS[1:] if user in live[agent]))
                 for user in ranked]
 
-    def user_sessions(self, start_ms: int, end_ms: int, project: str | None = None) -> dict[str, int]:
-        """How many sessions each user had active in the period (in one project's sessions)."""
-        where, params = self._project_filter(project, "su.session")
+    def user_sessions(self, start_ms: int, end_ms: int, project: str | None = None,
+                      agent: str | None = None) -> dict[str, int]:
+        """How many sessions each user had active in the period (in one project's sessions, of one agent)."""
+        where, params = self._filter(None, project, session_column="su.session", agent=agent, model_column="su.model")
         return dict(self._reader().execute(
             "SELECT u.name, COUNT(DISTINCT su.session) FROM session_usage su JOIN users u ON u.id = su.user "
             f"WHERE su.last_ts >= ? AND su.first_ts < ?{where} GROUP BY u.name", (start_ms, end_ms, *params)))
 
-    def projects(self, start_ms: int, end_ms: int, user: str | None = None,
-                 project: str | None = None) -> list[ProjectUsage]:
+    def projects(self, start_ms: int, end_ms: int, user: str | None = None, project: str | None = None,
+                 agent: str | None = None) -> list[ProjectUsage]:
         """Per project ('' for the sessions without one), highest cost first: its usage in [start_ms, end_ms) and
         how many sessions had usage then. A session's totals per model come from session_usage when they lie wholly
         inside the period; raw rows are read only for those crossing its edges. (With a user, a session's totals
         are its user's as session_usage names them: the user of its latest row.)"""
-        inside_filter = self._filter(user, project, "su.user", "su.session")
-        crossing_filter = self._filter(user, project, "r.user", "su.session")  # the user of each row
+        inside_filter = self._filter(user, project, "su.user", "su.session", agent, "su.model")
+        crossing_filter = self._filter(user, project, "r.user", "su.session", agent, "su.model")  # each row's user
         if inside_filter is None or crossing_filter is None or start_ms >= end_ms:
             return []
         (inside, inside_params), (crossing, crossing_params) = inside_filter, crossing_filter
@@ -5229,7 +5251,7 @@ def imported_row(r: ccmon_pb2.ImportedRequest) -> tuple:
     if not (0 <= min(counts) and max(counts) < MAX_COUNT and 0 <= r.cost_nanos <= MAX_USD * NANOS_PER_USD):
         raise BadValue(f"a token count or the cost is out of range: {counts}, {r.cost_nanos} nano-dollars")
     if r.agent and r.agent not in AGENTS:
-        raise BadValue(f"unknown agent {r.agent!r} (known: {', '.join(AGENTS)})")
+        raise BadValue(unknown_agent(r.agent))
     seq = content_hash(f"{r.message_id}\0{r.request_id}".encode())
     return (r.timestamp_ms, r.session_id, seq, r.model or "unknown", "", *counts, r.cost_nanos, 0, None, None,
             r.request_id or None, None, None, ORIGIN_TRANSCRIPT if r.estimated else ORIGIN_TRANSCRIPT_COST,
@@ -5481,19 +5503,28 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def _project(request) -> str | None:
         return request.project or None
 
+    @staticmethod
+    def _agent(request, context) -> str | None:
+        if request.agent and request.agent not in AGENTS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, unknown_agent(request.agent))
+        return request.agent or None
+
     def GetStats(self, request, context):
         split = self.reader.split(self.reader.usage(*self._period(request), user=self._user(request),
-                                                    project=self._project(request)))
+                                                    project=self._project(request),
+                                                    agent=self._agent(request, context)))
         return ccmon_pb2.GetStatsResponse(stats=stats_message(split))
 
     def GetAPIRequests(self, request, context):
         start, end = self._period(request)
-        user, project = self._user(request), self._project(request)
+        user, project, agent = self._user(request), self._project(request), self._agent(request, context)
         limit = request.limit if 0 < request.limit <= MAX_REQUESTS_PAGE else MAX_REQUESTS_PAGE
-        rows = self.reader.requests_page(start, end, limit, request.offset, request.oldest_first, user, project)
+        rows = self.reader.requests_page(start, end, limit, request.offset, request.oldest_first, user, project,
+                                         agent)
         if not request.HasField("oldest_first"):  # the Go ccmon's client: the newest page, in time order
             rows.reverse()
-        total = sum(u.requests for u in self.reader.usage(start, end, user=user, project=project).values())
+        total = sum(u.requests for u in self.reader.usage(start, end, user=user, project=project,
+                                                          agent=agent).values())
         return ccmon_pb2.GetAPIRequestsResponse(total_count=total, requests=[api_request_message(r) for r in rows])
 
     def GetUsage(self, request, context):
@@ -5504,7 +5535,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         start = timestamp_ms(request, "start_time", -1)
         try:
             days = self.reader.days(zone, start if start >= 0 else None, end, self._user(request),
-                                    self._project(request))
+                                    self._project(request), self._agent(request, context))
         except (OverflowError, ValueError):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the period has days past the year 9999 in {zone.key}; "
                           "end it earlier")
@@ -5512,7 +5543,8 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
                                                 for day in days])
 
     def GetModelStats(self, request, context):
-        found = self.reader.models(*self._period(request), user=self._user(request), project=self._project(request))
+        found = self.reader.models(*self._period(request), user=self._user(request), project=self._project(request),
+                                   agent=self._agent(request, context))
         return ccmon_pb2.GetModelStatsResponse(models=[model_message(model) for model in found[:MAX_LIST]])
 
     def GetSessionStats(self, request, context):
@@ -5530,7 +5562,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def GetSessions(self, request, context):
         found = self.reader.sessions(*self._period(request), user=self._user(request),
                                     limit=min(max(request.limit, 0) or DEFAULT_SESSIONS, MAX_SESSIONS),
-                                    project=self._project(request))
+                                    project=self._project(request), agent=self._agent(request, context))
         return ccmon_pb2.GetSessionsResponse(sessions=[session_message(s) for s in found])
 
     def GetSessionTimeline(self, request, context):
@@ -5541,23 +5573,27 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
 
     def GetToolStats(self, request, context):
         report = self.reader.tool_report(*self._period(request), user=self._user(request),
-                                         project=self._project(request))
+                                         project=self._project(request), agent=self._agent(request, context))
         return tool_report_message(dataclasses.replace(report, tools=report.tools[:MAX_LIST],
                                                        decisions=report.decisions[:MAX_LIST],
                                                        errors=report.errors[:MAX_LIST]))
 
     def GetUsers(self, request, context):
-        found = self.reader.users(*self._period(request), self._project(request))[:MAX_LIST]
+        found = self.reader.users(*self._period(request), self._project(request),
+                                  self._agent(request, context))[:MAX_LIST]
         return ccmon_pb2.GetUsersResponse(users=[user_message(user) for user in found])
 
     def GetBlocks(self, request, context):
+        if self._agent(request, context) not in (None, CLAUDE_CODE):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"blocks are Claude's 5-hour windows, of Claude Code's "
+                          f"usage alone: not {request.agent}'s")
         found = self.reader.blocks(*self._period(request), user=self._user(request),
                                    project=self._project(request))[-MAX_LIST:]
         return ccmon_pb2.GetBlocksResponse(blocks=[block_message(block) for block in found])
 
     def GetProjects(self, request, context):
         found = self.reader.projects(*self._period(request), user=self._user(request),
-                                     project=self._project(request))[:MAX_LIST]
+                                     project=self._project(request), agent=self._agent(request, context))[:MAX_LIST]
         return ccmon_pb2.GetProjectsResponse(projects=[project_message(project) for project in found])
 
     def ReportStatusLine(self, request, context):
@@ -5631,7 +5667,8 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         if starts is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the period has more than {MAX_SERIES_BUCKETS} "
                           f"{request.bucket}s: ask for a shorter period or a larger bucket")
-        points = self.reader.series(starts, start, end, request.group_by, self._user(request), self._project(request))
+        points = self.reader.series(starts, start, end, request.group_by, self._user(request), self._project(request),
+                                    self._agent(request, context))
         readings = self.reader.readings(self._user(request), start, end - 1, MAX_SERIES_READINGS, with_limits=True)
         others = [reading for agent in AGENTS[1:] for reading in reversed(self.reader.readings(
             self._user(request), start, end - 1, MAX_SERIES_READINGS, with_limits=True, agent=agent))]
@@ -6002,7 +6039,7 @@ class Client:
 
     @staticmethod
     def _period(request, start_ms: int | None, end_ms: int | None, user: str | None = None,
-                project: str | None = None):
+                project: str | None = None, agent: str | None = None):
         if start_ms is not None:
             request.start_time.CopyFrom(timestamp_from_ms(start_ms))
         if end_ms is not None:
@@ -6011,17 +6048,20 @@ class Client:
             request.user = user
         if project:
             request.project = project
+        if agent:
+            request.agent = agent
         return request
 
-    def stats(self, start_ms: int | None, end_ms: int, user: str | None = None, project: str | None = None) -> Split:
+    def stats(self, start_ms: int | None, end_ms: int, user: str | None = None, project: str | None = None,
+              agent: str | None = None) -> Split:
         # From the epoch rather than unset: the Go ccmon counts nothing without a start.
-        request = self._period(ccmon_pb2.GetStatsRequest(), start_ms or 0, end_ms, user, project)
+        request = self._period(ccmon_pb2.GetStatsRequest(), start_ms or 0, end_ms, user, project, agent)
         return split_from_stats(self._call("GetStats", request).stats)
 
     def api_requests(self, start_ms: int | None, end_ms: int, limit: int, offset: int, oldest_first: bool,
-                     user: str | None = None, project: str | None = None) -> RequestsPage:
+                     user: str | None = None, project: str | None = None, agent: str | None = None) -> RequestsPage:
         request = self._period(ccmon_pb2.GetAPIRequestsRequest(limit=limit, offset=offset, oldest_first=oldest_first),
-                               start_ms or 0, end_ms, user, project)  # the Go ccmon needs a start
+                               start_ms or 0, end_ms, user, project, agent)  # the Go ccmon needs a start
         page = self._call("GetAPIRequests", request)
         rows = sorted((api_request_of(r) for r in page.requests), key=lambda row: row.ts_ms,
                       reverse=not oldest_first)  # the Go ccmon answers oldest first whatever is asked
@@ -6036,18 +6076,18 @@ class Client:
         return SessionUsage(response.session_id, split_from_stats(response.stats))
 
     def days(self, start_ms: int | None, end_ms: int, timezone: str, user: str | None = None,
-             project: str | None = None) -> tuple[DayUsage, ...]:
-        request = self._period(ccmon_pb2.GetUsageRequest(timezone=timezone), start_ms, end_ms, user, project)
+             project: str | None = None, agent: str | None = None) -> tuple[DayUsage, ...]:
+        request = self._period(ccmon_pb2.GetUsageRequest(timezone=timezone), start_ms, end_ms, user, project, agent)
         return tuple(DayUsage(day.date, split_from_stats(day.stats)) for day in self._call("GetUsage", request).days)
 
     def models(self, start_ms: int | None, end_ms: int, user: str | None = None,
-               project: str | None = None) -> tuple[ModelUsage, ...]:
-        request = self._period(ccmon_pb2.GetModelStatsRequest(), start_ms, end_ms, user, project)
+               project: str | None = None, agent: str | None = None) -> tuple[ModelUsage, ...]:
+        request = self._period(ccmon_pb2.GetModelStatsRequest(), start_ms, end_ms, user, project, agent)
         return tuple(model_usage_of(m) for m in self._call("GetModelStats", request).models)
 
     def sessions(self, start_ms: int | None, end_ms: int, user: str | None = None,
-                 limit: int = 500, project: str | None = None) -> tuple[Session, ...]:
-        request = self._period(ccmon_pb2.GetSessionsRequest(limit=limit), start_ms, end_ms, user, project)
+                 limit: int = 500, project: str | None = None, agent: str | None = None) -> tuple[Session, ...]:
+        request = self._period(ccmon_pb2.GetSessionsRequest(limit=limit), start_ms, end_ms, user, project, agent)
         return tuple(session_of(s) for s in self._call("GetSessions", request).sessions)
 
     def timeline(self, session_id: str) -> tuple[TimelineEntry, ...]:
@@ -6055,9 +6095,9 @@ class Client:
         return tuple(timeline_entry_of(e) for e in response.entries)
 
     def tools(self, start_ms: int | None, end_ms: int, user: str | None = None,
-              project: str | None = None) -> ToolReport:
+              project: str | None = None, agent: str | None = None) -> ToolReport:
         return tool_report_of(self._call("GetToolStats", self._period(ccmon_pb2.GetToolStatsRequest(), start_ms,
-                                                                      end_ms, user, project)))
+                                                                      end_ms, user, project, agent)))
 
     def report_status_line(self, reading: LimitReading, timezone: str) -> StatusLineFigures:
         """Store a status line reading; returns its session's figures and its user's today."""
@@ -6102,25 +6142,26 @@ class Client:
         response = self._call("GetLimits", ccmon_pb2.GetLimitsRequest())
         return reading_of(response.latest) if response.HasField("latest") else None
 
-    def users(self, start_ms: int | None, end_ms: int, project: str | None = None) -> tuple[UserUsage, ...]:
+    def users(self, start_ms: int | None, end_ms: int, project: str | None = None,
+              agent: str | None = None) -> tuple[UserUsage, ...]:
         """Users by cost, with Claude's live windows of theirs."""
         response = self._call("GetUsers", self._period(ccmon_pb2.GetUsersRequest(), start_ms, end_ms,
-                                                       project=project))
+                                                       project=project, agent=agent))
         return tuple(user_usage_of(u) for u in response.users)
 
     def projects(self, start_ms: int | None, end_ms: int, user: str | None = None,
-                 project: str | None = None) -> tuple[ProjectUsage, ...]:
+                 project: str | None = None, agent: str | None = None) -> tuple[ProjectUsage, ...]:
         """Projects by cost; '' is the sessions without a project."""
         response = self._call("GetProjects", self._period(ccmon_pb2.GetProjectsRequest(), start_ms, end_ms, user,
-                                                          project))
+                                                          project, agent))
         return tuple(project_usage_of(p) for p in response.projects)
 
     def series(self, start_ms: int | None, end_ms: int | None, bucket: str, timezone: str, group_by: str = "",
-               user: str | None = None, project: str | None = None) -> UsageSeries:
+               user: str | None = None, project: str | None = None, agent: str | None = None) -> UsageSeries:
         """The period's usage per hour, local day or week (per model, user or project with group_by), and Claude's
         limit readings in it (the user's), oldest first."""
         request = self._period(ccmon_pb2.GetSeriesRequest(bucket=bucket, timezone=timezone, group_by=group_by),
-                               start_ms, end_ms, user, project)
+                               start_ms, end_ms, user, project, agent)
         return usage_series_of(self._call("GetSeries", request))
 
     def close(self) -> None:

@@ -2401,6 +2401,73 @@ def test_reports_by_agent_and_of_one_agent(server, tmp_path):
         "'gemini-cli', 'codex', 'qwen-code')" in misspelt.stderr, misspelt.stderr
 
 
+AGENT_FILTERED = ("GetStats", "GetAPIRequests", "GetUsage", "GetModelStats", "GetSessions", "GetToolStats",
+                  "GetUsers", "GetBlocks", "GetProjects", "GetSeries")
+
+
+def test_every_query_keeps_one_agents_usage_when_asked(server):
+    """The QueryService's `agent` field keeps one agent's usage in every figure, exactly as `report agent` sums it
+    (the same rows: its models'); an unknown agent is refused by every call, and blocks by another agent."""
+    sdk_export(server.port, [("api_request", api_request(n, f"2026-12-04T15:0{n}:00.000Z", model=model,
+                                                         session="s-claude", input_tokens=1000, output_tokens=100,
+                                                         cost_usd=0.5))
+                             for n, model in ((1, "claude-sonnet-4-5"), (2, "claude-haiku-4-5"))] +
+               [("tool_result", {"event.name": "tool_result", "event.timestamp": "2026-12-04T15:03:00.000Z",
+                                 "event.sequence": 3, "session.id": "s-claude", "tool_name": "Bash", "success": "true",
+                                 "duration_ms": "88"})])
+    for tool, protocol in (("codex-0.169.0", "http-json"), ("gemini-cli-0.61.0", "grpc")):
+        replay(server, agent_capture(tool, protocol))
+    query, start = server.query(), ts("2026-12-01T00:00:00Z")
+    for agent, requests, tokens, cost_nanos, sessions in (
+            ("claude-code", 2, 2200, 1_000_000_000, 1), ("codex", 3, 3 * 2434, 34_032_000, 2),
+            ("gemini-cli", 6, 6 * 1413, 670_380, 3), ("qwen-code", 0, 0, 0, 0), ("", 11, 2200 + 3 * 2434 + 6 * 1413,
+                                                                              1_034_702_380, 6)):
+        def total(stats):
+            usage = ccmon.split_from_stats(stats).total
+            return usage.requests, usage.total, usage.cost_nanos
+
+        def summed(splits):
+            usage = sum((split.total for split in splits), ccmon.Usage())
+            return usage.requests, usage.total, usage.cost_nanos
+
+        wanted, period = (requests, tokens, cost_nanos), {"start_time": start, "agent": agent}
+        assert total(query.GetStats(ccmon_pb2.GetStatsRequest(**period)).stats) == wanted, agent
+        page = query.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(**period, oldest_first=True))
+        assert (page.total_count, len(page.requests)) == (requests, requests)
+        assert {r.agent for r in page.requests} == ({agent} if agent and requests else
+                                                    {"claude-code", "codex", "gemini-cli"} if not agent else set())
+        days = query.GetUsage(ccmon_pb2.GetUsageRequest(**period, timezone="Asia/Tokyo")).days
+        assert summed(ccmon.split_from_stats(day.stats) for day in days) == wanted
+        models = query.GetModelStats(ccmon_pb2.GetModelStatsRequest(**period)).models
+        assert summed(ccmon.Split(ccmon.model_usage_of(m).usage) for m in models) == wanted
+        assert {m.agent for m in models} <= {agent} | ({"claude-code", "codex", "gemini-cli"} if not agent else set())
+        found = query.GetSessions(ccmon_pb2.GetSessionsRequest(**period)).sessions
+        assert (len(found), summed(ccmon.split_from_stats(s.stats) for s in found)) == (sessions, wanted)
+        users = query.GetUsers(ccmon_pb2.GetUsersRequest(**period)).users
+        assert summed(ccmon.split_from_stats(u.stats) for u in users) == wanted
+        projects = query.GetProjects(ccmon_pb2.GetProjectsRequest(**period)).projects
+        assert (sum(p.sessions for p in projects), summed(ccmon.split_from_stats(p.stats) for p in projects)) == \
+            (sessions, wanted)
+        series = query.GetSeries(ccmon_pb2.GetSeriesRequest(**period, bucket="hour", group_by="model"))
+        assert summed(ccmon.split_from_stats(p.stats) for p in series.points) == wanted
+        tools = query.GetToolStats(ccmon_pb2.GetToolStatsRequest(**period)).tools  # Claude Code's events alone
+        assert [(t.tool, t.calls) for t in tools] == ([("Bash", 1)] if agent in ("", "claude-code") else [])
+    blocks = query.GetBlocks(ccmon_pb2.GetBlocksRequest(start_time=start, agent="claude-code")).blocks
+    assert [b.stats.total_requests for b in blocks] == [2]
+    with pytest.raises(grpc.RpcError) as refused:
+        query.GetBlocks(ccmon_pb2.GetBlocksRequest(start_time=start, agent="codex"))
+    assert (refused.value.code(), refused.value.details()) == (
+        grpc.StatusCode.INVALID_ARGUMENT, "blocks are Claude's 5-hour windows, of Claude Code's usage alone: not "
+                                          "codex's")
+    for method in AGENT_FILTERED:
+        with pytest.raises(grpc.RpcError) as refused:
+            getattr(query, method)(getattr(ccmon_pb2, f"{method}Request")(agent="copilot", **(
+                {"bucket": "day"} if method == "GetSeries" else {})))
+        assert (refused.value.code(), refused.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT, "unknown agent 'copilot' (known: claude-code, gemini-cli, codex, "
+                                              "qwen-code)"), method
+
+
 def test_pricing_in_the_config_prices_another_agents_model(tmp_path):
     """Gemini 3.8 Flash is not in the bundled table (its calls cost $0 there); [pricing] gives it one, and
     overrides the bundled price of Gemini 2.5 Flash."""
