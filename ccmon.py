@@ -6187,6 +6187,7 @@ class Query:
     fetch: Callable[[Client, Query], Any] | None = None  # what the tab shows beyond what every screen has
     project: str | None = None
     burnup: bool = False           # the tab draws the current 5-hour window's burn-up: its hours are fetched
+    agent: str | None = None       # one agent's usage only (Claude's limits and blocks stay Claude's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6307,11 +6308,12 @@ def usage_by_agent(models: Iterable[ModelUsage]) -> tuple[tuple[str, Usage], ...
 
 
 def current_requests(client: Client, query: Query) -> CurrentRequests:
-    period = client.stats(query.start_ms, query.end_ms, query.user, query.project)
-    others = usage_by_agent(client.models(query.start_ms, query.end_ms, query.user, query.project)) \
+    period = client.stats(query.start_ms, query.end_ms, query.user, query.project, query.agent)
+    others = usage_by_agent(client.models(query.start_ms, query.end_ms, query.user, query.project, query.agent)) \
         if period.other != Usage() else ()
     return CurrentRequests(period, client.api_requests(query.start_ms, query.end_ms, query.limit, query.offset,
-                                                       query.oldest_first, query.user, query.project), others)
+                                                       query.oldest_first, query.user, query.project, query.agent),
+                           others)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6326,6 +6328,7 @@ class Snapshot:
     unanswered: str = ""                      # why the server could not answer the tab (the Go ccmon)
     projects: tuple[ProjectUsage, ...] = ()   # the Projects tab and `p`
     block_series: UsageSeries | None = None   # the current 5-hour window by the hour, and Claude's readings in it
+    agents: tuple[str, ...] = ()              # the agents with usage in the period (whatever the `g` filter), for `g`
 
 
 def fetch_snapshot(client: Client, query: Query) -> Snapshot:
@@ -6340,14 +6343,16 @@ def fetch_snapshot(client: Client, query: Query) -> Snapshot:
     block_series = client.series(window[0], query.end_ms, "hour", query.timezone, user=query.user) \
         if window else None
     client.unanswered.clear()
-    users = client.users(query.start_ms, query.end_ms, query.project)  # the Users tab and `u`
-    projects = client.projects(query.start_ms, query.end_ms, query.user)  # the Projects tab and `p`
+    users = client.users(query.start_ms, query.end_ms, query.project, query.agent)  # the Users tab and `u`
+    projects = client.projects(query.start_ms, query.end_ms, query.user, agent=query.agent)  # the tab and `p`
+    agents = {model.agent for model in client.models(query.start_ms, query.end_ms, query.user, query.project)}
     data = None
     if query.fetch:
         client.unanswered.clear()
         data = query.fetch(client, query)
     return Snapshot(query, now_ms(), info.usage_records if info.version else -1, limits, users, data,
-                    GO_CCMON_ONLY if client.unanswered else "", projects, block_series)
+                    GO_CCMON_ONLY if client.unanswered else "", projects, block_series,
+                    tuple(agent for agent in AGENTS if agent in agents))
 
 
 # ---------------------------------------------------------------- Text: figures, names and tables, shared by quick query, reports and the monitor
@@ -9504,6 +9509,7 @@ class ViewState:
     session_id: str | None = None    # the session whose timeline is open (Enter on Sessions; Esc closes)
     selected: int = 0                # the Sessions selection while a timeline is open
     project: str | None = None       # the `p` filter
+    agent: str | None = None         # the `g` filter
     chart_tokens: bool = False       # the Charts tab draws tokens, not cost (`c`)
 
 
@@ -9525,6 +9531,7 @@ class Frame:
     session_ids: tuple[str, ...] = ()   # sessions Enter can open, in scroll order
     user_names: tuple[str, ...] = ()
     project_names: tuple[str, ...] = ()
+    agent_names: tuple[str, ...] = ()   # the agents with usage in the period, in AGENTS' order
 
 
 def period_range(state: ViewState, settings: MonitorSettings, now: int,
@@ -9543,7 +9550,7 @@ def query_for(state: ViewState, settings: MonitorSettings, now: int, auto_block_
     offset = max(0, state.scroll - PAGE_FETCH // 4)
     return Query(state.tab, start, end, offset, PAGE_FETCH, state.oldest_first, settings.zone.key,
                  settings.limit_query(now), state.period == "b" and settings.block_mode is not None, state.user,
-                 state.session_id, TABS[state.tab].fetch, state.project, TABS[state.tab].burnup)
+                 state.session_id, TABS[state.tab].fetch, state.project, TABS[state.tab].burnup, state.agent)
 
 
 def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Frame) -> tuple[ViewState, str]:
@@ -9584,6 +9591,13 @@ def handle_key(state: ViewState, key: str, settings: MonitorSettings, frame: Fra
             return dataclasses.replace(state, notice="no projects in this period to filter by"), ""
         following = names[names.index(state.project) + 1:] if state.project in names else names
         return dataclasses.replace(state, project=following[0] if following else None, scroll=0, notice=""), \
+            "refresh"
+    if key == "g":
+        if len(frame.agent_names) < 2 and state.agent is None:
+            return dataclasses.replace(state, notice="one agent's usage in this period: nothing to filter by"), ""
+        following = frame.agent_names[frame.agent_names.index(state.agent) + 1:] \
+            if state.agent in frame.agent_names else frame.agent_names
+        return dataclasses.replace(state, agent=following[0] if following else None, scroll=0, notice=""), \
             "refresh"
     if key == "b" and settings.block_mode is None:
         return dataclasses.replace(state, notice="block tracking is off: start ccmon with -b auto"), ""
@@ -9721,6 +9735,7 @@ def header_lines(state: ViewState, status: ServerStatus, snap: Snapshot | None, 
     order = "oldest first" if state.oldest_first else "newest first"
     updated = f"updated {local_time(snap.taken_ms, settings.zone, '%H:%M:%S')}" if snap else "no data yet"
     user = [f"user {state.user}"] if state.user else []
+    user += [f"agent {state.agent}"] if state.agent else []
     known = [p.project for p in snap.projects] if snap else []  # a label tells it from these
     project = [f"project {project_labels([state.project, *known])[state.project]}"] if state.project else []
     *error_lines, last = message_lines(link[0], width) or [""]  # the whole error, on as many lines as it takes
@@ -10228,7 +10243,7 @@ def sessions_or_timeline(client: Client, query: Query) -> tuple[Session, ...] | 
     """The period's sessions, or the timeline of the one opened with Enter."""
     if query.session_id:
         return client.timeline(query.session_id)
-    return client.sessions(query.start_ms, query.end_ms, query.user, project=query.project)
+    return client.sessions(query.start_ms, query.end_ms, query.user, project=query.project, agent=query.agent)
 
 
 def sessions_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
@@ -10427,19 +10442,21 @@ class Tab:
 TABS = {tab.name: tab for tab in (
     Tab("current", "Current", "Now", current_lines, current_requests, summary=usage_lines, burnup=True),
     Tab("daily", "Daily Usage", "Day", daily_lines,
-        lambda client, q: client.days(None, q.end_ms, q.timezone, q.user, q.project), fixed_period="last 30 days"),
+        lambda client, q: client.days(None, q.end_ms, q.timezone, q.user, q.project, q.agent),
+        fixed_period="last 30 days"),
     Tab("models", "Models", "Mod", models_lines,
-        lambda client, q: client.models(q.start_ms, q.end_ms, q.user, q.project)),
+        lambda client, q: client.models(q.start_ms, q.end_ms, q.user, q.project, q.agent)),
     Tab("sessions", "Sessions", "Ses", sessions_lines, sessions_or_timeline),
     Tab("tools", "Tools & errors", "Tool", tools_lines,
-        lambda client, q: client.tools(q.start_ms, q.end_ms, q.user, q.project)),
+        lambda client, q: client.tools(q.start_ms, q.end_ms, q.user, q.project, q.agent)),
     Tab("users", "Users", "User", users_lines),  # every snapshot has the users
     Tab("blocks", "Blocks", "Blk", blocks_lines,
-        lambda client, q: tuple(reversed(client.blocks(q.start_ms, q.end_ms, q.user, q.project)))),  # newest first
+        lambda client, q: tuple(reversed(client.blocks(q.start_ms, q.end_ms, q.user, q.project)))  # newest first
+        if q.agent in (None, CLAUDE_CODE) else ()),  # Claude's windows: no other agent's
     Tab("projects", "Projects", "Proj", projects_lines),  # every snapshot has the projects
     Tab("charts", "Charts", "Cht", charts_lines,
         lambda client, q: client.series(q.end_ms - CHART_WEEKS * 7 * DAY_MS, q.end_ms, "hour", q.timezone,
-                                        user=q.user, project=q.project),
+                                        user=q.user, project=q.project, agent=q.agent),
         fixed_period=f"last {CHART_WEEKS} weeks by the hour", burnup=True),
 )}
 TAB_KEYS = f"1-{min(len(TABS), 9)}"  # the digit keys; Tab reaches every tab
@@ -10465,7 +10482,7 @@ HELP_TEXT = [  # at most 36 characters a line: the help box fits 40 columns
     "arrows/j/k PgUp/PgDn  scroll",
     "Home/End  first, last row",
     "Enter/Esc  open/close a session",
-    "u/p  next user / project filter",
+    "u/p/g  next user, project, agent",
     "c  Charts: cost or tokens",
     "?  this help       q  quit",
 ]
@@ -10554,7 +10571,7 @@ def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen
     lines += [[("", "")]] * (height - 1 - len(lines)) + [[(state.notice or hint, "warn" if state.notice else "dim")]]
     return Frame([clip(line, width) for line in lines], tab_frame.page_rows, tab_frame.total_rows,
                  tab_frame.session_ids, tuple(u.user for u in snap.users) if snap else (),
-                 tuple(p.project for p in snap.projects) if snap else ())
+                 tuple(p.project for p in snap.projects) if snap else (), snap.agents if snap else ())
 
 
 # ---------------------------------------------------------------- Curses loop: polling thread, keys, drawing

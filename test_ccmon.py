@@ -2452,6 +2452,31 @@ def test_every_query_keeps_one_agents_usage_when_asked(server):
         assert summed(ccmon.split_from_stats(p.stats) for p in series.points) == wanted
         tools = query.GetToolStats(ccmon_pb2.GetToolStatsRequest(**period)).tools  # Claude Code's events alone
         assert [(t.tool, t.calls) for t in tools] == ([("Bash", 1)] if agent in ("", "claude-code") else [])
+    # The monitor: `g` cycles through the period's agents (and back to all); every tab then shows that one's
+    client, settings, now = ccmon.Client(server.target), _settings(block_hour=None), ccmon.parse_iso_ms(
+        "2026-12-04T16:00:00Z")
+    try:
+        state, names = ccmon.ViewState(period="d"), []
+        for _ in range(4):
+            snap = ccmon.fetch_snapshot(client, ccmon.query_for(state, settings, now))
+            lines, frame = frame_text(state, snap, settings, 120, 30, now)
+            total = next(line.split() for line in lines if line.split()[:1] == ["Total"])
+            names.append((state.agent, total[1], frame.agent_names))
+            assert ("| agent " + str(state.agent) + " |" in lines[2]) == (state.agent is not None), lines[2]
+            for tab in ("daily", "models", "sessions", "tools", "users", "blocks", "projects", "charts"):
+                tab_state = dataclasses.replace(state, tab=tab)
+                tab_snap = ccmon.fetch_snapshot(client, ccmon.query_for(tab_state, settings, now))
+                assert not tab_snap.unanswered, tab
+                frame_text(tab_state, tab_snap, settings, 120, 30, now)
+            assert ccmon.handle_key(state, "g", settings, frame)[1] == "refresh"
+            state = ccmon.handle_key(state, "g", settings, frame)[0]
+        assert names == [(agent, requests, ("claude-code", "gemini-cli", "codex"))
+                         for agent, requests in ((None, "11"), ("claude-code", "2"), ("gemini-cli", "6"), ("codex", "3"))]
+        assert state.agent is None  # after the last agent, every agent's again
+        alone = ccmon.handle_key(state, "g", settings, dataclasses.replace(frame, agent_names=("claude-code",)))
+        assert alone == (dataclasses.replace(state, notice="one agent's usage in this period: nothing to filter by"), "")
+    finally:
+        client.close()
     blocks = query.GetBlocks(ccmon_pb2.GetBlocksRequest(start_time=start, agent="claude-code")).blocks
     assert [b.stats.total_requests for b in blocks] == [2]
     with pytest.raises(grpc.RpcError) as refused:
