@@ -6925,14 +6925,16 @@ def day_and_month_start(now: int, zone: ZoneInfo) -> tuple[int, int, int]:
     return midnight, first, calendar.monthrange(today.year, today.month)[1]
 
 
-def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[str]) -> QuickFigures:
-    """One RPC per figure the template uses, so a status bar pays only for what it shows."""
+def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[str],
+                        agent: str | None = None) -> QuickFigures:
+    """One RPC per figure the template uses, so a status bar pays only for what it shows; the usage figures of one
+    agent's with `agent`."""
     midnight, month_start, days = day_and_month_start(now, config.zone)
     figures = QuickFigures(config.plan, days)
     if wanted & {"daily_cost", "daily_plan_usage", "daily_tokens"}:
-        figures = dataclasses.replace(figures, daily=client.stats(midnight, now).total)
+        figures = dataclasses.replace(figures, daily=client.stats(midnight, now, agent=agent).total)
     if wanted & {"monthly_cost", "monthly_plan_usage", "monthly_tokens"}:
-        figures = dataclasses.replace(figures, monthly=client.stats(month_start, now).total)
+        figures = dataclasses.replace(figures, monthly=client.stats(month_start, now, agent=agent).total)
     settings = MonitorSettings.from_config(config)
     claude = None
     if wanted & BLOCK_VARIABLES and settings.block_mode is not None or "weekly_usage" in wanted:
@@ -6945,7 +6947,9 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
     if wanted & CLAUDE_VARIABLES:
         figures = dataclasses.replace(figures, claude=claude or client.limits(None, now), now_ms=now, zone=config.zone)
     if "session_cost" in wanted:
-        latest = client.latest_session()
+        latest = client.latest_session() if agent is None else next(  # the agent's newest session of the month
+            (SessionUsage(s.session_id, s.split) for s in client.sessions(month_start, now, limit=1, agent=agent)),
+            SessionUsage("", Split()))
         figures = dataclasses.replace(figures, session_id=latest.session_id, session=latest.split.total)
     return figures
 
@@ -7023,8 +7027,14 @@ def reset_or_dash(resets_s: int | None, figures: QuickFigures) -> str:
     return "-" if resets_s is None else reset_time(resets_s * 1000, figures.now_ms, figures.zone or ZoneInfo("UTC"))
 
 
-def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
+def run_quick_query(config: Config, template: str | None, as_json: bool, agent: str | None = None) -> int:
     wanted = set(FORMAT_VARIABLES) if as_json else set(FORMAT_PATTERN.findall(template or ""))
+    if agent not in (None, CLAUDE_CODE):  # Claude's limits and blocks are Claude Code's usage, whatever the filter
+        claudes = sorted(wanted & (BLOCK_VARIABLES | CLAUDE_VARIABLES | {"weekly_usage"}))
+        if claudes and not as_json:
+            raise ConfigError(f"--agent {agent}: {', '.join('@' + name for name in claudes)} are Claude's limits, of "
+                              f"Claude Code's usage alone (leave them out, or use --agent {CLAUDE_CODE})")
+        wanted -= set(claudes)
     unknown = sorted(set(re.findall(r"@\w+", FORMAT_PATTERN.sub("", template or ""))))
     if unknown:  # left in the output as written; said here so a typo is found without dirtying a status bar
         print(f"ccmon: unknown in --format, left as written: {' '.join(unknown)} (known: "
@@ -7034,7 +7044,7 @@ def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
                           "(for example -b auto)")
     client = Client.for_config(config, timeout_s=3.0)
     try:
-        figures = fetch_quick_figures(client, config, now_ms(), wanted)
+        figures = fetch_quick_figures(client, config, now_ms(), wanted, agent)
         say_if_go_ccmon(client, quick_values(figures), config.monitor_server)
     except ServerUnreachable as exc:
         print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}",
@@ -7043,7 +7053,7 @@ def run_quick_query(config: Config, template: str | None, as_json: bool) -> int:
     finally:
         client.close()
     if as_json:
-        print(json_text(quick_values(figures), sort_keys=True))
+        print(json_text({**quick_values(figures), **({"agent": agent} if agent else {})}, sort_keys=True))
     else:
         print(format_quick(template or "", figures))
     return 0
@@ -10872,6 +10882,8 @@ def build_parser() -> CommandLine:
     modes.add_argument("-f", "--format", metavar="TEMPLATE", help="quick query: print TEMPLATE with @daily_cost, "
                        "@monthly_cost, @daily_plan_usage, ... replaced, and exit (for status bars)")
     modes.add_argument("--json", action="store_true", help="quick query: print every figure as JSON and exit")
+    modes.add_argument("--agent", choices=AGENTS, help="quick query: one agent's usage only (its cost and tokens; "
+                       "Claude's limits and blocks are Claude Code's)")
     modes.add_argument("--health", action="store_true", help="check that the server answers (exit 0) and exit")
     modes.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
                        help="server log level (default info)")
@@ -10989,6 +11001,9 @@ def chosen_mode(args: argparse.Namespace, parser: CommandLine) -> str:
                                    ("--format", args.format is not None), ("--json", args.json)) if on]
     if len(modes) > 1:
         parser.error(f"{modes[0]} and {modes[1]} cannot be used together")
+    if args.agent and not {"--format", "--json"} & set(modes):
+        parser.error("--agent is for the quick query: give --format or --json (the monitor's g key filters by "
+                     "agent; reports take --agent too)")
     return modes[0] if modes else "monitor"
 
 
@@ -11056,7 +11071,7 @@ def run_command(argv: list[str]) -> int:
         if mode == "import":
             return run_import(config, args)
         if mode in ("--format", "--json"):
-            return run_quick_query(config, args.format, args.json)
+            return run_quick_query(config, args.format, args.json, args.agent)
         return run_monitor(config, notice)
     except ConfigError as exc:
         print(f"ccmon: config error: {exc}", file=sys.stderr)

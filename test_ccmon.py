@@ -4379,6 +4379,40 @@ def test_quick_query_format_and_json(server, tmp_path):
     assert unset.stdout == "0%\n"
 
 
+def test_quick_query_of_one_agent(server, tmp_path):
+    """--agent keeps one agent's cost and tokens in --format and --json (its newest session for @session_cost);
+    Claude's limit figures are refused beside another agent, and --agent without a quick query is said."""
+    just_now = ccmon.iso_from_ms(ccmon.now_ms() - 1000)  # today, in UTC
+    sdk_export(server.port, [("api_request", api_request(1, just_now, session="s-claude", input_tokens=1000,
+                                                         output_tokens=100, cost_usd=0.5))])
+    server.logs_stub().Export(agent_logs_request([codex_response(just_now, "c-now")], {"service.name": "codex_exec"}))
+    base = ["--monitor-server", server.target, "--monitor-timezone", "UTC"]
+    template = "@daily_cost @monthly_cost @daily_tokens @session_cost"
+    lines = {agent: run_ccmon([*base, "--format", template, *(["--agent", agent] if agent else [])], tmp_path)
+             for agent in ("", "claude-code", "codex", "gemini-cli")}
+    cost, count = ccmon.format_cost, ccmon.format_count
+    assert {agent: (result.returncode, result.stdout, result.stderr) for agent, result in lines.items()} == {
+        "": (0, f"{cost(511_344_000)} {cost(511_344_000)} {count(1100 + 2434)} {cost(11_344_000)}\n", ""),
+        "claude-code": (0, f"{cost(500_000_000)} {cost(500_000_000)} {count(1100)} {cost(500_000_000)}\n", ""),
+        "codex": (0, f"{cost(11_344_000)} {cost(11_344_000)} {count(2434)} {cost(11_344_000)}\n", ""),
+        "gemini-cli": (0, "$0.00 $0.00 0 $0.00\n", "")}
+    figures = json.loads(run_ccmon([*base, "--json", "--agent", "codex"], tmp_path).stdout)
+    assert figures == {"agent": "codex", "daily_cost": 0.011344, "monthly_cost": 0.011344, "daily_tokens": 2434,
+                       "monthly_tokens": 2434, "daily_plan_usage": 0.0, "monthly_plan_usage": 0.0,
+                       "session_id": "c-now", "session_cost": 0.011344}  # no figure of Claude's limits
+    for args, message in (
+            (["--format", "@daily_cost @five_hour @block_usage", "--agent", "codex"],
+             "ccmon: config error: --agent codex: @block_usage, @five_hour are Claude's limits, of Claude Code's "
+             "usage alone (leave them out, or use --agent claude-code)\n"),
+            (["--agent", "codex"], "ccmon: --agent is for the quick query: give --format or --json (the monitor's g "
+                                   "key filters by agent; reports take --agent too) (see ccmon --help)\n"),
+            (["--format", "@daily_cost", "--agent", "cursor"], "argument --agent: invalid choice: 'cursor' (choose "
+                                                                "from 'claude-code', 'gemini-cli', 'codex', 'qwen-code')")):
+        refused = run_ccmon([*base, *args], tmp_path)
+        assert refused.returncode == 2 and (refused.stderr.endswith(message) if message.endswith("\n")
+                                            else message in refused.stderr), refused.stderr
+
+
 def test_quick_query_block_figures(server, tmp_path):
     now = int(time.time() * 1000)
     sdk_export(server.port, [("api_request", api_request(1, iso(now - 60_000), input_tokens=3000,
