@@ -2991,7 +2991,20 @@ def session_source(imported: int, from_metrics: bool, imported_requests: int = 0
 NOT_CLAUDES = "agent != 1"
 CLAUDES_MODELS = f"model NOT IN (SELECT id FROM models WHERE {NOT_CLAUDES})"
 
-# Claude Code sends success as "true"/"false" (older versions) or a boolean.
+# Each agent's event of one tool call (Claude Code's named without its prefix): the tool is its tool_name or
+# function_name, its outcome `success` and its time `duration_ms`, in each; and of one failed API call.
+TOOL_CALL_EVENTS = {"tool_result": CLAUDE_CODE, "gemini_cli.tool_call": GEMINI_CLI, "codex.tool_result": CODEX,
+                    "qwen-code.tool_call": QWEN_CODE}
+API_ERROR_EVENTS = {"api_error": CLAUDE_CODE, "gemini_cli.api_error": GEMINI_CLI, "qwen-code.api_error": QWEN_CODE}
+TOOL_NAME = "COALESCE(json_extract(attributes, '$.tool_name'), json_extract(attributes, '$.function_name'), '?')"
+
+
+def event_names(events: dict[str, str], agent: str | None) -> str:
+    """The SQL list of the names of these events (see TOOL_CALL_EVENTS) of one agent, or of every agent."""
+    return ", ".join(f"'{name}'" for name, whose in events.items() if agent in (None, whose))
+
+
+# Claude Code sends success as "true"/"false" (older versions) or a boolean; Codex as "true"/"false".
 FAILED_TOOL = "COALESCE(json_extract(attributes, '$.success') IN ('false', 'False', 0), 0)"
 
 
@@ -3389,10 +3402,10 @@ class Reader:
             chunk = sessions[first:first + 500]
             for session, name, total, failed in self._reader().execute(
                     f"SELECT session, name, COUNT(*), SUM({FAILED_TOOL}) FROM events WHERE session IN "
-                    f"({', '.join('?' * len(chunk))}) AND name IN ('tool_result', 'api_error') GROUP BY session, name",
-                    chunk):
-                entry = counts.setdefault(session, [0, 0, 0])
-                if name == "tool_result":
+                    f"({', '.join('?' * len(chunk))}) AND name IN ({event_names(TOOL_CALL_EVENTS, None)}, "
+                    f"{event_names(API_ERROR_EVENTS, None)}) GROUP BY session, name", chunk):
+                entry = counts.setdefault(session, [0, 0, 0])  # a session is one agent's: one name of each kind
+                if name in TOOL_CALL_EVENTS:
                     entry[0], entry[1] = total, failed
                 else:
                     entry[2] = total
@@ -3420,34 +3433,34 @@ class Reader:
     def tool_report(self, start_ms: int, end_ms: int, user: str | None = None, project: str | None = None,
                     agent: str | None = None) -> ToolReport:
         chosen = self._filter(user, project)
-        if chosen is None or agent not in (None, CLAUDE_CODE):  # Claude Code's events alone are counted here
+        if chosen is None:
             return ToolReport()
-        where = "name = ? AND ts >= ? AND ts < ?" + chosen[0]
-
-        def params(name: str) -> tuple:
-            return (name, start_ms, end_ms, *chosen[1])
-
+        where = "name IN ({names}) AND ts >= ? AND ts < ?" + chosen[0]
+        params = (start_ms, end_ms, *chosen[1])
+        claudes = {name: event_names({name: CLAUDE_CODE}, agent) for name in ("tool_decision", "api_retries_exhausted")}
         conn = self._reader()
         tools = conn.execute(f"""
-            WITH calls AS (SELECT COALESCE(json_extract(attributes, '$.tool_name'), '?') AS tool,
+            WITH calls AS (SELECT {TOOL_NAME} AS tool,
                                   CAST(COALESCE(json_extract(attributes, '$.duration_ms'), 0) AS INTEGER) AS ms,
-                                  {FAILED_TOOL} AS failed FROM events WHERE {where}),
+                                  {FAILED_TOOL} AS failed FROM events
+                           WHERE {where.format(names=event_names(TOOL_CALL_EVENTS, agent))}),
                  ranked AS (SELECT tool, ms, failed, ROW_NUMBER() OVER (PARTITION BY tool ORDER BY ms) AS rank,
                                    COUNT(*) OVER (PARTITION BY tool) AS n FROM calls)
             SELECT tool, n, n - SUM(failed),
                    MAX(CASE WHEN rank = (n * 50 + 99) / 100 THEN ms END),
                    MAX(CASE WHEN rank = (n * 95 + 99) / 100 THEN ms END)
-            FROM ranked GROUP BY tool ORDER BY n DESC, tool""", params("tool_result")).fetchall()
-        decisions = conn.execute(
+            FROM ranked GROUP BY tool ORDER BY n DESC, tool""", params).fetchall()
+        decisions = conn.execute(  # Claude Code's decisions: the others' are no event of their own
             f"SELECT COALESCE(json_extract(attributes, '$.decision'), '?'), COALESCE(json_extract(attributes, "
-            f"'$.source'), '?'), COUNT(*) FROM events WHERE {where} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
-            params("tool_decision")).fetchall()
+            f"'$.source'), '?'), COUNT(*) FROM events WHERE {where.format(names=claudes['tool_decision'])} "
+            "GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2", params).fetchall()
         errors = conn.execute(
             f"SELECT CAST(COALESCE(json_extract(attributes, '$.status_code'), '?') AS TEXT), "
-            f"COALESCE(json_extract(attributes, '$.model'), '?'), COUNT(*) FROM events WHERE {where} "
-            "GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2", params("api_error")).fetchall()
-        exhausted = conn.execute(f"SELECT COUNT(*) FROM events WHERE {where}",
-                                 params("api_retries_exhausted")).fetchone()[0]
+            f"COALESCE(json_extract(attributes, '$.model'), '?'), COUNT(*) FROM events "
+            f"WHERE {where.format(names=event_names(API_ERROR_EVENTS, agent))} GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
+            params).fetchall()
+        exhausted = conn.execute(f"SELECT COUNT(*) FROM events WHERE "
+                                 f"{where.format(names=claudes['api_retries_exhausted'])}", params).fetchone()[0]
         return ToolReport(tuple(ToolFigures(str(tool), calls, ok, p50 or 0, p95 or 0)
                                 for tool, calls, ok, p50, p95 in tools),
                           tuple(DecisionCount(str(decision), str(source), n) for decision, source, n in decisions),
@@ -10312,14 +10325,14 @@ def duration_text(ms: str) -> str:
 def event_detail(kind: str, attributes: dict[str, str]) -> str:
     """What a person looks for first in an event: how a tool call went, why a request failed, a prompt."""
     a = attributes
-    if kind == "tool_result":
+    if kind in TOOL_CALL_EVENTS:
         success = a.get("success", "").lower()
         outcome = "ok" if success in ("true", "1") else "failed" if success in ("false", "0") else "done"
         error = f": {a['error']}" if a.get("error") else ""
         return f"{outcome}, {duration_text(a.get('duration_ms', '?'))}{error}"
     if kind == "tool_decision":
         return f"{a.get('decision', '?')} ({a.get('source', '?')})"
-    if kind == "api_error":
+    if kind in API_ERROR_EVENTS:
         attempt = f" (attempt {a['attempt']})" if "attempt" in a else ""
         return f"status {a.get('status_code', '?')}: {a.get('error', '')}{attempt}"
     if kind == "user_prompt":
@@ -10337,7 +10350,8 @@ def timeline_cells(row: TimelineEntry) -> tuple[Cell, str, str]:
                 f"{format_duration(u.duration_ms)}")
     attributes = {key: one_line(value) for key, value in row.details.items()
                   if not key.startswith(CONTEXT_PREFIXES) and key not in CONTEXT_KEYS}
-    what = model_names(attributes["model"]) if "model" in attributes else attributes.get("tool_name", "")
+    what = attributes.get("tool_name", attributes.get("function_name", "")) \
+        if row.kind in TOOL_CALL_EVENTS or "model" not in attributes else model_names(attributes["model"])
     return what, "", event_detail(row.kind, attributes)
 
 

@@ -2401,6 +2401,40 @@ def test_reports_by_agent_and_of_one_agent(server, tmp_path):
         "'gemini-cli', 'codex', 'qwen-code')" in misspelt.stderr, misspelt.stderr
 
 
+def test_other_agents_tool_calls_count_in_the_tools_and_sessions_figures(server):
+    """Gemini CLI's and Qwen Code's tool_call events and Codex's tool_result are tool calls, as Claude Code's
+    tool_result is: by tool (their function_name or tool_name), with their outcome and time, per agent with the
+    agent filter, and in each session's figures and timeline."""
+    for tool, protocol in (("gemini-cli-0.61.0", "grpc"), ("codex-0.169.0", "http-json"),
+                           ("qwen-code-0.24.4", "http-json")):
+        replay(server, agent_capture(tool, protocol))
+    gemini_session = "cb9e9094-e2b9-4be9-863c-c14f28e48205"  # a failed call in the capture's Gemini session
+    server.logs_stub().Export(agent_logs_request([{
+        "event.name": "gemini_cli.tool_call", "event.timestamp": "2026-12-04T15:08:30.000Z", "session.id": gemini_session,
+        "function_name": "read_file", "duration_ms": 40, "success": False, "decision": "accept"}],
+        {"service.name": "gemini-cli"}))
+    query = server.query()
+    report = {agent: [(t.tool, t.calls, t.successes, t.p50_duration_ms, t.p95_duration_ms) for t in query.GetToolStats(
+        ccmon_pb2.GetToolStatsRequest(start_time=ts("2026-12-01T00:00:00Z"), agent=agent)).tools]
+        for agent in ("", "claude-code", "gemini-cli", "codex", "qwen-code")}
+    assert report == {  # each as the capture has it: its one call, its time and outcome
+        "": [("exec_command", 1, 1, 62, 62), ("glob", 1, 1, 67, 67), ("list_directory", 1, 1, 18, 18),
+             ("read_file", 1, 0, 40, 40)],
+        "claude-code": [], "gemini-cli": [("list_directory", 1, 1, 18, 18), ("read_file", 1, 0, 40, 40)],
+        "codex": [("exec_command", 1, 1, 62, 62)], "qwen-code": [("glob", 1, 1, 67, 67)]}
+    sessions = query.GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-12-01T00:00:00Z"))).sessions
+    assert sorted((s.agent, s.session_id, s.tool_calls, s.tool_failures) for s in sessions if s.tool_calls) == [
+        ("codex", "01a2419c-b185-7341-aec7-b1dae1b6dd8c", 1, 0), ("gemini-cli", gemini_session, 2, 1),
+        ("qwen-code", "08f64f90-5de8-4db9-8019-8dbb054d5aad", 1, 0)]
+    client = ccmon.Client(server.target)
+    try:
+        calls = [ccmon.timeline_cells(entry) for entry in client.timeline(gemini_session)
+                 if entry.kind == "gemini_cli.tool_call"]
+    finally:
+        client.close()
+    assert calls == [("list_directory", "", "ok, 18ms"), ("read_file", "", "failed, 40ms")]
+
+
 AGENT_FILTERED = ("GetStats", "GetAPIRequests", "GetUsage", "GetModelStats", "GetSessions", "GetToolStats",
                   "GetUsers", "GetBlocks", "GetProjects", "GetSeries")
 
@@ -2450,8 +2484,10 @@ def test_every_query_keeps_one_agents_usage_when_asked(server):
             (sessions, wanted)
         series = query.GetSeries(ccmon_pb2.GetSeriesRequest(**period, bucket="hour", group_by="model"))
         assert summed(ccmon.split_from_stats(p.stats) for p in series.points) == wanted
-        tools = query.GetToolStats(ccmon_pb2.GetToolStatsRequest(**period)).tools  # Claude Code's events alone
-        assert [(t.tool, t.calls) for t in tools] == ([("Bash", 1)] if agent in ("", "claude-code") else [])
+        tools = query.GetToolStats(ccmon_pb2.GetToolStatsRequest(**period)).tools
+        assert [(t.tool, t.calls) for t in tools] == {
+            "claude-code": [("Bash", 1)], "codex": [("exec_command", 1)], "gemini-cli": [("list_directory", 1)],
+            "qwen-code": [], "": [("Bash", 1), ("exec_command", 1), ("list_directory", 1)]}[agent]
     # The monitor: `g` cycles through the period's agents (and back to all); every tab then shows that one's
     client, settings, now = ccmon.Client(server.target), _settings(block_hour=None), ccmon.parse_iso_ms(
         "2026-12-04T16:00:00Z")
