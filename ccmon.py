@@ -7311,38 +7311,9 @@ def report_period(kind: str, since: dt.date | None, until: dt.date | None, zone:
     return start, end
 
 
-def agent_days(client: Client, start: int, end: int, zone: ZoneInfo, user: str | None, project: str | None,
-               agent: str) -> list[DayUsage]:
-    """One agent's usage per local day, newest first, as Client.days: the days' series by model, each model
-    counted as its agent's (as the server tells them apart)."""
-    mine = {m.model for m in client.models(start, end, user, project) if m.agent == agent}
-    days: dict[str, Split] = {}
-    for point in client.series(start, end, "day", zone.key, "model", user, project).points:
-        if point.group in mine:
-            date = dt.datetime.fromtimestamp(point.start_ms / 1000, zone).date().isoformat()
-            days[date] = days.get(date, Split()) + point.split
-    return [DayUsage(date, split) for date, split in sorted(days.items(), reverse=True)]
-
-
 def project_row(project: str, sessions: int, split: Split) -> dict[str, Any]:
     return {"project": project, "sessions": sessions, **usage_fields(split.total),
             "premium_requests": split.premium.requests, "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD}
-
-
-def agent_projects(client: Client, start: int, end: int, user: str | None, project: str | None,
-                   agent: str) -> list[dict[str, Any]]:
-    """The project report of one agent's usage, by cost: its sessions' figures in the period summed by their
-    project (a session is one agent's, in one project; the server sums projects over every agent)."""
-    sessions = client.sessions(start, end, user, MAX_SESSIONS, project)
-    if len(sessions) == MAX_SESSIONS:
-        raise ConfigError(f"--agent {agent}: the project report of one agent sums its sessions, and this period has "
-                          f"more than {MAX_SESSIONS:,}: give a later --since (or --user)")
-    by_project: dict[str, list[Split]] = {}
-    for session in sessions:
-        if (session.agent or CLAUDE_CODE) == agent:
-            by_project.setdefault(session.project, []).append(session.split)
-    rows = [project_row(name, len(splits), sum(splits, Split())) for name, splits in by_project.items()]
-    return sorted(rows, key=lambda row: (-row["cost_usd"], row["project"]))
 
 
 def agent_rows(client: Client, start: int, end: int, user: str | None, project: str | None) -> list[dict[str, Any]]:
@@ -7367,7 +7338,7 @@ def check_report_agent(kind: str, agent: str | None, chart: str | None) -> None:
 def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                 user: str | None, project: str | None = None, agent: str | None = None) -> list[dict[str, Any]]:
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float). With an agent, only
-    that agent's usage (blocks are Claude Code's anyway)."""
+    that agent's usage, as the server filters it (blocks are Claude Code's anyway)."""
     if kind == "limits":  # the series' readings; by week, as its points are not shown: the fewest of them
         series = client.series(start, end, "week", zone.key, user=user)
         return [limit_fields(reading, zone) for reading in series.readings + series.agent_readings
@@ -7375,13 +7346,12 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
     if kind == "agent":
         return [row for row in agent_rows(client, start, end, user, project) if agent in (None, row["agent"])]
     if kind == "project":  # '' is the sessions without a project
-        return [project_row(p.project, p.sessions, p.split) for p in client.projects(start, end, user, project)] \
-            if agent is None else agent_projects(client, start, end, user, project, agent)
+        return [project_row(p.project, p.sessions, p.split) for p in client.projects(start, end, user, project, agent)]
     if kind == "model":
         return [{"model": m.model, **usage_fields(m.usage),  # None: not known (usage from metrics has no durations)
                  "avg_duration_ms": m.usage.duration_ms // m.usage.requests if m.usage.requests else None,
                  "avg_ttft_ms": m.usage.ttft_ms // m.usage.ttft_count if m.usage.ttft_count else None}
-                for m in client.models(start, end, user, project) if agent in (None, m.agent)]
+                for m in client.models(start, end, user, project, agent)]
     if kind == "blocks":
         return [{"block_start": dt.datetime.fromtimestamp(b.start_ms / 1000, zone).isoformat(timespec="minutes"),
                  "block_end": dt.datetime.fromtimestamp(b.end_ms / 1000, zone).isoformat(timespec="minutes"),
@@ -7395,12 +7365,9 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                  **usage_fields(s.split.total), "models": " ".join(s.models), "tool_calls": s.tool_calls,
                  "tool_failures": s.tool_failures, "api_errors": s.api_errors,
                  "source": s.source, "agent": s.agent}
-                for s in client.sessions(start, end, user, limit=MAX_SESSIONS, project=project)
-                if agent in (None, s.agent or CLAUDE_CODE)]
+                for s in client.sessions(start, end, user, limit=MAX_SESSIONS, project=project, agent=agent)]
     groups: dict[str, Split] = {}
-    days = client.days(start, end, zone.key, user, project) if agent is None else \
-        agent_days(client, start, end, zone, user, project, agent)
-    for usage in reversed(days):
+    for usage in reversed(client.days(start, end, zone.key, user, project, agent)):
         if usage.split.total == Usage():  # as ccusage: a period without usage is no row (the totals say it all)
             continue
         day = dt.date.fromisoformat(usage.date)

@@ -2339,8 +2339,8 @@ def test_every_tab_and_report_shows_other_agents_usage(server, tmp_path):
 
 
 def test_reports_by_agent_and_of_one_agent(server, tmp_path):
-    """`report agent` gives each agent's usage; `--agent` keeps one agent's in every report, exactly (its days from
-    the series by model, its projects one at a time); blocks are Claude's alone; a misspelt agent is named."""
+    """`report agent` gives each agent's usage; `--agent` keeps one agent's in every report, exactly (the server's
+    agent filter); blocks are Claude's alone; a misspelt agent is named."""
     sdk_export(server.port, [("api_request", api_request(n, f"2026-12-04T15:0{n}:00.000Z", model=model,
                                                          session="s-claude", input_tokens=1000, output_tokens=100,
                                                          cost_usd=0.5))
