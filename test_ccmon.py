@@ -1227,18 +1227,26 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
     assert "upgrading" not in srv.log
 
 
+def v1_database_at(folder: Path, version: int) -> Path:
+    """The schema-1 fixture database taken to `version` by the migrations, as the release of that version left it."""
+    db = folder / "ccmon.db"
+    shutil.copyfile(V1 / "ccmon.db", db)
+    with sqlite3.connect(db, isolation_level=None) as conn:
+        for to, migration in enumerate(ccmon.MIGRATIONS[:version - 1], 2):
+            conn.execute("BEGIN")
+            migration(conn)
+            conn.execute(f"PRAGMA user_version = {to}")
+            conn.execute("COMMIT")
+    conn.close()
+    return db
+
+
 def test_a_version_9_database_is_upgraded_with_a_backup_its_readings_claudes(tmp_path):
     """Schema 10 names whose limits a reading reads: every reading stored before is Claude's (its status line's),
     and still answers Claude's limits; Codex's are stored apart."""
-    db = tmp_path / "ccmon.db"
-    shutil.copyfile(V1 / "ccmon.db", db)
+    db = v1_database_at(tmp_path, 9)
     now = ccmon.now_ms()
-    with sqlite3.connect(db, isolation_level=None) as conn:  # to schema 9, as the release before wrote it
-        for version, migration in enumerate(ccmon.MIGRATIONS[:8], 2):
-            conn.execute("BEGIN")
-            migration(conn)
-            conn.execute(f"PRAGMA user_version = {version}")
-            conn.execute("COMMIT")
+    with sqlite3.connect(db, isolation_level=None) as conn:
         conn.execute("INSERT INTO sessions (session_id) VALUES ('s-claude')")
         conn.execute("INSERT INTO limit_readings (ts, session, five_hour_percent, five_hour_resets) SELECT ?, id, "
                      "63.0, ? FROM sessions WHERE session_id = 's-claude'", (now - 60_000, now + 3600_000))
@@ -1404,15 +1412,7 @@ def test_damage_found_while_running_is_answered_not_raised(server):
 def test_a_version_12_database_gets_everyones_totals_with_a_backup(tmp_path):
     """Schema 13 keeps everyone's usage per hour and per UTC day (see total_everyone): filled from the stored rows
     at the upgrade, kept by every write after it, and the series read from them agrees with GetUsage's figures."""
-    db = tmp_path / "ccmon.db"
-    shutil.copyfile(V1 / "ccmon.db", db)
-    with sqlite3.connect(db, isolation_level=None) as conn:  # to schema 12, as the release before wrote it
-        for version, migration in enumerate(ccmon.MIGRATIONS[:11], 2):
-            conn.execute("BEGIN")
-            migration(conn)
-            conn.execute(f"PRAGMA user_version = {version}")
-            conn.execute("COMMIT")
-    conn.close()
+    db = v1_database_at(tmp_path, 12)
     store, reader = ccmon.Writer(db), ccmon.Reader(db)
     try:
         assert (tmp_path / "ccmon.db.v12.bak").exists()
