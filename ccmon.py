@@ -5727,6 +5727,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         response.receivers.extend(map(receiver_counts_message, self.reader.receiver_counts()))
         response.database_path = str(self.reader.path)
         response.default_database = self.reader.path == default_database_path()
+        response.features.append(AGENT_FILTER)
         return response
 
 
@@ -5994,6 +5995,14 @@ class GoCcmonServer(ServerUnreachable):
     """The server answered, but it is the Go ccmon, without the query asked for."""
 
 
+AGENT_FILTER = "agent_filter"  # GetServerInfo.features: the server keeps one agent's usage when asked
+
+
+class NoAgentFilter(ConfigError):
+    """An agent filter was asked of a server that would ignore it (an older ccmon, or the Go ccmon) and answer
+    every agent's usage as if it were that agent's."""
+
+
 class Client:
     """The QueryService as plain values; every call raises ServerUnreachable rather than a gRPC error.
     Against the original Go ccmon server, ccmon's additional queries come back empty, or, with
@@ -6013,6 +6022,7 @@ class Client:
             self._channel = grpc.insecure_channel(target)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._stub = ccmon_pb2_grpc.QueryServiceStub(self._channel)
+        self._features: frozenset[str] | None = None
 
     @classmethod
     def for_config(cls, config: Config, timeout_s: float = 5.0, go_extras_empty: bool = True) -> Client:
@@ -6050,8 +6060,7 @@ class Client:
                 self._go_ccmon = False
         return self._go_ccmon
 
-    @staticmethod
-    def _period(request, start_ms: int | None, end_ms: int | None, user: str | None = None,
+    def _period(self, request, start_ms: int | None, end_ms: int | None, user: str | None = None,
                 project: str | None = None, agent: str | None = None):
         if start_ms is not None:
             request.start_time.CopyFrom(timestamp_from_ms(start_ms))
@@ -6062,6 +6071,9 @@ class Client:
         if project:
             request.project = project
         if agent:
+            if AGENT_FILTER not in self.features():
+                raise NoAgentFilter(f"the server at {self.address} cannot keep one agent's usage (it is an older ccmon "
+                                    f"server, or the Go ccmon): upgrade it, or leave out the agent filter")
             request.agent = agent
         return request
 
@@ -6083,6 +6095,12 @@ class Client:
     def server_info(self) -> ccmon_pb2.GetServerInfoResponse:
         """Empty (no version) from the Go ccmon, which has no GetServerInfo."""
         return self._call("GetServerInfo", ccmon_pb2.GetServerInfoRequest())
+
+    def features(self) -> frozenset[str]:
+        """What the server does beyond older ones (GetServerInfo.features), asked once."""
+        if self._features is None:
+            self._features = frozenset(self.server_info().features)
+        return self._features
 
     def latest_session(self) -> SessionUsage:
         response = self._call("GetSessionStats", ccmon_pb2.GetSessionStatsRequest())
@@ -6358,7 +6376,8 @@ def fetch_snapshot(client: Client, query: Query) -> Snapshot:
     client.unanswered.clear()
     users = client.users(query.start_ms, query.end_ms, query.project, query.agent)  # the Users tab and `u`
     projects = client.projects(query.start_ms, query.end_ms, query.user, agent=query.agent)  # the tab and `p`
-    agents = {model.agent for model in client.models(query.start_ms, query.end_ms, query.user, query.project)}
+    agents = {model.agent for model in client.models(query.start_ms, query.end_ms, query.user, query.project)} \
+        if AGENT_FILTER in client.features() else set()  # `g` only where the server can filter
     data = None
     if query.fetch:
         client.unanswered.clear()

@@ -4295,6 +4295,11 @@ def test_clients_against_a_server_that_answers_as_the_go_ccmon(tmp_path):
         assert (report.returncode, report.stdout, report.stderr) == \
             (1, "", f"ccmon: {address} is the Go ccmon server, which answers only GetStats and GetAPIRequests: the "
                     "model report needs ccmon's own server\n")
+        # It would ignore an agent filter and count every agent's usage as that agent's: never asked of it
+        one_agent = run_ccmon(["--monitor-server", address, "--format", "@daily_cost", "--agent", "codex"], tmp_path)
+        assert (one_agent.returncode, one_agent.stdout, one_agent.stderr) == (
+            2, "", f"ccmon: config error: the server at {address} cannot keep one agent's usage (it is an older ccmon "
+                   "server, or the Go ccmon): upgrade it, or leave out the agent filter\n")
     finally:
         go_like.stop(None)
 
