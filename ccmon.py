@@ -3117,16 +3117,16 @@ class Reader:
         keys = "1, 3" if by == "" else "1, 2, 3"  # a constant in GROUP BY would cost a sort
         join = " JOIN sessions s ON s.id = t.session" if by == "project" else ""
         day_uses = {day: used for (a, b), used in uses[0].items() for day in range(a, b, DAY_MS)}
-        others, sides = self.other_models(), {1: [], 2: []}  # a model's side of Split, as Split.from_models tells
-        for model, name in self._names("models").items():
-            if name in others or is_premium(name):
-                sides[2 if name in others else 1].append(str(model))
-        side = "".join(f"WHEN t.model IN ({', '.join(ids)}) THEN {number} " for number, ids in sides.items() if ids)
-        side = f"CASE {side}ELSE 0 END" if side else "0"  # the sides summed apart, not each model
         found: dict[tuple[int, Any], list[list[int]]] = {}  # (bucket, group) -> [base, premium, other figures]
         conn = self._reader()
-        conn.execute("BEGIN")  # one snapshot: a rollup and the raw rows it stands for agree
+        conn.execute("BEGIN")  # one snapshot: the models, a rollup and the raw rows it stands for agree
         try:
+            others, sides = self.other_models(), {1: [], 2: []}  # a model's side of Split, as Split.from_models
+            for model, name in self._names("models").items():
+                if name in others or is_premium(name):
+                    sides[2 if name in others else 1].append(str(model))
+            side = "".join(f"WHEN t.model IN ({', '.join(ids)}) THEN {number} " for number, ids in sides.items() if ids)
+            side = f"CASE {side}ELSE 0 END" if side else "0"  # the sides summed apart, not each model
             queries = [(f"SELECT t.bucket, {group}, {side}, {USAGE_SUMS} FROM {'total' if everyone else 'usage'}_daily "
                         f"t WHERE t.bucket >= ? AND t.bucket < ?{where} GROUP BY {keys}",
                         (min(day_uses, default=0), max(day_uses, default=-DAY_MS) + DAY_MS))]
@@ -7061,11 +7061,13 @@ def reset_or_dash(resets_s: int | None, figures: QuickFigures) -> str:
 
 def run_quick_query(config: Config, template: str | None, as_json: bool, agent: str | None = None) -> int:
     wanted = set(FORMAT_VARIABLES) if as_json else set(FORMAT_PATTERN.findall(template or ""))
-    if agent not in (None, CLAUDE_CODE):  # Claude's limits and blocks are Claude Code's usage, whatever the filter
-        claudes = sorted(wanted & (BLOCK_VARIABLES | CLAUDE_VARIABLES | {"weekly_usage"}))
+    plans = {"daily_plan_usage", "monthly_plan_usage"}
+    withheld = plans if agent not in (None, CLAUDE_CODE) else set()  # of another agent's cost: not Claude's plan's
+    if agent not in (None, CLAUDE_CODE):  # Claude's limits, blocks and plan are Claude Code's, whatever the filter
+        claudes = sorted(wanted & (BLOCK_VARIABLES | CLAUDE_VARIABLES | {"weekly_usage"} | plans))
         if claudes and not as_json:
-            raise ConfigError(f"--agent {agent}: {', '.join('@' + name for name in claudes)} are Claude's limits, of "
-                              f"Claude Code's usage alone (leave them out, or use --agent {CLAUDE_CODE})")
+            raise ConfigError(f"--agent {agent}: {', '.join('@' + name for name in claudes)} are Claude's limits and "
+                              f"plan, of Claude Code's usage alone (leave them out, or use --agent {CLAUDE_CODE})")
         wanted -= set(claudes)
     unknown = sorted(set(re.findall(r"@\w+", FORMAT_PATTERN.sub("", template or ""))))
     if unknown:  # left in the output as written; said here so a typo is found without dirtying a status bar
@@ -7085,7 +7087,8 @@ def run_quick_query(config: Config, template: str | None, as_json: bool, agent: 
     finally:
         client.close()
     if as_json:
-        print(json_text({**quick_values(figures), **({"agent": agent} if agent else {})}, sort_keys=True))
+        values = {name: value for name, value in quick_values(figures).items() if name not in withheld}
+        print(json_text({**values, **({"agent": agent} if agent else {})}, sort_keys=True))
     else:
         print(format_quick(template or "", figures))
     return 0

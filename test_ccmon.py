@@ -4439,12 +4439,12 @@ def test_quick_query_of_one_agent(server, tmp_path):
         "gemini-cli": (0, "$0.00 $0.00 0 $0.00\n", "")}
     figures = json.loads(run_ccmon([*base, "--json", "--agent", "codex"], tmp_path).stdout)
     assert figures == {"agent": "codex", "daily_cost": 0.011344, "monthly_cost": 0.011344, "daily_tokens": 2434,
-                       "monthly_tokens": 2434, "daily_plan_usage": 0.0, "monthly_plan_usage": 0.0,
-                       "session_id": "c-now", "session_cost": 0.011344}  # no figure of Claude's limits
+                       "monthly_tokens": 2434, "session_id": "c-now",
+                       "session_cost": 0.011344}  # no figure of Claude's limits or plan
     for args, message in (
-            (["--format", "@daily_cost @five_hour @block_usage", "--agent", "codex"],
-             "ccmon: config error: --agent codex: @block_usage, @five_hour are Claude's limits, of Claude Code's "
-             "usage alone (leave them out, or use --agent claude-code)\n"),
+            (["--format", "@daily_cost @five_hour @block_usage @daily_plan_usage", "--agent", "codex"],
+             "ccmon: config error: --agent codex: @block_usage, @daily_plan_usage, @five_hour are Claude's limits and "
+             "plan, of Claude Code's usage alone (leave them out, or use --agent claude-code)\n"),
             (["--agent", "codex"], "ccmon: --agent is for the quick query: give --format or --json (the monitor's g "
                                    "key filters by agent; reports take --agent too) (see ccmon --help)\n"),
             (["--format", "@daily_cost", "--agent", "cursor"], "argument --agent: invalid choice: 'cursor' (choose "
