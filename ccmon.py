@@ -2795,11 +2795,14 @@ class Writer:
         return [row[ts] - row[ts] % DAY_MS for row in turn]
 
     def _own_models(self, conn: sqlite3.Connection, models: set[tuple[int, int]]) -> None:
-        """Name the agent of these (model id, agent id) pairs' models, where another agent's (see Split)."""
+        """Name the agent of these (model id, agent id) pairs' models, where another agent's (see Split): a model is
+        the agent's whose usage first named it, so one that already has usage stays whose it was (another agent
+        naming claude-sonnet-4-5, or `unknown`, takes no usage away from Claude Code)."""
         claude = self._intern(conn, "agents", "name", CLAUDE_CODE)
         for model, agent in models:
             if agent != claude:
-                conn.execute("UPDATE models SET agent = ? WHERE id = ? AND agent != ?", (agent, model, agent))
+                conn.execute("UPDATE models SET agent = ? WHERE id = ? AND agent != ? AND NOT EXISTS (SELECT 1 FROM "
+                             "total_daily WHERE model = ?)", (agent, model, agent, model))
 
     def _replace_session_less_metrics(self, conn: sqlite3.Connection, rows: list[tuple]) -> list[int]:
         """Delete what another agent's session-less metrics counted near these rows' calls (events, or history) of

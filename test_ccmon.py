@@ -2435,6 +2435,28 @@ def test_other_agents_tool_calls_count_in_the_tools_and_sessions_figures(server)
     assert calls == [("list_directory", "", "ok, 18ms"), ("read_file", "", "failed, 40ms")]
 
 
+def test_a_model_stays_the_agent_whose_usage_first_named_it(tmp_path):
+    """Qwen Code naming claude-sonnet-4-5 (through an Anthropic-compatible endpoint) after Claude Code used it takes
+    none of Claude Code's usage away: the model stays Claude Code's (and Qwen's calls of it count as Claude Code's:
+    the rollups tell agents apart by model); a model no usage named before is the naming agent's."""
+    store, reader = ccmon.Writer(tmp_path / "own.db"), ccmon.Reader(tmp_path / "own.db")
+    at = ccmon.parse_iso_ms("2026-03-01T10:00:00Z")
+
+    def row(n, session, model, agent, cost):
+        return (at + n, session, n, model, "", 10, 1, 0, 0, cost, 0, None, None, None, None, None,
+                0 if agent == "claude-code" else 4, agent)
+
+    try:
+        store.write(ccmon.Batch(requests=[row(1, "s-claude", "claude-sonnet-4-5", "claude-code", 5000)]))
+        store.write(ccmon.Batch(requests=[row(2, "s-qwen", "claude-sonnet-4-5", "qwen-code", 9),
+                                          row(3, "s-qwen", "qwen3-coder-plus", "qwen-code", 7)]))
+        assert reader.model_agents() == {"qwen3-coder-plus": "qwen-code"}
+        assert {agent: sum(u.cost_nanos for u in reader.usage(at, at + 60_000, agent=agent).values())
+                for agent in ("claude-code", "qwen-code")} == {"claude-code": 5009, "qwen-code": 7}
+    finally:
+        store.close()
+
+
 AGENT_FILTERED = ("GetStats", "GetAPIRequests", "GetUsage", "GetModelStats", "GetSessions", "GetToolStats",
                   "GetUsers", "GetBlocks", "GetProjects", "GetSeries")
 
