@@ -5171,6 +5171,9 @@ class OTLPHTTPServer(ThreadingHTTPServer):
 
 # ---------------------------------------------------------------- Wire: ccmon.v1 messages to and from domain values
 
+AGENT_FILTER = "agent_filter"  # GetServerInfo.features: the server keeps one agent's usage when asked
+
+
 def ms_of(ts: timestamp_pb2.Timestamp) -> int:
     return ts.seconds * 1000 + ts.nanos // 1_000_000
 
@@ -5996,9 +5999,6 @@ GO_CCMON_ZEROS = "the Go ccmon server records no tokens or cost for Claude Code 
 
 class GoCcmonServer(ServerUnreachable):
     """The server answered, but it is the Go ccmon, without the query asked for."""
-
-
-AGENT_FILTER = "agent_filter"  # GetServerInfo.features: the server keeps one agent's usage when asked
 
 
 class NoAgentFilter(ConfigError):

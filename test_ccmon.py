@@ -3182,17 +3182,17 @@ class ListingReader:
     def __init__(self):
         self.entered, self.release, self.lock, self.waiting = threading.Event(), threading.Event(), threading.Lock(), 0
 
-    def users(self, start_ms, end_ms, project=None):
+    def users(self, start_ms, end_ms, project=None, agent=""):
         return [ccmon.UserUsage(f"user-{i:04}", ccmon.Split(), 1) for i in range(ccmon.MAX_LIST + 1)]
 
-    def projects(self, start_ms, end_ms, user=None, project=None):
+    def projects(self, start_ms, end_ms, user=None, project=None, agent=""):
         return [ccmon.ProjectUsage(f"project-{i:04}", ccmon.Split(), 1) for i in range(ccmon.MAX_LIST + 1)]
 
-    def blocks(self, start_ms, end_ms, user=None, project=None):
+    def blocks(self, start_ms, end_ms, user=None, project=None, agent=""):
         return [ccmon.UsageBlock(i * ccmon.BLOCK_MS, (i + 1) * ccmon.BLOCK_MS, ccmon.Split(), i * ccmon.BLOCK_MS)
                 for i in range(ccmon.MAX_LIST + 1)]
 
-    def series(self, starts, start_ms, end_ms, by="", user=None, project=None):
+    def series(self, starts, start_ms, end_ms, by="", user=None, project=None, agent=""):
         return [ccmon.SeriesPoint(start, "", ccmon.Split()) for start in starts[:-1]]
 
     def readings(self, user, since_ms, until_ms, limit=1, with_limits=False, agent=ccmon.CLAUDE_CODE):
