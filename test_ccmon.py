@@ -8236,8 +8236,10 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
             started = ccmon.now_ms()
             screen = monitor.wait_for("ALERT: block usage passed 25% (Claude says 30%)", "the alert")
             # The gauge is Claude's 30 %; ccmon's 30,000 tokens support it.
-            assert re.fullmatch(rf"Claude 5h   [█░]+  30%, resets {ccmon.local_time(resets, utc)}; ccmon counted "
-                                rf"30\.0K \(read (just now|1 min ago)\) *", line_with(screen, "Claude 5h"))
+            # (a reset after midnight has its weekday, and the line then leaves out "read" to fit)
+            reset = ccmon.reset_time(resets, started, utc)
+            assert re.fullmatch(rf"Claude 5h   [█░]+  30%, resets {reset}; ccmon counted "
+                                rf"30\.0K \((read )?(just now|1 min ago)\) *", line_with(screen, "Claude 5h"))
             # 30,000 tokens since the previous quarter hour began (15 to 30 minutes before the refresh): the pace.
             # A capacity from one reading is not projected to.
             paces = {ccmon.format_rate(30_000 / ((moment - ccmon.recent_pace_start(moment)) / 60_000))
@@ -8296,7 +8298,7 @@ def test_each_users_own_limits_on_a_team_server(server, tmp_path):
         lines, _ = frame_text(state, snap, settings, 100, 30, now)
         resets = bo["five_hour_resets"] * 1000
         block = next(i for i, line in enumerate(lines) if line.startswith("Claude 5h"))
-        assert lines[block] == (f"Claude 5h   {'#' * 24}{'.' * 6}  80%, resets {ccmon.local_time(resets, utc)}; "
+        assert lines[block] == (f"Claude 5h   {'#' * 24}{'.' * 6}  80%, resets {ccmon.reset_time(resets, now, utc)}; "
                                 "ccmon counted 800 (read just now)")
         assert lines[block + 1].endswith("; too few of Claude's readings to project its limit")
         assert not [line for line in lines if "7.00K" in line]  # the plan's guess never stands beside Claude's 80 %
@@ -10851,8 +10853,9 @@ def test_ccmon_statusline_in_a_real_claude_code(server, claude_code, mock_anthro
         session.turn("say hello")
         pane = session.wait_for(lambda text: f"session {one_turn} | " in text and "5h 56% (resets " in text,
                                 "the status line after the first turn")
+        # The 5-hour reset is written with its weekday when it falls after midnight.
         assert re.search(rf"Sonnet 4\.5 \| ctx \d+% \| session {re.escape(one_turn)} \| (today \S+ \| )?5h 56% "
-                         r"\(resets \d\d:\d\d\) \| week 17% \(\w{3} \d\d:\d\d\)", pane), pane
+                         r"\(resets (\w{3} )?\d\d:\d\d\) \| week 17% \(\w{3} \d\d:\d\d\)", pane), pane
         wait_until(lambda: db_rows(server.db, "SELECT COUNT(*) FROM r")[0][0] >= 1, "the first turn's api_request")
         limits.write_text(json.dumps({"RL_5H_UTIL": "0.4237", "RL_5H_RESET_IN": "3600"}))
         session.turn("say hello again")
