@@ -3917,15 +3917,17 @@ QWEN_TOKEN_KEYS = ("input_token_count", "cached_content_token_count", "output_to
 @dataclasses.dataclass(frozen=True)
 class AgentCall:
     """How another agent's log event of one model call reads: its agent, its figures in ccmon's kinds (input
-    without cache, output, cache read, cache write) and the attributes those come from."""
+    without cache, output, cache read, cache write) and the attributes the token columns stand for, left out of
+    the row's attributes. A figure summed into a column with another (Gemini's thoughts and tool-use prompt) is not
+    one of them: it stays, the only record of how that column's figure is made up."""
     agent: str
     tokens: Callable[[dict], tuple[int, int, int, int]]
-    token_keys: tuple[str, ...]
+    column_keys: tuple[str, ...]
 
 
 # The other agents' model-call events, by event.name; one carrying no input_token_count is no call (Codex logs
 # each response.completed twice, once with the usage).
-AGENT_CALLS = {"gemini_cli.api_response": AgentCall(GEMINI_CLI, gemini_tokens, GEMINI_TOKEN_KEYS),
+AGENT_CALLS = {"gemini_cli.api_response": AgentCall(GEMINI_CLI, gemini_tokens, GEMINI_TOKEN_KEYS[:3]),
                "codex.sse_event": AgentCall(CODEX, codex_tokens, CODEX_TOKEN_KEYS),
                "qwen-code.api_response": AgentCall(QWEN_CODE, qwen_tokens, QWEN_TOKEN_KEYS)}
 AGENT_CALL_KEYS = {"event.name", "event.timestamp", "session.id", "conversation.id", "model", "duration_ms",
@@ -3956,7 +3958,7 @@ def agent_call_row(call: AgentCall, attrs: dict, ts: int, source: str | None, us
     model = optional_text(attrs.get("model")) or "unknown"
     duration, ttft = call_times(attrs)
     extra = {k: v for k, v in attrs.items()
-             if k not in AGENT_CALL_KEYS and k not in call.token_keys and k not in IDENTITY_KEYS}
+             if k not in AGENT_CALL_KEYS and k not in call.column_keys and k not in IDENTITY_KEYS}
     session, seq = record_key(attrs, record, undated)
     return (ts, session, seq, model, user, *counts, estimated_cost(model, *counts, prices), duration, ttft,
             optional_text(attrs.get("prompt_id")), optional_text(attrs.get("response_id")), source,

@@ -2043,6 +2043,9 @@ def test_the_stored_call_keeps_the_tools_figures_prompt_and_duration(server):
     assert (extra["thoughts_token_count"], extra["total_token_count"]) == (23, 3547)  # kept as the tool sent them
     gemini = [row for row in rows if row[0] == "gemini-cli"]
     assert {json.loads(row[7])["role"] for row in gemini} == {"main", "utility_router"}
+    # Gemini's thoughts and tool-use prompt, summed into the output and input columns, are kept apart too.
+    assert {tuple(json.loads(row[7]).get(key) for key in ("thoughts_token_count", "tool_token_count"))
+            for row in gemini} == {(90, 11)}  # the stand-in's thoughtsTokenCount, toolUsePromptTokenCount
     assert gemini[0][1] == gemini[0][2] == "d5de2ac9-a711-4e76-96d7-dbf7eaad9898"  # -p mode: prompt id = session
     codex = [row for row in rows if row[0] == "codex"]
     assert codex[0][1] == "01a2419c-29ba-7ec3-a23f-f4d7c693747e"  # conversation.id
