@@ -260,6 +260,11 @@ def hours_ago(hours: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def utc_today() -> str:
+    """Today's date in UTC, as hours_ago's times begin: a test's recent times may fall on yesterday after midnight."""
+    return dt.datetime.now(dt.timezone.utc).date().isoformat()
+
+
 # The mixed shapes real Claude Code versions send: strings, ints, doubles.
 MIXED_EVENTS = [
     ("api_request", api_request(1, "2026-03-01T10:00:00.000Z", input_tokens="1200", output_tokens="340",
@@ -5429,8 +5434,9 @@ def test_dashboard_in_chromium_signs_in_filters_and_says_when_the_server_is_gone
     srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": "browser-token"}).start()
     browser = DevTools(chromium, tmp_path)
     try:
-        events = [("api_request", api_request(1, hours_ago(0.1), cost_usd=0.5)),
-                  ("api_request", api_request(2, hours_ago(3), cost_usd=0.25, session="sess-2"))]
+        moments = {0.5: hours_ago(0.1), 0.25: hours_ago(3)}  # cost -> time
+        events = [("api_request", api_request(1, moments[0.5], cost_usd=0.5)),
+                  ("api_request", api_request(2, moments[0.25], cost_usd=0.25, session="sess-2"))]
         assert sdk_export(srv.http_port, events, protocol="http/protobuf",
                           headers={"Authorization": "Bearer browser-token"}) == ["SUCCESS"]
         browser.open(f"http://127.0.0.1:{srv.http_port}/?period=d")
@@ -5444,8 +5450,9 @@ def test_dashboard_in_chromium_signs_in_filters_and_says_when_the_server_is_gone
         assert browser.value("[document.body.dataset.view, location.pathname]") == ["dashboard", "/"]
         assert browser.value("document.cookie") == ""  # HttpOnly: no script on the page can read the sign-in
         browser.wait_for("document.getElementById('status').textContent.startsWith('updated ')")
+        today = sum(cost for cost, moment in moments.items() if moment[:10] == utc_today())  # both, but after midnight
         assert (browser.text("today-cost"), browser.text("period-name"), browser.text("period-cost")) == \
-            ("$0.7500", "All time", "$0.7500")  # the sign-in leads to /: the monitor's default period
+            (ccmon.format_cost(round(today * 1e9)), "All time", "$0.7500")  # the sign-in leads to /: the default period
         browser.value("const select = document.getElementById('period'); select.value = 'h'; "
                       "select.dispatchEvent(new Event('change'))")
         browser.wait_for("document.getElementById('period-name').textContent === 'Last hour'")
@@ -6887,11 +6894,12 @@ def block_flag_for_now() -> str:
 
 def test_monitor_end_to_end_in_a_pty(tmp_path):
     srv = ServerProcess(tmp_path).start()
-    events = [("api_request", api_request(1, hours_ago(0.5), input_tokens="1200", output_tokens=300,
+    moments = [hours_ago(0.5), hours_ago(0.25), hours_ago(30)]
+    events = [("api_request", api_request(1, moments[0], input_tokens="1200", output_tokens=300,
                                           cost_usd=0.25, duration_ms=4000)),
-              ("api_request", api_request(2, hours_ago(0.25), model="claude-haiku-4-5-20251001", input_tokens=50,
+              ("api_request", api_request(2, moments[1], model="claude-haiku-4-5-20251001", input_tokens=50,
                                           output_tokens=20, cache_read_tokens=1000, cost_usd=0.001)),
-              ("api_request", api_request(3, hours_ago(30), model="claude-opus-4-1", input_tokens=2000,
+              ("api_request", api_request(3, moments[2], model="claude-opus-4-1", input_tokens=2000,
                                           output_tokens=1000, cost_usd=1.5))]
     sdk_export(srv.port, events)
     monitor = MonitorPty(["--monitor-server", srv.target, "-b", block_flag_for_now(), "--claude-plan", "pro",
@@ -6917,11 +6925,20 @@ def test_monitor_end_to_end_in_a_pty(tmp_path):
         screen = monitor.wait_for(lambda text: re.search(r"\d\d:\d\d opus-4-1 .*\n.*sonnet-4-5", text),
                                   "oldest first rows")
         monitor.send(b"\t")
-        screen = monitor.wait_for("Daily usage - last 2 days (UTC)", "the daily tab")  # from the first day used
+        # From the first day used: two days, three in the first half hour of a UTC day, when the recent requests
+        # may fall on either side of midnight.
+        days = (dt.date.fromisoformat(utc_today()) - dt.date.fromisoformat(moments[2][:10])).days + 1
+        screen = monitor.wait_for(f"Daily usage - last {days} days (UTC)", "the daily tab")
         assert line_with(screen, "Total").split() == ["Total", "1", "2", "3.20K", "1.30K", "4.50K", "$1.75", "$1.75"]
         assert line_with(screen, "Date").rstrip().endswith("Prem $ longest $1.50")  # the cache columns gave way
-        assert sorted(line.split()[-1] for line in screen.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)) == \
-            ["█" * 16, "██▋"]  # $0.251 / $1.50 × 16 cells: 21.4 eighths, 21
+        day_costs: dict[str, float] = {}
+        for moment, cost in zip(moments, (0.25, 0.001, 1.5)):
+            day_costs[moment[:10]] = round(day_costs.get(moment[:10], 0) + cost, 3)
+        # A day's cost / $1.50 × 16 cells, in eighths: $0.251 and $0.25 21 (21.4 and 21.3), $0.001 the one-step least
+        bars = {1.5: "█" * 16, 0.251: "██▋", 0.25: "██▋", 0.001: "▏"}
+        assert sorted(line.split()[-1] for line in screen.splitlines()
+                      if re.match(r"\d{4}-\d\d-\d\d ", line) and not line.split()[-1].startswith("$")) == \
+            sorted(bars[cost] for cost in day_costs.values())
         monitor.send(b"3")
         screen = monitor.wait_for("Models - last 7 days", "the models tab")
         assert line_with(screen, "opus-4-1").split()[1:6] == ["1", "2.00K", "1.00K", "0", "$1.50"]
