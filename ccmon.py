@@ -52,6 +52,7 @@ import json
 import logging
 import math
 import multiprocessing.connection
+import operator
 import os
 import queue
 import re
@@ -233,11 +234,13 @@ class Usage:
     def cost_usd(self) -> float:
         return self.cost_nanos / NANOS_PER_USD
 
-    def __add__(self, other: Usage) -> Usage:  # field by field, in order (dataclasses.astuple deep-copies: slow)
-        return Usage(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
+    # Field by field, in order: dataclasses.astuple deep-copies, ten times slower (a year of days from the
+    # server is 366 points, each taken apart by subtraction).
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(*map(operator.add, vars(self).values(), vars(other).values()))
 
     def __sub__(self, other: Usage) -> Usage:
-        return Usage(*(a - b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
+        return Usage(*map(operator.sub, vars(self).values(), vars(other).values()))
 
 
 @dataclasses.dataclass(frozen=True)
