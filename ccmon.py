@@ -25,7 +25,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Prometheus metrics: GET /metrics on the HTTP listener
   Import: ccmon import, Claude Code's transcripts and other agents' histories
   Local server: started on demand, detached, following the transcripts
-  Setup: ccmon setup, each agent's settings pointed at ccmon
+  Setup: ccmon setup, agents' settings pointed at ccmon
   Doctor: ccmon doctor, the chain from Claude Code to the monitor checked link by link
   View model and pure render functions
   Curses loop: polling thread, keys, drawing
@@ -8977,7 +8977,7 @@ def run_server_command(config: Config, action: str) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- Setup: ccmon setup, each agent's settings pointed at ccmon
+# ---------------------------------------------------------------- Setup: ccmon setup, agents' settings pointed at ccmon
 
 SETUP_BACKUP_SUFFIX = ".ccmon-backup"  # next to the settings file: its content before ccmon setup first changed it
 CCMON_PROGRAM_NAMES = ("ccmon.pyz", "ccmon.py", "ccmon")  # a statusLine running one of these is ccmon's own
@@ -9296,7 +9296,7 @@ def toml_with_entries(path: Path, text: str, table: str, entries: dict[str, Any]
     lines = text.splitlines(keepends=True)
     statements = toml_statements(text)
     if any(statement.kind == "key" and statement.path == (table,) for statement in statements):
-        raise SetupError(f"{path}: {table} is an inline table ({table} = {{...}}); write it as a [{table}] table for "
+        raise SetupError(f"{path}: {table} is an inline table ({table} = {{...}}); write it as an [{table}] table for "
                          "ccmon setup to edit")
     taken = {number for statement in statements if len(statement.path) > 1 and statement.path[0] == table and
              statement.path[1] in entries for number in range(statement.first, statement.last + 1)}
@@ -9476,9 +9476,10 @@ def reverted_codex_config(agent: str, path: Path, backup: Path | None) -> tuple[
     original_raw, _, original = read_codex_config(backup) if backup else (None, "", {})
     current_raw, text, current = read_codex_config(path)
     before = original.get(CODEX_OTEL_TABLE, {})
-    reverted = toml_edited(path, text, current, CODEX_OTEL_TABLE, {key: before.get(key) for key in CODEX_EXPORTER_KEYS},
-                           CODEX_OTEL_TABLE in original)
-    return original_raw, current_raw, reverted.encode("utf-8"), current_raw is None or tomllib.loads(reverted) == original
+    entries = {key: before.get(key) for key in CODEX_EXPORTER_KEYS}
+    reverted = toml_edited(path, text, current, CODEX_OTEL_TABLE, entries, CODEX_OTEL_TABLE in original)
+    whole = current_raw is None or tomllib.loads(reverted) == original
+    return original_raw, current_raw, reverted.encode("utf-8"), whole
 
 
 def undo_setup(agent: str, path: Path, backup: Path, dry_run: bool) -> int:
