@@ -9055,6 +9055,16 @@ def codex_exporter(config: Config) -> dict[str, Any]:
     return {"otlp-grpc": grpc}
 
 
+def overriding_variables(agent: str, environ: dict[str, str]) -> list[str]:
+    """Notes on the variables set here that Gemini CLI or Qwen Code takes over its settings file (its own
+    telemetry variables, and the endpoint of OpenTelemetry's), if it starts with this environment."""
+    prefix = "GEMINI" if agent == GEMINI_CLI else "QWEN"
+    names = [f"{prefix}_TELEMETRY_{name}" for name in ("ENABLED", "TARGET", "OTLP_ENDPOINT", "OTLP_PROTOCOL",
+                                                        "OUTFILE")]
+    return [f"{name} is set here ({environ[name]}): {SETUP_TOOLS[agent]} takes it over its settings file"
+            for name in (*names, "OTEL_EXPORTER_OTLP_ENDPOINT") if environ.get(name, "").strip()]
+
+
 def token_note(agent: str, config: Config) -> list[str]:
     """What to do about the token where a tool's settings cannot carry it: Gemini CLI's and Qwen Code's
     settings have no headers, and their OpenTelemetry exporters read them only from the environment."""
@@ -9389,8 +9399,8 @@ def codex_config_changes(path: Path, text: str, document: dict, exporter: dict) 
     return (toml_edited(path, text, document, CODEX_OTEL_TABLE, entries, True) if entries else text), changes
 
 
-def planned_setup(agent: str, config: Config, args: argparse.Namespace,
-                  path: Path) -> tuple[bytes | None, bytes, list[str], list[str]]:
+def planned_setup(agent: str, config: Config, args: argparse.Namespace, path: Path,
+                  environ: dict[str, str]) -> tuple[bytes | None, bytes, list[str], list[str]]:
     """(the file's bytes, None when there is none; its bytes with ccmon's entries; one line per change; notes)."""
     if agent == CODEX:
         raw, text, document = read_codex_config(path)
@@ -9402,7 +9412,8 @@ def planned_setup(agent: str, config: Config, args: argparse.Namespace,
                                       status_line_template(settings.get("statusLine")))
         updated, changes, notes = setup_changes(settings, telemetry_env(config), command, args.replace_status_line)
     else:
-        (updated, changes), notes = telemetry_changes(settings, telemetry_settings(config)), token_note(agent, config)
+        updated, changes = telemetry_changes(settings, telemetry_settings(config))
+        notes = token_note(agent, config) + overriding_variables(agent, environ)
     return raw, settings_bytes(updated), changes, notes
 
 
@@ -9421,7 +9432,7 @@ def run_setup(config: Config, args: argparse.Namespace, environ: dict[str, str],
     try:
         if args.undo:
             return undo_setup(agent, path, backup, args.dry_run)
-        raw, updated, changes, notes = planned_setup(agent, config, args, path)
+        raw, updated, changes, notes = planned_setup(agent, config, args, path, environ)
         if changes and not args.dry_run:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             mode = stat.S_IMODE(path.stat().st_mode) if raw is not None else NEW_SETTINGS_MODE

@@ -9816,7 +9816,10 @@ THIS_CCMON = shlex.join([sys.executable, os.path.abspath(ccmon.__file__), "statu
 @pytest.fixture
 def setup_home(tmp_path, monkeypatch) -> Path:
     """A HOME of its own, no config file in reach and no ccmon or Claude Code variables: returns HOME."""
-    for name in ("CLAUDE_CONFIG_DIR", "CCMON_TOKEN", "GEMINI_CLI_HOME", "QWEN_HOME", "CODEX_HOME"):
+    for name in ("CLAUDE_CONFIG_DIR", "CCMON_TOKEN", "GEMINI_CLI_HOME", "QWEN_HOME", "CODEX_HOME",
+                 "OTEL_EXPORTER_OTLP_ENDPOINT", *(f"{tool}_TELEMETRY_{name}" for tool in ("GEMINI", "QWEN")
+                                                  for name in ("ENABLED", "TARGET", "OTLP_ENDPOINT", "OTLP_PROTOCOL",
+                                                               "OUTFILE"))):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
@@ -10304,6 +10307,19 @@ def test_setup_agent_with_a_token_writes_it_where_the_tool_takes_headers(setup_h
                                           "in its environment (your shell's profile), or the server refuses its "
                                           "telemetry")
         assert "s3cret" not in "".join(lines)
+
+
+def test_setup_agent_says_which_variables_here_would_win_over_the_file(setup_home, capsys, monkeypatch):
+    monkeypatch.setenv("QWEN_TELEMETRY_OTLP_PROTOCOL", "http")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("GEMINI_TELEMETRY_TARGET", "gcp")  # Gemini CLI's, not Qwen Code's
+    code, lines, _ = ccmon_setup(capsys, "--agent", "qwen")
+    assert code == 0 and lines[4:6] == [
+        "QWEN_TELEMETRY_OTLP_PROTOCOL is set here (http): Qwen Code takes it over its settings file",
+        "OTEL_EXPORTER_OTLP_ENDPOINT is set here (http://127.0.0.1:4318): Qwen Code takes it over its settings file"]
+    assert ccmon_setup(capsys, "--agent", "gemini")[1][4:6] == [
+        "GEMINI_TELEMETRY_TARGET is set here (gcp): Gemini CLI takes it over its settings file",
+        "OTEL_EXPORTER_OTLP_ENDPOINT is set here (http://127.0.0.1:4318): Gemini CLI takes it over its settings file"]
 
 
 @pytest.mark.parametrize("relative, content, message", [
