@@ -9322,9 +9322,10 @@ def toml_with_entries(path: Path, text: str, table: str, entries: dict[str, Any]
             taken.add(headers[0].first)
     elif on_top:  # a table made of dotted keys (otel.environment = "dev") takes no [header] after them
         at, values = on_top[-1].last + 1, [f"{toml_key(table)}.{value}" for value in values]
-    else:
-        at, values = len(lines), ([f"\n[{toml_key(table)}]\n"] if lines else [f"[{toml_key(table)}]\n"]) + values \
-            if values else []
+    else:  # a new [table] at the end, after a blank line
+        at = len(lines)
+        if values:
+            values = ["\n" if lines else "", f"[{toml_key(table)}]\n", *values]
     if values and at and not lines[at - 1].endswith("\n"):
         lines[at - 1] += "\n"
     kept = [line if number not in taken else "" for number, line in enumerate(lines)]
@@ -11270,9 +11271,9 @@ def build_setup_parser() -> CommandLine:
                             "--agent gemini|codex|qwen: that tool's own telemetry settings (the telemetry block of "
                             "~/.gemini/settings.json or ~/.qwen/settings.json, [otel] of $CODEX_HOME/config.toml). "
                             "Other keys are kept; a backup is kept for --undo.")
+    words = ", ".join(agent_names(agent)[1] for agent in AGENTS)
     parser.add_argument("--agent", type=setup_agent, default=CLAUDE_CODE, metavar="AGENT", help="the agent: "
-                        f"{', '.join(AGENTS)} or their first word ({', '.join(agent_names(a)[1] for a in AGENTS)}); "
-                        f"default {CLAUDE_CODE}")
+                        f"{', '.join(AGENTS)} or their first word ({words}); default {CLAUDE_CODE}")
     parser.add_argument("--dry-run", action="store_true", help="print the changes, write nothing")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--replace-status-line", action="store_true", help="replace a statusLine that is not "

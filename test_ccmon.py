@@ -10199,9 +10199,9 @@ def test_setup_agent_undo_keeps_what_the_user_changed_since(setup_home, capsys):
     path.write_text(json.dumps(edited))
     assert ccmon_setup(capsys, "--agent", "gemini", "--undo") == (0, [
         f"restored ccmon's entries in {path} as they were before ccmon setup; other changes since are kept"], "")
-    assert json.loads(path.read_bytes()) == {**json.loads(AGENT_SETTINGS_ORIGINAL), "model": {"name": "gemini-2.5-flash"},
-                                             "telemetry": {"logPrompts": True, "traces": True, "enabled": False,
-                                                           "outfile": "/tmp/t.log"}}
+    assert json.loads(path.read_bytes()) == {
+        **json.loads(AGENT_SETTINGS_ORIGINAL), "model": {"name": "gemini-2.5-flash"},
+        "telemetry": {"logPrompts": True, "traces": True, "enabled": False, "outfile": "/tmp/t.log"}}
 
 
 def test_setup_agent_takes_the_tools_own_folder_variables(setup_home, tmp_path, capsys, monkeypatch):
@@ -10242,7 +10242,8 @@ def test_setup_agent_codex_writes_its_otel_exporters_and_keeps_every_other_line(
         (0, [f"nothing to change: {path} already points Codex CLI at ccmon (http://127.0.0.1:4317)"], "")
     assert ccmon_setup(capsys, "--agent", "codex", "--undo", "--dry-run") == \
         (0, [f"would restore {path} as it was before ccmon setup"], "")
-    assert ccmon_setup(capsys, "--agent", "codex", "--undo") == (0, [f"restored {path} as it was before ccmon setup"], "")
+    assert ccmon_setup(capsys, "--agent", "codex", "--undo") == \
+        (0, [f"restored {path} as it was before ccmon setup"], "")
     assert path.read_bytes() == CODEX_ORIGINAL
     assert [p.name for p in path.parent.iterdir()] == ["config.toml"]
 
