@@ -25,7 +25,7 @@ One module, read top to bottom. Its sections, each using only the sections above
   Prometheus metrics: GET /metrics on the HTTP listener
   Import: ccmon import, Claude Code's transcripts and other agents' histories
   Local server: started on demand, detached, following the transcripts
-  Setup: ccmon setup, Claude Code's settings pointed at ccmon
+  Setup: ccmon setup, agents' settings pointed at ccmon
   Doctor: ccmon doctor, the chain from Claude Code to the monitor checked link by link
   View model and pure render functions
   Curses loop: polling thread, keys, drawing
@@ -8982,13 +8982,29 @@ def run_server_command(config: Config, action: str) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- Setup: ccmon setup, Claude Code's settings pointed at ccmon
+# ---------------------------------------------------------------- Setup: ccmon setup, agents' settings pointed at ccmon
 
-SETUP_BACKUP_SUFFIX = ".ccmon-backup"  # next to settings.json: its content before ccmon setup first changed it
+SETUP_BACKUP_SUFFIX = ".ccmon-backup"  # next to the settings file: its content before ccmon setup first changed it
 CCMON_PROGRAM_NAMES = ("ccmon.pyz", "ccmon.py", "ccmon")  # a statusLine running one of these is ccmon's own
 TELEMETRY_ENV_KEYS = ("CLAUDE_CODE_ENABLE_TELEMETRY", "OTEL_LOGS_EXPORTER", "OTEL_METRICS_EXPORTER",
                       "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_HEADERS")
 NEW_SETTINGS_MODE = 0o600  # the file may hold the server's token
+SETUP_TOOLS = {CLAUDE_CODE: "Claude Code", GEMINI_CLI: "Gemini CLI", CODEX: "Codex CLI", QWEN_CODE: "Qwen Code"}
+# The object of each agent's settings.json that ccmon setup writes in, and what it holds (said when it is no object).
+SETTINGS_BLOCKS = {CLAUDE_CODE: ("env", '{"NAME": "value"}'), GEMINI_CLI: ("telemetry", '{"enabled": true, ...}'),
+                   QWEN_CODE: ("telemetry", '{"enabled": true, ...}')}
+# The telemetry settings of Gemini CLI and Qwen Code that are ccmon setup's. An outfile is removed: with one, both
+# write their telemetry to that file instead of exporting it (checked in Gemini CLI 0.61.0, Qwen Code 0.24.4).
+TELEMETRY_SETTINGS_KEYS = ("enabled", "target", "otlpEndpoint", "otlpProtocol", "outfile")
+# Codex CLI's [otel] keys that are ccmon setup's: its logs' exporter and its metrics'. Both are set: exporter
+# defaults to none, metrics_exporter to statsig, which sends Codex's metrics to OpenAI (other-agents notes).
+CODEX_EXPORTER_KEYS = ("exporter", "metrics_exporter")
+CODEX_OTEL_TABLE = "otel"
+# A TOML key as written, bare or quoted (tomllib is the judge of what it means), and the parts of a dotted one.
+TOML_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
+TOML_KEY = rf"{TOML_KEY_PART}(?:[ \t]*\.[ \t]*{TOML_KEY_PART})*"
+TOML_HEADER = re.compile(rf"[ \t]*(\[\[?)[ \t]*({TOML_KEY})[ \t]*\]")
+TOML_KEY_VALUE = re.compile(rf"[ \t]*({TOML_KEY})[ \t]*=")
 
 
 class SetupError(Exception):
@@ -9001,8 +9017,20 @@ def claude_settings_path(environ: dict[str, str], home: Path) -> Path:
     return (Path(folder).expanduser() if folder else home / ".claude") / "settings.json"
 
 
+def agent_settings_path(agent: str, environ: dict[str, str], home: Path) -> Path:
+    """The user settings file ccmon setup writes for the agent, where the tool reads it (Gemini CLI's
+    GEMINI_CLI_HOME stands for the home folder; Qwen Code's QWEN_HOME and Codex's CODEX_HOME for the folder)."""
+    if agent == CLAUDE_CODE:
+        return claude_settings_path(environ, home)
+    variable, default, name = {GEMINI_CLI: ("GEMINI_CLI_HOME", home, ".gemini/settings.json"),
+                               QWEN_CODE: ("QWEN_HOME", home / ".qwen", "settings.json"),
+                               CODEX: ("CODEX_HOME", home / ".codex", "config.toml")}[agent]
+    folder = environ.get(variable, "").strip()
+    return (Path(folder).expanduser() if folder else default) / name
+
+
 def otlp_endpoint(config: Config) -> str:
-    """The server's OTLP gRPC endpoint as Claude Code's exporters want it: a URL of monitor.server."""
+    """The server's OTLP gRPC endpoint as the agents' exporters want it: a URL of monitor.server."""
     host, port = parse_address(config.monitor_server, fail_as=ConfigError)
     return f"{'https' if config.monitor_tls else 'http'}://{host}:{port}"
 
@@ -9014,6 +9042,43 @@ def telemetry_env(config: Config) -> dict[str, str]:
     if config.monitor_token:
         env["OTEL_EXPORTER_OTLP_HEADERS"] = f"Authorization=Bearer {config.monitor_token}"
     return env
+
+
+def telemetry_settings(config: Config) -> dict[str, Any]:
+    """The telemetry block entries that make Gemini CLI or Qwen Code export to the server: over gRPC, their
+    default and the port ccmon's own queries use (their `http` is OTLP/HTTP JSON to the HTTP listener). logPrompts
+    is the user's: ccmon needs no prompt text."""
+    return {"enabled": True, "target": "local", "otlpEndpoint": otlp_endpoint(config), "otlpProtocol": "grpc"}
+
+
+def codex_exporter(config: Config) -> dict[str, Any]:
+    """Codex CLI's exporter to the server, for its logs and its metrics alike: OTLP gRPC, with the token as the
+    metadata header gRPC servers read (lower case)."""
+    grpc = {"endpoint": otlp_endpoint(config)}
+    if config.monitor_token:
+        grpc["headers"] = {"authorization": f"Bearer {config.monitor_token}"}
+    return {"otlp-grpc": grpc}
+
+
+def overriding_variables(agent: str, environ: dict[str, str]) -> list[str]:
+    """Notes on the variables set here that Gemini CLI or Qwen Code takes over its settings file (its own
+    telemetry variables, and the endpoint of OpenTelemetry's), if it starts with this environment."""
+    prefix = "GEMINI" if agent == GEMINI_CLI else "QWEN"
+    names = [f"{prefix}_TELEMETRY_{name}" for name in ("ENABLED", "TARGET", "OTLP_ENDPOINT", "OTLP_PROTOCOL",
+                                                        "OUTFILE")]
+    return [f"{name} is set here ({environ[name]}): {SETUP_TOOLS[agent]} takes it over its settings file"
+            for name in (*names, "OTEL_EXPORTER_OTLP_ENDPOINT") if environ.get(name, "").strip()]
+
+
+def token_note(agent: str, config: Config) -> list[str]:
+    """What to do about the token where a tool's settings cannot carry it: Gemini CLI's and Qwen Code's
+    settings have no headers, and their OpenTelemetry exporters read them only from the environment."""
+    if not config.monitor_token or agent not in (GEMINI_CLI, QWEN_CODE):
+        return []
+    command = "gemini" if agent == GEMINI_CLI else "qwen"
+    return [f"the server wants a token, which {SETUP_TOOLS[agent]}'s settings cannot hold: run {command} with "
+            "OTEL_EXPORTER_OTLP_HEADERS='Authorization=Bearer <token>' in its environment (your shell's profile), "
+            "or the server refuses its telemetry"]
 
 
 def ccmon_program() -> str:
@@ -9065,32 +9130,59 @@ def status_line_template(value: Any) -> str | None:
     return None
 
 
-def read_claude_settings(path: Path) -> tuple[bytes | None, dict]:
-    """(the file's bytes, or None when there is none; its JSON object). SetupError for a file that is not a
-    JSON object, naming the line."""
+def read_settings_text(path: Path) -> tuple[bytes | None, str]:
+    """(the file's bytes, or None when there is none; its text). SetupError for a file that cannot be read or is
+    not UTF-8, naming the line."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return None, {}
+        return None, ""
     except OSError as exc:
         raise SetupError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        text = raw.decode("utf-8")
+        return raw, raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise SetupError(f"{path} line {line}: not UTF-8 text") from None
+
+
+def read_json_settings(path: Path, agent: str) -> tuple[bytes | None, dict]:
+    """(the file's bytes, or None when there is none; its JSON object). SetupError for a file that is not a
+    JSON object, or whose block ccmon writes in (SETTINGS_BLOCKS) is not one, naming the line."""
+    raw, text = read_settings_text(path)
+    if raw is None:
+        return None, {}
     try:
         settings = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SetupError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
     except RecursionError:  # Python's JSON reader recurses, and stops before it finds an error's line
         raise SetupError(f"{path}: nested too deeply to read as JSON") from None
+    tool = SETUP_TOOLS[agent]
     if not isinstance(settings, dict):
         start = text.count("\n", 0, len(text) - len(text.lstrip())) + 1
-        raise SetupError(f"{path} line {start}: not a JSON object (Claude Code's settings are one {{...}})")
-    if not isinstance(settings.get("env", {}), dict):
-        raise SetupError(f"{path}: \"env\" is not a JSON object (Claude Code's env is {{\"NAME\": \"value\"}})")
+        raise SetupError(f"{path} line {start}: not a JSON object ({tool}'s settings are one {{...}})")
+    block, shape = SETTINGS_BLOCKS[agent]
+    if not isinstance(settings.get(block, {}), dict):
+        raise SetupError(f"{path}: \"{block}\" is not a JSON object ({tool}'s {block} is {shape})")
     return raw, settings
+
+
+def read_codex_config(path: Path) -> tuple[bytes | None, str, dict]:
+    """(the file's bytes, or None when there is none; its text; its TOML document). SetupError for a file that is
+    not TOML, naming the line, or whose otel is not a table."""
+    raw, text = read_settings_text(path)
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        found = re.fullmatch(r"(.*) \(at (?:line (\d+), column \d+|end of document)\)", str(exc), re.DOTALL)
+        reason, line = found.groups() if found else (str(exc), None)
+        where = f" line {line}" if line else ""
+        raise SetupError(f"{path}{where}: not valid TOML ({reason}{'' if line else ' at the end'})") from None
+    if not isinstance(document.get(CODEX_OTEL_TABLE, {}), dict):
+        raise SetupError(f"{path}: \"{CODEX_OTEL_TABLE}\" is not a table (Codex CLI's [otel] is a table of "
+                         "exporter settings)")
+    return raw, text, document
 
 
 def settings_bytes(settings: dict) -> bytes:
@@ -9119,6 +9211,149 @@ def write_atomically(path: Path, data: bytes, mode: int) -> None:
         os.close(folder)
 
 
+@dataclasses.dataclass(frozen=True)
+class TomlStatement:
+    """One statement of a TOML text: a [table] header, a key = value (on one line or more), or another line (a
+    comment, a blank line); its lines (indexes), the table it is in, and the key path it names from the top."""
+    first: int
+    last: int
+    kind: str  # "table", "key" or "other"
+    table: tuple[str, ...]
+    path: tuple[str, ...]
+
+
+def toml_key_path(key: str) -> tuple[str, ...]:
+    """The parts of a dotted key as written, as TOML reads them (quotes taken off, escapes resolved)."""
+    value, path = tomllib.loads(f"{key} = 0"), []
+    while isinstance(value, dict):
+        name, value = next(iter(value.items()))
+        path.append(name)
+    return tuple(path)
+
+
+def toml_value_end(text: str, start: int) -> int:
+    """Where the value starting at `start` ends: the offset of the end of its last line. Strings, comments and
+    brackets are stepped over, so that an array or a multi-line string takes as many lines as it has."""
+    depth, index = 0, start
+    while index < len(text):
+        char = text[index]
+        if text.startswith(('"""', "'''"), index):
+            quote, index = text[index:index + 3], index + 3
+            while index < len(text) and not text.startswith(quote, index):
+                index += 2 if quote == '"""' and text[index] == "\\" else 1
+            index += 3
+            while text.startswith(quote[0], index):  # up to two quotes of the content touch the closing ones
+                index += 1
+            continue
+        if char in "\"'":
+            index += 1
+            while index < len(text) and text[index] not in (char, "\n"):
+                index += 2 if char == '"' and text[index] == "\\" else 1
+        elif char == "#":
+            index = text.find("\n", index)
+            if index < 0:
+                break
+            continue
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "\n" and depth <= 0:
+            return index
+        index += 1
+    return len(text)
+
+
+def toml_statements(text: str) -> list[TomlStatement]:
+    """The statements of a valid TOML text, in order, covering every line."""
+    lines = text.splitlines(keepends=True)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    statements, table, number = [], (), 0
+    while number < len(lines):
+        header, key = TOML_HEADER.match(lines[number]), TOML_KEY_VALUE.match(lines[number])
+        if header:
+            table = toml_key_path(header.group(2))
+            statements.append(TomlStatement(number, number, "table", table, table))
+            last = number
+        elif key:
+            end = toml_value_end(text, offsets[number] + key.end())
+            last = number + text.count("\n", offsets[number], end)
+            statements.append(TomlStatement(number, last, "key", table, table + toml_key_path(key.group(1))))
+        else:
+            last = number
+            statements.append(TomlStatement(number, number, "other", table, ()))
+        number = last + 1
+    return statements
+
+
+def toml_inline(value: Any) -> str:
+    """A value as TOML writes it on one line: a table inline, a string in double quotes."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{toml_key(key)} = {toml_inline(item)}" for key, item in value.items()) + " }" \
+            if value else "{}"
+    if isinstance(value, list):
+        return "[" + ", ".join(map(toml_inline, value)) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, str) else str(value)
+
+
+def toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
+def toml_with_entries(path: Path, text: str, table: str, entries: dict[str, Any], keep_table: bool) -> str:
+    """The TOML text with the keys of [table] that entries names set to its values (None: taken out), wherever and
+    however they were written (in [table], a dotted key, a [table.key] subtable): each on one line, after [table]'s
+    own keys. Every other line stays as it was. Without keep_table, a [table] left with no key of its own goes."""
+    lines = text.splitlines(keepends=True)
+    statements = toml_statements(text)
+    if any(statement.kind == "key" and statement.path == (table,) for statement in statements):
+        raise SetupError(f"{path}: {table} is an inline table ({table} = {{...}}); write it as an [{table}] table for "
+                         "ccmon setup to edit")
+    taken = {number for statement in statements if len(statement.path) > 1 and statement.path[0] == table and
+             statement.path[1] in entries for number in range(statement.first, statement.last + 1)}
+    values = [f"{toml_key(key)} = {toml_inline(value)}\n" for key, value in entries.items() if value is not None]
+    headers = [statement for statement in statements if statement.kind == "table" and statement.path == (table,)]
+    on_top = [statement for statement in statements if statement.kind == "key" and not statement.table and
+              statement.path[0] == table and statement.first not in taken]
+    if headers:  # after the table's last key, else its header
+        own = [statement for statement in statements if statement.kind == "key" and statement.table == (table,) and
+               statement.first not in taken]
+        at = (own[-1].last if own else headers[0].first) + 1
+        if not own and not values and not keep_table:
+            taken.add(headers[0].first)
+    elif on_top:  # a table made of dotted keys (otel.environment = "dev") takes no [header] after them
+        at, values = on_top[-1].last + 1, [f"{toml_key(table)}.{value}" for value in values]
+    else:  # a new [table] at the end, after a blank line
+        at = len(lines)
+        if values:
+            values = ["\n" if lines else "", f"[{toml_key(table)}]\n", *values]
+    if values and at and not lines[at - 1].endswith("\n"):
+        lines[at - 1] += "\n"
+    kept = [line if number not in taken else "" for number, line in enumerate(lines)]
+    return "".join(kept[:at] + values + kept[at:])
+
+
+def toml_edited(path: Path, text: str, document: dict, table: str, entries: dict[str, Any], keep_table: bool) -> str:
+    """toml_with_entries, checked: the result reads as the document with those entries and nothing else changed."""
+    edited = toml_with_entries(path, text, table, entries, keep_table)
+    wanted = {key: value for key, value in {**document.get(table, {}), **entries}.items() if value is not None}
+    expected = {**document, table: wanted} if wanted or keep_table else \
+        {key: value for key, value in document.items() if key != table}
+    try:
+        result = tomllib.loads(edited)
+    except tomllib.TOMLDecodeError:
+        result = None
+    if result != expected:
+        raise SetupError(f"{path}: ccmon setup cannot rewrite its [{table}] table as it is written and keep every "
+                         f"other key (set {' and '.join(f'{table}.{key}' for key in entries)} by hand: see "
+                         "ccmon's docs/setup.md)")
+    return edited
+
+
 def setup_changes(settings: dict, env: dict[str, str], command: str,
                   replace_status_line: bool) -> tuple[dict, list[str], list[str]]:
     """(the settings with ccmon's entries, one line per change, notes on what was kept that is not ccmon's).
@@ -9144,30 +9379,72 @@ def setup_changes(settings: dict, env: dict[str, str], command: str,
     return updated, changes, notes
 
 
+def telemetry_changes(settings: dict, telemetry: dict[str, Any]) -> tuple[dict, list[str]]:
+    """(Gemini CLI's or Qwen Code's settings with ccmon's telemetry entries, one line per change). Every other key
+    and value stays as it was, in its place; an outfile goes (it would take the telemetry off OTLP)."""
+    block = dict(settings.get("telemetry", {}))
+    changes = []
+    for name, value in telemetry.items():
+        if name not in block or json.dumps(block[name]) != json.dumps(value):  # true is not 1
+            was = f" (was: {json.dumps(block[name], ensure_ascii=False)})" if name in block else ""
+            changes.append(f"set telemetry.{name} = {json.dumps(value, ensure_ascii=False)}{was}")
+            block[name] = value
+    if "outfile" in block:
+        changes.append(f"removed telemetry.outfile (was: {json.dumps(block.pop('outfile'), ensure_ascii=False)}): "
+                       "with it the telemetry goes to that file, not to ccmon")
+    return {**settings, "telemetry": block}, changes
+
+
+def codex_config_changes(path: Path, text: str, document: dict, exporter: dict) -> tuple[str, list[str]]:
+    """(Codex CLI's config.toml with ccmon's exporters in [otel], one line per change). Every other line stays
+    as it was."""
+    otel = document.get(CODEX_OTEL_TABLE, {})
+    entries = {key: exporter for key in CODEX_EXPORTER_KEYS if otel.get(key) != exporter}
+    changes = [f"set {CODEX_OTEL_TABLE}.{key} = {toml_inline(exporter)}" +
+               (f" (was: {toml_inline(otel[key])})" if key in otel else "") for key in entries]
+    return (toml_edited(path, text, document, CODEX_OTEL_TABLE, entries, True) if entries else text), changes
+
+
+def planned_setup(agent: str, config: Config, args: argparse.Namespace, path: Path,
+                  environ: dict[str, str]) -> tuple[bytes | None, bytes, list[str], list[str]]:
+    """(the file's bytes, None when there is none; its bytes with ccmon's entries; one line per change; notes)."""
+    if agent == CODEX:
+        raw, text, document = read_codex_config(path)
+        updated, changes = codex_config_changes(path, text, document, codex_exporter(config))
+        return raw, updated.encode("utf-8"), changes, []
+    raw, settings = read_json_settings(path, agent)
+    if agent == CLAUDE_CODE:
+        command = status_line_command(config, sys.executable, ccmon_program(),
+                                      status_line_template(settings.get("statusLine")))
+        updated, changes, notes = setup_changes(settings, telemetry_env(config), command, args.replace_status_line)
+    else:
+        updated, changes = telemetry_changes(settings, telemetry_settings(config))
+        notes = token_note(agent, config) + overriding_variables(agent, environ)
+    return raw, settings_bytes(updated), changes, notes
+
+
 def without_token(line: str, token: str) -> str:
     """A line to print: the token stays in the file, off the terminal."""
     return line.replace(token, "<token>") if token else line
 
 
 def run_setup(config: Config, args: argparse.Namespace, environ: dict[str, str], home: Path) -> int:
-    """ccmon setup: Claude Code's user settings pointed at this ccmon's server, and its status line at ccmon."""
-    path = claude_settings_path(environ, home)
+    """ccmon setup: an agent's user settings pointed at this ccmon's server (Claude Code's, by default, and its
+    status line at ccmon)."""
+    agent = args.agent
+    path = agent_settings_path(agent, environ, home)
     path = path.resolve() if path.is_symlink() else path  # a dotfiles link stays a link; its target is written
     backup = path.with_name(path.name + SETUP_BACKUP_SUFFIX)
     try:
         if args.undo:
-            return undo_setup(path, backup, args.dry_run)
-        raw, settings = read_claude_settings(path)
-        env = telemetry_env(config)
-        command = status_line_command(config, sys.executable, ccmon_program(),
-                                      status_line_template(settings.get("statusLine")))
-        updated, changes, notes = setup_changes(settings, env, command, args.replace_status_line)
+            return undo_setup(agent, path, backup, args.dry_run)
+        raw, updated, changes, notes = planned_setup(agent, config, args, path, environ)
         if changes and not args.dry_run:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             mode = stat.S_IMODE(path.stat().st_mode) if raw is not None else NEW_SETTINGS_MODE
             if not backup.exists():  # the content before ccmon's first change; empty: there was no file
                 write_atomically(backup, raw or b"", mode)
-            write_atomically(path, settings_bytes(updated), mode)
+            write_atomically(path, updated, mode)
     except SetupError as exc:
         print(f"ccmon setup: {exc}; left as it is", file=sys.stderr)
         return 1
@@ -9180,7 +9457,7 @@ def run_setup(config: Config, args: argparse.Namespace, environ: dict[str, str],
     for line in notes:
         print(line)
     if not changes:
-        print(f"nothing to change: {path} already points Claude Code at ccmon ({env['OTEL_EXPORTER_OTLP_ENDPOINT']})")
+        print(f"nothing to change: {path} already points {SETUP_TOOLS[agent]} at ccmon ({otlp_endpoint(config)})")
     elif args.dry_run:
         print(f"nothing written (--dry-run): {path}")
     else:
@@ -9188,29 +9465,55 @@ def run_setup(config: Config, args: argparse.Namespace, environ: dict[str, str],
     return 0
 
 
-def undo_setup(path: Path, backup: Path, dry_run: bool) -> int:
+def reverted_json_settings(agent: str, path: Path, backup: Path | None) -> tuple[bytes | None, bytes | None,
+                                                                                  bytes, bool]:
+    """(the settings' bytes before ccmon setup, None: there was no file (backup None); their bytes now, None: none;
+    the settings now with ccmon's entries as they were before; whether that is all they were before)."""
+    original_raw, original = read_json_settings(backup, agent) if backup else (None, {})
+    current_raw, current = read_json_settings(path, agent)
+    entries = {"env": TELEMETRY_ENV_KEYS, "statusLine": None} if agent == CLAUDE_CODE else \
+        {"telemetry": TELEMETRY_SETTINGS_KEYS}  # an object's keys ccmon writes, or None: the whole value
+    reverted = {key: value for key, value in current.items() if key not in entries}
+    for block, keys in entries.items():
+        if keys is None:
+            if block in original:
+                reverted[block] = original[block]
+            continue
+        inner = {name: value for name, value in current.get(block, {}).items() if name not in keys}
+        inner.update({name: value for name, value in original.get(block, {}).items() if name in keys})
+        if inner or block in original:
+            reverted[block] = inner
+    return original_raw, current_raw, settings_bytes(reverted), current_raw is None or reverted == original
+
+
+def reverted_codex_config(agent: str, path: Path, backup: Path | None) -> tuple[bytes | None, bytes | None,
+                                                                                 bytes, bool]:
+    """reverted_json_settings of Codex CLI's config.toml: its [otel] exporters as they were, every other line as
+    it is."""
+    original_raw, _, original = read_codex_config(backup) if backup else (None, "", {})
+    current_raw, text, current = read_codex_config(path)
+    before = original.get(CODEX_OTEL_TABLE, {})
+    entries = {key: before.get(key) for key in CODEX_EXPORTER_KEYS}
+    reverted = toml_edited(path, text, current, CODEX_OTEL_TABLE, entries, CODEX_OTEL_TABLE in original)
+    whole = current_raw is None or tomllib.loads(reverted) == original
+    return original_raw, current_raw, reverted.encode("utf-8"), whole
+
+
+def undo_setup(agent: str, path: Path, backup: Path, dry_run: bool) -> int:
     """Put back what ccmon setup changed, from the backup. A file changed only by ccmon gets its original bytes
     back; one edited since keeps those edits, only ccmon's entries going back to what they were."""
     if not backup.exists():
         print(f"nothing to undo: no {backup}")
         return 0
     had_file = backup.stat().st_size > 0  # an empty backup: there was no settings file before ccmon setup
-    original_raw, original = read_claude_settings(backup) if had_file else (None, {})
-    current_raw, current = read_claude_settings(path)
-    reverted = {key: value for key, value in current.items() if key not in ("env", "statusLine")}
-    reverted_env = {name: value for name, value in current.get("env", {}).items() if name not in TELEMETRY_ENV_KEYS}
-    reverted_env.update({name: value for name, value in original.get("env", {}).items() if name in TELEMETRY_ENV_KEYS})
-    if reverted_env or "env" in original:
-        reverted["env"] = reverted_env
-    if "statusLine" in original:
-        reverted["statusLine"] = original["statusLine"]
-    whole = current_raw is None or reverted == original
+    revert = reverted_codex_config if agent == CODEX else reverted_json_settings
+    original_raw, current_raw, reverted, whole = revert(agent, path, backup if had_file else None)
     if not dry_run:
         if whole and not had_file:
             path.unlink(missing_ok=True)
         else:
             mode = stat.S_IMODE((path if current_raw is not None else backup).stat().st_mode)
-            write_atomically(path, original_raw if whole else settings_bytes(reverted), mode)
+            write_atomically(path, original_raw if whole else reverted, mode)
         backup.unlink()
     verb = "would restore" if dry_run else "restored"
     if whole:
@@ -9468,7 +9771,7 @@ def doctor_findings(args: argparse.Namespace, environ: dict[str, str],
     _, info, reading = checked
     settings_path = claude_settings_path(environ, home)
     try:
-        _, settings = read_claude_settings(settings_path)
+        _, settings = read_json_settings(settings_path, CLAUDE_CODE)
     except SetupError as exc:
         return found + [Finding("claude settings", "fail", f"{exc}; fix it, then run ccmon setup")], []
     if info is None:
@@ -10958,15 +11261,28 @@ def build_import_parser() -> CommandLine:
     return parser
 
 
+def setup_agent(name: str) -> str:
+    """--agent of ccmon setup: an agent's name (gemini-cli) or its first word (gemini)."""
+    known = {word: agent for agent in AGENTS for word in agent_names(agent)}
+    if name not in known:
+        raise argparse.ArgumentTypeError(unknown_agent(name))
+    return known[name]
+
+
 def build_setup_parser() -> CommandLine:
-    parser = command_parser("setup", "Point Claude Code at this ccmon: in its user settings ($CLAUDE_CONFIG_DIR/"
-                            "settings.json, else ~/.claude/settings.json) the env entries that send its telemetry to "
-                            "the server, and statusLine running ccmon statusline. Other keys are kept; a backup is "
-                            "kept for --undo.")
+    parser = command_parser("setup", "Point a coding agent at this ccmon. Claude Code (the default): in its user "
+                            "settings ($CLAUDE_CONFIG_DIR/settings.json, else ~/.claude/settings.json) the env entries "
+                            "that send its telemetry to the server, and statusLine running ccmon statusline. "
+                            "--agent gemini|codex|qwen: that tool's own telemetry settings (the telemetry block of "
+                            "~/.gemini/settings.json or ~/.qwen/settings.json, [otel] of $CODEX_HOME/config.toml). "
+                            "Other keys are kept; a backup is kept for --undo.")
+    words = ", ".join(agent_names(agent)[1] for agent in AGENTS)
+    parser.add_argument("--agent", type=setup_agent, default=CLAUDE_CODE, metavar="AGENT", help="the agent: "
+                        f"{', '.join(AGENTS)} or their first word ({words}); default {CLAUDE_CODE}")
     parser.add_argument("--dry-run", action="store_true", help="print the changes, write nothing")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--replace-status-line", action="store_true", help="replace a statusLine that is not "
-                        "ccmon's (kept without this flag)")
+                        "ccmon's (kept without this flag; Claude Code only)")
     choice.add_argument("--undo", action="store_true", help="put back what the settings were before ccmon setup")
     return parser
 
@@ -11044,6 +11360,8 @@ def run_command(argv: list[str]) -> int:
             break
     args = parser.parse_args(words)
     mode = mode or chosen_mode(args, parser)
+    if mode == "setup" and args.replace_status_line and args.agent != CLAUDE_CODE:
+        parser.error(f"--replace-status-line is for Claude Code's status line (not with --agent {args.agent})")
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(message)s")
     if isinstance(args.server, str):  # '--server HOST:PORT' is the original spelling of --monitor-server

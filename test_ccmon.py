@@ -9836,7 +9836,10 @@ THIS_CCMON = shlex.join([sys.executable, os.path.abspath(ccmon.__file__), "statu
 @pytest.fixture
 def setup_home(tmp_path, monkeypatch) -> Path:
     """A HOME of its own, no config file in reach and no ccmon or Claude Code variables: returns HOME."""
-    for name in ("CLAUDE_CONFIG_DIR", "CCMON_TOKEN"):
+    for name in ("CLAUDE_CONFIG_DIR", "CCMON_TOKEN", "GEMINI_CLI_HOME", "QWEN_HOME", "CODEX_HOME",
+                 "OTEL_EXPORTER_OTLP_ENDPOINT", *(f"{tool}_TELEMETRY_{name}" for tool in ("GEMINI", "QWEN")
+                                                  for name in ("ENABLED", "TARGET", "OTLP_ENDPOINT", "OTLP_PROTOCOL",
+                                                               "OUTFILE"))):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home").mkdir()
@@ -10103,6 +10106,10 @@ def test_setup_writes_through_a_symlinked_settings_file(setup_home, tmp_path, ca
     (["--dryrun"], "ccmon setup: unknown option --dryrun; did you mean --dry-run? (see ccmon setup --help)\n"),
     (["--monitor-server", "team-box"], "ccmon: config error: --monitor-server: invalid address 'team-box' (use "
      "HOST:PORT such as 127.0.0.1:4317)\n"),
+    (["--agent", "cursor"], "ccmon setup: argument --agent: unknown agent 'cursor' (known: claude-code, gemini-cli, "
+     "codex, qwen-code) (see ccmon setup --help)\n"),
+    (["--agent", "gemini", "--replace-status-line"], "ccmon setup: --replace-status-line is for Claude Code's status "
+     "line (not with --agent gemini-cli) (see ccmon setup --help)\n"),
 ])
 def test_setup_refuses_bad_flags(setup_home, capsys, args, message):
     try:
@@ -10112,6 +10119,288 @@ def test_setup_refuses_bad_flags(setup_home, capsys, args, message):
     assert (code, capsys.readouterr().err) == (2, message)
     assert not (setup_home / ".claude").exists()
 
+
+# ---------------------------------------------------------------- setup --agent: Gemini CLI, Qwen Code, Codex CLI
+
+# A Gemini CLI or Qwen Code settings.json as the real-CLI tests write it, with telemetry of the user's own.
+AGENT_SETTINGS_ORIGINAL = (b'{\n  "general": {"enableAutoUpdate": false},\n  "privacy": {"usageStatisticsEnabled": '
+                           b'false},\n  "telemetry": {"enabled": false, "logPrompts": true, "outfile": "/tmp/t.log"},'
+                           b'\n  "ui": {"theme": "GitHub"}\n}\n')
+# ccmon's telemetry entries, as the real-CLI tests export to a server (gRPC, target local).
+AGENT_TELEMETRY = {"enabled": True, "target": "local", "otlpEndpoint": "http://127.0.0.1:4317", "otlpProtocol": "grpc"}
+AGENT_TELEMETRY_LINES = ["set telemetry.enabled = true (was: false)", 'set telemetry.target = "local"',
+                         'set telemetry.otlpEndpoint = "http://127.0.0.1:4317"', 'set telemetry.otlpProtocol = "grpc"',
+                         'removed telemetry.outfile (was: "/tmp/t.log"): with it the telemetry goes to that file, '
+                         "not to ccmon"]
+AGENT_SETTINGS = {"gemini": (".gemini/settings.json", "Gemini CLI"), "qwen": (".qwen/settings.json", "Qwen Code")}
+CODEX_ORIGINAL = textwrap.dedent('''\
+    # Codex, offline against the stand-in
+    model = "gpt-5.5"  # a slug in the catalogue
+    notes = """
+    [otel]
+    exporter = "none"
+    """
+
+    [model_providers.standin]
+    name = "Stand-in Responses API"
+    base_url = "http://127.0.0.1:18081/v1"
+
+    [otel]
+    log_user_prompt = true  # prompts in the clear
+    exporter = "none"
+    # metrics went to another collector
+    [otel.metrics_exporter.otlp-http]
+    endpoint = "https://collector.example/v1/metrics"
+    protocol = "binary"
+
+    [otel.trace_exporter.otlp-grpc]
+    endpoint = "http://127.0.0.1:14317"
+
+    [analytics]
+    enabled = false
+    ''').encode()
+# The exporter as the real-CLI tests write it for gRPC (run_agent_cli), to ccmon's default server.
+CODEX_EXPORTER_TEXT = '{ otlp-grpc = { endpoint = "http://127.0.0.1:4317" } }'
+CODEX_EXPORTER = {"otlp-grpc": {"endpoint": "http://127.0.0.1:4317"}}
+
+
+def agent_file(home: Path, relative: str, content: bytes) -> Path:
+    path = home / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def wrote(path: Path) -> str:
+    return f"wrote {path} (before ccmon: {path}.ccmon-backup; ccmon setup --undo restores it)"
+
+
+@pytest.mark.parametrize("agent", ["gemini", "qwen"])
+def test_setup_agent_writes_the_tools_telemetry_block_and_keeps_every_other_key(setup_home, capsys, agent):
+    relative, tool = AGENT_SETTINGS[agent]
+    path = agent_file(setup_home, relative, AGENT_SETTINGS_ORIGINAL)
+    assert ccmon_setup(capsys, "--agent", agent, "--dry-run") == \
+        (0, [*(f"would {line}" for line in AGENT_TELEMETRY_LINES), f"nothing written (--dry-run): {path}"], "")
+    assert path.read_bytes() == AGENT_SETTINGS_ORIGINAL and [p.name for p in path.parent.iterdir()] == ["settings.json"]
+    assert ccmon_setup(capsys, "--agent", agent) == (0, [*AGENT_TELEMETRY_LINES, wrote(path)], "")
+    written = json.loads(path.read_bytes())
+    assert list(written.items()) == [("general", {"enableAutoUpdate": False}),
+                                     ("privacy", {"usageStatisticsEnabled": False}),
+                                     ("telemetry", {"enabled": True, "logPrompts": True, **AGENT_TELEMETRY}),
+                                     ("ui", {"theme": "GitHub"})]
+    assert path.read_bytes() == (json.dumps(written, indent=2) + "\n").encode()
+    assert (path.parent / "settings.json.ccmon-backup").read_bytes() == AGENT_SETTINGS_ORIGINAL
+    assert ccmon_setup(capsys, "--agent", agent) == \
+        (0, [f"nothing to change: {path} already points {tool} at ccmon (http://127.0.0.1:4317)"], "")
+    assert ccmon_setup(capsys, "--agent", agent, "--undo") == (0, [f"restored {path} as it was before ccmon setup"], "")
+    assert path.read_bytes() == AGENT_SETTINGS_ORIGINAL
+    assert [p.name for p in path.parent.iterdir()] == ["settings.json"]
+    assert not (setup_home / ".claude").exists()  # Claude Code's settings are not touched
+
+
+@pytest.mark.parametrize("agent", ["gemini-cli", "qwen-code"])
+def test_setup_agent_creates_the_tools_settings_and_undo_removes_them(setup_home, capsys, agent):
+    path = setup_home / AGENT_SETTINGS[agent.split("-")[0]][0]
+    assert ccmon_setup(capsys, "--agent", agent) == (0, ["set telemetry.enabled = true", *AGENT_TELEMETRY_LINES[1:4],
+                                                         wrote(path)], "")
+    assert json.loads(path.read_bytes()) == {"telemetry": AGENT_TELEMETRY}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert ccmon_setup(capsys, "--agent", agent, "--undo") == \
+        (0, [f"restored {path} as it was before ccmon setup (there was none)"], "")
+    assert list(path.parent.iterdir()) == []
+
+
+def test_setup_agent_undo_keeps_what_the_user_changed_since(setup_home, capsys):
+    path = agent_file(setup_home, ".gemini/settings.json", AGENT_SETTINGS_ORIGINAL)
+    ccmon_setup(capsys, "--agent", "gemini")
+    edited = json.loads(path.read_bytes())
+    edited["model"] = {"name": "gemini-2.5-flash"}
+    edited["telemetry"]["traces"] = True
+    path.write_text(json.dumps(edited))
+    assert ccmon_setup(capsys, "--agent", "gemini", "--undo") == (0, [
+        f"restored ccmon's entries in {path} as they were before ccmon setup; other changes since are kept"], "")
+    assert json.loads(path.read_bytes()) == {
+        **json.loads(AGENT_SETTINGS_ORIGINAL), "model": {"name": "gemini-2.5-flash"},
+        "telemetry": {"logPrompts": True, "traces": True, "enabled": False, "outfile": "/tmp/t.log"}}
+
+
+def test_setup_agent_takes_the_tools_own_folder_variables(setup_home, tmp_path, capsys, monkeypatch):
+    """Gemini CLI's GEMINI_CLI_HOME stands for the home folder; Qwen Code's QWEN_HOME and Codex's CODEX_HOME
+    for the tool's folder (as Gemini CLI 0.61.0 and Qwen Code 0.24.4 read them; Codex as the notes say)."""
+    monkeypatch.setenv("GEMINI_CLI_HOME", str(tmp_path / "g"))
+    monkeypatch.setenv("QWEN_HOME", str(tmp_path / "q"))
+    monkeypatch.setenv("CODEX_HOME", str(tmp_path / "c"))
+    for agent in ("gemini", "qwen", "codex"):
+        assert ccmon_setup(capsys, "--agent", agent)[0] == 0
+    assert json.loads((tmp_path / "g" / ".gemini" / "settings.json").read_bytes()) == {"telemetry": AGENT_TELEMETRY}
+    assert json.loads((tmp_path / "q" / "settings.json").read_bytes()) == {"telemetry": AGENT_TELEMETRY}
+    assert tomllib.loads((tmp_path / "c" / "config.toml").read_text()) == \
+        {"otel": {"exporter": CODEX_EXPORTER, "metrics_exporter": CODEX_EXPORTER}}
+    assert list(setup_home.iterdir()) == []
+
+
+def test_setup_agent_codex_writes_its_otel_exporters_and_keeps_every_other_line(setup_home, capsys):
+    path = agent_file(setup_home, ".codex/config.toml", CODEX_ORIGINAL)
+    lines = [f'set otel.exporter = {CODEX_EXPORTER_TEXT} (was: "none")',
+             f"set otel.metrics_exporter = {CODEX_EXPORTER_TEXT} (was: {{ otlp-http = {{ endpoint = "
+             '"https://collector.example/v1/metrics", protocol = "binary" } })']
+    assert ccmon_setup(capsys, "--agent", "codex", "--dry-run") == \
+        (0, [f"would {line}" for line in lines] + [f"nothing written (--dry-run): {path}"], "")
+    assert path.read_bytes() == CODEX_ORIGINAL and [p.name for p in path.parent.iterdir()] == ["config.toml"]
+    assert ccmon_setup(capsys, "--agent", "codex") == (0, [*lines, wrote(path)], "")
+    assert path.read_text() == CODEX_ORIGINAL.decode().replace(
+        'exporter = "none"\n# metrics went to another collector\n[otel.metrics_exporter.otlp-http]\n'
+        'endpoint = "https://collector.example/v1/metrics"\nprotocol = "binary"\n',
+        f"exporter = {CODEX_EXPORTER_TEXT}\nmetrics_exporter = {CODEX_EXPORTER_TEXT}\n"
+        "# metrics went to another collector\n")
+    original = tomllib.loads(CODEX_ORIGINAL.decode())
+    assert tomllib.loads(path.read_text()) == {**original, "otel": {
+        "log_user_prompt": True, "exporter": CODEX_EXPORTER, "metrics_exporter": CODEX_EXPORTER,
+        "trace_exporter": original["otel"]["trace_exporter"]}}
+    assert (path.parent / "config.toml.ccmon-backup").read_bytes() == CODEX_ORIGINAL
+    assert ccmon_setup(capsys, "--agent", "codex") == \
+        (0, [f"nothing to change: {path} already points Codex CLI at ccmon (http://127.0.0.1:4317)"], "")
+    assert ccmon_setup(capsys, "--agent", "codex", "--undo", "--dry-run") == \
+        (0, [f"would restore {path} as it was before ccmon setup"], "")
+    assert ccmon_setup(capsys, "--agent", "codex", "--undo") == \
+        (0, [f"restored {path} as it was before ccmon setup"], "")
+    assert path.read_bytes() == CODEX_ORIGINAL
+    assert [p.name for p in path.parent.iterdir()] == ["config.toml"]
+
+
+def test_setup_agent_codex_undo_keeps_what_the_user_changed_since(setup_home, capsys):
+    path = agent_file(setup_home, ".codex/config.toml", CODEX_ORIGINAL)
+    ccmon_setup(capsys, "--agent", "codex")
+    path.write_text(path.read_text().replace("[analytics]\n", '[analytics]\nmode = "off"\n'))
+    assert ccmon_setup(capsys, "--agent", "codex", "--undo") == (0, [
+        f"restored ccmon's entries in {path} as they were before ccmon setup; other changes since are kept"], "")
+    original = tomllib.loads(CODEX_ORIGINAL.decode())
+    assert tomllib.loads(path.read_text()) == {**original, "analytics": {"enabled": False, "mode": "off"}}
+    assert path.read_text().startswith(CODEX_ORIGINAL.decode().split("[otel]\nlog_user")[0])  # comments kept
+
+
+@pytest.mark.parametrize("content, written", [
+    ("", f"[otel]\nexporter = {CODEX_EXPORTER_TEXT}\nmetrics_exporter = {CODEX_EXPORTER_TEXT}\n"),
+    ('model = "gpt-5.5"', f'model = "gpt-5.5"\n\n[otel]\nexporter = {CODEX_EXPORTER_TEXT}\n'
+                          f"metrics_exporter = {CODEX_EXPORTER_TEXT}\n"),  # no newline at the end
+    # dotted keys of otel at the top take no [otel] after them
+    ('otel.environment = "dev"\notel.exporter.otlp-http.endpoint = "http://x/v1/logs"\n[a]\nb = 1\n',
+     f'otel.environment = "dev"\notel.exporter = {CODEX_EXPORTER_TEXT}\notel.metrics_exporter = {CODEX_EXPORTER_TEXT}'
+     "\n[a]\nb = 1\n"),
+    # only what differs is written; a subtable of otel is kept, and [otel] may follow it
+    (f'[otel.trace_exporter]\notlp-grpc = {{ endpoint = "http://t:4317" }}\n[otel]\nexporter = {CODEX_EXPORTER_TEXT}'
+     "\n'metrics_exporter' = 'statsig'  # OpenAI's\n",
+     f'[otel.trace_exporter]\notlp-grpc = {{ endpoint = "http://t:4317" }}\n[otel]\nexporter = {CODEX_EXPORTER_TEXT}'
+     f"\nmetrics_exporter = {CODEX_EXPORTER_TEXT}\n"),
+    # an array over lines, a multi-line literal string with a header in it
+    ("[otel]\nenvironment = [\n  'a', # [x]\n  \"b]\",\n]\nexporter.otlp-grpc.endpoint = \"http://old:1\"\n"
+     "x = '''\n[otel.exporter]\n'''\n",
+     "[otel]\nenvironment = [\n  'a', # [x]\n  \"b]\",\n]\nx = '''\n[otel.exporter]\n'''\n"
+     f"exporter = {CODEX_EXPORTER_TEXT}\nmetrics_exporter = {CODEX_EXPORTER_TEXT}\n"),
+])
+def test_setup_agent_codex_edits_otel_however_it_is_written(setup_home, capsys, content, written):
+    path = agent_file(setup_home, ".codex/config.toml", content.encode())
+    assert ccmon_setup(capsys, "--agent", "codex")[0] == 0
+    assert path.read_text() == written
+    assert ccmon_setup(capsys, "--agent", "codex")[1][0].startswith("nothing to change")
+    assert ccmon_setup(capsys, "--agent", "codex", "--undo")[0] == 0
+    assert (path.read_bytes() == content.encode()) if content else not path.exists()  # an empty backup: no file
+
+
+def test_setup_agent_with_a_token_writes_it_where_the_tool_takes_headers(setup_home, capsys):
+    """Codex sends gRPC metadata from its config; Gemini CLI's and Qwen Code's settings hold no headers: the
+    output says what to set instead, the token kept off the terminal."""
+    token = ("--monitor-server", "https://team-box:4317", "--monitor-token", "s3cret&t0ken")
+    code, lines, err = ccmon_setup(capsys, "--agent", "codex", *token)
+    exporter = {"otlp-grpc": {"endpoint": "https://team-box:4317", "headers": {"authorization": "Bearer s3cret&t0ken"}}}
+    path = setup_home / ".codex" / "config.toml"
+    assert (code, err) == (0, "") and tomllib.loads(path.read_text()) == \
+        {"otel": {"exporter": exporter, "metrics_exporter": exporter}}
+    text = '{ otlp-grpc = { endpoint = "https://team-box:4317", headers = { authorization = "Bearer <token>" } } }'
+    assert lines == [f"set otel.exporter = {text}", f"set otel.metrics_exporter = {text}", wrote(path)]
+    for agent, command in (("gemini", "gemini"), ("qwen", "qwen")):
+        relative, tool = AGENT_SETTINGS[agent]
+        code, lines, err = ccmon_setup(capsys, "--agent", agent, *token)
+        assert json.loads((setup_home / relative).read_bytes()) == \
+            {"telemetry": {**AGENT_TELEMETRY, "otlpEndpoint": "https://team-box:4317"}}
+        assert (code, err, lines[-2]) == (0, "", f"the server wants a token, which {tool}'s settings cannot hold: run "
+                                          f"{command} with OTEL_EXPORTER_OTLP_HEADERS='Authorization=Bearer <token>' "
+                                          "in its environment (your shell's profile), or the server refuses its "
+                                          "telemetry")
+        assert "s3cret" not in "".join(lines)
+
+
+def test_setup_agent_says_which_variables_here_would_win_over_the_file(setup_home, capsys, monkeypatch):
+    monkeypatch.setenv("QWEN_TELEMETRY_OTLP_PROTOCOL", "http")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("GEMINI_TELEMETRY_TARGET", "gcp")  # Gemini CLI's, not Qwen Code's
+    code, lines, _ = ccmon_setup(capsys, "--agent", "qwen")
+    assert code == 0 and lines[4:6] == [
+        "QWEN_TELEMETRY_OTLP_PROTOCOL is set here (http): Qwen Code takes it over its settings file",
+        "OTEL_EXPORTER_OTLP_ENDPOINT is set here (http://127.0.0.1:4318): Qwen Code takes it over its settings file"]
+    assert ccmon_setup(capsys, "--agent", "gemini")[1][4:6] == [
+        "GEMINI_TELEMETRY_TARGET is set here (gcp): Gemini CLI takes it over its settings file",
+        "OTEL_EXPORTER_OTLP_ENDPOINT is set here (http://127.0.0.1:4318): Gemini CLI takes it over its settings file"]
+
+
+@pytest.mark.parametrize("relative, content, message", [
+    (".gemini/settings.json", b'{\n  // mine\n}', "line 2: not valid JSON (Expecting property name enclosed in "
+     "double quotes)"),
+    (".gemini/settings.json", b'\n[]', "line 2: not a JSON object (Gemini CLI's settings are one {...})"),
+    (".gemini/settings.json", b'{"telemetry": true}', ': "telemetry" is not a JSON object (Gemini CLI\'s telemetry '
+     'is {"enabled": true, ...})'),
+    (".qwen/settings.json", b'{"telemetry": []}', ': "telemetry" is not a JSON object (Qwen Code\'s telemetry is '
+     '{"enabled": true, ...})'),
+    (".qwen/settings.json", b'"settings"', "line 1: not a JSON object (Qwen Code's settings are one {...})"),
+    (".qwen/settings.json", b'{"ui": "caf\xe9"}', "line 1: not UTF-8 text"),
+    (".codex/config.toml", b'model = "gpt-5.5"\n[otel\n', "line 2: not valid TOML (Expected ']' at the end of a "
+     "table declaration)"),
+    (".codex/config.toml", b"a = [1,\n", ": not valid TOML (Invalid value at the end)"),
+    (".codex/config.toml", b'otel = "on"\n', ': "otel" is not a table (Codex CLI\'s [otel] is a table of exporter '
+     "settings)"),
+    (".codex/config.toml", b"[[otel]]\n", ': "otel" is not a table (Codex CLI\'s [otel] is a table of exporter '
+     "settings)"),
+    (".codex/config.toml", b'otel = { environment = "dev" }\n', ": otel is an inline table (otel = {...}); write "
+     "it as an [otel] table for ccmon setup to edit"),
+    (".codex/config.toml", b'x = "\xff"\n', "line 1: not UTF-8 text"),
+])
+def test_setup_agent_leaves_a_file_it_cannot_read_as_it_is(setup_home, capsys, relative, content, message):
+    path = agent_file(setup_home, relative, content)
+    agent = relative.split("/")[0].strip(".")
+    separator = "" if message.startswith(":") else " "
+    assert ccmon_setup(capsys, "--agent", agent) == (1, [], f"ccmon setup: {path}{separator}{message}; left as it is\n")
+    assert path.read_bytes() == content
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("agent", ["gemini", "codex"])
+def test_setup_agent_says_when_it_cannot_read_the_file(setup_home, capsys, agent):
+    path = setup_home / {"gemini": ".gemini/settings.json", "codex": ".codex/config.toml"}[agent]
+    path.mkdir(parents=True)
+    assert ccmon_setup(capsys, "--agent", agent) == (1, [], f"ccmon setup: cannot read {path}: Is a directory; left "
+                                                            "as it is\n")
+
+
+def test_setup_agent_undo_leaves_a_file_it_cannot_read_as_it_is(setup_home, capsys):
+    path = agent_file(setup_home, ".codex/config.toml", CODEX_ORIGINAL)
+    ccmon_setup(capsys, "--agent", "codex")
+    path.write_bytes(b"[otel\n")
+    assert ccmon_setup(capsys, "--agent", "codex", "--undo") == \
+        (1, [], f"ccmon setup: {path} line 1: not valid TOML (Expected ']' at the end of a table declaration); left "
+                "as it is\n")
+    assert path.read_bytes() == b"[otel\n"
+    assert (path.parent / "config.toml.ccmon-backup").read_bytes() == CODEX_ORIGINAL
+
+
+def test_setup_agent_refuses_an_edit_that_would_change_another_key(setup_home, capsys, monkeypatch):
+    """The edited text is read back: anything but ccmon's keys changed (here, a line taken out that was not
+    ccmon's) and nothing is written."""
+    path = agent_file(setup_home, ".codex/config.toml", b'[otel]\nenvironment = "dev"\n')
+    monkeypatch.setattr(ccmon, "toml_with_entries", lambda *args: "[otel]\n")
+    assert ccmon_setup(capsys, "--agent", "codex") == (1, [], (
+        f"ccmon setup: {path}: ccmon setup cannot rewrite its [otel] table as it is written and keep every other key "
+        "(set otel.exporter and otel.metrics_exporter by hand: see ccmon's docs/setup.md); left as it is\n"))
+    assert path.read_bytes() == b'[otel]\nenvironment = "dev"\n'
 
 # ---------------------------------------------------------------- doctor: ccmon doctor
 
