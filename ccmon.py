@@ -5177,6 +5177,10 @@ class OTLPHTTPServer(ThreadingHTTPServer):
 # ---------------------------------------------------------------- Wire: ccmon.v1 messages to and from domain values
 
 AGENT_FILTER = "agent_filter"  # GetServerInfo.features: the server keeps one agent's usage when asked
+# A request's agent for every agent's usage. Unset is Claude Code's alone: what every call meant before other agents
+# were received, so that the Go monitor and older clients see what they saw. Servers without the agent field ignore
+# it, and count what they have.
+ALL_AGENTS = "all"
 
 
 def ms_of(ts: timestamp_pb2.Timestamp) -> int:
@@ -5529,9 +5533,12 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
 
     @staticmethod
     def _agent(request, context) -> str | None:
+        """The agent whose usage the request keeps (see ALL_AGENTS), None for every agent's."""
+        if request.agent == ALL_AGENTS:
+            return None
         if request.agent and request.agent not in AGENTS:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, unknown_agent(request.agent))
-        return request.agent or None
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{unknown_agent(request.agent)}, or {ALL_AGENTS!r}")
+        return request.agent or CLAUDE_CODE
 
     def GetStats(self, request, context):
         split = self.reader.split(self.reader.usage(*self._period(request), user=self._user(request),
@@ -6083,6 +6090,8 @@ class Client:
                 raise NoAgentFilter(f"the server at {self.address} cannot keep one agent's usage (it is an older ccmon "
                                     f"server, or the Go ccmon): upgrade it, or leave out the agent filter")
             request.agent = agent
+        else:
+            request.agent = ALL_AGENTS  # unset would be Claude Code's alone
         return request
 
     def stats(self, start_ms: int | None, end_ms: int, user: str | None = None, project: str | None = None,

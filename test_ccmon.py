@@ -228,7 +228,8 @@ def ts(iso: str):
 
 
 def stats(srv: ServerProcess, start: str | None = None, end: str | None = None):
-    request = ccmon_pb2.GetStatsRequest()
+    """Every agent's usage in the period, as the server stored it."""
+    request = ccmon_pb2.GetStatsRequest(agent=ccmon.ALL_AGENTS)
     if start:
         request.start_time.CopyFrom(ts(start))
     if end:
@@ -2020,13 +2021,14 @@ def test_every_model_call_of_another_agent_is_stored_once_with_the_standins_usag
     agent, calls, sessions = AGENT_CAPTURES[tool, protocol]
     replay(server, agent_capture(tool, protocol))
     assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
-    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-01-01T00:00:00Z"))).sessions
+    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(
+        agent=ccmon.ALL_AGENTS, start_time=ts("2026-01-01T00:00:00Z"))).sessions
     assert len(found) == sessions
     assert {(s.agent, s.source, s.from_metrics) for s in found} == {(agent, source, False)
                                                                     for source in events_sources(tool, protocol)}
     assert sum(s.stats.total_requests for s in found) == calls
     requests = server.query().GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(
-        start_time=ts("2026-01-01T00:00:00Z"), limit=100)).requests
+        agent=ccmon.ALL_AGENTS, start_time=ts("2026-01-01T00:00:00Z"), limit=100)).requests
     assert {(r.agent, r.input_tokens, r.output_tokens, r.cache_read_tokens, r.cache_creation_tokens)
             for r in requests} == {(agent, *STANDIN_CALL[agent])}
     assert {r.session_id for r in requests} == {s.session_id for s in found}
@@ -2070,7 +2072,8 @@ def test_another_agents_token_metrics_count_without_events_and_events_win(server
     exports = agent_capture(tool, protocol)
     replay(server, exports, ("metrics",))
     assert agent_totals(server) == (0, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
-    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-01-01T00:00:00Z"))).sessions
+    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(
+        agent=ccmon.ALL_AGENTS, start_time=ts("2026-01-01T00:00:00Z"))).sessions
     session_less = agent != "gemini-cli"
     assert len(found) == (1 if session_less else sessions)
     assert {(s.agent, s.source, s.from_metrics) for s in found} == {(agent, "metrics*", True)}
@@ -2078,7 +2081,8 @@ def test_another_agents_token_metrics_count_without_events_and_events_win(server
         assert found[0].session_id == f"{agent} metrics"
     replay(server, exports, ("logs",))
     assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
-    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-01-01T00:00:00Z"))).sessions
+    found = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(
+        agent=ccmon.ALL_AGENTS, start_time=ts("2026-01-01T00:00:00Z"))).sessions
     assert (len(found), {(s.source, s.from_metrics) for s in found}) == \
         (sessions, {(source, False) for source in events_sources(tool, protocol)})
     replay(server, exports, ("metrics",))
@@ -2131,7 +2135,7 @@ def test_session_less_metrics_give_way_to_the_same_agents_events_of_the_same_use
     metrics.Export(codex_token_metrics(base + 50 * 60_000, 8000))          # within the hour of the events: not counted
     assert agent_totals(server)[1][0] == 1400 + 3400 + 1667
     sessions = {s.session_id: s.stats.total_tokens.input for s in server.query().GetSessions(
-        ccmon_pb2.GetSessionsRequest(start_time=ts(hours_ago(24)))).sessions}
+        ccmon_pb2.GetSessionsRequest(agent=ccmon.ALL_AGENTS, start_time=ts(hours_ago(24)))).sessions}
     assert sessions == {"c-1": 1667, "codex metrics": 1400, "codex metrics of ann@example.com": 3400}
 
 
@@ -2220,7 +2224,7 @@ def test_codexs_own_turn_cost_replaces_ccmons_estimate_of_its_responses(server):
     exports = agent_capture("codex-0.169.0", "grpc")
     replay(server, exports)
     sessions = {s.session_id: s for s in server.query().GetSessions(ccmon_pb2.GetSessionsRequest(
-        start_time=ts("2026-01-01T00:00:00Z"))).sessions}
+        agent=ccmon.ALL_AGENTS, start_time=ts("2026-01-01T00:00:00Z"))).sessions}
     tui = {"01a2419c-f77d-7560-a635-0779905e56e1", "01a2419d-0b88-7f01-8227-1627155c7a5d"}
     assert {sid: (s.source, round(s.stats.total_cost.amount, 9)) for sid, s in sessions.items()} == {
         **{sid: ("events", 0.012345) for sid in tui},
@@ -2287,7 +2291,7 @@ def test_claude_codes_figures_do_not_change_by_a_cent_when_other_agents_are_used
                                           input_tokens=1000, output_tokens=100, cost_usd=0.5))
               for n, model in ((1, "claude-sonnet-4-5"), (2, "claude-haiku-4-5"))]
     sdk_export(server.port, claude)
-    december = ccmon_pb2.GetStatsRequest(start_time=ts("2026-12-01T00:00:00Z"))
+    december = ccmon_pb2.GetStatsRequest(agent=ccmon.ALL_AGENTS, start_time=ts("2026-12-01T00:00:00Z"))
     blocks_request = ccmon_pb2.GetBlocksRequest(start_time=ts("2026-12-04T00:00:00Z"),
                                                 end_time=ts("2026-12-05T00:00:00Z"))
     before = (server.query().GetStats(december).stats, server.query().GetBlocks(blocks_request).blocks)
@@ -2303,7 +2307,8 @@ def test_claude_codes_figures_do_not_change_by_a_cent_when_other_agents_are_used
     assert list(server.query().GetBlocks(blocks_request).blocks) == list(before[1])
     assert ccmon.split_from_stats(before[0]).other == ccmon.Usage()
     # Claude's weekly caps are by family of Claude's models: the other agents' models are no family's, nor premium
-    models = server.query().GetModelStats(ccmon_pb2.GetModelStatsRequest(start_time=ts("2026-12-01T00:00:00Z")))
+    models = server.query().GetModelStats(ccmon_pb2.GetModelStatsRequest(
+        agent=ccmon.ALL_AGENTS, start_time=ts("2026-12-01T00:00:00Z")))
     assert {(m.model, m.agent, m.premium) for m in models.models} == {
         ("claude-sonnet-4-5", "claude-code", True), ("claude-haiku-4-5", "claude-code", False),
         ("gpt-5.5", "codex", False), ("gemini-2.5-flash", "gemini-cli", False),
@@ -2424,13 +2429,14 @@ def test_other_agents_tool_calls_count_in_the_tools_and_sessions_figures(server)
     query = server.query()
     report = {agent: [(t.tool, t.calls, t.successes, t.p50_duration_ms, t.p95_duration_ms) for t in query.GetToolStats(
         ccmon_pb2.GetToolStatsRequest(start_time=ts("2026-12-01T00:00:00Z"), agent=agent)).tools]
-        for agent in ("", "claude-code", "gemini-cli", "codex", "qwen-code")}
+        for agent in (ccmon.ALL_AGENTS, "claude-code", "gemini-cli", "codex", "qwen-code")}
     assert report == {  # each as the capture has it: its one call, its time and outcome
-        "": [("exec_command", 1, 1, 62, 62), ("glob", 1, 1, 67, 67), ("list_directory", 1, 1, 18, 18),
+        ccmon.ALL_AGENTS: [("exec_command", 1, 1, 62, 62), ("glob", 1, 1, 67, 67), ("list_directory", 1, 1, 18, 18),
              ("read_file", 1, 0, 40, 40)],
         "claude-code": [], "gemini-cli": [("list_directory", 1, 1, 18, 18), ("read_file", 1, 0, 40, 40)],
         "codex": [("exec_command", 1, 1, 62, 62)], "qwen-code": [("glob", 1, 1, 67, 67)]}
-    sessions = query.GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts("2026-12-01T00:00:00Z"))).sessions
+    sessions = query.GetSessions(ccmon_pb2.GetSessionsRequest(
+        agent=ccmon.ALL_AGENTS, start_time=ts("2026-12-01T00:00:00Z"))).sessions
     assert sorted((s.agent, s.session_id, s.tool_calls, s.tool_failures) for s in sessions if s.tool_calls) == [
         ("codex", "01a2419c-b185-7341-aec7-b1dae1b6dd8c", 1, 0), ("gemini-cli", gemini_session, 2, 1),
         ("qwen-code", "08f64f90-5de8-4db9-8019-8dbb054d5aad", 1, 0)]
@@ -2471,7 +2477,9 @@ AGENT_FILTERED = ("GetStats", "GetAPIRequests", "GetUsage", "GetModelStats", "Ge
 
 def test_every_query_keeps_one_agents_usage_when_asked(server):
     """The QueryService's `agent` field keeps one agent's usage in every figure, exactly as `report agent` sums it
-    (the same rows: its models'); an unknown agent is refused by every call, and blocks by another agent."""
+    (the same rows: its models'); "all" keeps every agent's, and no agent Claude Code's alone, as every call meant
+    before other agents were received (the Go monitor sees what it saw); an unknown agent is refused by every call,
+    and blocks by another agent."""
     sdk_export(server.port, [("api_request", api_request(n, f"2026-12-04T15:0{n}:00.000Z", model=model,
                                                          session="s-claude", input_tokens=1000, output_tokens=100,
                                                          cost_usd=0.5))
@@ -2484,8 +2492,9 @@ def test_every_query_keeps_one_agents_usage_when_asked(server):
     query, start = server.query(), ts("2026-12-01T00:00:00Z")
     for agent, requests, tokens, cost_nanos, sessions in (
             ("claude-code", 2, 2200, 1_000_000_000, 1), ("codex", 3, 3 * 2434, 34_032_000, 2),
-            ("gemini-cli", 6, 6 * 1413, 670_380, 3), ("qwen-code", 0, 0, 0, 0), ("", 11, 2200 + 3 * 2434 + 6 * 1413,
-                                                                              1_034_702_380, 6)):
+            ("gemini-cli", 6, 6 * 1413, 670_380, 3), ("qwen-code", 0, 0, 0, 0), ("", 2, 2200, 1_000_000_000, 1),
+            ("all", 11, 2200 + 3 * 2434 + 6 * 1413, 1_034_702_380, 6)):
+        kept = {"": "claude-code", "all": None}.get(agent, agent)  # the agent whose usage is kept, None: all
         def total(stats):
             usage = ccmon.split_from_stats(stats).total
             return usage.requests, usage.total, usage.cost_nanos
@@ -2498,13 +2507,13 @@ def test_every_query_keeps_one_agents_usage_when_asked(server):
         assert total(query.GetStats(ccmon_pb2.GetStatsRequest(**period)).stats) == wanted, agent
         page = query.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(**period, oldest_first=True))
         assert (page.total_count, len(page.requests)) == (requests, requests)
-        assert {r.agent for r in page.requests} == ({agent} if agent and requests else
-                                                    {"claude-code", "codex", "gemini-cli"} if not agent else set())
+        assert {r.agent for r in page.requests} == ({kept} if kept and requests else
+                                                    {"claude-code", "codex", "gemini-cli"} if not kept else set())
         days = query.GetUsage(ccmon_pb2.GetUsageRequest(**period, timezone="Asia/Tokyo")).days
         assert summed(ccmon.split_from_stats(day.stats) for day in days) == wanted
         models = query.GetModelStats(ccmon_pb2.GetModelStatsRequest(**period)).models
         assert summed(ccmon.Split(ccmon.model_usage_of(m).usage) for m in models) == wanted
-        assert {m.agent for m in models} <= {agent} | ({"claude-code", "codex", "gemini-cli"} if not agent else set())
+        assert {m.agent for m in models} <= {kept} | ({"claude-code", "codex", "gemini-cli"} if not kept else set())
         found = query.GetSessions(ccmon_pb2.GetSessionsRequest(**period)).sessions
         assert (len(found), summed(ccmon.split_from_stats(s.stats) for s in found)) == (sessions, wanted)
         users = query.GetUsers(ccmon_pb2.GetUsersRequest(**period)).users
@@ -2517,7 +2526,7 @@ def test_every_query_keeps_one_agents_usage_when_asked(server):
         tools = query.GetToolStats(ccmon_pb2.GetToolStatsRequest(**period)).tools
         assert [(t.tool, t.calls) for t in tools] == {
             "claude-code": [("Bash", 1)], "codex": [("exec_command", 1)], "gemini-cli": [("list_directory", 1)],
-            "qwen-code": [], "": [("Bash", 1), ("exec_command", 1), ("list_directory", 1)]}[agent]
+            "qwen-code": [], None: [("Bash", 1), ("exec_command", 1), ("list_directory", 1)]}[kept]
     # The monitor: `g` cycles through the period's agents (and back to all); every tab then shows that one's
     client, settings, now = ccmon.Client(server.target), _settings(block_hour=None), ccmon.parse_iso_ms(
         "2026-12-04T16:00:00Z")
@@ -2556,7 +2565,7 @@ def test_every_query_keeps_one_agents_usage_when_asked(server):
                 {"bucket": "day"} if method == "GetSeries" else {})))
         assert (refused.value.code(), refused.value.details()) == (
             grpc.StatusCode.INVALID_ARGUMENT, "unknown agent 'copilot' (known: claude-code, gemini-cli, codex, "
-                                              "qwen-code)"), method
+                                              "qwen-code), or 'all'"), method
 
 
 def test_pricing_in_the_config_prices_another_agents_model(tmp_path):
@@ -2570,7 +2579,7 @@ def test_pricing_in_the_config_prices_another_agents_model(tmp_path):
     try:
         replay(srv, agent_capture("gemini-cli-0.61.0", "grpc"))
         models = {m.model: (m.requests, round(m.cost.amount, 9)) for m in srv.query().GetModelStats(
-            ccmon_pb2.GetModelStatsRequest(start_time=ts("2026-01-01T00:00:00Z"))).models}
+            ccmon_pb2.GetModelStatsRequest(agent=ccmon.ALL_AGENTS, start_time=ts("2026-01-01T00:00:00Z"))).models}
     finally:
         srv.stop()
     # 789 input, 168 output, 456 cache read a call; the router's cache read at 0.1 x input, [pricing]'s default
@@ -4342,11 +4351,18 @@ def go_telemetry(sequence: int, model: str, **figures) -> tuple[str, dict]:
 
 @e2e
 def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
+    """The Go ccmon's quick query and monitor on a ccmon server see Claude Code's usage as before other agents were
+    received: a Gemini CLI call in between ($0.30 at ccmon's price) is in none of their figures or rows."""
     go_ccmon = go_ccmon_binary()
     sdk_export(server.port, [go_telemetry(1, "claude-sonnet-4-5", input_tokens=1200, output_tokens=300, cost_usd=1.25,
                                           duration_ms=900),
                              ("api_request", api_request(2, hours_ago(0.01), model="claude-haiku-4-5",
                                                          input_tokens=100, output_tokens=10, cost_usd=0.0021))])
+    server.logs_stub().Export(agent_logs_request([{
+        "event.name": "gemini_cli.api_response", "event.timestamp": hours_ago(0.005), "session.id": "g-1",
+        "model": "gemini-2.5-flash", "input_token_count": 1_000_000, "output_token_count": 0}],
+        {"service.name": "gemini-cli"}))
+    assert round(stats(server).total_cost.amount, 4) == 1.5521  # it is stored
     for template, shown in (("@daily_cost", "$1.3"), ("@monthly_cost", "$1.3"), ("@daily_plan_usage", "0%")):
         result = subprocess.run([str(go_ccmon), "--monitor-server", server.target, "--format", template],
                                 capture_output=True, text=True, timeout=30)
@@ -4363,6 +4379,7 @@ def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
         assert re.search(r"Base \(Haiku\) +1 +110 .* 0\.002100", screen), screen
         assert re.search(r"Premium \(S/O\) +1 +1\.5K .* 1\.250000", screen), screen
         assert re.search(r"claude-sonnet-4-5 +1200 +300 .* 1\.250000 +900ms", screen), screen
+        assert "gemini" not in screen and "1.55" not in screen, screen
         # "Latest First" (its default) puts the sonnet request, 0.36 s newer, on top; `o` turns it to "Oldest First".
         assert "Latest First" in screen and screen.index("claude-sonnet-4-5 ") < screen.index("claude-haiku-4-5 "), \
             screen
@@ -8905,7 +8922,8 @@ def agent_home(home: Path, *tools: str) -> Path:
 def test_another_agents_models_imported_from_its_history_are_its_own(server, tmp_path):
     """Models first seen in Codex's rollouts (no telemetry) are Codex's: not Claude's premium, not claude-code's."""
     ccmon_import(server, home=agent_home(tmp_path / "home", "codex-0.169.0"))
-    models = server.query().GetModelStats(ccmon_pb2.GetModelStatsRequest(start_time=ts("2026-01-01T00:00:00Z")))
+    models = server.query().GetModelStats(ccmon_pb2.GetModelStatsRequest(
+        agent=ccmon.ALL_AGENTS, start_time=ts("2026-01-01T00:00:00Z")))
     assert {(m.agent, m.premium) for m in models.models} == {("codex", False)}
     assert stats(server).premium_requests == 0
 
@@ -11313,7 +11331,8 @@ def test_a_real_agent_cli_offline_is_counted_exactly_on_every_protocol(tmp_path,
         wait_until(lambda: agent_totals(srv)[0] >= calls, f"{calls} model calls of {agent} stored", 30)
         assert agent_totals(srv) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]),
                                      calls * STANDIN_TOTAL[agent])
-        sessions = srv.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts(hours_ago(1)))).sessions
+        sessions = srv.query().GetSessions(ccmon_pb2.GetSessionsRequest(
+            agent=ccmon.ALL_AGENTS, start_time=ts(hours_ago(1)))).sessions
         assert [(s.agent, s.source, s.stats.total_requests) for s in sessions] == [(agent, "events*", calls)]
     finally:
         srv.stop()
