@@ -712,6 +712,7 @@ class CounterSeries:
     model: str | None
     project: str | None   # '' for sessions without a project
     usage: Usage
+    agent: str = CLAUDE_CODE  # the model's (models.agent), named past the caps too: a model's agent never changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3629,7 +3630,8 @@ class Reader:
         """Every counter series (see CounterSeries), the stored usage per session and model (session_usage) plus
         retired_usage, summed in SQL. Only the first labels[kind] users, models and projects by id, and the first
         most_series series by id (ids follow the order things were first seen in, which never changes) are named;
-        the others are summed as None: all three names None for a series past most_series."""
+        the others are summed as None: all three names None for a series past most_series. Each is summed per agent
+        (its model's, named past the caps too), so that the usage past them still tells agents apart."""
         columns = ", ".join(SERIES_FIGURES)
         sums = ", ".join(f"SUM({c})" for c in SERIES_FIGURES)
         # Summed per series first (a few hundred rows), then named: a name is looked up once per series, not per
@@ -3638,16 +3640,17 @@ class Reader:
             f"WITH t (user, model, project, {columns}) AS ({STORED_SERIES.format(where='')} "
             f"UNION ALL SELECT user, model, project, {columns} FROM retired_usage), "
             f"series (user, model, project, {columns}) AS (SELECT user, model, project, {sums} FROM t GROUP BY 1, 2, 3) "
-            "SELECT CASE WHEN named AND t.user IN (SELECT id FROM users ORDER BY id LIMIT ?) THEN u.name END, "
+            "SELECT a.name, CASE WHEN named AND t.user IN (SELECT id FROM users ORDER BY id LIMIT ?) THEN u.name END, "
             "CASE WHEN named AND t.model IN (SELECT id FROM models ORDER BY id LIMIT ?) THEN m.name END, "
             "CASE WHEN NOT named THEN NULL WHEN t.project = 0 THEN '' "
             "WHEN t.project IN (SELECT id FROM projects ORDER BY id LIMIT ?) "
             f"THEN p.name END, {', '.join(f'SUM(t.{c})' for c in SERIES_FIGURES)} FROM (SELECT series.*, "
             "COALESCE(ms.id <= ?, 0) AS named FROM series LEFT JOIN metric_series ms ON ms.user = series.user "
             "AND ms.model = series.model AND ms.project = series.project) t "
-            "JOIN users u ON u.id = t.user JOIN models m ON m.id = t.model LEFT JOIN projects p ON p.id = t.project "
-            "GROUP BY 1, 2, 3", (labels["user"], labels["model"], labels["project"], most_series)).fetchall()
-        return [CounterSeries(user, model, project, Usage(*sums)) for user, model, project, *sums in rows]
+            "JOIN users u ON u.id = t.user JOIN models m ON m.id = t.model JOIN agents a ON a.id = m.agent "
+            "LEFT JOIN projects p ON p.id = t.project GROUP BY 1, 2, 3, 4",
+            (labels["user"], labels["model"], labels["project"], most_series)).fetchall()
+        return [CounterSeries(user, model, project, Usage(*sums), agent) for agent, user, model, project, *sums in rows]
 
     def first_models(self, most: int) -> list[tuple[str, str]]:
         """The first `most` models by id (those the Prometheus metrics name), each with its agent's name."""
@@ -7931,7 +7934,8 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # the text exposit
 # first saw them in (it never changes, so a series never leaves its label); the others are summed under OTHER_LABEL.
 METRICS_LABELS = {"user": 100, "model": 20, "project": 100}
 # How many (user, model, project) series get labels of their own, the first ones by id (the order they first
-# occurred in); later ones are summed under OTHER_LABEL in all three. A counter family holds at most one more.
+# occurred in); later ones are summed under OTHER_LABEL in all three. A counter family holds at most one more per
+# agent: the agent label is the model's, which never changes, so it splits no series and is never OTHER_LABEL.
 METRICS_SERIES = 2000
 OTHER_LABEL = "(other)"
 LABEL_MAX = 100  # characters of a label value from telemetry; a longer one is cut, ending in …
@@ -7978,12 +7982,12 @@ def exposition(series: list[CounterSeries], limits: dict[str, ClaudeLimits], rec
                models: list[tuple[str, str]], plans: dict[tuple[str, str], ClaudeLimits], now: int) -> str:
     """The metrics in Prometheus's text format. Series whose label values end up the same (cut to the same
     text, or a user named like OTHER_LABEL) are summed: each sum of counters still only goes up."""
-    merged: dict[tuple[str, str, str], Usage] = {}
+    merged: dict[tuple[str, str, str, str], Usage] = {}
     for one in series:
-        key = (label_value(one.user), label_value(one.model), label_value(one.project))
+        key = (label_value(one.user), label_value(one.model), label_value(one.project), label_value(one.agent))
         merged[key] = merged.get(key, Usage()) + one.usage
-    labelled = [({"user": user, "model": model, "project": project}, usage)
-                for (user, model, project), usage in merged.items()]
+    labelled = [({"user": user, "model": model, "project": project, "agent": agent}, usage)
+                for (user, model, project, agent), usage in merged.items()]
     lines = metric_family("ccmon_requests_total", "counter", "API requests stored, ever (retention does not lower it).",
                           [(labels, str(usage.requests)) for labels, usage in labelled])
     lines += metric_family("ccmon_tokens_total", "counter", "Tokens by type, ever (retention does not lower it).",
@@ -8011,8 +8015,8 @@ def exposition(series: list[CounterSeries], limits: dict[str, ClaudeLimits], rec
     for model, agent in models:  # models cut to the same text: one line, of (other) if of two agents
         label = label_value(model)
         agents[label] = agent if agents.get(label, agent) == agent else OTHER_LABEL
-    lines += metric_family("ccmon_model_info", "gauge", "Which agent sends each model the counters name (1): "
-                           "join on model for figures by agent.",
+    lines += metric_family("ccmon_model_info", "gauge", "Which agent sends each model the counters name (1); "
+                           "the counters carry it as their agent label too.",
                            [({"model": model, "agent": agent}, "1") for model, agent in agents.items()])
     lines += metric_family("ccmon_build_info", "gauge", "The ccmon version serving these metrics.",
                            [({"version": label_value(VERSION)}, "1")])

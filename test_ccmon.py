@@ -5586,10 +5586,11 @@ def test_metrics_equal_get_stats_with_names_escaped(server, tmp_path):
     assert summed(metrics["ccmon_requests_total"]) == whole.total_requests == 3
     assert summed(metrics["ccmon_cost_usd_total"], float) == whole.total_cost.amount == 1.875
     cut = "p" * 99 + "…"
+    claude = ("agent", "claude-code")
     assert metrics["ccmon_cost_usd_total"] == {
-        (("model", "claude-opus-4-1"), ("project", "alpha"), ("user", "ana@example.com")): "1.5",
-        (("model", "claude-sonnet-4-5"), ("project", "alpha"), ("user", "ana@example.com")): "0.25",
-        (("model", "claude-sonnet-4-5"), ("project", cut), ("user", HOSTILE_USER)): "0.125"}
+        (claude, ("model", "claude-opus-4-1"), ("project", "alpha"), ("user", "ana@example.com")): "1.5",
+        (claude, ("model", "claude-sonnet-4-5"), ("project", "alpha"), ("user", "ana@example.com")): "0.25",
+        (claude, ("model", "claude-sonnet-4-5"), ("project", cut), ("user", HOSTILE_USER)): "0.125"}
     for user in ("ana@example.com", HOSTILE_USER):  # per user, as GetStats answers for one
         one = server.query().GetStats(ccmon_pb2.GetStatsRequest(user=user)).stats
         assert summed(metrics["ccmon_cost_usd_total"], float, user=user) == one.total_cost.amount
@@ -5641,14 +5642,18 @@ def test_metrics_exposition_escapes_and_merges_labels():
     series = [ccmon.CounterSeries("a\\b", None, "", usage),
               ccmon.CounterSeries(ccmon.OTHER_LABEL, None, "", usage),  # a user named like the overflow: summed
               ccmon.CounterSeries(None, None, "", usage),
+              ccmon.CounterSeries(None, None, "", usage, "codex"),  # past the caps too, another agent's: apart
               ccmon.CounterSeries("u", "m", "x" * 101, usage),
               ccmon.CounterSeries("u", "m", "x" * 102, usage)]  # cut to the same text as the one above: summed
     text = ccmon.exposition(series, {}, [], [("m" * 120, "codex"), ("m" * 120 + "x", "qwen-code"),
                                              ("claude-sonnet-4-5", "claude-code")], {}, 0)
-    assert 'ccmon_requests_total{user="a\\\\b",model="(other)",project=""} 1\n' in text
-    assert 'ccmon_requests_total{user="(other)",model="(other)",project=""} 2\n' in text
-    assert f'ccmon_cost_usd_total{{user="u",model="m",project="{"x" * 99}…"}} 0.000000002\n' in text
-    assert len(parse_exposition(text)["ccmon_requests_total"]) == 3
+    assert 'ccmon_requests_total{user="a\\\\b",model="(other)",project="",agent="claude-code"} 1\n' in text
+    assert 'ccmon_requests_total{user="(other)",model="(other)",project="",agent="claude-code"} 2\n' in text
+    assert 'ccmon_requests_total{user="(other)",model="(other)",project="",agent="codex"} 1\n' in text
+    assert f'ccmon_cost_usd_total{{user="u",model="m",project="{"x" * 99}…",agent="claude-code"}} 0.000000002\n' \
+        in text
+    assert 'ccmon_tokens_total{user="(other)",model="(other)",project="",agent="codex",type="input"} 2\n' in text
+    assert len(parse_exposition(text)["ccmon_requests_total"]) == 4
     assert parse_exposition(text)["ccmon_model_info"] == {  # two agents' models cut to one text: one line, (other)
         (("agent", "(other)"), ("model", "(other)")): "1", (("agent", "(other)"), ("model", "m" * 99 + "…")): "1",
         (("agent", "claude-code"), ("model", "claude-sonnet-4-5")): "1"}
@@ -5863,12 +5868,12 @@ def test_metric_labels_are_capped_and_keep_their_series(tmp_path):
 
 
 def write_series(store: ccmon.Writer, at: int, number: int, session: str | None = None, user: str | None = None,
-                 model: str | None = None) -> None:
+                 model: str | None = None, agent: str = "claude-code") -> None:
     """One request of 1000 nanodollars in a user, model and project of its own (numbered), or of a given session,
-    user and model."""
+    user and model; Claude Code's, or another agent's."""
     store.write(ccmon.Batch(requests=[(at + number, session or f"s{number}", number, model or f"model-{number}",
                                        user or f"user-{number}", 1, 0, 0, 0, 1000, 0, None, None, None, None, None,
-                                       0, "claude-code")],
+                                       0, agent)],
                             projects={} if session else {f"s{number}": f"project-{number}"}))
 
 
@@ -5890,6 +5895,36 @@ def test_metric_series_are_capped_in_the_order_they_occur(tmp_path):
     assert db_rows(store.path, "SELECT ms.id, u.name FROM metric_series ms JOIN users u ON u.id = ms.user") == [
         (1, "user-0"), (2, "user-1"), (3, "user-2"), (4, "user-3"), (5, "user-4"), (6, "user-5"), (7, "user-9")]
     assert len(counter_figures(reader, UNCAPPED, ccmon.METRICS_SERIES)) == 7
+    store.close()
+
+
+def test_metric_series_past_the_caps_keep_their_agent(tmp_path):
+    """Usage past the caps is summed under (other) per agent (its model's): `sum by (agent)` gives each agent's
+    usage exactly, as the store's reads of that agent do, however few labels the caps leave."""
+    store, reader = ccmon.Writer(tmp_path / "agents.db"), ccmon.Reader(tmp_path / "agents.db")
+    at = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
+    for number, agent in enumerate(["claude-code", "codex", "claude-code", "qwen-code", "codex", "gemini-cli"]):
+        write_series(store, at, number, agent=agent)
+    write_series(store, at, 6, session="s1", user="user-1", model="model-1")  # Codex's model: Codex's usage
+    series = reader.counter_series({"user": 1, "model": 1, "project": 1}, 2)
+    assert {(one.agent, one.user, one.model, one.project): one.usage.cost_nanos for one in series} == {
+        ("claude-code", "user-0", "model-0", "project-0"): 1000, ("claude-code", None, None, None): 1000,
+        ("codex", None, None, None): 3000,  # the second series (user and model past their caps), and those past it
+        ("gemini-cli", None, None, None): 1000, ("qwen-code", None, None, None): 1000}
+    assert len(series) == 5
+    metrics = parse_exposition(ccmon.exposition(series, {}, [], reader.first_models(1), {}, at))
+    assert {labels: value for labels, value in metrics["ccmon_requests_total"].items()
+            if ("user", "(other)") in labels} == {
+        (("agent", agent), ("model", "(other)"), ("project", "(other)"), ("user", "(other)")): requests
+        for agent, requests in (("claude-code", "1"), ("codex", "3"), ("gemini-cli", "1"), ("qwen-code", "1"))}
+    for agent in ccmon.AGENTS:
+        stored = sum(reader.usage(at, at + 3600_000, agent=agent).values(), ccmon.Usage())
+        assert summed(metrics["ccmon_cost_usd_total"], lambda text: round(float(text) * 10 ** 9), agent=agent) == \
+            stored.cost_nanos, agent
+        assert summed(metrics["ccmon_tokens_total"], agent=agent, type="input") == stored.input, agent
+        assert summed(metrics["ccmon_requests_total"], agent=agent) == stored.requests, agent
+    assert metrics["ccmon_model_info"] == {(("agent", "claude-code"), ("model", "model-0")): "1",
+                                           (("agent", "(other)"), ("model", "(other)")): "1"}
     store.close()
 
 
@@ -5979,15 +6014,22 @@ def test_a_real_prometheus_scrapes_the_exact_totals(prometheus, tmp_path):
         by_user = value("sum by (user, project) (ccmon_cost_usd_total)")
         assert by_user == {(("project", "alpha"), ("user", "ana@example.com")): "1.75",
                            (("project", "p" * 99 + "…"), ("user", HOSTILE_USER)): "0.125"}
-        # Figures by agent: the counters joined with ccmon_model_info on model
+        # Figures by agent: the counters' agent label, as GetStats answers for one agent (and the join with
+        # ccmon_model_info on model that queries written before the label use still agrees)
         srv.logs_stub().Export(agent_logs_request([codex_response(now, "c-1")], {"service.name": "codex_exec"}),
                                metadata=tuple(metadata.items()))
-        codex = srv.query().GetModelStats(ccmon_pb2.GetModelStatsRequest(), metadata=tuple(metadata.items()))
-        codex_cost = sum(m.cost.amount for m in codex.models if m.agent == "codex")
-        by_agent = "sum by (agent) (ccmon_cost_usd_total * on (model) group_left (agent) ccmon_model_info)"
+        codex = srv.query().GetStats(ccmon_pb2.GetStatsRequest(agent="codex"), metadata=tuple(metadata.items())).stats
+        by_agent = "sum by (agent) (ccmon_cost_usd_total)"
         wait_until(lambda: len(value(by_agent)) == 2, "the scrape after Codex's export", 60)
-        assert value(by_agent) == {(("agent", "claude-code"),): "1.875", (("agent", "codex"),): repr(codex_cost)} \
-            and codex_cost > 0
+        assert value(by_agent) == {(("agent", "claude-code"),): "1.875",
+                                   (("agent", "codex"),): repr(codex.total_cost.amount)} \
+            == value("sum by (agent) (ccmon_cost_usd_total * on (model) group_left (agent) ccmon_model_info)")
+        assert codex.total_cost.amount > 0 and codex.total_requests == 1
+        assert value("sum by (agent) (ccmon_requests_total)") == {(("agent", "claude-code"),): "3",
+                                                                  (("agent", "codex"),): "1"}
+        assert value('sum by (type) (ccmon_tokens_total{agent="codex"})') == {
+            (("type", kind),): str(getattr(codex.total_tokens, kind))
+            for kind in ("input", "output", "cache_read", "cache_creation")}
         _, exposed = web(srv.http_port, "/metrics", headers={"Authorization": f"Bearer {token}"})
         check = subprocess.run([prometheus[1], "check", "metrics"], input=exposed, capture_output=True, timeout=60)
         assert (check.returncode, check.stdout, check.stderr) == (0, b"", b"")
