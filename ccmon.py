@@ -7635,7 +7635,7 @@ DASHBOARD_FILES = {"/": ("dashboard.html", "text/html; charset=utf-8"),
                    "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
 DASHBOARD_ROWS = 50       # the newest requests and sessions the dashboard lists
 DASHBOARD_SLOTS = 4       # dashboard answers computed at once; more are told to ask again (as QUERY_SLOTS)
-DASHBOARD_PARAMETERS = ("period", "user", "project", "tz")
+DASHBOARD_PARAMETERS = ("period", "user", "project", "agent", "tz")
 SESSION_COOKIE = "ccmon_session"
 SESSION_S = 30 * 86400    # how long a sign-in lasts
 NO_STORE = ("Cache-Control", "no-store")
@@ -7652,6 +7652,24 @@ def window_reading(claude: ClaudeLimits, name: str, now: int) -> WindowReading |
     """The five_hour or seven_day window as last read, while it has not reset."""
     window = claude.window(name, now)
     return WindowReading(window, claude.read_ms(name)) if window else None
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentUsage:
+    """An agent's usage in a period, and how many of its models had some."""
+    agent: str
+    usage: Usage
+    models: int
+
+
+def usage_of_agents(models: Iterable[ModelUsage]) -> list[AgentUsage]:
+    """Each agent's usage, from its models' (an agent's usage is its models', as the agent filter reads it), highest
+    cost first, then in AGENTS' order."""
+    used: dict[str, list[Usage]] = {}
+    for model in models:
+        used.setdefault(model.agent, []).append(model.usage)
+    return sorted((AgentUsage(agent, sum(usages, Usage()), len(usages)) for agent, usages in used.items()),
+                  key=lambda a: (-a.usage.cost_nanos, (AGENTS + (a.agent,)).index(a.agent)))
 
 
 def moment_text(ms: int, now: int, zone: ZoneInfo) -> str:
@@ -7699,6 +7717,7 @@ class DashboardQuery:
     user: str | None
     project: str | None
     zone: ZoneInfo
+    agent: str | None = None  # one of AGENTS: its models' usage only, as the QueryService's agent filter
 
 
 def dashboard_query(query: str, default_zone: ZoneInfo) -> DashboardQuery:
@@ -7715,7 +7734,10 @@ def dashboard_query(query: str, default_zone: ZoneInfo) -> DashboardQuery:
     zone = zone_or_none(given["tz"]) if given.get("tz") else default_zone
     if zone is None:
         raise ValueError(f"unknown timezone {given['tz'][:100]!r}")
-    return DashboardQuery(period, given.get("user") or None, given.get("project") or None, zone)
+    agent = given.get("agent") or None
+    if agent is not None and agent not in AGENTS:
+        raise ValueError(unknown_agent(agent))
+    return DashboardQuery(period, given.get("user") or None, given.get("project") or None, zone, agent)
 
 
 def dashboard_period(reader: Reader, query: DashboardQuery, now: int) -> tuple[int, int]:
@@ -7730,29 +7752,31 @@ def dashboard_period(reader: Reader, query: DashboardQuery, now: int) -> tuple[i
 
 def dashboard(reader: Reader, query: DashboardQuery, now: int) -> dict[str, Any]:
     """Everything the page shows, as JSON values: today's, this week's (from Monday) and this month's usage, the
-    period's, every user's latest reading of Claude's windows, the last 30 days, the period by user, model and
-    project, its newest requests and sessions."""
-    user, project, zone = query.user, query.project, query.zone
+    period's, every user's latest reading of Claude's windows (and of other agents' own plans'), the last 30 days,
+    the period by user, model, agent and project, its newest requests and sessions; all of one agent's when asked."""
+    user, project, agent, zone = query.user, query.project, query.agent, query.zone
     start, end = dashboard_period(reader, query, now)
     midnight, month_start, _ = day_and_month_start(now, zone)
     today = dt.datetime.fromtimestamp(now / 1000, zone).date()
     monday = ms_from_datetime(dt.datetime.combine(today - dt.timedelta(days=today.weekday()), dt.time(), zone))
 
     def usage(lo: int, hi: int) -> Split:
-        return reader.split(reader.usage(lo, hi, user=user, project=project))
+        return reader.split(reader.usage(lo, hi, user=user, project=project, agent=agent))
 
-    limits = [{"user": name, "of": LIMITS_OF[agent],  # Claude's limits, then other agents' own plans' (Codex's)
+    limits = [{"user": name, "of": LIMITS_OF[whose],  # Claude's limits, then other agents' own plans' (Codex's)
                **{window: window_reading(claude, window, now) for window in ("five_hour", "seven_day")}}
-              for agent in AGENTS for name, claude in reader.live_limits(now, agent).items()
+              for whose in AGENTS if agent in (None, whose) for name, claude in reader.live_limits(now, whose).items()
               if user is None or name == user]
+    models = reader.models(start, end, user, project, agent)
     figures = {"today": usage(midnight, now), "week": usage(monday, now), "month": usage(month_start, now),
                "period_usage": usage(start, end), "limits": limits,
-               "days": reader.days(zone, None, now, user, project)[::-1],  # oldest first, as the chart draws them
-               "users": reader.users(start, end, project), "models": reader.models(start, end, user, project),
-               "projects": reader.projects(start, end, user),
-               "requests": reader.requests_page(start, end, DASHBOARD_ROWS, 0, False, user, project),
-               "sessions": reader.sessions(start, end, user, DASHBOARD_ROWS, project=project)}
+               "days": reader.days(zone, None, now, user, project, agent)[::-1],  # oldest first, as the chart draws
+               "users": reader.users(start, end, project, agent), "models": models,
+               "agents": usage_of_agents(models), "projects": reader.projects(start, end, user, agent=agent),
+               "requests": reader.requests_page(start, end, DASHBOARD_ROWS, 0, False, user, project, agent),
+               "sessions": reader.sessions(start, end, user, DASHBOARD_ROWS, project=project, agent=agent)}
     return {"version": VERSION, "now_ms": now, "timezone": zone.key, "user": user, "project": project,
+            "agent": agent, "agent_names": list(AGENTS),
             "period": {"key": query.period, "name": PERIODS[query.period][0], "start_ms": start, "end_ms": end},
             "periods": [{"key": key, "name": name} for key, (name, _) in PERIODS.items()],
             "stored_requests": reader.totals().requests, **web_json(figures, now, zone)}

@@ -5064,6 +5064,71 @@ def test_dashboard_api_figures_are_the_query_services_exactly(server):
     client.close()
 
 
+def seed_codex_call(srv: ServerProcess, now: int) -> None:
+    """One call of Codex's from its history (gpt-5.5, 1000 tokens in and 200 out, priced as `ccmon import` does) in
+    ana's folder web-app, a minute ago, with a reading of Codex's own 5-hour limit."""
+    session = "01a2419c-f77d-7560-a635-0779905e56e1"
+    srv.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(
+        requests=[ccmon_pb2.ImportedRequest(session_id=session, timestamp_ms=now - 60_000, model="gpt-5.5",
+                                            input_tokens=1000, output_tokens=200, cost_nanos=11_000_000,
+                                            estimated=True, agent="codex", project_dir="/home/ana/web-app")],
+        user="ana@example.com", readings=[ccmon.reading_message(ccmon.LimitReading(
+            session, now - 60_000, five_hour=ccmon.LimitWindow(12.5, now + 3600_000), agent=ccmon.CODEX))]))
+
+
+def test_dashboard_api_keeps_one_agents_figures_and_breaks_the_period_down_by_agent(server):
+    """?agent= keeps that agent's usage in every figure, exactly as the QueryService's agent filter does; the
+    period's usage by agent adds up to the whole; the requests name their agent; limits are the agent's plan's."""
+    seed_web_team(server)
+    seed_codex_call(server, ccmon.now_ms())
+    client = ccmon.Client(server.target)
+    whole = dashboard_api(server.http_port, "?period=d&tz=UTC")
+    assert (whole["agent"], whole["agent_names"]) == (None, ["claude-code", "gemini-cli", "codex", "qwen-code"])
+    assert [(a["agent"], a["models"], usage_figures(a["usage"]), a["usage"]["text"]["cost"])
+            for a in whole["agents"]] == [
+        ("claude-code", 3, (3, 2010, 2483, 15000, 2200, 1_313_225_000), "$1.31"),
+        ("codex", 1, (1, 1000, 200, 0, 0, 11_000_000), "$0.0110")]  # 1000 * $5 + 200 * $30 per million
+    assert sum((ccmon.Usage(**{k: a["usage"][k] for k in USAGE_KEYS}) for a in whole["agents"]), ccmon.Usage()) \
+        == ccmon.Usage(**{k: whole["period_usage"]["total"][k] for k in USAGE_KEYS})
+    assert [r["agent"] for r in whole["requests"]] == ["codex", "claude-code", "claude-code", "claude-code"]
+    assert [(entry["of"], entry["user"]) for entry in whole["limits"]] == [("Claude", "ana@example.com"),
+                                                                          ("Codex", "ana@example.com")]
+    for agent, project in (("codex", None), ("claude-code", None), ("codex", "web-app"), ("gemini-cli", None)):
+        data = dashboard_api(server.http_port, f"?period=d&tz=UTC&agent={agent}" +
+                             (f"&project={project}" if project else ""))
+        now, (start, end) = data["now_ms"], (data["period"]["start_ms"], data["period"]["end_ms"])
+        assert (data["agent"], data["project"]) == (agent, project)
+        midnight, month_start, _ = ccmon.day_and_month_start(now, ccmon.ZoneInfo("UTC"))
+        for key, lo in (("today", midnight), ("month", month_start), ("period_usage", start)):
+            assert split_figures(data[key]) == split_figures(client.stats(lo, now, None, project, agent)), key
+        assert [(day["date"], split_figures(day["split"])) for day in data["days"]] == \
+            [(day.date, split_figures(day.split)) for day in client.days(None, now, "UTC", None, project, agent)[::-1]]
+        assert [(u["user"], u["sessions"], split_figures(u["split"])) for u in data["users"]] == \
+            [(u.user, u.sessions, split_figures(u.split)) for u in client.users(start, end, project, agent)]
+        assert [(m["model"], m["agent"], usage_figures(m["usage"])) for m in data["models"]] == \
+            [(m.model, m.agent, usage_figures(m.usage)) for m in client.models(start, end, None, project, agent)]
+        assert [(p["project"], p["sessions"], split_figures(p["split"])) for p in data["projects"]] == \
+            [(p.project, p.sessions, split_figures(p.split)) for p in client.projects(start, end, None, None, agent)]
+        page = client.api_requests(start, end, 50, 0, False, None, project, agent)
+        assert [(r["ts_ms"], r["agent"], usage_figures(r["usage"])) for r in data["requests"]] == \
+            [(r.ts_ms, r.agent, usage_figures(r.usage)) for r in page.requests]
+        assert [(s["session_id"], s["agent"], split_figures(s["split"])) for s in data["sessions"]] == \
+            [(s.session_id, s.agent, split_figures(s.split)) for s in client.sessions(start, end, None, 50, project,
+                                                                                       agent)]
+        assert [(a["agent"], usage_figures(a["usage"])) for a in data["agents"]] == \
+            [(a["agent"], usage_figures(a["usage"])) for a in whole["agents"] if a["agent"] == agent]
+        assert {entry["of"] for entry in data["limits"]} <= {ccmon.LIMITS_OF[agent]}
+    codex = dashboard_api(server.http_port, "?period=d&tz=UTC&agent=codex")
+    assert (usage_figures(codex["period_usage"]["total"]), [r["agent"] for r in codex["requests"]],
+            [(s["agent"], s["project"]) for s in codex["sessions"]], [e["of"] for e in codex["limits"]]) == \
+        ((1, 1000, 200, 0, 0, 11_000_000), ["codex"], [("codex", "/home/ana/web-app")], ["Codex"])
+    gemini = dashboard_api(server.http_port, "?period=d&tz=UTC&agent=gemini-cli")
+    assert (gemini["period_usage"]["total"]["requests"], gemini["agents"], gemini["requests"], gemini["limits"]) == \
+        (0, [], [], [])
+    assert dashboard_api(server.http_port, "?period=d&tz=UTC&agent=")["agent"] is None  # the page's "every agent"
+    client.close()
+
+
 def test_dashboard_pages_headers_methods_and_bad_requests(server):
     page, html = web(server.http_port, "/")
     assert (page.status, page.getheader("Content-Type")) == (200, "text/html; charset=utf-8")
@@ -5108,7 +5173,9 @@ def test_dashboard_pages_headers_methods_and_bad_requests(server):
     bad = [("?period=x", "period 'x' is none of h, d, w, m, a, b (last hour, last 24 hours, last 7 days, last 30 days, "
                          "all time, current block)"),
            ("?tz=Mars/Olympus", "unknown timezone 'Mars/Olympus'"),
-           ("?colour=red", "unknown parameter 'colour'; use period, user, project, tz")]
+           ("?colour=red", "unknown parameter 'colour'; use period, user, project, agent, tz"),
+           ("?agent=cursor", "unknown agent 'cursor' (known: claude-code, gemini-cli, codex, qwen-code)"),
+           ("?agent=Codex", "unknown agent 'Codex' (known: claude-code, gemini-cli, codex, qwen-code)")]
     for query, message in bad:
         response, data = web(server.http_port, "/api/dashboard" + query)
         assert (response.status, json.loads(data)) == (400, {"error": message})
@@ -5316,7 +5383,13 @@ def test_dashboard_in_chromium_shows_the_servers_figures_exactly(server, chromiu
          ccmon.format_count(m.usage.output), ccmon.format_count(m.usage.cache), ccmon.format_count(m.usage.total),
          ccmon.format_cost(m.usage.cost_nanos)] for m in client.models(now - 86400_000, now)]
     assert [row[0] for row in document.tables["projects"][1:]] == ["web-app", "api"]
-    assert [row[6] for row in document.tables["requests"][1:]] == ["$1.25", "$0.0010", "$0.0623"]
+    assert [row[7] for row in document.tables["requests"][1:]] == ["$1.25", "$0.0010", "$0.0623"]
+    assert {row[2] for row in document.tables["requests"][1:]} == {"claude-code"}
+    claude = client.stats(now - 86400_000, now, agent="claude-code").total
+    assert document.tables["agents"][1:] == [["claude-code", "3", ccmon.format_count(claude.requests),
+                                              ccmon.format_count(claude.input), ccmon.format_count(claude.output),
+                                              ccmon.format_count(claude.cache), ccmon.format_count(claude.total),
+                                              ccmon.format_cost(claude.cost_nanos)]]
     (limits,) = document.tables["limits"][1:]
     assert limits[:2] == ["ana@example.com", "Claude"] and limits[2].startswith("21%, resets ")
     assert limits[3] == "just now" and limits[4].startswith("63%, resets ")
@@ -5458,6 +5531,38 @@ def test_dashboard_in_chromium_signs_in_filters_and_says_when_the_server_is_gone
             srv.stop()
 
 
+@e2e
+def test_dashboard_in_chromium_chooses_an_agent_and_shows_usage_by_agent(server, chromium, tmp_path):
+    """The agent selector offers every agent ccmon knows; choosing one keeps its figures everywhere and puts it in
+    the address; the By agent table and the requests' Agent column name each agent's usage."""
+    seed_web_team(server)
+    seed_codex_call(server, ccmon.now_ms())
+    browser = DevTools(chromium, tmp_path)
+    try:
+        browser.open(f"http://127.0.0.1:{server.http_port}/?period=d")
+        browser.wait_for("document.getElementById('status').textContent.startsWith('updated ')")
+        assert browser.value("[...document.getElementById('agent').options].map((o) => [o.value, o.textContent])") \
+            == [["", "every agent"], ["claude-code", "claude-code"], ["gemini-cli", "gemini-cli"], ["codex", "codex"],
+                ["qwen-code", "qwen-code"]]
+        rows = "[...document.querySelectorAll('#{} tbody tr')].map((row) => [...row.cells].map((c) => c.textContent))"
+        assert browser.value(rows.format("agents")) == [
+            ["claude-code", "3", "3", "2.01K", "2.48K", "17.2K", "21.7K", "$1.31"],
+            ["codex", "1", "1", "1.00K", "200", "0", "1.20K", "$0.0110"]]
+        assert [row[2] for row in browser.value(rows.format("requests"))] == \
+            ["codex", "claude-code", "claude-code", "claude-code"]
+        browser.value("const select = document.getElementById('agent'); select.value = 'codex'; "
+                      "select.dispatchEvent(new Event('change'))")
+        browser.wait_for("document.getElementById('period-cost').textContent === '$0.0110'")
+        assert (browser.value("location.search"), browser.value("document.getElementById('agent').value")) == \
+            ("?period=d&agent=codex", "codex")
+        assert [row[0] for row in browser.value(rows.format("agents"))] == ["codex"]
+        assert [row[2] for row in browser.value(rows.format("requests"))] == ["codex"]
+        assert [row[:2] for row in browser.value(rows.format("limits"))] == [["ana@example.com", "Codex"]]
+        assert [row[0] for row in browser.value(rows.format("models"))] == ["gpt-5.5"]
+    finally:
+        browser.close()
+
+
 XSS = {"user": "<img src=x onerror=\"document.title='pwned-user'\">",
        "project": "</script><script>document.title='pwned-project'</script>",
        "model": "\"><svg onload=\"document.title='pwned-model'\"><b>claude</b>",
@@ -5480,7 +5585,7 @@ def test_dashboard_in_chromium_shows_names_from_telemetry_as_text_and_runs_nothi
     assert document.tables["users"][1][0] == XSS["user"]
     assert document.tables["projects"][1][0] == XSS["project"]
     assert document.tables["models"][1][0] == XSS["model"]
-    assert document.tables["requests"][1][1] == XSS["model"] and document.tables["requests"][1][8] == XSS["session"]
+    assert document.tables["requests"][1][1] == XSS["model"] and document.tables["requests"][1][9] == XSS["session"]
     assert document.tables["sessions"][1][1:3] == [XSS["user"], XSS["project"]]
     options = [attributes.get("value") for name, attributes in document.tags if name == "option"]
     assert XSS["user"] in options and XSS["project"] in options  # the filters' values, as they are
