@@ -5514,8 +5514,10 @@ def test_dashboard_in_chromium_signs_in_filters_and_says_when_the_server_is_gone
         assert browser.value("[document.body.dataset.view, location.pathname]") == ["dashboard", "/"]
         assert browser.value("document.cookie") == ""  # HttpOnly: no script on the page can read the sign-in
         browser.wait_for("document.getElementById('status').textContent.startsWith('updated ')")
+        midnight = ccmon.day_and_month_start(ccmon.now_ms(), ccmon.ZoneInfo("UTC"))[0]
+        today = "$0.7500" if ccmon.parse_iso_ms(events[1][1]["event.timestamp"]) >= midnight else "$0.5000"
         assert (browser.text("today-cost"), browser.text("period-name"), browser.text("period-cost")) == \
-            ("$0.7500", "All time", "$0.7500")  # the sign-in leads to /: the monitor's default period
+            (today, "All time", "$0.7500")  # the sign-in leads to /: the monitor's default period (today: UTC's)
         browser.value("const select = document.getElementById('period'); select.value = 'h'; "
                       "select.dispatchEvent(new Event('change'))")
         browser.wait_for("document.getElementById('period-name').textContent === 'Last hour'")
