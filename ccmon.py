@@ -7958,8 +7958,9 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # the text exposit
 # first saw them in (it never changes, so a series never leaves its label); the others are summed under OTHER_LABEL.
 METRICS_LABELS = {"user": 100, "model": 20, "project": 100}
 # How many (user, model, project) series get labels of their own, the first ones by id (the order they first
-# occurred in); later ones are summed under OTHER_LABEL in all three. A counter family holds at most one more per
-# agent: the agent label is the model's, which never changes, so it splits no series and is never OTHER_LABEL.
+# occurred in); later ones are summed under OTHER_LABEL in all three, per agent: a counter family holds at most one
+# more per agent. The agent label is the model's, which never changes once it has usage: it is never OTHER_LABEL,
+# and it splits only what is past the caps.
 METRICS_SERIES = 2000
 OTHER_LABEL = "(other)"
 LABEL_MAX = 100  # characters of a label value from telemetry; a longer one is cut, ending in …
