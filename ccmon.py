@@ -715,6 +715,7 @@ class CounterSeries:
     model: str | None
     project: str | None   # '' for sessions without a project
     usage: Usage
+    agent: str = CLAUDE_CODE  # the model's (models.agent), named past the caps too: a model's agent never changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3632,7 +3633,8 @@ class Reader:
         """Every counter series (see CounterSeries), the stored usage per session and model (session_usage) plus
         retired_usage, summed in SQL. Only the first labels[kind] users, models and projects by id, and the first
         most_series series by id (ids follow the order things were first seen in, which never changes) are named;
-        the others are summed as None: all three names None for a series past most_series."""
+        the others are summed as None: all three names None for a series past most_series. Each is summed per agent
+        (its model's, named past the caps too), so that the usage past them still tells agents apart."""
         columns = ", ".join(SERIES_FIGURES)
         sums = ", ".join(f"SUM({c})" for c in SERIES_FIGURES)
         # Summed per series first (a few hundred rows), then named: a name is looked up once per series, not per
@@ -3641,16 +3643,17 @@ class Reader:
             f"WITH t (user, model, project, {columns}) AS ({STORED_SERIES.format(where='')} "
             f"UNION ALL SELECT user, model, project, {columns} FROM retired_usage), "
             f"series (user, model, project, {columns}) AS (SELECT user, model, project, {sums} FROM t GROUP BY 1, 2, 3) "
-            "SELECT CASE WHEN named AND t.user IN (SELECT id FROM users ORDER BY id LIMIT ?) THEN u.name END, "
+            "SELECT a.name, CASE WHEN named AND t.user IN (SELECT id FROM users ORDER BY id LIMIT ?) THEN u.name END, "
             "CASE WHEN named AND t.model IN (SELECT id FROM models ORDER BY id LIMIT ?) THEN m.name END, "
             "CASE WHEN NOT named THEN NULL WHEN t.project = 0 THEN '' "
             "WHEN t.project IN (SELECT id FROM projects ORDER BY id LIMIT ?) "
             f"THEN p.name END, {', '.join(f'SUM(t.{c})' for c in SERIES_FIGURES)} FROM (SELECT series.*, "
             "COALESCE(ms.id <= ?, 0) AS named FROM series LEFT JOIN metric_series ms ON ms.user = series.user "
             "AND ms.model = series.model AND ms.project = series.project) t "
-            "JOIN users u ON u.id = t.user JOIN models m ON m.id = t.model LEFT JOIN projects p ON p.id = t.project "
-            "GROUP BY 1, 2, 3", (labels["user"], labels["model"], labels["project"], most_series)).fetchall()
-        return [CounterSeries(user, model, project, Usage(*sums)) for user, model, project, *sums in rows]
+            "JOIN users u ON u.id = t.user JOIN models m ON m.id = t.model JOIN agents a ON a.id = m.agent "
+            "LEFT JOIN projects p ON p.id = t.project GROUP BY 1, 2, 3, 4",
+            (labels["user"], labels["model"], labels["project"], most_series)).fetchall()
+        return [CounterSeries(user, model, project, Usage(*sums), agent) for agent, user, model, project, *sums in rows]
 
     def first_models(self, most: int) -> list[tuple[str, str]]:
         """The first `most` models by id (those the Prometheus metrics name), each with its agent's name."""
@@ -7646,7 +7649,7 @@ DASHBOARD_FILES = {"/": ("dashboard.html", "text/html; charset=utf-8"),
                    "/dashboard.css": ("dashboard.css", "text/css; charset=utf-8")}
 DASHBOARD_ROWS = 50       # the newest requests and sessions the dashboard lists
 DASHBOARD_SLOTS = 4       # dashboard answers computed at once; more are told to ask again (as QUERY_SLOTS)
-DASHBOARD_PARAMETERS = ("period", "user", "project", "tz")
+DASHBOARD_PARAMETERS = ("period", "user", "project", "agent", "tz")
 SESSION_COOKIE = "ccmon_session"
 SESSION_S = 30 * 86400    # how long a sign-in lasts
 NO_STORE = ("Cache-Control", "no-store")
@@ -7663,6 +7666,24 @@ def window_reading(claude: ClaudeLimits, name: str, now: int) -> WindowReading |
     """The five_hour or seven_day window as last read, while it has not reset."""
     window = claude.window(name, now)
     return WindowReading(window, claude.read_ms(name)) if window else None
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentUsage:
+    """An agent's usage in a period, and how many of its models had some."""
+    agent: str
+    usage: Usage
+    models: int
+
+
+def usage_of_agents(models: Iterable[ModelUsage]) -> list[AgentUsage]:
+    """Each agent's usage, from its models' (an agent's usage is its models', as the agent filter reads it), highest
+    cost first, then in AGENTS' order."""
+    used: dict[str, list[Usage]] = {}
+    for model in models:
+        used.setdefault(model.agent, []).append(model.usage)
+    return sorted((AgentUsage(agent, sum(usages, Usage()), len(usages)) for agent, usages in used.items()),
+                  key=lambda a: (-a.usage.cost_nanos, (AGENTS + (a.agent,)).index(a.agent)))
 
 
 def moment_text(ms: int, now: int, zone: ZoneInfo) -> str:
@@ -7710,6 +7731,7 @@ class DashboardQuery:
     user: str | None
     project: str | None
     zone: ZoneInfo
+    agent: str | None = None  # one of AGENTS: its models' usage only, as the QueryService's agent filter
 
 
 def dashboard_query(query: str, default_zone: ZoneInfo) -> DashboardQuery:
@@ -7726,7 +7748,10 @@ def dashboard_query(query: str, default_zone: ZoneInfo) -> DashboardQuery:
     zone = zone_or_none(given["tz"]) if given.get("tz") else default_zone
     if zone is None:
         raise ValueError(f"unknown timezone {given['tz'][:100]!r}")
-    return DashboardQuery(period, given.get("user") or None, given.get("project") or None, zone)
+    agent = given.get("agent") or None
+    if agent is not None and agent not in AGENTS:
+        raise ValueError(unknown_agent(agent))
+    return DashboardQuery(period, given.get("user") or None, given.get("project") or None, zone, agent)
 
 
 def dashboard_period(reader: Reader, query: DashboardQuery, now: int) -> tuple[int, int]:
@@ -7741,29 +7766,31 @@ def dashboard_period(reader: Reader, query: DashboardQuery, now: int) -> tuple[i
 
 def dashboard(reader: Reader, query: DashboardQuery, now: int) -> dict[str, Any]:
     """Everything the page shows, as JSON values: today's, this week's (from Monday) and this month's usage, the
-    period's, every user's latest reading of Claude's windows, the last 30 days, the period by user, model and
-    project, its newest requests and sessions."""
-    user, project, zone = query.user, query.project, query.zone
+    period's, every user's latest reading of Claude's windows (and of other agents' own plans'), the last 30 days,
+    the period by user, model, agent and project, its newest requests and sessions; all of one agent's when asked."""
+    user, project, agent, zone = query.user, query.project, query.agent, query.zone
     start, end = dashboard_period(reader, query, now)
     midnight, month_start, _ = day_and_month_start(now, zone)
     today = dt.datetime.fromtimestamp(now / 1000, zone).date()
     monday = ms_from_datetime(dt.datetime.combine(today - dt.timedelta(days=today.weekday()), dt.time(), zone))
 
     def usage(lo: int, hi: int) -> Split:
-        return reader.split(reader.usage(lo, hi, user=user, project=project))
+        return reader.split(reader.usage(lo, hi, user=user, project=project, agent=agent))
 
-    limits = [{"user": name, "of": LIMITS_OF[agent],  # Claude's limits, then other agents' own plans' (Codex's)
+    limits = [{"user": name, "of": LIMITS_OF[whose],  # Claude's limits, then other agents' own plans' (Codex's)
                **{window: window_reading(claude, window, now) for window in ("five_hour", "seven_day")}}
-              for agent in AGENTS for name, claude in reader.live_limits(now, agent).items()
+              for whose in AGENTS if agent in (None, whose) for name, claude in reader.live_limits(now, whose).items()
               if user is None or name == user]
+    models = reader.models(start, end, user, project, agent)
     figures = {"today": usage(midnight, now), "week": usage(monday, now), "month": usage(month_start, now),
                "period_usage": usage(start, end), "limits": limits,
-               "days": reader.days(zone, None, now, user, project)[::-1],  # oldest first, as the chart draws them
-               "users": reader.users(start, end, project), "models": reader.models(start, end, user, project),
-               "projects": reader.projects(start, end, user),
-               "requests": reader.requests_page(start, end, DASHBOARD_ROWS, 0, False, user, project),
-               "sessions": reader.sessions(start, end, user, DASHBOARD_ROWS, project=project)}
+               "days": reader.days(zone, None, now, user, project, agent)[::-1],  # oldest first, as the chart draws
+               "users": reader.users(start, end, project, agent), "models": models,
+               "agents": usage_of_agents(models), "projects": reader.projects(start, end, user, agent=agent),
+               "requests": reader.requests_page(start, end, DASHBOARD_ROWS, 0, False, user, project, agent),
+               "sessions": reader.sessions(start, end, user, DASHBOARD_ROWS, project=project, agent=agent)}
     return {"version": VERSION, "now_ms": now, "timezone": zone.key, "user": user, "project": project,
+            "agent": agent, "agent_names": list(AGENTS),
             "period": {"key": query.period, "name": PERIODS[query.period][0], "start_ms": start, "end_ms": end},
             "periods": [{"key": key, "name": name} for key, (name, _) in PERIODS.items()],
             "stored_requests": reader.totals().requests, **web_json(figures, now, zone)}
@@ -7945,7 +7972,9 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # the text exposit
 # first saw them in (it never changes, so a series never leaves its label); the others are summed under OTHER_LABEL.
 METRICS_LABELS = {"user": 100, "model": 20, "project": 100}
 # How many (user, model, project) series get labels of their own, the first ones by id (the order they first
-# occurred in); later ones are summed under OTHER_LABEL in all three. A counter family holds at most one more.
+# occurred in); later ones are summed under OTHER_LABEL in all three, per agent: a counter family holds at most one
+# more per agent. The agent label is the model's, which never changes once it has usage: it is never OTHER_LABEL,
+# and it splits only what is past the caps.
 METRICS_SERIES = 2000
 OTHER_LABEL = "(other)"
 LABEL_MAX = 100  # characters of a label value from telemetry; a longer one is cut, ending in …
@@ -7992,12 +8021,12 @@ def exposition(series: list[CounterSeries], limits: dict[str, ClaudeLimits], rec
                models: list[tuple[str, str]], plans: dict[tuple[str, str], ClaudeLimits], now: int) -> str:
     """The metrics in Prometheus's text format. Series whose label values end up the same (cut to the same
     text, or a user named like OTHER_LABEL) are summed: each sum of counters still only goes up."""
-    merged: dict[tuple[str, str, str], Usage] = {}
+    merged: dict[tuple[str, str, str, str], Usage] = {}
     for one in series:
-        key = (label_value(one.user), label_value(one.model), label_value(one.project))
+        key = (label_value(one.user), label_value(one.model), label_value(one.project), label_value(one.agent))
         merged[key] = merged.get(key, Usage()) + one.usage
-    labelled = [({"user": user, "model": model, "project": project}, usage)
-                for (user, model, project), usage in merged.items()]
+    labelled = [({"user": user, "model": model, "project": project, "agent": agent}, usage)
+                for (user, model, project, agent), usage in merged.items()]
     lines = metric_family("ccmon_requests_total", "counter", "API requests stored, ever (retention does not lower it).",
                           [(labels, str(usage.requests)) for labels, usage in labelled])
     lines += metric_family("ccmon_tokens_total", "counter", "Tokens by type, ever (retention does not lower it).",
@@ -8025,8 +8054,8 @@ def exposition(series: list[CounterSeries], limits: dict[str, ClaudeLimits], rec
     for model, agent in models:  # models cut to the same text: one line, of (other) if of two agents
         label = label_value(model)
         agents[label] = agent if agents.get(label, agent) == agent else OTHER_LABEL
-    lines += metric_family("ccmon_model_info", "gauge", "Which agent sends each model the counters name (1): "
-                           "join on model for figures by agent.",
+    lines += metric_family("ccmon_model_info", "gauge", "Which agent sends each model the counters name (1); "
+                           "the counters carry it as their agent label too.",
                            [({"model": model, "agent": agent}, "1") for model, agent in agents.items()])
     lines += metric_family("ccmon_build_info", "gauge", "The ccmon version serving these metrics.",
                            [({"version": label_value(VERSION)}, "1")])

@@ -5,7 +5,7 @@
 
 const POLL_MS = 5000;
 const SVG = "http://www.w3.org/2000/svg";
-const filters = {period: "", user: "", project: ""};
+const filters = {period: "", user: "", project: "", agent: ""};
 let timer = null;
 let lastUpdate = "";
 
@@ -45,10 +45,15 @@ const TABLES = {
            ["Input", (m) => m.usage.text.input, "num opt"], ["Output", (m) => m.usage.text.output, "num opt"],
            ["Cache", (m) => m.usage.text.cache, "num opt"], ["Tokens", (m) => m.usage.text.tokens, "num"],
            ["Cost", (m) => m.usage.text.cost, "num"]],
+  agents: [["Agent", (a) => a.agent, ""], ["Models", (a) => String(a.models), "num opt"],
+           ["Requests", (a) => a.usage.text.requests, "num"], ["Input", (a) => a.usage.text.input, "num opt"],
+           ["Output", (a) => a.usage.text.output, "num opt"], ["Cache", (a) => a.usage.text.cache, "num opt"],
+           ["Tokens", (a) => a.usage.text.tokens, "num"], ["Cost", (a) => a.usage.text.cost, "num"]],
   projects: [["Project", (p) => p.text.name, ""], ["Sessions", (p) => String(p.sessions), "num opt"],
              ["Requests", (p) => p.split.total.text.requests, "num"], ["Tokens", (p) => p.split.total.text.tokens, "num"],
              ["Cost", (p) => p.split.total.text.cost, "num"]],
   requests: [["Time", (r) => r.text.time, ""], ["Model", (r) => r.model, ""],
+             ["Agent", (r) => r.agent || "claude-code", "opt"],
              ["Input", (r) => r.usage.text.input, "num opt"], ["Output", (r) => r.usage.text.output, "num opt"],
              ["Cache", (r) => r.usage.text.cache, "num opt"], ["Tokens", (r) => r.usage.text.tokens, "num"],
              ["Cost", (r) => r.usage.text.cost, "num"], ["Duration", (r) => r.usage.text.duration, "num opt"],
@@ -157,6 +162,7 @@ function render(data) {
   byId("period").value = data.period.key;
   fillSelect("user", data.users.map((u) => u.user), data.users.map((u) => u.text.name), data.user);
   fillSelect("project", data.projects.map((p) => p.project), data.projects.map((p) => p.text.name), data.project);
+  fillSelect("agent", data.agent_names, data.agent_names, data.agent);  // every agent ccmon knows, used or not
   fillCard("today", data.today);
   fillCard("week", data.week);
   fillCard("month", data.month);
@@ -165,6 +171,7 @@ function render(data) {
   drawChart(data.days);
   fillTable("users", data.users, "no usage in this period");
   fillTable("models", data.models, "no usage in this period");
+  fillTable("agents", data.agents, "no usage in this period");
   fillTable("projects", data.projects, "no usage in this period");
   byId("requests-count").textContent = `${data.requests.length} of ${data.period_usage.total.text.requests}`;
   fillTable("requests", data.requests, "no requests in this period");
