@@ -7006,7 +7006,11 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
                                       block_tracked=settings.block_mode is not None)
         claude = limits.claude
     if wanted & CLAUDE_VARIABLES:
-        figures = dataclasses.replace(figures, claude=claude or client.limits(None, now), now_ms=now, zone=config.zone)
+        limits = claude or client.limits(None, now)
+        if agent not in (None, CLAUDE_CODE):  # that agent's own plan's windows (Codex's), where Claude's would be
+            own = next((reading for reading in limits.agents if reading.agent == agent), None)
+            limits = ClaudeLimits(own, own)
+        figures = dataclasses.replace(figures, claude=limits, now_ms=now, zone=config.zone)
     if "session_cost" in wanted:
         latest = client.latest_session() if agent is None else next(  # the agent's newest session of the month
             (SessionUsage(s.session_id, s.split) for s in client.sessions(month_start, now, limit=1, agent=agent)),
@@ -7092,10 +7096,10 @@ def run_quick_query(config: Config, template: str | None, as_json: bool, agent: 
     wanted = set(FORMAT_VARIABLES) if as_json else set(FORMAT_PATTERN.findall(template or ""))
     plans = {"daily_plan_usage", "monthly_plan_usage"}
     withheld = plans if agent not in (None, CLAUDE_CODE) else set()  # of another agent's cost: not Claude's plan's
-    if agent not in (None, CLAUDE_CODE):  # Claude's limits, blocks and plan are Claude Code's, whatever the filter
-        claudes = sorted(wanted & (BLOCK_VARIABLES | CLAUDE_VARIABLES | {"weekly_usage"} | plans))
+    if agent not in (None, CLAUDE_CODE):  # blocks and plan are Claude Code's, whatever the filter; the 5-hour and
+        claudes = sorted(wanted & (BLOCK_VARIABLES | {"weekly_usage"} | plans))  # weekly windows the agent's own
         if claudes and not as_json:
-            raise ConfigError(f"--agent {agent}: {', '.join('@' + name for name in claudes)} are Claude's limits and "
+            raise ConfigError(f"--agent {agent}: {', '.join('@' + name for name in claudes)} are Claude's blocks and "
                               f"plan, of Claude Code's usage alone (leave them out, or use --agent {CLAUDE_CODE})")
         wanted -= set(claudes)
     unknown = sorted(set(re.findall(r"@\w+", FORMAT_PATTERN.sub("", template or ""))))

@@ -2267,7 +2267,8 @@ def test_a_turn_cost_covers_the_responses_from_its_start_to_the_next_prompt(serv
         (200, 4_465_330, ccmon.ORIGIN_EVENT), (300, 7_879_670, ccmon.ORIGIN_EVENT),  # $0.012345 as 11344 : 20018
         (5100, 11_344_000, ccmon.ORIGIN_EVENT_ESTIMATED)]
     assert stats(server).total_cost.amount == pytest.approx(0.012345 + 0.011344, abs=1e-12)
-    [session] = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(start_time=ts(hours_ago(3)))).sessions
+    [session] = server.query().GetSessions(ccmon_pb2.GetSessionsRequest(agent=ccmon.ALL_AGENTS,
+                                                                        start_time=ts(hours_ago(3)))).sessions
     assert (session.source, session.stats.total_requests) == ("events*", 3)  # one request still estimated
 
 
@@ -4468,12 +4469,19 @@ def test_quick_query_format_and_json(server, tmp_path):
 
 
 def test_quick_query_of_one_agent(server, tmp_path):
-    """--agent keeps one agent's cost and tokens in --format and --json (its newest session for @session_cost);
-    Claude's limit figures are refused beside another agent, and --agent without a quick query is said."""
-    just_now = ccmon.iso_from_ms(ccmon.now_ms() - 1000)  # today, in UTC
+    """--agent keeps one agent's cost and tokens in --format and --json (its newest session for @session_cost), and
+    its own plan's 5-hour and weekly windows where Claude's would be (Codex's, as its rollouts said; none of
+    Gemini's); Claude's blocks and plan figures are refused beside another agent, and --agent without a quick query
+    is said."""
+    now = ccmon.now_ms()
+    just_now = ccmon.iso_from_ms(now - 1000)  # today, in UTC
     sdk_export(server.port, [("api_request", api_request(1, just_now, session="s-claude", input_tokens=1000,
                                                          output_tokens=100, cost_usd=0.5))])
     server.logs_stub().Export(agent_logs_request([codex_response(just_now, "c-now")], {"service.name": "codex_exec"}))
+    resets = now + 3600_000
+    server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(readings=[ccmon.reading_message(ccmon.LimitReading(
+        "c-now", now - 2000, five_hour=ccmon.LimitWindow(12.5, resets), seven_day=ccmon.LimitWindow(34.0, now - 1000),
+        agent=ccmon.CODEX))]))  # Codex's week has reset since: no figure
     base = ["--monitor-server", server.target, "--monitor-timezone", "UTC"]
     template = "@daily_cost @monthly_cost @daily_tokens @session_cost"
     lines = {agent: run_ccmon([*base, "--format", template, *(["--agent", agent] if agent else [])], tmp_path)
@@ -4486,12 +4494,18 @@ def test_quick_query_of_one_agent(server, tmp_path):
         "gemini-cli": (0, "$0.00 $0.00 0 $0.00\n", "")}
     figures = json.loads(run_ccmon([*base, "--json", "--agent", "codex"], tmp_path).stdout)
     assert figures == {"agent": "codex", "daily_cost": 0.011344, "monthly_cost": 0.011344, "daily_tokens": 2434,
-                       "monthly_tokens": 2434, "session_id": "c-now",
-                       "session_cost": 0.011344}  # no figure of Claude's limits or plan
+                       "monthly_tokens": 2434, "session_id": "c-now", "session_cost": 0.011344,
+                       "five_hour_percent": 12.5, "five_hour_resets_at": resets // 1000, "seven_day_percent": None,
+                       "seven_day_resets_at": None, "limits_read_at": (now - 2000) // 1000}  # none of Claude's plan
+    utc = ccmon.ZoneInfo("UTC")
+    windows = {agent: run_ccmon([*base, "--format", "5h @five_hour (@five_hour_resets), week @seven_day", "--agent",
+                                 agent], tmp_path).stdout for agent in ("codex", "gemini-cli")}
+    assert windows == {"codex": f"5h 13% ({ccmon.reset_time(resets, ccmon.now_ms(), utc)}), week -\n",
+                       "gemini-cli": "5h - (-), week -\n"}
     for args, message in (
             (["--format", "@daily_cost @five_hour @block_usage @daily_plan_usage", "--agent", "codex"],
-             "ccmon: config error: --agent codex: @block_usage, @daily_plan_usage, @five_hour are Claude's limits and "
-             "plan, of Claude Code's usage alone (leave them out, or use --agent claude-code)\n"),
+             "ccmon: config error: --agent codex: @block_usage, @daily_plan_usage are Claude's blocks and plan, of "
+             "Claude Code's usage alone (leave them out, or use --agent claude-code)\n"),
             (["--agent", "codex"], "ccmon: --agent is for the quick query: give --format or --json (the monitor's g "
                                    "key filters by agent; reports take --agent too) (see ccmon --help)\n"),
             (["--format", "@daily_cost", "--agent", "cursor"], "argument --agent: invalid choice: 'cursor' (choose "
