@@ -6416,6 +6416,24 @@ def fetch_snapshot(client: Client, query: Query) -> Snapshot:
                     tuple(agent for agent in AGENTS if agent in agents))
 
 
+@dataclasses.dataclass(frozen=True)
+class AgentUsage:
+    """An agent's usage in a period, and how many of its models had some."""
+    agent: str
+    usage: Usage
+    models: int
+
+
+def usage_of_agents(models: Iterable[ModelUsage]) -> list[AgentUsage]:
+    """Each agent's usage, from its models' (an agent's usage is its models', as the agent filter reads it), highest
+    cost first, then in AGENTS' order."""
+    used: dict[str, list[Usage]] = {}
+    for model in models:
+        used.setdefault(model.agent, []).append(model.usage)
+    return sorted((AgentUsage(agent, sum(usages, Usage()), len(usages)) for agent, usages in used.items()),
+                  key=lambda a: (-a.usage.cost_nanos, (AGENTS + (a.agent,)).index(a.agent)))
+
+
 # ---------------------------------------------------------------- Text: figures, names and tables, shared by quick query, reports and the monitor
 
 @dataclasses.dataclass(frozen=True)
@@ -7373,12 +7391,9 @@ def project_row(project: str, sessions: int, split: Split) -> dict[str, Any]:
 
 def agent_rows(client: Client, start: int, end: int, user: str | None, project: str | None) -> list[dict[str, Any]]:
     """`ccmon report agent`: each agent's usage in the period, by cost, with how many of its models were used."""
-    models: dict[str, list[ModelUsage]] = {}
-    for model in client.models(start, end, user, project):
-        models.setdefault(model.agent, []).append(model)
-    rows = [{"agent": agent, "models": len(used), **usage_fields(sum((m.usage for m in used), Usage()))}
-            for agent, used in models.items()]
-    return sorted(rows, key=lambda row: (-row["cost_usd"], row["agent"]))
+    rows = [{"agent": one.agent, "models": one.models, **usage_fields(one.usage)}
+            for one in usage_of_agents(client.models(start, end, user, project))]
+    return sorted(rows, key=lambda row: (-row["cost_usd"], row["agent"]))  # a report's ties by name
 
 
 def check_report_agent(kind: str, agent: str | None, chart: str | None) -> None:
@@ -7679,24 +7694,6 @@ def window_reading(claude: ClaudeLimits, name: str, now: int) -> WindowReading |
     """The five_hour or seven_day window as last read, while it has not reset."""
     window = claude.window(name, now)
     return WindowReading(window, claude.read_ms(name)) if window else None
-
-
-@dataclasses.dataclass(frozen=True)
-class AgentUsage:
-    """An agent's usage in a period, and how many of its models had some."""
-    agent: str
-    usage: Usage
-    models: int
-
-
-def usage_of_agents(models: Iterable[ModelUsage]) -> list[AgentUsage]:
-    """Each agent's usage, from its models' (an agent's usage is its models', as the agent filter reads it), highest
-    cost first, then in AGENTS' order."""
-    used: dict[str, list[Usage]] = {}
-    for model in models:
-        used.setdefault(model.agent, []).append(model.usage)
-    return sorted((AgentUsage(agent, sum(usages, Usage()), len(usages)) for agent, usages in used.items()),
-                  key=lambda a: (-a.usage.cost_nanos, (AGENTS + (a.agent,)).index(a.agent)))
 
 
 def moment_text(ms: int, now: int, zone: ZoneInfo) -> str:
