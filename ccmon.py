@@ -9509,7 +9509,8 @@ def run_setup(config: Config, args: argparse.Namespace, environ: dict[str, str],
     elif args.dry_run:
         print(f"nothing written (--dry-run): {path}")
     else:
-        print(f"wrote {path} (before ccmon: {backup}; ccmon setup --undo restores it)")
+        undo = "" if agent == CLAUDE_CODE else f" --agent {agent_names(agent)[1]}"  # the undo of this agent's file
+        print(f"wrote {path} (before ccmon: {backup}; ccmon setup{undo} --undo restores it)")
     return 0
 
 

@@ -10350,8 +10350,9 @@ def agent_file(home: Path, relative: str, content: bytes) -> Path:
     return path
 
 
-def wrote(path: Path) -> str:
-    return f"wrote {path} (before ccmon: {path}.ccmon-backup; ccmon setup --undo restores it)"
+def wrote(path: Path, agent: str) -> str:
+    """What setup --agent says it wrote: the undo named with the agent's word (gemini, qwen, codex)."""
+    return f"wrote {path} (before ccmon: {path}.ccmon-backup; ccmon setup --agent {agent} --undo restores it)"
 
 
 @pytest.mark.parametrize("agent", ["gemini", "qwen"])
@@ -10361,7 +10362,7 @@ def test_setup_agent_writes_the_tools_telemetry_block_and_keeps_every_other_key(
     assert ccmon_setup(capsys, "--agent", agent, "--dry-run") == \
         (0, [*(f"would {line}" for line in AGENT_TELEMETRY_LINES), f"nothing written (--dry-run): {path}"], "")
     assert path.read_bytes() == AGENT_SETTINGS_ORIGINAL and [p.name for p in path.parent.iterdir()] == ["settings.json"]
-    assert ccmon_setup(capsys, "--agent", agent) == (0, [*AGENT_TELEMETRY_LINES, wrote(path)], "")
+    assert ccmon_setup(capsys, "--agent", agent) == (0, [*AGENT_TELEMETRY_LINES, wrote(path, agent)], "")
     written = json.loads(path.read_bytes())
     assert list(written.items()) == [("general", {"enableAutoUpdate": False}),
                                      ("privacy", {"usageStatisticsEnabled": False}),
@@ -10381,7 +10382,7 @@ def test_setup_agent_writes_the_tools_telemetry_block_and_keeps_every_other_key(
 def test_setup_agent_creates_the_tools_settings_and_undo_removes_them(setup_home, capsys, agent):
     path = setup_home / AGENT_SETTINGS[agent.split("-")[0]][0]
     assert ccmon_setup(capsys, "--agent", agent) == (0, ["set telemetry.enabled = true", *AGENT_TELEMETRY_LINES[1:4],
-                                                         wrote(path)], "")
+                                                         wrote(path, agent.split("-")[0])], "")
     assert json.loads(path.read_bytes()) == {"telemetry": AGENT_TELEMETRY}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert ccmon_setup(capsys, "--agent", agent, "--undo") == \
@@ -10426,7 +10427,7 @@ def test_setup_agent_codex_writes_its_otel_exporters_and_keeps_every_other_line(
     assert ccmon_setup(capsys, "--agent", "codex", "--dry-run") == \
         (0, [f"would {line}" for line in lines] + [f"nothing written (--dry-run): {path}"], "")
     assert path.read_bytes() == CODEX_ORIGINAL and [p.name for p in path.parent.iterdir()] == ["config.toml"]
-    assert ccmon_setup(capsys, "--agent", "codex") == (0, [*lines, wrote(path)], "")
+    assert ccmon_setup(capsys, "--agent", "codex") == (0, [*lines, wrote(path, "codex")], "")
     assert path.read_text() == CODEX_ORIGINAL.decode().replace(
         'exporter = "none"\n# metrics went to another collector\n[otel.metrics_exporter.otlp-http]\n'
         'endpoint = "https://collector.example/v1/metrics"\nprotocol = "binary"\n',
@@ -10496,7 +10497,7 @@ def test_setup_agent_with_a_token_writes_it_where_the_tool_takes_headers(setup_h
     assert (code, err) == (0, "") and tomllib.loads(path.read_text()) == \
         {"otel": {"exporter": exporter, "metrics_exporter": exporter}}
     text = '{ otlp-grpc = { endpoint = "https://team-box:4317", headers = { authorization = "Bearer <token>" } } }'
-    assert lines == [f"set otel.exporter = {text}", f"set otel.metrics_exporter = {text}", wrote(path)]
+    assert lines == [f"set otel.exporter = {text}", f"set otel.metrics_exporter = {text}", wrote(path, "codex")]
     for agent, command in (("gemini", "gemini"), ("qwen", "qwen")):
         relative, tool = AGENT_SETTINGS[agent]
         code, lines, err = ccmon_setup(capsys, "--agent", agent, *token)
