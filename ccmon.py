@@ -348,6 +348,11 @@ CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE = "claude-code", "gemini-cli", "codex"
 AGENTS = (CLAUDE_CODE, GEMINI_CLI, CODEX, QWEN_CODE)
 
 
+def agent_names(agent: str) -> tuple[str, str]:
+    """An agent's name whole, or its first word: claude-code, claude."""
+    return agent, agent.split("-")[0]
+
+
 def unknown_agent(name: str) -> str:
     """What is said of an agent name ccmon does not know."""
     return f"unknown agent {name[:100]!r} (known: {', '.join(AGENTS)})"
@@ -10059,11 +10064,6 @@ def table_lines(columns: list[Column], rows: list[tuple[list[Cell], str]], width
 def model_names(model: str) -> tuple[str, str, str]:
     """A model's name from longest to shortest: claude-sonnet-4-5-20250929, claude-sonnet-4-5, sonnet-4-5."""
     return model, short_model(model), short_model(model).removeprefix("claude-")
-
-
-def agent_names(agent: str) -> tuple[str, str]:
-    """An agent's name whole, or its first word: claude-code, claude."""
-    return agent, agent.split("-")[0]
 
 
 def session_names(session_id: str) -> tuple[str, str]:
