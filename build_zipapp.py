@@ -47,8 +47,10 @@ DROP_DIST_INFO = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}  # vary
 # interpreter ccmon cannot run on still gets as far as the one-line refusal.
 BOOTSTRAP = '''\
 """ccmon.pyz bootstrap: check that this Python fits, unpack once into a per-user cache keyed by the archive's
-content hash (removing all but the two newest builds there), then run ccmon."""
-import os, re, shutil, stat, sys, tempfile, zipfile
+content hash (removing all but the two newest builds there), then run ccmon. Claude Code's status line may be
+answered before any of that, by the quick route (quick_status_line). Modules are imported where they are used: the
+quick route's whole time is a status line's."""
+import os, sys
 
 VERSION = {version!r}
 BUILD_ID = {build_id!r}
@@ -82,11 +84,13 @@ def this_python():
 def cache_roots():
     xdg = os.environ.get("XDG_CACHE_HOME")
     yield os.path.join(xdg or os.path.join(os.path.expanduser("~"), ".cache"), "ccmon")
+    import tempfile
     yield os.path.join(tempfile.gettempdir(), "ccmon-%s" % (os.getuid() if hasattr(os, "getuid") else "user"))
 
 
 def private_folder(root):
     """Create root, or accept it only if it is ours and nobody else can write to it: code is imported from it."""
+    import stat
     os.makedirs(root, mode=0o700, exist_ok=True)
     info = os.lstat(root)
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
@@ -99,6 +103,7 @@ def remove_old_builds(root):
     """Keep the two newest unpacked builds, so a server still running the previous one keeps its files.
 
     Only folders named like a build id are ours to remove, never the one in use; cleanup never fails the run."""
+    import re, shutil
     try:
         builds = [name for name in os.listdir(root) if re.match(r"[0-9a-f]{{16}}$", name)]
         builds.sort(key=lambda name: os.path.getmtime(os.path.join(root, name)), reverse=True)
@@ -120,6 +125,7 @@ def compile_bytecode(folder):
 
 def unpack(archive, version):
     """The folder holding this build for this Python version (root/BUILD_ID/cp312), unpacked on first use."""
+    import shutil, tempfile, zipfile
     problems = []
     for root in cache_roots():
         target = os.path.join(root, BUILD_ID, version)
@@ -159,6 +165,124 @@ def unpack(archive, version):
              "folder of your own" % "; ".join(problems))
 
 
+ROUTES = "status-line-routes.json"  # ccmon's STATUS_LINE_ROUTES, in the cache folder
+
+
+def quick_status_line():
+    """Claude Code's status line as the server renders it (ccmon's POST /api/statusline), with nothing of ccmon's
+    loaded: how to ask was written by the last full run of the same command (ccmon's StatusLineRoute), and holds
+    while the CCMON_ variables, HOME and the config files are as they were then. True once the line is printed;
+    False sends the command on to ccmon, with what was read of stdin put back."""
+    import json
+    route = None
+    for root in cache_roots():
+        try:
+            with open(os.path.join(root, ROUTES)) as routes:
+                route = json.load(routes).get(json.dumps(sys.argv[1:]))
+            break
+        except (OSError, ValueError, AttributeError):
+            continue
+    environment = dict((name, value) for name, value in os.environ.items()
+                       if name.startswith("CCMON_") or name == "HOME")  # ccmon's route_environment
+    if not isinstance(route, dict) or route.get("env") != environment or os.isatty(0) or \
+            any(file_stamp(path) != stamp for path, stamp in route["files"].items()):
+        return False
+    received = read_stdin(route["input_wait_s"], route["input_limit"])
+    answer = None
+    if len(received) <= route["input_limit"]:
+        body = {{"input": received.decode("utf-8", "replace"), "template": route["template"],
+                "timezone": route["timezone"]}}
+        try:
+            answer = ask_server(route, json.dumps(body).encode())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # not answered as asked: ccmon will say what it finds
+    if not isinstance(answer, dict) or not isinstance(answer.get("line"), str):
+        put_back_stdin(received)
+        return False
+    if answer.get("problem"):
+        sys.stderr.write(answer["problem"] + "\\n")
+    sys.stdout.write(answer["line"] + "\\n")
+    return True
+
+
+def file_stamp(path):
+    """As ccmon's file_stamp: [mtime in ns, size], None when absent."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return [info.st_mtime_ns, info.st_size]
+
+
+def read_stdin(wait_s, limit):
+    """As ccmon's read_json_object: what arrives until it holds one whole JSON object, it ends, wait_s passes or
+    more than limit bytes have come (stdin may be left open)."""
+    import json, select, time
+    deadline, received = time.monotonic() + wait_s, b""
+    while len(received) <= limit:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([0], [], [], left)[0]:
+            break
+        chunk = os.read(0, 1 << 16)
+        if not chunk:
+            break
+        received += chunk
+        if received.rstrip().endswith(b"}}"):
+            try:
+                json.JSONDecoder().raw_decode(received.decode("utf-8", "replace").lstrip())
+                break
+            except (ValueError, RecursionError):
+                pass
+    return received
+
+
+def put_back_stdin(received):
+    """Make what was read of stdin what ccmon reads there: the same bytes, then the end."""
+    if received:
+        import tempfile
+        with tempfile.TemporaryFile() as copy:
+            copy.write(received)
+            copy.flush()
+            copy.seek(0)
+            os.dup2(copy.fileno(), 0)
+
+
+def ask_server(route, body):
+    """POST body to the route's URL over HTTP/1.1 (TLS and token as ccmon's client has them), within the status
+    line's wait for the server; the answer's JSON when it is 200 OK, else None."""
+    import json, socket, time
+    scheme, _, rest = route["url"].partition("://")
+    address, _, path = rest.partition("/")
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + route["wait_s"]
+    connection = socket.create_connection((host.strip("[]"), int(port)), timeout=route["wait_s"])
+    try:
+        if scheme == "https":
+            import ssl
+            tls = route["tls"]
+            context = ssl.create_default_context(cafile=tls["ca"])
+            if tls["cert"]:
+                context.load_cert_chain(tls["cert"], tls["key"])
+            connection = context.wrap_socket(connection, server_hostname=tls["server_name"] or host.strip("[]"))
+        head = ("POST /%s HTTP/1.1\\r\\nHost: %s\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n"
+                "Connection: close\\r\\n" % (path, address, len(body)))
+        if route["token"]:
+            head += "Authorization: Bearer %s\\r\\n" % route["token"]
+        connection.sendall(head.encode("utf-8") + b"\\r\\n" + body)
+        answer = b""
+        while len(answer) < 1 << 20:
+            connection.settimeout(max(deadline - time.monotonic(), 0.001))
+            chunk = connection.recv(1 << 16)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        connection.close()
+    head, _, payload = answer.partition(b"\\r\\n\\r\\n")
+    status = head.split(b" ", 2)[1:2]
+    return json.loads(payload.decode("utf-8")) if status == [b"200"] else None
+
+
 def main():
     version = fitting_version()  # before importing anything an unfit interpreter may lack
     if version is None:
@@ -167,10 +291,13 @@ def main():
     if sys.argv[1:] in (["--version"], ["-v"]):  # answered from the build's own facts: no unpacking, no grpc
         print("ccmon %s (build %s, %s, %s)" % (VERSION, BUILD_ID, TARGET_PYTHONS, TARGET_PLATFORM))
         return
-    sys.path.insert(0, unpack(os.path.dirname(os.path.abspath(__file__)), version))
+    if sys.argv[1:2] == ["statusline"] and quick_status_line():
+        return
+    folder = unpack(os.path.dirname(os.path.abspath(__file__)), version)  # root/BUILD_ID/cp312
+    sys.path.insert(0, folder)
     import ccmon
     sys.argv[0] = "ccmon"
-    sys.exit(ccmon.main())
+    sys.exit(ccmon.main(status_line_routes=os.path.join(os.path.dirname(os.path.dirname(folder)), ROUTES)))
 
 
 main()

@@ -1244,6 +1244,28 @@ class TLSFiles:
     server_name: str | None = None  # a client's: the name the server's certificate is checked against
 
 
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Replace path with data whole or not at all: a temporary file in the same folder, flushed to disk, with
+    the mode given, renamed over it."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(temporary, mode)  # os.open's mode passes through the umask
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a crash
+    finally:
+        os.close(folder)
+
+
 def read_pem(path: Path | None) -> bytes | None:
     return path.read_bytes() if path else None
 
@@ -1306,36 +1328,43 @@ def read_config_file(path: Path) -> dict:
     return data
 
 
+def config_file_candidates(explicit: str | None, search_cwd: bool) -> list[Path]:
+    """The files a configuration may come from, first found first: --config, else ./config.* (with `search_cwd`),
+    then ~/.ccmon/config.*."""
+    if explicit:
+        return [Path(explicit).expanduser()]
+    folders = (Path.cwd(), Path.home() / ".ccmon") if search_cwd else (Path.home() / ".ccmon",)
+    return [folder / name for folder in folders for name in CONFIG_NAMES]
+
+
 def config_file_data(explicit: str | None, search_cwd: bool = True) -> tuple[Path | None, dict]:
     """The config file and its contents: --config, else ./config.* when it is ccmon's (and `search_cwd`), else
     ~/.ccmon/config.*. A file in the current folder with none of ccmon's sections belongs to some other tool
     (a site generator's config.toml, an app's config.json): it is passed over, so ccmon works in every folder."""
     if explicit:
-        path = Path(explicit).expanduser()
+        path, = config_file_candidates(explicit, search_cwd)
         if not path.is_file():
             raise ConfigError(f"--config: no such file: {path}")
         return path, read_config_file(path)
-    for folder in (Path.cwd(), Path.home() / ".ccmon") if search_cwd else (Path.home() / ".ccmon",):
-        for name in CONFIG_NAMES:
-            path = folder / name
-            if not path.is_file():
-                continue
-            if folder != Path.cwd():
-                return path, read_config_file(path)
+    for path in config_file_candidates(None, search_cwd):
+        if not path.is_file():
+            continue
+        if path.parent != Path.cwd():
+            return path, read_config_file(path)
+        try:
+            data = read_config_file(path)
+        except ConfigError as exc:  # unreadable: ccmon's own (and worth an error) if it names a section of ours
             try:
-                data = read_config_file(path)
-            except ConfigError as exc:  # unreadable: ccmon's own (and worth an error) if it names a section of ours
-                try:
-                    ours = re.search(rf"\b({'|'.join(SECTIONS)})\b", path.read_text(errors="replace"))
-                except OSError:
-                    ours = None  # not even readable as text: not a file to stop for
-                if ours:
-                    raise
-                log.debug("passing over %s: %s", path, exc)
-                continue
-            if any(section in SECTIONS for section in data):
-                return path, data
-            log.debug("passing over %s: it has none of ccmon's sections (%s)", path, ", ".join(SECTIONS))
+                ours = re.search(rf"\b({'|'.join(SECTIONS)})\b", path.read_text(errors="replace"))
+            except OSError:
+                ours = None  # not even readable as text: not a file to stop for
+            if ours:
+                raise
+            log.debug("passing over %s: %s", path, exc)
+            continue
+        if any(section in SECTIONS for section in data):
+            return path, data
+        log.debug("passing over %s: it has none of ccmon's sections (%s)", path, ", ".join(SECTIONS))
     return None, {}
 
 
@@ -4612,7 +4641,8 @@ PAGE_HEADERS = (
                                 "connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"),
     ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"), ("X-Frame-Options", "DENY"),
     ("Cross-Origin-Resource-Policy", "same-origin"))
-PAGE_MAX_BODY = 4096  # a page's POST body: a form with a token in it
+PAGE_MAX_BODY = 64 * 1024  # a page's POST body: a sign-in form, or a status line's input (Claude Code's: 2 KB)
+NO_STORE = ("Cache-Control", "no-store")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -4641,6 +4671,22 @@ Pages = dict[str, dict[str, Callable[[PageRequest], PageAnswer]]]
 
 def text_answer(status: int, text: str, headers: tuple[tuple[str, str], ...] = ()) -> PageAnswer:
     return PageAnswer(status, "text/plain; charset=utf-8", (text + "\n").encode(), headers)
+
+
+def json_answer(status: int, value: Any, headers: tuple[tuple[str, str], ...] = (), gzip: bool = False) -> PageAnswer:
+    """JSON, gzipped for a client that takes it (the dashboard's answer shrinks about 6 times: it is polled)."""
+    return packed_answer(status, "application/json", json.dumps(value, separators=(",", ":"), allow_nan=False).encode(),
+                         headers, gzip)
+
+
+def packed_answer(status: int, content_type: str, body: bytes, headers: tuple[tuple[str, str], ...] = (),
+                  gzip: bool = False) -> PageAnswer:
+    """An answer not to be cached, gzipped for a client that takes it."""
+    if gzip:
+        packer = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip format
+        body = packer.compress(body) + packer.flush()
+        headers = (("Content-Encoding", "gzip"), *headers)
+    return PageAnswer(status, content_type, body, (NO_STORE, ("Vary", "Accept-Encoding"), *headers))
 
 
 def bearer_matches(header: str | None, token: str) -> bool:
@@ -5482,6 +5528,7 @@ MAX_SERIES_READINGS = 5000   # and the newest readings it lists
 SERIES_GROUPS = ("", "model", "user", "project")
 CALIBRATION_READINGS = 2000  # the readings GetLimits looks through (the last 30 days of a busy status line)
 CALIBRATION_WINDOWS = 20     # and the windows it calibrates from, newest first
+STATUS_LINE_PAGE = "/api/statusline"  # on the HTTP listener: the status line rendered by the server (GetServerInfo)
 
 
 def timestamp_ms(request, field: str, default: int) -> int:
@@ -5525,6 +5572,7 @@ def guarding_every_rpc(cls: type) -> type:
 class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def __init__(self, reader: Reader, started_ms: int, writer: Writer):
         self.reader, self.started_ms, self.writer = reader, started_ms, writer
+        self.status_line_http_port = 0  # the HTTP listener's, once it answers STATUS_LINE_PAGE
         self._failures_logged: set[str] = set()
         self.slots = threading.BoundedSemaphore(QUERY_SLOTS)
 
@@ -5763,6 +5811,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         response.database_path = str(self.reader.path)
         response.default_database = self.reader.path == default_database_path()
         response.features.append(AGENT_FILTER)
+        response.status_line_http_port = self.status_line_http_port
         return response
 
 
@@ -5799,14 +5848,14 @@ class TokenAuth(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-def start_grpc_server(config: Config, receiver: Receiver, reader: Reader) -> tuple[grpc.Server, int]:
+def start_grpc_server(config: Config, receiver: Receiver, service: QueryService) -> tuple[grpc.Server, int]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="ccmon-rpc"),
         interceptors=[TokenAuth(config.server_token)] if config.server_token else [],
         options=[("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
                  ("grpc.max_receive_message_length", config.max_message_bytes)])
     server.add_generic_rpc_handlers(otlp_grpc_handlers(receiver))
-    ccmon_pb2_grpc.add_QueryServiceServicer_to_server(QueryService(reader, now_ms(), receiver.store), server)
+    ccmon_pb2_grpc.add_QueryServiceServicer_to_server(service, server)
     tls = config.server_tls
     try:
         if tls:
@@ -5871,17 +5920,20 @@ def retention_loop(store: Writer, retention_s: int, stop: threading.Event) -> No
             return
 
 
-def start_listeners(config: Config, store: Writer, decoders: Decoders, pages: Callable[[Reader], Pages] | None = None) \
+def start_listeners(config: Config, store: Writer, decoders: Decoders,
+                    pages: Callable[[QueryService], Pages] | None = None) \
         -> tuple[grpc.Server, int, OTLPHTTPServer | None, int]:
     """Both listeners started, or neither (a ServerError in one line); the HTTP listener with the `pages` made for
-    the store's reader."""
+    the query service."""
     receiver = Receiver(store, decoders)
-    reader = Reader(config.database_path, store.moved)
+    service = QueryService(Reader(config.database_path, store.moved), now_ms(), store)
     server = None
     try:
-        server, port = start_grpc_server(config, receiver, reader)
-        httpd, http_port = start_http_server(config, receiver, pages(reader) if pages else None) \
+        server, port = start_grpc_server(config, receiver, service)
+        httpd, http_port = start_http_server(config, receiver, pages(service) if pages else None) \
             if config.server_http_address else (None, 0)
+        if httpd and STATUS_LINE_PAGE in httpd.pages:
+            service.status_line_http_port = http_port
     except (ServerError, ssl.SSLError, OSError) as exc:
         if server:
             server.stop(None)
@@ -5926,9 +5978,9 @@ SHUTDOWN_S = 8  # within the 10 s Docker and systemd give before SIGKILL
 
 
 def run_server(config: Config, on_ready: Callable[[int, int, threading.Event], None] | None = None,
-               pages: Callable[[Reader], Pages] | None = None) -> int:
+               pages: Callable[[QueryService], Pages] | None = None) -> int:
     """Serve until SIGINT or SIGTERM. `on_ready(port, http_port, stop)` runs once the server is ready; `stop` is set
-    when it starts to stop. The HTTP listener also answers `pages(reader)` (the web dashboard)."""
+    when it starts to stop. The HTTP listener also answers `pages(service)` (the web dashboard, the status line)."""
     # The writer binding rows, the export threads taking decoded batches and the queries share the GIL; a short
     # switch interval keeps each from waiting up to 5 ms for another whenever it needs the GIL back.
     sys.setswitchinterval(0.0005)
@@ -6231,6 +6283,36 @@ class Client:
 
     def close(self) -> None:
         self._channel.close()
+
+
+class ServiceRefusal(Exception):
+    """A QueryService method called in this process aborted (its status code's name and message)."""
+
+
+class DirectContext:
+    """The context a QueryService method is given when called in this process: an abort raises ServiceRefusal."""
+
+    @staticmethod
+    def abort(code: grpc.StatusCode, details: str) -> None:
+        raise ServiceRefusal(f"{code.name.lower()}: {details}")
+
+
+class ServiceClient(Client):
+    """The Client of the QueryService in this process: the server answering for a client (the status line over
+    HTTP) asks what that client would, without a round trip. Its failures are ServerUnreachable too."""
+
+    def __init__(self, service: QueryService):  # no channel: Client's own setup is for one
+        self.address, self.timeout_s, self.go_extras_empty, self.service = "this server", 0.0, True, service
+        self._go_ccmon, self.unanswered, self._features = False, set(), None
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self.service, method)(request, DirectContext())
+        except ServiceRefusal as exc:
+            raise ServerUnreachable(str(exc)) from None
+
+    def close(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------- Figures: limits, projections and snapshots from the server's answers
@@ -7294,6 +7376,11 @@ def read_status_input(stream, wait_s: float = STATUS_INPUT_WAIT_S) -> tuple[dict
     if cut:
         return {}, (f"ccmon statusline: stdin is larger than {MAX_VALUE_CHARS // 2**20} MB, more than a status line's "
                     "input; showing server figures only")
+    return status_input_of(text)
+
+
+def status_input_of(text: str) -> tuple[dict, str]:
+    """The status line input read from its text, as read_status_input says."""
     try:
         data, _ = json.JSONDecoder().raw_decode(text.lstrip())
     except (ValueError, RecursionError):
@@ -7303,9 +7390,11 @@ def read_status_input(stream, wait_s: float = STATUS_INPUT_WAIT_S) -> tuple[dict
     return data, ""
 
 
-def run_status_line(config: Config | None, template: str | None, stream=sys.stdin) -> int:
+def run_status_line(config: Config | None, template: str | None, stream=sys.stdin,
+                    route: StatusLineRoute | None = None) -> int:
     """Print one status line and report the reading, within Claude Code's patience; never blank, exit 0.
-    Without a usable configuration (None) the line shows what stdin alone gives."""
+    Without a usable configuration (None) the line shows what stdin alone gives. With `route`, how ccmon.pyz may
+    ask the server for the next one directly is written down."""
     now = now_ms()
     data, problem = read_status_input(stream)
     if problem:
@@ -7314,31 +7403,144 @@ def run_status_line(config: Config | None, template: str | None, stream=sys.stdi
     zone = config.zone if config else ZoneInfo("UTC")
     line = format_status_line(template or DEFAULT_STATUS_LINE, status_values(data, reading, None, None, zone, now))
     if config is not None:
-        line = status_line_with_server(config, template, data, reading, now) or line
-    print(line or "ccmon: nothing to show yet")
+        line = status_line_with_server(config, template, data, reading, now, route) or line
+    print(status_line_text(line))
     return 0
 
 
+def status_line_text(line: str) -> str:
+    return line or "ccmon: nothing to show yet"
+
+
 def status_line_with_server(config: Config, template: str | None, data: dict, reading: LimitReading,
-                            now: int) -> str | None:
+                            now: int, route: StatusLineRoute | None = None) -> str | None:
     """The status line with the server's figures, the reading reported; None when the server did not answer."""
-    session = today = None
     client = Client.for_config(config, timeout_s=config.status_line_wait_s)
     try:
-        if reading.session_id:
-            told = client.report_status_line(reading, config.zone.key)
-            session, today = told.session, told.today
-        else:
-            today = client.stats(day_bounds(config.zone, now, 1)[0][1], now)
-        line = format_status_line(template or DEFAULT_STATUS_LINE,
-                                  status_values(data, reading, session, today, config.zone, now))
-        wanted = set(FORMAT_PATTERN.findall(line))  # quick query figures, in a template that asks for them
-        return format_quick(line, fetch_quick_figures(client, config, now, wanted)) if wanted else line
+        line = status_line_from(client, config, template, data, reading, now)
+        if route is not None:
+            route.remember(config, template or DEFAULT_STATUS_LINE, client.server_info().status_line_http_port)
+        return line
     except ServerUnreachable as exc:
         log.debug("status line without the server's figures: %s", exc)
         return None
     finally:
         client.close()
+
+
+def status_line_from(client: Client, config: Config, template: str | None, data: dict, reading: LimitReading,
+                     now: int) -> str:
+    """The status line with the figures of the server `client` asks (the reading reported to it)."""
+    session = today = None
+    if reading.session_id:
+        told = client.report_status_line(reading, config.zone.key)
+        session, today = told.session, told.today
+    else:
+        today = client.stats(day_bounds(config.zone, now, 1)[0][1], now)
+    line = format_status_line(template or DEFAULT_STATUS_LINE,
+                              status_values(data, reading, session, today, config.zone, now))
+    wanted = set(FORMAT_PATTERN.findall(line))  # quick query figures, in a template that asks for them
+    return format_quick(line, fetch_quick_figures(client, config, now, wanted)) if wanted else line
+
+
+# The quick route. Claude Code runs the status line after every turn, and loading ccmon (its module, gRPC and
+# protobuf) takes most of a status line's time. So the server also renders the line, at STATUS_LINE_PAGE, and a full
+# run of `ccmon statusline` from ccmon.pyz writes down how to ask it: its bootstrap then sends stdin there and prints
+# the answer without unpacking or importing anything of ccmon's. The route holds while this command's words, the
+# CCMON_ variables, HOME and the config files are what they were; any failure falls back to the full run.
+STATUS_LINE_ROUTES = "status-line-routes.json"  # in ccmon.pyz's cache folder, beside its unpacked builds
+ROUTES_KEPT = 8  # commands (statusline with different flags) remembered
+
+
+def needs_client_settings(template: str) -> bool:
+    """Whether a status line asks for quick query figures (blocks, plan shares): they are worked out from the
+    client's own limit settings, so the server does not render them."""
+    return bool(FORMAT_PATTERN.search(STATUS_PATTERN.sub("", template)))
+
+
+def file_stamp(path: Path) -> list[int] | None:
+    """[mtime in ns, size] of a file, None when absent: what tells that it changed (read the same way by the
+    bootstrap)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return [info.st_mtime_ns, info.st_size]
+
+
+def route_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The variables a configuration is read from (compared the same way by the bootstrap)."""
+    return {name: value for name, value in environ.items() if name.startswith("CCMON_") or name == "HOME"}
+
+
+@dataclasses.dataclass(frozen=True)
+class StatusLineRoute:
+    """Where the quick route of this command is written (ccmon.pyz's cache folder), the command's words after the
+    program, and the config files its configuration was looked for in."""
+    file: Path
+    words: tuple[str, ...]
+    config_files: tuple[Path, ...]
+
+    def remember(self, config: Config, template: str, http_port: int) -> None:
+        """Write the route to the server's page, or drop it when the server has none or the template needs this
+        client's settings. Never fails the line: a route not written only costs the next line its speed."""
+        key, entry = json.dumps(list(self.words)), None
+        if http_port and not needs_client_settings(template):
+            tls, host = config.monitor_tls, parse_address(config.monitor_server, fail_as=ConfigError)[0]
+            entry = {"env": route_environment(dict(os.environ)),
+                     "files": {str(path): file_stamp(path) for path in self.config_files},
+                     "url": f"{'https' if tls else 'http'}://{host}:{http_port}{STATUS_LINE_PAGE}",
+                     "token": config.monitor_token,
+                     "tls": tls and {"ca": tls.ca and str(tls.ca), "cert": tls.cert and str(tls.cert),
+                                     "key": tls.key and str(tls.key), "server_name": tls.server_name},
+                     "wait_s": config.status_line_wait_s, "input_wait_s": STATUS_INPUT_WAIT_S,
+                     "input_limit": PAGE_MAX_BODY // 2, "template": template, "timezone": config.monitor_timezone}
+        try:
+            routes = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            routes = {}
+        routes = routes if isinstance(routes, dict) else {}
+        if routes.get(key) == entry:
+            return
+        routes.pop(key, None)
+        if entry:
+            routes[key] = entry
+        try:  # readable by its user only: it holds the token
+            write_atomically(self.file, json.dumps(dict(list(routes.items())[-ROUTES_KEPT:])).encode(), 0o600)
+        except OSError as exc:
+            log.debug("the status line's quick route is not written: %s", exc)
+
+
+def status_line_pages(config: Config, service: QueryService) -> Pages:
+    """POST STATUS_LINE_PAGE: the status line rendered by the server, for the quick route. The body is
+    {"input": the status line input's text, "template": ..., "timezone": ...}; the answer {"line", "problem"}."""
+    def status_line_answer(request: PageRequest) -> PageAnswer:
+        authorization = request.headers.get("Authorization")
+        if config.server_token and not bearer_matches(authorization, config.server_token):
+            return json_answer(401, {"error": "missing or wrong bearer token"}, (("WWW-Authenticate", "Bearer"),))
+        try:
+            asked = json.loads(request.body)
+        except (ValueError, RecursionError):
+            asked = None
+        if not isinstance(asked, dict) or not all(isinstance(asked.get(key), str)
+                                                  for key in ("input", "template", "timezone")):
+            return json_answer(400, {"error": 'the body is a JSON object {"input": TEXT, "template": TEXT, '
+                                              '"timezone": ZONE}'})
+        template, zone = asked["template"] or DEFAULT_STATUS_LINE, zone_or_none(asked["timezone"])
+        if zone is None:
+            return json_answer(400, {"error": f"unknown timezone {asked['timezone'][:100]!r}"})
+        if needs_client_settings(template):
+            return json_answer(400, {"error": "the template asks for quick query figures, which only the client "
+                                              "works out (from its own limit settings)"})
+        data, problem = status_input_of(asked["input"])
+        now = now_ms()
+        try:
+            line = status_line_from(ServiceClient(service), dataclasses.replace(config, monitor_timezone=zone.key),
+                                    template, data, reading_from_status_input(data, now), now)
+        except ServerUnreachable as exc:
+            return json_answer(503, {"error": str(exc)})
+        return json_answer(200, {"line": status_line_text(line), "problem": problem})
+    return {STATUS_LINE_PAGE: {"POST": status_line_answer}}
 
 
 # ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model|blocks|project|limits
@@ -7685,7 +7887,6 @@ DASHBOARD_SLOTS = 4       # dashboard answers computed at once; more are told to
 DASHBOARD_PARAMETERS = ("period", "user", "project", "agent", "tz")
 SESSION_COOKIE = "ccmon_session"
 SESSION_S = 30 * 86400    # how long a sign-in lasts
-NO_STORE = ("Cache-Control", "no-store")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7852,22 +8053,6 @@ def accepts_gzip(header: str | None) -> bool:
         if name.strip().lower() == "gzip":
             return not re.fullmatch(r"q=0(?:\.0{0,3})?", weight.replace(" ", "").lower())
     return False
-
-
-def json_answer(status: int, value: Any, headers: tuple[tuple[str, str], ...] = (), gzip: bool = False) -> PageAnswer:
-    """JSON, gzipped for a client that takes it (the dashboard's answer shrinks about 6 times: it is polled)."""
-    return packed_answer(status, "application/json", json.dumps(value, separators=(",", ":"), allow_nan=False).encode(),
-                         headers, gzip)
-
-
-def packed_answer(status: int, content_type: str, body: bytes, headers: tuple[tuple[str, str], ...] = (),
-                  gzip: bool = False) -> PageAnswer:
-    """An answer not to be cached, gzipped for a client that takes it."""
-    if gzip:
-        packer = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip format
-        body = packer.compress(body) + packer.flush()
-        headers = (("Content-Encoding", "gzip"), *headers)
-    return PageAnswer(status, content_type, body, (NO_STORE, ("Vary", "Accept-Encoding"), *headers))
 
 
 class Dashboard:
@@ -8857,11 +9042,7 @@ def running_server(config: Config) -> RunningServer | None:
 
 def write_pid_file(path: Path, server: RunningServer) -> None:
     """Whole or not at all (a reader never sees half of it), readable by its user only."""
-    partial = path.with_name(path.name + f".{os.getpid()}.tmp")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        json.dump(dataclasses.asdict(server), handle)
-    os.replace(partial, path)
+    write_atomically(path, json.dumps(dataclasses.asdict(server)).encode(), 0o600)
 
 
 def follow_transcripts(config: Config, stop: threading.Event) -> None:
@@ -8922,8 +9103,9 @@ def serve(config: Config) -> int:
                              daemon=True).start()
 
     try:
-        return run_server(config, on_ready=ready, pages=lambda reader: {**dashboard_pages(config, reader),
-                                                                     **metrics_pages(config, reader)})
+        return run_server(config, on_ready=ready, pages=lambda service: {
+            **dashboard_pages(config, service.reader), **metrics_pages(config, service.reader),
+            **status_line_pages(config, service)})
     finally:
         with contextlib.suppress(OSError, ValueError, TypeError):
             if json.loads(path.read_text())["pid"] == os.getpid():  # not another server's, after a failed start
@@ -9240,28 +9422,6 @@ def read_codex_config(path: Path) -> tuple[bytes | None, str, dict]:
 
 def settings_bytes(settings: dict) -> bytes:
     return (json.dumps(settings, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Replace path with data whole or not at all: a temporary file in the same folder, flushed to disk, with
-    the mode given, renamed over it."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(descriptor, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temporary, mode)  # os.open's mode passes through the umask
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself survives a crash
-    finally:
-        os.close(folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -11383,10 +11543,11 @@ def chosen_mode(args: argparse.Namespace, parser: CommandLine) -> str:
     return modes[0] if modes else "monitor"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run a command; output that cannot be written (a full disk, a closed pipe) ends it with one line."""
+def main(argv: list[str] | None = None, status_line_routes: str | None = None) -> int:
+    """Run a command; output that cannot be written (a full disk, a closed pipe) ends it with one line.
+    ccmon.pyz's bootstrap gives `status_line_routes`: the file where it looks for the status line's quick route."""
     try:
-        code = run_command(sys.argv[1:] if argv is None else argv)
+        code = run_command(sys.argv[1:] if argv is None else argv, status_line_routes)
         sys.stdout.flush()  # what is still buffered fails here, not in a traceback at exit
         return code
     except BrokenPipeError:  # `ccmon report daily | head -1`: the reader has what it wanted
@@ -11400,7 +11561,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def run_command(argv: list[str]) -> int:
+def run_command(argv: list[str], status_line_routes: str | None = None) -> int:
     mode, parser, words = "", build_parser(), argv
     for command, build in COMMAND_PARSERS.items():
         command_words = without_command(argv, command, parser)
@@ -11425,7 +11586,10 @@ def run_command(argv: list[str]) -> int:
         except (ConfigError, ServerError) as exc:  # still a line, from stdin alone: never blank
             print(f"ccmon: config error: {exc}" if isinstance(exc, ConfigError) else f"ccmon: {exc}", file=sys.stderr)
             config = None
-        return run_status_line(config, args.format)
+        route = StatusLineRoute(Path(status_line_routes), tuple(argv),
+                                tuple(config_file_candidates(args.config, search_cwd=False))) \
+            if status_line_routes else None
+        return run_status_line(config, args.format, route=route)
     if mode == "doctor":  # a config error is one of the links it reports
         return run_doctor(args, dict(os.environ), Path.home())
     try:

@@ -7491,11 +7491,106 @@ def test_pyz_version_names_the_build_without_unpacking_or_grpc(pyz, tmp_path):
                              rf"{re.escape(PYZ_PYTHONS)}, {PYZ_PLATFORM}\)\n", result.stdout)
         assert result.returncode == 0 and match, result.stdout
         imported = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()[1:]]
-        assert "zipfile" in imported and not [name for name in imported if name.startswith(("grpc", "google"))]
+        assert "zipimport" in imported and not [name for name in imported if name.startswith(("grpc", "google"))]
     assert not (tmp_path / "cache").exists()
     # The build id it names is the cache folder a real run unpacks into.
     assert run_ccmon(["--help"], tmp_path, command=bare(pyz), env=env).returncode == 0
     assert os.listdir(tmp_path / "cache" / "ccmon") == [match.group(1)]
+
+
+def imported_modules(importtime_stderr: str) -> list[str]:
+    """The modules `python -X importtime` reports, from its stderr."""
+    return [line.rsplit("|", 1)[1].strip() for line in importtime_stderr.splitlines()
+            if line.startswith("import time:")][1:]
+
+
+@e2e
+def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_path):
+    """Claude Code runs the status line after every turn. From the pyz, once a full run has written down how, the
+    bootstrap sends stdin to the server's POST /api/statusline (TLS and token as configured) and prints its answer:
+    nothing of ccmon's, gRPC's or protobuf's is loaded, the figures are the same and the reading is stored. A config
+    file written since, a template with quick query figures, or a server gone, take the full run again."""
+    token = "quick-route-token"
+    cert, key = make_certificate(tmp_path, "server")
+    srv = ServerProcess(tmp_path, "--server-tls-cert", str(cert), "--server-tls-key", str(key),
+                        env={"CCMON_TOKEN": token}).start()
+    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "CCMON_TOKEN": token}
+
+    def status_line_from_pyz(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-X", "importtime", *bare(pyz)[1:], "statusline", "--monitor-server",
+                               f"https://127.0.0.1:{srv.port}", "--monitor-tls-ca", str(cert), "--monitor-timezone",
+                               "UTC", "--monitor-statusline-wait", "20s", *extra], input=json.dumps(live_input("s-q")),
+                              capture_output=True, text=True, cwd=tmp_path, timeout=60, env=env)
+
+    def of_ccmon(result: subprocess.CompletedProcess) -> list[str]:
+        return [name for name in imported_modules(result.stderr) if name.startswith(("ccmon", "grpc", "google"))]
+
+    try:
+        assert sdk_export(srv.port, [("api_request", {**api_request(1, hours_ago(0.1), session="s-q", cost_usd=1.25),
+                                                      "user.email": "q@example.com"})],
+                          headers={"authorization": f"Bearer {token}"}, ca=cert) == ["SUCCESS"]
+        full = status_line_from_pyz()
+        assert full.returncode == 0 and "ccmon" in of_ccmon(full)
+        assert full.stdout.startswith("Sonnet 4.5 | ctx 3% | session $1.25 | today $1.25 | 5h 42% (resets ")
+        routes = tmp_path / "cache" / "ccmon" / "status-line-routes.json"
+        assert stat.S_IMODE(routes.stat().st_mode) == 0o600  # it holds the token
+        assert json.loads(routes.read_text())[json.dumps(["statusline", "--monitor-server",
+                                                          f"https://127.0.0.1:{srv.port}", "--monitor-tls-ca",
+                                                          str(cert), "--monitor-timezone", "UTC",
+                                                          "--monitor-statusline-wait", "20s"])]["url"] == \
+            f"https://127.0.0.1:{srv.http_port}/api/statusline"
+        quick = status_line_from_pyz()
+        assert (quick.returncode, quick.stdout, of_ccmon(quick)) == (0, full.stdout, [])
+        assert db_rows(srv.db, "SELECT s.session_id, five_hour_percent FROM limit_readings JOIN sessions s ON "
+                               "s.id = limit_readings.session") == [("s-q", 42.0)] * 2
+        # A config file now read: the full run again, which writes the route anew.
+        (tmp_path / ".ccmon").mkdir()
+        (tmp_path / ".ccmon" / "config.toml").write_text('[claude]\nplan = "max"\n')
+        assert of_ccmon(status_line_from_pyz()) != [] and of_ccmon(status_line_from_pyz()) == []
+        # Quick query figures are worked out by the client, from its own settings: no route for them.
+        plan = status_line_from_pyz("--format", "@model @daily_plan_usage")
+        assert re.fullmatch(r"Sonnet 4\.5 \d+%\n", plan.stdout) and of_ccmon(plan) != []
+        assert of_ccmon(status_line_from_pyz("--format", "@model @daily_plan_usage")) != []
+        # The server gone: the full run, with stdin as Claude Code wrote it, and the line from it alone.
+        assert srv.stop() == 0
+        gone = status_line_from_pyz()
+        assert gone.returncode == 0 and of_ccmon(gone) != []
+        assert gone.stdout.startswith("Sonnet 4.5 | ctx 3% | 5h 42% (resets ")
+    finally:
+        if srv.proc.poll() is None:
+            srv.stop()
+
+
+def test_the_server_renders_the_status_line_for_the_quick_route(tmp_path):
+    """POST /api/statusline: the line the client would print, for the token holder only, with its problems said."""
+    srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": "page-token"}).start()
+    try:
+        auth = {"Authorization": "Bearer page-token", "Content-Type": "application/json"}
+        info = srv.query().GetServerInfo(ccmon_pb2.GetServerInfoRequest(),
+                                         metadata=(("authorization", "Bearer page-token"),))
+        assert info.status_line_http_port == srv.http_port
+        body = {"input": json.dumps(live_input("s-page")), "template": "@model | 5h @five_hour", "timezone": "UTC"}
+        response, data = web(srv.http_port, "/api/statusline", "POST", auth, json.dumps(body).encode())
+        assert (response.status, json.loads(data)) == (200, {"line": "Sonnet 4.5 | 5h 42%", "problem": ""})
+        assert db_rows(srv.db, "SELECT s.session_id FROM limit_readings JOIN sessions s ON "
+                               "s.id = limit_readings.session") == [("s-page",)]
+        odd = {**body, "input": "not json", "template": ""}
+        response, data = web(srv.http_port, "/api/statusline", "POST", auth, json.dumps(odd).encode())
+        assert (response.status, json.loads(data)) == (200, {
+            "line": "today $0.00",  # as the full run shows it: the server's figure of today, nothing from stdin
+            "problem": "ccmon statusline: stdin is not JSON (8 characters); showing server figures only"})
+        for headers, sent, status, error in (
+                ({}, body, 401, "missing or wrong bearer token"),
+                (auth, [1], 400, 'the body is a JSON object {"input": TEXT, "template": TEXT, "timezone": ZONE}'),
+                (auth, {**body, "timezone": "Mars/Base"}, 400, "unknown timezone 'Mars/Base'"),
+                (auth, {**body, "template": "@block_usage"}, 400, "the template asks for quick query figures, which "
+                                                                  "only the client works out (from its own limit "
+                                                                  "settings)")):
+            response, data = web(srv.http_port, "/api/statusline", "POST", headers, json.dumps(sent).encode())
+            assert (response.status, json.loads(data)) == (status, {"error": error})
+        assert db_rows(srv.db, "SELECT COUNT(*) FROM limit_readings") == [(1,)]
+    finally:
+        srv.stop()
 
 
 @e2e
