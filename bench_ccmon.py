@@ -123,15 +123,15 @@ class Server:
     def __init__(self, args: list[str], env: dict | None = None):
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
         self.lines: list[str] = []
-        self.port = 0
+        self.port = self.http_port = 0
         ready = threading.Event()
 
         def pump():
             for line in self.proc.stderr:
                 self.lines.append(line)
-                match = re.search(r"(?: ready: gRPC|receiver listening on) \S+:(\d+)", line)
+                match = re.search(r"(?: ready: gRPC|receiver listening on) \S+:(\d+)(?:, HTTP \S+:(\d+))?", line)
                 if match:
-                    self.port = int(match.group(1))
+                    self.port, self.http_port = int(match.group(1)), int(match.group(2) or 0)
                     ready.set()
             ready.set()
 
@@ -163,9 +163,9 @@ class Server:
             raise
 
 
-def ccmon_server(db: Path, *extra: str) -> Server:
+def ccmon_server(db: Path, *extra: str, http: bool = False) -> Server:
     return Server([sys.executable, str(ROOT / "ccmon.py"), "--server", "--server-address", "127.0.0.1:0",
-                   "--server-http-address", "off", "--database-path", str(db), *extra],
+                   "--server-http-address", "127.0.0.1:0" if http else "off", "--database-path", str(db), *extra],
                   env={"PYTHONUNBUFFERED": "1"})
 
 
@@ -705,9 +705,7 @@ def bench_retention_stall(workdir: Path, rows: int) -> dict:
 # ---------------------------------------------------------------- 3, 4, 5: startup, memory, size
 
 def bench_startup(workdir: Path, server: Server) -> dict:
-    pyz = workdir / "ccmon.pyz"
-    subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output", str(pyz)], check=True,
-                   capture_output=True)
+    pyz = build_pyz(workdir)
     cache = workdir / "cache"
     env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
     bare = [sys.executable, "-I", "-S", str(pyz)]
@@ -726,6 +724,72 @@ def bench_startup(workdir: Path, server: Server) -> dict:
                                     for _ in range(5))
     return {"pyz_mb": pyz.stat().st_size / 1e6, "version_cold_s": cold, "version_warm_s": warm,
             "format_cold_s": cold_format, "format_warm_s": warm_format}
+
+
+def build_pyz(workdir: Path) -> Path:
+    pyz = workdir / "ccmon.pyz"
+    if not pyz.exists():
+        subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "--output", str(pyz)], check=True,
+                       capture_output=True)
+    return pyz
+
+
+STATUS_LINE_ROWS = 100_000  # a year of a heavy user's requests
+
+
+def bench_status_line(workdir: Path, runs: int) -> dict:
+    """`ccmon statusline` from the pyz as `ccmon setup` writes it into Claude Code's settings (the interpreter, the
+    pyz, statusline), with a real Claude Code input on stdin, against a local server holding a year of requests:
+    the quick route (warm), the full run (its route dropped before each run), and `--format` warm. Every line is
+    checked against the stored rows; the interpreter's own start is measured beside them."""
+    pyz, python = build_pyz(workdir), str(Path(sys.base_prefix) / "bin" / "python3")  # not the venv's: bare
+    db, now = workdir / "statusline.db", int(time.time() * 1000)
+    seed(db, STATUS_LINE_ROWS, end_ms=now)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    session, session_nanos = conn.execute(
+        "SELECT s.session_id, SUM(r.cost_nanos) FROM requests r JOIN sessions s ON s.id = r.session "
+        "GROUP BY r.session ORDER BY MAX(r.ts) DESC LIMIT 1").fetchone()
+    conn.close()
+    sample = json.loads((ROOT / "fixtures" / "claude-code-2.1.328" / "statusline-stdin.jsonl").read_text()
+                        .splitlines()[3])
+    now_s = int(time.time())
+    sample.pop("cost")  # the session's cost from the server, not from Claude Code's own figure
+    sample.update(session_id=session, rate_limits={"five_hour": {"used_percentage": 42, "resets_at": now_s + 3600},
+                                                   "seven_day": {"used_percentage": 20.5, "resets_at": now_s + 86400}})
+    stdin = json.dumps(sample).encode()
+    env = {**os.environ, "HOME": str(workdir), "XDG_CACHE_HOME": str(workdir / "cache")}
+    routes = workdir / "cache" / "ccmon" / "status-line-routes.json"
+    with ccmon_server(db, http=True) as server:
+        command = [python, str(pyz), "statusline", "--monitor-server", server.target]
+        expected = f"Sonnet 4.5 | ctx 3% | session {ccmon.format_cost(session_nanos)} | today "
+
+        def timed_line(args: list[str], drop_route: bool) -> tuple[float, str]:
+            if drop_route:
+                routes.unlink(missing_ok=True)
+            started = time.perf_counter()
+            done = subprocess.run(args, input=stdin, capture_output=True, env=env, check=True)
+            return (time.perf_counter() - started) * 1000, done.stdout.decode()
+
+        def sampled(args: list[str], drop_route: bool = False, count: int = runs) -> tuple[float, float, str]:
+            samples = [timed_line(args, drop_route) for _ in range(count)]
+            lines = {line for _, line in samples}
+            times = [ms for ms, _ in samples]
+            return percentile(times, 50), percentile(times, 95), lines.pop() if len(lines) == 1 else repr(lines)
+
+        timed_line(command, True)  # unpacks the pyz and writes the route
+        full = sampled(command, drop_route=True, count=max(5, runs // 4))
+        quick = sampled(command)
+        expect("the status line, full run", full[2].startswith(expected), True)
+        expect("the status line, quick route", quick[2], full[2])
+        expect("the quick route taken", routes.exists(), True)
+        floor = sampled([python, "-c", "pass"])
+        formatted = sampled([python, str(pyz), "--monitor-server", server.target, "--format", "@daily_cost"])
+        midnight = ccmon.day_bounds(ccmon.ZoneInfo("UTC"), int(time.time() * 1000), 1)[0][1]
+        expect("--format @daily_cost", formatted[2], ccmon.format_cost(raw_totals(db, midnight, now + HOUR_MS)[1])
+               + "\n")
+    db.unlink()
+    return {"rows": STATUS_LINE_ROWS, "quick": quick[:2], "full": full[:2], "format": formatted[:2],
+            "interpreter": floor[:2], "python": platform.python_version()}
 
 
 def monitor_rss_mb(server: Server) -> float:
@@ -769,7 +833,7 @@ def target(value: float, limit: float, higher_is_better: bool = False) -> str:
     return "ok" if met else "MISSED"
 
 
-STEPS = ("ingestion", "queries", "retention", "import")
+STEPS = ("ingestion", "queries", "retention", "import", "statusline")
 
 
 def main() -> int:
@@ -821,6 +885,9 @@ def main() -> int:
         if "import" in steps:
             print(f"7. import of {entries} transcript entries", flush=True)
             results["import"] = bench_import(workdir, entries)
+        if "statusline" in steps:
+            print(f"8. the status line from the pyz, {runs} runs each", flush=True)
+            results["statusline"] = bench_status_line(workdir, runs)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(report(results))
@@ -879,6 +946,17 @@ def report(r: dict) -> str:
                      f"| {target(r['retention']['worst_export_ms'], 1000)} |")
     if "import" in r:
         lines.append(import_report(r["import"]))
+    if "statusline" in r:
+        sl = r["statusline"]
+        lines += [f"| ccmon.pyz statusline, quick route, server answering ({sl['rows']:,} requests stored) | "
+                  f"p50 {sl['quick'][0]:.0f} ms, p95 {sl['quick'][1]:.0f} ms | p50 <= 100 ms, p95 <= 150 ms | "
+                  f"{target(sl['quick'][0], 100)} / {target(sl['quick'][1], 150)} |",
+                  f"| ccmon.pyz statusline, full run (no route yet) | p50 {sl['full'][0]:.0f} ms, p95 "
+                  f"{sl['full'][1]:.0f} ms | | |",
+                  f"| ccmon.pyz --format @daily_cost, warm | p50 {sl['format'][0]:.0f} ms, p95 {sl['format'][1]:.0f} ms "
+                  f"| p50 <= 100 ms, p95 <= 150 ms | {target(sl['format'][0], 100)} / {target(sl['format'][1], 150)} |",
+                  f"| python3 -c pass (CPython {sl['python']}, the floor of both) | p50 {sl['interpreter'][0]:.0f} ms, "
+                  f"p95 {sl['interpreter'][1]:.0f} ms | | |"]
     return "\n".join(lines)
 
 

@@ -8470,15 +8470,17 @@ def claude_reading(srv: ServerProcess, session: str, email: str, tokens: list[tu
     ago), then Claude Code's status line input for it with Claude's 5-hour share, sent by `ccmon statusline`;
     returns the input and when it was read (between two moments)."""
     now = ccmon.now_ms()
-    sdk_export(srv.port, [("api_request", {**api_request(i, iso(now - (6 + len(tokens) - 1 - i) * 60_000),
-                                                         session=session, input_tokens=inp, output_tokens=out),
-                                           "user.email": email}) for i, (inp, out) in enumerate(tokens)])
+    times = [now - (6 + len(tokens) - 1 - i) * 60_000 for i in range(len(tokens))]
+    sdk_export(srv.port, [("api_request", {**api_request(i, iso(when), session=session, input_tokens=inp,
+                                                         output_tokens=out), "user.email": email})
+                          for i, (when, (inp, out)) in enumerate(zip(times, tokens))])
     data = live_input(session, five_hour=five_hour)
     data["rate_limits"]["five_hour"]["resets_at"] = now // 1000 + resets_in_s
     before = ccmon.now_ms()
     result = status_line(srv.target, data, cwd=cwd)
     assert (result.returncode, result.stderr) == (0, ""), result
     return {"input": data, "read_between": (before, ccmon.now_ms()),
+            "requests": [(when, inp + out) for when, (inp, out) in zip(times, tokens)],
             "five_hour_resets": data["rate_limits"]["five_hour"]["resets_at"],
             "seven_day_resets": data["rate_limits"]["seven_day"]["resets_at"]}
 
@@ -8492,7 +8494,8 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
     ana = claude_reading(srv, "s-ana", "ana@example.com", [(1000, 500)] * 10, 30.0, 7200, tmp_path)
     resets, week_resets = ana["five_hour_resets"] * 1000, ana["seven_day_resets"] * 1000
     time.sleep(0.01)  # after the reading, so not part of what it measured
-    sdk_export(srv.port, [("api_request", {**api_request(99, iso(ccmon.now_ms()), session="s-ana", input_tokens=10_000,
+    requests = [*ana["requests"], (ccmon.now_ms(), 15_000)]
+    sdk_export(srv.port, [("api_request", {**api_request(99, iso(requests[-1][0]), session="s-ana", input_tokens=10_000,
                                                          output_tokens=5_000), "user.email": "ana@example.com"})])
     base = ["--monitor-server", srv.target, "--monitor-timezone", "UTC"]
     try:
@@ -8533,10 +8536,11 @@ def test_claudes_own_limits_on_every_screen(tmp_path):
             reset = ccmon.reset_time(resets, started, utc)
             assert re.fullmatch(rf"Claude 5h   [█░]+  30%, resets {reset}; ccmon counted "
                                 rf"30\.0K \((read )?(just now|1 min ago)\) *", line_with(screen, "Claude 5h"))
-            # 30,000 tokens since the previous quarter hour began (15 to 30 minutes before the refresh): the pace.
-            # A capacity from one reading is not projected to.
-            paces = {ccmon.format_rate(30_000 / ((moment - ccmon.recent_pace_start(moment)) / 60_000))
-                     for moment in range(started - 60_000, ccmon.now_ms() + 1000, 1000)}
+            # The tokens since the previous quarter hour began (15 to 30 minutes before the refresh): the pace. All
+            # 30,000, unless a quarter hour began since the first request. Not projected to one reading's capacity.
+            paces = {ccmon.format_rate(sum(tokens for when, tokens in requests if when >= ccmon.recent_pace_start(
+                moment)) / ((moment - ccmon.recent_pace_start(moment)) / 60_000))
+                for moment in range(started - 60_000, ccmon.now_ms() + 1000, 1000)}
             pace = re.fullmatch(r"Recent pace (\S+); too few of Claude's readings to project its limit *",
                                 line_with(screen, "Recent pace"))
             assert pace and pace.group(1) in paces, (line_with(screen, "Recent pace"), paces)
