@@ -47,9 +47,9 @@ DROP_DIST_INFO = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}  # vary
 # interpreter ccmon cannot run on still gets as far as the one-line refusal.
 BOOTSTRAP = '''\
 """ccmon.pyz bootstrap: check that this Python fits, unpack once into a per-user cache keyed by the archive's
-content hash (removing all but the two newest builds there), then run ccmon. Claude Code's status line may be
-answered before any of that, by the quick route (quick_status_line). Modules are imported where they are used: the
-quick route's whole time is a status line's."""
+content hash (removing all but the two newest builds there), then run ccmon. Claude Code's status line and
+--format may be answered before any of that, by the quick route (quick_answer). Modules are imported where they
+are used: the quick route's whole time is a status line's."""
 import os, sys
 
 VERSION = {version!r}
@@ -165,14 +165,15 @@ def unpack(archive, version):
              "folder of your own" % "; ".join(problems))
 
 
-ROUTES = "status-line-routes.json"  # ccmon's STATUS_LINE_ROUTES, in the cache folder
+ROUTES = "quick-routes.json"  # ccmon's QUICK_ROUTES, in the cache folder
 
 
-def quick_status_line():
-    """Claude Code's status line as the server renders it (ccmon's POST /api/statusline), with nothing of ccmon's
-    loaded: how to ask was written by the last full run of the same command (ccmon's StatusLineRoute), and holds
-    while the CCMON_ variables, HOME and the config files are as they were then. True once the line is printed;
-    False sends the command on to ccmon, with what was read of stdin put back."""
+def quick_answer():
+    """The status line or a --format line as the server renders it (ccmon's POST /api/statusline and /api/format),
+    with nothing of ccmon's loaded: how to ask was written by the last full run of the same command (ccmon's
+    QuickRoute), and holds while the CCMON_ variables, HOME, the config files and the folder it looked in are as
+    they were then. True once the line is printed; False sends the command on to ccmon, with what was read of
+    stdin put back."""
     import json
     route = None
     for root in cache_roots():
@@ -184,14 +185,18 @@ def quick_status_line():
             continue
     environment = dict((name, value) for name, value in os.environ.items()
                        if name.startswith("CCMON_") or name == "HOME")  # ccmon's route_environment
-    if not isinstance(route, dict) or route.get("env") != environment or os.isatty(0) or \
+    if not isinstance(route, dict) or route.get("env") != environment or \
+            route["folder"] not in (None, os.getcwd()) or \
             any(file_stamp(path) != stamp for path, stamp in route["files"].items()):
         return False
-    received = read_stdin(route["input_wait_s"], route["input_limit"])
+    body, received = dict(route["body"]), b""
+    if route["stdin_wait_s"] is not None:  # the status line's input
+        if os.isatty(0):
+            return False
+        received = read_stdin(route["stdin_wait_s"], route["stdin_limit"])
+        body["input"] = received.decode("utf-8", "replace")
     answer = None
-    if len(received) <= route["input_limit"]:
-        body = {{"input": received.decode("utf-8", "replace"), "template": route["template"],
-                "timezone": route["timezone"]}}
+    if len(received) <= route["stdin_limit"]:
         try:
             answer = ask_server(route, json.dumps(body).encode())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -291,13 +296,13 @@ def main():
     if sys.argv[1:] in (["--version"], ["-v"]):  # answered from the build's own facts: no unpacking, no grpc
         print("ccmon %s (build %s, %s, %s)" % (VERSION, BUILD_ID, TARGET_PYTHONS, TARGET_PLATFORM))
         return
-    if sys.argv[1:2] == ["statusline"] and quick_status_line():
+    if (sys.argv[1:2] == ["statusline"] or "--format" in sys.argv) and quick_answer():
         return
     folder = unpack(os.path.dirname(os.path.abspath(__file__)), version)  # root/BUILD_ID/cp312
     sys.path.insert(0, folder)
     import ccmon
     sys.argv[0] = "ccmon"
-    sys.exit(ccmon.main(status_line_routes=os.path.join(os.path.dirname(os.path.dirname(folder)), ROUTES)))
+    sys.exit(ccmon.main(quick_routes=os.path.join(os.path.dirname(os.path.dirname(folder)), ROUTES)))
 
 
 main()

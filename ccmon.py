@@ -1291,7 +1291,10 @@ Config = dataclasses.make_dataclass("Config", [
     ("source", str),                      # the config file used, or "defaults"
     ("monitor_server_given", bool, False),  # monitor.server set by a flag or the file, not the default
     ("pricing", tuple, ()),               # [pricing]: (model, Price) added to or overriding PRICES
+    ("figure_settings", tuple, ()),       # (key, value as written) of the time and limits settings other than
+                                          # their defaults: what a server needs to work out this client's figures
 ], bases=(ConfigViews,), frozen=True)
+FIGURE_SCOPES = ("time", "limits")
 
 
 def read_config_file(path: Path) -> dict:
@@ -1505,6 +1508,8 @@ def validate_config(values: dict[str, Any], origin: dict[str, str], source: str)
         source=source,
         monitor_server_given=origin["monitor.server"] != "default",
         pricing=parse_pricing(values.get("pricing", {}), origin.get("pricing", "[pricing]")),
+        figure_settings=tuple((setting.key, values[setting.key]) for setting in SETTINGS
+                              if setting.scope in FIGURE_SCOPES and values[setting.key] != setting.default),
     )
 
 
@@ -1512,6 +1517,16 @@ def load_config(args: argparse.Namespace, search_cwd: bool = True) -> Config:
     path, file_data = config_file_data(args.config, search_cwd)
     values, origin = setting_values(file_data, str(path), args, dict(os.environ))
     return validate_config(values, origin, str(path) if path else "defaults")
+
+
+def figure_config(settings: dict[str, Any], source: str) -> Config:
+    """The defaults with `settings` (of FIGURE_SCOPES only), as a client's figure_settings give them: the
+    configuration a server works out that client's figures with."""
+    known = {setting.key for setting in SETTINGS if setting.scope in FIGURE_SCOPES}
+    if set(settings) - known:
+        raise ConfigError(f"{source}: not the setting of a figure: {', '.join(sorted(set(settings) - known))[:200]}")
+    values = {**{setting.key: setting.default for setting in SETTINGS}, **settings}
+    return validate_config(values, {key: f"{source}: {key}" for key in values}, source)
 
 
 def default_database_path() -> Path:
@@ -4689,6 +4704,20 @@ def packed_answer(status: int, content_type: str, body: bytes, headers: tuple[tu
     return PageAnswer(status, content_type, body, (NO_STORE, ("Vary", "Accept-Encoding"), *headers))
 
 
+def json_page(token: str, answer: Callable[[dict], PageAnswer]) -> Callable[[PageRequest], PageAnswer]:
+    """A POST page of JSON: the bearer token checked (when the server has one), the body read as a JSON object,
+    then `answer` with it."""
+    def page(request: PageRequest) -> PageAnswer:
+        if token and not bearer_matches(request.headers.get("Authorization"), token):
+            return json_answer(401, {"error": "missing or wrong bearer token"}, (("WWW-Authenticate", "Bearer"),))
+        try:
+            asked = json.loads(request.body)
+        except (ValueError, RecursionError):
+            asked = None
+        return answer(asked) if isinstance(asked, dict) else json_answer(400, {"error": "the body is not a JSON object"})
+    return page
+
+
 def bearer_matches(header: str | None, token: str) -> bool:
     """Constant-time check of an 'Authorization: Bearer <token>' value."""
     scheme, _, given = (header or "").partition(" ")
@@ -5528,7 +5557,9 @@ MAX_SERIES_READINGS = 5000   # and the newest readings it lists
 SERIES_GROUPS = ("", "model", "user", "project")
 CALIBRATION_READINGS = 2000  # the readings GetLimits looks through (the last 30 days of a busy status line)
 CALIBRATION_WINDOWS = 20     # and the windows it calibrates from, newest first
-STATUS_LINE_PAGE = "/api/statusline"  # on the HTTP listener: the status line rendered by the server (GetServerInfo)
+# On the HTTP listener, for ccmon.pyz's quick route (GetServerInfo.quick_route_http_port): the status line and
+# --format rendered by the server
+STATUS_LINE_PAGE, QUICK_QUERY_PAGE = "/api/statusline", "/api/format"
 
 
 def timestamp_ms(request, field: str, default: int) -> int:
@@ -5572,7 +5603,7 @@ def guarding_every_rpc(cls: type) -> type:
 class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def __init__(self, reader: Reader, started_ms: int, writer: Writer):
         self.reader, self.started_ms, self.writer = reader, started_ms, writer
-        self.status_line_http_port = 0  # the HTTP listener's, once it answers STATUS_LINE_PAGE
+        self.quick_route_http_port = 0  # the HTTP listener's, once it answers STATUS_LINE_PAGE and QUICK_QUERY_PAGE
         self._failures_logged: set[str] = set()
         self.slots = threading.BoundedSemaphore(QUERY_SLOTS)
 
@@ -5811,7 +5842,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         response.database_path = str(self.reader.path)
         response.default_database = self.reader.path == default_database_path()
         response.features.append(AGENT_FILTER)
-        response.status_line_http_port = self.status_line_http_port
+        response.quick_route_http_port = self.quick_route_http_port
         return response
 
 
@@ -5932,8 +5963,8 @@ def start_listeners(config: Config, store: Writer, decoders: Decoders,
         server, port = start_grpc_server(config, receiver, service)
         httpd, http_port = start_http_server(config, receiver, pages(service) if pages else None) \
             if config.server_http_address else (None, 0)
-        if httpd and STATUS_LINE_PAGE in httpd.pages:
-            service.status_line_http_port = http_port
+        if httpd and {STATUS_LINE_PAGE, QUICK_QUERY_PAGE} <= httpd.pages.keys():
+            service.quick_route_http_port = http_port
     except (ServerError, ssl.SSLError, OSError) as exc:
         if server:
             server.stop(None)
@@ -7197,7 +7228,75 @@ def reset_or_dash(resets_s: int | None, figures: QuickFigures) -> str:
     return "-" if resets_s is None else reset_time(resets_s * 1000, figures.now_ms, figures.zone or ZoneInfo("UTC"))
 
 
-def run_quick_query(config: Config, template: str | None, as_json: bool, agent: str | None = None) -> int:
+# The quick route. Claude Code runs the status line after every turn, and a status bar runs --format every few
+# seconds; loading ccmon (its module, gRPC and protobuf) takes most of their time. So the server also renders both,
+# at STATUS_LINE_PAGE and QUICK_QUERY_PAGE, and a full run of either from ccmon.pyz writes down how to ask it: its
+# bootstrap then sends the request there and prints the answer without unpacking or importing anything of ccmon's.
+# A route holds while the command's words, the CCMON_ variables, HOME, the config files (and for --format, which
+# reads ./config.*, the current folder) are what they were; any failure falls back to the full run.
+QUICK_ROUTES = "quick-routes.json"  # in ccmon.pyz's cache folder, beside its unpacked builds
+ROUTES_KEPT = 16  # commands (statusline, --format with different words) remembered
+
+
+def file_stamp(path: Path) -> list[int] | None:
+    """[mtime in ns, size] of a file, None when absent: what tells that it changed (read the same way by the
+    bootstrap)."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return [info.st_mtime_ns, info.st_size]
+
+
+def route_environment(environ: dict[str, str]) -> dict[str, str]:
+    """The variables a configuration is read from (compared the same way by the bootstrap)."""
+    return {name: value for name, value in environ.items() if name.startswith("CCMON_") or name == "HOME"}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuickRoute:
+    """Where the quick routes are written (ccmon.pyz's cache folder), this command's words after the program, the
+    config files its configuration was looked for in, and the folder that was looked in (None: none was)."""
+    file: Path
+    words: tuple[str, ...]
+    config_files: tuple[Path, ...]
+    folder: str | None = None
+
+    def remember(self, config: Config, page: str | None, http_port: int, body: dict, wait_s: float,
+                 stdin_wait_s: float | None = None) -> None:
+        """Write the route: POST `body` to the server's `page` (with the status line input read from stdin within
+        `stdin_wait_s`, when given). No page or no port drops it. Never fails the command: a route not written only
+        costs the next run its speed."""
+        key, entry = json.dumps(list(self.words)), None
+        if page and http_port:
+            tls, host = config.monitor_tls, parse_address(config.monitor_server, fail_as=ConfigError)[0]
+            entry = {"env": route_environment(dict(os.environ)), "folder": self.folder,
+                     "files": {str(path): file_stamp(path) for path in self.config_files},
+                     "url": f"{'https' if tls else 'http'}://{host}:{http_port}{page}",
+                     "token": config.monitor_token,
+                     "tls": tls and {"ca": tls.ca and str(tls.ca), "cert": tls.cert and str(tls.cert),
+                                     "key": tls.key and str(tls.key), "server_name": tls.server_name},
+                     "wait_s": wait_s, "stdin_wait_s": stdin_wait_s, "stdin_limit": PAGE_MAX_BODY // 2, "body": body}
+        try:
+            routes = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            routes = {}
+        routes = routes if isinstance(routes, dict) else {}
+        if routes.get(key) == entry:
+            return
+        routes.pop(key, None)
+        if entry:
+            routes[key] = entry
+        try:  # readable by its user only: it holds the token
+            write_atomically(self.file, json.dumps(dict(list(routes.items())[-ROUTES_KEPT:])).encode(), 0o600)
+        except OSError as exc:
+            log.debug("the quick route is not written: %s", exc)
+
+
+def quick_query_plan(config: Config, template: str | None, as_json: bool,
+                     agent: str | None) -> tuple[set[str], set[str], str]:
+    """What a quick query fetches, what it withholds from --json, and a warning to print ('' for none); a
+    ConfigError for what it cannot answer."""
     wanted = set(FORMAT_VARIABLES) if as_json else set(FORMAT_PATTERN.findall(template or ""))
     plans = {"daily_plan_usage", "monthly_plan_usage"}
     withheld = plans if agent not in (None, CLAUDE_CODE) else set()  # of another agent's cost: not Claude's plan's
@@ -7207,17 +7306,34 @@ def run_quick_query(config: Config, template: str | None, as_json: bool, agent: 
             raise ConfigError(f"--agent {agent}: {', '.join('@' + name for name in claudes)} are Claude's blocks and "
                               f"plan, of Claude Code's usage alone (leave them out, or use --agent {CLAUDE_CODE})")
         wanted -= set(claudes)
-    unknown = sorted(set(re.findall(r"@\w+", FORMAT_PATTERN.sub("", template or ""))))
-    if unknown:  # left in the output as written; said here so a typo is found without dirtying a status bar
-        print(f"ccmon: unknown in --format, left as written: {' '.join(unknown)} (known: "
-              f"{' '.join('@' + name for name in FORMAT_VARIABLES)})", file=sys.stderr)
     if config.block_mode is None and wanted & BLOCK_VARIABLES and not as_json:
         raise ConfigError("@block_usage, @block_remaining and @block_projection need -b/--block "
                           "(for example -b auto)")
-    client = Client.for_config(config, timeout_s=3.0)
+    unknown = sorted(set(re.findall(r"@\w+", FORMAT_PATTERN.sub("", template or ""))))
+    # left in the output as written; said so that a typo is found without dirtying a status bar
+    warning = f"ccmon: unknown in --format, left as written: {' '.join(unknown)} (known: " \
+              f"{' '.join('@' + name for name in FORMAT_VARIABLES)})" if unknown else ""
+    return wanted, withheld, warning
+
+
+QUICK_QUERY_WAIT_S = 3.0  # for the server's answer
+
+
+def run_quick_query(config: Config, template: str | None, as_json: bool, agent: str | None = None,
+                    route: QuickRoute | None = None) -> int:
+    """--format or --json; with `route`, how ccmon.pyz may ask the server for the next --format directly is written
+    down."""
+    wanted, withheld, warning = quick_query_plan(config, template, as_json, agent)
+    if warning:
+        print(warning, file=sys.stderr)
+    client = Client.for_config(config, timeout_s=QUICK_QUERY_WAIT_S)
     try:
         figures = fetch_quick_figures(client, config, now_ms(), wanted, agent)
         say_if_go_ccmon(client, quick_values(figures), config.monitor_server)
+        if route is not None and not as_json:
+            route.remember(config, QUICK_QUERY_PAGE, client.server_info().quick_route_http_port,
+                           {"template": template or "", "agent": agent or "",
+                            "settings": dict(config.figure_settings)}, QUICK_QUERY_WAIT_S)
     except ServerUnreachable as exc:
         print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}",
               file=sys.stderr)
@@ -7230,6 +7346,29 @@ def run_quick_query(config: Config, template: str | None, as_json: bool, agent: 
     else:
         print(format_quick(template or "", figures))
     return 0
+
+
+def quick_query_pages(service: QueryService, token: str) -> Pages:
+    """POST QUICK_QUERY_PAGE: --format rendered by the server, for the quick route. The body is {"template": ...,
+    "agent": ... or "", "settings": the client's figure_settings}; the answer {"line", "problem"}."""
+    def quick_query_answer(asked: dict) -> PageAnswer:
+        if not (isinstance(asked.get("template"), str) and isinstance(asked.get("agent"), str)
+                and isinstance(asked.get("settings"), dict)):
+            return json_answer(400, {"error": 'the body is a JSON object {"template": TEXT, "agent": TEXT, '
+                                              '"settings": {KEY: VALUE}}'})
+        agent = asked["agent"] or None
+        if agent is not None and agent not in AGENTS:
+            return json_answer(400, {"error": unknown_agent(agent)})
+        try:
+            config = figure_config(asked["settings"], "the quick query's settings")
+            wanted, _, warning = quick_query_plan(config, asked["template"], False, agent)
+            figures = fetch_quick_figures(ServiceClient(service), config, now_ms(), wanted, agent)
+        except ConfigError as exc:
+            return json_answer(400, {"error": str(exc)})
+        except ServerUnreachable as exc:
+            return json_answer(503, {"error": str(exc)})
+        return json_answer(200, {"line": format_quick(asked["template"], figures), "problem": warning})
+    return {QUICK_QUERY_PAGE: {"POST": json_page(token, quick_query_answer)}}
 
 
 def say_if_go_ccmon(client: Client, values: dict[str, Any], address: str) -> None:
@@ -7391,7 +7530,7 @@ def status_input_of(text: str) -> tuple[dict, str]:
 
 
 def run_status_line(config: Config | None, template: str | None, stream=sys.stdin,
-                    route: StatusLineRoute | None = None) -> int:
+                    route: QuickRoute | None = None) -> int:
     """Print one status line and report the reading, within Claude Code's patience; never blank, exit 0.
     Without a usable configuration (None) the line shows what stdin alone gives. With `route`, how ccmon.pyz may
     ask the server for the next one directly is written down."""
@@ -7413,13 +7552,17 @@ def status_line_text(line: str) -> str:
 
 
 def status_line_with_server(config: Config, template: str | None, data: dict, reading: LimitReading,
-                            now: int, route: StatusLineRoute | None = None) -> str | None:
+                            now: int, route: QuickRoute | None = None) -> str | None:
     """The status line with the server's figures, the reading reported; None when the server did not answer."""
     client = Client.for_config(config, timeout_s=config.status_line_wait_s)
     try:
         line = status_line_from(client, config, template, data, reading, now)
-        if route is not None:
-            route.remember(config, template or DEFAULT_STATUS_LINE, client.server_info().status_line_http_port)
+        if route is not None:  # a template with quick query figures has none: they are the client's to work out
+            template = template or DEFAULT_STATUS_LINE
+            route.remember(config, None if needs_client_settings(template) else STATUS_LINE_PAGE,
+                           client.server_info().quick_route_http_port,
+                           {"template": template, "timezone": config.monitor_timezone}, config.status_line_wait_s,
+                           STATUS_INPUT_WAIT_S)
         return line
     except ServerUnreachable as exc:
         log.debug("status line without the server's figures: %s", exc)
@@ -7443,87 +7586,17 @@ def status_line_from(client: Client, config: Config, template: str | None, data:
     return format_quick(line, fetch_quick_figures(client, config, now, wanted)) if wanted else line
 
 
-# The quick route. Claude Code runs the status line after every turn, and loading ccmon (its module, gRPC and
-# protobuf) takes most of a status line's time. So the server also renders the line, at STATUS_LINE_PAGE, and a full
-# run of `ccmon statusline` from ccmon.pyz writes down how to ask it: its bootstrap then sends stdin there and prints
-# the answer without unpacking or importing anything of ccmon's. The route holds while this command's words, the
-# CCMON_ variables, HOME and the config files are what they were; any failure falls back to the full run.
-STATUS_LINE_ROUTES = "status-line-routes.json"  # in ccmon.pyz's cache folder, beside its unpacked builds
-ROUTES_KEPT = 8  # commands (statusline with different flags) remembered
-
-
 def needs_client_settings(template: str) -> bool:
     """Whether a status line asks for quick query figures (blocks, plan shares): they are worked out from the
     client's own limit settings, so the server does not render them."""
     return bool(FORMAT_PATTERN.search(STATUS_PATTERN.sub("", template)))
 
 
-def file_stamp(path: Path) -> list[int] | None:
-    """[mtime in ns, size] of a file, None when absent: what tells that it changed (read the same way by the
-    bootstrap)."""
-    try:
-        info = path.stat()
-    except OSError:
-        return None
-    return [info.st_mtime_ns, info.st_size]
-
-
-def route_environment(environ: dict[str, str]) -> dict[str, str]:
-    """The variables a configuration is read from (compared the same way by the bootstrap)."""
-    return {name: value for name, value in environ.items() if name.startswith("CCMON_") or name == "HOME"}
-
-
-@dataclasses.dataclass(frozen=True)
-class StatusLineRoute:
-    """Where the quick route of this command is written (ccmon.pyz's cache folder), the command's words after the
-    program, and the config files its configuration was looked for in."""
-    file: Path
-    words: tuple[str, ...]
-    config_files: tuple[Path, ...]
-
-    def remember(self, config: Config, template: str, http_port: int) -> None:
-        """Write the route to the server's page, or drop it when the server has none or the template needs this
-        client's settings. Never fails the line: a route not written only costs the next line its speed."""
-        key, entry = json.dumps(list(self.words)), None
-        if http_port and not needs_client_settings(template):
-            tls, host = config.monitor_tls, parse_address(config.monitor_server, fail_as=ConfigError)[0]
-            entry = {"env": route_environment(dict(os.environ)),
-                     "files": {str(path): file_stamp(path) for path in self.config_files},
-                     "url": f"{'https' if tls else 'http'}://{host}:{http_port}{STATUS_LINE_PAGE}",
-                     "token": config.monitor_token,
-                     "tls": tls and {"ca": tls.ca and str(tls.ca), "cert": tls.cert and str(tls.cert),
-                                     "key": tls.key and str(tls.key), "server_name": tls.server_name},
-                     "wait_s": config.status_line_wait_s, "input_wait_s": STATUS_INPUT_WAIT_S,
-                     "input_limit": PAGE_MAX_BODY // 2, "template": template, "timezone": config.monitor_timezone}
-        try:
-            routes = json.loads(self.file.read_text())
-        except (OSError, ValueError):
-            routes = {}
-        routes = routes if isinstance(routes, dict) else {}
-        if routes.get(key) == entry:
-            return
-        routes.pop(key, None)
-        if entry:
-            routes[key] = entry
-        try:  # readable by its user only: it holds the token
-            write_atomically(self.file, json.dumps(dict(list(routes.items())[-ROUTES_KEPT:])).encode(), 0o600)
-        except OSError as exc:
-            log.debug("the status line's quick route is not written: %s", exc)
-
-
 def status_line_pages(config: Config, service: QueryService) -> Pages:
     """POST STATUS_LINE_PAGE: the status line rendered by the server, for the quick route. The body is
     {"input": the status line input's text, "template": ..., "timezone": ...}; the answer {"line", "problem"}."""
-    def status_line_answer(request: PageRequest) -> PageAnswer:
-        authorization = request.headers.get("Authorization")
-        if config.server_token and not bearer_matches(authorization, config.server_token):
-            return json_answer(401, {"error": "missing or wrong bearer token"}, (("WWW-Authenticate", "Bearer"),))
-        try:
-            asked = json.loads(request.body)
-        except (ValueError, RecursionError):
-            asked = None
-        if not isinstance(asked, dict) or not all(isinstance(asked.get(key), str)
-                                                  for key in ("input", "template", "timezone")):
+    def status_line_answer(asked: dict) -> PageAnswer:
+        if not all(isinstance(asked.get(key), str) for key in ("input", "template", "timezone")):
             return json_answer(400, {"error": 'the body is a JSON object {"input": TEXT, "template": TEXT, '
                                               '"timezone": ZONE}'})
         template, zone = asked["template"] or DEFAULT_STATUS_LINE, zone_or_none(asked["timezone"])
@@ -7540,7 +7613,7 @@ def status_line_pages(config: Config, service: QueryService) -> Pages:
         except ServerUnreachable as exc:
             return json_answer(503, {"error": str(exc)})
         return json_answer(200, {"line": status_line_text(line), "problem": problem})
-    return {STATUS_LINE_PAGE: {"POST": status_line_answer}}
+    return {STATUS_LINE_PAGE: {"POST": json_page(config.server_token, status_line_answer)}}
 
 
 # ---------------------------------------------------------------- Reports: ccmon report daily|weekly|monthly|session|model|blocks|project|limits
@@ -9105,7 +9178,7 @@ def serve(config: Config) -> int:
     try:
         return run_server(config, on_ready=ready, pages=lambda service: {
             **dashboard_pages(config, service.reader), **metrics_pages(config, service.reader),
-            **status_line_pages(config, service)})
+            **status_line_pages(config, service), **quick_query_pages(service, config.server_token)})
     finally:
         with contextlib.suppress(OSError, ValueError, TypeError):
             if json.loads(path.read_text())["pid"] == os.getpid():  # not another server's, after a failed start
@@ -11543,11 +11616,11 @@ def chosen_mode(args: argparse.Namespace, parser: CommandLine) -> str:
     return modes[0] if modes else "monitor"
 
 
-def main(argv: list[str] | None = None, status_line_routes: str | None = None) -> int:
+def main(argv: list[str] | None = None, quick_routes: str | None = None) -> int:
     """Run a command; output that cannot be written (a full disk, a closed pipe) ends it with one line.
-    ccmon.pyz's bootstrap gives `status_line_routes`: the file where it looks for the status line's quick route."""
+    ccmon.pyz's bootstrap gives `quick_routes`: the file where it looks for the quick routes (QuickRoute)."""
     try:
-        code = run_command(sys.argv[1:] if argv is None else argv, status_line_routes)
+        code = run_command(sys.argv[1:] if argv is None else argv, quick_routes)
         sys.stdout.flush()  # what is still buffered fails here, not in a traceback at exit
         return code
     except BrokenPipeError:  # `ccmon report daily | head -1`: the reader has what it wanted
@@ -11561,7 +11634,7 @@ def main(argv: list[str] | None = None, status_line_routes: str | None = None) -
         return 1
 
 
-def run_command(argv: list[str], status_line_routes: str | None = None) -> int:
+def run_command(argv: list[str], quick_routes: str | None = None) -> int:
     mode, parser, words = "", build_parser(), argv
     for command, build in COMMAND_PARSERS.items():
         command_words = without_command(argv, command, parser)
@@ -11586,9 +11659,8 @@ def run_command(argv: list[str], status_line_routes: str | None = None) -> int:
         except (ConfigError, ServerError) as exc:  # still a line, from stdin alone: never blank
             print(f"ccmon: config error: {exc}" if isinstance(exc, ConfigError) else f"ccmon: {exc}", file=sys.stderr)
             config = None
-        route = StatusLineRoute(Path(status_line_routes), tuple(argv),
-                                tuple(config_file_candidates(args.config, search_cwd=False))) \
-            if status_line_routes else None
+        route = QuickRoute(Path(quick_routes), tuple(argv), tuple(config_file_candidates(args.config, False))) \
+            if quick_routes else None
         return run_status_line(config, args.format, route=route)
     if mode == "doctor":  # a config error is one of the links it reports
         return run_doctor(args, dict(os.environ), Path.home())
@@ -11612,8 +11684,10 @@ def run_command(argv: list[str], status_line_routes: str | None = None) -> int:
             return run_report(config, args)
         if mode == "import":
             return run_import(config, args)
-        if mode in ("--format", "--json"):
-            return run_quick_query(config, args.format, args.json, args.agent)
+        if mode in ("--format", "--json"):  # --format in a status bar: a route to the server for the next one
+            route = QuickRoute(Path(quick_routes), tuple(argv), tuple(config_file_candidates(args.config, True)),
+                               None if args.config else str(Path.cwd())) if quick_routes else None
+            return run_quick_query(config, args.format, args.json, args.agent, route)
         return run_monitor(config, notice)
     except ConfigError as exc:
         print(f"ccmon: config error: {exc}", file=sys.stderr)

@@ -663,7 +663,8 @@ def test_docs_settings_table_is_generated_from_the_settings():
 def test_a_setting_is_declared_once():
     """Every Config field but the few made of several settings is one setting's; every setting is a flag of
     ccmon and of each command that reads its scope, and nowhere else."""
-    derived = {"server_tls", "monitor_tls", "source", "monitor_server_given", "pricing"}
+    derived = {"server_tls", "monitor_tls", "source", "monitor_server_given", "pricing",
+               "figure_settings"}
     fields = {field.name for field in dataclasses.fields(ccmon.Config)}
     assert fields - derived == {s.field for s in ccmon.SETTINGS if s.field}
     assert set(ccmon.COMMAND_SCOPES) == set(ccmon.COMMAND_PARSERS)
@@ -7532,7 +7533,7 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
         full = status_line_from_pyz()
         assert full.returncode == 0 and "ccmon" in of_ccmon(full)
         assert full.stdout.startswith("Sonnet 4.5 | ctx 3% | session $1.25 | today $1.25 | 5h 42% (resets ")
-        routes = tmp_path / "cache" / "ccmon" / "status-line-routes.json"
+        routes = tmp_path / "cache" / "ccmon" / "quick-routes.json"
         assert stat.S_IMODE(routes.stat().st_mode) == 0o600  # it holds the token
         assert json.loads(routes.read_text())[json.dumps(["statusline", "--monitor-server",
                                                           f"https://127.0.0.1:{srv.port}", "--monitor-tls-ca",
@@ -7561,14 +7562,15 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
             srv.stop()
 
 
-def test_the_server_renders_the_status_line_for_the_quick_route(tmp_path):
-    """POST /api/statusline: the line the client would print, for the token holder only, with its problems said."""
+def test_the_server_renders_the_status_line_and_format_for_the_quick_route(tmp_path):
+    """POST /api/statusline and /api/format: the line the client would print, for the token holder only, with its
+    problems said; what cannot be rendered is refused with why (the client then does it the full way)."""
     srv = ServerProcess(tmp_path, env={"CCMON_TOKEN": "page-token"}).start()
     try:
         auth = {"Authorization": "Bearer page-token", "Content-Type": "application/json"}
         info = srv.query().GetServerInfo(ccmon_pb2.GetServerInfoRequest(),
                                          metadata=(("authorization", "Bearer page-token"),))
-        assert info.status_line_http_port == srv.http_port
+        assert info.quick_route_http_port == srv.http_port
         body = {"input": json.dumps(live_input("s-page")), "template": "@model | 5h @five_hour", "timezone": "UTC"}
         response, data = web(srv.http_port, "/api/statusline", "POST", auth, json.dumps(body).encode())
         assert (response.status, json.loads(data)) == (200, {"line": "Sonnet 4.5 | 5h 42%", "problem": ""})
@@ -7581,7 +7583,9 @@ def test_the_server_renders_the_status_line_for_the_quick_route(tmp_path):
             "problem": "ccmon statusline: stdin is not JSON (8 characters); showing server figures only"})
         for headers, sent, status, error in (
                 ({}, body, 401, "missing or wrong bearer token"),
-                (auth, [1], 400, 'the body is a JSON object {"input": TEXT, "template": TEXT, "timezone": ZONE}'),
+                (auth, [1], 400, "the body is not a JSON object"),
+                (auth, {"input": 1}, 400, 'the body is a JSON object {"input": TEXT, "template": TEXT, "timezone": '
+                                          'ZONE}'),
                 (auth, {**body, "timezone": "Mars/Base"}, 400, "unknown timezone 'Mars/Base'"),
                 (auth, {**body, "template": "@block_usage"}, 400, "the template asks for quick query figures, which "
                                                                   "only the client works out (from its own limit "
@@ -7589,6 +7593,62 @@ def test_the_server_renders_the_status_line_for_the_quick_route(tmp_path):
             response, data = web(srv.http_port, "/api/statusline", "POST", headers, json.dumps(sent).encode())
             assert (response.status, json.loads(data)) == (status, {"error": error})
         assert db_rows(srv.db, "SELECT COUNT(*) FROM limit_readings") == [(1,)]
+        # --format, with the client's settings as it wrote them.
+        asked = {"template": "@daily_cost @block_usage", "agent": "", "settings": {"claude.block": "5am"}}
+        response, data = web(srv.http_port, "/api/format", "POST", auth, json.dumps(asked).encode())
+        assert (response.status, json.loads(data)) == (200, {"line": "$0.00 -", "problem": ""})  # no limit: no share
+        for sent, error in (
+                ({**asked, "settings": []}, 'the body is a JSON object {"template": TEXT, "agent": TEXT, "settings": '
+                                            '{KEY: VALUE}}'),
+                ({**asked, "agent": "vim"}, ccmon.unknown_agent("vim")),
+                ({**asked, "settings": {}}, "@block_usage, @block_remaining and @block_projection need -b/--block "
+                                            "(for example -b auto)"),
+                ({**asked, "settings": {"claude.block": "noon"}}, "the quick query's settings: claude.block: invalid "
+                                                                  "block start 'noon' (use auto, or an hour from 1 to "
+                                                                  "12 followed by am or pm, such as 5am or 11pm)"),
+                ({**asked, "settings": {"database.path": "/etc/x", "server.token": ""}},
+                 "the quick query's settings: not the setting of a figure: database.path, server.token")):
+            response, data = web(srv.http_port, "/api/format", "POST", auth, json.dumps(sent).encode())
+            assert (response.status, json.loads(data)) == (400, {"error": error})
+    finally:
+        srv.stop()
+
+
+@e2e
+def test_pyz_format_takes_the_quick_route_with_the_clients_settings(pyz, tmp_path):
+    """A status bar's --format from the pyz: after a full run, the server works the figures out with this client's
+    own settings (its plan, its timezone, -b) sent along, and the line is the same. Another folder (it may hold a
+    config.*) takes the full run; an unknown @word is still warned about."""
+    srv = ServerProcess(tmp_path).start()
+    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    words = ["--monitor-server", srv.target, "--claude-plan", "max20", "--monitor-timezone", "Asia/Tokyo", "-b",
+             "auto", "--format", "@monthly_plan_usage @monthly_tokens @block_usage @typo"]
+
+    def format_from_pyz(cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-X", "importtime", *bare(pyz)[1:], *words], capture_output=True,
+                              text=True, cwd=cwd, timeout=60, env=env)
+
+    def of_ccmon(result: subprocess.CompletedProcess) -> list[str]:
+        return [name for name in imported_modules(result.stderr) if name.startswith(("ccmon", "grpc", "google"))]
+
+    def warnings(result: subprocess.CompletedProcess) -> list[str]:
+        return [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+
+    try:
+        assert sdk_export(srv.port, [("api_request", {**api_request(1, hours_ago(0.1), session="s-f", cost_usd=20.0,
+                                                                    input_tokens=1000, output_tokens=234)})]) == \
+            ["SUCCESS"]
+        full = format_from_pyz(tmp_path)
+        quick = format_from_pyz(tmp_path)
+        assert of_ccmon(full) != [] and of_ccmon(quick) == []
+        assert full.stdout == quick.stdout and re.fullmatch(r"(10%|0%) (1\.23K|0) (\S+%|-) @typo\n", full.stdout)
+        assert warnings(full) == warnings(quick) == [
+            "ccmon: unknown in --format, left as written: @typo (known: "
+            f"{' '.join('@' + name for name in ccmon.FORMAT_VARIABLES)})"]
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        moved = format_from_pyz(elsewhere)
+        assert (moved.stdout, of_ccmon(moved) != []) == (full.stdout, True)
     finally:
         srv.stop()
 
@@ -7611,7 +7671,7 @@ def test_pyz_runs_on_every_cpython_here(pyz, pythons, tmp_path):
         finally:
             assert srv.stop() == 0
     # One build folder, and in it each version with its own grpc extension only.
-    [build] = (tmp_path / "cache" / "ccmon").iterdir()
+    [build] = [path for path in (tmp_path / "cache" / "ccmon").iterdir() if path.is_dir()]  # and quick-routes.json
     assert sorted(p.name for p in build.iterdir()) == sorted(f"cp{major}{minor}" for major, minor in supported)
     for major, minor in supported:
         cygrpc = [p.name for p in (build / f"cp{major}{minor}" / "grpc" / "_cython").glob("cygrpc.*")]
