@@ -165,43 +165,46 @@ def unpack(archive, version):
              "folder of your own" % "; ".join(problems))
 
 
-ROUTES = "quick-routes.json"  # ccmon's QUICK_ROUTES, in the cache folder
+ROUTES = "quick-routes.json"  # in this build's cache folder (root/BUILD_ID): a new build starts without routes
 
 
 def quick_answer():
     """The status line or a --format line as the server renders it (ccmon's POST /api/statusline and /api/format),
-    with nothing of ccmon's loaded: how to ask was written by the last full run of the same command (ccmon's
-    QuickRoute), and holds while the CCMON_ variables, HOME, the config files and the folder it looked in are as
-    they were then. True once the line is printed; False sends the command on to ccmon, with what was read of
-    stdin put back."""
+    with nothing of ccmon's loaded: how to ask was written by the last full run of the same command with this build
+    (ccmon's QuickRoute), and holds while the CCMON_ variables, HOME, the config files and the folder it looked in
+    are as they were then. True once the line is printed; False sends the command on to ccmon, with what was read
+    of stdin put back: whatever goes wrong here, the full run still gives the line."""
     import json
-    route = None
-    for root in cache_roots():
-        try:
-            with open(os.path.join(root, ROUTES)) as routes:
-                route = json.load(routes).get(json.dumps(sys.argv[1:]))
-            break
-        except (OSError, ValueError, AttributeError):
-            continue
-    environment = dict((name, value) for name, value in os.environ.items()
-                       if name.startswith("CCMON_") or name == "HOME")  # ccmon's route_environment
-    if not isinstance(route, dict) or route.get("env") != environment or \
-            route["folder"] not in (None, os.getcwd()) or \
-            any(file_stamp(path) != stamp for path, stamp in route["files"].items()):
-        return False
-    body, received = dict(route["body"]), b""
-    if route["stdin_wait_s"] is not None:  # the status line's input
-        if os.isatty(0):
+    received = b""
+    try:
+        route = None
+        for root in cache_roots():
+            try:
+                with open(os.path.join(root, BUILD_ID, ROUTES)) as routes:
+                    route = json.load(routes).get(json.dumps(sys.argv[1:]))
+                break
+            except (OSError, ValueError, AttributeError):
+                continue
+        environment = dict((name, value) for name, value in os.environ.items()
+                           if name.startswith("CCMON_") or name == "HOME")  # ccmon's route_environment
+        if not isinstance(route, dict) or route["env"] != environment or \\
+                route["folder"] not in (None, os.getcwd()) or \\
+                any(file_stamp(path) != stamp for path, stamp in route["files"].items()):
             return False
-        received = read_stdin(route["stdin_wait_s"], route["stdin_limit"])
-        body["input"] = received.decode("utf-8", "replace")
-    answer = None
-    if len(received) <= route["stdin_limit"]:
-        try:
-            answer = ask_server(route, json.dumps(body).encode())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # not answered as asked: ccmon will say what it finds
-    if not isinstance(answer, dict) or not isinstance(answer.get("line"), str):
+        body = dict(route["body"])
+        if route["stdin_wait_s"] is not None:  # the status line's input, read as ccmon reads it
+            if os.isatty(0):
+                return False
+            received = read_stdin(route["stdin_wait_s"], route["stdin_max"])
+            if len(received) > route["stdin_limit"]:  # more than the page takes: ccmon says what it is
+                put_back_stdin(received)
+                return False
+            body["input"] = received.decode("utf-8", "replace")
+        answer = ask_server(route, json.dumps(body).encode())
+        if not isinstance(answer, dict) or not isinstance(answer.get("line"), str):
+            put_back_stdin(received)
+            return False
+    except Exception:  # a route of another shape, a folder gone, no server: the full run
         put_back_stdin(received)
         return False
     if answer.get("problem"):
@@ -242,25 +245,33 @@ def read_stdin(wait_s, limit):
 
 
 def put_back_stdin(received):
-    """Make what was read of stdin what ccmon reads there: the same bytes, then the end."""
+    """Make what was read of stdin what ccmon reads there: the same bytes, then the end. Unable to, ccmon finds
+    stdin as this left it."""
     if received:
-        import tempfile
-        with tempfile.TemporaryFile() as copy:
-            copy.write(received)
-            copy.flush()
-            copy.seek(0)
-            os.dup2(copy.fileno(), 0)
+        try:
+            import tempfile
+            with tempfile.TemporaryFile() as copy:
+                copy.write(received)
+                copy.flush()
+                copy.seek(0)
+                os.dup2(copy.fileno(), 0)
+        except OSError:
+            pass
 
 
 def ask_server(route, body):
-    """POST body to the route's URL over HTTP/1.1 (TLS and token as ccmon's client has them), within the status
-    line's wait for the server; the answer's JSON when it is 200 OK, else None."""
+    """POST body to the route's URL over HTTP/1.1 (TLS and token as ccmon's client has them), all of it within the
+    wait for the server; the answer's JSON when it is 200 OK, else None."""
     import json, socket, time
     scheme, _, rest = route["url"].partition("://")
     address, _, path = rest.partition("/")
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + route["wait_s"]
-    connection = socket.create_connection((host.strip("[]"), int(port)), timeout=route["wait_s"])
+
+    def left():
+        return max(deadline - time.monotonic(), 0.001)
+
+    connection = socket.create_connection((host.strip("[]"), int(port)), timeout=left())
     try:
         if scheme == "https":
             import ssl
@@ -268,15 +279,17 @@ def ask_server(route, body):
             context = ssl.create_default_context(cafile=tls["ca"])
             if tls["cert"]:
                 context.load_cert_chain(tls["cert"], tls["key"])
+            connection.settimeout(left())
             connection = context.wrap_socket(connection, server_hostname=tls["server_name"] or host.strip("[]"))
         head = ("POST /%s HTTP/1.1\\r\\nHost: %s\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\n"
                 "Connection: close\\r\\n" % (path, address, len(body)))
         if route["token"]:
             head += "Authorization: Bearer %s\\r\\n" % route["token"]
+        connection.settimeout(left())
         connection.sendall(head.encode("utf-8") + b"\\r\\n" + body)
         answer = b""
-        while len(answer) < 1 << 20:
-            connection.settimeout(max(deadline - time.monotonic(), 0.001))
+        while len(answer) < 1 << 20:  # until the server closes the connection, as asked
+            connection.settimeout(left())
             chunk = connection.recv(1 << 16)
             if not chunk:
                 break
@@ -302,7 +315,7 @@ def main():
     sys.path.insert(0, folder)
     import ccmon
     sys.argv[0] = "ccmon"
-    sys.exit(ccmon.main(quick_routes=os.path.join(os.path.dirname(os.path.dirname(folder)), ROUTES)))
+    sys.exit(ccmon.main(quick_routes=os.path.join(os.path.dirname(folder), ROUTES)))
 
 
 main()

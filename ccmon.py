@@ -44,8 +44,10 @@ import datetime as dt
 import decimal
 import errno
 import fractions
+import functools
 import hashlib
 import hmac
+import http.client
 import io
 import ipaddress
 import json
@@ -4706,10 +4708,13 @@ def packed_answer(status: int, content_type: str, body: bytes, headers: tuple[tu
 
 def json_page(token: str, answer: Callable[[dict], PageAnswer]) -> Callable[[PageRequest], PageAnswer]:
     """A POST page of JSON: the bearer token checked (when the server has one), the body read as a JSON object,
-    then `answer` with it."""
+    then `answer` with it. Only application/json is taken: a web page elsewhere can send a form or text/plain to
+    the listener without the browser asking first, but not JSON."""
     def page(request: PageRequest) -> PageAnswer:
         if token and not bearer_matches(request.headers.get("Authorization"), token):
             return json_answer(401, {"error": "missing or wrong bearer token"}, (("WWW-Authenticate", "Bearer"),))
+        if (request.headers.get("Content-Type") or "").split(";")[0].strip().lower() != JSON:
+            return json_answer(415, {"error": f"the body is sent as {JSON}"})
         try:
             asked = json.loads(request.body)
         except (ValueError, RecursionError):
@@ -6128,16 +6133,22 @@ class Client:
         self.address, self.timeout_s, self.go_extras_empty = address, timeout_s, go_extras_empty
         self._go_ccmon: bool | None = None  # whether the server is the Go ccmon, once a query has shown it
         self.unanswered: set[str] = set()   # methods the Go ccmon could not answer (answered empty instead)
-        target = re.sub(r"^https?://", "", address, flags=re.IGNORECASE).rstrip("/")
+        self._tls, self._channel = tls, None
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._features: frozenset[str] | None = None
+
+    @functools.cached_property
+    def _stub(self) -> ccmon_pb2_grpc.QueryServiceStub:
+        """The channel to the server, opened at the first call."""
+        target = re.sub(r"^https?://", "", self.address, flags=re.IGNORECASE).rstrip("/")
+        tls = self._tls
         if tls:
             credentials = grpc.ssl_channel_credentials(read_pem(tls.ca), read_pem(tls.key), read_pem(tls.cert))
             options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
             self._channel = grpc.secure_channel(target, credentials, options)
         else:
             self._channel = grpc.insecure_channel(target)
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._stub = ccmon_pb2_grpc.QueryServiceStub(self._channel)
-        self._features: frozenset[str] | None = None
+        return ccmon_pb2_grpc.QueryServiceStub(self._channel)
 
     @classmethod
     def for_config(cls, config: Config, timeout_s: float = 5.0, go_extras_empty: bool = True) -> Client:
@@ -6313,7 +6324,8 @@ class Client:
         return usage_series_of(self._call("GetSeries", request))
 
     def close(self) -> None:
-        self._channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
 
 class ServiceRefusal(Exception):
@@ -6330,20 +6342,17 @@ class DirectContext:
 
 class ServiceClient(Client):
     """The Client of the QueryService in this process: the server answering for a client (the status line over
-    HTTP) asks what that client would, without a round trip. Its failures are ServerUnreachable too."""
+    HTTP) asks what that client would, without a channel. Its failures are ServerUnreachable too."""
 
-    def __init__(self, service: QueryService):  # no channel: Client's own setup is for one
-        self.address, self.timeout_s, self.go_extras_empty, self.service = "this server", 0.0, True, service
-        self._go_ccmon, self.unanswered, self._features = False, set(), None
+    def __init__(self, service: QueryService):
+        super().__init__("this server", timeout_s=0.0)
+        self.service = service
 
-    def _call(self, method: str, request):
+    def _invoke(self, method: str, request):
         try:
             return getattr(self.service, method)(request, DirectContext())
         except ServiceRefusal as exc:
             raise ServerUnreachable(str(exc)) from None
-
-    def close(self) -> None:
-        pass
 
 
 # ---------------------------------------------------------------- Figures: limits, projections and snapshots from the server's answers
@@ -7234,7 +7243,6 @@ def reset_or_dash(resets_s: int | None, figures: QuickFigures) -> str:
 # bootstrap then sends the request there and prints the answer without unpacking or importing anything of ccmon's.
 # A route holds while the command's words, the CCMON_ variables, HOME, the config files (and for --format, which
 # reads ./config.*, the current folder) are what they were; any failure falls back to the full run.
-QUICK_ROUTES = "quick-routes.json"  # in ccmon.pyz's cache folder, beside its unpacked builds
 ROUTES_KEPT = 16  # commands (statusline, --format with different words) remembered
 
 
@@ -7248,6 +7256,33 @@ def file_stamp(path: Path) -> list[int] | None:
     return [info.st_mtime_ns, info.st_size]
 
 
+def page_answers(url: str, config: Config, wait_s: float) -> bool:
+    """Whether `url` is one of ccmon's JSON pages, reached as the server's port was named (not remapped by a
+    container or a proxy, not another service's): an empty request, with the token, gets its 400 in JSON."""
+    parts = urlsplit(url)
+    try:
+        if parts.scheme == "https":
+            tls = config.monitor_tls
+            context = ssl.create_default_context(cafile=tls.ca)
+            if tls.cert:
+                context.load_cert_chain(tls.cert, tls.key)
+            connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=wait_s, context=context)
+            connection.sock = context.wrap_socket(socket.create_connection((parts.hostname, parts.port), wait_s),
+                                                  server_hostname=tls.server_name or parts.hostname)
+        else:
+            connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=wait_s)
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {config.monitor_token}"}
+                                                          if config.monitor_token else {})}
+        connection.request("POST", parts.path, b"{}", headers)
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+        answered = response.status == 400 and isinstance(answer, dict) and "error" in answer
+        connection.close()
+        return answered
+    except (OSError, ValueError, http.client.HTTPException):
+        return False
+
+
 def route_environment(environ: dict[str, str]) -> dict[str, str]:
     """The variables a configuration is read from (compared the same way by the bootstrap)."""
     return {name: value for name, value in environ.items() if name.startswith("CCMON_") or name == "HOME"}
@@ -7255,28 +7290,35 @@ def route_environment(environ: dict[str, str]) -> dict[str, str]:
 
 @dataclasses.dataclass(frozen=True)
 class QuickRoute:
-    """Where the quick routes are written (ccmon.pyz's cache folder), this command's words after the program, the
-    config files its configuration was looked for in, and the folder that was looked in (None: none was)."""
+    """Where the quick routes are written (quick-routes.json in the cache folder of ccmon.pyz's build), this
+    command's words after the program, the config files its configuration was looked for in, and the folder that
+    was looked in (None: none was)."""
     file: Path
     words: tuple[str, ...]
     config_files: tuple[Path, ...]
     folder: str | None = None
 
-    def remember(self, config: Config, page: str | None, http_port: int, body: dict, wait_s: float,
+    def remember(self, config: Config, client: Client, page: str | None, body: dict, wait_s: float,
                  stdin_wait_s: float | None = None) -> None:
-        """Write the route: POST `body` to the server's `page` (with the status line input read from stdin within
-        `stdin_wait_s`, when given). No page or no port drops it. Never fails the command: a route not written only
-        costs the next run its speed."""
+        """Write the route: POST `body` to the `page` of the server `client` asks (with the status line input read
+        from stdin within `stdin_wait_s`, when given), once that page is seen to answer as ccmon's does. No page,
+        or a server without the pages, drops it. Never fails the command: a route not written only costs the next
+        run its speed."""
         key, entry = json.dumps(list(self.words)), None
-        if page and http_port:
+        try:
+            http_port = client.server_info().quick_route_http_port if page else 0
+        except ServerUnreachable:
+            return  # the route may be right still: left as it is
+        if http_port:
             tls, host = config.monitor_tls, parse_address(config.monitor_server, fail_as=ConfigError)[0]
             entry = {"env": route_environment(dict(os.environ)), "folder": self.folder,
-                     "files": {str(path): file_stamp(path) for path in self.config_files},
+                     "files": {str(path.absolute()): file_stamp(path) for path in self.config_files},
                      "url": f"{'https' if tls else 'http'}://{host}:{http_port}{page}",
                      "token": config.monitor_token,
                      "tls": tls and {"ca": tls.ca and str(tls.ca), "cert": tls.cert and str(tls.cert),
                                      "key": tls.key and str(tls.key), "server_name": tls.server_name},
-                     "wait_s": wait_s, "stdin_wait_s": stdin_wait_s, "stdin_limit": PAGE_MAX_BODY // 2, "body": body}
+                     "wait_s": wait_s, "stdin_wait_s": stdin_wait_s, "stdin_max": MAX_VALUE_CHARS,
+                     "stdin_limit": PAGE_MAX_BODY // 2, "body": body}
         try:
             routes = json.loads(self.file.read_text())
         except (OSError, ValueError):
@@ -7285,7 +7327,7 @@ class QuickRoute:
         if routes.get(key) == entry:
             return
         routes.pop(key, None)
-        if entry:
+        if entry and page_answers(entry["url"], config, wait_s):
             routes[key] = entry
         try:  # readable by its user only: it holds the token
             write_atomically(self.file, json.dumps(dict(list(routes.items())[-ROUTES_KEPT:])).encode(), 0o600)
@@ -7331,9 +7373,9 @@ def run_quick_query(config: Config, template: str | None, as_json: bool, agent: 
         figures = fetch_quick_figures(client, config, now_ms(), wanted, agent)
         say_if_go_ccmon(client, quick_values(figures), config.monitor_server)
         if route is not None and not as_json:
-            route.remember(config, QUICK_QUERY_PAGE, client.server_info().quick_route_http_port,
-                           {"template": template or "", "agent": agent or "",
-                            "settings": dict(config.figure_settings)}, QUICK_QUERY_WAIT_S)
+            route.remember(config, client, QUICK_QUERY_PAGE, {"template": template or "", "agent": agent or "",
+                                                              "settings": dict(config.figure_settings)},
+                           QUICK_QUERY_WAIT_S)
     except ServerUnreachable as exc:
         print(f"ccmon: cannot reach the ccmon server at {config.monitor_server}: {printable(str(exc))}",
               file=sys.stderr)
@@ -7559,8 +7601,7 @@ def status_line_with_server(config: Config, template: str | None, data: dict, re
         line = status_line_from(client, config, template, data, reading, now)
         if route is not None:  # a template with quick query figures has none: they are the client's to work out
             template = template or DEFAULT_STATUS_LINE
-            route.remember(config, None if needs_client_settings(template) else STATUS_LINE_PAGE,
-                           client.server_info().quick_route_http_port,
+            route.remember(config, client, None if needs_client_settings(template) else STATUS_LINE_PAGE,
                            {"template": template, "timezone": config.monitor_timezone}, config.status_line_wait_s,
                            STATUS_INPUT_WAIT_S)
         return line

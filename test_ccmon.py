@@ -7517,11 +7517,12 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
                         env={"CCMON_TOKEN": token}).start()
     env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "CCMON_TOKEN": token}
 
-    def status_line_from_pyz(*extra: str) -> subprocess.CompletedProcess:
+    def status_line_from_pyz(*extra: str, stdin: dict | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-X", "importtime", *bare(pyz)[1:], "statusline", "--monitor-server",
                                f"https://127.0.0.1:{srv.port}", "--monitor-tls-ca", str(cert), "--monitor-timezone",
-                               "UTC", "--monitor-statusline-wait", "20s", *extra], input=json.dumps(live_input("s-q")),
-                              capture_output=True, text=True, cwd=tmp_path, timeout=60, env=env)
+                               "UTC", "--monitor-statusline-wait", "20s", *extra],
+                              input=json.dumps(stdin or live_input("s-q")), capture_output=True, text=True,
+                              cwd=tmp_path, timeout=60, env=env)
 
     def of_ccmon(result: subprocess.CompletedProcess) -> list[str]:
         return [name for name in imported_modules(result.stderr) if name.startswith(("ccmon", "grpc", "google"))]
@@ -7533,7 +7534,8 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
         full = status_line_from_pyz()
         assert full.returncode == 0 and "ccmon" in of_ccmon(full)
         assert full.stdout.startswith("Sonnet 4.5 | ctx 3% | session $1.25 | today $1.25 | 5h 42% (resets ")
-        routes = tmp_path / "cache" / "ccmon" / "quick-routes.json"
+        [build] = [path for path in (tmp_path / "cache" / "ccmon").iterdir() if path.is_dir()]
+        routes = build / "quick-routes.json"  # the build's: a new one starts without
         assert stat.S_IMODE(routes.stat().st_mode) == 0o600  # it holds the token
         assert json.loads(routes.read_text())[json.dumps(["statusline", "--monitor-server",
                                                           f"https://127.0.0.1:{srv.port}", "--monitor-tls-ca",
@@ -7552,6 +7554,14 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
         plan = status_line_from_pyz("--format", "@model @daily_plan_usage")
         assert re.fullmatch(r"Sonnet 4\.5 \d+%\n", plan.stdout) and of_ccmon(plan) != []
         assert of_ccmon(status_line_from_pyz("--format", "@model @daily_plan_usage")) != []
+        # Input larger than the page takes (32 KB) is handed on whole to the full run, which reads up to 1 MB.
+        large = status_line_from_pyz(stdin={**live_input("s-q"), "padding": "x" * 40_000})
+        assert (large.stdout, of_ccmon(large) != []) == (full.stdout, True)
+        # A route the bootstrap cannot read: the full run, which writes it anew.
+        written = routes.read_text()
+        routes.write_text(json.dumps({key: {"env": route["env"]} for key, route in json.loads(written).items()}))
+        odd = status_line_from_pyz()
+        assert (odd.stdout, of_ccmon(odd) != []) == (full.stdout, True) and routes.read_text() == written
         # The server gone: the full run, with stdin as Claude Code wrote it, and the line from it alone.
         assert srv.stop() == 0
         gone = status_line_from_pyz()
@@ -7583,6 +7593,7 @@ def test_the_server_renders_the_status_line_and_format_for_the_quick_route(tmp_p
             "problem": "ccmon statusline: stdin is not JSON (8 characters); showing server figures only"})
         for headers, sent, status, error in (
                 ({}, body, 401, "missing or wrong bearer token"),
+                ({**auth, "Content-Type": "text/plain"}, body, 415, "the body is sent as application/json"),
                 (auth, [1], 400, "the body is not a JSON object"),
                 (auth, {"input": 1}, 400, 'the body is a JSON object {"input": TEXT, "template": TEXT, "timezone": '
                                           'ZONE}'),
@@ -7610,6 +7621,15 @@ def test_the_server_renders_the_status_line_and_format_for_the_quick_route(tmp_p
                  "the quick query's settings: not the setting of a figure: database.path, server.token")):
             response, data = web(srv.http_port, "/api/format", "POST", auth, json.dumps(sent).encode())
             assert (response.status, json.loads(data)) == (400, {"error": error})
+        # A route is written only to a page that answers as ccmon's: not to another path or service, nor without
+        # the token.
+        config = dataclasses.replace(ccmon.figure_config({}, "defaults"), monitor_server=srv.target,
+                                     monitor_token="page-token")
+        assert ccmon.page_answers(f"http://127.0.0.1:{srv.http_port}/api/format", config, 5)
+        assert not ccmon.page_answers(f"http://127.0.0.1:{srv.http_port}/v1/logs", config, 5)
+        assert not ccmon.page_answers(f"http://127.0.0.1:{srv.port}/api/format", config, 5)  # gRPC's port
+        assert not ccmon.page_answers(f"http://127.0.0.1:{srv.http_port}/api/format",
+                                      dataclasses.replace(config, monitor_token=""), 5)
     finally:
         srv.stop()
 
@@ -7671,8 +7691,8 @@ def test_pyz_runs_on_every_cpython_here(pyz, pythons, tmp_path):
         finally:
             assert srv.stop() == 0
     # One build folder, and in it each version with its own grpc extension only.
-    [build] = [path for path in (tmp_path / "cache" / "ccmon").iterdir() if path.is_dir()]  # and quick-routes.json
-    assert sorted(p.name for p in build.iterdir()) == sorted(f"cp{major}{minor}" for major, minor in supported)
+    [build] = (tmp_path / "cache" / "ccmon").iterdir()
+    assert sorted(p.name for p in build.iterdir() if p.is_dir()) == sorted(f"cp{major}{minor}" for major, minor in supported)
     for major, minor in supported:
         cygrpc = [p.name for p in (build / f"cp{major}{minor}" / "grpc" / "_cython").glob("cygrpc.*")]
         assert cygrpc == [f"cygrpc.cpython-{major}{minor}-{os.uname().machine}-linux-gnu.so"]
