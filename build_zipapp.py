@@ -208,9 +208,13 @@ def quick_answer():
         put_back_stdin(received)
         return False
     if answer.get("problem"):
-        sys.stderr.write(answer["problem"] + "\\n")
-    sys.stdout.write(answer["line"] + "\\n")
+        sys.stderr.write(str(answer["problem"]).translate(CONTROL_ESCAPES) + "\\n")
+    sys.stdout.write(answer["line"].translate(CONTROL_ESCAPES) + "\\n")
     return True
+
+
+# As ccmon's printable: what a server answers reaches the terminal with each control character as its escape
+CONTROL_ESCAPES = dict((code, "\\\\x%02x" % code) for code in list(range(0x20)) + list(range(0x7f, 0xa0)))
 
 
 def file_stamp(path):

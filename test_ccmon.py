@@ -7580,8 +7580,32 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
         # Input larger than the page takes (32 KB) is handed on whole to the full run, which reads up to 1 MB.
         large = status_line_from_pyz(stdin={**live_input("s-q"), "padding": "x" * 40_000})
         assert (large.stdout, of_ccmon(large) != []) == (full.stdout, True)
-        # A route the bootstrap cannot read: the full run, which writes it anew.
+        # What a server answers is shown, not obeyed: its control characters as escapes, as ccmon shows any text.
+        import http.server
+
+        class HostileServer(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                answer = json.dumps({"line": "\x1b]0;owned\x07red", "problem": "\x1b[2J"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        hostile = http.server.HTTPServer(("127.0.0.1", 0), HostileServer)
+        threading.Thread(target=hostile.serve_forever, daemon=True).start()
         written = routes.read_text()
+        routes.write_text(json.dumps({key: {**entry, "url": f"http://127.0.0.1:{hostile.server_address[1]}/api/"
+                                                           "statusline"} for key, entry in json.loads(written).items()}))
+        shown = status_line_from_pyz()
+        hostile.shutdown()
+        routes.write_text(written)
+        assert (shown.stdout, of_ccmon(shown)) == ("\\x1b]0;owned\\x07red\n", [])
+        assert [line for line in shown.stderr.splitlines() if not line.startswith("import time:")] == ["\\x1b[2J"]
+        # A route the bootstrap cannot read: the full run, which writes it anew.
         routes.write_text(json.dumps({key: {"env": route["env"]} for key, route in json.loads(written).items()}))
         odd = status_line_from_pyz()
         assert (odd.stdout, of_ccmon(odd) != []) == (full.stdout, True) and routes.read_text() == written
