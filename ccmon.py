@@ -6145,7 +6145,10 @@ class Client:
         target = re.sub(r"^https?://", "", self.address, flags=re.IGNORECASE).rstrip("/")
         tls = self._tls
         if tls:
-            credentials = grpc.ssl_channel_credentials(read_pem(tls.ca), read_pem(tls.key), read_pem(tls.cert))
+            try:
+                credentials = grpc.ssl_channel_credentials(read_pem(tls.ca), read_pem(tls.key), read_pem(tls.cert))
+            except OSError as exc:  # checked when the configuration was read; gone or changed since
+                raise ServerUnreachable(f"cannot read the TLS files: {exc.strerror} ({exc.filename})") from None
             options = [("grpc.ssl_target_name_override", tls.server_name)] if tls.server_name else []
             self._channel = grpc.secure_channel(target, credentials, options)
         else:
@@ -7261,7 +7264,7 @@ def file_stamp(path: Path) -> list[int] | None:
 def page_answers(url: str, config: Config, wait_s: float) -> bool:
     """Whether `url` is one of ccmon's JSON pages, reached as the server's port was named (not remapped by a
     container or a proxy, not another service's): an empty request, with the token, gets its 400 in JSON."""
-    parts = urlsplit(url)
+    parts, connection = urlsplit(url), None
     try:
         if parts.scheme == "https":
             tls = config.monitor_tls
@@ -7273,16 +7276,25 @@ def page_answers(url: str, config: Config, wait_s: float) -> bool:
                                                   server_hostname=tls.server_name or parts.hostname)
         else:
             connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=wait_s)
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {config.monitor_token}"}
-                                                          if config.monitor_token else {})}
+        headers = {"Content-Type": JSON, **({"Authorization": f"Bearer {config.monitor_token}"}
+                                            if config.monitor_token else {})}
         connection.request("POST", parts.path, b"{}", headers)
         response = connection.getresponse()
-        answer = json.loads(response.read())
-        answered = response.status == 400 and isinstance(answer, dict) and "error" in answer
-        connection.close()
-        return answered
-    except (OSError, ValueError, http.client.HTTPException):
+        answer = json.loads(response.read(PAGE_MAX_BODY))
+        return response.status == 400 and isinstance(answer, dict) and "error" in answer
+    except (OSError, ValueError, RecursionError, http.client.HTTPException):
         return False
+    finally:
+        if connection is not None:
+            connection.close()
+
+
+def route_folder(explicit: str | None, search_cwd: bool) -> str | None:
+    """The folder a route depends on: the current one, when the configuration is looked for there or named from
+    there (a relative --config); None when it is not."""
+    if explicit:
+        return None if Path(explicit).expanduser().is_absolute() else str(Path.cwd())
+    return str(Path.cwd()) if search_cwd else None
 
 
 def route_environment(environ: dict[str, str]) -> dict[str, str]:
@@ -7307,6 +7319,8 @@ class QuickRoute:
         or a server without the pages, drops it. Never fails the command: a route not written only costs the next
         run its speed."""
         key, entry = json.dumps(list(self.words)), None
+        if CONTROL_CHARACTERS.search(body.get("template", "")):
+            page = None  # colours of its own: the bootstrap escapes what a server sends, so the full run prints it
         try:
             http_port = client.server_info().quick_route_http_port if page else 0
         except ServerUnreachable:
@@ -11702,8 +11716,8 @@ def run_command(argv: list[str], quick_routes: str | None = None) -> int:
         except (ConfigError, ServerError) as exc:  # still a line, from stdin alone: never blank
             print(f"ccmon: config error: {exc}" if isinstance(exc, ConfigError) else f"ccmon: {exc}", file=sys.stderr)
             config = None
-        route = QuickRoute(Path(quick_routes), tuple(argv), tuple(config_file_candidates(args.config, False))) \
-            if quick_routes else None
+        route = QuickRoute(Path(quick_routes), tuple(argv), tuple(config_file_candidates(args.config, False)),
+                           route_folder(args.config, False)) if quick_routes else None
         return run_status_line(config, args.format, route=route)
     if mode == "doctor":  # a config error is one of the links it reports
         return run_doctor(args, dict(os.environ), Path.home())
@@ -11729,7 +11743,7 @@ def run_command(argv: list[str], quick_routes: str | None = None) -> int:
             return run_import(config, args)
         if mode in ("--format", "--json"):  # --format in a status bar: a route to the server for the next one
             route = QuickRoute(Path(quick_routes), tuple(argv), tuple(config_file_candidates(args.config, True)),
-                               None if args.config else str(Path.cwd())) if quick_routes else None
+                               route_folder(args.config, True)) if quick_routes else None
             return run_quick_query(config, args.format, args.json, args.agent, route)
         return run_monitor(config, notice)
     except ConfigError as exc:

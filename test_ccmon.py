@@ -7560,11 +7560,9 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
         [build] = [path for path in (tmp_path / "cache" / "ccmon").iterdir() if path.is_dir()]
         routes = build / "quick-routes.json"  # the build's: a new one starts without
         assert stat.S_IMODE(routes.stat().st_mode) == 0o600  # it holds the token
-        assert json.loads(routes.read_text())[json.dumps(["statusline", "--monitor-server",
-                                                          f"https://127.0.0.1:{srv.port}", "--monitor-tls-ca",
-                                                          str(cert), "--monitor-timezone", "UTC",
-                                                          "--monitor-statusline-wait", "20s"])]["url"] == \
-            f"https://127.0.0.1:{srv.http_port}/api/statusline"
+        key = json.dumps(["statusline", "--monitor-server", f"https://127.0.0.1:{srv.port}", "--monitor-tls-ca",
+                          str(cert), "--monitor-timezone", "UTC", "--monitor-statusline-wait", "20s"])
+        assert json.loads(routes.read_text())[key]["url"] == f"https://127.0.0.1:{srv.http_port}/api/statusline"
         quick = status_line_from_pyz()
         assert (quick.returncode, quick.stdout, of_ccmon(quick)) == (0, full.stdout, [])
         assert db_rows(srv.db, "SELECT s.session_id, five_hour_percent FROM limit_readings JOIN sessions s ON "
@@ -7577,6 +7575,22 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
         plan = status_line_from_pyz("--format", "@model @daily_plan_usage")
         assert re.fullmatch(r"Sonnet 4\.5 \d+%\n", plan.stdout) and of_ccmon(plan) != []
         assert of_ccmon(status_line_from_pyz("--format", "@model @daily_plan_usage")) != []
+        # A template with colours of its own has no route: the quick route shows a server's control characters as
+        # escapes, and the full run prints the template as written.
+        colours = [status_line_from_pyz("--format", "\x1b[32m@model\x1b[0m") for _ in range(2)]
+        assert [(result.stdout, of_ccmon(result) != []) for result in colours] == [("\x1b[32mSonnet 4.5\x1b[0m\n", True)] * 2
+        # A config named from the folder it runs in (a relative --config) ties the route to that folder.
+        (tmp_path / "cfg.toml").write_text('[claude]\nplan = "pro"\n')
+        named = [status_line_from_pyz("--config", "cfg.toml") for _ in range(2)]
+        assert [of_ccmon(result) != [] for result in named] == [True, False]
+        elsewhere = tmp_path / "project-b"
+        elsewhere.mkdir()
+        moved = subprocess.run([sys.executable, "-X", "importtime", *bare(pyz)[1:], "statusline", "--monitor-server",
+                                f"https://127.0.0.1:{srv.port}", "--monitor-tls-ca", str(cert), "--monitor-timezone",
+                                "UTC", "--monitor-statusline-wait", "20s", "--config", "cfg.toml"],
+                               input=json.dumps(live_input("s-q")), capture_output=True, text=True, cwd=elsewhere,
+                               timeout=60, env=env)
+        assert of_ccmon(moved) != [] and "--config: no such file" in moved.stderr
         # Input larger than the page takes (32 KB) is handed on whole to the full run, which reads up to 1 MB.
         large = status_line_from_pyz(stdin={**live_input("s-q"), "padding": "x" * 40_000})
         assert (large.stdout, of_ccmon(large) != []) == (full.stdout, True)
@@ -7608,7 +7622,8 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
         # A route the bootstrap cannot read: the full run, which writes it anew.
         routes.write_text(json.dumps({key: {"env": route["env"]} for key, route in json.loads(written).items()}))
         odd = status_line_from_pyz()
-        assert (odd.stdout, of_ccmon(odd) != []) == (full.stdout, True) and routes.read_text() == written
+        rewritten, before = json.loads(routes.read_text()), json.loads(written)
+        assert (odd.stdout, of_ccmon(odd) != []) == (full.stdout, True) and rewritten[key] == before[key]
         # The server gone: the full run, with stdin as Claude Code wrote it, and the line from it alone.
         assert srv.stop() == 0
         gone = status_line_from_pyz()
@@ -7617,6 +7632,38 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
     finally:
         if srv.proc.poll() is None:
             srv.stop()
+
+
+def test_a_route_is_not_written_to_what_answers_unlike_ccmon_nor_read_from_unreadable_tls_files(tmp_path):
+    """page_answers takes only ccmon's own 400 in JSON: not a body too deeply nested to parse (which ended a full
+    status line run with a traceback). A client whose TLS files went away since the configuration was read says
+    so at its first call, as it says every failure (ServerUnreachable), rather than ending the monitor's poller."""
+    import http.server
+
+    class Nested(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            answer = b"[" * 100_000
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    nested = http.server.HTTPServer(("127.0.0.1", 0), Nested)
+    threading.Thread(target=nested.serve_forever, daemon=True).start()
+    try:
+        assert not ccmon.page_answers(f"http://127.0.0.1:{nested.server_address[1]}/api/statusline",
+                                      ccmon.figure_config({}, "defaults"), 5)
+    finally:
+        nested.shutdown()
+    client = ccmon.Client("https://127.0.0.1:9", tls=ccmon.TLSFiles(ca=tmp_path / "gone.pem"))
+    with pytest.raises(ccmon.ServerUnreachable, match=rf"^cannot read the TLS files: No such file or directory "
+                                                      rf"\({re.escape(str(tmp_path))}/gone\.pem\)$"):
+        client.stats(None, ccmon.now_ms())
+    client.close()
 
 
 def test_the_server_renders_the_status_line_and_format_for_the_quick_route(tmp_path):
