@@ -7522,6 +7522,32 @@ def test_pyz_version_names_the_build_without_unpacking_or_grpc(pyz, tmp_path):
     assert os.listdir(tmp_path / "cache" / "ccmon") == [match.group(1)]
 
 
+@contextlib.contextmanager
+def canned_http_server(status: int, body: bytes):
+    """A loopback HTTP server that answers every POST with `status` and `body`, as some server that is not ccmon
+    might; yields its port."""
+    import http.server
+
+    class Canned(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Canned)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def imported_modules(importtime_stderr: str) -> list[str]:
     """The modules `python -X importtime` reports, from its stderr."""
     return [line.rsplit("|", 1)[1].strip() for line in importtime_stderr.splitlines()
@@ -7595,27 +7621,12 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
         large = status_line_from_pyz(stdin={**live_input("s-q"), "padding": "x" * 40_000})
         assert (large.stdout, of_ccmon(large) != []) == (full.stdout, True)
         # What a server answers is shown, not obeyed: its control characters as escapes, as ccmon shows any text.
-        import http.server
-
-        class HostileServer(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                answer = json.dumps({"line": "\x1b]0;owned\x07red", "problem": "\x1b[2J"}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        hostile = http.server.HTTPServer(("127.0.0.1", 0), HostileServer)
-        threading.Thread(target=hostile.serve_forever, daemon=True).start()
         written = routes.read_text()
-        routes.write_text(json.dumps({key: {**entry, "url": f"http://127.0.0.1:{hostile.server_address[1]}/api/"
-                                                           "statusline"} for key, entry in json.loads(written).items()}))
-        shown = status_line_from_pyz()
-        hostile.shutdown()
+        with canned_http_server(200, json.dumps({"line": "\x1b]0;owned\x07red", "problem": "\x1b[2J"}).encode()) \
+                as hostile:
+            routes.write_text(json.dumps({key: {**entry, "url": f"http://127.0.0.1:{hostile}/api/statusline"}
+                                          for key, entry in json.loads(written).items()}))
+            shown = status_line_from_pyz()
         routes.write_text(written)
         assert (shown.stdout, of_ccmon(shown)) == ("\\x1b]0;owned\\x07red\n", [])
         assert [line for line in shown.stderr.splitlines() if not line.startswith("import time:")] == ["\\x1b[2J"]
@@ -7638,27 +7649,9 @@ def test_a_route_is_not_written_to_what_answers_unlike_ccmon_nor_read_from_unrea
     """page_answers takes only ccmon's own 400 in JSON: not a body too deeply nested to parse (which ended a full
     status line run with a traceback). A client whose TLS files went away since the configuration was read says
     so at its first call, as it says every failure (ServerUnreachable), rather than ending the monitor's poller."""
-    import http.server
-
-    class Nested(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            answer = b"[" * 100_000
-            self.send_response(400)
-            self.send_header("Content-Length", str(len(answer)))
-            self.end_headers()
-            self.wfile.write(answer)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    nested = http.server.HTTPServer(("127.0.0.1", 0), Nested)
-    threading.Thread(target=nested.serve_forever, daemon=True).start()
-    try:
-        assert not ccmon.page_answers(f"http://127.0.0.1:{nested.server_address[1]}/api/statusline",
-                                      ccmon.figure_config({}, "defaults"), 5)
-    finally:
-        nested.shutdown()
+    with canned_http_server(400, b"[" * 100_000) as nested:
+        assert not ccmon.page_answers(f"http://127.0.0.1:{nested}/api/statusline", ccmon.figure_config({}, "defaults"),
+                                      5)
     client = ccmon.Client("https://127.0.0.1:9", tls=ccmon.TLSFiles(ca=tmp_path / "gone.pem"))
     with pytest.raises(ccmon.ServerUnreachable, match=rf"^cannot read the TLS files: No such file or directory "
                                                       rf"\({re.escape(str(tmp_path))}/gone\.pem\)$"):
