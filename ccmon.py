@@ -1953,6 +1953,18 @@ def total_everyone(conn: sqlite3.Connection) -> None:
                  "GROUP BY 1, 2")
 
 
+def sum_rollups_per_transaction(conn: sqlite3.Connection) -> None:
+    """Version 14: usage_rollup and total_hourly are no longer kept by triggers, an upsert per row on each, but by
+    the writer at the end of each transaction, from the rows it added and removed (see settle_rollups), as
+    usage_daily and total_daily now are instead of recomputed a day at a time. Rows that imports and backfills
+    spread over many keys made each trigger's upsert a random page write; summed per key, each key is written once
+    a transaction (twice as fast on a backfill). session_usage keeps its triggers: a transaction touches few of its
+    keys, and counters_kept reads it between a job's writes."""
+    for table in ("usage_rollup", "total_hourly"):
+        conn.execute(f"DROP TRIGGER {table}_insert")
+        conn.execute(f"DROP TRIGGER {table}_delete")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
@@ -1960,7 +1972,8 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, 
                                                           find_request_ids_within_sessions, count_receipts,
                                                           record_agents, keep_counters_monotonic,
                                                           mark_reading_agents, number_metric_series,
-                                                          index_readings_by_agent, total_everyone]
+                                                          index_readings_by_agent, total_everyone,
+                                                          sum_rollups_per_transaction]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -2295,8 +2308,7 @@ SESSION_HAS_TELEMETRY = ("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.s
                          f"WHERE s.session_id = ?1 AND a.name = ?2 AND {origin_in(EVENT_ORIGINS, 'r.origin')} LIMIT 1")
 # A session's rows imported from its agent's history, which that agent's telemetry of the session replaces.
 SESSION_HISTORY_REPLACED = ("DELETE FROM requests WHERE session = (SELECT id FROM sessions WHERE session_id = ?1) AND "
-                            f"agent = (SELECT id FROM agents WHERE name = ?2) AND {origin_in(TRANSCRIPT_ORIGINS)} "
-                            "RETURNING ts")
+                            f"agent = (SELECT id FROM agents WHERE name = ?2) AND {origin_in(TRANSCRIPT_ORIGINS)}")
 
 
 def joined_by_session(conn: sqlite3.Connection, rows: Iterable[tuple]) -> set[tuple[str, str]]:
@@ -2410,6 +2422,40 @@ def counters_kept(conn: sqlite3.Connection, sessions: Iterable[int]) -> Iterator
 METRIC_USAGE_REPLACED_BY = origin_in(origin for origin in ORIGIN_RULES if ORIGIN_METRICS in replaced_by(origin))
 
 
+# The rollups the writer adds each transaction's changed rows to (see settle_rollups), table -> its key as expressions
+# over a requests row; session_usage is kept by its triggers (see sum_rollups_per_transaction).
+SUMMED_ROLLUPS = {"usage_rollup": {"bucket": f"ts - ts % {BUCKET_MS}", "model": "model", "user": "user"},
+                  "usage_daily": {"bucket": f"ts - ts % {DAY_MS}", "model": "model", "user": "user"},
+                  "total_hourly": {"bucket": f"ts - ts % {HOUR_MS}", "model": "model"},
+                  "total_daily": {"bucket": f"ts - ts % {DAY_MS}", "model": "model"}}
+SETTLE_ROLLUPS = [statement for table, key in SUMMED_ROLLUPS.items() for statement in (
+    f"INSERT INTO {table} ({', '.join([*key, *FIGURES])}) SELECT {', '.join(key.values())}, "
+    f"{', '.join(f'SUM({c})' for c in FIGURES)} FROM changed_requests WHERE true GROUP BY "
+    f"{', '.join(map(str, range(1, len(key) + 1)))} ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+    f"{', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}",
+    f"DELETE FROM {table} WHERE rows = 0 AND ({', '.join(key)}) IN (SELECT {', '.join(key.values())} FROM "
+    "changed_requests WHERE rows < 0)")] + ["DELETE FROM changed_requests"]
+
+
+def track_request_changes(conn: sqlite3.Connection) -> None:
+    """Have this connection (the writer's) note each requests row it adds or removes, with its FIGURES (negated when
+    removed), in changed_requests: a TEMP table and triggers, which only this connection has, in memory."""
+    conn.execute("PRAGMA temp_store = MEMORY")
+    conn.execute(f"CREATE TEMP TABLE changed_requests (ts INTEGER NOT NULL, model INTEGER NOT NULL, "
+                 f"user INTEGER NOT NULL, {FIGURE_COLUMNS})")
+    for change, row, sign in (("INSERT", "NEW.", ""), ("DELETE", "OLD.", "-")):
+        figures = ", ".join(sign + expression.format(r=row) for expression in FIGURES.values())
+        conn.execute(f"CREATE TEMP TRIGGER requests_{change.lower()}_noted AFTER {change} ON main.requests BEGIN "
+                     f"INSERT INTO changed_requests VALUES ({row}ts, {row}model, {row}user, {figures}); END")
+
+
+def settle_rollups(conn: sqlite3.Connection) -> None:
+    """Add the requests rows noted since the last call (see track_request_changes) to SUMMED_ROLLUPS, one upsert per
+    key, and delete the keys left without rows. In the writing transaction, before its COMMIT."""
+    for statement in SETTLE_ROLLUPS:
+        conn.execute(statement)
+
+
 def insert_sql(table: str, columns: tuple) -> str:
     return f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
@@ -2428,6 +2474,7 @@ class Writer:
         try:
             # State of the writer thread alone: the write connection, interned ids, the failure streak.
             self._write_conn = open_database(path)
+            track_request_changes(self._write_conn)
             real = Path(os.path.realpath(path))  # SQLite keeps its -wal beside the file, not beside a symlink
             self._file.watch(real.with_name(real.name + "-wal"))
         except (StorageError, OSError) as exc:
@@ -2574,6 +2621,7 @@ class Writer:
                     conn.execute("RELEASE job")
                     self._ids.clear()  # ids interned by the rolled-back job are gone
                     results.append((None, StorageUnavailable(f"the write failed: {exc}")))
+            settle_rollups(conn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
@@ -2686,27 +2734,21 @@ class Writer:
         return found
 
     def _insert_resolved(self, conn: sqlite3.Connection, batch: Batch, requests: list, metrics: list) -> int:
-        new, days = 0, set()
+        new = 0
         if requests:
-            days.update(self._replace_session_less_metrics(conn, batch.requests))
+            self._replace_session_less_metrics(conn, batch.requests)
             replaced = replaced_by(ORIGIN_EVENT)
-            usage = f"DELETE FROM requests WHERE session = ? AND {origin_in(replaced - REQUEST_ORIGINS)} RETURNING ts"
+            usage = f"DELETE FROM requests WHERE session = ? AND {origin_in(replaced - REQUEST_ORIGINS)}"
             for session in {row[1] for row in requests}:  # api_request events win over metric-derived usage
-                gone = conn.execute(usage, (session,)).fetchall()
-                days.update(ts - ts % DAY_MS for ts, in gone)
+                conn.execute(usage, (session,))
             if self._has_imported(conn):  # and over a transcript's copy of the same request (Claude Code's cost)
                 agent = REQUEST_COLUMNS.index("agent")
                 for pair in {(row[1], row[agent]) for row in batch.requests if row[agent] in JOINED_BY_SESSION}:
-                    days.update(ts - ts % DAY_MS for ts, in conn.execute(SESSION_HISTORY_REPLACED, pair).fetchall())
+                    conn.execute(SESSION_HISTORY_REPLACED, pair)
                 request_id = REQUEST_COLUMNS.index("request_id")
-                copies = (f"DELETE FROM requests WHERE request_id = ? AND {origin_in(replaced & REQUEST_ORIGINS)} "
-                          "RETURNING ts")
-                for row in requests:
-                    if row[request_id] is not None:
-                        gone = conn.execute(copies, (row[request_id],)).fetchall()
-                        days.update(ts - ts % DAY_MS for ts, in gone)
+                copies = f"DELETE FROM requests WHERE request_id = ? AND {origin_in(replaced & REQUEST_ORIGINS)}"
+                conn.executemany(copies, [(row[request_id],) for row in requests if row[request_id] is not None])
             new += conn.executemany(insert_sql("requests", REQUEST_COLUMNS), requests).rowcount
-            days.update(row[0] - row[0] % DAY_MS for row in requests)
             request_id = REQUEST_COLUMNS.index("request_id")
             for window in tuple(self._copy_windows):  # imports under way have read the rows stored before these
                 for row in requests:
@@ -2719,15 +2761,14 @@ class Writer:
             for row in self._not_resent(conn, "metric_points", METRIC_COLUMNS, metrics):
                 if conn.execute(insert_sql("metric_points", METRIC_COLUMNS), row).rowcount:  # new, not a resend
                     new += 1
-                    days.update(self._usage_from_metric(conn, dict(zip(METRIC_COLUMNS, row))))
+                    self._usage_from_metric(conn, dict(zip(METRIC_COLUMNS, row)))
         for session_id, turn_id, cost in batch.turn_costs:
-            days.update(self._price_turn(conn, session_id, turn_id, cost))
+            self._price_turn(conn, session_id, turn_id, cost)
         for session, project in batch.projects.items():  # a project the user named wins over a status line's folder
             conn.execute("UPDATE sessions SET project = ? WHERE session_id = ? AND project IS NOT ?",
                          (project, session, project))
         if batch.receipt:
             self._count_receipt(conn, batch.receipt)
-        self._refresh_days(conn, days)
         return new
 
     @staticmethod
@@ -2793,7 +2834,7 @@ class Writer:
 
     def _import_chunk(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
                       user: str, window: CopyWindow) -> ImportCounts:
-        users, days = {}, set()
+        users = {}
         origin = REQUEST_COLUMNS.index("origin")
         replaced = frozenset().union(*map(replaced_by, {row[origin] for row in rows})) - REQUEST_ORIGINS
         for session_id in {row[1] for row in rows}:
@@ -2801,9 +2842,8 @@ class Writer:
             known = conn.execute("SELECT u.name FROM session_usage su JOIN users u ON u.id = su.user WHERE "
                                  "su.session = ? ORDER BY su.last_ts DESC LIMIT 1", (session,)).fetchone()
             users[session_id] = known[0] if known else user
-            gone = conn.execute(f"DELETE FROM requests WHERE session = ? AND {origin_in(replaced)} RETURNING ts",
-                                (session,)).fetchall()  # requests win over metric-derived usage, as events do
-            days.update(ts - ts % DAY_MS for ts, in gone)
+            conn.execute(f"DELETE FROM requests WHERE session = ? AND {origin_in(replaced)}",
+                         (session,))  # requests win over metric-derived usage, as events do
             if projects.get(session_id):
                 conn.execute("UPDATE sessions SET project = ? WHERE id = ? AND project IS NULL",
                              (projects[session_id], session))
@@ -2811,7 +2851,7 @@ class Writer:
         agent, by_telemetry = REQUEST_COLUMNS.index("agent"), joined_by_session(conn, rows)
         with_users = [row[:user_index] + (users[row[1]],) + row[user_index + 1:] for row in rows
                       if not window.has(row[request_id], row[0]) and (row[1], row[agent]) not in by_telemetry]
-        days.update(self._replace_session_less_metrics(conn, with_users))  # a history wins as events do
+        self._replace_session_less_metrics(conn, with_users)  # a history wins as events do
         resolved = self._resolve(conn, "requests", REQUEST_COLUMNS, with_users)
         model = REQUEST_COLUMNS.index("model")
         self._own_models(conn, {(row[model], row[agent]) for row in resolved})  # as telemetry's calls name them
@@ -2823,22 +2863,20 @@ class Writer:
         imported = conn.executemany(sql, resolved).rowcount if resolved else 0
         if imported:
             self._imported = True
-            days.update(row[0] - row[0] % DAY_MS for row in rows)
-        self._refresh_days(conn, days)
         return ImportCounts(imported, len(rows) - imported)
 
-    def _price_turn(self, conn: sqlite3.Connection, session_id: str, turn_id: str, cost: int) -> list[int]:
+    def _price_turn(self, conn: sqlite3.Connection, session_id: str, turn_id: str, cost: int) -> None:
         """Codex's own cost of a turn replaces ccmon's estimates of the turn's responses: its conversation's responses
         still estimated from the turn's start (the time in its UUIDv7 id) up to the conversation's next user prompt,
         shared in proportion to the estimates. Nothing when none are stored (or the id tells no time): the estimates
-        stay. The days changed."""
+        stay."""
         start = uuid7_ms(turn_id)
         session = self._intern(conn, "sessions", "session_id", session_id)
         rows = conn.execute(f"SELECT id, {', '.join(REQUEST_COLUMNS)} FROM requests WHERE session = ? AND ts >= ? AND "
                             f"origin = {ORIGIN_EVENT_ESTIMATED} ORDER BY ts, id", (session, start)).fetchall() \
             if start is not None else []
         if not rows:
-            return []
+            return
         ts, cost_at, origin = (1 + REQUEST_COLUMNS.index(c) for c in ("ts", "cost_nanos", "origin"))
         next_prompt = conn.execute("SELECT MIN(ts) FROM events WHERE session = ? AND name = 'codex.user_prompt' AND "
                                    "ts > ?", (session, rows[0][ts])).fetchone()[0]
@@ -2846,36 +2884,34 @@ class Writer:
         conn.execute(f"DELETE FROM requests WHERE id IN ({', '.join('?' * len(turn))})", [row[0] for row in turn])
         priced = [row[1:cost_at] + (share,) + row[cost_at + 1:origin] + (ORIGIN_EVENT,) + row[origin + 1:]
                   for row, share in zip(turn, shares(cost, [row[cost_at] for row in turn]))]
-        conn.executemany(insert_sql("requests", REQUEST_COLUMNS), priced)  # re-inserted: the triggers count them
-        return [row[ts] - row[ts] % DAY_MS for row in turn]
+        conn.executemany(insert_sql("requests", REQUEST_COLUMNS), priced)  # re-inserted: the rollups count them
 
     def _own_models(self, conn: sqlite3.Connection, models: set[tuple[int, int]]) -> None:
         """Name the agent of these (model id, agent id) pairs' models, where another agent's (see Split): a model is
         the agent's whose usage first named it, so one that already has usage stays whose it was (another agent
         naming claude-sonnet-4-5, or `unknown`, takes no usage away from Claude Code)."""
         claude = self._intern(conn, "agents", "name", CLAUDE_CODE)
+        if any(agent != claude for _, agent in models):
+            settle_rollups(conn)  # total_daily with this transaction's usage in it
         for model, agent in models:
             if agent != claude:
                 conn.execute("UPDATE models SET agent = ? WHERE id = ? AND agent != ? AND NOT EXISTS (SELECT 1 FROM "
                              "total_daily WHERE model = ?)", (agent, model, agent, model))
 
-    def _replace_session_less_metrics(self, conn: sqlite3.Connection, rows: list[tuple]) -> list[int]:
+    def _replace_session_less_metrics(self, conn: sqlite3.Connection, rows: list[tuple]) -> None:
         """Delete what another agent's session-less metrics counted near these rows' calls (events, or history) of
-        the same agent and user (see METRICS_SESSION_WINDOW_MS); the days changed."""
+        the same agent and user (see METRICS_SESSION_WINDOW_MS)."""
         agent, user, origin = (REQUEST_COLUMNS.index(c) for c in ("agent", "user", "origin"))
-        days = []
         for row in rows:
             if row[agent] == CLAUDE_CODE or row[origin] not in AGENT_CALL_ORIGINS:
                 continue
-            gone = conn.execute(
+            conn.execute(
                 f"DELETE FROM requests WHERE session = (SELECT id FROM sessions WHERE session_id = ?) AND ts BETWEEN "
-                f"? AND ? AND origin = {ORIGIN_METRICS_ESTIMATED} RETURNING ts",
+                f"? AND ? AND origin = {ORIGIN_METRICS_ESTIMATED}",
                 (metrics_session(row[agent], row[user]), row[0] - METRICS_SESSION_WINDOW_MS,
-                 row[0] + METRICS_SESSION_WINDOW_MS)).fetchall()
-            days.extend(ts - ts % DAY_MS for ts, in gone)
-        return days
+                 row[0] + METRICS_SESSION_WINDOW_MS))
 
-    def _usage_from_metric(self, conn: sqlite3.Connection, point: dict) -> list[int]:
+    def _usage_from_metric(self, conn: sqlite3.Connection, point: dict) -> None:
         """Count a cost/token data point as usage for a session without model-call events (metrics-only users);
         a cumulative point counts by its difference to the previous point of its series. Another agent's point
         naming no session counts in the agent's metrics session of its user, unless that agent's events of the user
@@ -2888,11 +2924,11 @@ class Writer:
                             f"{origin_in(AGENT_CALL_ORIGINS)} LIMIT 1",
                             (point["ts"] - METRICS_SESSION_WINDOW_MS, point["ts"] + METRICS_SESSION_WINDOW_MS,
                              self._intern(conn, "agents", "name", agent), point["user"])).fetchone():
-                return []  # that agent's events (or history) of this user win
+                return  # that agent's events (or history) of this user win
         if not fields or session == self._intern(conn, "sessions", "session_id", "") or \
                 conn.execute(f"SELECT 1 FROM requests WHERE session = ? AND {METRIC_USAGE_REPLACED_BY} LIMIT 1",
                              (session,)).fetchone():
-            return []  # not usage, no session to tell events from metrics (not counted), or events win
+            return  # not usage, no session to tell events from metrics (not counted), or events win
         value = point["value"]
         if point["temporality"] == 2:  # cumulative: the increase over the highest value the series had so far
             highest = conn.execute(
@@ -2902,14 +2938,14 @@ class Writer:
                  point["seq"])).fetchone()[0]
             value = max(0.0, value - highest) if highest is not None else value
         if value <= 0:
-            return []  # a repeated cumulative point: nothing new
+            return  # a repeated cumulative point: nothing new
         figures = dict.fromkeys(USAGE_COLUMNS, 0)
         try:
             amount = parse_usd_nanos(value, "cost") if "cost_nanos" in fields else parse_count(round(value), "tokens")
         except BadValue:
-            return []  # stored as a point, too large to be usage
+            return  # stored as a point, too large to be usage
         if amount > (MAX_REQUEST_USD * NANOS_PER_USD if "cost_nanos" in fields else MAX_REQUEST_TOKENS):
-            return []  # the same: more than usage can be in one point (see MAX_REQUEST_TOKENS)
+            return  # the same: more than usage can be in one point (see MAX_REQUEST_TOKENS)
         for field, sign in fields.items():
             figures[field] = sign * amount
         model = point["model"] or "unknown"
@@ -2923,19 +2959,6 @@ class Writer:
                "agent": self._intern(conn, "agents", "name", agent)}
         self._own_models(conn, {(row["model"], row["agent"])})
         conn.execute(insert_sql("requests", REQUEST_COLUMNS), [row[c] for c in REQUEST_COLUMNS])
-        return [point["ts"] - point["ts"] % DAY_MS]
-
-    @staticmethod
-    def _refresh_days(conn: sqlite3.Connection, days: Iterable[int]) -> None:
-        """Recompute usage_daily and total_daily for these UTC days from usage_rollup and total_hourly, in the
-        writing transaction."""
-        sums = ", ".join(f"SUM({c})" for c in FIGURES)
-        for day in days:
-            for table, source, key in (("usage_daily", "usage_rollup", "model, user"),
-                                       ("total_daily", "total_hourly", "model")):
-                conn.execute(f"DELETE FROM {table} WHERE bucket = ?", (day,))
-                conn.execute(f"INSERT INTO {table} SELECT ?, {key}, {sums} FROM {source} "
-                             f"WHERE bucket >= ? AND bucket < ? GROUP BY {key}", (day, day, day + DAY_MS))
 
     def sweep(self, older_than_ms: int) -> int:
         """Delete rows older than the cutoff, a chunk per transaction so ingestion keeps flowing."""
@@ -2954,10 +2977,9 @@ class Writer:
                              (older_than_ms,)).fetchall()
         with counters_kept(conn, {session for _, session in chunk} if table == "requests" else ()):
             deleted = conn.execute(f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?)) "
-                                   "RETURNING ts, session", (json.dumps([id_ for id_, _ in chunk]),)).fetchall()
-        if table == "requests" and deleted:
-            self._refresh_days(conn, {ts - ts % DAY_MS for ts, _ in deleted})
-            for session in {session for _, session in deleted}:  # the trigger cannot know a session's new start
+                                   "RETURNING session", (json.dumps([id_ for id_, _ in chunk]),)).fetchall()
+        if table == "requests":
+            for session in {session for session, in deleted}:  # the trigger cannot know a session's new start
                 conn.execute("UPDATE session_usage SET first_ts = (SELECT MIN(ts) FROM requests r WHERE r.session = "
                              "session_usage.session AND r.model = session_usage.model) WHERE session = ?", (session,))
         return len(deleted)

@@ -1153,9 +1153,9 @@ def test_the_schema_selects_origins_as_the_policy_renders_them(tmp_path):
     assert schema["requests_imported"].endswith(f" WHERE {transcripts}")
     assert schema["requests_imported_request"].endswith(f" WHERE {transcripts}")
     assert schema["requests_estimated"].endswith(f" WHERE {ccmon.origin_in(ccmon.AGENT_ESTIMATED_ORIGINS)}")
-    for table in ("usage_rollup", "session_usage"):
-        assert ccmon.FIGURES["requests"].format(r="NEW.") in schema[f"{table}_insert"]
-        assert ccmon.FIGURES["requests"].format(r="OLD.") in schema[f"{table}_delete"]
+    assert ccmon.FIGURES["requests"].format(r="NEW.") in schema["session_usage_insert"]
+    assert ccmon.FIGURES["requests"].format(r="OLD.") in schema["session_usage_delete"]
+    assert not {"usage_rollup_insert", "total_hourly_insert"} & set(schema)  # the writer sums them (version 14)
 
     def plan(sql: str) -> str:
         return " ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}"))
@@ -5979,8 +5979,8 @@ def test_other_agents_metrics_sessions_and_turn_costs_keep_the_counters(server):
 
 
 # What schema 13 added (see total_everyone), dropped: a database written now, as a release before it left it.
-TOTALS_UNDONE = "DROP TRIGGER total_hourly_insert; DROP TRIGGER total_hourly_delete; DROP TABLE total_hourly; " \
-    "DROP TABLE total_daily;"
+# Back to version 12 from the current schema: no totals, and usage_rollup kept by its triggers again.
+TOTALS_UNDONE = f"DROP TABLE total_hourly; DROP TABLE total_daily; {ccmon.usage_triggers(ccmon.V8_FIGURES)}"
 
 
 def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
@@ -9424,6 +9424,39 @@ def test_another_agents_history_replaces_what_its_metrics_counted(server, tool, 
     assert agent_totals(server) == (calls, tuple(calls * n for n in STANDIN_CALL[agent]), calls * STANDIN_TOTAL[agent])
     replay(server, agent_capture(tool, "grpc"), ("metrics",))  # sent again: still the history's
     assert agent_totals(server)[0:2] == (calls, tuple(calls * n for n in STANDIN_CALL[agent]))
+
+
+def assert_rollups_are_their_rows(db: Path) -> None:
+    """Every rollup of `db` as rebuild_rollups computes it from the raw rows (the writer sums them per transaction)."""
+    # session_usage's first and last times are the bounds of every row the session had (a replaced row's too)
+    tables = ("usage_rollup", "usage_daily", "total_hourly", "total_daily",
+              f"(SELECT session, model, user, {', '.join(ccmon.FIGURES)} FROM session_usage)")
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as kept, \
+            contextlib.closing(sqlite3.connect(":memory:")) as rebuilt:
+        kept.backup(rebuilt)
+        ccmon.rebuild_rollups(rebuilt)
+        for table in tables:
+            rows = f"SELECT * FROM {table} ORDER BY 1, 2, 3"
+            assert kept.execute(rows).fetchall() == rebuilt.execute(rows).fetchall(), table
+        assert kept.execute("SELECT COUNT(*) FROM usage_rollup").fetchone()[0] > 0
+
+
+def test_the_rollups_stay_the_sum_of_the_rows_through_every_replacement(server, tmp_path):
+    """Each agent's metrics replaced by its history, the history by its telemetry, Codex's estimates by its turn
+    costs (rows added and removed in one transaction), all sent twice: every rollup is still its rows' sum."""
+    for tool in AGENT_HISTORIES:
+        replay(server, agent_capture(tool, "grpc"), ("metrics",))
+        ccmon_import(server, home=agent_home(tmp_path / tool, tool))
+        replay(server, agent_capture(tool, "grpc"))
+        replay(server, agent_capture(tool, "grpc"))
+    claude = [("api_request", api_request(day, f"2026-11-{day:02}T23:59:59Z", cost_usd=0.01, input_tokens=day))
+              for day in range(1, 29)]  # Claude Code's alone: no other agent's model settles them before the commit
+    for _ in range(2):
+        server.logs_stub().Export(logs_request(claude))
+    assert db_rows(server.db, "SELECT DISTINCT origin FROM requests ORDER BY 1") == [(0,), (4,)]  # events, turns
+    assert db_rows(server.db, "SELECT COUNT(*), SUM(cost_nanos) FROM usage_daily WHERE model = "
+                   "(SELECT id FROM models WHERE name = 'claude-sonnet-4-5')") == [(28, 28 * 10_000_000)]
+    assert_rollups_are_their_rows(server.db)
 
 
 def test_every_agents_history_is_read_together_and_bad_lines_are_named(server, tmp_path):
