@@ -2439,7 +2439,9 @@ SETTLE_ROLLUPS = [statement for table, key in SUMMED_ROLLUPS.items() for stateme
 
 def track_request_changes(conn: sqlite3.Connection) -> None:
     """Have this connection (the writer's) note each requests row it adds or removes, with its FIGURES (negated when
-    removed), in changed_requests: a TEMP table and triggers, which only this connection has, in memory."""
+    removed), in changed_requests: a TEMP table and triggers, which only this connection has. The table stays in
+    the page cache (a transaction's rows are few); PRAGMA temp_store = MEMORY made every import insert three times
+    slower (BENCHMARKS.md)."""
     conn.execute(f"CREATE TEMP TABLE changed_requests (ts INTEGER NOT NULL, model INTEGER NOT NULL, "
                  f"user INTEGER NOT NULL, {FIGURE_COLUMNS})")
     for change, row, sign in (("INSERT", "NEW.", ""), ("DELETE", "OLD.", "-")):
