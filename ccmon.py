@@ -1954,13 +1954,12 @@ def total_everyone(conn: sqlite3.Connection) -> None:
 
 
 def sum_rollups_per_transaction(conn: sqlite3.Connection) -> None:
-    """Version 14: usage_rollup and total_hourly are no longer kept by triggers, an upsert per row on each, but by
-    the writer at the end of each transaction, from the rows it added and removed (see settle_rollups), as
-    usage_daily and total_daily now are instead of recomputed a day at a time. Rows that imports and backfills
-    spread over many keys made each trigger's upsert a random page write; summed per key, each key is written once
-    a transaction (twice as fast on a backfill). session_usage keeps its triggers: a transaction touches few of its
-    keys, and counters_kept reads it between a job's writes."""
-    for table in ("usage_rollup", "total_hourly"):
+    """Version 14: usage_rollup, total_hourly and session_usage are no longer kept by triggers, an upsert per row
+    on each, but by the writer, from the rows it added and removed (see settle_rollups), before each COMMIT and
+    before it reads session_usage; usage_daily and total_daily the same way instead of recomputed a day at a time.
+    Rows that imports and backfills spread over many keys made each trigger's upsert a random page write; summed
+    per key, each key is written once a transaction."""
+    for table in ("usage_rollup", "total_hourly", "session_usage"):
         conn.execute(f"DROP TRIGGER {table}_insert")
         conn.execute(f"DROP TRIGGER {table}_delete")
 
@@ -2378,6 +2377,55 @@ class CopyWindow:
         return any(abs(stored - ts) <= COPY_WINDOW_MS for stored in self.stored.get(request_id, ()))
 
 
+# The rollups the writer adds each transaction's changed rows to (see settle_rollups), table -> its key as expressions
+# over a requests row; session_usage too, by SETTLE_SESSIONS.
+SUMMED_ROLLUPS = {"usage_rollup": {"bucket": f"ts - ts % {BUCKET_MS}", "model": "model", "user": "user"},
+                  "usage_daily": {"bucket": f"ts - ts % {DAY_MS}", "model": "model", "user": "user"},
+                  "total_hourly": {"bucket": f"ts - ts % {HOUR_MS}", "model": "model"},
+                  "total_daily": {"bucket": f"ts - ts % {DAY_MS}", "model": "model"}}
+SETTLE_ROLLUPS = [statement for table, key in SUMMED_ROLLUPS.items() for statement in (
+    f"INSERT INTO {table} ({', '.join([*key, *FIGURES])}) SELECT {', '.join(key.values())}, "
+    f"{', '.join(f'SUM({c})' for c in FIGURES)} FROM changed_requests WHERE true GROUP BY "
+    f"{', '.join(map(str, range(1, len(key) + 1)))} ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+    f"{', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}",
+    f"DELETE FROM {table} WHERE rows = 0 AND ({', '.join(key)}) IN (SELECT {', '.join(key.values())} FROM "
+    "changed_requests WHERE rows < 0)")]
+# session_usage: under the user of the latest row added (0 when none was: the key's user stays), from its first to
+# its last row's time (a removed row's time lies within them already).
+SETTLE_SESSIONS = [
+    f"INSERT INTO session_usage (session, model, user, first_ts, last_ts, {', '.join(FIGURES)}) SELECT g.session, "
+    f"g.model, COALESCE(latest.user, 0), g.first_ts, g.last_ts, {', '.join(f'g.{c}' for c in FIGURES)} FROM (SELECT "
+    f"session, model, MAX(IIF(rows > 0, rowid, NULL)) AS latest, MIN(ts) AS first_ts, MAX(ts) AS last_ts, "
+    f"{', '.join(f'SUM({c}) AS {c}' for c in FIGURES)} FROM changed_requests GROUP BY session, model) g LEFT JOIN "
+    "changed_requests latest ON latest.rowid = g.latest WHERE true ON CONFLICT (session, model) DO UPDATE SET "
+    "user = IIF(excluded.user = 0, user, excluded.user), first_ts = MIN(first_ts, excluded.first_ts), "
+    f"last_ts = MAX(last_ts, excluded.last_ts), {', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}",
+    "DELETE FROM session_usage WHERE rows = 0 AND (session, model) IN (SELECT session, model FROM changed_requests "
+    "WHERE rows < 0)"]
+
+
+def track_request_changes(conn: sqlite3.Connection) -> None:
+    """Have this connection (the writer's) note each requests row it adds or removes, with its FIGURES (negated when
+    removed), in changed_requests: a TEMP table and triggers, which only this connection has. The table stays in
+    the page cache (a transaction's rows are few); PRAGMA temp_store = MEMORY made every import insert three times
+    slower (BENCHMARKS.md)."""
+    conn.execute(f"CREATE TEMP TABLE changed_requests (ts INTEGER NOT NULL, session INTEGER NOT NULL, "
+                 f"model INTEGER NOT NULL, user INTEGER NOT NULL, {FIGURE_COLUMNS})")
+    for change, row, sign in (("INSERT", "NEW.", ""), ("DELETE", "OLD.", "-")):
+        figures = ", ".join(sign + expression.format(r=row) for expression in FIGURES.values())
+        conn.execute(f"CREATE TEMP TRIGGER requests_{change.lower()}_noted AFTER {change} ON main.requests BEGIN "
+                     f"INSERT INTO changed_requests VALUES ({row}ts, {row}session, {row}model, {row}user, "
+                     f"{figures}); END")
+
+
+def settle_rollups(conn: sqlite3.Connection) -> None:
+    """Add the requests rows noted since the last call (see track_request_changes) to SUMMED_ROLLUPS and
+    session_usage, one upsert per key, and delete the keys left without rows. In the writing transaction, before
+    its COMMIT and before the writer reads session_usage."""
+    for statement in [*SETTLE_ROLLUPS, *SETTLE_SESSIONS, "DELETE FROM changed_requests"]:
+        conn.execute(statement)
+
+
 # The counter series' figures of some sessions (?1: a JSON array of session ids), per (user, model, project id): a
 # session's usage per model (session_usage) under its latest user and its project (0 for none).
 SERIES_FIGURES = list(FIGURES)[1:]
@@ -2405,10 +2453,12 @@ def counters_kept(conn: sqlite3.Connection, sessions: Iterable[int]) -> Iterator
     rows of lower figures, moved to another project or user) is added to its retired_usage, in the same
     transaction. What rows the change added to a series in the same go offsets what it took away."""
     sessions = set(sessions)
+    settle_rollups(conn)
     before = series_sums(conn, sessions) if sessions else {}
     yield
     if not sessions:
         return
+    settle_rollups(conn)
     after = series_sums(conn, sessions)
     for key, figures in before.items():
         lost = [max(0, was - now) for was, now in zip(figures, after.get(key, (0,) * len(figures)))]
@@ -2420,41 +2470,6 @@ def counters_kept(conn: sqlite3.Connection, sessions: Iterable[int]) -> Iterator
 
 # Metric-derived usage counts for a session until a row that replaces it is stored.
 METRIC_USAGE_REPLACED_BY = origin_in(origin for origin in ORIGIN_RULES if ORIGIN_METRICS in replaced_by(origin))
-
-
-# The rollups the writer adds each transaction's changed rows to (see settle_rollups), table -> its key as expressions
-# over a requests row; session_usage is kept by its triggers (see sum_rollups_per_transaction).
-SUMMED_ROLLUPS = {"usage_rollup": {"bucket": f"ts - ts % {BUCKET_MS}", "model": "model", "user": "user"},
-                  "usage_daily": {"bucket": f"ts - ts % {DAY_MS}", "model": "model", "user": "user"},
-                  "total_hourly": {"bucket": f"ts - ts % {HOUR_MS}", "model": "model"},
-                  "total_daily": {"bucket": f"ts - ts % {DAY_MS}", "model": "model"}}
-SETTLE_ROLLUPS = [statement for table, key in SUMMED_ROLLUPS.items() for statement in (
-    f"INSERT INTO {table} ({', '.join([*key, *FIGURES])}) SELECT {', '.join(key.values())}, "
-    f"{', '.join(f'SUM({c})' for c in FIGURES)} FROM changed_requests WHERE true GROUP BY "
-    f"{', '.join(map(str, range(1, len(key) + 1)))} ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
-    f"{', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}",
-    f"DELETE FROM {table} WHERE rows = 0 AND ({', '.join(key)}) IN (SELECT {', '.join(key.values())} FROM "
-    "changed_requests WHERE rows < 0)")] + ["DELETE FROM changed_requests"]
-
-
-def track_request_changes(conn: sqlite3.Connection) -> None:
-    """Have this connection (the writer's) note each requests row it adds or removes, with its FIGURES (negated when
-    removed), in changed_requests: a TEMP table and triggers, which only this connection has. The table stays in
-    the page cache (a transaction's rows are few); PRAGMA temp_store = MEMORY made every import insert three times
-    slower (BENCHMARKS.md)."""
-    conn.execute(f"CREATE TEMP TABLE changed_requests (ts INTEGER NOT NULL, model INTEGER NOT NULL, "
-                 f"user INTEGER NOT NULL, {FIGURE_COLUMNS})")
-    for change, row, sign in (("INSERT", "NEW.", ""), ("DELETE", "OLD.", "-")):
-        figures = ", ".join(sign + expression.format(r=row) for expression in FIGURES.values())
-        conn.execute(f"CREATE TEMP TRIGGER requests_{change.lower()}_noted AFTER {change} ON main.requests BEGIN "
-                     f"INSERT INTO changed_requests VALUES ({row}ts, {row}model, {row}user, {figures}); END")
-
-
-def settle_rollups(conn: sqlite3.Connection) -> None:
-    """Add the requests rows noted since the last call (see track_request_changes) to SUMMED_ROLLUPS, one upsert per
-    key, and delete the keys left without rows. In the writing transaction, before its COMMIT."""
-    for statement in SETTLE_ROLLUPS:
-        conn.execute(statement)
 
 
 def insert_sql(table: str, columns: tuple) -> str:
@@ -2836,6 +2851,7 @@ class Writer:
     def _import_chunk(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
                       user: str, window: CopyWindow) -> ImportCounts:
         users = {}
+        settle_rollups(conn)  # session_usage names each known session's user
         origin = REQUEST_COLUMNS.index("origin")
         replaced = frozenset().union(*map(replaced_by, {row[origin] for row in rows})) - REQUEST_ORIGINS
         for session_id in {row[1] for row in rows}:
@@ -2980,7 +2996,8 @@ class Writer:
             deleted = conn.execute(f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?)) "
                                    "RETURNING session", (json.dumps([id_ for id_, _ in chunk]),)).fetchall()
         if table == "requests":
-            for session in {session for session, in deleted}:  # the trigger cannot know a session's new start
+            settle_rollups(conn)
+            for session in {session for session, in deleted}:  # settling cannot know a session's new start
                 conn.execute("UPDATE session_usage SET first_ts = (SELECT MIN(ts) FROM requests r WHERE r.session = "
                              "session_usage.session AND r.model = session_usage.model) WHERE session = ?", (session,))
         return len(deleted)
