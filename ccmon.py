@@ -2378,21 +2378,19 @@ class CopyWindow:
 
 
 # The rollups the writer adds each transaction's changed rows to (see settle_rollups), table -> its key as expressions
-# over a requests row; session_usage too, by SETTLE_SESSIONS.
+# over a requests row: those summed alone, then session_usage, which keeps more than sums.
 SUMMED_ROLLUPS = {"usage_rollup": {"bucket": f"ts - ts % {BUCKET_MS}", "model": "model", "user": "user"},
                   "usage_daily": {"bucket": f"ts - ts % {DAY_MS}", "model": "model", "user": "user"},
                   "total_hourly": {"bucket": f"ts - ts % {HOUR_MS}", "model": "model"},
                   "total_daily": {"bucket": f"ts - ts % {DAY_MS}", "model": "model"}}
-SETTLE_ROLLUPS = [statement for table, key in SUMMED_ROLLUPS.items() for statement in (
-    f"INSERT INTO {table} ({', '.join([*key, *FIGURES])}) SELECT {', '.join(key.values())}, "
-    f"{', '.join(f'SUM({c})' for c in FIGURES)} FROM changed_requests WHERE true GROUP BY "
-    f"{', '.join(map(str, range(1, len(key) + 1)))} ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
-    f"{', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}",
-    f"DELETE FROM {table} WHERE rows = 0 AND ({', '.join(key)}) IN (SELECT {', '.join(key.values())} FROM "
-    "changed_requests WHERE rows < 0)")]
-# session_usage: under the user of the latest row added (0 when none was: the key's user stays), from its first to
-# its last row's time (a removed row's time lies within them already).
-SETTLE_SESSIONS = [
+ROLLUP_KEYS = {**SUMMED_ROLLUPS, "session_usage": {"session": "session", "model": "model"}}
+SETTLE_ROLLUPS = [
+    *(f"INSERT INTO {table} ({', '.join([*key, *FIGURES])}) SELECT {', '.join(key.values())}, "
+      f"{', '.join(f'SUM({c})' for c in FIGURES)} FROM changed_requests WHERE true GROUP BY "
+      f"{', '.join(map(str, range(1, len(key) + 1)))} ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
+      f"{', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}" for table, key in SUMMED_ROLLUPS.items()),
+    # session_usage: under the user of the latest row added (0 when none was: the key's user stays), from its first
+    # to its last row's time (a removed row's time lies within them already).
     f"INSERT INTO session_usage (session, model, user, first_ts, last_ts, {', '.join(FIGURES)}) SELECT g.session, "
     f"g.model, COALESCE(latest.user, 0), g.first_ts, g.last_ts, {', '.join(f'g.{c}' for c in FIGURES)} FROM (SELECT "
     f"session, model, MAX(IIF(rows > 0, rowid, NULL)) AS latest, MIN(ts) AS first_ts, MAX(ts) AS last_ts, "
@@ -2400,8 +2398,9 @@ SETTLE_SESSIONS = [
     "changed_requests latest ON latest.rowid = g.latest WHERE true ON CONFLICT (session, model) DO UPDATE SET "
     "user = IIF(excluded.user = 0, user, excluded.user), first_ts = MIN(first_ts, excluded.first_ts), "
     f"last_ts = MAX(last_ts, excluded.last_ts), {', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}",
-    "DELETE FROM session_usage WHERE rows = 0 AND (session, model) IN (SELECT session, model FROM changed_requests "
-    "WHERE rows < 0)"]
+    *(f"DELETE FROM {table} WHERE rows = 0 AND ({', '.join(key)}) IN (SELECT {', '.join(key.values())} FROM "
+      "changed_requests WHERE rows < 0)" for table, key in ROLLUP_KEYS.items()),
+    "DELETE FROM changed_requests"]
 
 
 def track_request_changes(conn: sqlite3.Connection) -> None:
@@ -2422,7 +2421,7 @@ def settle_rollups(conn: sqlite3.Connection) -> None:
     """Add the requests rows noted since the last call (see track_request_changes) to SUMMED_ROLLUPS and
     session_usage, one upsert per key, and delete the keys left without rows. In the writing transaction, before
     its COMMIT and before the writer reads session_usage."""
-    for statement in [*SETTLE_ROLLUPS, *SETTLE_SESSIONS, "DELETE FROM changed_requests"]:
+    for statement in SETTLE_ROLLUPS:
         conn.execute(statement)
 
 
@@ -2453,11 +2452,12 @@ def counters_kept(conn: sqlite3.Connection, sessions: Iterable[int]) -> Iterator
     rows of lower figures, moved to another project or user) is added to its retired_usage, in the same
     transaction. What rows the change added to a series in the same go offsets what it took away."""
     sessions = set(sessions)
-    settle_rollups(conn)
-    before = series_sums(conn, sessions) if sessions else {}
-    yield
     if not sessions:
+        yield
         return
+    settle_rollups(conn)  # session_usage with the transaction's changes so far in it
+    before = series_sums(conn, sessions)
+    yield
     settle_rollups(conn)
     after = series_sums(conn, sessions)
     for key, figures in before.items():
@@ -2850,8 +2850,7 @@ class Writer:
 
     def _import_chunk(self, conn: sqlite3.Connection, rows: list[tuple], projects: dict[str, str],
                       user: str, window: CopyWindow) -> ImportCounts:
-        users = {}
-        settle_rollups(conn)  # session_usage names each known session's user
+        users = {}  # a known session's user, as session_usage names it (counters_kept has settled it)
         origin = REQUEST_COLUMNS.index("origin")
         replaced = frozenset().union(*map(replaced_by, {row[origin] for row in rows})) - REQUEST_ORIGINS
         for session_id in {row[1] for row in rows}:
@@ -2995,9 +2994,8 @@ class Writer:
         with counters_kept(conn, {session for _, session in chunk} if table == "requests" else ()):
             deleted = conn.execute(f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?)) "
                                    "RETURNING session", (json.dumps([id_ for id_, _ in chunk]),)).fetchall()
-        if table == "requests":
-            settle_rollups(conn)
-            for session in {session for session, in deleted}:  # settling cannot know a session's new start
+        if table == "requests":  # counters_kept has settled session_usage; it cannot know a session's new start
+            for session in {session for session, in deleted}:
                 conn.execute("UPDATE session_usage SET first_ts = (SELECT MIN(ts) FROM requests r WHERE r.session = "
                              "session_usage.session AND r.model = session_usage.model) WHERE session = ?", (session,))
         return len(deleted)
