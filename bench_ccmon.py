@@ -637,6 +637,9 @@ def snapshot_totals(snapshot) -> tuple[int, int]:
             sum(user.split.total.cost_nanos for user in snapshot.users))
 
 
+FIRST_ASK = ", first ask (each of 25 UTC offsets once: nothing kept)"  # informative: a chart asks again
+
+
 def bench_queries(server: Server, db: Path, runs: int) -> dict:
     client = ccmon.Client(server.target, timeout_s=60)
     stub = client._stub
@@ -664,6 +667,16 @@ def bench_queries(server: Server, db: Path, runs: int) -> dict:
                                                 lambda series: expect("GetSeries a year of days", [
                                                     (p.start_ms, p.split.total.requests, p.split.total.cost_nanos)
                                                     for p in series.points], wanted_series), runs)
+    # The same in zones of 25 UTC offsets, each asked once: buckets the server has never read (BucketCache).
+    cold, offsets = [], [f"Etc/GMT{offset:+d}" if offset else "UTC" for offset in range(-12, 13)]
+    for name in offsets:
+        started = time.perf_counter()
+        answer = client.series(year_start, now, "day", name)
+        cold.append(time.perf_counter() - started)
+        expect(f"GetSeries a year of days in {name}", [(p.start_ms, p.split.total.requests, p.split.total.cost_nanos)
+                                                       for p in answer.points],
+               series_oracle(db, ccmon.ZoneInfo(name), year_start, now))
+    results["GetSeries a year of days" + FIRST_ASK] = cold
     newest = sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute(
         "SELECT ts FROM requests WHERE ts >= ? ORDER BY ts DESC LIMIT 100", (now - 30 * 24 * HOUR_MS,)).fetchall()
     results["GetAPIRequests 100"] = timed(lambda: stub.GetAPIRequests(ccmon_pb2.GetAPIRequestsRequest(
@@ -981,8 +994,8 @@ def report(r: dict) -> str:
         limit = 20 if int(rows) <= 1_000_000 else 50
         for label, (p50, p95) in queries.items():
             goal = 50 if label.startswith("monitor") else limit
-            lines.append(f"| {label} @ {int(rows):,} | p50 {p50:.1f} ms, p95 {p95:.1f} ms | p50 <= {goal} ms "
-                         f"| {target(p50, goal)} |")
+            lines.append(f"| {label} @ {int(rows):,} | p50 {p50:.1f} ms, p95 {p95:.1f} ms | " + (
+                "| |" if label.endswith(FIRST_ASK) else f"p50 <= {goal} ms | {target(p50, goal)} |"))
     if "busy" in r:
         busy = r["busy"]
         for label, goal in (("GetStats all", 50), ("monitor refresh (current)", 100)):

@@ -2400,6 +2400,7 @@ SETTLE_ROLLUPS = [
     f"last_ts = MAX(last_ts, excluded.last_ts), {', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}",
     *(f"DELETE FROM {table} WHERE rows = 0 AND ({', '.join(key)}) IN (SELECT {', '.join(key.values())} FROM "
       "changed_requests WHERE rows < 0)" for table, key in ROLLUP_KEYS.items()),
+    "INSERT INTO changed_span SELECT * FROM (SELECT MIN(ts) AS lo, MAX(ts) FROM changed_requests) WHERE lo NOT NULL",
     "DELETE FROM changed_requests"]
 
 
@@ -2410,6 +2411,7 @@ def track_request_changes(conn: sqlite3.Connection) -> None:
     slower (BENCHMARKS.md)."""
     conn.execute(f"CREATE TEMP TABLE changed_requests (ts INTEGER NOT NULL, session INTEGER NOT NULL, "
                  f"model INTEGER NOT NULL, user INTEGER NOT NULL, {FIGURE_COLUMNS})")
+    conn.execute("CREATE TEMP TABLE changed_span (lo INTEGER NOT NULL, hi INTEGER NOT NULL)")  # see changed_since
     for change, row, sign in (("INSERT", "NEW.", ""), ("DELETE", "OLD.", "-")):
         figures = ", ".join(sign + expression.format(r=row) for expression in FIGURES.values())
         conn.execute(f"CREATE TEMP TRIGGER requests_{change.lower()}_noted AFTER {change} ON main.requests BEGIN "
@@ -2419,10 +2421,62 @@ def track_request_changes(conn: sqlite3.Connection) -> None:
 
 def settle_rollups(conn: sqlite3.Connection) -> None:
     """Add the requests rows noted since the last call (see track_request_changes) to SUMMED_ROLLUPS and
-    session_usage, one upsert per key, and delete the keys left without rows. In the writing transaction, before
-    its COMMIT and before the writer reads session_usage."""
+    session_usage, one upsert per key, and delete the keys left without rows; note their span of times in
+    changed_span. In the writing transaction, before its COMMIT and before the writer reads session_usage."""
     for statement in SETTLE_ROLLUPS:
         conn.execute(statement)
+
+
+def changed_since(conn: sqlite3.Connection) -> tuple[int, int] | None:
+    """The span of times [lo, hi] of the requests rows the transaction added or removed, once settled (None when
+    it changed none); what a BucketCache must forget once it commits."""
+    lo, hi = conn.execute("SELECT MIN(lo), MAX(hi) FROM changed_span").fetchone()
+    conn.execute("DELETE FROM changed_span")
+    return None if lo is None else (lo, hi)
+
+
+class BucketCache:
+    """The points of series buckets already read (see Reader.series), per query shape, until a commit adds or
+    removes a requests row in a bucket's time: a chart asking again for a year of days reads only today. Readers
+    fill it; the writer makes it forget what each commit changed, once committed. A reader keeps what it read only
+    if no such commit came after it started (it might have read the rows from before it)."""
+    MOST_POINTS = 20_000  # kept in all; past it, the shapes used longest ago are dropped
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._commits = 0  # commits that changed rows, so far
+        self._shapes: dict[tuple, dict[tuple[int, int, int], tuple[SeriesPoint, ...]]] = {}  # most recent last
+        self._points = 0
+
+    def commits(self) -> int:
+        return self._commits
+
+    def points(self, shape: tuple, bucket: tuple[int, int, int]) -> tuple[SeriesPoint, ...] | None:
+        """A bucket's points (bucket: its start and the [lo, hi) of it asked for), None when not kept."""
+        with self._lock:
+            kept = self._shapes.get(shape)
+            return None if kept is None else kept.get(bucket)
+
+    def keep(self, commits: int, shape: tuple, buckets: dict[tuple[int, int, int], tuple[SeriesPoint, ...]]) -> None:
+        """Keep these buckets' points, read by a reader that started when commits() was `commits`."""
+        with self._lock:
+            if commits != self._commits:
+                return
+            kept = self._shapes.pop(shape, {})
+            self._shapes[shape] = kept
+            self._points += sum(len(points) for points in buckets.values()) - \
+                sum(len(kept[bucket]) for bucket in buckets if bucket in kept)
+            kept.update(buckets)
+            while self._points > self.MOST_POINTS and len(self._shapes) > 1:
+                self._points -= sum(map(len, self._shapes.pop(next(iter(self._shapes))).values()))
+
+    def forget(self, lo: int, hi: int) -> None:
+        """A commit added or removed rows of times within [lo, hi]."""
+        with self._lock:
+            self._commits += 1
+            for kept in self._shapes.values():
+                for bucket in [b for b in kept if b[1] <= hi and b[2] > lo]:
+                    self._points -= len(kept.pop(bucket))
 
 
 # The counter series' figures of some sessions (?1: a JSON array of session ids), per (user, model, project id): a
@@ -2499,6 +2553,7 @@ class Writer:
             raise exc if isinstance(exc, StorageError) else StorageError(f"cannot use {path}: {exc}") from None
         self._ids: dict[tuple[str, Any], int] = {}  # (table, value) -> id of interned values
         self._failing = False  # log a failure streak once, and its end once
+        self.buckets = BucketCache()  # what the server's reader read, forgotten as commits change it
         self._imported = False  # whether requests from transcripts are stored (telemetry then replaces its copies)
         self._copy_windows: set[CopyWindow] = set()  # of the imports under way (import_requests' threads add them)
         self._lost = ""        # why the file at the path is no longer the one written: nothing more is acknowledged
@@ -2638,6 +2693,7 @@ class Writer:
                     self._ids.clear()  # ids interned by the rolled-back job are gone
                     results.append((None, StorageUnavailable(f"the write failed: {exc}")))
             settle_rollups(conn)
+            changed = changed_since(conn)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
@@ -2655,6 +2711,8 @@ class Writer:
             for _, future in group:
                 future.set_exception(failure)
             return
+        if changed:
+            self.buckets.forget(*changed)
         self._lost = self._file.replaced()
         if self._lost:
             log.critical("THE DATABASE FILE IS GONE: %s. The server no longer acknowledges any data, so exporters "
@@ -3108,9 +3166,10 @@ class Reader:
     """Queries over the database, each on its thread's own read-only connection (SQLite's WAL lets them run
     while the writer commits)."""
 
-    def __init__(self, path: Path, moved: Callable[[], str] = lambda: ""):
+    def __init__(self, path: Path, moved: Callable[[], str] = lambda: "", buckets: BucketCache | None = None):
         self.path = path
         self._moved = moved  # the server's check that its database file is still at the path
+        self._bucket_cache = buckets  # the writer's, which knows what changed: without one, nothing is kept
         self._connections = threading.local()
 
     def _reader(self) -> sqlite3.Connection:
@@ -3197,16 +3256,26 @@ class Reader:
         project (by) or not grouped (''), oldest first, empty buckets left out. From the rollups (see series_parts):
         the UTC days in one range, the hours (of one user: quarter hours) at the buckets' edges in one query, each
         read once (a local day's end is the next one's start); by or of a project, from the raw rows (the rollups
-        have no project)."""
+        have no project). Buckets read before and unchanged since come from the BucketCache, but a project's (its
+        sessions' project may change with no row changed)."""
         chosen = self._filter(user, project, "t.user", "t.session", agent, "t.model")
         if chosen is None:
             return []
         where, extra = chosen
         raw = project is not None or by == "project"
         everyone = user is None and by in ("", "model")  # the total_ rollups have no user
+        shape = None if raw or self._bucket_cache is None else (by, user, agent)
+        commits = self._bucket_cache.commits() if shape else 0  # before the snapshot starts
+        buckets = {index: (start, max(start, start_ms), min(end, end_ms))
+                   for index, (start, end) in enumerate(zip(starts, starts[1:]))}
+        known = {index: points for index, bucket in buckets.items()
+                 if shape and (points := self._bucket_cache.points(shape, bucket)) is not None}
+        if len(known) == len(buckets):
+            return [point for index in buckets for point in known[index]]
         uses: list[dict[tuple[int, int], list[tuple[int, int]]]] = [{}, {}, {}, {}]  # level: range -> (bucket, sign)
-        for index, (lo, hi) in enumerate(zip(starts, starts[1:])):
-            lo, hi = max(lo, start_ms), min(hi, end_ms)
+        for index, (_, lo, hi) in buckets.items():
+            if index in known:
+                continue
             for sign, level, a, b in ([(1, 3, lo, hi)] if lo < hi else []) if raw else series_parts(lo, hi, everyone):
                 uses[level].setdefault((a, b), []).append((index, sign))
         group = {"": "''", "model": "t.model", "user": "t.user", "project": "COALESCE(s.project, '')"}[by]
@@ -3247,9 +3316,14 @@ class Reader:
             if conn.in_transaction:
                 conn.execute("COMMIT")
         names = self._names("models") if by == "model" else self._names("users") if by == "user" else {}
-        return sorted((SeriesPoint(starts[index], names.get(key, key), Split(*(Usage(*side) for side in sides)))
-                       for (index, key), sides in found.items() if any(map(any, sides))),
-                      key=lambda point: (point.start_ms, point.group))
+        read: dict[int, list[SeriesPoint]] = {index: [] for index in buckets if index not in known}
+        for (index, key), sides in found.items():
+            if any(map(any, sides)):
+                read[index].append(SeriesPoint(starts[index], names.get(key, key), Split(*(Usage(*s) for s in sides))))
+        read = {index: tuple(sorted(points, key=lambda point: point.group)) for index, points in read.items()}
+        if shape:
+            self._bucket_cache.keep(commits, shape, {buckets[index]: points for index, points in read.items()})
+        return [point for index in buckets for point in (known[index] if index in known else read[index])]
 
     @staticmethod
     def _whole_bucket(conn: sqlite3.Connection, level: int, lo: int, hi: int) -> tuple[int, int, int]:
@@ -6002,7 +6076,7 @@ def start_listeners(config: Config, store: Writer, decoders: Decoders,
     """Both listeners started, or neither (a ServerError in one line); the HTTP listener with the `pages` made for
     the query service."""
     receiver = Receiver(store, decoders)
-    service = QueryService(Reader(config.database_path, store.moved), now_ms(), store)
+    service = QueryService(Reader(config.database_path, store.moved, store.buckets), now_ms(), store)
     server = None
     try:
         server, port = start_grpc_server(config, receiver, service)

@@ -3062,6 +3062,79 @@ def test_series_days_agree_with_get_usage_in_every_kind_of_zone(server):
     client.close()
 
 
+def test_series_answers_what_later_commits_changed_in_days_asked_before(server):
+    """The server keeps the buckets it read (BucketCache) until a commit changes a row in their time: asked again
+    after rows arrive in a past day, or leave it (telemetry replacing an imported copy), a series answers the rows
+    as they are now, each shape (grouping, user) as a reader without a cache reads them from the same file."""
+    alpha, other = series_events()
+    assert sdk_export(server.port, alpha) == ["SUCCESS"]
+    client = ccmon.Client(server.target)
+    start, end = ccmon.parse_iso_ms("2026-03-20T00:00:00Z"), ccmon.parse_iso_ms("2026-04-20T00:00:00Z")
+    shapes = [("day", "", None), ("day", "model", None), ("week", "", "ana@example.com"), ("hour", "user", None)]
+
+    def answers() -> list[list[tuple]]:
+        return [series_figures(client.series(start, end, bucket, "Europe/Berlin", by, user=user))
+                for bucket, by, user in shapes]
+
+    def uncached() -> list[list[tuple]]:
+        reader, zone = ccmon.Reader(server.db), ccmon.ZoneInfo("Europe/Berlin")
+        return [series_figures(ccmon.UsageSeries(bucket, tuple(reader.series(
+            ccmon.bucket_starts(zone, bucket, start, end, ccmon.MAX_SERIES_BUCKETS), start, end, by, user))))
+            for bucket, by, user in shapes]
+
+    before = answers()
+    assert before == answers() == uncached() and before[0] == [
+        ("2026-03-27T23:00:00.000Z", "", 1, 1000, 200, 500_000_000, 1),
+        ("2026-03-28T23:00:00.000Z", "", 1, 300, 30, 10_000_000, 0),
+        ("2026-04-13T22:00:00.000Z", "", 1, 40, 4, 1_000_000_000, 1)]
+    assert sdk_export(server.port, other) == ["SUCCESS"]  # into 29 and 30 March, days already read
+    added = answers()
+    assert added == uncached() and added[0] == [
+        ("2026-03-27T23:00:00.000Z", "", 1, 1000, 200, 500_000_000, 1),
+        ("2026-03-28T23:00:00.000Z", "", 2, 307, 33, 135_000_000, 1),
+        ("2026-03-29T22:00:00.000Z", "", 1, 50, 5000, 2_250_000_000, 1),
+        ("2026-04-13T22:00:00.000Z", "", 1, 40, 4, 1_000_000_000, 1)]
+    # A transcript's copy of a request, then its telemetry: the copy is removed, the request counted once.
+    copy = ccmon_pb2.ImportedRequest(session_id="s-cy-1", timestamp_ms=ccmon.parse_iso_ms("2026-04-02T10:00:00Z"),
+                                     model="claude-sonnet-4-5", input_tokens=9, output_tokens=1, cost_nanos=70_000_000,
+                                     request_id="req_cy", message_id="msg_cy")
+    client._stub.ImportRequests(ccmon_pb2.ImportRequestsRequest(requests=[copy]), timeout=10)
+    with_copy = answers()
+    assert with_copy == uncached() and ("2026-04-01T22:00:00.000Z", "", 1, 9, 1, 70_000_000, 1) in with_copy[0]
+    event = api_request(6, "2026-04-02T10:00:00.100Z", session="s-cy-1", input_tokens=9, output_tokens=1,
+                        cost_usd=0.08)
+    assert sdk_export(server.port, [("api_request", {**event, "request_id": "req_cy"})]) == ["SUCCESS"]
+    replaced = answers()
+    assert replaced == uncached() and ("2026-04-01T22:00:00.000Z", "", 1, 9, 1, 80_000_000, 1) in replaced[0]
+    client.close()
+
+
+def test_the_bucket_cache_keeps_only_what_no_commit_changed_and_so_many_points():
+    def points(start: int, count: int) -> tuple:
+        return tuple(ccmon.SeriesPoint(start, str(n), ccmon.Split()) for n in range(count))
+
+    cache = ccmon.BucketCache()
+    started = cache.commits()
+    cache.keep(started, ("day", None), {(0, 0, 10): points(0, 1), (10, 10, 20): points(10, 2)})
+    cache.forget(15, 15)  # a commit into the second bucket
+    assert cache.points(("day", None), (0, 0, 10)) == points(0, 1)
+    assert cache.points(("day", None), (10, 10, 20)) is None and cache.points(("week", None), (0, 0, 10)) is None
+    # Read before that commit, kept after it: it may hold the rows as they were, so it is not kept.
+    cache.keep(started, ("day", None), {(10, 10, 20): points(10, 2)})
+    assert cache.points(("day", None), (10, 10, 20)) is None
+    cache.keep(cache.commits(), ("day", None), {(10, 10, 20): points(10, 2)})
+    assert cache.points(("day", None), (10, 10, 20)) == points(10, 2)
+    cache.forget(20, 30)  # ends where the bucket does not: [lo, hi] against [start, end)
+    assert cache.points(("day", None), (10, 10, 20)) == points(10, 2)
+    # Past MOST_POINTS, the shapes used longest ago go.
+    most = ccmon.BucketCache.MOST_POINTS
+    cache.keep(cache.commits(), ("week", None), {(0, 0, 10): points(0, most - 3)})
+    assert cache.points(("day", None), (0, 0, 10)) == points(0, 1)  # 1 + 2 + most - 3: not past it
+    cache.keep(cache.commits(), ("hour", None), {(0, 0, 10): points(0, 1)})
+    assert cache.points(("day", None), (0, 0, 10)) is None and cache.points(("hour", None), (0, 0, 10)) == points(0, 1)
+    assert cache.points(("week", None), (0, 0, 10)) == points(0, most - 3)
+
+
 def test_series_includes_claudes_limit_readings_of_the_user(server):
     alpha, other = series_events()
     sdk_export(server.port, alpha + other)
