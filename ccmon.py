@@ -654,6 +654,14 @@ class SeriesPoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class HistoryReading:
+    """How far the local server is in its first reading of the transcripts and histories on its machine (newest
+    files first, see TranscriptFiles.paths): figures are partial until it is done."""
+    files_read: int
+    files: int
+
+
+@dataclasses.dataclass(frozen=True)
 class UsageSeries:
     """A period's usage bucket by bucket (empty buckets left out), and Claude's own limit readings in it, oldest
     first: what charts draw."""
@@ -5429,6 +5437,11 @@ def window_message(window: LimitWindow | None) -> ccmon_pb2.LimitWindow | None:
     return message
 
 
+def history_reading_of(info: ccmon_pb2.GetServerInfoResponse) -> HistoryReading | None:
+    reading = info.history_reading
+    return HistoryReading(reading.files_read, reading.files) if info.HasField("history_reading") else None
+
+
 def receiver_counts_message(counts: ReceiverCounts) -> ccmon_pb2.ReceiverCounts:
     message = ccmon_pb2.ReceiverCounts(protocol=counts.protocol, signal=counts.signal, accepted=counts.accepted,
                                        rejected=counts.rejected)
@@ -5723,6 +5736,7 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
     def __init__(self, reader: Reader, started_ms: int, writer: Writer):
         self.reader, self.started_ms, self.writer = reader, started_ms, writer
         self.quick_route_http_port = 0  # the HTTP listener's, once it answers STATUS_LINE_PAGE and QUICK_QUERY_PAGE
+        self.history_reading: HistoryReading | None = None  # the local server's, while it reads the transcripts
         self._failures_logged: set[str] = set()
         self.slots = threading.BoundedSemaphore(QUERY_SLOTS)
 
@@ -5962,6 +5976,9 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         response.default_database = self.reader.path == default_database_path()
         response.features.append(AGENT_FILTER)
         response.quick_route_http_port = self.quick_route_http_port
+        if reading := self.history_reading:
+            response.history_reading.CopyFrom(ccmon_pb2.HistoryReading(files_read=reading.files_read,
+                                                                       files=reading.files))
         return response
 
 
@@ -6072,7 +6089,7 @@ def retention_loop(store: Writer, retention_s: int, stop: threading.Event) -> No
 
 def start_listeners(config: Config, store: Writer, decoders: Decoders,
                     pages: Callable[[QueryService], Pages] | None = None) \
-        -> tuple[grpc.Server, int, OTLPHTTPServer | None, int]:
+        -> tuple[grpc.Server, int, OTLPHTTPServer | None, int, QueryService]:
     """Both listeners started, or neither (a ServerError in one line); the HTTP listener with the `pages` made for
     the query service."""
     receiver = Receiver(store, decoders)
@@ -6088,7 +6105,7 @@ def start_listeners(config: Config, store: Writer, decoders: Decoders,
         if server:
             server.stop(None)
         raise exc if isinstance(exc, ServerError) else ServerError(f"cannot start: {exc}") from None
-    return server, port, httpd, http_port
+    return server, port, httpd, http_port, service
 
 
 def log_start(config: Config, port: int, http_port: int, pages: Iterable[str] = ()) -> None:
@@ -6127,10 +6144,10 @@ def wait_for_stop_signal(received: list[int]) -> int:
 SHUTDOWN_S = 8  # within the 10 s Docker and systemd give before SIGKILL
 
 
-def run_server(config: Config, on_ready: Callable[[int, int, threading.Event], None] | None = None,
+def run_server(config: Config, on_ready: Callable[[QueryService, int, int, threading.Event], None] | None = None,
                pages: Callable[[QueryService], Pages] | None = None) -> int:
-    """Serve until SIGINT or SIGTERM. `on_ready(port, http_port, stop)` runs once the server is ready; `stop` is set
-    when it starts to stop. The HTTP listener also answers `pages(service)` (the web dashboard, the status line)."""
+    """Serve until SIGINT or SIGTERM. `on_ready(service, port, http_port, stop)` runs once the server is ready;
+    `stop` is set when it starts to stop. The HTTP listener also answers `pages(service)` (the web dashboard, the status line)."""
     # The writer binding rows, the export threads taking decoded batches and the queries share the GIL; a short
     # switch interval keeps each from waiting up to 5 ms for another whenever it needs the GIL back.
     sys.setswitchinterval(0.0005)
@@ -6141,7 +6158,7 @@ def run_server(config: Config, on_ready: Callable[[int, int, threading.Event], N
         decoders.close()
         raise ServerError(str(exc)) from None
     try:
-        server, port, httpd, http_port = start_listeners(config, store, decoders, pages)
+        server, port, httpd, http_port, service = start_listeners(config, store, decoders, pages)
     except ServerError:
         store.close()
         store.remove_if_new()
@@ -6156,7 +6173,7 @@ def run_server(config: Config, on_ready: Callable[[int, int, threading.Event], N
     log.info("ready: gRPC %s:%d%s", config.server_address.rsplit(":", 1)[0], port,  # the last start-up line
              f", HTTP {config.server_http_address.rsplit(':', 1)[0]}:{http_port}" if httpd else "")
     if on_ready:
-        on_ready(port, http_port, stop)
+        on_ready(service, port, http_port, stop)
     signum = wait_for_stop_signal(received)
     deadline = time.monotonic() + SHUTDOWN_S
     log.info("%s: finishing in-flight calls", signal.Signals(signum).name)
@@ -6633,6 +6650,7 @@ class Snapshot:
     projects: tuple[ProjectUsage, ...] = ()   # the Projects tab and `p`
     block_series: UsageSeries | None = None   # the current 5-hour window by the hour, and Claude's readings in it
     agents: tuple[str, ...] = ()              # the agents with usage in the period (whatever the `g` filter), for `g`
+    history: HistoryReading | None = None     # the local server's first reading of the transcripts, while under way
 
 
 def fetch_snapshot(client: Client, query: Query) -> Snapshot:
@@ -6657,7 +6675,7 @@ def fetch_snapshot(client: Client, query: Query) -> Snapshot:
         data = query.fetch(client, query)
     return Snapshot(query, now_ms(), info.usage_records if info.version else -1, limits, users, data,
                     GO_CCMON_ONLY if client.unanswered else "", projects, block_series,
-                    tuple(agent for agent in AGENTS if agent in agents))
+                    tuple(agent for agent in AGENTS if agent in agents), history_reading_of(info))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -8826,6 +8844,14 @@ class NotTranscript(OSError):
     """A path named like a transcript that is no regular file (a FIFO would block the reading for ever)."""
 
 
+def modified_ns(path: Path) -> int:
+    """When a file was last written (0 when it cannot be looked at)."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
 class TranscriptFiles:
     """The .jsonl files under some folders, each read line by line from where the last read stopped: only complete
     lines, so a line Claude Code is still writing is read once it is whole."""
@@ -8836,8 +8862,9 @@ class TranscriptFiles:
         self.unreadable_folders: dict[Path, str] = {}  # found by the last walk, with the reason
 
     def paths(self) -> list[Path]:
-        """Every *.jsonl under the roots (a root may be one), sorted. The walk keeps its folders in a list, not in
-        recursion, and enters a folder once however many links lead to it."""
+        """Every *.jsonl under the roots (a root may be one), the most recently written first: a first reading of a
+        year of them shows the current figures first. The walk keeps its folders in a list, not in recursion, and
+        enters a folder once however many links lead to it."""
         found: list[Path] = []
         folders, entered = [], set()
         self.unreadable_folders = {}
@@ -8866,7 +8893,7 @@ class TranscriptFiles:
                 continue  # gone since it was listed
             except OSError as exc:
                 self.unreadable_folders[folder] = exc.strerror or str(exc)
-        return sorted(found)
+        return sorted(found, key=lambda path: (-modified_ns(path), path))
 
     def lines(self, path: Path, final: bool) -> Iterator[tuple[int, str | None, bool]]:
         """(line number, text, whole) of each new complete line; text None for a line over MAX_LINE_BYTES (skipped
@@ -9287,10 +9314,11 @@ def write_pid_file(path: Path, server: RunningServer) -> None:
     write_atomically(path, json.dumps(dataclasses.asdict(server)).encode(), 0o600)
 
 
-def follow_transcripts(config: Config, stop: threading.Event) -> None:
+def follow_transcripts(config: Config, stop: threading.Event, service: QueryService) -> None:
     """What `ccmon import --follow` does, inside the local server: Claude Code's transcripts and the other agents'
     histories read at start and followed, each request stored once (joined to its telemetry, see docs/import.md).
-    Problems are logged, never fatal."""
+    The first reading (newest files first) is shown as the service's history_reading until every file read is
+    stored. Problems are logged, never fatal."""
     own = client_config(dataclasses.replace(config, monitor_server_given=False))
     client = Client.for_config(own, timeout_s=IMPORT_TIMEOUT_S, go_extras_empty=False)
     defaults = history_roots(dict(os.environ), Path.home())
@@ -9298,13 +9326,18 @@ def follow_transcripts(config: Config, stop: threading.Event) -> None:
     importer = Importer(client, config, resource_user(dict(os.environ)), None, False, roots=defaults)
     files = TranscriptFiles(roots)
     log.info("transcripts: following %s", " and ".join(map(str, roots)))
-    reported, failing = (0, 0, 0), ""
+    reported, failing, first = (0, 0, 0), "", True
     try:
         while True:
             try:
-                for path in importer.transcript_paths(files):
+                paths = importer.transcript_paths(files)
+                for number, path in enumerate(paths):
+                    if first:  # until what it read is stored whole
+                        service.history_reading = HistoryReading(number, len(paths))
                     importer.add_file(files, path, final=False)
                 importer.flush(wait=True)
+                if first:
+                    service.history_reading, first = None, False
                 failing = ""
             except ServerUnreachable as exc:  # kept and tried again at the next look, as --follow does
                 if str(exc) != failing:
@@ -9331,7 +9364,7 @@ def serve(config: Config) -> int:
     local server the transcripts followed."""
     path = pid_file_path(config)
 
-    def ready(port: int, http_port: int, stop: threading.Event) -> None:
+    def ready(service: QueryService, port: int, http_port: int, stop: threading.Event) -> None:
         host = config.server_address.rsplit(":", 1)[0]
         http_host = (config.server_http_address or "").rsplit(":", 1)[0]
         try:
@@ -9341,7 +9374,7 @@ def serve(config: Config) -> int:
             log.error("cannot write the pid file %s: %s (ccmon server status and stop will not find this server)",
                       path, exc.strerror)
         if is_local_server(config):
-            threading.Thread(target=follow_transcripts, args=(config, stop), name="ccmon-transcripts",
+            threading.Thread(target=follow_transcripts, args=(config, stop, service), name="ccmon-transcripts",
                              daemon=True).start()
 
     try:
@@ -10513,8 +10546,10 @@ def header_lines(state: ViewState, status: ServerStatus, snap: Snapshot | None, 
     known = [p.project for p in snap.projects] if snap else []  # a label tells it from these
     project = [f"project {project_labels([state.project, *known])[state.project]}"] if state.project else []
     *error_lines, last = message_lines(link[0], width) or [""]  # the whole error, on as many lines as it takes
-    details = joined_to_fit(["", *(f" | {part}" for part in (*user, *project, filter_text, order, updated))],
-                            width - len(last))  # as many as fit, most important first
+    history = [f"reading history: {snap.history.files_read} of {snap.history.files} files"] \
+        if snap and snap.history else []  # the figures are partial until it is done
+    details = joined_to_fit(["", *(f" | {part}" for part in (*history, *user, *project, filter_text, order,
+                                                              updated))], width - len(last))  # most important first
     return [[(title, "title")], tab_strip(state.tab, width), *([(text, link[1])] for text in error_lines),
             [(last, link[1]), (details, "dim")]]
 
@@ -11248,6 +11283,12 @@ WAITING_TEXT = [
     "",
     "Requests appear here a few seconds after Claude Code makes them.",
 ]
+READING_TEXT = [
+    "Reading the transcripts and histories on this machine:",
+    "{read} of {files} files, the newest first.",
+    "",
+    "Figures appear as they are stored.",
+]
 HELP_TEXT = [  # at most 36 characters a line: the help box fits 40 columns
     "h  last hour       d  last 24 hours",
     "w  last 7 days     m  last 30 days",
@@ -11330,6 +11371,9 @@ def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen
             f"Cannot reach the ccmon server at {screen.settings.server}: {printable(status.error)}. " \
             "Is 'ccmon --server' running?"
         lines += [[("", "")], *([(text, "warn")] for text in message_lines(message, width))]
+    elif snap.server_requests == 0 and snap.history:
+        lines += boxed([t.format(read=snap.history.files_read, files=snap.history.files) for t in READING_TEXT],
+                       width, room, screen.glyphs)
     elif snap.server_requests == 0:
         lines += boxed([t.format(server=screen.settings.server) for t in WAITING_TEXT], width, room, screen.glyphs)
     elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):  # another tab's data
@@ -11350,6 +11394,9 @@ def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen
 
 
 # ---------------------------------------------------------------- Curses loop: polling thread, keys, drawing
+
+HISTORY_REFRESH_S = 1  # how often the screen follows the local server's first reading of the transcripts
+
 
 class Poller:
     """Fetches snapshots in the background so the screen never waits on the network."""
@@ -11390,7 +11437,7 @@ class Poller:
                 with self._lock:
                     self.snapshot, self.status = snapshot, ServerStatus(connected=True, attempts=1)
                     self.version += 1
-                wait = self.settings.refresh_s
+                wait = HISTORY_REFRESH_S if snapshot.history else self.settings.refresh_s
             except ServerUnreachable as exc:
                 failures = self.status.attempts + 1 if not self.status.connected else 1
                 wait = min(2 ** (failures - 1), 30, self.settings.refresh_s * 6)

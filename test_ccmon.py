@@ -6523,6 +6523,17 @@ def test_render_states_without_data():
     lines, _ = frame_text(ccmon.ViewState(), empty, settings, 80, 24, now)
     assert "| Waiting for data: this server has not received any Claude Code request yet. |" in lines[4]
     assert any("export OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317" in line for line in lines)
+    # The local server reading the transcripts already on its machine: said instead, and in the header until done.
+    reading = dataclasses.replace(empty, history=ccmon.HistoryReading(3, 929))
+    lines, _ = frame_text(ccmon.ViewState(), reading, settings, 80, 24, now)
+    assert lines[2] == " * connected 127.0.0.1:4317 | reading history: 3 of 929 files | all time"
+    assert [line.strip("| ") for line in lines[4:8]] == [
+        "Reading the transcripts and histories on this machine:", "3 of 929 files, the newest first.", "",
+        "Figures appear as they are stored."]
+    lines, _ = frame_text(ccmon.ViewState(), dataclasses.replace(snap, history=ccmon.HistoryReading(500, 929)),
+                          settings, 80, 24, now)
+    assert lines[2] == " * connected 127.0.0.1:4317 | reading history: 500 of 929 files | all time"
+    assert lines[3:] == frame_text(ccmon.ViewState(), snap, settings, 80, 24, now)[0][3:]  # the figures so far
     down = ccmon.ServerStatus(False, "connection refused", now + 4000, 3)
     lines, _ = frame_text(ccmon.ViewState(), None, settings, 80, 24, now, status=down)
     assert lines[2] == " * disconnected (connection refused) - retrying in 4s | all time | newest first"
@@ -10292,8 +10303,8 @@ def test_a_first_run_shows_the_transcripts_totals_on_its_first_screen(tmp_path):
         with MonitorPty([], cwd=home, env={"HOME": str(home)}) as monitor:
             # the server reads the transcripts as it starts: the screen fills in (in a refresh or two) and then holds
             # exactly their totals
-            screen = monitor.wait_for(lambda text: "● connected" in text and "Requests 1-3 of 3" in text,
-                                      "the transcripts' requests on screen")
+            screen = monitor.wait_for(lambda text: "● connected" in text and "Requests 1-3 of 3" in text and
+                                      "reading history" not in text, "the transcripts' requests on screen, all read")
             # two Sonnet 4.5 requests at $0.01245 each and one Haiku 4.5 request of 120 in, 30 out: $0.00027
             assert line_with(screen, "Base").split() == ["Base", "1", "150", "0", "150", "$0.0003", "-"]
             assert line_with(screen, "Premium").split() == ["Premium", "2", "3.50K", "9.60K", "13.1K", "$0.0249", "-"]
@@ -10360,6 +10371,63 @@ def test_the_local_server_reads_and_follows_the_transcripts(tmp_path):
         assert figures()["monthly_cost"] == 0.05035
     finally:
         stop_local_servers(home)
+
+
+def test_transcripts_are_read_the_most_recently_written_first(tmp_path):
+    """A first reading of a year of transcripts shows the current figures first: files by their modification time,
+    newest first (a name breaks a tie), wherever they lie."""
+    times = {"a/old.jsonl": 1_000, "b/new.jsonl": 3_000, "a/mid.jsonl": 2_000, "c/tie-b.jsonl": 500,
+             "c/tie-a.jsonl": 500}
+    for name, when in times.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("")
+        os.utime(tmp_path / name, (when, when))
+    assert [str(path.relative_to(tmp_path)) for path in ccmon.TranscriptFiles([tmp_path]).paths()] == [
+        "b/new.jsonl", "a/mid.jsonl", "a/old.jsonl", "c/tie-a.jsonl", "c/tie-b.jsonl"]
+
+
+def test_the_local_servers_first_reading_is_shown_file_by_file_until_it_is_stored(server, tmp_path, monkeypatch):
+    """What the local server runs (follow_transcripts), against a real server: the service's history_reading counts
+    the files of the first reading, then is cleared once everything they hold is stored; what is read later is no
+    first reading."""
+    home = tmp_path / "home"
+    project = home / ".claude" / "projects" / "-home-dev-proj"
+    project.mkdir(parents=True)
+    for n in range(3):
+        (project / f"s-{n}.jsonl").write_text("".join(transcript_line(
+            f"s-{n}", f"2026-05-0{n + 1}T10:00:0{i}.000Z", f"req_{n}_{i}", f"msg_{n}_{i}") + "\n" for i in range(2)))
+    monkeypatch.setenv("HOME", str(home))
+    for variable in ("CLAUDE_CONFIG_DIR", "CODEX_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    config = dataclasses.replace(ccmon.load_config(ccmon.build_parser().parse_args([])),
+                                 server_address=f"127.0.0.1:{server.port}")
+
+    class Shown:  # what the monitor would be told, and how many requests were stored when it was
+        def __init__(self):
+            self.readings, self.done = [], threading.Event()
+
+        @property
+        def history_reading(self):
+            return self.readings[-1][0] if self.readings else None
+
+        @history_reading.setter
+        def history_reading(self, reading):
+            self.readings.append((reading, stats(server).total_requests if reading is None else None))
+            if reading is None:
+                self.done.set()
+
+    shown, stop = Shown(), threading.Event()
+    reader = threading.Thread(target=ccmon.follow_transcripts, args=(config, stop, shown))
+    reader.start()
+    try:
+        assert shown.done.wait(30), shown.readings
+        (project / "s-3.jsonl").write_text(transcript_line("s-3", "2026-05-04T10:00:00.000Z", "req_3", "msg_3") + "\n")
+        wait_until(lambda: stats(server).total_requests == 7, "the file written later")
+    finally:
+        stop.set()
+        reader.join(30)
+    assert shown.readings == [(ccmon.HistoryReading(0, 3), None), (ccmon.HistoryReading(1, 3), None),
+                              (ccmon.HistoryReading(2, 3), None), (None, 6)]
 
 
 def test_the_local_server_reads_and_follows_the_other_agents_histories(tmp_path):
