@@ -8568,6 +8568,7 @@ def metrics_pages(config: Config, reader: Reader) -> Pages:
 # ---------------------------------------------------------------- Import: ccmon import, Claude Code's transcripts and other agents' histories
 
 IMPORT_BATCH = 20_000       # requests sent in one ImportRequests call (fewer commits: fewer index pages written)
+FIRST_IMPORT_BATCH = 1_000  # the first call's, doubled at each call up to IMPORT_BATCH: the newest are stored soon
 IMPORT_TIMEOUT_S = 120.0    # one call's patience: a batch is a few thousand inserts
 FOLLOW_POLL_S = 1.0         # --follow looks at the transcripts this often
 PROGRESS_EVERY_S = 0.25
@@ -9005,6 +9006,7 @@ class Importer:
         # one batch is stored while the next is read: the server and the reading run on two cores
         self.sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccmon-import")
         self.in_flight: tuple[futures.Future, list, tuple[bool, str]] | None = None
+        self.batch = FIRST_IMPORT_BATCH  # the size of the next call
         self.unconfirmed = 0  # requests of the call that failed last: stored or not, the server did not say
         self.progress, self.started, self.shown = progress, time.monotonic(), 0.0
 
@@ -9080,7 +9082,7 @@ class Importer:
             self.tally.unknown_models[found.model] = self.tally.unknown_models.get(found.model, 0) + 1
         batch = (request.estimated and priced, found.agent)
         self.pending.setdefault(batch, []).append((request, path, number))
-        if len(self.pending[batch]) >= IMPORT_BATCH:
+        if len(self.pending[batch]) >= self.batch:
             self.send(batch)
 
     def add_file(self, files: TranscriptFiles, path: Path, final: bool) -> None:
@@ -9122,6 +9124,7 @@ class Importer:
             self.collect()
             self.in_flight = (self.sender.submit(self.client.import_requests, [request for request, *_ in batch],
                                                  self.user, self.dry_run), batch, kind)
+            self.batch = min(self.batch * 2, IMPORT_BATCH)
 
     def collect(self) -> None:
         if self.in_flight is None:

@@ -9809,6 +9809,23 @@ def test_import_progress_is_drawn_on_one_line():
     assert importer.tally.imported == 7
 
 
+def test_an_import_stores_a_small_first_batch_then_doubles_it(server):
+    """The answers read first (the newest, see TranscriptFiles.paths) are stored once 1,000 are read, not 20,000:
+    each call sends twice the one before, up to IMPORT_BATCH (fewer commits for the rest)."""
+    client, sizes = ccmon.Client(server.target), []
+    send = client.import_requests
+    client.import_requests = lambda rows, *args, **kwargs: sizes.append(len(rows)) or send(rows, *args, **kwargs)
+    importer = importer_of(client)
+    base = ccmon.parse_iso_ms("2026-05-01T10:00:00Z")
+    importer.add([(n, transcript_line("s", ccmon.iso_from_ms(base + n * 1000), f"req_{n}", f"msg_{n}"), True)
+                  for n in range(5000)], "s.jsonl")
+    importer.flush(wait=True)
+    importer.sender.shutdown()
+    client.close()
+    assert sizes == [ccmon.FIRST_IMPORT_BATCH, 2000, 2000] and importer.tally.imported == 5000
+    assert stats(server).total_requests == 5000
+
+
 def test_import_requests_rejects_what_is_not_a_request(server):
     good = dict(session_id="s-x", timestamp_ms=ccmon.parse_iso_ms("2026-05-06T10:00:00Z"), model="claude-haiku-4-5",
                 input_tokens=120, output_tokens=30, cost_nanos=270_000, estimated=True, request_id="req_x1",
