@@ -821,8 +821,11 @@ def bench_first_screen(workdir: Path, entries: int) -> dict:
     started = time.perf_counter()
     pid, fd = pty.fork()
     if pid == 0:
-        os.execve(sys.executable, [sys.executable, str(pyz)], env)
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", *FIRST_SCREEN_SIZE, 0, 0))
+        try:  # the size set before curses starts
+            fcntl.ioctl(sys.stdout.fileno(), termios.TIOCSWINSZ, struct.pack("HHHH", *FIRST_SCREEN_SIZE, 0, 0))
+            os.execve(sys.executable, [sys.executable, str(pyz)], env)
+        finally:
+            os._exit(127)  # never back into the benchmark
     first = whole = None
     frames = {}
     try:
@@ -837,11 +840,16 @@ def bench_first_screen(workdir: Path, entries: int) -> dict:
                 whole, frames["whole"] = time.perf_counter() - started, text
         os.write(fd, b"q")
     finally:
-        with contextlib.suppress(OSError):
-            while select.select([fd], [], [], 2)[0] and os.read(fd, 1 << 16):
-                pass
+        deadline, ended = time.monotonic() + 10, False
+        while not ended and time.monotonic() < deadline:  # until the monitor has quit, or 10 s
+            with contextlib.suppress(OSError):  # its terminal closed
+                if select.select([fd], [], [], 0.5)[0]:
+                    os.read(fd, 1 << 16)
+            ended = os.waitpid(pid, os.WNOHANG) != (0, 0)
+        if not ended:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
         os.close(fd)
-        os.waitpid(pid, 0)
         subprocess.run([sys.executable, str(pyz), "server", "stop"], env=env, capture_output=True, check=True)
     db = home / ".ccmon" / "ccmon.db"
     stored, newest = sqlite3.connect(db).execute("SELECT COUNT(*), MAX(ts) FROM requests").fetchone()

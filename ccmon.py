@@ -2444,47 +2444,59 @@ def changed_since(conn: sqlite3.Connection) -> tuple[int, int] | None:
 
 
 class BucketCache:
-    """The points of series buckets already read (see Reader.series), per query shape, until a commit adds or
-    removes a requests row in a bucket's time: a chart asking again for a year of days reads only today. Readers
-    fill it; the writer makes it forget what each commit changed, once committed. A reader keeps what it read only
-    if no such commit came after it started (it might have read the rows from before it)."""
-    MOST_POINTS = 20_000  # kept in all; past it, the shapes used longest ago are dropped
+    """The points of whole series buckets already read (see Reader.series), per query shape, until a commit adds or
+    removes a requests row in a bucket's time: a chart asking again for a year of days reads only today. A bucket
+    cut by the period asked (its first or last) is not kept: a period ending now would add one at every ask.
+    Readers fill it; the writer makes it forget what each commit changed, once committed. A reader keeps what it read
+    only if no such commit came after it started (it might have read the rows from before it)."""
+    MOST = 20_000  # buckets kept, each counting its points (at least 1); past it the least recently used go
+    LONGEST_BUCKET_MS = 8 * DAY_MS  # a local week, clocks changed in it or not: how far back forget looks
 
     def __init__(self):
         self._lock = threading.Lock()
         self._commits = 0  # commits that changed rows, so far
-        self._shapes: dict[tuple, dict[tuple[int, int, int], tuple[SeriesPoint, ...]]] = {}  # most recent last
-        self._points = 0
+        self._kept: dict[tuple[int, int, tuple], tuple[SeriesPoint, ...]] = {}  # least recently used first
+        self._starts: list[tuple[int, int, tuple]] = []  # the same (start, end, shape) keys in time order
+        self._size = 0
 
     def commits(self) -> int:
         return self._commits
 
-    def points(self, shape: tuple, bucket: tuple[int, int, int]) -> tuple[SeriesPoint, ...] | None:
-        """A bucket's points (bucket: its start and the [lo, hi) of it asked for), None when not kept."""
+    def points(self, shape: tuple, start: int, end: int) -> tuple[SeriesPoint, ...] | None:
+        """The points of the bucket [start, end) of this shape, None when not kept."""
         with self._lock:
-            kept = self._shapes.get(shape)
-            return None if kept is None else kept.get(bucket)
+            points = self._kept.pop((start, end, shape), None)
+            if points is not None:
+                self._kept[start, end, shape] = points  # the most recently used now
+            return points
 
-    def keep(self, commits: int, shape: tuple, buckets: dict[tuple[int, int, int], tuple[SeriesPoint, ...]]) -> None:
-        """Keep these buckets' points, read by a reader that started when commits() was `commits`."""
+    def keep(self, commits: int, shape: tuple, buckets: dict[tuple[int, int], tuple[SeriesPoint, ...]]) -> None:
+        """Keep these buckets' points ([start, end) -> points), read by a reader that started when commits() was
+        `commits`."""
         with self._lock:
             if commits != self._commits:
                 return
-            kept = self._shapes.pop(shape, {})
-            self._shapes[shape] = kept
-            self._points += sum(len(points) for points in buckets.values()) - \
-                sum(len(kept[bucket]) for bucket in buckets if bucket in kept)
-            kept.update(buckets)
-            while self._points > self.MOST_POINTS and len(self._shapes) > 1:
-                self._points -= sum(map(len, self._shapes.pop(next(iter(self._shapes))).values()))
+            for (start, end), points in buckets.items():
+                if (start, end, shape) in self._kept:
+                    self._drop((start, end, shape))
+                self._kept[start, end, shape] = points
+                bisect.insort(self._starts, (start, end, shape))
+                self._size += max(1, len(points))
+            while self._size > self.MOST:
+                self._drop(next(iter(self._kept)))
 
     def forget(self, lo: int, hi: int) -> None:
         """A commit added or removed rows of times within [lo, hi]."""
         with self._lock:
             self._commits += 1
-            for kept in self._shapes.values():
-                for bucket in [b for b in kept if b[1] <= hi and b[2] > lo]:
-                    self._points -= len(kept.pop(bucket))
+            first = bisect.bisect_left(self._starts, (lo - self.LONGEST_BUCKET_MS,))
+            last = bisect.bisect_right(self._starts, (hi, math.inf))
+            for key in [key for key in self._starts[first:last] if key[1] > lo]:
+                self._drop(key)
+
+    def _drop(self, key: tuple[int, int, tuple]) -> None:
+        self._size -= max(1, len(self._kept.pop(key)))
+        del self._starts[bisect.bisect_left(self._starts, key)]
 
 
 # The counter series' figures of some sessions (?1: a JSON array of session ids), per (user, model, project id): a
@@ -3272,16 +3284,16 @@ class Reader:
         where, extra = chosen
         raw = project is not None or by == "project"
         everyone = user is None and by in ("", "model")  # the total_ rollups have no user
-        shape = None if raw or self._bucket_cache is None else (by, user, agent)
+        shape = None if raw or self._bucket_cache is None else (by, user or "", agent or "")  # comparable
         commits = self._bucket_cache.commits() if shape else 0  # before the snapshot starts
-        buckets = {index: (start, max(start, start_ms), min(end, end_ms))
+        buckets = {index: (start, end, max(start, start_ms), min(end, end_ms))
                    for index, (start, end) in enumerate(zip(starts, starts[1:]))}
-        known = {index: points for index, bucket in buckets.items()
-                 if shape and (points := self._bucket_cache.points(shape, bucket)) is not None}
+        known = {index: points for index, (start, end, lo, hi) in buckets.items() if shape and (lo, hi) == (start, end)
+                 and (points := self._bucket_cache.points(shape, start, end)) is not None}
         if len(known) == len(buckets):
             return [point for index in buckets for point in known[index]]
         uses: list[dict[tuple[int, int], list[tuple[int, int]]]] = [{}, {}, {}, {}]  # level: range -> (bucket, sign)
-        for index, (_, lo, hi) in buckets.items():
+        for index, (_, _, lo, hi) in buckets.items():
             if index in known:
                 continue
             for sign, level, a, b in ([(1, 3, lo, hi)] if lo < hi else []) if raw else series_parts(lo, hi, everyone):
@@ -3329,8 +3341,9 @@ class Reader:
             if any(map(any, sides)):
                 read[index].append(SeriesPoint(starts[index], names.get(key, key), Split(*(Usage(*s) for s in sides))))
         read = {index: tuple(sorted(points, key=lambda point: point.group)) for index, points in read.items()}
-        if shape:
-            self._bucket_cache.keep(commits, shape, {buckets[index]: points for index, points in read.items()})
+        if shape:  # whole buckets only (see BucketCache)
+            self._bucket_cache.keep(commits, shape, {(start, end): read[index] for index, (start, end, lo, hi)
+                                                     in buckets.items() if index in read and (lo, hi) == (start, end)})
         return [point for index in buckets for point in (known[index] if index in known else read[index])]
 
     @staticmethod
@@ -9321,7 +9334,7 @@ def follow_transcripts(config: Config, stop: threading.Event, service: QueryServ
     """What `ccmon import --follow` does, inside the local server: Claude Code's transcripts and the other agents'
     histories read at start and followed, each request stored once (joined to its telemetry, see docs/import.md).
     The first reading (newest files first) is shown as the service's history_reading until every file read is
-    stored. Problems are logged, never fatal."""
+    stored (or the reading failed). Problems are logged, never fatal."""
     own = client_config(dataclasses.replace(config, monitor_server_given=False))
     client = Client.for_config(own, timeout_s=IMPORT_TIMEOUT_S, go_extras_empty=False)
     defaults = history_roots(dict(os.environ), Path.home())
@@ -9339,8 +9352,6 @@ def follow_transcripts(config: Config, stop: threading.Event, service: QueryServ
                         service.history_reading = HistoryReading(number, len(paths))
                     importer.add_file(files, path, final=False)
                 importer.flush(wait=True)
-                if first:
-                    service.history_reading, first = None, False
                 failing = ""
             except ServerUnreachable as exc:  # kept and tried again at the next look, as --follow does
                 if str(exc) != failing:
@@ -9348,6 +9359,8 @@ def follow_transcripts(config: Config, stop: threading.Event, service: QueryServ
                 failing = str(exc)
             except Exception as exc:  # a bug must not stop the server that stores the telemetry
                 log.error("transcripts: %s: %s; retrying", type(exc).__name__, exc)
+            if first:  # read and stored, or failed (logged, tried again as what follows): no longer under way
+                service.history_reading, first = None, False
             tally = importer.tally
             for problem in tally.problems:
                 log.warning("transcripts: %s", problem)
@@ -9370,6 +9383,8 @@ def serve(config: Config) -> int:
     def ready(service: QueryService, port: int, http_port: int, stop: threading.Event) -> None:
         host = config.server_address.rsplit(":", 1)[0]
         http_host = (config.server_http_address or "").rsplit(":", 1)[0]
+        if is_local_server(config):  # said before the pid file tells a client the server is ready
+            service.history_reading = HistoryReading(0, 0)
         try:
             write_pid_file(path, RunningServer(os.getpid(), f"{host}:{port}", f"{http_host}:{http_port}" if http_port
                                                else "", str(config.database_path), now_ms()))
@@ -10529,6 +10544,10 @@ def level_style(fraction: float) -> str:
 
 
 # -- sections
+def files_read(reading: HistoryReading) -> str:
+    return f"{reading.files_read} of {reading.files} files" if reading.files else "looking for files"
+
+
 def header_lines(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen: Screen) -> list[Line]:
     settings, width = screen.settings, screen.width
     title = pad_between(" ccmon - Claude Code usage monitor", f"v{VERSION} ", width)
@@ -10549,8 +10568,7 @@ def header_lines(state: ViewState, status: ServerStatus, snap: Snapshot | None, 
     known = [p.project for p in snap.projects] if snap else []  # a label tells it from these
     project = [f"project {project_labels([state.project, *known])[state.project]}"] if state.project else []
     *error_lines, last = message_lines(link[0], width) or [""]  # the whole error, on as many lines as it takes
-    history = [f"reading history: {snap.history.files_read} of {snap.history.files} files"] \
-        if snap and snap.history else []  # the figures are partial until it is done
+    history = [f"reading history: {files_read(snap.history)}"] if snap and snap.history else []  # partial till done
     details = joined_to_fit(["", *(f" | {part}" for part in (*history, *user, *project, filter_text, order,
                                                               updated))], width - len(last))  # most important first
     return [[(title, "title")], tab_strip(state.tab, width), *([(text, link[1])] for text in error_lines),
@@ -11287,8 +11305,8 @@ WAITING_TEXT = [
     "Requests appear here a few seconds after Claude Code makes them.",
 ]
 READING_TEXT = [
-    "Reading the transcripts and histories on this machine:",
-    "{read} of {files} files, the newest first.",
+    "Reading the transcripts and histories on this machine,",
+    "the newest first: {read}.",
     "",
     "Figures appear as they are stored.",
 ]
@@ -11375,8 +11393,7 @@ def render(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen
             "Is 'ccmon --server' running?"
         lines += [[("", "")], *([(text, "warn")] for text in message_lines(message, width))]
     elif snap.server_requests == 0 and snap.history:
-        lines += boxed([t.format(read=snap.history.files_read, files=snap.history.files) for t in READING_TEXT],
-                       width, room, screen.glyphs)
+        lines += boxed([t.format(read=files_read(snap.history)) for t in READING_TEXT], width, room, screen.glyphs)
     elif snap.server_requests == 0:
         lines += boxed([t.format(server=screen.settings.server) for t in WAITING_TEXT], width, room, screen.glyphs)
     elif (state.tab, state.session_id) != (snap.query.tab, snap.query.session_id):  # another tab's data
@@ -11440,7 +11457,7 @@ class Poller:
                 with self._lock:
                     self.snapshot, self.status = snapshot, ServerStatus(connected=True, attempts=1)
                     self.version += 1
-                wait = HISTORY_REFRESH_S if snapshot.history else self.settings.refresh_s
+                wait = min(HISTORY_REFRESH_S, self.settings.refresh_s) if snapshot.history else self.settings.refresh_s
             except ServerUnreachable as exc:
                 failures = self.status.attempts + 1 if not self.status.connected else 1
                 wait = min(2 ** (failures - 1), 30, self.settings.refresh_s * 6)

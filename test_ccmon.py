@@ -3109,30 +3109,47 @@ def test_series_answers_what_later_commits_changed_in_days_asked_before(server):
     client.close()
 
 
-def test_the_bucket_cache_keeps_only_what_no_commit_changed_and_so_many_points():
+def test_the_bucket_cache_keeps_only_what_no_commit_changed_and_so_many_buckets(monkeypatch):
     def points(start: int, count: int) -> tuple:
         return tuple(ccmon.SeriesPoint(start, str(n), ccmon.Split()) for n in range(count))
 
+    day, week = ("day", "", ""), ("week", "", "")
     cache = ccmon.BucketCache()
     started = cache.commits()
-    cache.keep(started, ("day", None), {(0, 0, 10): points(0, 1), (10, 10, 20): points(10, 2)})
+    cache.keep(started, day, {(0, 10): points(0, 1), (10, 20): points(10, 2)})
     cache.forget(15, 15)  # a commit into the second bucket
-    assert cache.points(("day", None), (0, 0, 10)) == points(0, 1)
-    assert cache.points(("day", None), (10, 10, 20)) is None and cache.points(("week", None), (0, 0, 10)) is None
+    assert cache.points(day, 0, 10) == points(0, 1)
+    assert cache.points(day, 10, 20) is None and cache.points(week, 0, 10) is None
     # Read before that commit, kept after it: it may hold the rows as they were, so it is not kept.
-    cache.keep(started, ("day", None), {(10, 10, 20): points(10, 2)})
-    assert cache.points(("day", None), (10, 10, 20)) is None
-    cache.keep(cache.commits(), ("day", None), {(10, 10, 20): points(10, 2)})
-    assert cache.points(("day", None), (10, 10, 20)) == points(10, 2)
+    cache.keep(started, day, {(10, 20): points(10, 2)})
+    assert cache.points(day, 10, 20) is None
+    cache.keep(cache.commits(), day, {(10, 20): points(10, 2)})
+    assert cache.points(day, 10, 20) == points(10, 2)
     cache.forget(20, 30)  # ends where the bucket does not: [lo, hi] against [start, end)
-    assert cache.points(("day", None), (10, 10, 20)) == points(10, 2)
-    # Past MOST_POINTS, the shapes used longest ago go.
-    most = ccmon.BucketCache.MOST_POINTS
-    cache.keep(cache.commits(), ("week", None), {(0, 0, 10): points(0, most - 3)})
-    assert cache.points(("day", None), (0, 0, 10)) == points(0, 1)  # 1 + 2 + most - 3: not past it
-    cache.keep(cache.commits(), ("hour", None), {(0, 0, 10): points(0, 1)})
-    assert cache.points(("day", None), (0, 0, 10)) is None and cache.points(("hour", None), (0, 0, 10)) == points(0, 1)
-    assert cache.points(("week", None), (0, 0, 10)) == points(0, most - 3)
+    cache.forget(-ccmon.BucketCache.LONGEST_BUCKET_MS, 9)  # a week back: the first bucket
+    assert cache.points(day, 10, 20) == points(10, 2) and cache.points(day, 0, 10) is None
+    # Past MOST (a bucket counts its points, an empty one 1), the least recently used buckets go, of any shape.
+    monkeypatch.setattr(ccmon.BucketCache, "MOST", 5)
+    cache.keep(cache.commits(), week, {(0, 70): points(0, 2), (70, 140): ()})  # 2 + 2 + 1
+    assert cache.points(day, 10, 20) == points(10, 2)  # used: the week's first bucket is the least recent now
+    cache.keep(cache.commits(), day, {(20, 30): ()})
+    assert cache.points(week, 0, 70) is None
+    assert (cache.points(week, 70, 140), cache.points(day, 20, 30), cache.points(day, 10, 20)) == ((), (), points(10, 2))
+
+
+def test_a_series_keeps_only_its_whole_buckets(tmp_path):
+    """A period ending now cuts its first and last bucket at every ask: those are read every time, not kept (they
+    would pile up), the whole buckets between them are."""
+    db = tmp_path / "ccmon.db"
+    ccmon.Writer(db).close()
+    cache = ccmon.BucketCache()
+    reader, zone = ccmon.Reader(db, buckets=cache), ccmon.ZoneInfo("UTC")
+    start, end = ccmon.parse_iso_ms("2026-05-01T10:00:00Z"), ccmon.parse_iso_ms("2026-05-04T10:00:00Z")
+    for shift in range(3):
+        lo, hi = start + shift * 60_000, end + shift * 60_000
+        assert reader.series(ccmon.bucket_starts(zone, "day", lo, hi, 10), lo, hi) == []
+    days = [ccmon.parse_iso_ms(f"2026-05-0{n}T00:00:00Z") for n in range(1, 6)]
+    assert [cache.points(("", "", ""), a, b) for a, b in zip(days, days[1:])] == [None, (), (), None]
 
 
 def test_series_includes_claudes_limit_readings_of_the_user(server):
@@ -6528,8 +6545,12 @@ def test_render_states_without_data():
     lines, _ = frame_text(ccmon.ViewState(), reading, settings, 80, 24, now)
     assert lines[2] == " * connected 127.0.0.1:4317 | reading history: 3 of 929 files | all time"
     assert [line.strip("| ") for line in lines[4:8]] == [
-        "Reading the transcripts and histories on this machine:", "3 of 929 files, the newest first.", "",
+        "Reading the transcripts and histories on this machine,", "the newest first: 3 of 929 files.", "",
         "Figures appear as they are stored."]
+    lines, _ = frame_text(ccmon.ViewState(), dataclasses.replace(empty, history=ccmon.HistoryReading(0, 0)),
+                          settings, 80, 24, now)  # the server has not listed them yet
+    assert lines[2] == " * connected 127.0.0.1:4317 | reading history: looking for files | all time"
+    assert lines[5].strip("| ") == "the newest first: looking for files."
     lines, _ = frame_text(ccmon.ViewState(), dataclasses.replace(snap, history=ccmon.HistoryReading(500, 929)),
                           settings, 80, 24, now)
     assert lines[2] == " * connected 127.0.0.1:4317 | reading history: 500 of 929 files | all time"
