@@ -5498,8 +5498,8 @@ def reading_of(message: ccmon_pb2.LimitReading) -> LimitReading:
 
 
 def usage_from_token(token: ccmon_pb2.Token, requests: int, cost: ccmon_pb2.Cost) -> Usage:
-    return Usage(requests=requests, input=token.input, output=token.output, cache_read=token.cache_read,
-                 cache_creation=token.cache_creation, cost_nanos=round(cost.amount * NANOS_PER_USD))
+    return Usage(requests, token.input, token.output, token.cache_read, token.cache_creation,  # Usage's order
+                 round(cost.amount * NANOS_PER_USD))
 
 
 MAX_IMPORT_ROWS = 50_000  # rows in one ImportRequests call
@@ -5527,9 +5527,10 @@ def split_from_stats(stats: ccmon_pb2.Stats) -> Split:
     base = usage_from_token(stats.base_tokens, stats.base_requests, stats.base_cost)
     premium = usage_from_token(stats.premium_tokens, stats.premium_requests, stats.premium_cost)
     total = usage_from_token(stats.total_tokens, stats.total_requests, stats.total_cost)
-    other = Usage(*map(lambda whole, one, another: whole - one - another, vars(total).values(), vars(base).values(),
-                       vars(premium).values()))  # one Usage made, not two: a year of days is 366 of these
-    return Split(base, premium, other if other.requests or other.total else Usage())
+    if total.requests == base.requests + premium.requests and total.total == base.total + premium.total:
+        return Split(base, premium)  # the usual answer, told apart without a Usage made (a year of days: 366)
+    return Split(base, premium, Usage(*map(lambda whole, one, another: whole - one - another, vars(total).values(),
+                                           vars(base).values(), vars(premium).values())))
 
 
 def api_request_message(r: ApiRequest) -> ccmon_pb2.APIRequest:

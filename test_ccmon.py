@@ -6534,6 +6534,22 @@ def test_render_daily_tab():
     assert "Loading..." in frame_text(ccmon.ViewState(tab="daily"), snap, settings, 80, 24, now)[0]
 
 
+def test_a_split_crosses_the_wire_whole():
+    """Stats carry base, premium and total: the other agents' usage is what the total has beyond the two, when it is
+    requests or tokens (a cost alone went over the wire as doubles: the difference is rounding, no usage)."""
+    base, premium = ccmon.Usage(1, 120, 30, 0, 0, 270_000), ccmon.Usage(2, 3000, 500, 8000, 1600, 24_900_000)
+    other = ccmon.Usage(3, 700, 70, 0, 0, 1_234_567)
+    for split in (ccmon.Split(base, premium), ccmon.Split(base, premium, other), ccmon.Split(other=other)):
+        wire = ccmon_pb2.Stats.FromString(ccmon.stats_message(split).SerializeToString())
+        assert ccmon.split_from_stats(wire) == split
+    rounded = ccmon.stats_message(ccmon.Split(base, premium))
+    rounded.total_cost.amount += 1e-9
+    assert ccmon.split_from_stats(rounded) == ccmon.Split(base, premium)
+    go = ccmon_pb2.Stats(total_requests=3, total_tokens=ccmon.token_message(other), total_cost=ccmon_pb2.Cost(
+        amount=other.cost_usd))  # the Go ccmon's server: totals alone
+    assert ccmon.split_from_stats(go) == ccmon.Split(other=other)
+
+
 def test_render_states_without_data():
     snap, settings, now = _frame_fixture()
     empty = dataclasses.replace(snap, server_requests=0)
