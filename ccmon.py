@@ -8859,14 +8859,6 @@ class NotTranscript(OSError):
     """A path named like a transcript that is no regular file (a FIFO would block the reading for ever)."""
 
 
-def modified_ns(path: Path) -> int:
-    """When a file was last written (0 when it cannot be looked at)."""
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return 0
-
-
 class TranscriptFiles:
     """The .jsonl files under some folders, each read line by line from where the last read stopped: only complete
     lines, so a line Claude Code is still writing is read once it is whole."""
@@ -8875,19 +8867,21 @@ class TranscriptFiles:
         self.roots = roots
         self.positions: dict[Path, tuple[int, int]] = {}  # bytes and lines read
         self.unreadable_folders: dict[Path, str] = {}  # found by the last walk, with the reason
+        self.sizes: dict[Path, int] = {}  # of the files the last walk found, as it found them
+        self._paths: dict[str, Path] = {}  # each file's Path, made once (--follow walks every second)
 
     def paths(self) -> list[Path]:
         """Every *.jsonl under the roots (a root may be one), the most recently written first: a first reading of a
         year of them shows the current figures first. The walk keeps its folders in a list, not in recursion, and
         enters a folder once however many links lead to it."""
-        found: list[Path] = []
+        found: dict[Path, int] = {}  # -> when last written (0: unknown)
         folders, entered = [], set()
-        self.unreadable_folders = {}
+        self.unreadable_folders, self.sizes = {}, {}
         for root in self.roots:
             if root.is_dir():
                 folders.append(root)
             elif root.exists() or root.is_symlink():
-                found.append(root)
+                found[root] = 0
         while folders:
             folder = folders.pop()
             try:
@@ -8898,7 +8892,12 @@ class TranscriptFiles:
                 with os.scandir(folder) as entries:
                     for entry in entries:
                         if entry.name.endswith(".jsonl"):
-                            found.append(Path(entry.path))
+                            path = self._paths.get(entry.path) or self._paths.setdefault(entry.path, Path(entry.path))
+                            try:
+                                look = entry.stat()  # the one look a --follow pass takes at a file it has read
+                                found[path], self.sizes[path] = look.st_mtime_ns, look.st_size
+                            except OSError:
+                                found[path] = 0  # gone, or a link to nowhere: lines() says why
                         try:
                             if entry.is_dir():
                                 folders.append(Path(entry.path))
@@ -8908,7 +8907,11 @@ class TranscriptFiles:
                 continue  # gone since it was listed
             except OSError as exc:
                 self.unreadable_folders[folder] = exc.strerror or str(exc)
-        return sorted(found, key=lambda path: (-modified_ns(path), path))
+        return sorted(found, key=lambda path: (-found[path], path))
+
+    def unchanged(self, path: Path) -> bool:
+        """Whether the file was read before and, when the last walk found it, was as long as what was read."""
+        return path in self.positions and self.positions[path][0] == self.sizes.get(path)
 
     def lines(self, path: Path, final: bool) -> Iterator[tuple[int, str | None, bool]]:
         """(line number, text, whole) of each new complete line; text None for a line over MAX_LINE_BYTES (skipped
@@ -9100,6 +9103,8 @@ class Importer:
             self.send(batch)
 
     def add_file(self, files: TranscriptFiles, path: Path, final: bool) -> None:
+        if files.unchanged(path):  # most files at each look of --follow: nothing to do
+            return
         try:
             self.add(files.lines(path, final), path)
         except OSError as exc:

@@ -10440,6 +10440,31 @@ def test_transcripts_are_read_the_most_recently_written_first(tmp_path):
         "b/new.jsonl", "a/mid.jsonl", "a/old.jsonl", "c/tie-a.jsonl", "c/tie-b.jsonl"]
 
 
+def test_a_follow_pass_reads_only_the_files_that_grew(tmp_path):
+    """--follow (and the local server) walks the folders every second: a file read to its end and no longer since
+    the walk is not opened again; one that grew is read from where it stopped; a file named as a root (never walked)
+    is always looked at."""
+    folder = tmp_path / "projects" / "-home-dev-proj"
+    folder.mkdir(parents=True)
+    grows, stays = folder / "s-grows.jsonl", folder / "s-stays.jsonl"
+    for path in (grows, stays):
+        path.write_text(transcript_line(path.stem, "2026-05-01T10:00:00Z", f"req_{path.stem}", "msg_1") + "\n")
+    files = ccmon.TranscriptFiles([tmp_path / "projects"])
+    assert files.paths() and not files.unchanged(grows)  # not read yet
+    read = {path: list(files.lines(path, final=False)) for path in (grows, stays)}
+    assert all(len(lines) == 1 for lines in read.values())
+    with grows.open("a") as handle:
+        handle.write(transcript_line("s-grows", "2026-05-01T10:01:00Z", "req_2", "msg_2") + "\n")
+    files.paths()
+    assert (files.unchanged(grows), files.unchanged(stays)) == (False, True)
+    assert [number for number, _, _ in files.lines(grows, final=False)] == [2]
+    files.paths()
+    assert files.unchanged(grows)
+    single = ccmon.TranscriptFiles([stays])  # a root: found without a look at its size
+    assert single.paths() == [stays] and len(list(single.lines(stays, final=False))) == 1
+    assert not single.unchanged(stays)
+
+
 def test_the_local_servers_first_reading_is_shown_file_by_file_until_it_is_stored(server, tmp_path, monkeypatch):
     """What the local server runs (follow_transcripts), against a real server: the service's history_reading counts
     the files of the first reading, then is cleared once everything they hold is stored; what is read later is no
