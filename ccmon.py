@@ -279,6 +279,9 @@ class Split:
         return cls(base, premium, other)
 
 
+SPLIT_SIDES = tuple(field.name for field in dataclasses.fields(Split))  # base, premium, other: Split's order
+
+
 class BadValue(ValueError):
     """An attribute that cannot be read as the number it must be."""
 
@@ -2449,7 +2452,8 @@ class BucketCache:
     cut by the period asked (its first or last) is not kept: a period ending now would add one at every ask.
     Readers fill it; the writer makes it forget what each commit changed, once committed. A reader keeps what it read
     only if no such commit came after it started (it might have read the rows from before it)."""
-    MOST = 20_000  # buckets kept, each counting its points (at least 1); past it the least recently used go
+    MOST = 3_000  # buckets kept, each counting its points (at least 1; about 1.4 KB each); past it the least
+    # recently used go. A year of days and the monitor's 4 weeks of hours take 1,037.
     LONGEST_BUCKET_MS = 8 * DAY_MS  # a local week, clocks changed in it or not: how far back forget looks
 
     def __init__(self):
@@ -3339,7 +3343,8 @@ class Reader:
         read: dict[int, list[SeriesPoint]] = {index: [] for index in buckets if index not in known}
         for (index, key), sides in found.items():
             if any(map(any, sides)):
-                read[index].append(SeriesPoint(starts[index], names.get(key, key), Split(*(Usage(*s) for s in sides))))
+                read[index].append(SeriesPoint(starts[index], names.get(key, key), Split(**{  # an empty side: the
+                    side: Usage(*figures) for side, figures in zip(SPLIT_SIDES, sides) if any(figures)})))  # default
         read = {index: tuple(sorted(points, key=lambda point: point.group)) for index, points in read.items()}
         if shape:  # whole buckets only (see BucketCache)
             self._bucket_cache.keep(commits, shape, {(start, end): read[index] for index, (start, end, lo, hi)
