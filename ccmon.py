@@ -2452,8 +2452,8 @@ class BucketCache:
     cut by the period asked (its first or last) is not kept: a period ending now would add one at every ask.
     Readers fill it; the writer makes it forget what each commit changed, once committed. A reader keeps what it read
     only if no such commit came after it started (it might have read the rows from before it)."""
-    MOST = 3_000  # buckets kept, each counting its points (at least 1; about 1.4 KB each); past it the least
-    # recently used go. A year of days and the monitor's 4 weeks of hours take 1,037.
+    MOST = 4_000  # points kept (a bucket without any counts 1; about 1.4 KB each), the least recently used
+    # buckets dropped past it: a year of days by 8 models (2,920) and the monitor's 4 weeks of hours (672) fit.
     LONGEST_BUCKET_MS = 8 * DAY_MS  # a local week, clocks changed in it or not: how far back forget looks
 
     def __init__(self):
@@ -8886,7 +8886,10 @@ class TranscriptFiles:
             if root.is_dir():
                 folders.append(root)
             elif root.exists() or root.is_symlink():
-                found[root] = 0
+                try:
+                    found[root] = root.stat().st_mtime_ns  # no size kept: a root is looked at every time
+                except OSError:
+                    found[root] = 0  # a link to nowhere: lines() says why
         while folders:
             folder = folders.pop()
             try:
@@ -8938,6 +8941,7 @@ class TranscriptFiles:
         with handle:
             if info.st_size < offset:  # rewritten from the start
                 offset = number = 0
+                self.positions[path] = offset, number  # so far, even when it is empty now
             handle.seek(offset)
             held: list[bytes] | None = []  # the line read so far, until its newline; None: too long, not kept
             size = 0

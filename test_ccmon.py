@@ -10442,31 +10442,48 @@ def test_transcripts_are_read_the_most_recently_written_first(tmp_path):
         os.utime(tmp_path / name, (when, when))
     assert [str(path.relative_to(tmp_path)) for path in ccmon.TranscriptFiles([tmp_path]).paths()] == [
         "b/new.jsonl", "a/mid.jsonl", "a/old.jsonl", "c/tie-a.jsonl", "c/tie-b.jsonl"]
+    # Files named as roots (ccmon import FILE ...) among them, by the same order.
+    roots = [tmp_path / "a/old.jsonl", tmp_path / "b/new.jsonl", tmp_path / "c"]
+    assert [str(path.relative_to(tmp_path)) for path in ccmon.TranscriptFiles(roots).paths()] == [
+        "b/new.jsonl", "a/old.jsonl", "c/tie-a.jsonl", "c/tie-b.jsonl"]
 
 
 def test_a_follow_pass_reads_only_the_files_that_grew(tmp_path):
     """--follow (and the local server) walks the folders every second: a file read to its end and no longer since
-    the walk is not opened again; one that grew is read from where it stopped; a file named as a root (never walked)
-    is always looked at."""
+    the walk is not opened again; one that grew is read from where it stopped, one cut short from its start (even
+    when it is empty for a while); a file named as a root (never walked) is always looked at."""
     folder = tmp_path / "projects" / "-home-dev-proj"
     folder.mkdir(parents=True)
     grows, stays = folder / "s-grows.jsonl", folder / "s-stays.jsonl"
-    for path in (grows, stays):
-        path.write_text(transcript_line(path.stem, "2026-05-01T10:00:00Z", f"req_{path.stem}", "msg_1") + "\n")
-    files = ccmon.TranscriptFiles([tmp_path / "projects"])
-    assert files.paths() and not files.unchanged(grows)  # not read yet
-    read = {path: list(files.lines(path, final=False)) for path in (grows, stays)}
-    assert all(len(lines) == 1 for lines in read.values())
+    first = {path: transcript_line(path.stem, "2026-05-01T10:00:00Z", f"req_{path.stem}", "msg_1") + "\n"
+             for path in (grows, stays)}
+    for path, line in first.items():
+        path.write_text(line)
+    importer, files, opened = importer_of(CountingImports()), ccmon.TranscriptFiles([tmp_path / "projects"]), []
+    read_lines = files.lines
+    files.lines = lambda path, final: opened.append(path.name) or read_lines(path, final)
+
+    def follow_pass() -> list[str]:
+        opened.clear()
+        for path in files.paths():
+            importer.add_file(files, path, final=False)
+        importer.flush(wait=True)
+        return sorted(opened)
+
+    assert follow_pass() == ["s-grows.jsonl", "s-stays.jsonl"] and importer.tally.entries == 2
+    assert follow_pass() == []
     with grows.open("a") as handle:
         handle.write(transcript_line("s-grows", "2026-05-01T10:01:00Z", "req_2", "msg_2") + "\n")
-    files.paths()
-    assert (files.unchanged(grows), files.unchanged(stays)) == (False, True)
-    assert [number for number, _, _ in files.lines(grows, final=False)] == [2]
-    files.paths()
-    assert files.unchanged(grows)
+    assert follow_pass() == ["s-grows.jsonl"] and importer.tally.entries == 3
+    assert follow_pass() == []
+    grows.write_text("")  # cut short: read from its start from now on
+    assert follow_pass() == ["s-grows.jsonl"] and follow_pass() == []
+    grows.write_text(first[grows].replace("req_s-grows", "req_s-grown"))  # as long as the first reading was
+    assert follow_pass() == ["s-grows.jsonl"] and importer.tally.entries == 4
     single = ccmon.TranscriptFiles([stays])  # a root: found without a look at its size
     assert single.paths() == [stays] and len(list(single.lines(stays, final=False))) == 1
     assert not single.unchanged(stays)
+    importer.sender.shutdown()
 
 
 def test_the_local_servers_first_reading_is_shown_file_by_file_until_it_is_stored(server, tmp_path, monkeypatch):
