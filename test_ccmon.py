@@ -6542,7 +6542,8 @@ def test_a_split_crosses_the_wire_whole():
     requests or tokens (a cost alone went over the wire as doubles: the difference is rounding, no usage)."""
     base, premium = ccmon.Usage(1, 120, 30, 0, 0, 270_000), ccmon.Usage(2, 3000, 500, 8000, 1600, 24_900_000)
     other = ccmon.Usage(3, 700, 70, 0, 0, 1_234_567)
-    for split in (ccmon.Split(base, premium), ccmon.Split(base, premium, other), ccmon.Split(other=other)):
+    for split in (ccmon.Split(base, premium), ccmon.Split(base, premium, other), ccmon.Split(other=other),
+                  ccmon.Split(base, premium, ccmon.Usage(requests=2)), ccmon.Split(base, other=ccmon.Usage(input=5))):
         wire = ccmon_pb2.Stats.FromString(ccmon.stats_message(split).SerializeToString())
         assert ccmon.split_from_stats(wire) == split
     rounded = ccmon.stats_message(ccmon.Split(base, premium))
