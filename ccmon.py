@@ -6166,7 +6166,8 @@ SHUTDOWN_S = 8  # within the 10 s Docker and systemd give before SIGKILL
 def run_server(config: Config, on_ready: Callable[[QueryService, int, int, threading.Event], None] | None = None,
                pages: Callable[[QueryService], Pages] | None = None) -> int:
     """Serve until SIGINT or SIGTERM. `on_ready(service, port, http_port, stop)` runs once the server is ready;
-    `stop` is set when it starts to stop. The HTTP listener also answers `pages(service)` (the web dashboard, the status line)."""
+    `stop` is set when it starts to stop. The HTTP listener also answers `pages(service)` (the web dashboard, the
+    status line)."""
     # The writer binding rows, the export threads taking decoded batches and the queries share the GIL; a short
     # switch interval keeps each from waiting up to 5 ms for another whenever it needs the GIL back.
     sys.setswitchinterval(0.0005)
