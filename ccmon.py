@@ -37,6 +37,7 @@ import argparse
 import base64
 import bisect
 import calendar
+import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -8587,8 +8588,10 @@ def metrics_pages(config: Config, reader: Reader) -> Pages:
 
 # ---------------------------------------------------------------- Import: ccmon import, Claude Code's transcripts and other agents' histories
 
-IMPORT_BATCH = 20_000       # requests sent in one ImportRequests call (fewer commits: fewer index pages written)
+IMPORT_BATCH = 5_000        # requests sent in one ImportRequests call at most: the last call is stored after the
+                            # reading ends (the server writes IMPORT_CHUNK a transaction, whatever a call's size)
 FIRST_IMPORT_BATCH = 1_000  # the first call's, doubled at each call up to IMPORT_BATCH: the newest are stored soon
+IMPORT_CALLS_AHEAD = 2      # calls sent and not answered yet: the reading goes on while the server stores
 IMPORT_TIMEOUT_S = 120.0    # one call's patience: a batch is a few thousand inserts
 FOLLOW_POLL_S = 1.0         # --follow looks at the transcripts this often
 PROGRESS_EVERY_S = 0.25
@@ -8603,7 +8606,7 @@ NAMED_REASONS = {"not JSON", FIGURES_OUT_OF_RANGE, LIMITS_OUT_OF_RANGE}  # the s
 ANSWER_IDS = re.compile(r'"message":\{"id":"([^"\\]*)".*"requestId":"([^"\\]*)"')
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)  # not frozen: a frozen one takes 7 times as long to make, 100,000 times an import
 class TranscriptEntry:
     """One API answer as a transcript records it: an assistant message with usage."""
     session_id: str
@@ -9030,11 +9033,12 @@ class Importer:
         self.pending: dict[tuple[bool, str], list[tuple[ccmon_pb2.ImportedRequest, Path | str, int]]] = {}
         self.prices_found: dict[str, Price | None] = {}
         self.unreadable: set[Path] = set()
-        # one batch is stored while the next is read: the server and the reading run on two cores
+        # the batches read are stored while the next is read: the server and the reading run on two cores
         self.sender = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccmon-import")
-        self.in_flight: tuple[futures.Future, list, tuple[bool, str]] | None = None
+        self.in_flight: collections.deque[tuple[futures.Future, list, tuple[bool, str]]] = collections.deque()
         self.batch = FIRST_IMPORT_BATCH  # the size of the next call
-        self.unconfirmed = 0  # requests of the call that failed last: stored or not, the server did not say
+        # requests of the call that failed last and of those sent after it: stored or not, the server did not say
+        self.unconfirmed = 0
         self.progress, self.started, self.shown = progress, time.monotonic(), 0.0
 
     def skip(self, reason: str, where: str = "") -> None:
@@ -9147,19 +9151,24 @@ class Importer:
             self.readings = []
 
     def send(self, kind: tuple[bool, str]) -> None:
-        """Send the requests read of a kind: (priced by ccmon, agent)."""
+        """Send the requests read of a kind: (priced by ccmon, agent); first wait for the answer to the oldest call
+        when IMPORT_CALLS_AHEAD are unanswered."""
         if self.pending.get(kind):
             batch, self.pending[kind] = self.pending[kind], []
-            self.collect()
-            self.in_flight = (self.sender.submit(self.client.import_requests, [request for request, *_ in batch],
-                                                 self.user, self.dry_run), batch, kind)
+            while len(self.in_flight) >= IMPORT_CALLS_AHEAD:
+                self.collect_oldest()
+            self.in_flight.append((self.sender.submit(self.client.import_requests,
+                                                      [request for request, *_ in batch], self.user, self.dry_run),
+                                   batch, kind))
             self.batch = min(self.batch * 2, IMPORT_BATCH)
 
     def collect(self) -> None:
-        if self.in_flight is None:
-            return
-        future, batch, kind = self.in_flight
-        self.in_flight = None
+        """Wait for the answers to every call sent."""
+        while self.in_flight:
+            self.collect_oldest()
+
+    def collect_oldest(self) -> None:
+        future, batch, kind = self.in_flight.popleft()
         try:
             try:
                 self.count(future.result(), kind)
@@ -9167,7 +9176,7 @@ class Importer:
                 self.send_apart(batch, kind, exc)
         except ServerUnreachable:  # kept for --follow's next try: what is stored of it is then known
             self.pending.setdefault(kind, [])[:0] = batch
-            self.unconfirmed = len(batch)
+            self.unconfirmed = len(batch) + sum(len(later) for _, later, _ in self.in_flight)  # sent after it
             raise
 
     def count(self, counts: ImportCounts, kind: tuple[bool, str]) -> None:

@@ -9853,7 +9853,7 @@ def test_import_progress_is_drawn_on_one_line():
 
 def test_an_import_stores_a_small_first_batch_then_doubles_it(server):
     """The answers read first (the newest, see TranscriptFiles.paths) are stored once 1,000 are read, not 20,000:
-    each call sends twice the one before, up to IMPORT_BATCH (fewer commits for the rest)."""
+    each call sends twice the one before, up to IMPORT_BATCH."""
     client, sizes = ccmon.Client(server.target), []
     send = client.import_requests
     client.import_requests = lambda rows, *args, **kwargs: sizes.append(len(rows)) or send(rows, *args, **kwargs)
@@ -10149,6 +10149,36 @@ def test_an_interrupted_import_says_what_is_stored(tmp_path, monkeypatch, capsys
                   "already (not counted below); importing again counts each request once.\n"
     assert out == "ccmon import: 1 file read; 0 requests imported; 0 already known; 0 skipped\n"
 
+
+
+def test_an_import_reads_on_while_two_calls_are_unanswered():
+    """The importer sends IMPORT_CALLS_AHEAD calls before it waits for the first answer: the reading goes on while the
+    server stores. When the oldest call fails, its requests and those of the call sent after it are the ones that
+    may be stored."""
+    answer = threading.Event()
+
+    class SlowServer:
+        calls = 0
+
+        def import_requests(self, rows, user, dry_run):
+            self.calls += 1
+            assert answer.wait(30)
+            if self.calls == 1:
+                raise ccmon.ServerUnreachable("server did not answer in time")
+            return ccmon.ImportCounts(len(rows), 0)
+
+    importer = importer_of(SlowServer())
+    importer.add([(n, transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}"), True)
+                  for n in range(3000)], "s.jsonl")  # 1,000 then 2,000 sent; lock-step, the second waits here
+    assert [len(batch) for _, batch, _ in importer.in_flight] == [1000, 2000]
+    assert not any(importer.pending.values())
+    answer.set()
+    with pytest.raises(ccmon.ServerUnreachable):
+        importer.collect()
+    assert importer.unconfirmed == 3000 and [len(kept) for kept in importer.pending.values()] == [1000]
+    importer.collect()  # the second call's answer
+    importer.sender.shutdown()
+    assert importer.tally.imported == 2000
 
 
 def test_telemetry_stored_between_an_imports_chunks_is_known(tmp_path, monkeypatch):
