@@ -8859,7 +8859,8 @@ def resource_user(environ: dict[str, str]) -> str:
 
 
 MAX_LINE_BYTES = 32 * 2 ** 20  # a longer transcript line is skipped (named), never held in memory whole
-READ_BLOCK = 2 ** 20          # transcripts are read this much at a time
+READ_BLOCK = 2 ** 20          # transcripts are read this much at a time (less than MAX_LINE_BYTES: a line too long
+                              # spans blocks)
 FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
               (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # what a path named *.jsonl may be instead
 
@@ -8948,20 +8949,26 @@ class TranscriptFiles:
                 self.positions[path] = offset, number  # so far, even when it is empty now
             handle.seek(offset)
             held: list[bytes] | None = []  # the line read so far, until its newline; None: too long, not kept
-            size = 0
+            size = 0  # of that line
             while block := handle.read(READ_BLOCK):
-                *ended, rest = block.split(b"\n")
-                for part in ended:
-                    size += len(part)
-                    text = None if held is None or size > MAX_LINE_BYTES else \
-                        (b"".join(held) + part if held else part).decode("utf-8", errors="replace")
-                    offset, number = offset + size + 1, number + 1
-                    held, size = [], 0
-                    yield number, text, True
-                self.positions[path] = offset, number  # a block's lines are read: a read error comes after them
-                size += len(rest)
-                if held is not None and rest:
-                    held.append(rest)
+                first_end = block.find(b"\n")
+                if first_end >= 0:  # the held line ends
+                    last_end = block.rindex(b"\n")
+                    size += first_end
+                    number += 1
+                    yield number, None if held is None or size > MAX_LINE_BYTES else \
+                        (b"".join(held) + block[:first_end] if held else block[:first_end]).decode(
+                            "utf-8", errors="replace"), True
+                    if last_end > first_end:  # the block's other whole lines (shorter than it), decoded at once
+                        for text in block[first_end + 1:last_end].decode("utf-8", errors="replace").split("\n"):
+                            number += 1
+                            yield number, text, True
+                    offset += size + 1 + last_end - first_end
+                    self.positions[path] = offset, number  # a block's lines are read: a read error comes after them
+                    held, size, block = [], 0, block[last_end + 1:]
+                size += len(block)
+                if held is not None and block:
+                    held.append(block)
                     if size > MAX_LINE_BYTES:
                         held = None
             if size and final:  # a last line without its newline

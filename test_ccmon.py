@@ -11,6 +11,7 @@ import gc
 import io
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -989,7 +990,6 @@ def test_second_server_on_the_same_database_refuses(server, tmp_path):
 
 def test_kill_9_during_sustained_ingestion(tmp_path):
     """Kill the server at random moments while exporters keep sending; every acknowledged record survives."""
-    import random
     srv = ServerProcess(tmp_path).start()
     acknowledged: set[int] = set()
     rng = random.Random(7)
@@ -10077,8 +10077,31 @@ def test_a_folder_that_cannot_be_read_is_named(tmp_path, monkeypatch):
     assert importer.tally.skipped == {"unreadable folder": 1}
 
 
+@pytest.mark.parametrize("block", [7, 64, 1000])
+def test_transcript_lines_come_out_whole_whatever_the_blocks(tmp_path, monkeypatch, block):
+    """A file's lines come out as a plain split gives them, however its blocks cut them: lines spanning blocks,
+    characters of several bytes cut at a block's end, bytes that are no UTF-8, empty lines, a last line without
+    its newline. Read again after it grew (as --follow does), it goes on at the next line, numbered on."""
+    monkeypatch.setattr(ccmon, "READ_BLOCK", block)
+    pieces = [b'{"type":"user"}', b"", "\u00e9\u20ac\U0001f600".encode() * 30, b"x" * 700, b"\xff\xfe{", b"\xe2\x82"]
+    chooser = random.Random(block)
+    content = b"\n".join(chooser.choice(pieces) for _ in range(300)) + b"\n" + "tail \u20ac".encode()
+    path = tmp_path / "t.jsonl"
+    path.write_bytes(content[:len(content) // 2])
+    files = ccmon.TranscriptFiles([path])
+    read = list(files.lines(path, final=False))
+    with path.open("ab") as handle:
+        handle.write(content[len(content) // 2:])
+    read += files.lines(path, final=True)
+    *whole, last = content.split(b"\n")
+    assert read == [(number, line.decode("utf-8", errors="replace"), True) for number, line in enumerate(whole, 1)] \
+        + [(len(whole) + 1, "tail \u20ac", False)]
+    assert files.positions[path] == (len(content), len(whole) + 1)
+
+
 def test_a_line_too_long_is_skipped_unread(tmp_path, monkeypatch):
     monkeypatch.setattr(ccmon, "MAX_LINE_BYTES", 2000)
+    monkeypatch.setattr(ccmon, "READ_BLOCK", 512)  # shorter than MAX_LINE_BYTES, as it is: lines span blocks
     path = tmp_path / "s-long.jsonl"
     lines = [transcript_line("s-long", f"2026-05-10T10:0{n}:00Z", f"req_{n}", f"msg_{n}") for n in range(3)]
     path.write_text(lines[0] + "\n" + "x" * 5000 + "\n" + lines[1] + "\n" + lines[2] + "\n" + "y" * 3000)
