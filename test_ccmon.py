@@ -10137,6 +10137,7 @@ def test_a_request_the_server_refuses_is_named_and_the_rest_imported(server):
 def test_an_interrupted_import_says_what_is_stored(tmp_path, monkeypatch, capsys):
     """The server writes an import a chunk at a time: when one fails, it says how much is stored, and importing
     again counts those as known. The importer, when a call fails, says its requests may be stored."""
+    monkeypatch.setattr(ccmon, "IMPORT_CHUNK", 1000)
     writer = ccmon.Writer(tmp_path / "interrupted.db")
     chunks, store = [], ccmon.Writer._import
 
@@ -10207,6 +10208,7 @@ def test_an_import_reads_on_while_two_calls_are_unanswered():
 def test_telemetry_stored_between_an_imports_chunks_is_known(tmp_path, monkeypatch):
     """An import reads the telemetry near its rows' times once; what telemetry the writer stores between its
     chunks is added: a forked session's copy of that answer, in a later chunk, is known."""
+    monkeypatch.setattr(ccmon, "IMPORT_CHUNK", 1000)
     writer = ccmon.Writer(tmp_path / "between.db")
     rows = dense_import_rows(1500)
     copy_at = rows[1200][0]
