@@ -2391,15 +2391,17 @@ class CopyWindow:
 
 
 # The rollups the writer adds each transaction's changed rows to (see settle_rollups), table -> its key as expressions
-# over a requests row: those summed alone, then session_usage, which keeps more than sums.
-SUMMED_ROLLUPS = {"usage_rollup": {"bucket": f"ts - ts % {BUCKET_MS}", "model": "model", "user": "user"},
-                  "usage_daily": {"bucket": f"ts - ts % {DAY_MS}", "model": "model", "user": "user"},
-                  "total_hourly": {"bucket": f"ts - ts % {HOUR_MS}", "model": "model"},
-                  "total_daily": {"bucket": f"ts - ts % {DAY_MS}", "model": "model"}}
-ROLLUP_KEYS = {**SUMMED_ROLLUPS, "session_usage": {"session": "session", "model": "model"}}
+# over changed_sums: the changed rows summed by quarter hour (BUCKET_MS), model and user first, once, since every
+# coarser bucket is a union of quarter hours. session_usage, which keeps more than sums, is added to from the rows.
+SUMMED_ROLLUPS = {"usage_rollup": {"bucket": "bucket", "model": "model", "user": "user"},
+                  "usage_daily": {"bucket": f"bucket - bucket % {DAY_MS}", "model": "model", "user": "user"},
+                  "total_hourly": {"bucket": f"bucket - bucket % {HOUR_MS}", "model": "model"},
+                  "total_daily": {"bucket": f"bucket - bucket % {DAY_MS}", "model": "model"}}
 SETTLE_ROLLUPS = [
+    f"INSERT INTO changed_sums SELECT ts - ts % {BUCKET_MS}, model, user, {', '.join(f'SUM({c})' for c in FIGURES)} "
+    "FROM changed_requests GROUP BY 1, 2, 3",
     *(f"INSERT INTO {table} ({', '.join([*key, *FIGURES])}) SELECT {', '.join(key.values())}, "
-      f"{', '.join(f'SUM({c})' for c in FIGURES)} FROM changed_requests WHERE true GROUP BY "
+      f"{', '.join(f'SUM({c})' for c in FIGURES)} FROM changed_sums WHERE true GROUP BY "
       f"{', '.join(map(str, range(1, len(key) + 1)))} ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
       f"{', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}" for table, key in SUMMED_ROLLUPS.items()),
     # session_usage: under the user of the latest row added (0 when none was: the key's user stays), from its first
@@ -2411,10 +2413,14 @@ SETTLE_ROLLUPS = [
     "changed_requests latest ON latest.rowid = g.latest WHERE true ON CONFLICT (session, model) DO UPDATE SET "
     "user = IIF(excluded.user = 0, user, excluded.user), first_ts = MIN(first_ts, excluded.first_ts), "
     f"last_ts = MAX(last_ts, excluded.last_ts), {', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}",
+    # the keys left without rows: only where rows were removed (a key's rows fall to 0 only by a negative sum)
     *(f"DELETE FROM {table} WHERE rows = 0 AND ({', '.join(key)}) IN (SELECT {', '.join(key.values())} FROM "
-      "changed_requests WHERE rows < 0)" for table, key in ROLLUP_KEYS.items()),
+      f"{changes} WHERE rows < 0)" for table, key, changes in (
+        *((table, key, "changed_sums") for table, key in SUMMED_ROLLUPS.items()),
+        ("session_usage", {"session": "session", "model": "model"}, "changed_requests"))),
     "INSERT INTO changed_span SELECT * FROM (SELECT MIN(ts) AS lo, MAX(ts) FROM changed_requests) WHERE lo NOT NULL",
-    "DELETE FROM changed_requests"]
+    "DELETE FROM changed_requests",
+    "DELETE FROM changed_sums"]
 
 
 def track_request_changes(conn: sqlite3.Connection) -> None:
@@ -2425,6 +2431,8 @@ def track_request_changes(conn: sqlite3.Connection) -> None:
     conn.execute(f"CREATE TEMP TABLE changed_requests (ts INTEGER NOT NULL, session INTEGER NOT NULL, "
                  f"model INTEGER NOT NULL, user INTEGER NOT NULL, {FIGURE_COLUMNS})")
     conn.execute("CREATE TEMP TABLE changed_span (lo INTEGER NOT NULL, hi INTEGER NOT NULL)")  # see changed_since
+    conn.execute(f"CREATE TEMP TABLE changed_sums (bucket INTEGER NOT NULL, model INTEGER NOT NULL, "
+                 f"user INTEGER NOT NULL, {FIGURE_COLUMNS})")  # see SETTLE_ROLLUPS
     for change, row, sign in (("INSERT", "NEW.", ""), ("DELETE", "OLD.", "-")):
         figures = ", ".join(sign + expression.format(r=row) for expression in FIGURES.values())
         conn.execute(f"CREATE TEMP TRIGGER requests_{change.lower()}_noted AFTER {change} ON main.requests BEGIN "
