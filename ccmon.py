@@ -9384,6 +9384,7 @@ def follow_transcripts(config: Config, stop: threading.Event, service: QueryServ
     files = TranscriptFiles(roots)
     log.info("transcripts: following %s", " and ".join(map(str, roots)))
     reported, failing, first = (0, 0, 0), "", True
+    broken: set[Path] = set()  # files whose reading failed on a bug of ccmon's, each logged once
     try:
         while True:
             try:
@@ -9391,7 +9392,14 @@ def follow_transcripts(config: Config, stop: threading.Event, service: QueryServ
                 for number, path in enumerate(paths):
                     if first:  # until what it read is stored whole
                         service.history_reading = HistoryReading(number, len(paths))
-                    importer.add_file(files, path, final=False)
+                    try:
+                        importer.add_file(files, path, final=False)
+                    except ServerUnreachable:
+                        raise
+                    except Exception:  # a bug must not leave the files after this one unread
+                        if path not in broken:
+                            broken.add(path)
+                            log.exception("transcripts: reading %s failed; the other files are read on", path)
                 importer.flush(wait=True)
                 failing = ""
             except ServerUnreachable as exc:  # kept and tried again at the next look, as --follow does

@@ -10586,6 +10586,46 @@ def test_the_local_servers_first_reading_is_shown_file_by_file_until_it_is_store
                               (ccmon.HistoryReading(2, 3), None), (None, 6)]
 
 
+def test_a_file_ccmon_fails_on_leaves_the_local_servers_other_files_read(server, tmp_path, monkeypatch, caplog):
+    """A bug of ccmon's on one transcript (here its reading made to raise) is logged once, however often the local
+    server looks again, and the files read after it (older, and written later) are stored; it stopped every pass
+    at that file."""
+    project = tmp_path / "home" / ".claude" / "projects" / "-home-dev-proj"
+    project.mkdir(parents=True)
+    for n, name in enumerate(["s-old", "s-bad", "s-new"]):  # read newest first: s-new, s-bad, s-old
+        path = project / f"{name}.jsonl"
+        path.write_text(transcript_line(name, f"2026-05-0{n + 1}T10:00:00.000Z", f"req_{name}", "msg_1") + "\n")
+        os.utime(path, (1_700_000_000 + n, 1_700_000_000 + n))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for variable in ("CLAUDE_CONFIG_DIR", "CODEX_HOME"):
+        monkeypatch.delenv(variable, raising=False)
+    entry = ccmon.transcript_entry
+
+    def failing_on_s_bad(line):
+        if '"s-bad"' in line:
+            raise KeyError("a bug")
+        return entry(line)
+
+    monkeypatch.setattr(ccmon, "transcript_entry", failing_on_s_bad)
+    config = dataclasses.replace(ccmon.load_config(ccmon.build_parser().parse_args([])),
+                                 server_address=f"127.0.0.1:{server.port}")
+    stop = threading.Event()
+    reader = threading.Thread(target=ccmon.follow_transcripts, args=(config, stop, types.SimpleNamespace()))
+    reader.start()
+    try:
+        wait_until(lambda: stats(server).total_requests == 2, "the files beside the one ccmon fails on")
+        (project / "s-later.jsonl").write_text(
+            transcript_line("s-later", "2026-05-04T10:00:00.000Z", "req_later", "msg_1") + "\n")
+        wait_until(lambda: stats(server).total_requests == 3, "a file written later")
+    finally:
+        stop.set()
+        reader.join(30)
+    failures = [record for record in caplog.records if record.levelname == "ERROR"]
+    assert [record.getMessage() for record in failures] == [
+        f"transcripts: reading {project / 's-bad.jsonl'} failed; the other files are read on"]
+    assert "KeyError: 'a bug'" in caplog.text
+
+
 def test_the_local_server_reads_and_follows_the_other_agents_histories(tmp_path):
     """The local server follows Codex's rollouts, Qwen's chats and Gemini's chats in their default folders as it
     follows the transcripts: what is there at start, then a session written later; Codex's limits with them."""
