@@ -506,6 +506,23 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def measured_run(command: list[str], env: dict[str, str] | None = None) -> tuple[str, float, float]:
+    """Run a command to its end, checked: (its output, seconds, peak memory in MB: the largest resident set of it
+    and of the children it waited for, from the kernel's accounting of exactly that process)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        output = out.read().decode()
+        if process.returncode:
+            raise subprocess.CalledProcessError(process.returncode, command, output, err.read().decode())
+    return output, seconds, usage.ru_maxrss / 1024
+
+
 CCUSAGE = "ccusage@18.0.11"  # the last release that runs without a native binary
 CCUSAGE_CACHE = Path.home() / ".cache" / "ccmon-bench"
 
@@ -521,16 +538,15 @@ def ccusage_installed() -> Path | None:
     return tool
 
 
-def ccusage_daily(config_dir: Path) -> tuple[float, float] | None:
+def ccusage_daily(config_dir: Path) -> tuple[float, float, float] | None:
     """ccusage's `daily` report of the transcripts under config_dir/projects (its offline prices): (seconds, total
-    cost in USD); None without Node.js and npm."""
+    cost in USD, peak memory in MB); None without Node.js and npm."""
     tool = ccusage_installed()
     if tool is None:
         return None
-    started = time.perf_counter()
-    answer = subprocess.run(["node", str(tool), "daily", "--json", "--offline"], capture_output=True, text=True,
-                            check=True, env={**os.environ, "CLAUDE_CONFIG_DIR": str(config_dir)})
-    return time.perf_counter() - started, json.loads(answer.stdout)["totals"]["totalCost"]
+    output, seconds, peak_mb = measured_run(["node", str(tool), "daily", "--json", "--offline"],
+                                            {**os.environ, "CLAUDE_CONFIG_DIR": str(config_dir)})
+    return seconds, json.loads(output)["totals"]["totalCost"], peak_mb
 
 
 def ccusage_status_line(workdir: Path, entries: int, runs: int) -> dict | None:
@@ -575,15 +591,11 @@ def bench_import(workdir: Path, entries: int) -> dict:
         command = [*ccmon_pyz, "import", "--monitor-server", server.target, str(folder)]
         load = os.getloadavg()[0]
         server_cpu, client_cpu = cpu_seconds(server.proc.pid), children_cpu_seconds()
-        started = time.perf_counter()
-        first = subprocess.run(command, capture_output=True, text=True, check=True)
-        seconds = time.perf_counter() - started
+        first, seconds, client_mb = measured_run(command)
         server_cpu, client_cpu = cpu_seconds(server.proc.pid) - server_cpu, children_cpu_seconds() - client_cpu
-        started = time.perf_counter()
-        report = subprocess.run([*ccmon_pyz, "report", "monthly", "--since", since, "--monitor-server", server.target,
-                                 "--json"], capture_output=True, text=True, check=True)
-        report_s = time.perf_counter() - started
-        ccmon_cost = json.loads(report.stdout)["totals"]["cost_usd"]
+        report, report_s, _ = measured_run([*ccmon_pyz, "report", "monthly", "--since", since, "--monitor-server",
+                                            server.target, "--json"])
+        ccmon_cost = json.loads(report)["totals"]["cost_usd"]
         started = time.perf_counter()
         again = subprocess.run(command, capture_output=True, text=True, check=True)
         again_s = time.perf_counter() - started
@@ -591,16 +603,17 @@ def bench_import(workdir: Path, entries: int) -> dict:
     if ccusage is not None and abs(ccusage[1] - ccmon_cost) >= 0.01:
         raise RuntimeError(f"ccmon's total ${ccmon_cost:.6f} is not ccusage's ${ccusage[1]:.6f}")
     stored = sqlite3.connect(db).execute("SELECT COUNT(*), SUM(origin = 2) FROM requests").fetchone()
-    if stored != (entries, entries) or f"{entries:,} requests imported" not in first.stdout or \
+    if stored != (entries, entries) or f"{entries:,} requests imported" not in first or \
             f"{entries:,} already known" not in again.stdout:
-        raise RuntimeError(f"import stored {stored} of {entries}: {first.stdout} {first.stderr} {again.stdout}")
+        raise RuntimeError(f"import stored {stored} of {entries}: {first} {again.stdout}")
     db.unlink()
     shutil.rmtree(folder)
     return {"entries": entries, "files": files, "lines": lines, "seconds": seconds, "load": load,
             "client_cpu_s": client_cpu, "server_cpu_s": server_cpu,
             "entries_per_s": entries / seconds, "lines_per_s": lines / seconds, "again_s": again_s,
-            "report_s": report_s, "cost_usd": ccmon_cost,
-            "ccusage_s": ccusage[0] if ccusage else None, "ccusage_cost_usd": ccusage[1] if ccusage else None}
+            "report_s": report_s, "cost_usd": ccmon_cost, "client_mb": client_mb,
+            "ccusage_s": ccusage[0] if ccusage else None, "ccusage_cost_usd": ccusage[1] if ccusage else None,
+            "ccusage_mb": ccusage[2] if ccusage else None}
 
 
 def timed(call, check, runs: int) -> list[float]:
@@ -1121,17 +1134,21 @@ def report(r: dict) -> str:
 
 
 def import_report(i: dict) -> str:
-    line = (f"| ccmon.pyz import, {i['entries']:,} answers ({i['lines']:,} lines, {i['files']:,} files), first run | "
-            f"{i['entries_per_s']:,.0f} entries/s ({i['seconds']:.1f} s; {i['lines_per_s']:,.0f} lines/s; again: "
-            f"{i['again_s']:.1f} s; CPU: ccmon import {i['client_cpu_s']:.1f} s, server {i['server_cpu_s']:.1f} s; load "
-            f"average {i['load']:.1f}) | >= 20,000/s | {target(i['entries_per_s'], 20_000, True)} |")
+    lines = [f"| ccmon.pyz import, {i['entries']:,} answers ({i['lines']:,} lines, {i['files']:,} files), first run | "
+             f"{i['entries_per_s']:,.0f} entries/s ({i['seconds']:.1f} s; {i['lines_per_s']:,.0f} lines/s; again: "
+             f"{i['again_s']:.1f} s; CPU: ccmon import {i['client_cpu_s']:.1f} s, server {i['server_cpu_s']:.1f} s; "
+             f"load average {i['load']:.1f}) | >= 20,000/s | {target(i['entries_per_s'], 20_000, True)} |",
+             f"| ccmon.pyz import, peak memory | {i['client_mb']:,.0f} MB | <= 150 MB | "
+             f"{target(i['client_mb'], 150)} |"]
     ours = i["seconds"] + i["report_s"]
     if i["ccusage_s"] is None:
-        return line + "\n| import + report monthly, against ccusage daily | ccusage not run (no Node.js, npm or " \
-                      "registry) | | |"
+        return "\n".join(lines + ["| import + report monthly, against ccusage daily | ccusage not run (no Node.js, npm "
+                                  "or registry) | | |"])
     ratio = i["ccusage_s"] / ours
-    return line + (f"\n| import + report monthly from the pyz ({ours:.2f} s), against {CCUSAGE} daily ({i['ccusage_s']:.2f} s), "
-                   f"same files, both ${i['cost_usd']:,.2f} | {ratio:.2f}x ccusage's speed | >= 3x | {target(ratio, 3, True)} |")
+    return "\n".join(lines + [
+        f"| import + report monthly from the pyz ({ours:.2f} s), against {CCUSAGE} daily ({i['ccusage_s']:.2f} s, "
+        f"{i['ccusage_mb']:,.0f} MB), same files, both ${i['cost_usd']:,.2f} | {ratio:.2f}x ccusage's speed | >= 3x | "
+        f"{target(ratio, 3, True)} |"])
 
 
 if __name__ == "__main__":
