@@ -8973,8 +8973,8 @@ class TranscriptFiles:
                             number += 1
                             yield number, text, True
                     offset += size + 1 + last_end - first_end
-                    self.positions[path] = offset, number  # a block's lines are read: a read error comes after them
                     held, size, block = [], 0, block[last_end + 1:]
+                self.positions[path] = offset, number  # a block's lines are read: a read error comes after them
                 size += len(block)
                 if held is not None and block:
                     held.append(block)
@@ -9170,9 +9170,9 @@ class Importer:
         """Send the requests read of a kind: (priced by ccmon, agent); first wait for the answer to the oldest call
         when IMPORT_CALLS_AHEAD are unanswered."""
         if self.pending.get(kind):
-            batch, self.pending[kind] = self.pending[kind], []
             while len(self.in_flight) >= IMPORT_CALLS_AHEAD:
-                self.collect_oldest()
+                self.collect_oldest()  # should it fail, what is read stays pending
+            batch, self.pending[kind] = self.pending[kind], []
             self.in_flight.append((self.sender.submit(self.client.import_requests,
                                                       [request for request, *_ in batch], self.user, self.dry_run),
                                    batch, kind))
@@ -9293,9 +9293,9 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
         failure = exc
     else:
         failure = None
-    finally:
-        importer.sender.shutdown(wait=True)
+    finally:  # closed first: a call still under way after one failed ends now, not at its deadline
         client.close()
+        importer.sender.shutdown(wait=True, cancel_futures=True)
     for problem in importer.tally.problems:
         print(f"ccmon import: {problem}", file=sys.stderr)
     for reason, count in sorted(importer.tally.skipped.items()):
@@ -9384,7 +9384,7 @@ def follow_transcripts(config: Config, stop: threading.Event, service: QueryServ
     files = TranscriptFiles(roots)
     log.info("transcripts: following %s", " and ".join(map(str, roots)))
     reported, failing, first = (0, 0, 0), "", True
-    broken: set[Path] = set()  # files whose reading failed on a bug of ccmon's, each logged once
+    broken: set[Path] = set()  # files whose reading failed on a bug of ccmon's: logged once, not read again
     try:
         while True:
             try:
@@ -9392,14 +9392,16 @@ def follow_transcripts(config: Config, stop: threading.Event, service: QueryServ
                 for number, path in enumerate(paths):
                     if first:  # until what it read is stored whole
                         service.history_reading = HistoryReading(number, len(paths))
+                    if path in broken:
+                        continue
                     try:
                         importer.add_file(files, path, final=False)
                     except ServerUnreachable:
                         raise
                     except Exception:  # a bug must not leave the files after this one unread
-                        if path not in broken:
-                            broken.add(path)
-                            log.exception("transcripts: reading %s failed; the other files are read on", path)
+                        broken.add(path)
+                        log.exception("transcripts: reading %s failed; the other files are read on, this one "
+                                      "again once the server restarts", path)
                 importer.flush(wait=True)
                 failing = ""
             except ServerUnreachable as exc:  # kept and tried again at the next look, as --follow does
@@ -9419,9 +9421,9 @@ def follow_transcripts(config: Config, stop: threading.Event, service: QueryServ
                 log.info("transcripts: %d files read, %d requests imported, %d already known", *reported)
             if stop.wait(FOLLOW_POLL_S):
                 return
-    finally:
-        importer.sender.shutdown(wait=True)
+    finally:  # closed first: a call still under way ends now, not at its deadline
         client.close()
+        importer.sender.shutdown(wait=True, cancel_futures=True)
 
 
 def serve(config: Config) -> int:

@@ -10178,7 +10178,7 @@ def test_an_interrupted_import_says_what_is_stored(tmp_path, monkeypatch, capsys
 def test_an_import_reads_on_while_two_calls_are_unanswered():
     """The importer sends IMPORT_CALLS_AHEAD calls before it waits for the first answer: the reading goes on while the
     server stores. When the oldest call fails, its requests and those of the call sent after it are the ones that
-    may be stored."""
+    may be stored, and what is read meanwhile is kept to be sent (it was lost)."""
     answer = threading.Event()
 
     class SlowServer:
@@ -10197,12 +10197,37 @@ def test_an_import_reads_on_while_two_calls_are_unanswered():
     assert [len(batch) for _, batch, _ in importer.in_flight] == [1000, 2000]
     assert not any(importer.pending.values())
     answer.set()
-    with pytest.raises(ccmon.ServerUnreachable):
-        importer.collect()
-    assert importer.unconfirmed == 3000 and [len(kept) for kept in importer.pending.values()] == [1000]
+    with pytest.raises(ccmon.ServerUnreachable):  # the next 4,000 read, the first call's failure is heard
+        importer.add([(n, transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}"), True)
+                      for n in range(3000, 7000)], "s.jsonl")
+    assert importer.unconfirmed == 3000  # the first call's requests and the second's
+    assert [len(kept) for kept in importer.pending.values()] == [5000]  # the first call's, and the 4,000 read
     importer.collect()  # the second call's answer
     importer.sender.shutdown()
     assert importer.tally.imported == 2000
+
+
+def test_a_failed_import_ends_without_waiting_out_the_call_sent_after_it(tmp_path, monkeypatch, capsys):
+    """When a call fails while the next one is under way (IMPORT_CALLS_AHEAD), the import closes its connection,
+    which ends that call at once, rather than waiting for it to reach its deadline (IMPORT_TIMEOUT_S)."""
+    folder = tmp_path / "projects"
+    write_transcript(folder, "s", [transcript_line("s", "2026-05-12T10:00:00Z", f"req_{n}", f"msg_{n}")
+                                   for n in range(3000)])
+    closed, ended_by = threading.Event(), []
+
+    def import_requests(self, rows, user, dry_run=False, readings=()):
+        if len(rows) == ccmon.FIRST_IMPORT_BATCH:
+            raise ccmon.ServerUnreachable("server did not answer in time")
+        ended_by.append("the connection closed" if closed.wait(30) else "its deadline")  # as a real call would
+        raise ccmon.ServerUnreachable("cancelled")
+
+    close = ccmon.Client.close
+    monkeypatch.setattr(ccmon.Client, "import_requests", import_requests)
+    monkeypatch.setattr(ccmon.Client, "close", lambda self: closed.set() or close(self))
+    args = ccmon.build_import_parser().parse_args([str(folder)])
+    assert ccmon.run_import(ccmon.load_config(args), args, environ={}) == 1
+    assert ended_by == ["the connection closed"]
+    assert "The 3,000 requests sent last may be stored already" in capsys.readouterr().err
 
 
 def test_telemetry_stored_between_an_imports_chunks_is_known(tmp_path, monkeypatch):
@@ -10599,10 +10624,11 @@ def test_a_file_ccmon_fails_on_leaves_the_local_servers_other_files_read(server,
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     for variable in ("CLAUDE_CONFIG_DIR", "CODEX_HOME"):
         monkeypatch.delenv(variable, raising=False)
-    entry = ccmon.transcript_entry
+    entry, failed = ccmon.transcript_entry, []
 
     def failing_on_s_bad(line):
         if '"s-bad"' in line:
+            failed.append(line)
             raise KeyError("a bug")
         return entry(line)
 
@@ -10621,9 +10647,10 @@ def test_a_file_ccmon_fails_on_leaves_the_local_servers_other_files_read(server,
         stop.set()
         reader.join(30)
     failures = [record for record in caplog.records if record.levelname == "ERROR"]
-    assert [record.getMessage() for record in failures] == [
-        f"transcripts: reading {project / 's-bad.jsonl'} failed; the other files are read on"]
-    assert "KeyError: 'a bug'" in caplog.text
+    assert [record.getMessage() for record in failures] == [f"transcripts: reading {project / 's-bad.jsonl'} failed; "
+                                                            "the other files are read on, this one again once the "
+                                                            "server restarts"]
+    assert "KeyError: 'a bug'" in caplog.text and len(failed) == 1  # not read again at each look
 
 
 def test_the_local_server_reads_and_follows_the_other_agents_histories(tmp_path):
