@@ -263,6 +263,16 @@ def hours_ago(hours: float) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def earlier_today(hours: float) -> str:
+    """hours_ago(hours), except just after UTC midnight, when that would be yesterday: then a time between midnight
+    and now, in the same order (more hours, earlier). For records a test counts in today's figures."""
+    now = dt.datetime.now(dt.timezone.utc)
+    midnight, moment = now.replace(hour=0, minute=0, second=0, microsecond=0), now - dt.timedelta(hours=hours)
+    if moment < midnight:
+        moment = midnight + (now - midnight) * (1 - hours / 24)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def utc_today() -> str:
     """Today's date in UTC, as hours_ago's times begin: a test's recent times may fall on yesterday after midnight."""
     return dt.datetime.now(dt.timezone.utc).date().isoformat()
@@ -4461,7 +4471,7 @@ def test_clients_against_a_server_that_answers_as_the_go_ccmon(tmp_path):
 
 def go_telemetry(sequence: int, model: str, **figures) -> tuple[str, dict]:
     """An api_request the Go ccmon can read: it takes figures only as strings."""
-    return "api_request", api_request(sequence, hours_ago(0.01 - sequence / 10_000), model=model,
+    return "api_request", api_request(sequence, earlier_today(0.01 - sequence / 10_000), model=model,
                                       **{key: str(value) for key, value in figures.items()})
 
 
@@ -4472,7 +4482,7 @@ def test_the_real_go_ccmon_clients_against_a_ccmon_server(server, tmp_path):
     go_ccmon = go_ccmon_binary()
     sdk_export(server.port, [go_telemetry(1, "claude-sonnet-4-5", input_tokens=1200, output_tokens=300, cost_usd=1.25,
                                           duration_ms=900),
-                             ("api_request", api_request(2, hours_ago(0.01), model="claude-haiku-4-5",
+                             ("api_request", api_request(2, earlier_today(0.01), model="claude-haiku-4-5",
                                                          input_tokens=100, output_tokens=10, cost_usd=0.0021))])
     server.logs_stub().Export(agent_logs_request([{
         "event.name": "gemini_cli.api_response", "event.timestamp": hours_ago(0.005), "session.id": "g-1",
@@ -4761,7 +4771,7 @@ def live_input(session: str, five_hour: float | None = 42.0, cost: bool = False)
 
 
 def test_status_lines_of_two_sessions_show_their_own_figures(server, tmp_path):
-    now = hours_ago(0.1)
+    now = earlier_today(0.1)
     sdk_export(server.port, [
         ("api_request", {**api_request(1, now, session="s-ana", cost_usd=1.25), "user.email": "ana@example.com"}),
         ("api_request", {**api_request(2, now, session="s-ana-old", cost_usd=0.5), "user.email": "ana@example.com"}),
@@ -4872,7 +4882,7 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
     assert waited < 10, waited  # bounded by its own deadline, not gRPC's default wait
     down = status_line("127.0.0.1:9", live_input("s-x", cost=True), cwd=tmp_path)
     assert (down.returncode, down.stdout.split(" | ")[:3]) == (0, ["Sonnet 4.5", "ctx 3%", "session $0.0374"])
-    sdk_export(server.port, [("api_request", api_request(1, hours_ago(0.1), cost_usd=2.5))])
+    sdk_export(server.port, [("api_request", api_request(1, earlier_today(0.1), cost_usd=2.5))])
     for data, problem in (("{not json", "ccmon statusline: stdin is not JSON (9 characters); showing server figures "
                                         "only\n"),
                           ("[1, 2]", "ccmon statusline: stdin is not a JSON object; showing server figures only\n"),
@@ -7725,8 +7735,8 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
         return [name for name in imported_modules(result.stderr) if name.startswith(("ccmon", "grpc", "google"))]
 
     try:
-        assert sdk_export(srv.port, [("api_request", {**api_request(1, hours_ago(0.1), session="s-q", cost_usd=1.25),
-                                                      "user.email": "q@example.com"})],
+        assert sdk_export(srv.port, [("api_request", {**api_request(1, earlier_today(0.1), session="s-q",
+                                                                    cost_usd=1.25), "user.email": "q@example.com"})],
                           headers={"authorization": f"Bearer {token}"}, ca=cert) == ["SUCCESS"]
         full = status_line_from_pyz()
         assert full.returncode == 0 and "ccmon" in of_ccmon(full)
