@@ -10219,7 +10219,8 @@ def test_an_import_reads_on_while_two_calls_are_unanswered():
 
 def test_a_failed_import_ends_without_waiting_out_the_call_sent_after_it(tmp_path, monkeypatch, capsys):
     """When a call fails while the next one is under way (IMPORT_CALLS_AHEAD), the import closes its connection,
-    which ends that call at once, rather than waiting for it to reach its deadline (IMPORT_TIMEOUT_S)."""
+    which ends that call at once (or cancels it, not started yet), rather than waiting for it to reach its deadline
+    (IMPORT_TIMEOUT_S)."""
     folder = tmp_path / "projects"
     write_transcript(folder, "s", [transcript_line("s", "2026-05-12T10:00:00Z", f"req_{n}", f"msg_{n}")
                                    for n in range(3000)])
@@ -10236,7 +10237,7 @@ def test_a_failed_import_ends_without_waiting_out_the_call_sent_after_it(tmp_pat
     monkeypatch.setattr(ccmon.Client, "close", lambda self: closed.set() or close(self))
     args = ccmon.build_import_parser().parse_args([str(folder)])
     assert ccmon.run_import(ccmon.load_config(args), args, environ={}) == 1
-    assert ended_by == ["the connection closed"]
+    assert ended_by in ([], ["the connection closed"])  # [] when it was cancelled before it started
     assert "The 3,000 requests sent last may be stored already" in capsys.readouterr().err
 
 
