@@ -9195,6 +9195,12 @@ class Importer:
             self.unconfirmed = len(batch) + sum(len(later) for _, later, _ in self.in_flight)  # sent after it
             raise
 
+    def close(self) -> None:
+        """Close the client, then end the sender: the connection closed first, a call still under way (after one
+        that failed) ends now, not at its deadline; one not started is cancelled."""
+        self.client.close()
+        self.sender.shutdown(wait=True, cancel_futures=True)
+
     def count(self, counts: ImportCounts, kind: tuple[bool, str]) -> None:
         estimated, agent = kind
         self.tally.imported += counts.imported
@@ -9293,9 +9299,8 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
         failure = exc
     else:
         failure = None
-    finally:  # closed first: a call still under way after one failed ends now, not at its deadline
-        client.close()
-        importer.sender.shutdown(wait=True, cancel_futures=True)
+    finally:
+        importer.close()
     for problem in importer.tally.problems:
         print(f"ccmon import: {problem}", file=sys.stderr)
     for reason, count in sorted(importer.tally.skipped.items()):
@@ -9421,9 +9426,8 @@ def follow_transcripts(config: Config, stop: threading.Event, service: QueryServ
                 log.info("transcripts: %d files read, %d requests imported, %d already known", *reported)
             if stop.wait(FOLLOW_POLL_S):
                 return
-    finally:  # closed first: a call still under way ends now, not at its deadline
-        client.close()
-        importer.sender.shutdown(wait=True, cancel_futures=True)
+    finally:
+        importer.close()
 
 
 def serve(config: Config) -> int:
