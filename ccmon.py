@@ -7048,8 +7048,10 @@ TIME_TICKS: tuple[tuple[Callable[[dt.datetime], bool], str, int], ...] = (  # wh
     *((lambda d, k=k: d.hour % k == 0, "%H:%M", 2 * DAY_MS) for k in (1, 2, 3, 4, 6, 12)),
     (lambda d: d.hour == 0, "%a %d", 62 * DAY_MS),
     (lambda d: d.hour == 0, "%a", 62 * DAY_MS),
-    (lambda d: d.hour == 0 and d.weekday() == 0, "%m-%d", sys.maxsize),
-    (lambda d: d.hour == 0 and d.day == 1, "%b", sys.maxsize))
+    (lambda d: d.hour == 0 and d.weekday() == 0, "%m-%d", 366 * DAY_MS),  # no year: within one year's span
+    (lambda d: d.hour == 0 and d.day == 1, "%b", 366 * DAY_MS),
+    (lambda d: d.hour == 0 and d.day == 1 and d.month % 3 == 1, "%b %Y", sys.maxsize),
+    (lambda d: d.hour == 0 and d.day == 1 and d.month == 1, "%Y", sys.maxsize))
 
 
 def time_axis(start_ms: int, end_ms: int, cells: int, zone: ZoneInfo) -> str:
@@ -7139,18 +7141,21 @@ def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]]
                  format_value: Callable[[float], str], limit_name: str = "limit") -> list[str]:
     """A 5-hour window from start to end (its reset): the cumulative usage so far as columns (`points`, oldest
     first, each the running total at its moment), the projection from now to `projected` at the reset, the limit
-    as a line; scaled to the largest of them, with the limit's value at its row, the time axis and a legend.
+    as a line; scaled to the largest of them (higher where the limit would share the top row: it keeps a row and
+    a label of its own), with the limit's value at its row, the time axis and a legend (in short forms to fit).
     `width` × `height` at most; [] when it cannot be drawn that small. The legend calls the limit `limit_name`
     (what it is: the plan's guess is not a measured limit)."""
     points = sorted(points)
     so_far = points[-1][1] if points else 0
     top = max(so_far, limit or 0, projected or 0)
-    rows = height - 3  # the axis, its labels, the legend
+    rows, k = height - 3, steps_per_cell(unicode)  # the axis, its labels, the legend
+    if limit and format_value(limit) != format_value(top) and rows >= 2 and \
+            bar_steps(limit, top, rows, k) > (rows - 1) * k:
+        top = -(-limit * rows // (rows - 1))  # the limit would share the top row and its label: a row of its own
     labels = [format_value(top), "0"] + ([format_value(limit)] if limit else [])
     cells = width - scale_width(labels)
     if rows < 2 or cells < 4 or top <= 0 or end_ms <= start_ms:
         return []
-    k = steps_per_cell(unicode)
     used = [bar_steps(max([v for ms, v in points if ms < min(end, now + 1)], default=0), top, rows, k)
             if begin <= now else 0 for begin, end in slices(start_ms, end_ms, cells)]
     plot = [list(row) for row in column_rows(used, rows, unicode)]
@@ -7159,14 +7164,14 @@ def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]]
         return rows - 1 - (max(1, bar_steps(value, top, rows, k)) - 1) // k
 
     line, dot = axis_line(unicode), "·" if unicode else "."
-    marks = ["", f"{'█' if unicode else '#'} used {format_value(so_far)}"]
+    marks = [(f"{'█' if unicode else '#'} used {format_value(so_far)}",)]  # each part long, then short
     if limit:
-        marks.append(f"  {line} {limit_name} {format_value(limit)}")
+        marks.append((f"  {line} {limit_name} {format_value(limit)}", f" {line} {format_value(limit)}"))
         for cell in range(cells):
             if plot[row_of(limit)][cell] == " ":
                 plot[row_of(limit)][cell] = line
     if projected is not None and now < end_ms:
-        marks.append(f"  {dot} projected {format_value(projected)}")
+        marks.append((f"  {dot} projected {format_value(projected)}", f" {dot} {format_value(projected)}"))
         for i, (_, end) in enumerate(slices(start_ms, end_ms, cells)):
             if end > now:
                 value = so_far + (projected - so_far) * (end - now) / (end_ms - now)
@@ -7175,8 +7180,11 @@ def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]]
     scale = {0: format_value(top), rows: "0"}
     if limit and row_of(limit) not in scale:
         scale[row_of(limit)] = format_value(limit)
+    # every part long, else every part short (each glyph keeps its figure), else the parts that fit
+    legend = next((text for text in ("".join(part[0] for part in marks), "".join(part[-1] for part in marks))
+                   if len(text) <= width), joined_to_fit(["", *marks], width))
     return framed(["".join(row) for row in plot], scale, line * cells, time_axis(start_ms, end_ms, cells, zone),
-                  unicode) + [joined_to_fit(marks, width)]
+                  unicode) + [legend]
 
 
 LIMIT_RESETS = {"seven_day": ("Claude's weekly limit reset", "reset"),
@@ -8073,7 +8081,8 @@ def report_table(rows: list[dict[str, Any]], totals: dict[str, Any], width: int 
         values = [row[CHART_KEYS[chart]] for row in rows]
         largest = max(values)
         shown = format_cost(round(largest * NANOS_PER_USD)) if chart == "cost" else format_count(largest)
-        title = next(t for t in (f"{chart}, longest {shown}", chart) if len(t) <= bar_width or t == chart)
+        forms = (f"{chart}, longest {shown}", f"longest {shown}", shown)  # the scale stays, whatever the width
+        title = next(t for t in forms if len(t) <= bar_width or t == shown)
         head = [head[0].ljust(len(rule_line)) + "  " + title, rule_line + "  " + "-" * bar_width]
         rows_text = [(text.ljust(len(rule_line)) + "  " + hbar(value, largest, bar_width, unicode)).rstrip()
                      for text, value in zip(rows_text, values)]
@@ -8160,8 +8169,9 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
                            "no readings of Claude's limits, nor of Codex's, in this period (ccmon statusline stores "
                            "Claude's, ccmon import Codex's)"
                            if args.kind == "limits" else "no usage in this period"))
-        if readings:
-            print("\n".join(limit_charts(readings, start, end, zone, REPORT_WIDTH, unicode)))
+        if args.kind == "limits" and args.chart and rows:
+            print("\n".join(limit_charts(readings, start, end, zone, REPORT_WIDTH, unicode)) if readings else
+                  "\nno readings of Claude's limits in this period to chart (--chart draws Claude's own, not Codex's)")
     return 0
 
 
@@ -10686,6 +10696,20 @@ MIN_CALIBRATION_READINGS = 3    # a capacity from fewer readings is not projecte
                                 # odd one aside
 
 
+def claude_window_status(limits: LimitFigures, now: int) -> BlockStatus | None:
+    """Claude's own live 5-hour window as a BlockStatus in tokens, to say where the recent pace leads: used is
+    Claude's % of the window's capacity calibrated from enough readings (Claude's figure counts what ccmon never
+    saw: other machines, claude.ai), the pace ccmon's recent one. None without a live reading or such a capacity.
+    The pace line and the burn-up both project from it: one answer per screen."""
+    five = limits.claude.window("five_hour", now)
+    capacity = limits.claude.five_hour_capacity \
+        if limits.claude.five_hour_readings >= MIN_CALIBRATION_READINGS else None
+    if five is None or not capacity:
+        return None
+    return BlockStatus(five.resets_ms - BLOCK_MS, five.resets_ms, min(max(now, five.resets_ms - BLOCK_MS),
+                       five.resets_ms), round(five.percent * capacity / 100), capacity, limits.recent_rate)
+
+
 def limit_gauge_lines(snap: Snapshot, screen: Screen, most: int = 4) -> list[Line]:
     """The block and week panel, one line a figure: the block, the recent pace and where it leads, the week, and
     other agents' own plans' limits (Codex's) while a reading of them is live. While a reading of Claude's own
@@ -10858,11 +10882,9 @@ def projection_line(limits: LimitFigures, status: BlockStatus, settings: Monitor
     block limit or the plan's guess, named for what it is."""
     pace = f"Recent pace {format_rate(status.burn_rate)}"
     if limits.claude.window("five_hour", status.now_ms) is not None:  # the gauge is Claude's
-        capacity = limits.claude.five_hour_capacity \
-            if limits.claude.five_hour_readings >= MIN_CALIBRATION_READINGS else None
-        if not capacity:
+        target, words = claude_window_status(limits, status.now_ms), CLAUDE_WORDS
+        if target is None:
             return [(joined_to_fit([pace, "; too few of Claude's readings to project its limit"], width), "")]
-        target, words = dataclasses.replace(status, limit=capacity), CLAUDE_WORDS
     else:
         target, words = status, GUESS_WORDS if limit_is_guess(limits, settings) else BLOCK_WORDS
     if not target.limit:
@@ -10882,6 +10904,8 @@ def projection_line(limits: LimitFigures, status: BlockStatus, settings: Monitor
 
 # -- tabs: each renders its snapshot's data into the rows left below the block figures
 BURNUP_LINES = 10  # the burn-up's height where it has room: 7 rows of columns, the axis, its times, the legend
+BURNUP_MIN_LINES = 5  # and its least on the Current tab: 2 rows of columns (16 eighths), the axis, times, legend
+CURRENT_REQUESTS_KEPT = 4  # the requests the Current tab keeps under a burn-up of the least height (80x24)
 
 
 def burnup_lines(snap: Snapshot, screen: Screen, height: int) -> list[str]:
@@ -10899,10 +10923,8 @@ def burnup_lines(snap: Snapshot, screen: Screen, height: int) -> list[str]:
     if five is not None:  # its window, with block tracking or without
         points = [(r.read_ms, r.five_hour.percent) for r in series.readings
                   if r.five_hour is not None and r.five_hour.resets_ms == five.resets_ms]
-        capacity = limits.claude.five_hour_capacity \
-            if limits.claude.five_hour_readings >= MIN_CALIBRATION_READINGS else None
-        projected = five.percent + limits.recent_rate * max(0, window[1] - now) / 60_000 / capacity * 100 \
-            if capacity else None
+        target = claude_window_status(limits, now)
+        projected = target.projected_at_end() / target.limit * 100 if target else None
         return burnup_chart(*window, points, 100, projected, now, screen.width, height, unicode, settings.zone,
                             format_percent, "Claude's limit")
     status = block_status(limits, now)  # the block: the window is ccmon's
@@ -10917,10 +10939,12 @@ def burnup_lines(snap: Snapshot, screen: Screen, height: int) -> list[str]:
 
 
 def current_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
-    """The period's requests, with the 5-hour window's burn-up above them where the requests still keep
-    HINT_ROOM rows: the data rows come before their picture (the Charts tab draws it on any screen)."""
-    room = screen.rows - 2 - HINT_ROOM - 1  # the requests' title and header; the burn-up's title
-    chart = burnup_lines(snap, screen, min(BURNUP_LINES, room)) if room >= 5 else []
+    """The period's requests, with the 5-hour window's burn-up above them: BURNUP_MIN_LINES high where the
+    requests keep CURRENT_REQUESTS_KEPT rows under it (from 80x24), taller only where they keep HINT_ROOM rows
+    (the data rows come before more of their picture); none on smaller screens (the Charts tab draws it there)."""
+    room = screen.rows - 2 - 1  # the requests' title and header; the burn-up's title
+    height = min(BURNUP_LINES, max(BURNUP_MIN_LINES, room - HINT_ROOM))
+    chart = burnup_lines(snap, screen, height) if room - height >= CURRENT_REQUESTS_KEPT else []
     if not chart:
         return requests_lines(snap, state, screen)
     frame = requests_lines(snap, state, dataclasses.replace(screen, rows=screen.rows - len(chart) - 1))

@@ -8586,7 +8586,7 @@ CHARTS_40x12_UNICODE_0 = [
     '35.0K │───▂·······──────────────────────',
     '    0 └─────────────────────────────────',
     '       10:00 11:00  12:00 13:00  14:00',
-    '█ used 21.0K  ─ limit 35.0K',
+    '█ used 21.0K ─ 35.0K · 210K',  # the legend's short forms: each glyph keeps its figure
     'h/d/w/m/a/b  1-9  u/p  ? help  q quit',
 ]
 
@@ -8598,7 +8598,7 @@ CHARTS_40x12_ASCII_0 = [
     '35.0K |---#............-----------------',
     '    0 +---------------------------------',
     '       10:00 11:00  12:00 13:00  14:00',
-    '# used 21.0K  - limit 35.0K',
+    '# used 21.0K - 35.0K . 210K',
 ]
 
 CHARTS_CLAUDE_80x24_UNICODE_0 = [
@@ -8667,6 +8667,16 @@ CHARTS_CLAUDE_40x12_ASCII_2 = [
     '         Wed Thu Fri Sat Sun Mon',
 ]
 
+
+CURRENT_BURNUP_80x24 = [  # at its least: 2 rows of columns (0-270% and 270-540%), the limit on its row
+    "-- 5-hour window - Claude's own % ----------------------------------------------",
+    '540% |                                                          ................',
+    '100% |-----##############.......................................----------------',
+    '   0 +--------------------------------------------------------------------------',
+    '                10:00          11:00          12:00          13:00         14:00',
+    "# used 63%  - Claude's limit 100%  . projected 540%",
+    '-- Requests 1-4 of 12 ----------------------------------------------------------',
+]
 
 CURRENT_BURNUP_80x40 = [  # Claude's own %: its readings in this window, 100% its limit; the pace's projection by
     # the capacity calibrated from 14 readings: 63% + 700/min × 227 min / 33,300 = 540%
@@ -8744,8 +8754,12 @@ def test_render_the_burnup_on_a_tall_current_tab():
     the limit, which it names the plan's guess when it is one."""
     snap, settings, now = _frame_fixture()
     claude = dataclasses.replace(charts_snapshot(settings, now, claude=True), query=snap.query, data=snap.data)
-    assert frame_text(ccmon.ViewState(period="b"), claude, settings, 80, 24, now)[0][11:] == \
-        frame_text(ccmon.ViewState(period="b"), claude_snapshot(settings, now), settings, 80, 24, now)[0][11:]
+    # 80x24: the burn-up at its least (2 rows of columns) and 4 requests under it
+    lines, frame = frame_text(ccmon.ViewState(period="b"), claude, settings, 80, 24, now)
+    assert lines[8:18] == [*CLAUDE_80x24[:3], *CURRENT_BURNUP_80x24]
+    assert frame.page_rows == 4 and lines[18:23] == frame_text(ccmon.ViewState(period="b"), claude_snapshot(
+        settings, now), settings, 80, 24, now)[0][12:17]  # the requests as without a burn-up, fewer of them
+    assert frame_text(ccmon.ViewState(period="b"), claude, settings, 80, 23, now)[0][11].startswith("-- Requests")
     lines, frame = frame_text(ccmon.ViewState(period="b"), claude, settings, 80, 40, now)
     assert lines[8:11] == CLAUDE_80x24[:3] and lines[11:23] == CURRENT_BURNUP_80x40
     assert frame.page_rows == 15 and lines[24].startswith("10:30:00 sonnet-4-5")
@@ -8760,6 +8774,21 @@ def test_render_the_burnup_on_a_tall_current_tab():
     assert lines[11] == "── 5-hour window - premium tokens ──────────────────────────────────────────────"
     assert lines[18] == "      │       ▆···"  # 10:00-10:30: 21.0K of 210K, 0.7 of 7 rows
     assert lines[21] == "█ used 21.0K  ─ plan's guess 35.0K  · projected 210K"
+
+
+def test_the_pace_line_and_the_burnup_project_claudes_window_alike():
+    """While Claude's 5-hour reading is live, the pace line under its gauge and the burn-up project from Claude's
+    own % (63%), not from what ccmon counted (here 5,000 tokens: the rest was used on another machine): 63% +
+    50/min × 227 min / 33,300 tokens = 97% at the reset, in both (the pace line once said 49%)."""
+    _, settings, now = _frame_fixture()
+    snap = charts_snapshot(settings, now, claude=True)
+    limits = dataclasses.replace(snap.limits, recent_rate=50.0,
+                                 block=ccmon.Split(premium=ccmon.Usage(2, 4_000, 1_000)))
+    lines, _ = frame_text(ccmon.ViewState(tab="charts"), dataclasses.replace(snap, limits=limits), settings, 80, 24,
+                          now)
+    assert lines[3:5] == ["Claude 5h   ##########......  63%, resets 14:17; ccmon counted 5.00K (2 min ago)",
+                          "Recent pace 50/min; at this pace 97% of Claude's 5h limit at reset"]
+    assert lines[16] == "# used 63%  - Claude's limit 100%  . projected 97%"
 
 
 def test_alerts_fire_on_claudes_own_percentages():
@@ -12423,6 +12452,17 @@ def test_report_chart_draws_a_bar_per_row(server, tmp_path):
     assert wide[1].endswith("premium_cost  cost, longest $2.89") and wide[3].endswith("$2.88  " + "#" * 40)
 
 
+def test_report_chart_keeps_its_scale_in_a_narrow_bar_column():
+    """The bars' title gives the largest row's figure however narrow the column the table leaves: it drops words,
+    never the figure (it once fell back to a bare `cost`)."""
+    def title(name_width: int) -> str:
+        rows = [{"name": "x" * name_width, "req": 1, "cost_usd": 2.375}, {"name": "y", "req": 2, "cost_usd": 0.51}]
+        head, rule = ccmon.report_table(rows, {}, 120, "cost").splitlines()[:2]
+        return f"{head.split('  ')[-1]} ({len(rule.split('  ')[-1])} cells)"
+    assert [title(n) for n in (80, 89, 94)] == ["cost, longest $2.38 (24 cells)", "longest $2.38 (15 cells)",
+                                                "$2.38 (10 cells)"]
+
+
 def test_report_limits_chart_draws_claudes_readings_over_the_period(server, tmp_path):
     """`report limits --chart`: under the table, Claude's 5-hour then weekly % over the period (each column the
     newest reading by then, 0 once its window reset, every reset marked), 100% at the top."""
@@ -12443,6 +12483,16 @@ def test_report_limits_chart_draws_claudes_readings_over_the_period(server, tmp_
     assert lines[6:] == LIMITS_CHART
     assert run_report(server, "limits", "--since", "2026-05-04", "--until", "2026-05-06", "--chart", cwd=tmp_path,
                       env={"LC_ALL": "C.UTF-8"}).stdout.splitlines()[8] == "100% │                                  ▂▂▂▂▂▂▂▂"
+    # a period with Codex's plan's readings alone: the table lists them, and the chart says why it is not drawn
+    server.query().ImportRequests(ccmon_pb2.ImportRequestsRequest(
+        requests=[ccmon_pb2.ImportedRequest(session_id="codex-1", timestamp_ms=at("2026-05-08 09:00"),
+                                            model="gpt-5.5", input_tokens=10, agent="codex")],
+        readings=[ccmon.reading_message(ccmon.LimitReading("codex-1", at("2026-05-08 09:00"), agent=ccmon.CODEX,
+                                                           five_hour=ccmon.LimitWindow(12.5, at("2026-05-08 12:00"))))]))
+    codex = run_report(server, "limits", "--since", "2026-05-08", "--until", "2026-05-08", "--chart", cwd=tmp_path)
+    assert (codex.returncode, codex.stderr) == (0, "")
+    assert codex.stdout.splitlines()[3].startswith("Codex   2026-05-08 09:00") and codex.stdout.splitlines()[4:] == [
+        "", "no readings of Claude's limits in this period to chart (--chart draws Claude's own, not Codex's)"]
 
 
 LIMITS_CHART = [  # 90% of 7 rows: 6.3, so 6 '#'; nothing past the last reading (12:00, one column)
@@ -12609,6 +12659,22 @@ def test_time_chart_at_small_sizes():
     assert day_chart(60, 3) == day_chart(10, 8) == []
 
 
+def test_time_axis_over_years():
+    """Months alone within a year's span; past it the months each quarter with their year, then the years (a
+    span of years once got no labels at all, and months past a year repeated without theirs)."""
+    tokyo = ccmon.ZoneInfo("Asia/Tokyo")
+
+    def axis(start: str, end: str, cells: int = 110) -> str:
+        return ccmon.time_axis(local_ms(f"{start} 00:00", tokyo), local_ms(f"{end} 00:00", tokyo), cells, tokyo)
+    assert axis("2025-06-04", "2026-06-05") == \
+        "        Jul      Aug      Sep      Oct       Nov      Dec      Jan      Feb      Mar      Apr      May"
+    assert axis("2024-12-01", "2026-06-05") == \
+        "      Jan 2025          Apr 2025          Jul 2025          Oct 2025           Jan 2026          Apr 2026"
+    assert axis("2023-01-01", "2026-12-05") == \
+        "2023                       2024                         2025                        2026"
+    assert axis("2023-01-01", "2026-12-05", 40) == "2023      2024      2025      2026"
+
+
 BLOCK_START = CHART_START + 14 * H
 # the running total every 10 minutes, 2,500 tokens a minute; 95 minutes into the window
 SO_FAR = [(BLOCK_START + minute * 60_000, minute * 2500) for minute in range(0, 100, 10)]
@@ -12653,15 +12719,38 @@ def test_burnup_chart():
         '      14:00 15:00  16:00  17:00  18:00',
         '█ used 225K  · projected 600K',
     ]
+    # 30 columns: the legend's short forms, each glyph with its figure
     assert burnup(30, 6, unicode=False) == [
         '880K |------------------------',
         '     |                 .......',
         '     |########.........',
         '   0 +------------------------',
         '      14:00    16:00     18:00',
-        '# used 225K  - limit 880K',
+        '# used 225K - 880K . 600K',
     ]
     assert burnup(40, 4) == burnup(8, 9) == []
+
+
+def test_burnup_chart_keeps_the_limit_off_the_top_rows_label():
+    """A limit that would fall in the top row, which is labelled with the largest value, gets a row and a label
+    of its own: the scale's top is raised to limit × rows / (rows - 1) (a line on the row labelled 600K read as a
+    limit of 600K)."""
+    def chart(limit: int, height: int) -> list[str]:
+        return ccmon.burnup_chart(BLOCK_START, BLOCK_START + 5 * H, SO_FAR, limit, 600_000,
+                                  BLOCK_START + 95 * 60_000, 40, height, False, CHART_ZONE, ccmon.format_count)
+    assert chart(560_000, 5) == [  # 2 rows of 560K each: 600K rounds to one
+        '1.12M |',
+        ' 560K |-##########......................',
+        '    0 +---------------------------------',
+        '       14:00 15:00  16:00 17:00  18:00',
+        '# used 225K - 560K . 600K',
+    ]
+    # 7 rows: 560K of 600K is 6.53 rows, the top one; of 653K (560K × 7 / 6) it is 6, the second
+    assert chart(560_000, 10)[:2] == ['653K |', '560K |----------------------------......']
+    assert chart(540_000, 10)[:2] == ['600K |                               ...',  # 6.3 rows: the second already
+                                      '540K |--------------------------.....---']
+    # a limit written as the top value shares the top row and its label
+    assert chart(600_000, 5)[:2] == ['600K |------------------------..........', '     | ##########.............']
 
 
 WEEKLY_RESET = CHART_START + (2 * 24 + 10) * H  # Wednesday 10:00
@@ -12821,7 +12910,10 @@ def test_the_charts_page_shows_the_monitors_real_frames():
         shown = frame_text(state, snap, settings, width, height, now, unicode=unicode)[0][lines]
         return "```\n" + "\n".join(line.rstrip() for line in shown) + "\n```"
     charts = ccmon.ViewState(tab="charts")
+    current, _, _ = _frame_fixture()
+    claude = dataclasses.replace(charts_snapshot(settings, now, claude=True), query=current.query, data=current.data)
     for sample in (frame(ccmon.ViewState(tab="daily"), daily_snapshot(settings, now), 80, 24, True, slice(6, 18)),
+                   frame(ccmon.ViewState(period="b"), claude, 80, 24, True),
                    frame(charts, charts_snapshot(settings, now), 80, 24, True),
                    frame(charts, charts_snapshot(settings, now, True), 80, 24, True, slice(3, 17)),
                    frame(dataclasses.replace(charts, scroll=3), charts_snapshot(settings, now), 80, 24, True),
