@@ -6658,6 +6658,23 @@ def usage_by_agent(models: Iterable[ModelUsage]) -> tuple[tuple[str, Usage], ...
     return tuple((agent, summed[agent]) for agent in sorted(summed, key=lambda a: (AGENTS + (a,)).index(a)))
 
 
+CHART_WEEKS = 4  # the Charts tab's hours: the heatmap's weeks; the last 24 hours and 7 days are its newest
+
+
+def chart_series(client: Client, query: Query) -> UsageSeries:
+    """The Charts tab's data: the last CHART_WEEKS weeks by the hour, with the readings of Claude's limits in
+    them. Where those were the most GetSeries lists (the newest MAX_SERIES_READINGS of everyone's: a busy team),
+    the week chart's are asked again: the last 7 days of its user (the filtered one, else the newest reading's),
+    so that they cover its week."""
+    series = client.series(query.end_ms - CHART_WEEKS * 7 * DAY_MS, query.end_ms, "hour", query.timezone,
+                           user=query.user, project=query.project, agent=query.agent)
+    if len(series.readings) < MAX_SERIES_READINGS:
+        return series
+    week = client.series(query.end_ms - 7 * DAY_MS, query.end_ms, "week", query.timezone,
+                         user=query.user or series.readings[-1].user or None)
+    return dataclasses.replace(series, readings=week.readings)
+
+
 def current_requests(client: Client, query: Query) -> CurrentRequests:
     period = client.stats(query.start_ms, query.end_ms, query.user, query.project, query.agent)
     others = usage_by_agent(client.models(query.start_ms, query.end_ms, query.user, query.project, query.agent)) \
@@ -7914,8 +7931,8 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                 user: str | None, project: str | None = None, agent: str | None = None) -> list[dict[str, Any]]:
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float). With an agent, only
     that agent's usage, as the server filters it (blocks are Claude Code's anyway)."""
-    if kind == "limits":  # the series' readings; by week, as its points are not shown: the fewest of them
-        series = client.series(start, end, "week", zone.key, user=user)
+    if kind == "limits":
+        series = period_readings(client, start, end, zone, user)
         return [limit_fields(reading, zone) for reading in series.readings + series.agent_readings
                 if agent in (None, reading.agent)]
     if kind == "agent":
@@ -7955,10 +7972,22 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
              "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD} for label, split in groups.items()]
 
 
-def limit_readings(client: Client, start: int, end: int, zone: ZoneInfo, user: str | None) -> tuple[LimitReading, ...]:
-    """The period's readings of Claude's limits, oldest first: the series' readings, by week, as its points are not
-    shown (the fewest of them)."""
-    return client.series(start, end, "week", zone.key, user=user).readings
+def period_readings(client: Client, start: int, end: int, zone: ZoneInfo, user: str | None) -> UsageSeries:
+    """Every reading of the period, Claude's and the other agents', oldest first: the series' readings (by week,
+    as its points are not used: the fewest of them), asked again for the time before the oldest of each agent
+    whose answer held the most GetSeries lists (its newest MAX_SERIES_READINGS), until every reading is in."""
+    kept: dict[str, tuple[LimitReading, ...]] = {}
+    until, wanted = end, set(AGENTS)
+    while wanted:
+        series = client.series(start, until, "week", zone.key, user=user)
+        page = {agent: tuple(r for r in series.readings + series.agent_readings if r.agent == agent)
+                for agent in wanted}
+        for agent, readings in page.items():  # the oldest one's moment is asked again: its readings kept once
+            kept[agent] = tuple(dict.fromkeys(readings + kept.get(agent, ())))
+        wanted = {agent for agent, readings in page.items() if len(readings) >= MAX_SERIES_READINGS}
+        oldest = min((page[agent][0].read_ms for agent in wanted), default=until)
+        until, wanted = oldest + 1, wanted if oldest + 1 < until else set()
+    return UsageSeries("week", (), kept.get(CLAUDE_CODE, ()), tuple(r for a in AGENTS[1:] for r in kept.get(a, ())))
 
 
 LIMIT_CHART_LINES = 10  # each of a limits report's charts: 7 rows of readings, the axis, its times, the legend
@@ -8130,8 +8159,8 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
         rows = report_rows(client, args.kind, start, end, zone, args.user, args.project, args.agent)
-        readings = limit_readings(client, start, end, zone, args.user) if args.kind == "limits" and args.chart \
-            and rows else ()
+        readings = period_readings(client, start, end, zone, args.user).readings \
+            if args.kind == "limits" and args.chart and rows else ()
     except GoCcmonServer:
         print(f"ccmon: {config.monitor_server} is the Go ccmon server, which answers only GetStats and GetAPIRequests: "
               f"the {args.kind} report needs ccmon's own server", file=sys.stderr)
@@ -10956,7 +10985,6 @@ def burnup_subject(snap: Snapshot, now: int) -> str:
     return "Claude's own %" if snap.limits.claude.window("five_hour", now) else "premium tokens"
 
 
-CHART_WEEKS = 4  # the Charts tab's hours: the heatmap's weeks; the last 24 hours and 7 days are its newest
 TIME_CHART_LINES = 10  # the most its time charts take: 7 rows of columns, the caption, the axis, its times
 WEEK_CHART_LINES = 18  # and Claude's week: its readings, the axis, its times, the legend and 7 or 8 days
 
@@ -11365,9 +11393,7 @@ TABS = {tab.name: tab for tab in (
         if q.agent in (None, CLAUDE_CODE) else ()),  # Claude's windows: no other agent's
     Tab("projects", "Projects", "Proj", projects_lines),  # every snapshot has the projects
     Tab("charts", "Charts", "Cht", charts_lines,
-        lambda client, q: client.series(q.end_ms - CHART_WEEKS * 7 * DAY_MS, q.end_ms, "hour", q.timezone,
-                                        user=q.user, project=q.project, agent=q.agent),
-        fixed_period=f"last {CHART_WEEKS} weeks by the hour", burnup=True),
+        chart_series, fixed_period=f"last {CHART_WEEKS} weeks by the hour", burnup=True),
 )}
 TAB_KEYS = f"1-{min(len(TABS), 9)}"  # the digit keys; Tab reaches every tab
 

@@ -12495,6 +12495,72 @@ def test_report_limits_chart_draws_claudes_readings_over_the_period(server, tmp_
         "", "no readings of Claude's limits in this period to chart (--chart draws Claude's own, not Codex's)"]
 
 
+def seeded_readings(db: Path, sessions: dict[str, str], first_ms: int, step_ms: int, count: int,
+                    codex: int = 0) -> list[ccmon.LimitReading]:
+    """A database with a request in each session (its user's: readings are a session's user's) and `count`
+    readings of Claude's limits in turn across the sessions, `step_ms` apart from first_ms; then `codex` readings of
+    Codex's plan, an hour apart. Written as the server writes (its Writer), before a server opens it."""
+    store = ccmon.Writer(db)
+    store.write(ccmon.Batch(requests=[(first_ms, session, 0, "claude-sonnet-4-5", user, 1, 1, 0, 0, 0, 0, None,
+                                       None, None, None, None, 0, "claude-code") for session, user in sessions.items()]))
+    names = list(sessions)
+    readings = [ccmon.LimitReading(names[i % len(names)], first_ms + i * step_ms,
+                                   five_hour=ccmon.LimitWindow(i % 100, first_ms + (i // 100 + 1) * 100 * step_ms),
+                                   seven_day=ccmon.LimitWindow(i % 50, first_ms + 7 * ccmon.DAY_MS))
+                for i in range(count)]
+    readings += [ccmon.LimitReading("codex-1", first_ms + i * ccmon.HOUR_MS, agent=ccmon.CODEX,
+                                    five_hour=ccmon.LimitWindow(12.5, first_ms + (i + 5) * ccmon.HOUR_MS))
+                 for i in range(codex)]
+    assert store.record_agent_readings(readings) == count + codex
+    store.close()
+    return readings
+
+
+def test_report_limits_lists_every_reading_past_what_one_answer_holds(tmp_path):
+    """GetSeries lists the newest 5,000 readings; `report limits` asks again for the time before the oldest until
+    every reading is in (it once listed the newest 5,000 alone): 5,003 of Claude's, a minute apart, and 2 of
+    Codex's plan, each once, oldest first."""
+    first = local_ms("2026-05-01 00:00", ccmon.ZoneInfo("Asia/Tokyo"))
+    seeded_readings(tmp_path / "ccmon.db", {"s-1": "ana@example.com"}, first, 60_000, 5_003, codex=2)
+    srv = ServerProcess(tmp_path).start()
+    try:
+        out = run_report(srv, "limits", "--since", "2026-05-01", "--until", "2026-05-05", "--json", cwd=tmp_path)
+        assert (out.returncode, out.stderr) == (0, "")
+        rows = json.loads(out.stdout)["rows"]
+        assert len(rows) == 5_005 and [row["limits"] for row in rows[-3:]] == ["Claude", "Codex", "Codex"]
+        assert [(row["read_at"], row["five_hour_percent"]) for row in (rows[0], rows[4999], rows[5002])] == [
+            ("2026-05-01T00:00:00+09:00", 0.0), ("2026-05-04T11:19:00+09:00", 99.0), ("2026-05-04T11:22:00+09:00", 2.0)]
+        assert len({row["read_at"] for row in rows[:5_003]}) == 5_003  # none twice
+        chart = run_report(srv, "limits", "--since", "2026-05-01", "--until", "2026-05-05", "--chart", cwd=tmp_path,
+                           env={"LC_ALL": "C"})
+        assert chart.stdout.count("Claude's 5-hour limit, % used") == 1
+    finally:
+        srv.stop()
+
+
+def test_the_charts_tab_asks_the_week_of_one_user_when_everyones_readings_are_too_many(tmp_path):
+    """Over the Charts tab's 4 weeks a team's readings pass the 5,000 GetSeries lists; the week chart's (the newest
+    reading's user) are asked again for the last 7 days alone, so that they cover its week: 3 users' 6,000
+    readings, a minute apart each, in the last 7 days (the newest 5,000 of everyone's reach back 5 days)."""
+    now = ccmon.now_ms()
+    first = now - 7 * ccmon.DAY_MS + ccmon.HOUR_MS
+    readings = seeded_readings(tmp_path / "ccmon.db", {"s-a": "ana@example.com", "s-b": "bo@example.com",
+                                                       "s-c": "cy@example.com"}, first, 100_000, 6_000)
+    srv = ServerProcess(tmp_path).start()
+    client = ccmon.Client(srv.target)
+    try:
+        query = ccmon.query_for(ccmon.ViewState(tab="charts"), _settings(), now)
+        series = ccmon.chart_series(client, query)
+        cy = [r for r in readings if r.session_id == "s-c"]  # the newest reading's user
+        assert len(series.readings) == 2_000 and {r.user for r in series.readings} == {"cy@example.com"}
+        assert [r.read_ms for r in series.readings] == [r.read_ms for r in cy]
+        everyone = client.series(query.end_ms - 28 * ccmon.DAY_MS, query.end_ms, "hour", query.timezone)
+        assert len(everyone.readings) == 5_000 and everyone.readings[0].read_ms == readings[1_000].read_ms
+    finally:
+        client.close()
+        srv.stop()
+
+
 LIMITS_CHART = [  # 90% of 7 rows: 6.3, so 6 '#'; nothing past the last reading (12:00, one column)
     '',
     "Claude's 5-hour limit, % used",
