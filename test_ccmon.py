@@ -12645,6 +12645,42 @@ def test_bars_are_value_over_largest_times_width_in_steps():
     check()
 
 
+def test_columns_are_value_over_largest_times_rows_in_steps():
+    """The time chart's columns are honest as the bars are: a column's height in steps (eighths of a row; '#' rows
+    in ASCII) is its buckets' sum / the largest column's × the rows, to the nearest step, at least one for any
+    usage and none for none; the largest's value is written at the top; every column as wide as the others."""
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.integers(0, 10**12), min_size=1, max_size=200), st.integers(11, 160), st.integers(4, 14),
+           st.booleans())
+    def check(hourly, width, height, unicode):
+        points = [(CHART_START + hour * H, value) for hour, value in enumerate(hourly)]
+        lines = ccmon.time_chart(points, CHART_START, CHART_START + len(hourly) * H, H, width, height, unicode,
+                                 CHART_ZONE, ccmon.format_count)
+        if not lines:
+            return
+        group = int(re.fullmatch(r"(?:each column: )?(\d+) hours?", lines[0])[1]) if lines[0] else None
+        plot = lines[1:-2]
+        side = plot[0].index("│" if unicode else "|")
+        cells = width - side - 1
+        group = group or -(-len(hourly) // cells)  # the caption gives way to nothing at the least widths
+        columns = [sum(hourly[i:i + group]) for i in range(0, len(hourly), group)]
+        cell_width = max(1, cells // len(columns))
+        gap = 1 if cell_width >= 3 else 0
+        assert plot[0][:side].strip() == ccmon.format_count(max(columns))
+        rows, steps = len(plot), 8 if unicode else 1
+        heights = [sum((ccmon.RISING.index(line[side + 1 + x]) if unicode else 1 if line[side + 1 + x] == "#" else 0)
+                       if side + 1 + x < len(line) else 0 for line in plot) for x in range(cells)]
+        expected = [ccmon.bar_steps(value, max(columns), rows, steps) for value in columns]
+        assert heights == [h for h in expected for h in [h] * (cell_width - gap) + [0] * gap] + \
+            [0] * (cells - len(columns) * cell_width)
+        assert all(height == 0 for value, height in zip(columns, expected) if not value)
+        assert all(height >= 1 for value, height in zip(columns, expected) if value)
+
+    check()
+
+
 def test_bar_glyphs():
     assert [ccmon.hbar(value, 80, 10, True) for value in (0, 0.01, 1, 5, 40, 79, 80)] == \
         ["", "▏", "▏", "▋", "█████", "█████████▉", "██████████"]
