@@ -7164,7 +7164,7 @@ def burnup_chart(start_ms: int, end_ms: int, points: Iterable[tuple[int, float]]
     (what it is: the plan's guess is not a measured limit)."""
     points = sorted(points)
     so_far = points[-1][1] if points else 0
-    top = max(so_far, limit or 0, projected or 0)
+    top = max(max((value for _, value in points), default=0), limit or 0, projected or 0)
     rows, k = height - 3, steps_per_cell(unicode)  # the axis, its labels, the legend
     if limit and format_value(limit) != format_value(top) and rows >= 2 and \
             bar_steps(limit, top, rows, k) > (rows - 1) * k:
@@ -10957,14 +10957,32 @@ def burnup_lines(snap: Snapshot, screen: Screen, height: int) -> list[str]:
         return burnup_chart(*window, points, 100, projected, now, screen.width, height, unicode, settings.zone,
                             format_percent, "Claude's limit")
     status = block_status(limits, now)  # the block: the window is ccmon's
-    points, used = [], 0
-    for point in series.points:  # each hour's running total, reached at the hour's end
-        used += point.split.premium.limited
-        points.append((min(point.start_ms + HOUR_MS, now), used))
-    points.append((now, status.used))  # the gauge's figure: one answer per screen
+    points = running_premium(series.points, status.start_ms, now) + [(now, status.used)]  # the gauge's figure
     name = "plan's guess" if limit_is_guess(limits, settings) else "limit"
     return burnup_chart(status.start_ms, status.end_ms, points, status.limit, status.projected_at_end(), now,
                         screen.width, height, unicode, settings.zone, format_count, name)
+
+
+def running_premium(points: Iterable[SeriesPoint], start_ms: int, now: int) -> list[tuple[int, int]]:
+    """The premium tokens of the hours from start_ms on as a running total, each reached at its hour's end (now
+    for the current one): a burn-up's columns."""
+    totals, used = [], 0
+    for point in sorted(points, key=lambda p: p.start_ms):
+        if point.start_ms >= start_ms:
+            used += point.split.premium.limited
+            totals.append((min(point.start_ms + HOUR_MS, now), used))
+    return totals
+
+
+def rolling_week_lines(snap: Snapshot, screen: Screen, height: int) -> list[str]:
+    """The last 7 days against claude.weekly_max_tokens while no reading of Claude's week is stored: the premium
+    tokens so far as a burn-up (from the week's first whole hour, the Week gauge's figure now), the limit as a
+    line; no projection (the week rolls on)."""
+    now = screen.now
+    start = now - 7 * DAY_MS
+    points = running_premium(snap.data.points, start, now) + [(now, weekly_premium(snap.limits).limited)]
+    return burnup_chart(start, now, points, screen.settings.weekly_limit, None, now, screen.width, height,
+                        screen.glyphs.unicode, screen.settings.zone, format_count, "weekly limit")
 
 
 def current_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
@@ -11012,7 +11030,7 @@ def charts_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
 def chart_list(snap: Snapshot, state: ViewState, screen: Screen) -> list[tuple[str, Callable[[int], list[str]]]]:
     """(title, draw at a height) of each chart the Charts tab has: the 5-hour window (when there is one), the
     last 24 hours and 7 days by the hour, the week against Claude's weekly limit (when Claude's weekly readings
-    are stored), the day × hour heatmap."""
+    are stored; else the last 7 days against claude.weekly_max_tokens, when set), the day × hour heatmap."""
     series: UsageSeries = snap.data
     zone, width, unicode, now = screen.settings.zone, screen.width, screen.glyphs.unicode, screen.now
     kind, format_value = ("tokens", format_count) if state.chart_tokens else \
@@ -11035,6 +11053,9 @@ def chart_list(snap: Snapshot, state: ViewState, screen: Screen) -> list[tuple[s
         charts.append((f"Claude's week - {kind} per day",
                        lambda height: week_chart(start, stop, readings, points, width,
                                                  min(WEEK_CHART_LINES, height), unicode, zone, format_value)))
+    elif snap.limits is not None and screen.settings.weekly_limit:
+        charts.append(("Last 7 days against your weekly limit",
+                       lambda height: rolling_week_lines(snap, screen, min(BURNUP_LINES, height))))
     charts.append((f"{kind.capitalize()} by weekday and hour - last {CHART_WEEKS} weeks",
                    lambda height: heatmap_at(points, width, height, unicode, zone, format_value)))
     return charts

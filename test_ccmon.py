@@ -8728,6 +8728,33 @@ def test_render_charts_tab_80x24_and_40x12_in_unicode_and_ascii():
                 assert len(lines) == height and all(len(line) <= width for line in lines)
 
 
+def test_the_charts_tab_draws_the_last_7_days_against_a_weekly_limit_without_claudes_readings():
+    """No reading of Claude's week, claude.weekly_max_tokens set: in the week chart's place, the last 7 days'
+    premium tokens as a burn-up (from the week's first whole hour; the Week gauge's figure now) against the limit
+    as a line; with neither, no week chart at all."""
+    _, settings, now = _frame_fixture()
+    snap = charts_snapshot(settings, now)
+    week = sum(p.split.premium.limited for p in snap.data.points if p.start_ms >= now - 7 * ccmon.DAY_MS)
+    limits = dataclasses.replace(snap.limits, weekly={"sonnet": ccmon.Usage(1, week + 3_000, 0)})  # 3,000 since
+    snap = dataclasses.replace(snap, limits=limits, data=dataclasses.replace(snap.data, readings=()))
+    charts = ccmon.ViewState(tab="charts", scroll=3)
+    assert frame_text(charts, snap, settings, 40, 12, now)[1].total_rows == 4  # the heatmap is the 4th
+    limited = dataclasses.replace(settings, weekly_limit=1_500_000)
+    lines, frame = frame_text(charts, snap, limited, 40, 12, now)
+    assert frame.total_rows == 5 and lines[3:11] == [
+        "Block       ###..  60%  21.0K / 35.0K",
+        "-- Last 7 days against your weekly limit",
+        "1.50M |---------------------------------",
+        "      |                             ####",  # 839K of 1.50M × 3 rows: 1.68, two rows (from Monday)
+        "      |#################################",
+        "    0 +---------------------------------",
+        "         Wed  Thu  Fri Sat  Sun  Mon Tue",
+        "# used 839K  - weekly limit 1.50M"]
+    wide = [line.rstrip() for line in frame_text(charts, snap, limited, 80, 24, now, unicode=True)[0][3:17]]
+    assert wide[2] == "Week        █████████░░░░░░░  56%  839K / 1.50M, limit Wed 02:13 at this pace"
+    assert "```\n" + "\n".join(wide) + "\n```" in (ROOT / "docs" / "charts.md").read_text()  # its sample
+
+
 def test_the_c_key_and_the_charts_tabs_scroll():
     settings = _settings()
     frame = ccmon.Frame([], page_rows=1, total_rows=5)
