@@ -7402,7 +7402,7 @@ def test_the_charts_tab_in_a_pty_against_a_real_server(tmp_path):
 def test_the_burnup_in_a_pty_against_a_real_server(tmp_path):
     """With -b and the pro plan's guess, the Charts tab starts with the block's burn-up: 1.50K premium tokens used
     an hour and a half ago, no recent pace (so the projection stays at 1.50K), the plan's guess of 7.00K the top
-    line, named a guess; on a tall terminal the Current tab draws it above the requests."""
+    line, named a guess; the Current tab draws it above the requests, at its least from 80x24."""
     srv = ServerProcess(tmp_path).start()
     sdk_export(srv.port, [("api_request", api_request(1, hours_ago(1.5), input_tokens="1200", output_tokens=300,
                                                       cost_usd=0.25))])
@@ -7415,6 +7415,14 @@ def test_the_burnup_in_a_pty_against_a_real_server(tmp_path):
             title = lines.index("── 5-hour window - premium tokens " + "─" * 46)
             assert lines[title + 1] == "7.00K │" + "─" * 73  # the guess: the top of the scale
             assert lines[title + 11].startswith("── Requests 1-1 of 1 ──")
+            monitor.resize(80, 24)  # at its least: 2 rows of columns, the requests under it
+            screen = monitor.wait_for(lambda text: len(text.splitlines()) == 24 and "── Requests 1-1 of 1" in text,
+                                      "the Current burn-up at 80x24")
+            lines = [line.rstrip() for line in screen.splitlines()]
+            title = lines.index("── 5-hour window - premium tokens " + "─" * 46)
+            assert lines[title + 1] == "7.00K │" + "─" * 73
+            assert lines[title + 5] == "█ used 1.50K  ─ plan's guess 7.00K  · projected 1.50K"
+            assert lines[title + 6].startswith("── Requests 1-1 of 1 ──")
             monitor.send(b"9")
             screen = monitor.wait_for("5-hour window - premium tokens (1 of 4; j/k: more)", "the Charts tab")
             assert "█ used 1.50K  ─ plan's guess 7.00K  · projected 1.50K" in screen
