@@ -6658,20 +6658,50 @@ def usage_by_agent(models: Iterable[ModelUsage]) -> tuple[tuple[str, Usage], ...
     return tuple((agent, summed[agent]) for agent in sorted(summed, key=lambda a: (AGENTS + (a,)).index(a)))
 
 
+def period_readings(client: Client, start: int, end: int, timezone: str, user: str | None) -> UsageSeries:
+    """Every reading of the period, Claude's and the other agents', oldest first: the series' readings (by week,
+    as its points are not used: the fewest of them). An agent's answer holding the most GetSeries lists (its
+    newest MAX_SERIES_READINGS) is asked again for the time up to its oldest reading, whose moment's readings
+    come whole with that next answer, until every reading of the agent is in."""
+    def answer(until: int) -> dict[str, list[LimitReading]]:
+        series = client.series(start, until, "week", timezone, user=user)
+        return {agent: [r for r in series.readings + series.agent_readings if r.agent == agent] for agent in AGENTS}
+
+    first = answer(end)
+    kept: dict[str, list[LimitReading]] = {}
+    for agent in AGENTS:
+        pages, page = [], first[agent]
+        while len(page) >= MAX_SERIES_READINGS:
+            oldest = page[0].read_ms
+            newer = [r for r in page if r.read_ms > oldest]
+            if not newer:  # the whole answer at one moment: nothing older can be told apart
+                break
+            pages.append(newer)
+            page = answer(oldest + 1)[agent]
+        kept[agent] = [r for readings in [page, *reversed(pages)] for r in readings]
+    return UsageSeries("week", (), tuple(kept[CLAUDE_CODE]), tuple(r for a in AGENTS[1:] for r in kept[a]))
+
+
+def week_user(readings: Iterable[LimitReading]) -> str | None:
+    """Whose week the Charts tab draws against Claude's weekly limit: the newest weekly reading's user (readings
+    come filtered to the monitor's user already); None without a weekly reading."""
+    return next((r.user for r in reversed(tuple(readings)) if r.seven_day is not None), None)
+
+
 CHART_WEEKS = 4  # the Charts tab's hours: the heatmap's weeks; the last 24 hours and 7 days are its newest
 
 
 def chart_series(client: Client, query: Query) -> UsageSeries:
     """The Charts tab's data: the last CHART_WEEKS weeks by the hour, with the readings of Claude's limits in
     them. Where those were the most GetSeries lists (the newest MAX_SERIES_READINGS of everyone's: a busy team),
-    the week chart's are asked again: the last 7 days of its user (the filtered one, else the newest reading's),
-    so that they cover its week."""
+    the week chart's are asked again: every reading of the last 7 days of its user (week_user), so that they
+    cover its week."""
     series = client.series(query.end_ms - CHART_WEEKS * 7 * DAY_MS, query.end_ms, "hour", query.timezone,
                            user=query.user, project=query.project, agent=query.agent)
     if len(series.readings) < MAX_SERIES_READINGS:
         return series
-    week = client.series(query.end_ms - 7 * DAY_MS, query.end_ms, "week", query.timezone,
-                         user=query.user or series.readings[-1].user or None)
+    week = period_readings(client, query.end_ms - 7 * DAY_MS, query.end_ms, query.timezone,
+                           query.user or week_user(series.readings) or None)
     return dataclasses.replace(series, readings=week.readings)
 
 
@@ -7932,7 +7962,7 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float). With an agent, only
     that agent's usage, as the server filters it (blocks are Claude Code's anyway)."""
     if kind == "limits":
-        series = period_readings(client, start, end, zone, user)
+        series = period_readings(client, start, end, zone.key, user)
         return [limit_fields(reading, zone) for reading in series.readings + series.agent_readings
                 if agent in (None, reading.agent)]
     if kind == "agent":
@@ -7970,24 +8000,6 @@ def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
     column = {"daily": "date", "weekly": "week_of", "monthly": "month"}[kind]
     return [{column: label, **usage_fields(split.total), "premium_requests": split.premium.requests,
              "premium_cost_usd": split.premium.cost_nanos / NANOS_PER_USD} for label, split in groups.items()]
-
-
-def period_readings(client: Client, start: int, end: int, zone: ZoneInfo, user: str | None) -> UsageSeries:
-    """Every reading of the period, Claude's and the other agents', oldest first: the series' readings (by week,
-    as its points are not used: the fewest of them), asked again for the time before the oldest of each agent
-    whose answer held the most GetSeries lists (its newest MAX_SERIES_READINGS), until every reading is in."""
-    kept: dict[str, tuple[LimitReading, ...]] = {}
-    until, wanted = end, set(AGENTS)
-    while wanted:
-        series = client.series(start, until, "week", zone.key, user=user)
-        page = {agent: tuple(r for r in series.readings + series.agent_readings if r.agent == agent)
-                for agent in wanted}
-        for agent, readings in page.items():  # the oldest one's moment is asked again: its readings kept once
-            kept[agent] = tuple(dict.fromkeys(readings + kept.get(agent, ())))
-        wanted = {agent for agent, readings in page.items() if len(readings) >= MAX_SERIES_READINGS}
-        oldest = min((page[agent][0].read_ms for agent in wanted), default=until)
-        until, wanted = oldest + 1, wanted if oldest + 1 < until else set()
-    return UsageSeries("week", (), kept.get(CLAUDE_CODE, ()), tuple(r for a in AGENTS[1:] for r in kept.get(a, ())))
 
 
 LIMIT_CHART_LINES = 10  # each of a limits report's charts: 7 rows of readings, the axis, its times, the legend
@@ -8159,7 +8171,7 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
         rows = report_rows(client, args.kind, start, end, zone, args.user, args.project, args.agent)
-        readings = period_readings(client, start, end, zone, args.user).readings \
+        readings = period_readings(client, start, end, zone.key, args.user).readings \
             if args.kind == "limits" and args.chart and rows else ()
     except GoCcmonServer:
         print(f"ccmon: {config.monitor_server} is the Go ccmon server, which answers only GetStats and GetAPIRequests: "
@@ -10713,7 +10725,8 @@ def usage_lines(snap: Snapshot, state: ViewState, screen: Screen, compact: bool 
                       format_count(usage.total), format_cost(usage.cost_nanos), rate], style))
     header, body = table_lines(columns, rows, screen.width)
     lines = [rule(f"Usage - {PERIODS[state.period][0]}", screen.width, screen.glyphs), header, *body]
-    if screen.settings.block_mode is None and screen.rows - len(lines) - 2 > HINT_ROOM:  # 2: the requests' titles
+    burnup = snap.limits is not None and burnup_window(snap.limits, screen.now) is not None  # Claude's window
+    if screen.settings.block_mode is None and not burnup and screen.rows - len(lines) - 2 > HINT_ROOM:  # 2: titles
         lines.append([(joined_to_fit(["Block tracking is off: run with -b auto",
                                       " (or -b 5am for fixed 5-hour windows)."], screen.width), "dim")])
     return lines
@@ -11053,7 +11066,8 @@ def chart_list(snap: Snapshot, state: ViewState, screen: Screen) -> list[tuple[s
         charts.append((f"Claude's week - {kind} per day",
                        lambda height: week_chart(start, stop, readings, points, width,
                                                  min(WEEK_CHART_LINES, height), unicode, zone, format_value)))
-    elif snap.limits is not None and screen.settings.weekly_limit:
+    elif snap.limits is not None and screen.settings.weekly_limit and snap.query.project is None and \
+            snap.query.agent in (None, CLAUDE_CODE):  # the limit is the account's: Claude Code's whole usage
         charts.append(("Last 7 days against your weekly limit",
                        lambda height: rolling_week_lines(snap, screen, min(BURNUP_LINES, height))))
     charts.append((f"{kind.capitalize()} by weekday and hour - last {CHART_WEEKS} weeks",
@@ -11069,7 +11083,7 @@ def claude_week(snap: Snapshot, readings: Iterable[LimitReading],
     weekly = [r for r in readings if r.seven_day is not None]
     if not weekly:
         return None
-    user = weekly[-1].user
+    user = week_user(weekly)
     start, stop = snap.limits.weekly_window if snap.limits and snap.limits.weekly_window else (end - 7 * DAY_MS, end)
     mine = [r for r in weekly if r.user == user and start <= r.read_ms < stop]
     return (mine, start, stop) if mine else None

@@ -8758,6 +8758,9 @@ def test_the_charts_tab_draws_the_last_7_days_against_a_weekly_limit_without_cla
         "    0 +---------------------------------",
         "         Wed  Thu  Fri Sat  Sun  Mon Tue",
         "# used 839K  - weekly limit 1.50M"]
+    for query in (dataclasses.replace(snap.query, project="web-app"), dataclasses.replace(snap.query, agent="codex")):
+        # the limit is of the account's Claude Code usage: not drawn against a project's or another agent's
+        assert frame_text(charts, dataclasses.replace(snap, query=query), limited, 40, 12, now)[1].total_rows == 4
     wide = [line.rstrip() for line in frame_text(charts, snap, limited, 80, 24, now, unicode=True)[0][3:17]]
     assert wide[2] == "Week        █████████░░░░░░░  56%  839K / 1.50M, limit Wed 02:13 at this pace"
     assert "```\n" + "\n".join(wide) + "\n```" in (ROOT / "docs" / "charts.md").read_text()  # its sample
@@ -8802,6 +8805,11 @@ def test_render_the_burnup_on_a_tall_current_tab():
     untracked = dataclasses.replace(claude, limits=dataclasses.replace(claude.limits, window=None))
     lines, _ = frame_text(ccmon.ViewState(period="b"), untracked, _settings(block_hour=None), 80, 40, now)
     assert CURRENT_BURNUP_80x40[:-1] == lines[lines.index(CURRENT_BURNUP_80x40[0]):][:11]
+    # the hint that block tracking is off yields to the burn-up of Claude's own window: never a request row for it
+    for height, requests in ((24, 5), (27, 8), (40, 16)):  # the burn-up at its least to 30 rows, then taller
+        lines, frame = frame_text(ccmon.ViewState(period="b"), untracked, _settings(block_hour=None), 80, height, now)
+        assert not [line for line in lines if "Block tracking is off" in line]
+        assert frame.page_rows == requests
     guess = dataclasses.replace(settings, limit_from_plan=True)
     tokens = dataclasses.replace(charts_snapshot(settings, now), query=snap.query, data=snap.data)
     lines, _ = frame_text(ccmon.ViewState(period="b"), tokens, guess, 80, 40, now, unicode=True)
@@ -12531,10 +12539,11 @@ def test_report_limits_chart_draws_claudes_readings_over_the_period(server, tmp_
 
 
 def seeded_readings(db: Path, sessions: dict[str, str], first_ms: int, step_ms: int, count: int,
-                    codex: int = 0) -> list[ccmon.LimitReading]:
+                    codex: int = 0, codex_first_ms: int = 0) -> list[ccmon.LimitReading]:
     """A database with a request in each session (its user's: readings are a session's user's) and `count`
     readings of Claude's limits in turn across the sessions, `step_ms` apart from first_ms; then `codex` readings of
-    Codex's plan, an hour apart. Written as the server writes (its Writer), before a server opens it."""
+    Codex's plan, as far apart from codex_first_ms. Written as the server writes (its Writer), before a server
+    opens it."""
     store = ccmon.Writer(db)
     store.write(ccmon.Batch(requests=[(first_ms, session, 0, "claude-sonnet-4-5", user, 1, 1, 0, 0, 0, 0, None,
                                        None, None, None, None, 0, "claude-code") for session, user in sessions.items()]))
@@ -12543,8 +12552,8 @@ def seeded_readings(db: Path, sessions: dict[str, str], first_ms: int, step_ms: 
                                    five_hour=ccmon.LimitWindow(i % 100, first_ms + (i // 100 + 1) * 100 * step_ms),
                                    seven_day=ccmon.LimitWindow(i % 50, first_ms + 7 * ccmon.DAY_MS))
                 for i in range(count)]
-    readings += [ccmon.LimitReading("codex-1", first_ms + i * ccmon.HOUR_MS, agent=ccmon.CODEX,
-                                    five_hour=ccmon.LimitWindow(12.5, first_ms + (i + 5) * ccmon.HOUR_MS))
+    readings += [ccmon.LimitReading("codex-1", codex_first_ms + i * step_ms, agent=ccmon.CODEX,
+                                    five_hour=ccmon.LimitWindow(12.5, codex_first_ms + i * step_ms + 5 * ccmon.HOUR_MS))
                  for i in range(codex)]
     assert store.record_agent_readings(readings) == count + codex
     store.close()
@@ -12552,21 +12561,25 @@ def seeded_readings(db: Path, sessions: dict[str, str], first_ms: int, step_ms: 
 
 
 def test_report_limits_lists_every_reading_past_what_one_answer_holds(tmp_path):
-    """GetSeries lists the newest 5,000 readings; `report limits` asks again for the time before the oldest until
-    every reading is in (it once listed the newest 5,000 alone): 5,003 of Claude's, a minute apart, and 2 of
-    Codex's plan, each once, oldest first."""
-    first = local_ms("2026-05-01 00:00", ccmon.ZoneInfo("Asia/Tokyo"))
-    seeded_readings(tmp_path / "ccmon.db", {"s-1": "ana@example.com"}, first, 60_000, 5_003, codex=2)
+    """GetSeries lists each agent's newest 5,000 readings; `report limits` asks again, agent by agent, for the time
+    up to the oldest until every reading is in (it once listed the newest 5,000 alone): 5,003 of Claude's from
+    May 2nd and 5,002 of Codex's plan from May 1st, a minute apart each, every one once, oldest first."""
+    tokyo = ccmon.ZoneInfo("Asia/Tokyo")
+    seeded_readings(tmp_path / "ccmon.db", {"s-1": "ana@example.com"}, local_ms("2026-05-02 00:00", tokyo), 60_000,
+                    5_003, codex=5_002, codex_first_ms=local_ms("2026-05-01 00:00", tokyo))
     srv = ServerProcess(tmp_path).start()
     try:
-        out = run_report(srv, "limits", "--since", "2026-05-01", "--until", "2026-05-05", "--json", cwd=tmp_path)
+        out = run_report(srv, "limits", "--since", "2026-05-01", "--until", "2026-05-06", "--json", cwd=tmp_path)
         assert (out.returncode, out.stderr) == (0, "")
         rows = json.loads(out.stdout)["rows"]
-        assert len(rows) == 5_005 and [row["limits"] for row in rows[-3:]] == ["Claude", "Codex", "Codex"]
+        assert [row["limits"] for row in rows] == ["Claude"] * 5_003 + ["Codex"] * 5_002
         assert [(row["read_at"], row["five_hour_percent"]) for row in (rows[0], rows[4999], rows[5002])] == [
-            ("2026-05-01T00:00:00+09:00", 0.0), ("2026-05-04T11:19:00+09:00", 99.0), ("2026-05-04T11:22:00+09:00", 2.0)]
-        assert len({row["read_at"] for row in rows[:5_003]}) == 5_003  # none twice
-        chart = run_report(srv, "limits", "--since", "2026-05-01", "--until", "2026-05-05", "--chart", cwd=tmp_path,
+            ("2026-05-02T00:00:00+09:00", 0.0), ("2026-05-05T11:19:00+09:00", 99.0), ("2026-05-05T11:22:00+09:00", 2.0)]
+        assert [row["read_at"] for row in (rows[5003], rows[-1])] == ["2026-05-01T00:00:00+09:00",
+                                                                      "2026-05-04T11:21:00+09:00"]
+        for kind in (rows[:5_003], rows[5_003:]):  # each once, in order
+            assert [row["read_at"] for row in kind] == sorted({row["read_at"] for row in kind})
+        chart = run_report(srv, "limits", "--since", "2026-05-01", "--until", "2026-05-06", "--chart", cwd=tmp_path,
                            env={"LC_ALL": "C"})
         assert chart.stdout.count("Claude's 5-hour limit, % used") == 1
     finally:
@@ -12684,6 +12697,8 @@ def test_columns_are_value_over_largest_times_rows_in_steps():
     """The time chart's columns are honest as the bars are: a column's height in steps (eighths of a row; '#' rows
     in ASCII) is its buckets' sum / the largest column's × the rows, to the nearest step, at least one for any
     usage and none for none; the largest's value is written at the top; every column as wide as the others."""
+    from fractions import Fraction
+
     from hypothesis import given, settings, strategies as st
 
     @settings(max_examples=150, deadline=None)
@@ -12707,7 +12722,9 @@ def test_columns_are_value_over_largest_times_rows_in_steps():
         rows, steps = len(plot), 8 if unicode else 1
         heights = [sum((ccmon.RISING.index(line[side + 1 + x]) if unicode else 1 if line[side + 1 + x] == "#" else 0)
                        if side + 1 + x < len(line) else 0 for line in plot) for x in range(cells)]
-        expected = [ccmon.bar_steps(value, max(columns), rows, steps) for value in columns]
+        exact = [Fraction(value) / Fraction(max(columns)) * rows * steps if value else Fraction(0) for value in columns]
+        expected = [int(e + Fraction(1, 2)) if e >= Fraction(1, 2) else (1 if value else 0)  # halves up
+                    for e, value in zip(exact, columns)]
         assert heights == [h for h in expected for h in [h] * (cell_width - gap) + [0] * gap] + \
             [0] * (cells - len(columns) * cell_width)
         assert all(height == 0 for value, height in zip(columns, expected) if not value)
