@@ -7416,10 +7416,16 @@ def test_the_burnup_in_a_pty_against_a_real_server(tmp_path):
             assert lines[title + 1] == "7.00K │" + "─" * 73  # the guess: the top of the scale
             assert lines[title + 11].startswith("── Requests 1-1 of 1 ──")
             monitor.resize(80, 24)  # at its least: 2 rows of columns, the requests under it
-            screen = monitor.wait_for(lambda text: len(text.splitlines()) == 24 and "── Requests 1-1 of 1" in text,
-                                      "the Current burn-up at 80x24")
+
+            chart_title = "── 5-hour window - premium tokens " + "─" * 46
+
+            def redrawn(text: str) -> bool:  # not the taller frame cut to 24 lines, which the resize leaves at first
+                lines = text.splitlines()
+                at = lines.index(chart_title) if chart_title in lines else len(lines)
+                return any(line.startswith("── Requests 1-1 of 1") for line in lines[at + 6:at + 7])
+            screen = monitor.wait_for(redrawn, "the Current burn-up at 80x24")
             lines = [line.rstrip() for line in screen.splitlines()]
-            title = lines.index("── 5-hour window - premium tokens " + "─" * 46)
+            title = lines.index(chart_title)
             assert lines[title + 1] == "7.00K │" + "─" * 73
             assert lines[title + 5] == "█ used 1.50K  ─ plan's guess 7.00K  · projected 1.50K"
             assert lines[title + 6].startswith("── Requests 1-1 of 1 ──")
