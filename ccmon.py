@@ -10725,7 +10725,7 @@ def usage_lines(snap: Snapshot, state: ViewState, screen: Screen, compact: bool 
                       format_count(usage.total), format_cost(usage.cost_nanos), rate], style))
     header, body = table_lines(columns, rows, screen.width)
     lines = [rule(f"Usage - {PERIODS[state.period][0]}", screen.width, screen.glyphs), header, *body]
-    burnup = snap.limits is not None and burnup_window(snap.limits, screen.now) is not None  # Claude's window
+    burnup = snap.block_series is not None  # the Current tab draws Claude's window above its requests
     if screen.settings.block_mode is None and not burnup and screen.rows - len(lines) - 2 > HINT_ROOM:  # 2: titles
         lines.append([(joined_to_fit(["Block tracking is off: run with -b auto",
                                       " (or -b 5am for fixed 5-hour windows)."], screen.width), "dim")])
