@@ -11078,8 +11078,8 @@ def chart_list(snap: Snapshot, state: ViewState, screen: Screen) -> list[tuple[s
 def claude_week(snap: Snapshot, readings: Iterable[LimitReading],
                 end: int) -> tuple[list[LimitReading], int, int] | None:
     """The week to draw against Claude's weekly limit: its readings, start and end. Claude's week while a reading
-    of it is live, else the last 7 days; the readings of one user (the filtered one, else the newest reading's:
-    as the gauges); None without any weekly reading in it."""
+    of it is live, else the last 7 days; the readings of one user (week_user: the filtered one, else the newest
+    weekly reading's); None without any weekly reading in it."""
     weekly = [r for r in readings if r.seven_day is not None]
     if not weekly:
         return None
