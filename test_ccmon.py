@@ -13061,8 +13061,8 @@ def test_the_charts_page_shows_real_charts():
 
 
 def test_the_charts_page_shows_the_monitors_real_frames():
-    """docs/charts.md's monitor samples are the monitor's frames for its golden tests' data, and its limits report
-    sample is the report's output."""
+    """docs/charts.md's monitor samples, and the README's opening frame, are the monitor's frames for its golden
+    tests' data; the limits report sample is the report's output."""
     page = (ROOT / "docs" / "charts.md").read_text()
     _, settings, now = _frame_fixture()
 
@@ -13082,3 +13082,4 @@ def test_the_charts_page_shows_the_monitors_real_frames():
                    frame(dataclasses.replace(charts, scroll=1), charts_snapshot(settings, now), 40, 12, False)):
         assert sample in page
     assert "\n".join(LIMITS_CHART[1:]) + "\n```" in page
+    assert frame(ccmon.ViewState(period="b"), claude, 80, 24, True) in (ROOT / "README.md").read_text()  # its front
