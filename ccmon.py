@@ -7960,11 +7960,8 @@ def check_report_agent(kind: str, agent: str | None, chart: str | None) -> None:
 def report_rows(client: Client, kind: str, start: int, end: int, zone: ZoneInfo,
                 user: str | None, project: str | None = None, agent: str | None = None) -> list[dict[str, Any]]:
     """The report's rows, oldest or most costly first; figures exact (cost in USD as a float). With an agent, only
-    that agent's usage, as the server filters it (blocks are Claude Code's anyway)."""
-    if kind == "limits":
-        series = period_readings(client, start, end, zone.key, user)
-        return [limit_fields(reading, zone) for reading in series.readings + series.agent_readings
-                if agent in (None, reading.agent)]
+    that agent's usage, as the server filters it (blocks are Claude Code's anyway). Not the limits report's: its
+    rows are readings (limit_rows)."""
     if kind == "agent":
         return [row for row in agent_rows(client, start, end, user, project) if agent in (None, row["agent"])]
     if kind == "project":  # '' is the sessions without a project
@@ -8033,6 +8030,13 @@ def limit_fields(reading: LimitReading, zone: ZoneInfo) -> dict[str, Any]:
                for window in (reading.five_hour, reading.seven_day)]
     return dict(zip(LIMIT_FIELDS, (LIMITS_OF[reading.agent], local(reading.read_ms, "seconds"), reading.user,
                                    reading.session_id, *figures[0], *figures[1])))
+
+
+def limit_rows(series: UsageSeries, zone: ZoneInfo, agent: str | None) -> list[dict[str, Any]]:
+    """The limits report's rows: the period's readings (period_readings), Claude's then the other agents', of one
+    agent's limits when given."""
+    return [limit_fields(reading, zone) for reading in series.readings + series.agent_readings
+            if agent in (None, reading.agent)]
 
 
 def report_totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -8170,9 +8174,11 @@ def run_report(config: Config, args: argparse.Namespace) -> int:
     start, end = report_flags_period(args, zone)
     client = Client.for_config(config, timeout_s=30.0, go_extras_empty=False)
     try:
-        rows = report_rows(client, args.kind, start, end, zone, args.user, args.project, args.agent)
-        readings = period_readings(client, start, end, zone.key, args.user).readings \
-            if args.kind == "limits" and args.chart and rows else ()
+        if args.kind == "limits":  # the readings asked once: the table's rows and the chart's
+            series = period_readings(client, start, end, zone.key, args.user)
+            rows, readings = limit_rows(series, zone, args.agent), series.readings
+        else:
+            rows, readings = report_rows(client, args.kind, start, end, zone, args.user, args.project, args.agent), ()
     except GoCcmonServer:
         print(f"ccmon: {config.monitor_server} is the Go ccmon server, which answers only GetStats and GetAPIRequests: "
               f"the {args.kind} report needs ccmon's own server", file=sys.stderr)
