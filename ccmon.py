@@ -288,6 +288,7 @@ class BadValue(ValueError):
 
 
 MAX_COUNT = 10 ** 12           # tokens or milliseconds in one record; sums of millions of them stay in int64
+COUNT_DIGITS = 12              # digits below MAX_COUNT
 MAX_USD = 10 ** 6              # dollars in one record
 
 
@@ -314,7 +315,9 @@ def exact_number(value: Any, key: str) -> decimal.Decimal | int:
 def parse_count(value: Any, key: str) -> int:
     """A non-negative whole number from an int, an integral double or a numeric string."""
     if type(value) is int and 0 <= value < MAX_COUNT:
-        return value  # the common case, first
+        return value  # the common cases first: an int, or digits (Claude Code sends its counts as text)
+    if type(value) is str and len(value) <= COUNT_DIGITS and value.isdigit() and value.isascii():
+        return int(value)
     exact = exact_number(value, key)
     if exact != int(exact):
         raise BadValue(f"{key}={value!r} is not a whole number")
@@ -325,8 +328,17 @@ def parse_count(value: Any, key: str) -> int:
     return int(exact)
 
 
+# A plain decimal of dollars below MAX_USD with at most nano-dollar digits, as Claude Code sends its cost_usd (text,
+# or a double as its shortest decimal): exact in whole nano-dollars without Decimal arithmetic.
+PLAIN_USD = re.compile(r"([0-9]{1,6})(?:\.([0-9]{1,9}))?")
+
+
 def parse_usd_nanos(value: Any, key: str) -> int:
     """A non-negative USD amount, as integer nano-USD, from a double, an int or a numeric string."""
+    plain = PLAIN_USD.fullmatch(value if type(value) is str else repr(value) if type(value) is float else "")
+    if plain:
+        whole, fraction = plain.groups()
+        return int(whole) * NANOS_PER_USD + int((fraction or "0").ljust(9, "0"))
     exact = exact_number(value, key)
     if exact < 0:
         raise BadValue(f"{key}={value!r} is negative")
@@ -3879,6 +3891,7 @@ IDENTITY_KEYS = ("user.id", "user.email", "user.account_uuid", "organization.id"
 REQUEST_COLUMNS_KEYS = {"event.name", "event.timestamp", "event.sequence", "session.id", "model",
                         "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens",
                         "cost_usd", "cost_usd_micros", "duration_ms", "ttft_ms", "prompt.id", "request_id"}
+REQUEST_EXTRA_LEFT_OUT = REQUEST_COLUMNS_KEYS | set(IDENTITY_KEYS)  # what a request row's extra attributes are not
 EVENT_COLUMNS_KEYS = {"event.name", "event.timestamp", "session.id", "prompt.id"}
 # An export with more records (or data points) is refused whole, before it is parsed: parsing materialises
 # every record, and 16 MiB of empty ones (2 bytes each) took a decoder to 1.15 GB. The SDKs send 512 at a time.
@@ -3926,8 +3939,12 @@ def attributes_dict(key_values, depth: int = 0) -> dict[str, Any]:
     attributes = {}
     for kv in key_values:  # the hot loop of ingestion: plain scalars without a call per value
         value = kv.value
+        text = value.string_value  # most values are text: a non-empty one is the value's kind, asked no further
+        if text and len(text) <= MAX_VALUE_CHARS:
+            attributes[kv.key] = text
+            continue
         kind = value.WhichOneof("value")
-        if kind in SCALAR_KINDS and (kind != "string_value" or len(value.string_value) <= MAX_VALUE_CHARS):
+        if kind in SCALAR_KINDS and (kind != "string_value" or len(text) <= MAX_VALUE_CHARS):
             attributes[kv.key] = getattr(value, kind)
         else:
             attributes[kv.key] = any_value(value, depth)
@@ -3999,11 +4016,15 @@ def json_default(value: Any) -> str:
     return value.hex() if isinstance(value, bytes) else str(value)
 
 
+# One encoder for every record: json.dumps with options makes a new one at each call.
+COMPACT_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=json_default, allow_nan=False)
+
+
 def compact_json(mapping: dict) -> str | None:
     if not mapping:
         return None
     try:
-        return json.dumps(mapping, sort_keys=True, separators=(",", ":"), default=json_default, allow_nan=False)
+        return COMPACT_JSON.encode(mapping)
     except ValueError:  # a NaN or an infinity: JSON has none, and SQLite's json functions fail on the whole table
         return json.dumps(finite_json(mapping), sort_keys=True, separators=(",", ":"), default=json_default)
 
@@ -4076,7 +4097,7 @@ def request_row(attrs: dict, ts: int, source: str | None, user: str, record, und
     if cost > MAX_REQUEST_USD * NANOS_PER_USD:
         raise BadValue(f"{cost_key}={attrs[cost_key]!r} is more than one API call can cost (${MAX_REQUEST_USD:,})")
     duration, ttft = call_times(attrs)
-    extra = {k: v for k, v in attrs.items() if k not in REQUEST_COLUMNS_KEYS and k not in IDENTITY_KEYS}
+    extra = {k: v for k, v in attrs.items() if k not in REQUEST_EXTRA_LEFT_OUT}
     session, seq = record_key(attrs, record, undated)
     return (ts, session, seq, optional_text(attrs.get("model")) or "unknown", user, *counts,
             cost, duration, ttft, optional_text(attrs.get("prompt.id")), optional_text(attrs.get("request_id")),

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime as dt
+import decimal
 import gc
 import io
 import json
@@ -314,6 +315,28 @@ def test_number_parsing_accepts_every_anyvalue_shape():
         with pytest.raises(ccmon.BadValue, match=message):
             ccmon.parse_usd_nanos(bad, "c")
 
+
+
+def test_number_parsing_quick_paths_agree_with_exact_arithmetic():
+    """Counts as digits and costs as plain decimals skip Decimal (the decoders' hot path): the same answers as exact
+    arithmetic, at the edges of the quick paths and at random."""
+    rng = random.Random(27)
+    counts = ["007", "0", "9" * 12, *(str(rng.randrange(10 ** rng.randint(1, 12))) for _ in range(2000))]
+    assert [ccmon.parse_count(text, "k") for text in counts] == [int(text) for text in counts]
+    assert ccmon.parse_count("+5", "k") == 5  # past the quick path, as before it
+    for bad, message in (("9" * 13, "is too large"), ("１２", "is not a number")):
+        with pytest.raises(ccmon.BadValue, match=message):
+            ccmon.parse_count(bad, "k")
+
+    def exact(text: str) -> int:
+        return int((decimal.Decimal(text) * 10 ** 9).to_integral_value(decimal.ROUND_HALF_EVEN))
+    costs = ["0.0421", "999999.999999999", "0.1234567895", "0.1234567885", "12", "000001.5", "0.000000001",
+             *(f"{rng.randrange(10 ** 6)}.{rng.randrange(10 ** 12):0{rng.randint(1, 12)}d}" for _ in range(2000))]
+    assert [ccmon.parse_usd_nanos(text, "c") for text in costs] == [exact(text) for text in costs]
+    doubles = [rng.uniform(0, 50) for _ in range(2000)] + [round(rng.uniform(0.0005, 0.4), 6) for _ in range(2000)]
+    assert [ccmon.parse_usd_nanos(value, "c") for value in doubles] == [exact(repr(value)) for value in doubles]
+    with pytest.raises(ccmon.BadValue, match="is too large"):
+        ccmon.parse_usd_nanos("1000000", "c")
 
 def test_day_bounds_across_dst():
     zone = ccmon.ZoneInfo("Europe/Berlin")
