@@ -2631,7 +2631,9 @@ class Writer:
             log.error("the database %s could not be checkpointed: %s", self.path, exc)
 
     def submit(self, job: Callable[[sqlite3.Connection], Any], timeout: float = 2.0) -> futures.Future:
-        """Queue a job for the writer; its Future resolves after the job's transaction commits."""
+        """Queue a job for the writer; its Future resolves after the job's transaction commits. A job may be run
+        again after its transaction was rolled back (another job of its group failed: see _run_group), so it has
+        no effect outside the database but on caches."""
         if self._closed:
             raise StorageUnavailable("the server is shutting down")
         future: futures.Future = futures.Future()
@@ -2722,25 +2724,11 @@ class Writer:
                 future.set_exception(failure)
             return
         conn = self._write_conn
-        results = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for job, _ in group:
-                conn.execute("SAVEPOINT job")
-                try:
-                    results.append((job(conn), None))
-                    conn.execute("RELEASE job")
-                except Exception as exc:
-                    if isinstance(exc, sqlite3.OperationalError) or is_damage(exc):
-                        raise  # locked, full, read-only, damaged: the whole group fails, its senders retry
-                    log.error("a write failed and was rolled back: %r", exc)  # a bad job must not sink the group
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                    self._ids.clear()  # ids interned by the rolled-back job are gone
-                    results.append((None, StorageUnavailable(f"the write failed: {exc}")))
-            settle_rollups(conn)
-            changed = changed_since(conn)
-            conn.execute("COMMIT")
+            outcome = self._commit(conn, group, savepoints=False)
+            if outcome is None:  # a job failed, and the transaction with it: the group again, a savepoint per job
+                outcome = self._commit(conn, group, savepoints=True)
+            results, changed = outcome
         except sqlite3.Error as exc:
             try:
                 if conn.in_transaction:
@@ -2776,6 +2764,35 @@ class Writer:
                 future.set_result(result)
             else:
                 future.set_exception(exc)
+
+    def _commit(self, conn: sqlite3.Connection, group: list, savepoints: bool) -> tuple[list, tuple | None] | None:
+        """Run the group's jobs in one transaction and commit it: each job's (result, None) or (None, the error it
+        failed with), and the span of times it changed (see changed_since). Without savepoints, the first job to
+        fail rolls the whole transaction back (None). A savepoint per job costs a copy of every page the job
+        changes, in a journal of its own: a third of the writer's work on exports spread over a month."""
+        results = []
+        conn.execute("BEGIN IMMEDIATE")
+        for job, _ in group:
+            if savepoints:
+                conn.execute("SAVEPOINT job")
+            try:
+                results.append((job(conn), None))
+            except Exception as exc:
+                if isinstance(exc, sqlite3.OperationalError) or is_damage(exc):
+                    raise  # locked, full, read-only, damaged: the whole group fails, its senders retry
+                self._ids.clear()  # ids interned by what is rolled back are gone
+                if not savepoints:
+                    conn.execute("ROLLBACK")
+                    return None
+                log.error("a write failed and was rolled back: %r", exc)  # a bad job must not sink the group
+                conn.execute("ROLLBACK TO job")
+                results.append((None, StorageUnavailable(f"the write failed: {exc}")))
+            if savepoints:
+                conn.execute("RELEASE job")
+        settle_rollups(conn)
+        changed = changed_since(conn)
+        conn.execute("COMMIT")
+        return results, changed
 
     def _intern(self, conn: sqlite3.Connection, table: str, column: str, value: Any) -> int | None:
         if value is None:

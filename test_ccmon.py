@@ -2483,6 +2483,44 @@ def test_other_agents_tool_calls_count_in_the_tools_and_sessions_figures(server)
     assert calls == [("list_directory", "", "ok, 18ms"), ("read_file", "", "failed, 40ms")]
 
 
+def test_a_job_that_fails_is_rolled_back_alone_and_its_group_is_stored_once(tmp_path, caplog):
+    """The writer commits a group of jobs without a savepoint per job; when one fails, the group runs again with
+    them: the failed job's answer is its error (logged once), every other job's rows are stored once, and the
+    rollups are exactly those rows' (nothing of the first, rolled-back run is left in them)."""
+    store = ccmon.Writer(tmp_path / "group.db")
+    at = ccmon.parse_iso_ms("2026-03-01T10:00:00Z")
+
+    def batch(n):
+        return ccmon.Batch(requests=[(at + n * 3600_000, f"s{n}", n, "claude-sonnet-4-5", "", 10 * n, 1, 0, 0,
+                                      1000 * n, 0, None, None, None, None, None, 0, "claude-code")])
+
+    def failing(conn):
+        store._insert(conn, batch(9))  # written, then undone with its job
+        raise ValueError("a bug of ccmon's")
+
+    try:
+        running, release = threading.Event(), threading.Event()
+        holding = store.submit(lambda conn: running.set() or release.wait(30))
+        assert running.wait(30)  # the writer is busy: the jobs below queue up and make one group
+        jobs = [store.submit(lambda conn, n=n: store._insert(conn, batch(n))) for n in (1, 2)]
+        jobs.insert(1, store.submit(failing))
+        jobs.append(store.submit(lambda conn: store._insert(conn, batch(3))))
+        release.set()
+        holding.result(30)
+        assert [jobs[i].result(30) for i in (0, 2, 3)] == [1, 1, 1]
+        with pytest.raises(ccmon.StorageUnavailable, match="the write failed: a bug of ccmon's"):
+            jobs[1].result(30)
+    finally:
+        store.close()
+    assert db_rows(tmp_path / "group.db", "SELECT seq, input_tokens FROM requests ORDER BY seq") == \
+        [(1, 10), (2, 20), (3, 30)]
+    assert db_rows(tmp_path / "group.db", "SELECT SUM(rows), SUM(input_tokens), SUM(cost_nanos) FROM usage_rollup"
+                   ) == [(3, 60, 6000)]
+    assert_rollups_are_their_rows(tmp_path / "group.db")
+    assert [r.message for r in caplog.records].count("a write failed and was rolled back: ValueError(\"a bug of "
+                                                     "ccmon's\")") == 1
+
+
 def test_a_model_stays_the_agent_whose_usage_first_named_it(tmp_path):
     """Qwen Code naming claude-sonnet-4-5 (through an Anthropic-compatible endpoint) after Claude Code used it takes
     none of Claude Code's usage away: the model stays Claude Code's (and Qwen's calls of it count as Claude Code's:
