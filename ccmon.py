@@ -2409,30 +2409,37 @@ SUMMED_ROLLUPS = {"usage_rollup": {"bucket": "bucket", "model": "model", "user":
                   "usage_daily": {"bucket": f"bucket - bucket % {DAY_MS}", "model": "model", "user": "user"},
                   "total_hourly": {"bucket": f"bucket - bucket % {HOUR_MS}", "model": "model"},
                   "total_daily": {"bucket": f"bucket - bucket % {DAY_MS}", "model": "model"}}
+# session_usage from the rows noted since it was last settled (those after sessions_settled.upto): under the user
+# of the latest row added (0 when none was: the key's user stays), from its first to its last row's time (a removed
+# row's time lies within them already); the keys left without rows deleted (a key's rows fall to 0 only by a
+# negative sum). counters_kept settles it alone, before and after each job that may change a session's usage.
+NOTED_SINCE_SETTLED = "changed_requests WHERE rowid > (SELECT upto FROM sessions_settled)"
+SETTLE_SESSIONS = [
+    f"INSERT INTO session_usage (session, model, user, first_ts, last_ts, {', '.join(FIGURES)}) SELECT g.session, "
+    f"g.model, COALESCE(latest.user, 0), g.first_ts, g.last_ts, {', '.join(f'g.{c}' for c in FIGURES)} FROM (SELECT "
+    f"session, model, MAX(IIF(rows > 0, rowid, NULL)) AS latest, MIN(ts) AS first_ts, MAX(ts) AS last_ts, "
+    f"{', '.join(f'SUM({c}) AS {c}' for c in FIGURES)} FROM {NOTED_SINCE_SETTLED} GROUP BY session, model) g "
+    "LEFT JOIN changed_requests latest ON latest.rowid = g.latest WHERE true ON CONFLICT (session, model) DO UPDATE "
+    "SET user = IIF(excluded.user = 0, user, excluded.user), first_ts = MIN(first_ts, excluded.first_ts), "
+    f"last_ts = MAX(last_ts, excluded.last_ts), {', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}",
+    f"DELETE FROM session_usage WHERE rows = 0 AND (session, model) IN (SELECT session, model FROM "
+    f"{NOTED_SINCE_SETTLED} AND rows < 0)",
+    "UPDATE sessions_settled SET upto = (SELECT COALESCE(MAX(rowid), 0) FROM changed_requests)"]
 SETTLE_ROLLUPS = [
+    *SETTLE_SESSIONS,
     f"INSERT INTO changed_sums SELECT ts - ts % {BUCKET_MS}, model, user, {', '.join(f'SUM({c})' for c in FIGURES)} "
     "FROM changed_requests GROUP BY 1, 2, 3",
     *(f"INSERT INTO {table} ({', '.join([*key, *FIGURES])}) SELECT {', '.join(key.values())}, "
       f"{', '.join(f'SUM({c})' for c in FIGURES)} FROM changed_sums WHERE true GROUP BY "
       f"{', '.join(map(str, range(1, len(key) + 1)))} ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
       f"{', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}" for table, key in SUMMED_ROLLUPS.items()),
-    # session_usage: under the user of the latest row added (0 when none was: the key's user stays), from its first
-    # to its last row's time (a removed row's time lies within them already).
-    f"INSERT INTO session_usage (session, model, user, first_ts, last_ts, {', '.join(FIGURES)}) SELECT g.session, "
-    f"g.model, COALESCE(latest.user, 0), g.first_ts, g.last_ts, {', '.join(f'g.{c}' for c in FIGURES)} FROM (SELECT "
-    f"session, model, MAX(IIF(rows > 0, rowid, NULL)) AS latest, MIN(ts) AS first_ts, MAX(ts) AS last_ts, "
-    f"{', '.join(f'SUM({c}) AS {c}' for c in FIGURES)} FROM changed_requests GROUP BY session, model) g LEFT JOIN "
-    "changed_requests latest ON latest.rowid = g.latest WHERE true ON CONFLICT (session, model) DO UPDATE SET "
-    "user = IIF(excluded.user = 0, user, excluded.user), first_ts = MIN(first_ts, excluded.first_ts), "
-    f"last_ts = MAX(last_ts, excluded.last_ts), {', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}",
     # the keys left without rows: only where rows were removed (a key's rows fall to 0 only by a negative sum)
     *(f"DELETE FROM {table} WHERE rows = 0 AND ({', '.join(key)}) IN (SELECT {', '.join(key.values())} FROM "
-      f"{changes} WHERE rows < 0)" for table, key, changes in (
-        *((table, key, "changed_sums") for table, key in SUMMED_ROLLUPS.items()),
-        ("session_usage", {"session": "session", "model": "model"}, "changed_requests"))),
+      "changed_sums WHERE rows < 0)" for table, key in SUMMED_ROLLUPS.items()),
     "INSERT INTO changed_span SELECT * FROM (SELECT MIN(ts) AS lo, MAX(ts) FROM changed_requests) WHERE lo NOT NULL",
     "DELETE FROM changed_requests",
-    "DELETE FROM changed_sums"]
+    "DELETE FROM changed_sums",
+    "UPDATE sessions_settled SET upto = 0"]
 
 
 # The writer's connection keeps more pages than SQLite's 2 MiB: a transaction of exports spread over a month changes
@@ -2460,6 +2467,8 @@ def track_request_changes(conn: sqlite3.Connection) -> None:
     conn.execute(f"CREATE TEMP TABLE changed_requests (ts INTEGER NOT NULL, session INTEGER NOT NULL, "
                  f"model INTEGER NOT NULL, user INTEGER NOT NULL, {FIGURE_COLUMNS})")
     conn.execute("CREATE TEMP TABLE changed_span (lo INTEGER NOT NULL, hi INTEGER NOT NULL)")  # see changed_since
+    conn.execute("CREATE TEMP TABLE sessions_settled (upto INTEGER NOT NULL)")  # see SETTLE_SESSIONS
+    conn.execute("INSERT INTO sessions_settled VALUES (0)")
     conn.execute(f"CREATE TEMP TABLE changed_sums (bucket INTEGER NOT NULL, model INTEGER NOT NULL, "
                  f"user INTEGER NOT NULL, {FIGURE_COLUMNS})")  # see SETTLE_ROLLUPS
     for change, row, sign in (("INSERT", "NEW.", ""), ("DELETE", "OLD.", "-")):
@@ -2472,8 +2481,15 @@ def track_request_changes(conn: sqlite3.Connection) -> None:
 def settle_rollups(conn: sqlite3.Connection) -> None:
     """Add the requests rows noted since the last call (see track_request_changes) to SUMMED_ROLLUPS and
     session_usage, one upsert per key, and delete the keys left without rows; note their span of times in
-    changed_span. In the writing transaction, before its COMMIT and before the writer reads session_usage."""
+    changed_span. In the writing transaction, before its COMMIT and before the writer reads a summed rollup."""
     for statement in SETTLE_ROLLUPS:
+        conn.execute(statement)
+
+
+def settle_sessions(conn: sqlite3.Connection) -> None:
+    """Add the requests rows noted since session_usage was last settled to it alone (see SETTLE_SESSIONS): before
+    the writer reads it. The summed rollups wait for the transaction's end, summed once over all its jobs."""
+    for statement in SETTLE_SESSIONS:
         conn.execute(statement)
 
 
@@ -2572,10 +2588,10 @@ def counters_kept(conn: sqlite3.Connection, sessions: Iterable[int]) -> Iterator
     if not sessions:
         yield
         return
-    settle_rollups(conn)  # session_usage with the transaction's changes so far in it
+    settle_sessions(conn)  # session_usage with the transaction's changes so far in it
     before = series_sums(conn, sessions)
     yield
-    settle_rollups(conn)
+    settle_sessions(conn)
     after = series_sums(conn, sessions)
     for key, figures in before.items():
         lost = [max(0, was - now) for was, now in zip(figures, after.get(key, (0,) * len(figures)))]
