@@ -2449,6 +2449,7 @@ WRITER_CACHE_KIB = 16 * 1024
 # page changed by several commits is copied once; after each copy the -wal file is cut back to WAL_KEPT_BYTES.
 WAL_CHECKPOINT_PAGES = 8192
 WAL_KEPT_BYTES = 4 * 1024 ** 2
+WRITER_IDLE_S = 0.5  # without work for this long, the writer frees its cache (before the server trims its heap)
 
 
 def tune_writer(conn: sqlite3.Connection) -> None:
@@ -2722,7 +2723,12 @@ class Writer:
 
     def _write_loop(self) -> None:
         while True:
-            first = self._jobs.get()
+            try:
+                first = self._jobs.get(timeout=WRITER_IDLE_S)
+            except queue.Empty:
+                with contextlib.suppress(sqlite3.Error):  # its cache back, for the heap trim to return
+                    self._write_conn.execute("PRAGMA shrink_memory")
+                first = self._jobs.get()
             if first is None or time.monotonic() > self._drain_until:
                 self._fail_queued(first)
                 return
