@@ -2445,16 +2445,21 @@ SETTLE_ROLLUPS = [
 # The writer's connection keeps more pages than SQLite's 2 MiB: a transaction of exports spread over a month changes
 # a few thousand (indexes and rollups), and the next one changes most of them again.
 WRITER_CACHE_KIB = 16 * 1024
-# It copies the -wal into the database file once the -wal holds this many pages (SQLite's default: 1,000), so that a
-# page changed by several commits is copied once; after each copy the -wal file is cut back to WAL_KEPT_BYTES.
-WAL_CHECKPOINT_PAGES = 8192
+# It copies the -wal into the database file when it has had no work for WRITER_IDLE_S, and while busy once the -wal
+# holds this many pages (SQLite's default: 1,000; 128 MiB at 4 KiB pages), so that a page changed by many commits
+# is copied once; after each copy the -wal file is cut back to WAL_KEPT_BYTES.
+WAL_CHECKPOINT_PAGES = 32768
 WAL_KEPT_BYTES = 4 * 1024 ** 2
-WRITER_IDLE_S = 0.5  # without work for this long, the writer frees its cache (before the server trims its heap)
+WRITER_IDLE_S = 0.5  # and it frees its cache then, before the server trims its heap (TRIM_DELAY_S)
 
 
 def tune_writer(conn: sqlite3.Connection) -> None:
-    """The writer connection's cache and checkpoints (see WRITER_CACHE_KIB and WAL_CHECKPOINT_PAGES): on exports
-    spread over a month, a sixth more of them stored a second (BENCHMARKS.md)."""
+    """The writer connection's cache and checkpoints (see WRITER_CACHE_KIB and WAL_CHECKPOINT_PAGES), and its
+    commits without an fsync of the -wal: the writer's syncer thread makes it, before anything committed is
+    acknowledged (see Writer._sync_loop); SQLite still syncs the -wal before copying it into the database file,
+    and that file after (synchronous = NORMAL). On exports spread over a month, a sixth more of them stored a
+    second (BENCHMARKS.md)."""
+    conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
     conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
     conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
@@ -2628,6 +2633,7 @@ class Writer:
             track_request_changes(self._write_conn)
             real = Path(os.path.realpath(path))  # SQLite keeps its -wal beside the file, not beside a symlink
             self._file.watch(real.with_name(real.name + "-wal"))
+            self._wal = os.open(real.with_name(real.name + "-wal"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except (StorageError, OSError) as exc:
             self._file.close()
             self.remove_if_new()
@@ -2641,6 +2647,9 @@ class Writer:
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
         self._drain_until = math.inf  # close() bounds how long queued jobs may still be written
+        self._committed: queue.Queue = queue.Queue()  # groups committed, for the syncer to answer once on disk
+        self._syncer = threading.Thread(target=self._sync_loop, name="ccmon-syncer", daemon=True)
+        self._syncer.start()
         self._writer = threading.Thread(target=self._write_loop, name="ccmon-writer", daemon=True)
         self._writer.start()
 
@@ -2726,8 +2735,7 @@ class Writer:
             try:
                 first = self._jobs.get(timeout=WRITER_IDLE_S)
             except queue.Empty:
-                with contextlib.suppress(sqlite3.Error):  # its cache back, for the heap trim to return
-                    self._write_conn.execute("PRAGMA shrink_memory")
+                self._rest()
                 first = self._jobs.get()
             if first is None or time.monotonic() > self._drain_until:
                 self._fail_queued(first)
@@ -2744,6 +2752,12 @@ class Writer:
                 group.append(item)
             self._run_group(group)
             first = item = group = None  # else the last jobs, and the rows they hold, live until the next write
+
+    def _rest(self) -> None:
+        """Without work: the -wal copied into the database file (see WAL_CHECKPOINT_PAGES) and the cache freed."""
+        with contextlib.suppress(sqlite3.Error):  # tried again at the next rest, or by SQLite once the -wal is long
+            self._write_conn.execute("PRAGMA shrink_memory")
+            self._write_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _fail_queued(self, first) -> None:
         """Jobs that raced with close(), or outlived its deadline, get an answer instead of waiting forever."""
@@ -2799,11 +2813,41 @@ class Writer:
         if self._failing:
             log.warning("the database %s is writable again", self.path)
             self._failing = False
-        for (_, future), (result, exc) in zip(group, results):
-            if exc is None:
-                future.set_result(result)
-            else:
-                future.set_exception(exc)
+        self._committed.put((group, results))
+
+    def _sync_loop(self) -> None:
+        """Answer the committed groups once the -wal holding them is on disk: an fsync for all the groups committed
+        while the last one ran, here, while the writer goes on with the next (SQLite's own fsync at each commit,
+        synchronous = FULL, would make it wait: see tune_writer). Ends at None, after the groups before it."""
+        while True:
+            committed = [self._committed.get()]
+            while committed[-1] is not None:
+                try:
+                    committed.append(self._committed.get_nowait())
+                except queue.Empty:
+                    break
+            failure = None
+            try:
+                os.fsync(self._wal)
+            except OSError as exc:  # what was committed may not be on disk: senders are told to send it again
+                log.error("cannot write to the database %s (%s); exporters are told to retry", self.path, exc)
+                failure = StorageUnavailable(f"database write failed: {exc.strerror}")
+            if not self._answer(committed, failure):
+                return
+            committed = None  # else the last jobs, and the rows they hold, live until the next commit
+
+    @staticmethod
+    def _answer(committed: list, failure: Exception | None) -> bool:
+        """Each job's result, or its error, or `failure` for all; False once None (the end) is among them."""
+        for item in committed:
+            if item is None:
+                return False
+            for (_, future), (result, exc) in zip(*item):
+                if exc is None and failure is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(exc or failure)
+        return True
 
     def _commit(self, conn: sqlite3.Connection, group: list, savepoints: bool) -> tuple[list, tuple | None] | None:
         """Run the group's jobs in one transaction and commit it: each job's (result, None) or (None, the error it
@@ -3174,9 +3218,12 @@ class Writer:
             except queue.Full:
                 continue
         self._writer.join()
+        self._committed.put(None)
+        self._syncer.join()
         if self._file.replaced():  # else SQLite checkpoints as usual, or finds the -wal beside the file next time
             self._checkpoint()
         self._write_conn.close()
+        os.close(self._wal)
         self._file.close()
 
 
