@@ -2959,9 +2959,9 @@ class Writer:
         if requests:
             self._replace_session_less_metrics(conn, batch.requests)
             replaced = replaced_by(ORIGIN_EVENT)
-            usage = f"DELETE FROM requests WHERE session = ? AND {origin_in(replaced - REQUEST_ORIGINS)}"
-            for session in {row[1] for row in requests}:  # api_request events win over metric-derived usage
-                conn.execute(usage, (session,))
+            conn.execute(f"DELETE FROM requests WHERE {origin_in(replaced - REQUEST_ORIGINS)} AND session IN (SELECT "
+                         "value FROM json_each(?))",  # api_request events win over metric-derived usage
+                         (json.dumps(sorted({row[1] for row in requests})),))
             if self._has_imported(conn):  # and over a transcript's copy of the same request (Claude Code's cost)
                 agent = REQUEST_COLUMNS.index("agent")
                 for pair in {(row[1], row[agent]) for row in batch.requests if row[agent] in JOINED_BY_SESSION}:
