@@ -2457,8 +2457,7 @@ def tune_writer(conn: sqlite3.Connection) -> None:
     """The writer connection's cache and checkpoints (see WRITER_CACHE_KIB and WAL_CHECKPOINT_PAGES), and its
     commits without an fsync of the -wal: the writer's syncer thread makes it, before anything committed is
     acknowledged (see Writer._sync_loop); SQLite still syncs the -wal before copying it into the database file,
-    and that file after (synchronous = NORMAL). On exports spread over a month, a sixth more of them stored a
-    second (BENCHMARKS.md)."""
+    and that file after (synchronous = NORMAL). Measured on exports spread over a month in BENCHMARKS.md."""
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
     conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
@@ -2871,7 +2870,7 @@ class Writer:
         """Run the group's jobs in one transaction and commit it: each job's (result, None) or (None, the error it
         failed with), and the span of times it changed (see changed_since). Without savepoints, the first job to
         fail rolls the whole transaction back (None). A savepoint per job costs a copy of every page the job
-        changes, in a journal of its own: a third of the writer's work on exports spread over a month."""
+        changes, written to a journal of its own: on exports spread over a month, as many bytes as the -wal gets."""
         results = []
         conn.execute("BEGIN IMMEDIATE")
         for job, _ in group:
