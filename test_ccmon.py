@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import decimal
+import errno
 import gc
 import io
 import json
@@ -2483,28 +2484,80 @@ def test_other_agents_tool_calls_count_in_the_tools_and_sessions_figures(server)
     assert calls == [("list_directory", "", "ok, 18ms"), ("read_file", "", "failed, 40ms")]
 
 
+def one_request_batch(n: int) -> ccmon.Batch:
+    at = ccmon.parse_iso_ms("2026-03-01T10:00:00Z")
+    return ccmon.Batch(requests=[(at + n * 3600_000, f"s{n}", n, "claude-sonnet-4-5", "", 10 * n, 1, 0, 0, 1000 * n,
+                                  0, None, None, None, None, None, 0, "claude-code")])
+
+
+def test_a_write_is_answered_only_once_the_wal_is_on_disk(tmp_path, monkeypatch):
+    """The writer commits without an fsync and goes on; its syncer thread answers a group only after the -wal's
+    fsync returns: while that fsync waits, the rows are committed (a reader sees them) and their writer is not
+    answered, and the writer commits the next group meanwhile."""
+    store = ccmon.Writer(tmp_path / "sync.db")
+    syncing, disk = threading.Event(), threading.Event()
+    fsync = os.fsync
+
+    def slow_disk(fd):
+        syncing.set()
+        assert disk.wait(30)
+        fsync(fd)
+
+    monkeypatch.setattr(ccmon.os, "fsync", slow_disk)
+    try:
+        first = store.submit(lambda conn: store._insert(conn, one_request_batch(1)))
+        assert syncing.wait(30)  # committed, and the syncer is in its fsync
+        second = store.submit(lambda conn: store._insert(conn, one_request_batch(2)))
+        deadline = time.monotonic() + 30  # the writer, not waiting for the disk, commits the second too
+        while db_rows(tmp_path / "sync.db", "SELECT COUNT(*) FROM requests") != [(2,)] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert db_rows(tmp_path / "sync.db", "SELECT seq FROM requests ORDER BY seq") == [(1,), (2,)]
+        assert not first.done() and not second.done()
+        disk.set()
+        assert (first.result(30), second.result(30)) == (1, 1)
+    finally:
+        disk.set()
+        store.close()
+
+
+def test_a_failed_fsync_answers_retry(tmp_path, monkeypatch, caplog):
+    """When the -wal cannot be made durable, what was committed is not acknowledged: its sender is told to retry
+    (sent again, it is a duplicate, and ignored)."""
+    store = ccmon.Writer(tmp_path / "eio.db")
+
+    def failing_disk(fd):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    try:
+        monkeypatch.setattr(ccmon.os, "fsync", failing_disk)
+        with pytest.raises(ccmon.StorageUnavailable, match="^database write failed: Input/output error$"):
+            store.write(one_request_batch(1))
+        monkeypatch.undo()
+        assert store.write(one_request_batch(1)) == 0  # stored already: the retry is a duplicate
+        assert store.write(one_request_batch(2)) == 1
+    finally:
+        monkeypatch.undo()
+        store.close()
+    assert "cannot write to the database" in caplog.text and "exporters are told to retry" in caplog.text
+
+
 def test_a_job_that_fails_is_rolled_back_alone_and_its_group_is_stored_once(tmp_path, caplog):
     """The writer commits a group of jobs without a savepoint per job; when one fails, the group runs again with
     them: the failed job's answer is its error (logged once), every other job's rows are stored once, and the
     rollups are exactly those rows' (nothing of the first, rolled-back run is left in them)."""
     store = ccmon.Writer(tmp_path / "group.db")
-    at = ccmon.parse_iso_ms("2026-03-01T10:00:00Z")
-
-    def batch(n):
-        return ccmon.Batch(requests=[(at + n * 3600_000, f"s{n}", n, "claude-sonnet-4-5", "", 10 * n, 1, 0, 0,
-                                      1000 * n, 0, None, None, None, None, None, 0, "claude-code")])
 
     def failing(conn):
-        store._insert(conn, batch(9))  # written, then undone with its job
+        store._insert(conn, one_request_batch(9))  # written, then undone with its job
         raise ValueError("a bug of ccmon's")
 
     try:
         running, release = threading.Event(), threading.Event()
         holding = store.submit(lambda conn: running.set() or release.wait(30))
         assert running.wait(30)  # the writer is busy: the jobs below queue up and make one group
-        jobs = [store.submit(lambda conn, n=n: store._insert(conn, batch(n))) for n in (1, 2)]
+        jobs = [store.submit(lambda conn, n=n: store._insert(conn, one_request_batch(n))) for n in (1, 2)]
         jobs.insert(1, store.submit(failing))
-        jobs.append(store.submit(lambda conn: store._insert(conn, batch(3))))
+        jobs.append(store.submit(lambda conn: store._insert(conn, one_request_batch(3))))
         release.set()
         holding.result(30)
         assert [jobs[i].result(30) for i in (0, 2, 3)] == [1, 1, 1]
