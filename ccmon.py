@@ -2433,9 +2433,10 @@ SETTLE_ROLLUPS = [
       f"{', '.join(f'SUM({c})' for c in FIGURES)} FROM changed_sums WHERE true GROUP BY "
       f"{', '.join(map(str, range(1, len(key) + 1)))} ON CONFLICT ({', '.join(key)}) DO UPDATE SET "
       f"{', '.join(f'{c} = {c} + excluded.{c}' for c in FIGURES)}" for table, key in SUMMED_ROLLUPS.items()),
-    # the keys left without rows: only where rows were removed (a key's rows fall to 0 only by a negative sum)
+    # the keys left without rows: among those the transaction removed rows from (summed to 0 or less; 0 for a key it
+    # made and emptied, which the upsert above has just made as a row of zeros)
     *(f"DELETE FROM {table} WHERE rows = 0 AND ({', '.join(key)}) IN (SELECT {', '.join(key.values())} FROM "
-      "changed_sums WHERE rows < 0)" for table, key in SUMMED_ROLLUPS.items()),
+      "changed_sums WHERE rows <= 0)" for table, key in SUMMED_ROLLUPS.items()),
     "INSERT INTO changed_span SELECT * FROM (SELECT MIN(ts) AS lo, MAX(ts) FROM changed_requests) WHERE lo NOT NULL",
     "DELETE FROM changed_requests",
     "DELETE FROM changed_sums",

@@ -2490,6 +2490,32 @@ def one_request_batch(n: int) -> ccmon.Batch:
                                   0, None, None, None, None, None, 0, "claude-code")])
 
 
+def test_a_rollup_key_made_and_emptied_in_one_transaction_is_not_kept(tmp_path):
+    """Claude Code's cost metric of a session, then its first api_request event a quarter hour later, in one group
+    of jobs: the metric-derived row is made and replaced in the same transaction (the rollups are summed once a
+    transaction), and its quarter hour, hour and day keys are left with no rows: none of them is kept as a row of
+    zeros (a day of zeros in total_daily would also say the model had usage)."""
+    at = ccmon.parse_iso_ms("2026-03-01T10:05:00Z")
+    metric = ccmon.Batch(metrics=[(at, at - 60_000, "s1", 1, "", "claude_code.cost.usage", 1, 0.25,
+                                   "claude-sonnet-4-5", None, None, "{}")])
+    event = ccmon.Batch(requests=[(at + 20 * 60_000, "s1", 7, "claude-sonnet-4-5", "", 10, 1, 0, 0, 250_000_000, 0,
+                                   None, None, None, None, None, 0, "claude-code")])
+    store = ccmon.Writer(tmp_path / "emptied.db")
+    try:
+        running, release = threading.Event(), threading.Event()
+        holding = store.submit(lambda conn: running.set() or release.wait(30))
+        assert running.wait(30)  # the writer is busy: the two jobs below make one group
+        jobs = [store.submit(lambda conn, batch=batch: store._insert(conn, batch)) for batch in (metric, event)]
+        release.set()
+        holding.result(30)
+        assert [job.result(30) for job in jobs] == [1, 1]
+    finally:
+        store.close()
+    assert db_rows(tmp_path / "emptied.db", "SELECT origin, ts FROM requests") == [(0, at + 20 * 60_000)]
+    assert db_rows(tmp_path / "emptied.db", "SELECT COUNT(*) FROM usage_rollup WHERE rows = 0") == [(0,)]
+    assert_rollups_are_their_rows(tmp_path / "emptied.db")
+
+
 def test_a_write_is_answered_only_once_the_wal_is_on_disk(tmp_path, monkeypatch):
     """The writer commits without an fsync and goes on; its syncer thread answers a group only after the -wal's
     fsync returns: while that fsync waits, the rows are committed (a reader sees them) and their writer is not
