@@ -2662,6 +2662,7 @@ class Writer:
         self._imported = False  # whether requests from transcripts are stored (telemetry then replaces its copies)
         self._copy_windows: set[CopyWindow] = set()  # of the imports under way (import_requests' threads add them)
         self._lost = ""        # why the file at the path is no longer the one written: nothing more is acknowledged
+        self._unsynced = ""    # why the -wal could not be made durable: nothing more is acknowledged either
         self._jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self._closed = False
         self._drain_until = math.inf  # close() bounds how long queued jobs may still be written
@@ -2789,9 +2790,9 @@ class Writer:
                 return
 
     def _run_group(self, group: list) -> None:
-        if self._lost:
+        if self._lost or self._unsynced:
             failure = StorageUnavailable(f"the database file is gone ({self._lost}); stop the server and put the "
-                                         f"file back at {self.path}", 30)
+                                         f"file back at {self.path}" if self._lost else self._unsynced, 30)
             for _, future in group:
                 future.set_exception(failure)
             return
@@ -2844,15 +2845,27 @@ class Writer:
                     committed.append(self._committed.get_nowait())
                 except queue.Empty:
                     break
-            failure = None
-            try:
-                os.fsync(self._wal)
-            except OSError as exc:  # what was committed may not be on disk: senders are told to send it again
-                log.error("cannot write to the database %s (%s); exporters are told to retry", self.path, exc)
-                failure = StorageUnavailable(f"database write failed: {exc.strerror}")
+            if not self._unsynced:
+                try:
+                    os.fsync(self._wal)
+                except OSError as exc:
+                    self._stop_acknowledging(exc)
+            failure = StorageUnavailable(self._unsynced, 30) if self._unsynced else None
             if not self._answer(committed, failure):
                 return
             committed = None  # else the last jobs, and the rows they hold, live until the next commit
+
+    def _stop_acknowledging(self, exc: OSError) -> None:
+        """After an fsync of the -wal failed: what was committed may never reach the disk, and a later fsync that
+        succeeds says nothing of it (the kernel may have dropped the pages it failed to write), while SQLite's
+        recovery stops at the first frame missing from the -wal, losing whatever was committed after it. So
+        nothing more is acknowledged, or written: exporters keep their data until a restart, which recovers what
+        the disk holds."""
+        self._unsynced = (f"the database could not be written to disk ({exc.strerror}); check the disk, then "
+                          "restart the server")
+        log.critical("THE DATABASE %s COULD NOT BE WRITTEN TO DISK: %s. The server no longer acknowledges any data, "
+                     "so exporters keep it until it can be stored. Check the disk, then restart the server: it "
+                     "recovers what the disk holds.", self.path, exc)
 
     @staticmethod
     def _answer(committed: list, failure: Exception | None) -> bool:

@@ -2546,25 +2546,38 @@ def test_a_write_is_answered_only_once_the_wal_is_on_disk(tmp_path, monkeypatch)
         store.close()
 
 
-def test_a_failed_fsync_answers_retry(tmp_path, monkeypatch, caplog):
-    """When the -wal cannot be made durable, what was committed is not acknowledged: its sender is told to retry
-    (sent again, it is a duplicate, and ignored)."""
+def test_a_failed_fsync_stops_acknowledging_until_a_restart(tmp_path, monkeypatch, caplog):
+    """When the -wal cannot be made durable, what was committed is not acknowledged, and nothing after it is, even
+    once fsync works again (the kernel may have dropped the pages it failed to write, and SQLite's recovery stops at
+    the first frame missing): exporters are told to retry until the server restarts; then what they send again is
+    stored once."""
     store = ccmon.Writer(tmp_path / "eio.db")
+    refusal = r"^the database could not be written to disk \(Input/output error\); check the disk, then restart the " \
+        r"server$"
 
     def failing_disk(fd):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     try:
         monkeypatch.setattr(ccmon.os, "fsync", failing_disk)
-        with pytest.raises(ccmon.StorageUnavailable, match="^database write failed: Input/output error$"):
+        with pytest.raises(ccmon.StorageUnavailable, match=refusal):
             store.write(one_request_batch(1))
         monkeypatch.undo()
-        assert store.write(one_request_batch(1)) == 0  # stored already: the retry is a duplicate
-        assert store.write(one_request_batch(2)) == 1
+        for n in (2, 1):  # a new export, and the first sent again
+            with pytest.raises(ccmon.StorageUnavailable, match=refusal) as refused:
+                store.write(one_request_batch(n))
+            assert refused.value.retry_after_s == 30
     finally:
         monkeypatch.undo()
         store.close()
-    assert "cannot write to the database" in caplog.text and "exporters are told to retry" in caplog.text
+    assert "COULD NOT BE WRITTEN TO DISK: [Errno 5] Input/output error" in caplog.text
+    store = ccmon.Writer(tmp_path / "eio.db")  # restarted
+    try:
+        assert store.write(one_request_batch(1)) in (0, 1)  # on disk or not, it is there once now
+        assert store.write(one_request_batch(2)) == 1
+    finally:
+        store.close()
+    assert db_rows(tmp_path / "eio.db", "SELECT seq, input_tokens FROM requests ORDER BY seq") == [(1, 10), (2, 20)]
 
 
 def test_a_job_that_fails_is_rolled_back_alone_and_its_group_is_stored_once(tmp_path, caplog):
