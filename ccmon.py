@@ -4161,7 +4161,7 @@ def compact_json(mapping: dict) -> str | None:
     try:
         return COMPACT_JSON.encode(mapping)
     except ValueError:  # a NaN or an infinity: JSON has none, and SQLite's json functions fail on the whole table
-        return json.dumps(finite_json(mapping), sort_keys=True, separators=(",", ":"), default=json_default)
+        return COMPACT_JSON.encode(finite_json(mapping))
 
 
 def finite_json(value: Any) -> Any:
