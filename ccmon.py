@@ -72,6 +72,7 @@ import threading
 import time
 import textwrap
 import tomllib
+import weakref
 import zlib
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -2016,11 +2017,12 @@ class StorageUnavailable(Exception):
         self.retry_after_s = retry_after_s
 
 
-def connect(path: Path, readonly: bool = False, busy_ms: int = 5000) -> sqlite3.Connection:
+def connect(path: Path, readonly: bool = False, busy_ms: int = 5000,
+            factory: type[sqlite3.Connection] = sqlite3.Connection) -> sqlite3.Connection:
     """A connection; a read-only one (mode=ro) never creates a file where the database is not."""
     where = f"{Path(os.path.abspath(path)).as_uri()}?mode=ro" if readonly else path
     conn = sqlite3.connect(where, isolation_level=None, check_same_thread=False, timeout=busy_ms / 1000,
-                           uri=readonly)
+                           uri=readonly, factory=factory)
     conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     if readonly:
         conn.execute("PRAGMA query_only = 1")
@@ -2448,9 +2450,10 @@ SETTLE_ROLLUPS = [
 WRITER_CACHE_KIB = 16 * 1024
 # It copies the -wal into the database file when it has had no work for WRITER_IDLE_S, and while busy once the -wal
 # holds this many pages (SQLite's default: 1,000; 128 MiB at 4 KiB pages), so that a page changed by many commits
-# is copied once; after each copy the -wal file is cut back to WAL_KEPT_BYTES.
+# is copied once. The -wal file keeps its size while the writer is busy (the next commits overwrite it in place; a
+# file cut back after each copy had every commit allocate its blocks anew: 8 % of a backfill's rate) and is cut to
+# nothing when it rests.
 WAL_CHECKPOINT_PAGES = 32768
-WAL_KEPT_BYTES = 4 * 1024 ** 2
 WRITER_IDLE_S = 0.5  # and it frees its cache then, before the server trims its heap (TRIM_DELAY_S)
 
 
@@ -2462,7 +2465,6 @@ def tune_writer(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
     conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
-    conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
 
 
 def track_request_changes(conn: sqlite3.Connection) -> None:
@@ -2773,10 +2775,18 @@ class Writer:
             first = item = group = None  # else the last jobs, and the rows they hold, live until the next write
 
     def _rest(self) -> None:
-        """Without work: the -wal copied into the database file (see WAL_CHECKPOINT_PAGES) and the cache freed."""
+        """Without work: the -wal copied into the database file and cut to nothing (see WAL_CHECKPOINT_PAGES), and
+        the cache freed. A read still using the -wal is not waited for: what it holds is copied, the file stays
+        until the next rest (SQLite's checkpoint, TRUNCATE mode, without a busy handler)."""
+        conn = self._write_conn
         with contextlib.suppress(sqlite3.Error):  # tried again at the next rest, or by SQLite once the -wal is long
-            self._write_conn.execute("PRAGMA shrink_memory")
-            self._write_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            conn.execute("PRAGMA shrink_memory")
+            busy_ms = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
 
     def _fail_queued(self, first) -> None:
         """Jobs that raced with close(), or outlived its deadline, get an answer instead of waiting forever."""
@@ -3343,6 +3353,11 @@ def event_names(events: dict[str, str], agent: str | None) -> str:
 FAILED_TOOL = "COALESCE(json_extract(attributes, '$.success') IN ('false', 'False', 0), 0)"
 
 
+class ReadConnection(sqlite3.Connection):
+    """A Reader's connection: a class of its own only so that the Reader can hold it by a weak reference (SQLite's
+    own cannot be), closing it with its thread or at close(), whichever comes first."""
+
+
 class Reader:
     """Queries over the database, each on its thread's own read-only connection (SQLite's WAL lets them run
     while the writer commits)."""
@@ -3352,6 +3367,9 @@ class Reader:
         self._moved = moved  # the server's check that its database file is still at the path
         self._bucket_cache = buckets  # the writer's, which knows what changed: without one, nothing is kept
         self._connections = threading.local()
+        self._open: weakref.WeakSet[ReadConnection] = weakref.WeakSet()  # every thread's, for close()
+        self._lock = threading.Lock()
+        self._closed = False
 
     def _reader(self) -> sqlite3.Connection:
         gone = self._moved()
@@ -3360,8 +3378,20 @@ class Reader:
                                 f"server and put the file back at {self.path}: it holds everything acknowledged")
         conn = getattr(self._connections, "conn", None)
         if conn is None:
-            conn = self._connections.conn = connect(self.path, readonly=True)
+            with self._lock:
+                if self._closed:
+                    raise sqlite3.ProgrammingError("the server is stopping")
+                conn = self._connections.conn = connect(self.path, readonly=True, factory=ReadConnection)
+                self._open.add(conn)
         return conn
+
+    def close(self) -> None:
+        """Close every thread's connection: at the server's stop, before the writer's, so that the writer's is the
+        last one and SQLite copies the -wal into the database and removes the -wal and -shm files."""
+        with self._lock:
+            self._closed = True
+            for conn in list(self._open):
+                conn.close()
 
     def _user_filter(self, user: str | None, column: str = "user") -> tuple[str, tuple] | None:
         """The SQL condition for one user's rows: ('', ()) for everyone, None for a user never seen (no rows)."""
@@ -6371,6 +6401,7 @@ def run_server(config: Config, on_ready: Callable[[QueryService, int, int, threa
         httpd.inflight.wait_idle(timeout=max(0.0, deadline - time.monotonic() - 2))
         httpd.server_close()
     stopped.wait(max(0.0, deadline - time.monotonic() - 2))
+    service.reader.close()
     store.close(drain_s=max(0.5, deadline - time.monotonic()))
     decoders.close()
     log.info("stopped; database closed")

@@ -13,6 +13,7 @@ import gc
 import io
 import json
 import os
+import queue
 import random
 import re
 import shlex
@@ -867,6 +868,21 @@ def test_restart_keeps_data_and_sigterm_is_graceful(tmp_path):
         assert stats(srv).total_cost.amount == 0.143075
     finally:
         srv.stop()
+
+
+def test_a_stopped_server_leaves_its_database_in_one_file(tmp_path):
+    """Once queried over gRPC and HTTP (each answer on a reader connection of its own thread), a server stopped by
+    SIGTERM closes every connection, the writer's last: SQLite copies the -wal into the database and removes the
+    -wal and -shm files."""
+    srv = ServerProcess(tmp_path).start()
+    sdk_export(srv.port, MIXED_EVENTS)
+    assert stats(srv).total_requests == 3
+    response, data = web(srv.http_port, "/metrics")
+    assert response.status == 200 and b"ccmon_requests_total" in data
+    assert srv.stop(signal.SIGTERM) == 0
+    assert "stopped; database closed" in srv.log
+    assert sorted(path.name for path in tmp_path.glob("ccmon.db*")) == ["ccmon.db"]
+    assert db_rows(srv.db, "SELECT COUNT(*) FROM requests") == [(3,)]
 
 
 def decoder_pids(srv: ServerProcess) -> list[int]:
@@ -2543,6 +2559,40 @@ def test_a_write_is_answered_only_once_the_wal_is_on_disk(tmp_path, monkeypatch)
         assert (first.result(30), second.result(30)) == (1, 1)
     finally:
         disk.set()
+        store.close()
+
+
+def test_the_wal_is_cut_to_nothing_when_the_writer_rests_unless_a_read_still_uses_it(tmp_path, monkeypatch):
+    """While busy, the writer leaves the -wal at its size (commits overwrite it in place); once it rests, the -wal is
+    copied into the database and cut to nothing. A read still using the -wal is not waited for: the file stays,
+    the next job is written, and a later rest cuts it."""
+    rests = queue.Queue()
+    rest = ccmon.Writer._rest
+    monkeypatch.setattr(ccmon.Writer, "_rest", lambda self: (rest(self), rests.put(None)))
+    db = tmp_path / "rest.db"
+    wal = tmp_path / "rest.db-wal"
+    store = ccmon.Writer(db)
+    reader = ccmon.connect(db, readonly=True)
+    busy_timeout = lambda conn: conn.execute("PRAGMA busy_timeout").fetchone()[0]  # noqa: E731
+    try:
+        waits = store.submit(busy_timeout).result(30)
+        assert waits > 0
+        assert store.write(one_request_batch(1)) == 1
+        rests.get(timeout=30)
+        assert wal.stat().st_size == 0
+        reader.execute("BEGIN")  # a read from the database file alone, kept open
+        assert reader.execute("SELECT COUNT(*) FROM requests").fetchone() == (1,)
+        assert store.write(one_request_batch(2)) == 1
+        rests.get(timeout=30)
+        assert wal.stat().st_size > 0  # its frames could not be copied under the open read
+        assert store.write(one_request_batch(3)) == 1  # the writer did not wait for the read
+        assert store.submit(busy_timeout).result(30) == waits  # for the writes: the rest did without
+        reader.execute("COMMIT")
+        rests.get(timeout=30)
+        assert wal.stat().st_size == 0
+        assert db_rows(db, "SELECT seq FROM requests ORDER BY seq") == [(1,), (2,), (3,)]
+    finally:
+        reader.close()
         store.close()
 
 
