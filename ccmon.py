@@ -2450,9 +2450,9 @@ SETTLE_ROLLUPS = [
 WRITER_CACHE_KIB = 16 * 1024
 # It copies the -wal into the database file when it has had no work for WRITER_IDLE_S, and while busy once the -wal
 # holds this many pages (SQLite's default: 1,000; 128 MiB at 4 KiB pages), so that a page changed by many commits
-# is copied once. The -wal file keeps its size while the writer is busy (the next commits overwrite it in place; a
-# file cut back after each copy had every commit allocate its blocks anew: 8 % of a backfill's rate) and is cut to
-# nothing when it rests.
+# is copied once. The -wal file keeps up to that size while the writer is busy (the next commits overwrite it in
+# place; a file cut back after each copy had every commit allocate its blocks anew: 8 % of a backfill's rate) and is
+# cut to nothing when it rests.
 WAL_CHECKPOINT_PAGES = 32768
 WRITER_IDLE_S = 0.5  # and it frees its cache then, before the server trims its heap (TRIM_DELAY_S)
 
@@ -2465,6 +2465,8 @@ def tune_writer(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
     conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_PAGES * page_size}")
 
 
 def track_request_changes(conn: sqlite3.Connection) -> None:
@@ -7005,6 +7007,11 @@ def format_count(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def files_read(reading: HistoryReading) -> str:
+    """How far the local server's first reading of the histories has come: '3 of 929 files'."""
+    return f"{reading.files_read} of {reading.files} files" if reading.files else "looking for files"
+
+
 def half_up(numerator: int, denominator: int) -> int:
     """numerator / denominator to the nearest whole number, halves up (away from zero): the one rounding rule
     of every figure shown, applied to exact integers so that $0.06225 shows as $0.0623 and 20.5% as 21%."""
@@ -8456,6 +8463,7 @@ WEB_EXTRAS: dict[type, Callable[[Any, int, ZoneInfo], dict]] = {
     Session: lambda s, now, zone: {"text": {"first": moment_text(s.first_ms, now, zone),
                                             "last": moment_text(s.last_ms, now, zone)}},
     UserUsage: lambda u, now, zone: {"text": {"name": u.user or "(unknown)"}},
+    HistoryReading: lambda reading, now, zone: {"text": files_read(reading)},
     ProjectUsage: lambda p, now, zone: {"text": {"name": p.project or NO_PROJECT}},
 }
 
@@ -8590,10 +8598,13 @@ def accepts_gzip(header: str | None) -> bool:
 
 
 class Dashboard:
-    """The web dashboard's pages over one Reader: the page, its files, sign-in and out, and its JSON."""
+    """The web dashboard's pages over one Reader: the page, its files, sign-in and out, and its JSON; `history`, the
+    local server's first reading of the histories while it is under way (the figures are partial till it is done)."""
 
-    def __init__(self, reader: Reader, token: str, zone: ZoneInfo, files: dict[str, bytes], listen_host: str):
+    def __init__(self, reader: Reader, token: str, zone: ZoneInfo, files: dict[str, bytes], listen_host: str,
+                 history: Callable[[], HistoryReading | None] = lambda: None):
         self.reader, self.token, self.zone, self.files, self.listen_host = reader, token, zone, files, listen_host
+        self.history = history
         self.slots = threading.BoundedSemaphore(DASHBOARD_SLOTS)
         self.refusals = RefusalLog()
 
@@ -8679,7 +8690,9 @@ class Dashboard:
             return json_answer(503, {"error": f"the server is answering {DASHBOARD_SLOTS} dashboards already; ask "
                                               "again in a moment"}, (("Retry-After", "1"),))
         try:
-            return json_answer(200, {**dashboard(self.reader, query, now_ms()), "sign_out": bool(self.token)},
+            now = now_ms()
+            return json_answer(200, {**dashboard(self.reader, query, now), "sign_out": bool(self.token),
+                                     "history": web_json(self.history(), now, query.zone)},
                                gzip=accepts_gzip(request.headers.get("Accept-Encoding")))
         except (sqlite3.Error, DatabaseMoved) as exc:
             log.error("the dashboard cannot read the database: %s", exc)
@@ -8688,7 +8701,7 @@ class Dashboard:
             self.slots.release()
 
 
-def dashboard_pages(config: Config, reader: Reader) -> Pages:
+def dashboard_pages(config: Config, reader: Reader, history: Callable[[], HistoryReading | None]) -> Pages:
     """The web dashboard's pages for the HTTP listener; none, with a warning, when its files are missing."""
     try:
         files = {path: Path(__file__).with_name(name).read_bytes() for path, (name, _) in DASHBOARD_FILES.items()}
@@ -8696,7 +8709,7 @@ def dashboard_pages(config: Config, reader: Reader) -> Pages:
         log.warning("the web dashboard is off: %s is missing beside ccmon.py", Path(exc.filename or "").name)
         return {}
     host = parse_address(config.server_http_address, fail_as=ServerError)[0]
-    return Dashboard(reader, config.server_token, config.zone, files, host).pages()
+    return Dashboard(reader, config.server_token, config.zone, files, host, history).pages()
 
 
 # ---------------------------------------------------------------- Prometheus metrics: GET /metrics on the HTTP listener
@@ -9696,7 +9709,8 @@ def serve(config: Config) -> int:
 
     try:
         return run_server(config, on_ready=ready, pages=lambda service: {
-            **dashboard_pages(config, service.reader), **metrics_pages(config, service.reader),
+            **dashboard_pages(config, service.reader, lambda: service.history_reading),
+            **metrics_pages(config, service.reader),
             **status_line_pages(config, service), **quick_query_pages(service, config.server_token)})
     finally:
         with contextlib.suppress(OSError, ValueError, TypeError):
@@ -10843,10 +10857,6 @@ def level_style(fraction: float) -> str:
 
 
 # -- sections
-def files_read(reading: HistoryReading) -> str:
-    return f"{reading.files_read} of {reading.files} files" if reading.files else "looking for files"
-
-
 def header_lines(state: ViewState, status: ServerStatus, snap: Snapshot | None, screen: Screen) -> list[Line]:
     settings, width = screen.settings, screen.width
     title = pad_between(" ccmon - Claude Code usage monitor", f"v{VERSION} ", width)

@@ -218,8 +218,13 @@ async function poll() {
     }
     render(data);
     lastUpdate = new Date().toLocaleTimeString();
-    setStatus(data.stored_requests ? `updated ${lastUpdate}` : `updated ${lastUpdate}: no Claude Code request has ` +
-              "reached this server yet (point Claude Code's telemetry at it: see ccmon's README)", "good");
+    if (data.history) {  // the local server's first reading of the transcripts: the figures grow till it is done
+      setStatus(`updated ${lastUpdate}; reading history: ${data.history.text}, the figures are partial until it is ` +
+                "done", "good");
+    } else {
+      setStatus(data.stored_requests ? `updated ${lastUpdate}` : `updated ${lastUpdate}: no Claude Code request ` +
+                "has reached this server yet (point Claude Code's telemetry at it: see ccmon's README)", "good");
+    }
   } catch (error) {  // no answer at all
     const since = lastUpdate ? `; the figures are from ${lastUpdate}` : "";
     setStatus(`server unreachable: retrying every ${POLL_MS / 1000} s${since}`, "bad");

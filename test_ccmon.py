@@ -5724,6 +5724,37 @@ def read_document(dom: str) -> Document:
 
 
 @e2e
+def test_dashboard_says_the_local_server_is_still_reading_the_history(tmp_path, chromium):
+    """While the local server's first reading of the transcripts is under way (its QueryService's history_reading),
+    /api/dashboard says how far it is, and the page says so, and that the figures are partial till it is done; then
+    neither does."""
+    store = ccmon.Writer(tmp_path / "ccmon.db")
+    store.write(one_request_batch(1))
+    reading: list[ccmon.HistoryReading | None] = [ccmon.HistoryReading(3, 929)]
+    files = {path: (ROOT / name).read_bytes() for path, (name, _) in ccmon.DASHBOARD_FILES.items()}
+    pages = ccmon.Dashboard(ccmon.Reader(store.path), "", ccmon.ZoneInfo("UTC"), files, "127.0.0.1",
+                            lambda: reading[0]).pages()
+    httpd = ccmon.OTLPHTTPServer(("127.0.0.1", 0), ccmon.Receiver(store), "", 1024 * 1024, pages=pages)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        assert dashboard_api(port)["history"] == {"files_read": 3, "files": 929, "text": "3 of 929 files"}
+        status = read_document(in_browser(chromium, tmp_path, f"http://127.0.0.1:{port}/", "--dump-dom")).texts
+        assert re.fullmatch(r"updated [0-9:]+( [AP]M)?; reading history: 3 of 929 files, the figures are partial until it is "
+                            r"done", status["status"]), status["status"]
+        reading[0] = ccmon.HistoryReading(0, 0)  # the files not listed yet
+        assert dashboard_api(port)["history"]["text"] == "looking for files"
+        reading[0] = None
+        assert dashboard_api(port)["history"] is None
+        status = read_document(in_browser(chromium, tmp_path, f"http://127.0.0.1:{port}/", "--dump-dom")).texts
+        assert re.fullmatch(r"updated [0-9:]+( [AP]M)?", status["status"]), status["status"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        store.close()
+
+
+@e2e
 def test_dashboard_in_chromium_shows_the_servers_figures_exactly(server, chromium, tmp_path):
     seed_web_team(server)
     document = read_document(in_browser(chromium, tmp_path, f"http://127.0.0.1:{server.http_port}/?period=d",
