@@ -2181,11 +2181,14 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
         raise
 
 
+WRITER_BUSY_MS = 2000  # short: a locked database answers exporters "retry later" within 10 s
+
+
 def open_database(path: Path) -> sqlite3.Connection:
     """The write connection to a sound database of the current schema: created at version 1 and brought up to
     date, or upgraded after a backup copy is written beside it. Anything else is a StorageError in one line."""
     try:
-        conn = connect(path, busy_ms=2000)  # short: a locked database answers exporters "retry later" within 10 s
+        conn = connect(path, busy_ms=WRITER_BUSY_MS)
     except sqlite3.Error as exc:  # not a file SQLite can use at all (/proc/self/mem, a device)
         raise StorageError(f"cannot use {path} as ccmon's database: {exc}") from None
     try:
@@ -2454,6 +2457,7 @@ WRITER_CACHE_KIB = 16 * 1024
 # place; a file cut back after each copy had every commit allocate its blocks anew: 8 % of a backfill's rate) and is
 # cut to nothing when it rests.
 WAL_CHECKPOINT_PAGES = 32768
+WAL_HEADER_BYTES, WAL_FRAME_HEADER_BYTES = 32, 24  # SQLite's -wal format: a header, then a header per page
 WRITER_IDLE_S = 0.5  # and it frees its cache then, before the server trims its heap (TRIM_DELAY_S)
 
 
@@ -2466,7 +2470,8 @@ def tune_writer(conn: sqlite3.Connection) -> None:
     conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
     conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    conn.execute(f"PRAGMA journal_size_limit = {WAL_CHECKPOINT_PAGES * page_size}")
+    wal_bytes = WAL_HEADER_BYTES + WAL_CHECKPOINT_PAGES * (WAL_FRAME_HEADER_BYTES + page_size)
+    conn.execute(f"PRAGMA journal_size_limit = {wal_bytes}")
 
 
 def track_request_changes(conn: sqlite3.Connection) -> None:
@@ -2783,12 +2788,11 @@ class Writer:
         conn = self._write_conn
         with contextlib.suppress(sqlite3.Error):  # tried again at the next rest, or by SQLite once the -wal is long
             conn.execute("PRAGMA shrink_memory")
-            busy_ms = conn.execute("PRAGMA busy_timeout").fetchone()[0]
             conn.execute("PRAGMA busy_timeout = 0")
             try:
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
             finally:
-                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                conn.execute(f"PRAGMA busy_timeout = {WRITER_BUSY_MS}")
 
     def _fail_queued(self, first) -> None:
         """Jobs that raced with close(), or outlived its deadline, get an answer instead of waiting forever."""
@@ -3356,10 +3360,38 @@ FAILED_TOOL = "COALESCE(json_extract(attributes, '$.success') IN ('false', 'Fals
 
 
 class ReadConnection(sqlite3.Connection):
-    """A Reader's connection: a class of its own only so that the Reader can hold it by a weak reference (SQLite's
-    own cannot be), closing it with its thread or at close(), whichever comes first."""
+    """A Reader's connection: a class of its own so that the Reader can hold it by a weak reference (Python's
+    sqlite3.Connection cannot be), and count the queries under way on it (see closing_after_queries). It is
+    closed with its thread or at Reader.close(), whichever comes first."""
+    queries = 0
 
 
+def closing_after_queries(cls: type) -> type:
+    """Wrap every public method of the Reader so that its thread's connection counts as in use while it runs:
+    Reader.close() must not close a connection under a query (Python's sqlite3 reads the closed handle once the
+    query's step returns, and the process crashes); the query closes it when it ends."""
+    def wrapped(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def query(self, *args, **kwargs):
+            conn = self._reader()
+            with self._lock:
+                conn.queries += 1
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                with self._lock:
+                    conn.queries -= 1
+                    if self._closed and not conn.queries:
+                        conn.close()
+        return query
+
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and name != "close" and callable(member):  # (its static methods are private)
+            setattr(cls, name, wrapped(member))
+    return cls
+
+
+@closing_after_queries
 class Reader:
     """Queries over the database, each on its thread's own read-only connection (SQLite's WAL lets them run
     while the writer commits)."""
@@ -3379,21 +3411,24 @@ class Reader:
             raise DatabaseMoved(f"the database file the server writes is no longer at its path ({gone}); stop the "
                                 f"server and put the file back at {self.path}: it holds everything acknowledged")
         conn = getattr(self._connections, "conn", None)
-        if conn is None:
-            with self._lock:
-                if self._closed:
-                    raise sqlite3.ProgrammingError("the server is stopping")
-                conn = self._connections.conn = connect(self.path, readonly=True, factory=ReadConnection)
-                self._open.add(conn)
+        if conn is not None and (conn.queries or not self._closed):  # a query under way at close() may finish
+            return conn
+        with self._lock:
+            if self._closed:
+                raise sqlite3.ProgrammingError("the server is stopping")
+            conn = self._connections.conn = connect(self.path, readonly=True, factory=ReadConnection)
+            self._open.add(conn)
         return conn
 
     def close(self) -> None:
-        """Close every thread's connection: at the server's stop, before the writer's, so that the writer's is the
-        last one and SQLite copies the -wal into the database and removes the -wal and -shm files."""
+        """Close every thread's connection (one with a query under way, when that query ends): at the server's stop,
+        before the writer's, so that the writer's is the last one and SQLite copies the -wal into the database and
+        removes the -wal and -shm files."""
         with self._lock:
             self._closed = True
             for conn in list(self._open):
-                conn.close()
+                if not conn.queries:
+                    conn.close()
 
     def _user_filter(self, user: str | None, column: str = "user") -> tuple[str, tuple] | None:
         """The SQL condition for one user's rows: ('', ()) for everyone, None for a user never seen (no rows)."""

@@ -885,6 +885,48 @@ def test_a_stopped_server_leaves_its_database_in_one_file(tmp_path):
     assert db_rows(srv.db, "SELECT COUNT(*) FROM requests") == [(3,)]
 
 
+def test_a_query_under_way_when_the_reader_closes_finishes_and_then_closes_its_connection(tmp_path):
+    """At the stop, a query may still be running on its thread's connection (an RPC past gRPC's grace): closing the
+    connection under it would crash the process (Python's sqlite3 reads the closed handle once the step returns).
+    Reader.close() leaves that connection to the query, which answers and closes it; the idle ones it closes."""
+    db = tmp_path / "closing.db"
+    store = ccmon.Writer(db)
+    assert store.write(one_request_batch(1)) == 1
+    reader = ccmon.Reader(db)
+    idle = reader._reader()  # the main thread's, no query on it
+    inside, closed, answers = threading.Event(), threading.Event(), []
+
+    def query():
+        conn = reader._reader()
+
+        def pause() -> int:  # SQLite calls it within the query's steps
+            conn.set_progress_handler(None, 1)
+            inside.set()
+            closed.wait(30)
+            return 0
+        conn.set_progress_handler(pause, 1)
+        answers.append(reader.totals().requests)
+        answers.append(conn)
+
+    thread = threading.Thread(target=query)
+    thread.start()
+    try:
+        assert inside.wait(30)
+        reader.close()
+        with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
+            idle.execute("SELECT 1")
+    finally:
+        closed.set()
+        thread.join(30)
+    assert answers[0] == 1
+    with pytest.raises(sqlite3.ProgrammingError, match="closed database"):
+        answers[1].execute("SELECT 1")
+    with pytest.raises(sqlite3.ProgrammingError, match="the server is stopping"):
+        reader.totals()
+    store.close()
+    assert sorted(path.name for path in tmp_path.glob("closing.db*")) == ["closing.db"]
+
+
 def decoder_pids(srv: ServerProcess) -> list[int]:
     """The server's child processes: its decoders."""
     return [int(pid) for pid in Path(f"/proc/{srv.proc.pid}/task/{srv.proc.pid}/children").read_text().split()]
@@ -2560,6 +2602,33 @@ def test_a_write_is_answered_only_once_the_wal_is_on_disk(tmp_path, monkeypatch)
     finally:
         disk.set()
         store.close()
+
+
+def test_a_wal_grown_under_an_open_read_is_cut_back_to_its_working_size(tmp_path, monkeypatch):
+    """A read kept open stops the checkpoints from copying the -wal, which grows past WAL_CHECKPOINT_PAGES; once the
+    read ends and the -wal is copied, the next commits start it over and cut the file back to exactly that many
+    pages with their headers (the size it keeps while busy), even when the writer never rests."""
+    monkeypatch.setattr(ccmon, "WAL_CHECKPOINT_PAGES", 50)
+    monkeypatch.setattr(ccmon.Writer, "_rest", lambda self: None)
+    db, wal = tmp_path / "grown.db", tmp_path / "grown.db-wal"
+    store = ccmon.Writer(db)
+    reader = ccmon.connect(db, readonly=True)
+    try:
+        page_size = store.submit(lambda conn: conn.execute("PRAGMA page_size").fetchone()[0]).result(30)
+        working_size = 32 + 50 * (24 + page_size)
+        reader.execute("BEGIN")
+        assert reader.execute("SELECT COUNT(*) FROM requests").fetchone() == (0,)
+        many = ccmon.Batch(requests=[row for n in range(1, 3001) for row in one_request_batch(n).requests])
+        assert store.write(many) == 3000
+        assert wal.stat().st_size > 4 * working_size
+        reader.execute("COMMIT")
+        for n in (3001, 3002):  # the first copies the -wal, the second starts it over
+            assert store.write(one_request_batch(n)) == 1
+        assert wal.stat().st_size == working_size
+    finally:
+        reader.close()
+        store.close()
+    assert db_rows(db, "SELECT COUNT(*) FROM requests") == [(3002,)]
 
 
 def test_the_wal_is_cut_to_nothing_when_the_writer_rests_unless_a_read_still_uses_it(tmp_path, monkeypatch):
