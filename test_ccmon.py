@@ -9715,6 +9715,20 @@ def write_transcript(folder: Path, session: str, lines: list[str], newline_at_en
     return path
 
 
+def test_import_tells_answers_apart_whose_ids_run_together_the_same(server, tmp_path):
+    """An import remembers each answer's message.id and requestId as one string (see answer_key): two answers
+    whose ids, run together, read the same are still two."""
+    folder = tmp_path / "projects"
+    write_transcript(folder, "s-ids", [
+        transcript_line("s-ids", "2026-05-01T10:00:00Z", "2req_x", "msg_1"),
+        transcript_line("s-ids", "2026-05-01T10:01:00Z", "req_x", "msg_12"),
+        transcript_line("s-ids", "2026-05-01T10:01:00.100Z", "req_x", "msg_12")])  # its second block
+    dry = ccmon_import(server, str(folder), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout == "ccmon import (dry run): 1 file read; 2 requests to import; 0 already known; 0 skipped; " \
+                         "1 streaming duplicates counted once; 2 priced by ccmon (estimated)\n"
+
+
 def test_import_counts_every_request_once_and_says_what_it_skipped(server, tmp_path):
     """Streaming duplicates, a synthetic entry, an entry without usage, a line that is not JSON, a truncated last
     line, an unknown model (cost 0, named), a transcript with costUSD (its own cost, not estimated), --since,
