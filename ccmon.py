@@ -49,6 +49,7 @@ import functools
 import hashlib
 import hmac
 import http.client
+import inspect
 import io
 import ipaddress
 import json
@@ -3369,12 +3370,13 @@ class ReadConnection(sqlite3.Connection):
 def closing_after_queries(cls: type) -> type:
     """Wrap every public method of the Reader so that its thread's connection counts as in use while it runs:
     Reader.close() must not close a connection under a query (Python's sqlite3 reads the closed handle once the
-    query's step returns, and the process crashes); the query closes it when it ends."""
+    query's step returns, and the process crashes); the query closes it when it ends. Each call so gets its
+    connection first, and the check that the database is still at its path, even one the cache answers."""
     def wrapped(method: Callable) -> Callable:
         @functools.wraps(method)
         def query(self, *args, **kwargs):
-            conn = self._reader()
-            with self._lock:
+            with self._lock:  # not between close()'s look at the connection and its closing it
+                conn = self._reader()
                 conn.queries += 1
             try:
                 return method(self, *args, **kwargs)
@@ -3386,7 +3388,7 @@ def closing_after_queries(cls: type) -> type:
         return query
 
     for name, member in list(vars(cls).items()):
-        if not name.startswith("_") and name != "close" and callable(member):  # (its static methods are private)
+        if not name.startswith("_") and name != "close" and inspect.isfunction(member):
             setattr(cls, name, wrapped(member))
     return cls
 
@@ -3402,7 +3404,7 @@ class Reader:
         self._bucket_cache = buckets  # the writer's, which knows what changed: without one, nothing is kept
         self._connections = threading.local()
         self._open: weakref.WeakSet[ReadConnection] = weakref.WeakSet()  # every thread's, for close()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # held by a query while it gets its connection, which may open one
         self._closed = False
 
     def _reader(self) -> sqlite3.Connection:
