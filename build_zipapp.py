@@ -90,8 +90,13 @@ def cache_roots():
 
 def private_folder(root):
     """Create root, or accept it only if it is ours and nobody else can write to it: code is imported from it."""
-    import stat
     os.makedirs(root, mode=0o700, exist_ok=True)
+    check_private(root)
+
+
+def check_private(root):
+    """Raise OSError unless root is a plain folder of ours that nobody else can write to."""
+    import stat
     info = os.lstat(root)
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         raise OSError("not a plain folder")
@@ -161,6 +166,8 @@ def unpack(archive, version):
         finally:
             if staging:
                 shutil.rmtree(staging, ignore_errors=True)
+    if sys.argv[1:2] == ["statusline"]:  # Claude Code shows what it prints: never a blank status line
+        print("ccmon: cannot unpack ccmon.pyz (set XDG_CACHE_HOME to a writable folder of your own)")
     sys.exit("ccmon: cannot unpack ccmon.pyz into a cache folder (%s); set XDG_CACHE_HOME to a writable "
              "folder of your own" % "; ".join(problems))
 
@@ -180,6 +187,7 @@ def quick_answer():
         route = None
         for root in cache_roots():
             try:
+                check_private(root)  # a route names the server that gets stdin: from a folder only we can write
                 with open(os.path.join(root, BUILD_ID, ROUTES)) as routes:
                     route = json.load(routes).get(json.dumps(sys.argv[1:]))
                 break
@@ -207,9 +215,16 @@ def quick_answer():
     except Exception:  # a route of another shape, a folder gone, no server: the full run
         put_back_stdin(received)
         return False
-    if answer.get("problem"):
-        sys.stderr.write(str(answer["problem"]).translate(CONTROL_ESCAPES) + "\\n")
-    sys.stdout.write(answer["line"].translate(CONTROL_ESCAPES) + "\\n")
+    try:  # output that cannot be written ends it as ccmon's main() does
+        if answer.get("problem"):
+            sys.stderr.write(str(answer["problem"]).translate(CONTROL_ESCAPES) + "\\n")
+        sys.stdout.write(answer["line"].translate(CONTROL_ESCAPES) + "\\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    except OSError as exc:  # a full disk
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        sys.exit("ccmon: cannot write the output: %s" % exc.strerror)
     return True
 
 

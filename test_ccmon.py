@@ -8120,6 +8120,57 @@ def test_pyz_status_line_takes_the_quick_route_with_the_same_figures(pyz, tmp_pa
             srv.stop()
 
 
+@e2e
+def test_pyz_takes_quick_routes_only_from_a_cache_folder_nobody_else_can_write(pyz, tmp_path):
+    """The bootstrap looks for a quick route in ~/.cache/ccmon, then in $TMPDIR/ccmon-UID. A route names the server
+    that gets the status line's stdin: one in a folder others may write to (anyone can make /tmp/ccmon-UID before
+    its owner does) is not taken, as nothing is unpacked there. Output the quick route cannot write (a full disk, a
+    closed pipe) ends as ccmon's does, in one line; with no cache folder at all, the status line says so."""
+    srv = ServerProcess(tmp_path).start()
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {"HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache"), "TMPDIR": str(temp)}
+    stdin = json.dumps(live_input("s-r"))
+
+    def status_line(stdout=subprocess.PIPE, **changed: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*bare(pyz), "statusline", "--monitor-server", srv.target, "--monitor-statusline-wait",
+                               "20s"], input=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              timeout=60, env={**env, **changed})
+
+    try:
+        full = status_line()
+        assert full.returncode == 0 and full.stdout.startswith("Sonnet 4.5 | ctx 3% | 5h 42% (resets ")
+        [build] = [path for path in (tmp_path / "cache" / "ccmon").iterdir() if path.is_dir()]
+        routes = build / "quick-routes.json"
+        written = json.loads(routes.read_text())
+        with open("/dev/full", "w") as full_disk:
+            no_room = status_line(stdout=full_disk)
+        assert (no_room.returncode, no_room.stderr) == (1, "ccmon: cannot write the output: No space left on device\n")
+        reader, writer = os.pipe()
+        os.close(reader)
+        with os.fdopen(writer, "w") as closed_pipe:
+            assert (status_line(stdout=closed_pipe).returncode, status_line(stdout=closed_pipe).stderr) == (0, "")
+        shared = temp / f"ccmon-{os.getuid()}"
+        (shared / build.name).mkdir(parents=True)
+        with canned_http_server(200, json.dumps({"line": "planted"}).encode()) as planted:
+            (shared / build.name / "quick-routes.json").write_text(json.dumps(
+                {key: {**route, "url": f"http://127.0.0.1:{planted}/api/statusline"} for key, route in written.items()}))
+            taken = []
+            for mode in (0o777, 0o700):  # others may write to it; then only its owner
+                shared.chmod(mode)
+                routes.unlink()
+                taken.append(status_line().stdout)
+        assert taken[0].startswith("Sonnet 4.5 | ctx 3% | 5h 42% (resets ") and taken[1] == "planted\n"
+        (tmp_path / "not-a-folder").write_text("")
+        shared.chmod(0o777)
+        nowhere = status_line(XDG_CACHE_HOME=str(tmp_path / "not-a-folder"))
+        assert nowhere.returncode == 1
+        assert nowhere.stdout == "ccmon: cannot unpack ccmon.pyz (set XDG_CACHE_HOME to a writable folder of your own)\n"
+        assert nowhere.stderr.startswith("ccmon: cannot unpack ccmon.pyz into a cache folder (")
+    finally:
+        srv.stop()
+
+
 def test_a_route_is_not_written_to_what_answers_unlike_ccmon_nor_read_from_unreadable_tls_files(tmp_path):
     """page_answers takes only ccmon's own 400 in JSON: not a body too deeply nested to parse (which ended a full
     status line run with a traceback). A client whose TLS files went away since the configuration was read says
