@@ -7080,6 +7080,14 @@ def format_percent(value: float) -> str:
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
+def valid_text(text: str) -> str:
+    """The text with each lone UTF-16 surrogate as U+FFFD: JSON can escape one (a string cut inside an emoji, a
+    Windows file name), but UTF-8, and so protobuf, SQLite and the terminal, cannot hold it."""
+    if text.isascii():
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def printable(text: str) -> str:
     """Text as it may reach a terminal: each control character as its Python escape (ESC as \\x1b, a newline
     as \\x0a), so that it is seen rather than obeyed. Every text output passes through it."""
@@ -7927,13 +7935,14 @@ def limit_window(data: Any, now: int) -> LimitWindow | None:
         return None
     period = data.get("period")
     return LimitWindow(percent, int(resets * 1000), number_in(data.get("used_usd"), 0, 1e9),
-                       number_in(data.get("limit_usd"), 0, 1e9), period if isinstance(period, str) else "")
+                       number_in(data.get("limit_usd"), 0, 1e9),
+                       valid_text(period) if isinstance(period, str) else "")
 
 
 def text_at(data: dict, *path: str) -> str:
     for key in path:
         data = data.get(key) if isinstance(data, dict) else None
-    return data.strip() if isinstance(data, str) else ""
+    return valid_text(data.strip()) if isinstance(data, str) else ""
 
 
 def reading_from_status_input(data: dict, now: int) -> LimitReading:
@@ -8983,9 +8992,9 @@ def transcript_entry(line: str) -> TranscriptEntry | str | None:
         return FIGURES_OUT_OF_RANGE
     cost = data.get("costUSD")
     return TranscriptEntry(
-        session, ts, model if isinstance(model, str) and model else "unknown", *counts,
-        str(data.get("requestId") or ""), str(message.get("id") or ""),
-        data["cwd"] if isinstance(data.get("cwd"), str) else "",
+        valid_text(session), ts, valid_text(model) if isinstance(model, str) and model else "unknown", *counts,
+        valid_text(str(data.get("requestId") or "")), valid_text(str(message.get("id") or "")),
+        valid_text(data["cwd"]) if isinstance(data.get("cwd"), str) else "",
         repr(cost) if type(cost) in (int, float) and 0 <= cost <= MAX_USD else None,
         usage["inference_geo"] if isinstance(usage.get("inference_geo"), str) else "")
 
@@ -9032,7 +9041,7 @@ class HistoryFile:
 
 
 def text_or_empty(value: Any) -> str:
-    return value if isinstance(value, str) else ""
+    return valid_text(value) if isinstance(value, str) else ""
 
 
 def history_call(file: HistoryFile, ts_text: Any, session: Any, model: Any, figures: Any, request_id: Any = "",

@@ -5167,6 +5167,32 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
 
 
 
+def test_text_utf8_cannot_hold_is_taken_as_a_replacement_character(server, tmp_path):
+    """JSON can escape a lone UTF-16 surrogate (a string cut inside an emoji, a Windows file name), which UTF-8 cannot
+    hold: the status line, the server's page for it and an import take it as U+FFFD (each crashed on it)."""
+    data = {**live_input("s-\ud83d"), "model": {"id": "claude-sonnet-4-5", "display_name": "Sonnet \ud83d"},
+            "workspace": {"project_dir": "/home/dev/pro\ud83dj"}}
+    line = status_line(server.target, data, cwd=tmp_path)
+    assert (line.returncode, line.stderr) == (0, "")
+    assert line.stdout.startswith("Sonnet \ufffd | ctx 3% | 5h 42% (resets ")
+    auth = {"Content-Type": "application/json"}
+    body = {"input": json.dumps({**data, "session_id": "s-page\udc00"}), "template": "@model @project",
+            "timezone": "UTC"}
+    response, answer = web(server.http_port, "/api/statusline", "POST", auth, json.dumps(body).encode())
+    assert (response.status, json.loads(answer)) == (200, {"line": "Sonnet \ufffd pro\ufffdj", "problem": ""})
+    assert db_rows(server.db, "SELECT s.session_id, limit_readings.project FROM limit_readings JOIN sessions s ON "
+                              "s.id = limit_readings.session ORDER BY limit_readings.id") == \
+        [("s-\ufffd", "/home/dev/pro\ufffdj"), ("s-page\ufffd", "/home/dev/pro\ufffdj")]
+    folder = tmp_path / "projects"
+    write_transcript(folder, "s-cut", [transcript_line("s-cut\udbff", "2026-05-01T10:00:00Z", "req_\ud83d", "msg_1",
+                                                       cwd="/home/dev/caf\udce9")])
+    imported = ccmon_import(server, str(folder))
+    assert (imported.returncode, imported.stderr) == (0, "")
+    assert imported.stdout.startswith("ccmon import: 1 file read; 1 request imported; ")
+    assert db_rows(server.db, "SELECT session_id, request_id, s.project FROM r JOIN sessions s USING (session_id)") == \
+        [("s-cut\ufffd", "req_\ufffd", "/home/dev/caf\ufffd")]
+
+
 def test_status_line_reads_one_object_from_stdin_left_open(tmp_path):
     """Claude Code's JSON is parsed once it is whole, whether or not stdin is closed after it."""
     proc = subprocess.Popen([*CCMON, "statusline", "--monitor-server", "127.0.0.1:9"], stdin=subprocess.PIPE,
