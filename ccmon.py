@@ -1321,6 +1321,8 @@ Config = dataclasses.make_dataclass("Config", [
     ("pricing", tuple, ()),               # [pricing]: (model, Price) added to or overriding PRICES
     ("figure_settings", tuple, ()),       # (key, value as written) of the time and limits settings other than
                                           # their defaults: what a server needs to work out this client's figures
+    ("server_flags", tuple, ()),          # (Setting, value as written, files made absolute) of the server
+                                          # settings given as flags: what a server this client starts gets too
 ], bases=(ConfigViews,), frozen=True)
 FIGURE_SCOPES = ("time", "limits")
 
@@ -1538,6 +1540,9 @@ def validate_config(values: dict[str, Any], origin: dict[str, str], source: str)
         pricing=parse_pricing(values.get("pricing", {}), origin.get("pricing", "[pricing]")),
         figure_settings=tuple((setting.key, values[setting.key]) for setting in SETTINGS
                               if setting.scope in FIGURE_SCOPES and values[setting.key] != setting.default),
+        server_flags=tuple((setting, os.path.abspath(read[setting.key]) if isinstance(read[setting.key], Path)
+                            else values[setting.key]) for setting in SETTINGS
+                           if setting.scope == "server" and origin[setting.key] == setting.label),
     )
 
 
@@ -9785,11 +9790,19 @@ def start_detached_server(config: Config) -> tuple[Any, int]:
     log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     descriptor = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     offset = os.fstat(descriptor).st_size
+    # It runs in its log's folder: the files it is named are named whole. A setting with a variable goes by it
+    # (a token is not shown to `ps` for as long as the server runs).
     command = [sys.executable, str(program_path()), "--server"]
-    command += ["--config", config.source] if config.source != "defaults" else []
+    command += ["--config", os.path.abspath(config.source)] if config.source != "defaults" else []
+    environment = dict(os.environ)
+    for setting, value in config.server_flags:
+        if setting.env:
+            environment[setting.env] = value
+        else:
+            command += [setting.options[-1], value]
     try:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=descriptor, stderr=descriptor,
-                                   close_fds=True, start_new_session=True, cwd=log_path.parent)
+                                   close_fds=True, start_new_session=True, cwd=log_path.parent, env=environment)
     except OSError as exc:
         raise ServerError(f"cannot start the local server: {exc.strerror or exc}") from None
     finally:

@@ -701,7 +701,7 @@ def test_a_setting_is_declared_once():
     """Every Config field but the few made of several settings is one setting's; every setting is a flag of
     ccmon and of each command that reads its scope, and nowhere else."""
     derived = {"server_tls", "monitor_tls", "source", "monitor_server_given", "pricing",
-               "figure_settings"}
+               "figure_settings", "server_flags"}
     fields = {field.name for field in dataclasses.fields(ccmon.Config)}
     assert fields - derived == {s.field for s in ccmon.SETTINGS if s.field}
     assert set(ccmon.COMMAND_SCOPES) == set(ccmon.COMMAND_PARSERS)
@@ -10778,6 +10778,28 @@ def stop_local_servers(home: Path) -> None:
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not local_server_pids(home), "the local servers to stop", timeout=20)
+
+
+def test_a_client_starts_the_local_server_with_its_own_config_and_server_flags(tmp_path):
+    """The local server a client starts runs in its log's folder: it is given the client's --config and the server
+    settings the client was given as flags, their files named whole (a relative --config was not found, and
+    flags were dropped: the server took the default database and address, and the client waited 20 s for it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    work = tmp_path / "work"
+    (work / "cfg").mkdir(parents=True)
+    (work / "cfg" / "local.toml").write_text('[server]\nhttp_address = "off"\n')
+    try:
+        first = run_ccmon(["--json", "--config", "cfg/local.toml", "--database-path", "data/x.db",
+                           "--server-address", f"127.0.0.1:{port}"], work, env={"HOME": str(tmp_path)})
+        running = json.loads((work / "data" / "x.pid").read_text())
+        assert (first.returncode, first.stderr) == (0, f"ccmon: local server started, pid {running['pid']}\n")
+        assert json.loads(first.stdout)["monthly_cost"] == 0.0
+        assert (running["address"], running["http_address"]) == (f"127.0.0.1:{port}", "")
+        assert (work / "data" / "x.db").is_file() and not (tmp_path / ".ccmon" / "ccmon.db").exists()
+    finally:
+        stop_local_servers(tmp_path)
 
 
 def test_a_client_starts_the_local_server_which_keeps_running_and_server_stops_it(tmp_path):
