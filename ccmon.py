@@ -8920,8 +8920,9 @@ OTEL_RESOURCE_ENV = "OTEL_RESOURCE_ATTRIBUTES"
 NAMED_PER_REASON = 10  # lines named (file:line) for each reason they are skipped; the rest are counted
 FIGURES_OUT_OF_RANGE = "figures out of range"
 LIMITS_OUT_OF_RANGE = "limits out of range"  # a Codex limit reading the server would refuse (a share over 100 %)
-NAMED_REASONS = {"not JSON", FIGURES_OUT_OF_RANGE, LIMITS_OUT_OF_RANGE}  # the skip reasons that are damage, not
-# Claude Code's own entries
+DATED_AHEAD = "dated in the future"  # further ahead than FUTURE_TOLERANCE_MS: no answer has come from there yet
+# the skip reasons that are damage, not Claude Code's own entries
+NAMED_REASONS = {"not JSON", FIGURES_OUT_OF_RANGE, LIMITS_OUT_OF_RANGE, DATED_AHEAD}
 # message.id and requestId as Claude Code writes an assistant line: a streamed answer's next lines are known
 # duplicates without parsing them (JSON escapes the quotes of any such text inside a message)
 ANSWER_IDS = re.compile(r'"message":\{"id":"([^"\\]*)".*"requestId":"([^"\\]*)"')
@@ -9433,6 +9434,9 @@ class Importer:
             self.tally.duplicates += 1
             return
         self.seen.add(key)
+        if found.ts_ms > now_ms() + FUTURE_TOLERANCE_MS:  # it would be the newest request for years
+            self.skip(DATED_AHEAD, f"{path}:{number}")
+            return
         if self.since_ms is not None and found.ts_ms < self.since_ms:
             self.tally.before_since += 1
             return

@@ -9820,6 +9820,22 @@ def test_import_tells_answers_apart_whose_ids_run_together_the_same(server, tmp_
                          "1 streaming duplicates counted once; 2 priced by ccmon (estimated)\n"
 
 
+def test_import_skips_answers_dated_in_the_future(server, tmp_path):
+    """A transcript line dated further ahead than the clocks' drift allows is damage: stored, it was the newest
+    request for years (the quick query's current session). A few minutes ahead is a clock's drift: imported."""
+    folder = tmp_path / "projects"
+    soon = ccmon.iso_from_ms(ccmon.now_ms() + 60_000)
+    path = write_transcript(folder, "s-f", [transcript_line("s-f", "2026-05-01T10:00:00Z", "req_f1", "msg_f1"),
+                                            transcript_line("s-f", "9999-12-31T23:59:59Z", "req_f2", "msg_f2"),
+                                            transcript_line("s-f", soon, "req_f3", "msg_f3")])
+    imported = ccmon_import(server, str(folder))
+    assert (imported.returncode, imported.stdout) == (0, "ccmon import: 1 file read; 2 requests imported; 0 already "
+                                                         "known; 1 skipped (1 dated in the future); 2 priced by ccmon "
+                                                         "(estimated)\n")
+    assert f"ccmon import: dated in the future: {path}:2" in imported.stderr
+    assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_f1",), ("req_f3",)]
+
+
 def test_import_counts_every_request_once_and_says_what_it_skipped(server, tmp_path):
     """Streaming duplicates, a synthetic entry, an entry without usage, a line that is not JSON, a truncated last
     line, an unknown model (cost 0, named), a transcript with costUSD (its own cost, not estimated), --since,
