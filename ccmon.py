@@ -996,7 +996,10 @@ def read_text(value: Any) -> str:
 
 
 def read_path(value: Any) -> Path:
-    return Path(read_text(value)).expanduser()
+    text = read_text(value)
+    if "\0" in text:  # a file name cannot hold one (os.open refuses it)
+        raise ValueError(f"a path cannot hold a NUL character, got {text!r}")
+    return Path(text).expanduser()
 
 
 def read_address(value: Any) -> str:
@@ -1370,17 +1373,26 @@ def config_file_candidates(explicit: str | None, search_cwd: bool) -> list[Path]
     return [folder / name for folder in folders for name in CONFIG_NAMES]
 
 
+def is_config_file(path: Path) -> bool:
+    """Whether a file is there; a place that cannot even be looked at (a HOME without permission) is a config
+    error, not a traceback."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise ConfigError(f"cannot look for a config file at {path}: {exc.strerror}") from None
+
+
 def config_file_data(explicit: str | None, search_cwd: bool = True) -> tuple[Path | None, dict]:
     """The config file and its contents: --config, else ./config.* when it is ccmon's (and `search_cwd`), else
     ~/.ccmon/config.*. A file in the current folder with none of ccmon's sections belongs to some other tool
     (a site generator's config.toml, an app's config.json): it is passed over, so ccmon works in every folder."""
     if explicit:
         path, = config_file_candidates(explicit, search_cwd)
-        if not path.is_file():
+        if not is_config_file(path):
             raise ConfigError(f"--config: no such file: {path}")
         return path, read_config_file(path)
     for path in config_file_candidates(None, search_cwd):
-        if not path.is_file():
+        if not is_config_file(path):
             continue
         if path.parent != Path.cwd():
             return path, read_config_file(path)

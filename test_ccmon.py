@@ -540,6 +540,8 @@ FILE_ERRORS = [
     ("config.json", '{"a":' * 100_000 + '1' + '}' * 100_000,
      "{path}: nested too deeply to be a ccmon config (it has sections of settings)"),
     ("config.toml", '[monitor]\ntls_ca = true\n', "{path}: monitor.tls_ca: expected a file path, got True"),
+    ("config.toml", '[database]\npath = "db\\u0000"\n',
+     "{path}: database.path: a path cannot hold a NUL character, got 'db\\x00'"),
 ]
 
 
@@ -553,6 +555,17 @@ def test_config_file_errors(name, content, message, tmp_path, monkeypatch, capsy
     code, err = run_main(["--server"], capsys)
     assert code == 2
     assert err.startswith("ccmon: config error: " + message.format(path=path))
+
+
+def test_a_home_where_no_config_file_can_be_looked_for_is_a_config_error(tmp_path, monkeypatch, capsys):
+    """A HOME ccmon may not look into (another user's, without permission; here a name longer than the system
+    takes, which root cannot look into either) is said in one line: it ended in a traceback."""
+    monkeypatch.chdir(tmp_path)
+    home = "/" + "h" * 5000
+    monkeypatch.setenv("HOME", home)
+    code, err = run_main(["--server"], capsys)
+    assert (code, err) == (2, f"ccmon: config error: cannot look for a config file at {home}/.ccmon/config.toml: "
+                              "File name too long\n")
 
 
 @pytest.mark.parametrize("name,content", [
