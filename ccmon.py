@@ -5405,6 +5405,19 @@ class OTLPHandler(BaseHTTPRequestHandler):
             answer = text_answer(500, "internal error: the server's log says more")
         finally:
             self.server.inflight.release()
+        self._answer(answer)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """What http.server refuses by itself is answered as ccmon answers, never with its HTML page: a method it
+        has no do_ for (TRACE, CONNECT, made up) as every method a page or an export route does not take (405 and
+        what is allowed), the rest (a request line too long, bad syntax) in plain text with the pages' headers."""
+        if code == 501 and self.command and self.path.startswith("/"):
+            self.do_GET()
+            return
+        self.close_connection = True
+        self._answer(text_answer(code, message or http.HTTPStatus(code).phrase))
+
+    def _answer(self, answer: PageAnswer) -> None:
         self.send_response(answer.status)
         self.send_header("Content-Type", answer.content_type)
         self.send_header("Content-Length", str(len(answer.body)))

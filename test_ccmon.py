@@ -5651,7 +5651,9 @@ def test_dashboard_pages_headers_methods_and_bad_requests(server):
         ("DELETE", "/api/dashboard", 405, "DELETE is not supported here; use GET, HEAD", "GET, HEAD"),
         ("POST", "/api/dashboard", 405, "POST is not supported here; use GET, HEAD", "GET, HEAD"),
         ("GET", "/login", 405, "GET is not supported here; use POST", "POST"),
-    ]
+        ("TRACE", "/", 405, "TRACE is not supported here; use GET, HEAD", "GET, HEAD"),  # methods http.server
+        ("MADEUP", "/api/dashboard", 405, "MADEUP is not supported here; use GET, HEAD", "GET, HEAD"),  # has no do_
+    ]                                                                                 # for: its HTML 501 page before
     for method, path, status, message, allow in refusals:
         response, data = web(server.http_port, path, method=method, body=b"x" if method == "POST" else None)
         assert (response.status, data.decode(), response.getheader("Allow")) == (status, message + "\n", allow), path
@@ -5659,6 +5661,9 @@ def test_dashboard_pages_headers_methods_and_bad_requests(server):
     response, data = web(server.http_port, "/v1/logs")  # the OTLP paths answer as before
     assert (response.status, response.getheader("Allow")) == (405, "POST")
     assert json.loads(data)["message"] == "GET is not supported; OTLP/HTTP exports use POST"
+    [(status, headers, data)] = raw_http(server.http_port, b"GET /?project=" + b"x" * 70_000 + b" HTTP/1.1\r\n\r\n")
+    assert (status, headers["content-type"], headers["content-security-policy"], data) == \
+        (414, "text/plain; charset=utf-8", PAGE_CSP, b"Request-URI Too Long\n")
     bad = [("?period=x", "period 'x' is none of h, d, w, m, a, b (last hour, last 24 hours, last 7 days, last 30 days, "
                          "all time, current block)"),
            ("?tz=Mars/Olympus", "unknown timezone 'Mars/Olympus'"),
