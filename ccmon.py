@@ -2666,6 +2666,7 @@ class Writer:
 
     def __init__(self, path: Path, queue_size: int = 256, prices: dict[str, Price] | None = None):
         self.path, self.prices = path, prices  # prices: [pricing], for the other agents' metrics
+        self._new_folders = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._file = DatabaseFile(path)
@@ -2700,11 +2701,15 @@ class Writer:
         self._writer.start()
 
     def remove_if_new(self) -> None:
-        """After a start that failed: a database this start created leaves nothing behind."""
+        """After a start that failed: a database this start created leaves nothing behind, nor do the folders it
+        made for it (while empty: a local server's log may be there)."""
         if self._file.created:
             real = Path(os.path.realpath(self.path))
             for suffix in ("", "-wal", "-shm", "-journal"):
                 real.with_name(real.name + suffix).unlink(missing_ok=True)
+        for folder in self._new_folders:  # the deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def moved(self) -> str:
         """'' while the database file is at its path, else what happened to it (see DatabaseFile.moved)."""
