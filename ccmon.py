@@ -6878,10 +6878,6 @@ def limit_figures(client: Client, query: LimitQuery, zone: ZoneInfo, user: str |
     limit (calibrated, learned, configured or the plan's) and the week (Claude's when read, else rolling)."""
     now = query.now_ms
     claude = client.limits(user, now)
-    readers = {reading.user for reading in (claude.five_hour, claude.seven_day) if reading is not None}
-    if user is None and len(readers) == 1 and "" not in readers:  # everyone's live windows are one user's (as
-        user = readers.pop()  # GetLimits gives them): the usage in them, and their capacity, is that user's alone
-        claude = client.limits(user, now)
     five, seven = claude.window("five_hour", now), claude.window("seven_day", now)
     calibrated = claude.five_hour_capacity if query.learn else None
     learn = query.learn and calibrated is None

@@ -5182,20 +5182,6 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
 
 
 
-def test_claudes_week_on_a_team_server_counts_the_usage_of_the_user_it_was_read_for(server, tmp_path):
-    """Claude's windows are one subscription's: where everyone's live readings are one user's, the week's usage
-    against its calibrated capacity is that user's tokens, not the whole team's (10 % of the week showed as 100 %)."""
-    sdk_export(server.port, [("api_request", {**api_request(1, earlier_today(0.1), session="s-a", input_tokens=6000,
-                                                            output_tokens=4000), "user.email": "a@example.com"}),
-                             ("api_request", {**api_request(1, earlier_today(0.1), session="s-b", input_tokens=60_000,
-                                                            output_tokens=30_000), "user.email": "b@example.com"})])
-    data = live_input("s-a")  # the week at 20.5 %
-    shown = status_line(server.target, data, "--format", "@weekly_usage | @seven_day", cwd=tmp_path)
-    assert (shown.returncode, shown.stdout) == (0, "21% | 21%\n"), shown.stderr
-    quick = run_ccmon(["--json", "--monitor-server", server.target], tmp_path)
-    assert round(json.loads(quick.stdout)["weekly_usage"], 1) == 20.5
-
-
 def test_text_utf8_cannot_hold_is_taken_as_a_replacement_character(server, tmp_path):
     """JSON can escape a lone UTF-16 surrogate (a string cut inside an emoji, a Windows file name), which UTF-8 cannot
     hold: the status line, the server's page for it and an import take it as U+FFFD (each crashed on it)."""
