@@ -1325,7 +1325,8 @@ Config = dataclasses.make_dataclass("Config", [
     ("figure_settings", tuple, ()),       # (key, value as written) of the time and limits settings other than
                                           # their defaults: what a server needs to work out this client's figures
     ("server_flags", tuple, ()),          # (Setting, value as written, files made absolute) of the server
-                                          # settings given as flags: what a server this client starts gets too
+                                          # settings given as flags, or naming a file relative to the folder
+                                          # the client runs in: what a server this client starts gets too
 ], bases=(ConfigViews,), frozen=True)
 FIGURE_SCOPES = ("time", "limits")
 
@@ -1554,7 +1555,8 @@ def validate_config(values: dict[str, Any], origin: dict[str, str], source: str)
                               if setting.scope in FIGURE_SCOPES and values[setting.key] != setting.default),
         server_flags=tuple((setting, os.path.abspath(read[setting.key]) if isinstance(read[setting.key], Path)
                             else values[setting.key]) for setting in SETTINGS
-                           if setting.scope == "server" and origin[setting.key] == setting.label),
+                           if setting.scope == "server" and (origin[setting.key] == setting.label or isinstance(
+                               read[setting.key], Path) and not read[setting.key].is_absolute())),
     )
 
 
@@ -2666,11 +2668,13 @@ class Writer:
 
     def __init__(self, path: Path, queue_size: int = 256, prices: dict[str, Price] | None = None):
         self.path, self.prices = path, prices  # prices: [pricing], for the other agents' metrics
-        self._new_folders = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+        self._new_folders: list[Path] = []
         try:
+            self._new_folders = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._file = DatabaseFile(path)
         except OSError as exc:
+            self._remove_new_folders()
             raise StorageError(f"cannot use the database folder {path.parent}: {exc.strerror}") from None
         try:
             # State of the writer thread alone: the write connection, interned ids, the failure streak.
@@ -2707,7 +2711,10 @@ class Writer:
             real = Path(os.path.realpath(self.path))
             for suffix in ("", "-wal", "-shm", "-journal"):
                 real.with_name(real.name + suffix).unlink(missing_ok=True)
-        for folder in self._new_folders:  # the deepest first
+        self._remove_new_folders()
+
+    def _remove_new_folders(self) -> None:
+        for folder in self._new_folders:  # the deepest first; one holding anything stays
             with contextlib.suppress(OSError):
                 folder.rmdir()
 
@@ -8946,7 +8953,8 @@ OTEL_RESOURCE_ENV = "OTEL_RESOURCE_ATTRIBUTES"
 NAMED_PER_REASON = 10  # lines named (file:line) for each reason they are skipped; the rest are counted
 FIGURES_OUT_OF_RANGE = "figures out of range"
 LIMITS_OUT_OF_RANGE = "limits out of range"  # a Codex limit reading the server would refuse (a share over 100 %)
-DATED_AHEAD = "dated in the future"  # further ahead than FUTURE_TOLERANCE_MS: no answer has come from there yet
+DATED_AHEAD = "dated in the future"  # more than DATED_AHEAD_MS ahead: no answer has come from there yet
+DATED_AHEAD_MS = DAY_MS  # no clock is that wrong, or stepped back that far under --follow; a damaged date can be
 # the skip reasons that are damage, not Claude Code's own entries
 NAMED_REASONS = {"not JSON", FIGURES_OUT_OF_RANGE, LIMITS_OUT_OF_RANGE, DATED_AHEAD}
 # message.id and requestId as Claude Code writes an assistant line: a streamed answer's next lines are known
@@ -9460,7 +9468,7 @@ class Importer:
             self.tally.duplicates += 1
             return
         self.seen.add(key)
-        if found.ts_ms > now_ms() + FUTURE_TOLERANCE_MS:  # it would be the newest request for years
+        if found.ts_ms > now_ms() + DATED_AHEAD_MS:  # it would be the newest request for years
             self.skip(DATED_AHEAD, f"{path}:{number}")
             return
         if self.since_ms is not None and found.ts_ms < self.since_ms:

@@ -1595,6 +1595,11 @@ def test_files_are_private_and_a_failed_start_leaves_none(server, tmp_path):
                         str(fresh / "ccmon.db")], tmp_path)
     assert result.returncode == 1 and "the port is in use" in result.stderr
     assert not fresh.exists()  # nor the folder it made for the database
+    too_long = tmp_path / "made" / ("h" * 300) / "ccmon.db"  # a folder it cannot even look for
+    result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--database-path", str(too_long)], tmp_path)
+    assert (result.returncode, result.stderr) == (1, f"ccmon: cannot use the database folder {too_long.parent}: "
+                                                     "File name too long\n")
+    assert not (tmp_path / "made").exists()
     made = ccmon.Writer(fresh / "ccmon.db")  # one made for a database that is kept is the owner's alone
     made.close()
     assert fresh.stat().st_mode & 0o777 == 0o700
@@ -9827,10 +9832,10 @@ def test_import_tells_answers_apart_whose_ids_run_together_the_same(server, tmp_
 
 
 def test_import_skips_answers_dated_in_the_future(server, tmp_path):
-    """A transcript line dated further ahead than the clocks' drift allows is damage: stored, it was the newest
-    request for years (the quick query's current session). A few minutes ahead is a clock's drift: imported."""
+    """A transcript line dated more than a day ahead is damage: stored, it was the newest request for years (the
+    quick query's current session). Hours ahead may be a clock's error, or one stepped back: imported."""
     folder = tmp_path / "projects"
-    soon = ccmon.iso_from_ms(ccmon.now_ms() + 60_000)
+    soon = ccmon.iso_from_ms(ccmon.now_ms() + 20 * 3600_000)
     path = write_transcript(folder, "s-f", [transcript_line("s-f", "2026-05-01T10:00:00Z", "req_f1", "msg_f1"),
                                             transcript_line("s-f", "9999-12-31T23:59:59Z", "req_f2", "msg_f2"),
                                             transcript_line("s-f", soon, "req_f3", "msg_f3")])
@@ -10818,17 +10823,18 @@ def stop_local_servers(home: Path) -> None:
 
 def test_a_client_starts_the_local_server_with_its_own_config_and_server_flags(tmp_path):
     """The local server a client starts runs in its log's folder: it is given the client's --config and the server
-    settings the client was given as flags, their files named whole (a relative --config was not found, and
-    flags were dropped: the server took the default database and address, and the client waited 20 s for it)."""
+    settings the client was given as flags, the files they name (a relative database.path of the file too) named
+    whole. A relative --config was not found, flags were dropped (the server took the default address, and the
+    client waited 20 s for it), and a relative database.path was taken from the log's folder."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     work = tmp_path / "work"
     (work / "cfg").mkdir(parents=True)
-    (work / "cfg" / "local.toml").write_text('[server]\nhttp_address = "off"\n')
+    (work / "cfg" / "local.toml").write_text('[server]\nhttp_address = "off"\n[database]\npath = "data/x.db"\n')
     try:
-        first = run_ccmon(["--json", "--config", "cfg/local.toml", "--database-path", "data/x.db",
-                           "--server-address", f"127.0.0.1:{port}"], work, env={"HOME": str(tmp_path)})
+        first = run_ccmon(["--json", "--config", "cfg/local.toml", "--server-address", f"127.0.0.1:{port}"], work,
+                          env={"HOME": str(tmp_path)})
         running = json.loads((work / "data" / "x.pid").read_text())
         assert (first.returncode, first.stderr) == (0, f"ccmon: local server started, pid {running['pid']}\n")
         assert json.loads(first.stdout)["monthly_cost"] == 0.0
