@@ -999,6 +999,10 @@ def read_path(value: Any) -> Path:
     text = read_text(value)
     if "\0" in text:  # a file name cannot hold one (os.open refuses it)
         raise ValueError(f"a path cannot hold a NUL character, got {text!r}")
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:  # a lone surrogate a JSON or YAML file can escape
+        raise ValueError(f"not a file name this system can use: {text!r}") from None
     return Path(text).expanduser()
 
 

@@ -542,6 +542,8 @@ FILE_ERRORS = [
     ("config.toml", '[monitor]\ntls_ca = true\n', "{path}: monitor.tls_ca: expected a file path, got True"),
     ("config.toml", '[database]\npath = "db\\u0000"\n',
      "{path}: database.path: a path cannot hold a NUL character, got 'db\\x00'"),
+    ("config.json", '{"database": {"path": "db\\ud800"}}',
+     "{path}: database.path: not a file name this system can use: 'db\\ud800'"),
 ]
 
 
