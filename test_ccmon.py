@@ -8202,7 +8202,8 @@ def test_pyz_takes_quick_routes_only_from_a_cache_folder_nobody_else_can_write(p
         reader, writer = os.pipe()
         os.close(reader)
         with os.fdopen(writer, "w") as closed_pipe:
-            assert (status_line(stdout=closed_pipe).returncode, status_line(stdout=closed_pipe).stderr) == (0, "")
+            no_reader = status_line(stdout=closed_pipe)
+        assert (no_reader.returncode, no_reader.stderr) == (0, "")
         shared = temp / f"ccmon-{os.getuid()}"
         (shared / build.name).mkdir(parents=True)
         with canned_http_server(200, json.dumps({"line": "planted"}).encode()) as planted:
