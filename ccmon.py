@@ -8996,6 +8996,10 @@ class TranscriptEntry:
         return answer_key(self.message_id, self.request_id)
 
 
+def text_or_empty(value: Any) -> str:
+    return valid_text(value) if isinstance(value, str) else ""
+
+
 def token_count(usage: dict, key: str) -> int | None:
     """A token count of the usage: 0 when absent, None when it is no count the server stores (one call's)."""
     value = usage.get(key)
@@ -9040,9 +9044,9 @@ def transcript_entry(line: str) -> TranscriptEntry | str | None:
         return FIGURES_OUT_OF_RANGE
     cost = data.get("costUSD")
     return TranscriptEntry(
-        valid_text(session), ts, valid_text(model) if isinstance(model, str) and model else "unknown", *counts,
+        valid_text(session), ts, text_or_empty(model) or "unknown", *counts,
         valid_text(str(data.get("requestId") or "")), valid_text(str(message.get("id") or "")),
-        valid_text(data["cwd"]) if isinstance(data.get("cwd"), str) else "",
+        text_or_empty(data.get("cwd")),
         repr(cost) if type(cost) in (int, float) and 0 <= cost <= MAX_USD else None,
         usage["inference_geo"] if isinstance(usage.get("inference_geo"), str) else "")
 
@@ -9086,10 +9090,6 @@ class HistoryFile:
     session_id: str = ""
     model: str = ""
     project: str = ""
-
-
-def text_or_empty(value: Any) -> str:
-    return valid_text(value) if isinstance(value, str) else ""
 
 
 def history_call(file: HistoryFile, ts_text: Any, session: Any, model: Any, figures: Any, request_id: Any = "",
