@@ -9361,7 +9361,6 @@ class TranscriptFiles:
 
 @dataclasses.dataclass
 class ImportTally:
-    files: int = 0
     entries: int = 0        # assistant messages with usage, once each
     imported: int = 0
     known: int = 0
@@ -9376,6 +9375,11 @@ class ImportTally:
 
     def of_agent(self, agent: str) -> list[int]:
         return self.agents.setdefault(agent, [0, 0, 0])
+
+    @property
+    def files(self) -> int:
+        """The files read (up to an error, if any), every agent's."""
+        return sum(files for files, _, _ in self.agents.values())
 
 
 def import_summary(tally: ImportTally, dry_run: bool) -> str:
@@ -9440,9 +9444,6 @@ class Importer:
     def add(self, lines: Iterable[tuple[int, str | None, bool]], path: Path | str) -> None:
         """A file's lines, as TranscriptFiles.lines reads them."""
         agent = history_agent(Path(path), self.roots)
-        if Path(path) not in self.files_read:
-            self.files_read.add(Path(path))
-            self.tally.of_agent(agent)[0] += 1
         if agent != CLAUDE_CODE:
             self.add_history(lines, path, self.histories.setdefault(Path(path), HistoryFile(agent)))
             return
@@ -9515,9 +9516,18 @@ class Importer:
         try:
             self.add(files.lines(path, final), path)
         except OSError as exc:
+            if path in files.positions:  # its lines up to the error are read
+                self.count_file(path)
             self.unreadable_path(path, exc.strerror or str(exc), "unreadable file")
             return
+        self.count_file(path)
         self.show_progress()
+
+    def count_file(self, path: Path) -> None:
+        """Count a file among those read, once."""
+        if path not in self.files_read:
+            self.files_read.add(path)
+            self.tally.of_agent(history_agent(path, self.roots))[0] += 1
 
     def unreadable_path(self, path: Path, reason: str, kind: str) -> None:
         if path not in self.unreadable:  # named once, however often --follow tries again
@@ -9651,7 +9661,6 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
     try:
         paths = importer.transcript_paths(files)
         for path in paths:
-            importer.tally.files += 1
             importer.add_file(files, path, final=not args.follow)
             importer.show_progress(len(paths))
             if stop.is_set():
@@ -9660,7 +9669,6 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
         importer.show_progress(done=True)
         failing = False
         while args.follow and not stop.wait(FOLLOW_POLL_S):
-            before = len(files.positions)
             try:
                 for path in importer.transcript_paths(files):
                     importer.add_file(files, path, final=False)
@@ -9670,7 +9678,6 @@ def run_import(config: Config, args: argparse.Namespace, environ: dict[str, str]
                 if not failing:
                     print(f"ccmon import: {exc}; retrying", file=sys.stderr)
                 failing = True
-            importer.tally.files += len(files.positions) - before
     except ServerUnreachable as exc:
         importer.show_progress(done=True)
         failure = exc

@@ -10019,7 +10019,7 @@ def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_pat
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert out == "ccmon import: 3 files read; 3 requests imported; 0 already known; 1 skipped (1 unreadable file); " \
+    assert out == "ccmon import: 2 files read; 3 requests imported; 0 already known; 1 skipped (1 unreadable file); " \
                   "3 priced by ccmon (estimated)\n"
     assert err == f"ccmon import: unreadable: {path.parent / 'not-a-file.jsonl'} (not a regular file: a folder)\n"
     assert db_rows(server.db, "SELECT request_id FROM r ORDER BY ts") == [("req_l1",), ("req_l2",), ("req_l3",)]
@@ -10385,7 +10385,7 @@ def test_import_progress_is_drawn_on_one_line():
     shown = io.StringIO()
     importer = ccmon.Importer(Counting(), ccmon.load_config(ccmon.build_import_parser().parse_args([])), "", None,
                               False, shown)
-    importer.tally.files = 3
+    importer.tally.of_agent(ccmon.CLAUDE_CODE)[0] = 3  # files read
     importer.add([(n, transcript_line("s", "2026-05-01T10:00:00Z", f"req_{n}", f"msg_{n}"), True) for n in range(7)],
                  "s.jsonl")
     importer.show_progress(10)
@@ -10546,7 +10546,7 @@ def test_import_skips_what_it_cannot_read_and_goes_on(server, tmp_path):
     finally:
         remove_deep_folders(folder / "d")  # shutil.rmtree, and so pytest's cleanup, recurses
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "ccmon import: 3 files read; 3 requests imported; 0 already known; 4 skipped (2 figures " \
+    assert result.stdout == "ccmon import: 2 files read; 3 requests imported; 0 already known; 4 skipped (2 figures " \
                             "out of range, 1 not JSON, 1 unreadable file); 3 priced by ccmon (estimated)\n"
     assert result.stderr.splitlines() == [
         f"ccmon import: unreadable: {path.parent / 'fifo.jsonl'} (not a regular file: a FIFO)",
