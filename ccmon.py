@@ -5394,8 +5394,9 @@ class OTLPHandler(BaseHTTPRequestHandler):
         log.debug("http %s %s", self.address_string(), fmt % args)
 
     def do_POST(self) -> None:
-        if urlsplit(self.path).path in self.server.pages:
-            self._page()
+        path = urlsplit(self.path).path
+        if path in self.server.pages or path not in HTTP_ROUTES and self._content_type() not in (PROTOBUF, JSON):
+            self._page()  # a page's, or no exporter's (a form, curl -d): answered as pages are, in plain text
             return
         self.server.inflight.acquire()
         try:
@@ -5469,8 +5470,11 @@ class OTLPHandler(BaseHTTPRequestHandler):
         return methods[method](PageRequest(method, parts.path, parts.query, self.headers, body,
                                            isinstance(self.connection, ssl.SSLSocket), self.client_address[0]))
 
+    def _content_type(self) -> str:
+        return (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+
     def _export(self) -> None:
-        content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        content_type = self._content_type()
         reply_json = content_type == JSON
         try:
             path = urlsplit(self.path).path

@@ -3808,6 +3808,11 @@ def test_http_receiver_status_codes_and_bodies(server):
         got_code, got_message = status_of(data, as_json)
         assert got_code == code and got_message.startswith(message), (kwargs, got_message)
     assert http_post(server.http_port, method="GET")[0].getheader("Allow") == "POST"
+    # no exporter's (a form, curl -d) to a path that is no route: told in plain text, as a page is
+    response, data = http_post(server.http_port, body=b"a=1", path="/v1/profile",
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert (response.status, response.getheader("Content-Type"), data) == \
+        (404, "text/plain; charset=utf-8", b"no such page '/v1/profile'; the dashboard is at /\n")
     assert stats(server).total_requests == 3
 
 
