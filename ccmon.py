@@ -2013,6 +2013,14 @@ def sum_rollups_per_transaction(conn: sqlite3.Connection) -> None:
         conn.execute(f"DROP TRIGGER {table}_delete")
 
 
+def drop_session_request_index(conn: sqlite3.Connection) -> None:
+    """Version 15: an import finds the request_ids its sessions have stored by reading each session's rows once per
+    chunk (see session_request_ids), not by an index of every row's request_id: the largest of the indexes each new
+    row writes a random page of when exports come out of time order (a backfill), a fifth of a million-row one's
+    time (BENCHMARKS.md), and about 40 bytes a row."""
+    conn.execute("DROP INDEX requests_session_request")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
@@ -2021,7 +2029,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, 
                                                           record_agents, keep_counters_monotonic,
                                                           mark_reading_agents, number_metric_series,
                                                           index_readings_by_agent, total_everyone,
-                                                          sum_rollups_per_transaction]
+                                                          sum_rollups_per_transaction, drop_session_request_index]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -2349,11 +2357,21 @@ def metrics_session(agent: str, user: str) -> str:
     return f"{agent} metrics" + (f" of {user}" if user else "")
 
 
-# Whether request_id ?R is stored for a request in session ?2 (an id): in the session, as telemetry and transcripts
-# name it alike; among imported rows, in any session. Each is an index search. (A copy in a forked session of an
-# answer telemetry stored is found by a CopyWindow.)
-REQUEST_ID_KNOWN = ("EXISTS (SELECT 1 FROM requests WHERE session = ?2 AND request_id = ?R) OR EXISTS (SELECT 1 "
-                    f"FROM requests WHERE request_id = ?R AND {origin_in(TRANSCRIPT_ORIGINS)})")
+# Whether request_id ?R is stored among imported rows, in any session (an index search). Within its own session a
+# request_id is looked up in session_request_ids (telemetry and transcripts name it alike); a copy in a forked
+# session of an answer telemetry stored is found by a CopyWindow.
+REQUEST_ID_IMPORTED = f"EXISTS (SELECT 1 FROM requests WHERE request_id = ?R AND {origin_in(TRANSCRIPT_ORIGINS)})"
+
+
+def session_request_ids(conn: sqlite3.Connection, sessions: Iterable[int]) -> set[tuple[int, str]]:
+    """(session, request_id) of the stored rows of these sessions (ids) that have one: read once for an import's
+    chunk, by each session's rows (requests_session), instead of an index over every row's request_id that each
+    new row wrote a random page of (version 15)."""
+    found: set[tuple[int, str]] = set()
+    for session in sessions:
+        found.update(conn.execute("SELECT session, request_id FROM requests WHERE session = ? AND request_id IS NOT "
+                                  "NULL", (session,)))
+    return found
 # Whether the session named ?1 has telemetry of the agent named ?2 (a history row of JOINED_BY_SESSION's agents is
 # then known).
 SESSION_HAS_TELEMETRY = ("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session JOIN agents a ON a.id = r.agent "
@@ -2418,7 +2436,7 @@ class CopyWindow:
                                 f"ts <= ? ORDER BY ts, session, seq{f' LIMIT {limit}' if limit else ''}",
                                 (*params, last)).fetchall()
             for ts, _, _, request_id, origin in rows:
-                if origin not in TRANSCRIPT_ORIGINS:  # imported rows are found by REQUEST_ID_KNOWN
+                if origin not in TRANSCRIPT_ORIGINS:  # imported rows are found by REQUEST_ID_IMPORTED
                     self.add(request_id, ts)
             if limit and len(rows) == limit:
                 self._after = rows[-1][:3]
@@ -3157,12 +3175,17 @@ class Writer:
         resolved = self._resolve(conn, "requests", REQUEST_COLUMNS, with_users)
         model = REQUEST_COLUMNS.index("model")
         self._own_models(conn, {(row[model], row[agent]) for row in resolved})  # as telemetry's calls name them
-        for row in resolved:
-            row.append(row[request_id])
+        stored, fresh = session_request_ids(conn, {row[1] for row in resolved}), []
+        for row in resolved:  # those whose request_id their session has not stored (nor an earlier one of these)
+            if row[request_id] is not None:
+                if (row[1], row[request_id]) in stored:
+                    continue
+                stored.add((row[1], row[request_id]))
+            fresh.append([*row, row[request_id]])
         sql = (f"INSERT OR IGNORE INTO requests ({', '.join(REQUEST_COLUMNS)}) SELECT "
-               f"{', '.join('?' * len(REQUEST_COLUMNS))} WHERE ?R IS NULL OR NOT ({REQUEST_ID_KNOWN})").replace(
-            "?R", f"?{len(REQUEST_COLUMNS) + 1}")  # ?2: the row's session
-        imported = insert_requests(conn, sql, resolved) if resolved else 0
+               f"{', '.join('?' * len(REQUEST_COLUMNS))} WHERE ?R IS NULL OR NOT {REQUEST_ID_IMPORTED}").replace(
+            "?R", f"?{len(REQUEST_COLUMNS) + 1}")
+        imported = insert_requests(conn, sql, fresh) if fresh else 0
         if imported:
             self._imported = True
         return ImportCounts(imported, len(rows) - imported)
@@ -3835,15 +3858,18 @@ class Reader:
         conn, known = self._reader(), 0
         window = CopyWindow(rows)
         window.read(conn)
-        by_request_id = f"SELECT {REQUEST_ID_KNOWN.replace('?2', '(SELECT id FROM sessions WHERE session_id = ?2)')}" \
-            .replace("?R", "?3")
+        imported = f"SELECT {REQUEST_ID_IMPORTED.replace('?R', '?')}"
+        names = {found[0]: session_id for session_id in {row[1] for row in rows} for found in conn.execute(
+            "SELECT id FROM sessions WHERE session_id = ?", (session_id,))}
+        stored = {(names[session], rid) for session, rid in session_request_ids(conn, names)}
         request_id, agent = REQUEST_COLUMNS.index("request_id"), REQUEST_COLUMNS.index("agent")
         by_telemetry = joined_by_session(conn, rows)
         for row in rows:
             ts, session_id, seq, rid = row[0], row[1], row[2], row[request_id]
             if (session_id, row[agent]) in by_telemetry:
                 known += 1
-            elif rid and (window.has(rid, ts) or conn.execute(by_request_id, (ts, session_id, rid)).fetchone()[0]):
+            elif rid and (window.has(rid, ts) or (session_id, rid) in stored or
+                          conn.execute(imported, (rid,)).fetchone()[0]):
                 known += 1
             elif conn.execute("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session WHERE r.ts = ? AND "
                               "s.session_id = ? AND r.seq = ?", (ts, session_id, seq)).fetchone():

@@ -1320,7 +1320,7 @@ def test_a_version_1_database_is_upgraded_with_a_backup_and_identical_figures(tm
         assert sorted(users) == sorted({u["user"] for u in old["users"]["users"]} | {"cy@example.com"})
         assert db_rows(db, "PRAGMA user_version") == [(ccmon.SCHEMA_VERSION,)]
         assert db_rows(db, "SELECT name FROM sqlite_master WHERE name LIKE 'requests_%request%' ORDER BY 1") == \
-            [("requests_imported_request",), ("requests_session_request",)]
+            [("requests_imported_request",)]
         assert db_rows(db, "SELECT a.name, COUNT(*) FROM requests r JOIN agents a ON a.id = r.agent GROUP BY 1") == \
             [("claude-code", db_rows(db, "SELECT COUNT(*) FROM requests")[0][0])]
         with sqlite3.connect(backup) as copy:  # the backup is the old database, whole
@@ -6462,7 +6462,9 @@ def test_other_agents_metrics_sessions_and_turn_costs_keep_the_counters(server):
 
 # What schema 13 added (see total_everyone), dropped: a database written now, as a release before it left it.
 # Back to version 12 from the current schema: no totals, and usage_rollup kept by its triggers again.
-TOTALS_UNDONE = f"DROP TABLE total_hourly; DROP TABLE total_daily; {ccmon.usage_triggers(ccmon.V8_FIGURES)}"
+VERSIONS_13_TO_15_UNDONE = (f"DROP TABLE total_hourly; DROP TABLE total_daily; {ccmon.usage_triggers(ccmon.V8_FIGURES)} "
+                            "CREATE INDEX requests_session_request ON requests(session, request_id) WHERE "
+                            "request_id IS NOT NULL;")
 
 
 def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
@@ -6477,7 +6479,7 @@ def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
                                 projects={f"s{number}": project}))
     store.close()
     with sqlite3.connect(db) as conn:
-        conn.executescript(f"{TOTALS_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
+        conn.executescript(f"{VERSIONS_13_TO_15_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
                            "DROP TRIGGER projects_named; DROP TABLE projects; "
                            "DROP TABLE retired_usage; ALTER TABLE limit_readings DROP COLUMN agent; "
                            "PRAGMA user_version = 8;")
@@ -6614,7 +6616,7 @@ def test_schema_11_numbers_the_stored_series_by_their_ids(tmp_path):
         write_series(store, at, number)
     store.close()
     with sqlite3.connect(db) as conn:
-        conn.executescript(f"{TOTALS_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
+        conn.executescript(f"{VERSIONS_13_TO_15_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
                            "PRAGMA user_version = 10;")
     conn.close()
     store = ccmon.Writer(db)
@@ -9982,22 +9984,26 @@ def test_a_transcripts_copy_in_another_session_is_known(server, tmp_path):
     write_transcript(fork, "s-fork", [transcript_line("s-fork", "2026-05-01T10:00:00Z", "req_f1", "msg_f1"),
                                       transcript_line("s-fork", "2026-05-01T11:00:00Z", "req_f2", "msg_f2")])
     sdk_export(server.port, [("api_request", api_request(1, "2026-05-01T12:00:00Z", session="s-tele",
-                                                         request_id="req_t1", cost_usd=0.5))])
+                                                         request_id="req_t1", cost_usd=0.5)),
+                             ("api_request", api_request(2, "2026-05-01T12:00:30Z", session="s-tele",
+                                                         request_id="req_t2", cost_usd=0.25))])
     write_transcript(tmp_path / "tele", "s-tele", [
         transcript_line("s-tele", "2026-05-01T12:00:01Z", "req_t1", "msg_t1")])
+    write_transcript(tmp_path / "tele-late", "s-tele", [  # in its session, however far from telemetry's time
+        transcript_line("s-tele", "2026-05-01T13:30:00Z", "req_t2", "msg_t2")])
     write_transcript(tmp_path / "tele-fork", "s-tele-fork", [  # a copy of an answer only telemetry stored
         transcript_line("s-tele-fork", "2026-05-01T12:00:01Z", "req_t1", "msg_t1")])
     assert ccmon_import(server, str(original)).stdout.startswith("ccmon import: 1 file read; 1 request imported; "
                                                                   "0 already known")
     assert ccmon_import(server, str(fork)).stdout.startswith("ccmon import: 1 file read; 1 request imported; "
                                                               "1 already known")
-    for folder in ("tele", "tele-fork"):
+    for folder in ("tele", "tele-fork", "tele-late"):
         assert ccmon_import(server, str(tmp_path / folder)).stdout.startswith(
             "ccmon import: 1 file read; 0 requests imported; 1 already known")
         assert ccmon_import(server, str(tmp_path / folder), "--dry-run").stdout.startswith(
             "ccmon import (dry run): 1 file read; 0 requests to import; 1 already known")
     assert db_rows(server.db, "SELECT session_id, request_id, origin FROM r ORDER BY ts") == [
-        ("s-orig", "req_f1", 2), ("s-fork", "req_f2", 2), ("s-tele", "req_t1", 0)]
+        ("s-orig", "req_f1", 2), ("s-fork", "req_f2", 2), ("s-tele", "req_t1", 0), ("s-tele", "req_t2", 0)]
 
 
 def test_import_follow_picks_up_appended_lines_and_stops_cleanly(server, tmp_path):
