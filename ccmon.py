@@ -6914,28 +6914,11 @@ def usage_by_family(models: Iterable[ModelUsage]) -> dict[str, Usage]:
     return dict(sorted(by_family.items()))
 
 
-def whose_limits(client: Client, claude: ClaudeLimits, user: str | None, now: int) -> str | None:
-    """Whose usage counts in Claude's windows: the user asked for; asked for everyone, the one named user the live
-    readings are of (GetLimits gives them only then) where other named users have usage in the last 7 days too: on
-    a team server Claude's windows are that user's account's, and their capacities were calibrated against that
-    user's tokens, not the team's. Else everyone's (None): on one person's server, usage no one is named for
-    (transcripts imported before telemetry) is theirs."""
-    if user is not None:
-        return user
-    named = {reading.user for reading in (claude.five_hour, claude.seven_day) if reading is not None} - {""}
-    if len(named) != 1:
-        return None
-    reader = named.pop()
-    return reader if {usage.user for usage in client.users(now - 7 * DAY_MS, now)} - {"", reader} else None
-
-
 def limit_figures(client: Client, query: LimitQuery, zone: ZoneInfo, user: str | None) -> LimitFigures:
     """The current block (Claude's own window while a reading of it is live, else as query.mode finds it), its
-    limit (calibrated, learned, configured or the plan's) and the week (Claude's when read, else rolling), of the
-    usage of whose_limits."""
+    limit (calibrated, learned, configured or the plan's) and the week (Claude's when read, else rolling)."""
     now = query.now_ms
     claude = client.limits(user, now)
-    user = whose_limits(client, claude, user, now)
     five, seven = claude.window("five_hour", now), claude.window("seven_day", now)
     calibrated = claude.five_hour_capacity if query.learn else None
     learn = query.learn and calibrated is None

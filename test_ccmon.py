@@ -5194,26 +5194,6 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
 
 
 
-def test_claudes_windows_on_a_team_server_count_the_usage_of_the_user_they_were_read_for(server, tmp_path):
-    """Claude's windows are one account's: where everyone's live readings are one user's and others have usage too,
-    the block and the week against their calibrated capacities are that user's tokens, not the whole team's
-    (@weekly_usage showed 205 % of a week Claude read at 20.5 %, @block_usage 420 % of a block read at 42 %)."""
-    sdk_export(server.port, [("api_request", {**api_request(1, earlier_today(0.1), session="s-a", input_tokens=6000,
-                                                            output_tokens=4000), "user.email": "a@example.com"}),
-                             ("api_request", {**api_request(1, earlier_today(0.1), session="s-b", input_tokens=60_000,
-                                                            output_tokens=30_000), "user.email": "b@example.com"})])
-    data = live_input("s-a")  # the block at 42 %, the week at 20.5 %
-    shown = status_line(server.target, data, "--format", "@weekly_usage | @seven_day", cwd=tmp_path)
-    assert (shown.returncode, shown.stdout) == (0, "21% | 21%\n"), shown.stderr
-    quick = run_ccmon(["--json", "-b", "auto", "--claude-max-tokens", "auto", "--monitor-server", server.target],
-                      tmp_path)
-    figures = json.loads(quick.stdout)
-    assert (round(figures["weekly_usage"], 1), round(figures["block_usage"], 1), figures["block_tokens"]) == \
-        (20.5, 42.0, 10_000), quick.stderr
-    everyone = run_ccmon(["--json", "--monitor-server", server.target], tmp_path)  # the team's tokens stay the team's
-    assert json.loads(everyone.stdout)["daily_tokens"] == 100_000
-
-
 def test_text_utf8_cannot_hold_is_taken_as_a_replacement_character(server, tmp_path):
     """JSON can escape a lone UTF-16 surrogate (a string cut inside an emoji, a Windows file name), which UTF-8 cannot
     hold: the status line, the server's page for it and an import take it as U+FFFD (each crashed on it)."""
