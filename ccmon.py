@@ -426,6 +426,8 @@ class ClaudeLimits:
     seven_day_capacity: int | None = None
     seven_day_readings: int = 0
     agents: tuple[LimitReading, ...] = ()   # other agents' newest readings of their own plans' limits (Codex's)
+    user: str | None = None                 # whose usage the windows and capacities count (see GetLimits); None:
+                                            # everyone's
 
     def window(self, name: str, now: int) -> LimitWindow | None:
         """The five_hour or seven_day window as last read, while it has not reset at `now`."""
@@ -771,6 +773,7 @@ class StatusLineFigures:
     today, None where it does not know them."""
     session: Split | None
     today: Split | None
+    user: str | None = None  # the session's user
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3733,6 +3736,13 @@ class Reader:
                              agent)
                 for sid, ts, project, model, context, five, five_resets, seven, seven_resets, spend, version in rows]
 
+    def named_claude_users(self, since_ms: int, limit: int = 2) -> list[str]:
+        """Up to `limit` users with a name who have Claude Code usage since the UTC day of since_ms."""
+        return [name for name, in self._reader().execute(
+            "SELECT u.name FROM usage_daily d JOIN users u ON u.id = d.user JOIN models m ON m.id = d.model WHERE "
+            "d.bucket >= ? AND m.agent = ? AND u.name != '' GROUP BY u.name LIMIT ?",
+            (since_ms - since_ms % DAY_MS, CLAUDE_AGENT_ID, limit))]
+
     def _of_user(self, user: str | None) -> tuple[str, tuple] | None:
         """The SQL condition for readings (alias lr) of `user`'s sessions: ('', ()) for everyone, None for a user
         never seen."""
@@ -6216,9 +6226,38 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         response = ccmon_pb2.GetLimitsResponse()
         if recent:
             response.latest.CopyFrom(reading_message(recent[0]))
+        account = self._limits_account(user, recent, now)
+        if account is not None:
+            counted = account or None
+            if counted != user:  # everyone's asked for, one user's account answered: that user's readings
+                recent = self.reader.readings(counted, now - LEARN_FROM_MS, now, limit=CALIBRATION_READINGS)
+            response.user = account
+            self._claude_limits(response, recent, counted, now)
+        for agent in AGENTS[1:]:  # their own plans' limits: the newest reading of the past week
+            newest = self.reader.readings(user, now - 7 * DAY_MS, now, with_limits=True, agent=agent)
+            response.agents.extend(map(reading_message, newest))
+        return response
+
+    def _limits_account(self, user: str | None, recent: list[LimitReading], now: int) -> str | None:
+        """Whose usage Claude's windows and capacities count (GetLimitsResponse.user; '' for everyone's): the user
+        asked for. Asked for everyone: everyone's on one person's server (at most one user with a name has Claude
+        Code's usage in the last 30 days; usage no one is named for, such as transcripts imported before telemetry,
+        is theirs too); on a team's, the one user with a name the live readings are of, since Claude's windows are
+        one account's. None (no windows, no capacities) for a team's without one such user."""
+        if user is not None:
+            return user
+        if len(self.reader.named_claude_users(now - LEARN_FROM_MS)) <= 1:
+            return ""
+        readers = {reading.user for reading in recent
+                   if live_window(reading.five_hour, now) or live_window(reading.seven_day, now)} - {""}
+        return readers.pop() if len(readers) == 1 else None
+
+    def _claude_limits(self, response, recent: list[LimitReading], user: str | None, now: int) -> None:
+        """Claude's live windows as last read among `recent` (newest first) and the capacities calibrated from them
+        against `user`'s premium tokens (everyone's: None)."""
         for field in ("five_hour", "seven_day"):
             live = [reading for reading in recent if live_window(getattr(reading, field), now)]
-            if live and (user is not None or len({reading.user for reading in live} - {""}) <= 1):
+            if live:
                 getattr(response, f"{field}_now").CopyFrom(reading_message(live[0]))
         for field, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
             newest_per_window: dict[int, tuple[LimitReading, LimitWindow]] = {}
@@ -6227,15 +6266,11 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
                 if window is not None and len(newest_per_window) < CALIBRATION_WINDOWS:
                     newest_per_window.setdefault(claude_window_key(window.resets_ms), (reading, window))
             samples = [(self.reader.split(self.reader.usage(window.resets_ms - span, reading.read_ms,
-                                                            user=reading.user or user)).premium.limited, window.percent)
+                                                            user=user)).premium.limited, window.percent)
                        for reading, window in newest_per_window.values()]
             tokens, count = window_capacity(samples)
             if tokens is not None:
                 getattr(response, field).CopyFrom(ccmon_pb2.WindowCapacity(tokens=tokens, readings=count))
-        for agent in AGENTS[1:]:  # their own plans' limits: the newest reading of the past week
-            newest = self.reader.readings(user, now - 7 * DAY_MS, now, with_limits=True, agent=agent)
-            response.agents.extend(map(reading_message, newest))
-        return response
 
     def GetSeries(self, request, context):
         zone = zone_or_none(request.timezone or "UTC")
@@ -6729,7 +6764,8 @@ class Client:
         response = self._call("ReportStatusLine", ccmon_pb2.ReportStatusLineRequest(
             reading=reading_message(reading), timezone=timezone))
         return StatusLineFigures(split_from_stats(response.session) if response.HasField("session") else None,
-                                 split_from_stats(response.today) if response.HasField("today") else None)
+                                 split_from_stats(response.today) if response.HasField("today") else None,
+                                 response.user or None)
 
     def import_requests(self, rows: list[ccmon_pb2.ImportedRequest], user: str, dry_run: bool = False,
                         readings: Iterable[LimitReading] = ()) -> ImportCounts:
@@ -6760,7 +6796,7 @@ class Client:
             reading_of(response.seven_day_now) if response.HasField("seven_day_now") else None,
             response.five_hour.tokens if response.HasField("five_hour") else None, response.five_hour.readings,
             response.seven_day.tokens if response.HasField("seven_day") else None, response.seven_day.readings,
-            tuple(map(reading_of, response.agents)))
+            tuple(map(reading_of, response.agents)), user if user is not None else response.user or None)
 
     def latest_reading(self) -> LimitReading | None:
         """The newest status line reading of anyone's (of the last 30 days), None when there is none."""
@@ -6867,6 +6903,7 @@ class LimitFigures:
     calibrated_from: int | None = None      # readings the block limit was calibrated from; None when not
     weekly_window: tuple[int, int] | None = None  # Claude's week, from a live reading; None: the rolling 7 days
     window_from_claude: bool = False        # the block is Claude's own window, from a live reading
+    user: str | None = None                 # whose usage the block and the week count (ClaudeLimits.user)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6916,9 +6953,12 @@ def usage_by_family(models: Iterable[ModelUsage]) -> dict[str, Usage]:
 
 def limit_figures(client: Client, query: LimitQuery, zone: ZoneInfo, user: str | None) -> LimitFigures:
     """The current block (Claude's own window while a reading of it is live, else as query.mode finds it), its
-    limit (calibrated, learned, configured or the plan's) and the week (Claude's when read, else rolling)."""
+    limit (calibrated, learned, configured or the plan's) and the week (Claude's when read, else rolling), of the
+    usage Claude's windows count: `user`'s, or asked for everyone's, as GetLimits says (one user's on a team's
+    server)."""
     now = query.now_ms
     claude = client.limits(user, now)
+    user = claude.user
     five, seven = claude.window("five_hour", now), claude.window("seven_day", now)
     calibrated = claude.five_hour_capacity if query.learn else None
     learn = query.learn and calibrated is None
@@ -6939,7 +6979,7 @@ def limit_figures(client: Client, query: LimitQuery, zone: ZoneInfo, user: str |
     recent = recent_pace_start(now)
     return LimitFigures(window, client.stats(window[0], now, user) if window else Split(),
                         client.stats(recent, now, user).premium.limited / ((now - recent) / 60_000),
-                        limit, learned_from, weekly, claude, calibrated_from, weekly_window, from_claude)
+                        limit, learned_from, weekly, claude, calibrated_from, weekly_window, from_claude, user)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7041,8 +7081,8 @@ def fetch_snapshot(client: Client, query: Query) -> Snapshot:
     # The burn-up by the hour from the rollups: exact at each hour's end however busy the window, and six points
     # at most, where a page of the window's requests would miss the oldest of a busy one.
     window = burnup_window(limits, query.end_ms) if query.burnup and limits is not None else None
-    block_series = client.series(window[0], query.end_ms, "hour", query.timezone, user=query.user) \
-        if window else None
+    block_series = client.series(window[0], query.end_ms, "hour", query.timezone, user=limits.user) \
+        if window else None  # the usage the block counts
     client.unanswered.clear()
     users = client.users(query.start_ms, query.end_ms, query.project, query.agent)  # the Users tab and `u`
     projects = client.projects(query.start_ms, query.end_ms, query.user, agent=query.agent)  # the tab and `p`
@@ -7667,9 +7707,10 @@ def day_and_month_start(now: int, zone: ZoneInfo) -> tuple[int, int, int]:
 
 
 def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[str],
-                        agent: str | None = None) -> QuickFigures:
+                        agent: str | None = None, account: str | None = None) -> QuickFigures:
     """One RPC per figure the template uses, so a status bar pays only for what it shows; the usage figures of one
-    agent's with `agent`."""
+    agent's with `agent`; Claude's windows, the block and the week of the user `account` (a status line's session's:
+    Claude's limits are one account's), else as GetLimits answers for everyone."""
     midnight, month_start, days = day_and_month_start(now, config.zone)
     figures = QuickFigures(config.plan, days)
     if wanted & {"daily_cost", "daily_plan_usage", "daily_tokens"}:
@@ -7680,13 +7721,13 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
     claude = None
     if wanted & BLOCK_VARIABLES and settings.block_mode is not None or "weekly_usage" in wanted:
         limits = limit_figures(client, LimitQuery(settings.block_mode, now, settings.learn, settings.limit),
-                               config.zone, None)
+                               config.zone, account)
         figures = dataclasses.replace(figures, block=block_status(limits, now), weekly=weekly_premium(limits),
                                       weekly_limit=weekly_limit_in_force(limits, settings.weekly_limit).tokens,
                                       block_tracked=settings.block_mode is not None)
         claude = limits.claude
     if wanted & CLAUDE_VARIABLES:
-        limits = claude or client.limits(None, now)
+        limits = claude or client.limits(account, now)
         if agent not in (None, CLAUDE_CODE):  # that agent's own plan's windows (Codex's), where Claude's would be
             own = next((reading for reading in limits.agents if reading.agent == agent), None)
             limits = ClaudeLimits(own, own)
@@ -8162,16 +8203,16 @@ def status_line_with_server(config: Config, template: str | None, data: dict, re
 def status_line_from(client: Client, config: Config, template: str | None, data: dict, reading: LimitReading,
                      now: int) -> str:
     """The status line with the figures of the server `client` asks (the reading reported to it)."""
-    session = today = None
+    session = today = account = None
     if reading.session_id:
         told = client.report_status_line(reading, config.zone.key)
-        session, today = told.session, told.today
+        session, today, account = told.session, told.today, told.user
     else:
         today = client.stats(day_bounds(config.zone, now, 1)[0][1], now)
     line = format_status_line(template or DEFAULT_STATUS_LINE,
                               status_values(data, reading, session, today, config.zone, now))
     wanted = set(FORMAT_PATTERN.findall(line))  # quick query figures, in a template that asks for them
-    return format_quick(line, fetch_quick_figures(client, config, now, wanted)) if wanted else line
+    return format_quick(line, fetch_quick_figures(client, config, now, wanted, account=account)) if wanted else line
 
 
 def needs_client_settings(template: str) -> bool:
@@ -11418,7 +11459,9 @@ def chart_list(snap: Snapshot, state: ViewState, screen: Screen) -> list[tuple[s
                        lambda height: week_chart(start, stop, readings, points, width,
                                                  min(WEEK_CHART_LINES, height), unicode, zone, format_value)))
     elif snap.limits is not None and screen.settings.weekly_limit and snap.query.project is None and \
-            snap.query.agent in (None, CLAUDE_CODE):  # the limit is the account's: Claude Code's whole usage
+            snap.query.agent in (None, CLAUDE_CODE) and snap.limits.user == snap.query.user:
+        # the limit is the account's: Claude Code's whole usage, of the user the points are of (on a team's server
+        # the week may count one user's usage while the points are everyone's)
         charts.append(("Last 7 days against your weekly limit",
                        lambda height: rolling_week_lines(snap, screen, min(BURNUP_LINES, height))))
     charts.append((f"{kind.capitalize()} by weekday and hour - last {CHART_WEEKS} weeks",

@@ -5194,6 +5194,44 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
 
 
 
+def test_claudes_windows_on_a_team_server_count_the_usage_of_the_account_they_were_read_for(server, tmp_path):
+    """Claude's windows are one account's. On a team's server, everyone's block and week count the usage of the one
+    user whose readings are live (they showed 420 % of a block Claude read at 42 %, 205 % of a week at 20.5 %),
+    and a status line its own session's user's; with several such users, everyone's have no calibrated limit."""
+    sdk_export(server.port, [("api_request", {**api_request(1, earlier_today(0.1), session="s-a", input_tokens=6000,
+                                                            output_tokens=4000), "user.email": "a@example.com"}),
+                             ("api_request", {**api_request(1, earlier_today(0.1), session="s-b", input_tokens=60_000,
+                                                            output_tokens=30_000), "user.email": "b@example.com"})])
+    everyone = ["--json", "-b", "auto", "--claude-max-tokens", "auto", "--monitor-server", server.target]
+
+    def shown(session: str) -> str:
+        line = status_line(server.target, live_input(session), "--format", "@weekly_usage | @seven_day", cwd=tmp_path)
+        assert line.returncode == 0, line.stderr
+        return line.stdout
+
+    assert shown("s-a") == "21% | 21%\n"  # the block at 42 %, the week at 20.5 % of a's 10,000 tokens
+    figures = json.loads(run_ccmon(everyone, tmp_path).stdout)
+    assert (round(figures["weekly_usage"], 1), round(figures["block_usage"], 1), figures["block_tokens"],
+            figures["daily_tokens"]) == (20.5, 42.0, 10_000, 100_000)  # the day stays the team's
+    assert shown("s-b") == "21% | 21%\n"  # b's own, of b's 90,000 tokens
+    figures = json.loads(run_ccmon(everyone, tmp_path).stdout)
+    assert (figures["weekly_usage"], figures["block_tokens"], figures["seven_day_percent"]) == (None, 100_000, None)
+
+
+def test_claudes_windows_on_one_persons_server_count_the_usage_no_one_is_named_for(server, tmp_path):
+    """On one person's server (one user with a name), usage no one is named for is theirs too: the capacity is
+    calibrated against it, so the week shows Claude's share (it showed 41 %, a's tokens alone calibrated)."""
+    unnamed = {k: v for k, v in api_request(2, earlier_today(0.1), session="s-old", input_tokens=6000,
+                                            output_tokens=4000).items() if k != "user.id"}
+    sdk_export(server.port, [("api_request", {**api_request(1, earlier_today(0.1), session="s-a", input_tokens=6000,
+                                                            output_tokens=4000), "user.email": "a@example.com"}),
+                             ("api_request", unnamed)])
+    line = status_line(server.target, live_input("s-a"), "--format", "@weekly_usage", cwd=tmp_path)
+    assert (line.returncode, line.stdout) == (0, "21%\n"), line.stderr
+    figures = json.loads(run_ccmon(["--json", "--monitor-server", server.target], tmp_path).stdout)
+    assert (round(figures["weekly_usage"], 1), figures["daily_tokens"]) == (20.5, 20_000)
+
+
 def test_text_utf8_cannot_hold_is_taken_as_a_replacement_character(server, tmp_path):
     """JSON can escape a lone UTF-16 surrogate (a string cut inside an emoji, a Windows file name), which UTF-8 cannot
     hold: the status line, the server's page for it and an import take it as U+FFFD (each crashed on it)."""
