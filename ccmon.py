@@ -2364,16 +2364,26 @@ def metrics_session(agent: str, user: str) -> str:
 # request_id is looked up in session_request_ids (telemetry and transcripts name it alike); a copy in a forked
 # session of an answer telemetry stored is found by a CopyWindow.
 REQUEST_ID_IMPORTED = f"EXISTS (SELECT 1 FROM requests WHERE request_id = ?R AND {origin_in(TRANSCRIPT_ORIGINS)})"
+# Within its session, a request_id is looked for this far either side of the imported rows' times: a telemetry event
+# and the transcript line of the same answer are seconds apart (hours where a clock ahead had telemetry re-dated on
+# arrival), and a session's rows beyond would be read again for every chunk of a long session.
+SESSION_REQUEST_ID_MS = DAY_MS
 
 
-def session_request_ids(conn: sqlite3.Connection, sessions: Iterable[int]) -> set[tuple[int, str]]:
-    """(session, request_id) of the stored rows of these sessions (ids) that have one: read once for an import's
-    chunk, by each session's rows (requests_session), instead of an index over every row's request_id that each
-    new row wrote a random page of (version 15)."""
+def session_request_ids(conn: sqlite3.Connection, times: Iterable[tuple[int, int]]) -> set[tuple[int, str]]:
+    """(session, request_id) of the stored rows that have one, in the sessions of these (time, session id) within
+    SESSION_REQUEST_ID_MS of their times: one range of each session's rows (requests_session) for a chunk of an
+    import, instead of an index over every row's request_id that each new row wrote a random page of (version
+    15)."""
+    spans: dict[int, tuple[int, int]] = {}
+    for ts, session in times:
+        first, last = spans.get(session, (ts, ts))
+        spans[session] = min(first, ts), max(last, ts)
     found: set[tuple[int, str]] = set()
-    for session in sessions:
-        found.update(conn.execute("SELECT session, request_id FROM requests WHERE session = ? AND request_id IS NOT "
-                                  "NULL", (session,)))
+    for session, (first, last) in spans.items():
+        found.update(conn.execute("SELECT session, request_id FROM requests WHERE session = ? AND ts >= ? AND ts <= ? "
+                                  "AND request_id IS NOT NULL",
+                                  (session, first - SESSION_REQUEST_ID_MS, last + SESSION_REQUEST_ID_MS)))
     return found
 # Whether the session named ?1 has telemetry of the agent named ?2 (a history row of JOINED_BY_SESSION's agents is
 # then known).
@@ -3178,7 +3188,7 @@ class Writer:
         resolved = self._resolve(conn, "requests", REQUEST_COLUMNS, with_users)
         model = REQUEST_COLUMNS.index("model")
         self._own_models(conn, {(row[model], row[agent]) for row in resolved})  # as telemetry's calls name them
-        stored, fresh = session_request_ids(conn, {row[1] for row in resolved}), []
+        stored, fresh = session_request_ids(conn, ((row[0], row[1]) for row in resolved)), []
         for row in resolved:  # those whose request_id their session has not stored (nor an earlier one of these)
             if row[request_id] is not None:
                 if (row[1], row[request_id]) in stored:
@@ -3739,8 +3749,8 @@ class Reader:
     def named_claude_users(self, since_ms: int, limit: int = 2) -> list[str]:
         """Up to `limit` users with a name who have Claude Code usage since the UTC day of since_ms."""
         return [name for name, in self._reader().execute(
-            "SELECT u.name FROM usage_daily d JOIN users u ON u.id = d.user JOIN models m ON m.id = d.model WHERE "
-            "d.bucket >= ? AND m.agent = ? AND u.name != '' GROUP BY u.name LIMIT ?",
+            "SELECT DISTINCT u.name FROM usage_daily d JOIN users u ON u.id = d.user JOIN models m ON m.id = d.model "
+            "WHERE d.bucket >= ? AND m.agent = ? AND u.name != '' LIMIT ?",
             (since_ms - since_ms % DAY_MS, CLAUDE_AGENT_ID, limit))]
 
     def _of_user(self, user: str | None) -> tuple[str, tuple] | None:
@@ -3869,9 +3879,11 @@ class Reader:
         window = CopyWindow(rows)
         window.read(conn)
         imported = f"SELECT {REQUEST_ID_IMPORTED.replace('?R', '?')}"
-        names = {found[0]: session_id for session_id in {row[1] for row in rows} for found in conn.execute(
+        ids = {session_id: found[0] for session_id in {row[1] for row in rows} for found in conn.execute(
             "SELECT id FROM sessions WHERE session_id = ?", (session_id,))}
-        stored = {(names[session], rid) for session, rid in session_request_ids(conn, names)}
+        names = {id_: session_id for session_id, id_ in ids.items()}
+        stored = {(names[session], rid) for session, rid in session_request_ids(
+            conn, ((row[0], ids[row[1]]) for row in rows if row[1] in ids))}
         request_id, agent = REQUEST_COLUMNS.index("request_id"), REQUEST_COLUMNS.index("agent")
         by_telemetry = joined_by_session(conn, rows)
         for row in rows:
@@ -7706,11 +7718,13 @@ def day_and_month_start(now: int, zone: ZoneInfo) -> tuple[int, int, int]:
     return midnight, first, calendar.monthrange(today.year, today.month)[1]
 
 
-def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[str],
-                        agent: str | None = None, account: str | None = None) -> QuickFigures:
+def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[str], agent: str | None = None,
+                        account: str | None = None, of_session: bool = False) -> QuickFigures:
     """One RPC per figure the template uses, so a status bar pays only for what it shows; the usage figures of one
-    agent's with `agent`; Claude's windows, the block and the week of the user `account` (a status line's session's:
-    Claude's limits are one account's), else as GetLimits answers for everyone."""
+    agent's with `agent`; Claude's windows, the block and the week of the user `account`, else as GetLimits answers
+    for everyone. With `of_session` (a status line's), `account` is its session's user, None until the session's
+    telemetry has come: then one user's account, which GetLimits answers on a team's server, is not known to be
+    the session's, and its figures are left out (Claude's limits are one account's)."""
     midnight, month_start, days = day_and_month_start(now, config.zone)
     figures = QuickFigures(config.plan, days)
     if wanted & {"daily_cost", "daily_plan_usage", "daily_tokens"}:
@@ -7722,12 +7736,15 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
     if wanted & BLOCK_VARIABLES and settings.block_mode is not None or "weekly_usage" in wanted:
         limits = limit_figures(client, LimitQuery(settings.block_mode, now, settings.learn, settings.limit),
                                config.zone, account)
-        figures = dataclasses.replace(figures, block=block_status(limits, now), weekly=weekly_premium(limits),
-                                      weekly_limit=weekly_limit_in_force(limits, settings.weekly_limit).tokens,
-                                      block_tracked=settings.block_mode is not None)
         claude = limits.claude
+        figures = dataclasses.replace(figures, block_tracked=settings.block_mode is not None)
+        if not (of_session and account is None and limits.user is not None):
+            figures = dataclasses.replace(figures, block=block_status(limits, now), weekly=weekly_premium(limits),
+                                          weekly_limit=weekly_limit_in_force(limits, settings.weekly_limit).tokens)
     if wanted & CLAUDE_VARIABLES:
         limits = claude or client.limits(account, now)
+        if of_session and account is None and limits.user is not None:
+            limits = ClaudeLimits()
         if agent not in (None, CLAUDE_CODE):  # that agent's own plan's windows (Codex's), where Claude's would be
             own = next((reading for reading in limits.agents if reading.agent == agent), None)
             limits = ClaudeLimits(own, own)
@@ -8212,7 +8229,8 @@ def status_line_from(client: Client, config: Config, template: str | None, data:
     line = format_status_line(template or DEFAULT_STATUS_LINE,
                               status_values(data, reading, session, today, config.zone, now))
     wanted = set(FORMAT_PATTERN.findall(line))  # quick query figures, in a template that asks for them
-    return format_quick(line, fetch_quick_figures(client, config, now, wanted, account=account)) if wanted else line
+    return format_quick(line, fetch_quick_figures(client, config, now, wanted, account=account, of_session=True)) \
+        if wanted else line
 
 
 def needs_client_settings(template: str) -> bool:

@@ -5197,7 +5197,8 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
 def test_claudes_windows_on_a_team_server_count_the_usage_of_the_account_they_were_read_for(server, tmp_path):
     """Claude's windows are one account's. On a team's server, everyone's block and week count the usage of the one
     user whose readings are live (they showed 420 % of a block Claude read at 42 %, 205 % of a week at 20.5 %),
-    and a status line its own session's user's; with several such users, everyone's have no calibrated limit."""
+    and a status line its own session's user's (none while that user is not known); with several such users,
+    everyone's have no calibrated limit."""
     sdk_export(server.port, [("api_request", {**api_request(1, earlier_today(0.1), session="s-a", input_tokens=6000,
                                                             output_tokens=4000), "user.email": "a@example.com"}),
                              ("api_request", {**api_request(1, earlier_today(0.1), session="s-b", input_tokens=60_000,
@@ -5210,6 +5211,7 @@ def test_claudes_windows_on_a_team_server_count_the_usage_of_the_account_they_we
         return line.stdout
 
     assert shown("s-a") == "21% | 21%\n"  # the block at 42 %, the week at 20.5 % of a's 10,000 tokens
+    assert shown("s-new") == "- | 21%\n"  # a session whose user is not known yet: a's week is not known to be its
     figures = json.loads(run_ccmon(everyone, tmp_path).stdout)
     assert (round(figures["weekly_usage"], 1), round(figures["block_usage"], 1), figures["block_tokens"],
             figures["daily_tokens"]) == (20.5, 42.0, 10_000, 100_000)  # the day stays the team's
@@ -10469,30 +10471,61 @@ def dense_import_rows(count: int, start: int = 0, sessions: int = 10) -> list[tu
         message_id=f"msg_{n}")) for n in range(start, start + count)]
 
 
+def vm_steps(writer: ccmon.Writer, call: Callable[[], Any], answer: Any) -> int:
+    """The thousands of SQLite virtual machine steps the writer's connection takes for `call` (work counted, not
+    timed), which must answer `answer`."""
+    steps = [0]
+
+    def count_steps() -> int:
+        steps[0] += 1
+        return 0
+
+    writer._write_conn.set_progress_handler(count_steps, 1000)
+    try:
+        assert call() == answer
+    finally:
+        writer._write_conn.set_progress_handler(None, 0)
+    return steps[0]
+
+
 def test_the_duplicate_check_of_an_import_grows_linearly(tmp_path):
-    """Each imported row is looked up by index, not by scanning every stored row near its time: importing twice
+    """Each imported row is looked up in one read of the stored rows near the batch's times, not by scanning them for
+    each row: importing twice
     as many answers dated within ten minutes, over twice as many stored there, costs about twice the SQLite work
     (counted in virtual machine steps, not seconds); it was four times as much."""
     def steps_to_import(count: int) -> int:
         writer = ccmon.Writer(tmp_path / f"{count}.db")
         try:
             assert writer.import_requests(dense_import_rows(count), {}, "") == ccmon.ImportCounts(count, 0)
-            steps = [0]
-
-            def count_steps() -> int:
-                steps[0] += 1
-                return 0
-
-            writer._write_conn.set_progress_handler(count_steps, 1000)
-            assert writer.import_requests(dense_import_rows(count, count), {}, "") == ccmon.ImportCounts(count, 0)
-            writer._write_conn.set_progress_handler(None, 0)
-            return steps[0]
+            return vm_steps(writer, lambda: writer.import_requests(dense_import_rows(count, count), {}, ""),
+                            ccmon.ImportCounts(count, 0))
         finally:
             writer.close()
 
     small, large = steps_to_import(1000), steps_to_import(2000)
     assert large < 2.5 * small, (small, large)
 
+
+
+def test_reimporting_one_long_session_grows_linearly(tmp_path):
+    """A request_id is looked for among its session's rows near the chunk's times, not among all of them for each
+    chunk: re-importing a session of twice as many answers (all known) costs about twice the SQLite work (it was
+    3.6 times as much)."""
+    def steps_to_reimport(count: int) -> int:
+        writer = ccmon.Writer(tmp_path / f"{count}.db")
+        try:
+            base = ccmon.parse_iso_ms("2026-05-07T10:00:00Z")
+            rows = [ccmon.imported_row(ccmon_pb2.ImportedRequest(
+                session_id="s-long", timestamp_ms=base + n * 30_000, model="claude-sonnet-4-5", input_tokens=120,
+                output_tokens=30, cost_nanos=270_000, estimated=True, request_id=f"req_{n}", message_id=f"msg_{n}"))
+                for n in range(count)]
+            assert writer.import_requests(rows, {}, "") == ccmon.ImportCounts(count, 0)
+            return vm_steps(writer, lambda: writer.import_requests(rows, {}, ""), ccmon.ImportCounts(0, count))
+        finally:
+            writer.close()
+
+    small, large = steps_to_reimport(10_000), steps_to_reimport(20_000)
+    assert large < 2.5 * small, (small, large)
 
 
 def test_telemetry_is_stored_while_a_large_import_is(server, tmp_path):
