@@ -6234,15 +6234,17 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
 
     def GetLimits(self, request, context):
         user, now = self._user(request), timestamp_ms(request, "at", now_ms())
-        recent = self.reader.readings(user, now - LEARN_FROM_MS, now, limit=CALIBRATION_READINGS)
         response = ccmon_pb2.GetLimitsResponse()
-        if recent:
-            response.latest.CopyFrom(reading_message(recent[0]))
+        for latest in self.reader.readings(user, now - LEARN_FROM_MS, now):
+            response.latest.CopyFrom(reading_message(latest))
+        # those with Claude's windows: readings without (an API key's) must not push the live ones out
+        recent = self.reader.readings(user, now - LEARN_FROM_MS, now, CALIBRATION_READINGS, with_limits=True)
         account = self._limits_account(user, recent, now)
         if account is not None:
             counted = account or None
             if counted != user:  # everyone's asked for, one user's account answered: that user's readings
-                recent = self.reader.readings(counted, now - LEARN_FROM_MS, now, limit=CALIBRATION_READINGS)
+                recent = self.reader.readings(counted, now - LEARN_FROM_MS, now, CALIBRATION_READINGS,
+                                              with_limits=True)
             response.user = account
             self._claude_limits(response, recent, counted, now)
         for agent in AGENTS[1:]:  # their own plans' limits: the newest reading of the past week
@@ -11793,7 +11795,8 @@ def projects_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
 def blocks_lines(snap: Snapshot, state: ViewState, screen: Screen) -> Frame:
     blocks: tuple[UsageBlock, ...] = snap.data
     zone = screen.settings.zone
-    limit = snap.limits.limit if snap.limits else screen.settings.limit
+    # the limit in force, where it is of the usage shown (on a team's server it may be one user's account's)
+    limit = snap.limits.limit if snap.limits and snap.limits.user == snap.query.user else screen.settings.limit
     columns = [Column("Block", 17, 0, left=True), Column("Req", 5, 1), Column("Premium", 7, 0),
                Column("Tokens", 7, 2), Column("Cost", 9, 0), Column("Of limit", 13, 1)]
     page_rows = max(1, screen.rows - 2)

@@ -5194,15 +5194,20 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
 
 
 
+def export_team_usage(srv: ServerProcess) -> None:
+    """Today's usage of a team: a@example.com 10,000 premium tokens in session s-a, b@example.com 90,000 in s-b."""
+    sdk_export(srv.port, [("api_request", {**api_request(1, earlier_today(0.1), session="s-a", input_tokens=6000,
+                                                         output_tokens=4000), "user.email": "a@example.com"}),
+                          ("api_request", {**api_request(1, earlier_today(0.1), session="s-b", input_tokens=60_000,
+                                                         output_tokens=30_000), "user.email": "b@example.com"})])
+
+
 def test_claudes_windows_on_a_team_server_count_the_usage_of_the_account_they_were_read_for(server, tmp_path):
     """Claude's windows are one account's. On a team's server, everyone's block and week count the usage of the one
     user whose readings are live (they showed 420 % of a block Claude read at 42 %, 205 % of a week at 20.5 %),
     and a status line its own session's user's (none while that user is not known); with several such users,
     everyone's have no calibrated limit."""
-    sdk_export(server.port, [("api_request", {**api_request(1, earlier_today(0.1), session="s-a", input_tokens=6000,
-                                                            output_tokens=4000), "user.email": "a@example.com"}),
-                             ("api_request", {**api_request(1, earlier_today(0.1), session="s-b", input_tokens=60_000,
-                                                            output_tokens=30_000), "user.email": "b@example.com"})])
+    export_team_usage(server)
     everyone = ["--json", "-b", "auto", "--claude-max-tokens", "auto", "--monitor-server", server.target]
 
     def shown(session: str) -> str:
@@ -5218,6 +5223,37 @@ def test_claudes_windows_on_a_team_server_count_the_usage_of_the_account_they_we
     assert shown("s-b") == "21% | 21%\n"  # b's own, of b's 90,000 tokens
     figures = json.loads(run_ccmon(everyone, tmp_path).stdout)
     assert (figures["weekly_usage"], figures["block_tokens"], figures["seven_day_percent"]) == (None, 100_000, None)
+
+
+def test_readings_without_claudes_windows_leave_the_live_ones_live(server, tmp_path):
+    """A status line without rate limits (an API key's, or before the first answer) reports readings too: 2,000 of
+    them, more than GetLimits looks through, left Claude's live windows out of everyone's figures."""
+    export_team_usage(server)
+    assert status_line(server.target, live_input("s-a"), cwd=tmp_path).returncode == 0
+    stub = server.query()
+    for _ in range(ccmon.CALIBRATION_READINGS):
+        stub.ReportStatusLine(ccmon_pb2.ReportStatusLineRequest(
+            reading=ccmon.reading_message(ccmon.LimitReading("s-b", 0, context_percent=3.0))), timeout=30)
+    figures = json.loads(run_ccmon(["--json", "-b", "auto", "--claude-max-tokens", "auto", "--monitor-server",
+                                    server.target], tmp_path).stdout)
+    assert (figures["five_hour_percent"], round(figures["block_usage"], 1), figures["block_tokens"]) == \
+        (42.0, 42.0, 10_000)
+
+
+def test_the_blocks_tab_on_a_team_server_shows_no_share_of_one_accounts_limit(server, tmp_path):
+    """On a team's server the Blocks tab lists everyone's blocks: their share is not of the limit calibrated for the
+    one user whose readings are live (it showed 420 % under the gauge's 42 %)."""
+    export_team_usage(server)
+    assert status_line(server.target, live_input("s-a"), cwd=tmp_path).returncode == 0
+    with MonitorPty(["--monitor-server", server.target, "-b", "auto", "--claude-max-tokens", "auto",
+                     "--monitor-refresh-interval", "1s"], cols=120, rows=40, cwd=tmp_path,
+                    env={"HOME": str(tmp_path)}) as monitor:
+        assert "42%" in monitor.wait_for("Claude 5h", "the gauge")
+        monitor.send(b"7")
+        screen = monitor.wait_for("Of limit", "the Blocks tab")
+        monitor.send(b"q")
+    row = next(line for line in screen.splitlines() if " 100K " in line)
+    assert "%" not in row and row.rstrip().endswith("-"), screen
 
 
 def test_claudes_windows_on_one_persons_server_count_the_usage_no_one_is_named_for(server, tmp_path):
