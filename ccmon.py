@@ -11492,12 +11492,13 @@ def chart_list(snap: Snapshot, state: ViewState, screen: Screen) -> list[tuple[s
 def claude_week(snap: Snapshot, readings: Iterable[LimitReading],
                 end: int) -> tuple[list[LimitReading], int, int] | None:
     """The week to draw against Claude's weekly limit: its readings, start and end. Claude's week while a reading
-    of it is live, else the last 7 days; the readings of one user (week_user: the filtered one, else the newest
-    weekly reading's); None without any weekly reading in it."""
+    of it is live, else the last 7 days; the readings of one user (the account GetLimits counts, where it names
+    one, as the gauge does; else week_user: the filtered one, else the newest weekly reading's); None without any
+    weekly reading in it."""
     weekly = [r for r in readings if r.seven_day is not None]
     if not weekly:
         return None
-    user = week_user(weekly)
+    user = snap.limits.user if snap.limits and snap.limits.user is not None else week_user(weekly)
     start, stop = snap.limits.weekly_window if snap.limits and snap.limits.weekly_window else (end - 7 * DAY_MS, end)
     mine = [r for r in weekly if r.user == user and start <= r.read_ms < stop]
     return (mine, start, stop) if mine else None

@@ -5256,6 +5256,24 @@ def test_the_blocks_tab_on_a_team_server_shows_no_share_of_one_accounts_limit(se
     assert "%" not in row and row.rstrip().endswith("-"), screen
 
 
+def test_the_week_chart_on_a_team_server_draws_the_week_the_gauge_shows(server, tmp_path):
+    """The Charts tab's Claude's week is the account's whose readings the gauge shows (a's 20.5 %), not the newest
+    weekly reading's (a session whose telemetry has not come, at 90 %: it drew 7 of 8 rows under a 21 % gauge)."""
+    export_team_usage(server)
+    other = live_input("s-x")
+    other["rate_limits"]["seven_day"]["used_percentage"] = 90.0
+    for data in (live_input("s-a"), other):  # s-x's the newer (readings of one moment: by the order stored)
+        assert status_line(server.target, data, cwd=tmp_path).returncode == 0
+    with MonitorPty(["--monitor-server", server.target, "--monitor-refresh-interval", "1s"], cols=120, rows=60,
+                    cwd=tmp_path, env={"HOME": str(tmp_path)}) as monitor:
+        assert "21%" in monitor.wait_for("Claude week", "the gauge")
+        monitor.send(b"9jjj")
+        screen = monitor.wait_for("Claude's week - cost per day", "the week chart")
+        monitor.send(b"q")
+    chart = screen.split("Claude's week - cost per day")[1].split("0% └")[0]
+    assert sum("█" in line for line in chart.splitlines()) <= 2, screen  # 21 % of 8 rows
+
+
 def test_claudes_windows_on_one_persons_server_count_the_usage_no_one_is_named_for(server, tmp_path):
     """On one person's server (one user with a name), usage no one is named for is theirs too: the capacity is
     calibrated against it, so the week shows Claude's share (it showed 41 %, a's tokens alone calibrated)."""
