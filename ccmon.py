@@ -428,6 +428,7 @@ class ClaudeLimits:
     agents: tuple[LimitReading, ...] = ()   # other agents' newest readings of their own plans' limits (Codex's)
     user: str | None = None                 # whose usage the windows and capacities count (see GetLimits); None:
                                             # everyone's
+    team: bool = False                      # asked for everyone, on a team's server (see GetLimits)
 
     def window(self, name: str, now: int) -> LimitWindow | None:
         """The five_hour or seven_day window as last read, while it has not reset at `now`."""
@@ -6239,7 +6240,8 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             response.latest.CopyFrom(reading_message(latest))
         # those with Claude's windows: readings without (an API key's) must not push the live ones out
         recent = self.reader.readings(user, now - LEARN_FROM_MS, now, CALIBRATION_READINGS, with_limits=True)
-        account = self._limits_account(user, recent, now)
+        response.team = user is None and len(self.reader.named_claude_users(now - LEARN_FROM_MS)) > 1
+        account = self._limits_account(user, recent, now, response.team)
         if account is not None:
             counted = account or None
             if counted != user:  # everyone's asked for, one user's account answered: that user's readings
@@ -6252,15 +6254,15 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
             response.agents.extend(map(reading_message, newest))
         return response
 
-    def _limits_account(self, user: str | None, recent: list[LimitReading], now: int) -> str | None:
+    def _limits_account(self, user: str | None, recent: list[LimitReading], now: int, team: bool) -> str | None:
         """Whose usage Claude's windows and capacities count (GetLimitsResponse.user; '' for everyone's): the user
-        asked for. Asked for everyone: everyone's on one person's server (at most one user with a name has Claude
-        Code's usage in the last 30 days; usage no one is named for, such as transcripts imported before telemetry,
-        is theirs too); on a team's, the one user with a name the live readings are of, since Claude's windows are
-        one account's. None (no windows, no capacities) for a team's without one such user."""
+        asked for. Asked for everyone: everyone's on one person's server (not `team`: usage no one is named for,
+        such as transcripts imported before telemetry, is theirs too); on a team's, the one user with a name the
+        live readings are of, since Claude's windows are one account's. None (no windows, no capacities) for a
+        team's without one such user."""
         if user is not None:
             return user
-        if len(self.reader.named_claude_users(now - LEARN_FROM_MS)) <= 1:
+        if not team:
             return ""
         readers = {reading.user for reading in recent
                    if live_window(reading.five_hour, now) or live_window(reading.seven_day, now)} - {""}
@@ -6810,7 +6812,8 @@ class Client:
             reading_of(response.seven_day_now) if response.HasField("seven_day_now") else None,
             response.five_hour.tokens if response.HasField("five_hour") else None, response.five_hour.readings,
             response.seven_day.tokens if response.HasField("seven_day") else None, response.seven_day.readings,
-            tuple(map(reading_of, response.agents)), user if user is not None else response.user or None)
+            tuple(map(reading_of, response.agents)), user if user is not None else response.user or None,
+            response.team)
 
     def latest_reading(self) -> LimitReading | None:
         """The newest status line reading of anyone's (of the last 30 days), None when there is none."""
@@ -7726,7 +7729,7 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
     agent's with `agent`; Claude's windows, the block and the week of the user `account`, else as GetLimits answers
     for everyone. With `of_session` (a status line's), `account` is its session's user, None until the session's
     telemetry has come: then one user's account, which GetLimits answers on a team's server, is not known to be
-    the session's, and its figures are left out (Claude's limits are one account's)."""
+    the session's, and its figures are left out (Claude's limits are one account's), as are everyone's there."""
     midnight, month_start, days = day_and_month_start(now, config.zone)
     figures = QuickFigures(config.plan, days)
     if wanted & {"daily_cost", "daily_plan_usage", "daily_tokens"}:
@@ -7740,12 +7743,12 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
                                config.zone, account)
         claude = limits.claude
         figures = dataclasses.replace(figures, block_tracked=settings.block_mode is not None)
-        if not (of_session and account is None and limits.user is not None):
+        if not (of_session and account is None and (limits.user is not None or limits.claude.team)):
             figures = dataclasses.replace(figures, block=block_status(limits, now), weekly=weekly_premium(limits),
                                           weekly_limit=weekly_limit_in_force(limits, settings.weekly_limit).tokens)
     if wanted & CLAUDE_VARIABLES:
         limits = claude or client.limits(account, now)
-        if of_session and account is None and limits.user is not None:
+        if of_session and account is None and (limits.user is not None or limits.team):
             limits = ClaudeLimits()
         if agent not in (None, CLAUDE_CODE):  # that agent's own plan's windows (Codex's), where Claude's would be
             own = next((reading for reading in limits.agents if reading.agent == agent), None)

@@ -5223,6 +5223,10 @@ def test_claudes_windows_on_a_team_server_count_the_usage_of_the_account_they_we
     assert shown("s-b") == "21% | 21%\n"  # b's own, of b's 90,000 tokens
     figures = json.loads(run_ccmon(everyone, tmp_path).stdout)
     assert (figures["weekly_usage"], figures["block_tokens"], figures["seven_day_percent"]) == (None, 100_000, None)
+    # a session whose user is not known yet, with a plan's and a weekly limit: not the team's usage against them
+    line = status_line(server.target, live_input("s-new"), "--format", "@block_usage | @weekly_usage", "-b", "auto",
+                       "--claude-plan", "max", "--claude-weekly-max-tokens", "1000000", cwd=tmp_path)
+    assert (line.returncode, line.stdout) == (0, "- | -\n"), line.stderr
 
 
 def test_readings_without_claudes_windows_leave_the_live_ones_live(server, tmp_path):
