@@ -3882,16 +3882,14 @@ class Reader:
         imported = f"SELECT {REQUEST_ID_IMPORTED.replace('?R', '?')}"
         ids = {session_id: found[0] for session_id in {row[1] for row in rows} for found in conn.execute(
             "SELECT id FROM sessions WHERE session_id = ?", (session_id,))}
-        names = {id_: session_id for session_id, id_ in ids.items()}
-        stored = {(names[session], rid) for session, rid in session_request_ids(
-            conn, ((row[0], ids[row[1]]) for row in rows if row[1] in ids))}
+        stored = session_request_ids(conn, ((row[0], ids[row[1]]) for row in rows if row[1] in ids))
         request_id, agent = REQUEST_COLUMNS.index("request_id"), REQUEST_COLUMNS.index("agent")
         by_telemetry = joined_by_session(conn, rows)
         for row in rows:
             ts, session_id, seq, rid = row[0], row[1], row[2], row[request_id]
             if (session_id, row[agent]) in by_telemetry:
                 known += 1
-            elif rid and (window.has(rid, ts) or (session_id, rid) in stored or
+            elif rid and (window.has(rid, ts) or (ids.get(session_id), rid) in stored or
                           conn.execute(imported, (rid,)).fetchone()[0]):
                 known += 1
             elif conn.execute("SELECT 1 FROM requests r JOIN sessions s ON s.id = r.session WHERE r.ts = ? AND "
@@ -6920,7 +6918,11 @@ class LimitFigures:
     calibrated_from: int | None = None      # readings the block limit was calibrated from; None when not
     weekly_window: tuple[int, int] | None = None  # Claude's week, from a live reading; None: the rolling 7 days
     window_from_claude: bool = False        # the block is Claude's own window, from a live reading
-    user: str | None = None                 # whose usage the block and the week count (ClaudeLimits.user)
+
+    @property
+    def user(self) -> str | None:
+        """Whose usage the block and the week count: the account Claude's windows count (see GetLimits)."""
+        return self.claude.user
 
 
 @dataclasses.dataclass(frozen=True)
@@ -6996,7 +6998,7 @@ def limit_figures(client: Client, query: LimitQuery, zone: ZoneInfo, user: str |
     recent = recent_pace_start(now)
     return LimitFigures(window, client.stats(window[0], now, user) if window else Split(),
                         client.stats(recent, now, user).premium.limited / ((now - recent) / 60_000),
-                        limit, learned_from, weekly, claude, calibrated_from, weekly_window, from_claude, user)
+                        limit, learned_from, weekly, claude, calibrated_from, weekly_window, from_claude)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -7730,6 +7732,9 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
     for everyone. With `of_session` (a status line's), `account` is its session's user, None until the session's
     telemetry has come: then one user's account, which GetLimits answers on a team's server, is not known to be
     the session's, and its figures are left out (Claude's limits are one account's), as are everyone's there."""
+    def not_known_to_be_its(claude: ClaudeLimits) -> bool:  # a status line's: see of_session
+        return of_session and account is None and (claude.user is not None or claude.team)
+
     midnight, month_start, days = day_and_month_start(now, config.zone)
     figures = QuickFigures(config.plan, days)
     if wanted & {"daily_cost", "daily_plan_usage", "daily_tokens"}:
@@ -7743,12 +7748,12 @@ def fetch_quick_figures(client: Client, config: Config, now: int, wanted: set[st
                                config.zone, account)
         claude = limits.claude
         figures = dataclasses.replace(figures, block_tracked=settings.block_mode is not None)
-        if not (of_session and account is None and (limits.user is not None or limits.claude.team)):
+        if not not_known_to_be_its(limits.claude):
             figures = dataclasses.replace(figures, block=block_status(limits, now), weekly=weekly_premium(limits),
                                           weekly_limit=weekly_limit_in_force(limits, settings.weekly_limit).tokens)
     if wanted & CLAUDE_VARIABLES:
         limits = claude or client.limits(account, now)
-        if of_session and account is None and (limits.user is not None or limits.team):
+        if not_known_to_be_its(limits):
             limits = ClaudeLimits()
         if agent not in (None, CLAUDE_CODE):  # that agent's own plan's windows (Codex's), where Claude's would be
             own = next((reading for reading in limits.agents if reading.agent == agent), None)
