@@ -6276,8 +6276,9 @@ class QueryService(ccmon_pb2_grpc.QueryServiceServicer):
         for field, span in (("five_hour", BLOCK_MS), ("seven_day", 7 * DAY_MS)):
             newest_per_window: dict[int, tuple[LimitReading, LimitWindow]] = {}
             for reading in recent:  # newest first: the first reading of a window has seen the most of it
-                window = getattr(reading, field)
-                if window is not None and len(newest_per_window) < CALIBRATION_WINDOWS:
+                window = getattr(reading, field)  # one read after its window reset is a share of a window over
+                if window is not None and window.resets_ms > reading.read_ms and \
+                        len(newest_per_window) < CALIBRATION_WINDOWS:
                     newest_per_window.setdefault(claude_window_key(window.resets_ms), (reading, window))
             samples = [(self.reader.split(self.reader.usage(window.resets_ms - span, reading.read_ms,
                                                             user=user)).premium.limited, window.percent)

@@ -5278,6 +5278,19 @@ def test_the_week_chart_on_a_team_server_draws_the_week_the_gauge_shows(server, 
     assert sum("█" in line for line in chart.splitlines()) <= 2, screen  # 21 % of 8 rows
 
 
+def test_a_reading_of_a_window_already_reset_calibrates_nothing(server, tmp_path):
+    """Claude Code can hand its status line the last rate limits it saw after their window reset: such a share is of
+    a window over, and the usage since its start is not its usage (a capacity came of 5,250 tokens over 17 %)."""
+    sdk_export(server.port, [("api_request", api_request(1, earlier_today(0.1), session="s-a", input_tokens=4500,
+                                                         output_tokens=750))])
+    data = live_input("s-a")
+    for window in data["rate_limits"].values():
+        window["resets_at"] = int(time.time()) - 3600
+    assert status_line(server.target, data, cwd=tmp_path).returncode == 0
+    limits = server.query().GetLimits(ccmon_pb2.GetLimitsRequest(), timeout=30)
+    assert limits.HasField("latest") and not limits.HasField("five_hour") and not limits.HasField("seven_day")
+
+
 def test_claudes_windows_on_one_persons_server_count_the_usage_no_one_is_named_for(server, tmp_path):
     """On one person's server (one user with a name), usage no one is named for is theirs too: the capacity is
     calibrated against it, so the week shows Claude's share (it showed 41 %, a's tokens alone calibrated)."""
