@@ -8126,16 +8126,20 @@ def status_values(data: dict, reading: LimitReading, session: Split | None, toda
     return values
 
 
-def format_status_line(template: str, values: dict[str, str]) -> str:
+def format_status_line(template: str, values: dict[str, str], unknown: re.Pattern | None = None) -> str:
     """The template with @variables replaced. Of a template in '|'-separated parts, a part with a figure that
-    has nothing to show is left out; a single part shows '-' for it."""
+    has nothing to show is left out; a single part shows '-' for it. So are the @variables `unknown` matches
+    (--format's figures, without the server), which are otherwise left for format_quick."""
     parts = template.split("|")
 
     def filled(part: str) -> str | None:
         names = STATUS_PATTERN.findall(part)
         if len(parts) > 1 and any(name not in values for name in names):
             return None
-        return STATUS_PATTERN.sub(lambda match: values.get(match.group(1), "-"), part)
+        part = STATUS_PATTERN.sub(lambda match: values.get(match.group(1), "-"), part)
+        if unknown is None or not unknown.search(part):
+            return part
+        return None if len(parts) > 1 else unknown.sub("-", part)
 
     kept = [part for part in map(filled, parts) if part is not None]
     return "|".join(kept).strip()
@@ -8198,7 +8202,8 @@ def run_status_line(config: Config | None, template: str | None, stream=sys.stdi
         print(problem, file=sys.stderr)
     reading = reading_from_status_input(data, now)
     zone = config.zone if config else ZoneInfo("UTC")
-    line = format_status_line(template or DEFAULT_STATUS_LINE, status_values(data, reading, None, None, zone, now))
+    line = format_status_line(template or DEFAULT_STATUS_LINE, status_values(data, reading, None, None, zone, now),
+                              FORMAT_PATTERN)  # without the server, its figures have nothing to show
     if config is not None:
         line = status_line_with_server(config, template, data, reading, now, route) or line
     print(status_line_text(line))

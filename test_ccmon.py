@@ -5181,6 +5181,10 @@ def test_status_line_without_a_server_or_with_bad_input_is_never_blank(server, t
     assert waited < 10, waited  # bounded by its own deadline, not gRPC's default wait
     down = status_line("127.0.0.1:9", live_input("s-x", cost=True), cwd=tmp_path)
     assert (down.returncode, down.stdout.split(" | ")[:3]) == (0, ["Sonnet 4.5", "ctx 3%", "session $0.0374"])
+    for template, shown in (("@five_hour 5h | @weekly_usage of the week", "42% 5h\n"),  # left out, as other parts
+                            ("@five_hour 5h, @weekly_usage of the week", "42% 5h, - of the week\n")):
+        down = status_line("127.0.0.1:9", live_input("s-x"), "--format", template, cwd=tmp_path)
+        assert (down.returncode, down.stdout) == (0, shown)  # the server's figures unknown, not left as written
     sdk_export(server.port, [("api_request", api_request(1, earlier_today(0.1), cost_usd=2.5))])
     for data, problem in (("{not json", "ccmon statusline: stdin is not JSON (9 characters); showing server figures "
                                         "only\n"),
