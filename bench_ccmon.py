@@ -30,7 +30,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # the client processes fork while gRPC is in use
 import grpc  # noqa: E402
@@ -235,8 +235,11 @@ def client_worker(target: str, payloads: list[bytes], results, barrier) -> None:
     results.put(latencies)
 
 
-def drive(target: str, payloads: list[list[bytes]]) -> tuple[float, list[float]]:
-    """Send every payload from one process per client; returns records/s and Export latencies."""
+def drive(target: str, payloads: list[list[bytes]], counted: Callable[[], None] = lambda: None
+          ) -> tuple[float, list[float]]:
+    """Send every payload from one process per client; returns records/s and Export latencies. The clock stops once
+    `counted` returns after the last answer: ccmon's is a query that checks every record is counted (a server may
+    acknowledge records before it has applied them to its rollups)."""
     context = multiprocessing.get_context("fork")
     results, barrier = context.Queue(), context.Barrier(len(payloads) + 1)
     workers = [context.Process(target=client_worker, args=(target, p, results, barrier)) for p in payloads]
@@ -247,6 +250,7 @@ def drive(target: str, payloads: list[list[bytes]]) -> tuple[float, list[float]]
         barrier.wait()
         started = time.perf_counter()
         latencies = [lat for _ in workers for lat in results.get(timeout=900)]
+        counted()
         elapsed = time.perf_counter() - started
         finished = True
     finally:
@@ -277,8 +281,7 @@ def bench_ingestion(workdir: Path, records: int, clients: int) -> dict:
     db = workdir / "ingest.db"
     with ccmon_server(db) as server:
         with MemorySampler(server.proc.pid) as memory:
-            rate, latencies = drive(server.target, payloads)
-        check_stats(server, None, sent, cost_nanos)
+            rate, latencies = drive(server.target, payloads, lambda: check_stats(server, None, sent, cost_nanos))
     check_rollups(db)
     db.unlink()
     print("  the same number of records, shaped as a backfill ...", flush=True)
@@ -286,13 +289,13 @@ def bench_ingestion(workdir: Path, records: int, clients: int) -> dict:
     with Server([sys.executable, "-c", READING_RECEIVER]) as receiver:
         backfill_ceiling, _ = drive(receiver.target, backfill)
     with ccmon_server(db) as server:
-        backfill_rate, _ = drive(server.target, backfill)
-        check_stats(server, None, sent, backfill_nanos)
+        with MemorySampler(server.proc.pid) as backfill_memory:
+            backfill_rate, _ = drive(server.target, backfill, lambda: check_stats(server, None, sent, backfill_nanos))
     check_rollups(db)
     return {"records": sent, "clients": clients, "null_per_s": ceilings["null"], "reading_per_s": ceilings["reading"],
             "ccmon_per_s": rate, "ratio_null": rate / ceilings["null"], "ratio_reading": rate / ceilings["reading"],
             "export_p50_ms": percentile(latencies, 50) * 1000, "export_p95_ms": percentile(latencies, 95) * 1000,
-            "server_peak_mb": memory.peak_mb, "backfill_per_s": backfill_rate,
+            "server_peak_mb": max(memory.peak_mb, backfill_memory.peak_mb), "backfill_per_s": backfill_rate,
             "backfill_ratio_reading": backfill_rate / backfill_ceiling}
 
 

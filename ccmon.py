@@ -2025,6 +2025,19 @@ def drop_session_request_index(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX requests_session_request")
 
 
+def stage_bulk_requests(conn: sqlite3.Connection) -> None:
+    """Version 16: pending_requests, where the api_request events of a large export wait, acknowledged, until the
+    writer applies many exports' at once to requests, its indexes and the rollups (see STAGE_MIN_REQUESTS): a
+    backfill's records land on random pages of those, which a transaction of one or two exports wrote once per few
+    records, and a transaction of tens of thousands once per many (BENCHMARKS.md). Its columns are the requests
+    table's, with the ids the writer interned."""
+    conn.execute("CREATE TABLE pending_requests (ts INTEGER NOT NULL, session INTEGER NOT NULL, seq INTEGER NOT NULL, "
+                 "model INTEGER NOT NULL, user INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER "
+                 "NOT NULL, cache_read_tokens INTEGER NOT NULL, cache_creation_tokens INTEGER NOT NULL, cost_nanos "
+                 "INTEGER NOT NULL, duration_ms INTEGER NOT NULL, ttft_ms INTEGER, prompt_id TEXT, request_id TEXT, "
+                 "source INTEGER, extra INTEGER, origin INTEGER NOT NULL, agent INTEGER NOT NULL)")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
@@ -2033,7 +2046,8 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, 
                                                           record_agents, keep_counters_monotonic,
                                                           mark_reading_agents, number_metric_series,
                                                           index_readings_by_agent, total_everyone,
-                                                          sum_rollups_per_transaction, drop_session_request_index]
+                                                          sum_rollups_per_transaction, drop_session_request_index,
+                                                          stage_bulk_requests]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -2555,13 +2569,13 @@ NOTE_ADDED = (f"INSERT INTO changed_requests SELECT ts, session, model, user, "
               f"{', '.join(expression.format(r='') for expression in FIGURES.values())} FROM requests WHERE id > ?")
 
 
-def insert_requests(conn: sqlite3.Connection, sql: str, rows: list) -> int:
-    """Run an INSERT OR IGNORE into requests for every row (on the writer's connection: see track_request_changes);
-    how many were added. They are noted in changed_requests in one statement after, not by the trigger one at a
-    time (a third of the insert's time): a new row's id is above every id before it."""
+def insert_requests(conn: sqlite3.Connection, sql: str, rows: list | None = None) -> int:
+    """Run an INSERT OR IGNORE into requests for every row, or once without rows (on the writer's connection: see
+    track_request_changes); how many were added. They are noted in changed_requests in one statement after, not
+    by the trigger one at a time (a third of the insert's time): a new row's id is above every id before it."""
     last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM requests").fetchone()[0]
     conn.execute("UPDATE row_by_row SET noting = 0")
-    added = conn.executemany(sql, rows).rowcount
+    added = (conn.execute(sql) if rows is None else conn.executemany(sql, rows)).rowcount
     conn.execute("UPDATE row_by_row SET noting = 1")
     conn.execute(NOTE_ADDED, (last,))
     return added
@@ -2570,7 +2584,11 @@ def insert_requests(conn: sqlite3.Connection, sql: str, rows: list) -> int:
 def settle_rollups(conn: sqlite3.Connection) -> None:
     """Add the requests rows noted since the last call (see track_request_changes) to SUMMED_ROLLUPS and
     session_usage, one upsert per key, and delete the keys left without rows; note their span of times in
-    changed_span. In the writing transaction, before its COMMIT and before the writer reads a summed rollup."""
+    changed_span. In the writing transaction, before its COMMIT and before the writer reads a summed rollup. Without
+    a row noted, nothing: a statement costs its thread the GIL twice, which the RPC threads of a busy server hold
+    for up to the switch interval each time (see run_server)."""
+    if conn.execute("SELECT 1 FROM changed_requests LIMIT 1").fetchone() is None:
+        return
     for statement in SETTLE_ROLLUPS:
         conn.execute(statement)
 
@@ -2698,6 +2716,34 @@ def insert_sql(table: str, columns: tuple) -> str:
     return f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
+# The api_request events of a large export (a backfill's, a collector's queue catching up) are acknowledged from
+# pending_requests: appended there, a few pages an export, then applied with the exports' after them to requests,
+# its indexes and the rollups, up to APPLY_ROWS in one transaction: once that many wait, once the writer has had no
+# work for APPLY_IDLE_S, and before any other job, a read's included (see Writer.catch_up). Spread over a month, a
+# million such records wrote a random page of each index and rollup for every few of them; applied tens of thousands
+# at a time, each page is written once for many (BENCHMARKS.md). Smaller exports, as Claude Code sends while it
+# works, are stored at once: they would gain nothing, and their figures would wait for the next read.
+STAGE_MIN_REQUESTS = 128
+APPLY_ROWS = 65_536
+APPLY_IDLE_S = 0.05
+STAGE = insert_sql("pending_requests", REQUEST_COLUMNS).replace("OR IGNORE ", "")
+APPLY = (f"INSERT OR IGNORE INTO requests ({', '.join(REQUEST_COLUMNS)}) SELECT {', '.join(REQUEST_COLUMNS)} FROM "
+         "pending_requests ORDER BY ts, rowid")  # a key sent twice: the first one sent is stored, as at once
+PENDING_ROWS = "SELECT COALESCE(MAX(rowid) - MIN(rowid) + 1, 0) FROM pending_requests"  # applied all at once, so
+# their rowids are consecutive: counted without a scan
+
+
+def stageable(batch: Batch) -> bool:
+    """Whether a batch's requests may wait in pending_requests (see STAGE_MIN_REQUESTS): Claude Code's api_request
+    events, at least that many, each dated, in a batch without metric points or turn costs. Other agents' calls
+    replace usage by agent and user (see _replace_session_less_metrics) and claim models (_own_models), a metric
+    point counts only where its session has no requests, and an undated record's resend is found among the stored
+    rows (UNDATED_SEQ): those are stored at once."""
+    agent, origin, seq = (REQUEST_COLUMNS.index(c) for c in ("agent", "origin", "seq"))
+    return len(batch.requests) >= STAGE_MIN_REQUESTS and not batch.metrics and not batch.turn_costs and all(
+        row[agent] == CLAUDE_CODE and row[origin] == ORIGIN_EVENT and row[seq] > UNDATED_SEQ for row in batch.requests)
+
+
 class Writer:
     """The one writer of the database. Its thread commits queued jobs in groups, and a job's result is delivered
     only after its COMMIT and a check that the file committed to is still the database at its path."""
@@ -2717,6 +2763,7 @@ class Writer:
             self._write_conn = open_database(path)
             tune_writer(self._write_conn)
             track_request_changes(self._write_conn)
+            self._pending = self._write_conn.execute(PENDING_ROWS).fetchone()[0]  # left by a stop: applied first
             real = Path(os.path.realpath(path))  # SQLite keeps its -wal beside the file, not beside a symlink
             self._file.watch(real.with_name(real.name + "-wal"))
             self._wal = os.open(real.with_name(real.name + "-wal"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -2768,26 +2815,43 @@ class Writer:
         except sqlite3.Error as exc:
             log.error("the database %s could not be checkpointed: %s", self.path, exc)
 
-    def submit(self, job: Callable[[sqlite3.Connection], Any], timeout: float = 2.0) -> futures.Future:
+    def submit(self, job: Callable[[sqlite3.Connection], Any], timeout: float = 2.0,
+               appends_only: bool = False) -> futures.Future:
         """Queue a job for the writer; its Future resolves after the job's transaction commits. A job may be run
         again after its transaction was rolled back (another job of its group failed: see _run_group), so it has
-        no effect outside the database but on caches."""
+        no effect outside the database but on caches. The requests waiting in pending_requests are applied before
+        it runs, unless it only `appends_only` there (see STAGE_MIN_REQUESTS)."""
         if self._closed:
             raise StorageUnavailable("the server is shutting down")
         future: futures.Future = futures.Future()
         try:
-            self._jobs.put((job, future), timeout=timeout)
+            self._jobs.put((job, future, appends_only), timeout=timeout)
         except queue.Full:
             raise StorageUnavailable("the ingestion queue is full", retry_after_s=2) from None
         return future
 
-    def write(self, batch: Batch, timeout: float = 8.0) -> int:
-        """Store a batch durably; returns how many rows were new (duplicates are ignored)."""
-        future = self.submit(lambda conn: self._insert(conn, batch), timeout=0.5)
+    def write(self, batch: Batch, timeout: float = 8.0) -> tuple[int, int]:
+        """Store a batch durably: (how many rows were new, duplicates being ignored; how many requests wait to be
+        applied, which are not known to be new yet: see STAGE_MIN_REQUESTS)."""
+        if stageable(batch):
+            future = self.submit(lambda conn: self._stage(conn, batch), timeout=0.5, appends_only=True)
+        else:
+            future = self.submit(lambda conn: (self._insert(conn, batch), 0), timeout=0.5)
         try:
             return future.result(timeout=timeout)
         except futures.TimeoutError:
             raise StorageUnavailable("the database did not commit in time") from None
+
+    def catch_up(self, timeout: float = 60.0) -> None:
+        """Before a read: the requests acknowledged but waiting in pending_requests applied (a job of its own, which
+        the writer applies them before). The writer notes how many wait once it commits, before it acknowledges
+        them, so a read after an acknowledgement counts what it acknowledged."""
+        if self._pending:
+            try:
+                self._job(lambda conn: None, timeout)
+            except StorageUnavailable as exc:
+                raise sqlite3.OperationalError(f"{self._pending:,} requests received are not counted yet ({exc})"
+                                               ) from None
 
     def record_reading(self, reading: LimitReading, timeout: float = 2.0) -> None:
         """Store a status line reading durably; its project names the session's when nothing else has."""
@@ -2827,11 +2891,16 @@ class Writer:
     def _write_loop(self) -> None:
         while True:
             try:
-                first = self._jobs.get(timeout=WRITER_IDLE_S)
+                first = self._jobs.get(timeout=APPLY_IDLE_S if self._pending and not self._failing else WRITER_IDLE_S)
             except queue.Empty:
+                if self._pending:
+                    self._apply()
+                    continue
                 self._rest()
                 first = self._jobs.get()
             if first is None or time.monotonic() > self._drain_until:
+                if first is None and self._pending:
+                    self._apply()  # what was acknowledged is stored either way: the next start would apply it
                 self._fail_queued(first)
                 return
             group = [first]
@@ -2845,7 +2914,13 @@ class Writer:
                     break
                 group.append(item)
             self._run_group(group)
+            if self._pending >= APPLY_ROWS:
+                self._apply()
             first = item = group = None  # else the last jobs, and the rows they hold, live until the next write
+
+    def _apply(self) -> None:
+        """Apply the requests in pending_requests, in a transaction of their own (a job that does nothing else)."""
+        self._run_group([(lambda conn: None, futures.Future(), False)])
 
     def _rest(self) -> None:
         """Without work: the -wal copied into the database file and cut to nothing (see WAL_CHECKPOINT_PAGES), and
@@ -2875,7 +2950,7 @@ class Writer:
         if self._lost or self._unsynced:
             failure = StorageUnavailable(f"the database file is gone ({self._lost}); stop the server and put the "
                                          f"file back at {self.path}" if self._lost else self._unsynced, 30)
-            for _, future in group:
+            for _, future, _ in group:
                 future.set_exception(failure)
             return
         conn = self._write_conn
@@ -2897,7 +2972,7 @@ class Writer:
                           "exporters are told to retry until it works again")
             self._failing = True
             failure = StorageUnavailable(f"database write failed: {exc}")
-            for _, future in group:
+            for _, future, _ in group:
                 future.set_exception(failure)
             return
         if changed:
@@ -2955,7 +3030,7 @@ class Writer:
         for item in committed:
             if item is None:
                 return False
-            for (_, future), (result, exc) in zip(*item):
+            for (_, future, _), (result, exc) in zip(*item):
                 if exc is None and failure is None:
                     future.set_result(result)
                 else:
@@ -2969,10 +3044,12 @@ class Writer:
         changes, written to a journal of its own: on exports spread over a month, as many bytes as the -wal gets."""
         results = []
         conn.execute("BEGIN IMMEDIATE")
-        for job, _ in group:
+        for job, _, appends_only in group:
             if savepoints:
                 conn.execute("SAVEPOINT job")
             try:
+                if not appends_only:
+                    self._apply_pending(conn)
                 results.append((job(conn), None))
             except Exception as exc:
                 if isinstance(exc, sqlite3.OperationalError) or is_damage(exc):
@@ -2988,7 +3065,9 @@ class Writer:
                 conn.execute("RELEASE job")
         settle_rollups(conn)
         changed = changed_since(conn)
+        pending = conn.execute(PENDING_ROWS).fetchone()[0]
         conn.execute("COMMIT")
+        self._pending = pending  # before the syncer acknowledges anything of it: see catch_up
         return results, changed
 
     def _intern(self, conn: sqlite3.Connection, table: str, column: str, value: Any) -> int | None:
@@ -3024,6 +3103,37 @@ class Writer:
         metrics = self._resolve(conn, "metric_points", METRIC_COLUMNS, batch.metrics)
         with counters_kept(conn, self._touched(conn, requests, metrics, batch)):
             return self._insert_resolved(conn, batch, requests, metrics)
+
+    def _stage(self, conn: sqlite3.Connection, batch: Batch) -> tuple[int, int]:
+        """Append a stageable batch's requests to pending_requests (see STAGE_MIN_REQUESTS), and store the rest of
+        it (events, projects, its counts) as any batch's: (new rows, requests appended)."""
+        rest = dataclasses.replace(batch, requests=[])
+        new = self._insert(conn, rest) if rest.events or rest.projects or rest.receipt else 0
+        return new, conn.executemany(STAGE, self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests)).rowcount
+
+    def _apply_pending(self, conn: sqlite3.Connection) -> None:
+        """Store the requests waiting in pending_requests as _insert stores a batch's, all in one go and in time
+        order, and empty it: Claude Code's api_request events (see stageable), which replace the metric-derived
+        usage of their sessions and the transcripts' copies of themselves (joined by request_id)."""
+        if not conn.execute("SELECT 1 FROM pending_requests LIMIT 1").fetchone():
+            return
+        replaced, imported = replaced_by(ORIGIN_EVENT), self._has_imported(conn)
+        copies = f"request_id IN (SELECT request_id FROM pending_requests) AND {origin_in(replaced & REQUEST_ORIGINS)}"
+        touched = {session for session, in conn.execute("SELECT DISTINCT session FROM pending_requests")}
+        if imported:
+            touched.update(session for session, in conn.execute(f"SELECT session FROM requests WHERE {copies}"))
+        with counters_kept(conn, touched):
+            conn.execute(f"DELETE FROM requests WHERE {origin_in(replaced - REQUEST_ORIGINS)} AND session IN (SELECT "
+                         "session FROM pending_requests)")
+            if imported:
+                conn.execute(f"DELETE FROM requests WHERE {copies}")
+            insert_requests(conn, APPLY)
+            if self._copy_windows:  # imports under way have read the rows stored before these
+                for request_id, ts in conn.execute("SELECT request_id, ts FROM pending_requests WHERE request_id "
+                                                   "IS NOT NULL").fetchall():
+                    for window in tuple(self._copy_windows):
+                        window.add(request_id, ts)
+            conn.execute("DELETE FROM pending_requests")
 
     def _touched(self, conn: sqlite3.Connection, requests: list, metrics: list, batch: Batch) -> set[int]:
         """The sessions whose usage or project a batch may change: its own, those it names a project or prices a
@@ -3441,10 +3551,12 @@ def closing_after_queries(cls: type) -> type:
     """Wrap every public method of the Reader so that its thread's connection counts as in use while it runs:
     Reader.close() must not close a connection under a query (Python's sqlite3 reads the closed handle once the
     query's step returns, and the process crashes); the query closes it when it ends. Each call so gets its
-    connection first, and the check that the database is still at its path, even one the cache answers."""
+    connection first, and the check that the database is still at its path, even one the cache answers; before
+    them, the writer applies what it has acknowledged but not applied yet (see Writer.catch_up)."""
     def wrapped(method: Callable) -> Callable:
         @functools.wraps(method)
         def query(self, *args, **kwargs):
+            self._catch_up()
             with self._lock:  # not between close()'s look at the connection and its closing it
                 conn = self._reader()
                 conn.queries += 1
@@ -3468,9 +3580,11 @@ class Reader:
     """Queries over the database, each on its thread's own read-only connection (SQLite's WAL lets them run
     while the writer commits)."""
 
-    def __init__(self, path: Path, moved: Callable[[], str] = lambda: "", buckets: BucketCache | None = None):
+    def __init__(self, path: Path, moved: Callable[[], str] = lambda: "", buckets: BucketCache | None = None,
+                 catch_up: Callable[[], None] = lambda: None):
         self.path = path
         self._moved = moved  # the server's check that its database file is still at the path
+        self._catch_up = catch_up  # the writer's: see Writer.catch_up
         self._bucket_cache = buckets  # the writer's, which knows what changed: without one, nothing is kept
         self._connections = threading.local()
         self._open: weakref.WeakSet[ReadConnection] = weakref.WeakSet()  # every thread's, for close()
@@ -5000,39 +5114,40 @@ class Receiver:
     def __init__(self, store: Writer, decoders: Decoders | None = None):
         self.store, self.decoders, self.heap = store, decoders or Decoders(0), HeapTrimmer()
 
-    def receive(self, kind: str, data: bytes, protocol: str, rejected: Rejections) -> tuple[int, int]:
-        """Decode and store an export's batches; (API requests, new rows). The export's counts (see ReceiverCounts)
-        go with its last batch, into the transaction that stores it: known only once the export is all decoded,
-        one batch is held back for them (an export of rejected records only writes them alone)."""
-        requests, new, held = 0, 0, None
+    def receive(self, kind: str, data: bytes, protocol: str, rejected: Rejections) -> tuple[int, int, int]:
+        """Decode and store an export's batches; (API requests, new rows, requests waiting to be applied). The
+        export's counts (see ReceiverCounts) go with its last batch, into the transaction that stores it: known
+        only once the export is all decoded, one batch is held back for them (an export of rejected records only
+        writes them alone)."""
+        requests, new, pending, held = 0, 0, 0, None
         try:
             for batch in self.decoders.batches(kind, data, rejected):
                 requests += len(batch.requests)
                 if held is not None:
-                    new += self.store.write(held)
+                    new, pending = map(operator.add, (new, pending), self.store.write(held))
                 held = batch
             if rejected.total:
                 accepted = rejected.total - rejected.count
                 held = held or Batch()
                 held.receipt = ReceiverCounts(protocol, kind, now_ms() if accepted else None, accepted, rejected.count)
             if held is not None:
-                new += self.store.write(held)
+                new, pending = map(operator.add, (new, pending), self.store.write(held))
         finally:
             self.heap.after_export()
-        return requests, new
+        return requests, new, pending
 
     def logs(self, data: bytes, protocol: str) -> logs_service_pb2.ExportLogsServiceResponse:
         """Store a serialized ExportLogsServiceRequest, received over `protocol` (grpc, http/protobuf, http/json)."""
         rejected = Rejections(EXPORT_ITEMS["logs"])
-        requests, new = self.receive("logs", data, protocol, rejected)
-        log.info("logs: %d records, %d api requests, %d new, %d rejected",
-                 rejected.total, requests, new, rejected.count)
+        requests, new, pending = self.receive("logs", data, protocol, rejected)
+        log.info("logs: %d records, %d api requests, %d new, %s%d rejected", rejected.total, requests, new,
+                 f"{pending} to be applied, " if pending else "", rejected.count)
         return rejected.answer(logs_service_pb2.ExportLogsServiceResponse(), "rejected_log_records")
 
     def metrics(self, data: bytes, protocol: str) -> metrics_service_pb2.ExportMetricsServiceResponse:
         """Store a serialized ExportMetricsServiceRequest, received over `protocol`."""
         rejected = Rejections(EXPORT_ITEMS["metrics"])
-        _, new = self.receive("metrics", data, protocol, rejected)
+        _, new, _ = self.receive("metrics", data, protocol, rejected)
         log.info("metrics: %d data points, %d new, %d rejected", rejected.total, new, rejected.count)
         return rejected.answer(metrics_service_pb2.ExportMetricsServiceResponse(), "rejected_data_points")
 
@@ -6473,7 +6588,8 @@ def start_listeners(config: Config, store: Writer, decoders: Decoders,
     """Both listeners started, or neither (a ServerError in one line); the HTTP listener with the `pages` made for
     the query service."""
     receiver = Receiver(store, decoders)
-    service = QueryService(Reader(config.database_path, store.moved, store.buckets), now_ms(), store)
+    service = QueryService(Reader(config.database_path, store.moved, store.buckets, store.catch_up), now_ms(),
+                           store)
     server = None
     try:
         server, port = start_grpc_server(config, receiver, service)

@@ -906,7 +906,7 @@ def test_a_query_under_way_when_the_reader_closes_finishes_and_then_closes_its_c
     Reader.close() leaves that connection to the query, which answers and closes it; the idle ones it closes."""
     db = tmp_path / "closing.db"
     store = ccmon.Writer(db)
-    assert store.write(one_request_batch(1)) == 1
+    assert store.write(one_request_batch(1)) == (1, 0)
     reader = ccmon.Reader(db)
     idle = reader._reader()  # the main thread's, no query on it
     inside, closed, answers = threading.Event(), threading.Event(), []
@@ -1143,11 +1143,18 @@ def test_kill_9_during_sustained_ingestion(tmp_path):
     srv.stop()
 
 
-def test_rollups_always_agree_with_raw_rows(tmp_path):
+@pytest.mark.parametrize("staged", [False, True])
+def test_rollups_always_agree_with_raw_rows(tmp_path, monkeypatch, staged):
     """Random inserts (with duplicates) and retention sweeps; every period, in any timezone, answered from the
-    rollups equals the brute-force sum over the raw rows."""
+    rollups equals the brute-force sum over the raw rows. Staged: a batch of Claude Code's api_request events waits
+    in pending_requests from 4 requests on, and is applied only before another job or a read (see
+    STAGE_MIN_REQUESTS): with the other batches, metric-derived rows among them, and the sweeps in between."""
     from hypothesis import HealthCheck, given, settings, strategies as st
-    store, reader = ccmon.Writer(tmp_path / "rollups.db"), ccmon.Reader(tmp_path / "rollups.db")
+    if staged:
+        monkeypatch.setattr(ccmon, "STAGE_MIN_REQUESTS", 4)
+        monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
+    store = ccmon.Writer(tmp_path / "rollups.db")
+    reader = ccmon.Reader(tmp_path / "rollups.db", catch_up=store.catch_up)
     base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
     span = 40 * 86400_000
     moments = st.integers(min_value=base - 86400_000, max_value=base + span)
@@ -1156,9 +1163,13 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
                     st.sampled_from(["ana@example.com", "bo@example.com", ""]),
                     *[st.integers(min_value=0, max_value=10 ** 6)] * 6,
                     st.one_of(st.none(), st.integers(min_value=0, max_value=5000)),  # ttft_ms
-                    st.none(), st.none(), st.none(), st.none(), st.sampled_from([0, 0, 1, 2, 3, 4, 5]),  # ..., origin
+                    st.none(), st.sampled_from([None, None, "req_1", "req_3"]), st.none(), st.none(),  # ..., request_id
+                    st.sampled_from([0, 0, 1, 2, 3, 4, 5]),  # origin
                     st.sampled_from(["claude-code", "claude-code", "codex"]))  # agent
+    api_request = row.map(lambda r: (*r[:12], "prompt", f"req_{r[2]}" if r[2] % 2 else None, None, None, 0,
+                                     "claude-code"))
     operation = st.one_of(st.tuples(st.just("insert"), st.lists(row, min_size=1, max_size=30)),
+                          st.tuples(st.just("insert"), st.lists(api_request, min_size=1, max_size=30)),
                           st.tuples(st.just("sweep"), moments))
     zones = st.sampled_from(["UTC", "Europe/Berlin", "Asia/Kolkata", "America/St_Johns", "Australia/Lord_Howe"])
 
@@ -1178,6 +1189,7 @@ def test_rollups_always_agree_with_raw_rows(tmp_path):
                 store.write(ccmon.Batch(requests=list(payload) * 2))  # every row twice: de-duplicated
             else:
                 store.sweep(payload)
+        store.catch_up()  # for brute_force, which reads the file
         for start, end in periods:
             lo, hi = min(start, end), max(start, end)
             assert reader.usage(lo, hi) == brute_force(lo, hi)
@@ -1784,6 +1796,80 @@ def test_duplicate_exports_are_counted_once(server):
     server.logs_stub().Export(anonymous)
     assert stats(server).total_requests == 4
     wait_for_log(server, "logs: 1 records, 1 api requests, 0 new, 0 rejected")  # stderr reaches the test a bit later
+
+
+def test_a_large_export_is_acknowledged_before_it_is_applied_and_every_read_counts_it(server):
+    """An export of STAGE_MIN_REQUESTS api_request events or more (a backfill's) is acknowledged once it waits in
+    pending_requests; the query after the acknowledgement counts every one of them (the writer applies them
+    first), and the same export sent again adds nothing. A smaller export is stored at once, as before."""
+    count = ccmon.STAGE_MIN_REQUESTS
+    records = [("api_request", api_request(n, f"2026-04-{1 + n % 28:02d}T{n % 24:02d}:00:00Z", session=f"s-{n % 7}",
+                                           cost_usd=0.001 * n, input_tokens=n)) for n in range(1, count + 1)]
+    assert not server.logs_stub().Export(logs_request(records)).HasField("partial_success")
+    wait_for_log(server, f"logs: {count} records, {count} api requests, 0 new, {count} to be applied, 0 rejected")
+    answer = stats(server)
+    assert (answer.total_requests, answer.total_tokens.input) == (count, count * (count + 1) // 2)
+    assert db_rows(server.db, "SELECT COUNT(*), SUM(cost_nanos) FROM requests") == \
+        [(count, 1_000_000 * count * (count + 1) // 2)]
+    assert db_rows(server.db, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
+    server.logs_stub().Export(logs_request(records))
+    assert stats(server).total_requests == count
+    server.logs_stub().Export(logs_request(records[:count - 1]))
+    wait_for_log(server, f"logs: {count - 1} records, {count - 1} api requests, 0 new, 0 rejected")
+    assert stats(server).total_requests == count
+    assert_rollups_are_their_rows(server.db)
+
+
+def test_requests_waiting_when_the_writer_stopped_are_applied_at_its_next_start(tmp_path, monkeypatch):
+    """Acknowledged requests that wait in pending_requests survive a stop before they are applied (a crash, a
+    power cut): the next start applies them before anything else, and a read waits for that."""
+    monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
+    db = tmp_path / "pending.db"
+    store = ccmon.Writer(db)
+    many = ccmon.Batch(requests=[row for n in range(1, 201) for row in one_request_batch(n).requests])
+    assert store.write(many) == (0, 200)
+    monkeypatch.setattr(store, "_apply", lambda: None)  # stopped as a crash would stop it: before applying them
+    store.close()
+    assert db_rows(db, "SELECT COUNT(*) FROM pending_requests") == [(200,)]
+    assert db_rows(db, "SELECT COUNT(*) FROM requests") == [(0,)]
+    store = ccmon.Writer(db)
+    try:
+        reader = ccmon.Reader(db, catch_up=store.catch_up)
+        assert sum(reader.usage(0, 2 ** 50).values(), ccmon.Usage()).requests == 200
+        assert db_rows(db, "SELECT COUNT(*), SUM(cost_nanos) FROM requests") == [(200, 1000 * 200 * 201 // 2)]
+        assert db_rows(db, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
+        reader.close()
+    finally:
+        store.close()
+    assert_rollups_are_their_rows(db)
+
+
+def test_requests_waiting_are_applied_once_enough_wait_and_a_read_that_cannot_apply_them_says_so(tmp_path,
+                                                                                                monkeypatch):
+    """Without a read or another job, the writer applies what waits once APPLY_ROWS do. A read that finds requests
+    waiting while the writer cannot apply them (here: it has stopped) fails saying so, rather than answering
+    without them."""
+    monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
+    monkeypatch.setattr(ccmon, "APPLY_ROWS", 300)
+    db = tmp_path / "applied.db"
+    store = ccmon.Writer(db)
+    batches = [ccmon.Batch(requests=[row for n in range(first, first + 150) for row in one_request_batch(n).requests])
+               for first in (1, 151, 301)]
+    try:
+        assert store.write(batches[0]) == (0, 150)
+        assert db_rows(db, "SELECT COUNT(*) FROM pending_requests") == [(150,)]
+        assert store.write(batches[1]) == (0, 150)
+        wait_until(lambda: db_rows(db, "SELECT COUNT(*) FROM requests") == [(300,)], "300 requests applied", 30)
+        assert db_rows(db, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
+        assert store.write(batches[2]) == (0, 150)
+    finally:
+        monkeypatch.setattr(store, "_apply", lambda: None)
+        store.close()
+    reader = ccmon.Reader(db, catch_up=store.catch_up)
+    with pytest.raises(sqlite3.OperationalError, match=r"^150 requests received are not counted yet \(the server "
+                                                       r"is shutting down\)$"):
+        reader.usage(0, 2 ** 50)
+    reader.close()
 
 
 def test_malformed_values_are_rejected_with_partial_success(server):
@@ -2641,11 +2727,12 @@ def test_a_wal_grown_under_an_open_read_is_cut_back_to_its_working_size(tmp_path
         reader.execute("BEGIN")
         assert reader.execute("SELECT COUNT(*) FROM requests").fetchone() == (0,)
         many = ccmon.Batch(requests=[row for n in range(1, 3001) for row in one_request_batch(n).requests])
-        assert store.write(many) == 3000
+        assert store.write(many) == (0, 3000)  # waiting to be applied: see STAGE_MIN_REQUESTS
+        store.catch_up()
         assert wal.stat().st_size > 4 * working_size
         reader.execute("COMMIT")
         for n in (3001, 3002):  # the first copies the -wal, the second starts it over
-            assert store.write(one_request_batch(n)) == 1
+            assert store.write(one_request_batch(n)) == (1, 0)
         assert wal.stat().st_size == working_size
     finally:
         reader.close()
@@ -2668,15 +2755,15 @@ def test_the_wal_is_cut_to_nothing_when_the_writer_rests_unless_a_read_still_use
     try:
         waits = store.submit(busy_timeout).result(30)
         assert waits > 0
-        assert store.write(one_request_batch(1)) == 1
+        assert store.write(one_request_batch(1)) == (1, 0)
         rests.get(timeout=30)
         assert wal.stat().st_size == 0
         reader.execute("BEGIN")  # a read from the database file alone, kept open
         assert reader.execute("SELECT COUNT(*) FROM requests").fetchone() == (1,)
-        assert store.write(one_request_batch(2)) == 1
+        assert store.write(one_request_batch(2)) == (1, 0)
         rests.get(timeout=30)
         assert wal.stat().st_size > 0  # its frames could not be copied under the open read
-        assert store.write(one_request_batch(3)) == 1  # the writer did not wait for the read
+        assert store.write(one_request_batch(3)) == (1, 0)  # the writer did not wait for the read
         assert store.submit(busy_timeout).result(30) == waits  # for the writes: the rest did without
         reader.execute("COMMIT")
         rests.get(timeout=30)
@@ -2714,8 +2801,8 @@ def test_a_failed_fsync_stops_acknowledging_until_a_restart(tmp_path, monkeypatc
     assert "COULD NOT BE WRITTEN TO DISK: [Errno 5] Input/output error" in caplog.text
     store = ccmon.Writer(tmp_path / "eio.db")  # restarted
     try:
-        assert store.write(one_request_batch(1)) in (0, 1)  # on disk or not, it is there once now
-        assert store.write(one_request_batch(2)) == 1
+        assert store.write(one_request_batch(1)) in ((0, 0), (1, 0))  # on disk or not, it is there once now
+        assert store.write(one_request_batch(2)) == (1, 0)
     finally:
         store.close()
     assert db_rows(tmp_path / "eio.db", "SELECT seq, input_tokens FROM requests ORDER BY seq") == [(1, 10), (2, 20)]
@@ -6460,12 +6547,48 @@ def counter_figures(reader: ccmon.Reader, labels: dict[str, int] = UNCAPPED,
     return {(one.user, one.model, one.project): one.usage for one in reader.counter_series(labels, most_series)}
 
 
-def test_metric_counters_never_go_down(tmp_path):
+def store_operations(st, moments, sessions, row, writes=("write",)):
+    """What happens to a store, as a hypothesis strategy of (kind, payload): telemetry `row`s written (as each of
+    `writes`), transcripts imported (which telemetry of the same request_id replaces), projects named late, status
+    line readings naming a folder, retention sweeps."""
+    imported = st.tuples(moments, sessions, st.integers(min_value=100, max_value=120),
+                         st.just("claude-sonnet-4-5"), st.just(""), *[st.integers(min_value=0, max_value=10 ** 6)] * 6,
+                         st.none(), st.none(), st.sampled_from(["req_1", "req_2", "req_3"]), st.none(), st.none(),
+                         st.sampled_from([2, 3]), st.just("claude-code"))
+    return st.one_of(st.tuples(st.sampled_from(writes), st.lists(row, min_size=1, max_size=8)),
+                     st.tuples(st.just("import"), st.lists(imported, min_size=1, max_size=8)),
+                     st.tuples(st.just("name"), st.tuples(sessions, st.sampled_from(["alpha", "beta"]))),
+                     st.tuples(st.just("read"), st.tuples(sessions, st.sampled_from(["/w/alpha", "/w/gamma"]))),
+                     st.tuples(st.just("sweep"), moments))
+
+
+def run_store_operation(store: ccmon.Writer, kind: str, payload, base: int) -> None:
+    """One of store_operations (a status line reading taken at `base`)."""
+    if kind == "write":
+        store.write(ccmon.Batch(requests=[r if r[-2] == 0 else r[:13] + (None,) + r[14:]
+                                          for r in payload]))  # metric usage has no request_id
+    elif kind == "import":
+        store.import_requests(list(payload), {}, "importer@example.com")
+    elif kind == "name":
+        store.write(ccmon.Batch(projects={payload[0]: payload[1]}))
+    elif kind == "read":
+        store.record_reading(ccmon.LimitReading(payload[0], base, project=payload[1]))
+    else:
+        store.sweep(payload)
+
+
+@pytest.mark.parametrize("staged", [False, True])
+def test_metric_counters_never_go_down(tmp_path, monkeypatch, staged):
     """Random telemetry, metric-derived usage, imports, telemetry replacing imported copies at another cost and
     user, projects named late, retention sweeps: after each, no counter series is lower than before, and the
-    counters less what was retired are the stored rows."""
+    counters less what was retired are the stored rows. Staged: telemetry of 2 requests or more waits in
+    pending_requests until the next job or read (see STAGE_MIN_REQUESTS)."""
     from hypothesis import HealthCheck, given, settings, strategies as st
-    store, reader = ccmon.Writer(tmp_path / "counters.db"), ccmon.Reader(tmp_path / "counters.db")
+    if staged:
+        monkeypatch.setattr(ccmon, "STAGE_MIN_REQUESTS", 2)
+        monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
+    store = ccmon.Writer(tmp_path / "counters.db")
+    reader = ccmon.Reader(tmp_path / "counters.db", catch_up=store.catch_up)
     base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
     moments = st.integers(min_value=base, max_value=base + 10 * 86400_000)
     sessions = st.sampled_from(["s1", "s2", "s3"])
@@ -6475,33 +6598,14 @@ def test_metric_counters_never_go_down(tmp_path):
                     *[st.integers(min_value=0, max_value=10 ** 6)] * 6, st.none(), st.none(),
                     st.sampled_from([None, "req_1", "req_2", "req_3"]), st.none(), st.none(), st.sampled_from([0, 1]),
                     st.just("claude-code"))
-    imported = st.tuples(moments, sessions, st.integers(min_value=100, max_value=120),
-                         st.just("claude-sonnet-4-5"), st.just(""), *[st.integers(min_value=0, max_value=10 ** 6)] * 6,
-                         st.none(), st.none(), st.sampled_from(["req_1", "req_2", "req_3"]), st.none(), st.none(),
-                         st.sampled_from([2, 3]), st.just("claude-code"))
-    operation = st.one_of(st.tuples(st.just("write"), st.lists(row, min_size=1, max_size=8)),
-                          st.tuples(st.just("import"), st.lists(imported, min_size=1, max_size=8)),
-                          st.tuples(st.just("name"), st.tuples(sessions, st.sampled_from(["alpha", "beta"]))),
-                          st.tuples(st.just("read"), st.tuples(sessions, st.sampled_from(["/w/alpha", "/w/gamma"]))),
-                          st.tuples(st.just("sweep"), moments))
 
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(st.lists(operation, min_size=1, max_size=8))
+    @given(st.lists(store_operations(st, moments, sessions, row), min_size=1, max_size=8))
     def check(operations):
         for kind, payload in operations:
             before, capped_before = counter_figures(reader), counter_figures(reader, {"user": 1, "model": 1,
                                                                                      "project": 1}, 2)
-            if kind == "write":
-                store.write(ccmon.Batch(requests=[r if r[-2] == 0 else r[:13] + (None,) + r[14:]
-                                                  for r in payload]))  # metric usage has no request_id
-            elif kind == "import":
-                store.import_requests(list(payload), {}, "importer@example.com")
-            elif kind == "name":
-                store.write(ccmon.Batch(projects={payload[0]: payload[1]}))
-            elif kind == "read":
-                store.record_reading(ccmon.LimitReading(payload[0], base, project=payload[1]))
-            else:
-                store.sweep(payload)
+            run_store_operation(store, kind, payload, base)
             after, capped_after = counter_figures(reader), counter_figures(reader, {"user": 1, "model": 1,
                                                                                    "project": 1}, 2)
             for was_then, now_then in ((before, after), (capped_before, capped_after)):
@@ -6526,6 +6630,69 @@ EVERY_SERIES_NUMBERED = ("SELECT COUNT(*) FROM (SELECT su.user, su.model, COALES
                          "JOIN sessions s ON s.id = su.session LEFT JOIN projects p ON p.name = s.project UNION "
                          "SELECT user, model, project FROM retired_usage EXCEPT SELECT user, model, project FROM "
                          "metric_series)")
+
+
+# What a store holds, in names: the rows, each session's usage and user, the rollups and the counters' series'
+# numbers. (Not what the counters retired: a batch of events replacing metric-derived usage adds to it what the
+# metrics counted over the events, which for many batches applied at once is counted over all of them together.)
+STORED_STATE = [
+    "SELECT ts, session_id, seq, model_name, user_name, input_tokens, output_tokens, cache_read_tokens, "
+    "cache_creation_tokens, cost_nanos, duration_ms, prompt_id, request_id, origin FROM r ORDER BY 1, 2, 3",
+    f"SELECT s.session_id, m.name, u.name, su.first_ts, su.last_ts, {', '.join(ccmon.FIGURES)} FROM session_usage su "
+    "JOIN sessions s ON s.id = su.session JOIN models m ON m.id = su.model JOIN users u ON u.id = su.user ORDER BY 1, 2",
+    *(f"SELECT bucket, m.name{', u.name' if by_user else ''}, {', '.join(ccmon.FIGURES)} FROM {table} t JOIN models m ON "
+      f"m.id = t.model{' JOIN users u ON u.id = t.user' if by_user else ''} ORDER BY 1, 2{', 3' if by_user else ''}"
+      for table, by_user in (("usage_rollup", True), ("usage_daily", True), ("total_hourly", False),
+                             ("total_daily", False))),
+    "SELECT t.id, u.name, m.name, COALESCE(p.name, '') FROM metric_series t JOIN users u ON u.id = t.user JOIN "
+    "models m ON m.id = t.model LEFT JOIN projects p ON p.id = t.project ORDER BY 1"]
+
+
+def test_a_batch_waiting_to_be_applied_is_stored_as_it_would_be_at_once(tmp_path, monkeypatch):
+    """Whatever comes before and after it (other batches, metric-derived usage, imports and the telemetry that
+    replaces their copies, projects named late, status line readings, retention sweeps), a batch of Claude Code's
+    api_request events that waits in pending_requests (see STAGE_MIN_REQUESTS) leaves the database as the same
+    batch stored at once does: the same rows, sessions' usage and users, rollups and counter series."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)  # applied before the next job or read, not when idle
+    staged, direct = ccmon.Writer(tmp_path / "staged.db"), ccmon.Writer(tmp_path / "direct.db")
+    base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
+    moments = st.integers(min_value=base, max_value=base + 10 * 86400_000)
+    sessions = st.sampled_from(["s1", "s2", "s3"])  # each of one user: its user is its latest row's
+    user_of = {"s1": "ana@example.com", "s2": "bo@example.com", "s3": "ana@example.com"}
+    hours = st.integers(min_value=0, max_value=48).map(lambda hour: base + hour * 3600_000)  # keys sent again
+    row = st.tuples(hours, sessions, st.integers(min_value=0, max_value=50),
+                    st.sampled_from(["claude-sonnet-4-5", "claude-opus-4-1"]), st.just(""),
+                    *[st.integers(min_value=0, max_value=10 ** 6)] * 6, st.none(), st.sampled_from([None, "p1"]),
+                    st.sampled_from([None, "req_1", "req_2", "req_3"]), st.none(), st.none(), st.sampled_from([0, 1]),
+                    st.just("claude-code")).map(lambda r: (*r[:4], user_of[r[1]], *r[5:]))
+
+    def run(store: ccmon.Writer, kind: str, payload) -> None:
+        if kind == "resend":  # api_request events (which may wait), then the same keys with other figures: the
+            events = [(*r[:16], ccmon.ORIGIN_EVENT, r[17]) for r in payload]  # first sent is stored
+            store.write(ccmon.Batch(requests=events))
+            store.write(ccmon.Batch(requests=[(*r[:5], r[5] + 1, *r[6:]) for r in events]))
+        else:
+            run_store_operation(store, kind, payload, base)
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(store_operations(st, moments, sessions, row, ("write", "resend")), min_size=1, max_size=8))
+    def check(operations):
+        for kind, payload in operations:
+            for store, least in ((staged, 2), (direct, 10 ** 9)):
+                monkeypatch.setattr(ccmon, "STAGE_MIN_REQUESTS", least)
+                run(store, kind, payload)
+        staged.catch_up()
+        for sql in STORED_STATE:
+            assert db_rows(staged.path, sql) == db_rows(direct.path, sql), sql
+        assert db_rows(staged.path, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
+
+    try:
+        check()
+        assert db_rows(staged.path, "SELECT COUNT(*) FROM requests") != [(0,)]
+    finally:
+        staged.close()
+        direct.close()
 
 
 def test_other_agents_metrics_sessions_and_turn_costs_keep_the_counters(server):
@@ -6557,9 +6724,9 @@ def test_other_agents_metrics_sessions_and_turn_costs_keep_the_counters(server):
 
 # What schema 13 added (see total_everyone), dropped: a database written now, as a release before it left it.
 # Back to version 12 from the current schema: no totals, and usage_rollup kept by its triggers again.
-VERSIONS_13_TO_15_UNDONE = (f"DROP TABLE total_hourly; DROP TABLE total_daily; {ccmon.usage_triggers(ccmon.V8_FIGURES)} "
+VERSIONS_13_TO_16_UNDONE = (f"DROP TABLE total_hourly; DROP TABLE total_daily; {ccmon.usage_triggers(ccmon.V8_FIGURES)} "
                             "CREATE INDEX requests_session_request ON requests(session, request_id) WHERE "
-                            "request_id IS NOT NULL;")
+                            "request_id IS NOT NULL; DROP TABLE pending_requests;")
 
 
 def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
@@ -6574,7 +6741,7 @@ def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
                                 projects={f"s{number}": project}))
     store.close()
     with sqlite3.connect(db) as conn:
-        conn.executescript(f"{VERSIONS_13_TO_15_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
+        conn.executescript(f"{VERSIONS_13_TO_16_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
                            "DROP TRIGGER projects_named; DROP TABLE projects; "
                            "DROP TABLE retired_usage; ALTER TABLE limit_readings DROP COLUMN agent; "
                            "PRAGMA user_version = 8;")
@@ -6711,7 +6878,7 @@ def test_schema_11_numbers_the_stored_series_by_their_ids(tmp_path):
         write_series(store, at, number)
     store.close()
     with sqlite3.connect(db) as conn:
-        conn.executescript(f"{VERSIONS_13_TO_15_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
+        conn.executescript(f"{VERSIONS_13_TO_16_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
                            "PRAGMA user_version = 10;")
     conn.close()
     store = ccmon.Writer(db)
