@@ -2716,15 +2716,17 @@ def insert_sql(table: str, columns: tuple) -> str:
     return f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
-# The api_request events of a large export (a backfill's, a collector's queue catching up) are acknowledged from
-# pending_requests: appended there, a few pages an export, then applied with the exports' after them to requests,
-# its indexes and the rollups, up to APPLY_ROWS in one transaction: once that many wait, once the writer has had no
-# work for APPLY_IDLE_S, and before any other job, a read's included (see Writer.catch_up). Spread over a month, a
-# million such records wrote a random page of each index and rollup for every few of them; applied tens of thousands
-# at a time, each page is written once for many (BENCHMARKS.md). Smaller exports, as Claude Code sends while it
-# works, are stored at once: they would gain nothing, and their figures would wait for the next read.
+# The api_request events of a large export spread over days (a backfill's: an import, machines catching up) are
+# acknowledged from pending_requests: appended there, a few pages an export, then applied with the exports' after
+# them to requests, its indexes and the rollups, up to APPLY_ROWS in one transaction: once that many wait, once the
+# writer has had no work for APPLY_IDLE_S, and before any other job, a read's included (see Writer.catch_up). Spread
+# over a month, a million such records wrote a random page of each index and rollup for every few of them; applied
+# tens of thousands at a time, each page is written once for many (BENCHMARKS.md). Other exports, as Claude Code
+# sends while it works or a queue of its exports catching up in time order, are stored at once: their records share
+# pages already, and the bulk apply would hold their senders' answers (and every read) while it runs.
 STAGE_MIN_REQUESTS = 128
-APPLY_ROWS = 65_536
+STAGE_MIN_SPAN_MS = DAY_MS
+APPLY_ROWS = 32_768
 APPLY_IDLE_S = 0.05
 STAGE = insert_sql("pending_requests", REQUEST_COLUMNS).replace("OR IGNORE ", "")
 APPLY = (f"INSERT OR IGNORE INTO requests ({', '.join(REQUEST_COLUMNS)}) SELECT {', '.join(REQUEST_COLUMNS)} FROM "
@@ -2735,12 +2737,16 @@ PENDING_ROWS = "SELECT COALESCE(MAX(rowid) - MIN(rowid) + 1, 0) FROM pending_req
 
 def stageable(batch: Batch) -> bool:
     """Whether a batch's requests may wait in pending_requests (see STAGE_MIN_REQUESTS): Claude Code's api_request
-    events, at least that many, each dated, in a batch without metric points or turn costs. Other agents' calls
+    events, at least that many over at least STAGE_MIN_SPAN_MS, each dated, in a batch without metric points or turn
+    costs. Other agents' calls
     replace usage by agent and user (see _replace_session_less_metrics) and claim models (_own_models), a metric
     point counts only where its session has no requests, and an undated record's resend is found among the stored
     rows (UNDATED_SEQ): those are stored at once."""
     agent, origin, seq = (REQUEST_COLUMNS.index(c) for c in ("agent", "origin", "seq"))
-    return len(batch.requests) >= STAGE_MIN_REQUESTS and not batch.metrics and not batch.turn_costs and all(
+    if len(batch.requests) < STAGE_MIN_REQUESTS or batch.metrics or batch.turn_costs:
+        return False
+    times = [row[0] for row in batch.requests]
+    return max(times) - min(times) >= STAGE_MIN_SPAN_MS and all(
         row[agent] == CLAUDE_CODE and row[origin] == ORIGIN_EVENT and row[seq] > UNDATED_SEQ for row in batch.requests)
 
 
@@ -2764,6 +2770,7 @@ class Writer:
             tune_writer(self._write_conn)
             track_request_changes(self._write_conn)
             self._pending = self._write_conn.execute(PENDING_ROWS).fetchone()[0]  # left by a stop: applied first
+            self._staged = False  # whether the transaction under way has appended to pending_requests
             real = Path(os.path.realpath(path))  # SQLite keeps its -wal beside the file, not beside a symlink
             self._file.watch(real.with_name(real.name + "-wal"))
             self._wal = os.open(real.with_name(real.name + "-wal"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -3044,6 +3051,7 @@ class Writer:
         changes, written to a journal of its own: on exports spread over a month, as many bytes as the -wal gets."""
         results = []
         conn.execute("BEGIN IMMEDIATE")
+        self._staged = False
         for job, _, appends_only in group:
             if savepoints:
                 conn.execute("SAVEPOINT job")
@@ -3065,7 +3073,7 @@ class Writer:
                 conn.execute("RELEASE job")
         settle_rollups(conn)
         changed = changed_since(conn)
-        pending = conn.execute(PENDING_ROWS).fetchone()[0]
+        pending = conn.execute(PENDING_ROWS).fetchone()[0] if self._pending or self._staged else 0
         conn.execute("COMMIT")
         self._pending = pending  # before the syncer acknowledges anything of it: see catch_up
         return results, changed
@@ -3082,18 +3090,15 @@ class Writer:
             found = self._ids[key] = conn.execute(f"SELECT id FROM {table} WHERE {column} = ?", (value,)).fetchone()[0]
         return found
 
-    def _resolve(self, conn: sqlite3.Connection, table: str, columns: tuple, rows: list[tuple]) -> list[list]:
-        """Rows with their interned text replaced by ids; a batch has few distinct values."""
-        interned = [(i, INTERNED[table][c]) for i, c in enumerate(columns) if c in INTERNED[table]]
-        ids = {(i, value): self._intern(conn, target, column, value)
-               for i, (target, column) in interned for value in {row[i] for row in rows}}
-        resolved = []
-        for row in rows:
-            row = list(row)
-            for i, _ in interned:
-                row[i] = ids[i, row[i]]
-            resolved.append(row)
-        return resolved
+    def _resolve(self, conn: sqlite3.Connection, table: str, columns: tuple, rows: list[tuple]) -> list[tuple]:
+        """Rows with their interned text replaced by ids, a column at a time; a batch has few distinct values."""
+        values = list(zip(*rows))
+        for i, name in enumerate(columns if rows else ()):
+            if name in INTERNED[table]:
+                target, column = INTERNED[table][name]
+                ids = {value: self._intern(conn, target, column, value) for value in set(values[i])}
+                values[i] = map(ids.__getitem__, values[i])
+        return list(zip(*values))
 
     def _insert(self, conn: sqlite3.Connection, batch: Batch) -> int:
         requests = self._not_resent(conn, "requests", REQUEST_COLUMNS,
@@ -3109,13 +3114,14 @@ class Writer:
         it (events, projects, its counts) as any batch's: (new rows, requests appended)."""
         rest = dataclasses.replace(batch, requests=[])
         new = self._insert(conn, rest) if rest.events or rest.projects or rest.receipt else 0
+        self._staged = True
         return new, conn.executemany(STAGE, self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests)).rowcount
 
     def _apply_pending(self, conn: sqlite3.Connection) -> None:
         """Store the requests waiting in pending_requests as _insert stores a batch's, all in one go and in time
         order, and empty it: Claude Code's api_request events (see stageable), which replace the metric-derived
         usage of their sessions and the transcripts' copies of themselves (joined by request_id)."""
-        if not conn.execute("SELECT 1 FROM pending_requests LIMIT 1").fetchone():
+        if not (self._pending or self._staged) or not conn.execute("SELECT 1 FROM pending_requests LIMIT 1").fetchone():
             return
         replaced, imported = replaced_by(ORIGIN_EVENT), self._has_imported(conn)
         copies = f"request_id IN (SELECT request_id FROM pending_requests) AND {origin_in(replaced & REQUEST_ORIGINS)}"

@@ -1152,6 +1152,7 @@ def test_rollups_always_agree_with_raw_rows(tmp_path, monkeypatch, staged):
     from hypothesis import HealthCheck, given, settings, strategies as st
     if staged:
         monkeypatch.setattr(ccmon, "STAGE_MIN_REQUESTS", 4)
+        monkeypatch.setattr(ccmon, "STAGE_MIN_SPAN_MS", 0)
         monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
     store = ccmon.Writer(tmp_path / "rollups.db")
     reader = ccmon.Reader(tmp_path / "rollups.db", catch_up=store.catch_up)
@@ -1799,9 +1800,10 @@ def test_duplicate_exports_are_counted_once(server):
 
 
 def test_a_large_export_is_acknowledged_before_it_is_applied_and_every_read_counts_it(server):
-    """An export of STAGE_MIN_REQUESTS api_request events or more (a backfill's) is acknowledged once it waits in
-    pending_requests; the query after the acknowledgement counts every one of them (the writer applies them
-    first), and the same export sent again adds nothing. A smaller export is stored at once, as before."""
+    """An export of STAGE_MIN_REQUESTS api_request events or more over days (a backfill's) is acknowledged once it
+    waits in pending_requests; the query after the acknowledgement counts every one of them (the writer applies
+    them first), and the same export sent again adds nothing. A smaller export, or one within a day, is stored at
+    once, as before."""
     count = ccmon.STAGE_MIN_REQUESTS
     records = [("api_request", api_request(n, f"2026-04-{1 + n % 28:02d}T{n % 24:02d}:00:00Z", session=f"s-{n % 7}",
                                            cost_usd=0.001 * n, input_tokens=n)) for n in range(1, count + 1)]
@@ -1816,7 +1818,11 @@ def test_a_large_export_is_acknowledged_before_it_is_applied_and_every_read_coun
     assert stats(server).total_requests == count
     server.logs_stub().Export(logs_request(records[:count - 1]))
     wait_for_log(server, f"logs: {count - 1} records, {count - 1} api requests, 0 new, 0 rejected")
-    assert stats(server).total_requests == count
+    within_a_day = [("api_request", api_request(n, f"2026-05-01T{n % 24:02d}:{n % 60:02d}:00Z", session="s-day"))
+                    for n in range(1, count + 1)]
+    server.logs_stub().Export(logs_request(within_a_day))
+    wait_for_log(server, f"logs: {count} records, {count} api requests, {count} new, 0 rejected")
+    assert stats(server).total_requests == 2 * count
     assert_rollups_are_their_rows(server.db)
 
 
@@ -6586,6 +6592,7 @@ def test_metric_counters_never_go_down(tmp_path, monkeypatch, staged):
     from hypothesis import HealthCheck, given, settings, strategies as st
     if staged:
         monkeypatch.setattr(ccmon, "STAGE_MIN_REQUESTS", 2)
+        monkeypatch.setattr(ccmon, "STAGE_MIN_SPAN_MS", 0)
         monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
     store = ccmon.Writer(tmp_path / "counters.db")
     reader = ccmon.Reader(tmp_path / "counters.db", catch_up=store.catch_up)
@@ -6655,6 +6662,7 @@ def test_a_batch_waiting_to_be_applied_is_stored_as_it_would_be_at_once(tmp_path
     batch stored at once does: the same rows, sessions' usage and users, rollups and counter series."""
     from hypothesis import HealthCheck, given, settings, strategies as st
     monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)  # applied before the next job or read, not when idle
+    monkeypatch.setattr(ccmon, "STAGE_MIN_SPAN_MS", 0)
     staged, direct = ccmon.Writer(tmp_path / "staged.db"), ccmon.Writer(tmp_path / "direct.db")
     base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
     moments = st.integers(min_value=base, max_value=base + 10 * 86400_000)
