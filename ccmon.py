@@ -3114,8 +3114,11 @@ class Writer:
     def _stage(self, conn: sqlite3.Connection, batch: Batch) -> tuple[int, int]:
         """Append a stageable batch's requests to pending_requests (see STAGE_MIN_REQUESTS), and store the rest of
         it (events, projects, its counts) as any batch's: (new rows, requests appended)."""
-        rest = dataclasses.replace(batch, requests=[])
-        new = self._insert(conn, rest) if rest.events or rest.projects or rest.receipt else 0
+        rest, new = dataclasses.replace(batch, requests=[]), 0
+        if rest.events or rest.projects:
+            new = self._insert(conn, rest)
+        elif rest.receipt:  # an export's last batch: its counts alone (the usual case)
+            self._count_receipt(conn, rest.receipt)
         self._staged = True
         return new, conn.executemany(STAGE, self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests)).rowcount
 

@@ -1814,6 +1814,8 @@ def test_a_large_export_is_acknowledged_before_it_is_applied_and_every_read_coun
     assert db_rows(server.db, "SELECT COUNT(*), SUM(cost_nanos) FROM requests") == \
         [(count, 1_000_000 * count * (count + 1) // 2)]
     assert db_rows(server.db, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
+    assert db_rows(server.db, "SELECT protocol, signal, accepted, rejected FROM receiver_counts") == \
+        [("grpc", "logs", count, 0)]  # the export's counts, stored with its rows as they wait
     server.logs_stub().Export(logs_request(records))
     assert stats(server).total_requests == count
     server.logs_stub().Export(logs_request(records[:count - 1]))
