@@ -2718,8 +2718,8 @@ def insert_sql(table: str, columns: tuple) -> str:
 
 # The api_request events of a large export spread over days (a backfill's: an import, machines catching up) are
 # acknowledged from pending_requests: appended there, a few pages an export, then applied with the exports' after
-# them to requests, its indexes and the rollups, up to APPLY_ROWS in one transaction: once that many wait, once the
-# writer has had no work for APPLY_IDLE_S, and before any other job, a read's included (see Writer.catch_up). Spread
+# them to requests, its indexes and the rollups in one transaction: once APPLY_ROWS wait, once the writer has had no
+# work for APPLY_IDLE_S, and before any other job, a read's included (see Writer.catch_up). Spread
 # over a month, a million such records wrote a random page of each index and rollup for every few of them; applied
 # tens of thousands at a time, each page is written once for many (BENCHMARKS.md). Other exports, as Claude Code
 # sends while it works or a queue of its exports catching up in time order, are stored at once: their records share
@@ -2727,6 +2727,7 @@ def insert_sql(table: str, columns: tuple) -> str:
 STAGE_MIN_REQUESTS = 128
 STAGE_MIN_SPAN_MS = DAY_MS
 APPLY_ROWS = 32_768
+PENDING_MOST = 4 * APPLY_ROWS  # past it (applies failing or slow), exports are stored at once: their senders wait
 APPLY_IDLE_S = 0.05
 STAGE = insert_sql("pending_requests", REQUEST_COLUMNS).replace("OR IGNORE ", "")
 # In the order of the session index and of session_usage (8 % faster than in time order at 1M records); a key sent
@@ -2842,7 +2843,7 @@ class Writer:
     def write(self, batch: Batch, timeout: float = 8.0) -> tuple[int, int]:
         """Store a batch durably: (how many rows were new, duplicates being ignored; how many requests wait to be
         applied, which are not known to be new yet: see STAGE_MIN_REQUESTS)."""
-        if stageable(batch):
+        if stageable(batch) and self._pending < PENDING_MOST and not self._failing:
             future = self.submit(lambda conn: self._stage(conn, batch), timeout=0.5, appends_only=True)
         else:
             future = self.submit(lambda conn: (self._insert(conn, batch), 0), timeout=0.5)
@@ -2900,12 +2901,12 @@ class Writer:
     def _write_loop(self) -> None:
         while True:
             try:
-                first = self._jobs.get(timeout=APPLY_IDLE_S if self._pending and not self._failing else WRITER_IDLE_S)
+                first = self._jobs.get(timeout=APPLY_IDLE_S if self._pending else WRITER_IDLE_S)
             except queue.Empty:
-                if self._pending:
+                if self._pending and not (self._failing or self._lost or self._unsynced):
                     self._apply()
                     continue
-                self._rest()
+                self._rest()  # the next job applies them (or fails as the apply did)
                 first = self._jobs.get()
             if first is None or time.monotonic() > self._drain_until:
                 if first is None and self._pending:
@@ -3114,13 +3115,14 @@ class Writer:
     def _stage(self, conn: sqlite3.Connection, batch: Batch) -> tuple[int, int]:
         """Append a stageable batch's requests to pending_requests (see STAGE_MIN_REQUESTS), and store the rest of
         it (events, projects, its counts) as any batch's: (new rows, requests appended)."""
+        staged = conn.executemany(STAGE, self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests)).rowcount
+        self._staged = True
         rest, new = dataclasses.replace(batch, requests=[]), 0
-        if rest.events or rest.projects:
+        if rest.events or rest.projects:  # after the rows: a project names a session they made
             new = self._insert(conn, rest)
         elif rest.receipt:  # an export's last batch: its counts alone (the usual case)
             self._count_receipt(conn, rest.receipt)
-        self._staged = True
-        return new, conn.executemany(STAGE, self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests)).rowcount
+        return new, staged
 
     def _apply_pending(self, conn: sqlite3.Connection) -> None:
         """Store the requests waiting in pending_requests as _insert stores a batch's, all in one go (see APPLY),

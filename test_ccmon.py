@@ -1852,20 +1852,47 @@ def test_requests_waiting_when_the_writer_stopped_are_applied_at_its_next_start(
     assert_rollups_are_their_rows(db)
 
 
+def test_requests_waiting_replace_what_telemetry_replaces_once_applied(tmp_path, monkeypatch):
+    """Applied in bulk, waiting api_request events replace their sessions' metric-derived usage and a transcript's
+    copy of one of them (its request_id, in any session), as they do stored at once."""
+    monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
+    db, at = tmp_path / "replaced.db", ccmon.parse_iso_ms("2026-03-01T10:00:00Z")
+
+    def row(ts, session, seq, cost_nanos, request_id, origin):
+        return (ts, session, seq, "claude-sonnet-4-5", "", 10, 1, 0, 0, cost_nanos, 0, None, None, request_id, None,
+                None, origin, "claude-code")
+
+    store = ccmon.Writer(db)
+    try:
+        store.write(ccmon.Batch(requests=[row(at, "s1", 1, 500, None, ccmon.ORIGIN_METRICS)]))
+        store.import_requests([row(at, "s9", 100, 700, "req_2", ccmon.ORIGIN_TRANSCRIPT)], {}, "ana@example.com")
+        events = [row(at + n * 3600_000, f"s{1 + n % 2}", n, 1000, f"req_{n}", ccmon.ORIGIN_EVENT)
+                  for n in range(1, 201)]
+        assert store.write(ccmon.Batch(requests=events)) == (0, 200)
+        assert db_rows(db, "SELECT origin, cost_nanos FROM requests ORDER BY 1") == [(1, 500), (2, 700)]  # waiting
+        store.catch_up()
+        assert db_rows(db, "SELECT origin, COUNT(*), SUM(cost_nanos) FROM requests GROUP BY 1") == [(0, 200, 200_000)]
+    finally:
+        store.close()
+    assert_rollups_are_their_rows(db)
+
+
 def test_requests_waiting_are_applied_once_enough_wait_and_a_read_that_cannot_apply_them_says_so(tmp_path,
                                                                                                 monkeypatch):
-    """Without a read or another job, the writer applies what waits once APPLY_ROWS do. A read that finds requests
-    waiting while the writer cannot apply them (here: it has stopped) fails saying so, rather than answering
-    without them."""
+    """Without a read or another job, the writer applies what waits once APPLY_ROWS do; the project an export names
+    for a session its waiting rows make is kept. A read that finds requests waiting while the writer cannot apply
+    them (here: it has stopped) fails saying so, rather than answering without them."""
     monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
     monkeypatch.setattr(ccmon, "APPLY_ROWS", 300)
     db = tmp_path / "applied.db"
     store = ccmon.Writer(db)
     batches = [ccmon.Batch(requests=[row for n in range(first, first + 150) for row in one_request_batch(n).requests])
                for first in (1, 151, 301)]
+    batches[0].projects = {"s1": "alpha"}
     try:
         assert store.write(batches[0]) == (0, 150)
         assert db_rows(db, "SELECT COUNT(*) FROM pending_requests") == [(150,)]
+        assert db_rows(db, "SELECT project FROM sessions WHERE session_id = 's1'") == [("alpha",)]
         assert store.write(batches[1]) == (0, 150)
         wait_until(lambda: db_rows(db, "SELECT COUNT(*) FROM requests") == [(300,)], "300 requests applied", 30)
         assert db_rows(db, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
@@ -6641,9 +6668,10 @@ EVERY_SERIES_NUMBERED = ("SELECT COUNT(*) FROM (SELECT su.user, su.model, COALES
                          "metric_series)")
 
 
-# What a store holds, in names: the rows, each session's usage and user, the rollups and the counters' series'
-# numbers. (Not what the counters retired: a batch of events replacing metric-derived usage adds to it what the
-# metrics counted over the events, which for many batches applied at once is counted over all of them together.)
+# What a store holds, in names: the rows, each session's usage and user, the rollups, the sessions' projects. Not
+# the counters' retired usage and series numbers: those follow the states the store went through, and batches
+# applied together skip some (the metric-derived usage replaced, the project a session had while its rows
+# waited); test_metric_counters_never_go_down holds the counters to their rules with batches waiting too.
 STORED_STATE = [
     "SELECT ts, session_id, seq, model_name, user_name, input_tokens, output_tokens, cache_read_tokens, "
     "cache_creation_tokens, cost_nanos, duration_ms, prompt_id, request_id, origin FROM r ORDER BY 1, 2, 3",
@@ -6653,15 +6681,14 @@ STORED_STATE = [
       f"m.id = t.model{' JOIN users u ON u.id = t.user' if by_user else ''} ORDER BY 1, 2{', 3' if by_user else ''}"
       for table, by_user in (("usage_rollup", True), ("usage_daily", True), ("total_hourly", False),
                              ("total_daily", False))),
-    "SELECT t.id, u.name, m.name, COALESCE(p.name, '') FROM metric_series t JOIN users u ON u.id = t.user JOIN "
-    "models m ON m.id = t.model LEFT JOIN projects p ON p.id = t.project ORDER BY 1"]
+    "SELECT session_id, project FROM sessions ORDER BY 1"]
 
 
 def test_a_batch_waiting_to_be_applied_is_stored_as_it_would_be_at_once(tmp_path, monkeypatch):
     """Whatever comes before and after it (other batches, metric-derived usage, imports and the telemetry that
     replaces their copies, projects named late, status line readings, retention sweeps), a batch of Claude Code's
     api_request events that waits in pending_requests (see STAGE_MIN_REQUESTS) leaves the database as the same
-    batch stored at once does: the same rows, sessions' usage and users, rollups and counter series."""
+    batch stored at once does: the same rows, sessions' usage, users and projects, and rollups."""
     from hypothesis import HealthCheck, given, settings, strategies as st
     monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)  # applied before the next job or read, not when idle
     monkeypatch.setattr(ccmon, "STAGE_MIN_SPAN_MS", 0)
@@ -6678,14 +6705,15 @@ def test_a_batch_waiting_to_be_applied_is_stored_as_it_would_be_at_once(tmp_path
                     st.just("claude-code")).map(lambda r: (*r[:4], user_of[r[1]], *r[5:]))
 
     def run(store: ccmon.Writer, kind: str, payload) -> None:
-        if kind == "resend":  # api_request events (which may wait), then the same keys with other figures: the
-            events = [(*r[:16], ccmon.ORIGIN_EVENT, r[17]) for r in payload]  # first sent is stored
-            store.write(ccmon.Batch(requests=events))
+        if kind == "resend":  # api_request events (which may wait; the export naming a project for a session of
+            # them, perhaps new), then the same keys with other figures: the first sent is stored
+            events = [(*r[:16], ccmon.ORIGIN_EVENT, r[17]) for r in payload]
+            store.write(ccmon.Batch(requests=events, projects={events[-1][1]: "gamma"}))
             store.write(ccmon.Batch(requests=[(*r[:5], r[5] + 1, *r[6:]) for r in events]))
         else:
             run_store_operation(store, kind, payload, base)
 
-    waited = []  # the requests waiting before each example's last read
+    waited = []  # the requests waiting after each operation
 
     @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(st.lists(store_operations(st, moments, sessions, row, ("write", "resend")), min_size=1, max_size=8))
@@ -6694,7 +6722,7 @@ def test_a_batch_waiting_to_be_applied_is_stored_as_it_would_be_at_once(tmp_path
             for store, least in ((staged, 2), (direct, 10 ** 9)):
                 monkeypatch.setattr(ccmon, "STAGE_MIN_REQUESTS", least)
                 run(store, kind, payload)
-        waited.append(db_rows(staged.path, "SELECT COUNT(*) FROM pending_requests")[0][0])
+            waited.append(db_rows(staged.path, "SELECT COUNT(*) FROM pending_requests")[0][0])
         staged.catch_up()
         for sql in STORED_STATE:
             assert db_rows(staged.path, sql) == db_rows(direct.path, sql), sql
