@@ -2708,6 +2708,10 @@ def counters_kept(conn: sqlite3.Connection, sessions: Iterable[int]) -> Iterator
     conn.executemany(NUMBER_SERIES, sorted(key for key in after if key not in before))
 
 
+# What an api_request event replaces (see OriginRule), as conditions over an SQL list of its sessions' ids, or of its
+# request_ids: the metric-derived usage of its session, and a transcript's copy of itself, in any session.
+USAGE_EVENTS_REPLACE = f"{origin_in(replaced_by(ORIGIN_EVENT) - REQUEST_ORIGINS)} AND session IN ({{}})"
+COPIES_EVENTS_REPLACE = f"{origin_in(replaced_by(ORIGIN_EVENT) & REQUEST_ORIGINS)} AND request_id IN ({{}})"
 # Metric-derived usage counts for a session until a row that replaces it is stored.
 METRIC_USAGE_REPLACED_BY = origin_in(origin for origin in ORIGIN_RULES if ORIGIN_METRICS in replaced_by(origin))
 
@@ -2741,10 +2745,9 @@ PENDING_ROWS = "SELECT COALESCE(MAX(rowid) - MIN(rowid) + 1, 0) FROM pending_req
 def stageable(batch: Batch) -> bool:
     """Whether a batch's requests may wait in pending_requests (see STAGE_MIN_REQUESTS): Claude Code's api_request
     events, at least that many over at least STAGE_MIN_SPAN_MS, each dated, in a batch without metric points or turn
-    costs. Other agents' calls
-    replace usage by agent and user (see _replace_session_less_metrics) and claim models (_own_models), a metric
-    point counts only where its session has no requests, and an undated record's resend is found among the stored
-    rows (UNDATED_SEQ): those are stored at once."""
+    costs. Other agents' calls replace usage by agent and user (see _replace_session_less_metrics) and claim models
+    (_own_models), a metric point counts only where its session has no requests, and an undated record's resend is
+    found among the stored rows (UNDATED_SEQ): those are stored at once."""
     agent, origin, seq = (REQUEST_COLUMNS.index(c) for c in ("agent", "origin", "seq"))
     if len(batch.requests) < STAGE_MIN_REQUESTS or batch.metrics or batch.turn_costs:
         return False
@@ -3130,14 +3133,14 @@ class Writer:
         usage of their sessions and the transcripts' copies of themselves (joined by request_id)."""
         if not (self._pending or self._staged) or not conn.execute("SELECT 1 FROM pending_requests LIMIT 1").fetchone():
             return
-        replaced, imported = replaced_by(ORIGIN_EVENT), self._has_imported(conn)
-        copies = f"request_id IN (SELECT request_id FROM pending_requests) AND {origin_in(replaced & REQUEST_ORIGINS)}"
+        imported = self._has_imported(conn)
+        copies = COPIES_EVENTS_REPLACE.format("SELECT request_id FROM pending_requests")
         touched = {session for session, in conn.execute("SELECT DISTINCT session FROM pending_requests")}
         if imported:
             touched.update(session for session, in conn.execute(f"SELECT session FROM requests WHERE {copies}"))
         with counters_kept(conn, touched):
-            conn.execute(f"DELETE FROM requests WHERE {origin_in(replaced - REQUEST_ORIGINS)} AND session IN (SELECT "
-                         "session FROM pending_requests)")
+            conn.execute(f"DELETE FROM requests WHERE "
+                         f"{USAGE_EVENTS_REPLACE.format('SELECT session FROM pending_requests')}")
             if imported:
                 conn.execute(f"DELETE FROM requests WHERE {copies}")
             insert_requests(conn, APPLY)
@@ -3170,8 +3173,8 @@ class Writer:
         request_ids = [row[REQUEST_COLUMNS.index("request_id")] for row in requests]
         if requests and self._has_imported(conn):
             touched.update(id_ for id_, in conn.execute(
-                f"SELECT session FROM requests WHERE request_id IN (SELECT value FROM json_each(?)) AND "
-                f"{origin_in(TRANSCRIPT_ORIGINS)}", (json.dumps([rid for rid in request_ids if rid is not None]),)))
+                f"SELECT session FROM requests WHERE {COPIES_EVENTS_REPLACE.format('SELECT value FROM json_each(?)')}",
+                (json.dumps([rid for rid in request_ids if rid is not None]),)))
         return touched
 
     def _metrics_session_of(self, conn: sqlite3.Connection, agent: str, user: int) -> int:
@@ -3194,17 +3197,16 @@ class Writer:
         new = 0
         if requests:
             self._replace_session_less_metrics(conn, batch.requests)
-            replaced = replaced_by(ORIGIN_EVENT)
-            conn.execute(f"DELETE FROM requests WHERE {origin_in(replaced - REQUEST_ORIGINS)} AND session IN (SELECT "
-                         "value FROM json_each(?))",  # api_request events win over metric-derived usage
+            listed = "SELECT value FROM json_each(?)"
+            conn.execute(f"DELETE FROM requests WHERE {USAGE_EVENTS_REPLACE.format(listed)}",
                          (json.dumps(sorted({row[1] for row in requests})),))
             if self._has_imported(conn):  # and over a transcript's copy of the same request (Claude Code's cost)
                 agent = REQUEST_COLUMNS.index("agent")
                 for pair in {(row[1], row[agent]) for row in batch.requests if row[agent] in JOINED_BY_SESSION}:
                     conn.execute(SESSION_HISTORY_REPLACED, pair)
                 request_id = REQUEST_COLUMNS.index("request_id")
-                copies = f"DELETE FROM requests WHERE request_id = ? AND {origin_in(replaced & REQUEST_ORIGINS)}"
-                conn.executemany(copies, [(row[request_id],) for row in requests if row[request_id] is not None])
+                conn.execute(f"DELETE FROM requests WHERE {COPIES_EVENTS_REPLACE.format(listed)}",
+                             (json.dumps([row[request_id] for row in requests if row[request_id] is not None]),))
             new += insert_requests(conn, insert_sql("requests", REQUEST_COLUMNS), requests)
             request_id = REQUEST_COLUMNS.index("request_id")
             for window in tuple(self._copy_windows):  # imports under way have read the rows stored before these

@@ -1143,6 +1143,18 @@ def test_kill_9_during_sustained_ingestion(tmp_path):
     srv.stop()
 
 
+def writer_and_reader(db: Path, monkeypatch, staged_from: int | None = None) -> tuple[ccmon.Writer, ccmon.Reader]:
+    """A Writer and a Reader it catches up. With `staged_from`, a batch of that many of Claude Code's api_request
+    events or more waits in pending_requests, whatever its span, until the next job or read (see
+    STAGE_MIN_REQUESTS)."""
+    if staged_from is not None:
+        monkeypatch.setattr(ccmon, "STAGE_MIN_REQUESTS", staged_from)
+        monkeypatch.setattr(ccmon, "STAGE_MIN_SPAN_MS", 0)
+        monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
+    store = ccmon.Writer(db)
+    return store, ccmon.Reader(db, catch_up=store.catch_up)
+
+
 @pytest.mark.parametrize("staged", [False, True])
 def test_rollups_always_agree_with_raw_rows(tmp_path, monkeypatch, staged):
     """Random inserts (with duplicates) and retention sweeps; every period, in any timezone, answered from the
@@ -1150,12 +1162,7 @@ def test_rollups_always_agree_with_raw_rows(tmp_path, monkeypatch, staged):
     in pending_requests from 4 requests on, and is applied only before another job or a read (see
     STAGE_MIN_REQUESTS): with the other batches, metric-derived rows among them, and the sweeps in between."""
     from hypothesis import HealthCheck, given, settings, strategies as st
-    if staged:
-        monkeypatch.setattr(ccmon, "STAGE_MIN_REQUESTS", 4)
-        monkeypatch.setattr(ccmon, "STAGE_MIN_SPAN_MS", 0)
-        monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
-    store = ccmon.Writer(tmp_path / "rollups.db")
-    reader = ccmon.Reader(tmp_path / "rollups.db", catch_up=store.catch_up)
+    store, reader = writer_and_reader(tmp_path / "rollups.db", monkeypatch, 4 if staged else None)
     base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
     span = 40 * 86400_000
     moments = st.integers(min_value=base - 86400_000, max_value=base + span)
@@ -6619,12 +6626,7 @@ def test_metric_counters_never_go_down(tmp_path, monkeypatch, staged):
     counters less what was retired are the stored rows. Staged: telemetry of 2 requests or more waits in
     pending_requests until the next job or read (see STAGE_MIN_REQUESTS)."""
     from hypothesis import HealthCheck, given, settings, strategies as st
-    if staged:
-        monkeypatch.setattr(ccmon, "STAGE_MIN_REQUESTS", 2)
-        monkeypatch.setattr(ccmon, "STAGE_MIN_SPAN_MS", 0)
-        monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
-    store = ccmon.Writer(tmp_path / "counters.db")
-    reader = ccmon.Reader(tmp_path / "counters.db", catch_up=store.catch_up)
+    store, reader = writer_and_reader(tmp_path / "counters.db", monkeypatch, 2 if staged else None)
     base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
     moments = st.integers(min_value=base, max_value=base + 10 * 86400_000)
     sessions = st.sampled_from(["s1", "s2", "s3"])
