@@ -54,6 +54,7 @@ import io
 import ipaddress
 import json
 import logging
+import marshal
 import math
 import multiprocessing.connection
 import operator
@@ -2038,6 +2039,14 @@ def stage_bulk_requests(conn: sqlite3.Connection) -> None:
                  "source INTEGER, extra INTEGER, origin INTEGER NOT NULL, agent INTEGER NOT NULL)")
 
 
+def log_waiting_exports(conn: sqlite3.Connection) -> None:
+    """Version 17: the exports that wait wait in a log beside the database (see WaitingLog), and pending_requests only
+    holds them within the transaction applying them. waiting_log: the id the log's files carry (files of another
+    database are not applied), and the last frame applied, in the transaction that applied it."""
+    conn.execute("CREATE TABLE waiting_log (id INTEGER NOT NULL, applied INTEGER NOT NULL)")
+    conn.execute("INSERT INTO waiting_log VALUES (random() & 9223372036854775807, 0)")
+
+
 # MIGRATIONS[i] takes a database from schema version i + 1 to i + 2, inside one transaction with the
 # version bump. New databases are created at version 1 by SCHEMA and go through the same steps.
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, name_users_readably,
@@ -2047,7 +2056,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [add_request_id_index, 
                                                           mark_reading_agents, number_metric_series,
                                                           index_readings_by_agent, total_everyone,
                                                           sum_rollups_per_transaction, drop_session_request_index,
-                                                          stage_bulk_requests]
+                                                          stage_bulk_requests, log_waiting_exports]
 SCHEMA_VERSION = 1 + len(MIGRATIONS)
 
 
@@ -2720,30 +2729,30 @@ def insert_sql(table: str, columns: tuple) -> str:
     return f"INSERT OR IGNORE INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
 
 
-# The api_request events of a large export spread over days (a backfill's: an import, machines catching up) are
-# acknowledged from pending_requests: appended there, a few pages an export, then applied with the exports' after
-# them to requests, its indexes and the rollups in one transaction: once APPLY_ROWS wait, once the writer has had no
-# work for APPLY_IDLE_S, and before any other job, a read's included (see Writer.catch_up). Spread
+# A large export of api_request events spread over days (a backfill's: an import, machines catching up) is
+# acknowledged once it waits in the log beside the database (see WaitingLog), then applied with the exports after it
+# to requests, its indexes and the rollups in one transaction (through pending_requests): once APPLY_ROWS wait, once
+# no export has come for APPLY_IDLE_S, and before any other job, a read's included (see Writer.catch_up). Spread
 # over a month, a million such records wrote a random page of each index and rollup for every few of them; applied
 # tens of thousands at a time, each page is written once for many (BENCHMARKS.md). Other exports, as Claude Code
 # sends while it works or a queue of its exports catching up in time order, are stored at once: their records share
-# pages already, and the bulk apply would hold their senders' answers (and every read) while it runs.
+# pages already, and they would wait for nothing.
 STAGE_MIN_REQUESTS = 128
 STAGE_MIN_SPAN_MS = DAY_MS
 APPLY_ROWS = 32_768
 PENDING_MOST = 4 * APPLY_ROWS  # past it (applies failing or slow), exports are stored at once: their senders wait
 APPLY_IDLE_S = 0.05
+WAKE = object()  # queued by the stager for a resting writer: exports wait now
 STAGE = insert_sql("pending_requests", REQUEST_COLUMNS).replace("OR IGNORE ", "")
 # In the order of the session index and of session_usage (8 % faster than in time order at 1M records); a key sent
 # twice is stored as first sent, as at once.
 APPLY = (f"INSERT OR IGNORE INTO requests ({', '.join(REQUEST_COLUMNS)}) SELECT {', '.join(REQUEST_COLUMNS)} FROM "
          "pending_requests ORDER BY session, ts, rowid")
-PENDING_ROWS = "SELECT COALESCE(MAX(rowid) - MIN(rowid) + 1, 0) FROM pending_requests"  # applied all at once, so
-# their rowids are consecutive: counted without a scan
+PENDING_ROWS = "SELECT COUNT(*) FROM pending_requests"  # a version 16 server's, left by a stop: applied first
 
 
 def stageable(batch: Batch) -> bool:
-    """Whether a batch's requests may wait in pending_requests (see STAGE_MIN_REQUESTS): Claude Code's api_request
+    """Whether a batch may wait to be applied (see STAGE_MIN_REQUESTS): Claude Code's api_request
     events, at least that many over at least STAGE_MIN_SPAN_MS, each dated, in a batch without metric points or turn
     costs. Other agents' calls replace usage by agent and user (see _replace_session_less_metrics) and claim models
     (_own_models), a metric point counts only where its session has no requests, and an undated record's resend is
@@ -2754,6 +2763,179 @@ def stageable(batch: Batch) -> bool:
     times = [row[0] for row in batch.requests]
     return max(times) - min(times) >= STAGE_MIN_SPAN_MS and all(
         row[agent] == CLAUDE_CODE and row[origin] == ORIGIN_EVENT and row[seq] > UNDATED_SEQ for row in batch.requests)
+
+
+# The exports waiting to be applied (see STAGE_MIN_REQUESTS) are appended, as numbered frames, to two files beside
+# the database, in turns: the writer rewrites neither, so the exports go on being acknowledged while it applies
+# those before (a bulk apply of tens of thousands of rows takes it about half a second, which held every sender and
+# left a core idle: BENCHMARKS.md). A file is emptied once every frame in it is applied and on disk, and the next
+# frames go to the other once this one holds WAITING_FILE_BYTES.
+WAITING_FILE_BYTES = 8 * 1024 ** 2
+WAITING_MAGIC = b"ccmonwl1"
+WAITING_HEADER = struct.Struct("<8sq")  # magic, the database's waiting_log.id
+WAITING_FRAME = struct.Struct("<qII")  # sequence number, payload bytes, CRC-32 of the payload
+WAITING_MARSHAL = 4  # the format every Python from 3.11 reads (3.14 writes 5 by default)
+
+
+@dataclasses.dataclass(frozen=True)
+class WaitingFrame:
+    """Where one waiting batch is: its number, its file (0 or 1), offset and length, and how many requests it has."""
+    seq: int
+    slot: int
+    offset: int
+    length: int
+    requests: int
+
+
+def waiting_payload(batch: Batch) -> bytes:
+    receipt = dataclasses.astuple(batch.receipt) if batch.receipt else None
+    return marshal.dumps((batch.requests, batch.events, batch.projects, receipt), WAITING_MARSHAL)
+
+
+def waiting_batch(payload: bytes) -> Batch:
+    requests, events, projects, receipt = marshal.loads(payload)
+    return Batch(requests=requests, events=events, projects=projects,
+                 receipt=ReceiverCounts(*receipt) if receipt else None)
+
+
+class WaitingLog:
+    """The two files where a backfill's large exports wait (see WAITING_FILE_BYTES), each a header (WAITING_HEADER)
+    and frames (WAITING_FRAME, then the batch: waiting_payload). The database notes the last frame it applied
+    (waiting_log.applied), in the transaction that applies it; at a start, the frames after it are the ones waiting,
+    and a frame cut short by a crash (never acknowledged) is cut off. The stager thread appends; the syncer tells
+    which frames are applied and on disk (`durable`); the writer reads the frames it is given, which stay until
+    then. An error makes the log `failed`: exports are then stored at once."""
+
+    def __init__(self, path: Path, log_id: int, applied: int):
+        self.paths = [path.with_name(f"{path.name}-waiting-{slot}") for slot in "ab"]
+        self.failed = ""
+        self.durable = applied  # the last frame applied in the database and on disk
+        self._header = WAITING_HEADER.pack(WAITING_MAGIC, log_id)
+        self._lock = threading.Lock()
+        self._fds: list[int] = []
+        self._ends: list[int] = []
+        self._last_in = [0, 0]  # the last frame in each file
+        self.recovered: list[WaitingFrame] = []  # the frames waiting at the start
+        for slot, file in enumerate(self.paths):
+            self._fds.append(os.open(file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+            self._ends.append(self._recover(slot, applied))
+        self._slot = 0 if self._last_in[0] >= self._last_in[1] else 1
+        self._last = max(applied, *self._last_in)
+        self.recovered.sort(key=lambda frame: frame.seq)
+        self._make_room()
+        fsync_folder(path.parent)  # the files exist after a power cut
+
+    def _recover(self, slot: int, applied: int) -> int:
+        """Read a file's frames, note those after `applied` as waiting; its end, what follows the last whole frame
+        cut off. A file of another database (this one was replaced), or one this ccmon cannot read, is put aside,
+        with a warning, if it has frames; either way it starts again."""
+        fd, size = self._fds[slot], os.fstat(self._fds[slot]).st_size
+        if os.pread(fd, WAITING_HEADER.size, 0) != self._header:
+            return self._put_aside(slot, "was not written for this database") if size > WAITING_HEADER.size \
+                else self._reset(slot)
+        offset, frames = WAITING_HEADER.size, []
+        while offset + WAITING_FRAME.size <= size:
+            seq, length, crc = WAITING_FRAME.unpack(os.pread(fd, WAITING_FRAME.size, offset))
+            payload = os.pread(fd, length, offset + WAITING_FRAME.size)
+            if len(payload) != length or zlib.crc32(payload) != crc:
+                break
+            if seq > applied:
+                try:
+                    requests = len(waiting_batch(payload).requests)
+                except (ValueError, EOFError, TypeError) as exc:  # written by another version of ccmon
+                    return self._put_aside(slot, f"cannot be read ({exc})")
+                frames.append(WaitingFrame(seq, slot, offset + WAITING_FRAME.size, length, requests))
+            self._last_in[slot] = max(self._last_in[slot], seq)
+            offset += WAITING_FRAME.size + length
+        self.recovered += frames
+        if offset < size:
+            log.warning("%s ends with %d bytes that are not a whole frame (a write a crash cut short, never "
+                        "acknowledged): cut off", self.paths[slot], size - offset)
+            os.ftruncate(fd, offset)
+            os.fsync(fd)
+        return offset
+
+    def _put_aside(self, slot: int, why: str) -> int:
+        """Keep a file the database cannot take beside it, under another name, and start that one again."""
+        aside = self.paths[slot].with_name(f"{self.paths[slot].name}.{time.strftime('%Y%m%d%H%M%S')}")
+        os.rename(self.paths[slot], aside)
+        log.warning("%s %s: it is kept as %s, and not applied", self.paths[slot], why, aside)
+        os.close(self._fds[slot])
+        self._fds[slot] = os.open(self.paths[slot], os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        self._last_in[slot] = 0
+        return self._reset(slot)
+
+    def _reset(self, slot: int) -> int:
+        """Empty a file (its frames all applied and on disk, or none of this database's): its header alone."""
+        fd = self._fds[slot]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, self._header, 0)
+        os.fsync(fd)
+        self._last_in[slot] = 0
+        return WAITING_HEADER.size
+
+    def append(self, batches: list[Batch]) -> list[WaitingFrame]:
+        """Write the batches as frames, on disk when this returns. OSError: none of them is acknowledged, and the
+        log is not used again (`failed`): after a failed write or fsync nothing says what reached the disk."""
+        with self._lock:
+            try:
+                if self.failed:
+                    raise OSError(errno.EIO, self.failed)
+                self._make_room()
+                slot, offset, chunks, frames = self._slot, self._ends[self._slot], [], []
+                for batch in batches:
+                    payload = waiting_payload(batch)
+                    self._last += 1
+                    chunks += [WAITING_FRAME.pack(self._last, len(payload), zlib.crc32(payload)), payload]
+                    frames.append(WaitingFrame(self._last, slot, offset + WAITING_FRAME.size, len(payload),
+                                               len(batch.requests)))
+                    offset += WAITING_FRAME.size + len(payload)
+                data = b"".join(chunks)
+                if os.pwrite(self._fds[slot], data, self._ends[slot]) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                os.fsync(self._fds[slot])
+            except OSError as exc:
+                self.failed = self.failed or f"cannot write {self.paths[self._slot]} ({exc.strerror})"
+                with contextlib.suppress(OSError):  # what may have reached it was not acknowledged: never applied
+                    os.ftruncate(self._fds[self._slot], self._ends[self._slot])
+                raise
+            self._ends[slot], self._last_in[slot] = offset, self._last
+            return frames
+
+    def _make_room(self) -> None:
+        """Empty what is applied and on disk; past WAITING_FILE_BYTES, go on in the other file once it is empty."""
+        for slot in (0, 1):
+            if self._last_in[slot] and self._last_in[slot] <= self.durable:
+                self._ends[slot] = self._reset(slot)
+        if self._ends[self._slot] >= WAITING_FILE_BYTES and not self._last_in[1 - self._slot]:
+            self._slot = 1 - self._slot
+
+    def read(self, frame: WaitingFrame) -> Batch:
+        payload = os.pread(self._fds[frame.slot], frame.length, frame.offset)
+        if len(payload) != frame.length:
+            raise sqlite3.OperationalError(f"{self.paths[frame.slot]} is shorter than what was written to it")
+        return waiting_batch(payload)
+
+    def close(self) -> None:
+        """Close the files, and remove them once every frame is applied and on disk: a stopped server leaves its
+        database in one file (a stop that could not apply what waits leaves them for the next start)."""
+        with self._lock:
+            for fd in self._fds:
+                os.close(fd)
+            if all(last <= self.durable for last in self._last_in):
+                for file in self.paths:
+                    with contextlib.suppress(OSError):
+                        file.unlink()
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make the names of the files in a folder durable (where the system can open a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class Writer:
@@ -2775,15 +2957,19 @@ class Writer:
             self._write_conn = open_database(path)
             tune_writer(self._write_conn)
             track_request_changes(self._write_conn)
-            self._pending = self._write_conn.execute(PENDING_ROWS).fetchone()[0]  # left by a stop: applied first
-            self._staged = False  # whether the transaction under way has appended to pending_requests
             real = Path(os.path.realpath(path))  # SQLite keeps its -wal beside the file, not beside a symlink
             self._file.watch(real.with_name(real.name + "-wal"))
             self._wal = os.open(real.with_name(real.name + "-wal"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._log = WaitingLog(real, *self._write_conn.execute("SELECT id, applied FROM waiting_log").fetchone())
         except (StorageError, OSError) as exc:
             self._file.close()
             self.remove_if_new()
             raise exc if isinstance(exc, StorageError) else StorageError(f"cannot use {path}: {exc}") from None
+        # The exports waiting in the log (the stager adds them, the writer takes them once applied), and how many
+        # requests wait: those and any a version 16 server left in pending_requests, applied first.
+        self._waiting, self._waiting_lock = self._log.recovered, threading.Lock()
+        self._pending = self._write_conn.execute(PENDING_ROWS).fetchone()[0] + sum(f.requests for f in self._waiting)
+        self._last_staged = 0.0  # when the stager last appended (monotonic)
         self._ids: dict[tuple[str, Any], int] = {}  # (table, value) -> id of interned values
         self._failing = False  # log a failure streak once, and its end once
         self.buckets = BucketCache()  # what the server's reader read, forgotten as commits change it
@@ -2799,13 +2985,16 @@ class Writer:
         self._syncer.start()
         self._writer = threading.Thread(target=self._write_loop, name="ccmon-writer", daemon=True)
         self._writer.start()
+        self._staging: queue.Queue = queue.Queue()  # (batch, future) to append to the log; None: the end
+        self._stager = threading.Thread(target=self._stage_loop, name="ccmon-stager", daemon=True)
+        self._stager.start()
 
     def remove_if_new(self) -> None:
         """After a start that failed: a database this start created leaves nothing behind, nor do the folders it
         made for it (while empty: a local server's log may be there)."""
         if self._file.created:
             real = Path(os.path.realpath(self.path))
-            for suffix in ("", "-wal", "-shm", "-journal"):
+            for suffix in ("", "-wal", "-shm", "-journal", "-waiting-a", "-waiting-b"):
                 real.with_name(real.name + suffix).unlink(missing_ok=True)
         self._remove_new_folders()
 
@@ -2828,17 +3017,16 @@ class Writer:
         except sqlite3.Error as exc:
             log.error("the database %s could not be checkpointed: %s", self.path, exc)
 
-    def submit(self, job: Callable[[sqlite3.Connection], Any], timeout: float = 2.0,
-               appends_only: bool = False) -> futures.Future:
+    def submit(self, job: Callable[[sqlite3.Connection], Any], timeout: float = 2.0) -> futures.Future:
         """Queue a job for the writer; its Future resolves after the job's transaction commits. A job may be run
         again after its transaction was rolled back (another job of its group failed: see _run_group), so it has
-        no effect outside the database but on caches. The requests waiting in pending_requests are applied before
-        it runs, unless it only `appends_only` there (see STAGE_MIN_REQUESTS)."""
+        no effect outside the database but on caches. The exports waiting are applied before it runs (see
+        STAGE_MIN_REQUESTS)."""
         if self._closed:
             raise StorageUnavailable("the server is shutting down")
         future: futures.Future = futures.Future()
         try:
-            self._jobs.put((job, future, appends_only), timeout=timeout)
+            self._jobs.put((job, future), timeout=timeout)
         except queue.Full:
             raise StorageUnavailable("the ingestion queue is full", retry_after_s=2) from None
         return future
@@ -2846,8 +3034,11 @@ class Writer:
     def write(self, batch: Batch, timeout: float = 8.0) -> tuple[int, int]:
         """Store a batch durably: (how many rows were new, duplicates being ignored; how many requests wait to be
         applied, which are not known to be new yet: see STAGE_MIN_REQUESTS)."""
-        if stageable(batch) and self._pending < PENDING_MOST and not self._failing:
-            future = self.submit(lambda conn: self._stage(conn, batch), timeout=0.5, appends_only=True)
+        if stageable(batch) and self._pending < PENDING_MOST and not (self._failing or self._log.failed):
+            if self._closed:
+                raise StorageUnavailable("the server is shutting down")
+            future = futures.Future()
+            self._staging.put((batch, future))
         else:
             future = self.submit(lambda conn: (self._insert(conn, batch), 0), timeout=0.5)
         try:
@@ -2855,10 +3046,15 @@ class Writer:
         except futures.TimeoutError:
             raise StorageUnavailable("the database did not commit in time") from None
 
+    @property
+    def waiting(self) -> int:
+        """How many requests wait to be applied."""
+        return self._pending
+
     def catch_up(self, timeout: float = 60.0) -> None:
-        """Before a read: the requests acknowledged but waiting in pending_requests applied (a job of its own, which
-        the writer applies them before). The writer notes how many wait once it commits, before it acknowledges
-        them, so a read after an acknowledgement counts what it acknowledged."""
+        """Before a read: the exports acknowledged but waiting applied (a job of its own, which the writer applies
+        them before). The stager counts them before it acknowledges them, so a read after an acknowledgement counts
+        what it acknowledged."""
         if self._pending:
             try:
                 self._job(lambda conn: None, timeout)
@@ -2906,11 +3102,15 @@ class Writer:
             try:
                 first = self._jobs.get(timeout=APPLY_IDLE_S if self._pending else WRITER_IDLE_S)
             except queue.Empty:
-                if self._pending and not (self._failing or self._lost or self._unsynced):
+                first = WAKE if self._pending and not self._refused() else None
+                if first is None:
+                    self._rest()  # the next job applies what waits (or fails as the apply did)
+                    first = self._jobs.get()
+            if first is WAKE:
+                if self._pending and not self._refused() and (
+                        self._pending >= APPLY_ROWS or time.monotonic() - self._last_staged >= APPLY_IDLE_S):
                     self._apply()
-                    continue
-                self._rest()  # the next job applies them (or fails as the apply did)
-                first = self._jobs.get()
+                continue
             if first is None or time.monotonic() > self._drain_until:
                 if first is None and self._pending:
                     self._apply()  # what was acknowledged is stored either way: the next start would apply it
@@ -2925,15 +3125,55 @@ class Writer:
                 if item is None:
                     self._jobs.put(None)  # finish this group, then stop
                     break
-                group.append(item)
+                if item is not WAKE:
+                    group.append(item)
             self._run_group(group)
-            if self._pending >= APPLY_ROWS:
-                self._apply()
             first = item = group = None  # else the last jobs, and the rows they hold, live until the next write
 
     def _apply(self) -> None:
-        """Apply the requests in pending_requests, in a transaction of their own (a job that does nothing else)."""
-        self._run_group([(lambda conn: None, futures.Future(), False)])
+        """Apply the exports waiting, in a transaction of their own (a job that does nothing else)."""
+        self._run_group([(lambda conn: None, futures.Future())])
+
+    def _stage_loop(self) -> None:
+        """Append the exports that may wait (see stageable) to the log, the exports queued meanwhile together, and
+        acknowledge them once on disk: counted as waiting first, so the read after an acknowledgement waits for them
+        (see catch_up). Ends at None; exports queued after it are answered "retry"."""
+        while True:
+            group = [self._staging.get()]
+            while group[-1] is not None:
+                try:
+                    group.append(self._staging.get_nowait())
+                except queue.Empty:
+                    break
+            self._stage_group([item for item in group if item is not None])
+            if group[-1] is None:
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        self._staging.get_nowait()[1].set_exception(StorageUnavailable("the server is shutting down"))
+                return
+            group = None  # else the last exports live until the next
+
+    def _stage_group(self, group: list[tuple[Batch, futures.Future]]) -> None:
+        refusal = self._refusal()
+        if not refusal:
+            try:
+                frames = self._log.append([batch for batch, _ in group])
+            except OSError as exc:
+                log.error("%s; exports are stored at once from now on", self._log.failed)
+                refusal = StorageUnavailable(f"database write failed: {exc.strerror}")
+        if refusal:
+            for _, future in group:
+                future.set_exception(refusal)
+            return
+        with self._waiting_lock:
+            self._waiting += frames
+            before, self._pending = self._pending, self._pending + sum(frame.requests for frame in frames)
+            self._last_staged = time.monotonic()
+        if not before or before < APPLY_ROWS <= self._pending:  # the writer may be resting, or due to apply them
+            with contextlib.suppress(queue.Full):
+                self._jobs.put_nowait(WAKE)
+        for (_, future), frame in zip(group, frames):
+            future.set_result((0, frame.requests))
 
     def _rest(self) -> None:
         """Without work: the -wal copied into the database file and cut to nothing (see WAL_CHECKPOINT_PAGES), and
@@ -2952,26 +3192,36 @@ class Writer:
         """Jobs that raced with close(), or outlived its deadline, get an answer instead of waiting forever."""
         item = first
         while True:
-            if item is not None:
+            if item is not None and item is not WAKE:
                 item[1].set_exception(StorageUnavailable("the server is shutting down"))
             try:
                 item = self._jobs.get_nowait()
             except queue.Empty:
                 return
 
+    def _refused(self) -> bool:
+        """Whether writes fail or nothing is acknowledged: what waits is applied by the next job, if it can be."""
+        return bool(self._failing or self._lost or self._unsynced)
+
+    def _refusal(self) -> StorageUnavailable | None:
+        """Why nothing more is acknowledged (the file is gone, or the -wal could not be made durable), if so."""
+        if self._lost:
+            return StorageUnavailable(f"the database file is gone ({self._lost}); stop the server and put the file "
+                                      f"back at {self.path}", 30)
+        return StorageUnavailable(self._unsynced, 30) if self._unsynced else None
+
     def _run_group(self, group: list) -> None:
-        if self._lost or self._unsynced:
-            failure = StorageUnavailable(f"the database file is gone ({self._lost}); stop the server and put the "
-                                         f"file back at {self.path}" if self._lost else self._unsynced, 30)
-            for _, future, _ in group:
-                future.set_exception(failure)
+        refusal = self._refusal()
+        if refusal:
+            for _, future in group:
+                future.set_exception(refusal)
             return
         conn = self._write_conn
         try:
             outcome = self._commit(conn, group, savepoints=False)
             if outcome is None:  # a job failed, and the transaction with it: the group again, a savepoint per job
                 outcome = self._commit(conn, group, savepoints=True)
-            results, changed = outcome
+            results, changed, applied = outcome
         except sqlite3.Error as exc:
             try:
                 if conn.in_transaction:
@@ -2985,7 +3235,7 @@ class Writer:
                           "exporters are told to retry until it works again")
             self._failing = True
             failure = StorageUnavailable(f"database write failed: {exc}")
-            for _, future, _ in group:
+            for _, future in group:
                 future.set_exception(failure)
             return
         if changed:
@@ -3002,7 +3252,7 @@ class Writer:
         if self._failing:
             log.warning("the database %s is writable again", self.path)
             self._failing = False
-        self._committed.put((group, results))
+        self._committed.put((group, results, applied))
 
     def _sync_loop(self) -> None:
         """Answer the committed groups once the -wal holding them is on disk: an fsync for all the groups committed
@@ -3020,6 +3270,9 @@ class Writer:
                     os.fsync(self._wal)
                 except OSError as exc:
                     self._stop_acknowledging(exc)
+                else:  # the log's frames applied are in the database on disk: their files may be emptied
+                    self._log.durable = max([self._log.durable, *(item[2][-1].seq for item in committed
+                                                                  if item is not None and item[2])])
             failure = StorageUnavailable(self._unsynced, 30) if self._unsynced else None
             if not self._answer(committed, failure):
                 return
@@ -3043,27 +3296,30 @@ class Writer:
         for item in committed:
             if item is None:
                 return False
-            for (_, future, _), (result, exc) in zip(*item):
+            for (_, future), (result, exc) in zip(*item[:2]):
                 if exc is None and failure is None:
                     future.set_result(result)
                 else:
                     future.set_exception(exc or failure)
         return True
 
-    def _commit(self, conn: sqlite3.Connection, group: list, savepoints: bool) -> tuple[list, tuple | None] | None:
-        """Run the group's jobs in one transaction and commit it: each job's (result, None) or (None, the error it
-        failed with), and the span of times it changed (see changed_since). Without savepoints, the first job to
-        fail rolls the whole transaction back (None). A savepoint per job costs a copy of every page the job
-        changes, written to a journal of its own: on exports spread over a month, as many bytes as the -wal gets."""
+    def _commit(self, conn: sqlite3.Connection, group: list, savepoints: bool
+                ) -> tuple[list, tuple | None, list[WaitingFrame]] | None:
+        """Apply the exports waiting, run the group's jobs in the same transaction and commit it: each job's (result,
+        None) or (None, the error it failed with), the span of times it changed (see changed_since), and the frames
+        applied. Without savepoints, the first job to fail rolls the whole transaction back (None). A savepoint per
+        job costs a copy of every page the job changes, written to a journal of its own: on exports spread over a
+        month, as many bytes as the -wal gets. The apply failing fails the group (its frames wait on)."""
         results = []
         conn.execute("BEGIN IMMEDIATE")
-        self._staged = False
-        for job, _, appends_only in group:
+        try:
+            applied = self._apply_waiting(conn)
+        except (ValueError, TypeError, KeyError, EOFError) as exc:  # a bug, or the log damaged after its start
+            raise sqlite3.OperationalError(f"the exports waiting could not be applied ({exc!r})") from exc
+        for job, _ in group:
             if savepoints:
                 conn.execute("SAVEPOINT job")
             try:
-                if not appends_only:
-                    self._apply_pending(conn)
                 results.append((job(conn), None))
             except Exception as exc:
                 if isinstance(exc, sqlite3.OperationalError) or is_damage(exc):
@@ -3079,10 +3335,12 @@ class Writer:
                 conn.execute("RELEASE job")
         settle_rollups(conn)
         changed = changed_since(conn)
-        pending = conn.execute(PENDING_ROWS).fetchone()[0] if self._pending or self._staged else 0
         conn.execute("COMMIT")
-        self._pending = pending  # before the syncer acknowledges anything of it: see catch_up
-        return results, changed
+        if self._pending:  # the apply ran
+            with self._waiting_lock:
+                del self._waiting[:len(applied)]
+                self._pending = sum(frame.requests for frame in self._waiting)
+        return results, changed, applied
 
     def _intern(self, conn: sqlite3.Connection, table: str, column: str, value: Any) -> int | None:
         if value is None:
@@ -3115,24 +3373,32 @@ class Writer:
         with counters_kept(conn, self._touched(conn, requests, metrics, batch)):
             return self._insert_resolved(conn, batch, requests, metrics)
 
-    def _stage(self, conn: sqlite3.Connection, batch: Batch) -> tuple[int, int]:
-        """Append a stageable batch's requests to pending_requests (see STAGE_MIN_REQUESTS), and store the rest of
-        it (events, projects, its counts) as any batch's: (new rows, requests appended)."""
-        staged = conn.executemany(STAGE, self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests)).rowcount
-        self._staged = True
-        rest, new = dataclasses.replace(batch, requests=[]), 0
+    def _stage(self, conn: sqlite3.Connection, batch: Batch) -> None:
+        """Append a waiting batch's requests to pending_requests, and store the rest of it (events, projects, its
+        counts) as any batch's."""
+        conn.executemany(STAGE, self._resolve(conn, "requests", REQUEST_COLUMNS, batch.requests))
+        rest = dataclasses.replace(batch, requests=[])
         if rest.events or rest.projects:  # after the rows: a project names a session they made
-            new = self._insert(conn, rest)
+            self._insert(conn, rest)
         elif rest.receipt:  # an export's last batch: its counts alone (the usual case)
             self._count_receipt(conn, rest.receipt)
-        return new, staged
 
-    def _apply_pending(self, conn: sqlite3.Connection) -> None:
-        """Store the requests waiting in pending_requests as _insert stores a batch's, all in one go (see APPLY),
-        and empty it: Claude Code's api_request events (see stageable), which replace the metric-derived
-        usage of their sessions and the transcripts' copies of themselves (joined by request_id)."""
-        if not (self._pending or self._staged) or not conn.execute("SELECT 1 FROM pending_requests LIMIT 1").fetchone():
-            return
+    def _apply_waiting(self, conn: sqlite3.Connection) -> list[WaitingFrame]:
+        """Store the exports waiting in the log (and requests a version 16 server left in pending_requests) as
+        _insert stores a batch's, their requests all in one go through pending_requests (see APPLY), and note the
+        last frame applied: Claude Code's api_request events (see stageable), which replace the metric-derived
+        usage of their sessions and the transcripts' copies of themselves (joined by request_id). The frames
+        applied."""
+        if not self._pending:
+            return []
+        with self._waiting_lock:
+            frames = list(self._waiting)
+        for frame in frames:  # a frame at a time: only one export's rows are ever in memory
+            self._stage(conn, self._log.read(frame))
+        if frames:
+            conn.execute("UPDATE waiting_log SET applied = ?", (frames[-1].seq,))
+        if not conn.execute("SELECT 1 FROM pending_requests LIMIT 1").fetchone():
+            return frames
         imported = self._has_imported(conn)
         copies = COPIES_EVENTS_REPLACE.format("SELECT request_id FROM pending_requests")
         touched = {session for session, in conn.execute("SELECT DISTINCT session FROM pending_requests")}
@@ -3150,6 +3416,7 @@ class Writer:
                     for window in tuple(self._copy_windows):
                         window.add(request_id, ts)
             conn.execute("DELETE FROM pending_requests")
+        return frames
 
     def _touched(self, conn: sqlite3.Connection, requests: list, metrics: list, batch: Batch) -> set[int]:
         """The sessions whose usage or project a batch may change: its own, those it names a project or prices a
@@ -3449,10 +3716,13 @@ class Writer:
         return len(deleted)
 
     def close(self, drain_s: float = 5.0) -> None:
-        """Write what is queued (for up to `drain_s`; later jobs are answered "retry"), then close the database."""
+        """Write what is queued (for up to `drain_s`; later jobs are answered "retry") and apply what waits, then
+        close the database."""
         if self._closed:
             return
         self._closed = True
+        self._staging.put(None)
+        self._stager.join()  # what it acknowledged waits in the log: the writer applies it before it ends
         self._drain_until = time.monotonic() + drain_s
         while self._writer.is_alive():
             try:
@@ -3467,6 +3737,7 @@ class Writer:
             self._checkpoint()
         self._write_conn.close()
         os.close(self._wal)
+        self._log.close()
         self._file.close()
 
 

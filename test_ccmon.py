@@ -1145,8 +1145,7 @@ def test_kill_9_during_sustained_ingestion(tmp_path):
 
 def writer_and_reader(db: Path, monkeypatch, staged_from: int | None = None) -> tuple[ccmon.Writer, ccmon.Reader]:
     """A Writer and a Reader it catches up. With `staged_from`, a batch of that many of Claude Code's api_request
-    events or more waits in pending_requests, whatever its span, until the next job or read (see
-    STAGE_MIN_REQUESTS)."""
+    events or more waits in the log, whatever its span, until the next job or read (see STAGE_MIN_REQUESTS)."""
     if staged_from is not None:
         monkeypatch.setattr(ccmon, "STAGE_MIN_REQUESTS", staged_from)
         monkeypatch.setattr(ccmon, "STAGE_MIN_SPAN_MS", 0)
@@ -1159,7 +1158,7 @@ def writer_and_reader(db: Path, monkeypatch, staged_from: int | None = None) -> 
 def test_rollups_always_agree_with_raw_rows(tmp_path, monkeypatch, staged):
     """Random inserts (with duplicates) and retention sweeps; every period, in any timezone, answered from the
     rollups equals the brute-force sum over the raw rows. Staged: a batch of Claude Code's api_request events waits
-    in pending_requests from 4 requests on, and is applied only before another job or a read (see
+    in the log from 4 requests on, and is applied only before another job or a read (see
     STAGE_MIN_REQUESTS): with the other batches, metric-derived rows among them, and the sweeps in between."""
     from hypothesis import HealthCheck, given, settings, strategies as st
     store, reader = writer_and_reader(tmp_path / "rollups.db", monkeypatch, 4 if staged else None)
@@ -1639,7 +1638,7 @@ def test_a_database_renamed_under_the_server_keeps_every_acknowledged_row(tmp_pa
         events = [("api_request", api_request(seq, "2026-06-01T00:00:00Z", input_tokens=seq)) for seq in range(10)]
         srv.logs_stub().Export(logs_request(events))
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ccmon.db")) == \
-            ["ccmon.db", "ccmon.db-shm", "ccmon.db-wal"]
+            ["ccmon.db", "ccmon.db-shm", "ccmon.db-waiting-a", "ccmon.db-waiting-b", "ccmon.db-wal"]
         for path in tmp_path.glob("ccmon.db*"):
             assert path.stat().st_mode & 0o777 == 0o600, path
         srv.db.rename(tmp_path / "moved.db")
@@ -1655,7 +1654,7 @@ def test_a_database_renamed_under_the_server_keeps_every_acknowledged_row(tmp_pa
         assert not srv.db.exists()
     finally:
         assert srv.stop() == 0, srv.log
-    assert not srv.db.exists() and "Traceback" not in srv.log
+    assert not srv.db.exists() and not list(tmp_path.glob("ccmon.db-waiting*")) and "Traceback" not in srv.log
     assert srv.log.count(f"CRITICAL queries are refused: the database file the server writes is no longer at its "
                          f"path ({srv.db} was moved or deleted)") == 1, srv.log
     assert (tmp_path / "moved.db").stat().st_mode & 0o777 == 0o600
@@ -1835,24 +1834,108 @@ def test_a_large_export_is_acknowledged_before_it_is_applied_and_every_read_coun
     assert_rollups_are_their_rows(server.db)
 
 
-def test_requests_waiting_when_the_writer_stopped_are_applied_at_its_next_start(tmp_path, monkeypatch):
-    """Acknowledged requests that wait in pending_requests survive a stop before they are applied (a crash, a
-    power cut): the next start applies them before anything else, and a read waits for that."""
+def many_requests(first: int, count: int) -> ccmon.Batch:
+    """`count` api_request events numbered from `first`, each costing 1000 nano-dollars times its number."""
+    return ccmon.Batch(requests=[row for n in range(first, first + count) for row in one_request_batch(n).requests])
+
+
+def stopped_before_applying(store: ccmon.Writer, monkeypatch) -> None:
+    """Stop a writer as a crash would: before it applies what waits."""
+    monkeypatch.setattr(store, "_apply", lambda: None)
+    store.close()
+
+
+def test_requests_waiting_when_the_writer_stopped_are_applied_at_its_next_start(tmp_path, monkeypatch, caplog):
+    """Acknowledged exports that wait in the log survive a stop before they are applied (a crash, a power cut): the
+    next start applies them before anything else, and a read waits for that. A frame a crash cut short (never
+    acknowledged) is cut off, saying so; a stop with nothing waiting removes the log's files."""
     monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
     db = tmp_path / "pending.db"
     store = ccmon.Writer(db)
-    many = ccmon.Batch(requests=[row for n in range(1, 201) for row in one_request_batch(n).requests])
-    assert store.write(many) == (0, 200)
-    monkeypatch.setattr(store, "_apply", lambda: None)  # stopped as a crash would stop it: before applying them
-    store.close()
-    assert db_rows(db, "SELECT COUNT(*) FROM pending_requests") == [(200,)]
+    assert store.write(many_requests(1, 200)) == (0, 200)
+    stopped_before_applying(store, monkeypatch)
     assert db_rows(db, "SELECT COUNT(*) FROM requests") == [(0,)]
+    assert db_rows(db, "SELECT applied FROM waiting_log") == [(0,)]
+    log_file = tmp_path / "pending.db-waiting-a"
+    with open(log_file, "ab") as torn:
+        torn.write(ccmon.WAITING_FRAME.pack(2, 1000, 0) + b"cut short")
     store = ccmon.Writer(db)
     try:
         reader = ccmon.Reader(db, catch_up=store.catch_up)
         assert sum(reader.usage(0, 2 ** 50).values(), ccmon.Usage()).requests == 200
         assert db_rows(db, "SELECT COUNT(*), SUM(cost_nanos) FROM requests") == [(200, 1000 * 200 * 201 // 2)]
-        assert db_rows(db, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
+        assert db_rows(db, "SELECT applied FROM waiting_log") == [(1,)]
+        reader.close()
+    finally:
+        store.close()
+    assert f"{log_file} ends with {ccmon.WAITING_FRAME.size + 9} bytes that are not a whole frame (a write a crash " \
+           "cut short, never acknowledged): cut off" in caplog.text
+    assert not list(tmp_path.glob("pending.db-waiting*"))  # nothing waits: the files are gone
+    assert_rollups_are_their_rows(db)
+
+
+def test_waiting_files_of_another_database_are_kept_aside_and_never_applied(tmp_path, monkeypatch, caplog):
+    """A database removed (to start afresh) while exports waited: the new one at its path does not apply the old
+    one's frames; their files are kept aside, saying so."""
+    monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
+    db = tmp_path / "fresh.db"
+    store = ccmon.Writer(db)
+    assert store.write(many_requests(1, 200)) == (0, 200)
+    stopped_before_applying(store, monkeypatch)
+    db.unlink()
+    store = ccmon.Writer(db)
+    try:
+        assert store.waiting == 0
+        assert ccmon.Reader(db, catch_up=store.catch_up).usage(0, 2 ** 50) == {}
+    finally:
+        store.close()
+    aside = [path for path in tmp_path.iterdir() if path.name.startswith("fresh.db-waiting-a.")]
+    assert len(aside) == 1 and aside[0].stat().st_size > ccmon.WAITING_HEADER.size + ccmon.WAITING_FRAME.size
+    assert f"{tmp_path / 'fresh.db-waiting-a'} was not written for this database: it is kept as {aside[0]}, and " \
+           "not applied" in caplog.text
+
+
+def test_exports_are_stored_at_once_after_the_log_cannot_be_written(tmp_path, monkeypatch, caplog):
+    """A write to the log that fails (here: its file open read-only) answers "retry" for the exports it held, and
+    the exports after it are stored at once; what waited before is applied as usual."""
+    monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
+    db = tmp_path / "unwritable.db"
+    store = ccmon.Writer(db)
+    try:
+        assert store.write(many_requests(1, 150)) == (0, 150)
+        slot = store._log._slot
+        os.close(store._log._fds[slot])
+        store._log._fds[slot] = os.open(store._log.paths[slot], os.O_RDONLY)
+        with pytest.raises(ccmon.StorageUnavailable, match=r"^database write failed: Bad file descriptor$"):
+            store.write(many_requests(151, 150))
+        assert f"cannot write {store._log.paths[slot]} (Bad file descriptor); exports are stored at once from now " \
+               "on" in caplog.text
+        assert store.write(many_requests(151, 150)) == (150, 0)
+        assert db_rows(db, "SELECT COUNT(*), SUM(cost_nanos) FROM requests") == [(300, 1000 * 300 * 301 // 2)]
+        assert store.waiting == 0
+    finally:
+        store.close()
+    assert_rollups_are_their_rows(db)
+
+
+def test_requests_a_version_16_server_left_waiting_are_applied_after_the_upgrade(tmp_path, monkeypatch):
+    """Schema 16 kept waiting requests in pending_requests; a database it left with some is upgraded, and they are
+    applied before the first read."""
+    db = tmp_path / "sixteen.db"
+    store = ccmon.Writer(db)
+    rows = many_requests(1, 150).requests
+    store._job(lambda conn: conn.executemany(ccmon.STAGE, store._resolve(conn, "requests", ccmon.REQUEST_COLUMNS,
+                                                                         rows)), 10)
+    store.close()
+    with sqlite3.connect(db) as conn:
+        conn.executescript("DROP TABLE waiting_log; PRAGMA user_version = 16;")
+    conn.close()
+    store = ccmon.Writer(db)
+    try:
+        assert store.waiting == 150
+        reader = ccmon.Reader(db, catch_up=store.catch_up)
+        assert sum(reader.usage(0, 2 ** 50).values(), ccmon.Usage()).requests == 150
+        assert (store.waiting, db_rows(db, "SELECT COUNT(*) FROM pending_requests")) == (0, [(0,)])
         reader.close()
     finally:
         store.close()
@@ -1893,20 +1976,18 @@ def test_requests_waiting_are_applied_once_enough_wait_and_a_read_that_cannot_ap
     monkeypatch.setattr(ccmon, "APPLY_ROWS", 300)
     db = tmp_path / "applied.db"
     store = ccmon.Writer(db)
-    batches = [ccmon.Batch(requests=[row for n in range(first, first + 150) for row in one_request_batch(n).requests])
-               for first in (1, 151, 301)]
+    batches = [many_requests(first, 150) for first in (1, 151, 301)]
     batches[0].projects = {"s1": "alpha"}
     try:
         assert store.write(batches[0]) == (0, 150)
-        assert db_rows(db, "SELECT COUNT(*) FROM pending_requests") == [(150,)]
-        assert db_rows(db, "SELECT project FROM sessions WHERE session_id = 's1'") == [("alpha",)]
+        assert (store.waiting, db_rows(db, "SELECT COUNT(*) FROM requests")) == (150, [(0,)])
         assert store.write(batches[1]) == (0, 150)
         wait_until(lambda: db_rows(db, "SELECT COUNT(*) FROM requests") == [(300,)], "300 requests applied", 30)
-        assert db_rows(db, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
+        assert store.waiting == 0
+        assert db_rows(db, "SELECT project FROM sessions WHERE session_id = 's1'") == [("alpha",)]
         assert store.write(batches[2]) == (0, 150)
     finally:
-        monkeypatch.setattr(store, "_apply", lambda: None)
-        store.close()
+        stopped_before_applying(store, monkeypatch)
     reader = ccmon.Reader(db, catch_up=store.catch_up)
     with pytest.raises(sqlite3.OperationalError, match=r"^150 requests received are not counted yet \(the server "
                                                        r"is shutting down\)$"):
@@ -6623,8 +6704,8 @@ def run_store_operation(store: ccmon.Writer, kind: str, payload, base: int) -> N
 def test_metric_counters_never_go_down(tmp_path, monkeypatch, staged):
     """Random telemetry, metric-derived usage, imports, telemetry replacing imported copies at another cost and
     user, projects named late, retention sweeps: after each, no counter series is lower than before, and the
-    counters less what was retired are the stored rows. Staged: telemetry of 2 requests or more waits in
-    pending_requests until the next job or read (see STAGE_MIN_REQUESTS)."""
+    counters less what was retired are the stored rows. Staged: telemetry of 2 requests or more waits in the log
+    until the next job or read (see STAGE_MIN_REQUESTS)."""
     from hypothesis import HealthCheck, given, settings, strategies as st
     store, reader = writer_and_reader(tmp_path / "counters.db", monkeypatch, 2 if staged else None)
     base = ccmon.parse_iso_ms("2026-03-01T00:00:00Z")
@@ -6689,7 +6770,7 @@ STORED_STATE = [
 def test_a_batch_waiting_to_be_applied_is_stored_as_it_would_be_at_once(tmp_path, monkeypatch):
     """Whatever comes before and after it (other batches, metric-derived usage, imports and the telemetry that
     replaces their copies, projects named late, status line readings, retention sweeps), a batch of Claude Code's
-    api_request events that waits in pending_requests (see STAGE_MIN_REQUESTS) leaves the database as the same
+    api_request events that waits in the log (see STAGE_MIN_REQUESTS) leaves the database as the same
     batch stored at once does: the same rows, sessions' usage, users and projects, and rollups."""
     from hypothesis import HealthCheck, given, settings, strategies as st
     monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)  # applied before the next job or read, not when idle
@@ -6724,11 +6805,11 @@ def test_a_batch_waiting_to_be_applied_is_stored_as_it_would_be_at_once(tmp_path
             for store, least in ((staged, 2), (direct, 10 ** 9)):
                 monkeypatch.setattr(ccmon, "STAGE_MIN_REQUESTS", least)
                 run(store, kind, payload)
-            waited.append(db_rows(staged.path, "SELECT COUNT(*) FROM pending_requests")[0][0])
+            waited.append(staged.waiting)
         staged.catch_up()
         for sql in STORED_STATE:
             assert db_rows(staged.path, sql) == db_rows(direct.path, sql), sql
-        assert db_rows(staged.path, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
+        assert staged.waiting == 0
 
     try:
         check()
@@ -6765,11 +6846,11 @@ def test_other_agents_metrics_sessions_and_turn_costs_keep_the_counters(server):
     assert db_rows(server.db, "SELECT SUM(cost_nanos) > 0 FROM retired_usage") == [(1,)]
 
 
-# What schema 13 added (see total_everyone), dropped: a database written now, as a release before it left it.
+# What schemas 13 to 17 added (see total_everyone), dropped: a database written now, as a release before it left it.
 # Back to version 12 from the current schema: no totals, and usage_rollup kept by its triggers again.
-VERSIONS_13_TO_16_UNDONE = (f"DROP TABLE total_hourly; DROP TABLE total_daily; {ccmon.usage_triggers(ccmon.V8_FIGURES)} "
+VERSIONS_13_TO_17_UNDONE = (f"DROP TABLE total_hourly; DROP TABLE total_daily; {ccmon.usage_triggers(ccmon.V8_FIGURES)} "
                             "CREATE INDEX requests_session_request ON requests(session, request_id) WHERE "
-                            "request_id IS NOT NULL; DROP TABLE pending_requests;")
+                            "request_id IS NOT NULL; DROP TABLE pending_requests; DROP TABLE waiting_log;")
 
 
 def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
@@ -6784,7 +6865,7 @@ def test_schema_9_numbers_projects_in_the_order_sessions_named_them(tmp_path):
                                 projects={f"s{number}": project}))
     store.close()
     with sqlite3.connect(db) as conn:
-        conn.executescript(f"{VERSIONS_13_TO_16_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
+        conn.executescript(f"{VERSIONS_13_TO_17_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
                            "DROP TRIGGER projects_named; DROP TABLE projects; "
                            "DROP TABLE retired_usage; ALTER TABLE limit_readings DROP COLUMN agent; "
                            "PRAGMA user_version = 8;")
@@ -6921,7 +7002,7 @@ def test_schema_11_numbers_the_stored_series_by_their_ids(tmp_path):
         write_series(store, at, number)
     store.close()
     with sqlite3.connect(db) as conn:
-        conn.executescript(f"{VERSIONS_13_TO_16_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
+        conn.executescript(f"{VERSIONS_13_TO_17_UNDONE} DROP TABLE metric_series; DROP INDEX limit_readings_agent; "
                            "PRAGMA user_version = 10;")
     conn.close()
     store = ccmon.Writer(db)
