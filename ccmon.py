@@ -2777,6 +2777,16 @@ WAITING_FRAME = struct.Struct("<qII")  # sequence number, payload bytes, CRC-32 
 WAITING_MARSHAL = 4  # the format every Python from 3.11 reads (3.14 writes 5 by default)
 
 
+def fsync_folder(folder: Path) -> None:
+    """Make the names of the files in a folder durable (where the system can open a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @dataclasses.dataclass(frozen=True)
 class WaitingFrame:
     """Where one waiting batch is: its number, its file (0 or 1), offset and length, and how many requests it has."""
@@ -2926,16 +2936,6 @@ class WaitingLog:
                 for file in self.paths:
                     with contextlib.suppress(OSError):
                         file.unlink()
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make the names of the files in a folder durable (where the system can open a folder)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class Writer:
