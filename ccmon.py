@@ -2773,7 +2773,7 @@ def stageable(batch: Batch) -> bool:
 WAITING_FILE_BYTES = 8 * 1024 ** 2
 WAITING_MAGIC = b"ccmonwl1"
 WAITING_HEADER = struct.Struct("<8sq")  # magic, the database's waiting_log.id
-WAITING_FRAME = struct.Struct("<qII")  # sequence number, payload bytes, CRC-32 of the payload
+WAITING_FRAME = struct.Struct("<qII")  # sequence number, payload bytes, CRC-32 of both and the payload
 WAITING_MARSHAL = 4  # the format every Python from 3.11 reads (3.14 writes 5 by default)
 
 
@@ -2795,6 +2795,10 @@ class WaitingFrame:
     offset: int
     length: int
     requests: int
+
+
+def frame_crc(seq: int, payload: bytes) -> int:
+    return zlib.crc32(payload, zlib.crc32(WAITING_FRAME.pack(seq, len(payload), 0)))
 
 
 def waiting_payload(batch: Batch) -> bytes:
@@ -2847,7 +2851,7 @@ class WaitingLog:
         while offset + WAITING_FRAME.size <= size:
             seq, length, crc = WAITING_FRAME.unpack(os.pread(fd, WAITING_FRAME.size, offset))
             payload = os.pread(fd, length, offset + WAITING_FRAME.size)
-            if len(payload) != length or zlib.crc32(payload) != crc:
+            if len(payload) != length or frame_crc(seq, payload) != crc:
                 break
             if seq > applied:
                 try:
@@ -2876,11 +2880,18 @@ class WaitingLog:
         return self._reset(slot)
 
     def _reset(self, slot: int) -> int:
-        """Empty a file (its frames all applied and on disk, or none of this database's): its header alone."""
+        """Empty a file (its frames all applied and on disk, or none of this database's): its header alone. A file
+        that cannot be written (a full disk) makes the log `failed`: exports are stored at once until a restart."""
         fd = self._fds[slot]
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, self._header, 0)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, 0)
+            if os.pwrite(fd, self._header, 0) != len(self._header):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        except OSError as exc:
+            if not self.failed:
+                self.failed = f"cannot write {self.paths[slot]} ({exc.strerror})"
+                log.warning("%s; exports are stored at once until the server restarts", self.failed)
         self._last_in[slot] = 0
         return WAITING_HEADER.size
 
@@ -2889,14 +2900,14 @@ class WaitingLog:
         log is not used again (`failed`): after a failed write or fsync nothing says what reached the disk."""
         with self._lock:
             try:
+                self._make_room()
                 if self.failed:
                     raise OSError(errno.EIO, self.failed)
-                self._make_room()
                 slot, offset, chunks, frames = self._slot, self._ends[self._slot], [], []
                 for batch in batches:
                     payload = waiting_payload(batch)
                     self._last += 1
-                    chunks += [WAITING_FRAME.pack(self._last, len(payload), zlib.crc32(payload)), payload]
+                    chunks += [WAITING_FRAME.pack(self._last, len(payload), frame_crc(self._last, payload)), payload]
                     frames.append(WaitingFrame(self._last, slot, offset + WAITING_FRAME.size, len(payload),
                                                len(batch.requests)))
                     offset += WAITING_FRAME.size + len(payload)
@@ -2908,6 +2919,7 @@ class WaitingLog:
                 self.failed = self.failed or f"cannot write {self.paths[self._slot]} ({exc.strerror})"
                 with contextlib.suppress(OSError):  # what may have reached it was not acknowledged: never applied
                     os.ftruncate(self._fds[self._slot], self._ends[self._slot])
+                    os.fsync(self._fds[self._slot])
                 raise
             self._ends[slot], self._last_in[slot] = offset, self._last
             return frames
@@ -2921,7 +2933,12 @@ class WaitingLog:
             self._slot = 1 - self._slot
 
     def read(self, frame: WaitingFrame) -> Batch:
-        payload = os.pread(self._fds[frame.slot], frame.length, frame.offset)
+        """A waiting frame's batch; sqlite3.OperationalError where the file cannot be read (the apply fails, and is
+        tried again)."""
+        try:
+            payload = os.pread(self._fds[frame.slot], frame.length, frame.offset)
+        except OSError as exc:
+            raise sqlite3.OperationalError(f"cannot read {self.paths[frame.slot]} ({exc.strerror})") from None
         if len(payload) != frame.length:
             raise sqlite3.OperationalError(f"{self.paths[frame.slot]} is shorter than what was written to it")
         return waiting_batch(payload)
@@ -2960,6 +2977,8 @@ class Writer:
             real = Path(os.path.realpath(path))  # SQLite keeps its -wal beside the file, not beside a symlink
             self._file.watch(real.with_name(real.name + "-wal"))
             self._wal = os.open(real.with_name(real.name + "-wal"), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            os.fsync(self._wal)  # what the last run committed, waiting_log.applied included, is on disk before the log
+            # is emptied of the frames it applied: it may have stopped before its syncer made it durable
             self._log = WaitingLog(real, *self._write_conn.execute("SELECT id, applied FROM waiting_log").fetchone())
         except (StorageError, OSError) as exc:
             self._file.close()
@@ -2986,6 +3005,7 @@ class Writer:
         self._writer = threading.Thread(target=self._write_loop, name="ccmon-writer", daemon=True)
         self._writer.start()
         self._staging: queue.Queue = queue.Queue()  # (batch, future) to append to the log; None: the end
+        self._closing = threading.Lock()
         self._stager = threading.Thread(target=self._stage_loop, name="ccmon-stager", daemon=True)
         self._stager.start()
 
@@ -3035,10 +3055,11 @@ class Writer:
         """Store a batch durably: (how many rows were new, duplicates being ignored; how many requests wait to be
         applied, which are not known to be new yet: see STAGE_MIN_REQUESTS)."""
         if stageable(batch) and self._pending < PENDING_MOST and not (self._failing or self._log.failed):
-            if self._closed:
-                raise StorageUnavailable("the server is shutting down")
             future = futures.Future()
-            self._staging.put((batch, future))
+            with self._closing:  # nothing is queued after close() ended the stager
+                if self._closed:
+                    raise StorageUnavailable("the server is shutting down")
+                self._staging.put((batch, future))
         else:
             future = self.submit(lambda conn: (self._insert(conn, batch), 0), timeout=0.5)
         try:
@@ -3147,9 +3168,6 @@ class Writer:
                     break
             self._stage_group([item for item in group if item is not None])
             if group[-1] is None:
-                with contextlib.suppress(queue.Empty):
-                    while True:
-                        self._staging.get_nowait()[1].set_exception(StorageUnavailable("the server is shutting down"))
                 return
             group = None  # else the last exports live until the next
 
@@ -3161,6 +3179,9 @@ class Writer:
             except OSError as exc:
                 log.error("%s; exports are stored at once from now on", self._log.failed)
                 refusal = StorageUnavailable(f"database write failed: {exc.strerror}")
+            except Exception as exc:  # a bug of ccmon's costs the exports it met, never the stager
+                log.exception("appending exports to the waiting log failed")
+                refusal = StorageUnavailable(f"the write failed: {exc}")
         if refusal:
             for _, future in group:
                 future.set_exception(refusal)
@@ -3309,13 +3330,19 @@ class Writer:
         None) or (None, the error it failed with), the span of times it changed (see changed_since), and the frames
         applied. Without savepoints, the first job to fail rolls the whole transaction back (None). A savepoint per
         job costs a copy of every page the job changes, written to a journal of its own: on exports spread over a
-        month, as many bytes as the -wal gets. The apply failing fails the group (its frames wait on)."""
+        month, as many bytes as the -wal gets. With savepoints, the waiting exports are applied one per savepoint
+        too, and one that fails is dropped, saying so (it would sink every transaction); the apply failing otherwise
+        fails the group, and what waits waits on."""
         results = []
         conn.execute("BEGIN IMMEDIATE")
         try:
-            applied = self._apply_waiting(conn)
-        except (ValueError, TypeError, KeyError, EOFError) as exc:  # a bug, or the log damaged after its start
-            raise sqlite3.OperationalError(f"the exports waiting could not be applied ({exc!r})") from exc
+            applied = self._apply_waiting(conn, savepoints)
+        except Exception as exc:
+            if isinstance(exc, sqlite3.OperationalError) or is_damage(exc) or savepoints:
+                raise sqlite3.OperationalError(f"the exports waiting could not be applied ({exc})") from exc
+            self._ids.clear()
+            conn.execute("ROLLBACK")
+            return None
         for job, _ in group:
             if savepoints:
                 conn.execute("SAVEPOINT job")
@@ -3373,6 +3400,19 @@ class Writer:
         with counters_kept(conn, self._touched(conn, requests, metrics, batch)):
             return self._insert_resolved(conn, batch, requests, metrics)
 
+    def _stage_or_drop(self, conn: sqlite3.Connection, frame: WaitingFrame) -> None:
+        conn.execute("SAVEPOINT frame")
+        try:
+            self._stage(conn, self._log.read(frame))
+        except Exception as exc:
+            if isinstance(exc, sqlite3.OperationalError) or is_damage(exc):
+                raise
+            conn.execute("ROLLBACK TO frame")
+            self._ids.clear()  # ids interned by what is rolled back are gone
+            log.error("an export waiting to be applied could not be (%r): its %d requests are dropped", exc,
+                      frame.requests)
+        conn.execute("RELEASE frame")
+
     def _stage(self, conn: sqlite3.Connection, batch: Batch) -> None:
         """Append a waiting batch's requests to pending_requests, and store the rest of it (events, projects, its
         counts) as any batch's."""
@@ -3383,18 +3423,21 @@ class Writer:
         elif rest.receipt:  # an export's last batch: its counts alone (the usual case)
             self._count_receipt(conn, rest.receipt)
 
-    def _apply_waiting(self, conn: sqlite3.Connection) -> list[WaitingFrame]:
+    def _apply_waiting(self, conn: sqlite3.Connection, savepoints: bool = False) -> list[WaitingFrame]:
         """Store the exports waiting in the log (and requests a version 16 server left in pending_requests) as
         _insert stores a batch's, their requests all in one go through pending_requests (see APPLY), and note the
         last frame applied: Claude Code's api_request events (see stageable), which replace the metric-derived
         usage of their sessions and the transcripts' copies of themselves (joined by request_id). The frames
-        applied."""
+        applied; with `savepoints`, one that fails is dropped (see _commit)."""
         if not self._pending:
             return []
         with self._waiting_lock:
             frames = list(self._waiting)
         for frame in frames:  # a frame at a time: only one export's rows are ever in memory
-            self._stage(conn, self._log.read(frame))
+            if savepoints:
+                self._stage_or_drop(conn, frame)
+            else:
+                self._stage(conn, self._log.read(frame))
         if frames:
             conn.execute("UPDATE waiting_log SET applied = ?", (frames[-1].seq,))
         if not conn.execute("SELECT 1 FROM pending_requests LIMIT 1").fetchone():
@@ -3718,10 +3761,11 @@ class Writer:
     def close(self, drain_s: float = 5.0) -> None:
         """Write what is queued (for up to `drain_s`; later jobs are answered "retry") and apply what waits, then
         close the database."""
-        if self._closed:
-            return
-        self._closed = True
-        self._staging.put(None)
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            self._staging.put(None)
         self._stager.join()  # what it acknowledged waits in the log: the writer applies it before it ends
         self._drain_until = time.monotonic() + drain_s
         while self._writer.is_alive():

@@ -1807,7 +1807,7 @@ def test_duplicate_exports_are_counted_once(server):
 
 def test_a_large_export_is_acknowledged_before_it_is_applied_and_every_read_counts_it(server):
     """An export of STAGE_MIN_REQUESTS api_request events or more over days (a backfill's) is acknowledged once it
-    waits in pending_requests; the query after the acknowledgement counts every one of them (the writer applies
+    waits in the log; the query after the acknowledgement counts every one of them (the writer applies
     them first), and the same export sent again adds nothing. A smaller export, or one within a day, is stored at
     once, as before."""
     count = ccmon.STAGE_MIN_REQUESTS
@@ -1819,9 +1819,9 @@ def test_a_large_export_is_acknowledged_before_it_is_applied_and_every_read_coun
     assert (answer.total_requests, answer.total_tokens.input) == (count, count * (count + 1) // 2)
     assert db_rows(server.db, "SELECT COUNT(*), SUM(cost_nanos) FROM requests") == \
         [(count, 1_000_000 * count * (count + 1) // 2)]
-    assert db_rows(server.db, "SELECT COUNT(*) FROM pending_requests") == [(0,)]
+    assert db_rows(server.db, "SELECT applied FROM waiting_log") == [(1,)]  # it waited: the log's first frame
     assert db_rows(server.db, "SELECT protocol, signal, accepted, rejected FROM receiver_counts") == \
-        [("grpc", "logs", count, 0)]  # the export's counts, stored with its rows as they wait
+        [("grpc", "logs", count, 0)]  # the export's counts, waiting with its rows
     server.logs_stub().Export(logs_request(records))
     assert stats(server).total_requests == count
     server.logs_stub().Export(logs_request(records[:count - 1]))
@@ -1918,6 +1918,57 @@ def test_exports_are_stored_at_once_after_the_log_cannot_be_written(tmp_path, mo
     assert_rollups_are_their_rows(db)
 
 
+def test_the_log_goes_on_in_its_other_file_and_a_start_applies_both_in_order(tmp_path, monkeypatch):
+    """Past WAITING_FILE_BYTES the log goes on in its other file once that one holds nothing waiting; a start after
+    a crash applies the frames of both files in the order they came (the first sent of a key is stored)."""
+    monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
+    monkeypatch.setattr(ccmon, "WAITING_FILE_BYTES", 1)
+    db = tmp_path / "turns.db"
+    store = ccmon.Writer(db)
+    resent = many_requests(101, 150)
+    resent.requests = [(*row[:9], 1, *row[10:]) for row in resent.requests]  # the same keys, another cost
+    for batch in (many_requests(1, 150), many_requests(151, 150), resent):
+        assert store.write(batch) == (0, 150)
+    assert [store._log._last_in[0], store._log._last_in[1]] == [1, 3]  # b once a had a frame; a still waited
+    stopped_before_applying(store, monkeypatch)
+    store = ccmon.Writer(db)
+    try:
+        assert store.waiting == 450
+        store.catch_up()
+        assert db_rows(db, "SELECT COUNT(*), SUM(cost_nanos) FROM requests") == [(300, 1000 * 300 * 301 // 2)]
+        assert db_rows(db, "SELECT applied FROM waiting_log") == [(3,)]
+        assert store.write(many_requests(301, 150)) == (0, 150)  # both files emptied, a first again
+        assert [store._log._last_in[0], store._log._last_in[1]] == [4, 0]
+    finally:
+        store.close()
+    assert_rollups_are_their_rows(db)
+
+
+def test_an_export_waiting_that_cannot_be_applied_is_dropped_saying_so_and_the_rest_are_stored(tmp_path, monkeypatch,
+                                                                                                caplog):
+    """A waiting export whose apply fails for a reason of its own (here: rows of the wrong shape, as a bug of ccmon's
+    could make) would fail every transaction after it: it is dropped, saying so, and the exports around it, and
+    the writes after, are stored."""
+    monkeypatch.setattr(ccmon, "APPLY_IDLE_S", 3600)
+    db = tmp_path / "poisoned.db"
+    store = ccmon.Writer(db)
+    try:
+        assert store.write(many_requests(1, 150)) == (0, 150)
+        broken = ccmon.futures.Future()
+        store._staging.put((ccmon.Batch(requests=[(1, "s1", 1)] * 150), broken))
+        assert broken.result(timeout=10) == (0, 150)
+        assert store.write(many_requests(151, 150)) == (0, 150)
+        store.catch_up()
+        assert db_rows(db, "SELECT COUNT(*), SUM(cost_nanos) FROM requests") == [(300, 1000 * 300 * 301 // 2)]
+        assert store.waiting == 0 and db_rows(db, "SELECT applied FROM waiting_log") == [(3,)]
+        assert store.write(one_request_batch(999)) == (1, 0)
+    finally:
+        store.close()
+    assert "an export waiting to be applied could not be (IndexError('list index out of range')): its 150 requests " \
+           "are dropped" in caplog.text
+    assert_rollups_are_their_rows(db)
+
+
 def test_requests_a_version_16_server_left_waiting_are_applied_after_the_upgrade(tmp_path, monkeypatch):
     """Schema 16 kept waiting requests in pending_requests; a database it left with some is upgraded, and they are
     applied before the first read."""
@@ -1983,6 +2034,7 @@ def test_requests_waiting_are_applied_once_enough_wait_and_a_read_that_cannot_ap
         assert (store.waiting, db_rows(db, "SELECT COUNT(*) FROM requests")) == (150, [(0,)])
         assert store.write(batches[1]) == (0, 150)
         wait_until(lambda: db_rows(db, "SELECT COUNT(*) FROM requests") == [(300,)], "300 requests applied", 30)
+        store.catch_up()
         assert store.waiting == 0
         assert db_rows(db, "SELECT project FROM sessions WHERE session_id = 's1'") == [("alpha",)]
         assert store.write(batches[2]) == (0, 150)
