@@ -2831,7 +2831,12 @@ class WaitingLog:
         self._last_in = [0, 0]  # the last frame in each file
         self.recovered: list[WaitingFrame] = []  # the frames waiting at the start
         for slot, file in enumerate(self.paths):
-            self._fds.append(os.open(file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+            try:
+                self._fds.append(os.open(file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+            except OSError as exc:
+                self.close()
+                raise StorageError(f"cannot use {file} ({exc.strerror}): the server keeps the exports waiting to be "
+                                   "applied there, beside the database; move it aside") from None
             self._ends.append(self._recover(slot, applied))
         self._slot = 0 if self._last_in[0] >= self._last_in[1] else 1
         self._last = max(applied, *self._last_in)
@@ -3015,7 +3020,8 @@ class Writer:
         if self._file.created:
             real = Path(os.path.realpath(self.path))
             for suffix in ("", "-wal", "-shm", "-journal", "-waiting-a", "-waiting-b"):
-                real.with_name(real.name + suffix).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # (a folder of the user's in the way stays)
+                    real.with_name(real.name + suffix).unlink(missing_ok=True)
         self._remove_new_folders()
 
     def _remove_new_folders(self) -> None:

@@ -1662,11 +1662,13 @@ def test_a_database_renamed_under_the_server_keeps_every_acknowledged_row(tmp_pa
 
 
 def test_database_paths_ccmon_cannot_use_are_refused_in_one_line(tmp_path):
-    """No traceback, no hang on a FIFO, no migration or backup of a schema version no ccmon writes, and for a
-    destroyed header what to do: restore the newest upgrade backup when there is one."""
-    fifo, folder = tmp_path / "fifo", tmp_path / "folder"
+    """No traceback, no hang on a FIFO, no migration or backup of a schema version no ccmon writes, for a
+    destroyed header what to do: restore the newest upgrade backup when there is one, and for a folder where the
+    waiting log goes, what it is."""
+    fifo, folder, blocked = tmp_path / "fifo", tmp_path / "folder", tmp_path / "blocked.db"
     os.mkfifo(fifo)
     folder.mkdir()
+    (tmp_path / "blocked.db-waiting-a").mkdir()
     negative, headless = tmp_path / "negative.db", tmp_path / "headless.db"
     for path in (negative, headless):
         shutil.copyfile(V1 / "ccmon.db", path)
@@ -1687,7 +1689,9 @@ def test_database_paths_ccmon_cannot_use_are_refused_in_one_line(tmp_path):
              negative: f"{negative} has schema version -1, which no ccmon writes; move {negative} aside {keep} to "
                        "start a new database there",
              headless: f"{headless} is not an SQLite database (file is not a database); if it was ccmon's, move "
-                       f"{headless} aside {keep} and restore the newest backup, {headless}.v3.bak, in its place"}
+                       f"{headless} aside {keep} and restore the newest backup, {headless}.v3.bak, in its place",
+             blocked: f"cannot use {blocked}-waiting-a (Is a directory): the server keeps the exports waiting to be "
+                      "applied there, beside the database; move it aside"}
     for path, message in cases.items():
         result = run_ccmon(["--server", "--server-address", "127.0.0.1:0", "--server-http-address", "off",
                             "--database-path", str(path)], tmp_path, timeout=20)
