@@ -2832,7 +2832,7 @@ class WaitingLog:
         self.recovered: list[WaitingFrame] = []  # the frames waiting at the start
         for slot, file in enumerate(self.paths):
             try:
-                self._fds.append(os.open(file, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+                self._fds.append(self._open(slot))
             except OSError as exc:
                 self.close()
                 raise StorageError(f"cannot use {file} ({exc.strerror}): the server keeps the exports waiting to be "
@@ -2843,6 +2843,9 @@ class WaitingLog:
         self.recovered.sort(key=lambda frame: frame.seq)
         self._make_room()
         fsync_folder(path.parent)  # the files exist after a power cut
+
+    def _open(self, slot: int) -> int:
+        return os.open(self.paths[slot], os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
 
     def _recover(self, slot: int, applied: int) -> int:
         """Read a file's frames, note those after `applied` as waiting; its end, what follows the last whole frame
@@ -2880,7 +2883,7 @@ class WaitingLog:
         os.rename(self.paths[slot], aside)
         log.warning("%s %s: it is kept as %s, and not applied", self.paths[slot], why, aside)
         os.close(self._fds[slot])
-        self._fds[slot] = os.open(self.paths[slot], os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        self._fds[slot] = self._open(slot)
         self._last_in[slot] = 0
         return self._reset(slot)
 
@@ -2958,6 +2961,17 @@ class WaitingLog:
                 for file in self.paths:
                     with contextlib.suppress(OSError):
                         file.unlink()
+
+
+def taken_until_end(items: queue.Queue) -> list:
+    """The next item (waiting for it) and those queued after it, up to None (the end) if it comes."""
+    taken = [items.get()]
+    while taken[-1] is not None:
+        try:
+            taken.append(items.get_nowait())
+        except queue.Empty:
+            break
+    return taken
 
 
 class Writer:
@@ -3164,14 +3178,9 @@ class Writer:
     def _stage_loop(self) -> None:
         """Append the exports that may wait (see stageable) to the log, the exports queued meanwhile together, and
         acknowledge them once on disk: counted as waiting first, so the read after an acknowledgement waits for them
-        (see catch_up). Ends at None; exports queued after it are answered "retry"."""
+        (see catch_up). Ends at None, which close() queues last (see write)."""
         while True:
-            group = [self._staging.get()]
-            while group[-1] is not None:
-                try:
-                    group.append(self._staging.get_nowait())
-                except queue.Empty:
-                    break
+            group = taken_until_end(self._staging)
             self._stage_group([item for item in group if item is not None])
             if group[-1] is None:
                 return
@@ -3286,12 +3295,7 @@ class Writer:
         while the last one ran, here, while the writer goes on with the next (SQLite's own fsync at each commit,
         synchronous = FULL, would make it wait: see tune_writer). Ends at None, after the groups before it."""
         while True:
-            committed = [self._committed.get()]
-            while committed[-1] is not None:
-                try:
-                    committed.append(self._committed.get_nowait())
-                except queue.Empty:
-                    break
+            committed = taken_until_end(self._committed)
             if not self._unsynced:
                 try:
                     os.fsync(self._wal)
@@ -3369,7 +3373,7 @@ class Writer:
         settle_rollups(conn)
         changed = changed_since(conn)
         conn.execute("COMMIT")
-        if self._pending:  # the apply ran
+        if self._pending:  # the frames applied leave the list; what waits is what is left in it
             with self._waiting_lock:
                 del self._waiting[:len(applied)]
                 self._pending = sum(frame.requests for frame in self._waiting)
